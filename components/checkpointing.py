@@ -1,0 +1,142 @@
+"""Step checkpoints with torch.distributed.checkpoint (DCP), and the final export.
+
+Layout under ``<output_dir>``::
+
+    checkpoints/step_00000100/   a complete DCP checkpoint (model, optimizer, trainer state)
+    checkpoints/step_00000200.tmp/   being written; never read, removed on the next save
+    final/model.safetensors, final/config.json, final/tokenizer.json
+
+A checkpoint is written into a ``.tmp`` folder and renamed when complete, so a killed
+save never leaves something that ``resume: true`` would pick up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from components.models import ModelArgs
+from components.teachers import EXPORT_CONFIG, EXPORT_TOKENIZER, EXPORT_WEIGHTS
+
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _to_bytes(obj: Any) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+class Checkpointer:
+    """Saves and restores (model, optimizer, trainer state) at step boundaries.
+
+    ``trainer_state`` is any picklable dict (step, LR scheduler, data loader, RNG); it is
+    stored per rank because data-loader positions and RNG streams differ between ranks.
+    """
+
+    def __init__(self, output_dir: Union[str, Path], keep_last: int = 2):
+        self.dir = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def complete_checkpoints(self):
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                 and not p.name.endswith(".tmp") and (p / ".metadata").is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+    def latest(self) -> Optional[Path]:
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: Dict) -> Path:
+        final = self.dir / f"{STEP_PREFIX}{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if _rank() == 0:
+            for stale in self.dir.glob(f"{STEP_PREFIX}*.tmp") if self.dir.is_dir() else []:
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
+        dcp.save(state, checkpoint_id=str(tmp))
+        _barrier()
+        if _rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.complete_checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return final
+
+    def load(self, path: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
+        """Load model and optimizer in place; return this rank's trainer state."""
+        path = Path(path)
+        if not (path / ".metadata").is_file():
+            raise CheckpointError(
+                f"resume: {str(path)!r} is not a complete DCP checkpoint (no .metadata). Fix: give a "
+                f"folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, or resume=true for the latest."
+            )
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        key = f"trainer_rank{_rank()}"
+        state = {"model": model_sd, "optim": optim_sd, key: io.BytesIO()}
+        try:
+            dcp.load(state, checkpoint_id=str(path))
+        except Exception as err:  # DCP wraps per-rank failures in CheckpointException
+            raise CheckpointError(
+                f"resume: cannot load {str(path)!r} into this run ({str(err).splitlines()[0][:300]}). "
+                "Fix: resume with the same model, alignment and world size that wrote it."
+            ) from err
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        buf = state[key]
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+
+def export_model(
+    model: torch.nn.Module,
+    args: ModelArgs,
+    out_dir: Union[str, Path],
+    tokenizer_path: Optional[Union[str, Path]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    (tmp / EXPORT_CONFIG).write_text(json.dumps({"format": "letrecipes", "model": args.to_dict()}, indent=2))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, tmp / EXPORT_TOKENIZER)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,237 @@
+"""Text -> tokens -> packed fixed-length sequences -> a resumable, sharded loader.
+
+- ``read_documents``: a text/markdown file, a folder of them, or JSONL with a text field.
+- ``Tokenizer``: any Hugging Face ``tokenizer.json``; ``train_bpe`` makes one.
+- ``tokenize_corpus``: tokenize once, cached on disk under a key of (tokenizer, source).
+- ``PackedDataset``: the token stream (documents joined by EOS) cut into sequences of
+  ``seq_len + 1`` tokens; every ``1/val_fraction``-th sequence is held out for validation,
+  so the split is deterministic and spread over the whole corpus.
+- ``build_dataloader``: torchdata's ``StatefulDataLoader`` over a
+  ``StatefulDistributedSampler``: deterministic for a seed, sharded by rank, and its
+  ``state_dict`` resumes mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+_CACHE_FORMAT = 1
+
+
+class DataError(ValueError):
+    """Bad data input, raised before training starts."""
+
+
+def _source_files(source: Union[str, Sequence[str]], key: str) -> List[Path]:
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise DataError(f"{key} is empty. Fix: point it at a text file, a folder, or a .jsonl file.")
+    files: List[Path] = []
+    for item in sources:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + (".jsonl",))
+            if not found:
+                raise DataError(
+                    f"{key}: folder {str(path)!r} holds no {', '.join(TEXT_SUFFIXES)} or .jsonl files."
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(
+                f"{key}: {str(path)!r} does not exist (working directory {os.getcwd()!r}). "
+                "Fix: set it to an existing text file, folder or .jsonl file"
+                " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)."
+            )
+    return files
+
+
+def read_documents(source: Union[str, Sequence[str]], text_field: str = "text", key: str = "data.source") -> Iterable[str]:
+    """Yield documents: a whole text file each, or one JSONL record's ``text_field`` each."""
+    for path in _source_files(source, key):
+        if path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataError(f"{key}: {path}:{line_no} is not valid JSON ({err}).") from err
+                    if text_field not in record:
+                        raise DataError(
+                            f"{key}: {path}:{line_no} has no field {text_field!r}. "
+                            "Fix: set data.text_field to the field holding the text."
+                        )
+                    yield record[text_field]
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+
+
+class Tokenizer:
+    """A thin wrapper over a Hugging Face ``tokenizers`` JSON file."""
+
+    def __init__(self, path: Union[str, Path], eos_token: Optional[str] = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                f"tokenizer.path: no tokenizer file at {str(self.path)!r}. Fix: point it at a "
+                "tokenizer.json (the demo trains one with `python -m letrecipes.demo --prepare-only`)."
+            )
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"tokenizer.path: {str(self.path)!r} is not a tokenizer.json ({err}).") from err
+        candidates = [eos_token] if eos_token else EOS_CANDIDATES
+        ids = [self._tok.token_to_id(t) for t in candidates]
+        found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
+        if not found:
+            raise DataError(
+                f"tokenizer: {str(self.path)!r} has none of the end-of-text tokens {candidates}. "
+                "Fix: set tokenizer.eos_token to the token that separates documents."
+            )
+        self.eos_token, self.eos_id = found[0]
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: Union[str, Path]) -> Path:
+    """Train a byte-level BPE tokenizer with an ``<|endoftext|>`` token; write tokenizer.json."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    tmp.replace(out_path)
+    return out_path
+
+
+def tokenize_corpus(
+    source: Union[str, Sequence[str]],
+    tokenizer: Tokenizer,
+    cache_dir: Union[str, Path],
+    text_field: str = "text",
+    key: str = "data.source",
+) -> np.ndarray:
+    """The whole corpus as one token array, each document followed by EOS; cached.
+
+    The cache key covers the tokenizer file's content and every source file's path, size
+    and modification time, so editing either re-tokenizes.
+    """
+    files = _source_files(source, key)
+    h = hashlib.sha256(f"v{_CACHE_FORMAT}|{tokenizer.fingerprint()}|{text_field}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    cache = Path(cache_dir) / f"tokens-{h.hexdigest()[:20]}.npy"
+    if cache.is_file():
+        return np.load(cache, mmap_mode="r")
+    dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
+    chunks = []
+    docs = list(read_documents(files_as_str(files), text_field=text_field, key=key))
+    for start in range(0, len(docs), 256):
+        for ids in tokenizer.encode_batch(docs[start : start + 256]):
+            chunks.append(np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, tokens)
+    tmp.replace(cache)  # atomic: a killed run never leaves a half-written cache
+    return tokens
+
+
+def files_as_str(files: Sequence[Path]) -> List[str]:
+    return [str(f) for f in files]
+
+
+class PackedDataset(Dataset):
+    """Fixed-length training sequences cut from one token stream.
+
+    Item ``i`` is ``{"tokens": x, "labels": y}`` with ``y`` = ``x`` shifted by one.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train", val_fraction: float = 0.02):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0.0 < val_fraction < 0.5:
+            raise DataError(f"data.val_fraction={val_fraction}: must lie in (0, 0.5).")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        total = len(tokens) // (seq_len + 1)
+        every = max(2, round(1 / val_fraction))
+        all_ids = np.arange(total)
+        is_val = all_ids % every == every // 2
+        self.index = all_ids[is_val] if split == "val" else all_ids[~is_val]
+        if len(self.index) == 0:
+            raise DataError(
+                f"data: the corpus has {len(tokens)} tokens, too few for one {split} sequence of "
+                f"{seq_len + 1}. Fix: use more text, a shorter seq_len or a larger val_fraction."
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        start = int(self.index[i]) * (self.seq_len + 1)
+        chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        return {"tokens": chunk[:-1], "labels": chunk[1:]}
+
+
+def build_dataloader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+    num_workers: int = 0,
+) -> StatefulDataLoader:
+    if len(dataset) < batch_size * world_size:
+        raise DataError(
+            f"data: {len(dataset)} sequences cannot fill one batch of {batch_size} on each of "
+            f"{world_size} ranks. Fix: lower batch_size or use more text."
+        )
+    sampler = StatefulDistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
+    )
+    return StatefulDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers
+    )

@@ -1,0 +1,217 @@
+"""Llama-style decoders (RMSNorm, SwiGLU, RoPE, GQA) from torchtune's modules.
+
+Layer numbering follows the Hugging Face ``hidden_states`` convention everywhere in
+this project: layer 0 is the token embedding output, layer ``i`` (1..L) is the output
+of block ``i``, and layer ``L`` (the last) is taken AFTER the final norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+from torchtune.models.llama3_2._component_builders import llama3_mlp
+from torchtune.modules import (
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TiedLinear,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+
+@dataclass
+class ModelArgs:
+    """Everything needed to rebuild a model; saved next to its weights as JSON."""
+
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    embed_dim: int
+    intermediate_dim: int
+    max_seq_len: int
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self, key: str = "model") -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"{key}.embed_dim ({self.embed_dim}) must be divisible by {key}.num_heads "
+                f"({self.num_heads}). Fix: change one of them."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{key}.num_heads ({self.num_heads}) must be a multiple of {key}.num_kv_heads "
+                f"({self.num_kv_heads}). Fix: change one of them."
+            )
+        if (self.embed_dim // self.num_heads) % 2:
+            raise ValueError(f"{key}: head dim embed_dim/num_heads must be even for RoPE.")
+
+
+def llama(args: ModelArgs) -> TransformerDecoder:
+    """A Llama-architecture decoder, weights left as PyTorch initialises them.
+
+    Call :func:`init_weights` for a from-scratch start (torchtune's builders have none).
+    Plain (unscaled) RoPE, as in Llama-2, SmolLM and most small models.
+    """
+    args.validate()
+    head_dim = args.embed_dim // args.num_heads
+    rope = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=args.max_seq_len, base=args.rope_base)
+    layers = nn.ModuleList()
+    for _ in range(args.num_layers):
+        attn = MultiHeadAttention(
+            embed_dim=args.embed_dim,
+            num_heads=args.num_heads,
+            num_kv_heads=args.num_kv_heads,
+            head_dim=head_dim,
+            q_proj=nn.Linear(args.embed_dim, args.num_heads * head_dim, bias=False),
+            k_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=False),
+            v_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=False),
+            output_proj=nn.Linear(args.num_heads * head_dim, args.embed_dim, bias=False),
+            pos_embeddings=rope,
+            max_seq_len=args.max_seq_len,
+        )
+        layers.append(
+            TransformerSelfAttentionLayer(
+                attn=attn,
+                mlp=llama3_mlp(dim=args.embed_dim, hidden_dim=args.intermediate_dim),
+                sa_norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
+                mlp_norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
+            )
+        )
+    embeddings = nn.Embedding(args.vocab_size, args.embed_dim)
+    if args.tie_word_embeddings:
+        output = TiedLinear(embeddings)
+    else:
+        output = nn.Linear(args.embed_dim, args.vocab_size, bias=False)
+    return TransformerDecoder(
+        tok_embeddings=embeddings,
+        layers=layers,
+        max_seq_len=args.max_seq_len,
+        num_heads=args.num_heads,
+        head_dim=head_dim,
+        norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
+        output=output,
+    )
+
+
+@torch.no_grad()
+def init_weights(model: TransformerDecoder, std: float = 0.02) -> None:
+    """From-scratch init: N(0, std) everywhere, residual-branch outputs scaled down.
+
+    The attention output and the MLP down projection write into the residual stream;
+    scaling them by 1/sqrt(2 * num_layers) keeps the stream's variance independent of
+    depth (GPT-2 / Llama practice). Norm weights start at 1.
+    """
+    num_layers = len(model.layers)
+    residual_std = std / math.sqrt(2 * num_layers)
+    nn.init.normal_(model.tok_embeddings.weight, mean=0.0, std=std)
+    if isinstance(model.output, nn.Linear):
+        nn.init.normal_(model.output.weight, mean=0.0, std=std)
+    for layer in model.layers:
+        for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj, layer.mlp.w1, layer.mlp.w3):
+            nn.init.normal_(proj.weight, mean=0.0, std=std)
+        for proj in (layer.attn.output_proj, layer.mlp.w2):
+            nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.scale)
+
+
+def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> TransformerDecoder:
+    """Build and (unless ``init_std`` is None) initialise a decoder from scratch."""
+    model = llama(args)
+    if init_std is not None:
+        init_weights(model, std=init_std)
+    return model
+
+
+def forward_with_hidden(
+    model: TransformerDecoder,
+    tokens: torch.Tensor,
+    layers: Iterable[int] = (),
+    logits: bool = True,
+) -> Tuple[Dict[int, torch.Tensor], Optional[torch.Tensor]]:
+    """Run ``model`` and return (hidden states at ``layers``, logits or None).
+
+    Layers use the convention of this module's docstring. With ``logits=False`` the
+    forward stops at the deepest requested layer: a teacher that only supplies hidden
+    states never pays for its output head or its unused top blocks.
+    """
+    wanted = set(layers)
+    depth = len(model.layers)
+    bad = [i for i in wanted if not 0 <= i <= depth]
+    if bad:
+        raise ValueError(f"layers {sorted(bad)} outside 0..{depth} for a {depth}-block model")
+    stop = depth if logits else max(wanted, default=0)
+    hidden: Dict[int, torch.Tensor] = {}
+    h = model.tok_embeddings(tokens)
+    if 0 in wanted:
+        hidden[0] = h
+    for i in range(stop):
+        h = model.layers[i](h)
+        if i + 1 in wanted and i + 1 < depth:
+            hidden[i + 1] = h
+    out = None
+    if stop == depth:
+        h = model.norm(h)
+        if depth in wanted:
+            hidden[depth] = h
+        if logits:
+            out = model.output(h).float()
+    return hidden, out
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        total -= model.tok_embeddings.weight.numel()
+    return total
+
+
+def llama_model(
+    vocab_size: int,
+    num_layers: int,
+    num_heads: int,
+    embed_dim: int,
+    max_seq_len: int,
+    num_kv_heads: Optional[int] = None,
+    intermediate_dim: Optional[int] = None,
+    rope_base: float = 10_000.0,
+    norm_eps: float = 1e-5,
+    tie_word_embeddings: bool = True,
+    init_std: Optional[float] = 0.02,
+) -> TransformerDecoder:
+    """Config entry point (``model: {_component_: components.models.llama_model, ...}``).
+
+    ``intermediate_dim`` defaults to the Llama SwiGLU width (8/3 * embed_dim, rounded up
+    to a multiple of 64). The returned model carries its :class:`ModelArgs` as
+    ``model.model_args`` so that checkpoints can rebuild it.
+    """
+    if intermediate_dim is None:
+        intermediate_dim = 64 * math.ceil(8 * embed_dim / 3 / 64)
+    args = ModelArgs(
+        vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads or num_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps, tie_word_embeddings=tie_word_embeddings,
+    )
+    model = build_model(args, init_std=init_std)
+    model.model_args = args
+    return model

@@ -1,0 +1,118 @@
+"""One registry for every kind of swappable component.
+
+A component is named in YAML either by a short registered name or by a dotted import
+path::
+
+    alignment:
+      loss:
+        _component_: negative_cosine            # short name, registered below
+    # or
+        _component_: components.alignment.NegativeCosine
+    # or a class of your own, in a module of your own:
+        _component_: my_lab.losses.CenteredCosine
+
+Register your own under a short name with the decorator, and list the module under the
+config's top-level ``imports:`` so that the recipe imports it (and so registers it)
+before building anything::
+
+    @register("alignment_loss", "centered_cosine")
+    class CenteredCosine(AlignmentLoss): ...
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Dict, Iterable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+KINDS = ("teacher_loader", "layer_map", "projector", "alignment_loss", "schedule")
+
+_REGISTRY: Dict[str, Dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+
+
+class ComponentError(ValueError):
+    """A component named in a config cannot be found or built."""
+
+
+def register(kind: str, name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make ``obj`` buildable as ``_component_: <name>`` for this ``kind``."""
+    if kind not in _REGISTRY:
+        raise ComponentError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+
+    def decorator(obj: Callable) -> Callable:
+        existing = _REGISTRY[kind].get(name)
+        if existing is not None and existing is not obj:
+            qualname = f"{existing.__module__}.{existing.__qualname__}"
+            raise ComponentError(f"{kind} {name!r} is already registered by {qualname}")
+        _REGISTRY[kind][name] = obj
+        return obj
+
+    return decorator
+
+
+def registered(kind: str) -> Dict[str, Callable[..., Any]]:
+    """The short names registered for ``kind`` (a copy)."""
+    return dict(_REGISTRY[kind])
+
+
+def import_modules(modules: Iterable[str] | None) -> None:
+    """Import user modules so that their ``@register`` decorators run."""
+    for module in modules or []:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ComponentError(
+                f"imports: cannot import {module!r} ({err}). Fix: make the module importable "
+                "from the working directory or the environment, or remove it from `imports`."
+            ) from err
+
+
+def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any]:
+    """Find a component by short name (``kind``'s registry) or by dotted path."""
+    if name in _REGISTRY[kind]:
+        return _REGISTRY[kind][name]
+    if "." in name:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ComponentError(
+                f"{key}: cannot import module {module_name!r} for {kind} {name!r} ({err}). "
+                "Fix: check the dotted path, or use a registered short name: "
+                f"{', '.join(sorted(_REGISTRY[kind]))}."
+            ) from err
+        if not hasattr(module, attr):
+            raise ComponentError(
+                f"{key}: module {module_name!r} has no attribute {attr!r}. Fix: check the spelling."
+            )
+        return getattr(module, attr)
+    raise ComponentError(
+        f"{key}: unknown {kind} {name!r}. Fix: use one of "
+        f"{', '.join(sorted(_REGISTRY[kind]))}, a dotted path to your own class, or register "
+        "yours with @components.registry.register and list its module under `imports`."
+    )
+
+
+def build(kind: str, spec: Any, key: str, **kwargs: Any) -> Any:
+    """Build a component from a config node.
+
+    ``spec`` is a short name / dotted path string, or a mapping with ``_component_`` and
+    keyword arguments. ``kwargs`` are supplied by the recipe (e.g. model widths) and
+    take precedence. ``key`` is the config key, used in error messages.
+    """
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, str):
+        spec = {"_component_": spec}
+    if not isinstance(spec, Mapping) or "_component_" not in spec:
+        raise ComponentError(
+            f"{key}: expected a component name or a mapping with `_component_`, got {spec!r}."
+        )
+    args = {k: v for k, v in spec.items() if k != "_component_"}
+    args.update(kwargs)
+    factory = resolve(kind, spec["_component_"], key=f"{key}._component_")
+    try:
+        return factory(**args)
+    except TypeError as err:
+        raise ComponentError(f"{key}: cannot build {spec['_component_']!r}: {err}") from err

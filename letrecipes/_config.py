@@ -1,0 +1,85 @@
+"""Config resolution for the recipes: short names, paths, ``key=value`` overrides.
+
+``--config`` takes a path to a YAML file, or a short name looked up (``.yaml`` added)
+in ``recipes/configs/`` of a source checkout, then in the configs shipped inside the
+installed package (``letrecipes/configs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from torchtune.config._utils import _merge_yaml_and_cli_args
+
+RECIPES = ("pretrain", "let_pretrain")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def config_dirs() -> List[Path]:
+    """Where short config names are looked up, in order."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "recipes" / "configs", here / "configs"]
+    return [d for d in candidates if d.is_dir()]
+
+
+def available_configs() -> List[str]:
+    names = set()
+    for d in config_dirs():
+        names.update(p.stem for p in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def resolve_config_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix not in (".yaml", ".yml") and "/" not in name:
+        for d in config_dirs():
+            candidate = d / f"{name}.yaml"
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(
+        f"--config {name!r}: no such file, and no shipped config of that name. "
+        f"Fix: give a path to a YAML file or one of: {', '.join(available_configs())}."
+    )
+
+
+def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``name`` with ``key=value`` overrides applied (torchtune semantics)."""
+    path = resolve_config_path(name)
+    try:
+        yaml = OmegaConf.load(path)
+    except Exception as err:  # omegaconf/yaml raise assorted types
+        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {err}") from err
+    if not isinstance(yaml, DictConfig):
+        raise ConfigError(f"--config {str(path)!r} must hold a mapping at the top level.")
+    try:
+        cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), list(overrides))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return cfg
+
+
+def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Sequence[str]]], None]:
+    """Decorator for a recipe's entry point: ``--config NAME_OR_PATH [key=value ...]``."""
+
+    @functools.wraps(recipe_main)
+    def wrapper(argv: Optional[Sequence[str]] = None) -> None:
+        parser = argparse.ArgumentParser(description=recipe_main.__doc__)
+        parser.add_argument("--config", required=True, help="short config name or YAML path")
+        args, overrides = parser.parse_known_args(argv)
+        try:
+            cfg = load_config(args.config, overrides)
+        except ConfigError as err:
+            sys.exit(f"error: {err}")
+        recipe_main(cfg)
+
+    return wrapper

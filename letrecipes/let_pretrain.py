@@ -1,0 +1,105 @@
+"""Pretraining with Late-to-Early Training (LET).
+
+    tune run letrecipes/let_pretrain --config let_tiny [key=value ...]
+
+This is ``letrecipes/pretrain.py`` plus three things:
+
+1. ``setup_extra``: load the frozen teacher and build the aligner (layer map,
+   projector, alignment loss, lambda schedule) from the ``teacher`` and ``alignment``
+   config sections;
+2. ``compute_loss``: ``loss = NLL + lambda(step) * align(P(h_student[k]), h_teacher[L])``,
+   teacher and student fed the same token ids;
+3. ``after_step``: once lambda is 0 for good, drop the teacher and free its memory; the
+   rest of the run is exactly plain pretraining.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from typing import Dict, Tuple
+
+import torch
+from omegaconf import DictConfig
+
+from components import registry
+from components.aligner import build_aligner
+from components.models import forward_with_hidden
+from letrecipes._config import parse
+from letrecipes.pretrain import PretrainRecipe, RecipeError, nll_loss, run
+
+
+class LETPretrainRecipe(PretrainRecipe):
+    def setup_extra(self) -> None:
+        cfg = self.cfg
+        self.teacher = registry.build("teacher_loader", cfg.teacher, key="teacher", device=self.device)
+        self._check_teacher_tokenizer()
+        self.aligner = build_aligner(
+            cfg.alignment,
+            student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
+            teacher_dim=self.teacher.width, teacher_depth=self.teacher.depth, total_steps=self.max_steps,
+        ).to(self.device)
+        self.trainable["aligner"] = self.aligner
+        self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
+                 f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "
+                 f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}")
+
+    def _check_teacher_tokenizer(self) -> None:
+        teacher, tokenizer = self.teacher, self.tokenizer
+        if teacher.vocab_size < tokenizer.vocab_size:
+            raise RecipeError(
+                f"teacher.path: the teacher's vocabulary ({teacher.vocab_size}) is smaller than the tokenizer's "
+                f"({tokenizer.vocab_size}, tokenizer.path={str(tokenizer.path)!r}): teacher and student must read "
+                "the same token ids. Fix: use the tokenizer the teacher was trained with."
+            )
+        if teacher.tokenizer_path is not None and teacher.tokenizer_path.read_bytes() != tokenizer.path.read_bytes():
+            raise RecipeError(
+                f"tokenizer.path={str(tokenizer.path)!r} differs from the teacher's own tokenizer "
+                f"({str(teacher.tokenizer_path)!r}): teacher and student must read the same token ids. "
+                f"Fix: set tokenizer.path={teacher.tokenizer_path}."
+            )
+
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if self.teacher is None:  # past S_stop: plain pretraining
+            loss, figures = super().compute_loss(tokens, labels)
+            return loss, {**figures, "lambda": 0.0}
+        weight = self.aligner.weight(self.step)
+        start = time.perf_counter()
+        teacher_hidden = self.teacher.hidden_states(tokens, self.aligner.teacher_layers)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.step_timing["teacher"] = self.step_timing.get("teacher", 0.0) + time.perf_counter() - start
+        hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
+        nll = nll_loss(logits, labels)
+        align, cosine = self.aligner(hidden, teacher_hidden)
+        loss = nll + weight * align
+        return loss, {"nll": nll.item(), "align_loss": align.item(), "lambda": weight, "cosine": cosine.item()}
+
+    def after_step(self) -> None:
+        if self.teacher is not None and self.aligner.finished(self.step):
+            self.release_teacher()
+
+    def release_teacher(self) -> None:
+        teacher_mb = sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2**20
+        before = torch.cuda.memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        self.teacher = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            after = torch.cuda.memory_allocated(self.device) / 2**20
+            detail = f"; allocated {before:.0f} MiB -> {after:.0f} MiB"
+        else:
+            detail = ""
+        self.log(f"step {self.step}: lambda is 0 from here on; teacher released ({teacher_mb:.1f} MiB of weights{detail})")
+        self.metrics.log({"step": self.step, "event": "teacher_released", "teacher_mb": teacher_mb})
+
+
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Pretraining with Late-to-Early Training."""
+    run(LETPretrainRecipe, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())

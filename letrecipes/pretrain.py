@@ -1,0 +1,345 @@
+"""Plain causal-LM pretraining from scratch: the LET baseline, and how teachers are made.
+
+    tune run letrecipes/pretrain --config pretrain_tiny [key=value ...]
+
+One file, torchtune style: ``setup()`` builds every part from the config, ``train()`` runs
+the loop, ``cleanup()`` closes the sinks. ``letrecipes/let_pretrain.py`` is this recipe
+plus a teacher and an alignment term; the methods it overrides are ``setup_extra`` and
+``compute_loss`` (and ``after_step``, to release the teacher).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchtune import config
+from tqdm import tqdm
+
+from components import registry
+from components.checkpointing import Checkpointer, export_model
+from components.data import PackedDataset, Tokenizer, build_dataloader, tokenize_corpus
+from components.metrics import MetricLogger, read_metrics
+from components.models import count_parameters, forward_with_hidden
+from letrecipes._config import parse
+
+# Known-harmless library warnings that would otherwise repeat in every run's log.
+for _pattern in (".*set_vital.*", ".*torch.distributed is disabled.*", ".*Mismatch dtype between input and weight.*"):
+    warnings.filterwarnings("ignore", message=_pattern)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": None, "float32": None}
+
+
+class RecipeError(ValueError):
+    """Bad configuration found before the first training step."""
+
+
+class PretrainRecipe:
+    """Causal-LM pretraining; subclasses add terms to the loss (see let_pretrain)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.max_steps = int(cfg.max_steps)
+        self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        self.log_every = int(cfg.get("log_every", 10))
+        self.eval_every = int(cfg.get("eval_every", 0) or 0)
+        self.save_every = int(cfg.get("save_every", 0) or 0)
+        self.step = 0
+        self.epoch = 0
+        self._data_iter = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        registry.import_modules(cfg.get("imports"))
+        self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = cfg.get("dtype", "bf16")
+        if dtype_name not in AUTOCAST_DTYPES:
+            raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
+        self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
+        self._seed_everything(int(cfg.seed))
+
+        self.tokenizer = Tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.get("eos_token"))
+        self.setup_data()
+        self.model = config.instantiate(
+            cfg.model, vocab_size=cfg.model.get("vocab_size") or self.tokenizer.vocab_size,
+            max_seq_len=cfg.data.seq_len,
+        ).to(self.device)
+        if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
+            raise RecipeError(
+                f"model.vocab_size={self.model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} tokens. Fix: remove model.vocab_size (it then follows the tokenizer)."
+            )
+        # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
+        self.trainable = nn.ModuleDict({"model": self.model})
+        self.setup_extra()
+        self.optimizer = config.instantiate(cfg.optimizer, self._param_groups(float(cfg.optimizer.get("weight_decay", 0.0))))
+        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, total_steps=self.max_steps)
+        self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
+        resumed_from = self._resume_point()
+        self._check_output_dir(resumed_from)
+        if resumed_from is not None:
+            self._load_checkpoint(resumed_from)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, self.output_dir / "config.yaml")
+        self.metrics = MetricLogger(
+            self.output_dir, wandb=OmegaConf.to_container(cfg.get("metrics", {}).get("wandb", {}) or {}),
+            run_config=OmegaConf.to_container(cfg, resolve=True), append=resumed_from is not None,
+        )
+        n_params = count_parameters(self.model)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters ({count_parameters(self.model, True) / 1e6:.2f}M "
+                 f"non-embedding), {len(self.model.layers)} blocks, width {self.model.tok_embeddings.embedding_dim}; "
+                 f"device {self.device}, compute {dtype_name}; {len(self.train_set)} training sequences of "
+                 f"{cfg.data.seq_len} tokens")
+
+    def setup_data(self) -> None:
+        cfg = self.cfg.data
+        tokens = tokenize_corpus(cfg.source, self.tokenizer, cfg.get("cache_dir", "outputs/cache"),
+                                 text_field=cfg.get("text_field", "text"))
+        val_fraction = float(cfg.get("val_fraction", 0.02))
+        self.train_set = PackedDataset(tokens, int(cfg.seq_len), "train", val_fraction)
+        self.val_set = PackedDataset(tokens, int(cfg.seq_len), "val", val_fraction)
+        batch_size = int(self.cfg.batch_size)
+        self.dataloader = build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed))
+        self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False)
+        self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum
+
+    def setup_extra(self) -> None:
+        """Hook for subclasses: build more parts (a teacher, an aligner) before the optimizer."""
+
+    def _param_groups(self, weight_decay: float):
+        # No decay on norms and biases (1-D tensors): decaying them only fights the init.
+        decay = [p for p in self.trainable.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.trainable.parameters() if p.requires_grad and p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    # ---------------------------------------------------------- checkpoints
+    def _resume_point(self) -> Optional[Path]:
+        resume = self.cfg.get("resume", False)
+        if resume in (False, None, "false", "False"):
+            return None
+        if resume in (True, "true", "True"):
+            latest = self.checkpointer.latest()
+            if latest is None:
+                self.log(f"resume=true but {self.output_dir}/checkpoints holds no complete checkpoint: starting fresh")
+            return latest
+        path = Path(str(resume))
+        if not path.is_dir():
+            raise RecipeError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the latest, "
+                              "or a path like <output_dir>/checkpoints/step_00000100.")
+        return path
+
+    def _check_output_dir(self, resumed_from: Optional[Path]) -> None:
+        """Refuse to overwrite a finished or running run's files unless told to."""
+        existing = [p for p in ("metrics.jsonl", "checkpoints", "final") if (self.output_dir / p).exists()]
+        if existing and resumed_from is None and not self.cfg.get("overwrite", False):
+            raise RecipeError(
+                f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
+                "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."
+            )
+        if existing and resumed_from is None:  # overwrite=true: an old checkpoint must not be resumed later
+            for name in ("checkpoints", "final"):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+
+    def _trainer_state(self) -> Dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "dataloader": self.dataloader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def save_checkpoint(self) -> None:
+        path = self.checkpointer.save(self.step, self.trainable, self.optimizer, self._trainer_state())
+        self.log(f"checkpoint: {path}")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = self.checkpointer.load(path, self.trainable, self.optimizer)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.dataloader.sampler.set_epoch(self.epoch)
+        self.dataloader.load_state_dict(state["dataloader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        metrics = self.output_dir / "metrics.jsonl"
+        if metrics.is_file():  # drop records the interrupted run wrote after this checkpoint
+            kept = [line for line, rec in zip(metrics.read_text().splitlines(), read_metrics(metrics))
+                    if rec.get("step", 0) <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ---------------------------------------------------------------- train
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def next_batch(self) -> Dict[str, torch.Tensor]:
+        while True:
+            if self._data_iter is None:
+                self.dataloader.sampler.set_epoch(self.epoch)
+                self._data_iter = iter(self.dataloader)
+            try:
+                batch = next(self._data_iter)
+                return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            except StopIteration:
+                self.epoch += 1
+                self._data_iter = None
+
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Loss of one micro-batch and the figures to log about it. LET overrides this."""
+        _, logits = forward_with_hidden(self.model, tokens)
+        nll = nll_loss(logits, labels)
+        return nll, {"nll": nll.item()}
+
+    def after_step(self) -> None:
+        """Hook for subclasses, called after each optimizer step."""
+
+    def train(self) -> None:
+        cfg = self.cfg
+        clip = cfg.get("clip_grad_norm")
+        self.trainable.train()
+        progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty() or not cfg.get("progress_bar", True))
+        self.last_val_loss = None
+        while self.step < self.max_steps:
+            start = time.perf_counter()
+            self.step_timing = {}
+            sums: Dict[str, float] = {}
+            for _ in range(self.grad_accum):
+                batch = self.next_batch()
+                with self.autocast():
+                    loss, figures = self.compute_loss(batch["tokens"], batch["labels"])
+                (loss / self.grad_accum).backward()
+                figures["loss"] = loss.item()
+                for k, v in figures.items():
+                    sums[k] = sums.get(k, 0.0) + v / self.grad_accum
+            grad_norm = None
+            if clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(clip)).item()
+            if not all(math.isfinite(v) for v in sums.values()):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.lr_scheduler.get_last_lr()[0]
+            self.lr_scheduler.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            self.step += 1
+            progress.update(1)
+
+            record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
+                      "peak_memory_mb": peak_memory_mb(self.device)}
+            for name, seconds in self.step_timing.items():
+                record[f"{name}_time_share"] = seconds / elapsed
+            if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
+                record["val_loss"] = self.last_val_loss = self.evaluate()
+            if self.step % self.log_every == 0 or self.step == self.max_steps or "val_loss" in record:
+                self.metrics.log(record)
+                self.log(format_record(record, self.max_steps), progress)
+            self.after_step()
+            if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        if self.save_every:
+            self.save_checkpoint()
+        export_model(self.model, self.model.model_args, self.output_dir / "final", self.tokenizer.path)
+        self.log(f"exported {self.output_dir / 'final'}")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.trainable.eval()
+        total, count = 0.0, 0
+        for i, batch in enumerate(self.val_loader):
+            if i >= int(self.cfg.get("eval_batches", 8)):
+                break
+            tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+            with self.autocast():
+                _, logits = forward_with_hidden(self.model, tokens)
+            total += nll_loss(logits, labels).item() * labels.numel()
+            count += labels.numel()
+        self.trainable.train()
+        return total / count
+
+    def log(self, message: str, progress: Optional[tqdm] = None) -> None:
+        if progress is not None and not progress.disable:
+            progress.write(message)  # keeps the bar below the log lines
+        else:
+            print(message, flush=True)
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        gc.collect()
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Peak resident set size of this process (Linux reports KiB).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def format_record(record: Dict[str, Any], max_steps: int) -> str:
+    parts = [f"step {record['step']}/{max_steps}"]
+    for key, fmt in (("loss", ".4f"), ("nll", ".4f"), ("align_loss", ".4f"), ("lambda", ".3g"), ("cosine", ".3f"),
+                     ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"), ("tokens_per_s", ".0f")):
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    return " | ".join(parts)
+
+
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Plain causal-LM pretraining."""
+    run(PretrainRecipe, cfg)
+
+
+def run(recipe_class, cfg: DictConfig) -> None:
+    """setup / train / cleanup, with configuration errors reported as one line."""
+    recipe = recipe_class(cfg)
+    try:
+        recipe.setup()
+    except ValueError as err:  # RecipeError, ComponentError, DataError, TeacherError, ...
+        if os.environ.get("LETRECIPES_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
