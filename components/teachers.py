@@ -38,8 +38,8 @@ class Teacher(nn.Module):
     def __init__(self, model: nn.Module, tokenizer_path: Optional[Path] = None, source: str = ""):
         super().__init__()
         self.model = model
-        self.model.eval()
-        self.model.requires_grad_(False)
+        self.requires_grad_(False)
+        self.eval()
         self.tokenizer_path = tokenizer_path
         self.source = source
 

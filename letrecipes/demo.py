@@ -58,7 +58,7 @@ def prepare(demo_dir: Path = DEMO_DIR) -> None:
 
 def tune_run(recipe: str, config: str, *overrides: str) -> None:
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config, *overrides]
-    print("\n$ tune run " + " ".join(cmd[5:]), flush=True)
+    print("\n$ tune " + " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
 
 

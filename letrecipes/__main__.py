@@ -1,0 +1,5 @@
+import sys
+
+from letrecipes.cli import main
+
+sys.exit(main())

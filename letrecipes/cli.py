@@ -1,0 +1,63 @@
+"""``letrecipes`` command: list, print and copy the shipped recipes and configs.
+
+    letrecipes ls                          # recipes and configs
+    letrecipes cat let_tiny [key=value]    # the resolved config, overrides applied
+    letrecipes cp let_pretrain my_let.py   # a recipe to edit (run: tune run my_let)
+    letrecipes cp let_tiny my_let.yaml     # a config to edit  (run: --config my_let.yaml)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from letrecipes._config import RECIPES, ConfigError, available_configs, load_config, resolve_config_path
+
+
+def recipe_path(name: str) -> Path:
+    return Path(__file__).resolve().parent / f"{name}.py"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="letrecipes", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list recipes and configs")
+    cat = sub.add_parser("cat", help="print a config with overrides applied")
+    cat.add_argument("config")
+    cp = sub.add_parser("cp", help="copy a recipe or a config to edit")
+    cp.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or a config name")
+    cp.add_argument("destination")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "ls":
+            print("recipes (tune run letrecipes/<recipe> --config <config>):")
+            for name in RECIPES:
+                print(f"  {name}")
+            print("configs:")
+            for name in available_configs():
+                print(f"  {name}")
+        elif args.command == "cat":
+            print(OmegaConf.to_yaml(load_config(args.config, rest)), end="")
+        else:
+            if rest:
+                parser.error(f"unexpected arguments: {rest}")
+            source = recipe_path(args.name) if args.name in RECIPES else resolve_config_path(args.name)
+            destination = Path(args.destination)
+            if destination.is_dir():
+                destination = destination / source.name
+            if destination.exists():
+                sys.exit(f"error: {destination} exists; not overwriting it. Fix: choose another destination.")
+            shutil.copyfile(source, destination)
+            print(f"copied {source} -> {destination}")
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`tune run` as a user types it: short config names, from the repo root, from another
+directory after a non-editable install, and on a copied-and-edited recipe."""
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from components.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tune(args, cwd, python=sys.executable, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([str(python), "-m", "torchtune._cli.tune", "run", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_tune_run_short_names_from_the_repo_root(base_overrides, tmp_path):
+    teacher = tmp_path / "teacher"
+    tune(["letrecipes/pretrain", "--config", "pretrain_tiny", *base_overrides, f"output_dir={teacher}",
+          "max_steps=2"], cwd=REPO)
+    out = tmp_path / "let"
+    result = tune(["letrecipes/let_pretrain.py", "--config", "let_tiny", *base_overrides, f"output_dir={out}",
+                   f"teacher.path={teacher / 'final'}", "max_steps=2"], cwd=REPO)
+    assert "teacher:" in result.stdout
+    records = read_metrics(out / "metrics.jsonl")
+    assert {"align_loss", "lambda", "cosine"} <= records[0].keys()
+
+
+def test_letrecipes_cat_prints_the_resolved_config():
+    result = subprocess.run([sys.executable, "-m", "letrecipes", "cat", "let_tiny", "alignment.schedule.lambda0=0.3",
+                             "max_steps=7"], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "lambda0: 0.3" in result.stdout and "max_steps: 7" in result.stdout
+    listing = subprocess.run([sys.executable, "-m", "letrecipes", "ls"], capture_output=True, text=True, check=True)
+    assert "let_tiny" in listing.stdout and "let_pretrain" in listing.stdout
+
+
+def test_copy_edit_and_run_a_recipe(base_overrides, teacher_dir, tmp_path):
+    for name, dest in (("let_pretrain", "my_let.py"), ("let_tiny", "my_let.yaml")):
+        subprocess.run([sys.executable, "-m", "letrecipes", "cp", name, str(tmp_path / dest)], check=True, cwd=REPO)
+    recipe = tmp_path / "my_let.py"
+    source = recipe.read_text()
+    assert "class LETPretrainRecipe" in source
+    # the one change: a different loss weight expression, visible in the logs
+    recipe.write_text(source.replace("loss = nll + weight * align", "loss = nll + 2 * weight * align\n"
+                                     "        print('MY_LET_LOSS', flush=True) if self.step == 0 else None"))
+    result = tune(["my_let", "--config", "my_let.yaml", *base_overrides, f"output_dir={tmp_path / 'out'}",
+                   f"teacher.path={teacher_dir}", "max_steps=2"], cwd=tmp_path)
+    assert "MY_LET_LOSS" in result.stdout
+    first = read_metrics(tmp_path / "out" / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(first["nll"] + 2 * first["lambda"] * first["align_loss"], rel=1e-4)
+    refused = subprocess.run([sys.executable, "-m", "letrecipes", "cp", "let_tiny", str(tmp_path / "my_let.yaml")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode != 0 and "not overwriting" in refused.stderr
+
+
+@pytest.mark.slow
+def test_non_editable_install_runs_from_another_directory(base_overrides, teacher_dir, tmp_path):
+    """`pip install .` (not editable) into a fresh venv; configs ship in the wheel."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # The heavy dependencies come from this environment (a path entry, not its .pth
+    # hooks, so this project's own editable install stays invisible to the new venv).
+    deps = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps_from_test_env.pth").write_text(deps + "\n")
+    build = tmp_path / "src"
+    _copy_tree(REPO, build)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(build)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(python), "-c", "import letrecipes, components; print(letrecipes.__file__); "
+                            "print(components.__file__)"], cwd=elsewhere, capture_output=True, text=True, check=True)
+    assert all(line.startswith(site) for line in where.stdout.split()), where.stdout
+    teacher = elsewhere / "teacher"
+    tune(["letrecipes/pretrain", "--config", "pretrain_tiny", *base_overrides, f"output_dir={teacher}", "max_steps=2"],
+         cwd=elsewhere, python=python)
+    tune(["letrecipes/let_pretrain", "--config", "let_tiny", *base_overrides, f"output_dir={elsewhere / 'let'}",
+          f"teacher.path={teacher / 'final'}", "max_steps=2"], cwd=elsewhere, python=python)
+    assert (elsewhere / "let" / "final" / "model.safetensors").is_file()
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """The tracked sources only (no .venv, outputs or caches)."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=src,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / rel, target)

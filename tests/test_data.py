@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from components.data import DataError, PackedDataset, Tokenizer, build_dataloader, read_documents, tokenize_corpus
+
+
+def test_tokenizer_round_trips_text(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    text = "To be, or not to be, that is the question."
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_token == "<|endoftext|>" and tok.vocab_size == 512
+
+
+def test_missing_tokenizer_names_the_key(tmp_path):
+    with pytest.raises(DataError, match="tokenizer.path: no tokenizer file"):
+        Tokenizer(tmp_path / "nope.json")
+
+
+def test_tokenization_is_cached_and_invalidated_by_edits(corpus_dir, tokenizer_path, tmp_path):
+    tok = Tokenizer(tokenizer_path)
+    source = tmp_path / "text.txt"
+    source.write_text("hello world. " * 50)
+    first = tokenize_corpus(source, tok, tmp_path / "cache")
+    assert first[-1] == tok.eos_id
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    again = tokenize_corpus(source, tok, tmp_path / "cache")
+    np.testing.assert_array_equal(first, again)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # reused
+    source.write_text("a different text entirely " * 20)
+    changed = tokenize_corpus(source, tok, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert len(changed) != len(first) or not np.array_equal(changed, first)
+
+
+def test_jsonl_source_reads_the_text_field(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(3)) + "\n")
+    assert list(read_documents(path, text_field="body")) == ["doc 0", "doc 1", "doc 2"]
+    with pytest.raises(DataError, match="has no field 'text'"):
+        list(read_documents(path))
+
+
+def test_missing_corpus_path_names_the_key(tmp_path):
+    with pytest.raises(DataError, match="data.source: .* does not exist"):
+        list(read_documents(tmp_path / "missing"))
+
+
+def test_packed_split_is_deterministic_disjoint_and_shifted():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    train, val = PackedDataset(tokens, 15, "train", 0.1), PackedDataset(tokens, 15, "val", 0.1)
+    assert len(train) + len(val) == 10_000 // 16 and len(val) == pytest.approx(62, abs=2)
+    assert not set(train.index) & set(val.index)
+    item = train[3]
+    assert torch.equal(item["labels"][:-1], item["tokens"][1:])
+    assert item["tokens"].dtype == torch.int64
+
+
+def test_loader_is_deterministic_sharded_and_resumes_mid_epoch():
+    data = PackedDataset(np.arange(20_000, dtype=np.uint16), 15, "train", 0.05)
+    first = [b["tokens"] for _, b in zip(range(6), build_dataloader(data, 4, seed=1))]
+    second = [b["tokens"] for _, b in zip(range(6), build_dataloader(data, 4, seed=1))]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    rank0 = {int(x) for b in build_dataloader(data, 4, seed=1, rank=0, world_size=2) for x in b["tokens"][:, 0]}
+    rank1 = {int(x) for b in build_dataloader(data, 4, seed=1, rank=1, world_size=2) for x in b["tokens"][:, 0]}
+    assert rank0 and rank1 and not rank0 & rank1
+
+    loader = build_dataloader(data, 4, seed=1)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    resumed = build_dataloader(data, 4, seed=1)
+    resumed.load_state_dict(state)
+    rest = [b["tokens"] for _, b in zip(range(3), resumed)]
+    assert all(torch.equal(a, b) for a, b in zip(first[3:], rest))
+
+
+def test_too_small_corpus_is_a_clear_error():
+    with pytest.raises(DataError, match="too few"):
+        PackedDataset(np.arange(10, dtype=np.uint16), 32, "val", 0.1)

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from components.aligner import Aligner
+from components.alignment import MSE, NegativeCosine, NormalizedMSE, SmoothL1
+from components.models import ModelArgs, build_model, forward_with_hidden
+from components.projectors import IdentityProjector, InterpolateProjector, LinearProjector, MLPProjector
+from components.schedules import Constant
+
+
+def test_projectors_map_to_comparable_shapes():
+    hs, ht = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
+    for projector in (LinearProjector(16, 24), MLPProjector(16, 24)):
+        a, b = projector(hs, ht)
+        assert a.shape == b.shape == (2, 5, 24)
+    a, b = InterpolateProjector(16, 24)(hs, ht)
+    assert a.shape == b.shape == (2, 5, 16)
+
+
+def test_interpolate_is_parameter_free_and_keeps_the_end_points():
+    projector = InterpolateProjector(4, 7)
+    assert not list(projector.parameters())
+    ht = torch.arange(7.0).view(1, 1, 7)
+    _, resized = projector(torch.zeros(1, 1, 4), ht)
+    torch.testing.assert_close(resized.flatten(), torch.tensor([0.0, 2.0, 4.0, 6.0]))
+
+
+def test_identity_requires_equal_widths():
+    with pytest.raises(ValueError, match="identity needs equal widths"):
+        IdentityProjector(16, 24)
+    x = torch.randn(1, 2, 8)
+    a, b = IdentityProjector(8, 8)(x, x)
+    assert a is x and b is x
+
+
+def test_negative_cosine_is_minus_one_for_identical_inputs_and_scale_free():
+    x = torch.randn(3, 7, 16)
+    assert NegativeCosine()(x, x).item() == pytest.approx(-1.0, abs=1e-5)
+    assert NegativeCosine()(x, 5 * x).item() == pytest.approx(-1.0, abs=1e-5)
+    assert NegativeCosine()(x, -x).item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", [MSE(), NormalizedMSE(), SmoothL1()])
+def test_distance_losses_are_zero_for_identical_inputs(loss):
+    x = torch.randn(2, 4, 8)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(x, x + 1).item() > 0.1
+
+
+@pytest.mark.parametrize("loss", [NegativeCosine(), MSE(), NormalizedMSE(), SmoothL1()])
+def test_losses_average_over_non_padding_tokens_only(loss):
+    pred, target = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[:, :3] = True
+    garbage_target = target.clone()
+    garbage_target[:, 3:] = 1e3  # padding positions: must not matter
+    expected = loss(pred[:, :3], target[:, :3])
+    torch.testing.assert_close(loss(pred, garbage_target, mask), expected)
+
+
+def test_alignment_gradient_reaches_only_blocks_up_to_k():
+    torch.manual_seed(0)
+    student = build_model(ModelArgs(vocab_size=50, num_layers=6, num_heads=2, num_kv_heads=2, embed_dim=16,
+                                    intermediate_dim=32, max_seq_len=8))
+    k = 2
+    aligner = Aligner([(k, 3)], torch.nn.ModuleList([LinearProjector(16, 24)]), NegativeCosine(), Constant(1.0))
+    tokens = torch.randint(0, 50, (2, 8))
+    hidden, _ = forward_with_hidden(student, tokens, aligner.student_layers)
+    align, cosine = aligner(hidden, {3: torch.randn(2, 8, 24)})
+    align.backward()
+    assert -1.0 <= cosine.item() <= 1.0
+    for i, layer in enumerate(student.layers, start=1):
+        grads = [p.grad for p in layer.parameters()]
+        if i <= k:
+            assert all(g is not None and g.abs().sum() > 0 for g in grads), f"block {i} got no gradient"
+        else:
+            assert all(g is None for g in grads), f"block {i} > k={k} got a gradient"
+    assert student.tok_embeddings.weight.grad.abs().sum() > 0
+    assert student.norm.scale.grad is None
+    assert aligner.projectors[0].proj.weight.grad is not None

@@ -1,0 +1,67 @@
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import components
+from components.alignment import NegativeCosine
+from components.registry import ComponentError, build, import_modules, register, registered
+
+
+def test_builtins_are_registered_for_every_kind():
+    assert {"negative_cosine", "mse", "normalized_mse", "smooth_l1"} <= set(registered("alignment_loss"))
+    assert {"linear", "mlp", "interpolate", "identity"} <= set(registered("projector"))
+    assert {"linear", "cosine", "constant", "step"} <= set(registered("schedule"))
+    assert {"preset", "pairs"} <= set(registered("layer_map"))
+    assert "letrecipes" in registered("teacher_loader")
+
+
+def test_build_by_short_name_and_by_dotted_path_gives_the_same_class():
+    by_name = build("alignment_loss", "negative_cosine", key="alignment.loss")
+    by_path = build("alignment_loss", {"_component_": "components.alignment.NegativeCosine"}, key="alignment.loss")
+    assert type(by_name) is type(by_path) is NegativeCosine
+
+
+def test_unknown_name_error_names_key_and_choices():
+    with pytest.raises(ComponentError) as err:
+        build("alignment_loss", "cosine_typo", key="alignment.loss")
+    assert "alignment.loss._component_" in str(err.value)
+    assert "negative_cosine" in str(err.value) and "Fix" in str(err.value)
+
+
+def test_bad_kwargs_are_reported_with_the_key():
+    with pytest.raises(ComponentError, match="alignment.schedule"):
+        build("schedule", {"_component_": "linear", "lambda_zero": 1.0}, key="alignment.schedule")
+
+
+def test_registering_a_name_twice_with_another_object_fails():
+    with pytest.raises(ComponentError, match="already registered"):
+        register("alignment_loss", "mse")(NegativeCosine)
+
+
+def test_custom_loss_registered_in_a_user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_lab_losses.py").write_text(textwrap.dedent("""
+        from components.alignment import AlignmentLoss
+        from components.registry import register
+
+        @register("alignment_loss", "test_l1")
+        class L1(AlignmentLoss):
+            def per_token(self, pred, target):
+                return (pred - target).abs().mean(-1)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_modules(["my_lab_losses"])
+    loss = build("alignment_loss", "test_l1", key="alignment.loss")
+    a, b = torch.zeros(1, 2, 3), torch.ones(1, 2, 3)
+    assert loss(a, b).item() == pytest.approx(1.0)
+    sys.modules.pop("my_lab_losses")
+
+
+def test_import_of_a_missing_module_names_the_key():
+    with pytest.raises(ComponentError, match="imports: cannot import 'no_such_module_xyz'"):
+        import_modules(["no_such_module_xyz"])
+
+
+def test_package_import_registers_everything():
+    assert components.alignment.NegativeCosine is NegativeCosine
