@@ -69,6 +69,8 @@ class PretrainRecipe:
         cfg = self.cfg
         registry.import_modules(cfg.get("imports"))
         self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RecipeError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
         dtype_name = cfg.get("dtype", "bf16")
         if dtype_name not in AUTOCAST_DTYPES:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
@@ -221,47 +223,48 @@ class PretrainRecipe:
     def after_step(self) -> None:
         """Hook for subclasses, called after each optimizer step."""
 
+    def train_step(self) -> Dict[str, Any]:
+        """One optimizer step (over ``gradient_accumulation_steps`` micro-batches); its record."""
+        start = time.perf_counter()
+        self.step_timing = {}  # seconds spent in named parts of this step (LET: "teacher")
+        sums: Dict[str, float] = {}
+        for _ in range(self.grad_accum):
+            batch = self.next_batch()
+            with self.autocast():
+                loss, figures = self.compute_loss(batch["tokens"], batch["labels"])
+            (loss / self.grad_accum).backward()
+            figures["loss"] = loss.item()
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0.0) + v / self.grad_accum
+        if not all(math.isfinite(v) for v in sums.values()):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
+        grad_norm = None
+        if self.cfg.get("clip_grad_norm"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm)).item()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        self.step += 1
+        record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        for name, seconds in self.step_timing.items():
+            record[f"{name}_time_share"] = seconds / elapsed
+        return record
+
     def train(self) -> None:
-        cfg = self.cfg
-        clip = cfg.get("clip_grad_norm")
         self.trainable.train()
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
-                        disable=not sys.stderr.isatty() or not cfg.get("progress_bar", True))
-        self.last_val_loss = None
+                        disable=not sys.stderr.isatty() or not self.cfg.get("progress_bar", True))
         while self.step < self.max_steps:
-            start = time.perf_counter()
-            self.step_timing = {}
-            sums: Dict[str, float] = {}
-            for _ in range(self.grad_accum):
-                batch = self.next_batch()
-                with self.autocast():
-                    loss, figures = self.compute_loss(batch["tokens"], batch["labels"])
-                (loss / self.grad_accum).backward()
-                figures["loss"] = loss.item()
-                for k, v in figures.items():
-                    sums[k] = sums.get(k, 0.0) + v / self.grad_accum
-            grad_norm = None
-            if clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(clip)).item()
-            if not all(math.isfinite(v) for v in sums.values()):
-                raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            lr = self.lr_scheduler.get_last_lr()[0]
-            self.lr_scheduler.step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            self.step += 1
+            record = self.train_step()
             progress.update(1)
-
-            record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
-                      "peak_memory_mb": peak_memory_mb(self.device)}
-            for name, seconds in self.step_timing.items():
-                record[f"{name}_time_share"] = seconds / elapsed
             if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
-                record["val_loss"] = self.last_val_loss = self.evaluate()
+                record["val_loss"] = self.evaluate()
             if self.step % self.log_every == 0 or self.step == self.max_steps or "val_loss" in record:
                 self.metrics.log(record)
                 self.log(format_record(record, self.max_steps), progress)

@@ -78,7 +78,7 @@ def test_non_editable_install_runs_from_another_directory(base_overrides, teache
     Path(site, "deps_from_test_env.pth").write_text(deps + "\n")
     build = tmp_path / "src"
     _copy_tree(REPO, build)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(build)],
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(build)],
                    check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -188,3 +188,38 @@ def test_gradient_accumulation_sees_more_tokens_per_step(base_overrides, tmp_pat
     run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=2", "gradient_accumulation_steps=2")
     records = steps(read_metrics(tmp_path / "metrics.jsonl"))
     assert len(records) == 2 and Path(tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint(base_overrides, tmp_path):
+    (tmp_path / "half_written").mkdir()
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
+                       f"resume={tmp_path / 'half_written'}", match="is not a complete DCP checkpoint")
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
+                       f"resume={tmp_path / 'missing'}", match="no such checkpoint folder")
+
+
+def test_resume_skips_a_checkpoint_whose_save_never_finished(base_overrides, tmp_path):
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=4", "save_every=2")
+    # a save killed half-way leaves only a .tmp folder: resume must ignore it
+    (tmp_path / "checkpoints" / "step_00000006.tmp").mkdir()
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=6", "save_every=2", "resume=true")
+    records = steps(read_metrics(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert not (tmp_path / "checkpoints" / "step_00000006.tmp").exists()
+
+
+def test_cuda_requested_without_a_gpu(base_overrides, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path}", "device=cuda",
+                       match="device=cuda but torch sees no CUDA device")
+
+
+def test_wandb_offline_needs_no_network_or_key(base_overrides, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=2", "metrics.wandb.enabled=true",
+                 "metrics.wandb.mode=offline")
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"

@@ -65,3 +65,18 @@ def test_import_of_a_missing_module_names_the_key():
 
 def test_package_import_registers_everything():
     assert components.alignment.NegativeCosine is NegativeCosine
+
+
+def test_the_documented_custom_loss_example_trains(let_overrides, tmp_path, monkeypatch):
+    """docs/examples/centered_cosine.py, used exactly as docs/extending.md shows."""
+    from pathlib import Path
+
+    from components.metrics import read_metrics
+    from letrecipes import let_pretrain
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
+    let_pretrain.recipe_main(["--config", "let_tiny", *let_overrides, f"output_dir={tmp_path}", "max_steps=2",
+                              "imports=[centered_cosine]", "alignment.loss=centered_cosine"])
+    first = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert -1.0 <= first["align_loss"] <= 1.0 and first["lambda"] == 1.0
+    assert "centered_cosine" in registered("alignment_loss")
