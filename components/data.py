@@ -61,7 +61,11 @@ def _source_files(source: Union[str, Sequence[str]], key: str) -> List[Path]:
 
 def read_documents(source: Union[str, Sequence[str]], text_field: str = "text", key: str = "data.source") -> Iterable[str]:
     """Yield documents: a whole text file each, or one JSONL record's ``text_field`` each."""
-    for path in _source_files(source, key):
+    return _documents(_source_files(source, key), text_field, key)
+
+
+def _documents(files: Sequence[Path], text_field: str, key: str) -> Iterable[str]:
+    for path in files:
         if path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
                 for line_no, line in enumerate(f, 1):
@@ -165,7 +169,7 @@ def tokenize_corpus(
         return np.load(cache, mmap_mode="r")
     dtype = np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32
     chunks = []
-    docs = list(read_documents(files_as_str(files), text_field=text_field, key=key))
+    docs = list(_documents(files, text_field, key))
     for start in range(0, len(docs), 256):
         for ids in tokenizer.encode_batch(docs[start : start + 256]):
             chunks.append(np.asarray(ids + [tokenizer.eos_id], dtype=dtype))
@@ -176,10 +180,6 @@ def tokenize_corpus(
         np.save(f, tokens)
     tmp.replace(cache)  # atomic: a killed run never leaves a half-written cache
     return tokens
-
-
-def files_as_str(files: Sequence[Path]) -> List[str]:
-    return [str(f) for f in files]
 
 
 class PackedDataset(Dataset):

@@ -50,25 +50,25 @@ def _check_lambda0(lambda0: float) -> float:
     return float(lambda0)
 
 
-@register("schedule", "linear")
-class LinearDecay(Schedule):
-    """The paper's: lambda0 * max(0, (S - step) / S)."""
+class EndsAtStop(Schedule):
+    """A schedule that is 0 from S_stop (``stop``) on."""
 
     def __init__(self, lambda0: float = 0.1, stop: Union[int, float] = 0.25, total_steps: Optional[int] = None):
         self.lambda0 = _check_lambda0(lambda0)
         self.end_step = resolve_stop(stop, total_steps)
+
+
+@register("schedule", "linear")
+class LinearDecay(EndsAtStop):
+    """The paper's: lambda0 * max(0, (S - step) / S)."""
 
     def __call__(self, step: int) -> float:
         return self.lambda0 * max(0.0, (self.end_step - step) / self.end_step)
 
 
 @register("schedule", "cosine")
-class CosineDecay(Schedule):
+class CosineDecay(EndsAtStop):
     """lambda0 * (1 + cos(pi * step / S)) / 2 until S, then 0."""
-
-    def __init__(self, lambda0: float = 0.1, stop: Union[int, float] = 0.25, total_steps: Optional[int] = None):
-        self.lambda0 = _check_lambda0(lambda0)
-        self.end_step = resolve_stop(stop, total_steps)
 
     def __call__(self, step: int) -> float:
         if step >= self.end_step:
@@ -77,12 +77,8 @@ class CosineDecay(Schedule):
 
 
 @register("schedule", "step")
-class StepCutoff(Schedule):
+class StepCutoff(EndsAtStop):
     """lambda0 until S, then 0 (a hard cut-off)."""
-
-    def __init__(self, lambda0: float = 0.1, stop: Union[int, float] = 0.25, total_steps: Optional[int] = None):
-        self.lambda0 = _check_lambda0(lambda0)
-        self.end_step = resolve_stop(stop, total_steps)
 
     def __call__(self, step: int) -> float:
         return self.lambda0 if step < self.end_step else 0.0

@@ -45,6 +45,11 @@ class LETPretrainRecipe(PretrainRecipe):
                  f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "
                  f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}")
 
+    def setup(self) -> None:
+        super().setup()
+        if self.aligner.finished(self.step):  # resumed past S_stop: the teacher is not needed
+            self.release_teacher()
+
     def _check_teacher_tokenizer(self) -> None:
         teacher, tokenizer = self.teacher, self.tokenizer
         if teacher.vocab_size < tokenizer.vocab_size:

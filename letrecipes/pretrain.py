@@ -35,7 +35,7 @@ from components import registry
 from components.checkpointing import Checkpointer, export_model
 from components.data import PackedDataset, Tokenizer, build_dataloader, tokenize_corpus
 from components.metrics import MetricLogger, read_metrics
-from components.models import count_parameters, forward_with_hidden
+from components.models import ModelArgs, count_parameters, forward_with_hidden
 from letrecipes._config import parse
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
@@ -88,6 +88,9 @@ class PretrainRecipe:
                 f"model.vocab_size={self.model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size} tokens. Fix: remove model.vocab_size (it then follows the tokenizer)."
             )
+        if not isinstance(getattr(self.model, "model_args", None), ModelArgs):
+            raise RecipeError("model._component_ must build a model carrying `model_args` (the export needs them). "
+                              "Fix: use components.models.llama_model, or set model.model_args in your builder.")
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})
         self.setup_extra()

@@ -223,3 +223,16 @@ def test_wandb_offline_needs_no_network_or_key(base_overrides, tmp_path, monkeyp
     run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=2", "metrics.wandb.enabled=true",
                  "metrics.wandb.mode=offline")
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+
+
+def test_resume_after_s_stop_never_runs_the_teacher(let_overrides, tmp_path):
+    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=6", "save_every=4", "alignment.schedule.stop=2")
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
+    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=6", "save_every=4", "alignment.schedule.stop=2",
+            "resume=true")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    after = [r for r in steps(records) if r["step"] > 4]
+    assert after and all("teacher_time_share" not in r and r["lambda"] == 0.0 for r in after)
+    assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [2, 4]
