@@ -75,6 +75,9 @@ class PretrainRecipe:
         if dtype_name not in AUTOCAST_DTYPES:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
         self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
+        self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
+        resumed_from = self._resume_point()
+        self._check_output_dir(resumed_from)
         self._seed_everything(int(cfg.seed))
 
         self.tokenizer = Tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.get("eos_token"))
@@ -96,11 +99,11 @@ class PretrainRecipe:
         self.setup_extra()
         self.optimizer = config.instantiate(cfg.optimizer, self._param_groups(float(cfg.optimizer.get("weight_decay", 0.0))))
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, total_steps=self.max_steps)
-        self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
-        resumed_from = self._resume_point()
-        self._check_output_dir(resumed_from)
         if resumed_from is not None:
             self._load_checkpoint(resumed_from)
+        else:  # a fresh start (overwrite=true) must never resume the old run's checkpoints later
+            for name in ("checkpoints", "final"):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, self.output_dir / "config.yaml")
         self.metrics = MetricLogger(
@@ -163,9 +166,6 @@ class PretrainRecipe:
                 f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
                 "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."
             )
-        if existing and resumed_from is None:  # overwrite=true: an old checkpoint must not be resumed later
-            for name in ("checkpoints", "final"):
-                shutil.rmtree(self.output_dir / name, ignore_errors=True)
 
     def _trainer_state(self) -> Dict[str, Any]:
         return {

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from components.metrics import MetricLogger, compare_runs, read_metrics
+from letrecipes.demo import strip_markdown
+
+
+def val(step, loss):
+    return {"step": step, "loss": loss, "val_loss": loss}
+
+
+def test_compare_runs_finds_the_first_step_at_the_baselines_final_loss():
+    baseline = [val(10, 5.0), {"step": 15, "loss": 4.9}, val(20, 4.5), val(30, 4.2)]
+    let = [val(10, 4.6), val(20, 4.2), val(30, 4.0)]
+    result = compare_runs(baseline, let)
+    assert result == {"baseline_final_val_loss": 4.2, "let_final_val_loss": 4.0, "baseline_steps": 30,
+                      "let_steps_to_baseline": 20, "step_speedup": 1.5}
+
+
+def test_compare_runs_when_let_never_gets_there():
+    result = compare_runs([val(10, 4.0)], [val(10, 4.5)])
+    assert result["let_steps_to_baseline"] is None and result["step_speedup"] is None
+    with pytest.raises(ValueError, match="eval_every"):
+        compare_runs([{"step": 1, "loss": 1.0}], [val(1, 1.0)])
+
+
+def test_metric_logger_writes_one_json_object_per_call(tmp_path):
+    logger = MetricLogger(tmp_path)
+    logger.log({"step": 1, "loss": 2.0, "grad_norm": float("nan")})
+    logger.log({"step": 2, "loss": 1.5})
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"] is None  # NaN is not valid JSON
+
+
+def test_strip_markdown_keeps_the_words():
+    text = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n"
+    assert strip_markdown(text) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n"
