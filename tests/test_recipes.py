@@ -236,3 +236,12 @@ def test_resume_after_s_stop_never_runs_the_teacher(let_overrides, tmp_path):
     after = [r for r in steps(records) if r["step"] > 4]
     assert after and all("teacher_time_share" not in r and r["lambda"] == 0.0 for r in after)
     assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [2, 4]
+
+
+def test_resume_from_an_explicit_checkpoint_path(base_overrides, tmp_path):
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'a'}", "max_steps=4", "save_every=2")
+    checkpoint = tmp_path / "a" / "checkpoints" / "step_00000002"
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'b'}", "max_steps=4", f"resume={checkpoint}")
+    a, b = steps(read_metrics(tmp_path / "a" / "metrics.jsonl")), steps(read_metrics(tmp_path / "b" / "metrics.jsonl"))
+    assert [r["step"] for r in b] == [3, 4]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a[2:]], rel=1e-5)
