@@ -63,10 +63,6 @@ class Teacher(nn.Module):
         hidden, _ = forward_with_hidden(self.model, tokens, layers, logits=False)
         return hidden
 
-    @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return forward_with_hidden(self.model, tokens, (), logits=True)[1]
-
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
