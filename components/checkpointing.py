@@ -123,15 +123,24 @@ def export_model(
     tokenizer_path: Optional[Union[str, Path]] = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) atomically."""
+    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) atomically.
+
+    Collective under FSDP2: every rank calls it, the full state is gathered (offloaded to
+    CPU) and rank 0 writes it.
+    """
     from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     out_dir = Path(out_dir)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() != 0:
+        _barrier()
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in full.items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
     (tmp / EXPORT_CONFIG).write_text(json.dumps({"format": "letrecipes", "model": args.to_dict()}, indent=2))
     if tokenizer_path is not None:
@@ -139,4 +148,5 @@ def export_model(
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+    _barrier()
     return out_dir

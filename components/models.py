@@ -151,32 +151,46 @@ def forward_with_hidden(
 ) -> Tuple[Dict[int, torch.Tensor], Optional[torch.Tensor]]:
     """Run ``model`` and return (hidden states at ``layers``, logits or None).
 
-    Layers use the convention of this module's docstring. With ``logits=False`` the
-    forward stops at the deepest requested layer: a teacher that only supplies hidden
-    states never pays for its output head or its unused top blocks.
+    Layers use the convention of this module's docstring. With ``logits=True`` the model
+    runs through its own ``forward`` (so FSDP2's root hooks and per-block compile apply).
+    With ``logits=False`` the forward stops at the deepest requested layer: a teacher that
+    only supplies hidden states never pays for its output head or its unused top blocks.
     """
     wanted = set(layers)
     depth = len(model.layers)
     bad = [i for i in wanted if not 0 <= i <= depth]
     if bad:
         raise ValueError(f"layers {sorted(bad)} outside 0..{depth} for a {depth}-block model")
-    stop = depth if logits else max(wanted, default=0)
     hidden: Dict[int, torch.Tensor] = {}
+    if logits:
+        # torchtune's own capture records the input of block i, i.e. our layer i (< L);
+        # the last layer (after the final norm) comes from a hook on the norm, which sits
+        # outside any compiled block.
+        inner = sorted(i for i in wanted if i < depth)
+        handle = None
+        if depth in wanted:
+            handle = model.norm.register_forward_hook(lambda module, args, output: hidden.__setitem__(depth, output))
+        previous, model.output_hidden_states = model.output_hidden_states, inner
+        try:
+            out = model(tokens)
+        finally:
+            model.output_hidden_states = previous
+            if handle is not None:
+                handle.remove()
+        if inner:
+            *states, out = out
+            hidden.update(zip(inner, states))
+        return hidden, out
     h = model.tok_embeddings(tokens)
     if 0 in wanted:
         hidden[0] = h
-    for i in range(stop):
+    for i in range(max(wanted, default=0)):
         h = model.layers[i](h)
         if i + 1 in wanted and i + 1 < depth:
             hidden[i + 1] = h
-    out = None
-    if stop == depth:
-        h = model.norm(h)
-        if depth in wanted:
-            hidden[depth] = h
-        if logits:
-            out = model.output(h).float()
-    return hidden, out
+    if depth in wanted:
+        hidden[depth] = model.norm(h)
+    return hidden, None
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

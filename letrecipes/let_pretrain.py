@@ -21,9 +21,9 @@ import time
 from typing import Dict, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from components import registry
+from components import parallel, registry
 from components.aligner import build_aligner
 from components.models import forward_with_hidden
 from letrecipes._config import parse
@@ -33,13 +33,21 @@ from letrecipes.pretrain import PretrainRecipe, RecipeError, nll_loss, run
 class LETPretrainRecipe(PretrainRecipe):
     def setup_extra(self) -> None:
         cfg = self.cfg
-        self.teacher = registry.build("teacher_loader", cfg.teacher, key="teacher", device=self.device)
+        teacher_spec = OmegaConf.to_container(cfg.teacher, resolve=True)
+        placement = teacher_spec.pop("placement", "replicated")  # a recipe setting, not a loader argument
+        if placement not in ("replicated", "sharded"):
+            raise RecipeError(f"teacher.placement={placement!r}: use replicated or sharded.")
+        self.teacher = registry.build("teacher_loader", teacher_spec, key="teacher", device=self.device)
         self._check_teacher_tokenizer()
         self.aligner = build_aligner(
             cfg.alignment,
             student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
             teacher_dim=self.teacher.width, teacher_depth=self.teacher.depth, total_steps=self.max_steps,
         ).to(self.device)
+        if self.fsdp:
+            parallel.shard_module(self.aligner, self.mp_policy)
+        if placement == "sharded" and self.fsdp:
+            parallel.shard_teacher(self.teacher.model)
         self.trainable["aligner"] = self.aligner
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
                  f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "

@@ -31,7 +31,7 @@ from torch import nn
 from torchtune import config
 from tqdm import tqdm
 
-from components import registry
+from components import parallel, registry
 from components.checkpointing import Checkpointer, export_model
 from components.data import PackedDataset, Tokenizer, build_dataloader, tokenize_corpus
 from components.metrics import MetricLogger, read_metrics
@@ -71,6 +71,9 @@ class PretrainRecipe:
         self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RecipeError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
+        self.rank, self.world_size = parallel.init_distributed(self.device)
+        self.device = parallel.local_device(self.device)
+        self.is_main = self.rank == 0
         dtype_name = cfg.get("dtype", "bf16")
         if dtype_name not in AUTOCAST_DTYPES:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
@@ -78,6 +81,8 @@ class PretrainRecipe:
         self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
         resumed_from = self._resume_point()
         self._check_output_dir(resumed_from)
+        if self.world_size > 1:  # every rank has looked before rank 0 writes anything
+            torch.distributed.barrier()
         self._seed_everything(int(cfg.seed))
 
         self.tokenizer = Tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.get("eos_token"))
@@ -85,7 +90,7 @@ class PretrainRecipe:
         self.model = config.instantiate(
             cfg.model, vocab_size=cfg.model.get("vocab_size") or self.tokenizer.vocab_size,
             max_seq_len=cfg.data.seq_len,
-        ).to(self.device)
+        )
         if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size={self.model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
@@ -94,6 +99,9 @@ class PretrainRecipe:
         if not isinstance(getattr(self.model, "model_args", None), ModelArgs):
             raise RecipeError("model._component_ must build a model carrying `model_args` (the export needs them). "
                               "Fix: use components.models.llama_model, or set model.model_args in your builder.")
+        self.model_args = self.model.model_args
+        self.n_params = (count_parameters(self.model), count_parameters(self.model, exclude_embeddings=True))
+        self.parallelize()
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})
         self.setup_extra()
@@ -101,20 +109,53 @@ class PretrainRecipe:
         self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, total_steps=self.max_steps)
         if resumed_from is not None:
             self._load_checkpoint(resumed_from)
-        else:  # a fresh start (overwrite=true) must never resume the old run's checkpoints later
+        elif self.is_main:  # a fresh start (overwrite=true) must never resume the old run's checkpoints later
             for name in ("checkpoints", "final"):
                 shutil.rmtree(self.output_dir / name, ignore_errors=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, self.output_dir / "config.yaml")
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.output_dir / "config.yaml")
         self.metrics = MetricLogger(
-            self.output_dir, wandb=OmegaConf.to_container(cfg.get("metrics", {}).get("wandb", {}) or {}),
+            self.output_dir, enabled=self.is_main,
+            wandb=OmegaConf.to_container(cfg.get("metrics", {}).get("wandb", {}) or {}),
             run_config=OmegaConf.to_container(cfg, resolve=True), append=resumed_from is not None,
         )
-        n_params = count_parameters(self.model)
-        self.log(f"model: {n_params / 1e6:.2f}M parameters ({count_parameters(self.model, True) / 1e6:.2f}M "
-                 f"non-embedding), {len(self.model.layers)} blocks, width {self.model.tok_embeddings.embedding_dim}; "
-                 f"device {self.device}, compute {dtype_name}; {len(self.train_set)} training sequences of "
-                 f"{cfg.data.seq_len} tokens")
+        self.log(f"model: {self.n_params[0] / 1e6:.2f}M parameters ({self.n_params[1] / 1e6:.2f}M non-embedding), "
+                 f"{self.model_args.num_layers} blocks, width {self.model_args.embed_dim}; device {self.device}, "
+                 f"compute {dtype_name}, {self.world_size} process(es){self.parallel_summary}; "
+                 f"{len(self.train_set)} training sequences of {cfg.data.seq_len} tokens")
+
+    def parallelize(self) -> None:
+        """float8 -> activation checkpointing -> compile -> FSDP2 (the order that composes)."""
+        cfg, model, notes = self.cfg, self.model.to(self.device), []
+        float8 = cfg.get("float8") or {}
+        if float8.get("enabled", False):
+            skipped = parallel.apply_float8(model, recipe=float8.get("recipe", "tensorwise"),
+                                            fsdp_float8_all_gather=float8.get("fsdp_float8_all_gather", False),
+                                            emulate=float8.get("emulate", False))
+            notes.append(f"float8 {float8.get('recipe', 'tensorwise')} (kept high precision: "
+                         f"{', '.join(skipped) if skipped else 'none'})")
+        ac = cfg.get("activation_checkpointing") or {}
+        if ac.get("mode", "none") not in ("none", None):
+            wrapped = parallel.apply_activation_checkpointing(model, ac.mode, int(ac.get("every", 2)))
+            notes.append(f"activation checkpointing {ac.mode} ({wrapped} blocks)")
+        if cfg.get("compile", False):
+            parallel.compile_blocks(model)
+            notes.append("compiled blocks")
+        fsdp = cfg.get("fsdp") or {}
+        enabled = fsdp.get("enabled", "auto")
+        self.fsdp = self.world_size > 1 if enabled == "auto" else bool(enabled)
+        self.mp_policy = None
+        if self.fsdp:
+            if self.world_size == 1:
+                raise RecipeError("fsdp.enabled=true needs several processes. Fix: launch with "
+                                  "`tune run --nproc_per_node N ...`, or set fsdp.enabled=auto.")
+            if self.autocast_dtype is not None:  # FSDP2 casts parameters itself; no autocast on top
+                self.mp_policy = parallel.mixed_precision_policy(self.autocast_dtype)
+                self.autocast_dtype = None
+            parallel.shard_model(model, self.mp_policy, bool(fsdp.get("reshard_after_forward", True)))
+            notes.append("FSDP2" + (" bf16 params / fp32 reduce" if self.mp_policy else " fp32"))
+        self.parallel_summary = "".join(f", {n}" for n in notes)
 
     def setup_data(self) -> None:
         cfg = self.cfg.data
@@ -124,9 +165,11 @@ class PretrainRecipe:
         self.train_set = PackedDataset(tokens, int(cfg.seq_len), "train", val_fraction)
         self.val_set = PackedDataset(tokens, int(cfg.seq_len), "val", val_fraction)
         batch_size = int(self.cfg.batch_size)
-        self.dataloader = build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed))
-        self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False)
-        self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum
+        self.dataloader = build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed),
+                                           rank=self.rank, world_size=self.world_size)
+        self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False,
+                                           rank=self.rank, world_size=self.world_size)
+        self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum * self.world_size
 
     def setup_extra(self) -> None:
         """Hook for subclasses: build more parts (a teacher, an aligner) before the optimizer."""
@@ -193,7 +236,7 @@ class PretrainRecipe:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         metrics = self.output_dir / "metrics.jsonl"
-        if metrics.is_file():  # drop records the interrupted run wrote after this checkpoint
+        if self.is_main and metrics.is_file():  # drop records the interrupted run wrote after this checkpoint
             kept = [line for line, rec in zip(metrics.read_text().splitlines(), read_metrics(metrics))
                     if rec.get("step", 0) <= self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
@@ -241,9 +284,11 @@ class PretrainRecipe:
                 sums[k] = sums.get(k, 0.0) + v / self.grad_accum
         if not all(math.isfinite(v) for v in sums.values()):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
+        sums = parallel.all_reduce_mean(sums, self.device)
         grad_norm = None
         if self.cfg.get("clip_grad_norm"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm)).item()
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm))
+            grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -262,7 +307,7 @@ class PretrainRecipe:
     def train(self) -> None:
         self.trainable.train()
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
-                        disable=not sys.stderr.isatty() or not self.cfg.get("progress_bar", True))
+                        disable=not (self.is_main and sys.stderr.isatty() and self.cfg.get("progress_bar", True)))
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)
@@ -277,7 +322,7 @@ class PretrainRecipe:
         progress.close()
         if self.save_every:
             self.save_checkpoint()
-        export_model(self.model, self.model.model_args, self.output_dir / "final", self.tokenizer.path)
+        export_model(self.model, self.model_args, self.output_dir / "final", self.tokenizer.path)
         self.log(f"exported {self.output_dir / 'final'}")
 
     @torch.no_grad()
@@ -293,9 +338,12 @@ class PretrainRecipe:
             total += nll_loss(logits, labels).item() * labels.numel()
             count += labels.numel()
         self.trainable.train()
+        total, count = parallel.all_reduce_sum([total, count], self.device)
         return total / count
 
     def log(self, message: str, progress: Optional[tqdm] = None) -> None:
+        if not getattr(self, "is_main", True):
+            return
         if progress is not None and not progress.disable:
             progress.write(message)  # keeps the bar below the log lines
         else:
@@ -304,6 +352,8 @@ class PretrainRecipe:
     def cleanup(self) -> None:
         self.metrics.close()
         gc.collect()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
