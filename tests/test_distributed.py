@@ -1,0 +1,84 @@
+"""FSDP2 with 2 processes on gloo, float8, compile and activation checkpointing (CPU)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from components.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tune_run_2proc(recipe, config, *overrides, timeout=300):
+    """`tune run --nproc_per_node 2` on a rendezvous port of its own, with a time limit."""
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2",
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
+           f"letrecipes/{recipe}", "--config", config, *overrides]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def losses(path, key="loss"):
+    return [(r["step"], r[key]) for r in read_metrics(path / "metrics.jsonl") if r.get(key) is not None]
+
+
+def test_fsdp_let_run_releases_the_teacher_and_resumes_exactly(let_overrides, tmp_path):
+    common = [*let_overrides, "max_steps=6", "alignment.schedule.stop=5", "eval_every=3"]
+    straight = tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'a'}")
+    assert "2 process(es)" in straight.stdout and "FSDP2" in straight.stdout
+    records = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [5]
+    assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
+
+    tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'b'}", "save_every=3")
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'b'}", "save_every=3", "resume=true")
+    for key in ("loss", "align_loss", "val_loss"):
+        a, b = losses(tmp_path / "a", key), losses(tmp_path / "b", key)
+        assert [s for s, _ in a] == [s for s, _ in b] and a
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5), key
+
+
+def test_float8_under_fsdp_stays_close_to_bf16(let_overrides, tmp_path):
+    common = [*let_overrides, "max_steps=3", "dtype=bf16", "eval_every=0"]
+    tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'bf16'}")
+    fp8 = tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'fp8'}", "float8.enabled=true",
+                         "float8.fsdp_float8_all_gather=true")
+    assert "float8 tensorwise" in fp8.stdout
+    a, b = losses(tmp_path / "bf16"), losses(tmp_path / "fp8")
+    assert len(a) == len(b) == 3
+    for (_, x), (_, y) in zip(a, b):
+        assert y == y and abs(x - y) < 0.05 * abs(x)
+
+
+def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_path):
+    from letrecipes import let_pretrain
+
+    common = [*let_overrides, "max_steps=3", "eval_every=0"]
+    let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'eager'}"])
+    let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'compiled'}", "compile=true",
+                              "activation_checkpointing.mode=selective", "activation_checkpointing.every=2"])
+    a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
+
+
+def test_fsdp_enabled_in_one_process_is_a_clear_error(base_overrides, tmp_path):
+    from letrecipes import pretrain
+
+    with pytest.raises(SystemExit) as err:
+        pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}",
+                              "fsdp.enabled=true"])
+    assert "fsdp.enabled=true needs several processes" in str(err.value.code)
