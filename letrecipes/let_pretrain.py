@@ -31,10 +31,13 @@ from letrecipes.pretrain import PretrainRecipe, RecipeError, nll_loss, run
 
 
 class LETPretrainRecipe(PretrainRecipe):
+    uses_teacher = True
+
     def setup_extra(self) -> None:
         cfg = self.cfg
         teacher_spec = OmegaConf.to_container(cfg.teacher, resolve=True)
-        placement = teacher_spec.pop("placement", "replicated")  # a recipe setting, not a loader argument
+        placement = teacher_spec.pop("placement", "replicated")  # recipe settings, not loader arguments
+        teacher_spec.pop("shape", None)  # only for dry runs
         if placement not in ("replicated", "sharded"):
             raise RecipeError(f"teacher.placement={placement!r}: use replicated or sharded.")
         self.teacher = registry.build("teacher_loader", teacher_spec, key="teacher", device=self.device)

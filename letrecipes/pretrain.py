@@ -52,6 +52,8 @@ class RecipeError(ValueError):
 class PretrainRecipe:
     """Causal-LM pretraining; subclasses add terms to the loss (see let_pretrain)."""
 
+    uses_teacher = False
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
@@ -383,9 +385,17 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def run(recipe_class, cfg: DictConfig) -> None:
-    """setup / train / cleanup, with configuration errors reported as one line."""
+    """setup / train / cleanup, with configuration errors reported as one line.
+
+    ``dry_run=true`` only checks the config and prints the cost estimate.
+    """
     recipe = recipe_class(cfg)
     try:
+        if cfg.get("dry_run", False):
+            from letrecipes._dry_run import dry_run
+
+            dry_run(cfg, with_teacher=recipe_class.uses_teacher)
+            return
         recipe.setup()
     except ValueError as err:  # RecipeError, ComponentError, DataError, TeacherError, ...
         if os.environ.get("LETRECIPES_TRACEBACK"):

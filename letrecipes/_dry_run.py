@@ -1,0 +1,132 @@
+"""``dry_run=true``: check a config and estimate its cost without allocating weights.
+
+Both models are built on the meta device, the layer map and projector are resolved
+against them (so a bad index or width fails here, in seconds, on a laptop), and the
+report gives parameters, FLOPs per token, the teacher's overhead and memory per GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config
+
+from components import registry
+from components.aligner import build_aligner
+from components.data import Tokenizer
+from components.estimate import forward_flops_per_token, memory_per_gpu
+from components.models import ModelArgs, count_parameters
+from components.teachers import EXPORT_CONFIG
+
+
+class DryRunError(ValueError):
+    pass
+
+
+def _teacher_args(cfg: DictConfig, seq_len: int) -> ModelArgs:
+    path = Path(str(cfg.teacher.get("path", "")))
+    if (path / EXPORT_CONFIG).is_file():
+        meta = json.loads((path / EXPORT_CONFIG).read_text())
+        return ModelArgs.from_dict(meta["model"])
+    shape = cfg.teacher.get("shape")
+    if shape is None:
+        raise DryRunError(
+            f"teacher.path={str(path)!r} has no {EXPORT_CONFIG} on this machine. Fix: run the dry run where the "
+            "checkpoint is, or describe the teacher under teacher.shape (num_layers, num_heads, num_kv_heads, "
+            "embed_dim, intermediate_dim, vocab_size)."
+        )
+    values = OmegaConf.to_container(shape, resolve=True)
+    values.setdefault("max_seq_len", seq_len)
+    return ModelArgs.from_dict(values)
+
+
+def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
+    registry.import_modules(cfg.get("imports"))
+    seq_len = int(cfg.data.seq_len)
+    vocab_size = cfg.model.get("vocab_size")
+    if vocab_size is None:
+        if not Path(str(cfg.tokenizer.path)).is_file():
+            raise DryRunError("dry_run: set model.vocab_size, or tokenizer.path to an existing tokenizer.json.")
+        vocab_size = Tokenizer(cfg.tokenizer.path).vocab_size
+    with torch.device("meta"):
+        student = config.instantiate(cfg.model, vocab_size=vocab_size, max_seq_len=seq_len)
+    args: ModelArgs = student.model_args
+    world = int(cfg.get("dry_run_world_size") or os.environ.get("WORLD_SIZE", 1))
+    micro_batch = int(cfg.batch_size)
+    ac = (cfg.get("activation_checkpointing") or {}).get("mode", "none") or "none"
+    train_flops = 3 * forward_flops_per_token(args, seq_len)
+    report: Dict[str, Any] = {
+        "student_params": count_parameters(student),
+        "student_non_embedding_params": count_parameters(student, exclude_embeddings=True),
+        "student_train_flops_per_token": train_flops,
+        "world_size": world,
+    }
+    teacher_args = None
+    if with_teacher:
+        teacher_args = _teacher_args(cfg, seq_len)
+        if teacher_args.vocab_size < vocab_size:
+            raise DryRunError(f"teacher vocabulary ({teacher_args.vocab_size}) is smaller than the student's "
+                              f"({vocab_size}): they must read the same token ids.")
+        with torch.device("meta"):
+            aligner = build_aligner(cfg.alignment, args.embed_dim, args.num_layers, teacher_args.embed_dim,
+                                    teacher_args.num_layers, total_steps=int(cfg.max_steps))
+        deepest = max(aligner.teacher_layers)
+        teacher_flops = forward_flops_per_token(teacher_args, seq_len, layers=deepest, head=False)
+        report.update({
+            "teacher_params": sum(p.numel() for p in _meta_model(teacher_args).parameters()),
+            "teacher_blocks_run": deepest,
+            "aligned_pairs_student_teacher": aligner.pairs,
+            "projector_params": sum(p.numel() for p in aligner.parameters()),
+            "teacher_forward_flops_per_token": teacher_flops,
+            "teacher_overhead": teacher_flops / train_flops,
+            "schedule": repr(aligner.schedule),
+        })
+    placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
+    memory = memory_per_gpu(args, world, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded")
+    report["memory_per_gpu_gb"] = {
+        "params_grads_adamw": memory.params_grads_optimizer_gb, "activations": memory.activations_gb,
+        "logits": memory.logits_gb, "teacher": memory.teacher_gb, "total": memory.total_gb,
+    }
+    print(format_report(report, args, teacher_args, micro_batch, seq_len, ac))
+    return report
+
+
+def _meta_model(args: ModelArgs):
+    from components.models import llama
+
+    with torch.device("meta"):
+        return llama(args)
+
+
+def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_batch: int, seq_len: int,
+                  ac: str) -> str:
+    def shape(a: ModelArgs) -> str:
+        return (f"{a.num_layers} blocks x {a.embed_dim}, {a.num_heads} heads ({a.num_kv_heads} KV), "
+                f"FFN {a.intermediate_dim}, vocab {a.vocab_size}{', tied' if a.tie_word_embeddings else ''}")
+
+    lines = ["dry run (nothing allocated, no step taken)",
+             f"  student   {_count(r['student_params'])} params ({_count(r['student_non_embedding_params'])} "
+             f"non-embedding): {shape(args)}",
+             f"  student training FLOPs/token   {r['student_train_flops_per_token'] / 1e9:.3g} GFLOP"]
+    if teacher is not None:
+        lines += [
+            f"  teacher   {_count(r['teacher_params'])} params: {shape(teacher)}",
+            f"  aligned (student, teacher) layers {r['aligned_pairs_student_teacher']}; teacher runs "
+            f"{r['teacher_blocks_run']} of {teacher.num_layers} blocks; projector {r['projector_params']:,} params",
+            f"  teacher forward FLOPs/token    {r['teacher_forward_flops_per_token'] / 1e9:.3g} GFLOP",
+            f"  teacher overhead while it runs {100 * r['teacher_overhead']:.1f}% of a student step; {r['schedule']}",
+        ]
+    m = r["memory_per_gpu_gb"]
+    lines.append(f"  memory per GPU (world size {r['world_size']}, micro-batch {micro_batch} x {seq_len}, activation "
+                 f"checkpointing {ac}): {m['total']:.1f} GiB = params+grads+AdamW {m['params_grads_adamw']:.1f} + "
+                 f"activations {m['activations']:.1f} + logits {m['logits']:.1f} + teacher {m['teacher']:.1f}")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
