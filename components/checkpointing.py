@@ -56,9 +56,11 @@ class Checkpointer:
     stored per rank because data-loader positions and RNG streams differ between ranks.
     """
 
-    def __init__(self, output_dir: Union[str, Path], keep_last: int = 2):
+    def __init__(self, output_dir: Union[str, Path], keep_last: int = 2, async_save: bool = False):
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._pending = None  # (future, tmp folder, final folder) of an async save in flight
 
     def complete_checkpoints(self):
         if not self.dir.is_dir():
@@ -72,6 +74,7 @@ class Checkpointer:
         return found[-1] if found else None
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: Dict) -> Path:
+        self.wait()
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
@@ -81,7 +84,23 @@ class Checkpointer:
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
-        dcp.save(state, checkpoint_id=str(tmp))
+        if self.async_save:
+            # DCP stages a copy in CPU memory before returning; training goes on meanwhile.
+            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finalize(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Block until an async save in flight is on disk and renamed complete."""
+        if self._pending is not None:
+            future, tmp, final = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(tmp, final)
+
+    def _finalize(self, tmp: Path, final: Path) -> None:
         _barrier()
         if _rank() == 0:
             if final.exists():
@@ -90,7 +109,6 @@ class Checkpointer:
             for old in self.complete_checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
-        return final
 
     def load(self, path: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
         """Load model and optimizer in place; return this rank's trainer state."""

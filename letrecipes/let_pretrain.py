@@ -16,6 +16,7 @@ This is ``letrecipes/pretrain.py`` plus three things:
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from typing import Dict, Tuple
@@ -98,17 +99,25 @@ class LETPretrainRecipe(PretrainRecipe):
 
     def release_teacher(self) -> None:
         teacher_mb = sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2**20
-        before = torch.cuda.memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        before = current_memory_mb(self.device)
         self.teacher = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-            after = torch.cuda.memory_allocated(self.device) / 2**20
-            detail = f"; allocated {before:.0f} MiB -> {after:.0f} MiB"
-        else:
-            detail = ""
-        self.log(f"step {self.step}: lambda is 0 from here on; teacher released ({teacher_mb:.1f} MiB of weights{detail})")
-        self.metrics.log({"step": self.step, "event": "teacher_released", "teacher_mb": teacher_mb})
+        after = current_memory_mb(self.device)
+        what = "allocated" if self.device.type == "cuda" else "resident"
+        self.log(f"step {self.step}: lambda is 0 from here on; teacher released ({teacher_mb:.1f} MiB of weights; "
+                 f"{what} memory {before:.0f} -> {after:.0f} MiB)")
+        self.metrics.log({"step": self.step, "event": "teacher_released", "teacher_mb": teacher_mb,
+                          "memory_before_mb": before, "memory_after_mb": after})
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Allocated CUDA memory, or this process's resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @parse

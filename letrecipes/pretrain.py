@@ -80,7 +80,8 @@ class PretrainRecipe:
         if dtype_name not in AUTOCAST_DTYPES:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
         self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
-        self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)))
+        self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
+                                         async_save=bool(cfg.get("async_checkpoint", False)))
         resumed_from = self._resume_point()
         self._check_output_dir(resumed_from)
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
@@ -324,6 +325,7 @@ class PretrainRecipe:
         progress.close()
         if self.save_every:
             self.save_checkpoint()
+        self.checkpointer.wait()
         export_model(self.model, self.model_args, self.output_dir / "final", self.tokenizer.path)
         self.log(f"exported {self.output_dir / 'final'}")
 
@@ -352,6 +354,7 @@ class PretrainRecipe:
             print(message, flush=True)
 
     def cleanup(self) -> None:
+        self.checkpointer.wait()
         self.metrics.close()
         gc.collect()
         if torch.distributed.is_initialized():

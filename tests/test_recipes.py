@@ -80,8 +80,9 @@ def test_teacher_object_is_gone_after_s_stop(let_overrides, tmp_path):
 
 @pytest.mark.parametrize("runner, extra", [
     (run_pretrain, []),
+    (run_pretrain, ["async_checkpoint=true"]),
     (run_let, ["alignment.schedule.stop=6"]),
-], ids=["pretrain", "let"])
+], ids=["pretrain", "pretrain-async-save", "let"])
 def test_resume_continues_exactly(runner, extra, request, tmp_path):
     overrides = request.getfixturevalue("let_overrides" if runner is run_let else "base_overrides")
     straight, split = tmp_path / "straight", tmp_path / "split"
