@@ -82,3 +82,12 @@ def test_fsdp_enabled_in_one_process_is_a_clear_error(base_overrides, tmp_path):
         pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}",
                               "fsdp.enabled=true"])
     assert "fsdp.enabled=true needs several processes" in str(err.value.code)
+
+
+def test_sharded_teacher_gives_the_same_losses_as_a_replicated_one(let_overrides, tmp_path):
+    common = [*let_overrides, "max_steps=2", "eval_every=0"]
+    tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'rep'}")
+    tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'shard'}", "teacher.placement=sharded")
+    for key in ("loss", "align_loss"):
+        a, b = losses(tmp_path / "rep", key), losses(tmp_path / "shard", key)
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5), key
