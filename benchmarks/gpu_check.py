@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from _common import header, write_json
 
 from components.estimate import forward_flops_per_token
 from components.metrics import read_metrics
@@ -41,7 +42,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     student = load_config("let_1b4", ["~model.vocab_size", *data])
-    results = {"device": name, "steps": args.steps, "micro_batch": args.batch_size, "seq_len": args.seq_len}
+    results = {**header("gpu_check.py", argv), "steps": args.steps, "micro_batch": args.batch_size, "seq_len": args.seq_len}
     for arm, extra in (("bf16", ["float8.enabled=false"]), ("float8", ["float8.enabled=true"])):
         out = root / arm
         torch.cuda.reset_peak_memory_stats()
@@ -66,9 +67,8 @@ def main(argv=None) -> None:
         }
         print(arm, json.dumps(results[arm]), flush=True)
     results["float8_over_bf16_tokens_per_s"] = results["float8"]["tokens_per_s"] / results["bf16"]["tokens_per_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    write_json(results, args.out)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from _common import header, write_json
 from omegaconf import OmegaConf
 
 from components.metrics import compare_runs, read_metrics
@@ -98,8 +97,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="letbench-") as tmp:
         workdir = Path(tmp)
         result = {
-            "command": " ".join(["python benchmarks/let_vs_baseline.py", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
+            **header("let_vs_baseline.py", argv),
             "baseline_config": OmegaConf.to_container(load_config(args.baseline_config, overrides)),
             "let_alignment": OmegaConf.to_container(load_config(args.let_config, overrides).alignment),
             "cost": measure_cost(args, overrides, workdir),
@@ -108,10 +106,7 @@ def main(argv=None) -> None:
         if not args.timing_only:
             result["quality"] = measure_quality(args, overrides, workdir)
             print(json.dumps(result["quality"], indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

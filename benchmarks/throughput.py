@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import statistics
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import header, write_json
 
 from letrecipes._config import load_config
 
@@ -172,8 +172,7 @@ def main(argv=None) -> None:
         prepare()  # timing needs a teacher of the right shape, not a trained one
         pretrain.recipe_main(["--config", "pretrain_tiny", "max_steps=1", "save_every=0", "eval_every=0",
                               "overwrite=true", "output_dir=outputs/pretrain_tiny"])
-    report = {"command": " ".join(["python benchmarks/throughput.py", *(argv or sys.argv[1:])]),
-              "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__}}
+    report = header("throughput.py", argv)
     for nproc in args.nproc:
         with tempfile.NamedTemporaryFile(suffix=".json") as child_out:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -183,13 +182,10 @@ def main(argv=None) -> None:
             env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
             subprocess.run(cmd, check=True, env=env, timeout=1800)
             report[f"{nproc}_process"] = json.loads(Path(child_out.name).read_text())
-        print(json.dumps({k: v for k, v in report[f"{nproc}_process"].items()}, indent=2), flush=True)
+        print(json.dumps(report[f"{nproc}_process"], indent=2), flush=True)
     report["peak_memory_mib_1_process"] = {arm: peak_memory(arm, args, overrides) for arm in ARMS}
     print(json.dumps(report["peak_memory_mib_1_process"], indent=2))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(report, args.out)
 
 
 if __name__ == "__main__":

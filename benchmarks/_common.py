@@ -1,0 +1,26 @@
+"""What every benchmark records: the command that made it, the machine, and a JSON file."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+
+def header(script: str, argv=None) -> dict:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "command": " ".join([f"python benchmarks/{script}", *args]),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+    }
+
+
+def write_json(report: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
