@@ -143,3 +143,22 @@ def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
     buf = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(buf)
     return buf.tolist()
+
+
+def keep_freed_memory_in_process() -> bool:
+    """glibc malloc: keep freed memory for reuse instead of handing it back to the OS.
+
+    A CPU training step frees and re-allocates the same large activation buffers every
+    step. By default glibc serves big blocks with fresh ``mmap`` calls and unmaps them on
+    free, so every step page-faults its activations back in: 15-25% of a step on 2 cores
+    for the tiny configs (docs/results.md). Returns False where this is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+                and libc.mallopt(m_mmap_threshold, ctypes.c_int(2**30)))

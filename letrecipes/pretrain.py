@@ -73,6 +73,8 @@ class PretrainRecipe:
         self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RecipeError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
+        self.cpu_malloc_tuned = (self.device.type == "cpu" and cfg.get("cpu_malloc_tuning", True)
+                                 and parallel.keep_freed_memory_in_process())
         self.rank, self.world_size = parallel.init_distributed(self.device)
         self.device = parallel.local_device(self.device)
         self.is_main = self.rank == 0
@@ -158,6 +160,8 @@ class PretrainRecipe:
                 self.autocast_dtype = None
             parallel.shard_model(model, self.mp_policy, bool(fsdp.get("reshard_after_forward", True)))
             notes.append("FSDP2" + (" bf16 params / fp32 reduce" if self.mp_policy else " fp32"))
+        if self.cpu_malloc_tuned:
+            notes.append("malloc keeps freed memory")
         self.parallel_summary = "".join(f", {n}" for n in notes)
 
     def setup_data(self) -> None:

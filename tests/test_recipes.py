@@ -246,3 +246,10 @@ def test_resume_from_an_explicit_checkpoint_path(base_overrides, tmp_path):
     a, b = steps(read_metrics(tmp_path / "a" / "metrics.jsonl")), steps(read_metrics(tmp_path / "b" / "metrics.jsonl"))
     assert [r["step"] for r in b] == [3, 4]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a[2:]], rel=1e-5)
+
+
+def test_cpu_malloc_tuning_is_reported_and_can_be_turned_off(base_overrides, tmp_path, capsys):
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'on'}", "max_steps=1")
+    assert "malloc keeps freed memory" in capsys.readouterr().out
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'off'}", "max_steps=1", "cpu_malloc_tuning=false")
+    assert "malloc keeps freed memory" not in capsys.readouterr().out
