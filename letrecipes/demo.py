@@ -1,6 +1,6 @@
 """The CPU LET demo: corpus -> tokenizer -> teacher -> baseline and LET students -> table.
 
-    python -m letrecipes.demo                 # everything (about 11 minutes on 2 cores)
+    python -m letrecipes.demo                 # everything (about 10 minutes on 2 cores)
     python -m letrecipes.demo --prepare-only  # just the corpus and tokenizer
 
 Run from the directory where ``outputs/`` should go (the repo root). Every training
