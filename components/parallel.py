@@ -162,3 +162,32 @@ def keep_freed_memory_in_process() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(libc.mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
                 and libc.mallopt(m_mmap_threshold, ctypes.c_int(2**30)))
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, init_std: float = 0.02) -> None:
+    """Allocate a meta-device model that FSDP2 has sharded, and initialise it from scratch.
+
+    Each rank allocates only its shards; the random init runs on the sharded (DTensor)
+    parameters. On CUDA, DTensor's RNG tracker draws each shard from its place in one
+    stream. On CPU DTensor draws every shard from the local generator, so each rank is
+    seeded differently for the init (else all shards would be copies of one), then the
+    common seed is restored. RoPE caches are non-persistent buffers: rebuilt on ``device``.
+    """
+    from components.models import init_weights
+
+    model.to_empty(device=device)
+    with torch.device(device):
+        for rope in {id(layer.attn.pos_embeddings): layer.attn.pos_embeddings for layer in _blocks(model)}.values():
+            rope.rope_init()
+    per_rank_stream = device.type == "cpu" and dist.is_initialized()
+    if per_rank_stream:
+        torch.manual_seed(seed * 7919 + 1 + dist.get_rank())
+    init_weights(model, std=init_std)
+    if per_rank_stream:
+        torch.manual_seed(seed)
+
+
+def _blocks(model: nn.Module):
+    """The transformer blocks, looking through activation-checkpoint wrappers."""
+    for block in model.layers:
+        yield getattr(block, "_checkpoint_wrapped_module", block)

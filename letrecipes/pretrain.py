@@ -92,10 +92,16 @@ class PretrainRecipe:
 
         self.tokenizer = Tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.get("eos_token"))
         self.setup_data()
-        self.model = config.instantiate(
-            cfg.model, vocab_size=cfg.model.get("vocab_size") or self.tokenizer.vocab_size,
-            max_seq_len=cfg.data.seq_len,
-        )
+        fsdp_enabled = (cfg.get("fsdp") or {}).get("enabled", "auto")
+        self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
+        # Sharded runs build on the meta device and initialise after sharding: no rank ever
+        # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
+        self.meta_init = self.fsdp and self.world_size > 1
+        with torch.device("meta") if self.meta_init else contextlib.nullcontext():
+            self.model = config.instantiate(
+                cfg.model, vocab_size=cfg.model.get("vocab_size") or self.tokenizer.vocab_size,
+                max_seq_len=cfg.data.seq_len,
+            )
         if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size={self.model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
@@ -132,7 +138,8 @@ class PretrainRecipe:
 
     def parallelize(self) -> None:
         """float8 -> activation checkpointing -> compile -> FSDP2 (the order that composes)."""
-        cfg, model, notes = self.cfg, self.model.to(self.device), []
+        cfg, notes = self.cfg, []
+        model = self.model if self.meta_init else self.model.to(self.device)
         float8 = cfg.get("float8") or {}
         if float8.get("enabled", False):
             skipped = parallel.apply_float8(model, recipe=float8.get("recipe", "tensorwise"),
@@ -148,8 +155,6 @@ class PretrainRecipe:
             parallel.compile_blocks(model)
             notes.append("compiled blocks")
         fsdp = cfg.get("fsdp") or {}
-        enabled = fsdp.get("enabled", "auto")
-        self.fsdp = self.world_size > 1 if enabled == "auto" else bool(enabled)
         self.mp_policy = None
         if self.fsdp:
             if self.world_size == 1:
@@ -160,6 +165,9 @@ class PretrainRecipe:
                 self.autocast_dtype = None
             parallel.shard_model(model, self.mp_policy, bool(fsdp.get("reshard_after_forward", True)))
             notes.append("FSDP2" + (" bf16 params / fp32 reduce" if self.mp_policy else " fp32"))
+            if self.meta_init:
+                parallel.materialize(model, self.device, seed=int(cfg.seed), init_std=cfg.model.get("init_std", 0.02))
+                notes.append("initialised after sharding")
         if self.cpu_malloc_tuned:
             notes.append("malloc keeps freed memory")
         self.parallel_summary = "".join(f", {n}" for n in notes)
