@@ -7,7 +7,7 @@ Every function here takes a built model and changes it in place; none knows reci
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import os
 from datetime import timedelta
 from typing import List, Tuple
@@ -15,8 +15,6 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 def init_distributed(device: torch.device, timeout_s: int = 600) -> Tuple[int, int]:
@@ -64,7 +62,7 @@ def apply_float8(model: nn.Module, recipe: str = "tensorwise", fsdp_float8_all_g
             raise ValueError("parallel.float8.fsdp_float8_all_gather works with recipe=tensorwise only.")
         config = Float8LinearConfig.from_recipe_name(recipe)
         if emulate:
-            config = Float8LinearConfig(**{**config.__dict__, "emulate": True})
+            config = dataclasses.replace(config, emulate=True)
     skipped = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and not is_float8_eligible(m, fqn)]
     convert_to_float8_training(model, module_filter_fn=is_float8_eligible, config=config)
     return skipped

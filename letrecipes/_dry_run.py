@@ -19,7 +19,7 @@ from torchtune import config
 from components import registry
 from components.aligner import build_aligner
 from components.data import Tokenizer
-from components.estimate import forward_flops_per_token, memory_per_gpu
+from components.estimate import forward_flops_per_token, memory_per_gpu, total_params
 from components.models import ModelArgs, count_parameters
 from components.teachers import EXPORT_CONFIG
 
@@ -78,7 +78,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         deepest = max(aligner.teacher_layers)
         teacher_flops = forward_flops_per_token(teacher_args, seq_len, layers=deepest, head=False)
         report.update({
-            "teacher_params": sum(p.numel() for p in _meta_model(teacher_args).parameters()),
+            "teacher_params": total_params(teacher_args),
             "teacher_blocks_run": deepest,
             "aligned_pairs_student_teacher": aligner.pairs,
             "projector_params": sum(p.numel() for p in aligner.parameters()),
@@ -94,13 +94,6 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     }
     print(format_report(report, args, teacher_args, micro_batch, seq_len, ac))
     return report
-
-
-def _meta_model(args: ModelArgs):
-    from components.models import llama
-
-    with torch.device("meta"):
-        return llama(args)
 
 
 def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_batch: int, seq_len: int,

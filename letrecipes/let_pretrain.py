@@ -16,7 +16,6 @@ This is ``letrecipes/pretrain.py`` plus three things:
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import time
 from typing import Dict, Tuple
@@ -28,7 +27,7 @@ from components import parallel, registry
 from components.aligner import build_aligner
 from components.models import forward_with_hidden
 from letrecipes._config import parse
-from letrecipes.pretrain import PretrainRecipe, RecipeError, nll_loss, run
+from letrecipes.pretrain import PretrainRecipe, RecipeError, current_memory_mb, nll_loss, run
 
 
 class LETPretrainRecipe(PretrainRecipe):
@@ -110,14 +109,6 @@ class LETPretrainRecipe(PretrainRecipe):
                  f"{what} memory {before:.0f} -> {after:.0f} MiB)")
         self.metrics.log({"step": self.step, "event": "teacher_released", "teacher_mb": teacher_mb,
                           "memory_before_mb": before, "memory_after_mb": after})
-
-
-def current_memory_mb(device: torch.device) -> float:
-    """Allocated CUDA memory, or this process's resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @parse

@@ -94,10 +94,12 @@ class PretrainRecipe:
         self.setup_data()
         fsdp_enabled = (cfg.get("fsdp") or {}).get("enabled", "auto")
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
+        if self.fsdp and self.world_size == 1:
+            raise RecipeError("fsdp.enabled=true needs several processes. Fix: launch with "
+                              "`tune run --nproc_per_node N ...`, or set fsdp.enabled=auto.")
         # Sharded runs build on the meta device and initialise after sharding: no rank ever
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
-        self.meta_init = self.fsdp and self.world_size > 1
-        with torch.device("meta") if self.meta_init else contextlib.nullcontext():
+        with torch.device("meta") if self.fsdp else contextlib.nullcontext():
             self.model = config.instantiate(
                 cfg.model, vocab_size=cfg.model.get("vocab_size") or self.tokenizer.vocab_size,
                 max_seq_len=cfg.data.seq_len,
@@ -139,7 +141,7 @@ class PretrainRecipe:
     def parallelize(self) -> None:
         """float8 -> activation checkpointing -> compile -> FSDP2 (the order that composes)."""
         cfg, notes = self.cfg, []
-        model = self.model if self.meta_init else self.model.to(self.device)
+        model = self.model if self.fsdp else self.model.to(self.device)
         float8 = cfg.get("float8") or {}
         if float8.get("enabled", False):
             skipped = parallel.apply_float8(model, recipe=float8.get("recipe", "tensorwise"),
@@ -157,17 +159,13 @@ class PretrainRecipe:
         fsdp = cfg.get("fsdp") or {}
         self.mp_policy = None
         if self.fsdp:
-            if self.world_size == 1:
-                raise RecipeError("fsdp.enabled=true needs several processes. Fix: launch with "
-                                  "`tune run --nproc_per_node N ...`, or set fsdp.enabled=auto.")
             if self.autocast_dtype is not None:  # FSDP2 casts parameters itself; no autocast on top
                 self.mp_policy = parallel.mixed_precision_policy(self.autocast_dtype)
                 self.autocast_dtype = None
             parallel.shard_model(model, self.mp_policy, bool(fsdp.get("reshard_after_forward", True)))
             notes.append("FSDP2" + (" bf16 params / fp32 reduce" if self.mp_policy else " fp32"))
-            if self.meta_init:
-                parallel.materialize(model, self.device, seed=int(cfg.seed), init_std=cfg.model.get("init_std", 0.02))
-                notes.append("initialised after sharding")
+            parallel.materialize(model, self.device, seed=int(cfg.seed), init_std=cfg.model.get("init_std", 0.02))
+            notes.append("initialised after sharding")
         if self.cpu_malloc_tuned:
             notes.append("malloc keeps freed memory")
         self.parallel_summary = "".join(f", {n}" for n in notes)
@@ -382,6 +380,14 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     # Peak resident set size of this process (Linux reports KiB).
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Allocated CUDA memory, or this process's resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def format_record(record: Dict[str, Any], max_steps: int) -> str:
