@@ -1,4 +1,6 @@
-"""Llama-style decoders (RMSNorm, SwiGLU, RoPE, GQA) from torchtune's modules.
+"""Decoders built from torchtune's modules: the Llama family (RMSNorm, SwiGLU, RoPE, GQA;
+optional attention biases as in Qwen2 and Llama-3 scaled RoPE) and OPT (LayerNorm, ReLU
+MLP, learned positions), the two layouts that pretrained teachers come in.
 
 Layer numbering follows the Hugging Face ``hidden_states`` convention everywhere in
 this project: layer 0 is the token embedding output, layer ``i`` (1..L) is the output
@@ -13,8 +15,10 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
+from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.llama3_2._component_builders import llama3_mlp
 from torchtune.modules import (
+    FeedForward,
     MultiHeadAttention,
     RMSNorm,
     RotaryPositionalEmbeddings,
@@ -38,6 +42,13 @@ class ModelArgs:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    # The fields below only matter for pretrained teachers; their defaults are this
+    # project's own students (and keep older exported configs loadable).
+    family: str = "llama"                  # llama | opt
+    head_dim: Optional[int] = None         # None = embed_dim // num_heads
+    qkv_bias: bool = False                 # Qwen2: biases on q, k, v
+    output_bias: bool = False              # attention output projection bias
+    rope_scaling: Optional[dict] = None    # Llama-3.1+: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":
@@ -50,8 +61,14 @@ class ModelArgs:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
     def validate(self, key: str = "model") -> None:
-        if self.embed_dim % self.num_heads:
+        if self.family not in FAMILIES:
+            raise ValueError(f"{key}.family={self.family!r}: use one of {sorted(FAMILIES)}.")
+        if self.head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(
                 f"{key}.embed_dim ({self.embed_dim}) must be divisible by {key}.num_heads "
                 f"({self.num_heads}). Fix: change one of them."
@@ -61,42 +78,38 @@ class ModelArgs:
                 f"{key}.num_heads ({self.num_heads}) must be a multiple of {key}.num_kv_heads "
                 f"({self.num_kv_heads}). Fix: change one of them."
             )
-        if (self.embed_dim // self.num_heads) % 2:
-            raise ValueError(f"{key}: head dim embed_dim/num_heads must be even for RoPE.")
+        if self.family == "llama" and self.dim_per_head % 2:
+            raise ValueError(f"{key}: the head dim ({self.dim_per_head}) must be even for RoPE.")
 
 
-def llama(args: ModelArgs) -> TransformerDecoder:
-    """A Llama-architecture decoder, weights left as PyTorch initialises them.
+def _rope(args: ModelArgs) -> nn.Module:
+    if not args.rope_scaling:
+        return RotaryPositionalEmbeddings(dim=args.dim_per_head, max_seq_len=args.max_seq_len, base=args.rope_base)
+    s = args.rope_scaling
+    return Llama3ScaledRoPE(
+        dim=args.dim_per_head, max_seq_len=args.max_seq_len, base=args.rope_base, scale_factor=s["factor"],
+        low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
+        old_context_len=s["original_max_position_embeddings"],
+    )
 
-    Call :func:`init_weights` for a from-scratch start (torchtune's builders have none).
-    Plain (unscaled) RoPE, as in Llama-2, SmolLM and most small models.
-    """
-    args.validate()
-    head_dim = args.embed_dim // args.num_heads
-    rope = RotaryPositionalEmbeddings(dim=head_dim, max_seq_len=args.max_seq_len, base=args.rope_base)
-    layers = nn.ModuleList()
-    for _ in range(args.num_layers):
-        attn = MultiHeadAttention(
-            embed_dim=args.embed_dim,
-            num_heads=args.num_heads,
-            num_kv_heads=args.num_kv_heads,
-            head_dim=head_dim,
-            q_proj=nn.Linear(args.embed_dim, args.num_heads * head_dim, bias=False),
-            k_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=False),
-            v_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=False),
-            output_proj=nn.Linear(args.num_heads * head_dim, args.embed_dim, bias=False),
-            pos_embeddings=rope,
-            max_seq_len=args.max_seq_len,
-        )
-        layers.append(
-            TransformerSelfAttentionLayer(
-                attn=attn,
-                mlp=llama3_mlp(dim=args.embed_dim, hidden_dim=args.intermediate_dim),
-                sa_norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
-                mlp_norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
-            )
-        )
-    embeddings = nn.Embedding(args.vocab_size, args.embed_dim)
+
+def _attention(args: ModelArgs, pos_embeddings: Optional[nn.Module]) -> MultiHeadAttention:
+    head_dim = args.dim_per_head
+    return MultiHeadAttention(
+        embed_dim=args.embed_dim,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        head_dim=head_dim,
+        q_proj=nn.Linear(args.embed_dim, args.num_heads * head_dim, bias=args.qkv_bias),
+        k_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=args.qkv_bias),
+        v_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=args.qkv_bias),
+        output_proj=nn.Linear(args.num_heads * head_dim, args.embed_dim, bias=args.output_bias),
+        pos_embeddings=pos_embeddings,
+        max_seq_len=args.max_seq_len,
+    )
+
+
+def _decoder(args: ModelArgs, embeddings: nn.Embedding, layers: nn.ModuleList, norm: nn.Module) -> TransformerDecoder:
     if args.tie_word_embeddings:
         output = TiedLinear(embeddings)
     else:
@@ -106,10 +119,92 @@ def llama(args: ModelArgs) -> TransformerDecoder:
         layers=layers,
         max_seq_len=args.max_seq_len,
         num_heads=args.num_heads,
-        head_dim=head_dim,
-        norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
+        head_dim=args.dim_per_head,
+        norm=norm,
         output=output,
     )
+
+
+def llama(args: ModelArgs) -> TransformerDecoder:
+    """A Llama-family decoder, weights left as PyTorch initialises them.
+
+    Call :func:`init_weights` for a from-scratch start (torchtune's builders have none).
+    RoPE rotates interleaved pairs (torchtune's convention); Hugging Face checkpoints,
+    which rotate halves, are permuted on load (``components.hf``).
+    """
+    args.validate()
+    rope = _rope(args)
+    layers = nn.ModuleList(
+        TransformerSelfAttentionLayer(
+            attn=_attention(args, rope),
+            mlp=llama3_mlp(dim=args.embed_dim, hidden_dim=args.intermediate_dim),
+            sa_norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
+            mlp_norm=RMSNorm(args.embed_dim, eps=args.norm_eps),
+        )
+        for _ in range(args.num_layers)
+    )
+    embeddings = nn.Embedding(args.vocab_size, args.embed_dim)
+    return _decoder(args, embeddings, layers, RMSNorm(args.embed_dim, eps=args.norm_eps))
+
+
+class TokenAndPositionEmbedding(nn.Embedding):
+    """Token embedding plus a learned absolute position embedding (OPT).
+
+    It is an ``nn.Embedding`` (its ``weight`` is the token table) so that weight tying,
+    widths and vocabulary sizes read the same as for the Llama family. OPT's position
+    table starts 2 rows in, a quirk of its original fairseq code.
+    """
+
+    POSITION_OFFSET = 2
+
+    def __init__(self, vocab_size: int, embed_dim: int, max_seq_len: int):
+        super().__init__(vocab_size, embed_dim)
+        self.positions = nn.Embedding(max_seq_len + self.POSITION_OFFSET, embed_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        where = torch.arange(tokens.shape[-1], device=tokens.device) + self.POSITION_OFFSET
+        return super().forward(tokens) + self.positions(where)
+
+
+def opt(args: ModelArgs) -> TransformerDecoder:
+    """An OPT decoder (pre-LayerNorm variant, as in every OPT size except 350M)."""
+    args.validate()
+
+    def layer_norm() -> nn.LayerNorm:
+        return nn.LayerNorm(args.embed_dim, eps=args.norm_eps)
+
+    layers = nn.ModuleList(
+        TransformerSelfAttentionLayer(
+            attn=_attention(args, pos_embeddings=None),
+            mlp=FeedForward(gate_proj=nn.Linear(args.embed_dim, args.intermediate_dim),
+                            down_proj=nn.Linear(args.intermediate_dim, args.embed_dim), activation=nn.ReLU()),
+            sa_norm=layer_norm(),
+            mlp_norm=layer_norm(),
+        )
+        for _ in range(args.num_layers)
+    )
+    embeddings = TokenAndPositionEmbedding(args.vocab_size, args.embed_dim, args.max_seq_len)
+    return _decoder(args, embeddings, layers, layer_norm())
+
+
+FAMILIES = {"llama": llama, "opt": opt}
+
+
+def rebuild_rope_caches(blocks: Iterable[nn.Module]) -> None:
+    """Recompute RoPE caches (non-persistent buffers) on the default device.
+
+    Needed after a model is built on meta and its weights assigned or materialised: the
+    caches are not part of any state dict, so they are still on meta.
+    """
+    ropes = {id(b.attn.pos_embeddings): b.attn.pos_embeddings for b in blocks if b.attn.pos_embeddings is not None}
+    for rope in ropes.values():
+        rope.rope_init()
+
+
+def decoder(args: ModelArgs) -> TransformerDecoder:
+    """Build the decoder that ``args.family`` names (uninitialised)."""
+    args.validate()
+    return FAMILIES[args.family](args)
 
 
 @torch.no_grad()

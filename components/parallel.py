@@ -171,12 +171,11 @@ def materialize(model: nn.Module, device: torch.device, seed: int, init_std: flo
     seeded differently for the init (else all shards would be copies of one), then the
     common seed is restored. RoPE caches are non-persistent buffers: rebuilt on ``device``.
     """
-    from components.models import init_weights
+    from components.models import init_weights, rebuild_rope_caches
 
     model.to_empty(device=device)
     with torch.device(device):
-        for rope in {id(layer.attn.pos_embeddings): layer.attn.pos_embeddings for layer in _blocks(model)}.values():
-            rope.rope_init()
+        rebuild_rope_caches(_blocks(model))
     per_rank_stream = device.type == "cpu" and dist.is_initialized()
     if per_rank_stream:
         torch.manual_seed(seed * 7919 + 1 + dist.get_rank())

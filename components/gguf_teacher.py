@@ -1,0 +1,177 @@
+"""llama.cpp GGUF files as teachers: shape from the metadata, weights dequantized with the
+``gguf`` package, the embedded tokenizer exported as a ``tokenizer.json``.
+
+Only the ``llama`` architecture is mapped (SmolLM/SmolLM2, TinyLlama, Llama-2 style models).
+llama.cpp's converter stores Q and K with each head's rows interleaved for its RoPE
+kernel; we undo that to get the Hugging Face layout, then go through the same name
+mapping and checks as a Hugging Face folder (``components.hf_teacher``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Tuple
+
+import numpy as np
+import torch
+
+from components.hf_teacher import convert_state_dict
+from components.models import ModelArgs
+from components.teachers import TeacherError
+
+# What gguf.quants.dequantize handles and this loader has been checked with; anything
+# else (the IQ* codebook formats, ternary types) is refused by name.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# llama.cpp's pre-tokenizer names -> the `tokenizers` pre-tokenizer that splits the same way.
+PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2")
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def open_gguf(path: Path):
+    try:
+        import gguf
+    except ImportError as err:
+        raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, which needs the `gguf` package. "
+                           "Fix: pip install gguf.") from err
+    if not path.is_file():
+        raise TeacherError(f"teacher.path: no GGUF file at {str(path)!r}.")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the reader raises ValueError/struct errors on a damaged file
+        raise TeacherError(f"{path}: not a readable GGUF file ({err}). Fix: re-download or re-convert it.") from err
+
+
+def _field(reader, key: str, source: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise TeacherError(f"{source}: GGUF metadata key {key!r} is missing.")
+        return default
+    return field.contents()
+
+
+def model_args(reader, source: str) -> ModelArgs:
+    arch = _field(reader, "general.architecture", source)
+    if arch != "llama":
+        raise TeacherError(f"{source}: GGUF architecture {arch!r} is not supported; expected 'llama'. Fix: use the "
+                           "model's Hugging Face folder with teacher._component_=huggingface.")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names or _field(reader, "llama.rope.scaling.type", source, "none") not in ("none", ""):
+        raise TeacherError(f"{source}: scaled RoPE (Llama-3.1+) in GGUF is not supported. Fix: use the model's "
+                           "Hugging Face folder with teacher._component_=huggingface.")
+    width = int(_field(reader, "llama.embedding_length", source))
+    heads = int(_field(reader, "llama.attention.head_count", source))
+    rope_dim = int(_field(reader, "llama.rope.dimension_count", source, width // heads))
+    if rope_dim != width // heads:
+        raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {width // heads}) "
+                           "is not supported.")
+    return ModelArgs(
+        vocab_size=int(_field(reader, "llama.vocab_size", source, len(_field(reader, "tokenizer.ggml.tokens", source)))),
+        num_layers=int(_field(reader, "llama.block_count", source)),
+        num_heads=heads,
+        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", source, heads)),
+        embed_dim=width,
+        intermediate_dim=int(_field(reader, "llama.feed_forward_length", source)),
+        max_seq_len=int(_field(reader, "llama.context_length", source, 2048)),
+        rope_base=float(_field(reader, "llama.rope.freq_base", source, 10_000.0)),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", source, 1e-5)),
+        tie_word_embeddings="output.weight" not in names,
+    )
+
+
+def _undo_rotary_permutation(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp orders each head's rows as rotary pairs (2j, 2j+1); HF as halves (j, j + d/2)."""
+    head_dim = w.shape[0] // heads
+    return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Path, torch.Tensor]]:
+    from gguf.quants import dequantize
+
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        if tensor.name in TOP_NAMES:
+            hf_name = TOP_NAMES[tensor.name]
+        else:
+            parts = tensor.name.split(".", 2)
+            if parts[0] != "blk" or len(parts) < 3 or parts[2] not in LAYER_NAMES:
+                raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a llama GGUF.")
+            hf_name = f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+        if kind not in SUPPORTED_TYPES:
+            raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "
+                               f"read. Expected one of {', '.join(SUPPORTED_TYPES)}. Fix: use a file quantized to "
+                               "one of those (e.g. Q8_0, Q4_K_M) or the F16 file.")
+        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy: the file is memory-mapped read-only
+        rows_cols = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
+        values = values.reshape(rows_cols if len(rows_cols) > 1 else (-1,))
+        if tensor.name.endswith("attn_q.weight"):
+            values = _undo_rotary_permutation(values, args.num_heads)
+        elif tensor.name.endswith("attn_k.weight"):
+            values = _undo_rotary_permutation(values, args.num_kv_heads)
+        yield hf_name, source, torch.from_numpy(np.ascontiguousarray(values))
+
+
+def state_dict(reader, args: ModelArgs, expected: Dict[str, torch.Size], cast: Callable, source: str):
+    return convert_state_dict(args, _hf_tensors(reader, args, source), expected, cast, what=source)
+
+
+# ----------------------------------------------------------------- tokenizer
+def build_tokenizer(reader, source: str):
+    """A ``tokenizers.Tokenizer`` equivalent to the GGUF's embedded byte-level BPE."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model", source)
+    if kind != "gpt2":
+        raise TeacherError(f"{source}: embedded tokenizer type {kind!r} is not supported; expected 'gpt2' "
+                           "(byte-level BPE). Fix: set tokenizer.path to the model's tokenizer.json.")
+    pre = _field(reader, "tokenizer.ggml.pre", source, "gpt2")
+    if pre not in PRE_TOKENIZERS:
+        raise TeacherError(f"{source}: pre-tokenizer {pre!r} is not supported; expected one of {PRE_TOKENIZERS}. "
+                           "Fix: set tokenizer.path to the model's tokenizer.json.")
+    tokens = _field(reader, "tokenizer.ggml.tokens", source)
+    types = _field(reader, "tokenizer.ggml.token_type", source, [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", source)]
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # llama.cpp's smollm pre-tokenizer: every digit alone, then the GPT-2 split
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    control, user_defined = 3, 4  # llama.cpp token types
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, k in zip(tokens, types) if k == control])
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == user_defined])
+    return tokenizer
+
+
+def export_tokenizer(reader, source: str, out_dir: Path) -> Path:
+    """Write the embedded tokenizer once to ``out_dir/<fingerprint>/tokenizer.json``.
+
+    The fingerprint covers the vocabulary, merges and pre-tokenizer, so two GGUF files
+    with the same tokenizer share one file, and the data cache (keyed on the tokenizer
+    file's content) is reused across them.
+    """
+    h = hashlib.sha256()
+    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+        h.update(json.dumps(_field(reader, key, source, "")).encode())
+    target = out_dir / h.hexdigest()[:16] / "tokenizer.json"
+    if target.is_file():
+        return target
+    tokenizer = build_tokenizer(reader, source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"tokenizer.json.{os.getpid()}.tmp")
+    tokenizer.save(str(tmp))
+    tmp.replace(target)  # atomic: concurrent ranks or a killed run never leave half a file
+    return target

@@ -1,0 +1,248 @@
+"""Hugging Face checkpoints: ``config.json`` + safetensors (one file, or shards with an
+index) + ``tokenizer.json``, mapped onto :mod:`components.models` decoders.
+
+Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
+Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v) and OPT (``OPTForCausalLM``). The
+architecture is read from ``config.json``; weights are checked against it tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from components.models import ModelArgs
+from components.teachers import TeacherError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "OPTForCausalLM": "opt"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "opt": "opt"}
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise TeacherError(f"teacher.path: {str(path)!r} has no config.json, so it is not a Hugging Face model "
+                           "folder. Fix: point teacher.path at the folder that holds config.json and the *.safetensors.")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise TeacherError(f"teacher.path: {str(config_file)!r} is not valid JSON ({err}).") from err
+
+
+def architecture(config: dict, config_file: str) -> str:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    if not names and config.get("model_type") in MODEL_TYPES:
+        return MODEL_TYPES[config["model_type"]]
+    found = names or config.get("model_type")
+    raise TeacherError(
+        f"{config_file}: architecture {found!r} is not supported. Expected one of "
+        f"{', '.join(ARCHITECTURES)}. Fix: use a checkpoint of a supported family, or register a teacher "
+        "loader for this one (docs/extending.md)."
+    )
+
+
+def _require(config: dict, condition: bool, config_file: str, what: str) -> None:
+    if not condition:
+        raise TeacherError(f"{config_file}: {what} is not supported by this loader.")
+
+
+def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
+    """(base, llama3 scaling or None), from either the hub's keys or transformers 5's ``rope_parameters``."""
+    params = config.get("rope_parameters") or {}
+    base = float(config.get("rope_theta") or params.get("rope_theta") or 10_000.0)
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if not scaling:
+        return base, None
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind == "default":
+        return base, None
+    _require(config, kind == "llama3", config_file, f"rope scaling type {kind!r} (only llama3 is)")
+    return base, {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
+                  for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def model_args(config: dict, config_file: str) -> ModelArgs:
+    """The :class:`ModelArgs` a ``config.json`` describes (validating what the loader can map)."""
+    arch = architecture(config, config_file)
+    try:
+        if arch == "opt":
+            _require(config, config.get("do_layer_norm_before", True), config_file, "post-LayerNorm OPT (opt-350m)")
+            _require(config, config.get("word_embed_proj_dim", config["hidden_size"]) == config["hidden_size"],
+                     config_file, "word_embed_proj_dim != hidden_size (opt-350m)")
+            _require(config, config.get("activation_function", "relu") == "relu", config_file,
+                     f"activation_function={config.get('activation_function')!r}")
+            _require(config, config.get("enable_bias", True) and config.get("layer_norm_elementwise_affine", True)
+                     and not config.get("_remove_final_layer_norm", False), config_file, "OPT without biases or norms")
+            return ModelArgs(
+                family="opt", vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
+                num_heads=config["num_attention_heads"], num_kv_heads=config["num_attention_heads"],
+                embed_dim=config["hidden_size"], intermediate_dim=config["ffn_dim"],
+                max_seq_len=config["max_position_embeddings"], norm_eps=1e-5,
+                tie_word_embeddings=config.get("tie_word_embeddings", True), qkv_bias=True, output_bias=True,
+            )
+        _require(config, config.get("hidden_act", "silu") == "silu", config_file, f"hidden_act={config.get('hidden_act')!r}")
+        _require(config, not config.get("mlp_bias", False), config_file, "mlp_bias=true")
+        _require(config, not config.get("use_sliding_window", False), config_file, "use_sliding_window=true")
+        base, scaling = _rope(config, config_file)
+        attention_bias = bool(config.get("attention_bias", False))
+        heads = config["num_attention_heads"]
+        return ModelArgs(
+            vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads, embed_dim=config["hidden_size"],
+            intermediate_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+            rope_base=base, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            head_dim=config.get("head_dim") if config.get("head_dim") not in (None, config["hidden_size"] // heads) else None,
+            qkv_bias=arch == "qwen2" or attention_bias, output_bias=attention_bias,
+        )
+    except KeyError as err:
+        raise TeacherError(f"{config_file}: missing key {err.args[0]!r} that a {arch} config must have.") from err
+
+
+# ----------------------------------------------------------------- weight names
+def _rotary_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF rotates (j, j + d/2) pairs of each head; torchtune rotates (2j, 2j + 1). Reorder the rows."""
+    rows = w.shape[0]
+    head_dim = rows // heads
+    return w.reshape(heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(rows, *w.shape[1:])
+
+
+def _llama_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Callable]]]:
+    key = hf_key[len("model."):] if hf_key.startswith("model.") else hf_key
+    if key == "embed_tokens.weight":
+        return "tok_embeddings.weight", None
+    if key == "norm.weight":
+        return "norm.scale", None
+    if key == "lm_head.weight":
+        return ("output.weight", None) if not args.tie_word_embeddings else None
+    parts = key.split(".")
+    if parts[0] != "layers" or len(parts) < 4:
+        return "?" + hf_key, None
+    i, rest = parts[1], ".".join(parts[2:])
+    if rest.endswith("rotary_emb.inv_freq"):
+        return None
+    simple = {
+        "input_layernorm.weight": "sa_norm.scale", "post_attention_layernorm.weight": "mlp_norm.scale",
+        "self_attn.v_proj.weight": "attn.v_proj.weight", "self_attn.v_proj.bias": "attn.v_proj.bias",
+        "self_attn.o_proj.weight": "attn.output_proj.weight", "self_attn.o_proj.bias": "attn.output_proj.bias",
+        "mlp.gate_proj.weight": "mlp.w1.weight", "mlp.up_proj.weight": "mlp.w3.weight",
+        "mlp.down_proj.weight": "mlp.w2.weight",
+    }
+    if rest in simple:
+        return f"layers.{i}.{simple[rest]}", None
+    for proj, heads in (("q_proj", args.num_heads), ("k_proj", args.num_kv_heads)):
+        for kind in ("weight", "bias"):
+            if rest == f"self_attn.{proj}.{kind}":
+                return f"layers.{i}.attn.{proj}.{kind}", lambda w, h=heads: _rotary_to_interleaved(w, h)
+    return "?" + hf_key, None
+
+
+def _opt_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Callable]]]:
+    key = hf_key[len("model."):] if hf_key.startswith("model.") else hf_key
+    if key == "lm_head.weight":
+        return ("output.weight", None) if not args.tie_word_embeddings else None
+    if not key.startswith("decoder."):
+        return "?" + hf_key, None
+    key = key[len("decoder."):]
+    top = {"embed_tokens.weight": "tok_embeddings.weight", "embed_positions.weight": "tok_embeddings.positions.weight",
+           "final_layer_norm.weight": "norm.weight", "final_layer_norm.bias": "norm.bias"}
+    if key in top:
+        return top[key], None
+    parts = key.split(".")
+    if parts[0] != "layers" or len(parts) < 4:
+        return "?" + hf_key, None
+    i, module, kind = parts[1], ".".join(parts[2:-1]), parts[-1]
+    modules = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
+               "self_attn.out_proj": "attn.output_proj", "self_attn_layer_norm": "sa_norm",
+               "final_layer_norm": "mlp_norm", "fc1": "mlp.w1", "fc2": "mlp.w2"}
+    if module in modules:
+        return f"layers.{i}.{modules[module]}.{kind}", None
+    return "?" + hf_key, None
+
+
+# ----------------------------------------------------------------- files
+def weight_files(path: Path) -> Dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (from the index when sharded)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise TeacherError(f"{index}: not a safetensors index (needs a 'weight_map'): {err}.") from err
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise TeacherError(f"{index} lists the shard {file.name!r}, but {str(file)!r} does not exist. "
+                                   "Fix: copy every shard the index names into the folder.")
+        return files
+    single = path / SINGLE_FILE
+    if not single.is_file():
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = (f"found {others} but no {INDEX_FILE} to say what is in them" if others
+                else "no *.safetensors at all (pytorch_model.bin is not read: convert it to safetensors)")
+        raise TeacherError(f"teacher.path: {str(path)!r} has no {SINGLE_FILE} or {INDEX_FILE}: {hint}.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types
+        raise TeacherError(f"cannot read {str(single)!r} ({err}). Fix: re-download or re-export the file.") from err
+
+
+def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tensor]]:
+    from safetensors import safe_open
+
+    by_file: Dict[Path, list] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in names:
+                    yield name, file, f.get_tensor(name)
+        except TeacherError:
+            raise
+        except Exception as err:
+            raise TeacherError(f"cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
+
+
+def convert_state_dict(
+    args: ModelArgs,
+    tensors: Iterator[Tuple[str, Path, torch.Tensor]],
+    expected: Dict[str, torch.Size],
+    cast: Callable[[torch.Tensor], torch.Tensor],
+    what: str,
+) -> Dict[str, torch.Tensor]:
+    """Rename (and for RoPE, reorder) HF tensors into this project's names, checking shapes.
+
+    ``expected`` maps each of our parameter names to its shape; any tensor left over,
+    missing or of another shape is an error naming the file it came from.
+    """
+    names = _opt_names if args.family == "opt" else _llama_names
+    state: Dict[str, torch.Tensor] = {}
+    for hf_key, file, tensor in tensors:
+        mapped = names(args, hf_key)
+        if mapped is None:
+            continue
+        ours, transform = mapped
+        if ours.startswith("?") or ours not in expected:
+            raise TeacherError(f"{file}: unexpected tensor {hf_key!r} for the {args.family} layout that {what} "
+                               "describes. Fix: check that config.json belongs to these weights.")
+        if tuple(tensor.shape) != tuple(expected[ours]):
+            raise TeacherError(f"{file}: tensor {hf_key!r} has shape {tuple(tensor.shape)}, but {what} implies "
+                               f"{tuple(expected[ours])}. Fix: use the config.json that came with these weights.")
+        state[ours] = cast(transform(tensor) if transform else tensor)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise TeacherError(f"{what}: the weights lack {len(missing)} tensor(s) the model needs, e.g. "
+                           f"{missing[:3]}. Fix: check that every shard is complete and belongs to this config.")
+    return state

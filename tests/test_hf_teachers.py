@@ -1,0 +1,123 @@
+"""Hugging Face teachers against the reference implementation (transformers, test-only).
+
+Each test makes a tiny random model with transformers, saves it in the real on-disk
+format, loads it with our loader, and compares every layer's hidden states and the
+logits in fp32.
+"""
+
+import json
+
+import pytest
+import torch
+
+from components import registry
+from components.models import forward_with_hidden
+from components.teachers import TeacherError, describe
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
+
+TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+            max_position_embeddings=64)
+
+
+def _llama(tie=True, **extra):
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **TINY, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=tie, rope_theta=10_000.0, **extra))
+
+
+def _llama3_scaled():
+    return _llama(tie=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **TINY, num_key_value_heads=3, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1_000_000.0))
+
+
+def _opt(tie=True):
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=101, hidden_size=48, ffn_dim=80, num_hidden_layers=3, num_attention_heads=6,
+        max_position_embeddings=64, word_embed_proj_dim=48, tie_word_embeddings=tie, dropout=0.0))
+
+
+MODELS = {"llama_tied": _llama, "llama_untied": lambda: _llama(tie=False), "llama3_scaled_rope": _llama3_scaled,
+          "qwen2_biases": _qwen2, "opt": _opt}
+
+
+def _save(model, path, shard=False):
+    torch.manual_seed(0)
+    with torch.no_grad():  # random init has zero biases and unit norms: perturb them so they are checked
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(path, max_shard_size="40KB" if shard else "5GB")
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_hidden_states_and_logits_match_transformers(tmp_path, name):
+    torch.manual_seed(0)
+    reference = _save(MODELS[name](), tmp_path, shard=name == "llama_untied")
+    if name == "llama_untied":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    teacher = registry.build("teacher_loader", {"_component_": "auto", "path": str(tmp_path), "dtype": "fp32"},
+                             key="teacher")
+    tokens = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(tokens, output_hidden_states=True)
+        depth = teacher.depth
+        hidden, logits = forward_with_hidden(teacher.model, tokens, range(depth + 1), logits=True)
+    assert depth == len(expected.hidden_states) - 1 == 3
+    for layer in range(depth + 1):
+        torch.testing.assert_close(hidden[layer], expected.hidden_states[layer], atol=2e-5, rtol=1e-4,
+                                   msg=f"{name}: layer {layer}")
+    torch.testing.assert_close(logits, expected.logits, atol=2e-5, rtol=1e-4)
+    # The teacher's own early-stopping path gives the same states as the full forward.
+    torch.testing.assert_close(teacher.hidden_states(tokens, [1])[1], expected.hidden_states[1], atol=2e-5, rtol=1e-4)
+    assert (teacher.width, teacher.vocab_size) == (48, 101)
+    assert describe(tmp_path).num_layers == 3
+
+
+def _broken(tmp_path, edit):
+    _save(_llama(), tmp_path)
+    edit(tmp_path)
+    with pytest.raises(TeacherError) as err:
+        registry.build("teacher_loader", {"_component_": "huggingface", "path": str(tmp_path), "dtype": "fp32"},
+                       key="teacher")
+    return str(err.value)
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"))
+    assert "GPTNeoXForCausalLM" in message and "config.json" in message and "LlamaForCausalLM" in message
+
+
+def test_shape_mismatch_names_file_and_tensor(tmp_path):
+    message = _broken(tmp_path, lambda p: _edit_config(p, intermediate_size=96))
+    assert "model.safetensors" in message and "mlp" in message and "96" in message
+
+
+def test_missing_shard_is_named(tmp_path):
+    def drop_a_shard(p):
+        index = json.loads((p / "model.safetensors.index.json").read_text())
+        (p / sorted(set(index["weight_map"].values()))[-1]).unlink()
+
+    torch.manual_seed(0)
+    _save(_llama(tie=False), tmp_path, shard=True)
+    drop_a_shard(tmp_path)
+    with pytest.raises(TeacherError, match=r"model-0000\d-of-0000\d.safetensors.*does not exist"):
+        registry.build("teacher_loader", {"_component_": "huggingface", "path": str(tmp_path)}, key="teacher")
+
+
+def test_unsupported_rope_scaling_is_refused(tmp_path):
+    message = _broken(tmp_path, lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0,
+                                                                           "rope_theta": 10000.0}))
+    assert "yarn" in message and "config.json" in message
