@@ -121,6 +121,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
 
+    def reads_like(self, other: "Tokenizer") -> bool:
+        """True when both map text to the same ids (same vocabulary, same splitting),
+        whatever their files look like (a GGUF export vs the model's own tokenizer.json)."""
+        probe = "Tokenizers agree: café, 1234 items, <|endoftext|>\n\tindented   spaces."
+        return (self._tok.get_vocab(with_added_tokens=True) == other._tok.get_vocab(with_added_tokens=True)
+                and self.encode(probe) == other.encode(probe))
+
     def fingerprint(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 

@@ -15,23 +15,35 @@ from typing import Optional
 from components.models import ModelArgs
 
 
+def block_matmul_params(args: ModelArgs) -> int:
+    q_width, kv_width = args.num_heads * args.dim_per_head, args.num_kv_heads * args.dim_per_head
+    attn = args.embed_dim * (2 * q_width + 2 * kv_width)
+    mlp = (2 if args.family == "opt" else 3) * args.embed_dim * args.intermediate_dim
+    return attn + mlp
+
+
 def block_params(args: ModelArgs) -> int:
-    head_dim = args.embed_dim // args.num_heads
-    attn = args.embed_dim * head_dim * (2 * args.num_heads + 2 * args.num_kv_heads)
-    mlp = 3 * args.embed_dim * args.intermediate_dim
-    return attn + mlp + 2 * args.embed_dim  # + the two RMSNorm scales
+    q_width, kv_width = args.num_heads * args.dim_per_head, args.num_kv_heads * args.dim_per_head
+    vectors = 2 * args.embed_dim  # the two norm scales
+    vectors += (q_width + 2 * kv_width) if args.qkv_bias else 0
+    vectors += args.embed_dim if args.output_bias else 0
+    if args.family == "opt":  # LayerNorm biases and the MLP biases
+        vectors += 2 * args.embed_dim + args.intermediate_dim + args.embed_dim
+    return block_matmul_params(args) + vectors
 
 
 def total_params(args: ModelArgs) -> int:
     embeddings = args.vocab_size * args.embed_dim
     head = 0 if args.tie_word_embeddings else embeddings
-    return embeddings + head + args.num_layers * block_params(args) + args.embed_dim
+    final_norm = args.embed_dim * (2 if args.family == "opt" else 1)
+    positions = (args.max_seq_len + 2) * args.embed_dim if args.family == "opt" else 0
+    return embeddings + positions + head + args.num_layers * block_params(args) + final_norm
 
 
 def forward_flops_per_token(args: ModelArgs, seq_len: int, layers: Optional[int] = None, head: bool = True) -> float:
     """Forward matmul FLOPs per token through ``layers`` blocks (all by default) and the head."""
     layers = args.num_layers if layers is None else layers
-    per_block = 2 * (block_params(args) - 2 * args.embed_dim) + 4 * seq_len * args.embed_dim
+    per_block = 2 * block_matmul_params(args) + 4 * seq_len * args.embed_dim
     return layers * per_block + (2 * args.vocab_size * args.embed_dim if head else 0)
 
 

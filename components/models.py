@@ -288,6 +288,11 @@ def forward_with_hidden(
     return hidden, None
 
 
+def padded_vocab_size(tokenizer_size: int, multiple: int = 64) -> int:
+    """The embedding rows for a tokenizer: rounded up so the output matmul tiles well on GPUs."""
+    return multiple * math.ceil(tokenizer_size / multiple)
+
+
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     total = sum(p.numel() for p in model.parameters())
     if exclude_embeddings:

@@ -79,6 +79,7 @@ EXPORT_TOKENIZER = "tokenizer.json"
 
 
 PACKAGE_PREFIX = "pkg:"
+GGUF_TOKENIZER_DIR = "outputs/cache/gguf_tokenizers"
 
 
 def resolve_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
@@ -200,7 +201,7 @@ def load_gguf(
     path: Union[str, Path],
     dtype: str = "bfloat16",
     device: Union[str, torch.device] = "cpu",
-    tokenizer_dir: Union[str, Path] = "outputs/cache/gguf_tokenizers",
+    tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR,
 ) -> Teacher:
     """Load a llama.cpp GGUF file: weights dequantized, its embedded tokenizer exported
     to ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
@@ -239,7 +240,10 @@ def load_auto(path: Union[str, Path], dtype: str = "bfloat16", device: Union[str
               **kwargs) -> Teacher:
     """Pick the loader from what ``path`` is (see :func:`teacher_format`)."""
     resolved = resolve_path(path)
-    return LOADERS[teacher_format(resolved)](resolved, dtype=dtype, device=device, **kwargs)
+    kind = teacher_format(resolved)
+    if kind != "gguf":
+        kwargs.pop("tokenizer_dir", None)  # only GGUF files carry a tokenizer to export
+    return LOADERS[kind](resolved, dtype=dtype, device=device, **kwargs)
 
 
 def describe(path: Union[str, Path]) -> ModelArgs:
@@ -253,7 +257,7 @@ def describe(path: Union[str, Path]) -> ModelArgs:
     return letrecipes_args(path) if kind == "letrecipes" else huggingface_args(path)
 
 
-def tokenizer_file(path: Union[str, Path], tokenizer_dir: Union[str, Path] = "outputs/cache/gguf_tokenizers",
+def tokenizer_file(path: Union[str, Path], tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR,
                    key: str = "tokenizer.path") -> Path:
     """The tokenizer.json that goes with a model, without loading its weights.
 

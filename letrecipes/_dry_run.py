@@ -7,9 +7,7 @@ report gives parameters, FLOPs per token, the teacher's overhead and memory per 
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -18,27 +16,38 @@ from torchtune import config
 
 from components import registry
 from components.aligner import build_aligner
-from components.data import Tokenizer
 from components.estimate import forward_flops_per_token, memory_per_gpu, total_params
-from components.models import ModelArgs, count_parameters
-from components.teachers import EXPORT_CONFIG
+from components.models import ModelArgs, count_parameters, padded_vocab_size
+from components.teachers import TeacherError, describe, resolve_path
+from letrecipes.pretrain import load_tokenizer
 
 
 class DryRunError(ValueError):
     pass
 
 
+def _exists(path: str) -> bool:
+    try:
+        return resolve_path(path).exists()
+    except TeacherError:  # pkg: path whose package is not installed
+        return False
+
+
 def _teacher_args(cfg: DictConfig, seq_len: int) -> ModelArgs:
-    path = Path(str(cfg.teacher.get("path", "")))
-    if (path / EXPORT_CONFIG).is_file():
-        meta = json.loads((path / EXPORT_CONFIG).read_text())
-        return ModelArgs.from_dict(meta["model"])
+    """The teacher's real shape (config.json or GGUF metadata, no weights read) when
+    ``teacher.path`` exists here; otherwise ``teacher.shape``."""
+    path = str(cfg.teacher.get("path", ""))
+    try:
+        return describe(path)
+    except TeacherError:
+        if _exists(path):
+            raise  # it is there but unreadable: say so rather than fall back
     shape = cfg.teacher.get("shape")
     if shape is None:
         raise DryRunError(
-            f"teacher.path={str(path)!r} has no {EXPORT_CONFIG} on this machine. Fix: run the dry run where the "
-            "checkpoint is, or describe the teacher under teacher.shape (num_layers, num_heads, num_kv_heads, "
-            "embed_dim, intermediate_dim, vocab_size)."
+            f"teacher.path={path!r} does not exist on this machine. Fix: run the dry run where the checkpoint is, or "
+            "describe the teacher under teacher.shape (num_layers, num_heads, num_kv_heads, embed_dim, "
+            "intermediate_dim, vocab_size)."
         )
     values = OmegaConf.to_container(shape, resolve=True)
     values.setdefault("max_seq_len", seq_len)
@@ -50,9 +59,10 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     seq_len = int(cfg.data.seq_len)
     vocab_size = cfg.model.get("vocab_size")
     if vocab_size is None:
-        if not Path(str(cfg.tokenizer.path)).is_file():
-            raise DryRunError("dry_run: set model.vocab_size, or tokenizer.path to an existing tokenizer.json.")
-        vocab_size = Tokenizer(cfg.tokenizer.path).vocab_size
+        try:
+            vocab_size = padded_vocab_size(load_tokenizer(cfg).vocab_size)
+        except ValueError as err:
+            raise DryRunError(f"dry_run: set model.vocab_size, or make the tokenizer readable here ({err})") from err
     with torch.device("meta"):
         student = config.instantiate(cfg.model, vocab_size=vocab_size, max_seq_len=seq_len)
     args: ModelArgs = student.model_args

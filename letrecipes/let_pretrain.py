@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from components import parallel, registry
 from components.aligner import build_aligner
+from components.data import Tokenizer
 from components.models import forward_with_hidden
 from letrecipes._config import parse
 from letrecipes.pretrain import PretrainRecipe, RecipeError, current_memory_mb, nll_loss, run
@@ -69,11 +70,12 @@ class LETPretrainRecipe(PretrainRecipe):
                 f"({tokenizer.vocab_size}, tokenizer.path={str(tokenizer.path)!r}): teacher and student must read "
                 "the same token ids. Fix: use the tokenizer the teacher was trained with."
             )
-        if teacher.tokenizer_path is not None and teacher.tokenizer_path.read_bytes() != tokenizer.path.read_bytes():
+        if teacher.tokenizer_path is not None and not Tokenizer(teacher.tokenizer_path).reads_like(tokenizer):
             raise RecipeError(
                 f"tokenizer.path={str(tokenizer.path)!r} differs from the teacher's own tokenizer "
-                f"({str(teacher.tokenizer_path)!r}): teacher and student must read the same token ids. "
-                f"Fix: set tokenizer.path={teacher.tokenizer_path}."
+                f"({str(teacher.tokenizer_path)!r}): teacher and student must read the same token ids "
+                "(aligning across tokenizers is not supported). Fix: set tokenizer.source=teacher, or "
+                f"tokenizer.path={teacher.tokenizer_path}."
             )
 
     def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:

@@ -35,7 +35,8 @@ from components import parallel, registry
 from components.checkpointing import Checkpointer, export_model
 from components.data import PackedDataset, Tokenizer, build_dataloader, tokenize_corpus
 from components.metrics import MetricLogger, read_metrics
-from components.models import ModelArgs, count_parameters, forward_with_hidden
+from components.models import ModelArgs, count_parameters, forward_with_hidden, padded_vocab_size
+from components.teachers import GGUF_TOKENIZER_DIR, tokenizer_file
 from letrecipes._config import parse
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
@@ -47,6 +48,31 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": N
 
 class RecipeError(ValueError):
     """Bad configuration found before the first training step."""
+
+
+def load_tokenizer(cfg: DictConfig) -> Tokenizer:
+    """The run's tokenizer: ``tokenizer.path`` (source: path, the default), or the teacher's own
+    (``tokenizer.source: teacher``, read from ``teacher.path`` without loading the weights).
+
+    A path may be a tokenizer.json, a model folder that holds one, or a .gguf file.
+    """
+    spec = cfg.tokenizer
+    source = spec.get("source", "path")
+    if source == "teacher":
+        teacher = cfg.get("teacher") or {}
+        if not teacher.get("path"):
+            raise RecipeError("tokenizer.source=teacher but there is no teacher.path. Fix: set teacher.path, "
+                              "or use tokenizer.source=path with tokenizer.path.")
+        path = tokenizer_file(teacher.path, tokenizer_dir=teacher.get("tokenizer_dir", GGUF_TOKENIZER_DIR),
+                              key="teacher.path")
+    elif source == "path":
+        if not spec.get("path"):
+            raise RecipeError("tokenizer.path is not set. Fix: point it at a tokenizer.json (or a model folder or "
+                              ".gguf file), or set tokenizer.source=teacher.")
+        path = tokenizer_file(spec.path, key="tokenizer.path")
+    else:
+        raise RecipeError(f"tokenizer.source={source!r}: use path (tokenizer.path) or teacher (the teacher's own).")
+    return Tokenizer(path, eos_token=spec.get("eos_token"))
 
 
 class PretrainRecipe:
@@ -90,7 +116,7 @@ class PretrainRecipe:
             torch.distributed.barrier()
         self._seed_everything(int(cfg.seed))
 
-        self.tokenizer = Tokenizer(cfg.tokenizer.path, eos_token=cfg.tokenizer.get("eos_token"))
+        self.tokenizer = load_tokenizer(cfg)
         self.setup_data()
         fsdp_enabled = (cfg.get("fsdp") or {}).get("enabled", "auto")
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
@@ -101,7 +127,7 @@ class PretrainRecipe:
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
         with torch.device("meta") if self.fsdp else contextlib.nullcontext():
             self.model = config.instantiate(
-                cfg.model, vocab_size=cfg.model.get("vocab_size") or self.tokenizer.vocab_size,
+                cfg.model, vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size),
                 max_seq_len=cfg.data.seq_len,
             )
         if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:

