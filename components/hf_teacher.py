@@ -49,7 +49,7 @@ def architecture(config: dict, config_file: str) -> str:
     )
 
 
-def _require(config: dict, condition: bool, config_file: str, what: str) -> None:
+def _require(condition: bool, config_file: str, what: str) -> None:
     if not condition:
         raise TeacherError(f"{config_file}: {what} is not supported by this loader.")
 
@@ -64,7 +64,7 @@ def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind == "default":
         return base, None
-    _require(config, kind == "llama3", config_file, f"rope scaling type {kind!r} (only llama3 is)")
+    _require(kind == "llama3", config_file, f"rope scaling type {kind!r} (only llama3 is)")
     return base, {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
                   for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -74,12 +74,12 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
     arch = architecture(config, config_file)
     try:
         if arch == "opt":
-            _require(config, config.get("do_layer_norm_before", True), config_file, "post-LayerNorm OPT (opt-350m)")
-            _require(config, config.get("word_embed_proj_dim", config["hidden_size"]) == config["hidden_size"],
+            _require(config.get("do_layer_norm_before", True), config_file, "post-LayerNorm OPT (opt-350m)")
+            _require(config.get("word_embed_proj_dim", config["hidden_size"]) == config["hidden_size"],
                      config_file, "word_embed_proj_dim != hidden_size (opt-350m)")
-            _require(config, config.get("activation_function", "relu") == "relu", config_file,
+            _require(config.get("activation_function", "relu") == "relu", config_file,
                      f"activation_function={config.get('activation_function')!r}")
-            _require(config, config.get("enable_bias", True) and config.get("layer_norm_elementwise_affine", True)
+            _require(config.get("enable_bias", True) and config.get("layer_norm_elementwise_affine", True)
                      and not config.get("_remove_final_layer_norm", False), config_file, "OPT without biases or norms")
             return ModelArgs(
                 family="opt", vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
@@ -88,9 +88,9 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
                 max_seq_len=config["max_position_embeddings"], norm_eps=1e-5,
                 tie_word_embeddings=config.get("tie_word_embeddings", True), qkv_bias=True, output_bias=True,
             )
-        _require(config, config.get("hidden_act", "silu") == "silu", config_file, f"hidden_act={config.get('hidden_act')!r}")
-        _require(config, not config.get("mlp_bias", False), config_file, "mlp_bias=true")
-        _require(config, not config.get("use_sliding_window", False), config_file, "use_sliding_window=true")
+        _require(config.get("hidden_act", "silu") == "silu", config_file, f"hidden_act={config.get('hidden_act')!r}")
+        _require(not config.get("mlp_bias", False), config_file, "mlp_bias=true")
+        _require(not config.get("use_sliding_window", False), config_file, "use_sliding_window=true")
         base, scaling = _rope(config, config_file)
         attention_bias = bool(config.get("attention_bias", False))
         heads = config["num_attention_heads"]
@@ -209,9 +209,7 @@ def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tens
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
                     yield name, file, f.get_tensor(name)
-        except TeacherError:
-            raise
-        except Exception as err:
+        except Exception as err:  # safetensors raises its own error types
             raise TeacherError(f"cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
 
 

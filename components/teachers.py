@@ -218,6 +218,12 @@ def load_gguf(
 
 def teacher_format(path: Path) -> str:
     """``letrecipes``, ``huggingface`` or ``gguf``, from what is at ``path``."""
+    if not path.exists():
+        raise TeacherError(
+            f"teacher.path: nothing at {str(path)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
+            "--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point teacher.path at a Hugging Face "
+            "model folder, a .gguf file or a letrecipes export (<output_dir>/final)."
+        )
     if path.is_file() and path.suffix == ".gguf":
         return "gguf"
     if path.is_dir() and (path / EXPORT_CONFIG).is_file():
@@ -225,7 +231,8 @@ def teacher_format(path: Path) -> str:
             meta = json.loads((path / EXPORT_CONFIG).read_text())
         except json.JSONDecodeError as err:
             raise TeacherError(f"teacher.path: {str(path / EXPORT_CONFIG)!r} is not valid JSON ({err}).") from err
-        return "letrecipes" if "format" in meta and "model" in meta else "huggingface"
+        # letrecipes exports say so ({"format": "letrecipes", "model": {...}}); HF configs have no "model" key
+        return "letrecipes" if meta.get("format") == "letrecipes" or "model" in meta else "huggingface"
     raise TeacherError(
         f"teacher.path: {str(path)!r} is neither a .gguf file nor a folder with {EXPORT_CONFIG}. Fix: point it at "
         "a Hugging Face model folder, a letrecipes export (<output_dir>/final) or a .gguf file."

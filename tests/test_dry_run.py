@@ -19,21 +19,42 @@ def test_big_let_configs(config, billions, overhead, capsys):
     assert "teacher overhead while it runs" in out and "memory per GPU (world size 32" in out
 
 
-def test_smollm2_teacher_shape_has_its_known_size():
+def test_let_1b4_reads_the_real_smollm2_shape_from_the_gguf_file():
     report = dry_run(load_config("let_1b4", []), with_teacher=True)
-    assert report["teacher_params"] == pytest.approx(134.5e6, rel=0.01)
+    assert report["teacher_params"] == 134_515_008  # the GGUF's metadata, not teacher.shape
+    assert report["aligned_pairs_student_teacher"] == [(6, 30)]
+    assert report["projector_params"] == 2048 * 576  # a linear map, student width 2048 -> teacher 576
+
+
+LLAMA_3_2_1B = {  # config.json of meta-llama/Llama-3.2-1B (the shape only; no weights needed)
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+    "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": True, "vocab_size": 128256, "attention_bias": False, "mlp_bias": False,
+}
+
+
+def test_let_7b_dry_run_against_a_real_llama_3_2_1b_config(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2_1B))
+    report = dry_run(load_config("let_7b", [f"teacher.path={tmp_path}", "dry_run_world_size=32"]), with_teacher=True)
+    assert report["teacher_params"] == 1_235_814_400  # Llama-3.2-1B's published size
+    assert report["aligned_pairs_student_teacher"] == [(8, 16)]
 
 
 @pytest.mark.parametrize("config", available_configs())
-def test_every_shipped_config_dry_runs_through_its_recipe(config, capsys, tokenizer_path):
+def test_every_shipped_config_dry_runs_through_its_recipe(config, capsys, tokenizer_path, tmp_path):
     main = let_pretrain.recipe_main if config.startswith("let") else pretrain.recipe_main
-    extra = [] if "1b4" in config or "7b" in config else [f"tokenizer.path={tokenizer_path}",
+    extra = [] if any(k in config for k in ("1b4", "7b", "smollm2")) else [f"tokenizer.path={tokenizer_path}",
                                                          "teacher.shape={num_layers: 3, num_heads: 4, "
                                                          "num_kv_heads: 2, embed_dim: 128, intermediate_dim: 384, "
                                                          "vocab_size: 512}", "teacher.path=/nonexistent"]
     if not config.startswith("let"):
         extra = [e for e in extra if not e.startswith("teacher.")]
-    main(["--config", config, "dry_run=true", *extra])
+    main(["--config", config, "dry_run=true", *extra, f"teacher.tokenizer_dir={tmp_path}"])
     assert "dry run (nothing allocated" in capsys.readouterr().out
 
 

@@ -67,13 +67,18 @@ def test_paris(teacher, tokenizer):
     assert "Paris" in tokenizer._tok.decode(ids[0].tolist())
 
 
-def test_loss_matches_transformers_on_the_same_file(teacher, tokenizer):
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' own reading of the same GGUF file (its dequantizer, its Q/K un-permutation)."""
     transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
     pytest.importorskip("accelerate", reason="transformers needs accelerate to read GGUF")
     path = resolve_path(SMOLLM2)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                  dtype=torch.float32).eval()
-    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval(), transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_loss_matches_transformers_on_the_same_file(teacher, tokenizer, reference):
+    reference, ref_tokenizer = reference
     ids = torch.tensor([tokenizer.encode(PARAGRAPH)])
     assert ids[0].tolist() == ref_tokenizer(PARAGRAPH, add_special_tokens=False).input_ids  # no digits in it
     with torch.no_grad():
@@ -84,6 +89,24 @@ def test_loss_matches_transformers_on_the_same_file(teacher, tokenizer):
     assert math.isclose(ours_loss, ref_loss, rel_tol=1e-3), (ours_loss, ref_loss)
     torch.testing.assert_close(hidden[10], theirs.hidden_states[10], atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(ours, theirs.logits, atol=1e-3, rtol=1e-3)
+
+
+def test_real_smollm2_weights_through_the_huggingface_loader(teacher, tokenizer, reference, tmp_path):
+    """The same weights saved by transformers as a Hugging Face folder (the layout of the hub's
+    SmolLM2-135M) load through our HF loader to the same model as through our GGUF loader."""
+    from safetensors.torch import save_file
+
+    model = reference[0]  # transformers will not save_pretrained a GGUF-loaded model: write the two files
+    model.config.to_json_file(tmp_path / "config.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},  # tied
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    from_hf = registry.build("teacher_loader", {"_component_": "auto", "path": str(tmp_path), "dtype": "fp32"},
+                             key="teacher")
+    ids = torch.tensor([tokenizer.encode(PARAGRAPH)])
+    layers = [0, 1, 15, 30]
+    ours_hf, ours_gguf = from_hf.hidden_states(ids, layers), teacher.hidden_states(ids, layers)
+    for layer in layers:
+        torch.testing.assert_close(ours_hf[layer], ours_gguf[layer], atol=1e-4, rtol=1e-4)
 
 
 def test_tokenizer_file_accepts_gguf_without_loading_weights(tmp_path, teacher):

@@ -159,7 +159,7 @@ def test_teacher_vocabulary_smaller_than_the_tokenizer(let_overrides, corpus_dir
 
 def test_missing_teacher_checkpoint(let_overrides, tmp_path):
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path}", f"teacher.path={tmp_path / 'none'}",
-                       match="teacher.path: no teacher checkpoint folder")
+                       match="teacher.path: nothing at")
 
 
 def test_unreadable_teacher_checkpoint(let_overrides, teacher_dir, tmp_path):

@@ -1,0 +1,67 @@
+"""tokenizer.source: teacher, vocabulary padding, and LET with a Hugging Face teacher folder."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from components.data import train_bpe
+from components.metrics import read_metrics
+from letrecipes import let_pretrain, pretrain
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
+
+
+@pytest.fixture(scope="module")
+def hf_teacher_dir(tokenizer_path, tmp_path_factory):
+    """A tiny random Llama in the Hugging Face on-disk format, with the tests' tokenizer."""
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("hf_teacher")
+    model.save_pretrained(out)
+    shutil.copy(tokenizer_path, out / "tokenizer.json")
+    return out
+
+
+def test_let_with_a_huggingface_teacher_and_its_tokenizer(base_overrides, hf_teacher_dir, tmp_path):
+    overrides = [o for o in base_overrides if not o.startswith("tokenizer.path=")]
+    let_pretrain.recipe_main(["--config", "let_tiny", *overrides, f"output_dir={tmp_path}", "max_steps=4",
+                              "tokenizer.source=teacher", "teacher._component_=auto", f"teacher.path={hf_teacher_dir}",
+                              "teacher.dtype=fp32", "alignment.schedule.stop=3"])
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["lambda"] > 0 for r in records] == [True, True, True, False]
+    assert all(-1 <= r["align_loss"] <= 1 for r in records[:3])
+    final = tmp_path / "final"
+    assert (final / "tokenizer.json").read_bytes() == (hf_teacher_dir / "tokenizer.json").read_bytes()
+    assert json.loads((final / "config.json").read_text())["model"]["vocab_size"] == 512
+
+
+def test_student_vocabulary_is_padded_and_the_cache_follows_the_tokenizer(base_overrides, corpus_dir, tmp_path):
+    odd = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 500, tmp_path / "odd.json")
+    cache = tmp_path / "cache"
+    common = [*base_overrides, "max_steps=1", f"data.cache_dir={cache}"]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'a'}"])
+    pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'b'}", f"tokenizer.path={odd}"])
+    assert len(list(cache.glob("tokens-*.npy"))) == 2  # another tokenizer, another cache entry
+    config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
+    assert config["model"]["vocab_size"] == 512  # 500 tokens -> a multiple of 64
+    embeddings = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["tok_embeddings.weight"]
+    assert embeddings.shape[0] == 512
+
+
+def test_tokenizer_path_may_name_the_model_folder(base_overrides, hf_teacher_dir, tmp_path):
+    overrides = [o for o in base_overrides if not o.startswith("tokenizer.path=")]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"output_dir={tmp_path}", "max_steps=1",
+                          f"tokenizer.path={hf_teacher_dir}"])
+    assert (tmp_path / "final" / "tokenizer.json").read_bytes() == (hf_teacher_dir / "tokenizer.json").read_bytes()
+
+
+def test_source_teacher_without_a_teacher_path_is_refused(base_overrides, tmp_path):
+    with pytest.raises(SystemExit, match="tokenizer.source=teacher but there is no teacher.path"):
+        pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}",
+                              "tokenizer.source=teacher"])
