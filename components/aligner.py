@@ -32,6 +32,11 @@ class Aligner(nn.Module):
         self.schedule = schedule
 
     @property
+    def target(self) -> str:
+        """``hidden`` (LET: projected hidden states) or ``logits`` (a logit-distillation loss)."""
+        return getattr(self.loss, "target", "hidden")
+
+    @property
     def student_layers(self) -> List[int]:
         return sorted({s for s, _ in self.pairs})
 
@@ -74,7 +79,14 @@ def build_aligner(
     teacher_depth: int,
     total_steps: int,
 ) -> Aligner:
-    """Build the aligner from the ``alignment`` config section."""
+    """Build the aligner from the ``alignment`` config section.
+
+    A loss whose ``target`` is ``logits`` (``kl_logits``) needs no layer map or projector.
+    """
+    loss = build("alignment_loss", cfg.get("loss", "negative_cosine"), key="alignment.loss")
+    schedule = build("schedule", cfg.get("schedule", "linear"), key="alignment.schedule", total_steps=total_steps)
+    if getattr(loss, "target", "hidden") == "logits":
+        return Aligner([], nn.ModuleList(), loss, schedule)
     map_spec = cfg.get("layer_map", "L2E")
     if isinstance(map_spec, str) and map_spec in PRESETS:  # `layer_map: L2E` is short for the preset
         map_spec = {"_component_": "preset", "name": map_spec}
@@ -85,6 +97,4 @@ def build_aligner(
               student_dim=student_dim, teacher_dim=teacher_dim)
         for _ in pairs
     )
-    loss = build("alignment_loss", cfg.get("loss", "negative_cosine"), key="alignment.loss")
-    schedule = build("schedule", cfg.get("schedule", "linear"), key="alignment.schedule", total_steps=total_steps)
     return Aligner(pairs, projectors, loss, schedule)

@@ -71,3 +71,27 @@ class SmoothL1(AlignmentLoss):
 
     def per_token(self, pred, target):
         return F.smooth_l1_loss(pred, target, reduction="none", beta=self.beta).mean(-1)
+
+
+@register("alignment_loss", "kl_logits")
+class LogitKL(AlignmentLoss):
+    """Logit distillation, ``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` per token.
+
+    Not LET: it aligns output distributions, not hidden states. ``target = "logits"`` makes
+    the recipe feed it the student's and the teacher's logits (cut to the shared
+    tokenizer's vocabulary) instead of projected hidden states, with no layer map or
+    projector. With the LET schedule it is the paper's RKD baseline; with a constant
+    weight that stops at S_stop it is SALT-like.
+    """
+
+    target = "logits"
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def per_token(self, pred, target):
+        t = self.temperature
+        log_student = F.log_softmax(pred / t, dim=-1)
+        log_teacher = F.log_softmax(target / t, dim=-1)
+        return (t * t) * (log_teacher.exp() * (log_teacher - log_student)).sum(-1)

@@ -134,6 +134,29 @@ class Checkpointer:
         return torch.load(buf, weights_only=False)
 
 
+def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Load only the student weights of a step checkpoint into ``model`` (built on meta or not).
+
+    For evaluating intermediate checkpoints: no optimizer, no trainer state, any world
+    size (DCP reshards).
+    """
+    from components.models import rebuild_rope_caches
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint: {str(path)!r} is not a complete DCP checkpoint (no .metadata).")
+    model.to_empty(device=device)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}  # the recipes save {"model": student, ...}
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(path))
+    except Exception as err:  # DCP wraps failures in CheckpointException
+        raise CheckpointError(f"checkpoint: cannot load {str(path)!r} ({str(err).splitlines()[0][:300]}).") from err
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
+    with torch.device(device):
+        rebuild_rope_caches(model.layers)
+    return model
+
+
 def export_model(
     model: torch.nn.Module,
     args: ModelArgs,

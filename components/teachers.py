@@ -68,6 +68,10 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return forward_with_hidden(self.model, tokens, (), logits=True)[1]
+
+    @torch.no_grad()
     def hidden_states(self, tokens: torch.Tensor, layers: Iterable[int]) -> Dict[int, torch.Tensor]:
         hidden, _ = forward_with_hidden(self.model, tokens, layers, logits=False)
         return hidden

@@ -85,8 +85,9 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         with torch.device("meta"):
             aligner = build_aligner(cfg.alignment, args.embed_dim, args.num_layers, teacher_args.embed_dim,
                                     teacher_args.num_layers, total_steps=int(cfg.max_steps))
-        deepest = max(aligner.teacher_layers)
-        teacher_flops = forward_flops_per_token(teacher_args, seq_len, layers=deepest, head=False)
+        logit_kd = aligner.target == "logits"  # the teacher runs whole, output head included
+        deepest = teacher_args.num_layers if logit_kd else max(aligner.teacher_layers)
+        teacher_flops = forward_flops_per_token(teacher_args, seq_len, layers=deepest, head=logit_kd)
         report.update({
             "teacher_params": total_params(teacher_args),
             "teacher_blocks_run": deepest,

