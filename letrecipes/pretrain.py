@@ -90,6 +90,7 @@ class PretrainRecipe:
         self.save_every = int(cfg.get("save_every", 0) or 0)
         self.step = 0
         self.epoch = 0
+        self.train_time = 0.0  # seconds inside optimizer steps (teacher included; eval and saves not), over resumes
         self._data_iter = None
 
     # ------------------------------------------------------------------ setup
@@ -253,6 +254,7 @@ class PretrainRecipe:
         return {
             "step": self.step,
             "epoch": self.epoch,
+            "train_time": self.train_time,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "dataloader": self.dataloader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -266,6 +268,7 @@ class PretrainRecipe:
     def _load_checkpoint(self, path: Path) -> None:
         state = self.checkpointer.load(path, self.trainable, self.optimizer)
         self.step, self.epoch = state["step"], state["epoch"]
+        self.train_time = state.get("train_time", 0.0)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.dataloader.sampler.set_epoch(self.epoch)
         self.dataloader.load_state_dict(state["dataloader"])
@@ -336,8 +339,10 @@ class PretrainRecipe:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self.step += 1
+        self.train_time += elapsed
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
+                  "train_time_s": self.train_time,
                   "peak_memory_mb": peak_memory_mb(self.device)}
         for name, seconds in self.step_timing.items():
             record[f"{name}_time_share"] = seconds / elapsed
