@@ -72,6 +72,7 @@ class Arm:
 BASELINE = Arm("baseline", "pretrain")
 LET_ARM = Arm("let", "let_pretrain", LET)
 SUITES: Dict[str, Dict] = {
+    "smoke": {"regimes": ["short"], "seeds": [0], "arms": [BASELINE, LET_ARM]},  # the tests' plumbing check
     "main": {"regimes": ["short", "long"], "seeds": [0, 1], "arms": [
         BASELINE, LET_ARM,
         Arm("rkd", "let_pretrain", let_with(loss="kl_logits")),

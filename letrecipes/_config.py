@@ -16,7 +16,7 @@ from typing import Callable, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
-RECIPES = ("pretrain", "let_pretrain")
+RECIPES = ("pretrain", "let_pretrain", "eval")
 
 
 class ConfigError(ValueError):

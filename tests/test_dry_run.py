@@ -45,7 +45,7 @@ def test_let_7b_dry_run_against_a_real_llama_3_2_1b_config(tmp_path):
     assert report["aligned_pairs_student_teacher"] == [(8, 16)]
 
 
-@pytest.mark.parametrize("config", available_configs())
+@pytest.mark.parametrize("config", [c for c in available_configs() if c != "eval"])  # eval trains nothing
 def test_every_shipped_config_dry_runs_through_its_recipe(config, capsys, tokenizer_path, tmp_path):
     main = let_pretrain.recipe_main if config.startswith("let") else pretrain.recipe_main
     extra = [] if any(k in config for k in ("1b4", "7b", "smollm2")) else [f"tokenizer.path={tokenizer_path}",
