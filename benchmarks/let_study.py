@@ -215,10 +215,13 @@ class Study:
     student: List[str] = field(default_factory=lambda: list(STUDENT))
     teacher: List[str] = field(default_factory=lambda: list(TEACHER))
     seeds: Optional[List[int]] = None
+    seq_len: int = 128
+    batch_size: int = 16
 
     def common(self, steps: int) -> List[str]:
-        return [f"tokenizer.path={self.tokenizer}", f"data.source={self.train_dir}", "data.seq_len=128",
-                f"data.cache_dir={self.out / 'cache'}", "batch_size=16", f"max_steps={steps}", "log_every=10",
+        return [f"tokenizer.path={self.tokenizer}", f"data.source={self.train_dir}", f"data.seq_len={self.seq_len}",
+                f"data.cache_dir={self.out / 'cache'}", f"batch_size={self.batch_size}", f"max_steps={steps}",
+                "log_every=10",
                 f"eval_every={max(1, steps // 20)}", "eval_batches=16", f"save_every={max(1, steps // 4)}",
                 "keep_last_checkpoints=8", "progress_bar=false", "lr_scheduler.warmup_steps=" + str(max(1, steps // 20))]
 

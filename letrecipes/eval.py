@@ -81,11 +81,13 @@ class EvalRecipe:
         def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
             return forward_with_hidden(self.model, tokens.to(self.device), [], logits=True)[1]
 
+        # never feed more positions than the model was built for (its RoPE cache / position table)
+        max_len = min(int(cfg.get("max_len", 256)), int(getattr(self.model, "max_seq_len", 1 << 30)))
         results = {}
         for name, items in self.tasks.items():
             start = time.perf_counter()
             results[name] = score_task(logits_fn, self.tokenizer.encode, items, eos_id=self.tokenizer.eos_id,
-                                       batch_size=int(cfg.get("batch_size", 16)), max_len=int(cfg.get("max_len", 256)))
+                                       batch_size=int(cfg.get("batch_size", 16)), max_len=max_len)
             results[name]["seconds"] = round(time.perf_counter() - start, 2)
             r = results[name]
             print(f"{name:28s} n={r['n']:4d}  acc {r['acc']:.3f}  acc_norm_chars {r['acc_norm_chars']:.3f}  "

@@ -129,7 +129,7 @@ def test_speedup_on_synthetic_curves():
 def test_two_arm_suite_writes_json_tables_plots_and_skips_finished_runs(corpus_dir, tokenizer_path, tmp_path):
     tasks = tmp_path / "tasks"
     write_task(tasks / "hand_made.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)] * 4)
-    scale = {"teacher_steps": 6, "regime_steps": {"short": 4}, "student": TINY,
+    scale = {"teacher_steps": 6, "regime_steps": {"short": 4}, "student": TINY, "seq_len": 32, "batch_size": 4,
              "teacher": ["model.num_layers=1", "model.embed_dim=16", "model.num_heads=2", "model.num_kv_heads=1",
                          "model.intermediate_dim=32"]}
     args = ["--suite", "smoke", "--out", str(tmp_path / "study"), "--corpus", str(corpus_dir), "--tokenizer",
