@@ -145,6 +145,18 @@ class Checkpointer:
                 "or resume=true for the latest complete one."
             )
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        # DCP loads whatever keys it is asked for: a checkpoint of a deeper model would load
+        # "fine" into a shallower one. Compare the tensor names first.
+        saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("model.")}
+        wanted = {f"model.{k}" for k in model_sd}
+        if saved != wanted:
+            missing, extra = sorted(wanted - saved), sorted(saved - wanted)
+            raise CheckpointError(
+                f"resume: cannot load {str(path)!r} into this run: it holds another model ({len(missing)} tensors "
+                f"this run needs are missing, e.g. {[m[6:] for m in missing[:2]]}; {len(extra)} are not in this run, "
+                f"e.g. {[e[6:] for e in extra[:2]]}). Fix: resume with the same model, alignment and world size that "
+                "wrote it."
+            )
         key = f"trainer_rank{_rank()}"
         state = {"model": model_sd, "optim": optim_sd, key: io.BytesIO()}
         try:

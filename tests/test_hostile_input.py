@@ -49,7 +49,7 @@ def finished_run(base_overrides, tmp_path):
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: 10\nmodel: [unclosed\n")
-    fails(pretrain.recipe_main, "--config", str(bad), match="is not valid YAML")
+    fails(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad), match="is not valid YAML")
 
 
 @pytest.mark.parametrize("override, match", [

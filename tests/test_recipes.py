@@ -194,7 +194,7 @@ def test_gradient_accumulation_sees_more_tokens_per_step(base_overrides, tmp_pat
 def test_resume_from_a_path_that_is_not_a_checkpoint(base_overrides, tmp_path):
     (tmp_path / "half_written").mkdir()
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
-                       f"resume={tmp_path / 'half_written'}", match="is not a complete DCP checkpoint")
+                       f"resume={tmp_path / 'half_written'}", match="is not a complete checkpoint")
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
                        f"resume={tmp_path / 'missing'}", match="no such checkpoint folder")
 
