@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import header  # noqa: E402
+from components.checkpointing import is_complete  # noqa: E402
 from components.evaluation import Item, write_task  # noqa: E402
 from components.metrics import read_metrics  # noqa: E402
 
@@ -167,7 +168,7 @@ def tune_run(recipe: str, config: str, overrides: List[str], run_dir: Path, log:
     if (run_dir / "final" / "config.json").is_file():
         return 0.0
     checkpoints = run_dir / "checkpoints"
-    resume = checkpoints.is_dir() and any((c / ".metadata").is_file() for c in checkpoints.iterdir())
+    resume = checkpoints.is_dir() and any(is_complete(c) for c in checkpoints.iterdir())
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config,
            *overrides, f"output_dir={run_dir}", "resume=true" if resume else "overwrite=true"]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +255,7 @@ class Study:
         if not report_only:  # evaluation after training: a killed study loses no training
             for info in runs.values():
                 ckpts = sorted((info["dir"] / "checkpoints").glob("step_*"))
-                info["eval"] = evaluate_run(info["dir"], tasks, [c for c in ckpts if (c / ".metadata").is_file()])
+                info["eval"] = evaluate_run(info["dir"], tasks, [c for c in ckpts if is_complete(c)])
             teacher_eval = evaluate_run(teacher_dir, tasks, sorted((teacher_dir / "checkpoints").glob("step_*"))[-1:])
         else:
             for info in runs.values():

@@ -2,12 +2,16 @@
 
 Layout under ``<output_dir>``::
 
-    checkpoints/step_00000100/   a complete DCP checkpoint (model, optimizer, trainer state)
+    checkpoints/step_00000100/   a complete DCP checkpoint (model, optimizer, trainer state),
+                                 its run_info.json and a COMPLETE marker
     checkpoints/step_00000200.tmp/   being written; never read, removed on the next save
     final/model.safetensors, final/config.json, final/tokenizer.json
 
-A checkpoint is written into a ``.tmp`` folder and renamed when complete, so a killed
-save never leaves something that ``resume: true`` would pick up.
+A checkpoint is written into a ``.tmp`` folder; when every rank's shards and the DCP
+metadata are on disk, rank 0 writes the ``COMPLETE`` marker and renames the folder. A
+killed save therefore leaves either a ``.tmp`` folder or a folder without the marker, and
+``resume: true`` skips both (saying so). Old checkpoints are pruned only after a newer
+one is complete.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ from components.models import ModelArgs
 from components.teachers import EXPORT_CONFIG, EXPORT_TOKENIZER, EXPORT_WEIGHTS
 
 STEP_PREFIX = "step_"
+COMPLETE_MARKER = "COMPLETE"
+RUN_INFO = "run_info.json"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / COMPLETE_MARKER).is_file()
 
 
 class CheckpointError(ValueError):
@@ -61,26 +71,38 @@ class Checkpointer:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending = None  # (future, tmp folder, final folder) of an async save in flight
+        # Called with the folder after its shards are written, before it is marked complete
+        # (the reliability tests kill the process here).
+        self.before_complete = None
 
-    def complete_checkpoints(self):
+    def _step_folders(self):
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-                 and not p.name.endswith(".tmp") and (p / ".metadata").is_file()]
+        return [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+
+    def complete_checkpoints(self):
+        found = [p for p in self._step_folders() if not p.name.endswith(".tmp") and is_complete(p)]
         return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+    def incomplete_checkpoints(self):
+        """Folders a killed save left behind (resume ignores them; the next save removes them)."""
+        return sorted(p for p in self._step_folders() if p.name.endswith(".tmp") or not is_complete(p))
 
     def latest(self) -> Optional[Path]:
         found = self.complete_checkpoints()
         return found[-1] if found else None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: Dict) -> Path:
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: Dict,
+             run_info: Optional[Dict] = None) -> Path:
         self.wait()
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
         if _rank() == 0:
-            for stale in self.dir.glob(f"{STEP_PREFIX}*.tmp") if self.dir.is_dir() else []:
+            for stale in self.incomplete_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
+            if run_info is not None:
+                (tmp / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str))
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
@@ -101,8 +123,11 @@ class Checkpointer:
             self._finalize(tmp, final)
 
     def _finalize(self, tmp: Path, final: Path) -> None:
-        _barrier()
+        _barrier()  # every rank's shards are written
+        if self.before_complete is not None:
+            self.before_complete(tmp)
         if _rank() == 0:
+            (tmp / COMPLETE_MARKER).write_text(f"{final.name}\n")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -113,12 +138,25 @@ class Checkpointer:
     def load(self, path: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
         """Load model and optimizer in place; return this rank's trainer state."""
         path = Path(path)
-        if not (path / ".metadata").is_file():
+        if not is_complete(path):
             raise CheckpointError(
-                f"resume: {str(path)!r} is not a complete DCP checkpoint (no .metadata). Fix: give a "
-                f"folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, or resume=true for the latest."
+                f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
+                f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
+                "or resume=true for the latest complete one."
             )
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        # DCP loads whatever keys it is asked for: a checkpoint of a deeper model would load
+        # "fine" into a shallower one. Compare the tensor names first.
+        saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("model.")}
+        wanted = {f"model.{k}" for k in model_sd}
+        if saved != wanted:
+            missing, extra = sorted(wanted - saved), sorted(saved - wanted)
+            raise CheckpointError(
+                f"resume: cannot load {str(path)!r} into this run: it holds another model ({len(missing)} tensors "
+                f"this run needs are missing, e.g. {[m[6:] for m in missing[:2]]}; {len(extra)} are not in this run, "
+                f"e.g. {[e[6:] for e in extra[:2]]}). Fix: resume with the same model, alignment and world size that "
+                "wrote it."
+            )
         key = f"trainer_rank{_rank()}"
         state = {"model": model_sd, "optim": optim_sd, key: io.BytesIO()}
         try:
@@ -143,8 +181,8 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
     from components.models import rebuild_rope_caches
 
     path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise CheckpointError(f"checkpoint: {str(path)!r} is not a complete DCP checkpoint (no .metadata).")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint: {str(path)!r} is not a complete checkpoint (its save never finished).")
     model.to_empty(device=device)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}  # the recipes save {"model": student, ...}
     try:

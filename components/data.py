@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -66,23 +67,40 @@ def read_documents(source: Union[str, Sequence[str]], text_field: str = "text", 
 
 def _documents(files: Sequence[Path], text_field: str, key: str) -> Iterable[str]:
     for path in files:
+        text = _read_text(path, key)
         if path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{key}: {path}:{line_no} is not valid JSON ({err}).") from err
-                    if text_field not in record:
-                        raise DataError(
-                            f"{key}: {path}:{line_no} has no field {text_field!r}. "
-                            "Fix: set data.text_field to the field holding the text."
-                        )
-                    yield record[text_field]
+            for line_no, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{key}: {path}:{line_no} is not valid JSON ({err}).") from err
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(
+                        f"{key}: {path}:{line_no} has no field {text_field!r}. "
+                        "Fix: set data.text_field to the field holding the text."
+                    )
+                yield record[text_field]
         else:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield text
+
+
+def _read_text(path: Path, key: str) -> str:
+    """The file as UTF-8; bytes that are not UTF-8 become U+FFFD, with a warning naming the file."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        text = data.decode("utf-8", errors="replace")
+        warnings.warn(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {err.start}); "
+                      f"{text.count(chr(0xFFFD))} undecodable byte sequence(s) were replaced by U+FFFD.",
+                      DataWarning, stacklevel=2)
+        return text
+
+
+class DataWarning(UserWarning):
+    """Data was read with a documented recovery (e.g. non-UTF-8 bytes replaced)."""
 
 
 class Tokenizer:

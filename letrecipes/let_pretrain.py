@@ -28,7 +28,7 @@ from components.aligner import build_aligner
 from components.data import Tokenizer
 from components.models import forward_with_hidden
 from letrecipes._config import parse
-from letrecipes.pretrain import PretrainRecipe, RecipeError, current_memory_mb, nll_loss, run
+from letrecipes.pretrain import DivergenceError, PretrainRecipe, RecipeError, current_memory_mb, nll_loss, run
 
 
 class LETPretrainRecipe(PretrainRecipe):
@@ -89,6 +89,13 @@ class LETPretrainRecipe(PretrainRecipe):
             teacher_out = self.teacher.logits(tokens)
         else:
             teacher_out = self.teacher.hidden_states(tokens, self.aligner.teacher_layers)
+        outputs = [teacher_out] if logit_kd else list(teacher_out.values())
+        if not all(bool(torch.isfinite(t).all()) for t in outputs):
+            raise DivergenceError(
+                f"the teacher ({self.teacher.source}) produced non-finite {'logits' if logit_kd else 'hidden states'} "
+                f"at step {self.step + 1}: its weights are broken or overflow in teacher.dtype="
+                f"{self.cfg.teacher.get('dtype', 'bfloat16')}. Fix: check the checkpoint, or set teacher.dtype=fp32."
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.step_timing["teacher"] = self.step_timing.get("teacher", 0.0) + time.perf_counter() - start

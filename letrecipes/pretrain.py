@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import math
 import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -31,13 +33,14 @@ from torch import nn
 from torchtune import config
 from tqdm import tqdm
 
-from components import parallel, registry
+from components import parallel, registry, run_info
 from components.checkpointing import Checkpointer, export_model
 from components.data import PackedDataset, Tokenizer, build_dataloader, tokenize_corpus
 from components.metrics import MetricLogger, read_metrics
 from components.models import ModelArgs, count_parameters, forward_with_hidden, padded_vocab_size
 from components.teachers import GGUF_TOKENIZER_DIR, tokenizer_file
 from letrecipes._config import parse
+from letrecipes._schema import validate as validate_config
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
 for _pattern in (".*set_vital.*", ".*torch.distributed is disabled.*", ".*Mismatch dtype between input and weight.*"):
@@ -48,6 +51,21 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": N
 
 class RecipeError(ValueError):
     """Bad configuration found before the first training step."""
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient norm and the policy says stop."""
+
+
+def build(section: str, node: DictConfig, *args, **kwargs):
+    """``config.instantiate`` with a wrong or misspelt argument reported as one line naming the section."""
+    from torchtune.config._errors import InstantiationError
+
+    try:
+        return config.instantiate(node, *args, **kwargs)
+    except (TypeError, InstantiationError) as err:
+        raise RecipeError(f"{section}: cannot build {node.get('_component_')!r}: {str(err).splitlines()[0]}. "
+                          f"Fix: check {section}._component_ and its keys (docs/configs.md).") from err
 
 
 def load_tokenizer(cfg: DictConfig) -> Tokenizer:
@@ -90,6 +108,7 @@ class PretrainRecipe:
         self.save_every = int(cfg.get("save_every", 0) or 0)
         self.step = 0
         self.epoch = 0
+        self.skipped_in_a_row = 0  # updates dropped by divergence.policy=skip since the last good one
         self.train_time = 0.0  # seconds inside optimizer steps (teacher included; eval and saves not), over resumes
         self._data_iter = None
 
@@ -116,6 +135,8 @@ class PretrainRecipe:
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
             torch.distributed.barrier()
         self._seed_everything(int(cfg.seed))
+        self.run_info = run_info.collect(cfg, self.world_size)
+        self.log(run_info.summary(self.run_info))
 
         self.tokenizer = load_tokenizer(cfg)
         self.setup_data()
@@ -127,8 +148,8 @@ class PretrainRecipe:
         # Sharded runs build on the meta device and initialise after sharding: no rank ever
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
         with torch.device("meta") if self.fsdp else contextlib.nullcontext():
-            self.model = config.instantiate(
-                cfg.model, vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size),
+            self.model = build(
+                "model", cfg.model, vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size),
                 max_seq_len=cfg.data.seq_len,
             )
         if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
@@ -145,8 +166,8 @@ class PretrainRecipe:
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})
         self.setup_extra()
-        self.optimizer = config.instantiate(cfg.optimizer, self._param_groups(float(cfg.optimizer.get("weight_decay", 0.0))))
-        self.lr_scheduler = config.instantiate(cfg.lr_scheduler, self.optimizer, total_steps=self.max_steps)
+        self.optimizer = build("optimizer", cfg.optimizer, self._param_groups(float(cfg.optimizer.get("weight_decay", 0.0))))
+        self.lr_scheduler = build("lr_scheduler", cfg.lr_scheduler, self.optimizer, total_steps=self.max_steps)
         if resumed_from is not None:
             self._load_checkpoint(resumed_from)
         elif self.is_main:  # a fresh start (overwrite=true) must never resume the old run's checkpoints later
@@ -155,6 +176,7 @@ class PretrainRecipe:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.output_dir / "config.yaml")
+            (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
         self.metrics = MetricLogger(
             self.output_dir, enabled=self.is_main,
             wandb=OmegaConf.to_container(cfg.get("metrics", {}).get("wandb", {}) or {}),
@@ -231,6 +253,8 @@ class PretrainRecipe:
         if resume in (False, None, "false", "False"):
             return None
         if resume in (True, "true", "True"):
+            for broken in self.checkpointer.incomplete_checkpoints():
+                self.log(f"resume: ignoring {broken} (its save never finished)")
             latest = self.checkpointer.latest()
             if latest is None:
                 self.log(f"resume=true but {self.output_dir}/checkpoints holds no complete checkpoint: starting fresh")
@@ -262,7 +286,10 @@ class PretrainRecipe:
         }
 
     def save_checkpoint(self) -> None:
-        path = self.checkpointer.save(self.step, self.trainable, self.optimizer, self._trainer_state())
+        if self._fault_now("kill_during_save_at_step", offset=0):
+            self.checkpointer.before_complete = lambda folder: os.kill(os.getpid(), signal.SIGKILL)
+        path = self.checkpointer.save(self.step, self.trainable, self.optimizer, self._trainer_state(),
+                                      run_info=self.run_info)
         self.log(f"checkpoint: {path}")
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -316,22 +343,29 @@ class PretrainRecipe:
         start = time.perf_counter()
         self.step_timing = {}  # seconds spent in named parts of this step (LET: "teacher")
         sums: Dict[str, float] = {}
+        if self._fault_now("kill_at_step"):  # fault injection for the reliability tests
+            os.kill(os.getpid(), signal.SIGKILL)
         for _ in range(self.grad_accum):
             batch = self.next_batch()
             with self.autocast():
                 loss, figures = self.compute_loss(batch["tokens"], batch["labels"])
+            if self._fault_now("nan_loss_at_step"):
+                loss = loss * float("nan")
             (loss / self.grad_accum).backward()
             figures["loss"] = loss.item()
             for k, v in figures.items():
                 sums[k] = sums.get(k, 0.0) + v / self.grad_accum
-        if not all(math.isfinite(v) for v in sums.values()):
-            raise FloatingPointError(f"non-finite loss at step {self.step}: {sums}")
-        sums = parallel.all_reduce_mean(sums, self.device)
+        sums = parallel.all_reduce_mean(sums, self.device)  # a NaN on any rank reaches every rank
         grad_norm = None
         if self.cfg.get("clip_grad_norm"):
             norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm))
             grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        self.optimizer.step()
+        finite = all(math.isfinite(v) for v in sums.values()) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self.on_divergence(sums, grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
@@ -340,13 +374,44 @@ class PretrainRecipe:
         elapsed = time.perf_counter() - start
         self.step += 1
         self.train_time += elapsed
-        record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm, **({} if finite else {"skipped": True}),
                   "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
                   "train_time_s": self.train_time,
                   "peak_memory_mb": peak_memory_mb(self.device)}
         for name, seconds in self.step_timing.items():
             record[f"{name}_time_share"] = seconds / elapsed
         return record
+
+    def _fault_now(self, kind: str, offset: int = 1) -> bool:
+        """``debug.<kind>: N`` (and ``debug.rank``, default every rank): inject a fault at step N
+        (the step about to run, or with ``offset=0`` the one just finished). Testing aid only:
+        the kill/resume and NaN-guard tests use it."""
+        debug = self.cfg.get("debug") or {}
+        rank = debug.get("rank")
+        return debug.get(kind) == self.step + offset and (rank is None or rank == self.rank)
+
+    def on_divergence(self, figures: Dict[str, float], grad_norm: Optional[float]) -> None:
+        """A non-finite loss or gradient norm (seen identically on every rank): skip or stop.
+
+        ``divergence.policy: skip`` drops this update (the step still counts, so the LR
+        schedule and data order stay as planned) and stops after ``divergence.max_skips``
+        skips in a row; ``stop`` (the default) ends the run at once.
+        """
+        spec = self.cfg.get("divergence") or {}
+        policy, max_skips = spec.get("policy", "stop"), int(spec.get("max_skips", 5))
+        step = self.step + 1
+        what = f"non-finite loss or gradient norm at step {step} ({figures}, grad_norm={grad_norm})"
+        self.skipped_in_a_row += 1
+        if policy == "skip" and self.skipped_in_a_row <= max_skips:
+            self.log(f"{what}: update skipped ({self.skipped_in_a_row} in a row; divergence.max_skips={max_skips})")
+            self.metrics.log({"step": step, "event": "skipped_update", **figures, "grad_norm": grad_norm})
+            return
+        latest = self.checkpointer.latest()
+        raise DivergenceError(
+            f"{what}{f', after {max_skips} skipped updates in a row' if policy == 'skip' else ''}. The last good "
+            f"checkpoint is {latest or 'none (no checkpoint was saved yet)'}. Fix: resume from it with a lower "
+            "optimizer.lr or a smaller clip_grad_norm, or set divergence.policy=skip to drop such updates."
+        )
 
     def train(self) -> None:
         self.trainable.train()
@@ -441,8 +506,9 @@ def run(recipe_class, cfg: DictConfig) -> None:
 
     ``dry_run=true`` only checks the config and prints the cost estimate.
     """
-    recipe = recipe_class(cfg)
     try:
+        validate_config(cfg)  # before anything is built or written
+        recipe = recipe_class(cfg)
         if cfg.get("dry_run", False):
             from letrecipes._dry_run import dry_run
 
@@ -455,6 +521,10 @@ def run(recipe_class, cfg: DictConfig) -> None:
         sys.exit(f"error: {err}")
     try:
         recipe.train()
+    except DivergenceError as err:
+        if os.environ.get("LETRECIPES_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")
     finally:
         recipe.cleanup()
 

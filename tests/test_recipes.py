@@ -35,7 +35,7 @@ def test_pretrain_smoke_writes_the_metrics_contract_and_an_export(base_overrides
     assert [r["step"] for r in steps(records)] == [1, 2, 3, 4]
     assert all(BASE_KEYS <= r.keys() for r in steps(records))
     assert records[-1]["val_loss"] > 0 and records[0]["loss"] > records[-1]["loss"] - 1.0
-    assert (tmp_path / "checkpoints" / "step_00000004" / ".metadata").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
     assert sorted(load_file(str(tmp_path / "final" / "model.safetensors")))  # a real weight file
     assert (tmp_path / "final" / "tokenizer.json").is_file() and (tmp_path / "config.yaml").is_file()
 
@@ -194,7 +194,7 @@ def test_gradient_accumulation_sees_more_tokens_per_step(base_overrides, tmp_pat
 def test_resume_from_a_path_that_is_not_a_checkpoint(base_overrides, tmp_path):
     (tmp_path / "half_written").mkdir()
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
-                       f"resume={tmp_path / 'half_written'}", match="is not a complete DCP checkpoint")
+                       f"resume={tmp_path / 'half_written'}", match="is not a complete checkpoint")
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
                        f"resume={tmp_path / 'missing'}", match="no such checkpoint folder")
 

@@ -1,0 +1,116 @@
+"""Kill a LET run with SIGKILL at random moments, resume it each time, and compare it with
+an uninterrupted run.
+
+    python benchmarks/fault_injection.py [--kills 10] [--seed 0]
+
+Reports kills survived (the next launch resumed and the run finished), steps lost per
+kill (the last step the killed run logged minus the step it resumed from), and whether
+the final weights and every logged figure equal the uninterrupted run's.
+JSON in benchmarks/results/fault_injection.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks._common import header, write_json  # noqa: E402
+from components.metrics import read_metrics  # noqa: E402
+
+TINY = ["model.num_layers=4", "model.embed_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
+        "model.intermediate_dim=128", "data.seq_len=64", "batch_size=8", "log_every=1", "eval_every=20",
+        "eval_batches=2", "dtype=fp32", "progress_bar=false"]
+KEYS = ("loss", "nll", "lr", "val_loss", "align_loss", "lambda", "cosine")
+
+
+def launch(out: Path, teacher: Path, steps: int, log: Path, resume: bool) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/let_pretrain", "--config", "let_tiny",
+           *TINY, f"max_steps={steps}", "save_every=10", "keep_last_checkpoints=2", "alignment.schedule.stop=0.5",
+           f"teacher.path={teacher}", f"output_dir={out}", "resume=true" if resume else "overwrite=true"]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def history(out: Path):
+    return {r["step"]: {k: r[k] for k in KEYS if r.get(k) is not None}
+            for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/fault_injection.json")
+    args = parser.parse_args(argv)
+    from safetensors.torch import load_file
+
+    from letrecipes.demo import prepare
+
+    prepare(REPO / "outputs" / "demo")  # the demo corpus and tokenizer the tiny configs read
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="letrecipes-faults-"))
+    teacher_run = work / "teacher"
+    subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config",
+                    "pretrain_tiny", *TINY, "max_steps=30", "save_every=0", f"output_dir={teacher_run}"],
+                   cwd=REPO, check=True, capture_output=True)
+    teacher = teacher_run / "final"
+    reference, killed = work / "reference", work / "killed"
+    start = time.perf_counter()
+    assert launch(reference, teacher, args.steps, work / "reference.log", resume=False).wait() == 0
+    reference_s = time.perf_counter() - start
+
+    kills = []
+    for attempt in range(args.kills):
+        log = work / f"attempt{attempt}.log"
+        proc = launch(killed, teacher, args.steps, log, resume=attempt > 0)
+        delay = rng.uniform(3.0, 3.0 + reference_s * 0.6)
+        try:
+            proc.wait(timeout=delay)
+            kills.append({"attempt": attempt, "finished_before_kill": True})
+            break
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl")] if (killed / "metrics.jsonl").is_file() else []
+        kills.append({"attempt": attempt, "after_s": round(delay, 2), "last_logged_step": max(logged, default=0)})
+    final_log = work / "final.log"
+    assert launch(killed, teacher, args.steps, final_log, resume=True).wait() == 0, final_log.read_text()[-2000:]
+    # steps lost: the last step a killed launch logged minus the step the next launch resumed from
+    logs = [work / f"attempt{k['attempt']}.log" for k in kills] + [final_log]
+    for k, next_log in zip(kills, logs[1:]):
+        if "last_logged_step" in k:
+            found = re.search(r"resumed from \S+ at step (\d+)", next_log.read_text())
+            k["resumed_at_step"] = int(found.group(1)) if found else 0
+            k["steps_lost"] = k["last_logged_step"] - k["resumed_at_step"]
+    a = load_file(str(reference / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    real_kills = [k for k in kills if "steps_lost" in k]
+    report = {
+        **header("fault_injection.py", argv),
+        "steps": args.steps, "checkpoint_every": 10, "kills": len(real_kills), "kills_survived": len(real_kills),
+        "steps_lost_per_kill": [k["steps_lost"] for k in real_kills],
+        "mean_steps_lost": sum(k["steps_lost"] for k in real_kills) / max(1, len(real_kills)),
+        "final_weights_equal": a.keys() == b.keys() and all(bool((a[n] == b[n]).all()) for n in a),
+        "every_logged_figure_equal": history(reference) == history(killed),
+        "uninterrupted_run_s": round(reference_s, 1), "attempts": kills, "work_dir": str(work),
+    }
+    write_json(report, args.out)
+    print({k: report[k] for k in ("kills", "kills_survived", "steps_lost_per_kill", "final_weights_equal",
+                                  "every_logged_figure_equal")})
+    return 0 if report["final_weights_equal"] and report["every_logged_figure_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The keys the recipes read, their types and ranges: checked before anything is built.
+
+A typo (``max_step``), a wrong type (``batch_size: sixteen``) or an impossible value
+(``data.val_fraction: 1.5``) is one clear error naming the key and the fix, instead of a
+traceback from deep inside torch minutes later. Sections that configure a component
+(``model``, ``optimizer``, ``teacher``, ``alignment``, ...) are checked by the component
+itself when it is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigValueError(ValueError):
+    pass
+
+
+def _int(minimum: int) -> Tuple[str, Callable[[Any], bool]]:
+    return f"an integer >= {minimum}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _number(low: float, high: Optional[float] = None, open_low: bool = True) -> Tuple[str, Callable[[Any], bool]]:
+    text = f"a number {'>' if open_low else '>='} {low}" + (f" and < {high}" if high is not None else "")
+    return text, lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and (v > low if open_low else v >= low)
+                            and (high is None or v < high))
+
+
+def _choice(*options) -> Tuple[str, Callable[[Any], bool]]:
+    return f"one of {', '.join(map(str, options))}", lambda v: v in options
+
+
+BOOL = ("true or false", lambda v: isinstance(v, bool))
+TEXT = ("a string", lambda v: isinstance(v, str) and v != "")
+OPTIONAL_TEXT = ("a string or null", lambda v: v is None or isinstance(v, str))
+SECTION = ("a mapping", lambda v: isinstance(v, dict))
+ANY = ("anything", lambda v: True)
+
+TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "output_dir": TEXT, "overwrite": BOOL, "seed": _int(0), "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")),
+    "dtype": _choice("bf16", "bfloat16", "fp32", "float32"), "max_steps": _int(1), "save_every": _int(0),
+    "resume": ("true, false or a checkpoint path", lambda v: isinstance(v, (bool, str))),
+    "keep_last_checkpoints": _int(1), "async_checkpoint": BOOL, "log_every": _int(1), "eval_every": _int(0),
+    "eval_batches": _int(1), "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
+    "batch_size": _int(1), "gradient_accumulation_steps": _int(1),
+    "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
+    "compile": BOOL, "cpu_malloc_tuning": BOOL, "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1),
+    "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
+    "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
+    "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION,
+}
+SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
+    "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
+             "text_field": TEXT, "seq_len": _int(2), "val_fraction": _number(0, 0.5), "cache_dir": TEXT},
+    "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
+    "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
+    "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
+              "rank": _int(0)},
+}
+REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model", "optimizer", "lr_scheduler")
+
+
+def _unknown(key: str, known, where: str) -> ConfigValueError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f" Did you mean {where}{close[0]}?" if close else f" Known keys: {', '.join(sorted(known))}."
+    return ConfigValueError(f"config key {where}{key} is unknown.{hint} Fix: correct or remove it.")
+
+
+def _check(where: str, key: str, value: Any, spec) -> None:
+    text, ok = spec
+    if not ok(value):
+        raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}. Fix: set {where}{key} to {text}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigValueError` for the first unknown key, wrong type or bad value."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for key in REQUIRED:
+        if key not in values and not values.get("dry_run"):
+            raise ConfigValueError(f"config key {key} is missing. Fix: add it (see docs/configs.md).")
+    for key, value in values.items():
+        if key not in TOP:
+            raise _unknown(key, TOP, "")
+        _check("", key, value, TOP[key])
+        for inner, inner_value in (value.items() if key in SECTIONS else ()):
+            if inner not in SECTIONS[key]:
+                raise _unknown(inner, SECTIONS[key], f"{key}.")
+            if inner_value is not None or key == "tokenizer":
+                _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])

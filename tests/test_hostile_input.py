@@ -1,0 +1,125 @@
+"""Issue 6, hostile input: one test per row of docs/reliability.md's table. Each bad input
+gets one clear error (or a documented, logged recovery) before training, with no
+traceback as the only message and nothing previously written changed."""
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from components.data import DataWarning
+from components.metrics import read_metrics
+from letrecipes import let_pretrain, pretrain
+
+
+def run_pretrain(*args):
+    pretrain.recipe_main(["--config", "pretrain_tiny", *args])
+
+
+def run_let(*args):
+    let_pretrain.recipe_main(["--config", "let_tiny", *args])
+
+
+def fails(runner, *args, match):
+    with pytest.raises(SystemExit) as err:
+        runner(*args)
+    message = str(err.value.code)
+    assert message.startswith("error: ") and match in message, message
+    return message
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def finished_run(base_overrides, tmp_path):
+    """A finished run whose files must survive every bad relaunch below."""
+    out = tmp_path / "run"
+    run_pretrain(*base_overrides, f"output_dir={out}", "max_steps=2", "save_every=1")
+    return out
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: 10\nmodel: [unclosed\n")
+    fails(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad), match="is not valid YAML")
+
+
+@pytest.mark.parametrize("override, match", [
+    ("max_step=5", "config key max_step is unknown. Did you mean max_steps?"),
+    ("data.seq_length=64", "config key data.seq_length is unknown. Did you mean data.seq_len?"),
+    ("batch_size=sixteen", "config key batch_size='sixteen' must be an integer >= 1"),
+    ("max_steps=0", "config key max_steps=0 must be an integer >= 1"),
+    ("data.val_fraction=1.5", "config key data.val_fraction=1.5 must be a number > 0 and < 0.5"),
+    ("divergence.policy=ignore", "config key divergence.policy='ignore' must be one of stop, skip"),
+    ("model.num_layer=2", "model: cannot build"),
+    ("optimizer.lrr=0.1", "optimizer: cannot build"),
+], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "out-of-range-fraction",
+        "bad-choice", "unknown-model-argument", "unknown-optimizer-argument"])
+def test_bad_config_values_damage_nothing(base_overrides, finished_run, override, match):
+    before = digest(finished_run)
+    fails(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=4", override,
+          match=match)
+    assert digest(finished_run) == before
+
+
+def test_truncated_safetensors_teacher(let_overrides, teacher_dir, tmp_path):
+    broken = tmp_path / "teacher"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (broken / name).write_bytes((teacher_dir / name).read_bytes())
+    data = (teacher_dir / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    fails(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
+          match="cannot read")
+
+
+def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
+    broken = tmp_path / "teacher"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (broken / name).write_bytes((teacher_dir / name).read_bytes())
+    weights = load_file(str(teacher_dir / "model.safetensors"))
+    weights["layers.0.mlp.w2.weight"][0, 0] = float("nan")
+    save_file(weights, str(broken / "model.safetensors"))
+    message = fails(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
+                    "max_steps=3", match="produced non-finite hidden states at step 1")
+    assert "teacher.dtype=fp32" in message
+
+
+@pytest.mark.parametrize("content", ["", "Too short."], ids=["empty", "shorter-than-a-sequence"])
+def test_corpus_without_a_full_sequence(base_overrides, tmp_path, content):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(content)
+    fails(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
+          f"data.cache_dir={tmp_path / 'cache'}", match="too few for one train sequence")
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_file_that_does_not_parse(base_overrides, tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": ')
+    fails(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bad}",
+          match="is not a tokenizer.json")
+
+
+def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = next(iter(sorted(corpus_dir.glob("*.txt")))).read_bytes()
+    (corpus / "latin1.txt").write_bytes(text[:20000] + b"caf\xe9 \xff\xfe" + text[20000:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_pretrain(*base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
+                     f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2")
+    messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
+    assert messages and "latin1.txt is not valid UTF-8 (first bad byte at offset 20003)" in messages[0]
+    assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
