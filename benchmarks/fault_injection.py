@@ -42,6 +42,13 @@ def launch(out: Path, teacher: Path, steps: int, log: Path, resume: bool) -> sub
                             env={**os.environ, "WANDB_MODE": "disabled"})
 
 
+def last_logged_step(out: Path) -> int:
+    try:
+        return max((r["step"] for r in read_metrics(out / "metrics.jsonl")), default=0)
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
+
+
 def history(out: Path):
     return {r["step"]: {k: r[k] for k in KEYS if r.get(k) is not None}
             for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
@@ -50,7 +57,7 @@ def history(out: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/fault_injection.json")
     args = parser.parse_args(argv)
@@ -72,19 +79,25 @@ def main(argv=None) -> int:
     reference_s = time.perf_counter() - start
 
     kills = []
+    done_steps = 0
     for attempt in range(args.kills):
+        if done_steps >= args.steps - 2:
+            break
         log = work / f"attempt{attempt}.log"
         proc = launch(killed, teacher, args.steps, log, resume=attempt > 0)
-        delay = rng.uniform(3.0, 3.0 + reference_s * 0.6)
-        try:
-            proc.wait(timeout=delay)
+        # kill once the run has logged a random step past where it resumed, plus a random
+        # fraction of a step: lands anywhere in a step, and sometimes inside a checkpoint save
+        target = min(args.steps - 1, done_steps + rng.randint(5, 2 * args.steps // max(1, args.kills)))
+        while proc.poll() is None and last_logged_step(killed) < target:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.2))
+        if proc.poll() is not None:
             kills.append({"attempt": attempt, "finished_before_kill": True})
             break
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        logged = [r["step"] for r in read_metrics(killed / "metrics.jsonl")] if (killed / "metrics.jsonl").is_file() else []
-        kills.append({"attempt": attempt, "after_s": round(delay, 2), "last_logged_step": max(logged, default=0)})
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done_steps = last_logged_step(killed)
+        kills.append({"attempt": attempt, "target_step": target, "last_logged_step": done_steps})
     final_log = work / "final.log"
     assert launch(killed, teacher, args.steps, final_log, resume=True).wait() == 0, final_log.read_text()[-2000:]
     # steps lost: the last step a killed launch logged minus the step the next launch resumed from

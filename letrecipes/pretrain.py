@@ -36,7 +36,7 @@ from tqdm import tqdm
 from components import parallel, registry, run_info
 from components.checkpointing import Checkpointer, export_model
 from components.data import PackedDataset, Tokenizer, build_dataloader, tokenize_corpus
-from components.metrics import MetricLogger, read_metrics
+from components.metrics import MetricLogger
 from components.models import ModelArgs, count_parameters, forward_with_hidden, padded_vocab_size
 from components.teachers import GGUF_TOKENIZER_DIR, tokenizer_file
 from letrecipes._config import parse
@@ -306,8 +306,14 @@ class PretrainRecipe:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         metrics = self.output_dir / "metrics.jsonl"
         if self.is_main and metrics.is_file():  # drop records the interrupted run wrote after this checkpoint
-            kept = [line for line, rec in zip(metrics.read_text().splitlines(), read_metrics(metrics))
-                    if rec.get("step", 0) <= self.step]
+            kept = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if record.get("step", 0) <= self.step:
+                    kept.append(line)
             metrics.write_text("".join(line + "\n" for line in kept))
         self.log(f"resumed from {path} at step {self.step}")
 

@@ -72,6 +72,8 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_ru
     # 1) killed at the start of step 5 (last complete checkpoint: step 3)
     first = let_run(killed, "debug.kill_at_step=5", check=False)
     assert first.returncode != 0
+    with open(killed / "metrics.jsonl", "a") as f:  # as if the kill had cut a record short
+        f.write('{"step": 5, "nll": 4.')
     # 2) resumed, then killed while writing the step-6 checkpoint: shards on disk, no COMPLETE marker
     second = let_run(killed, "resume=true", "debug.kill_during_save_at_step=6", check=False)
     assert second.returncode != 0 and "resumed from" in second.stdout
