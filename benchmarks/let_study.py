@@ -1,6 +1,6 @@
 """The LET study: does LET speed pretraining up here, and which settings matter?
 
-    python -m benchmarks.let_study --suite main            # ~45 min on 2 CPU cores
+    python -m benchmarks.let_study --suite main            # 50 min on 2 CPU cores (measured: 2,968 s)
     python -m benchmarks.let_study --suite lambda          # ablations: layers | lambda | sstop | projector | block
     python -m benchmarks.let_study --suite main --report   # tables and plots from finished runs only
 
