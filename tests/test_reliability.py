@@ -166,3 +166,15 @@ def test_resume_with_another_model_shape_damages_nothing(let_run, tmp_path):
     assert result.returncode == 1 and "cannot load" in result.stderr and "same model" in result.stderr
     assert "Traceback" not in result.stderr
     assert digest(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_two_process_job_killed_mid_save_resumes_from_the_previous_checkpoint(let_run, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    let_run(straight, nproc=2)
+    dead = let_run(killed, "debug.kill_during_save_at_step=6", nproc=2, check=False)
+    assert dead.returncode != 0
+    assert (killed / "checkpoints" / "step_00000006.tmp").is_dir()  # shards of both ranks, never marked complete
+    resumed = let_run(killed, "resume=true", nproc=2)
+    assert "ignoring" in resumed.stdout and "step_00000003" in resumed.stdout
+    assert history(killed) == history(straight)
