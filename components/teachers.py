@@ -139,6 +139,12 @@ def build_frozen(
     return model.to(device=device)
 
 
+def _folder_tokenizer(path: Path) -> Optional[Path]:
+    """The tokenizer.json a model folder ships, if any."""
+    tokenizer = path / EXPORT_TOKENIZER
+    return tokenizer if tokenizer.is_file() else None
+
+
 @register("teacher_loader", "letrecipes")
 def load_letrecipes_checkpoint(
     path: Union[str, Path],
@@ -168,8 +174,7 @@ def load_letrecipes_checkpoint(
         return {k: cast(v) for k, v in state.items()}
 
     model = build_frozen(args, load_state, dtype, device)
-    tokenizer = path / EXPORT_TOKENIZER
-    return Teacher(model, tokenizer_path=tokenizer if tokenizer.is_file() else None, source=str(path))
+    return Teacher(model, tokenizer_path=_folder_tokenizer(path), source=str(path))
 
 
 @register("teacher_loader", "huggingface")
@@ -190,8 +195,7 @@ def load_huggingface(
             args, hf_teacher.iter_tensors(files), expected, cast, what=str(path / "config.json")),
         dtype, device,
     )
-    tokenizer = path / EXPORT_TOKENIZER
-    return Teacher(model, tokenizer_path=tokenizer if tokenizer.is_file() else None, source=str(path))
+    return Teacher(model, tokenizer_path=_folder_tokenizer(path), source=str(path))
 
 
 def huggingface_args(path: Path) -> ModelArgs:

@@ -5,7 +5,6 @@ fault-injection keys, or from outside at a random moment); the resumed run must 
 uninterrupted one step for step.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 
 from components.metrics import read_metrics
 from tests.test_distributed import free_port
+from tests.test_hostile_input import digest
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "nll", "lr", "val_loss", "align_loss", "lambda", "cosine")
@@ -149,14 +149,6 @@ def test_same_seed_same_losses_and_the_run_is_traceable(let_run, tmp_path):
     assert info["git_revision"] is None or len(info["git_revision"].split("+")[0]) == 40
     for ckpt in (tmp_path / "a" / "checkpoints").iterdir():
         assert json.loads((ckpt / "run_info.json").read_text())["config"] == info["config"]
-
-
-def digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(p.relative_to(folder).as_posix().encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def test_resume_with_another_model_shape_damages_nothing(let_run, tmp_path):
