@@ -1,7 +1,8 @@
 """The LET study: does LET speed pretraining up here, and which settings matter?
 
     python -m benchmarks.let_study --suite main            # 50 min on 2 CPU cores (measured: 2,968 s)
-    python -m benchmarks.let_study --suite lambda          # ablations: layers | lambda | sstop | projector | block
+    python -m benchmarks.let_study --suite lambda          # ablations: layers | layers_strong | lambda | sstop |
+                                                           #   projector | block; the longer regime: longer
     python -m benchmarks.let_study --suite main --report   # tables and plots from finished runs only
 
 Every run is the ordinary recipe (``tune run letrecipes/pretrain`` or ``let_pretrain``)
@@ -11,9 +12,10 @@ skipped, an interrupted one resumes from its last checkpoint. All runs share the
 seeds. Students are evaluated at 25/50/75/100% of their steps on the BIG-bench tasks
 (``benchmarks/fetch_eval_tasks.py``) and on a next-line cloze built from the held-out plays.
 
-Regimes (``REGIMES``): ``long``, where the student trains long enough to end below its
-teacher (the paper's setting), and ``short``, where the teacher stays stronger throughout.
-The report says whether each regime's condition actually held.
+Regimes (``REGIMES``): ``long`` and ``longer``, where the student trains long enough to end
+below its teacher (the paper's setting; ``longer`` by a clear margin), and ``short``, where
+the teacher stays stronger throughout. The report says whether each regime's condition
+actually held, and by how much.
 
 Output: ``<out>/study_<suite>.json`` and ``.md`` (tables), PNG plots in ``--plot-dir``.
 """
@@ -45,7 +47,8 @@ STUDENT = ["model.num_layers=6", "model.embed_dim=192", "model.num_heads=3", "mo
 TEACHER = ["model.num_layers=2", "model.embed_dim=64", "model.num_heads=2", "model.num_kv_heads=2",
            "model.intermediate_dim=172"]  # 0.36M: about 10x smaller
 TEACHER_STEPS = 2000  # 4.1M tokens, longer than any student budget (the "late training phase" model)
-REGIMES = {"short": 150, "long": 1000}  # student steps of 16 x 128 tokens
+REGIMES = {"short": 150, "long": 1000, "longer": 1500}  # student steps of 16 x 128 tokens
+OVERTAKING = {"long", "longer"}  # regimes whose condition is that the student ends below its teacher
 HELD_OUT_PLAYS = 2
 CLOZE_ITEMS = 300
 ACCURACY = "acc_norm_chars"  # the accuracy the tables and plots show (all three are in the JSON)
@@ -70,20 +73,29 @@ class Arm:
     overrides: List[str] = field(default_factory=list)
 
 
+def let_lambda(value: float, **changes) -> Arm:
+    """LET at another lambda0 (named so that suites sharing an arm share its runs)."""
+    suffix = "".join(f"_{v}" for v in changes.values())
+    return Arm(f"let_lambda{value}{suffix}", "let_pretrain", let_with(schedule__lambda0=value, **changes))
+
+
 BASELINE = Arm("baseline", "pretrain")
 LET_ARM = Arm("let", "let_pretrain", LET)
+RKD = Arm("rkd", "let_pretrain", let_with(loss="kl_logits"))
+SALT = Arm("salt", "let_pretrain", let_with(loss="kl_logits", schedule___component_="step"))
 SUITES: Dict[str, Dict] = {
     "smoke": {"regimes": ["short"], "seeds": [0], "arms": [BASELINE, LET_ARM]},  # the tests' plumbing check
     "main": {"regimes": ["short", "long"], "seeds": [0, 1], "arms": [
-        BASELINE, LET_ARM,
-        Arm("rkd", "let_pretrain", let_with(loss="kl_logits")),
-        Arm("salt", "let_pretrain", let_with(loss="kl_logits", schedule___component_="step")),
-    ]},
+        BASELINE, LET_ARM, RKD, SALT]},
+    # the paper's regime with a clear margin, and the strongest lambda0 of the lambda ablation
+    "longer": {"regimes": ["longer"], "seeds": [0], "arms": [BASELINE, LET_ARM, let_lambda(1.0), RKD, SALT]},
     "layers": {"regimes": ["long"], "seeds": [0], "arms": [
         BASELINE, LET_ARM, *[Arm(f"let_{m}", "let_pretrain", let_with(layer_map=m)) for m in ("L2M", "L2L", "M2E")]]},
+    # the layer pairs again at a lambda0 that has an effect at this scale
+    "layers_strong": {"regimes": ["long"], "seeds": [0], "arms": [
+        BASELINE, let_lambda(1.0), *[let_lambda(1.0, layer_map=m) for m in ("L2M", "L2L", "M2E")]]},
     "lambda": {"regimes": ["long"], "seeds": [0], "arms": [
-        BASELINE, LET_ARM,
-        *[Arm(f"let_lambda{v}", "let_pretrain", let_with(schedule__lambda0=v)) for v in (0.01, 0.3, 1.0, 3.0)]]},
+        BASELINE, LET_ARM, *[let_lambda(v) for v in (0.01, 0.3, 1.0, 3.0)]]},
     "sstop": {"regimes": ["long"], "seeds": [0], "arms": [
         BASELINE, LET_ARM, *[Arm(f"let_stop{v}", "let_pretrain", let_with(schedule__stop=v)) for v in (0.1, 0.5)]]},
     "projector": {"regimes": ["long"], "seeds": [0], "arms": [
@@ -293,10 +305,12 @@ class Study:
                                       if "lambda" in r and "loss" in r],
                 })
             base_final = statistics.mean(r["final_val_loss"] for r in per_arm["baseline"])
+            overtakes = regime in OVERTAKING
             report["regimes"][regime] = {
                 "steps": self.regime_steps[regime], "arms": per_arm,
-                "condition": ("student ends below the teacher" if regime == "long" else "teacher stronger throughout"),
-                "condition_holds": (base_final < teacher_val) if regime == "long" else (base_final > teacher_val),
+                "condition": "student ends below the teacher" if overtakes else "teacher stronger throughout",
+                "condition_holds": (base_final < teacher_val) if overtakes else (base_final > teacher_val),
+                "baseline_minus_teacher": base_final - teacher_val,
             }
         return report
 
@@ -318,7 +332,8 @@ def markdown(report: Dict) -> str:
         arms = r["arms"]
         tasks = sorted(next(iter(arms.values()))[0]["accuracy"])
         lines += ["", f"**{regime}** ({r['steps']} steps; condition: {r['condition']}: "
-                      f"{'holds' if r['condition_holds'] else 'DOES NOT hold'})", "",
+                      f"{'holds' if r['condition_holds'] else 'DOES NOT hold'}; baseline's final val loss minus "
+                      f"the teacher's: {r['baseline_minus_teacher']:+.4f})", "",
                   "| arm | seeds | final val loss | speedup (steps = tokens) | speedup (wall-clock) | "
                   + " | ".join(f"{t} ({ACCURACY})" for t in tasks) + " |",
                   "|---|---|---|---|---|" + "---|" * len(tasks)]

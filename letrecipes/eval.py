@@ -32,7 +32,7 @@ from components.evaluation import read_task, score_task
 from components.models import forward_with_hidden, padded_vocab_size
 from components.teachers import parse_dtype, resolve_path
 from letrecipes._config import parse
-from letrecipes.pretrain import load_tokenizer
+from letrecipes.pretrain import errors_as_one_line, load_tokenizer
 
 
 class EvalRecipe:
@@ -53,6 +53,10 @@ class EvalRecipe:
     def _load(self, checkpoint: str) -> Tuple[nn.Module, Tokenizer, int]:
         dtype = str(self.cfg.get("dtype", "fp32"))
         path = resolve_path(checkpoint, key="checkpoint")
+        if not path.exists():
+            raise ValueError(f"checkpoint: nothing at {checkpoint!r}. Fix: point checkpoint= at a run's final/ "
+                             "export, one of its checkpoints/step_* folders, a Hugging Face model folder or a "
+                             ".gguf file.")
         if path.is_dir() and path.name.startswith(STEP_PREFIX):
             run_dir = path.parent.parent
             if not (run_dir / "config.yaml").is_file():
@@ -105,13 +109,9 @@ class EvalRecipe:
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     """Zero-shot multiple-choice evaluation."""
-    recipe = EvalRecipe(cfg)
-    try:
+    with errors_as_one_line(ValueError):
+        recipe = EvalRecipe(cfg)
         recipe.setup()
-    except ValueError as err:
-        if os.environ.get("LETRECIPES_TRACEBACK"):
-            raise
-        sys.exit(f"error: {err}")
     recipe.evaluate()
 
 

@@ -507,12 +507,25 @@ def recipe_main(cfg: DictConfig) -> None:
     run(PretrainRecipe, cfg)
 
 
+@contextlib.contextmanager
+def errors_as_one_line(*kinds):
+    """Turn the expected failures (bad config, data, checkpoint, divergence) into one
+    ``error: ...`` line and exit status 1; ``LETRECIPES_TRACEBACK=1`` keeps the traceback."""
+    try:
+        yield
+    except kinds as err:
+        if os.environ.get("LETRECIPES_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")
+
+
 def run(recipe_class, cfg: DictConfig) -> None:
     """setup / train / cleanup, with configuration errors reported as one line.
 
     ``dry_run=true`` only checks the config and prints the cost estimate.
     """
-    try:
+    # ValueError covers RecipeError, ComponentError, DataError, TeacherError, ...
+    with errors_as_one_line(ValueError):
         validate_config(cfg)  # before anything is built or written
         recipe = recipe_class(cfg)
         if cfg.get("dry_run", False):
@@ -521,16 +534,9 @@ def run(recipe_class, cfg: DictConfig) -> None:
             dry_run(cfg, with_teacher=recipe_class.uses_teacher)
             return
         recipe.setup()
-    except ValueError as err:  # RecipeError, ComponentError, DataError, TeacherError, ...
-        if os.environ.get("LETRECIPES_TRACEBACK"):
-            raise
-        sys.exit(f"error: {err}")
     try:
-        recipe.train()
-    except DivergenceError as err:
-        if os.environ.get("LETRECIPES_TRACEBACK"):
-            raise
-        sys.exit(f"error: {err}")
+        with errors_as_one_line(DivergenceError):
+            recipe.train()
     finally:
         recipe.cleanup()
 

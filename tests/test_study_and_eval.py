@@ -114,6 +114,20 @@ def test_eval_recipe_on_an_export_and_on_a_step_checkpoint(base_overrides, teach
     assert from_step["tasks"]["tiny_task"]["acc"] == from_final["tasks"]["tiny_task"]["acc"]
 
 
+@pytest.mark.parametrize("make, named", [
+    (lambda tmp: tmp / "missing", "checkpoint: nothing at"),
+    (lambda tmp: (tmp / "run" / "checkpoints" / "step_00000004").mkdir(parents=True) or
+     tmp / "run" / "checkpoints" / "step_00000004", "config.yaml"),
+])
+def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path, capsys):
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
+    with pytest.raises(SystemExit) as exit_info:
+        eval_recipe.recipe_main(["--config", "eval", f"checkpoint={make(tmp_path)}", f"tasks=[{task}]",
+                                 f"output={tmp_path / 'out.json'}"])
+    assert str(exit_info.value).startswith("error: checkpoint: ") and named in str(exit_info.value)
+    assert not (tmp_path / "out.json").exists()
+
+
 # ----------------------------------------------------------------- study
 def test_speedup_on_synthetic_curves():
     assert let_study.steps_to_reach([(10, 5.0), (20, 4.0), (30, 3.0)], 3.5) == pytest.approx(25.0)
