@@ -2,7 +2,8 @@
 
     python -m benchmarks.let_study --suite main            # 50 min on 2 CPU cores (measured: 2,968 s)
     python -m benchmarks.let_study --suite lambda          # ablations: layers | layers_strong | lambda | sstop |
-                                                           #   projector | block; the longer regime: longer
+                                                           #   projector | block (8-17 min each once main has run)
+    python -m benchmarks.let_study --suite longer          # the 1500-step regime, 5 arms (28 min per seed)
     python -m benchmarks.let_study --suite main --report   # tables and plots from finished runs only
 
 Every run is the ordinary recipe (``tune run letrecipes/pretrain`` or ``let_pretrain``)
