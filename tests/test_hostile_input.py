@@ -11,23 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from components.data import DataWarning
 from components.metrics import read_metrics
-from letrecipes import let_pretrain, pretrain
-
-
-def run_pretrain(*args):
-    pretrain.recipe_main(["--config", "pretrain_tiny", *args])
-
-
-def run_let(*args):
-    let_pretrain.recipe_main(["--config", "let_tiny", *args])
-
-
-def fails(runner, *args, match):
-    with pytest.raises(SystemExit) as err:
-        runner(*args)
-    message = str(err.value.code)
-    assert message.startswith("error: ") and match in message, message
-    return message
+from letrecipes import pretrain
+from tests.test_recipes import expect_setup_error, run_let, run_pretrain
 
 
 def digest(folder: Path) -> str:
@@ -49,7 +34,7 @@ def finished_run(base_overrides, tmp_path):
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: 10\nmodel: [unclosed\n")
-    fails(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad), match="is not valid YAML")
+    expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad), match="is not valid YAML")
 
 
 @pytest.mark.parametrize("override, match", [
@@ -65,8 +50,8 @@ def test_malformed_yaml(tmp_path):
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument"])
 def test_bad_config_values_damage_nothing(base_overrides, finished_run, override, match):
     before = digest(finished_run)
-    fails(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=4", override,
-          match=match)
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=4",
+                       override, match=match)
     assert digest(finished_run) == before
 
 
@@ -77,8 +62,8 @@ def test_truncated_safetensors_teacher(let_overrides, teacher_dir, tmp_path):
         (broken / name).write_bytes((teacher_dir / name).read_bytes())
     data = (teacher_dir / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
-    fails(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
-          match="cannot read")
+    expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
+                       match="cannot read")
 
 
 def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
@@ -89,8 +74,9 @@ def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
     weights = load_file(str(teacher_dir / "model.safetensors"))
     weights["layers.0.mlp.w2.weight"][0, 0] = float("nan")
     save_file(weights, str(broken / "model.safetensors"))
-    message = fails(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
-                    "max_steps=3", match="produced non-finite hidden states at step 1")
+    message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}",
+                                 f"teacher.path={broken}", "max_steps=3",
+                                 match="produced non-finite hidden states at step 1")
     assert "teacher.dtype=fp32" in message
 
 
@@ -99,16 +85,16 @@ def test_corpus_without_a_full_sequence(base_overrides, tmp_path, content):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(content)
-    fails(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
-          f"data.cache_dir={tmp_path / 'cache'}", match="too few for one train sequence")
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
+                       f"data.cache_dir={tmp_path / 'cache'}", match="too few for one train sequence")
     assert not (tmp_path / "run").exists()
 
 
 def test_tokenizer_file_that_does_not_parse(base_overrides, tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
-    fails(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bad}",
-          match="is not a tokenizer.json")
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bad}",
+                       match="is not a tokenizer.json")
 
 
 def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, tmp_path):

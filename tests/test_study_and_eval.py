@@ -14,6 +14,7 @@ from components.metrics import read_metrics
 from components.models import llama_model
 from letrecipes import eval as eval_recipe
 from letrecipes import let_pretrain
+from tests.test_recipes import expect_setup_error
 
 TINY = ["model.num_layers=2", "model.embed_dim=32", "model.num_heads=2", "model.num_kv_heads=1",
         "model.intermediate_dim=64"]
@@ -119,12 +120,12 @@ def test_eval_recipe_on_an_export_and_on_a_step_checkpoint(base_overrides, teach
     (lambda tmp: (tmp / "run" / "checkpoints" / "step_00000004").mkdir(parents=True) or
      tmp / "run" / "checkpoints" / "step_00000004", "config.yaml"),
 ])
-def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path, capsys):
+def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path):
     task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
-    with pytest.raises(SystemExit) as exit_info:
-        eval_recipe.recipe_main(["--config", "eval", f"checkpoint={make(tmp_path)}", f"tasks=[{task}]",
-                                 f"output={tmp_path / 'out.json'}"])
-    assert str(exit_info.value).startswith("error: checkpoint: ") and named in str(exit_info.value)
+    message = expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={make(tmp_path)}",
+                                                           f"tasks=[{task}]", f"output={tmp_path / 'out.json'}"],
+                                 match=named)
+    assert message.startswith("error: checkpoint: ")
     assert not (tmp_path / "out.json").exists()
 
 
