@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import header, write_json  # noqa: E402
-from components.metrics import read_metrics  # noqa: E402
+from letrecipes.components.metrics import read_metrics  # noqa: E402
 
 TINY = ["model.num_layers=4", "model.embed_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
         "model.intermediate_dim=128", "data.seq_len=64", "batch_size=8", "log_every=1", "eval_every=20",

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from components.evaluation import Item, write_task
+from letrecipes.components.evaluation import Item, write_task
 
 ARCHIVE = "bigbench-1.0.0.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from _common import header, write_json
 
-from components.estimate import forward_flops_per_token
-from components.metrics import read_metrics
+from letrecipes.components.estimate import forward_flops_per_token
+from letrecipes.components.metrics import read_metrics
 from letrecipes import let_pretrain, pretrain
 from letrecipes._config import load_config
 from letrecipes.demo import prepare
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
         records = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in r][5:]  # skip compile warm-up
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
         vocab = json.loads((out / "final" / "config.json").read_text())["model"]["vocab_size"]
-        from components.models import ModelArgs
+        from letrecipes.components.models import ModelArgs
 
         shape = {k: v for k, v in student.model.items() if k not in ("_component_", "init_std")}
         args_s = ModelArgs.from_dict({**shape, "vocab_size": vocab, "max_seq_len": args.seq_len})

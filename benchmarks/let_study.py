@@ -39,9 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import header  # noqa: E402
-from components.checkpointing import is_complete  # noqa: E402
-from components.evaluation import Item, write_task  # noqa: E402
-from components.metrics import read_metrics  # noqa: E402
+from letrecipes.components.checkpointing import is_complete  # noqa: E402
+from letrecipes.components.evaluation import Item, write_task  # noqa: E402
+from letrecipes.components.metrics import read_metrics  # noqa: E402
 
 STUDENT = ["model.num_layers=6", "model.embed_dim=192", "model.num_heads=3", "model.num_kv_heads=3",
            "model.intermediate_dim=512"]  # 3.44M parameters with the 4096-token tokenizer

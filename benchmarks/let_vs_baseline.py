@@ -27,7 +27,7 @@ from pathlib import Path
 from _common import header, write_json
 from omegaconf import OmegaConf
 
-from components.metrics import compare_runs, read_metrics
+from letrecipes.components.metrics import compare_runs, read_metrics
 from letrecipes._config import load_config
 from letrecipes.let_pretrain import LETPretrainRecipe
 from letrecipes.pretrain import PretrainRecipe

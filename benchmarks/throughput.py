@@ -56,9 +56,9 @@ class HandLoop:
     def __init__(self, reference):
         from omegaconf import OmegaConf
 
-        from components import parallel
-        from components.data import build_dataloader
-        from components.models import llama_model
+        from letrecipes.components import parallel
+        from letrecipes.components.data import build_dataloader
+        from letrecipes.components.models import llama_model
 
         cfg = reference.cfg
         model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items()

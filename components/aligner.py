@@ -1,11 +1,16 @@
 """The LET objective: layer map + projectors + alignment loss + lambda schedule.
 
-``Aligner`` is what a recipe adds to plain pretraining::
+An aligner is what a recipe adds to plain pretraining. It says what it needs from the
+teacher, and turns the student's outputs and those targets into one alignment term::
 
-    teacher_hidden = teacher.hidden_states(tokens, aligner.teacher_layers)
+    targets = aligner.teacher_targets(teacher, tokens)
     hidden, logits = forward_with_hidden(student, tokens, aligner.student_layers)
-    align, cosine = aligner(hidden, teacher_hidden)
+    align, cosine = aligner(hidden, targets, logits=logits)
     loss = nll + aligner.weight(step) * align
+
+:class:`Aligner` is LET (projected hidden states at the mapped layers);
+:class:`LogitAligner` is logit distillation (the RKD/SALT baselines), chosen when the
+alignment loss declares ``target = "logits"``.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.alignment import masked_mean
-from components.layer_maps import PRESETS
-from components.registry import build
+from letrecipes.components.alignment import masked_mean
+from letrecipes.components.layer_maps import PRESETS
+from letrecipes.components.registry import build
 
 
 class Aligner(nn.Module):
+    """Hidden-state alignment: ``loss(P_k(h_student[s_k]), h_teacher[t_k])`` averaged over pairs."""
+
+    target = "hidden"
+
     def __init__(self, pairs: List[Tuple[int, int]], projectors: nn.ModuleList, loss: nn.Module, schedule: Any):
         super().__init__()
         if len(pairs) != len(projectors):
@@ -32,17 +41,17 @@ class Aligner(nn.Module):
         self.schedule = schedule
 
     @property
-    def target(self) -> str:
-        """``hidden`` (LET: projected hidden states) or ``logits`` (a logit-distillation loss)."""
-        return getattr(self.loss, "target", "hidden")
-
-    @property
     def student_layers(self) -> List[int]:
         return sorted({s for s, _ in self.pairs})
 
     @property
     def teacher_layers(self) -> List[int]:
         return sorted({t for _, t in self.pairs})
+
+    @property
+    def teacher_blocks_run(self) -> Optional[int]:
+        """How deep the teacher's forward goes (None: all of it, output head included)."""
+        return max(self.teacher_layers)
 
     def weight(self, step: int) -> float:
         return self.schedule(step)
@@ -52,23 +61,51 @@ class Aligner(nn.Module):
         end = self.schedule.end_step
         return end is not None and step >= end
 
+    def teacher_targets(self, teacher: nn.Module, tokens: torch.Tensor) -> Dict[int, torch.Tensor]:
+        return teacher.hidden_states(tokens, self.teacher_layers)
+
     def forward(
         self,
         student_hidden: Dict[int, torch.Tensor],
-        teacher_hidden: Dict[int, torch.Tensor],
+        targets: Dict[int, torch.Tensor],
         mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(alignment loss, mean cosine similarity) averaged over the layer pairs.
+        logits: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(alignment loss, mean cosine similarity), averaged over the layer pairs.
 
-        The cosine is a detached diagnostic, logged whatever the loss is.
+        The cosine is a detached diagnostic, logged whatever the loss is. ``logits`` (the
+        student's) is for aligners that compare output distributions; this one ignores it.
         """
         losses, cosines = [], []
         for (s, t), projector in zip(self.pairs, self.projectors):
-            pred, target = projector(student_hidden[s], teacher_hidden[t].to(student_hidden[s].dtype))
+            pred, target = projector(student_hidden[s], targets[t].to(student_hidden[s].dtype))
             losses.append(self.loss(pred, target, mask))
             with torch.no_grad():
                 cosines.append(masked_mean(F.cosine_similarity(pred.float(), target.float(), dim=-1), mask))
         return torch.stack(losses).mean(), torch.stack(cosines).mean()
+
+
+class LogitAligner(Aligner):
+    """Logit distillation: ``loss(student_logits, teacher_logits)`` over the shared tokenizer's
+    ids only (the rest of either vocabulary is padding). No layer map, no projector."""
+
+    target = "logits"
+
+    def __init__(self, loss: nn.Module, schedule: Any, vocab_size: int):
+        super().__init__([], nn.ModuleList(), loss, schedule)
+        self.vocab_size = vocab_size
+
+    @property
+    def teacher_blocks_run(self) -> Optional[int]:
+        return None
+
+    def teacher_targets(self, teacher: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        return teacher.logits(tokens)
+
+    def forward(self, student_hidden, targets, mask=None, logits=None):
+        """(alignment loss, None): there is no hidden-state cosine to report."""
+        vocab = self.vocab_size
+        return self.loss(logits[..., :vocab], targets[..., :vocab], mask), None
 
 
 def build_aligner(
@@ -78,15 +115,17 @@ def build_aligner(
     teacher_dim: int,
     teacher_depth: int,
     total_steps: int,
+    vocab_size: Optional[int] = None,
 ) -> Aligner:
     """Build the aligner from the ``alignment`` config section.
 
-    A loss whose ``target`` is ``logits`` (``kl_logits``) needs no layer map or projector.
+    A loss whose ``target`` is ``logits`` (``kl_logits``) gives a :class:`LogitAligner`
+    over the first ``vocab_size`` ids (the shared tokenizer's).
     """
     loss = build("alignment_loss", cfg.get("loss", "negative_cosine"), key="alignment.loss")
     schedule = build("schedule", cfg.get("schedule", "linear"), key="alignment.schedule", total_steps=total_steps)
     if getattr(loss, "target", "hidden") == "logits":
-        return Aligner([], nn.ModuleList(), loss, schedule)
+        return LogitAligner(loss, schedule, vocab_size)
     map_spec = cfg.get("layer_map", "L2E")
     if isinstance(map_spec, str) and map_spec in PRESETS:  # `layer_map: L2E` is short for the preset
         map_spec = {"_component_": "preset", "name": map_spec}

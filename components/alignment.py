@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.registry import register
+from letrecipes.components.registry import register
 
 
 class AlignmentLoss(nn.Module):

@@ -1,45 +1,56 @@
-"""Step checkpoints with torch.distributed.checkpoint (DCP), and the final export.
+"""Step checkpoints with torch.distributed.checkpoint (DCP), and the run folder's rules.
 
 Layout under ``<output_dir>``::
 
-    checkpoints/step_00000100/   a complete DCP checkpoint (model, optimizer, trainer state),
-                                 its run_info.json and a COMPLETE marker
+    checkpoints/step_00000100/   a complete DCP checkpoint (model, optimizer, each rank's
+                                 trainer state), its run_info.json and a COMPLETE marker
     checkpoints/step_00000200.tmp/   being written; never read, removed on the next save
-    final/model.safetensors, final/config.json, final/tokenizer.json
 
 A checkpoint is written into a ``.tmp`` folder; when every rank's shards and the DCP
 metadata are on disk, rank 0 writes the ``COMPLETE`` marker and renames the folder. A
 killed save therefore leaves either a ``.tmp`` folder or a folder without the marker, and
 ``resume: true`` skips both (saying so). Old checkpoints are pruned only after a newer
 one is complete.
+
+The :class:`Checkpointer` owns everything about the run folder a recipe would otherwise
+decide: where to resume from (:meth:`Checkpointer.resume_point`), whether the folder may
+be written (:meth:`Checkpointer.guard`), and what a checkpoint holds: the model and
+optimizer (sharded by DCP) plus any number of ``Stateful`` objects (``state_dict`` /
+``load_state_dict``) stored per rank, because data positions and RNG streams differ
+between ranks (:meth:`Checkpointer.track`).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from components.models import ModelArgs
-from components.teachers import EXPORT_CONFIG, EXPORT_TOKENIZER, EXPORT_WEIGHTS
+from letrecipes.components.errors import LetRecipesError
 
 STEP_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 RUN_INFO = "run_info.json"
+# What marks a folder as holding a run (a relaunch must resume or overwrite it).
+RUN_FILES = ("metrics.jsonl", "checkpoints", "final")
 
 
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / COMPLETE_MARKER).is_file()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LetRecipesError):
     pass
 
 
@@ -59,21 +70,102 @@ def _to_bytes(obj: Any) -> io.BytesIO:
     return buf
 
 
-class Checkpointer:
-    """Saves and restores (model, optimizer, trainer state) at step boundaries.
+@dataclass
+class Progress:
+    """How far training got: optimizer steps taken and seconds spent in them (over resumes)."""
 
-    ``trainer_state`` is any picklable dict (step, LR scheduler, data loader, RNG); it is
-    stored per rank because data-loader positions and RNG streams differ between ranks.
+    step: int = 0
+    train_time: float = 0.0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.step, self.train_time = int(state["step"]), float(state["train_time"])
+
+
+class RNGState:
+    """Every random stream a step may draw from (torch, CUDA, numpy, Python), as a ``Stateful``."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and restores a run at step boundaries, and guards its folder.
+
+    Usage, in this order::
+
+        ckpt = Checkpointer(output_dir, keep_last=2)
+        resume_from = ckpt.resume_point(cfg.resume)      # None = a fresh start
+        ckpt.guard(resuming=resume_from is not None, overwrite=cfg.overwrite)
+        ...                                              # build model, optimizer, loader
+        ckpt.track(model, optimizer, progress=..., dataloader=..., rng=RNGState())
+        ckpt.load(resume_from) if resume_from else ckpt.clear()
+        ckpt.save(step)                                  # every save_every steps
     """
 
-    def __init__(self, output_dir: Union[str, Path], keep_last: int = 2, async_save: bool = False):
-        self.dir = Path(output_dir) / "checkpoints"
+    def __init__(self, output_dir: Union[str, Path], keep_last: int = 2, async_save: bool = False,
+                 log: Callable[[str], None] = print):
+        self.output_dir = Path(output_dir)
+        self.dir = self.output_dir / "checkpoints"
         self.keep_last = keep_last
         self.async_save = async_save
+        self.log = log
+        self.model = self.optimizer = None
+        self.per_rank: Dict[str, Any] = {}
         self._pending = None  # (future, tmp folder, final folder) of an async save in flight
         # Called with the folder after its shards are written, before it is marked complete
-        # (the reliability tests kill the process here).
+        # (components/faults.py kills the process here for the reliability tests).
         self.before_complete = None
+
+    # -------------------------------------------------------------- run folder
+    def resume_point(self, resume: Any) -> Optional[Path]:
+        """The checkpoint ``resume`` asks for: false/None -> None; true -> the latest complete
+        one (None, said aloud, when there is none); a path -> that folder."""
+        if resume in (False, None, "false", "False"):
+            return None
+        if resume in (True, "true", "True"):
+            for broken in self.incomplete_checkpoints():
+                self.log(f"resume: ignoring {broken} (its save never finished)")
+            latest = self.latest()
+            if latest is None:
+                self.log(f"resume=true but {self.dir} holds no complete checkpoint: starting fresh")
+            return latest
+        path = Path(str(resume))
+        if not path.is_dir():
+            raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the latest, "
+                                  f"or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
+        return path
+
+    def guard(self, resuming: bool, overwrite: bool) -> None:
+        """Refuse to replace a finished or running run's files unless told to."""
+        existing = [p for p in RUN_FILES if (self.output_dir / p).exists()]
+        if existing and not resuming and not overwrite:
+            raise CheckpointError(
+                f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
+                "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."
+            )
+
+    def clear(self) -> None:
+        """A fresh start (overwrite=true) must never resume the old run's checkpoints later."""
+        if _rank() == 0:
+            for name in ("checkpoints", "final"):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+
+    # ------------------------------------------------------------- contents
+    def track(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **per_rank: Any) -> None:
+        """What a checkpoint holds: ``model`` and ``optimizer`` (sharded by DCP) and the
+        ``Stateful`` objects in ``per_rank``, saved and restored by name."""
+        self.model, self.optimizer, self.per_rank = model, optimizer, per_rank
 
     def _step_folders(self):
         if not self.dir.is_dir():
@@ -92,8 +184,7 @@ class Checkpointer:
         found = self.complete_checkpoints()
         return found[-1] if found else None
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: Dict,
-             run_info: Optional[Dict] = None) -> Path:
+    def save(self, step: int, run_info: Optional[Dict] = None) -> Path:
         self.wait()
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -104,7 +195,8 @@ class Checkpointer:
             if run_info is not None:
                 (tmp / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str))
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        trainer_state = {name: obj.state_dict() for name, obj in self.per_rank.items()}
         state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
         if self.async_save:
             # DCP stages a copy in CPU memory before returning; training goes on meanwhile.
@@ -135,8 +227,8 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
 
-    def load(self, path: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict:
-        """Load model and optimizer in place; return this rank's trainer state."""
+    def load(self, path: Union[str, Path]) -> None:
+        """Restore the tracked model, optimizer and per-rank state from ``path`` in place."""
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(
@@ -144,7 +236,7 @@ class Checkpointer:
                 f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
                 "or resume=true for the latest complete one."
             )
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         # DCP loads whatever keys it is asked for: a checkpoint of a deeper model would load
         # "fine" into a shallower one. Compare the tensor names first.
         saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("model.")}
@@ -166,10 +258,17 @@ class Checkpointer:
                 f"resume: cannot load {str(path)!r} into this run ({str(err).splitlines()[0][:300]}). "
                 "Fix: resume with the same model, alignment and world size that wrote it."
             ) from err
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         buf = state[key]
         buf.seek(0)
-        return torch.load(buf, weights_only=False)
+        trainer_state = torch.load(buf, weights_only=False)
+        missing = [name for name in self.per_rank if name not in trainer_state]
+        if missing:
+            raise CheckpointError(f"resume: {str(path)!r} holds no {missing} state (it was written by another "
+                                  "version of letrecipes or another recipe). Fix: resume with the recipe and version "
+                                  "that wrote it, or start fresh with overwrite=true.")
+        for name, obj in self.per_rank.items():
+            obj.load_state_dict(trainer_state[name])
 
 
 def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -178,7 +277,7 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
     For evaluating intermediate checkpoints: no optimizer, no trainer state, any world
     size (DCP reshards).
     """
-    from components.models import rebuild_rope_caches
+    from letrecipes.components.models import rebuild_rope_caches
 
     path = Path(path)
     if not is_complete(path):
@@ -193,39 +292,3 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
     with torch.device(device):
         rebuild_rope_caches(model.layers)
     return model
-
-
-def export_model(
-    model: torch.nn.Module,
-    args: ModelArgs,
-    out_dir: Union[str, Path],
-    tokenizer_path: Optional[Union[str, Path]] = None,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) atomically.
-
-    Collective under FSDP2: every rank calls it, the full state is gathered (offloaded to
-    CPU) and rank 0 writes it.
-    """
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    out_dir = Path(out_dir)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() != 0:
-        _barrier()
-        return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in full.items()}
-    save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-    (tmp / EXPORT_CONFIG).write_text(json.dumps({"format": "letrecipes", "model": args.to_dict()}, indent=2))
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, tmp / EXPORT_TOKENIZER)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    _barrier()
-    return out_dir

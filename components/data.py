@@ -18,20 +18,21 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from letrecipes.components.errors import LetRecipesError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 _CACHE_FORMAT = 1
 
 
-class DataError(ValueError):
+class DataError(LetRecipesError):
     """Bad data input, raised before training starts."""
 
 
@@ -150,6 +151,33 @@ class Tokenizer:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
 
+def load_tokenizer(tokenizer_cfg: Mapping[str, Any], teacher_cfg: Optional[Mapping[str, Any]] = None) -> Tokenizer:
+    """The run's tokenizer from its ``tokenizer`` config section: ``tokenizer.path`` (``source:
+    path``, the default), or the teacher's own (``source: teacher``: its format names the
+    tokenizer without loading the weights).
+
+    A path may be a tokenizer.json, a model folder that holds one, or any checkpoint a
+    teacher format recognises (a .gguf file exports its embedded tokenizer).
+    """
+    from letrecipes.components.teachers import teacher_format, tokenizer_file
+
+    source = tokenizer_cfg.get("source", "path")
+    if source == "teacher":
+        teacher = teacher_cfg or {}
+        if not teacher.get("path"):
+            raise DataError("tokenizer.source=teacher but there is no teacher.path. Fix: set teacher.path, "
+                            "or use tokenizer.source=path with tokenizer.path.")
+        path = tokenizer_file(teacher["path"], key="teacher.path", fmt=teacher_format(teacher))
+    elif source == "path":
+        if not tokenizer_cfg.get("path"):
+            raise DataError("tokenizer.path is not set. Fix: point it at a tokenizer.json (or a model folder or "
+                            ".gguf file), or set tokenizer.source=teacher.")
+        path = tokenizer_file(tokenizer_cfg["path"], key="tokenizer.path")
+    else:
+        raise DataError(f"tokenizer.source={source!r}: use path (tokenizer.path) or teacher (the teacher's own).")
+    return Tokenizer(path, eos_token=tokenizer_cfg.get("eos_token"))
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: Union[str, Path]) -> Path:
     """Train a byte-level BPE tokenizer with an ``<|endoftext|>`` token; write tokenizer.json."""
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -260,3 +288,38 @@ def build_dataloader(
     return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers
     )
+
+
+class BatchStream:
+    """Endless batches from a loader, epoch after epoch, moved to ``device``.
+
+    A ``Stateful`` (``state_dict``/``load_state_dict``): the epoch and the loader's position
+    within it, so a resumed run continues with exactly the next batch.
+    """
+
+    def __init__(self, loader: StatefulDataLoader, device: torch.device):
+        self.loader = loader
+        self.device = device
+        self.epoch = 0
+        self._iter = None
+
+    def next(self) -> Dict[str, torch.Tensor]:
+        while True:
+            if self._iter is None:
+                self.loader.sampler.set_epoch(self.epoch)
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+                return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            except StopIteration:
+                self.epoch += 1
+                self._iter = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        self.loader.sampler.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        self._iter = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from components.models import ModelArgs
+from letrecipes.components.models import ModelArgs
 
 
 def block_matmul_params(args: ModelArgs) -> int:

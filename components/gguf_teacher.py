@@ -1,10 +1,10 @@
-"""llama.cpp GGUF files as teachers: shape from the metadata, weights dequantized with the
+"""Teacher format ``gguf``: llama.cpp GGUF files, shape from the metadata, weights dequantized with the
 ``gguf`` package, the embedded tokenizer exported as a ``tokenizer.json``.
 
 Only the ``llama`` architecture is mapped (SmolLM/SmolLM2, TinyLlama, Llama-2 style models).
 llama.cpp's converter stores Q and K with each head's rows interleaved for its RoPE
 kernel; we undo that to get the Hugging Face layout, then go through the same name
-mapping and checks as a Hugging Face folder (``components.hf_teacher``).
+mapping and checks as a Hugging Face folder (``letrecipes.components.hf_teacher``).
 """
 
 from __future__ import annotations
@@ -13,14 +13,18 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from components.hf_teacher import convert_state_dict
-from components.models import ModelArgs
-from components.teachers import TeacherError
+from letrecipes.components.hf_teacher import convert_state_dict
+from letrecipes.components.models import ModelArgs
+from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
+
+# Where embedded tokenizers are exported (one tokenizer.json per distinct tokenizer).
+GGUF_TOKENIZER_DIR = "outputs/cache/gguf_tokenizers"
+GGUF_MAGIC = b"GGUF"
 
 # What gguf.quants.dequantize handles and this loader has been checked with; anything
 # else (the IQ* codebook formats, ternary types) is refused by name.
@@ -176,3 +180,37 @@ def export_tokenizer(reader, source: str, out_dir: Path) -> Path:
     tokenizer.save(str(tmp))
     tmp.replace(target)  # atomic: concurrent ranks or a killed run never leave half a file
     return target
+
+
+@register_format("gguf")
+class GGUFFormat(TeacherFormat):
+    """Weights dequantized on load; the embedded tokenizer exported to
+    ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
+
+    looks_like = "a llama.cpp .gguf file"
+
+    def __init__(self, tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR):
+        self.tokenizer_dir = Path(tokenizer_dir)
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        if not path.is_file():
+            return False
+        if path.suffix == ".gguf":
+            return True
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+
+    def describe(self, path: Path) -> ModelArgs:
+        return model_args(open_gguf(path), str(path))
+
+    def tokenizer(self, path: Path) -> Optional[Path]:
+        return export_tokenizer(open_gguf(path), str(path), self.tokenizer_dir)
+
+    def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
+        path = resolve_path(path)
+        reader = open_gguf(path)
+        args = model_args(reader, str(path))
+        model = build_frozen(args, lambda expected, cast: state_dict(reader, args, expected, cast, str(path)),
+                             dtype, device)
+        return Teacher(model, tokenizer_path=export_tokenizer(reader, str(path), self.tokenizer_dir), source=str(path))

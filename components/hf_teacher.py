@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints: ``config.json`` + safetensors (one file, or shards with an
-index) + ``tokenizer.json``, mapped onto :mod:`components.models` decoders.
+"""Teacher format ``huggingface``: ``config.json`` + safetensors (one file, or shards with an
+index) + ``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` decoders.
 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
 Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v) and OPT (``OPTForCausalLM``). The
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from components.models import ModelArgs
-from components.teachers import TeacherError
+from letrecipes.components.models import ModelArgs
+from letrecipes.components.teachers import (
+    Teacher, TeacherError, TeacherFormat, build_frozen, folder_tokenizer, read_json, register_format, resolve_path,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -244,3 +246,30 @@ def convert_state_dict(
         raise TeacherError(f"{what}: the weights lack {len(missing)} tensor(s) the model needs, e.g. "
                            f"{missing[:3]}. Fix: check that every shard is complete and belongs to this config.")
     return state
+
+
+@register_format("huggingface")
+class HuggingFaceFormat(TeacherFormat):
+    looks_like = "a Hugging Face model folder (config.json with model_type, *.safetensors, tokenizer.json)"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        meta = read_json(path)
+        return meta is not None and "model" not in meta and bool(meta.get("model_type") or meta.get("architectures"))
+
+    def describe(self, path: Path) -> ModelArgs:
+        return model_args(read_config(path), str(path / "config.json"))
+
+    def tokenizer(self, path: Path) -> Optional[Path]:
+        return folder_tokenizer(path)
+
+    def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
+        path = resolve_path(path)
+        args = self.describe(path)
+        files = weight_files(path)
+        model = build_frozen(
+            args, lambda expected, cast: convert_state_dict(args, iter_tensors(files), expected, cast,
+                                                           what=str(path / "config.json")),
+            dtype, device,
+        )
+        return Teacher(model, tokenizer_path=folder_tokenizer(path), source=str(path))

@@ -1,6 +1,6 @@
 """Which student layer(s) align to which teacher layer(s).
 
-Layers are numbered as in :mod:`components.models`: 1..L are block outputs, L (the
+Layers are numbered as in :mod:`letrecipes.components.models`: 1..L are block outputs, L (the
 last) is after the final norm, 0 is the embedding output. A layer may be given as
 
 - an int: ``3``; negative counts from the end: ``-1`` is the last layer;
@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
-from components.registry import register
+from letrecipes.components.registry import register
+from letrecipes.components.errors import LetRecipesError
 
 Layer = Union[int, float, str]
 PRESETS = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")
 
 
-class LayerMapError(ValueError):
+class LayerMapError(LetRecipesError):
     pass
 
 

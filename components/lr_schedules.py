@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+
 import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+from letrecipes.components.registry import ComponentError, register
 
 
+@register("lr_scheduler", "warmup_cosine")
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
     if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(f"lr_scheduler: warmup_steps={warmup_steps} and total_steps={total_steps} must be >= 0 and >= 1")
+        raise ComponentError(f"lr_scheduler: warmup_steps={warmup_steps} and total_steps={total_steps} must be >= 0 and >= 1")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -1,26 +1,77 @@
-"""Metric sinks: a JSONL file, stdout and (optionally) Weights & Biases.
+"""Metric sinks: a JSONL file, a console line and (optionally) Weights & Biases; memory figures.
 
 ``MetricLogger.log(record)`` writes one JSON object per call to ``<output_dir>/metrics.jsonl``
 and forwards it to wandb when enabled. wandb runs with ``mode: offline`` or
-``disabled`` with no network and no API key.
+``disabled`` with no network and no API key. On resume the logger first drops the records
+that the interrupted run wrote after the checkpoint it resumes from, so the file reads as
+one uninterrupted run.
+
+Values may be tensors (the recipes keep per-step figures on the device so that a step
+never waits for the host); they are read only when a record is written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import resource
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+import torch
+
+from letrecipes.components.errors import LetRecipesError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_python(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record with tensor values read back as Python numbers (one device sync)."""
+    keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(record)
+    values = torch.stack([record[k].detach().reshape(()).double() for k in keys]).tolist()
+    return {**record, **dict(zip(keys, values))}
+
+
+def format_record(record: Dict[str, Any], max_steps: int, fields: Sequence[Tuple[str, str]]) -> str:
+    """``step 10/300 | loss 5.6638 | ...``: the ``(key, format)`` fields the record has, in order."""
+    parts = [f"step {record['step']}/{max_steps}"]
+    for key, fmt in fields:
+        if record.get(key) is not None:
+            parts.append(f"{key} {record[key]:{fmt}}")
+    return " | ".join(parts)
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the records of ``path`` up to ``step`` (and drop a line cut short by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 class MetricLogger:
+    """``resume_step``: continue the file of a run resumed at that step (later records dropped);
+    None starts a new file."""
+
     def __init__(
         self,
         output_dir: str | Path,
         enabled: bool = True,
         wandb: Optional[Dict[str, Any]] = None,
         run_config: Optional[Dict[str, Any]] = None,
-        append: bool = False,
+        resume_step: Optional[int] = None,
     ):
         self.enabled = enabled
         self._file = None
@@ -28,7 +79,10 @@ class MetricLogger:
         if not enabled:
             return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        self._file = open(Path(output_dir) / "metrics.jsonl", "a" if append else "w", buffering=1)
+        path = Path(output_dir) / METRICS_FILE
+        if resume_step is not None:
+            truncate_after(path, resume_step)
+        self._file = open(path, "a" if resume_step is not None else "w", buffering=1)
         wandb = dict(wandb or {})
         if wandb.pop("enabled", False):
             import wandb as wandb_lib
@@ -40,6 +94,7 @@ class MetricLogger:
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
+        record = to_python(record)
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         if self._wandb is not None:
@@ -52,6 +107,21 @@ class MetricLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Peak resident set size of this process (Linux reports KiB).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """Allocated CUDA memory, or this process's resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def read_metrics(path: str | Path):
@@ -69,7 +139,7 @@ def compare_runs(baseline: list, let: list) -> Dict[str, Any]:
     base_val = [(r["step"], r["val_loss"]) for r in baseline if r.get("val_loss") is not None]
     let_val = [(r["step"], r["val_loss"]) for r in let if r.get("val_loss") is not None]
     if not base_val or not let_val:
-        raise ValueError("both runs need validation records (set eval_every > 0)")
+        raise LetRecipesError("both runs need validation records (set eval_every > 0)")
     base_steps, base_final = base_val[-1]
     reached = next((step for step, loss in let_val if loss <= base_final), None)
     return {

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from letrecipes.components.registry import ComponentError, register
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.llama3_2._component_builders import llama3_mlp
 from torchtune.modules import (
@@ -55,7 +57,7 @@ class ModelArgs:
         known = {f.name for f in fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"unknown model keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ComponentError(f"unknown model keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -67,19 +69,19 @@ class ModelArgs:
 
     def validate(self, key: str = "model") -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"{key}.family={self.family!r}: use one of {sorted(FAMILIES)}.")
+            raise ComponentError(f"{key}.family={self.family!r}: use one of {sorted(FAMILIES)}.")
         if self.head_dim is None and self.embed_dim % self.num_heads:
-            raise ValueError(
+            raise ComponentError(
                 f"{key}.embed_dim ({self.embed_dim}) must be divisible by {key}.num_heads "
                 f"({self.num_heads}). Fix: change one of them."
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ComponentError(
                 f"{key}.num_heads ({self.num_heads}) must be a multiple of {key}.num_kv_heads "
                 f"({self.num_kv_heads}). Fix: change one of them."
             )
         if self.family == "llama" and self.dim_per_head % 2:
-            raise ValueError(f"{key}: the head dim ({self.dim_per_head}) must be even for RoPE.")
+            raise ComponentError(f"{key}: the head dim ({self.dim_per_head}) must be even for RoPE.")
 
 
 def _rope(args: ModelArgs) -> nn.Module:
@@ -130,7 +132,7 @@ def llama(args: ModelArgs) -> TransformerDecoder:
 
     Call :func:`init_weights` for a from-scratch start (torchtune's builders have none).
     RoPE rotates interleaved pairs (torchtune's convention); Hugging Face checkpoints,
-    which rotate halves, are permuted on load (``components.hf``).
+    which rotate halves, are permuted on load (``letrecipes.components.hf``).
     """
     args.validate()
     rope = _rope(args)
@@ -288,6 +290,11 @@ def forward_with_hidden(
     return hidden, None
 
 
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; label -100 is ignored."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
 def padded_vocab_size(tokenizer_size: int, multiple: int = 64) -> int:
     """The embedding rows for a tokenizer: rounded up so the output matmul tiles well on GPUs."""
     return multiple * math.ceil(tokenizer_size / multiple)
@@ -300,6 +307,7 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return total
 
 
+@register("model", "llama")
 def llama_model(
     vocab_size: int,
     num_layers: int,
@@ -313,7 +321,7 @@ def llama_model(
     tie_word_embeddings: bool = True,
     init_std: Optional[float] = 0.02,
 ) -> TransformerDecoder:
-    """Config entry point (``model: {_component_: components.models.llama_model, ...}``).
+    """Config entry point (``model: {_component_: llama, ...}``).
 
     ``intermediate_dim`` defaults to the Llama SwiGLU width (8/3 * embed_dim, rounded up
     to a multiple of 64). The returned model carries its :class:`ModelArgs` as

@@ -7,14 +7,16 @@ Every function here takes a built model and changes it in place; none knows reci
 
 from __future__ import annotations
 
+
 import dataclasses
 import os
 from datetime import timedelta
-from typing import List, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from letrecipes.components.registry import ComponentError
 
 
 def init_distributed(device: torch.device, timeout_s: int = 600) -> Tuple[int, int]:
@@ -39,6 +41,63 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True) -> Tuple[torch.device, int, int, List[str]]:
+    """(device, rank, world size, notes for the log): ``name`` cpu, cuda or None (cuda when
+    there is one); joins the process group; on CPU, tunes malloc (:func:`keep_freed_memory_in_process`)."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ComponentError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
+    notes = []
+    if device.type == "cpu" and cpu_malloc_tuning and keep_freed_memory_in_process():
+        notes.append("malloc keeps freed memory")
+    rank, world_size = init_distributed(device)
+    return local_device(device), rank, world_size, notes
+
+
+def parallelize(
+    model: nn.Module,
+    device: torch.device,
+    fsdp: bool,
+    compute_dtype: Optional[torch.dtype],
+    float8: Mapping[str, Any],
+    activation_checkpointing: Mapping[str, Any],
+    compile: bool,
+    fsdp_options: Mapping[str, Any],
+    seed: int,
+    init_std: float = 0.02,
+) -> Tuple[Any, List[str]]:
+    """Apply float8 -> activation checkpointing -> compile -> FSDP2 (the order that composes).
+
+    Returns (the FSDP mixed-precision policy or None, notes for the log). Without FSDP the
+    model is moved to ``device``; with it, the meta-device model is sharded, then allocated
+    and initialised shard by shard (no rank ever holds the whole model).
+    """
+    notes = []
+    if not fsdp:
+        model.to(device)
+    if float8.get("enabled", False):
+        recipe = float8.get("recipe", "tensorwise")
+        skipped = apply_float8(model, recipe=recipe, fsdp_float8_all_gather=float8.get("fsdp_float8_all_gather", False),
+                               emulate=float8.get("emulate", False))
+        notes.append(f"float8 {recipe} (kept high precision: {', '.join(skipped) if skipped else 'none'})")
+    mode = activation_checkpointing.get("mode", "none")
+    if mode not in ("none", None):
+        wrapped = apply_activation_checkpointing(model, mode, int(activation_checkpointing.get("every", 2)))
+        notes.append(f"activation checkpointing {mode} ({wrapped} blocks)")
+    if compile:
+        compile_blocks(model)
+        notes.append("compiled blocks")
+    mp_policy = None
+    if fsdp:
+        if compute_dtype is not None:  # FSDP2 casts parameters itself; no autocast on top
+            mp_policy = mixed_precision_policy(compute_dtype)
+        shard_model(model, mp_policy, bool(fsdp_options.get("reshard_after_forward", True)))
+        notes.append("FSDP2" + (" bf16 params / fp32 reduce" if mp_policy else " fp32"))
+        materialize(model, device, seed=seed, init_std=init_std)
+        notes.append("initialised after sharding")
+    return mp_policy, notes
+
+
 def is_float8_eligible(module: nn.Module, fqn: str) -> bool:
     """Linear layers inside transformer blocks whose dims are multiples of 16."""
     return (isinstance(module, nn.Linear) and fqn.startswith("layers.")
@@ -59,7 +118,7 @@ def apply_float8(model: nn.Module, recipe: str = "tensorwise", fsdp_float8_all_g
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_float8_all_gather, emulate=emulate)
     else:
         if fsdp_float8_all_gather:
-            raise ValueError("parallel.float8.fsdp_float8_all_gather works with recipe=tensorwise only.")
+            raise ComponentError("float8.fsdp_float8_all_gather works with recipe=tensorwise only.")
         config = Float8LinearConfig.from_recipe_name(recipe)
         if emulate:
             config = dataclasses.replace(config, emulate=True)
@@ -73,7 +132,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: 
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     if mode not in ("full", "selective"):
-        raise ValueError(f"parallel.activation_checkpointing={mode!r}: use full, selective or none.")
+        raise ComponentError(f"activation_checkpointing.mode={mode!r}: use full, selective or none.")
     step = 1 if mode == "full" else max(1, every)
     wrapped = 0
     for i, block in enumerate(model.layers):
@@ -124,15 +183,15 @@ def shard_teacher(model: nn.Module) -> None:
     fully_shard(model.norm)
 
 
-def all_reduce_mean(values: dict, device: torch.device) -> dict:
-    """Average a dict of floats over ranks (one collective)."""
+def all_reduce_mean(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Average a dict of scalar tensors over ranks: one collective, no host sync."""
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return values
     keys = sorted(values)
-    buf = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    buf = torch.stack([values[k].detach().reshape(()).double() for k in keys])
     dist.all_reduce(buf)
     buf /= dist.get_world_size()
-    return dict(zip(keys, buf.tolist()))
+    return dict(zip(keys, buf.unbind()))
 
 
 def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
@@ -171,7 +230,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int, init_std: flo
     seeded differently for the init (else all shards would be copies of one), then the
     common seed is restored. RoPE caches are non-persistent buffers: rebuilt on ``device``.
     """
-    from components.models import init_weights, rebuild_rope_caches
+    from letrecipes.components.models import init_weights, rebuild_rope_caches
 
     model.to_empty(device=device)
     with torch.device(device):

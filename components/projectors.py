@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from components.registry import register
+from letrecipes.components.registry import ComponentError, register
 
 
 @register("projector", "linear")
@@ -31,7 +31,7 @@ class MLPProjector(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int, hidden_dim: int | None = None, num_layers: int = 2):
         super().__init__()
         if num_layers < 2:
-            raise ValueError("alignment.projector.num_layers must be >= 2 for mlp; use linear for 1.")
+            raise ComponentError("alignment.projector.num_layers must be >= 2 for mlp; use linear for 1.")
         hidden_dim = hidden_dim or 2 * max(student_dim, teacher_dim)
         dims = [student_dim] + [hidden_dim] * (num_layers - 1) + [teacher_dim]
         layers = []
@@ -69,7 +69,7 @@ class IdentityProjector(nn.Module):
     def __init__(self, student_dim: int, teacher_dim: int):
         super().__init__()
         if student_dim != teacher_dim:
-            raise ValueError(
+            raise ComponentError(
                 f"alignment.projector: identity needs equal widths, got student {student_dim} "
                 f"and teacher {teacher_dim}. Fix: use linear, mlp or interpolate."
             )

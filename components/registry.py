@@ -1,13 +1,14 @@
-"""One registry for every kind of swappable component.
+"""One registry for every kind of swappable component, and the one way the recipes build them.
 
-A component is named in YAML either by a short registered name or by a dotted import
-path::
+Every part a config names (model, optimizer, LR scheduler, teacher format, layer map,
+projector, alignment loss, schedule) is built by :func:`build`, by a short registered name
+or by a dotted import path::
 
     alignment:
       loss:
         _component_: negative_cosine            # short name, registered below
     # or
-        _component_: components.alignment.NegativeCosine
+        _component_: letrecipes.components.alignment.NegativeCosine
     # or a class of your own, in a module of your own:
         _component_: my_lab.losses.CenteredCosine
 
@@ -26,12 +27,18 @@ from typing import Any, Callable, Dict, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-KINDS = ("teacher_loader", "layer_map", "projector", "alignment_loss", "schedule")
+from letrecipes.components.errors import LetRecipesError
+
+KINDS = ("model", "optimizer", "lr_scheduler", "teacher_loader", "layer_map", "projector", "alignment_loss",
+         "schedule")
+# Components lived in a top-level package `components` before 0.2; a config that still
+# names one gets the new name instead of an import error.
+OLD_PREFIX, NEW_PREFIX = "components.", "letrecipes.components."
 
 _REGISTRY: Dict[str, Dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
 
-class ComponentError(ValueError):
+class ComponentError(LetRecipesError):
     """A component named in a config cannot be found or built."""
 
 
@@ -72,6 +79,11 @@ def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any
     """Find a component by short name (``kind``'s registry) or by dotted path."""
     if name in _REGISTRY[kind]:
         return _REGISTRY[kind][name]
+    if name.startswith(OLD_PREFIX):
+        raise ComponentError(
+            f"{key}: {name!r} is the name from before components moved into the letrecipes package. "
+            f"Fix: use {NEW_PREFIX + name[len(OLD_PREFIX):]!r}{_short_name_hint(kind, name)}."
+        )
     if "." in name:
         module_name, _, attr = name.rpartition(".")
         try:
@@ -90,16 +102,24 @@ def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any
     raise ComponentError(
         f"{key}: unknown {kind} {name!r}. Fix: use one of "
         f"{', '.join(sorted(_REGISTRY[kind]))}, a dotted path to your own class, or register "
-        "yours with @components.registry.register and list its module under `imports`."
+        "yours with @letrecipes.components.registry.register and list its module under `imports`."
     )
 
 
-def build(kind: str, spec: Any, key: str, **kwargs: Any) -> Any:
+def _short_name_hint(kind: str, name: str) -> str:
+    attr = name.rpartition(".")[2]
+    short = [n for n, obj in _REGISTRY[kind].items() if getattr(obj, "__name__", None) == attr]
+    return f" (or the short name {short[0]!r})" if short else ""
+
+
+def build(kind: str, spec: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     """Build a component from a config node.
 
     ``spec`` is a short name / dotted path string, or a mapping with ``_component_`` and
-    keyword arguments. ``kwargs`` are supplied by the recipe (e.g. model widths) and
-    take precedence. ``key`` is the config key, used in error messages.
+    keyword arguments. ``args`` and ``kwargs`` are supplied by the recipe (the optimizer's
+    parameters, the model's vocabulary size) and take precedence. ``key`` is the config
+    key, used in error messages. A constructor that rejects its arguments (``TypeError``,
+    ``ValueError``) becomes one :class:`ComponentError` naming ``key``.
     """
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
@@ -109,10 +129,15 @@ def build(kind: str, spec: Any, key: str, **kwargs: Any) -> Any:
         raise ComponentError(
             f"{key}: expected a component name or a mapping with `_component_`, got {spec!r}."
         )
-    args = {k: v for k, v in spec.items() if k != "_component_"}
-    args.update(kwargs)
+    options = {k: v for k, v in spec.items() if k != "_component_"}
+    options.update(kwargs)
     factory = resolve(kind, spec["_component_"], key=f"{key}._component_")
     try:
-        return factory(**args)
-    except TypeError as err:
+        return factory(*args, **options)
+    except LetRecipesError as err:
+        if str(err).startswith(key):
+            raise
         raise ComponentError(f"{key}: cannot build {spec['_component_']!r}: {err}") from err
+    except (TypeError, ValueError) as err:
+        raise ComponentError(f"{key}: cannot build {spec['_component_']!r}: {str(err).splitlines()[0]}. "
+                             f"Fix: check {key}._component_ and its keys (docs/configs.md).") from err

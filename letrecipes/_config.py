@@ -1,4 +1,5 @@
-"""Config resolution for the recipes: short names, paths, ``key=value`` overrides.
+"""The glue between a command line and a recipe: config lookup, ``key=value`` overrides,
+and the runner that turns user errors into one line.
 
 ``--config`` takes a path to a YAML file, or a short name looked up (``.yaml`` added)
 in ``recipes/configs/`` of a source checkout, then in the configs shipped inside the
@@ -8,7 +9,9 @@ installed package (``letrecipes/configs``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
@@ -16,10 +19,13 @@ from typing import Callable, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
+from letrecipes._schema import validate as validate_config
+from letrecipes.components.errors import LetRecipesError
+
 RECIPES = ("pretrain", "let_pretrain", "eval")
 
 
-class ConfigError(ValueError):
+class ConfigError(LetRecipesError):
     pass
 
 
@@ -83,3 +89,35 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
         recipe_main(cfg)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def errors_as_one_line():
+    """Turn the errors a user can fix (every :class:`LetRecipesError`: bad config, data,
+    teacher, checkpoint, divergence) into one ``error: ...`` line and exit status 1.
+    ``LETRECIPES_TRACEBACK=1`` keeps the traceback; any other exception is a bug and keeps it."""
+    try:
+        yield
+    except LetRecipesError as err:
+        if os.environ.get("LETRECIPES_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")
+
+
+def run(recipe_class, cfg: DictConfig) -> None:
+    """Check the config, then setup / train / cleanup; ``dry_run=true`` only checks the
+    config and prints the cost estimate."""
+    with errors_as_one_line():
+        validate_config(cfg)  # before anything is built or written
+        recipe = recipe_class(cfg)
+        if cfg.get("dry_run", False):
+            from letrecipes._dry_run import dry_run
+
+            dry_run(cfg, with_teacher=recipe_class.uses_teacher)
+            return
+        recipe.setup()
+    try:
+        with errors_as_one_line():
+            recipe.train()
+    finally:
+        recipe.cleanup()

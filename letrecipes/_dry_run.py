@@ -12,17 +12,17 @@ from typing import Any, Dict
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchtune import config
 
-from components import registry
-from components.aligner import build_aligner
-from components.estimate import forward_flops_per_token, memory_per_gpu, total_params
-from components.models import ModelArgs, count_parameters, padded_vocab_size
-from components.teachers import TeacherError, describe, resolve_path
-from letrecipes.pretrain import load_tokenizer
+from letrecipes.components import registry
+from letrecipes.components.aligner import build_aligner
+from letrecipes.components.data import load_tokenizer
+from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, total_params
+from letrecipes.components.models import ModelArgs, count_parameters, padded_vocab_size
+from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
 
-class DryRunError(ValueError):
+class DryRunError(LetRecipesError):
     pass
 
 
@@ -34,18 +34,19 @@ def _exists(path: str) -> bool:
 
 
 def _teacher_args(cfg: DictConfig, seq_len: int) -> ModelArgs:
-    """The teacher's real shape (config.json or GGUF metadata, no weights read) when
-    ``teacher.path`` exists here; otherwise ``teacher.shape``."""
-    path = str(cfg.teacher.get("path", ""))
-    try:
-        return describe(path)
-    except TeacherError:
-        if _exists(path):
-            raise  # it is there but unreadable: say so rather than fall back
+    """The teacher's real shape, from its format's ``describe`` (config.json or GGUF
+    metadata, no weights read) when ``teacher.path`` exists here; otherwise ``teacher.shape``."""
+    section = OmegaConf.to_container(cfg.teacher, resolve=True)
+    path = str(section.get("path", ""))
+    described = describe_teacher(section) if _exists(path) else None
+    if described is not None:
+        return described
     shape = cfg.teacher.get("shape")
     if shape is None:
+        where = ("its format cannot describe it without loading" if _exists(path)
+                 else "it does not exist on this machine")
         raise DryRunError(
-            f"teacher.path={path!r} does not exist on this machine. Fix: run the dry run where the checkpoint is, or "
+            f"teacher.path={path!r}: {where}. Fix: run the dry run where the checkpoint is, or "
             "describe the teacher under teacher.shape (num_layers, num_heads, num_kv_heads, embed_dim, "
             "intermediate_dim, vocab_size)."
         )
@@ -60,11 +61,11 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     vocab_size = cfg.model.get("vocab_size")
     if vocab_size is None:
         try:
-            vocab_size = padded_vocab_size(load_tokenizer(cfg).vocab_size)
-        except ValueError as err:
+            vocab_size = padded_vocab_size(load_tokenizer(cfg.tokenizer, cfg.get("teacher")).vocab_size)
+        except LetRecipesError as err:
             raise DryRunError(f"dry_run: set model.vocab_size, or make the tokenizer readable here ({err})") from err
     with torch.device("meta"):
-        student = config.instantiate(cfg.model, vocab_size=vocab_size, max_seq_len=seq_len)
+        student = registry.build("model", cfg.model, "model", vocab_size=vocab_size, max_seq_len=seq_len)
     args: ModelArgs = student.model_args
     world = int(cfg.get("dry_run_world_size") or os.environ.get("WORLD_SIZE", 1))
     micro_batch = int(cfg.batch_size)
@@ -84,9 +85,9 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
                               f"({vocab_size}): they must read the same token ids.")
         with torch.device("meta"):
             aligner = build_aligner(cfg.alignment, args.embed_dim, args.num_layers, teacher_args.embed_dim,
-                                    teacher_args.num_layers, total_steps=int(cfg.max_steps))
-        logit_kd = aligner.target == "logits"  # the teacher runs whole, output head included
-        deepest = teacher_args.num_layers if logit_kd else max(aligner.teacher_layers)
+                                    teacher_args.num_layers, total_steps=int(cfg.max_steps), vocab_size=vocab_size)
+        logit_kd = aligner.teacher_blocks_run is None  # the teacher runs whole, output head included
+        deepest = teacher_args.num_layers if logit_kd else aligner.teacher_blocks_run
         teacher_flops = forward_flops_per_token(teacher_args, seq_len, layers=deepest, head=logit_kd)
         report.update({
             "teacher_params": total_params(teacher_args),

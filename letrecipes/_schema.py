@@ -14,8 +14,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from letrecipes.components.errors import LetRecipesError
 
-class ConfigValueError(ValueError):
+
+class ConfigValueError(LetRecipesError):
     pass
 
 

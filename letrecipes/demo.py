@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from components.data import train_bpe
-from components.metrics import compare_runs, read_metrics
+from letrecipes.components.data import train_bpe
+from letrecipes.components.metrics import compare_runs, read_metrics
 
 DEMO_DIR = Path("outputs/demo")
 VOCAB_SIZE = 4096

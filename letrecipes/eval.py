@@ -23,16 +23,14 @@ from typing import Dict, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchtune import config
 
-from components import registry
-from components.checkpointing import STEP_PREFIX, load_model_weights
-from components.data import Tokenizer
-from components.evaluation import read_task, score_task
-from components.models import forward_with_hidden, padded_vocab_size
-from components.teachers import parse_dtype, resolve_path
-from letrecipes._config import parse
-from letrecipes.pretrain import errors_as_one_line, load_tokenizer
+from letrecipes._config import errors_as_one_line, parse
+from letrecipes.components import registry
+from letrecipes.components.checkpointing import STEP_PREFIX, load_model_weights
+from letrecipes.components.data import Tokenizer, load_tokenizer
+from letrecipes.components.evaluation import EvalError, read_task, score_task
+from letrecipes.components.models import forward_with_hidden, padded_vocab_size
+from letrecipes.components.teachers import load_teacher, parse_dtype, resolve_path
 
 
 class EvalRecipe:
@@ -54,28 +52,28 @@ class EvalRecipe:
         dtype = str(self.cfg.get("dtype", "fp32"))
         path = resolve_path(checkpoint, key="checkpoint")
         if not path.exists():
-            raise ValueError(f"checkpoint: nothing at {checkpoint!r}. Fix: point checkpoint= at a run's final/ "
+            raise EvalError(f"checkpoint: nothing at {checkpoint!r}. Fix: point checkpoint= at a run's final/ "
                              "export, one of its checkpoints/step_* folders, a Hugging Face model folder or a "
                              ".gguf file.")
         if path.is_dir() and path.name.startswith(STEP_PREFIX):
             run_dir = path.parent.parent
             if not (run_dir / "config.yaml").is_file():
-                raise ValueError(f"checkpoint: {str(path)!r} looks like a step checkpoint, but {run_dir}/config.yaml "
+                raise EvalError(f"checkpoint: {str(path)!r} looks like a step checkpoint, but {run_dir}/config.yaml "
                                  "(the run's config, needed to rebuild the model) is missing.")
             run_cfg = OmegaConf.load(run_dir / "config.yaml")
-            tokenizer = load_tokenizer(run_cfg)
+            tokenizer = load_tokenizer(run_cfg.tokenizer, run_cfg.get("teacher"))
             with torch.device("meta"):
-                model = config.instantiate(run_cfg.model, max_seq_len=run_cfg.data.seq_len,
-                                           vocab_size=run_cfg.model.get("vocab_size")
-                                           or padded_vocab_size(tokenizer.vocab_size))
+                model = registry.build("model", run_cfg.model, "model", max_seq_len=run_cfg.data.seq_len,
+                                       vocab_size=run_cfg.model.get("vocab_size")
+                                       or padded_vocab_size(tokenizer.vocab_size))
             load_model_weights(path, model, self.device)
             model.to(dtype=parse_dtype(dtype, "dtype"))
             return model, tokenizer, int(path.name[len(STEP_PREFIX):])
-        teacher = registry.build("teacher_loader", {"_component_": "auto", "path": str(path), "dtype": dtype},
-                                 key="checkpoint", device=self.device)
+        teacher = load_teacher({"_component_": "auto", "path": str(path), "dtype": dtype}, device=self.device,
+                               key="checkpoint")
         tokenizer_path = self.cfg.get("tokenizer_path") or teacher.tokenizer_path
         if tokenizer_path is None:
-            raise ValueError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=...")
+            raise EvalError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=...")
         return teacher.model, Tokenizer(tokenizer_path), None
 
     @torch.no_grad()
@@ -109,7 +107,7 @@ class EvalRecipe:
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     """Zero-shot multiple-choice evaluation."""
-    with errors_as_one_line(ValueError):
+    with errors_as_one_line():
         recipe = EvalRecipe(cfg)
         recipe.setup()
     recipe.evaluate()

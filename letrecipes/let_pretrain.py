@@ -18,39 +18,42 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from components import parallel, registry
-from components.aligner import build_aligner
-from components.data import Tokenizer
-from components.models import forward_with_hidden
-from letrecipes._config import parse
-from letrecipes.pretrain import DivergenceError, PretrainRecipe, RecipeError, current_memory_mb, nll_loss, run
+from letrecipes._config import parse, run
+from letrecipes.components import parallel
+from letrecipes.components.aligner import build_aligner
+from letrecipes.components.data import Tokenizer
+from letrecipes.components.metrics import current_memory_mb
+from letrecipes.components.models import forward_with_hidden, nll_loss
+from letrecipes.components.teachers import load_teacher
+from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 
 class LETPretrainRecipe(PretrainRecipe):
     uses_teacher = True
+    console_fields = (("loss", ".4f"), ("nll", ".4f"), ("align_loss", ".4f"), ("lambda", ".3g"), ("cosine", ".3f"),
+                      ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"), ("tokens_per_s", ".0f"))
 
     def setup_extra(self) -> None:
         cfg = self.cfg
-        teacher_spec = OmegaConf.to_container(cfg.teacher, resolve=True)
-        placement = teacher_spec.pop("placement", "replicated")  # recipe settings, not loader arguments
-        teacher_spec.pop("shape", None)  # only for dry runs
-        if placement not in ("replicated", "sharded"):
-            raise RecipeError(f"teacher.placement={placement!r}: use replicated or sharded.")
-        self.teacher = registry.build("teacher_loader", teacher_spec, key="teacher", device=self.device)
+        self.placement = cfg.teacher.get("placement", "replicated")
+        if self.placement not in ("replicated", "sharded"):
+            raise RecipeError(f"teacher.placement={self.placement!r}: use replicated or sharded.")
+        self.teacher = load_teacher(OmegaConf.to_container(cfg.teacher, resolve=True), device=self.device)
         self._check_teacher_tokenizer()
         self.aligner = build_aligner(
             cfg.alignment,
             student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
             teacher_dim=self.teacher.width, teacher_depth=self.teacher.depth, total_steps=self.max_steps,
+            vocab_size=self.tokenizer.vocab_size,
         ).to(self.device)
         if self.fsdp:
             parallel.shard_module(self.aligner, self.mp_policy)
-        if placement == "sharded" and self.fsdp:
+        if self.placement == "sharded" and self.fsdp:
             parallel.shard_teacher(self.teacher.model)
         self.trainable["aligner"] = self.aligner
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
@@ -78,38 +81,35 @@ class LETPretrainRecipe(PretrainRecipe):
                 f"tokenizer.path={teacher.tokenizer_path}."
             )
 
-    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def teacher_targets(self, tokens: torch.Tensor):
+        """What the aligner needs from the frozen teacher for these tokens, timed. Their
+        finiteness is checked with the step's loss, at the step's end (no host sync here)."""
+        start = time.perf_counter()
+        targets = self.aligner.teacher_targets(self.teacher, tokens)
+        outputs = targets.values() if isinstance(targets, dict) else [targets]
+        what = "hidden states" if isinstance(targets, dict) else "logits"
+        self.step_checks.append((torch.stack([torch.isfinite(t).all() for t in outputs]).all(), (
+            f"the teacher ({self.teacher.source}) produced non-finite {what} at step {self.step + 1}: its weights "
+            f"are broken or overflow in teacher.dtype={self.cfg.teacher.get('dtype', 'bfloat16')}. Fix: check the "
+            "checkpoint, or set teacher.dtype=fp32.")))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.step_timing["teacher"] = self.step_timing.get("teacher", 0.0) + time.perf_counter() - start
+        return targets
+
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if self.teacher is None:  # past S_stop: plain pretraining
             loss, figures = super().compute_loss(tokens, labels)
             return loss, {**figures, "lambda": 0.0}
         weight = self.aligner.weight(self.step)
-        logit_kd = self.aligner.target == "logits"
-        start = time.perf_counter()
-        if logit_kd:
-            teacher_out = self.teacher.logits(tokens)
-        else:
-            teacher_out = self.teacher.hidden_states(tokens, self.aligner.teacher_layers)
-        outputs = [teacher_out] if logit_kd else list(teacher_out.values())
-        if not all(bool(torch.isfinite(t).all()) for t in outputs):
-            raise DivergenceError(
-                f"the teacher ({self.teacher.source}) produced non-finite {'logits' if logit_kd else 'hidden states'} "
-                f"at step {self.step + 1}: its weights are broken or overflow in teacher.dtype="
-                f"{self.cfg.teacher.get('dtype', 'bfloat16')}. Fix: check the checkpoint, or set teacher.dtype=fp32."
-            )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.step_timing["teacher"] = self.step_timing.get("teacher", 0.0) + time.perf_counter() - start
+        targets = self.teacher_targets(tokens)
         hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
         nll = nll_loss(logits, labels)
-        if logit_kd:  # compare distributions over the shared tokenizer's ids only (the rest is padding)
-            vocab = self.tokenizer.vocab_size
-            align = self.aligner.loss(logits[..., :vocab], teacher_out[..., :vocab])
-            figures = {}
-        else:
-            align, cosine = self.aligner(hidden, teacher_out)
-            figures = {"cosine": cosine.item()}
-        loss = nll + weight * align
-        return loss, {"nll": nll.item(), "align_loss": align.item(), "lambda": weight, **figures}
+        align, cosine = self.aligner(hidden, targets, logits=logits)
+        figures = {"nll": nll.detach(), "align_loss": align.detach(), "lambda": weight}
+        if cosine is not None:
+            figures["cosine"] = cosine
+        return nll + weight * align, figures
 
     def after_step(self) -> None:
         if self.teacher is not None and self.aligner.finished(self.step):

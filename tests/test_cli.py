@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from components.metrics import read_metrics
+from letrecipes.components.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -82,8 +82,9 @@ def test_non_editable_install_runs_from_another_directory(base_overrides, teache
                    check=True, capture_output=True, timeout=300)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(python), "-c", "import letrecipes, components; print(letrecipes.__file__); "
-                            "print(components.__file__)"], cwd=elsewhere, capture_output=True, text=True, check=True)
+    where = subprocess.run([str(python), "-c", "import letrecipes, letrecipes.components as c, importlib.util; "
+                            "print(letrecipes.__file__); print(c.__file__); "
+                            "assert importlib.util.find_spec('components') is None, 'top-level components installed'"], cwd=elsewhere, capture_output=True, text=True, check=True)
     assert all(line.startswith(site) for line in where.stdout.split()), where.stdout
     teacher = elsewhere / "teacher"
     tune(["letrecipes/pretrain", "--config", "pretrain_tiny", *base_overrides, f"output_dir={teacher}", "max_steps=2"],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from components.data import DataError, PackedDataset, Tokenizer, build_dataloader, read_documents, tokenize_corpus
+from letrecipes.components.data import DataError, PackedDataset, Tokenizer, build_dataloader, read_documents, tokenize_corpus
 
 
 def test_tokenizer_round_trips_text(tokenizer_path):

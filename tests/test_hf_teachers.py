@@ -10,10 +10,9 @@ import json
 import pytest
 import torch
 
-from components import registry
-from components.models import forward_with_hidden
-from components.estimate import total_params
-from components.teachers import TeacherError, describe
+from letrecipes.components.models import forward_with_hidden
+from letrecipes.components.estimate import total_params
+from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
 
@@ -63,8 +62,7 @@ def test_hidden_states_and_logits_match_transformers(tmp_path, name):
     reference = _save(MODELS[name](), tmp_path, shard=name == "llama_untied")
     if name == "llama_untied":
         assert (tmp_path / "model.safetensors.index.json").is_file()
-    teacher = registry.build("teacher_loader", {"_component_": "auto", "path": str(tmp_path), "dtype": "fp32"},
-                             key="teacher")
+    teacher = load_teacher({"_component_": "auto", "path": str(tmp_path), "dtype": "fp32"})
     tokens = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(tokens, output_hidden_states=True)
@@ -78,15 +76,14 @@ def test_hidden_states_and_logits_match_transformers(tmp_path, name):
     # The teacher's own early-stopping path gives the same states as the full forward.
     torch.testing.assert_close(teacher.hidden_states(tokens, [1])[1], expected.hidden_states[1], atol=2e-5, rtol=1e-4)
     assert (teacher.width, teacher.vocab_size) == (48, 101)
-    assert total_params(describe(tmp_path)) == sum(p.numel() for p in teacher.parameters())  # dry runs count right
+    assert total_params(describe_teacher({"path": str(tmp_path)})) == sum(p.numel() for p in teacher.parameters())  # dry runs count right
 
 
 def _broken(tmp_path, edit):
     _save(_llama(), tmp_path)
     edit(tmp_path)
     with pytest.raises(TeacherError) as err:
-        registry.build("teacher_loader", {"_component_": "huggingface", "path": str(tmp_path), "dtype": "fp32"},
-                       key="teacher")
+        load_teacher({"_component_": "huggingface", "path": str(tmp_path), "dtype": "fp32"})
     return str(err.value)
 
 
@@ -115,7 +112,7 @@ def test_missing_shard_is_named(tmp_path):
     _save(_llama(tie=False), tmp_path, shard=True)
     drop_a_shard(tmp_path)
     with pytest.raises(TeacherError, match=r"model-0000\d-of-0000\d.safetensors.*does not exist"):
-        registry.build("teacher_loader", {"_component_": "huggingface", "path": str(tmp_path)}, key="teacher")
+        load_teacher({"_component_": "huggingface", "path": str(tmp_path)})
 
 
 def test_unsupported_rope_scaling_is_refused(tmp_path):

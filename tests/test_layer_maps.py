@@ -1,6 +1,6 @@
 import pytest
 
-from components.layer_maps import LayerMap, LayerMapError
+from letrecipes.components.layer_maps import LayerMap, LayerMapError
 
 
 @pytest.mark.parametrize(

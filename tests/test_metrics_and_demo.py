@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from components.metrics import MetricLogger, compare_runs, read_metrics
+from letrecipes.components.metrics import MetricLogger, compare_runs, read_metrics
 from letrecipes.demo import strip_markdown
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from components.models import ModelArgs, build_model, count_parameters, forward_with_hidden, llama_model
+from letrecipes.components.models import ModelArgs, build_model, count_parameters, forward_with_hidden, llama_model
 
 ARGS = ModelArgs(vocab_size=64, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=32, intermediate_dim=64,
                  max_seq_len=16)

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from components.aligner import Aligner
-from components.alignment import MSE, NegativeCosine, NormalizedMSE, SmoothL1
-from components.models import ModelArgs, build_model, forward_with_hidden
-from components.projectors import IdentityProjector, InterpolateProjector, LinearProjector, MLPProjector
-from components.schedules import Constant
+from letrecipes.components.aligner import Aligner
+from letrecipes.components.alignment import MSE, NegativeCosine, NormalizedMSE, SmoothL1
+from letrecipes.components.models import ModelArgs, build_model, forward_with_hidden
+from letrecipes.components.projectors import IdentityProjector, InterpolateProjector, LinearProjector, MLPProjector
+from letrecipes.components.schedules import Constant
 
 
 def test_projectors_map_to_comparable_shapes():

@@ -7,9 +7,9 @@ import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from components.data import train_bpe
-from components.metrics import read_metrics
-from components.teachers import load_letrecipes_checkpoint
+from letrecipes.components.data import train_bpe
+from letrecipes.components.metrics import read_metrics
+from letrecipes.components.letrecipes_teacher import LetrecipesFormat
 from letrecipes import let_pretrain, pretrain
 from letrecipes._config import resolve_config_path
 
@@ -41,7 +41,7 @@ def test_pretrain_smoke_writes_the_metrics_contract_and_an_export(base_overrides
 
 
 def test_export_loads_back_as_a_frozen_teacher(teacher_dir):
-    teacher = load_letrecipes_checkpoint(teacher_dir, dtype="fp32")
+    teacher = LetrecipesFormat().load(teacher_dir, dtype="fp32")
     assert teacher.depth == 2 and teacher.width == 24 and teacher.vocab_size == 512
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     teacher.train()

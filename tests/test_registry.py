@@ -4,9 +4,9 @@ import textwrap
 import pytest
 import torch
 
-import components
-from components.alignment import NegativeCosine
-from components.registry import ComponentError, build, import_modules, register, registered
+from letrecipes import components
+from letrecipes.components.alignment import NegativeCosine
+from letrecipes.components.registry import ComponentError, build, import_modules, register, registered
 
 
 def test_builtins_are_registered_for_every_kind():
@@ -19,7 +19,7 @@ def test_builtins_are_registered_for_every_kind():
 
 def test_build_by_short_name_and_by_dotted_path_gives_the_same_class():
     by_name = build("alignment_loss", "negative_cosine", key="alignment.loss")
-    by_path = build("alignment_loss", {"_component_": "components.alignment.NegativeCosine"}, key="alignment.loss")
+    by_path = build("alignment_loss", {"_component_": "letrecipes.components.alignment.NegativeCosine"}, key="alignment.loss")
     assert type(by_name) is type(by_path) is NegativeCosine
 
 
@@ -42,8 +42,8 @@ def test_registering_a_name_twice_with_another_object_fails():
 
 def test_custom_loss_registered_in_a_user_module(tmp_path, monkeypatch):
     (tmp_path / "my_lab_losses.py").write_text(textwrap.dedent("""
-        from components.alignment import AlignmentLoss
-        from components.registry import register
+        from letrecipes.components.alignment import AlignmentLoss
+        from letrecipes.components.registry import register
 
         @register("alignment_loss", "test_l1")
         class L1(AlignmentLoss):
@@ -71,7 +71,7 @@ def test_the_documented_custom_loss_example_trains(let_overrides, tmp_path, monk
     """docs/examples/centered_cosine.py, used exactly as docs/extending.md shows."""
     from pathlib import Path
 
-    from components.metrics import read_metrics
+    from letrecipes.components.metrics import read_metrics
     from letrecipes import let_pretrain
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))

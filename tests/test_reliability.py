@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from components.metrics import read_metrics
+from letrecipes.components.metrics import read_metrics
 from tests.test_distributed import free_port
 from tests.test_hostile_input import digest
 

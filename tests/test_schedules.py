@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from components.registry import build
-from components.schedules import Constant, CosineDecay, LinearDecay, StepCutoff
+from letrecipes.components.registry import build
+from letrecipes.components.schedules import Constant, CosineDecay, LinearDecay, StepCutoff
 
 
 def test_linear_decay_matches_the_paper_formula():

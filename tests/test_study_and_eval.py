@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from benchmarks import let_study
-from components.alignment import LogitKL
-from components.evaluation import EvalError, Item, continuation_loglikelihoods, read_task, score_task, write_task
-from components.metrics import read_metrics
-from components.models import llama_model
+from letrecipes.components.alignment import LogitKL
+from letrecipes.components.evaluation import EvalError, Item, continuation_loglikelihoods, read_task, score_task, write_task
+from letrecipes.components.metrics import read_metrics
+from letrecipes.components.models import llama_model
 from letrecipes import eval as eval_recipe
 from letrecipes import let_pretrain
 from tests.test_recipes import expect_setup_error

@@ -6,8 +6,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from components.data import train_bpe
-from components.metrics import read_metrics
+from letrecipes.components.data import train_bpe
+from letrecipes.components.metrics import read_metrics
 from letrecipes import let_pretrain, pretrain
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")

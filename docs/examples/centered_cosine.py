@@ -12,8 +12,8 @@ dotted path works too: ``alignment.loss=centered_cosine.CenteredCosine``.
 import torch
 import torch.nn.functional as F
 
-from components.alignment import AlignmentLoss
-from components.registry import register
+from letrecipes.components.alignment import AlignmentLoss
+from letrecipes.components.registry import register
 
 
 @register("alignment_loss", "centered_cosine")

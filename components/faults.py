@@ -1,0 +1,62 @@
+"""Fault injection for the reliability tests and ``benchmarks/fault_injection.py``.
+
+A testing aid, not a training feature: the config's ``debug`` section asks for a fault at
+a given step, and :func:`install` wraps three of the recipe's methods so that the training
+loop itself carries no trace of it::
+
+    debug:
+      kill_at_step: 7               # SIGKILL as step 7 starts
+      nan_loss_at_step: 3           # step 3's loss becomes NaN (the divergence guard must act)
+      kill_during_save_at_step: 4   # SIGKILL inside step 4's checkpoint save, shards written
+      rank: 1                       # only on this rank (default: every rank)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from typing import Any, Mapping, Optional
+
+
+def _kill(*_: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
+    """Wrap ``recipe.train_step``, ``compute_loss`` and ``save_checkpoint`` on this instance
+    to inject the faults ``debug`` asks for. Nothing is wrapped when it asks for none."""
+    debug = dict(debug or {})
+    if debug.get("rank") is not None and debug["rank"] != rank:
+        return
+    kill_at, nan_at, kill_saving_at = (debug.get(k) for k in ("kill_at_step", "nan_loss_at_step",
+                                                             "kill_during_save_at_step"))
+    if kill_at is not None:
+        train_step = recipe.train_step
+
+        @functools.wraps(train_step)
+        def train_step_or_die(*args, **kwargs):
+            if recipe.step + 1 == kill_at:
+                _kill()
+            return train_step(*args, **kwargs)
+
+        recipe.train_step = train_step_or_die
+    if nan_at is not None:
+        compute_loss = recipe.compute_loss
+
+        @functools.wraps(compute_loss)
+        def poisoned_loss(*args, **kwargs):
+            loss, figures = compute_loss(*args, **kwargs)
+            return (loss * float("nan"), figures) if recipe.step + 1 == nan_at else (loss, figures)
+
+        recipe.compute_loss = poisoned_loss
+    if kill_saving_at is not None:
+        save_checkpoint = recipe.save_checkpoint
+
+        @functools.wraps(save_checkpoint)
+        def save_and_die(*args, **kwargs):
+            if recipe.step == kill_saving_at:
+                recipe.checkpointer.before_complete = _kill
+            return save_checkpoint(*args, **kwargs)
+
+        recipe.save_checkpoint = save_and_die
