@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
 from letrecipes.components.errors import LetRecipesError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")

@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
 from letrecipes.components.errors import LetRecipesError
 
 SCORES = ("acc", "acc_norm_chars", "acc_norm_tokens")

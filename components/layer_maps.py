@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
-from letrecipes.components.registry import register
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.registry import register
 
 Layer = Union[int, float, str]
 PRESETS = ("L2E", "L2M", "L2L", "M2E", "M2M", "M2L")

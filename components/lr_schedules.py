@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
+
 from letrecipes.components.registry import ComponentError, register
 
 

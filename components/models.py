@@ -16,7 +16,6 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from letrecipes.components.registry import ComponentError, register
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.models.llama3_2._component_builders import llama3_mlp
 from torchtune.modules import (
@@ -28,6 +27,8 @@ from torchtune.modules import (
     TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
+
+from letrecipes.components.registry import ComponentError, register
 
 
 @dataclass

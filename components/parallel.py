@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch import nn
+
 from letrecipes.components.registry import ComponentError
 
 

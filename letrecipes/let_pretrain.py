@@ -106,10 +106,11 @@ class LETPretrainRecipe(PretrainRecipe):
         hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
         nll = nll_loss(logits, labels)
         align, cosine = self.aligner(hidden, targets, logits=logits)
+        loss = nll + weight * align
         figures = {"nll": nll.detach(), "align_loss": align.detach(), "lambda": weight}
         if cosine is not None:
             figures["cosine"] = cosine
-        return nll + weight * align, figures
+        return loss, figures
 
     def after_step(self) -> None:
         if self.teacher is not None and self.aligner.finished(self.step):

@@ -43,3 +43,20 @@ def test_bad_stop_values(stop, total, message):
 def test_negative_lambda0_is_rejected():
     with pytest.raises(ValueError, match="lambda0"):
         LinearDecay(lambda0=-1.0, stop=10)
+
+
+def test_the_documented_custom_schedule_example(monkeypatch):
+    """docs/examples/warmup_decay.py, as docs/extending.md shows it."""
+    import sys
+    from pathlib import Path
+
+    from letrecipes.components.registry import import_modules
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
+    import_modules(["warmup_decay"])
+    schedule = build("schedule", {"_component_": "warmup_decay", "lambda0": 1.0, "stop": 0.5, "warmup": 4},
+                     key="alignment.schedule", total_steps=20)
+    values = [schedule(step) for step in range(12)]
+    assert values[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and schedule.end_step == 10
+    assert values[4:10] == sorted(values[4:10], reverse=True) and values[10:] == [0.0, 0.0]
+    sys.modules.pop("warmup_decay")
