@@ -198,8 +198,11 @@ class GGUFFormat(TeacherFormat):
             return False
         if path.suffix == ".gguf":
             return True
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
+        try:
+            with open(path, "rb") as f:
+                return f.read(4) == GGUF_MAGIC
+        except OSError:
+            return False
 
     def describe(self, path: Path) -> ModelArgs:
         return model_args(open_gguf(path), str(path))

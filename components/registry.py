@@ -23,6 +23,7 @@ before building anything::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Callable, Dict, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -79,7 +80,7 @@ def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any
     """Find a component by short name (``kind``'s registry) or by dotted path."""
     if name in _REGISTRY[kind]:
         return _REGISTRY[kind][name]
-    if name.startswith(OLD_PREFIX):
+    if _renamed(name):
         raise ComponentError(
             f"{key}: {name!r} is the name from before components moved into the letrecipes package. "
             f"Fix: use {NEW_PREFIX + name[len(OLD_PREFIX):]!r}{_short_name_hint(kind, name)}."
@@ -104,6 +105,18 @@ def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any
         f"{', '.join(sorted(_REGISTRY[kind]))}, a dotted path to your own class, or register "
         "yours with @letrecipes.components.registry.register and list its module under `imports`."
     )
+
+
+def _renamed(name: str) -> bool:
+    """True if ``name`` is one of ours under its pre-0.2 path; a user's own ``components``
+    package (``components.my_losses.Foo``) is left alone."""
+    if not name.startswith(OLD_PREFIX) or name.count(".") < 2:
+        return False
+    module_name, _, attr = (NEW_PREFIX + name[len(OLD_PREFIX):]).rpartition(".")
+    try:
+        return importlib.util.find_spec(module_name) is not None and hasattr(importlib.import_module(module_name), attr)
+    except ImportError:
+        return False
 
 
 def _short_name_hint(kind: str, name: str) -> str:

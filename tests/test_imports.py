@@ -106,3 +106,28 @@ def test_every_module_imports_first_and_in_any_order():
                             cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", str(len(modules))]
+
+
+USERS_OWN_COMPONENTS = """
+from letrecipes.components.registry import build
+import components.my_losses
+loss = build("alignment_loss", "components.my_losses.L1", key="alignment.loss")
+print(type(loss).__module__, type(loss).__name__, components.__file__.startswith(sys.argv[1]))
+"""
+
+
+def test_a_users_own_components_package_is_neither_shadowed_nor_refused(tmp_path):
+    """ML projects often have a `components/` package of their own: it keeps its name, and a
+    dotted path into it builds (only our own pre-0.2 names get the rename error)."""
+    package = tmp_path / "components"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "my_losses.py").write_text(
+        "from letrecipes.components.alignment import AlignmentLoss\n\n"
+        "class L1(AlignmentLoss):\n"
+        "    def per_token(self, pred, target):\n"
+        "        return (pred - target).abs().mean(-1)\n")
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + USERS_OWN_COMPONENTS, str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["components.my_losses", "L1", "True"]
