@@ -42,17 +42,24 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True) -> Tuple[torch.device, int, int, List[str]]:
+def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True,
+                 timeout_s: int = 600) -> Tuple[torch.device, int, int, List[str]]:
     """(device, rank, world size, notes for the log): ``name`` cpu, cuda or None (cuda when
-    there is one); joins the process group; on CPU, tunes malloc (:func:`keep_freed_memory_in_process`)."""
+    there is one); joins the process group (collectives time out after ``timeout_s``); on
+    CPU, tunes malloc (:func:`keep_freed_memory_in_process`)."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ComponentError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
     notes = []
     if device.type == "cpu" and cpu_malloc_tuning and keep_freed_memory_in_process():
         notes.append("malloc keeps freed memory")
-    rank, world_size = init_distributed(device)
+    rank, world_size = init_distributed(device, timeout_s)
     return local_device(device), rank, world_size, notes
+
+
+def local_rank(rank: int) -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; ``rank`` without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", rank))
 
 
 def parallelize(

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes.components import registry
 from letrecipes.components.aligner import build_aligner
-from letrecipes.components.data import load_tokenizer
+from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, total_params
 from letrecipes.components.models import ModelArgs, count_parameters, padded_vocab_size

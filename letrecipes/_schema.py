@@ -49,14 +49,15 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "eval_batches": _int(1), "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
     "batch_size": _int(1), "gradient_accumulation_steps": _int(1),
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
-    "compile": BOOL, "cpu_malloc_tuning": BOOL, "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1),
+    "compile": BOOL, "cpu_malloc_tuning": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1),
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
     "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION,
 }
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
-             "text_field": TEXT, "seq_len": _int(2), "val_fraction": _number(0, 0.5), "cache_dir": TEXT},
+             "text_field": TEXT, "seq_len": _int(2), "val_fraction": _number(0, 0.5), "cache_dir": TEXT,
+             "prepare_workers": _int(1), "prepare_timeout_s": _number(0)},
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),

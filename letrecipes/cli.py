@@ -4,22 +4,41 @@
     letrecipes cat let_tiny [key=value]    # the resolved config, overrides applied
     letrecipes cp let_pretrain my_let.py   # a recipe to edit (run: tune run my_let)
     letrecipes cp let_tiny my_let.yaml     # a config to edit  (run: --config my_let.yaml)
+    letrecipes prepare-data --config let_7b --out /data/prepared [--workers 16] [key=value]
+                                           # tokenize data.source into shards (docs/data.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from letrecipes._config import RECIPES, ConfigError, available_configs, load_config, resolve_config_path
+from letrecipes._config import RECIPES, ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
 
 
 def recipe_path(name: str) -> Path:
     return Path(__file__).resolve().parent / f"{name}.py"
+
+
+def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
+    """``letrecipes prepare-data``: the config's ``data.source`` tokenized with its ``tokenizer``
+    section, so that a run and its data cannot disagree about the tokenizer."""
+    from letrecipes.components.prepare import prepare_corpus
+    from letrecipes.components.tokenizer import load_tokenizer
+
+    with errors_as_one_line():
+        cfg = load_config(config, overrides)
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
+        manifest = prepare_corpus(cfg.data.source, tokenizer, out, text_field=cfg.data.get("text_field", "text"),
+                                  workers=workers)
+    print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {out}; "
+          f"train on it with data.source={out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -32,7 +51,14 @@ def main(argv=None) -> int:
     cp = sub.add_parser("cp", help="copy a recipe or a config to edit")
     cp.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or a config name")
     cp.add_argument("destination")
+    prep = sub.add_parser("prepare-data", help="tokenize a config's data.source into token shards")
+    prep.add_argument("--config", required=True, help="the run's config: its data and tokenizer sections are used")
+    prep.add_argument("--out", required=True, help="folder for the shards and manifest (then data.source=<out>)")
+    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                      help="tokenizer processes (default: all cores but one)")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "prepare-data":
+        return prepare_data(args.config, rest, Path(args.out), args.workers)
     try:
         if args.command == "ls":
             print("recipes (tune run letrecipes/<recipe> --config <config>):")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from letrecipes.components.data import train_bpe
+from letrecipes.components.tokenizer import train_bpe
 from letrecipes.components.metrics import compare_runs, read_metrics
 
 DEMO_DIR = Path("outputs/demo")

@@ -27,7 +27,7 @@ from torch import nn
 from letrecipes._config import errors_as_one_line, parse
 from letrecipes.components import registry
 from letrecipes.components.checkpointing import STEP_PREFIX, load_model_weights
-from letrecipes.components.data import Tokenizer, load_tokenizer
+from letrecipes.components.tokenizer import Tokenizer, load_tokenizer
 from letrecipes.components.evaluation import EvalError, read_task, score_task
 from letrecipes.components.models import forward_with_hidden, padded_vocab_size
 from letrecipes.components.teachers import load_teacher, parse_dtype, resolve_path

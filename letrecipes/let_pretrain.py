@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from letrecipes._config import parse, run
 from letrecipes.components import parallel
 from letrecipes.components.aligner import build_aligner
-from letrecipes.components.data import Tokenizer
+from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import forward_with_hidden, nll_loss
 from letrecipes.components.teachers import load_teacher

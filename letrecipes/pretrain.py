@@ -31,12 +31,14 @@ from tqdm import tqdm
 from letrecipes._config import parse, run
 from letrecipes.components import faults, parallel, registry, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
-from letrecipes.components.data import BatchStream, PackedDataset, build_dataloader, load_tokenizer, tokenize_corpus
+from letrecipes.components.data import BatchStream, PackedDataset, TokenShards, build_dataloader
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_model
 from letrecipes.components.metrics import MetricLogger, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
+from letrecipes.components.prepare import cached_prepare
+from letrecipes.components.tokenizer import load_tokenizer
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
 for _pattern in (".*set_vital.*", ".*torch.distributed is disabled.*", ".*Mismatch dtype between input and weight.*"):
@@ -76,7 +78,7 @@ class PretrainRecipe:
         cfg = self.cfg
         registry.import_modules(cfg.get("imports"))
         self.device, self.rank, self.world_size, device_notes = parallel.setup_device(
-            cfg.get("device"), cfg.get("cpu_malloc_tuning", True))
+            cfg.get("device"), cfg.get("cpu_malloc_tuning", True), int(cfg.get("process_group_timeout_s", 600)))
         self.is_main = self.rank == 0
         dtype_name = cfg.get("dtype", "bf16")
         if dtype_name not in AUTOCAST_DTYPES:
@@ -136,8 +138,13 @@ class PretrainRecipe:
 
     def setup_data(self) -> None:
         cfg = self.cfg.data
-        tokens = tokenize_corpus(cfg.source, self.tokenizer, cfg.get("cache_dir", "outputs/cache"),
-                                 text_field=cfg.get("text_field", "text"))
+        # A prepared folder is used as is; a raw corpus is prepared once into the cache (by
+        # each node's first process, while the others wait for its manifest).
+        folder = cached_prepare(cfg.source, self.tokenizer, cfg.get("cache_dir", "outputs/cache"),
+                                text_field=cfg.get("text_field", "text"), rank=parallel.local_rank(self.rank),
+                                workers=int(cfg.get("prepare_workers", 1)),
+                                timeout_s=float(cfg.get("prepare_timeout_s", 3600)), log=self.log)
+        tokens = TokenShards(folder, self.tokenizer)
         val_fraction = float(cfg.get("val_fraction", 0.02))
         self.train_set = PackedDataset(tokens, int(cfg.seq_len), "train", val_fraction)
         self.val_set = PackedDataset(tokens, int(cfg.seq_len), "val", val_fraction)

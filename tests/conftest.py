@@ -33,7 +33,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_path(corpus_dir, tmp_path_factory) -> Path:
-    from letrecipes.components.data import train_bpe
+    from letrecipes.components.tokenizer import train_bpe
 
     texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
     return train_bpe(texts, 512, tmp_path_factory.mktemp("tok") / "tokenizer.json")

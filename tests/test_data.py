@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from letrecipes.components.data import DataError, PackedDataset, Tokenizer, build_dataloader, read_documents, tokenize_corpus
+from letrecipes.components.corpus import DataError, read_documents
+from letrecipes.components.data import PackedDataset, TokenShards, build_dataloader
+from letrecipes.components.prepare import cached_prepare
+from letrecipes.components.tokenizer import Tokenizer
+
+
+def tokenize_corpus(source, tokenizer, cache_dir):
+    """The prepared token stream of a small corpus, as the recipes read it."""
+    shards = TokenShards(cached_prepare(source, tokenizer, cache_dir, log=lambda _: None), tokenizer)
+    return shards[0:len(shards)]
 
 
 def test_tokenizer_round_trips_text(tokenizer_path):
@@ -25,13 +34,13 @@ def test_tokenization_is_cached_and_invalidated_by_edits(corpus_dir, tokenizer_p
     source.write_text("hello world. " * 50)
     first = tokenize_corpus(source, tok, tmp_path / "cache")
     assert first[-1] == tok.eos_id
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    assert len(list((tmp_path / "cache").glob("prepared-*"))) == 1
     again = tokenize_corpus(source, tok, tmp_path / "cache")
     np.testing.assert_array_equal(first, again)
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # reused
+    assert len(list((tmp_path / "cache").glob("prepared-*"))) == 1  # reused
     source.write_text("a different text entirely " * 20)
     changed = tokenize_corpus(source, tok, tmp_path / "cache")
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "cache").glob("prepared-*"))) == 2
     assert len(changed) != len(first) or not np.array_equal(changed, first)
 
 

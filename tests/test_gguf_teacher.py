@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from letrecipes.components.data import Tokenizer
+from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.models import forward_with_hidden
 from letrecipes.components.estimate import total_params
 from letrecipes.components.gguf_teacher import GGUFFormat

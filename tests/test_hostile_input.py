@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from letrecipes.components.data import DataWarning
+from letrecipes.components.corpus import DataWarning
 from letrecipes.components.metrics import read_metrics
 from letrecipes import pretrain
 from tests.test_recipes import expect_setup_error, run_let, run_pretrain

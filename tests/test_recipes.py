@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from letrecipes.components.data import train_bpe
+from letrecipes.components.tokenizer import train_bpe
 from letrecipes.components.metrics import read_metrics
 from letrecipes.components.letrecipes_teacher import LetrecipesFormat
 from letrecipes import let_pretrain, pretrain

@@ -6,7 +6,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from letrecipes.components.data import train_bpe
+from letrecipes.components.tokenizer import train_bpe
 from letrecipes.components.metrics import read_metrics
 from letrecipes import let_pretrain, pretrain
 
@@ -47,7 +47,7 @@ def test_student_vocabulary_is_padded_and_the_cache_follows_the_tokenizer(base_o
     common = [*base_overrides, "max_steps=1", f"data.cache_dir={cache}"]
     pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'a'}"])
     pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'b'}", f"tokenizer.path={odd}"])
-    assert len(list(cache.glob("tokens-*.npy"))) == 2  # another tokenizer, another cache entry
+    assert len(list(cache.glob("prepared-*"))) == 2  # another tokenizer, another cache entry
     config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
     assert config["model"]["vocab_size"] == 512  # 500 tokens -> a multiple of 64
     embeddings = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["tok_embeddings.weight"]

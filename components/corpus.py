@@ -1,0 +1,276 @@
+"""Reading pretraining corpora as documents, in the formats they ship in.
+
+| what ``data.source`` names | read with | one document is |
+|---|---|---|
+| ``.txt``, ``.md``, ``.rst``, ``.text`` (or any file named directly) | Python | the whole file |
+| ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` | ``gzip`` / ``zstandard``, streamed | a line's ``text_field`` |
+| ``.parquet`` (FineWeb-Edu style shards) | ``pyarrow``, one row group at a time | a row's ``text_field`` |
+| a Hugging Face ``datasets`` folder (``save_to_disk``) | ``datasets.load_from_disk`` (memory-mapped) | a row's ``text_field`` |
+
+A folder is searched recursively for all of these. The corpus is cut into *units*: a
+group of small text files, one JSONL file, one parquet row group, a range of rows of a
+``datasets`` folder. A unit is the prepare step's piece of work and becomes one token
+shard, so preparing is deterministic whatever the number of worker processes, and a
+killed prepare redoes only unfinished units.
+
+Why our own JSONL reader: a line-by-line stream over a compressed file needs constant
+memory and can say at which line a damaged stream broke; ``datasets``' JSON builder
+would first convert the whole file to Arrow in its cache.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+from letrecipes.components.errors import LetRecipesError
+
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+# Small text files are grouped into units of about this many bytes (one shard each).
+TEXT_UNIT_BYTES = 64 * 2**20
+DATASET_UNIT_ROWS = 50_000
+
+
+class DataError(LetRecipesError):
+    """Bad data input, raised before training starts."""
+
+
+class DataWarning(UserWarning):
+    """Data was read with a documented recovery (e.g. non-UTF-8 bytes replaced)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the corpus: ``kind`` text (``paths`` read whole), jsonl, parquet (row
+    group ``part``) or dataset (rows ``part * DATASET_UNIT_ROWS`` onwards of a folder)."""
+
+    kind: str
+    paths: Tuple[str, ...]
+    part: int = 0
+    size: int = 0  # bytes, for progress and ETA
+
+    def describe(self) -> str:
+        where = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} files)"
+        return where + (f" [part {self.part}]" if self.kind in ("parquet", "dataset") else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in JSONL_SUFFIXES + (".parquet",):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder written by ``datasets.Dataset.save_to_disk``."""
+    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _files(item: Path, key: str) -> List[Path]:
+    if is_dataset_folder(item) or item.is_file():
+        return [item]
+    if not item.exists():
+        raise DataError(
+            f"{key}: {str(item)!r} does not exist (working directory {os.getcwd()!r}). Fix: set it to an existing "
+            "text file, folder, .jsonl(.gz/.zst) or .parquet file, or a datasets folder"
+            " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)."
+        )
+    found, dataset_dirs = [], []
+    for path in sorted(item.rglob("*")):
+        if any(path.is_relative_to(d) for d in dataset_dirs):
+            continue
+        if is_dataset_folder(path):
+            dataset_dirs.append(path)
+            found.append(path)
+        elif path.is_file() and _suffix(path) in TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",):
+            found.append(path)
+    if not found:
+        raise DataError(f"{key}: folder {str(item)!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, "
+                        ".parquet files or datasets folders.")
+    return found
+
+
+def source_files(source: Union[str, os.PathLike, Sequence], key: str = "data.source") -> List[Path]:
+    """Every file (or datasets folder) a source names, in a fixed order."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise DataError(f"{key} is empty. Fix: point it at a text file, a folder, a .jsonl or .parquet file.")
+    files: List[Path] = []
+    for item in sources:
+        files.extend(_files(Path(item).expanduser(), key))
+    return files
+
+
+def list_units(source, key: str = "data.source") -> List[Unit]:
+    """The corpus as units, in the order their tokens are concatenated."""
+    units: List[Unit] = []
+    text_group: List[Path] = []
+
+    def flush() -> None:
+        if text_group:
+            units.append(Unit("text", tuple(map(str, text_group)), size=sum(p.stat().st_size for p in text_group)))
+            text_group.clear()
+
+    for path in source_files(source, key):
+        suffix = _suffix(path)
+        if is_dataset_folder(path):
+            flush()
+            rows = _dataset_rows(path, key)
+            units += [Unit("dataset", (str(path),), part, size=0) for part in range(-(-rows // DATASET_UNIT_ROWS))]
+        elif suffix == ".parquet":
+            flush()
+            metadata = _parquet(path, key).metadata
+            units += [Unit("parquet", (str(path),), i, size=metadata.row_group(i).total_byte_size)
+                      for i in range(metadata.num_row_groups)]
+        elif suffix in JSONL_SUFFIXES:
+            flush()
+            units.append(Unit("jsonl", (str(path),), size=path.stat().st_size))
+        else:
+            text_group.append(path)
+            if sum(p.stat().st_size for p in text_group) >= TEXT_UNIT_BYTES:
+                flush()
+    flush()
+    return units
+
+
+def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
+              warn: Optional[list] = None) -> Iterator[str]:
+    """The documents of ``unit``, in order. Recoveries (bad UTF-8) are appended to ``warn``
+    as messages (workers send them back to the main process, which shows them)."""
+    warn = [] if warn is None else warn
+    if unit.kind == "text":
+        for path in unit.paths:
+            yield _decode(Path(path).read_bytes(), Path(path), key, warn)
+    elif unit.kind == "jsonl":
+        yield from _jsonl(Path(unit.paths[0]), text_field, key, warn)
+    elif unit.kind == "parquet":
+        path = Path(unit.paths[0])
+        table = _parquet(path, key).read_row_group(unit.part, columns=[_column(path, text_field, key)])
+        yield from _strings(table.column(0).to_pylist(), path, text_field, key)
+    elif unit.kind == "dataset":
+        path = Path(unit.paths[0])
+        dataset = _load_dataset(path, key)
+        if text_field not in dataset.column_names:
+            raise DataError(f"{key}: the datasets folder {str(path)!r} has no column {text_field!r} (it has "
+                            f"{dataset.column_names}). Fix: set data.text_field to the column holding the text.")
+        start = unit.part * DATASET_UNIT_ROWS
+        rows = dataset.select_columns([text_field])[start:start + DATASET_UNIT_ROWS][text_field]
+        yield from _strings(rows, path, text_field, key)
+    else:
+        raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def read_documents(source, text_field: str = "text", key: str = "data.source") -> Iterator[str]:
+    """Every document of a source, in order (for small corpora and tests)."""
+    import warnings
+
+    for unit in list_units(source, key):
+        messages: list = []
+        yield from read_unit(unit, text_field, key, messages)
+        for message in messages:
+            warnings.warn(message, DataWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------- formats
+def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "") -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        text = data.decode("utf-8", errors="replace")
+        warn.append(f"{key}: {path}{where} is not valid UTF-8 (first bad byte at offset {err.start}); "
+                    f"{text.count(chr(0xFFFD))} undecodable byte sequence(s) were replaced by U+FFFD.")
+        return text
+
+
+def _open_stream(path: Path, key: str):
+    suffix = _suffix(path)
+    if suffix == ".jsonl.gz":
+        return gzip.open(path, "rb")
+    if suffix == ".jsonl.zst":
+        try:
+            import zstandard
+        except ImportError as err:
+            raise DataError(f"{key}: {path} is zstd-compressed, which needs the `zstandard` package. "
+                            "Fix: pip install zstandard.") from err
+        raw = open(path, "rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+    line_no = 0
+    try:
+        with _open_stream(path, key) as stream:
+            for line_no, raw in enumerate(stream, 1):
+                if not raw.strip():
+                    continue
+                line = _decode(raw, path, key, warn, where=f":{line_no}")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{key}: {path}:{line_no} is not valid JSON ({err}).") from err
+                if not isinstance(record, dict) or text_field not in record:
+                    raise DataError(f"{key}: {path}:{line_no} has no field {text_field!r}. "
+                                    "Fix: set data.text_field to the field holding the text.")
+                yield record[text_field]
+    except (OSError, EOFError, zlib.error) as err:
+        yield from _stream_error(path, line_no, err, key)
+    except Exception as err:  # zstandard.ZstdError is not an OSError
+        if type(err).__name__ != "ZstdError":
+            raise
+        yield from _stream_error(path, line_no, err, key)
+
+
+def _stream_error(path: Path, line_no: int, err: Exception, key: str) -> Iterator[str]:
+    raise DataError(f"{key}: {path} is damaged: the compressed stream breaks after line {line_no} ({err}). "
+                    "Fix: re-download the file, or remove it from the source.") from err
+    yield  # a generator, so that the error is raised where the documents are read
+
+
+def _parquet(path: Path, key: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError
+        raise DataError(f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
+
+
+def _column(path: Path, text_field: str, key: str) -> str:
+    names = _parquet(path, key).schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
+                        "Fix: set data.text_field to the column holding the text.")
+    return text_field
+
+
+def _load_dataset(path: Path, key: str):
+    try:
+        from datasets import load_from_disk
+
+        return load_from_disk(str(path))
+    except Exception as err:  # datasets raises FileNotFoundError / assorted errors
+        raise DataError(f"{key}: {str(path)!r} is not a readable datasets folder ({err}).") from err
+
+
+def _dataset_rows(path: Path, key: str) -> int:
+    return _load_dataset(path, key).num_rows
+
+
+def _strings(values, path: Path, text_field: str, key: str) -> Iterator[str]:
+    for row, value in enumerate(values):
+        if not isinstance(value, str):
+            raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text. "
+                            "Fix: set data.text_field to a text column.")
+        yield value

@@ -1,0 +1,281 @@
+"""The prepare step: a corpus in any supported format -> token shards + a manifest.
+
+    letrecipes prepare-data --config let_7b --out /data/fineweb-smollm2 --workers 16
+
+Layout of a prepared folder::
+
+    manifest.json          written last: its presence means the folder is complete
+    plan.json              the units to prepare and the settings (checked on a rerun)
+    shard_000000.bin       the token ids of unit 0, each document followed by EOS
+    shard_000000.json      its token and document counts (written after the .bin)
+
+Each unit of the corpus (``corpus.list_units``) becomes one shard, written to a temporary
+file named after the host and process, then renamed: a killed prepare leaves finished
+shards and temporary files only, and the same command finishes the job without redoing
+finished shards. Shards are the same bytes whatever the number of workers.
+
+Small corpora (a folder of text files, one JSONL) need no explicit step: the recipes
+prepare them into ``data.cache_dir`` under a name derived from the tokenizer and the
+files (:func:`cached_prepare`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit, source_files
+from letrecipes.components.tokenizer import Tokenizer
+
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+FORMAT_VERSION = 1
+DOCS_PER_BATCH = 256
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """16-bit ids where the vocabulary fits, else 32-bit."""
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:06d}"
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process on any host uses."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = unique_tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def is_prepared(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def _shard_done(out_dir: Path, index: int, itemsize: int) -> Optional[dict]:
+    meta_path = out_dir / f"{shard_name(index)}.json"
+    data_path = out_dir / f"{shard_name(index)}.bin"
+    if not (meta_path.is_file() and data_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return meta if data_path.stat().st_size == meta["tokens"] * itemsize else None
+
+
+_WORKER_TOKENIZER: Dict[str, Tokenizer] = {}
+
+
+def _prepare_unit(job: dict) -> dict:
+    """Tokenize one unit into its shard (in a worker process, or in-process for one worker)."""
+    key = (job["tokenizer"], job["eos_token"])
+    tokenizer = _WORKER_TOKENIZER.get(key) or _WORKER_TOKENIZER.setdefault(
+        key, Tokenizer(job["tokenizer"], eos_token=job["eos_token"]))
+    unit, dtype, out_dir = Unit(**{**job["unit"], "paths": tuple(job["unit"]["paths"])}), np.dtype(job["dtype"]), Path(job["out_dir"])
+    name = shard_name(job["index"])
+    data_path = out_dir / f"{name}.bin"
+    tmp = unique_tmp(data_path)
+    messages: List[str] = []
+    tokens = documents = 0
+    with open(tmp, "wb") as out:
+        batch: List[str] = []
+
+        def flush() -> None:
+            nonlocal tokens
+            for ids in tokenizer.encode_batch(batch):
+                array = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+                out.write(array.tobytes())
+                tokens += len(array)
+            batch.clear()
+
+        for text in read_unit(unit, job["text_field"], job["key"], messages):
+            batch.append(text)
+            documents += 1
+            if len(batch) == DOCS_PER_BATCH:
+                flush()
+        flush()
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, data_path)
+    meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unit": unit.to_dict()}
+    write_atomic(out_dir / f"{name}.json", json.dumps(meta))
+    return {**meta, "warnings": messages}
+
+
+def _remove_dead_tmp_files(out_dir: Path) -> None:
+    """Delete the half-written files of killed prepares on this host. Files of live
+    processes, and of other hosts preparing the same folder, are left alone."""
+    suffix = f".{socket.gethostname()}."
+    for tmp in out_dir.glob(".*.tmp"):
+        stem = tmp.name[:-len(".tmp")]
+        head, _, pid = stem.rpartition(".")
+        if not (pid.isdigit() and (head + ".").endswith(suffix)):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _plan(units: List[Unit], tokenizer: Tokenizer, text_field: str, dtype: np.dtype) -> dict:
+    plan = {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "tokenizer_vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name,
+            "text_field": text_field, "units": [u.to_dict() for u in units]}
+    return json.loads(json.dumps(plan))  # as it reads back from plan.json (tuples become lists)
+
+
+def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "text", workers: int = 1,
+                   key: str = "data.source", log: Callable[[str], None] = print, progress_every_s: float = 10.0) -> dict:
+    """Prepare ``source`` into ``out_dir``; return the manifest. Resumable and deterministic."""
+    out_dir = Path(out_dir)
+    units = list_units(source, key)
+    dtype = token_dtype(tokenizer.vocab_size)
+    plan = _plan(units, tokenizer, text_field, dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_prepared(out_dir):
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        damaged = [i for i in range(len(units)) if not _shard_done(out_dir, i, dtype.itemsize)]
+        if manifest.get("plan") == plan and not damaged:
+            log(f"prepare: {out_dir} is already prepared ({manifest['tokens']:,} tokens); nothing to do")
+            return manifest
+        if manifest.get("plan") == plan:
+            log(f"prepare: {len(damaged)} shard(s) of {out_dir} are missing or truncated; redoing them")
+            (out_dir / MANIFEST).unlink()
+        else:
+            raise DataError(f"prepare: {out_dir} already holds data prepared from other sources or with another "
+                            "tokenizer. Fix: choose another output folder, or delete that one first.")
+    plan_path = out_dir / PLAN
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        raise DataError(f"prepare: {out_dir} holds an unfinished prepare of other sources or with another tokenizer "
+                        f"({PLAN} differs). Fix: rerun the command that started it, or choose another folder.")
+    write_atomic(plan_path, json.dumps(plan, indent=1))
+    _remove_dead_tmp_files(out_dir)
+
+    done = {i: meta for i in range(len(units)) if (meta := _shard_done(out_dir, i, dtype.itemsize))}
+    todo = [i for i in range(len(units)) if i not in done]
+    total_bytes = sum(u.size for u in units) or 1
+    jobs = [{"index": i, "unit": units[i].to_dict(), "tokenizer": str(tokenizer.path),
+             "eos_token": tokenizer.eos_token, "text_field": text_field, "dtype": dtype.name,
+             "out_dir": str(out_dir), "key": key} for i in todo]
+    log(f"prepare: {len(units)} unit(s), {total_bytes / 2**20:,.1f} MB of input -> {out_dir}"
+        + (f"; {len(done)} already done, {len(todo)} to go" if done else "") + f"; {max(1, workers)} worker(s)")
+    start = last = time.perf_counter()
+    done_bytes = new_tokens = 0
+
+    def finished(meta: dict) -> None:
+        nonlocal done_bytes, new_tokens, last
+        for message in meta.pop("warnings"):
+            warnings.warn(message, DataWarning, stacklevel=3)
+        index = int(meta["file"][len("shard_"):-len(".bin")])
+        done[index] = meta
+        done_bytes += units[index].size
+        new_tokens += meta["tokens"]
+        now = time.perf_counter()
+        if now - last >= progress_every_s or len(done) == len(units):
+            last, elapsed = now, now - start
+            todo_bytes = sum(units[i].size for i in todo) or 1
+            eta = elapsed * (todo_bytes - done_bytes) / max(done_bytes, 1)
+            log(f"prepare: {len(done)}/{len(units)} units, {done_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, "
+                f"{new_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            finished(_prepare_unit(job))
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_prepare_unit, job) for job in jobs]
+            for future in as_completed(futures):
+                finished(future.result())
+
+    shards = [done[i] for i in range(len(units))]
+    tokens = sum(s["tokens"] for s in shards)
+    if tokens == 0:
+        raise DataError(f"{key}: the source holds no text (0 documents). Fix: point it at a non-empty corpus.")
+    manifest = {"format_version": FORMAT_VERSION, "tokens": tokens, "documents": sum(s["documents"] for s in shards),
+                "dtype": dtype.name, "tokenizer": {"fingerprint": tokenizer.fingerprint(), "path": str(tokenizer.path),
+                                                   "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+                "text_field": text_field,
+                "sources": [str(p) for p in source_files(source, key)],
+                "shards": [{k: s[k] for k in ("file", "tokens", "documents")} for s in shards], "plan": plan}
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    log(f"prepare: done, {tokens:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source") -> str:
+    """Names a small corpus's prepared folder: the tokenizer's content and every file's path,
+    size and modification time, so editing either prepares again."""
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{tokenizer.fingerprint()}|{text_field}".encode())
+    for f in source_files(source, key):
+        st = f.stat()
+        h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", rank: int = 0,
+                   workers: int = 1, timeout_s: float = 3600.0, key: str = "data.source",
+                   log: Callable[[str], None] = print) -> Path:
+    """The prepared folder for ``source``: ``source`` itself if it is one, else a folder in
+    ``cache_dir`` that rank 0 prepares once while the other ranks wait for its manifest."""
+    if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
+        return Path(source)
+    folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key)}"
+    if is_prepared(folder):
+        return folder
+    if rank == 0:
+        prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log)
+        return folder
+    start = time.perf_counter()
+    print(f"rank {rank}: waiting for rank 0 to prepare {source} into {folder} (data.prepare_timeout_s="
+          f"{timeout_s:.0f})", flush=True)
+    while not is_prepared(folder):
+        if time.perf_counter() - start > timeout_s:
+            raise DataError(f"rank {rank}: rank 0 did not finish preparing {source} into {folder} within "
+                            f"{timeout_s:.0f} s. Fix: prepare it beforehand with `letrecipes prepare-data`, or raise "
+                            "data.prepare_timeout_s.")
+        time.sleep(1.0)
+    return folder
+
+
+def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "data.source") -> Dict[str, Any]:
+    """A prepared folder's manifest, checked: every shard present at its full size, and
+    made with ``tokenizer`` (the run's) when given."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{key}: {folder / MANIFEST} is missing or unreadable ({err}). Fix: rerun "
+                        "`letrecipes prepare-data` for this folder.") from err
+    if tokenizer is not None and manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
+        raise DataError(f"{key}: {folder} was prepared with another tokenizer ({manifest['tokenizer']['path']}, "
+                        f"fingerprint {manifest['tokenizer']['fingerprint']}) than this run's ({tokenizer.path}, "
+                        f"{tokenizer.fingerprint()}). Fix: prepare the corpus with this run's tokenizer section, or "
+                        "set tokenizer.path to the one it was prepared with.")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        expected = shard["tokens"] * itemsize
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            what = "is missing" if size is None else f"has {size:,} bytes where the manifest says {expected:,}"
+            raise DataError(f"{key}: shard {path} {what}. Fix: rerun the `letrecipes prepare-data` command that "
+                            "made the folder (it redoes only damaged shards), or delete the folder if it is a cache.")
+    return manifest

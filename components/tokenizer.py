@@ -1,0 +1,110 @@
+"""Tokenizers: a thin wrapper over a Hugging Face ``tokenizers`` JSON file, the run's
+tokenizer from its config section, and byte-level BPE training (the demo's)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
+
+from letrecipes.components.corpus import DataError
+
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+
+
+class Tokenizer:
+    """A thin wrapper over a Hugging Face ``tokenizers`` JSON file."""
+
+    def __init__(self, path: Union[str, Path], eos_token: Optional[str] = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                f"tokenizer.path: no tokenizer file at {str(self.path)!r}. Fix: point it at a "
+                "tokenizer.json (the demo trains one with `python -m letrecipes.demo --prepare-only`)."
+            )
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise DataError(f"tokenizer.path: {str(self.path)!r} is not a tokenizer.json ({err}).") from err
+        candidates = [eos_token] if eos_token else EOS_CANDIDATES
+        ids = [self._tok.token_to_id(t) for t in candidates]
+        found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
+        if not found:
+            raise DataError(
+                f"tokenizer: {str(self.path)!r} has none of the end-of-text tokens {candidates}. "
+                "Fix: set tokenizer.eos_token to the token that separates documents."
+            )
+        self.eos_token, self.eos_id = found[0]
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: List[str]) -> List[List[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def reads_like(self, other: "Tokenizer") -> bool:
+        """True when both map text to the same ids (same vocabulary, same splitting),
+        whatever their files look like (a GGUF export vs the model's own tokenizer.json)."""
+        probe = "Tokenizers agree: café, 1234 items, <|endoftext|>\n\tindented   spaces."
+        return (self._tok.get_vocab(with_added_tokens=True) == other._tok.get_vocab(with_added_tokens=True)
+                and self.encode(probe) == other.encode(probe))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def load_tokenizer(tokenizer_cfg: Mapping[str, Any], teacher_cfg: Optional[Mapping[str, Any]] = None) -> Tokenizer:
+    """The run's tokenizer from its ``tokenizer`` config section: ``tokenizer.path`` (``source:
+    path``, the default), or the teacher's own (``source: teacher``: its format names the
+    tokenizer without loading the weights).
+
+    A path may be a tokenizer.json, a model folder that holds one, or any checkpoint a
+    teacher format recognises (a .gguf file exports its embedded tokenizer).
+    """
+    # imported here: prepare workers load this module and need no torch
+    from letrecipes.components.teachers import existing_path, teacher_format, tokenizer_file
+
+    source = tokenizer_cfg.get("source", "path")
+    if source == "teacher":
+        teacher = teacher_cfg or {}
+        if not teacher.get("path"):
+            raise DataError("tokenizer.source=teacher but there is no teacher.path. Fix: set teacher.path, "
+                            "or use tokenizer.source=path with tokenizer.path.")
+        existing_path(teacher["path"], key="teacher.path")
+        path = tokenizer_file(teacher["path"], key="teacher.path", fmt=teacher_format(teacher))
+    elif source == "path":
+        if not tokenizer_cfg.get("path"):
+            raise DataError("tokenizer.path is not set. Fix: point it at a tokenizer.json (or a model folder or "
+                            ".gguf file), or set tokenizer.source=teacher.")
+        path = tokenizer_file(tokenizer_cfg["path"], key="tokenizer.path")
+    else:
+        raise DataError(f"tokenizer.source={source!r}: use path (tokenizer.path) or teacher (the teacher's own).")
+    return Tokenizer(path, eos_token=tokenizer_cfg.get("eos_token"))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: Union[str, Path]) -> Path:
+    """Train a byte-level BPE tokenizer with an ``<|endoftext|>`` token; write tokenizer.json."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    tmp.replace(out_path)
+    return out_path

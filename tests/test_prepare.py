@@ -1,0 +1,206 @@
+"""Issue 12: corpora in their shipping formats -> token shards, deterministic and resumable;
+the memory-mapped dataset over them; bad input as one clear error."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from letrecipes.components import corpus
+from letrecipes.components.corpus import DataError, read_documents
+from letrecipes.components.data import PackedDataset, TokenShards, build_dataloader
+from letrecipes.components.prepare import MANIFEST, prepare_corpus, read_manifest
+from letrecipes.components.tokenizer import Tokenizer, train_bpe
+
+QUIET = {"log": lambda _: None}
+
+
+def documents(n, start=0):
+    """``n`` distinct documents (random numbers make every token window unique)."""
+    rng = np.random.default_rng(start)
+    return [f"Document {i}: " + " ".join(str(x) for x in rng.integers(0, 10**6, 20 + i % 13))
+            for i in range(start, start + n)]
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path):
+    """The same 60 documents spread over every supported format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+    from datasets import Dataset
+
+    docs = documents(60)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a_text.txt").write_text(docs[0])
+    (root / "b_plain.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:10]))
+    with gzip.open(root / "c_gzip.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs[10:20])
+    (root / "d_zstd.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs[20:30]).encode()))
+    pq.write_table(pa.table({"text": docs[30:45], "id": list(range(15))}), root / "e_shard.parquet", row_group_size=4)
+    Dataset.from_dict({"text": docs[45:60]}).save_to_disk(str(root / "f_dataset"))
+    return root, docs
+
+
+def test_every_format_reads_in_a_fixed_order(mixed_corpus):
+    root, docs = mixed_corpus
+    assert list(read_documents(root)) == docs
+    kinds = [u.kind for u in corpus.list_units(root)]
+    assert kinds == ["text", "jsonl", "jsonl", "jsonl"] + ["parquet"] * 4 + ["dataset"]
+
+
+def test_prepare_is_deterministic_and_independent_of_workers(mixed_corpus, tokenizer_path, tmp_path):
+    root, docs = mixed_corpus
+    tok = Tokenizer(tokenizer_path)
+    one = prepare_corpus(root, tok, tmp_path / "one", workers=1, **QUIET)
+    two = prepare_corpus(root, tok, tmp_path / "two", workers=2, **QUIET)
+    assert one == two and one["documents"] == 60 and len(one["shards"]) == 9
+    for shard in one["shards"]:
+        assert (tmp_path / "one" / shard["file"]).read_bytes() == (tmp_path / "two" / shard["file"]).read_bytes()
+    stream = TokenShards(tmp_path / "one", tok)[0:one["tokens"]]
+    expected = np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs])
+    np.testing.assert_array_equal(stream, expected)  # shards concatenate to the documents in order
+    assert stream.dtype == np.uint16
+
+
+def test_a_killed_prepare_finishes_with_the_same_bytes(tokenizer_path, tmp_path):
+    source = tmp_path / "jsonl"
+    source.mkdir()
+    for i in range(40):
+        (source / f"part_{i:02d}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                                            for d in documents(150, i * 150)))
+    clean = tmp_path / "clean"
+    prepare_corpus(source, Tokenizer(tokenizer_path), clean, **QUIET)
+    killed = tmp_path / "killed"
+    script = ("import sys; from letrecipes.components.prepare import prepare_corpus; "
+              "from letrecipes.components.tokenizer import Tokenizer; "
+              "prepare_corpus(sys.argv[1], Tokenizer(sys.argv[2]), sys.argv[3], log=lambda _: None)")
+    process = subprocess.Popen([sys.executable, "-c", script, str(source), str(tokenizer_path), str(killed)],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not list(killed.glob("shard_*.json")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (killed / MANIFEST).exists(), "the prepare finished before the kill: make the corpus larger"
+    finished_before = {p.name for p in killed.glob("shard_*.json")}
+    assert finished_before
+    prepare_corpus(source, Tokenizer(tokenizer_path), killed, **QUIET)
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in clean.iterdir())
+    for path in clean.glob("shard_*.bin"):
+        assert (killed / path.name).read_bytes() == path.read_bytes()
+    assert json.loads((killed / MANIFEST).read_text()) == json.loads((clean / MANIFEST).read_text())
+
+
+def test_a_truncated_shard_is_named_and_the_same_command_repairs_it(tokenizer_path, tmp_path, mixed_corpus):
+    root, _ = mixed_corpus
+    tok = Tokenizer(tokenizer_path)
+    out = tmp_path / "prepared"
+    prepare_corpus(root, tok, out, **QUIET)
+    shard = out / "shard_000002.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-10])
+    with pytest.raises(DataError, match=r"shard .*shard_000002.bin has [\d,]+ bytes where the manifest says"):
+        TokenShards(out, tok)
+    prepare_corpus(root, tok, out, **QUIET)
+    assert shard.read_bytes() == good
+    shard.unlink()
+    with pytest.raises(DataError, match="shard_000002.bin is missing"):
+        read_manifest(out)
+
+
+def test_a_manifest_from_another_tokenizer_is_refused(tokenizer_path, corpus_dir, tmp_path, mixed_corpus):
+    root, _ = mixed_corpus
+    prepare_corpus(root, Tokenizer(tokenizer_path), tmp_path / "prepared", **QUIET)
+    other = Tokenizer(train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 300, tmp_path / "other.json"))
+    with pytest.raises(DataError, match="was prepared with another tokenizer .* Fix:"):
+        TokenShards(tmp_path / "prepared", other)
+
+
+def test_bad_sources_are_one_clear_error(tokenizer_path, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = Tokenizer(tokenizer_path)
+    damaged = tmp_path / "damaged.jsonl.gz"
+    with gzip.open(damaged, "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in documents(400))
+    damaged.write_bytes(damaged.read_bytes()[:3000])
+    with pytest.raises(DataError, match=r"damaged.jsonl.gz is damaged: the compressed stream breaks after line \d+"):
+        prepare_corpus(damaged, tok, tmp_path / "out1", **QUIET)
+
+    zst = tmp_path / "damaged.jsonl.zst"
+    zst.write_bytes(b"\x28\xb5\x2f\xfd" + os.urandom(200))
+    with pytest.raises(DataError, match="damaged.jsonl.zst is damaged"):
+        prepare_corpus(zst, tok, tmp_path / "out2", **QUIET)
+
+    no_column = tmp_path / "body.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), no_column)
+    with pytest.raises(DataError, match=r"body.parquet has no column 'text' \(it has \['body'\]\)\. Fix: set data.text_field"):
+        prepare_corpus(no_column, tok, tmp_path / "out3", **QUIET)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="holds no text"):
+        prepare_corpus(empty, tok, tmp_path / "out4", **QUIET)
+    assert not (tmp_path / "out4" / MANIFEST).exists()
+
+
+@pytest.fixture
+def three_shards(tokenizer_path, tmp_path):
+    """A corpus prepared into 3 shards, sequences crossing the shard boundaries."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for i in range(3):
+        (source / f"{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(200, i * 200)))
+    tok = Tokenizer(tokenizer_path)
+    prepare_corpus(source, tok, tmp_path / "prepared", **QUIET)
+    return TokenShards(tmp_path / "prepared", tok)
+
+
+def test_slices_across_shard_boundaries(three_shards):
+    whole = np.concatenate([np.fromfile(f, dtype=three_shards.dtype) for f in three_shards.files])
+    for start, stop in [(0, 5), (three_shards.starts[1] - 3, three_shards.starts[1] + 4),
+                        (three_shards.starts[1] - 3, three_shards.starts[2] + 4), (len(whole) - 2, len(whole))]:
+        np.testing.assert_array_equal(three_shards[start:stop], whole[start:stop])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_exactly_across_a_shard_boundary(three_shards, workers):
+    data = PackedDataset(three_shards, 31, "train", 0.05)
+    steps_per_epoch = len(data) // 4
+    stop_at = steps_per_epoch // 2  # the shuffled loader has crossed every shard boundary by then
+
+    def loader():
+        return build_dataloader(data, 4, seed=3, num_workers=workers)
+
+    reference = [b["tokens"] for _, b in zip(range(stop_at + 5), loader())]
+    first = loader()
+    it = iter(first)
+    for _ in range(stop_at):
+        next(it)
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = [b["tokens"] for _, b in zip(range(5), resumed)]
+    assert all(torch.equal(a, b) for a, b in zip(reference[stop_at:], rest))
+
+
+def test_two_ranks_see_disjoint_sequences_that_cover_the_epoch(three_shards):
+    data = PackedDataset(three_shards, 31, "train", 0.05)
+    seen = []
+    for rank in range(2):
+        for batch in build_dataloader(data, 4, seed=0, rank=rank, world_size=2):
+            seen += [tuple(row.tolist()) for row in batch["tokens"]]
+    assert len(seen) == len(set(seen))  # disjoint
+    assert len(seen) >= len(data) - 2 * 4 * 2  # all but the last incomplete batch on each rank
