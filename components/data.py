@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from letrecipes.components.corpus import DataError
-from letrecipes.components.prepare import read_manifest
+from letrecipes.components.prepare import cached_prepare, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
 
@@ -70,34 +70,122 @@ class TokenShards:
 class PackedDataset(Dataset):
     """Fixed-length training sequences cut from one token stream.
 
-    Item ``i`` is ``{"tokens": x, "labels": y}`` with ``y`` = ``x`` shifted by one.
+    Item ``i`` is ``{"tokens": x, "labels": y}`` with ``y`` = ``x`` shifted by one. The stream
+    is cut into windows of ``seq_len + 1`` tokens; every ``round(1 / val_fraction)``-th window
+    (offset by half that) is validation, so the held-out set is spread over the whole corpus
+    and the same for a given corpus. Window ids are computed, not stored: memory does not
+    grow with the corpus.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, split: str = "train", val_fraction: float = 0.02):
+    def __init__(self, tokens, seq_len: int, split: str = "train", val_fraction: float = 0.02):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         if not 0.0 < val_fraction < 0.5:
             raise DataError(f"data.val_fraction={val_fraction}: must lie in (0, 0.5).")
         self.tokens = tokens
         self.seq_len = seq_len
-        total = len(tokens) // (seq_len + 1)
-        every = max(2, round(1 / val_fraction))
-        all_ids = np.arange(total)
-        is_val = all_ids % every == every // 2
-        self.index = all_ids[is_val] if split == "val" else all_ids[~is_val]
-        if len(self.index) == 0:
+        self.split = split
+        self.windows = len(tokens) // (seq_len + 1)
+        self.every = max(2, round(1 / val_fraction))
+        offset = self.every // 2
+        val_windows = 0 if self.windows <= offset else (self.windows - 1 - offset) // self.every + 1
+        self.length = val_windows if split == "val" else self.windows - val_windows
+        if self.length == 0:
             raise DataError(
                 f"data: the corpus has {len(tokens)} tokens, too few for one {split} sequence of "
                 f"{seq_len + 1}. Fix: use more text, a shorter seq_len or a larger val_fraction."
             )
 
+    def window(self, i: int) -> int:
+        """The corpus window that item ``i`` of this split is."""
+        offset = self.every // 2
+        if self.split == "val":
+            return offset + i * self.every
+        block, r = divmod(i, self.every - 1)
+        return block * self.every + r + (r >= offset)
+
+    @property
+    def index(self) -> np.ndarray:
+        """Every item's window id (for inspection; items are computed without it)."""
+        return np.fromiter((self.window(i) for i in range(self.length)), dtype=np.int64, count=self.length)
+
     def __len__(self) -> int:
-        return len(self.index)
+        return self.length
 
     def __getitem__(self, i: int):
-        start = int(self.index[i]) * (self.seq_len + 1)
+        start = self.window(int(i)) * (self.seq_len + 1)
         chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
         return {"tokens": chunk[:-1], "labels": chunk[1:]}
+
+
+class MixtureDataset(Dataset):
+    """Several datasets drawn in fixed proportions: ``data.sources`` with weights.
+
+    Positions are dealt in blocks of ``block`` (1024): each block holds every source's share
+    (largest remainder of ``weight * block``), in an order shuffled by ``(seed, block)``. The
+    ``k``-th draw of source ``s`` is its sequence ``(a_s * k + c_s) mod len(s)`` (``a_s``
+    coprime to ``len(s)``: a permutation that spreads the draws over the whole source, with
+    no table). Draws continue across epochs (:meth:`set_epoch`), so a downsampled source
+    shows new sequences every epoch and an upsampled one repeats. Everything is a function
+    of ``(seed, epoch, position)``: deterministic and exactly resumable. Items carry
+    ``source``, the source's index, so the loader can count tokens per source.
+    """
+
+    def __init__(self, parts, weights, seed: int = 0, block: int = 1024):
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("one weight per dataset")
+        total = float(sum(weights))
+        if total <= 0 or any(w < 0 for w in weights):
+            raise DataError(f"data.sources: weights {list(weights)} must be >= 0 with a positive sum.")
+        self.parts, self.seed, self.block, self.epoch = list(parts), int(seed), int(block), 0
+        exact = [block * w / total for w in weights]
+        counts = [int(x) for x in exact]
+        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: block - sum(counts)]:
+            counts[i] += 1
+        self.counts = counts
+        self.pattern = np.repeat(np.arange(len(parts)), counts)
+        self.length = sum(len(p) for p in parts)
+        rng = np.random.default_rng([self.seed, 7])
+        self.stride = [self._coprime(len(p), int(rng.integers(1, 1 << 30))) for p in parts]
+        self.shift = [int(rng.integers(0, len(p))) for p in parts]
+        self._cache: Dict[int, tuple] = {}
+
+    @staticmethod
+    def _coprime(n: int, start: int) -> int:
+        a = start % n or 1
+        while np.gcd(a, n) != 1:
+            a = a % n + 1
+        return a
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _block(self, b: int):
+        if b not in self._cache:
+            order = np.random.default_rng([self.seed, b]).permutation(self.pattern)
+            rank = np.zeros(self.block, dtype=np.int64)  # how many earlier positions of the block share the source
+            for s in range(len(self.parts)):
+                where = order == s
+                rank[where] = np.arange(int(where.sum()))
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[b] = (order, rank)
+        return self._cache[b]
+
+    def locate(self, position: int):
+        """(source, sequence of that source) that mixture ``position`` is, in this epoch."""
+        b, r = divmod(self.epoch * self.length + int(position), self.block)
+        order, rank = self._block(b)
+        s = int(order[r])
+        k = b * self.counts[s] + int(rank[r])
+        return s, (self.stride[s] * k + self.shift[s]) % len(self.parts[s])
+
+    def __getitem__(self, position: int):
+        s, i = self.locate(position)
+        return {**self.parts[s][i], "source": torch.tensor(s)}
 
 
 def build_dataloader(
@@ -122,36 +210,84 @@ def build_dataloader(
     )
 
 
+def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int, local_rank: int = 0,
+                   log: Callable[[str], None] = print) -> Tuple[Dataset, Dataset, List[str]]:
+    """(train set, validation set, source names) from a ``data`` config section.
+
+    ``data.source`` is one corpus; ``data.sources`` a list of ``{source, weight, name,
+    text_field}`` drawn as a :class:`MixtureDataset` (validation mixed the same way). Each
+    corpus is a prepared folder, or is prepared into ``data.cache_dir`` first.
+    """
+    specs = data_cfg.get("sources") or [{"source": data_cfg.get("source"), "weight": 1.0}]
+    seq_len, val_fraction = int(data_cfg["seq_len"]), float(data_cfg.get("val_fraction", 0.02))
+    train, val, names = [], [], []
+    for i, spec in enumerate(specs):
+        key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
+        folder = cached_prepare(spec["source"], tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
+                                text_field=spec.get("text_field") or data_cfg.get("text_field", "text"),
+                                rank=local_rank, workers=int(data_cfg.get("prepare_workers", 1)),
+                                timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log)
+        tokens = TokenShards(folder, tokenizer, key=key)
+        train.append(PackedDataset(tokens, seq_len, "train", val_fraction))
+        val.append(PackedDataset(tokens, seq_len, "val", val_fraction))
+        names.append(str(spec.get("name") or Path(str(spec["source"])).name or f"source{i}"))
+    if len(specs) == 1:
+        return train[0], val[0], []
+    if len(set(names)) != len(names):
+        raise DataError(f"data.sources: names {names} repeat. Fix: give each source a distinct `name`.")
+    weights = [float(spec.get("weight", 1.0)) for spec in specs]
+    return MixtureDataset(train, weights, seed=seed), MixtureDataset(val, weights, seed=0), names
+
+
 class BatchStream:
     """Endless batches from a loader, epoch after epoch, moved to ``device``.
 
-    A ``Stateful`` (``state_dict``/``load_state_dict``): the epoch and the loader's position
-    within it, so a resumed run continues with exactly the next batch.
+    A ``Stateful`` (``state_dict``/``load_state_dict``): the epoch, the loader's position
+    within it and, for a mixture, the tokens each source has given (``figures()``, logged
+    as ``tokens_<name>``), so a resumed run continues with exactly the next batch.
     """
 
-    def __init__(self, loader: StatefulDataLoader, device: torch.device):
+    def __init__(self, loader: StatefulDataLoader, device: torch.device, source_names=()):
         self.loader = loader
         self.device = device
         self.epoch = 0
+        self.source_names = list(source_names)
+        self.source_tokens = [0] * len(self.source_names)
         self._iter = None
+
+    def _start_epoch(self) -> None:
+        self.loader.sampler.set_epoch(self.epoch)
+        if hasattr(self.loader.dataset, "set_epoch"):
+            self.loader.dataset.set_epoch(self.epoch)
 
     def next(self) -> Dict[str, torch.Tensor]:
         while True:
             if self._iter is None:
-                self.loader.sampler.set_epoch(self.epoch)
+                self._start_epoch()
                 self._iter = iter(self.loader)
             try:
                 batch = next(self._iter)
-                return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             except StopIteration:
                 self.epoch += 1
                 self._iter = None
+                continue
+            sources = batch.pop("source", None)
+            if sources is not None:
+                per_sequence = batch["labels"].shape[1]
+                for s, n in enumerate(torch.bincount(sources, minlength=len(self.source_names)).tolist()):
+                    self.source_tokens[s] += n * per_sequence
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def figures(self) -> Dict[str, int]:
+        """Tokens each mixture source has given this rank so far (empty for one source)."""
+        return {f"tokens_{name}": n for name, n in zip(self.source_names, self.source_tokens)}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        return {"epoch": self.epoch, "loader": self.loader.state_dict(), "source_tokens": list(self.source_tokens)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch = state["epoch"]
-        self.loader.sampler.set_epoch(self.epoch)
+        self._start_epoch()
         self.loader.load_state_dict(state["loader"])
+        self.source_tokens = list(state.get("source_tokens", self.source_tokens))
         self._iter = None

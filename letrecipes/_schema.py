@@ -57,7 +57,12 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
              "text_field": TEXT, "seq_len": _int(2), "val_fraction": _number(0, 0.5), "cache_dir": TEXT,
-             "prepare_workers": _int(1), "prepare_timeout_s": _number(0)},
+             "prepare_workers": _int(1), "prepare_timeout_s": _number(0), "num_workers": _int(0),
+             "sources": ("a list of {source, weight, name, text_field} mappings",
+                         lambda v: isinstance(v, list) and bool(v) and all(
+                             isinstance(x, dict) and x.get("source") and set(x) <= {"source", "weight", "name", "text_field"}
+                             and isinstance(x.get("weight", 1.0), (int, float)) and x.get("weight", 1.0) >= 0
+                             for x in v))},
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
@@ -93,3 +98,10 @@ def validate(cfg: DictConfig) -> None:
                 raise _unknown(inner, SECTIONS[key], f"{key}.")
             if inner_value is not None or key == "tokenizer":
                 _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])
+    data = values.get("data") or {}
+    if data.get("source") and data.get("sources"):
+        raise ConfigValueError("config keys data.source and data.sources are both set. Fix: keep one (on the command "
+                               "line, `~data.source` removes the config file's data.source).")
+    if "data" in values and not (data.get("source") or data.get("sources")) and not values.get("dry_run"):
+        raise ConfigValueError("config key data.source is missing. Fix: set data.source (a corpus or a prepared "
+                               "folder) or data.sources (a mixture; docs/data.md).")

@@ -31,13 +31,12 @@ from tqdm import tqdm
 from letrecipes._config import parse, run
 from letrecipes.components import faults, parallel, registry, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
-from letrecipes.components.data import BatchStream, PackedDataset, TokenShards, build_dataloader
+from letrecipes.components.data import BatchStream, build_dataloader, build_datasets
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_model
 from letrecipes.components.metrics import MetricLogger, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
-from letrecipes.components.prepare import cached_prepare
 from letrecipes.components.tokenizer import load_tokenizer
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
@@ -138,19 +137,14 @@ class PretrainRecipe:
 
     def setup_data(self) -> None:
         cfg = self.cfg.data
-        # A prepared folder is used as is; a raw corpus is prepared once into the cache (by
-        # each node's first process, while the others wait for its manifest).
-        folder = cached_prepare(cfg.source, self.tokenizer, cfg.get("cache_dir", "outputs/cache"),
-                                text_field=cfg.get("text_field", "text"), rank=parallel.local_rank(self.rank),
-                                workers=int(cfg.get("prepare_workers", 1)),
-                                timeout_s=float(cfg.get("prepare_timeout_s", 3600)), log=self.log)
-        tokens = TokenShards(folder, self.tokenizer)
-        val_fraction = float(cfg.get("val_fraction", 0.02))
-        self.train_set = PackedDataset(tokens, int(cfg.seq_len), "train", val_fraction)
-        self.val_set = PackedDataset(tokens, int(cfg.seq_len), "val", val_fraction)
-        batch_size = int(self.cfg.batch_size)
+        # Prepared folders are read as they are; a raw corpus is prepared once into the cache
+        # (by each node's first process, while the others wait for it).
+        self.train_set, self.val_set, sources = build_datasets(cfg, self.tokenizer, seed=int(self.cfg.seed),
+                                                               local_rank=parallel.local_rank(self.rank), log=self.log)
+        batch_size, workers = int(self.cfg.batch_size), int(cfg.get("num_workers", 0))
         self.batches = BatchStream(build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed),
-                                                    rank=self.rank, world_size=self.world_size), self.device)
+                                                    rank=self.rank, world_size=self.world_size, num_workers=workers),
+                                   self.device, source_names=sources)
         self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False,
                                            rank=self.rank, world_size=self.world_size)
         self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum * self.world_size
@@ -244,7 +238,8 @@ class PretrainRecipe:
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   **({} if finite else {"skipped": True}),
                   "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
-                  "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device)}
+                  "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device),
+                  **self.batches.figures()}
         for name, seconds in self.step_timing.items():
             record[f"{name}_time_share"] = seconds / elapsed
         return record

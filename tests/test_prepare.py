@@ -204,3 +204,25 @@ def test_two_ranks_see_disjoint_sequences_that_cover_the_epoch(three_shards):
             seen += [tuple(row.tolist()) for row in batch["tokens"]]
     assert len(seen) == len(set(seen))  # disjoint
     assert len(seen) >= len(data) - 2 * 4 * 2  # all but the last incomplete batch on each rank
+
+
+def test_other_ranks_wait_for_the_first_to_prepare_a_small_corpus(tokenizer_path, tmp_path, capsys):
+    import threading
+
+    from letrecipes.components.prepare import cached_prepare
+
+    source = tmp_path / "small.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(50)))
+    tok = Tokenizer(tokenizer_path)
+    with pytest.raises(DataError, match=r"rank 1: rank 0 did not finish preparing .* Fix: prepare it beforehand"):
+        cached_prepare(source, tok, tmp_path / "cache", rank=1, timeout_s=0.2)
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.setdefault("folder", cached_prepare(
+        source, tok, tmp_path / "cache", rank=1, timeout_s=60)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # no manifest yet: rank 1 waits
+    folder = cached_prepare(source, tok, tmp_path / "cache", rank=0, **QUIET)
+    waiter.join(timeout=30)
+    assert waited["folder"] == folder and (folder / MANIFEST).is_file()
+    assert "rank 1: waiting for rank 0 to prepare" in capsys.readouterr().out

@@ -1,0 +1,80 @@
+"""data.sources: corpora drawn in fixed proportions, deterministic, exactly resumable, and
+counted per source in the metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from letrecipes.components.data import BatchStream, MixtureDataset, PackedDataset, build_dataloader
+from letrecipes.components.metrics import read_metrics
+
+
+def parts(sizes=(3000, 800, 200)):
+    """Datasets whose first token says which part and which sequence an item is."""
+    out = []
+    for p, n in enumerate(sizes):
+        windows = np.repeat(np.arange(n, dtype=np.int64) + 10_000 * p, 8)
+        out.append(PackedDataset(windows.astype(np.uint32), 7, "train", 0.45))
+    return out
+
+
+def test_proportions_follow_the_weights_in_every_stretch():
+    mixture = MixtureDataset(parts(), [0.5, 0.3, 0.2], seed=1)
+    drawn = np.array([mixture.locate(i)[0] for i in range(5000)])
+    for s, weight in enumerate([0.5, 0.3, 0.2]):
+        assert abs((drawn == s).mean() - weight) < 0.005  # exact per 1024-block, up to rounding
+        assert abs((drawn[:1024] == s).mean() - weight) < 0.002
+
+
+def test_shuffled_loader_keeps_the_proportions():
+    mixture = MixtureDataset(parts(), [0.5, 0.3, 0.2], seed=1)
+    loader = build_dataloader(mixture, 16, seed=4)
+    sources = torch.cat([b["source"] for _, b in zip(range(250), loader)])  # 4000 sequences
+    for s, weight in enumerate([0.5, 0.3, 0.2]):
+        assert abs((sources == s).float().mean().item() - weight) < 0.03
+
+
+def test_deterministic_for_a_seed_and_new_draws_every_epoch():
+    a, b, c = (MixtureDataset(parts(), [0.5, 0.3, 0.2], seed=seed) for seed in (1, 1, 2))
+    first = [a.locate(i) for i in range(3000)]
+    assert first == [b.locate(i) for i in range(3000)] and first != [c.locate(i) for i in range(3000)]
+    small = {j for s, j in (a.locate(i) for i in range(len(a))) if s == 2}  # 20% of the draws, the smallest part
+    assert len(small) == len(a.parts[2])  # upsampled: every sequence of it comes up
+    a.set_epoch(1)
+    big_next = {j for s, j in (a.locate(i) for i in range(len(a))) if s == 0}
+    a.set_epoch(0)
+    big = {j for s, j in (a.locate(i) for i in range(len(a))) if s == 0}
+    assert len(big) < len(a.parts[0]) and big_next - big  # downsampled: the next epoch shows others
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_stream_over_a_mixture_resumes_exactly_with_its_counts(workers):
+    mixture = MixtureDataset(parts(), [0.5, 0.3, 0.2], seed=1)
+    names = ["web", "code", "math"]
+
+    def stream():
+        return BatchStream(build_dataloader(mixture, 16, seed=2, num_workers=workers), torch.device("cpu"), names)
+
+    reference = stream()
+    expected = [reference.next()["tokens"] for _ in range(300)]  # past an epoch boundary (250 batches)
+    first = stream()
+    for _ in range(260):
+        first.next()
+    state, counts = first.state_dict(), first.figures()
+    resumed = stream()
+    resumed.load_state_dict(state)
+    assert resumed.figures() == counts and sum(counts.values()) == 260 * 16 * 7
+    assert all(torch.equal(resumed.next()["tokens"], want) for want in expected[260:])
+
+
+def test_a_run_on_two_sources_logs_tokens_per_source(base_overrides, corpus_dir, tmp_path):
+    from letrecipes import pretrain
+
+    plays = sorted(corpus_dir.glob("*.txt"))
+    overrides = [o for o in base_overrides if not o.startswith("data.source=")]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, "~data.source", f"output_dir={tmp_path / 'run'}",
+                          f"data.sources=[{{source: {plays[0]}, weight: 3, name: first}}, "
+                          f"{{source: {plays[1]}, weight: 1, name: second}}]", "max_steps=20", "log_every=20"])
+    last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
+    total = last["tokens_first"] + last["tokens_second"]
+    assert total == 20 * 4 * 32 and abs(last["tokens_first"] / total - 0.75) < 0.1
