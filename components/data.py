@@ -10,6 +10,7 @@ does not grow with the corpus.
 from __future__ import annotations
 
 import bisect
+import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -27,8 +28,12 @@ from letrecipes.components.tokenizer import Tokenizer
 class TokenShards:
     """A prepared folder's shards as one read-only token array: ``len()`` and slices.
 
-    Shards are memory-mapped on first use in each process (never pickled into dataloader
-    workers), so only the pages a batch touches are read.
+    Slices are read with ``os.pread`` into fresh arrays, not through a memory map: mapped
+    pages count in the process's resident memory and accumulate as an epoch reads the
+    corpus (measured: 80 random sequences of a 400 MB shard folder mapped 134 MB, the
+    kernel's read-around), while a read leaves nothing behind but the OS page cache, which
+    the kernel reclaims. File handles are opened per process on first use (never pickled
+    into dataloader workers).
     """
 
     def __init__(self, folder: Union[str, Path], tokenizer: Optional[Tokenizer] = None, key: str = "data.source"):
@@ -38,15 +43,20 @@ class TokenShards:
         self.files = [self.folder / s["file"] for s in self.manifest["shards"]]
         sizes = [s["tokens"] for s in self.manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
-        self._maps: Dict[int, np.ndarray] = {}
+        self._fds: Dict[int, int] = {}
 
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def _shard(self, i: int) -> np.ndarray:
-        if i not in self._maps:
-            self._maps[i] = np.memmap(self.files[i], dtype=self.dtype, mode="r")
-        return self._maps[i]
+    def _read(self, shard: int, start: int, stop: int) -> np.ndarray:
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
+        size = self.dtype.itemsize
+        data = os.pread(self._fds[shard], (stop - start) * size, start * size)
+        if len(data) != (stop - start) * size:
+            raise DataError(f"data.source: {self.files[shard]} is shorter than its manifest says (it changed after "
+                            "the run started). Fix: rerun the prepare command that made it.")
+        return np.frombuffer(data, dtype=self.dtype)
 
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, step = index.indices(len(self))
@@ -57,14 +67,18 @@ class TokenShards:
         while start < stop:
             end = min(stop, self.starts[i + 1])
             if end > start:
-                pieces.append(self._shard(i)[start - self.starts[i]:end - self.starts[i]])
+                pieces.append(self._read(i, start - self.starts[i], end - self.starts[i]))
             start, i = end, i + 1
         if not pieces:
             return np.zeros(0, dtype=self.dtype)
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {**self.__dict__, "_maps": {}}
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
 
 
 class PackedDataset(Dataset):
@@ -188,6 +202,32 @@ class MixtureDataset(Dataset):
         return {**self.parts[s][i], "source": torch.tensor(s)}
 
 
+class EpochSampler(StatefulDistributedSampler):
+    """torchdata's ``StatefulDistributedSampler`` (same order: a permutation seeded by
+    ``seed + epoch``, rank ``r`` of ``w`` taking every ``w``-th), holding the permutation as
+    one int64 tensor instead of Python lists: 8 bytes per sequence instead of about 50
+    (measured: 37 MB for 760k sequences), and nothing copied per rank."""
+
+    def __iter__(self):
+        start = self.next_yielded if self.next_yielded is not None else 0
+        self.next_yielded = None
+        if self.shuffle:
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(len(self.dataset), generator=generator)
+        else:
+            order = torch.arange(len(self.dataset))
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:  # repeat the head to divide evenly, as the parent does
+            order = torch.cat([order, order.repeat(-(-self.total_size // len(order)))])[: self.total_size]
+        mine = order[self.rank : self.total_size : self.num_replicas].numpy()
+        self.yielded = start
+        for i in range(start, len(mine)):
+            self.yielded += 1
+            yield int(mine[i])
+
+
 def build_dataloader(
     dataset: Dataset,
     batch_size: int,
@@ -202,9 +242,7 @@ def build_dataloader(
             f"data: {len(dataset)} sequences cannot fill one batch of {batch_size} on each of "
             f"{world_size} ranks. Fix: lower batch_size or use more text."
         )
-    sampler = StatefulDistributedSampler(
-        dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True
-    )
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers
     )

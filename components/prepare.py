@@ -82,6 +82,13 @@ def _shard_done(out_dir: Path, index: int, itemsize: int) -> Optional[dict]:
 _WORKER_TOKENIZER: Dict[str, Tokenizer] = {}
 
 
+def _one_thread_per_worker() -> None:
+    # `tokenizers` batches on every core by itself; N workers each doing so would thrash.
+    # In one process (workers=1) it keeps its own parallelism.
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _prepare_unit(job: dict) -> dict:
     """Tokenize one unit into its shard (in a worker process, or in-process for one worker)."""
     key = (job["tokenizer"], job["eos_token"])
@@ -200,23 +207,31 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
         for job in jobs:
             finished(_prepare_unit(job))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                 initializer=_one_thread_per_worker) as pool:
             futures = [pool.submit(_prepare_unit, job) for job in jobs]
             for future in as_completed(futures):
                 finished(future.result())
 
     shards = [done[i] for i in range(len(units))]
-    tokens = sum(s["tokens"] for s in shards)
-    if tokens == 0:
+    if sum(s["tokens"] for s in shards) == 0:
         raise DataError(f"{key}: the source holds no text (0 documents). Fix: point it at a non-empty corpus.")
-    manifest = {"format_version": FORMAT_VERSION, "tokens": tokens, "documents": sum(s["documents"] for s in shards),
-                "dtype": dtype.name, "tokenizer": {"fingerprint": tokenizer.fingerprint(), "path": str(tokenizer.path),
-                                                   "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-                "text_field": text_field,
-                "sources": [str(p) for p in source_files(source, key)],
+    manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
+                              [str(p) for p in source_files(source, key)], plan)
+    log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtype: np.dtype, text_field: str,
+                   sources: List[str], plan: Optional[dict] = None) -> dict:
+    """Mark ``out_dir`` complete: ``shards`` are ``{file, tokens, documents}`` in stream order."""
+    manifest = {"format_version": FORMAT_VERSION, "tokens": sum(s["tokens"] for s in shards),
+                "documents": sum(s["documents"] for s in shards), "dtype": np.dtype(dtype).name,
+                "tokenizer": {"fingerprint": tokenizer.fingerprint(), "path": str(tokenizer.path),
+                              "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
+                "text_field": text_field, "sources": sources,
                 "shards": [{k: s[k] for k in ("file", "tokens", "documents")} for s in shards], "plan": plan}
-    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1))
-    log(f"prepare: done, {tokens:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
+    write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

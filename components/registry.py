@@ -37,6 +37,20 @@ KINDS = ("model", "optimizer", "lr_scheduler", "teacher_loader", "layer_map", "p
 OLD_PREFIX, NEW_PREFIX = "components.", "letrecipes.components."
 
 _REGISTRY: Dict[str, Dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+# The modules whose @register decorators define the built-in short names. They are imported
+# the first time a name is looked up, not when the package is imported, so that light users
+# of a component (the prepare step's worker processes, `letrecipes ls`) do not pay for torch.
+BUILTIN_MODULES = ("alignment", "gguf_teacher", "hf_teacher", "layer_maps", "letrecipes_teacher", "lr_schedules",
+                   "models", "optimizers", "projectors", "schedules", "teachers")
+_builtins_loaded = False
+
+
+def load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for name in BUILTIN_MODULES:
+            importlib.import_module(f"letrecipes.components.{name}")
 
 
 class ComponentError(LetRecipesError):
@@ -60,7 +74,8 @@ def register(kind: str, name: str) -> Callable[[Callable], Callable]:
 
 
 def registered(kind: str) -> Dict[str, Callable[..., Any]]:
-    """The short names registered for ``kind`` (a copy)."""
+    """The short names registered for ``kind`` (a copy), built-ins included."""
+    load_builtins()
     return dict(_REGISTRY[kind])
 
 
@@ -78,6 +93,7 @@ def import_modules(modules: Iterable[str] | None) -> None:
 
 def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any]:
     """Find a component by short name (``kind``'s registry) or by dotted path."""
+    load_builtins()
     if name in _REGISTRY[kind]:
         return _REGISTRY[kind][name]
     if _renamed(name):

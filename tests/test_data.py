@@ -90,3 +90,33 @@ def test_loader_is_deterministic_sharded_and_resumes_mid_epoch():
 def test_too_small_corpus_is_a_clear_error():
     with pytest.raises(DataError, match="too few"):
         PackedDataset(np.arange(10, dtype=np.uint16), 32, "val", 0.1)
+
+
+def test_epoch_sampler_matches_torchdatas_order_state_and_resume():
+    """EpochSampler keeps the permutation as a tensor; order and checkpoints are torchdata's."""
+    from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+    from letrecipes.components.data import EpochSampler
+
+    class Sized:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    for n, world, shuffle, drop_last in [(97, 1, True, True), (1000, 3, True, False), (12345, 2, False, True)]:
+        for rank in range(world):
+            ours, theirs = (cls(Sized(n), world, rank, shuffle, 7, drop_last)
+                            for cls in (EpochSampler, StatefulDistributedSampler))
+            ours.set_epoch(2)
+            theirs.set_epoch(2)
+            assert list(ours) == list(theirs)
+            it_ours, it_theirs = iter(ours), iter(theirs)
+            for _ in range(5):
+                next(it_ours), next(it_theirs)
+            assert ours.state_dict() == theirs.state_dict()
+            resumed = EpochSampler(Sized(n), world, rank, shuffle, 7, drop_last)
+            resumed.set_epoch(2)
+            resumed.load_state_dict(theirs.state_dict())
+            assert list(resumed) == list(it_theirs)

@@ -226,3 +226,27 @@ def test_other_ranks_wait_for_the_first_to_prepare_a_small_corpus(tokenizer_path
     waiter.join(timeout=30)
     assert waited["folder"] == folder and (folder / MANIFEST).is_file()
     assert "rank 1: waiting for rank 0 to prepare" in capsys.readouterr().out
+
+
+def test_prepare_data_command_then_a_run_on_its_shards(base_overrides, tokenizer_path, corpus_dir, tmp_path):
+    from letrecipes import pretrain
+
+    source = tmp_path / "docs.jsonl.gz"
+    with gzip.open(source, "wt") as f:
+        f.writelines(json.dumps({"text": p.read_text()}) + "\n" for p in sorted(corpus_dir.glob("*.txt")))
+    out = tmp_path / "prepared"
+    result = subprocess.run([sys.executable, "-m", "letrecipes", "prepare-data", "--config", "pretrain_tiny",
+                             "--out", str(out), "--workers", "2", f"tokenizer.path={tokenizer_path}",
+                             f"data.source={source}"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ETA" in result.stdout and f"data.source={out}" in result.stdout
+    overrides = [o for o in base_overrides if not o.startswith("data.source=")]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"data.source={out}", "max_steps=2",
+                          f"output_dir={tmp_path / 'run'}"])
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    other = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 300, tmp_path / "other.json")
+    with pytest.raises(SystemExit, match="was prepared with another tokenizer"):
+        pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"data.source={out}", "max_steps=2",
+                              f"tokenizer.path={other}", f"output_dir={tmp_path / 'run2'}"])
+    assert not (tmp_path / "run2" / "metrics.jsonl").exists()
