@@ -3,7 +3,7 @@ resumable loader, and the stream of batches a recipe draws from.
 
 A corpus reaches training in two steps: ``components/prepare.py`` turns it into token
 shards once (explicitly with ``letrecipes prepare-data``, or into ``data.cache_dir`` on
-the first run), and :class:`TokenShards` reads them memory-mapped, so a process's memory
+the first run), and :class:`TokenShards` reads them in place, so a process's memory
 does not grow with the corpus.
 """
 

@@ -79,7 +79,7 @@ def _shard_done(out_dir: Path, index: int, itemsize: int) -> Optional[dict]:
     return meta if data_path.stat().st_size == meta["tokens"] * itemsize else None
 
 
-_WORKER_TOKENIZER: Dict[str, Tokenizer] = {}
+_WORKER_TOKENIZER: Dict[tuple, Tokenizer] = {}
 
 
 def _one_thread_per_worker() -> None:
@@ -92,9 +92,11 @@ def _one_thread_per_worker() -> None:
 def _prepare_unit(job: dict) -> dict:
     """Tokenize one unit into its shard (in a worker process, or in-process for one worker)."""
     key = (job["tokenizer"], job["eos_token"])
-    tokenizer = _WORKER_TOKENIZER.get(key) or _WORKER_TOKENIZER.setdefault(
-        key, Tokenizer(job["tokenizer"], eos_token=job["eos_token"]))
-    unit, dtype, out_dir = Unit(**{**job["unit"], "paths": tuple(job["unit"]["paths"])}), np.dtype(job["dtype"]), Path(job["out_dir"])
+    if key not in _WORKER_TOKENIZER:  # one per worker process, reused for its next units
+        _WORKER_TOKENIZER[key] = Tokenizer(job["tokenizer"], eos_token=job["eos_token"])
+    tokenizer = _WORKER_TOKENIZER[key]
+    unit = Unit(**{**job["unit"], "paths": tuple(job["unit"]["paths"])})
+    dtype, out_dir = np.dtype(job["dtype"]), Path(job["out_dir"])
     name = shard_name(job["index"])
     data_path = out_dir / f"{name}.bin"
     tmp = unique_tmp(data_path)

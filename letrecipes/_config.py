@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from torchtune.config._utils import _merge_yaml_and_cli_args
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError
@@ -60,6 +59,10 @@ def resolve_config_path(name: str) -> Path:
 
 def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``name`` with ``key=value`` overrides applied (torchtune semantics)."""
+    # imported here: torchtune pulls in torch, which `letrecipes ls` and the prepare step's
+    # worker processes (they re-import the command's main module) do not need
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
     path = resolve_config_path(name)
     try:
         yaml = OmegaConf.load(path)
