@@ -53,7 +53,7 @@ def main(argv=None) -> None:
                                   "alignment.schedule.stop=1.0", "lr_scheduler.warmup_steps=5"])
         records = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in r][5:]  # skip compile warm-up
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
-        vocab = json.loads((out / "final" / "config.json").read_text())["model"]["vocab_size"]
+        vocab = json.loads((out / "final" / "config.json").read_text())["vocab_size"]
         from letrecipes.components.models import ModelArgs
 
         shape = {k: v for k, v in student.model.items() if k not in ("_component_", "init_std")}

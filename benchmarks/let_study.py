@@ -259,7 +259,7 @@ class Study:
                     config = "baseline_tiny"
                     if arm.recipe == "let_pretrain":
                         config = "let_tiny"
-                        overrides += [f"teacher.path={teacher_final}", "teacher._component_=letrecipes"]
+                        overrides += [f"teacher.path={teacher_final}", "teacher._component_=auto"]
                     if not report_only:
                         wall[f"{regime}/seed{seed}/{arm.name}"] = tune_run(arm.recipe, config, overrides, run_dir,
                                                                            self.out / "logs" / f"{regime}_{seed}_{arm.name}.log")

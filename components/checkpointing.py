@@ -42,6 +42,10 @@ from letrecipes.components.errors import LetRecipesError
 STEP_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
 RUN_INFO = "run_info.json"
+# The layout of a step checkpoint; readers refuse a newer one. Checkpoints without the
+# file were written by version 1.
+FORMAT_FILE = "format.json"
+FORMAT_VERSION = 1
 # What marks a folder as holding a run (a relaunch must resume or overwrite it).
 RUN_FILES = ("metrics.jsonl", "checkpoints", "final")
 
@@ -52,6 +56,19 @@ def is_complete(path: Path) -> bool:
 
 class CheckpointError(LetRecipesError):
     pass
+
+
+def check_format(path: Path) -> None:
+    """Refuse a checkpoint written by a newer letrecipes (another layout)."""
+    try:
+        version = json.loads((Path(path) / FORMAT_FILE).read_text())["format_version"]
+    except FileNotFoundError:
+        return
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: {FORMAT_FILE} is unreadable ({err}).") from err
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written in checkpoint format {version}; this letrecipes reads up to "
+                              f"{FORMAT_VERSION}. Fix: upgrade letrecipes (pip install -U letrecipes).")
 
 
 def _rank() -> int:
@@ -192,6 +209,7 @@ class Checkpointer:
             for stale in self.incomplete_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
             if run_info is not None:
                 (tmp / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str))
         _barrier()
@@ -236,6 +254,7 @@ class Checkpointer:
                 f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
                 "or resume=true for the latest complete one."
             )
+        check_format(path)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         # DCP loads whatever keys it is asked for: a checkpoint of a deeper model would load
         # "fine" into a shallower one. Compare the tensor names first.

@@ -1,7 +1,17 @@
-"""The final export: ``<output_dir>/final`` = model.safetensors + config.json (+ tokenizer.json).
+"""The final export, in Hugging Face format: ``<output_dir>/final`` loads with
+``AutoModelForCausalLM.from_pretrained`` and with this project's own teacher loaders.
 
-Written atomically (into ``final.tmp``, then renamed). ``letrecipes_teacher`` reads the
-same folder back, so a trained model can be the next run's teacher.
+    final/config.json                  LlamaConfig (model_type llama, RoPE, tying, norms, vocabulary)
+    final/model.safetensors            Hugging Face tensor names; bf16 unless told otherwise
+      (or model-0000k-of-0000n.safetensors + model.safetensors.index.json above max_shard_mb)
+    final/tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
+
+Tensors are renamed (and q/k rows permuted for RoPE) by torchtune's own converter
+(``convert_weights.tune_to_hf``), one tensor at a time, and written shard by shard, so a
+conversion never holds more than one output shard: the same writer serves a model in
+memory (single process) and a DCP step checkpoint on disk (:func:`export_checkpoint`,
+``letrecipes export``, and the end of a sharded run, which therefore never gathers the
+whole model on one rank). Written into ``final.tmp`` and renamed: never half a folder.
 """
 
 from __future__ import annotations
@@ -9,59 +19,189 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 
+from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.models import ModelArgs
+from letrecipes.components.tokenizer import Tokenizer
 
-EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_INDEX = "model.safetensors.index.json"
 EXPORT_TOKENIZER = "tokenizer.json"
-EXPORT_FORMAT = "letrecipes"  # config.json's "format" value
+EXPORT_FORMAT = "letrecipes"  # the "format" key of exports written before 0.2 (read by letrecipes_teacher)
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_MAX_SHARD_MB = 5 * 1024
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+class ExportError(LetRecipesError):
+    """The export cannot be written (bad input, an existing folder)."""
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def export_dtype(name: str, key: str = "export.dtype") -> torch.dtype:
+    if name not in DTYPES:
+        raise ExportError(f"{key}={name!r}: use bf16 (the default), fp32 or fp16.")
+    return DTYPES[name]
 
 
-def export_model(
-    model: torch.nn.Module,
-    args: ModelArgs,
-    out_dir: Union[str, Path],
-    tokenizer_path: Optional[Union[str, Path]] = None,
-    dtype: torch.dtype = torch.float32,
-) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (+ ``tokenizer.json``) atomically.
+def hf_config(args: ModelArgs, tokenizer: Optional[Tokenizer], dtype: torch.dtype) -> dict:
+    """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` with ``args``' shape."""
+    if args.family != "llama" or args.qkv_bias or args.output_bias:
+        raise ExportError(f"export: only Llama-family students without attention biases are exported to Hugging "
+                          f"Face format (this model: family={args.family!r}, qkv_bias={args.qkv_bias}).")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": args.vocab_size, "hidden_size": args.embed_dim, "intermediate_size": args.intermediate_dim,
+        "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
+        "num_key_value_heads": args.num_kv_heads, "head_dim": args.dim_per_head, "hidden_act": "silu",
+        "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_base,
+        "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": str(dtype).removeprefix("torch."), "initializer_range": 0.02,
+    }
+    if args.rope_scaling:
+        config["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}
+    if tokenizer is not None:
+        config["eos_token_id"] = tokenizer.eos_id
+    return config
 
-    Collective under FSDP2: every rank calls it, the full state is gathered (offloaded to
-    CPU) and rank 0 writes it.
-    """
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+def to_hf(name: str, tensor: torch.Tensor, args: ModelArgs) -> Tuple[str, torch.Tensor]:
+    """One tensor of ours as Hugging Face's (torchtune's converter, applied to one tensor)."""
+    from torchtune.models.convert_weights import tune_to_hf
+
+    (hf_name, hf_tensor), = tune_to_hf({name: tensor}, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                                       dim=args.embed_dim, head_dim=args.dim_per_head).items()
+    return hf_name, hf_tensor
+
+
+class ShardedWriter:
+    """safetensors files of at most ``max_bytes`` each (one ``model.safetensors`` if it all fits)."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: List[Tuple[Path, List[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.folder / EXPORT_WEIGHTS)
+            return
+        weight_map = {}
+        for k, (path, names) in enumerate(self.files, 1):
+            final = self.folder / f"model-{k:05d}-of-{len(self.files):05d}.safetensors"
+            path.rename(final)
+            weight_map.update({name: final.name for name in names})
+        (self.folder / EXPORT_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+
+
+def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Union[str, Path],
+                    tokenizer: Optional[Tokenizer], dtype: torch.dtype = torch.bfloat16,
+                    max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+    """Write ``tensors`` (our names, any order) as a Hugging Face folder at ``out_dir``, atomically."""
     out_dir = Path(out_dir)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() != 0:
-        _barrier()
-        return out_dir
+    config = hf_config(args, tokenizer, dtype)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in full.items()}
-    save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
-    (tmp / EXPORT_CONFIG).write_text(json.dumps({"format": EXPORT_FORMAT, "model": args.to_dict()}, indent=2))
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, tmp / EXPORT_TOKENIZER)
+    writer = ShardedWriter(tmp, max_shard_mb * 2**20)
+    for name, tensor in tensors:
+        hf_name, hf_tensor = to_hf(name, tensor.detach().to("cpu", dtype), args)
+        writer.add(hf_name, hf_tensor)
+    writer.close()
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer.path, tmp / EXPORT_TOKENIZER)
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+            "model_max_length": args.max_seq_len, "clean_up_tokenization_spaces": False}, indent=2))
+        (tmp / "special_tokens_map.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    _barrier()
     return out_dir
+
+
+def export_model(model: torch.nn.Module, args: ModelArgs, out_dir: Union[str, Path], tokenizer: Optional[Tokenizer],
+                 dtype: torch.dtype = torch.bfloat16, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+    """Export a model held whole by this process (a single-process run)."""
+    return write_hf_folder(model.state_dict().items(), args, out_dir, tokenizer, dtype, max_shard_mb)
+
+
+def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterator[Tuple[str, torch.Tensor]]:
+    """The student's tensors of a DCP step checkpoint, read one at a time without a process
+    group (peak memory: one tensor)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    names = sorted(k for k, v in metadata.items() if k.startswith(prefix) and isinstance(v, TensorStorageMetadata))
+    if not names:
+        raise ExportError(f"export: {checkpoint} holds no student weights ({prefix}*). Fix: give a step checkpoint "
+                          "folder written by letrecipes (<output_dir>/checkpoints/step_N).")
+    for key in names:
+        meta = metadata[key]
+        tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
+        dcp.load({key: tensor}, checkpoint_id=str(checkpoint), no_dist=True)
+        yield key[len(prefix):], tensor
+
+
+def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
+                      overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+    """A DCP step checkpoint -> a Hugging Face folder, offline (``letrecipes export``).
+
+    The model's shape and tokenizer come from the run's ``config.yaml`` (two folders up);
+    tensors are read and written one at a time (peak memory: about one output shard).
+    """
+    from omegaconf import OmegaConf
+
+    from letrecipes.components import registry
+    from letrecipes.components.checkpointing import check_format, is_complete
+    from letrecipes.components.models import padded_vocab_size
+    from letrecipes.components.tokenizer import load_tokenizer
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not checkpoint.is_dir() or not is_complete(checkpoint):
+        raise ExportError(f"export: {checkpoint} is not a complete step checkpoint (no COMPLETE marker or no DCP "
+                          "metadata: its save never finished). Fix: give a folder like "
+                          "<output_dir>/checkpoints/step_00000100 whose save completed.")
+    check_format(checkpoint)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"export: {out_dir} exists and is not empty. Fix: choose another folder, or pass "
+                          "--overwrite to replace it.")
+    run_config = checkpoint.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ExportError(f"export: {run_config} (the run's config, which says the model's shape and tokenizer) "
+                          "is missing. Fix: keep the checkpoint inside its run folder.")
+    cfg = OmegaConf.load(run_config)
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
+    with torch.device("meta"):
+        model = registry.build("model", cfg.model, "model", max_seq_len=cfg.data.seq_len,
+                               vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(tokenizer.vocab_size))
+    return write_hf_folder(checkpoint_tensors(checkpoint), model.model_args, out_dir, tokenizer, dtype, max_shard_mb)

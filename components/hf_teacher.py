@@ -197,7 +197,7 @@ def weight_files(path: Path) -> Dict[str, Path]:
         with safe_open(str(single), framework="pt") as f:
             return {name: single for name in f.keys()}
     except Exception as err:  # safetensors raises its own error types
-        raise TeacherError(f"cannot read {str(single)!r} ({err}). Fix: re-download or re-export the file.") from err
+        raise TeacherError(f"teacher.path: cannot read {str(single)!r} ({err}). Fix: re-download or re-export the file.") from err
 
 
 def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tensor]]:
@@ -212,7 +212,7 @@ def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tens
                 for name in names:
                     yield name, file, f.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types
-            raise TeacherError(f"cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
+            raise TeacherError(f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
 
 
 def convert_state_dict(

@@ -52,7 +52,7 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "compile": BOOL, "cpu_malloc_tuning": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1),
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
-    "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION,
+    "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION, "export": SECTION,
 }
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
@@ -65,6 +65,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
                              for x in v))},
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
+    "export": {"dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"), "max_shard_mb": _int(1)},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
               "rank": _int(0)},
 }

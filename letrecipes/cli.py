@@ -6,6 +6,8 @@
     letrecipes cp let_tiny my_let.yaml     # a config to edit  (run: --config my_let.yaml)
     letrecipes prepare-data --config let_7b --out /data/prepared [--workers 16] [key=value]
                                            # tokenize data.source into shards (docs/data.md)
+    letrecipes export outputs/let_tiny/checkpoints/step_00000150 outputs/let_tiny_step150
+                                           # a step checkpoint as a Hugging Face folder
 """
 
 from __future__ import annotations
@@ -41,6 +43,18 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     return 0
 
 
+def export(args) -> int:
+    """``letrecipes export``: a step checkpoint -> a Hugging Face folder, without a process group."""
+    from letrecipes.components.export import export_checkpoint, export_dtype
+
+    with errors_as_one_line():
+        out = export_checkpoint(args.checkpoint, args.out, export_dtype(args.dtype, "--dtype"),
+                                overwrite=args.overwrite, max_shard_mb=args.max_shard_mb)
+    print(f"exported {args.checkpoint} -> {out} (Hugging Face format; "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it)")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="letrecipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +70,15 @@ def main(argv=None) -> int:
     prep.add_argument("--out", required=True, help="folder for the shards and manifest (then data.source=<out>)")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                       help="tokenizer processes (default: all cores but one)")
+    exp = sub.add_parser("export", help="convert a DCP step checkpoint to a Hugging Face folder (offline)")
+    exp.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N")
+    exp.add_argument("out", help="the Hugging Face folder to write")
+    exp.add_argument("--dtype", default="bf16", help="bf16 (default), fp32 or fp16")
+    exp.add_argument("--max-shard-mb", type=int, default=5120, help="split the weights above this size")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "export":
+        return export(args)
     if args.command == "prepare-data":
         return prepare_data(args.config, rest, Path(args.out), args.workers)
     try:

@@ -34,7 +34,7 @@ from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
 from letrecipes.components.data import BatchStream, build_dataloader, build_datasets
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.export import export_model
+from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.metrics import MetricLogger, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
@@ -284,8 +284,22 @@ class PretrainRecipe:
         if self.save_every:
             self.save_checkpoint()
         self.checkpointer.wait()
-        export_model(self.model, self.model_args, self.output_dir / "final", self.tokenizer.path)
-        self.log(f"exported {self.output_dir / 'final'}")
+        self.export()
+
+    def export(self) -> None:
+        """``<output_dir>/final`` in Hugging Face format. A sharded model is never gathered:
+        rank 0 converts the final DCP checkpoint tensor by tensor while the others finish."""
+        spec, final = self.cfg.get("export") or {}, self.output_dir / "final"
+        dtype, max_shard_mb = export_dtype(spec.get("dtype", "bf16")), int(spec.get("max_shard_mb", 5120))
+        if not self.fsdp:
+            export_model(self.model, self.model_args, final, self.tokenizer, dtype, max_shard_mb)
+        else:
+            if self.checkpointer.latest() is None or self.checkpointer.latest().name != f"step_{self.step:08d}":
+                self.save_checkpoint()
+                self.checkpointer.wait()
+            if self.is_main:
+                export_checkpoint(self.checkpointer.latest(), final, dtype, overwrite=True, max_shard_mb=max_shard_mb)
+        self.log(f"exported {final} (Hugging Face format, {dtype})")
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.save(self.step, run_info=self.run_info)

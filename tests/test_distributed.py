@@ -101,16 +101,17 @@ def test_sharded_init_has_the_from_scratch_statistics(base_overrides, tmp_path):
 
     result = tune_run_2proc("pretrain", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}", "max_steps=1",
                             "eval_every=0", "optimizer.lr=1e-12", "model.num_layers=8", "model.embed_dim=64",
-                            "model.num_heads=4", "model.num_kv_heads=4", "model.intermediate_dim=256")
+                            "model.num_heads=4", "model.num_kv_heads=4", "model.intermediate_dim=256",
+                            "export.dtype=fp32")
     assert "initialised after sharding" in result.stdout
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
-    q = weights["layers.0.attn.q_proj.weight"]
-    out = torch_cat([weights[f"layers.{i}.attn.output_proj.weight"] for i in range(8)])
+    q = weights["model.layers.0.self_attn.q_proj.weight"]  # the export is in Hugging Face names
+    out = torch_cat([weights[f"model.layers.{i}.self_attn.o_proj.weight"] for i in range(8)])
     assert abs(q.std().item() - 0.02) < 0.002
     assert abs(out.std().item() - 0.02 / math.sqrt(16)) < 0.0006
     half = q.shape[0] // 2  # the two ranks' shards were drawn independently
     assert not (q[:half] == q[half:]).all()
-    assert (weights["norm.scale"] == 1).all()
+    assert (weights["model.norm.weight"] == 1).all()
     first = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert abs(first["nll"] - math.log(512)) < 0.3  # a fresh model predicts ~uniformly
 

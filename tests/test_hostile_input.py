@@ -72,7 +72,7 @@ def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
     for name in ("config.json", "tokenizer.json"):
         (broken / name).write_bytes((teacher_dir / name).read_bytes())
     weights = load_file(str(teacher_dir / "model.safetensors"))
-    weights["layers.0.mlp.w2.weight"][0, 0] = float("nan")
+    weights["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(broken / "model.safetensors"))
     message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}",
                                  f"teacher.path={broken}", "max_steps=3",

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from letrecipes.components.tokenizer import train_bpe
 from letrecipes.components.metrics import read_metrics
-from letrecipes.components.letrecipes_teacher import LetrecipesFormat
+from letrecipes.components.teachers import load_teacher
 from letrecipes import let_pretrain, pretrain
 from letrecipes._config import resolve_config_path
 
@@ -41,7 +41,7 @@ def test_pretrain_smoke_writes_the_metrics_contract_and_an_export(base_overrides
 
 
 def test_export_loads_back_as_a_frozen_teacher(teacher_dir):
-    teacher = LetrecipesFormat().load(teacher_dir, dtype="fp32")
+    teacher = load_teacher({"path": str(teacher_dir), "dtype": "fp32"})
     assert teacher.depth == 2 and teacher.width == 24 and teacher.vocab_size == 512
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     teacher.train()

@@ -102,7 +102,7 @@ def test_eval_recipe_on_an_export_and_on_a_step_checkpoint(base_overrides, teach
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["tasks"]["tiny_task"]["n"] == 3 and report["tasks"]["tiny_task"]["chance"] == 0.5
     pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={tmp_path / 'run'}",
-                          "max_steps=2", "save_every=1"])
+                          "max_steps=2", "save_every=1", "export.dtype=fp32"])
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={step}", f"tasks=[{task}]",
                              f"output={tmp_path / 'step.json'}"])

@@ -38,7 +38,7 @@ def test_let_with_a_huggingface_teacher_and_its_tokenizer(base_overrides, hf_tea
     assert all(-1 <= r["align_loss"] <= 1 for r in records[:3])
     final = tmp_path / "final"
     assert (final / "tokenizer.json").read_bytes() == (hf_teacher_dir / "tokenizer.json").read_bytes()
-    assert json.loads((final / "config.json").read_text())["model"]["vocab_size"] == 512
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == 512
 
 
 def test_student_vocabulary_is_padded_and_the_cache_follows_the_tokenizer(base_overrides, corpus_dir, tmp_path):
@@ -49,8 +49,8 @@ def test_student_vocabulary_is_padded_and_the_cache_follows_the_tokenizer(base_o
     pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'b'}", f"tokenizer.path={odd}"])
     assert len(list(cache.glob("prepared-*"))) == 2  # another tokenizer, another cache entry
     config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
-    assert config["model"]["vocab_size"] == 512  # 500 tokens -> a multiple of 64
-    embeddings = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["tok_embeddings.weight"]
+    assert config["vocab_size"] == 512  # 500 tokens -> a multiple of 64
+    embeddings = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["model.embed_tokens.weight"]
     assert embeddings.shape[0] == 512
 
 

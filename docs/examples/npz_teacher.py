@@ -54,14 +54,18 @@ class NpzFormat(TeacherFormat):
 
 
 def save_npz(export_dir: Path, out: Path) -> Path:
-    """Write a letrecipes export (``<output_dir>/final``) in this format."""
-    from safetensors.torch import load_file
+    """Write any teacher a registered format reads (a letrecipes export, a Hugging Face
+    folder, ...) in this format: this project's tensor names, fp32."""
+    from dataclasses import asdict
 
-    weights = {f"w/{k}": v.float().numpy() for k, v in load_file(str(export_dir / "model.safetensors")).items()}
-    args = json.loads((export_dir / "config.json").read_text())["model"]
+    from letrecipes.components.teachers import describe_teacher, load_teacher
+
+    teacher = load_teacher({"path": str(export_dir), "dtype": "fp32"})
+    args = describe_teacher({"path": str(export_dir)})
+    weights = {f"w/{k}": v.numpy() for k, v in teacher.model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, args=np.array(json.dumps(args)), **weights)
-    shutil.copy(export_dir / "tokenizer.json", out.with_suffix(".tokenizer.json"))
+    np.savez(out, args=np.array(json.dumps(asdict(args))), **weights)
+    shutil.copy(teacher.tokenizer_path, out.with_suffix(".tokenizer.json"))
     return out
 
 

@@ -1,0 +1,142 @@
+"""Issue 13: the trained model leaves the project in Hugging Face format (final export and
+offline conversion of step checkpoints) and comes back in as a teacher."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from letrecipes import pretrain
+from letrecipes.components.export import export_checkpoint
+from letrecipes.components.teachers import load_teacher
+from letrecipes.components.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
+
+# Logits of our model and of transformers' Llama on the same fp32 weights: the two
+# implementations differ in summation order only (measured max difference ~1e-6).
+LOGITS_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def run(base_overrides, tmp_path_factory):
+    """A tiny run with a step checkpoint, exported in fp32 (and untied, with grouped KV heads)."""
+    out = tmp_path_factory.mktemp("export_run")
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={out}", "max_steps=3",
+                          "save_every=3", "export.dtype=fp32", "model.tie_word_embeddings=false",
+                          "model.rope_base=50000"])
+    return out
+
+
+def project_logits(folder, tokens):
+    teacher = load_teacher({"path": str(folder), "dtype": "fp32"})
+    return teacher.logits(tokens)
+
+
+def test_auto_model_loads_the_export_with_the_projects_logits_and_generates(run):
+    final = run / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] is False
+    assert config["rope_theta"] == 50000 and config["num_key_value_heads"] == 1
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    tokens = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    torch.testing.assert_close(theirs, project_logits(final, tokens), atol=LOGITS_ATOL, rtol=0)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(final))
+    assert tokenizer.eos_token == "<|endoftext|>"
+    prompt = tokenizer("To be, or not to be", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(generated[0]), str)
+
+
+def test_default_export_is_bf16(base_overrides, tmp_path):
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}", "max_steps=1"])
+    weights = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (tmp_path / "final" / name).is_file()
+
+
+def test_offline_conversion_of_a_step_checkpoint_equals_the_final_export(run, tmp_path):
+    step = run / "checkpoints" / "step_00000003"
+    result = subprocess.run([sys.executable, "-m", "letrecipes", "export", str(step), str(tmp_path / "hf"),
+                             "--dtype", "fp32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    final, converted = load_file(str(run / "final" / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert final.keys() == converted.keys() and all(torch.equal(final[k], converted[k]) for k in final)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == json.loads((run / "final" / "config.json").read_text())
+
+
+def test_sharded_export_writes_an_index_and_loads(run, tmp_path):
+    out = export_checkpoint(run / "checkpoints" / "step_00000003", tmp_path / "sharded", torch.float32, max_shard_mb=0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3  # one tensor per shard at this limit
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, project_logits(run / "final", tokens), atol=LOGITS_ATOL, rtol=0)
+
+
+def test_a_student_export_is_the_next_runs_teacher(run, base_overrides, tmp_path):
+    from letrecipes import let_pretrain
+    from letrecipes.components.metrics import read_metrics
+
+    let_pretrain.recipe_main(["--config", "let_tiny", *base_overrides, f"teacher.path={run / 'final'}",
+                              "teacher.dtype=fp32", f"output_dir={tmp_path}", "max_steps=2", "alignment.schedule.stop=2"])
+    first = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][0]
+    assert -1.0 <= first["align_loss"] <= 1.0 and first["lambda"] > 0
+
+
+def test_torchtunes_own_checkpointer_reads_the_export(run, tmp_path):
+    """Fine-tuning with torchtune starts from the export: its HF checkpointer and Llama builder."""
+    from torchtune.models.llama3_2 import llama3_2
+    from torchtune.training import FullModelHFCheckpointer
+
+    config = json.loads((run / "final" / "config.json").read_text())
+    checkpointer = FullModelHFCheckpointer(checkpoint_dir=str(run / "final"), checkpoint_files=["model.safetensors"],
+                                           model_type="LLAMA3_2", output_dir=str(tmp_path / "tt"))
+    state = checkpointer.load_checkpoint()["model"]
+    model = llama3_2(vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
+                     num_heads=config["num_attention_heads"], num_kv_heads=config["num_key_value_heads"],
+                     embed_dim=config["hidden_size"], max_seq_len=config["max_position_embeddings"],
+                     intermediate_dim=config["intermediate_size"], rope_base=config["rope_theta"],
+                     norm_eps=config["rms_norm_eps"], tie_word_embeddings=config["tie_word_embeddings"])
+    model.load_state_dict(state)
+    tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), project_logits(run / "final", tokens), atol=LOGITS_ATOL, rtol=0)
+
+
+def test_bad_conversions_are_one_line_and_overwrite_nothing(run, tmp_path):
+    import shutil
+
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "letrecipes", "export", *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    result = export(run / "checkpoints" / "step_00000003", busy)
+    assert result.returncode == 1 and "exists and is not empty" in result.stderr and "--overwrite" in result.stderr
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+    broken = tmp_path / "run" / "checkpoints" / "step_00000003"
+    shutil.copytree(run / "checkpoints" / "step_00000003", broken)
+    shutil.copy(run / "config.yaml", tmp_path / "run" / "config.yaml")
+    (broken / "COMPLETE").unlink()
+    result = export(broken, tmp_path / "out1")
+    assert result.returncode == 1 and "is not a complete step checkpoint" in result.stderr
+    (broken / "COMPLETE").write_text("step_00000003\n")
+    (broken / "format.json").write_text(json.dumps({"format_version": 99}))
+    result = export(broken, tmp_path / "out2")
+    assert result.returncode == 1 and "checkpoint format 99" in result.stderr and "Fix: upgrade" in result.stderr
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+    assert "Traceback" not in result.stderr
