@@ -123,7 +123,7 @@ class Checkpointer:
 
         ckpt = Checkpointer(output_dir, keep_last=2)
         resume_from = ckpt.resume_point(cfg.resume)      # None = a fresh start
-        ckpt.guard(resuming=resume_from is not None, overwrite=cfg.overwrite)
+        ckpt.guard(cfg.resume, overwrite=cfg.overwrite)         # resume or overwrite, or refuse
         ...                                              # build model, optimizer, loader
         ckpt.track(model, optimizer, progress=..., dataloader=..., rng=RNGState())
         ckpt.load(resume_from) if resume_from else ckpt.clear()
@@ -145,10 +145,15 @@ class Checkpointer:
         self.before_complete = None
 
     # -------------------------------------------------------------- run folder
+    @staticmethod
+    def resume_requested(resume: Any) -> bool:
+        return resume not in (False, None, "false", "False")
+
     def resume_point(self, resume: Any) -> Optional[Path]:
         """The checkpoint ``resume`` asks for: false/None -> None; true -> the latest complete
-        one (None, said aloud, when there is none); a path -> that folder."""
-        if resume in (False, None, "false", "False"):
+        one (None, said aloud, when there is none: a run killed before its first checkpoint
+        starts over); a path -> that folder."""
+        if not self.resume_requested(resume):
             return None
         if resume in (True, "true", "True"):
             for broken in self.incomplete_checkpoints():
@@ -163,10 +168,11 @@ class Checkpointer:
                                   f"or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
         return path
 
-    def guard(self, resuming: bool, overwrite: bool) -> None:
-        """Refuse to replace a finished or running run's files unless told to."""
+    def guard(self, resume: Any, overwrite: bool) -> None:
+        """Refuse to replace a finished or running run's files unless told to (``resume`` or
+        ``overwrite``)."""
         existing = [p for p in RUN_FILES if (self.output_dir / p).exists()]
-        if existing and not resuming and not overwrite:
+        if existing and not self.resume_requested(resume) and not overwrite:
             raise CheckpointError(
                 f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
                 "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."

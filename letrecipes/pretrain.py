@@ -87,7 +87,7 @@ class PretrainRecipe:
         self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
                                          async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)
         resume_from = self.checkpointer.resume_point(cfg.get("resume", False))
-        self.checkpointer.guard(resuming=resume_from is not None, overwrite=bool(cfg.get("overwrite", False)))
+        self.checkpointer.guard(cfg.get("resume", False), overwrite=bool(cfg.get("overwrite", False)))
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
             torch.distributed.barrier()
         seed_everything(int(cfg.seed))

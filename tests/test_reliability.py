@@ -87,6 +87,18 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_ru
     assert same_weights(killed, straight)
 
 
+def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, tmp_path):
+    """The case a random kill can land in: metrics written, no checkpoint yet. resume=true
+    says so and starts over; the result is the straight run's."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    let_run(straight)
+    assert let_run(killed, "debug.kill_at_step=2", check=False).returncode != 0
+    assert (killed / "metrics.jsonl").is_file() and not (killed / "checkpoints").exists()
+    again = let_run(killed, "resume=true")
+    assert "holds no complete checkpoint: starting fresh" in again.stdout
+    assert history(killed) == history(straight) and same_weights(killed, straight)
+
+
 def test_sigkill_at_a_random_moment(let_run, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     let_run(straight)
