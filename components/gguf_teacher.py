@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -176,7 +177,7 @@ def export_tokenizer(reader, source: str, out_dir: Path) -> Path:
         return target
     tokenizer = build_tokenizer(reader, source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"tokenizer.json.{os.getpid()}.tmp")
+    tmp = target.with_name(f"tokenizer.json.{socket.gethostname()}.{os.getpid()}.tmp")  # unique across hosts
     tokenizer.save(str(tmp))
     tmp.replace(target)  # atomic: concurrent ranks or a killed run never leave half a file
     return target
