@@ -317,7 +317,8 @@ class BatchStream:
             return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def figures(self) -> Dict[str, int]:
-        """Tokens each mixture source has given this rank so far (empty for one source)."""
+        """Tokens each mixture source has given this rank so far (empty for one source; the
+        recipe sums them over ranks for the metrics)."""
         return {f"tokens_{name}": n for name, n in zip(self.source_names, self.source_tokens)}
 
     def state_dict(self) -> Dict[str, Any]:

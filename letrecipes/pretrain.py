@@ -238,8 +238,7 @@ class PretrainRecipe:
         record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
                   **({} if finite else {"skipped": True}),
                   "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
-                  "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device),
-                  **self.batches.figures()}
+                  "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device)}
         for name, seconds in self.step_timing.items():
             record[f"{name}_time_share"] = seconds / elapsed
         return record
@@ -274,7 +273,7 @@ class PretrainRecipe:
             if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
                 record["val_loss"] = self.evaluate()
             if self.step % self.log_every == 0 or self.step == self.max_steps or "val_loss" in record:
-                record = to_python(record)
+                record = {**to_python(record), **self.source_tokens()}
                 self.metrics.log(record)
                 self.log(format_record(record, self.max_steps, self.console_fields), progress)
             self.after_step()
@@ -300,6 +299,12 @@ class PretrainRecipe:
             if self.is_main:
                 export_checkpoint(self.checkpointer.latest(), final, dtype, overwrite=True, max_shard_mb=max_shard_mb)
         self.log(f"exported {final} (Hugging Face format, {dtype})")
+
+    def source_tokens(self) -> Dict[str, int]:
+        """Tokens each mixture source has given, summed over ranks (empty for one source)."""
+        counts = self.batches.figures()
+        totals = parallel.all_reduce_sum([float(v) for v in counts.values()], self.device) if counts else []
+        return {name: int(total) for name, total in zip(counts, totals)}
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.save(self.step, run_info=self.run_info)
