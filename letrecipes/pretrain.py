@@ -43,6 +43,7 @@ from letrecipes.components.tokenizer import load_tokenizer
 for _pattern in (".*set_vital.*", ".*torch.distributed is disabled.*", ".*Mismatch dtype between input and weight.*"):
     warnings.filterwarnings("ignore", message=_pattern)
 
+CHECKS = "_checks_passed"  # the queued checks' flag, reduced with the figures
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": None, "float32": None}
 
 
@@ -214,19 +215,24 @@ class PretrainRecipe:
             figures["loss"] = loss.detach()
             for k, v in figures.items():
                 sums[k] = sums.get(k, 0.0) + v / self.grad_accum
-        # Tensors are averaged over ranks (a NaN on any rank reaches every rank); numbers
-        # such as lambda are the same everywhere.
-        sums.update(parallel.all_reduce_mean({k: v for k, v in sums.items() if isinstance(v, torch.Tensor)}))
+        # Tensors are averaged over ranks (a NaN on any rank reaches every rank), queued checks
+        # with them (a check failing on one rank fails on all: every rank decides alike);
+        # numbers such as lambda are the same everywhere.
+        shared = {k: v for k, v in sums.items() if isinstance(v, torch.Tensor)}
+        if self.step_checks:
+            shared[CHECKS] = torch.stack([flag.reshape(()).float() for flag, _ in self.step_checks]).min()
+        sums.update(parallel.all_reduce_mean(shared))
+        checks_passed = sums.pop(CHECKS, None)
         grad_norm = None
         if self.cfg.get("clip_grad_norm"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = self.all_finite(sums, grad_norm)  # the step's one host sync
+        finite = self.all_finite(sums, grad_norm, checks_passed)  # the step's one host sync
         if finite:
             self.optimizer.step()
             self.divergence.ok()
         else:
-            self.on_divergence(sums, grad_norm)
+            self.on_divergence(sums, grad_norm, checks_passed)
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
@@ -243,20 +249,21 @@ class PretrainRecipe:
             record[f"{name}_time_share"] = seconds / elapsed
         return record
 
-    def all_finite(self, figures: Dict[str, Any], grad_norm) -> bool:
-        """Every figure, the gradient norm and every check a subclass queued, in one sync."""
+    def all_finite(self, figures: Dict[str, Any], grad_norm, checks_passed=None) -> bool:
+        """Every figure, the gradient norm and the queued checks (1.0 when they passed on
+        every rank), in one sync."""
         values = [v.detach().reshape(()).float() for v in figures.values() if isinstance(v, torch.Tensor)]
         values += [grad_norm.reshape(()).float()] if grad_norm is not None else []
         flags = [torch.isfinite(torch.stack(values)).all()] if values else []
-        flags += [flag.reshape(()) for flag, _ in self.step_checks]
+        flags += [checks_passed.reshape(()) == 1.0] if checks_passed is not None else []
         return bool(torch.stack(flags).all()) if flags else True
 
-    def on_divergence(self, figures: Dict[str, Any], grad_norm) -> None:
+    def on_divergence(self, figures: Dict[str, Any], grad_norm, checks_passed=None) -> None:
         """A non-finite step (seen identically on every rank): a failed check stops the run
         with its own message; otherwise ``divergence.policy`` skips the update or stops."""
-        for flag, message in self.step_checks:
-            if not bool(flag):
-                raise DivergenceError(message)
+        if checks_passed is not None and float(checks_passed) < 1.0:  # here or on another rank: all stop
+            failed = [message for flag, message in self.step_checks if not bool(flag)]
+            raise DivergenceError(failed[0] if failed else f"{self.step_checks[0][1]} (seen on another rank)")
         figures = to_python(figures)
         grad_norm = None if grad_norm is None else float(grad_norm)
         note = self.divergence.skip_or_stop(self.step + 1, figures, grad_norm, self.checkpointer.latest())
