@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from _common import header, write_json
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = ["model.num_layers=12", "model.num_heads=12", "model.num_kv_heads=12", "model.embed_dim=768",
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
                        check=True, cwd=REPO, stdout=subprocess.DEVNULL)
         checkpoint = run / "checkpoints" / "step_00000001"
         weights = json.loads((run / "final" / "config.json").read_text())
-        params = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-            str(run / "final" / "model.safetensors")).values())
+        params = sum(t.numel() for t in load_file(str(run / "final" / "model.safetensors")).values())
         report["model"] = {"parameters": params, "fp32_mb": params * 4 / 2**20, "bf16_mb": params * 2 / 2**20,
                            "layers": weights["num_hidden_layers"], "hidden_size": weights["hidden_size"]}
         report["import_only_peak_rss_mb"] = baseline_rss()

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from letrecipes import pretrain
 from letrecipes.components.export import export_checkpoint
 from letrecipes.components.teachers import load_teacher
-from letrecipes.components.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
 
