@@ -219,7 +219,7 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
     if sum(s["tokens"] for s in shards) == 0:
         raise DataError(f"{key}: the source holds no text (0 documents). Fix: point it at a non-empty corpus.")
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
-                              [str(p) for p in source_files(source, key)], plan)
+                              list(dict.fromkeys(p for u in units for p in u.paths)), plan)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
     return manifest
 
