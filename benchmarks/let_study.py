@@ -52,7 +52,8 @@ REGIMES = {"short": 150, "long": 1000, "longer": 1500}  # student steps of 16 x 
 OVERTAKING = {"long", "longer"}  # regimes whose condition is that the student ends below its teacher
 HELD_OUT_PLAYS = 2
 CLOZE_ITEMS = 300
-ACCURACY = "acc_norm_chars"  # the accuracy the tables and plots show (all three are in the JSON)
+ACCURACY = "acc_norm"  # lm-eval's; the accuracy the tables and plots show (acc is in the JSON too)
+SCORER = "lm-evaluation-harness"  # cached scores from another scorer are computed again
 
 LET = ["alignment.layer_map=L2E", "alignment.projector=linear", "alignment.loss=negative_cosine",
        "alignment.schedule._component_=linear", "alignment.schedule.lambda0=0.1", "alignment.schedule.stop=0.25"]
@@ -196,8 +197,15 @@ def tune_run(recipe: str, config: str, overrides: List[str], run_dir: Path, log:
     return time.perf_counter() - start
 
 
+def accuracy_of(scores: Dict) -> float:
+    """The shown accuracy of a task's scores; runs scored before lm-eval (``--report`` over an
+    old study) kept it as acc_norm_chars, the same quantity (per-byte = per-character on ASCII)."""
+    return scores[ACCURACY] if ACCURACY in scores else scores["acc_norm_chars"]
+
+
 def evaluate_run(run_dir: Path, tasks: List[Path], checkpoint_paths: List[Path]) -> Dict[int, Dict]:
-    """Scores per step of each step checkpoint; cached in ``<run>/eval/step_N.json``."""
+    """lm-eval's scores per step of each step checkpoint (converted to a Hugging Face folder
+    by the eval recipe); cached in ``<run>/eval/step_N.json``."""
     from omegaconf import OmegaConf
 
     from letrecipes.eval import EvalRecipe
@@ -206,13 +214,16 @@ def evaluate_run(run_dir: Path, tasks: List[Path], checkpoint_paths: List[Path])
     for ckpt in checkpoint_paths:
         step = int(ckpt.name.split("_")[-1])
         out = run_dir / "eval" / f"step_{step}.json"
-        if not out.is_file():
+        if not out.is_file() or json.loads(out.read_text()).get("scorer") != SCORER:
             recipe = EvalRecipe(OmegaConf.create({"checkpoint": str(ckpt), "tasks": [str(t) for t in tasks],
                                                  "device": "cpu", "dtype": "fp32", "batch_size": 32,
                                                  "max_len": 128, "output": str(out)}))
-            recipe.setup()
-            print(f"eval {ckpt}", flush=True)
-            recipe.evaluate()
+            print(f"eval {ckpt} (lm-evaluation-harness)", flush=True)
+            try:
+                recipe.setup()
+                recipe.evaluate()
+            finally:
+                recipe.cleanup()
         results[step] = json.loads(out.read_text())["tasks"]
     return results
 
@@ -296,10 +307,10 @@ class Study:
                     "seed": info["seed"], "final_val_loss": val_curve(records)[-1][1],
                     "train_time_s": [r for r in records if "train_time_s" in r][-1]["train_time_s"],
                     "run_wall_s": wall.get(key), **speedups(base, records),
-                    # lm-eval's acc_norm (per-byte): unnormalised sums favour the shortest choice
-                    "accuracy": {t: s[ACCURACY] for t, s in last_eval.items()},
+                    # acc_norm (per character): unnormalised sums favour the shortest choice
+                    "accuracy": {t: accuracy_of(s) for t, s in last_eval.items()},
                     "eval_final": last_eval,
-                    "accuracy_by_step": {step: statistics.mean(s[ACCURACY] for s in ev.values())
+                    "accuracy_by_step": {step: statistics.mean(accuracy_of(s) for s in ev.values())
                                          for step, ev in sorted(info["eval"].items())},
                     "curve": val_curve(records),
                     "lambda_cosine": [(r["step"], r.get("lambda"), r.get("cosine")) for r in records

@@ -1,32 +1,32 @@
-"""Zero-shot multiple-choice evaluation by log-likelihood, as lm-eval-harness scores it.
+"""Zero-shot multiple-choice evaluation through lm-evaluation-harness.
 
-Each item is a context and several continuations, one of them right. A continuation's
-score is the sum of its tokens' log-probabilities given the context (the text is split
-as ``context + continuation``; an empty context is replaced by the end-of-text token).
-Three accuracies are reported:
-
-- ``acc``: the highest summed log-likelihood wins;
-- ``acc_norm_chars``: log-likelihood divided by the continuation's length in bytes
-  (lm-eval's ``acc_norm``);
-- ``acc_norm_tokens``: log-likelihood divided by its number of tokens.
-
-Task files are JSON lines, one item per line: ``{"context": str, "choices": [str, ...],
-"gold": int}``; a task's chance level is the mean of ``1 / len(choices)``.
+The project's tasks are JSON-lines files, one item per line: ``{"context": str,
+"choices": [str, ...], "gold": int}``. :func:`write_lm_eval_tasks` turns each file into an
+lm-eval task definition that reads it locally (no hub access), and :func:`run_lm_eval`
+scores a Hugging Face model folder on them with lm-eval's own ``hf`` model, so the
+numbers are the ones users compare against: ``acc`` (the highest summed log-likelihood
+of a choice given the context wins) and ``acc_norm`` (the same per character of the
+choice). Each choice is scored as written after the context (``target_delimiter`` is
+empty: choices carry their own leading space); an empty context becomes the
+end-of-text token. The eval recipe (``letrecipes/eval.py``) first converts whatever
+checkpoint it is given into such a folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Sequence, Union
-
-import torch
-import torch.nn.functional as F
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.errors import LetRecipesError
 
-SCORES = ("acc", "acc_norm_chars", "acc_norm_tokens")
+LM_EVAL_TAG = "letrecipes"  # `lm_eval --tasks letrecipes` runs every task of a folder
+TASK_PREFIX = "letrecipes_"  # keeps our names clear of lm-eval's own (it has a `hyperbaton` too)
+SCORES = ("acc", "acc_norm")
 
 
 class EvalError(LetRecipesError):
@@ -41,7 +41,7 @@ class Item:
 
 
 def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
-    """Items of a JSON-lines task file (the first ``limit`` when > 0)."""
+    """Items of a JSON-lines task file (the first ``limit`` when > 0), checked line by line."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"eval task file {str(path)!r} does not exist. Fix: run `python -m benchmarks.fetch_eval_tasks` "
@@ -57,6 +57,8 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
             raise EvalError(f"{path}:{number}: not a task item {{context, choices, gold}} ({err}).") from err
         if len(item.choices) < 2 or not 0 <= item.gold < len(item.choices):
             raise EvalError(f"{path}:{number}: needs at least 2 choices and 0 <= gold < len(choices).")
+        if not all(item.choices):
+            raise EvalError(f"{path}:{number}: a choice is empty (it would have no tokens to score).")
         items.append(item)
         if limit and len(items) == limit:
             break
@@ -69,78 +71,6 @@ def chance_level(items: Sequence[Item]) -> float:
     return sum(1 / len(i.choices) for i in items) / len(items)
 
 
-@torch.no_grad()
-def continuation_loglikelihoods(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    requests: Sequence[tuple],
-    batch_size: int = 16,
-    max_len: int = 256,
-    pad_id: int = 0,
-) -> List[float]:
-    """Summed log p(continuation | context) for ``(context_ids, continuation_ids)`` pairs.
-
-    Sequences longer than ``max_len`` lose tokens from the left of the context. Right
-    padding cannot change earlier positions of a causal model, so batches are padded.
-    """
-    out: List[float] = []
-    for start in range(0, len(requests), batch_size):
-        batch = requests[start : start + batch_size]
-        seqs, spans = [], []
-        for context, continuation in batch:
-            ids = (list(context) + list(continuation))[-(max_len + 1):]
-            n_cont = min(len(continuation), len(ids) - 1)
-            seqs.append(ids)
-            spans.append(n_cont)
-        width = max(len(s) for s in seqs) - 1
-        inputs = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        for row, ids in enumerate(seqs):
-            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        logprobs = F.log_softmax(logits_fn(inputs).float(), dim=-1)
-        for row, (ids, n_cont) in enumerate(zip(seqs, spans)):
-            targets = torch.tensor(ids[len(ids) - n_cont :])
-            positions = torch.arange(len(ids) - 1 - n_cont, len(ids) - 1)
-            out.append(logprobs[row, positions, targets].sum().item())
-    return out
-
-
-def score_task(
-    logits_fn: Callable[[torch.Tensor], torch.Tensor],
-    encode: Callable[[str], List[int]],
-    items: Sequence[Item],
-    eos_id: int,
-    batch_size: int = 16,
-    max_len: int = 256,
-) -> Dict[str, float]:
-    """The three accuracies of :data:`SCORES` over ``items``, plus ``chance`` and ``n``."""
-    requests, owners = [], []
-    for index, item in enumerate(items):
-        context = encode(item.context) if item.context else [eos_id]
-        for choice in item.choices:
-            continuation = encode(choice)
-            if not continuation:
-                raise EvalError(f"item {index}: a choice encodes to no tokens ({choice!r}).")
-            requests.append((context, continuation))
-            owners.append(index)
-    lls = continuation_loglikelihoods(logits_fn, requests, batch_size=batch_size, max_len=max_len, pad_id=eos_id)
-    right = {name: 0 for name in SCORES}
-    cursor = 0
-    for item in items:
-        n = len(item.choices)
-        ll = lls[cursor : cursor + n]
-        n_tokens = [len(requests[cursor + k][1]) for k in range(n)]
-        cursor += n
-        by = {
-            "acc": ll,
-            "acc_norm_chars": [v / max(1, len(c.encode("utf-8"))) for v, c in zip(ll, item.choices)],
-            "acc_norm_tokens": [v / t for v, t in zip(ll, n_tokens)],
-        }
-        for name, values in by.items():
-            right[name] += int(max(range(n), key=values.__getitem__) == item.gold)
-    result = {name: right[name] / len(items) for name in SCORES}
-    result.update(chance=chance_level(items), n=len(items))
-    return result
-
-
 def write_task(path: Union[str, Path], items: Iterable[Item]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,3 +79,106 @@ def write_task(path: Union[str, Path], items: Iterable[Item]) -> Path:
                            for i in items), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# ----------------------------------------------------------------- lm-eval task definitions
+def lm_eval_task_name(task_file: Union[str, Path]) -> str:
+    return TASK_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", Path(task_file).stem)
+
+
+def lm_eval_task_config(name: str, task_file: Union[str, Path]) -> str:
+    """lm-eval's YAML for one task file (JSON strings are valid YAML: paths need no escaping)."""
+    data_file = json.dumps(str(Path(task_file).resolve()))
+    return f"""# Written by letrecipes (components/evaluation.py) for {Path(task_file).name}.
+task: {name}
+tag: {LM_EVAL_TAG}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def write_lm_eval_tasks(task_files: Iterable[Union[str, Path]], folder: Union[str, Path]) -> Dict[str, str]:
+    """One lm-eval task YAML per task file into ``folder``; returns {file stem: task name}.
+
+    ``lm_eval --include_path <folder> --tasks letrecipes`` then runs them all.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    names: Dict[str, str] = {}
+    for task_file in task_files:
+        stem, name = Path(task_file).stem, lm_eval_task_name(task_file)
+        if name in names.values():
+            raise EvalError(f"tasks: two task files map to the lm-eval task {name!r}. Fix: rename one of them.")
+        (folder / f"{name}.yaml").write_text(lm_eval_task_config(name, task_file), encoding="utf-8")
+        names[stem] = name
+    return names
+
+
+# ----------------------------------------------------------------- running lm-eval
+def offline() -> None:
+    """Everything lm-eval needs is local; a hub lookup would only hang on a machine
+    without network (the user's own settings win)."""
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(key, "1")
+
+
+def import_lm_eval():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as err:
+        raise EvalError(f"evaluation needs lm-evaluation-harness, which is not importable ({err}). Fix: "
+                        "`bash scripts/setup.sh` (it installs the eval extra), or "
+                        "`pip install -c constraints.txt -e '.[eval]'`.") from err
+    return lm_eval, TaskManager
+
+
+def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], task_names: Mapping[str, str],
+                device: str = "cpu", dtype: str = "float32", batch_size: Union[int, str] = 16,
+                max_length: Optional[int] = None, limit: int = 0, tokenizer: Any = None,
+                log_samples: bool = False) -> Dict[str, Any]:
+    """Score a Hugging Face folder with lm-eval's ``hf`` model on the tasks in ``task_folder``.
+
+    Returns ``{"tasks": {stem: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, "seconds",
+    "lm_eval_version"}`` and, with ``log_samples``, ``"samples": {stem: [lm-eval sample]}``.
+    """
+    offline()
+    lm_eval, TaskManager = import_lm_eval()
+    model_args: Dict[str, Any] = {"pretrained": str(model_folder), "dtype": dtype}
+    if max_length:
+        model_args["max_length"] = int(max_length)
+    if tokenizer is not None:
+        model_args["tokenizer"] = tokenizer
+    start = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=model_args, tasks=list(task_names.values()),
+        task_manager=TaskManager(include_path=str(task_folder), include_defaults=False),
+        batch_size=batch_size, device=device, limit=limit or None, log_samples=log_samples)
+    report: Dict[str, Any] = {"tasks": {}, "seconds": round(time.perf_counter() - start, 2),
+                              "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
+    for stem, name in task_names.items():
+        scores = results["results"][name]
+        entry = {score: scores[f"{score},none"] for score in SCORES}
+        entry.update({f"{score}_stderr": scores.get(f"{score}_stderr,none") for score in SCORES})  # closed form
+        entry["n"] = int(results["n-samples"][name]["effective"])
+        report["tasks"][stem] = entry
+    if log_samples:
+        report["samples"] = {stem: results["samples"][name] for stem, name in task_names.items()}
+    return report

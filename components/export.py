@@ -172,6 +172,61 @@ def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterat
         yield key[len(prefix):], tensor
 
 
+def check_destination(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise ExportError(f"export: {out_dir} exists and is not empty. Fix: choose another folder, or pass "
+                          "--overwrite to replace it.")
+
+
+def is_hf_folder(path: Union[str, Path]) -> bool:
+    """A folder that ``AutoModelForCausalLM.from_pretrained`` can read as it is."""
+    config = Path(path) / EXPORT_CONFIG
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def is_step_checkpoint(path: Union[str, Path]) -> bool:
+    from letrecipes.components.checkpointing import STEP_PREFIX
+
+    path = Path(path)
+    return path.is_dir() and (path.name.startswith(STEP_PREFIX) or (path / ".metadata").is_file())
+
+
+def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
+                   overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+    """Any model the teacher loaders read (a GGUF file, a pre-0.2 letrecipes export, a
+    Llama-shaped Hugging Face folder) -> a Hugging Face folder. The model is held whole,
+    in ``dtype``: these are teacher-sized models."""
+    from letrecipes.components.teachers import load_teacher
+
+    out_dir = Path(out_dir)
+    check_destination(out_dir, overwrite)
+    name = next(k for k, v in DTYPES.items() if v == dtype)
+    teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
+                           key="checkpoint")
+    tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
+    return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb)
+
+
+def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
+               overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+    """``letrecipes export``: a step checkpoint (read tensor by tensor) or any model file the
+    teacher loaders read -> a Hugging Face folder."""
+    from letrecipes.components.teachers import resolve_path
+
+    path = resolve_path(str(source), key="checkpoint")
+    if not path.exists():
+        raise ExportError(f"export: nothing at {str(source)!r}. Fix: give a step checkpoint "
+                          "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
+    if is_step_checkpoint(path):
+        return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb)
+    return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb)
+
+
 def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
                       overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
     """A DCP step checkpoint -> a Hugging Face folder, offline (``letrecipes export``).
@@ -192,9 +247,7 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
                           "metadata: its save never finished). Fix: give a folder like "
                           "<output_dir>/checkpoints/step_00000100 whose save completed.")
     check_format(checkpoint)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"export: {out_dir} exists and is not empty. Fix: choose another folder, or pass "
-                          "--overwrite to replace it.")
+    check_destination(out_dir, overwrite)
     run_config = checkpoint.parent.parent / "config.yaml"
     if not run_config.is_file():
         raise ExportError(f"export: {run_config} (the run's config, which says the model's shape and tokenizer) "

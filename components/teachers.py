@@ -314,4 +314,5 @@ def build_frozen(
         raise TeacherError(f"teacher.path: the weights do not match their config: {err}") from err
     with torch.device(device):  # RoPE caches are not in the state dict: still on meta
         rebuild_rope_caches(model.layers)
+    model.model_args = args  # like a student's: the model can be exported to a Hugging Face folder
     return model.to(device=device)

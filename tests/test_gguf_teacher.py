@@ -136,3 +136,22 @@ def test_unsupported_quantization_is_named(tmp_path):
 def test_missing_package_is_a_clear_error():
     with pytest.raises(TeacherError, match="no installed Python package 'no_such_pkg'"):
         resolve_path("pkg:no_such_pkg/model.gguf")
+
+
+def test_letrecipes_export_turns_the_gguf_file_into_a_hugging_face_folder(teacher, tokenizer, tmp_path, capsys):
+    """`letrecipes export <file.gguf> OUT` (what the eval recipe does before lm-eval scores a
+    GGUF model): transformers reads the folder, with its tokenizer, to our model's logits."""
+    import transformers
+
+    from letrecipes.cli import main
+
+    assert main(["export", SMOLLM2, str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert "Hugging Face format" in capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tokenizer.encode(PARAGRAPH)])
+    assert hf_tokenizer(PARAGRAPH, add_special_tokens=False).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, teacher.logits(ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit, match=r"^error: export: .*hf exists and is not empty.*--overwrite"):
+        main(["export", SMOLLM2, str(tmp_path / "hf")])  # never over a non-empty folder

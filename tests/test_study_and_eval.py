@@ -1,4 +1,4 @@
-"""Issue 5's machinery: the multiple-choice scorer, the eval recipe, logit KD, speedups and
+"""Issue 5's machinery: evaluation through lm-evaluation-harness, the eval recipe, logit KD, speedups and
 the study runner's plumbing (a two-arm suite of a few steps; the full suites are not run here)."""
 
 import json
@@ -9,7 +9,8 @@ import torch
 
 from benchmarks import let_study
 from letrecipes.components.alignment import LogitKL
-from letrecipes.components.evaluation import EvalError, Item, continuation_loglikelihoods, read_task, score_task, write_task
+from letrecipes.components.evaluation import (EvalError, Item, read_task, run_lm_eval, write_lm_eval_tasks,
+                                              write_task)
 from letrecipes.components.metrics import read_metrics
 from letrecipes.components.models import llama_model
 from letrecipes import eval as eval_recipe
@@ -20,46 +21,59 @@ TINY = ["model.num_layers=2", "model.embed_dim=32", "model.num_heads=2", "model.
         "model.intermediate_dim=64"]
 
 
-# ----------------------------------------------------------------- scorer
-def byte_encode(text):
-    return list(text.encode("utf-8"))
+# ----------------------------------------------------------------- lm-eval
+def test_lm_eval_scores_are_the_project_models_own_loglikelihoods(teacher_dir, tmp_path):
+    """The whole chain (task YAML -> lm-eval's hf model on the export) against a direct
+    computation with the project's own model on the same weights."""
+    from letrecipes.components.teachers import load_teacher
+    from letrecipes.components.tokenizer import Tokenizer
+
+    items = [Item("To be, or not to", [" be", " cheese", " see"], 0), Item("", ["Thou art.", "Art thou."], 1),
+             Item("My lord,", [" I", " the king is dead"], 0)]
+    task = write_task(tmp_path / "hand_made.jsonl", items)
+    names = write_lm_eval_tasks([task], tmp_path / "tasks")
+    assert names == {"hand_made": "letrecipes_hand_made"}
+    report = run_lm_eval(teacher_dir, tmp_path / "tasks", names, log_samples=True)
+
+    teacher = load_teacher({"_component_": "auto", "path": str(teacher_dir), "dtype": "fp32"})
+    tokenizer = Tokenizer(teacher.tokenizer_path)
+
+    def loglikelihood(context: str, choice: str) -> float:
+        # lm-eval's split: the continuation is what the whole text adds to the context's tokens
+        whole = tokenizer.encode(context + choice)
+        context_ids = tokenizer.encode(context) if context else [tokenizer.eos_id]
+        continuation = whole[len(context_ids):] if context else tokenizer.encode(choice)
+        ids = torch.tensor([context_ids + continuation])
+        logp = torch.log_softmax(teacher.logits(ids[:, :-1]).float(), -1)[0]
+        positions = torch.arange(len(context_ids) - 1, ids.shape[1] - 1)
+        return logp[positions, ids[0, len(context_ids):]].sum().item()
+
+    samples = sorted(report["samples"]["hand_made"], key=lambda sample: sample["doc_id"])
+    assert len(samples) == len(items)
+    right = 0
+    for item, sample in zip(items, samples):
+        ours = [loglikelihood(item.context, choice) for choice in item.choices]
+        theirs = [float(resp[0]) for resp in sample["filtered_resps"]]
+        assert theirs == pytest.approx(ours, abs=1e-4)
+        right += int(max(range(len(ours)), key=ours.__getitem__) == item.gold)
+    scores = report["tasks"]["hand_made"]
+    assert scores["n"] == 3 and scores["acc"] == pytest.approx(right / 3)
+    p = right / 3  # lm-eval's closed-form standard error of a mean of 0/1 outcomes
+    assert scores["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2), abs=1e-9)
+    assert 0 <= scores["acc_norm"] <= 1
 
 
-def prefers(byte: int, p: float = 0.9):
-    """A 'model' whose next-token distribution is fixed: ``p`` on one byte, the rest spread evenly."""
-    logits = torch.full((256,), math.log((1 - p) / 255))
-    logits[byte] = math.log(p)
-    return lambda tokens: logits.expand(*tokens.shape, 256)
+def test_lm_eval_task_folder_serves_the_lm_eval_command_line(tmp_path):
+    """`lm_eval --include_path <folder> --tasks letrecipes` finds every task of the folder."""
+    from lm_eval.tasks import TaskManager
 
-
-def test_scorer_on_hand_made_items_with_known_answers():
-    items = [Item("q:", ["aaaa", "b"], 0), Item("q:", ["b", "aa"], 1), Item("q:", ["bbb", "a"], 0)]
-    result = score_task(prefers(ord("a")), byte_encode, items, eos_id=0, batch_size=2)
-    # A model that loves "a" picks the a-choices: right on items 0 and 1, wrong on item 2.
-    assert result["acc"] == pytest.approx(2 / 3)
-    assert result["acc_norm_chars"] == pytest.approx(2 / 3) and result["acc_norm_tokens"] == pytest.approx(2 / 3)
-    assert result["chance"] == pytest.approx(0.5) and result["n"] == 3
-
-
-def test_length_normalisation_changes_the_winner():
-    # Uniform model: every byte costs log(256). Unnormalised, the shorter choice always wins;
-    # per byte, the two tie and the first (here the longer, right one) is kept.
-    uniform = lambda tokens: torch.zeros(*tokens.shape, 256)  # noqa: E731
-    result = score_task(uniform, byte_encode, [Item("ctx", ["long answer", "short"], 0)], eos_id=0)
-    assert result["acc"] == 0.0 and result["acc_norm_chars"] == 1.0
-
-
-def test_batched_scores_equal_one_at_a_time_with_a_real_model():
-    torch.manual_seed(0)
-    model = llama_model(vocab_size=64, num_layers=2, num_heads=2, embed_dim=32, max_seq_len=64).eval()
-    fn = lambda tokens: model(tokens)  # noqa: E731
-    requests = [([1, 2, 3], [4, 5]), ([7], [8, 9, 10, 11]), ([3, 3, 3, 3, 3, 3], [1]), ([0], [2])]
-    one = continuation_loglikelihoods(fn, requests, batch_size=1)
-    batched = continuation_loglikelihoods(fn, requests, batch_size=4)
-    assert one == pytest.approx(batched, abs=1e-5)
-    # and the value is the sum of the right log-probabilities
-    logp = torch.log_softmax(model(torch.tensor([[1, 2, 3, 4]])), -1)[0]
-    assert one[0] == pytest.approx((logp[2, 4] + logp[3, 5]).item(), abs=1e-5)
+    files = [write_task(tmp_path / f"{n}.jsonl", [Item("a", [" b", " c"], 0)]) for n in ("one", "two-2")]
+    names = write_lm_eval_tasks(files, tmp_path / "tasks")
+    assert names == {"one": "letrecipes_one", "two-2": "letrecipes_two_2"}
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    assert set(names.values()) <= set(manager.all_tasks) and "letrecipes" in manager.all_tags
+    with pytest.raises(EvalError, match="two task files map to"):
+        write_lm_eval_tasks([files[0], tmp_path / "sub" / "one.jsonl"], tmp_path / "tasks2")
 
 
 def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
