@@ -5,7 +5,9 @@
 The `bigbench` 1.0.0 source archive (358 MB, Apache-2.0) comes from PyPI through pip
 (no other network access is needed); only the task files below are extracted, each
 checked against its SHA-256, and a fixed seeded sample of ``--items`` items is written
-per task. Nothing large is kept: the archive is deleted unless ``--keep-archive``.
+per task, with an lm-eval task definition beside each file (``lm_eval --include_path
+outputs/eval_tasks --tasks letrecipes``). Nothing large is kept: the archive is deleted
+unless ``--keep-archive``.
 
 Tasks (chance level in brackets):
 
@@ -29,7 +31,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from letrecipes.components.evaluation import Item, write_task
+from letrecipes.components.evaluation import Item, write_lm_eval_tasks, write_task
 
 ARCHIVE = "bigbench-1.0.0.tar.gz"
 ARCHIVE_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     todo = [n for n in TASKS if not (out / f"{n}.jsonl").is_file()]
     if not todo:
         print(f"eval tasks already in {out}: {', '.join(TASKS)}")
+        write_definitions(out)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(args.archive_dir or tmp)
@@ -112,7 +115,14 @@ def main(argv=None) -> int:
                 print(f"{name}: {len(items)} items -> {out / (name + '.jsonl')}")
         if not args.keep_archive and args.archive_dir:
             archive.unlink()
+    write_definitions(out)
     return 0
+
+
+def write_definitions(out: Path) -> None:
+    """lm-eval task YAMLs beside the files: `lm_eval --include_path <out> --tasks letrecipes`."""
+    names = write_lm_eval_tasks([out / f"{n}.jsonl" for n in TASKS], out)
+    print(f"lm-eval tasks {', '.join(names.values())} (tag letrecipes) -> {out}/*.yaml")
 
 
 if __name__ == "__main__":

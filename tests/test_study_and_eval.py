@@ -63,6 +63,27 @@ def test_lm_eval_scores_are_the_project_models_own_loglikelihoods(teacher_dir, t
     assert 0 <= scores["acc_norm"] <= 1
 
 
+def test_the_lm_eval_command_scores_an_export_offline(teacher_dir, tmp_path):
+    """The documented command: `lm_eval --model hf --model_args pretrained=<export>
+    --include_path <tasks> --tasks letrecipes`, with the hub switched off."""
+    import os
+    import subprocess
+    import sys
+
+    task = write_task(tmp_path / "hand_made.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)] * 2)
+    write_lm_eval_tasks([task], tmp_path / "tasks")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={teacher_dir},dtype=float32", "--include_path", str(tmp_path / "tasks"),
+                           "--tasks", "letrecipes", "--device", "cpu", "--batch_size", "4",
+                           "--output_path", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [results] = list((tmp_path / "out").rglob("results*.json"))
+    scores = json.loads(results.read_text())["results"]["letrecipes_hand_made"]
+    assert scores["acc,none"] in (0.0, 1.0)  # two copies of one item: both right or both wrong
+
+
 def test_lm_eval_task_folder_serves_the_lm_eval_command_line(tmp_path):
     """`lm_eval --include_path <folder> --tasks letrecipes` finds every task of the folder."""
     from lm_eval.tasks import TaskManager
