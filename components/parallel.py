@@ -20,19 +20,28 @@ from torch import nn
 from letrecipes.components.registry import ComponentError
 
 
-def init_distributed(device: torch.device, timeout_s: int = 600) -> Tuple[int, int]:
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors with gloo beside it for CPU tensors (DCP's async save stages
+    the state on the CPU and needs a CPU backend); gloo alone on CPU."""
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device, timeout_s: int = 600, single_process_group: bool = False) -> Tuple[int, int]:
     """(rank, world size); joins the torchrun process group when there is one.
 
-    NCCL for CUDA, gloo for CPU. A single process (no ``WORLD_SIZE`` > 1) needs no group.
+    A single process (no ``WORLD_SIZE`` > 1) needs no group, unless ``single_process_group``:
+    FSDP2 at world size 1 (the sharded code path on one GPU, or in a CPU test) runs in a
+    group of one, which needs no rendezvous (an in-memory store).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    if world_size == 1 and not single_process_group:
         return 0, 1
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(seconds=timeout_s))
+        kwargs = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world_size == 1 else {}
+        dist.init_process_group(backend=process_group_backend(device), timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -42,18 +51,19 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True,
-                 timeout_s: int = 600) -> Tuple[torch.device, int, int, List[str]]:
+def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True, timeout_s: int = 600,
+                 single_process_group: bool = False) -> Tuple[torch.device, int, int, List[str]]:
     """(device, rank, world size, notes for the log): ``name`` cpu, cuda or None (cuda when
-    there is one); joins the process group (collectives time out after ``timeout_s``); on
-    CPU, tunes malloc (:func:`keep_freed_memory_in_process`)."""
+    there is one); joins the process group (collectives time out after ``timeout_s``; a
+    group of one with ``single_process_group``); on CPU, tunes malloc
+    (:func:`keep_freed_memory_in_process`)."""
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ComponentError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
     notes = []
     if device.type == "cpu" and cpu_malloc_tuning and keep_freed_memory_in_process():
         notes.append("malloc keeps freed memory")
-    rank, world_size = init_distributed(device, timeout_s)
+    rank, world_size = init_distributed(device, timeout_s, single_process_group)
     return local_device(device), rank, world_size, notes
 
 
@@ -243,7 +253,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int, init_std: flo
     model.to_empty(device=device)
     with torch.device(device):
         rebuild_rope_caches(_blocks(model))
-    per_rank_stream = device.type == "cpu" and dist.is_initialized()
+    per_rank_stream = device.type == "cpu" and dist.is_initialized() and dist.get_world_size() > 1
     if per_rank_stream:
         torch.manual_seed(seed * 7919 + 1 + dist.get_rank())
     init_weights(model, std=init_std)

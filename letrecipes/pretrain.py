@@ -77,8 +77,10 @@ class PretrainRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         registry.import_modules(cfg.get("imports"))
+        fsdp_enabled = (cfg.get("fsdp") or {}).get("enabled", "auto")
         self.device, self.rank, self.world_size, device_notes = parallel.setup_device(
-            cfg.get("device"), cfg.get("cpu_malloc_tuning", True), int(cfg.get("process_group_timeout_s", 600)))
+            cfg.get("device"), cfg.get("cpu_malloc_tuning", True), int(cfg.get("process_group_timeout_s", 600)),
+            single_process_group=fsdp_enabled is True)  # FSDP2 in one process shards over a group of one
         self.is_main = self.rank == 0
         dtype_name = cfg.get("dtype", "bf16")
         if dtype_name not in AUTOCAST_DTYPES:
@@ -97,11 +99,7 @@ class PretrainRecipe:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.setup_data()
-        fsdp_enabled = (cfg.get("fsdp") or {}).get("enabled", "auto")
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
-        if self.fsdp and self.world_size == 1:
-            raise RecipeError("fsdp.enabled=true needs several processes. Fix: launch with "
-                              "`tune run --nproc_per_node N ...`, or set fsdp.enabled=auto.")
         self.setup_model()
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})

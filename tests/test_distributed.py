@@ -75,13 +75,44 @@ def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_pat
     assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
 
 
-def test_fsdp_enabled_in_one_process_is_a_clear_error(base_overrides, tmp_path):
-    from letrecipes import pretrain
+def test_fsdp_in_one_process_runs_the_sharded_path_and_resumes_exactly(let_overrides, tmp_path, capsys):
+    """fsdp.enabled=true at world size 1 (a group of one): the code path of a sharded run on
+    one GPU, here on CPU. It trains like the unsharded recipe (whose weights are initialised
+    from another random stream: the sharded model is initialised after sharding) and
+    resumes exactly."""
+    import shutil
 
-    with pytest.raises(SystemExit) as err:
-        pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}",
-                              "fsdp.enabled=true"])
-    assert "fsdp.enabled=true needs several processes" in str(err.value.code)
+    from letrecipes import let_pretrain
+
+    common = [*let_overrides, "max_steps=6", "alignment.schedule.stop=5", "eval_every=3"]
+    let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'plain'}"])
+    sharded = [*common, "fsdp.enabled=true", "teacher.placement=sharded"]
+    let_pretrain.recipe_main(["--config", "let_tiny", *sharded, f"output_dir={tmp_path / 'a'}"])
+    assert "FSDP2" in capsys.readouterr().out
+    assert (tmp_path / "a" / "final" / "model.safetensors").is_file()
+    plain, a = losses(tmp_path / "plain"), losses(tmp_path / "a")
+    assert [s for s, _ in plain] == [s for s, _ in a]
+    assert [v for _, v in plain] == pytest.approx([v for _, v in a], rel=0.01)
+
+    # async saves: DCP stages the state on the CPU and needs a CPU backend in the group
+    let_pretrain.recipe_main(["--config", "let_tiny", *sharded, "save_every=3", "async_checkpoint=true",
+                              f"output_dir={tmp_path / 'b'}"])
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    let_pretrain.recipe_main(["--config", "let_tiny", *sharded, "save_every=3", f"output_dir={tmp_path / 'b'}",
+                              "resume=true"])
+    for key in ("loss", "align_loss", "val_loss"):
+        a, b = losses(tmp_path / "a", key), losses(tmp_path / "b", key)
+        assert [s for s, _ in a] == [s for s, _ in b] and a
+        assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5), key
+
+
+def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
+    import torch
+
+    from letrecipes.components.parallel import process_group_backend
+
+    assert process_group_backend(torch.device("cuda")) == "cuda:nccl,cpu:gloo"
+    assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
 def test_sharded_teacher_gives_the_same_losses_as_a_replicated_one(let_overrides, tmp_path):
