@@ -75,6 +75,36 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _decided_on_rank0(decide):
+    """``decide()`` run on rank 0 alone; its value, or its :class:`LetRecipesError`, on every rank."""
+    if _world_size() == 1:
+        return decide()
+    answer = [None]
+    if _rank() == 0:
+        try:
+            answer[0] = ("value", decide())
+        except LetRecipesError as err:
+            answer[0] = ("error", type(err), str(err))
+    dist.broadcast_object_list(answer, src=0)
+    if answer[0][0] == "error":
+        raise answer[0][1](answer[0][2])
+    return answer[0][1]
+
+
+def saved_world_size(path: Union[str, Path]) -> Optional[int]:
+    """How many processes wrote a step checkpoint (one trainer state per rank), or None."""
+    try:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception:  # unreadable metadata: load() names the problem
+        return None
+    ranks = [k for k in keys if k.startswith("trainer_rank")]
+    return len(ranks) or None
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -152,7 +182,14 @@ class Checkpointer:
     def resume_point(self, resume: Any) -> Optional[Path]:
         """The checkpoint ``resume`` asks for: false/None -> None; true -> the latest complete
         one (None, said aloud, when there is none: a run killed before its first checkpoint
-        starts over); a path -> that folder."""
+        starts over); a path -> that folder.
+
+        Rank 0 decides and every rank gets its answer (or its error): ranks looking at a
+        shared filesystem with a lag could otherwise resume from different steps.
+        """
+        return _decided_on_rank0(lambda: self._resume_point(resume))
+
+    def _resume_point(self, resume: Any) -> Optional[Path]:
         if not self.resume_requested(resume):
             return None
         if resume in (True, "true", "True"):
@@ -161,16 +198,28 @@ class Checkpointer:
             latest = self.latest()
             if latest is None:
                 self.log(f"resume=true but {self.dir} holds no complete checkpoint: starting fresh")
-            return latest
-        path = Path(str(resume))
-        if not path.is_dir():
-            raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the latest, "
-                                  f"or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
+                return None
+            path = latest
+        else:
+            path = Path(str(resume))
+            if not path.is_dir():
+                raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the "
+                                      f"latest, or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
+        written_by, world_size = saved_world_size(path), _world_size()
+        if written_by is not None and written_by != world_size:
+            raise CheckpointError(
+                f"resume: {str(path)!r} was written by {written_by} process(es); this run has {world_size}. Fix: "
+                f"launch with {written_by} (tune run --nproc_per_node {written_by} ...), or start over with "
+                "overwrite=true. Resuming on another world size is refused: the data order and the per-rank "
+                "RNG streams of a run depend on its number of processes.")
         return path
 
     def guard(self, resume: Any, overwrite: bool) -> None:
         """Refuse to replace a finished or running run's files unless told to (``resume`` or
-        ``overwrite``)."""
+        ``overwrite``). Rank 0 looks; every rank stops alike."""
+        _decided_on_rank0(lambda: self._guard(resume, overwrite))
+
+    def _guard(self, resume: Any, overwrite: bool) -> None:
         existing = [p for p in RUN_FILES if (self.output_dir / p).exists()]
         if existing and not self.resume_requested(resume) and not overwrite:
             raise CheckpointError(

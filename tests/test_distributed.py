@@ -106,6 +106,26 @@ def test_fsdp_in_one_process_runs_the_sharded_path_and_resumes_exactly(let_overr
         assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5), key
 
 
+def test_resuming_on_another_world_size_is_refused_in_one_line_before_any_step(base_overrides, tmp_path):
+    from letrecipes import pretrain
+
+    run = tmp_path / "run"
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, "max_steps=2", "save_every=2",
+                          f"output_dir={run}"])
+    metrics = (run / "metrics.jsonl").read_bytes()
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "letrecipes/pretrain", "--config", "pretrain_tiny",
+           *base_overrides, "max_steps=4", "save_every=2", f"output_dir={run}", "resume=true"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and all(e == errors[0] for e in errors)  # both ranks stop with rank 0's one line
+    assert "was written by 1 process(es); this run has 2" in errors[0] and "--nproc_per_node 1" in errors[0]
+    assert "step 1/" not in done.stdout
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # nothing written
+
+
 def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
     import torch
 
