@@ -41,7 +41,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 PACKAGE_PREFIX = "pkg:"
 # Keys of the `teacher` config section that the recipe reads; every other key is an option
 # of the format (for example gguf's tokenizer_dir).
-RECIPE_KEYS = ("_component_", "path", "dtype", "placement", "shape")
+RECIPE_KEYS = ("_component_", "path", "dtype", "placement", "shape", "compile")
 
 
 class TeacherError(LetRecipesError):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gc
 import sys
-import time
 from typing import Any, Dict, Tuple
 
 import torch
@@ -53,6 +52,8 @@ class LETPretrainRecipe(PretrainRecipe):
         ).to(self.device)
         if self.fsdp:
             parallel.shard_module(self.aligner, self.mp_policy)
+        if cfg.teacher.get("compile", False):  # before sharding: the order that composes, as for the student
+            parallel.compile_blocks(self.teacher.model)
         if self.placement == "sharded" and self.fsdp:
             parallel.shard_teacher(self.teacher.model)
         self.trainable["aligner"] = self.aligner
@@ -83,18 +84,15 @@ class LETPretrainRecipe(PretrainRecipe):
 
     def teacher_targets(self, tokens: torch.Tensor):
         """What the aligner needs from the frozen teacher for these tokens, timed. Their
-        finiteness is checked with the step's loss, at the step's end (no host sync here)."""
-        start = time.perf_counter()
-        targets = self.aligner.teacher_targets(self.teacher, tokens)
+        finiteness is queued with the step's figures and read at the next sync point."""
+        with self.timer.part("teacher"):
+            targets = self.aligner.teacher_targets(self.teacher, tokens)
         outputs = targets.values() if isinstance(targets, dict) else [targets]
         what = "hidden states" if isinstance(targets, dict) else "logits"
         self.step_checks.append((torch.stack([torch.isfinite(t).all() for t in outputs]).all(), (
             f"the teacher ({self.teacher.source}) produced non-finite {what} at step {self.step + 1}: its weights "
             f"are broken or overflow in teacher.dtype={self.cfg.teacher.get('dtype', 'bfloat16')}. Fix: check the "
             "checkpoint, or set teacher.dtype=fp32.")))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.step_timing["teacher"] = self.step_timing.get("teacher", 0.0) + time.perf_counter() - start
         return targets
 
     def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:

@@ -16,7 +16,6 @@ import gc
 import json
 import random
 import sys
-import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,7 +34,7 @@ from letrecipes.components.data import BatchStream, build_dataloader, build_data
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
-from letrecipes.components.metrics import MetricLogger, format_record, peak_memory_mb, to_python
+from letrecipes.components.metrics import MetricLogger, StepTimer, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
 
@@ -109,6 +108,8 @@ class PretrainRecipe:
         self.lr_scheduler = registry.build("lr_scheduler", cfg.lr_scheduler, "lr_scheduler", self.optimizer,
                                            total_steps=self.max_steps)
         self.divergence = DivergenceGuard(**(cfg.get("divergence") or {}))
+        self.unresolved: List[Tuple] = []  # steps whose finiteness is still on the device
+        self.timer = StepTimer(self.device)
 
         self.checkpointer.track(self.trainable, self.optimizer, progress=self.progress,
                                 lr_scheduler=self.lr_scheduler, dataloader=self.batches, rng=RNGState())
@@ -200,9 +201,11 @@ class PretrainRecipe:
         """Hook for subclasses, called after each optimizer step."""
 
     def train_step(self) -> Dict[str, Any]:
-        """One optimizer step (over ``gradient_accumulation_steps`` micro-batches); its record."""
-        start = time.perf_counter()
-        self.step_timing: Dict[str, float] = {}  # seconds in named parts of this step (LET: "teacher")
+        """One optimizer step (over ``gradient_accumulation_steps`` micro-batches); its record.
+
+        No host sync unless ``divergence.policy=skip`` (which must decide before updating):
+        the step's finiteness is queued and read at the next sync point (:meth:`resolve`).
+        """
         self.step_checks: List[Tuple[torch.Tensor, str]] = []  # (flag on the device, error if it is false)
         sums: Dict[str, Any] = {}
         for _ in range(self.grad_accum):
@@ -225,66 +228,94 @@ class PretrainRecipe:
         if self.cfg.get("clip_grad_norm"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm))
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        finite = self.all_finite(sums, grad_norm, checks_passed)  # the step's one host sync
-        if finite:
+        finite = self.finite_flag(sums, grad_norm, checks_passed)
+        skipped = False
+        if self.divergence.policy == "skip":
+            if bool(finite):  # the one host sync this policy needs
+                self.optimizer.step()
+                self.divergence.ok()
+            else:
+                skipped = True
+                self.on_divergence(self.step + 1, sums, grad_norm, checks_passed, self.step_checks)
+        else:  # stop: a bad step is caught at the next sync point, before any evaluation or save
             self.optimizer.step()
-            self.divergence.ok()
-        else:
-            self.on_divergence(sums, grad_norm, checks_passed)
+            self.unresolved.append((self.step + 1, finite, sums, grad_norm, checks_passed, self.step_checks))
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
         self.progress.step += 1
-        self.progress.train_time += elapsed
-        record = {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm,
-                  **({} if finite else {"skipped": True}),
-                  "tokens_per_s": self.tokens_per_step / elapsed, "step_time_s": elapsed,
-                  "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device)}
-        for name, seconds in self.step_timing.items():
-            record[f"{name}_time_share"] = seconds / elapsed
-        return record
+        self.timer.step_done()
+        return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm, **({"skipped": True} if skipped else {})}
 
-    def all_finite(self, figures: Dict[str, Any], grad_norm, checks_passed=None) -> bool:
-        """Every figure, the gradient norm and the queued checks (1.0 when they passed on
-        every rank), in one sync."""
+    def finite_flag(self, figures: Dict[str, Any], grad_norm, checks_passed=None) -> torch.Tensor:
+        """True on the device when every figure, the gradient norm and the queued checks
+        (1.0 when they passed on every rank) are fine."""
         values = [v.detach().reshape(()).float() for v in figures.values() if isinstance(v, torch.Tensor)]
         values += [grad_norm.reshape(()).float()] if grad_norm is not None else []
         flags = [torch.isfinite(torch.stack(values)).all()] if values else []
         flags += [checks_passed.reshape(()) == 1.0] if checks_passed is not None else []
-        return bool(torch.stack(flags).all()) if flags else True
+        return torch.stack(flags).all() if flags else torch.tensor(True)
 
-    def on_divergence(self, figures: Dict[str, Any], grad_norm, checks_passed=None) -> None:
+    def resolve(self) -> None:
+        """A sync point: read the queued steps' finiteness in one transfer; the first bad
+        step (on any rank) stops the run, named."""
+        if not self.unresolved:
+            return
+        flags = torch.stack([entry[1] for entry in self.unresolved]).tolist()
+        pending, self.unresolved = self.unresolved, []
+        for ok, (step, _, figures, grad_norm, checks_passed, checks) in zip(flags, pending):
+            if not ok:
+                self.on_divergence(step, figures, grad_norm, checks_passed, checks)
+
+    def on_divergence(self, step: int, figures: Dict[str, Any], grad_norm, checks_passed, checks) -> None:
         """A non-finite step (seen identically on every rank): a failed check stops the run
         with its own message; otherwise ``divergence.policy`` skips the update or stops."""
         if checks_passed is not None and float(checks_passed) < 1.0:  # here or on another rank: all stop
-            failed = [message for flag, message in self.step_checks if not bool(flag)]
-            raise DivergenceError(failed[0] if failed else f"{self.step_checks[0][1]} (seen on another rank)")
+            failed = [message for flag, message in checks if not bool(flag)]
+            raise DivergenceError(failed[0] if failed else f"{checks[0][1]} (seen on another rank)")
         figures = to_python(figures)
         grad_norm = None if grad_norm is None else float(grad_norm)
-        note = self.divergence.skip_or_stop(self.step + 1, figures, grad_norm, self.checkpointer.latest())
+        note = self.divergence.skip_or_stop(step, figures, grad_norm, self.checkpointer.latest())
         self.log(note)
-        self.metrics.log({"step": self.step + 1, "event": "skipped_update", **figures, "grad_norm": grad_norm})
+        self.metrics.log({"step": step, "event": "skipped_update", **figures, "grad_norm": grad_norm})
+
+    def lap(self) -> Dict[str, float]:
+        """Timing figures since the last sync point (one device sync)."""
+        elapsed, steps, parts = self.timer.lap()
+        self.progress.train_time += elapsed
+        record = {"tokens_per_s": self.tokens_per_step * steps / elapsed, "step_time_s": elapsed / steps,
+                  "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device)}
+        record.update({f"{name}_time_share": seconds / elapsed for name, seconds in parts.items()})
+        return record
 
     def train(self) -> None:
         self.trainable.train()
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
                         disable=not (self.is_main and sys.stderr.isatty() and self.cfg.get("progress_bar", True)))
+        self.timer.restart()
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)
-            if self.eval_every and (self.step % self.eval_every == 0 or self.step == self.max_steps):
+            last = self.step == self.max_steps
+            evaluate = bool(self.eval_every) and (self.step % self.eval_every == 0 or last)
+            save = bool(self.save_every) and self.step % self.save_every == 0 and not last
+            log = evaluate or last or self.step % self.log_every == 0
+            if log or save:  # a sync point: nothing is evaluated, saved or logged past a bad step
+                self.resolve()
+                record.update(self.lap())
+            if evaluate:
                 record["val_loss"] = self.evaluate()
-            if self.step % self.log_every == 0 or self.step == self.max_steps or "val_loss" in record:
+            if log:
                 record = {**to_python(record), **self.source_tokens()}
                 self.metrics.log(record)
                 self.log(format_record(record, self.max_steps, self.console_fields), progress)
             self.after_step()
-            if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
+            if save:
                 self.save_checkpoint()
+            if log or save:
+                self.timer.restart()  # evaluation, logging and saving are not training time
         progress.close()
+        self.resolve()
         if self.save_every:
             self.save_checkpoint()
         self.checkpointer.wait()

@@ -70,7 +70,8 @@ def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_pat
     common = [*let_overrides, "max_steps=3", "eval_every=0"]
     let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'eager'}"])
     let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'compiled'}", "compile=true",
-                              "activation_checkpointing.mode=selective", "activation_checkpointing.every=2"])
+                              "teacher.compile=true", "activation_checkpointing.mode=selective",
+                              "activation_checkpointing.every=2"])
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
 

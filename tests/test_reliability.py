@@ -135,6 +135,17 @@ def test_nan_stops_with_the_step_and_the_last_good_checkpoint(let_run, tmp_path)
     assert (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").is_file()  # nothing written is damaged
 
 
+def test_nan_between_sync_points_is_named_at_the_next_one_before_any_save(let_run, tmp_path):
+    """Without a host sync per step, a NaN at step 5 (log_every=4) is read at step 6, a
+    checkpoint step: the run stops there, names step 5, and step 6 is never saved."""
+    result = let_run(tmp_path, "log_every=4", "eval_every=0", "debug.nan_loss_at_step=5", check=False)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite loss or gradient norm at step 5") and "step_00000003" in message
+    assert not (tmp_path / "checkpoints" / "step_00000006").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r] == [4]
+
+
 def test_nan_skip_policy_drops_the_update_and_goes_on(let_run, tmp_path):
     let_run(tmp_path, "debug.nan_loss_at_step=5", "divergence.policy=skip")
     records = read_metrics(tmp_path / "metrics.jsonl")
