@@ -1,6 +1,7 @@
-"""Back-of-the-envelope cost model: parameters, FLOPs per token, memory per GPU.
+"""Back-of-the-envelope cost model: parameters, FLOPs per token, memory per GPU, and
+FSDP2 communication against compute per micro-batch.
 
-Used by ``dry_run=true``. FLOPs count matmuls only (2 per multiply-add): a training step
+Used by ``dry_run=true``; the formulas are stated in docs/scale.md. FLOPs count matmuls only (2 per multiply-add): a training step
 is forward + backward = 3x forward; attention adds 2 * 2 * n_layers * seq_len * width per
 token forward (QK^T and AV, causal masking not discounted). Memory assumes AdamW in fp32
 sharded over the world size (FSDP2), bf16 activations, and the activation sizes of
@@ -9,6 +10,7 @@ Korthikanti et al. (2022) with a fused attention kernel (no s^2 term).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,16 +49,23 @@ def forward_flops_per_token(args: ModelArgs, seq_len: int, layers: Optional[int]
     return layers * per_block + (2 * args.vocab_size * args.embed_dim if head else 0)
 
 
+GIB = 1024**3
+CUDA_CONTEXT_GB = 1.0  # CUDA context, cuBLAS/NCCL workspaces, allocator slack: to calibrate with gpu_check
+
+
 @dataclass
 class MemoryEstimate:
-    params_grads_optimizer_gb: float
-    activations_gb: float
-    logits_gb: float
+    params_grads_optimizer_gb: float  # fp32 parameters, gradients and both AdamW moments, sharded
+    activations_gb: float  # saved for backward (bf16), after activation checkpointing
+    loss_gb: float  # the loss peak: bf16 logits, their fp32 copy, log-softmax and its gradient
+    unsharded_gb: float  # FSDP2 units gathered at once: the root (embedding, head) and prefetched blocks
     teacher_gb: float
+    context_gb: float = CUDA_CONTEXT_GB
 
     @property
     def total_gb(self) -> float:
-        return self.params_grads_optimizer_gb + self.activations_gb + self.logits_gb + self.teacher_gb
+        return (self.params_grads_optimizer_gb + self.activations_gb + self.loss_gb + self.unsharded_gb
+                + self.teacher_gb + self.context_gb)
 
 
 def memory_per_gpu(
@@ -68,10 +77,8 @@ def memory_per_gpu(
     teacher: Optional[ModelArgs] = None,
     teacher_sharded: bool = False,
 ) -> MemoryEstimate:
-    gb = 1024**3
     n = total_params(student)
-    # fp32 params + fp32 grads + 2 fp32 AdamW moments, sharded by FSDP2
-    states = 16 * n / world_size
+    states = 16 * n / world_size  # 4 fp32 copies (param, grad, exp_avg, exp_avg_sq), sharded
     tokens = micro_batch * seq_len
     full_block = 34 * tokens * student.embed_dim  # bytes, bf16, fused attention
     if activation_checkpointing == "full":
@@ -80,8 +87,51 @@ def memory_per_gpu(
         acts = student.num_layers / 2 * (full_block + 2 * tokens * student.embed_dim)
     else:
         acts = student.num_layers * full_block
-    logits = 2 * 4 * tokens * student.vocab_size  # fp32 logits and their gradient
+    loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
+    unsharded = 0.0
+    if world_size > 1:
+        embeddings = student.vocab_size * student.embed_dim * (1 if student.tie_word_embeddings else 2)
+        # the root unit whole while it runs: bf16 parameters + its fp32 gradient before reduce-scatter;
+        # blocks: the running one and the prefetched one in bf16, two fp32 gradients in flight
+        unsharded = (2 + 4) * embeddings + (2 * 2 + 2 * 4) * block_params(student)
     teacher_bytes = 0.0
     if teacher is not None:
         teacher_bytes = 2 * total_params(teacher) / (world_size if teacher_sharded else 1)
-    return MemoryEstimate(states / gb, acts / gb, logits / gb, teacher_bytes / gb)
+    return MemoryEstimate(states / GIB, acts / GIB, loss / GIB, unsharded / GIB, teacher_bytes / GIB)
+
+
+# ----------------------------------------------------------------- communication vs compute
+RECOMPUTE = {"none": 1.0, "selective": 7 / 6, "full": 4 / 3}  # extra forwards: every other block / every block
+
+
+@dataclass
+class StepTime:
+    communication_gb: float  # FSDP2 traffic per GPU per micro-batch
+    communication_s: float
+    compute_s: float
+    smallest_compute_bound_micro_batch: int
+
+    @property
+    def communication_bound(self) -> bool:
+        return self.communication_s > self.compute_s
+
+
+def micro_batch_time(student: ModelArgs, world_size: int, micro_batch: int, seq_len: int,
+                     activation_checkpointing: str = "none", interconnect_gbps: float = 400.0,
+                     gpu_tflops: float = 989.0, mfu: float = 0.4, reshard_after_forward: bool = True) -> StepTime:
+    """FSDP2 traffic against compute for one micro-batch on one GPU.
+
+    Traffic (ring collectives, each GPU sends and receives (W-1)/W of the payload): the
+    bf16 parameters are all-gathered for the forward and, with ``reshard_after_forward``,
+    again for the backward; fp32 gradients are reduce-scattered: (2 + 2 + 4) bytes per
+    parameter. FSDP2 overlaps the two, so the slower one sets the pace. Compute: training
+    FLOPs (3x forward, plus recomputed forwards) at ``mfu`` of ``gpu_tflops``.
+    """
+    n = total_params(student)
+    per_param = 2 + (2 if reshard_after_forward else 0) + 4
+    traffic = per_param * n * (world_size - 1) / world_size
+    communication_s = traffic / (interconnect_gbps * 1e9 / 8)
+    flops_per_token = 3 * RECOMPUTE[activation_checkpointing] * forward_flops_per_token(student, seq_len)
+    compute_per_sample = flops_per_token * seq_len / (gpu_tflops * 1e12 * mfu)
+    smallest = max(1, math.ceil(communication_s / compute_per_sample))
+    return StepTime(traffic / 1e9, communication_s, compute_per_sample * micro_batch, smallest)

@@ -17,7 +17,7 @@ from letrecipes.components import registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, total_params
+from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, micro_batch_time, total_params
 from letrecipes.components.models import ModelArgs, count_parameters, padded_vocab_size
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
@@ -102,7 +102,21 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     memory = memory_per_gpu(args, world, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded")
     report["memory_per_gpu_gb"] = {
         "params_grads_adamw": memory.params_grads_optimizer_gb, "activations": memory.activations_gb,
-        "logits": memory.logits_gb, "teacher": memory.teacher_gb, "total": memory.total_gb,
+        "loss": memory.loss_gb, "unsharded_fsdp_units": memory.unsharded_gb, "teacher": memory.teacher_gb,
+        "cuda_context": memory.context_gb, "total": memory.total_gb,
+    }
+    fsdp = cfg.get("fsdp") or {}
+    timing = micro_batch_time(args, world, micro_batch, seq_len, ac,
+                              interconnect_gbps=float(cfg.get("dry_run_interconnect_gbps", 400)),
+                              gpu_tflops=float(cfg.get("dry_run_gpu_tflops", 989)),
+                              mfu=float(cfg.get("dry_run_mfu", 0.4)),
+                              reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)))
+    report["micro_batch_time"] = {
+        "communication_gb": timing.communication_gb, "communication_s": timing.communication_s,
+        "compute_s": timing.compute_s, "communication_bound": timing.communication_bound,
+        "smallest_compute_bound_micro_batch": timing.smallest_compute_bound_micro_batch,
+        "interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
+        "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4)),
     }
     print(format_report(report, args, teacher_args, micro_batch, seq_len, ac))
     return report
@@ -129,7 +143,20 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
     m = r["memory_per_gpu_gb"]
     lines.append(f"  memory per GPU (world size {r['world_size']}, micro-batch {micro_batch} x {seq_len}, activation "
                  f"checkpointing {ac}): {m['total']:.1f} GiB = params+grads+AdamW {m['params_grads_adamw']:.1f} + "
-                 f"activations {m['activations']:.1f} + logits {m['logits']:.1f} + teacher {m['teacher']:.1f}")
+                 f"activations {m['activations']:.1f} + loss {m['loss']:.1f} + unsharded FSDP units "
+                 f"{m['unsharded_fsdp_units']:.1f} + teacher {m['teacher']:.1f} + CUDA context {m['cuda_context']:.1f}")
+    t = r["micro_batch_time"]
+    lines.append(f"  per micro-batch and GPU: FSDP2 traffic {t['communication_gb']:.1f} GB = "
+                 f"{t['communication_s']:.3f} s at {t['interconnect_gbps']:g} Gb/s; compute {t['compute_s']:.3f} s at "
+                 f"{t['mfu']:g} x {t['gpu_tflops']:g} TFLOP/s")
+    if t["communication_bound"]:
+        lines.append(f"  WARNING: communication-bound (the GPU waits on the network): the smallest micro-batch whose "
+                     f"compute covers the traffic is {t['smallest_compute_bound_micro_batch']}. Fix: batch_size="
+                     f"{t['smallest_compute_bound_micro_batch']} (fewer gradient_accumulation_steps for the same "
+                     "tokens per step), or set dry_run_interconnect_gbps to your network's real rate.")
+    else:
+        lines.append(f"  compute-bound (the smallest compute-bound micro-batch is "
+                     f"{t['smallest_compute_bound_micro_batch']})")
     return "\n".join(lines)
 
 

@@ -19,6 +19,35 @@ def test_big_let_configs(config, billions, overhead, capsys):
     assert "teacher overhead while it runs" in out and "memory per GPU (world size 32" in out
 
 
+def test_the_dry_run_weighs_network_against_compute_and_names_the_micro_batch(capsys):
+    from letrecipes.components.estimate import total_params
+
+    report = dry_run(load_config("let_7b", ["dry_run_world_size=32", "batch_size=2"]), with_teacher=True)
+    timing = report["micro_batch_time"]
+    n = total_params(_student_args())
+    # all-gather bf16 twice (forward, backward) + reduce-scatter fp32, each moving (W-1)/W of it
+    assert timing["communication_gb"] == pytest.approx(8 * n * 31 / 32 / 1e9)
+    assert timing["communication_s"] == pytest.approx(timing["communication_gb"] * 8 / 400)
+    assert timing["communication_bound"] and timing["smallest_compute_bound_micro_batch"] == 4
+    assert "WARNING: communication-bound" in capsys.readouterr().out
+    shipped = dry_run(load_config("let_7b", ["dry_run_world_size=32"]), with_teacher=True)["micro_batch_time"]
+    assert not shipped["communication_bound"]  # the shipped micro-batch is the one the dry run asks for
+    assert shipped["compute_s"] == pytest.approx(2 * timing["compute_s"])
+    fast = dry_run(load_config("let_7b", ["dry_run_world_size=32", "batch_size=2", "dry_run_interconnect_gbps=3200"]),
+                   with_teacher=True)["micro_batch_time"]
+    assert not fast["communication_bound"] and fast["smallest_compute_bound_micro_batch"] == 1
+
+
+def _student_args():
+    import torch
+
+    from letrecipes.components import registry
+
+    cfg = load_config("let_7b", [])
+    with torch.device("meta"):
+        return registry.build("model", cfg.model, "model", max_seq_len=cfg.data.seq_len).model_args
+
+
 def test_let_1b4_reads_the_real_smollm2_shape_from_the_gguf_file():
     report = dry_run(load_config("let_1b4", []), with_teacher=True)
     assert report["teacher_params"] == 134_515_008  # the GGUF's metadata, not teacher.shape
