@@ -1,75 +1,223 @@
-"""See gpu_check.sh. bf16 vs float8 LET steps on one GPU: tokens/s, MFU, peak memory."""
+"""The GPU path in one command: see gpu_check.sh. ``--cpu`` runs the same checks at tiny sizes
+(the test suite does, so this script cannot rot while no GPU is at hand).
+
+(a) throughput: a 7B-width slice (4 blocks x 4096, FFN 11008, vocabulary 128256,
+    micro-batch 2 x 2048, full activation checkpointing, compile, FSDP2 at world size 1)
+    in bf16, then float8: tokens/s, MFU, peak memory against the dry run's estimate;
+(b) LET's cost: the same slice as plain pretraining and as LET with a randomly
+    initialised teacher of Llama-3.2-1B's shape: the step-time ratio;
+(c) resume: 4 steps straight against 2 steps + resume + 2, with sync and with async
+    checkpoints (FSDP2 at world size 1): the losses must be equal;
+(d) export: the final export loads with transformers and gives the project's logits.
+
+Targets (GPU only): float8 >= 1.3x bf16 tokens/s; bf16 MFU >= 40%; LET step <= 1.05x the
+baseline's; peak memory within 15% of the dry run's estimate (CUDA context excluded: the
+peak read is torch's allocated memory).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import sys
+import time
 from pathlib import Path
+from typing import Dict, List
 
 import torch
-from _common import header, write_json
 
-from letrecipes.components.estimate import forward_flops_per_token
-from letrecipes.components.metrics import read_metrics
-from letrecipes import let_pretrain, pretrain
-from letrecipes._config import load_config
-from letrecipes.demo import prepare
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import header, write_json  # noqa: E402
+from letrecipes import let_pretrain, pretrain  # noqa: E402
+from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
+from letrecipes.components.metrics import read_metrics  # noqa: E402
+from letrecipes.components.models import ModelArgs, llama_model  # noqa: E402
 
-# Dense bf16 peak of the card, for MFU (float8 arms are still reported against bf16 peak).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense; float8 arms are reported against it too
 
-SMOLLM2_SHAPE = ["model.num_layers=30", "model.num_heads=9", "model.num_kv_heads=3", "model.embed_dim=576",
-                 "model.intermediate_dim=1536", "model.rope_base=100000"]
+SIZES = {
+    "gpu": {
+        "slice": dict(num_layers=4, num_heads=32, num_kv_heads=32, embed_dim=4096, intermediate_dim=11008,
+                      vocab_size=128256, rope_base=500000, tie_word_embeddings=False),
+        "teacher": dict(num_layers=16, num_heads=32, num_kv_heads=8, embed_dim=2048, intermediate_dim=8192,
+                        vocab_size=128256, rope_base=500000, tie_word_embeddings=True),
+        "resume": dict(num_layers=4, num_heads=16, num_kv_heads=16, embed_dim=1024, intermediate_dim=2816,
+                       vocab_size=128256, rope_base=500000, tie_word_embeddings=False),
+        "micro_batch": 2, "seq_len": 2048, "steps": 12, "warmup": 4, "compile": True, "device": "cuda",
+        "dtype": "bf16", "logits_atol": 2e-3,
+    },
+    "cpu": {
+        "slice": dict(num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64, intermediate_dim=128,
+                      tie_word_embeddings=False),
+        "teacher": dict(num_layers=2, num_heads=2, num_kv_heads=1, embed_dim=32, intermediate_dim=64),
+        "resume": dict(num_layers=2, num_heads=2, num_kv_heads=2, embed_dim=32, intermediate_dim=64),
+        "micro_batch": 2, "seq_len": 32, "steps": 4, "warmup": 1, "compile": False, "device": "cpu",
+        "dtype": "fp32", "logits_atol": 1e-4,
+    },
+}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--out", default="benchmarks/results/gpu_check.json")
+def model_overrides(shape: Dict, vocab_size: int) -> List[str]:
+    shape = {"vocab_size": vocab_size, **shape}
+    return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shape.items()]
+
+
+def run(recipe, config: str, out: Path, overrides: List[str]) -> List[Dict]:
+    recipe.recipe_main(["--config", config, f"output_dir={out}", "overwrite=true", *overrides])
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r and "event" not in r]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="tiny sizes on CPU (what the tests run)")
+    parser.add_argument("--work", default="outputs/gpu_check", help="run folders (removed at the end)")
+    parser.add_argument("--corpus", default=None, help="a text folder (default: the demo's Shakespeare)")
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the demo's)")
+    parser.add_argument("--out", default=None, help="JSON (default benchmarks/results/gpu_check[_cpu].json)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check: no CUDA device")
-    prepare()
-    root = Path("outputs/gpu_check")
-    data = ["tokenizer.path=outputs/demo/tokenizer.json", "data.source=outputs/demo/corpus",
-            f"data.seq_len={args.seq_len}", "data.cache_dir=outputs/cache", "overwrite=true", "save_every=0",
-            "device=cuda", "progress_bar=false"]
-    pretrain.recipe_main(["--config", "pretrain_tiny", *data, *SMOLLM2_SHAPE, "max_steps=1", "eval_every=0",
-                          f"output_dir={root / 'teacher'}"])
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    student = load_config("let_1b4", ["~model.vocab_size", *data])
-    results = {**header("gpu_check.py", argv), "steps": args.steps, "micro_batch": args.batch_size, "seq_len": args.seq_len}
-    for arm, extra in (("bf16", ["float8.enabled=false"]), ("float8", ["float8.enabled=true"])):
-        out = root / arm
-        torch.cuda.reset_peak_memory_stats()
-        let_pretrain.recipe_main(["--config", "let_1b4", "~model.vocab_size", *data, *extra, "compile=true",
-                                  f"batch_size={args.batch_size}", "gradient_accumulation_steps=1",
-                                  f"max_steps={args.steps}", "log_every=1", "eval_every=0",
-                                  f"teacher.path={root / 'teacher' / 'final'}", f"output_dir={out}",
-                                  "alignment.schedule.stop=1.0", "lr_scheduler.warmup_steps=5"])
-        records = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in r][5:]  # skip compile warm-up
-        tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
-        vocab = json.loads((out / "final" / "config.json").read_text())["vocab_size"]
-        from letrecipes.components.models import ModelArgs
+    size = SIZES["cpu" if args.cpu else "gpu"]
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device (use --cpu for the tiny CPU version)")
+    if args.corpus is None or args.tokenizer is None:
+        from letrecipes.demo import prepare
 
-        shape = {k: v for k, v in student.model.items() if k not in ("_component_", "init_std")}
-        args_s = ModelArgs.from_dict({**shape, "vocab_size": vocab, "max_seq_len": args.seq_len})
-        flops = 3 * forward_flops_per_token(args_s, args.seq_len)
-        results[arm] = {
-            "tokens_per_s": tokens_per_s,
-            "mfu_vs_bf16_peak": tokens_per_s * flops / (peak * 1e12) if peak else None,
-            "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024,
-            "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records),
-        }
-        print(arm, json.dumps(results[arm]), flush=True)
-    results["float8_over_bf16_tokens_per_s"] = results["float8"]["tokens_per_s"] / results["bf16"]["tokens_per_s"]
-    print(json.dumps(results, indent=2))
-    write_json(results, args.out)
+        prepare()
+    corpus = args.corpus or "outputs/demo/corpus"
+    tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
+    from letrecipes.components.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    vocab = lambda shape: shape.get("vocab_size") or 64 * -(-tok.vocab_size // 64)  # noqa: E731
+    work = Path(args.work)
+    started = time.perf_counter()
+    common = [f"tokenizer.path={tokenizer}", f"data.source={corpus}", f"data.seq_len={size['seq_len']}",
+              f"data.cache_dir={work / 'cache'}", f"device={size['device']}", f"dtype={size['dtype']}",
+              "progress_bar=false", "log_every=1", "eval_every=0", "save_every=0", "data.num_workers=0",
+              f"batch_size={size['micro_batch']}", "gradient_accumulation_steps=1", "lr_scheduler.warmup_steps=2",
+              "fsdp.enabled=true", "metrics.wandb.enabled=false"]
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else "cpu"
+    report = {**header("gpu_check.py", argv), "mode": "cpu" if args.cpu else "gpu", "device_name": device_name,
+              "sizes": size}
+
+    # (a) the slice in bf16, then float8
+    slice_shape = size["slice"]
+    slice_args = ModelArgs(**{**{k: v for k, v in slice_shape.items()}, "vocab_size": vocab(slice_shape),
+                              "max_seq_len": size["seq_len"]})
+    slice_cfg = [*common, *model_overrides(slice_shape, vocab(slice_shape)), f"max_steps={size['steps']}",
+                 f"compile={str(size['compile']).lower()}", "activation_checkpointing.mode=full",
+                 "export.enabled=false"]
+    estimate = memory_per_gpu(slice_args, 1, size["micro_batch"], size["seq_len"], "full", fsdp=True)
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    model_flops = 3 * forward_flops_per_token(slice_args, size["seq_len"])
+    arms = {}
+    for arm, extra in (("bf16", ["float8.enabled=false"]), ("float8", ["float8.enabled=true"])):
+        if torch.cuda.is_available() and not args.cpu:
+            torch.cuda.reset_peak_memory_stats()
+        records = run(pretrain, "pretrain_7b", work / arm, [*slice_cfg, *extra])[size["warmup"]:]
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
+        peak_gib = max(r["peak_memory_mb"] for r in records) / 1024
+        arms[arm] = {"tokens_per_s": tokens_per_s,
+                     "mfu": tokens_per_s * model_flops / (peak_tflops * 1e12) if peak_tflops else None,
+                     "peak_memory_gib": peak_gib,
+                     "estimate_gib": estimate.total_gb - estimate.context_gb,
+                     "peak_over_estimate": peak_gib / (estimate.total_gb - estimate.context_gb)}
+        print(f"(a) {arm}: {json.dumps(arms[arm])}", flush=True)
+    report["throughput"] = arms
+    report["float8_over_bf16"] = arms["float8"]["tokens_per_s"] / arms["bf16"]["tokens_per_s"]
+
+    # (b) LET's cost on the same slice: a random teacher of Llama-3.2-1B's shape, exported
+    teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(slice_shape))}
+    from letrecipes.components.export import export_model
+
+    with torch.device(size["device"]):
+        teacher = llama_model(max_seq_len=size["seq_len"], **teacher_shape)
+    export_model(teacher, teacher.model_args, work / "teacher", tok, torch.bfloat16)
+    del teacher
+    if torch.cuda.is_available() and not args.cpu:
+        torch.cuda.empty_cache()
+    let_cfg = [*slice_cfg, "float8.enabled=false", f"teacher.path={work / 'teacher'}", "tokenizer.source=path",
+               "alignment.schedule.stop=1.0", f"teacher.dtype={'fp32' if args.cpu else 'bf16'}"]
+    base = run(pretrain, "pretrain_7b", work / "base", [*slice_cfg, "float8.enabled=false"])[size["warmup"]:]
+    let = run(let_pretrain, "let_7b", work / "let", let_cfg)[size["warmup"]:]
+    step_base = statistics.median(r["step_time_s"] for r in base)
+    step_let = statistics.median(r["step_time_s"] for r in let)
+    report["let"] = {"baseline_step_s": step_base, "let_step_s": step_let, "let_over_baseline": step_let / step_base,
+                     "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in let)}
+    print(f"(b) {json.dumps(report['let'])}", flush=True)
+
+    # (c) resume, sync and async: 4 straight against 2 + resume + 2
+    resume_cfg = [*common, *model_overrides(size["resume"], vocab(size["resume"])), "max_steps=4", "export.dtype=fp32"]
+    straight = run(pretrain, "pretrain_7b", work / "straight", resume_cfg)
+    report["resume"] = {}
+    for mode in ("sync", "async"):
+        folder = work / f"resumed_{mode}"
+        again = [*resume_cfg, "save_every=2", f"async_checkpoint={str(mode == 'async').lower()}"]
+        run(pretrain, "pretrain_7b", folder, again)
+        shutil.rmtree(folder / "checkpoints" / "step_00000004")
+        pretrain.recipe_main(["--config", "pretrain_7b", f"output_dir={folder}", *again, "resume=true"])
+        resumed = [r for r in read_metrics(folder / "metrics.jsonl") if "loss" in r and "event" not in r]
+        same = [r["step"] for r in resumed] == [r["step"] for r in straight] and all(
+            abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) for a, b in zip(straight, resumed))
+        report["resume"][mode] = {"equal_losses": same, "straight": [r["loss"] for r in straight],
+                                  "resumed": [r["loss"] for r in resumed]}
+        print(f"(c) resume {mode}: equal losses {same}", flush=True)
+
+    # (d) the export through transformers
+    import transformers
+
+    from letrecipes.components.teachers import load_teacher
+
+    final = work / "straight" / "final"
+    ids = torch.tensor([tok.encode("To be, or not to be, that is the question.")], device=size["device"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(size["device"]).eval()
+    ours = load_teacher({"_component_": "auto", "path": str(final), "dtype": "fp32"}, device=size["device"])
+    with torch.no_grad():
+        diff = (hf(ids).logits.float() - ours.logits(ids).float()).abs().max().item()
+    report["export"] = {"max_abs_logit_diff": diff, "equal_logits": diff <= size["logits_atol"],
+                        "atol": size["logits_atol"]}
+    print(f"(d) export: max |logit difference| {diff:.2e}", flush=True)
+
+    gpu = not args.cpu  # speed and memory targets mean nothing at tiny sizes on a CPU
+    report["targets"] = {
+        "float8_at_least_1.3x_bf16": report["float8_over_bf16"] >= 1.3 if gpu else None,
+        "bf16_mfu_at_least_40%": (arms["bf16"]["mfu"] or 0) >= 0.40 if gpu else None,
+        "let_step_at_most_1.05x": report["let"]["let_over_baseline"] <= 1.05 if gpu else None,
+        "peak_memory_within_15%_of_estimate": abs(arms["bf16"]["peak_over_estimate"] - 1) <= 0.15 if gpu else None,
+        "resume_equal_losses": all(v["equal_losses"] for v in report["resume"].values()),
+        "export_equal_logits": report["export"]["equal_logits"],
+    }
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    report["table"] = table(report)
+    print(report["table"])
+    write_json(report, args.out or f"benchmarks/results/gpu_check{'_cpu' if args.cpu else ''}.json")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def table(r: Dict) -> str:
+    a = r["throughput"]
+    t = {k: "n/a (cpu)" if v is None else v for k, v in r["targets"].items()}
+
+    def mfu(x):
+        return f"{100 * x:.1f}%" if x is not None else "n/a"
+
+    rows = [f"gpu_check on {r['device_name']} ({r['mode']} sizes), {r['wall_s']:.0f} s",
+            "| check | measured | target | met |", "|---|---|---|---|",
+            f"| (a) {'bf16' if r['mode'] == 'gpu' else 'fp32'} slice | {a['bf16']['tokens_per_s']:,.0f} tok/s, MFU {mfu(a['bf16']['mfu'])}, peak "
+            f"{a['bf16']['peak_memory_gib']:.1f} GiB (estimate {a['bf16']['estimate_gib']:.1f}) | MFU >= 40%; peak "
+            f"within 15% | {t['bf16_mfu_at_least_40%']}; {t['peak_memory_within_15%_of_estimate']} |",
+            f"| (a) float8 slice | {a['float8']['tokens_per_s']:,.0f} tok/s ({r['float8_over_bf16']:.2f}x bf16), "
+            f"peak {a['float8']['peak_memory_gib']:.1f} GiB | >= 1.3x | {t['float8_at_least_1.3x_bf16']} |",
+            f"| (b) LET step / baseline step | {r['let']['let_over_baseline']:.3f} (teacher share "
+            f"{100 * r['let']['teacher_time_share']:.1f}%) | <= 1.05 | {t['let_step_at_most_1.05x']} |",
+            f"| (c) resume, sync / async | equal losses: {r['resume']['sync']['equal_losses']} / "
+            f"{r['resume']['async']['equal_losses']} | equal | {t['resume_equal_losses']} |",
+            f"| (d) export via transformers | max logit difference {r['export']['max_abs_logit_diff']:.1e} | "
+            f"<= {r['export']['atol']:g} | {t['export_equal_logits']} |"]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

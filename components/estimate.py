@@ -76,7 +76,9 @@ def memory_per_gpu(
     activation_checkpointing: str = "none",
     teacher: Optional[ModelArgs] = None,
     teacher_sharded: bool = False,
+    fsdp: Optional[bool] = None,
 ) -> MemoryEstimate:
+    """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers."""
     n = total_params(student)
     states = 16 * n / world_size  # 4 fp32 copies (param, grad, exp_avg, exp_avg_sq), sharded
     tokens = micro_batch * seq_len
@@ -89,7 +91,7 @@ def memory_per_gpu(
         acts = student.num_layers * full_block
     loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
     unsharded = 0.0
-    if world_size > 1:
+    if world_size > 1 if fsdp is None else fsdp:
         embeddings = student.vocab_size * student.embed_dim * (1 if student.tie_word_embeddings else 2)
         # the root unit whole while it runs: bf16 parameters + its fp32 gradient before reduce-scatter;
         # blocks: the running one and the prefetched one in bf16, two fp32 gradients in flight

@@ -325,6 +325,9 @@ class PretrainRecipe:
         """``<output_dir>/final`` in Hugging Face format. A sharded model is never gathered:
         rank 0 converts the final DCP checkpoint tensor by tensor while the others finish."""
         spec, final = self.cfg.get("export") or {}, self.output_dir / "final"
+        if not spec.get("enabled", True):  # benchmarks: no final checkpoint or conversion to wait for
+            self.log("export.enabled=false: no final export")
+            return
         dtype, max_shard_mb = export_dtype(spec.get("dtype", "bf16")), int(spec.get("max_shard_mb", 5120))
         if not self.fsdp:
             export_model(self.model, self.model_args, final, self.tokenizer, dtype, max_shard_mb)
