@@ -67,6 +67,31 @@ def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True, timeout_s:
     return local_device(device), rank, world_size, notes
 
 
+def device_mesh(device: torch.device, replicate_degree: int = 1):
+    """None for plain FSDP2 (one shard group: the whole world); for HSDP a 2-D mesh
+    (``replicate`` x ``shard``): parameters are sharded within a group of
+    world/replicate_degree ranks (a node, typically) and replicated across groups, so the
+    all-gathers stay on the fast links and only gradients cross nodes."""
+    if replicate_degree <= 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world % replicate_degree:
+        raise ComponentError(f"fsdp.replicate_degree={replicate_degree} does not divide the {world} processes. "
+                             "Fix: a divisor of the world size (the number of nodes, typically), or 1 for plain "
+                             "FSDP2.")
+    return init_device_mesh(device.type, (replicate_degree, world // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard_rank(mesh=None) -> int:
+    """This rank's place among the ranks that hold different shards."""
+    if mesh is not None:
+        return mesh.get_local_rank("shard")
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def local_rank(rank: int) -> int:
     """This process's index on its node (torchrun's LOCAL_RANK; ``rank`` without torchrun)."""
     return int(os.environ.get("LOCAL_RANK", rank))
@@ -83,6 +108,7 @@ def parallelize(
     fsdp_options: Mapping[str, Any],
     seed: int,
     init_std: float = 0.02,
+    mesh=None,
 ) -> Tuple[Any, List[str]]:
     """Apply float8 -> activation checkpointing -> compile -> FSDP2 (the order that composes).
 
@@ -109,9 +135,10 @@ def parallelize(
     if fsdp:
         if compute_dtype is not None:  # FSDP2 casts parameters itself; no autocast on top
             mp_policy = mixed_precision_policy(compute_dtype)
-        shard_model(model, mp_policy, bool(fsdp_options.get("reshard_after_forward", True)))
-        notes.append("FSDP2" + (" bf16 params / fp32 reduce" if mp_policy else " fp32"))
-        materialize(model, device, seed=seed, init_std=init_std)
+        shard_model(model, mp_policy, bool(fsdp_options.get("reshard_after_forward", True)), mesh=mesh)
+        notes.append(("HSDP " + " x ".join(f"{n} {d}" for n, d in zip(mesh.mesh_dim_names, mesh.shape))
+                      if mesh is not None else "FSDP2") + (" bf16 params / fp32 reduce" if mp_policy else " fp32"))
+        materialize(model, device, seed=seed, init_std=init_std, mesh=mesh)
         notes.append("initialised after sharding")
     return mp_policy, notes
 
@@ -172,33 +199,39 @@ def mixed_precision_policy(param_dtype: torch.dtype | None, reduce_dtype: torch.
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
 
 
-def shard_model(model: nn.Module, mp_policy=None, reshard_after_forward: bool = True) -> None:
-    """FSDP2: one unit per transformer block, then the root (embeddings, norm, head)."""
+def shard_model(model: nn.Module, mp_policy=None, reshard_after_forward: bool = True, mesh=None) -> None:
+    """FSDP2: one unit per transformer block, then the root (embeddings, norm, head); HSDP
+    with a 2-D ``mesh``."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if mesh is not None:
+        kwargs["mesh"] = mesh
     for block in model.layers:
         fully_shard(block, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
 
 
-def shard_module(module: nn.Module, mp_policy=None) -> None:
-    """FSDP2 for a small trainable module of its own (the aligner's projectors)."""
+def shard_module(module: nn.Module, mp_policy=None, mesh=None) -> None:
+    """FSDP2 for a small trainable module of its own (the aligner's projectors), on the
+    student's mesh (gradient clipping takes one norm over both)."""
     from torch.distributed.fsdp import fully_shard
 
     if any(p.requires_grad for p in module.parameters()):
-        fully_shard(module, **({"mp_policy": mp_policy} if mp_policy is not None else {}))
+        kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+        fully_shard(module, **kwargs, **({"mesh": mesh} if mesh is not None else {}))
 
 
-def shard_teacher(model: nn.Module) -> None:
+def shard_teacher(model: nn.Module, mesh=None) -> None:
     """FSDP2 for a frozen teacher whose forward may stop early (no root unit: the blocks,
     the embedding and the final norm each gather their own weights when they run)."""
     from torch.distributed.fsdp import fully_shard
 
+    kwargs = {"mesh": mesh} if mesh is not None else {}
     for block in model.layers:
-        fully_shard(block)
-    fully_shard(model.tok_embeddings)
-    fully_shard(model.norm)
+        fully_shard(block, **kwargs)
+    fully_shard(model.tok_embeddings, **kwargs)
+    fully_shard(model.norm, **kwargs)
 
 
 def all_reduce_mean(values: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -239,23 +272,25 @@ def keep_freed_memory_in_process() -> bool:
                 and libc.mallopt(m_mmap_threshold, ctypes.c_int(2**30)))
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int, init_std: float = 0.02) -> None:
+def materialize(model: nn.Module, device: torch.device, seed: int, init_std: float = 0.02, mesh=None) -> None:
     """Allocate a meta-device model that FSDP2 has sharded, and initialise it from scratch.
 
     Each rank allocates only its shards; the random init runs on the sharded (DTensor)
     parameters. On CUDA, DTensor's RNG tracker draws each shard from its place in one
     stream. On CPU DTensor draws every shard from the local generator, so each rank is
-    seeded differently for the init (else all shards would be copies of one), then the
-    common seed is restored. RoPE caches are non-persistent buffers: rebuilt on ``device``.
+    seeded by its shard's place for the init (else all shards would be copies of one;
+    HSDP replicas of a shard draw alike), then the common seed is restored. RoPE caches are non-persistent buffers: rebuilt on ``device``.
     """
     from letrecipes.components.models import init_weights, rebuild_rope_caches
 
     model.to_empty(device=device)
     with torch.device(device):
         rebuild_rope_caches(_blocks(model))
-    per_rank_stream = device.type == "cpu" and dist.is_initialized() and dist.get_world_size() > 1
-    if per_rank_stream:
-        torch.manual_seed(seed * 7919 + 1 + dist.get_rank())
+    shards = mesh.shape[mesh.mesh_dim_names.index("shard")] if mesh is not None else (
+        dist.get_world_size() if dist.is_initialized() else 1)
+    per_rank_stream = device.type == "cpu" and shards > 1
+    if per_rank_stream:  # replicas of one shard (HSDP) draw the same stream
+        torch.manual_seed(seed * 7919 + 1 + shard_rank(mesh))
     init_weights(model, std=init_std)
     if per_rank_stream:
         torch.manual_seed(seed)

@@ -65,6 +65,8 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
                              for x in v))},
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
+    "fsdp": {"enabled": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
+             "reshard_after_forward": BOOL, "replicate_degree": _int(1)},
     "export": {"enabled": BOOL, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
                "max_shard_mb": _int(1)},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),

@@ -51,11 +51,11 @@ class LETPretrainRecipe(PretrainRecipe):
             vocab_size=self.tokenizer.vocab_size,
         ).to(self.device)
         if self.fsdp:
-            parallel.shard_module(self.aligner, self.mp_policy)
+            parallel.shard_module(self.aligner, self.mp_policy, mesh=self.mesh)
         if cfg.teacher.get("compile", False):  # before sharding: the order that composes, as for the student
             parallel.compile_blocks(self.teacher.model)
         if self.placement == "sharded" and self.fsdp:
-            parallel.shard_teacher(self.teacher.model)
+            parallel.shard_teacher(self.teacher.model, mesh=self.mesh)
         self.trainable["aligner"] = self.aligner
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
                  f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "

@@ -168,10 +168,13 @@ class PretrainRecipe:
                               "Fix: use `_component_: llama`, or set model.model_args in your builder.")
         self.model_args = self.model.model_args
         self.n_params = (count_parameters(self.model), count_parameters(self.model, exclude_embeddings=True))
+        fsdp_options = cfg.get("fsdp") or {}
+        self.mesh = parallel.device_mesh(self.device, int(fsdp_options.get("replicate_degree", 1))) \
+            if self.fsdp else None
         self.mp_policy, self.parallel_notes = parallel.parallelize(
             self.model, self.device, self.fsdp, self.autocast_dtype, float8=cfg.get("float8") or {},
             activation_checkpointing=cfg.get("activation_checkpointing") or {}, compile=bool(cfg.get("compile", False)),
-            fsdp_options=cfg.get("fsdp") or {}, seed=int(cfg.seed), init_std=cfg.model.get("init_std", 0.02))
+            fsdp_options=fsdp_options, seed=int(cfg.seed), init_std=cfg.model.get("init_std", 0.02), mesh=self.mesh)
         if self.mp_policy is not None:  # FSDP2 casts parameters itself; no autocast on top
             self.autocast_dtype = None
 

@@ -18,9 +18,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tune_run_2proc(recipe, config, *overrides, timeout=300):
+def tune_run_2proc(recipe, config, *overrides, timeout=300, nproc=2):
     """`tune run --nproc_per_node 2` on a rendezvous port of its own, with a time limit."""
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", str(nproc),
            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
            f"letrecipes/{recipe}", "--config", config, *overrides]
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
@@ -125,6 +125,27 @@ def test_resuming_on_another_world_size_is_refused_in_one_line_before_any_step(b
     assert "was written by 1 process(es); this run has 2" in errors[0] and "--nproc_per_node 1" in errors[0]
     assert "step 1/" not in done.stdout
     assert (run / "metrics.jsonl").read_bytes() == metrics  # nothing written
+
+
+def test_hsdp_2x2_trains_like_fsdp_on_2_ranks_and_resumes_exactly(base_overrides, tmp_path):
+    """HSDP on 4 gloo processes (2 replicas x 2 shards, micro-batch 2) sees the same global
+    batches as plain FSDP2 on 2 processes (micro-batch 4) and starts from the same shards:
+    the same losses. Then a resume continues it exactly."""
+    import shutil
+
+    common = [*base_overrides, "max_steps=4", "eval_every=0"]
+    tune_run_2proc("pretrain", "pretrain_tiny", *common, "batch_size=4", f"output_dir={tmp_path / 'fsdp'}")
+    hsdp = [*common, "batch_size=2", "fsdp.replicate_degree=2", "save_every=2"]
+    out = tune_run_2proc("pretrain", "pretrain_tiny", *hsdp, f"output_dir={tmp_path / 'hsdp'}", nproc=4)
+    assert "HSDP replicate 2 x shard 2" in out.stdout
+    a, b = losses(tmp_path / "fsdp"), losses(tmp_path / "hsdp")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
+    shutil.rmtree(tmp_path / "hsdp" / "checkpoints" / "step_00000004")
+    tune_run_2proc("pretrain", "pretrain_tiny", *hsdp, f"output_dir={tmp_path / 'hsdp'}", "resume=true", nproc=4)
+    resumed = losses(tmp_path / "hsdp")
+    assert [s for s, _ in resumed] == [1, 2, 3, 4]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in b], rel=1e-5)
 
 
 def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
