@@ -48,12 +48,12 @@ def measure_cost(args, overrides, workdir: Path) -> dict:
     if let.aligner.finished(args.warmup_steps + args.timing_steps):
         sys.exit("error: the teacher would be released during timing; lower --timing-steps")
     for _ in range(args.warmup_steps):
-        base.train_step()
-        let.train_step()
+        base.timed_step()
+        let.timed_step()
     base_times, let_times, teacher_shares = [], [], []
     for _ in range(args.timing_steps):
-        base_times.append(base.train_step()["step_time_s"])
-        record = let.train_step()
+        base_times.append(base.timed_step()["step_time_s"])
+        record = let.timed_step()
         let_times.append(record["step_time_s"])
         teacher_shares.append(record["teacher_time_share"])
     for recipe in (base, let):

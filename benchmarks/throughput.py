@@ -96,15 +96,16 @@ def interleaved(args, overrides) -> dict:
     """Run in every process of the group; rank 0 returns the medians."""
     with tempfile.TemporaryDirectory(prefix="letthroughput-") as tmp:
         recipes = {kind: build_recipe(kind, overrides, Path(tmp)) for kind in ("pretrain", "let")}
-        arms = {"hand": HandLoop(recipes["pretrain"]), **recipes}
+        steps = {"hand": HandLoop(recipes["pretrain"]).train_step,
+                 **{kind: recipe.timed_step for kind, recipe in recipes.items()}}
         for _ in range(args.warmup):
             for arm in ARMS:
-                arms[arm].train_step()
+                steps[arm]()
         times = {arm: [] for arm in ARMS}
         for i in range(args.steps):
             # rotate the order: an arm's step can be slowed by what ran just before it
             for arm in ARMS[i % 3:] + ARMS[:i % 3]:
-                times[arm].append(arms[arm].train_step()["step_time_s"])
+                times[arm].append(steps[arm]()["step_time_s"])
         tokens = recipes["pretrain"].tokens_per_step
         result = {arm: {"step_s_median": statistics.median(t), "tokens_per_s": tokens / statistics.median(t)}
                   for arm, t in times.items()}

@@ -291,6 +291,15 @@ class PretrainRecipe:
         record.update({f"{name}_time_share": seconds / elapsed for name, seconds in parts.items()})
         return record
 
+    def timed_step(self) -> Dict[str, Any]:
+        """One step timed on its own, with its timing figures and one device sync (the
+        benchmarks' step; ``train`` times whole intervals between sync points instead)."""
+        self.timer.restart()
+        record = self.train_step()
+        self.resolve()
+        record.update(self.lap())
+        return record
+
     def train(self) -> None:
         self.trainable.train()
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
