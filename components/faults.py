@@ -8,6 +8,7 @@ loop itself carries no trace of it::
       kill_at_step: 7               # SIGKILL as step 7 starts
       nan_loss_at_step: 3           # step 3's loss becomes NaN (the divergence guard must act)
       kill_during_save_at_step: 4   # SIGKILL inside step 4's checkpoint save, shards written
+      sigterm_at_step: 5            # SIGTERM (a scheduler's notice) as step 5 starts: a graceful stop
       rank: 1                       # only on this rank (default: every rank)
 """
 
@@ -29,15 +30,17 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
     debug = dict(debug or {})
     if debug.get("rank") is not None and debug["rank"] != rank:
         return
-    kill_at, nan_at, kill_saving_at = (debug.get(k) for k in ("kill_at_step", "nan_loss_at_step",
-                                                             "kill_during_save_at_step"))
-    if kill_at is not None:
+    kill_at, nan_at, kill_saving_at, term_at = (debug.get(k) for k in (
+        "kill_at_step", "nan_loss_at_step", "kill_during_save_at_step", "sigterm_at_step"))
+    if kill_at is not None or term_at is not None:
         train_step = recipe.train_step
 
         @functools.wraps(train_step)
         def train_step_or_die(*args, **kwargs):
             if recipe.step + 1 == kill_at:
                 _kill()
+            if recipe.step + 1 == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled between statements: lands mid-step
             return train_step(*args, **kwargs)
 
         recipe.train_step = train_step_or_die

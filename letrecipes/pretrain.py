@@ -34,6 +34,7 @@ from letrecipes.components.data import BatchStream, build_dataloader, build_data
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
+from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.metrics import MetricLogger, StepTimer, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
@@ -291,6 +292,13 @@ class PretrainRecipe:
         record.update({f"{name}_time_share": seconds / elapsed for name, seconds in parts.items()})
         return record
 
+    def stop_requested(self, stopper: GracefulStop, at_sync_point: bool) -> bool:
+        if self.world_size == 1:
+            return stopper.requested
+        if not at_sync_point:
+            return False
+        return parallel.all_reduce_sum([float(stopper.requested)], self.device)[0] > 0
+
     def timed_step(self) -> Dict[str, Any]:
         """One step timed on its own, with its timing figures and one device sync (the
         benchmarks' step; ``train`` times whole intervals between sync points instead)."""
@@ -305,6 +313,13 @@ class PretrainRecipe:
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
                         disable=not (self.is_main and sys.stderr.isatty() and self.cfg.get("progress_bar", True)))
         self.timer.restart()
+        stopper = GracefulStop(log=self.log).install()
+        try:
+            self._train_loop(progress, stopper)
+        finally:
+            stopper.uninstall()
+
+    def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)
@@ -312,6 +327,9 @@ class PretrainRecipe:
             evaluate = bool(self.eval_every) and (self.step % self.eval_every == 0 or last)
             save = bool(self.save_every) and self.step % self.save_every == 0 and not last
             log = evaluate or last or self.step % self.log_every == 0
+            # one process reads the flag every step; ranks agree on it at their sync points
+            stopping = not last and self.stop_requested(stopper, at_sync_point=log or save)
+            save = save or stopping
             if log or save:  # a sync point: nothing is evaluated, saved or logged past a bad step
                 self.resolve()
                 record.update(self.lap())
@@ -324,6 +342,12 @@ class PretrainRecipe:
             self.after_step()
             if save:
                 self.save_checkpoint()
+            if stopping:
+                self.checkpointer.wait()
+                raise RunStopped(
+                    f"stopped by {stopper.received or 'a signal on another rank'} after step {self.step}; its "
+                    f"checkpoint {self.checkpointer.latest()} is complete. Fix: run the same command with "
+                    "resume=true to continue.")
             if log or save:
                 self.timer.restart()  # evaluation, logging and saving are not training time
         progress.close()

@@ -99,6 +99,30 @@ def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, tmp_path
     assert history(killed) == history(straight) and same_weights(killed, straight)
 
 
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(let_run, tmp_path):
+    """A scheduler's SIGTERM at step 5 (save_every=3): step 5 finishes, is saved, the run
+    exits non-zero with the command to resume; resuming matches a straight run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    let_run(straight)
+    result = let_run(stopped, "debug.sigterm_at_step=5", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "SIGTERM received: finishing this step" in result.stdout
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stopped by SIGTERM after step 5") and "resume=true" in message
+    assert (stopped / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+    assert not (stopped / "final").exists()
+    let_run(stopped, "resume=true")
+    assert history(stopped) == history(straight) and same_weights(stopped, straight)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_stops_both_at_the_same_saved_step(let_run, tmp_path):
+    result = let_run(tmp_path, "debug.sigterm_at_step=5", "debug.rank=1", nproc=2, check=False)
+    assert result.returncode != 0
+    assert "stopped by a signal on another rank after step 5" in result.stderr  # rank 0 agrees on the step
+    assert (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+
+
 def test_sigkill_at_a_random_moment(let_run, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     let_run(straight)
