@@ -106,8 +106,7 @@ def main(argv=None) -> int:
 
     # (a) the slice in bf16, then float8
     slice_shape = size["slice"]
-    slice_args = ModelArgs(**{**{k: v for k, v in slice_shape.items()}, "vocab_size": vocab(slice_shape),
-                              "max_seq_len": size["seq_len"]})
+    slice_args = ModelArgs(**{**slice_shape, "vocab_size": vocab(slice_shape), "max_seq_len": size["seq_len"]})
     slice_cfg = [*common, *model_overrides(slice_shape, vocab(slice_shape)), f"max_steps={size['steps']}",
                  f"compile={str(size['compile']).lower()}", "activation_checkpointing.mode=full",
                  "export.enabled=false"]

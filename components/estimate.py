@@ -91,7 +91,8 @@ def memory_per_gpu(
         acts = student.num_layers * full_block
     loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
     unsharded = 0.0
-    if world_size > 1 if fsdp is None else fsdp:
+    sharded = world_size > 1 if fsdp is None else fsdp
+    if sharded:
         embeddings = student.vocab_size * student.embed_dim * (1 if student.tie_word_embeddings else 2)
         # the root unit whole while it runs: bf16 parameters + its fp32 gradient before reduce-scatter;
         # blocks: the running one and the prefetched one in bf16, two fp32 gradients in flight

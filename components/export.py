@@ -213,22 +213,23 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
 
 
 def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
-               overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+               overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export") -> Path:
     """``letrecipes export``: a step checkpoint (read tensor by tensor) or any model file the
-    teacher loaders read -> a Hugging Face folder."""
+    teacher loaders read -> a Hugging Face folder. ``key`` begins the errors about ``source``
+    (the eval recipe's is ``checkpoint``)."""
     from letrecipes.components.teachers import resolve_path
 
     path = resolve_path(str(source), key="checkpoint")
     if not path.exists():
-        raise ExportError(f"export: nothing at {str(source)!r}. Fix: give a step checkpoint "
+        raise ExportError(f"{key}: nothing at {str(source)!r}. Fix: give a step checkpoint "
                           "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
     if is_step_checkpoint(path):
-        return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb)
+        return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key)
     return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb)
 
 
 def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
-                      overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+                      overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export") -> Path:
     """A DCP step checkpoint -> a Hugging Face folder, offline (``letrecipes export``).
 
     The model's shape and tokenizer come from the run's ``config.yaml`` (two folders up);
@@ -242,16 +243,16 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
     from letrecipes.components.tokenizer import load_tokenizer
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    run_config = checkpoint.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise ExportError(f"{key}: {run_config} (the run's config, which says the model's shape and tokenizer) "
+                          "is missing. Fix: keep the checkpoint inside its run folder.")
     if not checkpoint.is_dir() or not is_complete(checkpoint):
-        raise ExportError(f"export: {checkpoint} is not a complete step checkpoint (no COMPLETE marker or no DCP "
+        raise ExportError(f"{key}: {checkpoint} is not a complete step checkpoint (no COMPLETE marker or no DCP "
                           "metadata: its save never finished). Fix: give a folder like "
                           "<output_dir>/checkpoints/step_00000100 whose save completed.")
     check_format(checkpoint)
     check_destination(out_dir, overwrite)
-    run_config = checkpoint.parent.parent / "config.yaml"
-    if not run_config.is_file():
-        raise ExportError(f"export: {run_config} (the run's config, which says the model's shape and tokenizer) "
-                          "is missing. Fix: keep the checkpoint inside its run folder.")
     cfg = OmegaConf.load(run_config)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
     with torch.device("meta"):

@@ -105,18 +105,14 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "loss": memory.loss_gb, "unsharded_fsdp_units": memory.unsharded_gb, "teacher": memory.teacher_gb,
         "cuda_context": memory.context_gb, "total": memory.total_gb,
     }
-    fsdp = cfg.get("fsdp") or {}
-    timing = micro_batch_time(args, world, micro_batch, seq_len, ac,
-                              interconnect_gbps=float(cfg.get("dry_run_interconnect_gbps", 400)),
-                              gpu_tflops=float(cfg.get("dry_run_gpu_tflops", 989)),
-                              mfu=float(cfg.get("dry_run_mfu", 0.4)),
-                              reshard_after_forward=bool(fsdp.get("reshard_after_forward", True)))
+    rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
+             "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
+    timing = micro_batch_time(args, world, micro_batch, seq_len, ac, **rates,
+                              reshard_after_forward=bool((cfg.get("fsdp") or {}).get("reshard_after_forward", True)))
     report["micro_batch_time"] = {
         "communication_gb": timing.communication_gb, "communication_s": timing.communication_s,
         "compute_s": timing.compute_s, "communication_bound": timing.communication_bound,
-        "smallest_compute_bound_micro_batch": timing.smallest_compute_bound_micro_batch,
-        "interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
-        "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4)),
+        "smallest_compute_bound_micro_batch": timing.smallest_compute_bound_micro_batch, **rates,
     }
     print(format_report(report, args, teacher_args, micro_batch, seq_len, ac))
     return report

@@ -32,8 +32,7 @@ from letrecipes.components import registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
                                               write_lm_eval_tasks)
-from letrecipes.components.export import (EXPORT_TOKENIZER, export_checkpoint, export_dtype, export_teacher,
-                                          is_hf_folder, is_step_checkpoint)
+from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.teachers import resolve_path
 
 LM_EVAL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -61,28 +60,15 @@ class EvalRecipe:
     def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int]]:
         """The checkpoint as a Hugging Face folder lm-eval can load, and its step (if known)."""
         path = resolve_path(checkpoint, key="checkpoint")
-        if not path.exists():
-            raise EvalError(f"checkpoint: nothing at {checkpoint!r}. Fix: point checkpoint= at a run's final/ "
-                            "export, one of its checkpoints/step_* folders, a Hugging Face model folder or a "
-                            ".gguf file.")
         keep = self.cfg.get("export_dir")
         target = Path(str(keep)) if keep else self.work / "model"
         if keep and target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise EvalError(f"export_dir: {str(target)!r} exists and is not empty. Fix: remove it, choose another "
                             "folder, or leave export_dir unset (a temporary folder).")
-        step = None
-        if is_step_checkpoint(path):
-            run_dir = path.parent.parent
-            if not (run_dir / "config.yaml").is_file():
-                raise EvalError(f"checkpoint: {str(path)!r} looks like a step checkpoint, but {run_dir}/config.yaml "
-                                "(the run's config, needed to rebuild the model) is missing.")
-            folder = export_checkpoint(path, target, self.dtype, overwrite=True)
-            if path.name.startswith(STEP_PREFIX):
-                step = int(path.name[len(STEP_PREFIX):])
-        elif is_hf_folder(path):
-            folder = path
-        else:
-            folder = export_teacher(path, target, self.dtype, overwrite=True)
+        step = int(path.name[len(STEP_PREFIX):]) if path.is_dir() and path.name.startswith(STEP_PREFIX) else None
+        # a Hugging Face folder is scored as it is; anything else (or nothing: a one-line error) goes
+        # through `letrecipes export`'s converter
+        folder = path if is_hf_folder(path) else export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
         if not (folder / EXPORT_TOKENIZER).is_file() and not (folder / "tokenizer_config.json").is_file() \
                 and not self.cfg.get("tokenizer_path"):
             raise EvalError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=<a "
