@@ -7,10 +7,16 @@ Layout under ``<output_dir>``::
     checkpoints/step_00000200.tmp/   being written; never read, removed on the next save
 
 A checkpoint is written into a ``.tmp`` folder; when every rank's shards and the DCP
-metadata are on disk, rank 0 writes the ``COMPLETE`` marker and renames the folder. A
-killed save therefore leaves either a ``.tmp`` folder or a folder without the marker, and
-``resume: true`` skips both (saying so). Old checkpoints are pruned only after a newer
-one is complete.
+metadata are on disk, each rank hashes the files it wrote (SHA-256, while they are still
+in the page cache), and rank 0 writes the ``COMPLETE`` marker, which lists every file's
+size and digest and whether the weights were finite, then renames the folder. A killed
+save leaves either a ``.tmp`` folder or a folder without the marker, and ``resume: true``
+skips both (saying so). At resume the chosen checkpoint is verified against its marker
+(the ranks share the files); a damaged one is skipped for the one before it. Old
+checkpoints are pruned only after a newer one is complete.
+
+The run folder is locked (:mod:`run_lock`) for the whole run, so two launches never
+write it together.
 
 The :class:`Checkpointer` owns everything about the run folder a recipe would otherwise
 decide: where to resume from (:meth:`Checkpointer.resume_point`), whether the folder may
@@ -22,13 +28,16 @@ between ranks (:meth:`Checkpointer.track`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
+import re
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -38,6 +47,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import environment_errors, replace_atomically
+from letrecipes.components.metrics import METRICS_FILE
+from letrecipes.components.run_lock import RunLock
 
 STEP_PREFIX = "step_"
 COMPLETE_MARKER = "COMPLETE"
@@ -46,8 +58,12 @@ RUN_INFO = "run_info.json"
 # file were written by version 1.
 FORMAT_FILE = "format.json"
 FORMAT_VERSION = 1
-# What marks a folder as holding a run (a relaunch must resume or overwrite it).
-RUN_FILES = ("metrics.jsonl", "checkpoints", "final")
+# What marks a folder as holding a run (a relaunch must resume or overwrite it). A
+# metrics file counts only once it holds a record: a run that failed before its first
+# step leaves nothing that blocks the corrected rerun.
+RUN_FILES = (METRICS_FILE, "checkpoints", "final")
+DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")  # the shard files rank N wrote
+HASH_CHUNK = 8 << 20
 
 
 def is_complete(path: Path) -> bool:
@@ -69,6 +85,39 @@ def check_format(path: Path) -> None:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written in checkpoint format {version}; this letrecipes reads up to "
                               f"{FORMAT_VERSION}. Fix: upgrade letrecipes (pip install -U letrecipes).")
+
+
+def read_marker(path: Path) -> Optional[Dict[str, Any]]:
+    """A checkpoint's COMPLETE marker: its file list and flags, or None for a marker
+    written before checksums (version 0.3 and earlier)."""
+    try:
+        marker = json.loads((Path(path) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "files" in marker else None
+
+
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def describe_files(folder: Path, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)} for name in names}
+
+
+def file_problems(folder: Path, expected: Dict[str, Dict[str, Any]]) -> List[str]:
+    """What differs between ``folder``'s files and their recorded sizes and digests."""
+    problems = []
+    for name, want in expected.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size:,} bytes, {want['bytes']:,} were written")
+        elif file_digest(path) != want["sha256"]:
+            problems.append(f"{name} has other bytes than were written (checksum differs)")
+    return problems
 
 
 def _rank() -> int:
@@ -99,7 +148,9 @@ def saved_world_size(path: Union[str, Path]) -> Optional[int]:
     """How many processes wrote a step checkpoint (one trainer state per rank), or None."""
     try:
         keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception:  # unreadable metadata: load() names the problem
+    except BaseException as err:  # unreadable metadata: load() names the problem
+        if not _is_library_failure(err):
+            raise
         return None
     ranks = [k for k in keys if k.startswith("trainer_rank")]
     return len(ranks) or None
@@ -108,6 +159,29 @@ def saved_world_size(path: Union[str, Path]) -> Optional[int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _gathered(obj: Any) -> List[Any]:
+    """``obj`` from every rank, in rank order."""
+    if _world_size() == 1:
+        return [obj]
+    out = [None] * _world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter (every rank's shard) is finite: one pass, one collective."""
+    flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters()]
+    flag = torch.stack(flags).all().float() if flags else torch.ones(())
+    if _world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def _is_library_failure(err: BaseException) -> bool:
+    """DCP raises ``CheckpointException``, a ``BaseException``: not a Ctrl-C or an exit."""
+    return not isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit))
 
 
 def _to_bytes(obj: Any) -> io.BytesIO:
@@ -152,12 +226,14 @@ class Checkpointer:
     Usage, in this order::
 
         ckpt = Checkpointer(output_dir, keep_last=2)
+        ckpt.lock()                                      # one run per folder, until release()
         resume_from = ckpt.resume_point(cfg.resume)      # None = a fresh start
-        ckpt.guard(cfg.resume, overwrite=cfg.overwrite)         # resume or overwrite, or refuse
+        ckpt.guard(cfg.resume, overwrite=cfg.overwrite)  # resume or overwrite, or refuse
         ...                                              # build model, optimizer, loader
         ckpt.track(model, optimizer, progress=..., dataloader=..., rng=RNGState())
         ckpt.load(resume_from) if resume_from else ckpt.clear()
         ckpt.save(step)                                  # every save_every steps
+        ckpt.release()
     """
 
     def __init__(self, output_dir: Union[str, Path], keep_last: int = 2, async_save: bool = False,
@@ -169,42 +245,77 @@ class Checkpointer:
         self.log = log
         self.model = self.optimizer = None
         self.per_rank: Dict[str, Any] = {}
-        self._pending = None  # (future, tmp folder, final folder) of an async save in flight
+        self._pending = None  # (future, tmp folder, final folder, step, start time) of an async save in flight
+        self._lock = RunLock(self.output_dir)
+        self.last_save: Dict[str, float] = {}  # seconds the last save took, and its checksums
         # Called with the folder after its shards are written, before it is marked complete
         # (components/faults.py kills the process here for the reliability tests).
         self.before_complete = None
 
     # -------------------------------------------------------------- run folder
+    def lock(self) -> None:
+        """Rank 0 takes the folder's run lock (every rank stops alike if another run holds it)."""
+        def take() -> None:
+            self._lock.acquire(log=self.log)
+
+        _decided_on_rank0(take)
+
+    def release(self) -> None:
+        self._lock.release()
+
     @staticmethod
     def resume_requested(resume: Any) -> bool:
         return resume not in (False, None, "false", "False")
 
     def resume_point(self, resume: Any) -> Optional[Path]:
-        """The checkpoint ``resume`` asks for: false/None -> None; true -> the latest complete
-        one (None, said aloud, when there is none: a run killed before its first checkpoint
-        starts over); a path -> that folder.
+        """The checkpoint ``resume`` asks for: false/None -> None; true -> the newest complete
+        one that verifies (a damaged one is skipped, said aloud; None when there is none: a
+        run killed before its first checkpoint starts over); a path -> that folder, which
+        must verify.
 
-        Rank 0 decides and every rank gets its answer (or its error): ranks looking at a
-        shared filesystem with a lag could otherwise resume from different steps.
+        Rank 0 lists the candidates and every rank gets its answer (or its error): ranks
+        looking at a shared filesystem with a lag could otherwise resume from different
+        steps. The ranks verify a candidate's files together.
         """
-        return _decided_on_rank0(lambda: self._resume_point(resume))
+        explicit = self.resume_requested(resume) and resume not in (True, "true", "True")
+        candidates = _decided_on_rank0(lambda: self._resume_candidates(resume))
+        for path in candidates:
+            problems = self.verify(path)  # the same answer on every rank
+            if not problems:
+                return _decided_on_rank0(lambda: self._check_world_size(path))
+            if explicit:
+                raise CheckpointError(
+                    f"resume={str(resume)!r} is damaged: {'; '.join(problems[:3])}. Fix: resume=true takes the newest "
+                    "checkpoint that verifies, or give an older one.")
+            self.log(f"resume: skipping {path}: {'; '.join(problems[:3])}")
+        if candidates:
+            raise CheckpointError(
+                f"resume=true: no checkpoint in {self.dir} verified (each is damaged, see above). Fix: resume from "
+                "another copy of the run, or start over with overwrite=true (the damaged checkpoints are deleted).")
+        return None
 
-    def _resume_point(self, resume: Any) -> Optional[Path]:
+    def _resume_candidates(self, resume: Any) -> List[Path]:
         if not self.resume_requested(resume):
-            return None
+            return []
         if resume in (True, "true", "True"):
             for broken in self.incomplete_checkpoints():
                 self.log(f"resume: ignoring {broken} (its save never finished)")
-            latest = self.latest()
-            if latest is None:
+            candidates = self.complete_checkpoints()[::-1]
+            if not candidates:
                 self.log(f"resume=true but {self.dir} holds no complete checkpoint: starting fresh")
-                return None
-            path = latest
-        else:
-            path = Path(str(resume))
-            if not path.is_dir():
-                raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the "
-                                      f"latest, or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
+            return candidates
+        path = Path(str(resume))
+        if not path.is_dir():
+            raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the "
+                                  f"latest, or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
+        if not is_complete(path):
+            raise CheckpointError(
+                f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
+                f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
+                "or resume=true for the latest complete one.")
+        return [path]
+
+    def _check_world_size(self, path: Path) -> Path:
         written_by, world_size = saved_world_size(path), _world_size()
         if written_by is not None and written_by != world_size:
             raise CheckpointError(
@@ -214,13 +325,35 @@ class Checkpointer:
                 "RNG streams of a run depend on its number of processes.")
         return path
 
+    def verify(self, path: Union[str, Path]) -> List[str]:
+        """What is wrong with a complete checkpoint's files (empty: it verifies). Each rank
+        hashes a share of the files; every rank gets the same answer."""
+        path = Path(path)
+        marker = read_marker(path)
+        if marker is None:  # written before checksums: nothing to verify against
+            return []
+        names = sorted(marker["files"])
+        mine = {n: marker["files"][n] for i, n in enumerate(names) if i % _world_size() == _rank()}
+        problems = [p for share in _gathered(file_problems(path, mine)) for p in share]
+        if not marker.get("finite_weights", True):
+            problems.append("it holds non-finite weights")
+        return problems
+
+    def last_good(self) -> Optional[Path]:
+        """The newest checkpoint that verifies and holds finite weights (a collective call)."""
+        for path in self.complete_checkpoints()[::-1]:
+            if not self.verify(path):
+                return path
+        return None
+
     def guard(self, resume: Any, overwrite: bool) -> None:
         """Refuse to replace a finished or running run's files unless told to (``resume`` or
         ``overwrite``). Rank 0 looks; every rank stops alike."""
         _decided_on_rank0(lambda: self._guard(resume, overwrite))
 
     def _guard(self, resume: Any, overwrite: bool) -> None:
-        existing = [p for p in RUN_FILES if (self.output_dir / p).exists()]
+        existing = [p for p in RUN_FILES if (self.output_dir / p).exists()
+                    and not (p == METRICS_FILE and (self.output_dir / p).stat().st_size == 0)]
         if existing and not self.resume_requested(resume) and not overwrite:
             raise CheckpointError(
                 f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
@@ -258,47 +391,65 @@ class Checkpointer:
 
     def save(self, step: int, run_info: Optional[Dict] = None) -> Path:
         self.wait()
+        start = time.perf_counter()
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        if _rank() == 0:
-            for stale in self.incomplete_checkpoints():
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION}))
-            if run_info is not None:
-                (tmp / RUN_INFO).write_text(json.dumps(run_info, indent=2, default=str))
-        _barrier()
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        trainer_state = {name: obj.state_dict() for name, obj in self.per_rank.items()}
-        state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
-        if self.async_save:
-            # DCP stages a copy in CPU memory before returning; training goes on meanwhile.
-            self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp))
-            self._finalize(tmp, final)
+        kept = f"The last complete checkpoint, {self.latest()}, is intact." if self.latest() else ""
+        with environment_errors("output_dir", f"saving the step-{step} checkpoint into {tmp}", kept,
+                                then="run the same command with resume=true"):
+            if _rank() == 0:
+                for stale in self.incomplete_checkpoints():
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir(parents=True, exist_ok=True)
+                replace_atomically(tmp / FORMAT_FILE, json.dumps({"format_version": FORMAT_VERSION}))
+                if run_info is not None:
+                    replace_atomically(tmp / RUN_INFO, json.dumps(run_info, indent=2, default=str))
+            _barrier()
+            finite = _weights_finite(self.model)
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            trainer_state = {name: obj.state_dict() for name, obj in self.per_rank.items()}
+            state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
+            if self.async_save:
+                # DCP stages a copy in CPU memory before returning; training goes on meanwhile.
+                self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final, finite, start, kept)
+            else:
+                dcp.save(state, checkpoint_id=str(tmp))
+                self._finalize(tmp, final, finite, start)
         return final
 
     def wait(self) -> None:
         """Block until an async save in flight is on disk and renamed complete."""
         if self._pending is not None:
-            future, tmp, final = self._pending
+            future, tmp, final, finite, start, kept = self._pending
             self._pending = None
-            future.result()
-            self._finalize(tmp, final)
+            with environment_errors("output_dir", f"saving the checkpoint {final.name} (async)", kept,
+                                    then="run the same command with resume=true"):
+                future.result()
+                self._finalize(tmp, final, finite, start)
 
-    def _finalize(self, tmp: Path, final: Path) -> None:
+    def _finalize(self, tmp: Path, final: Path, finite: bool, start: float) -> None:
         _barrier()  # every rank's shards are written
         if self.before_complete is not None:
             self.before_complete(tmp)
+        # Each rank hashes the shards it wrote (still in its page cache); rank 0 the rest.
+        hash_start = time.perf_counter()
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != COMPLETE_MARKER)
+        owner = [int(m.group(1)) if (m := DCP_SHARD.match(n)) and int(m.group(1)) < _world_size() else 0
+                 for n in names]
+        mine = describe_files(tmp, [n for n, r in zip(names, owner) if r == _rank()])
+        files = {name: meta for share in _gathered(mine) for name, meta in share.items()}
+        hash_seconds = time.perf_counter() - hash_start
         if _rank() == 0:
-            (tmp / COMPLETE_MARKER).write_text(f"{final.name}\n")
+            marker = {"step_folder": final.name, "finite_weights": finite, "files": files}
+            replace_atomically(tmp / COMPLETE_MARKER, json.dumps(marker, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
             for old in self.complete_checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
+        self.last_save = {"save_s": time.perf_counter() - start, "checksum_s": hash_seconds,
+                          "bytes": float(sum(meta["bytes"] for meta in files.values()))}
 
     def load(self, path: Union[str, Path]) -> None:
         """Restore the tracked model, optimizer and per-rank state from ``path`` in place."""
@@ -313,7 +464,15 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         # DCP loads whatever keys it is asked for: a checkpoint of a deeper model would load
         # "fine" into a shallower one. Compare the tensor names first.
-        saved = {k for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata if k.startswith("model.")}
+        try:
+            metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        except BaseException as err:
+            if not _is_library_failure(err):
+                raise
+            raise CheckpointError(f"resume: {str(path)!r}: its .metadata is unreadable ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200] if str(err) else ''}). Fix: resume from an older "
+                                  "checkpoint, or resume=true (it skips damaged ones).") from err
+        saved = {k for k in metadata.state_dict_metadata if k.startswith("model.")}
         wanted = {f"model.{k}" for k in model_sd}
         if saved != wanted:
             missing, extra = sorted(wanted - saved), sorted(saved - wanted)
@@ -327,7 +486,9 @@ class Checkpointer:
         state = {"model": model_sd, "optim": optim_sd, key: io.BytesIO()}
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:  # DCP wraps per-rank failures in CheckpointException
+        except BaseException as err:  # DCP wraps per-rank failures in CheckpointException, a BaseException
+            if not _is_library_failure(err):
+                raise
             raise CheckpointError(
                 f"resume: cannot load {str(path)!r} into this run ({str(err).splitlines()[0][:300]}). "
                 "Fix: resume with the same model, alignment and world size that wrote it."
@@ -360,7 +521,9 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
     state = {f"model.{k}": v for k, v in model.state_dict().items()}  # the recipes save {"model": student, ...}
     try:
         dcp.load({"model": state}, checkpoint_id=str(path))
-    except Exception as err:  # DCP wraps failures in CheckpointException
+    except BaseException as err:  # DCP wraps failures in CheckpointException, a BaseException
+        if not _is_library_failure(err):
+            raise
         raise CheckpointError(f"checkpoint: cannot load {str(path)!r} ({str(err).splitlines()[0][:300]}).") from err
     model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     with torch.device(device):

@@ -223,6 +223,10 @@ def _jsonl(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
                 if not isinstance(record, dict) or text_field not in record:
                     raise DataError(f"{key}: {path}:{line_no} has no field {text_field!r}. "
                                     "Fix: set data.text_field to the field holding the text.")
+                if not isinstance(record[text_field], str):
+                    raise DataError(f"{key}: {path}:{line_no}: {text_field!r} is "
+                                    f"{type(record[text_field]).__name__}, not text. Fix: make it a string in that "
+                                    "record, or set data.text_field to the field holding the text.")
                 yield record[text_field]
     except (OSError, EOFError, zlib.error) as err:
         yield from _stream_error(path, line_no, err, key)

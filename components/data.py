@@ -40,6 +40,8 @@ class TokenShards:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder, tokenizer, key)
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+        self.key = key
         self.files = [self.folder / s["file"] for s in self.manifest["shards"]]
         sizes = [s["tokens"] for s in self.manifest["shards"]]
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64).tolist()
@@ -56,7 +58,12 @@ class TokenShards:
         if len(data) != (stop - start) * size:
             raise DataError(f"data.source: {self.files[shard]} is shorter than its manifest says (it changed after "
                             "the run started). Fix: rerun the prepare command that made it.")
-        return np.frombuffer(data, dtype=self.dtype)
+        tokens = np.frombuffer(data, dtype=self.dtype)
+        if tokens.size and tokens.max() >= self.vocab_size:  # one max per read: cheap next to the model
+            raise DataError(f"{self.key}: {self.files[shard]} holds token ids >= the vocabulary size "
+                            f"{self.vocab_size} (its bytes changed after it was prepared). Fix: rerun the prepare "
+                            "command that made it, or delete the folder if it is a cache.")
+        return tokens
 
     def __getitem__(self, index: slice) -> np.ndarray:
         start, stop, step = index.indices(len(self))

@@ -8,7 +8,7 @@ and data order stay as planned) and stops after ``divergence.max_skips`` skips i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -27,13 +27,15 @@ class DivergenceGuard:
         self.skipped_in_a_row = 0
 
     def skip_or_stop(self, step: int, figures: Dict[str, Any], grad_norm: Optional[float],
-                     last_checkpoint: Optional[Path]) -> str:
+                     last_good: Callable[[], Optional[Path]]) -> str:
         """Called for a non-finite step: the message to log if the update is skipped;
-        raises :class:`DivergenceError` if the run must stop."""
+        raises :class:`DivergenceError` if the run must stop, naming ``last_good()`` (asked
+        only then: finding it verifies checkpoints)."""
         what = f"non-finite loss or gradient norm at step {step} ({figures}, grad_norm={grad_norm})"
         self.skipped_in_a_row += 1
         if self.policy == "skip" and self.skipped_in_a_row <= self.max_skips:
             return f"{what}: update skipped ({self.skipped_in_a_row} in a row; divergence.max_skips={self.max_skips})"
+        last_checkpoint = last_good()
         raise DivergenceError(
             f"{what}{f', after {self.max_skips} skipped updates in a row' if self.policy == 'skip' else ''}. The "
             f"last good checkpoint is {last_checkpoint or 'none (no checkpoint was saved yet)'}. Fix: resume from it "

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import cut_at
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -47,20 +48,23 @@ def format_record(record: Dict[str, Any], max_steps: int, fields: Sequence[Tuple
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Keep the records of ``path`` up to ``step`` (and drop a line cut short by a kill)."""
+    """Keep the records of ``path`` up to ``step``: the file is cut at the first record past
+    it (or the first line a kill cut short), in place and without rewriting a byte, so a
+    full disk or a kill here cannot lose the history before it."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    offset = 0
+    with open(path, "rb") as records:
+        for line in records:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n") or record.get("step", 0) > step:
+                break
+            offset += len(line)
+    if offset < path.stat().st_size:
+        cut_at(path, offset)
 
 
 class MetricLogger:

@@ -35,12 +35,14 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit, source_files
+from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically, unique_tmp
 from letrecipes.components.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256
+RANGE_CHECK_BLOCK = 16 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,17 +52,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def shard_name(index: int) -> str:
     return f"shard_{index:06d}"
-
-
-def unique_tmp(path: Path) -> Path:
-    """A temporary name next to ``path`` that no other process on any host uses."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = unique_tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def is_prepared(folder: Path) -> bool:
@@ -77,6 +68,32 @@ def _shard_done(out_dir: Path, index: int, itemsize: int) -> Optional[dict]:
     except json.JSONDecodeError:
         return None
     return meta if data_path.stat().st_size == meta["tokens"] * itemsize else None
+
+
+def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
+    """What is wrong with a prepared folder's shards: a size other than the manifest's, or
+    an id outside the vocabulary (read in blocks: memory stays flat). Empty: it is sound.
+    For caches, which are rebuilt when damaged; a full read, at disk speed."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        dtype = np.dtype(manifest["dtype"])
+        shards = manifest["shards"]
+    except (OSError, ValueError, KeyError) as err:
+        return [f"{MANIFEST} is unreadable ({err})"]
+    problems = []
+    for shard in shards:
+        path = Path(folder) / shard["file"]
+        size = path.stat().st_size if path.is_file() else None
+        if size != shard["tokens"] * dtype.itemsize:
+            problems.append(f"{shard['file']} is {'missing' if size is None else f'{size:,} bytes'}, the manifest "
+                            f"says {shard['tokens'] * dtype.itemsize:,}")
+            continue
+        with open(path, "rb") as f:
+            while block := f.read(RANGE_CHECK_BLOCK):
+                if np.frombuffer(block, dtype=dtype).max(initial=0) >= vocab_size:
+                    problems.append(f"{shard['file']} holds token ids >= the vocabulary size {vocab_size}")
+                    break
+    return problems
 
 
 _WORKER_TOKENIZER: Dict[tuple, Tokenizer] = {}
@@ -102,28 +119,32 @@ def _prepare_unit(job: dict) -> dict:
     tmp = unique_tmp(data_path)
     messages: List[str] = []
     tokens = documents = 0
-    with open(tmp, "wb") as out:
-        batch: List[str] = []
+    try:
+        with open(tmp, "wb") as out:
+            batch: List[str] = []
 
-        def flush() -> None:
-            nonlocal tokens
-            for ids in tokenizer.encode_batch(batch):
-                array = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
-                out.write(array.tobytes())
-                tokens += len(array)
-            batch.clear()
+            def flush() -> None:
+                nonlocal tokens
+                for ids in tokenizer.encode_batch(batch):
+                    array = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+                    out.write(array.tobytes())
+                    tokens += len(array)
+                batch.clear()
 
-        for text in read_unit(unit, job["text_field"], job["key"], messages):
-            batch.append(text)
-            documents += 1
-            if len(batch) == DOCS_PER_BATCH:
-                flush()
-        flush()
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, data_path)
+            for text in read_unit(unit, job["text_field"], job["key"], messages):
+                batch.append(text)
+                documents += 1
+                if len(batch) == DOCS_PER_BATCH:
+                    flush()
+            flush()
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, data_path)
+    except BaseException:  # a failed or interrupted write leaves nothing behind
+        tmp.unlink(missing_ok=True)
+        raise
     meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unit": unit.to_dict()}
-    write_atomic(out_dir / f"{name}.json", json.dumps(meta))
+    replace_atomically(out_dir / f"{name}.json", json.dumps(meta))
     return {**meta, "warnings": messages}
 
 
@@ -175,7 +196,7 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
     if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
         raise DataError(f"prepare: {out_dir} holds an unfinished prepare of other sources or with another tokenizer "
                         f"({PLAN} differs). Fix: rerun the command that started it, or choose another folder.")
-    write_atomic(plan_path, json.dumps(plan, indent=1))
+    replace_atomically(plan_path, json.dumps(plan, indent=1))
     _remove_dead_tmp_files(out_dir)
 
     done = {i: meta for i in range(len(units)) if (meta := _shard_done(out_dir, i, dtype.itemsize))}
@@ -233,14 +254,16 @@ def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtyp
                               "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
                 "text_field": text_field, "sources": sources,
                 "shards": [{k: s[k] for k in ("file", "tokens", "documents")} for s in shards], "plan": plan}
-    write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1))
+    replace_atomically(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
 def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source") -> str:
-    """Names a small corpus's prepared folder: the tokenizer's content and every file's path,
-    size and modification time, so editing either prepares again."""
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{tokenizer.fingerprint()}|{text_field}".encode())
+    """Names a small corpus's prepared folder after everything that decides its tokens: the
+    format, the tokenizer's content and its end-of-text token, the text field, and every
+    file's path, size and modification time, so changing any of them prepares again."""
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|{tokenizer.fingerprint()}|eos={tokenizer.eos_token!r}|"
+                       f"{text_field}".encode())
     for f in source_files(source, key):
         st = f.stat()
         h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -255,10 +278,20 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
         return Path(source)
     folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key)}"
-    if is_prepared(folder):
-        return folder
     if rank == 0:
-        prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log)
+        damage = damaged_shards(folder, tokenizer.vocab_size) if is_prepared(folder) else []
+        if damage:  # a cache is ours to mend: rebuild what is damaged, say so
+            warnings.warn(f"data.cache_dir: the cached tokens of {source} are damaged ({'; '.join(damage[:3])}); "
+                          f"preparing {folder} again", DataWarning, stacklevel=2)
+            for name in [MANIFEST] + [p.split()[0] for p in damage if p.startswith("shard_")]:
+                (folder / name).unlink(missing_ok=True)  # prepare_corpus redoes the missing, keeps the rest
+        if not is_prepared(folder):
+            check_writable_folder(cache_dir, "data.cache_dir")
+            with environment_errors("data.cache_dir", f"preparing {source} into {folder}",
+                                    "Finished shards are kept and reused."):
+                prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log)
+        return folder
+    if is_prepared(folder):
         return folder
     start = time.perf_counter()
     print(f"rank {rank}: waiting for rank 0 to prepare {source} into {folder} (data.prepare_timeout_s="

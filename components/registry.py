@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import traceback
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
@@ -89,6 +91,18 @@ def import_modules(modules: Iterable[str] | None) -> None:
                 f"imports: cannot import {module!r} ({err}). Fix: make the module importable "
                 "from the working directory or the environment, or remove it from `imports`."
             ) from err
+        except LetRecipesError:
+            raise
+        except Exception as err:  # the module's own code failed while it was imported
+            raise ComponentError(f"imports: importing {module!r} failed: {_where(err)}. Fix: correct that module, "
+                                 "or remove it from `imports`.") from err
+
+
+def _where(err: BaseException) -> str:
+    """``ZeroDivisionError: division by zero (at mymodule.py:3)``: the error and its last frame."""
+    frames = traceback.extract_tb(err.__traceback__)
+    place = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}{place}"
 
 
 def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any]:

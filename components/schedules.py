@@ -45,8 +45,9 @@ class Schedule:
 
 
 def _check_lambda0(lambda0: float) -> float:
-    if lambda0 < 0:
-        raise ComponentError(f"alignment.schedule.lambda0={lambda0} must be >= 0.")
+    if not math.isfinite(float(lambda0)) or lambda0 < 0:
+        raise ComponentError(f"alignment.schedule.lambda0={lambda0} must be a finite number >= 0. Fix: 0.1 is the "
+                             "paper's value.")
     return float(lambda0)
 
 

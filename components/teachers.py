@@ -77,6 +77,12 @@ class Teacher(nn.Module):
     def vocab_size(self) -> int:
         return self.model.tok_embeddings.num_embeddings
 
+    @property
+    def context(self) -> Optional[int]:
+        """The longest sequence the teacher reads (its position tables), if it says."""
+        args = getattr(self.model, "model_args", None)
+        return getattr(args, "max_seq_len", None)
+
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)
 

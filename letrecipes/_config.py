@@ -109,7 +109,8 @@ def errors_as_one_line():
 
 def run(recipe_class, cfg: DictConfig) -> None:
     """Check the config, then setup / train / cleanup; ``dry_run=true`` only checks the
-    config and prints the cost estimate."""
+    config and prints the cost estimate. ``cleanup`` runs even when setup fails (it
+    releases the run folder's lock)."""
     with errors_as_one_line():
         validate_config(cfg)  # before anything is built or written
         recipe = recipe_class(cfg)
@@ -118,9 +119,9 @@ def run(recipe_class, cfg: DictConfig) -> None:
 
             dry_run(cfg, with_teacher=recipe_class.uses_teacher)
             return
-        recipe.setup()
     try:
         with errors_as_one_line():
+            recipe.setup()
             recipe.train()
     finally:
         recipe.cleanup()

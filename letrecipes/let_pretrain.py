@@ -43,7 +43,7 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.placement not in ("replicated", "sharded"):
             raise RecipeError(f"teacher.placement={self.placement!r}: use replicated or sharded.")
         self.teacher = load_teacher(OmegaConf.to_container(cfg.teacher, resolve=True), device=self.device)
-        self._check_teacher_tokenizer()
+        self._check_teacher()
         self.aligner = build_aligner(
             cfg.alignment,
             student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
@@ -66,8 +66,13 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.aligner.finished(self.step):  # resumed past S_stop: the teacher is not needed
             self.release_teacher()
 
-    def _check_teacher_tokenizer(self) -> None:
+    def _check_teacher(self) -> None:
         teacher, tokenizer = self.teacher, self.tokenizer
+        seq_len = int(self.cfg.data.seq_len)
+        if teacher.context is not None and seq_len > teacher.context:
+            raise RecipeError(
+                f"data.seq_len={seq_len} is longer than the teacher's context ({teacher.context} tokens, "
+                f"{teacher.source}): it cannot read a whole training sequence. Fix: data.seq_len <= {teacher.context}.")
         if teacher.vocab_size < tokenizer.vocab_size:
             raise RecipeError(
                 f"teacher.path: the teacher's vocabulary ({teacher.vocab_size}) is smaller than the tokenizer's "

@@ -28,12 +28,13 @@ from torch import nn
 from tqdm import tqdm
 
 from letrecipes._config import parse, run
-from letrecipes.components import faults, parallel, registry, run_info
+from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
 from letrecipes.components.data import BatchStream, build_dataloader, build_datasets
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
+from letrecipes.components.files import replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.metrics import MetricLogger, StepTimer, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
@@ -89,6 +90,7 @@ class PretrainRecipe:
 
         self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
                                          async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)
+        self.checkpointer.lock()  # before looking: another live run could be writing the folder
         resume_from = self.checkpointer.resume_point(cfg.get("resume", False))
         self.checkpointer.guard(cfg.get("resume", False), overwrite=bool(cfg.get("overwrite", False)))
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
@@ -98,6 +100,9 @@ class PretrainRecipe:
         self.log(run_info.summary(self.run_info))
 
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
+        self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()
+        # Before anything is built or written: a resume that would be another run stops here.
+        changes = resume.check(resume_from, self.run_info) if resume_from is not None else None
         self.setup_data()
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
         self.setup_model()
@@ -115,14 +120,19 @@ class PretrainRecipe:
         self.checkpointer.track(self.trainable, self.optimizer, progress=self.progress,
                                 lr_scheduler=self.lr_scheduler, dataloader=self.batches, rng=RNGState())
         if resume_from is not None:
+            settings = resume.optimizer_settings(self.optimizer)
             self.checkpointer.load(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
+            for line in resume.describe(changes or []):
+                self.log(line)
+            if any(key.startswith(("optimizer.", "lr_scheduler.")) or key == "max_steps" for key, _, _ in changes or []):
+                resume.apply_settings(self.optimizer, settings, self.lr_scheduler)
         else:
             self.checkpointer.clear()
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.output_dir / "config.yaml")
-            (self.output_dir / "run_info.json").write_text(json.dumps(self.run_info, indent=2, default=str))
+            replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+            replace_atomically(self.output_dir / "run_info.json", json.dumps(self.run_info, indent=2, default=str))
         self.metrics = MetricLogger(
             self.output_dir, enabled=self.is_main,
             wandb=OmegaConf.to_container(cfg.get("metrics", {}).get("wandb", {}) or {}),
@@ -279,7 +289,7 @@ class PretrainRecipe:
             raise DivergenceError(failed[0] if failed else f"{checks[0][1]} (seen on another rank)")
         figures = to_python(figures)
         grad_norm = None if grad_norm is None else float(grad_norm)
-        note = self.divergence.skip_or_stop(step, figures, grad_norm, self.checkpointer.latest())
+        note = self.divergence.skip_or_stop(step, figures, grad_norm, self.checkpointer.last_good)
         self.log(note)
         self.metrics.log({"step": step, "event": "skipped_update", **figures, "grad_norm": grad_norm})
 
@@ -383,7 +393,9 @@ class PretrainRecipe:
 
     def save_checkpoint(self) -> None:
         path = self.checkpointer.save(self.step, run_info=self.run_info)
-        self.log(f"checkpoint: {path}")
+        timing = self.checkpointer.last_save
+        self.log(f"checkpoint: {path}" + (f" ({timing['bytes'] / 2**20:,.1f} MB, {timing['save_s']:.2f} s, of which "
+                                          f"checksums {timing['checksum_s']:.2f} s)" if timing else " (async)"))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -410,8 +422,14 @@ class PretrainRecipe:
             print(message, flush=True)
 
     def cleanup(self) -> None:
-        self.checkpointer.wait()
-        self.metrics.close()
+        """Close what setup opened, however far it got (it also runs after a failed setup)."""
+        try:
+            if hasattr(self, "metrics"):
+                self.checkpointer.wait()
+                self.metrics.close()
+        finally:
+            if hasattr(self, "checkpointer"):
+                self.checkpointer.release()
         gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,0 +1,146 @@
+"""How the project changes files: never in place, and with errors a user can act on.
+
+Every file a run, a prepare or an export changes goes through :func:`replace_atomically`
+(a temporary file beside it, flushed to disk, then renamed over it: a kill or a full disk
+leaves either the old file or the new one, and no temporary file behind), or is cut back
+with :func:`cut_at` (a truncation at a byte offset, which needs no free space). A
+metrics file is appended to and cut, never rewritten.
+
+:func:`environment_errors` turns what the operating system says (disk full, quota,
+read-only, permission, a path that is a file) into one :class:`StorageError` line that
+names the config key, the cause and what was kept. No torch here: the prepare step's
+workers import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from letrecipes.components.errors import LetRecipesError
+
+# What each errno means to someone who has to fix it.
+CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "a file size limit was reached (ulimit -f, or the filesystem's)",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "the path is a folder where a file is expected",
+    errno.ENOENT: "the path does not exist",
+    errno.EIO: "an input/output error (a failing disk or a lost network mount)",
+    errno.ENAMETOOLONG: "the path is too long",
+}
+FIXES = {
+    errno.ENOSPC: "free space",
+    errno.EDQUOT: "free space under your quota",
+    errno.EFBIG: "raise the file size limit",
+    errno.EROFS: "point it at a writable folder",
+    errno.EACCES: "point it at a folder you may write",
+    errno.EPERM: "point it at a folder you may write",
+    errno.ENOTDIR: "point it at a folder (or move the file away)",
+}
+
+
+class StorageError(LetRecipesError):
+    """The filesystem refused a read or a write (full, read-only, ...)."""
+
+
+def unique_tmp(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process on any host uses."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+
+
+def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename: readers (and a
+    kill) see the old content or the new, never a mix. A failed write removes the
+    temporary file and leaves ``path`` as it was."""
+    path = Path(path)
+    tmp = unique_tmp(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def cut_at(path: Union[str, Path], offset: int) -> None:
+    """Drop everything after byte ``offset`` of ``path`` (no rewrite, no free space needed)."""
+    os.truncate(path, offset)
+
+
+def os_error_in(err: BaseException) -> Optional[OSError]:
+    """The ``OSError`` behind ``err``: itself, its cause or context, or one that
+    torch.distributed.checkpoint wrapped per rank (``CheckpointException.failures``)."""
+    seen = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        for failure in getattr(e, "failures", {}).values() if isinstance(getattr(e, "failures", None), dict) else ():
+            todo.append(failure[0] if isinstance(failure, tuple) else failure)
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+def describe(err: OSError) -> str:
+    cause = CAUSES.get(err.errno, err.strerror or str(err))
+    where = f" ({err.filename})" if err.filename else ""
+    return f"{cause}{where}"
+
+
+@contextlib.contextmanager
+def environment_errors(key: str, doing: str, kept: str = "",
+                       then: str = "run the same command again") -> Iterator[None]:
+    """Report an ``OSError`` (direct, or wrapped by a library) raised inside as one line:
+    ``<key>: <doing> failed: <cause> (<file>). <kept> Fix: <fix>, then ...``.
+
+    ``kept`` says what is intact (``"step 3's checkpoint is intact."``) so a user knows
+    what they can go back to; ``then`` how to go on. Errors that are not about the
+    environment pass through.
+    """
+    try:
+        yield
+    except LetRecipesError:
+        raise
+    except BaseException as err:  # DCP's CheckpointException derives from BaseException
+        os_err = os_error_in(err)
+        if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        fix = FIXES.get(os_err.errno, "fix the path or the filesystem")
+        raise StorageError(f"{key}: {doing} failed: {describe(os_err)}. {kept + ' ' if kept else ''}"
+                           f"Fix: {fix}, then {then}.") from err
+
+
+def check_writable_folder(folder: Union[str, Path], key: str) -> None:
+    """Make ``folder`` (if needed) and prove it takes a file, before any work starts."""
+    folder = Path(folder)
+    with environment_errors(key, f"writing to {folder}"):
+        if folder.exists() and not folder.is_dir():
+            raise StorageError(f"{key}={str(folder)!r} is a file, not a folder. Fix: point {key} at a folder, "
+                               "or move the file away.")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = unique_tmp(folder / "write-probe")
+        try:
+            with open(probe, "wb") as out:
+                out.write(b"letrecipes")
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()

@@ -1,0 +1,118 @@
+"""What a resume may change: the config of the run that wrote a checkpoint against the
+config it is resumed with.
+
+A resumed run is the same run going on. Changes that make it another run (the model,
+the tokenizer, the data, the teacher and alignment, the seed, the batch, the number of
+processes) are refused in one line listing them. Changes meant for a run in progress
+(learning rate and the rest of the optimizer's hyperparameters, the schedule and its
+length, logging, evaluation and save cadence, the divergence policy) are applied, and
+each is logged as ``resume: optimizer.lr 0.003 -> 3e-05``.
+
+Keys not listed as changeable are refused: a key this module does not know (a user
+component's argument, a new section) is assumed to change the run, which errs on the
+side of telling the user.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from letrecipes.components.errors import LetRecipesError
+
+# Keys a run may change when it resumes (fnmatch patterns over dotted keys).
+CHANGEABLE = (
+    "optimizer.*", "lr_scheduler.*", "max_steps", "clip_grad_norm",
+    "log_every", "eval_every", "eval_batches", "save_every", "keep_last_checkpoints", "async_checkpoint",
+    "metrics.*", "divergence.*", "progress_bar", "debug.*", "export.*", "dry_run*",
+    "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "imports",
+    "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers",
+    "compile", "activation_checkpointing.*", "teacher.compile",
+)
+# ... except these, which change what the optimizer state or the schedule state mean.
+NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
+ABSENT = "<absent>"
+IGNORED = ("resume", "overwrite")  # how this launch started, not what the run is
+
+
+class ResumeChangeError(LetRecipesError):
+    pass
+
+
+def flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(tree, dict):
+        out: Dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def changeable(key: str) -> bool:
+    if any(fnmatch.fnmatchcase(key, p) for p in NOT_CHANGEABLE):
+        return False
+    return any(fnmatch.fnmatchcase(key, p) for p in CHANGEABLE)
+
+
+def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every identity field or config key that differs."""
+    old = {**flatten(saved.get("config") or {}), "world_size": saved.get("world_size"),
+           "tokenizer fingerprint": saved.get("tokenizer_fingerprint")}
+    new = {**flatten(current.get("config") or {}), "world_size": current.get("world_size"),
+           "tokenizer fingerprint": current.get("tokenizer_fingerprint")}
+    if old["tokenizer fingerprint"] is None:  # written before fingerprints were recorded
+        old.pop("tokenizer fingerprint"), new.pop("tokenizer fingerprint")
+    keys = sorted((set(old) | set(new)) - set(IGNORED))
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in keys if old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+
+def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str, Any, Any]]]:
+    """The changes a resume from ``checkpoint`` applies; raises :class:`ResumeChangeError`
+    listing the ones that would make it another run. None when the checkpoint carries no
+    record of its config (written before run_info.json existed)."""
+    try:
+        saved = json.loads((Path(checkpoint) / "run_info.json").read_text())
+    except (OSError, ValueError):
+        return None
+    changes = differences(saved, current)
+    refused = [c for c in changes if not changeable(c[0])]
+    if refused:
+        listed = "; ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in refused[:8])
+        more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
+        raise ResumeChangeError(
+            f"resume: {checkpoint} was written by a different run: {listed}{more}. These keys define the run (model, "
+            "tokenizer, data, teacher, alignment, seed, batch, processes). Fix: resume with the values it was written "
+            "with (its run_info.json holds them), or start a new run in another output_dir (or overwrite=true).")
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if value != ABSENT else ABSENT
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe(changes: List[Tuple[str, Any, Any]]) -> List[str]:
+    return [f"resume: {k} {_short(a)} -> {_short(b)}" for k, a, b in changes]
+
+
+def optimizer_settings(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]:
+    """The hyperparameters of each param group as the config built them (before a load)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, settings: List[Dict[str, Any]], lr_scheduler: Any) -> None:
+    """After a resume loaded the old hyperparameters: put the config's back, and move the
+    schedule onto the new base rates at the step it reached (its state keeps the step)."""
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.update(fresh)
+    if hasattr(lr_scheduler, "base_lrs"):
+        lr_scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups if "initial_lr" in group] \
+            or lr_scheduler.base_lrs
+    if hasattr(lr_scheduler, "lr_lambdas"):  # LambdaLR: the rate is a closed form of the step
+        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
+            group["lr"] = base * factor(lr_scheduler.last_epoch)
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -1,0 +1,108 @@
+"""One run per output folder: an exclusive lock that rank 0 holds for the whole run.
+
+``<output_dir>/.letrecipes.lock`` holds its owner (pid, host, start time, command line)
+and carries an advisory ``flock`` that the kernel drops when the owner exits in any way,
+SIGKILL included. So a lock is "stale" exactly when no process holds the flock any more:
+the next run takes it over without anyone deleting files by hand, and a second launch
+while the owner lives stops with one line naming it.
+
+Why flock and not a pid check: a pid says nothing across hosts and can be reused, and
+two launches that both find a stale file must not both take it. ``flock`` decides in the
+kernel (NFSv4 and Lustre map it to their lock managers). On a filesystem without locks
+the run goes on with a warning: it cannot be protected there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from letrecipes.components.errors import LetRecipesError
+
+LOCK_FILE = ".letrecipes.lock"
+
+
+class RunLockError(LetRecipesError):
+    pass
+
+
+class RunLock:
+    def __init__(self, output_dir: Union[str, Path]):
+        self.path = Path(output_dir) / LOCK_FILE
+        self._fd: Optional[int] = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, log: Callable[[str], None] = print) -> "RunLock":
+        """Take the lock or raise :class:`RunLockError` naming its owner."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read(fd)
+                os.close(fd)
+                raise RunLockError(
+                    f"output_dir={str(self.path.parent)!r} is in use by another run: {describe(owner)}. Fix: wait for "
+                    "it to finish or stop it (a SIGTERM saves a checkpoint), or choose another output_dir.") from None
+            except OSError as err:  # no locks on this filesystem
+                warnings.warn(f"{self.path}: this filesystem does not support file locks ({err.strerror}): two runs "
+                              "in this output_dir would not be detected.", RuntimeWarning, stacklevel=2)
+                os.close(fd)
+                return self
+            # The file may have been released and unlinked between our open and our flock:
+            # then we hold a lock on a name nobody sees. Start over on the current file.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        stale = self._read(fd)
+        if stale:
+            log(f"run lock: taking over {self.path} from {describe(stale)}, which is gone")
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                 "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (unlink first: a launch that opens the
+        name after this sees a new file, one that opened it before retries, see acquire)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink()
+        except OSError:
+            pass  # a read-only or vanished folder: the flock still goes with the descriptor
+        os.close(self._fd)
+        self._fd = None
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+        except (ValueError, OSError):
+            return {}
+
+
+def describe(owner: dict) -> str:
+    if not owner:
+        return "a process that has not written its name yet"
+    command = " ".join(owner.get("argv") or [])
+    return (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+            + (f" ({command[:200]})" if command else ""))

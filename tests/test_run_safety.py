@@ -1,0 +1,339 @@
+"""Issue 15: one run per folder, resume that checks what changed, checkpoints that vouch
+for their bytes, nothing rewritten in place, errors of the environment.
+
+Unit tests drive the components in-process; the end-to-end ones run real `tune run`
+subprocesses (pretrain_tiny: a few seconds each).
+"""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from letrecipes.components.checkpointing import Checkpointer, CheckpointError, Progress
+from letrecipes.components.files import StorageError, check_writable_folder, environment_errors, replace_atomically
+from letrecipes.components.metrics import read_metrics, truncate_after
+from letrecipes.components.resume import ResumeChangeError, apply_settings, check, optimizer_settings
+from letrecipes.components.run_lock import LOCK_FILE, RunLock, RunLockError
+from tests.test_hostile_input import digest
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ("max_steps=8", "save_every=3", "log_every=1", "eval_every=4", "keep_last_checkpoints=3")
+
+
+def tune(out, *overrides, preexec=None, timeout=300):
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
+           *COMMON, f"output_dir={out}", *overrides]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
+                          preexec_fn=preexec)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def last_line(result):
+    return result.stderr.strip().splitlines()[-1]
+
+
+def losses(out):
+    return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
+
+
+def flip_a_byte(path: Path, offset: int = 100_000) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    ok(tune(out))
+    return out
+
+
+# ------------------------------------------------------------------ 1: one run per folder
+def test_lock_names_its_owner_and_is_stale_once_the_owner_is_gone(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from letrecipes.components.run_lock import RunLock; "
+        f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockError, match=rf"in use by another run: pid {holder.pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    messages = []
+    lock = RunLock(tmp_path).acquire(log=messages.append)  # the kernel dropped the dead owner's lock
+    assert messages and f"from pid {holder.pid}" in messages[0] and "which is gone" in messages[0]
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_two_launches_at_once_one_trains_the_other_stops_naming_it(tmp_path, straight):
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
+           *COMMON, f"output_dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 1], results
+    loser = next(r for r in results if r[2] == 1)
+    assert "is in use by another run: pid" in loser[1].strip().splitlines()[-1]
+    assert losses(tmp_path) == losses(straight)  # one run's records, each step once, no torn lines
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_resume_while_the_first_run_still_trains_is_refused(tmp_path):
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
+           "max_steps=100000", "log_every=1", f"output_dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").is_file() or not (tmp_path / "metrics.jsonl").stat().st_size:
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.5)
+        second = tune(tmp_path, "resume=true")
+        assert second.returncode == 1 and f"pid {first.pid}" in last_line(second)
+        assert first.poll() is None  # the running run is untouched
+    finally:
+        first.kill()
+        first.wait()
+    ok(tune(tmp_path, "resume=true", "max_steps=4"))  # its owner is gone: the lock is taken over
+
+
+# ------------------------------------------------------------------ 2: resume checks what changed
+def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path):
+    killed = tune(tmp_path / "a", "optimizer.lr=3e-3", "debug.kill_at_step=5")
+    assert killed.returncode != 0
+    resumed = ok(tune(tmp_path / "a", "optimizer.lr=3e-5", "resume=true"))
+    assert "resume: optimizer.lr 0.003 -> 3e-05" in resumed.stdout
+    ok(tune(tmp_path / "b", "optimizer.lr=3e-5"))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [a[s][1] for s in range(4, 9)] == [b[s][1] for s in range(4, 9)]  # the new rates from step 4 on
+    assert a[3][1] != b[3][1]  # steps before the checkpoint kept theirs
+
+
+@pytest.mark.parametrize("change", ["model.num_layers=4", "seed=1", "data.seq_len=128", "batch_size=4"])
+def test_resume_that_would_be_another_run_is_refused_in_one_line(tmp_path, change):
+    ok(tune(tmp_path, "max_steps=3"))
+    before = digest(tmp_path)
+    result = tune(tmp_path, "resume=true", change)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "was written by a different run: " + change.split("=")[0] in last_line(result)
+    assert digest(tmp_path) == before
+
+
+def test_resume_notices_a_tokenizer_whose_bytes_changed(tmp_path):
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text((REPO / "outputs" / "demo" / "tokenizer.json").read_text())
+    run = tmp_path / "run"
+    ok(tune(run, f"tokenizer.path={tokenizer}", "max_steps=3"))
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=3))  # same path, other bytes
+    result = tune(run, f"tokenizer.path={tokenizer}", "resume=true")
+    assert result.returncode == 1 and "tokenizer fingerprint" in last_line(result)
+
+
+def test_resume_check_unit():
+    saved = {"config": {"model": {"num_layers": 2}, "optimizer": {"lr": 1e-3}, "resume": False}, "world_size": 1,
+             "tokenizer_fingerprint": "abc"}
+    same = json.loads(json.dumps(saved))
+    same["config"]["resume"] = True
+    assert check_from(saved, same) == []
+    lower = json.loads(json.dumps(same))
+    lower["config"]["optimizer"]["lr"] = 1e-4
+    assert check_from(saved, lower) == [("optimizer.lr", 1e-3, 1e-4)]
+    for mutate in (lambda c: c["config"]["model"].update(num_layers=3), lambda c: c.update(world_size=2),
+                   lambda c: c.update(tokenizer_fingerprint="def"),
+                   lambda c: c["config"]["optimizer"].update(_component_="torch.optim.SGD")):
+        other = json.loads(json.dumps(saved))
+        mutate(other)
+        with pytest.raises(ResumeChangeError, match="different run"):
+            check_from(saved, other)
+
+
+def check_from(saved, current, folder=None):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "run_info.json").write_text(json.dumps(saved))
+        return check(Path(d), current)
+
+
+def test_apply_settings_moves_the_schedule_onto_the_new_rate():
+    from letrecipes.components.lr_schedules import warmup_cosine
+
+    def build(lr):
+        opt = torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=lr)
+        return opt, warmup_cosine(opt, warmup_steps=2, total_steps=10)
+
+    old_opt, old_sched = build(1e-3)
+    for _ in range(4):
+        old_opt.step()
+        old_sched.step()
+    new_opt, new_sched = build(1e-4)
+    settings = optimizer_settings(new_opt)
+    new_opt.load_state_dict(old_opt.state_dict())
+    new_sched.load_state_dict(old_sched.state_dict())
+    apply_settings(new_opt, settings, new_sched)
+    reference_opt, reference_sched = build(1e-4)
+    for _ in range(4):
+        reference_opt.step()
+        reference_sched.step()
+    assert new_opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]
+    new_sched.step(), reference_sched.step()
+    assert new_opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]
+
+
+# ------------------------------------------------------------------ 3: checkpoints vouch for their bytes
+def tiny_checkpointer(folder: Path, keep_last: int = 5):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt = Checkpointer(folder, keep_last=keep_last, log=lambda message: None)
+    ckpt.track(model, optimizer, progress=Progress())
+    return ckpt, model
+
+
+def test_marker_lists_every_file_and_damage_of_each_kind_is_found(tmp_path):
+    ckpt, model = tiny_checkpointer(tmp_path)
+    first, second = ckpt.save(1), ckpt.save(2)
+    marker = json.loads((second / "COMPLETE").read_text())
+    assert {".metadata", "__0_0.distcp", "format.json"} <= set(marker["files"]) and marker["finite_weights"]
+    assert ckpt.verify(second) == [] and ckpt.last_save["checksum_s"] >= 0
+    flip_a_byte(second / "__0_0.distcp", 1000)
+    assert "checksum differs" in ckpt.verify(second)[0]
+    assert ckpt.last_good() == first
+    os.truncate(first / ".metadata", 10)
+    assert "bytes" in ckpt.verify(first)[0] and ckpt.last_good() is None
+    third = ckpt.save(3)
+    (third / "__0_0.distcp").unlink()
+    assert ckpt.verify(third) == ["__0_0.distcp is missing"]
+
+
+def test_weights_that_are_not_finite_are_never_the_last_good_checkpoint(tmp_path):
+    ckpt, model = tiny_checkpointer(tmp_path)
+    good = ckpt.save(1)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    bad = ckpt.save(2)
+    assert ckpt.verify(bad) == ["it holds non-finite weights"] and ckpt.last_good() == good
+
+
+def test_load_of_a_truncated_metadata_is_one_error_not_a_base_exception(tmp_path):
+    ckpt, _ = tiny_checkpointer(tmp_path)
+    path = ckpt.save(1)
+    os.truncate(path / ".metadata", 20)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ckpt.load(path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate_shard", "delete_shard", "truncate_metadata"])
+def test_resume_skips_a_damaged_newest_checkpoint_and_matches_a_straight_run(tmp_path, straight, damage):
+    assert tune(tmp_path, "debug.kill_at_step=8").returncode != 0  # checkpoints at 3 and 6
+    newest = tmp_path / "checkpoints" / "step_00000006"
+    {"flip": lambda: flip_a_byte(newest / "__0_0.distcp"),
+     "truncate_shard": lambda: os.truncate(newest / "__0_0.distcp", 1000),
+     "delete_shard": lambda: (newest / "__0_0.distcp").unlink(),
+     "truncate_metadata": lambda: os.truncate(newest / ".metadata", 100)}[damage]()
+    resumed = ok(tune(tmp_path, "resume=true"))
+    assert f"resume: skipping {newest}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and "step_00000003" in resumed.stdout
+    assert losses(tmp_path) == losses(straight)
+
+
+def test_resume_from_a_damaged_path_or_with_nothing_verified_is_refused(tmp_path):
+    ok(tune(tmp_path, "max_steps=4"))  # checkpoints at 3 and 4
+    for step in (3, 4):
+        flip_a_byte(tmp_path / "checkpoints" / f"step_{step:08d}" / "__0_0.distcp")
+    explicit = tune(tmp_path, f"resume={tmp_path / 'checkpoints' / 'step_00000004'}")
+    assert explicit.returncode == 1 and "is damaged: __0_0.distcp has other bytes" in last_line(explicit)
+    latest = tune(tmp_path, "resume=true")
+    assert latest.returncode == 1 and "no checkpoint in" in last_line(latest) and "verified" in last_line(latest)
+    assert (tmp_path / "checkpoints" / "step_00000003").is_dir()  # nothing deleted
+
+
+# ------------------------------------------------------------------ 4: nothing rewritten in place
+def test_metrics_are_cut_at_a_byte_offset_not_rewritten(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)]
+    path.write_text("".join(records) + '{"step": 6, "lo')
+    inode = path.stat().st_ino
+    truncate_after(path, 3)
+    assert path.read_text() == "".join(records[:3]) and path.stat().st_ino == inode
+    truncate_after(path, 10)
+    assert path.read_text() == "".join(records[:3])
+
+
+def test_replace_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("old")
+
+    with pytest.raises(TypeError):
+        replace_atomically(path, 12345)  # fails inside the write
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def limit_file_size(megabytes):
+    def preexec():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (megabytes << 20, megabytes << 20))
+    return preexec
+
+
+def test_a_write_failure_during_resume_keeps_history_and_checkpoints(tmp_path, straight):
+    assert tune(tmp_path, "debug.kill_at_step=5").returncode != 0  # checkpoint at 3, metrics to 4
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    kept = digest(tmp_path / "checkpoints" / "step_00000003")
+    failed = tune(tmp_path, "resume=true", preexec=limit_file_size(2))  # shards (13 MB) cannot be written
+    message = last_line(failed)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "output_dir: saving the step-6 checkpoint" in message and "file size limit" in message
+    assert "step_00000003, is intact" in message and "resume=true" in message
+    assert (tmp_path / "metrics.jsonl").read_bytes().startswith(before.split(b'{"step": 4')[0])
+    assert digest(tmp_path / "checkpoints" / "step_00000003") == kept
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    ok(tune(tmp_path, "resume=true"))
+    assert losses(tmp_path) == losses(straight)
+
+
+# ------------------------------------------------------------------ 7: the environment's errors
+def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
+    with pytest.raises(StorageError, match=r"^output_dir: saving x failed: the disk is full \(/d/f\)\. step 3 is "
+                                           r"intact\. Fix: free space, then run again\.$"):
+        with environment_errors("output_dir", "saving x", "step 3 is intact.", then="run again"):
+            raise OSError(28, "No space left on device", "/d/f")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="is a file, not a folder"):
+        check_writable_folder(tmp_path / "file", "data.cache_dir")
+    with pytest.raises(StorageError, match="data.cache_dir: .*a part of the path is a file"):
+        check_writable_folder(tmp_path / "file" / "below", "data.cache_dir")
+    for code, cause in ((30, "the filesystem is read-only"), (122, "the disk quota is exceeded"),
+                        (13, "permission denied")):
+        with pytest.raises(StorageError, match=f"data.cache_dir: preparing failed: {cause}"):
+            with environment_errors("data.cache_dir", "preparing"):
+                raise OSError(code, os.strerror(code))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_dir(tmp_path):
+    tmp_path.chmod(0o555)
+    with pytest.raises(StorageError, match="permission denied"):
+        check_writable_folder(tmp_path / "run", "output_dir")
