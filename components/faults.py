@@ -9,6 +9,7 @@ loop itself carries no trace of it::
       nan_loss_at_step: 3           # step 3's loss becomes NaN (the divergence guard must act)
       kill_during_save_at_step: 4   # SIGKILL inside step 4's checkpoint save, shards written
       sigterm_at_step: 5            # SIGTERM (a scheduler's notice) as step 5 starts: a graceful stop
+      sigterm_during_save_at_step: 6  # SIGTERM inside step 6's checkpoint save, shards written
       rank: 1                       # only on this rank (default: every rank)
 """
 
@@ -24,14 +25,19 @@ def _kill(*_: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _sigterm(*_: Any) -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
     """Wrap ``recipe.train_step``, ``compute_loss`` and ``save_checkpoint`` on this instance
     to inject the faults ``debug`` asks for. Nothing is wrapped when it asks for none."""
     debug = dict(debug or {})
     if debug.get("rank") is not None and debug["rank"] != rank:
         return
-    kill_at, nan_at, kill_saving_at, term_at = (debug.get(k) for k in (
-        "kill_at_step", "nan_loss_at_step", "kill_during_save_at_step", "sigterm_at_step"))
+    kill_at, nan_at, kill_saving_at, term_at, term_saving_at = (debug.get(k) for k in (
+        "kill_at_step", "nan_loss_at_step", "kill_during_save_at_step", "sigterm_at_step",
+        "sigterm_during_save_at_step"))
     if kill_at is not None or term_at is not None:
         train_step = recipe.train_step
 
@@ -53,13 +59,17 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
             return (loss * float("nan"), figures) if recipe.step + 1 == nan_at else (loss, figures)
 
         recipe.compute_loss = poisoned_loss
-    if kill_saving_at is not None:
+    if kill_saving_at is not None or term_saving_at is not None:
         save_checkpoint = recipe.save_checkpoint
 
         @functools.wraps(save_checkpoint)
-        def save_and_die(*args, **kwargs):
+        def save_with_fault(*args, **kwargs):
             if recipe.step == kill_saving_at:
                 recipe.checkpointer.before_complete = _kill
+            elif recipe.step == term_saving_at:
+                recipe.checkpointer.before_complete = _sigterm
+            else:
+                recipe.checkpointer.before_complete = None
             return save_checkpoint(*args, **kwargs)
 
-        recipe.save_checkpoint = save_and_die
+        recipe.save_checkpoint = save_with_fault

@@ -37,6 +37,7 @@ class RunLock:
     def __init__(self, output_dir: Union[str, Path]):
         self.path = Path(output_dir) / LOCK_FILE
         self._fd: Optional[int] = None
+        self._made_folder = False  # a run that made the folder and wrote nothing else removes it
 
     @property
     def held(self) -> bool:
@@ -44,6 +45,7 @@ class RunLock:
 
     def acquire(self, log: Callable[[str], None] = print) -> "RunLock":
         """Take the lock or raise :class:`RunLockError` naming its owner."""
+        self._made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -91,6 +93,11 @@ class RunLock:
             pass  # a read-only or vanished folder: the flock still goes with the descriptor
         os.close(self._fd)
         self._fd = None
+        if self._made_folder:
+            try:
+                self.path.parent.rmdir()  # only if empty: a run that failed in setup leaves no folder
+            except OSError:
+                pass
 
     @staticmethod
     def _read(fd: int) -> dict:

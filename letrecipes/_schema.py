@@ -70,7 +70,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "export": {"enabled": BOOL, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
                "max_shard_mb": _int(1)},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
-              "sigterm_at_step": _int(1),
+              "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
               "rank": _int(0)},
 }
 REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model", "optimizer", "lr_scheduler")

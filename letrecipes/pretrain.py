@@ -101,11 +101,11 @@ class PretrainRecipe:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()
-        # Before anything is built or written: a resume that would be another run stops here.
-        changes = resume.check(resume_from, self.run_info) if resume_from is not None else None
         self.setup_data()
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
-        self.setup_model()
+        self.setup_model()  # first: a typo in its arguments is named as such, not as a change
+        # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
+        changes = resume.check(resume_from, self.run_info) if resume_from is not None else None
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})
         self.setup_extra()
@@ -352,6 +352,8 @@ class PretrainRecipe:
             self.after_step()
             if save:
                 self.save_checkpoint()
+                # a signal that came during the save: this step is saved, stop here
+                stopping = stopping or self.stop_requested(stopper, at_sync_point=True)
             if stopping:
                 self.checkpointer.wait()
                 raise RunStopped(

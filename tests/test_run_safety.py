@@ -119,6 +119,47 @@ def test_resume_while_the_first_run_still_trains_is_refused(tmp_path):
     ok(tune(tmp_path, "resume=true", "max_steps=4"))  # its owner is gone: the lock is taken over
 
 
+# ------------------------------------------------------------------ 6: graceful stop, during a save
+def test_sigterm_during_a_save_completes_it_and_stops_there(tmp_path, straight):
+    stopped = tune(tmp_path, "debug.sigterm_during_save_at_step=6")
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr
+    assert last_line(stopped).startswith("error: stopped by SIGTERM after step 6")
+    assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+    assert max(losses(tmp_path)) == 6  # no step past the save
+    ok(tune(tmp_path, "resume=true"))
+    assert losses(tmp_path) == losses(straight)
+
+
+def test_ctrl_c_stops_gracefully_and_a_second_signal_at_once(tmp_path):
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
+           "max_steps=100000", "log_every=1", f"output_dir={tmp_path}"]
+    run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+    deadline = time.monotonic() + 120
+    while not read_metrics_safely(tmp_path):
+        assert time.monotonic() < deadline and run.poll() is None
+        time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1 and "Traceback" not in err and "SIGINT received" in out
+    assert err.strip().splitlines()[-1].startswith("error: stopped by SIGINT after step ")
+    step = int(err.strip().splitlines()[-1].split("after step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+
+    script = ("import os, signal, time; from letrecipes.components.preemption import GracefulStop; "
+              "stop = GracefulStop().install(); os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.5); "
+              "assert stop.requested; os.kill(os.getpid(), signal.SIGTERM); time.sleep(5); print('survived')")
+    twice = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert twice.returncode == -signal.SIGTERM and "survived" not in twice.stdout
+
+
+def read_metrics_safely(folder):
+    try:
+        return read_metrics(folder / "metrics.jsonl")
+    except (OSError, ValueError):
+        return []
+
+
 # ------------------------------------------------------------------ 2: resume checks what changed
 def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path):
     killed = tune(tmp_path / "a", "optimizer.lr=3e-3", "debug.kill_at_step=5")
