@@ -74,7 +74,7 @@ def history(out: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/fault_injection.json")
     args = parser.parse_args(argv)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         fault = rng.choice(FAULTS)
         # interrupt once the run has logged a random step past where it resumed, plus a random
         # fraction of a step: lands anywhere in a step, and sometimes inside a checkpoint save
-        target = min(args.steps - 1, done_steps + rng.randint(5, 2 * args.steps // max(1, args.kills)))
+        target = min(args.steps - 1, done_steps + rng.randint(5, args.steps // max(1, args.kills)))
         while proc.poll() is None and last_logged_step(killed) < target:
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 0.2))
@@ -114,6 +114,9 @@ def main(argv=None) -> int:
             break
         proc.send_signal(signal.SIGTERM if fault == "sigterm" else signal.SIGKILL)
         code = proc.wait(timeout=300)
+        if (killed / "final").exists():  # the signal came after the run had finished its work
+            kills.append({"attempt": attempt, "finished_before_kill": True})
+            break
         entry = {"attempt": attempt, "fault": fault, "target_step": target, "exit_code": code}
         if fault == "sigterm":
             tail = log.read_text().strip().splitlines()[-1:]

@@ -31,10 +31,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import random
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
@@ -63,7 +65,8 @@ FORMAT_VERSION = 1
 # step leaves nothing that blocks the corrected rerun.
 RUN_FILES = (METRICS_FILE, "checkpoints", "final")
 DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")  # the shard files rank N wrote
-HASH_CHUNK = 8 << 20
+HASH_BLOCK = 64 << 20
+HASH_THREADS = min(8, os.cpu_count() or 1)
 
 
 def is_complete(path: Path) -> bool:
@@ -98,8 +101,16 @@ def read_marker(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """SHA-256 over the SHA-256 of each 64 MiB block, the blocks hashed on parallel threads
+    (hashlib releases the GIL): a save's hashing scales with the cores instead of one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = range(0, max(1, os.fstat(fd).st_size), HASH_BLOCK)
+        with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+            digests = pool.map(lambda offset: hashlib.sha256(os.pread(fd, HASH_BLOCK, offset)).digest(), blocks)
+            return hashlib.sha256(b"".join(digests)).hexdigest()
+    finally:
+        os.close(fd)
 
 
 def describe_files(folder: Path, names: List[str]) -> Dict[str, Dict[str, Any]]:

@@ -32,6 +32,7 @@ CAUSES = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
     errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EEXIST: "a file is where the folder should be",
     errno.EISDIR: "the path is a folder where a file is expected",
     errno.ENOENT: "the path does not exist",
     errno.EIO: "an input/output error (a failing disk or a lost network mount)",
@@ -45,6 +46,7 @@ FIXES = {
     errno.EACCES: "point it at a folder you may write",
     errno.EPERM: "point it at a folder you may write",
     errno.ENOTDIR: "point it at a folder (or move the file away)",
+    errno.EEXIST: "point it at a folder (or move the file away)",
 }
 
 

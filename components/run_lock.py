@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import environment_errors
 
 LOCK_FILE = ".letrecipes.lock"
 
@@ -46,9 +47,11 @@ class RunLock:
     def acquire(self, log: Callable[[str], None] = print) -> "RunLock":
         """Take the lock or raise :class:`RunLockError` naming its owner."""
         self._made_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with environment_errors("output_dir", f"creating {self.path}"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            with environment_errors("output_dir", f"creating {self.path}"):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -249,3 +249,78 @@ def test_prepare_data_command_then_a_run_on_its_shards(base_overrides, tokenizer
         pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"data.source={out}", "max_steps=2",
                               f"tokenizer.path={other}", f"output_dir={tmp_path / 'run2'}"])
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
+
+
+# ------------------------------------------------------------------ issue 15, part 5: the token cache
+def small_jsonl(tmp_path, n=40):
+    source = tmp_path / "small.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(n)))
+    return source
+
+
+def test_cache_key_covers_the_end_of_text_token(tokenizer_path, tmp_path):
+    from letrecipes.components.prepare import cached_prepare
+
+    source = small_jsonl(tmp_path)
+    plain = cached_prepare(source, Tokenizer(tokenizer_path), tmp_path / "cache", **QUIET)
+    another = Tokenizer(tokenizer_path)._tok.id_to_token(300)  # any other token of the vocabulary
+    other_eos = cached_prepare(source, Tokenizer(tokenizer_path, eos_token=another), tmp_path / "cache", **QUIET)
+    assert plain != other_eos  # another eos splits documents with another id: prepared apart
+
+
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated", "out-of-vocabulary", "manifest"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(tokenizer_path, tmp_path, damage):
+    from letrecipes.components.corpus import DataWarning
+    from letrecipes.components.prepare import cached_prepare
+
+    source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
+    folder = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
+    shard = folder / "shard_000000.bin"
+    good = shard.read_bytes()
+    if damage == "zero-byte":
+        shard.write_bytes(b"")
+    elif damage == "truncated":
+        shard.write_bytes(good[: len(good) // 2])
+    elif damage == "out-of-vocabulary":
+        shard.write_bytes(good[:10] + np.array([65000], dtype=np.uint16).tobytes() + good[12:])
+    else:
+        (folder / MANIFEST).write_text("")
+    with pytest.warns(DataWarning, match="cached tokens of .* are damaged"):
+        again = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
+    assert again == folder and shard.read_bytes() == good
+    assert not list(folder.glob(".*.tmp"))
+
+
+def test_a_damaged_prepared_folder_is_named_when_read(tokenizer_path, tmp_path):
+    source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
+    prepare_corpus(source, tok, tmp_path / "prepared", **QUIET)
+    shard = tmp_path / "prepared" / "shard_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[0:2] = np.array([65000], dtype=np.uint16).tobytes()
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="holds token ids >= the vocabulary size"):
+        TokenShards(tmp_path / "prepared", tok)[0:16]
+
+
+def test_a_failed_tokenisation_leaves_no_temporary_file(tokenizer_path, tmp_path, monkeypatch):
+    from letrecipes.components import prepare
+
+    source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
+
+    def broken(*args, **kwargs):
+        yield "one document"
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "read_unit", broken)
+    with pytest.raises(OSError):
+        prepare_corpus(source, tok, tmp_path / "out", **QUIET)
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_a_cache_dir_that_is_a_file_is_one_error(tokenizer_path, tmp_path):
+    from letrecipes.components.files import StorageError
+    from letrecipes.components.prepare import cached_prepare
+
+    (tmp_path / "cache").write_text("")
+    with pytest.raises(StorageError, match="data.cache_dir=.* is a file, not a folder"):
+        cached_prepare(small_jsonl(tmp_path), Tokenizer(tokenizer_path), tmp_path / "cache", **QUIET)
