@@ -36,12 +36,14 @@ import numpy as np
 
 from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit, source_files
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically, unique_tmp
-from letrecipes.components.tokenizer import Tokenizer
+from letrecipes.components.tokenizer import Tokenizer, safe_cuts
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256
+PIECE_CHARS = 1 << 18  # a longer document is encoded in pieces of about this many characters
+BATCH_CHARS = 1 << 22  # characters per encode call: ~700 MB of encodings at most
 RANGE_CHECK_BLOCK = 16 << 20
 
 
@@ -112,6 +114,7 @@ def _prepare_unit(job: dict) -> dict:
     if key not in _WORKER_TOKENIZER:  # one per worker process, reused for its next units
         _WORKER_TOKENIZER[key] = Tokenizer(job["tokenizer"], eos_token=job["eos_token"])
     tokenizer = _WORKER_TOKENIZER[key]
+    splits = tokenizer.splits_safely
     unit = Unit(**{**job["unit"], "paths": tuple(job["unit"]["paths"])})
     dtype, out_dir = np.dtype(job["dtype"]), Path(job["out_dir"])
     name = shard_name(job["index"])
@@ -121,21 +124,30 @@ def _prepare_unit(job: dict) -> dict:
     tokens = documents = 0
     try:
         with open(tmp, "wb") as out:
+            # Encodings cost about 170 bytes of memory per byte of text: a batch is bounded in
+            # characters as well as documents, and a long document is encoded in pieces.
             batch: List[str] = []
+            ends: List[bool] = []  # whether each piece ends its document (an EOS follows)
+            chars = 0
 
             def flush() -> None:
-                nonlocal tokens
-                for ids in tokenizer.encode_batch(batch):
-                    array = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+                nonlocal tokens, chars
+                for ids, last in zip(tokenizer.encode_batch(batch), ends):
+                    array = np.asarray(ids + [tokenizer.eos_id] if last else ids, dtype=dtype)
                     out.write(array.tobytes())
                     tokens += len(array)
-                batch.clear()
+                batch.clear(), ends.clear()
+                chars = 0
 
             for text in read_unit(unit, job["text_field"], job["key"], messages):
-                batch.append(text)
                 documents += 1
-                if len(batch) == DOCS_PER_BATCH:
-                    flush()
+                pieces = safe_cuts(text, PIECE_CHARS) if len(text) > PIECE_CHARS and splits else [text]
+                for i, piece in enumerate(pieces):
+                    batch.append(piece)
+                    ends.append(i == len(pieces) - 1)
+                    chars += len(piece)
+                    if len(batch) == DOCS_PER_BATCH or chars >= BATCH_CHARS:
+                        flush()
             flush()
             out.flush()
             os.fsync(out.fileno())

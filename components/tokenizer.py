@@ -4,6 +4,7 @@ tokenizer from its config section, and byte-level BPE training (the demo's)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -45,6 +46,19 @@ class Tokenizer:
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    @property
+    def splits_safely(self) -> bool:
+        """Whether a long text may be encoded in pieces cut at :func:`safe_cuts` with the
+        same ids as in one call: true for byte-level BPE (GPT-2, Llama-3, SmolLM2, Qwen
+        style) without a normalizer that looks across characters. SentencePiece-style
+        tokenizers (Metaspace) prepend a marker at the start of each call, so they are
+        encoded whole."""
+        spec = json.loads(self._tok.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        kinds = [p.get("type") for p in pre.get("pretokenizers", [pre])]
+        normalizer = (spec.get("normalizer") or {}).get("type")
+        return "ByteLevel" in kinds and "Metaspace" not in kinds and normalizer in (None, "NFC", "NFKC")
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
 
@@ -57,6 +71,37 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def safe_cuts(text: str, size: int) -> List[str]:
+    """``text`` in pieces of about ``size`` characters, cut after a single newline between
+    two non-space characters (else before a space followed by a letter): places where a
+    byte-level BPE pre-tokenizer starts a new word anyway, so the pieces encode to the
+    same ids as the whole (tests/test_prepare.py checks three tokenizers). A stretch with
+    no such place stays whole."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = _last_cut(text, start, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _last_cut(text: str, start: int, stop: int) -> Optional[int]:
+    j = text.rfind("\n", start + 1, stop)
+    while j != -1:
+        if j + 1 < len(text) and not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j + 1
+        j = text.rfind("\n", start + 1, j)
+    j = text.rfind(" ", start + 1, stop)
+    while j != -1:
+        if j + 1 < len(text) and not text[j - 1].isspace() and text[j + 1].isalpha():
+            return j
+        j = text.rfind(" ", start + 1, j)
+    return None
 
 
 def load_tokenizer(tokenizer_cfg: Mapping[str, Any], teacher_cfg: Optional[Mapping[str, Any]] = None) -> Tokenizer:

@@ -155,3 +155,20 @@ def test_letrecipes_export_turns_the_gguf_file_into_a_hugging_face_folder(teache
         torch.testing.assert_close(model(ids).logits, teacher.logits(ids), atol=1e-4, rtol=1e-4)
     with pytest.raises(SystemExit, match=r"^error: export: .*hf exists and is not empty.*--overwrite"):
         main(["export", SMOLLM2, str(tmp_path / "hf")])  # never over a non-empty folder
+
+
+def hard_text(repeats: int = 40) -> str:
+    """Text whose cut points are tempting and wrong: runs of newlines and spaces, digits,
+    punctuation, accents, tabs."""
+    lines = [PARAGRAPH, "", "  Indented   line with  runs of spaces.", "Numbers: 2024, 3.14159 and 1,000,000.",
+             "Café, naïve, Zürich; \tтекст, 漢字.", "", "", "END."]
+    return "\n".join(lines * repeats)
+
+
+def test_long_documents_are_encoded_in_pieces_with_the_same_ids(tokenizer):
+    from letrecipes.components.tokenizer import safe_cuts
+
+    text = hard_text()
+    pieces = safe_cuts(text, 300)
+    assert len(pieces) > 20 and "".join(pieces) == text and tokenizer.splits_safely
+    assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(text)

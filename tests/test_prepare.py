@@ -324,3 +324,18 @@ def test_a_cache_dir_that_is_a_file_is_one_error(tokenizer_path, tmp_path):
     (tmp_path / "cache").write_text("")
     with pytest.raises(StorageError, match="data.cache_dir=.* is a file, not a folder"):
         cached_prepare(small_jsonl(tmp_path), Tokenizer(tokenizer_path), tmp_path / "cache", **QUIET)
+
+
+def test_a_long_document_is_prepared_in_pieces_with_the_ids_of_one_call(tokenizer_path, tmp_path, monkeypatch):
+    from letrecipes.components import prepare
+    from tests.test_gguf_teacher import hard_text
+
+    tok = Tokenizer(tokenizer_path)
+    text = hard_text(200)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "one.txt").write_text(text)
+    monkeypatch.setattr(prepare, "PIECE_CHARS", 500)
+    monkeypatch.setattr(prepare, "BATCH_CHARS", 2000)  # many flushes inside the one document
+    prepare_corpus(tmp_path / "src", tok, tmp_path / "out", **QUIET)
+    ids = np.fromfile(tmp_path / "out" / "shard_000000.bin", dtype=np.uint16).tolist()
+    assert tok.splits_safely and ids == tok.encode(text) + [tok.eos_id]
