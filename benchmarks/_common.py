@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from letrecipes.components.files import replace_atomically
+
 
 def header(script: str, argv=None) -> dict:
     args = sys.argv[1:] if argv is None else list(argv)
@@ -22,5 +24,5 @@ def header(script: str, argv=None) -> dict:
 def write_json(report: dict, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    replace_atomically(out, json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks._common import header  # noqa: E402
 from letrecipes.components.checkpointing import is_complete  # noqa: E402
 from letrecipes.components.evaluation import Item, write_task  # noqa: E402
+from letrecipes.components.files import replace_atomically  # noqa: E402
 from letrecipes.components.metrics import read_metrics  # noqa: E402
 
 STUDENT = ["model.num_layers=6", "model.embed_dim=192", "model.num_heads=3", "model.num_kv_heads=3",
@@ -428,8 +429,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     report = study.run(report_only=args.report)
     report["study_wall_s"] = round(time.perf_counter() - start, 1)
-    (out / f"study_{args.suite}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / f"study_{args.suite}.md").write_text(markdown(report))
+    replace_atomically(out / f"study_{args.suite}.json", json.dumps(report, indent=2, default=str) + "\n")
+    replace_atomically(out / f"study_{args.suite}.md", markdown(report))
     plots = plot(report, Path(args.plot_dir))
     print(markdown(report))
     print(f"wrote {out / f'study_{args.suite}.json'}, {out / f'study_{args.suite}.md'}, "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import replace_atomically
 
 LM_EVAL_TAG = "letrecipes"  # `lm_eval --tasks letrecipes` runs every task of a folder
 TASK_PREFIX = "letrecipes_"  # keeps our names clear of lm-eval's own (it has a `hyperbaton` too)
@@ -74,10 +75,8 @@ def chance_level(items: Sequence[Item]) -> float:
 def write_task(path: Union[str, Path], items: Iterable[Item]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
-                           for i in items), encoding="utf-8")
-    tmp.replace(path)
+    replace_atomically(path, "".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
+                                     for i in items))
     return path
 
 
@@ -126,7 +125,7 @@ def write_lm_eval_tasks(task_files: Iterable[Union[str, Path]], folder: Union[st
         stem, name = Path(task_file).stem, lm_eval_task_name(task_file)
         if name in names.values():
             raise EvalError(f"tasks: two task files map to the lm-eval task {name!r}. Fix: rename one of them.")
-        (folder / f"{name}.yaml").write_text(lm_eval_task_config(name, task_file), encoding="utf-8")
+        replace_atomically(folder / f"{name}.yaml", lm_eval_task_config(name, task_file))
         names[stem] = name
     return names
 

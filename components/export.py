@@ -24,6 +24,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple, Union
 import torch
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import replace_atomically
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -114,7 +115,7 @@ class ShardedWriter:
             final = self.folder / f"model-{k:05d}-of-{len(self.files):05d}.safetensors"
             path.rename(final)
             weight_map.update({name: final.name for name in names})
-        (self.folder / EXPORT_INDEX).write_text(json.dumps(
+        replace_atomically(self.folder / EXPORT_INDEX, json.dumps(
             {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
 
 

@@ -19,7 +19,7 @@ import errno
 import os
 import socket
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Union
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -109,14 +109,16 @@ def describe(err: OSError) -> str:
 
 
 @contextlib.contextmanager
-def environment_errors(key: str, doing: str, kept: str = "",
+def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union[str, Callable[[], str]] = "",
                        then: str = "run the same command again") -> Iterator[None]:
     """Report an ``OSError`` (direct, or wrapped by a library) raised inside as one line:
     ``<key>: <doing> failed: <cause> (<file>). <kept> Fix: <fix>, then ...``.
 
-    ``kept`` says what is intact (``"step 3's checkpoint is intact."``) so a user knows
-    what they can go back to; ``then`` how to go on. Errors that are not about the
-    environment pass through.
+    ``kept`` says what is intact (``"step 3's checkpoint is intact."``, or a function that
+    says it when asked) so a user knows what they can go back to; ``then`` how to go on.
+    ``key`` may map config keys to their folders: the one holding the failed path is
+    named (the first when none does). Errors that are not about the environment pass
+    through.
     """
     try:
         yield
@@ -127,8 +129,19 @@ def environment_errors(key: str, doing: str, kept: str = "",
         if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
             raise
         fix = FIXES.get(os_err.errno, "fix the path or the filesystem")
-        raise StorageError(f"{key}: {doing} failed: {describe(os_err)}. {kept + ' ' if kept else ''}"
-                           f"Fix: {fix}, then {then}.") from err
+        kept_text = kept() if callable(kept) else kept
+        raise StorageError(f"{_key_for(key, os_err)}: {doing} failed: {describe(os_err)}. "
+                           f"{kept_text + ' ' if kept_text else ''}Fix: {fix}, then {then}.") from err
+
+
+def _key_for(key: Union[str, Dict[str, Path]], err: OSError) -> str:
+    if isinstance(key, str):
+        return key
+    failed = Path(os.path.abspath(str(err.filename))) if err.filename else None
+    for name, folder in key.items():
+        if failed is not None and Path(os.path.abspath(folder)) in (failed, *failed.parents):
+            return name
+    return next(iter(key))
 
 
 def check_writable_folder(folder: Union[str, Path], key: str) -> None:

@@ -22,11 +22,13 @@ before building anything::
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -96,6 +98,58 @@ def import_modules(modules: Iterable[str] | None) -> None:
         except Exception as err:  # the module's own code failed while it was imported
             raise ComponentError(f"imports: importing {module!r} failed: {_where(err)}. Fix: correct that module, "
                                  "or remove it from `imports`.") from err
+
+
+SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key: str, name: str) -> None:
+    """Refuse, before the component runs, a key it does not take (with the closest one it
+    does) and a value of another kind than its default or plain annotation (a string for
+    a float, a list of the wrong length): library code would otherwise fail later, on the
+    first step, with a traceback that names no key. Components taking ``**kwargs`` accept
+    any key; their values are still checked against the arguments they name."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        return
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for option, value in options.items():
+        if option not in parameters:
+            if open_ended:
+                continue
+            close = difflib.get_close_matches(option, named, n=1)
+            hint = f" Did you mean {key}.{close[0]}?" if close else ""
+            raise ComponentError(f"config key {key}.{option} is not an argument of {name!r} (it takes: "
+                                 f"{', '.join(named)}).{hint} Fix: correct or remove it.")
+        problem = _kind_problem(value, parameters[option])
+        if problem:
+            raise ComponentError(f"config key {key}.{option}={value!r} must be {problem} for {name!r}. Fix: set "
+                                 f"{key}.{option} to {problem}.")
+
+
+def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
+    """What ``value`` should be, if it is not what ``parameter`` takes; None if it may be."""
+    default = None if parameter.default is inspect.Parameter.empty else parameter.default
+    annotation = parameter.annotation if isinstance(parameter.annotation, (str, type)) else None
+    annotation = getattr(annotation, "__name__", annotation)
+    expected = type(default) if default is not None else SIMPLE_TYPES.get(annotation)
+    if value is None:  # "the library's own choice"
+        return None
+    if expected is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if expected is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if expected is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if expected is str:
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (tuple, list)) and default and all(isinstance(v, (int, float)) for v in default):
+        ok = (isinstance(value, (tuple, list)) and len(value) == len(default)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+        return None if ok else f"a list of {len(default)} numbers, like {list(default)}"
+    return None
 
 
 def _where(err: BaseException) -> str:
@@ -173,8 +227,9 @@ def build(kind: str, spec: Any, key: str, *args: Any, **kwargs: Any) -> Any:
             f"{key}: expected a component name or a mapping with `_component_`, got {spec!r}."
         )
     options = {k: v for k, v in spec.items() if k != "_component_"}
-    options.update(kwargs)
     factory = resolve(kind, spec["_component_"], key=f"{key}._component_")
+    check_arguments(factory, options, key, spec["_component_"])
+    options.update(kwargs)
     try:
         return factory(*args, **options)
     except LetRecipesError as err:

@@ -17,7 +17,6 @@ scores the folder.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
                                               write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
+from letrecipes.components.files import replace_atomically
 from letrecipes.components.teachers import resolve_path
 
 LM_EVAL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -106,9 +106,7 @@ class EvalRecipe:
         if cfg.get("output"):
             out = Path(str(cfg.output))
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(report, indent=2))
-            tmp.replace(out)
+            replace_atomically(out, json.dumps(report, indent=2))
         return report
 
     def cleanup(self) -> None:

@@ -34,7 +34,7 @@ from letrecipes.components.data import BatchStream, build_dataloader, build_data
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
-from letrecipes.components.files import replace_atomically
+from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.metrics import MetricLogger, StepTimer, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
@@ -324,10 +324,17 @@ class PretrainRecipe:
                         disable=not (self.is_main and sys.stderr.isatty() and self.cfg.get("progress_bar", True)))
         self.timer.restart()
         stopper = GracefulStop(log=self.log).install()
-        try:
-            self._train_loop(progress, stopper)
+        folders = {"output_dir": self.output_dir, "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache"))}
+        try:  # a full disk or a lost mount: one line that says what is intact
+            with environment_errors(folders, "training", kept=self.what_is_kept,
+                                    then="run the same command with resume=true"):
+                self._train_loop(progress, stopper)
         finally:
             stopper.uninstall()
+
+    def what_is_kept(self) -> str:
+        latest = self.checkpointer.latest()
+        return f"The last complete checkpoint, {latest}, is intact." if latest else "No checkpoint was saved yet."
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
         while self.step < self.max_steps:

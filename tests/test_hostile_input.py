@@ -44,10 +44,15 @@ def test_malformed_yaml(tmp_path):
     ("max_steps=0", "config key max_steps=0 must be an integer >= 1"),
     ("data.val_fraction=1.5", "config key data.val_fraction=1.5 must be a number > 0 and < 0.5"),
     ("divergence.policy=ignore", "config key divergence.policy='ignore' must be one of stop, skip"),
-    ("model.num_layer=2", "model: cannot build"),
-    ("optimizer.lrr=0.1", "optimizer: cannot build"),
+    ("model.num_layer=2", "config key model.num_layer is not an argument of 'llama' (it takes: "),
+    ("optimizer.lrr=0.1", "config key optimizer.lrr is not an argument of 'torch.optim.AdamW'"),
+    ("model.norm_eps=abc", "config key model.norm_eps='abc' must be a number for 'llama'"),
+    ("optimizer.betas=[0.9]", "config key optimizer.betas=[0.9] must be a list of 2 numbers, like [0.9, 0.999]"),
+    ("optimizer.lr=abc", "config key optimizer.lr='abc' must be a number"),
+    ("model.tie_word_embeddings=3", "config key model.tie_word_embeddings=3 must be true or false"),
 ], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "out-of-range-fraction",
-        "bad-choice", "unknown-model-argument", "unknown-optimizer-argument"])
+        "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
+        "optimizer-tuple-length", "optimizer-number", "model-flag"])
 def test_bad_config_values_damage_nothing(base_overrides, finished_run, override, match):
     before = digest(finished_run)
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=4",

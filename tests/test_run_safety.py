@@ -366,6 +366,10 @@ def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
         check_writable_folder(tmp_path / "file", "data.cache_dir")
     with pytest.raises(StorageError, match="data.cache_dir: .*a part of the path is a file"):
         check_writable_folder(tmp_path / "file" / "below", "data.cache_dir")
+    folders = {"output_dir": tmp_path / "run", "data.cache_dir": tmp_path / "cache"}
+    with pytest.raises(StorageError, match=r"^data.cache_dir: training failed: an input/output error .*No checkpoint"):
+        with environment_errors(folders, "training", kept=lambda: "No checkpoint was saved yet."):
+            raise OSError(5, "Input/output error", str(tmp_path / "cache" / "prepared-x" / "shard_000000.bin"))
     for code, cause in ((30, "the filesystem is read-only"), (122, "the disk quota is exceeded"),
                         (13, "permission denied")):
         with pytest.raises(StorageError, match=f"data.cache_dir: preparing failed: {cause}"):
