@@ -20,6 +20,7 @@ would first convert the whole file to Arrow in its cache.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -35,6 +36,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
+READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
 DATASET_UNIT_ROWS = 50_000
 
 
@@ -169,6 +171,109 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         yield from _strings(rows, path, text_field, key)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
+
+
+def read_unit_in_pieces(unit: Unit, text_field: str = "text", key: str = "data.source",
+                        warn: Optional[list] = None, piece_chars: Optional[int] = None) -> Iterator[Tuple[str, bool]]:
+    """``(piece, ends_document)`` for the documents of ``unit``, in order. With
+    ``piece_chars``, a document longer than that comes in pieces cut by
+    :func:`safe_cuts`, and a text file is read in blocks: memory stays flat whatever the
+    document's length (a JSONL or parquet record is still read whole). Without it, each
+    document is one piece."""
+    warn = [] if warn is None else warn
+    if unit.kind == "text" and piece_chars:
+        for path in unit.paths:
+            yield from _stream_text(Path(path), key, warn, piece_chars)
+        return
+    for text in read_unit(unit, text_field, key, warn):
+        pieces = safe_cuts(text, piece_chars) if piece_chars and len(text) > piece_chars else [text]
+        for i, piece in enumerate(pieces):
+            yield piece, i == len(pieces) - 1
+
+
+def _stream_text(path: Path, key: str, warn: list, piece_chars: int) -> Iterator[Tuple[str, bool]]:
+    """A text file as pieces of one document, read and decoded a block at a time. Bad
+    UTF-8 is replaced (U+FFFD) and reported as :func:`_decode` reports it."""
+    strict, lenient = codecs.getincrementaldecoder("utf-8")(), None
+    consumed, replaced, first_bad, carry = 0, 0, None, ""
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ_BLOCK)
+            final = not block
+            if lenient is None:
+                pending = strict.getstate()[0]
+                try:
+                    text = strict.decode(block, final=final)
+                except UnicodeDecodeError as err:
+                    first_bad = consumed - len(pending) + err.start
+                    lenient = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                    text = lenient.decode(pending + block, final=final)
+                    replaced += text.count("\ufffd")
+            else:
+                text = lenient.decode(block, final=final)
+                replaced += text.count("\ufffd")
+            consumed += len(block)
+            carry += text
+            if len(carry) > 2 * piece_chars or final:
+                pieces = safe_cuts(carry, piece_chars)
+                carry = "" if final else pieces.pop()
+                for i, piece in enumerate(pieces):
+                    yield piece, final and i == len(pieces) - 1
+            if final:
+                break
+    if first_bad is not None:
+        warn.append(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {first_bad}); {replaced} "
+                    "undecodable byte sequence(s) were replaced by U+FFFD.")
+
+
+def safe_cuts(text: str, size: int) -> List[str]:
+    """``text`` in pieces of about ``size`` characters, cut after a single newline between
+    two non-space characters (else before a space followed by a letter): places where a
+    byte-level BPE pre-tokenizer starts a new word anyway, so the pieces encode to the
+    same ids as the whole (tests/test_prepare.py and tests/test_gguf_teacher.py check two
+    tokenizers). A stretch with no such place stays whole: its piece ends at the first
+    place after it."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = _last_cut(text, start, start + size) or _next_cut(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _last_cut(text: str, start: int, stop: int) -> Optional[int]:
+    j = text.rfind("\n", start + 1, stop)
+    while j != -1:
+        if j + 1 < len(text) and not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j + 1
+        j = text.rfind("\n", start + 1, j)
+    j = text.rfind(" ", start + 1, stop)
+    while j != -1:
+        if j + 1 < len(text) and not text[j - 1].isspace() and text[j + 1].isalpha():
+            return j
+        j = text.rfind(" ", start + 1, j)
+    return None
+
+
+def _next_cut(text: str, start: int) -> Optional[int]:
+    """The first place at or after ``start`` that :func:`_last_cut` would accept."""
+    found = []
+    j = text.find("\n", start)
+    while j != -1 and j + 1 < len(text):
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            found.append(j + 1)
+            break
+        j = text.find("\n", j + 1)
+    j = text.find(" ", start)
+    while j != -1 and j + 1 < len(text):
+        if not text[j - 1].isspace() and text[j + 1].isalpha():
+            found.append(j)
+            break
+        j = text.find(" ", j + 1)
+    return min(found) if found else None
 
 
 def read_documents(source, text_field: str = "text", key: str = "data.source") -> Iterator[str]:

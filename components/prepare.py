@@ -34,9 +34,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit, source_files
+from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit_in_pieces, source_files
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically, unique_tmp
-from letrecipes.components.tokenizer import Tokenizer, safe_cuts
+from letrecipes.components.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
@@ -139,15 +139,14 @@ def _prepare_unit(job: dict) -> dict:
                 batch.clear(), ends.clear()
                 chars = 0
 
-            for text in read_unit(unit, job["text_field"], job["key"], messages):
-                documents += 1
-                pieces = safe_cuts(text, PIECE_CHARS) if len(text) > PIECE_CHARS and splits else [text]
-                for i, piece in enumerate(pieces):
-                    batch.append(piece)
-                    ends.append(i == len(pieces) - 1)
-                    chars += len(piece)
-                    if len(batch) == DOCS_PER_BATCH or chars >= BATCH_CHARS:
-                        flush()
+            for piece, last in read_unit_in_pieces(unit, job["text_field"], job["key"], messages,
+                                                   piece_chars=PIECE_CHARS if splits else None):
+                documents += last
+                batch.append(piece)
+                ends.append(last)
+                chars += len(piece)
+                if len(batch) == DOCS_PER_BATCH or chars >= BATCH_CHARS:
+                    flush()
             flush()
             out.flush()
             os.fsync(out.fileno())

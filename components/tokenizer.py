@@ -48,8 +48,8 @@ class Tokenizer:
 
     @property
     def splits_safely(self) -> bool:
-        """Whether a long text may be encoded in pieces cut at :func:`safe_cuts` with the
-        same ids as in one call: true for byte-level BPE (GPT-2, Llama-3, SmolLM2, Qwen
+        """Whether a long text may be encoded in pieces cut at ``corpus.safe_cuts`` with the
+        same ids as in one call (``corpus.safe_cuts``): true for byte-level BPE (GPT-2, Llama-3, SmolLM2, Qwen
         style) without a normalizer that looks across characters. SentencePiece-style
         tokenizers (Metaspace) prepend a marker at the start of each call, so they are
         encoded whole."""
@@ -71,37 +71,6 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
-
-
-def safe_cuts(text: str, size: int) -> List[str]:
-    """``text`` in pieces of about ``size`` characters, cut after a single newline between
-    two non-space characters (else before a space followed by a letter): places where a
-    byte-level BPE pre-tokenizer starts a new word anyway, so the pieces encode to the
-    same ids as the whole (tests/test_prepare.py checks three tokenizers). A stretch with
-    no such place stays whole."""
-    pieces, start = [], 0
-    while len(text) - start > size:
-        cut = _last_cut(text, start, start + size)
-        if cut is None:
-            break
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
-
-
-def _last_cut(text: str, start: int, stop: int) -> Optional[int]:
-    j = text.rfind("\n", start + 1, stop)
-    while j != -1:
-        if j + 1 < len(text) and not text[j - 1].isspace() and not text[j + 1].isspace():
-            return j + 1
-        j = text.rfind("\n", start + 1, j)
-    j = text.rfind(" ", start + 1, stop)
-    while j != -1:
-        if j + 1 < len(text) and not text[j - 1].isspace() and text[j + 1].isalpha():
-            return j
-        j = text.rfind(" ", start + 1, j)
-    return None
 
 
 def load_tokenizer(tokenizer_cfg: Mapping[str, Any], teacher_cfg: Optional[Mapping[str, Any]] = None) -> Tokenizer:

@@ -166,7 +166,7 @@ def hard_text(repeats: int = 40) -> str:
 
 
 def test_long_documents_are_encoded_in_pieces_with_the_same_ids(tokenizer):
-    from letrecipes.components.tokenizer import safe_cuts
+    from letrecipes.components.corpus import safe_cuts
 
     text = hard_text()
     pieces = safe_cuts(text, 300)

@@ -308,10 +308,10 @@ def test_a_failed_tokenisation_leaves_no_temporary_file(tokenizer_path, tmp_path
     source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
 
     def broken(*args, **kwargs):
-        yield "one document"
+        yield "one document", True
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(prepare, "read_unit", broken)
+    monkeypatch.setattr(prepare, "read_unit_in_pieces", broken)
     with pytest.raises(OSError):
         prepare_corpus(source, tok, tmp_path / "out", **QUIET)
     assert not list((tmp_path / "out").glob(".*.tmp"))
@@ -336,6 +336,20 @@ def test_a_long_document_is_prepared_in_pieces_with_the_ids_of_one_call(tokenize
     (tmp_path / "src" / "one.txt").write_text(text)
     monkeypatch.setattr(prepare, "PIECE_CHARS", 500)
     monkeypatch.setattr(prepare, "BATCH_CHARS", 2000)  # many flushes inside the one document
+    monkeypatch.setattr(corpus, "READ_BLOCK", 777)  # blocks that cut words and UTF-8 sequences
     prepare_corpus(tmp_path / "src", tok, tmp_path / "out", **QUIET)
     ids = np.fromfile(tmp_path / "out" / "shard_000000.bin", dtype=np.uint16).tolist()
     assert tok.splits_safely and ids == tok.encode(text) + [tok.eos_id]
+
+
+def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_path, monkeypatch):
+    data = ("é" * 10000).encode() + b"\xff" + ("ü word\n" * 500).encode()
+    (tmp_path / "a.txt").write_bytes(data)
+    monkeypatch.setattr(corpus, "READ_BLOCK", 777)  # odd: two-byte characters straddle blocks
+    warn = []
+    unit = corpus.list_units(tmp_path / "a.txt")[0]
+    pieces = list(corpus.read_unit_in_pieces(unit, warn=warn, piece_chars=300))
+    assert "".join(p for p, _ in pieces) == data.decode("utf-8", errors="replace")
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True] and len(pieces) > 5
+    assert warn == [f"data.source: {tmp_path / 'a.txt'} is not valid UTF-8 (first bad byte at offset 20000); 1 "
+                    "undecodable byte sequence(s) were replaced by U+FFFD."]
