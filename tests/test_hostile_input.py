@@ -114,3 +114,33 @@ def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, 
     messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
     assert messages and "latin1.txt is not valid UTF-8 (first bad byte at offset 20003)" in messages[0]
     assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
+
+
+def test_checks_run_before_the_first_write_and_a_failed_start_blocks_nothing(let_overrides, tmp_path):
+    """Issue 15, class 9: settings that used to pass setup and fail at step 1 are refused
+    before the run folder exists; a run that fails at its first step leaves a folder that
+    the corrected rerun may use without overwrite=true."""
+    out = tmp_path / "run"
+    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "data.seq_len=64", "max_steps=3",
+                       match="data.seq_len=64 is longer than the teacher's context (32 tokens")
+    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "alignment.schedule.lambda0=.nan",
+                       "max_steps=3", match="alignment.schedule.lambda0=nan must be a finite number")
+    assert not out.exists()
+    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "max_steps=3", "debug.nan_loss_at_step=1",
+                       match="non-finite loss or gradient norm at step 1")
+    run_let(*let_overrides, f"output_dir={out}", "max_steps=3")  # no overwrite needed: step 1 never finished
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
+
+
+def test_library_errors_name_the_key(base_overrides, tmp_path, monkeypatch):
+    """Issue 15, class 8: a module in `imports` that raises while imported, and a JSONL
+    record whose text is not a string, are one line each naming the key (and the line)."""
+    (tmp_path / "broken_module.py").write_text("VALUE = 1\nRATIO = VALUE / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'a'}", "imports=[broken_module]",
+                       match="imports: importing 'broken_module' failed: ZeroDivisionError: division by zero "
+                             "(at broken_module.py:2)")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a fine document"}\n{"text": 42}\n')
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'b'}", f"data.source={corpus}",
+                       match=f"data.source: {corpus}:2: 'text' is int, not text.")
