@@ -82,6 +82,13 @@ def let_lambda(value: float, **changes) -> Arm:
     return Arm(f"let_lambda{value}{suffix}", "let_pretrain", let_with(schedule__lambda0=value, **changes))
 
 
+def let_auto(rho0: float) -> Arm:
+    """LET with the auto alignment weight (components/auto_weight.py) at target ratio rho0."""
+    return Arm(f"let_auto{rho0}", "let_pretrain", let_with(schedule___component_="auto", schedule__rho0=rho0)
+               + ["~alignment.schedule.lambda0"])
+
+
+AUTO_RHO0 = 1.0  # the one default of `schedule: auto` (components/auto_weight.py), used in every regime
 BASELINE = Arm("baseline", "pretrain")
 LET_ARM = Arm("let", "let_pretrain", LET)
 RKD = Arm("rkd", "let_pretrain", let_with(loss="kl_logits"))
@@ -103,6 +110,9 @@ SUITES: Dict[str, Dict] = {
         BASELINE, LET_ARM, *[Arm(f"let_stop{v}", "let_pretrain", let_with(schedule__stop=v)) for v in (0.1, 0.5)]]},
     "projector": {"regimes": ["long"], "seeds": [0], "arms": [
         BASELINE, LET_ARM, *[Arm(f"let_{p}", "let_pretrain", let_with(projector=p)) for p in ("interpolate", "mlp")]]},
+    # issue 16: auto against the best fixed lambda0 of the lambda sweep, in both long regimes
+    "auto": {"regimes": ["long", "longer"], "seeds": [0, 1], "arms": [
+        BASELINE, let_auto(AUTO_RHO0), let_lambda(1.0), let_lambda(3.0)]},
     "block": {"regimes": ["long"], "seeds": [0], "arms": [
         BASELINE, *[Arm(f"let_block{k}", "let_pretrain",
                         let_with(layer_map=f"{{_component_: pairs, pairs: [[{k}, -1]]}}")) for k in (1, 2, 3, 4)]]},

@@ -53,8 +53,19 @@ class Aligner(nn.Module):
         """How deep the teacher's forward goes (None: all of it, output head included)."""
         return max(self.teacher_layers)
 
-    def weight(self, step: int) -> float:
+    def weight(self, step: int):
+        """lambda at ``step``: a number, or a device tensor for a measuring schedule (auto)."""
         return self.schedule(step)
+
+    def measuring(self, step: int) -> bool:
+        """Whether the schedule measures gradients at ``step`` (components/auto_weight.py)."""
+        measuring = getattr(self.schedule, "measuring", None)
+        return bool(measuring and measuring(step))
+
+    def meeting_points(self, hidden: Dict[int, torch.Tensor], logits: Optional[torch.Tensor]) -> Dict[Any, torch.Tensor]:
+        """Where the alignment term's gradient joins the language-modelling loss's: the
+        aligned student hidden states (logits for a logit aligner)."""
+        return {s: hidden[s] for s in self.student_layers}
 
     def finished(self, step: int) -> bool:
         """True when lambda is 0 at ``step`` and every later step: the teacher can go."""
@@ -101,6 +112,9 @@ class LogitAligner(Aligner):
 
     def teacher_targets(self, teacher: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return teacher.logits(tokens)
+
+    def meeting_points(self, hidden, logits):
+        return {"logits": logits}
 
     def forward(self, student_hidden, targets, mask=None, logits=None):
         """(alignment loss, None): there is no hidden-state cosine to report."""

@@ -34,7 +34,8 @@ from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 class LETPretrainRecipe(PretrainRecipe):
     uses_teacher = True
-    console_fields = (("loss", ".4f"), ("nll", ".4f"), ("align_loss", ".4f"), ("lambda", ".3g"), ("cosine", ".3f"),
+    console_fields = (("loss", ".4f"), ("nll", ".4f"), ("align_loss", ".4f"), ("lambda", ".3g"), ("rho", ".3g"),
+                      ("rho_measured", ".3g"), ("cosine", ".3f"),
                       ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"), ("tokens_per_s", ".0f"))
 
     def setup_extra(self) -> None:
@@ -108,12 +109,27 @@ class LETPretrainRecipe(PretrainRecipe):
         targets = self.teacher_targets(tokens)
         hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
         nll = nll_loss(logits, labels)
+        probe = None
+        if self.aligner.measuring(self.step):  # auto: the aligner sees tapped copies, the NLL the originals
+            probe = self.aligner.schedule.probe(self.aligner.meeting_points(hidden, logits))
+            tapped = probe["tapped"]
+            hidden, logits = {**hidden, **{k: v for k, v in tapped.items() if k != "logits"}}, \
+                tapped.get("logits", logits)
         align, cosine = self.aligner(hidden, targets, logits=logits)
         loss = nll + weight * align
         figures = {"nll": nll.detach(), "align_loss": align.detach(), "lambda": weight}
         if cosine is not None:
             figures["cosine"] = cosine
+        if probe is not None:  # filled in place during backward, before the figures are summed
+            figures.update(probe["figures"])
         return loss, figures
+
+    def reduced(self, figures: Dict[str, Any]) -> None:
+        """A measuring schedule folds this step's gradient measurement into lambda."""
+        if "_g_total_sq" in figures:
+            figures.update(self.aligner.schedule.update(figures, weight=figures["lambda"]))
+        if hasattr(self.aligner.schedule, "rho") and self.teacher is not None:
+            figures["rho"] = self.aligner.schedule.rho(self.step)
 
     def after_step(self) -> None:
         if self.teacher is not None and self.aligner.finished(self.step):

@@ -7,7 +7,7 @@ the loop, ``cleanup()`` closes the sinks. Policy lives in components: the checkp
 the run folder and resume, the metric logger owns metrics.jsonl, ``parallel`` owns
 devices and sharding, ``divergence`` what a non-finite step does. ``letrecipes/let_pretrain.py``
 is this recipe plus a teacher and an alignment term; the methods it overrides are
-``setup_extra``, ``compute_loss`` and ``after_step``.
+``setup_extra``, ``compute_loss``, ``reduced`` and ``after_step``.
 """
 
 from __future__ import annotations
@@ -211,6 +211,10 @@ class PretrainRecipe:
         nll = nll_loss(logits, labels)
         return nll, {"nll": nll.detach()}
 
+    def reduced(self, figures: Dict[str, Any]) -> None:
+        """Hook for subclasses: the step's figures, averaged over ranks and micro-batches,
+        before the update (LET's auto schedule reads its gradient measurement here)."""
+
     def after_step(self) -> None:
         """Hook for subclasses, called after each optimizer step."""
 
@@ -238,6 +242,7 @@ class PretrainRecipe:
             shared[CHECKS] = torch.stack([flag.reshape(()).float() for flag, _ in self.step_checks]).min()
         sums.update(parallel.all_reduce_mean(shared))
         checks_passed = sums.pop(CHECKS, None)
+        self.reduced(sums)
         grad_norm = None
         if self.cfg.get("clip_grad_norm"):
             grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), float(self.cfg.clip_grad_norm))

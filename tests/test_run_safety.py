@@ -26,11 +26,22 @@ from tests.test_hostile_input import digest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ("max_steps=8", "save_every=3", "log_every=1", "eval_every=4", "keep_last_checkpoints=3")
+BASE: list = []  # the test corpus, tokenizer and tiny model (conftest's base_overrides)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def test_corpus(base_overrides):
+    BASE[:] = base_overrides
+    return BASE
+
+
+def command(out, *overrides):
+    return [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
+            *BASE, *COMMON, f"output_dir={out}", *overrides]
 
 
 def tune(out, *overrides, preexec=None, timeout=300):
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
-           *COMMON, f"output_dir={out}", *overrides]
+    cmd = command(out, *overrides)
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
                           preexec_fn=preexec)
@@ -58,7 +69,7 @@ def flip_a_byte(path: Path, offset: int = 100_000) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
+def straight(tmp_path_factory, test_corpus):
     out = tmp_path_factory.mktemp("straight")
     ok(tune(out))
     return out
@@ -86,8 +97,7 @@ def test_lock_names_its_owner_and_is_stale_once_the_owner_is_gone(tmp_path):
 
 
 def test_two_launches_at_once_one_trains_the_other_stops_naming_it(tmp_path, straight):
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
-           *COMMON, f"output_dir={tmp_path}"]
+    cmd = command(tmp_path)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
@@ -101,8 +111,7 @@ def test_two_launches_at_once_one_trains_the_other_stops_naming_it(tmp_path, str
 
 
 def test_resume_while_the_first_run_still_trains_is_refused(tmp_path):
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
-           "max_steps=100000", "log_every=1", f"output_dir={tmp_path}"]
+    cmd = command(tmp_path, "max_steps=100000", "save_every=0")
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -131,8 +140,7 @@ def test_sigterm_during_a_save_completes_it_and_stops_there(tmp_path, straight):
 
 
 def test_ctrl_c_stops_gracefully_and_a_second_signal_at_once(tmp_path):
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
-           "max_steps=100000", "log_every=1", f"output_dir={tmp_path}"]
+    cmd = command(tmp_path, "max_steps=100000", "save_every=0")
     run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "WANDB_MODE": "disabled"})
     deadline = time.monotonic() + 120
@@ -172,7 +180,7 @@ def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path):
     assert a[3][1] != b[3][1]  # steps before the checkpoint kept theirs
 
 
-@pytest.mark.parametrize("change", ["model.num_layers=4", "seed=1", "data.seq_len=128", "batch_size=4"])
+@pytest.mark.parametrize("change", ["model.num_layers=3", "seed=1", "data.seq_len=64", "batch_size=8"])
 def test_resume_that_would_be_another_run_is_refused_in_one_line(tmp_path, change):
     ok(tune(tmp_path, "max_steps=3"))
     before = digest(tmp_path)
@@ -182,9 +190,9 @@ def test_resume_that_would_be_another_run_is_refused_in_one_line(tmp_path, chang
     assert digest(tmp_path) == before
 
 
-def test_resume_notices_a_tokenizer_whose_bytes_changed(tmp_path):
+def test_resume_notices_a_tokenizer_whose_bytes_changed(tmp_path, tokenizer_path):
     tokenizer = tmp_path / "tokenizer.json"
-    tokenizer.write_text((REPO / "outputs" / "demo" / "tokenizer.json").read_text())
+    tokenizer.write_text(tokenizer_path.read_text())
     run = tmp_path / "run"
     ok(tune(run, f"tokenizer.path={tokenizer}", "max_steps=3"))
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=3))  # same path, other bytes
@@ -332,10 +340,10 @@ def test_replace_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
-def limit_file_size(megabytes):
+def limit_file_size(limit_bytes):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (megabytes << 20, megabytes << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
     return preexec
 
 
@@ -343,7 +351,8 @@ def test_a_write_failure_during_resume_keeps_history_and_checkpoints(tmp_path, s
     assert tune(tmp_path, "debug.kill_at_step=5").returncode != 0  # checkpoint at 3, metrics to 4
     before = (tmp_path / "metrics.jsonl").read_bytes()
     kept = digest(tmp_path / "checkpoints" / "step_00000003")
-    failed = tune(tmp_path, "resume=true", preexec=limit_file_size(2))  # shards (13 MB) cannot be written
+    shard = (tmp_path / "checkpoints" / "step_00000003" / "__0_0.distcp").stat().st_size
+    failed = tune(tmp_path, "resume=true", preexec=limit_file_size(shard // 2))  # a shard cannot be written
     message = last_line(failed)
     assert failed.returncode == 1 and "Traceback" not in failed.stderr
     assert "output_dir: saving the step-6 checkpoint" in message and "file size limit" in message
