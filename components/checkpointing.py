@@ -131,6 +131,22 @@ def file_problems(folder: Path, expected: Dict[str, Dict[str, Any]]) -> List[str
     return problems
 
 
+def checkpoint_problems(path: Union[str, Path], share: int = 0, shares: int = 1) -> List[str]:
+    """What is wrong with the files of a complete checkpoint against its COMPLETE marker,
+    for the ``share``-th of ``shares`` parts of its file list (all of it by default), and
+    whether it holds non-finite weights (share 0). A marker written before checksums
+    (version 0.3 and earlier) has nothing to verify against: no problems."""
+    path = Path(path)
+    marker = read_marker(path)
+    if marker is None:
+        return []
+    names = sorted(marker["files"])
+    problems = file_problems(path, {n: marker["files"][n] for i, n in enumerate(names) if i % shares == share})
+    if share == 0 and not marker.get("finite_weights", True):
+        problems.append("it holds non-finite weights")
+    return problems
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -337,18 +353,9 @@ class Checkpointer:
         return path
 
     def verify(self, path: Union[str, Path]) -> List[str]:
-        """What is wrong with a complete checkpoint's files (empty: it verifies). Each rank
-        hashes a share of the files; every rank gets the same answer."""
-        path = Path(path)
-        marker = read_marker(path)
-        if marker is None:  # written before checksums: nothing to verify against
-            return []
-        names = sorted(marker["files"])
-        mine = {n: marker["files"][n] for i, n in enumerate(names) if i % _world_size() == _rank()}
-        problems = [p for share in _gathered(file_problems(path, mine)) for p in share]
-        if not marker.get("finite_weights", True):
-            problems.append("it holds non-finite weights")
-        return problems
+        """What is wrong with a complete checkpoint (empty: it verifies). Each rank hashes a
+        share of the files; every rank gets the same answer."""
+        return [p for share in _gathered(checkpoint_problems(path, _rank(), _world_size())) for p in share]
 
     def last_good(self) -> Optional[Path]:
         """The newest checkpoint that verifies and holds finite weights (a collective call)."""

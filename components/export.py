@@ -230,16 +230,19 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
 
 
 def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
-                      overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export") -> Path:
+                      overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
+                      verify: bool = True) -> Path:
     """A DCP step checkpoint -> a Hugging Face folder, offline (``letrecipes export``).
 
     The model's shape and tokenizer come from the run's ``config.yaml`` (two folders up);
     tensors are read and written one at a time (peak memory: about one output shard).
+    ``verify`` checks the files against the checkpoint's checksums first (a recipe
+    exporting the checkpoint it has just written skips that).
     """
     from omegaconf import OmegaConf
 
     from letrecipes.components import registry
-    from letrecipes.components.checkpointing import check_format, is_complete
+    from letrecipes.components.checkpointing import check_format, checkpoint_problems, is_complete
     from letrecipes.components.models import padded_vocab_size
     from letrecipes.components.tokenizer import load_tokenizer
 
@@ -253,6 +256,10 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
                           "metadata: its save never finished). Fix: give a folder like "
                           "<output_dir>/checkpoints/step_00000100 whose save completed.")
     check_format(checkpoint)
+    problems = checkpoint_problems(checkpoint) if verify else []
+    if problems:
+        raise ExportError(f"{key}: {checkpoint} is damaged: {'; '.join(problems[:3])}. Fix: export an older "
+                          "checkpoint of the run (its checkpoints/ folder), one that verifies.")
     check_destination(out_dir, overwrite)
     cfg = OmegaConf.load(run_config)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))

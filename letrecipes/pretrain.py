@@ -396,7 +396,8 @@ class PretrainRecipe:
                 self.save_checkpoint()
                 self.checkpointer.wait()
             if self.is_main:
-                export_checkpoint(self.checkpointer.latest(), final, dtype, overwrite=True, max_shard_mb=max_shard_mb)
+                export_checkpoint(self.checkpointer.latest(), final, dtype, overwrite=True, max_shard_mb=max_shard_mb,
+                                  verify=False)  # written and hashed moments ago
         self.log(f"exported {final} (Hugging Face format, {dtype})")
 
     def source_tokens(self) -> Dict[str, int]:

@@ -308,6 +308,17 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_matches_a_straight_run(tmp
     assert losses(tmp_path) == losses(straight)
 
 
+def test_export_of_a_damaged_checkpoint_is_refused(tmp_path):
+    from letrecipes.components.export import ExportError, export_checkpoint
+
+    ok(tune(tmp_path, "max_steps=3"))
+    checkpoint = tmp_path / "checkpoints" / "step_00000003"
+    flip_a_byte(checkpoint / "__0_0.distcp")
+    with pytest.raises(ExportError, match="is damaged: __0_0.distcp has other bytes than were written"):
+        export_checkpoint(checkpoint, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_resume_from_a_damaged_path_or_with_nothing_verified_is_refused(tmp_path):
     ok(tune(tmp_path, "max_steps=4"))  # checkpoints at 3 and 4
     for step in (3, 4):
