@@ -412,7 +412,7 @@ class Checkpointer:
         start = time.perf_counter()
         final = self.dir / f"{STEP_PREFIX}{step:08d}"
         tmp = final.with_name(final.name + ".tmp")
-        kept = f"The last complete checkpoint, {self.latest()}, is intact." if self.latest() else ""
+        kept = self.what_is_kept()
         with environment_errors("output_dir", f"saving the step-{step} checkpoint into {tmp}", kept,
                                 then="run the same command with resume=true"):
             if _rank() == 0:
@@ -434,6 +434,11 @@ class Checkpointer:
                 dcp.save(state, checkpoint_id=str(tmp))
                 self._finalize(tmp, final, finite, start)
         return final
+
+    def what_is_kept(self) -> str:
+        """For an error that stops the run: what it can go back to."""
+        latest = self.latest()
+        return f"The last complete checkpoint, {latest}, is intact." if latest else "No checkpoint was saved yet."
 
     def wait(self) -> None:
         """Block until an async save in flight is on disk and renamed complete."""

@@ -331,15 +331,12 @@ class PretrainRecipe:
         stopper = GracefulStop(log=self.log).install()
         folders = {"output_dir": self.output_dir, "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache"))}
         try:  # a full disk or a lost mount: one line that says what is intact
-            with environment_errors(folders, "training", kept=self.what_is_kept,
+            with environment_errors(folders, "training", kept=self.checkpointer.what_is_kept,
                                     then="run the same command with resume=true"):
                 self._train_loop(progress, stopper)
         finally:
             stopper.uninstall()
 
-    def what_is_kept(self) -> str:
-        latest = self.checkpointer.latest()
-        return f"The last complete checkpoint, {latest}, is intact." if latest else "No checkpoint was saved yet."
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
         while self.step < self.max_steps:
