@@ -72,6 +72,14 @@ def _shard_done(out_dir: Path, index: int, itemsize: int) -> Optional[dict]:
     return meta if data_path.stat().st_size == meta["tokens"] * itemsize else None
 
 
+def size_problem(path: Path, expected: int) -> Optional[str]:
+    """``is missing`` / ``has N bytes where the manifest says M``, or None when it fits."""
+    size = path.stat().st_size if path.is_file() else None
+    if size == expected:
+        return None
+    return "is missing" if size is None else f"has {size:,} bytes where the manifest says {expected:,}"
+
+
 def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
     """What is wrong with a prepared folder's shards: a size other than the manifest's, or
     an id outside the vocabulary (read in blocks: memory stays flat). Empty: it is sound.
@@ -85,10 +93,9 @@ def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
     problems = []
     for shard in shards:
         path = Path(folder) / shard["file"]
-        size = path.stat().st_size if path.is_file() else None
-        if size != shard["tokens"] * dtype.itemsize:
-            problems.append(f"{shard['file']} is {'missing' if size is None else f'{size:,} bytes'}, the manifest "
-                            f"says {shard['tokens'] * dtype.itemsize:,}")
+        wrong_size = size_problem(path, shard["tokens"] * dtype.itemsize)
+        if wrong_size:
+            problems.append(f"{shard['file']} {wrong_size}")
             continue
         with open(path, "rb") as f:
             while block := f.read(RANGE_CHECK_BLOCK):
@@ -333,10 +340,8 @@ def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "dat
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for shard in manifest["shards"]:
         path = folder / shard["file"]
-        expected = shard["tokens"] * itemsize
-        size = path.stat().st_size if path.is_file() else None
-        if size != expected:
-            what = "is missing" if size is None else f"has {size:,} bytes where the manifest says {expected:,}"
+        what = size_problem(path, shard["tokens"] * itemsize)
+        if what:
             raise DataError(f"{key}: shard {path} {what}. Fix: rerun the `letrecipes prepare-data` command that "
                             "made the folder (it redoes only damaged shards), or delete the folder if it is a cache.")
     return manifest
