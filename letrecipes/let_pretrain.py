@@ -112,9 +112,8 @@ class LETPretrainRecipe(PretrainRecipe):
         probe = None
         if self.aligner.measuring(self.step):  # auto: the aligner sees tapped copies, the NLL the originals
             probe = self.aligner.schedule.probe(self.aligner.meeting_points(hidden, logits))
-            tapped = probe["tapped"]
-            hidden, logits = {**hidden, **{k: v for k, v in tapped.items() if k != "logits"}}, \
-                tapped.get("logits", logits)
+            logits = probe["tapped"].pop("logits", logits)
+            hidden = {**hidden, **probe["tapped"]}
         align, cosine = self.aligner(hidden, targets, logits=logits)
         loss = nll + weight * align
         figures = {"nll": nll.detach(), "align_loss": align.detach(), "lambda": weight}

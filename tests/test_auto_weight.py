@@ -88,3 +88,13 @@ def test_auto_under_fsdp2_on_two_processes(let_overrides, tmp_path):
 
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r and r["step"] <= 6]
     assert all(r["lambda"] > 0 and r["rho_measured"] > 0 for r in records[1:])
+
+
+def test_auto_with_a_logit_aligner_measures_at_the_logits(let_overrides, tmp_path):
+    from letrecipes.components.metrics import read_metrics
+    from tests.test_recipes import run_let
+
+    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=4", "alignment.loss=kl_logits", *AUTO,
+            "alignment.schedule.stop=3")
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert records[1]["rho_measured"] > 0 and records[1]["lambda"] > 0 and records[-1]["lambda"] == 0
