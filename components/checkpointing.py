@@ -90,6 +90,15 @@ def check_format(path: Path) -> None:
                               f"{FORMAT_VERSION}. Fix: upgrade letrecipes (pip install -U letrecipes).")
 
 
+def require_complete(path: Path) -> None:
+    """A checkpoint named for resume must be one whose save finished."""
+    if not is_complete(path):
+        raise CheckpointError(
+            f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
+            f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
+            "or resume=true for the latest complete one.")
+
+
 def read_marker(path: Path) -> Optional[Dict[str, Any]]:
     """A checkpoint's COMPLETE marker: its file list and flags, or None for a marker
     written before checksums (version 0.3 and earlier)."""
@@ -335,11 +344,7 @@ class Checkpointer:
         if not path.is_dir():
             raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the "
                                   f"latest, or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
-        if not is_complete(path):
-            raise CheckpointError(
-                f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
-                f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
-                "or resume=true for the latest complete one.")
+        require_complete(path)
         return [path]
 
     def _check_world_size(self, path: Path) -> Path:
@@ -477,12 +482,7 @@ class Checkpointer:
     def load(self, path: Union[str, Path]) -> None:
         """Restore the tracked model, optimizer and per-rank state from ``path`` in place."""
         path = Path(path)
-        if not is_complete(path):
-            raise CheckpointError(
-                f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
-                f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
-                "or resume=true for the latest complete one."
-            )
+        require_complete(path)
         check_format(path)
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         # DCP loads whatever keys it is asked for: a checkpoint of a deeper model would load
