@@ -3,6 +3,7 @@ tokenizer from its config section, and byte-level BPE training (the demo's)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -46,7 +47,7 @@ class Tokenizer:
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
-    @property
+    @functools.cached_property  # parses the whole tokenizer JSON: once per tokenizer, not per unit
     def splits_safely(self) -> bool:
         """Whether a long text may be encoded in pieces cut at ``corpus.safe_cuts`` with the
         same ids as in one call (``corpus.safe_cuts``): true for byte-level BPE (GPT-2, Llama-3, SmolLM2, Qwen
