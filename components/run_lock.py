@@ -55,7 +55,7 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = self._read(fd)
+                owner = self._owner_of_held(fd)
                 os.close(fd)
                 raise RunLockError(
                     f"output_dir={str(self.path.parent)!r} is in use by another run: {describe(owner)}. Fix: wait for "
@@ -101,6 +101,15 @@ class RunLock:
                 self.path.parent.rmdir()  # only if empty: a run that failed in setup leaves no folder
             except OSError:
                 pass
+
+    @classmethod
+    def _owner_of_held(cls, fd: int, wait_s: float = 3.0) -> dict:
+        # The owner writes its name right after it takes the flock: a launch that lost
+        # the race by microseconds waits for that name rather than report an anonymous owner.
+        deadline = time.monotonic() + wait_s
+        while not (owner := cls._read(fd)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return owner
 
     @staticmethod
     def _read(fd: int) -> dict:

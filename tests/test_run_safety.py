@@ -96,6 +96,24 @@ def test_lock_names_its_owner_and_is_stale_once_the_owner_is_gone(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_launch_that_loses_the_race_by_a_moment_still_names_the_winner(tmp_path):
+    # The winner holds the flock a moment before its name is in the file (CI caught a
+    # loser reporting "a process that has not written its name yet").
+    import fcntl
+    import threading
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    owner = {"pid": 4242, "host": "winner", "started": "now", "argv": ["x"]}
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, json.dumps(owner).encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(RunLockError, match="in use by another run: pid 4242 on winner"):
+            RunLock(tmp_path).acquire()
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_two_launches_at_once_one_trains_the_other_stops_naming_it(tmp_path, straight):
     cmd = command(tmp_path)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
