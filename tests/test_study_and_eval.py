@@ -12,7 +12,6 @@ from letrecipes.components.alignment import LogitKL
 from letrecipes.components.evaluation import (EvalError, Item, read_task, run_lm_eval, write_lm_eval_tasks,
                                               write_task)
 from letrecipes.components.metrics import read_metrics
-from letrecipes.components.models import llama_model
 from letrecipes import eval as eval_recipe
 from letrecipes import let_pretrain
 from tests.test_recipes import expect_setup_error
@@ -198,3 +197,29 @@ def test_two_arm_suite_writes_json_tables_plots_and_skips_finished_runs(corpus_d
     written = final.stat().st_mtime_ns
     assert let_study.main(args) == 0  # everything finished: nothing is trained again
     assert final.stat().st_mtime_ns == written
+    assert arms["let"][0]["lambda0_equivalent"] > 0 and arms["baseline"][0]["lambda0_equivalent"] is None
+
+
+def test_alignment_summary_gives_the_linear_lambda0_of_the_same_area():
+    records = [{"step": s, "loss": 1.0, "lambda": 3.0 * max(0.0, 1 - s / 100), "cosine": s / 200} for s in range(200)]
+    summary = let_study.alignment_summary(records)
+    assert summary["lambda0_equivalent"] == pytest.approx(3.0, rel=0.02)
+    assert summary["cosine_end"] == pytest.approx(99 / 200)
+    assert let_study.alignment_summary([{"step": 1, "loss": 1.0}])["lambda0_equivalent"] is None
+
+
+def test_a_suite_without_scoring_trains_its_arms_for_their_seeds_only(corpus_dir, tokenizer_path, tmp_path,
+                                                                      monkeypatch):
+    arms = [let_study.BASELINE, let_study.replace(let_study.LET_ARM, seeds=(1,))]
+    monkeypatch.setitem(let_study.SUITES, "unscored", {"regimes": ["short"], "seeds": [0, 1], "evaluate": False,
+                                                       "arms": arms})
+    scale = {"teacher_steps": 4, "regime_steps": {"short": 3}, "student": TINY, "seq_len": 32, "batch_size": 4,
+             "teacher": ["model.num_layers=1", "model.embed_dim=16", "model.num_heads=2", "model.num_kv_heads=1",
+                         "model.intermediate_dim=32"]}
+    assert let_study.main(["--suite", "unscored", "--out", str(tmp_path / "study"), "--corpus", str(corpus_dir),
+                           "--tokenizer", str(tokenizer_path), "--tasks", str(tmp_path / "no_tasks"),
+                           "--plot-dir", str(tmp_path / "plots"), "--scale", json.dumps(scale)]) == 0
+    report = json.loads((tmp_path / "study" / "study_unscored.json").read_text())["regimes"]["short"]["arms"]
+    assert [r["seed"] for r in report["baseline"]] == [0, 1] and [r["seed"] for r in report["let"]] == [1]
+    assert report["let"][0]["accuracy"] == {} and not list((tmp_path / "study" / "runs").rglob("eval"))
+    assert (tmp_path / "plots" / "study_unscored_short.png").is_file()
