@@ -23,7 +23,7 @@ from torch import nn
 
 from letrecipes.components.alignment import masked_mean
 from letrecipes.components.layer_maps import PRESETS
-from letrecipes.components.registry import build
+from letrecipes.components.registry import ComponentError, build
 
 
 class Aligner(nn.Module):
@@ -31,7 +31,8 @@ class Aligner(nn.Module):
 
     target = "hidden"
 
-    def __init__(self, pairs: List[Tuple[int, int]], projectors: nn.ModuleList, loss: nn.Module, schedule: Any):
+    def __init__(self, pairs: List[Tuple[int, int]], projectors: nn.ModuleList, loss: nn.Module, schedule: Any,
+                 pooling: Optional[nn.Module] = None):
         super().__init__()
         if len(pairs) != len(projectors):
             raise ValueError("one projector per (student, teacher) pair")
@@ -39,6 +40,7 @@ class Aligner(nn.Module):
         self.projectors = projectors
         self.loss = loss
         self.schedule = schedule
+        self.pooling = pooling  # cross-tokenizer mode: teacher states -> one target per student position
 
     @property
     def student_layers(self) -> List[int]:
@@ -74,6 +76,13 @@ class Aligner(nn.Module):
 
     def teacher_targets(self, teacher: nn.Module, tokens: torch.Tensor) -> Dict[int, torch.Tensor]:
         return teacher.hidden_states(tokens, self.teacher_layers)
+
+    def pool(self, states: Dict[int, torch.Tensor], first: torch.Tensor, last: torch.Tensor
+             ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor]:
+        """Cross-tokenizer mode: teacher states over the teacher's own tokens -> (targets at
+        the student's positions, mask of positions that have one); components/cross_tokenizer.py."""
+        pooled = {layer: self.pooling(h, first, last) for layer, h in states.items()}
+        return {layer: target for layer, (target, _) in pooled.items()}, next(iter(pooled.values()))[1]
 
     def forward(
         self,
@@ -130,6 +139,7 @@ def build_aligner(
     teacher_depth: int,
     total_steps: int,
     vocab_size: Optional[int] = None,
+    cross_tokenizer: bool = False,
 ) -> Aligner:
     """Build the aligner from the ``alignment`` config section.
 
@@ -139,6 +149,10 @@ def build_aligner(
     loss = build("alignment_loss", cfg.get("loss", "negative_cosine"), key="alignment.loss")
     schedule = build("schedule", cfg.get("schedule", "linear"), key="alignment.schedule", total_steps=total_steps)
     if getattr(loss, "target", "hidden") == "logits":
+        if cross_tokenizer:
+            raise ComponentError(f"alignment.loss={cfg.get('loss')!r} compares output distributions over one shared "
+                                 "vocabulary, and this teacher reads another tokenizer. Fix: a hidden-state loss "
+                                 "(negative_cosine, mse, ...), or a teacher with the student's tokenizer.")
         return LogitAligner(loss, schedule, vocab_size)
     map_spec = cfg.get("layer_map", "L2E")
     if isinstance(map_spec, str) and map_spec in PRESETS:  # `layer_map: L2E` is short for the preset
@@ -150,4 +164,5 @@ def build_aligner(
               student_dim=student_dim, teacher_dim=teacher_dim)
         for _ in pairs
     )
-    return Aligner(pairs, projectors, loss, schedule)
+    pooling = build("pooling", cfg.get("pooling", "last"), key="alignment.pooling") if cross_tokenizer else None
+    return Aligner(pairs, projectors, loss, schedule, pooling)

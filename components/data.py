@@ -243,6 +243,7 @@ def build_dataloader(
     world_size: int = 1,
     shuffle: bool = True,
     num_workers: int = 0,
+    collate_fn: Optional[Callable] = None,
 ) -> StatefulDataLoader:
     if len(dataset) < batch_size * world_size:
         raise DataError(
@@ -251,7 +252,7 @@ def build_dataloader(
         )
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     return StatefulDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers, collate_fn=collate_fn
     )
 
 

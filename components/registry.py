@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes.components.errors import LetRecipesError
 
-KINDS = ("model", "optimizer", "lr_scheduler", "teacher_loader", "layer_map", "projector", "alignment_loss",
+KINDS = ("model", "optimizer", "lr_scheduler", "teacher_loader", "layer_map", "projector", "alignment_loss", "pooling",
          "schedule")
 # Components lived in a top-level package `components` before 0.2; a config that still
 # names one gets the new name instead of an import error.
@@ -44,7 +44,7 @@ _REGISTRY: Dict[str, Dict[str, Callable[..., Any]]] = {kind: {} for kind in KIND
 # The modules whose @register decorators define the built-in short names. They are imported
 # the first time a name is looked up, not when the package is imported, so that light users
 # of a component (the prepare step's worker processes, `letrecipes ls`) do not pay for torch.
-BUILTIN_MODULES = ("alignment", "auto_weight", "gguf_teacher", "hf_teacher", "layer_maps", "letrecipes_teacher", "lr_schedules",
+BUILTIN_MODULES = ("alignment", "auto_weight", "cross_tokenizer", "gguf_teacher", "hf_teacher", "layer_maps", "letrecipes_teacher", "lr_schedules",
                    "models", "optimizers", "projectors", "schedules", "teachers")
 _builtins_loaded = False
 

@@ -41,6 +41,11 @@ class Tokenizer:
         self.eos_token, self.eos_id = found[0]
         self.vocab_size = self._tok.get_vocab_size()
 
+    @property
+    def hf(self):
+        """The ``tokenizers.Tokenizer`` itself (offsets, the vocabulary, ``encode_batch``)."""
+        return self._tok
+
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -28,7 +28,8 @@ from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import forward_with_hidden, nll_loss
-from letrecipes.components.teachers import load_teacher
+from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable
+from letrecipes.components.teachers import TeacherError, existing_path, load_teacher, teacher_format, tokenizer_file
 from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 
@@ -37,6 +38,44 @@ class LETPretrainRecipe(PretrainRecipe):
     console_fields = (("loss", ".4f"), ("nll", ".4f"), ("align_loss", ".4f"), ("lambda", ".3g"), ("rho", ".3g"),
                       ("rho_measured", ".3g"), ("cosine", ".3f"),
                       ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"), ("tokens_per_s", ".0f"))
+
+    def setup_data(self) -> None:
+        self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
+        super().setup_data()
+
+    def _cross_tokenizer_collate(self):
+        """``alignment.cross_tokenizer``: true, false, or auto (the default: on exactly when
+        the teacher's own tokenizer reads text differently from the student's)."""
+        cfg = self.cfg
+        setting = cfg.alignment.get("cross_tokenizer", "auto")
+        if setting not in (True, False, "auto"):
+            raise RecipeError(f"alignment.cross_tokenizer={setting!r}: use auto, true or false.")
+        teacher_path = cfg.teacher.get("path")
+        if not teacher_path:
+            return None  # load_teacher names the missing key
+        existing_path(teacher_path, key="teacher.path")
+        try:
+            teacher_file = tokenizer_file(teacher_path, key="teacher.path", fmt=teacher_format(cfg.teacher))
+        except TeacherError:
+            teacher_file = None  # a teacher without a tokenizer of its own: it must read the student's ids
+        if teacher_file is None or not teacher_file.is_file():
+            if setting is True:
+                raise RecipeError(f"alignment.cross_tokenizer=true, but teacher.path={teacher_path!r} has no "
+                                  "tokenizer.json of its own to read the text with. Fix: put the teacher's "
+                                  "tokenizer.json next to its weights, or set alignment.cross_tokenizer=auto.")
+            return None
+        teacher_tokenizer = Tokenizer(teacher_file)
+        same = teacher_tokenizer.reads_like(self.tokenizer)
+        if setting is False or (setting == "auto" and same):
+            self.log("alignment: the teacher reads the student's token ids (same tokenizer"
+                     + (")" if same else "; alignment.cross_tokenizer=false)"))
+            return None
+        self.log(f"alignment: cross-tokenizer: the teacher reads its own tokens ({teacher_file}) of the student's "
+                 "text, each student position aligned to the teacher tokens that end by its own end ("
+                 + ("alignment.cross_tokenizer=true)" if setting is True else
+                    "the tokenizers differ; alignment.cross_tokenizer=auto)"))
+        return CrossTokenizerCollate(self.tokenizer.hf, teacher_tokenizer.hf, teacher_context=None,
+                                     teacher_eos_id=teacher_tokenizer.eos_id)
 
     def setup_extra(self) -> None:
         cfg = self.cfg
@@ -49,7 +88,7 @@ class LETPretrainRecipe(PretrainRecipe):
             cfg.alignment,
             student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
             teacher_dim=self.teacher.width, teacher_depth=self.teacher.depth, total_steps=self.max_steps,
-            vocab_size=self.tokenizer.vocab_size,
+            vocab_size=self.tokenizer.vocab_size, cross_tokenizer=self.collate is not None,
         ).to(self.device)
         if self.fsdp:
             parallel.shard_module(self.aligner, self.mp_policy, mesh=self.mesh)
@@ -60,7 +99,8 @@ class LETPretrainRecipe(PretrainRecipe):
         self.trainable["aligner"] = self.aligner
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
                  f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "
-                 f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}")
+                 f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}"
+                 + (f"; cross-tokenizer pooling {self.cfg.alignment.get('pooling', 'last')}" if self.collate else ""))
 
     def setup(self) -> None:
         super().setup()
@@ -69,6 +109,9 @@ class LETPretrainRecipe(PretrainRecipe):
 
     def _check_teacher(self) -> None:
         teacher, tokenizer = self.teacher, self.tokenizer
+        if self.collate is not None:
+            self._check_cross_tokenizer()
+            return
         seq_len = int(self.cfg.data.seq_len)
         if teacher.context is not None and seq_len > teacher.context:
             raise RecipeError(
@@ -84,9 +127,28 @@ class LETPretrainRecipe(PretrainRecipe):
             raise RecipeError(
                 f"tokenizer.path={str(tokenizer.path)!r} differs from the teacher's own tokenizer "
                 f"({str(teacher.tokenizer_path)!r}): teacher and student must read the same token ids "
-                "(aligning across tokenizers is not supported). Fix: set tokenizer.source=teacher, or "
-                f"tokenizer.path={teacher.tokenizer_path}."
+                "(alignment.cross_tokenizer=false). Fix: alignment.cross_tokenizer=auto to align across the two "
+                f"tokenizers, or tokenizer.source=teacher (tokenizer.path={teacher.tokenizer_path})."
             )
+
+    def _check_cross_tokenizer(self) -> None:
+        """Before training: the teacher can read the text, and how many student positions
+        get a target (measured on the first training sequences)."""
+        collate, teacher = self.collate, self.teacher
+        if teacher.vocab_size < collate.teacher.get_vocab_size():
+            raise RecipeError(f"teacher.path: the teacher's vocabulary ({teacher.vocab_size}) is smaller than its own "
+                              f"tokenizer's ({collate.teacher.get_vocab_size()}). Fix: the tokenizer.json that "
+                              "belongs to these weights.")
+        collate.context = teacher.context
+        sample = [self.train_set[i] for i in range(min(16, len(self.train_set)))]
+        texts = [self.tokenizer.decode(item["tokens"].tolist()) for item in sample]
+        check_encodable(collate.teacher, texts, key="teacher.path")
+        mapped = collate.map_rows(torch.stack([item["tokens"] for item in sample]).numpy())
+        covered = float((mapped["teacher_last"] >= 0).mean())
+        ratio = mapped["teacher_tokens"].shape[1] / sample[0]["tokens"].numel()
+        self.log(f"alignment: cross-tokenizer on {len(sample)} training sequences: {covered:.1%} of student positions "
+                 f"have a teacher target (the rest are masked); the teacher reads up to {ratio:.2f} tokens per "
+                 "student token")
 
     def teacher_targets(self, tokens: torch.Tensor):
         """What the aligner needs from the frozen teacher for these tokens, timed. Their
@@ -101,12 +163,16 @@ class LETPretrainRecipe(PretrainRecipe):
             "checkpoint, or set teacher.dtype=fp32.")))
         return targets
 
-    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor, teacher_tokens=None, teacher_first=None,
+                     teacher_last=None) -> Tuple[torch.Tensor, Dict[str, Any]]:
         if self.teacher is None:  # past S_stop: plain pretraining
             loss, figures = super().compute_loss(tokens, labels)
             return loss, {**figures, "lambda": 0.0}
         weight = self.aligner.weight(self.step)
-        targets = self.teacher_targets(tokens)
+        if teacher_tokens is None:
+            targets, mask = self.teacher_targets(tokens), None
+        else:  # cross-tokenizer: the teacher read its own tokens of the same text
+            targets, mask = self.aligner.pool(self.teacher_targets(teacher_tokens), teacher_first, teacher_last)
         hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
         nll = nll_loss(logits, labels)
         probe = None
@@ -114,7 +180,7 @@ class LETPretrainRecipe(PretrainRecipe):
             probe = self.aligner.schedule.probe(self.aligner.meeting_points(hidden, logits))
             logits = probe["tapped"].pop("logits", logits)
             hidden = {**hidden, **probe["tapped"]}
-        align, cosine = self.aligner(hidden, targets, logits=logits)
+        align, cosine = self.aligner(hidden, targets, mask=mask, logits=logits)
         loss = nll + weight * align
         figures = {"nll": nll.detach(), "align_loss": align.detach(), "lambda": weight}
         if cosine is not None:

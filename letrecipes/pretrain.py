@@ -56,6 +56,7 @@ class PretrainRecipe:
     """Causal-LM pretraining; subclasses add terms to the loss (see let_pretrain)."""
 
     uses_teacher = False
+    collate = None  # the training loader's collate_fn (None: stack the items); LET's cross-tokenizer mode sets one
     # What a log line shows, in order, and how (LET adds its own figures).
     console_fields = (("loss", ".4f"), ("nll", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"),
                       ("tokens_per_s", ".0f"))
@@ -154,7 +155,8 @@ class PretrainRecipe:
                                                                local_rank=parallel.local_rank(self.rank), log=self.log)
         batch_size, workers = int(self.cfg.batch_size), int(cfg.get("num_workers", 0))
         self.batches = BatchStream(build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed),
-                                                    rank=self.rank, world_size=self.world_size, num_workers=workers),
+                                                    rank=self.rank, world_size=self.world_size, num_workers=workers,
+                                                    collate_fn=self.collate),
                                    self.device, source_names=sources)
         self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False,
                                            rank=self.rank, world_size=self.world_size)
@@ -204,9 +206,11 @@ class PretrainRecipe:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+    def compute_loss(self, tokens: torch.Tensor, labels: torch.Tensor, **extra: torch.Tensor
+                     ) -> Tuple[torch.Tensor, Dict[str, Any]]:
         """Loss of one micro-batch and the figures to log about it (tensors stay on the
-        device: they are read only on log steps). LET overrides this."""
+        device: they are read only on log steps). ``extra``: what a ``collate`` added to
+        the batch (LET's cross-tokenizer mapping). LET overrides this."""
         _, logits = forward_with_hidden(self.model, tokens)
         nll = nll_loss(logits, labels)
         return nll, {"nll": nll.detach()}
@@ -229,7 +233,7 @@ class PretrainRecipe:
         for _ in range(self.grad_accum):
             batch = self.batches.next()
             with self.autocast():
-                loss, figures = self.compute_loss(batch["tokens"], batch["labels"])
+                loss, figures = self.compute_loss(batch.pop("tokens"), batch.pop("labels"), **batch)
             (loss / self.grad_accum).backward()
             figures["loss"] = loss.detach()
             for k, v in figures.items():

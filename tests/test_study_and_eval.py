@@ -223,3 +223,10 @@ def test_a_suite_without_scoring_trains_its_arms_for_their_seeds_only(corpus_dir
     assert [r["seed"] for r in report["baseline"]] == [0, 1] and [r["seed"] for r in report["let"]] == [1]
     assert report["let"][0]["accuracy"] == {} and not list((tmp_path / "study" / "runs").rglob("eval"))
     assert (tmp_path / "plots" / "study_unscored_short.png").is_file()
+
+
+def test_the_auto_arm_passes_no_lambda0_to_a_schedule_that_takes_none():
+    # the config's lambda0 is deleted by `~`; a `lambda0=` override in the same command would put it back
+    overrides = let_study.let_auto(1.0).overrides
+    assert "~alignment.schedule.lambda0" in overrides and "alignment.schedule._component_=auto" in overrides
+    assert not [o for o in overrides if o.startswith("alignment.schedule.lambda0=")]
