@@ -80,9 +80,11 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     teacher_args = None
     if with_teacher:
         teacher_args = _teacher_args(cfg, seq_len)
-        if teacher_args.vocab_size < vocab_size:
+        # (with alignment.cross_tokenizer auto or true the teacher may read a smaller vocabulary of its own)
+        if teacher_args.vocab_size < vocab_size and cfg.alignment.get("cross_tokenizer", "auto") is False:
             raise DryRunError(f"teacher vocabulary ({teacher_args.vocab_size}) is smaller than the student's "
-                              f"({vocab_size}): they must read the same token ids.")
+                              f"({vocab_size}) and alignment.cross_tokenizer=false: they must read the same token "
+                              "ids. Fix: alignment.cross_tokenizer=auto.")
         with torch.device("meta"):
             aligner = build_aligner(cfg.alignment, args.embed_dim, args.num_layers, teacher_args.embed_dim,
                                     teacher_args.num_layers, total_steps=int(cfg.max_steps), vocab_size=vocab_size)
