@@ -147,14 +147,15 @@ def test_layer_index_outside_the_model(let_overrides, tmp_path):
 
 def test_teacher_trained_with_another_tokenizer(let_overrides, corpus_dir, tmp_path):
     other = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 400, tmp_path / "other.json")
+    # (auto, the default, would align across the two tokenizers: tests/test_cross_tokenizer.py)
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={other}",
-                       match="differs from the teacher's own tokenizer")
+                       "alignment.cross_tokenizer=false", match="differs from the teacher's own tokenizer")
 
 
 def test_teacher_vocabulary_smaller_than_the_tokenizer(let_overrides, corpus_dir, tmp_path):
     bigger = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 1024, tmp_path / "big.json")
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bigger}",
-                       match="teacher's vocabulary (512) is smaller than the tokenizer's (1024")
+                       "alignment.cross_tokenizer=false", match="teacher's vocabulary (512) is smaller than the tokenizer's (1024")
 
 
 def test_missing_teacher_checkpoint(let_overrides, tmp_path):
