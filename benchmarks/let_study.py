@@ -277,23 +277,22 @@ class Study:
                                                                      "seed=0"], teacher_dir, self.out / "logs" / "teacher.log")
         teacher_final = teacher_dir / "final"
         runs: Dict[str, Dict] = {}
-        for regime in spec["regimes"]:
+        planned = [(regime, seed, arm) for regime in spec["regimes"] for seed in self.seeds or spec["seeds"]
+                   for arm in spec["arms"] if arm.seeds is None or seed in arm.seeds]
+        for number, (regime, seed, arm) in enumerate(planned, 1):
             steps = self.regime_steps[regime]
-            for seed in self.seeds or spec["seeds"]:
-                for arm in spec["arms"]:
-                    if arm.seeds is not None and seed not in arm.seeds:
-                        continue
-                    run_dir = self.out / "runs" / regime / f"seed{seed}" / arm.name
-                    overrides = [*self.common(steps), *self.student, f"seed={seed}", *arm.overrides]
-                    config = "baseline_tiny"
-                    if arm.recipe == "let_pretrain":
-                        config = "let_tiny"
-                        overrides += [f"teacher.path={teacher_final}", "teacher._component_=auto"]
-                    if not report_only:
-                        wall[f"{regime}/seed{seed}/{arm.name}"] = tune_run(arm.recipe, config, overrides, run_dir,
-                                                                           self.out / "logs" / f"{regime}_{seed}_{arm.name}.log")
-                    runs[f"{regime}/seed{seed}/{arm.name}"] = {"dir": run_dir, "regime": regime, "seed": seed,
-                                                               "arm": arm.name}
+            run_dir = self.out / "runs" / regime / f"seed{seed}" / arm.name
+            overrides = [*self.common(steps), *self.student, f"seed={seed}", *arm.overrides]
+            config = "baseline_tiny"
+            if arm.recipe == "let_pretrain":
+                config = "let_tiny"
+                overrides += [f"teacher.path={teacher_final}", "teacher._component_=auto"]
+            if not report_only:
+                print(f"[{number}/{len(planned)}] {regime} regime, seed {seed}, {arm.name}", flush=True)
+                wall[f"{regime}/seed{seed}/{arm.name}"] = tune_run(arm.recipe, config, overrides, run_dir,
+                                                                   self.out / "logs" / f"{regime}_{seed}_{arm.name}.log")
+            runs[f"{regime}/seed{seed}/{arm.name}"] = {"dir": run_dir, "regime": regime, "seed": seed,
+                                                       "arm": arm.name}
         if not spec.get("evaluate", True):
             for info in runs.values():
                 info["eval"] = {}

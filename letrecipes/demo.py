@@ -73,8 +73,12 @@ def main(argv=None) -> None:
         return
     common = ["overwrite=true", *overrides]
     stage_s = {"prepare": time.perf_counter() - start}
-    for recipe, config in (("pretrain", "pretrain_tiny"), ("pretrain", "baseline_tiny"), ("let_pretrain", "let_tiny")):
+    stages = (("pretrain", "pretrain_tiny", "the teacher"), ("pretrain", "baseline_tiny", "the baseline student"),
+              ("let_pretrain", "let_tiny", "the LET student"))
+    for number, (recipe, config, what) in enumerate(stages, 1):
         stage_start = time.perf_counter()
+        print(f"\n== stage {number} of {len(stages)}: {what} ({config}); "
+              f"{time.perf_counter() - start:.0f} s into the demo ==", flush=True)
         tune_run(recipe, config, *common)
         stage_s[config] = round(time.perf_counter() - stage_start, 1)
     result = compare_runs(read_metrics("outputs/baseline_tiny/metrics.jsonl"), read_metrics("outputs/let_tiny/metrics.jsonl"))

@@ -36,7 +36,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
-from letrecipes.components.metrics import MetricLogger, StepTimer, format_record, peak_memory_mb, to_python
+from letrecipes.components.metrics import MetricLogger, ProgressClock, StepTimer, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
 
@@ -59,7 +59,7 @@ class PretrainRecipe:
     collate = None  # the training loader's collate_fn (None: stack the items); LET's cross-tokenizer mode sets one
     # What a log line shows, in order, and how (LET adds its own figures).
     console_fields = (("loss", ".4f"), ("nll", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"),
-                      ("tokens_per_s", ".0f"))
+                      ("tokens_per_s", ".0f"), ("tokens_per_s_avg", ".0f"), ("elapsed_s", "clock"), ("eta_s", "clock"))
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -343,6 +343,7 @@ class PretrainRecipe:
 
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
+        clock = ProgressClock(self.max_steps, self.step, self.tokens_per_step)
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)
@@ -359,7 +360,7 @@ class PretrainRecipe:
             if evaluate:
                 record["val_loss"] = self.evaluate()
             if log:
-                record = {**to_python(record), **self.source_tokens()}
+                record = {**to_python(record), **self.source_tokens(), **clock.update(self.step)}
                 self.metrics.log(record)
                 self.log(format_record(record, self.max_steps, self.console_fields), progress)
             self.after_step()

