@@ -21,6 +21,19 @@ def header(script: str, argv=None) -> dict:
     }
 
 
+def save_figure(fig, axes, path: Path, legend_size: int = 7) -> Path:
+    """Legends, layout, and the PNG written (its folder made); the figure closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def write_json(report: dict, path: str) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import header  # noqa: E402
+from benchmarks._common import header, save_figure  # noqa: E402
 from benchmarks.let_study import AUTO_RHO0, alignment_summary, fmt, speedups, tune_run, val_curve  # noqa: E402
 from letrecipes.components.files import replace_atomically  # noqa: E402
 from letrecipes.components.metrics import read_metrics  # noqa: E402
@@ -105,13 +105,7 @@ def plot(report: Dict, path: Path) -> Path:
     axes[0].set(title="demo: validation loss (mean over seeds)", xlabel="step", ylabel="loss")
     axes[1].set(title="alignment weight lambda (first seed)", xlabel="step", ylabel="lambda", ylim=(0, None))
     axes[2].set(title="cosine, student block 2 vs teacher (first seed)", xlabel="step", ylabel="cosine")
-    for ax in axes:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, axes, path)
 
 
 def main(argv=None) -> int:

@@ -81,12 +81,11 @@ def main(argv=None) -> int:
             for name, t in times.items()}
     result = {**header("cross_tokenizer_cost.py", argv if argv is not None else sys.argv[1:]),
               "timing_steps": args.timing_steps, "arms": arms}
-    write_json(args.out, result)
+    write_json(result, args.out)
     for name, arm in arms.items():
         print(f"{name:28s} step {arm['step_s_median']:.3f} s  x{arm['over_same_tokenizer']:.3f}  "
               f"teacher {arm['teacher_share_median']:.0%}  collate {arm['collate_s_median'] * 1e3:.1f} ms "
               f"({arm['collate_share_of_step']:.1%} of a step)")
-    print(f"wrote {args.out}")
     return 0
 
 

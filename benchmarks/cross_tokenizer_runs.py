@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import header  # noqa: E402
+from benchmarks._common import header, save_figure  # noqa: E402
 from benchmarks.let_study import alignment_summary, speedups, tune_run, val_curve  # noqa: E402
 from letrecipes.components.files import replace_atomically  # noqa: E402
 from letrecipes.components.metrics import read_metrics  # noqa: E402
@@ -76,13 +76,7 @@ def plot(result: dict, path: Path) -> Path:
             axes[1].plot(*zip(*arm["cosine"]), label=name)
     axes[0].set(title=f"{CONFIG}: validation loss", xlabel="step", ylabel="loss")
     axes[1].set(title="cosine, student block 2 vs pooled teacher states", xlabel="step", ylabel="cosine")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, axes, path, legend_size=8)
 
 
 def main(argv=None) -> int:
