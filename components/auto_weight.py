@@ -125,4 +125,6 @@ class GradientRatio(nn.Module, Schedule):
         self.ratio.copy_(torch.where(usable, smoothed, self.ratio))
         return {"rho_measured": torch.where(usable, align_sq.sqrt() / nll_sq.clamp_min(1e-300).sqrt(),
                                             torch.zeros_like(align_sq)),
-                "grad_ratio": self.ratio.detach().clone()}
+                "grad_ratio": self.ratio.detach().clone(),
+                # the lambda0 of the paper's linear schedule that would give this step's weight
+                "lambda0_equivalent": self.rho0 * self.ratio.detach().clone()}

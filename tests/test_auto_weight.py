@@ -76,6 +76,7 @@ def test_auto_is_exact_across_kill_and_resume_and_logs_what_it_chose(let_overrid
     aligned = [r for r in records if r["step"] <= 6]
     assert all(r["lambda"] > 0 and r["rho"] >= 0 and "rho_measured" in r and r["grad_ratio"] > 0
                for r in aligned[1:])
+    assert all(r["lambda0_equivalent"] == pytest.approx(1.0 * r["grad_ratio"]) for r in aligned[1:])
     assert aligned[0]["lambda"] == pytest.approx(1e-3)  # the first step measures
     assert all(r["lambda"] == 0 for r in records if r["step"] > 6)
 
