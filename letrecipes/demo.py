@@ -2,6 +2,12 @@
 
     python -m letrecipes.demo                 # everything (about 10 minutes on 2 cores)
     python -m letrecipes.demo --prepare-only  # just the corpus and tokenizer
+    python -m letrecipes.demo --fresh         # train every stage again
+
+Everything goes under ``outputs/demo/`` (a stage's run in ``outputs/demo/<config>``), so the
+runs a user makes with the shipped configs (``outputs/let_tiny`` ...) are never touched. A
+stage that already finished is reused and one that was interrupted resumes; ``--fresh``
+removes the demo's own stage folders first.
 
 Run from the directory where ``outputs/`` should go (the repo root). Every training
 stage is a real ``tune run`` of a shipped recipe and config, printed before it runs, so
@@ -14,6 +20,7 @@ import argparse
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -63,26 +70,50 @@ def tune_run(recipe: str, config: str, *overrides: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def stage_arguments(run_dir: Path) -> list:
+    """How to (re)start a stage in its own folder: nothing for a new one, ``resume=true``
+    after an interruption with a checkpoint, ``overwrite=true`` for an interrupted stage
+    with nothing to resume from (the demo's own folder: nothing of the user's is there)."""
+    from letrecipes.components.checkpointing import is_complete
+
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(is_complete(c) for c in checkpoints.iterdir()):
+        return ["resume=true"]
+    return ["overwrite=true"] if run_dir.exists() else []
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepare-only", action="store_true", help="only make the corpus and tokenizer")
+    parser.add_argument("--fresh", action="store_true", help="train every stage again (removes outputs/demo/<config>)")
     args, overrides = parser.parse_known_args(argv)
     start = time.perf_counter()
     prepare()
     if args.prepare_only:
         return
-    common = ["overwrite=true", *overrides]
     stage_s = {"prepare": time.perf_counter() - start}
     stages = (("pretrain", "pretrain_tiny", "the teacher"), ("pretrain", "baseline_tiny", "the baseline student"),
               ("let_pretrain", "let_tiny", "the LET student"))
+    runs = {config: DEMO_DIR / config for _, config, _ in stages}
+    if args.fresh:
+        for run_dir in runs.values():
+            if run_dir.exists():
+                print(f"--fresh: removing the demo's own {run_dir}")
+                shutil.rmtree(run_dir)
     for number, (recipe, config, what) in enumerate(stages, 1):
         stage_start = time.perf_counter()
         print(f"\n== stage {number} of {len(stages)}: {what} ({config}); "
               f"{time.perf_counter() - start:.0f} s into the demo ==", flush=True)
-        tune_run(recipe, config, *common)
+        if (runs[config] / "final" / "config.json").is_file():
+            print(f"already finished in {runs[config]}: reused (python -m letrecipes.demo --fresh trains it again)")
+            continue
+        extra = [f"teacher.path={runs['pretrain_tiny'] / 'final'}"] if recipe == "let_pretrain" else []
+        tune_run(recipe, config, f"output_dir={runs[config]}", *extra, *overrides, *stage_arguments(runs[config]))
         stage_s[config] = round(time.perf_counter() - stage_start, 1)
-    result = compare_runs(read_metrics("outputs/baseline_tiny/metrics.jsonl"), read_metrics("outputs/let_tiny/metrics.jsonl"))
-    result["teacher_final_val_loss"] = [r for r in read_metrics("outputs/pretrain_tiny/metrics.jsonl") if "val_loss" in r][-1]["val_loss"]
+    result = compare_runs(read_metrics(runs["baseline_tiny"] / "metrics.jsonl"),
+                          read_metrics(runs["let_tiny"] / "metrics.jsonl"))
+    result["teacher_final_val_loss"] = [r for r in read_metrics(runs["pretrain_tiny"] / "metrics.jsonl")
+                                        if "val_loss" in r][-1]["val_loss"]
     result["wall_clock_s"] = round(time.perf_counter() - start, 1)
     result["stage_wall_clock_s"] = {k: round(v, 1) for k, v in stage_s.items()}
     replace_atomically(DEMO_DIR / "result.json", json.dumps(result, indent=2))

@@ -38,3 +38,24 @@ def test_metric_logger_writes_one_json_object_per_call(tmp_path):
 def test_strip_markdown_keeps_the_words():
     text = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n"
     assert strip_markdown(text) == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO:\nWho's there?\n"
+
+
+def test_the_demo_leaves_a_users_runs_alone_and_reuses_its_own(base_overrides, tmp_path, monkeypatch, capsys):
+    from letrecipes import demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    users = tmp_path / "outputs" / "let_tiny"  # what the README's "Using it" commands make
+    users.mkdir(parents=True)
+    (users / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in users.rglob("*")}
+    tiny = [*base_overrides, "max_steps=4", "eval_every=2", "save_every=0"]
+    demo.main(tiny)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in users.rglob("*")} == before
+    final = tmp_path / "outputs" / "demo" / "let_tiny" / "final" / "model.safetensors"
+    written = final.stat().st_mtime_ns
+    result = json.loads((tmp_path / "outputs" / "demo" / "result.json").read_text())
+    assert result["baseline_steps"] == 4
+    demo.main(tiny)  # a second demo reuses its finished stages
+    assert final.stat().st_mtime_ns == written
+    assert capsys.readouterr().out.count("already finished in outputs/demo/") == 3
