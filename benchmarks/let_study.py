@@ -256,6 +256,7 @@ class Study:
     student: List[str] = field(default_factory=lambda: list(STUDENT))
     teacher: List[str] = field(default_factory=lambda: list(TEACHER))
     seeds: Optional[List[int]] = None
+    regimes: Optional[List[str]] = None  # only these of the suite's regimes (None: all)
     seq_len: int = 128
     batch_size: int = 16
 
@@ -267,7 +268,13 @@ class Study:
                 "keep_last_checkpoints=8", "progress_bar=false", "lr_scheduler.warmup_steps=" + str(max(1, steps // 20))]
 
     def run(self, report_only: bool = False) -> Dict:
-        spec = SUITES[self.suite]
+        spec = dict(SUITES[self.suite])
+        if self.regimes:
+            unknown = sorted(set(self.regimes) - set(spec["regimes"]))
+            if unknown:
+                raise SystemExit(f"error: --regimes {','.join(unknown)}: the {self.suite} suite runs "
+                                 f"{', '.join(spec['regimes'])}.")
+            spec["regimes"] = [r for r in spec["regimes"] if r in self.regimes]
         self.train_dir, cloze = prepare_data(self.out, self.corpus, self.tokenizer)
         tasks = [*self.tasks, cloze]
         teacher_dir = self.out / "runs" / "teacher"
@@ -453,6 +460,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="outputs/eval_tasks", help="a folder of *.jsonl task files")
     parser.add_argument("--plot-dir", default="docs/img")
     parser.add_argument("--seeds", default=None, help="comma-separated; default: the suite's")
+    parser.add_argument("--regimes", default=None, help="comma-separated; default: the suite's")
     parser.add_argument("--report", action="store_true", help="no training: tables and plots from finished runs")
     parser.add_argument("--scale", default=None, help=argparse.SUPPRESS)  # JSON: tests shrink the study
     args = parser.parse_args(argv)
@@ -468,18 +476,20 @@ def main(argv=None) -> int:
         fetch(["--out", str(tasks_dir)])
     study = Study(out=out, suite=args.suite, corpus=Path(args.corpus), tokenizer=Path(args.tokenizer),
                   tasks=sorted(tasks_dir.glob("*.jsonl")),
-                  seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None)
+                  seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+                  regimes=args.regimes.split(",") if args.regimes else None)
     for key, value in json.loads(args.scale or "{}").items():
         setattr(study, key, value)
     start = time.perf_counter()
     report = study.run(report_only=args.report)
     report["study_wall_s"] = round(time.perf_counter() - start, 1)
-    replace_atomically(out / f"study_{args.suite}.json", json.dumps(report, indent=2, default=str) + "\n")
-    replace_atomically(out / f"study_{args.suite}.md", markdown(report))
+    name = f"study_{args.suite}" + (f"_{args.regimes.replace(',', '_')}" if args.regimes else "")
+    replace_atomically(out / f"{name}.json", json.dumps(report, indent=2, default=str) + "\n")
+    replace_atomically(out / f"{name}.md", markdown(report))
     plots = plot(report, Path(args.plot_dir))
     print(markdown(report))
-    print(f"wrote {out / f'study_{args.suite}.json'}, {out / f'study_{args.suite}.md'}, "
-          f"{', '.join(map(str, plots))}; {report['study_wall_s']:.0f} s")
+    print(f"wrote {out / (name + '.json')}, {out / (name + '.md')}, {', '.join(map(str, plots))}; "
+          f"{report['study_wall_s']:.0f} s")
     return 0
 
 

@@ -223,6 +223,10 @@ def test_a_suite_without_scoring_trains_its_arms_for_their_seeds_only(corpus_dir
     assert [r["seed"] for r in report["baseline"]] == [0, 1] and [r["seed"] for r in report["let"]] == [1]
     assert report["let"][0]["accuracy"] == {} and not list((tmp_path / "study" / "runs").rglob("eval"))
     assert (tmp_path / "plots" / "study_unscored_short.png").is_file()
+    with pytest.raises(SystemExit, match="--regimes long: the unscored suite runs short"):
+        let_study.main(["--suite", "unscored", "--regimes", "long", "--out", str(tmp_path / "study"), "--corpus",
+                        str(corpus_dir), "--tokenizer", str(tokenizer_path), "--tasks", str(tmp_path / "no_tasks"),
+                        "--report"])
 
 
 def test_the_auto_arm_passes_no_lambda0_to_a_schedule_that_takes_none():
