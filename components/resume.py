@@ -36,7 +36,7 @@ CHANGEABLE = (
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
 ABSENT = "<absent>"
-IGNORED = ("resume", "overwrite")  # how this launch started, not what the run is
+IGNORED = ("resume", "overwrite", "init_from")  # how this launch started, not what the run is
 
 
 class ResumeChangeError(LetRecipesError):

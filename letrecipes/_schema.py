@@ -54,6 +54,7 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "batch_size": _int(1), "gradient_accumulation_steps": _int(1),
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
     "compile": BOOL, "cpu_malloc_tuning": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1), "dry_run_interconnect_gbps": _number(0), "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
+    "init_from": OPTIONAL_TEXT,
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
     "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION, "export": SECTION,

@@ -36,6 +36,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
+from letrecipes.components.init_from import load_initial_weights
 from letrecipes.components.metrics import MetricLogger, ProgressClock, StepTimer, format_record, peak_memory_mb, to_python
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
@@ -105,6 +106,8 @@ class PretrainRecipe:
         self.setup_data()
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
+        if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
+            load_initial_weights(str(cfg.init_from), self.model, self.model_args, self.tokenizer, log=self.log)
         # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
         changes = resume.check(resume_from, self.run_info) if resume_from is not None else None
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
