@@ -55,6 +55,9 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
     "compile": BOOL, "cpu_malloc_tuning": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1), "dry_run_interconnect_gbps": _number(0), "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
     "init_from": OPTIONAL_TEXT,
+    "metric_logger": ("a torchtune metric logger ({_component_: ..., ...}) or a list of them",
+                      lambda v: v is None or all(isinstance(x, dict) and x.get("_component_")
+                                                 for x in (v if isinstance(v, list) else [v]))),
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
     "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION, "export": SECTION,
@@ -200,6 +203,20 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
                 raise _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)], "teacher.")
         if factory is not AutoFormat:
             registry.check_arguments(factory, options, "teacher", name)
+    loggers = values.get("metric_logger") or []
+    for i, entry in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+        from torchtune.config._utils import _get_component_from_path
+
+        key = f"metric_logger[{i}]" if isinstance(loggers, list) else "metric_logger"
+        try:
+            factory = _get_component_from_path(entry["_component_"])
+        except Exception as err:  # noqa: BLE001 - torchtune raises its own InstantiationError
+            raise ConfigValueError(f"config key {key}._component_={entry['_component_']!r} cannot be imported "
+                                   f"({str(err).splitlines()[0]}). Fix: a logger such as "
+                                   "torchtune.training.metric_logging.DiskLogger, or your own class's dotted path."
+                                   ) from None
+        registry.check_arguments(factory, {k: v for k, v in entry.items() if k != "_component_"}, key,
+                                 entry["_component_"])
     wandb = (values.get("metrics") or {}).get("wandb") or {}
     options = {k: v for k, v in wandb.items() if k != "enabled"}
     if options:
