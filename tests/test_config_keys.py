@@ -97,3 +97,22 @@ def test_letrecipes_cat_prints_then_checks(capsys):
 def test_the_eval_config_is_checked_too():
     with pytest.raises(SystemExit, match="config key limt is unknown. Did you mean limit"):
         cli.main(["validate", "eval", "limt=3"])
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "recipes" / "configs").glob("*.yaml")))
+def test_tune_validate_accepts_every_shipped_config(config):
+    result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "validate",
+                             str(REPO / "recipes" / "configs" / f"{config}.yaml")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "Config is well-formed!" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_short_name_and_its_dotted_path_are_the_same_run_on_resume():
+    from letrecipes.components.resume import differences
+
+    saved = {"config": {"model": {"_component_": "llama"}, "teacher": {"_component_": "auto"}}}
+    current = {"config": {"model": {"_component_": "letrecipes.components.models.llama_model"},
+                          "teacher": {"_component_": "letrecipes.components.teachers.AutoFormat"}}}
+    assert differences(saved, current) == []
+    other = {"config": {"model": {"_component_": "llama"}, "teacher": {"_component_": "gguf"}}}
+    assert [k for k, _, _ in differences(saved, other)] == ["teacher._component_"]
