@@ -1,10 +1,11 @@
-"""Metric sinks: a JSONL file, a console line and (optionally) Weights & Biases; memory figures.
+"""Metric sinks: ``metrics.jsonl``, torchtune's metric loggers, a console line; memory figures.
 
 ``MetricLogger.log(record)`` writes one JSON object per call to ``<output_dir>/metrics.jsonl``
-and forwards it to wandb when enabled. wandb runs with ``mode: offline`` or
-``disabled`` with no network and no API key. On resume the logger first drops the records
-that the interrupted run wrote after the checkpoint it resumes from, so the file reads as
-one uninterrupted run.
+(:class:`JsonlLogger`, itself a torchtune ``MetricLoggerInterface``) and forwards the
+numeric figures to the loggers of the ``metric_logger`` config entry, configured the
+torchtune way (``_component_: torchtune.training.metric_logging.WandBLogger``, ...). On
+resume the JSONL file first drops the records that the interrupted run wrote after the
+checkpoint it resumes from, so it reads as one uninterrupted run.
 
 Values may be tensors (the recipes keep per-step figures on the device so that a step
 never waits for the host); they are read only when a record is written.
@@ -12,14 +13,16 @@ never waits for the host); they are read only when a record is written.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import resource
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -105,52 +108,100 @@ def truncate_after(path: Path, step: int) -> None:
         cut_at(path, offset)
 
 
-class MetricLogger:
-    """``resume_step``: continue the file of a run resumed at that step (later records dropped);
-    None starts a new file."""
+class JsonlLogger:
+    """``<output_dir>/metrics.jsonl`` as a torchtune metric logger (it has the methods of
+    torchtune's ``MetricLoggerInterface`` protocol, so it goes wherever those go): one JSON object per
+    record (``{"step": N, ...}``). It is always on: resume, the study and ``compare_runs``
+    read it. ``resume_step``: continue the file of a run resumed at that step (the records
+    the interrupted run wrote after it are dropped); None starts a new file."""
 
-    def __init__(
-        self,
-        output_dir: str | Path,
-        enabled: bool = True,
-        wandb: Optional[Dict[str, Any]] = None,
-        run_config: Optional[Dict[str, Any]] = None,
-        resume_step: Optional[int] = None,
-    ):
-        self.enabled = enabled
-        self._file = None
-        self._wandb = None
-        if not enabled:
-            return
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(output_dir) / METRICS_FILE
+    def __init__(self, log_dir: str | Path, resume_step: Optional[int] = None):
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        path = Path(log_dir) / METRICS_FILE
         if resume_step is not None:
             truncate_after(path, resume_step)
         self._file = open(path, "a" if resume_step is not None else "w", buffering=1)
-        wandb = dict(wandb or {})
-        if wandb.pop("enabled", False):
-            import wandb as wandb_lib
 
-            wandb.setdefault("mode", "offline")
-            wandb.setdefault("dir", str(output_dir))
-            self._wandb = wandb_lib.init(config=run_config, **wandb)
+    def log(self, name: str, data: Any, step: int) -> None:
+        self.log_dict({name: data}, step)
 
-    def log(self, record: Dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = to_python(record)
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+    def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+
+    def log_config(self, config: Any) -> None:
+        pass  # the recipe writes <output_dir>/config.yaml itself
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+
+
+class MetricLogger:
+    """Every record to ``metrics.jsonl`` and to the torchtune metric loggers the config
+    names (``metric_logger``: DiskLogger, StdoutLogger, WandBLogger, TensorBoardLogger,
+    MLFlowLogger, CometLogger, or your own ``MetricLoggerInterface``), which receive the
+    numeric figures of each record at its step. Only the main process logs."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, loggers: Sequence[Any] = (),
+                 run_config: Optional[Any] = None, resume_step: Optional[int] = None):
+        self.enabled = enabled
+        self.jsonl = JsonlLogger(output_dir, resume_step) if enabled else None
+        self.loggers = list(loggers) if enabled else []
+        for logger in self.loggers:
+            if run_config is not None:
+                try:
+                    logger.log_config(run_config)
+                except Exception as err:  # noqa: BLE001 - a logger's config upload must not stop training
+                    warnings.warn(f"metric_logger {type(logger).__name__}: could not log the config ({err})",
+                                  RuntimeWarning, stacklevel=2)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = to_python(record)
+        step, payload = record["step"], {k: v for k, v in record.items() if k != "step"}
+        self.jsonl.log_dict(payload, step)
+        numbers = {k: v for k, v in payload.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if numbers:
+            for logger in self.loggers:
+                logger.log_dict(numbers, step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+        for logger in self.loggers:
+            logger.close()
+        self.loggers = []
+
+
+def build_metric_loggers(spec: Any, legacy_wandb: Optional[Mapping[str, Any]], output_dir: str | Path,
+                         log=print) -> List[Any]:
+    """The torchtune metric loggers of a ``metric_logger`` config entry (a mapping with
+    ``_component_``, or a list of them), built the torchtune way (``config.instantiate``);
+    ``log_dir`` defaults to the run's folder. ``metrics.wandb`` (the older key) becomes a
+    ``WandBLogger``, with a note saying what to write instead."""
+    from omegaconf import OmegaConf
+    from torchtune import config as tune_config
+
+    specs = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    wandb = dict(legacy_wandb or {})
+    if wandb.pop("enabled", False):
+        wandb.setdefault("mode", "offline")
+        specs.append({"_component_": "torchtune.training.metric_logging.WandBLogger", **wandb})
+        log("metrics.wandb is read as metric_logger: {_component_: torchtune.training.metric_logging.WandBLogger, "
+            + ", ".join(f"{k}: {v}" for k, v in wandb.items()) + "}: write that instead (metrics.wandb will go)")
+    loggers = []
+    for entry in specs:
+        entry = dict(entry)
+        factory = tune_config._utils._get_component_from_path(entry["_component_"])
+        if "log_dir" in inspect.signature(factory).parameters and "log_dir" not in entry and "dir" not in entry:
+            entry["log_dir"] = str(output_dir)
+        loggers.append(tune_config.instantiate(OmegaConf.create(entry)))
+    return loggers
 
 
 class StepTimer:

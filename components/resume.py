@@ -28,7 +28,7 @@ from letrecipes.components.errors import LetRecipesError
 CHANGEABLE = (
     "optimizer.*", "lr_scheduler.*", "max_steps", "clip_grad_norm",
     "log_every", "eval_every", "eval_batches", "save_every", "keep_last_checkpoints", "async_checkpoint",
-    "metrics.*", "divergence.*", "progress_bar", "debug.*", "export.*", "dry_run*",
+    "metrics.*", "metric_logger*", "divergence.*", "progress_bar", "debug.*", "export.*", "dry_run*",
     "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "imports",
     "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers",
     "compile", "activation_checkpointing.*", "teacher.compile",
@@ -36,7 +36,7 @@ CHANGEABLE = (
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
 ABSENT = "<absent>"
-IGNORED = ("resume", "overwrite")  # how this launch started, not what the run is
+IGNORED = ("resume", "overwrite", "init_from")  # how this launch started, not what the run is
 
 
 class ResumeChangeError(LetRecipesError):
@@ -67,7 +67,28 @@ def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[st
     if old["tokenizer fingerprint"] is None:  # written before fingerprints were recorded
         old.pop("tokenizer fingerprint"), new.pop("tokenizer fingerprint")
     keys = sorted((set(old) | set(new)) - set(IGNORED))
-    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in keys if old.get(k, ABSENT) != new.get(k, ABSENT)]
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in keys
+            if old.get(k, ABSENT) != new.get(k, ABSENT) and not same_component(k, old.get(k), new.get(k))]
+
+
+# which registry a `_component_` key names (a short name and its dotted path are one component)
+COMPONENT_KINDS = {"model._component_": "model", "optimizer._component_": "optimizer",
+                   "lr_scheduler._component_": "lr_scheduler", "teacher._component_": "teacher_loader",
+                   "alignment.schedule._component_": "schedule", "alignment.projector._component_": "projector",
+                   "alignment.loss._component_": "alignment_loss", "alignment.layer_map._component_": "layer_map",
+                   "alignment.pooling._component_": "pooling"}
+
+
+def same_component(key: str, old: Any, new: Any) -> bool:
+    """``llama`` then ``letrecipes.components.models.llama_model``: the same model, not a change."""
+    if key not in COMPONENT_KINDS or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    from letrecipes.components import registry
+
+    try:
+        return registry.resolve(COMPONENT_KINDS[key], old) is registry.resolve(COMPONENT_KINDS[key], new)
+    except LetRecipesError:
+        return False
 
 
 def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str, Any, Any]]]:

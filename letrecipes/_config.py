@@ -112,7 +112,7 @@ def run(recipe_class, cfg: DictConfig) -> None:
     config and prints the cost estimate. ``cleanup`` runs even when setup fails (it
     releases the run folder's lock)."""
     with errors_as_one_line():
-        validate_config(cfg)  # before anything is built or written
+        validate_config(cfg, with_teacher=recipe_class.uses_teacher)  # before anything is built or written
         recipe = recipe_class(cfg)
         if cfg.get("dry_run", False):
             from letrecipes._dry_run import dry_run

@@ -3,13 +3,15 @@
 A typo (``max_step``), a wrong type (``batch_size: sixteen``) or an impossible value
 (``data.val_fraction: 1.5``) is one clear error naming the key and the fix, instead of a
 traceback from deep inside torch minutes later. Sections that configure a component
-(``model``, ``optimizer``, ``teacher``, ``alignment``, ...) are checked by the component
-itself when it is built.
+(``model``, ``optimizer``, ``lr_scheduler``, ``teacher``, each part of ``alignment``) are
+checked against the component's own arguments (:func:`check_components`, a user's
+registered components included), also before anything is built.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +42,8 @@ TEXT = ("a string", lambda v: isinstance(v, str) and v != "")
 OPTIONAL_TEXT = ("a string or null", lambda v: v is None or isinstance(v, str))
 SECTION = ("a mapping", lambda v: isinstance(v, dict))
 ANY = ("anything", lambda v: True)
+COMPONENT = ("a component name or a mapping with _component_",
+             lambda v: (isinstance(v, str) and v != "") or (isinstance(v, dict) and bool(v.get("_component_"))))
 
 TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "output_dir": TEXT, "overwrite": BOOL, "seed": _int(0), "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")),
@@ -50,6 +54,10 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "batch_size": _int(1), "gradient_accumulation_steps": _int(1),
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
     "compile": BOOL, "cpu_malloc_tuning": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1), "dry_run_interconnect_gbps": _number(0), "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
+    "init_from": OPTIONAL_TEXT,
+    "metric_logger": ("a torchtune metric logger ({_component_: ..., ...}) or a list of them",
+                      lambda v: v is None or all(isinstance(x, dict) and x.get("_component_")
+                                                 for x in (v if isinstance(v, list) else [v]))),
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
     "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION, "export": SECTION,
@@ -69,11 +77,44 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
              "reshard_after_forward": BOOL, "replicate_degree": _int(1)},
     "export": {"enabled": BOOL, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
                "max_shard_mb": _int(1)},
+    "alignment": {"layer_map": COMPONENT, "projector": COMPONENT, "loss": COMPONENT, "schedule": COMPONENT,
+                  "pooling": COMPONENT, "cross_tokenizer": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))},
+    "float8": {"enabled": BOOL, "recipe": _choice("tensorwise", "rowwise"), "fsdp_float8_all_gather": BOOL,
+               "emulate": BOOL},
+    "activation_checkpointing": {"mode": _choice("none", "full", "selective"), "every": _int(1)},
+    "metrics": {"wandb": SECTION},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
               "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
               "rank": _int(0)},
 }
 REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model", "optimizer", "lr_scheduler")
+# The eval recipe's keys (recipes/configs/eval.yaml)
+EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
+    "checkpoint": TEXT, "tokenizer_path": OPTIONAL_TEXT,
+    "tasks": ("a list of task files", lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)),
+    "limit": _int(0), "batch_size": ("an integer >= 1 or auto", lambda v: v == "auto" or _int(1)[1](v)),
+    "max_len": ("an integer >= 2 or null", lambda v: v is None or _int(2)[1](v)),
+    "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
+    "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")), "export_dir": OPTIONAL_TEXT,
+    "output": OPTIONAL_TEXT, "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
+}
+
+
+def is_eval_config(cfg: DictConfig) -> bool:
+    return "tasks" in cfg and "checkpoint" in cfg and "model" not in cfg
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """The eval recipe's config: every key known, of its kind; checkpoint and tasks given."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("checkpoint", "tasks"):
+        if key not in values:
+            raise ConfigValueError(f"config key {key} is missing. Fix: add it (see recipes/configs/eval.yaml).")
+    for key, value in values.items():
+        if key not in EVAL:
+            raise _unknown(key, EVAL, "")
+        if value is not None or key in ("checkpoint", "tasks"):
+            _check("", key, value, EVAL[key])
 
 
 def _unknown(key: str, known, where: str) -> ConfigValueError:
@@ -88,8 +129,11 @@ def _check(where: str, key: str, value: Any, spec) -> None:
         raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}. Fix: set {where}{key} to {text}.")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigValueError` for the first unknown key, wrong type or bad value."""
+def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
+    """Raise :class:`ConfigValueError` (or the registry's ``ComponentError``) for the first
+    unknown key, wrong type or bad value, component arguments included. ``with_teacher``:
+    the recipe reads the ``teacher`` and ``alignment`` sections (LET; plain pretraining
+    ignores them)."""
     values = OmegaConf.to_container(cfg, resolve=True)
     for key in REQUIRED:
         if key not in values and not values.get("dry_run"):
@@ -110,3 +154,72 @@ def validate(cfg: DictConfig) -> None:
     if "data" in values and not (data.get("source") or data.get("sources")) and not values.get("dry_run"):
         raise ConfigValueError("config key data.source is missing. Fix: set data.source (a corpus or a prepared "
                                "folder) or data.sources (a mixture; docs/data.md).")
+    check_components(values, with_teacher)
+
+
+# section key -> registry kind, for the parts built from a `_component_`
+COMPONENTS = {"model": "model", "optimizer": "optimizer", "lr_scheduler": "lr_scheduler"}
+ALIGNMENT_COMPONENTS = {"layer_map": "layer_map", "projector": "projector", "loss": "alignment_loss",
+                        "schedule": "schedule", "pooling": "pooling"}
+
+
+def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
+    """Every component section against its component's arguments: the name resolves (a
+    user's module from ``imports`` included) and every key is one it takes, of its kind."""
+    from letrecipes.components import registry  # torch: only for a recipe, `cat` or `validate`
+
+    registry.import_modules(values.get("imports"))
+    specs = [(kind, key, values[key]) for key, kind in COMPONENTS.items() if key in values]
+    if with_teacher:
+        alignment = values.get("alignment") or {}
+        for key, kind in ALIGNMENT_COMPONENTS.items():
+            spec = alignment.get(key)
+            if kind == "layer_map" and isinstance(spec, str):
+                from letrecipes.components.layer_maps import PRESETS
+
+                if spec in PRESETS:  # `layer_map: L2E` is short for the preset
+                    continue
+            if spec is not None:
+                specs.append((kind, f"alignment.{key}", spec))
+    for kind, key, spec in specs:
+        spec = {"_component_": spec} if isinstance(spec, str) else dict(spec)
+        if not spec.get("_component_"):
+            raise ConfigValueError(f"config key {key}._component_ is missing. Fix: name the component (docs/configs.md).")
+        factory = registry.resolve(kind, spec["_component_"], key=f"{key}._component_")
+        registry.check_arguments(factory, {k: v for k, v in spec.items() if k != "_component_"}, key,
+                                 spec["_component_"])
+    if with_teacher and isinstance(values.get("teacher"), dict):
+        from letrecipes.components.teachers import RECIPE_KEYS, AutoFormat, _accepted_options, formats
+
+        section = values["teacher"]  # the recipe's keys (path, dtype, ...) and its format's own options
+        name = section.get("_component_") or "auto"
+        factory = registry.resolve("teacher_loader", name, key="teacher._component_")
+        taken = set(_accepted_options(factory) if isinstance(factory, type) else inspect.signature(factory).parameters)
+        if factory is AutoFormat:  # options go to whichever format recognises the path
+            taken = set().union(*(_accepted_options(f) for f in formats().values()))
+        options = {k: v for k, v in section.items() if k not in RECIPE_KEYS}
+        for key in options:
+            if key not in taken:
+                raise _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)], "teacher.")
+        if factory is not AutoFormat:
+            registry.check_arguments(factory, options, "teacher", name)
+    loggers = values.get("metric_logger") or []
+    for i, entry in enumerate(loggers if isinstance(loggers, list) else [loggers]):
+        from torchtune.config._utils import _get_component_from_path
+
+        key = f"metric_logger[{i}]" if isinstance(loggers, list) else "metric_logger"
+        try:
+            factory = _get_component_from_path(entry["_component_"])
+        except Exception as err:  # noqa: BLE001 - torchtune raises its own InstantiationError
+            raise ConfigValueError(f"config key {key}._component_={entry['_component_']!r} cannot be imported "
+                                   f"({str(err).splitlines()[0]}). Fix: a logger such as "
+                                   "torchtune.training.metric_logging.DiskLogger, or your own class's dotted path."
+                                   ) from None
+        registry.check_arguments(factory, {k: v for k, v in entry.items() if k != "_component_"}, key,
+                                 entry["_component_"])
+    wandb = (values.get("metrics") or {}).get("wandb") or {}
+    options = {k: v for k, v in wandb.items() if k != "enabled"}
+    if options:
+        import wandb as wandb_lib
+
+        registry.check_arguments(wandb_lib.init, options, "metrics.wandb", "wandb.init")

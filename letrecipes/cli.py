@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from letrecipes._config import RECIPES, ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
+from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
 
 
 def recipe_path(name: str) -> Path:
@@ -63,8 +64,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list recipes and configs")
-    cat = sub.add_parser("cat", help="print a config with overrides applied")
+    cat = sub.add_parser("cat", help="print a config with overrides applied, then check it")
     cat.add_argument("config")
+    check = sub.add_parser("validate", help="check every key of a config (component arguments included), build nothing")
+    check.add_argument("config")
     cp = sub.add_parser("cp", help="copy a recipe or a config to edit")
     cp.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or a config name")
     cp.add_argument("destination")
@@ -92,8 +95,17 @@ def main(argv=None) -> int:
             print("configs:")
             for name in available_configs():
                 print(f"  {name}")
-        elif args.command == "cat":
-            print(OmegaConf.to_yaml(load_config(args.config, rest)), end="")
+        elif args.command in ("cat", "validate"):
+            cfg = load_config(args.config, rest)
+            if args.command == "cat":
+                print(OmegaConf.to_yaml(cfg), end="")
+            with errors_as_one_line():
+                if is_eval_config(cfg):
+                    validate_eval(cfg)
+                else:
+                    validate_config(cfg, with_teacher="teacher" in cfg or "alignment" in cfg)
+            if args.command == "validate":
+                print(f"{args.config}: every key checked, no problem found")
         else:
             if rest:
                 parser.error(f"unexpected arguments: {rest}")

@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from letrecipes._config import errors_as_one_line, parse
+from letrecipes._schema import validate_eval
 from letrecipes.components import registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
@@ -118,6 +119,8 @@ class EvalRecipe:
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     """Zero-shot multiple-choice evaluation through lm-evaluation-harness."""
+    with errors_as_one_line():
+        validate_eval(cfg)  # before a checkpoint is read or converted
     recipe = EvalRecipe(cfg)
     try:
         with errors_as_one_line():

@@ -36,7 +36,9 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
-from letrecipes.components.metrics import MetricLogger, ProgressClock, StepTimer, format_record, peak_memory_mb, to_python
+from letrecipes.components.init_from import load_initial_weights
+from letrecipes.components.metrics import (MetricLogger, ProgressClock, StepTimer, build_metric_loggers,
+                                          format_record, peak_memory_mb, to_python)
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
 
@@ -105,6 +107,8 @@ class PretrainRecipe:
         self.setup_data()
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
+        if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
+            load_initial_weights(str(cfg.init_from), self.model, self.model_args, self.tokenizer, log=self.log)
         # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
         changes = resume.check(resume_from, self.run_info) if resume_from is not None else None
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
@@ -134,12 +138,11 @@ class PretrainRecipe:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
             replace_atomically(self.output_dir / "run_info.json", json.dumps(self.run_info, indent=2, default=str))
-        self.metrics = MetricLogger(
-            self.output_dir, enabled=self.is_main,
-            wandb=OmegaConf.to_container(cfg.get("metrics", {}).get("wandb", {}) or {}),
-            run_config=OmegaConf.to_container(cfg, resolve=True),
-            resume_step=self.step if resume_from is not None else None,
-        )
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        loggers = build_metric_loggers(plain.get("metric_logger"), (plain.get("metrics") or {}).get("wandb"),
+                                       self.output_dir, log=self.log) if self.is_main else []
+        self.metrics = MetricLogger(self.output_dir, enabled=self.is_main, loggers=loggers, run_config=cfg,
+                                    resume_step=self.step if resume_from is not None else None)
         faults.install(self, cfg.get("debug"), self.rank)
         notes = "".join(f", {n}" for n in self.parallel_notes + device_notes)
         self.log(f"model: {self.n_params[0] / 1e6:.2f}M parameters ({self.n_params[1] / 1e6:.2f}M non-embedding), "

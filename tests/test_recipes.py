@@ -219,12 +219,16 @@ def test_cuda_requested_without_a_gpu(base_overrides, tmp_path):
                        match="device=cuda but torch sees no CUDA device")
 
 
-def test_wandb_offline_needs_no_network_or_key(base_overrides, tmp_path, monkeypatch):
+def test_wandb_offline_needs_no_network_or_key(base_overrides, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=2", "metrics.wandb.enabled=true",
-                 "metrics.wandb.mode=offline")
-    assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'old'}", "max_steps=2", "metrics.wandb.enabled=true",
+                 "metrics.wandb.mode=offline")  # the older keys still work, and say what replaces them
+    assert list((tmp_path / "old" / "wandb").glob("offline-run-*")), "no offline wandb run was written"
+    assert "metric_logger: {_component_: torchtune.training.metric_logging.WandBLogger" in capsys.readouterr().out
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'new'}", "max_steps=2", "metric_logger={_component_: "
+                 "torchtune.training.metric_logging.WandBLogger, project: letrecipes, mode: offline}")
+    assert list((tmp_path / "new" / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
 
 def test_resume_after_s_stop_never_runs_the_teacher(let_overrides, tmp_path):
@@ -274,3 +278,15 @@ def test_a_log_redirected_to_a_file_says_elapsed_time_average_throughput_and_eta
     assert lines[-1].endswith("| eta 0s")
     records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert records[-1]["eta_s"] == 0 and records[0]["elapsed_s"] > 0
+
+
+def test_a_torchtune_metric_logger_in_the_yaml_receives_the_let_metrics(let_overrides, tmp_path):
+    logs = tmp_path / "disk_logs"
+    let_pretrain.recipe_main(["--config", "let_tiny", *let_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=3",
+                              "metric_logger={_component_: torchtune.training.metric_logging.DiskLogger, "
+                              f"log_dir: {logs}, filename: metrics.txt}}"])
+    lines = [line for line in (logs / "metrics.txt").read_text().splitlines() if " loss:" in line]
+    assert len(lines) == 3 and lines[0].startswith("Step 1 | ")  # (events, such as the teacher's release, too)
+    assert all(f" {key}:" in " " + lines[0] for key in ("loss", "nll", "align_loss", "lambda", "cosine"))
+    assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 3  # still written
+

@@ -1,0 +1,74 @@
+"""``init_from``: start a new run from a finished model's weights (continued pretraining).
+
+``resume=true`` continues the *same* run (optimizer, schedule, data position, step).
+``init_from=<path>`` starts a *new* run whose student begins with another model's weights,
+with a fresh optimizer, schedule and data order from step 0. The path is read by the
+teacher loaders (``components/teachers.py``), so any format they read works: a letrecipes
+export, a Hugging Face folder, a GGUF file; with the same checks (a damaged file, an
+unsupported architecture are one error naming ``init_from``).
+
+Before any weight is read, the checkpoint's shape (its ``config.json`` or GGUF metadata)
+is compared with the run's ``model`` section, and its tokenizer with ``tokenizer.path``:
+a mismatch is one error that lists the differing keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional
+
+from torch import nn
+
+from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.models import ModelArgs
+from letrecipes.components.teachers import existing_path, load_teacher, teacher_format
+from letrecipes.components.tokenizer import Tokenizer
+
+KEY = "init_from"
+IGNORED_FIELDS = ("max_seq_len",)  # RoPE tables are rebuilt for the run's sequence length
+
+
+class InitFromError(LetRecipesError):
+    pass
+
+
+def shape_differences(source: ModelArgs, student: ModelArgs) -> List[str]:
+    """``model.num_layers: 4 in the checkpoint, 8 here`` for every field that differs."""
+    out = []
+    for field in dataclasses.fields(ModelArgs):
+        if field.name in IGNORED_FIELDS:
+            continue
+        theirs, ours = getattr(source, field.name), getattr(student, field.name)
+        if theirs != ours:
+            out.append(f"model.{field.name}: {theirs} in the checkpoint, {ours} here")
+    return out
+
+
+def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tokenizer: Optional[Tokenizer],
+                         log: Callable[[str], None] = print) -> None:
+    """Copy the weights at ``path`` into ``model`` (sharded or not), after checking shape and tokenizer."""
+    resolved = existing_path(path, key=KEY)
+    fmt = teacher_format({"_component_": "auto"}, key=KEY)
+    try:
+        source = fmt.describe(resolved)
+    except LetRecipesError as err:
+        raise InitFromError(f"{KEY}={path!r}: {err}") from err
+    differences = shape_differences(source, model_args)
+    if differences:
+        raise InitFromError(f"{KEY}={path!r} has another shape than this run's model: {'; '.join(differences)}. "
+                            "Fix: set those model.* keys to the checkpoint's values, or init_from a checkpoint "
+                            "of this shape.")
+    their_tokenizer = fmt.tokenizer(resolved)
+    if tokenizer is not None and their_tokenizer is not None and not Tokenizer(their_tokenizer).reads_like(tokenizer):
+        raise InitFromError(f"{KEY}={path!r} was trained with another tokenizer ({their_tokenizer}) than "
+                            f"tokenizer.path={str(tokenizer.path)!r}: its embeddings would mean other tokens. Fix: "
+                            f"tokenizer.path={their_tokenizer}.")
+    loaded = load_teacher({"_component_": "auto", "path": str(resolved), "dtype": "fp32"}, device="cpu", key=KEY)
+    state = loaded.model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # full_state_dict: every rank hands the whole tensors; FSDP2 keeps each rank's shard
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    del loaded, state
+    log(f"init_from: the student starts from the weights of {resolved}; optimizer, lr schedule and data order "
+        "start fresh at step 0")

@@ -1,0 +1,118 @@
+"""Every key of every section is checked before anything runs (component arguments, a
+user's own components included), by the recipes and by `letrecipes validate` / `cat`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from letrecipes import cli, let_pretrain, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (override with a misspelt key, the key the error must suggest)
+TYPOS = [
+    ("max_step=3", "max_steps"),
+    ("data.seq_le=16", "data.seq_len"),
+    ("tokenizer.eos_tokn=x", "tokenizer.eos_token"),
+    ("model.num_layer=2", "model.num_layers"),
+    ("optimizer.lrr=0.1", "optimizer.lr"),
+    ("lr_scheduler.warmup_step=3", "lr_scheduler.warmup_steps"),
+    ("fsdp.reshard_after_forwrd=false", "fsdp.reshard_after_forward"),
+    ("float8.enabeld=false", "float8.enabled"),
+    ("activation_checkpointing.mod=full", "activation_checkpointing.mode"),
+    ("metrics.wandb.projct=x", "metrics.wandb.project"),
+    ("divergence.polcy=skip", "divergence.policy"),
+    ("export.dtyp=fp32", "export.dtype"),
+    ("teacher.dtyp=fp32", "teacher.dtype"),
+    ("alignment.projectr=mlp", "alignment.projector"),
+    ("alignment.schedule.lambda=2", "alignment.schedule.lambda0"),
+    ("alignment.projector={_component_: mlp, hiden_dim: 8}", "alignment.projector.hidden_dim"),
+    ("alignment.loss={_component_: smooth_l1, bet: 1.0}", "alignment.loss.beta"),
+]
+
+
+@pytest.mark.parametrize("override, suggestion", TYPOS, ids=[t[0].split("=")[0] for t in TYPOS])
+def test_a_misspelt_key_in_any_section_is_named_with_the_right_one(override, suggestion, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    message = str(err.value.code)
+    assert message.startswith("error: config key ") and f"Did you mean {suggestion}?" in message, message
+
+
+def test_the_recipe_refuses_it_before_anything_is_written(base_overrides, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        let_pretrain.recipe_main(["--config", "let_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                                  "alignment.projectr=mlp"])
+    assert "Did you mean alignment.projector?" in str(err.value.code)
+    assert not (tmp_path / "run").exists()
+    # the plain recipe ignores the teacher and alignment sections, so it does not check them
+    with pytest.raises(SystemExit, match="Did you mean model.num_layers"):
+        pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'b'}",
+                              "model.num_layer=2"])
+
+
+def test_a_users_registered_component_has_its_arguments_checked(tmp_path, monkeypatch):
+    (tmp_path / "my_losses.py").write_text(
+        "import torch\n"
+        "from letrecipes.components.alignment import AlignmentLoss\n"
+        "from letrecipes.components.registry import register\n\n"
+        "@register('alignment_loss', 'margin_cosine_cfgtest')\n"
+        "class MarginCosine(AlignmentLoss):\n"
+        "    def __init__(self, margin: float = 0.1):\n"
+        "        super().__init__()\n"
+        "        self.margin = margin\n\n"
+        "    def per_token(self, pred, target):\n"
+        "        return torch.relu(self.margin - torch.cosine_similarity(pred, target, dim=-1))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = ["imports=[my_losses]", "alignment.loss={_component_: margin_cosine_cfgtest, margin: 0.2}"]
+    assert cli.main(["validate", "let_tiny", *good]) == 0
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "imports=[my_losses]",
+                  "alignment.loss={_component_: margin_cosine_cfgtest, margn: 0.2}"])
+    assert "Did you mean alignment.loss.margin?" in str(err.value.code)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "imports=[my_losses]",
+                  "alignment.loss={_component_: margin_cosine_cfgtest, margin: wide}"])
+    assert "alignment.loss.margin='wide' must be a number" in str(err.value.code)
+
+
+@pytest.mark.parametrize("config", ["let_tiny", "let_1b4", "let_7b", "let_smollm2_cpu", "let_smollm2_xtok_cpu",
+                                    "pretrain_7b", "baseline_tiny", "eval"])
+def test_every_shipped_config_validates(config, capsys):
+    assert cli.main(["validate", config]) == 0
+    assert "no problem found" in capsys.readouterr().out
+
+
+def test_letrecipes_cat_prints_then_checks(capsys):
+    result = subprocess.run([sys.executable, "-m", "letrecipes", "cat", "let_tiny", "alignment.projectr=mlp"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and "projector: linear" in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("error: config key alignment.projectr is unknown")
+
+
+def test_the_eval_config_is_checked_too():
+    with pytest.raises(SystemExit, match="config key limt is unknown. Did you mean limit"):
+        cli.main(["validate", "eval", "limt=3"])
+
+
+@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "recipes" / "configs").glob("*.yaml")))
+def test_tune_validate_accepts_every_shipped_config(config):
+    result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "validate",
+                             str(REPO / "recipes" / "configs" / f"{config}.yaml")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "Config is well-formed!" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_short_name_and_its_dotted_path_are_the_same_run_on_resume():
+    from letrecipes.components.resume import differences
+
+    saved = {"config": {"model": {"_component_": "llama"}, "teacher": {"_component_": "auto"}}}
+    current = {"config": {"model": {"_component_": "letrecipes.components.models.llama_model"},
+                          "teacher": {"_component_": "letrecipes.components.teachers.AutoFormat"}}}
+    assert differences(saved, current) == []
+    other = {"config": {"model": {"_component_": "llama"}, "teacher": {"_component_": "gguf"}}}
+    assert [k for k, _, _ in differences(saved, other)] == ["teacher._component_"]

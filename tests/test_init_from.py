@@ -1,0 +1,78 @@
+"""``init_from``: a new run that starts from an export's weights (components/init_from.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from letrecipes import pretrain
+from letrecipes._config import load_config
+from letrecipes.components.metrics import read_metrics
+from letrecipes.components.teachers import load_teacher
+
+
+@pytest.fixture(scope="module")
+def export(base_overrides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("source")
+    pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={out}", "max_steps=8",
+                          "export.dtype=fp32"])
+    return out / "final"
+
+
+def built(base_overrides, tmp_path, *extra):
+    recipe = pretrain.PretrainRecipe(load_config("baseline_tiny", [*base_overrides, f"output_dir={tmp_path}", *extra]))
+    recipe.setup()
+    return recipe
+
+
+def test_a_run_started_from_an_export_has_its_weights_at_step_0(base_overrides, export, tmp_path, capsys):
+    recipe = built(base_overrides, tmp_path / "init", f"init_from={export}")
+    try:
+        ours = recipe.model.state_dict()
+        theirs = load_teacher({"path": str(export), "dtype": "fp32"}).model.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert recipe.step == 0
+    finally:
+        recipe.cleanup()
+    assert "init_from: the student starts from the weights of" in capsys.readouterr().out
+    fresh = built(base_overrides, tmp_path / "fresh")
+    try:
+        assert not torch.equal(fresh.model.state_dict()["tok_embeddings.weight"], ours["tok_embeddings.weight"])
+    finally:
+        fresh.cleanup()
+
+
+def test_it_trains_on_with_a_fresh_schedule(base_overrides, export, tmp_path):
+    pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'cont'}",
+                          "max_steps=2", f"init_from={export}"])
+    pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'fresh'}",
+                          "max_steps=2"])
+    cont, fresh = ([r for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r] for d in ("cont", "fresh"))
+    assert [r["step"] for r in cont] == [1, 2] and cont[0]["lr"] == fresh[0]["lr"]  # warmup from the start
+    assert cont[0]["loss"] < fresh[0]["loss"] - 0.1  # it starts where the export left off, not from scratch
+
+
+def test_a_checkpoint_of_another_shape_is_one_error_before_training(base_overrides, export, tmp_path):
+    with pytest.raises(SystemExit) as err:
+        pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                              f"init_from={export}", "model.num_layers=2", "model.embed_dim=48"])
+    message = str(err.value.code)
+    assert message.startswith("error: init_from=") and "model.num_layers: 4 in the checkpoint, 2 here" in message
+    assert "model.embed_dim: 32 in the checkpoint, 48 here" in message and "Fix:" in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_missing_path_names_the_key(base_overrides, tmp_path):
+    with pytest.raises(SystemExit, match=r"init_from"):
+        pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                              f"init_from={tmp_path / 'nothing'}"])
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_is_refused(base_overrides, export, corpus_dir, tmp_path):
+    from letrecipes.components.tokenizer import train_bpe
+
+    other = train_bpe([next(corpus_dir.glob("*.txt")).read_text()[:200_000]], 512, tmp_path / "other.json")
+    with pytest.raises(SystemExit) as err:
+        pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                              f"init_from={export}", f"tokenizer.path={other}"])
+    assert "was trained with another tokenizer" in str(err.value.code) and "Fix: tokenizer.path=" in str(err.value.code)
