@@ -94,14 +94,16 @@ def plot(report: Dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, rows in report["arms"].items():
+    for number, (name, rows) in enumerate(report["arms"].items()):
+        color = f"C{number}"
         steps = [s for s, _ in rows[0]["curve"]]
-        axes[0].plot(steps, [statistics.mean(r["curve"][i][1] for r in rows) for i in range(len(steps))], label=name)
+        axes[0].plot(steps, [statistics.mean(r["curve"][i][1] for r in rows) for i in range(len(steps))], label=name,
+                     color=color)
         logged = [x for x in rows[0]["lambda_cosine_rho"] if x[1] is not None]
         if name != "baseline" and logged:
-            axes[1].plot([x[0] for x in logged], [x[1] for x in logged], label=name)
+            axes[1].plot([x[0] for x in logged], [x[1] for x in logged], label=name, color=color)
             axes[2].plot([x[0] for x in logged if x[2] is not None], [x[2] for x in logged if x[2] is not None],
-                         label=name)
+                         label=name, color=color)
     axes[0].axhline(report["teacher_val_loss"], color="gray", linestyle=":", label="teacher")
     axes[0].set(title="demo: validation loss (mean over seeds)", xlabel="step", ylabel="loss")
     axes[1].set(title="alignment weight lambda (first seed)", xlabel="step", ylabel="lambda", ylim=(0, None))

@@ -389,9 +389,9 @@ def markdown(report: Dict) -> str:
         lines += ["", f"**{regime}** ({r['steps']} steps; condition: {r['condition']}: "
                       f"{'holds' if r['condition_holds'] else 'DOES NOT hold'}; baseline's final val loss minus "
                       f"the teacher's: {r['baseline_minus_teacher']:+.4f})", "",
-                  "| arm | seeds | final val loss | speedup (steps = tokens) | speedup (wall-clock) | "
-                  "lambda0 equivalent | cosine at release | "
-                  + " | ".join(f"{t} ({ACCURACY})" for t in tasks) + " |",
+                  "| " + " | ".join(["arm", "seeds", "final val loss", "speedup (steps = tokens)",
+                                      "speedup (wall-clock)", "lambda0 equivalent", "cosine at release",
+                                      *(f"{t} ({ACCURACY})" for t in tasks)]) + " |",
                   "|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
         for name, rows in arms.items():
             aligned = all(x.get("lambda0_equivalent") is not None for x in rows)
@@ -419,21 +419,22 @@ def plot(report: Dict, plot_dir: Path) -> List[Path]:
     for regime, r in report["regimes"].items():
         scored = any(rows[0]["accuracy_by_step"] for rows in r["arms"].values())
         fig, axes = plt.subplots(1, 4 if scored else 3, figsize=(20 if scored else 15, 4))
-        for name, rows in r["arms"].items():
+        for number, (name, rows) in enumerate(r["arms"].items()):
+            color = f"C{number}"  # one colour per arm in every panel
             steps = [s for s, _ in rows[0]["curve"]]
             mean = [statistics.mean(row["curve"][i][1] for row in rows) for i in range(len(steps))]
-            axes[0].plot(steps, mean, label=name)
+            axes[0].plot(steps, mean, label=name, color=color)
             acc = rows[0]["accuracy_by_step"]
             if acc:
                 xs = sorted(acc)
                 axes[3].plot(xs, [statistics.mean(row["accuracy_by_step"].get(x, float("nan")) for row in rows)
-                                  for x in xs], marker="o", label=name)
+                                  for x in xs], marker="o", label=name, color=color)
             lc = [(s, lam, cos) for s, lam, cos in rows[0]["lambda_cosine"] if lam is not None]
             if name != "baseline" and lc:
-                axes[1].plot([s for s, _, _ in lc], [lam for _, lam, _ in lc], label=name)
+                axes[1].plot([s for s, _, _ in lc], [lam for _, lam, _ in lc], label=name, color=color)
                 if any(c is not None for _, _, c in lc):
                     axes[2].plot([s for s, _, c in lc if c is not None], [c for _, _, c in lc if c is not None],
-                                 label=name)
+                                 label=name, color=color)
         axes[0].axhline(report["teacher"]["val_loss"], color="gray", linestyle=":", label="teacher")
         axes[0].set(title=f"{regime}: validation loss (mean over seeds)", xlabel="step", ylabel="loss")
         axes[1].set(title="alignment weight lambda (first seed)", xlabel="step", ylabel="lambda",
