@@ -1,0 +1,61 @@
+"""Every link and repository file name in the docs, configs, scripts and code comments resolves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARKDOWN = sorted(REPO.glob("docs/*.md")) + [REPO / "README.md"]
+TEXTS = MARKDOWN + sorted([*REPO.glob("recipes/configs/*.yaml"), *REPO.glob("components/*.py"),
+                           *REPO.glob("letrecipes/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("benchmarks/*.sh"),
+                           *REPO.glob("scripts/*"), *REPO.glob("tests/*.py")])
+# a repository path in prose or a comment; benchmarks/results/ (and a benchmark's own docs/img/ plot)
+# is what benchmarks write
+FILE_NAME = re.compile(r"(?<![\w/.-])((?:docs|components|letrecipes|benchmarks|recipes|scripts|tests)/[\w./-]*\w"
+                       r"\.(?:md|py|yaml|sh|png))\b")
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set:
+    return {heading_anchor(h) for h in re.findall(r"^#+\s+(.*)$", path.read_text(encoding="utf-8"), flags=re.M)}
+
+
+def test_every_markdown_link_reaches_a_file_and_heading():
+    broken = []
+    for page in MARKDOWN:
+        for target in LINK.findall(page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_file_name_mentioned_exists():
+    missing = []
+    for text_file in TEXTS:
+        for name in FILE_NAME.findall(text_file.read_text(encoding="utf-8", errors="replace")):
+            written_by_a_benchmark = name.startswith("benchmarks/results/") or (
+                text_file.parent.name == "benchmarks" and name.startswith("docs/img/"))
+            if written_by_a_benchmark or (REPO / name).exists():
+                continue
+            missing.append(f"{text_file.relative_to(REPO)}: {name}")
+    assert not missing, "\n".join(missing)
+
+
+def test_docs_cite_only_notes_that_are_in_the_repository():
+    outside = [f"{p.relative_to(REPO)}: {m}" for p in TEXTS
+               for m in re.findall(r"\b(?:let-method|install|architecture|sources)\.md\b|\bissue \d+\b|\.\./shared",
+                                   p.read_text(encoding="utf-8", errors="replace"))
+               if p.suffix in (".md", ".yaml")]
+    assert not outside, "\n".join(outside)
