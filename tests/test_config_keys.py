@@ -99,11 +99,16 @@ def test_the_eval_config_is_checked_too():
         cli.main(["validate", "eval", "limt=3"])
 
 
-@pytest.mark.parametrize("config", sorted(p.stem for p in (REPO / "recipes" / "configs").glob("*.yaml")))
-def test_tune_validate_accepts_every_shipped_config(config):
-    result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "validate",
-                             str(REPO / "recipes" / "configs" / f"{config}.yaml")], capture_output=True, text=True,
-                            timeout=300)
+def test_tune_validate_accepts_every_shipped_config():
+    from omegaconf import OmegaConf
+    from torchtune.config._validate import validate  # what `tune validate <file>` runs
+
+    configs = sorted((REPO / "recipes" / "configs").glob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        validate(OmegaConf.load(path))  # raises torchtune's ConfigError on a component it cannot bind
+    result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "validate", str(configs[0])],
+                            capture_output=True, text=True, timeout=300)  # and the command itself, once
     assert result.returncode == 0 and "Config is well-formed!" in result.stdout, result.stdout + result.stderr
 
 
