@@ -170,12 +170,11 @@ class CrossTokenizerCollate:
     tokens and, per student position, the range of teacher tokens it may be aligned to."""
 
     def __init__(self, student_tokenizer, teacher_tokenizer, teacher_context: Optional[int],
-                 teacher_eos_id: Optional[int], key: str = "alignment.cross_tokenizer"):
+                 teacher_eos_id: Optional[int]):
         self.student = TokenBytes.of(student_tokenizer, key="tokenizer.path")
         self.teacher = teacher_tokenizer
         self.context = teacher_context
         self.eos = teacher_eos_id
-        self.key = key
         check_offsets(teacher_tokenizer)
         try:
             self.teacher_bytes: Optional[TokenBytes] = TokenBytes.of(teacher_tokenizer, key="teacher.path")

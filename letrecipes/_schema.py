@@ -166,6 +166,8 @@ ALIGNMENT_COMPONENTS = {"layer_map": "layer_map", "projector": "projector", "los
 def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
     """Every component section against its component's arguments: the name resolves (a
     user's module from ``imports`` included) and every key is one it takes, of its kind."""
+    from torchtune.config._utils import _get_component_from_path
+
     from letrecipes.components import registry  # torch: only for a recipe, `cat` or `validate`
 
     registry.import_modules(values.get("imports"))
@@ -205,8 +207,6 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
             registry.check_arguments(factory, options, "teacher", name)
     loggers = values.get("metric_logger") or []
     for i, entry in enumerate(loggers if isinstance(loggers, list) else [loggers]):
-        from torchtune.config._utils import _get_component_from_path
-
         key = f"metric_logger[{i}]" if isinstance(loggers, list) else "metric_logger"
         try:
             factory = _get_component_from_path(entry["_component_"])
