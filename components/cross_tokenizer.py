@@ -13,8 +13,8 @@ the target never holds text the student has not read yet)::
 
 Positions are in bytes of the UTF-8 text, because a byte-level student token can end in
 the middle of a character. A :class:`Pooling` component turns the teacher states of those
-tokens into one target per student position (``last``: the last one; ``mean``: the mean
-of the ones that end inside the student token, or the last one when none does).
+tokens into one target per student position (``mean``, the default: the mean of the ones
+that end inside the student token, or the last one when none does; ``last``: the last one).
 
 Everything here runs in the data loader (its workers when ``data.num_workers`` > 0):
 ``encode_batch`` of the teacher's tokenizer for the whole batch, then array arithmetic;
