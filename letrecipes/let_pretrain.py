@@ -35,10 +35,9 @@ from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 class LETPretrainRecipe(PretrainRecipe):
     uses_teacher = True
-    console_fields = (("loss", ".4f"), ("nll", ".4f"), ("align_loss", ".4f"), ("lambda", ".3g"), ("rho", ".3g"),
-                      ("rho_measured", ".3g"), ("cosine", ".3f"),
-                      ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"), ("tokens_per_s", ".0f"),
-                      ("tokens_per_s_avg", ".0f"), ("elapsed_s", "clock"), ("eta_s", "clock"))
+    # the plain recipe's fields, with LET's after loss and nll (progress fields stay in one place)
+    console_fields = (*PretrainRecipe.console_fields[:2], ("align_loss", ".4f"), ("lambda", ".3g"), ("rho", ".3g"),
+                      ("rho_measured", ".3g"), ("cosine", ".3f"), *PretrainRecipe.console_fields[2:])
 
     def setup_data(self) -> None:
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
