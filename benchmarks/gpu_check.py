@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Dict, List
 
@@ -104,6 +106,25 @@ def main(argv=None) -> int:
     report = {**header("gpu_check.py", argv), "mode": "cpu" if args.cpu else "gpu", "device_name": device_name,
               "sizes": size}
 
+    out_path = args.out or f"benchmarks/results/gpu_check{'_cpu' if args.cpu else ''}.json"
+    report["errors"] = {}
+
+    def save():  # after every check: a device session cut short still leaves what was measured
+        write_json(report, out_path)
+        if os.environ.get("OUT"):  # the device machine's return folder
+            write_json(report, str(Path(os.environ["OUT"]) / Path(out_path).name))
+
+    def check(name, fn):
+        try:
+            fn()
+        except Exception as err:  # one failed check must not cost the others' measurements
+            traceback.print_exc()
+            report["errors"][name] = f"{type(err).__name__}: {err}"[:2000]
+            print(f"({name}) FAILED: {report['errors'][name]}", flush=True)
+        if torch.cuda.is_available() and not args.cpu:
+            torch.cuda.empty_cache()
+        save()
+
     # (a) the slice in bf16, then float8
     slice_shape = size["slice"]
     slice_args = ModelArgs(**{**slice_shape, "vocab_size": vocab(slice_shape), "max_seq_len": size["seq_len"]})
@@ -113,11 +134,15 @@ def main(argv=None) -> int:
     estimate = memory_per_gpu(slice_args, 1, size["micro_batch"], size["seq_len"], "full", fsdp=True)
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     model_flops = 3 * forward_flops_per_token(slice_args, size["seq_len"])
-    arms = {}
-    for arm, extra in (("bf16", ["float8.enabled=false"]), ("float8", ["float8.enabled=true"])):
+    arms, bf16_records = {}, []
+    report["throughput"] = arms
+
+    def throughput(arm, extra):
         if torch.cuda.is_available() and not args.cpu:
             torch.cuda.reset_peak_memory_stats()
         records = run(pretrain, "pretrain_7b", work / arm, [*slice_cfg, *extra])[size["warmup"]:]
+        if arm == "bf16":
+            bf16_records.extend(records)  # also (b)'s baseline: the same config, so it is not run twice
         tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
         peak_gib = max(r["peak_memory_mb"] for r in records) / 1024
         arms[arm] = {"tokens_per_s": tokens_per_s,
@@ -126,98 +151,136 @@ def main(argv=None) -> int:
                      "estimate_gib": estimate.total_gb - estimate.context_gb,
                      "peak_over_estimate": peak_gib / (estimate.total_gb - estimate.context_gb)}
         print(f"(a) {arm}: {json.dumps(arms[arm])}", flush=True)
-    report["throughput"] = arms
-    report["float8_over_bf16"] = arms["float8"]["tokens_per_s"] / arms["bf16"]["tokens_per_s"]
+
+    check("a_bf16", lambda: throughput("bf16", ["float8.enabled=false"]))
+    check("a_float8", lambda: throughput("float8", ["float8.enabled=true"]))
+    if "bf16" in arms and "float8" in arms:
+        report["float8_over_bf16"] = arms["float8"]["tokens_per_s"] / arms["bf16"]["tokens_per_s"]
 
     # (b) LET's cost on the same slice: a random teacher of Llama-3.2-1B's shape, exported
-    teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(slice_shape))}
-    from letrecipes.components.export import export_model
+    def let_cost():
+        teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(slice_shape))}
+        from letrecipes.components.export import export_model
 
-    with torch.device(size["device"]):
-        teacher = llama_model(max_seq_len=size["seq_len"], **teacher_shape)
-    export_model(teacher, teacher.model_args, work / "teacher", tok, torch.bfloat16)
-    del teacher
-    if torch.cuda.is_available() and not args.cpu:
-        torch.cuda.empty_cache()
-    let_cfg = [*slice_cfg, "float8.enabled=false", f"teacher.path={work / 'teacher'}", "tokenizer.source=path",
-               "alignment.schedule.stop=1.0", f"teacher.dtype={'fp32' if args.cpu else 'bf16'}"]
-    base = run(pretrain, "pretrain_7b", work / "base", [*slice_cfg, "float8.enabled=false"])[size["warmup"]:]
-    let = run(let_pretrain, "let_7b", work / "let", let_cfg)[size["warmup"]:]
-    step_base = statistics.median(r["step_time_s"] for r in base)
-    step_let = statistics.median(r["step_time_s"] for r in let)
-    report["let"] = {"baseline_step_s": step_base, "let_step_s": step_let, "let_over_baseline": step_let / step_base,
-                     "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in let)}
-    print(f"(b) {json.dumps(report['let'])}", flush=True)
+        with torch.device(size["device"]):
+            teacher = llama_model(max_seq_len=size["seq_len"], **teacher_shape)
+        export_model(teacher, teacher.model_args, work / "teacher", tok, torch.bfloat16)
+        del teacher
+        if torch.cuda.is_available() and not args.cpu:
+            torch.cuda.empty_cache()
+        let_cfg = [*slice_cfg, "float8.enabled=false", f"teacher.path={work / 'teacher'}", "tokenizer.source=path",
+                   "alignment.schedule.stop=1.0", f"teacher.dtype={'fp32' if args.cpu else 'bf16'}"]
+        base = bf16_records or run(pretrain, "pretrain_7b", work / "base",
+                                   [*slice_cfg, "float8.enabled=false"])[size["warmup"]:]
+        let = run(let_pretrain, "let_7b", work / "let", let_cfg)[size["warmup"]:]
+        step_base = statistics.median(r["step_time_s"] for r in base)
+        step_let = statistics.median(r["step_time_s"] for r in let)
+        report["let"] = {"baseline_step_s": step_base, "let_step_s": step_let,
+                         "let_over_baseline": step_let / step_base,
+                         "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in let)}
+        print(f"(b) {json.dumps(report['let'])}", flush=True)
+
+    check("b_let", let_cost)
 
     # (c) resume, sync and async: 4 straight against 2 + resume + 2
     resume_cfg = [*common, *model_overrides(size["resume"], vocab(size["resume"])), "max_steps=4", "export.dtype=fp32"]
-    straight = run(pretrain, "pretrain_7b", work / "straight", resume_cfg)
+    straight = []
     report["resume"] = {}
-    for mode in ("sync", "async"):
+    check("c_straight", lambda: straight.extend(run(pretrain, "pretrain_7b", work / "straight", resume_cfg)))
+
+    def resume(mode):
         folder = work / f"resumed_{mode}"
         again = [*resume_cfg, "save_every=2", f"async_checkpoint={str(mode == 'async').lower()}"]
         run(pretrain, "pretrain_7b", folder, again)
         shutil.rmtree(folder / "checkpoints" / "step_00000004")
         pretrain.recipe_main(["--config", "pretrain_7b", f"output_dir={folder}", *again, "resume=true"])
         resumed = [r for r in read_metrics(folder / "metrics.jsonl") if "loss" in r and "event" not in r]
-        same = [r["step"] for r in resumed] == [r["step"] for r in straight] and all(
+        same = bool(straight) and [r["step"] for r in resumed] == [r["step"] for r in straight] and all(
             abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) for a, b in zip(straight, resumed))
         report["resume"][mode] = {"equal_losses": same, "straight": [r["loss"] for r in straight],
                                   "resumed": [r["loss"] for r in resumed]}
         print(f"(c) resume {mode}: equal losses {same}", flush=True)
 
+    for mode in ("sync", "async"):
+        check(f"c_resume_{mode}", lambda mode=mode: resume(mode))
+
     # (d) the export through transformers
-    import transformers
+    def export():
+        import transformers
 
-    from letrecipes.components.teachers import load_teacher
+        from letrecipes.components.teachers import load_teacher
 
-    final = work / "straight" / "final"
-    ids = torch.tensor([tok.encode("To be, or not to be, that is the question.")], device=size["device"])
-    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(size["device"]).eval()
-    ours = load_teacher({"_component_": "auto", "path": str(final), "dtype": "fp32"}, device=size["device"])
-    with torch.no_grad():
-        diff = (hf(ids).logits.float() - ours.logits(ids).float()).abs().max().item()
-    report["export"] = {"max_abs_logit_diff": diff, "equal_logits": diff <= size["logits_atol"],
-                        "atol": size["logits_atol"]}
-    print(f"(d) export: max |logit difference| {diff:.2e}", flush=True)
+        final = work / "straight" / "final"
+        ids = torch.tensor([tok.encode("To be, or not to be, that is the question.")], device=size["device"])
+        hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).to(size["device"]).eval()
+        ours = load_teacher({"_component_": "auto", "path": str(final), "dtype": "fp32"}, device=size["device"])
+        with torch.no_grad():
+            diff = (hf(ids).logits.float() - ours.logits(ids).float()).abs().max().item()
+        report["export"] = {"max_abs_logit_diff": diff, "equal_logits": diff <= size["logits_atol"],
+                            "atol": size["logits_atol"]}
+        print(f"(d) export: max |logit difference| {diff:.2e}", flush=True)
+
+    check("d_export", export)
 
     gpu = not args.cpu  # speed and memory targets mean nothing at tiny sizes on a CPU
+
+    def judged(ok):
+        if not gpu:
+            return None
+        try:
+            return bool(ok())
+        except (KeyError, TypeError):  # a check that failed is not met
+            return False
+
     report["targets"] = {
-        "float8_at_least_1.3x_bf16": report["float8_over_bf16"] >= 1.3 if gpu else None,
-        "bf16_mfu_at_least_40%": (arms["bf16"]["mfu"] or 0) >= 0.40 if gpu else None,
-        "let_step_at_most_1.05x": report["let"]["let_over_baseline"] <= 1.05 if gpu else None,
-        "peak_memory_within_15%_of_estimate": abs(arms["bf16"]["peak_over_estimate"] - 1) <= 0.15 if gpu else None,
-        "resume_equal_losses": all(v["equal_losses"] for v in report["resume"].values()),
-        "export_equal_logits": report["export"]["equal_logits"],
+        "float8_at_least_1.3x_bf16": judged(lambda: report["float8_over_bf16"] >= 1.3),
+        "bf16_mfu_at_least_40%": judged(lambda: arms["bf16"]["mfu"] >= 0.40),
+        "let_step_at_most_1.05x": judged(lambda: report["let"]["let_over_baseline"] <= 1.05),
+        "peak_memory_within_15%_of_estimate": judged(lambda: abs(arms["bf16"]["peak_over_estimate"] - 1) <= 0.15),
+        "resume_equal_losses": len(report["resume"]) == 2 and all(v["equal_losses"] for v in report["resume"].values()),
+        "export_equal_logits": report.get("export", {}).get("equal_logits", False),
     }
     report["wall_s"] = round(time.perf_counter() - started, 1)
     report["table"] = table(report)
     print(report["table"])
-    write_json(report, args.out or f"benchmarks/results/gpu_check{'_cpu' if args.cpu else ''}.json")
+    save()
     shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if report["errors"] else 0
 
 
 def table(r: Dict) -> str:
     a = r["throughput"]
     t = {k: "n/a (cpu)" if v is None else v for k, v in r["targets"].items()}
+    failed = lambda name: f"failed: {r['errors'].get(name, 'not run')[:80]}"  # noqa: E731
 
     def mfu(x):
         return f"{100 * x:.1f}%" if x is not None else "n/a"
 
+    def arm(name, text):
+        return text() if name in a else failed(f"a_{name}")
+
+    resume = r["resume"]
     rows = [f"gpu_check on {r['device_name']} ({r['mode']} sizes), {r['wall_s']:.0f} s",
             "| check | measured | target | met |", "|---|---|---|---|",
-            f"| (a) {'bf16' if r['mode'] == 'gpu' else 'fp32'} slice | {a['bf16']['tokens_per_s']:,.0f} tok/s, MFU {mfu(a['bf16']['mfu'])}, peak "
-            f"{a['bf16']['peak_memory_gib']:.1f} GiB (estimate {a['bf16']['estimate_gib']:.1f}) | MFU >= 40%; peak "
-            f"within 15% | {t['bf16_mfu_at_least_40%']}; {t['peak_memory_within_15%_of_estimate']} |",
-            f"| (a) float8 slice | {a['float8']['tokens_per_s']:,.0f} tok/s ({r['float8_over_bf16']:.2f}x bf16), "
-            f"peak {a['float8']['peak_memory_gib']:.1f} GiB | >= 1.3x | {t['float8_at_least_1.3x_bf16']} |",
-            f"| (b) LET step / baseline step | {r['let']['let_over_baseline']:.3f} (teacher share "
-            f"{100 * r['let']['teacher_time_share']:.1f}%) | <= 1.05 | {t['let_step_at_most_1.05x']} |",
-            f"| (c) resume, sync / async | equal losses: {r['resume']['sync']['equal_losses']} / "
-            f"{r['resume']['async']['equal_losses']} | equal | {t['resume_equal_losses']} |",
-            f"| (d) export via transformers | max logit difference {r['export']['max_abs_logit_diff']:.1e} | "
-            f"<= {r['export']['atol']:g} | {t['export_equal_logits']} |"]
+            f"| (a) {'bf16' if r['mode'] == 'gpu' else 'fp32'} slice | " + arm("bf16", lambda: (
+                f"{a['bf16']['tokens_per_s']:,.0f} tok/s, MFU {mfu(a['bf16']['mfu'])}, peak "
+                f"{a['bf16']['peak_memory_gib']:.1f} GiB (estimate {a['bf16']['estimate_gib']:.1f})")) +
+            f" | MFU >= 40%; peak within 15% | {t['bf16_mfu_at_least_40%']}; {t['peak_memory_within_15%_of_estimate']} |",
+            "| (a) float8 slice | " + arm("float8", lambda: (
+                f"{a['float8']['tokens_per_s']:,.0f} tok/s"
+                + (f" ({r['float8_over_bf16']:.2f}x bf16)" if "float8_over_bf16" in r else "")
+                + f", peak {a['float8']['peak_memory_gib']:.1f} GiB")) +
+            f" | >= 1.3x | {t['float8_at_least_1.3x_bf16']} |",
+            "| (b) LET step / baseline step | " + (
+                f"{r['let']['let_over_baseline']:.3f} (teacher share {100 * r['let']['teacher_time_share']:.1f}%)"
+                if "let" in r else failed("b_let")) + f" | <= 1.05 | {t['let_step_at_most_1.05x']} |",
+            "| (c) resume, sync / async | equal losses: " + " / ".join(
+                str(resume[m]["equal_losses"]) if m in resume else failed(f"c_resume_{m}") for m in ("sync", "async"))
+            + f" | equal | {t['resume_equal_losses']} |",
+            "| (d) export via transformers | " + (
+                f"max logit difference {r['export']['max_abs_logit_diff']:.1e}" if "export" in r
+                else failed("d_export")) + f" | <= {r['sizes']['logits_atol']:g} | "
+            f"{t['export_equal_logits']} |"]
     return "\n".join(rows)
 
 

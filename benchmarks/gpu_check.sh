@@ -19,7 +19,9 @@ if [ -d .whl ]; then  # the GPU image: install what it lacks, and this package, 
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
-"$PY" benchmarks/gpu_check.py "$@"
-if [ -n "${OUT:-}" ]; then
-    cp benchmarks/results/gpu_check*.json "$OUT"/ 2>/dev/null || true
+if [ -n "${OUT:-}" ]; then  # the device machine: the log comes back even if the call is cut short
+    set -o pipefail
+    "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
+else
+    "$PY" benchmarks/gpu_check.py "$@"
 fi
