@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     def check(name, fn):
         try:
             fn()
-        except Exception as err:  # one failed check must not cost the others' measurements
+        # one failed check (a recipe exits with one line) must not cost the others' measurements
+        except (Exception, SystemExit) as err:
             traceback.print_exc()
             report["errors"][name] = f"{type(err).__name__}: {err}"[:2000]
             print(f"({name}) FAILED: {report['errors'][name]}", flush=True)

@@ -161,8 +161,9 @@ class PretrainRecipe:
                                                     rank=self.rank, world_size=self.world_size, num_workers=workers,
                                                     collate_fn=self.collate),
                                    self.device, source_names=sources)
-        self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False,
-                                           rank=self.rank, world_size=self.world_size)
+        # Without evaluation the validation split is never read, so too small a one is no error.
+        self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False, rank=self.rank,
+                                           world_size=self.world_size) if self.eval_every else None
         self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum * self.world_size
 
     def setup_model(self) -> None:

@@ -40,6 +40,15 @@ def test_pretrain_smoke_writes_the_metrics_contract_and_an_export(base_overrides
     assert (tmp_path / "final" / "tokenizer.json").is_file() and (tmp_path / "config.yaml").is_file()
 
 
+def test_a_validation_split_too_small_to_batch_stops_only_a_run_that_evaluates(base_overrides, tmp_path):
+    # the split that a 7B config's val_fraction leaves of a small corpus: fewer sequences than a batch
+    small_val = [*base_overrides, "data.val_fraction=0.0001", "batch_size=8", "max_steps=2"]
+    run_pretrain(*small_val, f"output_dir={tmp_path / 'no_eval'}", "eval_every=0")
+    assert [r["step"] for r in steps(read_metrics(tmp_path / "no_eval" / "metrics.jsonl"))] == [1, 2]
+    with pytest.raises(SystemExit, match="cannot fill one batch of 8"):
+        run_pretrain(*small_val, f"output_dir={tmp_path / 'eval'}", "eval_every=1")
+
+
 def test_export_loads_back_as_a_frozen_teacher(teacher_dir):
     teacher = load_teacher({"path": str(teacher_dir), "dtype": "fp32"})
     assert teacher.depth == 2 and teacher.width == 24 and teacher.vocab_size == 512
