@@ -19,9 +19,13 @@ if [ -d .whl ]; then  # the GPU image: install what it lacks, and this package, 
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+SCRIPT=benchmarks/gpu_check.py
+if [ "${1:-}" = "--variants" ]; then  # the follow-up arms (benchmarks/gpu_variants.py)
+    SCRIPT=benchmarks/gpu_variants.py; shift
+fi
 if [ -n "${OUT:-}" ]; then  # the device machine: the log comes back even if the call is cut short
     set -o pipefail
-    "$PY" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
+    "$PY" "$SCRIPT" "$@" 2>&1 | tee "$OUT/$(basename "$SCRIPT" .py).log"
 else
-    "$PY" benchmarks/gpu_check.py "$@"
+    "$PY" "$SCRIPT" "$@"
 fi
