@@ -22,6 +22,8 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 SCRIPT=benchmarks/gpu_check.py
 if [ "${1:-}" = "--variants" ]; then  # the follow-up arms (benchmarks/gpu_variants.py)
     SCRIPT=benchmarks/gpu_variants.py; shift
+elif [ "${1:-}" = "--profile" ]; then  # where the step time goes (benchmarks/gpu_profile.py)
+    SCRIPT=benchmarks/gpu_profile.py; shift
 fi
 if [ -n "${OUT:-}" ]; then  # the device machine: the log comes back even if the call is cut short
     set -o pipefail

@@ -1,0 +1,150 @@
+"""Where the slice's step time goes: gpu_check's bf16 slice under torch.profiler (3 steps after warm-up),
+its CUDA time summed by kind of kernel, and arms run each in a process of its own so their
+peak memory is not mixed with an earlier arm's leftovers (default vs fused AdamW, no
+activation checkpointing). Writes benchmarks/results/gpu_profile.json after every part.
+    device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --profile
+    python benchmarks/gpu_profile.py --cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+from benchmarks._common import header, write_json  # noqa: E402
+from benchmarks.gpu_check import SIZES, model_overrides, run  # noqa: E402
+from letrecipes import pretrain  # noqa: E402
+
+KINDS = [  # first match wins, on the lower-cased kernel name
+    ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "matmul", "cublas")),
+    ("attention", ("flash", "attention", "fmha", "sdpa")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("loss/softmax", ("softmax", "cross_entropy", "nll", "log_softmax")),
+    ("communication", ("nccl",)),
+    ("copies", ("memcpy", "memset", "copy_")),
+    ("compiled (triton)", ("triton",)),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--arm", default=None, help="(internal) run one arm and print its JSON")
+    parser.add_argument("--work", default="outputs/gpu_profile")
+    parser.add_argument("--corpus", default=None)
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    size = SIZES["cpu" if args.cpu else "gpu"]
+    if args.corpus is None or args.tokenizer is None:
+        from letrecipes.demo import prepare
+
+        prepare()
+    corpus = args.corpus or "outputs/demo/corpus"
+    tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
+    from letrecipes.components.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer)
+    shape = size["slice"]
+    vocab = shape.get("vocab_size") or 64 * -(-tok.vocab_size // 64)
+    work = Path(args.work)
+    gpu = torch.cuda.is_available() and not args.cpu
+    cfg = [f"tokenizer.path={tokenizer}", f"data.source={corpus}", f"data.seq_len={size['seq_len']}",
+           f"data.cache_dir={work / 'cache'}", f"device={size['device']}", f"dtype={size['dtype']}",
+           "progress_bar=false", "log_every=1", "eval_every=0", "save_every=0", "data.num_workers=0",
+           f"batch_size={size['micro_batch']}", "gradient_accumulation_steps=1", "lr_scheduler.warmup_steps=2",
+           "fsdp.enabled=true", "metrics.wandb.enabled=false", f"max_steps={size['steps']}",
+           f"compile={str(size['compile']).lower()}", "export.enabled=false", "float8.enabled=false",
+           *model_overrides(shape, vocab)]
+    arms = {"default_adamw": ["activation_checkpointing.mode=full"],
+            "fused_adamw": ["activation_checkpointing.mode=full", "optimizer.fused=true"],
+            "fused_adamw_no_ac": ["activation_checkpointing.mode=none", "optimizer.fused=true"]}
+
+    if args.arm:  # a child process: one arm, clean memory
+        records = run(pretrain, "pretrain_7b", work / args.arm, [*cfg, *arms[args.arm]])[size["warmup"]:]
+        print("ARM " + json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+                                   "step_s": statistics.median(r["step_time_s"] for r in records),
+                                   "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024}), flush=True)
+        return 0
+
+    report = {**header("gpu_profile.py", argv), "device_name": torch.cuda.get_device_name() if gpu else "cpu",
+              "arms": {}, "errors": {}}
+    out_path = args.out or f"benchmarks/results/gpu_profile{'' if gpu else '_cpu'}.json"
+
+    def save():
+        write_json(report, out_path)
+        if os.environ.get("OUT"):
+            write_json(report, str(Path(os.environ["OUT"]) / Path(out_path).name))
+
+    started = time.perf_counter()
+    for name in arms:
+        child = [sys.executable, __file__, "--arm", name, "--work", str(work), "--corpus", corpus,
+                 "--tokenizer", tokenizer, *(["--cpu"] if args.cpu else [])]
+        done = subprocess.run(child, capture_output=True, text=True)
+        line = next((x for x in done.stdout.splitlines() if x.startswith("ARM ")), None)
+        if line:
+            report["arms"][name] = json.loads(line[4:])
+            print(f"[{name}] {report['arms'][name]}", flush=True)
+        else:
+            report["errors"][name] = (done.stdout + done.stderr)[-2000:]
+            print(f"[{name}] FAILED\n{report['errors'][name]}", flush=True)
+        save()
+
+    # the profile, in this process: steps 6-8 of the default arm
+    from letrecipes.pretrain import PretrainRecipe
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+    captured = []  # the one cycle's averages, read when it ends (the profiler clears them afterwards)
+    prof = torch.profiler.profile(
+        activities=activities, on_trace_ready=lambda p: captured.append(p.key_averages()),
+        schedule=torch.profiler.schedule(wait=max(0, size["steps"] - 7), warmup=1, active=3, repeat=1))
+    original = PretrainRecipe.train_step
+
+    def profiled_step(self):
+        out = original(self)
+        prof.step()
+        return out
+
+    PretrainRecipe.train_step = profiled_step
+    try:
+        with prof:
+            run(pretrain, "pretrain_7b", work / "profiled", [*cfg, "activation_checkpointing.mode=full"])
+    finally:
+        PretrainRecipe.train_step = original
+    by_kind, kernels = defaultdict(float), []
+    for event in captured[0]:
+        device_us = getattr(event, "self_device_time_total", 0.0) if gpu else event.self_cpu_time_total
+        if device_us <= 0 or (gpu and event.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        by_kind[kind_of(event.key)] += device_us / 3 / 1e3  # ms per step
+        kernels.append((device_us / 3 / 1e3, event.key[:120], event.count // 3))
+    kernels.sort(reverse=True)
+    report["profile"] = {"ms_per_step_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+                         "top_kernels": [{"ms_per_step": round(ms, 3), "name": n, "calls_per_step": c}
+                                         for ms, n, c in kernels[:30]]}
+    print(json.dumps(report["profile"], indent=1), flush=True)
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    save()
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
