@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         if torch.cuda.is_available() and not args.cpu:
             torch.cuda.empty_cache()
         let_cfg = [*slice_cfg, "float8.enabled=false", f"teacher.path={work / 'teacher'}", "tokenizer.source=path",
-                   "alignment.schedule.stop=1.0", f"teacher.dtype={'fp32' if args.cpu else 'bf16'}"]
+                   "alignment.schedule.stop=1.0", f"teacher.dtype={'fp32' if args.cpu else 'bf16'}",
+                   f"teacher.compile={str(size['compile']).lower()}"]
         base = bf16_records or run(pretrain, "pretrain_7b", work / "base",
                                    [*slice_cfg, "float8.enabled=false"])[size["warmup"]:]
         let = run(let_pretrain, "let_7b", work / "let", let_cfg)[size["warmup"]:]

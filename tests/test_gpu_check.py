@@ -19,3 +19,19 @@ def test_gpu_check_runs_every_check_in_cpu_mode(corpus_dir, tokenizer_path, tmp_
     assert report["targets"]["float8_at_least_1.3x_bf16"] is None  # not judged on a CPU
     assert report["table"].count("\n| (") == 5 and "| (c) resume" in capsys.readouterr().out
     assert not (tmp_path / "work").exists()  # its run folders are removed
+
+
+def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, tmp_path):
+    from benchmarks import gpu_profile, gpu_variants
+
+    data = ["--cpu", "--corpus", str(corpus_dir), "--tokenizer", str(tokenizer_path)]
+    assert gpu_variants.main([*data, "--work", str(tmp_path / "v"), "--out", str(tmp_path / "v.json")]) == 0
+    variants = json.loads((tmp_path / "v.json").read_text())
+    assert set(variants["arms"]) == {*gpu_variants.ARMS, "let_teacher_compile_false", "let_teacher_compile_true"}
+    assert variants["arms"]["bf16_4x_blocks"]["blocks"] == 4 * variants["arms"]["bf16_full_ac"]["blocks"]
+    assert variants["arms"]["let_teacher_compile_true"]["teacher_time_share"] > 0
+    assert gpu_profile.main([*data, "--work", str(tmp_path / "p"), "--out", str(tmp_path / "p.json")]) == 0
+    profile = json.loads((tmp_path / "p.json").read_text())
+    assert set(profile["arms"]) == {"default_adamw", "fused_adamw", "fused_adamw_no_ac"}
+    assert all(arm["tokens_per_s"] > 0 for arm in profile["arms"].values())
+    assert profile["profile"]["top_kernels"] and sum(profile["profile"]["ms_per_step_by_kind"].values()) > 0
