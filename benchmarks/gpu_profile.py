@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     by_kind, kernels = defaultdict(float), []
     for event in captured[0]:
         device_us = getattr(event, "self_device_time_total", 0.0) if gpu else event.self_cpu_time_total
-        if device_us <= 0 or (gpu and event.device_type != torch.autograd.DeviceType.CUDA):
+        # spans (ProfilerStep*, Optimizer.step, FSDP::...) would count their kernels twice
+        if device_us <= 0 or getattr(event, "is_user_annotation", False) or event.key.startswith("ProfilerStep") \
+                or (gpu and event.device_type != torch.autograd.DeviceType.CUDA):
             continue
         by_kind[kind_of(event.key)] += device_us / 3 / 1e3  # ms per step
         kernels.append((device_us / 3 / 1e3, event.key[:120], event.count // 3))
