@@ -1,6 +1,6 @@
 """Issue 16's demo-scale evidence: `schedule: auto` against fixed lambda0 on the CPU demo.
 
-    python -m benchmarks.auto_demo                      # teacher + 4 arms x seeds 0 and 1
+    python -m benchmarks.auto_demo                      # teacher + 5 arms x seeds 0 and 1
     python -m benchmarks.auto_demo --seeds 1            # one seed (two processes can share the cores:
                                                         #   OMP_NUM_THREADS=1 each, one --seeds each)
     python -m benchmarks.auto_demo --report             # the table from finished runs only
@@ -9,9 +9,8 @@ The demo's own configs (``pretrain_tiny`` teacher, ``baseline_tiny`` and ``let_t
 11.2M student, 300 steps of 16 x 256 tokens, alignment over the first half), run as
 ordinary ``tune run`` commands in ``--out``: a finished run is skipped, an interrupted one
 resumes. The arms differ only in ``alignment.schedule``: the demo's fixed lambda0 1.0 and
-``auto`` at the one default rho0 (``benchmarks.let_study.AUTO_RHO0``). (lambda0 3.0, the
-best of the study's sweep, is in the study's ``auto`` suite; there was no time budget for
-it here.) Speedup = the baseline's steps to its own final
+``auto`` at the one default rho0 (``benchmarks.let_study.AUTO_RHO0``), against the lambda
+sweep 0.1 / 1.0 / 3.0 of the study. Speedup = the baseline's steps to its own final
 validation loss / the arm's steps to reach it (the study's measure, interpolated between
 evaluations). Output: ``<out>/auto_demo.json`` and ``.md``, and a plot in ``--plot-dir``.
 """
@@ -39,8 +38,9 @@ AUTO = ["alignment.schedule._component_=auto", f"alignment.schedule.rho0={AUTO_R
 ARMS = {  # name -> (recipe, config, overrides on top of the demo's config)
     "baseline": ("pretrain", "baseline_tiny", []),
     f"let_auto{AUTO_RHO0}": ("let_pretrain", "let_tiny", AUTO),
-    "let_lambda1.0": ("let_pretrain", "let_tiny", ["alignment.schedule._component_=linear",
-                                                   "alignment.schedule.lambda0=1.0"]),  # the demo's fixed weight
+    # the study's lambda sweep at demo scale: 1.0 is the demo's fixed weight, 3.0 the study's best
+    **{f"let_lambda{v}": ("let_pretrain", "let_tiny", ["alignment.schedule._component_=linear",
+                                                       f"alignment.schedule.lambda0={v}"]) for v in (1.0, 3.0, 0.1)},
 }
 
 

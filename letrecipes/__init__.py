@@ -1,3 +1,5 @@
 """letrecipes: Late-to-Early Training recipes. Run them with `tune run letrecipes/<recipe>`."""
 
 __version__ = "0.1.0"
+
+from letrecipes import _torchao_notice  # noqa: E402,F401  (one known torchao notice, dropped: see the module)

