@@ -297,8 +297,7 @@ def check_encodable(hf_tokenizer, texts: Sequence[str], key: str = "teacher.path
     total = sum(len(e.ids) for e in encodings)
     unknown = sum(e.ids.count(unk) for e in encodings)
     if total and unknown / total > limit:
-        example = next(t for t, e in zip(texts, encodings) if unk in e.ids)
-        where = encodings[list(texts).index(example)]
+        example, where = next((t, e) for t, e in zip(texts, encodings) if unk in e.ids)
         char = where.offsets[where.ids.index(unk)]
         raise CrossTokenizerError(
             f"{key}: the teacher's tokenizer cannot encode {unknown / total:.1%} of the training text's tokens "
