@@ -17,6 +17,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -39,6 +40,61 @@ KINDS = [  # first match wins, on the lower-cased kernel name
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def allocation_site(frames: List[Dict]) -> str:
+    """Where an allocation was made, for grouping: the innermost frame in this project's code,
+    else in torch.nn / torch.optim / torch.distributed, else the innermost frame."""
+    def name(frame):
+        return f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}"
+
+    for wanted in (("/letrecipes/", "/components/"), ("/torch/nn/", "/torch/optim/", "/torch/distributed/")):
+        frame = next((f for f in frames if any(w in f["filename"] for w in wanted)), None)
+        if frame:
+            return name(frame)
+    return name(frames[0]) if frames else "(no stack)"
+
+
+def _replay(trace: List[Dict], stop: int) -> Tuple[Dict[int, Dict], int]:
+    """The traced allocations alive after event ``stop``, and the bytes freed by then that
+    were allocated before recording began."""
+    live: Dict[int, Dict] = {}
+    freed_untraced = 0
+    for event in trace[:stop + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] == "free_completed" and live.pop(event["addr"], None) is None:
+            freed_untraced += event["size"]
+    return live, freed_untraced
+
+
+def peak_allocations(snapshot: Dict, device: int = 0, top: int = 15) -> Dict:
+    """Replays a CUDA memory snapshot's allocation trace (``torch.cuda.memory._snapshot()``
+    after ``_record_memory_history``) to its highest point and groups what was alive there
+    by :func:`allocation_site`. Memory allocated before recording began is "untraced"."""
+    trace = snapshot["device_traces"][device]
+    active_at_end = sum(b["size"] for seg in snapshot["segments"] if seg.get("device", device) == device
+                        for b in seg["blocks"] if b["state"] == "active_allocated")
+    live_at_end, freed_untraced = _replay(trace, len(trace) - 1)
+    untraced_at_start = active_at_end - sum(e["size"] for e in live_at_end.values()) + freed_untraced
+    total = peak = untraced_at_start
+    peak_index = -1
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            total += event["size"]
+        elif event["action"] == "free_completed":
+            total -= event["size"]
+        if total > peak:
+            peak, peak_index = total, i
+    live, freed_untraced = _replay(trace, peak_index)
+    sites: Dict[str, int] = defaultdict(int)
+    for event in live.values():
+        sites[allocation_site(event.get("frames", []))] += event["size"]
+    ranked = sorted(sites.items(), key=lambda kv: -kv[1])
+    return {"peak_gib": peak / 2**30, "peak_event": peak_index, "events": len(trace),
+            "untraced_gib": (untraced_at_start - freed_untraced) / 2**30,
+            "sites": [{"gib": round(size / 2**30, 3), "site": site} for site, size in ranked[:top]],
+            "other_sites_gib": sum(size for _, size in ranked[top:]) / 2**30}
 
 
 def main(argv=None) -> int:
@@ -71,9 +127,9 @@ def main(argv=None) -> int:
            "fsdp.enabled=true", "metrics.wandb.enabled=false", f"max_steps={size['steps']}",
            f"compile={str(size['compile']).lower()}", "export.enabled=false", "float8.enabled=false",
            *model_overrides(shape, vocab)]
-    arms = {"default_adamw": ["activation_checkpointing.mode=full"],
-            "fused_adamw": ["activation_checkpointing.mode=full", "optimizer.fused=true"],
-            "fused_adamw_no_ac": ["activation_checkpointing.mode=none", "optimizer.fused=true"]}
+    arms = {"foreach_adamw": ["activation_checkpointing.mode=full", "optimizer.fused=false"],  # torch's default
+            "fused_adamw": ["activation_checkpointing.mode=full"],  # the big configs' (optimizer.fused: true)
+            "fused_adamw_no_ac": ["activation_checkpointing.mode=none"]}
 
     if args.arm:  # a child process: one arm, clean memory
         records = run(pretrain, "pretrain_7b", work / args.arm, [*cfg, *arms[args.arm]])[size["warmup"]:]
@@ -105,7 +161,7 @@ def main(argv=None) -> int:
             print(f"[{name}] FAILED\n{report['errors'][name]}", flush=True)
         save()
 
-    # the profile, in this process: steps 6-8 of the default arm
+    # the profile, in this process: 3 steps of the config's own arm (fused AdamW), and its memory peak
     from letrecipes.pretrain import PretrainRecipe
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
@@ -121,11 +177,21 @@ def main(argv=None) -> int:
         return out
 
     PretrainRecipe.train_step = profiled_step
+    if gpu:  # every allocation of the run, to find what is alive at the peak (see peak_allocations)
+        torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
     try:
         with prof:
             run(pretrain, "pretrain_7b", work / "profiled", [*cfg, "activation_checkpointing.mode=full"])
+        if gpu:
+            report["memory_peak"] = peak_allocations(torch.cuda.memory._snapshot())
+            print(json.dumps(report["memory_peak"], indent=1), flush=True)
+    except Exception as err:  # the arms above are already saved; say what broke here
+        report["errors"]["profile"] = f"{type(err).__name__}: {err}"[:2000]
     finally:
         PretrainRecipe.train_step = original
+        if gpu:
+            torch.cuda.memory._record_memory_history(enabled=None)
+    save()
     by_kind, kernels = defaultdict(float), []
     for event in captured[0]:
         device_us = getattr(event, "self_device_time_total", 0.0) if gpu else event.self_cpu_time_total

@@ -32,6 +32,31 @@ def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, t
     assert variants["arms"]["let_teacher_compile_true"]["teacher_time_share"] > 0
     assert gpu_profile.main([*data, "--work", str(tmp_path / "p"), "--out", str(tmp_path / "p.json")]) == 0
     profile = json.loads((tmp_path / "p.json").read_text())
-    assert set(profile["arms"]) == {"default_adamw", "fused_adamw", "fused_adamw_no_ac"}
+    assert set(profile["arms"]) == {"foreach_adamw", "fused_adamw", "fused_adamw_no_ac"}
     assert all(arm["tokens_per_s"] > 0 for arm in profile["arms"].values())
     assert profile["profile"]["top_kernels"] and sum(profile["profile"]["ms_per_step_by_kind"].values()) > 0
+
+
+def test_the_memory_peak_is_found_and_its_allocations_grouped_by_site():
+    from benchmarks.gpu_profile import peak_allocations
+
+    def frame(filename, name):
+        return {"filename": filename, "line": 1, "name": name}
+
+    model = [frame("/x/torch/nn/functional.py", "linear"), frame("/x/letrecipes/components/models.py", "forward")]
+    loss = [frame("/x/torch/nn/functional.py", "cross_entropy")]
+    gib = 2**30
+    trace = [{"action": "alloc", "addr": 1, "size": 2 * gib, "frames": model},
+             {"action": "alloc", "addr": 2, "size": 3 * gib, "frames": loss},
+             {"action": "free_completed", "addr": 9, "size": 1 * gib},   # allocated before recording
+             {"action": "free_completed", "addr": 2, "size": 3 * gib},
+             {"action": "alloc", "addr": 3, "size": 1 * gib, "frames": loss}]
+    # at the end: 4 GiB untraced (5 before recording, 1 freed), addr 1 and 3 alive
+    segments = [{"device": 0, "blocks": [{"size": 4 * gib, "state": "active_allocated"},
+                                         {"size": 2 * gib, "state": "active_allocated"},
+                                         {"size": 1 * gib, "state": "active_allocated"},
+                                         {"size": 8 * gib, "state": "inactive"}]}]
+    peak = peak_allocations({"device_traces": [trace], "segments": segments})
+    assert peak["peak_gib"] == 10 and peak["peak_event"] == 1 and peak["untraced_gib"] == 5
+    assert peak["sites"] == [{"gib": 3.0, "site": "functional.py:1 cross_entropy"},
+                             {"gib": 2.0, "site": "models.py:1 forward"}]
