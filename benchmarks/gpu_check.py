@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -69,6 +69,42 @@ def model_overrides(shape: Dict, vocab_size: int) -> List[str]:
     return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shape.items()]
 
 
+def demo_data(args) -> Tuple[str, str, Callable[[Dict], int]]:
+    """The corpus and tokenizer the GPU scripts train on (the demo's unless given), and the
+    vocabulary size of a model shape (its own, else the tokenizer's rounded up to 64)."""
+    if args.corpus is None or args.tokenizer is None:
+        from letrecipes.demo import prepare
+
+        prepare()
+    corpus = args.corpus or "outputs/demo/corpus"
+    tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
+    from letrecipes.components.tokenizer import Tokenizer
+
+    tokenizer_size = Tokenizer(tokenizer).vocab_size
+    return corpus, tokenizer, lambda shape: shape.get("vocab_size") or 64 * -(-tokenizer_size // 64)
+
+
+def common_overrides(size: Dict, corpus: str, tokenizer: str, work: Path) -> List[str]:
+    """Every GPU script's runs: the size's data, device and batch, FSDP2 at world size 1,
+    a log line per step, no evaluation or checkpoint unless a check adds one."""
+    return [f"tokenizer.path={tokenizer}", f"data.source={corpus}", f"data.seq_len={size['seq_len']}",
+            f"data.cache_dir={work / 'cache'}", f"device={size['device']}", f"dtype={size['dtype']}",
+            "progress_bar=false", "log_every=1", "eval_every=0", "save_every=0", "data.num_workers=0",
+            f"batch_size={size['micro_batch']}", "gradient_accumulation_steps=1", "lr_scheduler.warmup_steps=2",
+            "fsdp.enabled=true", "metrics.wandb.enabled=false"]
+
+
+def report_saver(report: Dict, out_path: str) -> Callable[[], None]:
+    """Writes the report (again after every check: a device session cut short still leaves
+    what was measured), also into $OUT, the device machine's return folder, when set."""
+    def save() -> None:
+        write_json(report, out_path)
+        if os.environ.get("OUT"):
+            write_json(report, str(Path(os.environ["OUT"]) / Path(out_path).name))
+
+    return save
+
+
 def run(recipe, config: str, out: Path, overrides: List[str]) -> List[Dict]:
     recipe.recipe_main(["--config", config, f"output_dir={out}", "overwrite=true", *overrides])
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r and "event" not in r]
@@ -85,23 +121,13 @@ def main(argv=None) -> int:
     size = SIZES["cpu" if args.cpu else "gpu"]
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device (use --cpu for the tiny CPU version)")
-    if args.corpus is None or args.tokenizer is None:
-        from letrecipes.demo import prepare
-
-        prepare()
-    corpus = args.corpus or "outputs/demo/corpus"
-    tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
+    corpus, tokenizer, vocab = demo_data(args)
     from letrecipes.components.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer)
-    vocab = lambda shape: shape.get("vocab_size") or 64 * -(-tok.vocab_size // 64)  # noqa: E731
     work = Path(args.work)
     started = time.perf_counter()
-    common = [f"tokenizer.path={tokenizer}", f"data.source={corpus}", f"data.seq_len={size['seq_len']}",
-              f"data.cache_dir={work / 'cache'}", f"device={size['device']}", f"dtype={size['dtype']}",
-              "progress_bar=false", "log_every=1", "eval_every=0", "save_every=0", "data.num_workers=0",
-              f"batch_size={size['micro_batch']}", "gradient_accumulation_steps=1", "lr_scheduler.warmup_steps=2",
-              "fsdp.enabled=true", "metrics.wandb.enabled=false"]
+    common = common_overrides(size, corpus, tokenizer, work)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.cpu else "cpu"
     report = {**header("gpu_check.py", argv), "mode": "cpu" if args.cpu else "gpu", "device_name": device_name,
               "sizes": size}
@@ -109,10 +135,7 @@ def main(argv=None) -> int:
     out_path = args.out or f"benchmarks/results/gpu_check{'_cpu' if args.cpu else ''}.json"
     report["errors"] = {}
 
-    def save():  # after every check: a device session cut short still leaves what was measured
-        write_json(report, out_path)
-        if os.environ.get("OUT"):  # the device machine's return folder
-            write_json(report, str(Path(os.environ["OUT"]) / Path(out_path).name))
+    save = report_saver(report, out_path)
 
     def check(name, fn):
         try:
@@ -267,7 +290,8 @@ def table(r: Dict) -> str:
             f"| (a) {'bf16' if r['mode'] == 'gpu' else 'fp32'} slice | " + arm("bf16", lambda: (
                 f"{a['bf16']['tokens_per_s']:,.0f} tok/s, MFU {mfu(a['bf16']['mfu'])}, peak "
                 f"{a['bf16']['peak_memory_gib']:.1f} GiB (estimate {a['bf16']['estimate_gib']:.1f})")) +
-            f" | MFU >= 40%; peak within 15% | {t['bf16_mfu_at_least_40%']}; {t['peak_memory_within_15%_of_estimate']} |",
+            f" | MFU >= 40%; peak within 15% | {t['bf16_mfu_at_least_40%']}; "
+            f"{t['peak_memory_within_15%_of_estimate']} |",
             "| (a) float8 slice | " + arm("float8", lambda: (
                 f"{a['float8']['tokens_per_s']:,.0f} tok/s"
                 + (f" ({r['float8_over_bf16']:.2f}x bf16)" if "float8_over_bf16" in r else "")

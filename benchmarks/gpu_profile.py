@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from typing import Dict, List, Tuple
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import header, write_json  # noqa: E402
-from benchmarks.gpu_check import SIZES, model_overrides, run  # noqa: E402
+from benchmarks._common import header  # noqa: E402
+from benchmarks.gpu_check import SIZES, common_overrides, demo_data, model_overrides, report_saver, run  # noqa: E402
 from letrecipes import pretrain  # noqa: E402
 
 KINDS = [  # first match wins, on the lower-cased kernel name
@@ -107,24 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     size = SIZES["cpu" if args.cpu else "gpu"]
-    if args.corpus is None or args.tokenizer is None:
-        from letrecipes.demo import prepare
-
-        prepare()
-    corpus = args.corpus or "outputs/demo/corpus"
-    tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
-    from letrecipes.components.tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer)
+    corpus, tokenizer, vocab_of = demo_data(args)
     shape = size["slice"]
-    vocab = shape.get("vocab_size") or 64 * -(-tok.vocab_size // 64)
+    vocab = vocab_of(shape)
     work = Path(args.work)
     gpu = torch.cuda.is_available() and not args.cpu
-    cfg = [f"tokenizer.path={tokenizer}", f"data.source={corpus}", f"data.seq_len={size['seq_len']}",
-           f"data.cache_dir={work / 'cache'}", f"device={size['device']}", f"dtype={size['dtype']}",
-           "progress_bar=false", "log_every=1", "eval_every=0", "save_every=0", "data.num_workers=0",
-           f"batch_size={size['micro_batch']}", "gradient_accumulation_steps=1", "lr_scheduler.warmup_steps=2",
-           "fsdp.enabled=true", "metrics.wandb.enabled=false", f"max_steps={size['steps']}",
+    cfg = [*common_overrides(size, corpus, tokenizer, work), f"max_steps={size['steps']}",
            f"compile={str(size['compile']).lower()}", "export.enabled=false", "float8.enabled=false",
            *model_overrides(shape, vocab)]
     arms = {"foreach_adamw": ["activation_checkpointing.mode=full", "optimizer.fused=false"],  # torch's default
@@ -142,10 +129,7 @@ def main(argv=None) -> int:
               "arms": {}, "errors": {}}
     out_path = args.out or f"benchmarks/results/gpu_profile{'' if gpu else '_cpu'}.json"
 
-    def save():
-        write_json(report, out_path)
-        if os.environ.get("OUT"):
-            write_json(report, str(Path(os.environ["OUT"]) / Path(out_path).name))
+    save = report_saver(report, out_path)
 
     started = time.perf_counter()
     for name in arms:

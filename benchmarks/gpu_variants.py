@@ -13,7 +13,6 @@ estimate go into benchmarks/results/gpu_variants.json after every arm.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -24,8 +23,9 @@ from typing import Dict, List
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
-from benchmarks._common import header, write_json  # noqa: E402
-from benchmarks.gpu_check import PEAK_BF16_TFLOPS, SIZES, model_overrides, run  # noqa: E402
+from benchmarks._common import header  # noqa: E402
+from benchmarks.gpu_check import (PEAK_BF16_TFLOPS, SIZES, common_overrides, demo_data,  # noqa: E402
+                                  model_overrides, report_saver, run)
 from letrecipes import let_pretrain, pretrain  # noqa: E402
 from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
 from letrecipes.components.models import ModelArgs, llama_model  # noqa: E402
@@ -48,34 +48,21 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     size = SIZES["cpu" if args.cpu else "gpu"]
-    if args.corpus is None or args.tokenizer is None:
-        from letrecipes.demo import prepare
-
-        prepare()
-    corpus = args.corpus or "outputs/demo/corpus"
-    tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
+    corpus, tokenizer, vocab = demo_data(args)
     from letrecipes.components.tokenizer import Tokenizer
 
     tok = Tokenizer(tokenizer)
-    vocab = lambda shape: shape.get("vocab_size") or 64 * -(-tok.vocab_size // 64)  # noqa: E731
     work = Path(args.work)
     gpu = torch.cuda.is_available() and not args.cpu
     device_name = torch.cuda.get_device_name() if gpu else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
-    common = [f"tokenizer.path={tokenizer}", f"data.source={corpus}", f"data.seq_len={size['seq_len']}",
-              f"data.cache_dir={work / 'cache'}", f"device={size['device']}", f"dtype={size['dtype']}",
-              "progress_bar=false", "log_every=1", "eval_every=0", "save_every=0", "data.num_workers=0",
-              f"batch_size={size['micro_batch']}", "gradient_accumulation_steps=1", "lr_scheduler.warmup_steps=2",
-              "fsdp.enabled=true", "metrics.wandb.enabled=false", f"max_steps={size['steps']}",
+    common = [*common_overrides(size, corpus, tokenizer, work), f"max_steps={size['steps']}",
               f"compile={str(size['compile']).lower()}", "export.enabled=false"]
     report = {**header("gpu_variants.py", argv), "device_name": device_name, "arms": {}, "errors": {}}
     out_path = args.out or f"benchmarks/results/gpu_variants{'' if gpu else '_cpu'}.json"
     started = time.perf_counter()
 
-    def save():
-        write_json(report, out_path)
-        if os.environ.get("OUT"):
-            write_json(report, str(Path(os.environ["OUT"]) / Path(out_path).name))
+    save = report_saver(report, out_path)
 
     def measure(name: str, recipe, config: str, shape: Dict, extra: List[str]) -> None:
         model_args = ModelArgs(**{**shape, "vocab_size": vocab(shape), "max_seq_len": size["seq_len"]})
