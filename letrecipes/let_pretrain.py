@@ -100,7 +100,7 @@ class LETPretrainRecipe(PretrainRecipe):
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
                  f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "
                  f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}"
-                 + (f"; cross-tokenizer pooling {self.cfg.alignment.get('pooling', 'mean')}" if self.collate else ""))
+                 + (f"; cross-tokenizer pooling {type(self.aligner.pooling).__name__}" if self.collate else ""))
 
     def setup(self) -> None:
         super().setup()
