@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--arms", default=None, help="comma-separated arms to run in their own processes (default all)")
     args = parser.parse_args(argv)
     size = SIZES["cpu" if args.cpu else "gpu"]
     corpus, tokenizer, vocab_of = demo_data(args)
@@ -116,7 +117,15 @@ def main(argv=None) -> int:
            *model_overrides(shape, vocab)]
     arms = {"foreach_adamw": ["activation_checkpointing.mode=full", "optimizer.fused=false"],  # torch's default
             "fused_adamw": ["activation_checkpointing.mode=full"],  # the big configs' (optimizer.fused: true)
-            "fused_adamw_no_ac": ["activation_checkpointing.mode=none"]}
+            "fused_adamw_no_ac": ["activation_checkpointing.mode=none"],
+            "fused_adamw_ac_every_2": ["activation_checkpointing.mode=selective", "activation_checkpointing.every=2"],
+            # float8 here, each in a clean process: the check runs it after bf16 in one process
+            "float8_tensorwise": ["activation_checkpointing.mode=full", "float8.enabled=true"],
+            "float8_rowwise": ["activation_checkpointing.mode=full", "float8.enabled=true", "float8.recipe=rowwise"]}
+    chosen = args.arms.split(",") if args.arms else list(arms)
+    unknown = sorted(set(chosen) - set(arms))
+    if unknown:
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted(arms)}")
 
     if args.arm:  # a child process: one arm, clean memory
         records = run(pretrain, "pretrain_7b", work / args.arm, [*cfg, *arms[args.arm]])[size["warmup"]:]
@@ -132,7 +141,7 @@ def main(argv=None) -> int:
     save = report_saver(report, out_path)
 
     started = time.perf_counter()
-    for name in arms:
+    for name in chosen:
         child = [sys.executable, __file__, "--arm", name, "--work", str(work), "--corpus", corpus,
                  "--tokenizer", tokenizer, *(["--cpu"] if args.cpu else [])]
         done = subprocess.run(child, capture_output=True, text=True)
