@@ -55,17 +55,37 @@ CUDA_CONTEXT_GB = 1.0  # CUDA context, cuBLAS/NCCL workspaces, allocator slack: 
 
 @dataclass
 class MemoryEstimate:
-    params_grads_optimizer_gb: float  # fp32 parameters, gradients and both AdamW moments, sharded
+    """Memory per GPU in two phases, because their big terms never coincide (an H200's
+    allocation trace, docs/scale.md): the loss and the activations peak at the start of the
+    backward, before any gradient exists; the gradients and the root unit's fp32 gradient
+    buffer peak at the optimizer step, after the activations are gone. The total is the
+    larger phase, not the sum."""
+    weights_and_moments_gb: float  # fp32 parameters and both AdamW moments, sharded: always resident
+    gradients_gb: float  # fp32 gradients, sharded: from the backward to the optimizer step
     activations_gb: float  # saved for backward (bf16), after activation checkpointing
     loss_gb: float  # the loss peak: bf16 logits, their fp32 copy, log-softmax and its gradient
-    unsharded_gb: float  # FSDP2 units gathered at once: the root (embedding, head) and prefetched blocks
+    gathered_gb: float  # FSDP2 units gathered in bf16 (the root, the running and prefetched block), block grads
+    root_gradient_buffer_gb: float  # the root unit's whole fp32 gradient, still held by FSDP2 at the optimizer step
     teacher_gb: float
+    accumulating: bool = False  # gradient accumulation: earlier micro-batches' gradients sit beside the loss peak
     context_gb: float = CUDA_CONTEXT_GB
 
     @property
+    def forward_backward_gb(self) -> float:
+        return (self.weights_and_moments_gb + self.activations_gb + self.loss_gb + self.gathered_gb
+                + self.teacher_gb + (self.gradients_gb if self.accumulating else 0.0))
+
+    @property
+    def optimizer_step_gb(self) -> float:
+        return self.weights_and_moments_gb + self.gradients_gb + self.root_gradient_buffer_gb + self.teacher_gb
+
+    @property
+    def peak_phase(self) -> str:
+        return "forward/backward" if self.forward_backward_gb >= self.optimizer_step_gb else "optimizer step"
+
+    @property
     def total_gb(self) -> float:
-        return (self.params_grads_optimizer_gb + self.activations_gb + self.loss_gb + self.unsharded_gb
-                + self.teacher_gb + self.context_gb)
+        return max(self.forward_backward_gb, self.optimizer_step_gb) + self.context_gb
 
 
 def memory_per_gpu(
@@ -77,10 +97,10 @@ def memory_per_gpu(
     teacher: Optional[ModelArgs] = None,
     teacher_sharded: bool = False,
     fsdp: Optional[bool] = None,
+    gradient_accumulation_steps: int = 1,
 ) -> MemoryEstimate:
     """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers."""
     n = total_params(student)
-    states = 16 * n / world_size  # 4 fp32 copies (param, grad, exp_avg, exp_avg_sq), sharded
     tokens = micro_batch * seq_len
     full_block = 34 * tokens * student.embed_dim  # bytes, bf16, fused attention
     if activation_checkpointing == "full":
@@ -90,17 +110,20 @@ def memory_per_gpu(
     else:
         acts = student.num_layers * full_block
     loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
-    unsharded = 0.0
+    gathered = root_buffer = 0.0
     sharded = world_size > 1 if fsdp is None else fsdp
     if sharded:
-        embeddings = student.vocab_size * student.embed_dim * (1 if student.tie_word_embeddings else 2)
-        # the root unit whole while it runs: bf16 parameters + its fp32 gradient before reduce-scatter;
-        # blocks: the running one and the prefetched one in bf16, two fp32 gradients in flight
-        unsharded = (2 + 4) * embeddings + (2 * 2 + 2 * 4) * block_params(student)
+        root = student.vocab_size * student.embed_dim * (1 if student.tie_word_embeddings else 2)
+        # the root in bf16 while it runs; blocks: the running and the prefetched one in bf16,
+        # two fp32 gradients in flight
+        gathered = 2 * root + (2 * 2 + 2 * 4) * block_params(student)
+        root_buffer = 4 * root  # reduce-scattered last, and not yet freed when the optimizer steps
     teacher_bytes = 0.0
     if teacher is not None:
         teacher_bytes = 2 * total_params(teacher) / (world_size if teacher_sharded else 1)
-    return MemoryEstimate(states / GIB, acts / GIB, loss / GIB, unsharded / GIB, teacher_bytes / GIB)
+    return MemoryEstimate(12 * n / world_size / GIB, 4 * n / world_size / GIB, acts / GIB, loss / GIB,
+                          gathered / GIB, root_buffer / GIB, teacher_bytes / GIB,
+                          accumulating=gradient_accumulation_steps > 1)
 
 
 # ----------------------------------------------------------------- communication vs compute

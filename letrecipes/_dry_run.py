@@ -101,11 +101,15 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             "schedule": repr(aligner.schedule),
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
-    memory = memory_per_gpu(args, world, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded")
+    memory = memory_per_gpu(args, world, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
+                            gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)))
     report["memory_per_gpu_gb"] = {
-        "params_grads_adamw": memory.params_grads_optimizer_gb, "activations": memory.activations_gb,
-        "loss": memory.loss_gb, "unsharded_fsdp_units": memory.unsharded_gb, "teacher": memory.teacher_gb,
-        "cuda_context": memory.context_gb, "total": memory.total_gb,
+        "weights_and_adamw_moments": memory.weights_and_moments_gb, "gradients": memory.gradients_gb,
+        "activations": memory.activations_gb, "loss": memory.loss_gb, "gathered_fsdp_units": memory.gathered_gb,
+        "root_gradient_buffer": memory.root_gradient_buffer_gb, "teacher": memory.teacher_gb,
+        "cuda_context": memory.context_gb, "forward_backward": memory.forward_backward_gb,
+        "optimizer_step": memory.optimizer_step_gb, "peak_phase": memory.peak_phase, "total": memory.total_gb,
+        "gradients_beside_loss": memory.accumulating,  # earlier micro-batches' gradients, with accumulation
     }
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
@@ -139,10 +143,16 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
             f"  teacher overhead while it runs {100 * r['teacher_overhead']:.1f}% of a student step; {r['schedule']}",
         ]
     m = r["memory_per_gpu_gb"]
-    lines.append(f"  memory per GPU (world size {r['world_size']}, micro-batch {micro_batch} x {seq_len}, activation "
-                 f"checkpointing {ac}): {m['total']:.1f} GiB = params+grads+AdamW {m['params_grads_adamw']:.1f} + "
-                 f"activations {m['activations']:.1f} + loss {m['loss']:.1f} + unsharded FSDP units "
-                 f"{m['unsharded_fsdp_units']:.1f} + teacher {m['teacher']:.1f} + CUDA context {m['cuda_context']:.1f}")
+    grads_beside_loss = f" + gradients {m['gradients']:.1f}" if m["gradients_beside_loss"] else ""
+    lines += [f"  memory per GPU (world size {r['world_size']}, micro-batch {micro_batch} x {seq_len}, activation "
+              f"checkpointing {ac}): {m['total']:.1f} GiB at the {m['peak_phase']} = the larger of",
+              f"    forward/backward {m['forward_backward']:.1f} = weights+AdamW moments {m['weights_and_adamw_moments']:.1f}"
+              f" + activations {m['activations']:.1f} + loss {m['loss']:.1f} + gathered FSDP units "
+              f"{m['gathered_fsdp_units']:.1f} + teacher {m['teacher']:.1f}{grads_beside_loss}",
+              f"    optimizer step   {m['optimizer_step']:.1f} = weights+AdamW moments {m['weights_and_adamw_moments']:.1f}"
+              f" + gradients {m['gradients']:.1f} + root gradient buffer {m['root_gradient_buffer']:.1f} + teacher "
+              f"{m['teacher']:.1f}",
+              f"    plus CUDA context {m['cuda_context']:.1f}"]
     t = r["micro_batch_time"]
     lines.append(f"  per micro-batch and GPU: FSDP2 traffic {t['communication_gb']:.1f} GB = "
                  f"{t['communication_s']:.3f} s at {t['interconnect_gbps']:g} Gb/s; compute {t['compute_s']:.3f} s at "

@@ -49,6 +49,18 @@ def test_a_validation_split_too_small_to_batch_stops_only_a_run_that_evaluates(b
         run_pretrain(*small_val, f"output_dir={tmp_path / 'eval'}", "eval_every=1")
 
 
+def test_deterministic_runs_the_same_losses_and_hands_the_process_back(base_overrides, tmp_path):
+    import torch
+
+    short = [*base_overrides, "max_steps=3", "eval_every=0"]
+    run_let(*short, f"output_dir={tmp_path / 'default'}")
+    run_let(*short, f"output_dir={tmp_path / 'deterministic'}", "deterministic=true")
+    losses = {name: [r["loss"] for r in steps(read_metrics(tmp_path / name / "metrics.jsonl"))]
+              for name in ("default", "deterministic")}
+    assert losses["default"] == losses["deterministic"] and len(losses["default"]) == 3
+    assert not torch.are_deterministic_algorithms_enabled()  # the switch is process-wide: restored
+
+
 def test_export_loads_back_as_a_frozen_teacher(teacher_dir):
     teacher = load_teacher({"path": str(teacher_dir), "dtype": "fp32"})
     assert teacher.depth == 2 and teacher.width == 24 and teacher.vocab_size == 512
