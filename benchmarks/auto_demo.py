@@ -33,8 +33,7 @@ from benchmarks.let_study import AUTO_RHO0, alignment_summary, fmt, speedups, tu
 from letrecipes.components.files import replace_atomically  # noqa: E402
 from letrecipes.components.metrics import read_metrics  # noqa: E402
 
-AUTO = ["alignment.schedule._component_=auto", f"alignment.schedule.rho0={AUTO_RHO0}",
-        "~alignment.schedule.lambda0"]
+AUTO = ["alignment.schedule._component_=auto", f"alignment.schedule.rho0={AUTO_RHO0}"]  # let_tiny's own schedule
 ARMS = {  # name -> (recipe, config, overrides on top of the demo's config)
     "baseline": ("pretrain", "baseline_tiny", []),
     f"let_auto{AUTO_RHO0}": ("let_pretrain", "let_tiny", AUTO),

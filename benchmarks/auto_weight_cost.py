@@ -24,8 +24,10 @@ from let_vs_baseline import build  # noqa: E402
 
 from letrecipes.let_pretrain import LETPretrainRecipe  # noqa: E402
 
-AUTO = ["alignment.schedule._component_=auto", "~alignment.schedule.lambda0", "alignment.schedule.rho0=1.0"]
-ARMS = {"fixed": [], "auto_every_step": [*AUTO, "alignment.schedule.measure_every=1"],
+# let_tiny's schedule is auto (no lambda0 key), so each arm names its schedule whole
+FIXED = ["alignment.schedule._component_=linear", "alignment.schedule.lambda0=1.0"]
+AUTO = ["alignment.schedule._component_=auto", "alignment.schedule.rho0=1.0"]
+ARMS = {"fixed": FIXED, "auto_every_step": [*AUTO, "alignment.schedule.measure_every=1"],
         "auto_every_10": [*AUTO, "alignment.schedule.measure_every=10"]}
 
 

@@ -85,10 +85,10 @@ def let_lambda(value: float, **changes) -> Arm:
 
 def let_auto(rho0: float) -> Arm:
     """LET with the auto alignment weight (components/auto_weight.py) at target ratio rho0."""
-    # lambda0 is no argument of auto: delete the config's, and pass none of our own
+    # lambda0 is no argument of auto: pass none (let_tiny, the study's base, sets no lambda0)
     overrides = [o for o in let_with(schedule___component_="auto", schedule__rho0=rho0)
                  if not o.startswith("alignment.schedule.lambda0=")]
-    return Arm(f"let_auto{rho0}", "let_pretrain", overrides + ["~alignment.schedule.lambda0"])
+    return Arm(f"let_auto{rho0}", "let_pretrain", overrides)
 
 
 AUTO_RHO0 = 1.0  # the one default of `schedule: auto` (components/auto_weight.py), used in every regime

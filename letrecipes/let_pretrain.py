@@ -175,18 +175,18 @@ class LETPretrainRecipe(PretrainRecipe):
             targets, mask = self.aligner.pool(self.teacher_targets(teacher_tokens), teacher_first, teacher_last)
         hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
         nll = nll_loss(logits, labels)
-        probe = None
+        measured = None
         if self.aligner.measuring(self.step):  # auto: the aligner sees tapped copies, the NLL the originals
-            probe = self.aligner.schedule.probe(self.aligner.meeting_points(hidden, logits))
-            logits = probe["tapped"].pop("logits", logits)
-            hidden = {**hidden, **probe["tapped"]}
+            tapped, measured = self.aligner.schedule.probe(self.aligner.meeting_points(hidden, logits))
+            logits = tapped.pop("logits", logits)
+            hidden = {**hidden, **tapped}
         align, cosine = self.aligner(hidden, targets, mask=mask, logits=logits)
         loss = nll + weight * align
         figures = {"nll": nll.detach(), "align_loss": align.detach(), "lambda": weight}
         if cosine is not None:
             figures["cosine"] = cosine
-        if probe is not None:  # filled in place during backward, before the figures are summed
-            figures.update(probe["figures"])
+        if measured is not None:  # filled in place during backward, before the figures are summed
+            figures.update(measured)
         return loss, figures
 
     def reduced(self, figures: Dict[str, Any]) -> None:

@@ -37,9 +37,9 @@ def test_tune_run_short_names_from_the_repo_root(base_overrides, tmp_path):
 
 
 def test_letrecipes_cat_prints_the_resolved_config():
-    result = subprocess.run([sys.executable, "-m", "letrecipes", "cat", "let_tiny", "alignment.schedule.lambda0=0.3",
+    result = subprocess.run([sys.executable, "-m", "letrecipes", "cat", "let_tiny", "alignment.schedule.rho0=0.3",
                              "max_steps=7"], capture_output=True, text=True, cwd=REPO, check=True)
-    assert "lambda0: 0.3" in result.stdout and "max_steps: 7" in result.stdout
+    assert "rho0: 0.3" in result.stdout and "max_steps: 7" in result.stdout
     listing = subprocess.run([sys.executable, "-m", "letrecipes", "ls"], capture_output=True, text=True, check=True)
     assert "let_tiny" in listing.stdout and "let_pretrain" in listing.stdout
 

@@ -29,7 +29,7 @@ TYPOS = [
     ("export.dtyp=fp32", "export.dtype"),
     ("teacher.dtyp=fp32", "teacher.dtype"),
     ("alignment.projectr=mlp", "alignment.projector"),
-    ("alignment.schedule.lambda=2", "alignment.schedule.lambda0"),
+    ("alignment.schedule.rho=2", "alignment.schedule.rho0"),
     ("alignment.projector={_component_: mlp, hiden_dim: 8}", "alignment.projector.hidden_dim"),
     ("alignment.loss={_component_: smooth_l1, bet: 1.0}", "alignment.loss.beta"),
 ]

@@ -4,7 +4,6 @@ pooling, and the recipe with a teacher that reads another tokenizer."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 
 import numpy as np
@@ -13,7 +12,6 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
 from letrecipes import let_pretrain
-from letrecipes.components.corpus import DataError
 from letrecipes.components.cross_tokenizer import (CrossTokenizerCollate, CrossTokenizerError, LastToken,
                                                    MeanOfCovering, TokenBytes, check_encodable, check_offsets)
 from letrecipes.components.metrics import read_metrics

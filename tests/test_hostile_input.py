@@ -123,8 +123,11 @@ def test_checks_run_before_the_first_write_and_a_failed_start_blocks_nothing(let
     out = tmp_path / "run"
     expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "data.seq_len=64", "max_steps=3",
                        match="data.seq_len=64 is longer than the teacher's context (32 tokens")
-    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "alignment.schedule.lambda0=.nan",
-                       "max_steps=3", match="alignment.schedule.lambda0=nan must be a finite number")
+    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "alignment.schedule.rho0=.nan",
+                       "max_steps=3", match="alignment.schedule.rho0=nan must be a finite number")
+    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "alignment.schedule._component_=linear",
+                       "alignment.schedule.lambda0=.nan", "max_steps=3",
+                       match="alignment.schedule.lambda0=nan must be a finite number")
     assert not out.exists()
     expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "max_steps=3", "debug.nan_loss_at_step=1",
                        match="non-finite loss or gradient norm at step 1")

@@ -74,7 +74,8 @@ def test_export_loads_back_as_a_frozen_teacher(teacher_dir):
 
 
 def test_let_smoke_logs_alignment_and_releases_the_teacher(let_overrides, tmp_path):
-    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=8", "alignment.schedule.stop=4")
+    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=8", "alignment.schedule.stop=4",
+            "alignment.schedule._component_=linear", "alignment.schedule.lambda0=1.0")
     records = read_metrics(tmp_path / "metrics.jsonl")
     train = steps(records)
     assert all(LET_KEYS <= r.keys() for r in train[:4])
