@@ -11,6 +11,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts). Two torch processes with
+# a thread per core each thrash on 2 cores, so a worker, and whatever it starts, gets one
+# thread; and the tests that start several processes at once run one at a time, on one
+# worker, so that at most three processes share the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+SEVERAL_PROCESSES_MODULES = {"test_distributed.py", "test_reliability.py"}
+SEVERAL_PROCESSES_TESTS = {"test_auto_under_fsdp2_on_two_processes",
+                           "test_two_launches_at_once_one_trains_the_other_stops_naming_it",
+                           "test_resume_while_the_first_run_still_trains_is_refused"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SEVERAL_PROCESSES_MODULES or item.originalname in SEVERAL_PROCESSES_TESTS:
+            item.add_marker(pytest.mark.xdist_group("several_processes"))
+
 
 def tiny_model_overrides(prefix: str = "model") -> list:
     return [f"{prefix}.num_layers=4", f"{prefix}.num_heads=2", f"{prefix}.num_kv_heads=1",
