@@ -49,10 +49,10 @@ def test_a_validation_split_too_small_to_batch_stops_only_a_run_that_evaluates(b
         run_pretrain(*small_val, f"output_dir={tmp_path / 'eval'}", "eval_every=1")
 
 
-def test_deterministic_runs_the_same_losses_and_hands_the_process_back(base_overrides, tmp_path):
+def test_deterministic_runs_the_same_losses_and_hands_the_process_back(let_overrides, tmp_path):
     import torch
 
-    short = [*base_overrides, "max_steps=3", "eval_every=0"]
+    short = [*let_overrides, "max_steps=3", "eval_every=0"]
     run_let(*short, f"output_dir={tmp_path / 'default'}")
     run_let(*short, f"output_dir={tmp_path / 'deterministic'}", "deterministic=true")
     losses = {name: [r["loss"] for r in steps(read_metrics(tmp_path / name / "metrics.jsonl"))]

@@ -76,7 +76,8 @@ def test_the_documented_custom_loss_example_trains(let_overrides, tmp_path, monk
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
     let_pretrain.recipe_main(["--config", "let_tiny", *let_overrides, f"output_dir={tmp_path}", "max_steps=2",
-                              "imports=[centered_cosine]", "alignment.loss=centered_cosine"])
+                              "imports=[centered_cosine]", "alignment.loss=centered_cosine",
+                              "alignment.schedule._component_=linear", "alignment.schedule.lambda0=1.0"])
     first = read_metrics(tmp_path / "metrics.jsonl")[0]
-    assert -1.0 <= first["align_loss"] <= 1.0 and first["lambda"] > 0
+    assert -1.0 <= first["align_loss"] <= 1.0 and first["lambda"] == 1.0
     assert "centered_cosine" in registered("alignment_loss")
