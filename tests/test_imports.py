@@ -147,3 +147,14 @@ def test_torchaos_incompatible_torch_notice_is_dropped_and_nothing_else(caplog):
         logging.getLogger("torchao").warning(_torchao_notice.MESSAGE + " 2.13.0+cpu for torchao version 0.15.0")
         logging.getLogger("torchao").warning("Some other torchao warning")
     assert [r.getMessage() for r in caplog.records] == ["Some other torchao warning"]
+
+
+def test_the_tests_that_conftest_keeps_apart_still_exist():
+    # conftest.py names the tests that start several processes; a renamed one would silently
+    # run beside another such test on the second worker
+    from tests.conftest import SEVERAL_PROCESSES_MODULES, SEVERAL_PROCESSES_TESTS
+
+    tests = Path(__file__).resolve().parent
+    sources = "\n".join(p.read_text() for p in tests.glob("test_*.py"))
+    assert all((tests / module).is_file() for module in SEVERAL_PROCESSES_MODULES)
+    assert [name for name in SEVERAL_PROCESSES_TESTS if f"def {name}(" not in sources] == []
