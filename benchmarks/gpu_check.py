@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
@@ -69,9 +69,10 @@ def model_overrides(shape: Dict, vocab_size: int) -> List[str]:
     return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shape.items()]
 
 
-def demo_data(args) -> Tuple[str, str, Callable[[Dict], int]]:
-    """The corpus and tokenizer the GPU scripts train on (the demo's unless given), and the
-    vocabulary size of a model shape (its own, else the tokenizer's rounded up to 64)."""
+def demo_data(args) -> Tuple[str, str, Any, Callable[[Dict], int]]:
+    """The corpus and tokenizer the GPU scripts train on (the demo's unless given): their
+    paths, the loaded tokenizer, and the vocabulary size of a model shape (its own, else the
+    tokenizer's rounded up to 64)."""
     if args.corpus is None or args.tokenizer is None:
         from letrecipes.demo import prepare
 
@@ -80,8 +81,8 @@ def demo_data(args) -> Tuple[str, str, Callable[[Dict], int]]:
     tokenizer = args.tokenizer or "outputs/demo/tokenizer.json"
     from letrecipes.components.tokenizer import Tokenizer
 
-    tokenizer_size = Tokenizer(tokenizer).vocab_size
-    return corpus, tokenizer, lambda shape: shape.get("vocab_size") or 64 * -(-tokenizer_size // 64)
+    tok = Tokenizer(tokenizer)
+    return corpus, tokenizer, tok, lambda shape: shape.get("vocab_size") or 64 * -(-tok.vocab_size // 64)
 
 
 def common_overrides(size: Dict, corpus: str, tokenizer: str, work: Path) -> List[str]:
@@ -121,10 +122,7 @@ def main(argv=None) -> int:
     size = SIZES["cpu" if args.cpu else "gpu"]
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device (use --cpu for the tiny CPU version)")
-    corpus, tokenizer, vocab = demo_data(args)
-    from letrecipes.components.tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer)
+    corpus, tokenizer, tok, vocab = demo_data(args)
     work = Path(args.work)
     started = time.perf_counter()
     common = common_overrides(size, corpus, tokenizer, work)

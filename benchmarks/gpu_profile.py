@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", default=None, help="comma-separated arms to run in their own processes (default all)")
     args = parser.parse_args(argv)
     size = SIZES["cpu" if args.cpu else "gpu"]
-    corpus, tokenizer, vocab_of = demo_data(args)
+    corpus, tokenizer, _, vocab_of = demo_data(args)
     shape = size["slice"]
     vocab = vocab_of(shape)
     work = Path(args.work)

@@ -48,10 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     size = SIZES["cpu" if args.cpu else "gpu"]
-    corpus, tokenizer, vocab = demo_data(args)
-    from letrecipes.components.tokenizer import Tokenizer
-
-    tok = Tokenizer(tokenizer)
+    corpus, tokenizer, tok, vocab = demo_data(args)
     work = Path(args.work)
     gpu = torch.cuda.is_available() and not args.cpu
     device_name = torch.cuda.get_device_name() if gpu else "cpu"
