@@ -100,9 +100,8 @@ class PretrainRecipe:
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
             torch.distributed.barrier()
         seed_everything(int(cfg.seed))
-        self.was_deterministic = torch.are_deterministic_algorithms_enabled()
         if cfg.get("deterministic", False):
-            use_deterministic_algorithms()
+            self.settings_before_deterministic = use_deterministic_algorithms()
             self.log("deterministic: torch's deterministic algorithms only (an op without one stops the run)")
         self.run_info = run_info.collect(cfg, self.world_size)
         self.log(run_info.summary(self.run_info))
@@ -456,22 +455,31 @@ class PretrainRecipe:
         finally:
             if hasattr(self, "checkpointer"):
                 self.checkpointer.release()
-        if hasattr(self, "was_deterministic"):  # the switch is process-wide: hand the process back as found
-            torch.use_deterministic_algorithms(self.was_deterministic)
+        if hasattr(self, "settings_before_deterministic"):  # process-wide switches: hand them back as found
+            apply_determinism_settings(*self.settings_before_deterministic)
         gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def use_deterministic_algorithms() -> None:
+def use_deterministic_algorithms() -> Tuple[bool, bool, bool]:
     """Bit-identical reruns on a GPU, at some speed. CUDA's fastest kernels for attention's
     backward and for scatter-adds accumulate with atomics, so two runs of the same step can
     differ in the last bits and drift apart (seen on an H200: equal losses for three steps,
-    then 7.8828 against 7.8834). cuBLAS needs a fixed workspace to repeat its reductions."""
+    then 7.8828 against 7.8834). cuBLAS needs a fixed workspace to repeat its reductions
+    (that variable is left set: cuBLAS reads it once per process). Returns the settings it
+    replaced, for :func:`apply_determinism_settings` to put back."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    apply_determinism_settings(True, True, False)
+    return before
+
+
+def apply_determinism_settings(algorithms: bool, cudnn_deterministic: bool, cudnn_benchmark: bool) -> None:
+    torch.use_deterministic_algorithms(algorithms)
+    torch.backends.cudnn.deterministic = cudnn_deterministic
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def seed_everything(seed: int) -> None:

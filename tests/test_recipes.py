@@ -58,7 +58,8 @@ def test_deterministic_runs_the_same_losses_and_hands_the_process_back(let_overr
     losses = {name: [r["loss"] for r in steps(read_metrics(tmp_path / name / "metrics.jsonl"))]
               for name in ("default", "deterministic")}
     assert losses["default"] == losses["deterministic"] and len(losses["default"]) == 3
-    assert not torch.are_deterministic_algorithms_enabled()  # the switch is process-wide: restored
+    # the switches are process-wide: restored
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
 def test_export_loads_back_as_a_frozen_teacher(teacher_dir):
