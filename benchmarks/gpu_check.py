@@ -106,6 +106,25 @@ def report_saver(report: Dict, out_path: str) -> Callable[[], None]:
     return save
 
 
+def arm_in_process(script: str, name: str, work: Path, corpus: str, tokenizer: str, cpu: bool,
+                   report: Dict) -> None:
+    """Run one arm as ``script --arm name`` in a process of its own (clean memory, nothing
+    compiled before it) and put the JSON it prints after ``ARM `` into ``report["arms"]``,
+    or the end of its output into ``report["errors"]``."""
+    import subprocess
+
+    child = [sys.executable, script, "--arm", name, "--work", str(work), "--corpus", corpus, "--tokenizer", tokenizer,
+             *(["--cpu"] if cpu else [])]
+    done = subprocess.run(child, capture_output=True, text=True)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("ARM ")), None)
+    if line:
+        report["arms"][name] = json.loads(line[4:])
+        print(f"[{name}] {report['arms'][name]}", flush=True)
+    else:
+        report["errors"][name] = (done.stdout + done.stderr)[-3000:]
+        print(f"[{name}] FAILED\n{report['errors'][name]}", flush=True)
+
+
 def run(recipe, config: str, out: Path, overrides: List[str]) -> List[Dict]:
     recipe.recipe_main(["--config", config, f"output_dir={out}", "overwrite=true", *overrides])
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r and "event" not in r]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +21,8 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header  # noqa: E402
-from benchmarks.gpu_check import SIZES, common_overrides, demo_data, model_overrides, report_saver, run  # noqa: E402
+from benchmarks.gpu_check import (SIZES, arm_in_process, common_overrides, demo_data, model_overrides,  # noqa: E402
+                                  report_saver, run)
 from letrecipes import pretrain  # noqa: E402
 
 KINDS = [  # first match wins, on the lower-cased kernel name
@@ -106,15 +106,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--arms", default=None, help="comma-separated arms to run in their own processes (default all)")
     args = parser.parse_args(argv)
-    size = SIZES["cpu" if args.cpu else "gpu"]
-    corpus, tokenizer, _, vocab_of = demo_data(args)
-    shape = size["slice"]
-    vocab = vocab_of(shape)
-    work = Path(args.work)
-    gpu = torch.cuda.is_available() and not args.cpu
-    cfg = [*common_overrides(size, corpus, tokenizer, work), f"max_steps={size['steps']}",
-           f"compile={str(size['compile']).lower()}", "export.enabled=false", "float8.enabled=false",
-           *model_overrides(shape, vocab)]
     arms = {"foreach_adamw": ["activation_checkpointing.mode=full", "optimizer.fused=false"],  # torch's default
             "fused_adamw": ["activation_checkpointing.mode=full"],  # the big configs' (optimizer.fused: true)
             "fused_adamw_no_ac": ["activation_checkpointing.mode=none"],
@@ -127,8 +118,16 @@ def main(argv=None) -> int:
     chosen = args.arms.split(",") if args.arms else list(arms)
     unknown = sorted(set(chosen) - set(arms))
     if unknown:
-        parser.error(f"--arms: unknown {unknown}; choose from {sorted(arms)}")
-
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted(arms)}")  # before the corpus is prepared
+    size = SIZES["cpu" if args.cpu else "gpu"]
+    corpus, tokenizer, _, vocab_of = demo_data(args)
+    shape = size["slice"]
+    vocab = vocab_of(shape)
+    work = Path(args.work)
+    gpu = torch.cuda.is_available() and not args.cpu
+    cfg = [*common_overrides(size, corpus, tokenizer, work), f"max_steps={size['steps']}",
+           f"compile={str(size['compile']).lower()}", "export.enabled=false", "float8.enabled=false",
+           *model_overrides(shape, vocab)]
     if args.arm:  # a child process: one arm, clean memory
         records = run(pretrain, "pretrain_7b", work / args.arm, [*cfg, *arms[args.arm]])[size["warmup"]:]
         print("ARM " + json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
@@ -144,16 +143,7 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     for name in chosen:
-        child = [sys.executable, __file__, "--arm", name, "--work", str(work), "--corpus", corpus,
-                 "--tokenizer", tokenizer, *(["--cpu"] if args.cpu else [])]
-        done = subprocess.run(child, capture_output=True, text=True)
-        line = next((x for x in done.stdout.splitlines() if x.startswith("ARM ")), None)
-        if line:
-            report["arms"][name] = json.loads(line[4:])
-            print(f"[{name}] {report['arms'][name]}", flush=True)
-        else:
-            report["errors"][name] = (done.stdout + done.stderr)[-2000:]
-            print(f"[{name}] FAILED\n{report['errors'][name]}", flush=True)
+        arm_in_process(__file__, name, work, corpus, tokenizer, args.cpu, report)
         save()
 
     # the profile, in this process: 3 steps of the config's own arm (fused AdamW), and its memory peak

@@ -1,42 +1,122 @@
-"""Where gpu_check's slice loses against its targets: the same slice with one thing changed
-at a time, side by side in one process on one GPU (issue 14's follow-up).
+"""Where gpu_check's slice loses against its targets: the slice with one thing changed per
+arm, and let_7b's own depth (issue 14's follow-up). Each arm runs in a process of its own
+(clean memory, nothing compiled before it) on one GPU, FSDP2 at world size 1.
 
-Arms: the check's bf16 arm again (the reference on this machine); without activation
-checkpointing (what the recompute costs); 16 blocks instead of 4 in bf16 and float8 (the
-output head's share falls from about 65% to 30% of the linear FLOPs, as it does towards 7B);
-LET with the teacher compiled. Each arm's tokens/s, MFU, peak memory and the dry run's
-estimate go into benchmarks/results/gpu_variants.json after every arm.
-    device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants
-    python benchmarks/gpu_variants.py --cpu   # tiny sizes, what the tests run
+The 4-block slice cannot show what the targets are about: its output head is 39% of its
+linear FLOPs (7.5% at 32 blocks) and the teacher's forward is 21.8% of its step's FLOPs
+(3.7% at 32 blocks; docs/scale.md). The ``let7b_*`` arms train let_7b's shape itself,
+32 blocks x 4096 (7.5B parameters, about 116 GiB at world size 1: an H200 holds it, an
+H100 does not), in bf16, in float8, as LET with the compiled teacher, and in bf16 with let_7b's 4
+micro-batches per optimizer step. An arm whose
+estimated memory exceeds the device's is skipped with the two figures, not run into an
+out-of-memory error.
+    device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants            # let_7b's depth
+    device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants --arms all # every arm
+    python benchmarks/gpu_variants.py --cpu   # tiny sizes (a 16-block model for let7b_*), what the tests run
+Each arm's tokens/s, MFU, peak memory and the dry run's estimate go into
+benchmarks/results/gpu_variants.json after every arm, and the LET arms' step against the
+bf16 arm of the same depth.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header  # noqa: E402
-from benchmarks.gpu_check import (PEAK_BF16_TFLOPS, SIZES, common_overrides, demo_data,  # noqa: E402
-                                  model_overrides, report_saver, run)
+from benchmarks.gpu_check import (PEAK_BF16_TFLOPS, SIZES, arm_in_process, common_overrides,  # noqa: E402
+                                  demo_data, model_overrides, report_saver, run)
 from letrecipes import let_pretrain, pretrain  # noqa: E402
 from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
 from letrecipes.components.models import ModelArgs, llama_model  # noqa: E402
 
-ARMS = {  # name: (blocks multiplier over the slice, overrides)
-    "bf16_full_ac": (1, ["float8.enabled=false", "activation_checkpointing.mode=full"]),
-    "bf16_no_ac": (1, ["float8.enabled=false", "activation_checkpointing.mode=none"]),
-    "float8_no_ac": (1, ["float8.enabled=true", "activation_checkpointing.mode=none"]),
-    "bf16_4x_blocks": (4, ["float8.enabled=false", "activation_checkpointing.mode=full"]),
-    "float8_4x_blocks": (4, ["float8.enabled=true", "activation_checkpointing.mode=full"]),
+LET_7B_BLOCKS_OVER_SLICE = 8  # let_7b's 32 blocks over the slice's 4 (16 over 2 at the CPU sizes)
+FULL_AC = "activation_checkpointing.mode=full"
+ARMS = {  # name: (blocks over the slice's, LET or not, overrides)
+    "bf16_full_ac": (1, False, ["float8.enabled=false", FULL_AC]),
+    "bf16_no_ac": (1, False, ["float8.enabled=false", "activation_checkpointing.mode=none"]),
+    "float8_no_ac": (1, False, ["float8.enabled=true", "activation_checkpointing.mode=none"]),
+    "bf16_4x_blocks": (4, False, ["float8.enabled=false", FULL_AC]),
+    "float8_4x_blocks": (4, False, ["float8.enabled=true", FULL_AC]),
+    "let_teacher_compile_false": (1, True, ["float8.enabled=false", FULL_AC, "teacher.compile=false"]),
+    "let_teacher_compile_true": (1, True, ["float8.enabled=false", FULL_AC, "teacher.compile=true"]),
+    "let7b_bf16": (LET_7B_BLOCKS_OVER_SLICE, False, ["float8.enabled=false", FULL_AC]),
+    "let7b_float8": (LET_7B_BLOCKS_OVER_SLICE, False, ["float8.enabled=true", FULL_AC]),
+    "let7b_let": (LET_7B_BLOCKS_OVER_SLICE, True, ["float8.enabled=false", FULL_AC, "teacher.compile=true"]),
+    # let_7b steps its optimizer every 4 micro-batches: at world size 1 the optimizer over all
+    # 7.5B parameters is otherwise a large share of every 4,096-token step
+    "let7b_bf16_accumulate_4": (LET_7B_BLOCKS_OVER_SLICE, False,
+                                ["float8.enabled=false", FULL_AC, "gradient_accumulation_steps=4"]),
 }
+DEFAULT_ARMS = ["let7b_bf16", "let7b_float8", "let7b_let", "let7b_bf16_accumulate_4"]  # the slice's ran before
+LET_BASELINES = {"let_teacher_compile_false": "bf16_full_ac", "let_teacher_compile_true": "bf16_full_ac",
+                 "let7b_let": "let7b_bf16"}
+MEMORY_MARGIN = 0.97  # of the device's memory: fragmentation and what the estimate leaves out
+
+
+def arm_shape(size: Dict, name: str) -> Dict:
+    times = ARMS[name][0]
+    return {**size["slice"], "num_layers": size["slice"]["num_layers"] * times}
+
+
+def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work: Path) -> Dict:
+    """One arm, in this process: its figures, or why it was skipped."""
+    times, let, extra = ARMS[name]
+    shape = arm_shape(size, name)
+    gpu = size["device"] == "cuda"
+    model_args = ModelArgs(**{**shape, "vocab_size": vocab(shape), "max_seq_len": size["seq_len"]})
+    teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(size["slice"]))}
+    teacher_args = ModelArgs(**{**teacher_shape, "max_seq_len": size["seq_len"]}) if let else None
+    def setting(key, default):
+        return next(o.split("=")[1] for o in [*extra, f"{key}={default}"] if o.startswith(f"{key}="))
+
+    estimate = memory_per_gpu(model_args, 1, size["micro_batch"], size["seq_len"],
+                              setting("activation_checkpointing.mode", "full"), teacher=teacher_args, fsdp=True,
+                              gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)))
+    if gpu:
+        device_gib = torch.cuda.mem_get_info()[1] / 2**30
+        if estimate.total_gb > MEMORY_MARGIN * device_gib:
+            return {"blocks": shape["num_layers"], "skipped": f"estimated {estimate.total_gb:.1f} GiB (context "
+                    f"included) > {MEMORY_MARGIN:.0%} of the device's {device_gib:.1f} GiB"}
+    common = [*common_overrides(size, corpus, tokenizer, work), f"max_steps={size['steps']}",
+              f"compile={str(size['compile']).lower()}", "export.enabled=false"]
+    recipe, config = pretrain, "pretrain_7b"
+    if let:
+        teacher_dir = work / "teacher"
+        if not (teacher_dir / "config.json").is_file():
+            from letrecipes.components.export import export_model
+
+            with torch.device(size["device"]):
+                teacher = llama_model(max_seq_len=size["seq_len"], **teacher_shape)
+            export_model(teacher, teacher.model_args, teacher_dir, tok, torch.bfloat16)
+            del teacher
+            if gpu:
+                torch.cuda.empty_cache()
+        recipe, config = let_pretrain, "let_7b"
+        extra = [*extra, f"teacher.path={teacher_dir}", "tokenizer.source=path", "alignment.schedule.stop=1.0",
+                 f"teacher.dtype={'bf16' if gpu else 'fp32'}"]
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    records = run(recipe, config, work / name, [*common, *model_overrides(shape, vocab(shape)), *extra])
+    records = records[size["warmup"]:]
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
+    device_name = torch.cuda.get_device_name() if gpu else "cpu"
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    flops = 3 * forward_flops_per_token(model_args, size["seq_len"])
+    return {"blocks": shape["num_layers"], "overrides": extra, "tokens_per_s": tokens_per_s,
+            "step_s": statistics.median(r["step_time_s"] for r in records),
+            "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+            "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024,
+            "estimate": estimate.__dict__, "estimate_gib": estimate.total_gb - estimate.context_gb,
+            "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records)}
 
 
 def main(argv=None) -> int:
@@ -46,70 +126,33 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--arms", default=None,
+                        help=f"comma-separated arms, or all (default: {','.join(DEFAULT_ARMS)})")
+    parser.add_argument("--arm", default=None, help="(internal) run one arm and print its JSON")
     args = parser.parse_args(argv)
+    chosen = list(ARMS) if args.arms == "all" else (args.arms.split(",") if args.arms else DEFAULT_ARMS)
+    unknown = sorted(set(chosen) - set(ARMS))
+    if unknown:  # before the corpus is prepared: a typo costs nothing
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted(ARMS)} or all")
     size = SIZES["cpu" if args.cpu else "gpu"]
+    if not args.cpu and not torch.cuda.is_available():
+        raise SystemExit("gpu_variants: no CUDA device (use --cpu for the tiny CPU version)")
     corpus, tokenizer, tok, vocab = demo_data(args)
     work = Path(args.work)
-    gpu = torch.cuda.is_available() and not args.cpu
-    device_name = torch.cuda.get_device_name() if gpu else "cpu"
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
-    common = [*common_overrides(size, corpus, tokenizer, work), f"max_steps={size['steps']}",
-              f"compile={str(size['compile']).lower()}", "export.enabled=false"]
-    report = {**header("gpu_variants.py", argv), "device_name": device_name, "arms": {}, "errors": {}}
-    out_path = args.out or f"benchmarks/results/gpu_variants{'' if gpu else '_cpu'}.json"
-    started = time.perf_counter()
+    if args.arm:  # a child process: one arm, clean memory
+        print("ARM " + json.dumps(measure(args.arm, size, corpus, tokenizer, tok, vocab, work)), flush=True)
+        return 0
 
+    report = {**header("gpu_variants.py", argv), "arms": {}, "errors": {}, "let_over_baseline": {}}
+    out_path = args.out or f"benchmarks/results/gpu_variants{'_cpu' if args.cpu else ''}.json"
     save = report_saver(report, out_path)
-
-    def measure(name: str, recipe, config: str, shape: Dict, extra: List[str]) -> None:
-        model_args = ModelArgs(**{**shape, "vocab_size": vocab(shape), "max_seq_len": size["seq_len"]})
-        ac = next(o.split("=")[1] for o in [*extra, "activation_checkpointing.mode=full"]
-                  if o.startswith("activation_checkpointing.mode="))
-        estimate = memory_per_gpu(model_args, 1, size["micro_batch"], size["seq_len"], ac, fsdp=True)
-        if gpu:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        records = run(recipe, config, work / name, [*common, *model_overrides(shape, vocab(shape)), *extra])
-        records = records[size["warmup"]:]
-        tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
-        flops = 3 * forward_flops_per_token(model_args, size["seq_len"])
-        peak_gib = max(r["peak_memory_mb"] for r in records) / 1024
-        report["arms"][name] = {
-            "blocks": shape["num_layers"], "overrides": extra, "tokens_per_s": tokens_per_s,
-            "step_s": statistics.median(r["step_time_s"] for r in records),
-            "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
-            "peak_memory_gib": peak_gib, "estimate": estimate.__dict__,
-            "estimate_gib": estimate.total_gb - estimate.context_gb,
-            "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records)}
-        print(f"[{name}] {report['arms'][name]}", flush=True)
-
-    def arm(name, fn):
-        try:
-            fn()
-        except (Exception, SystemExit) as err:  # one arm's failure must not cost the others
-            traceback.print_exc()
-            report["errors"][name] = f"{type(err).__name__}: {err}"[:2000]
+    started = time.perf_counter()
+    for name in chosen:
+        arm_in_process(__file__, name, work, corpus, tokenizer, args.cpu, report)
+        base = report["arms"].get(LET_BASELINES.get(name, ""), {})
+        if "step_s" in report["arms"].get(name, {}) and "step_s" in base:
+            report["let_over_baseline"][name] = report["arms"][name]["step_s"] / base["step_s"]
         save()
-
-    for name, (times, extra) in ARMS.items():
-        shape = {**size["slice"], "num_layers": size["slice"]["num_layers"] * times}
-        arm(name, lambda name=name, shape=shape, extra=extra: measure(name, pretrain, "pretrain_7b", shape, extra))
-
-    def let_compiled_teacher():
-        teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(size["slice"]))}
-        from letrecipes.components.export import export_model
-
-        with torch.device(size["device"]):
-            teacher = llama_model(max_seq_len=size["seq_len"], **teacher_shape)
-        export_model(teacher, teacher.model_args, work / "teacher", tok, torch.bfloat16)
-        del teacher
-        for compiled in ("false", "true"):
-            measure(f"let_teacher_compile_{compiled}", let_pretrain, "let_7b", size["slice"],
-                    ["float8.enabled=false", "activation_checkpointing.mode=full", f"teacher.path={work / 'teacher'}",
-                     "tokenizer.source=path", "alignment.schedule.stop=1.0", f"teacher.compile={compiled}",
-                     f"teacher.dtype={'bf16' if gpu else 'fp32'}"])
-
-    arm("let", let_compiled_teacher)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     save()
     import shutil

@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.metrics import METRICS_FILE
+from letrecipes.components.parallel import on_rank0
 from letrecipes.components.run_lock import RunLock
 
 STEP_PREFIX = "step_"
@@ -162,22 +163,6 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _decided_on_rank0(decide):
-    """``decide()`` run on rank 0 alone; its value, or its :class:`LetRecipesError`, on every rank."""
-    if _world_size() == 1:
-        return decide()
-    answer = [None]
-    if _rank() == 0:
-        try:
-            answer[0] = ("value", decide())
-        except LetRecipesError as err:
-            answer[0] = ("error", type(err), str(err))
-    dist.broadcast_object_list(answer, src=0)
-    if answer[0][0] == "error":
-        raise answer[0][1](answer[0][2])
-    return answer[0][1]
 
 
 def saved_world_size(path: Union[str, Path]) -> Optional[int]:
@@ -294,7 +279,7 @@ class Checkpointer:
         def take() -> None:
             self._lock.acquire(log=self.log)
 
-        _decided_on_rank0(take)
+        on_rank0(take)
 
     def release(self) -> None:
         self._lock.release()
@@ -314,11 +299,11 @@ class Checkpointer:
         steps. The ranks verify a candidate's files together.
         """
         explicit = self.resume_requested(resume) and resume not in (True, "true", "True")
-        candidates = _decided_on_rank0(lambda: self._resume_candidates(resume))
+        candidates = on_rank0(lambda: self._resume_candidates(resume))
         for path in candidates:
             problems = self.verify(path)  # the same answer on every rank
             if not problems:
-                return _decided_on_rank0(lambda: self._check_world_size(path))
+                return on_rank0(lambda: self._check_world_size(path))
             if explicit:
                 raise CheckpointError(
                     f"resume={str(resume)!r} is damaged: {'; '.join(problems[:3])}. Fix: resume=true takes the newest "
@@ -372,7 +357,7 @@ class Checkpointer:
     def guard(self, resume: Any, overwrite: bool) -> None:
         """Refuse to replace a finished or running run's files unless told to (``resume`` or
         ``overwrite``). Rank 0 looks; every rank stops alike."""
-        _decided_on_rank0(lambda: self._guard(resume, overwrite))
+        on_rank0(lambda: self._guard(resume, overwrite))
 
     def _guard(self, resume: Any, overwrite: bool) -> None:
         existing = [p for p in RUN_FILES if (self.output_dir / p).exists()

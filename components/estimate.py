@@ -126,8 +126,22 @@ def memory_per_gpu(
                           accumulating=gradient_accumulation_steps > 1)
 
 
+def train_flops_per_token(args: ModelArgs, seq_len: int, activation_checkpointing: str = "none",
+                          every: int = 2) -> float:
+    """A training step's matmul FLOPs per token as the GPU runs them: forward and backward
+    (3x the forward), plus the forwards that activation checkpointing runs again: every
+    block (``full``) or every ``every``-th (``selective``); never the output head, which
+    sits outside the blocks. MFU is counted without the recompute (the model's FLOPs)."""
+    if activation_checkpointing == "full":
+        recomputed = args.num_layers
+    elif activation_checkpointing == "selective":
+        recomputed = math.ceil(args.num_layers / max(1, every))
+    else:
+        recomputed = 0
+    return 3 * forward_flops_per_token(args, seq_len) + forward_flops_per_token(args, seq_len, recomputed, head=False)
+
+
 # ----------------------------------------------------------------- communication vs compute
-RECOMPUTE = {"none": 1.0, "selective": 7 / 6, "full": 4 / 3}  # extra forwards: every other block / every block
 
 
 @dataclass
@@ -144,20 +158,21 @@ class StepTime:
 
 def micro_batch_time(student: ModelArgs, world_size: int, micro_batch: int, seq_len: int,
                      activation_checkpointing: str = "none", interconnect_gbps: float = 400.0,
-                     gpu_tflops: float = 989.0, mfu: float = 0.4, reshard_after_forward: bool = True) -> StepTime:
+                     gpu_tflops: float = 989.0, mfu: float = 0.4, reshard_after_forward: bool = True,
+                     checkpoint_every: int = 2) -> StepTime:
     """FSDP2 traffic against compute for one micro-batch on one GPU.
 
     Traffic (ring collectives, each GPU sends and receives (W-1)/W of the payload): the
     bf16 parameters are all-gathered for the forward and, with ``reshard_after_forward``,
     again for the backward; fp32 gradients are reduce-scattered: (2 + 2 + 4) bytes per
     parameter. FSDP2 overlaps the two, so the slower one sets the pace. Compute: training
-    FLOPs (3x forward, plus recomputed forwards) at ``mfu`` of ``gpu_tflops``.
+    FLOPs (:func:`train_flops_per_token`) at ``mfu`` of ``gpu_tflops``.
     """
     n = total_params(student)
     per_param = 2 + (2 if reshard_after_forward else 0) + 4
     traffic = per_param * n * (world_size - 1) / world_size
     communication_s = traffic / (interconnect_gbps * 1e9 / 8)
-    flops_per_token = 3 * RECOMPUTE[activation_checkpointing] * forward_flops_per_token(student, seq_len)
+    flops_per_token = train_flops_per_token(student, seq_len, activation_checkpointing, checkpoint_every)
     compute_per_sample = flops_per_token * seq_len / (gpu_tflops * 1e12 * mfu)
     smallest = max(1, math.ceil(communication_s / compute_per_sample))
     return StepTime(traffic / 1e9, communication_s, compute_per_sample * micro_batch, smallest)

@@ -21,6 +21,7 @@ from torch import nn
 
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.models import ModelArgs
+from letrecipes.components.parallel import on_rank0, world_size
 from letrecipes.components.teachers import existing_path, load_teacher, teacher_format
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -63,12 +64,16 @@ def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tok
         raise InitFromError(f"{KEY}={path!r} was trained with another tokenizer ({their_tokenizer}) than "
                             f"tokenizer.path={str(tokenizer.path)!r}: its embeddings would mean other tokens. Fix: "
                             f"tokenizer.path={their_tokenizer}.")
-    loaded = load_teacher({"_component_": "auto", "path": str(resolved), "dtype": "fp32"}, device="cpu", key=KEY)
-    state = loaded.model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    # full_state_dict: every rank hands the whole tensors; FSDP2 keeps each rank's shard
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True))
-    del loaded, state
-    log(f"init_from: the student starts from the weights of {resolved}; optimizer, lr schedule and data order "
-        "start fresh at step 0")
+    # Rank 0 alone reads the checkpoint; the others receive it tensor by tensor, each
+    # keeping its shard (eight ranks on a node reading a 7B model in fp32 would hold 240 GB)
+    broadcast = world_size() > 1
+    state = on_rank0(lambda: load_teacher({"_component_": "auto", "path": str(resolved), "dtype": "fp32"},
+                                          device="cpu", key=KEY).model.state_dict(), share=False) or {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True,
+                                                                broadcast_from_rank0=broadcast))
+    del state
+    log(f"init_from: the student starts from the weights of {resolved}"
+        + (f" (read by rank 0, sent to all {world_size()} ranks)" if broadcast else "")
+        + "; optimizer, lr schedule and data order start fresh at step 0")

@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from datetime import timedelta
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.registry import ComponentError
+
+T = TypeVar("T")
 
 
 def process_group_backend(device: torch.device) -> str:
@@ -90,6 +93,43 @@ def shard_rank(mesh=None) -> int:
     if mesh is not None:
         return mesh.get_local_rank("shard")
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of processes in the group; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def on_rank0(work: Callable[[], T], share: bool = True) -> Optional[T]:
+    """``work()`` run on rank 0 alone (by the one process when there is no group).
+
+    Every rank gets its value (``share``), or None with the value kept on rank 0 (a state
+    dict that is then broadcast tensor by tensor). If it raises, every rank raises: a
+    :class:`LetRecipesError` as itself, anything else as one naming rank 0's error; rank 0
+    re-raises its own. Without this, a rank 0 that failed alone would leave the others
+    waiting in their next collective until the group's timeout.
+    """
+    if world_size() == 1:
+        return work()
+    answer: List[Any] = [None]
+    own_error = None
+    if dist.get_rank() == 0:
+        try:
+            value = work()
+            answer[0] = ("value", value if share else None)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, whatever it is
+            own_error = err
+            answer[0] = ("error", type(err) if isinstance(err, LetRecipesError) else None,
+                         str(err) if isinstance(err, LetRecipesError) else f"{type(err).__name__}: {err}")
+    dist.broadcast_object_list(answer, src=0)
+    if own_error is not None:
+        raise own_error
+    if answer[0][0] == "error":
+        error_type = answer[0][1] or LetRecipesError
+        raise error_type(answer[0][2] if answer[0][1] else f"rank 0 failed: {answer[0][2]}")
+    if dist.get_rank() == 0:
+        return value
+    return answer[0][1]
 
 
 def local_rank(rank: int) -> int:

@@ -243,6 +243,45 @@ def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = 
     return teacher
 
 
+def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.device],
+                         shard: Callable[[nn.Module], None], key: str = "teacher") -> Teacher:
+    """The teacher of ``section``, sharded by ``shard`` (FSDP2), without any rank holding it
+    whole on its device: every rank builds it on the meta device from the format's
+    ``describe`` and shards it, then allocates its shards; rank 0 alone reads the weights,
+    into CPU memory, and sends each rank its part tensor by tensor. (Loading it whole on
+    every GPU first, as a replicated teacher is, would defeat ``placement: sharded``, which
+    is there for teachers too large to replicate.) A format that cannot describe its model
+    without reading it is loaded whole by every rank, then sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from letrecipes.components.parallel import on_rank0, world_size
+
+    fmt = teacher_format(section, key)
+    path = existing_path(section.get("path") or "", f"{key}.path")
+    args = describe_teacher(section, key)
+    if args is None:
+        teacher = load_teacher(section, device=device, key=key)
+        shard(teacher.model)
+        return teacher
+    with torch.device("meta"):
+        model = decoder(args).to(parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype"))
+    model.model_args = args
+    shard(model)
+    model.to_empty(device=device)
+    with torch.device(device):  # non-persistent buffers: not in any state dict
+        rebuild_rope_caches(model.layers)
+    state = on_rank0(lambda: load_teacher(section, device="cpu", key=key).model.state_dict(), share=False) or {}
+    try:
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True,
+                                                                    broadcast_from_rank0=world_size() > 1))
+    except RuntimeError as err:
+        raise TeacherError(f"{key}.placement=sharded builds the teacher from its description and then receives its "
+                           f"weights, but the model {type(fmt).__name__} loads has other weights: {err}. Fix: "
+                           f"{key}.placement=replicated for this format.") from err
+    del state
+    return Teacher(model, tokenizer_path=fmt.tokenizer(path), source=str(path))
+
+
 def describe_teacher(section: Mapping[str, Any], key: str = "teacher") -> Optional[ModelArgs]:
     """The teacher's shape from its config or metadata alone; None if its format cannot say."""
     fmt = teacher_format(section, key)

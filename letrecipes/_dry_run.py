@@ -17,7 +17,8 @@ from letrecipes.components import registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, micro_batch_time, total_params
+from letrecipes.components.estimate import (forward_flops_per_token, memory_per_gpu, micro_batch_time, total_params,
+                                           train_flops_per_token)
 from letrecipes.components.models import ModelArgs, count_parameters, padded_vocab_size
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
@@ -70,11 +71,14 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     world = int(cfg.get("dry_run_world_size") or os.environ.get("WORLD_SIZE", 1))
     micro_batch = int(cfg.batch_size)
     ac = (cfg.get("activation_checkpointing") or {}).get("mode", "none") or "none"
+    every = int((cfg.get("activation_checkpointing") or {}).get("every", 2))
     train_flops = 3 * forward_flops_per_token(args, seq_len)
+    step_flops = train_flops_per_token(args, seq_len, ac, every)  # what the GPU runs, recompute included
     report: Dict[str, Any] = {
         "student_params": count_parameters(student),
         "student_non_embedding_params": count_parameters(student, exclude_embeddings=True),
         "student_train_flops_per_token": train_flops,
+        "student_step_flops_per_token": step_flops,
         "world_size": world,
     }
     teacher_args = None
@@ -97,7 +101,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             "aligned_pairs_student_teacher": aligner.pairs,
             "projector_params": sum(p.numel() for p in aligner.parameters()),
             "teacher_forward_flops_per_token": teacher_flops,
-            "teacher_overhead": teacher_flops / train_flops,
+            "teacher_overhead": teacher_flops / step_flops,
             "schedule": repr(aligner.schedule),
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
@@ -114,7 +118,8 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
     timing = micro_batch_time(args, world, micro_batch, seq_len, ac, **rates,
-                              reshard_after_forward=bool((cfg.get("fsdp") or {}).get("reshard_after_forward", True)))
+                              reshard_after_forward=bool((cfg.get("fsdp") or {}).get("reshard_after_forward", True)),
+                              checkpoint_every=every)
     report["micro_batch_time"] = {
         "communication_gb": timing.communication_gb, "communication_s": timing.communication_s,
         "compute_s": timing.compute_s, "communication_bound": timing.communication_bound,
@@ -133,14 +138,17 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
     lines = ["dry run (nothing allocated, no step taken)",
              f"  student   {_count(r['student_params'])} params ({_count(r['student_non_embedding_params'])} "
              f"non-embedding): {shape(args)}",
-             f"  student training FLOPs/token   {r['student_train_flops_per_token'] / 1e9:.3g} GFLOP"]
+             f"  student training FLOPs/token   {r['student_train_flops_per_token'] / 1e9:.3g} GFLOP"
+             + (f" ({r['student_step_flops_per_token'] / 1e9:.3g} with activation checkpointing's recompute)"
+                if r["student_step_flops_per_token"] != r["student_train_flops_per_token"] else "")]
     if teacher is not None:
         lines += [
             f"  teacher   {_count(r['teacher_params'])} params: {shape(teacher)}",
             f"  aligned (student, teacher) layers {r['aligned_pairs_student_teacher']}; teacher runs "
             f"{r['teacher_blocks_run']} of {teacher.num_layers} blocks; projector {r['projector_params']:,} params",
             f"  teacher forward FLOPs/token    {r['teacher_forward_flops_per_token'] / 1e9:.3g} GFLOP",
-            f"  teacher overhead while it runs {100 * r['teacher_overhead']:.1f}% of a student step; {r['schedule']}",
+            f"  teacher overhead while it runs {100 * r['teacher_overhead']:.1f}% of a student step's FLOPs; "
+            f"{r['schedule']}",
         ]
     m = r["memory_per_gpu_gb"]
     grads_beside_loss = f" + gradients {m['gradients']:.1f}" if m["gradients_beside_loss"] else ""

@@ -29,7 +29,8 @@ from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import forward_with_hidden, nll_loss
 from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable
-from letrecipes.components.teachers import TeacherError, existing_path, load_teacher, teacher_format, tokenizer_file
+from letrecipes.components.teachers import (TeacherError, existing_path, load_teacher, load_teacher_sharded,
+                                            teacher_format, tokenizer_file)
 from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 
@@ -82,7 +83,19 @@ class LETPretrainRecipe(PretrainRecipe):
         self.placement = cfg.teacher.get("placement", "replicated")
         if self.placement not in ("replicated", "sharded"):
             raise RecipeError(f"teacher.placement={self.placement!r}: use replicated or sharded.")
-        self.teacher = load_teacher(OmegaConf.to_container(cfg.teacher, resolve=True), device=self.device)
+        section = OmegaConf.to_container(cfg.teacher, resolve=True)
+        compile_teacher = bool(cfg.teacher.get("compile", False))
+        if self.placement == "sharded" and self.fsdp:
+            def compile_and_shard(model):  # compile before sharding: the order that composes, as for the student
+                if compile_teacher:
+                    parallel.compile_blocks(model)
+                parallel.shard_teacher(model, mesh=self.mesh)
+
+            self.teacher = load_teacher_sharded(section, self.device, compile_and_shard)
+        else:
+            self.teacher = load_teacher(section, device=self.device)
+            if compile_teacher:
+                parallel.compile_blocks(self.teacher.model)
         self._check_teacher()
         self.aligner = build_aligner(
             cfg.alignment,
@@ -92,13 +105,11 @@ class LETPretrainRecipe(PretrainRecipe):
         ).to(self.device)
         if self.fsdp:
             parallel.shard_module(self.aligner, self.mp_policy, mesh=self.mesh)
-        if cfg.teacher.get("compile", False):  # before sharding: the order that composes, as for the student
-            parallel.compile_blocks(self.teacher.model)
-        if self.placement == "sharded" and self.fsdp:
-            parallel.shard_teacher(self.teacher.model, mesh=self.mesh)
         self.trainable["aligner"] = self.aligner
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
-                 f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}); aligning (student, teacher) "
+                 f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}"
+                 + (f"; sharded over {parallel.world_size()} ranks" if self.placement == "sharded" and self.fsdp
+                    else "") + "); aligning (student, teacher) "
                  f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}"
                  + (f"; cross-tokenizer pooling {type(self.aligner.pooling).__name__}" if self.collate else ""))
 

@@ -38,6 +38,20 @@ def test_the_dry_run_weighs_network_against_compute_and_names_the_micro_batch(ca
     assert not fast["communication_bound"] and fast["smallest_compute_bound_micro_batch"] == 1
 
 
+def test_a_step_counts_the_forwards_that_checkpointing_runs_again_and_never_the_head():
+    from letrecipes.components.estimate import forward_flops_per_token, train_flops_per_token
+
+    args, seq = _student_args(), 2048  # 32 blocks
+    forward, block = forward_flops_per_token(args, seq), forward_flops_per_token(args, seq, layers=1, head=False)
+    assert train_flops_per_token(args, seq) == pytest.approx(3 * forward)
+    assert train_flops_per_token(args, seq, "full") == pytest.approx(3 * forward + 32 * block)
+    assert train_flops_per_token(args, seq, "selective", every=2) == pytest.approx(3 * forward + 16 * block)
+    assert train_flops_per_token(args, seq, "selective", every=3) == pytest.approx(3 * forward + 11 * block)
+    report = dry_run(load_config("let_7b", ["dry_run_world_size=32"]), with_teacher=True)
+    assert report["teacher_overhead"] == pytest.approx(report["teacher_forward_flops_per_token"]
+                                                       / (3 * forward + 32 * block))
+
+
 def _student_args():
     import torch
 

@@ -3,6 +3,8 @@ cannot rot while no GPU is at hand (the speed and memory targets are GPU-only)."
 
 import json
 
+import pytest
+
 from benchmarks import gpu_check
 
 
@@ -25,11 +27,16 @@ def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, t
     from benchmarks import gpu_profile, gpu_variants
 
     data = ["--cpu", "--corpus", str(corpus_dir), "--tokenizer", str(tokenizer_path)]
+    # let_7b's depth by default (16 tiny blocks on a CPU), each arm a process of its own
     assert gpu_variants.main([*data, "--work", str(tmp_path / "v"), "--out", str(tmp_path / "v.json")]) == 0
     variants = json.loads((tmp_path / "v.json").read_text())
-    assert set(variants["arms"]) == {*gpu_variants.ARMS, "let_teacher_compile_false", "let_teacher_compile_true"}
-    assert variants["arms"]["bf16_4x_blocks"]["blocks"] == 4 * variants["arms"]["bf16_full_ac"]["blocks"]
-    assert variants["arms"]["let_teacher_compile_true"]["teacher_time_share"] > 0
+    assert set(variants["arms"]) == set(gpu_variants.DEFAULT_ARMS) and not variants["errors"]
+    assert all(arm["blocks"] == 8 * 2 and arm["tokens_per_s"] > 0 for arm in variants["arms"].values())
+    assert variants["arms"]["let7b_let"]["teacher_time_share"] > 0
+    assert set(variants["let_over_baseline"]) == {"let7b_let"} and variants["let_over_baseline"]["let7b_let"] > 0
+    for script in (gpu_variants, gpu_profile):  # a typo is refused before any work
+        with pytest.raises(SystemExit):
+            script.main([*data, "--arms", "fused_adamw,let7b_bf16,bogus"])
     # two of its arms (each is a process of its own; the GPU run takes them all)
     assert gpu_profile.main([*data, "--work", str(tmp_path / "p"), "--out", str(tmp_path / "p.json"),
                              "--arms", "foreach_adamw,float8_rowwise"]) == 0
