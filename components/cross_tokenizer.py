@@ -288,6 +288,14 @@ def check_offsets(hf_tokenizer, key: str = "teacher.path") -> None:
             "Fix: use the teacher's tokenizer.json from the `tokenizers` library (a fast tokenizer).")
 
 
+def spread_indices(length: int, count: int) -> List[int]:
+    """``count`` indices spread evenly over ``range(length)``, the first and the last
+    included (all of them when there are fewer)."""
+    if length <= count:
+        return list(range(length))
+    return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
+
+
 def check_encodable(hf_tokenizer, texts: Sequence[str], key: str = "teacher.path", limit: float = 0.01) -> None:
     """Refuse text the teacher cannot read: more than ``limit`` of its tokens unknown."""
     unk = hf_tokenizer.token_to_id(getattr(hf_tokenizer.model, "unk_token", None) or "<unk>")

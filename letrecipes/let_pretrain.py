@@ -28,7 +28,7 @@ from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import forward_with_hidden, nll_loss
-from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable
+from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable, spread_indices
 from letrecipes.components.teachers import (TeacherError, existing_path, load_teacher, load_teacher_sharded,
                                             teacher_format, tokenizer_file)
 from letrecipes.pretrain import PretrainRecipe, RecipeError
@@ -144,14 +144,16 @@ class LETPretrainRecipe(PretrainRecipe):
 
     def _check_cross_tokenizer(self) -> None:
         """Before training: the teacher can read the text, and how many student positions
-        get a target (measured on the first training sequences)."""
+        get a target (measured on training sequences spread over the whole set: its first
+        ones all come from the first file, and a corpus's later sources may be in another
+        script)."""
         collate, teacher = self.collate, self.teacher
         if teacher.vocab_size < collate.teacher.get_vocab_size():
             raise RecipeError(f"teacher.path: the teacher's vocabulary ({teacher.vocab_size}) is smaller than its own "
                               f"tokenizer's ({collate.teacher.get_vocab_size()}). Fix: the tokenizer.json that "
                               "belongs to these weights.")
         collate.context = teacher.context
-        sample = [self.train_set[i] for i in range(min(16, len(self.train_set)))]
+        sample = [self.train_set[i] for i in spread_indices(len(self.train_set), 64)]
         texts = [self.tokenizer.decode(item["tokens"].tolist()) for item in sample]
         check_encodable(collate.teacher, texts, key="teacher.path")
         mapped = collate.map_rows(torch.stack([item["tokens"] for item in sample]).numpy())

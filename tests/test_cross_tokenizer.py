@@ -247,3 +247,31 @@ def test_cross_tokenizer_mode_with_the_same_tokenizer_gives_the_ordinary_loss(le
     for plain, cross in zip(runs["false"], runs["true"]):
         for key in ("loss", "nll", "align_loss", "cosine"):
             assert cross[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+
+
+def test_text_the_teacher_cannot_read_is_found_wherever_it_sits_in_the_corpus(let_overrides, teacher_dir, corpus_dir,
+                                                                            tmp_path):
+    """The check reads sequences spread over the whole training set: the first ones all
+    come from the first file, and here only the last file is in a script the teacher's
+    tokenizer has never seen."""
+    from tokenizers import trainers
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    english = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    (corpus / "zz_greek.txt").write_text("Ελληνικά κείμενα για τη δοκιμή, γραμμένα αλλιώς.\n" * 3000)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, teacher)
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))  # no byte fallback: an unseen character is unknown
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(english, trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
+                                                                 show_progress=False))
+    tok.save(str(teacher / "tokenizer.json"))
+    with pytest.raises(SystemExit) as err:
+        let_pretrain.recipe_main(["--config", "let_tiny", *let_overrides, f"teacher.path={teacher}",
+                                  f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                                  f"output_dir={tmp_path / 'run'}", "max_steps=1"])
+    message = str(err.value)
+    assert "the teacher's tokenizer cannot encode" in message and "Fix:" in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
