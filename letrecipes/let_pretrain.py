@@ -213,6 +213,11 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.teacher is not None and self.aligner.finished(self.step):
             self.release_teacher()
 
+    def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False):
+        if self.teacher is not None:  # until it is released
+            teacher_args = getattr(self.teacher.model, "model_args", None)
+        return super().memory_estimate(teacher_args, self.placement == "sharded" and self.fsdp)
+
     def release_teacher(self) -> None:
         teacher_mb = sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2**20
         before = current_memory_mb(self.device)

@@ -55,6 +55,16 @@ class RecipeError(LetRecipesError):
     """Bad configuration found before the first training step."""
 
 
+class OutOfMemory(LetRecipesError):
+    """The device (or the host) ran out of memory: what the cost model expected, and the fix."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, CPU tensors the allocator refused, or Python's MemoryError."""
+    return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
 class PretrainRecipe:
     """Causal-LM pretraining; subclasses add terms to the loss (see let_pretrain)."""
 
@@ -346,8 +356,45 @@ class PretrainRecipe:
             with environment_errors(folders, "training", kept=self.checkpointer.what_is_kept,
                                     then="run the same command with resume=true"):
                 self._train_loop(progress, stopper)
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            raise self.out_of_memory(err) from err
         finally:
             stopper.uninstall()
+
+    def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False):
+        """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""
+        from letrecipes.components.estimate import memory_per_gpu
+
+        checkpointing = (self.cfg.get("activation_checkpointing") or {}).get("mode", "none") or "none"
+        return memory_per_gpu(self.model_args, self.world_size, int(self.cfg.batch_size), int(self.cfg.data.seq_len),
+                              checkpointing, teacher_args, teacher_sharded=teacher_sharded, fsdp=self.fsdp,
+                              gradient_accumulation_steps=self.grad_accum)
+
+    def out_of_memory(self, err: BaseException) -> OutOfMemory:
+        """One line for a step that ran out of memory: where, how much the device has, what
+        the cost model expected, and what to change (checkpoints already written are intact)."""
+        where = f"at step {self.step + 1}" + (f" on rank {self.rank}" if self.world_size > 1 else "")
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        figures = ""
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            figures = (f" The device has {total:.1f} GiB; the run's peak allocation was "
+                       f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.1f} GiB.")
+        try:
+            estimate = self.memory_estimate()
+            figures += (f" The cost model gives {estimate.total_gb:.1f} GiB per process for this config (peak at the "
+                        f"{estimate.peak_phase}; `dry_run=true` prints every term).")
+        except Exception:  # noqa: BLE001 - the advice below stands without the figure
+            pass
+        batch = int(self.cfg.batch_size)
+        half = max(1, batch // 2)
+        return OutOfMemory(
+            f"out of memory {where} ({type(err).__name__}: {cause}).{figures} Fix: batch_size={half} with "
+            f"gradient_accumulation_steps={-(-batch * self.grad_accum // half)} (the same tokens per step), "
+            "activation_checkpointing.mode=full, or more processes (FSDP2 divides weights, gradients and optimizer "
+            f"state among them). {self.checkpointer.what_is_kept()}")
 
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:

@@ -147,3 +147,28 @@ def test_library_errors_name_the_key(base_overrides, tmp_path, monkeypatch):
     corpus.write_text('{"text": "a fine document"}\n{"text": 42}\n')
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'b'}", f"data.source={corpus}",
                        match=f"data.source: {corpus}:2: 'text' is int, not text.")
+
+
+def test_running_out_of_memory_mid_run_is_one_line_with_the_fix_and_keeps_the_checkpoint(base_overrides, tmp_path,
+                                                                                      monkeypatch):
+    """A real allocator refusal (a 1 PiB tensor) in the third step's loss."""
+    import torch
+
+    original = pretrain.PretrainRecipe.compute_loss
+
+    def greedy(self, tokens, labels, **extra):
+        if self.step == 2:
+            torch.empty(2**50, dtype=torch.uint8)
+        return original(self, tokens, labels, **extra)
+
+    monkeypatch.setattr(pretrain.PretrainRecipe, "compute_loss", greedy)
+    run = tmp_path / "run"
+    message = expect_setup_error(run_pretrain, *base_overrides, f"output_dir={run}", "max_steps=4", "save_every=2",
+                                 "batch_size=4", "gradient_accumulation_steps=2",
+                                 match="out of memory at step 3 (RuntimeError: ")
+    assert "\n" not in message and "can't allocate memory" in message
+    assert "The cost model gives " in message and "GiB per process" in message
+    assert "Fix: batch_size=2 with gradient_accumulation_steps=4 (the same tokens per step)" in message
+    assert "step_00000002" in message and "is intact" in message
+    assert (run / "checkpoints" / "step_00000002").is_dir()
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
