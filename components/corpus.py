@@ -28,7 +28,7 @@ import os
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -88,7 +88,7 @@ def _files(item: Path, key: str) -> List[Path]:
             "text file, folder, .jsonl(.gz/.zst) or .parquet file, or a datasets folder"
             " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)."
         )
-    found, dataset_dirs = [], []
+    found, dataset_dirs, other = [], [], {}
     for path in sorted(item.rglob("*")):
         if any(path.is_relative_to(d) for d in dataset_dirs):
             continue
@@ -97,9 +97,20 @@ def _files(item: Path, key: str) -> List[Path]:
             found.append(path)
         elif path.is_file() and _suffix(path) in TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",):
             found.append(path)
+        elif path.is_file() and not any(part.startswith(".") for part in path.relative_to(item).parts):
+            other.setdefault(path.suffix or "(no suffix)", []).append(path)
     if not found:
         raise DataError(f"{key}: folder {str(item)!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, "
                         ".parquet files or datasets folders.")
+    if other:  # a folder of .csv files beside one .txt would otherwise train on the .txt alone, silently
+        import warnings
+
+        kinds = ", ".join(f"{len(paths)} {suffix}" for suffix, paths in sorted(other.items()))
+        first = min(p for paths in other.values() for p in paths)
+        warnings.warn(f"{key}: {sum(map(len, other.values()))} file(s) in {str(item)!r} are not read ({kinds}; "
+                      f"first: {first.relative_to(item)}): only {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, .parquet "
+                      "files and datasets folders are. Fix: none, if they are not text; otherwise convert them.",
+                      DataWarning, stacklevel=2)
     return found
 
 
@@ -159,7 +170,7 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
     elif unit.kind == "parquet":
         path = Path(unit.paths[0])
         table = _parquet(path, key).read_row_group(unit.part, columns=[_column(path, text_field, key)])
-        yield from _strings(table.column(0).to_pylist(), path, text_field, key)
+        yield from _strings(table.column(0).to_pylist(), path, text_field, key, warn, f" (row group {unit.part})")
     elif unit.kind == "dataset":
         path = Path(unit.paths[0])
         dataset = _load_dataset(path, key)
@@ -168,7 +179,7 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
                             f"{dataset.column_names}). Fix: set data.text_field to the column holding the text.")
         start = unit.part * DATASET_UNIT_ROWS
         rows = dataset.select_columns([text_field])[start:start + DATASET_UNIT_ROWS][text_field]
-        yield from _strings(rows, path, text_field, key)
+        yield from _strings(rows, path, text_field, key, warn, f" (rows {start:,}-)")
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
@@ -313,8 +324,49 @@ def _open_stream(path: Path, key: str):
     return open(path, "rb")
 
 
+class SkippedRecords:
+    """Records that hold no text, counted per file (per row group for parquet) instead of
+    stopping a long preparation: a JSONL line that does not parse (a file cut off mid-write
+    ends in one), a record without the text field, a null text. They are reported once, as
+    one warning with the counts and the first place. A file made mostly of such records is
+    in another format, or its text is under another field: that is one error (after 100 bad
+    records with none good, at once)."""
+
+    FAST_FAIL = 100
+
+    def __init__(self, path: Path, key: str, where: str = "line"):
+        self.path, self.key, self.where = path, key, where
+        self.counts: Dict[str, int] = {}
+        self.fatal: Dict[str, int] = {}  # the kinds that say the file is misread, with their error
+        self.first_at: Optional[int] = None
+        self.first_error: Optional[str] = None
+
+    def skip(self, reason: str, at: int, kept: int, error: Optional[str] = None) -> None:
+        """Count one record; ``error`` is the message for when such records are (nearly) all
+        the file holds. A null text never is: an empty record is valid data."""
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        self.first_at = at if self.first_at is None else self.first_at
+        if error is not None:
+            self.fatal[reason] = self.fatal.get(reason, 0) + 1
+            self.first_error = self.first_error or error
+            if kept == 0 and sum(self.fatal.values()) >= self.FAST_FAIL:
+                raise DataError(self.first_error)
+
+    def finish(self, kept: int, warn: list) -> None:
+        bad, fatal = sum(self.counts.values()), sum(self.fatal.values())
+        if fatal and (kept == 0 or fatal > kept):
+            raise DataError(f"{self.first_error} ({fatal:,} of {bad + kept:,} records are like this.)")
+        if bad:
+            parts = ", ".join(f"{n:,} {reason}" for reason, n in self.counts.items())
+            warn.append(f"{self.key}: {self.path}: skipped {bad:,} of {bad + kept:,} records that hold no text "
+                        f"({parts}; the first at {self.where} {self.first_at}). Fix: none, if they are meant to be "
+                        "skipped; otherwise repair those records.")
+
+
 def _jsonl(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
-    line_no = 0
+    line_no, kept = 0, 0
+    skipped = SkippedRecords(path, key)
+    missing = f"without the field {text_field!r}"
     try:
         with _open_stream(path, key) as stream:
             for line_no, raw in enumerate(stream, 1):
@@ -324,15 +376,24 @@ def _jsonl(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{key}: {path}:{line_no} is not valid JSON ({err}).") from err
+                    skipped.skip("not valid JSON", line_no, kept, f"{key}: {path}:{line_no} is not valid JSON ({err}). "
+                                 "Fix: a file of one JSON object per line, or rename it to .txt to read it as text.")
+                    continue
                 if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"{key}: {path}:{line_no} has no field {text_field!r}. "
-                                    "Fix: set data.text_field to the field holding the text.")
-                if not isinstance(record[text_field], str):
+                    skipped.skip(missing, line_no, kept, f"{key}: {path}:{line_no} has no field {text_field!r}. "
+                                 "Fix: set data.text_field to the field holding the text.")
+                    continue
+                value = record[text_field]
+                if value is None:
+                    skipped.skip(f"with a null {text_field!r}", line_no, kept)
+                    continue
+                if not isinstance(value, str):
                     raise DataError(f"{key}: {path}:{line_no}: {text_field!r} is "
-                                    f"{type(record[text_field]).__name__}, not text. Fix: make it a string in that "
+                                    f"{type(value).__name__}, not text. Fix: make it a string in that "
                                     "record, or set data.text_field to the field holding the text.")
-                yield record[text_field]
+                kept += 1
+                yield value
+        skipped.finish(kept, warn)
     except (OSError, EOFError, zlib.error) as err:
         yield from _stream_error(path, line_no, err, key)
     except Exception as err:  # zstandard.ZstdError is not an OSError
@@ -377,9 +438,19 @@ def _dataset_rows(path: Path, key: str) -> int:
     return _load_dataset(path, key).num_rows
 
 
-def _strings(values, path: Path, text_field: str, key: str) -> Iterator[str]:
+def _strings(values, path: Path, text_field: str, key: str, warn: list, part: str = "") -> Iterator[str]:
+    """The text of a column; nulls are skipped and counted (one warning), any other
+    non-string is one error."""
+    skipped, kept = SkippedRecords(Path(f"{path}{part}"), key, where="row"), 0
     for row, value in enumerate(values):
+        if value is None:
+            skipped.skip(f"with a null {text_field!r}", row, kept)
+            continue
         if not isinstance(value, str):
             raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text. "
                             "Fix: set data.text_field to a text column.")
+        kept += 1
         yield value
+    skipped.finish(kept, warn)
+
+

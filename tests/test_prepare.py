@@ -353,3 +353,46 @@ def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_
     assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True] and len(pieces) > 5
     assert warn == [f"data.source: {tmp_path / 'a.txt'} is not valid UTF-8 (first bad byte at offset 20000); 1 "
                     "undecodable byte sequence(s) were replaced by U+FFFD."]
+
+
+def test_records_without_text_are_skipped_with_one_warning_and_a_misread_file_is_one_error(tokenizer_path,
+                                                                                           tmp_path):
+    """A missing field, a null text, a last line cut off mid-write, a .csv beside the corpus:
+    counted and named, the good documents kept in order. Text under another field, or a
+    file that is not JSONL, is one error."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from letrecipes.components.corpus import DataWarning
+
+    tok = Tokenizer(tokenizer_path)
+    docs = documents(40)
+    source = tmp_path / "corpus"
+    source.mkdir()
+    lines = [json.dumps({"text": d}) for d in docs[:30]]
+    lines.insert(3, json.dumps({"id": 3}))
+    lines.insert(8, json.dumps({"text": None}))
+    lines.append('{"text": "a record cut off mid-wri')
+    (source / "a.jsonl").write_text("\n".join(lines))
+    pq.write_table(pa.table({"text": [None, *docs[30:], None]}), source / "b.parquet")
+    (source / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.warns(DataWarning) as caught:
+        manifest = prepare_corpus(source, tok, tmp_path / "out", **QUIET)
+    messages = [str(w.message) for w in caught]
+    assert any("a.jsonl: skipped 3 of 33 records that hold no text (1 without the field 'text', 1 with a null "
+               "'text', 1 not valid JSON; the first at line 4)" in m for m in messages), messages
+    assert any("b.parquet (row group 0): skipped 2 of 12 records" in m for m in messages), messages
+    assert any("1 file(s) in" in m and "(1 .csv; first: notes.csv)" in m for m in messages), messages
+    assert manifest["documents"] == 40
+    stream = TokenShards(tmp_path / "out", tok)[0:manifest["tokens"]]
+    np.testing.assert_array_equal(stream, np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs]))
+
+    other_field = tmp_path / "body.jsonl"
+    other_field.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    with pytest.raises(DataError, match=r"body.jsonl:1 has no field 'text'\. Fix: set data.text_field to the field "
+                                        r"holding the text\. \(40 of 40 records are like this\.\)"):
+        prepare_corpus(other_field, tok, tmp_path / "out2", **QUIET)
+    not_jsonl = tmp_path / "plain.jsonl"
+    not_jsonl.write_text("".join(d + "\n" for d in documents(150)))
+    with pytest.raises(DataError, match=r"plain.jsonl:1 is not valid JSON .*Fix: .*rename it to \.txt"):
+        prepare_corpus(not_jsonl, tok, tmp_path / "out3", **QUIET)  # stops after 100 bad lines, none good
