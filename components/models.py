@@ -82,7 +82,8 @@ class ModelArgs:
                 f"({self.num_kv_heads}). Fix: change one of them."
             )
         if self.family == "llama" and self.dim_per_head % 2:
-            raise ComponentError(f"{key}: the head dim ({self.dim_per_head}) must be even for RoPE.")
+            raise ComponentError(f"{key}: the head dim, {key}.embed_dim / {key}.num_heads = {self.dim_per_head}, must be "
+                                 f"even for RoPE. Fix: choose {key}.embed_dim and {key}.num_heads so that it is.")
 
 
 def _rope(args: ModelArgs) -> nn.Module:
