@@ -226,6 +226,12 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
                           "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
     if is_step_checkpoint(path):
         return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key)
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "metrics.jsonl").exists():
+        steps = sorted((path / "checkpoints").glob("step_*"))
+        raise ExportError(f"{key}: {str(source)!r} is a run folder, not a checkpoint. Fix: give one of its step "
+                          f"checkpoints ({steps[-1] if steps else f'{path}/checkpoints/step_N'})"
+                          + (f", or use {path / 'final'}, which is already a Hugging Face folder"
+                             if (path / "final").is_dir() else "") + ".")
     return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb)
 
 

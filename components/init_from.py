@@ -49,7 +49,7 @@ def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tok
                          log: Callable[[str], None] = print) -> None:
     """Copy the weights at ``path`` into ``model`` (sharded or not), after checking shape and tokenizer."""
     resolved = existing_path(path, key=KEY)
-    fmt = teacher_format({"_component_": "auto"}, key=KEY)
+    fmt = teacher_format({"_component_": "auto"}, key=KEY, path_key=KEY)
     try:
         source = fmt.describe(resolved)
     except LetRecipesError as err:

@@ -189,6 +189,8 @@ class AutoFormat(TeacherFormat):
 
     looks_like = "any registered format"
 
+    key = "teacher.path"  # the config key errors name; teacher_format sets the caller's
+
     def __init__(self, **options: Any):
         self.options = options
 
@@ -197,7 +199,7 @@ class AutoFormat(TeacherFormat):
         return any(f.detect(path) for f in formats().values())
 
     def pick(self, path: Path) -> TeacherFormat:
-        cls = detect_format(path)
+        cls = detect_format(path, self.key)
         accepted = _accepted_options(cls)
         unknown = [k for k in self.options if not any(k in _accepted_options(f) for f in formats().values())]
         if unknown:
@@ -219,11 +221,13 @@ def _accepted_options(cls: Type[TeacherFormat]) -> List[str]:
     return [p.name for p in params if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def teacher_format(section: Mapping[str, Any], key: str = "teacher") -> TeacherFormat:
+def teacher_format(section: Mapping[str, Any], key: str = "teacher", path_key: Optional[str] = None) -> TeacherFormat:
     """The format object a ``teacher`` config section names (``_component_``, default ``auto``)."""
     spec = {k: v for k, v in dict(section).items() if k not in RECIPE_KEYS}
     spec["_component_"] = section.get("_component_") or "auto"
     fmt = registry.build("teacher_loader", spec, key=key)
+    if isinstance(fmt, AutoFormat):
+        fmt.key = path_key or f"{key}.path"
     if not isinstance(fmt, TeacherFormat):
         raise TeacherError(f"{key}._component_={spec['_component_']!r} built a {type(fmt).__name__}, not a "
                            "TeacherFormat. Fix: subclass letrecipes.components.teachers.TeacherFormat and register it "

@@ -139,3 +139,8 @@ def test_bad_conversions_are_one_line_and_overwrite_nothing(run, tmp_path):
     assert result.returncode == 1 and "checkpoint format 99" in result.stderr and "Fix: upgrade" in result.stderr
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
     assert "Traceback" not in result.stderr
+
+    result = export(run, tmp_path / "out3")  # the run folder instead of one of its checkpoints
+    assert result.returncode == 1 and "is a run folder, not a checkpoint" in result.stderr
+    assert str(run / "checkpoints" / "step_00000003") in result.stderr and str(run / "final") in result.stderr
+    assert not (tmp_path / "out3").exists()
