@@ -59,6 +59,21 @@ class OutOfMemory(LetRecipesError):
     """The device (or the host) ran out of memory: what the cost model expected, and the fix."""
 
 
+def schedule_warnings(cfg: DictConfig, max_steps: int) -> List[str]:
+    """Settings that are valid but almost never meant: the run goes ahead, and says so."""
+    lines = []
+    warmup = (cfg.get("lr_scheduler") or {}).get("warmup_steps")
+    if warmup is not None and int(warmup) > max_steps:
+        lines.append(f"warning: lr_scheduler.warmup_steps={warmup} > max_steps={max_steps}: the learning rate rises for "
+                     f"the whole run and ends at {max_steps / int(warmup):.0%} of optimizer.lr. Fix: fewer warmup steps, "
+                     "if that is not meant.")
+    lr = (cfg.get("optimizer") or {}).get("lr")
+    if lr is not None and float(lr) == 0:
+        lines.append("warning: optimizer.lr=0: the weights never change. Fix: a learning rate > 0, if that is not "
+                     "meant.")
+    return lines
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     """CUDA's OutOfMemoryError, CPU tensors the allocator refused, or Python's MemoryError."""
     return isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
@@ -132,6 +147,8 @@ class PretrainRecipe:
                                         self._param_groups(float(cfg.optimizer.get("weight_decay", 0.0))))
         self.lr_scheduler = registry.build("lr_scheduler", cfg.lr_scheduler, "lr_scheduler", self.optimizer,
                                            total_steps=self.max_steps)
+        for line in schedule_warnings(cfg, self.max_steps):
+            self.log(line)
         self.divergence = DivergenceGuard(**(cfg.get("divergence") or {}))
         self.unresolved: List[Tuple] = []  # steps whose finiteness is still on the device
         self.timer = StepTimer(self.device)

@@ -172,3 +172,14 @@ def test_running_out_of_memory_mid_run_is_one_line_with_the_fix_and_keeps_the_ch
     assert "step_00000002" in message and "is intact" in message
     assert (run / "checkpoints" / "step_00000002").is_dir()
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_settings_that_are_valid_but_rarely_meant_are_said_once_at_the_start(base_overrides, tmp_path, capsys):
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=2", "lr_scheduler.warmup_steps=8",
+                 "optimizer.lr=0")
+    out = capsys.readouterr().out
+    assert "warning: lr_scheduler.warmup_steps=8 > max_steps=2: the learning rate rises for the whole run and ends " \
+           "at 25% of optimizer.lr." in out
+    assert "warning: optimizer.lr=0: the weights never change." in out
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=2")
+    assert "warning:" not in capsys.readouterr().out
