@@ -7,7 +7,10 @@ linear FLOPs (7.5% at 32 blocks) and the teacher's forward is 21.8% of its step'
 (3.7% at 32 blocks; docs/scale.md). The ``let7b_*`` arms train let_7b's shape itself,
 32 blocks x 4096 (7.5B parameters, about 116 GiB at world size 1: an H200 holds it, an
 H100 does not), in bf16, in float8, as LET with the compiled teacher, and in bf16 with let_7b's 4
-micro-batches per optimizer step. An arm whose
+micro-batches per optimizer step. Two more arms put the slice at micro-batch 8, with and
+without activation checkpointing, where the memory peak is the loss and the activations at
+the start of the backward (the cost model's other phase; every run so far peaked at the
+optimizer step). An arm whose
 estimated memory exceeds the device's is skipped with the two figures, not run into an
 out-of-memory error.
     device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants            # let_7b's depth
@@ -55,8 +58,14 @@ ARMS = {  # name: (blocks over the slice's, LET or not, overrides)
     # 7.5B parameters is otherwise a large share of every 4,096-token step
     "let7b_bf16_accumulate_4": (LET_7B_BLOCKS_OVER_SLICE, False,
                                 ["float8.enabled=false", FULL_AC, "gradient_accumulation_steps=4"]),
+    # the slice at micro-batch 8: the peak moves to the start of the backward (loss and
+    # activations, 55-61 GiB by the estimate), the phase no run has measured yet
+    "memory_micro_batch_8_full_ac": (1, False, ["float8.enabled=false", FULL_AC, "batch_size=8"]),
+    "memory_micro_batch_8_no_ac": (1, False, ["float8.enabled=false", "activation_checkpointing.mode=none",
+                                              "batch_size=8"]),
 }
-DEFAULT_ARMS = ["let7b_bf16", "let7b_float8", "let7b_let", "let7b_bf16_accumulate_4"]  # the slice's ran before
+DEFAULT_ARMS = ["let7b_bf16", "let7b_float8", "let7b_let", "let7b_bf16_accumulate_4",  # the slice's ran before
+                "memory_micro_batch_8_full_ac", "memory_micro_batch_8_no_ac"]
 LET_BASELINES = {"let_teacher_compile_false": "bf16_full_ac", "let_teacher_compile_true": "bf16_full_ac",
                  "let7b_let": "let7b_bf16"}
 MEMORY_MARGIN = 0.97  # of the device's memory: fragmentation and what the estimate leaves out
@@ -78,7 +87,7 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
     def setting(key, default):
         return next(o.split("=")[1] for o in [*extra, f"{key}={default}"] if o.startswith(f"{key}="))
 
-    estimate = memory_per_gpu(model_args, 1, size["micro_batch"], size["seq_len"],
+    estimate = memory_per_gpu(model_args, 1, int(setting("batch_size", size["micro_batch"])), size["seq_len"],
                               setting("activation_checkpointing.mode", "full"), teacher=teacher_args, fsdp=True,
                               gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)))
     if gpu:
@@ -116,6 +125,10 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
             "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
             "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024,
             "estimate": estimate.__dict__, "estimate_gib": estimate.total_gb - estimate.context_gb,
+            "estimate_phases_gib": {"forward_backward": estimate.forward_backward_gb,
+                                    "optimizer_step": estimate.optimizer_step_gb},
+            "peak_over_estimate": max(r["peak_memory_mb"] for r in records) / 1024 / (
+                estimate.total_gb - estimate.context_gb),
             "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records)}
 
 

@@ -31,7 +31,9 @@ def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, t
     assert gpu_variants.main([*data, "--work", str(tmp_path / "v"), "--out", str(tmp_path / "v.json")]) == 0
     variants = json.loads((tmp_path / "v.json").read_text())
     assert set(variants["arms"]) == set(gpu_variants.DEFAULT_ARMS) and not variants["errors"]
-    assert all(arm["blocks"] == 8 * 2 and arm["tokens_per_s"] > 0 for arm in variants["arms"].values())
+    assert all(arm["tokens_per_s"] > 0 and arm["peak_over_estimate"] > 0 for arm in variants["arms"].values())
+    assert {name: arm["blocks"] for name, arm in variants["arms"].items() if name.startswith("let7b")} == {
+        name: 8 * 2 for name in gpu_variants.DEFAULT_ARMS if name.startswith("let7b")}
     assert variants["arms"]["let7b_let"]["teacher_time_share"] > 0
     assert set(variants["let_over_baseline"]) == {"let7b_let"} and variants["let_over_baseline"]["let7b_let"] > 0
     for script in (gpu_variants, gpu_profile):  # a typo is refused before any work
