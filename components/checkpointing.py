@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.metrics import METRICS_FILE
-from letrecipes.components.parallel import on_rank0
+from letrecipes.components.parallel import on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
 
 STEP_PREFIX = "step_"
@@ -161,10 +161,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def saved_world_size(path: Union[str, Path]) -> Optional[int]:
     """How many processes wrote a step checkpoint (one trainer state per rank), or None."""
     try:
@@ -184,9 +180,9 @@ def _barrier() -> None:
 
 def _gathered(obj: Any) -> List[Any]:
     """``obj`` from every rank, in rank order."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return [obj]
-    out = [None] * _world_size()
+    out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
 
@@ -195,7 +191,7 @@ def _weights_finite(model: torch.nn.Module) -> bool:
     """Whether every parameter (every rank's shard) is finite: one pass, one collective."""
     flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters()]
     flag = torch.stack(flags).all().float() if flags else torch.ones(())
-    if _world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
 
@@ -333,10 +329,10 @@ class Checkpointer:
         return [path]
 
     def _check_world_size(self, path: Path) -> Path:
-        written_by, world_size = saved_world_size(path), _world_size()
-        if written_by is not None and written_by != world_size:
+        written_by, processes = saved_world_size(path), world_size()
+        if written_by is not None and written_by != processes:
             raise CheckpointError(
-                f"resume: {str(path)!r} was written by {written_by} process(es); this run has {world_size}. Fix: "
+                f"resume: {str(path)!r} was written by {written_by} process(es); this run has {processes}. Fix: "
                 f"launch with {written_by} (tune run --nproc_per_node {written_by} ...), or start over with "
                 "overwrite=true. Resuming on another world size is refused: the data order and the per-rank "
                 "RNG streams of a run depend on its number of processes.")
@@ -345,7 +341,7 @@ class Checkpointer:
     def verify(self, path: Union[str, Path]) -> List[str]:
         """What is wrong with a complete checkpoint (empty: it verifies). Each rank hashes a
         share of the files; every rank gets the same answer."""
-        return [p for share in _gathered(checkpoint_problems(path, _rank(), _world_size())) for p in share]
+        return [p for share in _gathered(checkpoint_problems(path, _rank(), world_size())) for p in share]
 
     def last_good(self) -> Optional[Path]:
         """The newest checkpoint that verifies and holds finite weights (a collective call)."""
@@ -447,7 +443,7 @@ class Checkpointer:
         # Each rank hashes the shards it wrote (still in its page cache); rank 0 the rest.
         hash_start = time.perf_counter()
         names = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != COMPLETE_MARKER)
-        owner = [int(m.group(1)) if (m := DCP_SHARD.match(n)) and int(m.group(1)) < _world_size() else 0
+        owner = [int(m.group(1)) if (m := DCP_SHARD.match(n)) and int(m.group(1)) < world_size() else 0
                  for n in names]
         mine = describe_files(tmp, [n for n, r in zip(names, owner) if r == _rank()])
         files = {name: meta for share in _gathered(mine) for name, meta in share.items()}

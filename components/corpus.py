@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,8 +104,6 @@ def _files(item: Path, key: str) -> List[Path]:
         raise DataError(f"{key}: folder {str(item)!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, "
                         ".parquet files or datasets folders.")
     if other:  # a folder of .csv files beside one .txt would otherwise train on the .txt alone, silently
-        import warnings
-
         kinds = ", ".join(f"{len(paths)} {suffix}" for suffix, paths in sorted(other.items()))
         first = min(p for paths in other.values() for p in paths)
         warnings.warn(f"{key}: {sum(map(len, other.values()))} file(s) in {str(item)!r} are not read ({kinds}; "
@@ -289,8 +288,6 @@ def _next_cut(text: str, start: int) -> Optional[int]:
 
 def read_documents(source, text_field: str = "text", key: str = "data.source") -> Iterator[str]:
     """Every document of a source, in order (for small corpora and tests)."""
-    import warnings
-
     for unit in list_units(source, key):
         messages: list = []
         yield from read_unit(unit, text_field, key, messages)

@@ -98,17 +98,16 @@ def memory_per_gpu(
     teacher_sharded: bool = False,
     fsdp: Optional[bool] = None,
     gradient_accumulation_steps: int = 1,
+    checkpoint_every: int = 2,
 ) -> MemoryEstimate:
     """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers."""
     n = total_params(student)
     tokens = micro_batch * seq_len
     full_block = 34 * tokens * student.embed_dim  # bytes, bf16, fused attention
-    if activation_checkpointing == "full":
-        acts = student.num_layers * 2 * tokens * student.embed_dim + full_block
-    elif activation_checkpointing == "selective":  # every other block kept
-        acts = student.num_layers / 2 * (full_block + 2 * tokens * student.embed_dim)
-    else:
-        acts = student.num_layers * full_block
+    checkpointed = recomputed_blocks(student.num_layers, activation_checkpointing, checkpoint_every)
+    # a checkpointed block keeps its input, and one of them is whole again while it is recomputed
+    acts = ((student.num_layers - checkpointed) * full_block + checkpointed * 2 * tokens * student.embed_dim
+            + (full_block if checkpointed else 0))
     loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
     gathered = root_buffer = 0.0
     sharded = world_size > 1 if fsdp is None else fsdp
@@ -126,24 +125,27 @@ def memory_per_gpu(
                           accumulating=gradient_accumulation_steps > 1)
 
 
+def recomputed_blocks(num_layers: int, activation_checkpointing: str = "none", every: int = 2) -> int:
+    """The blocks activation checkpointing wraps: all (``full``), every ``every``-th
+    (``selective``, blocks 0, every, 2 every, ...), or none."""
+    if activation_checkpointing == "full":
+        return num_layers
+    if activation_checkpointing == "selective":
+        return math.ceil(num_layers / max(1, every))
+    return 0
+
+
 def train_flops_per_token(args: ModelArgs, seq_len: int, activation_checkpointing: str = "none",
                           every: int = 2) -> float:
     """A training step's matmul FLOPs per token as the GPU runs them: forward and backward
-    (3x the forward), plus the forwards that activation checkpointing runs again: every
-    block (``full``) or every ``every``-th (``selective``); never the output head, which
-    sits outside the blocks. MFU is counted without the recompute (the model's FLOPs)."""
-    if activation_checkpointing == "full":
-        recomputed = args.num_layers
-    elif activation_checkpointing == "selective":
-        recomputed = math.ceil(args.num_layers / max(1, every))
-    else:
-        recomputed = 0
+    (3x the forward), plus one more forward of each checkpointed block
+    (:func:`recomputed_blocks`); never the output head, which sits outside the blocks. MFU
+    is counted without the recompute (the model's FLOPs)."""
+    recomputed = recomputed_blocks(args.num_layers, activation_checkpointing, every)
     return 3 * forward_flops_per_token(args, seq_len) + forward_flops_per_token(args, seq_len, recomputed, head=False)
 
 
 # ----------------------------------------------------------------- communication vs compute
-
-
 @dataclass
 class StepTime:
     communication_gb: float  # FSDP2 traffic per GPU per micro-batch

@@ -384,10 +384,11 @@ class PretrainRecipe:
         """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""
         from letrecipes.components.estimate import memory_per_gpu
 
-        checkpointing = (self.cfg.get("activation_checkpointing") or {}).get("mode", "none") or "none"
+        checkpointing = self.cfg.get("activation_checkpointing") or {}
         return memory_per_gpu(self.model_args, self.world_size, int(self.cfg.batch_size), int(self.cfg.data.seq_len),
-                              checkpointing, teacher_args, teacher_sharded=teacher_sharded, fsdp=self.fsdp,
-                              gradient_accumulation_steps=self.grad_accum)
+                              checkpointing.get("mode", "none") or "none", teacher_args, teacher_sharded=teacher_sharded,
+                              fsdp=self.fsdp, gradient_accumulation_steps=self.grad_accum,
+                              checkpoint_every=int(checkpointing.get("every", 2)))
 
     def out_of_memory(self, err: BaseException) -> OutOfMemory:
         """One line for a step that ran out of memory: where, how much the device has, what

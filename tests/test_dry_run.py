@@ -52,6 +52,21 @@ def test_a_step_counts_the_forwards_that_checkpointing_runs_again_and_never_the_
                                                        / (3 * forward + 32 * block))
 
 
+def test_activation_memory_follows_which_blocks_are_checkpointed():
+    from letrecipes.components.estimate import GIB, memory_per_gpu
+
+    args, tokens = _student_args(), 4 * 2048  # 32 blocks
+    whole, kept = 34 * tokens * args.embed_dim / GIB, 2 * tokens * args.embed_dim / GIB
+
+    def activations(mode, every=2):
+        return memory_per_gpu(args, 32, 4, 2048, mode, checkpoint_every=every).activations_gb
+
+    assert activations("none") == pytest.approx(32 * whole)
+    assert activations("full") == pytest.approx(32 * kept + whole)  # one block whole again while recomputed
+    assert activations("selective", 2) == pytest.approx(16 * whole + 16 * kept + whole)
+    assert activations("selective", 4) == pytest.approx(24 * whole + 8 * kept + whole)
+
+
 def _student_args():
     import torch
 
