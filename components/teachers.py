@@ -35,6 +35,7 @@ from torch import nn
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
+from letrecipes.components.parallel import on_rank0, world_size
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -257,8 +258,6 @@ def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.de
     is there for teachers too large to replicate.) A format that cannot describe its model
     without reading it is loaded whole by every rank, then sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    from letrecipes.components.parallel import on_rank0, world_size
 
     fmt = teacher_format(section, key)
     path = existing_path(section.get("path") or "", f"{key}.path")
