@@ -36,10 +36,10 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header  # noqa: E402
 from benchmarks.gpu_check import (PEAK_BF16_TFLOPS, SIZES, arm_in_process, common_overrides,  # noqa: E402
-                                  demo_data, model_overrides, report_saver, run)
+                                  demo_data, model_overrides, random_teacher, report_saver, run)
 from letrecipes import let_pretrain, pretrain  # noqa: E402
 from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
-from letrecipes.components.models import ModelArgs, llama_model  # noqa: E402
+from letrecipes.components.models import ModelArgs  # noqa: E402
 
 LET_7B_BLOCKS_OVER_SLICE = 8  # let_7b's 32 blocks over the slice's 4 (16 over 2 at the CPU sizes)
 FULL_AC = "activation_checkpointing.mode=full"
@@ -99,19 +99,8 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
               f"compile={str(size['compile']).lower()}", "export.enabled=false"]
     recipe, config = pretrain, "pretrain_7b"
     if let:
-        teacher_dir = work / "teacher"
-        if not (teacher_dir / "config.json").is_file():
-            from letrecipes.components.export import export_model
-
-            with torch.device(size["device"]):
-                teacher = llama_model(max_seq_len=size["seq_len"], **teacher_shape)
-            export_model(teacher, teacher.model_args, teacher_dir, tok, torch.bfloat16)
-            del teacher
-            if gpu:
-                torch.cuda.empty_cache()
         recipe, config = let_pretrain, "let_7b"
-        extra = [*extra, f"teacher.path={teacher_dir}", "tokenizer.source=path", "alignment.schedule.stop=1.0",
-                 f"teacher.dtype={'bf16' if gpu else 'fp32'}"]
+        extra = [*extra, *random_teacher(size, vocab, tok, work)]
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     records = run(recipe, config, work / name, [*common, *model_overrides(shape, vocab(shape)), *extra])
