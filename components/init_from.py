@@ -53,7 +53,8 @@ def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tok
     try:
         source = fmt.describe(resolved)
     except LetRecipesError as err:
-        raise InitFromError(f"{KEY}={path!r}: {err}") from err
+        message = str(err)  # the format's errors already begin with the key (path_key above)
+        raise InitFromError(message if message.startswith(f"{KEY}:") else f"{KEY}={path!r}: {message}") from err
     differences = shape_differences(source, model_args)
     if differences:
         raise InitFromError(f"{KEY}={path!r} has another shape than this run's model: {'; '.join(differences)}. "
