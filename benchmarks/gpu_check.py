@@ -125,6 +125,15 @@ def arm_in_process(script: str, name: str, work: Path, corpus: str, tokenizer: s
         print(f"[{name}] FAILED\n{report['errors'][name]}", flush=True)
 
 
+def step_figures(records: List[Dict]) -> Dict:
+    """An arm's figures from its measured steps' log records (warm-up left out): median
+    tokens/s, step time and teacher share, and the peak memory."""
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+            "step_s": statistics.median(r["step_time_s"] for r in records),
+            "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024,
+            "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records)}
+
+
 def run(recipe, config: str, out: Path, overrides: List[str]) -> List[Dict]:
     recipe.recipe_main(["--config", config, f"output_dir={out}", "overwrite=true", *overrides])
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r and "event" not in r]
@@ -163,11 +172,7 @@ def slice_arm(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, wo
         overrides += [*random_teacher(size, vocab, tok, work), f"teacher.compile={str(size['compile']).lower()}"]
     if size["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    records = run(recipe, config, work / name, overrides)[size["warmup"]:]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-            "step_s": statistics.median(r["step_time_s"] for r in records),
-            "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024,
-            "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records)}
+    return step_figures(run(recipe, config, work / name, overrides)[size["warmup"]:])
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -22,7 +21,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header  # noqa: E402
 from benchmarks.gpu_check import (SIZES, arm_in_process, common_overrides, demo_data, model_overrides,  # noqa: E402
-                                  report_saver, run)
+                                  report_saver, run, step_figures)
 from letrecipes import pretrain  # noqa: E402
 
 KINDS = [  # first match wins, on the lower-cased kernel name
@@ -130,9 +129,7 @@ def main(argv=None) -> int:
            *model_overrides(shape, vocab)]
     if args.arm:  # a child process: one arm, clean memory
         records = run(pretrain, "pretrain_7b", work / args.arm, [*cfg, *arms[args.arm]])[size["warmup"]:]
-        print("ARM " + json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-                                   "step_s": statistics.median(r["step_time_s"] for r in records),
-                                   "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024}), flush=True)
+        print("ARM " + json.dumps(step_figures(records)), flush=True)
         return 0
 
     report = {**header("gpu_profile.py", argv), "device_name": torch.cuda.get_device_name() if gpu else "cpu",

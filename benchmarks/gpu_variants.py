@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,8 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header  # noqa: E402
 from benchmarks.gpu_check import (PEAK_BF16_TFLOPS, SIZES, arm_in_process, common_overrides,  # noqa: E402
-                                  demo_data, model_overrides, random_teacher, report_saver, run)
+                                  demo_data, model_overrides, random_teacher, report_saver, run,
+                                  step_figures)
 from letrecipes import let_pretrain, pretrain  # noqa: E402
 from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
 from letrecipes.components.models import ModelArgs  # noqa: E402
@@ -78,12 +78,13 @@ def arm_shape(size: Dict, name: str) -> Dict:
 
 def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work: Path) -> Dict:
     """One arm, in this process: its figures, or why it was skipped."""
-    times, let, extra = ARMS[name]
+    _, let, extra = ARMS[name]
     shape = arm_shape(size, name)
     gpu = size["device"] == "cuda"
     model_args = ModelArgs(**{**shape, "vocab_size": vocab(shape), "max_seq_len": size["seq_len"]})
     teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(size["slice"]))}
     teacher_args = ModelArgs(**{**teacher_shape, "max_seq_len": size["seq_len"]}) if let else None
+
     def setting(key, default):
         return next(o.split("=")[1] for o in [*extra, f"{key}={default}"] if o.startswith(f"{key}="))
 
@@ -104,21 +105,16 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     records = run(recipe, config, work / name, [*common, *model_overrides(shape, vocab(shape)), *extra])
-    records = records[size["warmup"]:]
-    tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
+    figures = step_figures(records[size["warmup"]:])
     device_name = torch.cuda.get_device_name() if gpu else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
     flops = 3 * forward_flops_per_token(model_args, size["seq_len"])
-    return {"blocks": shape["num_layers"], "overrides": extra, "tokens_per_s": tokens_per_s,
-            "step_s": statistics.median(r["step_time_s"] for r in records),
-            "mfu": tokens_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
-            "peak_memory_gib": max(r["peak_memory_mb"] for r in records) / 1024,
+    return {"blocks": shape["num_layers"], "overrides": extra, **figures,
+            "mfu": figures["tokens_per_s"] * flops / (peak_tflops * 1e12) if peak_tflops else None,
             "estimate": estimate.__dict__, "estimate_gib": estimate.total_gb - estimate.context_gb,
             "estimate_phases_gib": {"forward_backward": estimate.forward_backward_gb,
                                     "optimizer_step": estimate.optimizer_step_gb},
-            "peak_over_estimate": max(r["peak_memory_mb"] for r in records) / 1024 / (
-                estimate.total_gb - estimate.context_gb),
-            "teacher_time_share": statistics.median(r.get("teacher_time_share", 0.0) for r in records)}
+            "peak_over_estimate": figures["peak_memory_gib"] / (estimate.total_gb - estimate.context_gb)}
 
 
 def main(argv=None) -> int:
