@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from letrecipes.components.alignment import masked_mean
-from letrecipes.components.layer_maps import PRESETS
+from letrecipes.components.layer_maps import layer_map_spec
 from letrecipes.components.registry import ComponentError, build
 
 
@@ -154,10 +154,7 @@ def build_aligner(
                                  "vocabulary, and this teacher reads another tokenizer. Fix: a hidden-state loss "
                                  "(negative_cosine, mse, ...), or a teacher with the student's tokenizer.")
         return LogitAligner(loss, schedule, vocab_size)
-    map_spec = cfg.get("layer_map", "L2E")
-    if isinstance(map_spec, str) and map_spec in PRESETS:  # `layer_map: L2E` is short for the preset
-        map_spec = {"_component_": "preset", "name": map_spec}
-    layer_map = build("layer_map", map_spec, key="alignment.layer_map")
+    layer_map = build("layer_map", layer_map_spec(cfg.get("layer_map", "L2E")), key="alignment.layer_map")
     pairs = layer_map.resolve(student_depth, teacher_depth)
     projectors = nn.ModuleList(
         build("projector", cfg.get("projector", "linear"), key="alignment.projector",

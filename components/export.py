@@ -211,6 +211,33 @@ def is_step_checkpoint(path: Union[str, Path]) -> bool:
     return path.is_dir() and (path.name.startswith(STEP_PREFIX) or (path / ".metadata").is_file())
 
 
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.yaml").is_file() and (
+        (path / "metrics.jsonl").exists() or (path / "run_info.json").exists())
+
+
+def run_folder_hint(path: Path, key: str, source: Optional[str] = None, wants_model: bool = False) -> Optional[str]:
+    """The error for a run folder (or, with ``wants_model``, a step checkpoint) given where a
+    model folder is read: the path a user meant is almost always inside it."""
+    source = source or str(path)
+    if is_run_folder(path):
+        steps = sorted((path / "checkpoints").glob("step_*"))
+        final = path / "final"
+        if wants_model:
+            exported = path / "exported"
+            fix = (f"{key}={final}, its exported model" if final.is_dir() else
+                   f"export a checkpoint first: letrecipes export {steps[-1]} {exported}, then {key}={exported}"
+                   if steps else "let the run finish (it exports final/) or point at another model")
+            return f"{key}: {source!r} is a training run's folder, not a model. Fix: {fix}."
+        return (f"{key}: {source!r} is a run folder, not a checkpoint. Fix: give one of its step checkpoints "
+                f"({steps[-1] if steps else f'{path}/checkpoints/step_N'})"
+                + (f", or use {final}, which is already a Hugging Face folder" if final.is_dir() else "") + ".")
+    if wants_model and is_step_checkpoint(path):
+        return (f"{key}: {source!r} is a training checkpoint (sharded DCP files), which is read only to resume. "
+                f"Fix: letrecipes export {path} {path}-hf, then {key}={path}-hf.")
+    return None
+
+
 def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
                    overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
     """Any model the teacher loaders read (a GGUF file, a pre-0.2 letrecipes export, a
@@ -240,12 +267,9 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
                           "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
     if is_step_checkpoint(path):
         return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key)
-    if path.is_dir() and (path / "config.yaml").is_file() and (path / "metrics.jsonl").exists():
-        steps = sorted((path / "checkpoints").glob("step_*"))
-        raise ExportError(f"{key}: {str(source)!r} is a run folder, not a checkpoint. Fix: give one of its step "
-                          f"checkpoints ({steps[-1] if steps else f'{path}/checkpoints/step_N'})"
-                          + (f", or use {path / 'final'}, which is already a Hugging Face folder"
-                             if (path / "final").is_dir() else "") + ".")
+    hint = run_folder_hint(path, key, source=str(source))
+    if hint:
+        raise ExportError(hint)
     return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb)
 
 

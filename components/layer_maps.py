@@ -14,7 +14,7 @@ The named presets ``L2E``, ``L2M``, ``L2L``, ``M2E``, ``M2M``, ``M2L`` read
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.registry import register
@@ -104,3 +104,27 @@ def explicit_map(pairs: Sequence[Sequence[Layer]], early: float = 0.25, middle: 
 
 
 register("layer_map", "layer_map")(LayerMap)
+
+
+def layer_map_spec(spec: Any, key: str = "alignment.layer_map") -> Any:
+    """The component spec that the short forms of ``alignment.layer_map`` stand for: a preset
+    name (``L2E``) and a list of pairs (``[[2, -1]]``); anything else is returned as it is."""
+    from omegaconf import ListConfig, OmegaConf
+
+    from letrecipes.components.registry import registered
+
+    if isinstance(spec, ListConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, str) and spec not in registered("layer_map") and "." not in spec:
+        if spec.upper() not in PRESETS:
+            raise LayerMapError(f"{key}={spec!r} is neither a preset ({', '.join(PRESETS)}) nor a layer_map "
+                                "component. Fix: a preset, pairs like [[2, -1]] (student block 2 <- the teacher's "
+                                "last layer), or your own component (docs/extending.md).")
+        return {"_component_": "preset", "name": spec.upper()}
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(pair, (list, tuple)) and len(pair) == 2 for pair in spec):
+            raise LayerMapError(f"{key}={spec!r}: a list of layer pairs holds [student_layer, teacher_layer] "
+                                "pairs. Fix: e.g. [[2, -1]] (student block 2 <- the teacher's last layer) or "
+                                "[[2, L], [4, L]].")
+        return {"_component_": "pairs", "pairs": [list(pair) for pair in spec]}
+    return spec

@@ -12,8 +12,14 @@ from letrecipes.components.registry import ComponentError, register
 
 @register("lr_scheduler", "warmup_cosine")
 def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
-    if warmup_steps < 0 or total_steps < 1:
-        raise ComponentError(f"lr_scheduler: warmup_steps={warmup_steps} and total_steps={total_steps} must be >= 0 and >= 1")
+    if warmup_steps < 0:
+        raise ComponentError(f"lr_scheduler.warmup_steps={warmup_steps} must be >= 0. Fix: 0 for no warmup, "
+                             "or the steps to ramp the rate up over (about 1% of max_steps is common).")
+    if total_steps < 1:
+        raise ComponentError(f"lr_scheduler: total_steps={total_steps} must be >= 1 (it follows max_steps).")
+    if not 0 <= min_lr_ratio <= 1:
+        raise ComponentError(f"lr_scheduler.min_lr_ratio={min_lr_ratio} must be in [0, 1]: the share of "
+                             "optimizer.lr the cosine ends at. Fix: 0.1 is usual.")
 
     def factor(step: int) -> float:
         if step < warmup_steps:

@@ -13,11 +13,13 @@ never waits for the host); they are read only when a record is written.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import json
 import math
 import os
 import resource
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ import torch
 
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import cut_at
+from letrecipes.components.registry import ComponentError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -178,15 +181,44 @@ class MetricLogger:
         self.loggers = []
 
 
+# Short names for torchtune's loggers: `metric_logger._component_: wandb` is what people type
+LOGGER_NAMES = {"disk": "DiskLogger", "stdout": "StdoutLogger", "wandb": "WandBLogger",
+                "tensorboard": "TensorBoardLogger", "comet": "CometLogger", "mlflow": "MLFlowLogger"}
+
+# What each of torchtune's loggers needs beyond its package (the usual reasons one fails to start)
+LOGGER_FIXES = {
+    "WandBLogger": "pip install wandb, then `wandb login` (or WANDB_API_KEY); or mode: offline, which needs neither",
+    "TensorBoardLogger": "pip install tensorboard", "CometLogger": "pip install comet_ml and set COMET_API_KEY",
+    "MLFlowLogger": "pip install mlflow",
+}
+
+
+def metric_logger_class(name: Any, key: str = "metric_logger") -> Any:
+    """The logger class a ``metric_logger`` entry names (a short name of ``LOGGER_NAMES`` or a
+    dotted path); one error naming ``key`` if it cannot be imported or is not a class."""
+    from torchtune.config._utils import _get_component_from_path
+
+    fix = (f"Fix: one of {', '.join(LOGGER_NAMES)} (torchtune's loggers), or your own class's dotted path "
+           "(torchtune.training.metric_logging.DiskLogger is the long form of disk).")
+    path = f"torchtune.training.metric_logging.{LOGGER_NAMES[name.lower()]}" \
+        if isinstance(name, str) and name.lower() in LOGGER_NAMES else name
+    try:
+        factory = _get_component_from_path(path)
+    except Exception as err:  # noqa: BLE001 - torchtune raises its own InstantiationError
+        raise ComponentError(f"config key {key}._component_={name!r} cannot be imported "
+                             f"({str(err).splitlines()[0]}). {fix}") from None
+    if not callable(factory):
+        raise ComponentError(f"config key {key}._component_={name!r} is a {type(factory).__name__}, "
+                             f"not a logger class. {fix}")
+    return factory
+
+
 def build_metric_loggers(spec: Any, legacy_wandb: Optional[Mapping[str, Any]], output_dir: str | Path,
                          log=print) -> List[Any]:
     """The torchtune metric loggers of a ``metric_logger`` config entry (a mapping with
-    ``_component_``, or a list of them), built the torchtune way (``config.instantiate``);
-    ``log_dir`` defaults to the run's folder. ``metrics.wandb`` (the older key) becomes a
+    ``_component_``, or a list of them; ``_component_`` is a short name of ``LOGGER_NAMES`` or a
+    dotted path); ``log_dir`` defaults to the run's folder. ``metrics.wandb`` (the older key) becomes a
     ``WandBLogger``, with a note saying what to write instead."""
-    from omegaconf import OmegaConf
-    from torchtune import config as tune_config
-
     specs = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
     wandb = dict(legacy_wandb or {})
     if wandb.pop("enabled", False):
@@ -197,10 +229,23 @@ def build_metric_loggers(spec: Any, legacy_wandb: Optional[Mapping[str, Any]], o
     loggers = []
     for entry in specs:
         entry = dict(entry)
-        factory = tune_config._utils._get_component_from_path(entry["_component_"])
+        factory = metric_logger_class(entry.pop("_component_"))
         if "log_dir" in inspect.signature(factory).parameters and "log_dir" not in entry and "dir" not in entry:
             entry["log_dir"] = str(output_dir)
-        loggers.append(tune_config.instantiate(OmegaConf.create(entry)))
+        # A logger that fails half-built dies with the exception, and the __del__ of some of
+        # torchtune's (TensorBoardLogger) then raises too: a second traceback under the error
+        previous, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+        try:
+            loggers.append(factory(**entry))
+            continue
+        except Exception as err:  # noqa: BLE001 - a logger's own setup (a package, a login) failing
+            problem = f"{type(err).__name__}: {str(err).splitlines()[0].rstrip('.') if str(err) else ''}"
+        finally:
+            gc.collect()
+            sys.unraisablehook = previous
+        raise ComponentError(f"metric_logger: {factory.__name__} could not start: {problem}. Fix: "
+                             + LOGGER_FIXES.get(factory.__name__, "see that logger's documentation")
+                             + ", or remove it from metric_logger (metrics.jsonl is always written).")
     return loggers
 
 

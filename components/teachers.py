@@ -178,6 +178,11 @@ def detect_format(path: Path, key: str = "teacher.path") -> Type[TeacherFormat]:
     if found:
         raise TeacherError(f"{key}: {str(path)!r} is recognised by several teacher formats "
                            f"({', '.join(names[c] for c in found)}). Fix: set teacher._component_ to the right one.")
+    from letrecipes.components.export import run_folder_hint
+
+    hint = run_folder_hint(path, key, wants_model=True)
+    if hint:
+        raise TeacherError(hint)
     known = "; ".join(f"{name}: {cls.looks_like or 'see its docstring'}" for name, cls in formats().items())
     raise TeacherError(f"{key}: no teacher format recognises {str(path)!r} (known: {known}). Fix: point it at one "
                        "of those, or register a format of your own (docs/extending.md).")

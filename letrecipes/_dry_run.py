@@ -66,7 +66,8 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         except LetRecipesError as err:
             raise DryRunError(f"dry_run: set model.vocab_size, or make the tokenizer readable here ({err})") from err
     with torch.device("meta"):
-        student = registry.build("model", cfg.model, "model", vocab_size=vocab_size, max_seq_len=seq_len)
+        student = registry.build("model", cfg.model, "model", vocab_size=vocab_size,
+                                 max_seq_len=max(seq_len, cfg.model.get("max_seq_len") or seq_len))
     args: ModelArgs = student.model_args
     world = int(cfg.get("dry_run_world_size") or os.environ.get("WORLD_SIZE", 1))
     micro_batch = int(cfg.batch_size)

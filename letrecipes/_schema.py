@@ -77,7 +77,9 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
              "reshard_after_forward": BOOL, "replicate_degree": _int(1)},
     "export": {"enabled": BOOL, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
                "max_shard_mb": _int(1)},
-    "alignment": {"layer_map": COMPONENT, "projector": COMPONENT, "loss": COMPONENT, "schedule": COMPONENT,
+    "alignment": {"layer_map": (COMPONENT[0] + ", or a list of [student, teacher] layer pairs",
+                                lambda v: COMPONENT[1](v) or (isinstance(v, list) and bool(v))),
+                  "projector": COMPONENT, "loss": COMPONENT, "schedule": COMPONENT,
                   "pooling": COMPONENT, "cross_tokenizer": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))},
     "float8": {"enabled": BOOL, "recipe": _choice("tensorwise", "rowwise"), "fsdp_float8_all_gather": BOOL,
                "emulate": BOOL},
@@ -87,6 +89,8 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
               "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
               "rank": _int(0)},
 }
+TEACHER = {"path": TEXT, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
+           "placement": _choice("replicated", "sharded"), "compile": BOOL, "shape": SECTION}
 REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model", "optimizer", "lr_scheduler")
 # The eval recipe's keys (recipes/configs/eval.yaml)
 EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
@@ -166,9 +170,8 @@ ALIGNMENT_COMPONENTS = {"layer_map": "layer_map", "projector": "projector", "los
 def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
     """Every component section against its component's arguments: the name resolves (a
     user's module from ``imports`` included) and every key is one it takes, of its kind."""
-    from torchtune.config._utils import _get_component_from_path
-
     from letrecipes.components import registry  # torch: only for a recipe, `cat` or `validate`
+    from letrecipes.components.metrics import metric_logger_class
 
     registry.import_modules(values.get("imports"))
     specs = [(kind, key, values[key]) for key, kind in COMPONENTS.items() if key in values]
@@ -176,11 +179,10 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         alignment = values.get("alignment") or {}
         for key, kind in ALIGNMENT_COMPONENTS.items():
             spec = alignment.get(key)
-            if kind == "layer_map" and isinstance(spec, str):
-                from letrecipes.components.layer_maps import PRESETS
+            if kind == "layer_map" and spec is not None:
+                from letrecipes.components.layer_maps import layer_map_spec
 
-                if spec in PRESETS:  # `layer_map: L2E` is short for the preset
-                    continue
+                spec = layer_map_spec(spec)  # the short forms: a preset name, a list of pairs
             if spec is not None:
                 specs.append((kind, f"alignment.{key}", spec))
     for kind, key, spec in specs:
@@ -194,6 +196,9 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         from letrecipes.components.teachers import RECIPE_KEYS, AutoFormat, _accepted_options, formats
 
         section = values["teacher"]  # the recipe's keys (path, dtype, ...) and its format's own options
+        for key, spec in TEACHER.items():
+            if section.get(key) is not None:
+                _check("teacher.", key, section[key], spec)
         name = section.get("_component_") or "auto"
         factory = registry.resolve("teacher_loader", name, key="teacher._component_")
         taken = set(_accepted_options(factory) if isinstance(factory, type) else inspect.signature(factory).parameters)
@@ -208,13 +213,7 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
     loggers = values.get("metric_logger") or []
     for i, entry in enumerate(loggers if isinstance(loggers, list) else [loggers]):
         key = f"metric_logger[{i}]" if isinstance(loggers, list) else "metric_logger"
-        try:
-            factory = _get_component_from_path(entry["_component_"])
-        except Exception as err:  # noqa: BLE001 - torchtune raises its own InstantiationError
-            raise ConfigValueError(f"config key {key}._component_={entry['_component_']!r} cannot be imported "
-                                   f"({str(err).splitlines()[0]}). Fix: a logger such as "
-                                   "torchtune.training.metric_logging.DiskLogger, or your own class's dotted path."
-                                   ) from None
+        factory = metric_logger_class(entry["_component_"], key)
         registry.check_arguments(factory, {k: v for k, v in entry.items() if k != "_component_"}, key,
                                  entry["_component_"])
     wandb = (values.get("metrics") or {}).get("wandb") or {}

@@ -201,9 +201,16 @@ class PretrainRecipe:
         cfg = self.cfg
         # Sharded runs build on the meta device and initialise after sharding: no rank ever
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
+        # model.max_seq_len (the positions the exported model claims) may exceed the training
+        # length, never fall short of it
+        max_seq_len = cfg.model.get("max_seq_len") or cfg.data.seq_len
+        if max_seq_len < cfg.data.seq_len:
+            raise RecipeError(f"model.max_seq_len={max_seq_len} is shorter than data.seq_len={cfg.data.seq_len}, "
+                              "the length the model trains on. Fix: remove model.max_seq_len (it then follows "
+                              "data.seq_len) or raise it.")
         with torch.device("meta") if self.fsdp else nullcontext():
             self.model = registry.build(
-                "model", cfg.model, "model", max_seq_len=cfg.data.seq_len,
+                "model", cfg.model, "model", max_seq_len=max_seq_len,
                 vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size),
             )
         if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:

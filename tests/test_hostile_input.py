@@ -2,7 +2,9 @@
 gets one clear error (or a documented, logged recovery) before training, with no
 traceback as the only message and nothing previously written changed."""
 
+import gc
 import hashlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -183,3 +185,79 @@ def test_settings_that_are_valid_but_rarely_meant_are_said_once_at_the_start(bas
     assert "warning: optimizer.lr=0: the weights never change." in out
     run_pretrain(*base_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=2")
     assert "warning:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, match", [
+    ("teacher.compile=maybe", "config key teacher.compile='maybe' must be true or false"),
+    ("teacher.placement=everywhere", "config key teacher.placement='everywhere' must be one of replicated, sharded"),
+    ("teacher.dtype=int8", "config key teacher.dtype='int8' must be one of bf16"),
+    ("alignment.layer_map=E2Z", "alignment.layer_map='E2Z' is neither a preset (L2E, L2M"),
+    ("alignment.layer_map=[3]", "alignment.layer_map=[3]: a list of layer pairs holds [student_layer, teacher_layer]"),
+    ("lr_scheduler.warmup_steps=-1", "lr_scheduler.warmup_steps=-1 must be >= 0. Fix: 0 for no warmup"),
+    ("lr_scheduler.min_lr_ratio=2", "lr_scheduler.min_lr_ratio=2 must be in [0, 1]"),
+    ("model.max_seq_len=16", "model.max_seq_len=16 is shorter than data.seq_len=32, the length the model trains on"),
+    ("metric_logger._component_=torch", "config key metric_logger._component_='torch' is a module, not a logger class"),
+], ids=["teacher-compile", "teacher-placement", "teacher-dtype", "unknown-preset", "pair-not-a-pair",
+        "negative-warmup", "min-lr-ratio", "max-seq-len-short", "logger-not-a-class"])
+def test_settings_the_recipe_used_to_accept_or_trace_back_on(let_overrides, tmp_path, override, match):
+    """Before: teacher.compile='maybe' compiled (any string is true), model.max_seq_len=16 was
+    silently replaced by data.seq_len, a module as metric logger was a TypeError traceback."""
+    out = tmp_path / "run"
+    expect_setup_error(run_let, *let_overrides, f"output_dir={out}", "max_steps=2", override, match=match)
+
+
+def test_a_run_folder_or_a_step_checkpoint_where_a_model_is_read_names_the_model_inside(let_overrides, teacher_dir,
+                                                                                          tmp_path):
+    run_folder = teacher_dir.parent
+    expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'a'}", f"teacher.path={run_folder}",
+                       match=f"teacher.path: '{run_folder}' is a training run's folder, not a model. "
+                             f"Fix: teacher.path={teacher_dir}, its exported model.")
+    unfinished = tmp_path / "unfinished"
+    run_pretrain(*let_overrides[:-2], f"output_dir={unfinished}", "max_steps=2", "save_every=1", "export.enabled=false")
+    step = unfinished / "checkpoints" / "step_00000002"
+    assert step.is_dir() and not (unfinished / "final").exists()
+    expect_setup_error(run_pretrain, *let_overrides[:-2], f"output_dir={tmp_path / 'b'}", f"init_from={unfinished}",
+                       match=f"init_from: '{unfinished}' is a training run's folder, not a model. Fix: export a "
+                             f"checkpoint first: letrecipes export {step} {unfinished}/exported, then "
+                             f"init_from={unfinished}/exported.")
+    expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'c'}", f"teacher.path={step}",
+                       match=f"teacher.path: '{step}' is a training checkpoint (sharded DCP files), which is read "
+                             f"only to resume. Fix: letrecipes export {step} {step}-hf, then teacher.path={step}-hf.")
+
+
+def test_layer_pairs_may_be_given_as_a_plain_list():
+    from letrecipes.components.layer_maps import LayerMapError, layer_map_spec
+
+    assert layer_map_spec([[2, -1], [3, "L"]]) == {"_component_": "pairs", "pairs": [[2, -1], [3, "L"]]}
+    assert layer_map_spec("m2e") == {"_component_": "preset", "name": "M2E"}
+    assert layer_map_spec({"_component_": "pairs", "pairs": [[1, 1]]}) == {"_component_": "pairs", "pairs": [[1, 1]]}
+    with pytest.raises(LayerMapError, match="is neither a preset"):
+        layer_map_spec("E2Z")
+
+
+def test_metric_loggers_have_short_names_and_one_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    from torchtune.training.metric_logging import DiskLogger, WandBLogger
+
+    from letrecipes.components.metrics import build_metric_loggers, metric_logger_class
+    from letrecipes.components.registry import ComponentError
+
+    assert metric_logger_class("wandb") is WandBLogger and metric_logger_class("Disk") is DiskLogger
+    (logger,) = build_metric_loggers({"_component_": "disk"}, None, tmp_path)
+    assert isinstance(logger, DiskLogger)
+    logger.close()
+    # Like torchtune's TensorBoardLogger without its package: __init__ fails, then __del__ does too
+    (tmp_path / "half_built_logger.py").write_text(
+        "class HalfBuilt:\n"
+        "    def __init__(self, log_dir):\n"
+        "        raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n"
+        "    def __del__(self):\n"
+        "        self._writer.close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    printed_after = []  # what Python would print as "Exception ignored in ..." under the error
+    monkeypatch.setattr(sys, "unraisablehook", printed_after.append)
+    with pytest.raises(ComponentError) as err:
+        build_metric_loggers({"_component_": "half_built_logger.HalfBuilt"}, None, tmp_path)
+    assert str(err.value).startswith("metric_logger: HalfBuilt could not start: ModuleNotFoundError: No module named "
+                                     "'tensorboard'. Fix: see that logger's documentation, or remove it")
+    gc.collect()
+    assert printed_after == []
