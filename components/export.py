@@ -187,10 +187,26 @@ def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterat
         yield key[len(prefix):], tensor
 
 
-def check_destination(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+def check_destination(out_dir: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+    """Refuse, before any work, an export folder whose replacement would lose something: a
+    file, the model being read, or (even with ``overwrite``) a folder that is not an earlier
+    export: ``export step_N . --overwrite`` must never delete the working directory."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"export: {out_dir} is a file, not a folder. Fix: give a folder path (the export writes "
+                          "config.json, the safetensors and the tokenizer into it).")
+    if source is not None and out_dir.resolve() in (source.resolve(), *source.resolve().parents):
+        raise ExportError(f"export: {out_dir} holds the model being exported ({source}). Fix: write the export to "
+                          "another folder.")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise ExportError(f"export: {out_dir} exists and is not empty. Fix: choose another folder, or pass "
                           "--overwrite to replace it.")
+    if not is_hf_folder(out_dir):
+        sample = sorted(p.name for p in out_dir.iterdir())
+        raise ExportError(f"export: {out_dir} holds files that are not a model export ({', '.join(sample[:3])}"
+                          f"{', ...' if len(sample) > 3 else ''}); --overwrite replaces only a folder an earlier "
+                          "export wrote. Fix: choose another folder, or empty that one yourself.")
 
 
 def is_hf_folder(path: Union[str, Path]) -> bool:
@@ -246,7 +262,7 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     from letrecipes.components.teachers import load_teacher
 
     out_dir = Path(out_dir)
-    check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite, Path(source))
     name = next(k for k, v in DTYPES.items() if v == dtype)
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
                            key="checkpoint")
@@ -287,7 +303,7 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
 
     from letrecipes.components import registry
     from letrecipes.components.checkpointing import check_format, checkpoint_problems, is_complete
-    from letrecipes.components.models import padded_vocab_size
+    from letrecipes.components.models import model_max_seq_len, padded_vocab_size
     from letrecipes.components.tokenizer import load_tokenizer
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -304,10 +320,11 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
     if problems:
         raise ExportError(f"{key}: {checkpoint} is damaged: {'; '.join(problems[:3])}. Fix: export an older "
                           "checkpoint of the run (its checkpoints/ folder), one that verifies.")
-    check_destination(out_dir, overwrite)
+    check_destination(out_dir, overwrite, checkpoint)
     cfg = OmegaConf.load(run_config)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
     with torch.device("meta"):
-        model = registry.build("model", cfg.model, "model", max_seq_len=cfg.data.seq_len,
+        model = registry.build("model", cfg.model, "model",
+                               max_seq_len=model_max_seq_len(cfg.model, int(cfg.data.seq_len)),
                                vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(tokenizer.vocab_size))
     return write_hf_folder(checkpoint_tensors(checkpoint), model.model_args, out_dir, tokenizer, dtype, max_shard_mb)

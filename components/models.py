@@ -297,6 +297,17 @@ def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
 
 
+def model_max_seq_len(model_cfg, seq_len: int) -> int:
+    """The positions a run's model holds: ``model.max_seq_len`` when set (it may exceed the
+    training length: the export's ``max_position_embeddings``), else ``data.seq_len``."""
+    max_seq_len = int(model_cfg.get("max_seq_len") or seq_len)
+    if max_seq_len < seq_len:
+        raise ComponentError(f"model.max_seq_len={max_seq_len} is shorter than data.seq_len={seq_len}, the length "
+                             "the model trains on. Fix: remove model.max_seq_len (it then follows data.seq_len) or "
+                             "raise it.")
+    return max_seq_len
+
+
 def padded_vocab_size(tokenizer_size: int, multiple: int = 64) -> int:
     """The embedding rows for a tokenizer: rounded up so the output matmul tiles well on GPUs."""
     return multiple * math.ceil(tokenizer_size / multiple)

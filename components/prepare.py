@@ -190,14 +190,35 @@ def _plan(units: List[Unit], tokenizer: Tokenizer, text_field: str, dtype: np.dt
     return json.loads(json.dumps(plan))  # as it reads back from plan.json (tuples become lists)
 
 
+def check_output_folder(out_dir: Path, units: List[Unit], out_key: str) -> None:
+    """Refuse, before any tokenizing, an output folder that would mix shards with other files
+    or replace the corpus itself. A folder an earlier prepare started is taken back up."""
+    earlier_prepare = out_dir.is_dir() and ((out_dir / MANIFEST).exists() or (out_dir / PLAN).exists())
+    if not earlier_prepare:
+        resolved = out_dir.resolve()
+        inside = [p for u in units for p in u.paths if resolved in (Path(p).resolve(), *Path(p).resolve().parents)]
+        if inside:
+            raise DataError(f"{out_key}: {out_dir} holds the corpus being prepared ({inside[0]}). Fix: write the "
+                            "shards to a folder outside data.source.")
+        if out_dir.is_dir() and any(out_dir.iterdir()):
+            names = sorted(p.name for p in out_dir.iterdir())
+            raise DataError(f"{out_key}: {out_dir} is not empty and is not a prepared folder ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}). Fix: choose a new or empty folder.")
+    check_writable_folder(out_dir, out_key)
+
+
 def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "text", workers: int = 1,
-                   key: str = "data.source", log: Callable[[str], None] = print, progress_every_s: float = 10.0) -> dict:
+                   key: str = "data.source", log: Callable[[str], None] = print, progress_every_s: float = 10.0,
+                   out_key: str = "prepare") -> dict:
     """Prepare ``source`` into ``out_dir``; return the manifest. Resumable and deterministic."""
     out_dir = Path(out_dir)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
+                        f"(this machine has {os.cpu_count()} cores).")
     units = list_units(source, key)
     dtype = token_dtype(tokenizer.vocab_size)
     plan = _plan(units, tokenizer, text_field, dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir, units, out_key)
     if is_prepared(out_dir):
         manifest = json.loads((out_dir / MANIFEST).read_text())
         damaged = [i for i in range(len(units)) if not _shard_done(out_dir, i, dtype.itemsize)]
@@ -307,7 +328,8 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
             check_writable_folder(cache_dir, "data.cache_dir")
             with environment_errors("data.cache_dir", f"preparing {source} into {folder}",
                                     "Finished shards are kept and reused."):
-                prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log)
+                prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
+                               out_key="data.cache_dir")
         return folder
     if is_prepared(folder):
         return folder

@@ -19,7 +19,7 @@ from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.estimate import (forward_flops_per_token, memory_per_gpu, micro_batch_time, total_params,
                                            train_flops_per_token)
-from letrecipes.components.models import ModelArgs, count_parameters, padded_vocab_size
+from letrecipes.components.models import ModelArgs, count_parameters, model_max_seq_len, padded_vocab_size
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
 
@@ -67,7 +67,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             raise DryRunError(f"dry_run: set model.vocab_size, or make the tokenizer readable here ({err})") from err
     with torch.device("meta"):
         student = registry.build("model", cfg.model, "model", vocab_size=vocab_size,
-                                 max_seq_len=max(seq_len, cfg.model.get("max_seq_len") or seq_len))
+                                 max_seq_len=model_max_seq_len(cfg.model, seq_len))
     args: ModelArgs = student.model_args
     world = int(cfg.get("dry_run_world_size") or os.environ.get("WORLD_SIZE", 1))
     micro_batch = int(cfg.batch_size)

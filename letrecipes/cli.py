@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from letrecipes._config import RECIPES, ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
+from letrecipes.components.files import describe
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
 
 
@@ -40,7 +41,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
         cfg = load_config(config, overrides)
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         manifest = prepare_corpus(cfg.data.source, tokenizer, out, text_field=cfg.data.get("text_field", "text"),
-                                  workers=workers)
+                                  workers=workers, out_key="--out")
     print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {out}; "
           f"train on it with data.source={out}")
     return 0
@@ -115,8 +116,18 @@ def main(argv=None) -> int:
                 destination = destination / source.name
             if destination.exists():
                 sys.exit(f"error: {destination} exists; not overwriting it. Fix: choose another destination.")
-            shutil.copyfile(source, destination)
+            if not destination.parent.is_dir():
+                sys.exit(f"error: cp: the folder {destination.parent} does not exist. Fix: create it first "
+                         f"(mkdir -p {destination.parent}) or copy into an existing folder.")
+            try:
+                shutil.copyfile(source, destination)
+            except OSError as err:
+                sys.exit(f"error: cp: cannot write {destination}: {describe(err)}. Fix: copy into a folder you can "
+                         "write to.")
             print(f"copied {source} -> {destination}")
+            if source.suffix == ".py":
+                print(f"run it from {destination.parent}: tune run {destination.name[:-3]} --config let_tiny "
+                      "(tune run takes a recipe file by a path relative to the working folder)")
     except ConfigError as err:
         sys.exit(f"error: {err}")
     return 0

@@ -40,7 +40,8 @@ from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.init_from import load_initial_weights
 from letrecipes.components.metrics import (MetricLogger, ProgressClock, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
-from letrecipes.components.models import ModelArgs, count_parameters, forward_with_hidden, nll_loss, padded_vocab_size
+from letrecipes.components.models import (ModelArgs, count_parameters, forward_with_hidden, model_max_seq_len, nll_loss,
+                                          padded_vocab_size)
 from letrecipes.components.tokenizer import load_tokenizer
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
@@ -201,13 +202,7 @@ class PretrainRecipe:
         cfg = self.cfg
         # Sharded runs build on the meta device and initialise after sharding: no rank ever
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
-        # model.max_seq_len (the positions the exported model claims) may exceed the training
-        # length, never fall short of it
-        max_seq_len = cfg.model.get("max_seq_len") or cfg.data.seq_len
-        if max_seq_len < cfg.data.seq_len:
-            raise RecipeError(f"model.max_seq_len={max_seq_len} is shorter than data.seq_len={cfg.data.seq_len}, "
-                              "the length the model trains on. Fix: remove model.max_seq_len (it then follows "
-                              "data.seq_len) or raise it.")
+        max_seq_len = model_max_seq_len(cfg.model, int(cfg.data.seq_len))
         with torch.device("meta") if self.fsdp else nullcontext():
             self.model = registry.build(
                 "model", cfg.model, "model", max_seq_len=max_seq_len,

@@ -261,3 +261,42 @@ def test_metric_loggers_have_short_names_and_one_that_cannot_start_is_one_line(t
                                      "'tensorboard'. Fix: see that logger's documentation, or remove it")
     gc.collect()
     assert printed_after == []
+
+
+def test_output_paths_that_would_lose_or_mix_files_are_refused_before_any_work(base_overrides, teacher_dir,
+                                                                               corpus_dir, tmp_path):
+    """Before: `export step_N . --overwrite` deleted the working folder; prepare-data wrote its
+    shards among whatever the --out folder held; a file as --out, or cp into a missing folder,
+    was a traceback."""
+    from letrecipes.cli import main
+
+    def refused(argv, match):
+        with pytest.raises(SystemExit, match=match):
+            main(argv)
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    before = digest(teacher_dir)
+    refused(["export", str(teacher_dir), str(kept), "--overwrite"],
+            r"holds files that are not a model export \(notes.txt\); --overwrite replaces only a folder")
+    refused(["export", str(teacher_dir), str(teacher_dir.parent), "--overwrite"],
+            r"holds the model being exported .* Fix: write the export to another folder")
+    refused(["export", str(teacher_dir), str(a_file)], r"is a file, not a folder")
+    assert (kept / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    assert digest(teacher_dir) == before
+    # An earlier export is what --overwrite replaces
+    assert main(["export", str(teacher_dir), str(tmp_path / "hf")]) == 0
+    assert main(["export", str(teacher_dir), str(tmp_path / "hf"), "--overwrite"]) == 0
+
+    prepare = ["prepare-data", "--config", "pretrain_tiny", *base_overrides[:2]]
+    refused([*prepare, "--out", str(kept)], r"--out: .*kept is not empty and is not a prepared folder \(notes.txt\)")
+    refused([*prepare, "--out", str(corpus_dir)], r"--out: .* holds the corpus being prepared")
+    refused([*prepare, "--out", str(a_file)], r"--out=.* is a file, not a folder")
+    refused([*prepare, "--out", str(tmp_path / "shards"), "--workers", "0"], r"workers=0 .* Fix: give 1 or more")
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"] and not (tmp_path / "shards").exists()
+
+    refused(["cp", "let_tiny", str(tmp_path / "missing" / "my.yaml")],
+            r"cp: the folder .*missing does not exist. Fix: create it first")
