@@ -6,11 +6,13 @@ The 4-block slice cannot show what the targets are about: its output head is 39%
 linear FLOPs (7.5% at 32 blocks) and the teacher's forward is 21.8% of its step's FLOPs
 (3.7% at 32 blocks; docs/scale.md). The ``let7b_*`` arms train let_7b's shape itself,
 32 blocks x 4096 (7.5B parameters, about 116 GiB at world size 1: an H200 holds it, an
-H100 does not), in bf16, in float8, as LET with the compiled teacher, and in bf16 with let_7b's 4
-micro-batches per optimizer step. Two more arms put the slice at micro-batch 8, with and
-without activation checkpointing, where the memory peak is the loss and the activations at
-the start of the backward (the cost model's other phase; every run so far peaked at the
-optimizer step). An arm whose
+H100 does not), in bf16, in float8, as LET with the compiled teacher, and in bf16 with let_7b's 2
+micro-batches per optimizer step. Three more arms put the slice at micro-batch 8, with and
+without activation checkpointing, and without the chunked loss (``loss_chunk_tokens=0``:
+the whole micro-batch's logits at once, what the chunks save), where the memory peak is the
+loss and the activations at the start of the backward (the cost model's other phase; every
+run so far peaked at the optimizer step). Every other arm runs the configs' chunked loss
+(``loss_chunk_tokens``, components/loss.py). An arm whose
 estimated memory exceeds the device's is skipped with the two figures, not run into an
 out-of-memory error.
     device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants            # let_7b's depth
@@ -54,18 +56,20 @@ ARMS = {  # name: (blocks over the slice's, LET or not, overrides)
     "let7b_bf16": (LET_7B_BLOCKS_OVER_SLICE, False, ["float8.enabled=false", FULL_AC]),
     "let7b_float8": (LET_7B_BLOCKS_OVER_SLICE, False, ["float8.enabled=true", FULL_AC]),
     "let7b_let": (LET_7B_BLOCKS_OVER_SLICE, True, ["float8.enabled=false", FULL_AC, "teacher.compile=true"]),
-    # let_7b steps its optimizer every 4 micro-batches: at world size 1 the optimizer over all
+    # let_7b steps its optimizer every 2 micro-batches: at world size 1 the optimizer over all
     # 7.5B parameters is otherwise a large share of every 4,096-token step
-    "let7b_bf16_accumulate_4": (LET_7B_BLOCKS_OVER_SLICE, False,
-                                ["float8.enabled=false", FULL_AC, "gradient_accumulation_steps=4"]),
+    "let7b_bf16_accumulate_2": (LET_7B_BLOCKS_OVER_SLICE, False,
+                                ["float8.enabled=false", FULL_AC, "gradient_accumulation_steps=2"]),
     # the slice at micro-batch 8: the peak moves to the start of the backward (loss and
     # activations, 55-61 GiB by the estimate), the phase no run has measured yet
     "memory_micro_batch_8_full_ac": (1, False, ["float8.enabled=false", FULL_AC, "batch_size=8"]),
     "memory_micro_batch_8_no_ac": (1, False, ["float8.enabled=false", "activation_checkpointing.mode=none",
                                               "batch_size=8"]),
+    "memory_micro_batch_8_full_ac_plain_loss": (1, False, ["float8.enabled=false", FULL_AC, "batch_size=8",
+                                                           "loss_chunk_tokens=0"]),
 }
-DEFAULT_ARMS = ["let7b_bf16", "let7b_float8", "let7b_let", "let7b_bf16_accumulate_4",  # the slice's ran before
-                "memory_micro_batch_8_full_ac", "memory_micro_batch_8_no_ac"]
+DEFAULT_ARMS = ["let7b_bf16", "let7b_float8", "let7b_let", "let7b_bf16_accumulate_2",  # the slice's ran before
+                "memory_micro_batch_8_full_ac", "memory_micro_batch_8_no_ac", "memory_micro_batch_8_full_ac_plain_loss"]
 LET_BASELINES = {"let_teacher_compile_false": "bf16_full_ac", "let_teacher_compile_true": "bf16_full_ac",
                  "let7b_let": "let7b_bf16"}
 MEMORY_MARGIN = 0.97  # of the device's memory: fragmentation and what the estimate leaves out
@@ -90,7 +94,8 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
 
     estimate = memory_per_gpu(model_args, 1, int(setting("batch_size", size["micro_batch"])), size["seq_len"],
                               setting("activation_checkpointing.mode", "full"), teacher=teacher_args, fsdp=True,
-                              gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)))
+                              gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)),
+                              loss_chunk_tokens=int(setting("loss_chunk_tokens", size["loss_chunk_tokens"])))
     if gpu:
         device_gib = torch.cuda.mem_get_info()[1] / 2**30
         if estimate.total_gb > MEMORY_MARGIN * device_gib:

@@ -63,7 +63,7 @@ class MemoryEstimate:
     weights_and_moments_gb: float  # fp32 parameters and both AdamW moments, sharded: always resident
     gradients_gb: float  # fp32 gradients, sharded: from the backward to the optimizer step
     activations_gb: float  # saved for backward (bf16), after activation checkpointing
-    loss_gb: float  # the loss peak: bf16 logits, their fp32 copy, log-softmax and its gradient
+    loss_gb: float  # the loss peak: bf16 logits, their fp32 copy, log-softmax and its gradient (or one chunk's)
     gathered_gb: float  # FSDP2 units gathered in bf16 (the root, the running and prefetched block), block grads
     root_gradient_buffer_gb: float  # the root unit's whole fp32 gradient, still held by FSDP2 at the optimizer step
     teacher_gb: float
@@ -99,6 +99,7 @@ def memory_per_gpu(
     fsdp: Optional[bool] = None,
     gradient_accumulation_steps: int = 1,
     checkpoint_every: int = 2,
+    loss_chunk_tokens: int = 0,
 ) -> MemoryEstimate:
     """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers."""
     n = total_params(student)
@@ -108,7 +109,12 @@ def memory_per_gpu(
     # a checkpointed block keeps its input, and one of them is whole again while it is recomputed
     acts = ((student.num_layers - checkpointed) * full_block + checkpointed * 2 * tokens * student.embed_dim
             + (full_block if checkpointed else 0))
-    loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
+    if loss_chunk_tokens > 0:  # components/loss.py: one chunk's logits (bf16, fp32) and their bf16 gradient;
+        # the output weight's gradient, accumulated in fp32 and kept in bf16; the hidden states' gradient
+        vocab, dim = student.vocab_size, student.embed_dim
+        loss = (2 + 4 + 2) * min(loss_chunk_tokens, tokens) * vocab + (4 + 2) * vocab * dim + 2 * tokens * dim
+    else:
+        loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
     gathered = root_buffer = 0.0
     sharded = world_size > 1 if fsdp is None else fsdp
     if sharded:

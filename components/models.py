@@ -292,6 +292,36 @@ def forward_with_hidden(
     return hidden, None
 
 
+def forward_with_loss(
+    model: TransformerDecoder,
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    layers: Iterable[int] = (),
+    chunk_tokens: int = 0,
+) -> Tuple[Dict[int, torch.Tensor], torch.Tensor]:
+    """(hidden states at ``layers``, mean NLL of ``labels``). With ``chunk_tokens`` > 0 the
+    output layer and the loss run that many tokens at a time (components/loss.py) and the
+    micro-batch's logits never exist whole.
+
+    The loss replaces the model's ``unembed`` for the call, so it runs inside the model's own
+    forward: FSDP2's root unit holds the output weight gathered there, exactly as when the
+    logits come out of it.
+    """
+    if chunk_tokens <= 0:
+        hidden, logits = forward_with_hidden(model, tokens, layers)
+        return hidden, nll_loss(logits, labels)
+    from letrecipes.components.loss import linear_cross_entropy, output_weight
+
+    def unembed(h: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(model.norm(h), output_weight(model), labels, chunk_tokens)
+
+    model.unembed = unembed
+    try:
+        return forward_with_hidden(model, tokens, layers)
+    finally:
+        del model.unembed
+
+
 def nll_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32; label -100 is ignored."""
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)

@@ -31,7 +31,7 @@ CHANGEABLE = (
     "metrics.*", "metric_logger*", "divergence.*", "progress_bar", "debug.*", "export.*", "dry_run*",
     "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "imports",
     "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers",
-    "compile", "deterministic", "activation_checkpointing.*", "teacher.compile",
+    "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
 )
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")

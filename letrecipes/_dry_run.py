@@ -108,7 +108,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
     memory = memory_per_gpu(args, world, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
                             gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
-                            checkpoint_every=every)
+                            checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0))
     report["memory_per_gpu_gb"] = {
         "weights_and_adamw_moments": memory.weights_and_moments_gb, "gradients": memory.gradients_gb,
         "activations": memory.activations_gb, "loss": memory.loss_gb, "gathered_fsdp_units": memory.gathered_gb,

@@ -27,7 +27,7 @@ from letrecipes.components import parallel
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
-from letrecipes.components.models import forward_with_hidden, nll_loss
+from letrecipes.components.models import forward_with_hidden, forward_with_loss, nll_loss
 from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable, spread_indices
 from letrecipes.components.teachers import (TeacherError, existing_path, load_teacher, load_teacher_sharded,
                                             teacher_format, tokenizer_file)
@@ -186,8 +186,13 @@ class LETPretrainRecipe(PretrainRecipe):
             targets, mask = self.teacher_targets(tokens), None
         else:  # cross-tokenizer: the teacher read its own tokens of the same text
             targets, mask = self.aligner.pool(self.teacher_targets(teacher_tokens), teacher_first, teacher_last)
-        hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
-        nll = nll_loss(logits, labels)
+        if self.aligner.target == "logits":  # logit distillation compares the student's whole logits
+            hidden, logits = forward_with_hidden(self.model, tokens, self.aligner.student_layers)
+            nll = nll_loss(logits, labels)
+        else:
+            logits = None
+            hidden, nll = forward_with_loss(self.model, tokens, labels, self.aligner.student_layers,
+                                            chunk_tokens=self.loss_chunk_tokens)
         measured = None
         if self.aligner.measuring(self.step):  # auto: the aligner sees tapped copies, the NLL the originals
             tapped, measured = self.aligner.schedule.probe(self.aligner.meeting_points(hidden, logits))

@@ -40,8 +40,7 @@ from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.init_from import load_initial_weights
 from letrecipes.components.metrics import (MetricLogger, ProgressClock, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
-from letrecipes.components.models import (ModelArgs, count_parameters, forward_with_hidden, model_max_seq_len, nll_loss,
-                                          padded_vocab_size)
+from letrecipes.components.models import ModelArgs, count_parameters, forward_with_loss, model_max_seq_len, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
 
 # Known-harmless library warnings that would otherwise repeat in every run's log.
@@ -95,6 +94,8 @@ class PretrainRecipe:
         self.output_dir = Path(cfg.output_dir)
         self.max_steps = int(cfg.max_steps)
         self.grad_accum = int(cfg.get("gradient_accumulation_steps", 1))
+        # > 0: the output layer and the loss run this many tokens at a time (components/loss.py)
+        self.loss_chunk_tokens = int(cfg.get("loss_chunk_tokens", 0) or 0)
         self.log_every = int(cfg.get("log_every", 10))
         self.eval_every = int(cfg.get("eval_every", 0) or 0)
         self.save_every = int(cfg.get("save_every", 0) or 0)
@@ -248,8 +249,7 @@ class PretrainRecipe:
         """Loss of one micro-batch and the figures to log about it (tensors stay on the
         device: they are read only on log steps). ``extra``: what a ``collate`` added to
         the batch (LET's cross-tokenizer mapping). LET overrides this."""
-        _, logits = forward_with_hidden(self.model, tokens)
-        nll = nll_loss(logits, labels)
+        _, nll = forward_with_loss(self.model, tokens, labels, chunk_tokens=self.loss_chunk_tokens)
         return nll, {"nll": nll.detach()}
 
     def reduced(self, figures: Dict[str, Any]) -> None:
@@ -390,7 +390,8 @@ class PretrainRecipe:
         return memory_per_gpu(self.model_args, self.world_size, int(self.cfg.batch_size), int(self.cfg.data.seq_len),
                               checkpointing.get("mode", "none") or "none", teacher_args, teacher_sharded=teacher_sharded,
                               fsdp=self.fsdp, gradient_accumulation_steps=self.grad_accum,
-                              checkpoint_every=int(checkpointing.get("every", 2)))
+                              checkpoint_every=int(checkpointing.get("every", 2)),
+                              loss_chunk_tokens=self.loss_chunk_tokens)
 
     def out_of_memory(self, err: BaseException) -> OutOfMemory:
         """One line for a step that ran out of memory: where, how much the device has, what
@@ -410,11 +411,12 @@ class PretrainRecipe:
             pass
         batch = int(self.cfg.batch_size)
         half = max(1, batch // 2)
+        chunking = "" if self.loss_chunk_tokens else "loss_chunk_tokens=1024 (the logits are then never whole), "
         return OutOfMemory(
             f"out of memory {where} ({type(err).__name__}: {cause}).{figures} Fix: batch_size={half} with "
             f"gradient_accumulation_steps={-(-batch * self.grad_accum // half)} (the same tokens per step), "
-            "activation_checkpointing.mode=full, or more processes (FSDP2 divides weights, gradients and optimizer "
-            f"state among them). {self.checkpointer.what_is_kept()}")
+            f"activation_checkpointing.mode=full, {chunking}or more processes (FSDP2 divides weights, gradients and "
+            f"optimizer state among them). {self.checkpointer.what_is_kept()}")
 
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
@@ -498,8 +500,8 @@ class PretrainRecipe:
                 break
             tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
             with self.autocast():
-                _, logits = forward_with_hidden(self.model, tokens)
-            total += nll_loss(logits, labels).item() * labels.numel()
+                _, nll = forward_with_loss(self.model, tokens, labels, chunk_tokens=self.loss_chunk_tokens)
+            total += nll.item() * labels.numel()
             count += labels.numel()
         self.trainable.train()
         total, count = parallel.all_reduce_sum([total, count], self.device)

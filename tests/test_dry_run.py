@@ -32,7 +32,7 @@ def test_the_dry_run_weighs_network_against_compute_and_names_the_micro_batch(ca
     assert "WARNING: communication-bound" in capsys.readouterr().out
     shipped = dry_run(load_config("let_7b", ["dry_run_world_size=32"]), with_teacher=True)["micro_batch_time"]
     assert not shipped["communication_bound"]  # the shipped micro-batch is the one the dry run asks for
-    assert shipped["compute_s"] == pytest.approx(2 * timing["compute_s"])
+    assert shipped["compute_s"] == pytest.approx(4 * timing["compute_s"])  # micro-batch 8 against 2
     fast = dry_run(load_config("let_7b", ["dry_run_world_size=32", "batch_size=2", "dry_run_interconnect_gbps=3200"]),
                    with_teacher=True)["micro_batch_time"]
     assert not fast["communication_bound"] and fast["smallest_compute_bound_micro_batch"] == 1
@@ -128,3 +128,17 @@ def test_dry_run_without_teacher_description():
     cfg = load_config("let_7b", ["~teacher.shape"])
     with pytest.raises(DryRunError, match="teacher.shape"):
         dry_run(cfg, with_teacher=True)
+
+
+def test_the_chunked_loss_is_counted_as_one_chunk_of_logits_and_the_output_gradient():
+    from letrecipes.components.estimate import GIB, memory_per_gpu
+
+    args = _student_args()
+    vocab, dim, tokens = args.vocab_size, args.embed_dim, 4 * 2048
+    plain = memory_per_gpu(args, 32, 4, 2048, "full")
+    chunked = memory_per_gpu(args, 32, 4, 2048, "full", loss_chunk_tokens=1024)
+    assert plain.loss_gb * GIB == pytest.approx(14 * tokens * vocab)
+    assert chunked.loss_gb * GIB == pytest.approx(8 * 1024 * vocab + 6 * vocab * dim + 2 * tokens * dim)
+    assert chunked.loss_gb < 0.3 * plain.loss_gb  # 4.0 against 13.7 GiB
+    shipped = dry_run(load_config("let_7b", ["dry_run_world_size=32"]), with_teacher=True)["memory_per_gpu_gb"]
+    assert shipped["loss"] == pytest.approx(memory_per_gpu(args, 32, 8, 2048, "full", loss_chunk_tokens=1024).loss_gb)

@@ -171,6 +171,7 @@ def test_running_out_of_memory_mid_run_is_one_line_with_the_fix_and_keeps_the_ch
     assert "\n" not in message and "can't allocate memory" in message
     assert "The cost model gives " in message and "GiB per process" in message
     assert "Fix: batch_size=2 with gradient_accumulation_steps=4 (the same tokens per step)" in message
+    assert "loss_chunk_tokens=1024 (the logits are then never whole)" in message  # the run has it at 0
     assert "step_00000002" in message and "is intact" in message
     assert (run / "checkpoints" / "step_00000002").is_dir()
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2]
