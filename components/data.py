@@ -266,7 +266,15 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     """
     specs = data_cfg.get("sources") or [{"source": data_cfg.get("source"), "weight": 1.0}]
     seq_len, val_fraction = int(data_cfg["seq_len"]), float(data_cfg.get("val_fraction", 0.02))
-    train, val, names = [], [], []
+    # checked before any corpus is prepared (hours, at scale)
+    names = [str(spec.get("name") or Path(str(spec["source"])).name or f"source{i}") for i, spec in enumerate(specs)]
+    weights = [float(spec.get("weight", 1.0)) for spec in specs]
+    if len(specs) > 1 and len(set(names)) != len(names):
+        raise DataError(f"data.sources: names {names} repeat. Fix: give each source a distinct `name`.")
+    if sum(weights) <= 0 or any(w < 0 for w in weights):
+        raise DataError(f"data.sources: weights {weights} must be >= 0 with a positive sum. Fix: give the sources "
+                        "to train on a positive weight.")
+    train, val = [], []
     for i, spec in enumerate(specs):
         key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
         folder = cached_prepare(spec["source"], tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
@@ -276,12 +284,8 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
         tokens = TokenShards(folder, tokenizer, key=key)
         train.append(PackedDataset(tokens, seq_len, "train", val_fraction))
         val.append(PackedDataset(tokens, seq_len, "val", val_fraction))
-        names.append(str(spec.get("name") or Path(str(spec["source"])).name or f"source{i}"))
     if len(specs) == 1:
         return train[0], val[0], []
-    if len(set(names)) != len(names):
-        raise DataError(f"data.sources: names {names} repeat. Fix: give each source a distinct `name`.")
-    weights = [float(spec.get("weight", 1.0)) for spec in specs]
     return MixtureDataset(train, weights, seed=seed), MixtureDataset(val, weights, seed=0), names
 
 

@@ -33,7 +33,7 @@ from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
                                               write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
-from letrecipes.components.files import replace_atomically
+from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.teachers import resolve_path
 
 LM_EVAL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -51,6 +51,12 @@ class EvalRecipe:
         self.device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = export_dtype(str(cfg.get("dtype", "fp32")), "dtype")
         limit = int(cfg.get("limit", 0) or 0)
+        if cfg.get("output"):  # before minutes of scoring, not after them
+            out = Path(str(cfg.output))
+            if out.is_dir():
+                raise EvalError(f"output: {str(out)!r} is a folder; output names the JSON file to write. Fix: "
+                                f"output={out / 'scores.json'}.")
+            check_writable_folder(out.parent, "output")
         task_files = [Path(str(spec)) for spec in cfg.tasks]
         # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
         self.chance = {path.stem: chance_level(read_task(path, limit=limit)) for path in task_files}
@@ -105,9 +111,8 @@ class EvalRecipe:
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
                   "tasks": scored["tasks"]}
         if cfg.get("output"):
-            out = Path(str(cfg.output))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            replace_atomically(out, json.dumps(report, indent=2))
+            with environment_errors("output", f"writing {cfg.output}", "The scores are printed above."):
+                replace_atomically(Path(str(cfg.output)), json.dumps(report, indent=2))
         return report
 
     def cleanup(self) -> None:

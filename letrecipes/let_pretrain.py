@@ -106,6 +106,9 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.fsdp:
             parallel.shard_module(self.aligner, self.mp_policy, mesh=self.mesh)
         self.trainable["aligner"] = self.aligner
+        if self.loss_chunk_tokens and self.aligner.target == "logits":
+            self.log(f"loss_chunk_tokens={self.loss_chunk_tokens}: not while the teacher runs (logit distillation "
+                     "compares the student's whole logits); from S_stop on, the loss is chunked")
         self.log(f"teacher: {self.teacher.source} ({sum(p.numel() for p in self.teacher.parameters()) / 1e6:.2f}M "
                  f"parameters, {self.teacher.depth} blocks, width {self.teacher.width}"
                  + (f"; sharded over {parallel.world_size()} ranks" if self.placement == "sharded" and self.fsdp

@@ -78,3 +78,23 @@ def test_a_run_on_two_sources_logs_tokens_per_source(base_overrides, corpus_dir,
     last = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r][-1]
     total = last["tokens_first"] + last["tokens_second"]
     assert total == 20 * 4 * 32 and abs(last["tokens_first"] / total - 0.75) < 0.1
+
+
+@pytest.mark.parametrize("sources, match", [
+    ("[{{source: {a}, weight: 0}}]", "data.sources: weights [0.0] must be >= 0 with a positive sum"),
+    ("[{{source: {a}, weight: 0, name: x}}, {{source: {b}, weight: 0, name: y}}]", "weights [0.0, 0.0]"),
+    ("[{{source: {a}}}, {{source: {a}}}]", "repeat. Fix: give each source a distinct `name`"),
+], ids=["one-source-weight-0", "all-weights-0", "same-name"])
+def test_a_mixture_that_cannot_train_is_refused_before_any_corpus_is_prepared(base_overrides, corpus_dir, tmp_path,
+                                                                               sources, match):
+    """Before: a lone source's weight 0 was ignored, and both checks came after preparing
+    every corpus (hours, at scale)."""
+    from tests.test_recipes import expect_setup_error, run_pretrain
+
+    plays = sorted(corpus_dir.glob("*.txt"))
+    overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
+    cache = tmp_path / "cache"
+    expect_setup_error(run_pretrain, *overrides, "~data.source",
+                       f"data.cache_dir={cache}", f"output_dir={tmp_path / 'run'}",
+                       f"data.sources={sources.format(a=plays[0], b=plays[1])}", match=match)
+    assert not cache.exists() or not any(cache.iterdir())

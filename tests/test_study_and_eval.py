@@ -163,6 +163,27 @@ def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+
+def test_eval_recipe_checks_its_output_path_before_scoring(teacher_dir, tmp_path, monkeypatch):
+    """Before: a folder or an unwritable path as `output` was a traceback after the scoring."""
+    import letrecipes.eval as eval_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the output path was checked")
+
+    monkeypatch.setattr(eval_module, "run_lm_eval", never)
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
+    common = ["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{task}]"]
+    expect_setup_error(eval_recipe.recipe_main, [*common, f"output={tmp_path}"],
+                       match=f"error: output: '{tmp_path}' is a folder; output names the JSON file to write. "
+                             f"Fix: output={tmp_path / 'scores.json'}.")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    expect_setup_error(eval_recipe.recipe_main, [*common, f"output={a_file / 'scores.json'}"],
+                       match="error: output=")
+    assert a_file.read_text() == "mine"
+
+
 # ----------------------------------------------------------------- study
 def test_speedup_on_synthetic_curves():
     assert let_study.steps_to_reach([(10, 5.0), (20, 4.0), (30, 3.0)], 3.5) == pytest.approx(25.0)
