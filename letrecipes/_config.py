@@ -14,7 +14,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,6 +57,19 @@ def resolve_config_path(name: str) -> Path:
     )
 
 
+def yaml_problem(err: Exception, path: Path) -> Tuple[str, str]:
+    """A YAML parser's several-line message as one line (the problem and where it is), and
+    the fix. A tab in the indentation gets several different messages from the parser."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not (problem and mark is not None):
+        return " ".join(str(err).split()), "correct the YAML"
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    tab = "\t" in line[:len(line) - len(line.lstrip())]
+    return (f"{problem} (line {mark.line + 1}, column {mark.column + 1})",
+            "indent with spaces (YAML allows no tabs)" if tab else "correct the YAML there")
+
+
 def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``name`` with ``key=value`` overrides applied (torchtune semantics)."""
     # imported here: torchtune pulls in torch, which `letrecipes ls` and the prepare step's
@@ -67,7 +80,8 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     try:
         yaml = OmegaConf.load(path)
     except Exception as err:  # omegaconf/yaml raise assorted types
-        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {err}") from err
+        problem, fix = yaml_problem(err, Path(path))
+        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {problem}. Fix: {fix}.") from err
     if not isinstance(yaml, DictConfig):
         raise ConfigError(f"--config {str(path)!r} must hold a mapping at the top level.")
     try:

@@ -36,7 +36,13 @@ def finished_run(base_overrides, tmp_path):
 def test_malformed_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: 10\nmodel: [unclosed\n")
-    expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad), match="is not valid YAML")
+    message = expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad),
+                                 match="is not valid YAML: ")
+    assert "\n" not in message and "(line 3, column 1). Fix: correct the YAML there." in message
+    bad.write_text("max_steps: 10\nmodel:\n\tnum_layers: 2\n")
+    message = expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad),
+                                 match="found character that cannot start any token (line 3, column 1)")
+    assert "\n" not in message and message.endswith("Fix: indent with spaces (YAML allows no tabs).")
 
 
 @pytest.mark.parametrize("override, match", [
