@@ -42,6 +42,11 @@ def total_params(args: ModelArgs) -> int:
     return embeddings + positions + head + args.num_layers * block_params(args) + final_norm
 
 
+def root_params(args: ModelArgs) -> int:
+    """The root FSDP unit's parameters: all but the blocks' (embeddings, head, final norm)."""
+    return total_params(args) - args.num_layers * block_params(args)
+
+
 def forward_flops_per_token(args: ModelArgs, seq_len: int, layers: Optional[int] = None, head: bool = True) -> float:
     """Forward matmul FLOPs per token through ``layers`` blocks (all by default) and the head."""
     layers = args.num_layers if layers is None else layers
@@ -172,13 +177,14 @@ def micro_batch_time(student: ModelArgs, world_size: int, micro_batch: int, seq_
 
     Traffic (ring collectives, each GPU sends and receives (W-1)/W of the payload): the
     bf16 parameters are all-gathered for the forward and, with ``reshard_after_forward``,
-    again for the backward; fp32 gradients are reduce-scattered: (2 + 2 + 4) bytes per
-    parameter. FSDP2 overlaps the two, so the slower one sets the pace. Compute: training
-    FLOPs (:func:`train_flops_per_token`) at ``mfu`` of ``gpu_tflops``.
+    again for the backward, except the root unit and the last block, which stay gathered
+    (components/parallel.py:shard_model); fp32 gradients are reduce-scattered: about
+    (2 + 2 + 4) bytes per parameter. FSDP2 overlaps the two, so the slower one sets the
+    pace. Compute: training FLOPs (:func:`train_flops_per_token`) at ``mfu`` of ``gpu_tflops``.
     """
     n = total_params(student)
-    per_param = 2 + (2 if reshard_after_forward else 0) + 4
-    traffic = per_param * n * (world_size - 1) / world_size
+    gathered_twice = n - root_params(student) - block_params(student) if reshard_after_forward else 0
+    traffic = (2 * n + 2 * gathered_twice + 4 * n) * (world_size - 1) / world_size
     communication_s = traffic / (interconnect_gbps * 1e9 / 8)
     flops_per_token = train_flops_per_token(student, seq_len, activation_checkpointing, checkpoint_every)
     compute_per_sample = flops_per_token * seq_len / (gpu_tflops * 1e12 * mfu)

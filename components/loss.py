@@ -59,8 +59,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(dtype)
                 if grad_h is not None:
                     torch.mm(grad, w, out=grad_h[start:start + chunk_tokens])
-                if grad_w is not None:
-                    grad_w += (grad.t() @ h_chunk).float()
+                if grad_w is not None:  # add_ casts on the fly: no fp32 copy of the product
+                    grad_w.add_(grad.t() @ h_chunk)
                 del logits, grad
             if grad_w is not None:  # kept until backward in the weight's dtype: 1 GB, not 2, at 7B in bf16
                 grad_w = grad_w.to(weight.dtype)

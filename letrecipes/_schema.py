@@ -142,6 +142,12 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     for key in REQUIRED:
         if key not in values and not values.get("dry_run"):
             raise ConfigValueError(f"config key {key} is missing. Fix: add it (see docs/configs.md).")
+    if with_teacher:
+        missing = [key for key in ("teacher", "alignment") if not values.get(key)]
+        if missing:
+            raise ConfigValueError(f"config key {missing[0]} is missing: the LET recipe trains against a teacher and "
+                                   "needs a teacher and an alignment section. Fix: start from a LET config (let_tiny, "
+                                   "let_1b4, let_7b), or run letrecipes/pretrain for plain pretraining.")
     for key, value in values.items():
         if key not in TOP:
             raise _unknown(key, TOP, "")

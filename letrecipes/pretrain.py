@@ -132,6 +132,9 @@ class PretrainRecipe:
             self.log("deterministic: torch's deterministic algorithms only (an op without one stops the run)")
         self.run_info = run_info.collect(cfg, self.world_size)
         self.log(run_info.summary(self.run_info))
+        if not self.uses_teacher and (cfg.get("teacher") or cfg.get("alignment")):
+            self.log("note: this recipe is plain pretraining: the config's teacher and alignment sections are not "
+                     "used (LET is tune run letrecipes/let_pretrain)")
 
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()

@@ -20,13 +20,17 @@ def test_big_let_configs(config, billions, overhead, capsys):
 
 
 def test_the_dry_run_weighs_network_against_compute_and_names_the_micro_batch(capsys):
-    from letrecipes.components.estimate import total_params
+    from letrecipes.components.estimate import block_params, total_params
 
     report = dry_run(load_config("let_7b", ["dry_run_world_size=32", "batch_size=2"]), with_teacher=True)
     timing = report["micro_batch_time"]
-    n = total_params(_student_args())
-    # all-gather bf16 twice (forward, backward) + reduce-scatter fp32, each moving (W-1)/W of it
-    assert timing["communication_gb"] == pytest.approx(8 * n * 31 / 32 / 1e9)
+    args = _student_args()
+    n = total_params(args)
+    root = 2 * args.vocab_size * args.embed_dim + args.embed_dim  # untied embeddings and head, final norm
+    # all-gather bf16 for the forward and again for the backward (all but the root and the last
+    # block, which stay gathered) + reduce-scatter fp32, each moving (W-1)/W of it
+    assert timing["communication_gb"] == pytest.approx((2 * n + 2 * (n - root - block_params(args)) + 4 * n)
+                                                       * 31 / 32 / 1e9)
     assert timing["communication_s"] == pytest.approx(timing["communication_gb"] * 8 / 400)
     assert timing["communication_bound"] and timing["smallest_compute_bound_micro_batch"] == 4
     assert "WARNING: communication-bound" in capsys.readouterr().out

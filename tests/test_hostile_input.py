@@ -307,3 +307,18 @@ def test_output_paths_that_would_lose_or_mix_files_are_refused_before_any_work(b
 
     refused(["cp", "let_tiny", str(tmp_path / "missing" / "my.yaml")],
             r"cp: the folder .*missing does not exist. Fix: create it first")
+
+
+def test_the_let_recipe_on_a_config_without_a_teacher_and_pretraining_on_one_with(base_overrides, tmp_path, capsys):
+    """Before: let_pretrain on pretrain_tiny was an omegaconf traceback from inside setup;
+    pretrain on let_tiny dropped the teacher without a word."""
+    from letrecipes import let_pretrain
+
+    out = tmp_path / "let"
+    expect_setup_error(lambda *args: let_pretrain.recipe_main(list(args)), "--config", "pretrain_tiny",
+                       *base_overrides, f"output_dir={out}",
+                       match="config key teacher is missing: the LET recipe trains against a teacher")
+    assert not out.exists()
+    pretrain.recipe_main(["--config", "let_tiny", *base_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=1"])
+    assert "note: this recipe is plain pretraining: the config's teacher and alignment sections are not used" in \
+        capsys.readouterr().out
