@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import replace_atomically
+from letrecipes.components.files import first_names, replace_atomically
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -203,10 +203,9 @@ def check_destination(out_dir: Path, overwrite: bool, source: Optional[Path] = N
         raise ExportError(f"export: {out_dir} exists and is not empty. Fix: choose another folder, or pass "
                           "--overwrite to replace it.")
     if not is_hf_folder(out_dir):
-        sample = sorted(p.name for p in out_dir.iterdir())
-        raise ExportError(f"export: {out_dir} holds files that are not a model export ({', '.join(sample[:3])}"
-                          f"{', ...' if len(sample) > 3 else ''}); --overwrite replaces only a folder an earlier "
-                          "export wrote. Fix: choose another folder, or empty that one yourself.")
+        raise ExportError(f"export: {out_dir} holds files that are not a model export ({first_names(out_dir)}); "
+                          "--overwrite replaces only a folder an earlier export wrote. Fix: choose another folder, or "
+                          "empty that one yourself.")
 
 
 def is_hf_folder(path: Union[str, Path]) -> bool:

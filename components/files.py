@@ -144,6 +144,12 @@ def _key_for(key: Union[str, Dict[str, Path]], err: OSError) -> str:
     return next(iter(key))
 
 
+def first_names(folder: Path, count: int = 3) -> str:
+    """``a, b, c, ...``: what a folder holds, for an error that refuses to write into it."""
+    names = sorted(p.name for p in Path(folder).iterdir())
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
 def check_writable_folder(folder: Union[str, Path], key: str) -> None:
     """Make ``folder`` (if needed) and prove it takes a file, before any work starts."""
     folder = Path(folder)

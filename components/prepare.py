@@ -35,7 +35,8 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit_in_pieces, source_files
-from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically, unique_tmp
+from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
+                                        unique_tmp)
 from letrecipes.components.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -201,9 +202,8 @@ def check_output_folder(out_dir: Path, units: List[Unit], out_key: str) -> None:
             raise DataError(f"{out_key}: {out_dir} holds the corpus being prepared ({inside[0]}). Fix: write the "
                             "shards to a folder outside data.source.")
         if out_dir.is_dir() and any(out_dir.iterdir()):
-            names = sorted(p.name for p in out_dir.iterdir())
-            raise DataError(f"{out_key}: {out_dir} is not empty and is not a prepared folder ({', '.join(names[:3])}"
-                            f"{', ...' if len(names) > 3 else ''}). Fix: choose a new or empty folder.")
+            raise DataError(f"{out_key}: {out_dir} is not empty and is not a prepared folder ({first_names(out_dir)}). "
+                            "Fix: choose a new or empty folder.")
     check_writable_folder(out_dir, out_key)
 
 
