@@ -3,27 +3,38 @@
 | what ``data.source`` names | read with | one document is |
 |---|---|---|
 | ``.txt``, ``.md``, ``.rst``, ``.text`` (or any file named directly) | Python | the whole file |
-| ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` | ``gzip`` / ``zstandard``, streamed | a line's ``text_field`` |
+| ``.jsonl``, ``.ndjson``, ``.json`` (JSON Lines, or one JSON array of records) | Python, streamed | a record's ``text_field`` |
+| ``.csv``, ``.tsv`` | ``pyarrow.csv``, streamed in blocks | a row's ``text_field`` column |
 | ``.parquet`` (FineWeb-Edu style shards) | ``pyarrow``, one row group at a time | a row's ``text_field`` |
 | a Hugging Face ``datasets`` folder (``save_to_disk``) | ``datasets.load_from_disk`` (memory-mapped) | a row's ``text_field`` |
 
+Text, JSON and CSV files may be compressed: ``.gz``, ``.zst``, ``.bz2``, ``.xz`` after the
+format's suffix (C4 and Dolma ship ``.json.gz``, the Pile and SlimPajama ``.jsonl.zst``).
+
 A folder is searched recursively for all of these. The corpus is cut into *units*: a
-group of small text files, one JSONL file, one parquet row group, a range of rows of a
-``datasets`` folder. A unit is the prepare step's piece of work and becomes one token
+group of small text files, one JSON or CSV file, one parquet row group, a range of rows of
+a ``datasets`` folder. A unit is the prepare step's piece of work and becomes one token
 shard, so preparing is deterministic whatever the number of worker processes, and a
 killed prepare redoes only unfinished units.
 
-Why our own JSONL reader: a line-by-line stream over a compressed file needs constant
-memory and can say at which line a damaged stream broke; ``datasets``' JSON builder
-would first convert the whole file to Arrow in its cache.
+Text files are decoded as UTF-8 (a byte-order mark is honoured: UTF-8, UTF-16 and UTF-32
+files with one read right); a file with a NUL byte in its first 8,000 bytes and no
+byte-order mark is binary (git's test) and is skipped with a warning. Empty documents
+are skipped: they would add a lone end-of-text token.
+
+Why our own JSON Lines reader: a line-by-line stream over a compressed file needs
+constant memory and can say at which line a damaged stream broke; ``datasets``' JSON
+builder would first convert the whole file to Arrow in its cache.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import gzip
 import io
 import json
+import lzma
 import os
 import warnings
 import zlib
@@ -34,7 +45,16 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 from letrecipes.components.errors import LetRecipesError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+CSV_SUFFIXES = (".csv", ".tsv")
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
+# What a folder is searched for, as error messages name it.
+FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
+           f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), .parquet files or datasets folders")
+BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
+# Raised when the same files read as other documents, so that caches are prepared again
+# (2: byte-order marks honoured, binary files and empty documents skipped).
+READER_VERSION = 2
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
@@ -51,8 +71,8 @@ class DataWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Unit:
-    """A piece of the corpus: ``kind`` text (``paths`` read whole), jsonl, parquet (row
-    group ``part``) or dataset (rows ``part * DATASET_UNIT_ROWS`` onwards of a folder)."""
+    """A piece of the corpus: ``kind`` text (``paths`` read whole), jsonl (any JSON file),
+    csv, parquet (row group ``part``) or dataset (rows ``part * DATASET_UNIT_ROWS`` onwards of a folder)."""
 
     kind: str
     paths: Tuple[str, ...]
@@ -67,12 +87,26 @@ class Unit:
         return asdict(self)
 
 
-def _suffix(path: Path) -> str:
+def _compression(path: Path) -> str:
+    return next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), "")
+
+
+def _format_base(path: Path) -> str:
+    """The format's suffix, under any compression suffix: ``.json`` for ``c4.json.gz``."""
     name = path.name.lower()
-    for suffix in JSONL_SUFFIXES + (".parquet",):
-        if name.endswith(suffix):
-            return suffix
-    return path.suffix.lower()
+    return Path(name[:len(name) - len(_compression(path))]).suffix
+
+
+def _format(path: Path) -> Tuple[Optional[str], str]:
+    """``(kind, compression)`` of a file from its name: kind is text, jsonl, csv, parquet or
+    None (not a corpus format); compression is one of COMPRESSIONS or ""."""
+    compression, base = _compression(path), _format_base(path)
+    if base == ".parquet" and not compression:
+        return "parquet", ""
+    for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSON_SUFFIXES), ("csv", CSV_SUFFIXES)):
+        if base in suffixes:
+            return kind, compression
+    return None, compression
 
 
 def is_dataset_folder(path: Path) -> bool:
@@ -86,7 +120,7 @@ def _files(item: Path, key: str) -> List[Path]:
     if not item.exists():
         raise DataError(
             f"{key}: {str(item)!r} does not exist (working directory {os.getcwd()!r}). Fix: set it to an existing "
-            "text file, folder, .jsonl(.gz/.zst) or .parquet file, or a datasets folder"
+            "text, JSON, CSV or parquet file, a folder of them, or a datasets folder"
             " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)."
         )
     found, dataset_dirs, other = [], [], {}
@@ -96,19 +130,21 @@ def _files(item: Path, key: str) -> List[Path]:
         if is_dataset_folder(path):
             dataset_dirs.append(path)
             found.append(path)
-        elif path.is_file() and _suffix(path) in TEXT_SUFFIXES + JSONL_SUFFIXES + (".parquet",):
+        elif not path.is_file() or any(part.startswith(".") for part in path.relative_to(item).parts):
+            continue  # hidden: macOS's ._name.txt resource forks, caches, version control
+        elif _format(path)[0]:
             found.append(path)
-        elif path.is_file() and not any(part.startswith(".") for part in path.relative_to(item).parts):
+        else:
             other.setdefault(path.suffix or "(no suffix)", []).append(path)
     if not found:
-        raise DataError(f"{key}: folder {str(item)!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, "
-                        ".parquet files or datasets folders.")
-    if other:  # a folder of .csv files beside one .txt would otherwise train on the .txt alone, silently
+        raise DataError(f"{key}: folder {str(item)!r} holds none of the formats read: {FORMATS}. Fix: point "
+                        f"{key} at the folder holding the corpus, or convert it to one of them.")
+    if other:  # a folder of .doc files beside one .txt would otherwise train on the .txt alone, silently
         kinds = ", ".join(f"{len(paths)} {suffix}" for suffix, paths in sorted(other.items()))
         first = min(p for paths in other.values() for p in paths)
         warnings.warn(f"{key}: {sum(map(len, other.values()))} file(s) in {str(item)!r} are not read ({kinds}; "
-                      f"first: {first.relative_to(item)}): only {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, .parquet "
-                      "files and datasets folders are. Fix: none, if they are not text; otherwise convert them.",
+                      f"first: {first.relative_to(item)}): only {FORMATS} are. Fix: none, if they are not text; "
+                      "otherwise convert them.",
                       DataWarning, stacklevel=2)
     return found
 
@@ -117,7 +153,7 @@ def source_files(source: Union[str, os.PathLike, Sequence], key: str = "data.sou
     """Every file (or datasets folder) a source names, in a fixed order."""
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not sources:
-        raise DataError(f"{key} is empty. Fix: point it at a text file, a folder, a .jsonl or .parquet file.")
+        raise DataError(f"{key} is empty. Fix: point it at a corpus: {FORMATS}, or a folder of them.")
     files: List[Path] = []
     for item in sources:
         files.extend(_files(Path(item).expanduser(), key))
@@ -135,19 +171,19 @@ def list_units(source, key: str = "data.source") -> List[Unit]:
             text_group.clear()
 
     for path in source_files(source, key):
-        suffix = _suffix(path)
+        kind, _ = _format(path)
         if is_dataset_folder(path):
             flush()
             rows = _dataset_rows(path, key)
             units += [Unit("dataset", (str(path),), part, size=0) for part in range(-(-rows // DATASET_UNIT_ROWS))]
-        elif suffix == ".parquet":
+        elif kind == "parquet":
             flush()
             metadata = _parquet(path, key).metadata
             units += [Unit("parquet", (str(path),), i, size=metadata.row_group(i).total_byte_size)
                       for i in range(metadata.num_row_groups)]
-        elif suffix in JSONL_SUFFIXES:
+        elif kind in ("jsonl", "csv"):
             flush()
-            units.append(Unit("jsonl", (str(path),), size=path.stat().st_size))
+            units.append(Unit(kind, (str(path),), size=path.stat().st_size))
         else:
             text_group.append(path)
             if sum(p.stat().st_size for p in text_group) >= TEXT_UNIT_BYTES:
@@ -158,17 +194,27 @@ def list_units(source, key: str = "data.source") -> List[Unit]:
 
 def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
               warn: Optional[list] = None) -> Iterator[str]:
-    """The documents of ``unit``, in order. Recoveries (bad UTF-8) are appended to ``warn``
-    as messages (workers send them back to the main process, which shows them)."""
+    """The documents of ``unit``, in order. Recoveries (bad UTF-8, skipped records) are
+    appended to ``warn`` as messages (workers send them back to the main process, which
+    shows them)."""
     warn = [] if warn is None else warn
     if unit.kind == "text":
         for path in unit.paths:
-            yield _decode(Path(path).read_bytes(), Path(path), key, warn)
+            text = _read_text(Path(path), key, warn)
+            if text:
+                yield text
     elif unit.kind == "jsonl":
-        yield from _jsonl(Path(unit.paths[0]), text_field, key, warn)
+        yield from _json_records(Path(unit.paths[0]), text_field, key, warn)
+    elif unit.kind == "csv":
+        yield from _csv(Path(unit.paths[0]), text_field, key, warn)
     elif unit.kind == "parquet":
         path = Path(unit.paths[0])
-        table = _parquet(path, key).read_row_group(unit.part, columns=[_column(path, text_field, key)])
+        column = _column(path, text_field, key)
+        try:
+            table = _parquet(path, key).read_row_group(unit.part, columns=[column])
+        except Exception as err:  # pyarrow raises OSError / ArrowInvalid for damaged pages
+            raise DataError(f"{key}: {path} is damaged: row group {unit.part} does not read ({err}). Fix: "
+                            "re-download the file, or remove it from the source.") from err
         yield from _strings(table.column(0).to_pylist(), path, text_field, key, warn, f" (row group {unit.part})")
     elif unit.kind == "dataset":
         path = Path(unit.paths[0])
@@ -177,7 +223,11 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
             raise DataError(f"{key}: the datasets folder {str(path)!r} has no column {text_field!r} (it has "
                             f"{dataset.column_names}). Fix: set data.text_field to the column holding the text.")
         start = unit.part * DATASET_UNIT_ROWS
-        rows = dataset.select_columns([text_field])[start:start + DATASET_UNIT_ROWS][text_field]
+        try:
+            rows = dataset.select_columns([text_field])[start:start + DATASET_UNIT_ROWS][text_field]
+        except Exception as err:  # a damaged Arrow file fails here, not at load_from_disk
+            raise DataError(f"{key}: the datasets folder {str(path)!r} is damaged: rows {start:,}- do not read "
+                            f"({err}). Fix: save it again, or remove it from the source.") from err
         yield from _strings(rows, path, text_field, key, warn, f" (rows {start:,}-)")
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
@@ -188,8 +238,8 @@ def read_unit_in_pieces(unit: Unit, text_field: str = "text", key: str = "data.s
     """``(piece, ends_document)`` for the documents of ``unit``, in order. With
     ``piece_chars``, a document longer than that comes in pieces cut by
     :func:`safe_cuts`, and a text file is read in blocks: memory stays flat whatever the
-    document's length (a JSONL or parquet record is still read whole). Without it, each
-    document is one piece."""
+    document's length (a JSON, CSV or parquet record is still read whole). Without it,
+    each document is one piece."""
     warn = [] if warn is None else warn
     if unit.kind == "text" and piece_chars:
         for path in unit.paths:
@@ -201,39 +251,85 @@ def read_unit_in_pieces(unit: Unit, text_field: str = "text", key: str = "data.s
             yield piece, i == len(pieces) - 1
 
 
+def _text_encoding(head: bytes) -> Optional[str]:
+    """The codec of a text file that starts with ``head``; None when it is binary."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE starts both
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    if b"\0" in head[:BINARY_SNIFF]:
+        return None
+    return "utf-8-sig"  # UTF-8, its byte-order mark dropped when there is one
+
+
+def _binary(path: Path, key: str) -> str:
+    return (f"{key}: {path} is skipped: it looks binary (a NUL byte in its first {BINARY_SNIFF:,} bytes and no "
+            "byte-order mark). Fix: none, if it is not text; if it is UTF-16 or UTF-32 without a byte-order mark, "
+            "convert it to UTF-8.")
+
+
+def _read_text(path: Path, key: str, warn: list) -> str:
+    """A whole text file, decoded ("" for a binary one, with a warning)."""
+    try:
+        with _open_stream(path, key) as stream:
+            data = stream.read()
+    except Exception as err:
+        _raise_if_damaged(path, err, "", key)
+        raise
+    encoding = _text_encoding(data)
+    if encoding is None:
+        warn.append(_binary(path, key))
+        return ""
+    return _decode(data, path, key, warn, encoding=encoding)
+
+
 def _stream_text(path: Path, key: str, warn: list, piece_chars: int) -> Iterator[Tuple[str, bool]]:
     """A text file as pieces of one document, read and decoded a block at a time. Bad
-    UTF-8 is replaced (U+FFFD) and reported as :func:`_decode` reports it."""
-    strict, lenient = codecs.getincrementaldecoder("utf-8")(), None
-    consumed, replaced, first_bad, carry = 0, 0, None, ""
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(READ_BLOCK)
-            final = not block
-            if lenient is None:
-                pending = strict.getstate()[0]
-                try:
-                    text = strict.decode(block, final=final)
-                except UnicodeDecodeError as err:
-                    first_bad = consumed - len(pending) + err.start
-                    lenient = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                    text = lenient.decode(pending + block, final=final)
+    bytes are replaced (U+FFFD) and reported as :func:`_decode` reports them; a binary file
+    or an empty one yields nothing."""
+    strict = lenient = None
+    consumed, replaced, first_bad, carry, chars = 0, 0, None, "", 0
+    try:
+        with _open_stream(path, key) as f:
+            while True:
+                block = f.read(READ_BLOCK)
+                final = not block
+                if strict is None:
+                    encoding = _text_encoding(block)
+                    if encoding is None:
+                        warn.append(_binary(path, key))
+                        return
+                    strict = codecs.getincrementaldecoder(encoding)()
+                if lenient is None:
+                    pending = strict.getstate()[0]
+                    try:
+                        text = strict.decode(block, final=final)
+                    except UnicodeDecodeError as err:
+                        first_bad = consumed - len(pending) + err.start
+                        lenient = codecs.getincrementaldecoder(encoding)(errors="replace")
+                        text = lenient.decode(pending + block, final=final)
+                        replaced += text.count("\ufffd")
+                else:
+                    text = lenient.decode(block, final=final)
                     replaced += text.count("\ufffd")
-            else:
-                text = lenient.decode(block, final=final)
-                replaced += text.count("\ufffd")
-            consumed += len(block)
-            carry += text
-            if len(carry) > 2 * piece_chars or final:
-                pieces = safe_cuts(carry, piece_chars)
-                carry = "" if final else pieces.pop()
-                for i, piece in enumerate(pieces):
-                    yield piece, final and i == len(pieces) - 1
-            if final:
-                break
+                consumed += len(block)
+                carry += text
+                chars += len(text)
+                if final and not chars:
+                    break  # an empty file is no document
+                if len(carry) > 2 * piece_chars or final:
+                    pieces = safe_cuts(carry, piece_chars)
+                    carry = "" if final else pieces.pop()
+                    for i, piece in enumerate(pieces):
+                        yield piece, final and i == len(pieces) - 1
+                if final:
+                    break
+    except Exception as err:
+        _raise_if_damaged(path, err, f" after {consumed:,} bytes", key)
+        raise
     if first_bad is not None:
-        warn.append(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {first_bad}); {replaced} "
-                    "undecodable byte sequence(s) were replaced by U+FFFD.")
+        warn.append(f"{key}: {path} is not valid {_codec_name(encoding)} (first bad byte at offset {first_bad}); "
+                    f"{replaced} undecodable byte sequence(s) were replaced by U+FFFD.")
 
 
 def safe_cuts(text: str, size: int) -> List[str]:
@@ -296,21 +392,30 @@ def read_documents(source, text_field: str = "text", key: str = "data.source") -
 
 
 # ---------------------------------------------------------------- formats
-def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "") -> str:
+def _codec_name(encoding: str) -> str:
+    return {"utf-8-sig": "UTF-8", "utf-8": "UTF-8"}.get(encoding, encoding.upper())
+
+
+def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "", encoding: str = "utf-8") -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode(encoding)
     except UnicodeDecodeError as err:
-        text = data.decode("utf-8", errors="replace")
-        warn.append(f"{key}: {path}{where} is not valid UTF-8 (first bad byte at offset {err.start}); "
-                    f"{text.count(chr(0xFFFD))} undecodable byte sequence(s) were replaced by U+FFFD.")
+        text = data.decode(encoding, errors="replace")
+        warn.append(f"{key}: {path}{where} is not valid {_codec_name(encoding)} (first bad byte at offset "
+                    f"{err.start}); {text.count(chr(0xFFFD))} undecodable byte sequence(s) were replaced by U+FFFD.")
         return text
 
 
 def _open_stream(path: Path, key: str):
-    suffix = _suffix(path)
-    if suffix == ".jsonl.gz":
+    """``path`` opened for reading bytes, decompressed as its name says."""
+    compression = _compression(path)
+    if compression == ".gz":
         return gzip.open(path, "rb")
-    if suffix == ".jsonl.zst":
+    if compression == ".bz2":
+        return bz2.open(path, "rb")
+    if compression == ".xz":
+        return lzma.open(path, "rb")
+    if compression == ".zst":
         try:
             import zstandard
         except ImportError as err:
@@ -321,10 +426,20 @@ def _open_stream(path: Path, key: str):
     return open(path, "rb")
 
 
+def _raise_if_damaged(path: Path, err: Exception, where: str, key: str) -> None:
+    """One error for a compressed stream that breaks (truncated, corrupt); other errors
+    are left to the caller."""
+    broken = isinstance(err, (EOFError, zlib.error, lzma.LZMAError)) or type(err).__name__ == "ZstdError" or (
+        isinstance(err, OSError) and _compression(path) and err.errno is None)  # gzip/bz2's own errors carry no errno
+    if broken:
+        raise DataError(f"{key}: {path} is damaged: the compressed stream breaks{where} ({err}). "
+                        "Fix: re-download the file, or remove it from the source.") from err
+
+
 class SkippedRecords:
     """Records that hold no text, counted per file (per row group for parquet) instead of
     stopping a long preparation: a JSONL line that does not parse (a file cut off mid-write
-    ends in one), a record without the text field, a null text. They are reported once, as
+    ends in one), a record without the text field, a null or empty text. They are reported once, as
     one warning with the counts and the first place. A file made mostly of such records is
     in another format, or its text is under another field: that is one error (after 100 bad
     records with none good, at once)."""
@@ -340,7 +455,7 @@ class SkippedRecords:
 
     def skip(self, reason: str, at: int, kept: int, error: Optional[str] = None) -> None:
         """Count one record; ``error`` is the message for when such records are (nearly) all
-        the file holds. A null text never is: an empty record is valid data."""
+        the file holds. A null or empty text never is: an empty record is valid data."""
         self.counts[reason] = self.counts.get(reason, 0) + 1
         self.first_at = at if self.first_at is None else self.first_at
         if error is not None:
@@ -360,49 +475,115 @@ class SkippedRecords:
                         "skipped; otherwise repair those records.")
 
 
-def _jsonl(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+def _record_text(record, text_field: str, place: str, at: int, skipped: "SkippedRecords", kept: int,
+                 key: str) -> Optional[str]:
+    """The text of one JSON record; None when it holds none (counted in ``skipped``)."""
+    if not isinstance(record, dict) or text_field not in record:
+        has = f"its fields are {list(record)[:8]}" if isinstance(record, dict) else f"it is a JSON {type(record).__name__}"
+        skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} has no field {text_field!r} "
+                     f"({has}). Fix: set data.text_field to the field holding the text.")
+        return None
+    value = record[text_field]
+    if value is None:
+        skipped.skip(f"with a null {text_field!r}", at, kept)
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: make it a "
+                        "string in that record, or set data.text_field to the field holding the text.")
+    if not value:
+        skipped.skip(f"with an empty {text_field!r}", at, kept)
+        return None
+    return value
+
+
+def _json_records(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+    """JSON Lines, streamed; a file whose first character is ``[`` is one JSON array of
+    records instead (read whole: it cannot be streamed without a parser of our own)."""
     line_no, kept = 0, 0
     skipped = SkippedRecords(path, key)
-    missing = f"without the field {text_field!r}"
     try:
         with _open_stream(path, key) as stream:
             for line_no, raw in enumerate(stream, 1):
+                if line_no == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
                 if not raw.strip():
                     continue
+                if not kept and not skipped.counts and raw.lstrip().startswith(b"["):
+                    yield from _json_array(path, raw + stream.read(), text_field, key, warn)
+                    return
                 line = _decode(raw, path, key, warn, where=f":{line_no}")
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
                     skipped.skip("not valid JSON", line_no, kept, f"{key}: {path}:{line_no} is not valid JSON ({err}). "
-                                 "Fix: a file of one JSON object per line, or rename it to .txt to read it as text.")
+                                 "Fix: JSON Lines (one object per line) or one JSON array of objects; or rename the "
+                                 "file to .txt to read it as text.")
                     continue
-                if not isinstance(record, dict) or text_field not in record:
-                    skipped.skip(missing, line_no, kept, f"{key}: {path}:{line_no} has no field {text_field!r}. "
-                                 "Fix: set data.text_field to the field holding the text.")
-                    continue
-                value = record[text_field]
-                if value is None:
-                    skipped.skip(f"with a null {text_field!r}", line_no, kept)
-                    continue
-                if not isinstance(value, str):
-                    raise DataError(f"{key}: {path}:{line_no}: {text_field!r} is "
-                                    f"{type(value).__name__}, not text. Fix: make it a string in that "
-                                    "record, or set data.text_field to the field holding the text.")
-                kept += 1
-                yield value
+                text = _record_text(record, text_field, f"{path}:{line_no}", line_no, skipped, kept, key)
+                if text is not None:
+                    kept += 1
+                    yield text
         skipped.finish(kept, warn)
-    except (OSError, EOFError, zlib.error) as err:
-        yield from _stream_error(path, line_no, err, key)
-    except Exception as err:  # zstandard.ZstdError is not an OSError
-        if type(err).__name__ != "ZstdError":
-            raise
-        yield from _stream_error(path, line_no, err, key)
+    except Exception as err:
+        _raise_if_damaged(path, err, f" after line {line_no}", key)
+        raise
 
 
-def _stream_error(path: Path, line_no: int, err: Exception, key: str) -> Iterator[str]:
-    raise DataError(f"{key}: {path} is damaged: the compressed stream breaks after line {line_no} ({err}). "
-                    "Fix: re-download the file, or remove it from the source.") from err
-    yield  # a generator, so that the error is raised where the documents are read
+def _json_array(path: Path, data: bytes, text_field: str, key: str, warn: list) -> Iterator[str]:
+    try:
+        records = json.loads(_decode(data, path, key, warn))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{key}: {path} starts like a JSON array but is not valid JSON ({err}). Fix: repair or "
+                        "re-download it; JSON Lines (one object per line) can also be read.") from err
+    skipped, kept = SkippedRecords(path, key, where="record"), 0
+    for i, record in enumerate(records):
+        text = _record_text(record, text_field, f"{path} record {i}", i, skipped, kept, key)
+        if text is not None:
+            kept += 1
+            yield text
+    skipped.finish(kept, warn)
+
+
+def _csv(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+    """A CSV (TSV) file's ``text_field`` column, streamed in blocks by pyarrow. Quoted
+    values may hold newlines; an empty value is skipped (CSV cannot tell it from null)."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    delimiter = "\t" if _format_base(path) == ".tsv" else ","
+    parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+    read = pa_csv.ReadOptions(block_size=16 << 20)
+    skipped, kept, row = SkippedRecords(path, key, where="row"), 0, 0
+    try:
+        with _open_stream(path, key) as stream:
+            reader = pa_csv.open_csv(stream, read_options=read, parse_options=parse, convert_options=pa_csv.ConvertOptions(
+                column_types={text_field: pa.string()}, include_columns=[text_field]))
+            for batch in reader:
+                for value in batch.column(0).to_pylist():
+                    if value:
+                        kept += 1
+                        yield value
+                    else:
+                        skipped.skip(f"with an empty {text_field!r}", row, kept)
+                    row += 1
+    except (pa.ArrowInvalid, KeyError) as err:
+        if row == 0 and text_field in str(err):
+            raise DataError(f"{key}: {path} has no column {text_field!r} (it has {_csv_header(path, parse, key)}). "
+                            "Fix: set data.text_field to the column holding the text.") from err
+        what = " ".join(str(err).split())[:300]  # pyarrow quotes the offending row, newlines and all
+        raise DataError(f"{key}: {path} does not read as {'TSV' if delimiter == chr(9) else 'CSV'} after row {row:,} "
+                        f"({what}). Fix: repair or re-download it.") from err
+    except Exception as err:
+        _raise_if_damaged(path, err, f" after row {row:,}", key)
+        raise
+    skipped.finish(kept, warn)
+
+
+def _csv_header(path: Path, parse, key: str) -> List[str]:
+    import pyarrow.csv as pa_csv
+
+    with _open_stream(path, key) as stream:
+        return pa_csv.open_csv(stream, parse_options=parse).schema.names
 
 
 def _parquet(path: Path, key: str):
@@ -436,8 +617,8 @@ def _dataset_rows(path: Path, key: str) -> int:
 
 
 def _strings(values, path: Path, text_field: str, key: str, warn: list, part: str = "") -> Iterator[str]:
-    """The text of a column; nulls are skipped and counted (one warning), any other
-    non-string is one error."""
+    """The text of a column; nulls and empty strings are skipped and counted (one
+    warning), any other non-string is one error."""
     skipped, kept = SkippedRecords(Path(f"{path}{part}"), key, where="row"), 0
     for row, value in enumerate(values):
         if value is None:
@@ -446,6 +627,9 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
         if not isinstance(value, str):
             raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text. "
                             "Fix: set data.text_field to a text column.")
+        if not value:
+            skipped.skip(f"with an empty {text_field!r}", row, kept)
+            continue
         kept += 1
         yield value
     skipped.finish(kept, warn)

@@ -34,7 +34,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from letrecipes.components.corpus import DataError, DataWarning, Unit, list_units, read_unit_in_pieces, source_files
+from letrecipes.components.corpus import (READER_VERSION, DataError, DataWarning, Unit, list_units, read_unit_in_pieces,
+                                         source_files)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
                                         unique_tmp)
 from letrecipes.components.tokenizer import Tokenizer
@@ -247,12 +248,13 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
     log(f"prepare: {len(units)} unit(s), {total_bytes / 2**20:,.1f} MB of input -> {out_dir}"
         + (f"; {len(done)} already done, {len(todo)} to go" if done else "") + f"; {max(1, workers)} worker(s)")
     start = last = time.perf_counter()
-    done_bytes = new_tokens = 0
+    done_bytes = new_tokens = warned = 0
 
     def finished(meta: dict) -> None:
-        nonlocal done_bytes, new_tokens, last
+        nonlocal done_bytes, new_tokens, last, warned
         for message in meta.pop("warnings"):
             warnings.warn(message, DataWarning, stacklevel=3)
+            warned += 1
         index = int(meta["file"][len("shard_"):-len(".bin")])
         done[index] = meta
         done_bytes += units[index].size
@@ -277,7 +279,9 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
 
     shards = [done[i] for i in range(len(units))]
     if sum(s["tokens"] for s in shards) == 0:
-        raise DataError(f"{key}: the source holds no text (0 documents). Fix: point it at a non-empty corpus.")
+        skipped = f"; the {warned} warning(s) above say what was skipped" if warned else ""
+        raise DataError(f"{key}: the source holds no text (0 documents{skipped}). Fix: point it at a corpus with "
+                        "text in it.")
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
                               list(dict.fromkeys(p for u in units for p in u.paths)), plan)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
@@ -299,9 +303,9 @@ def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtyp
 
 def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source") -> str:
     """Names a small corpus's prepared folder after everything that decides its tokens: the
-    format, the tokenizer's content and its end-of-text token, the text field, and every
+    shard format and the readers' version, the tokenizer's content and its end-of-text token, the text field, and every
     file's path, size and modification time, so changing any of them prepares again."""
-    h = hashlib.sha256(f"v{FORMAT_VERSION}|{tokenizer.fingerprint()}|eos={tokenizer.eos_token!r}|"
+    h = hashlib.sha256(f"v{FORMAT_VERSION}|r{READER_VERSION}|{tokenizer.fingerprint()}|eos={tokenizer.eos_token!r}|"
                        f"{text_field}".encode())
     for f in source_files(source, key):
         st = f.stat()

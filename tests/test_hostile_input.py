@@ -93,13 +93,15 @@ def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
     assert "teacher.dtype=fp32" in message
 
 
-@pytest.mark.parametrize("content", ["", "Too short."], ids=["empty", "shorter-than-a-sequence"])
-def test_corpus_without_a_full_sequence(base_overrides, tmp_path, content):
+@pytest.mark.parametrize("content,match", [("", "the source holds no text"),
+                                           ("Too short.", "too few for one train sequence")],
+                         ids=["empty", "shorter-than-a-sequence"])
+def test_corpus_without_a_full_sequence(base_overrides, tmp_path, content, match):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(content)
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
-                       f"data.cache_dir={tmp_path / 'cache'}", match="too few for one train sequence")
+                       f"data.cache_dir={tmp_path / 'cache'}", match=match)
     assert not (tmp_path / "run").exists()
 
 

@@ -1,6 +1,7 @@
 """Issue 12: corpora in their shipping formats -> token shards, deterministic and resumable;
 the memory-mapped dataset over them; bad input as one clear error."""
 
+import codecs
 import gzip
 import json
 import os
@@ -357,7 +358,7 @@ def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_
 
 def test_records_without_text_are_skipped_with_one_warning_and_a_misread_file_is_one_error(tokenizer_path,
                                                                                            tmp_path):
-    """A missing field, a null text, a last line cut off mid-write, a .csv beside the corpus:
+    """A missing field, a null text, a last line cut off mid-write, a .pdf beside the corpus:
     counted and named, the good documents kept in order. Text under another field, or a
     file that is not JSONL, is one error."""
     import pyarrow as pa
@@ -375,24 +376,122 @@ def test_records_without_text_are_skipped_with_one_warning_and_a_misread_file_is
     lines.append('{"text": "a record cut off mid-wri')
     (source / "a.jsonl").write_text("\n".join(lines))
     pq.write_table(pa.table({"text": [None, *docs[30:], None]}), source / "b.parquet")
-    (source / "notes.csv").write_text("a,b\n1,2\n")
+    (source / "notes.pdf").write_bytes(b"%PDF-1.4\n")
     with pytest.warns(DataWarning) as caught:
         manifest = prepare_corpus(source, tok, tmp_path / "out", **QUIET)
     messages = [str(w.message) for w in caught]
     assert any("a.jsonl: skipped 3 of 33 records that hold no text (1 without the field 'text', 1 with a null "
                "'text', 1 not valid JSON; the first at line 4)" in m for m in messages), messages
     assert any("b.parquet (row group 0): skipped 2 of 12 records" in m for m in messages), messages
-    assert any("1 file(s) in" in m and "(1 .csv; first: notes.csv)" in m for m in messages), messages
+    assert any("1 file(s) in" in m and "(1 .pdf; first: notes.pdf)" in m for m in messages), messages
     assert manifest["documents"] == 40
     stream = TokenShards(tmp_path / "out", tok)[0:manifest["tokens"]]
     np.testing.assert_array_equal(stream, np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs]))
 
     other_field = tmp_path / "body.jsonl"
     other_field.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
-    with pytest.raises(DataError, match=r"body.jsonl:1 has no field 'text'\. Fix: set data.text_field to the field "
+    with pytest.raises(DataError, match=r"body.jsonl:1 has no field 'text' \(its fields are \['body'\]\)\. Fix: set data.text_field to the field "
                                         r"holding the text\. \(40 of 40 records are like this\.\)"):
         prepare_corpus(other_field, tok, tmp_path / "out2", **QUIET)
     not_jsonl = tmp_path / "plain.jsonl"
     not_jsonl.write_text("".join(d + "\n" for d in documents(150)))
-    with pytest.raises(DataError, match=r"plain.jsonl:1 is not valid JSON .*Fix: .*rename it to \.txt"):
+    with pytest.raises(DataError, match=r"plain.jsonl:1 is not valid JSON .*Fix: .*rename the file to \.txt"):
         prepare_corpus(not_jsonl, tok, tmp_path / "out3", **QUIET)  # stops after 100 bad lines, none good
+
+
+def test_json_csv_compression_and_text_encodings_read_the_same_documents(tokenizer_path, tmp_path):
+    """The class "the formats corpora ship in": C4's JSON Lines named .json.gz, a JSON array,
+    CSV/TSV (quoted values with newlines and commas), text compressed four ways, text in
+    UTF-8/16/32 with a byte-order mark. Every one reads back the same documents."""
+    import bz2
+    import csv
+    import io
+    import lzma
+
+    import zstandard
+
+    docs = [d + ',\n "quoted", and a second line' for d in documents(12)]
+    root = tmp_path / "corpus"
+    root.mkdir()
+    jsonl = "".join(json.dumps({"text": d, "url": "u"}) + "\n" for d in docs[0:3]).encode()
+    (root / "a_c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(jsonl))
+    (root / "b_array.json").write_text(json.dumps([{"text": d} for d in docs[3:5]], indent=2))
+    (root / "c_lines.ndjson.bz2").write_bytes(bz2.compress(json.dumps({"text": docs[5]}).encode()))
+    table = io.StringIO()
+    csv.writer(table).writerows([["id", "text"], [0, docs[6]], [1, docs[7]]])
+    (root / "d_table.csv").write_text(table.getvalue())
+    table = io.StringIO()
+    csv.writer(table, delimiter="\t").writerows([["text"], [docs[8]]])
+    (root / "e_table.tsv.xz").write_bytes(lzma.compress(table.getvalue().encode()))
+    (root / "f_utf16.txt").write_bytes(docs[9].encode("utf-16"))
+    (root / "g_utf32.md.zst").write_bytes(zstandard.ZstdCompressor().compress(docs[10].encode("utf-32")))
+    (root / "h_bom.txt").write_bytes(codecs.BOM_UTF8 + docs[11].encode())
+    assert list(read_documents(root)) == docs
+    assert [u.kind for u in corpus.list_units(root)] == ["jsonl", "jsonl", "jsonl", "csv", "csv", "text"]
+    tok = Tokenizer(tokenizer_path)
+    manifest = prepare_corpus(root, tok, tmp_path / "out", **QUIET)  # the streaming path agrees
+    stream = TokenShards(tmp_path / "out", tok)[0:manifest["tokens"]]
+    np.testing.assert_array_equal(stream, np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs]))
+
+
+def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
+    """A binary file with a text suffix is skipped with a warning naming it; macOS's
+    ``._name`` resource forks and hidden folders are not read; an empty document (a file,
+    a record) adds no lone end-of-text token; all-skipped is one error that points at the
+    warnings."""
+    from letrecipes.components.corpus import DataWarning
+
+    docs = documents(4)
+    root = tmp_path / "corpus"
+    (root / ".cache").mkdir(parents=True)
+    (root / "a.txt").write_text(docs[0])
+    (root / "._a.txt").write_bytes(b"\x00\x05\x16\x07" + os.urandom(500))
+    (root / ".cache" / "b.txt").write_text("cached, not corpus")
+    (root / "b.txt").write_bytes(os.urandom(100) + b"\x00" + os.urandom(1000))
+    (root / "c.txt").write_text("")
+    (root / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [docs[1], "", docs[2], docs[3]]))
+    tok = Tokenizer(tokenizer_path)
+    with pytest.warns(DataWarning) as caught:
+        manifest = prepare_corpus(root, tok, tmp_path / "out", **QUIET)
+    messages = [str(w.message) for w in caught]
+    assert any("b.txt is skipped: it looks binary (a NUL byte in its first 8,000 bytes" in m for m in messages), messages
+    assert any("d.jsonl: skipped 1 of 4 records that hold no text (1 with an empty 'text'; the first at line 2)" in m
+               for m in messages), messages
+    assert manifest["documents"] == 4
+    stream = TokenShards(tmp_path / "out", tok)[0:manifest["tokens"]]
+    np.testing.assert_array_equal(stream, np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs]))
+
+    only_binary = tmp_path / "binary.txt"
+    only_binary.write_bytes(b"\x00" * 100)
+    with pytest.warns(DataWarning), pytest.raises(DataError, match=r"holds no text \(0 documents; the 1 warning\(s\) "
+                                                                  r"above say what was skipped\)"):
+        prepare_corpus(only_binary, tok, tmp_path / "out2", **QUIET)
+
+
+def test_damaged_files_of_every_format_are_one_error(tokenizer_path, tmp_path):
+    import lzma
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = Tokenizer(tokenizer_path)
+    text = "\n".join(documents(3000))
+    cases = {}
+    cases["cut.txt.gz"] = (gzip.compress(text.encode())[:5000], r"cut.txt.gz is damaged: the compressed stream breaks "
+                                                                 r"after [\d,]+ bytes")
+    cases["cut.json.xz"] = (lzma.compress("".join(json.dumps({"text": d}) + "\n" for d in documents(3000)).encode())
+                            [:5000], r"cut.json.xz is damaged: the compressed stream breaks after line \d+")
+    cases["ragged.csv"] = (b'text,id\n"abc,1\n' + b"x,2,3,4\n" * 10, r"ragged.csv does not read as CSV after row 0 "
+                                                                    r"\(CSV parse error: [^\n]*\)\. Fix: repair")
+    cases["body.csv"] = (b"id,body\n1,x\n", r"body.csv has no column 'text' \(it has \['id', 'body'\]\)")
+    cases["broken.json"] = (b'[{"text": "a"}, {"text": ', r"broken.json starts like a JSON array but is not valid JSON")
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": documents(2000)}), buffer, compression="snappy")
+    data = bytearray(buffer.getvalue().to_pybytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    cases["damaged.parquet"] = (bytes(data), r"damaged.parquet is damaged: row group 0 does not read")
+    for name, (content, match) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DataError, match=match):
+            prepare_corpus(tmp_path / name, tok, tmp_path / f"out_{name}", **QUIET)
+        assert not (tmp_path / f"out_{name}" / MANIFEST).exists()
