@@ -94,20 +94,23 @@ class PackedDataset(Dataset):
     Item ``i`` is ``{"tokens": x, "labels": y}`` with ``y`` = ``x`` shifted by one. The stream
     is cut into windows of ``seq_len + 1`` tokens; every ``round(1 / val_fraction)``-th window
     (offset by half that) is validation, so the held-out set is spread over the whole corpus
-    and the same for a given corpus. Window ids are computed, not stored: memory does not
+    and the same for a given corpus. ``val_fraction=0``: every window is training. Window ids are computed, not stored: memory does not
     grow with the corpus.
     """
 
     def __init__(self, tokens, seq_len: int, split: str = "train", val_fraction: float = 0.02):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if not 0.0 < val_fraction < 0.5:
-            raise DataError(f"data.val_fraction={val_fraction}: must lie in (0, 0.5).")
+        if not 0.0 <= val_fraction < 0.5:
+            raise DataError(f"data.val_fraction={val_fraction}: must lie in [0, 0.5).")
+        if split == "val" and val_fraction == 0:
+            raise DataError("data.val_fraction=0: there is no validation split. Fix: a val_fraction above 0.")
         self.tokens = tokens
         self.seq_len = seq_len
         self.split = split
         self.windows = len(tokens) // (seq_len + 1)
-        self.every = max(2, round(1 / val_fraction))
+        # val_fraction 0: a period longer than the corpus, offset past its end (no window is validation)
+        self.every = max(2, round(1 / val_fraction)) if val_fraction else 2 * self.windows + 2
         offset = self.every // 2
         val_windows = 0 if self.windows <= offset else (self.windows - 1 - offset) // self.every + 1
         self.length = val_windows if split == "val" else self.windows - val_windows
@@ -257,8 +260,11 @@ def build_dataloader(
 
 
 def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int, local_rank: int = 0,
-                   log: Callable[[str], None] = print) -> Tuple[Dataset, Dataset, List[str]]:
-    """(train set, validation set, source names) from a ``data`` config section.
+                   log: Callable[[str], None] = print,
+                   validation: bool = True) -> Tuple[Dataset, Optional[Dataset], List[str]]:
+    """(train set, validation set, source names) from a ``data`` config section. The
+    validation set is None without ``validation`` (a run that never evaluates: too small a
+    split is then no error) or when ``data.val_fraction`` is 0.
 
     ``data.source`` is one corpus; ``data.sources`` a list of ``{source, weight, name,
     text_field}`` drawn as a :class:`MixtureDataset` (validation mixed the same way). Each
@@ -283,10 +289,11 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
                                 timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log)
         tokens = TokenShards(folder, tokenizer, key=key)
         train.append(PackedDataset(tokens, seq_len, "train", val_fraction))
-        val.append(PackedDataset(tokens, seq_len, "val", val_fraction))
+        if validation and val_fraction:
+            val.append(PackedDataset(tokens, seq_len, "val", val_fraction))
     if len(specs) == 1:
-        return train[0], val[0], []
-    return MixtureDataset(train, weights, seed=seed), MixtureDataset(val, weights, seed=0), names
+        return train[0], (val[0] if val else None), []
+    return MixtureDataset(train, weights, seed=seed), (MixtureDataset(val, weights, seed=0) if val else None), names
 
 
 class BatchStream:

@@ -190,14 +190,15 @@ class PretrainRecipe:
         cfg = self.cfg.data
         # Prepared folders are read as they are; a raw corpus is prepared once into the cache
         # (by each node's first process, while the others wait for it).
+        # Without evaluation the validation split is not built, so too small a one is no error.
         self.train_set, self.val_set, sources = build_datasets(cfg, self.tokenizer, seed=int(self.cfg.seed),
-                                                               local_rank=parallel.local_rank(self.rank), log=self.log)
+                                                               local_rank=parallel.local_rank(self.rank), log=self.log,
+                                                               validation=bool(self.eval_every))
         batch_size, workers = int(self.cfg.batch_size), int(cfg.get("num_workers", 0))
         self.batches = BatchStream(build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed),
                                                     rank=self.rank, world_size=self.world_size, num_workers=workers,
                                                     collate_fn=self.collate),
                                    self.device, source_names=sources)
-        # Without evaluation the validation split is never read, so too small a one is no error.
         self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False, rank=self.rank,
                                            world_size=self.world_size) if self.eval_every else None
         self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum * self.world_size

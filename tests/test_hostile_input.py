@@ -50,7 +50,8 @@ def test_malformed_yaml(tmp_path):
     ("data.seq_length=64", "config key data.seq_length is unknown. Did you mean data.seq_len?"),
     ("batch_size=sixteen", "config key batch_size='sixteen' must be an integer >= 1"),
     ("max_steps=0", "config key max_steps=0 must be an integer >= 1"),
-    ("data.val_fraction=1.5", "config key data.val_fraction=1.5 must be a number > 0 and < 0.5"),
+    ("data.val_fraction=1.5", "config key data.val_fraction=1.5 must be a number >= 0 and < 0.5"),
+    ("data.val_fraction=0", "config key eval_every=4 evaluates on the validation split, but data.val_fraction is 0"),
     ("divergence.policy=ignore", "config key divergence.policy='ignore' must be one of stop, skip"),
     ("model.num_layer=2", "config key model.num_layer is not an argument of 'letrecipes.components.models.llama_model' (it takes: "),
     ("optimizer.lrr=0.1", "config key optimizer.lrr is not an argument of 'torch.optim.AdamW'"),
@@ -58,7 +59,7 @@ def test_malformed_yaml(tmp_path):
     ("optimizer.betas=[0.9]", "config key optimizer.betas=[0.9] must be a list of 2 numbers, like [0.9, 0.999]"),
     ("optimizer.lr=abc", "config key optimizer.lr='abc' must be a number"),
     ("model.tie_word_embeddings=3", "config key model.tie_word_embeddings=3 must be true or false"),
-], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "out-of-range-fraction",
+], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "out-of-range-fraction", "no-val-split",
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
         "optimizer-tuple-length", "optimizer-number", "model-flag"])
 def test_bad_config_values_damage_nothing(base_overrides, finished_run, override, match):

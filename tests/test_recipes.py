@@ -49,6 +49,24 @@ def test_a_validation_split_too_small_to_batch_stops_only_a_run_that_evaluates(b
         run_pretrain(*small_val, f"output_dir={tmp_path / 'eval'}", "eval_every=1")
 
 
+def test_val_fraction_zero_trains_on_every_sequence(base_overrides, tmp_path, capsys):
+    """A run that never evaluates may give all its data to training."""
+    import re
+
+    import numpy as np
+
+    from letrecipes.components.data import PackedDataset
+
+    counts = {}
+    for name, extra in (("all", ["data.val_fraction=0"]), ("split", [])):
+        capsys.readouterr()
+        run_pretrain(*base_overrides, f"output_dir={tmp_path / name}", "eval_every=0", "max_steps=1", *extra)
+        counts[name] = int(re.search(r"; (\d+) training sequences", capsys.readouterr().out).group(1))
+    windows = PackedDataset(np.zeros(10_000, dtype=np.uint16), 15, "train", 0.0)
+    assert len(windows) == windows.windows == 625 and list(windows.index[:3]) == [0, 1, 2]
+    assert counts["all"] > counts["split"]
+
+
 def test_deterministic_runs_the_same_losses_and_hands_the_process_back(let_overrides, tmp_path):
     import torch
 
