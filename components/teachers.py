@@ -317,6 +317,12 @@ def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",
         if not any(cls.detect(path) for cls in formats().values()):
             if path.is_file():
                 return path  # a tokenizer file of any name; Tokenizer() says if it is not one
+            slow = [name for name in ("tokenizer.model", "tokenizer.tiktoken", "vocab.json") if (path / name).is_file()]
+            if slow:  # SentencePiece (Llama 2, Mistral, Gemma), tiktoken, GPT-2 vocab + merges: transformers converts
+                raise TeacherError(
+                    f"{key}: the folder {str(path)!r} has {slow[0]} but no tokenizer.json, the one tokenizer format "
+                    "read here. Fix: write one beside it with transformers (once): python -c \"from transformers "
+                    f"import AutoTokenizer; AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\"")
             raise TeacherError(f"{key}: the folder {str(path)!r} has no tokenizer.json. Fix: copy the model's "
                                "tokenizer.json there, or set tokenizer.path to a tokenizer.json.")
         fmt = AutoFormat()

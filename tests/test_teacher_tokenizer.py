@@ -65,3 +65,31 @@ def test_source_teacher_without_a_teacher_path_is_refused(base_overrides, tmp_pa
     with pytest.raises(SystemExit, match="tokenizer.source=teacher but there is no teacher.path"):
         pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}",
                               "tokenizer.source=teacher"])
+
+
+def test_a_folder_with_a_sentencepiece_model_only_names_the_conversion_that_works(corpus_dir, tmp_path):
+    """Llama 2 / Mistral style folders may ship tokenizer.model alone: the error gives the
+    one command that writes the tokenizer.json, and after it the folder loads."""
+    import shlex
+    import subprocess
+    import sys
+
+    import sentencepiece
+
+    from letrecipes.components.errors import LetRecipesError
+    from letrecipes.components.tokenizer import load_tokenizer
+
+    folder = tmp_path / "llama2_style"
+    folder.mkdir()
+    sentencepiece.SentencePieceTrainer.train(input=",".join(map(str, sorted(corpus_dir.glob("*.txt"))[:2])),
+                                             model_prefix=str(folder / "tokenizer"), vocab_size=300, model_type="bpe",
+                                             minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "eos_token": "</s>"}))
+    with pytest.raises(LetRecipesError, match="has tokenizer.model but no tokenizer.json") as caught:
+        load_tokenizer({"path": str(folder)})
+    command = str(caught.value).split("Fix: write one beside it with transformers (once): ")[1]
+    subprocess.run([sys.executable if part == "python" else part for part in shlex.split(command)], check=True,
+                   timeout=300)
+    tokenizer = load_tokenizer({"path": str(folder)})
+    assert tokenizer.eos_token == "</s>" and tokenizer.vocab_size == 300
