@@ -2,6 +2,7 @@
 index) + ``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` decoders.
 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
+Mistral (``MistralForCausalLM``: Llama's weights; a sliding window bounds the context),
 Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v) and OPT (``OPTForCausalLM``). The
 architecture is read from ``config.json``; weights are checked against it tensor by tensor.
 """
@@ -21,8 +22,9 @@ from letrecipes.components.teachers import (
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "OPTForCausalLM": "opt"}
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "opt": "opt"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                 "OPTForCausalLM": "opt"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "opt": "opt"}
 
 
 def read_config(path: Path) -> dict:
@@ -96,10 +98,15 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
         base, scaling = _rope(config, config_file)
         attention_bias = bool(config.get("attention_bias", False))
         heads = config["num_attention_heads"]
+        context = config.get("max_position_embeddings", 2048)
+        if arch == "mistral" and config.get("sliding_window"):
+            # Within the window, sliding-window attention is full causal attention: the teacher
+            # is exact on sequences up to the window, and the recipe refuses longer ones.
+            context = min(context, int(config["sliding_window"]))
         return ModelArgs(
             vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
             num_kv_heads=config.get("num_key_value_heads") or heads, embed_dim=config["hidden_size"],
-            intermediate_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+            intermediate_dim=config["intermediate_size"], max_seq_len=context,
             rope_base=base, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             head_dim=config.get("head_dim") if config.get("head_dim") not in (None, config["hidden_size"] // heads) else None,

@@ -35,6 +35,12 @@ def _qwen2():
         **TINY, num_key_value_heads=3, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=1_000_000.0))
 
 
+def _mistral(window=None):
+    return transformers.MistralForCausalLM(transformers.MistralConfig(
+        **TINY, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=1_000_000.0,
+        sliding_window=window))
+
+
 def _opt(tie=True):
     return transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=101, hidden_size=48, ffn_dim=80, num_hidden_layers=3, num_attention_heads=6,
@@ -42,7 +48,7 @@ def _opt(tie=True):
 
 
 MODELS = {"llama_tied": _llama, "llama_untied": lambda: _llama(tie=False), "llama3_scaled_rope": _llama3_scaled,
-          "qwen2_biases": _qwen2, "opt": _opt}
+          "qwen2_biases": _qwen2, "opt": _opt, "mistral": _mistral, "mistral_window": lambda: _mistral(window=48)}
 
 
 def _save(model, path, shard=False):
@@ -76,6 +82,7 @@ def test_hidden_states_and_logits_match_transformers(tmp_path, name):
     # The teacher's own early-stopping path gives the same states as the full forward.
     torch.testing.assert_close(teacher.hidden_states(tokens, [1])[1], expected.hidden_states[1], atol=2e-5, rtol=1e-4)
     assert (teacher.width, teacher.vocab_size) == (48, 101)
+    assert teacher.context == (48 if name == "mistral_window" else 64)  # the window bounds what it reads exactly
     assert total_params(describe_teacher({"path": str(tmp_path)})) == sum(p.numel() for p in teacher.parameters())  # dry runs count right
 
 
