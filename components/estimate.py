@@ -29,6 +29,7 @@ def block_params(args: ModelArgs) -> int:
     vectors = 2 * args.embed_dim  # the two norm scales
     vectors += (q_width + 2 * kv_width) if args.qkv_bias else 0
     vectors += args.embed_dim if args.output_bias else 0
+    vectors += 2 * args.dim_per_head if args.qk_norm else 0
     if args.family == "opt":  # LayerNorm biases and the MLP biases
         vectors += 2 * args.embed_dim + args.intermediate_dim + args.embed_dim
     return block_matmul_params(args) + vectors

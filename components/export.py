@@ -52,9 +52,10 @@ def export_dtype(name: str, key: str = "export.dtype") -> torch.dtype:
 
 def hf_config(args: ModelArgs, tokenizer: Optional[Tokenizer], dtype: torch.dtype) -> dict:
     """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` with ``args``' shape."""
-    if args.family != "llama" or args.qkv_bias or args.output_bias:
-        raise ExportError(f"export: only Llama-family students without attention biases are exported to Hugging "
-                          f"Face format (this model: family={args.family!r}, qkv_bias={args.qkv_bias}).")
+    if args.family != "llama" or args.qkv_bias or args.output_bias or args.qk_norm:
+        raise ExportError(f"export: only Llama-family students without attention biases or q/k norms are exported "
+                          f"to Hugging Face format (this model: family={args.family!r}, qkv_bias={args.qkv_bias}, "
+                          f"qk_norm={args.qk_norm}).")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": args.vocab_size, "hidden_size": args.embed_dim, "intermediate_size": args.intermediate_dim,

@@ -3,7 +3,8 @@ index) + ``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` dec
 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
 Mistral (``MistralForCausalLM``: Llama's weights; a sliding window bounds the context),
-Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v) and OPT (``OPTForCausalLM``). The
+Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v), Qwen3 (``Qwen3ForCausalLM``: RMSNorm
+on each head of q and k) and OPT (``OPTForCausalLM``). The
 architecture is read from ``config.json``; weights are checked against it tensor by tensor.
 """
 
@@ -23,8 +24,8 @@ from letrecipes.components.teachers import (
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "OPTForCausalLM": "opt"}
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "opt": "opt"}
+                 "Qwen3ForCausalLM": "qwen3", "OPTForCausalLM": "opt"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "opt": "opt"}
 
 
 def read_config(path: Path) -> dict:
@@ -110,7 +111,7 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
             rope_base=base, rope_scaling=scaling, norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             head_dim=config.get("head_dim") if config.get("head_dim") not in (None, config["hidden_size"] // heads) else None,
-            qkv_bias=arch == "qwen2" or attention_bias, output_bias=attention_bias,
+            qkv_bias=arch == "qwen2" or attention_bias, output_bias=attention_bias, qk_norm=arch == "qwen3",
         )
     except KeyError as err:
         raise TeacherError(f"{config_file}: missing key {err.args[0]!r} that a {arch} config must have.") from err
@@ -148,9 +149,12 @@ def _llama_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[C
     if rest in simple:
         return f"layers.{i}.{simple[rest]}", None
     for proj, heads in (("q_proj", args.num_heads), ("k_proj", args.num_kv_heads)):
+        linear = f"{proj}.linear" if args.qk_norm else proj
         for kind in ("weight", "bias"):
             if rest == f"self_attn.{proj}.{kind}":
-                return f"layers.{i}.attn.{proj}.{kind}", lambda w, h=heads: _rotary_to_interleaved(w, h)
+                return f"layers.{i}.attn.{linear}.{kind}", lambda w, h=heads: _rotary_to_interleaved(w, h)
+        if args.qk_norm and rest == f"self_attn.{proj[0]}_norm.weight":  # one head's scale, in RoPE's order too
+            return f"layers.{i}.attn.{proj}.norm.scale", lambda w: _rotary_to_interleaved(w, 1)
     return "?" + hf_key, None
 
 

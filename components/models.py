@@ -52,6 +52,7 @@ class ModelArgs:
     qkv_bias: bool = False                 # Qwen2: biases on q, k, v
     output_bias: bool = False              # attention output projection bias
     rope_scaling: Optional[dict] = None    # Llama-3.1+: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    qk_norm: bool = False                  # Qwen3: RMSNorm over each head of q and k, before RoPE
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":
@@ -97,15 +98,35 @@ def _rope(args: ModelArgs) -> nn.Module:
     )
 
 
+class HeadNormedLinear(nn.Module):
+    """A projection whose output is RMS-normalised head by head (Qwen3's q and k norms).
+
+    torchtune's attention applies its ``q_norm``/``k_norm`` after RoPE, Qwen3 before it;
+    with a learned scale the two differ, so the norm lives in the projection, which
+    torchtune's attention calls before RoPE."""
+
+    def __init__(self, linear: nn.Linear, head_dim: int, eps: float):
+        super().__init__()
+        self.linear, self.norm, self.head_dim = linear, RMSNorm(head_dim, eps=eps), head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x).unflatten(-1, (-1, self.head_dim))).flatten(-2)
+
+
 def _attention(args: ModelArgs, pos_embeddings: Optional[nn.Module]) -> MultiHeadAttention:
     head_dim = args.dim_per_head
+
+    def query_or_key(heads: int) -> nn.Module:
+        linear = nn.Linear(args.embed_dim, heads * head_dim, bias=args.qkv_bias)
+        return HeadNormedLinear(linear, head_dim, args.norm_eps) if args.qk_norm else linear
+
     return MultiHeadAttention(
         embed_dim=args.embed_dim,
         num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads,
         head_dim=head_dim,
-        q_proj=nn.Linear(args.embed_dim, args.num_heads * head_dim, bias=args.qkv_bias),
-        k_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=args.qkv_bias),
+        q_proj=query_or_key(args.num_heads),
+        k_proj=query_or_key(args.num_kv_heads),
         v_proj=nn.Linear(args.embed_dim, args.num_kv_heads * head_dim, bias=args.qkv_bias),
         output_proj=nn.Linear(args.num_heads * head_dim, args.embed_dim, bias=args.output_bias),
         pos_embeddings=pos_embeddings,

@@ -107,6 +107,23 @@ def test_let_7b_dry_run_against_a_real_llama_3_2_1b_config(tmp_path):
     assert report["aligned_pairs_student_teacher"] == [(8, 16)]
 
 
+QWEN3_0_6B = {  # config.json of Qwen/Qwen3-0.6B: heads wider than hidden / heads, q/k norms
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+    "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+    "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000,
+    "rope_scaling": None, "sliding_window": None, "use_sliding_window": False, "tie_word_embeddings": True,
+    "vocab_size": 151936, "attention_bias": False,
+}
+
+
+def test_a_real_qwen3_config_counts_its_published_size(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_0_6B))
+    report = dry_run(load_config("let_7b", [f"teacher.path={tmp_path}", "dry_run_world_size=32"]), with_teacher=True)
+    assert report["teacher_params"] == 596_049_920  # 0.44B non-embedding + 151,936 x 1,024 tied embeddings
+
+
 @pytest.mark.parametrize("config", [c for c in available_configs() if c != "eval"])  # eval trains nothing
 def test_every_shipped_config_dry_runs_through_its_recipe(config, capsys, tokenizer_path, tmp_path):
     main = let_pretrain.recipe_main if config.startswith("let") else pretrain.recipe_main

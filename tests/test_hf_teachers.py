@@ -41,6 +41,12 @@ def _mistral(window=None):
         sliding_window=window))
 
 
+def _qwen3():  # head_dim 16 (not 48 / 6): Qwen3-0.6B's heads are wider than hidden / heads too
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **TINY, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_theta=1_000_000.0))
+
+
 def _opt(tie=True):
     return transformers.OPTForCausalLM(transformers.OPTConfig(
         vocab_size=101, hidden_size=48, ffn_dim=80, num_hidden_layers=3, num_attention_heads=6,
@@ -48,7 +54,8 @@ def _opt(tie=True):
 
 
 MODELS = {"llama_tied": _llama, "llama_untied": lambda: _llama(tie=False), "llama3_scaled_rope": _llama3_scaled,
-          "qwen2_biases": _qwen2, "opt": _opt, "mistral": _mistral, "mistral_window": lambda: _mistral(window=48)}
+          "qwen2_biases": _qwen2, "opt": _opt, "mistral": _mistral, "mistral_window": lambda: _mistral(window=48),
+          "qwen3_qk_norm": _qwen3}
 
 
 def _save(model, path, shard=False):
