@@ -259,6 +259,20 @@ def shard_model(model: nn.Module, mp_policy=None, reshard_after_forward: bool = 
     fully_shard(model, reshard_after_forward=False, **kwargs)
 
 
+def all_reduce_across_replicas(module: nn.Module, enabled: bool) -> None:
+    """HSDP: whether the next backward all-reduces gradients across the replicas. Gradient
+    accumulation turns it off for all but a step's last micro-batch: the reduce-scatter
+    within a shard group still runs (gradients stay sharded, so memory is unchanged) and
+    adds into the sharded gradient, and the last micro-batch's all-reduce carries the sum
+    of them all. The slow, inter-node collective then runs once per step, not once per
+    micro-batch."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in module.modules():
+        if isinstance(part, FSDPModule):
+            part.set_requires_all_reduce(enabled, recurse=False)
+
+
 def shard_module(module: nn.Module, mp_policy=None, mesh=None) -> None:
     """FSDP2 for a small trainable module of its own (the aligner's projectors), on the
     student's mesh (gradient clipping takes one norm over both)."""

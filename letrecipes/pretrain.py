@@ -271,7 +271,10 @@ class PretrainRecipe:
         """
         self.step_checks: List[Tuple[torch.Tensor, str]] = []  # (flag on the device, error if it is false)
         sums: Dict[str, Any] = {}
-        for _ in range(self.grad_accum):
+        replicated = self.mesh is not None and self.mesh.ndim == 2 and self.grad_accum > 1
+        for micro in range(self.grad_accum):
+            if replicated:  # HSDP: one all-reduce across replicas per step, at its last micro-batch
+                parallel.all_reduce_across_replicas(self.trainable, micro == self.grad_accum - 1)
             batch = self.batches.next()
             with self.autocast():
                 loss, figures = self.compute_loss(batch.pop("tokens"), batch.pop("labels"), **batch)

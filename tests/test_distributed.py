@@ -128,14 +128,15 @@ def test_resuming_on_another_world_size_is_refused_in_one_line_before_any_step(b
 
 
 def test_hsdp_2x2_trains_like_fsdp_on_2_ranks_and_resumes_exactly(base_overrides, tmp_path):
-    """HSDP on 4 gloo processes (2 replicas x 2 shards, micro-batch 2) sees the same global
+    """HSDP on 4 gloo processes (2 replicas x 2 shards, micro-batch 1, 2 accumulated: the
+    all-reduce across replicas runs at the second micro-batch only) sees the same global
     batches as plain FSDP2 on 2 processes (micro-batch 4) and starts from the same shards:
     the same losses. Then a resume continues it exactly."""
     import shutil
 
     common = [*base_overrides, "max_steps=4", "eval_every=0"]
     tune_run_2proc("pretrain", "pretrain_tiny", *common, "batch_size=4", f"output_dir={tmp_path / 'fsdp'}")
-    hsdp = [*common, "batch_size=2", "fsdp.replicate_degree=2", "save_every=2"]
+    hsdp = [*common, "batch_size=1", "gradient_accumulation_steps=2", "fsdp.replicate_degree=2", "save_every=2"]
     out = tune_run_2proc("pretrain", "pretrain_tiny", *hsdp, f"output_dir={tmp_path / 'hsdp'}", nproc=4)
     assert "HSDP replicate 2 x shard 2" in out.stdout
     a, b = losses(tmp_path / "fsdp"), losses(tmp_path / "hsdp")
