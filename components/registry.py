@@ -129,14 +129,19 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
                                  f"{key}.{option} to {problem}.")
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
     """What ``value`` should be, if it is not what ``parameter`` takes; None if it may be."""
     default = None if parameter.default is inspect.Parameter.empty else parameter.default
     annotation = parameter.annotation if isinstance(parameter.annotation, (str, type)) else None
     annotation = getattr(annotation, "__name__", annotation)
     expected = type(default) if default is not None else SIMPLE_TYPES.get(annotation)
-    if value is None:  # "the library's own choice"
-        return None
+    if value is None:  # "the library's own choice", where the argument takes None
+        plain = SIMPLE_TYPES.get(annotation)  # `int`, not `Optional[int]`: None is no value of it
+        refused = plain is not None and (parameter.default is inspect.Parameter.empty or default is not None)
+        return _KIND_NAMES[plain] if refused else None
     if expected is bool:
         return None if isinstance(value, bool) else "true or false"
     if expected is int:

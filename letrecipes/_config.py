@@ -84,10 +84,14 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"--config {str(path)!r} is not valid YAML: {problem}. Fix: {fix}.") from err
     if not isinstance(yaml, DictConfig):
         raise ConfigError(f"--config {str(path)!r} must hold a mapping at the top level.")
+    for override in overrides:
+        if override.partition("=")[0].strip() == "" and "=" in override:
+            raise ConfigError(f"the override {override!r} has no key. Fix: write key=value, like max_steps=100.")
     try:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), list(overrides))
     except ValueError as err:
-        raise ConfigError(str(err)) from err
+        raise ConfigError(f"{str(err).rstrip('.')}. Fix: write each override as key=value (no spaces around the =), "
+                          "like max_steps=100.") from err
     return cfg
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
@@ -108,9 +109,26 @@ def is_eval_config(cfg: DictConfig) -> bool:
     return "tasks" in cfg and "checkpoint" in cfg and "model" not in cfg
 
 
+def resolved(cfg: DictConfig) -> Dict[str, Any]:
+    """The config as plain values, every ``${...}`` interpolation resolved; one that does
+    not resolve (an unset environment variable, a key that does not exist) is one error
+    naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        cause = str(err).splitlines()[0] if str(err) else type(err).__name__
+        env = re.search(r"Environment variable '([^']+)' not found", cause)
+        fix = (f"export {env.group(1)}=... before the run, or give {key} a value" if env
+               else f"correct the ${{...}} in {key}, or give it a value")
+        raise ConfigValueError(f"config key {key} does not resolve: {cause}. Fix: {fix}.") from None
+
+
 def validate_eval(cfg: DictConfig) -> None:
     """The eval recipe's config: every key known, of its kind; checkpoint and tasks given."""
-    values = OmegaConf.to_container(cfg, resolve=True)
+    values = resolved(cfg)
     for key in ("checkpoint", "tasks"):
         if key not in values:
             raise ConfigValueError(f"config key {key} is missing. Fix: add it (see recipes/configs/eval.yaml).")
@@ -138,7 +156,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     unknown key, wrong type or bad value, component arguments included. ``with_teacher``:
     the recipe reads the ``teacher`` and ``alignment`` sections (LET; plain pretraining
     ignores them)."""
-    values = OmegaConf.to_container(cfg, resolve=True)
+    values = resolved(cfg)
     for key in REQUIRED:
         if key not in values and not values.get("dry_run"):
             raise ConfigValueError(f"config key {key} is missing. Fix: add it (see docs/configs.md).")
@@ -199,6 +217,10 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         spec = {"_component_": spec} if isinstance(spec, str) else dict(spec)
         if not spec.get("_component_"):
             raise ConfigValueError(f"config key {key}._component_ is missing. Fix: name the component (docs/configs.md).")
+        if not isinstance(spec["_component_"], str):
+            raise ConfigValueError(f"config key {key}._component_={spec['_component_']!r} must be a component name "
+                                   "(a registered short name or a dotted path). Fix: name the component "
+                                   "(docs/configs.md).")
         factory = registry.resolve(kind, spec["_component_"], key=f"{key}._component_")
         registry.check_arguments(factory, {k: v for k, v in spec.items() if k != "_component_"}, key,
                                  spec["_component_"])

@@ -46,6 +46,16 @@ def test_malformed_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("override, match", [
+    ("=5", "the override '=5' has no key. Fix: write key=value, like max_steps=100."),
+    ("max_steps==5", "got max_steps==5. Fix: write each override as key=value"),
+    ("max_steps", "got max_steps. Fix: write each override as key=value"),
+], ids=["no-key", "double-equals", "no-value"])
+def test_malformed_overrides(override, match):
+    expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", "pretrain_tiny", override,
+                       match=match)
+
+
+@pytest.mark.parametrize("override, match", [
     ("max_step=5", "config key max_step is unknown. Did you mean max_steps?"),
     ("data.seq_length=64", "config key data.seq_length is unknown. Did you mean data.seq_len?"),
     ("batch_size=sixteen", "config key batch_size='sixteen' must be an integer >= 1"),
@@ -59,9 +69,17 @@ def test_malformed_yaml(tmp_path):
     ("optimizer.betas=[0.9]", "config key optimizer.betas=[0.9] must be a list of 2 numbers, like [0.9, 0.999]"),
     ("optimizer.lr=abc", "config key optimizer.lr='abc' must be a number"),
     ("model.tie_word_embeddings=3", "config key model.tie_word_embeddings=3 must be true or false"),
+    ("model.num_layers=null", "config key model.num_layers=None must be an integer for"),
+    ("model=5", "config key model._component_=5 must be a component name"),
+    ("max_steps=${oc.env:LETRECIPES_SURELY_UNSET}", "config key max_steps does not resolve: KeyError raised while "
+                                                    "resolving interpolation: \"Environment variable "
+                                                    "'LETRECIPES_SURELY_UNSET' not found\". Fix: export "
+                                                    "LETRECIPES_SURELY_UNSET=... before the run"),
+    ("max_steps=${no.such.key}", "config key max_steps does not resolve: Interpolation key 'no.such.key' not found"),
 ], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "out-of-range-fraction", "no-val-split",
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
-        "optimizer-tuple-length", "optimizer-number", "model-flag"])
+        "optimizer-tuple-length", "optimizer-number", "model-flag", "null-for-a-required-integer",
+        "section-as-a-scalar", "unset-environment-variable", "dangling-interpolation"])
 def test_bad_config_values_damage_nothing(base_overrides, finished_run, override, match):
     before = digest(finished_run)
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=4",
