@@ -104,8 +104,18 @@ def os_error_in(err: BaseException) -> Optional[OSError]:
 
 def describe(err: OSError) -> str:
     cause = CAUSES.get(err.errno, err.strerror or str(err))
+    if err.errno == errno.ENOENT and err.filename and _virtual_folder(Path(err.filename).parent):
+        cause = "the folder is on a virtual filesystem (like /proc or /sys), which refuses new files"
     where = f" ({err.filename})" if err.filename else ""
     return f"{cause}{where}"
+
+
+def _virtual_folder(folder: Path) -> bool:
+    """A folder of /proc, /sys and the like: the kernel's, with no blocks behind it."""
+    try:
+        return folder.is_dir() and os.statvfs(folder).f_blocks == 0
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

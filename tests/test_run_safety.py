@@ -416,6 +416,13 @@ def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
         with pytest.raises(StorageError, match=f"data.cache_dir: preparing failed: {cause}"):
             with environment_errors("data.cache_dir", "preparing"):
                 raise OSError(code, os.strerror(code))
+    with pytest.raises(StorageError, match=r"output: writing failed: the folder is on a virtual filesystem \(like "
+                                           r"/proc or /sys\), which refuses new files \(/proc/scores.json\)"):
+        with environment_errors("output", "writing"):
+            open("/proc/scores.json", "w")  # ENOENT, though /proc exists
+    with pytest.raises(StorageError, match=r"output: writing failed: the path does not exist"):
+        with environment_errors("output", "writing"):
+            open(tmp_path / "no" / "such" / "folder.json", "w")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
