@@ -137,6 +137,35 @@ def local_rank(rank: int) -> int:
     return int(os.environ.get("LOCAL_RANK", rank))
 
 
+CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def memory_per_process_gb(device: torch.device, local_processes: Optional[int] = None,
+                          meminfo: str = "/proc/meminfo", cgroups=CGROUP_LIMITS) -> Optional[float]:
+    """GiB this process may still allocate: a GPU's free memory, or on CPU the host's
+    available memory (less, if a container's cgroup limit leaves less) shared by the
+    processes of this host. None when it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    if device.type != "cpu":
+        return None
+    try:
+        fields = dict(line.split(":", 1) for line in open(meminfo).read().splitlines() if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    for limit_path, usage_path in cgroups:
+        try:
+            limit = open(limit_path).read().strip()
+            if limit.isdigit() and int(limit) < 2**60:  # "max" or a near-2^63 number: no limit
+                available = min(available, int(limit) - int(open(usage_path).read().strip()))
+        except (OSError, ValueError):
+            continue
+    local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(0, available) / max(1, local) / 2**30
+
+
 def parallelize(
     model: nn.Module,
     device: torch.device,

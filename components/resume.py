@@ -29,7 +29,7 @@ CHANGEABLE = (
     "optimizer.*", "lr_scheduler.*", "max_steps", "clip_grad_norm",
     "log_every", "eval_every", "eval_batches", "save_every", "keep_last_checkpoints", "async_checkpoint",
     "metrics.*", "metric_logger*", "divergence.*", "progress_bar", "debug.*", "export.*", "dry_run*",
-    "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "imports",
+    "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "memory_check", "imports",
     "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers",
     "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
 )

@@ -106,7 +106,12 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             "schedule": repr(aligner.schedule),
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
-    memory = memory_per_gpu(args, world, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
+    fsdp_options = cfg.get("fsdp") or {}
+    enabled = fsdp_options.get("enabled", "auto")
+    fsdp = world > 1 if enabled == "auto" else bool(enabled)
+    shards = world // max(1, int(fsdp_options.get("replicate_degree", 1))) if fsdp else 1  # HSDP: within a group
+    memory = memory_per_gpu(args, shards, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
+                            fsdp=fsdp,
                             gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
                             checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0))
     report["memory_per_gpu_gb"] = {

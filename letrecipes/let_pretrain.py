@@ -29,8 +29,9 @@ from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import forward_with_hidden, forward_with_loss, nll_loss
 from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable, spread_indices
-from letrecipes.components.teachers import (TeacherError, existing_path, load_teacher, load_teacher_sharded,
-                                            teacher_format, tokenizer_file)
+from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.teachers import (TeacherError, describe_teacher, existing_path, load_teacher,
+                                            load_teacher_sharded, teacher_format, tokenizer_file)
 from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 
@@ -221,10 +222,20 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.teacher is not None and self.aligner.finished(self.step):
             self.release_teacher()
 
-    def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False):
+    def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         if self.teacher is not None:  # until it is released
             teacher_args = getattr(self.teacher.model, "model_args", None)
-        return super().memory_estimate(teacher_args, self.placement == "sharded" and self.fsdp)
+        return super().memory_estimate(teacher_args, self.placement == "sharded" and self.fsdp, model_args)
+
+    def planned_teacher(self):
+        """The teacher's shape from its config.json or GGUF metadata (no weights read); None
+        for a format that cannot say without loading (its load then decides)."""
+        section = OmegaConf.to_container(self.cfg.teacher, resolve=True)
+        try:
+            args = describe_teacher(section)
+        except LetRecipesError:  # a missing or broken teacher is reported by its loader, with its fix
+            args = None
+        return args, section.get("placement", "replicated") == "sharded" and self.fsdp
 
     def release_teacher(self) -> None:
         teacher_mb = sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2**20

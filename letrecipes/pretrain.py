@@ -20,7 +20,7 @@ import sys
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -138,8 +138,9 @@ class PretrainRecipe:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()
-        self.setup_data()
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
+        self.check_memory()  # before hours of preparing data for a run that cannot fit
+        self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
         if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
             load_initial_weights(str(cfg.init_from), self.model, self.model_args, self.tokenizer, log=self.log)
@@ -203,16 +204,66 @@ class PretrainRecipe:
                                            world_size=self.world_size) if self.eval_every else None
         self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum * self.world_size
 
+    def build_student(self) -> nn.Module:
+        """The student as the config describes it (on the current default device)."""
+        return registry.build("model", self.cfg.model, "model",
+                              max_seq_len=model_max_seq_len(self.cfg.model, int(self.cfg.data.seq_len)),
+                              vocab_size=self.cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size))
+
+    def planned_teacher(self) -> Tuple[Optional[ModelArgs], bool]:
+        """Hook for subclasses: (the teacher's shape, whether it is sharded), read without
+        loading it, for the memory check."""
+        return None, False
+
+    def check_memory(self) -> None:
+        """Refuse, in one line, a run whose weights, gradients and AdamW moments alone (16
+        bytes a parameter, shared by the FSDP2 shards) exceed what this process may
+        allocate: at 7B on a laptop the kernel would otherwise kill it mid-build, without a
+        word. A run the cost model puts above it in total gets a warning and goes ahead
+        (the estimate is a model). ``memory_check: false`` skips both."""
+        if not self.cfg.get("memory_check", True):
+            return
+        available = parallel.memory_per_process_gb(self.device)
+        if available is None:
+            return
+        with torch.device("meta"):
+            planned = self.build_student()
+        teacher_args, teacher_sharded = self.planned_teacher()
+        estimate = PretrainRecipe.memory_estimate(self, teacher_args, teacher_sharded, model_args=planned.model_args)
+        where = "the GPU has" if self.device.type == "cuda" else "this host has"
+        share = "" if self.device.type == "cuda" or self.local_processes == 1 else \
+            f" (its available memory shared by {self.local_processes} processes)"
+        resident = estimate.optimizer_step_gb
+        if resident > available:
+            raise RecipeError(
+                f"memory: this run needs at least {resident:.1f} GiB per process for its weights, gradients and "
+                f"AdamW moments ({count_parameters(planned) / 1e9:.2f}B parameters, 16 bytes each"
+                + (f", over {self.shards} shards" if self.shards > 1 else "") + f"), and {where} {available:.1f} GiB "
+                f"free{share}. Fix: a smaller model, more processes with FSDP2 (each holds 1/N of these), or "
+                "`memory_check=false` to try anyway; `dry_run=true` prints every term of the estimate.")
+        if estimate.total_gb > available:
+            self.log(f"warning: memory: the cost model puts this run at {estimate.total_gb:.1f} GiB per process (peak "
+                     f"at the {estimate.peak_phase}) and {where} {available:.1f} GiB free{share}: it may run out of "
+                     "memory. Fix: a smaller batch_size with more gradient_accumulation_steps, "
+                     "activation_checkpointing.mode=full, loss_chunk_tokens; `dry_run=true` prints every term.")
+
+    @property
+    def local_processes(self) -> int:
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.world_size > 1 else 1
+
+    @property
+    def shards(self) -> int:
+        """How many ways FSDP2 splits the weights: the shard group (the world, or W / R under HSDP)."""
+        if not self.fsdp:
+            return 1
+        return self.world_size // max(1, int((self.cfg.get("fsdp") or {}).get("replicate_degree", 1)))
+
     def setup_model(self) -> None:
         cfg = self.cfg
         # Sharded runs build on the meta device and initialise after sharding: no rank ever
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
-        max_seq_len = model_max_seq_len(cfg.model, int(cfg.data.seq_len))
         with torch.device("meta") if self.fsdp else nullcontext():
-            self.model = registry.build(
-                "model", cfg.model, "model", max_seq_len=max_seq_len,
-                vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size),
-            )
+            self.model = self.build_student()
         if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size={self.model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
@@ -389,12 +440,13 @@ class PretrainRecipe:
         finally:
             stopper.uninstall()
 
-    def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False):
+    def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""
         from letrecipes.components.estimate import memory_per_gpu
 
         checkpointing = self.cfg.get("activation_checkpointing") or {}
-        return memory_per_gpu(self.model_args, self.world_size, int(self.cfg.batch_size), int(self.cfg.data.seq_len),
+        return memory_per_gpu(model_args or self.model_args, self.shards, int(self.cfg.batch_size),
+                              int(self.cfg.data.seq_len),
                               checkpointing.get("mode", "none") or "none", teacher_args, teacher_sharded=teacher_sharded,
                               fsdp=self.fsdp, gradient_accumulation_steps=self.grad_accum,
                               checkpoint_every=int(checkpointing.get("every", 2)),

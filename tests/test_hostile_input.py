@@ -343,3 +343,54 @@ def test_the_let_recipe_on_a_config_without_a_teacher_and_pretraining_on_one_wit
     pretrain.recipe_main(["--config", "let_tiny", *base_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=1"])
     assert "note: this recipe is plain pretraining: the config's teacher and alignment sections are not used" in \
         capsys.readouterr().out
+
+
+def test_a_run_too_large_for_this_machine_is_refused_before_anything_is_prepared(base_overrides, tmp_path):
+    """A 128B-parameter student on this machine: 16 bytes a parameter cannot fit in any CI
+    host's memory. One line before the corpus is prepared or the run folder written (the
+    kernel would otherwise kill the process while it builds the model)."""
+    cache = tmp_path / "cache"
+    message = expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
+                                 f"data.cache_dir={cache}", "model.num_layers=160", "model.embed_dim=8192",
+                                 "model.num_heads=64", "model.num_kv_heads=8", "model.intermediate_dim=28672",
+                                 match="memory: this run needs at least")
+    assert "per process for its weights, gradients and AdamW moments (" in message and "16 bytes each" in message
+    assert "Fix: a smaller model, more processes with FSDP2" in message and "memory_check=false" in message
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
+def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
+    """Against the memory this process may allocate: below the weights, gradients and
+    moments, refused; below the cost model's total, a warning and the run goes on;
+    memory_check=false skips it."""
+    from letrecipes.components import parallel
+
+    args = [*base_overrides, "max_steps=1", "eval_every=0"]
+    monkeypatch.setattr(parallel, "memory_per_process_gb", lambda device: 1e-4)
+    expect_setup_error(run_pretrain, *args, f"output_dir={tmp_path / 'refused'}", match="memory: this run needs")
+    run_pretrain(*args, f"output_dir={tmp_path / 'skipped'}", "memory_check=false")
+    assert "memory:" not in capsys.readouterr().out
+    monkeypatch.setattr(parallel, "memory_per_process_gb", lambda device: 0.05)  # above 16 bytes x 0.15M, below 1 GiB
+    run_pretrain(*args, f"output_dir={tmp_path / 'warned'}")
+    out = capsys.readouterr().out
+    assert "warning: memory: the cost model puts this run at " in out and "it may run out of memory" in out
+    assert (tmp_path / "warned" / "final").is_dir()
+
+
+def test_memory_per_process_reads_meminfo_the_cgroup_limit_and_the_processes_of_the_host(tmp_path):
+    import torch
+
+    from letrecipes.components.parallel import memory_per_process_gb
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   16777216 kB\n")  # 16 GiB
+    cpu = torch.device("cpu")
+    assert memory_per_process_gb(cpu, 1, str(meminfo), cgroups=()) == pytest.approx(16.0)
+    assert memory_per_process_gb(cpu, 4, str(meminfo), cgroups=()) == pytest.approx(4.0)
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text(str(10 * 2**30))
+    usage.write_text(str(2 * 2**30))
+    assert memory_per_process_gb(cpu, 1, str(meminfo), cgroups=((str(limit), str(usage)),)) == pytest.approx(8.0)
+    limit.write_text("max\n")  # cgroup v2 without a limit
+    assert memory_per_process_gb(cpu, 2, str(meminfo), cgroups=((str(limit), str(usage)),)) == pytest.approx(8.0)
+    assert memory_per_process_gb(cpu, 1, str(tmp_path / "missing"), cgroups=()) is None
