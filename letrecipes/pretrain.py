@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import random
 import sys
 import warnings
@@ -72,6 +73,14 @@ def schedule_warnings(cfg: DictConfig, max_steps: int) -> List[str]:
         lines.append("warning: optimizer.lr=0: the weights never change. Fix: a learning rate > 0, if that is not "
                      "meant.")
     return lines
+
+
+def _size(n_bytes: float) -> str:
+    """``1.2 GB``, ``340 MB``, ``1 kB``: decimal units, as disks are sold and `df -H` shows."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:,.1f} {unit}"
+    return f"{n_bytes / 1e3:,.0f} kB"
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -139,7 +148,7 @@ class PretrainRecipe:
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()
         self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
-        self.check_memory()  # before hours of preparing data for a run that cannot fit
+        self.check_resources()  # before hours of preparing data for a run that cannot fit
         self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
         if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
@@ -215,7 +224,38 @@ class PretrainRecipe:
         loading it, for the memory check."""
         return None, False
 
-    def check_memory(self) -> None:
+    def check_resources(self) -> None:
+        """Memory (refused when it cannot fit) and disk (a warning), from the student's
+        shape built on the meta device: nothing allocated."""
+        with torch.device("meta"):
+            planned = self.build_student()
+        self.check_memory(planned)
+        self.check_disk(count_parameters(planned))
+
+    def check_disk(self, n_params: int) -> None:
+        """Warn at the start, not at the first save hours later, when ``output_dir``'s disk
+        cannot hold the checkpoints the run will keep (12 bytes a parameter: fp32 weights and
+        two AdamW moments; ``keep_last_checkpoints`` of them, one more while a save
+        completes) and the bf16 export."""
+        if not self.is_main:
+            return
+        folder = self.output_dir
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return
+        keep = int(self.cfg.get("keep_last_checkpoints", 2)) + 1 if self.save_every else 0
+        checkpoint, export = 12 * n_params, 2 * n_params
+        needed = keep * checkpoint + export
+        if needed > free:
+            self.log(f"warning: disk: output_dir's filesystem has {_size(free)} free; this run writes checkpoints "
+                     f"of about {_size(checkpoint)} ({keep} at a time: keep_last_checkpoints and the one being saved) "
+                     f"and a {_size(export)} export, {_size(needed)} in all. Fix: free space, "
+                     "keep_last_checkpoints=1, or an output_dir on a larger disk.")
+
+    def check_memory(self, planned: nn.Module) -> None:
         """Refuse, in one line, a run whose weights, gradients and AdamW moments alone (16
         bytes a parameter, shared by the FSDP2 shards) exceed what this process may
         allocate: at 7B on a laptop the kernel would otherwise kill it mid-build, without a
@@ -226,8 +266,6 @@ class PretrainRecipe:
         available = parallel.memory_per_process_gb(self.device)
         if available is None:
             return
-        with torch.device("meta"):
-            planned = self.build_student()
         teacher_args, teacher_sharded = self.planned_teacher()
         estimate = PretrainRecipe.memory_estimate(self, teacher_args, teacher_sharded, model_args=planned.model_args)
         where = "the GPU has" if self.device.type == "cuda" else "this host has"

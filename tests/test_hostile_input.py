@@ -394,3 +394,20 @@ def test_memory_per_process_reads_meminfo_the_cgroup_limit_and_the_processes_of_
     limit.write_text("max\n")  # cgroup v2 without a limit
     assert memory_per_process_gb(cpu, 2, str(meminfo), cgroups=((str(limit), str(usage)),)) == pytest.approx(8.0)
     assert memory_per_process_gb(cpu, 1, str(tmp_path / "missing"), cgroups=()) is None
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_a_warning_at_the_start(base_overrides, tmp_path, monkeypatch,
+                                                                       capsys):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pretrain.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=2", "save_every=1",
+                 "keep_last_checkpoints=1", "eval_every=0")
+    out = capsys.readouterr().out
+    warning = next(line for line in out.splitlines() if line.startswith("warning: disk:"))
+    assert "has 1 kB free" in warning and "(2 at a time: keep_last_checkpoints and the one being saved)" in warning
+    assert out.index("warning: disk:") < out.index("step 1/2")  # at the start, not at the first save
+    monkeypatch.undo()
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'roomy'}", "max_steps=1", "eval_every=0")
+    assert "warning: disk:" not in capsys.readouterr().out
