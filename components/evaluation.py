@@ -47,24 +47,34 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
     if not path.is_file():
         raise EvalError(f"eval task file {str(path)!r} does not exist. Fix: run `python -m benchmarks.fetch_eval_tasks` "
                         "(bigbench tasks) or point tasks at JSON-lines files of {context, choices, gold}.")
+    shape = 'Fix: one JSON object per line, {"context": "...", "choices": ["...", "..."], "gold": <index of the right one>}.'
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             raw = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvalError(f"{path}:{number}: not valid JSON ({err}). {shape}") from err
+        missing = [k for k in ("context", "choices", "gold") if not isinstance(raw, dict) or k not in raw]
+        if missing:
+            has = f"its fields are {list(raw)[:8]}" if isinstance(raw, dict) else f"it is a JSON {type(raw).__name__}"
+            raise EvalError(f"{path}:{number}: not a task item: no {', '.join(missing)} ({has}). {shape}")
+        try:
             item = Item(str(raw["context"]), [str(c) for c in raw["choices"]], int(raw["gold"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise EvalError(f"{path}:{number}: not a task item {{context, choices, gold}} ({err}).") from err
+        except (TypeError, ValueError) as err:
+            raise EvalError(f"{path}:{number}: not a task item ({err}). {shape}") from err
         if len(item.choices) < 2 or not 0 <= item.gold < len(item.choices):
-            raise EvalError(f"{path}:{number}: needs at least 2 choices and 0 <= gold < len(choices).")
+            raise EvalError(f"{path}:{number}: {len(item.choices)} choice(s) and gold={item.gold}: an item needs at "
+                            f"least 2 choices and 0 <= gold < len(choices). {shape}")
         if not all(item.choices):
-            raise EvalError(f"{path}:{number}: a choice is empty (it would have no tokens to score).")
+            raise EvalError(f"{path}:{number}: a choice is empty (it would have no tokens to score). Fix: give every "
+                            "choice some text.")
         items.append(item)
         if limit and len(items) == limit:
             break
     if not items:
-        raise EvalError(f"eval task file {str(path)!r} has no items.")
+        raise EvalError(f"eval task file {str(path)!r} has no items. {shape}")
     return items
 
 

@@ -100,8 +100,15 @@ def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
     path = write_task(tmp_path / "t.jsonl", [Item("c", ["x", "y"], 1)])
     assert read_task(path)[0] == Item("c", ["x", "y"], 1)
     (tmp_path / "bad.jsonl").write_text('{"context": "c", "choices": ["only one"], "gold": 0}\n')
-    with pytest.raises(EvalError, match=r"bad.jsonl:1: needs at least 2 choices"):
+    with pytest.raises(EvalError, match=r"bad.jsonl:1: 1 choice\(s\) and gold=0: an item needs at least 2 choices"):
         read_task(tmp_path / "bad.jsonl")
+    (tmp_path / "other.jsonl").write_text('{"question": "q", "answers": ["a", "b"], "label": 0}\n')
+    with pytest.raises(EvalError, match=r"other.jsonl:1: not a task item: no context, choices, gold \(its fields are "
+                                        r"\['question', 'answers', 'label'\]\)\. Fix: one JSON object per line"):
+        read_task(tmp_path / "other.jsonl")
+    (tmp_path / "text.jsonl").write_text("a question?\n")
+    with pytest.raises(EvalError, match=r"text.jsonl:1: not valid JSON .*Fix: one JSON object per line"):
+        read_task(tmp_path / "text.jsonl")
     with pytest.raises(EvalError, match="fetch_eval_tasks"):
         read_task(tmp_path / "missing.jsonl")
 
