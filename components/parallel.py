@@ -88,6 +88,15 @@ def device_mesh(device: torch.device, replicate_degree: int = 1):
                             mesh_dim_names=("replicate", "shard"))
 
 
+def fsdp_layout(fsdp_options: Mapping[str, Any], world_size: int) -> Tuple[bool, int]:
+    """(whether FSDP2 shards the model, into how many shards) for the ``fsdp`` config
+    section: ``enabled: auto`` shards with more than one process; under HSDP a shard group
+    is world / ``replicate_degree`` ranks."""
+    enabled = fsdp_options.get("enabled", "auto")
+    fsdp = world_size > 1 if enabled == "auto" else bool(enabled)
+    return fsdp, (world_size // max(1, int(fsdp_options.get("replicate_degree", 1))) if fsdp else 1)
+
+
 def shard_rank(mesh=None) -> int:
     """This rank's place among the ranks that hold different shards."""
     if mesh is not None:

@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from letrecipes.components import registry
+from letrecipes.components import parallel, registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
@@ -106,10 +106,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             "schedule": repr(aligner.schedule),
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
-    fsdp_options = cfg.get("fsdp") or {}
-    enabled = fsdp_options.get("enabled", "auto")
-    fsdp = world > 1 if enabled == "auto" else bool(enabled)
-    shards = world // max(1, int(fsdp_options.get("replicate_degree", 1))) if fsdp else 1  # HSDP: within a group
+    fsdp, shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, world)
     memory = memory_per_gpu(args, shards, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
                             fsdp=fsdp,
                             gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),

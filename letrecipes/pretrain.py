@@ -147,7 +147,7 @@ class PretrainRecipe:
 
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()
-        self.fsdp = self.world_size > 1 if fsdp_enabled == "auto" else bool(fsdp_enabled)
+        self.fsdp, self.shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, self.world_size)
         self.check_resources()  # before hours of preparing data for a run that cannot fit
         self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
@@ -260,7 +260,7 @@ class PretrainRecipe:
         bytes a parameter, shared by the FSDP2 shards) exceed what this process may
         allocate: at 7B on a laptop the kernel would otherwise kill it mid-build, without a
         word. A run the cost model puts above it in total gets a warning and goes ahead
-        (the estimate is a model). ``memory_check: false`` skips both."""
+        (the estimate is a model). ``memory_check: false`` skips this check."""
         if not self.cfg.get("memory_check", True):
             return
         available = parallel.memory_per_process_gb(self.device)
@@ -288,13 +288,6 @@ class PretrainRecipe:
     @property
     def local_processes(self) -> int:
         return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if self.world_size > 1 else 1
-
-    @property
-    def shards(self) -> int:
-        """How many ways FSDP2 splits the weights: the shard group (the world, or W / R under HSDP)."""
-        if not self.fsdp:
-            return 1
-        return self.world_size // max(1, int((self.cfg.get("fsdp") or {}).get("replicate_degree", 1)))
 
     def setup_model(self) -> None:
         cfg = self.cfg
