@@ -6,10 +6,15 @@
 | ``.jsonl``, ``.ndjson``, ``.json`` (JSON Lines, or one JSON array of records) | Python, streamed | a record's ``text_field`` |
 | ``.csv``, ``.tsv`` | ``pyarrow.csv``, streamed in blocks | a row's ``text_field`` column |
 | ``.parquet`` (FineWeb-Edu style shards) | ``pyarrow``, one row group at a time | a row's ``text_field`` |
+| ``.arrow`` (``datasets``' cache files, Arrow IPC) | ``pyarrow.ipc``, one record batch at a time | a row's ``text_field`` |
 | a Hugging Face ``datasets`` folder (``save_to_disk``) | ``datasets.load_from_disk`` (memory-mapped) | a row's ``text_field`` |
+| ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.zst``, ...), ``.zip`` | ``tarfile`` streamed, ``zipfile`` | its members, each by its own format |
 
 Text, JSON and CSV files may be compressed: ``.gz``, ``.zst``, ``.bz2``, ``.xz`` after the
 format's suffix (C4 and Dolma ship ``.json.gz``, the Pile and SlimPajama ``.jsonl.zst``).
+Compression is read from the content's magic number, not the name, so a gzip file named
+``.txt`` reads as its text. ``data.source`` may also be a glob pattern (``data/*.parquet``)
+or a list of any of these.
 
 A folder is searched recursively for all of these. The corpus is cut into *units*: a
 group of small text files, one JSON or CSV file, one parquet row group, a range of rows of
@@ -31,6 +36,8 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import contextlib
+import glob
 import gzip
 import io
 import json
@@ -42,19 +49,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
+from letrecipes.components.files import hub_id_hint
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
+ARCHIVE_SUFFIXES = (".tar", ".tgz", ".zip")  # and .tar.gz, .tar.zst, ...
 # What a folder is searched for, as error messages name it.
 FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
-           f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), .parquet files or datasets folders")
+           f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), archives of them (.tar, .tar.gz, .tgz, "
+           ".zip), .parquet and .arrow files, or datasets folders")
 BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
-# (2: byte-order marks honoured, binary files and empty documents skipped).
-READER_VERSION = 2
+# (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
+# read from the content, archives).
+READER_VERSION = 3
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
@@ -65,7 +76,7 @@ class DataError(LetRecipesError):
     """Bad data input, raised before training starts."""
 
 
-class DataWarning(UserWarning):
+class DataWarning(LetRecipesWarning):
     """Data was read with a documented recovery (e.g. non-UTF-8 bytes replaced)."""
 
 
@@ -87,22 +98,29 @@ class Unit:
         return asdict(self)
 
 
-def _compression(path: Path) -> str:
-    return next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), "")
+def _file_name(source) -> str:
+    """The name a file's format is read from: a path's last part, an archive member's own name."""
+    return Path(source.member if isinstance(source, _Member) else source).name.lower()
 
 
-def _format_base(path: Path) -> str:
+def _compression(name: str) -> str:
+    return next((c for c in COMPRESSIONS if name.endswith(c)), "")
+
+
+def _format_base(name: str) -> str:
     """The format's suffix, under any compression suffix: ``.json`` for ``c4.json.gz``."""
-    name = path.name.lower()
-    return Path(name[:len(name) - len(_compression(path))]).suffix
+    return Path(name[:len(name) - len(_compression(name))]).suffix
 
 
-def _format(path: Path) -> Tuple[Optional[str], str]:
-    """``(kind, compression)`` of a file from its name: kind is text, jsonl, csv, parquet or
-    None (not a corpus format); compression is one of COMPRESSIONS or ""."""
-    compression, base = _compression(path), _format_base(path)
-    if base == ".parquet" and not compression:
-        return "parquet", ""
+def _format(path) -> Tuple[Optional[str], str]:
+    """``(kind, compression)`` of a file from its name: kind is text, jsonl, csv, parquet,
+    arrow, archive or None (not a corpus format); compression is one of COMPRESSIONS or ""."""
+    name = _file_name(path)
+    compression, base = _compression(name), _format_base(name)
+    if base in (".parquet", ".arrow") and not compression:
+        return base[1:], ""
+    if base == ".tar" or name.endswith(ARCHIVE_SUFFIXES):
+        return "archive", compression
     for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSON_SUFFIXES), ("csv", CSV_SUFFIXES)):
         if base in suffixes:
             return kind, compression
@@ -114,15 +132,25 @@ def is_dataset_folder(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
+def _matches(pattern: str, key: str) -> List[Path]:
+    """The files a glob names (``/data/fineweb/**/*.parquet``), sorted; one error if none."""
+    found = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not found:
+        raise DataError(f"{key}: the pattern {pattern!r} matches no file (working directory {os.getcwd()!r}). "
+                        "Fix: correct the pattern; `ls` it in a shell to see what it names.")
+    return found
+
+
 def _files(item: Path, key: str) -> List[Path]:
     if is_dataset_folder(item) or item.is_file():
         return [item]
+    if not item.exists() and glob.has_magic(str(item)):
+        return [path for match in _matches(str(item), key) for path in _files(match, key)]
     if not item.exists():
-        raise DataError(
-            f"{key}: {str(item)!r} does not exist (working directory {os.getcwd()!r}). Fix: set it to an existing "
-            "text, JSON, CSV or parquet file, a folder of them, or a datasets folder"
-            " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)."
-        )
+        fix = hub_id_hint(item, key, "dataset") or (
+            "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
+            "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
+        raise DataError(f"{key}: {str(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
     found, dataset_dirs, other = [], [], {}
     for path in sorted(item.rglob("*")):
         if any(path.is_relative_to(d) for d in dataset_dirs):
@@ -139,6 +167,13 @@ def _files(item: Path, key: str) -> List[Path]:
     if not found:
         raise DataError(f"{key}: folder {str(item)!r} holds none of the formats read: {FORMATS}. Fix: point "
                         f"{key} at the folder holding the corpus, or convert it to one of them.")
+    texts = [p for p in found if _format(p)[0] == "text"]
+    records = [p for p in found if is_dataset_folder(p) or _format(p)[0] in ("jsonl", "csv", "parquet", "arrow")]
+    if texts and records:  # a downloaded dataset's README.md would be trained on as a document
+        warnings.warn(f"{key}: {len(texts)} text file(s) in {str(item)!r} (first: {texts[0].relative_to(item)}) are "
+                      f"read as documents beside {len(records)} file(s) of records. Fix: none, if they are "
+                      f"part of the corpus; if they are notes or dataset cards, point {key} at the records' own "
+                      "folder, or at a glob pattern of them (data/*.parquet).", DataWarning, stacklevel=2)
     if other:  # a folder of .doc files beside one .txt would otherwise train on the .txt alone, silently
         kinds = ", ".join(f"{len(paths)} {suffix}" for suffix, paths in sorted(other.items()))
         first = min(p for paths in other.values() for p in paths)
@@ -181,7 +216,7 @@ def list_units(source, key: str = "data.source") -> List[Unit]:
             metadata = _parquet(path, key).metadata
             units += [Unit("parquet", (str(path),), i, size=metadata.row_group(i).total_byte_size)
                       for i in range(metadata.num_row_groups)]
-        elif kind in ("jsonl", "csv"):
+        elif kind in ("jsonl", "csv", "arrow", "archive"):
             flush()
             units.append(Unit(kind, (str(path),), size=path.stat().st_size))
         else:
@@ -216,6 +251,15 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
             raise DataError(f"{key}: {path} is damaged: row group {unit.part} does not read ({err}). Fix: "
                             "re-download the file, or remove it from the source.") from err
         yield from _strings(table.column(0).to_pylist(), path, text_field, key, warn, f" (row group {unit.part})")
+    elif unit.kind == "arrow":
+        yield from _arrow(Path(unit.paths[0]), text_field, key, warn)
+    elif unit.kind == "archive":
+        document: List[str] = []
+        for piece, ends in _archive(Path(unit.paths[0]), text_field, key, warn, None):
+            document.append(piece)
+            if ends:
+                yield "".join(document)
+                document.clear()
     elif unit.kind == "dataset":
         path = Path(unit.paths[0])
         dataset = _load_dataset(path, key)
@@ -245,10 +289,137 @@ def read_unit_in_pieces(unit: Unit, text_field: str = "text", key: str = "data.s
         for path in unit.paths:
             yield from _stream_text(Path(path), key, warn, piece_chars)
         return
-    for text in read_unit(unit, text_field, key, warn):
+    if unit.kind == "archive":
+        yield from _archive(Path(unit.paths[0]), text_field, key, warn, piece_chars)
+        return
+    yield from _in_pieces(read_unit(unit, text_field, key, warn), piece_chars)
+
+
+def _in_pieces(documents: Iterator[str], piece_chars: Optional[int]) -> Iterator[Tuple[str, bool]]:
+    for text in documents:
         pieces = safe_cuts(text, piece_chars) if piece_chars and len(text) > piece_chars else [text]
         for i, piece in enumerate(pieces):
             yield piece, i == len(pieces) - 1
+
+
+# ---------------------------------------------------------------- archives
+def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Optional[int]
+             ) -> Iterator[Tuple[str, bool]]:
+    """The documents of a tar (plain or compressed) or zip archive, as pieces: its members
+    in the archive's order, each read by its own name's format (a member that is itself
+    an archive, or compressed, is opened in turn: OpenWebText ships tars of ``.xz`` tars).
+    Members are streamed; a zip inside a tar is read into memory (zip needs to seek)."""
+    not_read: Dict[str, List[str]] = {}
+    with contextlib.ExitStack() as stack:
+        raw = stack.enter_context(open(path, "rb"))
+        stream, kind = _decompressed(raw, path, key, stack)
+        if kind not in ("tar", "zip"):
+            raise DataError(f"{key}: {path} is named as an archive but is {'a ' + kind + ' file' if kind else 'not one'} "
+                            "(no tar or zip header). Fix: rename it, or re-download it.")
+        if kind == "zip" and sniff(_file_head(path)) == "zip":
+            stream = path  # an uncompressed zip on disk is read in place
+        yield from _archive_members(stream, kind, str(path), text_field, key, warn, piece_chars, not_read)
+    if not_read:
+        kinds = ", ".join(f"{len(names)} {suffix}" for suffix, names in sorted(not_read.items()))
+        first = min(name for names in not_read.values() for name in names)
+        warn.append(f"{key}: {sum(map(len, not_read.values()))} member(s) of {path} are not read ({kinds}; first: "
+                    f"{first}): only {FORMATS} are (parquet and arrow only outside archives). Fix: none, if they are "
+                    "not text; otherwise extract and convert them.")
+
+
+def _archive_members(stream, kind: str, name: str, text_field: str, key: str, warn: list,
+                     piece_chars: Optional[int], not_read: Dict[str, List[str]]) -> Iterator[Tuple[str, bool]]:
+    import tarfile
+    import zipfile
+
+    if kind == "tar":
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|")  # a stream: members in order, nothing seeks
+            members = ((m.name, lambda m=m: archive.extractfile(m)) for m in archive if m.isfile())
+            yield from _members(members, name, text_field, key, warn, piece_chars, not_read)
+        except Exception as err:
+            _raise_if_damaged(name, err, "", key)
+            raise
+        return
+    if not isinstance(stream, Path):  # inside another archive, or compressed: a zip must seek
+        stream = io.BytesIO(stream.read())
+    try:
+        archive = zipfile.ZipFile(stream)
+    except zipfile.BadZipFile as err:
+        raise DataError(f"{key}: {name} is damaged: not a readable zip archive ({err}). Fix: re-download it, or "
+                        "remove it from the source.") from err
+    with archive:
+        members = ((i.filename, lambda i=i: archive.open(i)) for i in archive.infolist() if not i.is_dir())
+        yield from _members(members, name, text_field, key, warn, piece_chars, not_read)
+
+
+def _members(members, archive: str, text_field: str, key: str, warn: list, piece_chars: Optional[int],
+             not_read: Dict[str, List[str]]) -> Iterator[Tuple[str, bool]]:
+    for member_name, open_member in members:
+        parts = Path(member_name).parts
+        if any(part.startswith(".") or part == "__MACOSX" for part in parts):
+            continue  # hidden files, macOS's resource forks
+        source = _Member(f"{archive}[{member_name}]", open_member(), member_name)
+        kind, _ = _format(source)
+        if kind in ("parquet", "arrow", None):
+            with contextlib.ExitStack() as stack:  # by its content: OpenWebText's members are tars named .xz
+                stream, content = _decompressed(source.fileobj, source, key, stack)
+                if content in ("tar", "zip"):
+                    yield from _archive_members(stream, content, source.name, text_field, key, warn, piece_chars,
+                                                not_read)
+                    continue
+            suffix = Path(member_name).suffix.lower() or "(no suffix)"
+            not_read.setdefault(suffix, []).append(f"{archive}[{member_name}]")
+        elif kind == "archive":
+            with contextlib.ExitStack() as stack:
+                stream, content = _decompressed(source.fileobj, source, key, stack)
+                if content not in ("tar", "zip"):
+                    raise DataError(f"{key}: {source} is named as an archive but is not one. Fix: re-download it.")
+                yield from _archive_members(stream, content, source.name, text_field, key, warn, piece_chars, not_read)
+        elif kind == "text" and piece_chars:
+            yield from _stream_text(source, key, warn, piece_chars)
+        elif kind == "text":
+            text = _read_text(source, key, warn)
+            if text:
+                yield text, True
+        elif kind == "jsonl":
+            yield from _in_pieces(_json_records(source, text_field, key, warn), piece_chars)
+        else:
+            yield from _in_pieces(_csv(source, text_field, key, warn), piece_chars)
+
+
+def _arrow(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+    """An Arrow IPC file, as ``datasets`` writes its cache (``...-train-00000-of-00004.arrow``,
+    the stream format) or as ``pyarrow`` writes files: one record batch at a time, memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except Exception as err:  # ArrowInvalid / OSError
+        raise DataError(f"{key}: {path} is not a readable Arrow file ({err}). Fix: re-download or re-save it.") from err
+    names = reader.schema.names
+    if text_field not in names:
+        raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
+                        "Fix: set data.text_field to the column holding the text.")
+    column = names.index(text_field)
+
+    def values():
+        try:
+            for batch in batches:
+                yield from batch.column(column).to_pylist()
+        except Exception as err:
+            raise DataError(f"{key}: {path} is damaged: a record batch does not read ({err}). Fix: re-download or "
+                            "re-save it, or remove it from the source.") from err
+
+    with source:
+        yield from _strings(values(), path, text_field, key, warn)
 
 
 def _text_encoding(head: bytes) -> Optional[str]:
@@ -262,13 +433,19 @@ def _text_encoding(head: bytes) -> Optional[str]:
     return "utf-8-sig"  # UTF-8, its byte-order mark dropped when there is one
 
 
-def _binary(path: Path, key: str) -> str:
-    return (f"{key}: {path} is skipped: it looks binary (a NUL byte in its first {BINARY_SNIFF:,} bytes and no "
-            "byte-order mark). Fix: none, if it is not text; if it is UTF-16 or UTF-32 without a byte-order mark, "
-            "convert it to UTF-8.")
+def _binary(path, key: str, head: bytes) -> str:
+    kind = sniff(head)
+    if kind in ("tar", "zip", "parquet", "arrow"):
+        suffix = {"tar": ".tar", "zip": ".zip", "parquet": ".parquet", "arrow": ".arrow"}[kind]
+        return (f"{key}: {path} is skipped: it is a {kind} file, named as text. Fix: rename it to end in {suffix}, "
+                "and it is read as one.")
+    what = f"it is a {kind} file" if kind else (f"it looks binary (a NUL byte in its first {BINARY_SNIFF:,} bytes "
+                                                "and no byte-order mark)")
+    return (f"{key}: {path} is skipped: {what}. Fix: none, if it is not text; if it is UTF-16 or UTF-32 without "
+            "a byte-order mark, convert it to UTF-8.")
 
 
-def _read_text(path: Path, key: str, warn: list) -> str:
+def _read_text(path: Union[Path, _Member], key: str, warn: list) -> str:
     """A whole text file, decoded ("" for a binary one, with a warning)."""
     try:
         with _open_stream(path, key) as stream:
@@ -278,12 +455,12 @@ def _read_text(path: Path, key: str, warn: list) -> str:
         raise
     encoding = _text_encoding(data)
     if encoding is None:
-        warn.append(_binary(path, key))
+        warn.append(_binary(path, key, data[:SNIFF_BYTES]))
         return ""
     return _decode(data, path, key, warn, encoding=encoding)
 
 
-def _stream_text(path: Path, key: str, warn: list, piece_chars: int) -> Iterator[Tuple[str, bool]]:
+def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: int) -> Iterator[Tuple[str, bool]]:
     """A text file as pieces of one document, read and decoded a block at a time. Bad
     bytes are replaced (U+FFFD) and reported as :func:`_decode` reports them; a binary file
     or an empty one yields nothing."""
@@ -297,7 +474,7 @@ def _stream_text(path: Path, key: str, warn: list, piece_chars: int) -> Iterator
                 if strict is None:
                     encoding = _text_encoding(block)
                     if encoding is None:
-                        warn.append(_binary(path, key))
+                        warn.append(_binary(path, key, block[:SNIFF_BYTES]))
                         return
                     strict = codecs.getincrementaldecoder(encoding)()
                 if lenient is None:
@@ -406,32 +583,117 @@ def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "", enco
         return text
 
 
-def _open_stream(path: Path, key: str):
-    """``path`` opened for reading bytes, decompressed as its name says."""
-    compression = _compression(path)
-    if compression == ".gz":
-        return gzip.open(path, "rb")
-    if compression == ".bz2":
-        return bz2.open(path, "rb")
-    if compression == ".xz":
-        return lzma.open(path, "rb")
-    if compression == ".zst":
-        try:
-            import zstandard
-        except ImportError as err:
-            raise DataError(f"{key}: {path} is zstd-compressed, which needs the `zstandard` package. "
-                            "Fix: pip install zstandard.") from err
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(path, "rb")
+# What a file holds, by its first bytes, whatever its name says: (offset, bytes, name).
+MAGIC = ((0, b"\x1f\x8b", "gzip"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\xfd7zXZ\x00", "xz"),
+         (0, b"PK\x03\x04", "zip"), (0, b"PK\x05\x06", "zip"), (257, b"ustar", "tar"), (0, b"PAR1", "parquet"),
+         (0, b"ARROW1", "arrow"), (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
+         (0, b"7z\xbc\xaf\x27\x1c", "7-Zip"), (0, b"Rar!", "RAR"), (0, b"\x7fELF", "ELF executable"),
+         (0, b"SQLite format 3\x00", "SQLite database"), (0, b"\x93NUMPY", "NumPy array"))
+DECOMPRESSED = ("gzip", "zstd", "bzip2", "xz")  # content magic names of the compressions read
+SNIFF_BYTES = 512  # a tar header: its magic is at byte 257
 
 
-def _raise_if_damaged(path: Path, err: Exception, where: str, key: str) -> None:
-    """One error for a compressed stream that breaks (truncated, corrupt); other errors
-    are left to the caller."""
-    broken = isinstance(err, (EOFError, zlib.error, lzma.LZMAError)) or type(err).__name__ == "ZstdError" or (
-        isinstance(err, OSError) and _compression(path) and err.errno is None)  # gzip/bz2's own errors carry no errno
-    if broken:
+def sniff(head: bytes) -> Optional[str]:
+    """What bytes starting with ``head`` are, by their magic number (``gzip``, ``tar``,
+    ``zip``, ``parquet``, ``PDF``, ...); None for anything else, text included."""
+    if head.startswith(b"BZh") and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):  # a block, or an empty stream
+        return "bzip2"
+    return next((name for at, magic, name in MAGIC if head[at:at + len(magic)] == magic), None)
+
+
+class _Replayed(io.RawIOBase):
+    """A stream whose first bytes were read (to sniff them), served again from the start."""
+
+    def __init__(self, head: bytes, rest):
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.head:
+            n = min(len(buffer), len(self.head))
+            buffer[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.rest.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:  # one read of the rest, not RawIOBase's 8 KB loop
+        head, self.head = self.head, b""
+        return head + self.rest.read()
+
+
+def _file_head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(SNIFF_BYTES)
+
+
+def _read_head(stream, size: int) -> bytes:
+    chunks, got = [], 0
+    while got < size:
+        chunk = stream.read(size - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _decompressed(raw, name, key: str, stack: contextlib.ExitStack) -> Tuple[io.BufferedReader, Optional[str]]:
+    """``raw`` decompressed as its content says (gzip, zstd, bzip2, xz, layer by layer: a
+    ``.txt`` that is really gzip reads as text), and what the decompressed bytes are by their
+    magic number (``tar``, ``zip``, ``parquet``, ... or None: text, JSON, CSV)."""
+    while True:
+        head = _read_head(raw, SNIFF_BYTES)
+        kind = sniff(head)
+        stream = io.BufferedReader(_Replayed(head, raw), buffer_size=1 << 20)
+        if kind not in DECOMPRESSED:
+            return stream, kind
+        if kind == "gzip":
+            raw = stack.enter_context(gzip.GzipFile(fileobj=stream))
+        elif kind == "bzip2":
+            raw = stack.enter_context(bz2.BZ2File(stream))
+        elif kind == "xz":
+            raw = stack.enter_context(lzma.LZMAFile(stream))
+        else:
+            try:
+                import zstandard
+            except ImportError as err:
+                raise DataError(f"{key}: {name} is zstd-compressed, which needs the `zstandard` package. "
+                                "Fix: pip install zstandard.") from err
+            raw = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True))
+
+
+@dataclass
+class _Member:
+    """A file inside an archive (``name`` is ``archive[member]``): a stream read once, in order."""
+
+    name: str
+    fileobj: object
+    member: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@contextlib.contextmanager
+def _open_stream(source: Union[Path, _Member], key: str):
+    """A file (or an archive's member) opened for reading bytes, decompressed as its content says."""
+    with contextlib.ExitStack() as stack:
+        raw = source.fileobj if isinstance(source, _Member) else stack.enter_context(open(source, "rb"))
+        stream, _ = _decompressed(raw, source, key, stack)
+        yield stream
+
+
+def _raise_if_damaged(path, err: Exception, where: str, key: str) -> None:
+    """One error for a compressed stream or an archive that breaks (truncated, corrupt);
+    other errors are left to the caller."""
+    import tarfile
+
+    broken = isinstance(err, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, tarfile.ReadError)) or (
+        type(err).__name__ == "ZstdError") or (isinstance(err, OSError) and err.errno is None and "data stream" in str(err))
+    if broken:  # bz2 says "Invalid data stream", with no errno
         raise DataError(f"{key}: {path} is damaged: the compressed stream breaks{where} ({err}). "
                         "Fix: re-download the file, or remove it from the source.") from err
 
@@ -496,7 +758,7 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
     return value
 
 
-def _json_records(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:
     """JSON Lines, streamed; a file whose first character is ``[`` is one JSON array of
     records instead (read whole: it cannot be streamed without a parser of our own)."""
     line_no, kept = 0, 0
@@ -529,7 +791,7 @@ def _json_records(path: Path, text_field: str, key: str, warn: list) -> Iterator
         raise
 
 
-def _json_array(path: Path, data: bytes, text_field: str, key: str, warn: list) -> Iterator[str]:
+def _json_array(path: Union[Path, _Member], data: bytes, text_field: str, key: str, warn: list) -> Iterator[str]:
     try:
         records = json.loads(_decode(data, path, key, warn))
     except json.JSONDecodeError as err:
@@ -544,13 +806,13 @@ def _json_array(path: Path, data: bytes, text_field: str, key: str, warn: list) 
     skipped.finish(kept, warn)
 
 
-def _csv(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:
     """A CSV (TSV) file's ``text_field`` column, streamed in blocks by pyarrow. Quoted
     values may hold newlines; an empty value is skipped (CSV cannot tell it from null)."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    delimiter = "\t" if _format_base(path) == ".tsv" else ","
+    delimiter = "\t" if _format_base(_file_name(path)) == ".tsv" else ","
     parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     read = pa_csv.ReadOptions(block_size=16 << 20)
     skipped, kept, row = SkippedRecords(path, key, where="row"), 0, 0
@@ -568,7 +830,8 @@ def _csv(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
                     row += 1
     except (pa.ArrowInvalid, KeyError) as err:
         if row == 0 and text_field in str(err):
-            raise DataError(f"{key}: {path} has no column {text_field!r} (it has {_csv_header(path, parse, key)}). "
+            has = "" if isinstance(path, _Member) else f" (it has {_csv_header(path, parse, key)})"  # a member reads once
+            raise DataError(f"{key}: {path} has no column {text_field!r}{has}. "
                             "Fix: set data.text_field to the column holding the text.") from err
         what = " ".join(str(err).split())[:300]  # pyarrow quotes the offending row, newlines and all
         raise DataError(f"{key}: {path} does not read as {'TSV' if delimiter == chr(9) else 'CSV'} after row {row:,} "

@@ -175,3 +175,17 @@ def check_writable_folder(folder: Union[str, Path], key: str) -> None:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
+
+
+def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
+    """For a path that does not exist: when it reads like a Hugging Face Hub id
+    (``meta-llama/Llama-3.2-1B``: two parts, relative, the first not a folder here), the
+    sentence that says nothing is downloaded and how to fetch it; otherwise ""."""
+    path = Path(path)
+    if len(path.parts) != 2 or path.is_absolute() or path.parts[0].startswith((".", "~")) or Path(path.parts[0]).exists():
+        return ""
+    repo_type = " --repo-type dataset" if kind == "dataset" else ""
+    local = f"{'data' if kind == 'dataset' else 'models'}/{path.name}"
+    return (f"It looks like a Hugging Face Hub {kind} id: letrecipes reads local files only and never downloads. "
+            f"Fix: download it first (huggingface-cli download {path.as_posix()}{repo_type} --local-dir {local}) and "
+            f"set {key}={local}.")

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import cut_at
 from letrecipes.components.registry import ComponentError
 
@@ -158,7 +158,7 @@ class MetricLogger:
                     logger.log_config(run_config)
                 except Exception as err:  # noqa: BLE001 - a logger's config upload must not stop training
                     warnings.warn(f"metric_logger {type(logger).__name__}: could not log the config ({err})",
-                                  RuntimeWarning, stacklevel=2)
+                                  LetRecipesWarning, stacklevel=2)
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:

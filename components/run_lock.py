@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import environment_errors
 
 LOCK_FILE = ".letrecipes.lock"
@@ -62,7 +62,7 @@ class RunLock:
                     "it to finish or stop it (a SIGTERM saves a checkpoint), or choose another output_dir.") from None
             except OSError as err:  # no locks on this filesystem
                 warnings.warn(f"{self.path}: this filesystem does not support file locks ({err.strerror}): two runs "
-                              "in this output_dir would not be detected.", RuntimeWarning, stacklevel=2)
+                              "in this output_dir would not be detected.", LetRecipesWarning, stacklevel=2)
                 os.close(fd)
                 return self
             # The file may have been released and unlinked between our open and our flock:

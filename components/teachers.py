@@ -34,6 +34,7 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import hub_id_hint
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
 
@@ -161,6 +162,9 @@ def resolve_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
 def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
     resolved = resolve_path(path, key)
     if not resolved.exists():
+        hub = hub_id_hint(path, key)
+        if hub:
+            raise TeacherError(f"{key}: nothing at {str(resolved)!r}. {hub}")
         raise TeacherError(
             f"{key}: nothing at {str(resolved)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
             "--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point it at a Hugging Face "

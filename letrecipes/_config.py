@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, warnings_as_lines
 
 RECIPES = ("pretrain", "let_pretrain", "eval")
 
@@ -116,7 +116,9 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
 def errors_as_one_line():
     """Turn the errors a user can fix (every :class:`LetRecipesError`: bad config, data,
     teacher, checkpoint, divergence) into one ``error: ...`` line and exit status 1.
-    ``LETRECIPES_TRACEBACK=1`` keeps the traceback; any other exception is a bug and keeps it."""
+    ``LETRECIPES_TRACEBACK=1`` keeps the traceback; any other exception is a bug and keeps it.
+    Warnings of the project come out as one ``warning: ...`` line each, the same way."""
+    warnings_as_lines()
     try:
         yield
     except LetRecipesError as err:

@@ -1,0 +1,241 @@
+"""Corpora as they are packaged, not only as they are formatted: archives (TinyStories'
+tar.gz of JSON arrays, OpenWebText's tar of .xz tars, zips), compression that the name
+does not say, datasets' .arrow cache files, glob patterns, Hub ids given as paths, a
+dataset card beside the records. Each reads the same documents as the plain files."""
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+
+from letrecipes.components import corpus
+from letrecipes.components.corpus import DataError, DataWarning, read_documents
+from letrecipes.components.data import TokenShards
+from letrecipes.components.prepare import prepare_corpus
+from letrecipes.components.tokenizer import Tokenizer
+
+QUIET = {"log": lambda _: None}
+
+
+def documents(n, start=0):
+    rng = np.random.default_rng(start)
+    return [f"Document {i}: " + " ".join(str(x) for x in rng.integers(0, 10**6, 30 + i % 7)) + "\nThe end."
+            for i in range(start, start + n)]
+
+
+def tar_bytes(members, mode="w"):
+    """A tar archive of ``(name, bytes)`` members, in that order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def zip_bytes(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def jsonl(docs, field="text"):
+    return "".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)).encode()
+
+
+@pytest.fixture
+def packaged(tmp_path):
+    """The same 24 documents in every packaging, one folder each: ``{name: folder}``."""
+    import zstandard
+
+    docs = documents(24)
+    texts = [(f"part/{i:02d}.txt", d.encode()) for i, d in enumerate(docs[:8])]
+    records = [("shard_0.jsonl", jsonl(docs[8:16])), ("shard_1.json.gz", gzip.compress(jsonl(docs[16:24])))]
+    members = texts + records
+    hidden = [("__MACOSX/part/._00.txt", b"\x00\x05\x16\x07junk"), (".DS_Store", b"\x00\x00\x00\x01Bud1")]
+    layouts = {
+        "tar": tar_bytes(members + hidden),
+        "tar.gz": gzip.compress(tar_bytes(members)),
+        "tgz": gzip.compress(tar_bytes(members)),
+        "tar.xz": lzma.compress(tar_bytes(members)),
+        "tar.bz2": bz2.compress(tar_bytes(members)),
+        "tar.zst": zstandard.ZstdCompressor().compress(tar_bytes(members)),
+        "zip": zip_bytes(members + hidden),
+    }
+    folders = {}
+    for suffix, data in layouts.items():
+        folder = tmp_path / suffix
+        folder.mkdir()
+        (folder / f"corpus.{suffix}").write_bytes(data)
+        folders[suffix] = folder
+    # OpenWebText: a tar of xz-compressed tars whose names do not say tar; a zip inside a tar
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "subset.tar").write_bytes(tar_bytes([
+        ("subset/urlsf_00_data.xz", lzma.compress(tar_bytes(texts[:5]))),
+        ("subset/urlsf_01_data.xz", lzma.compress(tar_bytes(texts[5:]))),
+        ("subset/records.zip", zip_bytes(records)),
+    ]))
+    folders["nested"] = nested
+    return docs, folders
+
+
+def test_archives_read_as_their_members_in_order(packaged):
+    docs, folders = packaged
+    for name, folder in folders.items():
+        with _no_data_warnings():
+            assert list(read_documents(folder)) == docs, name
+        assert [u.kind for u in corpus.list_units(folder)] == ["archive"], name
+
+
+def test_an_archive_prepares_to_the_ids_of_its_extracted_files(packaged, tokenizer_path, tmp_path, monkeypatch):
+    """The prepare step streams members in pieces (a small piece size forces the cuts):
+    the ids are those of each document in one call, whatever the packaging."""
+    monkeypatch.setattr("letrecipes.components.prepare.PIECE_CHARS", 100)
+    docs, folders = packaged
+    tok = Tokenizer(tokenizer_path)
+    expected = np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs])
+    for name in ("tar.zst", "zip", "nested"):
+        manifest = prepare_corpus(folders[name], tok, tmp_path / f"out-{name}", workers=2 if name == "zip" else 1,
+                                  **QUIET)
+        np.testing.assert_array_equal(TokenShards(tmp_path / f"out-{name}", tok)[0:manifest["tokens"]], expected)
+
+
+def test_tinystories_layout_a_tar_gz_of_json_arrays_with_another_text_field(tmp_path):
+    docs = documents(6)
+    arrays = [json.dumps([{"story": d, "source": "GPT-4"} for d in docs[:4]]).encode(),
+              json.dumps([{"story": d, "source": "GPT-4"} for d in docs[4:]]).encode()]
+    (tmp_path / "TinyStories_all_data.tar.gz").write_bytes(
+        gzip.compress(tar_bytes([("data00.json", arrays[0]), ("data01.json", arrays[1]), ("LICENSE", b"MIT\n")])))
+    with pytest.warns(DataWarning, match=r"1 member\(s\) of .*TinyStories_all_data.tar.gz are not read \(1 \(no "
+                                         r"suffix\); first: .*\[LICENSE\]\)"):
+        assert list(read_documents(tmp_path, text_field="story")) == docs
+
+
+def test_compression_is_read_from_the_content_not_the_name(tmp_path):
+    """A gzip file named .txt used to be skipped as binary; a .jsonl that is zstd, a .gz that
+    is plain text: each reads as what it holds."""
+    import zstandard
+
+    docs = documents(3)
+    (tmp_path / "a.txt").write_bytes(gzip.compress(docs[0].encode()))
+    (tmp_path / "b.jsonl").write_bytes(zstandard.ZstdCompressor().compress(jsonl([docs[1]])))
+    (tmp_path / "c.txt.gz").write_bytes(docs[2].encode())
+    with _no_data_warnings():
+        assert list(read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt.gz"])) == docs
+
+
+def test_a_file_of_another_kind_named_as_text_is_skipped_with_its_kind_named(tmp_path):
+    docs = documents(1)
+    (tmp_path / "a.txt").write_text(docs[0])
+    (tmp_path / "b.txt").write_bytes(zip_bytes([("x.txt", b"hello")]))
+    (tmp_path / "c.txt").write_bytes(b"%PDF-1.7\n" + bytes(range(256)))
+    with pytest.warns(DataWarning) as caught:
+        assert list(read_documents(tmp_path)) == docs
+    messages = [str(w.message) for w in caught]
+    assert any("b.txt is skipped: it is a zip file, named as text. Fix: rename it to end in .zip" in m for m in messages)
+    assert any("c.txt is skipped: it is a PDF file." in m for m in messages), messages
+
+
+def test_damaged_and_misnamed_archives_are_one_error(tmp_path):
+    docs = documents(8)
+    whole = gzip.compress(tar_bytes([(f"{i}.txt", d.encode()) for i, d in enumerate(docs)]))
+    (tmp_path / "cut.tar.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.tar.gz.* is damaged: .*Fix: re-download the file"):
+        list(read_documents(tmp_path / "cut.tar.gz"))
+    (tmp_path / "text.tar").write_text(docs[0])
+    with pytest.raises(DataError, match=r"text.tar is named as an archive but is not one"):
+        list(read_documents(tmp_path / "text.tar"))
+    (tmp_path / "bad.zip").write_bytes(zip_bytes([("a.txt", docs[0].encode())])[:40])
+    with pytest.raises(DataError, match=r"bad.zip is .*Fix: re-download it"):
+        list(read_documents(tmp_path / "bad.zip"))
+
+
+def test_arrow_files_as_datasets_caches_and_pyarrow_write_them(tmp_path):
+    import pyarrow as pa
+
+    docs = documents(5)
+    table = pa.table({"id": list(range(7)), "text": docs[:3] + [None, ""] + docs[3:]})
+    with pa.OSFile(str(tmp_path / "cache-train-00000-of-00002.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:  # datasets' cache files: the stream format
+            writer.write_table(table, max_chunksize=2)
+    with pa.OSFile(str(tmp_path / "cache-train-00001-of-00002.arrow"), "wb") as sink:
+        with pa.ipc.new_file(sink, table.schema) as writer:  # the file format
+            writer.write_table(table.slice(0, 2), max_chunksize=1)
+    with pytest.warns(DataWarning, match=r"skipped 2 of 7 records that hold no text \(1 with a null 'text', 1 with "
+                                         r"an empty 'text'; the first at row 3\)"):
+        assert list(read_documents(tmp_path)) == docs + docs[:2]
+    assert [u.kind for u in corpus.list_units(tmp_path)] == ["arrow", "arrow"]
+    with pytest.raises(DataError, match=r"has no column 'story' \(it has \['id', 'text'\]\)"):
+        list(read_documents(tmp_path, text_field="story"))
+    whole = (tmp_path / "cache-train-00000-of-00002.arrow").read_bytes()
+    (tmp_path / "cache-train-00000-of-00002.arrow").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cache-train-00000-of-00002.arrow is (damaged|not a readable Arrow file)"):
+        list(read_documents(tmp_path))
+
+
+def test_glob_patterns_hub_ids_and_a_card_beside_the_records(tmp_path, monkeypatch):
+    docs = documents(4)
+    data = tmp_path / "fineweb" / "data"
+    data.mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (data / f"train-{i:05d}.jsonl").write_bytes(jsonl([d]))
+    (data / "val-00000.jsonl").write_bytes(jsonl(["held out"]))
+    (tmp_path / "fineweb" / "README.md").write_text("# Dataset card\nlicense: odc-by\n")
+    with pytest.warns(DataWarning, match=r"1 text file\(s\) in .* \(first: README.md\) are read as documents beside "
+                                         r"5 file\(s\) of records"):
+        list(read_documents(tmp_path / "fineweb"))
+    with _no_data_warnings():
+        assert list(read_documents(str(tmp_path / "fineweb" / "**" / "train-*.jsonl"))) == docs
+    with pytest.raises(DataError, match=r"the pattern '.*tarin-\*.jsonl' matches no file .*Fix: correct the pattern"):
+        list(read_documents(str(data / "tarin-*.jsonl")))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"'HuggingFaceFW/fineweb-edu' does not exist .* Hugging Face Hub dataset id: "
+                                        r"letrecipes reads local files only and never downloads. Fix: download it "
+                                        r"first \(huggingface-cli download HuggingFaceFW/fineweb-edu --repo-type "
+                                        r"dataset --local-dir data/fineweb-edu\)"):
+        list(read_documents("HuggingFaceFW/fineweb-edu"))
+    with pytest.raises(DataError, match=r"'fineweb/missing' does not exist .* Fix: set it to an existing"):
+        list(read_documents("fineweb/missing"))  # its first part is a folder here: a path, not a Hub id
+
+
+def test_project_warnings_print_as_one_line(tmp_path):
+    """Entry points show the project's warnings as ``warning: ...`` lines, without Python's
+    file, line and source line; other warnings keep Python's format."""
+    code = ("import warnings\n"
+            "from letrecipes.components.errors import warnings_as_lines\n"
+            "from letrecipes.components.corpus import DataWarning\n"
+            "warnings_as_lines()\n"
+            "warnings.warn('data.source: x is skipped', DataWarning)\n"
+            "warnings.warn('plain', UserWarning)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.splitlines()
+    assert lines[0] == "warning: data.source: x is skipped", done.stderr
+    assert "UserWarning: plain" in done.stderr
+
+
+class _no_data_warnings:
+    """Fails the block on any DataWarning (a misread would warn)."""
+
+    def __enter__(self):
+        import warnings
+
+        self.catch = warnings.catch_warnings(record=True)
+        self.caught = self.catch.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self.catch.__exit__(*exc)
+        messages = [str(w.message) for w in self.caught if issubclass(w.category, DataWarning)]
+        assert not messages, messages
