@@ -1,5 +1,5 @@
 """Teacher format ``huggingface``: ``config.json`` + safetensors (one file, or shards with an
-index) + ``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` decoders.
+index; or, for older checkpoints, ``pytorch_model.bin``, loaded tensors-only) + ``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` decoders.
 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
 Mistral (``MistralForCausalLM``: Llama's weights; a sliding window bounds the context),
@@ -23,6 +23,9 @@ from letrecipes.components.teachers import (
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# Older checkpoints (OPT, early TinyLlama, many fine-tunes) ship PyTorch pickles only.
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
+BIN_FILE = "pytorch_model.bin"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                  "Qwen3ForCausalLM": "qwen3", "OPTForCausalLM": "opt"}
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "opt": "opt"}
@@ -183,32 +186,72 @@ def _opt_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Cal
 
 # ----------------------------------------------------------------- files
 def weight_files(path: Path) -> Dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it (from the index when sharded)."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise TeacherError(f"{index}: not a safetensors index (needs a 'weight_map'): {err}.") from err
-        files = {name: path / file for name, file in weight_map.items()}
-        for file in sorted(set(files.values())):
-            if not file.is_file():
-                raise TeacherError(f"{index} lists the shard {file.name!r}, but {str(file)!r} does not exist. "
-                                   "Fix: copy every shard the index names into the folder.")
-        return files
-    single = path / SINGLE_FILE
-    if not single.is_file():
-        others = sorted(p.name for p in path.glob("*.safetensors"))
-        hint = (f"found {others} but no {INDEX_FILE} to say what is in them" if others
-                else "no *.safetensors at all (pytorch_model.bin is not read: convert it to safetensors)")
-        raise TeacherError(f"teacher.path: {str(path)!r} has no {SINGLE_FILE} or {INDEX_FILE}: {hint}.")
+    """Tensor name -> the file that holds it: safetensors (one file, or shards named by
+    the index), else PyTorch's ``pytorch_model.bin`` (one, or sharded the same way)."""
+    for index_name, single_name in ((INDEX_FILE, SINGLE_FILE), (BIN_INDEX_FILE, BIN_FILE)):
+        index, single = path / index_name, path / single_name
+        if index.is_file():
+            return _indexed_files(path, index)
+        if single.is_file():
+            return {name: single for name in _tensor_names(single)}
+    others = sorted(p.name for p in [*path.glob("*.safetensors"), *path.glob("*.bin")])
+    hint = (f"found {others} but no index to say what is in them" if others
+            else "no *.safetensors or pytorch_model.bin at all")
+    raise TeacherError(f"teacher.path: {str(path)!r} has no {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or "
+                       f"{BIN_INDEX_FILE}: {hint}. Fix: copy the model's weight files into the folder.")
+
+
+def _indexed_files(path: Path, index: Path) -> Dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise TeacherError(f"{index}: not a weight index (needs a 'weight_map'): {err}.") from err
+    files = {name: path / file for name, file in weight_map.items()}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            raise TeacherError(f"{index} lists the shard {file.name!r}, but {str(file)!r} does not exist. "
+                               "Fix: copy every shard the index names into the folder.")
+    return files
+
+
+def _tensor_names(file: Path) -> list:
+    if file.suffix == ".bin":
+        return list(_load_pickle(file))
     from safetensors import safe_open
 
     try:
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
     except Exception as err:  # safetensors raises its own error types
-        raise TeacherError(f"teacher.path: cannot read {str(single)!r} ({err}). Fix: re-download or re-export the file.") from err
+        raise TeacherError(f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
+
+
+def _load_pickle(file: Path) -> Dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin``: tensors only (``weights_only``: a pickle that would run code
+    is refused), memory-mapped when its format allows."""
+    import pickle
+
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # not a pickle at all, or a damaged one
+            detail = next((line for line in str(err).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line),
+                          str(err).splitlines()[0])
+            raise TeacherError(f"teacher.path: cannot read {str(file)!r}: not a PyTorch checkpoint, or a damaged one "
+                               f"({detail.strip()}). Fix: re-download the file.") from err
+        raise TeacherError(f"teacher.path: {str(file)!r} holds Python objects besides tensors, which are not loaded "
+                           "(they could run code). Fix: convert it to safetensors where it is trusted: "
+                           "AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder). "
+                           f"({next(line for line in str(err).splitlines() if 'Unsupported global' in line).strip()})"
+                           ) from err
+    except Exception as err:  # a truncated or foreign file: zip/pickle errors of several types
+        raise TeacherError(f"teacher.path: cannot read {str(file)!r} ({type(err).__name__}: {err}). "
+                           "Fix: re-download the file.") from err
 
 
 def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tensor]]:
@@ -218,6 +261,15 @@ def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tens
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in sorted(by_file.items()):
+        if file.suffix == ".bin":
+            tensors = _load_pickle(file)
+            for name in names:
+                if name not in tensors:
+                    raise TeacherError(f"teacher.path: the index names {name!r} in {str(file)!r}, which does not "
+                                       "hold it. Fix: re-download the shards and their index together.")
+                yield name, file, tensors[name]
+            del tensors
+            continue
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in names:
@@ -261,7 +313,7 @@ def convert_state_dict(
 
 @register_format("huggingface")
 class HuggingFaceFormat(TeacherFormat):
-    looks_like = "a Hugging Face model folder (config.json with model_type, *.safetensors, tokenizer.json)"
+    looks_like = "a Hugging Face model folder (config.json with model_type, *.safetensors or pytorch_model.bin, tokenizer.json)"
 
     @classmethod
     def detect(cls, path: Path) -> bool:

@@ -133,3 +133,53 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
     message = _broken(tmp_path, lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                            "rope_theta": 10000.0}))
     assert "yarn" in message and "config.json" in message
+
+
+def _to_pytorch_bin(path, shards=1):
+    """Rewrite a saved model's safetensors as ``pytorch_model.bin`` (sharded with an index
+    when ``shards`` > 1), as older checkpoints ship."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+        file.unlink()
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    names = sorted(tensors)
+    if shards == 1:
+        torch.save(tensors, path / "pytorch_model.bin")
+        return
+    weight_map = {}
+    for k in range(shards):
+        file = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        torch.save({n: tensors[n] for n in names[k::shards]}, path / file)
+        weight_map.update({n: file for n in names[k::shards]})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_checkpoints_load_like_safetensors(tmp_path, shards):
+    """Older checkpoints ship ``pytorch_model.bin`` only: same hidden states as the
+    safetensors copy; a pickle that carries code is refused, not run."""
+    for name in ("st", "bin"):
+        torch.manual_seed(0)  # the same seed: the same weights
+        _save(_llama(tie=False), tmp_path / name)
+    _to_pytorch_bin(tmp_path / "bin", shards)
+    tokens = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    states = [load_teacher({"_component_": "auto", "path": str(tmp_path / name), "dtype": "fp32"}).hidden_states(
+        tokens, [1, 3]) for name in ("st", "bin")]
+    for layer in (1, 3):
+        torch.testing.assert_close(states[1][layer], states[0][layer], atol=0, rtol=0)
+    if shards == 1:
+        class RunsCode:
+            def __reduce__(self):
+                return (print, ("this must not run",))
+
+        tensors = torch.load(tmp_path / "bin" / "pytorch_model.bin", weights_only=True)
+        torch.save({**tensors, "extra": RunsCode()}, tmp_path / "bin" / "pytorch_model.bin")
+        with pytest.raises(TeacherError, match=r"pytorch_model.bin' holds Python objects besides tensors, which are "
+                                               r"not loaded \(they could run code\)"):
+            load_teacher({"_component_": "auto", "path": str(tmp_path / "bin")})
+        (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+        with pytest.raises(TeacherError, match=r"cannot read .*pytorch_model.bin"):
+            load_teacher({"_component_": "auto", "path": str(tmp_path / "bin")})
