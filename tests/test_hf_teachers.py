@@ -183,3 +183,12 @@ def test_pytorch_bin_checkpoints_load_like_safetensors(tmp_path, shards):
         (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
         with pytest.raises(TeacherError, match=r"cannot read .*pytorch_model.bin"):
             load_teacher({"_component_": "auto", "path": str(tmp_path / "bin")})
+
+
+def test_a_hub_id_as_teacher_path_gets_the_download_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TeacherError, match=r"teacher.path: nothing at 'meta-llama/Llama-3.2-1B'. It looks like a Hugging "
+                                           r"Face Hub model id: .* never downloads. Fix: download it first "
+                                           r"\(huggingface-cli download meta-llama/Llama-3.2-1B --local-dir "
+                                           r"models/Llama-3.2-1B\) and set teacher.path=models/Llama-3.2-1B."):
+        load_teacher({"_component_": "auto", "path": "meta-llama/Llama-3.2-1B"})
