@@ -65,6 +65,11 @@ FORMAT_VERSION = 1
 # metrics file counts only once it holds a record: a run that failed before its first
 # step leaves nothing that blocks the corrected rerun.
 RUN_FILES = (METRICS_FILE, "checkpoints", "final")
+# A folder holding one of these is a run's (a run writes run_info.json before anything
+# else); one holding other files and neither is someone else's (a home, a repository, "/"):
+# a run never writes into it. Not "final" or "checkpoints": common names, and overwrite=true
+# deletes them.
+RUN_MARKERS = ("run_info.json", METRICS_FILE)
 DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")  # the shard files rank N wrote
 HASH_BLOCK = 64 << 20
 HASH_THREADS = min(8, os.cpu_count() or 1)
@@ -271,14 +276,30 @@ class Checkpointer:
 
     # -------------------------------------------------------------- run folder
     def lock(self) -> None:
-        """Rank 0 takes the folder's run lock (every rank stops alike if another run holds it)."""
+        """Rank 0 takes the folder's run lock (every rank stops alike if another run holds it),
+        after checking that the folder is new, empty (hidden files aside) or a run's."""
         def take() -> None:
+            self._refuse_a_foreign_folder()
             self._lock.acquire(log=self.log)
 
         on_rank0(take)
 
     def release(self) -> None:
         self._lock.release()
+
+    def _refuse_a_foreign_folder(self) -> None:
+        """``output_dir=/``, ``~`` or ``.`` in a repository would scatter a run's files among
+        others, and ``overwrite=true`` would delete a ``checkpoints`` or ``final`` folder that is
+        not the run's: refused, overwrite or not."""
+        if not self.output_dir.is_dir():
+            return
+        entries = sorted(p.name for p in self.output_dir.iterdir() if not p.name.startswith("."))
+        if entries and not any(name in RUN_MARKERS for name in entries):
+            shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+            raise CheckpointError(
+                f"output_dir={str(self.output_dir)!r} holds files that are not a run's ({shown}). A run writes only "
+                "into a new or empty folder, or one a run made. Fix: choose a new folder, e.g. "
+                f"output_dir={(self.output_dir / 'runs' / 'my_run') if str(self.output_dir) != '/' else 'outputs/my_run'}.")
 
     @staticmethod
     def resume_requested(resume: Any) -> bool:

@@ -114,6 +114,27 @@ def test_a_launch_that_loses_the_race_by_a_moment_still_names_the_winner(tmp_pat
         os.close(fd)
 
 
+def test_a_folder_that_is_not_a_runs_is_refused_even_with_overwrite(tmp_path):
+    """``output_dir=/``, ``~``, a repository: a run would scatter its files among others and
+    ``overwrite=true`` would delete their ``final``/``checkpoints``. Refused before any write;
+    a folder with hidden files only (``.DS_Store``, ``.gitkeep``) is an empty one."""
+    home = tmp_path / "home"
+    (home / "final").mkdir(parents=True)
+    (home / "final" / "thesis.tex").write_text("years of work")
+    (home / "notes.md").write_text("mine")
+    before = digest(home)
+    for extra in ((), ("overwrite=true",)):
+        result = tune(home, "max_steps=1", *extra)
+        assert result.returncode == 1
+        assert last_line(result).startswith(f"error: output_dir={str(home)!r} holds files that are not a run's "
+                                            "(final, notes.md). A run writes only into a new or empty folder"), result.stderr
+    assert digest(home) == before and not (home / LOCK_FILE).exists()
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".gitkeep").write_text("")
+    ok(tune(hidden, "max_steps=1", "save_every=0", "eval_every=0"))
+
+
 def test_two_launches_at_once_one_trains_the_other_stops_naming_it(tmp_path, straight):
     cmd = command(tmp_path)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
