@@ -29,7 +29,8 @@ def resolve_stop(stop: Union[int, float], total_steps: Optional[int]) -> int:
             raise ComponentError("alignment.schedule.stop is a fraction but total_steps is unknown.")
         return max(1, round(stop * total_steps))
     if stop < 1:
-        raise ComponentError(f"alignment.schedule.stop={stop}: must be >= 1 step.")
+        raise ComponentError(f"alignment.schedule.stop={stop}: must be >= 1 step. Fix: a number of steps >= 1, or a "
+                             "fraction of max_steps in (0, 1] such as 0.25.")
     return stop
 
 

@@ -39,7 +39,7 @@ def _choice(*options) -> Tuple[str, Callable[[Any], bool]]:
 
 
 BOOL = ("true or false", lambda v: isinstance(v, bool))
-TEXT = ("a string", lambda v: isinstance(v, str) and v != "")
+TEXT = ("a non-empty string", lambda v: isinstance(v, str) and v != "")
 OPTIONAL_TEXT = ("a string or null", lambda v: v is None or isinstance(v, str))
 SECTION = ("a mapping", lambda v: isinstance(v, dict))
 ANY = ("anything", lambda v: True)

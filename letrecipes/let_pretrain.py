@@ -116,6 +116,11 @@ class LETPretrainRecipe(PretrainRecipe):
                     else "") + "); aligning (student, teacher) "
                  f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}"
                  + (f"; cross-tokenizer pooling {type(self.aligner.pooling).__name__}" if self.collate else ""))
+        end = getattr(self.aligner.schedule, "end_step", None)
+        if end is not None and end > self.max_steps:
+            self.log(f"warning: alignment.schedule.stop={end} > max_steps={self.max_steps}: the teacher guides every "
+                     "step and is never released (LET is an early-phase guide). Fix: a stop within the run, such as "
+                     "0.25 (a fraction of max_steps), if that is not meant.")
 
     def setup(self) -> None:
         super().setup()

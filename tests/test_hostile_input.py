@@ -215,6 +215,16 @@ def test_settings_that_are_valid_but_rarely_meant_are_said_once_at_the_start(bas
     assert "warning:" not in capsys.readouterr().out
 
 
+def test_an_alignment_that_outlasts_the_run_is_said_at_the_start(let_overrides, tmp_path, capsys):
+    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=2", "alignment.schedule._component_=linear",
+            "alignment.schedule.stop=50")
+    assert "warning: alignment.schedule.stop=50 > max_steps=2: the teacher guides every step and is never released" \
+        in capsys.readouterr().out
+    expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'b'}", "max_steps=2",
+                       "alignment.schedule._component_=linear", "alignment.schedule.stop=0",
+                       match="alignment.schedule.stop=0: must be >= 1 step. Fix: a number of steps >= 1")
+
+
 @pytest.mark.parametrize("override, match", [
     ("teacher.compile=maybe", "config key teacher.compile='maybe' must be true or false"),
     ("teacher.placement=everywhere", "config key teacher.placement='everywhere' must be one of replicated, sharded"),
