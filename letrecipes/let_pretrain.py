@@ -42,6 +42,8 @@ class LETPretrainRecipe(PretrainRecipe):
                       ("rho_measured", ".3g"), ("cosine", ".3f"), *PretrainRecipe.console_fields[2:])
 
     def setup_data(self) -> None:
+        if self.cfg.teacher.get("path"):  # read its config.json or header now, not after hours of preparing data:
+            describe_teacher(OmegaConf.to_container(self.cfg.teacher, resolve=True))  # an unsupported one stops here
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
         super().setup_data()
 

@@ -369,6 +369,21 @@ def test_a_run_too_large_for_this_machine_is_refused_before_anything_is_prepared
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
+def test_a_teacher_of_an_unsupported_family_is_refused_before_the_corpus_is_prepared(let_overrides, teacher_dir,
+                                                                                      tmp_path):
+    """Its config.json is read first: a GPT-2 teacher stops the run before hours of preparing data."""
+    foreign = tmp_path / "gpt2"
+    foreign.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (foreign / name).write_bytes((teacher_dir / name).read_bytes())
+    (foreign / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    cache = tmp_path / "cache"
+    message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={foreign}",
+                                 f"data.cache_dir={cache}", match="architecture ['GPT2LMHeadModel'] is not supported")
+    assert "Fix: use a checkpoint of a supported family" in message
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
     """Against the memory this process may allocate: below the weights, gradients and
     moments, refused; below the cost model's total, a warning and the run goes on;
