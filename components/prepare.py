@@ -45,6 +45,7 @@ PLAN = "plan.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256
 PIECE_CHARS = 1 << 18  # a longer document is encoded in pieces of about this many characters
+KEPT_WARNINGS = 10  # warnings of a unit kept in its shard's .json
 BATCH_CHARS = 1 << 22  # characters per encode call: ~700 MB of encodings at most
 RANGE_CHECK_BLOCK = 16 << 20
 
@@ -163,7 +164,10 @@ def _prepare_unit(job: dict) -> dict:
     except BaseException:  # a failed or interrupted write leaves nothing behind
         tmp.unlink(missing_ok=True)
         raise
-    meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unit": unit.to_dict()}
+    # The first warnings are kept with the shard: a later run that finds it done can still say why a
+    # corpus came out empty.
+    meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unit": unit.to_dict(),
+            "warning_count": len(messages), "first_warnings": messages[:KEPT_WARNINGS]}
     replace_atomically(out_dir / f"{name}.json", json.dumps(meta))
     return {**meta, "warnings": messages}
 
@@ -280,8 +284,14 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
     shards = [done[i] for i in range(len(units))]
     if sum(s["tokens"] for s in shards) == 0:
         skipped = f"; the {warned} warning(s) above say what was skipped" if warned else ""
+        earlier = [m for shard in shards for m in shard.get("first_warnings", [])]
+        if not warned and earlier:  # every unit was read by an earlier run, whose warnings are gone from view
+            earlier_note = (f" When it was read, {sum(s.get('warning_count', 0) for s in shards)} warning(s) said "
+                            f"what was skipped; the first: {earlier[0]}")
+        else:
+            earlier_note = ""
         raise DataError(f"{key}: the source holds no text (0 documents{skipped}). Fix: point it at a corpus with "
-                        "text in it.")
+                        f"text in it.{earlier_note}")
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
                               list(dict.fromkeys(p for u in units for p in u.paths)), plan)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")

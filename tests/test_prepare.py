@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -466,6 +467,12 @@ def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
     with pytest.warns(DataWarning), pytest.raises(DataError, match=r"holds no text \(0 documents; the 1 warning\(s\) "
                                                                   r"above say what was skipped\)"):
         prepare_corpus(only_binary, tok, tmp_path / "out2", **QUIET)
+    # Again on the same folder: the unit is done and reads no more, but the error still says what was skipped.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is warned twice
+        with pytest.raises(DataError, match=r"holds no text \(0 documents\)\. Fix: .* When it was read, 1 warning\(s\) "
+                                            r"said what was skipped; the first: .*binary\.txt is skipped: it looks binary"):
+            prepare_corpus(only_binary, tok, tmp_path / "out2", **QUIET)
 
 
 def test_damaged_files_of_every_format_are_one_error(tokenizer_path, tmp_path):
