@@ -175,13 +175,17 @@ def _files(item: Path, key: str) -> List[Path]:
                       f"part of the corpus; if they are notes or dataset cards, point {key} at the records' own "
                       "folder, or at a glob pattern of them (data/*.parquet).", DataWarning, stacklevel=2)
     if other:  # a folder of .doc files beside one .txt would otherwise train on the .txt alone, silently
-        kinds = ", ".join(f"{len(paths)} {suffix}" for suffix, paths in sorted(other.items()))
-        first = min(p for paths in other.values() for p in paths)
-        warnings.warn(f"{key}: {sum(map(len, other.values()))} file(s) in {str(item)!r} are not read ({kinds}; "
-                      f"first: {first.relative_to(item)}): only {FORMATS} are. Fix: none, if they are not text; "
-                      "otherwise convert them.",
-                      DataWarning, stacklevel=2)
+        relative = {suffix: [p.relative_to(item) for p in paths] for suffix, paths in other.items()}
+        warnings.warn(f"{key}: {_not_read(relative, f'file(s) in {str(item)!r}')}: only {FORMATS} are. Fix: none, "
+                      "if they are not text; otherwise convert them.", DataWarning, stacklevel=2)
     return found
+
+
+def _not_read(by_suffix: Dict[str, list], where: str) -> str:
+    """'N <where> are not read (2 .pdf, 1 .doc; first: ...)': files skipped by their names."""
+    kinds = ", ".join(f"{len(names)} {suffix}" for suffix, names in sorted(by_suffix.items()))
+    first = min(name for names in by_suffix.values() for name in names)
+    return f"{sum(map(len, by_suffix.values()))} {where} are not read ({kinds}; first: {first})"
 
 
 def source_files(source: Union[str, os.PathLike, Sequence], key: str = "data.source") -> List[Path]:
@@ -320,11 +324,8 @@ def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Opt
             stream = path  # an uncompressed zip on disk is read in place
         yield from _archive_members(stream, kind, str(path), text_field, key, warn, piece_chars, not_read)
     if not_read:
-        kinds = ", ".join(f"{len(names)} {suffix}" for suffix, names in sorted(not_read.items()))
-        first = min(name for names in not_read.values() for name in names)
-        warn.append(f"{key}: {sum(map(len, not_read.values()))} member(s) of {path} are not read ({kinds}; first: "
-                    f"{first}): only {FORMATS} are (parquet and arrow only outside archives). Fix: none, if they are "
-                    "not text; otherwise extract and convert them.")
+        warn.append(f"{key}: {_not_read(not_read, f'member(s) of {path}')}: only {FORMATS} are (parquet and arrow "
+                    "only outside archives). Fix: none, if they are not text; otherwise extract and convert them.")
 
 
 def _archive_members(stream, kind: str, name: str, text_field: str, key: str, warn: list,
@@ -361,21 +362,18 @@ def _members(members, archive: str, text_field: str, key: str, warn: list, piece
             continue  # hidden files, macOS's resource forks
         source = _Member(f"{archive}[{member_name}]", open_member(), member_name)
         kind, _ = _format(source)
-        if kind in ("parquet", "arrow", None):
-            with contextlib.ExitStack() as stack:  # by its content: OpenWebText's members are tars named .xz
+        if kind in ("parquet", "arrow", "archive", None):
+            # By its content: OpenWebText's members are tars named .xz. Only one named as an archive must be one.
+            with contextlib.ExitStack() as stack:
                 stream, content = _decompressed(source.fileobj, source, key, stack)
                 if content in ("tar", "zip"):
                     yield from _archive_members(stream, content, source.name, text_field, key, warn, piece_chars,
                                                 not_read)
                     continue
+            if kind == "archive":
+                raise DataError(f"{key}: {source} is named as an archive but is not one. Fix: re-download it.")
             suffix = Path(member_name).suffix.lower() or "(no suffix)"
             not_read.setdefault(suffix, []).append(f"{archive}[{member_name}]")
-        elif kind == "archive":
-            with contextlib.ExitStack() as stack:
-                stream, content = _decompressed(source.fileobj, source, key, stack)
-                if content not in ("tar", "zip"):
-                    raise DataError(f"{key}: {source} is named as an archive but is not one. Fix: re-download it.")
-                yield from _archive_members(stream, content, source.name, text_field, key, warn, piece_chars, not_read)
         elif kind == "text" and piece_chars:
             yield from _stream_text(source, key, warn, piece_chars)
         elif kind == "text":

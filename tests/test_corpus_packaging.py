@@ -123,6 +123,18 @@ def test_tinystories_layout_a_tar_gz_of_json_arrays_with_another_text_field(tmp_
         assert list(read_documents(tmp_path, text_field="story")) == docs
 
 
+def test_files_of_formats_not_read_are_counted_by_suffix_in_one_warning(tmp_path):
+    docs = documents(2)
+    (tmp_path / "a.txt").write_text(docs[0])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text(docs[1])
+    for name in ("x.pdf", "sub/y.doc", "sub/z.doc", "Makefile"):
+        (tmp_path / name).write_bytes(b"%PDF\x00")
+    with pytest.warns(DataWarning, match=r"4 file\(s\) in '.*' are not read \(1 \(no suffix\), 2 \.doc, 1 \.pdf; first: "
+                                         r"Makefile\): only text"):
+        assert list(read_documents(tmp_path)) == docs
+
+
 def test_compression_is_read_from_the_content_not_the_name(tmp_path):
     """A gzip file named .txt used to be skipped as binary; a .jsonl that is zstd, a .gz that
     is plain text: each reads as what it holds."""
