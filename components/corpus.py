@@ -43,6 +43,7 @@ import io
 import json
 import lzma
 import os
+import re
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
@@ -127,6 +128,52 @@ def _format(path) -> Tuple[Optional[str], str]:
     return None, compression
 
 
+# What ``datasets`` calls each split in file and folder names (datasets.data_files.SPLIT_KEYWORDS;
+# a test checks they agree), and the metadata files it writes beside the data (FILES_TO_IGNORE,
+# less README.md, which a folder walk reports as a text file beside records).
+SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                  "test": ("test", "testing", "eval", "evaluation")}
+_SPLIT_WORD = re.compile(r"(?:^|[-._ 0-9])(" + "|".join(w for ws in SPLIT_KEYWORDS.values() for w in ws)
+                         + r")(?=[-._ 0-9]|$)", re.IGNORECASE)
+DATASETS_METADATA = ("config.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "dummy_data.zip")
+DATASET_CARDS = ("readme.md", "readme")
+
+
+def split_named(relative: Path) -> Optional[str]:
+    """The split a path names as ``datasets`` names them (``data/train-00000-of-00004.parquet``,
+    ``c4-validation.00000-of-00008.json.gz``, ``json-test.arrow``, ``train/a.txt``): the file's
+    own name first, then its folders upward; None when none does."""
+    for part in reversed(relative.parts):
+        match = _SPLIT_WORD.search(part)
+        if match:
+            word = match.group(1).lower()
+            return next(split for split, words in SPLIT_KEYWORDS.items() if word in words)
+    return None
+
+
+def _train_split(item: Path, found: List[Path], key: str) -> List[Path]:
+    """The files of a folder laid out in splits, as ``datasets`` writes or the Hub ships them
+    (a DatasetDict's train/ and test/, a cache's json-train.arrow beside json-test.arrow,
+    data/train-*.parquet beside data/validation-*.parquet): the train split alone, as
+    ``load_dataset(folder, split="train")`` reads. A folder is laid out so when every file
+    but a dataset card names a split, train among them and another beside it: a corpus of
+    books of which one is called "the-test-pilot.txt" is read whole."""
+    splits = {path: split_named(path.relative_to(item)) for path in found}
+    named = set(splits.values()) - {None}
+    unnamed = [p for p, split in splits.items() if split is None and p.name.lower() not in DATASET_CARDS]
+    if "train" not in named or len(named) < 2 or unnamed:
+        return found
+    others = {split: [p for p, s in splits.items() if s == split] for split in sorted(named - {"train"})}
+    kept = [p for p in found if splits[p] == "train"]
+    counts = ", ".join(f"{split} ({len(paths)})" for split, paths in others.items())
+    first = min(p for paths in others.values() for p in paths).relative_to(item)
+    warnings.warn(f"{key}: {str(item)!r} is laid out in splits as datasets names them: the train split is read "
+                  f"({len(kept)} file(s) or folder(s)), {counts} not, as with load_dataset(..., split='train'). Fix: "
+                  f"none, to train on the train split; for another, point {key} at its files ({str(item / first)!r}).",
+                  DataWarning, stacklevel=3)
+    return kept
+
+
 def is_dataset_folder(path: Path) -> bool:
     """A folder written by ``datasets.Dataset.save_to_disk``."""
     return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
@@ -160,6 +207,8 @@ def _files(item: Path, key: str) -> List[Path]:
             found.append(path)
         elif not path.is_file() or any(part.startswith(".") for part in path.relative_to(item).parts):
             continue  # hidden: macOS's ._name.txt resource forks, caches, version control
+        elif path.name in DATASETS_METADATA:
+            continue  # datasets' description of the files beside it, not records
         elif _format(path)[0]:
             found.append(path)
         else:
@@ -167,6 +216,7 @@ def _files(item: Path, key: str) -> List[Path]:
     if not found:
         raise DataError(f"{key}: folder {str(item)!r} holds none of the formats read: {FORMATS}. Fix: point "
                         f"{key} at the folder holding the corpus, or convert it to one of them.")
+    found = _train_split(item, found, key)
     texts = [p for p in found if _format(p)[0] == "text"]
     records = [p for p in found if is_dataset_folder(p) or _format(p)[0] in ("jsonl", "csv", "parquet", "arrow")]
     if texts and records:  # a downloaded dataset's README.md would be trained on as a document

@@ -11,7 +11,9 @@ import lzma
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,6 +137,78 @@ def test_files_of_formats_not_read_are_counted_by_suffix_in_one_warning(tmp_path
         assert list(read_documents(tmp_path)) == docs
 
 
+def write_files(folder, names, docs):
+    """Each name gets one document (JSON records for .jsonl, text otherwise); returns {name: doc}."""
+    written = {}
+    for name, doc in zip(names, docs):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"text": doc}) + "\n" if name.endswith(".jsonl") else doc)
+        written[name] = doc
+    return written
+
+
+@pytest.mark.parametrize("names, train", [
+    (["data/train-00000-of-00002.jsonl", "data/train-00001-of-00002.jsonl", "data/test-00000-of-00001.jsonl",
+      "data/validation-00000-of-00001.jsonl", "README.md"], 2),  # the Hub's parquet-converter layout
+    (["TinyStories-train.txt", "TinyStories-valid.txt"], 1),
+    (["c4-train.00000-of-01024.jsonl", "c4-train.00001-of-01024.jsonl", "c4-validation.00000-of-00008.jsonl"], 2),
+    (["train/a.txt", "train/b.txt", "test/c.txt"], 2),
+], ids=["hub-shards", "name-train-valid", "c4", "split-folders"])
+def test_a_folder_laid_out_in_splits_reads_its_train_split(tmp_path, names, train):
+    docs = documents(len(names))
+    written = write_files(tmp_path, names, docs)
+    expected = [written[n] for n in sorted(written) if corpus.split_named(Path(n)) == "train"]
+    assert len(expected) == train
+    with pytest.warns(DataWarning, match=r"is laid out in splits as datasets names them: the train split is read \("
+                                         + str(train) + r" file\(s\) or folder\(s\)\), .* not, as with load_dataset"):
+        assert list(read_documents(tmp_path)) == expected
+
+
+@pytest.mark.parametrize("names", [
+    ["the-test-pilot.txt", "hamlet.txt", "the-great-train-robbery.txt"],  # books, not splits: some name no split
+    ["test.txt", "notes.txt"],
+    ["valid.jsonl", "test.jsonl"],  # splits, but no train among them: read as given
+], ids=["books", "one-named", "no-train"])
+def test_a_folder_that_is_not_laid_out_in_splits_is_read_whole(tmp_path, names):
+    docs = documents(len(names))
+    written = write_files(tmp_path, names, docs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(read_documents(tmp_path)) == [written[n] for n in sorted(written)]
+
+
+def test_datasets_own_layouts_read_their_train_split_and_never_their_metadata(tmp_path):
+    """save_to_disk of a DatasetDict (dataset_dict.json, train/, test/) and the cache that
+    load_dataset writes (dataset_info.json beside json-train.arrow and json-test.arrow):
+    their JSON metadata used to be read as records (one error), and test was trained on."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    docs = documents(5)
+    dataset_dict = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:3]}),
+                                         "test": datasets.Dataset.from_dict({"text": docs[3:]})})
+    dataset_dict.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "raw").mkdir()
+    for split, part in (("train", docs[:3]), ("test", docs[3:])):
+        (tmp_path / "raw" / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    datasets.load_dataset("json", data_files={s: str(tmp_path / "raw" / f"{s}.jsonl") for s in ("train", "test")},
+                          cache_dir=str(tmp_path / "cache"))
+    [cache] = {p.parent for p in (tmp_path / "cache").rglob("*-train.arrow")}
+    assert (cache / "dataset_info.json").is_file()
+    for folder in (tmp_path / "saved", cache):
+        with pytest.warns(DataWarning, match="the train split is read"):
+            assert list(read_documents(folder)) == docs[:3]
+    assert list(read_documents(tmp_path / "saved" / "test")) == docs[3:]  # another split, named
+
+
+def test_the_split_keywords_are_datasets_own():
+    from datasets.data_files import FILES_TO_IGNORE, SPLIT_KEYWORDS
+
+    assert {str(split): tuple(words) for split, words in SPLIT_KEYWORDS.items()} == corpus.SPLIT_KEYWORDS
+    assert set(corpus.DATASETS_METADATA) == set(FILES_TO_IGNORE) - {"README.md"}
+
+
 def test_compression_is_read_from_the_content_not_the_name(tmp_path):
     """A gzip file named .txt used to be skipped as binary; a .jsonl that is zstd, a .gz that
     is plain text: each reads as what it holds."""
@@ -205,6 +279,9 @@ def test_glob_patterns_hub_ids_and_a_card_beside_the_records(tmp_path, monkeypat
         (data / f"train-{i:05d}.jsonl").write_bytes(jsonl([d]))
     (data / "val-00000.jsonl").write_bytes(jsonl(["held out"]))
     (tmp_path / "fineweb" / "README.md").write_text("# Dataset card\nlicense: odc-by\n")
+    with pytest.warns(DataWarning, match=r"the train split is read \(4 file"):  # train and val: the card is not read
+        assert list(read_documents(tmp_path / "fineweb")) == docs
+    (data / "val-00000.jsonl").rename(data / "extra-00000.jsonl")  # no splits: everything is read, the card too
     with pytest.warns(DataWarning, match=r"1 text file\(s\) in .* \(first: README.md\) are read as documents beside "
                                          r"5 file\(s\) of records"):
         list(read_documents(tmp_path / "fineweb"))
