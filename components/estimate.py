@@ -17,10 +17,14 @@ from typing import Optional
 from letrecipes.components.models import ModelArgs
 
 
+# Families with LayerNorms (a bias beside each scale) and a two-matrix MLP with biases.
+LAYER_NORM_FAMILIES = ("opt", "gpt_neox")
+
+
 def block_matmul_params(args: ModelArgs) -> int:
     q_width, kv_width = args.num_heads * args.dim_per_head, args.num_kv_heads * args.dim_per_head
     attn = args.embed_dim * (2 * q_width + 2 * kv_width)
-    mlp = (2 if args.family == "opt" else 3) * args.embed_dim * args.intermediate_dim
+    mlp = (2 if args.family in LAYER_NORM_FAMILIES else 3) * args.embed_dim * args.intermediate_dim
     return attn + mlp
 
 
@@ -30,7 +34,7 @@ def block_params(args: ModelArgs) -> int:
     vectors += (q_width + 2 * kv_width) if args.qkv_bias else 0
     vectors += args.embed_dim if args.output_bias else 0
     vectors += 2 * args.dim_per_head if args.qk_norm else 0
-    if args.family == "opt":  # LayerNorm biases and the MLP biases
+    if args.family in LAYER_NORM_FAMILIES:  # LayerNorm biases and the MLP biases
         vectors += 2 * args.embed_dim + args.intermediate_dim + args.embed_dim
     return block_matmul_params(args) + vectors
 
@@ -38,7 +42,7 @@ def block_params(args: ModelArgs) -> int:
 def total_params(args: ModelArgs) -> int:
     embeddings = args.vocab_size * args.embed_dim
     head = 0 if args.tie_word_embeddings else embeddings
-    final_norm = args.embed_dim * (2 if args.family == "opt" else 1)
+    final_norm = args.embed_dim * (2 if args.family in LAYER_NORM_FAMILIES else 1)
     positions = (args.max_seq_len + 2) * args.embed_dim if args.family == "opt" else 0
     return embeddings + positions + head + args.num_layers * block_params(args) + final_norm
 

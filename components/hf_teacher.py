@@ -4,7 +4,8 @@ index; or, for older checkpoints, ``pytorch_model.bin``, loaded tensors-only) + 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
 Mistral (``MistralForCausalLM``: Llama's weights; a sliding window bounds the context),
 Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v), Qwen3 (``Qwen3ForCausalLM``: RMSNorm
-on each head of q and k) and OPT (``OPTForCausalLM``). The
+on each head of q and k), OPT (``OPTForCausalLM``) and GPT-NeoX (``GPTNeoXForCausalLM``:
+Pythia; its fused q/k/v projection is split on load). The
 architecture is read from ``config.json``; weights are checked against it tensor by tensor.
 """
 
@@ -27,8 +28,11 @@ SINGLE_FILE = "model.safetensors"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_FILE = "pytorch_model.bin"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "OPTForCausalLM": "opt"}
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "opt": "opt"}
+                 "Qwen3ForCausalLM": "qwen3", "OPTForCausalLM": "opt", "GPTNeoXForCausalLM": "gpt_neox"}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "opt": "opt",
+               "gpt_neox": "gpt_neox"}
+# transformers' names for GELU -> ours (gelu_new, gelu_fast and gelu_pytorch_tanh are all the tanh form)
+NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def read_config(path: Path) -> dict:
@@ -96,6 +100,8 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
                 max_seq_len=config["max_position_embeddings"], norm_eps=1e-5,
                 tie_word_embeddings=config.get("tie_word_embeddings", True), qkv_bias=True, output_bias=True,
             )
+        if arch == "gpt_neox":
+            return _gpt_neox_args(config, config_file)
         _require(config.get("hidden_act", "silu") == "silu", config_file, f"hidden_act={config.get('hidden_act')!r}")
         _require(not config.get("mlp_bias", False), config_file, "mlp_bias=true")
         _require(not config.get("use_sliding_window", False), config_file, "use_sliding_window=true")
@@ -118,6 +124,26 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
         )
     except KeyError as err:
         raise TeacherError(f"{config_file}: missing key {err.args[0]!r} that a {arch} config must have.") from err
+
+
+def _gpt_neox_args(config: dict, config_file: str) -> ModelArgs:
+    """Pythia's keys (``rotary_pct``, ``rotary_emb_base``) or transformers 5's ``rope_parameters``."""
+    act = config.get("hidden_act", "gelu")
+    _require(act in NEOX_ACTIVATIONS, config_file, f"hidden_act={act!r}")
+    params = config.get("rope_parameters") or {}
+    _require(params.get("rope_type", "default") == "default" and not config.get("rope_scaling"), config_file,
+             f"rope scaling {params.get('rope_type') or config.get('rope_scaling')!r}")
+    heads, bias = config["num_attention_heads"], bool(config.get("attention_bias", True))
+    return ModelArgs(
+        family="gpt_neox", vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=heads, embed_dim=config["hidden_size"], intermediate_dim=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        rope_base=float(config.get("rotary_emb_base") or params.get("rope_theta") or 10_000.0),
+        rotary_fraction=float(config.get("rotary_pct") or params.get("partial_rotary_factor") or 0.25),
+        norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), qkv_bias=bias, output_bias=bias,
+        parallel_residual=bool(config.get("use_parallel_residual", True)), mlp_activation=NEOX_ACTIVATIONS[act],
+    )
 
 
 # ----------------------------------------------------------------- weight names
@@ -161,6 +187,17 @@ def _llama_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[C
     return "?" + hf_key, None
 
 
+def _in_a_block(key: str) -> bool:
+    parts = key.split(".")
+    return parts[0] == "layers" and len(parts) >= 4
+
+
+def _block_parts(key: str) -> Tuple[str, str, str]:
+    """``layers.3.fc1.weight`` -> ("3", "fc1", "weight")."""
+    parts = key.split(".")
+    return parts[1], ".".join(parts[2:-1]), parts[-1]
+
+
 def _opt_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Callable]]]:
     key = hf_key[len("model."):] if hf_key.startswith("model.") else hf_key
     if key == "lm_head.weight":
@@ -172,16 +209,57 @@ def _opt_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Cal
            "final_layer_norm.weight": "norm.weight", "final_layer_norm.bias": "norm.bias"}
     if key in top:
         return top[key], None
-    parts = key.split(".")
-    if parts[0] != "layers" or len(parts) < 4:
+    if not _in_a_block(key):
         return "?" + hf_key, None
-    i, module, kind = parts[1], ".".join(parts[2:-1]), parts[-1]
+    i, module, kind = _block_parts(key)
     modules = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
                "self_attn.out_proj": "attn.output_proj", "self_attn_layer_norm": "sa_norm",
                "final_layer_norm": "mlp_norm", "fc1": "mlp.w1", "fc2": "mlp.w2"}
     if module in modules:
         return f"layers.{i}.{modules[module]}.{kind}", None
     return "?" + hf_key, None
+
+
+def _partial_rotary_to_interleaved(w: torch.Tensor, heads: int, rotary_dim: int) -> torch.Tensor:
+    """As :func:`_rotary_to_interleaved`, for the first ``rotary_dim`` rows of each head only."""
+    rows, rest = w.shape[0], w.shape[1:]
+    w = w.reshape(heads, rows // heads, *rest)
+    turned = w[:, :rotary_dim].reshape(heads, 2, rotary_dim // 2, *rest).transpose(1, 2).reshape(heads, rotary_dim, *rest)
+    return torch.cat([turned, w[:, rotary_dim:]], dim=1).reshape(rows, *rest)
+
+
+def _neox_names(args: ModelArgs, hf_key: str):
+    """GPT-NeoX's names; its fused ``query_key_value`` (rows grouped head by head as
+    [q, k, v]) becomes three tensors, q and k reordered for RoPE."""
+    if hf_key == "embed_out.weight":
+        return ("output.weight", None) if not args.tie_word_embeddings else None
+    key = hf_key[len("gpt_neox."):] if hf_key.startswith("gpt_neox.") else hf_key
+    top = {"embed_in.weight": "tok_embeddings.weight", "final_layer_norm.weight": "norm.weight",
+           "final_layer_norm.bias": "norm.bias"}
+    if key in top:
+        return top[key], None
+    if not _in_a_block(key):
+        return "?" + hf_key, None
+    i, module, kind = _block_parts(key)
+    if module in ("attention", "attention.rotary_emb"):  # the causal-mask buffers and inv_freq of older checkpoints
+        return None
+    if module == "attention.query_key_value":
+        heads, head_dim = args.num_heads, args.dim_per_head
+
+        def part(w: torch.Tensor, which: int, turn: bool) -> torch.Tensor:
+            one = w.reshape(heads, 3, head_dim, *w.shape[1:])[:, which].reshape(heads * head_dim, *w.shape[1:])
+            return _partial_rotary_to_interleaved(one, heads, args.rotary_dim) if turn else one
+
+        return [(f"layers.{i}.attn.{proj}.{kind}", lambda w, n=n: part(w, n, n < 2))
+                for n, proj in enumerate(("q_proj", "k_proj", "v_proj"))]
+    modules = {"attention.dense": "attn.output_proj", "input_layernorm": "sa_norm",
+               "post_attention_layernorm": "mlp_norm", "mlp.dense_h_to_4h": "mlp.w1", "mlp.dense_4h_to_h": "mlp.w2"}
+    if module in modules:
+        return f"layers.{i}.{modules[module]}.{kind}", None
+    return "?" + hf_key, None
+
+
+NAMES = {"opt": _opt_names, "gpt_neox": _neox_names}
 
 
 # ----------------------------------------------------------------- files
@@ -290,20 +368,25 @@ def convert_state_dict(
     ``expected`` maps each of our parameter names to its shape; any tensor left over,
     missing or of another shape is an error naming the file it came from.
     """
-    names = _opt_names if args.family == "opt" else _llama_names
+    names = NAMES.get(args.family, _llama_names)
     state: Dict[str, torch.Tensor] = {}
     for hf_key, file, tensor in tensors:
         mapped = names(args, hf_key)
         if mapped is None:
             continue
-        ours, transform = mapped
-        if ours.startswith("?") or ours not in expected:
-            raise TeacherError(f"{file}: unexpected tensor {hf_key!r} for the {args.family} layout that {what} "
-                               "describes. Fix: check that config.json belongs to these weights.")
-        if tuple(tensor.shape) != tuple(expected[ours]):
-            raise TeacherError(f"{file}: tensor {hf_key!r} has shape {tuple(tensor.shape)}, but {what} implies "
-                               f"{tuple(expected[ours])}. Fix: use the config.json that came with these weights.")
-        state[ours] = cast(transform(tensor) if transform else tensor)
+        for ours, transform in mapped if isinstance(mapped, list) else [mapped]:  # a fused tensor maps to several
+            if ours.startswith("?") or ours not in expected:
+                raise TeacherError(f"{file}: unexpected tensor {hf_key!r} for the {args.family} layout that {what} "
+                                   "describes. Fix: check that config.json belongs to these weights.")
+            try:
+                value = transform(tensor) if transform else tensor
+            except RuntimeError:  # a reshape that the tensor's size does not allow
+                value = None
+            if value is None or tuple(value.shape) != tuple(expected[ours]):
+                raise TeacherError(f"{file}: tensor {hf_key!r} has shape {tuple(tensor.shape)}, but {what} implies "
+                                   f"{tuple(expected[ours])}" + (f" for {ours}" if transform else "")
+                                   + ". Fix: use the config.json that came with these weights.")
+            state[ours] = cast(value)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise TeacherError(f"{what}: the weights lack {len(missing)} tensor(s) the model needs, e.g. "

@@ -1,6 +1,7 @@
 """Decoders built from torchtune's modules: the Llama family (RMSNorm, SwiGLU, RoPE, GQA;
-optional attention biases as in Qwen2 and Llama-3 scaled RoPE) and OPT (LayerNorm, ReLU
-MLP, learned positions), the two layouts that pretrained teachers come in.
+optional attention biases as in Qwen2 and Llama-3 scaled RoPE), OPT (LayerNorm, ReLU
+MLP, learned positions) and GPT-NeoX (Pythia: LayerNorm, GELU MLP, RoPE over a part of
+each head, attention and MLP side by side), the layouts that pretrained teachers come in.
 
 Layer numbering follows the Hugging Face ``hidden_states`` convention everywhere in
 this project: layer 0 is the token embedding output, layer ``i`` (1..L) is the output
@@ -47,12 +48,15 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     # The fields below only matter for pretrained teachers; their defaults are this
     # project's own students (and keep older exported configs loadable).
-    family: str = "llama"                  # llama | opt
+    family: str = "llama"                  # llama | opt | gpt_neox
     head_dim: Optional[int] = None         # None = embed_dim // num_heads
     qkv_bias: bool = False                 # Qwen2: biases on q, k, v
     output_bias: bool = False              # attention output projection bias
     rope_scaling: Optional[dict] = None    # Llama-3.1+: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
     qk_norm: bool = False                  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    rotary_fraction: float = 1.0           # GPT-NeoX: RoPE turns the first fraction of each head (Pythia: 0.25)
+    parallel_residual: bool = False        # GPT-NeoX: x + attn(norm1 x) + mlp(norm2 x)
+    mlp_activation: str = "gelu"           # GPT-NeoX's MLP: gelu (exact) | gelu_tanh
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":
@@ -85,6 +89,16 @@ class ModelArgs:
         if self.family == "llama" and self.dim_per_head % 2:
             raise ComponentError(f"{key}: the head dim, {key}.embed_dim / {key}.num_heads = {self.dim_per_head}, must be "
                                  f"even for RoPE. Fix: choose {key}.embed_dim and {key}.num_heads so that it is.")
+        if self.family == "gpt_neox" and (self.rotary_dim < 2 or self.rotary_dim % 2):
+            raise ComponentError(f"{key}: RoPE turns {self.rotary_dim} of each head's {self.dim_per_head} features "
+                                 f"(rotary_fraction={self.rotary_fraction}); it needs an even number >= 2.")
+        if self.family == "gpt_neox" and self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ComponentError(f"{key}.mlp_activation={self.mlp_activation!r}: use one of {sorted(MLP_ACTIVATIONS)}.")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The features of each head that RoPE turns (all of them but in GPT-NeoX)."""
+        return int(self.dim_per_head * self.rotary_fraction)
 
 
 def _rope(args: ModelArgs) -> nn.Module:
@@ -212,7 +226,61 @@ def opt(args: ModelArgs) -> TransformerDecoder:
     return _decoder(args, embeddings, layers, layer_norm())
 
 
-FAMILIES = {"llama": llama, "opt": opt}
+class PartialRotaryEmbeddings(nn.Module):
+    """RoPE over the first ``rotary_dim`` features of each head; the rest pass unturned
+    (GPT-NeoX: Pythia turns a quarter of each head)."""
+
+    def __init__(self, rotary_dim: int, max_seq_len: int, base: float):
+        super().__init__()
+        self.rotary_dim = rotary_dim
+        self.rope = RotaryPositionalEmbeddings(dim=rotary_dim, max_seq_len=max_seq_len, base=base)
+
+    def rope_init(self) -> None:
+        self.rope.rope_init()
+
+    def forward(self, x: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        turned = self.rope(x[..., :self.rotary_dim], input_pos=input_pos)
+        return torch.cat([turned, x[..., self.rotary_dim:]], dim=-1)
+
+
+class ParallelResidualLayer(TransformerSelfAttentionLayer):
+    """A block whose attention and MLP read the same input, their outputs added to it
+    (GPT-NeoX's ``use_parallel_residual``, as in every Pythia); torchtune's layer chains them."""
+
+    def forward(self, x: torch.Tensor, *, mask=None, input_pos: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        h = self.sa_norm(x)
+        attn_out = self.attn(h, h, mask=mask, input_pos=input_pos)
+        return x + self.sa_scale(attn_out) + self.mlp_scale(self.mlp(self.mlp_norm(x)))
+
+
+MLP_ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh")}
+
+
+def gpt_neox(args: ModelArgs) -> TransformerDecoder:
+    """A GPT-NeoX decoder (Pythia): LayerNorms, a GELU MLP with biases, RoPE over
+    ``rotary_fraction`` of each head, attention and MLP in parallel or in sequence."""
+    args.validate()
+    rope = PartialRotaryEmbeddings(args.rotary_dim, args.max_seq_len, args.rope_base)
+    block = ParallelResidualLayer if args.parallel_residual else TransformerSelfAttentionLayer
+
+    def layer_norm() -> nn.LayerNorm:
+        return nn.LayerNorm(args.embed_dim, eps=args.norm_eps)
+
+    layers = nn.ModuleList(
+        block(
+            attn=_attention(args, rope),
+            mlp=FeedForward(gate_proj=nn.Linear(args.embed_dim, args.intermediate_dim),
+                            down_proj=nn.Linear(args.intermediate_dim, args.embed_dim),
+                            activation=MLP_ACTIVATIONS[args.mlp_activation]()),
+            sa_norm=layer_norm(),
+            mlp_norm=layer_norm(),
+        )
+        for _ in range(args.num_layers)
+    )
+    return _decoder(args, nn.Embedding(args.vocab_size, args.embed_dim), layers, layer_norm())
+
+
+FAMILIES = {"llama": llama, "opt": opt, "gpt_neox": gpt_neox}
 
 
 def rebuild_rope_caches(blocks: Iterable[nn.Module]) -> None:

@@ -53,9 +53,16 @@ def _opt(tie=True):
         max_position_embeddings=64, word_embed_proj_dim=48, tie_word_embeddings=tie, dropout=0.0))
 
 
+def _pythia(parallel=True, act="gelu"):  # Pythia's layout: a quarter of each head turned, attention and MLP in parallel
+    return transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+        vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=3,
+        max_position_embeddings=64, rotary_pct=0.25, rotary_emb_base=10_000, use_parallel_residual=parallel,
+        hidden_act=act, layer_norm_eps=1e-5, tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0))
+
+
 MODELS = {"llama_tied": _llama, "llama_untied": lambda: _llama(tie=False), "llama3_scaled_rope": _llama3_scaled,
           "qwen2_biases": _qwen2, "opt": _opt, "mistral": _mistral, "mistral_window": lambda: _mistral(window=48),
-          "qwen3_qk_norm": _qwen3}
+          "qwen3_qk_norm": _qwen3, "pythia": _pythia, "gpt_neox_sequential_gelu_tanh": lambda: _pythia(False, "gelu_new")}
 
 
 def _save(model, path, shard=False):
@@ -108,8 +115,8 @@ def _edit_config(path, **changes):
 
 
 def test_unknown_architecture_is_named(tmp_path):
-    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox"))
-    assert "GPTNeoXForCausalLM" in message and "config.json" in message and "LlamaForCausalLM" in message
+    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+    assert "GPT2LMHeadModel" in message and "config.json" in message and "LlamaForCausalLM" in message
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
