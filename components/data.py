@@ -10,6 +10,8 @@ does not grow with the corpus.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -294,6 +296,19 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     if len(specs) == 1:
         return train[0], (val[0] if val else None), []
     return MixtureDataset(train, weights, seed=seed), (MixtureDataset(val, weights, seed=0) if val else None), names
+
+
+def corpus_fingerprint(dataset) -> str:
+    """The training tokens in brief: each prepared corpus's token and document counts,
+    shard by shard. A corpus edited, grown or shrunk since (then prepared again) changes
+    it; the same corpus copied to another machine or path does not (no paths, no times)."""
+    parts = dataset.parts if isinstance(dataset, MixtureDataset) else [dataset]
+    digest = hashlib.sha256()
+    for part in parts:
+        manifest = part.tokens.manifest
+        digest.update(json.dumps([manifest["dtype"], [[s["tokens"], s["documents"]] for s in manifest["shards"]]])
+                      .encode())
+    return digest.hexdigest()[:16]
 
 
 class BatchStream:

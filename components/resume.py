@@ -36,6 +36,8 @@ CHANGEABLE = (
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
 ABSENT = "<absent>"
+# what run_info.json records besides the config: the tokenizer's content and the prepared corpus's token counts
+FINGERPRINTS = {"tokenizer fingerprint": "tokenizer_fingerprint", "data fingerprint": "data_fingerprint"}
 IGNORED = ("resume", "overwrite", "init_from")  # how this launch started, not what the run is
 
 
@@ -61,11 +63,12 @@ def changeable(key: str) -> bool:
 def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every identity field or config key that differs."""
     old = {**flatten(saved.get("config") or {}), "world_size": saved.get("world_size"),
-           "tokenizer fingerprint": saved.get("tokenizer_fingerprint")}
+           **{name: saved.get(field) for name, field in FINGERPRINTS.items()}}
     new = {**flatten(current.get("config") or {}), "world_size": current.get("world_size"),
-           "tokenizer fingerprint": current.get("tokenizer_fingerprint")}
-    if old["tokenizer fingerprint"] is None:  # written before fingerprints were recorded
-        old.pop("tokenizer fingerprint"), new.pop("tokenizer fingerprint")
+           **{name: current.get(field) for name, field in FINGERPRINTS.items()}}
+    for name in FINGERPRINTS:
+        if old[name] is None:  # written before this fingerprint was recorded
+            old.pop(name), new.pop(name)
     keys = sorted((set(old) | set(new)) - set(IGNORED))
     return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in keys
             if old.get(k, ABSENT) != new.get(k, ABSENT) and not same_component(k, old.get(k), new.get(k))]
@@ -100,20 +103,27 @@ def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str,
     except (OSError, ValueError):
         return None
     changes = differences(saved, current)
-    refused = [c for c in changes if not changeable(c[0])]
+    # With the corpus's content on record, where it lies may change (another mount, a node's scratch disk).
+    moved = ("data.source",) if saved.get("data_fingerprint") else ()
+    refused = [c for c in changes if not changeable(c[0]) and c[0] not in moved]
     if refused:
         listed = "; ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in refused[:8])
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
         raise ResumeChangeError(
             f"resume: {checkpoint} was written by a different run: {listed}{more}. These keys define the run (model, "
             "tokenizer, data, teacher, alignment, seed, batch, processes). Fix: resume with the values it was written "
-            "with (its run_info.json holds them), or start a new run in another output_dir (or overwrite=true).")
+            "with (its run_info.json holds them), or start a new run in another output_dir (or overwrite=true)."
+            + (" The data fingerprint is the prepared corpus's token counts, shard by shard: the corpus changed since "
+               "(a file edited, added or removed), so the data position saved would point into other text; to go on "
+               f"with new data, export it (letrecipes export {checkpoint} <folder>) and start a new run with "
+               "init_from=<folder>."
+               if any(k == "data fingerprint" for k, _, _ in refused) else ""))
     return changes
 
 
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if value != ABSENT else ABSENT
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 60 else text[:20] + "..." + text[-37:]  # a path's end says the most
 
 
 def describe(changes: List[Tuple[str, Any, Any]]) -> List[str]:

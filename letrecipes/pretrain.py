@@ -32,7 +32,7 @@ from tqdm import tqdm
 from letrecipes._config import parse, run
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
-from letrecipes.components.data import BatchStream, build_dataloader, build_datasets
+from letrecipes.components.data import BatchStream, build_dataloader, build_datasets, corpus_fingerprint
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
@@ -204,6 +204,7 @@ class PretrainRecipe:
         self.train_set, self.val_set, sources = build_datasets(cfg, self.tokenizer, seed=int(self.cfg.seed),
                                                                local_rank=parallel.local_rank(self.rank), log=self.log,
                                                                validation=bool(self.eval_every))
+        self.run_info["data_fingerprint"] = corpus_fingerprint(self.train_set)  # a resume on changed data is refused
         batch_size, workers = int(self.cfg.batch_size), int(cfg.get("num_workers", 0))
         self.batches = BatchStream(build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed),
                                                     rank=self.rank, world_size=self.world_size, num_workers=workers,

@@ -8,6 +8,7 @@ subprocesses (pretrain_tiny: a few seconds each).
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,28 @@ def test_resume_notices_a_tokenizer_whose_bytes_changed(tmp_path, tokenizer_path
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=3))  # same path, other bytes
     result = tune(run, f"tokenizer.path={tokenizer}", "resume=true")
     assert result.returncode == 1 and "tokenizer fingerprint" in last_line(result)
+
+
+def test_resume_notices_a_corpus_that_changed_and_follows_one_that_moved(tmp_path, corpus_dir):
+    """The data position saved is an index into the prepared tokens: a corpus edited since
+    would resume into other text. The same corpus at another path resumes."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpus_dir, corpus)
+    run = tmp_path / "run"
+    ok(tune(run, f"data.source={corpus}", "max_steps=3"))
+    moved = tmp_path / "moved"
+    shutil.copytree(corpus, moved)
+    resumed = ok(tune(run, f"data.source={moved}", "max_steps=4", "resume=true"))
+    assert 'resume: data.source "' in resumed.stdout and 'corpus" -> "' in resumed.stdout and 'moved"' in resumed.stdout
+    before = digest(run)
+    first = sorted(moved.rglob("*.txt"))[0]
+    first.write_text(first.read_text() + "\nOne more sentence that was not there before.\n")
+    result = tune(run, f"data.source={moved}", "max_steps=5", "resume=true")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = last_line(result)
+    assert "was written by a different run: data fingerprint " in line and "the corpus changed since" in line
+    assert "letrecipes export " in line and "init_from=<folder>" in line
+    assert digest(run) == before
 
 
 def test_resume_check_unit():
