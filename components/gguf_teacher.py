@@ -1,10 +1,13 @@
 """Teacher format ``gguf``: llama.cpp GGUF files, shape from the metadata, weights dequantized with the
 ``gguf`` package, the embedded tokenizer exported as a ``tokenizer.json``.
 
-Only the ``llama`` architecture is mapped (SmolLM/SmolLM2, TinyLlama, Llama-2 style models).
-llama.cpp's converter stores Q and K with each head's rows interleaved for its RoPE
-kernel; we undo that to get the Hugging Face layout, then go through the same name
-mapping and checks as a Hugging Face folder (``letrecipes.components.hf_teacher``).
+Architectures: ``llama`` (SmolLM/SmolLM2, TinyLlama, Llama-2 style models, Mistral, which
+llama.cpp files as llama), ``qwen2`` (biases on q, k, v) and ``qwen3`` (q/k norms).
+For ``llama`` llama.cpp's converter stores Q and K with each head's rows interleaved for
+its RoPE kernel; we undo that to get the Hugging Face layout. ``qwen2``/``qwen3`` use
+llama.cpp's NEOX RoPE, which turns halves as Hugging Face does: their rows are stored
+as they are. Then the same name mapping and checks as a Hugging Face folder
+(``letrecipes.components.hf_teacher``).
 """
 
 from __future__ import annotations
@@ -31,13 +34,23 @@ GGUF_MAGIC = b"GGUF"
 # else (the IQ* codebook formats, ternary types) is refused by name.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's pre-tokenizer names -> the `tokenizers` pre-tokenizer that splits the same way.
-PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2")
+PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2", "qwen2")
+# Qwen2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2, the Split in Qwen2's tokenizer.json):
+# GPT-2's, with case-insensitive contractions, letters after one non-letter, and digits one by one.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
+# Each GGUF architecture: whether its q/k rows are stored permuted for llama.cpp's
+# interleaved RoPE (llama) or as Hugging Face has them (the NEOX RoPE of qwen2, qwen3).
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
 }
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
@@ -68,31 +81,42 @@ def _field(reader, key: str, source: str, default=None):
 
 def model_args(reader, source: str) -> ModelArgs:
     arch = _field(reader, "general.architecture", source)
-    if arch != "llama":
-        raise TeacherError(f"{source}: GGUF architecture {arch!r} is not supported; expected 'llama'. Fix: use the "
-                           "model's Hugging Face folder with teacher._component_=huggingface.")
+    if arch not in ARCHITECTURES:
+        raise TeacherError(f"{source}: GGUF architecture {arch!r} is not supported; expected one of "
+                           f"{', '.join(ARCHITECTURES)}. Fix: use the model's Hugging Face folder with "
+                           "teacher._component_=huggingface.")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names or _field(reader, "llama.rope.scaling.type", source, "none") not in ("none", ""):
+
+    def meta(key: str, default=None):
+        return _field(reader, f"{arch}.{key}", source, default)
+
+    if "rope_freqs.weight" in names or meta("rope.scaling.type", "none") not in ("none", ""):
         raise TeacherError(f"{source}: scaled RoPE (Llama-3.1+) in GGUF is not supported. Fix: use the model's "
                            "Hugging Face folder with teacher._component_=huggingface.")
-    width = int(_field(reader, "llama.embedding_length", source))
-    heads = int(_field(reader, "llama.attention.head_count", source))
-    rope_dim = int(_field(reader, "llama.rope.dimension_count", source, width // heads))
-    if rope_dim != width // heads:
-        raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {width // heads}) "
+    width = int(meta("embedding_length"))
+    heads = int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", width // heads))  # Qwen3's heads are wider than width / heads
+    rope_dim = int(meta("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {head_dim}) "
                            "is not supported.")
-    vocab_size = _field(reader, "llama.vocab_size", source, 0) or len(_field(reader, "tokenizer.ggml.tokens", source))
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab_size = meta("vocab_size", 0) or (int(embedding.shape[-1]) if embedding is not None else
+                                           len(_field(reader, "tokenizer.ggml.tokens", source)))
     return ModelArgs(
         vocab_size=int(vocab_size),
-        num_layers=int(_field(reader, "llama.block_count", source)),
+        num_layers=int(meta("block_count")),
         num_heads=heads,
-        num_kv_heads=int(_field(reader, "llama.attention.head_count_kv", source, heads)),
+        num_kv_heads=int(meta("attention.head_count_kv", heads)),
         embed_dim=width,
-        intermediate_dim=int(_field(reader, "llama.feed_forward_length", source)),
-        max_seq_len=int(_field(reader, "llama.context_length", source, 2048)),
-        rope_base=float(_field(reader, "llama.rope.freq_base", source, 10_000.0)),
-        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", source, 1e-5)),
+        intermediate_dim=int(meta("feed_forward_length")),
+        max_seq_len=int(meta("context_length", 2048)),
+        rope_base=float(meta("rope.freq_base", 10_000.0)),
+        norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in names,
+        head_dim=head_dim if head_dim != width // heads else None,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
     )
 
 
@@ -105,6 +129,7 @@ def _undo_rotary_permutation(w: np.ndarray, heads: int) -> np.ndarray:
 def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Path, torch.Tensor]]:
     from gguf.quants import dequantize
 
+    permuted = ARCHITECTURES[_field(reader, "general.architecture", source)]
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         if tensor.name in TOP_NAMES:
@@ -112,7 +137,8 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
         else:
             parts = tensor.name.split(".", 2)
             if parts[0] != "blk" or len(parts) < 3 or parts[2] not in LAYER_NAMES:
-                raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a llama GGUF.")
+                raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a "
+                                   f"{_field(reader, 'general.architecture', source)} GGUF.")
             hf_name = f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
         if kind not in SUPPORTED_TYPES:
             raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "
@@ -121,9 +147,9 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
         values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy: the file is memory-mapped read-only
         rows_cols = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
         values = values.reshape(rows_cols if len(rows_cols) > 1 else (-1,))
-        if tensor.name.endswith("attn_q.weight"):
+        if permuted and tensor.name.endswith("attn_q.weight"):
             values = _undo_rotary_permutation(values, args.num_heads)
-        elif tensor.name.endswith("attn_k.weight"):
+        elif permuted and tensor.name.endswith("attn_k.weight"):
             values = _undo_rotary_permutation(values, args.num_kv_heads)
         yield hf_name, source, torch.from_numpy(np.ascontiguousarray(values))
 
@@ -135,7 +161,7 @@ def state_dict(reader, args: ModelArgs, expected: Dict[str, torch.Size], cast: C
 # ----------------------------------------------------------------- tokenizer
 def build_tokenizer(reader, source: str):
     """A ``tokenizers.Tokenizer`` equivalent to the GGUF's embedded byte-level BPE."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     kind = _field(reader, "tokenizer.ggml.model", source)
     if kind != "gpt2":
@@ -152,6 +178,11 @@ def build_tokenizer(reader, source: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # llama.cpp's smollm pre-tokenizer: every digit alone, then the GPT-2 split
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre == "qwen2":  # Unicode-normalised (NFC) first, as Qwen2's own tokenizer.json does
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
@@ -188,7 +219,7 @@ class GGUFFormat(TeacherFormat):
     """Weights dequantized on load; the embedded tokenizer exported to
     ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
 
-    looks_like = "a llama.cpp .gguf file"
+    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3)"
 
     def __init__(self, tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR):
         self.tokenizer_dir = Path(tokenizer_dir)

@@ -1,0 +1,159 @@
+"""GGUF teachers of the qwen2 and qwen3 architectures, written here from a random tiny
+transformers model the way llama.cpp's converter writes them (q/k rows as Hugging Face
+has them: llama.cpp turns these with its NEOX RoPE; the tokenizer's `qwen2` split).
+
+Checked against the model the file was written from, and against transformers reading
+the same file (its own GGUF reader and tokenizer converter)."""
+
+import importlib.util
+import json
+
+import pytest
+import tokenizers
+import torch
+
+from letrecipes.components.models import forward_with_hidden
+from letrecipes.components.teachers import load_teacher
+from letrecipes.components.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="the gguf package is not installed")
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+
+VOCAB = 320
+TEXT = ("It's 2024: we'LL pay 1234567 dollars, they'd said.\n\n  Indented\tline; naïve café (NFC vs NFD: café).\r\n"
+        "Numbers 3.14159 and 42, CAPS'VE, émigré, 東京 and emoji 🙂.")
+
+
+def byte_level_bpe(tmp_path):
+    """A small byte-level BPE with Qwen2's split, trained on a few sentences."""
+    from tokenizers import Regex, Tokenizer as Tok, decoders, models, normalizers, pre_tokenizers, trainers
+    from letrecipes.components.gguf_teacher import QWEN2_SPLIT
+
+    tok = Tok(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20], trainer)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return json.loads(path.read_text())
+
+
+def hf_model(arch):
+    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+    else:  # heads of 128, wider than hidden / heads, as in Qwen3-0.6B (and what transformers' GGUF reader assumes)
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def write_gguf(model, arch, tokenizer_json, path):
+    import gguf
+
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    vocab = tokenizer_json["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in tokenizer_json["added_tokens"]}
+    types = [3 if t in special else 1 for t in tokens]
+    padding = config.vocab_size - len(tokens)  # llama.cpp pads the list to the embedding's rows, as UNUSED
+    tokens, types = tokens + [f"[PAD{len(tokens) + i}]" for i in range(padding)], types + [5] * padding
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = tokenizer_json["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_eos_token_id(vocab["<|endoftext|>"])
+    for name, tensor in model.state_dict().items():
+        values = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            writer.add_tensor("token_embd.weight", values)
+        elif name == "model.norm.weight":
+            writer.add_tensor("output_norm.weight", values)
+        elif name == "lm_head.weight":
+            if not config.tie_word_embeddings:
+                writer.add_tensor("output.weight", values)
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[rest]}", values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_gguf_matches_the_model_it_was_written_from_and_transformers_reading_it(tmp_path, arch):
+    tokenizer_json = byte_level_bpe(tmp_path)
+    model = hf_model(arch)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(model, arch, tokenizer_json, path)
+    teacher = load_teacher({"_component_": "auto", "path": str(path), "dtype": "fp32",
+                            "tokenizer_dir": str(tmp_path / "tok")})
+    assert (teacher.depth, teacher.width, teacher.vocab_size) == (2, 48, VOCAB)
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    from_file = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(tokens, output_hidden_states=True)
+        hidden, logits = forward_with_hidden(teacher.model, tokens, range(3), logits=True)
+        theirs = from_file.eval()(tokens).logits
+    for layer in range(3):
+        torch.testing.assert_close(hidden[layer], expected.hidden_states[layer], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, expected.logits, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, theirs, atol=2e-5, rtol=1e-4)  # transformers reads the file the same way
+
+    # The embedded tokenizer splits as Qwen2's does: as transformers' converter reads it from the file.
+    ours = Tokenizer(teacher.tokenizer_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    assert ours.hf.encode(TEXT, add_special_tokens=False).ids == reference.encode(TEXT, add_special_tokens=False)
+    assert ours.hf.encode(TEXT, add_special_tokens=False).ids == \
+        tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json)).encode(TEXT).ids
+
+
+def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
+    import gguf
+
+    from letrecipes.components.teachers import TeacherError
+
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(TeacherError, match=r"GGUF architecture 'phi3' is not supported; expected one of llama, qwen2, "
+                                           r"qwen3\. Fix: use the model's Hugging Face folder"):
+        load_teacher({"_component_": "gguf", "path": str(path)})
