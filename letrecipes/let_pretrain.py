@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,9 +42,13 @@ class LETPretrainRecipe(PretrainRecipe):
                       ("rho_measured", ".3g"), ("cosine", ".3f"), *PretrainRecipe.console_fields[2:])
 
     def setup_data(self) -> None:
-        if self.cfg.teacher.get("path"):  # read its config.json or header now, not after hours of preparing data:
-            describe_teacher(OmegaConf.to_container(self.cfg.teacher, resolve=True))  # an unsupported one stops here
+        # The teacher's config.json or GGUF header is read now, not after hours of preparing data: an
+        # unsupported family, too short a context or too small a vocabulary stops the run here.
+        described = describe_teacher(OmegaConf.to_container(self.cfg.teacher, resolve=True)) \
+            if self.cfg.teacher.get("path") else None
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
+        if described is not None and self.collate is None:
+            self._check_teacher_reads_the_ids(described.max_seq_len, described.vocab_size, str(self.cfg.teacher.path))
         super().setup_data()
 
     def _cross_tokenizer_collate(self):
@@ -134,23 +138,27 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.collate is not None:
             self._check_cross_tokenizer()
             return
-        seq_len = int(self.cfg.data.seq_len)
-        if teacher.context is not None and seq_len > teacher.context:
-            raise RecipeError(
-                f"data.seq_len={seq_len} is longer than the teacher's context ({teacher.context} tokens, "
-                f"{teacher.source}): it cannot read a whole training sequence. Fix: data.seq_len <= {teacher.context}.")
-        if teacher.vocab_size < tokenizer.vocab_size:
-            raise RecipeError(
-                f"teacher.path: the teacher's vocabulary ({teacher.vocab_size}) is smaller than the tokenizer's "
-                f"({tokenizer.vocab_size}, tokenizer.path={str(tokenizer.path)!r}): teacher and student must read "
-                "the same token ids. Fix: use the tokenizer the teacher was trained with."
-            )
+        self._check_teacher_reads_the_ids(teacher.context, teacher.vocab_size, teacher.source)
         if teacher.tokenizer_path is not None and not Tokenizer(teacher.tokenizer_path).reads_like(tokenizer):
             raise RecipeError(
                 f"tokenizer.path={str(tokenizer.path)!r} differs from the teacher's own tokenizer "
                 f"({str(teacher.tokenizer_path)!r}): teacher and student must read the same token ids "
                 "(alignment.cross_tokenizer=false). Fix: alignment.cross_tokenizer=auto to align across the two "
                 f"tokenizers, or tokenizer.source=teacher (tokenizer.path={teacher.tokenizer_path})."
+            )
+
+    def _check_teacher_reads_the_ids(self, context: Optional[int], vocab_size: int, source: str) -> None:
+        """A teacher fed the student's token ids reads a whole training sequence and knows every id."""
+        seq_len, tokenizer = int(self.cfg.data.seq_len), self.tokenizer
+        if context is not None and seq_len > context:
+            raise RecipeError(
+                f"data.seq_len={seq_len} is longer than the teacher's context ({context} tokens, "
+                f"{source}): it cannot read a whole training sequence. Fix: data.seq_len <= {context}.")
+        if vocab_size < tokenizer.vocab_size:
+            raise RecipeError(
+                f"teacher.path: the teacher's vocabulary ({vocab_size}) is smaller than the tokenizer's "
+                f"({tokenizer.vocab_size}, tokenizer.path={str(tokenizer.path)!r}): teacher and student must read "
+                "the same token ids. Fix: use the tokenizer the teacher was trained with."
             )
 
     def _check_cross_tokenizer(self) -> None:

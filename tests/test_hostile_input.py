@@ -369,18 +369,24 @@ def test_a_run_too_large_for_this_machine_is_refused_before_anything_is_prepared
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
-def test_a_teacher_of_an_unsupported_family_is_refused_before_the_corpus_is_prepared(let_overrides, teacher_dir,
-                                                                                      tmp_path):
-    """Its config.json is read first: a GPT-2 teacher stops the run before hours of preparing data."""
-    foreign = tmp_path / "gpt2"
-    foreign.mkdir()
-    for name in ("model.safetensors", "tokenizer.json"):
-        (foreign / name).write_bytes((teacher_dir / name).read_bytes())
-    (foreign / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+@pytest.mark.parametrize("problem", ["gpt2-config", "context-shorter-than-seq_len"])
+def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_prepared(let_overrides, teacher_dir,
+                                                                                       tmp_path, problem):
+    """Its config.json is read first: a GPT-2 teacher, or one whose context cannot hold a
+    training sequence, stops the run before hours of preparing data."""
     cache = tmp_path / "cache"
-    message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={foreign}",
-                                 f"data.cache_dir={cache}", match="architecture ['GPT2LMHeadModel'] is not supported")
-    assert "Fix: use a checkpoint of a supported family" in message
+    if problem == "gpt2-config":
+        foreign = tmp_path / "gpt2"
+        foreign.mkdir()
+        for name in ("model.safetensors", "tokenizer.json"):
+            (foreign / name).write_bytes((teacher_dir / name).read_bytes())
+        (foreign / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+        overrides, match = [f"teacher.path={foreign}"], "architecture ['GPT2LMHeadModel'] is not supported"
+    else:
+        overrides, match = ["data.seq_len=64"], "data.seq_len=64 is longer than the teacher's context (32 tokens"
+    message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
+                                 *overrides, match=match)
+    assert "Fix: " in message
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
