@@ -169,7 +169,8 @@ def _train_split(item: Path, found: List[Path], key: str) -> List[Path]:
     first = min(p for paths in others.values() for p in paths).relative_to(item)
     warnings.warn(f"{key}: {str(item)!r} is laid out in splits as datasets names them: the train split is read "
                   f"({len(kept)} file(s) or folder(s)), {counts} not, as with load_dataset(..., split='train'). Fix: "
-                  f"none, to train on the train split; for another, point {key} at its files ({str(item / first)!r}).",
+                  f"none, to train on the train split; for another, point {key} at its files ({str(item / first)!r}); "
+                  "to evaluate on a held-out split, name its files in data.val_source.",
                   DataWarning, stacklevel=3)
     return kept
 

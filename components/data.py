@@ -100,9 +100,12 @@ class PackedDataset(Dataset):
     grow with the corpus.
     """
 
-    def __init__(self, tokens, seq_len: int, split: str = "train", val_fraction: float = 0.02):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    def __init__(self, tokens, seq_len: int, split: str = "train", val_fraction: float = 0.02, key: str = "data"):
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        what = {"train": "train sequence", "val": "validation sequence", "all": "sequence"}[split]
+        if split == "all":  # a corpus held out as a whole (data.val_source): every window, in order
+            split, val_fraction = "train", 0.0
         if not 0.0 <= val_fraction < 0.5:
             raise DataError(f"data.val_fraction={val_fraction}: must lie in [0, 0.5).")
         if split == "val" and val_fraction == 0:
@@ -118,7 +121,7 @@ class PackedDataset(Dataset):
         self.length = val_windows if split == "val" else self.windows - val_windows
         if self.length == 0:
             raise DataError(
-                f"data: the corpus has {len(tokens)} tokens, too few for one {split} sequence of "
+                f"{key}: the corpus has {len(tokens)} tokens, too few for one {what} of "
                 f"{seq_len + 1}. Fix: use more text, a shorter seq_len or a larger val_fraction."
             )
 
@@ -266,7 +269,9 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
                    validation: bool = True) -> Tuple[Dataset, Optional[Dataset], List[str]]:
     """(train set, validation set, source names) from a ``data`` config section. The
     validation set is None without ``validation`` (a run that never evaluates: too small a
-    split is then no error) or when ``data.val_fraction`` is 0.
+    split is then no error) or when ``data.val_fraction`` is 0. ``data.val_source`` names a
+    held-out corpus of its own: it is the validation set, whole, and the training data
+    is all training.
 
     ``data.source`` is one corpus; ``data.sources`` a list of ``{source, weight, name,
     text_field}`` drawn as a :class:`MixtureDataset` (validation mixed the same way). Each
@@ -282,20 +287,33 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     if sum(weights) <= 0 or any(w < 0 for w in weights):
         raise DataError(f"data.sources: weights {weights} must be >= 0 with a positive sum. Fix: give the sources "
                         "to train on a positive weight.")
+    val_source = data_cfg.get("val_source")
+    if val_source:  # a held-out corpus of its own (C4's validation files): every window of the training data trains
+        val_fraction = 0.0
+
+    def prepared(source, key: str, text_field: Optional[str]) -> TokenShards:
+        folder = cached_prepare(source, tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
+                                text_field=text_field or data_cfg.get("text_field", "text"),
+                                rank=local_rank, workers=int(data_cfg.get("prepare_workers", 1)),
+                                timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log)
+        return TokenShards(folder, tokenizer, key=key)
+
     train, val = [], []
     for i, spec in enumerate(specs):
         key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
-        folder = cached_prepare(spec["source"], tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
-                                text_field=spec.get("text_field") or data_cfg.get("text_field", "text"),
-                                rank=local_rank, workers=int(data_cfg.get("prepare_workers", 1)),
-                                timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log)
-        tokens = TokenShards(folder, tokenizer, key=key)
+        tokens = prepared(spec["source"], key, spec.get("text_field"))
         train.append(PackedDataset(tokens, seq_len, "train", val_fraction))
         if validation and val_fraction:
             val.append(PackedDataset(tokens, seq_len, "val", val_fraction))
+    held_out = None
+    if validation and val_source:
+        held_out = PackedDataset(prepared(val_source, "data.val_source", None), seq_len, "all", key="data.val_source")
+        log(f"validation: data.val_source ({len(held_out):,} sequences of {seq_len}); every sequence of the training "
+            "data trains (data.val_fraction is not used)")
     if len(specs) == 1:
-        return train[0], (val[0] if val else None), []
-    return MixtureDataset(train, weights, seed=seed), (MixtureDataset(val, weights, seed=0) if val else None), names
+        return train[0], held_out or (val[0] if val else None), []
+    mixed_val = MixtureDataset(val, weights, seed=0) if val else None
+    return MixtureDataset(train, weights, seed=seed), held_out or mixed_val, names
 
 
 def corpus_fingerprint(dataset) -> str:

@@ -66,6 +66,7 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
              "text_field": TEXT, "seq_len": _int(2), "val_fraction": _number(0, 0.5, open_low=False), "cache_dir": TEXT,
+             "val_source": ("a path or a list of paths", lambda v: v is None or (isinstance(v, (str, list)) and bool(v))),
              "prepare_workers": _int(1), "prepare_timeout_s": _number(0), "num_workers": _int(0),
              "sources": ("a list of {source, weight, name, text_field} mappings",
                          lambda v: isinstance(v, list) and bool(v) and all(
@@ -179,10 +180,10 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     if data.get("source") and data.get("sources"):
         raise ConfigValueError("config keys data.source and data.sources are both set. Fix: keep one (on the command "
                                "line, `~data.source` removes the config file's data.source).")
-    if data.get("val_fraction") == 0 and values.get("eval_every"):
+    if data.get("val_fraction") == 0 and values.get("eval_every") and not data.get("val_source"):
         raise ConfigValueError(f"config key eval_every={values['eval_every']} evaluates on the validation split, but "
                                "data.val_fraction is 0 (no validation split). Fix: eval_every=0 to train on all the "
-                               "data, or a data.val_fraction above 0.")
+                               "data, a data.val_fraction above 0, or a held-out corpus as data.val_source.")
     if "data" in values and not (data.get("source") or data.get("sources")) and not values.get("dry_run"):
         raise ConfigValueError("config key data.source is missing. Fix: set data.source (a corpus or a prepared "
                                "folder) or data.sources (a mixture; docs/data.md).")

@@ -98,3 +98,36 @@ def test_a_mixture_that_cannot_train_is_refused_before_any_corpus_is_prepared(ba
                        f"data.cache_dir={cache}", f"output_dir={tmp_path / 'run'}",
                        f"data.sources={sources.format(a=plays[0], b=plays[1])}", match=match)
     assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_held_out_corpus_of_its_own_is_the_validation_set_and_the_training_data_all_trains(base_overrides,
+                                                                                             corpus_dir, tmp_path,
+                                                                                             tokenizer_path, capsys):
+    """data.val_source (C4's validation files beside its train files): evaluation reads it,
+    every window of it in order; data.val_fraction is not used, so every training window trains."""
+    from letrecipes import pretrain
+    from letrecipes.components.data import build_datasets
+    from letrecipes.components.tokenizer import Tokenizer
+
+    plays = sorted(corpus_dir.glob("*.txt"))
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    train_dir.mkdir(), val_dir.mkdir()
+    for play in plays[:2]:
+        (train_dir / play.name).write_text(play.read_text())
+    (val_dir / plays[2].name).write_text(plays[2].read_text())
+    tok = Tokenizer(tokenizer_path)
+    section = {"source": str(train_dir), "seq_len": 32, "val_fraction": 0.02, "cache_dir": str(tmp_path / "cache")}
+    plain_train, plain_val, _ = build_datasets(section, tok, seed=0, log=lambda _: None)
+    train, val, _ = build_datasets({**section, "val_source": str(val_dir)}, tok, seed=0, log=print)
+    assert "validation: data.val_source (" in capsys.readouterr().out
+    assert len(train) == len(plain_train) + len(plain_val) == plain_train.windows  # all of it trains
+    held_out = build_datasets({**section, "source": str(val_dir), "val_fraction": 0.0}, tok, seed=0,
+                              log=lambda _: None, validation=False)[0]
+    assert len(val) == held_out.windows and all(torch.equal(val[i]["tokens"], held_out[i]["tokens"])
+                                                for i in (0, len(val) // 2, len(val) - 1))
+
+    overrides = [o for o in base_overrides if not o.startswith("data.source=")]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"data.source={train_dir}",
+                          f"data.val_source={val_dir}", "data.val_fraction=0", f"output_dir={tmp_path / 'run'}",
+                          "max_steps=4", "eval_every=2", "eval_batches=2"])
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r] == [2, 4]
