@@ -100,6 +100,9 @@ class LETPretrainRecipe(PretrainRecipe):
 
             self.teacher = load_teacher_sharded(section, self.device, compile_and_shard)
         else:
+            if self.placement == "sharded":
+                self.log("note: teacher.placement=sharded shards the teacher over FSDP2's processes; FSDP2 is off in "
+                         "this run (one process, or fsdp.enabled=false), so each process holds it whole")
             self.teacher = load_teacher(section, device=self.device)
             if compile_teacher:
                 parallel.compile_blocks(self.teacher.model)

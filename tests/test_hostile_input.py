@@ -217,9 +217,10 @@ def test_settings_that_are_valid_but_rarely_meant_are_said_once_at_the_start(bas
 
 def test_an_alignment_that_outlasts_the_run_is_said_at_the_start(let_overrides, tmp_path, capsys):
     run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=2", "alignment.schedule._component_=linear",
-            "alignment.schedule.stop=50")
-    assert "warning: alignment.schedule.stop=50 > max_steps=2: the teacher guides every step and is never released" \
-        in capsys.readouterr().out
+            "alignment.schedule.stop=50", "teacher.placement=sharded")
+    out = capsys.readouterr().out
+    assert "warning: alignment.schedule.stop=50 > max_steps=2: the teacher guides every step and is never released" in out
+    assert "note: teacher.placement=sharded shards the teacher over FSDP2's processes; FSDP2 is off" in out
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'b'}", "max_steps=2",
                        "alignment.schedule._component_=linear", "alignment.schedule.stop=0",
                        match="alignment.schedule.stop=0: must be >= 1 step. Fix: a number of steps >= 1")
