@@ -72,9 +72,9 @@ class MemoryEstimate:
     larger phase, not the sum."""
     weights_and_moments_gb: float  # fp32 parameters and both AdamW moments, sharded: always resident
     gradients_gb: float  # fp32 gradients, sharded: from the backward to the optimizer step
-    activations_gb: float  # saved for backward (bf16), after activation checkpointing
-    loss_gb: float  # the loss peak: bf16 logits, their fp32 copy, log-softmax and its gradient (or one chunk's)
-    gathered_gb: float  # FSDP2 units gathered in bf16 (the root, the running and prefetched block), block grads
+    activations_gb: float  # saved for backward (in the compute dtype), after activation checkpointing
+    loss_gb: float  # the loss peak: logits, their fp32 copy (bf16 runs), log-softmax and its gradient (or one chunk's)
+    gathered_gb: float  # FSDP2 units gathered in the compute dtype (root, running and prefetched block), block grads
     root_gradient_buffer_gb: float  # the root unit's whole fp32 gradient, still held by FSDP2 at the optimizer step
     teacher_gb: float
     accumulating: bool = False  # gradient accumulation: earlier micro-batches' gradients sit beside the loss peak
@@ -110,35 +110,47 @@ def memory_per_gpu(
     gradient_accumulation_steps: int = 1,
     checkpoint_every: int = 2,
     loss_chunk_tokens: int = 0,
+    compute_bytes: int = 2,
+    teacher_bytes_per_param: int = 2,
 ) -> MemoryEstimate:
-    """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers."""
+    """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers.
+    ``compute_bytes``: 2 when the run computes in bf16, 4 in fp32 (``dtype: fp32``, as on
+    CPU): activations, logits and gathered parameters are that wide."""
+    b = compute_bytes
     n = total_params(student)
     tokens = micro_batch * seq_len
-    full_block = 34 * tokens * student.embed_dim  # bytes, bf16, fused attention
+    full_block = 17 * b * tokens * student.embed_dim  # bytes: 34 T d in bf16, fused attention
     checkpointed = recomputed_blocks(student.num_layers, activation_checkpointing, checkpoint_every)
     # a checkpointed block keeps its input, and one of them is whole again while it is recomputed
-    acts = ((student.num_layers - checkpointed) * full_block + checkpointed * 2 * tokens * student.embed_dim
+    acts = ((student.num_layers - checkpointed) * full_block + checkpointed * b * tokens * student.embed_dim
             + (full_block if checkpointed else 0))
-    if loss_chunk_tokens > 0:  # components/loss.py: one chunk's logits (bf16, fp32) and their bf16 gradient;
-        # the output weight's gradient, accumulated in fp32 and kept in bf16; the hidden states' gradient
+    upcast = 4 if b < 4 else 0  # the fp32 copy of logits computed in bf16
+    if loss_chunk_tokens > 0:  # components/loss.py: one chunk's logits (and their fp32 copy) and their gradient;
+        # the output weight's gradient, accumulated in fp32 and kept in the compute dtype; the hidden states' gradient
         vocab, dim = student.vocab_size, student.embed_dim
-        loss = (2 + 4 + 2) * min(loss_chunk_tokens, tokens) * vocab + (4 + 2) * vocab * dim + 2 * tokens * dim
+        loss = (b + upcast + b) * min(loss_chunk_tokens, tokens) * vocab + (4 + b) * vocab * dim + b * tokens * dim
     else:
-        loss = (2 + 4 + 4 + 4) * tokens * student.vocab_size  # bf16 logits, fp32 copy, log-softmax, its gradient
+        loss = (b + upcast + 4 + 4) * tokens * student.vocab_size  # logits, fp32 copy, log-softmax, its gradient
     gathered = root_buffer = 0.0
     sharded = world_size > 1 if fsdp is None else fsdp
     if sharded:
         root = student.vocab_size * student.embed_dim * (1 if student.tie_word_embeddings else 2)
-        # the root in bf16 while it runs; blocks: the running and the prefetched one in bf16,
+        # the root in the compute dtype while it runs; blocks: the running and the prefetched one,
         # two fp32 gradients in flight
-        gathered = 2 * root + (2 * 2 + 2 * 4) * block_params(student)
+        gathered = b * root + (2 * b + 2 * 4) * block_params(student)
         root_buffer = 4 * root  # reduce-scattered last, and not yet freed when the optimizer steps
     teacher_bytes = 0.0
     if teacher is not None:
-        teacher_bytes = 2 * total_params(teacher) / (world_size if teacher_sharded else 1)
+        teacher_bytes = teacher_bytes_per_param * total_params(teacher) / (world_size if teacher_sharded else 1)
     return MemoryEstimate(12 * n / world_size / GIB, 4 * n / world_size / GIB, acts / GIB, loss / GIB,
                           gathered / GIB, root_buffer / GIB, teacher_bytes / GIB,
                           accumulating=gradient_accumulation_steps > 1)
+
+
+def dtype_bytes(name: Optional[str], default: int = 2) -> int:
+    """Bytes per value of a config's dtype name (bf16, fp32, fp16, and their long names)."""
+    widths = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+    return widths.get(str(name), default) if name else default
 
 
 def recomputed_blocks(num_layers: int, activation_checkpointing: str = "none", every: int = 2) -> int:

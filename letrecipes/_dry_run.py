@@ -17,8 +17,8 @@ from letrecipes.components import parallel, registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.estimate import (forward_flops_per_token, memory_per_gpu, micro_batch_time, total_params,
-                                           train_flops_per_token)
+from letrecipes.components.estimate import (dtype_bytes, forward_flops_per_token, memory_per_gpu, micro_batch_time,
+                                           total_params, train_flops_per_token)
 from letrecipes.components.models import ModelArgs, count_parameters, model_max_seq_len, padded_vocab_size
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
@@ -110,7 +110,9 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     memory = memory_per_gpu(args, shards, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
                             fsdp=fsdp,
                             gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
-                            checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0))
+                            checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0),
+                            compute_bytes=dtype_bytes(cfg.get("dtype", "bf16")),
+                            teacher_bytes_per_param=dtype_bytes((cfg.get("teacher") or {}).get("dtype", "bf16")))
     report["memory_per_gpu_gb"] = {
         "weights_and_adamw_moments": memory.weights_and_moments_gb, "gradients": memory.gradients_gb,
         "activations": memory.activations_gb, "loss": memory.loss_gb, "gathered_fsdp_units": memory.gathered_gb,
@@ -118,6 +120,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "cuda_context": memory.context_gb, "forward_backward": memory.forward_backward_gb,
         "optimizer_step": memory.optimizer_step_gb, "peak_phase": memory.peak_phase, "total": memory.total_gb,
         "gradients_beside_loss": memory.accumulating,  # earlier micro-batches' gradients, with accumulation
+        "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
@@ -157,7 +160,8 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
     m = r["memory_per_gpu_gb"]
     grads_beside_loss = f" + gradients {m['gradients']:.1f}" if m["gradients_beside_loss"] else ""
     lines += [f"  memory per GPU (world size {r['world_size']}, micro-batch {micro_batch} x {seq_len}, activation "
-              f"checkpointing {ac}): {m['total']:.1f} GiB at the {m['peak_phase']} = the larger of",
+              f"checkpointing {ac}, computing in {m['compute_dtype']}): {m['total']:.1f} GiB at the {m['peak_phase']} "
+              "= the larger of",
               f"    forward/backward {m['forward_backward']:.1f} = weights+AdamW moments {m['weights_and_adamw_moments']:.1f}"
               f" + activations {m['activations']:.1f} + loss {m['loss']:.1f} + gathered FSDP units "
               f"{m['gathered_fsdp_units']:.1f} + teacher {m['teacher']:.1f}{grads_beside_loss}",

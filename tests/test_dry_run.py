@@ -163,3 +163,24 @@ def test_the_chunked_loss_is_counted_as_one_chunk_of_logits_and_the_output_gradi
     assert chunked.loss_gb < 0.3 * plain.loss_gb  # 4.0 against 13.7 GiB
     shipped = dry_run(load_config("let_7b", ["dry_run_world_size=32"]), with_teacher=True)["memory_per_gpu_gb"]
     assert shipped["loss"] == pytest.approx(memory_per_gpu(args, 32, 8, 2048, "full", loss_chunk_tokens=1024).loss_gb)
+
+
+def test_a_run_computing_in_fp32_is_estimated_at_fp32_widths():
+    """CPU runs compute in fp32 (dtype: fp32): activations, logits and gathered parameters
+    are twice as wide as in bf16, and logits need no fp32 copy; the teacher's term follows
+    teacher.dtype. The bf16 figures used to be given for both."""
+    from letrecipes.components.estimate import GIB, block_params, memory_per_gpu
+
+    args = _student_args()
+    vocab, dim, tokens = args.vocab_size, args.embed_dim, 4 * 2048
+    bf16 = memory_per_gpu(args, 32, 4, 2048, "none", fsdp=True, teacher=args)
+    fp32 = memory_per_gpu(args, 32, 4, 2048, "none", fsdp=True, teacher=args, compute_bytes=4,
+                          teacher_bytes_per_param=4)
+    assert fp32.activations_gb == pytest.approx(2 * bf16.activations_gb)
+    assert fp32.loss_gb * GIB == pytest.approx(12 * tokens * vocab) and bf16.loss_gb * GIB == pytest.approx(14 * tokens * vocab)
+    root = vocab * dim * (1 if args.tie_word_embeddings else 2)
+    assert (fp32.gathered_gb - bf16.gathered_gb) * GIB == pytest.approx(2 * root + 4 * block_params(args))
+    assert fp32.teacher_gb == pytest.approx(2 * bf16.teacher_gb)
+    assert fp32.weights_and_moments_gb == bf16.weights_and_moments_gb  # fp32 master weights either way
+    report = dry_run(load_config("let_tiny", ["dtype=fp32", "teacher.dtype=fp32"]), with_teacher=False)
+    assert report["memory_per_gpu_gb"]["compute_dtype"] == "fp32"
