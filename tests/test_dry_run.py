@@ -165,7 +165,7 @@ def test_the_chunked_loss_is_counted_as_one_chunk_of_logits_and_the_output_gradi
     assert shipped["loss"] == pytest.approx(memory_per_gpu(args, 32, 8, 2048, "full", loss_chunk_tokens=1024).loss_gb)
 
 
-def test_a_run_computing_in_fp32_is_estimated_at_fp32_widths():
+def test_a_run_computing_in_fp32_is_estimated_at_fp32_widths(tokenizer_path):
     """CPU runs compute in fp32 (dtype: fp32): activations, logits and gathered parameters
     are twice as wide as in bf16, and logits need no fp32 copy; the teacher's term follows
     teacher.dtype. The bf16 figures used to be given for both."""
@@ -182,5 +182,6 @@ def test_a_run_computing_in_fp32_is_estimated_at_fp32_widths():
     assert (fp32.gathered_gb - bf16.gathered_gb) * GIB == pytest.approx(2 * root + 4 * block_params(args))
     assert fp32.teacher_gb == pytest.approx(2 * bf16.teacher_gb)
     assert fp32.weights_and_moments_gb == bf16.weights_and_moments_gb  # fp32 master weights either way
-    report = dry_run(load_config("let_tiny", ["dtype=fp32", "teacher.dtype=fp32"]), with_teacher=False)
+    report = dry_run(load_config("let_tiny", ["dtype=fp32", "teacher.dtype=fp32", f"tokenizer.path={tokenizer_path}"]),
+                     with_teacher=False)
     assert report["memory_per_gpu_gb"]["compute_dtype"] == "fp32"
