@@ -103,9 +103,7 @@ def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str,
     except (OSError, ValueError):
         return None
     changes = differences(saved, current)
-    # With the corpus's content on record, where it lies may change (another mount, a node's scratch disk).
-    moved = ("data.source",) if saved.get("data_fingerprint") else ()
-    refused = [c for c in changes if not changeable(c[0]) and c[0] not in moved]
+    refused = [c for c in changes if not changeable(c[0]) and not (saved.get("data_fingerprint") and moved(*c))]
     if refused:
         listed = "; ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in refused[:8])
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
@@ -119,6 +117,23 @@ def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str,
                "init_from=<folder>."
                if any(k == "data fingerprint" for k, _, _ in refused) else ""))
     return changes
+
+
+def moved(key: str, old: Any, new: Any) -> bool:
+    """Whether a change only says where the data lies (another mount, a node's scratch disk):
+    ``data.source``, or the ``source`` of mixture entries that are otherwise the same. With
+    the corpus's content on record (the data fingerprint), that is no other run."""
+    if key == "data.source":
+        return True
+    if key != "data.sources" or not (isinstance(old, list) and isinstance(new, list)) or len(old) != len(new):
+        return False
+    def same_but_where(a: Any, b: Any) -> bool:  # an unnamed source is named after its last path part
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return False
+        named = a.get("name") or Path(str(a.get("source"))).name == Path(str(b.get("source"))).name
+        return bool(named) and {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+
+    return all(same_but_where(a, b) for a, b in zip(old, new))
 
 
 def _short(value: Any) -> str:

@@ -265,6 +265,26 @@ def test_resume_notices_a_corpus_that_changed_and_follows_one_that_moved(tmp_pat
     assert digest(run) == before
 
 
+def test_a_moved_corpus_is_told_from_another_one_by_the_data_fingerprint():
+    mixture = [{"source": "/data/a", "weight": 3, "name": "web"}, {"source": "/data/books", "weight": 1}]
+    saved = {"config": {"data": {"sources": mixture}}, "world_size": 1, "data_fingerprint": "f1"}
+
+    def resumed(sources, fingerprint="f1", record=True):
+        current = {"config": {"data": {"sources": sources}}, "world_size": 1, "data_fingerprint": fingerprint}
+        return check_from(saved if record else {k: v for k, v in saved.items() if k != "data_fingerprint"}, current)
+
+    elsewhere = [{"source": "/scratch/a", "weight": 3, "name": "web"}, {"source": "/scratch/books", "weight": 1}]
+    assert [k for k, _, _ in resumed(elsewhere)] == ["data.sources"]  # applied and logged
+    for refused in ([{**mixture[0], "weight": 1}, mixture[1]],  # another mixture
+                    [mixture[0], {"source": "/scratch/novels", "weight": 1}]):  # an unnamed source renamed
+        with pytest.raises(ResumeChangeError, match="data.sources"):
+            resumed(refused)
+    with pytest.raises(ResumeChangeError, match="data fingerprint"):
+        resumed(elsewhere, fingerprint="f2")
+    with pytest.raises(ResumeChangeError, match="data.sources"):  # a checkpoint without a fingerprint: the old rule
+        resumed(elsewhere, record=False)
+
+
 def test_resume_check_unit():
     saved = {"config": {"model": {"num_layers": 2}, "optimizer": {"lr": 1e-3}, "resume": False}, "world_size": 1,
              "tokenizer_fingerprint": "abc"}
