@@ -375,8 +375,8 @@ def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Opt
             stream = path  # an uncompressed zip on disk is read in place
         yield from _archive_members(stream, kind, str(path), text_field, key, warn, piece_chars, not_read)
     if not_read:
-        warn.append(f"{key}: {_not_read(not_read, f'member(s) of {path}')}: only {FORMATS} are (parquet and arrow "
-                    "only outside archives). Fix: none, if they are not text; otherwise extract and convert them.")
+        warn.append(f"{key}: {_not_read(not_read, f'member(s) of {path}')}: only {FORMATS} are. Fix: none, if they "
+                    "are not text; otherwise extract and convert them.")
 
 
 def _archive_members(stream, kind: str, name: str, text_field: str, key: str, warn: list,
@@ -421,6 +421,13 @@ def _members(members, archive: str, text_field: str, key: str, warn: list, piece
                     yield from _archive_members(stream, content, source.name, text_field, key, warn, piece_chars,
                                                 not_read)
                     continue
+                data = stream.read() if kind in ("parquet", "arrow") else b""  # both need to seek: in memory
+            if kind == "parquet":
+                yield from _in_pieces(_parquet_values(source, data, text_field, key, warn), piece_chars)
+                continue
+            if kind == "arrow":
+                yield from _in_pieces(_arrow(source, text_field, key, warn, data=data), piece_chars)
+                continue
             if kind == "archive":
                 raise DataError(f"{key}: {source} is named as an archive but is not one. Fix: re-download it.")
             suffix = Path(member_name).suffix.lower() or "(no suffix)"
@@ -437,13 +444,39 @@ def _members(members, archive: str, text_field: str, key: str, warn: list, piece
             yield from _in_pieces(_csv(source, text_field, key, warn), piece_chars)
 
 
-def _arrow(path: Path, text_field: str, key: str, warn: list) -> Iterator[str]:
+def _parquet_values(path: _Member, data: bytes, text_field: str, key: str, warn: list) -> Iterator[str]:
+    """A parquet file inside an archive, read from memory one record batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+    except Exception as err:  # ArrowInvalid / OSError
+        raise DataError(f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
+                        "Fix: set data.text_field to the column holding the text.")
+
+    def values():
+        try:
+            for batch in parquet.iter_batches(columns=[text_field]):
+                yield from batch.column(0).to_pylist()
+        except Exception as err:
+            raise DataError(f"{key}: {path} is damaged: a row group does not read ({err}). Fix: re-download it, or "
+                            "remove it from the source.") from err
+
+    yield from _strings(values(), path, text_field, key, warn)
+
+
+def _arrow(path, text_field: str, key: str, warn: list, data: Optional[bytes] = None) -> Iterator[str]:
     """An Arrow IPC file, as ``datasets`` writes its cache (``...-train-00000-of-00004.arrow``,
-    the stream format) or as ``pyarrow`` writes files: one record batch at a time, memory-mapped."""
+    the stream format) or as ``pyarrow`` writes files: one record batch at a time, memory-mapped
+    (from ``data`` in memory for an archive's member)."""
     import pyarrow as pa
 
     try:
-        source = pa.memory_map(str(path))
+        source = pa.BufferReader(data) if data is not None else pa.memory_map(str(path))
         try:
             reader = pa.ipc.open_stream(source)
             batches = iter(reader)

@@ -209,6 +209,24 @@ def test_the_split_keywords_are_datasets_own():
     assert set(corpus.DATASETS_METADATA) == set(FILES_TO_IGNORE) - {"README.md"}
 
 
+def test_parquet_and_arrow_members_of_an_archive_are_read_in_memory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = documents(7)
+    table = pa.table({"id": list(range(3)), "text": docs[:3]})
+    parquet, arrow = io.BytesIO(), io.BytesIO()
+    pq.write_table(table, parquet, row_group_size=2)
+    with pa.ipc.new_stream(arrow, table.schema) as writer:
+        writer.write_table(pa.table({"id": list(range(3)), "text": docs[3:6]}), max_chunksize=2)
+    (tmp_path / "shards.tar.gz").write_bytes(gzip.compress(tar_bytes([
+        ("a/train-0.parquet", parquet.getvalue()), ("a/train-1.arrow", arrow.getvalue()),
+        ("a/train-2.jsonl", jsonl(docs[6:]))])))
+    assert list(read_documents(tmp_path / "shards.tar.gz")) == docs
+    with pytest.raises(DataError, match=r"shards.tar.gz\[a/train-0.parquet\] has no column 'story' \(it has \['id', 'text'\]\)"):
+        list(read_documents(tmp_path / "shards.tar.gz", text_field="story"))
+
+
 def test_compression_is_read_from_the_content_not_the_name(tmp_path):
     """A gzip file named .txt used to be skipped as binary; a .jsonl that is zstd, a .gz that
     is plain text: each reads as what it holds."""
