@@ -453,20 +453,26 @@ def _parquet_values(path: _Member, data: bytes, text_field: str, key: str, warn:
         parquet = pq.ParquetFile(pa.BufferReader(data))
     except Exception as err:  # ArrowInvalid / OSError
         raise DataError(f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
-    names = parquet.schema_arrow.names
+    _text_column(parquet.schema_arrow.names, path, text_field, key)
+    batches = parquet.iter_batches(columns=[text_field])
+    yield from _strings(_batch_values(batches, 0, path, key), path, text_field, key, warn)
+
+
+def _text_column(names: List[str], path, text_field: str, key: str) -> int:
     if text_field not in names:
         raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
                         "Fix: set data.text_field to the column holding the text.")
+    return names.index(text_field)
 
-    def values():
-        try:
-            for batch in parquet.iter_batches(columns=[text_field]):
-                yield from batch.column(0).to_pylist()
-        except Exception as err:
-            raise DataError(f"{key}: {path} is damaged: a row group does not read ({err}). Fix: re-download it, or "
-                            "remove it from the source.") from err
 
-    yield from _strings(values(), path, text_field, key, warn)
+def _batch_values(batches, column: int, path, key: str) -> Iterator:
+    """One column's values, record batch after record batch; a batch that does not read is one error."""
+    try:
+        for batch in batches:
+            yield from batch.column(column).to_pylist()
+    except Exception as err:  # ArrowInvalid / OSError on a damaged page or batch
+        raise DataError(f"{key}: {path} is damaged: a record batch does not read ({err}). Fix: re-download or "
+                        "re-save it, or remove it from the source.") from err
 
 
 def _arrow(path, text_field: str, key: str, warn: list, data: Optional[bytes] = None) -> Iterator[str]:
@@ -486,22 +492,9 @@ def _arrow(path, text_field: str, key: str, warn: list, data: Optional[bytes] = 
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except Exception as err:  # ArrowInvalid / OSError
         raise DataError(f"{key}: {path} is not a readable Arrow file ({err}). Fix: re-download or re-save it.") from err
-    names = reader.schema.names
-    if text_field not in names:
-        raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
-                        "Fix: set data.text_field to the column holding the text.")
-    column = names.index(text_field)
-
-    def values():
-        try:
-            for batch in batches:
-                yield from batch.column(column).to_pylist()
-        except Exception as err:
-            raise DataError(f"{key}: {path} is damaged: a record batch does not read ({err}). Fix: re-download or "
-                            "re-save it, or remove it from the source.") from err
-
+    column = _text_column(reader.schema.names, path, text_field, key)
     with source:
-        yield from _strings(values(), path, text_field, key, warn)
+        yield from _strings(_batch_values(batches, column, path, key), path, text_field, key, warn)
 
 
 def _text_encoding(head: bytes) -> Optional[str]:
@@ -941,10 +934,7 @@ def _parquet(path: Path, key: str):
 
 
 def _column(path: Path, text_field: str, key: str) -> str:
-    names = _parquet(path, key).schema_arrow.names
-    if text_field not in names:
-        raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
-                        "Fix: set data.text_field to the column holding the text.")
+    _text_column(_parquet(path, key).schema_arrow.names, path, text_field, key)
     return text_field
 
 
