@@ -37,6 +37,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import contextlib
+import csv
 import glob
 import gzip
 import io
@@ -890,9 +891,13 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     delimiter = "\t" if _format_base(_file_name(path)) == ".tsv" else ","
     parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     read = pa_csv.ReadOptions(block_size=16 << 20)
-    skipped, kept, row = SkippedRecords(path, key, where="row"), 0, 0
+    skipped, kept, row, first_line = SkippedRecords(path, key, where="row"), 0, 0, b""
     try:
         with _open_stream(path, key) as stream:
+            if isinstance(path, _Member):  # read once: keep its header line, to name the columns in an error
+                head = stream.read(1 << 16)
+                first_line = head.split(b"\n", 1)[0]
+                stream = io.BufferedReader(_Replayed(head, stream))
             reader = pa_csv.open_csv(stream, read_options=read, parse_options=parse, convert_options=pa_csv.ConvertOptions(
                 column_types={text_field: pa.string()}, include_columns=[text_field]))
             for batch in reader:
@@ -905,8 +910,9 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
                     row += 1
     except (pa.ArrowInvalid, KeyError) as err:
         if row == 0 and text_field in str(err):
-            has = "" if isinstance(path, _Member) else f" (it has {_csv_header(path, parse, key)})"  # a member reads once
-            raise DataError(f"{key}: {path} has no column {text_field!r}{has}. "
+            names = next(csv.reader([first_line.decode("utf-8-sig", "replace").rstrip("\r")], delimiter=delimiter)) \
+                if isinstance(path, _Member) else _csv_header(path, parse, key)
+            raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
                             "Fix: set data.text_field to the column holding the text.") from err
         what = " ".join(str(err).split())[:300]  # pyarrow quotes the offending row, newlines and all
         raise DataError(f"{key}: {path} does not read as {'TSV' if delimiter == chr(9) else 'CSV'} after row {row:,} "

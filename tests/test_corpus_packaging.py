@@ -225,6 +225,12 @@ def test_parquet_and_arrow_members_of_an_archive_are_read_in_memory(tmp_path):
     assert list(read_documents(tmp_path / "shards.tar.gz")) == docs
     with pytest.raises(DataError, match=r"shards.tar.gz\[a/train-0.parquet\] has no column 'story' \(it has \['id', 'text'\]\)"):
         list(read_documents(tmp_path / "shards.tar.gz", text_field="story"))
+    # A CSV member reads once; its header line is kept to name the columns all the same.
+    rows = "\ufeffid,body\r\n" + "".join(f'{i},"{d}"\r\n' for i, d in enumerate(docs[:2]))
+    (tmp_path / "rows.tar").write_bytes(tar_bytes([("rows.csv", rows.encode())]))
+    with pytest.raises(DataError, match=r"rows.tar\[rows.csv\] has no column 'text' \(it has \['id', 'body'\]\)"):
+        list(read_documents(tmp_path / "rows.tar"))
+    assert list(read_documents(tmp_path / "rows.tar", text_field="body")) == docs[:2]
 
 
 def test_compression_is_read_from_the_content_not_the_name(tmp_path):
