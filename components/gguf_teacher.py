@@ -34,11 +34,14 @@ GGUF_MAGIC = b"GGUF"
 # else (the IQ* codebook formats, ternary types) is refused by name.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's pre-tokenizer names -> the `tokenizers` pre-tokenizer that splits the same way.
-PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2", "qwen2")
 # Qwen2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2, the Split in Qwen2's tokenizer.json):
 # GPT-2's, with case-insensitive contractions, letters after one non-letter, and digits one by one.
+# Llama 3's (llama-bpe) is the same with digits in runs of up to three.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
                r"\s+(?!\S)|\s+")
+LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+REGEX_SPLITS = {"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT}
+PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2", *REGEX_SPLITS)
 # Each GGUF architecture: whether its q/k rows are stored permuted for llama.cpp's
 # interleaved RoPE (llama) or as Hugging Face has them (the NEOX RoPE of qwen2, qwen3).
 ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
@@ -178,10 +181,11 @@ def build_tokenizer(reader, source: str):
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # llama.cpp's smollm pre-tokenizer: every digit alone, then the GPT-2 split
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre == "qwen2":  # Unicode-normalised (NFC) first, as Qwen2's own tokenizer.json does
-        tokenizer.normalizer = normalizers.NFC()
+    elif pre in REGEX_SPLITS:
+        if pre == "qwen2":  # Unicode-normalised (NFC) first, as Qwen2's own tokenizer.json does
+            tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(REGEX_SPLITS[pre]), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tokenizer.pre_tokenizer = byte_level

@@ -1,6 +1,7 @@
-"""GGUF teachers of the qwen2 and qwen3 architectures, written here from a random tiny
-transformers model the way llama.cpp's converter writes them (q/k rows as Hugging Face
-has them: llama.cpp turns these with its NEOX RoPE; the tokenizer's `qwen2` split).
+"""GGUF teachers written here from a random tiny transformers model the way llama.cpp's
+converter writes them: qwen2 and qwen3 (q/k rows as Hugging Face has them: llama.cpp turns
+these with its NEOX RoPE; the tokenizer's `qwen2` split), and llama with Llama 3's
+`llama-bpe` split (q/k rows permuted for llama.cpp's interleaved RoPE).
 
 Checked against the model the file was written from, and against transformers reading
 the same file (its own GGUF reader and tokenizer converter)."""
@@ -24,14 +25,18 @@ TEXT = ("It's 2024: we'LL pay 1234567 dollars, they'd said.\n\n  Indented\tline;
         "Numbers 3.14159 and 42, CAPS'VE, émigré, 東京 and emoji 🙂.")
 
 
-def byte_level_bpe(tmp_path):
-    """A small byte-level BPE with Qwen2's split, trained on a few sentences."""
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+
+
+def byte_level_bpe(tmp_path, pre):
+    """A small byte-level BPE with the split that ``pre`` names, trained on a few sentences."""
     from tokenizers import Regex, Tokenizer as Tok, decoders, models, normalizers, pre_tokenizers, trainers
-    from letrecipes.components.gguf_teacher import QWEN2_SPLIT
+    from letrecipes.components.gguf_teacher import REGEX_SPLITS
 
     tok = Tok(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_SPLITS[pre]), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=["<|endoftext|>"],
@@ -47,6 +52,8 @@ def hf_model(arch):
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
     if arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+    elif arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
     else:  # heads of 128, wider than hidden / heads, as in Qwen3-0.6B (and what transformers' GGUF reader assumes)
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True))
     torch.manual_seed(0)
@@ -64,6 +71,12 @@ GGUF_NAMES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_laye
               "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
               "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+
+
+def llama_cpp_permute(w, heads):
+    """What llama.cpp's converter does to a llama model's q and k rows: each head's halves
+    (j, j + d/2), as Hugging Face turns them, become interleaved pairs (2j, 2j + 1)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(model, arch, tokenizer_json, path):
@@ -90,7 +103,7 @@ def write_gguf(model, arch, tokenizer_json, path):
     padding = config.vocab_size - len(tokens)  # llama.cpp pads the list to the embedding's rows, as UNUSED
     tokens, types = tokens + [f"[PAD{len(tokens) + i}]" for i in range(padding)], types + [5] * padding
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER[arch])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     merges = tokenizer_json["model"]["merges"]
@@ -107,6 +120,9 @@ def write_gguf(model, arch, tokenizer_json, path):
                 writer.add_tensor("output.weight", values)
         else:
             _, _, layer, rest = name.split(".", 3)
+            if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+                heads = config.num_attention_heads if "q_proj" in rest else config.num_key_value_heads
+                values = llama_cpp_permute(values, heads)
             writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[rest]}", values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -114,9 +130,9 @@ def write_gguf(model, arch, tokenizer_json, path):
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_qwen_gguf_matches_the_model_it_was_written_from_and_transformers_reading_it(tmp_path, arch):
-    tokenizer_json = byte_level_bpe(tmp_path)
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_reading_it(tmp_path, arch):
+    tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER[arch])
     model = hf_model(arch)
     path = tmp_path / f"tiny-{arch}.gguf"
     write_gguf(model, arch, tokenizer_json, path)
