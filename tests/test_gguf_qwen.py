@@ -26,22 +26,27 @@ TEXT = ("It's 2024: we'LL pay 1234567 dollars, they'd said.\n\n  Indented\tline;
 
 
 PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+# The splits as llama.cpp defines them, written out here so that the loader's own copy is under test.
+SPLITS = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                   r"|\s+(?!\S)|\s+",
+          "llama-bpe": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                       r"\s*[\r\n]+|\s+(?!\S)|\s+"}
 
 
 def byte_level_bpe(tmp_path, pre):
     """A small byte-level BPE with the split that ``pre`` names, trained on a few sentences."""
     from tokenizers import Regex, Tokenizer as Tok, decoders, models, normalizers, pre_tokenizers, trainers
-    from letrecipes.components.gguf_teacher import REGEX_SPLITS
 
     tok = Tok(models.BPE())
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(REGEX_SPLITS[pre]), behavior="isolated"),
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20], trainer)
+    numbers = " ".join(str(n) for n in range(100, 400))  # digit merges, which the splits allow differently
+    tok.train_from_iterator([TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20, numbers], trainer)
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
     return json.loads(path.read_text())
