@@ -65,6 +65,10 @@ def hf_config(args: ModelArgs, tokenizer: Optional[Tokenizer], dtype: torch.dtyp
         "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
         "torch_dtype": str(dtype).removeprefix("torch."), "initializer_range": 0.02,
     }
+    if args.rope_scaling and "frequency_factors" in args.rope_scaling:
+        raise ExportError("export: this model's RoPE comes as one factor per frequency (a GGUF file's rope_freqs), "
+                          "which a Hugging Face config.json cannot state. Fix: use the model's own Hugging Face "
+                          "folder, from which the GGUF file was converted.")
     if args.rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", **args.rope_scaling}
     if tokenizer is not None:

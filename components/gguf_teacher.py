@@ -93,9 +93,9 @@ def model_args(reader, source: str) -> ModelArgs:
     def meta(key: str, default=None):
         return _field(reader, f"{arch}.{key}", source, default)
 
-    if "rope_freqs.weight" in names or meta("rope.scaling.type", "none") not in ("none", ""):
-        raise TeacherError(f"{source}: scaled RoPE (Llama-3.1+) in GGUF is not supported. Fix: use the model's "
-                           "Hugging Face folder with teacher._component_=huggingface.")
+    if meta("rope.scaling.type", "none") not in ("none", ""):  # linear / yarn scaling: not mapped
+        raise TeacherError(f"{source}: RoPE scaling {meta('rope.scaling.type')!r} in GGUF is not supported. Fix: use "
+                           "the model's Hugging Face folder with teacher._component_=huggingface.")
     width = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
     head_dim = int(meta("attention.key_length", width // heads))  # Qwen3's heads are wider than width / heads
@@ -118,9 +118,23 @@ def model_args(reader, source: str) -> ModelArgs:
         norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in names,
         head_dim=head_dim if head_dim != width // heads else None,
+        rope_scaling=_rope_factors(reader, source, head_dim),
         qkv_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
     )
+
+
+def _rope_factors(reader, source: str, head_dim: int) -> Optional[dict]:
+    """Llama-3.1+'s scaled RoPE as llama.cpp stores it: a ``rope_freqs`` tensor dividing each
+    pair's frequency (the original factor, low/high frequency factors and context are not kept)."""
+    tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return None
+    factors = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
+    if len(factors) != head_dim // 2:
+        raise TeacherError(f"{source}: rope_freqs.weight has {len(factors)} factors; a head of {head_dim} features "
+                           f"needs {head_dim // 2}. Fix: re-convert the file.")
+    return {"frequency_factors": [float(f) for f in factors]}
 
 
 def _undo_rotary_permutation(w: np.ndarray, heads: int) -> np.ndarray:
@@ -135,6 +149,8 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
     permuted = ARCHITECTURES[_field(reader, "general.architecture", source)]
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
+        if tensor.name == "rope_freqs.weight":
+            continue  # read with the shape (model_args): it is a RoPE setting, not a weight
         if tensor.name in TOP_NAMES:
             hf_name = TOP_NAMES[tensor.name]
         else:

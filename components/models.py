@@ -53,6 +53,7 @@ class ModelArgs:
     qkv_bias: bool = False                 # Qwen2: biases on q, k, v
     output_bias: bool = False              # attention output projection bias
     rope_scaling: Optional[dict] = None    # Llama-3.1+: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    #                                        or, from a GGUF file, {frequency_factors: [one per pair of features]}
     qk_norm: bool = False                  # Qwen3: RMSNorm over each head of q and k, before RoPE
     rotary_fraction: float = 1.0           # GPT-NeoX: RoPE turns the first fraction of each head (Pythia: 0.25)
     parallel_residual: bool = False        # GPT-NeoX: x + attn(norm1 x) + mlp(norm2 x)
@@ -101,10 +102,27 @@ class ModelArgs:
         return int(self.dim_per_head * self.rotary_fraction)
 
 
+class FactoredRoPE(RotaryPositionalEmbeddings):
+    """RoPE whose frequencies are each divided by a given factor: how llama.cpp stores
+    Llama-3.1+'s scaled RoPE in a GGUF file (a ``rope_freqs`` tensor, one factor per pair),
+    which gives the same frequencies as :class:`Llama3ScaledRoPE` from the factors alone."""
+
+    def __init__(self, dim: int, max_seq_len: int, base: float, factors):
+        self.factors = [float(f) for f in factors]
+        super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)
+
+    def rope_init(self) -> None:
+        theta = 1.0 / (self.base ** (torch.arange(0, self.dim, 2)[: self.dim // 2].float() / self.dim))
+        self.register_buffer("theta", theta / torch.tensor(self.factors), persistent=False)
+        self.build_rope_cache(self.max_seq_len)
+
+
 def _rope(args: ModelArgs) -> nn.Module:
     if not args.rope_scaling:
         return RotaryPositionalEmbeddings(dim=args.dim_per_head, max_seq_len=args.max_seq_len, base=args.rope_base)
     s = args.rope_scaling
+    if "frequency_factors" in s:  # from a GGUF file's rope_freqs
+        return FactoredRoPE(args.dim_per_head, args.max_seq_len, args.rope_base, s["frequency_factors"])
     return Llama3ScaledRoPE(
         dim=args.dim_per_head, max_seq_len=args.max_seq_len, base=args.rope_base, scale_factor=s["factor"],
         low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],

@@ -8,11 +8,15 @@ the same file (its own GGUF reader and tokenizer converter)."""
 
 import importlib.util
 import json
+import math
+
+import numpy as np
 
 import pytest
 import tokenizers
 import torch
 
+from letrecipes.components.export import ExportError, hf_config
 from letrecipes.components.models import forward_with_hidden
 from letrecipes.components.teachers import load_teacher
 from letrecipes.components.tokenizer import Tokenizer
@@ -25,7 +29,8 @@ TEXT = ("It's 2024: we'LL pay 1234567 dollars, they'd said.\n\n  Indented\tline;
         "Numbers 3.14159 and 42, CAPS'VE, émigré, 東京 and emoji 🙂.")
 
 
-PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe"}
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "llama31": "llama-bpe"}
+GGUF_ARCH = {"llama31": "llama"}
 # The splits as llama.cpp defines them, written out here so that the loader's own copy is under test.
 SPLITS = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                    r"|\s+(?!\S)|\s+",
@@ -59,6 +64,10 @@ def hf_model(arch):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
     elif arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
+    elif arch == "llama31":  # Llama-3.1+'s scaled RoPE (Llama-3.2-1B, the 7B teacher), bands inside this context
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **common, tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
     else:  # heads of 128, wider than hidden / heads, as in Qwen3-0.6B (and what transformers' GGUF reader assumes)
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=128, tie_word_embeddings=True))
     torch.manual_seed(0)
@@ -84,11 +93,30 @@ def llama_cpp_permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def llama_cpp_rope_factors(config, head_dim):
+    """llama.cpp's converter for a llama3-scaled RoPE: one factor per frequency (rope_freqs),
+    1 above the high band, the whole factor below the low band, interpolated between."""
+    scaling, base = config.rope_parameters, config.rope_parameters["rope_theta"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    factors = []
+    for freq in 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)):
+        wavelength = 2 * math.pi / freq
+        if wavelength < context / high:
+            factors.append(1.0)
+        elif wavelength > context / low:
+            factors.append(factor)
+        else:
+            smooth = (context / wavelength - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_gguf(model, arch, tokenizer_json, path):
     import gguf
 
     config = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -120,22 +148,26 @@ def write_gguf(model, arch, tokenizer_json, path):
             writer.add_tensor("token_embd.weight", values)
         elif name == "model.norm.weight":
             writer.add_tensor("output_norm.weight", values)
+        elif name.endswith("rotary_emb.inv_freq"):
+            continue
         elif name == "lm_head.weight":
             if not config.tie_word_embeddings:
                 writer.add_tensor("output.weight", values)
         else:
             _, _, layer, rest = name.split(".", 3)
-            if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            if arch.startswith("llama") and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
                 heads = config.num_attention_heads if "q_proj" in rest else config.num_key_value_heads
                 values = llama_cpp_permute(values, heads)
             writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[rest]}", values)
+    if arch == "llama31":
+        writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config, head_dim))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama31"])
 def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_reading_it(tmp_path, arch):
     tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER[arch])
     model = hf_model(arch)
@@ -145,15 +177,19 @@ def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_read
                             "tokenizer_dir": str(tmp_path / "tok")})
     assert (teacher.depth, teacher.width, teacher.vocab_size) == (2, 48, VOCAB)
     tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    from_file = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         expected = model(tokens, output_hidden_states=True)
         hidden, logits = forward_with_hidden(teacher.model, tokens, range(3), logits=True)
-        theirs = from_file.eval()(tokens).logits
     for layer in range(3):
         torch.testing.assert_close(hidden[layer], expected.hidden_states[layer], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(logits, expected.logits, atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(logits, theirs, atol=2e-5, rtol=1e-4)  # transformers reads the file the same way
+    if arch == "llama31":  # transformers' GGUF reader leaves rope_freqs out; a Hugging Face config cannot state it
+        with pytest.raises(ExportError, match="rope_freqs"):
+            hf_config(teacher.model.model_args, None, torch.bfloat16)
+    else:  # transformers reads the file the same way
+        from_file = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, from_file.eval()(tokens).logits, atol=2e-5, rtol=1e-4)
 
     # The embedded tokenizer splits as Qwen2's does: as transformers' converter reads it from the file.
     ours = Tokenizer(teacher.tokenizer_path)
