@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import hub_id_hint
+from letrecipes.components.files import hub_id_hint, hub_snapshot
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -191,6 +191,7 @@ def _matches(pattern: str, key: str) -> List[Path]:
 
 
 def _files(item: Path, key: str) -> List[Path]:
+    item = hub_snapshot(item) or item  # a Hugging Face cache folder (datasets--org--name): the snapshot it serves
     if is_dataset_folder(item) or item.is_file():
         return [item]
     if not item.exists() and glob.has_magic(str(item)):

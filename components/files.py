@@ -177,13 +177,39 @@ def check_writable_folder(folder: Union[str, Path], key: str) -> None:
                 probe.unlink()
 
 
+def hub_snapshot(folder: Path) -> Optional[Path]:
+    """The files a ``huggingface_hub`` cache folder (``models--org--name``, ``datasets--org--name``:
+    blobs/, refs/, snapshots/) serves: the snapshot refs/main names, else its only snapshot;
+    None for any other folder. Its files are links into blobs/, which are read through them."""
+    snapshots = folder / "snapshots"
+    if not (folder.name.startswith(("models--", "datasets--")) and snapshots.is_dir()):
+        return None
+    ref = folder / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = [p for p in snapshots.iterdir() if p.is_dir()]
+    return found[0] if len(found) == 1 else None
+
+
+def hub_cache() -> Path:
+    """Where ``huggingface_hub`` keeps downloads: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
 def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
     """For a path that does not exist: when it reads like a Hugging Face Hub id
     (``meta-llama/Llama-3.2-1B``: two parts, relative, the first not a folder here), the
-    sentence that says nothing is downloaded and how to fetch it; otherwise ""."""
+    sentence that says nothing is downloaded and how to fetch it, or where the Hugging Face
+    cache already holds it; otherwise ""."""
     path = Path(path)
     if len(path.parts) != 2 or path.is_absolute() or path.parts[0].startswith((".", "~")) or Path(path.parts[0]).exists():
         return ""
+    cached = hub_snapshot(hub_cache() / f"{kind}s--{path.parts[0]}--{path.parts[1]}")
+    if cached is not None:
+        return (f"It looks like a Hugging Face Hub {kind} id, and your Hugging Face cache holds it (letrecipes reads "
+                f"paths, never ids). Fix: {key}={cached}")
     repo_type = " --repo-type dataset" if kind == "dataset" else ""
     local = f"{'data' if kind == 'dataset' else 'models'}/{path.name}"
     return (f"It looks like a Hugging Face Hub {kind} id: letrecipes reads local files only and never downloads. "

@@ -34,7 +34,7 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import hub_id_hint
+from letrecipes.components.files import hub_id_hint, hub_snapshot
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
 
@@ -147,10 +147,12 @@ def formats() -> Dict[str, Type[TeacherFormat]]:
 
 
 def resolve_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
-    """Expand ``~`` and ``pkg:<package>/<file>`` (a file inside an installed package)."""
+    """Expand ``~`` and ``pkg:<package>/<file>`` (a file inside an installed package); a
+    Hugging Face cache folder (``models--org--name``) is the snapshot it serves."""
     text = str(path)
     if not text.startswith(PACKAGE_PREFIX):
-        return Path(text).expanduser()
+        expanded = Path(text).expanduser()
+        return hub_snapshot(expanded) or expanded
     package, _, inner = text[len(PACKAGE_PREFIX):].partition("/")
     spec = importlib.util.find_spec(package) if package.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:

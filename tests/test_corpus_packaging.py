@@ -352,3 +352,45 @@ class _no_data_warnings:
         self.catch.__exit__(*exc)
         messages = [str(w.message) for w in self.caught if issubclass(w.category, DataWarning)]
         assert not messages, messages
+
+
+def hub_cache_folder(cache, repo_type, repo_id, files, commit="0123abcd"):
+    """huggingface_hub's layout: blobs/<hash>, snapshots/<commit>/<name> -> ../../blobs/<hash>, refs/main."""
+    folder = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        blob = folder / "blobs" / f"blob{abs(hash(name))}"
+        blob.write_bytes(data)
+        link = folder / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path("../" * (len(Path(name).parts) + 1)) / "blobs" / blob.name)
+    (folder / "snapshots" / "old-commit").mkdir()  # an earlier download, not the one refs/main names
+    return folder
+
+
+def test_a_hugging_face_cache_folder_reads_as_the_snapshot_it_serves(tmp_path, teacher_dir, monkeypatch):
+    """`huggingface-cli download` without --local-dir fills ~/.cache/huggingface/hub: its
+    models--/datasets-- folders read as their current snapshot; a Hub id it holds gets its path."""
+    from letrecipes.components.teachers import TeacherError, load_teacher
+
+    docs = documents(3)
+    cache = tmp_path / "hub"
+    data = hub_cache_folder(cache, "dataset", "org/corpus", {"data/train-00000-of-00001.jsonl": jsonl(docs),
+                                                              "data/test-00000-of-00001.jsonl": jsonl(["held out"]),
+                                                              "README.md": b"# card\n"})
+    with pytest.warns(DataWarning, match=r"snapshots/0123abcd' is laid out in splits"):  # blobs/, refs/ unread
+        assert list(read_documents(data)) == docs
+    model = hub_cache_folder(cache, "model", "org/tiny", {name: (teacher_dir / name).read_bytes() for name in
+                                                          ("config.json", "model.safetensors", "tokenizer.json")})
+    teacher = load_teacher({"path": str(model), "dtype": "fp32"})
+    assert teacher.source.endswith("snapshots/0123abcd") and teacher.depth == 2
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TeacherError, match=r"your Hugging Face cache holds it .* Fix: teacher.path=.*models--org--tiny"
+                                           r"/snapshots/0123abcd"):
+        load_teacher({"path": "org/tiny"})
+    with pytest.raises(DataError, match=r"your Hugging Face cache holds it .* Fix: data.source=.*datasets--org--corpus"
+                                        r"/snapshots/0123abcd"):
+        list(read_documents("org/corpus"))
