@@ -79,11 +79,16 @@ class MemoryEstimate:
     teacher_gb: float
     accumulating: bool = False  # gradient accumulation: earlier micro-batches' gradients sit beside the loss peak
     context_gb: float = CUDA_CONTEXT_GB
+    accumulated_gb: Optional[float] = None  # those gradients, when not the sharded ones (reduction deferred)
 
     @property
     def forward_backward_gb(self) -> float:
         return (self.weights_and_moments_gb + self.activations_gb + self.loss_gb + self.gathered_gb
-                + self.teacher_gb + (self.gradients_gb if self.accumulating else 0.0))
+                + self.teacher_gb + (self.accumulated_gradients_gb if self.accumulating else 0.0))
+
+    @property
+    def accumulated_gradients_gb(self) -> float:
+        return self.gradients_gb if self.accumulated_gb is None else self.accumulated_gb
 
     @property
     def optimizer_step_gb(self) -> float:
@@ -112,6 +117,7 @@ def memory_per_gpu(
     loss_chunk_tokens: int = 0,
     compute_bytes: int = 2,
     teacher_bytes_per_param: int = 2,
+    reduce_every_micro_batch: bool = True,
 ) -> MemoryEstimate:
     """GiB per GPU; ``fsdp`` (default: world size > 1) adds the units FSDP2 gathers.
     ``compute_bytes``: 2 when the run computes in bf16, 4 in fp32 (``dtype: fp32``, as on
@@ -142,9 +148,11 @@ def memory_per_gpu(
     teacher_bytes = 0.0
     if teacher is not None:
         teacher_bytes = teacher_bytes_per_param * total_params(teacher) / (world_size if teacher_sharded else 1)
+    deferred = sharded and gradient_accumulation_steps > 1 and not reduce_every_micro_batch
     return MemoryEstimate(12 * n / world_size / GIB, 4 * n / world_size / GIB, acts / GIB, loss / GIB,
                           gathered / GIB, root_buffer / GIB, teacher_bytes / GIB,
-                          accumulating=gradient_accumulation_steps > 1)
+                          accumulating=gradient_accumulation_steps > 1,
+                          accumulated_gb=4 * n / GIB if deferred else None)  # unsharded fp32, on every rank
 
 
 def dtype_bytes(name: Optional[str], default: int = 2) -> int:
@@ -189,7 +197,7 @@ class StepTime:
 def micro_batch_time(student: ModelArgs, world_size: int, micro_batch: int, seq_len: int,
                      activation_checkpointing: str = "none", interconnect_gbps: float = 400.0,
                      gpu_tflops: float = 989.0, mfu: float = 0.4, reshard_after_forward: bool = True,
-                     checkpoint_every: int = 2) -> StepTime:
+                     checkpoint_every: int = 2, reductions_per_micro_batch: float = 1.0) -> StepTime:
     """FSDP2 traffic against compute for one micro-batch on one GPU.
 
     Traffic (ring collectives, each GPU sends and receives (W-1)/W of the payload): the
@@ -198,10 +206,12 @@ def micro_batch_time(student: ModelArgs, world_size: int, micro_batch: int, seq_
     (components/parallel.py:shard_model); fp32 gradients are reduce-scattered: about
     (2 + 2 + 4) bytes per parameter. FSDP2 overlaps the two, so the slower one sets the
     pace. Compute: training FLOPs (:func:`train_flops_per_token`) at ``mfu`` of ``gpu_tflops``.
+    ``reductions_per_micro_batch``: 1 / gradient_accumulation_steps when the reduction waits
+    for a step's last micro-batch (``fsdp.reduce_every_micro_batch: false``).
     """
     n = total_params(student)
     gathered_twice = n - root_params(student) - block_params(student) if reshard_after_forward else 0
-    traffic = (2 * n + 2 * gathered_twice + 4 * n) * (world_size - 1) / world_size
+    traffic = (2 * n + 2 * gathered_twice + 4 * n * reductions_per_micro_batch) * (world_size - 1) / world_size
     communication_s = traffic / (interconnect_gbps * 1e9 / 8)
     flops_per_token = train_flops_per_token(student, seq_len, activation_checkpointing, checkpoint_every)
     compute_per_sample = flops_per_token * seq_len / (gpu_tflops * 1e12 * mfu)

@@ -311,6 +311,20 @@ def all_reduce_across_replicas(module: nn.Module, enabled: bool) -> None:
             part.set_requires_all_reduce(enabled, recurse=False)
 
 
+def reduce_gradients(module: nn.Module, enabled: bool) -> None:
+    """FSDP2: whether the next backward reduces gradients at all (reduce-scatter, and for
+    HSDP the all-reduce across replicas). ``fsdp.reduce_every_micro_batch: false`` turns it
+    off for all but a step's last micro-batch: the earlier ones accumulate unsharded fp32
+    gradients on every rank (4 bytes a parameter, not divided among the shards), and the
+    last one reduces their sum, so a step's gradient traffic is divided by the number of
+    micro-batches. Memory for traffic: for a communication-bound run with memory to spare."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in module.modules():
+        if isinstance(part, FSDPModule):
+            part.set_requires_gradient_sync(enabled, recurse=False)
+
+
 def shard_module(module: nn.Module, mp_policy=None, mesh=None) -> None:
     """FSDP2 for a small trainable module of its own (the aligner's projectors), on the
     student's mesh (gradient clipping takes one norm over both)."""

@@ -32,6 +32,7 @@ CHANGEABLE = (
     "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "memory_check", "imports",
     "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers",
     "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
+    "fsdp.reduce_every_micro_batch",
 )
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")

@@ -107,12 +107,15 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
     fsdp, shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, world)
+    accumulation = int(cfg.get("gradient_accumulation_steps", 1))
+    reduce_every = bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True))
     memory = memory_per_gpu(args, shards, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
                             fsdp=fsdp,
                             gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
                             checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0),
                             compute_bytes=dtype_bytes(cfg.get("dtype", "bf16")),
-                            teacher_bytes_per_param=dtype_bytes((cfg.get("teacher") or {}).get("dtype", "bf16")))
+                            teacher_bytes_per_param=dtype_bytes((cfg.get("teacher") or {}).get("dtype", "bf16")),
+                            reduce_every_micro_batch=reduce_every)
     report["memory_per_gpu_gb"] = {
         "weights_and_adamw_moments": memory.weights_and_moments_gb, "gradients": memory.gradients_gb,
         "activations": memory.activations_gb, "loss": memory.loss_gb, "gathered_fsdp_units": memory.gathered_gb,
@@ -120,13 +123,15 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "cuda_context": memory.context_gb, "forward_backward": memory.forward_backward_gb,
         "optimizer_step": memory.optimizer_step_gb, "peak_phase": memory.peak_phase, "total": memory.total_gb,
         "gradients_beside_loss": memory.accumulating,  # earlier micro-batches' gradients, with accumulation
+        "accumulated_gradients": memory.accumulated_gradients_gb,
         "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
     timing = micro_batch_time(args, world, micro_batch, seq_len, ac, **rates,
                               reshard_after_forward=bool((cfg.get("fsdp") or {}).get("reshard_after_forward", True)),
-                              checkpoint_every=every)
+                              checkpoint_every=every,
+                              reductions_per_micro_batch=1.0 if reduce_every else 1.0 / max(1, accumulation))
     report["micro_batch_time"] = {
         "communication_gb": timing.communication_gb, "communication_s": timing.communication_s,
         "compute_s": timing.compute_s, "communication_bound": timing.communication_bound,
@@ -158,7 +163,7 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
             f"{r['schedule']}",
         ]
     m = r["memory_per_gpu_gb"]
-    grads_beside_loss = f" + gradients {m['gradients']:.1f}" if m["gradients_beside_loss"] else ""
+    grads_beside_loss = f" + gradients {m['accumulated_gradients']:.1f}" if m["gradients_beside_loss"] else ""
     lines += [f"  memory per GPU (world size {r['world_size']}, micro-batch {micro_batch} x {seq_len}, activation "
               f"checkpointing {ac}, computing in {m['compute_dtype']}): {m['total']:.1f} GiB at the {m['peak_phase']} "
               "= the larger of",

@@ -76,7 +76,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
     "fsdp": {"enabled": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
-             "reshard_after_forward": BOOL, "replicate_degree": _int(1)},
+             "reshard_after_forward": BOOL, "replicate_degree": _int(1), "reduce_every_micro_batch": BOOL},
     "export": {"enabled": BOOL, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
                "max_shard_mb": _int(1)},
     "alignment": {"layer_map": (COMPONENT[0] + ", or a list of [student, teacher] layer pairs",

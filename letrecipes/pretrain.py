@@ -355,8 +355,12 @@ class PretrainRecipe:
         self.step_checks: List[Tuple[torch.Tensor, str]] = []  # (flag on the device, error if it is false)
         sums: Dict[str, Any] = {}
         replicated = self.mesh is not None and self.mesh.ndim == 2 and self.grad_accum > 1
+        deferred = self.fsdp and self.grad_accum > 1 and not (self.cfg.get("fsdp") or {}).get(
+            "reduce_every_micro_batch", True)
         for micro in range(self.grad_accum):
-            if replicated:  # HSDP: one all-reduce across replicas per step, at its last micro-batch
+            if deferred:  # one reduction per step, of the summed unsharded gradients
+                parallel.reduce_gradients(self.trainable, micro == self.grad_accum - 1)
+            elif replicated:  # HSDP: one all-reduce across replicas per step, at its last micro-batch
                 parallel.all_reduce_across_replicas(self.trainable, micro == self.grad_accum - 1)
             batch = self.batches.next()
             with self.autocast():
@@ -484,7 +488,9 @@ class PretrainRecipe:
                               checkpoint_every=int(checkpointing.get("every", 2)),
                               loss_chunk_tokens=self.loss_chunk_tokens,
                               compute_bytes=dtype_bytes(self.cfg.get("dtype", "bf16")),
-                              teacher_bytes_per_param=dtype_bytes((self.cfg.get("teacher") or {}).get("dtype", "bf16")))
+                              teacher_bytes_per_param=dtype_bytes((self.cfg.get("teacher") or {}).get("dtype", "bf16")),
+                              reduce_every_micro_batch=bool((self.cfg.get("fsdp") or {}).get("reduce_every_micro_batch",
+                                                                                              True)))
 
     def out_of_memory(self, err: BaseException) -> OutOfMemory:
         """One line for a step that ran out of memory: where, how much the device has, what

@@ -149,6 +149,19 @@ def test_hsdp_2x2_trains_like_fsdp_on_2_ranks_and_resumes_exactly(base_overrides
     assert [v for _, v in resumed] == pytest.approx([v for _, v in b], rel=1e-5)
 
 
+def test_reducing_once_per_step_trains_like_reducing_every_micro_batch(base_overrides, tmp_path):
+    """fsdp.reduce_every_micro_batch=false: 2 ranks, 2 micro-batches a step; the first
+    micro-batch's gradients stay unsharded on each rank and the second reduces their sum.
+    The same losses as reducing each micro-batch (only the order of the additions differs)."""
+    common = [*base_overrides, "max_steps=4", "eval_every=0", "batch_size=2", "gradient_accumulation_steps=2"]
+    tune_run_2proc("pretrain", "pretrain_tiny", *common, f"output_dir={tmp_path / 'every'}")
+    tune_run_2proc("pretrain", "pretrain_tiny", *common, "fsdp.reduce_every_micro_batch=false",
+                   f"output_dir={tmp_path / 'once'}")
+    a, b = losses(tmp_path / "every"), losses(tmp_path / "once")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5)
+
+
 def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
     import torch
 

@@ -185,3 +185,24 @@ def test_a_run_computing_in_fp32_is_estimated_at_fp32_widths(tokenizer_path):
     report = dry_run(load_config("let_tiny", ["dtype=fp32", "teacher.dtype=fp32", f"tokenizer.path={tokenizer_path}"]),
                      with_teacher=False)
     assert report["memory_per_gpu_gb"]["compute_dtype"] == "fp32"
+
+
+def test_a_reduction_deferred_to_the_last_micro_batch_trades_memory_for_traffic():
+    """fsdp.reduce_every_micro_batch=false: the accumulated gradients are unsharded (4 bytes a
+    parameter on every rank, not 4 / W) and a step's reduce-scatter runs once, not per micro-batch."""
+    from letrecipes.components.estimate import GIB, memory_per_gpu, micro_batch_time, total_params
+
+    args = _student_args()
+    n = total_params(args)
+    every = memory_per_gpu(args, 32, 2, 2048, "full", gradient_accumulation_steps=4)
+    once = memory_per_gpu(args, 32, 2, 2048, "full", gradient_accumulation_steps=4, reduce_every_micro_batch=False)
+    assert every.accumulated_gradients_gb * GIB == pytest.approx(4 * n / 32)
+    assert once.accumulated_gradients_gb * GIB == pytest.approx(4 * n)
+    assert once.forward_backward_gb - every.forward_backward_gb == pytest.approx(4 * n * (1 - 1 / 32) / GIB)
+    assert once.optimizer_step_gb == every.optimizer_step_gb  # reduced and sharded by then
+    plain, deferred = (micro_batch_time(args, 32, 2, 2048, "full", reductions_per_micro_batch=r) for r in (1, 0.25))
+    assert (plain.communication_gb - deferred.communication_gb) * 1e9 == pytest.approx(4 * n * 0.75 * 31 / 32)
+    cfg = load_config("let_7b", ["dry_run_world_size=32", "gradient_accumulation_steps=4",
+                                 "fsdp.reduce_every_micro_batch=false"])
+    report = dry_run(cfg, with_teacher=True)
+    assert report["memory_per_gpu_gb"]["accumulated_gradients"] == pytest.approx(4 * n / GIB, rel=0.01)
