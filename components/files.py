@@ -185,8 +185,9 @@ def hub_snapshot(folder: Path) -> Optional[Path]:
     if not (folder.name.startswith(("models--", "datasets--")) and snapshots.is_dir()):
         return None
     ref = folder / "refs" / "main"
-    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
-        return snapshots / ref.read_text().strip()
+    named = snapshots / ref.read_text().strip() if ref.is_file() else None
+    if named is not None and named.is_dir():
+        return named
     found = [p for p in snapshots.iterdir() if p.is_dir()]
     return found[0] if len(found) == 1 else None
 

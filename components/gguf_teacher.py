@@ -146,7 +146,8 @@ def _undo_rotary_permutation(w: np.ndarray, heads: int) -> np.ndarray:
 def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Path, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    permuted = ARCHITECTURES[_field(reader, "general.architecture", source)]
+    arch = _field(reader, "general.architecture", source)
+    permuted = ARCHITECTURES[arch]
     for tensor in reader.tensors:
         kind = tensor.tensor_type.name
         if tensor.name == "rope_freqs.weight":
@@ -156,8 +157,7 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
         else:
             parts = tensor.name.split(".", 2)
             if parts[0] != "blk" or len(parts) < 3 or parts[2] not in LAYER_NAMES:
-                raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a "
-                                   f"{_field(reader, 'general.architecture', source)} GGUF.")
+                raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF.")
             hf_name = f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
         if kind not in SUPPORTED_TYPES:
             raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "

@@ -149,9 +149,7 @@ def _gpt_neox_args(config: dict, config_file: str) -> ModelArgs:
 # ----------------------------------------------------------------- weight names
 def _rotary_to_interleaved(w: torch.Tensor, heads: int) -> torch.Tensor:
     """HF rotates (j, j + d/2) pairs of each head; torchtune rotates (2j, 2j + 1). Reorder the rows."""
-    rows = w.shape[0]
-    head_dim = rows // heads
-    return w.reshape(heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(rows, *w.shape[1:])
+    return _partial_rotary_to_interleaved(w, heads, w.shape[0] // heads)
 
 
 def _llama_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Callable]]]:
@@ -187,14 +185,11 @@ def _llama_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[C
     return "?" + hf_key, None
 
 
-def _in_a_block(key: str) -> bool:
+def _block_parts(key: str) -> Optional[Tuple[str, str, str]]:
+    """``layers.3.fc1.weight`` -> ("3", "fc1", "weight"); None for a name outside the blocks."""
     parts = key.split(".")
-    return parts[0] == "layers" and len(parts) >= 4
-
-
-def _block_parts(key: str) -> Tuple[str, str, str]:
-    """``layers.3.fc1.weight`` -> ("3", "fc1", "weight")."""
-    parts = key.split(".")
+    if parts[0] != "layers" or len(parts) < 4:
+        return None
     return parts[1], ".".join(parts[2:-1]), parts[-1]
 
 
@@ -209,9 +204,10 @@ def _opt_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Cal
            "final_layer_norm.weight": "norm.weight", "final_layer_norm.bias": "norm.bias"}
     if key in top:
         return top[key], None
-    if not _in_a_block(key):
+    block = _block_parts(key)
+    if block is None:
         return "?" + hf_key, None
-    i, module, kind = _block_parts(key)
+    i, module, kind = block
     modules = {"self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj", "self_attn.v_proj": "attn.v_proj",
                "self_attn.out_proj": "attn.output_proj", "self_attn_layer_norm": "sa_norm",
                "final_layer_norm": "mlp_norm", "fc1": "mlp.w1", "fc2": "mlp.w2"}
@@ -221,7 +217,8 @@ def _opt_names(args: ModelArgs, hf_key: str) -> Optional[Tuple[str, Optional[Cal
 
 
 def _partial_rotary_to_interleaved(w: torch.Tensor, heads: int, rotary_dim: int) -> torch.Tensor:
-    """As :func:`_rotary_to_interleaved`, for the first ``rotary_dim`` rows of each head only."""
+    """As :func:`_rotary_to_interleaved`, for the first ``rotary_dim`` rows of each head only
+    (GPT-NeoX turns a part of each head; the rest keep their order)."""
     rows, rest = w.shape[0], w.shape[1:]
     w = w.reshape(heads, rows // heads, *rest)
     turned = w[:, :rotary_dim].reshape(heads, 2, rotary_dim // 2, *rest).transpose(1, 2).reshape(heads, rotary_dim, *rest)
@@ -238,9 +235,10 @@ def _neox_names(args: ModelArgs, hf_key: str):
            "final_layer_norm.bias": "norm.bias"}
     if key in top:
         return top[key], None
-    if not _in_a_block(key):
+    block = _block_parts(key)
+    if block is None:
         return "?" + hf_key, None
-    i, module, kind = _block_parts(key)
+    i, module, kind = block
     if module in ("attention", "attention.rotary_emb"):  # the causal-mask buffers and inv_freq of older checkpoints
         return None
     if module == "attention.query_key_value":

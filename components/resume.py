@@ -128,11 +128,13 @@ def moved(key: str, old: Any, new: Any) -> bool:
         return True
     if key != "data.sources" or not (isinstance(old, list) and isinstance(new, list)) or len(old) != len(new):
         return False
+
     def same_but_where(a: Any, b: Any) -> bool:  # an unnamed source is named after its last path part
         if not (isinstance(a, dict) and isinstance(b, dict)):
             return False
         named = a.get("name") or Path(str(a.get("source"))).name == Path(str(b.get("source"))).name
-        return bool(named) and {k: v for k, v in a.items() if k != "source"} == {k: v for k, v in b.items() if k != "source"}
+        rest_a, rest_b = ({k: v for k, v in x.items() if k != "source"} for x in (a, b))
+        return bool(named) and rest_a == rest_b
 
     return all(same_but_where(a, b) for a, b in zip(old, new))
 

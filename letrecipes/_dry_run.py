@@ -109,11 +109,12 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     fsdp, shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, world)
     accumulation = int(cfg.get("gradient_accumulation_steps", 1))
     reduce_every = bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True))
+    compute_bytes = dtype_bytes(cfg.get("dtype", "bf16"))
     memory = memory_per_gpu(args, shards, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
                             fsdp=fsdp,
-                            gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
+                            gradient_accumulation_steps=accumulation,
                             checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0),
-                            compute_bytes=dtype_bytes(cfg.get("dtype", "bf16")),
+                            compute_bytes=compute_bytes,
                             teacher_bytes_per_param=dtype_bytes((cfg.get("teacher") or {}).get("dtype", "bf16")),
                             reduce_every_micro_batch=reduce_every)
     report["memory_per_gpu_gb"] = {
@@ -124,7 +125,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "optimizer_step": memory.optimizer_step_gb, "peak_phase": memory.peak_phase, "total": memory.total_gb,
         "gradients_beside_loss": memory.accumulating,  # earlier micro-batches' gradients, with accumulation
         "accumulated_gradients": memory.accumulated_gradients_gb,
-        "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
+        "compute_dtype": "fp32" if compute_bytes == 4 else "bf16",
     }
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}

@@ -148,6 +148,7 @@ class PretrainRecipe:
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         self.run_info["tokenizer_fingerprint"] = self.tokenizer.fingerprint()
         self.fsdp, self.shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, self.world_size)
+        self.reduce_every_micro_batch = bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True))
         self.check_resources()  # before hours of preparing data for a run that cannot fit
         self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
@@ -355,8 +356,7 @@ class PretrainRecipe:
         self.step_checks: List[Tuple[torch.Tensor, str]] = []  # (flag on the device, error if it is false)
         sums: Dict[str, Any] = {}
         replicated = self.mesh is not None and self.mesh.ndim == 2 and self.grad_accum > 1
-        deferred = self.fsdp and self.grad_accum > 1 and not (self.cfg.get("fsdp") or {}).get(
-            "reduce_every_micro_batch", True)
+        deferred = self.fsdp and self.grad_accum > 1 and not self.reduce_every_micro_batch
         for micro in range(self.grad_accum):
             if deferred:  # one reduction per step, of the summed unsharded gradients
                 parallel.reduce_gradients(self.trainable, micro == self.grad_accum - 1)
@@ -489,8 +489,7 @@ class PretrainRecipe:
                               loss_chunk_tokens=self.loss_chunk_tokens,
                               compute_bytes=dtype_bytes(self.cfg.get("dtype", "bf16")),
                               teacher_bytes_per_param=dtype_bytes((self.cfg.get("teacher") or {}).get("dtype", "bf16")),
-                              reduce_every_micro_batch=bool((self.cfg.get("fsdp") or {}).get("reduce_every_micro_batch",
-                                                                                              True)))
+                              reduce_every_micro_batch=self.reduce_every_micro_batch)
 
     def out_of_memory(self, err: BaseException) -> OutOfMemory:
         """One line for a step that ran out of memory: where, how much the device has, what
