@@ -60,6 +60,12 @@ ARMS = {  # name: (blocks over the slice's, LET or not, overrides)
     # 7.5B parameters is otherwise a large share of every 4,096-token step
     "let7b_bf16_accumulate_2": (LET_7B_BLOCKS_OVER_SLICE, False,
                                 ["float8.enabled=false", FULL_AC, "gradient_accumulation_steps=2"]),
+    # the same with one gradient reduction per optimizer step: one GPU has no reduce-scatter
+    # traffic to save, so this arm checks the other side, the memory of unsharded accumulated
+    # fp32 gradients (4 N bytes), against the dry run's estimate
+    "let7b_bf16_accumulate_2_reduce_once": (LET_7B_BLOCKS_OVER_SLICE, False,
+                                            ["float8.enabled=false", FULL_AC, "gradient_accumulation_steps=2",
+                                             "fsdp.reduce_every_micro_batch=false"]),
     # the slice at micro-batch 8: the peak moves to the start of the backward (loss and
     # activations, 55-61 GiB by the estimate), the phase no run has measured yet
     "memory_micro_batch_8_full_ac": (1, False, ["float8.enabled=false", FULL_AC, "batch_size=8"]),
@@ -95,6 +101,7 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
     estimate = memory_per_gpu(model_args, 1, int(setting("batch_size", size["micro_batch"])), size["seq_len"],
                               setting("activation_checkpointing.mode", "full"), teacher=teacher_args, fsdp=True,
                               gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)),
+                              reduce_every_micro_batch=setting("fsdp.reduce_every_micro_batch", "true") == "true",
                               loss_chunk_tokens=int(setting("loss_chunk_tokens", size["loss_chunk_tokens"])))
     if gpu:
         device_gib = torch.cuda.mem_get_info()[1] / 2**30
