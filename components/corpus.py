@@ -837,18 +837,20 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
 
 def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:
     """JSON Lines, streamed; a file whose first character is ``[`` is one JSON array of
-    records instead (read whole: it cannot be streamed without a parser of our own)."""
-    line_no, kept = 0, 0
+    records instead, streamed record by record too."""
+    line_no, kept, offset = 0, 0, 0
     skipped = SkippedRecords(path, key)
     try:
         with _open_stream(path, key) as stream:
             for line_no, raw in enumerate(stream, 1):
-                if line_no == 1:
-                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
                 if not raw.strip():
+                    offset += len(raw)
                     continue
                 if not kept and not skipped.counts and raw.lstrip().startswith(b"["):
-                    yield from _json_array(path, raw + stream.read(), text_field, key, warn)
+                    yield from _json_array(path, io.BufferedReader(_Replayed(raw, stream)), text_field, key, warn,
+                                           offset)
                     return
                 line = _decode(raw, path, key, warn, where=f":{line_no}")
                 try:
@@ -864,23 +866,71 @@ def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: l
                     yield text
         skipped.finish(kept, warn)
     except Exception as err:
-        _raise_if_damaged(path, err, f" after line {line_no}", key)
+        _raise_if_damaged(path, err, f" after line {line_no:,}" if line_no else "", key)
         raise
 
 
-def _json_array(path: Union[Path, _Member], data: bytes, text_field: str, key: str, warn: list) -> Iterator[str]:
+def _json_array(path: Union[Path, _Member], stream, text_field: str, key: str, warn: list,
+                offset: int) -> Iterator[str]:
+    """The records of a file that is one JSON array, parsed one at a time by ijson (a
+    many-GB array never sits in memory; ``json.load`` would hold it several times over).
+    ``stream`` starts at the file's byte ``offset`` (after a byte-order mark, blank lines)."""
+    import ijson
+
+    utf8 = _Utf8Repaired(stream, offset)
+    skipped, kept, i = SkippedRecords(path, key, where="record"), 0, -1
     try:
-        records = json.loads(_decode(data, path, key, warn))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{key}: {path} starts like a JSON array but is not valid JSON ({err}). Fix: repair or "
-                        "re-download it; JSON Lines (one object per line) can also be read.") from err
-    skipped, kept = SkippedRecords(path, key, where="record"), 0
-    for i, record in enumerate(records):
-        text = _record_text(record, text_field, f"{path} record {i}", i, skipped, kept, key)
-        if text is not None:
-            kept += 1
-            yield text
+        for i, record in enumerate(ijson.items(io.BufferedReader(utf8, 1 << 20), "item", use_float=True)):
+            text = _record_text(record, text_field, f"{path} record {i}", i, skipped, kept, key)
+            if text is not None:
+                kept += 1
+                yield text
+    except ijson.JSONError as err:
+        what = str(err).splitlines()[0]  # yajl quotes the text around the error on the next lines
+        raise DataError(f"{key}: {path} starts like a JSON array but is not valid JSON after record {i + 1:,} "
+                        f"({what}). Fix: repair or re-download it; JSON Lines (one object per line) can also be "
+                        "read.") from err
+    except Exception as err:
+        _raise_if_damaged(path, err, f" after record {i + 1:,}", key)
+        raise
+    if utf8.replaced:
+        warn.append(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {utf8.first_bad:,}); {utf8.replaced:,} "
+                    "undecodable byte sequence(s) were replaced by U+FFFD.")
     skipped.finish(kept, warn)
+
+
+class _Utf8Repaired(io.RawIOBase):
+    """A byte stream passed on as valid UTF-8: each run of undecodable bytes becomes one
+    U+FFFD, counted, as the JSON Lines path decodes (ijson's parser stops at the first)."""
+
+    def __init__(self, stream, offset: int):
+        self.stream, self.pending = stream, b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self.read_bytes, self.replaced, self.first_bad = offset, 0, None  # read_bytes: the file's offset
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.stream.read(len(buffer))
+            text = self.decoder.decode(chunk, final=not chunk)
+            bad = _ESCAPED_BYTES.search(text)
+            if bad:  # surrogateescape turned each undecodable byte into one lone surrogate
+                if self.first_bad is None:
+                    self.first_bad = self.read_bytes + len(text[:bad.start()].encode("utf-8", "surrogateescape"))
+                text, count = _ESCAPED_BYTES.subn("\ufffd", text)
+                self.replaced += count
+            self.read_bytes += len(chunk)
+            self.pending = text.encode("utf-8")
+            if not chunk:
+                break
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
 
 
 def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:

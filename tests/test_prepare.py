@@ -435,6 +435,36 @@ def test_json_csv_compression_and_text_encodings_read_the_same_documents(tokeniz
     np.testing.assert_array_equal(stream, np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs]))
 
 
+def test_a_json_array_is_read_record_by_record(tmp_path):
+    """A corpus file that is one JSON array is parsed a record at a time (a many-GB array
+    never sits whole in memory: benchmarks/json_array_memory.py): records come out before
+    the reader has seen the end, so a file cut off mid-record gives its whole records first,
+    then one error naming the record it broke after. Undecodable bytes become U+FFFD with one
+    warning, as in JSON Lines; a gzip stream that breaks names the record too."""
+    records = [{"text": f"record {i} " + "x" * 5000, "url": f"u{i}"} for i in range(400)]
+    whole = json.dumps(records, indent=1).encode()
+    cut = tmp_path / "cut.json"
+    cut.write_bytes(whole[:len(whole) // 2])
+    read = []
+    with pytest.raises(DataError, match=r"cut.json starts like a JSON array but is not valid JSON after record "
+                                        r"(\d+) \(parse error: premature EOF\)") as error:
+        for text in corpus.read_documents(cut):
+            read.append(text)
+    assert 100 < len(read) < 400 and read == [r["text"] for r in records[:len(read)]]
+    assert f"after record {len(read)} " in str(error.value)
+
+    bad_bytes = tmp_path / "bad_utf8.json"
+    bad_bytes.write_bytes(codecs.BOM_UTF8 + b'[{"text": "caf\xc3\xa9"}, {"text": "a\xff\xfeb"}, {"text": "ok"}]')
+    with pytest.warns(corpus.DataWarning, match=r"bad_utf8.json is not valid UTF-8 \(first bad byte at offset 34\); "
+                                                "1 undecodable byte sequence"):
+        assert list(corpus.read_documents(bad_bytes)) == ["caf\u00e9", "a\ufffdb", "ok"]
+
+    broken_gzip = tmp_path / "broken.json.gz"
+    broken_gzip.write_bytes(gzip.compress(whole)[:-100])
+    with pytest.raises(DataError, match=r"broken.json.gz is damaged: the compressed stream breaks after record \d+ "):
+        list(corpus.read_documents(broken_gzip))
+
+
 def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
     """A binary file with a text suffix is skipped with a warning naming it; macOS's
     ``._name`` resource forks and hidden folders are not read; an empty document (a file,
