@@ -2,12 +2,14 @@
 ``gguf`` package, the embedded tokenizer exported as a ``tokenizer.json``.
 
 Architectures: ``llama`` (SmolLM/SmolLM2, TinyLlama, Llama-2 style models, Mistral, which
-llama.cpp files as llama), ``qwen2`` (biases on q, k, v) and ``qwen3`` (q/k norms).
+llama.cpp files as llama), ``qwen2`` (biases on q, k, v), ``qwen3`` (q/k norms) and
+``gptneox`` (Pythia: LayerNorm, partial RoPE, parallel residual, one fused qkv tensor).
 For ``llama`` llama.cpp's converter stores Q and K with each head's rows interleaved for
 its RoPE kernel; we undo that to get the Hugging Face layout. ``qwen2``/``qwen3`` use
 llama.cpp's NEOX RoPE, which turns halves as Hugging Face does: their rows are stored
-as they are. Then the same name mapping and checks as a Hugging Face folder
-(``letrecipes.components.hf_teacher``).
+as they are. For ``gptneox`` the converter regroups the fused qkv rows from head by head
+([q, k, v] per head, Hugging Face's) to all q, all k, all v; we group them back. Then the
+same name mapping and checks as a Hugging Face folder (``letrecipes.components.hf_teacher``).
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"\s+(?!\S)|\s+")
 LLAMA3_SPLIT = QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
 REGEX_SPLITS = {"qwen2": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT}
-PRE_TOKENIZERS = ("smollm", "gpt2", "gpt-2", *REGEX_SPLITS)
+# GPT-2's own split: llama.cpp names it gpt2, or olmo / mpt for the GPT-NeoX-20B tokenizer (Pythia's).
+GPT2_SPLIT_NAMES = ("gpt2", "gpt-2", "olmo", "mpt")
+PRE_TOKENIZERS = ("smollm", *GPT2_SPLIT_NAMES, *REGEX_SPLITS)
 # Each GGUF architecture: whether its q/k rows are stored permuted for llama.cpp's
-# interleaved RoPE (llama) or as Hugging Face has them (the NEOX RoPE of qwen2, qwen3).
-ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+# interleaved RoPE (llama) or as Hugging Face has them (the NEOX RoPE of qwen2, qwen3, gptneox).
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "gptneox": False}
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
@@ -57,6 +61,12 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
+# gptneox: GGUF's block part -> GPT-NeoX's module (weights and biases alike)
+NEOX_LAYER_MODULES = {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
+                      "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
+                      "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
+NEOX_TOP_NAMES = {"token_embd.weight": "gpt_neox.embed_in.weight", "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+                  "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"}
 
 
 def open_gguf(path: Path):
@@ -100,12 +110,14 @@ def model_args(reader, source: str) -> ModelArgs:
     heads = int(meta("attention.head_count"))
     head_dim = int(meta("attention.key_length", width // heads))  # Qwen3's heads are wider than width / heads
     rope_dim = int(meta("rope.dimension_count", head_dim))
-    if rope_dim != head_dim:
-        raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {head_dim}) "
-                           "is not supported.")
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab_size = meta("vocab_size", 0) or (int(embedding.shape[-1]) if embedding is not None else
                                            len(_field(reader, "tokenizer.ggml.tokens", source)))
+    if arch == "gptneox":
+        return _gptneox_args(meta, names, int(vocab_size), rope_dim, source)
+    if rope_dim != head_dim:
+        raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {head_dim}) "
+                           f"is not supported for a {arch} GGUF.")
     return ModelArgs(
         vocab_size=int(vocab_size),
         num_layers=int(meta("block_count")),
@@ -121,6 +133,26 @@ def model_args(reader, source: str) -> ModelArgs:
         rope_scaling=_rope_factors(reader, source, head_dim),
         qkv_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
+    )
+
+
+def _gptneox_args(meta: Callable, names: set, vocab_size: int, rope_dim: int, source: str) -> ModelArgs:
+    """Pythia's shape as llama.cpp's converter keeps it. The MLP is the exact GELU that
+    GPT-NeoX models are trained with (``hidden_act: gelu``); llama.cpp itself computes the
+    tanh approximation, up to 1e-3 away."""
+    width, heads = int(meta("embedding_length")), int(meta("attention.head_count"))
+    head_dim = width // heads
+    if not 2 <= rope_dim <= head_dim or rope_dim % 2:
+        raise TeacherError(f"{source}: rope.dimension_count={rope_dim} does not fit a head of {head_dim} features "
+                           "(an even number up to it). Fix: re-convert the file.")
+    return ModelArgs(
+        family="gpt_neox", vocab_size=vocab_size, num_layers=int(meta("block_count")), num_heads=heads,
+        num_kv_heads=heads, embed_dim=width, intermediate_dim=int(meta("feed_forward_length")),
+        max_seq_len=int(meta("context_length", 2048)), rope_base=float(meta("rope.freq_base", 10_000.0)),
+        rotary_fraction=rope_dim / head_dim, norm_eps=float(meta("attention.layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings="output.weight" not in names, qkv_bias="blk.0.attn_qkv.bias" in names,
+        output_bias="blk.0.attn_output.bias" in names, parallel_residual=bool(meta("use_parallel_residual", True)),
+        mlp_activation="gelu",
     )
 
 
@@ -152,13 +184,9 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
         kind = tensor.tensor_type.name
         if tensor.name == "rope_freqs.weight":
             continue  # read with the shape (model_args): it is a RoPE setting, not a weight
-        if tensor.name in TOP_NAMES:
-            hf_name = TOP_NAMES[tensor.name]
-        else:
-            parts = tensor.name.split(".", 2)
-            if parts[0] != "blk" or len(parts) < 3 or parts[2] not in LAYER_NAMES:
-                raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF.")
-            hf_name = f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}"
+        hf_name = _hf_name(tensor.name, arch)
+        if hf_name is None:
+            raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF.")
         if kind not in SUPPORTED_TYPES:
             raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "
                                f"read. Expected one of {', '.join(SUPPORTED_TYPES)}. Fix: use a file quantized to "
@@ -170,7 +198,25 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
             values = _undo_rotary_permutation(values, args.num_heads)
         elif permuted and tensor.name.endswith("attn_k.weight"):
             values = _undo_rotary_permutation(values, args.num_kv_heads)
+        elif ".attn_qkv." in tensor.name:  # [all q; all k; all v] -> [q, k, v] of head 0, of head 1, ...
+            values = values.reshape(3, args.num_heads, -1, *values.shape[1:]).swapaxes(0, 1).reshape(values.shape)
         yield hf_name, source, torch.from_numpy(np.ascontiguousarray(values))
+
+
+def _hf_name(name: str, arch: str) -> Optional[str]:
+    """The Hugging Face name of a GGUF tensor; None for one this architecture does not have."""
+    neox = arch == "gptneox"
+    top = NEOX_TOP_NAMES if neox else TOP_NAMES
+    if name in top:
+        return top[name]
+    parts = name.split(".", 2)
+    if parts[0] != "blk" or len(parts) < 3:
+        return None
+    if neox:
+        module, _, kind = parts[2].rpartition(".")
+        return f"gpt_neox.layers.{parts[1]}.{NEOX_LAYER_MODULES[module]}.{kind}" if module in NEOX_LAYER_MODULES \
+            and kind in ("weight", "bias") else None
+    return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}" if parts[2] in LAYER_NAMES else None
 
 
 def state_dict(reader, args: ModelArgs, expected: Dict[str, torch.Size], cast: Callable, source: str):
@@ -239,7 +285,7 @@ class GGUFFormat(TeacherFormat):
     """Weights dequantized on load; the embedded tokenizer exported to
     ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
 
-    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3)"
+    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3, gptneox)"
 
     def __init__(self, tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR):
         self.tokenizer_dir = Path(tokenizer_dir)

@@ -1,7 +1,9 @@
 """GGUF teachers written here from a random tiny transformers model the way llama.cpp's
 converter writes them: qwen2 and qwen3 (q/k rows as Hugging Face has them: llama.cpp turns
 these with its NEOX RoPE; the tokenizer's `qwen2` split), and llama with Llama 3's
-`llama-bpe` split (q/k rows permuted for llama.cpp's interleaved RoPE).
+`llama-bpe` split (q/k rows permuted for llama.cpp's interleaved RoPE); gptneox (Pythia: the
+fused qkv regrouped q/k/v, LayerNorm and biases, partial RoPE, parallel residual, the GPT-2
+split under llama.cpp's name for Pythia's tokenizer, `olmo`).
 
 Checked against the model the file was written from, and against transformers reading
 the same file (its own GGUF reader and tokenizer converter)."""
@@ -29,8 +31,9 @@ TEXT = ("It's 2024: we'LL pay 1234567 dollars, they'd said.\n\n  Indented\tline;
         "Numbers 3.14159 and 42, CAPS'VE, émigré, 東京 and emoji 🙂.")
 
 
-PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "llama31": "llama-bpe"}
-GGUF_ARCH = {"llama31": "llama"}
+PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "llama31": "llama-bpe", "pythia": "olmo",
+                 "pythia_sequential": "olmo"}
+GGUF_ARCH = {"llama31": "llama", "pythia": "gptneox", "pythia_sequential": "gptneox"}
 # The splits as llama.cpp defines them, written out here so that the loader's own copy is under test.
 SPLITS = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                    r"|\s+(?!\S)|\s+",
@@ -45,8 +48,11 @@ def byte_level_bpe(tmp_path, pre):
     tok = Tok(models.BPE())
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre == "olmo":  # GPT-NeoX-20B's tokenizer (Pythia's): byte level with GPT-2's own split
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -60,7 +66,12 @@ def byte_level_bpe(tmp_path, pre):
 def hf_model(arch):
     common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
-    if arch == "qwen2":
+    if arch.startswith("pythia"):  # rotary_pct 0.25 of heads of 8: two pairs turned, four features not
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+            max_position_embeddings=64, layer_norm_eps=1e-5, rotary_pct=0.5, rotary_emb_base=10_000,
+            use_parallel_residual=arch == "pythia", hidden_act="gelu", tie_word_embeddings=False))
+    elif arch == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
     elif arch == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
@@ -117,6 +128,10 @@ def write_gguf(model, arch, tokenizer_json, path):
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
+    write_tokenizer(writer, config, arch, tokenizer_json)
+    if arch.startswith("pythia"):
+        write_gptneox(writer, model)
+        return finish(writer)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -129,19 +144,6 @@ def write_gguf(model, arch, tokenizer_json, path):
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    vocab = tokenizer_json["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    special = {t["content"] for t in tokenizer_json["added_tokens"]}
-    types = [3 if t in special else 1 for t in tokens]
-    padding = config.vocab_size - len(tokens)  # llama.cpp pads the list to the embedding's rows, as UNUSED
-    tokens, types = tokens + [f"[PAD{len(tokens) + i}]" for i in range(padding)], types + [5] * padding
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(PRE_TOKENIZER[arch])
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    merges = tokenizer_json["model"]["merges"]
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    writer.add_eos_token_id(vocab["<|endoftext|>"])
     for name, tensor in model.state_dict().items():
         values = tensor.float().numpy()
         if name == "model.embed_tokens.weight":
@@ -161,13 +163,70 @@ def write_gguf(model, arch, tokenizer_json, path):
             writer.add_tensor(f"blk.{layer}.{GGUF_NAMES[rest]}", values)
     if arch == "llama31":
         writer.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(config, head_dim))
+    finish(writer)
+
+
+NEOX_GGUF_NAMES = {"input_layernorm": "attn_norm", "attention.query_key_value": "attn_qkv",
+                   "attention.dense": "attn_output", "post_attention_layernorm": "ffn_norm",
+                   "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+
+
+def write_gptneox(writer, model):
+    """As llama.cpp's GPTNeoXModel converter: its keys, and the fused qkv regrouped from
+    head by head ([q, k, v] per head) to all q, all k, all v."""
+    config = model.config
+    heads, width = config.num_attention_heads, config.hidden_size
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(width)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    rotary_pct = config.rope_parameters["partial_rotary_factor"]  # transformers 5's name for Pythia's rotary_pct
+    writer.add_rope_dimension_count(int(rotary_pct * (width // heads)))
+    writer.add_head_count(heads)
+    writer.add_parallel_residual(config.use_parallel_residual)
+    writer.add_layer_norm_eps(config.layer_norm_eps)
+    top = {"gpt_neox.embed_in.weight": "token_embd.weight", "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+           "gpt_neox.final_layer_norm.bias": "output_norm.bias", "embed_out.weight": "output.weight",
+           "lm_head.weight": "output.weight"}  # transformers 5 calls embed_out lm_head
+    for name, tensor in model.state_dict().items():
+        values = tensor.float().numpy()
+        if name in top:
+            writer.add_tensor(top[name], values)
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        if module not in NEOX_GGUF_NAMES:
+            continue  # the rotary buffers
+        if module == "attention.query_key_value":
+            grouped = values.reshape(heads, 3, width // heads, *values.shape[1:])
+            values = np.concatenate([grouped[:, i].reshape(width, *values.shape[1:]) for i in range(3)])
+        writer.add_tensor(f"blk.{layer}.{NEOX_GGUF_NAMES[module]}.{kind}", values)
+
+
+def write_tokenizer(writer, config, arch, tokenizer_json):
+    vocab = tokenizer_json["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {t["content"] for t in tokenizer_json["added_tokens"]}
+    types = [3 if t in special else 1 for t in tokens]
+    padding = config.vocab_size - len(tokens)  # llama.cpp pads the list to the embedding's rows, as UNUSED
+    tokens, types = tokens + [f"[PAD{len(tokens) + i}]" for i in range(padding)], types + [5] * padding
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(PRE_TOKENIZER[arch])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = tokenizer_json["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_eos_token_id(vocab["<|endoftext|>"])
+
+
+def finish(writer):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama31"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama31", "pythia", "pythia_sequential"])
 def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_reading_it(tmp_path, arch):
     tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER[arch])
     model = hf_model(arch)
@@ -186,6 +245,11 @@ def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_read
     if arch == "llama31":  # transformers' GGUF reader leaves rope_freqs out; a Hugging Face config cannot state it
         with pytest.raises(ExportError, match="rope_freqs"):
             hf_config(teacher.model.model_args, None, torch.bfloat16)
+    elif arch.startswith("pythia"):  # transformers has no GGUF reader for gptneox: the ids against the tokenizer only
+        ours = Tokenizer(teacher.tokenizer_path)
+        assert ours.hf.encode(TEXT, add_special_tokens=False).ids == \
+            tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json)).encode(TEXT).ids
+        return
     else:  # transformers reads the file the same way
         from_file = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
         with torch.no_grad():
@@ -212,5 +276,5 @@ def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(TeacherError, match=r"GGUF architecture 'phi3' is not supported; expected one of llama, qwen2, "
-                                           r"qwen3\. Fix: use the model's Hugging Face folder"):
+                                           r"qwen3, gptneox\. Fix: use the model's Hugging Face folder"):
         load_teacher({"_component_": "gguf", "path": str(path)})
