@@ -55,6 +55,11 @@ def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tok
     except LetRecipesError as err:
         message = str(err)  # the format's errors already begin with the key (path_key above)
         raise InitFromError(message if message.startswith(f"{KEY}:") else f"{KEY}={path!r}: {message}") from err
+    if source.family != model_args.family:  # no model.* key can bridge two architectures
+        raise InitFromError(f"{KEY}={path!r} is a {source.family} model; this run's student is a {model_args.family} "
+                            "model, another architecture (its weights have other names and roles). Fix: init_from a "
+                            f"{model_args.family} checkpoint (a letrecipes export, or a Hugging Face folder of that "
+                            f"family); a {source.family} model can guide this run as its teacher (teacher.path).")
     differences = shape_differences(source, model_args)
     if differences:
         raise InitFromError(f"{KEY}={path!r} has another shape than this run's model: {'; '.join(differences)}. "

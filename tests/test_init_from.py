@@ -76,3 +76,24 @@ def test_a_checkpoint_trained_with_another_tokenizer_is_refused(base_overrides, 
         pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
                               f"init_from={export}", f"tokenizer.path={other}"])
     assert "was trained with another tokenizer" in str(err.value.code) and "Fix: tokenizer.path=" in str(err.value.code)
+
+
+def test_a_checkpoint_of_another_architecture_is_named_as_such(base_overrides, tmp_path):
+    """A Pythia (GPT-NeoX) folder into the Llama-family student: one line that says the
+    architectures differ (no model.* key can bridge them) and that it can be the teacher."""
+    import json
+
+    pythia = tmp_path / "pythia"
+    pythia.mkdir()
+    (pythia / "config.json").write_text(json.dumps({
+        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": 512, "hidden_size": 32,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "rotary_pct": 0.25,
+        "max_position_embeddings": 128, "hidden_act": "gelu"}))
+    (pythia / "model.safetensors").write_bytes(b"")  # never read: the architecture is refused from config.json
+    with pytest.raises(SystemExit) as err:
+        pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                              f"init_from={pythia}"])
+    message = str(err.value.code)
+    assert message.startswith(f"error: init_from={str(pythia)!r} is a gpt_neox model; this run's student is a llama "
+                              "model, another architecture") and "teacher.path" in message
+    assert "model.family" not in message and not (tmp_path / "run" / "metrics.jsonl").exists()
