@@ -8,7 +8,7 @@ report gives parameters, FLOPs per token, the teacher's overhead and memory per 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -17,8 +17,8 @@ from letrecipes.components import parallel, registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.estimate import (dtype_bytes, forward_flops_per_token, memory_per_gpu, micro_batch_time,
-                                           total_params, train_flops_per_token)
+from letrecipes.components.estimate import (MemoryEstimate, dtype_bytes, forward_flops_per_token, memory_per_gpu,
+                                           micro_batch_time, total_params, train_flops_per_token)
 from letrecipes.components.models import ModelArgs, count_parameters, model_max_seq_len, padded_vocab_size
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
@@ -54,6 +54,23 @@ def _teacher_args(cfg: DictConfig, seq_len: int) -> ModelArgs:
     values = OmegaConf.to_container(shape, resolve=True)
     values.setdefault("max_seq_len", seq_len)
     return ModelArgs.from_dict(values)
+
+
+def config_memory(cfg: DictConfig, args: ModelArgs, world_size: int, teacher_args: Optional[ModelArgs] = None,
+                  teacher_sharded: bool = False) -> MemoryEstimate:
+    """The cost model's memory per process at the settings ``cfg`` gives: the one place
+    that reads them, for the dry run and for a recipe's memory check and out-of-memory line."""
+    fsdp, shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, world_size)
+    checkpointing = cfg.get("activation_checkpointing") or {}
+    return memory_per_gpu(args, shards, int(cfg.batch_size), int(cfg.data.seq_len),
+                          checkpointing.get("mode", "none") or "none", teacher_args,
+                          teacher_sharded=teacher_sharded and fsdp, fsdp=fsdp,
+                          gradient_accumulation_steps=int(cfg.get("gradient_accumulation_steps", 1)),
+                          checkpoint_every=int(checkpointing.get("every", 2)),
+                          loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0),
+                          compute_bytes=dtype_bytes(cfg.get("dtype", "bf16")),
+                          teacher_bytes_per_param=dtype_bytes((cfg.get("teacher") or {}).get("dtype", "bf16")),
+                          reduce_every_micro_batch=bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True)))
 
 
 def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
@@ -106,17 +123,9 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             "schedule": repr(aligner.schedule),
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
-    fsdp, shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, world)
     accumulation = int(cfg.get("gradient_accumulation_steps", 1))
     reduce_every = bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True))
-    compute_bytes = dtype_bytes(cfg.get("dtype", "bf16"))
-    memory = memory_per_gpu(args, shards, micro_batch, seq_len, ac, teacher_args, teacher_sharded=placement == "sharded",
-                            fsdp=fsdp,
-                            gradient_accumulation_steps=accumulation,
-                            checkpoint_every=every, loss_chunk_tokens=int(cfg.get("loss_chunk_tokens", 0) or 0),
-                            compute_bytes=compute_bytes,
-                            teacher_bytes_per_param=dtype_bytes((cfg.get("teacher") or {}).get("dtype", "bf16")),
-                            reduce_every_micro_batch=reduce_every)
+    memory = config_memory(cfg, args, world, teacher_args, teacher_sharded=placement == "sharded")
     report["memory_per_gpu_gb"] = {
         "weights_and_adamw_moments": memory.weights_and_moments_gb, "gradients": memory.gradients_gb,
         "activations": memory.activations_gb, "loss": memory.loss_gb, "gathered_fsdp_units": memory.gathered_gb,
@@ -125,7 +134,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "optimizer_step": memory.optimizer_step_gb, "peak_phase": memory.peak_phase, "total": memory.total_gb,
         "gradients_beside_loss": memory.accumulating,  # earlier micro-batches' gradients, with accumulation
         "accumulated_gradients": memory.accumulated_gradients_gb,
-        "compute_dtype": "fp32" if compute_bytes == 4 else "bf16",
+        "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}

@@ -27,7 +27,7 @@ from letrecipes.components import parallel
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
-from letrecipes.components.models import forward_with_hidden, forward_with_loss, nll_loss
+from letrecipes.components.models import ModelArgs, forward_with_hidden, forward_with_loss, nll_loss
 from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable, spread_indices
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.teachers import (TeacherError, describe_teacher, existing_path, load_teacher,
@@ -44,8 +44,7 @@ class LETPretrainRecipe(PretrainRecipe):
     def setup_data(self) -> None:
         # The teacher's config.json or GGUF header is read now, not after hours of preparing data: an
         # unsupported family, too short a context or too small a vocabulary stops the run here.
-        described = describe_teacher(OmegaConf.to_container(self.cfg.teacher, resolve=True)) \
-            if self.cfg.teacher.get("path") else None
+        described = self.described_teacher()
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
         if described is not None and self.collate is None:
             self._check_teacher_reads_the_ids(described.max_seq_len, described.vocab_size, str(self.cfg.teacher.path))
@@ -245,15 +244,21 @@ class LETPretrainRecipe(PretrainRecipe):
             teacher_args = getattr(self.teacher.model, "model_args", None)
         return super().memory_estimate(teacher_args, self.placement == "sharded" and self.fsdp, model_args)
 
+    def described_teacher(self) -> Optional[ModelArgs]:
+        """The teacher's shape from its config.json or GGUF header (no weights), read once for
+        the memory check and the checks before the data; None without a teacher.path, or for a
+        format that cannot say without loading. A read that fails raises (and is not kept)."""
+        if not hasattr(self, "_described_teacher"):
+            section = OmegaConf.to_container(self.cfg.teacher, resolve=True)
+            self._described_teacher = describe_teacher(section) if section.get("path") else None
+        return self._described_teacher
+
     def planned_teacher(self):
-        """The teacher's shape from its config.json or GGUF metadata (no weights read); None
-        for a format that cannot say without loading (its load then decides)."""
-        section = OmegaConf.to_container(self.cfg.teacher, resolve=True)
         try:
-            args = describe_teacher(section)
+            args = self.described_teacher()
         except LetRecipesError:  # a missing or broken teacher is reported by its loader, with its fix
             args = None
-        return args, section.get("placement", "replicated") == "sharded" and self.fsdp
+        return args, self.cfg.teacher.get("placement", "replicated") == "sharded" and self.fsdp
 
     def release_teacher(self) -> None:
         teacher_mb = sum(p.numel() * p.element_size() for p in self.teacher.parameters()) / 2**20

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from letrecipes._config import parse, run
+from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
 from letrecipes.components.data import BatchStream, build_dataloader, build_datasets, corpus_fingerprint
@@ -478,18 +479,7 @@ class PretrainRecipe:
 
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""
-        from letrecipes.components.estimate import dtype_bytes, memory_per_gpu
-
-        checkpointing = self.cfg.get("activation_checkpointing") or {}
-        return memory_per_gpu(model_args or self.model_args, self.shards, int(self.cfg.batch_size),
-                              int(self.cfg.data.seq_len),
-                              checkpointing.get("mode", "none") or "none", teacher_args, teacher_sharded=teacher_sharded,
-                              fsdp=self.fsdp, gradient_accumulation_steps=self.grad_accum,
-                              checkpoint_every=int(checkpointing.get("every", 2)),
-                              loss_chunk_tokens=self.loss_chunk_tokens,
-                              compute_bytes=dtype_bytes(self.cfg.get("dtype", "bf16")),
-                              teacher_bytes_per_param=dtype_bytes((self.cfg.get("teacher") or {}).get("dtype", "bf16")),
-                              reduce_every_micro_batch=self.reduce_every_micro_batch)
+        return config_memory(self.cfg, model_args or self.model_args, self.world_size, teacher_args, teacher_sharded)
 
     def out_of_memory(self, err: BaseException) -> OutOfMemory:
         """One line for a step that ran out of memory: where, how much the device has, what
