@@ -59,6 +59,7 @@ JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".zip")  # and .tar.gz, .tar.zst, ...
+MARKUP_SUFFIXES = (".xml", ".html", ".htm", ".xhtml")  # named directly, read as text with a warning
 # What a folder is searched for, as error messages name it.
 FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
            f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), archives of them (.tar, .tar.gz, .tgz, "
@@ -193,6 +194,11 @@ def _matches(pattern: str, key: str) -> List[Path]:
 def _files(item: Path, key: str) -> List[Path]:
     item = hub_snapshot(item) or item  # a Hugging Face cache folder (datasets--org--name): the snapshot it serves
     if is_dataset_folder(item) or item.is_file():
+        if item.is_file() and _format(item)[0] is None and _format_base(item.name.lower()) in MARKUP_SUFFIXES:
+            warnings.warn(f"{key}: {item} is read as plain text, its markup (tags, attributes, entities) included. "
+                          "Fix: extract the text first (a Wikipedia dump: `wikiextractor --json`, then "
+                          f"{key}=<its output folder>, JSON Lines); none, if the markup is meant to be learnt.",
+                          DataWarning, stacklevel=3)
         return [item]
     if not item.exists() and glob.has_magic(str(item)):
         return [path for match in _matches(str(item), key) for path in _files(match, key)]
@@ -215,10 +221,14 @@ def _files(item: Path, key: str) -> List[Path]:
         elif _format(path)[0]:
             found.append(path)
         else:
-            other.setdefault(path.suffix or "(no suffix)", []).append(path)
+            compression = _compression(path.name.lower())
+            suffix = _format_base(path.name.lower()) + compression if compression else path.suffix.lower()
+            other.setdefault(suffix or "(no suffix)", []).append(path)
     if not found:
-        raise DataError(f"{key}: folder {str(item)!r} holds none of the formats read: {FORMATS}. Fix: point "
-                        f"{key} at the folder holding the corpus, or convert it to one of them.")
+        skipped = f"{_not_read({s: [p.relative_to(item) for p in ps] for s, ps in other.items()}, 'file(s) in it')}. " \
+            if other else ""
+        raise DataError(f"{key}: folder {str(item)!r} holds none of the formats read. {skipped}Read are: {FORMATS}. "
+                        f"Fix: point {key} at the folder holding the corpus, or convert it to one of them.")
     found = _train_split(item, found, key)
     texts = [p for p in found if _format(p)[0] == "text"]
     records = [p for p in found if is_dataset_folder(p) or _format(p)[0] in ("jsonl", "csv", "parquet", "arrow")]

@@ -137,6 +137,27 @@ def test_files_of_formats_not_read_are_counted_by_suffix_in_one_warning(tmp_path
         assert list(read_documents(tmp_path)) == docs
 
 
+def test_a_folder_of_no_format_read_names_what_it_holds_and_markup_named_directly_warns(tmp_path):
+    """A Wikipedia dump (XML, bzip2) in a folder: the error counts the files by their whole
+    suffix (.xml.bz2, not .bz2). Named directly it is read as text, with one warning that
+    the markup is read too and how to extract the text."""
+    dump = tmp_path / "dump" / "enwiki-20261101-pages-articles.xml.bz2"
+    dump.parent.mkdir()
+    dump.write_bytes(bz2.compress(b"<mediawiki><page><title>A</title><text>Words of the page.</text></page></mediawiki>"))
+    (dump.parent / "notes.doc").write_bytes(b"\xd0\xcf\x11\xe0")
+    with pytest.raises(DataError, match=r"folder '.*dump' holds none of the formats read\. 2 file\(s\) in it are not "
+                                        r"read \(1 \.doc, 1 \.xml\.bz2; first: enwiki-20261101-pages-articles.xml.bz2\)\. "
+                                        r"Read are: text"):
+        read_documents(dump.parent).__next__()
+    with pytest.warns(DataWarning, match=r"pages-articles.xml.bz2 is read as plain text, its markup \(tags, attributes, "
+                                         r"entities\) included\. Fix: extract the text first"):
+        assert next(read_documents(dump)).startswith("<mediawiki><page>")
+    page = tmp_path / "page.HTML"
+    page.write_text("<p>Hello</p>")
+    with pytest.warns(DataWarning, match=r"page.HTML is read as plain text"):
+        assert list(read_documents(page)) == ["<p>Hello</p>"]
+
+
 def write_files(folder, names, docs):
     """Each name gets one document (JSON records for .jsonl, text otherwise); returns {name: doc}."""
     written = {}
