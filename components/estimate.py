@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from letrecipes.components.models import ModelArgs
+from letrecipes.components.models import POSITION_OFFSETS, ModelArgs
 
 
 # Families with LayerNorms (a bias beside each scale) and a two-matrix MLP with biases.
-LAYER_NORM_FAMILIES = ("opt", "gpt_neox")
+LAYER_NORM_FAMILIES = ("opt", "gpt2", "gpt_neox")
 
 
 def block_matmul_params(args: ModelArgs) -> int:
@@ -43,7 +43,8 @@ def total_params(args: ModelArgs) -> int:
     embeddings = args.vocab_size * args.embed_dim
     head = 0 if args.tie_word_embeddings else embeddings
     final_norm = args.embed_dim * (2 if args.family in LAYER_NORM_FAMILIES else 1)
-    positions = (args.max_seq_len + 2) * args.embed_dim if args.family == "opt" else 0
+    positions = (args.max_seq_len + POSITION_OFFSETS[args.family]) * args.embed_dim if args.family in POSITION_OFFSETS \
+        else 0
     return embeddings + positions + head + args.num_layers * block_params(args) + final_norm
 
 

@@ -4,8 +4,9 @@ index; or, for older checkpoints, ``pytorch_model.bin``, loaded tensors-only) + 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
 Mistral (``MistralForCausalLM``: Llama's weights; a sliding window bounds the context),
 Qwen2/2.5 (``Qwen2ForCausalLM``: biases on q, k, v), Qwen3 (``Qwen3ForCausalLM``: RMSNorm
-on each head of q and k), OPT (``OPTForCausalLM``) and GPT-NeoX (``GPTNeoXForCausalLM``:
-Pythia; its fused q/k/v projection is split on load). The
+on each head of q and k), OPT (``OPTForCausalLM``), GPT-NeoX (``GPTNeoXForCausalLM``:
+Pythia; its fused q/k/v projection is split on load) and GPT-2 (``GPT2LMHeadModel``: gpt2,
+distilgpt2; its Conv1D weights are transposed and its fused q/k/v split on load). The
 architecture is read from ``config.json``; weights are checked against it tensor by tensor.
 """
 
@@ -28,11 +29,12 @@ SINGLE_FILE = "model.safetensors"
 BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 BIN_FILE = "pytorch_model.bin"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                 "Qwen3ForCausalLM": "qwen3", "OPTForCausalLM": "opt", "GPTNeoXForCausalLM": "gpt_neox"}
+                 "Qwen3ForCausalLM": "qwen3", "OPTForCausalLM": "opt", "GPTNeoXForCausalLM": "gpt_neox",
+                 "GPT2LMHeadModel": "gpt2"}
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "opt": "opt",
-               "gpt_neox": "gpt_neox"}
+               "gpt_neox": "gpt_neox", "gpt2": "gpt2"}
 # transformers' names for GELU -> ours (gelu_new, gelu_fast and gelu_pytorch_tanh are all the tanh form)
-NEOX_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+GELU_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 def read_config(path: Path) -> dict:
@@ -102,6 +104,8 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
             )
         if arch == "gpt_neox":
             return _gpt_neox_args(config, config_file)
+        if arch == "gpt2":
+            return _gpt2_args(config, config_file)
         _require(config.get("hidden_act", "silu") == "silu", config_file, f"hidden_act={config.get('hidden_act')!r}")
         _require(not config.get("mlp_bias", False), config_file, "mlp_bias=true")
         _require(not config.get("use_sliding_window", False), config_file, "use_sliding_window=true")
@@ -129,7 +133,7 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
 def _gpt_neox_args(config: dict, config_file: str) -> ModelArgs:
     """Pythia's keys (``rotary_pct``, ``rotary_emb_base``) or transformers 5's ``rope_parameters``."""
     act = config.get("hidden_act", "gelu")
-    _require(act in NEOX_ACTIVATIONS, config_file, f"hidden_act={act!r}")
+    _require(act in GELU_ACTIVATIONS, config_file, f"hidden_act={act!r}")
     params = config.get("rope_parameters") or {}
     _require(params.get("rope_type", "default") == "default" and not config.get("rope_scaling"), config_file,
              f"rope scaling {params.get('rope_type') or config.get('rope_scaling')!r}")
@@ -142,7 +146,25 @@ def _gpt_neox_args(config: dict, config_file: str) -> ModelArgs:
         rotary_fraction=float(config.get("rotary_pct") or params.get("partial_rotary_factor") or 0.25),
         norm_eps=float(config.get("layer_norm_eps", 1e-5)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)), qkv_bias=bias, output_bias=bias,
-        parallel_residual=bool(config.get("use_parallel_residual", True)), mlp_activation=NEOX_ACTIVATIONS[act],
+        parallel_residual=bool(config.get("use_parallel_residual", True)), mlp_activation=GELU_ACTIVATIONS[act],
+    )
+
+
+def _gpt2_args(config: dict, config_file: str) -> ModelArgs:
+    """GPT-2's keys (``n_embd``, ``n_layer``, ``n_inner``: None is 4 x n_embd)."""
+    act = config.get("activation_function", "gelu_new")
+    _require(act in GELU_ACTIVATIONS, config_file, f"activation_function={act!r}")
+    _require(config.get("scale_attn_weights", True), config_file, "scale_attn_weights=false")
+    _require(not config.get("scale_attn_by_inverse_layer_idx", False), config_file,
+             "scale_attn_by_inverse_layer_idx=true")
+    _require(not config.get("add_cross_attention", False), config_file, "add_cross_attention=true")
+    width, heads = config["n_embd"], config["n_head"]
+    return ModelArgs(
+        family="gpt2", vocab_size=config["vocab_size"], num_layers=config["n_layer"], num_heads=heads,
+        num_kv_heads=heads, embed_dim=width, intermediate_dim=config.get("n_inner") or 4 * width,
+        max_seq_len=config.get("n_positions", 1024), norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)), qkv_bias=True, output_bias=True,
+        mlp_activation=GELU_ACTIVATIONS[act],
     )
 
 
@@ -257,7 +279,40 @@ def _neox_names(args: ModelArgs, hf_key: str):
     return "?" + hf_key, None
 
 
-NAMES = {"opt": _opt_names, "gpt_neox": _neox_names}
+def _gpt2_names(args: ModelArgs, hf_key: str):
+    """GPT-2's names (with or without the ``transformer.`` prefix). Its linear layers are
+    ``Conv1D``s, weights stored (in, out): transposed here. The fused ``c_attn`` holds q, k
+    and v one after another along its output features."""
+    key = hf_key[len("transformer."):] if hf_key.startswith("transformer.") else hf_key
+    if key == "lm_head.weight":
+        return ("output.weight", None) if not args.tie_word_embeddings else None
+    top = {"wte.weight": "tok_embeddings.weight", "wpe.weight": "tok_embeddings.positions.weight",
+           "ln_f.weight": "norm.weight", "ln_f.bias": "norm.bias"}
+    if key in top:
+        return top[key], None
+    block = _block_parts("layers" + key[1:]) if key.startswith("h.") else None
+    if block is None:
+        return "?" + hf_key, None
+    i, module, kind = block
+    if module == "attn" and kind in ("bias", "masked_bias"):  # the causal-mask buffers of older checkpoints
+        return None
+    linear = kind == "weight" and module not in ("ln_1", "ln_2")
+
+    def stored(w: torch.Tensor) -> torch.Tensor:
+        return w.t().contiguous() if linear else w
+
+    if module == "attn.c_attn":
+        width = args.embed_dim
+        return [(f"layers.{i}.attn.{proj}.{kind}", lambda w, n=n: stored(w)[n * width:(n + 1) * width])
+                for n, proj in enumerate(("q_proj", "k_proj", "v_proj"))]
+    modules = {"ln_1": "sa_norm", "ln_2": "mlp_norm", "attn.c_proj": "attn.output_proj", "mlp.c_fc": "mlp.w1",
+               "mlp.c_proj": "mlp.w2"}
+    if module in modules:
+        return f"layers.{i}.{modules[module]}.{kind}", stored if linear else None
+    return "?" + hf_key, None
+
+
+NAMES = {"opt": _opt_names, "gpt_neox": _neox_names, "gpt2": _gpt2_names}
 
 
 # ----------------------------------------------------------------- files

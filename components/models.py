@@ -48,7 +48,7 @@ class ModelArgs:
     tie_word_embeddings: bool = True
     # The fields below only matter for pretrained teachers; their defaults are this
     # project's own students (and keep older exported configs loadable).
-    family: str = "llama"                  # llama | opt | gpt_neox
+    family: str = "llama"                  # llama | opt | gpt2 | gpt_neox
     head_dim: Optional[int] = None         # None = embed_dim // num_heads
     qkv_bias: bool = False                 # Qwen2: biases on q, k, v
     output_bias: bool = False              # attention output projection bias
@@ -57,7 +57,7 @@ class ModelArgs:
     qk_norm: bool = False                  # Qwen3: RMSNorm over each head of q and k, before RoPE
     rotary_fraction: float = 1.0           # GPT-NeoX: RoPE turns the first fraction of each head (Pythia: 0.25)
     parallel_residual: bool = False        # GPT-NeoX: x + attn(norm1 x) + mlp(norm2 x)
-    mlp_activation: str = "gelu"           # GPT-NeoX's MLP: gelu (exact) | gelu_tanh
+    mlp_activation: str = "gelu"           # GPT-NeoX's and GPT-2's MLP: gelu (exact) | gelu_tanh
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":
@@ -93,7 +93,7 @@ class ModelArgs:
         if self.family == "gpt_neox" and (self.rotary_dim < 2 or self.rotary_dim % 2):
             raise ComponentError(f"{key}: RoPE turns {self.rotary_dim} of each head's {self.dim_per_head} features "
                                  f"(rotary_fraction={self.rotary_fraction}); it needs an even number >= 2.")
-        if self.family == "gpt_neox" and self.mlp_activation not in MLP_ACTIVATIONS:
+        if self.family in ("gpt_neox", "gpt2") and self.mlp_activation not in MLP_ACTIVATIONS:
             raise ComponentError(f"{key}.mlp_activation={self.mlp_activation!r}: use one of {sorted(MLP_ACTIVATIONS)}.")
 
     @property
@@ -205,26 +205,28 @@ def llama(args: ModelArgs) -> TransformerDecoder:
 
 
 class TokenAndPositionEmbedding(nn.Embedding):
-    """Token embedding plus a learned absolute position embedding (OPT).
+    """Token embedding plus a learned absolute position embedding (OPT, GPT-2).
 
     It is an ``nn.Embedding`` (its ``weight`` is the token table) so that weight tying,
     widths and vocabulary sizes read the same as for the Llama family. OPT's position
-    table starts 2 rows in, a quirk of its original fairseq code.
+    table starts 2 rows in, a quirk of its original fairseq code; GPT-2's at row 0.
     """
 
-    POSITION_OFFSET = 2
-
-    def __init__(self, vocab_size: int, embed_dim: int, max_seq_len: int):
+    def __init__(self, vocab_size: int, embed_dim: int, max_seq_len: int, position_offset: int):
         super().__init__(vocab_size, embed_dim)
-        self.positions = nn.Embedding(max_seq_len + self.POSITION_OFFSET, embed_dim)
+        self.position_offset = position_offset
+        self.positions = nn.Embedding(max_seq_len + position_offset, embed_dim)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        where = torch.arange(tokens.shape[-1], device=tokens.device) + self.POSITION_OFFSET
+        where = torch.arange(tokens.shape[-1], device=tokens.device) + self.position_offset
         return super().forward(tokens) + self.positions(where)
 
 
-def opt(args: ModelArgs) -> TransformerDecoder:
-    """An OPT decoder (pre-LayerNorm variant, as in every OPT size except 350M)."""
+POSITION_OFFSETS = {"opt": 2, "gpt2": 0}  # the rows before position 0 in each family's position table
+
+
+def _absolute_positions_decoder(args: ModelArgs, activation: nn.Module) -> TransformerDecoder:
+    """Pre-LayerNorm blocks over learned absolute positions, a two-matrix MLP with biases."""
     args.validate()
 
     def layer_norm() -> nn.LayerNorm:
@@ -234,14 +236,26 @@ def opt(args: ModelArgs) -> TransformerDecoder:
         TransformerSelfAttentionLayer(
             attn=_attention(args, pos_embeddings=None),
             mlp=FeedForward(gate_proj=nn.Linear(args.embed_dim, args.intermediate_dim),
-                            down_proj=nn.Linear(args.intermediate_dim, args.embed_dim), activation=nn.ReLU()),
+                            down_proj=nn.Linear(args.intermediate_dim, args.embed_dim), activation=activation),
             sa_norm=layer_norm(),
             mlp_norm=layer_norm(),
         )
         for _ in range(args.num_layers)
     )
-    embeddings = TokenAndPositionEmbedding(args.vocab_size, args.embed_dim, args.max_seq_len)
+    embeddings = TokenAndPositionEmbedding(args.vocab_size, args.embed_dim, args.max_seq_len,
+                                           POSITION_OFFSETS[args.family])
     return _decoder(args, embeddings, layers, layer_norm())
+
+
+def opt(args: ModelArgs) -> TransformerDecoder:
+    """An OPT decoder (pre-LayerNorm variant, as in every OPT size except 350M): ReLU MLP."""
+    return _absolute_positions_decoder(args, nn.ReLU())
+
+
+def gpt2(args: ModelArgs) -> TransformerDecoder:
+    """A GPT-2 decoder: OPT's layout with its positions from row 0 and a GELU MLP (GPT-2's
+    ``gelu_new`` is the tanh form)."""
+    return _absolute_positions_decoder(args, MLP_ACTIVATIONS[args.mlp_activation]())
 
 
 class PartialRotaryEmbeddings(nn.Module):
@@ -298,7 +312,7 @@ def gpt_neox(args: ModelArgs) -> TransformerDecoder:
     return _decoder(args, nn.Embedding(args.vocab_size, args.embed_dim), layers, layer_norm())
 
 
-FAMILIES = {"llama": llama, "opt": opt, "gpt_neox": gpt_neox}
+FAMILIES = {"llama": llama, "opt": opt, "gpt2": gpt2, "gpt_neox": gpt_neox}
 
 
 def rebuild_rope_caches(blocks: Iterable[nn.Module]) -> None:

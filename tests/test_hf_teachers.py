@@ -60,9 +60,16 @@ def _pythia(parallel=True, act="gelu"):  # Pythia's layout: a quarter of each he
         hidden_act=act, layer_norm_eps=1e-5, tie_word_embeddings=False, hidden_dropout=0.0, attention_dropout=0.0))
 
 
+def _gpt2(tie=True, act="gelu_new", inner=None):  # GPT-2's Conv1D layers, fused c_attn, positions from row 0
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=101, n_embd=48, n_layer=3, n_head=6, n_positions=64, n_inner=inner, activation_function=act,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=tie))
+
+
 MODELS = {"llama_tied": _llama, "llama_untied": lambda: _llama(tie=False), "llama3_scaled_rope": _llama3_scaled,
           "qwen2_biases": _qwen2, "opt": _opt, "mistral": _mistral, "mistral_window": lambda: _mistral(window=48),
-          "qwen3_qk_norm": _qwen3, "pythia": _pythia, "gpt_neox_sequential_gelu_tanh": lambda: _pythia(False, "gelu_new")}
+          "qwen3_qk_norm": _qwen3, "pythia": _pythia, "gpt_neox_sequential_gelu_tanh": lambda: _pythia(False, "gelu_new"),
+          "gpt2": _gpt2, "gpt2_untied_exact_gelu_ffn_80": lambda: _gpt2(tie=False, act="gelu", inner=80)}
 
 
 def _save(model, path, shard=False):
@@ -115,8 +122,8 @@ def _edit_config(path, **changes):
 
 
 def test_unknown_architecture_is_named(tmp_path):
-    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GPT2LMHeadModel"], model_type="gpt2"))
-    assert "GPT2LMHeadModel" in message and "config.json" in message and "LlamaForCausalLM" in message
+    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GemmaForCausalLM"], model_type="gemma"))
+    assert "GemmaForCausalLM" in message and "config.json" in message and "LlamaForCausalLM" in message
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
