@@ -68,20 +68,25 @@ class ProgressClock:
     the progress bar does the same on a terminal only.
 
     The rate is a moving average of steps per second between log lines, measured on the
-    wall clock: evaluations and checkpoints are in it, as they are in what is left."""
+    wall clock: evaluations and checkpoints are in it, as they are in what is left. The
+    first interval holds the start-up (compiling the blocks, warming the allocator, minutes
+    at 7B on a GPU): it gives the first line its figures, and the second interval replaces
+    them instead of being averaged with them."""
 
     def __init__(self, max_steps: int, step: int, tokens_per_step: int, smoothing: float = 0.7):
         self.max_steps, self.tokens_per_step, self.smoothing = max_steps, tokens_per_step, smoothing
         self.start = self.last_time = time.perf_counter()
         self.last_step = step
         self.steps_per_s: Optional[float] = None
+        self.intervals = 0
 
     def update(self, step: int) -> Dict[str, float]:
         now = time.perf_counter()
         steps, seconds = step - self.last_step, now - self.last_time
         if steps > 0 and seconds > 0:
             rate = steps / seconds
-            self.steps_per_s = rate if self.steps_per_s is None else \
+            self.intervals += 1
+            self.steps_per_s = rate if self.intervals <= 2 else \
                 self.smoothing * self.steps_per_s + (1 - self.smoothing) * rate
             self.last_step, self.last_time = step, now
         out = {"elapsed_s": now - self.start}

@@ -509,6 +509,9 @@ class PretrainRecipe:
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
         clock = ProgressClock(self.max_steps, self.step, self.tokens_per_step)
+        if self.cfg.get("compile", False) and self.step < self.max_steps:  # a silent first step would look hung
+            self.log(f"step {self.step + 1} compiles the blocks first (minutes for a 7B model on a GPU); the ETA "
+                     "settles from the second log line")
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)

@@ -64,14 +64,16 @@ def test_float8_under_fsdp_stays_close_to_bf16(let_overrides, tmp_path):
         assert y == y and abs(x - y) < 0.05 * abs(x)
 
 
-def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_path):
+def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_path, capsys):
     from letrecipes import let_pretrain
 
     common = [*let_overrides, "max_steps=3", "eval_every=0"]
     let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'eager'}"])
+    assert "compiles the blocks" not in capsys.readouterr().out
     let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'compiled'}", "compile=true",
                               "teacher.compile=true", "activation_checkpointing.mode=selective",
                               "activation_checkpointing.every=2"])
+    assert "step 1 compiles the blocks first" in capsys.readouterr().out  # before a first step that looks hung
     a, b = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
 

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from letrecipes.components.metrics import MetricLogger, compare_runs, read_metrics
+from letrecipes.components import metrics
+from letrecipes.components.metrics import MetricLogger, ProgressClock, compare_runs, read_metrics
 from letrecipes.demo import strip_markdown
 
 
@@ -33,6 +34,22 @@ def test_metric_logger_writes_one_json_object_per_call(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"] is None  # NaN is not valid JSON
+
+
+def test_the_eta_drops_the_start_up_interval(monkeypatch):
+    """Step 1 compiles (100 s), then steps take 1 s: the second log line's ETA is the
+    remaining steps at 1 s each, not an average still weighed down by the compile."""
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    clock = ProgressClock(max_steps=1000, step=0, tokens_per_step=4096)
+    now[0] = 100.0
+    first = clock.update(1)
+    assert first["eta_s"] == 999 * 100.0  # all that is known yet
+    now[0] = 110.0
+    assert clock.update(11)["eta_s"] == 989.0 and clock.update(11)["tokens_per_s_avg"] == 4096.0
+    now[0] = 115.0  # from here on averaged: 2 steps/s moves the rate part of the way
+    third = clock.update(21)
+    assert 1.0 < third["tokens_per_s_avg"] / 4096 < 2.0 and third["elapsed_s"] == 115.0
 
 
 def test_strip_markdown_keeps_the_words():
