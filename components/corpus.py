@@ -1020,20 +1020,32 @@ def _dataset_rows(path: Path, key: str) -> int:
 
 def _strings(values, path: Path, text_field: str, key: str, warn: list, part: str = "") -> Iterator[str]:
     """The text of a column; nulls and empty strings are skipped and counted (one
-    warning), any other non-string is one error."""
+    warning). A binary column (crawls that keep a page's bytes) is read as UTF-8, its
+    undecodable bytes replaced and counted in one warning; any other non-string is one error."""
     skipped, kept = SkippedRecords(Path(f"{path}{part}"), key, where="row"), 0
+    undecodable: List[int] = []  # rows with bytes that are not UTF-8
     for row, value in enumerate(values):
         if value is None:
             skipped.skip(f"with a null {text_field!r}", row, kept)
             continue
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                value = value.decode("utf-8", errors="replace")
+                undecodable.append(row)
         if not isinstance(value, str):
-            raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text. "
+            hint = " (a list: join its items into one string per row first)" if isinstance(value, list) else ""
+            raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text{hint}. "
                             "Fix: set data.text_field to a text column.")
         if not value:
             skipped.skip(f"with an empty {text_field!r}", row, kept)
             continue
         kept += 1
         yield value
+    if undecodable:
+        warn.append(f"{key}: {path}{part}: {len(undecodable):,} row(s) of the binary column {text_field!r} are not "
+                    f"valid UTF-8 (first: row {undecodable[0]:,}); their undecodable bytes were replaced by U+FFFD.")
     skipped.finish(kept, warn)
 
 

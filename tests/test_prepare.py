@@ -465,6 +465,22 @@ def test_a_json_array_is_read_record_by_record(tmp_path):
         list(corpus.read_documents(broken_gzip))
 
 
+def test_a_binary_text_column_is_read_as_utf8_and_a_list_column_is_named(tmp_path):
+    """Crawls that keep a page's bytes (a binary column): read as UTF-8, the rows that are
+    not counted in one warning; a column of lists is one error that says to join them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9", b"bad \xff byte", None, b"ok"], pa.binary())}),
+                   tmp_path / "pages.parquet")
+    with pytest.warns(corpus.DataWarning, match=r"pages.parquet.*: 1 row\(s\) of the binary column 'text' are not "
+                                                r"valid UTF-8 \(first: row 1\)"):
+        assert list(read_documents(tmp_path / "pages.parquet")) == ["caf\u00e9", "bad \ufffd byte", "ok"]
+    pq.write_table(pa.table({"text": pa.array([["one sentence.", "two."]])}), tmp_path / "lists.parquet")
+    with pytest.raises(DataError, match=r"lists.parquet row 0: 'text' is list, not text \(a list: join its items"):
+        list(read_documents(tmp_path / "lists.parquet"))
+
+
 def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
     """A binary file with a text suffix is skipped with a warning naming it; macOS's
     ``._name`` resource forks and hidden folders are not read; an empty document (a file,
