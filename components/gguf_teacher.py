@@ -3,7 +3,8 @@
 
 Architectures: ``llama`` (SmolLM/SmolLM2, TinyLlama, Llama-2 style models, Mistral, which
 llama.cpp files as llama), ``qwen2`` (biases on q, k, v), ``qwen3`` (q/k norms) and
-``gptneox`` (Pythia: LayerNorm, partial RoPE, parallel residual, one fused qkv tensor).
+``gptneox`` (Pythia: LayerNorm, partial RoPE, parallel residual, one fused qkv tensor) and
+``gpt2`` (learned positions; llama.cpp stores its Conv1D weights as linear ones).
 For ``llama`` llama.cpp's converter stores Q and K with each head's rows interleaved for
 its RoPE kernel; we undo that to get the Hugging Face layout. ``qwen2``/``qwen3`` use
 llama.cpp's NEOX RoPE, which turns halves as Hugging Face does: their rows are stored
@@ -48,7 +49,7 @@ GPT2_SPLIT_NAMES = ("gpt2", "gpt-2", "olmo", "mpt")
 PRE_TOKENIZERS = ("smollm", *GPT2_SPLIT_NAMES, *REGEX_SPLITS)
 # Each GGUF architecture: whether its q/k rows are stored permuted for llama.cpp's
 # interleaved RoPE (llama) or as Hugging Face has them (the NEOX RoPE of qwen2, qwen3, gptneox).
-ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "gptneox": False}
+ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False, "gptneox": False, "gpt2": False}
 LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
@@ -61,12 +62,20 @@ LAYER_NAMES = {
 }
 TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-# gptneox: GGUF's block part -> GPT-NeoX's module (weights and biases alike)
-NEOX_LAYER_MODULES = {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
-                      "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
-                      "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
-NEOX_TOP_NAMES = {"token_embd.weight": "gpt_neox.embed_in.weight", "output_norm.weight": "gpt_neox.final_layer_norm.weight",
-                  "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"}
+# The LayerNorm architectures (weights and biases alike): (their top tensors, the prefix of
+# their blocks, GGUF's block part -> the Hugging Face module).
+LAYER_NORM_LAYOUTS = {
+    "gptneox": ({"token_embd.weight": "gpt_neox.embed_in.weight", "output_norm.weight": "gpt_neox.final_layer_norm.weight",
+                 "output_norm.bias": "gpt_neox.final_layer_norm.bias", "output.weight": "embed_out.weight"},
+                "gpt_neox.layers", {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
+                                    "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
+                                    "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}),
+    "gpt2": ({"token_embd.weight": "transformer.wte.weight", "position_embd.weight": "transformer.wpe.weight",
+              "output_norm.weight": "transformer.ln_f.weight", "output_norm.bias": "transformer.ln_f.bias",
+              "output.weight": "lm_head.weight"},
+             "transformer.h", {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                               "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}),
+}
 
 
 def open_gguf(path: Path):
@@ -110,11 +119,18 @@ def model_args(reader, source: str) -> ModelArgs:
     heads = int(meta("attention.head_count"))
     head_dim = int(meta("attention.key_length", width // heads))  # Qwen3's heads are wider than width / heads
     rope_dim = int(meta("rope.dimension_count", head_dim))
-    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    vocab_size = meta("vocab_size", 0) or (int(embedding.shape[-1]) if embedding is not None else
-                                           len(_field(reader, "tokenizer.ggml.tokens", source)))
+    vocab_size = meta("vocab_size", 0) or _rows(reader, "token_embd.weight") or \
+        len(_field(reader, "tokenizer.ggml.tokens", source))
     if arch == "gptneox":
         return _gptneox_args(meta, names, int(vocab_size), rope_dim, source)
+    if arch == "gpt2":  # learned positions; llama.cpp computes its MLP with the tanh GELU, as GPT-2's gelu_new
+        return ModelArgs(
+            family="gpt2", vocab_size=int(vocab_size), num_layers=int(meta("block_count")), num_heads=heads,
+            num_kv_heads=heads, embed_dim=width, intermediate_dim=int(meta("feed_forward_length")),
+            max_seq_len=_rows(reader, "position_embd.weight") or int(meta("context_length", 1024)),
+            norm_eps=float(meta("attention.layer_norm_epsilon", 1e-5)),
+            tie_word_embeddings="output.weight" not in names, qkv_bias=True, output_bias=True,
+            mlp_activation="gelu_tanh")
     if rope_dim != head_dim:
         raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {head_dim}) "
                            f"is not supported for a {arch} GGUF.")
@@ -134,6 +150,12 @@ def model_args(reader, source: str) -> ModelArgs:
         qkv_bias="blk.0.attn_q.bias" in names,
         qk_norm="blk.0.attn_q_norm.weight" in names,
     )
+
+
+def _rows(reader, name: str) -> Optional[int]:
+    """The rows of a 2-D tensor (GGUF lists dims innermost first); None when it is absent."""
+    tensor = next((t for t in reader.tensors if t.name == name), None)
+    return int(tensor.shape[-1]) if tensor is not None else None
 
 
 def _gptneox_args(meta: Callable, names: set, vocab_size: int, rope_dim: int, source: str) -> ModelArgs:
@@ -198,25 +220,26 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
             values = _undo_rotary_permutation(values, args.num_heads)
         elif permuted and tensor.name.endswith("attn_k.weight"):
             values = _undo_rotary_permutation(values, args.num_kv_heads)
-        elif ".attn_qkv." in tensor.name:  # [all q; all k; all v] -> [q, k, v] of head 0, of head 1, ...
+        elif arch == "gptneox" and ".attn_qkv." in tensor.name:  # [all q; all k; all v] -> [q, k, v] per head
             values = values.reshape(3, args.num_heads, -1, *values.shape[1:]).swapaxes(0, 1).reshape(values.shape)
+        elif arch == "gpt2" and values.ndim == 2 and tensor.name.startswith("blk."):
+            values = values.T  # llama.cpp stores GPT-2's Conv1D weights as linear ones: back to (in, out)
         yield hf_name, source, torch.from_numpy(np.ascontiguousarray(values))
 
 
 def _hf_name(name: str, arch: str) -> Optional[str]:
     """The Hugging Face name of a GGUF tensor; None for one this architecture does not have."""
-    neox = arch == "gptneox"
-    top = NEOX_TOP_NAMES if neox else TOP_NAMES
+    top, blocks, modules = LAYER_NORM_LAYOUTS.get(arch, (TOP_NAMES, "model.layers", None))
     if name in top:
         return top[name]
     parts = name.split(".", 2)
     if parts[0] != "blk" or len(parts) < 3:
         return None
-    if neox:
+    if modules is not None:
         module, _, kind = parts[2].rpartition(".")
-        return f"gpt_neox.layers.{parts[1]}.{NEOX_LAYER_MODULES[module]}.{kind}" if module in NEOX_LAYER_MODULES \
-            and kind in ("weight", "bias") else None
-    return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}" if parts[2] in LAYER_NAMES else None
+        return f"{blocks}.{parts[1]}.{modules[module]}.{kind}" if module in modules and kind in ("weight", "bias") \
+            else None
+    return f"{blocks}.{parts[1]}.{LAYER_NAMES[parts[2]]}" if parts[2] in LAYER_NAMES else None
 
 
 def state_dict(reader, args: ModelArgs, expected: Dict[str, torch.Size], cast: Callable, source: str):
@@ -285,7 +308,7 @@ class GGUFFormat(TeacherFormat):
     """Weights dequantized on load; the embedded tokenizer exported to
     ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
 
-    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3, gptneox)"
+    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3, gptneox, gpt2)"
 
     def __init__(self, tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR):
         self.tokenizer_dir = Path(tokenizer_dir)

@@ -3,7 +3,8 @@ converter writes them: qwen2 and qwen3 (q/k rows as Hugging Face has them: llama
 these with its NEOX RoPE; the tokenizer's `qwen2` split), and llama with Llama 3's
 `llama-bpe` split (q/k rows permuted for llama.cpp's interleaved RoPE); gptneox (Pythia: the
 fused qkv regrouped q/k/v, LayerNorm and biases, partial RoPE, parallel residual, the GPT-2
-split under llama.cpp's name for Pythia's tokenizer, `olmo`).
+split under llama.cpp's name for Pythia's tokenizer, `olmo`); gpt2 (Conv1D weights stored as
+linear ones, learned positions).
 
 Checked against the model the file was written from, and against transformers reading
 the same file (its own GGUF reader and tokenizer converter)."""
@@ -32,7 +33,7 @@ TEXT = ("It's 2024: we'LL pay 1234567 dollars, they'd said.\n\n  Indented\tline;
 
 
 PRE_TOKENIZER = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "llama31": "llama-bpe", "pythia": "olmo",
-                 "pythia_sequential": "olmo"}
+                 "pythia_sequential": "olmo", "gpt2": "gpt-2"}
 GGUF_ARCH = {"llama31": "llama", "pythia": "gptneox", "pythia_sequential": "gptneox"}
 # The splits as llama.cpp defines them, written out here so that the loader's own copy is under test.
 SPLITS = {"qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -48,7 +49,7 @@ def byte_level_bpe(tmp_path, pre):
     tok = Tok(models.BPE())
     if pre == "qwen2":
         tok.normalizer = normalizers.NFC()
-    if pre == "olmo":  # GPT-NeoX-20B's tokenizer (Pythia's): byte level with GPT-2's own split
+    if pre in ("olmo", "gpt-2"):  # GPT-2's and GPT-NeoX-20B's (Pythia's): byte level with GPT-2's own split
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLITS[pre]), behavior="isolated"),
@@ -66,7 +67,11 @@ def byte_level_bpe(tmp_path, pre):
 def hf_model(arch):
     common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
                   num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
-    if arch.startswith("pythia"):  # rotary_pct 0.25 of heads of 8: two pairs turned, four features not
+    if arch == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=6, n_positions=1024, layer_norm_epsilon=1e-5))  # GPT-2's
+        # own context: transformers' GGUF reader sizes the position table from n_ctx, which it does not read back
+    elif arch.startswith("pythia"):  # rotary_pct 0.5 of heads of 8: two pairs turned, four features not
         model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
             vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
             max_position_embeddings=64, layer_norm_eps=1e-5, rotary_pct=0.5, rotary_emb_base=10_000,
@@ -131,6 +136,9 @@ def write_gguf(model, arch, tokenizer_json, path):
     write_tokenizer(writer, config, arch, tokenizer_json)
     if arch.startswith("pythia"):
         write_gptneox(writer, model)
+        return finish(writer)
+    if arch == "gpt2":
+        write_gpt2(writer, model)
         return finish(writer)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -203,6 +211,36 @@ def write_gptneox(writer, model):
         writer.add_tensor(f"blk.{layer}.{NEOX_GGUF_NAMES[module]}.{kind}", values)
 
 
+GPT2_GGUF_NAMES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+                   "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def write_gpt2(writer, model):
+    """As llama.cpp's GPT2Model converter: its keys (feed-forward 4 x n_embd), the causal-mask
+    buffers left out, the Conv1D weights transposed to linear ones, the tied head not stored."""
+    config = model.config
+    writer.add_block_count(config.n_layer)
+    writer.add_context_length(config.n_positions)  # GPT-2's n_ctx, which transformers 5 folds into n_positions
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    top = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+           "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+    for name, tensor in model.state_dict().items():
+        values = tensor.float().numpy()
+        if name in top:
+            writer.add_tensor(top[name], values)
+            continue
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        if kind == "weight" and module not in ("ln_1", "ln_2"):
+            values = np.ascontiguousarray(values.T)
+        writer.add_tensor(f"blk.{layer}.{GPT2_GGUF_NAMES[module]}.{kind}", values)
+
+
 def write_tokenizer(writer, config, arch, tokenizer_json):
     vocab = tokenizer_json["model"]["vocab"]
     tokens = sorted(vocab, key=vocab.get)
@@ -226,7 +264,7 @@ def finish(writer):
     writer.close()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama31", "pythia", "pythia_sequential"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama", "llama31", "pythia", "pythia_sequential", "gpt2"])
 def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_reading_it(tmp_path, arch):
     tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER[arch])
     model = hf_model(arch)
@@ -276,5 +314,5 @@ def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(TeacherError, match=r"GGUF architecture 'phi3' is not supported; expected one of llama, qwen2, "
-                                           r"qwen3, gptneox\. Fix: use the model's Hugging Face folder"):
+                                           r"qwen3, gptneox, gpt2\. Fix: use the model's Hugging Face folder"):
         load_teacher({"_component_": "gguf", "path": str(path)})
