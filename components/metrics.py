@@ -196,6 +196,12 @@ LOGGER_FIXES = {
     "TensorBoardLogger": "pip install tensorboard", "CometLogger": "pip install comet_ml and set COMET_API_KEY",
     "MLFlowLogger": "pip install mlflow",
 }
+# A server the logger cannot reach (a compute node without internet): its own fix, not a login's.
+UNREACHABLE = ("CommError", "ConnectionError", "ConnectTimeout", "MaxRetryError", "Timeout")
+UNREACHABLE_FIXES = {
+    "WandBLogger": "W&B's server cannot be reached from this machine (compute nodes often have no internet): "
+                   "mode: offline, then `wandb sync <output_dir>/wandb/offline-run-*` from a machine that can reach it",
+}
 
 
 def metric_logger_class(name: Any, key: str = "metric_logger") -> Any:
@@ -245,11 +251,13 @@ def build_metric_loggers(spec: Any, legacy_wandb: Optional[Mapping[str, Any]], o
             continue
         except Exception as err:  # noqa: BLE001 - a logger's own setup (a package, a login) failing
             problem = f"{type(err).__name__}: {str(err).splitlines()[0].rstrip('.') if str(err) else ''}"
+            unreachable = type(err).__name__ in UNREACHABLE or "timed out" in str(err).lower()
         finally:
             gc.collect()
             sys.unraisablehook = previous
+        fixes = UNREACHABLE_FIXES if unreachable and factory.__name__ in UNREACHABLE_FIXES else LOGGER_FIXES
         raise ComponentError(f"metric_logger: {factory.__name__} could not start: {problem}. Fix: "
-                             + LOGGER_FIXES.get(factory.__name__, "see that logger's documentation")
+                             + fixes.get(factory.__name__, "see that logger's documentation")
                              + ", or remove it from metric_logger (metrics.jsonl is always written).")
     return loggers
 

@@ -301,6 +301,19 @@ def test_metric_loggers_have_short_names_and_one_that_cannot_start_is_one_line(t
     gc.collect()
     assert printed_after == []
 
+    # W&B with a key but no route to its server (a compute node): the fix is offline mode, not a login
+    import wandb
+
+    def unreachable(**_):
+        raise wandb.errors.CommError("Timed out while retrying: Post \"https://api.wandb.ai/graphql\": no such host")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    with pytest.raises(ComponentError) as err:
+        build_metric_loggers({"_component_": "wandb", "project": "p"}, None, tmp_path)
+    assert "could not start: CommError: Timed out while retrying" in str(err.value)
+    assert "cannot be reached from this machine" in str(err.value) and "wandb sync" in str(err.value)
+    assert "wandb login" not in str(err.value)
+
 
 def test_output_paths_that_would_lose_or_mix_files_are_refused_before_any_work(base_overrides, teacher_dir,
                                                                                corpus_dir, tmp_path):
