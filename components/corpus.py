@@ -49,7 +49,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import hub_id_hint, hub_snapshot
@@ -60,6 +60,9 @@ CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".zip")  # and .tar.gz, .tar.zst, ...
 MARKUP_SUFFIXES = (".xml", ".html", ".htm", ".xhtml")  # named directly, read as text with a warning
+# Where a text file's documents end (data.document_separator): TinyStories' and many text dumps'
+# marker, never meant as text. None reads each text file as one document.
+DOCUMENT_SEPARATOR = "<|endoftext|>"
 # What a folder is searched for, as error messages name it.
 FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
            f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), archives of them (.tar, .tar.gz, .tgz, "
@@ -68,7 +71,7 @@ BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
 # read from the content, archives).
-READER_VERSION = 3
+READER_VERSION = 4  # 4: text files split at data.document_separator
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
@@ -295,7 +298,7 @@ def list_units(source, key: str = "data.source") -> List[Unit]:
 
 
 def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
-              warn: Optional[list] = None) -> Iterator[str]:
+              warn: Optional[list] = None, separator: Optional[str] = DOCUMENT_SEPARATOR) -> Iterator[str]:
     """The documents of ``unit``, in order. Recoveries (bad UTF-8, skipped records) are
     appended to ``warn`` as messages (workers send them back to the main process, which
     shows them)."""
@@ -304,7 +307,7 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         for path in unit.paths:
             text = _read_text(Path(path), key, warn)
             if text:
-                yield text
+                yield from (document for document, _ in split_at([(text, True)], separator))
     elif unit.kind == "jsonl":
         yield from _json_records(Path(unit.paths[0]), text_field, key, warn)
     elif unit.kind == "csv":
@@ -322,7 +325,7 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         yield from _arrow(Path(unit.paths[0]), text_field, key, warn)
     elif unit.kind == "archive":
         document: List[str] = []
-        for piece, ends in _archive(Path(unit.paths[0]), text_field, key, warn, None):
+        for piece, ends in _archive(Path(unit.paths[0]), text_field, key, warn, None, separator):
             document.append(piece)
             if ends:
                 yield "".join(document)
@@ -345,21 +348,61 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
 
 
 def read_unit_in_pieces(unit: Unit, text_field: str = "text", key: str = "data.source",
-                        warn: Optional[list] = None, piece_chars: Optional[int] = None) -> Iterator[Tuple[str, bool]]:
+                        warn: Optional[list] = None, piece_chars: Optional[int] = None,
+                        separator: Optional[str] = DOCUMENT_SEPARATOR) -> Iterator[Tuple[str, bool]]:
     """``(piece, ends_document)`` for the documents of ``unit``, in order. With
     ``piece_chars``, a document longer than that comes in pieces cut by
     :func:`safe_cuts`, and a text file is read in blocks: memory stays flat whatever the
     document's length (a JSON, CSV or parquet record is still read whole). Without it,
-    each document is one piece."""
+    each document is one piece. A text file's documents end at each ``separator``."""
     warn = [] if warn is None else warn
     if unit.kind == "text" and piece_chars:
         for path in unit.paths:
-            yield from _stream_text(Path(path), key, warn, piece_chars)
+            yield from split_at(_stream_text(Path(path), key, warn, piece_chars), separator)
         return
     if unit.kind == "archive":
-        yield from _archive(Path(unit.paths[0]), text_field, key, warn, piece_chars)
+        yield from _archive(Path(unit.paths[0]), text_field, key, warn, piece_chars, separator)
         return
-    yield from _in_pieces(read_unit(unit, text_field, key, warn), piece_chars)
+    yield from _in_pieces(read_unit(unit, text_field, key, warn, separator), piece_chars)
+
+
+def split_at(pieces: Iterable[Tuple[str, bool]], separator: Optional[str]) -> Iterator[Tuple[str, bool]]:
+    """A text file's ``(piece, ends_document)`` pairs (the whole file one document) split
+    into a document at each ``separator``: the separator and the line breaks after it (which
+    would begin every document) are dropped, empty documents left out; what precedes a
+    separator is kept as written. A separator cut in two by a piece boundary is found: the
+    piece's end that could begin one is held back for the next (only then does a cut move,
+    so pieces stay where :func:`safe_cuts` put them)."""
+    if not separator:
+        yield from pieces
+        return
+    held, started, after_separator = "", False, False  # started: a piece of the open document was yielded
+
+    def opening(text: str) -> str:  # the first text of a document that follows a separator
+        return text.lstrip("\r\n") if after_separator and not started else text
+
+    for piece, ends in pieces:
+        *ended, tail = (held + piece).split(separator)
+        held = ""
+        for part in ended:
+            part = opening(part)
+            if part or started:
+                yield part, True
+            started, after_separator = False, True
+        if ends:  # the file's end closes its last document
+            tail = opening(tail)
+            if tail or started:
+                yield tail, True
+            started, after_separator = False, False
+            continue
+        keep = next((n for n in range(min(len(separator) - 1, len(tail)), 0, -1) if separator.startswith(tail[-n:])), 0)
+        tail, held = (tail[:-keep], tail[-keep:]) if keep else (tail, "")
+        tail = opening(tail)
+        if tail:
+            yield tail, False
+            started = True
+    if held:  # pieces that never said the file ended (not from this module's readers)
+        yield opening(held), True
 
 
 def _in_pieces(documents: Iterator[str], piece_chars: Optional[int]) -> Iterator[Tuple[str, bool]]:
@@ -370,8 +413,8 @@ def _in_pieces(documents: Iterator[str], piece_chars: Optional[int]) -> Iterator
 
 
 # ---------------------------------------------------------------- archives
-def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Optional[int]
-             ) -> Iterator[Tuple[str, bool]]:
+def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Optional[int],
+             separator: Optional[str]) -> Iterator[Tuple[str, bool]]:
     """The documents of a tar (plain or compressed) or zip archive, as pieces: its members
     in the archive's order, each read by its own name's format (a member that is itself
     an archive, or compressed, is opened in turn: OpenWebText ships tars of ``.xz`` tars).
@@ -385,14 +428,15 @@ def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Opt
                             "(no tar or zip header). Fix: rename it, or re-download it.")
         if kind == "zip" and sniff(_file_head(path)) == "zip":
             stream = path  # an uncompressed zip on disk is read in place
-        yield from _archive_members(stream, kind, str(path), text_field, key, warn, piece_chars, not_read)
+        yield from _archive_members(stream, kind, str(path), text_field, key, warn, piece_chars, not_read, separator)
     if not_read:
         warn.append(f"{key}: {_not_read(not_read, f'member(s) of {path}')}: only {FORMATS} are. Fix: none, if they "
                     "are not text; otherwise extract and convert them.")
 
 
 def _archive_members(stream, kind: str, name: str, text_field: str, key: str, warn: list,
-                     piece_chars: Optional[int], not_read: Dict[str, List[str]]) -> Iterator[Tuple[str, bool]]:
+                     piece_chars: Optional[int], not_read: Dict[str, List[str]],
+                     separator: Optional[str]) -> Iterator[Tuple[str, bool]]:
     import tarfile
     import zipfile
 
@@ -400,7 +444,7 @@ def _archive_members(stream, kind: str, name: str, text_field: str, key: str, wa
         try:
             archive = tarfile.open(fileobj=stream, mode="r|")  # a stream: members in order, nothing seeks
             members = ((m.name, lambda m=m: archive.extractfile(m)) for m in archive if m.isfile())
-            yield from _members(members, name, text_field, key, warn, piece_chars, not_read)
+            yield from _members(members, name, text_field, key, warn, piece_chars, not_read, separator)
         except Exception as err:
             _raise_if_damaged(name, err, "", key)
             raise
@@ -414,11 +458,11 @@ def _archive_members(stream, kind: str, name: str, text_field: str, key: str, wa
                         "remove it from the source.") from err
     with archive:
         members = ((i.filename, lambda i=i: archive.open(i)) for i in archive.infolist() if not i.is_dir())
-        yield from _members(members, name, text_field, key, warn, piece_chars, not_read)
+        yield from _members(members, name, text_field, key, warn, piece_chars, not_read, separator)
 
 
 def _members(members, archive: str, text_field: str, key: str, warn: list, piece_chars: Optional[int],
-             not_read: Dict[str, List[str]]) -> Iterator[Tuple[str, bool]]:
+             not_read: Dict[str, List[str]], separator: Optional[str]) -> Iterator[Tuple[str, bool]]:
     for member_name, open_member in members:
         parts = Path(member_name).parts
         if any(part.startswith(".") or part == "__MACOSX" for part in parts):
@@ -431,7 +475,7 @@ def _members(members, archive: str, text_field: str, key: str, warn: list, piece
                 stream, content = _decompressed(source.fileobj, source, key, stack)
                 if content in ("tar", "zip"):
                     yield from _archive_members(stream, content, source.name, text_field, key, warn, piece_chars,
-                                                not_read)
+                                                not_read, separator)
                     continue
                 data = stream.read() if kind in ("parquet", "arrow") else b""  # both need to seek: in memory
             if kind == "parquet":
@@ -445,11 +489,11 @@ def _members(members, archive: str, text_field: str, key: str, warn: list, piece
             suffix = Path(member_name).suffix.lower() or "(no suffix)"
             not_read.setdefault(suffix, []).append(f"{archive}[{member_name}]")
         elif kind == "text" and piece_chars:
-            yield from _stream_text(source, key, warn, piece_chars)
+            yield from split_at(_stream_text(source, key, warn, piece_chars), separator)
         elif kind == "text":
             text = _read_text(source, key, warn)
             if text:
-                yield text, True
+                yield from split_at([(text, True)], separator)
         elif kind == "jsonl":
             yield from _in_pieces(_json_records(source, text_field, key, warn), piece_chars)
         else:
@@ -646,11 +690,12 @@ def _next_cut(text: str, start: int) -> Optional[int]:
     return min(found) if found else None
 
 
-def read_documents(source, text_field: str = "text", key: str = "data.source") -> Iterator[str]:
+def read_documents(source, text_field: str = "text", key: str = "data.source",
+                   separator: Optional[str] = DOCUMENT_SEPARATOR) -> Iterator[str]:
     """Every document of a source, in order (for small corpora and tests)."""
     for unit in list_units(source, key):
         messages: list = []
-        yield from read_unit(unit, text_field, key, messages)
+        yield from read_unit(unit, text_field, key, messages, separator)
         for message in messages:
             warnings.warn(message, DataWarning, stacklevel=2)
 

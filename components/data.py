@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from letrecipes.components.corpus import DataError
+from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
 from letrecipes.components.prepare import cached_prepare, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -295,7 +295,8 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
         folder = cached_prepare(source, tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
                                 text_field=text_field or data_cfg.get("text_field", "text"),
                                 rank=local_rank, workers=int(data_cfg.get("prepare_workers", 1)),
-                                timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log)
+                                timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log,
+                                document_separator=data_cfg.get("document_separator", DOCUMENT_SEPARATOR))
         return TokenShards(folder, tokenizer, key=key)
 
     train, val = [], []

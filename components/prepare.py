@@ -34,8 +34,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from letrecipes.components.corpus import (READER_VERSION, DataError, DataWarning, Unit, list_units, read_unit_in_pieces,
-                                         source_files)
+from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, READER_VERSION, DataError, DataWarning, Unit, list_units,
+                                          read_unit_in_pieces, source_files)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
                                         unique_tmp)
 from letrecipes.components.tokenizer import Tokenizer
@@ -150,7 +150,8 @@ def _prepare_unit(job: dict) -> dict:
                 chars = 0
 
             for piece, last in read_unit_in_pieces(unit, job["text_field"], job["key"], messages,
-                                                   piece_chars=PIECE_CHARS if splits else None):
+                                                   piece_chars=PIECE_CHARS if splits else None,
+                                                   separator=job["document_separator"]):
                 documents += last
                 batch.append(piece)
                 ends.append(last)
@@ -189,10 +190,11 @@ def _remove_dead_tmp_files(out_dir: Path) -> None:
             pass
 
 
-def _plan(units: List[Unit], tokenizer: Tokenizer, text_field: str, dtype: np.dtype) -> dict:
+def _plan(units: List[Unit], tokenizer: Tokenizer, text_field: str, dtype: np.dtype,
+          document_separator: Optional[str]) -> dict:
     plan = {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint(),
             "tokenizer_vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name,
-            "text_field": text_field, "units": [u.to_dict() for u in units]}
+            "text_field": text_field, "document_separator": document_separator, "units": [u.to_dict() for u in units]}
     return json.loads(json.dumps(plan))  # as it reads back from plan.json (tuples become lists)
 
 
@@ -214,15 +216,16 @@ def check_output_folder(out_dir: Path, units: List[Unit], out_key: str) -> None:
 
 def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "text", workers: int = 1,
                    key: str = "data.source", log: Callable[[str], None] = print, progress_every_s: float = 10.0,
-                   out_key: str = "prepare") -> dict:
-    """Prepare ``source`` into ``out_dir``; return the manifest. Resumable and deterministic."""
+                   out_key: str = "prepare", document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> dict:
+    """Prepare ``source`` into ``out_dir``; return the manifest. Resumable and deterministic.
+    Text files are split into documents at ``document_separator`` (None: one per file)."""
     out_dir = Path(out_dir)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
                         f"(this machine has {os.cpu_count()} cores).")
     units = list_units(source, key)
     dtype = token_dtype(tokenizer.vocab_size)
-    plan = _plan(units, tokenizer, text_field, dtype)
+    plan = _plan(units, tokenizer, text_field, dtype, document_separator)
     check_output_folder(out_dir, units, out_key)
     if is_prepared(out_dir):
         manifest = json.loads((out_dir / MANIFEST).read_text())
@@ -247,7 +250,8 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
     todo = [i for i in range(len(units)) if i not in done]
     total_bytes = sum(u.size for u in units) or 1
     jobs = [{"index": i, "unit": units[i].to_dict(), "tokenizer": str(tokenizer.path),
-             "eos_token": tokenizer.eos_token, "text_field": text_field, "dtype": dtype.name,
+             "eos_token": tokenizer.eos_token, "text_field": text_field, "document_separator": document_separator,
+             "dtype": dtype.name,
              "out_dir": str(out_dir), "key": key} for i in todo]
     log(f"prepare: {len(units)} unit(s), {total_bytes / 2**20:,.1f} MB of input -> {out_dir}"
         + (f"; {len(done)} already done, {len(todo)} to go" if done else "") + f"; {max(1, workers)} worker(s)")
@@ -311,12 +315,13 @@ def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtyp
     return manifest
 
 
-def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source") -> str:
+def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source",
+              document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> str:
     """Names a small corpus's prepared folder after everything that decides its tokens: the
-    shard format and the readers' version, the tokenizer's content and its end-of-text token, the text field, and every
-    file's path, size and modification time, so changing any of them prepares again."""
+    shard format and the readers' version, the tokenizer's content and its end-of-text token, the text field,
+    the document separator, and every file's path, size and modification time, so changing any of them prepares again."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}|r{READER_VERSION}|{tokenizer.fingerprint()}|eos={tokenizer.eos_token!r}|"
-                       f"{text_field}".encode())
+                       f"{text_field}|sep={document_separator!r}".encode())
     for f in source_files(source, key):
         st = f.stat()
         h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -325,12 +330,12 @@ def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.so
 
 def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", rank: int = 0,
                    workers: int = 1, timeout_s: float = 3600.0, key: str = "data.source",
-                   log: Callable[[str], None] = print) -> Path:
+                   log: Callable[[str], None] = print, document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> Path:
     """The prepared folder for ``source``: ``source`` itself if it is one, else a folder in
     ``cache_dir`` that rank 0 prepares once while the other ranks wait for its manifest."""
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
         return Path(source)
-    folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key)}"
+    folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator)}"
     if rank == 0:
         damage = damaged_shards(folder, tokenizer.vocab_size) if is_prepared(folder) else []
         if damage:  # a cache is ours to mend: rebuild what is damaged, say so
@@ -343,6 +348,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
             with environment_errors("data.cache_dir", f"preparing {source} into {folder}",
                                     "Finished shards are kept and reused."):
                 prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
+                               document_separator=document_separator,
                                out_key="data.cache_dir")
         return folder
     if is_prepared(folder):

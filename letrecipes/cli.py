@@ -34,6 +34,7 @@ def recipe_path(name: str) -> Path:
 def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     """``letrecipes prepare-data``: the config's ``data.source`` tokenized with its ``tokenizer``
     section, so that a run and its data cannot disagree about the tokenizer."""
+    from letrecipes.components.corpus import DOCUMENT_SEPARATOR
     from letrecipes.components.prepare import prepare_corpus
     from letrecipes.components.tokenizer import load_tokenizer
 
@@ -41,7 +42,8 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
         cfg = load_config(config, overrides)
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         manifest = prepare_corpus(cfg.data.source, tokenizer, out, text_field=cfg.data.get("text_field", "text"),
-                                  workers=workers, out_key="--out")
+                                  workers=workers, out_key="--out",
+                                  document_separator=cfg.data.get("document_separator", DOCUMENT_SEPARATOR))
     print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {out}; "
           f"train on it with data.source={out}")
     return 0

@@ -344,6 +344,57 @@ def test_a_long_document_is_prepared_in_pieces_with_the_ids_of_one_call(tokenize
     assert tok.splits_safely and ids == tok.encode(text) + [tok.eos_id]
 
 
+def test_text_files_are_split_into_documents_at_the_separator(tokenizer_path, tmp_path, monkeypatch):
+    """TinyStories' text files end each story with a `<|endoftext|>` line: each story is a
+    document (its tokens, then EOS), whatever tokenizer reads it, the marker never read as
+    text; the same in a .txt.gz, in a tar, in pieces with the marker cut by a block or piece
+    boundary, and with `data.document_separator` set to another marker. null reads the file
+    as one document, as written."""
+    import tarfile
+    from letrecipes.components import prepare
+
+    stories = [d.replace(",", ".") for d in documents(40)]
+    written = "".join(f"{story}\n<|endoftext|>\n" for story in stories)
+    root = tmp_path / "tinystories"
+    root.mkdir()
+    (root / "TinyStoriesV2-GPT4-valid.txt").write_text(written)
+    tok = Tokenizer(tokenizer_path)
+    expected = np.concatenate([np.asarray(tok.encode(story + "\n") + [tok.eos_id]) for story in stories])
+
+    def prepared(source, name, **options):
+        manifest = prepare_corpus(source, tok, tmp_path / f"out_{name}", **QUIET, **options)
+        return manifest, TokenShards(tmp_path / f"out_{name}", tok)[0:manifest["tokens"]]
+
+    manifest, ids = prepared(root, "plain")
+    assert manifest["documents"] == 40
+    np.testing.assert_array_equal(ids, expected)
+    assert [d.rstrip("\n") for d in read_documents(root)] == stories  # the reader the tests and samples use agrees
+
+    monkeypatch.setattr(prepare, "PIECE_CHARS", 120)  # pieces and blocks that cut the marker
+    monkeypatch.setattr(corpus, "READ_BLOCK", 97)
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    (gz / "stories.txt.gz").write_bytes(gzip.compress(written.encode()))
+    _, ids = prepared(gz, "gz")
+    np.testing.assert_array_equal(ids, expected)
+    with tarfile.open(tmp_path / "stories.tar", "w") as tar:
+        tar.add(root / "TinyStoriesV2-GPT4-valid.txt", arcname="TinyStoriesV2-GPT4-valid.txt")
+    _, ids = prepared(tmp_path / "stories.tar", "tar")
+    np.testing.assert_array_equal(ids, expected)
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("".join(f"{story}\n=====\n" for story in stories))
+    manifest, ids = prepared(other, "other", document_separator="\n=====\n")
+    expected_other = np.concatenate([np.asarray(tok.encode(story) + [tok.eos_id]) for story in stories])
+    assert manifest["documents"] == 40 and np.array_equal(ids, expected_other)
+
+    manifest, ids = prepared(root, "whole", document_separator=None)
+    # one document; this tokenizer knows the marker as a special token, so what differs is the newline after
+    # each marker and the document's own EOS at the end
+    assert manifest["documents"] == 1 and len(tok.encode("\n")) == 1 and len(ids) == len(expected) + len(stories) + 1
+
+
 def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_path, monkeypatch):
     data = ("é" * 10000).encode() + b"\xff" + ("ü word\n" * 500).encode()
     (tmp_path / "a.txt").write_bytes(data)
