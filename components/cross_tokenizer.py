@@ -46,6 +46,7 @@ from torch.utils.data import default_collate
 
 from letrecipes.components.corpus import DataError
 from letrecipes.components.registry import register
+from letrecipes.components.tokenizer import encode_as_text
 
 
 class CrossTokenizerError(DataError):
@@ -228,7 +229,7 @@ class CrossTokenizerCollate:
                 row_segments.append((a, len(texts), char_bytes, k > 0))
                 texts.append(text)
             per_row.append((starts, ends, row_segments))
-        encodings = self.teacher.encode_batch(texts, add_special_tokens=False) if texts else []
+        encodings = encode_as_text(self.teacher, texts) if texts else []  # the student's ids read it as text too
         teacher_rows, first_rows, last_rows = [], [], []
         for row, (starts, ends, row_segments) in zip(rows, per_row):
             # Positions are compared in "virtual bytes": the text's bytes plus one for each

@@ -14,6 +14,18 @@ from letrecipes.components.corpus import DataError
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
 
+def encode_as_text(hf_tokenizer, texts: List[str]):
+    """``hf_tokenizer.encode_batch`` of corpus text, where a special token written in the text
+    (a page that quotes ``<|endoftext|>``) is encoded as the text it is, not as the token
+    (nanoGPT's ``encode_ordinary``): a document ends where the corpus says (records,
+    ``data.document_separator``), not where it quotes a separator."""
+    hf_tokenizer.encode_special_tokens = True
+    try:
+        return hf_tokenizer.encode_batch(texts, add_special_tokens=False)
+    finally:
+        hf_tokenizer.encode_special_tokens = False
+
+
 class Tokenizer:
     """A thin wrapper over a Hugging Face ``tokenizers`` JSON file."""
 
@@ -47,10 +59,11 @@ class Tokenizer:
         return self._tok
 
     def encode(self, text: str) -> List[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        """The ids of corpus text (:func:`encode_as_text`)."""
+        return [e.ids for e in encode_as_text(self._tok, texts)]
 
     @functools.cached_property  # parses the whole tokenizer JSON: once per tokenizer, not per unit
     def splits_safely(self) -> bool:

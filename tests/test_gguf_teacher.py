@@ -54,7 +54,8 @@ def test_shape_and_tokenizer_round_trip(teacher, tokenizer):
     assert tokenizer.vocab_size == 49152 and tokenizer.eos_token == "<|endoftext|>"
     for text in (PARAGRAPH, "Année 2024: naïve café, 3.14159 and   spaces\n\ttabs — done.", "<|im_start|>user"):
         assert tokenizer._tok.decode(tokenizer.encode(text), skip_special_tokens=False) == text
-    assert tokenizer.encode("<|im_start|>") == [1]  # control tokens stay whole
+    assert tokenizer.hf.encode("<|im_start|>").ids == [1]  # control tokens are tokens of their own
+    assert tokenizer.encode("<|im_start|>") != [1]  # though corpus text that quotes one reads as text
     assert tokenizer.encode("2024") == [34, 32, 34, 36]  # SmolLM2 splits digits one by one
 
 

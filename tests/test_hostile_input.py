@@ -383,19 +383,19 @@ def test_a_run_too_large_for_this_machine_is_refused_before_anything_is_prepared
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("problem", ["gpt2-config", "context-shorter-than-seq_len"])
+@pytest.mark.parametrize("problem", ["gemma-config", "context-shorter-than-seq_len"])
 def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_prepared(let_overrides, teacher_dir,
                                                                                        tmp_path, problem):
-    """Its config.json is read first: a GPT-2 teacher, or one whose context cannot hold a
+    """Its config.json is read first: a Gemma teacher (not mapped), or one whose context cannot hold a
     training sequence, stops the run before hours of preparing data."""
     cache = tmp_path / "cache"
-    if problem == "gpt2-config":
-        foreign = tmp_path / "gpt2"
+    if problem == "gemma-config":
+        foreign = tmp_path / "gemma"
         foreign.mkdir()
         for name in ("model.safetensors", "tokenizer.json"):
             (foreign / name).write_bytes((teacher_dir / name).read_bytes())
-        (foreign / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
-        overrides, match = [f"teacher.path={foreign}"], "architecture ['GPT2LMHeadModel'] is not supported"
+        (foreign / "config.json").write_text('{"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}')
+        overrides, match = [f"teacher.path={foreign}"], "architecture ['GemmaForCausalLM'] is not supported"
     else:
         overrides, match = ["data.seq_len=64"], "data.seq_len=64 is longer than the teacher's context (32 tokens"
     message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",

@@ -390,9 +390,21 @@ def test_text_files_are_split_into_documents_at_the_separator(tokenizer_path, tm
     assert manifest["documents"] == 40 and np.array_equal(ids, expected_other)
 
     manifest, ids = prepared(root, "whole", document_separator=None)
-    # one document; this tokenizer knows the marker as a special token, so what differs is the newline after
-    # each marker and the document's own EOS at the end
-    assert manifest["documents"] == 1 and len(tok.encode("\n")) == 1 and len(ids) == len(expected) + len(stories) + 1
+    # one document, the markers in it as the text they are: EOS only at its end
+    assert manifest["documents"] == 1 and ids.tolist().count(tok.eos_id) == 1 and tok.hf.decode(ids[:-1].tolist()) == written
+
+
+def test_a_special_token_quoted_in_a_record_is_text_not_an_end_of_document(tokenizer_path, tmp_path):
+    """A page that quotes `<|endoftext|>` (code about language models) keeps it as text, as
+    nanoGPT's encode_ordinary does: EOS comes only where a document ends."""
+    tok = Tokenizer(tokenizer_path)
+    page = 'The GPT-2 separator is "<|endoftext|>", written out.'
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "pages.jsonl").write_text(json.dumps({"text": page}) + "\n")
+    manifest = prepare_corpus(tmp_path / "src", tok, tmp_path / "out", **QUIET)
+    ids = TokenShards(tmp_path / "out", tok)[0:manifest["tokens"]].tolist()
+    assert ids.count(tok.eos_id) == 1 and ids[-1] == tok.eos_id
+    assert tok.hf.decode(ids[:-1]) == page and tok.hf.encode(page).ids.count(tok.eos_id) == 1  # the library's default
 
 
 def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_path, monkeypatch):
