@@ -63,6 +63,14 @@ def export(args) -> int:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `letrecipes cat let_7b | head`: the reader stopped; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again
+        return 1
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="letrecipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +94,8 @@ def main(argv=None) -> int:
     exp.add_argument("--max-shard-mb", type=int, default=5120, help="split the weights above this size")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args, rest = parser.parse_known_args(argv)
+    if rest and args.command in ("ls", "export"):  # only the config commands take key=value overrides
+        parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
         return export(args)
     if args.command == "prepare-data":

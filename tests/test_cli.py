@@ -44,6 +44,33 @@ def test_letrecipes_cat_prints_the_resolved_config():
     assert "let_tiny" in listing.stdout and "let_pretrain" in listing.stdout
 
 
+def test_letrecipes_refuses_stray_arguments_and_stops_quietly_when_its_reader_does(tmp_path, monkeypatch, capsys):
+    from letrecipes import cli
+
+    for argv in (["ls", "extra"], ["export", "a", "b", "--bogus"]):
+        with pytest.raises(SystemExit) as err:
+            cli.main(argv)
+        assert err.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+    class ClosedPipe:  # `letrecipes ls | head -1`: the reader has gone
+        def __init__(self):
+            self.fd = os.open(tmp_path / "stdout", os.O_WRONLY | os.O_CREAT)
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.fd
+
+    pipe = ClosedPipe()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    assert cli.main(["ls"]) == 1  # no traceback
+    os.close(pipe.fd)
+
+
 def test_copy_edit_and_run_a_recipe(base_overrides, teacher_dir, tmp_path):
     for name, dest in (("let_pretrain", "my_let.py"), ("let_tiny", "my_let.yaml")):
         subprocess.run([sys.executable, "-m", "letrecipes", "cp", name, str(tmp_path / dest)], check=True, cwd=REPO)
