@@ -2,7 +2,7 @@
 ``gguf`` package, the embedded tokenizer exported as a ``tokenizer.json``.
 
 Architectures: ``llama`` (SmolLM/SmolLM2, TinyLlama, Llama-2 style models, Mistral, which
-llama.cpp files as llama), ``qwen2`` (biases on q, k, v), ``qwen3`` (q/k norms) and
+llama.cpp files as llama), ``qwen2`` (biases on q, k, v), ``qwen3`` (q/k norms),
 ``gptneox`` (Pythia: LayerNorm, partial RoPE, parallel residual, one fused qkv tensor) and
 ``gpt2`` (learned positions; llama.cpp stores its Conv1D weights as linear ones).
 For ``llama`` llama.cpp's converter stores Q and K with each head's rows interleaved for
