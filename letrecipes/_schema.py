@@ -15,7 +15,7 @@ import inspect
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -149,7 +149,11 @@ def _unknown(key: str, known, where: str) -> ConfigValueError:
 def _check(where: str, key: str, value: Any, spec) -> None:
     text, ok = spec
     if not ok(value):
-        raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}. Fix: set {where}{key} to {text}.")
+        # `key=[SEP]` on a command line is a list to omegaconf: the string needs its own quotes
+        quoting = (f" (a value in brackets is read as a list: quote it, '{where}{key}=\"[{value[0]}]\"')"
+                   if "string" in text and isinstance(value, (list, ListConfig)) and len(value) == 1 else "")
+        raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}{quoting}. Fix: set {where}{key} to "
+                               f"{text}.")
 
 
 def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
