@@ -44,6 +44,7 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256
+UNKNOWN_LIMIT = 0.01  # of a corpus's tokens that may be the unknown token before the prepare warns
 PIECE_CHARS = 1 << 18  # a longer document is encoded in pieces of about this many characters
 KEPT_WARNINGS = 10  # warnings of a unit kept in its shard's .json
 BATCH_CHARS = 1 << 22  # characters per encode call: ~700 MB of encodings at most
@@ -131,7 +132,7 @@ def _prepare_unit(job: dict) -> dict:
     data_path = out_dir / f"{name}.bin"
     tmp = unique_tmp(data_path)
     messages: List[str] = []
-    tokens = documents = 0
+    tokens = documents = unknown = 0
     try:
         with open(tmp, "wb") as out:
             # Encodings cost about 170 bytes of memory per byte of text: a batch is bounded in
@@ -141,11 +142,13 @@ def _prepare_unit(job: dict) -> dict:
             chars = 0
 
             def flush() -> None:
-                nonlocal tokens, chars
+                nonlocal tokens, chars, unknown
                 for ids, last in zip(tokenizer.encode_batch(batch), ends):
                     array = np.asarray(ids + [tokenizer.eos_id] if last else ids, dtype=dtype)
                     out.write(array.tobytes())
                     tokens += len(array)
+                    if tokenizer.unk_id is not None:
+                        unknown += int(np.count_nonzero(array == tokenizer.unk_id))
                 batch.clear(), ends.clear()
                 chars = 0
 
@@ -167,7 +170,8 @@ def _prepare_unit(job: dict) -> dict:
         raise
     # The first warnings are kept with the shard: a later run that finds it done can still say why a
     # corpus came out empty.
-    meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unit": unit.to_dict(),
+    meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unknown_tokens": unknown,
+            "unit": unit.to_dict(),
             "warning_count": len(messages), "first_warnings": messages[:KEPT_WARNINGS]}
     replace_atomically(out_dir / f"{name}.json", json.dumps(meta))
     return {**meta, "warnings": messages}
@@ -286,7 +290,8 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
                 finished(future.result())
 
     shards = [done[i] for i in range(len(units))]
-    if sum(s["tokens"] for s in shards) == 0:
+    total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)
+    if total == 0:
         skipped = f"; the {warned} warning(s) above say what was skipped" if warned else ""
         earlier = [m for shard in shards for m in shard.get("first_warnings", [])]
         if not warned and earlier:  # every unit was read by an earlier run, whose warnings are gone from view
@@ -296,6 +301,12 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
             earlier_note = ""
         raise DataError(f"{key}: the source holds no text (0 documents{skipped}). Fix: point it at a corpus with "
                         f"text in it.{earlier_note}")
+    if unknown > UNKNOWN_LIMIT * total:
+        warnings.warn(f"{key}: {unknown:,} of the {total:,} tokens ({unknown / total:.1%}) are the tokenizer's unknown "
+                      f"token {tokenizer.hf.id_to_token(tokenizer.unk_id)!r}: it cannot spell much of this corpus (another "
+                      "script or language than it was trained on?). Fix: a tokenizer trained on text like this one "
+                      "(a byte-level BPE spells any text); the model cannot learn what reaches it as unknown.",
+                      DataWarning, stacklevel=2)
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
                               list(dict.fromkeys(p for u in units for p in u.paths)), plan)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
@@ -306,7 +317,8 @@ def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtyp
                    sources: List[str], plan: Optional[dict] = None) -> dict:
     """Mark ``out_dir`` complete: ``shards`` are ``{file, tokens, documents}`` in stream order."""
     manifest = {"format_version": FORMAT_VERSION, "tokens": sum(s["tokens"] for s in shards),
-                "documents": sum(s["documents"] for s in shards), "dtype": np.dtype(dtype).name,
+                "documents": sum(s["documents"] for s in shards),
+                "unknown_tokens": sum(s.get("unknown_tokens", 0) for s in shards), "dtype": np.dtype(dtype).name,
                 "tokenizer": {"fingerprint": tokenizer.fingerprint(), "path": str(tokenizer.path),
                               "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
                 "text_field": text_field, "sources": sources,

@@ -53,6 +53,13 @@ class Tokenizer:
         self.eos_token, self.eos_id = found[0]
         self.vocab_size = self._tok.get_vocab_size()
 
+    @functools.cached_property
+    def unk_id(self) -> Optional[int]:
+        """The id a text the vocabulary cannot spell becomes (WordPiece, BPE without byte
+        fallback); None for a byte-level tokenizer, which spells every text."""
+        unk = getattr(self._tok.model, "unk_token", None)
+        return self._tok.token_to_id(unk) if unk else None
+
     @property
     def hf(self):
         """The ``tokenizers.Tokenizer`` itself (offsets, the vocabulary, ``encode_batch``)."""

@@ -407,6 +407,31 @@ def test_a_special_token_quoted_in_a_record_is_text_not_an_end_of_document(token
     assert tok.hf.decode(ids[:-1]) == page and tok.hf.encode(page).ids.count(tok.eos_id) == 1  # the library's default
 
 
+def test_a_tokenizer_that_cannot_spell_the_corpus_is_named_once(tokenizer_path, tmp_path):
+    """A WordPiece vocabulary learnt from other text turns most of this corpus into [UNK]:
+    one warning with the share, counted in the manifest. A byte-level BPE spells any text:
+    nothing to count."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+
+    other = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.train_from_iterator(["zebra quartz vixen"] * 20, trainers.WordPieceTrainer(
+        vocab_size=60, special_tokens=["[UNK]", "[SEP]"]))
+    other.save(str(tmp_path / "wordpiece.json"))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("\n".join(documents(30)))
+    with pytest.warns(corpus.DataWarning, match=r"data.source: [\d,]+ of the [\d,]+ tokens \([\d.]+%\) are the "
+                                                r"tokenizer's unknown token '\[UNK\]': it cannot spell"):
+        manifest = prepare_corpus(tmp_path / "src", Tokenizer(tmp_path / "wordpiece.json", eos_token="[SEP]"),
+                                  tmp_path / "out", **QUIET)
+    assert manifest["unknown_tokens"] > 0.5 * manifest["tokens"]
+    byte_level = Tokenizer(tokenizer_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning at all
+        assert byte_level.unk_id is None
+        assert prepare_corpus(tmp_path / "src", byte_level, tmp_path / "out2", **QUIET)["unknown_tokens"] == 0
+
+
 def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_path, monkeypatch):
     data = ("é" * 10000).encode() + b"\xff" + ("ü word\n" * 500).encode()
     (tmp_path / "a.txt").write_bytes(data)
