@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -44,6 +45,10 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256
+# The lock that lets one process of all the nodes sharing a cache folder prepare it: its holder
+# touches it every LOCK_HEARTBEAT_S; one whose time has not moved for LOCK_STALE_S is taken over.
+LOCK_HEARTBEAT_S = 30.0
+LOCK_STALE_S = 180.0
 UNKNOWN_LIMIT = 0.01  # of a corpus's tokens that may be the unknown token before the prepare warns
 PIECE_CHARS = 1 << 18  # a longer document is encoded in pieces of about this many characters
 KEPT_WARNINGS = 10  # warnings of a unit kept in its shard's .json
@@ -344,37 +349,143 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
                    workers: int = 1, timeout_s: float = 3600.0, key: str = "data.source",
                    log: Callable[[str], None] = print, document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> Path:
     """The prepared folder for ``source``: ``source`` itself if it is one, else a folder in
-    ``cache_dir`` that rank 0 prepares once while the other ranks wait for its manifest."""
+    ``cache_dir`` that one process prepares once while the others wait for its manifest.
+    ``rank`` is the process's rank on its node: the first process of each node takes
+    ``<folder>.lock``, so where nodes share the cache (a shared filesystem) one of them
+    prepares and the others wait for it, and where each node has a disk of its own, each
+    prepares its copy."""
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
         return Path(source)
     folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator)}"
+    start = time.perf_counter()
     if rank == 0:
-        damage = damaged_shards(folder, tokenizer.vocab_size) if is_prepared(folder) else []
-        if damage:  # a cache is ours to mend: rebuild what is damaged, say so
-            warnings.warn(f"data.cache_dir: the cached tokens of {source} are damaged ({'; '.join(damage[:3])}); "
-                          f"preparing {folder} again", DataWarning, stacklevel=2)
-            for name in [MANIFEST] + [p.split()[0] for p in damage if p.startswith("shard_")]:
-                (folder / name).unlink(missing_ok=True)  # prepare_corpus redoes the missing, keeps the rest
-        if not is_prepared(folder):
+        lock = folder.with_name(folder.name + ".lock")
+        while not (is_prepared(folder) and not damaged_shards(folder, tokenizer.vocab_size)):
             check_writable_folder(cache_dir, "data.cache_dir")
-            with environment_errors("data.cache_dir", f"preparing {source} into {folder}",
-                                    "Finished shards are kept and reused."):
-                prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
-                               document_separator=document_separator,
-                               out_key="data.cache_dir")
+            if _take_lock(lock):
+                try:
+                    with _Heartbeat(lock):
+                        _prepare_into_cache(source, tokenizer, folder, text_field, workers, key, log,
+                                            document_separator)
+                finally:
+                    lock.unlink(missing_ok=True)
+                break
+            log(f"waiting for {_lock_owner(lock)} to prepare {source} into {folder} (data.prepare_timeout_s="
+                f"{timeout_s:.0f})")
+            _wait_while_held(lock, folder, start, timeout_s, source)
         return folder
     if is_prepared(folder):
         return folder
-    start = time.perf_counter()
     print(f"rank {rank}: waiting for rank 0 to prepare {source} into {folder} (data.prepare_timeout_s="
           f"{timeout_s:.0f})", flush=True)
     while not is_prepared(folder):
-        if time.perf_counter() - start > timeout_s:
-            raise DataError(f"rank {rank}: rank 0 did not finish preparing {source} into {folder} within "
-                            f"{timeout_s:.0f} s. Fix: prepare it beforehand with `letrecipes prepare-data`, or raise "
-                            "data.prepare_timeout_s.")
+        _check_waited(start, timeout_s, f"rank {rank}: rank 0", source, folder)
         time.sleep(1.0)
     return folder
+
+
+def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: str, workers: int, key: str,
+                        log: Callable[[str], None], document_separator: Optional[str]) -> None:
+    """Prepare ``source`` into the cache folder, or mend it: a cache found damaged keeps its
+    sound shards and redoes the rest, with a warning."""
+    damage = damaged_shards(folder, tokenizer.vocab_size) if is_prepared(folder) else []
+    if damage:  # a cache is ours to mend: rebuild what is damaged, say so
+        warnings.warn(f"data.cache_dir: the cached tokens of {source} are damaged ({'; '.join(damage[:3])}); "
+                      f"preparing {folder} again", DataWarning, stacklevel=3)
+        for name in [MANIFEST] + [p.split()[0] for p in damage if p.startswith("shard_")]:
+            (folder / name).unlink(missing_ok=True)  # prepare_corpus redoes the missing, keeps the rest
+    if not is_prepared(folder):
+        with environment_errors("data.cache_dir", f"preparing {source} into {folder}",
+                                "Finished shards are kept and reused."):
+            prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
+                           document_separator=document_separator, out_key="data.cache_dir")
+
+
+def _take_lock(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    return True
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        host, pid = lock.read_text().split()
+        return f"process {pid} on {host}"
+    except (OSError, ValueError):
+        return "another process"
+
+
+def _owner_is_gone(lock: Path) -> bool:
+    """Whether the lock's process ran on this host and has ended (a host cannot see another's)."""
+    try:
+        host, pid = lock.read_text().split()
+        if host != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError):  # gone meanwhile, half-written, or another user's process
+        return False
+    return False
+
+
+class _Heartbeat:
+    """Touches the lock while its holder prepares, so waiters on other nodes can tell a slow
+    preparer from a dead one by the lock's time moving (no clocks compared across nodes)."""
+
+    def __init__(self, lock: Path):
+        self.lock, self.stop = lock, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.lock)
+            except OSError:
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _wait_while_held(lock: Path, folder: Path, start: float, timeout_s: float, source) -> None:
+    """Return when the folder is prepared or the lock is free to take: released, or left by a
+    holder that died (its process gone from this host, or its time still for LOCK_STALE_S)."""
+    seen, since = None, time.perf_counter()
+    while not is_prepared(folder):
+        try:
+            stamp = lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        now = time.perf_counter()
+        if stamp != seen:
+            seen, since = stamp, now
+        elif now - since > LOCK_STALE_S or _owner_is_gone(lock):
+            # renamed, not removed: of several waiters that find it stale, one moves it
+            left = lock.with_name(f"{lock.name}.stale.{socket.gethostname()}.{os.getpid()}")
+            try:
+                os.rename(lock, left)
+                left.unlink()
+            except OSError:
+                pass
+            return
+        _check_waited(start, timeout_s, _lock_owner(lock), source, folder)
+        time.sleep(1.0)
+
+
+def _check_waited(start: float, timeout_s: float, who: str, source, folder: Path) -> None:
+    if time.perf_counter() - start > timeout_s:
+        raise DataError(f"{who} did not finish preparing {source} into {folder} within {timeout_s:.0f} s. Fix: "
+                        "prepare it beforehand with `letrecipes prepare-data`, or raise data.prepare_timeout_s.")
 
 
 def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "data.source") -> Dict[str, Any]:

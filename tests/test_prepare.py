@@ -5,11 +5,14 @@ import codecs
 import gzip
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +230,59 @@ def test_other_ranks_wait_for_the_first_to_prepare_a_small_corpus(tokenizer_path
     waiter.join(timeout=30)
     assert waited["folder"] == folder and (folder / MANIFEST).is_file()
     assert "rank 1: waiting for rank 0 to prepare" in capsys.readouterr().out
+
+
+NODE = """
+import sys, time
+from letrecipes.components import prepare
+from letrecipes.components.tokenizer import Tokenizer
+prepare.LOCK_HEARTBEAT_S = 0.2
+folder = prepare.cached_prepare(sys.argv[1], Tokenizer(sys.argv[2]), sys.argv[3], rank=0, timeout_s=120,
+                                log=lambda line: print(line, flush=True))
+print("FOLDER", folder, flush=True)
+"""
+
+
+def test_nodes_sharing_a_cache_prepare_it_once_and_a_dead_preparers_lock_is_taken_over(tokenizer_path, tmp_path,
+                                                                                        monkeypatch):
+    """Each node's first process prepares a raw corpus into data.cache_dir. Where nodes share
+    that folder, the one that takes its lock prepares and the others wait for the manifest
+    (before: every node tokenized the whole corpus into it at once). A lock whose holder
+    died is taken over: at once when it ran on this host, else when its time has stood
+    still for LOCK_STALE_S (no clocks compared across nodes)."""
+    from letrecipes.components import prepare
+
+    source = tmp_path / "corpus.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(3000)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-c", NODE, str(source), str(tokenizer_path), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    preparers = [out for out in outputs if "prepare: done" in out]
+    assert len(preparers) == 1, outputs  # the other waited for its lock, or found the folder done
+    assert len({line for out in outputs for line in out.splitlines() if line.startswith("FOLDER")}) == 1
+    assert not list((tmp_path / "cache").glob("*.lock*"))
+
+    tok = Tokenizer(tokenizer_path)
+    small = tmp_path / "small.jsonl"
+    small.write_text(json.dumps({"text": documents(1)[0]}) + "\n")
+    folder = Path(str(prepare.cached_prepare(small, tok, tmp_path / "c2", rank=0, **QUIET)))
+    shutil.rmtree(folder)
+    lock = folder.with_name(folder.name + ".lock")
+    lock.write_text(f"{socket.gethostname()} 999999999\n")  # a process of this host that has ended
+    start = time.perf_counter()
+    assert prepare.cached_prepare(small, tok, tmp_path / "c2", rank=0, **QUIET) == folder
+    assert time.perf_counter() - start < 10 and not lock.exists()
+    shutil.rmtree(folder)
+    lock.write_text("another-node 4242\n")  # a node that stopped touching it
+    monkeypatch.setattr(prepare, "LOCK_STALE_S", 1.5)
+    assert prepare.cached_prepare(small, tok, tmp_path / "c2", rank=0, **QUIET) == folder
+    assert (folder / MANIFEST).is_file() and not lock.exists()
+    lock.write_text("another-node 4242\n")
+    shutil.rmtree(folder)
+    with pytest.raises(DataError, match=r"process 4242 on another-node did not finish preparing .* within 1 s"):
+        prepare.cached_prepare(small, tok, tmp_path / "c2", rank=0, timeout_s=1, **QUIET)
 
 
 def test_prepare_data_command_then_a_run_on_its_shards(base_overrides, tokenizer_path, corpus_dir, tmp_path):
