@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import hub_id_hint, hub_snapshot
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -209,7 +209,7 @@ def _files(item: Path, key: str) -> List[Path]:
         fix = hub_id_hint(item, key, "dataset") or (
             "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
             "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
-        raise DataError(f"{key}: {str(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
+        raise DataError(f"{key}: {as_given(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
     found, dataset_dirs, other = [], [], {}
     for path in sorted(item.rglob("*")):
         if any(path.is_relative_to(d) for d in dataset_dirs):

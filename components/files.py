@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Union
@@ -199,20 +200,48 @@ def hub_cache() -> Path:
     return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
 
 
+# A URL as a path (pathlib keeps one slash of "https://"): nothing is downloaded
+URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*):/+(?P<rest>.*)$", re.IGNORECASE)
+HUB_URL = re.compile(r"^(?:huggingface\.co/)?(?P<datasets>datasets/)?(?P<id>[^/]+/[^/]+)")  # after the scheme
+FETCH = {"s3": "aws s3 cp --recursive URL DIR", "gs": "gsutil -m cp -r URL DIR", "gcs": "gsutil -m cp -r URL DIR"}
+
+
+def as_given(path: Union[str, Path]) -> str:
+    """A path as the user wrote it: a URL keeps the ``//`` that ``pathlib`` folds into one."""
+    return URL.sub(lambda m: f"{m['scheme']}://{m['rest']}", str(path), count=1)
+
+
 def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
     """For a path that does not exist: when it reads like a Hugging Face Hub id
-    (``meta-llama/Llama-3.2-1B``: two parts, relative, the first not a folder here), the
-    sentence that says nothing is downloaded and how to fetch it, or where the Hugging Face
-    cache already holds it; otherwise ""."""
+    (``meta-llama/Llama-3.2-1B``: two parts, relative, the first not a folder here) or a Hub
+    URL (``https://huggingface.co/datasets/org/name/resolve/main/file``, ``hf://datasets/...``),
+    the sentence that says nothing is downloaded and how to fetch it (only the file or
+    folder the URL names, not the whole repository), or where the Hugging Face cache already
+    holds it; for another URL (``https://``, ``s3://``, ``gs://``), how to download it
+    first; otherwise ""."""
+    inner = ""  # a file or folder inside the repository that a Hub URL names
+    url = URL.match(str(path))
+    if url:
+        scheme, rest = url["scheme"].lower(), url["rest"]
+        hub = HUB_URL.match(rest) if scheme == "hf" or rest.startswith("huggingface.co/") else None
+        if hub is None:
+            fetch = FETCH.get(scheme, "curl -L -O URL, or your storage's copy command").replace(
+                "URL", f"{scheme}://{rest}").replace("DIR", "data/")
+            return (f"It is a URL: letrecipes reads local files only and never downloads. Fix: download it first "
+                    f"({fetch}) and set {key} to the local copy.")
+        kind = "dataset" if hub["datasets"] else kind
+        path, inner = Path(hub["id"]), re.sub(r"^/?(?:(?:resolve|blob|tree)/[^/]+/)?", "", rest[hub.end():])
     path = Path(path)
     if len(path.parts) != 2 or path.is_absolute() or path.parts[0].startswith((".", "~")) or Path(path.parts[0]).exists():
         return ""
     cached = hub_snapshot(hub_cache() / f"{kind}s--{path.parts[0]}--{path.parts[1]}")
-    if cached is not None:
+    if cached is not None and (not inner or (cached / inner).exists()):
         return (f"It looks like a Hugging Face Hub {kind} id, and your Hugging Face cache holds it (letrecipes reads "
-                f"paths, never ids). Fix: {key}={cached}")
+                f"paths, never ids). Fix: {key}={cached / inner if inner else cached}")
     repo_type = " --repo-type dataset" if kind == "dataset" else ""
     local = f"{'data' if kind == 'dataset' else 'models'}/{path.name}"
+    inner = inner.rstrip("/")
+    what = (f" {inner}" if Path(inner).suffix else f" --include '{inner}/*'") if inner else ""
     return (f"It looks like a Hugging Face Hub {kind} id: letrecipes reads local files only and never downloads. "
-            f"Fix: download it first (huggingface-cli download {path.as_posix()}{repo_type} --local-dir {local}) and "
-            f"set {key}={local}.")
+            f"Fix: download it first (huggingface-cli download {path.as_posix()}{what}{repo_type} --local-dir "
+            f"{local}) and set {key}={local}{'/' + inner if inner else ''}.")

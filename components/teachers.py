@@ -34,7 +34,7 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import hub_id_hint, hub_snapshot
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
 
@@ -166,7 +166,7 @@ def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
     if not resolved.exists():
         hub = hub_id_hint(path, key)
         if hub:
-            raise TeacherError(f"{key}: nothing at {str(resolved)!r}. {hub}")
+            raise TeacherError(f"{key}: nothing at {as_given(path)!r}. {hub}")
         raise TeacherError(
             f"{key}: nothing at {str(resolved)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
             "--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point it at a Hugging Face "

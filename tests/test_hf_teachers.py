@@ -206,3 +206,37 @@ def test_a_hub_id_as_teacher_path_gets_the_download_command(tmp_path, monkeypatc
                                            r"\(huggingface-cli download meta-llama/Llama-3.2-1B --local-dir "
                                            r"models/Llama-3.2-1B\) and set teacher.path=models/Llama-3.2-1B."):
         load_teacher({"_component_": "auto", "path": "meta-llama/Llama-3.2-1B"})
+
+
+@pytest.mark.parametrize("given, key, expected", [
+    ("https://huggingface.co/HuggingFaceTB/SmolLM2-135M", "teacher.path",
+     "huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir models/SmolLM2-135M) and set "
+     "teacher.path=models/SmolLM2-135M."),
+    ("https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz", "data.source",
+     "huggingface-cli download allenai/c4 en/c4-train.00000-of-01024.json.gz --repo-type dataset --local-dir data/c4) "
+     "and set data.source=data/c4/en/c4-train.00000-of-01024.json.gz."),
+    ("hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT", "data.source",
+     "huggingface-cli download HuggingFaceFW/fineweb-edu --include 'sample/10BT/*' --repo-type dataset --local-dir "
+     "data/fineweb-edu) and set data.source=data/fineweb-edu/sample/10BT."),
+    ("s3://bucket/c4/en", "data.source", "It is a URL: letrecipes reads local files only and never downloads. Fix: "
+     "download it first (aws s3 cp --recursive s3://bucket/c4/en data/) and set data.source to the local copy."),
+])
+def test_a_url_as_a_path_is_named_with_how_to_download_only_what_it_names(tmp_path, monkeypatch, given, key, expected):
+    """A URL where a path belongs (letrecipes never downloads): the error quotes it as written
+    and says how to fetch it; for a Hub URL only the file or folder it names, not the whole
+    repository (C4 is hundreds of GB)."""
+    from letrecipes.components.corpus import DataError, source_files
+    from letrecipes.components.tokenizer import Tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-cache"))
+    if key == "teacher.path":
+        with pytest.raises(TeacherError) as err:
+            load_teacher({"_component_": "auto", "path": given})
+    else:
+        with pytest.raises(DataError) as err:
+            source_files(given)
+    assert f"{given!r}" in str(err.value) and expected in str(err.value)
+    with pytest.raises(DataError, match=r"tokenizer.path: no tokenizer file at 'https://huggingface.co/org/tok/"
+                                        r"resolve/main/tokenizer.json'.*huggingface-cli download org/tok tokenizer.json"):
+        Tokenizer("https://huggingface.co/org/tok/resolve/main/tokenizer.json")
