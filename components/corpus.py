@@ -930,7 +930,11 @@ def _json_array(path: Union[Path, _Member], stream, text_field: str, key: str, w
     """The records of a file that is one JSON array, parsed one at a time by ijson (a
     many-GB array never sits in memory; ``json.load`` would hold it several times over).
     ``stream`` starts at the file's byte ``offset`` (after a byte-order mark, blank lines)."""
-    import ijson
+    try:
+        import ijson
+    except ImportError as err:  # a dependency of letrecipes; an environment built before it was one
+        raise DataError(f"{key}: {path} is one JSON array, which is read with the ijson package. Fix: pip install "
+                        "ijson (or rerun scripts/setup.sh).") from err
 
     utf8 = _Utf8Repaired(stream, offset)
     skipped, kept, i = SkippedRecords(path, key, where="record"), 0, -1
