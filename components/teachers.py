@@ -189,6 +189,10 @@ def detect_format(path: Path, key: str = "teacher.path") -> Type[TeacherFormat]:
     hint = run_folder_hint(path, key, wants_model=True)
     if hint:
         raise TeacherError(hint)
+    holder = [name for name, cls in formats().items() if path.is_file() and cls.detect(path.parent)]
+    if holder:  # model.safetensors or config.json named instead of its folder
+        raise TeacherError(f"{key}: {str(path)!r} is one file of a {holder[0]} model; the model is the folder that "
+                           f"holds it. Fix: {key}={path.parent}")
     known = "; ".join(f"{name}: {cls.looks_like or 'see its docstring'}" for name, cls in formats().items())
     raise TeacherError(f"{key}: no teacher format recognises {str(path)!r} (known: {known}). Fix: point it at one "
                        "of those, or register a format of your own (docs/extending.md).")

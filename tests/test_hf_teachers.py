@@ -240,3 +240,11 @@ def test_a_url_as_a_path_is_named_with_how_to_download_only_what_it_names(tmp_pa
     with pytest.raises(DataError, match=r"tokenizer.path: no tokenizer file at 'https://huggingface.co/org/tok/"
                                         r"resolve/main/tokenizer.json'.*huggingface-cli download org/tok tokenizer.json"):
         Tokenizer("https://huggingface.co/org/tok/resolve/main/tokenizer.json")
+
+
+def test_a_file_of_a_model_folder_named_instead_of_the_folder_gets_the_folder(tmp_path):
+    _save(_llama(), tmp_path)
+    for name in ("model.safetensors", "config.json"):
+        with pytest.raises(TeacherError, match=rf"teacher.path: '.*{name}' is one file of a huggingface model; the "
+                                               rf"model is the folder that holds it. Fix: teacher.path={tmp_path}$"):
+            load_teacher({"_component_": "auto", "path": str(tmp_path / name)})
