@@ -42,7 +42,10 @@ class Tokenizer:
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-            raise DataError(f"tokenizer.path: {str(self.path)!r} is not a tokenizer.json ({err}).") from err
+            beside = self.path.with_name("tokenizer.json")
+            fix = (f" Fix: tokenizer.path={beside} (the tokenizer beside it)" if beside.is_file() and beside != self.path
+                   else " Fix: point it at the model's tokenizer.json")
+            raise DataError(f"tokenizer.path: {str(self.path)!r} is not a tokenizer.json ({err}).{fix}.") from err
         candidates = [eos_token] if eos_token else EOS_CANDIDATES
         ids = [self._tok.token_to_id(t) for t in candidates]
         found = [(t, i) for t, i in zip(candidates, ids) if i is not None]

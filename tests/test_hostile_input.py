@@ -124,11 +124,19 @@ def test_corpus_without_a_full_sequence(base_overrides, tmp_path, content, match
     assert not (tmp_path / "run").exists()
 
 
-def test_tokenizer_file_that_does_not_parse(base_overrides, tmp_path):
+def test_tokenizer_file_that_does_not_parse(base_overrides, tokenizer_path, tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"version": "1.0", "model": ')
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bad}",
-                       match="is not a tokenizer.json")
+                       match="). Fix: point it at the model's tokenizer.json.")
+    # a model folder's config.json named instead of its tokenizer.json: the one beside it is the fix
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
+                       f"tokenizer.path={model / 'config.json'}",
+                       match=f"). Fix: tokenizer.path={model / 'tokenizer.json'} (the tokenizer beside it).")
 
 
 def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, tmp_path):
