@@ -20,11 +20,11 @@ def encode_as_text(hf_tokenizer, texts: List[str]):
     (a page that quotes ``<|endoftext|>``) is encoded as the text it is, not as the token
     (nanoGPT's ``encode_ordinary``): a document ends where the corpus says (records,
     ``data.document_separator``), not where it quotes a separator."""
-    hf_tokenizer.encode_special_tokens = True
+    before, hf_tokenizer.encode_special_tokens = hf_tokenizer.encode_special_tokens, True
     try:
         return hf_tokenizer.encode_batch(texts, add_special_tokens=False)
     finally:
-        hf_tokenizer.encode_special_tokens = False
+        hf_tokenizer.encode_special_tokens = before
 
 
 class Tokenizer:
