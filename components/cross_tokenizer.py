@@ -46,7 +46,7 @@ from torch.utils.data import default_collate
 
 from letrecipes.components.corpus import DataError
 from letrecipes.components.registry import register
-from letrecipes.components.tokenizer import encode_as_text
+from letrecipes.components.tokenizer import encode_as_text, unknown_id
 
 
 class CrossTokenizerError(DataError):
@@ -299,7 +299,7 @@ def spread_indices(length: int, count: int) -> List[int]:
 
 def check_encodable(hf_tokenizer, texts: Sequence[str], key: str = "teacher.path", limit: float = 0.01) -> None:
     """Refuse text the teacher cannot read: more than ``limit`` of its tokens unknown."""
-    unk = hf_tokenizer.token_to_id(getattr(hf_tokenizer.model, "unk_token", None) or "<unk>")
+    unk = unknown_id(hf_tokenizer)
     if unk is None:
         return  # byte-level or byte-fallback: every text is encodable
     encodings = hf_tokenizer.encode_batch(list(texts), add_special_tokens=False)

@@ -15,6 +15,12 @@ from letrecipes.components.files import as_given, hub_id_hint
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
 
+def unknown_id(hf_tokenizer) -> Optional[int]:
+    """The id a text the vocabulary cannot spell becomes (WordPiece, BPE without byte
+    fallback); None for a byte-level tokenizer, which spells every text."""
+    return hf_tokenizer.token_to_id(getattr(hf_tokenizer.model, "unk_token", None) or "<unk>")
+
+
 def encode_as_text(hf_tokenizer, texts: List[str]):
     """``hf_tokenizer.encode_batch`` of corpus text, where a special token written in the text
     (a page that quotes ``<|endoftext|>``) is encoded as the text it is, not as the token
@@ -59,10 +65,8 @@ class Tokenizer:
 
     @functools.cached_property
     def unk_id(self) -> Optional[int]:
-        """The id a text the vocabulary cannot spell becomes (WordPiece, BPE without byte
-        fallback); None for a byte-level tokenizer, which spells every text."""
-        unk = getattr(self._tok.model, "unk_token", None)
-        return self._tok.token_to_id(unk) if unk else None
+        """:func:`unknown_id` of this tokenizer (read once: prepare counts it on every batch)."""
+        return unknown_id(self._tok)
 
     @property
     def hf(self):
