@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -106,7 +107,7 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
         try:
             cfg = load_config(args.config, overrides)
         except ConfigError as err:
-            sys.exit(f"error: {err}")
+            exit_with_line(f"error: {err}")
         recipe_main(cfg)
 
     return wrapper
@@ -124,7 +125,17 @@ def errors_as_one_line():
     except LetRecipesError as err:
         if os.environ.get("LETRECIPES_TRACEBACK"):
             raise
-        sys.exit(f"error: {err}")
+        exit_with_line(f"error: {err}")
+
+
+def exit_with_line(line: str) -> NoReturn:
+    """``sys.exit(line)``, the line and its newline in one write: ranks that fail together
+    (an error rank 0 shares with every rank) each print a whole line, even when stderr is
+    unbuffered (PYTHONUNBUFFERED, as torchrun's children often run), where Python writes the
+    message and its newline apart and two ranks' lines ran into one."""
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        sys.stderr.reconfigure(write_through=False, line_buffering=True)
+    sys.exit(line)
 
 
 def run(recipe_class, cfg: DictConfig) -> None:

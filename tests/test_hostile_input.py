@@ -464,3 +464,30 @@ def test_a_disk_too_small_for_the_checkpoints_is_a_warning_at_the_start(base_ove
     monkeypatch.undo()
     run_pretrain(*base_overrides, f"output_dir={tmp_path / 'roomy'}", "max_steps=1", "eval_every=0")
     assert "warning: disk:" not in capsys.readouterr().out
+
+
+UNBUFFERED_EXIT = """
+import io, sys
+class Writes(io.RawIOBase):  # records each write the process makes to stderr
+    def writable(self):
+        return True
+    def write(self, data):
+        with open(sys.argv[1], "a") as log:
+            log.write(repr(bytes(data)) + "\\n")
+        return len(data)
+sys.stderr = io.TextIOWrapper(Writes(), write_through=True)  # stderr as PYTHONUNBUFFERED=1 makes it
+from letrecipes._config import exit_with_line
+exit_with_line("error: " + "x" * 300)
+"""
+
+
+def test_an_error_line_leaves_in_one_write_even_with_stderr_unbuffered(tmp_path):
+    """Ranks that fail together each print the error rank 0 shared; with stderr unbuffered
+    (as torchrun's children often run) Python wrote the message and its newline apart, and
+    two ranks' lines ran into one (seen once in CI: `...the file.error: teacher.path: ...`)."""
+    import subprocess
+
+    log = tmp_path / "writes"
+    done = subprocess.run([sys.executable, "-c", UNBUFFERED_EXIT, str(log)], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert log.read_text().splitlines() == [repr(("error: " + "x" * 300 + "\n").encode())]
