@@ -27,6 +27,7 @@ import torch
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import first_names, replace_atomically
 from letrecipes.components.models import ModelArgs
+from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
 
 EXPORT_CONFIG = "config.json"
@@ -151,7 +152,7 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
             done = writer.total_bytes
             rate = done / max(last - start, 1e-9)
             log(f"export: {done / 1e9:.2f} of {expected / 1e9:.2f} GB converted into {out_dir}, {rate / 1e6:,.0f} MB/s, "
-                f"{last - start:.0f} s elapsed, ETA {max(0.0, expected - done) / rate:.0f} s")
+                f"{elapsed_and_eta(last - start, done, expected)}")
     writer.close()
     (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}

@@ -30,6 +30,7 @@ import torch
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import cut_at
+from letrecipes.components.progress import clock
 from letrecipes.components.registry import ComponentError
 
 METRICS_FILE = "metrics.jsonl"
@@ -53,47 +54,6 @@ def format_record(record: Dict[str, Any], max_steps: int, fields: Sequence[Tuple
             value = clock(record[key]) if fmt == "clock" else f"{record[key]:{fmt}}"
             parts.append(f"{key.removesuffix('_s') if fmt == 'clock' else key} {value}")
     return " | ".join(parts)
-
-
-def clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-class ProgressClock:
-    """Elapsed time, a smoothed throughput and an ETA for every log line, so that a run's
-    log redirected to a file (a cluster job's) says how far it is and how long is left;
-    the progress bar does the same on a terminal only.
-
-    The rate is a moving average of steps per second between log lines, measured on the
-    wall clock: evaluations and checkpoints are in it, as they are in what is left. The
-    first interval holds the start-up (compiling the blocks, warming the allocator, minutes
-    at 7B on a GPU): it gives the first line its figures, and the second interval replaces
-    them instead of being averaged with them."""
-
-    def __init__(self, max_steps: int, step: int, tokens_per_step: int, smoothing: float = 0.7):
-        self.max_steps, self.tokens_per_step, self.smoothing = max_steps, tokens_per_step, smoothing
-        self.start = self.last_time = time.perf_counter()
-        self.last_step = step
-        self.steps_per_s: Optional[float] = None
-        self.intervals = 0
-
-    def update(self, step: int) -> Dict[str, float]:
-        now = time.perf_counter()
-        steps, seconds = step - self.last_step, now - self.last_time
-        if steps > 0 and seconds > 0:
-            rate = steps / seconds
-            self.intervals += 1
-            self.steps_per_s = rate if self.intervals <= 2 else \
-                self.smoothing * self.steps_per_s + (1 - self.smoothing) * rate
-            self.last_step, self.last_time = step, now
-        out = {"elapsed_s": now - self.start}
-        if self.steps_per_s:
-            out.update({"tokens_per_s_avg": self.steps_per_s * self.tokens_per_step,
-                        "eta_s": max(0, self.max_steps - step) / self.steps_per_s})
-        return out
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -39,6 +39,7 @@ from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, READER_VERSION, Da
                                           read_unit_in_pieces, source_files)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
                                         unique_tmp)
+from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
@@ -280,9 +281,8 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
         if now - last >= progress_every_s or len(done) == len(units):
             last, elapsed = now, now - start
             todo_bytes = sum(units[i].size for i in todo) or 1
-            eta = elapsed * (todo_bytes - done_bytes) / max(done_bytes, 1)
             log(f"prepare: {len(done)}/{len(units)} units, {done_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, "
-                f"{new_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed:.0f} s elapsed, ETA {eta:.0f} s")
+                f"{new_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed_and_eta(elapsed, done_bytes, todo_bytes)}")
 
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:

@@ -193,6 +193,14 @@ def detect_format(path: Path, key: str = "teacher.path") -> Type[TeacherFormat]:
     if holder:  # model.safetensors or config.json named instead of its folder
         raise TeacherError(f"{key}: {str(path)!r} is one file of a {holder[0]} model; the model is the folder that "
                            f"holds it. Fix: {key}={path.parent}")
+    folder = path if path.is_dir() else path.parent
+    if (folder / "params.json").is_file() and any(folder.glob("consolidated.*.pth")):
+        above = [name for name, cls in formats().items() if cls.detect(folder.parent)]
+        fix = (f"{key}={folder.parent} (the {above[0]} model in the folder above)" if above else
+               "use the model's Hugging Face release (config.json and *.safetensors; the same repository's top "
+               "folder)")
+        raise TeacherError(f"{key}: {str(path)!r} is Meta's original checkpoint (params.json, consolidated.*.pth), "
+                           f"a format not read here. Fix: {fix}.")
     known = "; ".join(f"{name}: {cls.looks_like or 'see its docstring'}" for name, cls in formats().items())
     raise TeacherError(f"{key}: no teacher format recognises {str(path)!r} (known: {known}). Fix: point it at one "
                        "of those, or register a format of your own (docs/extending.md).")
@@ -328,6 +336,11 @@ def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",
             if path.is_file():
                 return path  # a tokenizer file of any name; Tokenizer() says if it is not one
             slow = [name for name in ("tokenizer.model", "tokenizer.tiktoken", "vocab.json") if (path / name).is_file()]
+            above = path.parent / "tokenizer.json"
+            if slow and above.is_file():  # Meta's original/ folder below the Hugging Face files
+                raise TeacherError(
+                    f"{key}: the folder {str(path)!r} has {slow[0]} but no tokenizer.json, the one tokenizer format "
+                    f"read here. Fix: {key}={above} (the model's tokenizer in the folder above).")
             if slow:  # SentencePiece (Llama 2, Mistral, Gemma), tiktoken, GPT-2 vocab + merges: transformers converts
                 raise TeacherError(
                     f"{key}: the folder {str(path)!r} has {slow[0]} but no tokenizer.json, the one tokenizer format "

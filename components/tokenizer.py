@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
@@ -19,6 +20,29 @@ def unknown_id(hf_tokenizer) -> Optional[int]:
     """The id a text the vocabulary cannot spell becomes (WordPiece, BPE without byte
     fallback); None for a byte-level tokenizer, which spells every text."""
     return hf_tokenizer.token_to_id(getattr(hf_tokenizer.model, "unk_token", None) or "<unk>")
+
+
+def nearby_tokenizer_json(path: Path) -> Optional[Path]:
+    """A tokenizer.json in the folder of ``path`` or the folder above it, other than ``path``:
+    Meta's downloads keep the original ``tokenizer.model`` in ``original/`` below the Hugging
+    Face files (the path torchtune's Llama configs name)."""
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "tokenizer.json", folder.parent / "tokenizer.json"):
+        if candidate.is_file() and candidate.resolve() != path.resolve():
+            return candidate
+    return None
+
+
+def slow_tokenizer_kind(path: Path) -> Optional[str]:
+    """What a tokenizer file that is not a tokenizer.json is, when it is one transformers
+    converts (tiktoken ranks or a SentencePiece model); None for anything else."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", head):
+        return "a tiktoken BPE file (Llama 3's original/tokenizer.model)"
+    if path.suffix == ".model" or path.name.endswith(".spm"):
+        return "a SentencePiece model"
+    return None
 
 
 def encode_as_text(hf_tokenizer, texts: List[str]):
@@ -48,10 +72,7 @@ class Tokenizer:
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-            beside = self.path.with_name("tokenizer.json")
-            fix = (f" Fix: tokenizer.path={beside} (the tokenizer beside it)" if beside.is_file() and beside != self.path
-                   else " Fix: point it at the model's tokenizer.json")
-            raise DataError(f"tokenizer.path: {str(self.path)!r} is not a tokenizer.json ({err}).{fix}.") from err
+            raise DataError(_not_a_tokenizer_json(self.path, err)) from err
         candidates = [eos_token] if eos_token else EOS_CANDIDATES
         ids = [self._tok.token_to_id(t) for t in candidates]
         found = [(t, i) for t, i in zip(candidates, ids) if i is not None]
@@ -105,6 +126,22 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def _not_a_tokenizer_json(path: Path, err: Exception) -> str:
+    kind = slow_tokenizer_kind(path)
+    what = f"is {kind}, not a tokenizer.json, the one tokenizer format read here" if kind else (
+        f"is not a tokenizer.json ({err})")
+    nearby = nearby_tokenizer_json(path)
+    if nearby is not None:
+        where = "beside it" if nearby.parent == path.parent else "in the folder above"
+        fix = f"tokenizer.path={nearby} (the model's tokenizer {where})"
+    elif kind:
+        fix = ("write the model's tokenizer.json with transformers (AutoTokenizer.from_pretrained(<model folder>)"
+               ".save_pretrained(<model folder>)) and point tokenizer.path at it")
+    else:
+        fix = "point it at the model's tokenizer.json"
+    return f"tokenizer.path: {str(path)!r} {what}. Fix: {fix}."
 
 
 def load_tokenizer(tokenizer_cfg: Mapping[str, Any], teacher_cfg: Optional[Mapping[str, Any]] = None) -> Tokenizer:

@@ -40,8 +40,9 @@ from letrecipes.components.export import export_checkpoint, export_dtype, export
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.init_from import load_initial_weights
-from letrecipes.components.metrics import (MetricLogger, ProgressClock, StepTimer, build_metric_loggers,
+from letrecipes.components.metrics import (MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
+from letrecipes.components.progress import ProgressClock
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_loss, model_max_seq_len, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from letrecipes.components import metrics
-from letrecipes.components.metrics import MetricLogger, ProgressClock, compare_runs, read_metrics
+from letrecipes.components import progress
+from letrecipes.components.metrics import MetricLogger, compare_runs, read_metrics
+from letrecipes.components.progress import ProgressClock, elapsed_and_eta
 from letrecipes.demo import strip_markdown
 
 
@@ -40,7 +41,7 @@ def test_the_eta_drops_the_start_up_interval(monkeypatch):
     """Step 1 compiles (100 s), then steps take 1 s: the second log line's ETA is the
     remaining steps at 1 s each, not an average still weighed down by the compile."""
     now = [0.0]
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
     clock = ProgressClock(max_steps=1000, step=0, tokens_per_step=4096)
     now[0] = 100.0
     first = clock.update(1)
@@ -50,6 +51,13 @@ def test_the_eta_drops_the_start_up_interval(monkeypatch):
     now[0] = 115.0  # from here on averaged: 2 steps/s moves the rate part of the way
     third = clock.update(21)
     assert 1.0 < third["tokens_per_s_avg"] / 4096 < 2.0 and third["elapsed_s"] == 115.0
+
+
+def test_prepare_and_export_give_their_eta_as_a_clock():
+    """Hours of prepare-data read as hours, not as 14400 s; nothing done yet has no ETA."""
+    assert elapsed_and_eta(60.0, 1.0, 241.0) == "elapsed 1m00s, ETA 4h00m00s"
+    assert elapsed_and_eta(5.0, 10, 10) == "elapsed 5s, ETA 0s"
+    assert elapsed_and_eta(3.0, 0, 10) == "elapsed 3s, ETA unknown"
 
 
 def test_strip_markdown_keeps_the_words():

@@ -93,3 +93,34 @@ def test_a_folder_with_a_sentencepiece_model_only_names_the_conversion_that_work
                    timeout=300)
     tokenizer = load_tokenizer({"path": str(folder)})
     assert tokenizer.eos_token == "</s>" and tokenizer.vocab_size == 300
+
+
+def test_metas_original_folder_points_to_the_hugging_face_files_above_it(hf_teacher_dir, tmp_path):
+    """torchtune's Llama configs name ``original/tokenizer.model`` (tiktoken ranks) and Meta's
+    ``original/`` checkpoint: each is refused with the Hugging Face file of the same download."""
+    from letrecipes.components.errors import LetRecipesError
+    from letrecipes.components.teachers import load_teacher
+    from letrecipes.components.tokenizer import load_tokenizer
+
+    download = tmp_path / "Llama-3.2-1B"
+    shutil.copytree(hf_teacher_dir, download)
+    original = download / "original"
+    original.mkdir()
+    (original / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")
+    (original / "params.json").write_text(json.dumps({"dim": 48, "n_layers": 3}))
+    (original / "consolidated.00.pth").write_bytes(b"PK")
+    above = download / "tokenizer.json"
+    for named in (original / "tokenizer.model", original):
+        with pytest.raises(LetRecipesError, match=f"Fix: tokenizer.path={above} ") as caught:
+            load_tokenizer({"path": str(named)})
+    assert "tiktoken" in str(caught.value) or "tokenizer.model" in str(caught.value)
+    for named in (original, original / "consolidated.00.pth"):
+        with pytest.raises(LetRecipesError, match=f"Meta's original checkpoint .* Fix: teacher.path={download} "):
+            load_teacher({"path": str(named)})
+    # a SentencePiece model with no tokenizer.json anywhere near: what it is, and the conversion
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "tokenizer.model").write_bytes(b"\n\x0f\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    with pytest.raises(LetRecipesError, match="is a SentencePiece model, not a tokenizer.json.*save_pretrained"):
+        load_tokenizer({"path": str(alone / "tokenizer.model")})
+    assert load_tokenizer({"path": str(above)}).vocab_size > 0
