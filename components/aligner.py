@@ -153,7 +153,9 @@ def build_aligner(
             raise ComponentError(f"alignment.loss={cfg.get('loss')!r} compares output distributions over one shared "
                                  "vocabulary, and this teacher reads another tokenizer. Fix: a hidden-state loss "
                                  "(negative_cosine, mse, ...), or a teacher with the student's tokenizer.")
-        return LogitAligner(loss, schedule, vocab_size)
+        aligner = LogitAligner(loss, schedule, vocab_size)
+        rehearse(aligner, cfg, vocab_size, vocab_size, total_steps)
+        return aligner
     layer_map = build("layer_map", layer_map_spec(cfg.get("layer_map", "L2E")), key="alignment.layer_map")
     pairs = layer_map.resolve(student_depth, teacher_depth)
     projectors = nn.ModuleList(
@@ -163,4 +165,98 @@ def build_aligner(
     )
     # mean, not last: measured in docs/results.md (cross-tokenizer LET: 1.21x against none)
     pooling = build("pooling", cfg.get("pooling", "mean"), key="alignment.pooling") if cross_tokenizer else None
-    return Aligner(pairs, projectors, loss, schedule, pooling)
+    aligner = Aligner(pairs, projectors, loss, schedule, pooling)
+    rehearse(aligner, cfg, student_dim, teacher_dim, total_steps)
+    return aligner
+
+
+EXTENDING = "docs/extending.md"
+PROBE_SHAPE = (2, 3)  # [b, s] of the rehearsal's states: small, and s differs from any width
+
+
+def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, total_steps: int) -> None:
+    """One alignment term on random states, before any step, so that a part of one's own
+    (docs/extending.md) that cannot serve fails with its key named instead of in a
+    traceback at step 1, or trains on without effect: the loss must be one finite number
+    through which a gradient reaches the student's states; the projector must give two
+    states of one shape; the schedule must give finite weights >= 0 that are 0 from its
+    ``end_step`` (where the recipe drops the teacher). Parameters keep no gradient and the
+    global random state is not drawn from."""
+    generator = torch.Generator().manual_seed(0)
+    pairs = aligner.pairs or [("logits", "logits")]
+    student = {s: torch.randn(*PROBE_SHAPE, student_dim, generator=generator, requires_grad=True) for s, _ in pairs}
+    targets = {t: torch.randn(*PROBE_SHAPE, teacher_dim, generator=generator) for _, t in pairs}
+    mask = torch.ones(PROBE_SHAPE, dtype=torch.bool)
+    mask[0, -1] = False  # a padded position, as cross-tokenizer runs have
+    loss_name, projector_name = _named(cfg, "loss", "negative_cosine"), _named(cfg, "projector", "linear")
+    for (s, t), projector in zip(aligner.pairs, aligner.projectors):
+        try:
+            out = projector(student[s], targets[t])
+        except Exception as err:
+            raise _failed("alignment.projector", projector_name, err, student_dim, teacher_dim) from err
+        if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, torch.Tensor) for x in out)
+                and out[0].shape == out[1].shape and out[0].shape[:-1] == PROBE_SHAPE):
+            got = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in
+                        (out if isinstance(out, tuple) else (out,)))
+            raise ComponentError(f"alignment.projector={projector_name}: given student states {[*PROBE_SHAPE, student_dim]} "
+                                 f"and teacher states {[*PROBE_SHAPE, teacher_dim]}, it returned {got}. Fix: return "
+                                 f"(student, teacher) states of one shape [b, s, d] ({EXTENDING}).")
+    try:
+        logits = student.get("logits")  # a logit aligner compares whole logits, the teacher's as one tensor
+        value = aligner(student, targets if logits is None else targets["logits"], mask=mask, logits=logits)[0]
+    except ComponentError:
+        raise
+    except Exception as err:
+        raise _failed("alignment.loss", loss_name, err, student_dim, teacher_dim) from err
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not torch.isfinite(value).all():
+        raise ComponentError(f"alignment.loss={loss_name}: on random states it gave {value!r}, not one finite number. "
+                             f"Fix: return a scalar tensor (AlignmentLoss.per_token returns [b, s]; {EXTENDING}).")
+    if not _reaches(value, list(student.values())):
+        width = out[0].shape[-1] if aligner.pairs else student_dim  # the projected states the loss compares
+        pred = torch.randn(*PROBE_SHAPE, width, generator=generator, requires_grad=True)
+        loss_alone = aligner.loss(pred, torch.randn(*PROBE_SHAPE, width, generator=generator), mask)
+        key, name = ("alignment.projector", projector_name) if _reaches(loss_alone, [pred]) else \
+            ("alignment.loss", loss_name)
+        raise ComponentError(f"{key}={name}: no gradient reaches the student's states through it (a .detach(), "
+                             ".item() or torch.no_grad inside?), so LET would train nothing. Fix: keep the student's "
+                             f"side differentiable ({EXTENDING}).")
+    _rehearse_schedule(aligner.schedule, _named(cfg, "schedule", "linear"), total_steps)
+
+
+def _reaches(value: torch.Tensor, inputs: List[torch.Tensor]) -> bool:
+    """Whether a non-zero gradient flows from ``value`` back to any of ``inputs``."""
+    if not value.requires_grad:
+        return False
+    grads = torch.autograd.grad(value.sum(), inputs, allow_unused=True)
+    return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def _rehearse_schedule(schedule: Any, name: str, total_steps: int) -> None:
+    if getattr(schedule, "measuring", None) is not None:
+        return  # its weight is measured during the run (auto); auto_weight.py checks its own
+    end = getattr(schedule, "end_step", None)
+    for step in sorted({0, 1, total_steps // 2, max(0, total_steps - 1)} | ({end} if end is not None else set())):
+        try:
+            weight = float(schedule(step))
+        except Exception as err:
+            raise ComponentError(f"alignment.schedule={name}: lambda({step}) failed ({type(err).__name__}: {err}). "
+                                 f"Fix: __call__(step) returns a number ({EXTENDING}).") from err
+        if not weight >= 0 or weight == float("inf"):
+            raise ComponentError(f"alignment.schedule={name}: lambda({step}) = {weight}; a weight is a finite number "
+                                 ">= 0. Fix: the schedule's __call__.")
+        if end is not None and step >= end and weight != 0:
+            raise ComponentError(f"alignment.schedule={name}: end_step is {end} (the teacher is dropped there) but "
+                                 f"lambda({step}) = {weight}. Fix: return 0 from end_step on, or set end_step to None "
+                                 "(the teacher stays to the end).")
+
+
+def _named(cfg: Any, key: str, default: str) -> str:
+    spec = cfg.get(key, default)
+    return str(spec.get("_component_", spec) if hasattr(spec, "get") else spec)
+
+
+def _failed(key: str, name: str, err: Exception, student_dim: int, teacher_dim: int) -> ComponentError:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return ComponentError(f"{key}={name} failed on random states (student {[*PROBE_SHAPE, student_dim]}, teacher "
+                          f"{[*PROBE_SHAPE, teacher_dim]}): {type(err).__name__}: {first}. Fix: the component's code "
+                          f"({EXTENDING} shows the interface).")

@@ -5,7 +5,7 @@ from letrecipes.components.aligner import Aligner
 from letrecipes.components.alignment import MSE, NegativeCosine, NormalizedMSE, SmoothL1
 from letrecipes.components.models import ModelArgs, build_model, forward_with_hidden
 from letrecipes.components.projectors import IdentityProjector, InterpolateProjector, LinearProjector, MLPProjector
-from letrecipes.components.schedules import Constant
+from letrecipes.components.schedules import Constant, LinearDecay
 
 
 def test_projectors_map_to_comparable_shapes():
@@ -78,3 +78,80 @@ def test_alignment_gradient_reaches_only_blocks_up_to_k():
     assert student.tok_embeddings.weight.grad.abs().sum() > 0
     assert student.norm.scale.grad is None
     assert aligner.projectors[0].proj.weight.grad is not None
+
+
+# Parts of one's own that cannot serve LET, each refused by build_aligner's rehearsal with its key
+class _LossPerFeature(NegativeCosine):
+    def per_token(self, pred, target):
+        return (pred - target) ** 2  # forgot to reduce the feature dimension
+
+
+class _LossDetached(NegativeCosine):
+    def per_token(self, pred, target):
+        return ((pred - target) ** 2).mean(-1).detach()
+
+
+class _LossNumber(NegativeCosine):
+    def per_token(self, pred, target):
+        return 0.5
+
+
+class _ProjectorDetaching(LinearProjector):
+    def forward(self, h_student, h_teacher):
+        return self.proj(h_student.detach()), h_teacher
+
+
+class _ProjectorOneTensor(LinearProjector):
+    def forward(self, h_student, h_teacher):
+        return self.proj(h_student)
+
+
+class _ScheduleThatNeverEnds(LinearDecay):
+    def __call__(self, step):
+        return self.lambda0  # while end_step says the teacher is dropped
+
+
+class _ScheduleOfNothing(Constant):
+    def __call__(self, step):
+        return None if step else self.lambda0
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"loss": f"{__name__}._LossPerFeature"}, r"alignment.loss: _LossPerFeature.per_token returned shape \[2, 3, 24\]"),
+    ({"loss": f"{__name__}._LossNumber"}, "per_token returned a float"),
+    ({"loss": f"{__name__}._LossDetached"}, "alignment.loss=.*_LossDetached: no gradient reaches the student"),
+    ({"projector": f"{__name__}._ProjectorDetaching"}, "alignment.projector=.*_ProjectorDetaching: no gradient"),
+    ({"projector": f"{__name__}._ProjectorOneTensor"}, r"alignment.projector=.*it returned \(\(2, 3, 24\),\)"),
+    ({"schedule": {"_component_": f"{__name__}._ScheduleThatNeverEnds", "stop": 10}},
+     r"end_step is 10 \(the teacher is dropped there\) but lambda\(10\) = 0.1"),
+    ({"schedule": f"{__name__}._ScheduleOfNothing"}, r"lambda\(1\) failed \(TypeError"),
+])
+def test_a_part_of_ones_own_that_cannot_serve_is_refused_before_training(section, message):
+    """A traceback at step 1, or worse a run in which LET trains nothing (a detached loss),
+    becomes one error naming the key, from a rehearsal on random states at build time."""
+    from letrecipes.components.aligner import build_aligner
+    from letrecipes.components.registry import ComponentError
+
+    with pytest.raises(ComponentError, match=message):
+        build_aligner(section, student_dim=16, student_depth=4, teacher_dim=24, teacher_depth=2, total_steps=100)
+
+
+@pytest.mark.parametrize("kind, names", [("alignment_loss", "loss"), ("projector", "projector"), ("schedule", "schedule")])
+def test_every_built_in_part_passes_the_rehearsal(kind, names, monkeypatch):
+    """...and the rehearsal leaves no gradient behind and draws nothing from the run's random stream."""
+    from letrecipes.components import aligner as aligner_module
+    from letrecipes.components.registry import registered
+
+    def build(name):
+        torch.manual_seed(0)
+        built = aligner_module.build_aligner({names: name}, student_dim=16, student_depth=4,
+                                             teacher_dim=16 if name == "identity" else 24, teacher_depth=2,
+                                             total_steps=100, vocab_size=50)
+        return built, torch.random.get_rng_state()
+
+    for name in registered(kind):
+        aligner, after = build(name)
+        assert all(p.grad is None for p in aligner.parameters())
+        with monkeypatch.context() as patch:
+            patch.setattr(aligner_module, "rehearse", lambda *args: None)
+            assert torch.equal(build(name)[1], after)
