@@ -182,11 +182,17 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
     states of one shape; the schedule must give finite weights >= 0 that are 0 from its
     ``end_step`` (where the recipe drops the teacher). Parameters keep no gradient and the
     global random state is not drawn from."""
+    # a dry run builds on the meta device: shapes and the gradient's path are checked, values cannot be
+    device = next(aligner.parameters(), torch.empty(0)).device
     generator = torch.Generator().manual_seed(0)
+
+    def states(width: int, grad: bool = False) -> torch.Tensor:
+        return torch.randn(*PROBE_SHAPE, width, generator=generator).to(device).requires_grad_(grad)
+
     pairs = aligner.pairs or [("logits", "logits")]
-    student = {s: torch.randn(*PROBE_SHAPE, student_dim, generator=generator, requires_grad=True) for s, _ in pairs}
-    targets = {t: torch.randn(*PROBE_SHAPE, teacher_dim, generator=generator) for _, t in pairs}
-    mask = torch.ones(PROBE_SHAPE, dtype=torch.bool)
+    student = {s: states(student_dim, grad=True) for s, _ in pairs}
+    targets = {t: states(teacher_dim) for _, t in pairs}
+    mask = torch.ones(PROBE_SHAPE, dtype=torch.bool, device=device)
     mask[0, -1] = False  # a padded position, as cross-tokenizer runs have
     loss_name, projector_name = _named(cfg, "loss", "negative_cosine"), _named(cfg, "projector", "linear")
     for (s, t), projector in zip(aligner.pairs, aligner.projectors):
@@ -208,13 +214,13 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
         raise
     except Exception as err:
         raise _failed("alignment.loss", loss_name, err, student_dim, teacher_dim) from err
-    if not isinstance(value, torch.Tensor) or value.numel() != 1 or not torch.isfinite(value).all():
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or (not value.is_meta and not value.isfinite().all()):
         raise ComponentError(f"alignment.loss={loss_name}: on random states it gave {value!r}, not one finite number. "
                              f"Fix: return a scalar tensor (AlignmentLoss.per_token returns [b, s]; {EXTENDING}).")
     if not _reaches(value, list(student.values())):
         width = out[0].shape[-1] if aligner.pairs else student_dim  # the projected states the loss compares
-        pred = torch.randn(*PROBE_SHAPE, width, generator=generator, requires_grad=True)
-        loss_alone = aligner.loss(pred, torch.randn(*PROBE_SHAPE, width, generator=generator), mask)
+        pred = states(width, grad=True)
+        loss_alone = aligner.loss(pred, states(width), mask)
         key, name = ("alignment.projector", projector_name) if _reaches(loss_alone, [pred]) else \
             ("alignment.loss", loss_name)
         raise ComponentError(f"{key}={name}: no gradient reaches the student's states through it (a .detach(), "
@@ -228,7 +234,7 @@ def _reaches(value: torch.Tensor, inputs: List[torch.Tensor]) -> bool:
     if not value.requires_grad:
         return False
     grads = torch.autograd.grad(value.sum(), inputs, allow_unused=True)
-    return any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    return any(g is not None and (g.is_meta or bool(g.abs().sum() > 0)) for g in grads)
 
 
 def _rehearse_schedule(schedule: Any, name: str, total_steps: int) -> None:

@@ -136,7 +136,7 @@ def test_tokenizer_file_that_does_not_parse(base_overrides, tokenizer_path, tmp_
     (model / "tokenizer.json").write_bytes(Path(tokenizer_path).read_bytes())
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
                        f"tokenizer.path={model / 'config.json'}",
-                       match=f"). Fix: tokenizer.path={model / 'tokenizer.json'} (the tokenizer beside it).")
+                       match=f"). Fix: tokenizer.path={model / 'tokenizer.json'} (the model's tokenizer beside it).")
 
 
 def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, tmp_path):
