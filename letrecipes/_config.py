@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
@@ -92,8 +93,37 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), list(overrides))
     except ValueError as err:
         raise ConfigError(f"{str(err).rstrip('.')}. Fix: write each override as key=value (no spaces around the =), "
-                          "like max_steps=100.") from err
+                          "like max_steps=100, and quote one whose value holds spaces: 'model.attn={a: 1, b: 2}'.") from err
+    except Exception as err:  # the YAML parser's own types, omegaconf's for a key it cannot set
+        raise ConfigError(_override_problem(overrides, err)) from err
     return cfg
+
+
+def _override_problem(overrides: Sequence[str], err: Exception) -> str:
+    """Which override the merge failed on, and why, in one line: each value is read as YAML
+    (omegaconf's dotlist), so ``{a:1}`` (no space after the colon) is no mapping."""
+    try:  # the loader omegaconf reads override values with (it moved between releases)
+        from omegaconf._yaml import get_yaml_loader
+    except ImportError:
+        from omegaconf._utils import get_yaml_loader
+    for override in overrides:
+        key, _, value = override.partition("=")
+        try:
+            yaml.load(value, Loader=get_yaml_loader())
+        except yaml.YAMLError as bad:
+            mark = getattr(bad, "problem_mark", None)
+            where = f" at character {mark.column + 1} of the value" if mark is not None else ""
+            if "{" in value:
+                fix = (f"a space after each ':' of a mapping, and the override in shell quotes: "
+                       f"'{key}={{_component_: pairs, pairs: [[2, -1]]}}'")
+            elif "[" in value:
+                fix = f"close each bracket, and the override in shell quotes: '{key}=[[2, -1]]'"
+            else:
+                fix = f"quote the value as a string: '{key}=\"{value}\"'"
+            return (f"the override {override!r} is not valid YAML after the '=': {getattr(bad, 'problem', None) or bad}"
+                    f"{where}. Fix: {fix}.")
+    return (f"the overrides {list(overrides)} cannot be applied: {' '.join(str(err).split())[:300]}. Fix: check each "
+            "key=value against `letrecipes cat <config>`.")
 
 
 def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Sequence[str]]], None]:

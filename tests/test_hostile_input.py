@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from letrecipes.components.corpus import DataWarning
 from letrecipes.components.metrics import read_metrics
-from letrecipes import pretrain
+from letrecipes import let_pretrain, pretrain
 from tests.test_recipes import expect_setup_error, run_let, run_pretrain
 
 
@@ -491,3 +491,17 @@ def test_an_error_line_leaves_in_one_write_even_with_stderr_unbuffered(tmp_path)
     done = subprocess.run([sys.executable, "-c", UNBUFFERED_EXIT, str(log)], capture_output=True, text=True)
     assert done.returncode == 1
     assert log.read_text().splitlines() == [repr(("error: " + "x" * 300 + "\n").encode())]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("alignment.layer_map={_component_:pairs,pairs:[[1,2]]}", "a space after each ':' of a mapping"),
+    ("max_steps=[1,2", "close each bracket"),
+    ("data.source=*.parquet", "quote the value as a string: 'data.source=\"*.parquet\"'"),
+])
+def test_an_override_that_is_not_yaml_is_named_with_the_fix(override, message):
+    """omegaconf reads each value as YAML and raised the parser's traceback (``{a:1}``, YAML
+    with no space after the colon, is no mapping; ``*`` begins an alias)."""
+    with pytest.raises(SystemExit) as err:
+        let_pretrain.recipe_main(["--config", "let_tiny", "max_steps=2", override])
+    assert str(err.value.code).startswith(f"error: the override {override!r} is not valid YAML") and \
+        message in str(err.value.code), err.value.code
