@@ -44,8 +44,36 @@ def available_configs() -> List[str]:
     return sorted(names)
 
 
+def torchtune_config_dir() -> Optional[Path]:
+    """Where torchtune keeps its own recipes' configs: ``tune run`` swaps a name like
+    ``llama3_2/1B_full`` for a file there before our recipe sees it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchtune")
+    if spec is None or not spec.origin:
+        return None
+    return Path(spec.origin).resolve().parents[1] / "recipes" / "configs"
+
+
+# Top-level keys of torchtune's recipe configs that ours never have: such a config was written for them.
+TORCHTUNE_KEYS = {"checkpointer", "epochs"}
+
+
+def not_ours(name: str, what: str) -> str:
+    return (f"--config {name} is {what}, written for torchtune's fine-tuning recipes (checkpointer, epochs, ...); "
+            f"letrecipes' recipes do not read it. Fix: one of letrecipes' configs ({', '.join(available_configs())}), or your own "
+            "from `letrecipes cp let_tiny my_run.yaml`.")
+
+
 def resolve_config_path(name: str) -> Path:
     path = Path(name).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--config {name!r} is a folder. Fix: name a YAML file in it, or one of: "
+                          f"{', '.join(available_configs())}.")
+    torchtune_dir = torchtune_config_dir()
+    if path.is_file() and torchtune_dir is not None and path.resolve().is_relative_to(torchtune_dir):
+        raise ConfigError(not_ours(repr(str(path.resolve().relative_to(torchtune_dir).with_suffix(''))),
+                                   "one of torchtune's own configs"))
     if path.is_file():
         return path
     if path.suffix not in (".yaml", ".yml") and "/" not in name:
@@ -86,6 +114,8 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"--config {str(path)!r} is not valid YAML: {problem}. Fix: {fix}.") from err
     if not isinstance(yaml, DictConfig):
         raise ConfigError(f"--config {str(path)!r} must hold a mapping at the top level.")
+    if TORCHTUNE_KEYS <= set(yaml.keys()):
+        raise ConfigError(not_ours(repr(str(path)), "a torchtune config"))
     for override in overrides:
         if override.partition("=")[0].strip() == "" and "=" in override:
             raise ConfigError(f"the override {override!r} has no key. Fix: write key=value, like max_steps=100.")

@@ -505,3 +505,21 @@ def test_an_override_that_is_not_yaml_is_named_with_the_fix(override, message):
         let_pretrain.recipe_main(["--config", "let_tiny", "max_steps=2", override])
     assert str(err.value.code).startswith(f"error: the override {override!r} is not valid YAML") and \
         message in str(err.value.code), err.value.code
+
+
+def test_a_torchtune_config_or_a_folder_as_config_is_named_for_what_it_is(tmp_path):
+    """`tune run` swaps `--config llama3_2/1B_full` for torchtune's own file: it was refused as
+    "max_steps is missing"; a copy of it (`tune cp`) likewise; a folder was "no such file"."""
+    from letrecipes._config import torchtune_config_dir
+
+    ours = torchtune_config_dir() / "llama3_2" / "1B_full.yaml"
+    copy = tmp_path / "my_llama.yaml"
+    copy.write_text(ours.read_text())
+    for config, named in ((ours, "'llama3_2/1B_full' is one of torchtune's own configs"),
+                          (copy, f"{str(copy)!r} is a torchtune config")):
+        with pytest.raises(SystemExit) as err:
+            pretrain.recipe_main(["--config", str(config)])
+        assert str(err.value.code).startswith(f"error: --config {named}, written for torchtune's") and \
+            "letrecipes cp let_tiny my_run.yaml" in str(err.value.code)
+    with pytest.raises(SystemExit, match="is a folder. Fix: name a YAML file in it"):
+        pretrain.recipe_main(["--config", str(tmp_path)])
