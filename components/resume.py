@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -38,7 +38,10 @@ CHANGEABLE = (
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
 ABSENT = "<absent>"
 # what run_info.json records besides the config: the tokenizer's content and the prepared corpus's token counts
-FINGERPRINTS = {"tokenizer fingerprint": "tokenizer_fingerprint", "data fingerprint": "data_fingerprint"}
+FINGERPRINTS = {"tokenizer fingerprint": "tokenizer_fingerprint", "data fingerprint": "data_fingerprint",
+                "teacher fingerprint": "teacher_fingerprint"}
+# a key that only says where something lies, and the fingerprint that vouches for its content
+LOCATIONS = {"data.source": "data_fingerprint", "data.sources": "data_fingerprint", "teacher.path": "teacher_fingerprint"}
 IGNORED = ("resume", "overwrite", "init_from")  # how this launch started, not what the run is
 
 
@@ -95,16 +98,19 @@ def same_component(key: str, old: Any, new: Any) -> bool:
         return False
 
 
-def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str, Any, Any]]]:
+def check(checkpoint: Path, current: Dict[str, Any], settled: Iterable[str] = ()) -> Optional[List[Tuple[str, Any, Any]]]:
     """The changes a resume from ``checkpoint`` applies; raises :class:`ResumeChangeError`
-    listing the ones that would make it another run. None when the checkpoint carries no
-    record of its config (written before run_info.json existed)."""
+    listing the ones that would make it another run. ``settled``: keys that no longer shape
+    the run at the checkpoint's step (the teacher's content past S_stop): applied and
+    logged, not refused. None when the checkpoint carries no record of its config (written
+    before run_info.json existed)."""
     try:
         saved = json.loads((Path(checkpoint) / "run_info.json").read_text())
     except (OSError, ValueError):
         return None
     changes = differences(saved, current)
-    refused = [c for c in changes if not changeable(c[0]) and not (saved.get("data_fingerprint") and moved(*c))]
+    refused = [c for c in changes if not changeable(c[0]) and c[0] not in settled
+               and not (c[0] in LOCATIONS and saved.get(LOCATIONS[c[0]]) and moved(*c))]
     if refused:
         listed = "; ".join(f"{k} {_short(a)} -> {_short(b)}" for k, a, b in refused[:8])
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
@@ -116,15 +122,20 @@ def check(checkpoint: Path, current: Dict[str, Any]) -> Optional[List[Tuple[str,
                "(a file edited, added or removed), so the data position saved would point into other text; to go on "
                f"with new data, export it (letrecipes export {checkpoint} <folder>) and start a new run with "
                "init_from=<folder>."
-               if any(k == "data fingerprint" for k, _, _ in refused) else ""))
+               if any(k == "data fingerprint" for k, _, _ in refused) else "")
+            + (" The teacher fingerprint samples the teacher's files: they changed since (retrained or replaced at "
+               "that path), so the rest of the run would be guided by another model; point teacher.path at the one "
+               "the run began with."
+               if any(k == "teacher fingerprint" for k, _, _ in refused) else ""))
     return changes
 
 
 def moved(key: str, old: Any, new: Any) -> bool:
     """Whether a change only says where the data lies (another mount, a node's scratch disk):
     ``data.source``, or the ``source`` of mixture entries that are otherwise the same. With
-    the corpus's content on record (the data fingerprint), that is no other run."""
-    if key == "data.source":
+    the corpus's content on record (the data fingerprint), that is no other run; so for
+    ``teacher.path`` with the teacher's (the teacher fingerprint)."""
+    if key in ("data.source", "teacher.path"):
         return True
     if key != "data.sources" or not (isinstance(old, list) and isinstance(new, list)) or len(old) != len(new):
         return False

@@ -23,6 +23,7 @@ A path may name a file shipped inside an installed Python package as
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -316,6 +317,32 @@ def describe_teacher(section: Mapping[str, Any], key: str = "teacher") -> Option
         return fmt.describe(path)
     except NotImplementedError:
         return None
+
+
+# The files that make a teacher what it is (weights, configs, tokenizer); a download's hidden
+# bookkeeping (.cache/huggingface with its timestamps) and READMEs are not.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".npz", ".json", ".model")
+SAMPLE_BYTES, SAMPLES = 1 << 20, 10
+
+
+def content_fingerprint(path: Union[str, Path]) -> str:
+    """A fingerprint of a teacher's files that changes when they are retrained or replaced
+    at the same path, read in milliseconds whatever their size: each model file's name, size
+    and ``SAMPLES`` blocks of ``SAMPLE_BYTES`` spread over it (its header, its first and
+    last tensors and eight between; a retrained model differs in all of them)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    digest = hashlib.sha256()
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if file != path else file.name}|{size}|".encode())
+        with open(file, "rb") as f:
+            for i in range(SAMPLES):
+                f.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+                digest.update(f.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",

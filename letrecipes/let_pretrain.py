@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Any, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._config import parse, run
-from letrecipes.components import parallel
+from letrecipes.components import parallel, registry
+from letrecipes.components.checkpointing import STEP_PREFIX, read_marker
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import ModelArgs, forward_with_hidden, forward_with_loss, nll_loss
 from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable, spread_indices
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.teachers import (TeacherError, describe_teacher, existing_path, load_teacher,
-                                            load_teacher_sharded, teacher_format, tokenizer_file)
+from letrecipes.components.teachers import (TeacherError, content_fingerprint, describe_teacher, existing_path,
+                                            load_teacher, load_teacher_sharded, teacher_format, tokenizer_file)
 from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 
@@ -83,6 +85,20 @@ class LETPretrainRecipe(PretrainRecipe):
                     "the tokenizers differ; alignment.cross_tokenizer=auto)"))
         return CrossTokenizerCollate(self.tokenizer.hf, teacher_tokenizer.hf, teacher_context=None,
                                      teacher_eos_id=teacher_tokenizer.eos_id)
+
+    def fingerprints(self) -> Dict[str, str]:
+        if not self.cfg.teacher.get("path"):
+            return {}  # load_teacher names the missing key
+        return {"teacher_fingerprint": content_fingerprint(existing_path(self.cfg.teacher.path, key="teacher.path"))}
+
+    def settled_at(self, checkpoint: Path) -> List[str]:
+        named = (read_marker(checkpoint) or {}).get("step_folder", checkpoint.name)  # a copy may be renamed
+        if not (named.startswith(STEP_PREFIX) and named[len(STEP_PREFIX):].isdigit()):
+            return []
+        step = int(named[len(STEP_PREFIX):])
+        end = registry.build("schedule", self.cfg.alignment.get("schedule", "linear"), key="alignment.schedule",
+                             total_steps=self.max_steps).end_step
+        return ["teacher fingerprint"] if end is not None and step >= end else []
 
     def setup_extra(self) -> None:
         cfg = self.cfg

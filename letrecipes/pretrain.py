@@ -156,8 +156,10 @@ class PretrainRecipe:
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
         if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
             load_initial_weights(str(cfg.init_from), self.model, self.model_args, self.tokenizer, log=self.log)
+        self.run_info.update(self.fingerprints())
         # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
-        changes = resume.check(resume_from, self.run_info) if resume_from is not None else None
+        changes = resume.check(resume_from, self.run_info, self.settled_at(resume_from)) \
+            if resume_from is not None else None
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})
         self.setup_extra()
@@ -318,6 +320,16 @@ class PretrainRecipe:
             fsdp_options=fsdp_options, seed=int(cfg.seed), init_std=cfg.model.get("init_std", 0.02), mesh=self.mesh)
         if self.mp_policy is not None:  # FSDP2 casts parameters itself; no autocast on top
             self.autocast_dtype = None
+
+    def fingerprints(self) -> Dict[str, str]:
+        """Hook for subclasses: fingerprints of more inputs the run reads (LET's teacher), recorded in
+        run_info.json so that a resume on changed ones is refused (components/resume.py)."""
+        return {}
+
+    def settled_at(self, checkpoint: Path) -> List[str]:
+        """Hook for subclasses: what no longer shapes the run from this checkpoint's step on
+        (LET's teacher past S_stop), so that a resume may find it changed."""
+        return []
 
     def setup_extra(self) -> None:
         """Hook for subclasses: build more parts (a teacher, an aligner) before the optimizer."""

@@ -331,3 +331,32 @@ def test_a_torchtune_metric_logger_in_the_yaml_receives_the_let_metrics(let_over
     assert all(f" {key}:" in " " + lines[0] for key in ("loss", "nll", "align_loss", "lambda", "cosine"))
     assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 3  # still written
 
+
+
+def test_resume_notices_a_teacher_retrained_in_place_until_s_stop(let_overrides, teacher_dir, tmp_path, capsys):
+    """The teacher's files are fingerprinted (run_info.json) like the tokenizer and the data:
+    the same teacher at another path resumes; one retrained at its path is refused while it
+    still guides the run, and only logged from S_stop on, where it guides nothing."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    teacher, moved = tmp_path / "teacher", tmp_path / "moved"
+    shutil.copytree(teacher_dir, teacher)
+    shutil.copytree(teacher_dir, moved)
+    run = tmp_path / "run"
+    common = [*let_overrides, f"output_dir={run}", "max_steps=6", "save_every=2", "keep_last_checkpoints=3",
+              "eval_every=0", "alignment.schedule._component_=linear", "alignment.schedule.stop=4"]
+    run_let(*common, f"teacher.path={teacher}")
+    checkpoints = run / "checkpoints"
+    run_let(*common, f"teacher.path={moved}", f"resume={checkpoints / 'step_00000002'}")
+    assert 'resume: teacher.path "' in capsys.readouterr().out
+    weights = teacher / "model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    before = (checkpoints / "step_00000002" / "run_info.json").read_bytes()
+    expect_setup_error(run_let, *common, f"teacher.path={teacher}", f"resume={checkpoints / 'step_00000002'}",
+                       match="was written by a different run: teacher fingerprint ")
+    assert (checkpoints / "step_00000002" / "run_info.json").read_bytes() == before
+    capsys.readouterr()
+    run_let(*common, f"teacher.path={teacher}", f"resume={checkpoints / 'step_00000004'}")
+    assert "resume: teacher fingerprint " in capsys.readouterr().out
