@@ -114,6 +114,13 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"--config {str(path)!r} is not valid YAML: {problem}. Fix: {fix}.") from err
     if not isinstance(yaml, DictConfig):
         raise ConfigError(f"--config {str(path)!r} must hold a mapping at the top level.")
+    if not yaml:
+        raise ConfigError(f"--config {str(path)!r} is empty. Fix: start from a shipped one: `letrecipes cp let_tiny "
+                          f"{path}`.")
+    if "defaults" in yaml:
+        raise ConfigError(f"--config {str(path)!r} has `defaults:`, Hydra's composition of configs, which torchtune-style "
+                          "configs do not have. Fix: copy the config it builds on (`letrecipes cp let_tiny my_run.yaml`) "
+                          "and edit the copy, or give changes as key=value overrides.")
     if TORCHTUNE_KEYS <= set(yaml.keys()):
         raise ConfigError(not_ours(repr(str(path)), "a torchtune config"))
     for override in overrides:

@@ -141,6 +141,11 @@ def validate_eval(cfg: DictConfig) -> None:
 
 
 def _unknown(key: str, known, where: str) -> ConfigValueError:
+    if key == "_component_":  # torchtune's configs build their tokenizer and dataset from components
+        return ConfigValueError(f"config key {where}{key}: the {where.rstrip('.') or 'top'} section builds no component "
+                                f"here (its keys: {', '.join(sorted(known))}). Fix: remove it"
+                                + ("; the tokenizer is a Hugging Face tokenizer.json named by tokenizer.path (torchtune's "
+                                   "tokenizer.model files: docs/guide.md)." if where == "tokenizer." else "."))
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" Did you mean {where}{close[0]}?" if close else f" Known keys: {', '.join(sorted(known))}."
     return ConfigValueError(f"config key {where}{key} is unknown.{hint} Fix: correct or remove it.")

@@ -126,7 +126,7 @@ def _main(argv=None) -> int:
             destination = Path(args.destination)
             if destination.is_dir():
                 destination = destination / source.name
-            if destination.exists():
+            if destination.exists() and not (destination.is_file() and destination.stat().st_size == 0):
                 sys.exit(f"error: {destination} exists; not overwriting it. Fix: choose another destination.")
             if not destination.parent.is_dir():
                 sys.exit(f"error: cp: the folder {destination.parent} does not exist. Fix: create it first "

@@ -523,3 +523,24 @@ def test_a_torchtune_config_or_a_folder_as_config_is_named_for_what_it_is(tmp_pa
             "letrecipes cp let_tiny my_run.yaml" in str(err.value.code)
     with pytest.raises(SystemExit, match="is a folder. Fix: name a YAML file in it"):
         pretrain.recipe_main(["--config", str(tmp_path)])
+
+
+def test_an_empty_config_hydra_defaults_and_a_tokenizer_component_are_named(tmp_path, capsys):
+    """Each used to end as "output_dir is missing" (or "unknown key"): a torchtune or Hydra
+    habit gets the line that says what letrecipes does instead."""
+    from letrecipes import cli
+
+    empty, hydra = tmp_path / "empty.yaml", tmp_path / "hydra.yaml"
+    empty.write_text("")
+    hydra.write_text("defaults:\n  - let_tiny\nmax_steps: 3\n")
+    for config, message in ((empty, "is empty. Fix: start from a shipped one: `letrecipes cp let_tiny"),
+                            (hydra, "has `defaults:`, Hydra's composition")):
+        with pytest.raises(SystemExit) as err:
+            pretrain.recipe_main(["--config", str(config)])
+        assert message in str(err.value.code), err.value.code
+    cli.main(["cp", "let_tiny", str(empty)])  # the fix works: an empty file holds nothing to keep
+    assert "max_steps" in empty.read_text()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "tokenizer._component_=torchtune.models.llama3.llama3_tokenizer"])
+    assert "the tokenizer section builds no component here" in str(err.value.code)
+
