@@ -120,3 +120,39 @@ def test_epoch_sampler_matches_torchdatas_order_state_and_resume():
             resumed.set_epoch(2)
             resumed.load_state_dict(theirs.state_dict())
             assert list(resumed) == list(it_theirs)
+
+
+def test_a_corpus_too_large_for_a_permutation_table_is_shuffled_without_one(monkeypatch):
+    """Above PERMUTATION_TABLE_MAX sequences the epoch's order is computed index by index
+    (here from 0, in chunks of 16): every rank's share is disjoint, together they are the
+    epoch, the order is the seed's and the epoch's, and a resume mid-chunk goes on exactly."""
+    from letrecipes.components import data
+    from letrecipes.components.data import EpochSampler, IndexPermutation
+
+    monkeypatch.setattr(data, "PERMUTATION_TABLE_MAX", 0)
+    monkeypatch.setattr(data, "PERMUTATION_CHUNK", 16)
+    for n in (1, 2, 3, 17, 64, 1000, 4097):
+        assert sorted(IndexPermutation(n, seed=5).take(np.arange(n)).tolist()) == list(range(n))
+
+    class Sized:
+        def __len__(self):
+            return 1001
+
+    def sampler(rank, seed=7, epoch=0):
+        made = EpochSampler(Sized(), num_replicas=3, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        made.set_epoch(epoch)
+        return made
+
+    shares = [list(sampler(rank)) for rank in range(3)]
+    assert all(len(share) == 333 for share in shares)
+    everything = [i for share in shares for i in share]
+    assert len(set(everything)) == 999 and all(0 <= i < 1001 for i in everything)
+    assert shares[0] == list(sampler(0)) and shares[0] != list(sampler(0, epoch=1))
+    assert list(sampler(0, seed=8)) == list(sampler(0, epoch=1))  # seeded by seed + epoch, as torchdata's
+    assert shares[0] != sorted(shares[0])  # shuffled
+    first = sampler(1)
+    read = iter(first)
+    head = [next(read) for _ in range(37)]
+    resumed = sampler(1)
+    resumed.load_state_dict(first.state_dict())
+    assert head + list(resumed) == shares[1]
