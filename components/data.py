@@ -27,6 +27,11 @@ from letrecipes.components.prepare import cached_prepare, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
 
+# Shard files a process keeps open at once (each dataloader worker as many): well under the
+# usual soft limit of 1,024 descriptors, with room for the rest of the process.
+MAX_OPEN_SHARDS = 128
+
+
 class TokenShards:
     """A prepared folder's shards as one read-only token array: ``len()`` and slices.
 
@@ -35,7 +40,9 @@ class TokenShards:
     corpus (measured: 80 random sequences of a 400 MB shard folder mapped 134 MB, the
     kernel's read-around), while a read leaves nothing behind but the OS page cache, which
     the kernel reclaims. File handles are opened per process on first use (never pickled
-    into dataloader workers).
+    into dataloader workers), at most ``MAX_OPEN_SHARDS`` at a time, the least recently read
+    closed first: a 1 T-token corpus has some 100,000 shards, and a shuffled epoch touches
+    them all (``ulimit -n`` is often 1,024).
     """
 
     def __init__(self, folder: Union[str, Path], tokenizer: Optional[Tokenizer] = None, key: str = "data.source"):
@@ -52,11 +59,18 @@ class TokenShards:
     def __len__(self) -> int:
         return self.starts[-1]
 
+    def _fd(self, shard: int) -> int:
+        fd = self._fds.pop(shard, None)
+        if fd is None:
+            if len(self._fds) >= MAX_OPEN_SHARDS:
+                os.close(self._fds.pop(next(iter(self._fds))))  # dicts keep insertion order: the least recent
+            fd = os.open(self.files[shard], os.O_RDONLY)
+        self._fds[shard] = fd  # (re)inserted last: the most recently read
+        return fd
+
     def _read(self, shard: int, start: int, stop: int) -> np.ndarray:
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
         size = self.dtype.itemsize
-        data = os.pread(self._fds[shard], (stop - start) * size, start * size)
+        data = os.pread(self._fd(shard), (stop - start) * size, start * size)
         if len(data) != (stop - start) * size:
             raise DataError(f"data.source: {self.files[shard]} is shorter than its manifest says (it changed after "
                             "the run started). Fix: rerun the prepare command that made it.")

@@ -172,6 +172,27 @@ def three_shards(tokenizer_path, tmp_path):
     return TokenShards(tmp_path / "prepared", tok)
 
 
+def test_a_shuffled_epoch_over_more_shards_than_open_files_keeps_few_open(three_shards, monkeypatch):
+    """A 1 T-token corpus has some 100,000 shards and ``ulimit -n`` is often 1,024: the
+    handles kept are the most recently read, at most MAX_OPEN_SHARDS (here 2 of 3)."""
+    from letrecipes.components import data
+
+    expected = three_shards[0:len(three_shards)].copy()
+    monkeypatch.setattr(data, "MAX_OPEN_SHARDS", 2)
+    fresh = data.TokenShards(three_shards.folder)
+    rng = np.random.default_rng(0)
+    for start in rng.integers(0, len(fresh) - 50, 300):
+        np.testing.assert_array_equal(fresh[start:start + 50], expected[start:start + 50])
+        assert len(fresh._fds) <= 2
+    fresh[0:1]
+    assert list(fresh._fds)[-1] == 0  # the shard just read is the last to be closed
+    opened = set(fresh._fds.values())
+    del fresh
+    for fd in opened:  # closed with the object
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 def test_slices_across_shard_boundaries(three_shards):
     whole = np.concatenate([np.fromfile(f, dtype=three_shards.dtype) for f in three_shards.files])
     for start, stop in [(0, 5), (three_shards.starts[1] - 3, three_shards.starts[1] + 4),
