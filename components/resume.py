@@ -98,15 +98,22 @@ def same_component(key: str, old: Any, new: Any) -> bool:
         return False
 
 
+def saved_run_info(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    """The run_info.json a checkpoint was written with; None for one written before it existed."""
+    try:
+        return json.loads((Path(checkpoint) / "run_info.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def check(checkpoint: Path, current: Dict[str, Any], settled: Iterable[str] = ()) -> Optional[List[Tuple[str, Any, Any]]]:
     """The changes a resume from ``checkpoint`` applies; raises :class:`ResumeChangeError`
     listing the ones that would make it another run. ``settled``: keys that no longer shape
     the run at the checkpoint's step (the teacher's content past S_stop): applied and
     logged, not refused. None when the checkpoint carries no record of its config (written
     before run_info.json existed)."""
-    try:
-        saved = json.loads((Path(checkpoint) / "run_info.json").read_text())
-    except (OSError, ValueError):
+    saved = saved_run_info(checkpoint)
+    if saved is None:
         return None
     changes = differences(saved, current)
     refused = [c for c in changes if not changeable(c[0]) and c[0] not in settled

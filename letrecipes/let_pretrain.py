@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from letrecipes._config import parse, run
 from letrecipes.components import parallel, registry
 from letrecipes.components.checkpointing import STEP_PREFIX, read_marker
+from letrecipes.components.resume import saved_run_info
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
@@ -44,6 +45,12 @@ class LETPretrainRecipe(PretrainRecipe):
                       ("rho_measured", ".3g"), ("cosine", ".3f"), *PretrainRecipe.console_fields[2:])
 
     def setup_data(self) -> None:
+        self.teacher_shape = self._shape_past_stop()
+        if self.teacher_shape is not None:  # resumed past S_stop: plain pretraining, the teacher is not read
+            self.log(f"resume: {self.resume_from.name} is past S_stop; the teacher is not loaded (its shape for the "
+                     f"aligner's saved state comes from the checkpoint's run_info.json: {self.teacher_shape})")
+            super().setup_data()
+            return
         # The teacher's config.json or GGUF header is read now, not after hours of preparing data: an
         # unsupported family, too short a context or too small a vocabulary stops the run here.
         described = self.described_teacher()
@@ -87,24 +94,43 @@ class LETPretrainRecipe(PretrainRecipe):
                                      teacher_eos_id=teacher_tokenizer.eos_id)
 
     def fingerprints(self) -> Dict[str, str]:
-        if not self.cfg.teacher.get("path"):
-            return {}  # load_teacher names the missing key
+        if not self.cfg.teacher.get("path") or self.teacher_shape is not None:
+            return {}  # load_teacher names a missing key; past S_stop the teacher's files are not read
         return {"teacher_fingerprint": content_fingerprint(existing_path(self.cfg.teacher.path, key="teacher.path"))}
 
     def settled_at(self, checkpoint: Path) -> List[str]:
+        return ["teacher fingerprint"] if self._past_stop(checkpoint) else []
+
+    def _past_stop(self, checkpoint: Optional[Path]) -> bool:
+        """Whether ``checkpoint`` was written at or after S_stop (lambda 0 from there on)."""
+        if checkpoint is None:
+            return False
         named = (read_marker(checkpoint) or {}).get("step_folder", checkpoint.name)  # a copy may be renamed
         if not (named.startswith(STEP_PREFIX) and named[len(STEP_PREFIX):].isdigit()):
-            return []
-        step = int(named[len(STEP_PREFIX):])
+            return False
         end = registry.build("schedule", self.cfg.alignment.get("schedule", "linear"), key="alignment.schedule",
                              total_steps=self.max_steps).end_step
-        return ["teacher fingerprint"] if end is not None and step >= end else []
+        return end is not None and int(named[len(STEP_PREFIX):]) >= end
+
+    def _shape_past_stop(self) -> Optional[Dict[str, Any]]:
+        """The teacher's shape as the checkpoint resumed from recorded it, when that is past
+        S_stop: the aligner is rebuilt from it to load its saved state, and the teacher (a
+        file that may no longer be on this node) is not read. None otherwise, and for a
+        checkpoint written before the shape was recorded."""
+        if not self._past_stop(self.resume_from):
+            return None
+        return (saved_run_info(self.resume_from) or {}).get("teacher_shape")
 
     def setup_extra(self) -> None:
         cfg = self.cfg
         self.placement = cfg.teacher.get("placement", "replicated")
         if self.placement not in ("replicated", "sharded"):
             raise RecipeError(f"teacher.placement={self.placement!r}: use replicated or sharded.")
+        if self.teacher_shape is not None:
+            self.teacher = None
+            self.run_info["teacher_shape"] = self.teacher_shape  # for the next resume
+            self.aligner = self._build_aligner(**self.teacher_shape)
+            return
         section = OmegaConf.to_container(cfg.teacher, resolve=True)
         compile_teacher = bool(cfg.teacher.get("compile", False))
         if self.placement == "sharded" and self.fsdp:
@@ -122,15 +148,9 @@ class LETPretrainRecipe(PretrainRecipe):
             if compile_teacher:
                 parallel.compile_blocks(self.teacher.model)
         self._check_teacher()
-        self.aligner = build_aligner(
-            cfg.alignment,
-            student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
-            teacher_dim=self.teacher.width, teacher_depth=self.teacher.depth, total_steps=self.max_steps,
-            vocab_size=self.tokenizer.vocab_size, cross_tokenizer=self.collate is not None,
-        ).to(self.device)
-        if self.fsdp:
-            parallel.shard_module(self.aligner, self.mp_policy, mesh=self.mesh)
-        self.trainable["aligner"] = self.aligner
+        self.run_info["teacher_shape"] = {"width": self.teacher.width, "depth": self.teacher.depth,
+                                          "cross_tokenizer": self.collate is not None}
+        self.aligner = self._build_aligner(**self.run_info["teacher_shape"])
         if self.loss_chunk_tokens and self.aligner.target == "logits":
             self.log(f"loss_chunk_tokens={self.loss_chunk_tokens}: not while the teacher runs (logit distillation "
                      "compares the student's whole logits); from S_stop on, the loss is chunked")
@@ -146,9 +166,21 @@ class LETPretrainRecipe(PretrainRecipe):
                      "step and is never released (LET is an early-phase guide). Fix: a stop within the run, such as "
                      "0.25 (a fraction of max_steps), if that is not meant.")
 
+    def _build_aligner(self, width: int, depth: int, cross_tokenizer: bool):
+        aligner = build_aligner(
+            self.cfg.alignment,
+            student_dim=self.model.tok_embeddings.embedding_dim, student_depth=len(self.model.layers),
+            teacher_dim=width, teacher_depth=depth, total_steps=self.max_steps,
+            vocab_size=self.tokenizer.vocab_size, cross_tokenizer=cross_tokenizer,
+        ).to(self.device)
+        if self.fsdp:
+            parallel.shard_module(aligner, self.mp_policy, mesh=self.mesh)
+        self.trainable["aligner"] = aligner
+        return aligner
+
     def setup(self) -> None:
         super().setup()
-        if self.aligner.finished(self.step):  # resumed past S_stop: the teacher is not needed
+        if self.teacher is not None and self.aligner.finished(self.step):  # resumed past S_stop (an older checkpoint)
             self.release_teacher()
 
     def _check_teacher(self) -> None:
@@ -270,6 +302,8 @@ class LETPretrainRecipe(PretrainRecipe):
         return self._described_teacher
 
     def planned_teacher(self):
+        if self._past_stop(self.resume_from):
+            return None, False  # not loaded (or released at once)
         try:
             args = self.described_teacher()
         except LetRecipesError:  # a missing or broken teacher is reported by its loader, with its fix

@@ -111,6 +111,7 @@ class PretrainRecipe:
         self.eval_every = int(cfg.get("eval_every", 0) or 0)
         self.save_every = int(cfg.get("save_every", 0) or 0)
         self.progress = Progress()
+        self.resume_from: Optional[Path] = None  # the checkpoint this launch resumes from, once setup found it
 
     @property
     def step(self) -> int:
@@ -133,7 +134,7 @@ class PretrainRecipe:
         self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
                                          async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)
         self.checkpointer.lock()  # before looking: another live run could be writing the folder
-        resume_from = self.checkpointer.resume_point(cfg.get("resume", False))
+        resume_from = self.resume_from = self.checkpointer.resume_point(cfg.get("resume", False))
         self.checkpointer.guard(cfg.get("resume", False), overwrite=bool(cfg.get("overwrite", False)))
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
             torch.distributed.barrier()

@@ -272,17 +272,28 @@ def test_wandb_offline_needs_no_network_or_key(base_overrides, tmp_path, monkeyp
     assert list((tmp_path / "new" / "wandb").glob("offline-run-*")), "no offline wandb run was written"
 
 
-def test_resume_after_s_stop_never_runs_the_teacher(let_overrides, tmp_path):
-    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=6", "save_every=4", "alignment.schedule.stop=2")
+def test_resume_after_s_stop_neither_loads_nor_needs_the_teacher(let_overrides, teacher_dir, tmp_path, capsys):
+    """Past S_stop the teacher guides nothing: a resume from there does not read it (a node
+    without its files resumes; the aligner's saved state is rebuilt from the shape in the
+    checkpoint's run_info.json) and goes on exactly as the run that was not stopped."""
     import shutil
 
-    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")
-    run_let(*let_overrides, f"output_dir={tmp_path}", "max_steps=6", "save_every=4", "alignment.schedule.stop=2",
-            "resume=true")
-    records = read_metrics(tmp_path / "metrics.jsonl")
+    teacher, run = tmp_path / "teacher", tmp_path / "run"
+    shutil.copytree(teacher_dir, teacher)
+    common = [*let_overrides, f"output_dir={run}", "max_steps=6", "save_every=4", "alignment.schedule.stop=2",
+              f"teacher.path={teacher}"]
+    run_let(*common)
+    straight = [r["loss"] for r in steps(read_metrics(run / "metrics.jsonl"))]
+    shutil.rmtree(run / "checkpoints" / "step_00000006")
+    shutil.rmtree(teacher)
+    capsys.readouterr()
+    run_let(*common, "resume=true")
+    assert "step_00000004 is past S_stop; the teacher is not loaded" in capsys.readouterr().out
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["loss"] for r in steps(records)] == straight
     after = [r for r in steps(records) if r["step"] > 4]
     assert after and all("teacher_time_share" not in r and r["lambda"] == 0.0 for r in after)
-    assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [2, 4]
+    assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [2]  # the first launch's
 
 
 def test_resume_from_an_explicit_checkpoint_path(base_overrides, tmp_path):
