@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -27,7 +26,7 @@ import torch
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import first_names, replace_atomically
 from letrecipes.components.models import ModelArgs
-from letrecipes.components.progress import elapsed_and_eta
+from letrecipes.components.progress import ByteProgress
 from letrecipes.components.tokenizer import Tokenizer
 
 EXPORT_CONFIG = "config.json"
@@ -38,7 +37,6 @@ EXPORT_FORMAT = "letrecipes"  # the "format" key of exports written before 0.2 (
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_MB = 5 * 1024
-PROGRESS_EVERY_S = 10.0  # an export that takes longer says how far it is, this often (a 7B one takes minutes)
 
 
 class ExportError(LetRecipesError):
@@ -131,7 +129,7 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
                     tokenizer: Optional[Tokenizer], dtype: torch.dtype = torch.bfloat16,
                     max_shard_mb: int = DEFAULT_MAX_SHARD_MB, log: Optional[Callable[[str], None]] = None) -> Path:
     """Write ``tensors`` (our names, any order) as a Hugging Face folder at ``out_dir``,
-    atomically; every ``PROGRESS_EVERY_S`` seconds, a line with the bytes written and an ETA."""
+    atomically; every ``progress.PROGRESS_EVERY_S`` seconds, a line with the bytes written and an ETA."""
     from letrecipes.components.estimate import total_params
 
     out_dir = Path(out_dir)
@@ -143,16 +141,12 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
     writer = ShardedWriter(tmp, max_shard_mb * 2**20)
     log = log or print
     expected = total_params(args) * torch.empty((), dtype=dtype).element_size()
-    start = last = time.perf_counter()
+    progress = ByteProgress("export", f"converted into {out_dir}", expected, log)
     for name, tensor in tensors:
         hf_name, hf_tensor = to_hf(name, tensor.detach().to("cpu", dtype), args)
+        before = writer.total_bytes
         writer.add(hf_name, hf_tensor)
-        if time.perf_counter() - last >= PROGRESS_EVERY_S:
-            last = time.perf_counter()
-            done = writer.total_bytes
-            rate = done / max(last - start, 1e-9)
-            log(f"export: {done / 1e9:.2f} of {expected / 1e9:.2f} GB converted into {out_dir}, {rate / 1e6:,.0f} MB/s, "
-                f"{elapsed_and_eta(last - start, done, expected)}")
+        progress.add(writer.total_bytes - before)
     writer.close()
     (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}

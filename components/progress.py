@@ -53,3 +53,26 @@ def elapsed_and_eta(elapsed: float, done: float, total: float) -> str:
     assumed to go at the rate so far."""
     eta = elapsed * max(0.0, total - done) / done if done > 0 else None
     return f"elapsed {clock(elapsed)}, ETA {clock(eta) if eta is not None else 'unknown'}"
+
+
+PROGRESS_EVERY_S = 10.0  # long work that is not a training step says how far it is, this often
+
+
+class ByteProgress:
+    """``<what>: 3.21 of 15.05 GB <verb>, 210 MB/s, elapsed 15s, ETA 56s`` every
+    ``PROGRESS_EVERY_S`` seconds while ``add`` counts bytes done (an export, loading a
+    teacher: minutes at 7B)."""
+
+    def __init__(self, what: str, verb: str, total_bytes: float, log) -> None:
+        self.what, self.verb, self.total, self.log = what, verb, total_bytes, log
+        self.done = 0.0
+        self.start = self.last = time.perf_counter()
+
+    def add(self, nbytes: float) -> None:
+        self.done += nbytes
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last, elapsed = now, now - self.start
+            scale, unit = (1e9, "GB") if self.total >= 1e9 else (1e6, "MB")
+            self.log(f"{self.what}: {self.done / scale:.2f} of {self.total / scale:.2f} {unit} {self.verb}, "
+                     f"{self.done / max(elapsed, 1e-9) / 1e6:,.0f} MB/s, {elapsed_and_eta(elapsed, self.done, self.total)}")

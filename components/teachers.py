@@ -38,6 +38,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
+from letrecipes.components.progress import ByteProgress
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -416,7 +417,16 @@ def build_frozen(
     with torch.device("meta"):
         model = decoder(args)
     expected = {name: t.shape for name, t in model.state_dict().items()}
-    state = load_state(expected, lambda t: t.to(device=device, dtype=torch_dtype))
+    total = sum(shape.numel() for shape in expected.values()) * torch.empty((), dtype=torch_dtype).element_size()
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    progress = ByteProgress("teacher", "loaded", total, log=print if rank == 0 else (lambda _: None))
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:  # a GGUF teacher dequantizes here: minutes for a large one
+        out = tensor.to(device=device, dtype=torch_dtype)
+        progress.add(out.numel() * out.element_size())
+        return out
+
+    state = load_state(expected, cast)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:

@@ -78,3 +78,17 @@ def test_configs_that_name_the_old_top_level_package_get_the_new_name(base_overr
     message = str(err.value.code)
     assert "'letrecipes.components.models.llama_model'" in message and "'llama'" in message
     assert not Path(tmp_path, "metrics.jsonl").exists()
+
+
+def test_loading_a_large_teacher_says_how_far_it_is(teacher_dir, monkeypatch, capsys):
+    """A GGUF teacher dequantizes tensor by tensor (minutes for an 8B one): every
+    PROGRESS_EVERY_S seconds a line with the bytes loaded of the total and an ETA."""
+    from letrecipes.components import progress
+    from letrecipes.components.teachers import load_teacher
+
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # every tensor
+    teacher = load_teacher({"path": str(teacher_dir), "dtype": "fp32"})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("teacher: ")]
+    assert len(lines) > 5 and all(" MB loaded, " in line and "ETA" in line for line in lines)
+    done, total = (float(x) for x in lines[-1].split("teacher: ")[1].split(" MB")[0].split(" of "))
+    assert done == total == round(sum(p.numel() * 4 for p in teacher.parameters()) / 1e6, 2) > 0
