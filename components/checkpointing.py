@@ -105,6 +105,14 @@ def require_complete(path: Path) -> None:
             "or resume=true for the latest complete one.")
 
 
+def step_of(path: Path) -> Optional[int]:
+    """The step a checkpoint was written at, from the folder name its marker records (a copy
+    may be renamed); None for a folder this project did not name."""
+    named = (read_marker(path) or {}).get("step_folder", path.name)
+    digits = named[len(STEP_PREFIX):] if named.startswith(STEP_PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
 def read_marker(path: Path) -> Optional[Dict[str, Any]]:
     """A checkpoint's COMPLETE marker: its file list and flags, or None for a marker
     written before checksums (version 0.3 and earlier)."""

@@ -10,7 +10,7 @@ This is ``letrecipes/pretrain.py`` plus three things:
 2. ``compute_loss``: ``loss = NLL + lambda(step) * align(P(h_student[k]), h_teacher[L])``,
    teacher and student fed the same token ids;
 3. ``after_step``: once lambda is 0 for good, drop the teacher and free its memory; the
-   rest of the run is exactly plain pretraining.
+   rest of the run is exactly plain pretraining (a run resumed from there never loads it).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._config import parse, run
 from letrecipes.components import parallel, registry
-from letrecipes.components.checkpointing import STEP_PREFIX, read_marker
+from letrecipes.components.checkpointing import step_of
 from letrecipes.components.resume import saved_run_info
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
@@ -103,14 +103,12 @@ class LETPretrainRecipe(PretrainRecipe):
 
     def _past_stop(self, checkpoint: Optional[Path]) -> bool:
         """Whether ``checkpoint`` was written at or after S_stop (lambda 0 from there on)."""
-        if checkpoint is None:
-            return False
-        named = (read_marker(checkpoint) or {}).get("step_folder", checkpoint.name)  # a copy may be renamed
-        if not (named.startswith(STEP_PREFIX) and named[len(STEP_PREFIX):].isdigit()):
+        step = step_of(checkpoint) if checkpoint is not None else None
+        if step is None:
             return False
         end = registry.build("schedule", self.cfg.alignment.get("schedule", "linear"), key="alignment.schedule",
                              total_steps=self.max_steps).end_step
-        return end is not None and int(named[len(STEP_PREFIX):]) >= end
+        return end is not None and step >= end
 
     def _shape_past_stop(self) -> Optional[Dict[str, Any]]:
         """The teacher's shape as the checkpoint resumed from recorded it, when that is past
