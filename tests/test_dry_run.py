@@ -145,6 +145,22 @@ def test_dry_run_catches_a_bad_layer_map_without_weights():
         dry_run(cfg, with_teacher=True)
 
 
+def test_dry_run_rehearses_a_part_of_ones_own_on_the_meta_device(tmp_path, monkeypatch):
+    """The aligner's rehearsal (components/aligner.py) runs where the dry run builds, on meta:
+    a loss that detaches the student is named at 7B size without a weight or a step."""
+    (tmp_path / "detached_loss.py").write_text(
+        "from letrecipes.components.alignment import AlignmentLoss\n"
+        "from letrecipes.components.registry import register\n"
+        "@register('alignment_loss', 'detached_for_the_dry_run')\n"
+        "class Detached(AlignmentLoss):\n"
+        "    def per_token(self, pred, target):\n"
+        "        return (pred - target).pow(2).mean(-1).detach()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config("let_7b", ["imports=[detached_loss]", "alignment.loss=detached_for_the_dry_run"])
+    with pytest.raises(ValueError, match="alignment.loss=detached_for_the_dry_run: no gradient reaches the student"):
+        dry_run(cfg, with_teacher=True)
+
+
 def test_dry_run_without_teacher_description():
     cfg = load_config("let_7b", ["~teacher.shape"])
     with pytest.raises(DryRunError, match="teacher.shape"):
