@@ -224,7 +224,7 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
             values = values.reshape(3, args.num_heads, -1, *values.shape[1:]).swapaxes(0, 1).reshape(values.shape)
         elif arch == "gpt2" and values.ndim == 2 and tensor.name.startswith("blk."):
             values = values.T  # llama.cpp stores GPT-2's Conv1D weights as linear ones: back to (in, out)
-        yield hf_name, source, torch.from_numpy(np.ascontiguousarray(values))
+        yield hf_name, source, torch.from_numpy(values)  # a transposed view stays one: the HF mapping copies it once
 
 
 def _hf_name(name: str, arch: str) -> Optional[str]:
