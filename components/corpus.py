@@ -314,13 +314,14 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         yield from _csv(Path(unit.paths[0]), text_field, key, warn)
     elif unit.kind == "parquet":
         path = Path(unit.paths[0])
-        column = _column(path, text_field, key)
+        names = _text_path(_parquet(path, key).schema_arrow, path, text_field, key)
         try:
-            table = _parquet(path, key).read_row_group(unit.part, columns=[column])
+            table = _parquet(path, key).read_row_group(unit.part, columns=[names[0]])
         except Exception as err:  # pyarrow raises OSError / ArrowInvalid for damaged pages
             raise DataError(f"{key}: {path} is damaged: row group {unit.part} does not read ({err}). Fix: "
                             "re-download the file, or remove it from the source.") from err
-        yield from _strings(table.column(0).to_pylist(), path, text_field, key, warn, f" (row group {unit.part})")
+        yield from _strings(_leaf(table.column(0), names).to_pylist(), path, text_field, key, warn,
+                            f" (row group {unit.part})")
     elif unit.kind == "arrow":
         yield from _arrow(Path(unit.paths[0]), text_field, key, warn)
     elif unit.kind == "archive":
@@ -333,12 +334,11 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
     elif unit.kind == "dataset":
         path = Path(unit.paths[0])
         dataset = _load_dataset(path, key)
-        if text_field not in dataset.column_names:
-            raise DataError(f"{key}: the datasets folder {str(path)!r} has no column {text_field!r} (it has "
-                            f"{dataset.column_names}). Fix: set data.text_field to the column holding the text.")
+        names = _text_path(dataset.features.arrow_schema, f"the datasets folder {str(path)!r}", text_field, key)
         start = unit.part * DATASET_UNIT_ROWS
         try:
-            rows = dataset.select_columns([text_field])[start:start + DATASET_UNIT_ROWS][text_field]
+            rows = dataset.select_columns([names[0]])[start:start + DATASET_UNIT_ROWS][names[0]]
+            rows = [_walk(row, names[1:]) for row in rows] if len(names) > 1 else rows
         except Exception as err:  # a damaged Arrow file fails here, not at load_from_disk
             raise DataError(f"{key}: the datasets folder {str(path)!r} is damaged: rows {start:,}- do not read "
                             f"({err}). Fix: save it again, or remove it from the source.") from err
@@ -509,23 +509,54 @@ def _parquet_values(path: _Member, data: bytes, text_field: str, key: str, warn:
         parquet = pq.ParquetFile(pa.BufferReader(data))
     except Exception as err:  # ArrowInvalid / OSError
         raise DataError(f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
-    _text_column(parquet.schema_arrow.names, path, text_field, key)
-    batches = parquet.iter_batches(columns=[text_field])
-    yield from _strings(_batch_values(batches, 0, path, key), path, text_field, key, warn)
+    names = _text_path(parquet.schema_arrow, path, text_field, key)
+    batches = parquet.iter_batches(columns=[names[0]])
+    yield from _strings(_batch_values(batches, names, path, key), path, text_field, key, warn)
 
 
-def _text_column(names: List[str], path, text_field: str, key: str) -> int:
-    if text_field not in names:
-        raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
-                        "Fix: set data.text_field to the column holding the text.")
-    return names.index(text_field)
+def _text_path(schema, where, text_field: str, key: str) -> List[str]:
+    """The names that lead from a table's top to its text: ``[text_field]`` for a column of
+    that name, else the parts of a dotted path into struct columns (``meta.text``, the name
+    ``datasets``' flatten gives that field). A path that leads nowhere is one error naming
+    what there is where it stopped."""
+    if text_field in schema.names:
+        return [text_field]
+    import pyarrow as pa
+
+    parts, fields, there = text_field.split("."), list(schema), f"it has {schema.names}"
+    for depth, name in enumerate(parts):
+        found = next((f for f in fields if f.name == name), None)
+        if found is None or (depth < len(parts) - 1 and not pa.types.is_struct(found.type)):
+            raise DataError(f"{key}: {where} has no column {text_field!r} ({there}). Fix: set data.text_field to the "
+                            "column holding the text (a field inside a struct column as column.field).")
+        fields = list(found.type) if pa.types.is_struct(found.type) else []
+        there += f"; {'.'.join(parts[:depth + 1])} has {[f.name for f in fields]}"
+    return parts
 
 
-def _batch_values(batches, column: int, path, key: str) -> Iterator:
+def _leaf(column, names: List[str]):
+    """The text values of an Arrow column reached by :func:`_text_path`'s ``names``."""
+    import pyarrow.compute as pc
+
+    for name in names[1:]:
+        column = pc.struct_field(column, name)  # a null struct gives a null text, as a missing field does
+    return column
+
+
+def _walk(value, names: List[str]):
+    """A nested record's field by ``names``; None where a level is missing or null."""
+    for name in names:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(name)
+    return value
+
+
+def _batch_values(batches, names: List[str], path, key: str) -> Iterator:
     """One column's values, record batch after record batch; a batch that does not read is one error."""
     try:
         for batch in batches:
-            yield from batch.column(column).to_pylist()
+            yield from _leaf(batch.column(names[0]), names).to_pylist()
     except Exception as err:  # ArrowInvalid / OSError on a damaged page or batch
         raise DataError(f"{key}: {path} is damaged: a record batch does not read ({err}). Fix: re-download or "
                         "re-save it, or remove it from the source.") from err
@@ -548,9 +579,9 @@ def _arrow(path, text_field: str, key: str, warn: list, data: Optional[bytes] = 
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except Exception as err:  # ArrowInvalid / OSError
         raise DataError(f"{key}: {path} is not a readable Arrow file ({err}). Fix: re-download or re-save it.") from err
-    column = _text_column(reader.schema.names, path, text_field, key)
+    names = _text_path(reader.schema, path, text_field, key)
     with source:
-        yield from _strings(_batch_values(batches, column, path, key), path, text_field, key, warn)
+        yield from _strings(_batch_values(batches, names, path, key), path, text_field, key, warn)
 
 
 def _text_encoding(head: bytes) -> Optional[str]:
@@ -869,15 +900,41 @@ class SkippedRecords:
                         "skipped; otherwise repair those records.")
 
 
+_ABSENT = object()
+
+
+def _json_field(record, text_field: str):
+    """``record[text_field]``; for a dotted name that is no key of its own, the field it
+    names inside nested objects (``meta.text``); ``_ABSENT`` where there is none."""
+    if not isinstance(record, dict):
+        return _ABSENT
+    if text_field in record:
+        return record[text_field]
+    value = record
+    for name in text_field.split("."):
+        if not isinstance(value, dict) or name not in value:
+            return _ABSENT
+        value = value[name]
+    return value
+
+
 def _record_text(record, text_field: str, place: str, at: int, skipped: "SkippedRecords", kept: int,
                  key: str) -> Optional[str]:
     """The text of one JSON record; None when it holds none (counted in ``skipped``)."""
-    if not isinstance(record, dict) or text_field not in record:
+    value = _json_field(record, text_field)
+    if value is _ABSENT:
         has = f"its fields are {list(record)[:8]}" if isinstance(record, dict) else f"it is a JSON {type(record).__name__}"
+        inner, parts = record, text_field.split(".")
+        for depth, name in enumerate(parts[:-1]):  # a dotted name: what each level it reaches holds
+            inner = inner.get(name) if isinstance(inner, dict) else None
+            if not isinstance(inner, dict):
+                break
+            has += f"; {'.'.join(parts[:depth + 1])} has {list(inner)[:8]}"
+        nested = isinstance(record, dict) and any(isinstance(v, dict) for v in record.values())
         skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} has no field {text_field!r} "
-                     f"({has}). Fix: set data.text_field to the field holding the text.")
+                     f"({has}). Fix: set data.text_field to the field holding the text"
+                     + (" (inside a nested object: outer.inner)." if nested else "."))
         return None
-    value = record[text_field]
     if value is None:
         skipped.skip(f"with a null {text_field!r}", at, kept)
         return None
@@ -1047,11 +1104,6 @@ def _parquet(path: Path, key: str):
         return pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError
         raise DataError(f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
-
-
-def _column(path: Path, text_field: str, key: str) -> str:
-    _text_column(_parquet(path, key).schema_arrow.names, path, text_field, key)
-    return text_field
 
 
 def _load_dataset(path: Path, key: str):

@@ -415,3 +415,42 @@ def test_a_hugging_face_cache_folder_reads_as_the_snapshot_it_serves(tmp_path, t
     with pytest.raises(DataError, match=r"your Hugging Face cache holds it .* Fix: data.source=.*datasets--org--corpus"
                                         r"/snapshots/0123abcd"):
         list(read_documents("org/corpus"))
+
+
+def test_a_text_field_inside_nested_records_is_read_as_outer_dot_inner(tmp_path):
+    """``data.text_field=meta.text`` (the name `datasets`' flatten gives it) reads the text
+    of nested JSON objects and of struct columns in parquet, Arrow, datasets folders and
+    archives alike; a missing or null level is a record without text; a path that leads
+    nowhere names what each level holds."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"id": i, "meta": {"text": f"Document {i} says hello.", "url": f"u{i}"}} for i in range(4)]
+    records.append({"id": 9, "meta": None})
+    expected = [f"Document {i} says hello." for i in range(4)]
+    table = pa.Table.from_pylist(records)
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(table, tmp_path / "records.parquet")
+    with pa.ipc.new_stream(str(tmp_path / "records.arrow"), table.schema) as writer:
+        writer.write_table(table)
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    member = io.BytesIO()
+    pq.write_table(table, member)
+    with tarfile.open(tmp_path / "packed.tar", "w") as tar:
+        info = tarfile.TarInfo("inner.parquet")
+        info.size = len(member.getvalue())
+        tar.addfile(info, io.BytesIO(member.getvalue()))
+    # a column literally named with a dot is itself, before any path
+    (tmp_path / "dotted.jsonl").write_text(json.dumps({"meta.text": "Literal.", "meta": {"text": "Nested."}}) + "\n")
+    for name in ("records.jsonl", "records.parquet", "records.arrow", "saved", "packed.tar"):
+        with pytest.warns(DataWarning, match="skipped 1 of 5 records"):
+            assert list(read_documents(tmp_path / name, text_field="meta.text")) == expected, name
+    assert list(read_documents(tmp_path / "dotted.jsonl", text_field="meta.text")) == ["Literal."]
+    for name, message in (("records.jsonl", r"no field 'meta.body' \(its fields are \['id', 'meta'\]; meta has "
+                                            r"\['text', 'url'\]\)"),
+                          ("records.parquet", r"no column 'meta.body' \(it has \['id', 'meta'\]; meta has "
+                                              r"\['text', 'url'\]\)"),
+                          ("saved", r"no column 'meta.text.x' \(it has \['id', 'meta'\]; meta has \['text', 'url'\]")):
+        with pytest.raises(DataError, match=message):
+            list(read_documents(tmp_path / name, text_field="meta.body" if name != "saved" else "meta.text.x"))
