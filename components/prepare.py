@@ -306,12 +306,7 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
             earlier_note = ""
         raise DataError(f"{key}: the source holds no text (0 documents{skipped}). Fix: point it at a corpus with "
                         f"text in it.{earlier_note}")
-    if unknown > UNKNOWN_LIMIT * total:
-        warnings.warn(f"{key}: {unknown:,} of the {total:,} tokens ({unknown / total:.1%}) are the tokenizer's unknown "
-                      f"token {tokenizer.hf.id_to_token(tokenizer.unk_id)!r}: it cannot spell much of this corpus (another "
-                      "script or language than it was trained on?). Fix: a tokenizer trained on text like this one "
-                      "(a byte-level BPE spells any text); the model cannot learn what reaches it as unknown.",
-                      DataWarning, stacklevel=2)
+    warn_if_unspellable(out_dir, unknown, total, tokenizer, key)
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
                               list(dict.fromkeys(p for u in units for p in u.paths)), plan)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
@@ -488,6 +483,23 @@ def _check_waited(start: float, timeout_s: float, who: str, source, folder: Path
                         "prepare it beforehand with `letrecipes prepare-data`, or raise data.prepare_timeout_s.")
 
 
+_UNSPELLABLE_WARNED: set = set()  # folders this process has warned about: a run that prepares and then reads says it once
+
+
+def warn_if_unspellable(folder: Path, unknown: int, total: int, tokenizer: Tokenizer, key: str) -> None:
+    """One warning when more than ``UNKNOWN_LIMIT`` of a corpus's tokens are the unknown
+    token: when it is prepared, and again in every run that reads it (the prepare's log may
+    be long gone)."""
+    if unknown <= UNKNOWN_LIMIT * total or Path(folder).resolve() in _UNSPELLABLE_WARNED:
+        return
+    _UNSPELLABLE_WARNED.add(Path(folder).resolve())
+    unk = tokenizer.hf.id_to_token(tokenizer.unk_id) if tokenizer.unk_id is not None else "unknown"
+    warnings.warn(f"{key}: {unknown:,} of the {total:,} tokens ({unknown / total:.1%}) are the tokenizer's unknown "
+                  f"token {unk!r}: it cannot spell much of this corpus (another script or language than it was "
+                  "trained on?). Fix: a tokenizer trained on text like this one (a byte-level BPE spells any text); the "
+                  "model cannot learn what reaches it as unknown.", DataWarning, stacklevel=3)
+
+
 def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "data.source") -> Dict[str, Any]:
     """A prepared folder's manifest, checked: every shard present at its full size, and
     made with ``tokenizer`` (the run's) when given."""
@@ -509,4 +521,6 @@ def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "dat
         if what:
             raise DataError(f"{key}: shard {path} {what}. Fix: rerun the `letrecipes prepare-data` command that "
                             "made the folder (it redoes only damaged shards), or delete the folder if it is a cache.")
+    if tokenizer is not None:
+        warn_if_unspellable(folder, int(manifest.get("unknown_tokens", 0)), int(manifest["tokens"]), tokenizer, key)
     return manifest

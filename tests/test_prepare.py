@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from letrecipes.components import corpus
+from letrecipes.components import prepare as prepare_module
 from letrecipes.components.corpus import DataError, read_documents
 from letrecipes.components.data import PackedDataset, TokenShards, build_dataloader
 from letrecipes.components.prepare import MANIFEST, prepare_corpus, read_manifest
@@ -502,6 +503,13 @@ def test_a_tokenizer_that_cannot_spell_the_corpus_is_named_once(tokenizer_path, 
         manifest = prepare_corpus(tmp_path / "src", Tokenizer(tmp_path / "wordpiece.json", eos_token="[SEP]"),
                                   tmp_path / "out", **QUIET)
     assert manifest["unknown_tokens"] > 0.5 * manifest["tokens"]
+    wordpiece = Tokenizer(tmp_path / "wordpiece.json", eos_token="[SEP]")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not twice in the process that prepared it
+        TokenShards(tmp_path / "out", wordpiece)
+    prepare_module._UNSPELLABLE_WARNED.clear()  # a later run, in a process of its own, reads the prepared folder
+    with pytest.warns(corpus.DataWarning, match="it cannot spell"):
+        TokenShards(tmp_path / "out", wordpiece)
     byte_level = Tokenizer(tokenizer_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning at all
