@@ -543,12 +543,15 @@ def _leaf(column, names: List[str]):
     return column
 
 
-def _walk(value, names: List[str]):
-    """A nested record's field by ``names``; None where a level is missing or null."""
+def _walk(value, names: List[str], missing=None):
+    """A nested record's field by ``names``: ``missing`` where a level is not there, None
+    where one is null."""
     for name in names:
-        if not isinstance(value, dict):
+        if value is None:
             return None
-        value = value.get(name)
+        if not isinstance(value, dict) or name not in value:
+            return missing
+        value = value[name]
     return value
 
 
@@ -906,16 +909,9 @@ _ABSENT = object()
 def _json_field(record, text_field: str):
     """``record[text_field]``; for a dotted name that is no key of its own, the field it
     names inside nested objects (``meta.text``); ``_ABSENT`` where there is none."""
-    if not isinstance(record, dict):
-        return _ABSENT
-    if text_field in record:
+    if isinstance(record, dict) and text_field in record:
         return record[text_field]
-    value = record
-    for name in text_field.split("."):
-        if not isinstance(value, dict) or name not in value:
-            return _ABSENT
-        value = value[name]
-    return value
+    return _walk(record, text_field.split("."), missing=_ABSENT) if isinstance(record, dict) else _ABSENT
 
 
 def _record_text(record, text_field: str, place: str, at: int, skipped: "SkippedRecords", kept: int,
