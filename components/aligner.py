@@ -204,9 +204,10 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
                 and out[0].shape == out[1].shape and out[0].shape[:-1] == PROBE_SHAPE):
             got = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in
                         (out if isinstance(out, tuple) else (out,)))
-            raise ComponentError(f"alignment.projector={projector_name}: given student states {[*PROBE_SHAPE, student_dim]} "
-                                 f"and teacher states {[*PROBE_SHAPE, teacher_dim]}, it returned {got}. Fix: return "
-                                 f"(student, teacher) states of one shape [b, s, d] ({EXTENDING}).")
+            raise ComponentError(f"alignment.projector={projector_name}: given student states "
+                                 f"{[*PROBE_SHAPE, student_dim]} and teacher states {[*PROBE_SHAPE, teacher_dim]}, "
+                                 f"it returned {got}. Fix: return (student, teacher) states of one shape [b, s, d] "
+                                 f"({EXTENDING}).")
     try:
         logits = student.get("logits")  # a logit aligner compares whole logits, the teacher's as one tensor
         value = aligner(student, targets if logits is None else targets["logits"], mask=mask, logits=logits)[0]

@@ -483,7 +483,8 @@ def _check_waited(start: float, timeout_s: float, who: str, source, folder: Path
                         "prepare it beforehand with `letrecipes prepare-data`, or raise data.prepare_timeout_s.")
 
 
-_UNSPELLABLE_WARNED: set = set()  # folders this process has warned about: a run that prepares and then reads says it once
+# folders this process has warned about: a run that prepares and then reads a corpus says it once
+_UNSPELLABLE_WARNED: set = set()
 
 
 def warn_if_unspellable(folder: Path, unknown: int, total: int, tokenizer: Tokenizer, key: str) -> None:

@@ -74,5 +74,6 @@ class ByteProgress:
         if now - self.last >= PROGRESS_EVERY_S:
             self.last, elapsed = now, now - self.start
             scale, unit = (1e9, "GB") if self.total >= 1e9 else (1e6, "MB")
+            rate = self.done / max(elapsed, 1e-9) / 1e6
             self.log(f"{self.what}: {self.done / scale:.2f} of {self.total / scale:.2f} {unit} {self.verb}, "
-                     f"{self.done / max(elapsed, 1e-9) / 1e6:,.0f} MB/s, {elapsed_and_eta(elapsed, self.done, self.total)}")
+                     f"{rate:,.0f} MB/s, {elapsed_and_eta(elapsed, self.done, self.total)}")

@@ -41,7 +41,8 @@ ABSENT = "<absent>"
 FINGERPRINTS = {"tokenizer fingerprint": "tokenizer_fingerprint", "data fingerprint": "data_fingerprint",
                 "teacher fingerprint": "teacher_fingerprint"}
 # a key that only says where something lies, and the fingerprint that vouches for its content
-LOCATIONS = {"data.source": "data_fingerprint", "data.sources": "data_fingerprint", "teacher.path": "teacher_fingerprint"}
+LOCATIONS = {"data.source": "data_fingerprint", "data.sources": "data_fingerprint",
+             "teacher.path": "teacher_fingerprint"}
 IGNORED = ("resume", "overwrite", "init_from")  # how this launch started, not what the run is
 
 
@@ -106,7 +107,8 @@ def saved_run_info(checkpoint: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def check(checkpoint: Path, current: Dict[str, Any], settled: Iterable[str] = ()) -> Optional[List[Tuple[str, Any, Any]]]:
+def check(checkpoint: Path, current: Dict[str, Any],
+          settled: Iterable[str] = ()) -> Optional[List[Tuple[str, Any, Any]]]:
     """The changes a resume from ``checkpoint`` applies; raises :class:`ResumeChangeError`
     listing the ones that would make it another run. ``settled``: keys that no longer shape
     the run at the checkpoint's step (the teacher's content past S_stop): applied and

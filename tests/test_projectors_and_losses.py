@@ -136,7 +136,8 @@ def test_a_part_of_ones_own_that_cannot_serve_is_refused_before_training(section
         build_aligner(section, student_dim=16, student_depth=4, teacher_dim=24, teacher_depth=2, total_steps=100)
 
 
-@pytest.mark.parametrize("kind, names", [("alignment_loss", "loss"), ("projector", "projector"), ("schedule", "schedule")])
+@pytest.mark.parametrize("kind, names", [("alignment_loss", "loss"), ("projector", "projector"),
+                                         ("schedule", "schedule")])
 def test_every_built_in_part_passes_the_rehearsal(kind, names, monkeypatch):
     """...and the rehearsal leaves no gradient behind and draws nothing from the run's random stream."""
     from letrecipes.components import aligner as aligner_module
