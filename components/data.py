@@ -134,9 +134,12 @@ class PackedDataset(Dataset):
         val_windows = 0 if self.windows <= offset else (self.windows - 1 - offset) // self.every + 1
         self.length = val_windows if split == "val" else self.windows - val_windows
         if self.length == 0:
+            # window 0 is always training's, so only the validation split can be short of windows
+            # that a larger val_fraction would give it; training needs one whole window
+            fix = "use more text, a shorter data.seq_len or a larger data.val_fraction" if split == "val" \
+                else "use more text or a shorter data.seq_len"
             raise DataError(
-                f"{key}: the corpus has {len(tokens)} tokens, too few for one {what} of "
-                f"{seq_len + 1}. Fix: use more text, a shorter seq_len or a larger val_fraction."
+                f"{key}: the corpus has {len(tokens)} tokens, too few for one {what} of {seq_len + 1}. Fix: {fix}."
             )
 
     def window(self, i: int) -> int:

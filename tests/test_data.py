@@ -92,6 +92,18 @@ def test_too_small_corpus_is_a_clear_error():
         PackedDataset(np.arange(10, dtype=np.uint16), 32, "val", 0.1)
 
 
+def test_too_small_corpus_advises_only_what_would_help():
+    tokens = np.arange(2 * 33, dtype=np.uint16)  # two windows of 32 + 1
+    with pytest.raises(DataError, match="too few for one validation sequence") as caught:
+        PackedDataset(tokens, 32, "val", 0.1)  # one val window every 10: none among two
+    assert str(caught.value).endswith("or a larger data.val_fraction.")
+    assert len(PackedDataset(tokens, 32, "val", 0.4)) == 1  # the advice followed
+    with pytest.raises(DataError, match="too few for one train sequence") as caught:
+        PackedDataset(tokens, 80, "train", 0.4)  # window 0 is always training's: the fraction cannot help
+    assert str(caught.value).endswith("use more text or a shorter data.seq_len.")
+    assert len(PackedDataset(tokens, 64, "train", 0.4)) == 1
+
+
 def test_epoch_sampler_matches_torchdatas_order_state_and_resume():
     """EpochSampler keeps the permutation as a tensor; order and checkpoints are torchdata's."""
     from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
