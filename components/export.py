@@ -197,6 +197,10 @@ def check_destination(out_dir: Path, overwrite: bool, source: Optional[Path] = N
     if source is not None and out_dir.resolve() in (source.resolve(), *source.resolve().parents):
         raise ExportError(f"export: {out_dir} holds the model being exported ({source}). Fix: write the export to "
                           "another folder.")
+    if source is not None and source.is_dir() and source.resolve() in out_dir.resolve().parents:
+        raise ExportError(f"export: {out_dir} lies inside the model being exported ({source}): its files would "
+                          "mix with the model's, and deleting that folder (keep_last_checkpoints prunes a checkpoint "
+                          "whole) would delete the export with it. Fix: write the export to a folder outside it.")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:

@@ -344,6 +344,8 @@ def test_output_paths_that_would_lose_or_mix_files_are_refused_before_any_work(b
             r"holds files that are not a model export \(notes.txt\); --overwrite replaces only a folder")
     refused(["export", str(teacher_dir), str(teacher_dir.parent), "--overwrite"],
             r"holds the model being exported .* Fix: write the export to another folder")
+    refused(["export", str(teacher_dir), str(teacher_dir / "hf")], r"lies inside the model being exported .* Fix: "
+            "write the export to a folder outside it")
     refused(["export", str(teacher_dir), str(a_file)], r"is a file, not a folder")
     assert (kept / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine"
     assert digest(teacher_dir) == before
