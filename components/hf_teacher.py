@@ -42,10 +42,7 @@ def read_config(path: Path) -> dict:
     if not config_file.is_file():
         raise TeacherError(f"teacher.path: {str(path)!r} has no config.json, so it is not a Hugging Face model "
                            "folder. Fix: point teacher.path at the folder that holds config.json and the *.safetensors.")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise TeacherError(f"teacher.path: {str(config_file)!r} is not valid JSON ({err}).") from err
+    return read_json(path)
 
 
 def architecture(config: dict, config_file: str) -> str:

@@ -392,7 +392,8 @@ def read_json(path: Path, key: str = "teacher.path") -> Optional[dict]:
     try:
         meta = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TeacherError(f"{key}: {str(config)!r} is not valid JSON ({err}).") from err
+        raise TeacherError(f"{key}: {str(config)!r} is not valid JSON ({err}). Fix: re-download or re-export the "
+                           "model (a cut-off copy is the usual cause).") from err
     return meta if isinstance(meta, dict) else {}
 
 

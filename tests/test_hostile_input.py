@@ -87,15 +87,16 @@ def test_bad_config_values_damage_nothing(base_overrides, finished_run, override
     assert digest(finished_run) == before
 
 
-def test_truncated_safetensors_teacher(let_overrides, teacher_dir, tmp_path):
+@pytest.mark.parametrize("cut,match", [("model.safetensors", "cannot read"),
+                                       ("config.json", "Fix: re-download or re-export the model")])
+def test_truncated_teacher_file(let_overrides, teacher_dir, tmp_path, cut, match):
     broken = tmp_path / "teacher"
     broken.mkdir()
-    for name in ("config.json", "tokenizer.json"):
-        (broken / name).write_bytes((teacher_dir / name).read_bytes())
-    data = (teacher_dir / "model.safetensors").read_bytes()
-    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        data = (teacher_dir / name).read_bytes()
+        (broken / name).write_bytes(data[: len(data) // 2] if name == cut else data)
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
-                       match="cannot read")
+                       match=match)
 
 
 def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
