@@ -471,6 +471,33 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return total
 
 
+def torchtune_builder_equivalent(factory) -> Optional[str]:
+    """For ``model._component_`` naming one of torchtune's model builders (``llama3_2_1b``):
+    the ``llama`` keys of the same shape as a one-line YAML mapping, read from the builder run
+    on the meta device (milliseconds, nothing allocated); None when the builder needs
+    arguments or its model is not Llama-shaped (biases, another attention or MLP)."""
+    from torchtune.modules import FeedForward, MultiHeadAttention, RMSNorm, TransformerDecoder
+
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # a builder that needs arguments (LoRA ranks, ...): no shape to read
+        return None
+    if not isinstance(model, TransformerDecoder) or not len(model.layers):
+        return None
+    layer = model.layers[0]
+    attn, mlp = getattr(layer, "attn", None), getattr(layer, "mlp", None)
+    if not (isinstance(attn, MultiHeadAttention) and isinstance(mlp, FeedForward) and mlp.w3 is not None
+            and attn.q_proj.bias is None and isinstance(model.norm, RMSNorm)
+            and attn.head_dim * attn.num_heads == attn.embed_dim):
+        return None
+    keys = {"num_layers": len(model.layers), "num_heads": attn.num_heads, "num_kv_heads": attn.num_kv_heads,
+            "embed_dim": attn.embed_dim, "intermediate_dim": mlp.w1.out_features,
+            "rope_base": getattr(attn.pos_embeddings, "base", 10_000), "norm_eps": model.norm.eps,
+            "tie_word_embeddings": str(not isinstance(model.output, nn.Linear)).lower()}
+    return "{_component_: llama, " + ", ".join(f"{k}: {v}" for k, v in keys.items()) + "}"
+
+
 @register("model", "llama")
 def llama_model(
     vocab_size: int,

@@ -205,6 +205,19 @@ ALIGNMENT_COMPONENTS = {"layer_map": "layer_map", "projector": "projector", "los
                         "schedule": "schedule", "pooling": "pooling"}
 
 
+def _torchtune_model_builder(name: str, factory) -> ConfigValueError:
+    """torchtune's builders fix a shape and build torchtune's model; a student here is built
+    from shape keys, which its checkpoints, LET's layer choice and the export read back."""
+    from letrecipes.components.models import torchtune_builder_equivalent
+
+    equivalent = torchtune_builder_equivalent(factory)
+    fix = (f"model: {equivalent} (its shape, read from the builder; the vocabulary follows tokenizer.path, and "
+           "RoPE scaling, which pretraining from scratch does not need, is not carried)") if equivalent else \
+        "model: {_component_: llama, num_layers: ..., num_heads: ..., embed_dim: ...} (docs/configs.md)"
+    return ConfigValueError(f"config key model._component_={name!r} is a torchtune model builder; letrecipes "
+                            f"builds its students from shape keys. Fix: {fix}.")
+
+
 def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
     """Every component section against its component's arguments: the name resolves (a
     user's module from ``imports`` included) and every key is one it takes, of its kind."""
@@ -227,11 +240,18 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         spec = {"_component_": spec} if isinstance(spec, str) else dict(spec)
         if not spec.get("_component_"):
             raise ConfigValueError(f"config key {key}._component_ is missing. Fix: name the component (docs/configs.md).")
+        if isinstance(spec["_component_"], dict):  # `model={...}` on the command line: torchtune's merge did this
+            dotted = " ".join(f"{key}.{k}={v}" for k, v in list(spec["_component_"].items())[:3])
+            raise ConfigValueError(f"config key {key}._component_ is a mapping: an override `{key}=...` names the "
+                                   f"component only (torchtune's short form, `{key}=llama`). Fix: give its keys one by "
+                                   f"one ({dotted} ...), or write the mapping in the YAML file.")
         if not isinstance(spec["_component_"], str):
             raise ConfigValueError(f"config key {key}._component_={spec['_component_']!r} must be a component name "
                                    "(a registered short name or a dotted path). Fix: name the component "
                                    "(docs/configs.md).")
         factory = registry.resolve(kind, spec["_component_"], key=f"{key}._component_")
+        if kind == "model" and getattr(factory, "__module__", "").startswith("torchtune.models"):
+            raise _torchtune_model_builder(spec["_component_"], factory)
         registry.check_arguments(factory, {k: v for k, v in spec.items() if k != "_component_"}, key,
                                  spec["_component_"])
     if with_teacher and isinstance(values.get("teacher"), dict):

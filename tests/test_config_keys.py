@@ -121,3 +121,25 @@ def test_a_short_name_and_its_dotted_path_are_the_same_run_on_resume():
     assert differences(saved, current) == []
     other = {"config": {"model": {"_component_": "llama"}, "teacher": {"_component_": "gguf"}}}
     assert [k for k, _, _ in differences(saved, other)] == ["teacher._component_"]
+
+
+def test_a_torchtune_model_builder_is_answered_with_the_same_shape_as_llama_keys():
+    """torchtune users name a builder (llama3_2_1b); the error hands back its shape as the keys
+    a student is built from, and those keys validate."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "model._component_=torchtune.models.llama3_2.llama3_2_1b"])
+    message = str(err.value.code)
+    assert message.startswith("error: config key model._component_=") and "torchtune model builder" in message
+    equivalent = message.split("Fix: model: ")[1].split(" (its shape")[0]
+    assert ("num_layers: 16, num_heads: 32, num_kv_heads: 8, embed_dim: 2048, intermediate_dim: 8192, "
+            "rope_base: 500000") in equivalent
+    with pytest.raises(SystemExit, match=r"model._component_ is a mapping: an override `model=...` names the "
+                                         r"component only .* Fix: give its keys one by one \(model._component_=llama "
+                                         r"model.num_layers=16 model.num_heads=32 \.\.\.\)"):
+        cli.main(["validate", "let_tiny", f"model={equivalent}"])  # torchtune's merge sets model._component_ to it
+    keys = dict(item.split(": ") for item in equivalent.strip("{}").split(", "))
+    assert cli.main(["validate", "let_tiny", *(f"model.{k}={v}" for k, v in keys.items())]) in (0, None)
+    # not Llama-shaped (Qwen2.5 has biases on q, k, v): the keys to write, without invented values
+    with pytest.raises(SystemExit, match=r"torchtune model builder; .* Fix: model: \{_component_: llama, "
+                                         r"num_layers: \.\.\."):
+        cli.main(["validate", "let_tiny", "model._component_=torchtune.models.qwen2_5.qwen2_5_0_5b"])
