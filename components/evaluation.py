@@ -44,6 +44,13 @@ class Item:
 def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
     """Items of a JSON-lines task file (the first ``limit`` when > 0), checked line by line."""
     path = Path(path)
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1:
+        # a bare word is lm-eval's task name (hellaswag, arc_easy): its data lives on the hub
+        raise EvalError(f"eval task {str(path)!r} is not a file; a bare name reads as an lm-evaluation-harness task, "
+                        "whose data this recipe never downloads. Fix: point tasks at JSON-lines files of {context, "
+                        "choices, gold} (`python -m benchmarks.fetch_eval_tasks` writes some), or score the task with "
+                        "lm-eval's own command on an export where its data can be fetched or is cached: `lm_eval "
+                        f"--model hf --model_args pretrained=<output_dir>/final --tasks {path}` (docs/evaluation.md).")
     if not path.is_file():
         raise EvalError(f"eval task file {str(path)!r} does not exist. Fix: run `python -m benchmarks.fetch_eval_tasks` "
                         "(bigbench tasks) or point tasks at JSON-lines files of {context, choices, gold}.")

@@ -111,6 +111,10 @@ def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
         read_task(tmp_path / "text.jsonl")
     with pytest.raises(EvalError, match="fetch_eval_tasks"):
         read_task(tmp_path / "missing.jsonl")
+    # lm-eval's task names are not files: said so, with lm-eval's own command for them
+    with pytest.raises(EvalError, match=r"eval task 'hellaswag' is not a file; a bare name reads as an "
+                                        r"lm-evaluation-harness task.* --tasks hellaswag`"):
+        read_task("hellaswag")
 
 
 # ----------------------------------------------------------------- logit KD
