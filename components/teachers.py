@@ -169,10 +169,12 @@ def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
         hub = hub_id_hint(path, key)
         if hub:
             raise TeacherError(f"{key}: nothing at {as_given(path)!r}. {hub}")
+        kinds = "a Hugging Face model folder, a .gguf file or a letrecipes export (<output_dir>/final)"
+        if key == "init_from":  # the weights to start from are a model the user already has
+            raise TeacherError(f"{key}: nothing at {str(resolved)!r}. Fix: point it at {kinds}.")
         raise TeacherError(
             f"{key}: nothing at {str(resolved)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
-            "--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point it at a Hugging Face "
-            "model folder, a .gguf file or a letrecipes export (<output_dir>/final)."
+            f"--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point it at {kinds}."
         )
     return resolved
 
