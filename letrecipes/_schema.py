@@ -68,11 +68,9 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
              "text_field": TEXT, "document_separator": OPTIONAL_TEXT, "seq_len": _int(2), "val_fraction": _number(0, 0.5, open_low=False), "cache_dir": TEXT,
              "val_source": ("a path or a list of paths", lambda v: v is None or (isinstance(v, (str, list)) and bool(v))),
              "prepare_workers": _int(1), "prepare_timeout_s": _number(0), "num_workers": _int(0),
+             # each entry is checked by _check_sources, which names the entry and its key
              "sources": ("a list of {source, weight, name, text_field} mappings",
-                         lambda v: isinstance(v, list) and bool(v) and all(
-                             isinstance(x, dict) and x.get("source") and set(x) <= {"source", "weight", "name", "text_field"}
-                             and isinstance(x.get("weight", 1.0), (int, float)) and x.get("weight", 1.0) >= 0
-                             for x in v))},
+                         lambda v: isinstance(v, list) and bool(v))},
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
     "fsdp": {"enabled": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
@@ -161,6 +159,28 @@ def _check(where: str, key: str, value: Any, spec) -> None:
                                f"{text}.")
 
 
+SOURCE_ENTRY = {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
+                "weight": ("a number >= 0 (0 leaves the source out)",
+                           lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+                "name": TEXT, "text_field": TEXT}
+
+
+def _check_sources(entries: list) -> None:
+    """``data.sources``, entry by entry: the error names ``data.sources[i].key``."""
+    for i, entry in enumerate(entries):
+        where = f"data.sources[{i}]."
+        if not isinstance(entry, dict):
+            raise ConfigValueError(f"config key data.sources[{i}]={entry!r} must be a mapping {{source, weight, name, "
+                                   f"text_field}}. Fix: write it as {{source: {entry!r}, weight: 1.0}}.")
+        for key, value in entry.items():
+            if key not in SOURCE_ENTRY:
+                raise _unknown(key, SOURCE_ENTRY, where)
+            _check(where, key, value, SOURCE_ENTRY[key])
+        if not entry.get("source"):
+            raise ConfigValueError(f"config key {where}source is missing. Fix: give each entry of data.sources the "
+                                   "corpus it reads (source: /data/corpus).")
+
+
 def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     """Raise :class:`ConfigValueError` (or the registry's ``ComponentError``) for the first
     unknown key, wrong type or bad value, component arguments included. ``with_teacher``:
@@ -186,6 +206,8 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
             if inner_value is not None or key == "tokenizer":
                 _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])
     data = values.get("data") or {}
+    if data.get("sources"):
+        _check_sources(data["sources"])
     if data.get("source") and data.get("sources"):
         raise ConfigValueError("config keys data.source and data.sources are both set. Fix: keep one (on the command "
                                "line, `~data.source` removes the config file's data.source).")

@@ -143,3 +143,21 @@ def test_a_torchtune_model_builder_is_answered_with_the_same_shape_as_llama_keys
     with pytest.raises(SystemExit, match=r"torchtune model builder; .* Fix: model: \{_component_: llama, "
                                          r"num_layers: \.\.\."):
         cli.main(["validate", "let_tiny", "model._component_=torchtune.models.qwen2_5.qwen2_5_0_5b"])
+
+
+SOURCE_ENTRIES = [  # (data.sources override, what the one line must say)
+    ("[{source: a, weight: -1}]", "data.sources[0].weight=-1 must be a number >= 0"),
+    ("[{source: a}, {source: b, wieght: 2}]", "data.sources[1].wieght is unknown. Did you mean data.sources[1].weight?"),
+    ("[{weight: 1}]", "data.sources[0].source is missing"),
+    ("[a, b]", "data.sources[0]='a' must be a mapping {source, weight, name, text_field}. Fix: write it as "
+               "{source: 'a', weight: 1.0}"),
+]
+
+
+@pytest.mark.parametrize("sources, says", SOURCE_ENTRIES, ids=["negative", "typo", "no-source", "bare-path"])
+def test_a_mixture_entry_is_named_with_its_index_and_key(sources, says):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "~data.source", f"data.sources={sources}"])
+    assert says in str(err.value.code), err.value.code
+    assert cli.main(["validate", "let_tiny", "~data.source", "data.sources=[{source: a, weight: 0}, {source: b}]"]) \
+        in (0, None)
