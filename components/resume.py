@@ -117,6 +117,16 @@ def check(checkpoint: Path, current: Dict[str, Any],
     saved = saved_run_info(checkpoint)
     if saved is None:
         return None
+    was_let, is_let = (uses_teacher(info) for info in (saved, current))
+    if was_let != is_let:  # before the key list: the recipe is what differs
+        raise ResumeChangeError(
+            f"resume: {checkpoint} was written by " + (
+                "a LET run (it has a teacher and an aligner), and this run has none (plain pretraining). Fix: resume it "
+                "with the recipe that wrote it, `tune run letrecipes/let_pretrain` (after S_stop it neither loads nor "
+                "needs the teacher), or start a new run from its weights: "
+                if was_let else
+                "plain pretraining (it has no teacher), and this run is LET. Fix: start LET from its weights: ")
+            + f"`letrecipes export {checkpoint} <folder>`, then init_from=<folder> in another output_dir.")
     changes = differences(saved, current)
     refused = [c for c in changes if not changeable(c[0]) and c[0] not in settled
                and not (c[0] in LOCATIONS and saved.get(LOCATIONS[c[0]]) and moved(*c))]
@@ -137,6 +147,13 @@ def check(checkpoint: Path, current: Dict[str, Any],
                "the run began with."
                if any(k == "teacher fingerprint" for k, _, _ in refused) else ""))
     return changes
+
+
+def uses_teacher(info: Dict[str, Any]) -> bool:
+    """Whether a run_info.json is a LET run's (recorded now; an older one had a teacher section in its config)."""
+    if "uses_teacher" in info:
+        return bool(info["uses_teacher"])
+    return "teacher" in (info.get("config") or {})
 
 
 def moved(key: str, old: Any, new: Any) -> bool:

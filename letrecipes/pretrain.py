@@ -143,6 +143,7 @@ class PretrainRecipe:
             self.settings_before_deterministic = use_deterministic_algorithms()
             self.log("deterministic: torch's deterministic algorithms only (an op without one stops the run)")
         self.run_info = run_info.collect(cfg, self.world_size)
+        self.run_info["uses_teacher"] = self.uses_teacher  # a resume by the other recipe is named as such
         self.log(run_info.summary(self.run_info))
         if not self.uses_teacher and (cfg.get("teacher") or cfg.get("alignment")):
             self.log("note: this recipe is plain pretraining: the config's teacher and alignment sections are not "

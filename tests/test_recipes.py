@@ -296,6 +296,26 @@ def test_resume_after_s_stop_neither_loads_nor_needs_the_teacher(let_overrides, 
     assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [2]  # the first launch's
 
 
+def test_a_checkpoint_resumed_by_the_other_recipe_is_named_as_such(base_overrides, let_overrides, tmp_path):
+    """A LET checkpoint resumed by plain pretraining (or the reverse) is one line about the
+    recipe, with export + init_from as the way on; not a list of teacher keys."""
+    run_let(*let_overrides, f"output_dir={tmp_path / 'let'}", "max_steps=2", "save_every=2")
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=2", "save_every=2")
+    message = expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'let'}", "max_steps=4",
+                                 "resume=true", match="was written by a LET run (it has a teacher and an aligner), "
+                                                      "and this run has none (plain pretraining)")
+    assert "tune run letrecipes/let_pretrain" in message and "init_from=<folder>" in message
+    message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=4",
+                                 "resume=true", match="was written by plain pretraining (it has no teacher), and "
+                                                      "this run is LET")
+    assert "letrecipes export " in message and "alignment." not in message
+    # plain pretraining on a LET config (its teacher section unused) is still plain pretraining
+    run_pretrain(*base_overrides, "--config", "let_tiny", f"output_dir={tmp_path / 'on_let_config'}", "max_steps=2",
+                 "save_every=2")
+    expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'on_let_config'}", "max_steps=4",
+                       "resume=true", match="was written by plain pretraining")
+
+
 def test_resume_from_an_explicit_checkpoint_path(base_overrides, tmp_path):
     run_pretrain(*base_overrides, f"output_dir={tmp_path / 'a'}", "max_steps=4", "save_every=2")
     checkpoint = tmp_path / "a" / "checkpoints" / "step_00000002"
