@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import io
 import os
@@ -22,8 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
-
-RECIPES = ("pretrain", "let_pretrain", "eval")
 
 
 class ConfigError(LetRecipesError):
@@ -65,7 +64,9 @@ def not_ours(name: str, what: str) -> str:
             "from `letrecipes cp let_tiny my_run.yaml`.")
 
 
-def resolve_config_path(name: str) -> Path:
+def resolve_config_path(name: str, recipes: Sequence[str] = ()) -> Path:
+    """The YAML file ``name`` means: a path, or a shipped config's name. ``recipes``: the
+    recipe names the caller also takes (``letrecipes cp``), for its error."""
     path = Path(name).expanduser()
     if path.is_dir():
         raise ConfigError(f"--config {name!r} is a folder. Fix: name a YAML file in it, or one of: "
@@ -81,8 +82,13 @@ def resolve_config_path(name: str) -> Path:
             candidate = d / f"{name}.yaml"
             if candidate.is_file():
                 return candidate
+    close = difflib.get_close_matches(name, [*recipes, *available_configs()], n=1, cutoff=0.75)
+    hint = f" Did you mean {close[0]}?" if close else ""
+    if recipes:
+        raise ConfigError(f"cp: {name!r} is neither a recipe ({', '.join(recipes)}) nor a file or shipped config.{hint} "
+                          f"Fix: one of those recipes, or a config: {', '.join(available_configs())}.")
     raise ConfigError(
-        f"--config {name!r}: no such file, and no shipped config of that name. "
+        f"--config {name!r}: no such file, and no shipped config of that name.{hint} "
         f"Fix: give a path to a YAML file or one of: {', '.join(available_configs())}."
     )
 

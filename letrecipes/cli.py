@@ -22,7 +22,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from letrecipes._config import RECIPES, ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
+from letrecipes._config import ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
+from letrecipes._unknown_recipe import RECIPES
 from letrecipes.components.files import describe
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
 
@@ -122,7 +123,7 @@ def _main(argv=None) -> int:
         else:
             if rest:
                 parser.error(f"unexpected arguments: {rest}")
-            source = recipe_path(args.name) if args.name in RECIPES else resolve_config_path(args.name)
+            source = recipe_path(args.name) if args.name in RECIPES else resolve_config_path(args.name, RECIPES)
             destination = Path(args.destination)
             if destination.is_dir():
                 destination = destination / source.name

@@ -131,3 +131,24 @@ def _copy_tree(src: Path, dst: Path) -> None:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, target)
+
+
+def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
+    """`tune run letrecipes/<typo>` used to end in runpy's 15-line ImportError traceback."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    for command in (["-m", "torchtune._cli.tune", "run", "letrecipes/let_pretrian", "--config", "let_tiny"],
+                    ["-m", "letrecipes.let_pretrian", "--config", "let_tiny"]):
+        result = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip() == (
+            "error: no recipe letrecipes/let_pretrian. Did you mean letrecipes/let_pretrain? Fix: one of "
+            "letrecipes/pretrain, letrecipes/let_pretrain, letrecipes/eval (or a recipe you copied with letrecipes "
+            "cp: tune run my_let --config ...)."), result.stderr[-2000:]
+    # an import of a missing module still fails as Python's own, and the recipes named are the real ones
+    probe = ("import importlib, letrecipes, letrecipes._unknown_recipe as u\n"
+             "try:\n    import letrecipes.let_pretrian\nexcept ModuleNotFoundError as e:\n    print(e.name)\n"
+             "print(all(hasattr(importlib.import_module('letrecipes.' + r), 'recipe_main') for r in u.RECIPES))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["letrecipes.let_pretrian", "True"], result.stdout + result.stderr[-2000:]
