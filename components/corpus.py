@@ -219,6 +219,12 @@ def _files(item: Path, key: str) -> List[Path]:
             found.append(path)
         elif not path.is_file() or any(part.startswith(".") for part in path.relative_to(item).parts):
             continue  # hidden: macOS's ._name.txt resource forks, caches, version control
+        elif path.name == "manifest.json" and (path.parent / "shard_000000.bin").is_file():
+            # token shards are not text: read as a corpus, the manifest would be one bad JSON record
+            where = "is" if path.parent == item else f"holds one, {str(path.parent)!r}, which is"
+            raise DataError(f"{key}: {str(item)!r} {where} a prepared folder (token shards of `letrecipes "
+                            "prepare-data`), not text. Fix: give a prepared folder alone as data.source, or as one "
+                            "entry of data.sources, where it is read as it is; keep it out of the folders of text.")
         elif path.name in DATASETS_METADATA:
             continue  # datasets' description of the files beside it, not records
         elif _format(path)[0]:

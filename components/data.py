@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -340,6 +340,12 @@ def build_dataloader(
     )
 
 
+def source_names(specs: Sequence[Mapping[str, Any]]) -> List[str]:
+    """Each ``data.sources`` entry's name: its ``name``, else its path's last part (logs,
+    ``tokens_<name>`` metrics, and the folder ``letrecipes prepare-data`` writes it to)."""
+    return [str(spec.get("name") or Path(str(spec["source"])).name or f"source{i}") for i, spec in enumerate(specs)]
+
+
 def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int, local_rank: int = 0,
                    log: Callable[[str], None] = print,
                    validation: bool = True) -> Tuple[Dataset, Optional[Dataset], List[str]]:
@@ -356,7 +362,7 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     specs = data_cfg.get("sources") or [{"source": data_cfg.get("source"), "weight": 1.0}]
     seq_len, val_fraction = int(data_cfg["seq_len"]), float(data_cfg.get("val_fraction", 0.02))
     # checked before any corpus is prepared (hours, at scale)
-    names = [str(spec.get("name") or Path(str(spec["source"])).name or f"source{i}") for i, spec in enumerate(specs)]
+    names = source_names(specs)
     weights = [float(spec.get("weight", 1.0)) for spec in specs]
     if len(specs) > 1 and len(set(names)) != len(names):
         raise DataError(f"data.sources: names {names} repeat. Fix: give each source a distinct `name`.")

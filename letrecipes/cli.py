@@ -33,20 +33,52 @@ def recipe_path(name: str) -> Path:
 
 
 def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
-    """``letrecipes prepare-data``: the config's ``data.source`` tokenized with its ``tokenizer``
-    section, so that a run and its data cannot disagree about the tokenizer."""
-    from letrecipes.components.corpus import DOCUMENT_SEPARATOR
-    from letrecipes.components.prepare import prepare_corpus
+    """``letrecipes prepare-data``: the config's ``data.source`` (or each of its ``data.sources``,
+    into ``<out>/<name>``) tokenized with its ``tokenizer`` section, so that a run and its data
+    cannot disagree about the tokenizer. A source that is a prepared folder already is checked
+    against the tokenizer and left where it is."""
+    from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
+    from letrecipes.components.data import source_names
+    from letrecipes.components.prepare import is_prepared, prepare_corpus, read_manifest
     from letrecipes.components.tokenizer import load_tokenizer
 
     with errors_as_one_line():
         cfg = load_config(config, overrides)
+        validate_config(cfg, with_teacher="teacher" in cfg or "alignment" in cfg)  # a typo named before hours of work
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        mixture = data.get("sources")
+        specs = mixture or [{"source": data["source"]}]
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
-        manifest = prepare_corpus(cfg.data.source, tokenizer, out, text_field=cfg.data.get("text_field", "text"),
-                                  workers=workers, out_key="--out",
-                                  document_separator=cfg.data.get("document_separator", DOCUMENT_SEPARATOR))
-    print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {out}; "
-          f"train on it with data.source={out}")
+        placed = []
+        for i, (spec, name) in enumerate(zip(specs, source_names(specs))):
+            key = f"data.sources[{i}].source" if mixture else "data.source"
+            source = spec["source"]
+            if isinstance(source, str) and is_prepared(Path(source).expanduser()):
+                manifest = read_manifest(Path(source).expanduser(), key=key)
+                if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():  # token ids cannot be re-tokenized
+                    texts = manifest.get("sources") or []
+                    raise DataError(
+                        f"{key}: {source} is a prepared folder (token ids of {manifest['tokenizer']['path']}), not "
+                        f"text, and this config's tokenizer is another ({tokenizer.path}). Fix: point {key} at the "
+                        "text it was prepared from" + (f" ({texts[0]}{' and others' if len(texts) > 1 else ''}, as "
+                                                       "its manifest.json records)" if texts else "") + ".")
+                read_manifest(Path(source).expanduser(), tokenizer, key)  # every shard whole
+                print(f"{key}: {source} is prepared already ({manifest['tokens']:,} tokens, this tokenizer); "
+                      "left where it is")
+                placed.append({**spec, "source": source})  # its text_field is the one it was prepared with
+                continue
+            target = out / name if mixture else out
+            manifest = prepare_corpus(source, tokenizer, target, workers=workers, key=key, out_key="--out",
+                                      text_field=spec.get("text_field") or data.get("text_field", "text"),
+                                      document_separator=data.get("document_separator", DOCUMENT_SEPARATOR))
+            print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {target}")
+            placed.append({**{k: v for k, v in spec.items() if k != "text_field"}, "source": str(target)})
+    if mixture:
+        entries = ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in {**e, "name": n}.items()) + "}"
+                            for e, n in zip(placed, source_names(specs)))
+        print(f"train on them with data.sources='[{entries}]'")
+    else:
+        print(f"train on it with data.source={placed[0]['source']}")
     return 0
 
 

@@ -331,6 +331,48 @@ def test_prepare_data_command_then_a_run_on_its_shards(base_overrides, tokenizer
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
+def test_prepare_data_on_a_mixture_and_on_prepared_folders(base_overrides, tokenizer_path, corpus_dir, tmp_path,
+                                                           capsys):
+    """data.sources is prepared entry by entry into <out>/<name>, and the line printed is the
+    data.sources to train on; a source that is prepared already is checked and left in place;
+    token shards are never read as text."""
+    from letrecipes import pretrain
+    from letrecipes.cli import main
+
+    plays = sorted(corpus_dir.glob("*.txt"))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    shutil.copy(plays[0], tmp_path / "a"), shutil.copy(plays[1], tmp_path / "b")
+    prepare = ["prepare-data", "--config", "pretrain_tiny", f"tokenizer.path={tokenizer_path}", "--workers", "1"]
+    assert main([*prepare, "--out", str(tmp_path / "pre_b"), f"data.source={tmp_path / 'b'}"]) == 0
+    capsys.readouterr()
+    sources = f"[{{source: {tmp_path / 'a'}, weight: 3, name: first}}, {{source: {tmp_path / 'pre_b'}, weight: 1}}]"
+    assert main([*prepare, "--out", str(tmp_path / "mix"), "~data.source", f"data.sources={sources}"]) == 0
+    out = capsys.readouterr().out
+    assert f"data.sources[1].source: {tmp_path / 'pre_b'} is prepared already" in out
+    assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == ["first"]  # the prepared one stays where it is
+    printed = out.split("train on them with data.sources='")[1].split("'")[0]
+    assert printed == f"[{{source: {tmp_path / 'mix' / 'first'}, weight: 3, name: first}}, " \
+                      f"{{source: {tmp_path / 'pre_b'}, weight: 1, name: pre_b}}]"
+    overrides = [o for o in base_overrides if not o.startswith("data.source=")]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, "~data.source", f"data.sources={printed}", "max_steps=2",
+                          "eval_every=0", f"output_dir={tmp_path / 'run'}"])
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+    # a prepared folder cannot be re-tokenized: the text it came from is named
+    other = train_bpe([p.read_text() for p in plays], 300, tmp_path / "other.json")
+    with pytest.raises(SystemExit, match=r"pre_b is a prepared folder \(token ids of .*\), not text, and this "
+                                         r"config's tokenizer is another .* Fix: point data.source at the text it "
+                                         r"was prepared from \(.*b/"):
+        main([*prepare[:3], f"tokenizer.path={other}", "--out", str(tmp_path / "x"), f"data.source={tmp_path / 'pre_b'}"])
+    # token shards among text, or in a list of text sources: named, not read as a bad JSON record
+    shutil.copytree(tmp_path / "pre_b", tmp_path / "a" / "stray_prepared")
+    with pytest.raises(DataError, match=r"holds one, .*stray_prepared', which is a prepared folder"):
+        corpus.list_units(tmp_path / "a")
+    with pytest.raises(DataError, match=r"pre_b' is a prepared folder \(token shards"):
+        corpus.list_units([str(tmp_path / "b"), str(tmp_path / "pre_b")])
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------ issue 15, part 5: the token cache
 def small_jsonl(tmp_path, n=40):
     source = tmp_path / "small.jsonl"
