@@ -239,17 +239,24 @@ def run_folder_hint(path: Path, key: str, source: Optional[str] = None, wants_mo
     """The error for a run folder (or, with ``wants_model``, a step checkpoint) given where a
     model folder is read: the path a user meant is almost always inside it."""
     source = source or str(path)
-    if is_run_folder(path):
-        steps = sorted((path / "checkpoints").glob("step_*"))
-        final = path / "final"
+    if path.is_file() and is_step_checkpoint(path.parent):  # a shard or the marker, where its folder was meant
+        return run_folder_hint(path.parent, key, wants_model=wants_model) or (
+            f"{key}: {source!r} is one file of the step checkpoint {path.parent}. Fix: give the folder, "
+            f"{path.parent}.")
+    run = path if is_run_folder(path) else \
+        path.parent if path.name == "checkpoints" and is_run_folder(path.parent) else None
+    if run is not None:
+        steps = sorted(p for p in (run / "checkpoints").glob("step_*") if is_step_checkpoint(p))
+        final = run / "final"
+        what = "a training run's folder" if run == path else "a training run's checkpoints folder"
         if wants_model:
-            exported = path / "exported"
+            exported = run / "exported"
             fix = (f"{key}={final}, its exported model" if final.is_dir() else
                    f"export a checkpoint first: letrecipes export {steps[-1]} {exported}, then {key}={exported}"
                    if steps else "let the run finish (it exports final/) or point at another model")
-            return f"{key}: {source!r} is a training run's folder, not a model. Fix: {fix}."
-        return (f"{key}: {source!r} is a run folder, not a checkpoint. Fix: give one of its step checkpoints "
-                f"({steps[-1] if steps else f'{path}/checkpoints/step_N'})"
+            return f"{key}: {source!r} is {what}, not a model. Fix: {fix}."
+        return (f"{key}: {source!r} is {what}, not a checkpoint. Fix: give one of its step checkpoints "
+                f"({steps[-1] if steps else f'{run}/checkpoints/step_N'})"
                 + (f", or use {final}, which is already a Hugging Face folder" if final.is_dir() else "") + ".")
     if wants_model and is_step_checkpoint(path):
         return (f"{key}: {source!r} is a training checkpoint (sharded DCP files), which is read only to resume. "

@@ -130,6 +130,8 @@ def _main(argv=None) -> int:
     if rest and args.command in ("ls", "export"):  # only the config commands take key=value overrides
         parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
+        if args.max_shard_mb < 1:
+            parser.error(f"--max-shard-mb={args.max_shard_mb}: give 1 or more (MB per safetensors file; default 5120)")
         return export(args)
     if args.command == "prepare-data":
         return prepare_data(args.config, rest, Path(args.out), args.workers)

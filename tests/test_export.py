@@ -141,9 +141,20 @@ def test_bad_conversions_are_one_line_and_overwrite_nothing(run, tmp_path):
     assert "Traceback" not in result.stderr
 
     result = export(run, tmp_path / "out3")  # the run folder instead of one of its checkpoints
-    assert result.returncode == 1 and "is a run folder, not a checkpoint" in result.stderr
+    assert result.returncode == 1 and "is a training run's folder, not a checkpoint" in result.stderr
     assert str(run / "checkpoints" / "step_00000003") in result.stderr and str(run / "final") in result.stderr
     assert not (tmp_path / "out3").exists()
+    # its checkpoints folder, or one file of a step checkpoint: the folder that was meant is named
+    from letrecipes.components.export import ExportError, export_any
+
+    step = run / "checkpoints" / "step_00000003"
+    with pytest.raises(ExportError, match=r"is a training run's checkpoints folder, not a checkpoint. Fix: give one "
+                                          r"of its step checkpoints \(.*step_00000003\)"):
+        export_any(run / "checkpoints", tmp_path / "out4")
+    with pytest.raises(ExportError, match=rf"__0_0.distcp' is one file of the step checkpoint {step}. Fix: give the "
+                                          rf"folder, {step}."):
+        export_any(step / "__0_0.distcp", tmp_path / "out4")
+    assert not (tmp_path / "out4").exists()
 
 
 def test_a_long_conversion_says_how_far_it_is(run, tmp_path, monkeypatch):
