@@ -32,7 +32,7 @@ from tqdm import tqdm
 from letrecipes._config import parse, run
 from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
-from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState
+from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
 from letrecipes.components.data import BatchStream, build_dataloader, build_datasets, corpus_fingerprint
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
@@ -162,6 +162,12 @@ class PretrainRecipe:
         # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
         changes = resume.check(resume_from, self.run_info, self.settled_at(resume_from)) \
             if resume_from is not None else None
+        resumed_at = step_of(resume_from) if resume_from is not None else None
+        if resumed_at is not None and resumed_at > self.max_steps:  # going on would re-export final/ from the past
+            raise resume.ResumeChangeError(
+                f"resume: {resume_from} is at step {resumed_at}, past max_steps={self.max_steps}. Fix: "
+                f"max_steps={resumed_at} or more to go on from it; for the model of an earlier step, `letrecipes "
+                "export <its checkpoint> <folder>` converts any checkpoint (final/ is left as it is).")
         # Everything the optimizer trains and the checkpoint holds; LET adds its aligner.
         self.trainable = nn.ModuleDict({"model": self.model})
         self.setup_extra()
@@ -523,6 +529,7 @@ class PretrainRecipe:
 
 
     def _train_loop(self, progress: tqdm, stopper: GracefulStop) -> None:
+        trained_from = self.step
         clock = ProgressClock(self.max_steps, self.step, self.tokens_per_step)
         if self.cfg.get("compile", False) and self.step < self.max_steps:  # a silent first step would look hung
             self.log(f"step {self.step + 1} compiles the blocks first (minutes for a 7B model on a GPU); the ETA "
@@ -561,7 +568,13 @@ class PretrainRecipe:
                 self.timer.restart()  # evaluation, logging and saving are not training time
         progress.close()
         self.resolve()
-        if self.save_every:
+        if trained_from == self.max_steps and (self.output_dir / "final").is_dir():
+            # a finished run launched again (a scheduler's requeue): its checkpoint and export stand as they are
+            self.log(f"step {self.step} is max_steps: the run is complete, nothing to train; its checkpoint and "
+                     f"{self.output_dir / 'final'} are left as they are")
+            return
+        latest = self.checkpointer.latest()
+        if self.save_every and (latest is None or step_of(latest) != self.step):
             self.save_checkpoint()
         self.checkpointer.wait()
         self.export()

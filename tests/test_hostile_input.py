@@ -87,6 +87,20 @@ def test_bad_config_values_damage_nothing(base_overrides, finished_run, override
     assert digest(finished_run) == before
 
 
+def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_run, capsys):
+    """A scheduler's requeue of a finished run, or max_steps lowered below the checkpoint:
+    before, the first saved its last checkpoint again (deleting it first) and re-exported
+    final/; the second re-exported final/ from a checkpoint of a later step."""
+    kept = {name: digest(finished_run / name) for name in ("checkpoints", "final")}
+    metrics = (finished_run / "metrics.jsonl").read_text()
+    run_pretrain(*base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=2", "save_every=1")
+    assert "step 2 is max_steps: the run is complete, nothing to train" in capsys.readouterr().out
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=1",
+                       "save_every=1", match="step_00000002 is at step 2, past max_steps=1. Fix: max_steps=2 or more")
+    assert {name: digest(finished_run / name) for name in kept} == kept
+    assert (finished_run / "metrics.jsonl").read_text() == metrics
+
+
 @pytest.mark.parametrize("cut,match", [("model.safetensors", "cannot read"),
                                        ("config.json", "Fix: re-download or re-export the model")])
 def test_truncated_teacher_file(let_overrides, teacher_dir, tmp_path, cut, match):
