@@ -228,7 +228,21 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
                    key: str = "data.source", log: Callable[[str], None] = print, progress_every_s: float = 10.0,
                    out_key: str = "prepare", document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> dict:
     """Prepare ``source`` into ``out_dir``; return the manifest. Resumable and deterministic.
-    Text files are split into documents at ``document_separator`` (None: one per file)."""
+    Text files are split into documents at ``document_separator`` (None: one per file). A
+    full disk, a lost mount or an unreadable file is one line naming ``out_key`` (or ``key``,
+    for a file of the source) and what is kept."""
+    folders = {out_key: Path(out_dir)}
+    if isinstance(source, (str, os.PathLike)):
+        folders[key] = Path(source)
+    with environment_errors(folders, f"preparing {source} into {out_dir}",
+                            "Finished shards are kept: the same command goes on from them."):
+        return _prepare_corpus(source, tokenizer, out_dir, text_field, workers, key, log, progress_every_s, out_key,
+                               document_separator)
+
+
+def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, workers: int, key: str,
+                    log: Callable[[str], None], progress_every_s: float, out_key: str,
+                    document_separator: Optional[str]) -> dict:
     out_dir = Path(out_dir)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
@@ -390,10 +404,8 @@ def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: 
         for name in [MANIFEST] + [p.split()[0] for p in damage if p.startswith("shard_")]:
             (folder / name).unlink(missing_ok=True)  # prepare_corpus redoes the missing, keeps the rest
     if not is_prepared(folder):
-        with environment_errors("data.cache_dir", f"preparing {source} into {folder}",
-                                "Finished shards are kept and reused."):
-            prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
-                           document_separator=document_separator, out_key="data.cache_dir")
+        prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
+                       document_separator=document_separator, out_key="data.cache_dir")
 
 
 def _take_lock(lock: Path) -> bool:

@@ -331,6 +331,25 @@ def test_prepare_data_command_then_a_run_on_its_shards(base_overrides, tokenizer
     assert not (tmp_path / "run2" / "metrics.jsonl").exists()
 
 
+def test_prepare_data_on_a_full_disk_is_one_line_and_goes_on_after(tokenizer_path, corpus_dir, tmp_path):
+    """A shard that cannot be written (here a file size limit, as a full disk would) used to
+    end prepare-data in a traceback from inside the writer."""
+    from tests.test_run_safety import limit_file_size
+
+    command = [sys.executable, "-m", "letrecipes", "prepare-data", "--config", "pretrain_tiny", "--workers", "1",
+               "--out", str(tmp_path / "out"), f"tokenizer.path={tokenizer_path}", f"data.source={corpus_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env,
+                            preexec_fn=limit_file_size(4096))
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert last.startswith(f"error: --out: preparing {corpus_dir} into {tmp_path / 'out'} failed: a file size limit"), last
+    assert "Finished shards are kept: the same command goes on from them. Fix: raise the file size limit" in last
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and "prepared " in done.stdout, done.stderr[-2000:]
+    assert read_manifest(tmp_path / "out")["tokens"] > 4096
+
+
 def test_prepare_data_on_a_mixture_and_on_prepared_folders(base_overrides, tokenizer_path, corpus_dir, tmp_path,
                                                            capsys):
     """data.sources is prepared entry by entry into <out>/<name>, and the line printed is the
