@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import first_names, replace_atomically
+from letrecipes.components.files import environment_errors, first_names, replace_atomically
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.progress import ByteProgress
 from letrecipes.components.tokenizer import Tokenizer
@@ -127,19 +127,33 @@ class ShardedWriter:
 
 def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Union[str, Path],
                     tokenizer: Optional[Tokenizer], dtype: torch.dtype = torch.bfloat16,
-                    max_shard_mb: int = DEFAULT_MAX_SHARD_MB, log: Optional[Callable[[str], None]] = None) -> Path:
+                    max_shard_mb: int = DEFAULT_MAX_SHARD_MB, log: Optional[Callable[[str], None]] = None,
+                    key: str = "export", then: str = "run the same command again") -> Path:
     """Write ``tensors`` (our names, any order) as a Hugging Face folder at ``out_dir``,
-    atomically; every ``progress.PROGRESS_EVERY_S`` seconds, a line with the bytes written and an ETA."""
+    atomically; every ``progress.PROGRESS_EVERY_S`` seconds, a line with the bytes written and an ETA.
+    A write that fails (a full disk) removes the partial folder and is one line naming ``key``."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    kept = f"{out_dir} is as it was." if out_dir.exists() else "Nothing was left behind."
+    try:
+        with environment_errors(key, f"writing the export into {tmp}", kept, then=then):
+            _write_hf_folder(tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # half a model, on a disk that may be full
+        raise
+    return out_dir
+
+
+def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Path, tmp: Path,
+                     tokenizer: Optional[Tokenizer], dtype: torch.dtype, max_shard_mb: int,
+                     log: Callable[[str], None]) -> None:
     from letrecipes.components.estimate import total_params
 
-    out_dir = Path(out_dir)
     config = hf_config(args, tokenizer, dtype)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     writer = ShardedWriter(tmp, max_shard_mb * 2**20)
-    log = log or print
     expected = total_params(args) * torch.empty((), dtype=dtype).element_size()
     progress = ByteProgress("export", f"converted into {out_dir}", expected, log)
     for name, tensor in tensors:
@@ -160,13 +174,14 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    return out_dir
 
 
 def export_model(model: torch.nn.Module, args: ModelArgs, out_dir: Union[str, Path], tokenizer: Optional[Tokenizer],
-                 dtype: torch.dtype = torch.bfloat16, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+                 dtype: torch.dtype = torch.bfloat16, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
+                 then: str = "run the same command again") -> Path:
     """Export a model held whole by this process (a single-process run)."""
-    return write_hf_folder(model.state_dict().items(), args, out_dir, tokenizer, dtype, max_shard_mb)
+    return write_hf_folder(model.state_dict().items(), args, out_dir, tokenizer, dtype, max_shard_mb, key=key,
+                           then=then)
 
 
 def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterator[Tuple[str, torch.Tensor]]:
@@ -301,7 +316,7 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
 
 def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
                       overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
-                      verify: bool = True) -> Path:
+                      verify: bool = True, then: str = "run the same command again") -> Path:
     """A DCP step checkpoint -> a Hugging Face folder, offline (``letrecipes export``).
 
     The model's shape and tokenizer come from the run's ``config.yaml`` (two folders up);
@@ -337,4 +352,5 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
         model = registry.build("model", cfg.model, "model",
                                max_seq_len=model_max_seq_len(cfg.model, int(cfg.data.seq_len)),
                                vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(tokenizer.vocab_size))
-    return write_hf_folder(checkpoint_tensors(checkpoint), model.model_args, out_dir, tokenizer, dtype, max_shard_mb)
+    return write_hf_folder(checkpoint_tensors(checkpoint), model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
+                           key=key, then=then)

@@ -85,6 +85,9 @@ def cut_at(path: Union[str, Path], offset: int) -> None:
     os.truncate(path, offset)
 
 
+RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def os_error_in(err: BaseException) -> Optional[OSError]:
     """The ``OSError`` behind ``err``: itself, its cause or context, or one that
     torch.distributed.checkpoint wrapped per rank (``CheckpointException.failures``)."""
@@ -97,6 +100,11 @@ def os_error_in(err: BaseException) -> Optional[OSError]:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno is not None:
             return e
+        # Rust libraries (safetensors, tokenizers) raise their own types around an io error: "(os error 28)"
+        rust_io = RUST_IO_ERROR.search(str(e)) if not isinstance(e, OSError) else None
+        if rust_io:
+            code = int(rust_io.group(1))
+            return OSError(code, os.strerror(code))
         for failure in getattr(e, "failures", {}).values() if isinstance(getattr(e, "failures", None), dict) else ():
             todo.append(failure[0] if isinstance(failure, tuple) else failure)
         todo += [e.__cause__, e.__context__]

@@ -587,15 +587,19 @@ class PretrainRecipe:
             self.log("export.enabled=false: no final export")
             return
         dtype, max_shard_mb = export_dtype(spec.get("dtype", "bf16")), int(spec.get("max_shard_mb", 5120))
+        # a failed export (a full disk) is redone by a relaunch of a finished run, from its last checkpoint
+        then = "run the same command with resume=true (a finished run only exports)" if self.save_every else \
+            "train again (save_every=0 kept no checkpoint to export from)"
         if not self.fsdp:
-            export_model(self.model, self.model_args, final, self.tokenizer, dtype, max_shard_mb)
+            export_model(self.model, self.model_args, final, self.tokenizer, dtype, max_shard_mb, key="output_dir",
+                         then=then)
         else:
             if self.checkpointer.latest() is None or self.checkpointer.latest().name != f"step_{self.step:08d}":
                 self.save_checkpoint()
                 self.checkpointer.wait()
             if self.is_main:
                 export_checkpoint(self.checkpointer.latest(), final, dtype, overwrite=True, max_shard_mb=max_shard_mb,
-                                  verify=False)  # written and hashed moments ago
+                                  verify=False, key="output_dir", then=then)  # written and hashed moments ago
         self.log(f"exported {final} (Hugging Face format, {dtype})")
 
     def source_tokens(self) -> Dict[str, int]:

@@ -2,6 +2,7 @@
 offline conversion of step checkpoints) and comes back in as a teacher."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -168,3 +169,19 @@ def test_a_long_conversion_says_how_far_it_is(run, tmp_path, monkeypatch):
     assert len(progress) > 10 and all("MB/s" in line and "ETA" in line for line in progress)
     done, expected = (float(x) for x in progress[-1].split("export: ")[1].split(" MB")[0].split(" of "))
     assert done == expected > 0  # the size it announces is the size it writes
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(run, tmp_path):
+    """safetensors raises its own error type around the OS's (`... (os error 27)`): it used to
+    end the export in a traceback and leave a half-written <out>.tmp on the full disk."""
+    from tests.test_run_safety import limit_file_size
+
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, "-m", "letrecipes", "export", str(run / "checkpoints" / "step_00000003"),
+                             str(out)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit_file_size(4096))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: export: writing the export into {out}.tmp failed: a file size limit was reached (ulimit -f, or the "
+        "filesystem's). Nothing was left behind. Fix: raise the file size limit, then run the same command again.")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -466,6 +466,13 @@ def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
                                            r"intact\. Fix: free space, then run again\.$"):
         with environment_errors("output_dir", "saving x", "step 3 is intact.", then="run again"):
             raise OSError(28, "No space left on device", "/d/f")
+    # Rust libraries (safetensors, tokenizers) wrap the OS error in their own type, with its number in the text
+    with pytest.raises(StorageError, match=r"^export: writing failed: the disk is full\. Fix: free space"):
+        with environment_errors("export", "writing"):
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not about the environment: passes through
+        with environment_errors("export", "writing"):
+            raise RuntimeError("shape mismatch")
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match="is a file, not a folder"):
         check_writable_folder(tmp_path / "file", "data.cache_dir")
