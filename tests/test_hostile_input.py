@@ -99,6 +99,12 @@ def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_
                        "save_every=1", match="step_00000002 is at step 2, past max_steps=1. Fix: max_steps=2 or more")
     assert {name: digest(finished_run / name) for name in kept} == kept
     assert (finished_run / "metrics.jsonl").read_text() == metrics
+    # an export lost (a full disk stopped it): the relaunch exports the last checkpoint again, and only that
+    import shutil
+
+    shutil.rmtree(finished_run / "final")
+    run_pretrain(*base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=2", "save_every=1")
+    assert {name: digest(finished_run / name) for name in kept} == kept
 
 
 @pytest.mark.parametrize("cut,match", [("model.safetensors", "cannot read"),
