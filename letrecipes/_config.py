@@ -96,6 +96,10 @@ def resolve_config_path(name: str, recipes: Sequence[str] = ()) -> Path:
 def yaml_problem(err: Exception, path: Path) -> Tuple[str, str]:
     """A YAML parser's several-line message as one line (the problem and where it is), and
     the fix. A tab in the indentation gets several different messages from the parser."""
+    if isinstance(err, UnicodeDecodeError):  # a file saved as Latin-1 or cp1252 (an editor's default on Windows)
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        return (f"it is not UTF-8 (byte 0x{err.object[err.start]:02x} on line {line})",
+                "save the file as UTF-8")
     problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
     if not (problem and mark is not None):
         return " ".join(str(err).split()), "correct the YAML"

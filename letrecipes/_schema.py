@@ -155,6 +155,10 @@ def _check(where: str, key: str, value: Any, spec) -> None:
         # `key=[SEP]` on a command line is a list to omegaconf: the string needs its own quotes
         quoting = (f" (a value in brackets is read as a list: quote it, '{where}{key}=\"[{value[0]}]\"')"
                    if "string" in text and isinstance(value, (list, ListConfig)) and len(value) == 1 else "")
+        if text.startswith("an integer") and isinstance(value, float) and value.is_integer() and ok(int(value)):
+            # YAML reads 1e5 and 1000.0 as floats
+            raise ConfigValueError(f"config key {where}{key}={value!r} must be an integer (YAML reads 1e5 or "
+                                   f"{int(value)}.0 as a float). Fix: write it as {where}{key}={int(value)}.")
         raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}{quoting}. Fix: set {where}{key} to "
                                f"{text}.")
 

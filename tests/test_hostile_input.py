@@ -43,6 +43,10 @@ def test_malformed_yaml(tmp_path):
     message = expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad),
                                  match="found character that cannot start any token (line 3, column 1)")
     assert "\n" not in message and message.endswith("Fix: indent with spaces (YAML allows no tabs).")
+    bad.write_bytes(b"max_steps: 10\n# caf\xe9 (Latin-1)\n")
+    message = expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad),
+                                 match="is not valid YAML: it is not UTF-8 (byte 0xe9 on line 2)")
+    assert message.endswith("Fix: save the file as UTF-8.")
 
 
 @pytest.mark.parametrize("override, match", [
@@ -60,6 +64,8 @@ def test_malformed_overrides(override, match):
     ("data.seq_length=64", "config key data.seq_length is unknown. Did you mean data.seq_len?"),
     ("batch_size=sixteen", "config key batch_size='sixteen' must be an integer >= 1"),
     ("max_steps=0", "config key max_steps=0 must be an integer >= 1"),
+    ("max_steps=1e3", "config key max_steps=1000.0 must be an integer (YAML reads 1e5 or 1000.0 as a float). Fix: "
+                      "write it as max_steps=1000."),
     ("data.val_fraction=1.5", "config key data.val_fraction=1.5 must be a number >= 0 and < 0.5"),
     ("data.val_fraction=0", "config key eval_every=4 evaluates on the validation split, but data.val_fraction is 0"),
     ("divergence.policy=ignore", "config key divergence.policy='ignore' must be one of stop, skip"),
@@ -76,7 +82,7 @@ def test_malformed_overrides(override, match):
                                                     "'LETRECIPES_SURELY_UNSET' not found\". Fix: export "
                                                     "LETRECIPES_SURELY_UNSET=... before the run"),
     ("max_steps=${no.such.key}", "config key max_steps does not resolve: Interpolation key 'no.such.key' not found"),
-], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "out-of-range-fraction", "no-val-split",
+], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "float-for-integer", "out-of-range-fraction", "no-val-split",
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
         "optimizer-tuple-length", "optimizer-number", "model-flag", "null-for-a-required-integer",
         "section-as-a-scalar", "unset-environment-variable", "dangling-interpolation"])
