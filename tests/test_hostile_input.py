@@ -82,7 +82,8 @@ def test_malformed_overrides(override, match):
                                                     "'LETRECIPES_SURELY_UNSET' not found\". Fix: export "
                                                     "LETRECIPES_SURELY_UNSET=... before the run"),
     ("max_steps=${no.such.key}", "config key max_steps does not resolve: Interpolation key 'no.such.key' not found"),
-], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "float-for-integer", "out-of-range-fraction", "no-val-split",
+], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "float-for-integer",
+        "out-of-range-fraction", "no-val-split",
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
         "optimizer-tuple-length", "optimizer-number", "model-flag", "null-for-a-required-integer",
         "section-as-a-scalar", "unset-environment-variable", "dangling-interpolation"])
