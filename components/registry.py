@@ -125,8 +125,10 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
                                  f"{', '.join(named)}).{hint} Fix: correct or remove it.")
         problem = _kind_problem(value, parameters[option])
         if problem:
-            raise ComponentError(f"config key {key}.{option}={value!r} must be {problem} for {name!r}. Fix: set "
-                                 f"{key}.{option} to {problem}.")
+            fix = f"set {key}.{option} to {problem}"
+            if problem == "an integer" and isinstance(value, float) and value.is_integer():  # YAML's 1e2 is a float
+                fix = f"write it as {key}.{option}={int(value)} (YAML reads 1e2 or {int(value)}.0 as a float)"
+            raise ComponentError(f"config key {key}.{option}={value!r} must be {problem} for {name!r}. Fix: {fix}.")
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

@@ -66,6 +66,8 @@ def test_malformed_overrides(override, match):
     ("max_steps=0", "config key max_steps=0 must be an integer >= 1"),
     ("max_steps=1e3", "config key max_steps=1000.0 must be an integer (YAML reads 1e5 or 1000.0 as a float). Fix: "
                       "write it as max_steps=1000."),
+    ("lr_scheduler.warmup_steps=1e2", "warmup_steps=100.0 must be an integer for 'letrecipes.components.lr_schedules."
+                                      "warmup_cosine'. Fix: write it as lr_scheduler.warmup_steps=100"),
     ("data.val_fraction=1.5", "config key data.val_fraction=1.5 must be a number >= 0 and < 0.5"),
     ("data.val_fraction=0", "config key eval_every=4 evaluates on the validation split, but data.val_fraction is 0"),
     ("divergence.policy=ignore", "config key divergence.policy='ignore' must be one of stop, skip"),
@@ -83,7 +85,7 @@ def test_malformed_overrides(override, match):
                                                     "LETRECIPES_SURELY_UNSET=... before the run"),
     ("max_steps=${no.such.key}", "config key max_steps does not resolve: Interpolation key 'no.such.key' not found"),
 ], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "float-for-integer",
-        "out-of-range-fraction", "no-val-split",
+        "float-for-integer-argument", "out-of-range-fraction", "no-val-split",
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
         "optimizer-tuple-length", "optimizer-number", "model-flag", "null-for-a-required-integer",
         "section-as-a-scalar", "unset-environment-variable", "dangling-interpolation"])
