@@ -453,7 +453,10 @@ def test_a_failed_tokenisation_leaves_no_temporary_file(tokenizer_path, tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prepare, "read_unit_in_pieces", broken)
-    with pytest.raises(OSError):
+    from letrecipes.components.files import StorageError
+
+    with pytest.raises(StorageError, match=r"^prepare: preparing .* failed: the disk is full\. Finished shards are "
+                                           r"kept: the same command goes on from them\."):
         prepare_corpus(source, tok, tmp_path / "out", **QUIET)
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
