@@ -445,6 +445,7 @@ def test_a_damaged_prepared_folder_is_named_when_read(tokenizer_path, tmp_path):
 
 def test_a_failed_tokenisation_leaves_no_temporary_file(tokenizer_path, tmp_path, monkeypatch):
     from letrecipes.components import prepare
+    from letrecipes.components.files import StorageError
 
     source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
 
@@ -453,8 +454,6 @@ def test_a_failed_tokenisation_leaves_no_temporary_file(tokenizer_path, tmp_path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(prepare, "read_unit_in_pieces", broken)
-    from letrecipes.components.files import StorageError
-
     with pytest.raises(StorageError, match=r"^prepare: preparing .* failed: the disk is full\. Finished shards are "
                                            r"kept: the same command goes on from them\."):
         prepare_corpus(source, tok, tmp_path / "out", **QUIET)
