@@ -99,6 +99,19 @@ def check_format(path: Path) -> None:
 def require_complete(path: Path) -> None:
     """A checkpoint named for resume must be one whose save finished."""
     if not is_complete(path):
+        from letrecipes.components.export import is_hf_folder, is_run_folder  # export reads checkpoints: no cycle
+
+        if is_hf_folder(path):
+            raise CheckpointError(
+                f"resume: {str(path)!r} is an exported model (weights only: no optimizer state, schedule or data "
+                f"position), which a run cannot resume. Fix: init_from={path} starts a new run from its weights; "
+                f"resume=<output_dir>/checkpoints/{STEP_PREFIX}N resumes a run.")
+        if is_run_folder(path):
+            steps = sorted(p for p in (Path(path) / "checkpoints").glob(f"{STEP_PREFIX}*") if is_complete(p))
+            raise CheckpointError(
+                f"resume: {str(path)!r} is a training run's folder, not a checkpoint. Fix: resume=true with "
+                f"output_dir={path} (its latest complete checkpoint)"
+                + (f", or resume={steps[-1]}" if steps else "") + ".")
         raise CheckpointError(
             f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
             f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "

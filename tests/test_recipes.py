@@ -239,6 +239,17 @@ def test_resume_from_a_path_that_is_not_a_checkpoint(base_overrides, tmp_path):
                        f"resume={tmp_path / 'half_written'}", match="is not a complete checkpoint")
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}",
                        f"resume={tmp_path / 'missing'}", match="no such checkpoint folder")
+    # a finished run's folder and its export: the key that was meant is named
+    done = tmp_path / "done"
+    run_pretrain(*base_overrides, f"output_dir={done}", "max_steps=2", "save_every=2")
+    message = expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"resume={done}",
+                                 match=f"is a training run's folder, not a checkpoint. Fix: resume=true with "
+                                       f"output_dir={done}")
+    assert message.endswith(f"or resume={done / 'checkpoints' / 'step_00000002'}.")
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"resume={done / 'final'}",
+                       match=f"is an exported model (weights only: no optimizer state, schedule or data position), "
+                             f"which a run cannot resume. Fix: init_from={done / 'final'} starts a new run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_skips_a_checkpoint_whose_save_never_finished(base_overrides, tmp_path):
