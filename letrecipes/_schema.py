@@ -244,6 +244,25 @@ def _torchtune_model_builder(name: str, factory) -> ConfigValueError:
                             f"builds its students from shape keys. Fix: {fix}.")
 
 
+def _rehearse_optimizer(values: Dict[str, Any]) -> None:
+    """The optimizer and LR schedule built on two stand-in parameters, as the recipe builds
+    them: a value they refuse (a negative lr, a beta of 1.5) is named now, not after hours
+    of preparing data."""
+    import torch
+
+    from letrecipes.components import registry
+
+    if not (isinstance(values.get("optimizer"), (dict, str)) and isinstance(values.get("lr_scheduler"), (dict, str))):
+        return
+    optimizer_spec = values["optimizer"]
+    decay = float(optimizer_spec.get("weight_decay", 0.0)) if isinstance(optimizer_spec, dict) else 0.0
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "weight_decay": decay},
+              {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}]
+    optimizer = registry.build("optimizer", optimizer_spec, "optimizer", groups)
+    registry.build("lr_scheduler", values["lr_scheduler"], "lr_scheduler", optimizer,
+                   total_steps=int(values.get("max_steps") or 1))
+
+
 def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
     """Every component section against its component's arguments: the name resolves (a
     user's module from ``imports`` included) and every key is one it takes, of its kind."""
@@ -280,6 +299,7 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
             raise _torchtune_model_builder(spec["_component_"], factory)
         registry.check_arguments(factory, {k: v for k, v in spec.items() if k != "_component_"}, key,
                                  spec["_component_"])
+    _rehearse_optimizer(values)
     if with_teacher and isinstance(values.get("teacher"), dict):
         from letrecipes.components.teachers import RECIPE_KEYS, AutoFormat, _accepted_options, formats
 

@@ -96,6 +96,22 @@ def test_bad_config_values_damage_nothing(base_overrides, finished_run, override
     assert digest(finished_run) == before
 
 
+@pytest.mark.parametrize("override, match", [
+    ("optimizer.lr=-1", "optimizer: cannot build 'torch.optim.AdamW': Invalid learning rate: -1."),
+    ("optimizer.betas=[0.9,1.5]", "Invalid beta parameter at index 1: 1.5"),
+    ("lr_scheduler.min_lr_ratio=2", "lr_scheduler.min_lr_ratio=2 must be in [0, 1]"),
+], ids=["negative-lr", "beta-above-one", "schedule-ratio"])
+def test_values_the_optimizer_refuses_are_named_before_the_data_is_prepared(base_overrides, corpus_dir, tmp_path,
+                                                                             override, match):
+    """Before, the optimizer was first built after the corpus was tokenized: hours, at scale."""
+    fresh = tmp_path / "corpus"
+    fresh.mkdir()
+    (fresh / "a.txt").write_text(next(corpus_dir.glob("*.txt")).read_text())
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={fresh}",
+                       f"data.cache_dir={tmp_path / 'cache'}", override, match=match)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_run, capsys):
     """A scheduler's requeue of a finished run, or max_steps lowered below the checkpoint:
     before, the first saved its last checkpoint again (deleting it first) and re-exported
