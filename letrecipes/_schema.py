@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -222,6 +223,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     if "data" in values and not (data.get("source") or data.get("sources")) and not values.get("dry_run"):
         raise ConfigValueError("config key data.source is missing. Fix: set data.source (a corpus or a prepared "
                                "folder) or data.sources (a mixture; docs/data.md).")
+    _check_outputs_outside_sources(values)
     check_components(values, with_teacher)
 
 
@@ -242,6 +244,36 @@ def _torchtune_model_builder(name: str, factory) -> ConfigValueError:
         "model: {_component_: llama, num_layers: ..., num_heads: ..., embed_dim: ...} (docs/configs.md)"
     return ConfigValueError(f"config key model._component_={name!r} is a torchtune model builder; letrecipes "
                             f"builds its students from shape keys. Fix: {fix}.")
+
+
+def _check_outputs_outside_sources(values: Dict[str, Any]) -> None:
+    """A run's folders must not lie inside a corpus folder it reads: the next launch would
+    read its own checkpoints, metrics and export (or the token cache) as training text,
+    and a resume would find the corpus changed."""
+    import glob
+    import os
+
+    data = values.get("data") or {}
+    sources = [e.get("source") for e in data.get("sources") or [] if isinstance(e, dict)] or [data.get("source")]
+    folders = []
+    for source in sources:
+        for item in (source if isinstance(source, list) else [source]):
+            # a glob reads only what it matches, and a prepared folder is read through its manifest
+            if isinstance(item, str) and item and not glob.has_magic(item):
+                path = Path(os.path.abspath(os.path.expanduser(item)))
+                if path.is_dir() and not (path / "manifest.json").is_file():
+                    folders.append(path)
+    written = {"output_dir": values.get("output_dir"), "data.cache_dir": data.get("cache_dir", "outputs/cache")}
+    for key, folder in written.items():
+        if not isinstance(folder, str) or not folder:
+            continue
+        target = Path(os.path.abspath(os.path.expanduser(folder)))
+        for source in folders:
+            if target == source or source in target.parents:
+                raise ConfigValueError(
+                    f"config key {key}={folder!r} lies inside the corpus folder data.source={str(source)!r}: what the "
+                    "run writes there (checkpoints, metrics, the export, token caches) would be read as training text "
+                    f"by its next launch, and a resume would find the corpus changed. Fix: put {key} outside it.")
 
 
 def _rehearse_optimizer(values: Dict[str, Any]) -> None:

@@ -112,6 +112,24 @@ def test_values_the_optimizer_refuses_are_named_before_the_data_is_prepared(base
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_run_writing_inside_its_own_corpus_folder_is_refused(base_overrides, corpus_dir, tmp_path):
+    """Before, the first launch trained and the second read its checkpoints' format.json as a
+    JSON corpus (and a resume found the corpus changed)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(next(corpus_dir.glob("*.txt")).read_text())
+    common = [*base_overrides, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+    expect_setup_error(run_pretrain, *common, f"output_dir={corpus / 'run'}",
+                       match=f"config key output_dir='{corpus / 'run'}' lies inside the corpus folder data.source="
+                             f"'{corpus}': what the run writes there")
+    expect_setup_error(run_pretrain, *common[:-1], f"data.cache_dir={corpus / 'cache'}",
+                       f"output_dir={tmp_path / 'run'}", match="config key data.cache_dir=")
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt"] and not (tmp_path / "run").exists()
+    # a glob reads only what it matches: a run folder beside the files it names is no part of it
+    run_pretrain(*common[:-2], f"data.source={corpus}/*.txt", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"output_dir={corpus / 'run'}", "max_steps=1")
+
+
 def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_run, capsys):
     """A scheduler's requeue of a finished run, or max_steps lowered below the checkpoint:
     before, the first saved its last checkpoint again (deleting it first) and re-exported
