@@ -54,7 +54,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             key = f"data.sources[{i}].source" if mixture else "data.source"
             source = spec["source"]
             if isinstance(source, str) and is_prepared(Path(source).expanduser()):
-                manifest = read_manifest(Path(source).expanduser(), key=key)
+                manifest = read_manifest(Path(source).expanduser(), key=key)  # every shard whole
                 if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():  # token ids cannot be re-tokenized
                     texts = manifest.get("sources") or []
                     raise DataError(
@@ -62,7 +62,6 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
                         f"text, and this config's tokenizer is another ({tokenizer.path}). Fix: point {key} at the "
                         "text it was prepared from" + (f" ({texts[0]}{' and others' if len(texts) > 1 else ''}, as "
                                                        "its manifest.json records)" if texts else "") + ".")
-                read_manifest(Path(source).expanduser(), tokenizer, key)  # every shard whole
                 print(f"{key}: {source} is prepared already ({manifest['tokens']:,} tokens, this tokenizer); "
                       "left where it is")
                 placed.append({**spec, "source": source})  # its text_field is the one it was prepared with

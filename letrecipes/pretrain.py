@@ -588,13 +588,15 @@ class PretrainRecipe:
             return
         dtype, max_shard_mb = export_dtype(spec.get("dtype", "bf16")), int(spec.get("max_shard_mb", 5120))
         # a failed export (a full disk) is redone by a relaunch of a finished run, from its last checkpoint
-        then = "run the same command with resume=true (a finished run only exports)" if self.save_every else \
-            "train again (save_every=0 kept no checkpoint to export from)"
+        kept_a_checkpoint = bool(self.save_every) or self.fsdp  # FSDP exports from a checkpoint it saves
+        then = ("run the same command with resume=true (a finished run only exports)" if kept_a_checkpoint else
+                "train again (save_every=0 kept no checkpoint to export from)")
         if not self.fsdp:
             export_model(self.model, self.model_args, final, self.tokenizer, dtype, max_shard_mb, key="output_dir",
                          then=then)
         else:
-            if self.checkpointer.latest() is None or self.checkpointer.latest().name != f"step_{self.step:08d}":
+            latest = self.checkpointer.latest()
+            if latest is None or step_of(latest) != self.step:
                 self.save_checkpoint()
                 self.checkpointer.wait()
             if self.is_main:
