@@ -22,8 +22,8 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
-from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
-from letrecipes.components.prepare import cached_prepare, read_manifest
+from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, source_files
+from letrecipes.components.prepare import cached_prepare, is_prepared, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
 
@@ -372,6 +372,8 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     val_source = data_cfg.get("val_source")
     if val_source:  # a held-out corpus of its own (C4's validation files): every window of the training data trains
         val_fraction = 0.0
+    if validation and val_source:
+        _check_held_out(val_source, specs, data_cfg)
 
     def prepared(source, key: str, text_field: Optional[str]) -> TokenShards:
         folder = cached_prepare(source, tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
@@ -397,6 +399,52 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
         return train[0], held_out or (val[0] if val else None), []
     mixed_val = MixtureDataset(val, weights, seed=0) if val else None
     return MixtureDataset(train, weights, seed=seed), held_out or mixed_val, names
+
+
+def _corpus_files(source, key: str) -> List[str]:
+    """The files a source reads, as real paths; a prepared folder's from its manifest."""
+    if isinstance(source, (str, os.PathLike)) and is_prepared(Path(source).expanduser()):
+        named = read_manifest(Path(source).expanduser(), key=key).get("sources") or []
+    else:
+        named = source_files(source, key)
+    return [os.path.realpath(str(p)) for p in named]
+
+
+def _same_content(a: str, b: str) -> bool:
+    def digest(path: str) -> bytes:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return h.digest()
+    return digest(a) == digest(b)
+
+
+def _check_held_out(val_source, specs: Sequence[Mapping[str, Any]], data_cfg: Mapping[str, Any]) -> None:
+    """A held-out corpus that is (partly) training data would make val_loss measure memory,
+    not generalisation, and nothing in the figures would show it. The same file, or a copy
+    of it (same size, then same bytes: only files of equal size are read)."""
+    def sizes(files: List[str]) -> Dict[int, List[str]]:
+        by_size: Dict[int, List[str]] = {}
+        for f in files:
+            if os.path.isfile(f):  # a prepared folder's text may be on another machine
+                by_size.setdefault(os.path.getsize(f), []).append(f)
+        return by_size
+
+    held_out = sizes(_corpus_files(val_source, "data.val_source"))
+    for i, spec in enumerate(specs):
+        key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
+        common = [(v, f) for size, files in sizes(_corpus_files(spec["source"], key)).items() if size in held_out
+                  for f in files for v in held_out[size] if f == v or _same_content(f, v)]
+        if common:
+            val, train = common[0]
+            also = "is training data too" if val == train else f"has the same bytes as {train}"
+            raise DataError(
+                f"data.val_source: {val} {also} ({key}"
+                + (f"; {len(common)} files in all" if len(common) > 1 else "") + "), so the validation loss would "
+                "measure what the model memorised. Fix: keep the held-out files out of the training source (another "
+                "folder, or a glob that leaves them out), or drop data.val_source and hold out windows of the same "
+                "corpus with data.val_fraction.")
 
 
 def corpus_fingerprint(dataset) -> str:

@@ -131,3 +131,36 @@ def test_a_held_out_corpus_of_its_own_is_the_validation_set_and_the_training_dat
                           f"data.val_source={val_dir}", "data.val_fraction=0", f"output_dir={tmp_path / 'run'}",
                           "max_steps=4", "eval_every=2", "eval_batches=2"])
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r] == [2, 4]
+
+
+def test_a_held_out_corpus_that_is_training_data_is_refused(corpus_dir, tmp_path, tokenizer_path):
+    """val_source naming training files (the same folder, one of its files, a copy elsewhere,
+    or the text of a prepared training folder) used to give a val_loss of memorised text."""
+    from letrecipes.components.corpus import DataError
+    from letrecipes.components.data import build_datasets
+    from letrecipes.components.prepare import prepare_corpus
+    from letrecipes.components.tokenizer import Tokenizer
+
+    plays = sorted(corpus_dir.glob("*.txt"))
+    train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
+    train_dir.mkdir(), elsewhere.mkdir()
+    for play in plays[:2]:
+        (train_dir / play.name).write_text(play.read_text())
+    (elsewhere / "copy.txt").write_bytes((train_dir / plays[1].name).read_bytes())
+    (elsewhere / "other.txt").write_text(plays[2].read_text())
+    tok = Tokenizer(tokenizer_path)
+    section = {"source": str(train_dir), "seq_len": 32, "cache_dir": str(tmp_path / "cache")}
+    cases = [(train_dir, f"{train_dir / plays[0].name} is training data too (data.source; 2 files in all)"),
+             (train_dir / plays[1].name, "is training data too (data.source)"),
+             (elsewhere, f"{elsewhere / 'copy.txt'} has the same bytes as {train_dir / plays[1].name} (data.source)")]
+    for val_source, says in cases:
+        with pytest.raises(DataError, match="so the validation loss would measure what the model memorised") as err:
+            build_datasets({**section, "val_source": str(val_source)}, tok, seed=0, log=lambda _: None)
+        assert says in str(err.value), err.value
+    assert not (tmp_path / "cache").exists()  # refused before anything was prepared
+    prepare_corpus(train_dir, tok, tmp_path / "prepared", log=lambda _: None)
+    with pytest.raises(DataError, match="is training data too"):  # the prepared folder's manifest names its text
+        build_datasets({**section, "source": str(tmp_path / "prepared"), "val_source": str(train_dir / plays[0].name)},
+                       tok, seed=0, log=lambda _: None)
+    build_datasets({**section, "val_source": str(elsewhere / "other.txt")}, tok, seed=0, log=lambda _: None)
+    build_datasets({**section, "val_source": str(train_dir)}, tok, seed=0, log=lambda _: None, validation=False)
