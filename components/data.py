@@ -410,14 +410,15 @@ def _corpus_files(source, key: str) -> List[str]:
     return [os.path.realpath(str(p)) for p in named]
 
 
-def _same_content(a: str, b: str) -> bool:
-    def digest(path: str) -> bytes:
+def _file_digest(path: str, seen: Dict[str, bytes]) -> bytes:
+    """SHA-256 of a file's bytes, each file read once however many it is compared with."""
+    if path not in seen:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
-        return h.digest()
-    return digest(a) == digest(b)
+        seen[path] = h.digest()
+    return seen[path]
 
 
 def _check_held_out(val_source, specs: Sequence[Mapping[str, Any]], data_cfg: Mapping[str, Any]) -> None:
@@ -431,11 +432,12 @@ def _check_held_out(val_source, specs: Sequence[Mapping[str, Any]], data_cfg: Ma
                 by_size.setdefault(os.path.getsize(f), []).append(f)
         return by_size
 
-    held_out = sizes(_corpus_files(val_source, "data.val_source"))
+    held_out, digests = sizes(_corpus_files(val_source, "data.val_source")), {}
     for i, spec in enumerate(specs):
         key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
         common = [(v, f) for size, files in sizes(_corpus_files(spec["source"], key)).items() if size in held_out
-                  for f in files for v in held_out[size] if f == v or _same_content(f, v)]
+                  for f in files for v in held_out[size]
+                  if f == v or _file_digest(f, digests) == _file_digest(v, digests)]
         if common:
             val, train = common[0]
             also = "is training data too" if val == train else f"has the same bytes as {train}"
