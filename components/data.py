@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from letrecipes.components.checkpointing import file_digest
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, source_files
 from letrecipes.components.prepare import cached_prepare, is_prepared, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
@@ -410,14 +411,10 @@ def _corpus_files(source, key: str) -> List[str]:
     return [os.path.realpath(str(p)) for p in named]
 
 
-def _file_digest(path: str, seen: Dict[str, bytes]) -> bytes:
-    """SHA-256 of a file's bytes, each file read once however many it is compared with."""
+def _file_digest(path: str, seen: Dict[str, str]) -> str:
+    """A file's digest (the checkpoints' hash), each file read once however many it is compared with."""
     if path not in seen:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        seen[path] = h.digest()
+        seen[path] = file_digest(Path(path))
     return seen[path]
 
 
