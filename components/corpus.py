@@ -194,6 +194,17 @@ def _matches(pattern: str, key: str) -> List[Path]:
     return found
 
 
+# what `letrecipes prepare-data` writes (components/prepare.py, which takes the name from here)
+PREPARED_MANIFEST = "manifest.json"
+
+
+def is_token_shards(folder: Union[str, Path]) -> bool:
+    """A folder of prepared token shards, not text: its manifest beside its first shard
+    (prepare.shard_name(0)); a corpus may hold a data file named manifest.json of its own."""
+    folder = Path(folder)
+    return (folder / PREPARED_MANIFEST).is_file() and (folder / "shard_000000.bin").is_file()
+
+
 def _files(item: Path, key: str) -> List[Path]:
     item = hub_snapshot(item) or item  # a Hugging Face cache folder (datasets--org--name): the snapshot it serves
     if is_dataset_folder(item) or item.is_file():
@@ -219,7 +230,7 @@ def _files(item: Path, key: str) -> List[Path]:
             found.append(path)
         elif not path.is_file() or any(part.startswith(".") for part in path.relative_to(item).parts):
             continue  # hidden: macOS's ._name.txt resource forks, caches, version control
-        elif path.name == "manifest.json" and (path.parent / "shard_000000.bin").is_file():
+        elif path.name == PREPARED_MANIFEST and is_token_shards(path.parent):
             # token shards are not text: read as a corpus, the manifest would be one bad JSON record
             where = "is" if path.parent == item else f"holds one, {str(path.parent)!r}, which is"
             raise DataError(f"{key}: {str(item)!r} {where} a prepared folder (token shards of `letrecipes "

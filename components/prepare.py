@@ -35,14 +35,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, READER_VERSION, DataError, DataWarning, Unit, list_units,
-                                          read_unit_in_pieces, source_files)
+from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, READER_VERSION, DataError,
+                                          DataWarning, Unit, list_units, read_unit_in_pieces, source_files)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
                                         unique_tmp)
 from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
 
-MANIFEST = "manifest.json"
+MANIFEST = PREPARED_MANIFEST
 PLAN = "plan.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256

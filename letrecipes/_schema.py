@@ -253,6 +253,8 @@ def _check_outputs_outside_sources(values: Dict[str, Any]) -> None:
     import glob
     import os
 
+    from letrecipes.components.corpus import is_token_shards
+
     data = values.get("data") or {}
     sources = [e.get("source") for e in data.get("sources") or [] if isinstance(e, dict)] or [data.get("source")]
     folders = []
@@ -261,7 +263,7 @@ def _check_outputs_outside_sources(values: Dict[str, Any]) -> None:
             # a glob reads only what it matches, and a prepared folder is read through its manifest
             if isinstance(item, str) and item and not glob.has_magic(item):
                 path = Path(os.path.abspath(os.path.expanduser(item)))
-                if path.is_dir() and not (path / "manifest.json").is_file():
+                if path.is_dir() and not is_token_shards(path):
                     folders.append(path)
     written = {"output_dir": values.get("output_dir"), "data.cache_dir": data.get("cache_dir", "outputs/cache")}
     for key, folder in written.items():

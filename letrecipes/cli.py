@@ -49,8 +49,8 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
         mixture = data.get("sources")
         specs = mixture or [{"source": data["source"]}]
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
-        placed = []
-        for i, (spec, name) in enumerate(zip(specs, source_names(specs))):
+        names, placed = source_names(specs), []
+        for i, (spec, name) in enumerate(zip(specs, names)):
             key = f"data.sources[{i}].source" if mixture else "data.source"
             source = spec["source"]
             if isinstance(source, str) and is_prepared(Path(source).expanduser()):
@@ -74,7 +74,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             placed.append({**{k: v for k, v in spec.items() if k != "text_field"}, "source": str(target)})
     if mixture:
         entries = ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in {**e, "name": n}.items()) + "}"
-                            for e, n in zip(placed, source_names(specs)))
+                            for e, n in zip(placed, names))
         print(f"train on them with data.sources='[{entries}]'")
     else:
         print(f"train on it with data.source={placed[0]['source']}")
