@@ -35,8 +35,17 @@ class RunLockError(LetRecipesError):
 
 
 class RunLock:
-    def __init__(self, output_dir: Union[str, Path]):
-        self.path = Path(output_dir) / LOCK_FILE
+    """``RunLock(output_dir)`` guards a run's folder; ``RunLock(path, lock_file=..., busy=...)``
+    guards any other long writer (``letrecipes prepare-data --out``): ``lock_file`` is the lock's
+    own path, ``busy(owner)`` the error line when another process holds it."""
+
+    def __init__(self, output_dir: Union[str, Path], lock_file: Union[str, Path, None] = None,
+                 busy: Optional[Callable[[str], str]] = None, key: str = "output_dir"):
+        self.path = Path(lock_file) if lock_file is not None else Path(output_dir) / LOCK_FILE
+        self.folder, self.key = Path(output_dir), key
+        self._busy = busy or (lambda owner: (
+            f"output_dir={str(self.folder)!r} is in use by another run: {owner}. Fix: wait for it to finish or stop "
+            "it (a SIGTERM saves a checkpoint), or choose another output_dir."))
         self._fd: Optional[int] = None
         self._made_folder = False  # a run that made the folder and wrote nothing else removes it
 
@@ -47,22 +56,20 @@ class RunLock:
     def acquire(self, log: Callable[[str], None] = print) -> "RunLock":
         """Take the lock or raise :class:`RunLockError` naming its owner."""
         self._made_folder = not self.path.parent.exists()
-        with environment_errors("output_dir", f"creating {self.path}"):
+        with environment_errors(self.key, f"creating {self.path}"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            with environment_errors("output_dir", f"creating {self.path}"):
+            with environment_errors(self.key, f"creating {self.path}"):
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = self._owner_of_held(fd)
                 os.close(fd)
-                raise RunLockError(
-                    f"output_dir={str(self.path.parent)!r} is in use by another run: {describe(owner)}. Fix: wait for "
-                    "it to finish or stop it (a SIGTERM saves a checkpoint), or choose another output_dir.") from None
+                raise RunLockError(self._busy(describe(owner))) from None
             except OSError as err:  # no locks on this filesystem
-                warnings.warn(f"{self.path}: this filesystem does not support file locks ({err.strerror}): two runs "
-                              "in this output_dir would not be detected.", LetRecipesWarning, stacklevel=2)
+                warnings.warn(f"{self.path}: this filesystem does not support file locks ({err.strerror}): two "
+                              f"processes writing {self.key}={str(self.folder)!r} at once would not be detected.", LetRecipesWarning, stacklevel=2)
                 os.close(fd)
                 return self
             # The file may have been released and unlinked between our open and our flock:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -25,11 +26,21 @@ from omegaconf import OmegaConf
 from letrecipes._config import ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
 from letrecipes._unknown_recipe import RECIPES
 from letrecipes.components.files import describe
+from letrecipes.components.run_lock import RunLock
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
 
 
 def recipe_path(name: str) -> Path:
     return Path(__file__).resolve().parent / f"{name}.py"
+
+
+@contextlib.contextmanager
+def _held(lock):
+    lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
@@ -42,7 +53,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     from letrecipes.components.prepare import is_prepared, prepare_corpus, read_manifest
     from letrecipes.components.tokenizer import load_tokenizer
 
-    with errors_as_one_line():
+    with errors_as_one_line(), contextlib.ExitStack() as stack:
         cfg = load_config(config, overrides)
         validate_config(cfg, with_teacher="teacher" in cfg or "alignment" in cfg)  # a typo named before hours of work
         data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -50,6 +61,13 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
         specs = mixture or [{"source": data["source"]}]
         tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
         names, placed = source_names(specs), []
+        # Two launches into one --out would both do hours of work for the same bytes: the second
+        # names the first and stops. The lock lies beside --out, which must stay empty or prepared.
+        out = out.expanduser().absolute()
+        lock = RunLock(out, lock_file=out.parent / f".{out.name}.prepare.lock", key="--out", busy=lambda owner: (
+            f"--out={str(out)!r} is being prepared by another process: {owner}. Fix: wait for it to finish (run this "
+            "command again then: it finds the folder prepared and says so), or choose another --out."))
+        stack.enter_context(_held(lock))
         for i, (spec, name) in enumerate(zip(specs, names)):
             key = f"data.sources[{i}].source" if mixture else "data.source"
             source = spec["source"]

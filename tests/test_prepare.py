@@ -392,6 +392,34 @@ def test_prepare_data_on_a_mixture_and_on_prepared_folders(base_overrides, token
     assert not (tmp_path / "x").exists()
 
 
+
+def test_two_prepare_data_into_one_out_the_second_names_the_first(tokenizer_path, corpus_dir, tmp_path):
+    """Both used to tokenize the whole corpus for the same bytes; the second now stops with the
+    first's pid before it reads or writes anything, and the lock goes with its owner."""
+    from letrecipes.components.run_lock import RunLockError
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from letrecipes.components.run_lock import RunLock; "
+        f"RunLock({str(out)!r}, lock_file={str(tmp_path / '.out.prepare.lock')!r}).acquire(); "
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "letrecipes", "prepare-data", "--config", "pretrain_tiny", "--workers", "1",
+               "--out", str(out), f"tokenizer.path={tokenizer_path}", f"data.source={corpus_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert busy.returncode == 1 and busy.stderr.strip().splitlines()[-1].startswith(
+        f"error: --out='{out}' is being prepared by another process: pid {holder.pid} on "), busy.stderr[-2000:]
+    assert not out.exists()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # the owner is gone
+    assert done.returncode == 0 and read_manifest(out)["tokens"] > 0, done.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock left behind
+
+
 # ------------------------------------------------------------------ issue 15, part 5: the token cache
 def small_jsonl(tmp_path, n=40):
     source = tmp_path / "small.jsonl"
