@@ -347,6 +347,11 @@ def source_names(specs: Sequence[Mapping[str, Any]]) -> List[str]:
     return [str(spec.get("name") or Path(str(spec["source"])).name or f"source{i}") for i, spec in enumerate(specs)]
 
 
+def source_key(i: int, mixture: bool) -> str:
+    """The config key an error names for the i-th source: ``data.sources[i].source`` or ``data.source``."""
+    return f"data.sources[{i}].source" if mixture else "data.source"
+
+
 def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int, local_rank: int = 0,
                    log: Callable[[str], None] = print,
                    validation: bool = True) -> Tuple[Dataset, Optional[Dataset], List[str]]:
@@ -386,7 +391,7 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
 
     train, val = [], []
     for i, spec in enumerate(specs):
-        key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
+        key = source_key(i, bool(data_cfg.get("sources")))
         tokens = prepared(spec["source"], key, spec.get("text_field"))
         train.append(PackedDataset(tokens, seq_len, "train", val_fraction))
         if validation and val_fraction:
@@ -431,7 +436,7 @@ def _check_held_out(val_source, specs: Sequence[Mapping[str, Any]], data_cfg: Ma
 
     held_out, digests = sizes(_corpus_files(val_source, "data.val_source")), {}
     for i, spec in enumerate(specs):
-        key = f"data.sources[{i}].source" if data_cfg.get("sources") else "data.source"
+        key = source_key(i, bool(data_cfg.get("sources")))
         common = [(v, f) for size, files in sizes(_corpus_files(spec["source"], key)).items() if size in held_out
                   for f in files for v in held_out[size]
                   if f == v or _file_digest(f, digests) == _file_digest(v, digests)]

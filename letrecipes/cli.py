@@ -49,7 +49,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     cannot disagree about the tokenizer. A source that is a prepared folder already is checked
     against the tokenizer and left where it is."""
     from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
-    from letrecipes.components.data import source_names
+    from letrecipes.components.data import source_key, source_names
     from letrecipes.components.prepare import is_prepared, prepare_corpus, read_manifest
     from letrecipes.components.tokenizer import load_tokenizer
 
@@ -69,7 +69,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             "command again then: it finds the folder prepared and says so), or choose another --out."))
         stack.enter_context(_held(lock))
         for i, (spec, name) in enumerate(zip(specs, names)):
-            key = f"data.sources[{i}].source" if mixture else "data.source"
+            key = source_key(i, bool(mixture))
             source = spec["source"]
             if isinstance(source, str) and is_prepared(Path(source).expanduser()):
                 manifest = read_manifest(Path(source).expanduser(), key=key)  # every shard whole

@@ -396,7 +396,6 @@ def test_prepare_data_on_a_mixture_and_on_prepared_folders(base_overrides, token
 def test_two_prepare_data_into_one_out_the_second_names_the_first(tokenizer_path, corpus_dir, tmp_path):
     """Both used to tokenize the whole corpus for the same bytes; the second now stops with the
     first's pid before it reads or writes anything, and the lock goes with its owner."""
-
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from letrecipes.components.run_lock import RunLock; "
