@@ -240,7 +240,7 @@ def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
         kind = "dataset" if hub["datasets"] else kind
         path, inner = Path(hub["id"]), re.sub(r"^/?(?:(?:resolve|blob|tree)/[^/]+/)?", "", rest[hub.end():])
     path = Path(path)
-    if len(path.parts) != 2 or path.is_absolute() or path.parts[0].startswith((".", "~")) or Path(path.parts[0]).exists():
+    if len(path.parts) != 2 or path.is_absolute() or path.parts[0].startswith((".", "~", "$")) or Path(path.parts[0]).exists():
         return ""
     cached = hub_snapshot(hub_cache() / f"{kind}s--{path.parts[0]}--{path.parts[1]}")
     if cached is not None and (not inner or (cached / inner).exists()):

@@ -137,6 +137,57 @@ def validate_eval(cfg: DictConfig) -> None:
             raise _unknown(key, EVAL, "")
         if value is not None or key in ("checkpoint", "tasks"):
             _check("", key, value, EVAL[key])
+    _check_shell_variables(values, eval_config=True)
+
+
+SHELL_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _path_values(values: Dict[str, Any], eval_config: bool = False):
+    """(key, value) of every string the recipes read as a path."""
+    def listed(key, value):
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, str):
+                yield (f"{key}[{i}]" if isinstance(value, list) else key), item
+
+    if eval_config:
+        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks"):
+            yield from listed(key, values.get(key))
+        return
+    for key in ("output_dir", "init_from", "resume"):
+        yield from listed(key, values.get(key))
+    data = values.get("data") if isinstance(values.get("data"), dict) else {}
+    for key in ("source", "val_source", "cache_dir"):
+        yield from listed(f"data.{key}", data.get(key))
+    for i, entry in enumerate(data.get("sources") or []):
+        if isinstance(entry, dict):
+            yield from listed(f"data.sources[{i}].source", entry.get("source"))
+    for section, key in (("tokenizer", "path"), ("teacher", "path"), ("teacher", "tokenizer_dir")):
+        if isinstance(values.get(section), dict):
+            yield from listed(f"{section}.{key}", values[section].get(key))
+    loggers = values.get("metric_logger")
+    for logger in (loggers if isinstance(loggers, list) else [loggers]):
+        if isinstance(logger, dict):
+            yield from listed("metric_logger.log_dir", logger.get("log_dir"))
+
+
+def _check_shell_variables(values: Dict[str, Any], eval_config: bool = False) -> None:
+    """``output_dir: $SCRATCH/run`` in a YAML file is the literal text: the run would write
+    into a folder named ``$SCRATCH`` under the working directory, and a corpus path would
+    "not exist". OmegaConf reads the environment as ``${oc.env:SCRATCH}``."""
+    import os
+
+    for key, value in _path_values(values, eval_config):
+        found = SHELL_VARIABLE.search(value)
+        if found is None:
+            continue
+        name = found[1]
+        now = (f"here {name}={os.environ[name]!r}" if name in os.environ else f"{name} is not set here either")
+        fixed = SHELL_VARIABLE.sub(lambda m: "${oc.env:" + m[1] + "}", value)
+        raise ConfigValueError(
+            f"config key {key}={value!r} holds ${name}, a shell variable, which a config does not expand (the path "
+            f"would be read as the literal text '${name}'; {now}). Fix: write {key}={fixed} (OmegaConf reads the "
+            "environment; on a command line, in single quotes), or the path itself.")
 
 
 def _unknown(key: str, known, where: str) -> ConfigValueError:
@@ -223,6 +274,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     if "data" in values and not (data.get("source") or data.get("sources")) and not values.get("dry_run"):
         raise ConfigValueError("config key data.source is missing. Fix: set data.source (a corpus or a prepared "
                                "folder) or data.sources (a mixture; docs/data.md).")
+    _check_shell_variables(values)
     _check_outputs_outside_sources(values)
     check_components(values, with_teacher)
 

@@ -130,6 +130,31 @@ def test_a_run_writing_inside_its_own_corpus_folder_is_refused(base_overrides, c
                  f"output_dir={corpus / 'run'}", "max_steps=1")
 
 
+
+def test_a_shell_variable_in_a_path_is_named_with_omegaconfs_form(base_overrides, tmp_path, monkeypatch):
+    """``output_dir: $SCRATCH/run`` in a YAML file is literal text: the run used to write into
+    a folder named '$SCRATCH' under the working directory; a corpus path was called a Hub id."""
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate_eval
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LETRECIPES_TEST_SCRATCH", str(tmp_path / "scratch"))
+    expect_setup_error(run_pretrain, *base_overrides, "output_dir=$LETRECIPES_TEST_SCRATCH/run",
+                       match=f"config key output_dir='$LETRECIPES_TEST_SCRATCH/run' holds $LETRECIPES_TEST_SCRATCH, a "
+                             f"shell variable, which a config does not expand (the path would be read as the literal "
+                             f"text '$LETRECIPES_TEST_SCRATCH'; here LETRECIPES_TEST_SCRATCH='{tmp_path}/scratch'). "
+                             "Fix: write output_dir=${oc.env:LETRECIPES_TEST_SCRATCH}/run")
+    expect_setup_error(run_pretrain, *[o for o in base_overrides if not o.startswith("data.source=")],
+                       "data.source=[a.txt, $NO_SUCH_VARIABLE_HERE/b.txt]", "output_dir=run",
+                       match="config key data.source[1]='$NO_SUCH_VARIABLE_HERE/b.txt' holds $NO_SUCH_VARIABLE_HERE")
+    assert list(tmp_path.iterdir()) == []
+    # the form the error gives resolves to the folder meant
+    cfg = load_config("pretrain_tiny", ["output_dir=${oc.env:LETRECIPES_TEST_SCRATCH}/run"])
+    assert cfg.output_dir == f"{tmp_path}/scratch/run"
+    with pytest.raises(Exception, match=r"config key output=.*\$HOME"):
+        validate_eval(load_config("eval", ["checkpoint=x", "output=$HOME/scores.json"]))
+
+
 def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_run, capsys):
     """A scheduler's requeue of a finished run, or max_steps lowered below the checkpoint:
     before, the first saved its last checkpoint again (deleting it first) and re-exported
