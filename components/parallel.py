@@ -80,10 +80,7 @@ def device_mesh(device: torch.device, replicate_degree: int = 1):
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    if world % replicate_degree:
-        raise ComponentError(f"fsdp.replicate_degree={replicate_degree} does not divide the {world} processes. "
-                             "Fix: a divisor of the world size (the number of nodes, typically), or 1 for plain "
-                             "FSDP2.")
+    _check_replicate_degree(replicate_degree, world)
     return init_device_mesh(device.type, (replicate_degree, world // replicate_degree),
                             mesh_dim_names=("replicate", "shard"))
 
@@ -94,7 +91,17 @@ def fsdp_layout(fsdp_options: Mapping[str, Any], world_size: int) -> Tuple[bool,
     is world / ``replicate_degree`` ranks."""
     enabled = fsdp_options.get("enabled", "auto")
     fsdp = world_size > 1 if enabled == "auto" else bool(enabled)
-    return fsdp, (world_size // max(1, int(fsdp_options.get("replicate_degree", 1))) if fsdp else 1)
+    replicate_degree = max(1, int(fsdp_options.get("replicate_degree", 1)))
+    if fsdp:  # checked here, at setup's start, not when the mesh is built after the data is prepared
+        _check_replicate_degree(replicate_degree, world_size)
+    return fsdp, (world_size // replicate_degree if fsdp else 1)
+
+
+def _check_replicate_degree(replicate_degree: int, world: int) -> None:
+    if world % replicate_degree:
+        raise ComponentError(f"fsdp.replicate_degree={replicate_degree} does not divide the {world} processes. "
+                             "Fix: a divisor of the world size (the number of nodes, typically), or 1 for plain "
+                             "FSDP2.")
 
 
 def shard_rank(mesh=None) -> int:

@@ -222,3 +222,18 @@ def test_a_reduction_deferred_to_the_last_micro_batch_trades_memory_for_traffic(
                                  "fsdp.reduce_every_micro_batch=false"])
     report = dry_run(cfg, with_teacher=True)
     assert report["memory_per_gpu_gb"]["accumulated_gradients"] == pytest.approx(4 * n / GIB, rel=0.01)
+
+
+def test_a_replicate_degree_that_does_not_divide_the_world_is_named_before_any_data():
+    """It used to be found when the device mesh was built, after the corpus was prepared
+    (hours at scale); fsdp_layout, which setup calls before the data, refuses it now, and
+    so does the dry run for the world size it plans."""
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    assert parallel.fsdp_layout({"replicate_degree": 2}, 4) == (True, 2)
+    assert parallel.fsdp_layout({"replicate_degree": 2}, 1) == (False, 1)  # no FSDP2, nothing to replicate
+    with pytest.raises(ComponentError, match=r"fsdp.replicate_degree=2 does not divide the 3 processes"):
+        parallel.fsdp_layout({"replicate_degree": 2}, 3)
+    with pytest.raises(ComponentError, match=r"fsdp.replicate_degree=3 does not divide the 32 processes"):
+        dry_run(load_config("let_7b", ["dry_run_world_size=32", "fsdp.replicate_degree=3"]), with_teacher=True)
