@@ -57,7 +57,23 @@ class LETPretrainRecipe(PretrainRecipe):
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
         if described is not None and self.collate is None:
             self._check_teacher_reads_the_ids(described.max_seq_len, described.vocab_size, str(self.cfg.teacher.path))
+        if described is not None:
+            self._rehearse_alignment(described)
         super().setup_data()
+
+    def _rehearse_alignment(self, teacher_args: ModelArgs) -> None:
+        """The alignment section built for the student's and the teacher's shapes (the teacher's
+        read from its header) and rehearsed, as it is again once the teacher is loaded: a
+        layer outside either model's depth, a projector that cannot join the two widths or a
+        part of one's own that fails is named before hours of preparing the corpus. The random
+        state is left as it was, so the student starts from the same weights as without it."""
+        with torch.device("meta"):
+            student = self.build_student()
+        with torch.random.fork_rng(devices=[]):
+            build_aligner(self.cfg.alignment, student_dim=student.tok_embeddings.embedding_dim,
+                          student_depth=len(student.layers), teacher_dim=teacher_args.embed_dim,
+                          teacher_depth=teacher_args.num_layers, total_steps=self.max_steps,
+                          vocab_size=self.tokenizer.vocab_size, cross_tokenizer=self.collate is not None)
 
     def _cross_tokenizer_collate(self):
         """``alignment.cross_tokenizer``: true, false, or auto (the default: on exactly when

@@ -482,11 +482,14 @@ def test_a_run_too_large_for_this_machine_is_refused_before_anything_is_prepared
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("problem", ["gemma-config", "context-shorter-than-seq_len"])
+@pytest.mark.parametrize("problem", ["gemma-config", "context-shorter-than-seq_len", "teacher-layer-out-of-range",
+                                     "projector-of-unequal-widths"])
 def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_prepared(let_overrides, teacher_dir,
                                                                                        tmp_path, problem):
-    """Its config.json is read first: a Gemma teacher (not mapped), or one whose context cannot hold a
-    training sequence, stops the run before hours of preparing data."""
+    """Its config.json is read first: a Gemma teacher (not mapped), one whose context cannot hold a
+    training sequence, or an alignment section that cannot join the student to its shape (a
+    layer beyond its depth, an identity projector between two widths: found after the corpus
+    was prepared before) stops the run before hours of preparing data."""
     cache = tmp_path / "cache"
     if problem == "gemma-config":
         foreign = tmp_path / "gemma"
@@ -495,8 +498,13 @@ def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_pr
             (foreign / name).write_bytes((teacher_dir / name).read_bytes())
         (foreign / "config.json").write_text('{"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}')
         overrides, match = [f"teacher.path={foreign}"], "architecture ['GemmaForCausalLM'] is not supported"
-    else:
+    elif problem == "context-shorter-than-seq_len":
         overrides, match = ["data.seq_len=64"], "data.seq_len=64 is longer than the teacher's context (32 tokens"
+    elif problem == "teacher-layer-out-of-range":
+        overrides, match = ["alignment.layer_map=[[1, 50]]"], "alignment.layer_map: teacher layer 50 is outside the " \
+                                                              "teacher's depth"
+    else:
+        overrides, match = ["alignment.projector=identity"], "alignment.projector: identity needs equal widths"
     message = expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
                                  *overrides, match=match)
     assert "Fix: " in message
