@@ -15,6 +15,7 @@ a mismatch is one error that lists the differing keys.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, List, Optional
 
 from torch import nn
@@ -45,9 +46,10 @@ def shape_differences(source: ModelArgs, student: ModelArgs) -> List[str]:
     return out
 
 
-def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tokenizer: Optional[Tokenizer],
-                         log: Callable[[str], None] = print) -> None:
-    """Copy the weights at ``path`` into ``model`` (sharded or not), after checking shape and tokenizer."""
+def check_initial_weights(path: str, model_args: ModelArgs, tokenizer: Optional[Tokenizer]) -> Path:
+    """The model at ``path``, resolved, once its family, shape and tokenizer are found to fit a
+    student of ``model_args`` (read from its metadata: no weights). The recipe calls it before
+    the corpus is prepared, and :func:`load_initial_weights` again before it reads the weights."""
     resolved = existing_path(path, key=KEY)
     fmt = teacher_format({"_component_": "auto"}, key=KEY, path_key=KEY)
     try:
@@ -70,7 +72,15 @@ def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tok
         raise InitFromError(f"{KEY}={path!r} was trained with another tokenizer ({their_tokenizer}) than "
                             f"tokenizer.path={str(tokenizer.path)!r}: its embeddings would mean other tokens. Fix: "
                             f"tokenizer.path={their_tokenizer}.")
+    return resolved
+
+
+def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tokenizer: Optional[Tokenizer],
+                         log: Callable[[str], None] = print) -> None:
+    """Copy the weights at ``path`` into ``model`` (sharded or not), after checking shape and tokenizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    resolved = check_initial_weights(path, model_args, tokenizer)
 
     # Rank 0 alone reads the checkpoint; the others receive it tensor by tensor, each
     # keeping its shard (eight ranks on a node reading a 7B model in fp32 would hold 240 GB)

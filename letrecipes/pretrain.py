@@ -39,7 +39,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped
-from letrecipes.components.init_from import load_initial_weights
+from letrecipes.components.init_from import check_initial_weights, load_initial_weights
 from letrecipes.components.metrics import (MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
 from letrecipes.components.progress import ProgressClock
@@ -154,6 +154,8 @@ class PretrainRecipe:
         self.fsdp, self.shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, self.world_size)
         self.reduce_every_micro_batch = bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True))
         self.check_resources()  # before hours of preparing data for a run that cannot fit
+        if cfg.get("init_from") and resume_from is None and self.planned_args is not None:  # from its metadata
+            check_initial_weights(str(cfg.init_from), self.planned_args, self.tokenizer)
         self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
         if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
@@ -243,6 +245,7 @@ class PretrainRecipe:
         shape built on the meta device: nothing allocated."""
         with torch.device("meta"):
             planned = self.build_student()
+        self.planned_args = getattr(planned, "model_args", None)
         self.check_memory(planned)
         self.check_disk(count_parameters(planned))
 

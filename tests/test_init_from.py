@@ -53,13 +53,15 @@ def test_it_trains_on_with_a_fresh_schedule(base_overrides, export, tmp_path):
 
 
 def test_a_checkpoint_of_another_shape_is_one_error_before_training(base_overrides, export, tmp_path):
+    """Read from its metadata before the corpus is prepared (it used to be found after)."""
     with pytest.raises(SystemExit) as err:
         pretrain.recipe_main(["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
-                              f"init_from={export}", "model.num_layers=2", "model.embed_dim=48"])
+                              f"init_from={export}", "model.num_layers=2", "model.embed_dim=48",
+                              f"data.cache_dir={tmp_path / 'cache'}"])
     message = str(err.value.code)
     assert message.startswith("error: init_from=") and "model.num_layers: 4 in the checkpoint, 2 here" in message
     assert "model.embed_dim: 32 in the checkpoint, 48 here" in message and "Fix:" in message
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "cache").exists()
 
 
 def test_a_missing_path_names_the_key(base_overrides, tmp_path):
