@@ -278,6 +278,27 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
+def rehearse_compile(device: torch.device, key: str = "compile") -> None:
+    """Compile and run one small function on ``device`` with torch.compile's default backend,
+    so that a machine that cannot compile (no C++ compiler or no Python headers for CPU
+    kernels, no Triton for GPU ones) is named at setup, in one line, and not by a
+    100-line traceback from the first step after the corpus was prepared. It costs a few
+    seconds (most of it importing the compiler, which the model's compile needs anyway)."""
+    def probe(x):
+        return torch.nn.functional.silu(x) * x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+
+    try:
+        torch.compile(probe)(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).to(device))  # not the global RNG
+    except Exception as err:  # inductor's errors are of many kinds; all mean the same here
+        first = next((line for line in str(err).splitlines() if line.strip()), "")
+        fix = ("install Triton for this torch (pip install triton, matching torch's version)" if device.type == "cuda"
+               else "install a C++ compiler and Python's headers (apt-get install g++ python3-dev; or set CXX)")
+        raise ComponentError(f"{key}=true: torch.compile cannot compile on this machine ({type(err).__name__}: "
+                             f"{first[:300]}). Fix: {fix}, or {key}=false.") from None
+    finally:
+        torch._dynamo.reset()  # the probe leaves nothing in dynamo's caches for the model's compile
+
+
 def mixed_precision_policy(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype = torch.float32):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 

@@ -315,6 +315,12 @@ class LETPretrainRecipe(PretrainRecipe):
             self._described_teacher = describe_teacher(section) if section.get("path") else None
         return self._described_teacher
 
+    def compiled_keys(self) -> List[str]:
+        keys = super().compiled_keys()
+        if self.cfg.teacher.get("compile", False) and not self._past_stop(self.resume_from) and not keys:
+            keys.append("teacher.compile")  # one probe serves both: the same compiler builds both
+        return keys
+
     def planned_teacher(self):
         if self._past_stop(self.resume_from):
             return None, False  # not loaded (or released at once)

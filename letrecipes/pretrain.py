@@ -154,6 +154,8 @@ class PretrainRecipe:
         self.fsdp, self.shards = parallel.fsdp_layout(cfg.get("fsdp") or {}, self.world_size)
         self.reduce_every_micro_batch = bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True))
         self.check_resources()  # before hours of preparing data for a run that cannot fit
+        for key in self.compiled_keys():  # a machine that cannot compile, named before the data and the first step
+            parallel.rehearse_compile(self.device, key)
         if cfg.get("init_from") and resume_from is None and self.planned_args is not None:  # from its metadata
             check_initial_weights(str(cfg.init_from), self.planned_args, self.tokenizer)
         self.setup_data()
@@ -234,6 +236,10 @@ class PretrainRecipe:
         return registry.build("model", self.cfg.model, "model",
                               max_seq_len=model_max_seq_len(self.cfg.model, int(self.cfg.data.seq_len)),
                               vocab_size=self.cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size))
+
+    def compiled_keys(self) -> List[str]:
+        """The config keys that ask for torch.compile (the LET recipe adds its teacher's)."""
+        return ["compile"] if self.cfg.get("compile", False) else []
 
     def planned_teacher(self) -> Tuple[Optional[ModelArgs], bool]:
         """Hook for subclasses: (the teacher's shape, whether it is sharded), read without

@@ -511,6 +511,27 @@ def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_pr
     assert not cache.exists() and not (tmp_path / "run").exists()
 
 
+
+def test_a_machine_that_cannot_compile_is_named_before_the_corpus_is_prepared(base_overrides, tmp_path):
+    """No C++ compiler (here CXX names none): compile=true used to end the first step in a
+    100-line InductorError traceback, after the corpus was prepared and the model built."""
+    import os
+    import subprocess
+
+    overrides = [o for o in base_overrides if not o.startswith("data.cache_dir=")]
+    result = subprocess.run(
+        [sys.executable, "-m", "letrecipes.pretrain", "--config", "pretrain_tiny", *overrides, "compile=true",
+         f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "CXX": str(tmp_path / "no-compiler"),
+             "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # a fresh cache: no kernel built before
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last.startswith("error: compile=true: torch.compile cannot compile on this machine (InductorError: "
+                           "InvalidCxxCompiler") and last.endswith("or compile=false."), last
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
     """Against the memory this process may allocate: below the weights, gradients and
     moments, refused; below the cost model's total, a warning and the run goes on;
