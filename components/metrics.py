@@ -14,6 +14,7 @@ never waits for the host); they are read only when a record is written.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import inspect
 import json
 import math
@@ -156,12 +157,59 @@ LOGGER_FIXES = {
     "TensorBoardLogger": "pip install tensorboard", "CometLogger": "pip install comet_ml and set COMET_API_KEY",
     "MLFlowLogger": "pip install mlflow",
 }
+LOGGER_PACKAGES = {"WandBLogger": "wandb", "TensorBoardLogger": "tensorboard", "CometLogger": "comet_ml",
+                   "MLFlowLogger": "mlflow"}
 # A server the logger cannot reach (a compute node without internet): its own fix, not a login's.
 UNREACHABLE = ("CommError", "ConnectionError", "ConnectTimeout", "MaxRetryError", "Timeout")
 UNREACHABLE_FIXES = {
     "WandBLogger": "W&B's server cannot be reached from this machine (compute nodes often have no internet): "
                    "mode: offline, then `wandb sync <output_dir>/wandb/offline-run-*` from a machine that can reach it",
 }
+
+
+def metric_logger_entries(spec: Any) -> List[Dict[str, Any]]:
+    """``metric_logger`` as a list of mappings: one entry or a list, and a short name or dotted
+    path alone (``metric_logger: wandb``) is ``{_component_: wandb}``."""
+    items = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    return [{"_component_": item} if isinstance(item, str) else dict(item) for item in items]
+
+
+def check_logger_can_start(factory: Any, options: Mapping[str, Any], key: str) -> None:
+    """What would stop a logger from starting, found without starting it (no run is created,
+    nothing is sent): its package missing, or for W&B online, no credentials on this machine
+    (``wandb.init`` would then stop the run, or wait at an interactive prompt, only after
+    the corpus is prepared)."""
+    name = getattr(factory, "__name__", "")
+    package = LOGGER_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ComponentError(f"{key}: {name} needs the {package} package, which is not installed. Fix: "
+                             f"{LOGGER_FIXES[name]}, or remove it from metric_logger (metrics.jsonl is always written).")
+    if name == "WandBLogger" and _wandb_has_no_credentials(options):
+        raise ComponentError(
+            f"{key}: {name} logs online and this machine has no W&B credentials (no WANDB_API_KEY, no `wandb login` "
+            "in ~/.netrc): wandb.init would stop the run, or wait at a prompt, once the corpus is prepared. Fix: "
+            "`wandb login` (or export WANDB_API_KEY=...) on the machines that train, or log offline "
+            f"({key}: {{_component_: wandb, mode: offline}}, then `wandb sync <output_dir>/wandb/offline-run-*`).")
+
+
+def _wandb_has_no_credentials(options: Mapping[str, Any]) -> bool:
+    """Whether W&B would run online without credentials. Read through wandb's own lookup
+    (environment, netrc, its settings); with a wandb whose internals differ, False: its
+    init decides, as before."""
+    mode = str(options.get("mode") or os.environ.get("WANDB_MODE") or "").lower()
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
+        return False
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth import authenticate_session
+
+        settings = wandb_setup.singleton().settings
+        if str(settings.mode).lower() in ("offline", "disabled", "dryrun"):  # `wandb offline` was run here
+            return False
+        return authenticate_session(host=settings.base_url, source="letrecipes", prompt=False,
+                                    update_session=False) is None
+    except Exception:  # noqa: BLE001 - another wandb version, or a broken install: wandb.init says what it says
+        return False
 
 
 def metric_logger_class(name: Any, key: str = "metric_logger") -> Any:
@@ -190,7 +238,7 @@ def build_metric_loggers(spec: Any, legacy_wandb: Optional[Mapping[str, Any]], o
     ``_component_``, or a list of them; ``_component_`` is a short name of ``LOGGER_NAMES`` or a
     dotted path); ``log_dir`` defaults to the run's folder. ``metrics.wandb`` (the older key) becomes a
     ``WandBLogger``, with a note saying what to write instead."""
-    specs = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    specs = metric_logger_entries(spec)
     wandb = dict(legacy_wandb or {})
     if wandb.pop("enabled", False):
         wandb.setdefault("mode", "offline")

@@ -57,8 +57,10 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
     "compile": BOOL, "deterministic": BOOL, "cpu_malloc_tuning": BOOL, "memory_check": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1), "dry_run_interconnect_gbps": _number(0), "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
     "init_from": OPTIONAL_TEXT,
-    "metric_logger": ("a torchtune metric logger ({_component_: ..., ...}) or a list of them",
-                      lambda v: v is None or all(isinstance(x, dict) and x.get("_component_")
+    "metric_logger": ("a logger's short name (disk, stdout, wandb, tensorboard, comet, mlflow), a torchtune metric "
+                      "logger ({_component_: wandb, project: ...}), or a list of them",
+                      lambda v: v is None or all((isinstance(x, dict) and x.get("_component_"))
+                                                 or (isinstance(x, str) and x != "")
                                                  for x in (v if isinstance(v, list) else [v]))),
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
@@ -165,10 +167,10 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
     for section, key in (("tokenizer", "path"), ("teacher", "path"), ("teacher", "tokenizer_dir")):
         if isinstance(values.get(section), dict):
             yield from listed(f"{section}.{key}", values[section].get(key))
-    loggers = values.get("metric_logger")
-    for logger in (loggers if isinstance(loggers, list) else [loggers]):
-        if isinstance(logger, dict):
-            yield from listed("metric_logger.log_dir", logger.get("log_dir"))
+    from letrecipes.components.metrics import metric_logger_entries
+
+    for logger in metric_logger_entries(values.get("metric_logger")):
+        yield from listed("metric_logger.log_dir", logger.get("log_dir"))
 
 
 def _check_shell_variables(values: Dict[str, Any], eval_config: bool = False) -> None:
@@ -353,7 +355,7 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
     """Every component section against its component's arguments: the name resolves (a
     user's module from ``imports`` included) and every key is one it takes, of its kind."""
     from letrecipes.components import registry  # torch: only for a recipe, `cat` or `validate`
-    from letrecipes.components.metrics import metric_logger_class
+    from letrecipes.components.metrics import check_logger_can_start, metric_logger_class, metric_logger_entries
 
     registry.import_modules(values.get("imports"))
     specs = [(kind, key, values[key]) for key, kind in COMPONENTS.items() if key in values]
@@ -404,12 +406,13 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
                 raise _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)], "teacher.")
         if factory is not AutoFormat:
             registry.check_arguments(factory, options, "teacher", name)
-    loggers = values.get("metric_logger") or []
-    for i, entry in enumerate(loggers if isinstance(loggers, list) else [loggers]):
-        key = f"metric_logger[{i}]" if isinstance(loggers, list) else "metric_logger"
+    listed = isinstance(values.get("metric_logger"), list)
+    for i, entry in enumerate(metric_logger_entries(values.get("metric_logger"))):
+        key = f"metric_logger[{i}]" if listed else "metric_logger"
         factory = metric_logger_class(entry["_component_"], key)
-        registry.check_arguments(factory, {k: v for k, v in entry.items() if k != "_component_"}, key,
-                                 entry["_component_"])
+        options = {k: v for k, v in entry.items() if k != "_component_"}
+        registry.check_arguments(factory, options, key, entry["_component_"])
+        check_logger_can_start(factory, options, key)
     wandb = (values.get("metrics") or {}).get("wandb") or {}
     options = {k: v for k, v in wandb.items() if k != "enabled"}
     if options:

@@ -412,6 +412,37 @@ def test_metric_loggers_have_short_names_and_one_that_cannot_start_is_one_line(t
     assert "wandb login" not in str(err.value)
 
 
+
+def test_a_logger_that_could_not_start_is_named_before_the_corpus_is_prepared(base_overrides, tmp_path, monkeypatch):
+    """W&B online without credentials used to be found by wandb.init once the corpus was
+    prepared (or to wait at its login prompt, on a terminal); a logger's missing package
+    likewise. Both are named at validation now, without starting anything; a short name
+    alone (metric_logger=disk) is a logger."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DISABLED", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no ~/.config/wandb/settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / "wandb"))
+    overrides = [*[o for o in base_overrides if not o.startswith("data.cache_dir=")],
+                 f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"]
+    expect_setup_error(run_pretrain, *overrides, "metric_logger={_component_: wandb, project: p}",
+                       match="metric_logger: WandBLogger logs online and this machine has no W&B credentials")
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:  # not among the project's dependencies
+        expect_setup_error(run_pretrain, *overrides, "metric_logger=[disk, tensorboard]",
+                           match="metric_logger[1]: TensorBoardLogger needs the tensorboard package, which is not "
+                                 "installed. Fix: pip install tensorboard")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # credentials (never checked against a server here)
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate
+
+    validate(load_config("pretrain_tiny", ["metric_logger={_component_: wandb, project: p}"]), with_teacher=False)
+    monkeypatch.delenv("WANDB_API_KEY")
+    validate(load_config("pretrain_tiny", ["metric_logger={_component_: wandb, mode: offline}"]), with_teacher=False)
+    run_pretrain(*overrides, "metric_logger=disk", "max_steps=1")
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
 def test_output_paths_that_would_lose_or_mix_files_are_refused_before_any_work(base_overrides, teacher_dir,
                                                                                corpus_dir, tmp_path):
     """Before: `export step_N . --overwrite` deleted the working folder; prepare-data wrote its
