@@ -459,6 +459,12 @@ class HuggingFaceFormat(TeacherFormat):
     def tokenizer(self, path: Path) -> Optional[Path]:
         return folder_tokenizer(path)
 
+    def check_weights(self, path: Path) -> None:
+        files = weight_files(resolve_path(path))  # every shard the index names exists; one file's header is read
+        for file in sorted(set(files.values())):
+            if file.suffix == ".safetensors":
+                _tensor_names(file)  # its header: a file cut short ("not fully covered") fails here
+
     def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
         path = resolve_path(path)
         args = self.describe(path)

@@ -53,9 +53,12 @@ def check_initial_weights(path: str, model_args: ModelArgs, tokenizer: Optional[
     resolved = existing_path(path, key=KEY)
     fmt = teacher_format({"_component_": "auto"}, key=KEY, path_key=KEY)
     try:
+        fmt.check_weights(resolved)  # cut-short files found now, from their headers
         source = fmt.describe(resolved)
     except LetRecipesError as err:
-        message = str(err)  # the format's errors already begin with the key (path_key above)
+        message = str(err)  # the format's errors already begin with the key (path_key above)...
+        if message.startswith("teacher.path: "):  # ...but for the weight files, which the teacher's loaders name
+            message = f"{KEY}: " + message[len("teacher.path: "):]
         raise InitFromError(message if message.startswith(f"{KEY}:") else f"{KEY}={path!r}: {message}") from err
     if source.family != model_args.family:  # no model.* key can bridge two architectures
         raise InitFromError(f"{KEY}={path!r} is a {source.family} model; this run's student is a {model_args.family} "

@@ -126,6 +126,11 @@ class TeacherFormat:
         """The tokenizer.json that goes with the checkpoint, without loading weights; None if it has none."""
         return None
 
+    def check_weights(self, path: Path) -> None:
+        """Raise :class:`TeacherError` if the weight files are missing or cut short, from their
+        headers alone (milliseconds, nothing loaded): the LET recipe asks before it prepares
+        the corpus. Optional: a format without it is checked when it loads."""
+
     def load(self, path: Path, dtype: str, device: Union[str, torch.device]) -> Teacher:
         raise NotImplementedError
 
@@ -240,6 +245,9 @@ class AutoFormat(TeacherFormat):
     def tokenizer(self, path: Path) -> Optional[Path]:
         return self.pick(path).tokenizer(path)
 
+    def check_weights(self, path: Path) -> None:
+        self.pick(path).check_weights(path)
+
     def load(self, path: Path, dtype: str, device: Union[str, torch.device]) -> Teacher:
         return self.pick(path).load(path, dtype, device)
 
@@ -312,10 +320,14 @@ def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.de
     return Teacher(model, tokenizer_path=fmt.tokenizer(path), source=str(path))
 
 
-def describe_teacher(section: Mapping[str, Any], key: str = "teacher") -> Optional[ModelArgs]:
-    """The teacher's shape from its config or metadata alone; None if its format cannot say."""
+def describe_teacher(section: Mapping[str, Any], key: str = "teacher", check_weights: bool = False
+                     ) -> Optional[ModelArgs]:
+    """The teacher's shape from its config or metadata alone; None if its format cannot say.
+    ``check_weights``: its weight files are checked whole as well (headers only)."""
     fmt = teacher_format(section, key)
     path = existing_path(section.get("path") or "", f"{key}.path")
+    if check_weights:
+        fmt.check_weights(path)
     try:
         return fmt.describe(path)
     except NotImplementedError:

@@ -312,7 +312,7 @@ class LETPretrainRecipe(PretrainRecipe):
         format that cannot say without loading. A read that fails raises (and is not kept)."""
         if not hasattr(self, "_described_teacher"):
             section = OmegaConf.to_container(self.cfg.teacher, resolve=True)
-            self._described_teacher = describe_teacher(section) if section.get("path") else None
+            self._described_teacher = describe_teacher(section, check_weights=True) if section.get("path") else None
         return self._described_teacher
 
     def compiled_keys(self) -> List[str]:

@@ -178,13 +178,47 @@ def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_
 @pytest.mark.parametrize("cut,match", [("model.safetensors", "cannot read"),
                                        ("config.json", "Fix: re-download or re-export the model")])
 def test_truncated_teacher_file(let_overrides, teacher_dir, tmp_path, cut, match):
+    """Found from the headers before the corpus is prepared (a cut weight file used to be found
+    when the teacher was loaded, after it)."""
     broken = tmp_path / "teacher"
     broken.mkdir()
     for name in ("config.json", "tokenizer.json", "model.safetensors"):
         data = (teacher_dir / name).read_bytes()
         (broken / name).write_bytes(data[: len(data) // 2] if name == cut else data)
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
-                       match=match)
+                       f"data.cache_dir={tmp_path / 'cache'}", match=match)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_shard_the_index_names_that_is_missing_or_cut_is_named_before_the_corpus(let_overrides, teacher_dir,
+                                                                                   tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (sharded / name).write_bytes((teacher_dir / name).read_bytes())
+    tensors = load_file(teacher_dir / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in halves.items():
+        save_file({n: tensors[n] for n in part}, sharded / file)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: file for file, part in halves.items() for n in part}}))
+    common = [*let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={sharded}",
+              f"data.cache_dir={tmp_path / 'cache'}"]
+    second = sharded / "model-00002-of-00002.safetensors"
+    whole = second.read_bytes()
+    second.write_bytes(whole[: len(whole) - 100])
+    expect_setup_error(run_let, *common, match=f"teacher.path: cannot read '{second}' (Error while deserializing "
+                                               "header: incomplete metadata, file not fully covered)")
+    second.unlink()
+    expect_setup_error(run_let, *common, match="lists the shard 'model-00002-of-00002.safetensors', but")
+    assert not (tmp_path / "cache").exists()
+    second.write_bytes(whole)
+    run_let(*common, "max_steps=1")  # whole again: it trains
 
 
 def test_teacher_that_produces_nans(let_overrides, teacher_dir, tmp_path):
