@@ -67,8 +67,11 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
         if missing:
             has = f"its fields are {list(raw)[:8]}" if isinstance(raw, dict) else f"it is a JSON {type(raw).__name__}"
             raise EvalError(f"{path}:{number}: not a task item: no {', '.join(missing)} ({has}). {shape}")
+        gold = raw["gold"]
+        if isinstance(gold, bool) or (isinstance(gold, float) and not gold.is_integer()):
+            raise EvalError(f"{path}:{number}: gold={gold!r} is not the index of a choice. {shape}")
         try:
-            item = Item(str(raw["context"]), [str(c) for c in raw["choices"]], int(raw["gold"]))
+            item = Item(str(raw["context"]), [str(c) for c in raw["choices"]], int(gold))
         except (TypeError, ValueError) as err:
             raise EvalError(f"{path}:{number}: not a task item ({err}). {shape}") from err
         if len(item.choices) < 2 or not 0 <= item.gold < len(item.choices):
@@ -192,9 +195,14 @@ def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], t
     for stem, name in task_names.items():
         scores = results["results"][name]
         entry = {score: scores[f"{score},none"] for score in SCORES}
-        entry.update({f"{score}_stderr": scores.get(f"{score}_stderr,none") for score in SCORES})  # closed form
+        # closed form; lm-eval writes "N/A" where it has none (one item): null here, a number or nothing
+        entry.update({f"{score}_stderr": _number_or_none(scores.get(f"{score}_stderr,none")) for score in SCORES})
         entry["n"] = int(results["n-samples"][name]["effective"])
         report["tasks"][stem] = entry
     if log_samples:
         report["samples"] = {stem: results["samples"][name] for stem, name in task_names.items()}
     return report
+
+
+def _number_or_none(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -31,7 +31,7 @@ from letrecipes._schema import validate_eval
 from letrecipes.components import registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
-                                              write_lm_eval_tasks)
+                                              write_lm_eval_tasks, write_task)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.teachers import resolve_path
@@ -59,9 +59,14 @@ class EvalRecipe:
             check_writable_folder(out.parent, "output")
         task_files = [Path(str(spec)) for spec in cfg.tasks]
         # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
-        self.chance = {path.stem: chance_level(read_task(path, limit=limit)) for path in task_files}
+        items = [read_task(path, limit=limit) for path in task_files]
+        self.chance = {path.stem: chance_level(task) for path, task in zip(task_files, items)}
         self.work = Path(tempfile.mkdtemp(prefix="letrecipes-eval-"))
-        self.task_names = write_lm_eval_tasks(task_files, self.work / "tasks")
+        # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
+        # the file itself, would compare the string and score every item wrong without a word)
+        checked = [write_task(self.work / "data" / str(i) / f"{path.stem}.jsonl", task)
+                   for i, (path, task) in enumerate(zip(task_files, items))]
+        self.task_names = write_lm_eval_tasks(checked, self.work / "tasks")
         self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
 
     def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int]]:
@@ -104,8 +109,8 @@ class EvalRecipe:
                              tokenizer=self._tokenizer())
         for stem, scores in scored["tasks"].items():
             scores["chance"] = self.chance[stem]
-            print(f"{stem:28s} n={scores['n']:4d}  acc {scores['acc']:.3f} +- {scores['acc_stderr']:.3f}  "
-                  f"acc_norm {scores['acc_norm']:.3f} +- {scores['acc_norm_stderr']:.3f}  "
+            print(f"{stem:28s} n={scores['n']:4d}  acc {scores['acc']:.3f} +- {_stderr(scores['acc_stderr'])}  "
+                  f"acc_norm {scores['acc_norm']:.3f} +- {_stderr(scores['acc_norm_stderr'])}  "
                   f"(chance {scores['chance']:.3f})", flush=True)
         report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
@@ -119,6 +124,10 @@ class EvalRecipe:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+
+
+def _stderr(value: Optional[float]) -> str:
+    return "n/a  " if value is None else f"{value:.3f}"  # none from one item
 
 
 @parse

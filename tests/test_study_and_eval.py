@@ -111,6 +111,11 @@ def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
         read_task(tmp_path / "text.jsonl")
     with pytest.raises(EvalError, match="fetch_eval_tasks"):
         read_task(tmp_path / "missing.jsonl")
+    for gold in ("true", "0.5"):  # int() would read them as 1 and 0
+        (tmp_path / "gold.jsonl").write_text(f'{{"context": "c", "choices": ["x", "y"], "gold": {gold}}}\n')
+        with pytest.raises(EvalError, match=rf"gold.jsonl:1: gold={'True' if gold == 'true' else gold} is not the "
+                                            "index of a choice"):
+            read_task(tmp_path / "gold.jsonl")
     # lm-eval's task names are not files: said so, with lm-eval's own command for them
     with pytest.raises(EvalError, match=r"eval task 'hellaswag' is not a file; a bare name reads as an "
                                         r"lm-evaluation-harness task.* --tasks hellaswag`"):
@@ -158,6 +163,25 @@ def test_eval_recipe_on_an_export_and_on_a_step_checkpoint(base_overrides, teach
     assert from_step["step"] == 2
     # the step-2 checkpoint and the final export are the same weights: the same scores
     assert from_step["tasks"]["tiny_task"]["acc"] == from_final["tasks"]["tiny_task"]["acc"]
+
+
+def test_eval_scores_the_items_it_checked_and_one_item_has_no_stderr(teacher_dir, tmp_path, capsys):
+    """lm-eval used to read the task file itself: `"gold": "1"` passed the check as index 1 and
+    was then compared as a string, scoring every item wrong without a word. A task of one
+    item (lm-eval's stderr "N/A") ended the recipe in a ValueError after the scoring."""
+    items = [("To be, or not to", [" be", " cheese"], 0), ("To be, or not to", [" cheese", " be"], 1)]
+    as_ints = tmp_path / "as_ints.jsonl"
+    as_ints.write_text("".join(json.dumps({"context": c, "choices": ch, "gold": g}) + "\n" for c, ch, g in items))
+    as_strings = tmp_path / "as_strings.jsonl"
+    as_strings.write_text("".join(json.dumps({"context": c, "choices": ch, "gold": str(g)}) + "\n"
+                                  for c, ch, g in items))
+    one = write_task(tmp_path / "one.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)])
+    eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{as_ints},{as_strings},{one}]",
+                             f"output={tmp_path / 'scores.json'}"])
+    tasks = json.loads((tmp_path / "scores.json").read_text())["tasks"]
+    assert tasks["as_strings"]["acc"] == tasks["as_ints"]["acc"] and tasks["as_strings"]["n"] == 2
+    assert tasks["one"]["n"] == 1 and tasks["one"]["acc_stderr"] is None
+    assert "acc_norm" in capsys.readouterr().out.split("one ")[-1]
 
 
 @pytest.mark.parametrize("make, named", [
