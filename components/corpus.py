@@ -544,11 +544,40 @@ def _text_path(schema, where, text_field: str, key: str) -> List[str]:
     for depth, name in enumerate(parts):
         found = next((f for f in fields if f.name == name), None)
         if found is None or (depth < len(parts) - 1 and not pa.types.is_struct(found.type)):
-            raise DataError(f"{key}: {where} has no column {text_field!r} ({there}). Fix: set data.text_field to the "
-                            "column holding the text (a field inside a struct column as column.field).")
+            strings = _string_paths(list(schema))
+            fix = (f"data.text_field={strings[0]}, its one text column" if len(strings) == 1 else
+                   f"set data.text_field to the column holding the text, one of its text columns {strings[:8]}"
+                   if strings else "set data.text_field to the column holding the text (a field inside a struct "
+                                   "column as column.field)")
+            raise DataError(f"{key}: {where} has no column {text_field!r} ({there}). Fix: {fix}.")
         fields = list(found.type) if pa.types.is_struct(found.type) else []
         there += f"; {'.'.join(parts[:depth + 1])} has {[f.name for f in fields]}"
     return parts
+
+
+def _string_paths(fields, prefix: str = "", depth: int = 0) -> List[str]:
+    """The dotted paths of a schema's string columns and string fields of struct columns (two
+    levels deep): the candidates for ``data.text_field``."""
+    import pyarrow as pa
+
+    found = []
+    for field in fields:
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            found.append(prefix + field.name)
+        elif pa.types.is_struct(field.type) and depth < 2:
+            found.extend(_string_paths(list(field.type), f"{prefix}{field.name}.", depth + 1))
+    return found
+
+
+def _record_string_paths(record, prefix: str = "", depth: int = 0) -> List[str]:
+    """A JSON record's string fields as dotted paths (two levels into nested objects)."""
+    found = []
+    for name, value in (record.items() if isinstance(record, dict) else ()):
+        if isinstance(value, str):
+            found.append(prefix + name)
+        elif isinstance(value, dict) and depth < 2:
+            found.extend(_record_string_paths(value, f"{prefix}{name}.", depth + 1))
+    return found
 
 
 def _leaf(column, names: List[str]):
@@ -944,9 +973,13 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
                 break
             has += f"; {'.'.join(parts[:depth + 1])} has {list(inner)[:8]}"
         nested = isinstance(record, dict) and any(isinstance(v, dict) for v in record.values())
+        strings = _record_string_paths(record)
+        fix = (f"data.text_field={strings[0]}, its one text field." if len(strings) == 1 else
+               f"set data.text_field to the field holding the text, one of its text fields {strings[:8]}." if strings
+               else "set data.text_field to the field holding the text"
+               + (" (inside a nested object: outer.inner)." if nested else "."))
         skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} has no field {text_field!r} "
-                     f"({has}). Fix: set data.text_field to the field holding the text"
-                     + (" (inside a nested object: outer.inner)." if nested else "."))
+                     f"({has}). Fix: {fix}")
         return None
     if value is None:
         skipped.skip(f"with a null {text_field!r}", at, kept)

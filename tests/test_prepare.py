@@ -151,8 +151,13 @@ def test_bad_sources_are_one_clear_error(tokenizer_path, tmp_path):
 
     no_column = tmp_path / "body.parquet"
     pq.write_table(pa.table({"body": ["x"]}), no_column)
-    with pytest.raises(DataError, match=r"body.parquet has no column 'text' \(it has \['body'\]\)\. Fix: set data.text_field"):
+    with pytest.raises(DataError, match=r"body.parquet has no column 'text' \(it has \['body'\]\)\. Fix: "
+                                        r"data.text_field=body, its one text column\."):
         prepare_corpus(no_column, tok, tmp_path / "out3", **QUIET)
+    nested = tmp_path / "nested.parquet"
+    pq.write_table(pa.table({"id": [1], "doc": [{"text": "x", "url": "u", "n": 3}]}), nested)
+    with pytest.raises(DataError, match=r"one of its text columns \['doc.text', 'doc.url'\]\."):
+        prepare_corpus(nested, tok, tmp_path / "out_nested", **QUIET)
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -653,8 +658,8 @@ def test_records_without_text_are_skipped_with_one_warning_and_a_misread_file_is
 
     other_field = tmp_path / "body.jsonl"
     other_field.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
-    with pytest.raises(DataError, match=r"body.jsonl:1 has no field 'text' \(its fields are \['body'\]\)\. Fix: set data.text_field to the field "
-                                        r"holding the text\. \(40 of 40 records are like this\.\)"):
+    with pytest.raises(DataError, match=r"body.jsonl:1 has no field 'text' \(its fields are \['body'\]\)\. Fix: "
+                                        r"data.text_field=body, its one text field\. \(40 of 40 records are like this\.\)"):
         prepare_corpus(other_field, tok, tmp_path / "out2", **QUIET)
     not_jsonl = tmp_path / "plain.jsonl"
     not_jsonl.write_text("".join(d + "\n" for d in documents(150)))
