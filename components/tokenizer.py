@@ -42,6 +42,10 @@ def slow_tokenizer_kind(path: Path) -> Optional[str]:
         return "a tiktoken BPE file (Llama 3's original/tokenizer.model)"
     if path.suffix == ".model" or path.name.endswith(".spm"):
         return "a SentencePiece model"
+    if path.name in ("vocab.json", "merges.txt"):
+        return f"a GPT-2 style BPE {path.name} (half of a vocab.json + merges.txt pair)"
+    if path.name == "vocab.txt":
+        return "a WordPiece vocab.txt (BERT style)"
     return None
 
 

@@ -123,4 +123,8 @@ def test_metas_original_folder_points_to_the_hugging_face_files_above_it(hf_teac
     (alone / "tokenizer.model").write_bytes(b"\n\x0f\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
     with pytest.raises(LetRecipesError, match="is a SentencePiece model, not a tokenizer.json.*save_pretrained"):
         load_tokenizer({"path": str(alone / "tokenizer.model")})
+    (alone / "vocab.json").write_text('{"a": 0}')  # GPT-2's older pair: its own words, not a JSON error
+    with pytest.raises(LetRecipesError, match=r"is a GPT-2 style BPE vocab.json \(half of a vocab.json \+ merges.txt "
+                                              r"pair\), not a tokenizer.json.*save_pretrained"):
+        load_tokenizer({"path": str(alone / "vocab.json")})
     assert load_tokenizer({"path": str(above)}).vocab_size > 0
