@@ -14,6 +14,7 @@ a mismatch is one error that lists the differing keys.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -52,14 +53,8 @@ def check_initial_weights(path: str, model_args: ModelArgs, tokenizer: Optional[
     the corpus is prepared, and :func:`load_initial_weights` again before it reads the weights."""
     resolved = existing_path(path, key=KEY)
     fmt = teacher_format({"_component_": "auto"}, key=KEY, path_key=KEY)
-    try:
-        fmt.check_weights(resolved)  # cut-short files found now, from their headers
+    with _format_errors(path):
         source = fmt.describe(resolved)
-    except LetRecipesError as err:
-        message = str(err)  # the format's errors already begin with the key (path_key above)...
-        if message.startswith("teacher.path: "):  # ...but for the weight files, which the teacher's loaders name
-            message = f"{KEY}: " + message[len("teacher.path: "):]
-        raise InitFromError(message if message.startswith(f"{KEY}:") else f"{KEY}={path!r}: {message}") from err
     if source.family != model_args.family:  # no model.* key can bridge two architectures
         raise InitFromError(f"{KEY}={path!r} is a {source.family} model; this run's student is a {model_args.family} "
                             "model, another architecture (its weights have other names and roles). Fix: init_from a "
@@ -75,7 +70,20 @@ def check_initial_weights(path: str, model_args: ModelArgs, tokenizer: Optional[
         raise InitFromError(f"{KEY}={path!r} was trained with another tokenizer ({their_tokenizer}) than "
                             f"tokenizer.path={str(tokenizer.path)!r}: its embeddings would mean other tokens. Fix: "
                             f"tokenizer.path={their_tokenizer}.")
+    with _format_errors(path):  # last: what the metadata rules out is said first, whatever the weights
+        fmt.check_weights(resolved)  # cut-short files found now, from their headers
     return resolved
+
+
+@contextlib.contextmanager
+def _format_errors(path: str):
+    try:
+        yield
+    except LetRecipesError as err:
+        message = str(err)  # the format's errors already begin with the key (path_key above)...
+        if message.startswith("teacher.path: "):  # ...but for the weight files, which the teacher's loaders name
+            message = f"{KEY}: " + message[len("teacher.path: "):]
+        raise InitFromError(message if message.startswith(f"{KEY}:") else f"{KEY}={path!r}: {message}") from err
 
 
 def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tokenizer: Optional[Tokenizer],

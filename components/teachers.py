@@ -326,12 +326,13 @@ def describe_teacher(section: Mapping[str, Any], key: str = "teacher", check_wei
     ``check_weights``: its weight files are checked whole as well (headers only)."""
     fmt = teacher_format(section, key)
     path = existing_path(section.get("path") or "", f"{key}.path")
-    if check_weights:
-        fmt.check_weights(path)
     try:
-        return fmt.describe(path)
+        args = fmt.describe(path)
     except NotImplementedError:
-        return None
+        args = None
+    if check_weights:  # after the metadata: what it rules out is said first, whatever the weights
+        fmt.check_weights(path)
+    return args
 
 
 # The files that make a teacher what it is (weights, configs, tokenizer); a download's hidden
