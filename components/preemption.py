@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Dict, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, Optional
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -20,6 +21,32 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class RunStopped(LetRecipesError):
     """The run was asked to stop and saved its state first."""
+
+
+class StoppedBeforeTraining(LetRecipesError):
+    """A signal arrived while there was nothing to save yet (setup, preparing the corpus)."""
+
+
+@contextmanager
+def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
+    """While there is no step to finish and nothing to save (a run's setup: preparing the
+    corpus, loading the teacher, compiling; ``letrecipes prepare-data``), SIGTERM or Ctrl-C
+    stops at once with one line saying what is kept (``kept``), instead of a
+    KeyboardInterrupt traceback or a silent kill. The exception unwinds through every
+    ``finally``, so locks are released and half-written files removed as on any error."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise StoppedBeforeTraining(f"stopped by {signal.Signals(signum).name} {during}. {kept}")
+
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class GracefulStop:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -123,6 +124,22 @@ def _one_thread_per_worker() -> None:
     # In one process (workers=1) it keeps its own parallelism.
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers
+    # (one line); each worker printing its own KeyboardInterrupt traceback would bury it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Cancel what is queued and end the workers: ``shutdown(wait=True)``, what leaving a
+    ``with`` block does, would finish every queued unit first (hours, after a Ctrl-C). A
+    unit killed mid-way leaves only its temporary file, which the next prepare removes."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # the executor keeps them here
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+    for process in workers:
+        process.join(timeout=10)
 
 
 def _prepare_unit(job: dict) -> dict:
@@ -302,11 +319,16 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         for job in jobs:
             finished(_prepare_unit(job))
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                 initializer=_one_thread_per_worker) as pool:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                   initializer=_one_thread_per_worker)
+        try:
             futures = [pool.submit(_prepare_unit, job) for job in jobs]
             for future in as_completed(futures):
                 finished(future.result())
+        except BaseException:
+            _stop_now(pool)  # an error or a signal: the units in flight are not waited for
+            raise
+        pool.shutdown()
 
     shards = [done[i] for i in range(len(units))]
     total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
+from letrecipes.components.preemption import stop_at_once_on_signals
 
 
 class ConfigError(LetRecipesError):
@@ -229,7 +230,9 @@ def run(recipe_class, cfg: DictConfig) -> None:
             return
     try:
         with errors_as_one_line():
-            recipe.setup()
+            with stop_at_once_on_signals("during setup, before the first step", "Nothing was trained; corpus shards "
+                                         "prepared so far are kept, and launching again goes on from them."):
+                recipe.setup()
             recipe.train()
     finally:
         recipe.cleanup()

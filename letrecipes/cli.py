@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from letrecipes._config import ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
 from letrecipes._unknown_recipe import RECIPES
 from letrecipes.components.files import describe
+from letrecipes.components.preemption import stop_at_once_on_signals
 from letrecipes.components.run_lock import RunLock
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
 
@@ -68,6 +69,8 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             f"--out={str(out)!r} is being prepared by another process: {owner}. Fix: wait for it to finish (run this "
             "command again then: it finds the folder prepared and says so), or choose another --out."))
         stack.enter_context(_held(lock))
+        stack.enter_context(stop_at_once_on_signals("while preparing", "Finished shards are kept: the same command "
+                                                    "goes on from them."))
         for i, (spec, name) in enumerate(zip(specs, names)):
             key = source_key(i, bool(mixture))
             source = spec["source"]

@@ -423,6 +423,76 @@ def test_two_prepare_data_into_one_out_the_second_names_the_first(tokenizer_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock left behind
 
 
+
+def test_ctrl_c_stops_prepare_data_and_its_workers_in_one_line_and_the_next_launch_goes_on(
+        tokenizer_path, corpus_dir, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group) used to print a KeyboardInterrupt
+    traceback from the parent and each worker, and leaving the pool waited for every queued
+    unit; a SIGTERM during a run's own prepare was a silent kill that left its locks."""
+    text = " ".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for i in range(8):  # eight units of a few seconds each: the signal lands with most still to do
+        (source / f"part{i}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(6)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "letrecipes", "prepare-data", "--config", "pretrain_tiny", "--workers", "2",
+               "--out", str(out), f"tokenizer.path={tokenizer_path}", f"data.source={source}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)  # its own process group, as a terminal's job is
+    deadline = time.monotonic() + 240
+    while not (out / "shard_000000.json").exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 1 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ("error: stopped by SIGINT while preparing. Finished shards are kept: "
+                                               "the same command goes on from them.")
+    assert not (out / "manifest.json").exists()
+    kept = len(list(out.glob("shard_*.json")))
+    assert 1 <= kept < 8
+    def alive_in_group():  # zombies (exited, waiting to be reaped by a container's init) are not alive
+        states = subprocess.run(["ps", "-o", "stat=", "-g", str(job.pid)], capture_output=True, text=True).stdout
+        return [state for state in states.split() if not state.startswith("Z")]
+
+    deadline = time.monotonic() + 10
+    while alive_in_group() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive_in_group() == []  # no worker goes on with its unit
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{kept} already done, {8 - kept} to go" in done.stdout
+    assert not list(out.glob(".*.tmp")) and read_manifest(out)["documents"] == 8 * 6
+
+
+def test_sigterm_while_a_run_prepares_its_corpus_is_one_line_and_leaves_no_lock(base_overrides, tokenizer_path,
+                                                                                corpus_dir, tmp_path):
+    """A scheduler's SIGTERM during a run's setup (hours of preparing, at scale) used to kill it
+    without a word, leaving the cache's lock and the run folder's lock behind."""
+    text = " ".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for i in range(8):
+        (source / f"part{i}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(6)))
+    overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
+    cache = tmp_path / "cache"
+    job = subprocess.Popen([sys.executable, "-m", "letrecipes.pretrain", "--config", "pretrain_tiny", *overrides,
+                            f"data.source={source}", f"data.cache_dir={cache}", f"output_dir={tmp_path / 'run'}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not list(cache.glob("prepared-*/shard_000000.json")) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "error: stopped by SIGTERM during setup, before the first step. Nothing was trained; corpus shards prepared "
+        "so far are kept, and launching again goes on from them.")
+    assert not list(cache.glob("*.lock")) and not (tmp_path / "run").exists()
+    assert len(list(cache.glob("prepared-*/shard_*.json"))) >= 1
+
+
 # ------------------------------------------------------------------ issue 15, part 5: the token cache
 def small_jsonl(tmp_path, n=40):
     source = tmp_path / "small.jsonl"
