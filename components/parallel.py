@@ -54,6 +54,20 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def _check_one_gpu_per_process() -> None:
+    """Process ``LOCAL_RANK`` takes GPU ``LOCAL_RANK``: more processes on a node than GPUs it
+    can see would fail in NCCL's setup with "invalid device ordinal" (or put two ranks on one
+    GPU)."""
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible = torch.cuda.device_count()
+    if max(local_rank + 1, local_world) > visible:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ComponentError(
+            f"{local_world} processes on this node, one GPU each, but torch sees {visible} GPU(s)"
+            + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "") + f". Fix: --nproc_per_node "
+            f"{visible} (tune run --nproc_per_node {visible} ...), or make {local_world} GPUs visible.")
+
+
 def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True, timeout_s: int = 600,
                  single_process_group: bool = False) -> Tuple[torch.device, int, int, List[str]]:
     """(device, rank, world size, notes for the log): ``name`` cpu, cuda or None (cuda when
@@ -63,6 +77,8 @@ def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True, timeout_s:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ComponentError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
+    if device.type == "cuda":
+        _check_one_gpu_per_process()
     notes = []
     if device.type == "cpu" and cpu_malloc_tuning and keep_freed_memory_in_process():
         notes.append("malloc keeps freed memory")

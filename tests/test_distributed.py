@@ -173,6 +173,27 @@ def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
     assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
+def test_more_processes_on_a_node_than_gpus_is_one_line_before_the_process_group(monkeypatch):
+    """NCCL's setup used to fail with "invalid device ordinal" on the processes past the last GPU."""
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(parallel, "init_distributed", lambda *a, **k: pytest.fail("joined the group first"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(ComponentError, match=r"^4 processes on this node, one GPU each, but torch sees 2 GPU\(s\) "
+                                             r"\(CUDA_VISIBLE_DEVICES=0,1\)\. Fix: --nproc_per_node 2 "):
+        parallel.setup_device("cuda")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the first process sees it too: every rank stops alike
+    with pytest.raises(ComponentError, match="4 processes on this node"):
+        parallel.setup_device(None)
+
+
 def test_sharded_teacher_gives_the_same_losses_as_a_replicated_one(let_overrides, tmp_path):
     common = [*let_overrides, "max_steps=2", "eval_every=0"]
     tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'rep'}")
