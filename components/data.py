@@ -13,6 +13,8 @@ import bisect
 import hashlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -337,8 +339,30 @@ def build_dataloader(
         )
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     return StatefulDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers, collate_fn=collate_fn
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers, collate_fn=collate_fn,
+        worker_init_fn=_leave_signals_to_the_trainer if num_workers else None
     )
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A scheduler's SIGTERM (Slurm sends it to every process of the job) or a terminal's
+    Ctrl-C reaches the loader's workers too; a worker that died of it made torch raise
+    "DataLoader worker is killed by signal" in the trainer, in the middle of the checkpoint
+    it was saving for that very signal. So a worker ignores Ctrl-C, and takes SIGTERM only
+    from its trainer: the loader stops its workers with SIGTERM (``terminate``), and a
+    worker deaf to that would hang the trainer's exit. The sender is known from
+    ``sigwaitinfo`` (a thread waits on SIGTERM, blocked everywhere else). A worker whose
+    trainer has died exits by itself (torch's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm_from_the_trainer_only() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm_from_the_trainer_only, daemon=True).start()
 
 
 def source_names(specs: Sequence[Mapping[str, Any]]) -> List[str]:

@@ -168,3 +168,36 @@ def test_a_corpus_too_large_for_a_permutation_table_is_shuffled_without_one(monk
     resumed = sampler(1)
     resumed.load_state_dict(first.state_dict())
     assert head + list(resumed) == shares[1]
+
+
+def test_loader_workers_outlive_a_sigterm_meant_for_the_job_and_still_stop_with_their_trainer(tmp_path):
+    """Slurm's SIGTERM reaches every process of the job: a loader worker that died of it made
+    torch raise "DataLoader worker is killed by signal" in the trainer while it saved the
+    checkpoint for that signal. Workers now take SIGTERM from their trainer only (which is
+    how the loader stops them), so a trainer that crashes still exits, without waiting on them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from letrecipes.components.data import build_dataloader\n"
+        "loader = build_dataloader(torch.utils.data.TensorDataset(torch.arange(400)), 4, seed=0, num_workers=2)\n"
+        "batches = iter(loader)\n"
+        "first = next(batches)\n"
+        "print(*[w.pid for w in batches._workers], flush=True)\n"
+        "sys.stdin.readline()  # the job's SIGTERM is sent meanwhile\n"
+        "print(1 + sum(1 for _ in batches), flush=True)\n"
+        "raise RuntimeError('a bug, with the workers alive')\n")
+    trainer = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**__import__("os").environ,
+                                                                        "OMP_NUM_THREADS": "1"})
+    try:
+        workers = trainer.stdout.readline().split()
+        assert len(workers) == 2
+        subprocess.run(["kill", "-TERM", *workers], check=True)  # sent by another process, as a scheduler's is
+        out, err = trainer.communicate("go\n", timeout=60)  # a worker deaf to the trainer's SIGTERM would hang here
+    finally:
+        trainer.kill()
+    assert out.split() == ["100"], err[-2000:]  # every batch came, from workers that outlived the signal
+    assert trainer.returncode == 1 and "a bug, with the workers alive" in err and "killed by signal" not in err
