@@ -157,7 +157,13 @@ def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArg
     expected = total_params(args) * torch.empty((), dtype=dtype).element_size()
     progress = ByteProgress("export", f"converted into {out_dir}", expected, log)
     for name, tensor in tensors:
-        hf_name, hf_tensor = to_hf(name, tensor.detach().to("cpu", dtype), args)
+        cast = tensor.detach().to("cpu", dtype)
+        if dtype == torch.float16 and not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
+            largest = tensor.detach().abs().max().item()  # bf16 and fp32 reach 3e38; fp16 stops at 65504
+            raise ExportError(f"export: {name} holds values up to {largest:.4g}, beyond float16's 65504: in fp16 they "
+                              "would be inf and the model would give NaN. Fix: --dtype bf16 (export.dtype=bf16), which "
+                              "has fp32's range, or fp32.")
+        hf_name, hf_tensor = to_hf(name, cast, args)
         before = writer.total_bytes
         writer.add(hf_name, hf_tensor)
         progress.add(writer.total_bytes - before)

@@ -185,3 +185,20 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(run, tm
         f"error: export: writing the export into {out}.tmp failed: a file size limit was reached (ulimit -f, or the "
         "filesystem's). Nothing was left behind. Fix: raise the file size limit, then run the same command again.")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_fp16_export_of_weights_beyond_its_range_is_refused_not_written_as_inf(run, tmp_path):
+    """fp16 stops at 65504: a weight beyond it became inf in the export, a model that gives
+    NaN, without a word. bf16 (the default) has fp32's range."""
+    from letrecipes.components.export import ExportError, write_hf_folder
+
+    teacher = load_teacher({"path": str(run / "final"), "dtype": "fp32"})
+    args = teacher.model.model_args
+    state = {k: v.clone() for k, v in teacher.model.state_dict().items()}
+    state["layers.1.mlp.w2.weight"][0, 0] = 1.0e5
+    with pytest.raises(ExportError, match=r"export: layers.1.mlp.w2.weight holds values up to 1e\+05, beyond "
+                                          r"float16's 65504: .* Fix: --dtype bf16"):
+        write_hf_folder(state.items(), args, tmp_path / "fp16", None, torch.float16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+    write_hf_folder(state.items(), args, tmp_path / "bf16", None, torch.bfloat16)
+    assert torch.isfinite(load_file(tmp_path / "bf16" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]).all()
