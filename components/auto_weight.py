@@ -64,11 +64,14 @@ class GradientRatio(nn.Module, Schedule):
                  measure_every: int = 1, smoothing: float = 0.9, lambda_start: float = 1e-3):
         nn.Module.__init__(self)
         if not (isinstance(rho0, (int, float)) and 0 < rho0 < float("inf")):
-            raise ComponentError(f"alignment.schedule.rho0={rho0} must be a finite number > 0.")
+            raise ComponentError(f"alignment.schedule.rho0={rho0} must be a finite number > 0. Fix: 1.0, the default "
+                                 "(the two gradients equally strong at the start).")
         if not (isinstance(measure_every, int) and measure_every >= 1):
-            raise ComponentError(f"alignment.schedule.measure_every={measure_every} must be an integer >= 1.")
+            raise ComponentError(f"alignment.schedule.measure_every={measure_every} must be an integer >= 1. Fix: "
+                                 "1, the default (measuring costs no extra pass).")
         if not 0 <= smoothing < 1:
-            raise ComponentError(f"alignment.schedule.smoothing={smoothing} must lie in [0, 1).")
+            raise ComponentError(f"alignment.schedule.smoothing={smoothing} must lie in [0, 1). Fix: 0.9, the "
+                                 "default.")
         self.rho0, self.end_step = float(rho0), resolve_stop(stop, total_steps)
         self.measure_every, self.smoothing, self.lambda_start = measure_every, float(smoothing), float(lambda_start)
         # EMA of ||dNLL/dh|| / ||d align/dh||; 0 until the first measurement

@@ -175,10 +175,23 @@ class LETPretrainRecipe(PretrainRecipe):
                  f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}"
                  + (f"; cross-tokenizer pooling {type(self.aligner.pooling).__name__}" if self.collate else ""))
         end = getattr(self.aligner.schedule, "end_step", None)
+        if self._weighs_nothing(end):
+            self.log(f"warning: alignment.schedule gives lambda 0 at every step the teacher runs ({self.aligner.schedule}"
+                     "): the teacher costs its forward passes and teaches nothing. Fix: a lambda0 above 0 (0.1 is the "
+                     "paper's), or tune run letrecipes/pretrain for a run without a teacher, if that is not meant.")
         if end is not None and end > self.max_steps:
             self.log(f"warning: alignment.schedule.stop={end} > max_steps={self.max_steps}: the teacher guides every "
                      "step and is never released (LET is an early-phase guide). Fix: a stop within the run, such as "
                      "0.25 (a fraction of max_steps), if that is not meant.")
+
+    def _weighs_nothing(self, end: Optional[int]) -> bool:
+        """Whether a schedule of plain numbers is 0 at every step before ``end`` (a measuring
+        schedule, whose lambda is a device tensor, is not judged)."""
+        steps = range(min(end if end is not None else self.max_steps, self.max_steps, 100_000))
+        try:
+            return len(steps) > 0 and all(float(self.aligner.schedule(step)) == 0.0 for step in steps)
+        except (TypeError, RuntimeError):
+            return False
 
     def _build_aligner(self, width: int, depth: int, cross_tokenizer: bool):
         aligner = build_aligner(

@@ -357,6 +357,19 @@ def test_an_alignment_that_outlasts_the_run_is_said_at_the_start(let_overrides, 
                        match="alignment.schedule.stop=0: must be >= 1 step. Fix: a number of steps >= 1")
 
 
+
+def test_a_schedule_that_weighs_nothing_while_the_teacher_runs_is_said_at_the_start(let_overrides, tmp_path, capsys):
+    """lambda0=0 ran the teacher's forward passes for nothing, without a word."""
+    run_let(*let_overrides, f"output_dir={tmp_path / 'zero'}", "max_steps=2", "alignment.schedule._component_=linear",
+            "alignment.schedule.lambda0=0")
+    assert "warning: alignment.schedule gives lambda 0 at every step the teacher runs (LinearDecay(lambda0=0.0" \
+           in capsys.readouterr().out
+    for name, schedule in (("linear", ["alignment.schedule._component_=linear", "alignment.schedule.lambda0=0.1"]),
+                           ("auto", ["alignment.schedule=auto"])):  # a real weight, or one measured: no warning
+        run_let(*let_overrides, f"output_dir={tmp_path / name}", "max_steps=2", *schedule)
+        assert "teaches nothing" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("override, match", [
     ("teacher.compile=maybe", "config key teacher.compile='maybe' must be true or false"),
     ("teacher.placement=everywhere", "config key teacher.placement='everywhere' must be one of replicated, sharded"),
