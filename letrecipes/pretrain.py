@@ -156,7 +156,7 @@ class PretrainRecipe:
         self.check_resources()  # before hours of preparing data for a run that cannot fit
         for key in self.compiled_keys():  # a machine that cannot compile, named before the data and the first step
             parallel.rehearse_compile(self.device, key)
-        if cfg.get("init_from") and resume_from is None and self.planned_args is not None:  # from its metadata
+        if cfg.get("init_from") and resume_from is None:  # its shape and tokenizer, from its metadata
             check_initial_weights(str(cfg.init_from), self.planned_args, self.tokenizer)
         self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
@@ -237,6 +237,18 @@ class PretrainRecipe:
                               max_seq_len=model_max_seq_len(self.cfg.model, int(self.cfg.data.seq_len)),
                               vocab_size=self.cfg.model.get("vocab_size") or padded_vocab_size(self.tokenizer.vocab_size))
 
+    def check_student(self, model: nn.Module) -> None:
+        """What the student's build must give whatever its builder: room for every token id,
+        and ``model_args`` (the export and the checks read them)."""
+        if model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
+            raise RecipeError(
+                f"model.vocab_size={model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
+                f"{self.tokenizer.vocab_size} tokens. Fix: remove model.vocab_size (it then follows the tokenizer)."
+            )
+        if not isinstance(getattr(model, "model_args", None), ModelArgs):
+            raise RecipeError("model._component_ must build a model carrying `model_args` (the export needs them). "
+                              "Fix: use `_component_: llama`, or set model.model_args in your builder.")
+
     def compiled_keys(self) -> List[str]:
         """The config keys that ask for torch.compile (the LET recipe adds its teacher's)."""
         return ["compile"] if self.cfg.get("compile", False) else []
@@ -251,7 +263,8 @@ class PretrainRecipe:
         shape built on the meta device: nothing allocated."""
         with torch.device("meta"):
             planned = self.build_student()
-        self.planned_args = getattr(planned, "model_args", None)
+        self.check_student(planned)  # at plan time: before the corpus is prepared
+        self.planned_args = planned.model_args
         self.check_memory(planned)
         self.check_disk(count_parameters(planned))
 
@@ -318,14 +331,7 @@ class PretrainRecipe:
         # holds the full model (a 7B fp32 model is 30 GB per process otherwise).
         with torch.device("meta") if self.fsdp else nullcontext():
             self.model = self.build_student()
-        if self.model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
-            raise RecipeError(
-                f"model.vocab_size={self.model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
-                f"{self.tokenizer.vocab_size} tokens. Fix: remove model.vocab_size (it then follows the tokenizer)."
-            )
-        if not isinstance(getattr(self.model, "model_args", None), ModelArgs):
-            raise RecipeError("model._component_ must build a model carrying `model_args` (the export needs them). "
-                              "Fix: use `_component_: llama`, or set model.model_args in your builder.")
+        self.check_student(self.model)
         self.model_args = self.model.model_args
         self.n_params = (count_parameters(self.model), count_parameters(self.model, exclude_embeddings=True))
         fsdp_options = cfg.get("fsdp") or {}

@@ -590,6 +590,17 @@ def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_pr
 
 
 
+
+def test_a_student_vocabulary_smaller_than_the_tokenizer_is_named_before_the_corpus_is_prepared(base_overrides,
+                                                                                                tmp_path):
+    overrides = [o for o in base_overrides if not o.startswith("data.cache_dir=")]
+    expect_setup_error(run_pretrain, *overrides, "model.vocab_size=100", f"data.cache_dir={tmp_path / 'cache'}",
+                       f"output_dir={tmp_path / 'run'}",
+                       match="model.vocab_size=100 is smaller than the tokenizer's 512 tokens. Fix: remove "
+                             "model.vocab_size")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_a_machine_that_cannot_compile_is_named_before_the_corpus_is_prepared(base_overrides, tmp_path):
     """No C++ compiler (here CXX names none): compile=true used to end the first step in a
     100-line InductorError traceback, after the corpus was prepared and the model built."""
