@@ -488,6 +488,11 @@ def corpus_fingerprint(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
+def _workers_of(loader_state: Mapping[str, Any]) -> int:
+    """How many workers wrote a torchdata loader state (its per-worker snapshots; none for 0)."""
+    return len((loader_state.get("_snapshot") or {}).get("_worker_snapshots") or {})
+
+
 class BatchStream:
     """Endless batches from a loader, epoch after epoch, moved to ``device``.
 
@@ -500,6 +505,7 @@ class BatchStream:
         self.loader = loader
         self.device = device
         self.epoch = 0
+        self.batches_taken = 0  # this epoch: the position in a form that holds for any number of workers
         self.source_names = list(source_names)
         self.source_tokens = [0] * len(self.source_names)
         self._iter = None
@@ -518,8 +524,10 @@ class BatchStream:
                 batch = next(self._iter)
             except StopIteration:
                 self.epoch += 1
+                self.batches_taken = 0
                 self._iter = None
                 continue
+            self.batches_taken += 1
             sources = batch.pop("source", None)
             if sources is not None:
                 per_sequence = batch["labels"].shape[1]
@@ -533,11 +541,25 @@ class BatchStream:
         return {f"tokens_{name}": n for name, n in zip(self.source_names, self.source_tokens)}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict(), "source_tokens": list(self.source_tokens)}
+        return {"epoch": self.epoch, "loader": self.loader.state_dict(), "source_tokens": list(self.source_tokens),
+                "batches_taken": self.batches_taken, "num_workers": self.loader.num_workers}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch = state["epoch"]
         self._start_epoch()
-        self.loader.load_state_dict(state["loader"])
+        saved_workers = state.get("num_workers", _workers_of(state["loader"]))
+        if saved_workers == self.loader.num_workers:
+            self.loader.load_state_dict(state["loader"])
+            self.batches_taken = int(state.get("batches_taken", 0))
+        elif "batches_taken" not in state:  # written before the position was kept apart from the loader's
+            raise DataError(f"resume: this checkpoint's data position was saved by a loader with data.num_workers="
+                            f"{saved_workers}, in a form that only that number of workers can read. Fix: resume with "
+                            f"data.num_workers={saved_workers} (checkpoints written from now on can change it).")
+        else:
+            # torchdata's loader state is shaped by its worker count (a 0-worker state does not load
+            # into 2 workers): the sampler starts after the batches the trainer took, which is
+            # the same position (batches are whole: drop_last)
+            self.batches_taken = int(state["batches_taken"])
+            self.loader.sampler.next_yielded = self.batches_taken * self.loader.batch_size
         self.source_tokens = list(state.get("source_tokens", self.source_tokens))
         self._iter = None

@@ -30,7 +30,7 @@ CHANGEABLE = (
     "log_every", "eval_every", "eval_batches", "save_every", "keep_last_checkpoints", "async_checkpoint",
     "metrics.*", "metric_logger*", "divergence.*", "progress_bar", "debug.*", "export.*", "dry_run*",
     "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "memory_check", "imports",
-    "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers",
+    "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers", "data.num_workers",
     "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
     "fsdp.reduce_every_micro_batch",
 )

@@ -201,3 +201,34 @@ def test_loader_workers_outlive_a_sigterm_meant_for_the_job_and_still_stop_with_
         trainer.kill()
     assert out.split() == ["100"], err[-2000:]  # every batch came, from workers that outlived the signal
     assert trainer.returncode == 1 and "a bug, with the workers alive" in err and "killed by signal" not in err
+
+
+def test_a_run_resumes_exactly_with_another_number_of_loader_workers(base_overrides, tmp_path):
+    """torchdata's loader state is shaped by its worker count (a 0-worker state does not load
+    into 2 workers: AssertionError), so changing data.num_workers was refused as "another run".
+    The position is kept apart from it (batches taken this epoch): the same batches follow."""
+    from letrecipes import pretrain
+    from letrecipes.components.metrics import read_metrics
+
+    def run(out, *extra):
+        pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path / out}",
+                              "eval_every=0", *extra])
+        return [(r["step"], r["loss"]) for r in read_metrics(tmp_path / out / "metrics.jsonl") if "loss" in r]
+
+    straight = run("straight", "max_steps=6")
+    run("more", "max_steps=3", "save_every=3", "data.num_workers=0")
+    assert run("more", "max_steps=6", "save_every=3", "data.num_workers=2", "resume=true") == straight
+    run("fewer", "max_steps=3", "save_every=3", "data.num_workers=2")
+    assert run("fewer", "max_steps=6", "save_every=3", "data.num_workers=0", "resume=true") == straight
+
+
+def test_an_older_loader_state_names_the_worker_count_it_needs():
+    from letrecipes.components.data import BatchStream
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(64))
+    older = {"epoch": 0, "source_tokens": [], "loader": {"_snapshot": {"_worker_snapshots": {"worker_0": {},
+                                                                                              "worker_1": {}}}}}
+    stream = BatchStream(build_dataloader(dataset, 4, seed=0), torch.device("cpu"))
+    with pytest.raises(DataError, match=r"saved by a loader with data.num_workers=2, .* Fix: resume with "
+                                        r"data.num_workers=2"):
+        stream.load_state_dict(older)
