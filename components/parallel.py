@@ -54,6 +54,20 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
+def _check_launched_by_torchrun() -> None:
+    """``srun python -m letrecipes.pretrain`` starts N processes that know nothing of each
+    other (no WORLD_SIZE): each would train alone, and all but one would stop at the run
+    folder's lock, naming another run. Read from the job step's task count, which srun
+    sets: a batch script of a many-task job (SLURM_NTASKS) running one process is fine."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    if tasks > 1 and "WORLD_SIZE" not in os.environ:
+        raise ComponentError(
+            f"this process is one of {tasks} Slurm tasks, started without torchrun (no WORLD_SIZE): each would train "
+            "alone. Fix: start one torchrun per node, which starts the processes (srun --ntasks-per-node=1 tune run "
+            "--nnodes $SLURM_NNODES --nproc_per_node <GPUs per node> --rdzv_backend c10d --rdzv_endpoint "
+            "<first node>:29500 letrecipes/let_pretrain --config ...; docs/scale.md).")
+
+
 def _check_one_gpu_per_process() -> None:
     """Process ``LOCAL_RANK`` takes GPU ``LOCAL_RANK``: more processes on a node than GPUs it
     can see would fail in NCCL's setup with "invalid device ordinal" (or put two ranks on one
@@ -77,6 +91,7 @@ def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True, timeout_s:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ComponentError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
+    _check_launched_by_torchrun()
     if device.type == "cuda":
         _check_one_gpu_per_process()
     notes = []

@@ -194,6 +194,21 @@ def test_more_processes_on_a_node_than_gpus_is_one_line_before_the_process_group
         parallel.setup_device(None)
 
 
+def test_slurm_tasks_started_without_torchrun_are_one_line_not_n_lonely_runs(monkeypatch):
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # a batch script of an 8-task job running one process: fine
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    assert parallel.setup_device("cpu")[1:3] == (0, 1)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # srun started 8 copies of the recipe
+    with pytest.raises(ComponentError, match=r"^this process is one of 8 Slurm tasks, started without torchrun .* Fix: "
+                                             r"start one torchrun per node"):
+        parallel.setup_device("cpu")
+
+
 def test_sharded_teacher_gives_the_same_losses_as_a_replicated_one(let_overrides, tmp_path):
     common = [*let_overrides, "max_steps=2", "eval_every=0"]
     tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'rep'}")
