@@ -71,7 +71,7 @@ BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
 # read from the content, archives).
-READER_VERSION = 4  # 4: text files split at data.document_separator
+READER_VERSION = 5  # 4: text files split at data.document_separator; 5: blank documents skipped
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
@@ -403,12 +403,12 @@ def split_at(pieces: Iterable[Tuple[str, bool]], separator: Optional[str]) -> It
         held = ""
         for part in ended:
             part = opening(part)
-            if part or started:
+            if part.strip() or started:  # a document of only blank space is none
                 yield part, True
             started, after_separator = False, True
         if ends:  # the file's end closes its last document
             tail = opening(tail)
-            if tail or started:
+            if tail.strip() or started:
                 yield tail, True
             started, after_separator = False, False
             continue
@@ -677,6 +677,7 @@ def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: 
     or an empty one yields nothing."""
     strict = lenient = None
     consumed, replaced, first_bad, carry, chars = 0, 0, None, "", 0
+    blank, yielded = True, False  # only blank space so far; a piece given out already
     try:
         with _open_stream(path, key) as f:
             while True:
@@ -703,12 +704,14 @@ def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: 
                 consumed += len(block)
                 carry += text
                 chars += len(text)
-                if final and not chars:
-                    break  # an empty file is no document
+                blank = blank and not text.strip()
+                if final and (not chars or (blank and not yielded)):
+                    break  # an empty file, or one of only blank space, is no document
                 if len(carry) > 2 * piece_chars or final:
                     pieces = safe_cuts(carry, piece_chars)
                     carry = "" if final else pieces.pop()
                     for i, piece in enumerate(pieces):
+                        yielded = True
                         yield piece, final and i == len(pieces) - 1
                 if final:
                     break
@@ -987,8 +990,8 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
     if not isinstance(value, str):
         raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: make it a "
                         "string in that record, or set data.text_field to the field holding the text.")
-    if not value:
-        skipped.skip(f"with an empty {text_field!r}", at, kept)
+    if not value.strip():  # nothing to learn from but an end-of-text token
+        skipped.skip(f"with an empty or blank {text_field!r}", at, kept)
         return None
     return value
 
@@ -1115,11 +1118,11 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
                 column_types={text_field: pa.string()}, include_columns=[text_field]))
             for batch in reader:
                 for value in batch.column(0).to_pylist():
-                    if value:
+                    if value and value.strip():
                         kept += 1
                         yield value
                     else:
-                        skipped.skip(f"with an empty {text_field!r}", row, kept)
+                        skipped.skip(f"with an empty or blank {text_field!r}", row, kept)
                     row += 1
     except (pa.ArrowInvalid, KeyError) as err:
         if row == 0 and text_field in str(err):
@@ -1185,8 +1188,8 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
             hint = " (a list: join its items into one string per row first)" if isinstance(value, list) else ""
             raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text{hint}. "
                             "Fix: set data.text_field to a text column.")
-        if not value:
-            skipped.skip(f"with an empty {text_field!r}", row, kept)
+        if not value.strip():
+            skipped.skip(f"with an empty or blank {text_field!r}", row, kept)
             continue
         kept += 1
         yield value

@@ -305,7 +305,7 @@ def test_arrow_files_as_datasets_caches_and_pyarrow_write_them(tmp_path):
         with pa.ipc.new_file(sink, table.schema) as writer:  # the file format
             writer.write_table(table.slice(0, 2), max_chunksize=1)
     with pytest.warns(DataWarning, match=r"skipped 2 of 7 records that hold no text \(1 with a null 'text', 1 with "
-                                         r"an empty 'text'; the first at row 3\)"):
+                                         r"an empty or blank 'text'; the first at row 3\)"):
         assert list(read_documents(tmp_path)) == docs + docs[:2]
     assert [u.kind for u in corpus.list_units(tmp_path)] == ["arrow", "arrow"]
     with pytest.raises(DataError, match=r"has no column 'story' \(it has \['id', 'text'\]\)"):

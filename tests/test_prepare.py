@@ -635,6 +635,15 @@ def test_text_files_are_split_into_documents_at_the_separator(tokenizer_path, tm
     # one document, the markers in it as the text they are: EOS only at its end
     assert manifest["documents"] == 1 and ids.tolist().count(tok.eos_id) == 1 and tok.hf.decode(ids[:-1].tolist()) == written
 
+    # a blank document between two markers (a doubled marker, trailing space) is no document
+    blanks = tmp_path / "blanks"
+    blanks.mkdir()
+    (blanks / "a.txt").write_text(f"{stories[0]}\n<|endoftext|>\n   \n<|endoftext|>\n{stories[1]}\n<|endoftext|>\n \n")
+    manifest, ids = prepared(blanks, "blanks")
+    assert manifest["documents"] == 2
+    np.testing.assert_array_equal(ids, np.concatenate([np.asarray(tok.encode(story + "\n") + [tok.eos_id])
+                                                       for story in stories[:2]]))
+
 
 def test_a_special_token_quoted_in_a_record_is_text_not_an_end_of_document(tokenizer_path, tmp_path):
     """A page that quotes `<|endoftext|>` (code about language models) keeps it as text, as
@@ -833,14 +842,15 @@ def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
     (root / ".cache" / "b.txt").write_text("cached, not corpus")
     (root / "b.txt").write_bytes(os.urandom(100) + b"\x00" + os.urandom(1000))
     (root / "c.txt").write_text("")
-    (root / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [docs[1], "", docs[2], docs[3]]))
+    (root / "c2.txt").write_text(" \n\t\n")  # blank space only: no document either
+    (root / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in [docs[1], "", docs[2], " \n", docs[3]]))
     tok = Tokenizer(tokenizer_path)
     with pytest.warns(DataWarning) as caught:
         manifest = prepare_corpus(root, tok, tmp_path / "out", **QUIET)
     messages = [str(w.message) for w in caught]
     assert any("b.txt is skipped: it looks binary (a NUL byte in its first 8,000 bytes" in m for m in messages), messages
-    assert any("d.jsonl: skipped 1 of 4 records that hold no text (1 with an empty 'text'; the first at line 2)" in m
-               for m in messages), messages
+    assert any("d.jsonl: skipped 2 of 5 records that hold no text (2 with an empty or blank 'text'; the first at "
+               "line 2)" in m for m in messages), messages
     assert manifest["documents"] == 4
     stream = TokenShards(tmp_path / "out", tok)[0:manifest["tokens"]]
     np.testing.assert_array_equal(stream, np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in docs]))
