@@ -50,7 +50,7 @@ def shape_differences(source: ModelArgs, student: ModelArgs) -> List[str]:
 def check_initial_weights(path: str, model_args: ModelArgs, tokenizer: Optional[Tokenizer]) -> Path:
     """The model at ``path``, resolved, once its family, shape and tokenizer are found to fit a
     student of ``model_args`` (read from its metadata: no weights). The recipe calls it before
-    the corpus is prepared, and :func:`load_initial_weights` again before it reads the weights."""
+    the corpus is prepared; :func:`load_initial_weights` then reads the weights."""
     resolved = existing_path(path, key=KEY)
     fmt = teacher_format({"_component_": "auto"}, key=KEY, path_key=KEY)
     with _format_errors(path):
@@ -86,12 +86,10 @@ def _format_errors(path: str):
         raise InitFromError(message if message.startswith(f"{KEY}:") else f"{KEY}={path!r}: {message}") from err
 
 
-def load_initial_weights(path: str, model: nn.Module, model_args: ModelArgs, tokenizer: Optional[Tokenizer],
-                         log: Callable[[str], None] = print) -> None:
-    """Copy the weights at ``path`` into ``model`` (sharded or not), after checking shape and tokenizer."""
+def load_initial_weights(resolved: Path, model: nn.Module, log: Callable[[str], None] = print) -> None:
+    """Copy the weights of the model at ``resolved`` (what :func:`check_initial_weights`
+    returned for it, before the corpus was prepared) into ``model``, sharded or not."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    resolved = check_initial_weights(path, model_args, tokenizer)
 
     # Rank 0 alone reads the checkpoint; the others receive it tensor by tensor, each
     # keeping its shard (eight ranks on a node reading a 7B model in fp32 would hold 240 GB)

@@ -156,12 +156,13 @@ class PretrainRecipe:
         self.check_resources()  # before hours of preparing data for a run that cannot fit
         for key in self.compiled_keys():  # a machine that cannot compile, named before the data and the first step
             parallel.rehearse_compile(self.device, key)
-        if cfg.get("init_from") and resume_from is None:  # its shape and tokenizer, from its metadata
-            check_initial_weights(str(cfg.init_from), self.planned_args, self.tokenizer)
+        # init_from's shape and tokenizer, from its metadata (a resumed run has its own weights)
+        init_source = check_initial_weights(str(cfg.init_from), self.planned_args, self.tokenizer) \
+            if cfg.get("init_from") and resume_from is None else None
         self.setup_data()
         self.setup_model()  # first: a typo in its arguments is named as such, not as a change
-        if cfg.get("init_from") and resume_from is None:  # a resumed run has its own weights
-            load_initial_weights(str(cfg.init_from), self.model, self.model_args, self.tokenizer, log=self.log)
+        if init_source is not None:
+            load_initial_weights(init_source, self.model, log=self.log)
         self.run_info.update(self.fingerprints())
         # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
         changes = resume.check(resume_from, self.run_info, self.settled_at(resume_from)) \
