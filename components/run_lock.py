@@ -92,6 +92,12 @@ class RunLock:
         self._fd = fd
         return self
 
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def release(self) -> None:
         """Remove the lock file and drop the lock (unlink first: a launch that opens the
         name after this sees a new file, one that opened it before retries, see acquire)."""

@@ -35,15 +35,6 @@ def recipe_path(name: str) -> Path:
     return Path(__file__).resolve().parent / f"{name}.py"
 
 
-@contextlib.contextmanager
-def _held(lock):
-    lock.acquire()
-    try:
-        yield lock
-    finally:
-        lock.release()
-
-
 def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     """``letrecipes prepare-data``: the config's ``data.source`` (or each of its ``data.sources``,
     into ``<out>/<name>``) tokenized with its ``tokenizer`` section, so that a run and its data
@@ -68,7 +59,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
         lock = RunLock(out, lock_file=out.parent / f".{out.name}.prepare.lock", key="--out", busy=lambda owner: (
             f"--out={str(out)!r} is being prepared by another process: {owner}. Fix: wait for it to finish (run this "
             "command again then: it finds the folder prepared and says so), or choose another --out."))
-        stack.enter_context(_held(lock))
+        stack.enter_context(lock)
         stack.enter_context(stop_at_once_on_signals("while preparing", "Finished shards are kept: the same command "
                                                     "goes on from them."))
         for i, (spec, name) in enumerate(zip(specs, names)):
