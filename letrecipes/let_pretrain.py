@@ -67,11 +67,10 @@ class LETPretrainRecipe(PretrainRecipe):
         layer outside either model's depth, a projector that cannot join the two widths or a
         part of one's own that fails is named before hours of preparing the corpus. The random
         state is left as it was, so the student starts from the same weights as without it."""
-        with torch.device("meta"):
-            student = self.build_student()
+        student = self.planned_args  # the shape check_resources planned (and check_student vouched for)
         with torch.random.fork_rng(devices=[]):
-            build_aligner(self.cfg.alignment, student_dim=student.tok_embeddings.embedding_dim,
-                          student_depth=len(student.layers), teacher_dim=teacher_args.embed_dim,
+            build_aligner(self.cfg.alignment, student_dim=student.embed_dim,
+                          student_depth=student.num_layers, teacher_dim=teacher_args.embed_dim,
                           teacher_depth=teacher_args.num_layers, total_steps=self.max_steps,
                           vocab_size=self.tokenizer.vocab_size, cross_tokenizer=self.collate is not None)
 
