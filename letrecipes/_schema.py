@@ -176,10 +176,19 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
 def _check_shell_variables(values: Dict[str, Any], eval_config: bool = False) -> None:
     """``output_dir: $SCRATCH/run`` in a YAML file is the literal text: the run would write
     into a folder named ``$SCRATCH`` under the working directory, and a corpus path would
-    "not exist". OmegaConf reads the environment as ``${oc.env:SCRATCH}``."""
+    "not exist". OmegaConf reads the environment as ``${oc.env:SCRATCH}``. So with ``~/runs``
+    (also on a command line, where bash leaves ``data.source=~/x`` as it is)."""
     import os
 
     for key, value in _path_values(values, eval_config):
+        if value.startswith("~"):  # bash expands ~ only before a word or after name=, never inside a YAML value
+            home = os.path.expanduser(value)
+            expanded = (f"{key}={home}" if home != value else "the full path, from /")
+            in_yaml = ("${oc.env:HOME}" + value[1:]) if value[1:2] in ("", "/") else None
+            raise ConfigValueError(
+                f"config key {key}={value!r} starts with ~, which a config does not expand (it would be read "
+                f"as a file or folder named '~' in the working directory). Fix: write {expanded}"
+                + (f", or {key}={in_yaml} in a YAML file." if in_yaml else "."))
         found = SHELL_VARIABLE.search(value)
         if found is None:
             continue

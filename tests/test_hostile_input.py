@@ -155,6 +155,30 @@ def test_a_shell_variable_in_a_path_is_named_with_omegaconfs_form(base_overrides
         validate_eval(load_config("eval", ["checkpoint=x", "output=$HOME/scores.json"]))
 
 
+def test_a_path_starting_with_tilde_is_refused_with_the_expanded_path(base_overrides, tmp_path, monkeypatch):
+    """``data.source=~/corpus`` (bash expands ~ only after a shell name's ``=``) or ``~`` in YAML
+    used to be a folder named '~' in the working directory; the letrecipes command expands it."""
+    from letrecipes import cli
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate_eval
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expect_setup_error(run_pretrain, *base_overrides, "output_dir=~/runs/x",
+                       match=f"config key output_dir='~/runs/x' starts with ~, which a config does not expand (it "
+                             f"would be read as a file or folder named '~' in the working directory). Fix: write "
+                             f"output_dir={tmp_path}/home/runs/x, or output_dir=${{oc.env:HOME}}/runs/x in a YAML file.")
+    expect_setup_error(run_pretrain, *[o for o in base_overrides if not o.startswith("data.source=")],
+                       "data.source=[a.txt, ~/b.txt]", "output_dir=run", match="config key data.source[1]='~/b.txt' starts with ~")
+    with pytest.raises(Exception, match=r"config key checkpoint='~/run/final' starts with ~"):
+        validate_eval(load_config("eval", ["checkpoint=~/run/final"]))
+    assert list(tmp_path.iterdir()) == []
+    # the command line's own path arguments are expanded, as bash does for a word of its own
+    (tmp_path / "home").mkdir()
+    cli.main(["cp", "let_tiny", "~/my_let.yaml"])
+    assert (tmp_path / "home" / "my_let.yaml").is_file() and not (tmp_path / "~").exists()
+
+
 def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_run, capsys):
     """A scheduler's requeue of a finished run, or max_steps lowered below the checkpoint:
     before, the first saved its last checkpoint again (deleting it first) and re-exported
