@@ -510,6 +510,11 @@ class BatchStream:
         self.source_tokens = [0] * len(self.source_names)
         self._iter = None
 
+    @property
+    def epochs_read(self) -> float:
+        """Passes over the training set so far (1.5: the second pass is half read)."""
+        return self.epoch + self.batches_taken / max(1, len(self.loader))
+
     def _start_epoch(self) -> None:
         self.loader.sampler.set_epoch(self.epoch)
         if hasattr(self.loader.dataset, "set_epoch"):

@@ -212,7 +212,12 @@ class PretrainRecipe:
         self.log(f"model: {self.n_params[0] / 1e6:.2f}M parameters ({self.n_params[1] / 1e6:.2f}M non-embedding), "
                  f"{self.model_args.num_layers} blocks, width {self.model_args.embed_dim}; device {self.device}, "
                  f"compute {dtype_name}, {self.world_size} process(es){notes}; "
-                 f"{len(self.train_set)} training sequences of {cfg.data.seq_len} tokens")
+                 f"{len(self.train_set)} training sequences of {cfg.data.seq_len} tokens{self.passes_planned()}")
+
+    def passes_planned(self) -> str:
+        """How much of the training set max_steps reads: repeating data is a choice to see made."""
+        read = self.max_steps * self.tokens_per_step // int(self.cfg.data.seq_len)
+        return f"; {self.max_steps} steps read {read} of them ({read / max(1, len(self.train_set)):.2f} epochs)"
 
     def setup_data(self) -> None:
         cfg = self.cfg.data
@@ -550,9 +555,14 @@ class PretrainRecipe:
         if self.cfg.get("compile", False) and self.step < self.max_steps:  # a silent first step would look hung
             self.log(f"step {self.step + 1} compiles the blocks first (minutes for a 7B model on a GPU); the ETA "
                      "settles from the second log line")
+        passes = self.batches.epoch
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)
+            if self.batches.epoch > passes and passes == 0:  # once: later passes are the metric `epoch`
+                self.log(f"step {self.step}: all {len(self.train_set)} training sequences are read; epoch 2 begins "
+                         "and they repeat, reshuffled", progress)
+            passes = self.batches.epoch
             last = self.step == self.max_steps
             evaluate = bool(self.eval_every) and (self.step % self.eval_every == 0 or last)
             save = bool(self.save_every) and self.step % self.save_every == 0 and not last
@@ -566,7 +576,8 @@ class PretrainRecipe:
             if evaluate:
                 record["val_loss"] = self.evaluate()
             if log:
-                record = {**to_python(record), **self.source_tokens(), **clock.update(self.step)}
+                record = {**to_python(record), "epoch": round(self.batches.epochs_read, 4), **self.source_tokens(),
+                          **clock.update(self.step)}
                 self.metrics.log(record)
                 self.log(format_record(record, self.max_steps, self.console_fields), progress)
             self.after_step()

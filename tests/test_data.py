@@ -232,3 +232,28 @@ def test_an_older_loader_state_names_the_worker_count_it_needs():
     with pytest.raises(DataError, match=r"saved by a loader with data.num_workers=2, .* Fix: resume with "
                                         r"data.num_workers=2"):
         stream.load_state_dict(older)
+
+
+def test_a_run_says_how_many_epochs_it_reads_and_where_the_data_first_repeats(base_overrides, tmp_path, capsys):
+    """A max_steps past the training set repeated it without a word; pretraining users decide
+    about repeated data, so the start-up line states the epochs and the log the first repeat."""
+    import re
+
+    from letrecipes import pretrain
+    from letrecipes.components.metrics import read_metrics
+
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path / 'probe'}",
+                          "eval_every=0", "max_steps=1"])
+    sequences = int(re.search(r"(\d+) training sequences of 32 tokens; 1 steps read 4 of them",
+                              capsys.readouterr().out)[1])
+    batch_size = -(-sequences // 3)  # two or three steps an epoch (the loader drops a last, partial batch)
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                          "eval_every=0", "max_steps=5", f"batch_size={batch_size}"])
+    out = capsys.readouterr().out
+    assert f"5 steps read {5 * batch_size} of them ({5 * batch_size / sequences:.2f} epochs)" in out
+    per_epoch = sequences // batch_size
+    assert f"step {per_epoch + 1}: all {sequences} training sequences are read; epoch 2 begins" in out
+    assert out.count("epoch 2 begins") == 1
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert epochs == pytest.approx([s / per_epoch if s <= per_epoch else 1 + (s - per_epoch) / per_epoch
+                                    for s in range(1, 6)], abs=1e-4)
