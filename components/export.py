@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -204,7 +205,9 @@ def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterat
     for key in names:
         meta = metadata[key]
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
-        dcp.load({key: tensor}, checkpoint_id=str(checkpoint), no_dist=True)
+        with warnings.catch_warnings():  # torch warns of the single process that no_dist asks for
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load({key: tensor}, checkpoint_id=str(checkpoint), no_dist=True)
         yield key[len(prefix):], tensor
 
 
