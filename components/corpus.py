@@ -929,6 +929,7 @@ class SkippedRecords:
         self.fatal: Dict[str, int] = {}  # the kinds that say the file is misread, with their error
         self.first_at: Optional[int] = None
         self.first_error: Optional[str] = None
+        self.surrogates, self.first_surrogate = 0, None  # lone surrogates made U+FFFD, and where the first was
 
     def skip(self, reason: str, at: int, kept: int, error: Optional[str] = None) -> None:
         """Count one record; ``error`` is the message for when such records are (nearly) all
@@ -941,8 +942,14 @@ class SkippedRecords:
             if kept == 0 and sum(self.fatal.values()) >= self.FAST_FAIL:
                 raise DataError(self.first_error)
 
+    def repair(self, at: int, count: int) -> None:
+        self.surrogates += count
+        self.first_surrogate = at if self.first_surrogate is None else self.first_surrogate
+
     def finish(self, kept: int, warn: list) -> None:
         bad, fatal = sum(self.counts.values()), sum(self.fatal.values())
+        if self.surrogates:
+            warn.append(_surrogates_replaced(self.key, self.path, self.surrogates, f"{self.where} {self.first_surrogate}"))
         if fatal and (kept == 0 or fatal > kept):
             raise DataError(f"{self.first_error} ({fatal:,} of {bad + kept:,} records are like this.)")
         if bad:
@@ -953,6 +960,11 @@ class SkippedRecords:
 
 
 _ABSENT = object()
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins a valid pair into one character
+# In JSON text: an escaped backslash (skipped whole, so its next character is no escape), a
+# valid surrogate pair (kept), or a lone surrogate's escape, which ijson's C parser cannot decode
+JSON_SURROGATE_ESCAPE = re.compile(r"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|"
+                                   r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def _json_field(record, text_field: str):
@@ -993,7 +1005,16 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
     if not value.strip():  # nothing to learn from but an end-of-text token
         skipped.skip(f"with an empty or blank {text_field!r}", at, kept)
         return None
+    if not value.isascii() and LONE_SURROGATE.search(value):  # JSON's \ud83d alone: no character, no UTF-8
+        value, count = LONE_SURROGATE.subn("\ufffd", value)
+        skipped.repair(at, count)
     return value
+
+
+def _surrogates_replaced(key: str, path, count: int, first: str) -> str:
+    return (f"{key}: {path}: {count:,} lone UTF-16 surrogate(s) (a \\ud800-\\udfff escape that is half a "
+            f"character, as a crawl that cut an emoji in two leaves; the first at {first}) were replaced by U+FFFD. "
+            "Fix: none needed; repair those records to keep the characters.")
 
 
 def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:
@@ -1061,6 +1082,8 @@ def _json_array(path: Union[Path, _Member], stream, text_field: str, key: str, w
     if utf8.replaced:
         warn.append(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {utf8.first_bad:,}); {utf8.replaced:,} "
                     "undecodable byte sequence(s) were replaced by U+FFFD.")
+    if utf8.surrogates:
+        warn.append(_surrogates_replaced(key, path, utf8.surrogates, f"byte {utf8.first_surrogate:,}"))
     skipped.finish(kept, warn)
 
 
@@ -1072,6 +1095,31 @@ class _Utf8Repaired(io.RawIOBase):
         self.stream, self.pending = stream, b""
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
         self.read_bytes, self.replaced, self.first_bad = offset, 0, None  # read_bytes: the file's offset
+        self.held = ""  # the last characters read: an escape or a pair the next read completes may start there
+        self.emitted, self.surrogates, self.first_surrogate = offset, 0, None
+
+    def _lone_escapes_replaced(self, text: str, final: bool) -> str:
+        r"""``\ud83d`` alone becomes ``\ufffd``, of the same length (ijson's C parser stops
+        at a lone surrogate); a valid pair stays. The last 11 characters wait for the next
+        read unless ``final``."""
+        text = self.held + text
+        cut = len(text) if final else max(0, len(text) - 11)
+        parts, done = [], 0
+        for found in JSON_SURROGATE_ESCAPE.finditer(text):
+            if found.end() > cut:
+                cut = min(cut, found.start())
+                break
+            if len(found[0]) == 6:
+                parts.append(text[done:found.start()])
+                if self.first_surrogate is None:
+                    self.first_surrogate = self.emitted + len("".join(parts).encode("utf-8", "surrogateescape"))
+                parts.append("\\ufffd")
+                done = found.end()
+                self.surrogates += 1
+        parts.append(text[done:cut])
+        self.held, out = text[cut:], "".join(parts)
+        self.emitted += len(out.encode("utf-8", "surrogateescape"))
+        return out
 
     def readable(self) -> bool:
         return True
@@ -1080,6 +1128,7 @@ class _Utf8Repaired(io.RawIOBase):
         while not self.pending:
             chunk = self.stream.read(len(buffer))
             text = self.decoder.decode(chunk, final=not chunk)
+            text = self._lone_escapes_replaced(text, final=not chunk)
             bad = _ESCAPED_BYTES.search(text)
             if bad:  # surrogateescape turned each undecodable byte into one lone surrogate
                 if self.first_bad is None:

@@ -746,6 +746,52 @@ def test_records_without_text_are_skipped_with_one_warning_and_a_misread_file_is
         prepare_corpus(not_jsonl, tok, tmp_path / "out3", **QUIET)  # stops after 100 bad lines, none good
 
 
+def test_lone_surrogates_in_json_records_become_replacement_characters_with_one_warning(tokenizer_path, tmp_path):
+    """JSON may escape half of a UTF-16 pair (``"\\ud83d"``, a crawl cutting an emoji): Python
+    reads it as a lone surrogate, which no tokenizer takes (a TypeError traceback mid-prepare).
+    A valid pair is one character and is kept; both JSON Lines and a JSON array."""
+    from letrecipes.components.corpus import DataWarning
+
+    tok = Tokenizer(tokenizer_path)
+    raw = ['{"text": "cut emoji \\ud83d here"}', '{"text": "a whole pair \\ud83d\\ude00 stays"}',
+           '{"text": "trailing \\udc00"}']
+    expected = ["cut emoji \ufffd here", "a whole pair \U0001f600 stays", "trailing \ufffd"]
+    for name, body in (("a.jsonl", "\n".join(raw)), ("b.json", "[" + ", ".join(raw) + "]")):
+        source = tmp_path / name
+        source.write_text(body)
+        with pytest.warns(DataWarning, match=rf"{name}: 2 lone UTF-16 surrogate\(s\) .* the first at "
+                                             rf"(line 1|byte 21)\) were replaced by U\+FFFD"):
+            assert list(read_documents(source)) == expected
+        with pytest.warns(DataWarning):
+            manifest = prepare_corpus(source, tok, tmp_path / f"out-{name}", **QUIET)
+        np.testing.assert_array_equal(TokenShards(tmp_path / f"out-{name}", tok)[0:manifest["tokens"]],
+                                      np.concatenate([np.asarray(tok.encode(d) + [tok.eos_id]) for d in expected]))
+
+
+def test_lone_surrogate_escapes_are_replaced_wherever_the_reads_cut_the_stream():
+    """The JSON-array reader rewrites escapes in the byte stream: an escape, a pair or an
+    escaped backslash cut between two reads must come out as from one read."""
+    import io
+    import random
+
+    rng = random.Random(0)
+    pieces = ["ab", "\\\\", "\\ud83d", "\\ude00", "\\ud83d\\ude00", "\\\\ud83d", "\\u00e9", "é", "\\"]
+    for trial in range(40):
+        text = "".join(rng.choice(pieces) for _ in range(60))
+        expected = corpus.JSON_SURROGATE_ESCAPE.sub(lambda m: m[0] if m[0] == "\\\\" or len(m[0]) == 12
+                                                    else "\\ufffd", text)
+        for size in (1, 5, 7, 12, 13, 4096):
+            stream = corpus._Utf8Repaired(io.BytesIO(text.encode()), 0)
+            out, buffer = b"", bytearray(size)
+            while n := stream.readinto(buffer):
+                out += bytes(buffer[:n])
+            assert out.decode() == expected, (trial, size)
+            assert stream.surrogates == sum(len(m[0]) == 6 for m in corpus.JSON_SURROGATE_ESCAPE.finditer(text))
+    assert json.loads('"' + corpus.JSON_SURROGATE_ESCAPE.sub(
+        lambda m: m[0] if m[0] == "\\\\" or len(m[0]) == 12 else "\\ufffd", "\\\\ud83d \\ud83d\\ude00 \\udc00") + '"') \
+        == "\\ud83d \U0001f600 \ufffd"
+
+
 def test_json_csv_compression_and_text_encodings_read_the_same_documents(tokenizer_path, tmp_path):
     """The class "the formats corpora ship in": C4's JSON Lines named .json.gz, a JSON array,
     CSV/TSV (quoted values with newlines and commas), text compressed four ways, text in
