@@ -337,7 +337,7 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         except Exception as err:  # pyarrow raises OSError / ArrowInvalid for damaged pages
             raise DataError(f"{key}: {path} is damaged: row group {unit.part} does not read ({err}). Fix: "
                             "re-download the file, or remove it from the source.") from err
-        yield from _strings(_leaf(table.column(0), names).to_pylist(), path, text_field, key, warn,
+        yield from _strings(_python_values(_leaf(table.column(0), names)), path, text_field, key, warn,
                             f" (row group {unit.part})")
     elif unit.kind == "arrow":
         yield from _arrow(Path(unit.paths[0]), text_field, key, warn)
@@ -589,6 +589,18 @@ def _leaf(column, names: List[str]):
     return column
 
 
+def _python_values(column) -> list:
+    """A column's values; a string column holding bytes that are not UTF-8 (a parquet writer
+    need not check, nor does Arrow's reader) comes as bytes, which :func:`_strings` decodes
+    with U+FFFD for the bad ones and counts, where ``to_pylist`` stops at the first."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        return column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()).to_pylist()
+
+
 def _walk(value, names: List[str], missing=None):
     """A nested record's field by ``names``: ``missing`` where a level is not there, None
     where one is null."""
@@ -605,7 +617,7 @@ def _batch_values(batches, names: List[str], path, key: str) -> Iterator:
     """One column's values, record batch after record batch; a batch that does not read is one error."""
     try:
         for batch in batches:
-            yield from _leaf(batch.column(names[0]), names).to_pylist()
+            yield from _python_values(_leaf(batch.column(names[0]), names))
     except Exception as err:  # ArrowInvalid / OSError on a damaged page or batch
         raise DataError(f"{key}: {path} is damaged: a record batch does not read ({err}). Fix: re-download or "
                         "re-save it, or remove it from the source.") from err
@@ -1157,6 +1169,7 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     read = pa_csv.ReadOptions(block_size=16 << 20)
     skipped, kept, row, first_line = SkippedRecords(path, key, where="row"), 0, 0, b""
+    undecodable: List[int] = []
     try:
         with _open_stream(path, key) as stream:
             if isinstance(path, _Member):  # read once: keep its header line, to name the columns in an error
@@ -1164,9 +1177,10 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
                 first_line = head.split(b"\n", 1)[0]
                 stream = io.BufferedReader(_Replayed(head, stream))
             reader = pa_csv.open_csv(stream, read_options=read, parse_options=parse, convert_options=pa_csv.ConvertOptions(
-                column_types={text_field: pa.string()}, include_columns=[text_field]))
+                column_types={text_field: pa.binary()}, include_columns=[text_field]))  # bytes: a bad one is no stop
             for batch in reader:
                 for value in batch.column(0).to_pylist():
+                    value = _utf8(value, row, undecodable)
                     if value and value.strip():
                         kept += 1
                         yield value
@@ -1185,6 +1199,7 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     except Exception as err:
         _raise_if_damaged(path, err, f" after row {row:,}", key)
         raise
+    _warn_undecodable(undecodable, f"{key}: {path}", text_field, warn)
     skipped.finish(kept, warn)
 
 
@@ -1220,19 +1235,15 @@ def _dataset_rows(path: Path, key: str) -> int:
 def _strings(values, path: Path, text_field: str, key: str, warn: list, part: str = "") -> Iterator[str]:
     """The text of a column; nulls and empty strings are skipped and counted (one
     warning). A binary column (crawls that keep a page's bytes) is read as UTF-8, its
-    undecodable bytes replaced and counted in one warning; any other non-string is one error."""
+    undecodable bytes replaced and counted in one warning, as are those of a string column
+    that holds bytes that are not UTF-8; any other non-string is one error."""
     skipped, kept = SkippedRecords(Path(f"{path}{part}"), key, where="row"), 0
     undecodable: List[int] = []  # rows with bytes that are not UTF-8
     for row, value in enumerate(values):
         if value is None:
             skipped.skip(f"with a null {text_field!r}", row, kept)
             continue
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                value = value.decode("utf-8", errors="replace")
-                undecodable.append(row)
+        value = _utf8(value, row, undecodable)
         if not isinstance(value, str):
             hint = " (a list: join its items into one string per row first)" if isinstance(value, list) else ""
             raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text{hint}. "
@@ -1242,9 +1253,24 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
             continue
         kept += 1
         yield value
-    if undecodable:
-        warn.append(f"{key}: {path}{part}: {len(undecodable):,} row(s) of the binary column {text_field!r} are not "
-                    f"valid UTF-8 (first: row {undecodable[0]:,}); their undecodable bytes were replaced by U+FFFD.")
+    _warn_undecodable(undecodable, f"{key}: {path}{part}", text_field, warn)
     skipped.finish(kept, warn)
+
+
+def _utf8(value, row: int, undecodable: List[int]):
+    """``value`` as text if it is bytes: UTF-8, undecodable bytes as U+FFFD (the row noted)."""
+    if not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        undecodable.append(row)
+        return value.decode("utf-8", errors="replace")
+
+
+def _warn_undecodable(undecodable: List[int], where: str, text_field: str, warn: list) -> None:
+    if undecodable:
+        warn.append(f"{where}: {len(undecodable):,} row(s) of the column {text_field!r} are not valid UTF-8 (first: "
+                    f"row {undecodable[0]:,}); their undecodable bytes were replaced by U+FFFD.")
 
 

@@ -865,9 +865,28 @@ def test_a_binary_text_column_is_read_as_utf8_and_a_list_column_is_named(tmp_pat
 
     pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9", b"bad \xff byte", None, b"ok"], pa.binary())}),
                    tmp_path / "pages.parquet")
-    with pytest.warns(corpus.DataWarning, match=r"pages.parquet.*: 1 row\(s\) of the binary column 'text' are not "
+    with pytest.warns(corpus.DataWarning, match=r"pages.parquet.*: 1 row\(s\) of the column 'text' are not "
                                                 r"valid UTF-8 \(first: row 1\)"):
         assert list(read_documents(tmp_path / "pages.parquet")) == ["caf\u00e9", "bad \ufffd byte", "ok"]
+    # a string column need not hold UTF-8 (parquet writers and Arrow's reader do not check):
+    # to_pylist stopped at the first bad row with a UnicodeDecodeError traceback
+    import pyarrow.ipc as ipc
+
+    values = [b"caf\xc3\xa9", b"bad \xff byte", b"ok"]
+    for kind, offsets in ((pa.string(), np.int32), (pa.large_string(), np.int64)):
+        column = pa.Array.from_buffers(kind, 3, [None, pa.py_buffer(np.cumsum([0, *map(len, values)]).astype(offsets)),
+                                                 pa.py_buffer(b"".join(values))])
+        pq.write_table(pa.table({"text": column}), tmp_path / "unchecked.parquet")
+        with ipc.new_file(str(tmp_path / "unchecked.arrow"), pa.schema([("text", kind)])) as writer:
+            writer.write_table(pa.table({"text": column}))
+        for name in ("unchecked.parquet", "unchecked.arrow"):
+            with pytest.warns(corpus.DataWarning, match=r"1 row\(s\) of the column 'text' are not valid UTF-8"):
+                assert list(read_documents(tmp_path / name)) == ["caf\u00e9", "bad \ufffd byte", "ok"], (kind, name)
+    # so with a CSV file (pyarrow's check refused the whole file: "invalid UTF8 data")
+    (tmp_path / "rows.csv").write_bytes(b"id,text\n1,caf\xc3\xa9\n2,bad \xff byte\n3,ok\n")
+    with pytest.warns(corpus.DataWarning, match=r"rows.csv: 1 row\(s\) of the column 'text' are not valid UTF-8 "
+                                                r"\(first: row 1\)"):
+        assert list(read_documents(tmp_path / "rows.csv")) == ["caf\u00e9", "bad \ufffd byte", "ok"]
     pq.write_table(pa.table({"text": pa.array([["one sentence.", "two."]])}), tmp_path / "lists.parquet")
     with pytest.raises(DataError, match=r"lists.parquet row 0: 'text' is list, not text \(a list: join its items"):
         list(read_documents(tmp_path / "lists.parquet"))
