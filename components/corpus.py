@@ -354,8 +354,8 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         names = _text_path(dataset.features.arrow_schema, f"the datasets folder {str(path)!r}", text_field, key)
         start = unit.part * DATASET_UNIT_ROWS
         try:
-            rows = dataset.select_columns([names[0]])[start:start + DATASET_UNIT_ROWS][names[0]]
-            rows = [_walk(row, names[1:]) for row in rows] if len(names) > 1 else rows
+            table = dataset.select_columns([names[0]]).with_format("arrow")[start:start + DATASET_UNIT_ROWS]
+            rows = _python_values(_leaf(table.column(0), names))  # as parquet's: Arrow checks no UTF-8
         except Exception as err:  # a damaged Arrow file fails here, not at load_from_disk
             raise DataError(f"{key}: the datasets folder {str(path)!r} is damaged: rows {start:,}- do not read "
                             f"({err}). Fix: save it again, or remove it from the source.") from err

@@ -877,9 +877,13 @@ def test_a_binary_text_column_is_read_as_utf8_and_a_list_column_is_named(tmp_pat
         column = pa.Array.from_buffers(kind, 3, [None, pa.py_buffer(np.cumsum([0, *map(len, values)]).astype(offsets)),
                                                  pa.py_buffer(b"".join(values))])
         pq.write_table(pa.table({"text": column}), tmp_path / "unchecked.parquet")
+        shutil.rmtree(tmp_path / "unchecked_dataset", ignore_errors=True)
         with ipc.new_file(str(tmp_path / "unchecked.arrow"), pa.schema([("text", kind)])) as writer:
             writer.write_table(pa.table({"text": column}))
-        for name in ("unchecked.parquet", "unchecked.arrow"):
+        import datasets
+
+        datasets.Dataset(pa.table({"text": column})).save_to_disk(str(tmp_path / "unchecked_dataset"))
+        for name in ("unchecked.parquet", "unchecked.arrow", "unchecked_dataset"):
             with pytest.warns(corpus.DataWarning, match=r"1 row\(s\) of the column 'text' are not valid UTF-8"):
                 assert list(read_documents(tmp_path / name)) == ["caf\u00e9", "bad \ufffd byte", "ok"], (kind, name)
     # so with a CSV file (pyarrow's check refused the whole file: "invalid UTF8 data")
