@@ -3,9 +3,10 @@
 ``tune run`` turns a recipe path it does not know into a module name and hands it to
 ``runpy``, which finds no such module and stops with a 15-line traceback ending in
 ``ImportError``. A finder placed last on ``sys.meta_path`` (so every real module is found
-first) answers only names one level under ``letrecipes`` that nothing else found. ``runpy``
-asks its loader for code, which exits with the recipes there are and the closest one; an
-``import`` of such a name still raises ``ModuleNotFoundError`` as before.
+first) answers only names one level under ``letrecipes`` that nothing else found, and only
+when runpy asks. ``runpy`` asks its loader for code, which exits with the recipes there are
+and the closest one; an ``import`` of such a name still raises ``ModuleNotFoundError`` and
+``importlib.util.find_spec`` gives None, as before.
 """
 
 import difflib
@@ -33,10 +34,19 @@ class _UnknownRecipeLoader(importlib.abc.Loader):
         return compile(f"raise SystemExit({line!r})", f"<letrecipes: no recipe {wanted}>", "exec")
 
 
+def _asked_by_runpy() -> bool:
+    """Whether the lookup comes from runpy (``python -m``, ``tune run``), not from an import
+    or ``importlib.util.find_spec``, which must go on finding no module."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(("importlib", "_frozen_importlib")):
+        frame = frame.f_back
+    return frame is not None and frame.f_globals.get("__name__") == "runpy"
+
+
 class UnknownRecipeFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         package, _, name = fullname.rpartition(".")
-        if package != "letrecipes" or not name or name.startswith("_"):
+        if package != "letrecipes" or not name or name.startswith("_") or not _asked_by_runpy():
             return None
         return importlib.machinery.ModuleSpec(fullname, _UnknownRecipeLoader(fullname))
 

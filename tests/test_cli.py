@@ -148,7 +148,8 @@ def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
     # an import of a missing module still fails as Python's own, and the recipes named are the real ones
     probe = ("import importlib, letrecipes, letrecipes._unknown_recipe as u\n"
              "try:\n    import letrecipes.let_pretrian\nexcept ModuleNotFoundError as e:\n    print(e.name)\n"
-             "print(all(hasattr(importlib.import_module('letrecipes.' + r), 'recipe_main') for r in u.RECIPES))")
+             "print(all(hasattr(importlib.import_module('letrecipes.' + r), 'recipe_main') for r in u.RECIPES))\n"
+             "import importlib.util\nprint(importlib.util.find_spec('letrecipes.let_pretrian'))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
-    assert result.stdout.split() == ["letrecipes.let_pretrian", "True"], result.stdout + result.stderr[-2000:]
+    assert result.stdout.split() == ["letrecipes.let_pretrian", "True", "None"], result.stdout + result.stderr[-2000:]
