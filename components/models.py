@@ -495,7 +495,15 @@ def torchtune_builder_equivalent(factory) -> Optional[str]:
             "embed_dim": attn.embed_dim, "intermediate_dim": mlp.w1.out_features,
             "rope_base": getattr(attn.pos_embeddings, "base", 10_000), "norm_eps": model.norm.eps,
             "tie_word_embeddings": str(not isinstance(model.output, nn.Linear)).lower()}
+    if isinstance(attn.pos_embeddings, Llama3ScaledRoPE):  # Llama 3.1+: the four numbers its config states
+        rope = attn.pos_embeddings
+        keys["rope_scaling"] = (f"{{factor: {rope.scale_factor}, low_freq_factor: {rope.low_freq_factor}, "
+                                f"high_freq_factor: {rope.high_freq_factor}, "
+                                f"original_max_position_embeddings: {rope.old_context_len}}}")
     return "{_component_: llama, " + ", ".join(f"{k}: {v}" for k, v in keys.items()) + "}"
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @register("model", "llama")
@@ -511,19 +519,32 @@ def llama_model(
     norm_eps: float = 1e-5,
     tie_word_embeddings: bool = True,
     init_std: Optional[float] = 0.02,
+    rope_scaling: Optional[dict] = None,
 ) -> TransformerDecoder:
     """Config entry point (``model: {_component_: llama, ...}``).
 
     ``intermediate_dim`` defaults to the Llama SwiGLU width (8/3 * embed_dim, rounded up
-    to a multiple of 64). The returned model carries its :class:`ModelArgs` as
-    ``model.model_args`` so that checkpoints can rebuild it.
+    to a multiple of 64). ``rope_scaling`` is Llama 3.1+'s scaled RoPE, in its Hugging Face
+    keys (``{factor: 32, low_freq_factor: 1, high_freq_factor: 4,
+    original_max_position_embeddings: 8192}``); the export writes it to ``config.json``.
+    The returned model carries its :class:`ModelArgs` as ``model.model_args`` so that
+    checkpoints can rebuild it.
     """
     if intermediate_dim is None:
         intermediate_dim = 64 * math.ceil(8 * embed_dim / 3 / 64)
+    if rope_scaling is not None:
+        rope_scaling = dict(rope_scaling)
+        rope_scaling.pop("rope_type", None)  # as a Hugging Face config writes it
+        if sorted(rope_scaling) != sorted(ROPE_SCALING_KEYS):
+            raise ValueError(f"model.rope_scaling has the keys {sorted(rope_scaling)}; Llama 3.1's scaled RoPE takes "
+                             f"exactly {list(ROPE_SCALING_KEYS)} (a Hugging Face config's rope_scaling, e.g. "
+                             "Llama-3.2-1B's {factor: 32, low_freq_factor: 1, high_freq_factor: 4, "
+                             "original_max_position_embeddings: 8192}); null for plain RoPE")
     args = ModelArgs(
         vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
         num_kv_heads=num_kv_heads or num_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
         max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps, tie_word_embeddings=tie_word_embeddings,
+        rope_scaling=rope_scaling,
     )
     model = build_model(args, init_std=init_std)
     model.model_args = args

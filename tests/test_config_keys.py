@@ -137,8 +137,14 @@ def test_a_torchtune_model_builder_is_answered_with_the_same_shape_as_llama_keys
                                          r"component only .* Fix: give its keys one by one \(model._component_=llama "
                                          r"model.num_layers=16 model.num_heads=32 \.\.\.\)"):
         cli.main(["validate", "let_tiny", f"model={equivalent}"])  # torchtune's merge sets model._component_ to it
-    keys = dict(item.split(": ") for item in equivalent.strip("{}").split(", "))
-    assert cli.main(["validate", "let_tiny", *(f"model.{k}={v}" for k, v in keys.items())]) in (0, None)
+    import yaml
+
+    keys = yaml.safe_load(equivalent)  # Llama 3.2's scaled RoPE too, which a student can now take
+    assert keys["rope_scaling"] == {"factor": 32, "low_freq_factor": 1, "high_freq_factor": 4,
+                                    "original_max_position_embeddings": 8192}
+    overrides = [f"model.{k}={v}" for k, v in keys.items() if k != "rope_scaling"]
+    assert cli.main(["validate", "let_tiny", *overrides, "model.rope_scaling=" + equivalent.split("rope_scaling: ")[1][:-1]]) \
+        in (0, None)
     # not Llama-shaped (Qwen2.5 has biases on q, k, v): the keys to write, without invented values
     with pytest.raises(SystemExit, match=r"torchtune model builder; .* Fix: model: \{_component_: llama, "
                                          r"num_layers: \.\.\."):

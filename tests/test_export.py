@@ -202,3 +202,34 @@ def test_an_fp16_export_of_weights_beyond_its_range_is_refused_not_written_as_in
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
     write_hf_folder(state.items(), args, tmp_path / "bf16", None, torch.bfloat16)
     assert torch.isfinite(load_file(tmp_path / "bf16" / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]).all()
+
+
+def test_a_student_with_llama3_scaled_rope_exports_it_and_transformers_agrees(base_overrides, tmp_path):
+    """model.rope_scaling (Llama 3.1+'s four numbers, as torchtune's llama3_2_1b builder has
+    them): the student rotates with them, the export states them, transformers reads them."""
+    from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
+
+    from letrecipes.components.models import llama_model
+
+    scaling = {"factor": 8, "low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 16}
+    model = llama_model(vocab_size=64, num_layers=1, num_heads=2, embed_dim=16, max_seq_len=64, rope_scaling=scaling)
+    assert isinstance(model.layers[0].attn.pos_embeddings, Llama3ScaledRoPE)
+    with pytest.raises(ValueError, match=r"model.rope_scaling has the keys \['factor'\]; Llama 3.1's scaled RoPE takes"):
+        llama_model(vocab_size=64, num_layers=1, num_heads=2, embed_dim=16, max_seq_len=64, rope_scaling={"factor": 8})
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}", "max_steps=2",
+                          "export.dtype=fp32", "eval_every=0",
+                          "model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
+                          "original_max_position_embeddings: 16}"])
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["rope_scaling"] == {"rope_type": "llama3", **scaling}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    torch.testing.assert_close(theirs, project_logits(tmp_path / "final", tokens), atol=LOGITS_ATOL, rtol=0)
+    plain = json.loads((tmp_path / "final" / "config.json").read_text())
+    plain.pop("rope_scaling")  # the comparison above can tell: without the scaling, 9e-4 apart (measured)
+    (tmp_path / "final" / "config.json").write_text(json.dumps(plain))
+    with torch.no_grad():
+        unscaled = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()(tokens).logits
+    assert (unscaled - theirs).abs().max() > 3 * LOGITS_ATOL
