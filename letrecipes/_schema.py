@@ -287,6 +287,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
                                "folder) or data.sources (a mixture; docs/data.md).")
     _check_shell_variables(values)
     _check_outputs_outside_sources(values)
+    _check_inputs_outside_what_the_run_replaces(values)
     check_components(values, with_teacher)
 
 
@@ -339,6 +340,31 @@ def _check_outputs_outside_sources(values: Dict[str, Any]) -> None:
                     f"config key {key}={folder!r} lies inside the corpus folder data.source={str(source)!r}: what the "
                     "run writes there (checkpoints, metrics, the export, token caches) would be read as training text "
                     f"by its next launch, and a resume would find the corpus changed. Fix: put {key} outside it.")
+
+
+def _check_inputs_outside_what_the_run_replaces(values: Dict[str, Any]) -> None:
+    """A teacher, tokenizer, init_from or corpus inside ``<output_dir>/final`` or its
+    ``checkpoints``: the run deletes or replaces those (its export, old checkpoints, all of
+    them with overwrite=true, before the export reads the tokenizer file), so an input there
+    is lost, or changes under a resume."""
+    import os
+
+    output_dir = values.get("output_dir")
+    if not isinstance(output_dir, str) or not output_dir:
+        return
+    run = Path(os.path.abspath(output_dir))
+    replaced = [run / "final", run / "checkpoints"]
+    for key, value in _path_values(values):
+        if key in ("output_dir", "resume", "data.cache_dir", "metric_logger.log_dir") or value.startswith("pkg:"):
+            continue
+        path = Path(os.path.abspath(value))
+        for folder in replaced:
+            if path == folder or folder in path.parents:
+                raise ConfigValueError(
+                    f"config key {key}={value!r} {'is' if path == folder else 'lies inside'} {folder}, which this run (output_dir={output_dir!r}) "
+                    f"{'replaces with its own export' if folder.name == 'final' else 'deletes checkpoints from'}: "
+                    f"what {key} names would be lost, or change under a resume. Fix: copy it out of the run folder "
+                    f"(cp -r {folder} <elsewhere>) and point {key} there, or choose another output_dir.")
 
 
 def _rehearse_optimizer(values: Dict[str, Any]) -> None:

@@ -131,6 +131,30 @@ def test_a_run_writing_inside_its_own_corpus_folder_is_refused(base_overrides, c
 
 
 
+def test_a_teacher_or_init_from_inside_the_folders_the_run_replaces_is_refused(let_overrides, teacher_dir, tmp_path):
+    """``teacher.path=<output_dir>/final`` with overwrite=true: the run trained from the teacher,
+    then its export replaced the teacher's files (lost); init_from in its checkpoints/ the same;
+    a tokenizer.json in final/ was deleted at the start and the export failed at the end."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(teacher_dir.parent, run)  # a finished run: its final/ is the teacher
+    kept = digest(run)
+    expect_setup_error(run_let, *let_overrides, f"output_dir={run}", f"teacher.path={run / 'final'}", "overwrite=true",
+                       match=f"config key teacher.path='{run / 'final'}' is {run / 'final'}, which this run "
+                             f"(output_dir='{run}') replaces with its own export: what teacher.path names would be "
+                             f"lost, or change under a resume. Fix: copy it out of the run folder")
+    step = next((run / "checkpoints").iterdir()) if (run / "checkpoints").is_dir() else run / "checkpoints" / "step_1"
+    expect_setup_error(run_pretrain, *let_overrides[:-2], f"output_dir={run}", f"init_from={step}", "overwrite=true",
+                       match=f"config key init_from='{step}' lies inside {run / 'checkpoints'}, which this run")
+    assert digest(run) == kept
+    # its tokenizer.json too: overwrite=true deletes final/ at the start, and the export copies the file
+    expect_setup_error(run_pretrain, *let_overrides[:-2], f"output_dir={run}", "overwrite=true",
+                       f"tokenizer.path={run / 'final' / 'tokenizer.json'}",
+                       match=f"config key tokenizer.path='{run / 'final' / 'tokenizer.json'}' lies inside")
+    assert digest(run) == kept
+
+
 def test_a_shell_variable_in_a_path_is_named_with_omegaconfs_form(base_overrides, tmp_path, monkeypatch):
     """``output_dir: $SCRATCH/run`` in a YAML file is literal text: the run used to write into
     a folder named '$SCRATCH' under the working directory; a corpus path was called a Hub id."""
