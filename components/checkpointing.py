@@ -341,7 +341,7 @@ class Checkpointer:
         for path in candidates:
             problems = self.verify(path)  # the same answer on every rank
             if not problems:
-                return on_rank0(lambda: self._check_world_size(path))
+                return path
             if explicit:
                 raise CheckpointError(
                     f"resume={str(resume)!r} is damaged: {'; '.join(problems[:3])}. Fix: resume=true takes the newest "
@@ -369,16 +369,6 @@ class Checkpointer:
                                   f"latest, or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
         require_complete(path)
         return [path]
-
-    def _check_world_size(self, path: Path) -> Path:
-        written_by, processes = saved_world_size(path), world_size()
-        if written_by is not None and written_by != processes:
-            raise CheckpointError(
-                f"resume: {str(path)!r} was written by {written_by} process(es); this run has {processes}. Fix: "
-                f"launch with {written_by} (tune run --nproc_per_node {written_by} ...), or start over with "
-                "overwrite=true. Resuming on another world size is refused: the data order and the per-rank "
-                "RNG streams of a run depend on its number of processes.")
-        return path
 
     def verify(self, path: Union[str, Path]) -> List[str]:
         """What is wrong with a complete checkpoint (empty: it verifies). Each rank hashes a
@@ -528,8 +518,12 @@ class Checkpointer:
                 f"e.g. {[e[6:] for e in extra[:2]]}). Fix: resume with the same model, alignment and world size that "
                 "wrote it."
             )
-        key = f"trainer_rank{_rank()}"
-        state = {"model": model_sd, "optim": optim_sd, key: io.BytesIO()}
+        # Another number of processes: DCP reshards the model and optimizer, and every saved
+        # rank's trainer state is read (the data position continues after what all of them read)
+        saved_world = len([k for k in metadata.state_dict_metadata if k.startswith("trainer_rank")]) or 1
+        resharded = saved_world != world_size()
+        keys = [f"trainer_rank{i}" for i in range(saved_world)] if resharded else [f"trainer_rank{_rank()}"]
+        state = {"model": model_sd, "optim": optim_sd, **{key: io.BytesIO() for key in keys}}
         try:
             dcp.load(state, checkpoint_id=str(path))
         except BaseException as err:  # DCP wraps per-rank failures in CheckpointException, a BaseException
@@ -540,16 +534,21 @@ class Checkpointer:
                 "Fix: resume with the same model, alignment and world size that wrote it."
             ) from err
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        buf = state[key]
-        buf.seek(0)
-        trainer_state = torch.load(buf, weights_only=False)
+        trainer_states = []
+        for key in keys:
+            state[key].seek(0)
+            trainer_states.append(torch.load(state[key], weights_only=False))
+        trainer_state = trainer_states[_rank() % len(trainer_states)]  # another world size: a saved rank's RNG
         missing = [name for name in self.per_rank if name not in trainer_state]
         if missing:
             raise CheckpointError(f"resume: {str(path)!r} holds no {missing} state (it was written by another "
                                   "version of letrecipes or another recipe). Fix: resume with the recipe and version "
                                   "that wrote it, or start fresh with overwrite=true.")
         for name, obj in self.per_rank.items():
-            obj.load_state_dict(trainer_state[name])
+            if resharded and hasattr(obj, "load_resharded"):
+                obj.load_resharded([saved[name] for saved in trainer_states])
+            else:
+                obj.load_state_dict(trainer_state[name])
 
 
 def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

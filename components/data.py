@@ -288,13 +288,30 @@ class EpochSampler(StatefulDistributedSampler):
     (measured: 37 MB for 760k sequences), and nothing copied per rank. Above
     ``PERMUTATION_TABLE_MAX`` sequences the order is an :class:`IndexPermutation` seeded by
     ``seed + epoch`` instead, computed as it is read: a 1 T-token corpus would otherwise
-    hold 3.9 GB of table in every rank (benchmarks/sampler_memory.py)."""
+    hold 3.9 GB of table in every rank (benchmarks/sampler_memory.py).
+
+    ``epoch_start`` is the position in the epoch's order where the ranks begin: 0, but for
+    the epoch a run resumed in on another number of processes or another batch size, which
+    begins after the sequences read before (rank ``r`` then takes positions
+    ``epoch_start + r``, ``+ w``, ... and every rank as many)."""
+
+    epoch_start = 0
+
+    def _positions(self) -> range:
+        """This rank's positions in the epoch's order."""
+        each = (self.total_size - self.epoch_start) // self.num_replicas
+        first = self.epoch_start + self.rank
+        return range(first, first + each * self.num_replicas, self.num_replicas)
+
+    def __len__(self) -> int:
+        return len(self._positions())
 
     def __iter__(self):
         start = self.next_yielded if self.next_yielded is not None else 0
         self.next_yielded = None
+        positions = self._positions()
         if self.shuffle and self.drop_last and len(self.dataset) > PERMUTATION_TABLE_MAX:
-            yield from self._computed_order(start)
+            yield from self._computed_order(positions, start)
             return
         if self.shuffle:
             generator = torch.Generator()
@@ -306,17 +323,17 @@ class EpochSampler(StatefulDistributedSampler):
             order = order[: self.total_size]
         else:  # repeat the head to divide evenly, as the parent does
             order = torch.cat([order, order.repeat(-(-self.total_size // len(order)))])[: self.total_size]
-        mine = order[self.rank : self.total_size : self.num_replicas].numpy()
+        mine = order[positions.start : positions.stop : positions.step].numpy()
         self.yielded = start
         for i in range(start, len(mine)):
             self.yielded += 1
             yield int(mine[i])
 
-    def _computed_order(self, start: int):
+    def _computed_order(self, positions: range, start: int):
         permutation = IndexPermutation(len(self.dataset), self.seed + self.epoch)
         self.yielded = start
-        for first in range(start, self.num_samples, PERMUTATION_CHUNK):
-            mine = np.arange(first, min(first + PERMUTATION_CHUNK, self.num_samples)) * self.num_replicas + self.rank
+        for first in range(start, len(positions), PERMUTATION_CHUNK):
+            mine = np.asarray(positions[first:first + PERMUTATION_CHUNK], dtype=np.int64)
             for index in permutation.take(mine):
                 self.yielded += 1
                 yield int(index)
@@ -513,7 +530,15 @@ class BatchStream:
     @property
     def epochs_read(self) -> float:
         """Passes over the training set so far (1.5: the second pass is half read)."""
-        return self.epoch + self.batches_taken / max(1, len(self.loader))
+        sampler, batch = self.loader.sampler, self.loader.sampler.num_replicas * self.loader.batch_size
+        readable = sampler.epoch_start + (sampler.total_size - sampler.epoch_start) // batch * batch  # whole batches
+        return self.epoch + self.sequences_read() / max(1, readable)
+
+    def sequences_read(self) -> int:
+        """Sequences of this epoch's order that all ranks together have read: each rank takes
+        whole batches, as many as the others, from positions interleaved with theirs."""
+        sampler = self.loader.sampler
+        return sampler.epoch_start + sampler.num_replicas * self.batches_taken * self.loader.batch_size
 
     def _start_epoch(self) -> None:
         self.loader.sampler.set_epoch(self.epoch)
@@ -530,6 +555,7 @@ class BatchStream:
             except StopIteration:
                 self.epoch += 1
                 self.batches_taken = 0
+                self.loader.sampler.epoch_start = 0
                 self._iter = None
                 continue
             self.batches_taken += 1
@@ -547,13 +573,25 @@ class BatchStream:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "loader": self.loader.state_dict(), "source_tokens": list(self.source_tokens),
-                "batches_taken": self.batches_taken, "num_workers": self.loader.num_workers}
+                "batches_taken": self.batches_taken, "num_workers": self.loader.num_workers,
+                "batch_size": self.loader.batch_size, "epoch_start": self.loader.sampler.epoch_start}
+
+    def _continue_after(self, read: int) -> None:
+        """This epoch goes on after its first ``read`` sequences, whatever the ranks and batch
+        size that read them (every position before is read once, none after)."""
+        self.loader.sampler.epoch_start, self.loader.sampler.next_yielded = read, None
+        self.batches_taken = 0
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch = state["epoch"]
         self._start_epoch()
+        self.loader.sampler.epoch_start = int(state.get("epoch_start", 0))
         saved_workers = state.get("num_workers", _workers_of(state["loader"]))
-        if saved_workers == self.loader.num_workers:
+        saved_batch = int(state.get("batch_size", self.loader.batch_size))  # older checkpoints: unchanged (refused)
+        if saved_batch != self.loader.batch_size:
+            world = self.loader.sampler.num_replicas
+            self._continue_after(self.loader.sampler.epoch_start + world * int(state["batches_taken"]) * saved_batch)
+        elif saved_workers == self.loader.num_workers:
             self.loader.load_state_dict(state["loader"])
             self.batches_taken = int(state.get("batches_taken", 0))
         elif "batches_taken" not in state:  # written before the position was kept apart from the loader's
@@ -567,4 +605,21 @@ class BatchStream:
             self.batches_taken = int(state["batches_taken"])
             self.loader.sampler.next_yielded = self.batches_taken * self.loader.batch_size
         self.source_tokens = list(state.get("source_tokens", self.source_tokens))
+        self._iter = None
+
+    def load_resharded(self, states: Sequence[Dict[str, Any]]) -> None:
+        """Resume from the states of another number of processes (``states[r]``: saved rank
+        ``r``'s): the epoch goes on after the sequences all of them read; the mixture's token
+        counts, summed, go to rank 0 (the metrics sum them over ranks)."""
+        first = states[0]
+        if "batch_size" not in first:
+            raise DataError(f"resume: this checkpoint's data position was saved by {len(states)} process(es) in a "
+                            f"form that only that number can read. Fix: resume with {len(states)} processes "
+                            "(checkpoints written from now on can change it).")
+        self.epoch = int(first["epoch"])
+        self._start_epoch()
+        saved_read = int(first.get("epoch_start", 0)) + len(states) * int(first["batches_taken"]) * int(first["batch_size"])
+        self._continue_after(saved_read)
+        totals = [sum(int(s["source_tokens"][i]) for s in states) for i in range(len(self.source_tokens))]
+        self.source_tokens = totals if self.loader.sampler.rank == 0 else [0] * len(totals)
         self._iter = None

@@ -2,11 +2,11 @@
 config it is resumed with.
 
 A resumed run is the same run going on. Changes that make it another run (the model,
-the tokenizer, the data, the teacher and alignment, the seed, the batch, the number of
-processes) are refused in one line listing them. Changes meant for a run in progress
-(learning rate and the rest of the optimizer's hyperparameters, the schedule and its
-length, logging, evaluation and save cadence, the divergence policy) are applied, and
-each is logged as ``resume: optimizer.lr 0.003 -> 3e-05``.
+the tokenizer, the data, the teacher and alignment, the seed) are refused in one line
+listing them. Changes meant for a run in progress (learning rate and the rest of the
+optimizer's hyperparameters, the schedule and its length, logging, evaluation and save
+cadence, the divergence policy, the number of processes and the batch: a node lost, a
+smaller allocation) are applied, and each is logged as ``resume: optimizer.lr 0.003 -> 3e-05``.
 
 Keys not listed as changeable are refused: a key this module does not know (a user
 component's argument, a new section) is assumed to change the run, which errs on the
@@ -33,6 +33,8 @@ CHANGEABLE = (
     "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers", "data.num_workers",
     "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
     "fsdp.reduce_every_micro_batch",
+    # DCP reshards weights and optimizer; the data goes on after the sequences read (BatchStream)
+    "world_size", "batch_size", "gradient_accumulation_steps",
 )
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
@@ -135,7 +137,7 @@ def check(checkpoint: Path, current: Dict[str, Any],
         more = f" and {len(refused) - 8} more" if len(refused) > 8 else ""
         raise ResumeChangeError(
             f"resume: {checkpoint} was written by a different run: {listed}{more}. These keys define the run (model, "
-            "tokenizer, data, teacher, alignment, seed, batch, processes). Fix: resume with the values it was written "
+            "tokenizer, data, teacher, alignment, seed). Fix: resume with the values it was written "
             "with (its run_info.json holds them), or start a new run in another output_dir (or overwrite=true)."
             + (" The data fingerprint is the prepared corpus's token counts, shard by shard: the corpus changed since "
                "(a file edited, added or removed), so the data position saved would point into other text; to go on "

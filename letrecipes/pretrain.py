@@ -198,6 +198,7 @@ class PretrainRecipe:
             self.log(f"resumed from {resume_from} at step {self.step}")
             for line in resume.describe(changes or []):
                 self.log(line)
+            self.log_batch_change(changes or [])
             if any(key.startswith(("optimizer.", "lr_scheduler.")) or key == "max_steps" for key, _, _ in changes or []):
                 resume.apply_settings(self.optimizer, settings, self.lr_scheduler)
         else:
@@ -217,6 +218,24 @@ class PretrainRecipe:
                  f"{self.model_args.num_layers} blocks, width {self.model_args.embed_dim}; device {self.device}, "
                  f"compute {dtype_name}, {self.world_size} process(es){notes}; "
                  f"{len(self.train_set)} training sequences of {cfg.data.seq_len} tokens{self.passes_planned()}")
+
+    def log_batch_change(self, changes) -> None:
+        """A resume on another number of processes or batch: where the data goes on, and what
+        a step now holds (the schedules count steps, so a step of other size changes them)."""
+        batch_keys = ("world_size", "batch_size", "gradient_accumulation_steps")
+        before = {"world_size": self.world_size, "batch_size": int(self.cfg.batch_size),
+                  "gradient_accumulation_steps": self.grad_accum}
+        before.update({key: int(old) for key, old, _ in changes if key in batch_keys})
+        if all(before[key] == now for key, now in zip(batch_keys, (self.world_size, int(self.cfg.batch_size),
+                                                                    self.grad_accum))):
+            return
+        tokens = before["world_size"] * before["batch_size"] * before["gradient_accumulation_steps"] * \
+            int(self.cfg.data.seq_len)
+        self.log(f"resume: the data goes on after the {self.batches.sequences_read():,} sequences of epoch "
+                 f"{self.batches.epoch + 1} read before (each once); tokens per step {tokens:,} -> "
+                 f"{self.tokens_per_step:,}" + ("" if tokens == self.tokens_per_step else
+                                                " (keep them with batch_size x gradient_accumulation_steps x "
+                                                "processes as before, if that is not meant)"))
 
     def passes_planned(self) -> str:
         """How much of the training set max_steps reads: repeating data is a choice to see made."""

@@ -257,3 +257,37 @@ def test_a_run_says_how_many_epochs_it_reads_and_where_the_data_first_repeats(ba
     epochs = [r["epoch"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert epochs == pytest.approx([s / per_epoch if s <= per_epoch else 1 + (s - per_epoch) / per_epoch
                                     for s in range(1, 6)], abs=1e-4)
+
+
+def test_a_run_resumes_with_another_batch_size_on_the_sequences_not_yet_read(base_overrides, tmp_path, capsys):
+    """batch_size and gradient_accumulation_steps were refused on resume ("a different run"):
+    now the data goes on after the sequences read (4 x 2 -> 8 x 1 reads the same ones per step:
+    a straight run's losses), and a step of another size is stated."""
+    from letrecipes import pretrain
+    from letrecipes.components.data import BatchStream
+    from letrecipes.components.metrics import read_metrics
+
+    def run(out, *extra):
+        pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path / out}",
+                              "eval_every=0", "save_every=3", *extra])
+        return [(r["step"], r["loss"]) for r in read_metrics(tmp_path / out / "metrics.jsonl") if "loss" in r]
+
+    straight = run("straight", "max_steps=6", "batch_size=8")
+    run("resumed", "max_steps=3", "batch_size=4", "gradient_accumulation_steps=2")
+    capsys.readouterr()
+    resumed = run("resumed", "max_steps=6", "batch_size=8", "resume=true")
+    assert [s for s, _ in resumed] == [s for s, _ in straight]
+    assert [v for _, v in resumed] == pytest.approx([v for _, v in straight], rel=1e-5, abs=0)
+    assert "tokens per step 256 -> 256" in capsys.readouterr().out
+    run("bigger", "max_steps=3", "batch_size=4")
+    capsys.readouterr()
+    run("bigger", "max_steps=4", "batch_size=8", "resume=true")
+    assert ("resume: the data goes on after the 12 sequences of epoch 1 read before (each once); tokens per step 128 "
+            "-> 256 (keep them with batch_size x gradient_accumulation_steps x processes") in capsys.readouterr().out
+    # a checkpoint from before the batch size was kept: another number of processes is named
+    stream = BatchStream(build_dataloader(torch.utils.data.TensorDataset(torch.arange(64)), 4, seed=0),
+                         torch.device("cpu"))
+    older = {"epoch": 0, "source_tokens": [], "batches_taken": 3, "num_workers": 0, "loader": {}}
+    with pytest.raises(DataError, match=r"saved by 2 process\(es\) in a form that only that number can read\. Fix: "
+                                        r"resume with 2 processes"):
+        stream.load_resharded([older, older])
