@@ -23,7 +23,9 @@ decide: where to resume from (:meth:`Checkpointer.resume_point`), whether the fo
 be written (:meth:`Checkpointer.guard`), and what a checkpoint holds: the model and
 optimizer (sharded by DCP) plus any number of ``Stateful`` objects (``state_dict`` /
 ``load_state_dict``) stored per rank, because data positions and RNG streams differ
-between ranks (:meth:`Checkpointer.track`).
+between ranks (:meth:`Checkpointer.track`). Another number of processes reads every saved
+rank's state: an object with ``load_resharded(states)`` gets them all (the data stream),
+the others one saved rank's.
 """
 
 from __future__ import annotations
@@ -531,7 +533,8 @@ class Checkpointer:
                 raise
             raise CheckpointError(
                 f"resume: cannot load {str(path)!r} into this run ({str(err).splitlines()[0][:300]}). "
-                "Fix: resume with the same model, alignment and world size that wrote it."
+                "Fix: resume with the same model and alignment that wrote it"
+                + (f", or on the {saved_world} process(es) that wrote it." if resharded else ".")
             ) from err
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         trainer_states = []

@@ -34,7 +34,7 @@ CHANGEABLE = (
     "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
     "fsdp.reduce_every_micro_batch",
     # DCP reshards weights and optimizer; the data goes on after the sequences read (BatchStream)
-    "world_size", "batch_size", "gradient_accumulation_steps",
+    "world_size", "batch_size", "gradient_accumulation_steps", "fsdp.replicate_degree",
 )
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
