@@ -207,6 +207,11 @@ def _unknown(key: str, known, where: str) -> ConfigValueError:
                                 f"here (its keys: {', '.join(sorted(known))}). Fix: remove it"
                                 + ("; the tokenizer is a Hugging Face tokenizer.json named by tokenizer.path (torchtune's "
                                    "tokenizer.model files: docs/guide.md)." if where == "tokenizer." else "."))
+    name, colon, value = str(key).partition(":")
+    if colon and name.strip() in known:  # YAML's {source:/data/a}: with no space after the colon, one key
+        return ConfigValueError(f"config key {where}{key} is unknown: YAML reads '{key}' as one key, as the colon has "
+                                f"no space after it. Fix: write '{name.strip()}: {value.strip()}' (a space after the "
+                                "colon).")
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" Did you mean {where}{close[0]}?" if close else f" Known keys: {', '.join(sorted(known))}."
     return ConfigValueError(f"config key {where}{key} is unknown.{hint} Fix: correct or remove it.")

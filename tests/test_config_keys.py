@@ -154,6 +154,8 @@ def test_a_torchtune_model_builder_is_answered_with_the_same_shape_as_llama_keys
 SOURCE_ENTRIES = [  # (data.sources override, what the one line must say)
     ("[{source: a, weight: -1}]", "data.sources[0].weight=-1 must be a number >= 0"),
     ("[{source: a}, {source: b, wieght: 2}]", "data.sources[1].wieght is unknown. Did you mean data.sources[1].weight?"),
+    ("[{source: a}, {source:b}]", "data.sources[1].source:b is unknown: YAML reads 'source:b' as one key, as the colon "
+                                  "has no space after it. Fix: write 'source: b' (a space after the colon)."),
     ("[{weight: 1}]", "data.sources[0].source is missing"),
     ("[a, b]", "data.sources[0]='a' must be a mapping {source, weight, name, text_field}. Fix: write it as "
                "{source: 'a', weight: 1.0}"),
