@@ -162,7 +162,7 @@ SOURCE_ENTRIES = [  # (data.sources override, what the one line must say)
 ]
 
 
-@pytest.mark.parametrize("sources, says", SOURCE_ENTRIES, ids=["negative", "typo", "no-source", "bare-path"])
+@pytest.mark.parametrize("sources, says", SOURCE_ENTRIES, ids=["negative", "typo", "no-space", "no-source", "bare-path"])
 def test_a_mixture_entry_is_named_with_its_index_and_key(sources, says):
     with pytest.raises(SystemExit) as err:
         cli.main(["validate", "let_tiny", "~data.source", f"data.sources={sources}"])
