@@ -189,18 +189,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def saved_world_size(path: Union[str, Path]) -> Optional[int]:
-    """How many processes wrote a step checkpoint (one trainer state per rank), or None."""
-    try:
-        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except BaseException as err:  # unreadable metadata: load() names the problem
-        if not _is_library_failure(err):
-            raise
-        return None
-    ranks = [k for k in keys if k.startswith("trainer_rank")]
-    return len(ranks) or None
-
-
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
