@@ -326,6 +326,7 @@ class Checkpointer:
         looking at a shared filesystem with a lag could otherwise resume from different
         steps. The ranks verify a candidate's files together.
         """
+        self.found_checkpoint = True  # read by guard(): resume=true that finds none over a finished run
         explicit = self.resume_requested(resume) and resume not in (True, "true", "True")
         candidates = on_rank0(lambda: self._resume_candidates(resume))
         for path in candidates:
@@ -341,6 +342,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"resume=true: no checkpoint in {self.dir} verified (each is damaged, see above). Fix: resume from "
                 "another copy of the run, or start over with overwrite=true (the damaged checkpoints are deleted).")
+        self.found_checkpoint = False
         return None
 
     def _resume_candidates(self, resume: Any) -> List[Path]:
@@ -350,7 +352,7 @@ class Checkpointer:
             for broken in self.incomplete_checkpoints():
                 self.log(f"resume: ignoring {broken} (its save never finished)")
             candidates = self.complete_checkpoints()[::-1]
-            if not candidates:
+            if not candidates and not (self.output_dir / "final").is_dir():  # else guard() says more
                 self.log(f"resume=true but {self.dir} holds no complete checkpoint: starting fresh")
             return candidates
         path = Path(str(resume))
@@ -385,6 +387,14 @@ class Checkpointer:
                 f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
                 "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."
             )
+        final = self.output_dir / "final"
+        if self.resume_requested(resume) and not getattr(self, "found_checkpoint", True) and final.is_dir() \
+                and not overwrite:  # a requeue of a run finished with save_every=0, or whose checkpoints were pruned
+            raise CheckpointError(
+                f"resume=true: output_dir={str(self.output_dir)!r} holds a finished run's export ({final}) but no "
+                "checkpoint to go on from (save_every=0, or its checkpoints were deleted): starting fresh would train "
+                "from step 0 and replace that export. Fix: overwrite=true to train again from scratch, or another "
+                f"output_dir; to go on from the export, init_from={final} in a new output_dir.")
 
     def clear(self) -> None:
         """A fresh start (overwrite=true) must never resume the old run's checkpoints later."""

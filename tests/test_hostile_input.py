@@ -206,7 +206,8 @@ def test_a_path_starting_with_tilde_is_refused_with_the_expanded_path(base_overr
 def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_run, capsys):
     """A scheduler's requeue of a finished run, or max_steps lowered below the checkpoint:
     before, the first saved its last checkpoint again (deleting it first) and re-exported
-    final/; the second re-exported final/ from a checkpoint of a later step."""
+    final/; the second re-exported final/ from a checkpoint of a later step; without its
+    checkpoints, a requeue trained from step 0 over it."""
     kept = {name: digest(finished_run / name) for name in ("checkpoints", "final")}
     metrics = (finished_run / "metrics.jsonl").read_text()
     run_pretrain(*base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=2", "save_every=1")
@@ -221,6 +222,16 @@ def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_
     shutil.rmtree(finished_run / "final")
     run_pretrain(*base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=2", "save_every=1")
     assert {name: digest(finished_run / name) for name in kept} == kept
+
+    # its checkpoints pruned (or save_every=0): a requeue used to train from step 0 and replace final/
+    shutil.rmtree(finished_run / "checkpoints")
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=2",
+                       match=f"resume=true: output_dir='{finished_run}' holds a finished run's export "
+                             f"({finished_run / 'final'}) but no checkpoint to go on from (save_every=0, or its "
+                             "checkpoints were deleted): starting fresh would train from step 0 and replace that export. "
+                             "Fix: overwrite=true to train again from scratch")
+    assert digest(finished_run / "final") == kept["final"]
+    assert (finished_run / "metrics.jsonl").read_text() == metrics
 
 
 @pytest.mark.parametrize("cut,match", [("model.safetensors", "cannot read"),
