@@ -414,7 +414,10 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         if not spec.get("_component_"):
             raise ConfigValueError(f"config key {key}._component_ is missing. Fix: name the component (docs/configs.md).")
         if isinstance(spec["_component_"], dict):  # `model={...}` on the command line: torchtune's merge did this
-            dotted = " ".join(f"{key}.{k}={v}" for k, v in list(spec["_component_"].items())[:3])
+            # {_component_:llama} (no space after a colon) is one key "_component_:llama" with no value
+            pairs = [(k, v) if v is not None or ":" not in str(k) else tuple(p.strip() for p in str(k).split(":", 1))
+                     for k, v in spec["_component_"].items()]
+            dotted = " ".join(f"{key}.{k}={v}" for k, v in pairs[:3])
             raise ConfigValueError(f"config key {key}._component_ is a mapping: an override `{key}=...` names the "
                                    f"component only (torchtune's short form, `{key}=llama`). Fix: give its keys one by "
                                    f"one ({dotted} ...), or write the mapping in the YAML file.")

@@ -137,6 +137,9 @@ def test_a_torchtune_model_builder_is_answered_with_the_same_shape_as_llama_keys
                                          r"component only .* Fix: give its keys one by one \(model._component_=llama "
                                          r"model.num_layers=16 model.num_heads=32 \.\.\.\)"):
         cli.main(["validate", "let_tiny", f"model={equivalent}"])  # torchtune's merge sets model._component_ to it
+    with pytest.raises(SystemExit, match=r"Fix: give its keys one by one \(model._component_=llama "
+                                         r"model.num_layers=2 \.\.\.\)"):  # no space after a colon: still split
+        cli.main(["validate", "let_tiny", "model={_component_:llama, num_layers: 2}"])
     import yaml
 
     keys = yaml.safe_load(equivalent)  # Llama 3.2's scaled RoPE too, which a student can now take
