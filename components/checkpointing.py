@@ -279,6 +279,7 @@ class Checkpointer:
         self.model = self.optimizer = None
         self.per_rank: Dict[str, Any] = {}
         self._pending = None  # (future, tmp folder, final folder, step, start time) of an async save in flight
+        self.found_checkpoint = True  # False once resume_point found none: guard() minds a finished run's export
         self._lock = RunLock(self.output_dir)
         self.last_save: Dict[str, float] = {}  # seconds the last save took, and its checksums
         # Called with the folder after its shards are written, before it is marked complete
@@ -326,7 +327,7 @@ class Checkpointer:
         looking at a shared filesystem with a lag could otherwise resume from different
         steps. The ranks verify a candidate's files together.
         """
-        self.found_checkpoint = True  # read by guard(): resume=true that finds none over a finished run
+        self.found_checkpoint = True
         explicit = self.resume_requested(resume) and resume not in (True, "true", "True")
         candidates = on_rank0(lambda: self._resume_candidates(resume))
         for path in candidates:
@@ -388,7 +389,7 @@ class Checkpointer:
                 "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."
             )
         final = self.output_dir / "final"
-        if self.resume_requested(resume) and not getattr(self, "found_checkpoint", True) and final.is_dir() \
+        if self.resume_requested(resume) and not self.found_checkpoint and final.is_dir() \
                 and not overwrite:  # a requeue of a run finished with save_every=0, or whose checkpoints were pruned
             raise CheckpointError(
                 f"resume=true: output_dir={str(self.output_dir)!r} holds a finished run's export ({final}) but no "

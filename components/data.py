@@ -510,6 +510,11 @@ def _workers_of(loader_state: Mapping[str, Any]) -> int:
     return len((loader_state.get("_snapshot") or {}).get("_worker_snapshots") or {})
 
 
+def _read_by(state: Mapping[str, Any], world: int) -> int:
+    """The sequences of its epoch that ``world`` ranks had read at a saved ``BatchStream`` state."""
+    return int(state.get("epoch_start", 0)) + world * int(state["batches_taken"]) * int(state["batch_size"])
+
+
 class BatchStream:
     """Endless batches from a loader, epoch after epoch, moved to ``device``.
 
@@ -589,8 +594,7 @@ class BatchStream:
         saved_workers = state.get("num_workers", _workers_of(state["loader"]))
         saved_batch = int(state.get("batch_size", self.loader.batch_size))  # older checkpoints: unchanged (refused)
         if saved_batch != self.loader.batch_size:
-            world = self.loader.sampler.num_replicas
-            self._continue_after(self.loader.sampler.epoch_start + world * int(state["batches_taken"]) * saved_batch)
+            self._continue_after(_read_by(state, self.loader.sampler.num_replicas))
         elif saved_workers == self.loader.num_workers:
             self.loader.load_state_dict(state["loader"])
             self.batches_taken = int(state.get("batches_taken", 0))
@@ -618,8 +622,7 @@ class BatchStream:
                             "(checkpoints written from now on can change it).")
         self.epoch = int(first["epoch"])
         self._start_epoch()
-        saved_read = int(first.get("epoch_start", 0)) + len(states) * int(first["batches_taken"]) * int(first["batch_size"])
-        self._continue_after(saved_read)
+        self._continue_after(_read_by(first, len(states)))
         totals = [sum(int(s["source_tokens"][i]) for s in states) for i in range(len(self.source_tokens))]
         self.source_tokens = totals if self.loader.sampler.rank == 0 else [0] * len(totals)
         self._iter = None

@@ -365,8 +365,9 @@ def _check_inputs_outside_what_the_run_replaces(values: Dict[str, Any]) -> None:
         path = Path(os.path.abspath(value))
         for folder in replaced:
             if path == folder or folder in path.parents:
+                where = "is" if path == folder else "lies inside"
                 raise ConfigValueError(
-                    f"config key {key}={value!r} {'is' if path == folder else 'lies inside'} {folder}, which this run (output_dir={output_dir!r}) "
+                    f"config key {key}={value!r} {where} {folder}, which this run (output_dir={output_dir!r}) "
                     f"{'replaces with its own export' if folder.name == 'final' else 'deletes checkpoints from'}: "
                     f"what {key} names would be lost, or change under a resume. Fix: copy it out of the run folder "
                     f"(cp -r {folder} <elsewhere>) and point {key} there, or choose another output_dir.")
