@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import shutil
 import random
@@ -222,15 +223,12 @@ class PretrainRecipe:
     def log_batch_change(self, changes) -> None:
         """A resume on another number of processes or batch: where the data goes on, and what
         a step now holds (the schedules count steps, so a step of other size changes them)."""
-        batch_keys = ("world_size", "batch_size", "gradient_accumulation_steps")
-        before = {"world_size": self.world_size, "batch_size": int(self.cfg.batch_size),
-                  "gradient_accumulation_steps": self.grad_accum}
-        before.update({key: int(old) for key, old, _ in changes if key in batch_keys})
-        if all(before[key] == now for key, now in zip(batch_keys, (self.world_size, int(self.cfg.batch_size),
-                                                                    self.grad_accum))):
+        now = {"world_size": self.world_size, "batch_size": int(self.cfg.batch_size),
+               "gradient_accumulation_steps": self.grad_accum}
+        before = {**now, **{key: int(old) for key, old, _ in changes if key in now}}
+        if before == now:
             return
-        tokens = before["world_size"] * before["batch_size"] * before["gradient_accumulation_steps"] * \
-            int(self.cfg.data.seq_len)
+        tokens = math.prod(before.values()) * int(self.cfg.data.seq_len)
         self.log(f"resume: the data goes on after the {self.batches.sequences_read():,} sequences of epoch "
                  f"{self.batches.epoch + 1} read before (each once); tokens per step {tokens:,} -> "
                  f"{self.tokens_per_step:,}" + ("" if tokens == self.tokens_per_step else
@@ -578,14 +576,14 @@ class PretrainRecipe:
         if self.cfg.get("compile", False) and self.step < self.max_steps:  # a silent first step would look hung
             self.log(f"step {self.step + 1} compiles the blocks first (minutes for a 7B model on a GPU); the ETA "
                      "settles from the second log line")
-        passes = self.batches.epoch
+        first_pass = self.batches.epoch == 0  # its end is logged once: later passes are the metric `epoch`
         while self.step < self.max_steps:
             record = self.train_step()
             progress.update(1)
-            if self.batches.epoch > passes and passes == 0:  # once: later passes are the metric `epoch`
+            if first_pass and self.batches.epoch > 0:
+                first_pass = False
                 self.log(f"step {self.step}: all {len(self.train_set)} training sequences are read; epoch 2 begins "
                          "and they repeat, reshuffled", progress)
-            passes = self.batches.epoch
             last = self.step == self.max_steps
             evaluate = bool(self.eval_every) and (self.step % self.eval_every == 0 or last)
             save = bool(self.save_every) and self.step % self.save_every == 0 and not last
