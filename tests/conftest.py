@@ -81,6 +81,6 @@ def teacher_dir(base_overrides, tmp_path_factory) -> Path:
     return out / "final"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def let_overrides(base_overrides, teacher_dir) -> list:
     return [*base_overrides, f"teacher.path={teacher_dir}", "teacher.dtype=fp32"]

@@ -1,28 +1,20 @@
 """FSDP2 with 2 processes on gloo, float8, compile and activation checkpointing (CPU)."""
 
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 
 from letrecipes.components.metrics import read_metrics
+from tests.launch import recipe_command
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tune_run_2proc(recipe, config, *overrides, timeout=300, nproc=2, check=True):
-    """`tune run --nproc_per_node 2` on a rendezvous port of its own, with a time limit."""
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "--nproc_per_node", str(nproc),
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
-           f"letrecipes/{recipe}", "--config", config, *overrides]
+def tune_run_2proc(recipe, config, *overrides, timeout=300, nproc=2, check=True, via_tune=False):
+    """The recipe on 2 processes (torchrun, as `tune run --nproc_per_node 2` starts it) on a
+    rendezvous port of its own, with a time limit."""
+    cmd = recipe_command(recipe, "--config", config, *overrides, nproc=nproc, via_tune=via_tune)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-5000:]
@@ -35,7 +27,7 @@ def losses(path, key="loss"):
 
 def test_fsdp_let_run_releases_the_teacher_and_resumes_exactly(let_overrides, tmp_path):
     common = [*let_overrides, "max_steps=6", "alignment.schedule.stop=5", "eval_every=3"]
-    straight = tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'a'}")
+    straight = tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'a'}", via_tune=True)
     assert "2 process(es)" in straight.stdout and "FSDP2" in straight.stdout
     records = read_metrics(tmp_path / "a" / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [5]

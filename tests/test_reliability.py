@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from letrecipes.components.metrics import read_metrics
-from tests.test_distributed import free_port
+from tests.launch import recipe_command
 from tests.test_hostile_input import digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,10 +26,8 @@ KEYS = ("loss", "nll", "lr", "val_loss", "align_loss", "lambda", "cosine")
 
 
 def tune(recipe, *overrides, nproc=1, timeout=300):
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run"]
-    if nproc > 1:
-        cmd += ["--nproc_per_node", str(nproc), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
-    cmd += [f"letrecipes/{recipe}", "--config", "let_tiny" if recipe == "let_pretrain" else "pretrain_tiny", *overrides]
+    cmd = recipe_command(recipe, "--config", "let_tiny" if recipe == "let_pretrain" else "pretrain_tiny", *overrides,
+                         nproc=nproc)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get(
         "OMP_NUM_THREADS", "2"), "PYTHONHASHSEED": "0"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -60,14 +58,28 @@ class LetRun:
         return result
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def let_run(let_overrides):
     return LetRun(let_overrides)
 
 
-def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_run, tmp_path):
-    straight = tmp_path / "straight"
-    let_run(straight)
+@pytest.fixture(scope="module")
+def straight_run(let_run, tmp_path_factory):
+    """``straight_run(nproc)``: the uninterrupted run on that many processes, the one an
+    interrupted and resumed run must match; made once for the tests that compare with it."""
+    runs = {}
+
+    def run_on(nproc: int = 1) -> Path:
+        if nproc not in runs:
+            runs[nproc] = tmp_path_factory.mktemp(f"straight_{nproc}_processes")
+            let_run(runs[nproc], nproc=nproc)
+        return runs[nproc]
+
+    return run_on
+
+
+def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_run, straight_run, tmp_path):
+    straight = straight_run()
     killed = tmp_path / "killed"
     # 1) killed at the start of step 5 (last complete checkpoint: step 3)
     first = let_run(killed, "debug.kill_at_step=5", check=False)
@@ -87,11 +99,10 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_ru
     assert same_weights(killed, straight)
 
 
-def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, tmp_path):
+def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, straight_run, tmp_path):
     """The case a random kill can land in: metrics written, no checkpoint yet. resume=true
     says so and starts over; the result is the straight run's."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    let_run(straight)
+    straight, killed = straight_run(), tmp_path / "killed"
     assert let_run(killed, "debug.kill_at_step=2", check=False).returncode != 0
     assert (killed / "metrics.jsonl").is_file() and not (killed / "checkpoints").exists()
     again = let_run(killed, "resume=true")
@@ -99,11 +110,10 @@ def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, tmp_path
     assert history(killed) == history(straight) and same_weights(killed, straight)
 
 
-def test_sigterm_finishes_the_step_saves_and_resumes_exactly(let_run, tmp_path):
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(let_run, straight_run, tmp_path):
     """A scheduler's SIGTERM at step 5 (save_every=3): step 5 finishes, is saved, the run
     exits non-zero with the command to resume; resuming matches a straight run."""
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    let_run(straight)
+    straight, stopped = straight_run(), tmp_path / "stopped"
     result = let_run(stopped, "debug.sigterm_at_step=5", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "SIGTERM received: finishing this step" in result.stdout
@@ -123,9 +133,8 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_saved_step(let_run, tmp_path
     assert (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
 
 
-def test_sigkill_at_a_random_moment(let_run, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    let_run(straight)
+def test_sigkill_at_a_random_moment(let_run, straight_run, tmp_path):
+    straight, killed = straight_run(), tmp_path / "killed"
     delay = random.Random(7).uniform(4.0, 9.0)  # startup takes a few seconds: lands in training or a save
     proc = subprocess.Popen([sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/let_pretrain",
                              "--config", "let_tiny", *let_run.common, f"output_dir={killed}"],
@@ -140,9 +149,8 @@ def test_sigkill_at_a_random_moment(let_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_job_exits_when_a_rank_dies_and_resumes(let_run, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    let_run(straight, nproc=2)
+def test_two_process_job_exits_when_a_rank_dies_and_resumes(let_run, straight_run, tmp_path):
+    straight, killed = straight_run(nproc=2), tmp_path / "killed"
     start = time.monotonic()
     dead = let_run(killed, "debug.kill_at_step=5", "debug.rank=1", nproc=2, check=False)
     assert dead.returncode != 0 and time.monotonic() - start < 120  # the whole job stops, no hang
@@ -208,9 +216,8 @@ def test_resume_with_another_model_shape_damages_nothing(let_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_job_killed_mid_save_resumes_from_the_previous_checkpoint(let_run, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    let_run(straight, nproc=2)
+def test_two_process_job_killed_mid_save_resumes_from_the_previous_checkpoint(let_run, straight_run, tmp_path):
+    straight, killed = straight_run(nproc=2), tmp_path / "killed"
     dead = let_run(killed, "debug.kill_during_save_at_step=6", nproc=2, check=False)
     assert dead.returncode != 0
     assert (killed / "checkpoints" / "step_00000006.tmp").is_dir()  # shards of both ranks, never marked complete

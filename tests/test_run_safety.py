@@ -23,6 +23,7 @@ from letrecipes.components.files import StorageError, check_writable_folder, env
 from letrecipes.components.metrics import read_metrics, truncate_after
 from letrecipes.components.resume import ResumeChangeError, apply_settings, check, optimizer_settings
 from letrecipes.components.run_lock import LOCK_FILE, RunLock, RunLockError
+from tests.launch import recipe_command
 from tests.test_hostile_input import digest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +38,7 @@ def test_corpus(base_overrides):
 
 
 def command(out, *overrides):
-    return [sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes/pretrain", "--config", "pretrain_tiny",
-            *BASE, *COMMON, f"output_dir={out}", *overrides]
+    return recipe_command("pretrain", "--config", "pretrain_tiny", *BASE, *COMMON, f"output_dir={out}", *overrides)
 
 
 def tune(out, *overrides, preexec=None, timeout=300):
