@@ -103,7 +103,7 @@ EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "max_len": ("an integer >= 2 or null", lambda v: v is None or _int(2)[1](v)),
     "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
     "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")), "export_dir": OPTIONAL_TEXT,
-    "output": OPTIONAL_TEXT, "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
+    "output": OPTIONAL_TEXT, "overwrite": BOOL, "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
 }
 
 

@@ -57,6 +57,7 @@ class EvalRecipe:
                 raise EvalError(f"output: {str(out)!r} is a folder; output names the JSON file to write. Fix: "
                                 f"output={out / 'scores.json'}.")
             check_writable_folder(out.parent, "output")
+            _check_replaceable(out, str(cfg.checkpoint), bool(cfg.get("overwrite", False)))
         task_files = [Path(str(spec)) for spec in cfg.tasks]
         # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
         items = [read_task(path, limit=limit) for path in task_files]
@@ -124,6 +125,28 @@ class EvalRecipe:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+
+
+def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:
+    """An ``output`` file that is there already is replaced when it holds this checkpoint's
+    scores (the same evaluation again: a requeued job); the scores of another checkpoint,
+    or a file that is no score report, only with ``overwrite=true``: ``output=scores.json``
+    kept from one checkpoint to the next would otherwise keep the last one alone."""
+    if not out.is_file() or overwrite:
+        return
+    try:
+        held = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        held = None
+    if isinstance(held, dict) and held.get("scorer") == "lm-evaluation-harness" and "checkpoint" in held:
+        if held["checkpoint"] == checkpoint:
+            print(f"output: {out} holds this checkpoint's scores already; they are replaced after the scoring",
+                  flush=True)
+            return
+        holds = f"holds the scores of another checkpoint ({held['checkpoint']})"
+    else:
+        holds = "is there and is not a score report of this recipe"
+    raise EvalError(f"output: {str(out)!r} {holds}. Fix: output=<another file>, or overwrite=true to replace it.")
 
 
 def _stderr(value: Optional[float]) -> str:

@@ -217,6 +217,25 @@ def test_eval_recipe_checks_its_output_path_before_scoring(teacher_dir, tmp_path
     expect_setup_error(eval_recipe.recipe_main, [*common, f"output={a_file / 'scores.json'}"],
                        match="error: output=")
     assert a_file.read_text() == "mine"
+    # a file there already: another checkpoint's scores, or no score report, are kept unless overwrite=true
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps({"checkpoint": "runs/a/checkpoints/step_00000150", "scorer": "lm-evaluation-harness",
+                                  "tasks": {}}))
+    kept = scores.read_text()
+    expect_setup_error(eval_recipe.recipe_main, [*common, f"output={scores}"],
+                       match=f"error: output: '{scores}' holds the scores of another checkpoint "
+                             "(runs/a/checkpoints/step_00000150). Fix: output=<another file>, or overwrite=true to "
+                             "replace it.")
+    expect_setup_error(eval_recipe.recipe_main, [*common, f"output={a_file}"],
+                       match="is there and is not a score report of this recipe")
+    assert scores.read_text() == kept and a_file.read_text() == "mine"
+    # the same checkpoint again (a requeued job), or overwrite=true, goes on to the scoring
+    for replaceable in ([f"output={scores}", "overwrite=true"], [f"output={a_file}", "overwrite=true"]):
+        with pytest.raises(AssertionError, match="scored before"):
+            eval_recipe.recipe_main([*common, *replaceable])
+    scores.write_text(json.dumps({"checkpoint": str(teacher_dir), "scorer": "lm-evaluation-harness", "tasks": {}}))
+    with pytest.raises(AssertionError, match="scored before"):
+        eval_recipe.recipe_main([*common, f"output={scores}"])
 
 
 # ----------------------------------------------------------------- study
