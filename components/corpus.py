@@ -544,7 +544,9 @@ def _text_path(schema, where, text_field: str, key: str) -> List[str]:
     for depth, name in enumerate(parts):
         found = next((f for f in fields if f.name == name), None)
         if found is None or (depth < len(parts) - 1 and not pa.types.is_struct(found.type)):
-            strings = _string_paths(list(schema))
+            strings, chat = _string_paths(list(schema)), _schema_chat_field(list(schema))
+            if chat is not None:
+                raise DataError(f"{key}: {where} has no column {text_field!r} ({there}); {_chat_fix(chat)}")
             fix = (f"data.text_field={strings[0]}, its one text column" if len(strings) == 1 else
                    f"set data.text_field to the column holding the text, one of its text columns {strings[:8]}"
                    if strings else "set data.text_field to the column holding the text (a field inside a struct "
@@ -567,6 +569,39 @@ def _string_paths(fields, prefix: str = "", depth: int = 0) -> List[str]:
         elif pa.types.is_struct(field.type) and depth < 2:
             found.extend(_string_paths(list(field.type), f"{prefix}{field.name}.", depth + 1))
     return found
+
+
+CHAT_TURN_TEXT = ("content", "value", "text")  # {role, content}: OpenAI style; {from, value}: ShareGPT
+
+
+def _chat_fix(name: str) -> str:
+    return (f"{name!r} holds chat turns (a list of {{role, content}} or {{from, value}} objects), and pretraining "
+            "reads one text per record. "
+            "Fix: join each record's turns into one text field first (rendered as your chat template renders them, "
+            "or their contents one after another) and set data.text_field to it.")
+
+
+def _record_chat_field(record) -> Optional[str]:
+    """The name of a JSON record's field that holds a conversation (a list of turns, each an
+    object with its text under ``content``/``value``/``text``), if any."""
+    for name, value in (record.items() if isinstance(record, dict) else ()):
+        if isinstance(value, list) and value and all(
+                isinstance(turn, dict) and any(isinstance(turn.get(k), str) for k in CHAT_TURN_TEXT) for turn in value):
+            return name
+    return None
+
+
+def _schema_chat_field(fields) -> Optional[str]:
+    """The name of a table's column that holds conversations: a list of structs with a
+    string ``content``/``value``/``text`` field."""
+    import pyarrow as pa
+
+    for field in fields:
+        if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
+            turn = field.type.value_type
+            if pa.types.is_struct(turn) and any(t.name in CHAT_TURN_TEXT and pa.types.is_string(t.type) for t in turn):
+                return field.name
+    return None
 
 
 def _record_string_paths(record, prefix: str = "", depth: int = 0) -> List[str]:
@@ -1000,18 +1035,21 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
                 break
             has += f"; {'.'.join(parts[:depth + 1])} has {list(inner)[:8]}"
         nested = isinstance(record, dict) and any(isinstance(v, dict) for v in record.values())
-        strings = _record_string_paths(record)
-        fix = (f"data.text_field={strings[0]}, its one text field." if len(strings) == 1 else
+        strings, chat = _record_string_paths(record), _record_chat_field(record)
+        fix = (_chat_fix(chat) if chat is not None else  # its other fields (an id) would not do
+               f"data.text_field={strings[0]}, its one text field." if len(strings) == 1 else
                f"set data.text_field to the field holding the text, one of its text fields {strings[:8]}." if strings
                else "set data.text_field to the field holding the text"
                + (" (inside a nested object: outer.inner)." if nested else "."))
         skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} has no field {text_field!r} "
-                     f"({has}). Fix: {fix}")
+                     f"({has}){'; ' if chat is not None else '. Fix: '}{fix}")
         return None
     if value is None:
         skipped.skip(f"with a null {text_field!r}", at, kept)
         return None
     if not isinstance(value, str):
+        if _record_chat_field({text_field: value}) is not None:
+            raise DataError(f"{key}: {place}: {_chat_fix(text_field)}")
         raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: make it a "
                         "string in that record, or set data.text_field to the field holding the text.")
     if not value.strip():  # nothing to learn from but an end-of-text token
@@ -1245,6 +1283,8 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
             continue
         value = _utf8(value, row, undecodable)
         if not isinstance(value, str):
+            if _record_chat_field({text_field: value}) is not None:
+                raise DataError(f"{key}: {path} row {row}: {_chat_fix(text_field)}")
             hint = " (a list: join its items into one string per row first)" if isinstance(value, list) else ""
             raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text{hint}. "
                             "Fix: set data.text_field to a text column.")

@@ -740,6 +740,22 @@ def test_records_without_text_are_skipped_with_one_warning_and_a_misread_file_is
     with pytest.raises(DataError, match=r"body.jsonl:1 has no field 'text' \(its fields are \['body'\]\)\. Fix: "
                                         r"data.text_field=body, its one text field\. \(40 of 40 records are like this\.\)"):
         prepare_corpus(other_field, tok, tmp_path / "out2", **QUIET)
+    # chat data (an SFT set given to pretraining): named as such, not "data.text_field=id"
+    chat = tmp_path / "chat.jsonl"
+    turns = [{"id": str(i), "messages": [{"role": "user", "content": d}, {"role": "assistant", "content": "ok"}]}
+             for i, d in enumerate(docs)]
+    chat.write_text("".join(json.dumps(t) + "\n" for t in turns))
+    join = r"'messages' holds chat turns \(a list of \{role, content\} or \{from, value\} objects\), .*join each"
+    with pytest.raises(DataError, match=r"chat.jsonl:1 has no field 'text' \(its fields are \['id', 'messages'\]\); "
+                                        + join):
+        prepare_corpus(chat, tok, tmp_path / "out4", **QUIET)
+    with pytest.raises(DataError, match=r"chat.jsonl:1: " + join):
+        prepare_corpus(chat, tok, tmp_path / "out5", text_field="messages", **QUIET)
+    pq.write_table(pa.Table.from_pylist(turns), tmp_path / "chat.parquet")
+    for field, where in (("text", r"chat.parquet has no column 'text' \(it has \['id', 'messages'\]\); "),
+                         ("messages", r"chat.parquet row 0: ")):
+        with pytest.raises(DataError, match=where + join):
+            prepare_corpus(tmp_path / "chat.parquet", tok, tmp_path / f"out_{field}", text_field=field, **QUIET)
     not_jsonl = tmp_path / "plain.jsonl"
     not_jsonl.write_text("".join(d + "\n" for d in documents(150)))
     with pytest.raises(DataError, match=r"plain.jsonl:1 is not valid JSON .*Fix: .*rename the file to \.txt"):
