@@ -26,6 +26,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from letrecipes.components.checkpointing import file_digest
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, source_files
+from letrecipes.components.held_out import check_documents
 from letrecipes.components.prepare import cached_prepare, is_prepared, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -439,7 +440,10 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
             val.append(PackedDataset(tokens, seq_len, "val", val_fraction))
     held_out = None
     if validation and val_source:
-        held_out = PackedDataset(prepared(val_source, "data.val_source", None), seq_len, "all", key="data.val_source")
+        held_tokens = prepared(val_source, "data.val_source", None)
+        check_documents(held_tokens, [(source_key(i, bool(data_cfg.get("sources"))), part.tokens)
+                                      for i, part in enumerate(train)], tokenizer.eos_id, log)
+        held_out = PackedDataset(held_tokens, seq_len, "all", key="data.val_source")
         log(f"validation: data.val_source ({len(held_out):,} sequences of {seq_len}); every sequence of the training "
             "data trains (data.val_fraction is not used)")
     if len(specs) == 1:

@@ -164,3 +164,86 @@ def test_a_held_out_corpus_that_is_training_data_is_refused(corpus_dir, tmp_path
                        tok, seed=0, log=lambda _: None)
     build_datasets({**section, "val_source": str(elsewhere / "other.txt")}, tok, seed=0, log=lambda _: None)
     build_datasets({**section, "val_source": str(train_dir)}, tok, seed=0, log=lambda _: None, validation=False)
+
+
+def test_held_out_documents_copied_into_the_training_data_under_other_files_are_found(corpus_dir, tmp_path,
+                                                                                       tokenizer_path, capsys):
+    """The file comparison above misses a held-out set that reached the training corpus
+    re-sharded or converted (the plays' scenes as JSON lines and as parquet, here): its
+    documents are compared by their tokens. A copy is refused; a few repeats (as a crawl
+    has by chance) are a warning; other text passes, and the log says what was read."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from letrecipes.components.corpus import DataError, DataWarning
+    from letrecipes.components.data import build_datasets
+    from letrecipes.components.tokenizer import Tokenizer
+
+    plays = sorted(corpus_dir.glob("*.txt"))
+    scenes = [s for play in plays for s in play.read_text().split("\n\n") if len(s) > 400]
+    train_dir, copied, fresh = tmp_path / "train", tmp_path / "copied", tmp_path / "fresh"
+    for folder in (train_dir, copied, fresh):
+        folder.mkdir()
+    (train_dir / "scenes.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in scenes[:-40]))
+    pq.write_table(pa.table({"text": scenes[-60:-40][::-1]}), copied / "part-0.parquet")  # 20 of them, reordered
+    invented = [" ".join(reversed(s.split())) for s in scenes[-40:]]
+    (fresh / "a.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in [*invented, *scenes[:2]]))
+    tok = Tokenizer(tokenizer_path)
+    section = {"source": str(train_dir), "seq_len": 32, "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(DataError, match=r"data.val_source: 20 of its 20 documents \(of 32\+ tokens\) are in the "
+                                        r"training data \(data.source; all its tokens read\) under other files"):
+        build_datasets({**section, "val_source": str(copied)}, tok, seed=0, log=print)
+    with pytest.warns(DataWarning, match=r"2 of its 42 documents .* are in the training data too"):
+        build_datasets({**section, "val_source": str(fresh)}, tok, seed=0, log=print)
+    assert ("validation: data.val_source's 42 documents (of 32+ tokens) checked against the training data (all its "
+            "tokens read): 2 found") in capsys.readouterr().out
+    # a mixture: each source is searched, and named
+    mixture = {"sources": [{"source": str(fresh), "name": "fresh"}, {"source": str(train_dir), "name": "plays"}],
+               "seq_len": 32, "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(DataError, match=r"20 of its 20 documents .* \(data.sources\[1\].source: 20; all its tokens read\)"):
+        build_datasets({**mixture, "val_source": str(copied)}, tok, seed=0, log=print)
+
+
+def test_document_keys_do_not_depend_on_chunks_windows_or_position(monkeypatch):
+    """Each document's key is the same whatever chunk or window boundary cuts the stream,
+    and wherever the document sits; a document in another order, or cut short, is another."""
+    import numpy as np
+
+    from letrecipes.components import held_out
+
+    class Tokens:
+        def __init__(self, array):
+            self.array = array
+
+        def __len__(self):
+            return len(self.array)
+
+        def __getitem__(self, index):
+            return self.array[index]
+
+    monkeypatch.setattr(held_out, "MIN_TOKENS", 3)
+    rng = np.random.default_rng(0)
+    docs = [np.append(rng.integers(1, 500, size=int(n)), 0).astype(np.uint16) for n in rng.integers(1, 40, size=300)]
+    stream = np.concatenate(docs)
+    whole = np.concatenate([k for k, _ in held_out.corpus_keys(Tokens(stream), 0)])
+    for chunk in (5, 17, 64, 1000):
+        monkeypatch.setattr(held_out, "CHUNK", chunk)
+        assert np.array_equal(np.concatenate([k for k, _ in held_out.corpus_keys(Tokens(stream), 0)]), whole)
+    long_enough = [d for d in docs if len(d) >= 3]
+    assert len(whole) == len(long_enough) == len(set(whole.tolist()))
+    base = next(i for i, d in enumerate(docs) if len(d) >= 10)
+    key = whole[[i for i, d in enumerate(docs) if len(d) >= 3].index(base)]
+    moved = np.concatenate([docs[base + 1], docs[base]])  # at another position in another stream
+    assert held_out.document_keys(moved, 0, True)[0][-1] == key
+    reordered = docs[base].copy()
+    reordered[:-1] = reordered[:-1][::-1]
+    shorter = docs[base][1:]
+    for other in (reordered, shorter):
+        assert held_out.document_keys(other, 0, True)[0][0] not in whole.tolist()
+    # a corpus larger than SCAN_TOKENS is read in windows: documents cut by a window's edges are left out
+    monkeypatch.setattr(held_out, "SCAN_TOKENS", len(stream) // 2)
+    monkeypatch.setattr(held_out, "WINDOWS", 4)
+    windowed = np.concatenate([k for k, _ in held_out.corpus_keys(Tokens(stream), 0)])
+    assert 0 < len(windowed) < len(whole) and set(windowed.tolist()) <= set(whole.tolist())
