@@ -252,6 +252,20 @@ class RNGState:
         if state["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
+    def load_resharded(self, states: List[Dict[str, Any]]) -> None:
+        """Resuming on another number of processes: rank r goes on with saved rank r's streams;
+        a rank the saved run did not have gets streams of its own, seeded from saved rank
+        r % W's and its rank (with a copy, rank 3 of 4 after 2 would draw what rank 1 draws)."""
+        rank = _rank()
+        if rank < len(states):
+            self.load_state_dict(states[rank])
+            return
+        base = states[rank % len(states)]["torch"].numpy().tobytes()
+        seed = int.from_bytes(hashlib.sha256(base + rank.to_bytes(8, "little")).digest()[:8], "little")
+        torch.manual_seed(seed)  # every CUDA device's too
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+
 
 class Checkpointer:
     """Saves and restores a run at step boundaries, and guards its folder.

@@ -500,3 +500,36 @@ def test_read_only_output_dir(tmp_path):
     tmp_path.chmod(0o555)
     with pytest.raises(StorageError, match="permission denied"):
         check_writable_folder(tmp_path / "run", "output_dir")
+
+
+def test_a_rank_the_saved_run_did_not_have_gets_random_streams_of_its_own(monkeypatch):
+    """Resumed on 4 processes after 2: ranks 0 and 1 go on with their saved streams, ranks 2
+    and 3 get new ones, distinct from every saved rank's and from each other, the same on
+    every resume (before: rank 2 took rank 0's, rank 3 rank 1's, and drew alike)."""
+    import random
+
+    import numpy as np
+
+    from letrecipes.components import checkpointing
+    from letrecipes.components.checkpointing import RNGState
+
+    before = RNGState().state_dict()  # this process's streams, given back at the end
+    saved = []
+    for seed in (10, 11):
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        saved.append(RNGState().state_dict())
+
+    def draws_on(rank):
+        monkeypatch.setattr(checkpointing, "_rank", lambda: rank)
+        RNGState().load_resharded(saved)
+        return torch.rand(4).tolist(), float(np.random.rand()), random.random()
+
+    after = {rank: draws_on(rank) for rank in range(4)}
+    for rank in (0, 1):
+        RNGState().load_state_dict(saved[rank])
+        assert after[rank] == (torch.rand(4).tolist(), float(np.random.rand()), random.random())
+    firsts = [after[rank][0] for rank in range(4)]
+    assert all(firsts[i] != firsts[j] for i in range(4) for j in range(i))
+    assert [after[rank][1] for rank in (2, 3)] != [after[rank][1] for rank in (0, 1)]
+    assert draws_on(3) == after[3]  # deterministic: a second resume draws the same
+    RNGState().load_state_dict(before)
