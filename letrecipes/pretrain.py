@@ -245,8 +245,12 @@ class PretrainRecipe:
         # Prepared folders are read as they are; a raw corpus is prepared once into the cache
         # (by each node's first process, while the others wait for it).
         # Without evaluation the validation split is not built, so too small a one is no error.
+        # Another node's first process may be the one preparing (it won a shared cache's lock,
+        # or each node has a cache of its own) while rank 0 waits: its node's log says so.
+        local_rank = parallel.local_rank(self.rank)
+        log = self.log if self.is_main or local_rank != 0 else self.node_log
         self.train_set, self.val_set, sources = build_datasets(cfg, self.tokenizer, seed=int(self.cfg.seed),
-                                                               local_rank=parallel.local_rank(self.rank), log=self.log,
+                                                               local_rank=local_rank, log=log,
                                                                validation=bool(self.eval_every))
         self.run_info["data_fingerprint"] = corpus_fingerprint(self.train_set)  # a resume on changed data is refused
         batch_size, workers = int(self.cfg.batch_size), int(cfg.get("num_workers", 0))
@@ -687,6 +691,12 @@ class PretrainRecipe:
             progress.write(message)  # keeps the bar below the log lines
         else:
             print(message, flush=True)
+
+    def node_log(self, message: str) -> None:
+        """The log of another node's first process (rank 0 logs the run)."""
+        import socket
+
+        print(f"[rank {self.rank} on {socket.gethostname()}] {message}", flush=True)
 
     def cleanup(self) -> None:
         """Close what setup opened, however far it got (it also runs after a failed setup)."""

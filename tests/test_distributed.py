@@ -265,6 +265,38 @@ def test_two_ranks_on_a_mixture_log_the_tokens_of_both(base_overrides, corpus_di
     assert abs(last["tokens_a"] - last["tokens_b"]) <= 0.3 * (last["tokens_a"] + last["tokens_b"])
 
 
+def test_two_nodes_sharing_a_cache_each_say_in_their_own_log_who_prepares(base_overrides, corpus_dir, tmp_path):
+    """Two torchrun agents (--nnodes 2, one process each, as two hosts would start them) on
+    one data.cache_dir: one node's first process prepares the corpus, the other's waits for
+    it, and each says so in its own node's log (before: only global rank 0 logged, so node
+    1 printed nothing while it prepared, or while it waited)."""
+    import sys
+
+    from tests.launch import REPO, free_port
+
+    overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", str(REPO / "letrecipes" / "pretrain.py"),
+               "--config", "pretrain_tiny", *overrides, f"data.source={corpus_dir}",
+               f"data.cache_dir={tmp_path / 'shared_cache'}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
+               "eval_every=0"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for _ in range(2)]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    rank_1 = next(log for log in logs if "[rank 1 on " in log)
+    rank_0 = next(log for log in logs if log is not rank_1)
+    said = [("prepare: done" in log) + ("waiting for" in log) for log in (rank_0, rank_1)]
+    assert said == [1, 1], logs  # one prepared, the other waited, each in its own log
+    assert ("prepare: done" in rank_1) == ("waiting for" in rank_0)
+
+
 @pytest.fixture(scope="module")
 def student_export(base_overrides, tmp_path_factory):
     """A finished run of the tiny student's own shape, exported in fp32 (init_from's source)."""
