@@ -60,9 +60,11 @@ def architecture(config: dict, config_file: str) -> str:
     )
 
 
-def _require(condition: bool, config_file: str, what: str) -> None:
+def _require(condition: bool, config_file: str, what: str, fix: str = "") -> None:
     if not condition:
-        raise TeacherError(f"{config_file}: {what} is not supported by this loader.")
+        raise TeacherError(f"{config_file}: {what} is not supported by this loader. Fix: "
+                           + (fix or "use a checkpoint of the family without it, or register a teacher loader that "
+                                     "builds it (docs/extending.md)."))
 
 
 def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
@@ -75,7 +77,10 @@ def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
     kind = scaling.get("rope_type") or scaling.get("type")
     if kind == "default":
         return base, None
-    _require(kind == "llama3", config_file, f"rope scaling type {kind!r} (only llama3 is)")
+    _require(kind == "llama3", config_file, f"rope scaling type {kind!r} (only llama3 is)",
+             "where the model was pretrained without it and the scaling only stretches its context at inference "
+             "(Qwen2.5's yarn entry, for one), a copy of the folder whose config.json lacks rope_scaling is the model "
+             "as pretrained; otherwise register a teacher loader for it (docs/extending.md).")
     return base, {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
                   for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -124,7 +129,8 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
             qkv_bias=arch == "qwen2" or attention_bias, output_bias=attention_bias, qk_norm=arch == "qwen3",
         )
     except KeyError as err:
-        raise TeacherError(f"{config_file}: missing key {err.args[0]!r} that a {arch} config must have.") from err
+        raise TeacherError(f"{config_file}: missing key {err.args[0]!r} that a {arch} config must have. Fix: use the "
+                           "config.json the checkpoint was released with.") from err
 
 
 def _gpt_neox_args(config: dict, config_file: str) -> ModelArgs:

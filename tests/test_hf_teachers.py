@@ -147,6 +147,23 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
     message = _broken(tmp_path, lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                            "rope_theta": 10000.0}))
     assert "yarn" in message and "config.json" in message
+    assert "Fix: where the model was pretrained without it" in message and "lacks rope_scaling" in message
+
+
+@pytest.mark.parametrize("edit, says", [({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported by this loader. "
+                                          "Fix: use a checkpoint of the family without it, or register a teacher "
+                                          "loader that builds it (docs/extending.md)."),
+                                         ({"intermediate_size": None}, "missing key 'intermediate_size' that a llama "
+                                          "config must have. Fix: use the config.json the checkpoint was released with.")])
+def test_a_config_the_loader_cannot_map_is_one_error_with_its_fix(tmp_path, edit, says):
+    def change(path):
+        config = json.loads((path / "config.json").read_text())
+        config.update({k: v for k, v in edit.items() if v is not None})
+        for k in [k for k, v in edit.items() if v is None]:
+            del config[k]
+        (path / "config.json").write_text(json.dumps(config))
+
+    assert says in _broken(tmp_path, change)
 
 
 def _to_pytorch_bin(path, shards=1):
