@@ -577,7 +577,8 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
 
     path = Path(path)
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint: {str(path)!r} is not a complete checkpoint (its save never finished).")
+        raise CheckpointError(f"checkpoint: {str(path)!r} is not a complete checkpoint (its save never finished). "
+                              f"Fix: use an earlier step in {str(path.parent)!r}, or the run's final/ folder.")
     model.to_empty(device=device)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}  # the recipes save {"model": student, ...}
     try:
@@ -585,7 +586,8 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
     except BaseException as err:  # DCP wraps failures in CheckpointException, a BaseException
         if not _is_library_failure(err):
             raise
-        raise CheckpointError(f"checkpoint: cannot load {str(path)!r} ({str(err).splitlines()[0][:300]}).") from err
+        raise CheckpointError(f"checkpoint: cannot load {str(path)!r} ({str(err).splitlines()[0][:300]}). Fix: "
+                              "read it with the config.yaml of the run that wrote it.") from err
     model.load_state_dict({k[len("model."):]: v for k, v in state.items()})
     with torch.device(device):
         rebuild_rope_caches(model.layers)

@@ -1263,7 +1263,8 @@ def _load_dataset(path: Path, key: str):
 
         return load_from_disk(str(path))
     except Exception as err:  # datasets raises FileNotFoundError / assorted errors
-        raise DataError(f"{key}: {str(path)!r} is not a readable datasets folder ({err}).") from err
+        raise DataError(f"{key}: {str(path)!r} is not a readable datasets folder ({err}). Fix: point {key} at the "
+                        "folder save_to_disk wrote (it holds dataset_info.json or dataset_dict.json).") from err
 
 
 def _dataset_rows(path: Path, key: str) -> int:

@@ -85,7 +85,7 @@ def open_gguf(path: Path):
         raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, which needs the `gguf` package. "
                            "Fix: pip install gguf.") from err
     if not path.is_file():
-        raise TeacherError(f"teacher.path: no GGUF file at {str(path)!r}.")
+        raise TeacherError(f"teacher.path: no GGUF file at {str(path)!r}. Fix: point teacher.path at the .gguf file.")
     try:
         return gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises ValueError/struct errors on a damaged file
@@ -96,7 +96,8 @@ def _field(reader, key: str, source: str, default=None):
     field = reader.fields.get(key)
     if field is None:
         if default is None:
-            raise TeacherError(f"{source}: GGUF metadata key {key!r} is missing.")
+            raise TeacherError(f"{source}: GGUF metadata key {key!r} is missing. Fix: use a file written by llama.cpp's "
+                               "convert_hf_to_gguf.py (an older or another converter's file lacks it).")
         return default
     return field.contents()
 
@@ -208,7 +209,9 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
             continue  # read with the shape (model_args): it is a RoPE setting, not a weight
         hf_name = _hf_name(tensor.name, arch)
         if hf_name is None:
-            raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF.")
+            raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF. Fix: use a plain "
+                               f"{arch} model's file (not a merged adapter or multimodal projector), or register a "
+                               "teacher format for it (docs/extending.md).")
         if kind not in SUPPORTED_TYPES:
             raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "
                                f"read. Expected one of {', '.join(SUPPORTED_TYPES)}. Fix: use a file quantized to "

@@ -339,7 +339,8 @@ def _indexed_files(path: Path, index: Path) -> Dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise TeacherError(f"{index}: not a weight index (needs a 'weight_map'): {err}.") from err
+        raise TeacherError(f"{index}: not a weight index (needs a 'weight_map'): {err}. Fix: download the index "
+                           "again with the model's shards.") from err
     files = {name: path / file for name, file in weight_map.items()}
     for file in sorted(set(files.values())):
         if not file.is_file():

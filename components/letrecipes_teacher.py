@@ -49,13 +49,13 @@ class LetrecipesFormat(TeacherFormat):
         args = self.describe(path)
         weights = path / EXPORT_WEIGHTS
         if not weights.is_file():
-            raise TeacherError(f"teacher.path: {str(path)!r} has no {EXPORT_WEIGHTS}.")
+            raise TeacherError(f"teacher.path: {str(path)!r} has no {EXPORT_WEIGHTS}. {FIX}")
 
         def load_state(expected, cast):
             try:
                 state = load_file(str(weights))
             except Exception as err:  # safetensors raises its own error types
-                raise TeacherError(f"teacher.path: cannot read {str(weights)!r} ({err}).") from err
+                raise TeacherError(f"teacher.path: cannot read {str(weights)!r} ({err}). {FIX}") from err
             return {k: cast(v) for k, v in state.items()}
 
         return Teacher(build_frozen(args, load_state, dtype, device), tokenizer_path=folder_tokenizer(path),

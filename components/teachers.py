@@ -446,7 +446,8 @@ def build_frozen(
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
-        raise TeacherError(f"teacher.path: the weights do not match their config: {err}") from err
+        raise TeacherError(f"teacher.path: the weights do not match their config: {err}. Fix: use the config.json "
+                           "released with these weights.") from err
     with torch.device(device):  # RoPE caches are not in the state dict: still on meta
         rebuild_rope_caches(model.layers)
     model.model_args = args  # like a student's: the model can be exported to a Hugging Face folder

@@ -92,3 +92,29 @@ def test_loading_a_large_teacher_says_how_far_it_is(teacher_dir, monkeypatch, ca
     assert len(lines) > 5 and all(" MB loaded, " in line and "ETA" in line for line in lines)
     done, total = (float(x) for x in lines[-1].split("teacher: ")[1].split(" MB")[0].split(" of "))
     assert done == total == round(sum(p.numel() * 4 for p in teacher.parameters()) / 1e6, 2) > 0
+
+
+def test_damaged_teacher_and_checkpoint_files_are_one_error_each_with_its_fix(teacher_dir, tmp_path):
+    """A teacher folder with unreadable weights, and a step checkpoint whose save never
+    finished: each error says what to do (before, the second stated the problem only)."""
+    import shutil
+
+    import torch
+
+    from letrecipes.components.checkpointing import CheckpointError, load_model_weights
+    from letrecipes.components.models import llama_model
+    from letrecipes.components.teachers import load_teacher
+
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, copy)
+    weights = next(copy.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(TeacherError, match=r"cannot read '.*model.safetensors' \(.*\)\. Fix: re-download or re-export"):
+        load_teacher({"_component_": "auto", "path": str(copy), "dtype": "fp32"})
+    half = tmp_path / "checkpoints" / "step_00000003"
+    half.mkdir(parents=True)
+    model = llama_model(vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16, intermediate_dim=32,
+                        max_seq_len=32)
+    with pytest.raises(CheckpointError, match=r"is not a complete checkpoint \(its save never finished\)\. Fix: use an "
+                                              r"earlier step in '.*checkpoints', or the run's final/ folder\."):
+        load_model_weights(half, model, torch.device("cpu"))
