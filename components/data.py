@@ -27,6 +27,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from letrecipes.components.checkpointing import file_digest
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, source_files
 from letrecipes.components.held_out import check_documents
+from letrecipes.components.parallel import on_rank0
 from letrecipes.components.prepare import cached_prepare, is_prepared, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -441,8 +442,10 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     held_out = None
     if validation and val_source:
         held_tokens = prepared(val_source, "data.val_source", None)
-        check_documents(held_tokens, [(source_key(i, bool(data_cfg.get("sources"))), part.tokens)
-                                      for i, part in enumerate(train)], tokenizer.eos_id, log)
+        # rank 0 reads up to SCAN_TOKENS of the training data for every rank (not each of
+        # hundreds of ranks from one shared filesystem); a refusal reaches them all
+        on_rank0(lambda: check_documents(held_tokens, [(source_key(i, bool(data_cfg.get("sources"))), part.tokens)
+                                                       for i, part in enumerate(train)], tokenizer.eos_id, log))
         held_out = PackedDataset(held_tokens, seq_len, "all", key="data.val_source")
         log(f"validation: data.val_source ({len(held_out):,} sequences of {seq_len}); every sequence of the training "
             "data trains (data.val_fraction is not used)")
