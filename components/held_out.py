@@ -25,6 +25,7 @@ import numpy as np
 from letrecipes.components.corpus import DataError, DataWarning
 
 MIN_TOKENS = 32  # shorter documents (a cookie notice, "page not found") recur in any crawl by chance
+MAX_TOKENS = 1 << 20  # longer ones (a whole book as one document) are left out: their carry would grow unbounded
 SCAN_TOKENS = 500_000_000  # training tokens read at most (2-3 s per 100M on one core: benchmarks/held_out_check.py)
 WINDOWS = 64  # a larger corpus is read in this many evenly spread windows
 CHUNK = 1 << 22  # tokens hashed at a time: about 150 MB of temporaries
@@ -41,10 +42,10 @@ def _mix(x: np.ndarray) -> np.ndarray:
 def document_keys(tokens: np.ndarray, eos_id: int, first_is_whole: bool) -> Tuple[np.ndarray, np.ndarray, int]:
     """One 64-bit key (a hash of the tokens in order, and the length) and the length of each
     document of ``MIN_TOKENS`` or more that ends in ``tokens``; and where the unfinished last
-    one starts. The text before the first end-of-text token is a document only if
-    ``first_is_whole``."""
+    one starts (-1: none does, the tokens all belong to a document whose start was not seen).
+    The text before the first end-of-text token is a document only if ``first_is_whole``."""
     ends = np.flatnonzero(tokens == eos_id) + 1
-    rest = int(ends[-1]) if len(ends) else (0 if first_is_whole else len(tokens))
+    rest = int(ends[-1]) if len(ends) else (0 if first_is_whole else -1)
     starts = np.concatenate([[0], ends[:-1]])
     if not first_is_whole:
         starts, ends = starts[1:], ends[1:]
@@ -69,11 +70,11 @@ def _windows(size: int) -> List[Tuple[int, int]]:
     return [(i * gap, i * gap + width) for i in range(WINDOWS)]
 
 
-def corpus_keys(tokens, eos_id: int, longest: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+def corpus_keys(tokens, eos_id: int, longest: int = MAX_TOKENS) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """The document keys and lengths of a prepared corpus (anything sliced as ``tokens[a:b]``, with a
     length), window by window and chunk by chunk. A document that runs on past the end of a
-    chunk is carried into the next one, unless it is already longer than ``longest`` (when
-    given): it could match nothing, and one document can be a whole corpus."""
+    chunk is carried into the next one, unless it is already longer than ``longest``: it
+    could match nothing, and one document can be a whole corpus."""
     for start, stop in _windows(len(tokens)):
         carry, whole, at = np.zeros(0, tokens[0:0].dtype), start == 0, start
         while at < stop:
@@ -81,8 +82,8 @@ def corpus_keys(tokens, eos_id: int, longest: int = 0) -> Iterator[Tuple[np.ndar
             at = min(at + CHUNK, stop)
             keys, lengths, rest = document_keys(chunk, eos_id, whole)
             yield keys, lengths
-            carry, whole = chunk[rest:], whole or rest > 0
-            if longest and len(carry) > longest:
+            carry, whole = (chunk[:0], False) if rest < 0 else (chunk[rest:], True)
+            if len(carry) > longest:
                 carry, whole = carry[:0], False  # skipped to its end
 
 

@@ -242,6 +242,12 @@ def test_document_keys_do_not_depend_on_chunks_windows_or_position(monkeypatch):
     shorter = docs[base][1:]
     for other in (reordered, shorter):
         assert held_out.document_keys(other, 0, True)[0][0] not in whole.tolist()
+    # a document longer than `longest` (MAX_TOKENS: a book as one document) is left out, the next one is not
+    monkeypatch.setattr(held_out, "CHUNK", 16)
+    book = np.append(rng.integers(1, 500, size=200), 0).astype(np.uint16)
+    after_it = [k for k, _ in held_out.corpus_keys(Tokens(np.concatenate([book, docs[base]])), 0, longest=50)]
+    assert np.concatenate(after_it).tolist() == [key]
+    monkeypatch.setattr(held_out, "CHUNK", 1000)
     # a corpus larger than SCAN_TOKENS is read in windows: documents cut by a window's edges are left out
     monkeypatch.setattr(held_out, "SCAN_TOKENS", len(stream) // 2)
     monkeypatch.setattr(held_out, "WINDOWS", 4)
