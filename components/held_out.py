@@ -97,7 +97,7 @@ def check_documents(held_out, training: Sequence[Tuple[str, object]], eos_id: in
     if not len(held):
         return
     longest = max(int(lengths.max()) for _, lengths in pieces if len(lengths))
-    found, read, total, where = np.zeros(len(held), bool), 0, 0, []
+    found, read, total, per_source = np.zeros(len(held), bool), 0, 0, []
     for key, tokens in training:
         total += len(tokens)
         read += sum(b - a for a, b in _windows(len(tokens)))
@@ -108,12 +108,12 @@ def check_documents(held_out, training: Sequence[Tuple[str, object]], eos_id: in
             hit[hit] = held[at[hit]] == keys[hit]
             here[at[hit]] = True
         if here.any():
-            where.append(f"{key}: {int(here.sum()):,}")
+            per_source.append(f"{key}: {int(here.sum()):,}")
         found |= here
     if not total:
         return
     count, share = int(found.sum()), read / total
-    where = "; ".join(where) if len(training) > 1 else training[0][0]
+    where = "; ".join(per_source) if len(training) > 1 else training[0][0]
     scope = "all its tokens read" if share >= 1 else f"{share:.1%} of its tokens read, in {WINDOWS} windows"
     seconds = time.monotonic() - began
     if count / share >= REFUSED_SHARE * len(held):
