@@ -581,14 +581,16 @@ def _chat_fix(name: str) -> str:
             "or their contents one after another) and set data.text_field to it.")
 
 
+def _is_conversation(value) -> bool:
+    """A list of turns, each an object with its text under ``content``/``value``/``text``."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(turn, dict) and any(isinstance(turn.get(k), str) for k in CHAT_TURN_TEXT) for turn in value)
+
+
 def _record_chat_field(record) -> Optional[str]:
-    """The name of a JSON record's field that holds a conversation (a list of turns, each an
-    object with its text under ``content``/``value``/``text``), if any."""
-    for name, value in (record.items() if isinstance(record, dict) else ()):
-        if isinstance(value, list) and value and all(
-                isinstance(turn, dict) and any(isinstance(turn.get(k), str) for k in CHAT_TURN_TEXT) for turn in value):
-            return name
-    return None
+    """The name of a JSON record's field that holds a conversation, if any."""
+    return next((name for name, value in record.items() if _is_conversation(value)), None) \
+        if isinstance(record, dict) else None
 
 
 def _schema_chat_field(fields) -> Optional[str]:
@@ -1048,7 +1050,7 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
         skipped.skip(f"with a null {text_field!r}", at, kept)
         return None
     if not isinstance(value, str):
-        if _record_chat_field({text_field: value}) is not None:
+        if _is_conversation(value):
             raise DataError(f"{key}: {place}: {_chat_fix(text_field)}")
         raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: make it a "
                         "string in that record, or set data.text_field to the field holding the text.")
@@ -1284,7 +1286,7 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
             continue
         value = _utf8(value, row, undecodable)
         if not isinstance(value, str):
-            if _record_chat_field({text_field: value}) is not None:
+            if _is_conversation(value):
                 raise DataError(f"{key}: {path} row {row}: {_chat_fix(text_field)}")
             hint = " (a list: join its items into one string per row first)" if isinstance(value, list) else ""
             raise DataError(f"{key}: {path} row {row}: {text_field!r} is {type(value).__name__}, not text{hint}. "

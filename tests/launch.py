@@ -23,14 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def recipe_command(recipe: str, *args: str, nproc: int = 1, via_tune: bool = False) -> list:
+def recipe_command(recipe: str, *args: str, nproc: int = 1, nnodes: int = 1, port: int = 0,
+                   via_tune: bool = False) -> list:
     """The command line that runs ``letrecipes/<recipe>.py`` with ``args`` (``--config`` and
-    overrides) in one process or ``nproc``, rendezvousing on 127.0.0.1 on a free port."""
-    launcher = ["--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", f"127.0.0.1:{free_port()}"] if nproc > 1 else []
+    overrides) in one process or ``nproc``, rendezvousing on 127.0.0.1 on a free port (or
+    ``port``: the one each of ``nnodes`` launchers, one per pretended node, must share)."""
+    several = nproc > 1 or nnodes > 1
+    launcher = ["--nnodes", str(nnodes)] if nnodes > 1 else []
+    launcher += ["--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
+                 "--rdzv_endpoint", f"127.0.0.1:{port or free_port()}"] if several else []
     if via_tune:
         return [sys.executable, "-m", "torchtune._cli.tune", "run", *launcher, f"letrecipes/{recipe}", *args]
-    if nproc > 1:
+    if several:
         return [sys.executable, "-m", "torch.distributed.run", *launcher, str(REPO / "letrecipes" / f"{recipe}.py"),
                 *args]
     return [sys.executable, "-m", f"letrecipes.{recipe}", *args]

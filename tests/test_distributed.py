@@ -264,17 +264,12 @@ def test_two_nodes_sharing_a_cache_each_say_in_their_own_log_who_prepares(base_o
     one data.cache_dir: one node's first process prepares the corpus, the other's waits for
     it, and each says so in its own node's log (before: only global rank 0 logged, so node
     1 printed nothing while it prepared, or while it waited)."""
-    import sys
-
-    from tests.launch import REPO, free_port
+    from tests.launch import free_port
 
     overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
-    port = free_port()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", str(REPO / "letrecipes" / "pretrain.py"),
-               "--config", "pretrain_tiny", *overrides, f"data.source={corpus_dir}",
-               f"data.cache_dir={tmp_path / 'shared_cache'}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
-               "eval_every=0"]
+    command = recipe_command("pretrain", "--config", "pretrain_tiny", *overrides, f"data.source={corpus_dir}",
+                             f"data.cache_dir={tmp_path / 'shared_cache'}", f"output_dir={tmp_path / 'run'}",
+                             "max_steps=1", "eval_every=0", nnodes=2, port=free_port())
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for _ in range(2)]
