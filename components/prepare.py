@@ -7,7 +7,8 @@ Layout of a prepared folder::
     manifest.json          written last: its presence means the folder is complete
     plan.json              the units to prepare and the settings (checked on a rerun)
     shard_000000.bin       the token ids of unit 0, each document followed by EOS
-    shard_000000.json      its token and document counts (written after the .bin)
+    shard_000000.keys.npy  its documents' keys (components/document_keys.py)
+    shard_000000.json      its token and document counts (written after the .bin and keys)
 
 Each unit of the corpus (``corpus.list_units``) becomes one shard, written to a temporary
 file named after the host and process, then renamed: a killed prepare leaves finished
@@ -38,6 +39,7 @@ import numpy as np
 
 from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, READER_VERSION, DataError,
                                           DataWarning, Unit, list_units, read_unit_in_pieces, source_files)
+from letrecipes.components.document_keys import MIN_TOKENS, count_repeats, keys_path, stored_keys, write_shard_keys
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
                                         unique_tmp)
 from letrecipes.components.progress import elapsed_and_eta
@@ -52,6 +54,7 @@ DOCS_PER_BATCH = 256
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 180.0
 UNKNOWN_LIMIT = 0.01  # of a corpus's tokens that may be the unknown token before the prepare warns
+REPEAT_LIMIT = 0.01  # of a corpus's tokens that may be in copies of its documents before the prepare warns
 PIECE_CHARS = 1 << 18  # a longer document is encoded in pieces of about this many characters
 KEPT_WARNINGS = 10  # warnings of a unit kept in its shard's .json
 BATCH_CHARS = 1 << 22  # characters per encode call: ~700 MB of encodings at most
@@ -191,6 +194,7 @@ def _prepare_unit(job: dict) -> dict:
     except BaseException:  # a failed or interrupted write leaves nothing behind
         tmp.unlink(missing_ok=True)
         raise
+    write_shard_keys(data_path, dtype, tokenizer.eos_id)
     # The first warnings are kept with the shard: a later run that finds it done can still say why a
     # corpus came out empty.
     meta = {"file": f"{name}.bin", "tokens": tokens, "documents": documents, "unknown_tokens": unknown,
@@ -272,6 +276,10 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         manifest = json.loads((out_dir / MANIFEST).read_text())
         damaged = [i for i in range(len(units)) if not _shard_done(out_dir, i, dtype.itemsize)]
         if manifest.get("plan") == plan and not damaged:
+            if manifest.get("repeats") is None:  # prepared by a letrecipes that kept no document keys
+                manifest["repeats"] = _repeats(out_dir, manifest["shards"], dtype, tokenizer.eos_id, log)
+                replace_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+                warn_if_repeated(out_dir, manifest, key)
             log(f"prepare: {out_dir} is already prepared ({manifest['tokens']:,} tokens); nothing to do")
             return manifest
         if manifest.get("plan") == plan:
@@ -343,22 +351,45 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         raise DataError(f"{key}: the source holds no text (0 documents{skipped}). Fix: point it at a corpus with "
                         f"text in it.{earlier_note}")
     warn_if_unspellable(out_dir, unknown, total, tokenizer, key)
+    repeats = _repeats(out_dir, shards, dtype, tokenizer.eos_id, log)
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
-                              list(dict.fromkeys(p for u in units for p in u.paths)), plan)
+                              list(dict.fromkeys(p for u in units for p in u.paths)), plan, repeats)
+    warn_if_repeated(out_dir, manifest, key)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
     return manifest
 
 
+def _repeats(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int, log: Callable[[str], None]) -> dict:
+    """Count the documents that are copies of others across the corpus, keying first the
+    shards that have no keys (written by an earlier letrecipes, or killed between the two)."""
+    began = time.perf_counter()
+    for shard in shards:
+        if not keys_path(out_dir / shard["file"]).is_file():
+            write_shard_keys(out_dir / shard["file"], dtype, eos_id)
+    arrays = stored_keys(out_dir, [s["file"] for s in shards])
+    if arrays is None:  # a keys file that does not read: rewritten once
+        for shard in shards:
+            write_shard_keys(out_dir / shard["file"], dtype, eos_id)
+        arrays = stored_keys(out_dir, [s["file"] for s in shards])
+    repeats = count_repeats(arrays)
+    total = sum(s["tokens"] for s in shards) or 1
+    log(f"prepare: {repeats['copies']:,} of {repeats['documents']:,} documents (of {MIN_TOKENS}+ tokens) are copies "
+        f"of another, {repeats['copy_tokens'] / total:.2%} of the tokens; {time.perf_counter() - began:.1f} s")
+    return repeats
+
+
 def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtype: np.dtype, text_field: str,
-                   sources: List[str], plan: Optional[dict] = None) -> dict:
-    """Mark ``out_dir`` complete: ``shards`` are ``{file, tokens, documents}`` in stream order."""
+                   sources: List[str], plan: Optional[dict] = None, repeats: Optional[dict] = None) -> dict:
+    """Mark ``out_dir`` complete: ``shards`` are ``{file, tokens, documents}`` in stream order;
+    ``repeats`` is :func:`document_keys.count_repeats`'s count, when made."""
     manifest = {"format_version": FORMAT_VERSION, "tokens": sum(s["tokens"] for s in shards),
                 "documents": sum(s["documents"] for s in shards),
                 "unknown_tokens": sum(s.get("unknown_tokens", 0) for s in shards), "dtype": np.dtype(dtype).name,
                 "tokenizer": {"fingerprint": tokenizer.fingerprint(), "path": str(tokenizer.path),
                               "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
                 "text_field": text_field, "sources": sources,
-                "shards": [{k: s[k] for k in ("file", "tokens", "documents")} for s in shards], "plan": plan}
+                "shards": [{k: s[k] for k in ("file", "tokens", "documents")} for s in shards], "plan": plan,
+                "repeats": repeats}
     replace_atomically(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -517,22 +548,50 @@ def _check_waited(start: float, timeout_s: float, who: str, source, folder: Path
                         "prepare it beforehand with `letrecipes prepare-data`, or raise data.prepare_timeout_s.")
 
 
-# folders this process has warned about: a run that prepares and then reads a corpus says it once
-_UNSPELLABLE_WARNED: set = set()
+# (warning, folder) pairs this process has given: a run that prepares and then reads a corpus says each once
+_WARNED: set = set()
+
+
+def _first_time(warning: str, folder: Path) -> bool:
+    seen = (warning, Path(folder).resolve())
+    if seen in _WARNED:
+        return False
+    _WARNED.add(seen)
+    return True
 
 
 def warn_if_unspellable(folder: Path, unknown: int, total: int, tokenizer: Tokenizer, key: str) -> None:
     """One warning when more than ``UNKNOWN_LIMIT`` of a corpus's tokens are the unknown
     token: when it is prepared, and again in every run that reads it (the prepare's log may
     be long gone)."""
-    if unknown <= UNKNOWN_LIMIT * total or Path(folder).resolve() in _UNSPELLABLE_WARNED:
+    if unknown <= UNKNOWN_LIMIT * total or not _first_time("unspellable", folder):
         return
-    _UNSPELLABLE_WARNED.add(Path(folder).resolve())
     unk = tokenizer.hf.id_to_token(tokenizer.unk_id) if tokenizer.unk_id is not None else "unknown"
     warnings.warn(f"{key}: {unknown:,} of the {total:,} tokens ({unknown / total:.1%}) are the tokenizer's unknown "
                   f"token {unk!r}: it cannot spell much of this corpus (another script or language than it was "
                   "trained on?). Fix: a tokenizer trained on text like this one (a byte-level BPE spells any text); the "
                   "model cannot learn what reaches it as unknown.", DataWarning, stacklevel=3)
+
+
+def warn_if_repeated(folder: Path, manifest: dict, key: str) -> None:
+    """One warning when more than ``REPEAT_LIMIT`` of a corpus's tokens are in copies of its
+    own documents (a file beside its compressed copy, a folder copied into itself, a crawl
+    not deduplicated): when it is prepared, and in every run that reads it."""
+    repeats = manifest.get("repeats")
+    if not repeats or repeats["copy_tokens"] <= REPEAT_LIMIT * manifest["tokens"] or not _first_time("repeated", folder):
+        return
+    units = [Unit(**{**u, "paths": tuple(u["paths"])}) for u in (manifest.get("plan") or {}).get("units", [])]
+
+    def named(index: int) -> str:
+        return units[index].describe() if index < len(units) else manifest["shards"][index]["file"]
+
+    shared = "; ".join(f"{n:,} within {named(a)}" if a == b else f"{n:,} in both {named(a)} and {named(b)}"
+                       for a, b, n in repeats["shared"])
+    warnings.warn(f"{key}: {repeats['copies']:,} of its {repeats['documents']:,} documents (of {MIN_TOKENS}+ tokens) "
+                  f"are copies of another, {repeats['copy_tokens'] / manifest['tokens']:.1%} of its tokens: the model "
+                  f"trains on that text two or more times an epoch (most: {shared}). A file beside its compressed copy, "
+                  "a folder copied into itself or a crawl not deduplicated does this. Fix: remove the copies from the "
+                  "corpus (to weight a corpus on purpose, give data.sources weights).", DataWarning, stacklevel=3)
 
 
 def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "data.source") -> Dict[str, Any]:
@@ -558,4 +617,5 @@ def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "dat
                             "made the folder (it redoes only damaged shards), or delete the folder if it is a cache.")
     if tokenizer is not None:
         warn_if_unspellable(folder, int(manifest.get("unknown_tokens", 0)), int(manifest["tokens"]), tokenizer, key)
+        warn_if_repeated(folder, manifest, key)
     return manifest

@@ -171,7 +171,9 @@ def test_held_out_documents_copied_into_the_training_data_under_other_files_are_
     """The file comparison above misses a held-out set that reached the training corpus
     re-sharded or converted (the plays' scenes as JSON lines and as parquet, here): its
     documents are compared by their tokens. A copy is refused; a few repeats (as a crawl
-    has by chance) are a warning; other text passes, and the log says what was read."""
+    has by chance) are a warning; other text passes, and the log says what was read. The
+    training documents are those the prepare keyed, or (a folder keyed by no prepare) hashed
+    from its tokens."""
     import json
 
     import pyarrow as pa
@@ -204,6 +206,11 @@ def test_held_out_documents_copied_into_the_training_data_under_other_files_are_
                "seq_len": 32, "cache_dir": str(tmp_path / "cache")}
     with pytest.raises(DataError, match=r"20 of its 20 documents .* \(data.sources\[1\].source: 20; all its tokens read\)"):
         build_datasets({**mixture, "val_source": str(copied)}, tok, seed=0, log=print)
+    # a training folder prepared before document keys were kept: its tokens are hashed instead, the same finding
+    for keys in (tmp_path / "cache").glob("prepared-*/*.keys.npy"):
+        keys.unlink()
+    with pytest.raises(DataError, match=r"20 of its 20 documents .* \(data.source; all its tokens read\)"):
+        build_datasets({**section, "val_source": str(copied)}, tok, seed=0, log=print)
 
 
 def test_document_keys_do_not_depend_on_chunks_windows_or_position(monkeypatch):
@@ -211,7 +218,7 @@ def test_document_keys_do_not_depend_on_chunks_windows_or_position(monkeypatch):
     and wherever the document sits; a document in another order, or cut short, is another."""
     import numpy as np
 
-    from letrecipes.components import held_out
+    from letrecipes.components import document_keys, held_out
 
     class Tokens:
         def __init__(self, array):
@@ -223,33 +230,33 @@ def test_document_keys_do_not_depend_on_chunks_windows_or_position(monkeypatch):
         def __getitem__(self, index):
             return self.array[index]
 
-    monkeypatch.setattr(held_out, "MIN_TOKENS", 3)
+    monkeypatch.setattr(document_keys, "MIN_TOKENS", 3)
     rng = np.random.default_rng(0)
     docs = [np.append(rng.integers(1, 500, size=int(n)), 0).astype(np.uint16) for n in rng.integers(1, 40, size=300)]
     stream = np.concatenate(docs)
-    whole = np.concatenate([k for k, _ in held_out.corpus_keys(Tokens(stream), 0)])
+    whole = np.concatenate([k for k, _ in document_keys.corpus_keys(Tokens(stream), 0)])
     for chunk in (5, 17, 64, 1000):
-        monkeypatch.setattr(held_out, "CHUNK", chunk)
-        assert np.array_equal(np.concatenate([k for k, _ in held_out.corpus_keys(Tokens(stream), 0)]), whole)
+        monkeypatch.setattr(document_keys, "CHUNK", chunk)
+        assert np.array_equal(np.concatenate([k for k, _ in document_keys.corpus_keys(Tokens(stream), 0)]), whole)
     long_enough = [d for d in docs if len(d) >= 3]
     assert len(whole) == len(long_enough) == len(set(whole.tolist()))
     base = next(i for i, d in enumerate(docs) if len(d) >= 10)
     key = whole[[i for i, d in enumerate(docs) if len(d) >= 3].index(base)]
     moved = np.concatenate([docs[base + 1], docs[base]])  # at another position in another stream
-    assert held_out.document_keys(moved, 0, True)[0][-1] == key
+    assert document_keys.document_keys(moved, 0, True)[0][-1] == key
     reordered = docs[base].copy()
     reordered[:-1] = reordered[:-1][::-1]
     shorter = docs[base][1:]
     for other in (reordered, shorter):
-        assert held_out.document_keys(other, 0, True)[0][0] not in whole.tolist()
+        assert document_keys.document_keys(other, 0, True)[0][0] not in whole.tolist()
     # a document longer than `longest` (MAX_TOKENS: a book as one document) is left out, the next one is not
-    monkeypatch.setattr(held_out, "CHUNK", 16)
+    monkeypatch.setattr(document_keys, "CHUNK", 16)
     book = np.append(rng.integers(1, 500, size=200), 0).astype(np.uint16)
-    after_it = [k for k, _ in held_out.corpus_keys(Tokens(np.concatenate([book, docs[base]])), 0, longest=50)]
+    after_it = [k for k, _ in document_keys.corpus_keys(Tokens(np.concatenate([book, docs[base]])), 0, longest=50)]
     assert np.concatenate(after_it).tolist() == [key]
-    monkeypatch.setattr(held_out, "CHUNK", 1000)
+    monkeypatch.setattr(document_keys, "CHUNK", 1000)
     # a corpus larger than SCAN_TOKENS is read in windows: documents cut by a window's edges are left out
     monkeypatch.setattr(held_out, "SCAN_TOKENS", len(stream) // 2)
     monkeypatch.setattr(held_out, "WINDOWS", 4)
-    windowed = np.concatenate([k for k, _ in held_out.corpus_keys(Tokens(stream), 0)])
+    windowed = np.concatenate([k for k, _ in document_keys.corpus_keys(Tokens(stream), 0, spans=held_out._windows(len(stream)))])
     assert 0 < len(windowed) < len(whole) and set(windowed.tolist()) <= set(whole.tolist())

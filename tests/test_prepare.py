@@ -680,7 +680,7 @@ def test_a_tokenizer_that_cannot_spell_the_corpus_is_named_once(tokenizer_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not twice in the process that prepared it
         TokenShards(tmp_path / "out", wordpiece)
-    prepare_module._UNSPELLABLE_WARNED.clear()  # a later run, in a process of its own, reads the prepared folder
+    prepare_module._WARNED.clear()  # a later run, in a process of its own, reads the prepared folder
     with pytest.warns(corpus.DataWarning, match="it cannot spell"):
         TokenShards(tmp_path / "out", wordpiece)
     byte_level = Tokenizer(tokenizer_path)
@@ -980,3 +980,67 @@ def test_damaged_files_of_every_format_are_one_error(tokenizer_path, tmp_path):
         with pytest.raises(DataError, match=match):
             prepare_corpus(tmp_path / name, tok, tmp_path / f"out_{name}", **QUIET)
         assert not (tmp_path / f"out_{name}" / MANIFEST).exists()
+
+
+def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(tokenizer_path, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A file beside its compressed copy, and a file re-sharded into parquet, trained twice
+    without a word. The prepare keys every document (kept beside each shard), counts the
+    copies across the corpus, names the files that share the most, and warns in every run
+    that reads the folder. A corpus without copies is silent; counting a range of keys at a
+    time gives the same count; a folder prepared before keys were kept gets them on a rerun."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from letrecipes.components import document_keys
+
+    tok = Tokenizer(tokenizer_path)
+    texts = documents(90)
+    lines = lambda docs: "".join(json.dumps({"text": d}) + "\n" for d in docs)  # noqa: E731
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text(lines(texts[:40]))
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(lines(texts[:40]).encode()))
+    (src / "b.jsonl").write_text(lines(texts[40:80]))
+    pq.write_table(pa.table({"text": texts[40:50][::-1]}), src / "c.parquet")  # 10 of b's, re-sharded
+    keyed = sum(len(tok.encode(t)) + 1 >= document_keys.MIN_TOKENS for t in texts[:50])
+    assert keyed == 50  # every document of these is long enough to be keyed
+    with pytest.warns(corpus.DataWarning) as caught:
+        manifest = prepare_corpus(src, tok, tmp_path / "out", log=print)
+    said = [str(w.message) for w in caught if "copies of another" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith("data.source: 50 of its 130 documents (of 32+ tokens) are copies of another")
+    assert f"most: 40 in both {src / 'a.jsonl'} and {src / 'a.jsonl.gz'}; 10 in both {src / 'b.jsonl'} and " in said[0]
+    assert "Fix: remove the copies" in said[0]
+    assert manifest["repeats"]["copies"] == 50 and manifest["repeats"]["documents"] == 130
+    assert "prepare: 50 of 130 documents (of 32+ tokens) are copies of another" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.keys.npy")) == [f"shard_00000{i}.keys.npy" for i in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not twice in the process that prepared it
+        TokenShards(tmp_path / "out", tok)
+    prepare_module._WARNED.clear()  # a training run, in a process of its own
+    with pytest.warns(corpus.DataWarning, match="50 of its 130 documents .* are copies of another"):
+        TokenShards(tmp_path / "out", tok)
+    # counted a range of keys at a time, the same figures
+    monkeypatch.setattr(document_keys, "PASS_KEYS", 7)
+    arrays = document_keys.stored_keys(tmp_path / "out", [s["file"] for s in manifest["shards"]])
+    assert document_keys.count_repeats(arrays) == manifest["repeats"]
+    # a folder prepared before keys were kept: a rerun of the prepare keys it and counts
+    for keys in (tmp_path / "out").glob("*.keys.npy"):
+        keys.unlink()
+    old = {k: v for k, v in manifest.items() if k != "repeats"}
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps(old))
+    prepare_module._WARNED.clear()
+    with pytest.warns(corpus.DataWarning, match="50 of its 130 documents"):
+        assert prepare_corpus(src, tok, tmp_path / "out", **QUIET)["repeats"] == manifest["repeats"]
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["repeats"] == manifest["repeats"]
+    # no copies: no warning, and the count says 0
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "a.jsonl").write_text(lines(texts[:40]))
+    (clean / "b.jsonl").write_text(lines(texts[40:]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare_corpus(clean, tok, tmp_path / "out2", **QUIET)["repeats"]["copies"] == 0

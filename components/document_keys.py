@@ -1,0 +1,170 @@
+"""Documents as keys: each document of a prepared corpus as a length and a 64-bit hash of
+its tokens in order (a document ends at an end-of-text token).
+
+The prepare step stores every shard's keys beside it (``shard_000000.keys.npy``: rows of
+``[key, length]`` sorted by key, 16 bytes a document, under 1% of the shard) and counts
+the documents that repeat across the whole corpus (:func:`count_repeats`, kept in the
+manifest); the held-out check (``held_out.py``) looks its documents up in those keys.
+
+Why our own: the hashing is a few numpy passes over token arrays this project already
+writes; deduplication libraries work on text, over the whole corpus again, and decide
+what to drop; here nothing is dropped: the user is told, with the files named.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from letrecipes.components.files import unique_tmp
+
+MIN_TOKENS = 32  # shorter documents (a cookie notice, "page not found") recur in any crawl by chance
+MAX_TOKENS = 1 << 20  # longer ones (a whole book as one document) are left out: their carry would grow unbounded
+CHUNK = 1 << 22  # tokens hashed at a time: about 150 MB of temporaries
+KEYS_SUFFIX = ".keys.npy"
+PASS_KEYS = 1 << 24  # keys sorted at a time when counting repeats: about 450 MB with their temporaries
+TOP_PAIRS = 3  # pairs of units sharing the most documents, named in the report
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, element-wise (arithmetic modulo 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def document_keys(tokens: np.ndarray, eos_id: int, first_is_whole: bool) -> Tuple[np.ndarray, np.ndarray, int]:
+    """One 64-bit key (a hash of the tokens in order, and the length) and the length of each
+    document of ``MIN_TOKENS`` or more that ends in ``tokens``; and where the unfinished last
+    one starts (-1: none does, the tokens all belong to a document whose start was not seen).
+    The text before the first end-of-text token is a document only if ``first_is_whole``."""
+    ends = np.flatnonzero(tokens == eos_id) + 1
+    rest = int(ends[-1]) if len(ends) else (0 if first_is_whole else -1)
+    starts = np.concatenate([[0], ends[:-1]])
+    if not first_is_whole:
+        starts, ends = starts[1:], ends[1:]
+    lengths = ends - starts
+    keep = lengths >= MIN_TOKENS
+    if not keep.any():
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), rest
+    with np.errstate(over="ignore"):
+        span = slice(int(starts[0]), int(ends[-1]))
+        position = np.arange(span.start, span.stop, dtype=np.int64) - np.repeat(starts, lengths)
+        mixed = _mix(tokens[span].astype(np.uint64) + _mix(position.astype(np.uint64) + np.uint64(1)))
+        total = np.concatenate([[np.uint64(0)], np.cumsum(mixed, dtype=np.uint64)])
+        kept = lengths[keep]
+        keys = (total[ends[keep] - span.start] - total[starts[keep] - span.start]) ^ _mix(kept.astype(np.uint64))
+    return keys, kept, rest
+
+
+def corpus_keys(tokens, eos_id: int, longest: int = MAX_TOKENS,
+                spans: Optional[Sequence[Tuple[int, int]]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """The document keys and lengths of a prepared corpus (anything sliced as ``tokens[a:b]``, with a
+    length), span by span (all of it by default) and chunk by chunk. A document that runs on past
+    the end of a chunk is carried into the next one, unless it is already longer than ``longest``:
+    it could match nothing, and one document can be a whole corpus."""
+    for start, stop in spans or [(0, len(tokens))]:
+        carry, whole, at = np.zeros(0, tokens[0:0].dtype), start == 0, start
+        while at < stop:
+            chunk = np.concatenate([carry, tokens[at:min(at + CHUNK, stop)]])
+            at = min(at + CHUNK, stop)
+            keys, lengths, rest = document_keys(chunk, eos_id, whole)
+            yield keys, lengths
+            carry, whole = (chunk[:0], False) if rest < 0 else (chunk[rest:], True)
+            if len(carry) > longest:
+                carry, whole = carry[:0], False  # skipped to its end
+
+
+def keys_path(shard_bin: Path) -> Path:
+    return Path(shard_bin).with_suffix(KEYS_SUFFIX)
+
+
+class _ShardFile:
+    """A shard file as ``len`` and slices, read with plain reads: a memory map's pages would
+    count in the worker's resident memory (the whole shard, by its end)."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.size = os.path.getsize(path) // self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, _ = index.indices(self.size)
+        return np.fromfile(self.path, self.dtype, count=max(stop - start, 0), offset=start * self.dtype.itemsize)
+
+
+def write_shard_keys(shard_bin: Path, dtype: np.dtype, eos_id: int) -> int:
+    """Key every document of a written shard (it starts at a document's start) into its keys
+    file; return how many were keyed."""
+    pieces = list(corpus_keys(_ShardFile(shard_bin, dtype), eos_id))
+    keys = np.concatenate([np.zeros(0, np.uint64), *(k for k, _ in pieces)])
+    lengths = np.concatenate([np.zeros(0, np.int64), *(n for _, n in pieces)]).astype(np.uint64)
+    order = np.argsort(keys, kind="stable")
+    rows = np.stack([keys[order], lengths[order]], axis=1)
+    target = keys_path(shard_bin)
+    tmp = unique_tmp(target)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, rows)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(rows)
+
+
+def stored_keys(folder: Path, shard_files: Sequence[str]) -> Optional[List[np.ndarray]]:
+    """Each shard's ``[key, length]`` rows (memory-mapped), or None when any shard has none
+    (prepared before they were kept) or they do not read."""
+    arrays = []
+    for name in shard_files:
+        try:
+            rows = np.load(keys_path(Path(folder) / name), mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if rows.ndim != 2 or rows.shape[1] != 2 or rows.dtype != np.uint64:
+            return None
+        arrays.append(rows)
+    return arrays
+
+
+def count_repeats(arrays: Sequence[np.ndarray]) -> Dict[str, object]:
+    """How many documents (of ``MIN_TOKENS``+) are copies of another in the corpus, the tokens
+    in those copies, and the pairs of shards sharing the most (``[first, other, count]``: the
+    shard holding a document first, one holding a copy; the same shard twice for copies
+    within it). The keys are counted a range of key values at a time, ``PASS_KEYS`` at most."""
+    total = sum(len(a) for a in arrays)
+    passes = max(1, -(-total // PASS_KEYS))
+    bounds = [np.uint64(((1 << 64) * p) // passes) for p in range(passes)]
+    copies = copy_tokens = 0
+    pairs: Dict[Tuple[int, int], int] = {}
+    for p in range(passes):
+        keys, lengths, shard = [], [], []
+        for i, rows in enumerate(arrays):
+            column = rows[:, 0]
+            lo = int(np.searchsorted(column, bounds[p]))
+            hi = int(np.searchsorted(column, bounds[p + 1])) if p + 1 < passes else len(rows)
+            part = np.asarray(rows[lo:hi])
+            keys.append(part[:, 0]), lengths.append(part[:, 1]), shard.append(np.full(hi - lo, i, np.int64))
+        keys_p, lengths_p, shard_p = (np.concatenate([np.zeros(0, d), *x]) for d, x in
+                                      ((np.uint64, keys), (np.uint64, lengths), (np.int64, shard)))
+        order = np.argsort(keys_p, kind="stable")
+        keys_p, lengths_p, shard_p = keys_p[order], lengths_p[order], shard_p[order]
+        same = keys_p[1:] == keys_p[:-1]
+        if not same.any():
+            continue
+        copies += int(same.sum())
+        copy_tokens += int(lengths_p[1:][same].sum())
+        group_start = np.flatnonzero(np.concatenate([[True], ~same]))
+        first = shard_p[group_start[np.cumsum(np.concatenate([[True], ~same])) - 1]]
+        codes, counts = np.unique(first[1:][same] * len(arrays) + shard_p[1:][same], return_counts=True)
+        for code, count in zip(codes.tolist(), counts.tolist()):
+            pair = divmod(code, len(arrays))
+            pairs[pair] = pairs.get(pair, 0) + count
+    top = sorted(pairs.items(), key=lambda item: -item[1])[:TOP_PAIRS]
+    return {"documents": total, "copies": copies, "copy_tokens": copy_tokens,
+            "shared": [[a, b, n] for (a, b), n in top]}
