@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -25,10 +26,11 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from letrecipes.components.checkpointing import file_digest
-from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, source_files
+from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, DataWarning, source_files
+from letrecipes.components.document_keys import MIN_TOKENS, count_repeats, stored_keys
 from letrecipes.components.held_out import check_documents
 from letrecipes.components.parallel import on_rank0
-from letrecipes.components.prepare import cached_prepare, is_prepared, read_manifest
+from letrecipes.components.prepare import REPEAT_LIMIT, cached_prepare, is_prepared, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
 
@@ -451,8 +453,35 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
             "data trains (data.val_fraction is not used)")
     if len(specs) == 1:
         return train[0], held_out or (val[0] if val else None), []
+    on_rank0(lambda: _warn_about_shared_documents([part.tokens for part in train], names, log))
     mixed_val = MixtureDataset(val, weights, seed=0) if val else None
     return MixtureDataset(train, weights, seed=seed), held_out or mixed_val, names
+
+
+def _warn_about_shared_documents(corpora: Sequence["TokenShards"], names: Sequence[str],
+                                 log: Callable[[str], None]) -> None:
+    """Warn when two sources of a mixture share documents (FineWeb-Edu beside FineWeb, a
+    corpus listed twice under two paths): that text trains at both weights. Each corpus's
+    own copies are its prepare's warning; this counts the copies across them, by the keys
+    their prepares stored (a corpus prepared by an earlier letrecipes has none: not counted)."""
+    arrays, groups = [], []
+    for i, corpus in enumerate(corpora):
+        stored = stored_keys(corpus.folder, [s["file"] for s in corpus.manifest["shards"]])
+        if stored is None:
+            log(f"data: documents shared between the sources not counted: {names[i]} ({corpus.folder}) has no document "
+                "keys (prepared by an earlier letrecipes; its prepare-data command, run again, adds them)")
+            return
+        arrays += stored
+        groups += [i] * len(stored)
+    shared = [(a, b, n, t) for a, b, n, t in count_repeats(arrays, groups, top=len(corpora) ** 2)["shared"] if a != b]
+    log(f"data: {sum(n for _, _, n, _ in shared):,} documents (of {MIN_TOKENS}+ tokens) of one source are in another "
+        f"too ({len(corpora)} sources)")
+    for a, b, n, t in shared:
+        if t > REPEAT_LIMIT * len(corpora[b]):
+            warnings.warn(DataWarning(
+                f"data.sources: {n:,} documents of {names[b]!r} are in {names[a]!r} too ({t / len(corpora[b]):.1%} of "
+                f"{names[b]!r}'s tokens): that text trains at both sources' weights. Fix: none, if it is meant; "
+                f"otherwise remove them from one of the two (or drop one source)."), stacklevel=3)
 
 
 def _corpus_files(source, key: str) -> List[str]:

@@ -132,39 +132,45 @@ def stored_keys(folder: Path, shard_files: Sequence[str]) -> Optional[List[np.nd
     return arrays
 
 
-def count_repeats(arrays: Sequence[np.ndarray]) -> Dict[str, object]:
-    """How many documents (of ``MIN_TOKENS``+) are copies of another in the corpus, the tokens
-    in those copies, and the pairs of shards sharing the most (``[first, other, count]``: the
-    shard holding a document first, one holding a copy; the same shard twice for copies
-    within it). The keys are counted a range of key values at a time, ``PASS_KEYS`` at most."""
+def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] = None,
+                  top: int = TOP_PAIRS) -> Dict[str, object]:
+    """How many documents (of ``MIN_TOKENS``+) are copies of another, and the tokens in those
+    copies; and the ``top`` pairs of groups sharing the most, as ``[first, other, copies,
+    tokens]``: the group holding a document first, one holding a copy (the same group twice
+    for copies within it). A group is an array (a shard) unless ``groups`` gives each array's
+    (the source of each shard of a mixture). The keys are counted a range of key values at a
+    time, ``PASS_KEYS`` at most."""
+    groups = list(range(len(arrays))) if groups is None else list(groups)
+    width = max(groups, default=0) + 1
     total = sum(len(a) for a in arrays)
     passes = max(1, -(-total // PASS_KEYS))
     bounds = [np.uint64(((1 << 64) * p) // passes) for p in range(passes)]
     copies = copy_tokens = 0
-    pairs: Dict[Tuple[int, int], int] = {}
+    pairs: Dict[Tuple[int, int], List[int]] = {}
     for p in range(passes):
-        keys, lengths, shard = [], [], []
-        for i, rows in enumerate(arrays):
+        keys, lengths, group = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+        for rows, g in zip(arrays, groups):
             column = rows[:, 0]
             lo = int(np.searchsorted(column, bounds[p]))
             hi = int(np.searchsorted(column, bounds[p + 1])) if p + 1 < passes else len(rows)
             part = np.asarray(rows[lo:hi])
-            keys.append(part[:, 0]), lengths.append(part[:, 1]), shard.append(np.full(hi - lo, i, np.int64))
-        keys_p, lengths_p, shard_p = (np.concatenate([np.zeros(0, d), *x]) for d, x in
-                                      ((np.uint64, keys), (np.uint64, lengths), (np.int64, shard)))
+            keys.append(part[:, 0]), lengths.append(part[:, 1]), group.append(np.full(hi - lo, g, np.int64))
+        keys_p, lengths_p, group_p = np.concatenate(keys), np.concatenate(lengths), np.concatenate(group)
         order = np.argsort(keys_p, kind="stable")
-        keys_p, lengths_p, shard_p = keys_p[order], lengths_p[order], shard_p[order]
+        keys_p, lengths_p, group_p = keys_p[order], lengths_p[order], group_p[order]
         same = keys_p[1:] == keys_p[:-1]
         if not same.any():
             continue
         copies += int(same.sum())
         copy_tokens += int(lengths_p[1:][same].sum())
-        group_start = np.flatnonzero(np.concatenate([[True], ~same]))
-        first = shard_p[group_start[np.cumsum(np.concatenate([[True], ~same])) - 1]]
-        codes, counts = np.unique(first[1:][same] * len(arrays) + shard_p[1:][same], return_counts=True)
-        for code, count in zip(codes.tolist(), counts.tolist()):
-            pair = divmod(code, len(arrays))
-            pairs[pair] = pairs.get(pair, 0) + count
-    top = sorted(pairs.items(), key=lambda item: -item[1])[:TOP_PAIRS]
+        new_group = np.concatenate([[True], ~same])
+        first = group_p[np.flatnonzero(new_group)[np.cumsum(new_group) - 1]]
+        codes, where = np.unique(first[1:][same] * width + group_p[1:][same], return_inverse=True)
+        counts = np.bincount(where)
+        tokens = np.bincount(where, weights=lengths_p[1:][same].astype(np.float64))
+        for code, count, n in zip(codes.tolist(), counts.tolist(), tokens.tolist()):
+            pair = pairs.setdefault(divmod(code, width), [0, 0])
+            pair[0], pair[1] = pair[0] + count, pair[1] + int(n)
+    ranked = sorted(pairs.items(), key=lambda item: -item[1][0])[:top]
     return {"documents": total, "copies": copies, "copy_tokens": copy_tokens,
-            "shared": [[a, b, n] for (a, b), n in top]}
+            "shared": [[a, b, n, t] for (a, b), (n, t) in ranked]}

@@ -586,7 +586,7 @@ def warn_if_repeated(folder: Path, manifest: dict, key: str) -> None:
         return units[index].describe() if index < len(units) else manifest["shards"][index]["file"]
 
     shared = "; ".join(f"{n:,} within {named(a)}" if a == b else f"{n:,} in both {named(a)} and {named(b)}"
-                       for a, b, n in repeats["shared"])
+                       for a, b, n, _ in repeats["shared"])
     warnings.warn(f"{key}: {repeats['copies']:,} of its {repeats['documents']:,} documents (of {MIN_TOKENS}+ tokens) "
                   f"are copies of another, {repeats['copy_tokens'] / manifest['tokens']:.1%} of its tokens: the model "
                   f"trains on that text two or more times an epoch (most: {shared}). A file beside its compressed copy, "

@@ -213,6 +213,39 @@ def test_held_out_documents_copied_into_the_training_data_under_other_files_are_
         build_datasets({**section, "val_source": str(copied)}, tok, seed=0, log=print)
 
 
+def test_sources_of_a_mixture_sharing_documents_are_named(corpus_dir, tmp_path, tokenizer_path, capsys):
+    """A mixture of a corpus and a subset of it (FineWeb-Edu beside FineWeb) trains the shared
+    text at both weights: a warning names the two sources and the share; sources with
+    nothing in common pass without one, and the log gives the count either way."""
+    import json
+    import warnings
+
+    from letrecipes.components.corpus import DataWarning
+    from letrecipes.components.data import build_datasets
+    from letrecipes.components.tokenizer import Tokenizer
+
+    scenes = [s for play in sorted(corpus_dir.glob("*.txt")) for s in play.read_text().split("\n\n") if len(s) > 400]
+    folders = {name: tmp_path / name for name in ("web", "edu", "books")}
+    chosen = {"web": scenes[:-60], "edu": scenes[10:40], "books": scenes[-60:]}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "part.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in chosen[name]))
+    tok = Tokenizer(tokenizer_path)
+
+    def mixture(*names):
+        return {"sources": [{"source": str(folders[n]), "name": n} for n in names], "seq_len": 32,
+                "cache_dir": str(tmp_path / "cache")}
+
+    with pytest.warns(DataWarning, match=r"data.sources: 30 documents of 'edu' are in 'web' too \(100.0% of 'edu'\'s "
+                                         r"tokens\): that text trains at both sources' weights"):
+        build_datasets(mixture("web", "edu"), tok, seed=0, log=print)
+    assert "data: 30 documents (of 32+ tokens) of one source are in another too (2 sources)" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_datasets(mixture("web", "books"), tok, seed=0, log=print)
+    assert "data: 0 documents (of 32+ tokens) of one source are in another too (2 sources)" in capsys.readouterr().out
+
+
 def test_document_keys_do_not_depend_on_chunks_windows_or_position(monkeypatch):
     """Each document's key is the same whatever chunk or window boundary cuts the stream,
     and wherever the document sits; a document in another order, or cut short, is another."""
