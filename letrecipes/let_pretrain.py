@@ -45,6 +45,7 @@ class LETPretrainRecipe(PretrainRecipe):
                       ("rho_measured", ".3g"), ("cosine", ".3f"), *PretrainRecipe.console_fields[2:])
 
     def setup_data(self) -> None:
+        self._check_alignment_end()
         self.teacher_shape = self._shape_past_stop()
         if self.teacher_shape is not None:  # resumed past S_stop: plain pretraining, the teacher is not read
             self.log(f"resume: {self.resume_from.name} is past S_stop; the teacher is not loaded (its shape for the "
@@ -114,16 +115,56 @@ class LETPretrainRecipe(PretrainRecipe):
         return {"teacher_fingerprint": content_fingerprint(existing_path(self.cfg.teacher.path, key="teacher.path"))}
 
     def settled_at(self, checkpoint: Path) -> List[str]:
-        return ["teacher fingerprint"] if self._past_stop(checkpoint) else []
+        # the stop may be restated (0.25 of 400 steps as 100): _check_alignment_end has judged where the end moves
+        return ["alignment.schedule.stop"] + (["teacher fingerprint"] if self._past_stop(checkpoint) else [])
+
+    @staticmethod
+    def _alignment_end(schedule_cfg: Any, max_steps: int) -> Optional[int]:
+        """S_stop in steps: the first step from which lambda is 0 for good (None: never)."""
+        return registry.build("schedule", schedule_cfg, key="alignment.schedule", total_steps=max_steps).end_step
 
     def _past_stop(self, checkpoint: Optional[Path]) -> bool:
         """Whether ``checkpoint`` was written at or after S_stop (lambda 0 from there on)."""
         step = step_of(checkpoint) if checkpoint is not None else None
         if step is None:
             return False
-        end = registry.build("schedule", self.cfg.alignment.get("schedule", "linear"), key="alignment.schedule",
-                             total_steps=self.max_steps).end_step
+        end = self._alignment_end(self.cfg.alignment.get("schedule", "linear"), self.max_steps)
         return end is not None and step >= end
+
+    def _check_alignment_end(self) -> None:
+        """A resume that moves S_stop (a new max_steps with ``stop`` a fraction of it, or a new
+        ``stop``) is logged; one that would bring back a teacher the run has released (LET
+        guides the early steps only, and its files may be gone) is refused, with the stop
+        that keeps the end where it was."""
+        step = step_of(self.resume_from) if self.resume_from is not None else None
+        saved = (saved_run_info(self.resume_from) or {}).get("config") if step is not None else None
+        if not saved or "max_steps" not in saved:
+            return
+        before_cfg = (saved.get("alignment") or {}).get("schedule", "linear")
+        now_cfg = self.cfg.alignment.get("schedule", "linear")
+        try:
+            before = self._alignment_end(before_cfg, int(saved["max_steps"]))
+        except (LetRecipesError, TypeError, ValueError):  # a schedule of one's own no longer importable: not judged
+            return
+        now = self._alignment_end(now_cfg, self.max_steps)
+        if before == now:
+            return
+
+        def said(end: Optional[int], cfg: Any, max_steps: int) -> str:
+            stop = cfg.get("stop") if isinstance(cfg, (dict, DictConfig)) else None
+            where = "never" if end is None else f"step {end}"
+            return f"{where} (alignment.schedule.stop={stop} of max_steps={max_steps})" if stop is not None else where
+
+        if before is not None and step >= before and (now is None or now > step):
+            raise RecipeError(
+                f"resume: {self.resume_from.name} is at step {step}, past the alignment's end at "
+                f"{said(before, before_cfg, int(saved['max_steps']))}, where the teacher was released; this config "
+                f"ends it at {said(now, now_cfg, self.max_steps)}, so the teacher would guide steps after {step} "
+                f"again. Fix: alignment.schedule.stop={before} (a number of steps) keeps the end where it was; to "
+                f"align again on purpose, start a new run from its weights (letrecipes export {self.resume_from} "
+                "<folder>, then init_from=<folder>).")
+        self.log(f"resume: the alignment's end (S_stop) moves from {said(before, before_cfg, int(saved['max_steps']))} "
+                 f"to {said(now, now_cfg, self.max_steps)}")
 
     def _shape_past_stop(self) -> Optional[Dict[str, Any]]:
         """The teacher's shape as the checkpoint resumed from recorded it, when that is past

@@ -201,7 +201,12 @@ class PretrainRecipe:
                 self.log(line)
             self.log_batch_change(changes or [])
             if any(key.startswith(("optimizer.", "lr_scheduler.")) or key == "max_steps" for key, _, _ in changes or []):
+                saved_lr = self.optimizer.param_groups[0]["lr"]
                 resume.apply_settings(self.optimizer, settings, self.lr_scheduler)
+                new_lr = self.optimizer.param_groups[0]["lr"]
+                if abs(new_lr - saved_lr) > 0.01 * abs(saved_lr):  # a schedule over a new length jumps, unannounced
+                    self.log(f"resume: the learning rate for step {self.step + 1} is {new_lr:.3g} on this config's "
+                             f"schedule, where the run had {saved_lr:.3g}")
         else:
             self.checkpointer.clear()
         if self.is_main:

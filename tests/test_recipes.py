@@ -1,6 +1,7 @@
 """The two recipes, run in-process on a tiny model: contract, resume, teacher release, bad input."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -130,7 +131,6 @@ def test_resume_continues_exactly(runner, extra, request, tmp_path):
     runner(*overrides, *extra, f"output_dir={straight}", "max_steps=8")
     runner(*overrides, *extra, f"output_dir={split}", "max_steps=8", "save_every=4")
     # simulate a crash after the step-4 checkpoint: drop the later checkpoint and export
-    import shutil
 
     shutil.rmtree(split / "checkpoints" / "step_00000008")
     shutil.rmtree(split / "final")
@@ -287,8 +287,6 @@ def test_resume_after_s_stop_neither_loads_nor_needs_the_teacher(let_overrides, 
     """Past S_stop the teacher guides nothing: a resume from there does not read it (a node
     without its files resumes; the aligner's saved state is rebuilt from the shape in the
     checkpoint's run_info.json) and goes on exactly as the run that was not stopped."""
-    import shutil
-
     teacher, run = tmp_path / "teacher", tmp_path / "run"
     shutil.copytree(teacher_dir, teacher)
     common = [*let_overrides, f"output_dir={run}", "max_steps=6", "save_every=4", "alignment.schedule.stop=2",
@@ -305,6 +303,43 @@ def test_resume_after_s_stop_neither_loads_nor_needs_the_teacher(let_overrides, 
     after = [r for r in steps(records) if r["step"] > 4]
     assert after and all("teacher_time_share" not in r and r["lambda"] == 0.0 for r in after)
     assert [r["step"] for r in records if r.get("event") == "teacher_released"] == [2]  # the first launch's
+
+
+def test_a_resume_that_moves_s_stop_is_logged_and_one_that_brings_a_released_teacher_back_is_refused(
+        let_overrides, tmp_path, capsys):
+    """``alignment.schedule.stop`` is a fraction of max_steps: raising max_steps on resume
+    moved S_stop, and past a released teacher brought it back mid-run with only
+    ``resume: max_steps 4 -> 12`` said. Now that is refused before anything is written,
+    naming the stop that keeps the end; that fix resumes without the teacher's files; a
+    resume before S_stop moves it and says so, with the new learning rate."""
+    run = tmp_path / "run"
+    common = [*let_overrides, f"output_dir={run}", "save_every=2", "lr_scheduler.warmup_steps=1"]
+    run_let(*common, "max_steps=4", "alignment.schedule.stop=0.5")  # released at step 2
+    capsys.readouterr()
+    written = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(SystemExit) as err:
+        run_let(*common, "max_steps=12", "alignment.schedule.stop=0.5", "resume=true")
+    assert ("resume: step_00000004 is at step 4, past the alignment's end at step 2 (alignment.schedule.stop=0.5 of "
+            "max_steps=4), where the teacher was released; this config ends it at step 6 (alignment.schedule.stop=0.5 "
+            "of max_steps=12), so the teacher would guide steps after 4 again. Fix: alignment.schedule.stop=2 "
+            "(a number of steps) keeps the end where it was") in str(err.value) + capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == written
+    run_let(*common, "max_steps=6", "alignment.schedule.stop=2", "resume=true", "teacher.path=/nonexistent/teacher")
+    out = capsys.readouterr().out
+    assert "step_00000004 is past S_stop; the teacher is not loaded" in out
+    assert "resume: the learning rate for step 5 is " in out
+    assert all(r["lambda"] == 0.0 for r in steps(read_metrics(run / "metrics.jsonl")) if r["step"] > 4)
+    # before S_stop: a longer run moves it, and the teacher guides on to the new end
+    early = tmp_path / "early"
+    run_let(*let_overrides, f"output_dir={early}", "save_every=2", "max_steps=4", "alignment.schedule.stop=0.75")
+    shutil.rmtree(early / "checkpoints" / "step_00000004")
+    capsys.readouterr()
+    run_let(*let_overrides, f"output_dir={early}", "save_every=2", "max_steps=8", "alignment.schedule.stop=0.75",
+            "resume=true")
+    assert ("resume: the alignment's end (S_stop) moves from step 3 (alignment.schedule.stop=0.75 of max_steps=4) to "
+            "step 6 (alignment.schedule.stop=0.75 of max_steps=8)") in capsys.readouterr().out
+    released = [r["step"] for r in read_metrics(early / "metrics.jsonl") if r.get("event") == "teacher_released"]
+    assert released[-1] == 6
 
 
 def test_a_checkpoint_resumed_by_the_other_recipe_is_named_as_such(base_overrides, let_overrides, tmp_path):
@@ -379,8 +414,6 @@ def test_resume_notices_a_teacher_retrained_in_place_until_s_stop(let_overrides,
     """The teacher's files are fingerprinted (run_info.json) like the tokenizer and the data:
     the same teacher at another path resumes; one retrained at its path is refused while it
     still guides the run, and only logged from S_stop on, where it guides nothing."""
-    import shutil
-
     from safetensors.torch import save_file
 
     teacher, moved = tmp_path / "teacher", tmp_path / "moved"
