@@ -13,8 +13,10 @@ import contextlib
 import difflib
 import functools
 import io
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
 
@@ -210,7 +212,13 @@ def exit_with_line(line: str) -> NoReturn:
     """``sys.exit(line)``, the line and its newline in one write: ranks that fail together
     (an error rank 0 shares with every rank) each print a whole line, even when stderr is
     unbuffered (PYTHONUNBUFFERED, as torchrun's children often run), where Python writes the
-    message and its newline apart and two ranks' lines ran into one."""
+    message and its newline apart and two ranks' lines ran into one. Under torchrun the line
+    also goes to the launcher's error file, so the failure summary it prints last names it
+    as the root cause (before: ``traceback : To enable traceback see: https://...``)."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
     with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
         sys.stderr.reconfigure(write_through=False, line_buffering=True)
     sys.exit(line)

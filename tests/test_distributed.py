@@ -334,3 +334,16 @@ def test_a_damaged_init_from_stops_both_ranks_with_rank_0s_error(base_overrides,
     assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
     assert "init_from" in errors[0] and "model.safetensors" in errors[0]
     assert "step 1/" not in done.stdout
+
+
+def test_a_failed_multi_process_run_names_its_error_in_the_launchers_summary(base_overrides, tmp_path):
+    """torchrun ends a failed job with a summary whose root cause said only `traceback : To
+    enable traceback see: https://...`, below the ranks' own one-line errors: each rank now
+    hands its line to the launcher's error file, and the summary, printed last, names it."""
+    result = tune_run_2proc("pretrain", "pretrain_tiny", *base_overrides, "data.source=/nonexistent/corpus",
+                            f"output_dir={tmp_path}", check=False, timeout=120)
+    assert result.returncode != 0
+    assert "Root Cause" in result.stderr, result.stderr[-3000:]
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "traceback : error: data.source: '/nonexistent/corpus' does not exist" in root_cause, root_cause
+    assert "To enable traceback see" not in result.stderr
