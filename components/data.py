@@ -469,7 +469,8 @@ def _warn_about_shared_documents(corpora: Sequence["TokenShards"], names: Sequen
         stored = stored_keys(corpus.folder, [s["file"] for s in corpus.manifest["shards"]])
         if stored is None:
             log(f"data: documents shared between the sources not counted: {names[i]} ({corpus.folder}) has no document "
-                "keys (prepared by an earlier letrecipes; its prepare-data command, run again, adds them)")
+                "keys (prepared by an earlier letrecipes: its `letrecipes prepare-data` command run again adds them; a "
+                "folder in data.cache_dir gets them when deleted and prepared again)")
             return
         arrays += stored
         groups += [i] * len(stored)

@@ -95,8 +95,9 @@ def size_problem(path: Path, expected: int) -> Optional[str]:
 
 
 def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
-    """What is wrong with a prepared folder's shards: a size other than the manifest's, or
-    an id outside the vocabulary (read in blocks: memory stays flat). Empty: it is sound.
+    """What is wrong with a prepared folder's shards: a size other than the manifest's, an
+    id outside the vocabulary (read in blocks: memory stays flat), a keys file that does not
+    read (one that is missing is an older prepare's, not damage). Empty: it is sound.
     For caches, which are rebuilt when damaged; a full read, at disk speed."""
     try:
         manifest = json.loads((Path(folder) / MANIFEST).read_text())
@@ -111,6 +112,9 @@ def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
         if wrong_size:
             problems.append(f"{shard['file']} {wrong_size}")
             continue
+        keys = keys_path(path)
+        if keys.exists() and stored_keys(folder, [shard["file"]]) is None:
+            problems.append(f"{keys.name} does not read")
         with open(path, "rb") as f:
             while block := f.read(RANGE_CHECK_BLOCK):
                 if np.frombuffer(block, dtype=dtype).max(initial=0) >= vocab_size:
@@ -276,7 +280,8 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         manifest = json.loads((out_dir / MANIFEST).read_text())
         damaged = [i for i in range(len(units)) if not _shard_done(out_dir, i, dtype.itemsize)]
         if manifest.get("plan") == plan and not damaged:
-            if manifest.get("repeats") is None:  # prepared by a letrecipes that kept no document keys
+            if manifest.get("repeats") is None or stored_keys(out_dir, [s["file"] for s in manifest["shards"]]) is None:
+                # prepared by a letrecipes that kept no document keys, or a keys file damaged since
                 manifest["repeats"] = _repeats(out_dir, manifest["shards"], dtype, tokenizer.eos_id, log)
                 replace_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
                 warn_if_repeated(out_dir, manifest, key)

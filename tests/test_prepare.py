@@ -510,26 +510,28 @@ def test_cache_key_covers_the_end_of_text_token(tokenizer_path, tmp_path):
     assert plain != other_eos  # another eos splits documents with another id: prepared apart
 
 
-@pytest.mark.parametrize("damage", ["zero-byte", "truncated", "out-of-vocabulary", "manifest"])
+@pytest.mark.parametrize("damage", ["zero-byte", "truncated", "out-of-vocabulary", "manifest", "document keys"])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(tokenizer_path, tmp_path, damage):
     from letrecipes.components.corpus import DataWarning
     from letrecipes.components.prepare import cached_prepare
 
     source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
     folder = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
-    shard = folder / "shard_000000.bin"
-    good = shard.read_bytes()
+    shard, keys = folder / "shard_000000.bin", folder / "shard_000000.keys.npy"
+    good, good_keys = shard.read_bytes(), keys.read_bytes()
     if damage == "zero-byte":
         shard.write_bytes(b"")
     elif damage == "truncated":
         shard.write_bytes(good[: len(good) // 2])
     elif damage == "out-of-vocabulary":
         shard.write_bytes(good[:10] + np.array([65000], dtype=np.uint16).tobytes() + good[12:])
+    elif damage == "document keys":
+        keys.write_bytes(good_keys[:100])
     else:
         (folder / MANIFEST).write_text("")
     with pytest.warns(DataWarning, match="cached tokens of .* are damaged"):
         again = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
-    assert again == folder and shard.read_bytes() == good
+    assert again == folder and shard.read_bytes() == good and keys.read_bytes() == good_keys
     assert not list(folder.glob(".*.tmp"))
 
 
@@ -1036,6 +1038,14 @@ def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(t
     with pytest.warns(corpus.DataWarning, match="50 of its 130 documents"):
         assert prepare_corpus(src, tok, tmp_path / "out", **QUIET)["repeats"] == manifest["repeats"]
     assert json.loads((tmp_path / "out" / MANIFEST).read_text())["repeats"] == manifest["repeats"]
+    # a keys file damaged since: the same command keys the shard again
+    keys_file = tmp_path / "out" / "shard_000001.keys.npy"
+    good_keys = keys_file.read_bytes()
+    keys_file.write_bytes(good_keys[:64])
+    prepare_module._WARNED.clear()
+    with pytest.warns(corpus.DataWarning, match="50 of its 130 documents"):
+        prepare_corpus(src, tok, tmp_path / "out", **QUIET)
+    assert keys_file.read_bytes() == good_keys
     # no copies: no warning, and the count says 0
     clean = tmp_path / "clean"
     clean.mkdir()
