@@ -154,7 +154,9 @@ def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] 
             lo = int(np.searchsorted(column, bounds[p]))
             hi = int(np.searchsorted(column, bounds[p + 1])) if p + 1 < passes else len(rows)
             part = np.asarray(rows[lo:hi])
-            keys.append(part[:, 0]), lengths.append(part[:, 1]), group.append(np.full(hi - lo, g, np.int64))
+            keys.append(part[:, 0])
+            lengths.append(part[:, 1])
+            group.append(np.full(hi - lo, g, np.int64))
         keys_p, lengths_p, group_p = np.concatenate(keys), np.concatenate(lengths), np.concatenate(group)
         order = np.argsort(keys_p, kind="stable")
         keys_p, lengths_p, group_p = keys_p[order], lengths_p[order], group_p[order]

@@ -138,9 +138,9 @@ class LETPretrainRecipe(PretrainRecipe):
         that keeps the end where it was."""
         step = step_of(self.resume_from) if self.resume_from is not None else None
         saved = (saved_run_info(self.resume_from) or {}).get("config") if step is not None else None
-        if not saved or "max_steps" not in saved:
-            return
-        before_cfg = (saved.get("alignment") or {}).get("schedule", "linear")
+        if not saved or "max_steps" not in saved or not saved.get("alignment"):
+            return  # no record, or not a LET run's checkpoint: resume.check names that
+        before_cfg = saved["alignment"].get("schedule", "linear")
         now_cfg = self.cfg.alignment.get("schedule", "linear")
         try:
             before = self._alignment_end(before_cfg, int(saved["max_steps"]))
