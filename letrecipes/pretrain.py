@@ -34,6 +34,7 @@ from letrecipes._config import parse, run
 from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
+from letrecipes.components.corpus import DataWarning
 from letrecipes.components.data import BatchStream, build_dataloader, build_datasets, corpus_fingerprint
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
@@ -131,6 +132,8 @@ class PretrainRecipe:
             cfg.get("device"), cfg.get("cpu_malloc_tuning", True), int(cfg.get("process_group_timeout_s", 600)),
             single_process_group=fsdp_enabled is True)  # FSDP2 in one process shards over a group of one
         self.is_main = self.rank == 0
+        if not self.is_main:  # every rank reads the same data: its warnings are rank 0's to give, once, not per rank
+            warnings.filterwarnings("ignore", category=DataWarning)
         dtype_name = cfg.get("dtype", "bf16")
         if dtype_name not in AUTOCAST_DTYPES:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")

@@ -347,3 +347,19 @@ def test_a_failed_multi_process_run_names_its_error_in_the_launchers_summary(bas
     root_cause = result.stderr[result.stderr.index("Root Cause"):]
     assert "traceback : error: data.source: '/nonexistent/corpus' does not exist" in root_cause, root_cause
     assert "To enable traceback see" not in result.stderr
+
+
+def test_a_data_warning_is_given_once_not_once_per_rank(base_overrides, corpus_dir, tmp_path):
+    """Every rank reads the same corpus, and each repeated its warnings (a corpus holding a
+    copy of a file: one warning per rank, 64 lines on 64 GPUs). Rank 0 gives them, once."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    play = sorted(corpus_dir.glob("*.txt"))[0]
+    for name in ("play.txt", "play copy.txt"):
+        (corpus / name).write_text(play.read_text())
+    result = tune_run_2proc("pretrain", "pretrain_tiny", *base_overrides, f"data.source={corpus}",
+                            f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
+                            "eval_every=0", timeout=120)
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "are copies of another" in line]
+    assert len(said) == 2, said  # the prepare's count in the log, and one warning
+    assert sum(line.startswith("warning: data.source:") for line in said) == 1, said
