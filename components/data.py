@@ -453,12 +453,12 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
             "data trains (data.val_fraction is not used)")
     if len(specs) == 1:
         return train[0], held_out or (val[0] if val else None), []
-    on_rank0(lambda: _warn_about_shared_documents([part.tokens for part in train], names, log))
+    on_rank0(lambda: warn_about_shared_documents([part.tokens for part in train], names, log))
     mixed_val = MixtureDataset(val, weights, seed=0) if val else None
     return MixtureDataset(train, weights, seed=seed), held_out or mixed_val, names
 
 
-def _warn_about_shared_documents(corpora: Sequence["TokenShards"], names: Sequence[str],
+def warn_about_shared_documents(corpora: Sequence["TokenShards"], names: Sequence[str],
                                  log: Callable[[str], None]) -> None:
     """Warn when two sources of a mixture share documents (FineWeb-Edu beside FineWeb, a
     corpus listed twice under two paths): that text trains at both weights. Each corpus's

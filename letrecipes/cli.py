@@ -41,7 +41,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     cannot disagree about the tokenizer. A source that is a prepared folder already is checked
     against the tokenizer and left where it is."""
     from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
-    from letrecipes.components.data import source_key, source_names
+    from letrecipes.components.data import TokenShards, source_key, source_names, warn_about_shared_documents
     from letrecipes.components.prepare import is_prepared, prepare_corpus, read_manifest
     from letrecipes.components.tokenizer import load_tokenizer
 
@@ -85,6 +85,9 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {target}")
             placed.append({**{k: v for k, v in spec.items() if k != "text_field"}, "source": str(target)})
     if mixture:
+        with errors_as_one_line():  # what a run of these would warn about, said here first
+            warn_about_shared_documents([TokenShards(Path(e["source"]).expanduser(), tokenizer, key=source_key(i, True))
+                                         for i, e in enumerate(placed)], names, print)
         entries = ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in {**e, "name": n}.items()) + "}"
                             for e, n in zip(placed, names))
         print(f"train on them with data.sources='[{entries}]'")

@@ -373,6 +373,7 @@ def test_prepare_data_on_a_mixture_and_on_prepared_folders(base_overrides, token
     assert main([*prepare, "--out", str(tmp_path / "mix"), "~data.source", f"data.sources={sources}"]) == 0
     out = capsys.readouterr().out
     assert f"data.sources[1].source: {tmp_path / 'pre_b'} is prepared already" in out
+    assert "data: 0 documents (of 32+ tokens) of one source are in another too (2 sources)" in out
     assert sorted(p.name for p in (tmp_path / "mix").iterdir()) == ["first"]  # the prepared one stays where it is
     printed = out.split("train on them with data.sources='")[1].split("'")[0]
     assert printed == f"[{{source: {tmp_path / 'mix' / 'first'}, weight: 3, name: first}}, " \
