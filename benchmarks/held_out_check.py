@@ -1,8 +1,8 @@
 """Time and memory of document keys (components/document_keys.py): what keying adds to a
-prepare, counting the copies across a corpus, and the held-out check (components/held_out.py)
-with the keys a prepare stored against the same check hashing the tokens (a folder prepared
-before keys were kept). The training corpus is synthetic: random tokens in documents of
-about 1,000, written as a prepared folder of 100M-token shards, with 1% of its documents
+prepare, counting the copies across a corpus, ``data.drop_copies``'s pass (every shard holds
+copies here), and the held-out check (components/held_out.py) with the keys a prepare stored
+against the same check hashing the tokens (a folder prepared before keys were kept). The
+training corpus is synthetic: random tokens in documents of about 1,000, written as a prepared folder of 100M-token shards, with 1% of its documents
 copied; the held-out set has 5,000 documents of which 600 are training documents.
 
     python benchmarks/held_out_check.py [--tokens 100000000 1000000000] [--dir /tmp]
@@ -97,12 +97,21 @@ def measure(tokens: int, folder: Path, seed: int = 0) -> dict:
     repeats, count_s, count_mb = timed(lambda: document_keys.count_repeats(document_keys.stored_keys(folder, files)))
     stored, stored_s, stored_mb = timed(check, Shards(folder, manifest, corpus))
     scanned, scan_s, scan_mb = timed(check, Tokens(corpus))
+
+    def drop_all():  # data.drop_copies: which documents, then the shards rewritten without them
+        plan = document_keys.copies_to_drop(document_keys.stored_keys(folder, files))
+        return sum(document_keys.drop_from_shard(folder / f, np.uint16, 0, every, later)[2]
+                   for f, (every, later) in zip(files, plan) if len(every) or len(later))
+
+    dropped, drop_s, drop_mb = timed(drop_all)
     for f in files:
         (folder / f).unlink(), document_keys.keys_path(folder / f).unlink()
     read = min(tokens, held_out.SCAN_TOKENS)
     return {"training_tokens": tokens, "documents_keyed": keyed, "copies_counted": repeats["copies"],
             "keying_seconds": key_s, "keying_seconds_per_100M": round(key_s * 1e8 / tokens, 2),
             "keying_peak_added_mb": key_mb, "count_repeats_seconds": count_s, "count_repeats_peak_added_mb": count_mb,
+            "drop_copies": {"dropped": dropped, "seconds": drop_s, "seconds_per_100M": round(drop_s * 1e8 / tokens, 2),
+                            "peak_added_mb": drop_mb},
             "held_out_documents": 5_000, "copied": 600,
             "check_with_stored_keys": {"refused": stored == "refused", "seconds": stored_s, "peak_added_mb": stored_mb},
             "check_hashing_tokens": {"refused": scanned == "refused", "tokens_read": read, "seconds": scan_s,

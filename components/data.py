@@ -426,18 +426,19 @@ def build_datasets(data_cfg: Mapping[str, Any], tokenizer: Tokenizer, seed: int,
     if validation and val_source:
         _check_held_out(val_source, specs, data_cfg)
 
-    def prepared(source, key: str, text_field: Optional[str]) -> TokenShards:
+    def prepared(source, key: str, text_field: Optional[str], drop_copies: bool = False) -> TokenShards:
         folder = cached_prepare(source, tokenizer, data_cfg.get("cache_dir", "outputs/cache"),
                                 text_field=text_field or data_cfg.get("text_field", "text"),
                                 rank=local_rank, workers=int(data_cfg.get("prepare_workers", 1)),
                                 timeout_s=float(data_cfg.get("prepare_timeout_s", 3600)), key=key, log=log,
-                                document_separator=data_cfg.get("document_separator", DOCUMENT_SEPARATOR))
+                                document_separator=data_cfg.get("document_separator", DOCUMENT_SEPARATOR),
+                                drop_copies=drop_copies)
         return TokenShards(folder, tokenizer, key=key)
 
     train, val = [], []
     for i, spec in enumerate(specs):
         key = source_key(i, bool(data_cfg.get("sources")))
-        tokens = prepared(spec["source"], key, spec.get("text_field"))
+        tokens = prepared(spec["source"], key, spec.get("text_field"), bool(data_cfg.get("drop_copies", False)))
         train.append(PackedDataset(tokens, seq_len, "train", val_fraction))
         if validation and val_fraction:
             val.append(PackedDataset(tokens, seq_len, "val", val_fraction))

@@ -176,3 +176,89 @@ def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] 
     ranked = sorted(pairs.items(), key=lambda item: -item[1][0])[:top]
     return {"documents": total, "copies": copies, "copy_tokens": copy_tokens,
             "shared": [[a, b, n, t] for (a, b), (n, t) in ranked]}
+
+
+def copies_to_drop(arrays: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """For each shard, in stream order, the keys of the documents that repeat one before them:
+    ``(every copy, all but the first)``: keys whose first appearance is in an earlier shard
+    (every copy here goes), and keys first seen in this shard (its later copies go). The first
+    appearance of every document stays. Counted a range of key values at a time."""
+    total = sum(len(a) for a in arrays)
+    passes = max(1, -(-total // PASS_KEYS))
+    bounds = [np.uint64(((1 << 64) * p) // passes) for p in range(passes)]
+    every: List[List[np.ndarray]] = [[] for _ in arrays]
+    later: List[List[np.ndarray]] = [[] for _ in arrays]
+    for p in range(passes):
+        keys, shard = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+        for i, rows in enumerate(arrays):
+            column = rows[:, 0]
+            lo = int(np.searchsorted(column, bounds[p]))
+            hi = int(np.searchsorted(column, bounds[p + 1])) if p + 1 < passes else len(rows)
+            keys.append(np.asarray(column[lo:hi]))
+            shard.append(np.full(hi - lo, i, np.int64))
+        keys_p, shard_p = np.concatenate(keys), np.concatenate(shard)
+        order = np.argsort(keys_p, kind="stable")  # within a key, shards in stream order
+        keys_p, shard_p = keys_p[order], shard_p[order]
+        same = np.concatenate([[False], keys_p[1:] == keys_p[:-1]])
+        if not same.any():
+            continue
+        new_group = ~same
+        owner = shard_p[np.flatnonzero(new_group)[np.cumsum(new_group) - 1]]
+        copy = np.flatnonzero(same)
+        by_shard = copy[np.argsort(shard_p[copy], kind="stable")]
+        shards, starts = np.unique(shard_p[by_shard], return_index=True)
+        for i, rows in zip(shards.tolist(), np.split(by_shard, starts[1:])):
+            elsewhere = owner[rows] != i
+            every[i].append(keys_p[rows[elsewhere]])
+            later[i].append(keys_p[rows[~elsewhere]])
+    return [(np.unique(np.concatenate([np.zeros(0, np.uint64), *e])), np.unique(np.concatenate([np.zeros(0, np.uint64), *l])))
+            for e, l in zip(every, later)]
+
+
+def drop_from_shard(shard_bin: Path, dtype: np.dtype, eos_id: int, every: np.ndarray,
+                    later: np.ndarray) -> Tuple[int, int, int, int]:
+    """Rewrite a shard without the documents :func:`copies_to_drop` named (``every``: all of
+    its copies of them; ``later``: all but the first), through a temporary file and a rename.
+    Returns (tokens kept, documents kept, documents dropped, tokens dropped). Documents under
+    ``MIN_TOKENS`` or over ``MAX_TOKENS`` tokens are not keyed, so never dropped."""
+    source, target = _ShardFile(shard_bin, dtype), Path(shard_bin)
+    every_set, later_set, seen = set(every.tolist()), set(later.tolist()), set()
+    tmp = unique_tmp(target)
+    kept = documents = dropped = dropped_tokens = 0
+    try:
+        with open(tmp, "wb") as out:
+            carry, passing = np.zeros(0, dtype), False  # passing: inside a document too long to key
+            for at in range(0, len(source), CHUNK):
+                chunk = np.concatenate([carry, source[at:at + CHUNK]])
+                if passing:  # written through, up to its end-of-text token
+                    hit = np.flatnonzero(chunk == eos_id)
+                    head = int(hit[0]) + 1 if len(hit) else len(chunk)
+                    out.write(chunk[:head].tobytes())
+                    kept, chunk, passing = kept + head, chunk[head:], not len(hit)
+                    documents += not passing
+                ends = (np.flatnonzero(chunk == eos_id) + 1).tolist()
+                keys = iter(document_keys(chunk[:ends[-1]] if ends else chunk[:0], eos_id, True)[0].tolist())
+                start = 0
+                for end in ends:
+                    key = next(keys) if end - start >= MIN_TOKENS else None
+                    drop = key in every_set or (key in later_set and key in seen)
+                    if key in later_set:
+                        seen.add(key)
+                    if drop:
+                        dropped, dropped_tokens = dropped + 1, dropped_tokens + end - start
+                    else:
+                        out.write(chunk[start:end].tobytes())
+                        kept, documents = kept + end - start, documents + 1
+                    start = end
+                carry = chunk[start:]
+                if len(carry) > MAX_TOKENS:
+                    out.write(carry.tobytes())
+                    kept, carry, passing = kept + len(carry), carry[:0], True
+            out.write(carry.tobytes())  # a shard ends its last document: nothing is left here but by damage
+            kept += len(carry)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kept, documents, dropped, dropped_tokens

@@ -39,7 +39,8 @@ import numpy as np
 
 from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, READER_VERSION, DataError,
                                           DataWarning, Unit, list_units, read_unit_in_pieces, source_files)
-from letrecipes.components.document_keys import MIN_TOKENS, count_repeats, keys_path, stored_keys, write_shard_keys
+from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, count_repeats, drop_from_shard, keys_path,
+                                                 stored_keys, write_shard_keys)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
                                         unique_tmp)
 from letrecipes.components.progress import elapsed_and_eta
@@ -226,10 +227,12 @@ def _remove_dead_tmp_files(out_dir: Path) -> None:
 
 
 def _plan(units: List[Unit], tokenizer: Tokenizer, text_field: str, dtype: np.dtype,
-          document_separator: Optional[str]) -> dict:
+          document_separator: Optional[str], drop_copies: bool = False) -> dict:
     plan = {"format_version": FORMAT_VERSION, "tokenizer_fingerprint": tokenizer.fingerprint(),
             "tokenizer_vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name,
             "text_field": text_field, "document_separator": document_separator, "units": [u.to_dict() for u in units]}
+    if drop_copies:  # recorded only when set: folders prepared before the option keep their plan
+        plan["drop_copies"] = True
     return json.loads(json.dumps(plan))  # as it reads back from plan.json (tuples become lists)
 
 
@@ -251,9 +254,12 @@ def check_output_folder(out_dir: Path, units: List[Unit], out_key: str) -> None:
 
 def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "text", workers: int = 1,
                    key: str = "data.source", log: Callable[[str], None] = print, progress_every_s: float = 10.0,
-                   out_key: str = "prepare", document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> dict:
+                   out_key: str = "prepare", document_separator: Optional[str] = DOCUMENT_SEPARATOR,
+                   drop_copies: bool = False) -> dict:
     """Prepare ``source`` into ``out_dir``; return the manifest. Resumable and deterministic.
-    Text files are split into documents at ``document_separator`` (None: one per file). A
+    Text files are split into documents at ``document_separator`` (None: one per file). With
+    ``drop_copies``, a document (of ``MIN_TOKENS``+) that repeats one before it in the corpus
+    is left out: each trains once. A
     full disk, a lost mount or an unreadable file is one line naming ``out_key`` (or ``key``,
     for a file of the source) and what is kept."""
     folders = {out_key: Path(out_dir)}
@@ -262,19 +268,19 @@ def prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str = "tex
     with environment_errors(folders, f"preparing {source} into {out_dir}",
                             "Finished shards are kept: the same command goes on from them."):
         return _prepare_corpus(source, tokenizer, out_dir, text_field, workers, key, log, progress_every_s, out_key,
-                               document_separator)
+                               document_separator, drop_copies)
 
 
 def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, workers: int, key: str,
                     log: Callable[[str], None], progress_every_s: float, out_key: str,
-                    document_separator: Optional[str]) -> dict:
+                    document_separator: Optional[str], drop_copies: bool) -> dict:
     out_dir = Path(out_dir)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
                         f"(this machine has {os.cpu_count()} cores).")
     units = list_units(source, key)
     dtype = token_dtype(tokenizer.vocab_size)
-    plan = _plan(units, tokenizer, text_field, dtype, document_separator)
+    plan = _plan(units, tokenizer, text_field, dtype, document_separator, drop_copies)
     check_output_folder(out_dir, units, out_key)
     if is_prepared(out_dir):
         manifest = json.loads((out_dir / MANIFEST).read_text())
@@ -282,7 +288,8 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         if manifest.get("plan") == plan and not damaged:
             if manifest.get("repeats") is None or stored_keys(out_dir, [s["file"] for s in manifest["shards"]]) is None:
                 # prepared by a letrecipes that kept no document keys, or a keys file damaged since
-                manifest["repeats"] = _repeats(out_dir, manifest["shards"], dtype, tokenizer.eos_id, log)
+                metas = [_shard_done(out_dir, i, dtype.itemsize) for i in range(len(units))]  # all sound, checked above
+                manifest["repeats"] = _repeats(out_dir, metas, dtype, tokenizer.eos_id, log)
                 replace_atomically(out_dir / MANIFEST, json.dumps(manifest, indent=1))
                 warn_if_repeated(out_dir, manifest, key)
             log(f"prepare: {out_dir} is already prepared ({manifest['tokens']:,} tokens); nothing to do")
@@ -356,6 +363,8 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         raise DataError(f"{key}: the source holds no text (0 documents{skipped}). Fix: point it at a corpus with "
                         f"text in it.{earlier_note}")
     warn_if_unspellable(out_dir, unknown, total, tokenizer, key)
+    if drop_copies:
+        shards = _drop_copies(out_dir, shards, dtype, tokenizer.eos_id, log)
     repeats = _repeats(out_dir, shards, dtype, tokenizer.eos_id, log)
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
                               list(dict.fromkeys(p for u in units for p in u.paths)), plan, repeats)
@@ -364,10 +373,9 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     return manifest
 
 
-def _repeats(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int, log: Callable[[str], None]) -> dict:
-    """Count the documents that are copies of others across the corpus, keying first the
-    shards that have no keys (written by an earlier letrecipes, or killed between the two)."""
-    began = time.perf_counter()
+def _keyed(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int) -> List[np.ndarray]:
+    """Every shard's stored keys, keying first the shards that have none (written by an
+    earlier letrecipes) or whose keys do not read."""
     for shard in shards:
         if not keys_path(out_dir / shard["file"]).is_file():
             write_shard_keys(out_dir / shard["file"], dtype, eos_id)
@@ -376,7 +384,43 @@ def _repeats(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int, lo
         for shard in shards:
             write_shard_keys(out_dir / shard["file"], dtype, eos_id)
         arrays = stored_keys(out_dir, [s["file"] for s in shards])
-    repeats = count_repeats(arrays)
+    return arrays
+
+
+def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int,
+                 log: Callable[[str], None]) -> List[dict]:
+    """``drop_copies``: rewrite the shards holding copies of earlier documents without them.
+    Each shard is replaced by a rename, then keyed, then its .json updated: a kill in between
+    leaves a shard whose size its .json does not match, which the same command redoes from
+    the source. Run again, it finds nothing more to drop (the first of each document stays)."""
+    began, shards = time.perf_counter(), [dict(s) for s in shards]
+    for shard, (every, later) in zip(shards, copies_to_drop(_keyed(out_dir, shards, dtype, eos_id))):
+        if not (len(every) or len(later)):
+            continue
+        path = out_dir / shard["file"]
+        tokens, documents, dropped, dropped_tokens = drop_from_shard(path, dtype, eos_id, every, later)
+        write_shard_keys(path, dtype, eos_id)
+        shard.update(tokens=tokens, documents=documents,
+                     dropped_documents=shard.get("dropped_documents", 0) + dropped,
+                     dropped_tokens=shard.get("dropped_tokens", 0) + dropped_tokens)
+        meta = json.loads((out_dir / f"{path.stem}.json").read_text())
+        replace_atomically(out_dir / f"{path.stem}.json", json.dumps({**meta, **{k: shard[k] for k in (
+            "tokens", "documents", "dropped_documents", "dropped_tokens")}}))
+    dropped = sum(s.get("dropped_documents", 0) for s in shards)
+    dropped_tokens = sum(s.get("dropped_tokens", 0) for s in shards)
+    log(f"prepare: data.drop_copies: {dropped:,} copies of earlier documents left out ({dropped_tokens:,} tokens, "
+        f"{dropped_tokens / max(1, dropped_tokens + sum(s['tokens'] for s in shards)):.2%}); each document of "
+        f"{MIN_TOKENS}+ tokens trains once; {time.perf_counter() - began:.1f} s")
+    return shards
+
+
+def _repeats(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int, log: Callable[[str], None]) -> dict:
+    """Count the documents that are copies of others across the corpus (``shards``: their
+    .json records, which say what data.drop_copies left out)."""
+    began = time.perf_counter()
+    repeats = count_repeats(_keyed(out_dir, shards, dtype, eos_id))
+    repeats["dropped"] = sum(s.get("dropped_documents", 0) for s in shards)
+    repeats["dropped_tokens"] = sum(s.get("dropped_tokens", 0) for s in shards)
     total = sum(s["tokens"] for s in shards) or 1
     log(f"prepare: {repeats['copies']:,} of {repeats['documents']:,} documents (of {MIN_TOKENS}+ tokens) are copies "
         f"of another, {repeats['copy_tokens'] / total:.2%} of the tokens; {time.perf_counter() - began:.1f} s")
@@ -400,12 +444,15 @@ def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtyp
 
 
 def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source",
-              document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> str:
+              document_separator: Optional[str] = DOCUMENT_SEPARATOR, drop_copies: bool = False) -> str:
     """Names a small corpus's prepared folder after everything that decides its tokens: the
     shard format and the readers' version, the tokenizer's content and its end-of-text token, the text field,
-    the document separator, and every file's path, size and modification time, so changing any of them prepares again."""
+    the document separator, ``drop_copies``, and every file's path, size and modification time, so changing
+    any of them prepares again."""
     h = hashlib.sha256(f"v{FORMAT_VERSION}|r{READER_VERSION}|{tokenizer.fingerprint()}|eos={tokenizer.eos_token!r}|"
                        f"{text_field}|sep={document_separator!r}".encode())
+    if drop_copies:  # only then: the caches made before the option keep their names
+        h.update(b"|drop_copies")
     for f in source_files(source, key):
         st = f.stat()
         h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -414,16 +461,22 @@ def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.so
 
 def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", rank: int = 0,
                    workers: int = 1, timeout_s: float = 3600.0, key: str = "data.source",
-                   log: Callable[[str], None] = print, document_separator: Optional[str] = DOCUMENT_SEPARATOR) -> Path:
+                   log: Callable[[str], None] = print, document_separator: Optional[str] = DOCUMENT_SEPARATOR,
+                   drop_copies: bool = False) -> Path:
     """The prepared folder for ``source``: ``source`` itself if it is one, else a folder in
     ``cache_dir`` that one process prepares once while the others wait for its manifest.
     ``rank`` is the process's rank on its node: the first process of each node takes
     ``<folder>.lock``, so where nodes share the cache (a shared filesystem) one of them
     prepares and the others wait for it, and where each node has a disk of its own, each
-    prepares its copy."""
+    prepares its copy. ``drop_copies`` (``data.drop_copies``) leaves out copies of earlier documents."""
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
+        plan = read_manifest(Path(source), key=key).get("plan") or {}
+        if drop_copies and not plan.get("drop_copies"):
+            raise DataError(f"data.drop_copies=true, but {key}={str(source)!r} is a prepared folder whose copies were "
+                            "kept. Fix: prepare it again with `letrecipes prepare-data ... data.drop_copies=true` into "
+                            "another --out and train on that, or drop data.drop_copies.")
         return Path(source)
-    folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator)}"
+    folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator, drop_copies)}"
     start = time.perf_counter()
     if rank == 0:
         lock = folder.with_name(folder.name + ".lock")
@@ -433,7 +486,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
                 try:
                     with _Heartbeat(lock):
                         _prepare_into_cache(source, tokenizer, folder, text_field, workers, key, log,
-                                            document_separator)
+                                            document_separator, drop_copies)
                 finally:
                     lock.unlink(missing_ok=True)
                 break
@@ -452,7 +505,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
 
 
 def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: str, workers: int, key: str,
-                        log: Callable[[str], None], document_separator: Optional[str]) -> None:
+                        log: Callable[[str], None], document_separator: Optional[str], drop_copies: bool) -> None:
     """Prepare ``source`` into the cache folder, or mend it: a cache found damaged keeps its
     sound shards and redoes the rest, with a warning."""
     damage = damaged_shards(folder, tokenizer.vocab_size) if is_prepared(folder) else []
@@ -463,7 +516,7 @@ def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: 
             (folder / name).unlink(missing_ok=True)  # prepare_corpus redoes the missing, keeps the rest
     if not is_prepared(folder):
         prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
-                       document_separator=document_separator, out_key="data.cache_dir")
+                       document_separator=document_separator, out_key="data.cache_dir", drop_copies=drop_copies)
 
 
 def _take_lock(lock: Path) -> bool:
@@ -595,8 +648,9 @@ def warn_if_repeated(folder: Path, manifest: dict, key: str) -> None:
     warnings.warn(f"{key}: {repeats['copies']:,} of its {repeats['documents']:,} documents (of {MIN_TOKENS}+ tokens) "
                   f"are copies of another, {repeats['copy_tokens'] / manifest['tokens']:.1%} of its tokens: the model "
                   f"trains on that text two or more times an epoch (most: {shared}). A file beside its compressed copy, "
-                  "a folder copied into itself or a crawl not deduplicated does this. Fix: remove the copies from the "
-                  "corpus (to weight a corpus on purpose, give data.sources weights).", DataWarning, stacklevel=3)
+                  "a folder copied into itself or a crawl not deduplicated does this. Fix: data.drop_copies=true prepares "
+                  "it with each document once (or remove the copies from the corpus; to weight a corpus on purpose, "
+                  "give data.sources weights).", DataWarning, stacklevel=3)
 
 
 def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "data.source") -> Dict[str, Any]:

@@ -81,7 +81,8 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             target = out / name if mixture else out
             manifest = prepare_corpus(source, tokenizer, target, workers=workers, key=key, out_key="--out",
                                       text_field=spec.get("text_field") or data.get("text_field", "text"),
-                                      document_separator=data.get("document_separator", DOCUMENT_SEPARATOR))
+                                      document_separator=data.get("document_separator", DOCUMENT_SEPARATOR),
+                                      drop_copies=bool(data.get("drop_copies", False)))
             print(f"prepared {manifest['tokens']:,} tokens ({manifest['documents']:,} documents) in {target}")
             placed.append({**{k: v for k, v in spec.items() if k != "text_field"}, "source": str(target)})
     if mixture:

@@ -1016,7 +1016,7 @@ def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(t
     assert len(said) == 1, said
     assert said[0].startswith("data.source: 50 of its 130 documents (of 32+ tokens) are copies of another")
     assert f"most: 40 in both {src / 'a.jsonl'} and {src / 'a.jsonl.gz'}; 10 in both {src / 'b.jsonl'} and " in said[0]
-    assert "Fix: remove the copies" in said[0]
+    assert "Fix: data.drop_copies=true prepares it with each document once" in said[0]
     assert manifest["repeats"]["copies"] == 50 and manifest["repeats"]["documents"] == 130
     assert "prepare: 50 of 130 documents (of 32+ tokens) are copies of another" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").glob("*.keys.npy")) == [f"shard_00000{i}.keys.npy" for i in range(4)]
@@ -1029,7 +1029,7 @@ def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(t
     # counted a range of keys at a time, the same figures
     monkeypatch.setattr(document_keys, "PASS_KEYS", 7)
     arrays = document_keys.stored_keys(tmp_path / "out", [s["file"] for s in manifest["shards"]])
-    assert document_keys.count_repeats(arrays) == manifest["repeats"]
+    assert {**manifest["repeats"], **document_keys.count_repeats(arrays)} == manifest["repeats"]
     # a folder prepared before keys were kept: a rerun of the prepare keys it and counts
     for keys in (tmp_path / "out").glob("*.keys.npy"):
         keys.unlink()
@@ -1055,3 +1055,65 @@ def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert prepare_corpus(clean, tok, tmp_path / "out2", **QUIET)["repeats"]["copies"] == 0
+
+
+def test_drop_copies_prepares_each_document_once_and_survives_a_kill(tokenizer_path, tmp_path, capsys, monkeypatch):
+    """data.drop_copies=true: the first of each document (of 32+ tokens) stays, in stream
+    order, and its copies (a compressed copy of a file, rows re-sharded into parquet, a repeat
+    within a file) are left out; the shards read back as the distinct documents, keys show
+    no copy left, the log and the manifest say what was dropped. A cache named after the
+    option; a prepared folder made without it refused; a shard killed mid-rewrite redone."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from letrecipes.components import document_keys
+    from letrecipes.components.data import build_datasets
+    from letrecipes.components.prepare import cached_prepare
+
+    tok = Tokenizer(tokenizer_path)
+    texts = documents(60)
+    lines = lambda docs: "".join(json.dumps({"text": d}) + "\n" for d in docs)  # noqa: E731
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_text(lines(texts[:20] + texts[5:8]))  # three repeats inside the file
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(lines(texts[:20]).encode()))
+    (src / "b.jsonl").write_text(lines(texts[20:60]))
+    pq.write_table(pa.table({"text": texts[30:40][::-1] + ["short"]}), src / "c.parquet")
+    distinct = texts + ["short"]  # "short" is under 32 tokens: not keyed, never dropped
+    manifest = prepare_corpus(src, tok, tmp_path / "out", log=print, drop_copies=True)
+    out = capsys.readouterr().out
+    assert "prepare: data.drop_copies: 33 copies of earlier documents left out" in out
+    assert "prepare: 0 of 60 documents (of 32+ tokens) are copies of another" in out
+    assert manifest["repeats"]["dropped"] == 33 and manifest["documents"] == len(distinct)
+    stream = np.concatenate([np.fromfile(tmp_path / "out" / s["file"], dtype=np.uint16) for s in manifest["shards"]])
+    eos = tok.eos_id
+    got = [tok.decode(d.tolist()) for d in np.split(stream, np.flatnonzero(stream == eos) + 1) if len(d)]
+    assert [g.removesuffix(tok.eos_token) for g in got] == texts[:20] + texts[20:60] + ["short"]
+    assert manifest["tokens"] == len(stream)
+    # the same folder again: nothing to redo, nothing more to drop
+    assert prepare_corpus(src, tok, tmp_path / "out", **QUIET, drop_copies=True)["tokens"] == manifest["tokens"]
+    # killed after a shard's rewrite was renamed, before its .json was updated: the shard is redone from the source
+    meta = json.loads((tmp_path / "out" / "shard_000001.json").read_text())
+    (tmp_path / "out" / "shard_000001.json").write_text(json.dumps({**meta, "tokens": meta["tokens"] + 7}))
+    (tmp_path / "out" / MANIFEST).unlink()
+    again = prepare_corpus(src, tok, tmp_path / "out", **QUIET, drop_copies=True)
+    assert again["shards"] == manifest["shards"] and again["repeats"]["dropped"] == 33
+    # without the option, the same source prepares elsewhere, copies kept; given as a prepared folder, refused
+    kept = prepare_corpus(src, tok, tmp_path / "kept", **QUIET)
+    assert kept["repeats"]["copies"] == 33 and kept["tokens"] > manifest["tokens"]
+    with pytest.raises(DataError, match=r"data.drop_copies=true, but data.source='.*kept' is a prepared folder whose "
+                                        r"copies were kept. Fix: prepare it again"):
+        cached_prepare(tmp_path / "kept", tok, tmp_path / "cache", drop_copies=True, **QUIET)
+    # as a cache: a folder of its own, the training windows drawn from the distinct documents
+    plain = cached_prepare(src, tok, tmp_path / "cache", **QUIET)
+    dropped = cached_prepare(src, tok, tmp_path / "cache", drop_copies=True, **QUIET)
+    assert plain != dropped and read_manifest(dropped)["tokens"] == manifest["tokens"]
+    train, _, _ = build_datasets({"source": str(src), "seq_len": 16, "cache_dir": str(tmp_path / "cache"),
+                                  "drop_copies": True, "val_fraction": 0.0}, tok, seed=0, log=lambda _: None,
+                                 validation=False)
+    assert len(train) == (manifest["tokens"] - 1) // 17
+    # counted a range of keys at a time, the same choice
+    monkeypatch.setattr(document_keys, "PASS_KEYS", 5)
+    assert prepare_corpus(src, tok, tmp_path / "small_passes", **QUIET, drop_copies=True)["shards"] == manifest["shards"]
