@@ -364,7 +364,7 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
                         f"text in it.{earlier_note}")
     warn_if_unspellable(out_dir, unknown, total, tokenizer, key)
     if drop_copies:
-        shards = _drop_copies(out_dir, shards, dtype, tokenizer.eos_id, log)
+        shards = _drop_copies(out_dir, shards, dtype, tokenizer.eos_id, log, workers)
     repeats = _repeats(out_dir, shards, dtype, tokenizer.eos_id, log)
     manifest = write_manifest(out_dir, shards, tokenizer, dtype, text_field,
                               list(dict.fromkeys(p for u in units for p in u.paths)), plan, repeats)
@@ -387,25 +387,50 @@ def _keyed(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int) -> L
     return arrays
 
 
+def _drop_from(job: tuple) -> tuple:
+    """One shard of the drop pass, in a worker or in-process: rewritten, then keyed."""
+    path, dtype, eos_id, every, later = job
+    counts = drop_from_shard(path, dtype, eos_id, every, later)
+    write_shard_keys(path, dtype, eos_id)
+    return counts
+
+
 def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int,
-                 log: Callable[[str], None]) -> List[dict]:
-    """``drop_copies``: rewrite the shards holding copies of earlier documents without them.
-    Each shard is replaced by a rename, then keyed, then its .json updated: a kill in between
-    leaves a shard whose size its .json does not match, which the same command redoes from
-    the source. Run again, it finds nothing more to drop (the first of each document stays)."""
+                 log: Callable[[str], None], workers: int = 1) -> List[dict]:
+    """``drop_copies``: rewrite the shards holding copies of earlier documents without them,
+    ``workers`` at a time. Each shard is replaced by a rename, then keyed, then its .json
+    updated: a kill in between leaves a shard whose size its .json does not match, which the
+    same command redoes from the source. Run again, it finds nothing more to drop (the first
+    of each document stays)."""
     began, shards = time.perf_counter(), [dict(s) for s in shards]
-    for shard, (every, later) in zip(shards, copies_to_drop(_keyed(out_dir, shards, dtype, eos_id))):
-        if not (len(every) or len(later)):
-            continue
-        path = out_dir / shard["file"]
-        tokens, documents, dropped, dropped_tokens = drop_from_shard(path, dtype, eos_id, every, later)
-        write_shard_keys(path, dtype, eos_id)
+    jobs = {i: (out_dir / shards[i]["file"], dtype, eos_id, every, later)
+            for i, (every, later) in enumerate(copies_to_drop(_keyed(out_dir, shards, dtype, eos_id)))
+            if len(every) or len(later)}
+
+    def finished(i: int, counts: tuple) -> None:
+        tokens, documents, dropped, dropped_tokens = counts
+        shard = shards[i]
         shard.update(tokens=tokens, documents=documents,
                      dropped_documents=shard.get("dropped_documents", 0) + dropped,
                      dropped_tokens=shard.get("dropped_tokens", 0) + dropped_tokens)
-        meta = json.loads((out_dir / f"{path.stem}.json").read_text())
-        replace_atomically(out_dir / f"{path.stem}.json", json.dumps({**meta, **{k: shard[k] for k in (
+        meta_path = out_dir / f"{Path(shard['file']).stem}.json"
+        replace_atomically(meta_path, json.dumps({**json.loads(meta_path.read_text()), **{k: shard[k] for k in (
             "tokens", "documents", "dropped_documents", "dropped_tokens")}}))
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in jobs.items():
+            finished(i, _drop_from(job))
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                   initializer=_one_thread_per_worker)
+        try:
+            futures = {pool.submit(_drop_from, job): i for i, job in jobs.items()}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+        except BaseException:
+            _stop_now(pool)
+            raise
+        pool.shutdown()
     dropped = sum(s.get("dropped_documents", 0) for s in shards)
     dropped_tokens = sum(s.get("dropped_tokens", 0) for s in shards)
     log(f"prepare: data.drop_copies: {dropped:,} copies of earlier documents left out ({dropped_tokens:,} tokens, "

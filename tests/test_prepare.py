@@ -1101,19 +1101,26 @@ def test_drop_copies_prepares_each_document_once_and_survives_a_kill(tokenizer_p
     again = prepare_corpus(src, tok, tmp_path / "out", **QUIET, drop_copies=True)
     assert again["shards"] == manifest["shards"] and again["repeats"]["dropped"] == 33
     # without the option, the same source prepares elsewhere, copies kept; given as a prepared folder, refused
-    kept = prepare_corpus(src, tok, tmp_path / "kept", **QUIET)
+    with pytest.warns(corpus.DataWarning, match="33 of its 93 documents .* Fix: data.drop_copies=true"):
+        kept = prepare_corpus(src, tok, tmp_path / "kept", **QUIET)
     assert kept["repeats"]["copies"] == 33 and kept["tokens"] > manifest["tokens"]
     with pytest.raises(DataError, match=r"data.drop_copies=true, but data.source='.*kept' is a prepared folder whose "
                                         r"copies were kept. Fix: prepare it again"):
         cached_prepare(tmp_path / "kept", tok, tmp_path / "cache", drop_copies=True, **QUIET)
     # as a cache: a folder of its own, the training windows drawn from the distinct documents
-    plain = cached_prepare(src, tok, tmp_path / "cache", **QUIET)
+    prepare_module._WARNED.clear()
+    with pytest.warns(corpus.DataWarning, match="33 of its 93 documents"):
+        plain = cached_prepare(src, tok, tmp_path / "cache", **QUIET)
     dropped = cached_prepare(src, tok, tmp_path / "cache", drop_copies=True, **QUIET)
     assert plain != dropped and read_manifest(dropped)["tokens"] == manifest["tokens"]
     train, _, _ = build_datasets({"source": str(src), "seq_len": 16, "cache_dir": str(tmp_path / "cache"),
                                   "drop_copies": True, "val_fraction": 0.0}, tok, seed=0, log=lambda _: None,
                                  validation=False)
     assert len(train) == (manifest["tokens"] - 1) // 17
-    # counted a range of keys at a time, the same choice
+    # counted a range of keys at a time, the same choice; the rewrites spread over worker processes, the same bytes
     monkeypatch.setattr(document_keys, "PASS_KEYS", 5)
     assert prepare_corpus(src, tok, tmp_path / "small_passes", **QUIET, drop_copies=True)["shards"] == manifest["shards"]
+    two = prepare_corpus(src, tok, tmp_path / "two_workers", **QUIET, drop_copies=True, workers=2)
+    assert two["shards"] == manifest["shards"] and all(
+        (tmp_path / "two_workers" / s["file"]).read_bytes() == (tmp_path / "out" / s["file"]).read_bytes()
+        for s in manifest["shards"])
