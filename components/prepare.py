@@ -150,6 +150,26 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=10)
 
 
+def _in_workers(work: Callable[[Any], Any], jobs: Dict[Any, Any], workers: int,
+                finished: Callable[[Any, Any], None]) -> None:
+    """``work(job)`` for every job: in this process with one worker (or one job), else in
+    ``workers`` spawned processes; ``finished(key, result)`` runs here as each ends. An error
+    or a signal stops the workers at once (the jobs in flight are not waited for)."""
+    if workers <= 1 or len(jobs) <= 1:
+        for key, job in jobs.items():
+            finished(key, work(job))
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread_per_worker)
+    try:
+        futures = {pool.submit(work, job): key for key, job in jobs.items()}
+        for future in as_completed(futures):
+            finished(futures[future], future.result())
+    except BaseException:
+        _stop_now(pool)
+        raise
+    pool.shutdown()
+
+
 def _prepare_unit(job: dict) -> dict:
     """Tokenize one unit into its shard (in a worker process, or in-process for one worker)."""
     key = (job["tokenizer"], job["eos_token"])
@@ -335,20 +355,7 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
             log(f"prepare: {len(done)}/{len(units)} units, {done_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, "
                 f"{new_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed_and_eta(elapsed, done_bytes, todo_bytes)}")
 
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            finished(_prepare_unit(job))
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                   initializer=_one_thread_per_worker)
-        try:
-            futures = [pool.submit(_prepare_unit, job) for job in jobs]
-            for future in as_completed(futures):
-                finished(future.result())
-        except BaseException:
-            _stop_now(pool)  # an error or a signal: the units in flight are not waited for
-            raise
-        pool.shutdown()
+    _in_workers(_prepare_unit, dict(enumerate(jobs)), workers, lambda _, meta: finished(meta))
 
     shards = [done[i] for i in range(len(units))]
     total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)
@@ -417,20 +424,7 @@ def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int
         replace_atomically(meta_path, json.dumps({**json.loads(meta_path.read_text()), **{k: shard[k] for k in (
             "tokens", "documents", "dropped_documents", "dropped_tokens")}}))
 
-    if workers <= 1 or len(jobs) <= 1:
-        for i, job in jobs.items():
-            finished(i, _drop_from(job))
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                   initializer=_one_thread_per_worker)
-        try:
-            futures = {pool.submit(_drop_from, job): i for i, job in jobs.items()}
-            for future in as_completed(futures):
-                finished(futures[future], future.result())
-        except BaseException:
-            _stop_now(pool)
-            raise
-        pool.shutdown()
+    _in_workers(_drop_from, jobs, workers, finished)
     dropped = sum(s.get("dropped_documents", 0) for s in shards)
     dropped_tokens = sum(s.get("dropped_tokens", 0) for s in shards)
     log(f"prepare: data.drop_copies: {dropped:,} copies of earlier documents left out ({dropped_tokens:,} tokens, "
