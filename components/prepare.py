@@ -403,7 +403,7 @@ def _drop_from(job: tuple) -> tuple:
 
 
 def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int,
-                 log: Callable[[str], None], workers: int = 1) -> List[dict]:
+                 log: Callable[[str], None], workers: int = 1, progress_every_s: float = 10.0) -> List[dict]:
     """``drop_copies``: rewrite the shards holding copies of earlier documents without them,
     ``workers`` at a time. Each shard is replaced by a rename, then keyed, then its .json
     updated: a kill in between leaves a shard whose size its .json does not match, which the
@@ -413,8 +413,12 @@ def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int
     jobs = {i: (out_dir / shards[i]["file"], dtype, eos_id, every, later)
             for i, (every, later) in enumerate(copies_to_drop(_keyed(out_dir, shards, dtype, eos_id)))
             if len(every) or len(later)}
+    todo_tokens, done_tokens, last = sum(shards[i]["tokens"] for i in jobs) or 1, 0, time.perf_counter()
+    log(f"prepare: data.drop_copies: {len(jobs)} of {len(shards)} shard(s) hold copies of earlier documents; "
+        "rewriting them without")
 
     def finished(i: int, counts: tuple) -> None:
+        nonlocal done_tokens, last
         tokens, documents, dropped, dropped_tokens = counts
         shard = shards[i]
         shard.update(tokens=tokens, documents=documents,
@@ -423,6 +427,11 @@ def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int
         meta_path = out_dir / f"{Path(shard['file']).stem}.json"
         replace_atomically(meta_path, json.dumps({**json.loads(meta_path.read_text()), **{k: shard[k] for k in (
             "tokens", "documents", "dropped_documents", "dropped_tokens")}}))
+        done_tokens += tokens + dropped_tokens
+        if time.perf_counter() - last >= progress_every_s:  # a pass over a large corpus takes minutes
+            last = time.perf_counter()
+            log(f"prepare: data.drop_copies: {done_tokens:,} of {todo_tokens:,} tokens rewritten, "
+                f"{elapsed_and_eta(last - began, done_tokens, todo_tokens)}")
 
     _in_workers(_drop_from, jobs, workers, finished)
     dropped = sum(s.get("dropped_documents", 0) for s in shards)

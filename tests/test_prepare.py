@@ -1084,6 +1084,7 @@ def test_drop_copies_prepares_each_document_once_and_survives_a_kill(tokenizer_p
     distinct = texts + ["short"]  # "short" is under 32 tokens: not keyed, never dropped
     manifest = prepare_corpus(src, tok, tmp_path / "out", log=print, drop_copies=True)
     out = capsys.readouterr().out
+    assert "prepare: data.drop_copies: 3 of 4 shard(s) hold copies of earlier documents" in out
     assert "prepare: data.drop_copies: 33 copies of earlier documents left out" in out
     assert "prepare: 0 of 60 documents (of 32+ tokens) are copies of another" in out
     assert manifest["repeats"]["dropped"] == 33 and manifest["documents"] == len(distinct)
