@@ -498,11 +498,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
     prepares and the others wait for it, and where each node has a disk of its own, each
     prepares its copy. ``drop_copies`` (``data.drop_copies``) leaves out copies of earlier documents."""
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
-        plan = read_manifest(Path(source), key=key).get("plan") or {}
-        if drop_copies and not plan.get("drop_copies"):
-            raise DataError(f"data.drop_copies=true, but {key}={str(source)!r} is a prepared folder whose copies were "
-                            "kept. Fix: prepare it again with `letrecipes prepare-data ... data.drop_copies=true` into "
-                            "another --out and train on that, or drop data.drop_copies.")
+        check_drop_copies(Path(source), read_manifest(Path(source), key=key), drop_copies, key)
         return Path(source)
     folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator, drop_copies)}"
     start = time.perf_counter()
@@ -530,6 +526,14 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
         _check_waited(start, timeout_s, f"rank {rank}: rank 0", source, folder)
         time.sleep(1.0)
     return folder
+
+
+def check_drop_copies(folder: Path, manifest: dict, drop_copies: bool, key: str) -> None:
+    """A prepared folder used as it is must have been prepared the way ``data.drop_copies`` asks."""
+    if drop_copies and not (manifest.get("plan") or {}).get("drop_copies"):
+        raise DataError(f"data.drop_copies=true, but {key}={str(folder)!r} is a prepared folder whose copies were "
+                        "kept. Fix: prepare it again with `letrecipes prepare-data ... data.drop_copies=true` into "
+                        "another --out and train on that, or drop data.drop_copies.")
 
 
 def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: str, workers: int, key: str,

@@ -42,7 +42,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
     against the tokenizer and left where it is."""
     from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
     from letrecipes.components.data import TokenShards, source_key, source_names, warn_about_shared_documents
-    from letrecipes.components.prepare import is_prepared, prepare_corpus, read_manifest
+    from letrecipes.components.prepare import check_drop_copies, is_prepared, prepare_corpus, read_manifest
     from letrecipes.components.tokenizer import load_tokenizer
 
     with errors_as_one_line(), contextlib.ExitStack() as stack:
@@ -67,6 +67,7 @@ def prepare_data(config: str, overrides, out: Path, workers: int) -> int:
             source = spec["source"]
             if isinstance(source, str) and is_prepared(Path(source).expanduser()):
                 manifest = read_manifest(Path(source).expanduser(), key=key)  # every shard whole
+                check_drop_copies(Path(source).expanduser(), manifest, bool(data.get("drop_copies", False)), key)
                 if manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():  # token ids cannot be re-tokenized
                     texts = manifest.get("sources") or []
                     raise DataError(

@@ -1108,6 +1108,10 @@ def test_drop_copies_prepares_each_document_once_and_survives_a_kill(tokenizer_p
     with pytest.raises(DataError, match=r"data.drop_copies=true, but data.source='.*kept' is a prepared folder whose "
                                         r"copies were kept. Fix: prepare it again"):
         cached_prepare(tmp_path / "kept", tok, tmp_path / "cache", drop_copies=True, **QUIET)
+    from letrecipes.cli import main
+    with pytest.raises(SystemExit, match=r"data.drop_copies=true, but data.source='.*kept' is a prepared folder"):
+        main(["prepare-data", "--config", "pretrain_tiny", f"tokenizer.path={tokenizer_path}", "--out",
+              str(tmp_path / "unused"), f"data.source={tmp_path / 'kept'}", "data.drop_copies=true"])
     # as a cache: a folder of its own, the training windows drawn from the distinct documents
     prepare_module._WARNED.clear()
     with pytest.warns(corpus.DataWarning, match="33 of its 93 documents"):
