@@ -132,21 +132,11 @@ def stored_keys(folder: Path, shard_files: Sequence[str]) -> Optional[List[np.nd
     return arrays
 
 
-def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] = None,
-                  top: int = TOP_PAIRS) -> Dict[str, object]:
-    """How many documents (of ``MIN_TOKENS``+) are copies of another, and the tokens in those
-    copies; and the ``top`` pairs of groups sharing the most, as ``[first, other, copies,
-    tokens]``: the group holding a document first, one holding a copy (the same group twice
-    for copies within it). A group is an array (a shard) unless ``groups`` gives each array's
-    (the source of each shard of a mixture). The keys are counted a range of key values at a
-    time, ``PASS_KEYS`` at most."""
-    groups = list(range(len(arrays))) if groups is None else list(groups)
-    width = max(groups, default=0) + 1
-    total = sum(len(a) for a in arrays)
-    passes = max(1, -(-total // PASS_KEYS))
+def _sorted_passes(arrays: Sequence[np.ndarray], groups: Sequence[int]) -> Iterator[Tuple[np.ndarray, ...]]:
+    """The rows of every array as (keys, lengths, group of each), sorted by key (within a key,
+    the arrays in order), a range of key values at a time: ``PASS_KEYS`` rows or so in memory."""
+    passes = max(1, -(-sum(len(a) for a in arrays) // PASS_KEYS))
     bounds = [np.uint64(((1 << 64) * p) // passes) for p in range(passes)]
-    copies = copy_tokens = 0
-    pairs: Dict[Tuple[int, int], List[int]] = {}
     for p in range(passes):
         keys, lengths, group = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
         for rows, g in zip(arrays, groups):
@@ -157,24 +147,44 @@ def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] 
             keys.append(part[:, 0])
             lengths.append(part[:, 1])
             group.append(np.full(hi - lo, g, np.int64))
-        keys_p, lengths_p, group_p = np.concatenate(keys), np.concatenate(lengths), np.concatenate(group)
+        keys_p = np.concatenate(keys)
         order = np.argsort(keys_p, kind="stable")
-        keys_p, lengths_p, group_p = keys_p[order], lengths_p[order], group_p[order]
-        same = keys_p[1:] == keys_p[:-1]
+        yield keys_p[order], np.concatenate(lengths)[order], np.concatenate(group)[order]
+
+
+def _first_of_group(same: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """For each sorted row, the group of the first row with its key (``same``: the row's key
+    is the previous row's)."""
+    new_key = ~same
+    return group[np.flatnonzero(new_key)[np.cumsum(new_key) - 1]]
+
+
+def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] = None,
+                  top: int = TOP_PAIRS) -> Dict[str, object]:
+    """How many documents (of ``MIN_TOKENS``+) are copies of another, and the tokens in those
+    copies; and the ``top`` pairs of groups sharing the most, as ``[first, other, copies,
+    tokens]``: the group holding a document first, one holding a copy (the same group twice
+    for copies within it). A group is an array (a shard) unless ``groups`` gives each array's
+    (the source of each shard of a mixture)."""
+    groups = list(range(len(arrays))) if groups is None else list(groups)
+    width = max(groups, default=0) + 1
+    copies = copy_tokens = 0
+    pairs: Dict[Tuple[int, int], List[int]] = {}
+    for keys, lengths, group in _sorted_passes(arrays, groups):
+        same = np.concatenate([[False], keys[1:] == keys[:-1]])
         if not same.any():
             continue
         copies += int(same.sum())
-        copy_tokens += int(lengths_p[1:][same].sum())
-        new_group = np.concatenate([[True], ~same])
-        first = group_p[np.flatnonzero(new_group)[np.cumsum(new_group) - 1]]
-        codes, where = np.unique(first[1:][same] * width + group_p[1:][same], return_inverse=True)
+        copy_tokens += int(lengths[same].sum())
+        first = _first_of_group(same, group)
+        codes, where = np.unique(first[same] * width + group[same], return_inverse=True)
         counts = np.bincount(where)
-        tokens = np.bincount(where, weights=lengths_p[1:][same].astype(np.float64))
+        tokens = np.bincount(where, weights=lengths[same].astype(np.float64))
         for code, count, n in zip(codes.tolist(), counts.tolist(), tokens.tolist()):
             pair = pairs.setdefault(divmod(code, width), [0, 0])
             pair[0], pair[1] = pair[0] + count, pair[1] + int(n)
     ranked = sorted(pairs.items(), key=lambda item: -item[1][0])[:top]
-    return {"documents": total, "copies": copies, "copy_tokens": copy_tokens,
+    return {"documents": sum(len(a) for a in arrays), "copies": copies, "copy_tokens": copy_tokens,
             "shared": [[a, b, n, t] for (a, b), (n, t) in ranked]}
 
 
@@ -182,35 +192,21 @@ def copies_to_drop(arrays: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, np.nd
     """For each shard, in stream order, the keys of the documents that repeat one before them:
     ``(every copy, all but the first)``: keys whose first appearance is in an earlier shard
     (every copy here goes), and keys first seen in this shard (its later copies go). The first
-    appearance of every document stays. Counted a range of key values at a time."""
-    total = sum(len(a) for a in arrays)
-    passes = max(1, -(-total // PASS_KEYS))
-    bounds = [np.uint64(((1 << 64) * p) // passes) for p in range(passes)]
+    appearance of every document stays."""
     every: List[List[np.ndarray]] = [[] for _ in arrays]
     later: List[List[np.ndarray]] = [[] for _ in arrays]
-    for p in range(passes):
-        keys, shard = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
-        for i, rows in enumerate(arrays):
-            column = rows[:, 0]
-            lo = int(np.searchsorted(column, bounds[p]))
-            hi = int(np.searchsorted(column, bounds[p + 1])) if p + 1 < passes else len(rows)
-            keys.append(np.asarray(column[lo:hi]))
-            shard.append(np.full(hi - lo, i, np.int64))
-        keys_p, shard_p = np.concatenate(keys), np.concatenate(shard)
-        order = np.argsort(keys_p, kind="stable")  # within a key, shards in stream order
-        keys_p, shard_p = keys_p[order], shard_p[order]
-        same = np.concatenate([[False], keys_p[1:] == keys_p[:-1]])
+    for keys, _, shard in _sorted_passes(arrays, range(len(arrays))):
+        same = np.concatenate([[False], keys[1:] == keys[:-1]])
         if not same.any():
             continue
-        new_group = ~same
-        owner = shard_p[np.flatnonzero(new_group)[np.cumsum(new_group) - 1]]
+        owner = _first_of_group(same, shard)
         copy = np.flatnonzero(same)
-        by_shard = copy[np.argsort(shard_p[copy], kind="stable")]
-        shards, starts = np.unique(shard_p[by_shard], return_index=True)
+        by_shard = copy[np.argsort(shard[copy], kind="stable")]
+        shards, starts = np.unique(shard[by_shard], return_index=True)
         for i, rows in zip(shards.tolist(), np.split(by_shard, starts[1:])):
             elsewhere = owner[rows] != i
-            every[i].append(keys_p[rows[elsewhere]])
-            later[i].append(keys_p[rows[~elsewhere]])
+            every[i].append(keys[rows[elsewhere]])
+            later[i].append(keys[rows[~elsewhere]])
     return [(np.unique(np.concatenate([np.zeros(0, np.uint64), *e])), np.unique(np.concatenate([np.zeros(0, np.uint64), *l])))
             for e, l in zip(every, later)]
 
