@@ -94,12 +94,13 @@ def measure(tokens: int, folder: Path, seed: int = 0) -> dict:
         held_out.check_documents(held, [("data.source", training)], 0, log=lambda _: None)
 
     keyed, key_s, key_mb = timed(key_all)
-    repeats, count_s, count_mb = timed(lambda: document_keys.count_repeats(document_keys.stored_keys(folder, files)))
+    repeats, count_s, count_mb = timed(
+        lambda: document_keys.count_repeats(document_keys.stored_keys(folder, manifest["shards"])))
     stored, stored_s, stored_mb = timed(check, Shards(folder, manifest, corpus))
     scanned, scan_s, scan_mb = timed(check, Tokens(corpus))
 
     def drop_all():  # data.drop_copies: which documents, then the shards rewritten without them
-        plan = document_keys.copies_to_drop(document_keys.stored_keys(folder, files))
+        plan = document_keys.copies_to_drop(document_keys.stored_keys(folder, manifest["shards"]))
         return sum(document_keys.drop_from_shard(folder / f, np.uint16, 0, every, later)[2]
                    for f, (every, later) in zip(files, plan) if len(every) or len(later))
 

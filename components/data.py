@@ -467,7 +467,7 @@ def warn_about_shared_documents(corpora: Sequence["TokenShards"], names: Sequenc
     their prepares stored (a corpus prepared by an earlier letrecipes has none: not counted)."""
     arrays, groups = [], []
     for i, corpus in enumerate(corpora):
-        stored = stored_keys(corpus.folder, [s["file"] for s in corpus.manifest["shards"]])
+        stored = stored_keys(corpus.folder, corpus.manifest["shards"])
         if stored is None:
             log(f"data: documents shared between the sources not counted: {names[i]} ({corpus.folder}) has no document "
                 "keys (prepared by an earlier letrecipes: its `letrecipes prepare-data` command run again adds them; a "

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -117,13 +117,14 @@ def write_shard_keys(shard_bin: Path, dtype: np.dtype, eos_id: int) -> int:
     return len(rows)
 
 
-def stored_keys(folder: Path, shard_files: Sequence[str]) -> Optional[List[np.ndarray]]:
-    """Each shard's ``[key, length]`` rows (memory-mapped), or None when any shard has none
-    (prepared before they were kept) or they do not read."""
+def stored_keys(folder: Path, shards: Sequence[Mapping[str, Any]]) -> Optional[List[np.ndarray]]:
+    """Each shard's ``[key, length]`` rows (memory-mapped; ``shards``: a manifest's shard
+    records, each naming its ``file``), or None when any shard has none (prepared before
+    they were kept) or they do not read."""
     arrays = []
-    for name in shard_files:
+    for shard in shards:
         try:
-            rows = np.load(keys_path(Path(folder) / name), mmap_mode="r")
+            rows = np.load(keys_path(Path(folder) / shard["file"]), mmap_mode="r")
         except (OSError, ValueError):
             return None
         if rows.ndim != 2 or rows.shape[1] != 2 or rows.dtype != np.uint64:

@@ -42,7 +42,7 @@ def _training_keys(tokens, eos_id: int, longest: int) -> Tuple[Iterator[np.ndarr
     prepare stored (all of it, read in milliseconds), else hashed from its tokens, in
     windows past ``SCAN_TOKENS`` (a folder prepared before keys were kept)."""
     manifest = getattr(tokens, "manifest", None)
-    stored = stored_keys(tokens.folder, [s["file"] for s in manifest["shards"]]) if manifest else None
+    stored = stored_keys(tokens.folder, manifest["shards"]) if manifest else None
     if stored is not None:
         return (rows[:, 0] for rows in stored), 1.0
     spans = _windows(len(tokens))

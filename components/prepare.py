@@ -114,7 +114,7 @@ def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
             problems.append(f"{shard['file']} {wrong_size}")
             continue
         keys = keys_path(path)
-        if keys.exists() and stored_keys(folder, [shard["file"]]) is None:
+        if keys.exists() and stored_keys(folder, [shard]) is None:
             problems.append(f"{keys.name} does not read")
         with open(path, "rb") as f:
             while block := f.read(RANGE_CHECK_BLOCK):
@@ -306,7 +306,7 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         manifest = json.loads((out_dir / MANIFEST).read_text())
         damaged = [i for i in range(len(units)) if not _shard_done(out_dir, i, dtype.itemsize)]
         if manifest.get("plan") == plan and not damaged:
-            if manifest.get("repeats") is None or stored_keys(out_dir, [s["file"] for s in manifest["shards"]]) is None:
+            if manifest.get("repeats") is None or stored_keys(out_dir, manifest["shards"]) is None:
                 # prepared by a letrecipes that kept no document keys, or a keys file damaged since
                 metas = [_shard_done(out_dir, i, dtype.itemsize) for i in range(len(units))]  # all sound, checked above
                 manifest["repeats"] = _repeats(out_dir, metas, dtype, tokenizer.eos_id, log)
@@ -386,11 +386,11 @@ def _keyed(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int) -> L
     for shard in shards:
         if not keys_path(out_dir / shard["file"]).is_file():
             write_shard_keys(out_dir / shard["file"], dtype, eos_id)
-    arrays = stored_keys(out_dir, [s["file"] for s in shards])
+    arrays = stored_keys(out_dir, shards)
     if arrays is None:  # a keys file that does not read: rewritten once
         for shard in shards:
             write_shard_keys(out_dir / shard["file"], dtype, eos_id)
-        arrays = stored_keys(out_dir, [s["file"] for s in shards])
+        arrays = stored_keys(out_dir, shards)
     return arrays
 
 

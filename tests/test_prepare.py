@@ -1028,7 +1028,7 @@ def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(t
         TokenShards(tmp_path / "out", tok)
     # counted a range of keys at a time, the same figures
     monkeypatch.setattr(document_keys, "PASS_KEYS", 7)
-    arrays = document_keys.stored_keys(tmp_path / "out", [s["file"] for s in manifest["shards"]])
+    arrays = document_keys.stored_keys(tmp_path / "out", manifest["shards"])
     assert {**manifest["repeats"], **document_keys.count_repeats(arrays)} == manifest["repeats"]
     # a folder prepared before keys were kept: a rerun of the prepare keys it and counts
     for keys in (tmp_path / "out").glob("*.keys.npy"):
