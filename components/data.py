@@ -534,13 +534,21 @@ def corpus_fingerprint(dataset) -> str:
     """The training tokens in brief: each prepared corpus's token and document counts,
     shard by shard. A corpus edited, grown or shrunk since (then prepared again) changes
     it; the same corpus copied to another machine or path does not (no paths, no times)."""
-    parts = dataset.parts if isinstance(dataset, MixtureDataset) else [dataset]
     digest = hashlib.sha256()
-    for part in parts:
+    for part in _parts(dataset):
         manifest = part.tokens.manifest
         digest.update(json.dumps([manifest["dtype"], [[s["tokens"], s["documents"]] for s in manifest["shards"]]])
                       .encode())
     return digest.hexdigest()[:16]
+
+
+def training_folders(dataset) -> List[str]:
+    """The prepared folders a training set reads, as absolute paths (a mixture's in its order)."""
+    return [str(part.tokens.folder.resolve()) for part in _parts(dataset)]
+
+
+def _parts(dataset) -> List["PackedDataset"]:
+    return dataset.parts if isinstance(dataset, MixtureDataset) else [dataset]
 
 
 def _workers_of(loader_state: Mapping[str, Any]) -> int:

@@ -129,7 +129,12 @@ class Tokenizer:
                 and self.encode(probe) == other.encode(probe))
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        return file_fingerprint(self.path)
+
+
+def file_fingerprint(path: Path) -> str:
+    """A tokenizer file's content in brief (kept in every prepared folder's manifest)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _not_a_tokenizer_json(path: Path, err: Exception) -> str:

@@ -104,6 +104,10 @@ EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
     "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")), "export_dir": OPTIONAL_TEXT,
     "output": OPTIONAL_TEXT, "overwrite": BOOL, "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
+    "contamination": ("auto, false, or a prepared folder or run output_dir (or a list of them)",
+                      lambda v: v is False or (isinstance(v, str) and v != "")
+                      or (isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v))),
+    "contamination_ngram": _int(8), "contamination_workers": _int(1),
 }
 
 
@@ -153,7 +157,7 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
                 yield (f"{key}[{i}]" if isinstance(value, list) else key), item
 
     if eval_config:
-        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks"):
+        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks", "contamination"):
             yield from listed(key, values.get(key))
         return
     for key in ("output_dir", "init_from", "resume"):

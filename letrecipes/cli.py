@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ from omegaconf import OmegaConf
 
 from letrecipes._config import ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
 from letrecipes._unknown_recipe import RECIPES
-from letrecipes.components.files import describe
+from letrecipes.components.files import describe, environment_errors, replace_atomically
 from letrecipes.components.preemption import stop_at_once_on_signals
 from letrecipes.components.run_lock import RunLock
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
@@ -111,6 +112,23 @@ def export(args) -> int:
     return 0
 
 
+def check_contamination(args) -> int:
+    """``letrecipes contamination``: the eval recipe's check of task items against training
+    data, without a model. Exit status 0 either way: the report says what was found."""
+    from letrecipes.components import contamination
+    from letrecipes.components.evaluation import read_task
+
+    with errors_as_one_line():
+        tasks = {Path(path).stem: read_task(path) for path in args.tasks}
+        corpora = contamination.training_corpora(args.data, "--data")
+        found = contamination.check_items(corpora, tasks, [Path(args.tokenizer)] if args.tokenizer else [],
+                                          args.ngram, args.workers, key="--data")
+        if args.out:
+            with environment_errors("--out", f"writing {args.out}", "The findings are printed above."):
+                replace_atomically(Path(args.out), json.dumps(found, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -137,6 +155,16 @@ def _main(argv=None) -> int:
     prep.add_argument("--out", required=True, type=os.path.expanduser, help="folder for the shards and manifest (then data.source=<out>)")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                       help="tokenizer processes (default: all cores but one)")
+    cont = sub.add_parser("contamination", help="look eval task items up in prepared training data (13-token runs)")
+    cont.add_argument("--data", required=True, nargs="+", type=os.path.expanduser,
+                      help="prepared folders, or runs (output_dir: the data their run_info.json records)")
+    cont.add_argument("--tasks", required=True, nargs="+", type=os.path.expanduser,
+                      help="JSON-lines task files of {context, choices, gold}")
+    cont.add_argument("--ngram", type=int, default=13, help="tokens in a row that make an item contaminated (8+)")
+    cont.add_argument("--workers", type=int, default=1, help="processes scanning the shards")
+    cont.add_argument("--tokenizer", type=os.path.expanduser,
+                      help="the tokenizer.json the data was prepared with, if not where its manifest says")
+    cont.add_argument("--out", type=os.path.expanduser, help="write the report (JSON) here")
     exp = sub.add_parser("export", help="convert a DCP step checkpoint (or a model file) to a Hugging Face folder")
     exp.add_argument("checkpoint", type=os.path.expanduser, help="<output_dir>/checkpoints/step_N, a .gguf file or a model folder")
     exp.add_argument("out", type=os.path.expanduser, help="the Hugging Face folder to write")
@@ -144,12 +172,20 @@ def _main(argv=None) -> int:
     exp.add_argument("--max-shard-mb", type=int, default=5120, help="split the weights above this size")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command in ("ls", "export"):  # only the config commands take key=value overrides
+    if rest and args.command in ("ls", "export", "contamination"):  # only the config commands take key=value overrides
         parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
         if args.max_shard_mb < 1:
             parser.error(f"--max-shard-mb={args.max_shard_mb}: give 1 or more (MB per safetensors file; default 5120)")
         return export(args)
+    if args.command == "contamination":
+        if args.ngram < 8 or args.workers < 1:
+            parser.error(f"--ngram={args.ngram} --workers={args.workers}: give --ngram 8 or more and --workers 1 or more")
+        stems = [Path(path).stem for path in args.tasks]
+        if len(set(stems)) < len(stems):
+            parser.error(f"--tasks: two files share a name ({', '.join(stems)}); the report names tasks by file "
+                         "name: rename one")
+        return check_contamination(args)
     if args.command == "prepare-data":
         return prepare_data(args.config, rest, Path(args.out), args.workers)
     try:

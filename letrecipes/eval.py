@@ -21,15 +21,16 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from letrecipes._config import errors_as_one_line, parse
 from letrecipes._schema import validate_eval
-from letrecipes.components import registry
+from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
+from letrecipes.components.corpus import DataError
 from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
                                               write_lm_eval_tasks, write_task)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
@@ -43,6 +44,7 @@ class EvalRecipe:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.work: Optional[Path] = None
+        self.unchecked = ""  # why the items were not looked for in the training data
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -61,6 +63,8 @@ class EvalRecipe:
         task_files = [Path(str(spec)) for spec in cfg.tasks]
         # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
         items = [read_task(path, limit=limit) for path in task_files]
+        self.items = {path.stem: task for path, task in zip(task_files, items)}
+        self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
         self.chance = {path.stem: chance_level(task) for path, task in zip(task_files, items)}
         self.work = Path(tempfile.mkdtemp(prefix="letrecipes-eval-"))
         # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
@@ -69,6 +73,58 @@ class EvalRecipe:
                    for i, (path, task) in enumerate(zip(task_files, items))]
         self.task_names = write_lm_eval_tasks(checked, self.work / "tasks")
         self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
+        self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
+
+    def _training_data(self) -> List[contamination.Corpus]:
+        """The prepared corpora the items are looked for in: ``contamination=auto`` finds the
+        checkpoint's run's own (from its run_info.json), and says why when it cannot; a
+        folder or a list of them is read as given (an error if one is no corpus)."""
+        spec = self.cfg.get("contamination", "auto")
+        if spec is None or spec is False:
+            self.unchecked = "contamination=false"
+            return []
+        if spec != "auto":
+            specs = [str(s) for s in (spec if isinstance(spec, (list, ListConfig)) else [spec])]
+            return contamination.training_corpora(specs, "contamination")
+        path = resolve_path(str(self.cfg.checkpoint), key="checkpoint")
+        run = contamination.run_folder(path)
+        folders = (contamination.recorded_data(run) or contamination.configured_data(run)) if run is not None else None
+        if run is None:
+            self.unchecked = f"{self.cfg.checkpoint} is not a run of this project"
+        elif folders is None:
+            self.unchecked = (f"the run {run} does not record its training data, and the folders its config.yaml "
+                              "leads to are not there")
+        else:
+            try:
+                return contamination.training_corpora(folders, "contamination")
+            except DataError as err:  # asked for by no one: said, and the scoring goes on
+                self.unchecked = str(err)
+        self._not_checked()
+        return []
+
+    def _not_checked(self) -> None:
+        print(f"contamination: not checked: {self.unchecked} (contamination=<prepared folder> names the data to look "
+              "in)", flush=True)
+
+    def check_contamination(self) -> Optional[Dict]:
+        """Each task's items looked for in the training data (components/contamination.py)."""
+        if not self.corpora:
+            return None
+        cfg = self.cfg
+        tokenizers = [self.model_folder / EXPORT_TOKENIZER]
+        if cfg.get("tokenizer_path"):
+            tokenizers.append(resolve_path(str(cfg.tokenizer_path), key="tokenizer_path"))
+        try:
+            return contamination.check_items(self.corpora, self.items, tokenizers,
+                                             int(cfg.get("contamination_ngram", contamination.NGRAM)),
+                                             int(cfg.get("contamination_workers", 1)),
+                                             log=lambda line: print(line, flush=True))
+        except DataError as err:
+            if cfg.get("contamination", "auto") != "auto":
+                raise
+            self.unchecked = str(err)
+            self._not_checked()
+            return None
 
     def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int]]:
         """The checkpoint as a Hugging Face folder lm-eval can load, and its step (if known)."""
@@ -103,19 +159,26 @@ class EvalRecipe:
         return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=Tokenizer(path).eos_token)
 
     def evaluate(self) -> Dict:
-        cfg = self.cfg
+        cfg, found = self.cfg, self.found
+        dirty = {stem: task["contaminated_items"] for stem, task in (found or {"tasks": {}})["tasks"].items()
+                 if task["contaminated_items"]}
         scored = run_lm_eval(self.model_folder, self.work / "tasks", self.task_names, device=self.device,
                              dtype=LM_EVAL_DTYPES[self.dtype], batch_size=cfg.get("batch_size", 16),
                              max_length=cfg.get("max_len"), limit=int(cfg.get("limit", 0) or 0),
-                             tokenizer=self._tokenizer())
+                             tokenizer=self._tokenizer(), log_samples=bool(dirty))
         for stem, scores in scored["tasks"].items():
             scores["chance"] = self.chance[stem]
+            if found is not None:
+                scores["contaminated"] = found["tasks"][stem]["contaminated"]
+            if stem in dirty:  # the same scores over the items the model cannot have trained on
+                scores.update(contamination.clean_scores(scored["samples"][stem], dirty[stem]))
             print(f"{stem:28s} n={scores['n']:4d}  acc {scores['acc']:.3f} +- {_stderr(scores['acc_stderr'])}  "
                   f"acc_norm {scores['acc_norm']:.3f} +- {_stderr(scores['acc_norm_stderr'])}  "
-                  f"(chance {scores['chance']:.3f})", flush=True)
+                  f"(chance {scores['chance']:.3f})" + _clean(scores), flush=True)
         report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
-                  "tasks": scored["tasks"]}
+                  "tasks": scored["tasks"],
+                  "contamination": found if found is not None else {"checked": False, "why": self.unchecked}}
         if cfg.get("output"):
             with environment_errors("output", f"writing {cfg.output}", "The scores are printed above."):
                 replace_atomically(Path(str(cfg.output)), json.dumps(report, indent=2))
@@ -147,6 +210,15 @@ def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:
     else:
         holds = "is there and is not a score report of this recipe"
     raise EvalError(f"output: {str(out)!r} {holds}. Fix: output=<another file>, or overwrite=true to replace it.")
+
+
+def _clean(scores: Dict) -> str:
+    if "n_clean" not in scores:
+        return ""
+    if not scores["n_clean"]:
+        return "; every item is in the training data"
+    return (f"; {scores['contaminated']} items in the training data; on the other {scores['n_clean']}: acc "
+            f"{scores['acc_clean']:.3f}, acc_norm {scores['acc_norm_clean']:.3f}")
 
 
 def _stderr(value: Optional[float]) -> str:

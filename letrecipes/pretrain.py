@@ -35,7 +35,8 @@ from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
 from letrecipes.components.corpus import DataWarning
-from letrecipes.components.data import BatchStream, build_dataloader, build_datasets, corpus_fingerprint
+from letrecipes.components.data import (BatchStream, build_dataloader, build_datasets, corpus_fingerprint,
+                                        training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
@@ -261,6 +262,8 @@ class PretrainRecipe:
                                                                local_rank=local_rank, log=log,
                                                                validation=bool(self.eval_every))
         self.run_info["data_fingerprint"] = corpus_fingerprint(self.train_set)  # a resume on changed data is refused
+        # where the training tokens lie: the eval recipe looks its items up there (components/contamination.py)
+        self.run_info["data_folders"] = training_folders(self.train_set)
         batch_size, workers = int(self.cfg.batch_size), int(cfg.get("num_workers", 0))
         self.batches = BatchStream(build_dataloader(self.train_set, batch_size, seed=int(self.cfg.seed),
                                                     rank=self.rank, world_size=self.world_size, num_workers=workers,

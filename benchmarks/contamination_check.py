@@ -1,0 +1,102 @@
+"""Time and memory of the contamination scan (components/contamination.py): eval items looked
+up in a prepared corpus, n-grams of 13 tokens. The corpus is synthetic (random token ids
+below 50,000 written as a prepared folder of 100M-token shards); the items are 1,500 of 60
+tokens plus 500 of 10 (looked for whole), 1 in 100 of them copied from the corpus, so the
+scan must find exactly those.
+
+    python benchmarks/contamination_check.py [--tokens 100000000 1000000000] [--workers 1 2] [--dir /tmp]
+
+``peak_added_mb`` is the growth of this process's ``VmHWM`` over the scan (0: within an
+earlier peak; with workers > 1 the work is in child processes and this says little).
+JSON in benchmarks/results/contamination_check.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import header, write_json  # noqa: E402
+from letrecipes.components import contamination  # noqa: E402
+
+SHARD_TOKENS = 100_000_000
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_corpus(folder: Path, tokens: int, rng: np.random.Generator) -> contamination.Corpus:
+    shards = []
+    for start in range(0, tokens, SHARD_TOKENS):
+        size = min(SHARD_TOKENS, tokens - start)
+        name = f"shard_{len(shards):06d}.bin"
+        rng.integers(1, 50_000, size, dtype=np.uint16).tofile(folder / name)
+        shards.append({"file": name, "tokens": size, "documents": 1})
+    manifest = {"format_version": 1, "tokens": tokens, "documents": len(shards), "dtype": "uint16",
+                "tokenizer": {"fingerprint": "synthetic", "path": "none", "vocab_size": 50_000, "eos_id": 0},
+                "shards": shards}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return contamination.Corpus.read(folder, "benchmark")
+
+
+def items(corpus: contamination.Corpus, rng: np.random.Generator):
+    """Item texts as space-separated token ids (the encoder below reads them back), and the
+    indices of those copied from the corpus."""
+    first = np.fromfile(corpus.folder / corpus.manifest["shards"][0]["file"], dtype=np.uint16)
+    texts, copied = [], []
+    for i in range(2000):
+        length = 60 if i < 1500 else 10
+        if i % 100 == 0:
+            start = int(rng.integers(0, len(first) - length))
+            tokens, _ = first[start:start + length], copied.append(i)
+        else:
+            tokens = rng.integers(1, 50_000, length)
+        texts.append(" ".join(str(int(t)) for t in tokens))
+    return texts, copied
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[100_000_000, 1_000_000_000])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dir", default=tempfile.gettempdir())
+    parser.add_argument("--out", default="benchmarks/results/contamination_check.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for tokens in args.tokens:
+        rng = np.random.default_rng(0)
+        with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+            corpus = write_corpus(Path(folder), tokens, rng)
+            texts, copied = items(corpus, rng)
+            began = time.perf_counter()
+            grams = contamination.item_ngrams({"synthetic": texts}, lambda batch: [list(map(int, t.split()))
+                                                                                   for t in batch])
+            built = time.perf_counter() - began
+            for workers in args.workers:
+                before, began = peak_mb(), time.perf_counter()
+                found = contamination.scan([corpus], grams, workers=workers, log=lambda line: None)
+                seconds = time.perf_counter() - began
+                task = found["tasks"]["synthetic"]
+                assert task["contaminated_items"] == copied, (task["contaminated_items"], copied)
+                rows.append({"tokens": tokens, "workers": workers, "ngrams": len(grams),
+                             "build_s": round(built, 2), "scan_s": round(seconds, 2),
+                             "s_per_100m_tokens": round(seconds * 1e8 / tokens, 2),
+                             "peak_added_mb": round(max(0.0, peak_mb() - before), 1),
+                             "found": task["contaminated"], "planted": len(copied)})
+                print(json.dumps(rows[-1]), flush=True)
+    write_json({**header("contamination_check.py", argv), "chunk_tokens": contamination.CHUNK, "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Eval items found in the training data: n-grams of tokens shared with a prepared corpus.
+
+A score means little on items the model trained on. An item's text (its context followed
+by its right choice) is cut into every run of ``NGRAM`` consecutive tokens, in the
+tokenizer the corpus was prepared with; the item is *contaminated* when any of those
+n-grams occurs anywhere in the corpus's tokens (GPT-3's rule: one shared 13-gram is
+enough). An item shorter than ``NGRAM`` tokens is looked for whole, down to
+``MIN_NGRAM`` tokens; a shorter one is reported as not checked. Each item is tokenized as
+it stands and with a leading space (its first word mid-document), so that neither form is
+missed. An n-gram that more than ``TEMPLATE_SHARE`` of a task's items hold (3 or more) is
+the task's template (an instruction, a fixed question) and is not looked for: the
+template in the corpus says nothing about any one item.
+
+The scan hashes every window of the corpus (a polynomial hash modulo 2**64, computed for
+all windows of a chunk from one prefix sum), keeps the windows whose hash falls in a bit
+table of the items' hashes, and compares those few token by token: a reported match is
+exact, never a hash collision.
+
+Why our own: lm-evaluation-harness's decontamination reads 13-gram files of the training
+text built by its own scripts (a second pass over the corpus as text, word by word); the
+corpora here are token shards already, and one vectorised pass over them is all it takes.
+Near-copies (other spacing, case, punctuation) are not found: the match is on tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from letrecipes.components.corpus import DataError
+from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
+
+NGRAM = 13  # tokens; GPT-3 and lm-eval use 13 words (a token is about 0.75 of a word: a little stricter)
+MIN_NGRAM = 8  # an item shorter than this is not checked: such short runs recur in any text
+TEMPLATE_SHARE = 0.05  # an n-gram in more than this share of a task's items is its template
+CHUNK = 1 << 22  # corpus tokens hashed at a time: about 100 MB of temporaries
+EXAMPLES = 3  # contaminated items shown per task in the report
+_LOOKUPS: Dict[str, "_Lookup"] = {}
+_P = 0x9E3779B97F4A7C15  # odd: invertible modulo 2**64
+_P_INV = pow(_P, -1, 1 << 64)
+
+
+def _powers(base: int, count: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        factors = np.full(count, base, dtype=np.uint64)
+        factors[0] = 1
+        return np.cumprod(factors, dtype=np.uint64)
+
+
+class _Hasher:
+    """Hashes of every window of a token array, any window length, from one prefix sum:
+    ``h(i, L) = sum_j tokens[i + j] * P**(L - 1 - j)`` modulo 2**64."""
+
+    def __init__(self, size: int):
+        self.up, self.down = _powers(_P, size + 1), _powers(_P_INV, size + 1)
+
+    def prefix(self, tokens: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            scaled = tokens.astype(np.uint64) * self.down[:len(tokens)]
+            return np.concatenate([np.zeros(1, np.uint64), np.cumsum(scaled, dtype=np.uint64)])
+
+    def windows(self, prefix: np.ndarray, length: int) -> np.ndarray:
+        """Hashes of the windows of ``length`` tokens starting at 0, 1, ... (``prefix`` from :meth:`prefix`)."""
+        count = len(prefix) - length
+        if count <= 0:
+            return np.zeros(0, np.uint64)
+        with np.errstate(over="ignore"):
+            return (prefix[length:] - prefix[:count]) * self.up[length - 1:length - 1 + count]
+
+
+def ngram_hash(tokens: Sequence[int]) -> int:
+    value = 0
+    for token in tokens:
+        value = (value * _P + int(token)) & ((1 << 64) - 1)
+    return value
+
+
+@dataclass
+class ItemNgrams:
+    """The n-grams looked for, by length: each length's hashes (sorted, unique), their
+    tokens, and which items (``(task, index)``) hold each."""
+
+    ngram: int
+    lengths: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # L -> (hashes, tokens [k, L])
+    owners: Dict[int, List[List[Tuple[str, int]]]] = field(default_factory=dict)  # L -> per n-gram, its items
+    items: Dict[str, int] = field(default_factory=dict)  # task -> items
+    unchecked: Dict[str, List[int]] = field(default_factory=dict)  # task -> items too short to check
+    template: Dict[str, int] = field(default_factory=dict)  # task -> n-grams left out as its template
+
+    def __len__(self) -> int:
+        return sum(len(hashes) for hashes, _ in self.lengths.values())
+
+
+def item_ngrams(texts: Mapping[str, Sequence[str]], encode: Callable[[List[str]], List[List[int]]],
+                ngram: int = NGRAM) -> ItemNgrams:
+    """The n-grams of every item's text, ``texts`` being ``{task: [item text, ...]}``."""
+    if ngram < MIN_NGRAM:
+        raise DataError(f"contamination ngram={ngram}: give {MIN_NGRAM} or more tokens (shorter runs recur in any "
+                        f"text by chance; {NGRAM} is the usual).")
+    found = ItemNgrams(ngram)
+    holders: Dict[Tuple[int, ...], List[Tuple[str, int]]] = defaultdict(list)
+    for task, task_texts in texts.items():
+        forms = [text.strip() for text in task_texts]
+        encoded = encode(forms + [" " + text for text in forms])
+        per_item: List[set] = [set() for _ in forms]
+        for i, tokens in enumerate(encoded):
+            length = min(ngram, len(tokens))
+            if length >= MIN_NGRAM:
+                per_item[i % len(forms)].update(tuple(tokens[s:s + length]) for s in range(len(tokens) - length + 1))
+        counts: Dict[Tuple[int, ...], int] = defaultdict(int)
+        for grams in per_item:
+            for gram in grams:
+                counts[gram] += 1
+        limit = max(2, int(TEMPLATE_SHARE * len(forms)))
+        template = {gram for gram, count in counts.items() if count > limit}
+        found.items[task], found.template[task] = len(forms), len(template)
+        found.unchecked[task] = [i for i, grams in enumerate(per_item) if not grams]
+        for i, grams in enumerate(per_item):
+            for gram in grams - template:
+                holders[gram].append((task, i))
+    by_length: Dict[int, List[Tuple[int, ...]]] = defaultdict(list)
+    for gram in holders:
+        by_length[len(gram)].append(gram)
+    for length, grams in sorted(by_length.items()):
+        hashes = np.array([ngram_hash(g) for g in grams], dtype=np.uint64)
+        order = np.argsort(hashes, kind="stable")
+        found.lengths[length] = (hashes[order], np.array(grams, dtype=np.int64)[order])
+        found.owners[length] = [holders[grams[k]] for k in order]
+    return found
+
+
+class _Lookup:
+    """One bit table over the hashes of every length, and each length's sorted hashes and
+    tokens: what a scanning process needs, read once from the file :func:`scan` writes
+    (each shard's job names the file rather than carrying megabytes of n-grams)."""
+
+    def __init__(self, lengths: Mapping[int, Tuple[np.ndarray, np.ndarray]]):
+        total = max(1, sum(len(hashes) for hashes, _ in lengths.values()))
+        self.bits = int(min(26, max(20, np.ceil(np.log2(total)) + 6)))  # about 1/64 of the table set
+        self.shift = np.uint64(64 - self.bits)
+        self.table = np.zeros(1 << self.bits, dtype=bool)
+        for hashes, _ in lengths.values():
+            self.table[(hashes >> self.shift).astype(np.int64)] = True
+        self.lengths = dict(lengths)
+        self.longest = max(lengths, default=0)
+
+    @classmethod
+    def load(cls, path: str) -> "_Lookup":
+        if path not in _LOOKUPS:
+            with np.load(path) as saved:
+                lengths = {int(name[1:]): (saved[name], saved["t" + name[1:]]) for name in saved.files
+                           if name.startswith("h")}
+            _LOOKUPS.clear()  # one scan at a time per process
+            _LOOKUPS[path] = cls(lengths)
+        return _LOOKUPS[path]
+
+    def matches(self, tokens: np.ndarray, prefix: np.ndarray, hasher: _Hasher, length: int,
+                counted: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(window starts, n-gram index) of the exact matches among the first ``counted`` windows."""
+        hashes_all = hasher.windows(prefix, length)[:counted]
+        starts = np.flatnonzero(self.table[(hashes_all >> self.shift).astype(np.int64)])
+        if not len(starts):
+            return starts, starts
+        keys, grams = self.lengths[length]
+        wanted = hashes_all[starts]
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        hit = keys[at] == wanted
+        starts, at = starts[hit], at[hit]
+        if len(starts):  # token by token: a hash collision is not a match
+            same = (tokens[starts[:, None] + np.arange(length)] == grams[at]).all(axis=1)
+            starts, at = starts[same], at[same]
+        return starts, at
+
+
+def scan_shard(job: dict) -> Dict[Tuple[int, int], List[int]]:
+    """``{(length, n-gram index): [matches, first token offset]}`` for one shard (a worker's job)."""
+    lookup = _Lookup.load(job["lookup"])
+    path, dtype, size = Path(job["path"]), np.dtype(job["dtype"]), int(job["tokens"])
+    overlap = max(lookup.longest - 1, 0)
+    hasher = _Hasher(CHUNK + overlap)
+    found: Dict[Tuple[int, int], List[int]] = {}
+    for start in range(0, size, CHUNK):
+        count = min(CHUNK + overlap, size - start)
+        tokens = np.fromfile(path, dtype=dtype, count=count, offset=start * dtype.itemsize).astype(np.int64)
+        if len(tokens) != count:
+            raise DataError(f"{path} is shorter than its manifest says ({start + len(tokens):,} tokens of {size:,}). "
+                            "Fix: rerun the `letrecipes prepare-data` command that made its folder.")
+        prefix = hasher.prefix(tokens)
+        last = start + CHUNK >= size  # windows that start past CHUNK are the next chunk's
+        for length in lookup.lengths:
+            counted = len(tokens) - length + 1 if last else min(CHUNK, len(tokens) - length + 1)
+            if counted <= 0:
+                continue
+            starts, grams = lookup.matches(tokens, prefix, hasher, length, counted)
+            for gram, first, times in zip(*np.unique(grams, return_index=True, return_counts=True)):
+                entry = found.setdefault((length, int(gram)), [0, start + int(starts[first])])
+                entry[0] += int(times)
+    return found
+
+
+@dataclass
+class Corpus:
+    """A prepared folder and its manifest (read and checked: every shard at its size)."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def read(cls, folder, key: str) -> "Corpus":
+        from letrecipes.components.prepare import read_manifest
+
+        return cls(Path(folder), read_manifest(folder, key=key))
+
+
+def scan(corpora: Sequence[Corpus], grams: ItemNgrams, workers: int = 1, log: Callable[[str], None] = print,
+         decode: Optional[Callable[[List[int]], str]] = None) -> dict:
+    """Look for ``grams`` in every shard of ``corpora`` (shards spread over ``workers``
+    processes); returns the report (see :func:`report`), examples as text with ``decode``."""
+    work = Path(tempfile.mkdtemp(prefix="letrecipes-contamination-"))
+    try:
+        lookup = str(work / "ngrams.npz")
+        np.savez(lookup, **{f"{kind}{length}": array for length, pair in grams.lengths.items()
+                            for kind, array in zip("ht", pair)})
+        return _scan(corpora, grams, lookup, workers, log, decode)
+    finally:
+        _LOOKUPS.clear()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _scan(corpora: Sequence[Corpus], grams: ItemNgrams, lookup: str, workers: int,
+          log: Callable[[str], None], decode: Optional[Callable[[List[int]], str]]) -> dict:
+    from letrecipes.components.prepare import _in_workers
+
+    jobs = {}
+    for c, corpus in enumerate(corpora):
+        for s, shard in enumerate(corpus.manifest["shards"]):
+            jobs[(c, s)] = {"lookup": lookup, "path": str(corpus.folder / shard["file"]),
+                            "dtype": corpus.manifest["dtype"], "tokens": int(shard["tokens"])}
+    total = sum(job["tokens"] for job in jobs.values()) or 1
+    found: Dict[Tuple[int, int], Tuple[int, Tuple[int, int, int]]] = {}
+    progress = {"tokens": 0, "said": time.perf_counter()}
+    begin = time.perf_counter()
+
+    def finished(where: Tuple[int, int], shard_found: dict) -> None:
+        for gram, (times, offset) in shard_found.items():
+            held = found.get(gram)
+            location = (where[0], where[1], offset)
+            found[gram] = (times + (held[0] if held else 0), min(location, held[1]) if held else location)
+        progress["tokens"] += jobs[where]["tokens"]
+        now = time.perf_counter()
+        if now - progress["said"] >= PROGRESS_EVERY_S:
+            progress["said"] = now
+            log(f"contamination: {progress['tokens']:,} of {total:,} tokens scanned "
+                f"({elapsed_and_eta(now - begin, progress['tokens'], total)})")
+
+    _in_workers(scan_shard, jobs, workers, finished)
+    return report(corpora, grams, found, time.perf_counter() - begin, decode)
+
+
+def report(corpora: Sequence[Corpus], grams: ItemNgrams, found: Mapping[Tuple[int, int], tuple],
+           seconds: float, decode: Optional[Callable[[List[int]], str]] = None) -> dict:
+    """``{ngram, corpora, tokens, seconds, tasks: {task: {items, checked, contaminated,
+    contaminated_items, template_ngrams, examples}}}``; an example names the item, the
+    n-gram's tokens and where the corpus holds it first (folder, shard file, token)."""
+    hits: Dict[Tuple[str, int], Tuple[tuple, int, Tuple[int, int]]] = {}
+    for (length, gram), (times, location) in sorted(found.items(), key=lambda kv: kv[1][1]):
+        for owner in grams.owners[length][gram]:
+            held = hits.get(owner)
+            hits[owner] = (held[0], held[1] + times, held[2]) if held else (location, times, (length, gram))
+    tasks = {}
+    for task, count in grams.items.items():
+        dirty = sorted(i for t, i in hits if t == task)
+        examples = []
+        for i in dirty[:EXAMPLES]:
+            (c, s, offset), times, (length, gram) = hits[(task, i)]
+            tokens = grams.lengths[length][1][gram].tolist()
+            examples.append({"item": i, "tokens": tokens, **({"text": decode(tokens)} if decode else {}),
+                             "ngram_matches": times, "folder": str(corpora[c].folder),
+                             "file": corpora[c].manifest["shards"][s]["file"], "token": offset})
+        tasks[task] = {"items": count, "checked": count - len(grams.unchecked[task]), "contaminated": len(dirty),
+                       "contaminated_items": dirty, "template_ngrams": grams.template[task], "examples": examples}
+    return {"ngram": grams.ngram, "corpora": [str(c.folder) for c in corpora],
+            "tokens": sum(int(c.manifest["tokens"]) for c in corpora), "seconds": round(seconds, 2), "tasks": tasks}
+
+
+# ----------------------------------------------------------------- where a checkpoint's training data lies
+def run_folder(path: Path) -> Optional[Path]:
+    """The run (``output_dir``) a path belongs to: the run itself, its ``final`` export or a
+    step checkpoint (``checkpoints/step_N``); None for anything else (a GGUF file, a model
+    from elsewhere)."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "run_info.json").is_file() and (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def recorded_data(run: Path) -> Optional[List[str]]:
+    """The prepared folders the run's ``run_info.json`` names (None: a run from before they were recorded)."""
+    try:
+        folders = json.loads((run / "run_info.json").read_text()).get("data_folders")
+    except (OSError, ValueError):
+        return None
+    return list(folders) if isinstance(folders, list) else None
+
+
+def configured_data(run: Path) -> Optional[List[str]]:
+    """For a run from before ``run_info.json`` recorded its data: the prepared folders its
+    ``config.yaml`` leads to (data.source when prepared, else the cache folder that names
+    it), when they are still there; None when they cannot be found."""
+    from omegaconf import OmegaConf
+
+    from letrecipes.components.corpus import DOCUMENT_SEPARATOR
+    from letrecipes.components.prepare import cache_key, is_prepared
+    from letrecipes.components.tokenizer import load_tokenizer
+
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+        data = cfg["data"]
+        tokenizer = load_tokenizer(cfg["tokenizer"], cfg.get("teacher"))
+        folders = []
+        for spec in data.get("sources") or [{"source": data["source"]}]:
+            source = spec["source"]
+            if isinstance(source, str) and is_prepared(Path(source)):
+                folders.append(source)
+                continue
+            name = cache_key(source, tokenizer, spec.get("text_field") or data.get("text_field", "text"),
+                             document_separator=data.get("document_separator", DOCUMENT_SEPARATOR),
+                             drop_copies=bool(data.get("drop_copies", False)))
+            folders.append(str(Path(data.get("cache_dir", "outputs/cache")) / f"prepared-{name}"))
+    except Exception:  # anything amiss (a file moved, a key renamed): not found, and the caller says so
+        return None
+    return folders if all(is_prepared(Path(folder)) for folder in folders) else None
+
+
+def training_corpora(specs: Sequence[str], key: str) -> List[Corpus]:
+    """Each of ``specs`` is a prepared folder or a run (its output_dir, final/ or a step
+    checkpoint: the folders its run_info.json records); an error names the key and the fix."""
+    corpora: List[Corpus] = []
+    for spec in specs:
+        path = Path(spec)
+        if (path / "manifest.json").is_file():
+            corpora.append(Corpus.read(path, key))
+            continue
+        run = run_folder(path) if path.exists() else None
+        if run is None:
+            raise DataError(f"{key}: {spec!r} is neither a prepared folder (no manifest.json) nor a run's output_dir. "
+                            "Fix: give the folder `letrecipes prepare-data` wrote (or the run's data.cache_dir/"
+                            "prepared-...), or the output_dir of the run that trained on it; a raw corpus is prepared "
+                            "first: `letrecipes prepare-data --config <config> --out <folder>`.")
+        folders = recorded_data(run) or configured_data(run)
+        if folders is None:
+            raise DataError(f"{key}: the run {str(run)!r} does not record its training data (its run_info.json "
+                            "predates letrecipes' data_folders), and the folders its config.yaml leads to are not "
+                            "there. Fix: give its prepared folders instead: data.source if it was one, else the "
+                            "data.cache_dir/prepared-* folder its log names.")
+        missing = [f for f in folders if not (Path(f) / "manifest.json").is_file()]
+        if missing:
+            raise DataError(f"{key}: the run {str(run)!r} trained on {missing[0]!r}, which is gone (a cache deleted, "
+                            "another machine). Fix: prepare the same data again (`letrecipes prepare-data --config "
+                            f"{run / 'config.yaml'} --out <folder>`) and give that folder.")
+        corpora.extend(Corpus.read(folder, key) for folder in folders)
+    return corpora
+
+
+def corpus_tokenizer(corpora: Sequence[Corpus], candidates: Sequence[Path], key: str):
+    """The tokenizer (a ``tokenizers.Tokenizer``) the corpora were prepared with: the one
+    their manifest names, or any of ``candidates`` (the checkpoint's own tokenizer.json, a
+    ``tokenizer_path``) with the same content. The items must be cut into the corpus's
+    tokens, not another vocabulary's."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from letrecipes.components.tokenizer import file_fingerprint
+
+    wanted = {c.manifest["tokenizer"]["fingerprint"] for c in corpora}
+    if len(wanted) > 1:
+        raise DataError(f"{key}: the folders were prepared with {len(wanted)} different tokenizers "
+                        f"({', '.join(sorted(wanted))}). Fix: check them one tokenizer at a time.")
+    fingerprint = wanted.pop()
+    named = [Path(c.manifest["tokenizer"]["path"]) for c in corpora]
+    for path in [*named, *candidates]:
+        path = path / "tokenizer.json" if path.is_dir() else path  # a Hugging Face model or tokenizer folder
+        if path.is_file() and file_fingerprint(path) == fingerprint:
+            return HFTokenizer.from_file(str(path))
+    raise DataError(f"{key}: the tokenizer {str(named[0])!r} that {corpora[0].folder} was prepared with (fingerprint "
+                    f"{fingerprint}) is not there, and no other tokenizer at hand has its content. Fix: set "
+                    "tokenizer_path=<that tokenizer.json>.")
+
+
+def encoder(tokenizer) -> Callable[[List[str]], List[List[int]]]:
+    """Items encoded as the prepare encodes corpus text (special tokens as the text they are)."""
+    from letrecipes.components.tokenizer import encode_as_text
+
+    return lambda texts: [e.ids for e in encode_as_text(tokenizer, texts)]
+
+
+def check_items(corpora: Sequence[Corpus], tasks: Mapping[str, Sequence], tokenizers: Sequence[Path],
+                ngram: int = NGRAM, workers: int = 1, key: str = "contamination",
+                log: Callable[[str], None] = print) -> dict:
+    """The eval recipe's and ``letrecipes contamination``'s check: ``tasks`` are ``{name:
+    [item with context, choices, gold]}``, each item's text its context and its right
+    choice (what a model that trained on the item read); ``tokenizers`` are the tokenizer
+    files at hand besides the one the corpora's manifest names. Logs a line per task and
+    its first contaminated items; returns :func:`report`'s report."""
+    tokenizer = corpus_tokenizer(corpora, tokenizers, key)
+    texts = {name: [item.context + item.choices[item.gold] for item in items] for name, items in tasks.items()}
+    grams = item_ngrams(texts, encoder(tokenizer), ngram)
+    found = scan(corpora, grams, workers=workers, log=log, decode=tokenizer.decode)
+    scanned = f"{found['tokens']:,} training tokens scanned in {found['seconds']:.1f} s"
+    for name, task in found["tasks"].items():
+        short = task["items"] - task["checked"]
+        log(f"contamination: {name}: {task['contaminated']} of {task['checked']} items checked hold a run of "
+            f"{ngram} tokens found in the training data" + (f" ({short} too short to check)" if short else "")
+            + f"; {scanned}")
+        for example in task["examples"]:
+            log(f"  item {example['item']}: {example['text']!r} at token {example['token']:,} of "
+                f"{example['folder']}/{example['file']}")
+    return found
+
+
+def clean_scores(samples: Sequence[Mapping], contaminated: Sequence[int]) -> Dict[str, float]:
+    """``acc``/``acc_norm`` over the items not contaminated, from lm-eval's per-item samples."""
+    dirty = set(contaminated)
+    kept = [s for s in samples if int(s["doc_id"]) not in dirty]
+    out: Dict[str, float] = {"n_clean": len(kept)}
+    for score in ("acc", "acc_norm"):
+        out[f"{score}_clean"] = sum(float(s[score]) for s in kept) / len(kept) if kept else None
+    return out

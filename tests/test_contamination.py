@@ -1,0 +1,154 @@
+"""Eval items looked up in the training data: components/contamination.py, the eval recipe's
+``contamination`` keys and ``letrecipes contamination``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from letrecipes import cli
+from letrecipes import eval as eval_recipe
+from letrecipes.components import contamination
+from letrecipes.components.evaluation import Item, write_task
+from letrecipes.components.prepare import prepare_corpus
+from letrecipes.components.tokenizer import Tokenizer
+from tests.test_recipes import expect_setup_error
+
+INVENTED = ["Quantum zebras file their tax returns by carrier pigeon every second Thursday of June.",
+            "The spreadsheet refused to compile until the espresso machine had rebooted its firmware twice.",
+            "Seven robotic penguins negotiated a ceasefire over the last slice of pineapple pizza in orbit."]
+
+
+def play_lines(corpus_dir, count: int):
+    """Long lines of the test corpus's plays: text the training data holds."""
+    text = "\n".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
+    lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 70]
+    return lines[::max(1, len(lines) // count)][:count]
+
+
+def as_item(text: str) -> Item:
+    cut = text.index(" ", 20)  # the right choice carries its own leading space, as task files write it
+    return Item(text[:cut], [text[cut:], " and nothing more was said of it."], 0)
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus_dir, tokenizer_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_corpus(corpus_dir, Tokenizer(tokenizer_path), out, log=lambda line: None)
+    return contamination.Corpus.read(out, "test")
+
+
+def test_window_hashes_are_each_ngrams_own_hash():
+    tokens = np.random.default_rng(0).integers(0, 50_000, 200)
+    hasher = contamination._Hasher(len(tokens))
+    prefix = hasher.prefix(tokens)
+    for length in (8, 13, 200):
+        windows = hasher.windows(prefix, length)
+        assert [int(h) for h in windows] == [contamination.ngram_hash(tokens[s:s + length])
+                                             for s in range(len(tokens) - length + 1)]
+
+
+def test_a_hash_match_with_other_tokens_is_no_match():
+    """The bit table and the hashes only find candidates: a match is the same tokens."""
+    tokens = np.arange(100, 140, dtype=np.int64)
+    hasher = contamination._Hasher(len(tokens))
+    prefix = hasher.prefix(tokens)
+    target = hasher.windows(prefix, 8)[5:6]
+    same = contamination._Lookup({8: (target, tokens[5:13][None, :])})
+    colliding = contamination._Lookup({8: (target, (tokens[5:13] + 1)[None, :])})
+    assert same.matches(tokens, prefix, hasher, 8, 33)[0].tolist() == [5]
+    assert colliding.matches(tokens, prefix, hasher, 8, 33)[0].tolist() == []
+
+
+def test_items_of_the_training_text_are_found_and_only_they(prepared, corpus_dir, tokenizer_path, monkeypatch):
+    lines = play_lines(corpus_dir, 6)
+    mid_line = lines[5][lines[5].index(" ", 10) + 1:]  # starts inside a line: its first word had a space before it
+    # a few words from inside a line, under 13 tokens: looked for whole, in the form with a space before it
+    words, tokenizer = lines[4].split(), Tokenizer(tokenizer_path)
+    short = next(" ".join(words[3:3 + n]) for n in range(2, len(words) - 3)
+                 if len(tokenizer.encode(" " + " ".join(words[3:3 + n]))) >= 9)
+    assert len(tokenizer.encode(" " + short)) < 13
+    task = [as_item(lines[0]), as_item(INVENTED[0]), as_item(lines[1]), Item("", [" To be", " Not to"], 0),
+            as_item(INVENTED[1]), as_item(mid_line), Item("", [short, " or so the story goes"], 0)]
+    # every item of this task shares one line of a play (a fixed instruction): the template, not an item
+    templated = [Item(lines[2] + " " + invented, [" yes", " no"], 0) for invented in INVENTED]
+    tasks = {"mixed": task, "templated": templated}
+    monkeypatch.setattr(contamination, "CHUNK", 997)  # windows across chunk ends: the overlap must hold them
+    found = contamination.check_items([prepared], tasks, [], log=lambda line: None)
+    mixed = found["tasks"]["mixed"]
+    assert mixed["contaminated_items"] == [0, 2, 5, 6]
+    assert mixed["checked"] == 6 and mixed["items"] == 7  # " To be" is too short to tell
+    assert found["tasks"]["templated"]["contaminated"] == 0 and found["tasks"]["templated"]["template_ngrams"] > 0
+    assert found["tokens"] == prepared.manifest["tokens"]
+    # each example says where the corpus holds it: those are its tokens
+    for example in mixed["examples"]:
+        at = np.fromfile(prepared.folder / example["file"], dtype=prepared.manifest["dtype"],
+                         count=len(example["tokens"]), offset=example["token"] * 2)
+        assert at.tolist() == example["tokens"] and example["text"].strip() in "\n".join(lines)
+    # one chunk, and shards spread over two processes, find the same
+    monkeypatch.setattr(contamination, "CHUNK", 1 << 22)
+    again = contamination.check_items([prepared], tasks, [], workers=2, log=lambda line: None)
+    assert {k: v for k, v in again["tasks"].items()} == found["tasks"]
+
+
+def test_eval_recipe_reports_items_in_the_training_data_and_scores_the_others(teacher_dir, corpus_dir, tmp_path,
+                                                                               capsys):
+    run_info = json.loads((teacher_dir.parent / "run_info.json").read_text())
+    assert run_info["data_folders"] and all(Path(f).is_dir() for f in run_info["data_folders"])
+    lines = play_lines(corpus_dir, 2)
+    clean = [as_item(text) for text in INVENTED]
+    mixed = write_task(tmp_path / "mixed.jsonl", [as_item(lines[0]), *clean, as_item(lines[1])])
+    clean_only = write_task(tmp_path / "clean_only.jsonl", clean)
+    eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{mixed},{clean_only}]",
+                             f"output={tmp_path / 'scores.json'}"])
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["contamination"]["tasks"]["mixed"]["contaminated_items"] == [0, 4]
+    assert report["contamination"]["corpora"] == run_info["data_folders"]
+    scores, alone = report["tasks"]["mixed"], report["tasks"]["clean_only"]
+    assert scores["contaminated"] == 2 and scores["n_clean"] == 3 and alone["contaminated"] == 0
+    # the clean items' scores are those of the same items scored as a task of their own
+    assert scores["acc_clean"] == pytest.approx(alone["acc"]) and scores["acc_norm_clean"] == pytest.approx(alone["acc_norm"])
+    out = capsys.readouterr().out
+    assert "contamination: mixed: 2 of 5 items checked hold a run of 13 tokens found in the training data" in out
+    assert "2 items in the training data; on the other 3: acc" in out
+    # asked not to: said so in the report
+    eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{clean_only}]",
+                             "contamination=false", f"output={tmp_path / 'off.json'}"])
+    assert json.loads((tmp_path / "off.json").read_text())["contamination"] == {"checked": False,
+                                                                               "why": "contamination=false"}
+
+
+def test_a_contamination_folder_that_is_no_corpus_is_named_before_any_conversion(teacher_dir, corpus_dir, tmp_path,
+                                                                                 monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("converted before the contamination folder was checked")
+
+    monkeypatch.setattr(eval_recipe, "export_any", never)
+    task = write_task(tmp_path / "t.jsonl", [as_item(INVENTED[0])])
+    message = expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={teacher_dir}",
+                                                           f"tasks=[{task}]", f"contamination={corpus_dir}"],
+                                 match="is neither a prepared folder")
+    assert message.startswith(f"error: contamination: '{corpus_dir}' is neither") and "prepare-data" in message
+
+
+def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_dir, corpus_dir, tmp_path, capsys):
+    lines = play_lines(corpus_dir, 1)
+    task = write_task(tmp_path / "t.jsonl", [as_item(lines[0]), as_item(INVENTED[0])])
+    assert cli.main(["contamination", "--data", str(teacher_dir.parent), "--tasks", str(task),
+                     "--out", str(tmp_path / "found.json")]) == 0
+    found = json.loads((tmp_path / "found.json").read_text())
+    assert found["tasks"]["t"]["contaminated_items"] == [0]
+    # a run from before run_info.json named its data: its config.yaml leads to the same cache folder
+    older = tmp_path / "older_run"
+    older.mkdir()
+    shutil.copy(teacher_dir.parent / "config.yaml", older / "config.yaml")
+    info = json.loads((teacher_dir.parent / "run_info.json").read_text())
+    info.pop("data_folders")
+    (older / "run_info.json").write_text(json.dumps(info))
+    assert cli.main(["contamination", "--data", str(older), "--tasks", str(task)]) == 0
+    assert "t: 1 of 2 items checked" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["contamination", "--data", str(corpus_dir), "--tasks", str(task)])
+    assert "is neither a prepared folder" in str(stop.value) + capsys.readouterr().err
