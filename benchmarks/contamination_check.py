@@ -4,7 +4,10 @@ below 50,000 written as a prepared folder of 100M-token shards); the items are 1
 tokens plus 500 of 10 (looked for whole), 1 in 100 of them copied from the corpus, so the
 scan must find exactly those.
 
-    python benchmarks/contamination_check.py [--tokens 100000000 1000000000] [--workers 1 2] [--dir /tmp]
+    python benchmarks/contamination_check.py [--tokens 100000000 1000000000] [--workers 1 2] [--task-items 14000]
+
+``--task-items`` first times the n-grams of one task that large (items of 300 tokens;
+building them includes encoding, here reading ids back from text).
 
 ``peak_added_mb`` is the growth of this process's ``VmHWM`` over the scan (0: within an
 earlier peak; with workers > 1 the work is in child processes and this says little).
@@ -71,8 +74,20 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--out", default="benchmarks/results/contamination_check.json")
+    parser.add_argument("--task-items", type=int, default=14_000,
+                        help="also time the n-grams of one task this large (300 tokens an item: MMLU-sized)")
     args = parser.parse_args(argv)
     rows = []
+    if args.task_items:
+        rng = np.random.default_rng(0)
+        texts = [" ".join(str(int(t)) for t in rng.integers(1, 50_000, 300)) for _ in range(args.task_items)]
+        before, began = peak_mb(), time.perf_counter()
+        grams = contamination.item_ngrams({"large": texts}, lambda batch: [list(map(int, t.split())) for t in batch])
+        rows.append({"task_items": args.task_items, "item_tokens": 300, "ngrams": len(grams),
+                     "build_s": round(time.perf_counter() - began, 2),
+                     "peak_added_mb": round(max(0.0, peak_mb() - before), 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        del texts, grams
     for tokens in args.tokens:
         rng = np.random.default_rng(0)
         with tempfile.TemporaryDirectory(dir=args.dir) as folder:

@@ -9,7 +9,8 @@ enough). An item shorter than ``NGRAM`` tokens is looked for whole, down to
 it stands and with a leading space (its first word mid-document), so that neither form is
 missed. An n-gram that more than ``TEMPLATE_SHARE`` of a task's items hold (3 or more) is
 the task's template (an instruction, a fixed question) and is not looked for: the
-template in the corpus says nothing about any one item.
+template in the corpus says nothing about any one item. Nor is one with fewer distinct
+tokens than half its length (a row of dots, table rules, blank lines): any corpus has those.
 
 The scan hashes every window of the corpus (a polynomial hash modulo 2**64, computed for
 all windows of a chunk from one prefix sum), keeps the windows whose hash falls in a bit
@@ -28,7 +29,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -85,18 +85,34 @@ def ngram_hash(tokens: Sequence[int]) -> int:
 
 @dataclass
 class ItemNgrams:
-    """The n-grams looked for, by length: each length's hashes (sorted, unique), their
-    tokens, and which items (``(task, index)``) hold each."""
+    """The n-grams looked for, by length L: ``lengths[L]`` their hashes (sorted, unique) and
+    tokens ``[k, L]``; ``owners[L]`` which items hold each, as CSR arrays (``offsets``
+    ``[k + 1]``, then the task index and the item of each holder: a task of 14,000 items of
+    hundreds of tokens has millions of n-grams, too many for Python objects)."""
 
     ngram: int
-    lengths: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # L -> (hashes, tokens [k, L])
-    owners: Dict[int, List[List[Tuple[str, int]]]] = field(default_factory=dict)  # L -> per n-gram, its items
+    tasks: List[str] = field(default_factory=list)
+    lengths: Dict[int, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    owners: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     items: Dict[str, int] = field(default_factory=dict)  # task -> items
     unchecked: Dict[str, List[int]] = field(default_factory=dict)  # task -> items too short to check
     template: Dict[str, int] = field(default_factory=dict)  # task -> n-grams left out as its template
 
     def __len__(self) -> int:
         return sum(len(hashes) for hashes, _ in self.lengths.values())
+
+    def holders(self, length: int, gram: int) -> List[Tuple[str, int]]:
+        offsets, task, item = self.owners[length]
+        span = slice(int(offsets[gram]), int(offsets[gram + 1]))
+        return [(self.tasks[t], int(i)) for t, i in zip(task[span], item[span])]
+
+
+def _windows_of(tokens: np.ndarray, length: int) -> np.ndarray:
+    """Starts of the windows worth looking for: those with at least half their tokens
+    distinct (a run of dots, a row of table rules or blank lines is in every corpus)."""
+    views = np.sort(np.lib.stride_tricks.sliding_window_view(tokens, length), axis=1)
+    distinct = 1 + (views[:, 1:] != views[:, :-1]).sum(axis=1)
+    return np.flatnonzero(distinct * 2 >= length)
 
 
 def item_ngrams(texts: Mapping[str, Sequence[str]], encode: Callable[[List[str]], List[List[int]]],
@@ -105,35 +121,49 @@ def item_ngrams(texts: Mapping[str, Sequence[str]], encode: Callable[[List[str]]
     if ngram < MIN_NGRAM:
         raise DataError(f"contamination ngram={ngram}: give {MIN_NGRAM} or more tokens (shorter runs recur in any "
                         f"text by chance; {NGRAM} is the usual).")
-    found = ItemNgrams(ngram)
-    holders: Dict[Tuple[int, ...], List[Tuple[str, int]]] = defaultdict(list)
-    for task, task_texts in texts.items():
+    found = ItemNgrams(ngram, tasks=list(texts))
+    pieces, flat, offset = [], [], 0  # per window: hash, length, task, item, where its tokens start in `flat`
+    for t, (task, task_texts) in enumerate(texts.items()):
         forms = [text.strip() for text in task_texts]
-        encoded = encode(forms + [" " + text for text in forms])
-        per_item: List[set] = [set() for _ in forms]
-        for i, tokens in enumerate(encoded):
+        encoded = [np.asarray(tokens, dtype=np.int64) for tokens in encode(forms + [" " + text for text in forms])]
+        hasher = _Hasher(max(len(tokens) for tokens in encoded))
+        rows = []
+        for v, tokens in enumerate(encoded):
             length = min(ngram, len(tokens))
             if length >= MIN_NGRAM:
-                per_item[i % len(forms)].update(tuple(tokens[s:s + length]) for s in range(len(tokens) - length + 1))
-        counts: Dict[Tuple[int, ...], int] = defaultdict(int)
-        for grams in per_item:
-            for gram in grams:
-                counts[gram] += 1
-        limit = max(2, int(TEMPLATE_SHARE * len(forms)))
-        template = {gram for gram, count in counts.items() if count > limit}
+                starts = _windows_of(tokens, length)
+                hashes = hasher.windows(hasher.prefix(tokens), length)[starts]
+                rows.append((hashes, np.full(len(starts), length), np.full(len(starts), v % len(forms)),
+                             starts + offset))
+            flat.append(tokens)
+            offset += len(tokens)
+        hashes, lengths, items, refs = (np.concatenate([r[k] for r in rows]) if rows else np.zeros(0, np.int64)
+                                        for k in range(4))
+        hashes = hashes.astype(np.uint64)
+        # once per item (its two forms share most windows), then: how many of the task's items hold each
+        order = np.lexsort((hashes, items))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (hashes[order][1:] != hashes[order][:-1]) | (items[order][1:] != items[order][:-1])
+        keep = order[first]
+        unique, counts = np.unique(hashes[keep], return_counts=True)
+        template = unique[counts > max(2, int(TEMPLATE_SHARE * len(forms)))]
         found.items[task], found.template[task] = len(forms), len(template)
-        found.unchecked[task] = [i for i, grams in enumerate(per_item) if not grams]
-        for i, grams in enumerate(per_item):
-            for gram in grams - template:
-                holders[gram].append((task, i))
-    by_length: Dict[int, List[Tuple[int, ...]]] = defaultdict(list)
-    for gram in holders:
-        by_length[len(gram)].append(gram)
-    for length, grams in sorted(by_length.items()):
-        hashes = np.array([ngram_hash(g) for g in grams], dtype=np.uint64)
-        order = np.argsort(hashes, kind="stable")
-        found.lengths[length] = (hashes[order], np.array(grams, dtype=np.int64)[order])
-        found.owners[length] = [holders[grams[k]] for k in order]
+        found.unchecked[task] = sorted(set(range(len(forms))) - set(items[keep].tolist()))
+        keep = keep[~np.isin(hashes[keep], template)]
+        pieces.append((hashes[keep], lengths[keep], np.full(len(keep), t), items[keep], refs[keep]))
+    hashes, lengths, tasks, items, refs = (np.concatenate([p[k] for p in pieces]) for k in range(5))
+    hashes = hashes.astype(np.uint64)
+    tokens = np.concatenate(flat).astype(np.int32)  # vocabularies stay below 2**31
+    for length in np.unique(lengths).tolist():
+        mine = np.flatnonzero(lengths == length)
+        order = mine[np.argsort(hashes[mine], kind="stable")]
+        ordered = hashes[order]
+        new = np.ones(len(order), dtype=bool)
+        new[1:] = ordered[1:] != ordered[:-1]
+        firsts = order[new]
+        found.lengths[length] = (ordered[new], tokens[refs[firsts][:, None] + np.arange(length)])
+        found.owners[length] = (np.append(np.flatnonzero(new), len(order)), tasks[order].astype(np.int32),
+                                items[order].astype(np.int64))
     return found
 
 
@@ -272,7 +302,7 @@ def report(corpora: Sequence[Corpus], grams: ItemNgrams, found: Mapping[Tuple[in
     n-gram's tokens and where the corpus holds it first (folder, shard file, token)."""
     hits: Dict[Tuple[str, int], Tuple[tuple, int, Tuple[int, int]]] = {}
     for (length, gram), (times, location) in sorted(found.items(), key=lambda kv: kv[1][1]):
-        for owner in grams.owners[length][gram]:
+        for owner in grams.holders(length, gram):
             held = hits.get(owner)
             hits[owner] = (held[0], held[1] + times, held[2]) if held else (location, times, (length, gram))
     tasks = {}

@@ -152,3 +152,35 @@ def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_d
     with pytest.raises(SystemExit) as stop:
         cli.main(["contamination", "--data", str(corpus_dir), "--tasks", str(task)])
     assert "is neither a prepared folder" in str(stop.value) + capsys.readouterr().err
+
+
+def synthetic_corpus(folder, tokens: np.ndarray) -> contamination.Corpus:
+    """A prepared folder of given token ids (no tokenizer: items below are token ids as text)."""
+    tokens.astype(np.uint16).tofile(folder / "shard_000000.bin")
+    (folder / "manifest.json").write_text(json.dumps({
+        "format_version": 1, "tokens": len(tokens), "documents": 1, "dtype": "uint16",
+        "tokenizer": {"fingerprint": "none", "path": "none", "vocab_size": 60_000, "eos_id": 0},
+        "shards": [{"file": "shard_000000.bin", "tokens": len(tokens), "documents": 1}]}))
+    return contamination.Corpus.read(folder, "test")
+
+
+def test_runs_of_one_token_and_a_tasks_template_are_not_evidence(tmp_path):
+    """A row of dots or table rules is in any corpus, and so is a task's fixed instruction
+    when one item of it is: neither says the corpus holds an item."""
+    rng = np.random.default_rng(0)
+    rule, instruction = np.full(40, 7), rng.integers(100, 50_000, 20)
+    copied = rng.integers(100, 50_000, 30)
+    corpus = synthetic_corpus(tmp_path, np.concatenate([rng.integers(100, 50_000, 5_000), rule, instruction, copied,
+                                                        rng.integers(100, 50_000, 5_000)]))
+
+    def text(*parts):
+        return " ".join(str(int(t)) for t in np.concatenate(parts))
+
+    items = {"rules": [text(np.full(20, 7), rng.integers(100, 50_000, 12)),  # only its rule is in the corpus
+                       text(np.full(30, 9)),  # nothing but a rule: nothing to look for
+                       text(np.full(20, 7), copied)],  # a rule, then text the corpus holds
+             "templated": [text(instruction, rng.integers(100, 50_000, 10)) for _ in range(20)]}
+    grams = contamination.item_ngrams(items, lambda batch: [[int(t) for t in s.split()] for s in batch])
+    found = contamination.scan([corpus], grams, log=lambda line: None)["tasks"]
+    assert found["rules"]["contaminated_items"] == [2] and found["rules"]["checked"] == 2
+    assert found["templated"]["contaminated"] == 0 and found["templated"]["template_ngrams"] >= 8
