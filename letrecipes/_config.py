@@ -188,7 +188,15 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
             cfg = load_config(args.config, overrides)
         except ConfigError as err:
             exit_with_line(f"error: {err}")
-        recipe_main(cfg)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # under torchrun: a bug (not one of our errors, which write their line there themselves) goes to
+            # the launcher's error file with its traceback, and its summary names it instead of "To enable
+            # traceback see: https://..."
+            from torch.distributed.elastic.multiprocessing.errors import record
+
+            record(recipe_main)(cfg)
+        else:
+            recipe_main(cfg)
 
     return wrapper
 

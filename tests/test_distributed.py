@@ -349,6 +349,31 @@ def test_a_failed_multi_process_run_names_its_error_in_the_launchers_summary(bas
     assert "To enable traceback see" not in result.stderr
 
 
+def test_a_bug_in_a_multi_process_run_is_named_with_its_traceback_in_the_summary(base_overrides, tmp_path,
+                                                                                 monkeypatch):
+    """A failure that is no error of ours (here a user's learning-rate schedule raising on
+    step 1) left the summary's root cause at `To enable traceback see: https://...`: the
+    recipe now records it in the launcher's error file, traceback included."""
+    (tmp_path / "exploding_schedule.py").write_text(
+        "import torch\n"
+        "from letrecipes.components.registry import register\n\n\n"
+        "@register('lr_scheduler', 'exploding')\n"
+        "def exploding(optimizer, **unused):\n"
+        "    def factor(step):\n"
+        "        if step >= 1:\n"
+        "            raise RuntimeError('the schedule exploded at step 1')\n"
+        "        return 1.0\n"
+        "    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    result = tune_run_2proc("pretrain", "pretrain_tiny", *base_overrides, "imports=[exploding_schedule]",
+                            "lr_scheduler._component_=exploding", "max_steps=2", "eval_every=0",
+                            f"output_dir={tmp_path / 'run'}", check=False, timeout=120)
+    assert result.returncode != 0
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert "RuntimeError: the schedule exploded at step 1" in root_cause, root_cause
+    assert "To enable traceback see" not in result.stderr
+
+
 def test_a_data_warning_is_given_once_not_once_per_rank(base_overrides, corpus_dir, tmp_path):
     """Every rank reads the same corpus, and each repeated its warnings (a corpus holding a
     copy of a file: one warning per rank, 64 lines on 64 GPUs). Rank 0 gives them, once."""
