@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from letrecipes._config import ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
 from letrecipes._unknown_recipe import RECIPES
-from letrecipes.components.files import describe, environment_errors, replace_atomically
+from letrecipes.components.files import check_writable_folder, describe, environment_errors, replace_atomically
 from letrecipes.components.preemption import stop_at_once_on_signals
 from letrecipes.components.run_lock import RunLock
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
@@ -119,6 +119,11 @@ def check_contamination(args) -> int:
     from letrecipes.components.evaluation import read_task
 
     with errors_as_one_line():
+        if args.out:  # before a scan of minutes, not after it
+            if Path(args.out).is_dir():
+                sys.exit(f"error: --out: {args.out!r} is a folder; --out names the JSON file to write. Fix: "
+                         f"--out {Path(args.out) / 'contamination.json'}.")
+            check_writable_folder(Path(args.out).parent, "--out")
         tasks = {Path(path).stem: read_task(path) for path in args.tasks}
         corpora = contamination.training_corpora(args.data, "--data")
         found = contamination.check_items(corpora, tasks, [Path(args.tokenizer)] if args.tokenizer else [],
