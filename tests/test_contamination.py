@@ -155,8 +155,9 @@ def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_d
     # an --out that cannot be written is said before the scan, not after it
     with pytest.raises(SystemExit) as stop:
         cli.main(["contamination", "--data", str(teacher_dir.parent), "--tasks", str(task), "--out", str(tmp_path)])
-    assert "is a folder; --out names the JSON file" in str(stop.value) + capsys.readouterr().err
-    assert "contamination:" not in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "is a folder; --out names the JSON file" in str(stop.value) + printed.err
+    assert "contamination:" not in printed.out
 
 
 def synthetic_corpus(folder, tokens: np.ndarray) -> contamination.Corpus:
