@@ -35,7 +35,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from letrecipes.components.corpus import DataError
+from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
+from letrecipes.components.prepare import cache_key, in_workers, is_prepared, read_manifest
 from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
 
 NGRAM = 13  # tokens; GPT-3 and lm-eval use 13 words (a token is about 0.75 of a word: a little stricter)
@@ -245,8 +246,6 @@ class Corpus:
 
     @classmethod
     def read(cls, folder, key: str) -> "Corpus":
-        from letrecipes.components.prepare import read_manifest
-
         return cls(Path(folder), read_manifest(folder, key=key))
 
 
@@ -267,8 +266,6 @@ def scan(corpora: Sequence[Corpus], grams: ItemNgrams, workers: int = 1, log: Ca
 
 def _scan(corpora: Sequence[Corpus], grams: ItemNgrams, lookup: str, workers: int,
           log: Callable[[str], None], decode: Optional[Callable[[List[int]], str]]) -> dict:
-    from letrecipes.components.prepare import _in_workers
-
     jobs = {}
     for c, corpus in enumerate(corpora):
         for s, shard in enumerate(corpus.manifest["shards"]):
@@ -291,7 +288,7 @@ def _scan(corpora: Sequence[Corpus], grams: ItemNgrams, lookup: str, workers: in
             log(f"contamination: {progress['tokens']:,} of {total:,} tokens scanned "
                 f"({elapsed_and_eta(now - begin, progress['tokens'], total)})")
 
-    _in_workers(scan_shard, jobs, workers, finished)
+    in_workers(scan_shard, jobs, workers, finished)
     return report(corpora, grams, found, time.perf_counter() - begin, decode)
 
 
@@ -347,8 +344,6 @@ def configured_data(run: Path) -> Optional[List[str]]:
     it), when they are still there; None when they cannot be found."""
     from omegaconf import OmegaConf
 
-    from letrecipes.components.corpus import DOCUMENT_SEPARATOR
-    from letrecipes.components.prepare import cache_key, is_prepared
     from letrecipes.components.tokenizer import load_tokenizer
 
     try:

@@ -150,7 +150,7 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=10)
 
 
-def _in_workers(work: Callable[[Any], Any], jobs: Dict[Any, Any], workers: int,
+def in_workers(work: Callable[[Any], Any], jobs: Dict[Any, Any], workers: int,
                 finished: Callable[[Any, Any], None]) -> None:
     """``work(job)`` for every job: in this process with one worker (or one job), else in
     ``workers`` spawned processes; ``finished(key, result)`` runs here as each ends. An error
@@ -355,7 +355,7 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
             log(f"prepare: {len(done)}/{len(units)} units, {done_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, "
                 f"{new_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed_and_eta(elapsed, done_bytes, todo_bytes)}")
 
-    _in_workers(_prepare_unit, dict(enumerate(jobs)), workers, lambda _, meta: finished(meta))
+    in_workers(_prepare_unit, dict(enumerate(jobs)), workers, lambda _, meta: finished(meta))
 
     shards = [done[i] for i in range(len(units))]
     total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)
@@ -433,7 +433,7 @@ def _drop_copies(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int
             log(f"prepare: data.drop_copies: {done_tokens:,} of {todo_tokens:,} tokens rewritten, "
                 f"{elapsed_and_eta(last - began, done_tokens, todo_tokens)}")
 
-    _in_workers(_drop_from, jobs, workers, finished)
+    in_workers(_drop_from, jobs, workers, finished)
     dropped = sum(s.get("dropped_documents", 0) for s in shards)
     dropped_tokens = sum(s.get("dropped_tokens", 0) for s in shards)
     log(f"prepare: data.drop_copies: {dropped:,} copies of earlier documents left out ({dropped_tokens:,} tokens, "

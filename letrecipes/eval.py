@@ -86,25 +86,20 @@ class EvalRecipe:
         if spec != "auto":
             specs = [str(s) for s in (spec if isinstance(spec, (list, ListConfig)) else [spec])]
             return contamination.training_corpora(specs, "contamination")
-        path = resolve_path(str(self.cfg.checkpoint), key="checkpoint")
-        run = contamination.run_folder(path)
-        folders = (contamination.recorded_data(run) or contamination.configured_data(run)) if run is not None else None
+        run = contamination.run_folder(resolve_path(str(self.cfg.checkpoint), key="checkpoint"))
         if run is None:
-            self.unchecked = f"{self.cfg.checkpoint} is not a run of this project"
-        elif folders is None:
-            self.unchecked = (f"the run {run} does not record its training data, and the folders its config.yaml "
-                              "leads to are not there")
+            self.unchecked = (f"{self.cfg.checkpoint} is not a run of this project (contamination=<prepared folder> "
+                              "names the data to look in)")
         else:
             try:
-                return contamination.training_corpora(folders, "contamination")
+                return contamination.training_corpora([str(run)], "contamination")
             except DataError as err:  # asked for by no one: said, and the scoring goes on
                 self.unchecked = str(err)
         self._not_checked()
         return []
 
     def _not_checked(self) -> None:
-        print(f"contamination: not checked: {self.unchecked} (contamination=<prepared folder> names the data to look "
-              "in)", flush=True)
+        print(f"contamination: not checked: {self.unchecked}", flush=True)
 
     def check_contamination(self) -> Optional[Dict]:
         """Each task's items looked for in the training data (components/contamination.py)."""
