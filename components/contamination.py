@@ -26,6 +26,7 @@ Near-copies (other spacing, case, punctuation) are not found: the match is on to
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -426,16 +427,20 @@ def encoder(tokenizer) -> Callable[[List[str]], List[List[int]]]:
     return lambda texts: [e.ids for e in encode_as_text(tokenizer, texts)]
 
 
-def check_items(corpora: Sequence[Corpus], tasks: Mapping[str, Sequence], tokenizers: Sequence[Path],
+def item_text(item) -> str:
+    """What a model that trained on a multiple-choice item read: its context and its right choice."""
+    return item.context + item.choices[item.gold]
+
+
+def check_items(corpora: Sequence[Corpus], texts: Mapping[str, Sequence[str]], tokenizers: Sequence[Path],
                 ngram: int = NGRAM, workers: int = 1, key: str = "contamination",
                 log: Callable[[str], None] = print) -> dict:
-    """The eval recipe's and ``letrecipes contamination``'s check: ``tasks`` are ``{name:
-    [item with context, choices, gold]}``, each item's text its context and its right
-    choice (what a model that trained on the item read); ``tokenizers`` are the tokenizer
-    files at hand besides the one the corpora's manifest names. Logs a line per task and
-    its first contaminated items; returns :func:`report`'s report."""
+    """The eval recipe's and ``letrecipes contamination``'s check: ``texts`` are ``{task:
+    [item text, ...]}`` (:func:`item_text` of each item, or a held-out document);
+    ``tokenizers`` are the tokenizer files at hand besides the one the corpora's manifest
+    names. Logs a line per task and its first contaminated items; returns :func:`report`'s
+    report."""
     tokenizer = corpus_tokenizer(corpora, tokenizers, key)
-    texts = {name: [item.context + item.choices[item.gold] for item in items] for name, items in tasks.items()}
     grams = item_ngrams(texts, encoder(tokenizer), ngram)
     found = scan(corpora, grams, workers=workers, log=log, decode=tokenizer.decode)
     scanned = f"{found['tokens']:,} training tokens scanned in {found['seconds']:.1f} s"
@@ -451,10 +456,18 @@ def check_items(corpora: Sequence[Corpus], tasks: Mapping[str, Sequence], tokeni
 
 
 def clean_scores(samples: Sequence[Mapping], contaminated: Sequence[int]) -> Dict[str, float]:
-    """``acc``/``acc_norm`` over the items not contaminated, from lm-eval's per-item samples."""
+    """Each metric over the items (or documents) not contaminated, from lm-eval's per-item
+    samples, aggregated as lm-eval does: a mean (``acc``, ``acc_norm``), or, for the
+    perplexities, the summed log-likelihood over the summed words or bytes."""
     dirty = set(contaminated)
     kept = [s for s in samples if int(s["doc_id"]) not in dirty]
     out: Dict[str, float] = {"n_clean": len(kept)}
-    for score in ("acc", "acc_norm"):
-        out[f"{score}_clean"] = sum(float(s[score]) for s in kept) / len(kept) if kept else None
+    for metric in samples[0]["metrics"] if samples else ():
+        if not kept:
+            out[f"{metric}_clean"] = None
+        elif isinstance(kept[0][metric], (tuple, list)):  # (log-likelihood, words or bytes)
+            per_unit = -sum(float(s[metric][0]) for s in kept) / sum(float(s[metric][1]) for s in kept)
+            out[f"{metric}_clean"] = per_unit / math.log(2) if metric == "bits_per_byte" else math.exp(per_unit)
+        else:
+            out[f"{metric}_clean"] = sum(float(s[metric]) for s in kept) / len(kept)
     return out

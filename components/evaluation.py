@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
+
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import replace_atomically
 
 LM_EVAL_TAG = "letrecipes"  # `lm_eval --tasks letrecipes` runs every task of a folder
 TASK_PREFIX = "letrecipes_"  # keeps our names clear of lm-eval's own (it has a `hyperbaton` too)
-SCORES = ("acc", "acc_norm")
 
 
 class EvalError(LetRecipesError):
@@ -100,23 +101,63 @@ def write_task(path: Union[str, Path], items: Iterable[Item]) -> Path:
     return path
 
 
+def held_out_documents(source: str, count: int, text_field: str, tokenizers: Sequence[Path], key: str) -> List[str]:
+    """The first ``count`` (0: all) non-blank documents of a corpus, for perplexity: any
+    corpus ``data.source`` reads, or a prepared folder (its tokens decoded with the
+    tokenizer it was prepared with, document by document)."""
+    from letrecipes.components.corpus import is_token_shards, read_documents
+
+    documents: List[str] = []
+    if is_token_shards(source):
+        from letrecipes.components.contamination import Corpus, corpus_tokenizer
+
+        corpus = Corpus.read(source, key)
+        tokenizer, eos = corpus_tokenizer([corpus], tokenizers, key), int(corpus.manifest["tokenizer"]["eos_id"])
+        for shard in corpus.manifest["shards"]:
+            tokens = np.fromfile(corpus.folder / shard["file"], dtype=corpus.manifest["dtype"])
+            ends = np.flatnonzero(tokens == eos)
+            for start, stop in zip(np.concatenate([[0], ends[:-1] + 1]), ends):
+                text = tokenizer.decode(tokens[start:stop].tolist())
+                if text.strip():
+                    documents.append(text)
+                if count and len(documents) == count:
+                    return documents
+        return documents
+    for text in read_documents(source, text_field, key=key):
+        if text.strip():
+            documents.append(text)
+        if count and len(documents) == count:
+            break
+    return documents
+
+
 # ----------------------------------------------------------------- lm-eval task definitions
 def lm_eval_task_name(task_file: Union[str, Path]) -> str:
     return TASK_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", Path(task_file).stem)
 
 
-def lm_eval_task_config(name: str, task_file: Union[str, Path]) -> str:
-    """lm-eval's YAML for one task file (JSON strings are valid YAML: paths need no escaping)."""
+def lm_eval_task_config(name: str, task_file: Union[str, Path], perplexity: bool = False) -> str:
+    """lm-eval's YAML for one task file (JSON strings are valid YAML: paths need no escaping):
+    multiple choice over ``{context, choices, gold}`` items, or, with ``perplexity``, the
+    log-likelihood of whole ``{text}`` documents (lm-eval's rolling windows, as its wikitext
+    task): word and byte perplexity and bits per byte, which compare across tokenizers."""
     data_file = json.dumps(str(Path(task_file).resolve()))
-    return f"""# Written by letrecipes (components/evaluation.py) for {Path(task_file).name}.
-task: {name}
-tag: {LM_EVAL_TAG}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data_file}
-test_split: test
-output_type: multiple_choice
+    if perplexity:
+        scoring = """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false"""
+    else:
+        scoring = """output_type: multiple_choice
 doc_to_text: context
 doc_to_choice: choices
 doc_to_target: gold
@@ -127,25 +168,36 @@ metric_list:
     higher_is_better: true
   - metric: acc_norm
     aggregation: mean
-    higher_is_better: true
+    higher_is_better: true"""
+    return f"""# Written by letrecipes (components/evaluation.py) for {Path(task_file).name}.
+task: {name}
+tag: {LM_EVAL_TAG}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+{scoring}
 metadata:
   version: 1.0
 """
 
 
-def write_lm_eval_tasks(task_files: Iterable[Union[str, Path]], folder: Union[str, Path]) -> Dict[str, str]:
-    """One lm-eval task YAML per task file into ``folder``; returns {file stem: task name}.
+def write_lm_eval_tasks(task_files: Iterable[Union[str, Path]], folder: Union[str, Path],
+                        perplexity_files: Iterable[Union[str, Path]] = ()) -> Dict[str, str]:
+    """One lm-eval task YAML per task file (and per perplexity file of ``{text}`` documents)
+    into ``folder``; returns {file stem: task name}.
 
     ``lm_eval --include_path <folder> --tasks letrecipes`` then runs them all.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names: Dict[str, str] = {}
-    for task_file in task_files:
+    for task_file, perplexity in [*((f, False) for f in task_files), *((f, True) for f in perplexity_files)]:
         stem, name = Path(task_file).stem, lm_eval_task_name(task_file)
         if name in names.values():
             raise EvalError(f"tasks: two task files map to the lm-eval task {name!r}. Fix: rename one of them.")
-        replace_atomically(folder / f"{name}.yaml", lm_eval_task_config(name, task_file))
+        replace_atomically(folder / f"{name}.yaml", lm_eval_task_config(name, task_file, perplexity))
         names[stem] = name
     return names
 
@@ -194,9 +246,11 @@ def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], t
                               "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
     for stem, name in task_names.items():
         scores = results["results"][name]
-        entry = {score: scores[f"{score},none"] for score in SCORES}
-        # closed form; lm-eval writes "N/A" where it has none (one item): null here, a number or nothing
-        entry.update({f"{score}_stderr": _number_or_none(scores.get(f"{score}_stderr,none")) for score in SCORES})
+        # every metric the task has (acc and acc_norm, or the perplexities), each with its standard error;
+        # lm-eval writes "N/A" where it has none (one item, a perplexity): null here, a number or nothing
+        metrics = [key[:-len(",none")] for key in scores if key.endswith(",none") and "_stderr," not in key]
+        entry = {metric: scores[f"{metric},none"] for metric in metrics}
+        entry.update({f"{metric}_stderr": _number_or_none(scores.get(f"{metric}_stderr,none")) for metric in metrics})
         entry["n"] = int(results["n-samples"][name]["effective"])
         report["tasks"][stem] = entry
     if log_samples:

@@ -98,7 +98,10 @@ REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model
 # The eval recipe's keys (recipes/configs/eval.yaml)
 EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "checkpoint": TEXT, "tokenizer_path": OPTIONAL_TEXT,
-    "tasks": ("a list of task files", lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)),
+    "tasks": ("a list of task files", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "perplexity": ("a list of held-out corpora (files or folders)",
+                   lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v)),
+    "perplexity_documents": _int(0), "perplexity_text_field": TEXT,
     "limit": _int(0), "batch_size": ("an integer >= 1 or auto", lambda v: v == "auto" or _int(1)[1](v)),
     "max_len": ("an integer >= 2 or null", lambda v: v is None or _int(2)[1](v)),
     "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
@@ -143,6 +146,9 @@ def validate_eval(cfg: DictConfig) -> None:
             raise _unknown(key, EVAL, "")
         if value is not None or key in ("checkpoint", "tasks"):
             _check("", key, value, EVAL[key])
+    if not values["tasks"] and not values.get("perplexity"):
+        raise ConfigValueError("config keys tasks and perplexity are both empty: nothing to score. Fix: tasks=[<task "
+                               "file>, ...] (multiple choice) or perplexity=[<held-out corpus>, ...].")
     _check_shell_variables(values, eval_config=True)
 
 
@@ -157,7 +163,7 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
                 yield (f"{key}[{i}]" if isinstance(value, list) else key), item
 
     if eval_config:
-        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks", "contamination"):
+        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks", "contamination", "perplexity"):
             yield from listed(key, values.get(key))
         return
     for key in ("output_dir", "init_from", "resume"):

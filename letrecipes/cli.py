@@ -124,7 +124,7 @@ def check_contamination(args) -> int:
                 sys.exit(f"error: --out: {args.out!r} is a folder; --out names the JSON file to write. Fix: "
                          f"--out {Path(args.out) / 'contamination.json'}.")
             check_writable_folder(Path(args.out).parent, "--out")
-        tasks = {Path(path).stem: read_task(path) for path in args.tasks}
+        tasks = {Path(path).stem: [contamination.item_text(item) for item in read_task(path)] for path in args.tasks}
         corpora = contamination.training_corpora(args.data, "--data")
         found = contamination.check_items(corpora, tasks, [Path(args.tokenizer)] if args.tokenizer else [],
                                           args.ngram, args.workers, key="--data")

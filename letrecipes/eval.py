@@ -31,8 +31,8 @@ from letrecipes._schema import validate_eval
 from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.corpus import DataError
-from letrecipes.components.evaluation import (EvalError, chance_level, import_lm_eval, read_task, run_lm_eval,
-                                              write_lm_eval_tasks, write_task)
+from letrecipes.components.evaluation import (EvalError, chance_level, held_out_documents, import_lm_eval, read_task,
+                                              run_lm_eval, write_lm_eval_tasks, write_task)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.teachers import resolve_path
@@ -63,17 +63,42 @@ class EvalRecipe:
         task_files = [Path(str(spec)) for spec in cfg.tasks]
         # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
         items = [read_task(path, limit=limit) for path in task_files]
-        self.items = {path.stem: task for path, task in zip(task_files, items)}
-        self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
         self.chance = {path.stem: chance_level(task) for path, task in zip(task_files, items)}
+        self.documents = self._held_out_documents()
+        # what is looked for in the training data: each item as a model trained on it read it, each document whole
+        self.texts = {path.stem: [contamination.item_text(i) for i in task] for path, task in zip(task_files, items)}
+        self.texts.update(self.documents)
+        self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
         self.work = Path(tempfile.mkdtemp(prefix="letrecipes-eval-"))
         # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
         # the file itself, would compare the string and score every item wrong without a word)
         checked = [write_task(self.work / "data" / str(i) / f"{path.stem}.jsonl", task)
                    for i, (path, task) in enumerate(zip(task_files, items))]
-        self.task_names = write_lm_eval_tasks(checked, self.work / "tasks")
+        held_out = []
+        for name, documents in self.documents.items():
+            held_out.append(self.work / "data" / "perplexity" / f"{name}.jsonl")
+            held_out[-1].parent.mkdir(parents=True, exist_ok=True)
+            replace_atomically(held_out[-1], "".join(json.dumps({"text": text}) + "\n" for text in documents))
+        self.task_names = write_lm_eval_tasks(checked, self.work / "tasks", held_out)
         self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
         self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
+
+    def _held_out_documents(self) -> Dict[str, List[str]]:
+        """``perplexity``'s corpora, the first ``perplexity_documents`` documents of each, by name."""
+        cfg, found = self.cfg, {}
+        tokenizers = [resolve_path(str(cfg.tokenizer_path), key="tokenizer_path")] if cfg.get("tokenizer_path") else []
+        for i, spec in enumerate(cfg.get("perplexity") or []):
+            key, source = f"perplexity[{i}]", str(spec)
+            name = Path(source.rstrip("/")).name.split(".")[0] or f"perplexity_{i}"
+            if name in found or any(Path(str(task)).stem == name for task in cfg.tasks):
+                raise EvalError(f"{key}: {source!r} has the name {name!r} of another task or corpus here; the report "
+                                "names each by its file or folder name. Fix: rename one of them.")
+            documents = held_out_documents(source, int(cfg.get("perplexity_documents", 100)),
+                                           str(cfg.get("perplexity_text_field", "text")), tokenizers, key)
+            if not documents:
+                raise EvalError(f"{key}: {source!r} holds no text to score. Fix: point it at a held-out corpus.")
+            found[name] = documents
+        return found
 
     def _training_data(self) -> List[contamination.Corpus]:
         """The prepared corpora the items are looked for in: ``contamination=auto`` finds the
@@ -110,7 +135,7 @@ class EvalRecipe:
         if cfg.get("tokenizer_path"):
             tokenizers.append(resolve_path(str(cfg.tokenizer_path), key="tokenizer_path"))
         try:
-            return contamination.check_items(self.corpora, self.items, tokenizers,
+            return contamination.check_items(self.corpora, self.texts, tokenizers,
                                              int(cfg.get("contamination_ngram", contamination.NGRAM)),
                                              int(cfg.get("contamination_workers", 1)),
                                              log=lambda line: print(line, flush=True))
@@ -153,26 +178,49 @@ class EvalRecipe:
 
         return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=Tokenizer(path).eos_token)
 
+    def _max_length(self) -> Optional[int]:
+        """``max_len`` as lm-eval takes it (its own wins over the model's); one past the model's
+        context (its config's ``max_position_embeddings``) is said, as positions it never
+        trained on give log-likelihoods of little meaning."""
+        wanted = self.cfg.get("max_len")
+        try:
+            context = int(json.loads((self.model_folder / "config.json").read_text())["max_position_embeddings"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return wanted
+        if wanted is not None and int(wanted) > context:
+            print(f"note: max_len={wanted} is past the model's context ({context} positions, its config.json's "
+                  f"max_position_embeddings): longer sequences are scored at positions it never trained on. "
+                  f"Fix: max_len={context}, if that is not meant.", flush=True)
+        return wanted
+
     def evaluate(self) -> Dict:
         cfg, found = self.cfg, self.found
         dirty = {stem: task["contaminated_items"] for stem, task in (found or {"tasks": {}})["tasks"].items()
                  if task["contaminated_items"]}
         scored = run_lm_eval(self.model_folder, self.work / "tasks", self.task_names, device=self.device,
                              dtype=LM_EVAL_DTYPES[self.dtype], batch_size=cfg.get("batch_size", 16),
-                             max_length=cfg.get("max_len"), limit=int(cfg.get("limit", 0) or 0),
+                             max_length=self._max_length(), limit=int(cfg.get("limit", 0) or 0),
                              tokenizer=self._tokenizer(), log_samples=bool(dirty))
+        tasks, perplexity = {}, {}
         for stem, scores in scored["tasks"].items():
-            scores["chance"] = self.chance[stem]
             if found is not None:
                 scores["contaminated"] = found["tasks"][stem]["contaminated"]
             if stem in dirty:  # the same scores over the items the model cannot have trained on
                 scores.update(contamination.clean_scores(scored["samples"][stem], dirty[stem]))
+            if stem in self.documents:
+                perplexity[stem] = scores
+                print(f"{stem:28s} n={scores['n']:4d}  bits/byte {scores['bits_per_byte']:.4f}  byte perplexity "
+                      f"{scores['byte_perplexity']:.4f}  word perplexity {scores['word_perplexity']:.2f}"
+                      + _clean(scores), flush=True)
+                continue
+            tasks[stem] = scores
+            scores["chance"] = self.chance[stem]
             print(f"{stem:28s} n={scores['n']:4d}  acc {scores['acc']:.3f} +- {_stderr(scores['acc_stderr'])}  "
                   f"acc_norm {scores['acc_norm']:.3f} +- {_stderr(scores['acc_norm_stderr'])}  "
                   f"(chance {scores['chance']:.3f})" + _clean(scores), flush=True)
         report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
-                  "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
-                  "tasks": scored["tasks"],
+                  "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"], "tasks": tasks,
+                  **({"perplexity": perplexity} if perplexity else {}),
                   "contamination": found if found is not None else {"checked": False, "why": self.unchecked}}
         if cfg.get("output"):
             with environment_errors("output", f"writing {cfg.output}", "The scores are printed above."):
@@ -211,9 +259,10 @@ def _clean(scores: Dict) -> str:
     if "n_clean" not in scores:
         return ""
     if not scores["n_clean"]:
-        return "; every item is in the training data"
-    return (f"; {scores['contaminated']} items in the training data; on the other {scores['n_clean']}: acc "
-            f"{scores['acc_clean']:.3f}, acc_norm {scores['acc_norm_clean']:.3f}")
+        return "; every one is in the training data"
+    figures = (f"bits/byte {scores['bits_per_byte_clean']:.4f}" if "bits_per_byte_clean" in scores else
+               f"acc {scores['acc_clean']:.3f}, acc_norm {scores['acc_norm_clean']:.3f}")
+    return f"; {scores['contaminated']} in the training data; on the other {scores['n_clean']}: {figures}"
 
 
 def _stderr(value: Optional[float]) -> str:

@@ -76,6 +76,7 @@ def test_items_of_the_training_text_are_found_and_only_they(prepared, corpus_dir
     templated = [Item(lines[2] + " " + invented, [" yes", " no"], 0) for invented in INVENTED]
     tasks = {"mixed": task, "templated": templated}
     monkeypatch.setattr(contamination, "CHUNK", 997)  # windows across chunk ends: the overlap must hold them
+    tasks = {name: [contamination.item_text(item) for item in items] for name, items in tasks.items()}
     found = contamination.check_items([prepared], tasks, [], log=lambda line: None)
     mixed = found["tasks"]["mixed"]
     assert mixed["contaminated_items"] == [0, 2, 5, 6]
@@ -112,7 +113,9 @@ def test_eval_recipe_reports_items_in_the_training_data_and_scores_the_others(te
     assert scores["acc_clean"] == pytest.approx(alone["acc"]) and scores["acc_norm_clean"] == pytest.approx(alone["acc_norm"])
     out = capsys.readouterr().out
     assert "contamination: mixed: 2 of 5 items checked hold a run of 13 tokens found in the training data" in out
-    assert "2 items in the training data; on the other 3: acc" in out
+    # eval.yaml's max_len (256) is past this model's 32 positions: scored as asked, and said
+    assert "note: max_len=256 is past the model's context (32 positions" in out
+    assert "2 in the training data; on the other 3: acc" in out
     # asked not to: said so in the report
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{clean_only}]",
                              "contamination=false", f"output={tmp_path / 'off.json'}"])
@@ -190,3 +193,92 @@ def test_runs_of_one_token_and_a_tasks_template_are_not_evidence(tmp_path):
     found = contamination.scan([corpus], grams, log=lambda line: None)["tasks"]
     assert found["rules"]["contaminated_items"] == [2] and found["rules"]["checked"] == 2
     assert found["templated"]["contaminated"] == 0 and found["templated"]["template_ngrams"] >= 8
+
+
+# ----------------------------------------------------------------- held-out perplexity
+def test_held_out_perplexity_is_the_models_own_loglikelihood_per_byte(teacher_dir, corpus_dir, tmp_path,
+                                                                       capsys):
+    """`perplexity=[corpus]` scores whole documents through lm-eval's rolling log-likelihood:
+    bits per byte against a direct computation with the project's own model; the documents
+    the training data holds are counted, and the figure over the others is the same corpus
+    without them, scored on its own."""
+    import math
+
+    import torch
+
+    from letrecipes.components.teachers import load_teacher
+
+    lines = play_lines(corpus_dir, 2)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"text": text}) + "\n" for text in [lines[0], *INVENTED, lines[1]]))
+    fresh = tmp_path / "fresh.jsonl"
+    fresh.write_text("".join(json.dumps({"text": text}) + "\n" for text in INVENTED))
+    # in windows of the model's context (32 positions), as the reference below
+    eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[]", "max_len=32",
+                             f"perplexity=[{held},{fresh}]", f"output={tmp_path / 'scores.json'}"])
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert report["tasks"] == {} and set(report["perplexity"]) == {"held", "fresh"}
+    assert "past the model's context" not in capsys.readouterr().out
+    scores, alone = report["perplexity"]["held"], report["perplexity"]["fresh"]
+
+    teacher = load_teacher({"_component_": "auto", "path": str(teacher_dir), "dtype": "fp32"})
+    tokenizer = Tokenizer(teacher.tokenizer_path)
+
+    context = json.loads((teacher_dir / "config.json").read_text())["max_position_embeddings"]
+
+    def loglikelihood(text: str) -> float:
+        """Every token, the first after the end-of-text token, in windows of the model's context."""
+        total = 0.0
+        for before, scored in rolling_windows(tokenizer.encode(text), tokenizer.eos_id, context):
+            ids = torch.tensor([before + scored])[:, -context - 1:]
+            logp = torch.log_softmax(teacher.logits(ids[:, :-1]).float(), -1)[0]
+            total += logp[-len(scored):].gather(1, torch.tensor(scored)[:, None]).sum().item()
+        return total
+
+    texts = [lines[0], *INVENTED, lines[1]]
+    nats = -sum(loglikelihood(text) for text in texts)
+    size = sum(len(text.encode("utf-8")) for text in texts)
+    assert scores["n"] == 5 and scores["bits_per_byte"] == pytest.approx(nats / size / math.log(2), rel=1e-4)
+    assert scores["byte_perplexity"] == pytest.approx(math.exp(nats / size), rel=1e-4)
+    assert scores["contaminated"] == 2 and scores["n_clean"] == 3 and alone["contaminated"] == 0
+    assert scores["bits_per_byte_clean"] == pytest.approx(alone["bits_per_byte"], rel=1e-6)
+    assert report["contamination"]["tasks"]["held"]["contaminated_items"] == [0, 4]
+
+
+def rolling_windows(tokens, first_context: int, size: int):
+    """(context, tokens scored) covering every token once, each window at most ``size``
+    tokens of input: the first scored after ``first_context``, each later one after the
+    tokens before it (as many as fit)."""
+    windows, done = [], 0
+    while done < len(tokens):
+        scored = tokens[done:done + size]
+        before = tokens[max(0, done + len(scored) - size - 1):done] if done else [first_context]
+        windows.append((before, scored))
+        done += len(scored)
+    return windows
+
+
+def test_a_prepared_folder_gives_back_its_documents_as_text(prepared, corpus_dir, tokenizer_path):
+    from letrecipes.components.corpus import read_documents
+    from letrecipes.components.evaluation import held_out_documents
+
+    assert held_out_documents(str(prepared.folder), 2, "text", [], "perplexity[0]") == \
+        list(read_documents(corpus_dir))[:2]
+
+
+def test_perplexity_corpora_that_cannot_be_scored_are_named_before_the_model(teacher_dir, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("converted before the perplexity corpora were read")
+
+    monkeypatch.setattr(eval_recipe, "export_any", never)
+    common = ["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[]"]
+    expect_setup_error(eval_recipe.recipe_main, common, match="tasks and perplexity are both empty: nothing to score")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    expect_setup_error(eval_recipe.recipe_main, [*common, f"perplexity=[{tmp_path / 'blank.txt'}]"],
+                       match=f"perplexity[0]: '{tmp_path / 'blank.txt'}' holds no text to score")
+    (tmp_path / "other").mkdir()
+    for folder in (tmp_path, tmp_path / "other"):
+        (folder / "held.txt").write_text("Some held-out text.")
+    expect_setup_error(eval_recipe.recipe_main,
+                       [*common, f"perplexity=[{tmp_path / 'held.txt'},{tmp_path / 'other' / 'held.txt'}]"],
+                       match=f"perplexity[1]: '{tmp_path / 'other' / 'held.txt'}' has the name 'held' of another task")
