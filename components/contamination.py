@@ -25,8 +25,10 @@ Near-copies (other spacing, case, punctuation) are not found: the match is on to
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -37,6 +39,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
+from letrecipes.components.files import replace_atomically
 from letrecipes.components.prepare import cache_key, in_workers, is_prepared, read_manifest
 from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
 
@@ -427,23 +430,58 @@ def encoder(tokenizer) -> Callable[[List[str]], List[List[int]]]:
     return lambda texts: [e.ids for e in encode_as_text(tokenizer, texts)]
 
 
+def default_workers() -> int:
+    """Scanning processes when none are asked for: every core but one (as ``prepare-data``)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def item_text(item) -> str:
     """What a model that trained on a multiple-choice item read: its context and its right choice."""
     return item.context + item.choices[item.gold]
 
 
+def cache_name(corpora: Sequence[Corpus], grams: ItemNgrams) -> str:
+    """What decides a scan's report: each corpus (its folder, manifest, and every shard's size
+    and modification time) and the n-grams looked for, with the items holding each."""
+    digest = hashlib.sha256(f"v1|{grams.ngram}|{json.dumps(grams.items)}|{json.dumps(grams.unchecked)}|"
+                            f"{json.dumps(grams.template)}".encode())
+    for corpus in corpora:
+        digest.update(f"|{corpus.folder.resolve()}|{json.dumps(corpus.manifest, sort_keys=True)}".encode())
+        for shard in corpus.manifest["shards"]:
+            stat = (corpus.folder / shard["file"]).stat()
+            digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for length in sorted(grams.lengths):
+        for array in (*grams.lengths[length], *grams.owners[length]):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update(json.dumps(grams.tasks).encode())
+    return f"contamination-{digest.hexdigest()[:20]}.json"
+
+
 def check_items(corpora: Sequence[Corpus], texts: Mapping[str, Sequence[str]], tokenizers: Sequence[Path],
                 ngram: int = NGRAM, workers: int = 1, key: str = "contamination",
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, cache_dir: Optional[Path] = None) -> dict:
     """The eval recipe's and ``letrecipes contamination``'s check: ``texts`` are ``{task:
     [item text, ...]}`` (:func:`item_text` of each item, or a held-out document);
     ``tokenizers`` are the tokenizer files at hand besides the one the corpora's manifest
     names. Logs a line per task and its first contaminated items; returns :func:`report`'s
-    report."""
+    report. With ``cache_dir``, the report is kept there and given again while neither the
+    corpora nor the items change: scoring each checkpoint of a run would otherwise scan
+    its training data each time (minutes for billions of tokens)."""
     tokenizer = corpus_tokenizer(corpora, tokenizers, key)
     grams = item_ngrams(texts, encoder(tokenizer), ngram)
-    found = scan(corpora, grams, workers=workers, log=log, decode=tokenizer.decode)
-    scanned = f"{found['tokens']:,} training tokens scanned in {found['seconds']:.1f} s"
+    cached = Path(cache_dir) / cache_name(corpora, grams) if cache_dir is not None else None
+    found = _read_cached(cached)
+    if found is None:
+        found = scan(corpora, grams, workers=workers, log=log, decode=tokenizer.decode)
+        scanned = f"{found['tokens']:,} training tokens scanned in {found['seconds']:.1f} s"
+        if cached is not None:
+            try:  # a cache that cannot be written costs the next scan, nothing else
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                replace_atomically(cached, json.dumps(found))
+            except OSError as err:
+                log(f"contamination: the findings could not be kept in {cached} ({err}); the next check scans again")
+    else:
+        scanned = f"{found['tokens']:,} training tokens, found as kept in {cached}"
     for name, task in found["tasks"].items():
         short = task["items"] - task["checked"]
         log(f"contamination: {name}: {task['contaminated']} of {task['checked']} items checked hold a run of "
@@ -453,6 +491,14 @@ def check_items(corpora: Sequence[Corpus], texts: Mapping[str, Sequence[str]], t
             log(f"  item {example['item']}: {example['text']!r} at token {example['token']:,} of "
                 f"{example['folder']}/{example['file']}")
     return found
+
+
+def _read_cached(path: Optional[Path]) -> Optional[dict]:
+    try:
+        found = json.loads(path.read_text()) if path is not None else None
+    except (OSError, ValueError):  # none yet, or a damaged one: scanned again (and replaced)
+        return None
+    return found if isinstance(found, dict) and "tasks" in found else None
 
 
 def clean_scores(samples: Sequence[Mapping], contaminated: Sequence[int]) -> Dict[str, float]:

@@ -110,7 +110,7 @@ EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "contamination": ("auto, false, or a prepared folder or run output_dir (or a list of them)",
                       lambda v: v is False or (isinstance(v, str) and v != "")
                       or (isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v))),
-    "contamination_ngram": _int(8), "contamination_workers": _int(1),
+    "contamination_ngram": _int(8), "contamination_workers": _int(1), "contamination_cache_dir": OPTIONAL_TEXT,
 }
 
 
@@ -163,7 +163,8 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
                 yield (f"{key}[{i}]" if isinstance(value, list) else key), item
 
     if eval_config:
-        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks", "contamination", "perplexity"):
+        for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks", "contamination", "perplexity",
+                    "contamination_cache_dir"):
             yield from listed(key, values.get(key))
         return
     for key in ("output_dir", "init_from", "resume"):

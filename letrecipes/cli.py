@@ -127,7 +127,8 @@ def check_contamination(args) -> int:
         tasks = {Path(path).stem: [contamination.item_text(item) for item in read_task(path)] for path in args.tasks}
         corpora = contamination.training_corpora(args.data, "--data")
         found = contamination.check_items(corpora, tasks, [Path(args.tokenizer)] if args.tokenizer else [],
-                                          args.ngram, args.workers, key="--data")
+                                          args.ngram, args.workers, key="--data",
+                                          cache_dir=Path(args.cache_dir) if args.cache_dir else None)
         if args.out:
             with environment_errors("--out", f"writing {args.out}", "The findings are printed above."):
                 replace_atomically(Path(args.out), json.dumps(found, indent=2))
@@ -166,7 +167,10 @@ def _main(argv=None) -> int:
     cont.add_argument("--tasks", required=True, nargs="+", type=os.path.expanduser,
                       help="JSON-lines task files of {context, choices, gold}")
     cont.add_argument("--ngram", type=int, default=13, help="tokens in a row that make an item contaminated (8+)")
-    cont.add_argument("--workers", type=int, default=1, help="processes scanning the shards")
+    cont.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                      help="processes scanning the shards (default: all cores but one)")
+    cont.add_argument("--cache-dir", default="outputs/cache", type=os.path.expanduser,
+                      help="keep the findings here; the same check again reads them (default outputs/cache; '' for none)")
     cont.add_argument("--tokenizer", type=os.path.expanduser,
                       help="the tokenizer.json the data was prepared with, if not where its manifest says")
     cont.add_argument("--out", type=os.path.expanduser, help="write the report (JSON) here")

@@ -135,10 +135,12 @@ class EvalRecipe:
         if cfg.get("tokenizer_path"):
             tokenizers.append(resolve_path(str(cfg.tokenizer_path), key="tokenizer_path"))
         try:
+            cache = cfg.get("contamination_cache_dir", "outputs/cache")
             return contamination.check_items(self.corpora, self.texts, tokenizers,
                                              int(cfg.get("contamination_ngram", contamination.NGRAM)),
-                                             int(cfg.get("contamination_workers", 1)),
-                                             log=lambda line: print(line, flush=True))
+                                             int(cfg.get("contamination_workers") or contamination.default_workers()),
+                                             log=lambda line: print(line, flush=True),
+                                             cache_dir=Path(str(cache)) if cache else None)
         except DataError as err:
             if cfg.get("contamination", "auto") != "auto":
                 raise

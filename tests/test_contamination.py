@@ -282,3 +282,40 @@ def test_perplexity_corpora_that_cannot_be_scored_are_named_before_the_model(tea
     expect_setup_error(eval_recipe.recipe_main,
                        [*common, f"perplexity=[{tmp_path / 'held.txt'},{tmp_path / 'other' / 'held.txt'}]"],
                        match=f"perplexity[1]: '{tmp_path / 'other' / 'held.txt'}' has the name 'held' of another task")
+
+
+def test_findings_are_kept_and_given_again_until_the_corpus_or_the_items_change(prepared, corpus_dir, tmp_path,
+                                                                                 monkeypatch):
+    """Scoring each checkpoint of a run looks the same items up in the same training data:
+    at scale a scan of minutes each time. The findings are kept and read back instead."""
+    import os
+
+    corpus = contamination.Corpus.read(shutil.copytree(prepared.folder, tmp_path / "corpus"), "test")
+    texts = {"t": [contamination.item_text(as_item(text)) for text in [*play_lines(corpus_dir, 2), INVENTED[0]]]}
+    cache, lines = tmp_path / "cache", []
+    first = contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append)
+    assert first["tasks"]["t"]["contaminated_items"] == [0, 1] and len(list(cache.iterdir())) == 1
+    real_scan = contamination.scan
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(contamination, "scan", no_scan)
+    lines.clear()
+    assert contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append) == first
+    assert "found as kept in" in lines[0]
+    # a damaged record, other items, or a corpus changed since: scanned again
+    for change in ("damaged", "items", "corpus"):
+        if change == "items":
+            texts = {"t": texts["t"][:2]}
+        elif change == "corpus":
+            shard = corpus.folder / corpus.manifest["shards"][0]["file"]
+            os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+        else:
+            for kept in cache.iterdir():
+                kept.write_text("{")
+        with pytest.raises(AssertionError, match="scanned again"):
+            contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append)
+    monkeypatch.setattr(contamination, "scan", real_scan)
+    assert contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append)["tasks"]["t"][
+        "contaminated_items"] == [0, 1]
