@@ -27,6 +27,7 @@ import numpy as np
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import replace_atomically
 
+READ_TOKENS = 1 << 20  # a prepared folder's tokens read at a time for held-out documents
 LM_EVAL_TAG = "letrecipes"  # `lm_eval --tasks letrecipes` runs every task of a folder
 TASK_PREFIX = "letrecipes_"  # keeps our names clear of lm-eval's own (it has a `hyperbaton` too)
 
@@ -113,15 +114,20 @@ def held_out_documents(source: str, count: int, text_field: str, tokenizers: Seq
 
         corpus = Corpus.read(source, key)
         tokenizer, eos = corpus_tokenizer([corpus], tokenizers, key), int(corpus.manifest["tokenizer"]["eos_id"])
-        for shard in corpus.manifest["shards"]:
-            tokens = np.fromfile(corpus.folder / shard["file"], dtype=corpus.manifest["dtype"])
-            ends = np.flatnonzero(tokens == eos)
-            for start, stop in zip(np.concatenate([[0], ends[:-1] + 1]), ends):
-                text = tokenizer.decode(tokens[start:stop].tolist())
-                if text.strip():
-                    documents.append(text)
-                if count and len(documents) == count:
-                    return documents
+        dtype = np.dtype(corpus.manifest["dtype"])
+        for shard in corpus.manifest["shards"]:  # read a million tokens at a time: as far as the documents wanted
+            carry = np.zeros(0, dtype=dtype)
+            for start in range(0, int(shard["tokens"]), READ_TOKENS):
+                tokens = np.concatenate([carry, np.fromfile(corpus.folder / shard["file"], dtype=dtype,
+                                                            count=READ_TOKENS, offset=start * dtype.itemsize)])
+                ends = np.flatnonzero(tokens == eos)
+                for begin, stop in zip(np.concatenate([[0], ends[:-1] + 1]), ends):
+                    text = tokenizer.decode(tokens[begin:stop].tolist())
+                    if text.strip():
+                        documents.append(text)
+                    if count and len(documents) == count:
+                        return documents
+                carry = tokens[ends[-1] + 1:] if len(ends) else tokens
         return documents
     for text in read_documents(source, text_field, key=key):
         if text.strip():

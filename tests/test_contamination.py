@@ -258,12 +258,14 @@ def rolling_windows(tokens, first_context: int, size: int):
     return windows
 
 
-def test_a_prepared_folder_gives_back_its_documents_as_text(prepared, corpus_dir, tokenizer_path):
+def test_a_prepared_folder_gives_back_its_documents_as_text(prepared, corpus_dir, tokenizer_path, monkeypatch):
+    from letrecipes.components import evaluation
     from letrecipes.components.corpus import read_documents
-    from letrecipes.components.evaluation import held_out_documents
 
-    assert held_out_documents(str(prepared.folder), 2, "text", [], "perplexity[0]") == \
-        list(read_documents(corpus_dir))[:2]
+    plays = list(read_documents(corpus_dir))
+    assert evaluation.held_out_documents(str(prepared.folder), 2, "text", [], "perplexity[0]") == plays[:2]
+    monkeypatch.setattr(evaluation, "READ_TOKENS", 997)  # documents across many reads
+    assert evaluation.held_out_documents(str(prepared.folder), 0, "text", [], "perplexity[0]") == plays
 
 
 def test_perplexity_corpora_that_cannot_be_scored_are_named_before_the_model(teacher_dir, tmp_path, monkeypatch):
