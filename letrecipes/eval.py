@@ -93,7 +93,8 @@ class EvalRecipe:
             if name in found or any(Path(str(task)).stem == name for task in cfg.tasks):
                 raise EvalError(f"{key}: {source!r} has the name {name!r} of another task or corpus here; the report "
                                 "names each by its file or folder name. Fix: rename one of them.")
-            documents = held_out_documents(source, int(cfg.get("perplexity_documents", 100)),
+            wanted = [int(n) for n in (cfg.get("perplexity_documents", 100), cfg.get("limit")) if n]  # lm-eval's too
+            documents = held_out_documents(source, min(wanted, default=0),
                                            str(cfg.get("perplexity_text_field", "text")), tokenizers, key)
             if not documents:
                 raise EvalError(f"{key}: {source!r} holds no text to score. Fix: point it at a held-out corpus.")
