@@ -82,6 +82,8 @@ class _Hasher:
 
 
 def ngram_hash(tokens: Sequence[int]) -> int:
+    """The hash :class:`_Hasher` gives a window of these tokens, one n-gram at a time (the
+    definition the vectorised form is checked against)."""
     value = 0
     for token in tokens:
         value = (value * _P + int(token)) & ((1 << 64) - 1)
