@@ -98,6 +98,10 @@ class EvalRecipe:
                                            str(cfg.get("perplexity_text_field", "text")), tokenizers, key)
             if not documents:
                 raise EvalError(f"{key}: {source!r} holds no text to score. Fix: point it at a held-out corpus.")
+            # the size scored, said before minutes of it: a corpus file with no separators is one document
+            size = sum(len(text.encode("utf-8")) for text in documents)
+            print(f"perplexity: {name}: {len(documents):,} document(s), {size / 1e6:.2f} MB of text from {source}",
+                  flush=True)
             found[name] = documents
         return found
 

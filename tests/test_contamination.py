@@ -218,7 +218,9 @@ def test_held_out_perplexity_is_the_models_own_loglikelihood_per_byte(teacher_di
                              f"perplexity=[{held},{fresh}]", f"output={tmp_path / 'scores.json'}"])
     report = json.loads((tmp_path / "scores.json").read_text())
     assert report["tasks"] == {} and set(report["perplexity"]) == {"held", "fresh"}
-    assert "past the model's context" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "past the model's context" not in out
+    assert f"perplexity: fresh: 3 document(s), 0.00 MB of text from {fresh}" in out
     scores, alone = report["perplexity"]["held"], report["perplexity"]["fresh"]
 
     teacher = load_teacher({"_component_": "auto", "path": str(teacher_dir), "dtype": "fp32"})
