@@ -62,23 +62,35 @@ def _powers(base: int, count: int) -> np.ndarray:
 
 class _Hasher:
     """Hashes of every window of a token array, any window length, from one prefix sum:
-    ``h(i, L) = sum_j tokens[i + j] * P**(L - 1 - j)`` modulo 2**64."""
+    ``h(i, L) = sum_j tokens[i + j] * P**(L - 1 - j)`` modulo 2**64. Its arrays are written
+    into buffers made once (fresh 32 MB temporaries for every chunk made the scan three
+    times slower, in page faults): what :meth:`prefix` and :meth:`windows` return is
+    overwritten by the next call."""
 
     def __init__(self, size: int):
         self.up, self.down = _powers(_P, size + 1), _powers(_P_INV, size + 1)
+        self._scaled, self._prefix = np.empty(size, np.uint64), np.empty(size + 1, np.uint64)
+        self._windows, self.scratch = np.empty(size, np.uint64), np.empty(size, np.uint64)
 
     def prefix(self, tokens: np.ndarray) -> np.ndarray:
+        scaled, prefix = self._scaled[:len(tokens)], self._prefix[:len(tokens) + 1]
+        scaled[:] = tokens
         with np.errstate(over="ignore"):
-            scaled = tokens.astype(np.uint64) * self.down[:len(tokens)]
-            return np.concatenate([np.zeros(1, np.uint64), np.cumsum(scaled, dtype=np.uint64)])
+            np.multiply(scaled, self.down[:len(tokens)], out=scaled)
+            prefix[0] = 0
+            np.cumsum(scaled, out=prefix[1:])
+        return prefix
 
     def windows(self, prefix: np.ndarray, length: int) -> np.ndarray:
         """Hashes of the windows of ``length`` tokens starting at 0, 1, ... (``prefix`` from :meth:`prefix`)."""
         count = len(prefix) - length
         if count <= 0:
             return np.zeros(0, np.uint64)
+        out = self._windows[:count]
         with np.errstate(over="ignore"):
-            return (prefix[length:] - prefix[:count]) * self.up[length - 1:length - 1 + count]
+            np.subtract(prefix[length:], prefix[:count], out=out)
+            np.multiply(out, self.up[length - 1:length - 1 + count], out=out)
+        return out
 
 
 def ngram_hash(tokens: Sequence[int]) -> int:
@@ -203,7 +215,8 @@ class _Lookup:
                 counted: int) -> Tuple[np.ndarray, np.ndarray]:
         """(window starts, n-gram index) of the exact matches among the first ``counted`` windows."""
         hashes_all = hasher.windows(prefix, length)[:counted]
-        starts = np.flatnonzero(self.table[(hashes_all >> self.shift).astype(np.int64)])
+        slots = np.right_shift(hashes_all, self.shift, out=hasher.scratch[:counted]).view(np.int64)
+        starts = np.flatnonzero(self.table[slots])
         if not len(starts):
             return starts, starts
         keys, grams = self.lengths[length]
@@ -226,7 +239,7 @@ def scan_shard(job: dict) -> Dict[Tuple[int, int], List[int]]:
     found: Dict[Tuple[int, int], List[int]] = {}
     for start in range(0, size, CHUNK):
         count = min(CHUNK + overlap, size - start)
-        tokens = np.fromfile(path, dtype=dtype, count=count, offset=start * dtype.itemsize).astype(np.int64)
+        tokens = np.fromfile(path, dtype=dtype, count=count, offset=start * dtype.itemsize)
         if len(tokens) != count:
             raise DataError(f"{path} is shorter than its manifest says ({start + len(tokens):,} tokens of {size:,}). "
                             "Fix: rerun the `letrecipes prepare-data` command that made its folder.")
