@@ -95,10 +95,18 @@ def chance_level(items: Sequence[Item]) -> float:
 
 
 def write_task(path: Union[str, Path], items: Iterable[Item]) -> Path:
+    return _write_json_lines(path, ({"context": i.context, "choices": i.choices, "gold": i.gold} for i in items))
+
+
+def write_documents(path: Union[str, Path], documents: Iterable[str]) -> Path:
+    """Documents as lm-eval's perplexity task reads them: JSON lines of ``{"text": ...}``."""
+    return _write_json_lines(path, ({"text": text} for text in documents))
+
+
+def _write_json_lines(path: Union[str, Path], records: Iterable[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    replace_atomically(path, "".join(json.dumps({"context": i.context, "choices": i.choices, "gold": i.gold}) + "\n"
-                                     for i in items))
+    replace_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
     return path
 
 

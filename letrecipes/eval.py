@@ -32,7 +32,7 @@ from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.corpus import DataError
 from letrecipes.components.evaluation import (EvalError, chance_level, held_out_documents, import_lm_eval, read_task,
-                                              run_lm_eval, write_lm_eval_tasks, write_task)
+                                              run_lm_eval, write_documents, write_lm_eval_tasks, write_task)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.teachers import resolve_path
@@ -74,11 +74,8 @@ class EvalRecipe:
         # the file itself, would compare the string and score every item wrong without a word)
         checked = [write_task(self.work / "data" / str(i) / f"{path.stem}.jsonl", task)
                    for i, (path, task) in enumerate(zip(task_files, items))]
-        held_out = []
-        for name, documents in self.documents.items():
-            held_out.append(self.work / "data" / "perplexity" / f"{name}.jsonl")
-            held_out[-1].parent.mkdir(parents=True, exist_ok=True)
-            replace_atomically(held_out[-1], "".join(json.dumps({"text": text}) + "\n" for text in documents))
+        held_out = [write_documents(self.work / "data" / "perplexity" / f"{name}.jsonl", documents)
+                    for name, documents in self.documents.items()]
         self.task_names = write_lm_eval_tasks(checked, self.work / "tasks", held_out)
         self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
         self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
@@ -86,7 +83,6 @@ class EvalRecipe:
     def _held_out_documents(self) -> Dict[str, List[str]]:
         """``perplexity``'s corpora, the first ``perplexity_documents`` documents of each, by name."""
         cfg, found = self.cfg, {}
-        tokenizers = [resolve_path(str(cfg.tokenizer_path), key="tokenizer_path")] if cfg.get("tokenizer_path") else []
         for i, spec in enumerate(cfg.get("perplexity") or []):
             key, source = f"perplexity[{i}]", str(spec)
             name = Path(source.rstrip("/")).name.split(".")[0] or f"perplexity_{i}"
@@ -95,7 +91,7 @@ class EvalRecipe:
                                 "names each by its file or folder name. Fix: rename one of them.")
             wanted = [int(n) for n in (cfg.get("perplexity_documents", 100), cfg.get("limit")) if n]  # lm-eval's too
             documents = held_out_documents(source, min(wanted, default=0),
-                                           str(cfg.get("perplexity_text_field", "text")), tokenizers, key)
+                                           str(cfg.get("perplexity_text_field", "text")), self._tokenizer_files(), key)
             if not documents:
                 raise EvalError(f"{key}: {source!r} holds no text to score. Fix: point it at a held-out corpus.")
             # the size scored, said before minutes of it: a corpus file with no separators is one document
@@ -136,12 +132,10 @@ class EvalRecipe:
         if not self.corpora:
             return None
         cfg = self.cfg
-        tokenizers = [self.model_folder / EXPORT_TOKENIZER]
-        if cfg.get("tokenizer_path"):
-            tokenizers.append(resolve_path(str(cfg.tokenizer_path), key="tokenizer_path"))
         try:
             cache = cfg.get("contamination_cache_dir", "outputs/cache")
-            return contamination.check_items(self.corpora, self.texts, tokenizers,
+            return contamination.check_items(self.corpora, self.texts,
+                                             [self.model_folder / EXPORT_TOKENIZER, *self._tokenizer_files()],
                                              int(cfg.get("contamination_ngram", contamination.NGRAM)),
                                              int(cfg.get("contamination_workers") or contamination.default_workers()),
                                              log=lambda line: print(line, flush=True),
@@ -152,6 +146,11 @@ class EvalRecipe:
             self.unchecked = str(err)
             self._not_checked()
             return None
+
+    def _tokenizer_files(self) -> List[Path]:
+        """``tokenizer_path`` when given: a corpus's own tokenizer, if its manifest's path is gone."""
+        spec = self.cfg.get("tokenizer_path")
+        return [resolve_path(str(spec), key="tokenizer_path")] if spec else []
 
     def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int]]:
         """The checkpoint as a Hugging Face folder lm-eval can load, and its step (if known)."""
