@@ -504,7 +504,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
     start = time.perf_counter()
     if rank == 0:
         lock = folder.with_name(folder.name + ".lock")
-        while not (is_prepared(folder) and not damaged_shards(folder, tokenizer.vocab_size)):
+        while not (is_prepared(folder) and not damaged_shards(folder, tokenizer.vocab_size) and _keyed_already(folder)):
             check_writable_folder(cache_dir, "data.cache_dir")
             if _take_lock(lock):
                 try:
@@ -536,10 +536,20 @@ def check_drop_copies(folder: Path, manifest: dict, drop_copies: bool, key: str)
                         "another --out and train on that, or drop data.drop_copies.")
 
 
+def _keyed_already(folder: Path) -> bool:
+    """Whether a prepared folder has its document keys and their count (one prepared by a
+    letrecipes from before 2026-12-04 has neither)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("repeats") is not None
+    except (OSError, ValueError):
+        return False
+
+
 def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: str, workers: int, key: str,
                         log: Callable[[str], None], document_separator: Optional[str], drop_copies: bool) -> None:
     """Prepare ``source`` into the cache folder, or mend it: a cache found damaged keeps its
-    sound shards and redoes the rest, with a warning."""
+    sound shards and redoes the rest, with a warning; one prepared before document keys
+    were kept gets them (the copies count, the held-out check on keys, mixtures compared)."""
     damage = damaged_shards(folder, tokenizer.vocab_size) if is_prepared(folder) else []
     if damage:  # a cache is ours to mend: rebuild what is damaged, say so
         warnings.warn(f"data.cache_dir: the cached tokens of {source} are damaged ({'; '.join(damage[:3])}); "
@@ -549,6 +559,12 @@ def _prepare_into_cache(source, tokenizer: Tokenizer, folder: Path, text_field: 
     if not is_prepared(folder):
         prepare_corpus(source, tokenizer, folder, text_field=text_field, workers=workers, key=key, log=log,
                        document_separator=document_separator, out_key="data.cache_dir", drop_copies=drop_copies)
+    elif not _keyed_already(folder):
+        log(f"prepare: {folder} was prepared before document keys were kept; keying its documents")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest["repeats"] = _repeats(folder, manifest["shards"], np.dtype(manifest["dtype"]),
+                                       int(manifest["tokenizer"]["eos_id"]), log)
+        replace_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _take_lock(lock: Path) -> bool:

@@ -1129,3 +1129,29 @@ def test_drop_copies_prepares_each_document_once_and_survives_a_kill(tokenizer_p
     assert two["shards"] == manifest["shards"] and all(
         (tmp_path / "two_workers" / s["file"]).read_bytes() == (tmp_path / "out" / s["file"]).read_bytes()
         for s in manifest["shards"])
+
+
+def test_a_cache_prepared_before_document_keys_gets_them_when_a_run_reads_it(tokenizer_path, tmp_path):
+    """A cache made by a letrecipes that kept no keys stayed without them until deleted: no
+    copies count, the held-out check hashing tokens, mixtures not compared. The next run
+    that reads it keys it once (its shards untouched)."""
+    from letrecipes.components.prepare import cached_prepare
+
+    source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
+    folder = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    shard_bytes = (folder / "shard_000000.bin").read_bytes()
+    keys = sorted(folder.glob("*.keys.npy"))
+    kept = {path: path.read_bytes() for path in keys}
+    for path in keys:
+        path.unlink()
+    (folder / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "repeats"}))
+    lines = []
+    assert cached_prepare(source, tok, tmp_path / "cache", log=lines.append) == folder
+    assert any("was prepared before document keys were kept" in line for line in lines)
+    assert {path: path.read_bytes() for path in keys} == kept
+    assert json.loads((folder / MANIFEST).read_text()) == manifest
+    assert (folder / "shard_000000.bin").read_bytes() == shard_bytes
+    lines.clear()  # keyed once: the next reader finds it complete
+    cached_prepare(source, tok, tmp_path / "cache", log=lines.append)
+    assert not any("keying" in line for line in lines)
