@@ -357,31 +357,38 @@ def recorded_data(run: Path) -> Optional[List[str]]:
     return list(folders) if isinstance(folders, list) else None
 
 
-def configured_data(run: Path) -> Optional[List[str]]:
-    """For a run from before ``run_info.json`` recorded its data: the prepared folders its
-    ``config.yaml`` leads to (data.source when prepared, else the cache folder that names
-    it), when they are still there; None when they cannot be found."""
-    from omegaconf import OmegaConf
-
+def configured_folders(cfg: Mapping) -> List[Tuple[str, bool]]:
+    """The prepared folder each training source of a resolved config reads, and whether it
+    is there yet: data.source when it is a prepared folder, else the cache folder named
+    after the source (``prepare.cache_key``) in data.cache_dir."""
     from letrecipes.components.tokenizer import load_tokenizer
 
+    data = cfg["data"]
+    tokenizer = load_tokenizer(cfg["tokenizer"], cfg.get("teacher"))
+    folders = []
+    for spec in data.get("sources") or [{"source": data["source"]}]:
+        source = spec["source"]
+        if isinstance(source, str) and is_prepared(Path(source)):
+            folders.append((source, True))
+            continue
+        name = cache_key(source, tokenizer, spec.get("text_field") or data.get("text_field", "text"),
+                         document_separator=data.get("document_separator", DOCUMENT_SEPARATOR),
+                         drop_copies=bool(data.get("drop_copies", False)))
+        folder = Path(data.get("cache_dir", "outputs/cache")) / f"prepared-{name}"
+        folders.append((str(folder), is_prepared(folder)))
+    return folders
+
+
+def configured_data(run: Path) -> Optional[List[str]]:
+    """For a run from before ``run_info.json`` recorded its data: the prepared folders its
+    ``config.yaml`` leads to, when they are all still there; None otherwise."""
+    from omegaconf import OmegaConf
+
     try:
-        cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
-        data = cfg["data"]
-        tokenizer = load_tokenizer(cfg["tokenizer"], cfg.get("teacher"))
-        folders = []
-        for spec in data.get("sources") or [{"source": data["source"]}]:
-            source = spec["source"]
-            if isinstance(source, str) and is_prepared(Path(source)):
-                folders.append(source)
-                continue
-            name = cache_key(source, tokenizer, spec.get("text_field") or data.get("text_field", "text"),
-                             document_separator=data.get("document_separator", DOCUMENT_SEPARATOR),
-                             drop_copies=bool(data.get("drop_copies", False)))
-            folders.append(str(Path(data.get("cache_dir", "outputs/cache")) / f"prepared-{name}"))
+        folders = configured_folders(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True))
     except Exception:  # anything amiss (a file moved, a key renamed): not found, and the caller says so
         return None
-    return folders if all(is_prepared(Path(folder)) for folder in folders) else None
+    return [folder for folder, _ in folders] if all(ready for _, ready in folders) else None
 
 
 def training_corpora(specs: Sequence[str], key: str) -> List[Corpus]:

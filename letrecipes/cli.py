@@ -112,13 +112,24 @@ def export(args) -> int:
     return 0
 
 
-def check_contamination(args) -> int:
+def check_contamination(args, overrides) -> int:
     """``letrecipes contamination``: the eval recipe's check of task items against training
     data, without a model. Exit status 0 either way: the report says what was found."""
     from letrecipes.components import contamination
     from letrecipes.components.evaluation import read_task
 
     with errors_as_one_line():
+        if args.config:  # the data a run of this config trains on, as its cache names it
+            cfg = load_config(args.config, overrides)
+            validate_config(cfg, with_teacher="teacher" in cfg or "alignment" in cfg)
+            folders = contamination.configured_folders(OmegaConf.to_container(cfg, resolve=True))
+            missing = [folder for folder, ready in folders if not ready]
+            if missing:
+                sys.exit(f"error: --config: the data it trains on is not prepared yet ({missing[0]} is not there). "
+                         f"Fix: `letrecipes prepare-data --config {args.config} --out <folder> ...` (the same "
+                         "overrides), then --data <folder>; or check after the run has started (it prepares into "
+                         "data.cache_dir).")
+            args.data = [folder for folder, _ in folders]
         if args.out:  # before a scan of minutes, not after it
             if Path(args.out).is_dir():
                 sys.exit(f"error: --out: {args.out!r} is a folder; --out names the JSON file to write. Fix: "
@@ -162,8 +173,11 @@ def _main(argv=None) -> int:
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                       help="tokenizer processes (default: all cores but one)")
     cont = sub.add_parser("contamination", help="look eval task items up in prepared training data (13-token runs)")
-    cont.add_argument("--data", required=True, nargs="+", type=os.path.expanduser,
-                      help="prepared folders, or runs (output_dir: the data their run_info.json records)")
+    source = cont.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", nargs="+", type=os.path.expanduser,
+                        help="prepared folders, or runs (output_dir: the data their run_info.json records)")
+    source.add_argument("--config", type=os.path.expanduser,
+                        help="a training config (with key=value overrides): the data it will train on, once prepared")
     cont.add_argument("--tasks", required=True, nargs="+", type=os.path.expanduser,
                       help="JSON-lines task files of {context, choices, gold}")
     cont.add_argument("--ngram", type=int, default=13, help="tokens in a row that make an item contaminated (8+)")
@@ -181,7 +195,11 @@ def _main(argv=None) -> int:
     exp.add_argument("--max-shard-mb", type=int, default=5120, help="split the weights above this size")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command in ("ls", "export", "contamination"):  # only the config commands take key=value overrides
+    if args.command == "contamination":  # --tasks takes what follows it: key=value overrides after it are not files
+        overrides = [t for t in args.tasks if "=" in t and not Path(t).exists()]
+        args.tasks, rest = [t for t in args.tasks if t not in overrides], rest + overrides
+    if rest and (args.command in ("ls", "export") or (args.command == "contamination" and not args.config)):
+        # only the commands that read a config take key=value overrides
         parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
     if args.command == "export":
         if args.max_shard_mb < 1:
@@ -194,7 +212,7 @@ def _main(argv=None) -> int:
         if len(set(stems)) < len(stems):
             parser.error(f"--tasks: two files share a name ({', '.join(stems)}); the report names tasks by file "
                          "name: rename one")
-        return check_contamination(args)
+        return check_contamination(args, rest)
     if args.command == "prepare-data":
         return prepare_data(args.config, rest, Path(args.out), args.workers)
     try:

@@ -136,6 +136,20 @@ def test_a_contamination_folder_that_is_no_corpus_is_named_before_any_conversion
     assert message.startswith(f"error: contamination: '{corpus_dir}' is neither") and "prepare-data" in message
 
 
+def test_the_command_checks_the_data_a_config_will_train_on(base_overrides, teacher_dir, corpus_dir, tmp_path,
+                                                             capsys):
+    """Before a run: `--config` and its overrides name the data through its cache folder
+    (the teacher fixture's run prepared it), or say that it is not prepared yet."""
+    task = write_task(tmp_path / "t.jsonl", [as_item(play_lines(corpus_dir, 1)[0]), as_item(INVENTED[0])])
+    assert cli.main(["contamination", "--config", "pretrain_tiny", "--tasks", str(task), *base_overrides,
+                     "--cache-dir", "", "--out", str(tmp_path / "found.json")]) == 0
+    assert json.loads((tmp_path / "found.json").read_text())["tasks"]["t"]["contaminated_items"] == [0]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["contamination", "--config", "pretrain_tiny", "--tasks", str(task), *base_overrides,
+                  f"data.cache_dir={tmp_path / 'empty'}"])
+    assert "--config: the data it trains on is not prepared yet" in str(stop.value)
+
+
 def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_dir, corpus_dir, tmp_path, capsys):
     lines = play_lines(corpus_dir, 1)
     task = write_task(tmp_path / "t.jsonl", [as_item(lines[0]), as_item(INVENTED[0])])
