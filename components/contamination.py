@@ -40,7 +40,7 @@ import numpy as np
 
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
 from letrecipes.components.files import replace_atomically
-from letrecipes.components.prepare import cache_key, in_workers, is_prepared, read_manifest
+from letrecipes.components.prepare import cache_folder, in_workers, is_prepared, read_manifest
 from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
 
 NGRAM = 13  # tokens; GPT-3 and lm-eval use 13 words (a token is about 0.75 of a word: a little stricter)
@@ -350,10 +350,9 @@ def run_folder(path: Path) -> Optional[Path]:
 
 def recorded_data(run: Path) -> Optional[List[str]]:
     """The prepared folders the run's ``run_info.json`` names (None: a run from before they were recorded)."""
-    try:
-        folders = json.loads((run / "run_info.json").read_text()).get("data_folders")
-    except (OSError, ValueError):
-        return None
+    from letrecipes.components.resume import saved_run_info  # imports torch: not in the scan's workers
+
+    folders = (saved_run_info(run) or {}).get("data_folders")
     return list(folders) if isinstance(folders, list) else None
 
 
@@ -371,10 +370,10 @@ def configured_folders(cfg: Mapping) -> List[Tuple[str, bool]]:
         if isinstance(source, str) and is_prepared(Path(source)):
             folders.append((source, True))
             continue
-        name = cache_key(source, tokenizer, spec.get("text_field") or data.get("text_field", "text"),
-                         document_separator=data.get("document_separator", DOCUMENT_SEPARATOR),
-                         drop_copies=bool(data.get("drop_copies", False)))
-        folder = Path(data.get("cache_dir", "outputs/cache")) / f"prepared-{name}"
+        folder = cache_folder(source, tokenizer, data.get("cache_dir", "outputs/cache"),
+                              spec.get("text_field") or data.get("text_field", "text"),
+                              document_separator=data.get("document_separator", DOCUMENT_SEPARATOR),
+                              drop_copies=bool(data.get("drop_copies", False)))
         folders.append((str(folder), is_prepared(folder)))
     return folders
 
@@ -397,7 +396,7 @@ def training_corpora(specs: Sequence[str], key: str) -> List[Corpus]:
     corpora: List[Corpus] = []
     for spec in specs:
         path = Path(spec)
-        if (path / "manifest.json").is_file():
+        if is_prepared(path):
             corpora.append(Corpus.read(path, key))
             continue
         run = run_folder(path) if path.exists() else None
@@ -412,7 +411,7 @@ def training_corpora(specs: Sequence[str], key: str) -> List[Corpus]:
                             "predates letrecipes' data_folders), and the folders its config.yaml leads to are not "
                             "there. Fix: give its prepared folders instead: data.source if it was one, else the "
                             "data.cache_dir/prepared-* folder its log names.")
-        missing = [f for f in folders if not (Path(f) / "manifest.json").is_file()]
+        missing = [f for f in folders if not is_prepared(Path(f))]
         if missing:
             raise DataError(f"{key}: the run {str(run)!r} trained on {missing[0]!r}, which is gone (a cache deleted, "
                             "another machine). Fix: prepare the same data again (`letrecipes prepare-data --config "

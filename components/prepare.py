@@ -487,6 +487,12 @@ def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.so
     return h.hexdigest()[:20]
 
 
+def cache_folder(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", key: str = "data.source",
+                 document_separator: Optional[str] = DOCUMENT_SEPARATOR, drop_copies: bool = False) -> Path:
+    """Where :func:`cached_prepare` keeps ``source`` prepared: ``<cache_dir>/prepared-<cache_key>``."""
+    return Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator, drop_copies)}"
+
+
 def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", rank: int = 0,
                    workers: int = 1, timeout_s: float = 3600.0, key: str = "data.source",
                    log: Callable[[str], None] = print, document_separator: Optional[str] = DOCUMENT_SEPARATOR,
@@ -500,7 +506,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
         check_drop_copies(Path(source), read_manifest(Path(source), key=key), drop_copies, key)
         return Path(source)
-    folder = Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator, drop_copies)}"
+    folder = cache_folder(source, tokenizer, cache_dir, text_field, key, document_separator, drop_copies)
     start = time.perf_counter()
     if rank == 0:
         lock = folder.with_name(folder.name + ".lock")
