@@ -524,8 +524,9 @@ def _read_cached(path: Optional[Path]) -> Optional[dict]:
 
 def clean_scores(samples: Sequence[Mapping], contaminated: Sequence[int]) -> Dict[str, float]:
     """Each metric over the items (or documents) not contaminated, from lm-eval's per-item
-    samples, aggregated as lm-eval does: a mean (``acc``, ``acc_norm``), or, for the
-    perplexities, the summed log-likelihood over the summed words or bytes."""
+    samples, aggregated as lm-eval does: a mean (``acc``, ``acc_norm``), for the
+    perplexities of documents the summed log-likelihood over the summed words or bytes,
+    for lambada's ``perplexity`` the exponential of the mean negative log-likelihood."""
     dirty = set(contaminated)
     kept = [s for s in samples if int(s["doc_id"]) not in dirty]
     out: Dict[str, float] = {"n_clean": len(kept)}
@@ -535,6 +536,8 @@ def clean_scores(samples: Sequence[Mapping], contaminated: Sequence[int]) -> Dic
         elif isinstance(kept[0][metric], (tuple, list)):  # (log-likelihood, words or bytes)
             per_unit = -sum(float(s[metric][0]) for s in kept) / sum(float(s[metric][1]) for s in kept)
             out[f"{metric}_clean"] = per_unit / math.log(2) if metric == "bits_per_byte" else math.exp(per_unit)
+        elif metric == "perplexity":  # lambada's: each item's log-likelihood, aggregated as exp(-mean)
+            out[f"{metric}_clean"] = math.exp(-sum(float(s[metric]) for s in kept) / len(kept))
         else:
             out[f"{metric}_clean"] = sum(float(s[metric]) for s in kept) / len(kept)
     return out

@@ -46,16 +46,10 @@ class Item:
 def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
     """Items of a JSON-lines task file (the first ``limit`` when > 0), checked line by line."""
     path = Path(path)
-    if not path.is_file() and path.suffix == "" and len(path.parts) == 1:
-        # a bare word is lm-eval's task name (hellaswag, arc_easy): its data lives on the hub
-        raise EvalError(f"eval task {str(path)!r} is not a file; a bare name reads as an lm-evaluation-harness task, "
-                        "whose data this recipe never downloads. Fix: point tasks at JSON-lines files of {context, "
-                        "choices, gold} (`python -m benchmarks.fetch_eval_tasks` writes some), or score the task with "
-                        "lm-eval's own command on an export where its data can be fetched or is cached: `lm_eval "
-                        f"--model hf --model_args pretrained=<output_dir>/final --tasks {path}` (docs/evaluation.md).")
     if not path.is_file():
         raise EvalError(f"eval task file {str(path)!r} does not exist. Fix: run `python -m benchmarks.fetch_eval_tasks` "
-                        "(bigbench tasks) or point tasks at JSON-lines files of {context, choices, gold}.")
+                        "(bigbench tasks), point tasks at JSON-lines files of {context, choices, gold}, or name one "
+                        "of lm-eval's own tasks (hellaswag, arc_easy, ...).")
     shape = 'Fix: one JSON object per line, {"context": "...", "choices": ["...", "..."], "gold": <index of the right one>}.'
     items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -198,30 +192,254 @@ metadata:
 
 
 def write_lm_eval_tasks(task_files: Iterable[Union[str, Path]], folder: Union[str, Path],
-                        perplexity_files: Iterable[Union[str, Path]] = ()) -> Dict[str, str]:
-    """One lm-eval task YAML per task file (and per perplexity file of ``{text}`` documents)
-    into ``folder``; returns {file stem: task name}.
+                        perplexity_files: Iterable[Union[str, Path]] = (),
+                        builtins: Iterable["LmEvalTask"] = ()) -> Dict[str, str]:
+    """One lm-eval task YAML per task file (per perplexity file of ``{text}`` documents, per
+    lm-eval task of ``builtins``) into ``folder``; returns {report name: task name}, the
+    report name being the file's stem or lm-eval's task name.
 
     ``lm_eval --include_path <folder> --tasks letrecipes`` then runs them all.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names: Dict[str, str] = {}
-    for task_file, perplexity in [*((f, False) for f in task_files), *((f, True) for f in perplexity_files)]:
-        stem, name = Path(task_file).stem, lm_eval_task_name(task_file)
-        if name in names.values():
-            raise EvalError(f"tasks: two task files map to the lm-eval task {name!r}. Fix: rename one of them.")
-        replace_atomically(folder / f"{name}.yaml", lm_eval_task_config(name, task_file, perplexity))
+    configs = [(Path(f).stem, lm_eval_task_name(f), lambda n, f=f, p=p: lm_eval_task_config(n, f, p))
+               for f, p in [*((f, False) for f in task_files), *((f, True) for f in perplexity_files)]]
+    configs += [(task.name, lm_eval_task_name(task.name), lambda n, t=task: lm_eval_builtin_config(n, t))
+                for task in builtins]
+    for stem, name, config in configs:
+        if stem in names or name in names.values():
+            raise EvalError(f"tasks: two tasks here are named {stem!r} (a task file's name, or lm-eval's). Fix: "
+                            "rename one of the files.")
+        replace_atomically(folder / f"{name}.yaml", config(name))
         names[stem] = name
     return names
 
 
+# ----------------------------------------------------------------- lm-eval's own tasks (hellaswag, arc_easy, ...)
+SPLITS = ("training_split", "validation_split", "test_split", "fewshot_split")
+
+
+def is_lm_eval_name(spec: Union[str, Path]) -> bool:
+    """A bare word that is no file (``hellaswag``, ``arc_easy``) names an lm-eval task."""
+    path = Path(spec)
+    return not path.exists() and path.suffix == "" and len(path.parts) == 1
+
+
+@dataclass
+class LmEvalTask:
+    """One of lm-eval's own tasks, scored as lm-eval defines it (its prompt, its choices,
+    its metrics) on data from ``data`` (a local folder) or, without one, from this
+    machine's ``datasets`` cache. ``overrides`` are the keys our task file sets over
+    lm-eval's definition (where the data is, the splits it lacks)."""
+    name: str
+    definition: Path
+    hub_dataset: str
+    overrides: Dict[str, Any]
+    split: str = ""  # the split scored, once the task is loaded
+
+    @property
+    def source(self) -> str:
+        return str(self.overrides.get("dataset_path", f"the datasets cache ({self.hub_dataset})"))
+
+
+_TASK_INDEX: Dict[str, Any] = {}
+
+
+def _lm_eval_index():
+    """lm-eval's index of its own tasks (about 6 s to build: once per process)."""
+    if "index" not in _TASK_INDEX:
+        _, TaskManager = import_lm_eval()
+        _TASK_INDEX["index"] = TaskManager().task_index
+    return _TASK_INDEX["index"]
+
+
+def lm_eval_task(name: str, data: Optional[str], key: str) -> LmEvalTask:
+    """lm-eval's task ``name`` with its data: ``data`` a local folder (a copy of the hub
+    dataset, ``hf download <dataset> --repo-type dataset --local-dir <folder>``, or a folder
+    of parquet/JSON/CSV files named by split), or None for the ``datasets`` cache. Checked
+    here, before any model: the name, the folder, the configuration and splits in it."""
+    import difflib
+
+    index = _lm_eval_index()
+    entry = index.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, [n for n, e in index.items() if e.kind.name == "TASK"], n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise EvalError(f"{key}: {name!r} is no task file and no lm-evaluation-harness task{hint}. Fix: a JSON-lines "
+                        "file of {context, choices, gold}, or one of `lm_eval ls tasks`.")
+    if entry.kind.name != "TASK" or entry.yaml_path is None:
+        members = sorted(n for n, e in index.items() if e.kind.name == "TASK" and name in (e.tags or ()))
+        listed = f" ({', '.join(members[:12])}{', ...' if len(members) > 12 else ''})" if members else ""
+        raise EvalError(f"{key}: {name!r} is an lm-evaluation-harness {entry.kind.name.lower()}{listed}, not one task. "
+                        "Fix: name its tasks one by one in tasks=[...].")
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    definition = load_yaml(entry.yaml_path, resolve_func=False)
+    task = LmEvalTask(name, Path(entry.yaml_path), str(definition.get("dataset_path")), {})
+    if data is not None:
+        path, config, splits = _local_task_data(Path(data).expanduser(), definition.get("dataset_name"),
+                                                f"task_data.{name}", task.hub_dataset)
+        task.overrides.update(dataset_path=str(path.resolve()), dataset_name=config)
+        # a split lm-eval's definition names and the folder lacks (a few-shot train split,
+        # a test split without labels left out of the copy) is no split here
+        task.overrides.update({split: None for split in SPLITS if definition.get(split) not in (None, *splits)})
+        if not any(definition.get(split) in splits for split in ("validation_split", "test_split")):
+            wanted = " or ".join(str(definition[s]) for s in ("test_split", "validation_split") if definition.get(s))
+            raise EvalError(f"task_data.{name}: {str(data)!r} holds the split(s) {', '.join(splits)}, not {wanted}, "
+                            f"which lm-eval's {name} scores. Fix: point it at a full copy of {task.hub_dataset}.")
+    return task
+
+
+def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset: str):
+    """(path, configuration, splits) ``datasets`` reads a task's local copy with. A hub
+    snapshot names its configurations in its README (ai2_arc: ARC-Easy, ARC-Challenge);
+    a folder named after the configuration, or a folder of files alone, holds one."""
+    import datasets
+
+    fix = (f"Fix: on a machine with network, `hf download {hub_dataset} --repo-type dataset --local-dir <folder>`, "
+           f"copy the folder here and set {key}=<folder>.")
+    if folder.is_file():
+        raise EvalError(f"{key}: {str(folder)!r} is a file; the data of a task is a folder, its files named by split "
+                        f"(validation.jsonl, test-00000-of-00001.parquet, ...). Fix: move the file into a folder of "
+                        f"its own, named by its split, and set {key}=<folder>.")
+    if not folder.is_dir():
+        raise EvalError(f"{key}: {str(folder)!r} is not a folder. {fix}")
+    attempts = [(folder, config)]
+    if config and (folder / config).is_dir():
+        attempts.append((folder / config, None))  # a folder named after the configuration
+    if config and not _declares_configs(folder):
+        attempts.append((folder, None))  # a folder of files: the one configuration it holds
+    reason = ""
+    for path, name in attempts:
+        try:
+            builder = datasets.load_dataset_builder(str(path), name)
+        except ValueError as err:  # "BuilderConfig 'X' not found. Available: [...]"
+            reason = reason or str(err).splitlines()[0]
+            continue
+        except (FileNotFoundError, datasets.data_files.EmptyDatasetError) as err:
+            raise EvalError(f"{key}: {str(folder)!r} holds no data files datasets reads ({err}). {fix}") from None
+        return path, name, [str(split) for split in (builder.config.data_files or {})]
+    raise EvalError(f"{key}: {str(folder)!r} has no configuration {config!r}, which lm-eval's task reads "
+                    f"({reason}). {fix}")
+
+
+def _declares_configs(folder: Path) -> bool:
+    """A hub snapshot of several configurations names them in its README's header."""
+    readme = folder / "README.md"
+    return readme.is_file() and "config_name:" in readme.read_text(encoding="utf-8", errors="replace")
+
+
+def lm_eval_builtin_config(name: str, task: LmEvalTask) -> str:
+    """Our task file for one of lm-eval's tasks: its definition included whole (prompt,
+    choices, metrics, its Python helpers), the data's place and missing splits set over it."""
+    overrides = "".join(f"{key}: {json.dumps(value)}\n" for key, value in task.overrides.items())
+    return f"""# Written by letrecipes (components/evaluation.py): lm-eval's own {task.name}.
+include: {json.dumps(str(task.definition))}
+task: {name}
+tag: {LM_EVAL_TAG}
+{overrides}"""
+
+
+def lm_eval_task_docs(task_folder: Union[str, Path], name: str, task: LmEvalTask, limit: int) -> List[Dict[str, Any]]:
+    """The items lm-eval will score for ``task`` (the first ``limit``), each as ``{"text":
+    what a model trained on it would have read (prompt and right answer), "choices": n or
+    None}``; reading them loads the data, so a task whose data is not here fails now, in
+    one line, not after the model is loaded."""
+    _, TaskManager = import_lm_eval()
+    offline()  # data not on this machine is said at once, not after minutes of retries
+    fix = (f"Fix: on a machine with network, `hf download {task.hub_dataset} --repo-type dataset --local-dir "
+           f"<folder>`, copy it here and set task_data.{task.name}=<folder> (docs/evaluation.md).")
+    try:
+        loaded = TaskManager(include_path=str(task_folder), include_defaults=False).load([name])["tasks"][name]
+        task.split = str(loaded.config.test_split if loaded.has_test_docs() else loaded.config.validation_split)
+        items = [_item(loaded, doc) for doc in list(loaded.eval_docs)[:limit or None]]
+    except (ConnectionError, FileNotFoundError) as err:
+        raise EvalError(f"tasks: lm-eval's {task.name} reads {task.source}, which is not on this machine "
+                        f"({str(err).splitlines()[0]}); the recipe never downloads. {fix}") from None
+    except Exception as err:  # noqa: BLE001 - data of another shape than the task's prompt reads: said in one line
+        raise EvalError(f"tasks: lm-eval's {task.name} cannot read {task.source}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}. {fix}") from None
+    if not items:
+        raise EvalError(f"tasks: lm-eval's {task.name} found no items in {task.source} ({task.split} split). {fix}")
+    return items
+
+
+def _item(task: Any, doc: Mapping) -> Dict[str, Any]:
+    text, target = task.doc_to_text(doc), task.doc_to_target(doc)
+    choices = task.doc_to_choice(doc) if task.OUTPUT_TYPE == "multiple_choice" else None
+    if isinstance(text, int):  # winogrande's way: the choices are the contexts, the target what follows
+        text, answer = choices[text], target
+    else:
+        answer = choices[target] if choices is not None and isinstance(target, int) else target
+    answer = answer[0] if isinstance(answer, list) and answer else answer
+    return {"text": f"{text}{task.config.target_delimiter}{answer}",
+            "choices": len(choices) if choices is not None else None}
+
+
+
+@dataclass
+class PreparedTasks:
+    """What the tasks of a run resolve to: lm-eval's task per report name, and for each task
+    its items as text (looked for in the training data) and its chance level (None where
+    the task is no multiple choice)."""
+    names: Dict[str, str]
+    texts: Dict[str, List[str]]
+    chance: Dict[str, Optional[float]]
+    data: Dict[str, Dict[str, str]]  # lm-eval's own tasks: the data scored, {"source", "split"}
+
+
+def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int, folder: Union[str, Path],
+                  perplexity_files: Sequence[Union[str, Path]] = (), log=print) -> PreparedTasks:
+    """Each of ``specs`` (a task file, or the name of one of lm-eval's tasks with its data in
+    ``task_data`` or this machine's ``datasets`` cache) read, checked and written as an
+    lm-eval task into ``folder``/tasks; every item is read here, before any model."""
+    from letrecipes.components.contamination import item_text
+
+    folder = Path(folder)
+    stray = sorted(set(task_data) - {str(s) for s in specs})
+    if stray:
+        raise EvalError(f"task_data.{stray[0]}: names no task in tasks={list(specs)}. Fix: add {stray[0]} to tasks, or "
+                        f"remove task_data.{stray[0]}.")
+    files, builtins, texts, chance, data = [], [], {}, {}, {}
+    for i, spec in enumerate(specs):
+        if is_lm_eval_name(spec):
+            folder_given = task_data.get(str(spec))
+            builtins.append(lm_eval_task(str(spec), None if folder_given is None else str(folder_given), f"tasks[{i}]"))
+            continue
+        # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
+        # the file itself, would compare the string and score every item wrong without a word)
+        items = read_task(spec, limit=limit)
+        files.append(write_task(folder / "data" / str(i) / f"{Path(spec).stem}.jsonl", items))
+        texts[Path(spec).stem] = [item_text(item) for item in items]
+        chance[Path(spec).stem] = chance_level(items)
+    names = write_lm_eval_tasks(files, folder / "tasks", perplexity_files, builtins)
+    for task in builtins:
+        items = lm_eval_task_docs(folder / "tasks", names[task.name], task, limit)
+        texts[task.name] = [item["text"] for item in items]
+        counts = [item["choices"] for item in items if item["choices"]]
+        chance[task.name] = sum(1 / n for n in counts) / len(counts) if len(counts) == len(items) else None
+        data[task.name] = {"source": task.source, "split": task.split}
+        log(f"tasks: {task.name}: {len(items):,} items, lm-eval's own task on the {task.split} split of {task.source}")
+    return PreparedTasks(names, texts, chance, data)
+
 # ----------------------------------------------------------------- running lm-eval
 def offline() -> None:
     """Everything lm-eval needs is local; a hub lookup would only hang on a machine
-    without network (the user's own settings win)."""
+    without network (the user's own settings win). huggingface_hub and datasets read the
+    setting once, when imported: one imported already (the teacher loaders, a test run)
+    is given it too."""
+    import sys
+
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
+    hub = os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = hub
+    if "datasets.config" in sys.modules:
+        datasets_offline = os.environ["HF_DATASETS_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE")
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = datasets_offline
+        sys.modules["datasets.config"].HF_DATASETS_OFFLINE = datasets_offline
 
 
 def import_lm_eval():
@@ -238,7 +456,7 @@ def import_lm_eval():
 def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], task_names: Mapping[str, str],
                 device: str = "cpu", dtype: str = "float32", batch_size: Union[int, str] = 16,
                 max_length: Optional[int] = None, limit: int = 0, tokenizer: Any = None,
-                log_samples: bool = False) -> Dict[str, Any]:
+                log_samples: bool = False, num_fewshot: int = 0) -> Dict[str, Any]:
     """Score a Hugging Face folder with lm-eval's ``hf`` model on the tasks in ``task_folder``.
 
     Returns ``{"tasks": {stem: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, "seconds",
@@ -255,7 +473,8 @@ def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], t
     results = lm_eval.simple_evaluate(
         model="hf", model_args=model_args, tasks=list(task_names.values()),
         task_manager=TaskManager(include_path=str(task_folder), include_defaults=False),
-        batch_size=batch_size, device=device, limit=limit or None, log_samples=log_samples)
+        batch_size=batch_size, device=device, limit=limit or None, log_samples=log_samples,
+        num_fewshot=int(num_fewshot))
     report: Dict[str, Any] = {"tasks": {}, "seconds": round(time.perf_counter() - start, 2),
                               "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
     for stem, name in task_names.items():

@@ -98,7 +98,11 @@ REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model
 # The eval recipe's keys (recipes/configs/eval.yaml)
 EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "checkpoint": TEXT, "tokenizer_path": OPTIONAL_TEXT,
-    "tasks": ("a list of task files", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "tasks": ("a list of task files or lm-eval task names",
+              lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+    "task_data": ("a mapping of lm-eval task name to the folder of its data",
+                  lambda v: isinstance(v, dict) and all(isinstance(x, str) and x for x in v.values())),
+    "num_fewshot": _int(0),
     "perplexity": ("a list of held-out corpora (files or folders)",
                    lambda v: isinstance(v, list) and all(isinstance(t, str) and t for t in v)),
     "perplexity_documents": _int(0), "perplexity_text_field": TEXT,
@@ -166,6 +170,8 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
         for key in ("checkpoint", "tokenizer_path", "export_dir", "output", "tasks", "contamination", "perplexity",
                     "contamination_cache_dir"):
             yield from listed(key, values.get(key))
+        for name, folder in (values.get("task_data") or {}).items():
+            yield from listed(f"task_data.{name}", folder)
         return
     for key in ("output_dir", "init_from", "resume"):
         yield from listed(key, values.get(key))

@@ -112,11 +112,20 @@ def export(args) -> int:
     return 0
 
 
+def _name_and_folder(text: str):
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r}: give TASK=FOLDER, as in arc_easy=data/ai2_arc")
+    return name, os.path.expanduser(folder)
+
+
 def check_contamination(args, overrides) -> int:
     """``letrecipes contamination``: the eval recipe's check of task items against training
     data, without a model. Exit status 0 either way: the report says what was found."""
+    import tempfile
+
     from letrecipes.components import contamination
-    from letrecipes.components.evaluation import read_task
+    from letrecipes.components.evaluation import prepare_tasks
 
     with errors_as_one_line():
         if args.config:  # the data a run of this config trains on, as its cache names it
@@ -135,7 +144,8 @@ def check_contamination(args, overrides) -> int:
                 sys.exit(f"error: --out: {args.out!r} is a folder; --out names the JSON file to write. Fix: "
                          f"--out {Path(args.out) / 'contamination.json'}.")
             check_writable_folder(Path(args.out).parent, "--out")
-        tasks = {Path(path).stem: [contamination.item_text(item) for item in read_task(path)] for path in args.tasks}
+        with tempfile.TemporaryDirectory(prefix="letrecipes-tasks-") as work:  # task files, lm-eval's tasks alike
+            tasks = prepare_tasks(args.tasks, dict(args.task_data), 0, work).texts
         corpora = contamination.training_corpora(args.data, "--data")
         found = contamination.check_items(corpora, tasks, [Path(args.tokenizer)] if args.tokenizer else [],
                                           args.ngram, args.workers, key="--data",
@@ -179,7 +189,10 @@ def _main(argv=None) -> int:
     source.add_argument("--config", type=os.path.expanduser,
                         help="a training config (with key=value overrides): the data it will train on, once prepared")
     cont.add_argument("--tasks", required=True, nargs="+", type=os.path.expanduser,
-                      help="JSON-lines task files of {context, choices, gold}")
+                      help="JSON-lines task files of {context, choices, gold}, or lm-eval task names (hellaswag, ...)")
+    cont.add_argument("--task-data", nargs="+", default=[], type=_name_and_folder, metavar="TASK=FOLDER",
+                      help="where an lm-eval task's data is (a local copy of its hub dataset); default: the datasets "
+                           "cache")
     cont.add_argument("--ngram", type=int, default=13, help="tokens in a row that make an item contaminated (8+)")
     cont.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                       help="processes scanning the shards (default: all cores but one)")
@@ -198,6 +211,10 @@ def _main(argv=None) -> int:
     if args.command == "contamination":  # --tasks takes what follows it: key=value overrides after it are not files
         overrides = [t for t in args.tasks if "=" in t and not Path(t).exists()]
         args.tasks, rest = [t for t in args.tasks if t not in overrides], rest + overrides
+        # and after --task-data: with --config, a name that is no task there is a config key
+        given = [entry for entry in args.task_data if entry[0] not in args.tasks] if args.config else []
+        args.task_data = [entry for entry in args.task_data if entry not in given]
+        rest += [f"{name}={folder}" for name, folder in given]
     if rest and (args.command in ("ls", "export") or (args.command == "contamination" and not args.config)):
         # only the commands that read a config take key=value overrides
         parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
@@ -212,6 +229,8 @@ def _main(argv=None) -> int:
         if len(set(stems)) < len(stems):
             parser.error(f"--tasks: two files share a name ({', '.join(stems)}); the report names tasks by file "
                          "name: rename one")
+        if len(dict(args.task_data)) < len(args.task_data):
+            parser.error("--task-data: a task is given twice; give each task's folder once")
         return check_contamination(args, rest)
     if args.command == "prepare-data":
         return prepare_data(args.config, rest, Path(args.out), args.workers)

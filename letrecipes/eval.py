@@ -31,8 +31,8 @@ from letrecipes._schema import validate_eval
 from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.corpus import DataError
-from letrecipes.components.evaluation import (EvalError, chance_level, held_out_documents, import_lm_eval, read_task,
-                                              run_lm_eval, write_documents, write_lm_eval_tasks, write_task)
+from letrecipes.components.evaluation import (EvalError, held_out_documents, import_lm_eval, prepare_tasks, run_lm_eval,
+                                              write_documents, write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.teachers import resolve_path
@@ -60,23 +60,19 @@ class EvalRecipe:
                                 f"output={out / 'scores.json'}.")
             check_writable_folder(out.parent, "output")
             _check_replaceable(out, str(cfg.checkpoint), bool(cfg.get("overwrite", False)))
-        task_files = [Path(str(spec)) for spec in cfg.tasks]
-        # read here, not only by lm-eval: a bad item is named by file and line before any model is touched
-        items = [read_task(path, limit=limit) for path in task_files]
-        self.chance = {path.stem: chance_level(task) for path, task in zip(task_files, items)}
-        self.documents = self._held_out_documents()
-        # what is looked for in the training data: each item as a model trained on it read it, each document whole
-        self.texts = {path.stem: [contamination.item_text(i) for i in task] for path, task in zip(task_files, items)}
-        self.texts.update(self.documents)
-        self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
         self.work = Path(tempfile.mkdtemp(prefix="letrecipes-eval-"))
-        # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
-        # the file itself, would compare the string and score every item wrong without a word)
-        checked = [write_task(self.work / "data" / str(i) / f"{path.stem}.jsonl", task)
-                   for i, (path, task) in enumerate(zip(task_files, items))]
+        # every item read here, not only by lm-eval: a bad one is named (by file and line, or a task whose data
+        # is not on this machine) before any model is touched
+        tasks = prepare_tasks([str(spec) for spec in cfg.tasks], dict(cfg.get("task_data") or {}), limit, self.work,
+                              log=lambda line: print(line, flush=True))
+        self.documents = self._held_out_documents()
         held_out = [write_documents(self.work / "data" / "perplexity" / f"{name}.jsonl", documents)
                     for name, documents in self.documents.items()]
-        self.task_names = write_lm_eval_tasks(checked, self.work / "tasks", held_out)
+        self.task_names = {**tasks.names, **write_lm_eval_tasks([], self.work / "tasks", held_out)}
+        self.chance, self.data = tasks.chance, tasks.data
+        # what is looked for in the training data: each item as a model trained on it read it, each document whole
+        self.texts = {**tasks.texts, **self.documents}
+        self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
         self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
         self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
 
@@ -206,7 +202,8 @@ class EvalRecipe:
         scored = run_lm_eval(self.model_folder, self.work / "tasks", self.task_names, device=self.device,
                              dtype=LM_EVAL_DTYPES[self.dtype], batch_size=cfg.get("batch_size", 16),
                              max_length=self._max_length(), limit=int(cfg.get("limit", 0) or 0),
-                             tokenizer=self._tokenizer(), log_samples=bool(dirty))
+                             tokenizer=self._tokenizer(), log_samples=bool(dirty),
+                             num_fewshot=int(cfg.get("num_fewshot", 0) or 0))
         tasks, perplexity = {}, {}
         for stem, scores in scored["tasks"].items():
             if found is not None:
@@ -221,11 +218,12 @@ class EvalRecipe:
                 continue
             tasks[stem] = scores
             scores["chance"] = self.chance[stem]
-            print(f"{stem:28s} n={scores['n']:4d}  acc {scores['acc']:.3f} +- {_stderr(scores['acc_stderr'])}  "
-                  f"acc_norm {scores['acc_norm']:.3f} +- {_stderr(scores['acc_norm_stderr'])}  "
-                  f"(chance {scores['chance']:.3f})" + _clean(scores), flush=True)
+            if stem in self.data:
+                scores.update(lm_eval_task=stem, data=self.data[stem]["source"], split=self.data[stem]["split"])
+            print(f"{stem:28s} n={scores['n']:4d}  {_figures(scores)}" + _clean(scores), flush=True)
         report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
-                  "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"], "tasks": tasks,
+                  "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
+                  "num_fewshot": int(cfg.get("num_fewshot", 0) or 0), "tasks": tasks,
                   **({"perplexity": perplexity} if perplexity else {}),
                   "contamination": found if found is not None else {"checked": False, "why": self.unchecked}}
         if cfg.get("output"):
@@ -261,13 +259,22 @@ def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:
     raise EvalError(f"output: {str(out)!r} {holds}. Fix: output=<another file>, or overwrite=true to replace it.")
 
 
+def _figures(scores: Dict) -> str:
+    """Every metric of a task (acc and acc_norm; acc alone for winogrande; perplexity and acc
+    for lambada), each with its standard error, and the chance level where there is one."""
+    metrics = [key for key in scores if f"{key}_stderr" in scores]
+    line = "  ".join(f"{metric} {scores[metric]:.3f} +- {_stderr(scores[f'{metric}_stderr'])}" for metric in metrics)
+    return line + (f"  (chance {scores['chance']:.3f})" if scores.get("chance") is not None else "")
+
+
 def _clean(scores: Dict) -> str:
     if "n_clean" not in scores:
         return ""
     if not scores["n_clean"]:
         return "; every one is in the training data"
     figures = (f"bits/byte {scores['bits_per_byte_clean']:.4f}" if "bits_per_byte_clean" in scores else
-               f"acc {scores['acc_clean']:.3f}, acc_norm {scores['acc_norm_clean']:.3f}")
+               ", ".join(f"{key[:-len('_clean')]} {value:.3f}" for key, value in scores.items()
+                         if key.endswith("_clean") and key != "n_clean"))
     return f"; {scores['contaminated']} in the training data; on the other {scores['n_clean']}: {figures}"
 
 
