@@ -185,10 +185,15 @@ def train_flops_per_token(args: ModelArgs, seq_len: int, activation_checkpointin
 # ----------------------------------------------------------------- communication vs compute
 @dataclass
 class StepTime:
-    communication_gb: float  # FSDP2 traffic per GPU per micro-batch
-    communication_s: float
+    communication_gb: float  # FSDP2 traffic per GPU per micro-batch, both links
+    communication_s: float  # the slower link's time: the two links and the compute overlap
     compute_s: float
     smallest_compute_bound_micro_batch: int
+    intra_node_gb: float = 0.0  # over the GPUs' links inside a node (NVLink)
+    inter_node_gb: float = 0.0  # over the network between nodes
+    intra_node_s: float = 0.0
+    inter_node_s: float = 0.0
+    shard_group: int = 1  # ranks a parameter is sharded over: W / replicate_degree
 
     @property
     def communication_bound(self) -> bool:
@@ -198,23 +203,46 @@ class StepTime:
 def micro_batch_time(student: ModelArgs, world_size: int, micro_batch: int, seq_len: int,
                      activation_checkpointing: str = "none", interconnect_gbps: float = 400.0,
                      gpu_tflops: float = 989.0, mfu: float = 0.4, reshard_after_forward: bool = True,
-                     checkpoint_every: int = 2, reductions_per_micro_batch: float = 1.0) -> StepTime:
-    """FSDP2 traffic against compute for one micro-batch on one GPU.
+                     checkpoint_every: int = 2, reductions_per_micro_batch: float = 1.0, replicate_degree: int = 1,
+                     gpus_per_node: int = 8, intra_node_gbps: float = 3600.0,
+                     gradient_accumulation_steps: int = 1) -> StepTime:
+    """FSDP2 (or HSDP) traffic against compute for one micro-batch on one GPU.
 
-    Traffic (ring collectives, each GPU sends and receives (W-1)/W of the payload): the
-    bf16 parameters are all-gathered for the forward and, with ``reshard_after_forward``,
-    again for the backward, except the root unit and the last block, which stay gathered
-    (components/parallel.py:shard_model); fp32 gradients are reduce-scattered: about
-    (2 + 2 + 4) bytes per parameter. FSDP2 overlaps the two, so the slower one sets the
-    pace. Compute: training FLOPs (:func:`train_flops_per_token`) at ``mfu`` of ``gpu_tflops``.
+    Within a shard group of S = W / ``replicate_degree`` ranks (ring collectives: each GPU
+    sends and receives (S-1)/S of the payload): the bf16 parameters are all-gathered for
+    the forward and, with ``reshard_after_forward``, again for the backward, except the
+    root unit and the last block, which stay gathered (components/parallel.py:shard_model);
+    fp32 gradients are reduce-scattered: about (2 + 2 + 4) bytes per parameter.
     ``reductions_per_micro_batch``: 1 / gradient_accumulation_steps when the reduction waits
-    for a step's last micro-batch (``fsdp.reduce_every_micro_batch: false``).
+    for a step's last micro-batch (``fsdp.reduce_every_micro_batch: false``). Across the R
+    replicas (HSDP): a ring all-reduce of each rank's fp32 gradient shard, 2 (R-1)/R x 4 N / S
+    bytes, once per step (parallel.all_reduce_across_replicas), so 1 / accumulation of it per
+    micro-batch. A collective among ranks of one node (S, or W, at most ``gpus_per_node``)
+    runs at ``intra_node_gbps``, one that spans nodes at ``interconnect_gbps``. FSDP2
+    overlaps the collectives with the compute and the two links run side by side, so the
+    slowest of the three sets the pace. Compute: training FLOPs (:func:`train_flops_per_token`)
+    at ``mfu`` of ``gpu_tflops``.
     """
     n = total_params(student)
+    replicas = max(1, replicate_degree)
+    shard_group = max(1, world_size // replicas)
     gathered_twice = n - root_params(student) - block_params(student) if reshard_after_forward else 0
-    traffic = (2 * n + 2 * gathered_twice + 4 * n * reductions_per_micro_batch) * (world_size - 1) / world_size
-    communication_s = traffic / (interconnect_gbps * 1e9 / 8)
+    within_group = ((2 * n + 2 * gathered_twice + 4 * n * reductions_per_micro_batch)
+                    * (shard_group - 1) / shard_group)
+    across_replicas = 2 * (replicas - 1) / replicas * 4 * n / shard_group / max(1, gradient_accumulation_steps)
+    intra = inter = 0.0
+    if shard_group <= gpus_per_node:
+        intra += within_group
+    else:
+        inter += within_group
+    if world_size <= gpus_per_node:
+        intra += across_replicas
+    else:
+        inter += across_replicas
+    intra_s, inter_s = intra / (intra_node_gbps * 1e9 / 8), inter / (interconnect_gbps * 1e9 / 8)
+    communication_s = max(intra_s, inter_s)
     flops_per_token = train_flops_per_token(student, seq_len, activation_checkpointing, checkpoint_every)
     compute_per_sample = flops_per_token * seq_len / (gpu_tflops * 1e12 * mfu)
     smallest = max(1, math.ceil(communication_s / compute_per_sample))
-    return StepTime(traffic / 1e9, communication_s, compute_per_sample * micro_batch, smallest)
+    return StepTime((intra + inter) / 1e9, communication_s, compute_per_sample * micro_batch, smallest,
+                    intra / 1e9, inter / 1e9, intra_s, inter_s, shard_group)

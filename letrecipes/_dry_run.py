@@ -137,16 +137,37 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
+             "intra_node_gbps": float(cfg.get("dry_run_intra_node_gbps", 3600)),
+             "gpus_per_node": int(cfg.get("dry_run_gpus_per_node", 8)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
-    timing = micro_batch_time(args, world, micro_batch, seq_len, ac, **rates,
-                              reshard_after_forward=bool((cfg.get("fsdp") or {}).get("reshard_after_forward", True)),
-                              checkpoint_every=every,
-                              reductions_per_micro_batch=1.0 if reduce_every else 1.0 / max(1, accumulation))
+    fsdp_options = cfg.get("fsdp") or {}
+    replicate = int(fsdp_options.get("replicate_degree", 1) or 1) if parallel.fsdp_layout(fsdp_options, world)[0] else 1
+
+    def timing_at(replicate_degree: int):
+        return micro_batch_time(args, world, micro_batch, seq_len, ac, **rates,
+                                reshard_after_forward=bool(fsdp_options.get("reshard_after_forward", True)),
+                                checkpoint_every=every,
+                                reductions_per_micro_batch=1.0 if reduce_every else 1.0 / max(1, accumulation),
+                                replicate_degree=replicate_degree, gradient_accumulation_steps=accumulation)
+
+    timing = timing_at(replicate)
     report["micro_batch_time"] = {
         "communication_gb": timing.communication_gb, "communication_s": timing.communication_s,
         "compute_s": timing.compute_s, "communication_bound": timing.communication_bound,
-        "smallest_compute_bound_micro_batch": timing.smallest_compute_bound_micro_batch, **rates,
+        "smallest_compute_bound_micro_batch": timing.smallest_compute_bound_micro_batch,
+        "intra_node_gb": timing.intra_node_gb, "intra_node_s": timing.intra_node_s,
+        "inter_node_gb": timing.inter_node_gb, "inter_node_s": timing.inter_node_s,
+        "shard_group": timing.shard_group, "replicate_degree": replicate, **rates,
     }
+    nodes = world // rates["gpus_per_node"]
+    if timing.inter_node_gb and replicate == 1 and world % rates["gpus_per_node"] == 0 and nodes > 1:
+        # plain FSDP2 over several nodes: what HSDP with one replica per node would move instead
+        hsdp = timing_at(nodes)
+        hsdp_memory = config_memory(OmegaConf.merge(cfg, {"fsdp": {"replicate_degree": nodes}}), args, world,
+                                    teacher_args, teacher_sharded=placement == "sharded")
+        report["micro_batch_time"]["with_hsdp"] = {"replicate_degree": nodes, "communication_s": hsdp.communication_s,
+                                                   "communication_bound": hsdp.communication_bound,
+                                                   "memory_per_gpu_gb": hsdp_memory.total_gb}
     print(format_report(report, args, teacher_args, micro_batch, seq_len, ac))
     return report
 
@@ -185,14 +206,28 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
               f"{m['teacher']:.1f}",
               f"    plus CUDA context {m['cuda_context']:.1f}"]
     t = r["micro_batch_time"]
-    lines.append(f"  per micro-batch and GPU: FSDP2 traffic {t['communication_gb']:.1f} GB = "
-                 f"{t['communication_s']:.3f} s at {t['interconnect_gbps']:g} Gb/s; compute {t['compute_s']:.3f} s at "
-                 f"{t['mfu']:g} x {t['gpu_tflops']:g} TFLOP/s")
+    links = []
+    if t["intra_node_gb"]:
+        links.append(f"{t['intra_node_gb']:.1f} GB inside a node = {t['intra_node_s']:.3f} s at "
+                     f"{t['intra_node_gbps']:g} Gb/s")
+    if t["inter_node_gb"]:
+        links.append(f"{t['inter_node_gb']:.1f} GB between nodes = {t['inter_node_s']:.3f} s at "
+                     f"{t['interconnect_gbps']:g} Gb/s")
+    layout = (f"HSDP: {t['replicate_degree']} replicas of a shard group of {t['shard_group']}"
+              if t["replicate_degree"] > 1 else f"shard group of {t['shard_group']}")
+    lines.append(f"  per micro-batch and GPU ({layout}, {t['gpus_per_node']} GPUs a node): FSDP2 traffic "
+                 f"{'; '.join(links) or '0 GB'}; compute {t['compute_s']:.3f} s at {t['mfu']:g} x "
+                 f"{t['gpu_tflops']:g} TFLOP/s")
     if t["communication_bound"]:
+        hsdp = t.get("with_hsdp")
+        instead = (f", or fsdp.replicate_degree={hsdp['replicate_degree']} (HSDP, one replica a node: the all-gathers "
+                   f"stay inside the node: {hsdp['communication_s']:.3f} s of traffic, "
+                   f"{hsdp['memory_per_gpu_gb']:.1f} GiB per GPU)" if hsdp else "")
         lines.append(f"  WARNING: communication-bound (the GPU waits on the network): the smallest micro-batch whose "
                      f"compute covers the traffic is {t['smallest_compute_bound_micro_batch']}. Fix: batch_size="
                      f"{t['smallest_compute_bound_micro_batch']} (fewer gradient_accumulation_steps for the same "
-                     "tokens per step), or set dry_run_interconnect_gbps to your network's real rate.")
+                     f"tokens per step){instead}, or set dry_run_interconnect_gbps and dry_run_intra_node_gbps to "
+                     "your machines' real rates.")
     else:
         lines.append(f"  compute-bound (the smallest compute-bound micro-batch is "
                      f"{t['smallest_compute_bound_micro_batch']})")

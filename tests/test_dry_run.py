@@ -237,3 +237,38 @@ def test_a_replicate_degree_that_does_not_divide_the_world_is_named_before_any_d
         parallel.fsdp_layout({"replicate_degree": 2}, 3)
     with pytest.raises(ComponentError, match=r"fsdp.replicate_degree=3 does not divide the 32 processes"):
         dry_run(load_config("let_7b", ["dry_run_world_size=32", "fsdp.replicate_degree=3"]), with_teacher=True)
+
+
+def test_the_traffic_goes_over_the_link_it_uses_and_hsdp_is_weighed_for_a_multi_node_run(capsys):
+    """The cost model used to price every byte at the network's rate: one 8-GPU node's
+    NVLink traffic, and HSDP's all-gathers inside a node, as if they crossed nodes. Now a
+    shard group inside a node runs at dry_run_intra_node_gbps, and HSDP's all-reduce across
+    replicas (once per step) is what crosses nodes."""
+    from letrecipes.components.estimate import block_params, micro_batch_time, total_params
+
+    args = _student_args()
+    n = total_params(args)
+    gathered = 2 * n + 2 * (n - 2 * args.vocab_size * args.embed_dim - args.embed_dim - block_params(args))
+    one_node = micro_batch_time(args, 8, 2, 2048, "full")
+    assert one_node.inter_node_gb == 0
+    assert one_node.intra_node_gb * 1e9 == pytest.approx((gathered + 4 * n) * 7 / 8)
+    assert one_node.communication_s == pytest.approx(one_node.intra_node_gb * 8 / 3600)
+    plain = micro_batch_time(args, 32, 2, 2048, "full", gradient_accumulation_steps=8)
+    assert plain.intra_node_gb == 0 and plain.inter_node_gb * 1e9 == pytest.approx((gathered + 4 * n) * 31 / 32)
+    hsdp = micro_batch_time(args, 32, 2, 2048, "full", replicate_degree=4, gradient_accumulation_steps=8)
+    assert hsdp.shard_group == 8 and hsdp.intra_node_gb == pytest.approx(one_node.intra_node_gb)
+    # a ring all-reduce of each rank's fp32 gradient shard (4 N / 8 bytes) over 4 replicas, once per 8 micro-batches
+    assert hsdp.inter_node_gb * 1e9 == pytest.approx(2 * 3 / 4 * 4 * n / 8 / 8)
+    assert hsdp.communication_s == pytest.approx(max(hsdp.intra_node_s, hsdp.inter_node_s))
+    assert plain.communication_bound and not hsdp.communication_bound
+    # the dry run of the plain layout names the HSDP one, with its traffic and its memory
+    report = dry_run(load_config("let_7b", ["dry_run_world_size=32", "batch_size=2", "gradient_accumulation_steps=8"]),
+                     with_teacher=True)
+    out = capsys.readouterr().out
+    assert "fsdp.replicate_degree=4 (HSDP, one replica a node" in out
+    assert report["micro_batch_time"]["with_hsdp"]["communication_s"] == pytest.approx(hsdp.communication_s)
+    as_hsdp = dry_run(load_config("let_7b", ["dry_run_world_size=32", "batch_size=2", "gradient_accumulation_steps=8",
+                                             "fsdp.replicate_degree=4"]), with_teacher=True)
+    assert not as_hsdp["micro_batch_time"]["communication_bound"]
+    assert as_hsdp["memory_per_gpu_gb"]["total"] == report["micro_batch_time"]["with_hsdp"]["memory_per_gpu_gb"]
+    assert "HSDP: 4 replicas of a shard group of 8" in capsys.readouterr().out
