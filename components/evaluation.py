@@ -294,7 +294,8 @@ def lm_eval_task(name: str, data: Optional[str], key: str) -> LmEvalTask:
 def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset: str):
     """(path, configuration, splits) ``datasets`` reads a task's local copy with. A hub
     snapshot names its configurations in its README (ai2_arc: ARC-Easy, ARC-Challenge);
-    a folder named after the configuration, or a folder of files alone, holds one."""
+    without one, a subfolder named after the configuration holds it (the parquet
+    conversion's layout), else the folder's files are the configuration."""
     import datasets
 
     fix = (f"Fix: on a machine with network, `hf download {hub_dataset} --repo-type dataset --local-dir <folder>`, "
@@ -305,21 +306,18 @@ def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset:
                         f"its own, named by its split, and set {key}=<folder>.")
     if not folder.is_dir():
         raise EvalError(f"{key}: {str(folder)!r} is not a folder. {fix}")
-    attempts = [(folder, config)]
-    if config and (folder / config).is_dir():
-        attempts.append((folder / config, None))  # a folder named after the configuration
+    path, name = folder, config
     if config and not _declares_configs(folder):
-        attempts.append((folder, None))  # a folder of files: the one configuration it holds
-    reason = ""
-    for path, name in attempts:
-        try:
-            builder = datasets.load_dataset_builder(str(path), name)
-        except ValueError as err:  # "BuilderConfig 'X' not found. Available: [...]"
-            reason = reason or str(err).splitlines()[0]
-            continue
-        except (FileNotFoundError, datasets.data_files.EmptyDatasetError) as err:
-            raise EvalError(f"{key}: {str(folder)!r} holds no data files datasets reads ({err}). {fix}") from None
+        # the parquet conversion (<config>/<split>/0000.parquet, beside the other configurations' folders),
+        # else a folder of this configuration's files alone
+        path, name = (folder / config if (folder / config).is_dir() else folder), None
+    try:
+        builder = datasets.load_dataset_builder(str(path), name)
         return path, name, [str(split) for split in (builder.config.data_files or {})]
+    except ValueError as err:  # "BuilderConfig 'X' not found. Available: [...]"
+        reason = str(err).splitlines()[0]
+    except (FileNotFoundError, datasets.data_files.EmptyDatasetError) as err:
+        raise EvalError(f"{key}: {str(folder)!r} holds no data files datasets reads ({err}). {fix}") from None
     raise EvalError(f"{key}: {str(folder)!r} has no configuration {config!r}, which lm-eval's task reads "
                     f"({reason}). {fix}")
 

@@ -59,7 +59,7 @@ def copies(corpus_dir, tmp_path_factory):
          "ctx": "A man cuts an onion. he", "endings": ["puts it in a pan.", "flies to the moon.", "sings [title] a song.",
                                                      "eats the knife."],
          "source_id": "x", "split": "val", "split_type": "indomain", "label": str(i % 4)} for i in range(3)])
-    # allenai/winogrande and EleutherAI/lambada_openai as folders of JSON-lines files named by split
+    # allenai/winogrande (and lambada, read by the wrong task below) as folders of JSON-lines files named by split
     write_json_lines(root / "winogrande" / "validation.jsonl", [
         {"sentence": "The cup did not fit in the box because the _ was too big.", "option1": "cup",
          "option2": "box", "answer": "1"},
@@ -67,6 +67,11 @@ def copies(corpus_dir, tmp_path_factory):
          "answer": "2"}])
     write_json_lines(root / "lambada" / "test.jsonl", [{"text": "To be, or not to be"},
                                                        {"text": "My lord, the king is dead"}])
+    # EleutherAI/lambada_openai as its parquet conversion: a folder per configuration (language); lm-eval's
+    # task reads `default` alone
+    for config, texts in (("default", ["To be, or not to be", "My lord, the king is dead"]),
+                          ("de", ["Sein oder nicht sein", "Mein Herr, der König ist tot", "Ein Pferd!"])):
+        write_parquet(root / "lambada_parquet" / config / "test" / "0000.parquet", [{"text": t} for t in texts])
     return root
 
 
@@ -96,7 +101,7 @@ def test_lm_evals_own_prompt_scores_the_local_copy(copies, teacher_dir, tmp_path
 def test_the_recipe_scores_lm_evals_tasks_and_finds_their_items_in_the_training_data(copies, teacher_dir, tmp_path,
                                                                                      capsys):
     data = {"arc_easy": "ai2_arc", "arc_challenge": "ai2_arc", "hellaswag": "hellaswag", "winogrande": "winogrande",
-            "lambada_openai": "lambada"}
+            "lambada_openai": "lambada_parquet"}
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{','.join(data)}]",
                              *(f"task_data.{task}={copies / folder}" for task, folder in data.items()),
                              f"output={tmp_path / 'scores.json'}", "batch_size=4"])
