@@ -20,7 +20,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -191,21 +191,37 @@ metadata:
 """
 
 
+def write_lm_eval_group(name: str, members: Sequence[str], aggregate: Sequence[Mapping[str, Any]],
+                        folder: Union[str, Path]) -> str:
+    """An lm-eval group of our task files (lm-eval's own group, mmlu, over the copies of its
+    tasks written here), so lm-eval aggregates it as it aggregates its own; returns its name."""
+    group = lm_eval_task_name(name)
+    replace_atomically(Path(folder) / f"{group}.yaml", "# Written by letrecipes (components/evaluation.py).\n"
+                       + json.dumps({"group": group, "task": list(members),
+                                     "aggregate_metric_list": [dict(spec) for spec in aggregate],
+                                     "metadata": {"version": 1.0}}, indent=1) + "\n")
+    return group
+
+
 def write_lm_eval_tasks(task_files: Iterable[Union[str, Path]], folder: Union[str, Path],
                         perplexity_files: Iterable[Union[str, Path]] = (),
-                        builtins: Iterable["LmEvalTask"] = ()) -> Dict[str, str]:
+                        builtins: Iterable["LmEvalTask"] = (), num_fewshot: Optional[int] = None) -> Dict[str, str]:
     """One lm-eval task YAML per task file (per perplexity file of ``{text}`` documents, per
     lm-eval task of ``builtins``) into ``folder``; returns {report name: task name}, the
-    report name being the file's stem or lm-eval's task name.
+    report name being the file's stem or lm-eval's task name. ``num_fewshot``, when given,
+    is written into every task but the perplexity ones (whole documents take no examples).
 
     ``lm_eval --include_path <folder> --tasks letrecipes`` then runs them all.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    shots = f"num_fewshot: {int(num_fewshot)}\n" if num_fewshot is not None else ""
     names: Dict[str, str] = {}
-    configs = [(Path(f).stem, lm_eval_task_name(f), lambda n, f=f, p=p: lm_eval_task_config(n, f, p))
-               for f, p in [*((f, False) for f in task_files), *((f, True) for f in perplexity_files)]]
-    configs += [(task.name, lm_eval_task_name(task.name), lambda n, t=task: lm_eval_builtin_config(n, t))
+    configs = [(Path(f).stem, lm_eval_task_name(f), lambda n, f=f: lm_eval_task_config(n, f) + shots)
+               for f in task_files]
+    configs += [(Path(f).stem, lm_eval_task_name(f), lambda n, f=f: lm_eval_task_config(n, f, perplexity=True))
+                for f in perplexity_files]
+    configs += [(task.name, lm_eval_task_name(task.name), lambda n, t=task: lm_eval_builtin_config(n, t) + shots)
                 for task in builtins]
     for stem, name, config in configs:
         if stem in names or name in names.values():
@@ -254,39 +270,70 @@ def _lm_eval_index():
     return _TASK_INDEX["index"]
 
 
-def lm_eval_task(name: str, data: Optional[str], key: str) -> LmEvalTask:
-    """lm-eval's task ``name`` with its data: ``data`` a local folder (a copy of the hub
-    dataset, ``hf download <dataset> --repo-type dataset --local-dir <folder>``, or a folder
-    of parquet/JSON/CSV files named by split), or None for the ``datasets`` cache. Checked
-    here, before any model: the name, the folder, the configuration and splits in it."""
+def lm_eval_members(name: str, key: str) -> Tuple[List[str], Optional[List[Dict[str, Any]]]]:
+    """The lm-eval tasks ``name`` stands for: itself; a tag's tasks (``ai2_arc``: arc_easy,
+    arc_challenge); a group's, its subgroups and tags opened (``mmlu``: 57 subjects), with
+    the group's ``aggregate_metric_list`` (None for a task or a tag: lm-eval gives them none)."""
     import difflib
+
+    from lm_eval.tasks._yaml_loader import load_yaml
 
     index = _lm_eval_index()
     entry = index.get(name)
     if entry is None:
-        close = difflib.get_close_matches(name, [n for n, e in index.items() if e.kind.name == "TASK"], n=3)
+        close = difflib.get_close_matches(name, list(index), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise EvalError(f"{key}: {name!r} is no task file and no lm-evaluation-harness task{hint}. Fix: a JSON-lines "
                         "file of {context, choices, gold}, or one of `lm_eval ls tasks`.")
-    if entry.kind.name != "TASK" or entry.yaml_path is None:
-        members = sorted(n for n, e in index.items() if e.kind.name == "TASK" and name in (e.tags or ()))
-        listed = f" ({', '.join(members[:12])}{', ...' if len(members) > 12 else ''})" if members else ""
-        raise EvalError(f"{key}: {name!r} is an lm-evaluation-harness {entry.kind.name.lower()}{listed}, not one task. "
-                        "Fix: name its tasks one by one in tasks=[...].")
+    kind = entry.kind.name
+    if kind == "TAG":
+        return sorted(n for n, e in index.items() if e.kind.name == "TASK" and name in (e.tags or ())), None
+    if kind == "TASK":
+        return [name], None
+    definition = load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else {}
+    members: List[str] = []
+    for part in definition.get("task") or []:
+        if not isinstance(part, str):  # a task defined inside the group's file has no name of its own to override
+            raise EvalError(f"{key}: lm-eval's group {name!r} defines a task inside its own file; this recipe scores "
+                            "named tasks. Fix: name the group's tasks in tasks=[...], or score it with `lm_eval`.")
+        members += [m for m in lm_eval_members(part, key)[0] if m not in members]
+    if not members:
+        raise EvalError(f"{key}: lm-eval's {kind.lower()} {name!r} holds no task this recipe can score. Fix: name "
+                        "its tasks in tasks=[...].")
+    return members, list(definition.get("aggregate_metric_list") or [])
+
+
+def lm_eval_task(name: str, data: Optional[str], key: str, data_key: Optional[str] = None,
+                 cache_dir: Optional[Path] = None) -> LmEvalTask:
+    """lm-eval's task ``name`` with its data: ``data`` a local folder (a copy of the hub
+    dataset, ``hf download <dataset> --repo-type dataset --local-dir <folder>``, or a folder
+    of parquet/JSON/CSV files named by split), or None for the ``datasets`` cache. Checked
+    here, before any model: the name, the folder, the configuration and splits in it.
+    ``data_key`` names the setting ``data`` came from (``task_data.<its group>``);
+    ``cache_dir`` is where ``datasets`` converts the copy (a folder of this evaluation's
+    own: its shared cache keys a local copy by folder name and file patterns, not by
+    content, so a copy changed since, or another copy in a folder of the same name, would
+    be read as the old one)."""
+    data_key = data_key or f"task_data.{name}"
+    entry = _lm_eval_index().get(name)
+    if entry is None or entry.kind.name != "TASK" or entry.yaml_path is None:
+        raise EvalError(f"{key}: {name!r} is no lm-evaluation-harness task with a definition file. Fix: name another.")
     from lm_eval.tasks._yaml_loader import load_yaml
 
     definition = load_yaml(entry.yaml_path, resolve_func=False)
     task = LmEvalTask(name, Path(entry.yaml_path), str(definition.get("dataset_path")), {})
     if data is not None:
         path, config, splits = _local_task_data(Path(data).expanduser(), definition.get("dataset_name"),
-                                                f"task_data.{name}", task.hub_dataset)
+                                                data_key, task.hub_dataset)
         task.overrides.update(dataset_path=str(path.resolve()), dataset_name=config)
+        if cache_dir is not None:
+            task.overrides["dataset_kwargs"] = {**(definition.get("dataset_kwargs") or {}), "cache_dir": str(cache_dir)}
         # a split lm-eval's definition names and the folder lacks (a few-shot train split,
         # a test split without labels left out of the copy) is no split here
         task.overrides.update({split: None for split in SPLITS if definition.get(split) not in (None, *splits)})
         if not any(definition.get(split) in splits for split in ("validation_split", "test_split")):
             wanted = " or ".join(str(definition[s]) for s in ("test_split", "validation_split") if definition.get(s))
-            raise EvalError(f"task_data.{name}: {str(data)!r} holds the split(s) {', '.join(splits)}, not {wanted}, "
+            raise EvalError(f"{data_key}: {str(data)!r} holds the split(s) {', '.join(splits)}, not {wanted}, "
                             f"which lm-eval's {name} scores. Fix: point it at a full copy of {task.hub_dataset}.")
     return task
 
@@ -339,17 +386,17 @@ tag: {LM_EVAL_TAG}
 {overrides}"""
 
 
-def lm_eval_task_docs(task_folder: Union[str, Path], name: str, task: LmEvalTask, limit: int) -> List[Dict[str, Any]]:
-    """The items lm-eval will score for ``task`` (the first ``limit``), each as ``{"text":
+def lm_eval_task_docs(manager: Any, name: str, task: LmEvalTask, limit: int) -> List[Dict[str, Any]]:
+    """The items lm-eval will score for ``task`` (the first ``limit``; ``manager`` an lm-eval
+    TaskManager of the folder its definition is in), each as ``{"text":
     what a model trained on it would have read (prompt and right answer), "choices": n or
     None}``; reading them loads the data, so a task whose data is not here fails now, in
     one line, not after the model is loaded."""
-    _, TaskManager = import_lm_eval()
     offline()  # data not on this machine is said at once, not after minutes of retries
     fix = (f"Fix: on a machine with network, `hf download {task.hub_dataset} --repo-type dataset --local-dir "
            f"<folder>`, copy it here and set task_data.{task.name}=<folder> (docs/evaluation.md).")
     try:
-        loaded = TaskManager(include_path=str(task_folder), include_defaults=False).load([name])["tasks"][name]
+        loaded = manager.load([name])["tasks"][name]
         task.split = str(loaded.config.test_split if loaded.has_test_docs() else loaded.config.validation_split)
         items = [_item(loaded, doc) for doc in list(loaded.eval_docs)[:limit or None]]
     except (ConnectionError, FileNotFoundError) as err:
@@ -380,18 +427,21 @@ def _item(task: Any, doc: Mapping) -> Dict[str, Any]:
 class PreparedTasks:
     """What the tasks of a run resolve to: lm-eval's task per report name, and for each task
     its items as text (looked for in the training data) and its chance level (None where
-    the task is no multiple choice)."""
+    the task is no multiple choice); for each lm-eval group or tag named, its tasks and
+    the group's aggregate metrics."""
     names: Dict[str, str]
     texts: Dict[str, List[str]]
     chance: Dict[str, Optional[float]]
     data: Dict[str, Dict[str, str]]  # lm-eval's own tasks: the data scored, {"source", "split"}
+    groups: Dict[str, Dict[str, Any]]  # {"tasks": [...], "lm_eval_group": our group's name, None for a tag}
 
 
 def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int, folder: Union[str, Path],
-                  perplexity_files: Sequence[Union[str, Path]] = (), log=print) -> PreparedTasks:
-    """Each of ``specs`` (a task file, or the name of one of lm-eval's tasks with its data in
-    ``task_data`` or this machine's ``datasets`` cache) read, checked and written as an
-    lm-eval task into ``folder``/tasks; every item is read here, before any model."""
+                  perplexity_files: Sequence[Union[str, Path]] = (), log=print,
+                  num_fewshot: Optional[int] = None) -> PreparedTasks:
+    """Each of ``specs`` (a task file, or the name of one of lm-eval's tasks, tags or groups
+    with its data in ``task_data`` or this machine's ``datasets`` cache) read, checked and
+    written as lm-eval tasks into ``folder``/tasks; every item is read here, before any model."""
     from letrecipes.components.contamination import item_text
 
     folder = Path(folder)
@@ -399,11 +449,17 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
     if stray:
         raise EvalError(f"task_data.{stray[0]}: names no task in tasks={list(specs)}. Fix: add {stray[0]} to tasks, or "
                         f"remove task_data.{stray[0]}.")
-    files, builtins, texts, chance, data = [], [], {}, {}, {}
+    files, builtins, texts, chance, data, groups = [], {}, {}, {}, {}, {}
     for i, spec in enumerate(specs):
         if is_lm_eval_name(spec):
-            folder_given = task_data.get(str(spec))
-            builtins.append(lm_eval_task(str(spec), None if folder_given is None else str(folder_given), f"tasks[{i}]"))
+            members, aggregate = lm_eval_members(str(spec), f"tasks[{i}]")
+            if members != [spec]:
+                groups[str(spec)] = {"tasks": members, "aggregate": aggregate}
+            for member in members:  # a task's own folder, else its group's
+                given = member if member in task_data else str(spec)
+                if member not in builtins:
+                    builtins[member] = lm_eval_task(member, task_data.get(given), f"tasks[{i}]",
+                                                    data_key=f"task_data.{given}", cache_dir=folder / "datasets")
             continue
         # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
         # the file itself, would compare the string and score every item wrong without a word)
@@ -411,15 +467,30 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
         files.append(write_task(folder / "data" / str(i) / f"{Path(spec).stem}.jsonl", items))
         texts[Path(spec).stem] = [item_text(item) for item in items]
         chance[Path(spec).stem] = chance_level(items)
-    names = write_lm_eval_tasks(files, folder / "tasks", perplexity_files, builtins)
-    for task in builtins:
-        items = lm_eval_task_docs(folder / "tasks", names[task.name], task, limit)
+    names = write_lm_eval_tasks(files, folder / "tasks", perplexity_files, builtins.values(), num_fewshot)
+    in_groups = {member for group in groups.values() for member in group["tasks"]}
+    manager = None
+    for task in builtins.values():
+        if manager is None:  # one index of the folder for every task: a group has dozens
+            _, TaskManager = import_lm_eval()
+            manager = TaskManager(include_path=str(folder / "tasks"), include_defaults=False)
+        items = lm_eval_task_docs(manager, names[task.name], task, limit)
         texts[task.name] = [item["text"] for item in items]
         counts = [item["choices"] for item in items if item["choices"]]
         chance[task.name] = sum(1 / n for n in counts) / len(counts) if len(counts) == len(items) else None
         data[task.name] = {"source": task.source, "split": task.split}
-        log(f"tasks: {task.name}: {len(items):,} items, lm-eval's own task on the {task.split} split of {task.source}")
-    return PreparedTasks(names, texts, chance, data)
+        if task.name not in in_groups:
+            log(f"tasks: {task.name}: {len(items):,} items, lm-eval's own task on the {task.split} split of "
+                f"{task.source}")
+    for name, group in groups.items():
+        aggregate = group.pop("aggregate")
+        group["lm_eval_group"] = (write_lm_eval_group(name, [names[m] for m in group["tasks"]], aggregate,
+                                                      folder / "tasks") if aggregate else None)
+        splits = sorted({data[member]["split"] for member in group["tasks"]})
+        log(f"tasks: {name}: {len(group['tasks'])} lm-eval tasks, {sum(len(texts[m]) for m in group['tasks']):,} "
+            f"items, on the {'/'.join(splits)} split of {data[group['tasks'][0]]['source']}")
+    return PreparedTasks(names, texts, chance, data, groups)
+
 
 # ----------------------------------------------------------------- running lm-eval
 def offline() -> None:
@@ -454,11 +525,17 @@ def import_lm_eval():
 def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], task_names: Mapping[str, str],
                 device: str = "cpu", dtype: str = "float32", batch_size: Union[int, str] = 16,
                 max_length: Optional[int] = None, limit: int = 0, tokenizer: Any = None,
-                log_samples: bool = False, num_fewshot: int = 0) -> Dict[str, Any]:
+                log_samples: bool = False, num_fewshot: Optional[int] = None,
+                groups: Optional[Mapping[str, Tuple[str, Sequence[str]]]] = None) -> Dict[str, Any]:
     """Score a Hugging Face folder with lm-eval's ``hf`` model on the tasks in ``task_folder``.
 
-    Returns ``{"tasks": {stem: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, "seconds",
-    "lm_eval_version"}`` and, with ``log_samples``, ``"samples": {stem: [lm-eval sample]}``.
+    Returns ``{"tasks": {stem: {acc, acc_stderr, acc_norm, acc_norm_stderr, n}}, "groups":
+    {group: {its aggregate metrics, n}}, "seconds", "lm_eval_version"}`` and, with
+    ``log_samples``, ``"samples": {stem: [lm-eval sample]}``. ``groups``: {report name:
+    (lm-eval group in ``task_folder`` (:func:`write_lm_eval_group`), the task names it
+    holds)}; lm-eval runs each whole and aggregates it its own way. ``num_fewshot``: None for
+    what the task files say (:func:`prepare_tasks` writes it there; given here, it overrides
+    them, and lm-eval warns once per task).
     """
     offline()
     lm_eval, TaskManager = import_lm_eval()
@@ -467,26 +544,36 @@ def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], t
         model_args["max_length"] = int(max_length)
     if tokenizer is not None:
         model_args["tokenizer"] = tokenizer
+    grouped = dict(groups or {})
+    members = {name for _, names in grouped.values() for name in names}
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=list(task_names.values()),
+        model="hf", model_args=model_args, tasks=[*(group for group, _ in grouped.values()),
+                                                      *(n for n in task_names.values() if n not in members)],
         task_manager=TaskManager(include_path=str(task_folder), include_defaults=False),
         batch_size=batch_size, device=device, limit=limit or None, log_samples=log_samples,
-        num_fewshot=int(num_fewshot))
+        num_fewshot=num_fewshot)
     report: Dict[str, Any] = {"tasks": {}, "seconds": round(time.perf_counter() - start, 2),
                               "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
     for stem, name in task_names.items():
-        scores = results["results"][name]
-        # every metric the task has (acc and acc_norm, or the perplexities), each with its standard error;
-        # lm-eval writes "N/A" where it has none (one item, a perplexity): null here, a number or nothing
-        metrics = [key[:-len(",none")] for key in scores if key.endswith(",none") and "_stderr," not in key]
-        entry = {metric: scores[f"{metric},none"] for metric in metrics}
-        entry.update({f"{metric}_stderr": _number_or_none(scores.get(f"{metric}_stderr,none")) for metric in metrics})
-        entry["n"] = int(results["n-samples"][name]["effective"])
-        report["tasks"][stem] = entry
+        report["tasks"][stem] = {**_metrics(results["results"][name]),
+                                 "n": int(results["n-samples"][name]["effective"])}
+    report["groups"] = {report_name: {**_metrics(results["results"][group]),
+                                      "n": sum(int(results["n-samples"][name]["effective"]) for name in names)}
+                        for report_name, (group, names) in grouped.items()}
     if log_samples:
         report["samples"] = {stem: results["samples"][name] for stem, name in task_names.items()}
     return report
+
+
+def _metrics(scores: Mapping[str, Any]) -> Dict[str, Any]:
+    """Every metric lm-eval gives a task or group (acc and acc_norm, or the perplexities),
+    each with its standard error; lm-eval writes "N/A" where it has none (one item, a
+    perplexity): null here, a number or nothing."""
+    metrics = [key[:-len(",none")] for key in scores if key.endswith(",none") and "_stderr," not in key]
+    entry = {metric: scores[f"{metric},none"] for metric in metrics}
+    entry.update({f"{metric}_stderr": _number_or_none(scores.get(f"{metric}_stderr,none")) for metric in metrics})
+    return entry
 
 
 def _number_or_none(value: Any) -> Optional[float]:

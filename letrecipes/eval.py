@@ -64,12 +64,12 @@ class EvalRecipe:
         # every item read here, not only by lm-eval: a bad one is named (by file and line, or a task whose data
         # is not on this machine) before any model is touched
         tasks = prepare_tasks([str(spec) for spec in cfg.tasks], dict(cfg.get("task_data") or {}), limit, self.work,
-                              log=lambda line: print(line, flush=True))
+                              log=lambda line: print(line, flush=True), num_fewshot=int(cfg.get("num_fewshot", 0) or 0))
         self.documents = self._held_out_documents()
         held_out = [write_documents(self.work / "data" / "perplexity" / f"{name}.jsonl", documents)
                     for name, documents in self.documents.items()]
         self.task_names = {**tasks.names, **write_lm_eval_tasks([], self.work / "tasks", held_out)}
-        self.chance, self.data = tasks.chance, tasks.data
+        self.chance, self.data, self.groups = tasks.chance, tasks.data, tasks.groups
         # what is looked for in the training data: each item as a model trained on it read it, each document whole
         self.texts = {**tasks.texts, **self.documents}
         self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
@@ -203,7 +203,8 @@ class EvalRecipe:
                              dtype=LM_EVAL_DTYPES[self.dtype], batch_size=cfg.get("batch_size", 16),
                              max_length=self._max_length(), limit=int(cfg.get("limit", 0) or 0),
                              tokenizer=self._tokenizer(), log_samples=bool(dirty),
-                             num_fewshot=int(cfg.get("num_fewshot", 0) or 0))
+                             groups={name: (group["lm_eval_group"], [self.task_names[m] for m in group["tasks"]])
+                                     for name, group in self.groups.items() if group["lm_eval_group"]})
         tasks, perplexity = {}, {}
         for stem, scores in scored["tasks"].items():
             if found is not None:
@@ -221,9 +222,14 @@ class EvalRecipe:
             if stem in self.data:
                 scores.update(lm_eval_task=stem, data=self.data[stem]["source"], split=self.data[stem]["split"])
             print(f"{stem:28s} n={scores['n']:4d}  {_figures(scores)}" + _clean(scores), flush=True)
+        groups = {name: group_scores(group, tasks, scored["groups"].get(name)) for name, group in self.groups.items()}
+        for name, scores in groups.items():
+            print(f"{name:28s} n={scores['n']:4d}  {_figures(scores) or 'no aggregate (an lm-eval tag)'}"
+                  f"  over {len(scores['tasks'])} tasks" + _clean(scores), flush=True)
         report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
                   "num_fewshot": int(cfg.get("num_fewshot", 0) or 0), "tasks": tasks,
+                  **({"groups": groups} if groups else {}),
                   **({"perplexity": perplexity} if perplexity else {}),
                   "contamination": found if found is not None else {"checked": False, "why": self.unchecked}}
         if cfg.get("output"):
@@ -257,6 +263,26 @@ def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:
     else:
         holds = "is there and is not a score report of this recipe"
     raise EvalError(f"output: {str(out)!r} {holds}. Fix: output=<another file>, or overwrite=true to replace it.")
+
+
+def group_scores(group: Dict, tasks: Dict[str, Dict], scored: Optional[Dict]) -> Dict:
+    """An lm-eval group's or tag's line of the report: its tasks and items, lm-eval's own
+    aggregate for a group (``scored``; a tag, ai2_arc, has none in lm-eval), and, where
+    items were found in the training data, each aggregated metric over the others: the
+    tasks' clean figures weighted by their clean items."""
+    from lm_eval.api.metrics import aggregate_subtask_metrics
+
+    members = [tasks[name] for name in group["tasks"]]
+    out: Dict = {"tasks": list(group["tasks"]), **(scored or {}), "n": sum(m["n"] for m in members)}
+    if any("contaminated" in m for m in members):
+        out["contaminated"] = sum(m.get("contaminated", 0) for m in members)
+    if out.get("contaminated") and scored:
+        out["n_clean"] = sum(m.get("n_clean", m["n"]) for m in members)
+        for metric in [k for k in scored if f"{k}_stderr" in scored]:
+            clean = [(m.get(f"{metric}_clean", m.get(metric)), m.get("n_clean", m["n"])) for m in members]
+            if all(value is not None for value, _ in clean) and out["n_clean"]:
+                out[f"{metric}_clean"] = aggregate_subtask_metrics([v for v, _ in clean], [n for _, n in clean])
+    return out
 
 
 def _figures(scores: Dict) -> str:

@@ -72,6 +72,22 @@ def copies(corpus_dir, tmp_path_factory):
     for config, texts in (("default", ["To be, or not to be", "My lord, the king is dead"]),
                           ("de", ["Sein oder nicht sein", "Mein Herr, der König ist tot", "Ein Pferd!"])):
         write_parquet(root / "lambada_parquet" / config / "test" / "0000.parquet", [{"text": t} for t in texts])
+    # cais/mmlu: a configuration per subject, named in the README; two questions each (three for algebra)
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    from letrecipes.components.evaluation import _lm_eval_index, lm_eval_members
+
+    subjects = [load_yaml(_lm_eval_index()[task].yaml_path, resolve_func=False)["dataset_name"]
+                for task in lm_eval_members("mmlu", "test")[0]]
+    readme = "---\nconfigs:\n"
+    for subject in subjects:
+        questions = [f"A {subject} question?", f"Another {subject} question?"]
+        questions += ["What is 2 + 2?"] if subject == "abstract_algebra" else []
+        write_parquet(root / "mmlu" / subject / "test-00000-of-00001.parquet",
+                      [{"question": q, "subject": subject, "choices": ["4", "5", "6", "7"], "answer": i % 4}
+                       for i, q in enumerate(questions)])
+        readme += f"- config_name: {subject}\n  data_files:\n  - split: test\n    path: {subject}/test-*\n"
+    (root / "mmlu" / "README.md").write_text(readme + "---\n")
     return root
 
 
@@ -92,8 +108,9 @@ def test_lm_evals_own_prompt_scores_the_local_copy(copies, teacher_dir, tmp_path
                      for r in s["filtered_resps"]] for name in ("twin", "arc_easy"))
     assert len(ours) == 4 * 4 and ours == pytest.approx(theirs, abs=1e-5)
     assert report["tasks"]["arc_easy"]["acc"] == report["tasks"]["twin"]["acc"]
-    shots = run_lm_eval(teacher_dir, tmp_path / "work" / "tasks", {"arc_easy": names["arc_easy"]}, log_samples=True,
-                        num_fewshot=1, batch_size=4)
+    one_shot = prepare_tasks(["arc_easy"], {"arc_easy": str(copies / "ai2_arc")}, 0, tmp_path / "shots",
+                             num_fewshot=1)  # written into the task file, as the recipe does
+    shots = run_lm_eval(teacher_dir, tmp_path / "shots" / "tasks", one_shot.names, log_samples=True, batch_size=4)
     context = shots["samples"]["arc_easy"][0]["arguments"][0][0]
     assert context.count("Question: ") == 2 and context.endswith("\nAnswer:")
 
@@ -147,7 +164,6 @@ def test_an_lm_eval_task_that_cannot_be_read_is_named_before_the_model(copies, t
     cases = [
         (["tasks=[hellaswg]"], "error: tasks[0]: 'hellaswg' is no task file and no lm-evaluation-harness task "
                                "(close: hellaswag"),
-        (["tasks=[ai2_arc]"], "'ai2_arc' is an lm-evaluation-harness tag (arc_challenge, arc_easy), not one task"),
         (["tasks=[hellaswag]"], "tasks: lm-eval's hellaswag reads the datasets cache (Rowan/hellaswag), which is not "
                                 "on this machine"),
         (["tasks=[arc_easy]", f"task_data.arc_challenge={copies / 'ai2_arc'}"],
@@ -166,3 +182,41 @@ def test_an_lm_eval_task_that_cannot_be_read_is_named_before_the_model(copies, t
     for overrides, message in cases:
         error = expect_setup_error(eval_recipe.recipe_main, [*common, *overrides], match=message)
         assert "Fix: " in error and "\n" not in error
+
+
+def test_a_group_is_scored_and_aggregated_by_lm_eval_and_a_tag_lists_its_tasks(copies, teacher_dir, tmp_path, capsys):
+    """`tasks=[mmlu]` used to be refused ("a group, not one task: name its tasks one by
+    one", 57 of them). A group's tasks share the group's task_data; lm-eval aggregates the
+    group its own way (mmlu: the mean over subjects weighted by their items)."""
+    eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[mmlu,ai2_arc]",
+                             f"task_data.mmlu={copies / 'mmlu'}", f"task_data.ai2_arc={copies / 'ai2_arc'}",
+                             f"output={tmp_path / 'scores.json'}", "batch_size=8", "contamination=false"])
+    report = json.loads((tmp_path / "scores.json").read_text())
+    mmlu, tasks = report["groups"]["mmlu"], report["tasks"]
+    assert len(mmlu["tasks"]) == 57 and mmlu["n"] == 115 and tasks["mmlu_abstract_algebra"]["n"] == 3
+    assert mmlu["acc"] == pytest.approx(sum(tasks[t]["acc"] * tasks[t]["n"] for t in mmlu["tasks"]) / 115)
+    assert mmlu["acc_stderr"] is not None
+    assert report["groups"]["ai2_arc"] == {"tasks": ["arc_challenge", "arc_easy"], "n": 7}  # lm-eval has no aggregate
+    assert tasks["arc_easy"]["data"] == str((copies / "ai2_arc").resolve())
+    out = capsys.readouterr().out
+    assert "tasks: mmlu: 57 lm-eval tasks, 115 items, on the test split of" in out
+    assert "no aggregate (an lm-eval tag)  over 2 tasks" in out
+
+
+def test_a_copy_changed_since_the_last_evaluation_is_read_as_it_is_now(tmp_path):
+    """datasets' shared cache keys a snapshot whose README names its configurations by the
+    folder's name and the README's file patterns, not by the files: the same copy with other
+    contents (repaired, or another copy in a folder of the same name) was read as the first
+    one, without a word. Each evaluation converts the copy in a folder of its own."""
+    snapshot = tmp_path / "ai2_arc"
+    snapshot.mkdir()
+    (snapshot / "README.md").write_text("---\nconfigs:\n- config_name: ARC-Easy\n  data_files:\n  - split: test\n"
+                                        "    path: ARC-Easy/test-*\n---\n")
+    write_parquet(snapshot / "ARC-Easy" / "test-00000-of-00001.parquet", arc_rows(["Which of these is a fruit?"]))
+    first = prepare_tasks(["arc_easy"], {"arc_easy": str(snapshot)}, 0, tmp_path / "first", log=lambda line: None)
+    write_parquet(snapshot / "ARC-Easy" / "test-00000-of-00001.parquet",
+                  arc_rows(["What grows on a tree?", "Which one is sweet?"]))
+    second = prepare_tasks(["arc_easy"], {"arc_easy": str(snapshot)}, 0, tmp_path / "second", log=lambda line: None)
+    assert len(first.texts["arc_easy"]) == 1
+    assert [t.split("\n")[0] for t in second.texts["arc_easy"]] == ["Question: What grows on a tree?",
+                                                                    "Question: Which one is sweet?"]
