@@ -252,6 +252,7 @@ class LmEvalTask:
     definition: Path
     hub_dataset: str
     overrides: Dict[str, Any]
+    data_key: str = ""  # the setting its data comes from: task_data.<task>, or task_data.<its group>
     split: str = ""  # the split scored, once the task is loaded
 
     @property
@@ -321,7 +322,7 @@ def lm_eval_task(name: str, data: Optional[str], key: str, data_key: Optional[st
     from lm_eval.tasks._yaml_loader import load_yaml
 
     definition = load_yaml(entry.yaml_path, resolve_func=False)
-    task = LmEvalTask(name, Path(entry.yaml_path), str(definition.get("dataset_path")), {})
+    task = LmEvalTask(name, Path(entry.yaml_path), str(definition.get("dataset_path")), {}, data_key)
     if data is not None:
         path, config, splits = _local_task_data(Path(data).expanduser(), definition.get("dataset_name"),
                                                 data_key, task.hub_dataset)
@@ -394,7 +395,7 @@ def lm_eval_task_docs(manager: Any, name: str, task: LmEvalTask, limit: int) -> 
     one line, not after the model is loaded."""
     offline()  # data not on this machine is said at once, not after minutes of retries
     fix = (f"Fix: on a machine with network, `hf download {task.hub_dataset} --repo-type dataset --local-dir "
-           f"<folder>`, copy it here and set task_data.{task.name}=<folder> (docs/evaluation.md).")
+           f"<folder>`, copy it here and set {task.data_key}=<folder> (docs/evaluation.md).")
     try:
         loaded = manager.load([name])["tasks"][name]
         task.split = str(loaded.config.test_split if loaded.has_test_docs() else loaded.config.validation_split)

@@ -166,6 +166,9 @@ def test_an_lm_eval_task_that_cannot_be_read_is_named_before_the_model(copies, t
                                "(close: hellaswag"),
         (["tasks=[hellaswag]"], "tasks: lm-eval's hellaswag reads the datasets cache (Rowan/hellaswag), which is not "
                                 "on this machine"),
+        (["tasks=[mmlu]"], "lm-eval's mmlu_abstract_algebra reads the datasets cache (cais/mmlu), which is not on "
+                           "this machine"),
+        (["tasks=[mmlu]"], "set task_data.mmlu=<folder>"),  # the group's setting, not the subject's
         (["tasks=[arc_easy]", f"task_data.arc_challenge={copies / 'ai2_arc'}"],
          "task_data.arc_challenge: names no task in tasks"),
         (["tasks=[winogrande]", f"task_data.winogrande={copies / 'ai2_arc'}"],
