@@ -81,7 +81,7 @@ def test_a_users_registered_component_has_its_arguments_checked(tmp_path, monkey
 
 
 @pytest.mark.parametrize("config", ["let_tiny", "let_1b4", "let_7b", "let_smollm2_cpu", "let_smollm2_xtok_cpu",
-                                    "pretrain_7b", "baseline_tiny", "eval"])
+                                    "pretrain_7b", "baseline_tiny", "eval", "eval_let_paper"])
 def test_every_shipped_config_validates(config, capsys):
     assert cli.main(["validate", config]) == 0
     assert "no problem found" in capsys.readouterr().out

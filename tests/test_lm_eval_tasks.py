@@ -6,6 +6,7 @@ configurations in its README, the parquet conversion's <config>/<split>/0000.par
 folder of JSON-lines files); lm-eval's own task definitions read them."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -223,3 +224,19 @@ def test_a_copy_changed_since_the_last_evaluation_is_read_as_it_is_now(tmp_path)
     assert len(first.texts["arc_easy"]) == 1
     assert [t.split("\n")[0] for t in second.texts["arc_easy"]] == ["Question: What grows on a tree?",
                                                                     "Question: Which one is sweet?"]
+
+
+def test_the_paper_config_names_lm_evals_nine_tasks_and_the_folders_its_download_loop_writes():
+    """eval_let_paper.yaml: each task is one of lm-eval's, with a task_data folder named as
+    `hf download <its dataset> --local-dir data/eval/<name>` in the config's header names it."""
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate_eval
+    from letrecipes.components.evaluation import lm_eval_task
+
+    cfg = load_config("eval_let_paper", [])
+    validate_eval(cfg)
+    assert len(cfg.tasks) == 9 and set(cfg.task_data) == set(cfg.tasks) and cfg.num_fewshot == 1
+    header = (Path(__file__).parent.parent / "recipes" / "configs" / "eval_let_paper.yaml").read_text().split("\n\n")[0]
+    for task in cfg.tasks:
+        hub = lm_eval_task(task, None, "tasks").hub_dataset  # lm-eval's own definition says where its data is
+        assert hub in header and cfg.task_data[task] == f"data/eval/{hub.split('/')[-1]}", task
