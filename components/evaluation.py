@@ -450,6 +450,12 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
     if stray:
         raise EvalError(f"task_data.{stray[0]}: names no task in tasks={list(specs)}. Fix: add {stray[0]} to tasks, or "
                         f"remove task_data.{stray[0]}.")
+    missing = [f"task_data.{name}={folder}" for name, folder in task_data.items()
+               if not Path(str(folder)).expanduser().exists()]
+    if len(missing) > 1:  # all at once: a config of nine tasks is not fixed one error at a time
+        raise EvalError(f"task_data: {len(missing)} folders are not there: {', '.join(missing)}. Fix: copy each task's "
+                        "data there (`hf download <its dataset> --repo-type dataset --local-dir <folder>` where there "
+                        "is network; eval_let_paper.yaml's header has the loop), or point task_data at the copies.")
     files, builtins, texts, chance, data, groups = [], {}, {}, {}, {}, {}
     for i, spec in enumerate(specs):
         if is_lm_eval_name(spec):

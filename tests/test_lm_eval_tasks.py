@@ -183,6 +183,10 @@ def test_an_lm_eval_task_that_cannot_be_read_is_named_before_the_model(copies, t
          "holds the split(s) train, not test or validation, which lm-eval's arc_easy scores"),
     ]
     write_json_lines(copies / "train_only" / "train.jsonl", arc_rows(["Which of these is a fruit?"]))
+    cases.append((["tasks=[arc_easy,hellaswag]", f"task_data.arc_easy={copies / 'nowhere'}",
+                   f"task_data.hellaswag={copies / 'nor_here'}"],
+                  f"task_data: 2 folders are not there: task_data.arc_easy={copies / 'nowhere'}, "
+                  f"task_data.hellaswag={copies / 'nor_here'}"))  # every one at once, not one per run
     for overrides, message in cases:
         error = expect_setup_error(eval_recipe.recipe_main, [*common, *overrides], match=message)
         assert "Fix: " in error and "\n" not in error
