@@ -282,7 +282,8 @@ def lm_eval_members(name: str, key: str) -> Tuple[List[str], Optional[List[Dict[
     index = _lm_eval_index()
     entry = index.get(name)
     if entry is None:
-        close = difflib.get_close_matches(name, list(index), n=3)
+        lowered = {n.lower(): n for n in index}  # ARC_Easy is arc_easy's typo too
+        close = [lowered[n] for n in difflib.get_close_matches(name.lower(), list(lowered), n=3)]
         hint = f" (close: {', '.join(close)})" if close else ""
         raise EvalError(f"{key}: {name!r} is no task file and no lm-evaluation-harness task{hint}. Fix: a JSON-lines "
                         "file of {context, choices, gold}, or one of `lm_eval ls tasks`.")

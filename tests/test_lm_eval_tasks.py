@@ -165,6 +165,7 @@ def test_an_lm_eval_task_that_cannot_be_read_is_named_before_the_model(copies, t
     cases = [
         (["tasks=[hellaswg]"], "error: tasks[0]: 'hellaswg' is no task file and no lm-evaluation-harness task "
                                "(close: hellaswag"),
+        (["tasks=[ARC_Easy]"], "'ARC_Easy' is no task file and no lm-evaluation-harness task (close: arc_easy"),
         (["tasks=[hellaswag]"], "tasks: lm-eval's hellaswag reads the datasets cache (Rowan/hellaswag), which is not "
                                 "on this machine"),
         (["tasks=[mmlu]"], "lm-eval's mmlu_abstract_algebra reads the datasets cache (cais/mmlu), which is not on "
