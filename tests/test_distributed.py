@@ -154,10 +154,19 @@ def test_hsdp_2x2_trains_like_fsdp_on_2_ranks_and_resumes_exactly(base_overrides
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
     assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-4)
     shutil.rmtree(tmp_path / "hsdp" / "checkpoints" / "step_00000004")
+    shutil.copytree(tmp_path / "hsdp", tmp_path / "hsdp_then_fsdp")
     tune_run_2proc("pretrain", "pretrain_tiny", *hsdp, f"output_dir={tmp_path / 'hsdp'}", "resume=true", nproc=4)
     resumed = losses(tmp_path / "hsdp")
     assert [s for s, _ in resumed] == [1, 2, 3, 4]
     assert [v for _, v in resumed] == pytest.approx([v for _, v in b], rel=1e-5)
+    # the step-2 checkpoint of HSDP on 4 processes goes on as plain FSDP2 on 2 (the same tokens a step):
+    # DCP reshards it, and the losses are the straight FSDP2 run's (this was checked by hand before)
+    moved = tune_run_2proc("pretrain", "pretrain_tiny", *common, "batch_size=4", "resume=true",
+                           f"output_dir={tmp_path / 'hsdp_then_fsdp'}")
+    assert "resume: world_size 4 -> 2" in moved.stdout, moved.stdout[-2000:]
+    then_fsdp = losses(tmp_path / "hsdp_then_fsdp")
+    assert [s for s, _ in then_fsdp] == [1, 2, 3, 4]
+    assert [v for _, v in then_fsdp] == pytest.approx([v for _, v in a], rel=1e-4)
 
 
 def test_reducing_once_per_step_trains_like_reducing_every_micro_batch(base_overrides, tmp_path):
