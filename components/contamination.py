@@ -44,6 +44,7 @@ from letrecipes.components.prepare import cache_folder, in_workers, is_prepared,
 from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
 
 NGRAM = 13  # tokens; GPT-3 and lm-eval use 13 words (a token is about 0.75 of a word: a little stricter)
+QUIET_TASKS_SUMMED = 8  # above this many tasks, those with nothing found are one line of the log
 MIN_NGRAM = 8  # an item shorter than this is not checked: such short runs recur in any text
 TEMPLATE_SHARE = 0.05  # an n-gram in more than this share of a task's items is its template
 CHUNK = 1 << 22  # corpus tokens hashed at a time: about 100 MB of temporaries
@@ -503,7 +504,13 @@ def check_items(corpora: Sequence[Corpus], texts: Mapping[str, Sequence[str]], t
                 log(f"contamination: the findings could not be kept in {cached} ({err}); the next check scans again")
     else:
         scanned = f"{found['tokens']:,} training tokens, found as kept in {cached}"
+    quiet = [task for task in found["tasks"].values() if not task["contaminated"]]
+    if len(found["tasks"]) > QUIET_TASKS_SUMMED and quiet:  # a group of 57 subjects: one line for the clean ones
+        log(f"contamination: {len(quiet)} task(s): none of their {sum(t['checked'] for t in quiet):,} items checked "
+            f"holds a run of {ngram} tokens found in the training data; {scanned}")
     for name, task in found["tasks"].items():
+        if len(found["tasks"]) > QUIET_TASKS_SUMMED and not task["contaminated"]:
+            continue
         short = task["items"] - task["checked"]
         log(f"contamination: {name}: {task['contaminated']} of {task['checked']} items checked hold a run of "
             f"{ngram} tokens found in the training data" + (f" ({short} too short to check)" if short else "")

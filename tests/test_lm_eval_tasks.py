@@ -199,17 +199,22 @@ def test_a_group_is_scored_and_aggregated_by_lm_eval_and_a_tag_lists_its_tasks(c
     group its own way (mmlu: the mean over subjects weighted by their items)."""
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[mmlu,ai2_arc]",
                              f"task_data.mmlu={copies / 'mmlu'}", f"task_data.ai2_arc={copies / 'ai2_arc'}",
-                             f"output={tmp_path / 'scores.json'}", "batch_size=8", "contamination=false"])
+                             f"output={tmp_path / 'scores.json'}", "batch_size=8"])
     report = json.loads((tmp_path / "scores.json").read_text())
     mmlu, tasks = report["groups"]["mmlu"], report["tasks"]
     assert len(mmlu["tasks"]) == 57 and mmlu["n"] == 115 and tasks["mmlu_abstract_algebra"]["n"] == 3
     assert mmlu["acc"] == pytest.approx(sum(tasks[t]["acc"] * tasks[t]["n"] for t in mmlu["tasks"]) / 115)
     assert mmlu["acc_stderr"] is not None
-    assert report["groups"]["ai2_arc"] == {"tasks": ["arc_challenge", "arc_easy"], "n": 7}  # lm-eval has no aggregate
+    # lm-eval has no aggregate for a tag; two of arc_challenge's questions are lines of the training plays
+    assert report["groups"]["ai2_arc"] == {"tasks": ["arc_challenge", "arc_easy"], "n": 7, "contaminated": 2}
     assert tasks["arc_easy"]["data"] == str((copies / "ai2_arc").resolve())
     out = capsys.readouterr().out
     assert "tasks: mmlu: 57 lm-eval tasks, 115 items, on the test split of" in out
     assert "no aggregate (an lm-eval tag)  over 2 tasks" in out
+    # 59 tasks looked up in the training data: the 58 with nothing found are one line
+    assert "contamination: 58 task(s): none of their 119 items checked holds a run of 13 tokens" in out
+    assert "contamination: arc_challenge: 2 of 3 items checked hold a run of 13 tokens" in out
+    assert "contamination: mmlu_anatomy:" not in out
 
 
 def test_a_copy_changed_since_the_last_evaluation_is_read_as_it_is_now(tmp_path):
