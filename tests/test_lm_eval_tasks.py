@@ -250,3 +250,32 @@ def test_the_paper_config_names_lm_evals_nine_tasks_and_the_folders_its_download
     for task in cfg.tasks:
         hub = lm_eval_task(task, None, "tasks").hub_dataset  # lm-eval's own definition says where its data is
         assert hub in header and cfg.task_data[task] == f"data/eval/{hub.split('/')[-1]}", task
+
+
+def _push_to_hub_layout(folder):  # one configuration, `data/<split>-NNNNN-of-NNNNN.parquet`
+    write_parquet(folder / "data" / "test-00000-of-00001.parquet", arc_rows(["First?", "Second?"]))
+    write_parquet(folder / "data" / "train-00000-of-00001.parquet", arc_rows(["A shot?"]))
+
+
+def _gzipped_json_lines(folder):
+    import gzip
+
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "test.jsonl.gz", "wt") as out:
+        out.writelines(json.dumps(row) + "\n" for row in arc_rows(["First?", "Second?"]))
+
+
+def _save_to_disk(folder):  # what `load_dataset(...).save_to_disk(folder)` leaves where there is network
+    import datasets
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(arc_rows(["First?", "Second?"])),
+                          "train": datasets.Dataset.from_list(arc_rows(["A shot?"]))}).save_to_disk(str(folder))
+
+
+@pytest.mark.parametrize("layout", [_push_to_hub_layout, _gzipped_json_lines, _save_to_disk])
+def test_the_other_shapes_a_copy_comes_in_are_read_by_split(layout, tmp_path):
+    layout(tmp_path / "copy")
+    prepared = prepare_tasks(["arc_easy"], {"arc_easy": str(tmp_path / "copy")}, 0, tmp_path / "work",
+                             log=lambda line: None)
+    assert [text.split("\n")[0] for text in prepared.texts["arc_easy"]] == ["Question: First?", "Question: Second?"]
+    assert prepared.data["arc_easy"]["split"] == "test"
