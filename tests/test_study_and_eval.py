@@ -308,3 +308,40 @@ def test_the_auto_arm_passes_no_lambda0_to_a_schedule_that_takes_none():
     overrides = let_study.let_auto(1.0).overrides
     assert "alignment.schedule._component_=auto" in overrides and "alignment.schedule.rho0=1.0" in overrides
     assert not [o for o in overrides if "lambda0" in o]
+
+
+def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopped(base_overrides, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """`checkpoint=<output_dir>`: the run's step checkpoints in order, then its final export
+    (the accuracy curve LET is judged by), each converted and scored in turn; the report
+    is written after each, and the same command again scores only what it has not."""
+    import letrecipes.eval as eval_module
+    from letrecipes import pretrain
+
+    run = tmp_path / "run"
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={run}", "max_steps=4",
+                          "save_every=2", "eval_every=0"])
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("To be, or not to", [" be", " cheese"], 0),
+                                                     Item("My lord,", [" I", " the king is dead"], 0)])
+    command = ["--config", "eval", f"checkpoint={run}", f"tasks=[{task}]", f"output={tmp_path / 'curve.json'}"]
+    eval_recipe.recipe_main(command)
+    report = json.loads((tmp_path / "curve.json").read_text())
+    assert [r["step"] for r in report["checkpoints"]] == [2, 4, None]
+    assert report["checkpoints"][-1]["checkpoint"] == str(run / "final")
+    assert all(r["tasks"]["tiny_task"]["n"] == 2 for r in report["checkpoints"])
+    curve = capsys.readouterr().out.split("eval: ")[-1].splitlines()  # the curve's table after the last one
+    assert [line.split()[0] for line in curve[-3:]] == ["2", "4", "final"] and "tiny_task" in curve[-5]
+    assert not any((tmp_path / "run").rglob("model"))  # converted copies are not kept
+
+    def never(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(eval_module, "run_lm_eval", never)
+    eval_recipe.recipe_main(command)  # everything scored before with these settings: nothing to do
+    out = capsys.readouterr().out
+    assert out.count("scored before with these settings") == 3
+    assert json.loads((tmp_path / "curve.json").read_text())["checkpoints"] == report["checkpoints"]
+    with pytest.raises(AssertionError, match="scored again"):  # other settings: scored again
+        eval_recipe.recipe_main([*command, "limit=1"])
+    expect_setup_error(eval_recipe.recipe_main, [*command, f"export_dir={tmp_path / 'keep'}"],
+                       match="export_dir: a run's checkpoints are converted one after another")
