@@ -384,8 +384,11 @@ def configured_data(run: Path) -> Optional[List[str]]:
     ``config.yaml`` leads to, when they are all still there; None otherwise."""
     from omegaconf import OmegaConf
 
+    from letrecipes.components.run_info import rebased_config
+
     try:
-        folders = configured_folders(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True))
+        folders = configured_folders(rebased_config(run, OmegaConf.to_container(OmegaConf.load(run / "config.yaml"),
+                                                                                resolve=True)))
     except Exception:  # anything amiss (a file moved, a key renamed): not found, and the caller says so
         return None
     return [folder for folder, _ in folders] if all(ready for _, ready in folders) else None

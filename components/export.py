@@ -355,7 +355,11 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
         raise ExportError(f"{key}: {checkpoint} is damaged: {'; '.join(problems[:3])}. Fix: export an older "
                           "checkpoint of the run (its checkpoints/ folder), one that verifies.")
     check_destination(out_dir, overwrite, checkpoint)
-    cfg = OmegaConf.load(run_config)
+    from letrecipes.components.run_info import rebased_config
+
+    # its relative paths as the run read them, wherever this runs from
+    cfg = OmegaConf.create(rebased_config(run_config.parent, OmegaConf.to_container(OmegaConf.load(run_config),
+                                                                                    resolve=True)))
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.get("teacher"))
     with torch.device("meta"):
         model = registry.build("model", cfg.model, "model",

@@ -219,6 +219,11 @@ def as_given(path: Union[str, Path]) -> str:
     return URL.sub(lambda m: f"{m['scheme']}://{m['rest']}", str(path), count=1)
 
 
+# what a relative path's last part ends with when it names a file (a Hub id may hold dots: Qwen2.5-0.5B)
+FILE_SUFFIXES = {".json", ".jsonl", ".gguf", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".parquet",
+                 ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".arrow", ".yaml", ".yml", ".tiktoken"}
+
+
 def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
     """For a path that does not exist: when it reads like a Hugging Face Hub id
     (``meta-llama/Llama-3.2-1B``: two parts, relative, the first not a folder here) or a Hub
@@ -241,6 +246,8 @@ def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
         path, inner = Path(hub["id"]), re.sub(r"^/?(?:(?:resolve|blob|tree)/[^/]+/)?", "", rest[hub.end():])
     path = Path(path)
     if len(path.parts) != 2 or path.is_absolute() or path.parts[0].startswith((".", "~", "$")) or Path(path.parts[0]).exists():
+        return ""
+    if not url and path.suffix.lower() in FILE_SUFFIXES:  # tok/tokenizer.json is a file's path, not an id
         return ""
     cached = hub_snapshot(hub_cache() / f"{kind}s--{path.parts[0]}--{path.parts[1]}")
     if cached is not None and (not inner or (cached / inner).exists()):

@@ -7,6 +7,7 @@ a result can always be traced back to the code and settings that made it.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def collect(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
         "platform": platform.platform(),
         "world_size": world_size,
         "argv": sys.argv,
+        "cwd": os.getcwd(),  # what the config's relative paths are relative to (rebased_config)
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
@@ -59,3 +61,41 @@ def summary(info: Dict[str, Any]) -> str:
     p = info["packages"]
     return (f"run: git {info['git_revision'] or 'unknown (not a git checkout)'}; torch {p['torch']}, torchtune "
             f"{p['torchtune']}, torchao {p['torchao']}; python {info['python']}; {info['world_size']} process(es)")
+
+
+# the config keys that name files or folders, as (section, key); data.sources[i].source too
+CONFIG_PATHS = (("tokenizer", "path"), ("teacher", "path"), ("teacher", "tokenizer_dir"), ("data", "source"),
+                ("data", "val_source"), ("data", "cache_dir"))
+
+
+def rebased_config(run: Path, config: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's config (a plain dict) with its relative paths made to work from here: a run
+    started in the repository with ``tokenizer.path: outputs/demo/tokenizer.json`` and read
+    from another folder (an eval job, an export) found no tokenizer. Each relative path that
+    does not exist from here is read from the working directory the run recorded, else from
+    a folder the run lies in (a run under outputs/ started beside it); one that exists
+    nowhere is left as it is, for its key's own error."""
+    import json
+
+    run = Path(run).resolve()
+    try:
+        recorded = json.loads((run / "run_info.json").read_text()).get("cwd")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    bases = [Path(recorded)] if recorded else []
+    bases += list(run.parents)
+
+    def rebased(value: Any) -> Any:
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists() \
+                or ":" in value.split("/")[0]:  # pkg:... and hub-like specs are not paths
+            return value
+        return next((str(base / value) for base in bases if (base / value).exists()), value)
+
+    out = json.loads(json.dumps(config))  # a copy
+    for section, key in CONFIG_PATHS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = rebased(out[section][key])
+    for entry in (out.get("data") or {}).get("sources") or []:
+        if isinstance(entry, dict) and "source" in entry:
+            entry["source"] = rebased(entry["source"])
+    return out

@@ -233,3 +233,38 @@ def test_a_student_with_llama3_scaled_rope_exports_it_and_transformers_agrees(ba
     with torch.no_grad():
         unscaled = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()(tokens).logits
     assert (unscaled - theirs).abs().max() > 3 * LOGITS_ATOL
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_runs_relative_paths_are_read_as_the_run_read_them_from_anywhere(base_overrides, tokenizer_path, corpus_dir,
+                                                                          tmp_path, monkeypatch, recorded):
+    """A run started in its repository with `tokenizer.path: tok/tokenizer.json` and
+    `data.source: corpus` (relative), then exported or evaluated from another folder (a
+    job script's) found no tokenizer. Its relative paths are now read from the working
+    directory it recorded, or (a run from before that record) from a folder it lies in."""
+    import shutil
+
+    from letrecipes.components.contamination import configured_data
+
+    repo = tmp_path / "repo"
+    (repo / "tok").mkdir(parents=True)
+    shutil.copy(tokenizer_path, repo / "tok" / "tokenizer.json")
+    shutil.copytree(corpus_dir, repo / "corpus")
+    monkeypatch.chdir(repo)
+    relative = [o for o in base_overrides if not o.startswith(("tokenizer.path=", "data.source=", "data.cache_dir="))]
+    pretrain.recipe_main(["--config", "pretrain_tiny", *relative, "tokenizer.path=tok/tokenizer.json",
+                          "data.source=corpus", "data.cache_dir=cache", "output_dir=outputs/run", "max_steps=2",
+                          "save_every=2", "eval_every=0"])
+    run = repo / "outputs" / "run"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["cwd"] == str(repo)
+    if not recorded:  # a run from before the working directory was recorded
+        info.pop("cwd")
+        info.pop("data_folders")
+        (run / "run_info.json").write_text(json.dumps(info))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = export_checkpoint(run / "checkpoints" / "step_00000002", elsewhere / "export")
+    assert (out / "tokenizer.json").read_bytes() == (repo / "tok" / "tokenizer.json").read_bytes()
+    assert configured_data(run) == [str(p) for p in sorted((repo / "cache").glob("prepared-*"))]

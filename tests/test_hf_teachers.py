@@ -223,6 +223,11 @@ def test_a_hub_id_as_teacher_path_gets_the_download_command(tmp_path, monkeypatc
                                            r"\(huggingface-cli download meta-llama/Llama-3.2-1B --local-dir "
                                            r"models/Llama-3.2-1B\) and set teacher.path=models/Llama-3.2-1B."):
         load_teacher({"_component_": "auto", "path": "meta-llama/Llama-3.2-1B"})
+    # a relative file path of two parts is no id: no download command made of it
+    from letrecipes.components.files import hub_id_hint
+
+    assert hub_id_hint("tok/tokenizer.json", "tokenizer.path") == ""
+    assert hub_id_hint("Qwen/Qwen2.5-0.5B", "teacher.path").startswith("It looks like a Hugging Face Hub model id")
 
 
 @pytest.mark.parametrize("given, key, expected", [
