@@ -367,8 +367,9 @@ def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset:
         reason = str(err).splitlines()[0]
     except (FileNotFoundError, datasets.data_files.EmptyDatasetError) as err:
         raise EvalError(f"{key}: {str(folder)!r} holds no data files datasets reads ({err}). {fix}") from None
-    raise EvalError(f"{key}: {str(folder)!r} has no configuration {config!r}, which lm-eval's task reads "
-                    f"({reason}). {fix}")
+    wanted = (f"has no configuration {config!r}, which lm-eval's task reads" if config else
+              "holds several configurations and lm-eval's task names none")
+    raise EvalError(f"{key}: {str(folder)!r} {wanted} ({reason}). {fix}")
 
 
 def _declares_configs(folder: Path) -> bool:

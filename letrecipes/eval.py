@@ -239,7 +239,7 @@ class EvalRecipe:
             self.model_folder, self.step = self._hf_folder(str(checkpoint))
             self.found = self.check_contamination()
             reports.append(self._score(str(checkpoint)))
-            if self.model_folder != checkpoint:  # a converted copy (a 7B one is 15 GB): not kept past its scoring
+            if self.work.resolve() in Path(self.model_folder).resolve().parents:  # a converted copy (15 GB at 7B), ours alone
                 shutil.rmtree(self.model_folder, ignore_errors=True)
             self._write({"checkpoint": str(self.cfg.checkpoint), "scorer": "lm-evaluation-harness", "run": True,
                          "settings": self.settings(), "checkpoints": reports})

@@ -331,7 +331,8 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
     assert all(r["tasks"]["tiny_task"]["n"] == 2 for r in report["checkpoints"])
     curve = capsys.readouterr().out.split("eval: ")[-1].splitlines()  # the curve's table after the last one
     assert [line.split()[0] for line in curve[-3:]] == ["2", "4", "final"] and "tiny_task" in curve[-5]
-    assert not any((tmp_path / "run").rglob("model"))  # converted copies are not kept
+    # the converted copies are removed, the run's own checkpoints and export never
+    assert (run / "final" / "config.json").is_file() and (run / "checkpoints" / "step_00000002").is_dir()
 
     def never(*args, **kwargs):
         raise AssertionError("scored again")
