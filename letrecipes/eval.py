@@ -144,8 +144,9 @@ class EvalRecipe:
     def _not_checked(self) -> None:
         print(f"contamination: not checked: {self.unchecked}", flush=True)
 
-    def check_contamination(self) -> Optional[Dict]:
-        """Each task's items looked for in the training data (components/contamination.py)."""
+    def check_contamination(self, quiet: bool = False) -> Optional[Dict]:
+        """Each task's items looked for in the training data (components/contamination.py);
+        ``quiet``: not logged again (a run's later checkpoints: the same data and items)."""
         if not self.corpora:
             return None
         cfg = self.cfg
@@ -155,7 +156,7 @@ class EvalRecipe:
                                              [self.model_folder / EXPORT_TOKENIZER, *self._tokenizer_files()],
                                              int(cfg.get("contamination_ngram", contamination.NGRAM)),
                                              int(cfg.get("contamination_workers") or contamination.default_workers()),
-                                             log=lambda line: print(line, flush=True),
+                                             log=(lambda line: None) if quiet else (lambda line: print(line, flush=True)),
                                              cache_dir=Path(str(cache)) if cache else None)
         except DataError as err:
             if cfg.get("contamination", "auto") != "auto":
@@ -228,7 +229,7 @@ class EvalRecipe:
         scored and its converted folder removed in turn; the report is written after each, so
         an evaluation stopped half-way goes on where it stopped (the checkpoints it scored
         with the same settings are not scored again)."""
-        reports = []
+        reports, scored_one = [], False
         for i, checkpoint in enumerate(self.checkpoints, 1):
             if str(checkpoint) in self.done:
                 print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)}): scored before with these settings, "
@@ -237,7 +238,9 @@ class EvalRecipe:
                 continue
             print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)})", flush=True)
             self.model_folder, self.step = self._hf_folder(str(checkpoint))
-            self.found = self.check_contamination()
+            # the same data and items for every checkpoint: said once, then given again from its cache
+            self.found = self.check_contamination(quiet=scored_one)
+            scored_one = True
             reports.append(self._score(str(checkpoint)))
             if self.work.resolve() in Path(self.model_folder).resolve().parents:  # a converted copy (15 GB at 7B), ours alone
                 shutil.rmtree(self.model_folder, ignore_errors=True)
