@@ -309,7 +309,7 @@ def lm_eval_task(name: str, data: Optional[str], key: str, data_key: Optional[st
                  cache_dir: Optional[Path] = None) -> LmEvalTask:
     """lm-eval's task ``name`` with its data: ``data`` a local folder (a copy of the hub
     dataset, ``hf download <dataset> --repo-type dataset --local-dir <folder>``, or a folder
-    of parquet/JSON/CSV files named by split), or None for the ``datasets`` cache. Checked
+    of parquet or JSON-lines files named by split), or None for the ``datasets`` cache. Checked
     here, before any model: the name, the folder, the configuration and splits in it.
     ``data_key`` names the setting ``data`` came from (``task_data.<its group>``);
     ``cache_dir`` is where ``datasets`` converts the copy (a folder of this evaluation's
