@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from letrecipes._config import errors_as_one_line, parse
-from letrecipes._schema import validate_eval
+from letrecipes._schema import resolved, validate_eval
 from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.corpus import DataError
+from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.evaluation import (EvalError, held_out_documents, import_lm_eval, prepare_tasks, run_lm_eval,
                                               write_documents, write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
@@ -95,7 +96,8 @@ class EvalRecipe:
         other settings is not given again."""
         keys = ("tasks", "task_data", "num_fewshot", "limit", "max_len", "dtype", "perplexity", "perplexity_documents",
                 "contamination", "contamination_ngram", "tokenizer_path")
-        return {key: _plain(self.cfg.get(key)) for key in keys}
+        values = resolved(self.cfg)
+        return {key: values.get(key) for key in keys}
 
     def _held_out_documents(self) -> Dict[str, List[str]]:
         """``perplexity``'s corpora, the first ``perplexity_documents`` documents of each, by name."""
@@ -229,7 +231,7 @@ class EvalRecipe:
         scored and its converted folder removed in turn; the report is written after each, so
         an evaluation stopped half-way goes on where it stopped (the checkpoints it scored
         with the same settings are not scored again)."""
-        reports, scored_one = [], False
+        reports, skipped, scored_one = [], [], False
         for i, checkpoint in enumerate(self.checkpoints, 1):
             if str(checkpoint) in self.done:
                 print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)}): scored before with these settings, "
@@ -237,17 +239,30 @@ class EvalRecipe:
                 reports.append(self.done[str(checkpoint)])
                 continue
             print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)})", flush=True)
-            self.model_folder, self.step = self._hf_folder(str(checkpoint))
+            try:
+                self.model_folder, self.step = self._hf_folder(str(checkpoint))
+            except LetRecipesError as err:  # a damaged checkpoint costs its own point of the curve, not the rest
+                print(f"eval: {checkpoint} skipped: {err}", flush=True)
+                skipped.append({"checkpoint": str(checkpoint), "why": str(err)})
+                continue
             # the same data and items for every checkpoint: said once, then given again from its cache
             self.found = self.check_contamination(quiet=scored_one)
             scored_one = True
             reports.append(self._score(str(checkpoint)))
             if self.work.resolve() in Path(self.model_folder).resolve().parents:  # a converted copy (15 GB at 7B), ours alone
                 shutil.rmtree(self.model_folder, ignore_errors=True)
-            self._write({"checkpoint": str(self.cfg.checkpoint), "scorer": "lm-evaluation-harness", "run": True,
-                         "settings": self.settings(), "checkpoints": reports})
-        print(_curve(reports), flush=True)
-        return {"checkpoint": str(self.cfg.checkpoint), "checkpoints": reports}
+            self._write(self._run_report(reports, skipped))
+        self._write(self._run_report(reports, skipped))
+        if reports:
+            print(_curve(reports), flush=True)
+        if skipped:
+            print(f"eval: {len(skipped)} checkpoint(s) skipped (above, and in the report's \"skipped\"); the same "
+                  "command again tries them again", flush=True)
+        return self._run_report(reports, skipped)
+
+    def _run_report(self, reports: List[Dict], skipped: List[Dict]) -> Dict:
+        return {"checkpoint": str(self.cfg.checkpoint), "scorer": "lm-evaluation-harness", "run": True,
+                "settings": self.settings(), "checkpoints": reports, **({"skipped": skipped} if skipped else {})}
 
     def _write(self, report: Dict) -> None:
         if self.cfg.get("output"):
@@ -346,10 +361,6 @@ def _scored_before(out: Path, settings: Dict) -> Dict[str, Dict]:
     if not isinstance(held, dict) or held.get("settings") != settings:
         return {}
     return {report["checkpoint"]: report for report in held.get("checkpoints", []) if "checkpoint" in report}
-
-
-def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _curve(reports: List[Dict]) -> str:

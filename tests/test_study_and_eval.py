@@ -346,3 +346,13 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
         eval_recipe.recipe_main([*command, "limit=1"])
     expect_setup_error(eval_recipe.recipe_main, [*command, f"export_dir={tmp_path / 'keep'}"],
                        match="export_dir: a run's checkpoints are converted one after another")
+    # a damaged checkpoint costs its own point of the curve: said, recorded, the others scored
+    monkeypatch.setattr(eval_module, "run_lm_eval", run_lm_eval)
+    shard = next((run / "checkpoints" / "step_00000002").glob("*.distcp"))
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    eval_recipe.recipe_main([*command, f"output={tmp_path / 'damaged.json'}"])
+    damaged = json.loads((tmp_path / "damaged.json").read_text())
+    assert [r["step"] for r in damaged["checkpoints"]] == [4, None]
+    assert damaged["skipped"][0]["checkpoint"] == str(run / "checkpoints" / "step_00000002")
+    assert "is damaged" in damaged["skipped"][0]["why"]
+    assert "eval: 1 checkpoint(s) skipped" in capsys.readouterr().out
