@@ -347,8 +347,7 @@ def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset:
     conversion's layout), else the folder's files are the configuration."""
     import datasets
 
-    fix = (f"Fix: on a machine with network, `hf download {hub_dataset} --repo-type dataset --local-dir <folder>`, "
-           f"copy the folder here and set {key}=<folder>.")
+    fix = _download_fix(hub_dataset, key)
     if folder.is_file():
         raise EvalError(f"{key}: {str(folder)!r} is a file; the data of a task is a folder, its files named by split "
                         f"(validation.jsonl, test-00000-of-00001.parquet, ...). Fix: move the file into a folder of "
@@ -370,6 +369,11 @@ def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset:
     wanted = (f"has no configuration {config!r}, which lm-eval's task reads" if config else
               "holds several configurations and lm-eval's task names none")
     raise EvalError(f"{key}: {str(folder)!r} {wanted} ({reason}). {fix}")
+
+
+def _download_fix(hub_dataset: str, key: str) -> str:
+    return (f"Fix: on a machine with network, `hf download {hub_dataset} --repo-type dataset --local-dir <folder>`, "
+            f"copy the folder here and set {key}=<folder> (docs/evaluation.md).")
 
 
 def _declares_configs(folder: Path) -> bool:
@@ -396,8 +400,7 @@ def lm_eval_task_docs(manager: Any, name: str, task: LmEvalTask, limit: int) -> 
     None}``; reading them loads the data, so a task whose data is not here fails now, in
     one line, not after the model is loaded."""
     offline()  # data not on this machine is said at once, not after minutes of retries
-    fix = (f"Fix: on a machine with network, `hf download {task.hub_dataset} --repo-type dataset --local-dir "
-           f"<folder>`, copy it here and set {task.data_key}=<folder> (docs/evaluation.md).")
+    fix = _download_fix(task.hub_dataset, task.data_key)
     try:
         loaded = manager.load([name])["tasks"][name]
         task.split = str(loaded.config.test_split if loaded.has_test_docs() else loaded.config.validation_split)
@@ -452,8 +455,8 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
     if stray:
         raise EvalError(f"task_data.{stray[0]}: names no task in tasks={list(specs)}. Fix: add {stray[0]} to tasks, or "
                         f"remove task_data.{stray[0]}.")
-    missing = [f"task_data.{name}={folder}" for name, folder in task_data.items()
-               if not Path(str(folder)).expanduser().exists()]
+    missing = [f"task_data.{name}={where}" for name, where in task_data.items()
+               if not Path(str(where)).expanduser().exists()]
     if len(missing) > 1:  # all at once: a config of nine tasks is not fixed one error at a time
         raise EvalError(f"task_data: {len(missing)} folders are not there: {', '.join(missing)}. Fix: copy each task's "
                         "data there (`hf download <its dataset> --repo-type dataset --local-dir <folder>` where there "

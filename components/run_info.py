@@ -12,7 +12,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,9 +63,20 @@ def summary(info: Dict[str, Any]) -> str:
             f"{p['torchtune']}, torchao {p['torchao']}; python {info['python']}; {info['world_size']} process(es)")
 
 
-# the config keys that name files or folders, as (section, key); data.sources[i].source too
-CONFIG_PATHS = (("tokenizer", "path"), ("teacher", "path"), ("teacher", "tokenizer_dir"), ("data", "source"),
-                ("data", "val_source"), ("data", "cache_dir"))
+def config_paths(config: Dict[str, Any]) -> Iterator[Tuple[Dict[str, Any], str, str]]:
+    """``(section, key, dotted name)`` of each setting of a training config (a plain dict)
+    that names the data, the tokenizer or the teacher on disk: ``section[key]`` is the
+    value, for reading or replacing (rebased_config; the config check for ``~`` and ``$``)."""
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    for key in ("source", "val_source", "cache_dir"):
+        if key in data:
+            yield data, key, f"data.{key}"
+    for i, entry in enumerate(data.get("sources") or []):
+        if isinstance(entry, dict) and "source" in entry:
+            yield entry, "source", f"data.sources[{i}].source"
+    for section, key in (("tokenizer", "path"), ("teacher", "path"), ("teacher", "tokenizer_dir")):
+        if isinstance(config.get(section), dict) and key in config[section]:
+            yield config[section], key, f"{section}.{key}"
 
 
 def rebased_config(run: Path, config: Dict[str, Any]) -> Dict[str, Any]:
@@ -92,10 +103,6 @@ def rebased_config(run: Path, config: Dict[str, Any]) -> Dict[str, Any]:
         return next((str(base / value) for base in bases if (base / value).exists()), value)
 
     out = json.loads(json.dumps(config))  # a copy
-    for section, key in CONFIG_PATHS:
-        if isinstance(out.get(section), dict) and key in out[section]:
-            out[section][key] = rebased(out[section][key])
-    for entry in (out.get("data") or {}).get("sources") or []:
-        if isinstance(entry, dict) and "source" in entry:
-            entry["source"] = rebased(entry["source"])
+    for section, key, _ in list(config_paths(out)):
+        section[key] = rebased(section[key])
     return out

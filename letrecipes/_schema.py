@@ -175,16 +175,11 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
         return
     for key in ("output_dir", "init_from", "resume"):
         yield from listed(key, values.get(key))
-    data = values.get("data") if isinstance(values.get("data"), dict) else {}
-    for key in ("source", "val_source", "cache_dir"):
-        yield from listed(f"data.{key}", data.get(key))
-    for i, entry in enumerate(data.get("sources") or []):
-        if isinstance(entry, dict):
-            yield from listed(f"data.sources[{i}].source", entry.get("source"))
-    for section, key in (("tokenizer", "path"), ("teacher", "path"), ("teacher", "tokenizer_dir")):
-        if isinstance(values.get(section), dict):
-            yield from listed(f"{section}.{key}", values[section].get(key))
     from letrecipes.components.metrics import metric_logger_entries
+    from letrecipes.components.run_info import config_paths
+
+    for section, key, name in config_paths(values):
+        yield from listed(name, section[key])
 
     for logger in metric_logger_entries(values.get("metric_logger")):
         yield from listed("metric_logger.log_dir", logger.get("log_dir"))
