@@ -19,6 +19,7 @@ peak read is torch's allocated memory).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -300,7 +301,21 @@ def main(argv=None) -> int:
 
     check("d_export", export)
 
+    # (e) the recipes' own profiler on this device: a trace of one step, with its kernels on a GPU
+    def profiler():
+        folder = work / "profiled"
+        run(pretrain, "pretrain_7b", folder, [*resume_cfg, "max_steps=3", "profiler.enabled=true",
+                                              "profiler.first_step=2", "profiler.steps=1"])
+        trace = folder / "profile" / "step_2" / "rank0.trace.json.gz"
+        events = json.loads(gzip.decompress(trace.read_bytes()))["traceEvents"]
+        kernels = sum(1 for e in events if e.get("cat") == "kernel")
+        ops = (folder / "profile" / "step_2" / "rank0.ops.txt").read_text().splitlines()
+        report["profiler"] = {"trace_bytes": trace.stat().st_size, "kernel_events": kernels,
+                              "kernels_traced": kernels > 0 if gpu else None, "ops_head": ops[:6]}
+        print(f"(e) profiler: {trace.stat().st_size:,} bytes, {kernels} kernel events", flush=True)
+
     gpu = not args.cpu  # speed and memory targets mean nothing at tiny sizes on a CPU
+    check("e_profiler", profiler)
 
     def judged(ok):
         if not gpu:
@@ -337,7 +352,7 @@ def table(r: Dict) -> str:
     def arm(name, text):
         return text() if name in a else failed(f"a_{name}")
 
-    resume = r["resume"]
+    resume, profiled = r["resume"], r.get("profiler")
     rows = [f"gpu_check on {r['device_name']} ({r['mode']} sizes), {r['wall_s']:.0f} s",
             "| check | measured | target | met |", "|---|---|---|---|",
             f"| (a) {'bf16' if r['mode'] == 'gpu' else 'fp32'} slice | " + arm("bf16", lambda: (
@@ -359,7 +374,13 @@ def table(r: Dict) -> str:
             "| (d) export via transformers | " + (
                 f"max logit difference {r['export']['max_abs_logit_diff']:.1e}" if "export" in r
                 else failed("d_export")) + f" | <= {r['sizes']['logits_atol']:g} | "
-            f"{t['export_equal_logits']} |"]
+            f"{t['export_equal_logits']} |",
+            "| (e) the recipes' profiler | " + (
+                f"one step traced, {profiled['trace_bytes']:,} bytes, {profiled['kernel_events']} kernel events"
+                if profiled else failed("e_profiler")) + " | a trace, with kernels on a GPU | "
+            + ("n/a (cpu)" if profiled and profiled["kernels_traced"] is None else str(bool(profiled)
+                                                                                        and profiled["kernels_traced"]))
+            + " |"]
     return "\n".join(rows)
 
 

@@ -291,18 +291,24 @@ class StepTimer:
     def step_done(self) -> None:
         self.steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of host work since :meth:`restart` out of the lap (a profiler
+        writing its trace)."""
+        self.start += seconds
+
     @contextmanager
     def part(self, name: str):
-        if self.cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            yield
-            end.record()
-            self.parts.setdefault(name, []).append((begin, end))
-        else:
-            begin = time.perf_counter()
-            yield
-            self.parts.setdefault(name, []).append(time.perf_counter() - begin)
+        with torch.profiler.record_function(name):  # the same name in a profiler's trace
+            if self.cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                yield
+                end.record()
+                self.parts.setdefault(name, []).append((begin, end))
+            else:
+                begin = time.perf_counter()
+                yield
+                self.parts.setdefault(name, []).append(time.perf_counter() - begin)
 
     def lap(self) -> Tuple[float, int, Dict[str, float]]:
         """(seconds since :meth:`restart`, steps taken, seconds per named part); one device sync."""

@@ -32,7 +32,7 @@ CHANGEABLE = (
     "resume", "overwrite", "output_dir", "process_group_timeout_s", "cpu_malloc_tuning", "memory_check", "imports",
     "data.cache_dir", "data.prepare_timeout_s", "data.prepare_workers", "data.num_workers",
     "compile", "deterministic", "activation_checkpointing.*", "teacher.compile", "loss_chunk_tokens",
-    "fsdp.reduce_every_micro_batch",
+    "fsdp.reduce_every_micro_batch", "profiler*",
     # DCP reshards weights and optimizer; the data goes on after the sequences read (BatchStream)
     "world_size", "batch_size", "gradient_accumulation_steps", "fsdp.replicate_degree",
 )

@@ -65,6 +65,7 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "tokenizer": SECTION, "data": SECTION, "model": SECTION, "optimizer": SECTION, "lr_scheduler": SECTION,
     "fsdp": SECTION, "float8": SECTION, "activation_checkpointing": SECTION, "metrics": SECTION,
     "divergence": SECTION, "debug": SECTION, "teacher": SECTION, "alignment": SECTION, "export": SECTION,
+    "profiler": SECTION,
 }
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
@@ -88,6 +89,10 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
                "emulate": BOOL},
     "activation_checkpointing": {"mode": _choice("none", "full", "selective"), "every": _int(1)},
     "metrics": {"wandb": SECTION},
+    "profiler": {"enabled": BOOL, "first_step": _int(1), "steps": _int(1),
+                 "ranks": ("a list of ranks or all", lambda v: v == "all" or (
+                     isinstance(v, list) and bool(v) and all(_int(0)[1](r) for r in v))),
+                 "record_shapes": BOOL, "profile_memory": BOOL, "with_stack": BOOL, "with_flops": BOOL},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
               "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
               "rank": _int(0)},
@@ -213,7 +218,18 @@ def _check_shell_variables(values: Dict[str, Any], eval_config: bool = False) ->
             "environment; on a command line, in single quotes), or the path itself.")
 
 
+# torchtune's profiler section (setup_torch_profiler) counts a schedule from the launch's first step
+TORCHTUNE_PROFILER_KEYS = ("_component_", "output_dir", "cpu", "cuda", "xpu", "wait_steps", "warmup_steps",
+                           "active_steps", "num_cycles")
+
+
 def _unknown(key: str, known, where: str) -> ConfigValueError:
+    if where == "profiler." and key in TORCHTUNE_PROFILER_KEYS:
+        return ConfigValueError(
+            f"config key profiler.{key} is torchtune's (setup_torch_profiler); here the profiler traces the run's own "
+            "steps, whichever launch reaches them, into <output_dir>/profile, on the GPU when the run has one. Fix: "
+            "remove it; profiler.first_step=<the first step to trace> (torchtune's wait_steps + warmup_steps + 1) "
+            "and profiler.steps=<how many> (its active_steps) say what is traced (docs/configs.md).")
     if key == "_component_":  # torchtune's configs build their tokenizer and dataset from components
         return ConfigValueError(f"config key {where}{key}: the {where.rstrip('.') or 'top'} section builds no component "
                                 f"here (its keys: {', '.join(sorted(known))}). Fix: remove it"
@@ -302,6 +318,11 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
     if "data" in values and not (data.get("source") or data.get("sources")) and not values.get("dry_run"):
         raise ConfigValueError("config key data.source is missing. Fix: set data.source (a corpus or a prepared "
                                "folder) or data.sources (a mixture; docs/data.md).")
+    profiler = values.get("profiler") or {}
+    if profiler.get("enabled") and int(profiler.get("first_step", 10)) > int(values.get("max_steps", 0) or 0) > 0:
+        raise ConfigValueError(f"config key profiler.first_step={profiler.get('first_step', 10)} is past "
+                               f"max_steps={values['max_steps']}: nothing would be traced. Fix: a profiler.first_step "
+                               f"of {values['max_steps']} or less (after the first steps, which compile and warm up).")
     _check_shell_variables(values)
     _check_outputs_outside_sources(values)
     _check_inputs_outside_what_the_run_replaces(values)

@@ -45,6 +45,7 @@ from letrecipes.components.preemption import GracefulStop, RunStopped
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
 from letrecipes.components.metrics import (MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
+from letrecipes.components.profiling import PROFILE_FOLDER, build_profiler
 from letrecipes.components.progress import ProgressClock
 from letrecipes.components.models import ModelArgs, count_parameters, forward_with_loss, model_max_seq_len, padded_vocab_size
 from letrecipes.components.tokenizer import load_tokenizer
@@ -213,6 +214,8 @@ class PretrainRecipe:
                              f"schedule, where the run had {saved_lr:.3g}")
         else:
             self.checkpointer.clear()
+            if self.is_main:  # a replaced run's traces are not this run's
+                shutil.rmtree(self.output_dir / PROFILE_FOLDER, ignore_errors=True)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
@@ -223,6 +226,8 @@ class PretrainRecipe:
         self.metrics = MetricLogger(self.output_dir, enabled=self.is_main, loggers=loggers, run_config=cfg,
                                     resume_step=self.step if resume_from is not None else None)
         faults.install(self, cfg.get("debug"), self.rank)
+        self.profiler = build_profiler(cfg.get("profiler"), self.output_dir, self.step, self.max_steps, self.device,
+                                       self.rank, log=self.log if self.is_main else self.node_log)
         notes = "".join(f", {n}" for n in self.parallel_notes + device_notes)
         self.log(f"model: {self.n_params[0] / 1e6:.2f}M parameters ({self.n_params[1] / 1e6:.2f}M non-embedding), "
                  f"{self.model_args.num_layers} blocks, width {self.model_args.embed_dim}; device {self.device}, "
@@ -553,6 +558,8 @@ class PretrainRecipe:
                 raise
             raise self.out_of_memory(err) from err
         finally:
+            if self.profiler is not None:  # a window cut short is written with the steps it holds
+                self.profiler.close()
             stopper.uninstall()
 
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
@@ -592,8 +599,12 @@ class PretrainRecipe:
             self.log(f"step {self.step + 1} compiles the blocks first (minutes for a 7B model on a GPU); the ETA "
                      "settles from the second log line")
         first_pass = self.batches.epoch == 0  # its end is logged once: later passes are the metric `epoch`
+        if self.profiler is not None:
+            self.profiler.start()
         while self.step < self.max_steps:
             record = self.train_step()
+            if self.profiler is not None:
+                self.timer.exclude(self.profiler.step_done(self.step))  # writing a trace is not training time
             progress.update(1)
             if first_pass and self.batches.epoch > 0:
                 first_pass = False

@@ -19,7 +19,8 @@ def test_gpu_check_runs_every_check_in_cpu_mode(corpus_dir, tokenizer_path, tmp_
     assert report["resume"]["sync"]["equal_losses"] and report["resume"]["async"]["equal_losses"]
     assert report["export"]["equal_logits"]
     assert report["targets"]["float8_at_least_1.3x_bf16"] is None  # not judged on a CPU
-    assert report["table"].count("\n| (") == 5 and "| (c) resume" in capsys.readouterr().out
+    assert report["profiler"]["trace_bytes"] > 0 and report["profiler"]["kernels_traced"] is None  # no kernels on CPU
+    assert report["table"].count("\n| (") == 6 and "| (e) the recipes' profiler" in capsys.readouterr().out
     assert not (tmp_path / "work").exists()  # its run folders are removed
 
 
