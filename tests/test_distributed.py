@@ -260,9 +260,15 @@ def test_two_ranks_on_a_mixture_log_the_tokens_of_both(base_overrides, corpus_di
     """Each rank counts its own draws; the metrics carry the sum over ranks."""
     plays = sorted(corpus_dir.glob("*.txt"))
     overrides = [o for o in base_overrides if not o.startswith("data.source=")]
-    tune_run_2proc("pretrain", "pretrain_tiny", *overrides, "~data.source", f"output_dir={tmp_path}", "max_steps=6",
-                   "log_every=6", "eval_every=0",
-                   f"data.sources=[{{source: {plays[0]}, weight: 1, name: a}}, {{source: {plays[1]}, weight: 1, name: b}}]")
+    result = tune_run_2proc("pretrain", "pretrain_tiny", *overrides, "~data.source", f"output_dir={tmp_path}",
+                            "max_steps=6", "log_every=6", "eval_every=0",
+                            f"data.sources=[{{source: {plays[0]}, weight: 1, name: a}}, "
+                            f"{{source: {plays[1]}, weight: 1, name: b}}]",
+                            # and the profiler on every rank: each writes its own trace, and says so
+                            "profiler.enabled=true", "profiler.first_step=2", "profiler.steps=1", "profiler.ranks=all")
+    assert sorted(p.name for p in (tmp_path / "profile" / "step_2").glob("*.gz")) == \
+        ["rank0.trace.json.gz", "rank1.trace.json.gz"]
+    assert "profiler: step 2 traced on rank 1" in result.stdout
     last = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r][-1]
     assert last["tokens_a"] + last["tokens_b"] == 6 * 4 * 32 * 2  # steps x batch x seq_len x ranks
     assert abs(last["tokens_a"] - last["tokens_b"]) <= 0.3 * (last["tokens_a"] + last["tokens_b"])
