@@ -173,7 +173,9 @@ def on_rank0(work: Callable[[], T], share: bool = True) -> Optional[T]:
         raise own_error
     if answer[0][0] == "error":
         error_type = answer[0][1] or LetRecipesError
-        raise error_type(answer[0][2] if answer[0][1] else f"rank 0 failed: {answer[0][2]}")
+        shared = error_type(answer[0][2] if answer[0][1] else f"rank 0 failed: {answer[0][2]}")
+        shared.shared_by_rank0 = True  # rank 0 prints it; this rank only stops (errors_as_one_line)
+        raise shared
     if dist.get_rank() == 0:
         return value
     return answer[0][1]

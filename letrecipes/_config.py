@@ -187,7 +187,7 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
         try:
             cfg = load_config(args.config, overrides)
         except ConfigError as err:
-            exit_with_line(f"error: {err}")
+            exit_with_line(f"error: {err}", echo=not is_other_process_of_a_node())
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):
             # under torchrun: a bug (not one of our errors, which write their line there themselves) goes to
             # the launcher's error file with its traceback, and its summary names it instead of "To enable
@@ -201,22 +201,34 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
     return wrapper
 
 
+def is_other_process_of_a_node() -> bool:
+    """Under torchrun, a process that is not its node's first. Its errors go to torchrun's
+    summary (each failed rank's line, printed when the job ends) and not to the log as
+    well: most are every rank's alike (a config, a missing file), and 8 GPUs printed the
+    same line 8 times. Without torchrun there is no summary, and every process prints."""
+    return bool(os.environ.get("TORCHELASTIC_ERROR_FILE")) and int(os.environ.get("LOCAL_RANK", "0") or 0) != 0
+
+
 @contextlib.contextmanager
 def errors_as_one_line():
     """Turn the errors a user can fix (every :class:`LetRecipesError`: bad config, data,
     teacher, checkpoint, divergence) into one ``error: ...`` line and exit status 1.
     ``LETRECIPES_TRACEBACK=1`` keeps the traceback; any other exception is a bug and keeps it.
-    Warnings of the project come out as one ``warning: ...`` line each, the same way."""
+    Warnings of the project come out as one ``warning: ...`` line each, the same way.
+    An error that rank 0 found and shared (:func:`parallel.on_rank0`) is printed by rank 0
+    alone, and so is, under torchrun, any error of a node's other processes
+    (:func:`is_other_process_of_a_node`)."""
     warnings_as_lines()
     try:
         yield
     except LetRecipesError as err:
         if os.environ.get("LETRECIPES_TRACEBACK"):
             raise
-        exit_with_line(f"error: {err}")
+        quiet = getattr(err, "shared_by_rank0", False) or is_other_process_of_a_node()
+        exit_with_line(f"error: {err}", echo=not quiet)
 
 
-def exit_with_line(line: str) -> NoReturn:
+def exit_with_line(line: str, echo: bool = True) -> NoReturn:
     """``sys.exit(line)``, the line and its newline in one write: ranks that fail together
     (an error rank 0 shares with every rank) each print a whole line, even when stderr is
     unbuffered (PYTHONUNBUFFERED, as torchrun's children often run), where Python writes the
@@ -226,7 +238,12 @@ def exit_with_line(line: str) -> NoReturn:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):
-            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+            # torchrun's own layout (the message in extraInfo.py_callstack is what its summary shows): a
+            # plain string message made the launcher warn of "a new message format" in two more lines
+            Path(error_file).write_text(json.dumps({"message": {
+                "message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}))
+    if not echo:  # another rank prints it: exit status 1, the line in the launcher's summary only
+        sys.exit(1)
     with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
         sys.stderr.reconfigure(write_through=False, line_buffering=True)
     sys.exit(line)
