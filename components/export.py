@@ -289,7 +289,7 @@ def run_folder_hint(path: Path, key: str, source: Optional[str] = None, wants_mo
 
 
 def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
-                   overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB) -> Path:
+                   overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export") -> Path:
     """Any model the teacher loaders read (a GGUF file, a pre-0.2 letrecipes export, a
     Llama-shaped Hugging Face folder) -> a Hugging Face folder. The model is held whole,
     in ``dtype``: these are teacher-sized models."""
@@ -299,7 +299,7 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     check_destination(out_dir, overwrite, Path(source))
     name = next(k for k, v in DTYPES.items() if v == dtype)
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
-                           key="checkpoint")
+                           key="checkpoint", path_key=key)
     tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
     return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb)
 
@@ -320,7 +320,7 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
     hint = run_folder_hint(path, key, source=str(source))
     if hint:
         raise ExportError(hint)
-    return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb)
+    return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb, key=key)
 
 
 def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,

@@ -271,10 +271,12 @@ def teacher_format(section: Mapping[str, Any], key: str = "teacher", path_key: O
     return fmt
 
 
-def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher") -> Teacher:
-    """Load the frozen teacher a ``teacher`` config section describes."""
-    fmt = teacher_format(section, key)
-    path = existing_path(section.get("path") or "", f"{key}.path")
+def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher",
+                 path_key: Optional[str] = None) -> Teacher:
+    """Load the frozen teacher a ``teacher`` config section describes. ``path_key``: what
+    the errors about its path call it (``<key>.path``; ``letrecipes export``'s is its argument)."""
+    fmt = teacher_format(section, key, path_key)
+    path = existing_path(section.get("path") or "", path_key or f"{key}.path")
     teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
     if not isinstance(teacher, Teacher):
         raise TeacherError(f"{key}: the format {type(fmt).__name__} returned a {type(teacher).__name__}, not a "

@@ -156,6 +156,12 @@ def test_bad_conversions_are_one_line_and_overwrite_nothing(run, tmp_path):
                                           rf"folder, {step}."):
         export_any(step / "__0_0.distcp", tmp_path / "out4")
     assert not (tmp_path / "out4").exists()
+    # a folder that holds no model is named by what the user typed (it said checkpoint.path, a key of nothing)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not a model")
+    result = export(tmp_path / "notes", tmp_path / "out5")
+    assert result.returncode == 1 and result.stderr.startswith("error: export: no teacher format recognises"), \
+        result.stderr
 
 
 def test_a_long_conversion_says_how_far_it_is(run, tmp_path, monkeypatch):
