@@ -11,6 +11,8 @@ loop itself carries no trace of it::
       sigterm_at_step: 5            # SIGTERM (a scheduler's notice) as step 5 starts: a graceful stop
       sigterm_during_save_at_step: 6  # SIGTERM inside step 6's checkpoint save, shards written
       rank: 1                       # only on this rank (default: every rank)
+
+A torchrun restart of the job (``--max-restarts``) injects nothing: it is the recovery.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
     to inject the faults ``debug`` asks for. Nothing is wrapped when it asks for none."""
     debug = dict(debug or {})
     if debug.get("rank") is not None and debug["rank"] != rank:
+        return
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:  # a torchrun restart must get past it
         return
     kill_at, nan_at, kill_saving_at, term_at, term_saving_at = (debug.get(k) for k in (
         "kill_at_step", "nan_loss_at_step", "kill_during_save_at_step", "sigterm_at_step",

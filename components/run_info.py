@@ -7,6 +7,7 @@ a result can always be traced back to the code and settings that made it.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
@@ -53,8 +54,36 @@ def collect(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
         "world_size": world_size,
         "argv": sys.argv,
         "cwd": os.getcwd(),  # what the config's relative paths are relative to (rebased_config)
+        "launcher_job": launcher_job(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def launcher_job() -> Optional[str]:
+    """Which torchrun job this process belongs to: its run id and its agent (the torchrun
+    process on this host, the same across the job's restarts); None outside torchrun."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    import socket
+
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}@{socket.gethostname()}:{os.getppid()}"
+
+
+def restart_of(output_dir: Path) -> int:
+    """torchrun's restart number when this launch restarts (``--max-restarts``) the job
+    that last wrote ``output_dir``'s run_info.json, else 0. torchrun starts every process
+    again with the same arguments, so a run launched without ``resume=true`` would refuse
+    its own folder on every restart (or, with ``overwrite=true``, start over): the recipes
+    read a restart of the same job as ``resume=true``. Another job's run in the folder is
+    not this one's to go on with, whatever torchrun's restart count."""
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if count == 0:
+        return 0
+    try:
+        recorded = json.loads((Path(output_dir) / "run_info.json").read_text()).get("launcher_job")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return count if recorded is not None and recorded == launcher_job() else 0
 
 
 def summary(info: Dict[str, Any]) -> str:

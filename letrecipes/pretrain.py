@@ -144,8 +144,15 @@ class PretrainRecipe:
         self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
                                          async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)
         self.checkpointer.lock()  # before looking: another live run could be writing the folder
-        resume_from = self.resume_from = self.checkpointer.resume_point(cfg.get("resume", False))
-        self.checkpointer.guard(cfg.get("resume", False), overwrite=bool(cfg.get("overwrite", False)))
+        resume_setting, overwrite = cfg.get("resume", False), bool(cfg.get("overwrite", False))
+        restart = parallel.on_rank0(lambda: run_info.restart_of(self.output_dir))  # one answer for every rank
+        if restart and not Checkpointer.resume_requested(resume_setting):
+            self.log(f"torchrun restart {restart} of this job: its run in {self.output_dir} goes on from its latest "
+                     "checkpoint, as with resume=true" + (" (overwrite=true applied to its first start only)"
+                                                         if overwrite else ""))
+            resume_setting, overwrite = True, False
+        resume_from = self.resume_from = self.checkpointer.resume_point(resume_setting)
+        self.checkpointer.guard(resume_setting, overwrite=overwrite)
         if self.world_size > 1:  # every rank has looked before rank 0 writes anything
             torch.distributed.barrier()
         seed_everything(int(cfg.seed))

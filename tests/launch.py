@@ -24,12 +24,14 @@ def free_port() -> int:
 
 
 def recipe_command(recipe: str, *args: str, nproc: int = 1, nnodes: int = 1, port: int = 0,
-                   via_tune: bool = False) -> list:
+                   via_tune: bool = False, max_restarts: int = 0) -> list:
     """The command line that runs ``letrecipes/<recipe>.py`` with ``args`` (``--config`` and
     overrides) in one process or ``nproc``, rendezvousing on 127.0.0.1 on a free port (or
-    ``port``: the one each of ``nnodes`` launchers, one per pretended node, must share)."""
+    ``port``: the one each of ``nnodes`` launchers, one per pretended node, must share);
+    ``max_restarts``: torchrun starts the job again that many times when a process fails."""
     several = nproc > 1 or nnodes > 1
     launcher = ["--nnodes", str(nnodes)] if nnodes > 1 else []
+    launcher += ["--max-restarts", str(max_restarts)] if max_restarts else []
     launcher += ["--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
                  "--rdzv_endpoint", f"127.0.0.1:{port or free_port()}"] if several else []
     if via_tune:

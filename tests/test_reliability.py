@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 KEYS = ("loss", "nll", "lr", "val_loss", "align_loss", "lambda", "cosine")
 
 
-def tune(recipe, *overrides, nproc=1, timeout=300):
+def tune(recipe, *overrides, nproc=1, timeout=300, max_restarts=0):
     cmd = recipe_command(recipe, "--config", "let_tiny" if recipe == "let_pretrain" else "pretrain_tiny", *overrides,
-                         nproc=nproc)
+                         nproc=nproc, max_restarts=max_restarts)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get(
         "OMP_NUM_THREADS", "2"), "PYTHONHASHSEED": "0"}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -51,8 +51,8 @@ class LetRun:
         self.common = [*overrides, "max_steps=10", "save_every=3", "eval_every=5", "log_every=1",
                        "keep_last_checkpoints=1", "alignment.schedule.stop=6"]
 
-    def __call__(self, out, *extra, nproc=1, check=True):
-        result = tune("let_pretrain", *self.common, f"output_dir={out}", *extra, nproc=nproc)
+    def __call__(self, out, *extra, nproc=1, check=True, max_restarts=0):
+        result = tune("let_pretrain", *self.common, f"output_dir={out}", *extra, nproc=nproc, max_restarts=max_restarts)
         if check:
             assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
         return result
@@ -156,6 +156,36 @@ def test_two_process_job_exits_when_a_rank_dies_and_resumes(let_run, straight_ru
     assert dead.returncode != 0 and time.monotonic() - start < 120  # the whole job stops, no hang
     let_run(killed, "resume=true", nproc=2)
     assert history(killed) == history(straight)
+
+
+@pytest.mark.slow
+def test_torchruns_own_restart_goes_on_from_the_last_checkpoint(let_run, straight_run, tmp_path):
+    """`--max-restarts`: torchrun starts every process again with the same arguments. Without
+    resume=true each restart refused the run's own folder ("already holds a run"), so the
+    restarts were spent failing; a restart of the same job now resumes, and with
+    overwrite=true it no longer starts over (the fault fires in the first attempt only)."""
+    straight, restarted = straight_run(nproc=2), tmp_path / "restarted"
+    result = let_run(restarted, "debug.kill_at_step=5", "debug.rank=1", "overwrite=true", nproc=2, max_restarts=1)
+    assert "torchrun restart 1 of this job" in result.stdout and "overwrite=true applied to its first start only" \
+        in result.stdout
+    assert "resumed from" in result.stdout and "step_00000003" in result.stdout
+    assert history(restarted) == history(straight)
+
+
+def test_a_restart_resumes_only_the_job_that_wrote_the_folder(tmp_path, monkeypatch):
+    from letrecipes.components import run_info
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    (tmp_path / "run_info.json").write_text(json.dumps({"launcher_job": run_info.launcher_job()}))
+    assert run_info.restart_of(tmp_path) == 0  # the first attempt is no restart
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert run_info.restart_of(tmp_path) == 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-b")  # another job, restarted, finds job-a's run: not its own
+    assert run_info.restart_of(tmp_path) == 0
+    assert run_info.restart_of(tmp_path / "nothing_here") == 0
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    assert run_info.launcher_job() is None
 
 
 def test_nan_stops_with_the_step_and_the_last_good_checkpoint(let_run, tmp_path):
