@@ -41,7 +41,7 @@ from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
-from letrecipes.components.preemption import GracefulStop, RunStopped
+from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
 from letrecipes.components.metrics import (MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
@@ -534,11 +534,14 @@ class PretrainRecipe:
         return record
 
     def stop_requested(self, stopper: GracefulStop, at_sync_point: bool) -> bool:
+        """Whether every rank stops after this step: one rank's signal reaches them all by the
+        vote a step later, or at once at a sync point (the ranks call this at the same points)."""
         if self.world_size == 1:
             return stopper.requested
+        voted = self.stop_vote.poll(stopper.requested)
         if not at_sync_point:
-            return False
-        return parallel.all_reduce_sum([float(stopper.requested)], self.device)[0] > 0
+            return voted
+        return voted or parallel.all_reduce_sum([float(stopper.requested)], self.device)[0] > 0
 
     def timed_step(self) -> Dict[str, Any]:
         """One step timed on its own, with its timing figures and one device sync (the
@@ -555,6 +558,7 @@ class PretrainRecipe:
                         disable=not (self.is_main and sys.stderr.isatty() and self.cfg.get("progress_bar", True)))
         self.timer.restart()
         stopper = GracefulStop(log=self.log).install()
+        self.stop_vote = StopVote()
         folders = {"output_dir": self.output_dir, "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache"))}
         try:  # a full disk or a lost mount: one line that says what is intact
             with environment_errors(folders, "training", kept=self.checkpointer.what_is_kept,
@@ -567,6 +571,7 @@ class PretrainRecipe:
         finally:
             if self.profiler is not None:  # a window cut short is written with the steps it holds
                 self.profiler.close()
+            self.stop_vote.close()
             stopper.uninstall()
 
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):

@@ -159,6 +159,47 @@ def test_two_process_job_exits_when_a_rank_dies_and_resumes(let_run, straight_ru
 
 
 @pytest.mark.slow
+def test_a_signal_between_sync_points_stops_every_rank_within_two_steps(let_run, tmp_path):
+    """Ranks agreed on a stop only at log and save steps, up to log_every steps after the
+    signal; they now vote every step (over the CPU backend, read a step later)."""
+    result = let_run(tmp_path, "debug.sigterm_at_step=5", "debug.rank=1", "log_every=100", "save_every=4",
+                     "eval_every=0", "max_steps=12", nproc=2, check=False)
+    assert result.returncode != 0
+    assert "stopped by a signal on another rank after step 6" in result.stderr, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()  # not the next save step, 8
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_saves_a_step_and_the_job_resumes(base_overrides, tmp_path):
+    """What a scheduler does: SIGTERM to torchrun (srun's task), which passes it to every
+    process and kills them 30 s later. The processes finish a step, save it, and stop."""
+    out = tmp_path / "run"
+    args = ["--config", "pretrain_tiny", *base_overrides, f"output_dir={out}", "log_every=100000", "save_every=25",
+            "eval_every=0"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(recipe_command("pretrain", *args, "max_steps=100000", nproc=2), cwd=REPO, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step_00000025" / "COMPLETE").is_file():  # training, between log steps
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    stopped = [line for line in stderr.splitlines() if line.startswith("error: stopped by SIGTERM after step ")]
+    assert len(stopped) == 1, stderr[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    done = subprocess.run(recipe_command("pretrain", *args, f"max_steps={step + 2}", "resume=true", nproc=2),
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in done.stdout, \
+        done.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_torchruns_own_restart_goes_on_from_the_last_checkpoint(let_run, straight_run, tmp_path):
     """`--max-restarts`: torchrun starts every process again with the same arguments. Without
     resume=true each restart refused the run's own folder ("already holds a run"), so the
