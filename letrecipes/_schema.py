@@ -51,7 +51,9 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "output_dir": TEXT, "overwrite": BOOL, "seed": _int(0), "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")),
     "dtype": _choice("bf16", "bfloat16", "fp32", "float32"), "max_steps": _int(1), "save_every": _int(0),
     "resume": ("true, false or a checkpoint path", lambda v: isinstance(v, (bool, str))),
-    "keep_last_checkpoints": _int(1), "async_checkpoint": BOOL, "log_every": _int(1), "eval_every": _int(0),
+    "keep_last_checkpoints": ("an integer >= 1 (0 would keep none to resume from), or all (every checkpoint, as an "
+                              "evaluation of each step wants)", lambda v: v == "all" or _int(1)[1](v)),
+    "async_checkpoint": BOOL, "log_every": _int(1), "eval_every": _int(0),
     "eval_batches": _int(1), "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
     "batch_size": _int(1), "gradient_accumulation_steps": _int(1), "loss_chunk_tokens": _int(0),
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),

@@ -141,7 +141,7 @@ class PretrainRecipe:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
         self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
 
-        self.checkpointer = Checkpointer(self.output_dir, keep_last=int(cfg.get("keep_last_checkpoints", 2)),
+        self.checkpointer = Checkpointer(self.output_dir, keep_last=self.kept_checkpoints() or 0,  # 0: every one
                                          async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)
         self.checkpointer.lock()  # before looking: another live run could be writing the folder
         resume_setting, overwrite = cfg.get("resume", False), bool(cfg.get("overwrite", False))
@@ -322,6 +322,11 @@ class PretrainRecipe:
         self.check_memory(planned)
         self.check_disk(count_parameters(planned))
 
+    def kept_checkpoints(self) -> Optional[int]:
+        """``keep_last_checkpoints``: how many step checkpoints are kept; None keeps every one (``all``)."""
+        keep = self.cfg.get("keep_last_checkpoints", 2)
+        return None if keep == "all" else int(keep)
+
     def check_disk(self, n_params: int) -> None:
         """Warn at the start, not at the first save hours later, when ``output_dir``'s disk
         cannot hold the checkpoints the run will keep (12 bytes a parameter: fp32 weights and
@@ -336,12 +341,20 @@ class PretrainRecipe:
             free = shutil.disk_usage(folder).free
         except OSError:
             return
-        keep = int(self.cfg.get("keep_last_checkpoints", 2)) + 1 if self.save_every else 0
+        kept = self.kept_checkpoints()
+        if not self.save_every:
+            keep = 0
+        elif kept is None:  # every save, the last step's included
+            keep = -(-self.max_steps // self.save_every)
+        else:  # the newest N, and the one being saved
+            keep = kept + 1
         checkpoint, export = 12 * n_params, 2 * n_params
         needed = keep * checkpoint + export
         if needed > free:
+            counted = (f"{keep} at a time: keep_last_checkpoints and the one being saved" if kept
+                       else f"keep_last_checkpoints=all keeps all {keep}")
             self.log(f"warning: disk: output_dir's filesystem has {_size(free)} free; this run writes checkpoints "
-                     f"of about {_size(checkpoint)} ({keep} at a time: keep_last_checkpoints and the one being saved) "
+                     f"of about {_size(checkpoint)} ({counted}) "
                      f"and a {_size(export)} export, {_size(needed)} in all. Fix: free space, "
                      "keep_last_checkpoints=1, or an output_dir on a larger disk.")
 

@@ -734,6 +734,21 @@ def test_a_disk_too_small_for_the_checkpoints_is_a_warning_at_the_start(base_ove
     assert "warning: disk:" not in capsys.readouterr().out
 
 
+def test_keep_last_checkpoints_all_keeps_every_step_and_is_counted_on_the_disk(base_overrides, tmp_path, monkeypatch,
+                                                                              capsys):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pretrain.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=5", "save_every=1",  # steps 1-5: 5 saves
+                 "keep_last_checkpoints=all", "eval_every=0")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in range(1, 6)]
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: disk:"))
+    assert "(keep_last_checkpoints=all keeps all 5)" in warning
+    with pytest.raises(SystemExit, match="keep_last_checkpoints=0 must be an integer >= 1 \\(0 would keep none"):
+        run_pretrain(*base_overrides, f"output_dir={tmp_path / 'none'}", "keep_last_checkpoints=0")
+
+
 UNBUFFERED_EXIT = """
 import io, sys
 class Writes(io.RawIOBase):  # records each write the process makes to stderr
