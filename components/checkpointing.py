@@ -226,16 +226,20 @@ def _to_bytes(obj: Any) -> io.BytesIO:
 
 @dataclass
 class Progress:
-    """How far training got: optimizer steps taken and seconds spent in them (over resumes)."""
+    """How far training got: optimizer steps taken, seconds spent in them and tokens trained
+    on (over resumes, whatever each launch's tokens per step; None from a checkpoint saved
+    before tokens were counted, which the recipe then estimates)."""
 
     step: int = 0
     train_time: float = 0.0
+    tokens: Optional[int] = 0
 
     def state_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.step, self.train_time = int(state["step"]), float(state["train_time"])
+        self.tokens = int(state["tokens"]) if state.get("tokens") is not None else None
 
 
 class RNGState:

@@ -181,6 +181,7 @@ class EvalRecipe:
             raise EvalError(f"export_dir: {str(target)!r} exists and is not empty. Fix: remove it, choose another "
                             "folder, or leave export_dir unset (a temporary folder).")
         step = int(path.name[len(STEP_PREFIX):]) if path.is_dir() and path.name.startswith(STEP_PREFIX) else None
+        self.tokens = _trained_tokens(path)
         # a Hugging Face folder is scored as it is; anything else (or nothing: a one-line error) goes
         # through `letrecipes export`'s converter
         folder = path if is_hf_folder(path) else export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
@@ -300,7 +301,7 @@ class EvalRecipe:
         for name, scores in groups.items():
             print(f"{name:28s} n={scores['n']:4d}  {_figures(scores) or 'no aggregate (an lm-eval tag)'}"
                   f"  over {len(scores['tasks'])} tasks" + _clean(scores), flush=True)
-        report = {"checkpoint": checkpoint, "step": self.step, "scorer": "lm-evaluation-harness",
+        report = {"checkpoint": checkpoint, "step": self.step, "tokens": self.tokens, "scorer": "lm-evaluation-harness",
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
                   "num_fewshot": int(cfg.get("num_fewshot", 0) or 0), "tasks": tasks,
                   **({"groups": groups} if groups else {}),
@@ -334,6 +335,25 @@ def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:
     else:
         holds = "is there and is not a score report of this recipe"
     raise EvalError(f"output: {str(out)!r} {holds}. Fix: output=<another file>, or overwrite=true to replace it.")
+
+
+def _trained_tokens(checkpoint: Path) -> Optional[int]:
+    """How many tokens the model had trained on: a step checkpoint records it beside its
+    weights (run_info.json's ``trained_tokens``); a run's final export is its last logged
+    step (metrics.jsonl). None for anything else, or a run older than the count."""
+    from letrecipes.components.metrics import read_metrics
+
+    try:
+        if (checkpoint / "run_info.json").is_file():
+            recorded = json.loads((checkpoint / "run_info.json").read_text()).get("trained_tokens")
+            if recorded is not None:
+                return int(recorded)
+        if checkpoint.name == "final" and (checkpoint.parent / "metrics.jsonl").is_file():
+            counted = [r["tokens"] for r in read_metrics(checkpoint.parent / "metrics.jsonl") if "tokens" in r]
+            return counted[-1] if counted else None
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    return None
 
 
 def _run_checkpoints(path: Path) -> Tuple[Optional[Path], List[Path]]:
@@ -373,15 +393,22 @@ def _curve(reports: List[Dict]) -> str:
         metric = next((k for k in scores if f"{k}_stderr" in scores), "")
         return metric, scores.get(metric, float("nan"))
 
+    def tokens(count: Optional[int]) -> str:
+        if count is None:
+            return "-"
+        return next(f"{count / scale:.3g}{unit}" for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k"), (1, ""))
+                    if count >= scale or scale == 1)
+
     columns = {**reports[-1]["tasks"], **reports[-1].get("groups", {}), **reports[-1].get("perplexity", {})}
     names = [name for name in columns]
-    header = "step      " + "".join(f"{name[:18]:>20s}" for name in names)
-    rows = [header, "          " + "".join(f"{figure(columns[name])[0]:>20s}" for name in names)]
+    header = "step      tokens  " + "".join(f"{name[:18]:>20s}" for name in names)
+    rows = [header, " " * 18 + "".join(f"{figure(columns[name])[0]:>20s}" for name in names)]
     for report in reports:
         scores = {**report["tasks"], **report.get("groups", {}), **report.get("perplexity", {})}
         step = "final" if report["step"] is None else str(report["step"])
-        rows.append(f"{step:10s}" + "".join(f"{figure(scores[name])[1]:>20.4f}" if name in scores else f"{'-':>20s}"
-                                            for name in names))
+        rows.append(f"{step:10s}{tokens(report.get('tokens')):>6s}  "
+                    + "".join(f"{figure(scores[name])[1]:>20.4f}" if name in scores else f"{'-':>20s}"
+                              for name in names))
     return "\n".join(rows)
 
 

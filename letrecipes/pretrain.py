@@ -209,6 +209,10 @@ class PretrainRecipe:
             settings = resume.optimizer_settings(self.optimizer)
             self.checkpointer.load(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
+            if self.progress.tokens is None:  # saved before tokens were counted
+                self.progress.tokens = self.step * self.tokens_per_step
+                self.log(f"resume: {resume_from} predates the count of trained tokens; counted from "
+                         f"{self.progress.tokens:,} (its steps x this launch's {self.tokens_per_step:,} tokens per step)")
             for line in resume.describe(changes or []):
                 self.log(line)
             self.log_batch_change(changes or [])
@@ -502,6 +506,7 @@ class PretrainRecipe:
         lr = self.lr_scheduler.get_last_lr()[0]
         self.lr_scheduler.step()
         self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
         self.timer.step_done()
         return {"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm, **({"skipped": True} if skipped else {})}
 
@@ -648,7 +653,8 @@ class PretrainRecipe:
             if evaluate:
                 record["val_loss"] = self.evaluate()
             if log:
-                record = {**to_python(record), "epoch": round(self.batches.epochs_read, 4), **self.source_tokens(),
+                record = {**to_python(record), "tokens": self.progress.tokens,
+                          "epoch": round(self.batches.epochs_read, 4), **self.source_tokens(),
                           **clock.update(self.step)}
                 self.metrics.log(record)
                 self.log(format_record(record, self.max_steps, self.console_fields), progress)
@@ -710,7 +716,8 @@ class PretrainRecipe:
         return {name: int(total) for name, total in zip(counts, totals)}
 
     def save_checkpoint(self) -> None:
-        path = self.checkpointer.save(self.step, run_info=self.run_info)
+        # the tokens beside the weights: an evaluation of the checkpoint reads where it lies on the run
+        path = self.checkpointer.save(self.step, run_info={**self.run_info, "trained_tokens": self.progress.tokens})
         timing = self.checkpointer.last_save
         self.log(f"checkpoint: {path}" + (f" ({timing['bytes'] / 2**20:,.1f} MB, {timing['save_s']:.2f} s, of which "
                                           f"checksums {timing['checksum_s']:.2f} s)" if timing else " (async)"))

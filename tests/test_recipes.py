@@ -137,12 +137,29 @@ def test_resume_continues_exactly(runner, extra, request, tmp_path):
     runner(*overrides, *extra, f"output_dir={split}", "max_steps=8", "save_every=4", "resume=true")
     a, b = steps(read_metrics(straight / "metrics.jsonl")), steps(read_metrics(split / "metrics.jsonl"))
     assert [r["step"] for r in b] == list(range(1, 9))
-    for key in ("loss", "nll", "lr", "val_loss") + (("align_loss", "lambda", "cosine") if runner is run_let else ()):
+    for key in ("loss", "nll", "lr", "val_loss", "tokens") + (("align_loss", "lambda", "cosine") if runner is run_let
+                                                              else ()):
         logged_a = [(r["step"], r[key]) for r in a if r.get(key) is not None]
         logged_b = [(r["step"], r[key]) for r in b if r.get(key) is not None]
         assert logged_a, key
         assert [s for s, _ in logged_a] == [s for s, _ in logged_b], key
         assert [v for _, v in logged_a] == pytest.approx([v for _, v in logged_b], rel=1e-5, abs=1e-6), key
+
+
+def test_trained_tokens_are_counted_across_a_resume_with_another_batch(base_overrides, tmp_path):
+    from letrecipes.components.checkpointing import Progress
+
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=4", "save_every=4", "batch_size=4")
+    shutil.rmtree(tmp_path / "final")
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=6", "save_every=4", "batch_size=8",
+                 "resume=true")
+    tokens = {r["step"]: r["tokens"] for r in steps(read_metrics(tmp_path / "metrics.jsonl"))}
+    assert tokens[4] == 4 * 4 * 32 and tokens[6] == 4 * 4 * 32 + 2 * 8 * 32  # steps x batch x seq_len, per launch
+    saved = json.loads((tmp_path / "checkpoints" / "step_00000006" / "run_info.json").read_text())
+    assert saved["trained_tokens"] == tokens[6]
+    progress = Progress()  # a checkpoint saved before tokens were counted: None, for the recipe to estimate
+    progress.load_state_dict({"step": 3, "train_time": 1.5})
+    assert (progress.step, progress.tokens) == (3, None)
 
 
 def test_resume_true_without_checkpoint_starts_fresh(base_overrides, tmp_path):

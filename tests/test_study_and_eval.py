@@ -327,10 +327,15 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
     eval_recipe.recipe_main(command)
     report = json.loads((tmp_path / "curve.json").read_text())
     assert [r["step"] for r in report["checkpoints"]] == [2, 4, None]
+    # and the tokens each had trained on (recorded with the checkpoint; the final export's from the metrics)
+    trained = json.loads((run / "run_info.json").read_text())["config"]
+    per_step = trained["batch_size"] * trained["data"]["seq_len"]
+    assert [r["tokens"] for r in report["checkpoints"]] == [2 * per_step, 4 * per_step, 4 * per_step]
     assert report["checkpoints"][-1]["checkpoint"] == str(run / "final")
     assert all(r["tasks"]["tiny_task"]["n"] == 2 for r in report["checkpoints"])
     curve = capsys.readouterr().out.split("eval: ")[-1].splitlines()  # the curve's table after the last one
-    assert [line.split()[0] for line in curve[-3:]] == ["2", "4", "final"] and "tiny_task" in curve[-5]
+    assert [line.split()[:2] for line in curve[-3:]] == [["2", f"{2 * per_step}"], ["4", f"{4 * per_step}"],
+                                                         ["final", f"{4 * per_step}"]] and "tiny_task" in curve[-5]
     # the converted copies are removed, the run's own checkpoints and export never
     assert (run / "final" / "config.json").is_file() and (run / "checkpoints" / "step_00000002").is_dir()
 
