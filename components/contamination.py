@@ -7,7 +7,8 @@ n-grams occurs anywhere in the corpus's tokens (GPT-3's rule: one shared 13-gram
 enough). An item shorter than ``NGRAM`` tokens is looked for whole, down to
 ``MIN_NGRAM`` tokens; a shorter one is reported as not checked. Each item is tokenized as
 it stands and with a leading space (its first word mid-document), so that neither form is
-missed. An n-gram that more than ``TEMPLATE_SHARE`` of a task's items hold (3 or more) is
+missed, and so is each of its other spellings: whitespace runs as one space, lowercased
+(:func:`spellings`). An n-gram that more than ``TEMPLATE_SHARE`` of a task's items hold (3 or more) is
 the task's template (an instruction, a fixed question) and is not looked for: the
 template in the corpus says nothing about any one item. Nor is one with fewer distinct
 tokens than half its length (a row of dots, table rules, blank lines): any corpus has those.
@@ -20,7 +21,10 @@ exact, never a hash collision.
 Why our own: lm-evaluation-harness's decontamination reads 13-gram files of the training
 text built by its own scripts (a second pass over the corpus as text, word by word); the
 corpora here are token shards already, and one vectorised pass over them is all it takes.
-Near-copies (other spacing, case, punctuation) are not found: the match is on tokens.
+The match is on tokens: a copy whose spacing or case differs from the item's is found
+when the corpus writes it in one of the spellings looked for (single spaces, lowercase);
+other near-copies (punctuation changed, words replaced, an item's spacing kept and the
+corpus's reflowed differently) are not.
 """
 
 from __future__ import annotations
@@ -135,6 +139,15 @@ def _windows_of(tokens: np.ndarray, length: int) -> np.ndarray:
     return np.flatnonzero(distinct * 2 >= length)
 
 
+def spellings(text: str) -> List[str]:
+    """The forms an item is looked for in (each once): as written, with every run of
+    whitespace one space (a page that reflowed it: "Question:\n\nWho" read as "Question: Who"),
+    and both lowercased (a corpus, or a copy of a benchmark, that lowercases). Matching is on
+    tokens, so a copy in the corpus is found only in a spelling looked for."""
+    single = " ".join(text.split())
+    return list(dict.fromkeys((text, single, text.lower(), single.lower())))
+
+
 def item_ngrams(texts: Mapping[str, Sequence[str]], encode: Callable[[List[str]], List[List[int]]],
                 ngram: int = NGRAM) -> ItemNgrams:
     """The n-grams of every item's text, ``texts`` being ``{task: [item text, ...]}``."""
@@ -145,7 +158,12 @@ def item_ngrams(texts: Mapping[str, Sequence[str]], encode: Callable[[List[str]]
     pieces, flat, offset = [], [], 0  # per window: hash, length, task, item, where its tokens start in `flat`
     for t, (task, task_texts) in enumerate(texts.items()):
         forms = [text.strip() for text in task_texts]
-        encoded = [np.asarray(tokens, dtype=np.int64) for tokens in encode(forms + [" " + text for text in forms])]
+        variants, owner = [], []  # each spelling of each item, as it stands and with a space before it
+        for i, text in enumerate(forms):
+            for spelling in spellings(text):
+                variants += [spelling, " " + spelling]
+                owner += [i, i]
+        encoded = [np.asarray(tokens, dtype=np.int64) for tokens in encode(variants)]
         hasher = _Hasher(max(len(tokens) for tokens in encoded))
         rows = []
         for v, tokens in enumerate(encoded):
@@ -153,7 +171,7 @@ def item_ngrams(texts: Mapping[str, Sequence[str]], encode: Callable[[List[str]]
             if length >= MIN_NGRAM:
                 starts = _windows_of(tokens, length)
                 hashes = hasher.windows(hasher.prefix(tokens), length)[starts]
-                rows.append((hashes, np.full(len(starts), length), np.full(len(starts), v % len(forms)),
+                rows.append((hashes, np.full(len(starts), length), np.full(len(starts), owner[v]),
                              starts + offset))
             flat.append(tokens)
             offset += len(tokens)

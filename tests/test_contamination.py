@@ -94,6 +94,27 @@ def test_items_of_the_training_text_are_found_and_only_they(prepared, corpus_dir
     assert {k: v for k, v in again["tasks"].items()} == found["tasks"]
 
 
+def test_a_copy_lowercased_or_reflowed_is_found(corpus_dir, tokenizer_path, tmp_path):
+    """The corpus holds one item lowercased and another with its line breaks as single
+    spaces (a page that reflowed it). The differences recur every few tokens, so that no
+    13-token run of either item, as written, is in the corpus."""
+    titled = " ".join(word.capitalize() for word in INVENTED[0].split())  # Quantum Zebras File Their Tax ...
+    listed = "\n".join(INVENTED[1].split())  # one word a line
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(sorted(corpus_dir.glob("*.txt"))[0], folder / "play.txt")
+    (folder / "forum.txt").write_text("someone posted this today: " + titled.lower() + " what a day.\n")
+    (folder / "page.txt").write_text("Read the passage. " + " ".join(listed.split()) + " Then answer.\n")
+    out = tmp_path / "prepared"
+    prepare_corpus(folder, Tokenizer(tokenizer_path), out, log=lambda line: None)
+    cut = listed.index("\n", 30)
+    items = [as_item(titled), Item(listed[:cut], [listed[cut:], " No."], 0), as_item(INVENTED[2])]
+    found = contamination.check_items([contamination.Corpus.read(out, "test")],
+                                      {"near": [contamination.item_text(item) for item in items]}, [],
+                                      log=lambda line: None)
+    assert found["tasks"]["near"]["contaminated_items"] == [0, 1]  # the third is in no spelling
+
+
 def test_eval_recipe_reports_items_in_the_training_data_and_scores_the_others(teacher_dir, corpus_dir, tmp_path,
                                                                                capsys):
     run_info = json.loads((teacher_dir.parent / "run_info.json").read_text())
