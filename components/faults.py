@@ -10,6 +10,7 @@ loop itself carries no trace of it::
       kill_during_save_at_step: 4   # SIGKILL inside step 4's checkpoint save, shards written
       sigterm_at_step: 5            # SIGTERM (a scheduler's notice) as step 5 starts: a graceful stop
       sigterm_during_save_at_step: 6  # SIGTERM inside step 6's checkpoint save, shards written
+      hang_at_step: 4               # SIGSTOP as step 4 starts: a process that hangs without dying
       rank: 1                       # only on this rank (default: every rank)
 
 A torchrun restart of the job (``--max-restarts``) injects nothing: it is the recovery.
@@ -39,10 +40,10 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
         return
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:  # a torchrun restart must get past it
         return
-    kill_at, nan_at, kill_saving_at, term_at, term_saving_at = (debug.get(k) for k in (
+    kill_at, nan_at, kill_saving_at, term_at, term_saving_at, hang_at = (debug.get(k) for k in (
         "kill_at_step", "nan_loss_at_step", "kill_during_save_at_step", "sigterm_at_step",
-        "sigterm_during_save_at_step"))
-    if kill_at is not None or term_at is not None:
+        "sigterm_during_save_at_step", "hang_at_step"))
+    if kill_at is not None or term_at is not None or hang_at is not None:
         train_step = recipe.train_step
 
         @functools.wraps(train_step)
@@ -51,6 +52,8 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
                 _kill()
             if recipe.step + 1 == term_at:
                 os.kill(os.getpid(), signal.SIGTERM)  # handled between statements: lands mid-step
+            if recipe.step + 1 == hang_at:
+                os.kill(os.getpid(), signal.SIGSTOP)  # alive and silent: the others wait in their next collective
             return train_step(*args, **kwargs)
 
         recipe.train_step = train_step_or_die

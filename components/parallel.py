@@ -181,6 +181,25 @@ def on_rank0(work: Callable[[], T], share: bool = True) -> Optional[T]:
     return answer[0][1]
 
 
+# what gloo and NCCL say when a collective gave up: waiting for a process (timeout), or
+# because one went away (its connection closed)
+COLLECTIVE_TIMEOUT = ("Timed out waiting", "collective operation timeout", "Watchdog caught collective")
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited", "Broken pipe")
+
+
+def collective_failure(err: BaseException) -> Optional[str]:
+    """``"timeout"`` or ``"peer gone"`` when ``err`` is a collective of the process group
+    that failed for want of another process; None for anything else."""
+    if not isinstance(err, RuntimeError) or not dist.is_available() or not dist.is_initialized():
+        return None
+    text = str(err)
+    if any(mark in text for mark in COLLECTIVE_TIMEOUT):
+        return "timeout"
+    if any(mark in text for mark in PEER_GONE):
+        return "peer gone"
+    return None
+
+
 def local_rank(rank: int) -> int:
     """This process's index on its node (torchrun's LOCAL_RANK; ``rank`` without torchrun)."""
     return int(os.environ.get("LOCAL_RANK", rank))

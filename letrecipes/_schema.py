@@ -96,6 +96,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
                      isinstance(v, list) and bool(v) and all(_int(0)[1](r) for r in v))),
                  "record_shapes": BOOL, "profile_memory": BOOL, "with_stack": BOOL, "with_flops": BOOL},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
+              "hang_at_step": _int(1),
               "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
               "rank": _int(0)},
 }

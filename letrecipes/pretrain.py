@@ -70,6 +70,10 @@ class OutOfMemory(LetRecipesError):
     """The device (or the host) ran out of memory: what the cost model expected, and the fix."""
 
 
+class CollectiveFailed(LetRecipesError):
+    """A collective gave up on another process (it hung past the timeout, or went away)."""
+
+
 def schedule_warnings(cfg: DictConfig, max_steps: int) -> List[str]:
     """Settings that are valid but almost never meant: the run goes ahead, and says so."""
     lines = []
@@ -583,9 +587,12 @@ class PretrainRecipe:
                                     then="run the same command with resume=true"):
                 self._train_loop(progress, stopper)
         except (RuntimeError, MemoryError) as err:
-            if not is_out_of_memory(err):
+            if is_out_of_memory(err):
+                raise self.out_of_memory(err) from err
+            failure = parallel.collective_failure(err)
+            if failure is None:
                 raise
-            raise self.out_of_memory(err) from err
+            raise self.collective_failed(failure, err) from err
         finally:
             if self.profiler is not None:  # a window cut short is written with the steps it holds
                 self.profiler.close()
@@ -595,6 +602,20 @@ class PretrainRecipe:
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""
         return config_memory(self.cfg, model_args or self.model_args, self.world_size, teacher_args, teacher_sharded)
+
+    def collective_failed(self, failure: str, err: BaseException) -> "CollectiveFailed":
+        """One line for a collective that gave up on another process: which, when, and what to do."""
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+        timeout = int(self.cfg.get("process_group_timeout_s", 600))
+        what = (f"waited {timeout} s (process_group_timeout_s) for another process that never joined the collective: "
+                "one hung (a stopped process, a stuck GPU or filesystem) or died unseen"
+                if failure == "timeout" else "lost another process in a collective: it died or its node went away")
+        return CollectiveFailed(
+            f"rank {self.rank} {what}, at step {self.step + 1} ({cause}). {self.checkpointer.what_is_kept()} Fix: look "
+            "for the process that stopped (the launcher's summary names the ranks that failed; `py-spy dump --pid` "
+            "shows where a live one waits), then run the same command with resume=true"
+            + ("; if a step can take that long (a first step that compiles, a save to a slow filesystem), a larger "
+               "process_group_timeout_s." if failure == "timeout" else "."))
 
     def out_of_memory(self, err: BaseException) -> OutOfMemory:
         """One line for a step that ran out of memory: where, how much the device has, what

@@ -200,6 +200,23 @@ def test_sigterm_to_the_launcher_saves_a_step_and_the_job_resumes(base_overrides
 
 
 @pytest.mark.slow
+def test_a_process_that_hangs_stops_the_job_with_one_line_after_the_timeout(let_run, tmp_path, monkeypatch):
+    """Rank 1 stops (SIGSTOP: alive, silent). Rank 0 waited in its next collective until
+    process_group_timeout_s, then died of gloo's traceback; it now says what happened."""
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3")  # torchrun's wait before it kills the stopped rank
+    start = time.monotonic()
+    result = let_run(tmp_path, "debug.hang_at_step=5", "debug.rank=1", "process_group_timeout_s=10", nproc=2,
+                     check=False)
+    assert result.returncode != 0 and time.monotonic() - start < 120
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 waited 10 s (process_group_timeout_s) for "
+                                                     "another process that never joined the collective"), \
+        result.stderr[-3000:]
+    assert "at step 5" in errors[0] and "step_00000003" in errors[0] and "resume=true" in errors[0]
+    assert "[rank0]: Traceback" not in result.stderr and "[rank0]: RuntimeError" not in result.stderr
+
+
+@pytest.mark.slow
 def test_torchruns_own_restart_goes_on_from_the_last_checkpoint(let_run, straight_run, tmp_path):
     """`--max-restarts`: torchrun starts every process again with the same arguments. Without
     resume=true each restart refused the run's own folder ("already holds a run"), so the
