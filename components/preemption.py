@@ -1,6 +1,7 @@
 """Graceful stop: SIGTERM (what schedulers send before they kill a job) or Ctrl-C asks the
 run to finish its step, save a checkpoint and exit non-zero with the command to resume.
-A second signal stops at once.
+A second signal stops at once (one within a second of the first is the same notice from
+another sender: the scheduler's and the launcher's).
 
 The handler only sets a flag; the recipe reads it between steps (every step in one
 process; with several, :class:`StopVote` agrees on it every step over the CPU backend, and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Dict, Iterator, Optional
 
@@ -85,10 +87,17 @@ class StopVote:
                 pass
 
 
+# A signal this soon after the first is the same notice again, not a second request: under
+# torchrun the scheduler's SIGTERM reaches every process and the launcher passes its own on
+# to them a few milliseconds later (Slurm signals every process of a job step).
+REPEAT_WINDOW_S = 1.0
+
+
 class GracefulStop:
     def __init__(self, log=print):
         self.log = log
         self.received: Optional[str] = None
+        self.received_at = 0.0
         self._previous: Dict[int, object] = {}
 
     def install(self) -> "GracefulStop":
@@ -104,11 +113,13 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.received is not None:  # the second signal: no more waiting
-            self.uninstall()
+        if self.received is not None:
+            if time.monotonic() - self.received_at < REPEAT_WINDOW_S:  # the same notice, by another sender
+                return
+            self.uninstall()  # a second request: no more waiting
             signal.raise_signal(signum)
             return
-        self.received = name
+        self.received, self.received_at = name, time.monotonic()
         self.log(f"{name} received: finishing this step, then saving a checkpoint (send it again to stop at once)")
 
     @property
