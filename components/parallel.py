@@ -42,10 +42,25 @@ def init_distributed(device: torch.device, timeout_s: int = 600, single_process_
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        kwargs = {"store": dist.HashStore(), "rank": 0, "world_size": 1} if world_size == 1 else {}
+        if world_size == 1:
+            kwargs = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+        else:
+            kwargs = restart_safe_store(timedelta(seconds=timeout_s))
         dist.init_process_group(backend=process_group_backend(device), timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+def restart_safe_store(timeout: timedelta) -> Dict[str, Any]:
+    """The process group's store, rank and size, from torchrun's environment as
+    ``init_process_group`` reads them, with keys of this attempt's own. torchrun's
+    restarts (``--max-restarts``) hand the new processes the same store as the old ones
+    (its c10d rendezvous): gloo then read the dead processes' addresses from it and every
+    restart failed in ``connectFullMesh``, "Connection refused" (seen here on 2 of 3
+    restarts)."""
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"letrecipes/attempt_{attempt}/", store), "rank": rank, "world_size": size}
 
 
 def local_device(device: torch.device) -> torch.device:
