@@ -335,10 +335,14 @@ def current_memory_mb(device: torch.device) -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def read_metrics(path: str | Path):
-    """All records of a metrics.jsonl, in order."""
+def read_metrics(path: str | Path, live: bool = False):
+    """All records of a metrics.jsonl, in order. ``live``: the file of a run that may be
+    writing it now (or was killed mid-write): a last line not yet whole is left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if live and lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def compare_runs(baseline: list, let: list) -> Dict[str, Any]:

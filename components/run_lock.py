@@ -126,10 +126,35 @@ class RunLock:
 
     @staticmethod
     def _read(fd: int) -> dict:
+        return read_owner(fd)
+
+
+def live_owner(output_dir: Union[str, Path]) -> Optional[dict]:
+    """The owner of ``output_dir``'s run lock while a process holds it (the run is live),
+    else None. It only looks: a shared lock for an instant, dropped at once."""
+    try:
+        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
         try:
-            return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
-        except (ValueError, OSError):
-            return {}
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return read_owner(fd)
+        except OSError:  # no locks on this filesystem: nothing can be told
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_owner(fd: int) -> dict:
+    """The owner a lock file names (``{}`` before its owner has written it)."""
+    try:
+        return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+    except (ValueError, OSError):
+        return {}
 
 
 def describe(owner: dict) -> str:

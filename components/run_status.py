@@ -8,54 +8,15 @@ shared filesystem is safe to ask from any node.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from letrecipes.components.checkpointing import STEP_PREFIX, is_complete
-from letrecipes.components.metrics import METRICS_FILE
+from letrecipes.components.metrics import METRICS_FILE, read_metrics
 from letrecipes.components.progress import clock
-from letrecipes.components.run_lock import LOCK_FILE, describe
-
-
-def lock_owner(folder: Path) -> Optional[Dict[str, Any]]:
-    """The owner of the run lock when a process holds it (the run is live), else None."""
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
-            except (ValueError, OSError):
-                return {}
-        except OSError:  # no locks on this filesystem: nothing can be told
-            return None
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
-def _records(path: Path):
-    """metrics.jsonl's records; a line cut short by a kill mid-write is left out."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+from letrecipes.components.run_lock import describe, live_owner
 
 
 def run_status(folder: Path) -> Dict[str, Any]:
@@ -72,7 +33,10 @@ def run_status(folder: Path) -> Dict[str, Any]:
         info = {}
     config = info.get("config") or {}
     status["max_steps"] = config.get("max_steps")
-    records = _records(folder / METRICS_FILE)
+    try:
+        records = read_metrics(folder / METRICS_FILE, live=True)
+    except (OSError, ValueError):
+        records = []
     trained = [r for r in records if "loss" in r and "event" not in r]
     if trained:
         last = trained[-1]
@@ -85,7 +49,7 @@ def run_status(folder: Path) -> Dict[str, Any]:
                    key=lambda p: p.name) if (folder / "checkpoints").is_dir() else []
     status["checkpoints"] = [p.name for p in steps]
     status["final"] = (folder / "final" / "config.json").is_file()
-    owner = lock_owner(folder)
+    owner = live_owner(folder)
     if owner is not None:
         status["state"], status["owner"] = "running", owner
     elif status["final"] and trained and trained[-1]["step"] == status["max_steps"]:
