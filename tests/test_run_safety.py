@@ -240,6 +240,10 @@ def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, str
     out, err = capsys.readouterr()
     assert f"{straight}: finished" in out and "checkpoints: step_00000003, step_00000006" in out
     assert "absent: nothing there" in err
+    # a log line caught half-written (a live run, or one killed mid-write) is no error: the last whole one counts
+    with open(live / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 999, "loss": 1.')
+    assert run_status(live)["last"]["step"] == stopped["last"]["step"]
 
 
 def read_metrics_safely(folder):
