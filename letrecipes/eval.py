@@ -88,7 +88,7 @@ class EvalRecipe:
         self.texts = {**tasks.texts, **self.documents}
         self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
         if self.run is None:  # one checkpoint: converted now, so a bad one is said before the tasks' scoring
-            self.model_folder, self.step = self._hf_folder(str(cfg.checkpoint))
+            self.model_folder, self.step, self.tokens = self._hf_folder(str(cfg.checkpoint))
             self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
 
     def settings(self) -> Dict:
@@ -172,8 +172,9 @@ class EvalRecipe:
         spec = self.cfg.get("tokenizer_path")
         return [resolve_path(str(spec), key="tokenizer_path")] if spec else []
 
-    def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int]]:
-        """The checkpoint as a Hugging Face folder lm-eval can load, and its step (if known)."""
+    def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int], Optional[int]]:
+        """The checkpoint as a Hugging Face folder lm-eval can load, its step and the tokens
+        it had trained on (each if known)."""
         path = resolve_path(checkpoint, key="checkpoint")
         keep = self.cfg.get("export_dir")
         target = Path(str(keep)) if keep else self.work / "model"
@@ -181,7 +182,6 @@ class EvalRecipe:
             raise EvalError(f"export_dir: {str(target)!r} exists and is not empty. Fix: remove it, choose another "
                             "folder, or leave export_dir unset (a temporary folder).")
         step = int(path.name[len(STEP_PREFIX):]) if path.is_dir() and path.name.startswith(STEP_PREFIX) else None
-        self.tokens = _trained_tokens(path)
         # a Hugging Face folder is scored as it is; anything else (or nothing: a one-line error) goes
         # through `letrecipes export`'s converter
         folder = path if is_hf_folder(path) else export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
@@ -189,7 +189,7 @@ class EvalRecipe:
                 and not self.cfg.get("tokenizer_path"):
             raise EvalError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=<a "
                             "tokenizer.json or a tokenizer folder>.")
-        return folder, step
+        return folder, step, _trained_tokens(path)
 
     def _tokenizer(self):
         """``tokenizer_path`` as lm-eval takes it: a folder by name, a tokenizer.json as an object."""
@@ -241,7 +241,7 @@ class EvalRecipe:
                 continue
             print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)})", flush=True)
             try:
-                self.model_folder, self.step = self._hf_folder(str(checkpoint))
+                self.model_folder, self.step, self.tokens = self._hf_folder(str(checkpoint))
             except LetRecipesError as err:  # a damaged checkpoint costs its own point of the curve, not the rest
                 print(f"eval: {checkpoint} skipped: {err}", flush=True)
                 skipped.append({"checkpoint": str(checkpoint), "why": str(err)})
