@@ -23,6 +23,8 @@ import os
 import signal
 from typing import Any, Mapping, Optional
 
+from letrecipes.components.run_info import torchrun_attempt
+
 
 def _kill(*_: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
@@ -38,7 +40,7 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
     debug = dict(debug or {})
     if debug.get("rank") is not None and debug["rank"] != rank:
         return
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:  # a torchrun restart must get past it
+    if torchrun_attempt() > 0:  # a torchrun restart must get past it
         return
     kill_at, nan_at, kill_saving_at, term_at, term_saving_at, hang_at = (debug.get(k) for k in (
         "kill_at_step", "nan_loss_at_step", "kill_during_save_at_step", "sigterm_at_step",

@@ -19,6 +19,7 @@ from torch import nn
 
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.registry import ComponentError
+from letrecipes.components.run_info import torchrun_attempt
 
 T = TypeVar("T")
 
@@ -59,8 +60,8 @@ def restart_safe_store(timeout: timedelta) -> Dict[str, Any]:
     restart failed in ``connectFullMesh``, "Connection refused" (seen here on 2 of 3
     restarts)."""
     store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"letrecipes/attempt_{attempt}/", store), "rank": rank, "world_size": size}
+    return {"store": dist.PrefixStore(f"letrecipes/attempt_{torchrun_attempt()}/", store), "rank": rank,
+            "world_size": size}
 
 
 def local_device(device: torch.device) -> torch.device:

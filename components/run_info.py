@@ -59,6 +59,12 @@ def collect(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
     }
 
 
+def torchrun_attempt() -> int:
+    """Which start of its job this process is: 0 for the first, N for torchrun's N-th
+    restart (``--max-restarts``); 0 outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def launcher_job() -> Optional[str]:
     """Which torchrun job this process belongs to: its run id and its agent (the torchrun
     process on this host, the same across the job's restarts); None outside torchrun."""
@@ -76,7 +82,7 @@ def restart_of(output_dir: Path) -> int:
     its own folder on every restart (or, with ``overwrite=true``, start over): the recipes
     read a restart of the same job as ``resume=true``. Another job's run in the folder is
     not this one's to go on with, whatever torchrun's restart count."""
-    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    count = torchrun_attempt()
     if count == 0:
         return 0
     try:
