@@ -853,6 +853,7 @@ MAGIC = ((0, b"\x1f\x8b", "gzip"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\xfd7
          (0, b"ARROW1", "arrow"), (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
          (0, b"7z\xbc\xaf\x27\x1c", "7-Zip"), (0, b"Rar!", "RAR"), (0, b"\x7fELF", "ELF executable"),
          (0, b"SQLite format 3\x00", "SQLite database"), (0, b"\x93NUMPY", "NumPy array"))
+ZSTD_MAX_WINDOW = 2**31  # `zstd --long=31`, the largest window the format allows
 DECOMPRESSED = ("gzip", "zstd", "bzip2", "xz")  # content magic names of the compressions read
 SNIFF_BYTES = 512  # a tar header: its magic is at byte 257
 
@@ -926,7 +927,11 @@ def _decompressed(raw, name, key: str, stack: contextlib.ExitStack) -> Tuple[io.
             except ImportError as err:
                 raise DataError(f"{key}: {name} is zstd-compressed, which needs the `zstandard` package. "
                                 "Fix: pip install zstandard.") from err
-            raw = stack.enter_context(zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True))
+            # zstandard refuses frames whose window passes 128 MiB unless told the limit: files made
+            # with `zstd --long` (up to 2 GiB windows) would read as damaged. The window is only
+            # as large as the file made it, so the higher limit costs nothing for ordinary files.
+            decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+            raw = stack.enter_context(decompressor.stream_reader(stream, read_across_frames=True))
 
 
 @dataclass

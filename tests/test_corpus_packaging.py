@@ -267,6 +267,24 @@ def test_compression_is_read_from_the_content_not_the_name(tmp_path):
         assert list(read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt.gz"])) == docs
 
 
+def test_zstd_long_window_files_read(tmp_path):
+    """`zstd --long=31` (for big corpora) writes frames with windows above zstandard's default
+    128 MiB limit: they read as "damaged" before. A stream made the same way, small."""
+    import io
+
+    import zstandard
+
+    docs = documents(2)
+    params = zstandard.ZstdCompressionParameters(window_log=31, enable_ldm=True, write_content_size=False)
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as writer:
+        writer.write(jsonl(docs))
+    assert zstandard.get_frame_parameters(out.getvalue()).window_size == 2**31
+    (tmp_path / "long.jsonl.zst").write_bytes(out.getvalue())
+    with _no_data_warnings():
+        assert list(read_documents(tmp_path / "long.jsonl.zst")) == docs
+
+
 def test_a_file_of_another_kind_named_as_text_is_skipped_with_its_kind_named(tmp_path):
     docs = documents(1)
     (tmp_path / "a.txt").write_text(docs[0])
