@@ -62,16 +62,15 @@ class RunLock:
             with environment_errors(self.key, f"creating {self.path}"):
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = self._owner_of_held(fd)
-                os.close(fd)
-                raise RunLockError(self._busy(describe(owner))) from None
+                taken = self._take_or_find_owner(fd)
             except OSError as err:  # no locks on this filesystem
                 warnings.warn(f"{self.path}: this filesystem does not support file locks ({err.strerror}): two "
                               f"processes writing {self.key}={str(self.folder)!r} at once would not be detected.", LetRecipesWarning, stacklevel=2)
                 os.close(fd)
                 return self
+            if taken is not True:
+                os.close(fd)
+                raise RunLockError(self._busy(describe(taken)))
             # The file may have been released and unlinked between our open and our flock:
             # then we hold a lock on a name nobody sees. Start over on the current file.
             try:
@@ -116,13 +115,22 @@ class RunLock:
                 pass
 
     @classmethod
-    def _owner_of_held(cls, fd: int, wait_s: float = 3.0) -> dict:
-        # The owner writes its name right after it takes the flock: a launch that lost
-        # the race by microseconds waits for that name rather than report an anonymous owner.
+    def _take_or_find_owner(cls, fd: int, wait_s: float = 3.0):
+        """True once this process holds the flock, else the owner that holds it. A run writes
+        its name right after it takes the flock, so a nameless holder is given ``wait_s``: a run
+        that won the race by microseconds names itself, and a `letrecipes status` probe (a shared
+        lock held for an instant, never named) lets go and the lock is ours."""
         deadline = time.monotonic() + wait_s
-        while not (owner := cls._read(fd)) and time.monotonic() < deadline:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            owner = cls._read(fd)
+            if owner or time.monotonic() >= deadline:
+                return owner
             time.sleep(0.02)
-        return owner
 
     @staticmethod
     def _read(fd: int) -> dict:

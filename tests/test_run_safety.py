@@ -115,6 +115,25 @@ def test_a_launch_that_loses_the_race_by_a_moment_still_names_the_winner(tmp_pat
         os.close(fd)
 
 
+def test_a_launch_during_a_status_probe_takes_the_lock(tmp_path):
+    # `letrecipes status` holds a shared flock for an instant and never names itself: a run
+    # launched in that instant was refused as "in use by a process that has not written its name".
+    import fcntl
+    import threading
+    (tmp_path / LOCK_FILE).write_text("")
+    probe = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    letting_go = threading.Timer(0.3, lambda: fcntl.flock(probe, fcntl.LOCK_UN))
+    letting_go.start()
+    try:
+        lock = RunLock(tmp_path).acquire()
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        lock.release()
+    finally:
+        letting_go.join()
+        os.close(probe)
+
+
 def test_a_folder_that_is_not_a_runs_is_refused_even_with_overwrite(tmp_path):
     """``output_dir=/``, ``~``, a repository: a run would scatter its files among others and
     ``overwrite=true`` would delete their ``final``/``checkpoints``. Refused before any write;
