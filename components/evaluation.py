@@ -14,6 +14,7 @@ checkpoint it is given into such a folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -559,12 +560,13 @@ def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], t
     grouped = dict(groups or {})
     members = {name for _, names in grouped.values() for name in names}
     start = time.perf_counter()
-    results = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=[*(group for group, _ in grouped.values()),
-                                                      *(n for n in task_names.values() if n not in members)],
-        task_manager=TaskManager(include_path=str(task_folder), include_defaults=False),
-        batch_size=batch_size, device=device, limit=limit or None, log_samples=log_samples,
-        num_fewshot=num_fewshot)
+    with _without_lm_eval_provenance():
+        results = lm_eval.simple_evaluate(
+            model="hf", model_args=model_args, tasks=[*(group for group, _ in grouped.values()),
+                                                          *(n for n in task_names.values() if n not in members)],
+            task_manager=TaskManager(include_path=str(task_folder), include_defaults=False),
+            batch_size=batch_size, device=device, limit=limit or None, log_samples=log_samples,
+            num_fewshot=num_fewshot)
     report: Dict[str, Any] = {"tasks": {}, "seconds": round(time.perf_counter() - start, 2),
                               "lm_eval_version": getattr(lm_eval, "__version__", "unknown")}
     for stem, name in task_names.items():
@@ -576,6 +578,26 @@ def run_lm_eval(model_folder: Union[str, Path], task_folder: Union[str, Path], t
     if log_samples:
         report["samples"] = {stem: results["samples"][name] for stem, name in task_names.items()}
     return report
+
+
+@contextlib.contextmanager
+def _without_lm_eval_provenance():
+    """lm-eval ends each evaluation by asking git for the working directory's commit (outside a
+    repository git prints "fatal: not a git repository" on our stderr) and gathering torch's
+    environment report (about 2 s a call here: pip and nvidia-smi run as subprocesses). Our
+    reports record neither (the checkpoint, lm-eval's version and the tasks name what was
+    scored), so both are skipped while an evaluation runs."""
+    import lm_eval.evaluator as evaluator
+    names = [name for name in ("get_git_commit_hash", "add_env_info") if hasattr(evaluator, name)]
+    saved = {name: getattr(evaluator, name) for name in names}
+    replacements = {"get_git_commit_hash": lambda: None, "add_env_info": lambda storage: None}
+    for name in names:
+        setattr(evaluator, name, replacements[name])
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(evaluator, name, function)
 
 
 def _metrics(scores: Mapping[str, Any]) -> Dict[str, Any]:

@@ -21,9 +21,12 @@ TINY = ["model.num_layers=2", "model.embed_dim=32", "model.num_heads=2", "model.
 
 
 # ----------------------------------------------------------------- lm-eval
-def test_lm_eval_scores_are_the_project_models_own_loglikelihoods(teacher_dir, tmp_path):
+def test_lm_eval_scores_are_the_project_models_own_loglikelihoods(teacher_dir, tmp_path, monkeypatch, capfd):
     """The whole chain (task YAML -> lm-eval's hf model on the export) against a direct
-    computation with the project's own model on the same weights."""
+    computation with the project's own model on the same weights. Run outside a git
+    checkout: lm-eval's own provenance step printed git's "fatal: not a git repository"."""
+    import lm_eval.evaluator
+
     from letrecipes.components.teachers import load_teacher
     from letrecipes.components.tokenizer import Tokenizer
 
@@ -32,7 +35,11 @@ def test_lm_eval_scores_are_the_project_models_own_loglikelihoods(teacher_dir, t
     task = write_task(tmp_path / "hand_made.jsonl", items)
     names = write_lm_eval_tasks([task], tmp_path / "tasks")
     assert names == {"hand_made": "letrecipes_hand_made"}
+    provenance = (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info)
+    monkeypatch.chdir(tmp_path)
     report = run_lm_eval(teacher_dir, tmp_path / "tasks", names, log_samples=True)
+    assert "not a git repository" not in capfd.readouterr().err
+    assert (lm_eval.evaluator.get_git_commit_hash, lm_eval.evaluator.add_env_info) == provenance  # handed back
 
     teacher = load_teacher({"_component_": "auto", "path": str(teacher_dir), "dtype": "fp32"})
     tokenizer = Tokenizer(teacher.tokenizer_path)
