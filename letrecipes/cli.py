@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -190,7 +191,23 @@ def main(argv=None) -> int:
         return 1
 
 
+def _dotted_recipe_line(argv) -> Optional[str]:
+    """``tune run letrecipes.let_pretrain --config ...`` reaches this CLI: tune reads the text after
+    the last dot as a file suffix and runs the package. Said in one line, with the recipe typed."""
+    if not argv or argv[0] != "--config":
+        return None
+    typed = next((word for word in getattr(sys, "orig_argv", []) if word.startswith("letrecipes.")), None)
+    recipe = typed.partition(".")[2] if typed else "<recipe>"
+    return (f"error: `tune run {typed or 'letrecipes.<recipe>'}` ran the package letrecipes, not the recipe: tune run "
+            f"takes a recipe as a path and reads what follows its last dot as a file suffix. Fix: tune run "
+            f"letrecipes/{recipe} --config ... (a slash), or python -m letrecipes.{recipe} --config ...")
+
+
 def _main(argv=None) -> int:
+    line = _dotted_recipe_line(sys.argv[1:] if argv is None else argv)
+    if line:
+        print(line, file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="letrecipes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # paths are expanded here as a shell would: bash leaves `--out=~/x` as it is

@@ -145,6 +145,14 @@ def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
             "error: no recipe letrecipes/let_pretrian. Did you mean letrecipes/let_pretrain? Fix: one of "
             "letrecipes/pretrain, letrecipes/let_pretrain, letrecipes/eval (or a recipe you copied with letrecipes "
             "cp: tune run my_let --config ...)."), result.stderr[-2000:]
+    # the module path with dots: tune drops ".let_pretrain" as a suffix and ran our CLI, which said
+    # "argument command: invalid choice: 'let_tiny'"
+    result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", "letrecipes.let_pretrain", "--config",
+                             "let_tiny"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: `tune run letrecipes.let_pretrain` ran the package letrecipes, not the recipe: tune run takes a recipe "
+        "as a path and reads what follows its last dot as a file suffix. Fix: tune run letrecipes/let_pretrain "
+        "--config ... (a slash), or python -m letrecipes.let_pretrain --config ..."], result.stderr[-2000:]
     # an import of a missing module still fails as Python's own, and the recipes named are the real ones
     probe = ("import importlib, letrecipes, letrecipes._unknown_recipe as u\n"
              "try:\n    import letrecipes.let_pretrian\nexcept ModuleNotFoundError as e:\n    print(e.name)\n"
