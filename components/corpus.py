@@ -18,9 +18,11 @@ or a list of any of these.
 
 A folder is searched recursively for all of these. The corpus is cut into *units*: a
 group of small text files, one JSON or CSV file, one parquet row group, a range of rows of
-a ``datasets`` folder. A unit is the prepare step's piece of work and becomes one token
-shard, so preparing is deterministic whatever the number of worker processes, and a
-killed prepare redoes only unfinished units.
+a ``datasets`` folder, and a byte range of a large plain JSON Lines file (the lines that
+begin in it) or of a large plain text file (cut where a document separator begins), so
+that one 10 GB file is prepared by every worker, not one. A unit is the prepare step's
+piece of work and becomes one token shard, so preparing is deterministic whatever the
+number of worker processes, and a killed prepare redoes only unfinished units.
 
 Text files are decoded as UTF-8 (a byte-order mark is honoured: UTF-8, UTF-16 and UTF-32
 files with one read right); a file with a NUL byte in its first 8,000 bytes and no
@@ -76,6 +78,11 @@ READER_VERSION = 5  # 4: text files split at data.document_separator; 5: blank d
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
 DATASET_UNIT_ROWS = 50_000
+# A plain (uncompressed) JSON Lines file, or a text file of documents ended by the separator,
+# larger than this is cut into byte ranges of about this size, one unit each: one 10 GB file
+# is prepared by every worker instead of one. Compressed streams cannot be entered midway.
+SPLIT_FILE_BYTES = 64 * 2**20
+SEPARATOR_SCAN_BLOCK = 1 << 20
 
 
 class DataError(LetRecipesError):
@@ -95,13 +102,31 @@ class Unit:
     paths: Tuple[str, ...]
     part: int = 0
     size: int = 0  # bytes, for progress and ETA
+    # A part of one large file (SPLIT_FILE_BYTES): a JSON Lines unit holds the lines that begin in
+    # [start, stop); a text unit the bytes [start, stop), cut where a document separator begins.
+    # stop None: the whole file.
+    start: int = 0
+    stop: Optional[int] = None
+
+    @property
+    def is_range(self) -> bool:
+        return self.stop is not None
 
     def describe(self) -> str:
         where = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} files)"
+        if self.is_range:
+            return f"{where} [bytes {self.start:,}-{self.stop:,}]"
         return where + (f" [part {self.part}]" if self.kind in ("parquet", "dataset") else "")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        entry = asdict(self)
+        if not self.is_range:  # as units were written before files were cut: earlier plans still match
+            del entry["start"], entry["stop"]
+        return entry
+
+    @classmethod
+    def from_dict(cls, entry: dict) -> "Unit":
+        return cls(**{**entry, "paths": tuple(entry["paths"])})
 
 
 def _file_name(source) -> str:
@@ -282,8 +307,9 @@ def source_files(source: Union[str, os.PathLike, Sequence], key: str = "data.sou
     return files
 
 
-def list_units(source, key: str = "data.source") -> List[Unit]:
-    """The corpus as units, in the order their tokens are concatenated."""
+def list_units(source, key: str = "data.source", separator: Optional[str] = DOCUMENT_SEPARATOR) -> List[Unit]:
+    """The corpus as units, in the order their tokens are concatenated. ``separator``: where a
+    text file's documents end (a large text file is cut only there)."""
     units: List[Unit] = []
     text_group: List[Path] = []
     group_bytes = 0  # kept as files join: summing the group at each file was quadratic (50,000 files: minutes)
@@ -308,7 +334,12 @@ def list_units(source, key: str = "data.source") -> List[Unit]:
                       for i in range(metadata.num_row_groups)]
         elif kind in ("jsonl", "csv", "arrow", "archive"):
             flush()
-            units.append(Unit(kind, (str(path),), size=path.stat().st_size))
+            size = path.stat().st_size
+            ranges = _json_lines_ranges(path, size) if kind == "jsonl" else None
+            units += _range_units(kind, path, ranges) if ranges else [Unit(kind, (str(path),), size=size)]
+        elif (ranges := _text_ranges(path, separator)) is not None:
+            flush()
+            units += _range_units("text", path, ranges)
         else:
             text_group.append(path)
             group_bytes += path.stat().st_size
@@ -318,19 +349,94 @@ def list_units(source, key: str = "data.source") -> List[Unit]:
     return units
 
 
+def _range_units(kind: str, path: Path, ranges: List[Tuple[int, int]]) -> List[Unit]:
+    return [Unit(kind, (str(path),), part, size=stop - start, start=start, stop=stop)
+            for part, (start, stop) in enumerate(ranges)]
+
+
+def _even_ranges(size: int) -> List[Tuple[int, int]]:
+    bounds = [min(size, i * SPLIT_FILE_BYTES) for i in range(-(-size // SPLIT_FILE_BYTES) + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def _json_lines_ranges(path: Path, size: int) -> Optional[List[Tuple[int, int]]]:
+    """Byte ranges for a large plain JSON Lines file (each unit reads the lines that begin in
+    its range); None for a small, compressed or non-UTF-8 file, or one JSON array."""
+    if size <= SPLIT_FILE_BYTES:
+        return None
+    head = _file_head(path)
+    if sniff(head) is not None or _text_encoding(head) != "utf-8-sig":
+        return None
+    if head.lstrip(codecs.BOM_UTF8).lstrip().startswith(b"["):
+        return None  # one array of records: read whole, streamed
+    return _even_ranges(size)
+
+
+def _text_ranges(path: Path, separator: Optional[str]) -> Optional[List[Tuple[int, int]]]:
+    """Byte ranges for a large plain UTF-8 text file, each after the first but the first
+    beginning where a ``separator`` does (so no document is cut and no character split);
+    None where the file stays one unit: small, compressed, another encoding, or no separator."""
+    if not separator:
+        return None
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if size <= SPLIT_FILE_BYTES or _format(path)[1]:
+        return None
+    head = _file_head(path)
+    if sniff(head) is not None or _text_encoding(head) != "utf-8-sig":
+        return None
+    marker = separator.encode()
+    starts, searched_to = [0], 0
+    with open(path, "rb") as f:
+        for _, planned in _even_ranges(size)[:-1]:
+            at = max(planned, searched_to)
+            found = _find_from(f, marker, at, size)
+            if found is None:
+                break
+            searched_to = found + 1
+            if found > starts[-1]:
+                starts.append(found)
+    if len(starts) == 1:
+        return None
+    return list(zip(starts, starts[1:] + [size]))
+
+
+def _find_from(f, marker: bytes, at: int, size: int) -> Optional[int]:
+    """The offset of the first ``marker`` at or after ``at``; None to the file's end. Each
+    search starts where the last one stopped, so a file is read at most once."""
+    f.seek(at)
+    carry = b""
+    while at < size:
+        block = f.read(SEPARATOR_SCAN_BLOCK)
+        if not block:
+            return None
+        found = (carry + block).find(marker)
+        if found != -1:
+            return at - len(carry) + found
+        carry = (carry + block)[-(len(marker) - 1):] if len(marker) > 1 else b""
+        at += len(block)
+    return None
+
+
 def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
               warn: Optional[list] = None, separator: Optional[str] = DOCUMENT_SEPARATOR) -> Iterator[str]:
     """The documents of ``unit``, in order. Recoveries (bad UTF-8, skipped records) are
     appended to ``warn`` as messages (workers send them back to the main process, which
     shows them)."""
     warn = [] if warn is None else warn
-    if unit.kind == "text":
+    if unit.kind == "text" and unit.is_range:
+        text = "".join(piece for piece, _ in _stream_text(Path(unit.paths[0]), key, warn, READ_BLOCK,
+                                                          unit.start, unit.stop))
+        yield from (document for document, _ in split_at([(text, True)], separator))
+    elif unit.kind == "text":
         for path in unit.paths:
             text = _read_text(Path(path), key, warn)
             if text:
                 yield from (document for document, _ in split_at([(text, True)], separator))
     elif unit.kind == "jsonl":
-        yield from _json_records(Path(unit.paths[0]), text_field, key, warn)
+        yield from _json_records(Path(unit.paths[0]), text_field, key, warn, unit.start, unit.stop)
     elif unit.kind == "csv":
         yield from _csv(Path(unit.paths[0]), text_field, key, warn)
     elif unit.kind == "parquet":
@@ -379,7 +485,7 @@ def read_unit_in_pieces(unit: Unit, text_field: str = "text", key: str = "data.s
     warn = [] if warn is None else warn
     if unit.kind == "text" and piece_chars:
         for path in unit.paths:
-            yield from split_at(_stream_text(Path(path), key, warn, piece_chars), separator)
+            yield from split_at(_stream_text(Path(path), key, warn, piece_chars, unit.start, unit.stop), separator)
         return
     if unit.kind == "archive":
         yield from _archive(Path(unit.paths[0]), text_field, key, warn, piece_chars, separator)
@@ -724,20 +830,22 @@ def _read_text(path: Union[Path, _Member], key: str, warn: list) -> str:
     return _decode(data, path, key, warn, encoding=encoding)
 
 
-def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: int) -> Iterator[Tuple[str, bool]]:
+def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: int, start: int = 0,
+                 stop: Optional[int] = None) -> Iterator[Tuple[str, bool]]:
     """A text file as pieces of one document, read and decoded a block at a time. Bad
     bytes are replaced (U+FFFD) and reported as :func:`_decode` reports them; a binary file
-    or an empty one yields nothing."""
+    or an empty one yields nothing. ``start``/``stop``: only those bytes of a plain file
+    (a :class:`Unit`'s range, which :func:`list_units` found to be UTF-8 text)."""
     strict = lenient = None
-    consumed, replaced, first_bad, carry, chars = 0, 0, None, "", 0
+    consumed, replaced, first_bad, carry, chars = start, 0, None, "", 0
     blank, yielded = True, False  # only blank space so far; a piece given out already
     try:
-        with _open_stream(path, key) as f:
+        with (_open_range(path, start, stop) if stop is not None else _open_stream(path, key)) as f:
             while True:
                 block = f.read(READ_BLOCK)
                 final = not block
                 if strict is None:
-                    encoding = _text_encoding(block)
+                    encoding = "utf-8" if start else _text_encoding(block)
                     if encoding is None:
                         warn.append(_binary(path, key, block[:SNIFF_BYTES]))
                         return
@@ -951,6 +1059,30 @@ class _Member:
 
 
 @contextlib.contextmanager
+def _open_range(path: Path, start: int, stop: int):
+    """The bytes ``[start, stop)`` of a plain file, as a stream."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        yield io.BufferedReader(_Bounded(f, stop - start), buffer_size=1 << 20)
+
+
+class _Bounded(io.RawIOBase):
+    """At most ``left`` bytes of ``raw``, from where it stands."""
+
+    def __init__(self, raw, left: int):
+        self.raw, self.left = raw, left
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.raw.read(min(len(buffer), self.left))
+        buffer[:len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+@contextlib.contextmanager
 def _open_stream(source: Union[Path, _Member], key: str):
     """A file (or an archive's member) opened for reading bytes, decompressed as its content says."""
     with contextlib.ExitStack() as stack:
@@ -1078,14 +1210,25 @@ def _surrogates_replaced(key: str, path, count: int, first: str) -> str:
             "Fix: none needed; repair those records to keep the characters.")
 
 
-def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:
+def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list, start: int = 0,
+                  stop: Optional[int] = None) -> Iterator[str]:
     """JSON Lines, streamed; a file whose first character is ``[`` is one JSON array of
-    records instead, streamed record by record too."""
+    records instead, streamed record by record too. ``start``/``stop`` (a :class:`Unit`'s
+    range of a plain file): only the lines that begin in those bytes; records are then
+    named by their byte offset, as a line's number is not known without the bytes before."""
+    if stop is not None and start > 0:
+        yield from _json_lines_range(Path(path), text_field, key, warn, start, stop)
+        return
     line_no, kept, offset = 0, 0, 0
     skipped = SkippedRecords(path, key)
     try:
+        line_start = 0  # the byte a line begins at: a range's first unit ends at the first line that begins at stop
         with _open_stream(path, key) as stream:
             for line_no, raw in enumerate(stream, 1):
+                if stop is not None:
+                    if line_start >= stop:
+                        break
+                    line_start += len(raw)
                 if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                     raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
                 if not raw.strip():
@@ -1111,6 +1254,36 @@ def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: l
     except Exception as err:
         _raise_if_damaged(path, err, f" after line {line_no:,}" if line_no else "", key)
         raise
+
+
+def _json_lines_range(path: Path, text_field: str, key: str, warn: list, start: int, stop: int) -> Iterator[str]:
+    """The records of the lines of a plain JSON Lines file that begin in ``[start, stop)``
+    (``start`` > 0): the line under way at ``start`` belongs to the range before."""
+    kept = 0
+    skipped = SkippedRecords(path, key, where="byte")
+    with open(path, "rb") as f:
+        f.seek(start - 1)
+        at = start - 1 + len(f.readline())  # to the end of the line that byte start - 1 is on
+        while at < stop:
+            raw = f.readline()
+            if not raw:
+                break
+            line_at, at = at, at + len(raw)
+            if not raw.strip():
+                continue
+            place = f"{path} (the line at byte {line_at:,})"
+            line = _decode(raw, path, key, warn, where=f" (the line at byte {line_at:,})")
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                skipped.skip("not valid JSON", line_at, kept, f"{key}: {place} is not valid JSON ({err}). "
+                             "Fix: JSON Lines (one object per line); or rename the file to .txt to read it as text.")
+                continue
+            text = _record_text(record, text_field, place, line_at, skipped, kept, key)
+            if text is not None:
+                kept += 1
+                yield text
+    skipped.finish(kept, warn)
 
 
 def _json_array(path: Union[Path, _Member], stream, text_field: str, key: str, warn: list,

@@ -177,7 +177,7 @@ def _prepare_unit(job: dict) -> dict:
         _WORKER_TOKENIZER[key] = Tokenizer(job["tokenizer"], eos_token=job["eos_token"])
     tokenizer = _WORKER_TOKENIZER[key]
     splits = tokenizer.splits_safely
-    unit = Unit(**{**job["unit"], "paths": tuple(job["unit"]["paths"])})
+    unit = Unit.from_dict(job["unit"])
     dtype, out_dir = np.dtype(job["dtype"]), Path(job["out_dir"])
     name = shard_name(job["index"])
     data_path = out_dir / f"{name}.bin"
@@ -256,6 +256,38 @@ def _plan(units: List[Unit], tokenizer: Tokenizer, text_field: str, dtype: np.dt
     return json.loads(json.dumps(plan))  # as it reads back from plan.json (tuples become lists)
 
 
+def _earlier_plan(out_dir: Path) -> Optional[dict]:
+    """The plan of an earlier prepare into ``out_dir``: a finished one's (in its manifest), else
+    an unfinished one's (plan.json); None when there is none or it does not read."""
+    for path, pick in ((out_dir / MANIFEST, lambda d: d.get("plan")), (out_dir / PLAN, lambda d: d)):
+        try:
+            plan = pick(json.loads(path.read_text()))
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(plan, dict) and isinstance(plan.get("units"), list):
+            return plan
+    return None
+
+
+def _same_files_cut_otherwise(earlier: dict, plan: dict) -> bool:
+    """Whether two plans read the same files in the same order with the same settings, and differ
+    only in how the files are cut into units (SPLIT_FILE_BYTES, or the cutting of large files added)."""
+    def files(units: List[dict]) -> List[str]:
+        return list(dict.fromkeys(path for unit in units for path in unit["paths"]))
+
+    def settings(p: dict) -> dict:
+        return {k: v for k, v in p.items() if k != "units"}
+
+    def size(units: List[dict]) -> int:  # an edited file changes it, as it changed the old units' sizes
+        return sum(unit.get("size", 0) for unit in units)
+
+    try:
+        return (settings(earlier) == settings(plan) and files(earlier["units"]) == files(plan["units"])
+                and size(earlier["units"]) == size(plan["units"]))
+    except (KeyError, TypeError):
+        return False
+
+
 def check_output_folder(out_dir: Path, units: List[Unit], out_key: str) -> None:
     """Refuse, before any tokenizing, an output folder that would mix shards with other files
     or replace the corpus itself. A folder an earlier prepare started is taken back up."""
@@ -298,9 +330,15 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
                         f"(this machine has {os.cpu_count()} cores).")
-    units = list_units(source, key)
+    units = list_units(source, key, document_separator)
     dtype = token_dtype(tokenizer.vocab_size)
     plan = _plan(units, tokenizer, text_field, dtype, document_separator, drop_copies)
+    earlier = _earlier_plan(out_dir)
+    if earlier is not None and earlier != plan and _same_files_cut_otherwise(earlier, plan):
+        # prepared (or begun) by a letrecipes that cut the files into other units: the same
+        # documents in the same order, so its units are kept and its finished shards used
+        units = [Unit.from_dict(u) for u in earlier["units"]]
+        plan = earlier
     check_output_folder(out_dir, units, out_key)
     if is_prepared(out_dir):
         manifest = json.loads((out_dir / MANIFEST).read_text())
@@ -692,7 +730,7 @@ def warn_if_repeated(folder: Path, manifest: dict, key: str) -> None:
     repeats = manifest.get("repeats")
     if not repeats or repeats["copy_tokens"] <= REPEAT_LIMIT * manifest["tokens"] or not _first_time("repeated", folder):
         return
-    units = [Unit(**{**u, "paths": tuple(u["paths"])}) for u in (manifest.get("plan") or {}).get("units", [])]
+    units = [Unit.from_dict(u) for u in (manifest.get("plan") or {}).get("units", [])]
 
     def named(index: int) -> str:
         return units[index].describe() if index < len(units) else manifest["shards"][index]["file"]

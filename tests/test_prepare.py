@@ -88,6 +88,92 @@ def test_small_text_files_are_grouped_in_linear_time(tmp_path, monkeypatch):
     assert stats <= 10 * 3000, stats  # quadratic: about 1,500,000
 
 
+def _whole(monkeypatch):
+    monkeypatch.setattr(corpus, "SPLIT_FILE_BYTES", 10**12)
+
+
+def test_a_large_file_is_cut_into_units_that_read_as_the_whole(tmp_path, tokenizer_path, monkeypatch):
+    """One big JSON Lines or text file was one unit, prepared by one worker whatever the
+    number of cores. Cut into byte ranges (lines that begin in a range; text at a document
+    separator), the documents, their order and the tokens are those of the whole file:
+    a byte-order mark, CRLF, blank lines, multibyte characters, lines across a cut."""
+    docs = [d + " caf\u00e9 \u4e2d\u6587 \U0001f600" * (i % 3) for i, d in enumerate(documents(300))]
+    lines = [json.dumps({"text": d}, ensure_ascii=i % 2 == 0) + ("\r\n" if i % 5 == 0 else "\n") + ("\n" if i % 7 == 0 else "")
+             for i, d in enumerate(docs)]
+    (tmp_path / "big.jsonl").write_bytes(codecs.BOM_UTF8 + "".join(lines).encode())
+    (tmp_path / "stories.txt").write_text("".join(f"{d}<|endoftext|>\n" for d in docs), encoding="utf-8")
+    (tmp_path / "array.json").write_text(json.dumps([{"text": d} for d in docs]))
+    (tmp_path / "one_document.txt").write_text("\n".join(docs))
+    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress("".join(lines).encode()))
+    files = ["big.jsonl", "stories.txt", "array.json", "one_document.txt", "packed.jsonl.gz"]
+    _whole(monkeypatch)
+    whole = {name: list(read_documents(tmp_path / name)) for name in files}
+    assert whole["big.jsonl"] == docs == whole["stories.txt"] == whole["packed.jsonl.gz"]
+    monkeypatch.setattr(corpus, "SPLIT_FILE_BYTES", 4000)
+    units = {name: corpus.list_units(tmp_path / name) for name in files}
+    assert len(units["big.jsonl"]) > 5 and len(units["stories.txt"]) > 5, units
+    for name in ("array.json", "one_document.txt", "packed.jsonl.gz"):  # cannot be entered midway: whole
+        assert len(units[name]) == 1 and not units[name][0].is_range, name
+    stories = (tmp_path / "stories.txt").read_bytes()
+    assert all(stories[u.start:].startswith(b"<|endoftext|>") for u in units["stories.txt"][1:])
+    for name in files:
+        assert list(read_documents(tmp_path / name)) == whole[name], name
+        pieces = [piece for unit in units[name] for piece in corpus.read_unit_in_pieces(unit, piece_chars=300)]
+        joined, current = [], ""
+        for piece, ends in pieces:
+            current += piece
+            if ends:
+                joined.append(current)
+                current = ""
+        assert joined == whole[name], name
+
+    tok = Tokenizer(tokenizer_path)
+    cut = prepare_corpus([tmp_path / "big.jsonl", tmp_path / "stories.txt"], tok, tmp_path / "cut", workers=2, **QUIET)
+    _whole(monkeypatch)
+    one = prepare_corpus([tmp_path / "big.jsonl", tmp_path / "stories.txt"], tok, tmp_path / "one", workers=1, **QUIET)
+    assert len(cut["shards"]) > 10 and len(one["shards"]) == 2 and cut["documents"] == one["documents"] == 600
+    stream = lambda folder, m: TokenShards(folder, tok)[0:m["tokens"]]  # noqa: E731
+    assert np.array_equal(stream(tmp_path / "cut", cut), stream(tmp_path / "one", one))
+
+
+def test_a_folder_prepared_before_files_were_cut_is_still_prepared(tmp_path, tokenizer_path, monkeypatch, capsys):
+    """A prepare-data folder or cache made when a big file was one unit is the same tokens:
+    it is used as it is (and an unfinished one goes on in its own units), not refused as
+    "prepared from other sources"; an edited file still is."""
+    tok = Tokenizer(tokenizer_path)
+    source = tmp_path / "big.jsonl"
+    source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(200)))
+    _whole(monkeypatch)
+    before = prepare_corpus(source, tok, tmp_path / "out", **QUIET)
+    monkeypatch.setattr(corpus, "SPLIT_FILE_BYTES", 4000)
+    messages = []
+    assert prepare_corpus(source, tok, tmp_path / "out", log=messages.append) == before
+    assert any("already prepared" in m for m in messages), messages
+    (tmp_path / "out" / "shard_000000.bin").write_bytes(b"")  # damaged: redone in the earlier plan's one unit
+    assert prepare_corpus(source, tok, tmp_path / "out", **QUIET)["shards"] == before["shards"]
+    source.write_text(source.read_text() + json.dumps({"text": "one more"}) + "\n")
+    with pytest.raises(DataError, match="already holds data prepared from other sources"):
+        prepare_corpus(source, tok, tmp_path / "out", **QUIET)
+
+
+def test_a_bad_record_in_a_later_part_of_a_cut_file_is_named_by_its_byte(tmp_path, monkeypatch):
+    docs = documents(200)
+    lines = [json.dumps({"text": d}) + "\n" for d in docs]
+    lines[150] = "{not json\n"
+    (tmp_path / "big.jsonl").write_text("".join(lines))
+    (tmp_path / "bad.txt").write_bytes("".join(f"{d}<|endoftext|>" for d in docs[:150]).encode() + b"\xff"
+                                       + "".join(f"{d}<|endoftext|>" for d in docs[150:]).encode())
+    monkeypatch.setattr(corpus, "SPLIT_FILE_BYTES", 4000)
+    at = len("".join(lines[:150]).encode())
+    with pytest.warns(corpus.DataWarning) as caught:
+        assert list(read_documents(tmp_path / "big.jsonl")) == docs[:150] + docs[151:]
+    assert any(f"skipped 1 of " in str(w.message) and f"the first at byte {at}" in str(w.message) for w in caught), \
+        [str(w.message) for w in caught]
+    bad_at = len("".join(f"{d}<|endoftext|>" for d in docs[:150]).encode())
+    with pytest.warns(corpus.DataWarning, match=f"first bad byte at offset {bad_at}\\)"):
+        assert len(list(read_documents(tmp_path / "bad.txt"))) == 200
+
+
 def test_prepare_is_deterministic_and_independent_of_workers(mixed_corpus, tokenizer_path, tmp_path):
     root, docs = mixed_corpus
     tok = Tokenizer(tokenizer_path)
