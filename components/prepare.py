@@ -48,6 +48,9 @@ from letrecipes.components.tokenizer import Tokenizer
 
 MANIFEST = PREPARED_MANIFEST
 PLAN = "plan.json"
+# A cache's shards as last found sound (read whole) or written: {vocab_size, files: {name: [size,
+# mtime_ns]}}. A launch reads in full only the shards changed since, not the whole cache.
+VERIFIED = "verified.json"
 FORMAT_VERSION = 1
 DOCS_PER_BATCH = 256
 # The lock that lets one process of all the nodes sharing a cache folder prepare it: its holder
@@ -95,11 +98,12 @@ def size_problem(path: Path, expected: int) -> Optional[str]:
     return "is missing" if size is None else f"has {size:,} bytes where the manifest says {expected:,}"
 
 
-def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
+def damaged_shards(folder: Path, vocab_size: int, verified: Optional[dict] = None) -> List[str]:
     """What is wrong with a prepared folder's shards: a size other than the manifest's, an
     id outside the vocabulary (read in blocks: memory stays flat), a keys file that does not
     read (one that is missing is an older prepare's, not damage). Empty: it is sound.
-    For caches, which are rebuilt when damaged; a full read, at disk speed."""
+    For caches, which are rebuilt when damaged; a full read, at disk speed, except of the
+    shards ``verified`` (:func:`read_verified`) lists unchanged, whose sizes alone are checked."""
     try:
         manifest = json.loads((Path(folder) / MANIFEST).read_text())
         dtype = np.dtype(manifest["dtype"])
@@ -113,6 +117,8 @@ def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
         if wrong_size:
             problems.append(f"{shard['file']} {wrong_size}")
             continue
+        if verified and all(verified.get(p.name) == _stamp(p) for p in (path, keys_path(path)) if p.exists()):
+            continue
         keys = keys_path(path)
         if keys.exists() and stored_keys(folder, [shard]) is None:
             problems.append(f"{keys.name} does not read")
@@ -122,6 +128,40 @@ def damaged_shards(folder: Path, vocab_size: int) -> List[str]:
                     problems.append(f"{shard['file']} holds token ids >= the vocabulary size {vocab_size}")
                     break
     return problems
+
+
+def _stamp(path: Path) -> Optional[List[int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def read_verified(folder: Path, vocab_size: int) -> dict:
+    """``{file name: [size, mtime_ns]}`` of the shards and keys files last found sound for this
+    vocabulary; empty when there is no record (every shard is then read in full)."""
+    try:
+        record = json.loads((Path(folder) / VERIFIED).read_text())
+        return dict(record["files"]) if record.get("vocab_size") == vocab_size else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_verified(folder: Path, vocab_size: int) -> None:
+    """Record the folder's shards as sound, as they are now. Kept from a read-only cache (a
+    shared one that another user prepared): its launches then read it in full, as before."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        files = {}
+        for shard in manifest["shards"]:
+            for path in (Path(folder) / shard["file"], keys_path(Path(folder) / shard["file"])):
+                if (stamp := _stamp(path)) is not None:
+                    files[path.name] = stamp
+        if read_verified(folder, vocab_size) != files:
+            replace_atomically(Path(folder) / VERIFIED, json.dumps({"vocab_size": vocab_size, "files": files}))
+    except (OSError, ValueError, KeyError):
+        pass
 
 
 _WORKER_TOKENIZER: Dict[tuple, Tokenizer] = {}
@@ -548,7 +588,10 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
     start = time.perf_counter()
     if rank == 0:
         lock = folder.with_name(folder.name + ".lock")
-        while not (is_prepared(folder) and not damaged_shards(folder, tokenizer.vocab_size) and _keyed_already(folder)):
+        # A cache is read in full once, then only where a shard changed since (a 20B-token cache is
+        # 40-80 GB: minutes at every launch and restart, on every node, read whole each time)
+        while not (is_prepared(folder) and _keyed_already(folder)
+                   and not damaged_shards(folder, tokenizer.vocab_size, read_verified(folder, tokenizer.vocab_size))):
             check_writable_folder(cache_dir, "data.cache_dir")
             if _take_lock(lock):
                 try:
@@ -561,6 +604,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
             log(f"waiting for {_lock_owner(lock)} to prepare {source} into {folder} (data.prepare_timeout_s="
                 f"{timeout_s:.0f})")
             _wait_while_held(lock, folder, start, timeout_s, source)
+        write_verified(folder, tokenizer.vocab_size)  # sound as found, or written by this prepare
         return folder
     if is_prepared(folder):
         return folder

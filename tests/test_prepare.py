@@ -646,6 +646,37 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tokenizer_path, tmp_path, dam
     assert not list(folder.glob(".*.tmp"))
 
 
+def test_a_sound_cache_is_read_in_full_once_then_only_where_it_changed(tokenizer_path, tmp_path, monkeypatch):
+    """Every launch read the whole cache to check its token ids: 40-80 GB for a 20B-token
+    corpus, on every node at every start and restart. Now a shard is read in full when it
+    is new to the record (verified.json) or changed since (size, mtime); the sizes are still
+    checked every time."""
+    from letrecipes.components.prepare import VERIFIED, cached_prepare, read_verified
+
+    source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
+    folder = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
+    shard = folder / "shard_000000.bin"
+    assert set(read_verified(folder, tok.vocab_size)) == {"shard_000000.bin", "shard_000000.keys.npy"}
+    assert read_verified(folder, tok.vocab_size + 1) == {}  # another vocabulary: nothing counts as checked
+    full_reads = []
+    real = prepare_module.stored_keys
+    monkeypatch.setattr(prepare_module, "stored_keys", lambda f, shards: full_reads.append(shards) or real(f, shards))
+    assert cached_prepare(source, tok, tmp_path / "cache", **QUIET) == folder and full_reads == []
+    later = shard.stat().st_mtime_ns + 10**9
+    os.utime(shard, ns=(later, later))  # changed since: read in full again, found sound, recorded
+    assert cached_prepare(source, tok, tmp_path / "cache", **QUIET) == folder and len(full_reads) == 1
+    assert read_verified(folder, tok.vocab_size)["shard_000000.bin"][1] == later
+    assert cached_prepare(source, tok, tmp_path / "cache", **QUIET) == folder and len(full_reads) == 1
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-2])  # a size other than the manifest's is found without the record's help
+    with pytest.warns(corpus.DataWarning, match="cached tokens of .* are damaged"):
+        cached_prepare(source, tok, tmp_path / "cache", **QUIET)
+    assert shard.read_bytes() == good
+    (folder / VERIFIED).write_text("{not json")  # a damaged record: every shard is read, and it is rewritten
+    assert cached_prepare(source, tok, tmp_path / "cache", **QUIET) == folder
+    assert set(read_verified(folder, tok.vocab_size)) == {"shard_000000.bin", "shard_000000.keys.npy"}
+
+
 def test_a_damaged_prepared_folder_is_named_when_read(tokenizer_path, tmp_path):
     source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
     prepare_corpus(source, tok, tmp_path / "prepared", **QUIET)
