@@ -376,7 +376,9 @@ def _text_ranges(path: Path, separator: Optional[str]) -> Optional[List[Tuple[in
     """Byte ranges for a large plain UTF-8 text file, each after the first but the first
     beginning where a ``separator`` does (so no document is cut and no character split);
     None where the file stays one unit: small, compressed, another encoding, or no separator."""
-    if not separator:
+    if not separator or any(separator[:k] == separator[-k:] for k in range(1, len(separator))):
+        # a separator that can overlap itself ("\n\n" in "\n\n\n") is found where a read from the
+        # file's start finds it only by such a read: those files are not cut
         return None
     try:
         size = path.stat().st_size
