@@ -230,6 +230,37 @@ def test_the_split_keywords_are_datasets_own():
     assert set(corpus.DATASETS_METADATA) == set(FILES_TO_IGNORE) - {"README.md"}
 
 
+def test_a_parquet_row_group_is_read_in_batches_of_rows(tmp_path, monkeypatch):
+    """A row group was read whole, then made Python strings: about five times its text in
+    memory (pandas writes a million rows a group). Now in batches of rows, fewer for longer
+    rows (`python benchmarks/parquet_memory.py`: 256 MB of text, 1018 -> 108 MB peak)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from letrecipes.components import corpus
+
+    docs = documents(40)
+    long_docs = [d * 40 for d in docs]
+    meta = pa.array([{"body": d, "lang": "en"} for d in docs])
+    pq.write_table(pa.table({"text": docs, "meta": meta}), tmp_path / "short.parquet", row_group_size=40)
+    pq.write_table(pa.table({"text": long_docs}), tmp_path / "long.parquet", row_group_size=40)
+    sizes = []
+    real = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):
+        sizes.append(kwargs["batch_size"])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    monkeypatch.setattr(corpus, "PARQUET_BATCH_ROWS", 16)
+    monkeypatch.setattr(corpus, "PARQUET_BATCH_BYTES", 20_000)
+    with _no_data_warnings():
+        assert list(read_documents(tmp_path / "short.parquet")) == docs
+        assert list(read_documents(tmp_path / "short.parquet", text_field="meta.body")) == docs
+        assert list(read_documents(tmp_path / "long.parquet")) == long_docs
+    assert sizes[0] == sizes[1] == 16 and 1 <= sizes[2] < 16, sizes  # long rows: fewer a batch
+
+
 def test_parquet_and_arrow_members_of_an_archive_are_read_in_memory(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
