@@ -1,7 +1,7 @@
 """Peak memory of reading a parquet file written as one row group (pandas' ``to_parquet``
-and pyarrow's ``write_table`` put up to a million rows in a group): the row group in
-batches of rows (components/corpus.py since 2026-12-05) against read whole, then turned
-into Python strings (what it did before).
+and pyarrow's ``write_table`` put up to a million rows in a group), and a ``datasets``
+folder's unit of 50,000 rows: made Python strings in batches of rows (components/corpus.py
+since 2026-12-05) against all at once (what it did before).
 
     python benchmarks/parquet_memory.py [--mb 64 256]
 
@@ -34,8 +34,14 @@ path, way = Path(sys.argv[1]), sys.argv[2]
 start, digest, rows = time.perf_counter(), hashlib.sha256(), 0
 if way == "batches":
     texts = corpus._row_group_values(path, 0, "text", "data.source")
-else:
+elif way == "whole":
     texts = pq.ParquetFile(path).read_row_group(0, columns=["text"]).column(0).to_pylist()
+elif way == "dataset_batches":
+    texts = corpus._dataset_values(corpus._load_dataset(path, "k"), ["text"], 0, path, "k")
+else:
+    from datasets import load_from_disk
+    texts = load_from_disk(str(path)).select_columns(["text"]).with_format("arrow")[0:corpus.DATASET_UNIT_ROWS]
+    texts = texts.column(0).to_pylist()
 for text in texts:
     digest.update(text.encode("utf-8"))
     rows += 1
@@ -78,15 +84,24 @@ def main(argv=None) -> int:
         for mb in args.mb:
             path = Path(work) / f"one_group_{mb}mb.parquet"
             one_row_group(path, mb, text)
+            from datasets import Dataset
+
+            saved = Path(work) / f"saved_{mb}mb"
+            Dataset.from_parquet(str(path), cache_dir=str(Path(work) / "hf_cache")).save_to_disk(str(saved))
             row = {"text_mb": mb, "file_mb": round(path.stat().st_size / 2**20, 1),
-                   "batches": read(path, "batches"), "whole": read(path, "whole")}
-            row["same_texts"] = row["batches"]["texts_sha256"] == row["whole"]["texts_sha256"]
+                   "batches": read(path, "batches"), "whole": read(path, "whole"),
+                   "dataset_batches": read(saved, "dataset_batches"), "dataset_whole": read(saved, "dataset_whole")}
+            row["same_texts"] = len({row[w]["texts_sha256"] for w in ("batches", "whole")}) == 1
+            row["dataset_same_texts"] = len({row[w]["texts_sha256"] for w in ("dataset_batches", "dataset_whole")}) == 1
             rows.append(row)
             path.unlink()
             print(f"{mb} MB of text in one row group: peak {row['batches']['peak_rss_mb']:.0f} MB in batches, "
-                  f"{row['whole']['peak_rss_mb']:.0f} MB whole; same texts: {row['same_texts']}", flush=True)
+                  f"{row['whole']['peak_rss_mb']:.0f} MB whole; same texts: {row['same_texts']}; a datasets "
+                  f"folder's first unit ({row['dataset_whole']['rows']:,} rows): {row['dataset_batches']['peak_rss_mb']:.0f}"
+                  f" MB in batches, {row['dataset_whole']['peak_rss_mb']:.0f} MB at once; same texts: "
+                  f"{row['dataset_same_texts']}", flush=True)
     write_json({**header("parquet_memory.py", argv), "rows": rows}, args.out)
-    return 0 if all(r["same_texts"] for r in rows) else 1
+    return 0 if all(r["same_texts"] and r["dataset_same_texts"] for r in rows) else 1
 
 
 if __name__ == "__main__":

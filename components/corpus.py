@@ -78,7 +78,8 @@ READER_VERSION = 5  # 4: text files split at data.document_separator; 5: blank d
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
 DATASET_UNIT_ROWS = 50_000
-PARQUET_BATCH_ROWS, PARQUET_BATCH_BYTES = 1024, 32 * 2**20  # a parquet row group is read in batches of at most these
+# A parquet row group, or a datasets folder's unit, is made Python strings in batches of at most these
+ROW_BATCH_ROWS, ROW_BATCH_BYTES = 1024, 32 * 2**20
 # A plain (uncompressed) JSON Lines file, or a text file of documents ended by the separator,
 # larger than this is cut into byte ranges of about this size, one unit each: one 10 GB file
 # is prepared by every worker instead of one. Compressed streams cannot be entered midway.
@@ -462,13 +463,8 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         dataset = _load_dataset(path, key)
         names = _text_path(dataset.features.arrow_schema, f"the datasets folder {str(path)!r}", text_field, key)
         start = unit.part * DATASET_UNIT_ROWS
-        try:
-            table = dataset.select_columns([names[0]]).with_format("arrow")[start:start + DATASET_UNIT_ROWS]
-            rows = _python_values(_leaf(table.column(0), names))  # as parquet's: Arrow checks no UTF-8
-        except Exception as err:  # a damaged Arrow file fails here, not at load_from_disk
-            raise DataError(f"{key}: the datasets folder {str(path)!r} is damaged: rows {start:,}- do not read "
-                            f"({err}). Fix: save it again, or remove it from the source.") from err
-        yield from _strings(rows, path, text_field, key, warn, f" (rows {start:,}-)")
+        yield from _strings(_dataset_values(dataset, names, start, path, key), path, text_field, key, warn,
+                            f" (rows {start:,}-)")
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
@@ -1431,6 +1427,25 @@ def _csv_header(path: Path, parse, key: str) -> List[str]:
         return pa_csv.open_csv(stream, parse_options=parse).schema.names
 
 
+def _batch_rows(row_bytes: float) -> int:
+    return int(min(ROW_BATCH_ROWS, max(1, ROW_BATCH_BYTES // max(1.0, row_bytes))))
+
+
+def _dataset_values(dataset, names: List[str], start: int, path: Path, key: str) -> Iterator:
+    """Rows ``start`` to ``start + DATASET_UNIT_ROWS`` of a datasets folder's text column, made
+    Python strings a batch at a time (the folder is memory-mapped; 50,000 books at once would
+    be tens of GB of strings)."""
+    try:
+        table = dataset.select_columns([names[0]]).with_format("arrow")[start:start + DATASET_UNIT_ROWS]
+        column = _leaf(table.column(0), names)
+        step = _batch_rows(column.nbytes / max(1, len(column)))
+        for first in range(0, len(column), step):
+            yield from _python_values(column.slice(first, step))  # as parquet's: Arrow checks no UTF-8
+    except Exception as err:  # a damaged Arrow file fails here, not at load_from_disk
+        raise DataError(f"{key}: the datasets folder {str(path)!r} is damaged: rows {start:,}- do not read "
+                        f"({err}). Fix: save it again, or remove it from the source.") from err
+
+
 def _row_group_values(path: Path, group: int, text_field: str, key: str) -> Iterator:
     """The text column of one row group, a batch of rows at a time. Read whole, a row group
     cost about five times its text in memory (1.05 GB for one of 204 MB of text; pandas'
@@ -1439,7 +1454,7 @@ def _row_group_values(path: Path, group: int, text_field: str, key: str) -> Iter
     names = _text_path(parquet.schema_arrow, path, text_field, key)
     meta = parquet.metadata.row_group(group)
     row_bytes = meta.total_byte_size / max(1, meta.num_rows)
-    rows = int(min(PARQUET_BATCH_ROWS, max(1, PARQUET_BATCH_BYTES // max(1.0, row_bytes))))
+    rows = _batch_rows(row_bytes)
     try:
         for batch in parquet.iter_batches(batch_size=rows, row_groups=[group], columns=[names[0]]):
             yield from _python_values(_leaf(batch.column(0), names))

@@ -252,13 +252,23 @@ def test_a_parquet_row_group_is_read_in_batches_of_rows(tmp_path, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
-    monkeypatch.setattr(corpus, "PARQUET_BATCH_ROWS", 16)
-    monkeypatch.setattr(corpus, "PARQUET_BATCH_BYTES", 20_000)
+    monkeypatch.setattr(corpus, "ROW_BATCH_ROWS", 16)
+    monkeypatch.setattr(corpus, "ROW_BATCH_BYTES", 20_000)
     with _no_data_warnings():
         assert list(read_documents(tmp_path / "short.parquet")) == docs
         assert list(read_documents(tmp_path / "short.parquet", text_field="meta.body")) == docs
         assert list(read_documents(tmp_path / "long.parquet")) == long_docs
     assert sizes[0] == sizes[1] == 16 and 1 <= sizes[2] < 16, sizes  # long rows: fewer a batch
+
+    from datasets import Dataset  # a datasets folder's unit (50,000 rows) is made strings in batches too
+
+    Dataset.from_dict({"text": long_docs}).save_to_disk(str(tmp_path / "saved"))
+    batches = []
+    real_values = corpus._python_values
+    monkeypatch.setattr(corpus, "_python_values", lambda column: batches.append(len(column)) or real_values(column))
+    with _no_data_warnings():
+        assert list(read_documents(tmp_path / "saved")) == long_docs
+    assert len(batches) > 2 and sum(batches) == 40 and max(batches) < 16, batches
 
 
 def test_parquet_and_arrow_members_of_an_archive_are_read_in_memory(tmp_path):
