@@ -250,13 +250,15 @@ def _files(item: Path, key: str) -> List[Path]:
             "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
             "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
         raise DataError(f"{key}: {as_given(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
-    found, dataset_dirs, other = [], [], {}
+    found, dataset_dirs, other, broken = [], [], {}, []
     for path in sorted(item.rglob("*")):
         if any(path.is_relative_to(d) for d in dataset_dirs):
             continue
         if is_dataset_folder(path):
             dataset_dirs.append(path)
             found.append(path)
+        elif path.is_symlink() and not path.exists() and not path.name.startswith("."):
+            broken.append(path)  # a Hugging Face cache whose download stopped: links to blobs never written
         elif not path.is_file() or any(part.startswith(".") for part in path.relative_to(item).parts):
             continue  # hidden: macOS's ._name.txt resource forks, caches, version control
         elif path.name == PREPARED_MANIFEST and is_token_shards(path.parent):
@@ -273,11 +275,20 @@ def _files(item: Path, key: str) -> List[Path]:
             compression = _compression(path.name.lower())
             suffix = _format_base(path.name.lower()) + compression if compression else path.suffix.lower()
             other.setdefault(suffix or "(no suffix)", []).append(path)
+    links = (f"{len(broken)} file(s) in {str(item)!r} are links to files that do not exist (first: "
+             f"{broken[0].relative_to(item)} -> {os.readlink(broken[0])}), as a Hugging Face download that stopped "
+             "leaves them") if broken else ""
     if not found:
         skipped = f"{_not_read({s: [p.relative_to(item) for p in ps] for s, ps in other.items()}, 'file(s) in it')}. " \
             if other else ""
+        if broken:
+            raise DataError(f"{key}: {links}, and it holds nothing else that is read. Fix: finish the download "
+                            f"(run `hf download` again), or point {key} at a complete copy.")
         raise DataError(f"{key}: folder {str(item)!r} holds none of the formats read. {skipped}Read are: {FORMATS}. "
                         f"Fix: point {key} at the folder holding the corpus, or convert it to one of them.")
+    if broken:  # training on the part that arrived, without a word, would be a smaller corpus than meant
+        warnings.warn(f"{key}: {links}; they are not read. Fix: finish the download (run `hf download` again), or "
+                      "delete the links if those files are not wanted.", DataWarning, stacklevel=2)
     found = _train_split(item, found, key)
     texts = [p for p in found if _format(p)[0] == "text"]
     records = [p for p in found if is_dataset_folder(p) or _format(p)[0] in ("jsonl", "csv", "parquet", "arrow")]

@@ -230,6 +230,21 @@ def test_the_split_keywords_are_datasets_own():
     assert set(corpus.DATASETS_METADATA) == set(FILES_TO_IGNORE) - {"README.md"}
 
 
+def test_links_to_files_never_downloaded_are_said_not_skipped_in_silence(tmp_path):
+    """A Hugging Face cache whose download stopped holds links to blobs that were never
+    written: they were skipped without a word, and the run trained on part of the corpus."""
+    docs = documents(2)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train-0.jsonl").write_text(jsonl(docs).decode())
+    (tmp_path / "data" / "train-1.jsonl").symlink_to(tmp_path / "blobs" / "3f2a")
+    with pytest.warns(DataWarning, match=r"1 file\(s\) in .* are links to files that do not exist \(first: "
+                      r"data/train-1.jsonl -> .*blobs/3f2a\).*they are not read. Fix: finish the download"):
+        assert list(read_documents(tmp_path)) == docs
+    (tmp_path / "data" / "train-0.jsonl").unlink()
+    with pytest.raises(DataError, match=r"are links to files that do not exist .* and it holds nothing else"):
+        list(read_documents(tmp_path))
+
+
 def test_a_parquet_row_group_is_read_in_batches_of_rows(tmp_path, monkeypatch):
     """A row group was read whole, then made Python strings: about five times its text in
     memory (pandas writes a million rows a group). Now in batches of rows, fewer for longer
