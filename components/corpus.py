@@ -943,7 +943,7 @@ def _next_cut(text: str, start: int) -> Optional[int]:
 def read_documents(source, text_field: str = "text", key: str = "data.source",
                    separator: Optional[str] = DOCUMENT_SEPARATOR) -> Iterator[str]:
     """Every document of a source, in order (for small corpora and tests)."""
-    for unit in list_units(source, key):
+    for unit in list_units(source, key, separator):
         messages: list = []
         yield from read_unit(unit, text_field, key, messages, separator)
         for message in messages:

@@ -114,6 +114,8 @@ def test_a_large_file_is_cut_into_units_that_read_as_the_whole(tmp_path, tokeniz
     assert len(units["big.jsonl"]) > 5 and len(units["stories.txt"]) > 5, units
     for name in ("array.json", "one_document.txt", "packed.jsonl.gz"):  # cannot be entered midway: whole
         assert len(units[name]) == 1 and not units[name][0].is_range, name
+    # without a separator a text file is one document, however large
+    assert list(read_documents(tmp_path / "stories.txt", separator=None)) == [(tmp_path / "stories.txt").read_text()]
     # a separator that overlaps itself is found only by a read from the start: not cut
     paragraphs = tmp_path / "paragraphs.txt"
     paragraphs.write_text("\n\n\n".join(docs))
