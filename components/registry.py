@@ -100,6 +100,29 @@ def import_modules(modules: Iterable[str] | None) -> None:
                                  "or remove it from `imports`.") from err
 
 
+# Argument names as Hugging Face configs, nanoGPT, Meta's Llama code and schedulers spell them,
+# against the names a component here may take: spelling alone finds nothing for
+# `hidden_size` (embed_dim) or `n_layer` (num_layers). Only a name the component takes is offered.
+ARGUMENT_NAMES: Dict[str, tuple] = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "dim", "model_dim", "emb_dim", "n_embed"),
+                    ("embed_dim", "hidden_dim")),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "layers", "depth"), ("num_layers",)),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "heads"), ("num_heads",)),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "n_kv_head", "num_kv_groups", "kv_heads"), ("num_kv_heads",)),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "ffn_hidden_size", "mlp_dim", "d_ff", "ffn_hidden_dim"),
+                    ("intermediate_dim", "hidden_dim")),
+    **dict.fromkeys(("max_position_embeddings", "block_size", "context_length", "seq_len", "max_seq_length"),
+                    ("max_seq_len",)),
+    **dict.fromkeys(("rope_theta", "rope_freq_base", "theta"), ("rope_base",)),
+    **dict.fromkeys(("rms_norm_eps", "layer_norm_eps", "norm_epsilon", "layernorm_epsilon"), ("norm_eps",)),
+    **dict.fromkeys(("tie_embeddings", "tie_word_embedding", "share_embeddings"), ("tie_word_embeddings",)),
+    **dict.fromkeys(("initializer_range", "init_range", "std"), ("init_std",)),
+    **dict.fromkeys(("learning_rate", "max_lr", "peak_lr"), ("lr",)),
+    **dict.fromkeys(("num_warmup_steps", "warmup_iters", "warmup", "lr_warmup_steps"), ("warmup_steps",)),
+    **dict.fromkeys(("final_lr_ratio", "min_lr_rate", "final_lr_fraction"), ("min_lr_ratio",)),
+    **dict.fromkeys(("adam_epsilon", "epsilon"), ("eps",)),
+}
+
 SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -119,10 +142,14 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
         if option not in parameters:
             if open_ended:
                 continue
-            close = difflib.get_close_matches(option, named, n=1)
-            hint = f" Did you mean {key}.{close[0]}?" if close else ""
+            meant = [n for n in ARGUMENT_NAMES.get(option, ()) if n in named]
+            close = meant or difflib.get_close_matches(option, named, n=1)
+            hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
+                    else f" Did you mean {key}.{close[0]}?" if close else "")
+            shown = str(value).lower() if isinstance(value, bool) else value
+            fix = f"replace it with {key}.{meant[0]}={shown}" if meant else "correct or remove it"
             raise ComponentError(f"config key {key}.{option} is not an argument of {name!r} (it takes: "
-                                 f"{', '.join(named)}).{hint} Fix: correct or remove it.")
+                                 f"{', '.join(named)}).{hint} Fix: {fix}.")
         problem = _kind_problem(value, parameters[option])
         if problem:
             fix = f"set {key}.{option} to {problem}"

@@ -147,6 +147,19 @@ def resolved(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigValueError(f"config key {key} does not resolve: {cause}. Fix: {fix}.") from None
 
 
+# the eval recipe's keys as lm-evaluation-harness's command line and other evaluators spell them
+EVAL_OTHER_NAMES = {
+    **dict.fromkeys(("model", "model_path", "pretrained", "model_args", "model_name_or_path", "checkpoint_dir",
+                     "checkpoint_path", "ckpt", "path"), "checkpoint"),
+    **dict.fromkeys(("task", "task_names", "benchmarks"), "tasks"),
+    **dict.fromkeys(("fewshot", "num_fewshots", "n_shot", "shots", "few_shot"), "num_fewshot"),
+    **dict.fromkeys(("output_path", "output_file", "results_path", "out"), "output"),
+    **dict.fromkeys(("tokenizer", "tokenizer_file"), "tokenizer_path"),
+    **dict.fromkeys(("max_length", "max_seq_len", "seq_len", "context_length"), "max_len"),
+    **dict.fromkeys(("data_dir", "task_data_dir", "dataset_path"), "task_data"),
+}
+
+
 def validate_eval(cfg: DictConfig) -> None:
     """The eval recipe's config: every key known, of its kind; checkpoint and tasks given."""
     values = resolved(cfg)
@@ -155,6 +168,10 @@ def validate_eval(cfg: DictConfig) -> None:
             raise ConfigValueError(f"config key {key} is missing. Fix: add it (see recipes/configs/eval.yaml).")
     for key, value in values.items():
         if key not in EVAL:
+            if key in EVAL_OTHER_NAMES:
+                ours = EVAL_OTHER_NAMES[key]
+                raise ConfigValueError(f"config key {key} is unknown. Did you mean {ours}? ({key} is what lm-eval or "
+                                       f"other tools call it.) Fix: replace it with {ours}={_as_override(value)}.")
             raise _unknown(key, EVAL, "")
         if value is not None or key in ("checkpoint", "tasks"):
             _check("", key, value, EVAL[key])
@@ -219,6 +236,149 @@ def _check_shell_variables(values: Dict[str, Any], eval_config: bool = False) ->
             f"config key {key}={value!r} holds ${name}, a shell variable, which a config does not expand (the path "
             f"would be read as the literal text '${name}'; {now}). Fix: write {key}={fixed} (OmegaConf reads the "
             "environment; on a command line, in single quotes), or the path itself.")
+
+
+# Keys as other trainers spell them (Hugging Face Trainer and TRL, nanoGPT, torchtune, torchtitan,
+# Megatron, Lightning), by what they mean: spelling alone points `checkpoint_every` at
+# async_checkpoint and `lr`, `block_size` or `hidden_size` nowhere. A value: the key it becomes.
+OTHER_NAMES: Dict[str, str] = {
+    **dict.fromkeys(("save_steps", "checkpoint_every", "checkpoint_interval", "save_interval", "ckpt_every",
+                     "save_freq", "save_every_n_steps", "checkpoint_every_n_steps"), "save_every"),
+    **dict.fromkeys(("logging_steps", "log_interval", "log_every_n_steps", "log_freq", "log_steps"), "log_every"),
+    **dict.fromkeys(("eval_steps", "eval_interval", "eval_freq", "val_check_interval", "eval_every_n_steps",
+                     "validation_interval"), "eval_every"),
+    **dict.fromkeys(("eval_iters", "eval_steps_count", "val_batches", "limit_val_batches"), "eval_batches"),
+    **dict.fromkeys(("max_iters", "num_steps", "total_steps", "train_steps", "training_steps", "steps",
+                     "num_train_steps", "train_iters", "max_train_steps", "total_iters"), "max_steps"),
+    **dict.fromkeys(("save_total_limit", "keep_checkpoints", "max_checkpoints", "keep_latest_k", "keep_last_n",
+                     "max_checkpoints_to_keep"), "keep_last_checkpoints"),
+    **dict.fromkeys(("max_grad_norm", "grad_clip", "gradient_clipping", "clip_grad", "gradient_clip_val",
+                     "clip_grad_norm_"), "clip_grad_norm"),
+    **dict.fromkeys(("per_device_train_batch_size", "micro_batch_size", "train_batch_size", "local_batch_size",
+                     "batch_size_per_device", "micro_batch"), "batch_size"),
+    **dict.fromkeys(("grad_accum_steps", "gradient_accumulation", "accumulate_grad_batches", "grad_accum",
+                     "gradient_accumulation_step"), "gradient_accumulation_steps"),
+    **dict.fromkeys(("out_dir", "output_path", "save_dir", "checkpoint_dir", "ckpt_dir", "run_dir", "outdir",
+                     "log_dir", "dump_folder"), "output_dir"),
+    **dict.fromkeys(("resume_from_checkpoint", "resume_from", "resume_checkpoint", "auto_resume"), "resume"),
+    **dict.fromkeys(("torch_compile", "use_compile", "compile_model"), "compile"),
+    **dict.fromkeys(("random_seed", "seed_everything", "data_seed"), "seed"),
+    **dict.fromkeys(("report_to", "wandb_log", "wandb", "logger", "loggers", "tracker"), "metric_logger"),
+    **dict.fromkeys(("learning_rate", "lr", "max_lr", "peak_lr"), "optimizer.lr"),
+    "weight_decay": "optimizer.weight_decay", "betas": "optimizer.betas",
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "beta1", "beta2"), "optimizer.betas"),
+    **dict.fromkeys(("warmup_steps", "warmup_iters", "num_warmup_steps", "warmup", "lr_warmup_steps"),
+                    "lr_scheduler.warmup_steps"),
+    **dict.fromkeys(("min_lr", "min_lr_ratio", "lr_decay_min"), "lr_scheduler.min_lr_ratio"),
+    **dict.fromkeys(("seq_len", "seq_length", "block_size", "max_seq_len", "max_seq_length", "context_length",
+                     "sequence_length", "max_length", "ctx_len"), "data.seq_len"),
+    **dict.fromkeys(("dataset", "data_path", "dataset_path", "train_data", "data_dir", "train_file", "train_files",
+                     "dataset_name", "corpus", "source"), "data.source"),
+    **dict.fromkeys(("num_workers", "dataloader_num_workers"), "data.num_workers"),
+    **dict.fromkeys(("tokenizer_path", "tokenizer_name", "tokenizer_file"), "tokenizer.path"),
+    **dict.fromkeys(("teacher_path", "teacher_model", "teacher_model_name_or_path", "teacher_checkpoint"),
+                    "teacher.path"),
+    **dict.fromkeys(("gradient_checkpointing", "enable_activation_checkpointing", "activation_checkpoint"),
+                    "activation_checkpointing.mode"),
+    **dict.fromkeys(("bf16", "fp16", "mixed_precision", "precision", "torch_dtype"), "dtype"),
+    **dict.fromkeys(("epochs", "num_train_epochs", "max_epochs", "num_epochs"), "max_steps"),
+    **dict.fromkeys(("data.path", "data.dataset", "data.files", "data.data_files", "data.train_files",
+                     "data.data_dir", "data.dataset_path", "data.paths"), "data.source"),
+    **dict.fromkeys(("data.block_size", "data.max_seq_len", "data.seq_length", "data.max_seq_length",
+                     "data.context_length", "data.sequence_length", "data.max_length"), "data.seq_len"),
+    **dict.fromkeys(("data.text_column", "data.column", "data.field", "data.dataset_text_field", "data.text_key",
+                     "data.column_name", "data.text_col"), "data.text_field"),
+    "data.micro_batch_size": "batch_size",
+    **dict.fromkeys(("data.eos_token", "data.eos"), "tokenizer.eos_token"),
+    **dict.fromkeys(("data.tokenizer", "data.tokenizer_path"), "tokenizer.path"),
+    **dict.fromkeys(("data.workers", "data.dataloader_num_workers"), "data.num_workers"),
+    **dict.fromkeys(("tokenizer.name", "tokenizer.tokenizer_path", "tokenizer.file", "tokenizer.name_or_path",
+                     "tokenizer.pretrained_model_name_or_path"), "tokenizer.path"),
+    **dict.fromkeys(("teacher.model", "teacher.name", "teacher.checkpoint", "teacher.model_name_or_path",
+                     "teacher.checkpoint_dir", "teacher.pretrained_model_name_or_path", "teacher.model_path"),
+                    "teacher.path"),
+    **dict.fromkeys(("teacher.torch_dtype", "teacher.precision"), "teacher.dtype"),
+    **dict.fromkeys(("fsdp.replicate", "fsdp.dp_replicate", "fsdp.data_parallel_replicate_degree",
+                     "fsdp.num_replicas"), "fsdp.replicate_degree"),
+    **dict.fromkeys(("float8.enable", "float8.use_float8"), "float8.enabled"),
+    **dict.fromkeys(("activation_checkpointing.enabled", "activation_checkpointing.enable"),
+                    "activation_checkpointing.mode"),
+}
+
+
+def _fix_for_other_name(name: str, ours: str, value: Any) -> str:
+    """The line a user writes instead, from the value they gave where it carries over."""
+    if ours == "max_steps" and "epoch" in name:
+        return ("max_steps=<steps>: a run counts steps, not epochs (one step reads batch_size x "
+                "gradient_accumulation_steps x data.seq_len tokens on each process; the log names the step at which "
+                "each epoch begins)")
+    if ours == "dtype":
+        if name == "fp16" or str(value).lower() in ("fp16", "float16", "16", "16-mixed", "half"):
+            return "dtype=bf16 (float16 would need loss scaling, which letrecipes does not do; bf16 does not)"
+        return "dtype=bf16 (or fp32)" if value in (True, False, None) or name in ("bf16",) else f"dtype={value}"
+    if ours == "activation_checkpointing.mode":
+        return ("activation_checkpointing.mode=full" if value not in (False, "none", None, 0)
+                else "activation_checkpointing.mode=none")
+    if ours == "optimizer.betas":
+        return "optimizer.betas=[beta1, beta2] (both in one list, like [0.9, 0.95])"
+    if ours == "resume":
+        return ("resume=true (the newest sound checkpoint in output_dir), or resume=<a step checkpoint's folder>"
+                if value in (True, None, "", "latest", "auto") else f"resume={value}")
+    if ours == "metric_logger":
+        return "metric_logger=wandb (or disk, stdout, tensorboard, comet, mlflow, or a list of them)"
+    if ours == "lr_scheduler.min_lr_ratio" and name != "min_lr_ratio":
+        return "lr_scheduler.min_lr_ratio=<the final LR as a fraction of optimizer.lr, like 0.1>"
+    if value is None or isinstance(value, (dict, list)):
+        return f"{ours}=<value>"
+    return f"{ours}={_as_override(value)}"
+
+
+def _as_override(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _component_arguments(values: Dict[str, Any]) -> Dict[str, list]:
+    """The arguments the config's model, optimizer and LR schedule take, by section (those
+    that do not resolve are left to check_components, which names them)."""
+    from letrecipes.components import registry
+
+    taken = {}
+    for key, kind in COMPONENTS.items():
+        spec = values.get(key)
+        name = spec if isinstance(spec, str) else spec.get("_component_") if isinstance(spec, dict) else None
+        try:
+            factory = registry.resolve(kind, name, key=f"{key}._component_") if isinstance(name, str) else None
+            taken[key] = list(inspect.signature(factory).parameters) if factory else []
+        except Exception:  # an unknown or broken component: check_components says so in its own words
+            taken[key] = []
+    return taken
+
+
+def _other_name(full_key: str, value: Any, values: Optional[Dict[str, Any]] = None) -> Optional[ConfigValueError]:
+    """An unknown key that another trainer spells so, or one of ours one level off (a top-level
+    key inside a section, a section's key or a component's argument at the top): the key it
+    means, and the line to write."""
+    ours = OTHER_NAMES.get(full_key)
+    if ours is None:
+        where, _, name = full_key.rpartition(".")
+        if where and name in TOP and TOP[name] is not SECTION:
+            ours = name  # data.batch_size, model.dtype: a top-level key inside a section
+        elif not where:  # `replicate_degree` or `num_layers` alone: the one section that takes it
+            homes = [f"{section}.{name}" for section, keys in SECTIONS.items() if name in keys]
+            homes += [f"{section}.{name}" for section, taken in _component_arguments(values or {}).items()
+                      if name in taken]
+            if len(homes) > 1:  # `enabled`: fsdp's, float8's, ...
+                return ConfigValueError(f"config key {name} is unknown at the top level. Did you mean "
+                                        f"{' or '.join(homes)}? Fix: replace it with the one you mean, like "
+                                        f"{homes[0]}={_as_override(value)}.")
+            ours = homes[0] if homes else None
+    if ours is None:
+        return None
+    name = full_key.rpartition(".")[2]
+    why = (f"{full_key} is what other trainers call it" if full_key in OTHER_NAMES else
+           f"{ours} is a top-level key" if "." not in ours else f"{name} belongs in {ours.rpartition('.')[0]}")
+    return ConfigValueError(f"config key {full_key} is unknown. Did you mean {ours}? ({why}.) Fix: replace it with "
+                            f"{_fix_for_other_name(name, ours, value)}.")
 
 
 # torchtune's profiler section (setup_torch_profiler) counts a schedule from the launch's first step
@@ -301,11 +461,11 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
                                    "let_1b4, let_7b), or run letrecipes/pretrain for plain pretraining.")
     for key, value in values.items():
         if key not in TOP:
-            raise _unknown(key, TOP, "")
+            raise _other_name(key, value, values) or _unknown(key, TOP, "")
         _check("", key, value, TOP[key])
         for inner, inner_value in (value.items() if key in SECTIONS else ()):
             if inner not in SECTIONS[key]:
-                raise _unknown(inner, SECTIONS[key], f"{key}.")
+                raise _other_name(f"{key}.{inner}", inner_value) or _unknown(inner, SECTIONS[key], f"{key}.")
             if inner_value is not None or key == "tokenizer":
                 _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])
     data = values.get("data") or {}
@@ -465,8 +625,17 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         factory = registry.resolve(kind, spec["_component_"], key=f"{key}._component_")
         if kind == "model" and getattr(factory, "__module__", "").startswith("torchtune.models"):
             raise _torchtune_model_builder(spec["_component_"], factory)
-        registry.check_arguments(factory, {k: v for k, v in spec.items() if k != "_component_"}, key,
-                                 spec["_component_"])
+        options = {k: v for k, v in spec.items() if k != "_component_"}
+        if kind in COMPONENTS.values():  # model.seq_len, optimizer.clip_grad_norm: a key of another place
+            try:
+                parameters = inspect.signature(factory).parameters
+            except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+                parameters = {"": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                for option, value in options.items():
+                    if option not in parameters and (misplaced := _other_name(f"{key}.{option}", value)):
+                        raise misplaced
+        registry.check_arguments(factory, options, key, spec["_component_"])
     _rehearse_optimizer(values)
     if with_teacher and isinstance(values.get("teacher"), dict):
         from letrecipes.components.teachers import RECIPE_KEYS, AutoFormat, _accepted_options, formats
@@ -483,7 +652,8 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         options = {k: v for k, v in section.items() if k not in RECIPE_KEYS}
         for key in options:
             if key not in taken:
-                raise _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)], "teacher.")
+                raise _other_name(f"teacher.{key}", options[key]) or _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)],
+                                                                               "teacher.")
         if factory is not AutoFormat:
             registry.check_arguments(factory, options, "teacher", name)
     listed = isinstance(values.get("metric_logger"), list)

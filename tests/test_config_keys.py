@@ -172,3 +172,79 @@ def test_a_mixture_entry_is_named_with_its_index_and_key(sources, says):
     assert says in str(err.value.code), err.value.code
     assert cli.main(["validate", "let_tiny", "~data.source", "data.sources=[{source: a, weight: 0}, {source: b}]"]) \
         in (0, None)
+
+
+# (override as another trainer, or another place of this config, spells it; the line the error must hold)
+MEANT = [
+    ("checkpoint_every=5", "Did you mean save_every? (checkpoint_every is what other trainers call it.) Fix: replace "
+                           "it with save_every=5."),  # by spelling alone: async_checkpoint
+    ("save_steps=100", "Did you mean save_every?"),
+    ("lr=0.001", "Did you mean optimizer.lr? (lr is what other trainers call it.) Fix: replace it with "
+                 "optimizer.lr=0.001."),
+    ("block_size=64", "Did you mean data.seq_len?"),
+    ("max_iters=10", "Did you mean max_steps?"),
+    ("epochs=3", "Fix: replace it with max_steps=<steps>: a run counts steps, not epochs"),
+    ("gradient_checkpointing=true", "Fix: replace it with activation_checkpointing.mode=full."),
+    ("fp16=true", "Fix: replace it with dtype=bf16 (float16 would need loss scaling"),
+    ("data.path=/x", "Did you mean data.source? (data.path is what other trainers call it.) Fix: replace it with "
+                     "data.source=/x."),
+    ("teacher.model=/t", "Did you mean teacher.path?"),
+    ("data.batch_size=4", "Did you mean batch_size? (batch_size is a top-level key.) Fix: replace it with batch_size=4."),
+    ("optimizer.clip_grad_norm=1.0", "Did you mean clip_grad_norm? (clip_grad_norm is a top-level key.)"),
+    ("num_layers=4", "Did you mean model.num_layers? (num_layers belongs in model.) Fix: replace it with "
+                     "model.num_layers=4."),  # an argument of the config's own model component
+    ("replicate_degree=2", "Did you mean fsdp.replicate_degree? (replicate_degree belongs in fsdp.)"),
+    ("enabled=true", "Did you mean fsdp.enabled or export.enabled or float8.enabled or profiler.enabled? Fix: replace "
+                     "it with the one you mean, like fsdp.enabled=true."),
+    ("model.hidden_size=64", "Did you mean model.embed_dim? (hidden_size is what other libraries call it.) Fix: "
+                             "replace it with model.embed_dim=64."),
+    ("model.num_attention_heads=4", "Did you mean model.num_heads?"),
+    ("model.rope_theta=500000.0", "Did you mean model.rope_base?"),
+    ("lr_scheduler.num_warmup_steps=10", "Did you mean lr_scheduler.warmup_steps?"),
+    ("optimizer.learning_rate=0.001", "Did you mean optimizer.lr?"),
+    ("alignment.projector={_component_: mlp, hidden_size: 8}", "Did you mean alignment.projector.hidden_dim?"),
+]
+
+
+@pytest.mark.parametrize("override, says", MEANT, ids=[m[0].split("=")[0] for m in MEANT])
+def test_a_key_named_as_elsewhere_is_answered_with_the_key_it_means(override, says):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    assert says in str(err.value.code), err.value.code
+
+
+def test_every_other_name_points_at_a_key_that_exists_and_is_not_one_itself():
+    """The tables cannot rot: each name they answer is unknown here, each key they offer is real."""
+    import inspect
+
+    from letrecipes import _schema
+    from letrecipes.components import registry
+
+    components = _schema._component_arguments(cli_values("let_tiny"))
+    for name, ours in _schema.OTHER_NAMES.items():
+        where, _, alone = name.rpartition(".")
+        assert alone not in (_schema.SECTIONS.get(where, {}) if where else _schema.TOP), name
+        section, _, key = ours.rpartition(".")
+        known = (_schema.TOP if not section else _schema.SECTIONS.get(section) or components.get(section)
+                 or ("path", "dtype"))
+        assert key in known, (name, ours)
+    for name, ours in _schema.EVAL_OTHER_NAMES.items():
+        assert name not in _schema.EVAL and ours in _schema.EVAL, (name, ours)
+    taken = set().union(*components.values(), inspect.signature(registry.resolve("projector", "mlp")).parameters)
+    for name, offered in registry.ARGUMENT_NAMES.items():
+        assert name not in ("embed_dim", "num_layers") and any(n in taken for n in offered), (name, offered)
+
+
+def cli_values(config: str) -> dict:
+    from letrecipes._config import load_config
+    from letrecipes._schema import resolved
+
+    return resolved(load_config(config))
+
+
+def test_the_eval_recipes_keys_as_lm_eval_spells_them():
+    with pytest.raises(SystemExit, match=r"config key output_path is unknown. Did you mean output\? \(output_path is "
+                                         r"what lm-eval or other tools call it.\) Fix: replace it with output=x.json."):
+        cli.main(["validate", "eval", "output_path=x.json"])
+    with pytest.raises(SystemExit, match="config key pretrained is unknown. Did you mean checkpoint"):
+        cli.main(["validate", "eval", "pretrained=/m"])
