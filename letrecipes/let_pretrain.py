@@ -110,8 +110,13 @@ class LETPretrainRecipe(PretrainRecipe):
                                      teacher_eos_id=teacher_tokenizer.eos_id)
 
     def fingerprints(self) -> Dict[str, str]:
-        if not self.cfg.teacher.get("path") or self.teacher_shape is not None:
-            return {}  # load_teacher names a missing key; past S_stop the teacher's files are not read
+        if self.teacher_shape is not None:
+            # past S_stop the teacher's files are not read (they may be gone): the checkpoint's record of the
+            # teacher that guided the run goes on into the next checkpoints, not a null that reads as a change
+            saved = (saved_run_info(self.resume_from) or {}).get("teacher_fingerprint")
+            return {"teacher_fingerprint": saved} if saved else {}
+        if not self.cfg.teacher.get("path"):
+            return {}  # load_teacher names the missing key
         return {"teacher_fingerprint": content_fingerprint(existing_path(self.cfg.teacher.path, key="teacher.path"))}
 
     def settled_at(self, checkpoint: Path) -> List[str]:

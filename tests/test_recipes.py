@@ -430,7 +430,7 @@ def test_a_torchtune_metric_logger_in_the_yaml_receives_the_let_metrics(let_over
 def test_resume_notices_a_teacher_retrained_in_place_until_s_stop(let_overrides, teacher_dir, tmp_path, capsys):
     """The teacher's files are fingerprinted (run_info.json) like the tokenizer and the data:
     the same teacher at another path resumes; one retrained at its path is refused while it
-    still guides the run, and only logged from S_stop on, where it guides nothing."""
+    still guides the run; from S_stop on, where it guides nothing, it is not read, and its record goes on."""
     from safetensors.torch import save_file
 
     teacher, moved = tmp_path / "teacher", tmp_path / "moved"
@@ -451,4 +451,9 @@ def test_resume_notices_a_teacher_retrained_in_place_until_s_stop(let_overrides,
     assert (checkpoints / "step_00000002" / "run_info.json").read_bytes() == before
     capsys.readouterr()
     run_let(*common, f"teacher.path={teacher}", f"resume={checkpoints / 'step_00000004'}")
-    assert "resume: teacher fingerprint " in capsys.readouterr().out
+    # from S_stop the teacher's files are not read: the checkpoints go on naming the teacher that guided the run
+    # (before 2026-12-05 its record became null, logged as a change whether the teacher had changed or not)
+    assert "teacher fingerprint" not in capsys.readouterr().out
+    fingerprints = {json.loads((checkpoints / step / "run_info.json").read_text())["teacher_fingerprint"]
+                    for step in ("step_00000002", "step_00000004", "step_00000006")}
+    assert len(fingerprints) == 1 and None not in fingerprints
