@@ -51,7 +51,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import environment_errors, replace_atomically
+from letrecipes.components.files import environment_errors, nearby, replace_atomically
 from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.parallel import on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
@@ -376,7 +376,9 @@ class Checkpointer:
             return candidates
         path = Path(str(resume))
         if not path.is_dir():
-            raise CheckpointError(f"resume={resume!r}: no such checkpoint folder. Fix: resume=true for the "
+            seen = nearby(path)
+            raise CheckpointError(f"resume={resume!r}: no such checkpoint folder.{' ' + seen if seen else ''} Fix: "
+                                  "resume=true for the "
                                   f"latest, or a path like <output_dir>/checkpoints/{STEP_PREFIX}00000100.")
         require_complete(path)
         return [path]

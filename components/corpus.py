@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -246,7 +246,8 @@ def _files(item: Path, key: str) -> List[Path]:
     if not item.exists() and glob.has_magic(str(item)):
         return [path for match in _matches(str(item), key) for path in _files(match, key)]
     if not item.exists():
-        fix = hub_id_hint(item, key, "dataset") or (
+        seen = nearby(item)
+        fix = hub_id_hint(item, key, "dataset") or ((seen + " " if seen else "") +
             "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
             "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
         raise DataError(f"{key}: {as_given(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")

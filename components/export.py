@@ -309,11 +309,13 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
     """``letrecipes export``: a step checkpoint (read tensor by tensor) or any model file the
     teacher loaders read -> a Hugging Face folder. ``key`` begins the errors about ``source``
     (the eval recipe's is ``checkpoint``)."""
+    from letrecipes.components.files import nearby
     from letrecipes.components.teachers import resolve_path
 
     path = resolve_path(str(source), key="checkpoint")
     if not path.exists():
-        raise ExportError(f"{key}: nothing at {str(source)!r}. Fix: give a step checkpoint "
+        seen = nearby(path)
+        raise ExportError(f"{key}: nothing at {str(source)!r}.{' ' + seen if seen else ''} Fix: give a step checkpoint "
                           "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
     if is_step_checkpoint(path):
         return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key)

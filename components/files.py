@@ -15,6 +15,7 @@ workers import this module.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import os
 import re
@@ -212,6 +213,38 @@ def hub_cache() -> Path:
 URL = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*):/+(?P<rest>.*)$", re.IGNORECASE)
 HUB_URL = re.compile(r"^(?:huggingface\.co/)?(?P<datasets>datasets/)?(?P<id>[^/]+/[^/]+)")  # after the scheme
 FETCH = {"s3": "aws s3 cp --recursive URL DIR", "gs": "gsutil -m cp -r URL DIR", "gcs": "gsutil -m cp -r URL DIR"}
+
+
+# a folder is read this far for names close to a missing one (a million-file corpus folder is not listed)
+NEARBY_SCAN_LIMIT = 5000
+
+
+def nearby(path: Union[str, Path]) -> str:
+    """For a path that does not exist: what does exist where it points, as one sentence ("" when
+    nothing helps). The step checkpoints of a ``checkpoints`` folder (a step that was never
+    saved, or was rotated out); the names close to a mistyped one; or, when a folder on the
+    way is missing, the deepest one that exists."""
+    target = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if target.exists():
+        return ""
+    base = target.parent
+    while not base.is_dir() and base != base.parent:
+        base = base.parent
+    missing = target.relative_to(base).parts[0] if base != target else ""
+    try:
+        with os.scandir(base) as entries:
+            names = [e.name for _, e in zip(range(NEARBY_SCAN_LIMIT), entries)]
+    except OSError:
+        return ""
+    steps = sorted(n for n in names if re.fullmatch(r"step_\d+", n))
+    if base == target.parent and steps:
+        shown = steps if len(steps) <= 4 else [steps[0], "...", *steps[-2:]]
+        return f"{base} holds {len(steps)} step checkpoint(s): {', '.join(shown)} (the newest last)."
+    close = difflib.get_close_matches(missing, names, n=3, cutoff=0.6)
+    where = "" if base == target.parent or base == base.parent else f"{base / missing} does not exist ({base} does). "
+    if close:
+        return where + f"Close by in {base}: {', '.join(repr(str(base / n)) for n in close)}."
+    return where.strip()
 
 
 def as_given(path: Union[str, Path]) -> str:

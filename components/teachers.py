@@ -35,7 +35,7 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
@@ -175,10 +175,12 @@ def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
         if hub:
             raise TeacherError(f"{key}: nothing at {as_given(path)!r}. {hub}")
         kinds = "a Hugging Face model folder, a .gguf file or a letrecipes export (<output_dir>/final)"
+        seen = nearby(resolved)
+        seen = f" {seen}" if seen else ""
         if key == "init_from":  # the weights to start from are a model the user already has
-            raise TeacherError(f"{key}: nothing at {str(resolved)!r}. Fix: point it at {kinds}.")
+            raise TeacherError(f"{key}: nothing at {str(resolved)!r}.{seen} Fix: point it at {kinds}.")
         raise TeacherError(
-            f"{key}: nothing at {str(resolved)!r}. Fix: train a teacher with `tune run letrecipes/pretrain "
+            f"{key}: nothing at {str(resolved)!r}.{seen} Fix: train a teacher with `tune run letrecipes/pretrain "
             f"--config pretrain_tiny` (it writes outputs/pretrain_tiny/final), or point it at {kinds}."
         )
     return resolved

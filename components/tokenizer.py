@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.corpus import DataError
-from letrecipes.components.files import as_given, hub_id_hint
+from letrecipes.components.files import as_given, hub_id_hint, nearby
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -70,9 +70,10 @@ class Tokenizer:
         self.path = Path(path)
         if not self.path.is_file():
             hub = hub_id_hint(path, "tokenizer.path")
+            seen = nearby(path)
             raise DataError(f"tokenizer.path: no tokenizer file at {as_given(path)!r}. " + (hub or (
-                "Fix: point it at a tokenizer.json (the demo trains one with `python -m letrecipes.demo "
-                "--prepare-only`).")))
+                (seen + " " if seen else "") + "Fix: point it at a tokenizer.json (the demo trains one with "
+                "`python -m letrecipes.demo --prepare-only`).")))
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON

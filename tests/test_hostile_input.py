@@ -827,3 +827,28 @@ def test_an_empty_config_hydra_defaults_and_a_tokenizer_component_are_named(tmp_
         cli.main(["validate", "let_tiny", "tokenizer._component_=torchtune.models.llama3.llama3_tokenizer"])
     assert "the tokenizer section builds no component here" in str(err.value.code)
 
+
+
+def test_a_path_that_does_not_exist_is_answered_with_what_is_there(let_overrides, finished_run, corpus_dir, teacher_dir,
+                                                                  tokenizer_path, tmp_path):
+    """A step never saved (or rotated out), a typo in a file or folder name: the error says
+    what does exist where the path points, so the fix is not a search."""
+    from letrecipes import cli
+
+    steps = finished_run / "checkpoints"
+    run = [*let_overrides, f"output_dir={tmp_path / 'new'}"]
+    expect_setup_error(run_pretrain, *run, f"output_dir={finished_run}", f"resume={steps / 'step_00000009'}",
+                       match=f"no such checkpoint folder. {steps} holds 2 step checkpoint(s): step_00000001, "
+                             "step_00000002 (the newest last). Fix: ")
+    with pytest.raises(SystemExit, match=r"nothing at .*step_00000009'. .* holds 2 step checkpoint\(s\)"):
+        cli.main(["export", str(steps / "step_00000009"), str(tmp_path / "hf")])
+    typo = corpus_dir.parent / (corpus_dir.name + "s")  # the folder's name, one letter off
+    expect_setup_error(run_pretrain, *run, f"data.source={typo}", match=f"Close by in {corpus_dir.parent}: "
+                                                                         f"'{corpus_dir}'")
+    expect_setup_error(run_let, *run, f"teacher.path={teacher_dir.with_name(teacher_dir.name + 'l')}",
+                       match=f"Close by in {teacher_dir.parent}: '{teacher_dir}'")
+    expect_setup_error(run_pretrain, *run, f"tokenizer.path={tokenizer_path.with_suffix('.jsn')}",
+                       match=f"Close by in {tokenizer_path.parent}: '{tokenizer_path}'")
+    expect_setup_error(run_pretrain, *run, f"data.source={tmp_path / 'no' / 'such' / 'corpus'}",
+                       match=f"{tmp_path / 'no'} does not exist ({tmp_path} does). Fix: ")
+    assert not (tmp_path / "new").exists()
