@@ -88,6 +88,51 @@ def test_small_text_files_are_grouped_in_linear_time(tmp_path, monkeypatch):
     assert stats <= 10 * 3000, stats  # quadratic: about 1,500,000
 
 
+def test_a_folder_is_listed_in_rglob_order_with_one_stat_a_file(tmp_path, monkeypatch):
+    """Every launch on a raw corpus lists it: on os.scandir (the directory read gives each
+    entry's type) a file costs one stat, where the walk on rglob cost about six (200,000 files:
+    8.3 s -> 3.8 s to list into units). What is found, and its order, are rglob's: subfolders
+    where their names sort, links to folders not followed, links to nothing counted, hidden
+    names skipped, a datasets folder one entry."""
+    root = tmp_path / "corpus"
+    for name in ["a/x.txt", "a/.hidden.txt", "a/sub/y.jsonl", "a.txt", "a-b/z.txt", "A.txt", "b/c/d/e.json.gz",
+                 ".git/config.txt", "README.md", "notes.doc", "ds/state.json", "ds/dataset_info.json",
+                 "ds/data-00000-of-00001.arrow", "m/0.txt", "m/10.txt", "m/9.txt"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("some text\n")
+    (root / "link_dir").symlink_to(root / "a", target_is_directory=True)
+    (root / "gone.txt").symlink_to(root / "never_written.txt")
+    (root / "b" / "linked.txt").symlink_to(root / "a.txt")
+
+    from benchmarks.corpus_listing import rglob_walk  # the listing as it was written before 2026-12-05
+
+    assert list(corpus._folder_entries(root)) == rglob_walk(root)
+    with pytest.warns(corpus.DataWarning, match="1 file.* are links to files that do not exist"):
+        found = corpus.source_files(root)
+    assert [p.relative_to(root).as_posix() for p in found] == [
+        "A.txt", "README.md", "a/sub/y.jsonl", "a/x.txt", "a-b/z.txt", "a.txt", "b/c/d/e.json.gz", "b/linked.txt",
+        "ds", "m/0.txt", "m/10.txt", "m/9.txt"]
+
+    many = tmp_path / "many"
+    for folder in range(20):
+        (many / f"f{folder:02d}").mkdir(parents=True)
+        for i in range(100):
+            (many / f"f{folder:02d}" / f"{i:03d}.txt").write_text(f"document {i} " * 5)
+    stats = 0
+    real_stat = os.stat
+
+    def counted(*args, **kwargs):
+        nonlocal stats
+        stats += 1
+        return real_stat(*args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counted)  # Path.stat, is_dir and is_file go through it too
+    units = corpus.list_units(many)
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert sum(len(u.paths) for u in units) == 2000
+    assert stats <= 2000 + 3 * 20 + 10, stats  # the walk on rglob: 14,086
+
+
 def _whole(monkeypatch):
     monkeypatch.setattr(corpus, "SPLIT_FILE_BYTES", 10**12)
 
