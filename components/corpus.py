@@ -183,11 +183,12 @@ DATASETS_METADATA = ("config.json", "dataset_info.json", "dataset_infos.json", "
 DATASET_CARDS = ("readme.md", "readme")
 
 
-def split_named(relative: Path) -> Optional[str]:
+def split_named(relative: Union[Path, str]) -> Optional[str]:
     """The split a path names as ``datasets`` names them (``data/train-00000-of-00004.parquet``,
     ``c4-validation.00000-of-00008.json.gz``, ``json-test.arrow``, ``train/a.txt``): the file's
     own name first, then its folders upward; None when none does."""
-    for part in reversed(relative.parts):
+    parts = relative.split(os.sep) if isinstance(relative, str) else relative.parts
+    for part in reversed(parts):
         match = _SPLIT_WORD.search(part)
         if match:
             word = match.group(1).lower()
@@ -202,7 +203,8 @@ def _train_split(item: Path, found: List[Path], key: str) -> List[Path]:
     ``load_dataset(folder, split="train")`` reads. A folder is laid out so when every file
     but a dataset card names a split, train among them and another beside it: a corpus of
     books of which one is called "the-test-pilot.txt" is read whole."""
-    splits = {path: split_named(path.relative_to(item)) for path in found}
+    prefix = len(str(item).rstrip(os.sep)) + 1  # paths below item, as strings: relative_to cost 1 s in 200,000
+    splits = {path: split_named(str(path)[prefix:]) for path in found}
     named = set(splits.values()) - {None}
     unnamed = [p for p, split in splits.items() if split is None and p.name.lower() not in DATASET_CARDS]
     if "train" not in named or len(named) < 2 or unnamed:
@@ -261,11 +263,11 @@ def _files(item: Path, key: str) -> List[Path]:
             "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
             "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
         raise DataError(f"{key}: {as_given(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
-    found, other, broken, datasets = [], {}, [], set()
+    found, other, broken, kinds = [], {}, [], {}
     for path, kind in _folder_entries(item):
         if kind == "dataset":
             found.append(path)
-            datasets.add(path)
+            kinds[path] = "dataset"
         elif kind == "broken":
             broken.append(path)  # a Hugging Face cache whose download stopped: links to blobs never written
         elif path.name == PREPARED_MANIFEST and is_token_shards(path.parent):
@@ -276,8 +278,9 @@ def _files(item: Path, key: str) -> List[Path]:
                             "entry of data.sources, where it is read as it is; keep it out of the folders of text.")
         elif path.name in DATASETS_METADATA:
             continue  # datasets' description of the files beside it, not records
-        elif _format(path)[0]:
+        elif (read_as := _format(path)[0]) is not None:
             found.append(path)
+            kinds[path] = read_as
         else:
             compression = _compression(path.name.lower())
             suffix = _format_base(path.name.lower()) + compression if compression else path.suffix.lower()
@@ -297,8 +300,8 @@ def _files(item: Path, key: str) -> List[Path]:
         warnings.warn(f"{key}: {links}; they are not read. Fix: finish the download (run `hf download` again), or "
                       "delete the links if those files are not wanted.", DataWarning, stacklevel=2)
     found = _train_split(item, found, key)
-    texts = [p for p in found if _format(p)[0] == "text"]
-    records = [p for p in found if p in datasets or _format(p)[0] in ("jsonl", "csv", "parquet", "arrow")]
+    texts = [p for p in found if kinds[p] == "text"]
+    records = [p for p in found if kinds[p] in ("dataset", "jsonl", "csv", "parquet", "arrow")]
     if texts and records:  # a downloaded dataset's README.md would be trained on as a document
         warnings.warn(f"{key}: {len(texts)} text file(s) in {str(item)!r} (first: {texts[0].relative_to(item)}) are "
                       f"read as documents beside {len(records)} file(s) of records. Fix: none, if they are "

@@ -28,6 +28,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from letrecipes.components.checkpointing import file_digest
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, DataWarning, source_files
 from letrecipes.components.document_keys import MIN_TOKENS, count_repeats, stored_keys
+from letrecipes.components.files import real_paths
 from letrecipes.components.held_out import check_documents
 from letrecipes.components.parallel import on_rank0
 from letrecipes.components.prepare import REPEAT_LIMIT, cached_prepare, is_prepared, read_manifest
@@ -492,7 +493,7 @@ def _corpus_files(source, key: str) -> List[str]:
         named = read_manifest(Path(source).expanduser(), key=key).get("sources") or []
     else:
         named = source_files(source, key)
-    return [os.path.realpath(str(p)) for p in named]
+    return [real for real, _ in real_paths(named)]
 
 
 def _file_digest(path: str, seen: Dict[str, str]) -> str:

@@ -247,6 +247,31 @@ def nearby(path: Union[str, Path]) -> str:
     return where.strip()
 
 
+def real_paths(paths) -> Iterator[tuple]:
+    """``(os.path.realpath(p), os.stat(p))`` for each path (the stat None for a path that does not
+    exist), with one ``lstat`` a path that is not a
+    link: ``realpath`` checks every part of a path again for links, which for a corpus of many
+    files in few folders is the same folders again and again (200,000 files: 5 s of a
+    launch's 6.5 s). A folder's real path is found once; a link is resolved in full."""
+    import stat as stat_module
+
+    folders: Dict[str, str] = {}
+    for path in paths:
+        text = os.fspath(path)
+        try:
+            info = os.lstat(text)
+        except OSError:  # gone (a prepared folder's record of its sources): realpath alone, no stat
+            yield os.path.realpath(text), None
+            continue
+        if stat_module.S_ISLNK(info.st_mode):
+            yield os.path.realpath(text), os.stat(text)
+            continue
+        folder, name = os.path.split(os.path.abspath(text))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        yield os.path.join(folders[folder], name), info
+
+
 def as_given(path: Union[str, Path]) -> str:
     """A path as the user wrote it: a URL keeps the ``//`` that ``pathlib`` folds into one."""
     return URL.sub(lambda m: f"{m['scheme']}://{m['rest']}", str(path), count=1)

@@ -41,8 +41,8 @@ from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST,
                                           DataWarning, Unit, list_units, read_unit_in_pieces, source_files)
 from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, count_repeats, drop_from_shard, keys_path,
                                                  stored_keys, write_shard_keys)
-from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, replace_atomically,
-                                        unique_tmp)
+from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, real_paths,
+                                         replace_atomically, unique_tmp)
 from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -559,9 +559,9 @@ def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.so
                        f"{text_field}|sep={document_separator!r}".encode())
     if drop_copies:  # only then: the caches made before the option keep their names
         h.update(b"|drop_copies")
-    for f in source_files(source, key):
-        st = f.stat()
-        h.update(f"|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for real, st in real_paths(source_files(source, key)):
+        st = st or os.stat(real)  # a file gone since it was listed: the OSError names it
+        h.update(f"|{real}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 

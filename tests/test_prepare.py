@@ -1347,3 +1347,30 @@ def test_a_cache_prepared_before_document_keys_gets_them_when_a_run_reads_it(tok
     lines.clear()  # keyed once: the next reader finds it complete
     cached_prepare(source, tok, tmp_path / "cache", log=lines.append)
     assert not any("keying" in line for line in lines)
+
+
+def test_real_paths_are_realpaths_and_cache_names_do_not_move(tmp_path, tokenizer_path):
+    """real_paths finds each folder's real path once (a launch's cache name hashed every file's
+    realpath, 5 s of 6.5 for 200,000 files); what it returns is os.path.realpath's, so every
+    cache folder already on disk keeps its name."""
+    import hashlib
+
+    from letrecipes.components.files import real_paths
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    for name in ("a.txt", "sub/b.txt", "sub/c.jsonl"):
+        (real / name).write_text('{"text": "x"}\n' if name.endswith("jsonl") else "some text\n")
+    (tmp_path / "via").symlink_to(real, target_is_directory=True)  # a folder on the way is a link
+    (real / "sub" / "link.txt").symlink_to(real / "a.txt")  # the file itself is one
+    paths = [tmp_path / "via" / "a.txt", tmp_path / "via" / "sub" / "b.txt", tmp_path / "via" / "sub" / "link.txt",
+             real / "sub" / ".." / "sub" / "c.jsonl", tmp_path / "never_written.txt"]
+    found = list(real_paths(paths))
+    assert [r for r, _ in found] == [os.path.realpath(p) for p in paths]
+    assert [s.st_size if s else None for _, s in found] == [10, 10, 10, 14, None]
+    tokenizer = Tokenizer(tokenizer_path)
+    h = hashlib.sha256(f"v{prepare_module.FORMAT_VERSION}|r{prepare_module.READER_VERSION}|{tokenizer.fingerprint()}|"
+                       f"eos={tokenizer.eos_token!r}|text|sep={corpus.DOCUMENT_SEPARATOR!r}".encode())
+    for f in corpus.source_files(tmp_path / "via"):  # the name as written before 2026-12-05
+        h.update(f"|{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())
+    assert prepare_module.cache_key(tmp_path / "via", tokenizer, "text") == h.hexdigest()[:20]
