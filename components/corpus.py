@@ -49,11 +49,12 @@ import lzma
 import os
 import re
 import stat
+import time
 import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby
@@ -246,7 +247,7 @@ def is_token_shards(folder: Union[str, Path]) -> bool:
     return (folder / PREPARED_MANIFEST).is_file() and (folder / "shard_000000.bin").is_file()
 
 
-def _files(item: Path, key: str) -> List[Path]:
+def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) -> List[Path]:
     item = hub_snapshot(item) or item  # a Hugging Face cache folder (datasets--org--name): the snapshot it serves
     if is_dataset_folder(item) or item.is_file():
         if item.is_file() and _format(item)[0] is None and _format_base(item.name.lower()) in MARKUP_SUFFIXES:
@@ -256,7 +257,7 @@ def _files(item: Path, key: str) -> List[Path]:
                           DataWarning, stacklevel=3)
         return [item]
     if not item.exists() and glob.has_magic(str(item)):
-        return [path for match in _matches(str(item), key) for path in _files(match, key)]
+        return [path for match in _matches(str(item), key) for path in _files(match, key, log)]
     if not item.exists():
         seen = nearby(item)
         fix = hub_id_hint(item, key, "dataset") or ((seen + " " if seen else "") +
@@ -264,7 +265,9 @@ def _files(item: Path, key: str) -> List[Path]:
             "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
         raise DataError(f"{key}: {as_given(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
     found, other, broken, kinds = [], {}, [], {}
+    listing = _ListingProgress(item, key, log)
     for path, kind in _folder_entries(item):
+        listing.step()
         if kind == "dataset":
             found.append(path)
             kinds[path] = "dataset"
@@ -285,6 +288,7 @@ def _files(item: Path, key: str) -> List[Path]:
             compression = _compression(path.name.lower())
             suffix = _format_base(path.name.lower()) + compression if compression else path.suffix.lower()
             other.setdefault(suffix or "(no suffix)", []).append(path)
+    listing.done()
     links = (f"{len(broken)} file(s) in {str(item)!r} are links to files that do not exist (first: "
              f"{broken[0].relative_to(item)} -> {os.readlink(broken[0])}), as a Hugging Face download that stopped "
              "leaves them") if broken else ""
@@ -312,6 +316,34 @@ def _files(item: Path, key: str) -> List[Path]:
         warnings.warn(f"{key}: {_not_read(relative, f'file(s) in {str(item)!r}')}: only {FORMATS} are. Fix: none, "
                       "if they are not text; otherwise convert them.", DataWarning, stacklevel=2)
     return found
+
+
+# a folder whose listing takes longer says how far it has got, every this many seconds
+LISTING_PROGRESS_S = 10.0
+
+
+class _ListingProgress:
+    """Lines while a folder of very many files is listed (about 18 s a million names), which
+    every launch on a raw corpus does again: silent, it would look like a hang."""
+
+    def __init__(self, folder: Path, key: str, log: Optional[Callable[[str], None]]):
+        self.folder, self.key, self.log = folder, key, log
+        self.count, self.start, self.said = 0, time.monotonic(), 0.0
+
+    def step(self) -> None:
+        self.count += 1
+        if self.log is None or self.count % 4096:
+            return
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.said + LISTING_PROGRESS_S:
+            self.said = elapsed
+            self.log(f"{self.key}: listing {self.folder}: {self.count:,} names so far, {elapsed:.0f} s")
+
+    def done(self) -> None:
+        if self.said:
+            self.log(f"{self.key}: listed {self.count:,} names in {self.folder} in {time.monotonic() - self.start:.0f} s, "
+                     "as each launch on it does; `letrecipes prepare-data` once, with data.source=<its --out>, "
+                     "lists nothing at launch")
 
 
 def _folder_entries(folder: Path) -> Iterator[Tuple[Path, str]]:
@@ -357,18 +389,20 @@ def _not_read(by_suffix: Dict[str, list], where: str) -> str:
     return f"{sum(map(len, by_suffix.values()))} {where} are not read ({kinds}; first: {first})"
 
 
-def source_files(source: Union[str, os.PathLike, Sequence], key: str = "data.source") -> List[Path]:
+def source_files(source: Union[str, os.PathLike, Sequence], key: str = "data.source",
+                 log: Optional[Callable[[str], None]] = None) -> List[Path]:
     """Every file (or datasets folder) a source names, in a fixed order."""
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not sources:
         raise DataError(f"{key} is empty. Fix: point it at a corpus: {FORMATS}, or a folder of them.")
     files: List[Path] = []
     for item in sources:
-        files.extend(_files(Path(item).expanduser(), key))
+        files.extend(_files(Path(item).expanduser(), key, log))
     return files
 
 
-def list_units(source, key: str = "data.source", separator: Optional[str] = DOCUMENT_SEPARATOR) -> List[Unit]:
+def list_units(source, key: str = "data.source", separator: Optional[str] = DOCUMENT_SEPARATOR,
+               log: Optional[Callable[[str], None]] = None) -> List[Unit]:
     """The corpus as units, in the order their tokens are concatenated. ``separator``: where a
     text file's documents end (a large text file is cut only there)."""
     units: List[Unit] = []
@@ -383,7 +417,7 @@ def list_units(source, key: str = "data.source", separator: Optional[str] = DOCU
             group_bytes = 0
 
     cuttable = _cuts_at(separator)
-    for path in source_files(source, key):
+    for path in source_files(source, key, log):
         kind, _ = _format(path)
         try:  # one stat a file: a folder of a million files is listed at each launch
             info = os.stat(path)

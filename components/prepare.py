@@ -370,7 +370,7 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
                         f"(this machine has {os.cpu_count()} cores).")
-    units = list_units(source, key, document_separator)
+    units = list_units(source, key, document_separator, log)
     dtype = token_dtype(tokenizer.vocab_size)
     plan = _plan(units, tokenizer, text_field, dtype, document_separator, drop_copies)
     earlier = _earlier_plan(out_dir)
@@ -550,7 +550,8 @@ def write_manifest(out_dir: Path, shards: List[dict], tokenizer: Tokenizer, dtyp
 
 
 def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.source",
-              document_separator: Optional[str] = DOCUMENT_SEPARATOR, drop_copies: bool = False) -> str:
+              document_separator: Optional[str] = DOCUMENT_SEPARATOR, drop_copies: bool = False,
+              log: Optional[Callable[[str], None]] = None) -> str:
     """Names a small corpus's prepared folder after everything that decides its tokens: the
     shard format and the readers' version, the tokenizer's content and its end-of-text token, the text field,
     the document separator, ``drop_copies``, and every file's path, size and modification time, so changing
@@ -559,16 +560,18 @@ def cache_key(source, tokenizer: Tokenizer, text_field: str, key: str = "data.so
                        f"{text_field}|sep={document_separator!r}".encode())
     if drop_copies:  # only then: the caches made before the option keep their names
         h.update(b"|drop_copies")
-    for real, st in real_paths(source_files(source, key)):
+    for real, st in real_paths(source_files(source, key, log)):
         st = st or os.stat(real)  # a file gone since it was listed: the OSError names it
         h.update(f"|{real}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
 
 
 def cache_folder(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", key: str = "data.source",
-                 document_separator: Optional[str] = DOCUMENT_SEPARATOR, drop_copies: bool = False) -> Path:
+                 document_separator: Optional[str] = DOCUMENT_SEPARATOR, drop_copies: bool = False,
+                 log: Optional[Callable[[str], None]] = None) -> Path:
     """Where :func:`cached_prepare` keeps ``source`` prepared: ``<cache_dir>/prepared-<cache_key>``."""
-    return Path(cache_dir) / f"prepared-{cache_key(source, tokenizer, text_field, key, document_separator, drop_copies)}"
+    name = cache_key(source, tokenizer, text_field, key, document_separator, drop_copies, log)
+    return Path(cache_dir) / f"prepared-{name}"
 
 
 def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "text", rank: int = 0,
@@ -584,7 +587,7 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
     if is_prepared(Path(source)) if isinstance(source, (str, os.PathLike)) else False:
         check_drop_copies(Path(source), read_manifest(Path(source), key=key), drop_copies, key)
         return Path(source)
-    folder = cache_folder(source, tokenizer, cache_dir, text_field, key, document_separator, drop_copies)
+    folder = cache_folder(source, tokenizer, cache_dir, text_field, key, document_separator, drop_copies, log)
     start = time.perf_counter()
     if rank == 0:
         lock = folder.with_name(folder.name + ".lock")

@@ -5,6 +5,7 @@ import codecs
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -1347,6 +1348,24 @@ def test_a_cache_prepared_before_document_keys_gets_them_when_a_run_reads_it(tok
     lines.clear()  # keyed once: the next reader finds it complete
     cached_prepare(source, tok, tmp_path / "cache", log=lines.append)
     assert not any("keying" in line for line in lines)
+
+
+def test_a_long_listing_says_how_far_it_has_got_and_how_to_skip_it(tmp_path, tokenizer_path, monkeypatch):
+    """A folder of millions of files takes minutes to list at each launch: not in silence."""
+    for i in range(5000):
+        (tmp_path / "c" / f"{i // 1000}").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "c" / f"{i // 1000}" / f"{i}.txt").write_text(f"document {i}\n")
+    lines = []
+    corpus.list_units(tmp_path / "c", log=lines.append)
+    assert lines == []  # quick: nothing said
+    monkeypatch.setattr(corpus, "LISTING_PROGRESS_S", 0.0)
+    folder = prepare_module.cache_folder(tmp_path / "c", Tokenizer(tokenizer_path), tmp_path / "cache",
+                                         log=lines.append)
+    seconds = [re.sub(r"\d+ s\b", "N s", line) for line in lines]  # however long the machine takes
+    assert seconds == [f"data.source: listing {tmp_path / 'c'}: 4,096 names so far, N s",
+                       f"data.source: listed 5,000 names in {tmp_path / 'c'} in N s, as each launch on it does; "
+                       "`letrecipes prepare-data` once, with data.source=<its --out>, lists nothing at launch"]
+    assert folder == prepare_module.cache_folder(tmp_path / "c", Tokenizer(tokenizer_path), tmp_path / "cache")
 
 
 def test_real_paths_are_realpaths_and_cache_names_do_not_move(tmp_path, tokenizer_path):
