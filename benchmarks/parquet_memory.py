@@ -37,7 +37,7 @@ if way == "batches":
 elif way == "whole":
     texts = pq.ParquetFile(path).read_row_group(0, columns=["text"]).column(0).to_pylist()
 elif way == "dataset_batches":
-    texts = corpus._dataset_values(corpus._load_dataset(path, "k"), ["text"], 0, path, "k")
+    texts = corpus._dataset_values(corpus._load_dataset(path, "k"), ["text"], 0, corpus.DATASET_UNIT_ROWS, path, "k")
 else:
     from datasets import load_from_disk
     texts = load_from_disk(str(path)).select_columns(["text"]).with_format("arrow")[0:corpus.DATASET_UNIT_ROWS]

@@ -101,15 +101,16 @@ class DataWarning(LetRecipesWarning):
 @dataclass(frozen=True)
 class Unit:
     """A piece of the corpus: ``kind`` text (``paths`` read whole), jsonl (any JSON file),
-    csv, parquet (row group ``part``) or dataset (rows ``part * DATASET_UNIT_ROWS`` onwards of a folder)."""
+    csv, parquet (row group ``part``) or dataset (rows ``[start, stop)`` of a folder; a unit
+    listed before 2026-12-05, without them, rows ``part * DATASET_UNIT_ROWS`` onwards)."""
 
     kind: str
     paths: Tuple[str, ...]
     part: int = 0
     size: int = 0  # bytes, for progress and ETA
     # A part of one large file (SPLIT_FILE_BYTES): a JSON Lines unit holds the lines that begin in
-    # [start, stop); a text unit the bytes [start, stop), cut where a document separator begins.
-    # stop None: the whole file.
+    # [start, stop); a text unit the bytes [start, stop), cut where a document separator begins;
+    # a dataset unit the rows [start, stop). stop None: the whole file (a dataset: DATASET_UNIT_ROWS).
     start: int = 0
     stop: Optional[int] = None
 
@@ -120,7 +121,7 @@ class Unit:
     def describe(self) -> str:
         where = self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} files)"
         if self.is_range:
-            return f"{where} [bytes {self.start:,}-{self.stop:,}]"
+            return f"{where} [{'rows' if self.kind == 'dataset' else 'bytes'} {self.start:,}-{self.stop:,}]"
         return where + (f" [part {self.part}]" if self.kind in ("parquet", "dataset") else "")
 
     def to_dict(self) -> dict:
@@ -426,8 +427,7 @@ def list_units(source, key: str = "data.source", separator: Optional[str] = DOCU
                             "and readable (a corpus changing while a run lists it).") from err
         if stat.S_ISDIR(info.st_mode) and is_dataset_folder(path):
             flush()
-            rows = _dataset_rows(path, key)
-            units += [Unit("dataset", (str(path),), part, size=0) for part in range(-(-rows // DATASET_UNIT_ROWS))]
+            units += _dataset_units(path, key)
         elif kind == "parquet":
             flush()
             metadata = _parquet(path, key).metadata
@@ -560,8 +560,9 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
         path = Path(unit.paths[0])
         dataset = _load_dataset(path, key)
         names = _text_path(dataset.features.arrow_schema, f"the datasets folder {str(path)!r}", text_field, key)
-        start = unit.part * DATASET_UNIT_ROWS
-        yield from _strings(_dataset_values(dataset, names, start, path, key), path, text_field, key, warn,
+        start = unit.start if unit.is_range else unit.part * DATASET_UNIT_ROWS
+        stop = unit.stop if unit.is_range else start + DATASET_UNIT_ROWS
+        yield from _strings(_dataset_values(dataset, names, start, stop, path, key), path, text_field, key, warn,
                             f" (rows {start:,}-)")
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}")
@@ -1529,12 +1530,12 @@ def _batch_rows(row_bytes: float) -> int:
     return int(min(ROW_BATCH_ROWS, max(1, ROW_BATCH_BYTES // max(1.0, row_bytes))))
 
 
-def _dataset_values(dataset, names: List[str], start: int, path: Path, key: str) -> Iterator:
-    """Rows ``start`` to ``start + DATASET_UNIT_ROWS`` of a datasets folder's text column, made
-    Python strings a batch at a time (the folder is memory-mapped; 50,000 books at once would
-    be tens of GB of strings)."""
+def _dataset_values(dataset, names: List[str], start: int, stop: int, path: Path, key: str) -> Iterator:
+    """Rows ``start`` to ``stop`` of a datasets folder's text column, made Python strings a
+    batch at a time (the folder is memory-mapped; 50,000 books at once would be tens of GB of
+    strings)."""
     try:
-        table = dataset.select_columns([names[0]]).with_format("arrow")[start:start + DATASET_UNIT_ROWS]
+        table = dataset.select_columns([names[0]]).with_format("arrow")[start:stop]
         column = _leaf(table.column(0), names)
         step = _batch_rows(column.nbytes / max(1, len(column)))
         for first in range(0, len(column), step):
@@ -1582,8 +1583,23 @@ def _load_dataset(path: Path, key: str):
                         "folder save_to_disk wrote (it holds dataset_info.json or dataset_dict.json).") from err
 
 
-def _dataset_rows(path: Path, key: str) -> int:
-    return _load_dataset(path, key).num_rows
+def _dataset_units(path: Path, key: str) -> List[Unit]:
+    """A datasets folder's units: DATASET_UNIT_ROWS rows each, or fewer where its rows are long
+    enough that this many would pass TEXT_UNIT_BYTES (a folder of 28,000 books, 11 GB, was one
+    unit, prepared by one worker whatever the number of cores). Row sizes are read from the
+    Arrow buffers' sizes (all columns), not from the rows; units of DATASET_UNIT_ROWS rows are
+    listed as they were before 2026-12-05, so those plans are unchanged."""
+    dataset = _load_dataset(path, key)
+    rows = dataset.num_rows
+    try:
+        row_bytes = dataset.data.nbytes / max(1, rows)
+    except Exception:  # no size to be had: the rows' count alone, as before
+        row_bytes = 0.0
+    per_unit = max(1, min(DATASET_UNIT_ROWS, int(TEXT_UNIT_BYTES // max(1.0, row_bytes))))
+    if per_unit == DATASET_UNIT_ROWS or rows <= per_unit:
+        return [Unit("dataset", (str(path),), part, size=0) for part in range(-(-rows // DATASET_UNIT_ROWS))]
+    return [Unit("dataset", (str(path),), part, size=0, start=first, stop=min(rows, first + per_unit))
+            for part, first in enumerate(range(0, rows, per_unit))]
 
 
 def _strings(values, path: Path, text_field: str, key: str, warn: list, part: str = "") -> Iterator[str]:

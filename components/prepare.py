@@ -167,11 +167,13 @@ def write_verified(folder: Path, vocab_size: int) -> None:
 _WORKER_TOKENIZER: Dict[tuple, Tokenizer] = {}
 
 
-def _one_thread_per_worker() -> None:
-    # `tokenizers` batches on every core by itself; N workers each doing so would thrash.
-    # In one process (workers=1) it keeps its own parallelism.
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+def _worker_threads(threads: int) -> None:
+    # `tokenizers` batches on every core by itself; N workers each doing so would thrash. Each
+    # worker gets its share of the --workers budget instead: one thread when there are units
+    # for every worker, more when there are fewer units than workers (three units of a file on
+    # 32 workers: 3 processes of 10 threads, not 3 single threads beside 29 idle cores).
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
     # Ctrl-C reaches every process of the terminal's group: the parent stops the workers
     # (one line); each worker printing its own KeyboardInterrupt traceback would bury it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -193,13 +195,16 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
 def in_workers(work: Callable[[Any], Any], jobs: Dict[Any, Any], workers: int,
                 finished: Callable[[Any, Any], None]) -> None:
     """``work(job)`` for every job: in this process with one worker (or one job), else in
-    ``workers`` spawned processes; ``finished(key, result)`` runs here as each ends. An error
+    ``workers`` spawned processes (fewer when there are fewer jobs, each then with the
+    threads of the rest: ``workers`` is a budget of cores); ``finished(key, result)`` runs here as each ends. An error
     or a signal stops the workers at once (the jobs in flight are not waited for)."""
     if workers <= 1 or len(jobs) <= 1:
         for key, job in jobs.items():
             finished(key, work(job))
         return
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_one_thread_per_worker)
+    processes = min(workers, len(jobs))
+    pool = ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"), initializer=_worker_threads,
+                               initargs=(max(1, workers // processes),))
     try:
         futures = {pool.submit(work, job): key for key, job in jobs.items()}
         for future in as_completed(futures):

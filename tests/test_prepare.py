@@ -1393,3 +1393,46 @@ def test_real_paths_are_realpaths_and_cache_names_do_not_move(tmp_path, tokenize
     for f in corpus.source_files(tmp_path / "via"):  # the name as written before 2026-12-05
         h.update(f"|{f.resolve()}|{f.stat().st_size}|{f.stat().st_mtime_ns}".encode())
     assert prepare_module.cache_key(tmp_path / "via", tokenizer, "text") == h.hexdigest()[:20]
+
+
+def test_a_datasets_folder_of_long_rows_is_cut_by_size_and_reads_the_same(tmp_path, tokenizer_path, monkeypatch):
+    """50,000 rows a unit made a folder of books one unit (one worker for 11 GB): units now
+    stop at TEXT_UNIT_BYTES of rows, and read the same documents, in order, as the same tokens;
+    a folder prepared in the old units is used as it is."""
+    from datasets import Dataset
+
+    docs = [f"book {i}: " + " ".join(documents(30)[i % 30:]) for i in range(40)]
+    Dataset.from_dict({"text": docs}).save_to_disk(str(tmp_path / "books"))
+    tok = Tokenizer(tokenizer_path)
+    old = corpus.list_units(tmp_path / "books")
+    assert [u.is_range for u in old] == [False]  # small: one unit, listed as before
+    before = prepare_corpus(tmp_path / "books", tok, tmp_path / "whole", **QUIET)
+    monkeypatch.setattr(corpus, "TEXT_UNIT_BYTES", len(docs[0]) * 6)
+    units = corpus.list_units(tmp_path / "books")
+    assert len(units) >= 4 and [(u.start, u.stop) for u in units][:2] == [(0, units[0].stop), (units[0].stop,
+                                                                                              units[1].stop)]
+    assert units[-1].stop == 40 and units[1].describe().endswith(f"[rows {units[1].start}-{units[1].stop}]")
+    assert [text for u in units for text in corpus.read_unit(u)] == docs
+    cut = prepare_corpus(tmp_path / "books", tok, tmp_path / "cut", workers=2, **QUIET)
+    assert cut["tokens"] == before["tokens"] and len(cut["shards"]) == len(units)
+    assert np.array_equal(TokenShards(tmp_path / "cut", tok)[0:cut["tokens"]],
+                          TokenShards(tmp_path / "whole", tok)[0:before["tokens"]])
+    messages = []
+    assert prepare_corpus(tmp_path / "books", tok, tmp_path / "whole", log=messages.append) == before
+    assert any("already prepared" in m for m in messages), messages
+
+
+def _tokenizer_threads(_job) -> tuple:
+    return os.environ.get("RAYON_NUM_THREADS"), os.environ.get("TOKENIZERS_PARALLELISM")
+
+
+def test_workers_share_the_cores_of_units_too_few_for_them():
+    """--workers is a budget of cores: with fewer units than workers, each worker's tokenizer
+    gets the threads of the idle ones (before: one thread each, the rest of the machine idle;
+    a 128 MB file is 2-3 units, a 32-core machine ran them on 2-3 cores)."""
+    seen = []
+    prepare_module.in_workers(_tokenizer_threads, {0: None, 1: None}, 4, lambda _, got: seen.append(got))
+    assert sorted(s[:2] for s in seen) == [("2", "true"), ("2", "true")]
+    seen.clear()
+    prepare_module.in_workers(_tokenizer_threads, dict.fromkeys(range(4)), 2, lambda _, got: seen.append(got))
+    assert [s[:2] for s in seen] == [("1", "false")] * 4
