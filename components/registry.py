@@ -123,6 +123,12 @@ ARGUMENT_NAMES: Dict[str, tuple] = {
     **dict.fromkeys(("adam_epsilon", "epsilon"), ("eps",)),
 }
 
+# where a value the recipe passes to a component comes from, for the error that says so
+RECIPE_SETS = {"total_steps": ", from max_steps", "vocab_size": ", from the tokenizer or model.vocab_size",
+               "student_dim": ", the student's width", "teacher_dim": ", the teacher's width",
+               "max_seq_len": ", from data.seq_len or model.max_seq_len"}
+RECIPE_FIX = {"total_steps": " and set max_steps (the schedule spans the run)"}
+
 SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -263,6 +269,11 @@ def build(kind: str, spec: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     options = {k: v for k, v in spec.items() if k != "_component_"}
     factory = resolve(kind, spec["_component_"], key=f"{key}._component_")
     check_arguments(factory, options, key, spec["_component_"])
+    for name, value in kwargs.items():  # the recipe's value wins: a different one in the config would do nothing
+        if name in options and options[name] != value:
+            raise ComponentError(f"config key {key}.{name}={options[name]!r} is set by the recipe ({name}={value!r}"
+                                 f"{RECIPE_SETS.get(name, '')}), so the config's value would be ignored. Fix: remove "
+                                 f"{key}.{name}{RECIPE_FIX.get(name, '')}.")
     options.update(kwargs)
     try:
         return factory(*args, **options)

@@ -248,3 +248,19 @@ def test_the_eval_recipes_keys_as_lm_eval_spells_them():
         cli.main(["validate", "eval", "output_path=x.json"])
     with pytest.raises(SystemExit, match="config key pretrained is unknown. Did you mean checkpoint"):
         cli.main(["validate", "eval", "pretrained=/m"])
+
+
+def test_a_value_the_recipe_sets_itself_is_refused_not_ignored():
+    """The recipe passes the LR schedule's total_steps (from max_steps), the projector's widths,
+    the model's vocabulary: the same key in the config was silently overruled."""
+    from letrecipes.components import registry
+
+    with pytest.raises(SystemExit, match=r"config key lr_scheduler.total_steps=5 is set by the recipe \(total_steps="
+                                         r"\d+, from max_steps\), so the config's value would be ignored. Fix: remove "
+                                         r"lr_scheduler.total_steps and set max_steps"):
+        cli.main(["validate", "let_tiny", "lr_scheduler.total_steps=5"])
+    assert cli.main(["validate", "let_tiny", "max_steps=300", "lr_scheduler.total_steps=300"]) in (0, None)  # the same
+    with pytest.raises(registry.ComponentError, match=r"alignment.projector.student_dim=7 is set by the recipe "
+                                                      r"\(student_dim=16, the student's width\)"):
+        registry.build("projector", {"_component_": "linear", "student_dim": 7}, "alignment.projector",
+                       student_dim=16, teacher_dim=8)
