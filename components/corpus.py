@@ -361,7 +361,7 @@ def _folder_entries(folder: Path) -> Iterator[Tuple[Path, str]]:
     except OSError:
         return
     names = {e.name for e in entries}
-    if "state.json" in names and "dataset_info.json" in names and folder.is_dir() and is_dataset_folder(folder):
+    if "state.json" in names and "dataset_info.json" in names and is_dataset_folder(folder):
         yield folder, "dataset"  # only reached for a subfolder: the top one is checked by _files
         return
     for entry in entries:
@@ -417,7 +417,6 @@ def list_units(source, key: str = "data.source", separator: Optional[str] = DOCU
             text_group.clear()
             group_bytes = 0
 
-    cuttable = _cuts_at(separator)
     for path in source_files(source, key, log):
         kind, _ = _format(path)
         try:  # one stat a file: a folder of a million files is listed at each launch
@@ -438,7 +437,7 @@ def list_units(source, key: str = "data.source", separator: Optional[str] = DOCU
             size = info.st_size
             ranges = _json_lines_ranges(path, size) if kind == "jsonl" else None
             units += _range_units(kind, path, ranges) if ranges else [Unit(kind, (str(path),), size=size)]
-        elif cuttable and (ranges := _text_ranges(path, separator, info.st_size)) is not None:
+        elif (ranges := _text_ranges(path, separator, info.st_size)) is not None:
             flush()
             units += _range_units("text", path, ranges)
         else:
@@ -484,9 +483,7 @@ def _text_ranges(path: Path, separator: Optional[str], size: int) -> Optional[Li
     """Byte ranges for a large plain UTF-8 text file of ``size`` bytes, each after the first
     beginning where a ``separator`` does (so no document is cut and no character split);
     None where the file stays one unit: small, compressed, another encoding, or no separator."""
-    if not _cuts_at(separator):
-        return None
-    if size <= SPLIT_FILE_BYTES or _format(path)[1]:
+    if size <= SPLIT_FILE_BYTES or not _cuts_at(separator) or _format(path)[1]:  # the size first: every file comes here
         return None
     head = _file_head(path)
     if sniff(head) is not None or _text_encoding(head) != "utf-8-sig":
