@@ -44,6 +44,7 @@ import functools
 import glob
 import gzip
 import io
+import itertools
 import json
 import lzma
 import os
@@ -461,14 +462,16 @@ def _even_ranges(size: int) -> List[Tuple[int, int]]:
 
 def _json_lines_ranges(path: Path, size: int) -> Optional[List[Tuple[int, int]]]:
     """Byte ranges for a large plain JSON Lines file (each unit reads the lines that begin in
-    its range); None for a small, compressed or non-UTF-8 file, or one JSON array."""
+    its range); None for a small, compressed or non-UTF-8 file, or JSON laid out otherwise
+    (one array, pretty-printed objects: read whole, streamed)."""
     if size <= SPLIT_FILE_BYTES:
         return None
     head = _file_head(path)
     if sniff(head) is not None or _text_encoding(head) != "utf-8-sig":
         return None
-    if head.lstrip(codecs.BOM_UTF8).lstrip().startswith(b"["):
-        return None  # one array of records: read whole, streamed
+    with open(path, "rb") as f:
+        if _json_layout(f)[0] != "lines":
+            return None
     return _even_ranges(size)
 
 
@@ -773,6 +776,7 @@ def _string_paths(fields, prefix: str = "", depth: int = 0) -> List[str]:
 
 
 CHAT_TURN_TEXT = ("content", "value", "text")  # {role, content}: OpenAI style; {from, value}: ShareGPT
+CHAT_TURN_ROLE = ("role", "from")  # without one, a list of {text} objects is a list of records, not a chat
 
 
 def _chat_fix(name: str) -> str:
@@ -783,9 +787,14 @@ def _chat_fix(name: str) -> str:
 
 
 def _is_conversation(value) -> bool:
-    """A list of turns, each an object with its text under ``content``/``value``/``text``."""
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(turn, dict) and any(isinstance(turn.get(k), str) for k in CHAT_TURN_TEXT) for turn in value)
+    """A list of turns, each an object with a role (``role``/``from``) and its text under
+    ``content``/``value``/``text``."""
+    return isinstance(value, list) and bool(value) and all(_is_turn(turn) for turn in value)
+
+
+def _is_turn(value) -> bool:
+    return (isinstance(value, dict) and any(k in value for k in CHAT_TURN_ROLE)
+            and any(isinstance(value.get(k), str) for k in CHAT_TURN_TEXT))
 
 
 def _record_chat_field(record) -> Optional[str]:
@@ -802,7 +811,8 @@ def _schema_chat_field(fields) -> Optional[str]:
     for field in fields:
         if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
             turn = field.type.value_type
-            if pa.types.is_struct(turn) and any(t.name in CHAT_TURN_TEXT and pa.types.is_string(t.type) for t in turn):
+            if (pa.types.is_struct(turn) and any(t.name in CHAT_TURN_ROLE for t in turn)
+                    and any(t.name in CHAT_TURN_TEXT and pa.types.is_string(t.type) for t in turn)):
                 return field.name
     return None
 
@@ -1258,8 +1268,9 @@ def _json_field(record, text_field: str):
 
 def _record_text(record, text_field: str, place: str, at: int, skipped: "SkippedRecords", kept: int,
                  key: str) -> Optional[str]:
-    """The text of one JSON record; None when it holds none (counted in ``skipped``)."""
-    value = _json_field(record, text_field)
+    """The text of one JSON record; None when it holds none (counted in ``skipped``). A
+    record that is a JSON string (a JSON Lines file of strings) is the text itself."""
+    value = record if isinstance(record, str) else _json_field(record, text_field)
     if value is _ABSENT:
         has = f"its fields are {list(record)[:8]}" if isinstance(record, dict) else f"it is a JSON {type(record).__name__}"
         inner, parts = record, text_field.split(".")
@@ -1269,6 +1280,18 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
                 break
             has += f"; {'.'.join(parts[:depth + 1])} has {list(inner)[:8]}"
         nested = isinstance(record, dict) and any(isinstance(v, dict) for v in record.values())
+        pandas = ("maps row numbers to records" if nested and len(record) > 1 and all(
+                      str(k).isdigit() and _holds_record(v, text_field) for k, v in record.items())
+                  else "holds its rows as lists beside their column names" if isinstance(record, dict)
+                  and {"columns", "data"} <= set(record) <= {"columns", "index", "data"}
+                  else "holds a row as a list, without field names" if isinstance(record, list) else None)
+        if pandas:
+            skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} {pandas} (as pandas' "
+                         "DataFrame.to_json writes a table with orient="
+                         f"{'index' if 'numbers' in pandas else 'split' if 'beside' in pandas else 'values'}); "
+                         "a record here is a JSON object with its text in a field, or a JSON string. Fix: write "
+                         "it as JSON Lines: df.to_json(path, orient='records', lines=True).")
+            return None
         strings, chat = _record_string_paths(record), _record_chat_field(record)
         fix = (_chat_fix(chat) if chat is not None else  # its other fields (an id) would not do
                f"data.text_field={strings[0]}, its one text field." if len(strings) == 1 else
@@ -1284,8 +1307,15 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
     if not isinstance(value, str):
         if _is_conversation(value):
             raise DataError(f"{key}: {place}: {_chat_fix(text_field)}")
-        raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: make it a "
-                        "string in that record, or set data.text_field to the field holding the text.")
+        inside = [f"{text_field}.{name}" for name in _record_string_paths(value)]
+        if isinstance(value, dict) and len(value) > 1 and all(str(k).isdigit() for k in value):
+            raise DataError(f"{key}: {place}: {text_field!r} maps row numbers to {len(value):,} values, as pandas' "
+                            "DataFrame.to_json writes a table by default (orient='columns'). Fix: write it as JSON "
+                            "Lines instead: df.to_json(path, orient='records', lines=True).")
+        fix = (f"data.text_field={inside[0]}, its one text field." if len(inside) == 1 else
+               f"set data.text_field to one of its text fields {inside[:8]}." if inside else
+               "make it a string in that record, or set data.text_field to the field holding the text.")
+        raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: {fix}")
     if not value.strip():  # nothing to learn from but an end-of-text token
         skipped.skip(f"with an empty or blank {text_field!r}", at, kept)
         return None
@@ -1295,40 +1325,134 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
     return value
 
 
+def _holds_record(value, text_field: str) -> bool:
+    """Whether ``value`` is a record with the text field (a chat turn is not one)."""
+    return isinstance(value, dict) and _json_field(value, text_field) is not _ABSENT and not _is_turn(value)
+
+
+def _record_lists(record, text_field: str) -> List[str]:
+    """The fields of a JSON object that hold its records: lists of objects with the text
+    field (``{"version": 2, "data": [{"text": ...}, ...]}``), for an object without it."""
+    if not isinstance(record, dict) or _json_field(record, text_field) is not _ABSENT:
+        return []
+    return [name for name, value in record.items()
+            if isinstance(value, list) and value and _holds_record(value[0], text_field)]
+
+
+def _several_lists(key: str, place: str, names: List[str], path) -> DataError:
+    import shlex
+
+    pick = "train" if "train" in names else names[0]
+    return DataError(f"{key}: {place} holds lists of records under several keys {names[:8]}, and which to train on "
+                     f"is not for letrecipes to guess. Fix: write the one to train on as JSON Lines, e.g. "
+                     f"jq -c {shlex.quote('.' + json.dumps(pick) + '[]')} {shlex.quote(str(path))} > {pick}.jsonl, "
+                     "and point data.source at that file.")
+
+
+def _record_texts(record, text_field: str, place: str, at: int, skipped: "SkippedRecords", kept: int,
+                  key: str, path) -> Iterator[str]:
+    """The texts of one JSON value: a record's text, or, for an object that holds its
+    records in a list (``{"data": [...]}``), theirs."""
+    lists = _record_lists(record, text_field)
+    if len(lists) > 1:
+        raise _several_lists(key, place, lists, path)
+    if not lists:
+        text = _record_text(record, text_field, place, at, skipped, kept, key)
+        if text is not None:
+            yield text
+        return
+    for i, item in enumerate(record[lists[0]]):
+        text = _record_text(item, text_field, f"{place} {lists[0]}[{i}]", at, skipped, kept, key)
+        if text is not None:
+            kept += 1
+            yield text
+
+
 def _surrogates_replaced(key: str, path, count: int, first: str) -> str:
     return (f"{key}: {path}: {count:,} lone UTF-16 surrogate(s) (a \\ud800-\\udfff escape that is half a "
             f"character, as a crawl that cut an emoji in two leaves; the first at {first}) were replaced by U+FFFD. "
             "Fix: none needed; repair those records to keep the characters.")
 
 
+JSON_PEEK_BYTES = 1 << 20  # a first line longer than this is not read whole to tell JSON's layout
+
+
+def _json_layout(stream) -> Tuple[str, List[bytes]]:
+    """How a JSON file is laid out, told from its first two non-blank lines (each read up to
+    ``JSON_PEEK_BYTES``): ``array`` (one array of records), ``lines`` (JSON Lines: the first
+    line, or the second after a broken first, is a whole JSON value) or ``values``
+    (pretty-printed objects, one object holding every record, or a first line too long to
+    read whole): the last two are parsed as a stream. Returns it with the lines read."""
+    head: List[bytes] = []
+
+    def next_line() -> bytes:
+        while True:
+            raw = stream.readline(JSON_PEEK_BYTES)
+            head.append(raw)
+            if not raw or raw.strip(codecs.BOM_UTF8 + b" \t\r\n"):
+                return raw
+
+    first = next_line()
+    lead = first.lstrip(codecs.BOM_UTF8).lstrip()
+    if lead.startswith(b"["):
+        return "array", head
+    if not lead.startswith(b"{") or _parses(first):
+        return "lines", head
+    if _line_cut(first):
+        return "values", head
+    second = next_line()
+    if not second:  # one line, and broken: JSON Lines' reader says where
+        return "lines", head
+    return ("lines" if not _line_cut(second) and _parses(second) else "values"), head
+
+
+def _line_cut(raw: bytes) -> bool:
+    """Whether a line read by :func:`_json_layout` is only the start of its line."""
+    return len(raw) >= JSON_PEEK_BYTES and not raw.endswith(b"\n")
+
+
+def _parses(raw: bytes) -> bool:
+    try:
+        json.loads(raw.lstrip(codecs.BOM_UTF8).decode("utf-8", "replace"))
+    except ValueError:
+        return False
+    return True
+
+
 def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list, start: int = 0,
                   stop: Optional[int] = None) -> Iterator[str]:
-    """JSON Lines, streamed; a file whose first character is ``[`` is one JSON array of
-    records instead, streamed record by record too. ``start``/``stop`` (a :class:`Unit`'s
-    range of a plain file): only the lines that begin in those bytes; records are then
+    """A JSON file's texts, as :func:`_json_layout` finds it laid out: JSON Lines, read a line
+    at a time; one array of records, or pretty-printed objects, parsed as a stream (a
+    many-GB file never sits in memory). ``start``/``stop`` (a :class:`Unit`'s range of a
+    plain JSON Lines file): only the lines that begin in those bytes; records are then
     named by their byte offset, as a line's number is not known without the bytes before."""
     if stop is not None and start > 0:
         yield from _json_lines_range(Path(path), text_field, key, warn, start, stop)
         return
-    line_no, kept, offset = 0, 0, 0
+    line_no, kept = 0, 0
     skipped = SkippedRecords(path, key)
     try:
         line_start = 0  # the byte a line begins at: a range's first unit ends at the first line that begins at stop
         with _open_stream(path, key) as stream:
-            for line_no, raw in enumerate(stream, 1):
+            layout, head = _json_layout(stream)
+            if stop is None and layout != "lines":  # a range is planned only for JSON Lines
+                joined = b"".join(head)
+                bom = len(codecs.BOM_UTF8) if joined.startswith(codecs.BOM_UTF8) else 0
+                replayed = io.BufferedReader(_Replayed(joined[bom:], stream))
+                reader = _json_array if layout == "array" else _json_values
+                yield from reader(path, replayed, text_field, key, warn, bom)
+                return
+            if head and _line_cut(head[-1]):
+                head[-1] += stream.readline()  # the rest of that line
+            for line_no, raw in enumerate(itertools.chain(head, stream), 1):
                 if stop is not None:
                     if line_start >= stop:
                         break
                     line_start += len(raw)
                 if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
-                    raw, offset = raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                    raw = raw[len(codecs.BOM_UTF8):]
                 if not raw.strip():
-                    offset += len(raw)
                     continue
-                if not kept and not skipped.counts and raw.lstrip().startswith(b"["):
-                    yield from _json_array(path, io.BufferedReader(_Replayed(raw, stream)), text_field, key, warn,
-                                           offset)
-                    return
                 line = _decode(raw, path, key, warn, where=f":{line_no}")
                 try:
                     record = json.loads(line)
@@ -1337,8 +1461,7 @@ def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: l
                                  "Fix: JSON Lines (one object per line) or one JSON array of objects; or rename the "
                                  "file to .txt to read it as text.")
                     continue
-                text = _record_text(record, text_field, f"{path}:{line_no}", line_no, skipped, kept, key)
-                if text is not None:
+                for text in _record_texts(record, text_field, f"{path}:{line_no}", line_no, skipped, kept, key, path):
                     kept += 1
                     yield text
         skipped.finish(kept, warn)
@@ -1370,8 +1493,7 @@ def _json_lines_range(path: Path, text_field: str, key: str, warn: list, start: 
                 skipped.skip("not valid JSON", line_at, kept, f"{key}: {place} is not valid JSON ({err}). "
                              "Fix: JSON Lines (one object per line); or rename the file to .txt to read it as text.")
                 continue
-            text = _record_text(record, text_field, place, line_at, skipped, kept, key)
-            if text is not None:
+            for text in _record_texts(record, text_field, place, line_at, skipped, kept, key, path):
                 kept += 1
                 yield text
     skipped.finish(kept, warn)
@@ -1382,18 +1504,12 @@ def _json_array(path: Union[Path, _Member], stream, text_field: str, key: str, w
     """The records of a file that is one JSON array, parsed one at a time by ijson (a
     many-GB array never sits in memory; ``json.load`` would hold it several times over).
     ``stream`` starts at the file's byte ``offset`` (after a byte-order mark, blank lines)."""
-    try:
-        import ijson
-    except ImportError as err:  # a dependency of letrecipes; an environment built before it was one
-        raise DataError(f"{key}: {path} is one JSON array, which is read with the ijson package. Fix: pip install "
-                        "ijson (or rerun scripts/setup.sh).") from err
-
+    ijson = _ijson(path, key, "is one JSON array")
     utf8 = _Utf8Repaired(stream, offset)
     skipped, kept, i = SkippedRecords(path, key, where="record"), 0, -1
     try:
         for i, record in enumerate(ijson.items(io.BufferedReader(utf8, 1 << 20), "item", use_float=True)):
-            text = _record_text(record, text_field, f"{path} record {i}", i, skipped, kept, key)
-            if text is not None:
+            for text in _record_texts(record, text_field, f"{path} record {i}", i, skipped, kept, key, path):
                 kept += 1
                 yield text
     except ijson.JSONError as err:
@@ -1404,12 +1520,133 @@ def _json_array(path: Union[Path, _Member], stream, text_field: str, key: str, w
     except Exception as err:
         _raise_if_damaged(path, err, f" after record {i + 1:,}", key)
         raise
+    _utf8_repairs(utf8, path, key, warn)
+    skipped.finish(kept, warn)
+
+
+def _ijson(path, key: str, what: str):
+    try:
+        import ijson
+    except ImportError as err:  # a dependency of letrecipes; an environment built before it was one
+        raise DataError(f"{key}: {path} {what}, which is read with the ijson package. Fix: pip install "
+                        "ijson (or rerun scripts/setup.sh).") from err
+    return ijson
+
+
+def _utf8_repairs(utf8: "_Utf8Repaired", path, key: str, warn: list) -> None:
     if utf8.replaced:
         warn.append(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {utf8.first_bad:,}); {utf8.replaced:,} "
                     "undecodable byte sequence(s) were replaced by U+FFFD.")
     if utf8.surrogates:
         warn.append(_surrogates_replaced(key, path, utf8.surrogates, f"byte {utf8.first_surrogate:,}"))
+
+
+def _json_values(path: Union[Path, _Member], stream, text_field: str, key: str, warn: list,
+                 offset: int) -> Iterator[str]:
+    """The records of a JSON file that is not one record per line: pretty-printed objects
+    one after another, or an object that holds its records in a list (``{"version": 2,
+    "data": [...]}``, as SQuAD-style exports and ``json.dump({"data": rows})`` write),
+    parsed as a stream: a list of records is read one record at a time, never whole."""
+    ijson = _ijson(path, key, "is pretty-printed JSON")
+    utf8 = _Utf8Repaired(stream, offset)
+    events = ijson.basic_parse(io.BufferedReader(utf8, 1 << 20), multiple_values=True, use_float=True)
+    skipped, kept, read = SkippedRecords(path, key, where="record"), 0, 0
+    try:
+        for place, record, items in _json_value_records(events, text_field, path, key, ijson):
+            if items:
+                text = _record_text(record, text_field, place, read, skipped, kept, key)
+                texts = () if text is None else (text,)
+            else:
+                texts = _record_texts(record, text_field, place, read, skipped, kept, key, path)
+            for text in texts:
+                kept += 1
+                yield text
+            read += 1
+    except ijson.JSONError as err:
+        what = str(err).splitlines()[0]
+        raise DataError(f"{key}: {path} is not valid JSON after record {read:,} ({what}). Fix: repair or re-download "
+                        "it; JSON Lines (one object per line) or one JSON array of objects can also be read.") from err
+    except Exception as err:
+        _raise_if_damaged(path, err, f" after record {read:,}", key)
+        raise
+    _utf8_repairs(utf8, path, key, warn)
     skipped.finish(kept, warn)
+
+
+def _json_value_records(events, text_field: str, path, key: str, ijson) -> Iterator[Tuple[str, object, bool]]:
+    """(where, record, from a list) for each top-level value of ``events`` (ijson's
+    ``basic_parse``); an object whose fields include lists of records gives those records,
+    streamed, instead of itself."""
+    for n, (event, value) in enumerate(events):
+        place = f"{path} value {n}"
+        if event == "start_array":
+            for j, item in enumerate(_array_items(events, ijson)):
+                yield f"{place}[{j}]", item, True
+        elif event != "start_map":
+            yield place, value, False
+        else:
+            whole = ijson.ObjectBuilder()
+            whole.event("start_map", None)
+            lists: List[str] = []
+            name = None
+            for event, value in events:
+                if event == "end_map":
+                    break
+                name = value if event == "map_key" else name
+                if event != "start_array":  # a key, or a field's value, whole
+                    for inner in _value_events(events, event, value):
+                        whole.event(*inner)
+                    continue
+                first = list(_value_events(events, *next(events)))
+                item = _built(first, ijson) if first[0][0] != "end_array" else None
+                if item is None or not _holds_record(item, text_field):  # a field that is a list (tags, turns)
+                    for inner in [("start_array", None)] + first + ([] if item is None else
+                                                                   list(_rest_of_array(events))):
+                        whole.event(*inner)
+                    continue
+                lists.append(name)
+                if len(lists) > 1:
+                    raise _several_lists(key, place, lists, path)
+                whole.event("null", None)
+                yield f"{place} {name}[0]", item, True
+                for j, item in enumerate(_array_items(events, ijson), 1):
+                    yield f"{place} {name}[{j}]", item, True
+            if not lists:
+                yield place, whole.value, False
+
+
+def _value_events(events, event, value) -> Iterator[Tuple[str, object]]:
+    """The events of one JSON value that begins with ``(event, value)``, to its end."""
+    yield event, value
+    depth = 1 if event in ("start_map", "start_array") else 0
+    while depth:
+        event, value = next(events)
+        depth += event in ("start_map", "start_array")
+        depth -= event in ("end_map", "end_array")
+        yield event, value
+
+
+def _rest_of_array(events) -> Iterator[Tuple[str, object]]:
+    """An array's events after its first item, to its ``end_array``."""
+    for event, value in events:
+        yield from _value_events(events, event, value)
+        if event == "end_array":
+            return
+
+
+def _array_items(events, ijson) -> Iterator:
+    """The items of an array whose ``start_array`` (and any items before) were read."""
+    for event, value in events:
+        if event == "end_array":
+            return
+        yield _built(_value_events(events, event, value), ijson)
+
+
+def _built(events, ijson):
+    builder = ijson.ObjectBuilder()
+    for event, value in events:
+        builder.event(event, value)
+    return builder.value
 
 
 class _Utf8Repaired(io.RawIOBase):

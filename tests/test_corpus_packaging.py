@@ -528,3 +528,96 @@ def test_a_text_field_inside_nested_records_is_read_as_outer_dot_inner(tmp_path)
                           ("saved", r"no column 'meta.text.x' \(it has \['id', 'meta'\]; meta has \['text', 'url'\]")):
         with pytest.raises(DataError, match=message):
             list(read_documents(tmp_path / name, text_field="meta.body" if name != "saved" else "meta.text.x"))
+
+
+def test_json_laid_out_other_than_one_record_per_line(tmp_path, monkeypatch):
+    """JSON as exporters write it, not only as JSON Lines: an object that holds its records in
+    a list (`json.dump({"version": 2, "data": rows})`, on one line or pretty-printed),
+    pretty-printed records one after another, JSON strings as the records. Each reads the
+    same documents as JSON Lines; a list of {text} objects is not taken for chat turns (it
+    was: "'data' holds chat turns"), and several lists of records are one error with the
+    command that writes out one of them."""
+    docs = documents(30)
+    rows = [{"text": d, "id": i, "tags": ["a", {"b": 1}]} for i, d in enumerate(docs)]
+    files = {
+        "wrapped_one_line.json": json.dumps({"version": 2, "data": rows}),
+        "wrapped_pretty.json": json.dumps({"version": 2, "data": rows, "count": 30}, indent=2),
+        "records_pretty.json": "".join(json.dumps(r, indent=2) + "\n" for r in rows),
+        "strings.jsonl": "".join(json.dumps(d) + "\n" for d in docs),
+        "strings_array.json": json.dumps(docs),
+        "one_line_array.json": json.dumps(rows),
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    for name in files:
+        assert list(read_documents(tmp_path / name)) == docs, name
+    # the same through the stream reader when the first line is too long to read whole to tell
+    monkeypatch.setattr(corpus, "JSON_PEEK_BYTES", 64)
+    (tmp_path / "long_lines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in [*files, "long_lines.jsonl"]:
+        assert list(read_documents(tmp_path / name)) == docs, name
+    monkeypatch.undo()
+
+    # records under the list that hold no text are counted, as in JSON Lines
+    holes = [*rows[:10], {"id": "x"}, *rows[10:]]
+    (tmp_path / "holes.json").write_text(json.dumps({"data": holes}, indent=1))
+    with pytest.warns(DataWarning, match=r"holes.json: skipped 1 of 31 records that hold no text \(1 without the "
+                                         r"field 'text'"):
+        assert list(read_documents(tmp_path / "holes.json")) == docs
+    # chat turns stay chat turns: they have a role
+    (tmp_path / "chat.json").write_text(json.dumps({"messages": [{"role": "user", "text": d} for d in docs]},
+                                                   indent=1))
+    with pytest.raises(DataError, match=r"'messages' holds chat turns"):
+        list(read_documents(tmp_path / "chat.json"))
+    for indent in (None, 1):
+        (tmp_path / "splits.json").write_text(json.dumps({"test": rows[:3], "train": rows}, indent=indent))
+        with pytest.raises(DataError, match=r"splits.json.* holds lists of records under several keys \['test', "
+                                            r"'train'\].*Fix: .*jq -c '.\"train\"\[\]' .*splits.json > train.jsonl"):
+            list(read_documents(tmp_path / "splits.json"))
+    # a text that is an object: its own text fields are offered
+    (tmp_path / "nested.jsonl").write_text(json.dumps({"text": {"en": "Hello.", "n": 1}}) + "\n")
+    with pytest.raises(DataError, match=r"'text' is dict, not text. Fix: data.text_field=text.en, its one text field"):
+        list(read_documents(tmp_path / "nested.jsonl"))
+
+
+def test_pretty_printed_json_is_streamed_and_never_cut_into_byte_ranges(tmp_path, monkeypatch, tokenizer_path):
+    """A large JSON file that is not JSON Lines stays one unit (a byte range of it would
+    start inside an object), is read a record at a time (records come before a cut-off
+    end, then one error naming the record), and prepares to the tokens JSON Lines gives."""
+    docs = documents(300)
+    (tmp_path / "pretty.json").write_text(json.dumps({"data": [{"text": d} for d in docs]}, indent=2))
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    monkeypatch.setattr(corpus, "SPLIT_FILE_BYTES", 4000)
+    assert [u.is_range for u in corpus.list_units(tmp_path / "pretty.json")] == [False]
+    assert len(corpus.list_units(tmp_path / "lines.jsonl")) > 5
+    whole = (tmp_path / "pretty.json").read_bytes()
+    (tmp_path / "cut.json").write_bytes(whole[:len(whole) // 2])
+    read = []
+    with pytest.raises(DataError, match=r"cut.json is not valid JSON after record (\d+) \(") as error:
+        for text in read_documents(tmp_path / "cut.json"):
+            read.append(text)
+    assert 100 < len(read) < 300 and read == docs[:len(read)]
+    assert f"after record {len(read)} " in str(error.value)
+    tok = Tokenizer(tokenizer_path)
+    pretty = prepare_corpus(tmp_path / "pretty.json", tok, tmp_path / "out_pretty", workers=2, **QUIET)
+    lines = prepare_corpus(tmp_path / "lines.jsonl", tok, tmp_path / "out_lines", workers=2, **QUIET)
+    assert pretty["documents"] == lines["documents"] == 300 and pretty["tokens"] == lines["tokens"]
+    assert np.array_equal(TokenShards(tmp_path / "out_pretty", tok)[0:pretty["tokens"]],
+                          TokenShards(tmp_path / "out_lines", tok)[0:lines["tokens"]])
+
+
+@pytest.mark.parametrize("orient", ["records", "table", "columns", "index", "split", "values"])
+def test_each_way_pandas_writes_a_table_as_json_reads_or_says_how_to_write_it(tmp_path, orient):
+    """`DataFrame.to_json`'s layouts: the two that hold records are read; the others (its
+    default, 'columns', among them) are one error with the line that writes JSON Lines,
+    not a fix that names `text.0` or a row number as the text field."""
+    import pandas as pd
+
+    docs = documents(5)
+    pd.DataFrame({"text": docs, "id": range(5)}).to_json(tmp_path / "table.json", orient=orient)
+    if orient in ("records", "table"):
+        assert list(read_documents(tmp_path / "table.json")) == docs
+        return
+    with pytest.raises(DataError, match=r"table.json.*pandas' DataFrame.to_json writes a table .*orient='?"
+                                        + orient + r".*Fix: write it as JSON Lines.*orient='records', lines=True"):
+        list(read_documents(tmp_path / "table.json"))
