@@ -1709,6 +1709,19 @@ class _Utf8Repaired(io.RawIOBase):
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
 
 
+CSV_DELIMITERS = (",", "\t", ";", "|")  # ";": the CSV of spreadsheets where the comma is the decimal mark
+
+
+def _csv_delimiter(header: str, default: str) -> str:
+    """The delimiter of a CSV file from its header line: the one its name says (``,``;
+    ``.tsv``: tab) when the header holds it, else whichever of the others it holds most
+    (a European spreadsheet's CSV is separated by ``;``)."""
+    counts = {d: len(next(csv.reader([header], delimiter=d))) - 1 for d in CSV_DELIMITERS}
+    if counts[default] or not any(counts.values()):
+        return default
+    return max(counts, key=counts.get)
+
+
 def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> Iterator[str]:
     """A CSV (TSV) file's ``text_field`` column, streamed in blocks by pyarrow. Quoted
     values may hold newlines; an empty value is skipped (CSV cannot tell it from null)."""
@@ -1716,16 +1729,26 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     import pyarrow.csv as pa_csv
 
     delimiter = "\t" if _format_base(_file_name(path)) == ".tsv" else ","
-    parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     read = pa_csv.ReadOptions(block_size=16 << 20)
-    skipped, kept, row, first_line = SkippedRecords(path, key, where="row"), 0, 0, b""
+    skipped, kept, row = SkippedRecords(path, key, where="row"), 0, 0
     undecodable: List[int] = []
     try:
         with _open_stream(path, key) as stream:
-            if isinstance(path, _Member):  # read once: keep its header line, to name the columns in an error
-                head = stream.read(1 << 16)
-                first_line = head.split(b"\n", 1)[0]
-                stream = io.BufferedReader(_Replayed(head, stream))
+            head = stream.read(1 << 16)  # the header line: the delimiter, and the columns an error names
+            while b"\n" not in head and len(head) < 1 << 24:  # a table of thousands of columns
+                more = stream.read(1 << 16)
+                if not more:
+                    break
+                head += more
+            header = head.split(b"\n", 1)[0].decode("utf-8-sig", "replace").rstrip("\r")
+            if not head.strip(codecs.BOM_UTF8 + b" \t\r\n"):
+                return  # an empty file holds no rows, as an empty JSON Lines file holds no records
+            delimiter = _csv_delimiter(header, delimiter)
+            parse = pa_csv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+            names = next(csv.reader([header], delimiter=delimiter), [])
+            if text_field not in names:
+                raise DataError(_no_text_column(path, text_field, names, head, parse, key))
+            stream = io.BufferedReader(_Replayed(head, stream))
             reader = pa_csv.open_csv(stream, read_options=read, parse_options=parse, convert_options=pa_csv.ConvertOptions(
                 column_types={text_field: pa.binary()}, include_columns=[text_field]))  # bytes: a bad one is no stop
             for batch in reader:
@@ -1738,14 +1761,10 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
                         skipped.skip(f"with an empty or blank {text_field!r}", row, kept)
                     row += 1
     except (pa.ArrowInvalid, KeyError) as err:
-        if row == 0 and text_field in str(err):
-            names = next(csv.reader([first_line.decode("utf-8-sig", "replace").rstrip("\r")], delimiter=delimiter)) \
-                if isinstance(path, _Member) else _csv_header(path, parse, key)
-            raise DataError(f"{key}: {path} has no column {text_field!r} (it has {names}). "
-                            "Fix: set data.text_field to the column holding the text.") from err
         what = " ".join(str(err).split())[:300]  # pyarrow quotes the offending row, newlines and all
-        raise DataError(f"{key}: {path} does not read as {'TSV' if delimiter == chr(9) else 'CSV'} after row {row:,} "
-                        f"({what}). Fix: repair or re-download it.") from err
+        kind = {"\t": "TSV", ",": "CSV"}.get(delimiter, f"CSV separated by {delimiter!r}")
+        raise DataError(f"{key}: {path} does not read as {kind} after row {row:,} ({what}). "
+                        "Fix: repair or re-download it.") from err
     except Exception as err:
         _raise_if_damaged(path, err, f" after row {row:,}", key)
         raise
@@ -1753,11 +1772,27 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     skipped.finish(kept, warn)
 
 
-def _csv_header(path: Path, parse, key: str) -> List[str]:
+def _no_text_column(path, text_field: str, names: List[str], head: bytes, parse, key: str) -> str:
+    """The error for a CSV file without the text column: its text columns (the types pyarrow
+    infers from the first 64 KB) as the fix, and a header row that looks like data named."""
     import pyarrow.csv as pa_csv
 
-    with _open_stream(path, key) as stream:
-        return pa_csv.open_csv(stream, parse_options=parse).schema.names
+    try:
+        schema = pa_csv.open_csv(io.BytesIO(head[:head.rfind(b"\n") + 1] or head), parse_options=parse).schema
+        strings = [f.name for f in schema if str(f.type) in ("string", "large_string")]
+    except Exception:  # a first block that does not parse: the names alone
+        strings = []
+    same = [n for n in names if n.lower() == text_field.lower()]
+    fix = (f"data.text_field={same[0]}." if len(same) == 1 else
+           f"data.text_field={strings[0]}, its one text column." if len(strings) == 1 else
+           f"set data.text_field to the column holding the text, one of its text columns {strings[:8]}." if strings
+           else "set data.text_field to the column holding the text.")
+    data_like = [n for n in names if n.strip().lstrip("-").replace(".", "", 1).isdigit() or len(n) > 64]
+    if data_like and not same:
+        fix = (f"its first row looks like data, not column names ({data_like[0][:40]!r}): if the file has no "
+               f"header row, add one naming the columns ({text_field} for the text) as its first line; "
+               f"otherwise {fix[0].lower()}{fix[1:]}")
+    return f"{key}: {path} has no column {text_field!r} (it has {[n[:64] for n in names[:16]]}). Fix: {fix}"
 
 
 def _batch_rows(row_bytes: float) -> int:

@@ -621,3 +621,32 @@ def test_each_way_pandas_writes_a_table_as_json_reads_or_says_how_to_write_it(tm
     with pytest.raises(DataError, match=r"table.json.*pandas' DataFrame.to_json writes a table .*orient='?"
                                         + orient + r".*Fix: write it as JSON Lines.*orient='records', lines=True"):
         list(read_documents(tmp_path / "table.json"))
+
+
+def test_csv_as_spreadsheets_write_it(tmp_path):
+    """A CSV separated by ';' (a European spreadsheet's export) reads as the comma's does
+    (it was a pyarrow traceback); a column named `Text` is offered as such; a file without a
+    header row is said to be one; an empty file holds no rows; a header of 20,000 columns is
+    read whole to find the text column."""
+    import csv
+
+    docs = [d.replace("\n", " ; , ") for d in documents(6)]
+    with open(tmp_path / "semicolon.csv", "w", newline="") as f:
+        csv.writer(f, delimiter=";").writerows([["id", "text"], *[[i, d] for i, d in enumerate(docs)]])
+    assert list(read_documents(tmp_path / "semicolon.csv")) == docs
+    with open(tmp_path / "capital.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["ID", "Text"], *[[i, d] for i, d in enumerate(docs)]])
+    with pytest.raises(DataError, match=r"capital.csv has no column 'text' \(it has \['ID', 'Text'\]\)\. "
+                                        r"Fix: data.text_field=Text\.$"):
+        list(read_documents(tmp_path / "capital.csv"))
+    assert list(read_documents(tmp_path / "capital.csv", text_field="Text")) == docs
+    with open(tmp_path / "headless.csv", "w", newline="") as f:
+        csv.writer(f).writerows([[i, d] for i, d in enumerate(docs)])
+    with pytest.raises(DataError, match=r"headless.csv has no column 'text' .*Fix: its first row looks like data, "
+                                        r"not column names \('0'\): if the file has no header row, add one"):
+        list(read_documents(tmp_path / "headless.csv"))
+    (tmp_path / "empty.csv").write_bytes(b"")
+    assert list(read_documents(tmp_path / "empty.csv")) == []
+    (tmp_path / "wide.csv").write_text(",".join(f"c{i}" for i in range(20000)) + ",text\n"
+                                       + "1," * 20000 + "hello there\n")
+    assert list(read_documents(tmp_path / "wide.csv")) == ["hello there"]
