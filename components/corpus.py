@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby
+from letrecipes.components.files import HTML_STARTS, LFS_POINTER, as_given, hub_id_hint, hub_snapshot, nearby, stand_in
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -887,7 +887,9 @@ def _arrow(path, text_field: str, key: str, warn: list, data: Optional[bytes] = 
             reader = pa.ipc.open_file(source)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except Exception as err:  # ArrowInvalid / OSError
-        raise DataError(f"{key}: {path} is not a readable Arrow file ({err}). Fix: re-download or re-save it.") from err
+        instead = stand_in(path, "an Arrow file") if data is None else None
+        raise DataError(f"{key}: {instead}" if instead else
+                        f"{key}: {path} is not a readable Arrow file ({err}). Fix: re-download or re-save it.") from err
     names = _text_path(reader.schema, path, text_field, key)
     with source:
         yield from _strings(_batch_values(batches, names, path, key), path, text_field, key, warn)
@@ -1122,8 +1124,12 @@ def _decompressed(raw, name, key: str, stack: contextlib.ExitStack) -> Tuple[io.
     """``raw`` decompressed as its content says (gzip, zstd, bzip2, xz, layer by layer: a
     ``.txt`` that is really gzip reads as text), and what the decompressed bytes are by their
     magic number (``tar``, ``zip``, ``parquet``, ... or None: text, JSON, CSV)."""
+    first = not isinstance(name, _Member)
     while True:
         head = _read_head(raw, SNIFF_BYTES)
+        if first:
+            _refuse_stand_in(name, head, key)
+            first = False
         kind = sniff(head)
         stream = io.BufferedReader(_Replayed(head, raw), buffer_size=1 << 20)
         if kind not in DECOMPRESSED:
@@ -1145,6 +1151,19 @@ def _decompressed(raw, name, key: str, stack: contextlib.ExitStack) -> Tuple[io.
             # as large as the file made it, so the higher limit costs nothing for ordinary files.
             decompressor = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
             raw = stack.enter_context(decompressor.stream_reader(stream, read_across_frames=True))
+
+
+def _refuse_stand_in(path, head: bytes, key: str) -> None:
+    """A Git LFS pointer in place of a corpus file (a dataset repository cloned without Git
+    LFS), or a web page saved under a JSON, CSV, archive or compressed name (a download
+    that got an error page), is one error saying so, not a file of garbage read as text or
+    "not valid JSON"."""
+    kind, compression = _format(path)
+    page = kind not in ("text", None) or compression
+    if head.startswith(LFS_POINTER) or (page and head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(HTML_STARTS)):
+        instead = stand_in(path, f"a {(kind or 'corpus').replace('jsonl', 'JSON').replace('csv', 'CSV')} file")
+        if instead:
+            raise DataError(f"{key}: {instead}")
 
 
 @dataclass
@@ -1839,7 +1858,9 @@ def _parquet(path: Path, key: str, streamed: bool = False):
     try:
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20) if streamed else pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises ArrowInvalid / OSError
-        raise DataError(f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
+        instead = stand_in(path, "a parquet file")
+        raise DataError(f"{key}: {instead}" if instead else
+                        f"{key}: {path} is not a readable parquet file ({err}). Fix: re-download it.") from err
 
 
 def _load_dataset(path: Path, key: str):

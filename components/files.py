@@ -318,3 +318,32 @@ def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
     return (f"It looks like a Hugging Face Hub {kind} id: letrecipes reads local files only and never downloads. "
             f"Fix: download it first (huggingface-cli download {path.as_posix()}{what}{repo_type} --local-dir "
             f"{local}) and set {key}={local}{'/' + inner if inner else ''}.")
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml version")
+
+
+def stand_in(path: Union[str, Path], expected: str, html: bool = True) -> Optional[str]:
+    """What a file is instead of ``expected`` when it is a stand-in that a download leaves
+    behind: a Git LFS pointer (a repository cloned or copied without Git LFS fetching its
+    large files: the most common way a Hub checkout holds no weights) or, where ``html``, an
+    HTML page (an error or sign-in page saved under the file's name). None otherwise, and
+    for a file that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError:
+        return None
+    shown = as_given(path)
+    if head.startswith(LFS_POINTER):
+        size = re.search(rb"\nsize (\d+)", head)
+        of = f" for a file of {int(size[1]):,} bytes" if size else ""
+        return (f"{shown!r} is a Git LFS pointer ({len(head)} bytes{of}), not {expected}: its repository was cloned or "
+                "copied without Git LFS fetching the file. Fix: run `git lfs install && git lfs pull` in that "
+                "repository, or download it with `hf download <repo id>`.")
+    if html and head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(HTML_STARTS):
+        return (f"{shown!r} is a web page (HTML or XML), not {expected}: a download that received an error or "
+                "sign-in page instead of the file. Fix: download it again (`hf download <repo id>`; a gated repository needs "
+                "`hf auth login` first).")
+    return None

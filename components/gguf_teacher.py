@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from letrecipes.components.hf_teacher import convert_state_dict
+from letrecipes.components.files import stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
@@ -89,7 +90,9 @@ def open_gguf(path: Path):
     try:
         return gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises ValueError/struct errors on a damaged file
-        raise TeacherError(f"{path}: not a readable GGUF file ({err}). Fix: re-download or re-convert it.") from err
+        instead = stand_in(path, "a GGUF file")
+        raise TeacherError(f"teacher.path: {instead}" if instead else
+                           f"{path}: not a readable GGUF file ({err}). Fix: re-download or re-convert it.") from err
 
 
 def _field(reader, key: str, source: str, default=None):

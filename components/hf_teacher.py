@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
+from letrecipes.components.files import stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import (
     Teacher, TeacherError, TeacherFormat, build_frozen, folder_tokenizer, read_json, register_format, resolve_path,
@@ -358,7 +359,7 @@ def _tensor_names(file: Path) -> list:
         with safe_open(str(file), framework="pt") as f:
             return list(f.keys())
     except Exception as err:  # safetensors raises its own error types
-        raise TeacherError(f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
+        raise TeacherError(_unreadable(file, err)) from err
 
 
 def _load_pickle(file: Path) -> Dict[str, torch.Tensor]:
@@ -374,6 +375,8 @@ def _load_pickle(file: Path) -> Dict[str, torch.Tensor]:
                 raise
             return torch.load(file, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except pickle.UnpicklingError as err:
+        if stand_in(file, "a PyTorch checkpoint"):
+            raise TeacherError(_unreadable(file, err)) from err
         if "Unsupported global" not in str(err):  # not a pickle at all, or a damaged one
             detail = next((line for line in str(err).splitlines()[1:] if line.strip() and "WeightsUnpickler" not in line),
                           str(err).splitlines()[0])
@@ -385,8 +388,7 @@ def _load_pickle(file: Path) -> Dict[str, torch.Tensor]:
                            f"({next(line for line in str(err).splitlines() if 'Unsupported global' in line).strip()})"
                            ) from err
     except Exception as err:  # a truncated or foreign file: zip/pickle errors of several types
-        raise TeacherError(f"teacher.path: cannot read {str(file)!r} ({type(err).__name__}: {err}). "
-                           "Fix: re-download the file.") from err
+        raise TeacherError(_unreadable(file, f"{type(err).__name__}: {err}")) from err
 
 
 def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tensor]]:
@@ -410,7 +412,15 @@ def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tens
                 for name in names:
                     yield name, file, f.get_tensor(name)
         except Exception as err:  # safetensors raises its own error types
-            raise TeacherError(f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.") from err
+            raise TeacherError(_unreadable(file, err)) from err
+
+
+def _unreadable(file: Path, err: Exception) -> str:
+    """The error for a weights file that does not read: what it is, when it is a stand-in
+    for the file (a Git LFS pointer, a saved error page)."""
+    kind = "a PyTorch checkpoint" if file.suffix == ".bin" else "a safetensors file"
+    return (f"teacher.path: {stand_in(file, kind)}" if stand_in(file, kind) else
+            f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.")
 
 
 def convert_state_dict(

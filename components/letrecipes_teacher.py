@@ -9,6 +9,7 @@ from typing import Optional, Union
 import torch
 
 from letrecipes.components.export import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_WEIGHTS
+from letrecipes.components.files import stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import (
     Teacher, TeacherError, TeacherFormat, build_frozen, folder_tokenizer, read_json, register_format, resolve_path,
@@ -55,7 +56,8 @@ class LetrecipesFormat(TeacherFormat):
             try:
                 state = load_file(str(weights))
             except Exception as err:  # safetensors raises its own error types
-                raise TeacherError(f"teacher.path: cannot read {str(weights)!r} ({err}). {FIX}") from err
+                raise TeacherError(f"teacher.path: {stand_in(weights, 'a safetensors file') or ''}" if stand_in(
+                    weights, "a safetensors file") else f"teacher.path: cannot read {str(weights)!r} ({err}). {FIX}") from err
             return {k: cast(v) for k, v in state.items()}
 
         return Teacher(build_frozen(args, load_state, dtype, device), tokenizer_path=folder_tokenizer(path),

@@ -279,7 +279,13 @@ def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = 
     the errors about its path call it (``<key>.path``; ``letrecipes export``'s is its argument)."""
     fmt = teacher_format(section, key, path_key)
     path = existing_path(section.get("path") or "", path_key or f"{key}.path")
-    teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
+    try:
+        teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
+    except TeacherError as err:  # the loaders name their weight files as teacher.path's: another key's here
+        said, prefix = str(err), "teacher.path: "
+        if path_key and path_key != "teacher.path" and said.startswith(prefix):
+            raise TeacherError(f"{path_key}: {said[len(prefix):]}") from err
+        raise
     if not isinstance(teacher, Teacher):
         raise TeacherError(f"{key}: the format {type(fmt).__name__} returned a {type(teacher).__name__}, not a "
                            "Teacher. Fix: wrap the model in letrecipes.components.teachers.Teacher.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.corpus import DataError
-from letrecipes.components.files import as_given, hub_id_hint, nearby
+from letrecipes.components.files import as_given, hub_id_hint, nearby, stand_in
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -139,6 +139,9 @@ def file_fingerprint(path: Path) -> str:
 
 
 def _not_a_tokenizer_json(path: Path, err: Exception) -> str:
+    instead = stand_in(path, "a tokenizer.json")
+    if instead:
+        return f"tokenizer.path: {instead}"
     kind = slow_tokenizer_kind(path)
     what = f"is {kind}, not a tokenizer.json, the one tokenizer format read here" if kind else (
         f"is not a tokenizer.json ({err})")

@@ -852,3 +852,63 @@ def test_a_path_that_does_not_exist_is_answered_with_what_is_there(let_overrides
     expect_setup_error(run_pretrain, *run, f"data.source={tmp_path / 'no' / 'such' / 'corpus'}",
                        match=f"{tmp_path / 'no'} does not exist ({tmp_path} does). Fix: ")
     assert not (tmp_path / "new").exists()
+
+
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
+               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4512345\n")
+
+
+@pytest.mark.parametrize("stand_in", ["model.safetensors", "tokenizer.json"])
+def test_a_git_lfs_pointer_in_place_of_a_teacher_file_is_named_as_one(let_overrides, teacher_dir, tmp_path, stand_in):
+    """A Hub repository cloned without Git LFS holds 130-byte pointers where its weights
+    should be: said as such, with `git lfs pull` (it was "header too large"), before the
+    corpus is prepared; the same through init_from and `letrecipes export`."""
+    from letrecipes.components.export import export_any
+    from letrecipes.components.teachers import TeacherError
+
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        (clone / name).write_bytes(LFS_POINTER if name == stand_in else (teacher_dir / name).read_bytes())
+    lfs = "is a Git LFS pointer (132 bytes for a file of 4,512,345 bytes), not a "
+    expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={clone}",
+                       f"data.cache_dir={tmp_path / 'cache'}", match=lfs)
+    assert not (tmp_path / "cache").exists()
+    if stand_in == "model.safetensors":
+        message = expect_setup_error(run_pretrain, *let_overrides, f"output_dir={tmp_path / 'run2'}",
+                                     f"init_from={clone}", "model.num_layers=2", "model.embed_dim=24",
+                                     "model.num_heads=2", "model.intermediate_dim=48", match=lfs + "safetensors file")
+        assert message.startswith("error: init_from: ") and "git lfs pull" in message, message
+        with pytest.raises(TeacherError, match=r"^export: .*" + lfs.replace("(", r"\(").replace(")", r"\)")):
+            export_any(clone, tmp_path / "exported")
+
+
+def test_stand_ins_for_corpus_files_are_named_not_read(tmp_path):
+    """Pointers (a dataset cloned without Git LFS) and saved error pages (HTML, S3's XML)
+    under a corpus file's name: one error naming what the file is, never read as text or
+    called "not valid JSON" / "magic bytes not found". A page named .html stays markup,
+    read as text with its warning."""
+    from letrecipes.components.corpus import DataError, read_documents
+
+    page = b"<!DOCTYPE html>\n<html><body><h1>404 Not Found</h1></body></html>\n"
+    s3 = b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code></Error>\n'
+    cases = {"train-00000-of-00001.parquet": (LFS_POINTER, "parquet"), "c4.jsonl": (LFS_POINTER, "JSON"),
+             "notes.txt": (LFS_POINTER, "text"), "data.arrow": (LFS_POINTER, "arrow"),
+             "c4.jsonl.gz": (page, "web page"), "x.parquet": (page, "web page"), "rows.csv": (s3, "web page")}
+    for name, (data, said) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match="Git LFS pointer .*git lfs pull" if data == LFS_POINTER else
+                           r"is a web page \(HTML or XML\), not a .*download it again") as err:
+            list(read_documents(tmp_path / name))
+        assert said.lower() in str(err.value).lower() and name in str(err.value), str(err.value)
+    (tmp_path / "page.html").write_bytes(page)
+    with pytest.warns(DataWarning, match="markup"):
+        assert "404 Not Found" in "".join(read_documents(tmp_path / "page.html"))
+
+
+def test_a_git_lfs_pointer_in_place_of_a_gguf_teacher(tmp_path):
+    from letrecipes.components.teachers import TeacherError, load_teacher
+
+    (tmp_path / "model.gguf").write_bytes(LFS_POINTER)
+    with pytest.raises(TeacherError, match=r"^teacher.path: .*model.gguf' is a Git LFS pointer .*not a GGUF file"):
+        load_teacher({"_component_": "auto", "path": str(tmp_path / "model.gguf")})
