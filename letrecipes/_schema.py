@@ -418,8 +418,33 @@ def _check(where: str, key: str, value: Any, spec) -> None:
             # YAML reads 1e5 and 1000.0 as floats
             raise ConfigValueError(f"config key {where}{key}={value!r} must be an integer (YAML reads 1e5 or "
                                    f"{int(value)}.0 as a float). Fix: write it as {where}{key}={int(value)}.")
+        said = _value_meant(where + key, value)
+        if said:
+            raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}: {said}")
         raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}{quoting}. Fix: set {where}{key} to "
                                f"{text}.")
+
+
+def _value_meant(key: str, value: Any) -> Optional[str]:
+    """For a refused value that other trainers accept (``device=cuda:1``, ``dtype=fp16``),
+    why it is not one here and what does the same; None for any other."""
+    said = str(value).strip().lower()
+    if key in ("device", "eval.device") or key.endswith(".device"):
+        if said.startswith("cuda:") or said.isdigit():
+            return ("a process uses one GPU, chosen by CUDA_VISIBLE_DEVICES (torchrun gives each process of "
+                    "--nproc_per_node its own). Fix: device=cuda, with CUDA_VISIBLE_DEVICES="
+                    f"{said.rpartition(':')[2]} before the command.")
+        if said in ("gpu", "cuda0", "nvidia"):
+            return "Did you mean cuda? Fix: device=cuda."
+        if said in ("mps", "xpu", "tpu", "xla", "hpu", "npu", "rocm", "hip"):
+            return (f"{value} is not a device these recipes run on (their FSDP2, float8 and NCCL paths are CUDA's; "
+                    "torch's ROCm build is device=cuda too). Fix: device=cpu, or device=cuda on an NVIDIA or AMD GPU.")
+    if key == "dtype" and said in ("fp16", "float16", "half", "16", "16-mixed"):
+        return ("fp16 training needs loss scaling, which the recipes do not do (bf16 has fp32's range and needs "
+                "none). Fix: dtype=bf16; on a GPU without bf16 (before NVIDIA's Ampere), dtype=fp32.")
+    if key == "dtype" and said in ("fp8", "float8", "e4m3", "float8_e4m3fn"):
+        return "float8 is float8.enabled=true (torchao's float8 matmuls inside bf16 autocast). Fix: dtype=bf16 float8.enabled=true."
+    return None
 
 
 SOURCE_ENTRY = {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),

@@ -264,3 +264,21 @@ def test_a_value_the_recipe_sets_itself_is_refused_not_ignored():
                                                       r"\(student_dim=16, the student's width\)"):
         registry.build("projector", {"_component_": "linear", "student_dim": 7}, "alignment.projector",
                        student_dim=16, teacher_dim=8)
+
+
+# (a value other trainers accept, what the error must say instead of only "must be ...")
+VALUES_MEANT = [
+    ("device=cuda:1", "Fix: device=cuda, with CUDA_VISIBLE_DEVICES=1 before the command."),
+    ("device=gpu", "Did you mean cuda? Fix: device=cuda."),
+    ("device=mps", "mps is not a device these recipes run on"),
+    ("dtype=fp16", "fp16 training needs loss scaling, which the recipes do not do"),
+    ("dtype=float8", "Fix: dtype=bf16 float8.enabled=true."),
+]
+
+
+@pytest.mark.parametrize("override, said", VALUES_MEANT, ids=[v[0] for v in VALUES_MEANT])
+def test_a_value_other_trainers_take_is_answered_with_ours(override, said):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    message = str(err.value.code)
+    assert message.startswith(f"error: config key {override.split('=')[0]}=") and said in message, message
