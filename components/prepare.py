@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import threading
@@ -33,7 +34,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -98,6 +99,54 @@ def size_problem(path: Path, expected: int) -> Optional[str]:
     return "is missing" if size is None else f"has {size:,} bytes where the manifest says {expected:,}"
 
 
+SHARD_NAME = re.compile(r"shard_\d+\.bin")
+
+
+def load_manifest(folder: Union[str, Path]) -> Dict[str, Any]:
+    """A prepared folder's ``manifest.json``, its shape checked (a hand-edited or foreign file
+    that parses as JSON would otherwise fail later as a KeyError); ValueError says what is
+    wrong. Shard names must be the folder's own ``shard_N.bin``: a manifest cannot point a
+    run at files elsewhere."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise ValueError(problem)
+    return manifest
+
+
+def _manifest_problem(manifest) -> Optional[str]:
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not a manifest's object"
+    missing = [k for k in ("tokens", "dtype", "tokenizer", "shards") if k not in manifest]
+    if missing:
+        return f"it has no {', '.join(missing)} (its keys: {sorted(manifest)[:10]})"
+    try:
+        dtype = np.dtype(manifest["dtype"])
+    except TypeError:
+        dtype = None
+    if dtype is None or dtype.kind not in "ui":
+        return f"its dtype {manifest['dtype']!r} is not an integer type"
+    tokenizer = manifest["tokenizer"]
+    if not isinstance(tokenizer, dict) or not all(k in tokenizer for k in ("fingerprint", "path", "vocab_size", "eos_id")) \
+            or not count(tokenizer["vocab_size"]) or not count(tokenizer["eos_id"]):
+        return "its tokenizer entry is not {fingerprint, path, vocab_size, eos_id}"
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        return "its shards entry is not a list of shards"
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not count(shard.get("tokens")) \
+                or not count(shard.get("documents", 0)):
+            return f"shard {i} is not {{file, tokens, documents}}"
+        if not SHARD_NAME.fullmatch(shard["file"]):
+            return f"shard {i} names {shard['file']!r}, not a shard_N.bin of the folder"
+    if not count(manifest["tokens"]) or manifest["tokens"] != sum(s["tokens"] for s in shards):
+        return f"its tokens {manifest['tokens']!r} are not the sum of its shards' ({sum(s['tokens'] for s in shards):,})"
+    return None
+
+
 def damaged_shards(folder: Path, vocab_size: int, verified: Optional[dict] = None) -> List[str]:
     """What is wrong with a prepared folder's shards: a size other than the manifest's, an
     id outside the vocabulary (read in blocks: memory stays flat), a keys file that does not
@@ -105,7 +154,7 @@ def damaged_shards(folder: Path, vocab_size: int, verified: Optional[dict] = Non
     For caches, which are rebuilt when damaged; a full read, at disk speed, except of the
     shards ``verified`` (:func:`read_verified`) lists unchanged, whose sizes alone are checked."""
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        manifest = load_manifest(folder)
         dtype = np.dtype(manifest["dtype"])
         shards = manifest["shards"]
     except (OSError, ValueError, KeyError) as err:
@@ -152,7 +201,7 @@ def write_verified(folder: Path, vocab_size: int) -> None:
     """Record the folder's shards as sound, as they are now. Kept from a read-only cache (a
     shared one that another user prepared): its launches then read it in full, as before."""
     try:
-        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        manifest = load_manifest(folder)
         files = {}
         for shard in manifest["shards"]:
             for path in (Path(folder) / shard["file"], keys_path(Path(folder) / shard["file"])):
@@ -385,8 +434,14 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         units = [Unit.from_dict(u) for u in earlier["units"]]
         plan = earlier
     check_output_folder(out_dir, units, out_key)
+    manifest = None
     if is_prepared(out_dir):
-        manifest = json.loads((out_dir / MANIFEST).read_text())
+        try:
+            manifest = load_manifest(out_dir)
+        except ValueError as err:  # the shards' own records (and plan.json) say which are sound: those are kept
+            log(f"prepare: {out_dir / MANIFEST} is damaged ({err}); writing it again")
+            (out_dir / MANIFEST).unlink()
+    if manifest is not None:
         damaged = [i for i in range(len(units)) if not _shard_done(out_dir, i, dtype.itemsize)]
         if manifest.get("plan") == plan and not damaged:
             if manifest.get("repeats") is None or stored_keys(out_dir, manifest["shards"]) is None:
@@ -802,10 +857,10 @@ def read_manifest(folder, tokenizer: Optional[Tokenizer] = None, key: str = "dat
     made with ``tokenizer`` (the run's) when given."""
     folder = Path(folder)
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"{key}: {folder / MANIFEST} is missing or unreadable ({err}). Fix: rerun "
-                        "`letrecipes prepare-data` for this folder.") from err
+        manifest = load_manifest(folder)
+    except (OSError, ValueError) as err:  # json's JSONDecodeError is a ValueError
+        raise DataError(f"{key}: {folder / MANIFEST} is missing, unreadable or not a manifest ({err}). Fix: rerun "
+                        "`letrecipes prepare-data` for this folder (it keeps the sound shards).") from err
     if tokenizer is not None and manifest["tokenizer"]["fingerprint"] != tokenizer.fingerprint():
         raise DataError(f"{key}: {folder} was prepared with another tokenizer ({manifest['tokenizer']['path']}, "
                         f"fingerprint {manifest['tokenizer']['fingerprint']}) than this run's ({tokenizer.path}, "

@@ -294,6 +294,34 @@ def test_a_manifest_from_another_tokenizer_is_refused(tokenizer_path, corpus_dir
         TokenShards(tmp_path / "prepared", other)
 
 
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: [m], "it holds a JSON list, not a manifest's object"),
+    (lambda m: {k: v for k, v in m.items() if k != "dtype"}, "it has no dtype"),
+    (lambda m: {**m, "dtype": "float32"}, "its dtype 'float32' is not an integer type"),
+    (lambda m: {**m, "tokenizer": "tok.json"}, "its tokenizer entry is not"),
+    (lambda m: {**m, "shards": [{**m["shards"][0], "file": "../elsewhere/shard_000000.bin"}, *m["shards"][1:]]},
+     "shard 0 names '../elsewhere/shard_000000.bin', not a shard_N.bin of the folder"),
+    (lambda m: {**m, "tokens": m["tokens"] + 1}, "are not the sum of its shards'"),
+])
+def test_a_manifest_that_parses_but_is_not_one_is_refused_and_prepare_rewrites_it(mixed_corpus, tokenizer_path,
+                                                                                    tmp_path, edit, said):
+    """A hand-edited or foreign manifest.json (valid JSON): one error naming what is wrong,
+    not a KeyError or TypeError traceback from the loader; a shard path outside the folder
+    is refused; `letrecipes prepare-data` into the folder writes it again from the sound
+    shards."""
+    root, _ = mixed_corpus
+    tok = Tokenizer(tokenizer_path)
+    good = prepare_corpus(root, tok, tmp_path / "prepared", **QUIET)
+    (tmp_path / "prepared" / MANIFEST).write_text(json.dumps(edit(json.loads(json.dumps(good)))))
+    with pytest.raises(DataError, match=r"manifest.json is missing, unreadable or not a manifest \(.*"
+                                        + re.escape(said) + r".*\)\. Fix: rerun `letrecipes prepare-data`"):
+        TokenShards(tmp_path / "prepared", tok)
+    messages = []
+    assert prepare_corpus(root, tok, tmp_path / "prepared", log=messages.append) == good
+    assert any("manifest.json is damaged" in m and "writing it again" in m for m in messages), messages
+    assert len(TokenShards(tmp_path / "prepared", tok)) == good["tokens"]
+
+
 def test_bad_sources_are_one_clear_error(tokenizer_path, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
