@@ -130,12 +130,39 @@ def step_of(path: Path) -> Optional[int]:
 
 def read_marker(path: Path) -> Optional[Dict[str, Any]]:
     """A checkpoint's COMPLETE marker: its file list and flags, or None for a marker
-    written before checksums (version 0.3 and earlier)."""
+    written before checksums (version 0.3 and earlier) or a damaged one
+    (:func:`marker_problem` tells them apart)."""
     try:
         marker = json.loads((Path(path) / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and "files" in marker else None
+    return marker if _is_marker(marker) else None
+
+
+OLD_MARKER = re.compile(r"\s*step_\d+\s*")  # 0.3's marker: the step folder's name, as text
+
+
+def marker_problem(path: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's COMPLETE marker: a cut or edited file, JSON that is
+    no file list. None for a sound one, and for 0.3's plain-text one (nothing to verify)."""
+    try:
+        text = (Path(path) / COMPLETE_MARKER).read_text(errors="replace")
+    except OSError as err:
+        return f"its {COMPLETE_MARKER} marker does not read ({err.strerror or err})"
+    if OLD_MARKER.fullmatch(text):
+        return None
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        return f"its {COMPLETE_MARKER} marker is damaged ({len(text.encode()):,} bytes that are not the JSON written)"
+    return None if _is_marker(marker) else f"its {COMPLETE_MARKER} marker is damaged (JSON, but not a list of files)"
+
+
+def _is_marker(marker) -> bool:
+    files = marker.get("files") if isinstance(marker, dict) else None
+    return isinstance(files, dict) and all(
+        isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+        for f in files.values()) and isinstance(marker.get("step_folder", ""), str)
 
 
 def file_digest(path: Path) -> str:
@@ -175,6 +202,9 @@ def checkpoint_problems(path: Union[str, Path], share: int = 0, shares: int = 1)
     whether it holds non-finite weights (share 0). A marker written before checksums
     (version 0.3 and earlier) has nothing to verify against: no problems."""
     path = Path(path)
+    problem = marker_problem(path)
+    if problem:
+        return [problem] if share == 0 else []
     marker = read_marker(path)
     if marker is None:
         return []

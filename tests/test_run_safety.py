@@ -422,6 +422,25 @@ def test_marker_lists_every_file_and_damage_of_each_kind_is_found(tmp_path):
     assert ckpt.verify(third) == ["__0_0.distcp is missing"]
 
 
+@pytest.mark.parametrize("marker, said", [
+    ("[]", "JSON, but not a list of files"), ("{}", "JSON, but not a list of files"),
+    ('{"files": 5}', "JSON, but not a list of files"), ('{"step_folder": "step_0', "that are not the JSON written"),
+])
+def test_a_damaged_marker_is_damage_not_an_unverified_old_checkpoint(tmp_path, marker, said):
+    """A COMPLETE marker cut or edited into other JSON was taken for 0.3's plain-text marker
+    (loaded unverified) or failed with a TypeError; it is damage, found by verify, so
+    resume=true takes the checkpoint before. 0.3's own marker still loads unverified."""
+    ckpt, _ = tiny_checkpointer(tmp_path)
+    first, second = ckpt.save(1), ckpt.save(2)
+    (second / "COMPLETE").write_text(marker)
+    assert ckpt.verify(second) == [f"its COMPLETE marker is damaged ({len(marker.encode())} bytes that are not the "
+                                   "JSON written)" if "JSON written" in said else
+                                   "its COMPLETE marker is damaged (JSON, but not a list of files)"]
+    assert ckpt.last_good() == first
+    (second / "COMPLETE").write_text("step_00000002\n")  # as 0.3 wrote it
+    assert ckpt.verify(second) == [] and ckpt.last_good() == second
+
+
 def test_weights_that_are_not_finite_are_never_the_last_good_checkpoint(tmp_path):
     ckpt, model = tiny_checkpointer(tmp_path)
     good = ckpt.save(1)
