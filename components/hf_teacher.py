@@ -86,9 +86,47 @@ def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
                   for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
+# config.json's shape keys, across the families read: what each must hold. A key that may
+# be null in a released config (num_key_value_heads, head_dim, n_inner, sliding_window)
+# falls back to its default.
+CONFIG_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings", "head_dim", "ffn_dim", "n_embd", "n_layer",
+                 "n_head", "n_positions", "n_inner", "sliding_window")
+CONFIG_NULLABLE = ("num_key_value_heads", "head_dim", "n_inner", "sliding_window", "rope_theta")
+CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base",
+                   "rotary_pct")
+
+
+def _config_value_problems(config: dict, config_file: str) -> None:
+    """Each shape key of a config.json of the kind it must be, and heads that divide: one
+    error naming the key (a hand-edited or converted config gave a TypeError from deep in
+    the loader, or an error about the student's ``model.*`` keys)."""
+    def bad(key: str, value, what: str) -> TeacherError:
+        return TeacherError(f"{config_file}: {key}={value!r} must be {what}. Fix: use the config.json the checkpoint "
+                            "was released with.")
+
+    for key in CONFIG_COUNTS:
+        value = config.get(key)
+        if key in config and not (value is None and key in CONFIG_NULLABLE) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise bad(key, value, "an integer >= 1")
+    for key in CONFIG_POSITIVE:
+        value = config.get(key)
+        if key in config and not (value is None and key in CONFIG_NULLABLE) and (
+                not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise bad(key, value, "a number > 0")
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise bad("num_attention_heads", heads, f"a multiple of num_key_value_heads={kv}")
+    hidden = config.get("hidden_size")
+    if heads and hidden and hidden % heads:  # torchtune's attention asks it even with a head_dim of its own
+        raise bad("hidden_size", hidden, f"a multiple of num_attention_heads={heads}")
+
+
 def model_args(config: dict, config_file: str) -> ModelArgs:
     """The :class:`ModelArgs` a ``config.json`` describes (validating what the loader can map)."""
     arch = architecture(config, config_file)
+    _config_value_problems(config, config_file)
     try:
         if arch == "opt":
             _require(config.get("do_layer_norm_before", True), config_file, "post-LayerNorm OPT (opt-350m)")

@@ -166,6 +166,21 @@ def test_a_config_the_loader_cannot_map_is_one_error_with_its_fix(tmp_path, edit
     assert says in _broken(tmp_path, change)
 
 
+@pytest.mark.parametrize("changes, says", [
+    ({"hidden_size": "48"}, "hidden_size='48' must be an integer >= 1"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers=-1 must be an integer >= 1"),
+    ({"rms_norm_eps": None}, "rms_norm_eps=None must be a number > 0"),
+    ({"num_key_value_heads": 4}, "num_attention_heads=6 must be a multiple of num_key_value_heads=4"),
+    ({"num_attention_heads": 5, "num_key_value_heads": 5}, "hidden_size=48 must be a multiple of num_attention_heads=5"),
+])
+def test_a_config_value_of_the_wrong_kind_names_the_config_key(tmp_path, changes, says):
+    """A hand-edited or converted config.json: the key named in the teacher's config.json,
+    not a TypeError from deep in the loader or an error about the student's model.* keys."""
+    message = _broken(tmp_path, lambda p: _edit_config(p, **changes))
+    assert "config.json: " + says in message and "Fix: use the config.json the checkpoint was released with" in message
+    assert "model.num" not in message
+
+
 def _to_pytorch_bin(path, shards=1):
     """Rewrite a saved model's safetensors as ``pytorch_model.bin`` (sharded with an index
     when ``shards`` > 1), as older checkpoints ship."""
