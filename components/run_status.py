@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 from letrecipes.components.checkpointing import STEP_PREFIX, is_complete
-from letrecipes.components.metrics import METRICS_FILE, read_metrics
+from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.progress import clock
 from letrecipes.components.run_lock import describe, live_owner
 
@@ -31,18 +31,17 @@ def run_status(folder: Path) -> Dict[str, Any]:
         info = json.loads((folder / "run_info.json").read_text())
     except (OSError, ValueError):
         info = {}
-    config = info.get("config") or {}
-    status["max_steps"] = config.get("max_steps")
-    try:
-        records = read_metrics(folder / METRICS_FILE, live=True)
-    except (OSError, ValueError):
-        records = []
-    trained = [r for r in records if "loss" in r and "event" not in r]
+    config = (info.get("config") if isinstance(info, dict) else None) or {}
+    max_steps = config.get("max_steps") if isinstance(config, dict) else None
+    status["max_steps"] = max_steps if _count(max_steps) else None
+    records, status["unreadable_lines"] = _records(folder / METRICS_FILE)
+    trained = [r for r in records if _count(r.get("step")) and _number(r.get("loss")) and "event" not in r]
     if trained:
         last = trained[-1]
-        status["last"] = {k: last[k] for k in ("step", "loss", "tokens", "tokens_per_s_avg", "eta_s") if k in last}
+        status["last"] = {k: last[k] for k in ("step", "loss", "tokens", "tokens_per_s_avg", "eta_s")
+                          if _number(last.get(k))}
         status["last_log_age_s"] = round(time.time() - (folder / METRICS_FILE).stat().st_mtime, 1)
-    validated = [r for r in records if r.get("val_loss") is not None]
+    validated = [r for r in records if _count(r.get("step")) and _number(r.get("val_loss"))]
     if validated:
         status["val_loss"] = {"step": validated[-1]["step"], "val_loss": validated[-1]["val_loss"]}
     steps = sorted((p for p in (folder / "checkpoints").glob(f"{STEP_PREFIX}*") if p.is_dir() and is_complete(p)),
@@ -58,6 +57,39 @@ def run_status(folder: Path) -> Dict[str, Any]:
         status["state"] = "stopped"
         status["resume_from"] = str(steps[-1]) if steps else None
     return status
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _records(path: Path) -> Tuple[List[Dict[str, Any]], int]:
+    """A metrics file's records, and how many of its whole lines are not one (a file edited
+    by hand, or damaged): a status is read from whatever the folder holds, so those lines
+    are counted and passed over, not a traceback. The last line, still being written by a
+    live run, is left out when it is not whole."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line for line in f if line.strip()]
+    except OSError:
+        return [], 0
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    records, unreadable = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            unreadable += 1
+    return records, unreadable
 
 
 def describe_status(status: Dict[str, Any]) -> str:
@@ -86,6 +118,9 @@ def describe_status(status: Dict[str, Any]) -> str:
     kept = status["checkpoints"]
     lines.append(f"  checkpoints: {', '.join(kept) if kept else 'none complete'}; final export: "
                  + ("yes" if status["final"] else "not yet"))
+    if status.get("unreadable_lines"):
+        lines.append(f"  {status['unreadable_lines']:,} line(s) of {METRICS_FILE} are not records (edited or damaged): "
+                     "passed over")
     if status["state"] == "stopped":
         lines.append("  resume=true goes on from " + (status["resume_from"] or "step 0 (no complete checkpoint)")
                      + " (the same command as the run's, with resume=true)")

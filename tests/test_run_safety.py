@@ -265,6 +265,28 @@ def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, str
     assert run_status(live)["last"]["step"] == stopped["last"]["step"]
 
 
+def test_status_reads_a_damaged_or_edited_run_folder_without_a_traceback(tmp_path, capsys):
+    """Lines of metrics.jsonl that are no record (another JSON value, a value of the wrong
+    type, garbage) and a run_info.json that is not an object: passed over and counted, the
+    rest of the status said (was an AttributeError from `letrecipes status`)."""
+    from letrecipes import cli
+    from letrecipes.components.run_status import run_status
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_info.json").write_text("[]")
+    (run / "metrics.jsonl").write_text("\n".join([
+        json.dumps({"step": 1, "loss": 5.0, "tokens": 128}), '"a string"', "[1, 2", json.dumps([3]),
+        json.dumps({"step": "two", "loss": 4.0}), json.dumps({"step": 2, "loss": 4.5, "val_loss": "n/a",
+                                                            "tokens": "many"}), ""]))
+    status = run_status(run)
+    assert status["unreadable_lines"] == 3 and status["max_steps"] is None
+    assert status["last"] == {"step": 2, "loss": 4.5} and "val_loss" not in status
+    assert cli.main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 | loss 4.5000" in out and "3 line(s) of metrics.jsonl are not records" in out
+
+
 def read_metrics_safely(folder):
     try:
         return read_metrics(folder / "metrics.jsonl")
