@@ -60,17 +60,22 @@ def format_record(record: Dict[str, Any], max_steps: int, fields: Sequence[Tuple
 def truncate_after(path: Path, step: int) -> None:
     """Keep the records of ``path`` up to ``step``: the file is cut at the first record past
     it (or the first line a kill cut short), in place and without rewriting a byte, so a
-    full disk or a kill here cannot lose the history before it."""
+    full disk or a kill here cannot lose the history before it. A whole line that is no
+    record (edited in by hand, damaged) is passed over, not taken for the cut: the history
+    after it stays."""
     if not path.is_file():
         return
     offset = 0
     with open(path, "rb") as records:
         for line in records:
+            if not line.endswith(b"\n"):
+                break
             try:
                 record = json.loads(line)
             except ValueError:
-                break
-            if not line.endswith(b"\n") or record.get("step", 0) > step:
+                record = None
+            later = record.get("step") if isinstance(record, dict) else None
+            if isinstance(later, int) and not isinstance(later, bool) and later > step:
                 break
             offset += len(line)
     if offset < path.stat().st_size:
@@ -342,7 +347,8 @@ def read_metrics(path: str | Path, live: bool = False):
         lines = [line for line in f if line.strip()]
     if live and lines and not lines[-1].endswith("\n"):
         lines.pop()
-    return [json.loads(line) for line in lines]
+    records = [json.loads(line) for line in lines]
+    return [r for r in records if isinstance(r, dict)]  # another JSON value on a line (an edit) is no record
 
 
 def compare_runs(baseline: list, let: list) -> Dict[str, Any]:

@@ -528,6 +528,18 @@ def test_metrics_are_cut_at_a_byte_offset_not_rewritten(tmp_path):
     assert path.read_text() == "".join(records[:3])
 
 
+def test_a_line_that_is_no_record_is_passed_over_not_taken_for_the_cut(tmp_path):
+    """An edited-in line (text, a JSON list, a step that is no number) before the resume's
+    step: the records after it stay (the cut used to fall on it, losing them; a JSON list
+    there made the resume an AttributeError)."""
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)]
+    odd = ["a note by hand\n", "[1]\n", json.dumps({"step": "two"}) + "\n"]
+    path.write_text(records[0] + "".join(odd) + "".join(records[1:]))
+    truncate_after(path, 3)
+    assert path.read_text() == records[0] + "".join(odd) + "".join(records[1:3])
+
+
 def test_replace_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("old")
