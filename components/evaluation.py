@@ -64,6 +64,9 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
         if missing:
             has = f"its fields are {list(raw)[:8]}" if isinstance(raw, dict) else f"it is a JSON {type(raw).__name__}"
             raise EvalError(f"{path}:{number}: not a task item: no {', '.join(missing)} ({has}). {shape}")
+        if not isinstance(raw["choices"], list):  # a string would be scored as its characters
+            raise EvalError(f"{path}:{number}: choices is a JSON {type(raw['choices']).__name__}, not a list of the "
+                            f"choices. {shape}")
         gold = raw["gold"]
         if isinstance(gold, bool) or (isinstance(gold, float) and not gold.is_integer()):
             raise EvalError(f"{path}:{number}: gold={gold!r} is not the index of a choice. {shape}")
@@ -441,6 +444,7 @@ class PreparedTasks:
     chance: Dict[str, Optional[float]]
     data: Dict[str, Dict[str, str]]  # lm-eval's own tasks: the data scored, {"source", "split"}
     groups: Dict[str, Dict[str, Any]]  # {"tasks": [...], "lm_eval_group": our group's name, None for a tag}
+    items: Dict[str, Tuple[str, List[Item]]] = None  # the task files' items, with the file: {name: (file, items)}
 
 
 def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int, folder: Union[str, Path],
@@ -462,7 +466,7 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
         raise EvalError(f"task_data: {len(missing)} folders are not there: {', '.join(missing)}. Fix: copy each task's "
                         "data there (`hf download <its dataset> --repo-type dataset --local-dir <folder>` where there "
                         "is network; eval_let_paper.yaml's header has the loop), or point task_data at the copies.")
-    files, builtins, texts, chance, data, groups = [], {}, {}, {}, {}, {}
+    files, builtins, texts, chance, data, groups, read = [], {}, {}, {}, {}, {}, {}
     for i, spec in enumerate(specs):
         if is_lm_eval_name(spec):
             members, aggregate = lm_eval_members(str(spec), f"tasks[{i}]")
@@ -477,6 +481,7 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
         # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
         # the file itself, would compare the string and score every item wrong without a word)
         items = read_task(spec, limit=limit)
+        read[Path(spec).stem] = (str(spec), items)
         files.append(write_task(folder / "data" / str(i) / f"{Path(spec).stem}.jsonl", items))
         texts[Path(spec).stem] = [item_text(item) for item in items]
         chance[Path(spec).stem] = chance_level(items)
@@ -502,7 +507,38 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
         splits = sorted({data[member]["split"] for member in group["tasks"]})
         log(f"tasks: {name}: {len(group['tasks'])} lm-eval tasks, {sum(len(texts[m]) for m in group['tasks']):,} "
             f"items, on the {'/'.join(splits)} split of {data[group['tasks'][0]]['source']}")
-    return PreparedTasks(names, texts, chance, data, groups)
+    return PreparedTasks(names, texts, chance, data, groups, read)
+
+
+def check_choice_tokens(items: Mapping[str, Tuple[str, List[Item]]], encode, log=print) -> None:
+    """Each choice of the task files as lm-eval tokenizes it after its context (the pair
+    encoded whole, the context's tokens taken off the front; a context's trailing spaces
+    move to the choice): a choice left with no token of its own stops lm-eval with a bare
+    AssertionError after the model is converted, so it is one error here, naming the line;
+    choices whose first token merges with the context's last (scored on part of their
+    text) are counted in one line. Choices are scored as written after the context, so
+    they usually begin with a space."""
+    merged, first = 0, None
+    for name, (path, task_items) in items.items():
+        for number, item in enumerate(task_items, 1):
+            context = item.context
+            spaces = len(context) - len(context.rstrip())
+            for choice in item.choices:
+                head, tail = (context[:-spaces], context[-spaces:] + choice) if spaces else (context, choice)
+                if not head:
+                    continue  # an empty context is the end-of-text token: nothing to merge with
+                whole, alone = encode(head + tail), encode(head)
+                if len(whole) <= len(alone):
+                    raise EvalError(f"{path}: item {number}: the choice {choice!r} has no token of its own after the "
+                                    f"context ({head[-20:] + tail!r} tokenizes as the context alone), so it cannot be "
+                                    "scored. Fix: begin each choice with the space (or newline) that separates it "
+                                    f"from the context, as lm-eval's own tasks do: {' ' + choice.lstrip()!r}.")
+                if whole[:len(alone)] != alone:
+                    merged += 1
+                    first = first or f"{path}: item {number}, {choice!r}"
+    if merged:
+        log(f"tasks: {merged:,} choice(s) share their first token with the context's last (the first: {first}), so "
+            "their scores cover only the rest of them; choices usually begin with a space.")
 
 
 # ----------------------------------------------------------------- running lm-eval

@@ -35,8 +35,8 @@ from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.corpus import DataError
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.evaluation import (EvalError, held_out_documents, import_lm_eval, prepare_tasks, run_lm_eval,
-                                              write_documents, write_lm_eval_tasks)
+from letrecipes.components.evaluation import (EvalError, check_choice_tokens, held_out_documents, import_lm_eval,
+                                              prepare_tasks, run_lm_eval, write_documents, write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.teachers import resolve_path
@@ -87,8 +87,10 @@ class EvalRecipe:
         # what is looked for in the training data: each item as a model trained on it read it, each document whole
         self.texts = {**tasks.texts, **self.documents}
         self.corpora = self._training_data()  # an explicit folder that is no corpus: said before the conversion
+        self.items, self.items_checked = tasks.items, False
         if self.run is None:  # one checkpoint: converted now, so a bad one is said before the tasks' scoring
             self.model_folder, self.step, self.tokens = self._hf_folder(str(cfg.checkpoint))
+            self._check_choice_tokens()
             self.found = self.check_contamination()  # before minutes of scoring: it decides what lm-eval logs
 
     def settings(self) -> Dict:
@@ -205,6 +207,20 @@ class EvalRecipe:
 
         return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=Tokenizer(path).eos_token)
 
+    def _check_choice_tokens(self) -> None:
+        """The task files' choices as lm-eval will tokenize them (its tokenizer, no special
+        tokens), once: a run's checkpoints share their tokenizer."""
+        if self.items_checked or not self.items:
+            return
+        from transformers import AutoTokenizer
+
+        tokenizer = self._tokenizer() or str(self.model_folder)
+        if isinstance(tokenizer, str):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        check_choice_tokens(self.items, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                            log=lambda line: print(line, flush=True))
+        self.items_checked = True
+
     def _max_length(self) -> Optional[int]:
         """``max_len`` as lm-eval takes it (its own wins over the model's); one past the model's
         context (its config's ``max_position_embeddings``) is said, as positions it never
@@ -271,6 +287,7 @@ class EvalRecipe:
                 replace_atomically(Path(str(self.cfg.output)), json.dumps(report, indent=2))
 
     def _score(self, checkpoint: str) -> Dict:
+        self._check_choice_tokens()
         cfg, found = self.cfg, self.found
         dirty = {stem: task["contaminated_items"] for stem, task in (found or {"tasks": {}})["tasks"].items()
                  if task["contaminated_items"]}

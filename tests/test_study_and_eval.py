@@ -128,6 +128,28 @@ def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
         read_task("hellaswag")
 
 
+def test_a_choice_lm_eval_could_not_score_is_named_before_the_scoring(teacher_dir, tmp_path, capsys):
+    """Choices are scored as written after the context: one without its leading space can
+    tokenize into the context's last token and leave lm-eval nothing to score (a bare
+    AssertionError from lm-eval, after the conversion). Named here, with the file and item;
+    `"choices": "x y"` (a string: scored as its characters) is refused when read."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731 - as lm-eval encodes
+    context, choice = next((c[:-1], c[-1]) for c in ("To be, or not to", "the king", "my lord", "and the")
+                           if len(encode(c)) == len(encode(c[:-1])))
+    task = write_task(tmp_path / "glued.jsonl", [Item("A fine day", [" yes", " no"], 0), Item(context, [choice, " x"], 0)])
+    with pytest.raises(SystemExit) as err:
+        eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{task}]", "contamination=null"])
+    message = str(err.value.code)
+    assert f"glued.jsonl: item 2: the choice {choice!r} has no token of its own after the context" in message, message
+    assert "Fix: begin each choice with the space" in message and "Traceback" not in capsys.readouterr().err
+    (tmp_path / "letters.jsonl").write_text('{"context": "c", "choices": "x y", "gold": 0}\n')
+    with pytest.raises(EvalError, match=r"letters.jsonl:1: choices is a JSON str, not a list of the choices"):
+        read_task(tmp_path / "letters.jsonl")
+
+
 # ----------------------------------------------------------------- logit KD
 def test_logit_kl_is_zero_only_for_equal_distributions():
     loss = LogitKL()
