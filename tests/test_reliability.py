@@ -54,8 +54,17 @@ class LetRun:
     def __call__(self, out, *extra, nproc=1, check=True, max_restarts=0):
         result = tune("let_pretrain", *self.common, f"output_dir={out}", *extra, nproc=nproc, max_restarts=max_restarts)
         if check:
-            assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+            assert result.returncode == 0, result.stdout[-2000:] + crash_report(result.stderr)
         return result
+
+
+def crash_report(stderr: str) -> str:
+    """The end of a failed run's stderr, and, where a process died of a fatal error (a
+    SIGABRT at exit), Python's dump of every thread's stack from its start: the tail alone
+    holds only the list of extension modules that ends the dump."""
+    start = stderr.find("Fatal Python error")
+    dump = stderr[start:start + 6000] + "\n...\n" if start >= 0 else ""
+    return dump + stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
