@@ -662,6 +662,15 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
                         raise misplaced
         registry.check_arguments(factory, options, key, spec["_component_"])
     _rehearse_optimizer(values)
+    if with_teacher and isinstance(values.get("alignment"), dict) and isinstance(values.get("max_steps"), int):
+        # built as the recipe builds it: stop=-1 or rho0=-1 is named by `letrecipes validate` too
+        registry.build("schedule", values["alignment"].get("schedule", "linear"), key="alignment.schedule",
+                       total_steps=values["max_steps"])
+    if with_teacher and isinstance(values.get("teacher"), dict) and "path" in values["teacher"] \
+            and not values["teacher"]["path"]:
+        raise ConfigValueError("config key teacher.path is empty: the LET recipe trains against a teacher model. "
+                               "Fix: teacher.path=<a Hugging Face model folder, a .gguf file or a letrecipes export "
+                               "(<output_dir>/final)>.")
     if with_teacher and isinstance(values.get("teacher"), dict):
         from letrecipes.components.teachers import RECIPE_KEYS, AutoFormat, _accepted_options, formats
 

@@ -282,3 +282,17 @@ def test_a_value_other_trainers_take_is_answered_with_ours(override, said):
         cli.main(["validate", "let_tiny", override])
     message = str(err.value.code)
     assert message.startswith(f"error: config key {override.split('=')[0]}=") and said in message, message
+
+
+@pytest.mark.parametrize("override, said", [
+    ("alignment.schedule.stop=-1", "alignment.schedule.stop=-1: must be >= 1 step"),
+    ("alignment.schedule.stop=1.5", "alignment.schedule.stop=1.5: a fraction must lie in (0, 1]"),
+    ("alignment.schedule.rho0=-1", "alignment.schedule.rho0=-1 must be a finite number > 0"),
+    ("teacher.path=null", "config key teacher.path is empty: the LET recipe trains against a teacher model"),
+])
+def test_validate_says_what_the_recipe_would_refuse_of_the_alignment(override, said):
+    """`letrecipes validate` answered "every key checked, no problem found" for a schedule the
+    recipe then refused (it builds the schedule as the recipe does)."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    assert said in str(err.value.code), err.value.code
