@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import HTML_STARTS, LFS_POINTER, as_given, hub_id_hint, hub_snapshot, nearby, stand_in
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby, stand_in
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -1159,11 +1159,10 @@ def _refuse_stand_in(path, head: bytes, key: str) -> None:
     that got an error page), is one error saying so, not a file of garbage read as text or
     "not valid JSON"."""
     kind, compression = _format(path)
-    page = kind not in ("text", None) or compression
-    if head.startswith(LFS_POINTER) or (page and head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(HTML_STARTS)):
-        instead = stand_in(path, f"a {(kind or 'corpus').replace('jsonl', 'JSON').replace('csv', 'CSV')} file")
-        if instead:
-            raise DataError(f"{key}: {instead}")
+    instead = stand_in(path, f"a {(kind or 'corpus').replace('jsonl', 'JSON').replace('csv', 'CSV')} file",
+                       html=bool(kind not in ("text", None) or compression), head=head)
+    if instead:
+        raise DataError(f"{key}: {instead}")
 
 
 @dataclass

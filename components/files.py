@@ -324,26 +324,28 @@ LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml version")
 
 
-def stand_in(path: Union[str, Path], expected: str, html: bool = True) -> Optional[str]:
+def stand_in(path: Union[str, Path], expected: str, html: bool = True, head: Optional[bytes] = None) -> Optional[str]:
     """What a file is instead of ``expected`` when it is a stand-in that a download leaves
     behind: a Git LFS pointer (a repository cloned or copied without Git LFS fetching its
     large files: the most common way a Hub checkout holds no weights) or, where ``html``, an
     HTML page (an error or sign-in page saved under the file's name). None otherwise, and
-    for a file that cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024)
-    except OSError:
-        return None
-    shown = as_given(path)
+    for a file that cannot be read. ``head``: the file's first bytes, when the caller has
+    read them (a pointer is about 130 bytes)."""
+    if head is None:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1024)
+        except OSError:
+            return None
     if head.startswith(LFS_POINTER):
+        shown = as_given(path)
         size = re.search(rb"\nsize (\d+)", head)
         of = f" for a file of {int(size[1]):,} bytes" if size else ""
         return (f"{shown!r} is a Git LFS pointer ({len(head)} bytes{of}), not {expected}: its repository was cloned or "
                 "copied without Git LFS fetching the file. Fix: run `git lfs install && git lfs pull` in that "
                 "repository, or download it with `hf download <repo id>`.")
-    if html and head.lstrip(b"\xef\xbb\xbf \t\r\n").lower().startswith(HTML_STARTS):
-        return (f"{shown!r} is a web page (HTML or XML), not {expected}: a download that received an error or "
+    if html and head.lstrip(b"\xef\xbb\xbf \t\r\n")[:16].lower().startswith(HTML_STARTS):
+        return (f"{as_given(path)!r} is a web page (HTML or XML), not {expected}: a download that received an error or "
                 "sign-in page instead of the file. Fix: download it again (`hf download <repo id>`; a gated repository needs "
                 "`hf auth login` first).")
     return None

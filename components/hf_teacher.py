@@ -456,8 +456,8 @@ def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tens
 def _unreadable(file: Path, err: Exception) -> str:
     """The error for a weights file that does not read: what it is, when it is a stand-in
     for the file (a Git LFS pointer, a saved error page)."""
-    kind = "a PyTorch checkpoint" if file.suffix == ".bin" else "a safetensors file"
-    return (f"teacher.path: {stand_in(file, kind)}" if stand_in(file, kind) else
+    instead = stand_in(file, "a PyTorch checkpoint" if file.suffix == ".bin" else "a safetensors file")
+    return (f"teacher.path: {instead}" if instead else
             f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.")
 
 

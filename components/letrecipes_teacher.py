@@ -56,8 +56,9 @@ class LetrecipesFormat(TeacherFormat):
             try:
                 state = load_file(str(weights))
             except Exception as err:  # safetensors raises its own error types
-                raise TeacherError(f"teacher.path: {stand_in(weights, 'a safetensors file') or ''}" if stand_in(
-                    weights, "a safetensors file") else f"teacher.path: cannot read {str(weights)!r} ({err}). {FIX}") from err
+                instead = stand_in(weights, "a safetensors file")
+                raise TeacherError(f"teacher.path: {instead}" if instead else
+                                   f"teacher.path: cannot read {str(weights)!r} ({err}). {FIX}") from err
             return {k: cast(v) for k, v in state.items()}
 
         return Teacher(build_frozen(args, load_state, dtype, device), tokenizer_path=folder_tokenizer(path),
