@@ -1298,17 +1298,13 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
                 break
             has += f"; {'.'.join(parts[:depth + 1])} has {list(inner)[:8]}"
         nested = isinstance(record, dict) and any(isinstance(v, dict) for v in record.values())
-        pandas = ("maps row numbers to records" if nested and len(record) > 1 and all(
-                      str(k).isdigit() and _holds_record(v, text_field) for k, v in record.items())
-                  else "holds its rows as lists beside their column names" if isinstance(record, dict)
-                  and {"columns", "data"} <= set(record) <= {"columns", "index", "data"}
-                  else "holds a row as a list, without field names" if isinstance(record, list) else None)
+        pandas = _pandas_layout(record, text_field)
         if pandas:
-            skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} {pandas} (as pandas' "
-                         "DataFrame.to_json writes a table with orient="
-                         f"{'index' if 'numbers' in pandas else 'split' if 'beside' in pandas else 'values'}); "
-                         "a record here is a JSON object with its text in a field, or a JSON string. Fix: write "
-                         "it as JSON Lines: df.to_json(path, orient='records', lines=True).")
+            said, orient = pandas
+            skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} {said} (as pandas' "
+                         f"DataFrame.to_json writes a table with orient={orient}); a record here is a JSON object "
+                         "with its text in a field, or a JSON string. Fix: write it as JSON Lines: "
+                         "df.to_json(path, orient='records', lines=True).")
             return None
         strings, chat = _record_string_paths(record), _record_chat_field(record)
         fix = (_chat_fix(chat) if chat is not None else  # its other fields (an id) would not do
@@ -1384,6 +1380,20 @@ def _record_texts(record, text_field: str, place: str, at: int, skipped: "Skippe
         if text is not None:
             kept += 1
             yield text
+
+
+def _pandas_layout(record, text_field: str) -> Optional[Tuple[str, str]]:
+    """(what the value holds, pandas' orient) for a value laid out as one of the tables
+    ``DataFrame.to_json`` writes other than as records; None for any other."""
+    if isinstance(record, list):
+        return "holds a row as a list, without field names", "values"
+    if not isinstance(record, dict) or len(record) < 2:
+        return None
+    if all(str(k).isdigit() and _holds_record(v, text_field) for k, v in record.items()):
+        return "maps row numbers to records", "index"
+    if {"columns", "data"} <= set(record) <= {"columns", "index", "data"}:
+        return "holds its rows as lists beside their column names", "split"
+    return None
 
 
 def _surrogates_replaced(key: str, path, count: int, first: str) -> str:
