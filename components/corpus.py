@@ -751,10 +751,7 @@ def _text_path(schema, where, text_field: str, key: str) -> List[str]:
             strings, chat = _string_paths(list(schema)), _schema_chat_field(list(schema))
             if chat is not None:
                 raise DataError(f"{key}: {where} has no column {text_field!r} ({there}); {_chat_fix(chat)}")
-            fix = (f"data.text_field={strings[0]}, its one text column" if len(strings) == 1 else
-                   f"set data.text_field to the column holding the text, one of its text columns {strings[:8]}"
-                   if strings else "set data.text_field to the column holding the text (a field inside a struct "
-                                   "column as column.field)")
+            fix = _text_field_fix(strings, "column", " (a field inside a struct column as column.field)")
             raise DataError(f"{key}: {where} has no column {text_field!r} ({there}). Fix: {fix}.")
         fields = list(found.type) if pa.types.is_struct(found.type) else []
         there += f"; {'.'.join(parts[:depth + 1])} has {[f.name for f in fields]}"
@@ -777,6 +774,16 @@ def _string_paths(fields, prefix: str = "", depth: int = 0) -> List[str]:
 
 CHAT_TURN_TEXT = ("content", "value", "text")  # {role, content}: OpenAI style; {from, value}: ShareGPT
 CHAT_TURN_ROLE = ("role", "from")  # without one, a list of {text} objects is a list of records, not a chat
+
+
+def _text_field_fix(candidates: List[str], noun: str, hint: str = "") -> str:
+    """What to set ``data.text_field`` to, from the string fields or columns a record or
+    table has (``noun``: field or column; ``hint`` where it has none); no final period."""
+    if len(candidates) == 1:
+        return f"data.text_field={candidates[0]}, its one text {noun}"
+    if candidates:
+        return f"set data.text_field to the {noun} holding the text, one of its text {noun}s {candidates[:8]}"
+    return f"set data.text_field to the {noun} holding the text{hint}"
 
 
 def _chat_fix(name: str) -> str:
@@ -1308,10 +1315,7 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
             return None
         strings, chat = _record_string_paths(record), _record_chat_field(record)
         fix = (_chat_fix(chat) if chat is not None else  # its other fields (an id) would not do
-               f"data.text_field={strings[0]}, its one text field." if len(strings) == 1 else
-               f"set data.text_field to the field holding the text, one of its text fields {strings[:8]}." if strings
-               else "set data.text_field to the field holding the text"
-               + (" (inside a nested object: outer.inner)." if nested else "."))
+               _text_field_fix(strings, "field", " (inside a nested object: outer.inner)" if nested else "") + ".")
         skipped.skip(f"without the field {text_field!r}", at, kept, f"{key}: {place} has no field {text_field!r} "
                      f"({has}){'; ' if chat is not None else '. Fix: '}{fix}")
         return None
@@ -1326,8 +1330,7 @@ def _record_text(record, text_field: str, place: str, at: int, skipped: "Skipped
             raise DataError(f"{key}: {place}: {text_field!r} maps row numbers to {len(value):,} values, as pandas' "
                             "DataFrame.to_json writes a table by default (orient='columns'). Fix: write it as JSON "
                             "Lines instead: df.to_json(path, orient='records', lines=True).")
-        fix = (f"data.text_field={inside[0]}, its one text field." if len(inside) == 1 else
-               f"set data.text_field to one of its text fields {inside[:8]}." if inside else
+        fix = (_text_field_fix(inside, "field") + "." if inside else
                "make it a string in that record, or set data.text_field to the field holding the text.")
         raise DataError(f"{key}: {place}: {text_field!r} is {type(value).__name__}, not text. Fix: {fix}")
     if not value.strip():  # nothing to learn from but an end-of-text token
@@ -1811,10 +1814,7 @@ def _no_text_column(path, text_field: str, names: List[str], head: bytes, parse,
     except Exception:  # a first block that does not parse: the names alone
         strings = []
     same = [n for n in names if n.lower() == text_field.lower()]
-    fix = (f"data.text_field={same[0]}." if len(same) == 1 else
-           f"data.text_field={strings[0]}, its one text column." if len(strings) == 1 else
-           f"set data.text_field to the column holding the text, one of its text columns {strings[:8]}." if strings
-           else "set data.text_field to the column holding the text.")
+    fix = f"data.text_field={same[0]}." if len(same) == 1 else _text_field_fix(strings, "column") + "."
     data_like = [n for n in names if n.strip().lstrip("-").replace(".", "", 1).isdigit() or len(n) > 64]
     if data_like and not same:
         fix = (f"its first row looks like data, not column names ({data_like[0][:40]!r}): if the file has no "
