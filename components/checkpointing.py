@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -131,31 +131,31 @@ def step_of(path: Path) -> Optional[int]:
 def read_marker(path: Path) -> Optional[Dict[str, Any]]:
     """A checkpoint's COMPLETE marker: its file list and flags, or None for a marker
     written before checksums (version 0.3 and earlier) or a damaged one
-    (:func:`marker_problem` tells them apart)."""
-    try:
-        marker = json.loads((Path(path) / COMPLETE_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if _is_marker(marker) else None
+    (:func:`_marker_and_problem` tells them apart)."""
+    return _marker_and_problem(path)[0]
 
 
 OLD_MARKER = re.compile(r"\s*step_\d+\s*")  # 0.3's marker: the step folder's name, as text
 
 
-def marker_problem(path: Path) -> Optional[str]:
-    """What is wrong with a checkpoint's COMPLETE marker: a cut or edited file, JSON that is
-    no file list. None for a sound one, and for 0.3's plain-text one (nothing to verify)."""
+def _marker_and_problem(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """The marker read once: (its file list, or None) and what is wrong with it: a cut or
+    edited file, JSON that is no file list (None for a sound one, and for 0.3's plain-text
+    one, which has nothing to verify)."""
     try:
         text = (Path(path) / COMPLETE_MARKER).read_text(errors="replace")
     except OSError as err:
-        return f"its {COMPLETE_MARKER} marker does not read ({err.strerror or err})"
+        return None, f"its {COMPLETE_MARKER} marker does not read ({err.strerror or err})"
     if OLD_MARKER.fullmatch(text):
-        return None
+        return None, None
     try:
         marker = json.loads(text)
     except ValueError:
-        return f"its {COMPLETE_MARKER} marker is damaged ({len(text.encode()):,} bytes that are not the JSON written)"
-    return None if _is_marker(marker) else f"its {COMPLETE_MARKER} marker is damaged (JSON, but not a list of files)"
+        return None, (f"its {COMPLETE_MARKER} marker is damaged ({len(text.encode()):,} bytes that are not the JSON "
+                      "written)")
+    if not _is_marker(marker):
+        return None, f"its {COMPLETE_MARKER} marker is damaged (JSON, but not a list of files)"
+    return marker, None
 
 
 def _is_marker(marker) -> bool:
@@ -202,10 +202,9 @@ def checkpoint_problems(path: Union[str, Path], share: int = 0, shares: int = 1)
     whether it holds non-finite weights (share 0). A marker written before checksums
     (version 0.3 and earlier) has nothing to verify against: no problems."""
     path = Path(path)
-    problem = marker_problem(path)
+    marker, problem = _marker_and_problem(path)
     if problem:
         return [problem] if share == 0 else []
-    marker = read_marker(path)
     if marker is None:
         return []
     names = sorted(marker["files"])
