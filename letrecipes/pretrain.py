@@ -213,6 +213,8 @@ class PretrainRecipe:
             settings = resume.optimizer_settings(self.optimizer)
             self.checkpointer.load(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
+            if cfg.get("init_from"):  # a requeued job repeats its first command: said, not refused
+                self.log(f"init_from={cfg.init_from} not used: a resumed run goes on from its checkpoint's weights")
             if self.progress.tokens is None:  # saved before tokens were counted
                 self.progress.tokens = self.step * self.tokens_per_step
                 self.log(f"resume: {resume_from} predates the count of trained tokens; counted from "

@@ -52,6 +52,19 @@ def test_it_trains_on_with_a_fresh_schedule(base_overrides, export, tmp_path):
     assert cont[0]["loss"] < fresh[0]["loss"] - 0.1  # it starts where the export left off, not from scratch
 
 
+def test_a_requeued_command_resumes_and_says_init_from_is_not_used(base_overrides, export, tmp_path, capsys):
+    """A scheduler's requeue repeats the first command, init_from and all: the resume goes on
+    from the run's own checkpoint, and says that the export's weights were not loaded."""
+    command = ["--config", "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=4",
+               "save_every=2", f"init_from={export}"]
+    pretrain.recipe_main(command)
+    capsys.readouterr()
+    pretrain.recipe_main([*command, "max_steps=6", "resume=true"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and f"init_from={export} not used: a resumed run goes on from its" in out
+    assert "init_from: the student starts from" not in out
+
+
 def test_a_checkpoint_of_another_shape_is_one_error_before_training(base_overrides, export, tmp_path):
     """Read from its metadata before the corpus is prepared (it used to be found after)."""
     with pytest.raises(SystemExit) as err:
