@@ -1,9 +1,14 @@
-"""Every link and repository file name in the docs, configs, scripts and code comments resolves."""
+"""Every link and repository file name in the docs, configs, scripts and code comments
+resolves, and every recipe command the docs show passes ``letrecipes validate``."""
 
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MARKDOWN = sorted(REPO.glob("docs/*.md")) + [REPO / "README.md"]
@@ -59,3 +64,43 @@ def test_docs_cite_only_notes_that_are_in_the_repository():
                                    p.read_text(encoding="utf-8", errors="replace"))
                if p.suffix in (".md", ".yaml")]
     assert not outside, "\n".join(outside)
+
+
+# `tune run [launcher flags] letrecipes/<recipe> --config ...` or `python -m letrecipes.<recipe> --config ...`
+RECIPE_COMMAND = re.compile(r"(?:tune run (?:--\S+ (?:\S+ )?)*letrecipes/|python -m letrecipes\.)"
+                            r"(?:let_pretrain|pretrain|eval) --config (.+)")
+
+
+def recipe_commands():
+    """(page, config and overrides) of each recipe command in the docs and the configs'
+    comments: in code blocks, a trailing backslash joins the next line; in prose, each
+    `code span` is read alone. A command with a placeholder (`...`, `<final, ...>`) is no
+    command to check."""
+    for page in MARKDOWN + sorted(REPO.glob("recipes/configs/*.yaml")):
+        text = re.sub(r"\\\n\s*", " ", page.read_text(encoding="utf-8"))
+        shorthand = dict(re.findall(r"^(\w+)=\"([^\"]*)\"$", text, flags=re.M))  # extending.md's D="..."
+        for line in text.splitlines():
+            for piece in re.findall(r"`([^`]+)`", line) if "`" in line else [line]:
+                found = RECIPE_COMMAND.search(piece)
+                if found and not re.search(r"\.\.\.|<", found.group(1)):
+                    words = re.sub(r"\$(\w+)", lambda m: shorthand.get(m.group(1), m.group(0)),
+                                   found.group(1).split(" #")[0])
+                    yield page.name, shlex.split(words)
+
+
+def test_the_docs_show_recipe_commands_to_check():
+    commands = list(recipe_commands())
+    assert len(commands) >= 30 and {page for page, _ in commands} >= {"README.md", "guide.md", "scale.md"}
+
+
+@pytest.mark.parametrize("page, words", list(recipe_commands()), ids=lambda v: v if isinstance(v, str) else None)
+def test_every_recipe_command_in_the_docs_passes_validate(page, words, monkeypatch, capsys):
+    """A key renamed in the code and left in a page, or a config that is gone, fails here."""
+    from letrecipes import cli
+
+    monkeypatch.setattr(sys, "path", [str(REPO / "docs" / "examples"), *sys.path])  # the extending examples
+    try:
+        code = cli.main(["validate", *words])
+    except SystemExit as stopped:  # the one-line error of a bad key
+        pytest.fail(f"{page}: {' '.join(words)}: {stopped}")
+    assert code == 0, f"{page}: {' '.join(words)}\n{capsys.readouterr().err}"
