@@ -66,9 +66,11 @@ def test_docs_cite_only_notes_that_are_in_the_repository():
     assert not outside, "\n".join(outside)
 
 
-# `tune run [launcher flags] letrecipes/<recipe> --config ...` or `python -m letrecipes.<recipe> --config ...`
+# `tune run [launcher flags] letrecipes/<recipe> --config ...`, `python -m letrecipes.<recipe> --config ...`,
+# and the CLI's commands that read a config with overrides: `letrecipes cat`, `letrecipes prepare-data`
 RECIPE_COMMAND = re.compile(r"(?:tune run (?:--\S+ (?:\S+ )?)*letrecipes/|python -m letrecipes\.)"
-                            r"(?:let_pretrain|pretrain|eval) --config (.+)")
+                            r"(?:let_pretrain|pretrain|eval) --config (.+)|letrecipes (?:cat|prepare-data --config) (.+)")
+CLI_OPTION = re.compile(r"--(?:out|workers) \S+")
 
 
 def recipe_commands():
@@ -82,9 +84,9 @@ def recipe_commands():
         for line in text.splitlines():
             for piece in re.findall(r"`([^`]+)`", line) if "`" in line else [line]:
                 found = RECIPE_COMMAND.search(piece)
-                if found and not re.search(r"\.\.\.|<", found.group(1)):
-                    words = re.sub(r"\$(\w+)", lambda m: shorthand.get(m.group(1), m.group(0)),
-                                   found.group(1).split(" #")[0])
+                command = found and CLI_OPTION.sub("", found.group(1) or found.group(2)).split(" #")[0]
+                if command and not re.search(r"\.\.\.|<|NAME", command):
+                    words = re.sub(r"\$(\w+)", lambda m: shorthand.get(m.group(1), m.group(0)), command)
                     yield page.name, shlex.split(words)
 
 
