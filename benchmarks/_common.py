@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from letrecipes.components.files import replace_atomically
+from letrecipes.components.run_info import hardware
 
 
 def header(script: str, argv=None) -> dict:
@@ -17,7 +18,8 @@ def header(script: str, argv=None) -> dict:
     return {
         "command": " ".join([f"python benchmarks/{script}", *args]),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    **{key: value for key, value in hardware().items() if key in ("cpu", "cpu_flags", "cpu_capability")}},
     }
 
 

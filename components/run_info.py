@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,12 +45,48 @@ def package_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
+# the instructions that choose torch's and oneDNN's CPU kernels (bf16 matmuls use AMX where there is one)
+CPU_KERNEL_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16")
+
+
+def cpu_model() -> Tuple[Optional[str], List[str]]:
+    """The processor's name as the kernel reports it, and which of CPU_KERNEL_FLAGS it has
+    (Linux; elsewhere what ``platform`` knows, and no flags)."""
+    name, flags = None, []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name is None:
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = [flag for flag in CPU_KERNEL_FLAGS if flag in value.split()]
+                    break
+    except OSError:
+        pass
+    return name or platform.processor() or None, flags
+
+
+def hardware() -> Dict[str, Any]:
+    """What the numbers depend on beyond the code: the same run on another processor picks
+    other kernels (torch's CPU capability, oneDNN's AMX for bf16) and rounds otherwise, so
+    its losses differ in the last digits and drift apart over hundreds of steps (the demo's
+    baseline: 4.6418 on one machine, 4.6869 on another, same code and packages)."""
+    import torch
+
+    name, flags = cpu_model()
+    return {"cpu": name, "cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def collect(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
     return {
         "git_revision": git_revision(),
         "packages": package_versions(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "hardware": hardware(),
         "world_size": world_size,
         "argv": sys.argv,
         "cwd": os.getcwd(),  # what the config's relative paths are relative to (rebased_config)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from letrecipes.components.files import replace_atomically
 from letrecipes.components.metrics import compare_runs, read_metrics
+from letrecipes.components.run_info import hardware
 from letrecipes.components.tokenizer import train_bpe
 
 DEMO_DIR = Path("outputs/demo")
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     result["teacher_final_val_loss"] = [r for r in read_metrics(runs["pretrain_tiny"] / "metrics.jsonl")
                                         if "val_loss" in r][-1]["val_loss"]
     result["wall_clock_s"] = round(time.perf_counter() - start, 1)
+    result["hardware"] = hardware()  # another processor rounds otherwise: its losses differ in the last digits
     result["stage_wall_clock_s"] = {k: round(v, 1) for k, v in stage_s.items()}
     replace_atomically(DEMO_DIR / "result.json", json.dumps(result, indent=2))
     print(format_table(result))

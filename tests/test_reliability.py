@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from letrecipes.components.metrics import read_metrics
@@ -299,6 +300,10 @@ def test_same_seed_same_losses_and_the_run_is_traceable(let_run, tmp_path):
     info = json.loads((tmp_path / "a" / "run_info.json").read_text())
     assert info["packages"]["torch"].startswith("2.") and info["config"]["max_steps"] == 10
     assert info["git_revision"] is None or len(info["git_revision"].split("+")[0]) == 40
+    # the last digits of a loss depend on the processor's kernels: which one ran is recorded
+    assert info["hardware"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and \
+        info["hardware"]["cpu_threads"] >= 1 and set(info["hardware"]["cpu_flags"]) <= {
+            "avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
     for ckpt in (tmp_path / "a" / "checkpoints").iterdir():
         assert json.loads((ckpt / "run_info.json").read_text())["config"] == info["config"]
 
