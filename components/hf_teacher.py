@@ -46,6 +46,53 @@ def read_config(path: Path) -> dict:
     return read_json(path)
 
 
+# The files and tensor names that quantizers add beside or instead of a layer's ``weight``:
+# GPTQ/AWQ (qweight, qzeros, scales, g_idx), bitsandbytes (SCB, absmax, quant_map, quant_state),
+# FP8 and compressed-tensors (weight_scale, weight_scale_inv, input_scale, weight_packed, weight_shape).
+QUANTIZER_CONFIG_FILES = ("quantize_config.json", "quant_config.json", "quantization_config.json")
+QUANTIZED_TENSOR_PARTS = ("qweight", "qzeros", "scales", "g_idx", "SCB", "absmax", "quant_map", "weight_format",
+                          "weight_scale", "weight_scale_inv", "input_scale", "weight_packed", "weight_shape",
+                          "weight_zero_point")
+FULL_PRECISION = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+QUANTIZED_FIX = ("Fix: use the full-precision model these weights were quantized from (bf16/fp16/fp32 "
+                 "safetensors; the model card names it), or a GGUF file of the model (its tensors are dequantized "
+                 "on load).")
+
+
+def quantization(config: dict, folder: Optional[Path] = None) -> Optional[str]:
+    """How a Hugging Face folder's weights are quantized ("gptq, 4 bits"), from config.json's
+    ``quantization_config`` (transformers), ``compression_config`` (compressed-tensors) or a
+    quantizer's own config file (AutoGPTQ's ``quantize_config.json``); None when they are not."""
+    setting = config.get("quantization_config") or config.get("compression_config")
+    if not setting and folder is not None:
+        for name in QUANTIZER_CONFIG_FILES:
+            if (folder / name).is_file():
+                try:
+                    setting = json.loads((folder / name).read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    setting = None
+                setting = {"quant_method": name, **(setting if isinstance(setting, dict) else {})}
+                break
+    if not setting:
+        return None
+    if not isinstance(setting, dict):
+        return "quantized"
+    if setting.get("quant_method") == "gguf":  # transformers dequantizes a GGUF file on load: saved, it is full precision
+        return None
+    method = setting.get("quant_method") or setting.get("format") or ("bitsandbytes" if (
+        setting.get("load_in_4bit") or setting.get("load_in_8bit")) else "quantized")
+    bits = setting.get("bits") or setting.get("w_bit") or (4 if setting.get("load_in_4bit") else 8 if setting.get(
+        "load_in_8bit") else None)
+    return str(method) + (f", {bits} bits" if bits else "")
+
+
+def _refuse_quantized(config: dict, config_file: str, folder: Optional[Path] = None) -> None:
+    found = quantization(config, folder)
+    if found:
+        raise TeacherError(f"{config_file}: the weights are quantized ({found}), and this loader reads "
+                           f"full-precision weights only. {QUANTIZED_FIX}")
+
+
 def architecture(config: dict, config_file: str) -> str:
     names = config.get("architectures") or []
     for name in names:
@@ -126,6 +173,7 @@ def _config_value_problems(config: dict, config_file: str) -> None:
 def model_args(config: dict, config_file: str) -> ModelArgs:
     """The :class:`ModelArgs` a ``config.json`` describes (validating what the loader can map)."""
     arch = architecture(config, config_file)
+    _refuse_quantized(config, config_file)
     _config_value_problems(config, config_file)
     try:
         if arch == "opt":
@@ -461,6 +509,12 @@ def _unreadable(file: Path, err: Exception) -> str:
             f"teacher.path: cannot read {str(file)!r} ({err}). Fix: re-download or re-export the file.")
 
 
+def _quantized_tensor(file: Path, hf_key: str, tensor: torch.Tensor, what: str) -> str:
+    return (f"{file}: tensor {hf_key!r} ({str(tensor.dtype).replace('torch.', '')}, shape {tuple(tensor.shape)}) "
+            f"is part of a quantized checkpoint; {what} does not say so, and this loader reads full-precision "
+            f"weights only. {QUANTIZED_FIX}")
+
+
 def convert_state_dict(
     args: ModelArgs,
     tensors: Iterator[Tuple[str, Path, torch.Tensor]],
@@ -476,6 +530,9 @@ def convert_state_dict(
     names = NAMES.get(args.family, _llama_names)
     state: Dict[str, torch.Tensor] = {}
     for hf_key, file, tensor in tensors:
+        part = hf_key.rsplit(".", 1)[-1]
+        if part in QUANTIZED_TENSOR_PARTS:
+            raise TeacherError(_quantized_tensor(file, hf_key, tensor, what))
         mapped = names(args, hf_key)
         if mapped is None:
             continue
@@ -483,6 +540,8 @@ def convert_state_dict(
             if ours.startswith("?") or ours not in expected:
                 raise TeacherError(f"{file}: unexpected tensor {hf_key!r} for the {args.family} layout that {what} "
                                    "describes. Fix: check that config.json belongs to these weights.")
+            if tensor.dtype not in FULL_PRECISION:  # int8/fp8 cast to float as it is: a model of noise
+                raise TeacherError(_quantized_tensor(file, hf_key, tensor, what))
             try:
                 value = transform(tensor) if transform else tensor
             except RuntimeError:  # a reshape that the tensor's size does not allow
@@ -509,7 +568,9 @@ class HuggingFaceFormat(TeacherFormat):
         return meta is not None and "model" not in meta and bool(meta.get("model_type") or meta.get("architectures"))
 
     def describe(self, path: Path) -> ModelArgs:
-        return model_args(read_config(path), str(path / "config.json"))
+        config = read_config(path)
+        _refuse_quantized(config, str(path), folder=path)  # AutoGPTQ and AutoAWQ keep a config file of their own
+        return model_args(config, str(path / "config.json"))
 
     def tokenizer(self, path: Path) -> Optional[Path]:
         return folder_tokenizer(path)

@@ -131,6 +131,42 @@ def test_shape_mismatch_names_file_and_tensor(tmp_path):
     assert "model.safetensors" in message and "mlp" in message and "96" in message
 
 
+def _quantize_a_layer(path, parts):
+    """Replace layer 0's q_proj.weight with the tensors a quantizer writes in its place."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(path / "model.safetensors")
+    weights.pop("model.layers.0.self_attn.q_proj.weight")
+    weights.update({f"model.layers.0.self_attn.q_proj.{name}": tensor for name, tensor in parts.items()})
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+GPTQ_PARTS = {"qweight": torch.zeros(6, 48, dtype=torch.int32), "qzeros": torch.zeros(1, 6, dtype=torch.int32),
+              "scales": torch.ones(1, 48, dtype=torch.float16), "g_idx": torch.zeros(48, dtype=torch.int32)}
+
+
+@pytest.mark.parametrize("edit, says", [
+    # transformers' own record of it (GPTQ, AWQ, bitsandbytes, FP8 models on the Hub)
+    (lambda p: _edit_config(p, quantization_config={"quant_method": "gptq", "bits": 4}), "(gptq, 4 bits)"),
+    (lambda p: _edit_config(p, quantization_config={"load_in_4bit": True}), "(bitsandbytes, 4 bits)"),
+    (lambda p: _edit_config(p, compression_config={"format": "float-quantized"}), "(float-quantized)"),
+    # AutoGPTQ's own config file beside a config.json that does not say so
+    (lambda p: (p / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 128})),
+     "(quantize_config.json, 4 bits)"),
+    # the tensors alone: GPTQ's packed integers, an FP8 weight under the plain name
+    (lambda p: _quantize_a_layer(p, GPTQ_PARTS), "tensor 'model.layers.0.self_attn.q_proj.g_idx' (int32, shape (48,))"),
+    (lambda p: _quantize_a_layer(p, {"weight": torch.zeros(48, 48, dtype=torch.float8_e4m3fn)}),
+     "tensor 'model.layers.0.self_attn.q_proj.weight' (float8_e4m3fn, shape (48, 48))"),
+])
+def test_a_quantized_checkpoint_is_refused_with_the_way_to_a_full_precision_one(tmp_path, edit, says):
+    """A GPTQ/AWQ/bitsandbytes/FP8 folder was "unexpected tensor ... check that config.json
+    belongs to these weights", and an FP8 weight under a plain name was cast to float as if
+    it were one: a teacher of noise, without a word."""
+    message = _broken(tmp_path, edit)
+    assert says in message and "quantized" in message and "full-precision model these weights were quantized " \
+        "from" in message and "GGUF" in message
+
+
 def test_missing_shard_is_named(tmp_path):
     def drop_a_shard(p):
         index = json.loads((p / "model.safetensors.index.json").read_text())
