@@ -406,6 +406,20 @@ NAMES = {"opt": _opt_names, "gpt_neox": _neox_names, "gpt2": _gpt2_names}
 
 
 # ----------------------------------------------------------------- files
+# Weights of a model in a layout other than transformers' PyTorch one, and the way from each.
+FOREIGN_WEIGHTS = (
+    ("consolidated*", "the original release's weights (Meta's or Mistral's own layout, not Hugging Face's)",
+     "use the model's Hugging Face folder: the repository's top folder, not its original/ (it holds config.json "
+     "with model.safetensors)."),
+    ("tf_model*.h5", "TensorFlow weights only",
+     "download the model's PyTorch weights (model.safetensors), or convert these once with transformers: "
+     "AutoModelForCausalLM.from_pretrained(folder, from_tf=True).save_pretrained(folder)."),
+    ("flax_model*.msgpack", "Flax weights only",
+     "download the model's PyTorch weights (model.safetensors), or convert these once with transformers: "
+     "AutoModelForCausalLM.from_pretrained(folder, from_flax=True).save_pretrained(folder)."),
+)
+
+
 def weight_files(path: Path) -> Dict[str, Path]:
     """Tensor name -> the file that holds it: safetensors (one file, or shards named by
     the index), else PyTorch's ``pytorch_model.bin`` (one, or sharded the same way)."""
@@ -418,8 +432,14 @@ def weight_files(path: Path) -> Dict[str, Path]:
     others = sorted(p.name for p in [*path.glob("*.safetensors"), *path.glob("*.bin")])
     hint = (f"found {others} but no index to say what is in them" if others
             else "no *.safetensors or pytorch_model.bin at all")
+    fix = "copy the model's weight files into the folder."
+    for pattern, whose, other_fix in FOREIGN_WEIGHTS:
+        found = sorted(p.name for p in path.glob(pattern))
+        if found:
+            hint, fix = f"it holds {', '.join(found[:3])}: {whose}", other_fix
+            break
     raise TeacherError(f"teacher.path: {str(path)!r} has no {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or "
-                       f"{BIN_INDEX_FILE}: {hint}. Fix: copy the model's weight files into the folder.")
+                       f"{BIN_INDEX_FILE}: {hint}. Fix: {fix}")
 
 
 def _indexed_files(path: Path, index: Path) -> Dict[str, Path]:

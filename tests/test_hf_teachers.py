@@ -179,6 +179,22 @@ def test_missing_shard_is_named(tmp_path):
         load_teacher({"_component_": "huggingface", "path": str(tmp_path)})
 
 
+@pytest.mark.parametrize("files, says", [
+    (["tf_model.h5"], "it holds tf_model.h5: TensorFlow weights only. Fix: download the model's PyTorch weights"),
+    (["flax_model.msgpack"], "from_flax=True"),
+    (["consolidated.00.pth", "params.json"], "it holds consolidated.00.pth: the original release's weights"),
+    ([], "no *.safetensors or pytorch_model.bin at all. Fix: copy the model's weight files"),
+])
+def test_a_folder_with_weights_in_another_layout_says_which_and_the_way_on(tmp_path, files, says):
+    def keep_only(p):
+        for weights in p.glob("model*.safetensors*"):
+            weights.unlink()
+        for name in files:
+            (p / name).write_bytes(b"\0" * 64)
+
+    assert says in _broken(tmp_path, keep_only)
+
+
 def test_unsupported_rope_scaling_is_refused(tmp_path):
     message = _broken(tmp_path, lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                            "rope_theta": 10000.0}))
