@@ -31,6 +31,7 @@ from letrecipes.components.document_keys import MIN_TOKENS, count_repeats, store
 from letrecipes.components.files import real_paths
 from letrecipes.components.held_out import check_documents
 from letrecipes.components.parallel import on_rank0
+from letrecipes.components.preemption import NOTICE_SIGNALS
 from letrecipes.components.prepare import REPEAT_LIMIT, cached_prepare, is_prepared, read_manifest
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -375,7 +376,8 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     worker deaf to that would hang the trainer's exit. The sender is known from
     ``sigwaitinfo`` (a thread waits on SIGTERM, blocked everywhere else). A worker whose
     trainer has died exits by itself (torch's watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for notice in (signal.SIGINT, *NOTICE_SIGNALS):  # Slurm's --signal=USR1 reaches every process as well
+        signal.signal(notice, signal.SIG_IGN)
     trainer = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 

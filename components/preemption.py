@@ -1,5 +1,7 @@
-"""Graceful stop: SIGTERM (what schedulers send before they kill a job) or Ctrl-C asks the
-run to finish its step, save a checkpoint and exit non-zero with the command to resume.
+"""Graceful stop: SIGTERM (what schedulers send before they kill a job), SIGUSR1 or SIGUSR2
+(the notice a Slurm job asks for with ``--signal=USR1@600``, Lightning's convention) or
+Ctrl-C asks the run to finish its step, save a checkpoint and exit non-zero with the
+command to resume.
 A second signal stops at once (one within a second of the first is the same notice from
 another sender: the scheduler's and the launcher's).
 
@@ -18,7 +20,9 @@ from typing import Dict, Iterator, Optional
 
 from letrecipes.components.errors import LetRecipesError
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1/2 would end the process at once by default: no checkpoint for the notice asked for
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+NOTICE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a helper process (a loader or tokenizer worker) ignores these
 
 
 class RunStopped(LetRecipesError):

@@ -44,6 +44,7 @@ from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, cou
                                                  stored_keys, write_shard_keys)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, real_paths,
                                          replace_atomically, unique_tmp)
+from letrecipes.components.preemption import NOTICE_SIGNALS
 from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
 
@@ -223,9 +224,11 @@ def _worker_threads(threads: int) -> None:
     # 32 workers: 3 processes of 10 threads, not 3 single threads beside 29 idle cores).
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
-    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers
-    # (one line); each worker printing its own KeyboardInterrupt traceback would bury it
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches every process of the terminal's group (and Slurm's --signal=USR1 every
+    # process of the job): the parent stops the workers (one line); each worker printing its own
+    # KeyboardInterrupt traceback would bury it, and one killed by SIGUSR1 would be a broken pool
+    for notice in (signal.SIGINT, *NOTICE_SIGNALS):
+        signal.signal(notice, signal.SIG_IGN)
 
 
 def _stop_now(pool: ProcessPoolExecutor) -> None:

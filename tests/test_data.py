@@ -196,6 +196,7 @@ def test_loader_workers_outlive_a_sigterm_meant_for_the_job_and_still_stop_with_
         workers = trainer.stdout.readline().split()
         assert len(workers) == 2
         subprocess.run(["kill", "-TERM", *workers], check=True)  # sent by another process, as a scheduler's is
+        subprocess.run(["kill", "-USR1", *workers], check=True)  # Slurm's --signal=USR1 notice: the trainer's to act on
         out, err = trainer.communicate("go\n", timeout=60)  # a worker deaf to the trainer's SIGTERM would hang here
     finally:
         trainer.kill()

@@ -201,6 +201,32 @@ def test_sigterm_during_a_save_completes_it_and_stops_there(tmp_path, straight):
     assert losses(tmp_path) == losses(straight)
 
 
+def test_slurms_usr1_notice_to_every_process_of_the_job_saves_a_step(tmp_path):
+    """`sbatch --signal=USR1@600` (Lightning's convention): Slurm signals every process of the
+    job, the loader's workers included. SIGUSR1 ended the trainer at once by default, with
+    no checkpoint for the notice; now it is a stop request like SIGTERM, and the workers
+    leave it to their trainer."""
+    cmd = command(tmp_path, "max_steps=100000", "save_every=0", "data.num_workers=2")
+    run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
+                           start_new_session=True)  # a process group of its own, as a job step is
+    try:
+        deadline = time.monotonic() + 120
+        while not read_metrics_safely(tmp_path):
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGUSR1)
+        out, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and "Traceback" not in err and "SIGUSR1 received" in out, err[-2000:]
+    assert "killed by signal" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGUSR1 after step ") and "resume=true" in last
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+
+
 def test_ctrl_c_stops_gracefully_and_a_second_signal_at_once(tmp_path):
     cmd = command(tmp_path, "max_steps=100000", "save_every=0")
     run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
