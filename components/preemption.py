@@ -12,7 +12,9 @@ the sync points also read it at once, so all ranks save the same step).
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from letrecipes.components.errors import LetRecipesError
 # SIGUSR1/2 would end the process at once by default: no checkpoint for the notice asked for
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 NOTICE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a helper process (a loader or tokenizer worker) ignores these
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class RunStopped(LetRecipesError):
@@ -53,6 +56,22 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def stop_with_the_launcher() -> None:
+    """Under torchrun, have the kernel send this process SIGTERM when the launcher dies
+    (Linux's parent-death signal), so the run saves a step and exits like on any notice.
+    torchrun starts each rank in a session of its own: a launcher killed by SIGKILL, the
+    OOM killer or a signal it has no handler for (SIGUSR1) left its ranks training on,
+    orphans holding the run's lock and their GPUs until the job's time limit."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):  # no prctl (another libc): the launcher's own signals still arrive
+        pass
 
 
 class StopVote:
@@ -103,6 +122,7 @@ class GracefulStop:
         self.received: Optional[str] = None
         self.received_at = 0.0
         self._previous: Dict[int, object] = {}
+        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
 
     def install(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
@@ -129,3 +149,11 @@ class GracefulStop:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    def cause(self) -> Optional[str]:
+        """The signal, and whether the launcher has died, which is when the kernel sends it
+        (:func:`stop_with_the_launcher`). Asked after the step and its save: the kernel sends
+        the signal as the launcher's threads exit, before this process is handed to init."""
+        if self.received is None:
+            return None
+        return self.received + (" (the launcher has died)" if self.parent not in (None, os.getppid()) else "")

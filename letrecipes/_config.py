@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
-from letrecipes.components.preemption import stop_at_once_on_signals
+from letrecipes.components.preemption import stop_at_once_on_signals, stop_with_the_launcher
 
 
 class ConfigError(LetRecipesError):
@@ -261,6 +261,7 @@ def run(recipe_class, cfg: DictConfig) -> None:
 
             dry_run(cfg, with_teacher=recipe_class.uses_teacher)
             return
+    stop_with_the_launcher()
     try:
         with errors_as_one_line():
             with stop_at_once_on_signals("during setup, before the first step", "Nothing was trained; corpus shards "

@@ -689,7 +689,7 @@ class PretrainRecipe:
             if stopping:
                 self.checkpointer.wait()
                 raise RunStopped(
-                    f"stopped by {stopper.received or 'a signal on another rank'} after step {self.step}; its "
+                    f"stopped by {stopper.cause() or 'a signal on another rank'} after step {self.step}; its "
                     f"checkpoint {self.checkpointer.latest()} is complete. Fix: run the same command with "
                     "resume=true to continue.")
             if log or save:

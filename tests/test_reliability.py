@@ -209,6 +209,48 @@ def test_sigterm_to_the_launcher_saves_a_step_and_the_job_resumes(base_overrides
         done.stderr[-3000:]
 
 
+def processes_running(marker: str) -> list:
+    """Pids of the processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def test_ranks_whose_launcher_dies_save_a_step_and_exit(base_overrides, tmp_path):
+    """torchrun starts each rank in a session of its own: a launcher killed outright (SIGKILL,
+    the OOM killer, a SIGUSR1 it has no handler for) left its ranks training on as orphans,
+    holding the run's lock. Each rank now has the kernel's SIGTERM when its launcher dies."""
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides,
+                                          f"output_dir={out}", "log_every=100000", "save_every=25", "eval_every=0",
+                                          "max_steps=100000", nproc=2),
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step_00000025" / "COMPLETE").is_file():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        job.kill()  # the launcher alone: its ranks are in sessions of their own
+        stdout, stderr = job.communicate(timeout=90)  # the ranks hold the pipes until they exit
+    finally:
+        job.kill()
+        for pid in processes_running(f"output_dir={out}"):  # an orphan must not outlive a failed test
+            os.kill(pid, signal.SIGKILL)
+    assert "SIGTERM received" in stdout, stderr[-3000:]
+    stopped = [line for line in stderr.splitlines() if line.startswith("error: stopped by SIGTERM (the launcher has "
+                                                                      "died) after step ")]
+    assert len(stopped) == 1, stderr[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert step > 25 and (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    assert not processes_running(f"output_dir={out}")
+
+
 @pytest.mark.slow
 def test_a_process_that_hangs_stops_the_job_with_one_line_after_the_timeout(let_run, tmp_path, monkeypatch):
     """Rank 1 stops (SIGSTOP: alive, silent). Rank 0 waited in its next collective until
