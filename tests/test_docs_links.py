@@ -99,10 +99,20 @@ def test_the_docs_show_recipe_commands_to_check():
 def test_every_recipe_command_in_the_docs_passes_validate(page, words, monkeypatch, capsys):
     """A key renamed in the code and left in a page, or a config that is gone, fails here."""
     from letrecipes import cli
+    from letrecipes.components import registry
 
     monkeypatch.setattr(sys, "path", [str(REPO / "docs" / "examples"), *sys.path])  # the extending examples
+    imported = set(sys.modules)
     try:
         code = cli.main(["validate", *words])
     except SystemExit as stopped:  # the one-line error of a bad key
         pytest.fail(f"{page}: {' '.join(words)}: {stopped}")
+    finally:  # an example's `imports:` registers its component: other tests expect the package's own only
+        examples = {name for name in set(sys.modules) - imported
+                    if str(getattr(sys.modules[name], "__file__", "")).startswith(str(REPO / "docs"))}
+        for names in registry._REGISTRY.values():
+            for name in [n for n, built in names.items() if getattr(built, "__module__", None) in examples]:
+                del names[name]
+        for name in examples:
+            del sys.modules[name]
     assert code == 0, f"{page}: {' '.join(words)}\n{capsys.readouterr().err}"
