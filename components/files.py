@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import json
 import os
 import re
 import socket
@@ -79,6 +80,20 @@ def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def json_cut_short(path: Union[str, Path]) -> Optional[int]:
+    """The file's size when its JSON text stops inside a value (an interrupted download or
+    copy: every error is at the very end); None when it parses or is wrong elsewhere."""
+    data = Path(path).read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        # an unterminated string is named where it starts: the text ended inside it
+        ended = not text[err.pos:].strip() or err.msg.startswith("Unterminated string")
+        return len(data) if text.strip() and ended else None
+    return None
 
 
 def cut_at(path: Union[str, Path], offset: int) -> None:

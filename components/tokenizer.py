@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.corpus import DataError
-from letrecipes.components.files import as_given, hub_id_hint, nearby, stand_in
+from letrecipes.components.files import as_given, hub_id_hint, json_cut_short, nearby, stand_in
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -145,8 +145,13 @@ def _not_a_tokenizer_json(path: Path, err: Exception) -> str:
     kind = slow_tokenizer_kind(path)
     what = f"is {kind}, not a tokenizer.json, the one tokenizer format read here" if kind else (
         f"is not a tokenizer.json ({err})")
+    size = None if kind else json_cut_short(path)
     nearby = nearby_tokenizer_json(path)
-    if nearby is not None:
+    if size is not None:
+        what = (f"is cut short: its JSON stops inside a value after {size:,} bytes (an interrupted download or "
+                "copy)")
+        fix = "copy the model's tokenizer.json again"
+    elif nearby is not None:
         where = "beside it" if nearby.parent == path.parent else "in the folder above"
         fix = f"tokenizer.path={nearby} (the model's tokenizer {where})"
     elif kind:
