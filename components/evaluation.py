@@ -542,6 +542,35 @@ def check_choice_tokens(items: Mapping[str, Tuple[str, List[Item]]], encode, log
 
 
 # ----------------------------------------------------------------- running lm-eval
+def check_quantized_model(folder: Union[str, Path], key: str = "checkpoint") -> None:
+    """A quantized Hugging Face folder (GPTQ, AWQ, bitsandbytes, FP8) is scored as transformers
+    loads it, which takes the quantizer's own package and often a GPU. Asked of transformers'
+    quantizer before the tasks are built, so that a missing one is one line, not lm-eval's
+    traceback from deep inside its model loading."""
+    from letrecipes.components.hf_teacher import quantization
+
+    config_file = Path(folder) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with it
+    found = quantization(config, Path(folder)) if isinstance(config, dict) else None
+    setting = config.get("quantization_config") if found else None
+    if not setting:  # full precision, or a quantizer transformers does not read from config.json
+        return
+    from transformers.quantizers import AutoHfQuantizer
+
+    try:
+        quantizer = AutoHfQuantizer.from_config(setting)
+        quantizer.validate_environment(device_map=None)
+    except TypeError:  # a quantizer whose check takes other arguments: transformers will check as it loads
+        return
+    except (ImportError, ValueError, RuntimeError) as err:
+        raise EvalError(f"{key}: {str(folder)!r} holds a quantized model ({found}), and transformers cannot load "
+                        f"it here: {str(err).rstrip('.')}. Fix: install what it names with -c constraints.txt (some quantizers need "
+                        "a GPU), or score the full-precision model.") from err
+
+
 def offline() -> None:
     """Everything lm-eval needs is local; a hub lookup would only hang on a machine
     without network (the user's own settings win). huggingface_hub and datasets read the

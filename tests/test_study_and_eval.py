@@ -227,6 +227,24 @@ def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path):
 
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("optimum") is not None, reason="optimum loads GPTQ")
+def test_a_quantized_model_transformers_cannot_load_here_is_one_line_before_the_scoring(teacher_dir, tmp_path):
+    """A GPTQ folder was lm-eval's ImportError traceback from inside its model loading."""
+    import shutil
+
+    folder = tmp_path / "model-gptq"
+    shutil.copytree(teacher_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
+                                                                                      "bits": 4}}))
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
+    message = expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={folder}",
+                                                           f"tasks=[{task}]", "contamination=null"],
+                                 match="holds a quantized model (gptq, 4 bits), and transformers cannot load it "
+                                       "here: Loading a GPTQ quantized model requires optimum")
+    assert message.startswith("error: checkpoint: ") and "score the full-precision model" in message
+
+
 def test_eval_recipe_checks_its_output_path_before_scoring(teacher_dir, tmp_path, monkeypatch):
     """Before: a folder or an unwritable path as `output` was a traceback after the scoring."""
     import letrecipes.eval as eval_module
