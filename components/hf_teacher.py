@@ -47,7 +47,7 @@ def read_config(path: Path) -> dict:
 
 
 # The files and tensor names that quantizers add beside or instead of a layer's ``weight``:
-# GPTQ/AWQ (qweight, qzeros, scales, g_idx), bitsandbytes (SCB, absmax, quant_map, quant_state),
+# GPTQ/AWQ (qweight, qzeros, scales, g_idx), bitsandbytes (SCB, absmax, quant_map, weight.quant_state.*),
 # FP8 and compressed-tensors (weight_scale, weight_scale_inv, input_scale, weight_packed, weight_shape).
 QUANTIZER_CONFIG_FILES = ("quantize_config.json", "quant_config.json", "quantization_config.json")
 QUANTIZED_TENSOR_PARTS = ("qweight", "qzeros", "scales", "g_idx", "SCB", "absmax", "quant_map", "weight_format",
@@ -550,8 +550,7 @@ def convert_state_dict(
     names = NAMES.get(args.family, _llama_names)
     state: Dict[str, torch.Tensor] = {}
     for hf_key, file, tensor in tensors:
-        part = hf_key.rsplit(".", 1)[-1]
-        if part in QUANTIZED_TENSOR_PARTS:
+        if hf_key.rsplit(".", 1)[-1] in QUANTIZED_TENSOR_PARTS or ".quant_state." in hf_key:  # bitsandbytes 4-bit
             raise TeacherError(_quantized_tensor(file, hf_key, tensor, what))
         mapped = names(args, hf_key)
         if mapped is None:
