@@ -53,7 +53,13 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
                         "of lm-eval's own tasks (hellaswag, arc_easy, ...).")
     shape = 'Fix: one JSON object per line, {"context": "...", "choices": ["...", "..."], "gold": <index of the right one>}.'
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:  # utf-8-sig: a byte-order mark, as Windows editors and Excel write, is dropped
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        at_line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise EvalError(f"{path}:{at_line}: not UTF-8 ({err.reason} at byte {err.start:,}). Fix: save the file as "
+                        "UTF-8 (iconv -f latin1 -t utf-8 FILE > FILE.utf8, for a Latin-1 file).") from err
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

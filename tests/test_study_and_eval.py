@@ -123,6 +123,14 @@ def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
         with pytest.raises(EvalError, match=rf"gold.jsonl:1: gold={'True' if gold == 'true' else gold} is not the "
                                             "index of a choice"):
             read_task(tmp_path / "gold.jsonl")
+    # as a Windows editor or Excel saves it: a byte-order mark and CRLF line ends are read; Latin-1 is named
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"context": "c", "choices": ["x", "y"], "gold": 1}\r\n')
+    assert read_task(tmp_path / "bom.jsonl") == [Item("c", ["x", "y"], 1)]
+    (tmp_path / "latin.jsonl").write_bytes(b'{"context": "c", "choices": ["x", "y"], "gold": 1}\n'
+                                           b'{"context": "caf\xe9", "choices": ["x", "y"], "gold": 1}\n')
+    with pytest.raises(EvalError, match=r"latin.jsonl:2: not UTF-8 \(invalid continuation byte at byte 67\)\. Fix: "
+                                        r"save the file as UTF-8"):
+        read_task(tmp_path / "latin.jsonl")
     # lm-eval's own tasks are read by name elsewhere (tests/test_lm_eval_tasks.py); a file that is not there says so
     with pytest.raises(EvalError, match=r"eval task file 'hellaswag' does not exist.* or name one of lm-eval's own"):
         read_task("hellaswag")
