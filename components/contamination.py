@@ -470,7 +470,7 @@ def encoder(tokenizer) -> Callable[[List[str]], List[List[int]]]:
     """Items encoded as the prepare encodes corpus text (special tokens as the text they are)."""
     from letrecipes.components.tokenizer import encode_as_text
 
-    return lambda texts: [e.ids for e in encode_as_text(tokenizer, texts)]
+    return lambda texts: [e.ids for e in encode_as_text(tokenizer, texts, offsets=False)]
 
 
 def default_workers() -> int:

@@ -219,7 +219,7 @@ def test_a_bad_record_in_a_later_part_of_a_cut_file_is_named_by_its_byte(tmp_pat
     at = len("".join(lines[:150]).encode())
     with pytest.warns(corpus.DataWarning) as caught:
         assert list(read_documents(tmp_path / "big.jsonl")) == docs[:150] + docs[151:]
-    assert any(f"skipped 1 of " in str(w.message) and f"the first at byte {at}" in str(w.message) for w in caught), \
+    assert any("skipped 1 of " in str(w.message) and f"the first at byte {at}" in str(w.message) for w in caught), \
         [str(w.message) for w in caught]
     bad_at = len("".join(f"{d}<|endoftext|>" for d in docs[:150]).encode())
     with pytest.warns(corpus.DataWarning, match=f"first bad byte at offset {bad_at}\\)"):
@@ -1464,3 +1464,20 @@ def test_workers_share_the_cores_of_units_too_few_for_them():
     seen.clear()
     prepare_module.in_workers(_tokenizer_threads, dict.fromkeys(range(4)), 2, lambda _, got: seen.append(got))
     assert [s[:2] for s in seen] == [("1", "false")] * 4
+
+
+def test_ids_only_encoding_of_long_and_short_texts_is_encode_batchs_in_order(tokenizer_path):
+    """Preparing keeps the ids only: texts of LONG_TEXT_CHARS or more skip the offsets
+    (encode_batch_fast, 1/1.7 of the time), shorter ones do not; the ids, their order and
+    a separator quoted in the text (encoded as text) are what encode_batch gives."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from letrecipes.components.tokenizer import LONG_TEXT_CHARS, encode_as_text
+
+    hf = HFTokenizer.from_file(str(tokenizer_path))
+    line = "Quoting <|endoftext|> in a line, café 1234.\n"
+    texts = [line, line * (LONG_TEXT_CHARS // len(line) + 1), "", line * 3, line * (2 * LONG_TEXT_CHARS // len(line))]
+    assert [len(t) >= LONG_TEXT_CHARS for t in texts] == [False, True, False, False, True]
+    expected = [e.ids for e in encode_as_text(hf, texts)]
+    assert [e.ids for e in encode_as_text(hf, texts, offsets=False)] == expected
+    assert hf.token_to_id("<|endoftext|>") not in expected[1] and not hf.encode_special_tokens  # left as found
