@@ -19,7 +19,8 @@ def header(script: str, argv=None) -> dict:
         "command": " ".join([f"python benchmarks/{script}", *args]),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                    **{key: value for key, value in hardware().items() if key in ("cpu", "cpu_flags", "cpu_capability")}},
+                    **{key: value for key, value in hardware().items()
+                       if key in ("cpu", "cpu_flags", "cpu_capability")}},
     }
 
 

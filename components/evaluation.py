@@ -573,8 +573,8 @@ def check_quantized_model(folder: Union[str, Path], key: str = "checkpoint") -> 
         return
     except (ImportError, ValueError, RuntimeError) as err:
         raise EvalError(f"{key}: {str(folder)!r} holds a quantized model ({found}), and transformers cannot load "
-                        f"it here: {str(err).rstrip('.')}. Fix: install what it names with -c constraints.txt (some quantizers need "
-                        "a GPU), or score the full-precision model.") from err
+                        f"it here: {str(err).rstrip('.')}. Fix: install what it names with -c constraints.txt "
+                        "(some quantizers need a GPU), or score the full-precision model.") from err
 
 
 def offline() -> None:

@@ -77,7 +77,7 @@ def quantization(config: dict, folder: Optional[Path] = None) -> Optional[str]:
         return None
     if not isinstance(setting, dict):
         return "quantized"
-    if setting.get("quant_method") == "gguf":  # transformers dequantizes a GGUF file on load: saved, it is full precision
+    if setting.get("quant_method") == "gguf":  # transformers dequantizes a GGUF on load: saved, it is full precision
         return None
     method = setting.get("quant_method") or setting.get("format") or ("bitsandbytes" if (
         setting.get("load_in_4bit") or setting.get("load_in_8bit")) else "quantized")

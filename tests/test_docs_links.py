@@ -69,7 +69,8 @@ def test_docs_cite_only_notes_that_are_in_the_repository():
 # `tune run [launcher flags] letrecipes/<recipe> --config ...`, `python -m letrecipes.<recipe> --config ...`,
 # and the CLI's commands that read a config with overrides: `letrecipes cat`, `letrecipes prepare-data`
 RECIPE_COMMAND = re.compile(r"(?:tune run (?:--\S+ (?:\S+ )?)*letrecipes/|python -m letrecipes\.)"
-                            r"(?:let_pretrain|pretrain|eval) --config (.+)|letrecipes (?:cat|prepare-data --config) (.+)")
+                            r"(?:let_pretrain|pretrain|eval) --config (.+)"
+                            r"|letrecipes (?:cat|prepare-data --config) (.+)")
 CLI_OPTION = re.compile(r"--(?:out|workers) \S+")
 
 

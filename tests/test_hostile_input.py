@@ -313,7 +313,8 @@ def test_tokenizer_file_that_does_not_parse(base_overrides, tokenizer_path, tmp_
                        match="). Fix: point it at the model's tokenizer.json.")
     # an interrupted download or copy: the JSON stops inside a value (here inside a string, cut mid-character)
     whole = Path(tokenizer_path).read_bytes()
-    for cut in (whole[:2000], whole[:len(whole) // 2], '{"version": "1.0", "model": '.encode(), "{\"a\": \"é".encode()[:-1]):
+    for cut in (whole[:2000], whole[:len(whole) // 2], '{"version": "1.0", "model": '.encode(),
+                "{\"a\": \"é".encode()[:-1]):
         bad.write_bytes(cut)
         expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bad}",
                            match=f"is cut short: its JSON stops inside a value after {len(cut):,} bytes (an "
