@@ -83,13 +83,25 @@ def registered(kind: str) -> Dict[str, Callable[..., Any]]:
     return dict(_REGISTRY[kind])
 
 
+def _missing_dependency(module: str, err: ImportError) -> Optional[str]:
+    """'x imports y, which is not installed' when the module was found and what it imports
+    was not (the fix is an install, not the module's path); None otherwise."""
+    missing = getattr(err, "name", None) if isinstance(err, ModuleNotFoundError) else None
+    if not missing or module == missing or module.startswith(missing + ".") or missing.startswith(module + "."):
+        return None
+    return (f"{module!r} imports {missing!r}, which is not installed here. Fix: install it into this environment "
+            "(pip install ... -c constraints.txt, so that torch stays as it is)")
+
+
 def import_modules(modules: Iterable[str] | None) -> None:
     """Import user modules so that their ``@register`` decorators run."""
     for module in modules or []:
         try:
             importlib.import_module(module)
         except ImportError as err:
+            dependency = _missing_dependency(module, err)
             raise ComponentError(
+                f"imports: {dependency}, or remove {module!r} from `imports`." if dependency else
                 f"imports: cannot import {module!r} ({err}). Fix: make the module importable "
                 "from the working directory or the environment, or remove it from `imports`."
             ) from err
@@ -214,7 +226,9 @@ def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
+            dependency = _missing_dependency(module_name, err)
             raise ComponentError(
+                f"{key}: {dependency}." if dependency else
                 f"{key}: cannot import module {module_name!r} for {kind} {name!r} ({err}). "
                 "Fix: check the dotted path, or use a registered short name: "
                 f"{', '.join(sorted(_REGISTRY[kind]))}."

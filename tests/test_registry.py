@@ -58,9 +58,18 @@ def test_custom_loss_registered_in_a_user_module(tmp_path, monkeypatch):
     sys.modules.pop("my_lab_losses")
 
 
-def test_import_of_a_missing_module_names_the_key():
+def test_import_of_a_missing_module_names_the_key(tmp_path, monkeypatch):
     with pytest.raises(ComponentError, match="imports: cannot import 'no_such_module_xyz'"):
         import_modules(["no_such_module_xyz"])
+    # the module is there; a package it imports is not: the fix is an install, not the module's path
+    (tmp_path / "lab_losses_needing_a_package.py").write_text("import no_such_package_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ComponentError, match="imports: 'lab_losses_needing_a_package' imports 'no_such_package_xyz', "
+                                             "which is not installed here. Fix: install it"):
+        import_modules(["lab_losses_needing_a_package"])
+    with pytest.raises(ComponentError, match="alignment.loss._component_: .lab_losses_needing_a_package. imports "
+                                             "'no_such_package_xyz', which is not installed here"):
+        build("alignment_loss", "lab_losses_needing_a_package.Loss", key="alignment.loss")
 
 
 def test_package_import_registers_everything():
