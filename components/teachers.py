@@ -35,7 +35,7 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, json_cut_short, nearby
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
@@ -417,8 +417,11 @@ def read_json(path: Path, key: str = "teacher.path") -> Optional[dict]:
     try:
         meta = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TeacherError(f"{key}: {str(config)!r} is not valid JSON ({err}). Fix: re-download or re-export the "
-                           "model (a cut-off copy is the usual cause).") from err
+        size = json_cut_short(config)
+        what = (f"is cut short: its JSON stops inside a value after {size:,} bytes (an interrupted download or copy)"
+                if size is not None else f"is not valid JSON ({err})")
+        raise TeacherError(f"{key}: {str(config)!r} {what}. Fix: re-download or re-export the model"
+                           + ("." if size is not None else " (a cut-off copy is the usual cause).")) from err
     return meta if isinstance(meta, dict) else {}
 
 

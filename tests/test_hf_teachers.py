@@ -167,6 +167,15 @@ def test_a_quantized_checkpoint_is_refused_with_the_way_to_a_full_precision_one(
         "from" in message and "GGUF" in message
 
 
+def test_a_config_json_cut_short_is_named_as_that(tmp_path):
+    def cut(p):
+        (p / "config.json").write_text((p / "config.json").read_text()[:120])
+
+    message = _broken(tmp_path, cut)
+    assert "config.json' is cut short: its JSON stops inside a value after 120 bytes (an interrupted download or " \
+        "copy). Fix: re-download or re-export the model." in message
+
+
 def test_missing_shard_is_named(tmp_path):
     def drop_a_shard(p):
         index = json.loads((p / "model.safetensors.index.json").read_text())
