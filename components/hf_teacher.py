@@ -86,10 +86,10 @@ def quantization(config: dict, folder: Optional[Path] = None) -> Optional[str]:
     return str(method) + (f", {bits} bits" if bits else "")
 
 
-def _refuse_quantized(config: dict, config_file: str, folder: Optional[Path] = None) -> None:
+def _refuse_quantized(config: dict, where: str, folder: Optional[Path] = None) -> None:
     found = quantization(config, folder)
     if found:
-        raise TeacherError(f"{config_file}: the weights are quantized ({found}), and this loader reads "
+        raise TeacherError(f"{where}: the weights are quantized ({found}), and this loader reads "
                            f"full-precision weights only. {QUANTIZED_FIX}")
 
 
@@ -173,7 +173,6 @@ def _config_value_problems(config: dict, config_file: str) -> None:
 def model_args(config: dict, config_file: str) -> ModelArgs:
     """The :class:`ModelArgs` a ``config.json`` describes (validating what the loader can map)."""
     arch = architecture(config, config_file)
-    _refuse_quantized(config, config_file)
     _config_value_problems(config, config_file)
     try:
         if arch == "opt":
@@ -588,7 +587,7 @@ class HuggingFaceFormat(TeacherFormat):
 
     def describe(self, path: Path) -> ModelArgs:
         config = read_config(path)
-        _refuse_quantized(config, str(path), folder=path)  # AutoGPTQ and AutoAWQ keep a config file of their own
+        _refuse_quantized(config, str(path), folder=path)  # config.json's record, or a quantizer's own file
         return model_args(config, str(path / "config.json"))
 
     def tokenizer(self, path: Path) -> Optional[Path]:

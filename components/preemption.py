@@ -58,13 +58,17 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun (and `tune run`) in every process it starts
+
+
 def stop_with_the_launcher() -> None:
     """Under torchrun, have the kernel send this process SIGTERM when the launcher dies
     (Linux's parent-death signal), so the run saves a step and exits like on any notice.
     torchrun starts each rank in a session of its own: a launcher killed by SIGKILL, the
     OOM killer or a signal it has no handler for (SIGUSR1) left its ranks training on,
     orphans holding the run's lock and their GPUs until the job's time limit."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    if not _under_torchrun() or not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
@@ -122,7 +126,7 @@ class GracefulStop:
         self.received: Optional[str] = None
         self.received_at = 0.0
         self._previous: Dict[int, object] = {}
-        self.parent = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None  # torchrun's agent
+        self.parent = os.getppid() if _under_torchrun() else None  # torchrun's agent
 
     def install(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
