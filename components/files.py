@@ -82,9 +82,10 @@ def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
         raise
 
 
-def json_cut_short(path: Union[str, Path]) -> Optional[int]:
-    """The file's size when its JSON text stops inside a value (an interrupted download or
-    copy: every error is at the very end); None when it parses or is wrong elsewhere."""
+def json_cut_short(path: Union[str, Path]) -> Optional[str]:
+    """"is cut short: ... after N bytes ..." when the file's JSON text stops inside a value
+    (an interrupted download or copy: every error is at the very end); None when it parses
+    or is wrong elsewhere."""
     data = Path(path).read_bytes()
     text = data.decode("utf-8", errors="replace")
     try:
@@ -92,7 +93,9 @@ def json_cut_short(path: Union[str, Path]) -> Optional[int]:
     except json.JSONDecodeError as err:
         # an unterminated string is named where it starts: the text ended inside it
         ended = not text[err.pos:].strip() or err.msg.startswith("Unterminated string")
-        return len(data) if text.strip() and ended else None
+        if text.strip() and ended:
+            return (f"is cut short: its JSON stops inside a value after {len(data):,} bytes (an interrupted "
+                    "download or copy)")
     return None
 
 

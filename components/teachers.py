@@ -417,11 +417,10 @@ def read_json(path: Path, key: str = "teacher.path") -> Optional[dict]:
     try:
         meta = json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        size = json_cut_short(config)
-        what = (f"is cut short: its JSON stops inside a value after {size:,} bytes (an interrupted download or copy)"
-                if size is not None else f"is not valid JSON ({err})")
-        raise TeacherError(f"{key}: {str(config)!r} {what}. Fix: re-download or re-export the model"
-                           + ("." if size is not None else " (a cut-off copy is the usual cause).")) from err
+        cut_short = json_cut_short(config)
+        raise TeacherError(f"{key}: {str(config)!r} {cut_short or f'is not valid JSON ({err})'}. Fix: re-download "
+                           "or re-export the model" + ("." if cut_short else " (a cut-off copy is the usual cause).")
+                           ) from err
     return meta if isinstance(meta, dict) else {}
 
 

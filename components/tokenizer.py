@@ -163,12 +163,10 @@ def _not_a_tokenizer_json(path: Path, err: Exception) -> str:
     kind = slow_tokenizer_kind(path)
     what = f"is {kind}, not a tokenizer.json, the one tokenizer format read here" if kind else (
         f"is not a tokenizer.json ({err})")
-    size = None if kind else json_cut_short(path)
+    cut_short = None if kind else json_cut_short(path)
     nearby = nearby_tokenizer_json(path)
-    if size is not None:
-        what = (f"is cut short: its JSON stops inside a value after {size:,} bytes (an interrupted download or "
-                "copy)")
-        fix = "copy the model's tokenizer.json again"
+    if cut_short:
+        what, fix = cut_short, "copy the model's tokenizer.json again"
     elif nearby is not None:
         where = "beside it" if nearby.parent == path.parent else "in the folder above"
         fix = f"tokenizer.path={nearby} (the model's tokenizer {where})"
