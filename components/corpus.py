@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby, stand_in
+from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby, refuse_special_file, stand_in
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -251,6 +251,11 @@ def is_token_shards(folder: Union[str, Path]) -> bool:
 
 def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) -> List[Path]:
     item = hub_snapshot(item) or item  # a Hugging Face cache folder (datasets--org--name): the snapshot it serves
+    refuse_special_file(item, key, DataError, why=": a corpus is read more than once (listed and sized, then "
+                        "tokenized by several workers), which a stream allows only once",
+                        fix="write it to a file first (zstdcat corpus.jsonl.zst > corpus.jsonl) and point "
+                            f"{key} at that, or at the compressed file itself: .gz .zst .bz2 .xz and archives are "
+                            "read as they are.")
     if is_dataset_folder(item) or item.is_file():
         if item.is_file() and _format(item)[0] is None and _format_base(item.name.lower()) in MARKUP_SUFFIXES:
             warnings.warn(f"{key}: {item} is read as plain text, its markup (tags, attributes, entities) included. "

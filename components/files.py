@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import stat
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Union
 
@@ -51,6 +52,30 @@ FIXES = {
     errno.ENOTDIR: "point it at a folder (or move the file away)",
     errno.EEXIST: "point it at a folder (or move the file away)",
 }
+
+
+# Paths that exist but hold no file a run can read twice (bash's <(zstdcat x.zst) is /dev/fd/63, a pipe).
+SPECIAL_FILES = ((stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_file(path: Union[str, Path]) -> Optional[str]:
+    """What ``path`` is when it exists as neither a regular file nor a folder ("a pipe
+    (FIFO)", "a character device", ...); None otherwise, a missing path included."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((name for is_kind, name in SPECIAL_FILES if is_kind(mode)), None)
+
+
+def refuse_special_file(path: Union[str, Path], key: str, error: type, fix: str, why: str = "") -> None:
+    """Raise ``error`` with one line when ``path`` is a pipe, a device or a socket. A stream
+    given where a file is read more than once would otherwise be taken for an empty folder
+    ("holds none of the formats read") or hang a worker."""
+    kind = special_file(path)
+    if kind:
+        raise error(f"{key}: {str(path)!r} is {kind}, not a file or a folder{why}. Fix: {fix}")
 
 
 class StorageError(LetRecipesError):

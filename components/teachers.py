@@ -35,7 +35,8 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, json_cut_short, nearby
+from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, json_cut_short, nearby,
+                                         refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
@@ -170,6 +171,7 @@ def resolve_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
 
 def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
     resolved = resolve_path(path, key)
+    refuse_special_file(resolved, key, TeacherError, fix="point it at the model's folder or file.")
     if not resolved.exists():
         hub = hub_id_hint(path, key)
         if hub:
@@ -380,6 +382,7 @@ def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",
     forces the format (``tokenizer.source: teacher`` passes the teacher's).
     """
     path = resolve_path(path, key)
+    refuse_special_file(path, key, TeacherError, fix=f"set {key} to a tokenizer.json or the folder that holds it.")
     if not path.exists():
         return path  # Tokenizer() names the missing file and the fix
     if fmt is None:

@@ -25,8 +25,10 @@ class ConfigValueError(LetRecipesError):
     pass
 
 
-def _int(minimum: int) -> Tuple[str, Callable[[Any], bool]]:
-    return f"an integer >= {minimum}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+def _int(minimum: int, maximum: Optional[int] = None) -> Tuple[str, Callable[[Any], bool]]:
+    text = f"an integer >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "")
+    return text, lambda v: (isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                            and (maximum is None or v <= maximum))
 
 
 def _number(low: float, high: Optional[float] = None, open_low: bool = True) -> Tuple[str, Callable[[Any], bool]]:
@@ -48,7 +50,8 @@ COMPONENT = ("a component name or a mapping with _component_",
              lambda v: (isinstance(v, str) and v != "") or (isinstance(v, dict) and bool(v.get("_component_"))))
 
 TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
-    "output_dir": TEXT, "overwrite": BOOL, "seed": _int(0), "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")),
+    "output_dir": TEXT, "overwrite": BOOL, "seed": _int(0, 2**32 - 1),  # numpy's legacy seeding takes 32 bits
+    "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")),
     "dtype": _choice("bf16", "bfloat16", "fp32", "float32"), "max_steps": _int(1), "save_every": _int(0),
     "resume": ("true, false or a checkpoint path", lambda v: isinstance(v, (bool, str))),
     "keep_last_checkpoints": ("an integer >= 1 (0 would keep none to resume from), or all (every checkpoint, as an "

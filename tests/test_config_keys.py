@@ -273,6 +273,9 @@ VALUES_MEANT = [
     ("device=mps", "mps is not a device these recipes run on"),
     ("dtype=fp16", "fp16 training needs loss scaling, which the recipes do not do"),
     ("dtype=float8", "Fix: dtype=bf16 float8.enabled=true."),
+    # numpy's legacy seeding takes 32 bits: a larger seed (a 64-bit one from a launcher script) was a
+    # ValueError traceback from setup
+    ("seed=4294967296", "must be an integer >= 0 and <= 4,294,967,295"),
 ]
 
 

@@ -862,6 +862,24 @@ def test_a_path_that_does_not_exist_is_answered_with_what_is_there(let_overrides
     assert not (tmp_path / "new").exists()
 
 
+def test_a_pipe_or_a_device_where_a_file_or_folder_is_read_is_named_as_one(let_overrides, tmp_path):
+    """bash's <(zstdcat corpus.zst) is a pipe (/dev/fd/63): data.source took it for a folder
+    that "holds none of the formats read", tokenizer.path for a folder without a tokenizer.json."""
+    import os
+
+    pipe = tmp_path / "stream"
+    os.mkfifo(pipe)
+    run = [*let_overrides, f"output_dir={tmp_path / 'new'}"]
+    expect_setup_error(run_pretrain, *run, f"data.source={pipe}",
+                       match=f"data.source: '{pipe}' is a pipe (FIFO), not a file or a folder: a corpus is read more "
+                             "than once")
+    expect_setup_error(run_pretrain, *run, f"tokenizer.path={pipe}",
+                       match=f"tokenizer.path: '{pipe}' is a pipe (FIFO), not a file or a folder. Fix: ")
+    expect_setup_error(run_let, *run, "teacher.path=/dev/null",
+                       match="teacher.path: '/dev/null' is a character device, not a file or a folder. Fix: ")
+    assert not (tmp_path / "new").exists()
+
+
 LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
                b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 4512345\n")
 
