@@ -18,7 +18,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from letrecipes.components.files import stand_in
+from letrecipes.components.files import json_cut_short, stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import (
     Teacher, TeacherError, TeacherFormat, build_frozen, folder_tokenizer, read_json, register_format, resolve_path,
@@ -444,9 +444,10 @@ def weight_files(path: Path) -> Dict[str, Path]:
 def _indexed_files(path: Path, index: Path) -> Dict[str, Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise TeacherError(f"{index}: not a weight index (needs a 'weight_map'): {err}. Fix: download the index "
-                           "again with the model's shards.") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        cut_short = json_cut_short(index)
+        what = cut_short if cut_short else f"not a weight index (needs a 'weight_map'): {err}"
+        raise TeacherError(f"{index}: {what}. Fix: download the index again with the model's shards.") from err
     files = {name: path / file for name, file in weight_map.items()}
     for file in sorted(set(files.values())):
         if not file.is_file():

@@ -188,6 +188,21 @@ def test_missing_shard_is_named(tmp_path):
         load_teacher({"_component_": "huggingface", "path": str(tmp_path)})
 
 
+@pytest.mark.parametrize("damage, says", [
+    (lambda text: text[:150], "is cut short: its JSON stops inside a value after 150 bytes (an interrupted download "
+                              "or copy). Fix: download the index again"),
+    (lambda text: '{"metadata": {}}', "not a weight index (needs a 'weight_map')"),
+], ids=["cut-short", "no-weight-map"])
+def test_a_weight_index_cut_short_or_of_another_kind_is_named_as_that(tmp_path, damage, says):
+    torch.manual_seed(0)
+    _save(_llama(tie=False), tmp_path, shard=True)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(damage(index.read_text()))
+    with pytest.raises(TeacherError) as err:
+        load_teacher({"_component_": "huggingface", "path": str(tmp_path)})
+    assert says in str(err.value), err.value
+
+
 @pytest.mark.parametrize("files, says", [
     (["tf_model.h5"], "it holds tf_model.h5: TensorFlow weights only. Fix: download the model's PyTorch weights"),
     (["flax_model.msgpack"], "from_flax=True"),
