@@ -6,7 +6,7 @@
 | ``.jsonl``, ``.ndjson``, ``.json`` (JSON Lines, or one JSON array of records) | Python, streamed | a record's ``text_field`` |
 | ``.csv``, ``.tsv`` | ``pyarrow.csv``, streamed in blocks | a row's ``text_field`` column |
 | ``.parquet`` (FineWeb-Edu style shards) | ``pyarrow``, one row group at a time, in batches of rows | a row's ``text_field`` |
-| ``.arrow`` (``datasets``' cache files, Arrow IPC) | ``pyarrow.ipc``, one record batch at a time | a row's ``text_field`` |
+| ``.arrow``, ``.feather`` (``datasets``' cache files, Arrow IPC; pandas' ``to_feather``) | ``pyarrow.ipc``, one record batch at a time | a row's ``text_field`` |
 | a Hugging Face ``datasets`` folder (``save_to_disk``) | ``datasets.load_from_disk`` (memory-mapped) | a row's ``text_field`` |
 | ``.tar`` (``.tar.gz``, ``.tgz``, ``.tar.zst``, ...), ``.zip`` | ``tarfile`` streamed, ``zipfile`` | its members, each by its own format |
 
@@ -72,7 +72,7 @@ DOCUMENT_SEPARATOR = "<|endoftext|>"
 # What a folder is searched for, as error messages name it.
 FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
            f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), archives of them (.tar, .tar.gz, .tgz, "
-           ".zip), .parquet and .arrow files, or datasets folders")
+           ".zip), .parquet, .arrow and .feather files, or datasets folders")
 BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
@@ -167,6 +167,8 @@ def _format_of_name(name: str) -> Tuple[Optional[str], str]:
     compression, base = _compression(name), _format_base(name)
     if base in (".parquet", ".arrow") and not compression:
         return base[1:], ""
+    if base == ".feather" and not compression:  # pandas' to_feather: Arrow's IPC file format (Feather V2)
+        return "arrow", ""
     if base == ".tar" or name.endswith(ARCHIVE_SUFFIXES):
         return "archive", compression
     for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSON_SUFFIXES), ("csv", CSV_SUFFIXES)):
@@ -900,6 +902,13 @@ def _arrow(path, text_field: str, key: str, warn: list, data: Optional[bytes] = 
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
     except Exception as err:  # ArrowInvalid / OSError
         instead = stand_in(path, "an Arrow file") if data is None else None
+        head = b""
+        with contextlib.suppress(OSError):
+            head = data if data is not None else _file_head(path)
+        if sniff(head) == "Feather V1":  # before Arrow 0.17; not the IPC format, and pyarrow deprecates reading it
+            instead = (f"{path} is Feather V1, an older layout than Arrow's IPC format read here. Fix: save it again as "
+                       "V2 (python -c \"import pyarrow.feather as f; f.write_feather(f.read_table('old.feather'), "
+                       "'new.feather')\") and read that.")
         raise DataError(f"{key}: {instead}" if instead else
                         f"{key}: {path} is not a readable Arrow file ({err}). Fix: re-download or re-save it.") from err
     names = _text_path(reader.schema, path, text_field, key)
@@ -1077,7 +1086,7 @@ def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "", enco
 # What a file holds, by its first bytes, whatever its name says: (offset, bytes, name).
 MAGIC = ((0, b"\x1f\x8b", "gzip"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\xfd7zXZ\x00", "xz"),
          (0, b"PK\x03\x04", "zip"), (0, b"PK\x05\x06", "zip"), (257, b"ustar", "tar"), (0, b"PAR1", "parquet"),
-         (0, b"ARROW1", "arrow"), (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
+         (0, b"ARROW1", "arrow"), (0, b"FEA1", "Feather V1"), (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
          (0, b"7z\xbc\xaf\x27\x1c", "7-Zip"), (0, b"Rar!", "RAR"), (0, b"\x7fELF", "ELF executable"),
          (0, b"SQLite format 3\x00", "SQLite database"), (0, b"\x93NUMPY", "NumPy array"))
 ZSTD_MAX_WINDOW = 2**31  # `zstd --long=31`, the largest window the format allows

@@ -390,6 +390,25 @@ def test_arrow_files_as_datasets_caches_and_pyarrow_write_them(tmp_path):
         list(read_documents(tmp_path))
 
 
+def test_feather_files_pandas_writes_are_read_and_feather_v1_is_named(tmp_path):
+    """pandas' DataFrame.to_feather writes Arrow's IPC file format (Feather V2, LZ4 by default):
+    it was "not read" by its suffix alone. V1, an older layout, gets the one-line re-save."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    docs = documents(4)
+    (tmp_path / "v2").mkdir()
+    feather.write_feather(pa.table({"id": list(range(4)), "text": docs}), str(tmp_path / "v2" / "part.feather"))
+    assert list(read_documents(tmp_path / "v2")) == docs
+    assert [u.kind for u in corpus.list_units(tmp_path / "v2")] == ["arrow"]
+    (tmp_path / "v1").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pyarrow's own, for writing V1
+        feather.write_feather(pa.table({"text": docs}), str(tmp_path / "v1" / "old.feather"), version=1)
+    with pytest.raises(DataError, match=r"old.feather is Feather V1, an older layout .* Fix: save it again as V2"):
+        list(read_documents(tmp_path / "v1"))
+
+
 def test_glob_patterns_hub_ids_and_a_card_beside_the_records(tmp_path, monkeypatch):
     docs = documents(4)
     data = tmp_path / "fineweb" / "data"
