@@ -40,6 +40,7 @@ from letrecipes.components.evaluation import (EvalError, check_choice_tokens, ch
                                               write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
+from letrecipes.components.run_lock import RunLock
 from letrecipes.components.teachers import resolve_path
 
 LM_EVAL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -50,6 +51,7 @@ class EvalRecipe:
         self.cfg = cfg
         self.work: Optional[Path] = None
         self.unchecked = ""  # why the items were not looked for in the training data
+        self.output_lock: Optional[RunLock] = None
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -69,6 +71,12 @@ class EvalRecipe:
                 raise EvalError(f"output: {str(out)!r} is a folder; output names the JSON file to write. Fix: "
                                 f"output={out / 'scores.json'}.")
             check_writable_folder(out.parent, "output")
+            # two evaluations writing one output (a run's curve scored twice at once, a requeue beside the job
+            # still running) would each replace the other's scores: the second is refused, naming the first
+            self.output_lock = RunLock(out.parent, lock_file=out.parent / f".{out.name}.lock", key="output",
+                                       busy=lambda owner: (
+                f"output={str(out)!r} is being written by another evaluation: {owner}. Fix: wait for it to "
+                "finish (the same command then scores only what it lacks), or choose another output.")).acquire()
             _check_replaceable(out, str(cfg.checkpoint), bool(cfg.get("overwrite", False)))
             if self.run is not None and not cfg.get("overwrite", False):
                 self.done = _scored_before(out, self.settings())
@@ -332,6 +340,9 @@ class EvalRecipe:
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None
+        if self.output_lock is not None:
+            self.output_lock.release()
+            self.output_lock = None
 
 
 def _check_replaceable(out: Path, checkpoint: str, overwrite: bool) -> None:

@@ -290,6 +290,18 @@ def test_eval_recipe_checks_its_output_path_before_scoring(teacher_dir, tmp_path
     scores.write_text(json.dumps({"checkpoint": str(teacher_dir), "scorer": "lm-evaluation-harness", "tasks": {}}))
     with pytest.raises(AssertionError, match="scored before"):
         eval_recipe.recipe_main([*common, f"output={scores}"])
+    # another evaluation writing the same output (before: each replaced the other's scores, the last one kept)
+    from letrecipes.components.run_lock import RunLock
+
+    lock = RunLock(tmp_path, lock_file=tmp_path / ".scores.json.lock").acquire(log=lambda line: None)
+    try:
+        expect_setup_error(eval_recipe.recipe_main, [*common, f"output={scores}"],
+                           match=f"output={str(scores)!r} is being written by another evaluation: pid ")
+    finally:
+        lock.release()
+    with pytest.raises(AssertionError, match="scored before"):
+        eval_recipe.recipe_main([*common, f"output={scores}"])
+    assert not (tmp_path / ".scores.json.lock").exists()  # handed back when the evaluation ends, even by an error
 
 
 # ----------------------------------------------------------------- study
