@@ -9,7 +9,10 @@ from __future__ import annotations
 
 
 import dataclasses
+import hashlib
+import json
 import os
+import socket
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
@@ -156,6 +159,57 @@ def shard_rank(mesh=None) -> int:
     if mesh is not None:
         return mesh.get_local_rank("shard")
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+class RanksDisagreeError(LetRecipesError):
+    """The processes of one job were started with different configs, code or packages."""
+
+
+def check_ranks_agree(facts: Dict[str, Any]) -> None:
+    """Raise one error on every rank when any rank's ``facts`` (what_every_rank_must_share)
+    differ from rank 0's: nodes launched with different overrides, environment variables the
+    config reads, checkouts or package versions would otherwise each train their shard their
+    own way (a learning rate, a sequence length) or hang in a collective, without an error.
+    One all-gather of a digest per rank; the facts themselves are gathered only on a mismatch."""
+    if world_size() == 1:
+        return
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+    digests: List[Any] = [None] * world_size()
+    dist.all_gather_object(digests, (digest, socket.gethostname()))
+    if len({d for d, _ in digests}) == 1:
+        return
+    every: List[Any] = [None] * world_size()
+    dist.all_gather_object(every, facts)  # every rank computes the same message from the same facts
+    reference = _by_key(every[0])
+    odd = [rank for rank, (d, _) in enumerate(digests) if d != digests[0][0]]
+    first = _by_key(every[odd[0]])
+    keys = sorted(k for k in reference.keys() | first.keys() if reference.get(k, "<unset>") != first.get(k, "<unset>"))
+    shown = "; ".join(f"{k}={_short(first.get(k, '<unset>'))} against {_short(reference.get(k, '<unset>'))}"
+                      for k in keys[:3])
+    more = f" (and {len(keys) - 3} more: {', '.join(keys[3:8])})" if len(keys) > 3 else ""
+    others = f"; {len(odd)} of the job's {world_size()} processes differ from rank 0" if len(odd) > 1 else ""
+    raise RanksDisagreeError(
+        f"the job's processes do not run the same thing: rank {odd[0]} (on {digests[odd[0]][1]}) differs from rank 0 "
+        f"(on {digests[0][1]}): {shown}{more}{others}. Processes that differ train each shard under other settings, or "
+        "hang in a collective, without an error. Fix: start every node with the same command, the same environment "
+        "variables that the config reads, and the same installation of letrecipes and its packages.")
+
+
+def _by_key(facts: Dict[str, Any]) -> Dict[str, Any]:
+    """The facts by dotted key, the config's keys as the user writes them (optimizer.lr)."""
+    return {**_flat(facts.get("config", {})), **_flat({k: v for k, v in facts.items() if k != "config"})}
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or \
+            {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def world_size() -> int:

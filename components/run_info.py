@@ -6,6 +6,7 @@ a result can always be traced back to the code and settings that made it.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -43,6 +44,25 @@ def package_versions() -> Dict[str, Optional[str]]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def source_fingerprints() -> Dict[str, str]:
+    """A short hash of each letrecipes module this process runs (the recipes' and the
+    components'), by module name: the same for a checkout and an installed wheel of one
+    version, where a commit says nothing of a node's uncommitted edits or of a wheel."""
+    import letrecipes
+    import letrecipes.components
+
+    return {f"{package.__name__}.{path.stem}": hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            for package in (letrecipes, letrecipes.components)
+            for path in sorted(Path(package.__file__).parent.glob("*.py"))}
+
+
+def what_every_rank_must_share(cfg: DictConfig) -> Dict[str, Any]:
+    """What the processes of one job must agree on (parallel.check_ranks_agree): the resolved
+    config, the letrecipes source and the packages' versions."""
+    return {"config": OmegaConf.to_container(cfg, resolve=True), "source": source_fingerprints(),
+            "packages": package_versions(), "python": sys.version.split()[0]}
 
 
 # the instructions that choose torch's and oneDNN's CPU kernels (bf16 matmuls use AMX where there is one)

@@ -138,6 +138,8 @@ class PretrainRecipe:
             cfg.get("device"), cfg.get("cpu_malloc_tuning", True), int(cfg.get("process_group_timeout_s", 600)),
             single_process_group=fsdp_enabled is True)  # FSDP2 in one process shards over a group of one
         self.is_main = self.rank == 0
+        # before any rank looks at the folder: nodes started with other overrides or code are named, not trained
+        parallel.check_ranks_agree(run_info.what_every_rank_must_share(cfg))
         if not self.is_main:  # every rank reads the same data: its warnings are rank 0's to give, once, not per rank
             warnings.filterwarnings("ignore", category=DataWarning)
         dtype_name = cfg.get("dtype", "bf16")

@@ -301,6 +301,32 @@ def test_two_nodes_sharing_a_cache_each_say_in_their_own_log_who_prepares(base_o
     assert ("prepare: done" in rank_1) == ("waiting for" in rank_0)
 
 
+def test_nodes_started_with_different_settings_are_named_before_any_step(base_overrides, tmp_path):
+    """Two torchrun agents (--nnodes 2) whose commands differ in one override, as an sbatch
+    script that reads a variable set on one node only would start them: before, each node
+    trained its shard with its own learning rate, without a word. Now every process stops
+    at setup with the key, both values and both hosts, and nothing is written."""
+    from tests.launch import free_port
+
+    port, out = free_port(), tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides,
+                                             f"output_dir={out}", "max_steps=1", "eval_every=0", f"optimizer.lr={lr}",
+                                             nnodes=2, port=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for lr in ("0.003", "0.001")]
+    try:
+        logs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode != 0 for node in nodes] == [True, True], logs
+    said = "error: the job's processes do not run the same thing: rank 1 (on "
+    assert any(said in log for log in logs), logs
+    assert any(") differs from rank 0 (on " in log and ": optimizer.lr=0.00" in log for log in logs), logs
+    assert "step 1" not in "".join(logs) and not (out / "checkpoints").exists()
+
+
 @pytest.fixture(scope="module")
 def student_export(base_overrides, tmp_path_factory):
     """A finished run of the tiny student's own shape, exported in fp32 (init_from's source)."""
