@@ -81,6 +81,10 @@ def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / COMPLETE_MARKER).is_file()
 
 
+# how long a rank looks for the file rank 0 wrote into output_dir before calling it another folder
+SHARED_FOLDER_WAIT_S = 10
+
+
 class CheckpointError(LetRecipesError):
     pass
 
@@ -342,6 +346,40 @@ class Checkpointer:
             self._lock.acquire(log=self.log)
 
         on_rank0(take)
+        self._check_every_rank_sees_the_folder()
+
+    def _check_every_rank_sees_the_folder(self) -> None:
+        """A checkpoint is written by every rank into output_dir and read back whole: a path
+        that is a node-local disk on each node (``/tmp/run``, ``/local/scratch``) would split
+        every checkpoint across the nodes, none of them whole, and be found out only at the
+        resume. Rank 0 writes a file there; every rank must see it within SHARED_FOLDER_WAIT_S."""
+        if world_size() == 1:
+            return
+        import socket
+
+        def write_probe() -> str:
+            name = f".letrecipes.shared.{socket.gethostname()}.{os.getpid()}"
+            replace_atomically(self.output_dir / name, "written by rank 0: every rank must see this file\n")
+            return name
+
+        probe = self.output_dir / on_rank0(write_probe)
+        deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
+        while not probe.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        seen: List[Any] = [None] * world_size()
+        dist.all_gather_object(seen, (probe.exists(), socket.gethostname()))
+        if dist.get_rank() == 0:
+            probe.unlink(missing_ok=True)
+        blind = [(rank, host) for rank, (sees, host) in enumerate(seen) if not sees]
+        if blind:
+            hosts = sorted({host for _, host in blind})
+            raise CheckpointError(
+                f"output_dir={str(self.output_dir)!r} is not one folder for every process: {len(blind)} of the job's "
+                f"{len(seen)} ranks (rank {blind[0][0]} first; on {', '.join(hosts[:4])}) do not see the file rank 0 "
+                f"(on {seen[0][1]}) wrote there, after {SHARED_FOLDER_WAIT_S} s. Every rank writes its part of each "
+                "checkpoint into output_dir and a resume reads it back whole, so it must be on a filesystem every "
+                "node mounts (NFS, Lustre, GPFS), not a node's local disk. Fix: set output_dir to a path on the "
+                "shared filesystem.")
 
     def release(self) -> None:
         self._lock.release()

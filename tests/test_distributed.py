@@ -274,6 +274,20 @@ def test_two_ranks_on_a_mixture_log_the_tokens_of_both(base_overrides, corpus_di
     assert abs(last["tokens_a"] - last["tokens_b"]) <= 0.3 * (last["tokens_a"] + last["tokens_b"])
 
 
+def run_nodes(commands, timeout=240):
+    """Each command (a pretended node's torchrun agent) in a process of its own, at once:
+    their exit codes and outputs."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for c in commands]
+    try:
+        logs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    return [node.returncode for node in nodes], logs
+
+
 def test_two_nodes_sharing_a_cache_each_say_in_their_own_log_who_prepares(base_overrides, corpus_dir, tmp_path):
     """Two torchrun agents (--nnodes 2, one process each, as two hosts would start them) on
     one data.cache_dir: one node's first process prepares the corpus, the other's waits for
@@ -285,15 +299,8 @@ def test_two_nodes_sharing_a_cache_each_say_in_their_own_log_who_prepares(base_o
     command = recipe_command("pretrain", "--config", "pretrain_tiny", *overrides, f"data.source={corpus_dir}",
                              f"data.cache_dir={tmp_path / 'shared_cache'}", f"output_dir={tmp_path / 'run'}",
                              "max_steps=1", "eval_every=0", nnodes=2, port=free_port())
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for _ in range(2)]
-    try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], logs
+    codes, logs = run_nodes([command, command])
+    assert codes == [0, 0], logs
     rank_1 = next(log for log in logs if "[rank 1 on " in log)
     rank_0 = next(log for log in logs if log is not rank_1)
     said = [("prepare: done" in log) + ("waiting for" in log) for log in (rank_0, rank_1)]
@@ -309,22 +316,42 @@ def test_nodes_started_with_different_settings_are_named_before_any_step(base_ov
     from tests.launch import free_port
 
     port, out = free_port(), tmp_path / "run"
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides,
-                                             f"output_dir={out}", "max_steps=1", "eval_every=0", f"optimizer.lr={lr}",
-                                             nnodes=2, port=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for lr in ("0.003", "0.001")]
-    try:
-        logs = [node.communicate(timeout=240)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode != 0 for node in nodes] == [True, True], logs
+    codes, logs = run_nodes([recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides,
+                                            f"output_dir={out}", "max_steps=1", "eval_every=0", f"optimizer.lr={lr}",
+                                            nnodes=2, port=port) for lr in ("0.003", "0.001")])
+    assert [code != 0 for code in codes] == [True, True], logs
     said = "error: the job's processes do not run the same thing: rank 1 (on "
     assert any(said in log for log in logs), logs
     assert any(") differs from rank 0 (on " in log and ": optimizer.lr=0.00" in log for log in logs), logs
     assert "step 1" not in "".join(logs) and not (out / "checkpoints").exists()
+
+
+def _can_unshare_mounts() -> bool:
+    import shutil
+
+    return bool(shutil.which("unshare")) and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs unshare -m (root, or CAP_SYS_ADMIN) to give one pretended "
+                                                      "node a disk of its own")
+def test_an_output_dir_that_is_each_nodes_own_disk_is_named_before_any_step(base_overrides, tmp_path):
+    """Two torchrun agents (--nnodes 2), the second in a mount namespace of its own with a
+    fresh tmpfs over the output folder's parent: the same path, a different disk, as /tmp or
+    /local/scratch is on two hosts. Before, each node wrote its ranks' part of every
+    checkpoint to its own disk, and none was whole."""
+    from tests.launch import free_port
+
+    local = tmp_path / "node_local"
+    local.mkdir()
+    out = local / "run"
+    command = recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides, f"output_dir={out}",
+                             "max_steps=2", "save_every=1", "eval_every=0", nnodes=2, port=free_port())
+    own_disk = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{local}" && exec "$0" "$@"', *command]
+    codes, logs = run_nodes([command, own_disk])
+    assert [code != 0 for code in codes] == [True, True], logs
+    assert any(f"error: output_dir={str(out)!r} is not one folder for every process: 1 of the job's 2 ranks (rank "
+               in log for log in logs), logs
+    assert "step 1" not in "".join(logs) and not out.exists()  # rank 0's lock and probe taken back with the folder
 
 
 @pytest.fixture(scope="module")
