@@ -274,12 +274,12 @@ def test_two_ranks_on_a_mixture_log_the_tokens_of_both(base_overrides, corpus_di
     assert abs(last["tokens_a"] - last["tokens_b"]) <= 0.3 * (last["tokens_a"] + last["tokens_b"])
 
 
-def run_nodes(commands, timeout=240):
-    """Each command (a pretended node's torchrun agent) in a process of its own, at once:
-    their exit codes and outputs."""
+def run_nodes(commands, timeout=240, cwds=None):
+    """Each command (a pretended node's torchrun agent) in a process of its own, at once
+    (in the folders ``cwds``): their exit codes and outputs."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for c in commands]
+    nodes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
+             for c, cwd in zip(commands, cwds or [None] * len(commands))]
     try:
         logs = [node.communicate(timeout=timeout)[0] for node in nodes]
     finally:
@@ -352,6 +352,24 @@ def test_an_output_dir_that_is_each_nodes_own_disk_is_named_before_any_step(base
     assert any(f"error: output_dir={str(out)!r} is not one folder for every process: 1 of the job's 2 ranks (rank "
                in log for log in logs), logs
     assert "step 1" not in "".join(logs) and not out.exists()  # rank 0's lock and probe taken back with the folder
+
+
+def test_a_relative_output_dir_from_two_working_directories_is_named_as_that(base_overrides, tmp_path):
+    """Nodes started from different folders (a job script's cd on one node) with a relative
+    output_dir would write one run into two folders: named, with both folders."""
+    from tests.launch import free_port
+
+    command = recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides, "output_dir=run", "max_steps=1",
+                             "eval_every=0", nnodes=2, port=free_port())
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    codes, logs = run_nodes([command, command], cwds=folders)
+    assert [code != 0 for code in codes] == [True, True], logs
+    assert any("error: output_dir='run' is a relative path, and the job's processes start in different working "
+               "directories: rank 1 (on " in log for log in logs), logs
+    assert all(str(folder) in "".join(logs) for folder in folders)
+    assert not any((folder / "run").exists() for folder in folders)
 
 
 @pytest.fixture(scope="module")
