@@ -367,19 +367,12 @@ class Checkpointer:
         while not probe.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         seen: List[Any] = [None] * world_size()
-        dist.all_gather_object(seen, (probe.exists(), socket.gethostname(), os.getcwd()))
+        dist.all_gather_object(seen, (probe.exists(), socket.gethostname()))
         if dist.get_rank() == 0:
             probe.unlink(missing_ok=True)
-        blind = [(rank, host, cwd) for rank, (sees, host, cwd) in enumerate(seen) if not sees]
-        if blind and not self.output_dir.is_absolute() and blind[0][2] != seen[0][2]:
-            raise CheckpointError(
-                f"output_dir={str(self.output_dir)!r} is a relative path, and the job's processes start in different "
-                f"working directories: rank {blind[0][0]} (on {blind[0][1]}) in {blind[0][2]!r}, rank 0 (on "
-                f"{seen[0][1]}) in {seen[0][2]!r}, so they would write one run into {len(set(c for _, _, c in seen))} "
-                "folders. Fix: an absolute output_dir on the shared filesystem, or start every node from the same "
-                "folder.")
+        blind = [(rank, host) for rank, (sees, host) in enumerate(seen) if not sees]
         if blind:
-            hosts = sorted({host for _, host, _ in blind})
+            hosts = sorted({host for _, host in blind})
             raise CheckpointError(
                 f"output_dir={str(self.output_dir)!r} is not one folder for every process: {len(blind)} of the job's "
                 f"{len(seen)} ranks (rank {blind[0][0]} first; on {', '.join(hosts[:4])}) do not see the file rank 0 "

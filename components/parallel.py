@@ -191,8 +191,9 @@ def check_ranks_agree(facts: Dict[str, Any]) -> None:
     raise RanksDisagreeError(
         f"the job's processes do not run the same thing: rank {odd[0]} (on {digests[odd[0]][1]}) differs from rank 0 "
         f"(on {digests[0][1]}): {shown}{more}{others}. Processes that differ train each shard under other settings, or "
-        "hang in a collective, without an error. Fix: start every node with the same command, the same environment "
-        "variables that the config reads, and the same installation of letrecipes and its packages.")
+        "hang in a collective, without an error. Fix: start every node with the same command, from the same folder, "
+        "with the same environment variables that the config reads and the same installation of letrecipes and its "
+        "packages.")
 
 
 def _by_key(facts: Dict[str, Any]) -> Dict[str, Any]:
@@ -209,7 +210,7 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
 
 def _short(value: Any) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 100 else text[:48] + "..." + text[-48:]  # a path differs at its end
 
 
 def world_size() -> int:

@@ -60,9 +60,19 @@ def source_fingerprints() -> Dict[str, str]:
 
 def what_every_rank_must_share(cfg: DictConfig) -> Dict[str, Any]:
     """What the processes of one job must agree on (parallel.check_ranks_agree): the resolved
-    config, the letrecipes source and the packages' versions."""
-    return {"config": OmegaConf.to_container(cfg, resolve=True), "source": source_fingerprints(),
-            "packages": package_versions(), "python": sys.version.split()[0]}
+    config, the letrecipes source and the packages' versions, and the working directory when
+    the config holds relative paths (nodes started from different folders would read other
+    files and write other folders under the same names)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    facts = {"config": config, "source": source_fingerprints(), "packages": package_versions(),
+             "python": sys.version.split()[0]}
+    paths = [(name, section[key]) for section, key, name in config_paths(config)]
+    paths += [(key, config.get(key)) for key in ("output_dir", "init_from", "resume")]
+    relative = [name for name, value in paths if isinstance(value, str) and value not in ("true", "false")
+                and not value.startswith("pkg:") and not os.path.isabs(value)]
+    if relative:
+        facts[f"working directory (of the relative {', '.join(relative[:3])})"] = os.getcwd()
+    return facts
 
 
 # the instructions that choose torch's and oneDNN's CPU kernels (bf16 matmuls use AMX where there is one)

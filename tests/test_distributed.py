@@ -356,7 +356,8 @@ def test_an_output_dir_that_is_each_nodes_own_disk_is_named_before_any_step(base
 
 def test_a_relative_output_dir_from_two_working_directories_is_named_as_that(base_overrides, tmp_path):
     """Nodes started from different folders (a job script's cd on one node) with a relative
-    output_dir would write one run into two folders: named, with both folders."""
+    output_dir would write one run into two folders (and read other files under a relative
+    data.source): named, with both folders."""
     from tests.launch import free_port
 
     command = recipe_command("pretrain", "--config", "pretrain_tiny", *base_overrides, "output_dir=run", "max_steps=1",
@@ -366,8 +367,8 @@ def test_a_relative_output_dir_from_two_working_directories_is_named_as_that(bas
         folder.mkdir()
     codes, logs = run_nodes([command, command], cwds=folders)
     assert [code != 0 for code in codes] == [True, True], logs
-    assert any("error: output_dir='run' is a relative path, and the job's processes start in different working "
-               "directories: rank 1 (on " in log for log in logs), logs
+    assert any("error: the job's processes do not run the same thing: rank 1 (on " in log and
+               "working directory (of the relative output_dir)='" in log for log in logs), logs
     assert all(str(folder) in "".join(logs) for folder in folders)
     assert not any((folder / "run").exists() for folder in folders)
 
