@@ -165,7 +165,11 @@ class RanksDisagreeError(LetRecipesError):
     """The processes of one job were started with different configs, code or packages."""
 
 
-def check_ranks_agree(facts: Dict[str, Any]) -> None:
+SAME_THING_FIX = ("start every node with the same command, from the same folder, with the same environment variables "
+                  "that the config reads and the same installation of letrecipes and its packages.")
+
+
+def check_ranks_agree(facts: Dict[str, Any], fix: str = SAME_THING_FIX) -> None:
     """Raise one error on every rank when any rank's ``facts`` (what_every_rank_must_share)
     differ from rank 0's: nodes launched with different overrides, environment variables the
     config reads, checkouts or package versions would otherwise each train their shard their
@@ -191,9 +195,7 @@ def check_ranks_agree(facts: Dict[str, Any]) -> None:
     raise RanksDisagreeError(
         f"the job's processes do not run the same thing: rank {odd[0]} (on {digests[odd[0]][1]}) differs from rank 0 "
         f"(on {digests[0][1]}): {shown}{more}{others}. Processes that differ train each shard under other settings, or "
-        "hang in a collective, without an error. Fix: start every node with the same command, from the same folder, "
-        "with the same environment variables that the config reads and the same installation of letrecipes and its "
-        "packages.")
+        f"hang in a collective, without an error. Fix: {fix}")
 
 
 def _by_key(facts: Dict[str, Any]) -> Dict[str, Any]:

@@ -103,6 +103,12 @@ def is_out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
+# what the processes of a job read from disk and must find alike: (run_info key, what, the key naming it)
+INPUTS = (("tokenizer_fingerprint", "tokenizer", "tokenizer.path"),
+          ("data_fingerprint", "training tokens", "data.source, as prepared"),
+          ("teacher_fingerprint", "teacher", "teacher.path"))
+
+
 class PretrainRecipe:
     """Causal-LM pretraining; subclasses add terms to the loss (see let_pretrain)."""
 
@@ -187,6 +193,12 @@ class PretrainRecipe:
         if init_source is not None:
             load_initial_weights(init_source, self.model, log=self.log)
         self.run_info.update(self.fingerprints())
+        # the same names may hold other files on each node's own disk (a tokenizer, a teacher, a corpus prepared there)
+        parallel.check_ranks_agree({f"{what} ({where})": self.run_info.get(key) for key, what, where in INPUTS
+                                    if key in self.run_info},
+                                   fix="give every node the same files: read them from the shared filesystem, or copy "
+                                       "them to every node again (and prepare the corpus once, into a shared "
+                                       "data.cache_dir).")
         # Before the teacher is loaded and anything is written: a resume that would be another run stops here.
         changes = resume.check(resume_from, self.run_info, self.settled_at(resume_from)) \
             if resume_from is not None else None

@@ -354,6 +354,32 @@ def test_an_output_dir_that_is_each_nodes_own_disk_is_named_before_any_step(base
     assert "step 1" not in "".join(logs) and not out.exists()  # rank 0's lock and probe taken back with the folder
 
 
+@pytest.mark.skipif(not _can_unshare_mounts(), reason="needs unshare -m (root, or CAP_SYS_ADMIN) to give one pretended "
+                                                      "node a disk of its own")
+def test_a_tokenizer_that_differs_on_one_nodes_own_disk_is_named_before_any_step(base_overrides, tokenizer_path,
+                                                                                  tmp_path):
+    """The same tokenizer.path on two nodes' own disks, one copy saved again with other
+    formatting (the bytes differ): each node prepared and trained on its own tokens.
+    Named after the data is prepared, before any step."""
+    import json
+
+    from tests.launch import free_port
+
+    local, other = tmp_path / "node_local", tmp_path / "other.json"
+    local.mkdir()
+    (local / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    other.write_text(json.dumps(json.loads(tokenizer_path.read_text()), indent=1))
+    overrides = [o for o in base_overrides if not o.startswith("tokenizer.path=")]
+    command = recipe_command("pretrain", "--config", "pretrain_tiny", *overrides, f"tokenizer.path={local}/tokenizer.json",
+                             f"output_dir={tmp_path / 'run'}", "max_steps=1", "eval_every=0", nnodes=2, port=free_port())
+    own_disk = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs "{local}" && cp "{other}" "{local}/tokenizer.json" '
+                '&& exec "$0" "$@"', *command]
+    codes, logs = run_nodes([command, own_disk])
+    assert [code != 0 for code in codes] == [True, True], logs
+    assert any("differs from rank 0 (on " in log and ": tokenizer (tokenizer.path)='" in log for log in logs), logs
+    assert "step 1" not in "".join(logs) and not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_relative_output_dir_from_two_working_directories_is_named_as_that(base_overrides, tmp_path):
     """Nodes started from different folders (a job script's cd on one node) with a relative
     output_dir would write one run into two folders (and read other files under a relative
