@@ -1086,7 +1086,8 @@ def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "", enco
 # What a file holds, by its first bytes, whatever its name says: (offset, bytes, name).
 MAGIC = ((0, b"\x1f\x8b", "gzip"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\xfd7zXZ\x00", "xz"),
          (0, b"PK\x03\x04", "zip"), (0, b"PK\x05\x06", "zip"), (257, b"ustar", "tar"), (0, b"PAR1", "parquet"),
-         (0, b"ARROW1", "arrow"), (0, b"FEA1", "Feather V1"), (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
+         (0, b"ARROW1", "arrow"), (0, b"FEA1", "Feather V1"),
+         (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
          (0, b"7z\xbc\xaf\x27\x1c", "7-Zip"), (0, b"Rar!", "RAR"), (0, b"\x7fELF", "ELF executable"),
          (0, b"SQLite format 3\x00", "SQLite database"), (0, b"\x93NUMPY", "NumPy array"))
 ZSTD_MAX_WINDOW = 2**31  # `zstd --long=31`, the largest window the format allows

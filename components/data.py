@@ -119,8 +119,8 @@ class PackedDataset(Dataset):
     Item ``i`` is ``{"tokens": x, "labels": y}`` with ``y`` = ``x`` shifted by one. The stream
     is cut into windows of ``seq_len + 1`` tokens; every ``round(1 / val_fraction)``-th window
     (offset by half that) is validation, so the held-out set is spread over the whole corpus
-    and the same for a given corpus. ``val_fraction=0``: every window is training. Window ids are computed, not stored: memory does not
-    grow with the corpus.
+    and the same for a given corpus. ``val_fraction=0``: every window is training. Window ids
+    are computed, not stored: memory does not grow with the corpus.
     """
 
     def __init__(self, tokens, seq_len: int, split: str = "train", val_fraction: float = 0.02, key: str = "data"):

@@ -219,7 +219,8 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
             raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "
                                f"read. Expected one of {', '.join(SUPPORTED_TYPES)}. Fix: use a file quantized to "
                                "one of those (e.g. Q8_0, Q4_K_M) or the F16 file.")
-        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)  # a copy: the file is memory-mapped read-only
+        # a copy: the file is memory-mapped read-only
+        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         rows_cols = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
         values = values.reshape(rows_cols if len(rows_cols) > 1 else (-1,))
         if permuted and tensor.name.endswith("attn_q.weight"):

@@ -1,5 +1,6 @@
 """Teacher format ``huggingface``: ``config.json`` + safetensors (one file, or shards with an
-index; or, for older checkpoints, ``pytorch_model.bin``, loaded tensors-only) + ``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` decoders.
+index; or, for older checkpoints, ``pytorch_model.bin``, loaded tensors-only) +
+``tokenizer.json``, mapped onto :mod:`letrecipes.components.models` decoders.
 
 Supported: the Llama family (Llama 2/3.x, SmolLM/SmolLM2, TinyLlama: ``LlamaForCausalLM``),
 Mistral (``MistralForCausalLM``: Llama's weights; a sliding window bounds the context),

@@ -52,8 +52,9 @@ class ModelArgs:
     head_dim: Optional[int] = None         # None = embed_dim // num_heads
     qkv_bias: bool = False                 # Qwen2: biases on q, k, v
     output_bias: bool = False              # attention output projection bias
-    rope_scaling: Optional[dict] = None    # Llama-3.1+: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
-    #                                        or, from a GGUF file, {frequency_factors: [one per pair of features]}
+    rope_scaling: Optional[dict] = None    # Llama-3.1+: {factor, low_freq_factor, high_freq_factor,
+    #                                        original_max_position_embeddings}, or, from a GGUF file,
+    #                                        {frequency_factors: [one per pair of features]}
     qk_norm: bool = False                  # Qwen3: RMSNorm over each head of q and k, before RoPE
     rotary_fraction: float = 1.0           # GPT-NeoX: RoPE turns the first fraction of each head (Pythia: 0.25)
     parallel_residual: bool = False        # GPT-NeoX: x + attn(norm1 x) + mlp(norm2 x)

@@ -545,7 +545,8 @@ def materialize(model: nn.Module, device: torch.device, seed: int, init_std: flo
     parameters. On CUDA, DTensor's RNG tracker draws each shard from its place in one
     stream. On CPU DTensor draws every shard from the local generator, so each rank is
     seeded by its shard's place for the init (else all shards would be copies of one;
-    HSDP replicas of a shard draw alike), then the common seed is restored. RoPE caches are non-persistent buffers: rebuilt on ``device``.
+    HSDP replicas of a shard draw alike), then the common seed is restored. RoPE caches are
+    non-persistent buffers: rebuilt on ``device``.
     """
     from letrecipes.components.models import init_weights, rebuild_rope_caches
 

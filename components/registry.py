@@ -44,8 +44,8 @@ _REGISTRY: Dict[str, Dict[str, Callable[..., Any]]] = {kind: {} for kind in KIND
 # The modules whose @register decorators define the built-in short names. They are imported
 # the first time a name is looked up, not when the package is imported, so that light users
 # of a component (the prepare step's worker processes, `letrecipes ls`) do not pay for torch.
-BUILTIN_MODULES = ("alignment", "auto_weight", "cross_tokenizer", "gguf_teacher", "hf_teacher", "layer_maps", "letrecipes_teacher", "lr_schedules",
-                   "models", "optimizers", "projectors", "schedules", "teachers")
+BUILTIN_MODULES = ("alignment", "auto_weight", "cross_tokenizer", "gguf_teacher", "hf_teacher", "layer_maps",
+                   "letrecipes_teacher", "lr_schedules", "models", "optimizers", "projectors", "schedules", "teachers")
 _builtins_loaded = False
 
 

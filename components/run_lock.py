@@ -65,7 +65,8 @@ class RunLock:
                 taken = self._take_or_find_owner(fd)
             except OSError as err:  # no locks on this filesystem
                 warnings.warn(f"{self.path}: this filesystem does not support file locks ({err.strerror}): two "
-                              f"processes writing {self.key}={str(self.folder)!r} at once would not be detected.", LetRecipesWarning, stacklevel=2)
+                              f"processes writing {self.key}={str(self.folder)!r} at once would not be detected.",
+                              LetRecipesWarning, stacklevel=2)
                 os.close(fd)
                 return self
             if taken is not True:

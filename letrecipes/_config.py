@@ -63,8 +63,8 @@ TORCHTUNE_KEYS = {"checkpointer", "epochs"}
 
 def not_ours(name: str, what: str) -> str:
     return (f"--config {name} is {what}, written for torchtune's fine-tuning recipes (checkpointer, epochs, ...); "
-            f"letrecipes' recipes do not read it. Fix: one of letrecipes' configs ({', '.join(available_configs())}), or your own "
-            "from `letrecipes cp let_tiny my_run.yaml`.")
+            f"letrecipes' recipes do not read it. Fix: one of letrecipes' configs ({', '.join(available_configs())}), "
+            "or your own from `letrecipes cp let_tiny my_run.yaml`.")
 
 
 def resolve_config_path(name: str, recipes: Sequence[str] = ()) -> Path:

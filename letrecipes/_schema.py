@@ -60,7 +60,10 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "eval_batches": _int(1), "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
     "batch_size": _int(1), "gradient_accumulation_steps": _int(1), "loss_chunk_tokens": _int(0),
     "clip_grad_norm": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v)),
-    "compile": BOOL, "deterministic": BOOL, "cpu_malloc_tuning": BOOL, "memory_check": BOOL, "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1), "dry_run_interconnect_gbps": _number(0), "dry_run_intra_node_gbps": _number(0), "dry_run_gpus_per_node": _int(1), "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
+    "compile": BOOL, "deterministic": BOOL, "cpu_malloc_tuning": BOOL, "memory_check": BOOL,
+    "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1),
+    "dry_run_interconnect_gbps": _number(0), "dry_run_intra_node_gbps": _number(0), "dry_run_gpus_per_node": _int(1),
+    "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
     "init_from": OPTIONAL_TEXT,
     "metric_logger": ("a logger's short name (disk, stdout, wandb, tensorboard, comet, mlflow), a torchtune metric "
                       "logger ({_component_: wandb, project: ...}), or a list of them",
@@ -74,7 +77,8 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
 }
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
-             "text_field": TEXT, "document_separator": OPTIONAL_TEXT, "drop_copies": BOOL, "seq_len": _int(2), "val_fraction": _number(0, 0.5, open_low=False), "cache_dir": TEXT,
+             "text_field": TEXT, "document_separator": OPTIONAL_TEXT, "drop_copies": BOOL, "seq_len": _int(2),
+             "val_fraction": _number(0, 0.5, open_low=False), "cache_dir": TEXT,
              "val_source": ("a path or a list of paths", lambda v: v is None or (isinstance(v, (str, list)) and bool(v))),
              "prepare_workers": _int(1), "prepare_timeout_s": _number(0), "num_workers": _int(0),
              # each entry is checked by _check_sources, which names the entry and its key
@@ -446,7 +450,8 @@ def _value_meant(key: str, value: Any) -> Optional[str]:
         return ("fp16 training needs loss scaling, which the recipes do not do (bf16 has fp32's range and needs "
                 "none). Fix: dtype=bf16; on a GPU without bf16 (before NVIDIA's Ampere), dtype=fp32.")
     if key == "dtype" and said in ("fp8", "float8", "e4m3", "float8_e4m3fn"):
-        return "float8 is float8.enabled=true (torchao's float8 matmuls inside bf16 autocast). Fix: dtype=bf16 float8.enabled=true."
+        return ("float8 is float8.enabled=true (torchao's float8 matmuls inside bf16 autocast). Fix: dtype=bf16 "
+                "float8.enabled=true.")
     return None
 
 

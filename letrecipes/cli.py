@@ -221,8 +221,10 @@ def _main(argv=None) -> int:
     cp.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or a config name")
     cp.add_argument("destination", type=os.path.expanduser)
     prep = sub.add_parser("prepare-data", help="tokenize a config's data.source into token shards")
-    prep.add_argument("--config", required=True, type=os.path.expanduser, help="the run's config: its data and tokenizer sections are used")
-    prep.add_argument("--out", required=True, type=os.path.expanduser, help="folder for the shards and manifest (then data.source=<out>)")
+    prep.add_argument("--config", required=True, type=os.path.expanduser,
+                      help="the run's config: its data and tokenizer sections are used")
+    prep.add_argument("--out", required=True, type=os.path.expanduser,
+                      help="folder for the shards and manifest (then data.source=<out>)")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                       help="tokenizer processes (default: all cores but one)")
     cont = sub.add_parser("contamination", help="look eval task items up in prepared training data (13-token runs)")
@@ -249,7 +251,8 @@ def _main(argv=None) -> int:
                       help="runs' output_dirs, or a folder holding runs (outputs/)")
     stat.add_argument("--json", action="store_true", help="one JSON object per run, a line each")
     exp = sub.add_parser("export", help="convert a DCP step checkpoint (or a model file) to a Hugging Face folder")
-    exp.add_argument("checkpoint", type=os.path.expanduser, help="<output_dir>/checkpoints/step_N, a .gguf file or a model folder")
+    exp.add_argument("checkpoint", type=os.path.expanduser,
+                     help="<output_dir>/checkpoints/step_N, a .gguf file or a model folder")
     exp.add_argument("out", type=os.path.expanduser, help="the Hugging Face folder to write")
     exp.add_argument("--dtype", default="bf16", help="bf16 (default), fp32 or fp16")
     exp.add_argument("--max-shard-mb", type=int, default=5120, help="split the weights above this size")
