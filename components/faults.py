@@ -11,6 +11,7 @@ loop itself carries no trace of it::
       sigterm_at_step: 5            # SIGTERM (a scheduler's notice) as step 5 starts: a graceful stop
       sigterm_during_save_at_step: 6  # SIGTERM inside step 6's checkpoint save, shards written
       hang_at_step: 4               # SIGSTOP as step 4 starts: a process that hangs without dying
+      slow_batches_s: 0.05          # every batch is handed over this much later (a loader that cannot keep up)
       rank: 1                       # only on this rank (default: every rank)
 
 A torchrun restart of the job (``--max-restarts``) injects nothing: it is the recovery.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 from typing import Any, Mapping, Optional
 
 from letrecipes.components.run_info import torchrun_attempt
@@ -59,6 +61,15 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
             return train_step(*args, **kwargs)
 
         recipe.train_step = train_step_or_die
+    if debug.get("slow_batches_s"):
+        next_batch, delay = recipe.batches.next, float(debug["slow_batches_s"])
+
+        @functools.wraps(next_batch)
+        def late_batch(*args, **kwargs):
+            time.sleep(delay)
+            return next_batch(*args, **kwargs)
+
+        recipe.batches.next = late_batch
     if nan_at is not None:
         compute_loss = recipe.compute_loss
 

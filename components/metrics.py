@@ -292,6 +292,10 @@ class StepTimer:
     def restart(self) -> None:
         self.start, self.steps = time.perf_counter(), 0
         self.parts: Dict[str, list] = {}
+        self.host_parts: Dict[str, float] = {}  # host time, on a GPU too: waiting for the next batch
+
+    def add_host_time(self, name: str, seconds: float) -> None:
+        self.host_parts[name] = self.host_parts.get(name, 0.0) + seconds
 
     def step_done(self) -> None:
         self.steps += 1
@@ -322,6 +326,8 @@ class StepTimer:
         elapsed = time.perf_counter() - self.start
         parts = {name: sum(b.elapsed_time(e) / 1000 for b, e in spans) if self.cuda else sum(spans)
                  for name, spans in self.parts.items()}
+        for name, seconds in self.host_parts.items():
+            parts[name] = parts.get(name, 0.0) + seconds
         return elapsed, self.steps, parts
 
 

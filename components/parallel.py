@@ -169,19 +169,20 @@ SAME_THING_FIX = ("start every node with the same command, from the same folder,
                   "that the config reads and the same installation of letrecipes and its packages.")
 
 
-def check_ranks_agree(facts: Dict[str, Any], fix: str = SAME_THING_FIX) -> None:
+def check_ranks_agree(facts: Dict[str, Any], fix: str = SAME_THING_FIX) -> List[str]:
     """Raise one error on every rank when any rank's ``facts`` (what_every_rank_must_share)
     differ from rank 0's: nodes launched with different overrides, environment variables the
     config reads, checkouts or package versions would otherwise each train their shard their
     own way (a learning rate, a sequence length) or hang in a collective, without an error.
-    One all-gather of a digest per rank; the facts themselves are gathered only on a mismatch."""
+    One all-gather of a digest per rank; the facts themselves are gathered only on a mismatch.
+    Returns each rank's host name (the log names a rank by it)."""
     if world_size() == 1:
-        return
+        return [socket.gethostname()]
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
     digests: List[Any] = [None] * world_size()
     dist.all_gather_object(digests, (digest, socket.gethostname()))
     if len({d for d, _ in digests}) == 1:
-        return
+        return [host for _, host in digests]
     every: List[Any] = [None] * world_size()
     dist.all_gather_object(every, facts)  # every rank computes the same message from the same facts
     reference = _by_key(every[0])

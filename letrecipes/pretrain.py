@@ -19,6 +19,7 @@ import os
 import shutil
 import random
 import sys
+import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -103,6 +104,8 @@ def is_out_of_memory(err: BaseException) -> bool:
         isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
 
 
+# a share of the time between log lines spent waiting for batches that is said once (a warning)
+DATA_WAIT_WARN_SHARE = 0.10
 # what the processes of a job read from disk and must find alike: (run_info key, what, the key naming it)
 INPUTS = (("tokenizer_fingerprint", "tokenizer", "tokenizer.path"),
           ("data_fingerprint", "training tokens", "data.source, as prepared"),
@@ -130,6 +133,8 @@ class PretrainRecipe:
         self.save_every = int(cfg.get("save_every", 0) or 0)
         self.progress = Progress()
         self.resume_from: Optional[Path] = None  # the checkpoint this launch resumes from, once setup found it
+        self.rank_hosts: List[str] = []  # each rank's host, for lines that name a rank
+        self.data_wait_laps, self.data_wait_said = 0, False
 
     @property
     def step(self) -> int:
@@ -145,7 +150,7 @@ class PretrainRecipe:
             single_process_group=fsdp_enabled is True)  # FSDP2 in one process shards over a group of one
         self.is_main = self.rank == 0
         # before any rank looks at the folder: nodes started with other overrides or code are named, not trained
-        parallel.check_ranks_agree(run_info.what_every_rank_must_share(cfg))
+        self.rank_hosts = parallel.check_ranks_agree(run_info.what_every_rank_must_share(cfg))
         if not self.is_main:  # every rank reads the same data: its warnings are rank 0's to give, once, not per rank
             warnings.filterwarnings("ignore", category=DataWarning)
         dtype_name = cfg.get("dtype", "bf16")
@@ -490,7 +495,9 @@ class PretrainRecipe:
                 parallel.reduce_gradients(self.trainable, micro == self.grad_accum - 1)
             elif replicated:  # HSDP: one all-reduce across replicas per step, at its last micro-batch
                 parallel.all_reduce_across_replicas(self.trainable, micro == self.grad_accum - 1)
+            asked = time.perf_counter()
             batch = self.batches.next()
+            self.timer.add_host_time("data_wait", time.perf_counter() - asked)
             with self.autocast():
                 loss, figures = self.compute_loss(batch.pop("tokens"), batch.pop("labels"), **batch)
             (loss / self.grad_accum).backward()
@@ -569,7 +576,38 @@ class PretrainRecipe:
         record = {"tokens_per_s": self.tokens_per_step * steps / elapsed, "step_time_s": elapsed / steps,
                   "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device)}
         record.update({f"{name}_time_share": seconds / elapsed for name, seconds in parts.items()})
+        self.data_wait(record)
         return record
+
+    def data_wait(self, record: Dict[str, float]) -> None:
+        """Every rank's share of the interval spent waiting for its next batch (host time,
+        torchtitan's "data loading %"): the record keeps the mean over ranks and the largest;
+        a rank whose loader cannot keep up holds every rank back in the next collective, so
+        the first interval past DATA_WAIT_WARN_SHARE (the very first, with the loader's start,
+        aside) is said once, naming it."""
+        own = record.get("data_wait_time_share", 0.0)
+        shares = [own]
+        if self.world_size > 1:
+            one_hot = [0.0] * self.world_size
+            one_hot[self.rank] = own
+            shares = parallel.all_reduce_sum(one_hot, self.device)
+        record["data_wait_time_share"] = sum(shares) / len(shares)
+        record["data_wait_time_share_max"] = max(shares)
+        self.data_wait_laps += 1
+        if self.data_wait_laps == 1 or self.data_wait_said or max(shares) <= DATA_WAIT_WARN_SHARE:
+            return
+        self.data_wait_said = True
+        slowest = max(range(len(shares)), key=shares.__getitem__)
+        who = (f"rank {slowest} (on {self.rank_hosts[slowest]}) waited for its batches {shares[slowest]:.0%} of the "
+               f"time since the last log line (the mean over ranks: {record['data_wait_time_share']:.0%}): its data "
+               "loading does not keep up with training, and every rank waits for it in the next collective"
+               if self.world_size > 1 else
+               f"this process waited for its batches {own:.0%} of the time since the last log line: data loading "
+               "does not keep up with training")
+        self.log(f"warning: input: {who}. Fix: more loader processes (data.num_workers="
+                 f"{max(2, 2 * int(self.cfg.data.get('num_workers', 0) or 0))}; now "
+                 f"{int(self.cfg.data.get('num_workers', 0) or 0)}), or the prepared folder on a faster disk. "
+                 "metrics.jsonl follows it as data_wait_time_share (and _max, the slowest rank's).")
 
     def stop_requested(self, stopper: GracefulStop, at_sync_point: bool) -> bool:
         """Whether every rank stops after this step: one rank's signal reaches them all by the

@@ -146,6 +146,26 @@ def test_resume_continues_exactly(runner, extra, request, tmp_path):
         assert [v for _, v in logged_a] == pytest.approx([v for _, v in logged_b], rel=1e-5, abs=1e-6), key
 
 
+def test_time_spent_waiting_for_batches_is_logged_and_a_loader_that_cannot_keep_up_is_said_once(base_overrides,
+                                                                                                    tmp_path, capsys):
+    """torchtitan logs its data-loading share; ours had none, so a slow loader (a slow disk,
+    too few workers) looked like a slow model. Each record now carries the share of the
+    interval spent in the loader (host time; mean over ranks and the largest)."""
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'quick'}", "max_steps=4", "log_every=2", "eval_every=0")
+    logged = [r for r in read_metrics(tmp_path / "quick" / "metrics.jsonl") if "data_wait_time_share" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    assert all(0 <= r["data_wait_time_share"] == r["data_wait_time_share_max"] < 1 for r in logged), logged
+    capsys.readouterr()
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'slow'}", "max_steps=6", "log_every=2", "eval_every=0",
+                 "debug.slow_batches_s=0.2")
+    said = [line for line in capsys.readouterr().out.splitlines() if "waited for its batches" in line]
+    assert len(said) == 1 and said[0].startswith("warning: input: this process waited for its batches "), said
+    assert "Fix: more loader processes (data.num_workers=2; now 0)" in said[0]
+    slow = [r for r in read_metrics(tmp_path / "slow" / "metrics.jsonl") if "data_wait_time_share" in r]
+    assert all(r["data_wait_time_share"] > 0.5 for r in slow[1:]), slow  # 0.2 s a batch against a step of ms
+    assert slow[-1]["data_wait_time_share"] > 5 * logged[-1]["data_wait_time_share"]
+
+
 def test_trained_tokens_are_counted_across_a_resume_with_another_batch(base_overrides, tmp_path):
     from letrecipes.components.checkpointing import Progress
 
