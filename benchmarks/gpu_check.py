@@ -37,11 +37,9 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header, write_json  # noqa: E402
 from letrecipes import let_pretrain, pretrain  # noqa: E402
-from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
+from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, peak_bf16_tflops  # noqa: E402
 from letrecipes.components.metrics import read_metrics  # noqa: E402
 from letrecipes.components.models import ModelArgs, llama_model  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense; float8 arms are reported against it too
 
 SIZES = {
     "gpu": {
@@ -222,7 +220,7 @@ def main(argv=None) -> int:
     slice_args = ModelArgs(**{**size["slice"], "vocab_size": vocab(size["slice"]), "max_seq_len": size["seq_len"]})
     estimate = memory_per_gpu(slice_args, 1, size["micro_batch"], size["seq_len"], "full", fsdp=True,
                               loss_chunk_tokens=size["loss_chunk_tokens"])
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    peak_tflops = peak_bf16_tflops(device_name)  # dense bf16; float8 arms are reported against it too
     model_flops = 3 * forward_flops_per_token(slice_args, size["seq_len"])
     arms, children = {}, {"arms": {}, "errors": {}}
     report["throughput"] = arms

@@ -36,11 +36,11 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks._common import header  # noqa: E402
-from benchmarks.gpu_check import (PEAK_BF16_TFLOPS, SIZES, arm_in_process, common_overrides,  # noqa: E402
+from benchmarks.gpu_check import (SIZES, arm_in_process, common_overrides,  # noqa: E402
                                   demo_data, model_overrides, random_teacher, report_saver, run,
                                   step_figures)
 from letrecipes import let_pretrain, pretrain  # noqa: E402
-from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu  # noqa: E402
+from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, peak_bf16_tflops  # noqa: E402
 from letrecipes.components.models import ModelArgs  # noqa: E402
 
 LET_7B_BLOCKS_OVER_SLICE = 8  # let_7b's 32 blocks over the slice's 4 (16 over 2 at the CPU sizes)
@@ -119,7 +119,7 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
     records = run(recipe, config, work / name, [*common, *model_overrides(shape, vocab(shape)), *extra])
     figures = step_figures(records[size["warmup"]:])
     device_name = torch.cuda.get_device_name() if gpu else "cpu"
-    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    peak_tflops = peak_bf16_tflops(device_name)
     flops = 3 * forward_flops_per_token(model_args, size["seq_len"])
     return {"blocks": shape["num_layers"], "overrides": extra, **figures,
             "mfu": figures["tokens_per_s"] * flops / (peak_tflops * 1e12) if peak_tflops else None,

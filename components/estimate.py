@@ -11,6 +11,7 @@ Korthikanti et al. (2022) with a fused attention kernel (no s^2 term).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -170,6 +171,19 @@ def recomputed_blocks(num_layers: int, activation_checkpointing: str = "none", e
     if activation_checkpointing == "selective":
         return math.ceil(num_layers / max(1, every))
     return 0
+
+
+# Dense bf16 tensor-core peaks in TFLOP/s (no sparsity), by a word of the name torch gives the
+# device; the first match counts, so the PCIe and NVL H100s come before the SXM one.
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0), ("H200", 989.0),
+                    ("GB200", 2500.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0),
+                    ("L4", 121.0), ("MI300X", 1307.0), ("MI250X", 383.0))
+
+
+def peak_bf16_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a GPU by its name (``NVIDIA H100 80GB HBM3``), None when unknown."""
+    return next((tflops for word, tflops in PEAK_BF16_TFLOPS
+                 if re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", device_name)), None)
 
 
 def train_flops_per_token(args: ModelArgs, seq_len: int, activation_checkpointing: str = "none",

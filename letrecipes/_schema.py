@@ -97,7 +97,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "float8": {"enabled": BOOL, "recipe": _choice("tensorwise", "rowwise"), "fsdp_float8_all_gather": BOOL,
                "emulate": BOOL},
     "activation_checkpointing": {"mode": _choice("none", "full", "selective"), "every": _int(1)},
-    "metrics": {"wandb": SECTION},
+    "metrics": {"wandb": SECTION, "peak_tflops": ("a number > 0 or null", lambda v: v is None or _number(0)[1](v))},
     "profiler": {"enabled": BOOL, "first_step": _int(1), "steps": _int(1),
                  "ranks": ("a list of ranks or all", lambda v: v == "all" or (
                      isinstance(v, list) and bool(v) and all(_int(0)[1](r) for r in v))),

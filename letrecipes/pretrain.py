@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from letrecipes._config import parse, run
 from letrecipes._dry_run import config_memory
+from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
 from letrecipes.components.corpus import DataWarning
@@ -119,7 +120,8 @@ class PretrainRecipe:
     collate = None  # the training loader's collate_fn (None: stack the items); LET's cross-tokenizer mode sets one
     # What a log line shows, in order, and how (LET adds its own figures).
     console_fields = (("loss", ".4f"), ("nll", ".4f"), ("val_loss", ".4f"), ("lr", ".2e"), ("grad_norm", ".2f"),
-                      ("tokens_per_s", ".0f"), ("tokens_per_s_avg", ".0f"), ("elapsed_s", "clock"), ("eta_s", "clock"))
+                      ("tokens_per_s", ".0f"), ("tokens_per_s_avg", ".0f"), ("mfu", ".1%"), ("elapsed_s", "clock"),
+                      ("eta_s", "clock"))
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -429,6 +431,13 @@ class PretrainRecipe:
             self.model = self.build_student()
         self.check_student(self.model)
         self.model_args = self.model.model_args
+        # MFU's numerator: the student's model FLOPs (forward and backward, no recompute, no teacher), as the
+        # dry run and torchtitan count them; the denominator: metrics.peak_tflops, or the GPU's bf16 peak by name
+        self.flops_per_token = 3 * forward_flops_per_token(self.model_args, int(cfg.data.seq_len))
+        peak = (cfg.get("metrics") or {}).get("peak_tflops")
+        if peak is None and self.device.type == "cuda" and self.autocast_dtype == torch.bfloat16:
+            peak = peak_bf16_tflops(torch.cuda.get_device_name(self.device))
+        self.peak_tflops = float(peak) if peak else None
         self.n_params = (count_parameters(self.model), count_parameters(self.model, exclude_embeddings=True))
         fsdp_options = cfg.get("fsdp") or {}
         self.mesh = parallel.device_mesh(self.device, int(fsdp_options.get("replicate_degree", 1))) \
@@ -576,6 +585,9 @@ class PretrainRecipe:
         record = {"tokens_per_s": self.tokens_per_step * steps / elapsed, "step_time_s": elapsed / steps,
                   "train_time_s": self.progress.train_time, "peak_memory_mb": peak_memory_mb(self.device)}
         record.update({f"{name}_time_share": seconds / elapsed for name, seconds in parts.items()})
+        record["tflops_per_s"] = record["tokens_per_s"] / self.world_size * self.flops_per_token / 1e12  # per process
+        if self.peak_tflops:
+            record["mfu"] = record["tflops_per_s"] / self.peak_tflops
         self.data_wait(record)
         return record
 

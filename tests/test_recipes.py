@@ -166,6 +166,34 @@ def test_time_spent_waiting_for_batches_is_logged_and_a_loader_that_cannot_keep_
     assert slow[-1]["data_wait_time_share"] > 5 * logged[-1]["data_wait_time_share"]
 
 
+def test_model_flops_per_second_and_mfu_are_logged_against_the_devices_peak(base_overrides, tmp_path, capsys):
+    """torchtitan's log line carries MFU; ours had it only in benchmarks/gpu_check.py. Every
+    record now has tflops_per_s (the student's model FLOPs per process), and mfu where the
+    peak is known: a GPU's bf16 peak by its name, or metrics.peak_tflops (here a CPU's)."""
+    from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
+    from letrecipes.components.models import ModelArgs
+
+    run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=4", "log_every=2", "eval_every=0",
+                 "metrics.peak_tflops=0.5")
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    args = ModelArgs(num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                     num_kv_heads=config["num_key_value_heads"], embed_dim=config["hidden_size"],
+                     intermediate_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
+                     max_seq_len=config["max_position_embeddings"], tie_word_embeddings=config["tie_word_embeddings"])
+    per_token = 3 * forward_flops_per_token(args, 32)  # data.seq_len=32 in base_overrides
+    logged = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "tflops_per_s" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r in logged:
+        assert r["tflops_per_s"] == pytest.approx(r["tokens_per_s"] * per_token / 1e12, rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tflops_per_s"] / 0.5, rel=1e-6)
+    assert " | mfu " in capsys.readouterr().out
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'cpu'}", "max_steps=2", "eval_every=0")
+    assert all("mfu" not in r for r in read_metrics(tmp_path / "cpu" / "metrics.jsonl"))  # no peak known for a CPU
+    assert [peak_bf16_tflops(name) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H200",
+                                                "NVIDIA A100-SXM4-80GB", "NVIDIA L40S", "NVIDIA L4", "Tesla V100")] \
+        == [989.0, 756.0, 989.0, 312.0, 362.0, 121.0, None]
+
+
 def test_trained_tokens_are_counted_across_a_resume_with_another_batch(base_overrides, tmp_path):
     from letrecipes.components.checkpointing import Progress
 
