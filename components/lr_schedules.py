@@ -1,17 +1,34 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+"""Learning-rate schedules: a linear warmup, then a decay to ``min_lr_ratio * lr``.
+
+- ``warmup_cosine``: cosine decay over every step after the warmup (the shipped configs').
+- ``warmup_linear``: linear decay over the same steps.
+- ``warmup_stable_decay`` (WSD): the full rate until the last ``decay_fraction`` of the
+  steps, then a decay (``linear``, ``cosine`` or ``sqrt``, 1 - sqrt of the progress). The
+  decay is placed from ``max_steps``, so a run resumed with a larger ``max_steps`` during the
+  stable phase goes on at the same rate and decays at its new end: training can be extended
+  without the jump in the rate that a cosine's longer horizon gives.
+- ``warmup_constant``: the full rate after the warmup, no decay.
+
+All are ``LambdaLR`` factors of the optimizer's ``lr``; the recipe passes ``total_steps``
+(``max_steps``).
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from letrecipes.components.registry import ComponentError, register
 
+# how the rate falls as the decay's progress p goes from 0 to 1 (1 at its start, 0 at its end)
+DECAYS = {"cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)), "linear": lambda p: 1.0 - p,
+          "sqrt": lambda p: 1.0 - math.sqrt(p)}
 
-@register("lr_scheduler", "warmup_cosine")
-def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
+
+def _check(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
     if warmup_steps < 0:
         raise ComponentError(f"lr_scheduler.warmup_steps={warmup_steps} must be >= 0. Fix: 0 for no warmup, "
                              "or the steps to ramp the rate up over (about 1% of max_steps is common).")
@@ -19,12 +36,53 @@ def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min
         raise ComponentError(f"lr_scheduler: total_steps={total_steps} must be >= 1 (it follows max_steps).")
     if not 0 <= min_lr_ratio <= 1:
         raise ComponentError(f"lr_scheduler.min_lr_ratio={min_lr_ratio} must be in [0, 1]: the share of "
-                             "optimizer.lr the cosine ends at. Fix: 0.1 is usual.")
+                             "optimizer.lr the decay ends at. Fix: 0.1 is usual for a cosine, 0 for a WSD decay.")
 
+
+def _warmup_then_decay(warmup_steps: int, total_steps: int, min_lr_ratio: float, decay_start: int,
+                       decay: Callable[[float], float]) -> Callable[[int], float]:
+    """The factor for step ``step``: warmup, the full rate until ``decay_start``, then ``decay``."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay(progress)
 
-    return LambdaLR(optimizer, factor)
+    return factor
+
+
+@register("lr_scheduler", "warmup_cosine")
+def warmup_cosine(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1) -> LambdaLR:
+    _check(warmup_steps, total_steps, min_lr_ratio)
+    return LambdaLR(optimizer, _warmup_then_decay(warmup_steps, total_steps, min_lr_ratio, warmup_steps,
+                                                  DECAYS["cosine"]))
+
+
+@register("lr_scheduler", "warmup_linear")
+def warmup_linear(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> LambdaLR:
+    _check(warmup_steps, total_steps, min_lr_ratio)
+    return LambdaLR(optimizer, _warmup_then_decay(warmup_steps, total_steps, min_lr_ratio, warmup_steps,
+                                                  DECAYS["linear"]))
+
+
+@register("lr_scheduler", "warmup_stable_decay")
+def warmup_stable_decay(optimizer: Optimizer, warmup_steps: int, total_steps: int, decay_fraction: float = 0.2,
+                        decay: str = "linear", min_lr_ratio: float = 0.0) -> LambdaLR:
+    _check(warmup_steps, total_steps, min_lr_ratio)
+    if not 0 < decay_fraction <= 1:
+        raise ComponentError(f"lr_scheduler.decay_fraction={decay_fraction} must be in (0, 1]: the share of "
+                             "max_steps the rate decays over, at the end. Fix: 0.1-0.2 is usual.")
+    if decay not in DECAYS:
+        raise ComponentError(f"lr_scheduler.decay={decay!r} must be one of {', '.join(DECAYS)}. Fix: linear (the "
+                             "usual WSD decay), sqrt (1 - sqrt of the progress) or cosine.")
+    decay_start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
+    return LambdaLR(optimizer, _warmup_then_decay(warmup_steps, total_steps, min_lr_ratio, decay_start,
+                                                  DECAYS[decay]))
+
+
+@register("lr_scheduler", "warmup_constant")
+def warmup_constant(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    _check(warmup_steps, total_steps, 0.0)
+    return LambdaLR(optimizer, _warmup_then_decay(warmup_steps, total_steps, 1.0, total_steps, DECAYS["linear"]))

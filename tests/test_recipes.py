@@ -194,6 +194,23 @@ def test_model_flops_per_second_and_mfu_are_logged_against_the_devices_peak(base
         == [989.0, 756.0, 989.0, 312.0, 362.0, 121.0, None]
 
 
+def test_a_wsd_run_extended_in_its_stable_phase_goes_on_at_the_same_rate(base_overrides, tmp_path, capsys):
+    """The reason to offer warmup_stable_decay: a run resumed with a larger max_steps before its
+    decay goes on at the rate it had and decays at its new end, where the cosine's longer
+    horizon moves the rate (said as "resume: the learning rate for step 5 is ...")."""
+    wsd = ["lr_scheduler._component_=warmup_stable_decay", "lr_scheduler.decay_fraction=0.25",
+           "lr_scheduler.min_lr_ratio=0", "optimizer.lr=0.001", "eval_every=0", "save_every=4"]
+    run_pretrain(*base_overrides, *wsd, f"output_dir={tmp_path}", "max_steps=8")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000008")
+    shutil.rmtree(tmp_path / "final")
+    capsys.readouterr()
+    run_pretrain(*base_overrides, *wsd, f"output_dir={tmp_path}", "max_steps=16", "resume=true")
+    assert "resume: the learning rate for step" not in capsys.readouterr().out
+    rates = {r["step"]: r["lr"] for r in steps(read_metrics(tmp_path / "metrics.jsonl"))}
+    assert rates[4] == rates[5] == rates[12] == pytest.approx(0.001)  # warmup_steps=2 (base_overrides), then flat
+    assert rates[13] == pytest.approx(0.001) and rates[16] == pytest.approx(0.001 * 0.25)  # the new end's decay
+
+
 def test_trained_tokens_are_counted_across_a_resume_with_another_batch(base_overrides, tmp_path):
     from letrecipes.components.checkpointing import Progress
 

@@ -60,3 +60,43 @@ def test_the_documented_custom_schedule_example(monkeypatch):
     assert values[:5] == [0.2, 0.4, 0.6, 0.8, 1.0] and schedule.end_step == 10
     assert values[4:10] == sorted(values[4:10], reverse=True) and values[10:] == [0.0, 0.0]
     sys.modules.pop("warmup_decay")
+
+
+# ----------------------------------------------------------------- learning-rate schedules
+def _lr_curve(name, steps, **options):
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build("lr_scheduler", {"_component_": name, **options}, "lr_scheduler", optimizer, total_steps=steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("name, options, expected", [
+    ("warmup_cosine", {"warmup_steps": 2, "min_lr_ratio": 0.0},
+     [0.5, 1, 1] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(1, 8)]),
+    ("warmup_linear", {"warmup_steps": 2}, [0.5, 1, 1, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]),
+    ("warmup_stable_decay", {"warmup_steps": 2, "decay_fraction": 0.4}, [0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]),
+    ("warmup_stable_decay", {"warmup_steps": 2, "decay_fraction": 0.4, "decay": "sqrt", "min_lr_ratio": 0.1},
+     [0.5, 1, 1, 1, 1, 1, 1] + [0.1 + 0.9 * (1 - math.sqrt(k / 4)) for k in (1, 2, 3)]),
+    ("warmup_constant", {"warmup_steps": 2}, [0.5] + [1.0] * 9),
+], ids=["cosine", "linear", "wsd", "wsd-sqrt", "constant"])
+def test_learning_rate_schedules_by_short_name(name, options, expected):
+    assert _lr_curve(name, 10, **options) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"decay_fraction": 0}, "lr_scheduler.decay_fraction=0 must be in (0, 1]"),
+    ({"decay": "exp"}, "lr_scheduler.decay='exp' must be one of cosine, linear, sqrt"),
+    ({"min_lr_ratio": 2}, "lr_scheduler.min_lr_ratio=2 must be in [0, 1]"),
+])
+def test_a_wsd_schedule_that_cannot_be_is_one_line(options, said):
+    from letrecipes.components.registry import ComponentError
+
+    with pytest.raises(ComponentError, match=None) as err:
+        _lr_curve("warmup_stable_decay", 10, warmup_steps=1, **options)
+    assert said in str(err.value), err.value
