@@ -37,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -355,7 +356,6 @@ class Checkpointer:
         resume. Rank 0 writes a file there; every rank must see it within SHARED_FOLDER_WAIT_S."""
         if world_size() == 1:
             return
-        import socket
 
         def write_probe() -> str:
             name = f".letrecipes.shared.{socket.gethostname()}.{os.getpid()}"

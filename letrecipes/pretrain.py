@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from letrecipes._config import parse, run
 from letrecipes._dry_run import config_memory
-from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
 from letrecipes.components.corpus import DataWarning
 from letrecipes.components.data import (BatchStream, build_dataloader, build_datasets, corpus_fingerprint,
                                         training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
+from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
