@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import environment_errors, nearby, replace_atomically
 from letrecipes.components.metrics import METRICS_FILE
-from letrecipes.components.parallel import on_rank0, world_size
+from letrecipes.components.parallel import gathered, on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
 
 STEP_PREFIX = "step_"
@@ -228,15 +228,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _gathered(obj: Any) -> List[Any]:
-    """``obj`` from every rank, in rank order."""
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def _weights_finite(model: torch.nn.Module) -> bool:
     """Whether every parameter (every rank's shard) is finite: one pass, one collective."""
     flags = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters()]
@@ -366,8 +357,7 @@ class Checkpointer:
         deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
         while not probe.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        seen: List[Any] = [None] * world_size()
-        dist.all_gather_object(seen, (probe.exists(), socket.gethostname()))
+        seen = gathered((probe.exists(), socket.gethostname()))
         if dist.get_rank() == 0:
             probe.unlink(missing_ok=True)
         blind = [(rank, host) for rank, (sees, host) in enumerate(seen) if not sees]
@@ -453,7 +443,7 @@ class Checkpointer:
     def verify(self, path: Union[str, Path]) -> List[str]:
         """What is wrong with a complete checkpoint (empty: it verifies). Each rank hashes a
         share of the files; every rank gets the same answer."""
-        return [p for share in _gathered(checkpoint_problems(path, _rank(), world_size())) for p in share]
+        return [p for share in gathered(checkpoint_problems(path, _rank(), world_size())) for p in share]
 
     def last_good(self) -> Optional[Path]:
         """The newest checkpoint that verifies and holds finite weights (a collective call)."""
@@ -566,7 +556,7 @@ class Checkpointer:
         owner = [int(m.group(1)) if (m := DCP_SHARD.match(n)) and int(m.group(1)) < world_size() else 0
                  for n in names]
         mine = describe_files(tmp, [n for n, r in zip(names, owner) if r == _rank()])
-        files = {name: meta for share in _gathered(mine) for name, meta in share.items()}
+        files = {name: meta for share in gathered(mine) for name, meta in share.items()}
         hash_seconds = time.perf_counter() - hash_start
         if _rank() == 0:
             marker = {"step_folder": final.name, "finite_weights": finite, "files": files}

@@ -22,6 +22,7 @@ from torch import nn
 
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.registry import ComponentError
+from letrecipes.components.resume import flatten
 from letrecipes.components.run_info import torchrun_attempt
 
 T = TypeVar("T")
@@ -179,12 +180,10 @@ def check_ranks_agree(facts: Dict[str, Any], fix: str = SAME_THING_FIX) -> List[
     if world_size() == 1:
         return [socket.gethostname()]
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
-    digests: List[Any] = [None] * world_size()
-    dist.all_gather_object(digests, (digest, socket.gethostname()))
+    digests = gathered((digest, socket.gethostname()))
     if len({d for d, _ in digests}) == 1:
         return [host for _, host in digests]
-    every: List[Any] = [None] * world_size()
-    dist.all_gather_object(every, facts)  # every rank computes the same message from the same facts
+    every = gathered(facts)  # every rank computes the same message from the same facts
     reference = _by_key(every[0])
     odd = [rank for rank, (d, _) in enumerate(digests) if d != digests[0][0]]
     first = _by_key(every[odd[0]])
@@ -201,19 +200,21 @@ def check_ranks_agree(facts: Dict[str, Any], fix: str = SAME_THING_FIX) -> List[
 
 def _by_key(facts: Dict[str, Any]) -> Dict[str, Any]:
     """The facts by dotted key, the config's keys as the user writes them (optimizer.lr)."""
-    return {**_flat(facts.get("config", {})), **_flat({k: v for k, v in facts.items() if k != "config"})}
-
-
-def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()} or \
-            {prefix[:-1]: {}}
-    return {prefix[:-1]: tree}
+    return {**flatten(facts.get("config", {})), **flatten({k: v for k, v in facts.items() if k != "config"})}
 
 
 def _short(value: Any) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 100 else text[:48] + "..." + text[-48:]  # a path differs at its end
+
+
+def gathered(obj: Any) -> List[Any]:
+    """``obj`` from every rank, in rank order (a list of one without a group)."""
+    if world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def world_size() -> int:
