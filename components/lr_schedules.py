@@ -77,7 +77,8 @@ def warmup_stable_decay(optimizer: Optimizer, warmup_steps: int, total_steps: in
     if decay not in DECAYS:
         raise ComponentError(f"lr_scheduler.decay={decay!r} must be one of {', '.join(DECAYS)}. Fix: linear (the "
                              "usual WSD decay), sqrt (1 - sqrt of the progress) or cosine.")
-    decay_start = max(warmup_steps, total_steps - round(decay_fraction * total_steps))
+    # a fraction of a step is rounded up: the decay is never shorter than asked
+    decay_start = max(warmup_steps, total_steps - math.ceil(decay_fraction * total_steps))
     return LambdaLR(optimizer, _warmup_then_decay(warmup_steps, total_steps, min_lr_ratio, decay_start,
                                                   DECAYS[decay]))
 

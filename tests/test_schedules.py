@@ -89,6 +89,12 @@ def test_learning_rate_schedules_by_short_name(name, options, expected):
     assert _lr_curve(name, 10, **options) == pytest.approx(expected)
 
 
+def test_a_wsd_decay_of_a_fraction_of_a_step_is_rounded_up():
+    """1.2 steps of decay are 2 (a rate of 0.5 at the last step), not 1 (no step below the full rate)."""
+    rates = _lr_curve("warmup_stable_decay", 100, warmup_steps=0, decay_fraction=0.012)
+    assert rates[:99] == pytest.approx([1.0] * 99) and rates[99] == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("options, said", [
     ({"decay_fraction": 0}, "lr_scheduler.decay_fraction=0 must be in (0, 1]"),
     ({"decay": "exp"}, "lr_scheduler.decay='exp' must be one of cosine, linear, sqrt"),
