@@ -598,11 +598,7 @@ class PretrainRecipe:
         the first interval past DATA_WAIT_WARN_SHARE (the very first, with the loader's start,
         aside) is said once, naming it."""
         own = record.get("data_wait_time_share", 0.0)
-        shares = [own]
-        if self.world_size > 1:
-            one_hot = [0.0] * self.world_size
-            one_hot[self.rank] = own
-            shares = parallel.all_reduce_sum(one_hot, self.device)
+        shares = parallel.gathered(own)
         record["data_wait_time_share"] = sum(shares) / len(shares)
         record["data_wait_time_share_max"] = max(shares)
         self.data_wait_laps += 1
@@ -616,9 +612,9 @@ class PretrainRecipe:
                if self.world_size > 1 else
                f"this process waited for its batches {own:.0%} of the time since the last log line: data loading "
                "does not keep up with training")
-        self.log(f"warning: input: {who}. Fix: more loader processes (data.num_workers="
-                 f"{max(2, 2 * int(self.cfg.data.get('num_workers', 0) or 0))}; now "
-                 f"{int(self.cfg.data.get('num_workers', 0) or 0)}), or the prepared folder on a faster disk. "
+        workers = int(self.cfg.data.get("num_workers", 0) or 0)
+        self.log(f"warning: input: {who}. Fix: more loader processes (data.num_workers={max(2, 2 * workers)}; now "
+                 f"{workers}), or the prepared folder on a faster disk. "
                  "metrics.jsonl follows it as data_wait_time_share (and _max, the slowest rank's).")
 
     def stop_requested(self, stopper: GracefulStop, at_sync_point: bool) -> bool:
