@@ -217,7 +217,7 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
               if t["replicate_degree"] > 1 else f"shard group of {t['shard_group']}")
     lines.append(f"  per micro-batch and GPU ({layout}, {t['gpus_per_node']} GPUs a node): FSDP2 traffic "
                  f"{'; '.join(links) or '0 GB'}; compute {t['compute_s']:.3f} s at {t['mfu']:g} x "
-                 f"{t['gpu_tflops']:g} TFLOP/s")
+                 f"{t['gpu_tflops']:g} TFLOP/s{_logged_mfu(r, t['mfu'])}")
     if t["communication_bound"]:
         hsdp = t.get("with_hsdp")
         instead = (f", or fsdp.replicate_degree={hsdp['replicate_degree']} (HSDP, one replica a node: the all-gathers "
@@ -232,6 +232,17 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
         lines.append(f"  compute-bound (the smallest compute-bound micro-batch is "
                      f"{t['smallest_compute_bound_micro_batch']})")
     return "\n".join(lines)
+
+
+def _logged_mfu(r: Dict[str, Any], share_of_peak: float) -> str:
+    """dry_run_mfu is the share of peak on the FLOPs the GPU runs, recompute included; the
+    training log's ``mfu`` counts the model's FLOPs alone, so under activation checkpointing
+    the same speed reads lower there. Say what the log would show, so the two can be compared."""
+    model, step = r["student_train_flops_per_token"], r["student_step_flops_per_token"]
+    if step == model:
+        return ""
+    return (f" on the FLOPs it runs, recompute included (the training log's mfu, which counts the model's "
+            f"FLOPs only, would read {100 * share_of_peak * model / step:.1f}%)")
 
 
 def _count(n: int) -> str:

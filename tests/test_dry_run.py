@@ -56,6 +56,18 @@ def test_a_step_counts_the_forwards_that_checkpointing_runs_again_and_never_the_
                                                        / (3 * forward + 32 * block))
 
 
+def test_the_dry_runs_share_of_peak_is_also_said_as_the_mfu_the_training_log_would_show(capsys):
+    """dry_run_mfu applies to the FLOPs the GPU runs (recompute included); the log's mfu counts
+    the model's FLOPs only, so the dry run says what the log would read at the same speed."""
+    report = dry_run(load_config("let_7b", ["dry_run_world_size=32", "dry_run_mfu=0.5"]), with_teacher=True)
+    logged = 0.5 * report["student_train_flops_per_token"] / report["student_step_flops_per_token"]
+    assert 0.3 < logged < 0.45  # full checkpointing: about a third more FLOPs than the model's
+    assert f"the training log's mfu, which counts the model's FLOPs only, would read {100 * logged:.1f}%" \
+        in capsys.readouterr().out
+    dry_run(load_config("let_7b", ["dry_run_world_size=32", "activation_checkpointing.mode=none"]), with_teacher=True)
+    assert "training log's mfu" not in capsys.readouterr().out  # without recompute the two are one figure
+
+
 def test_activation_memory_follows_which_blocks_are_checkpointed():
     from letrecipes.components.estimate import GIB, memory_per_gpu
 
