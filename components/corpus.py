@@ -649,7 +649,7 @@ def _archive(path: Path, text_field: str, key: str, warn: list, piece_chars: Opt
     Members are streamed; a zip inside a tar is read into memory (zip needs to seek)."""
     not_read: Dict[str, List[str]] = {}
     with contextlib.ExitStack() as stack:
-        raw = stack.enter_context(open(path, "rb"))
+        raw = stack.enter_context(open_counted(path))
         stream, kind = _decompressed(raw, path, key, stack)
         if kind not in ("tar", "zip"):
             raise DataError(f"{key}: {path} is named as an archive but is {'a ' + kind + ' file' if kind else 'not one'} "
@@ -1199,10 +1199,47 @@ class _Member:
         return self.name
 
 
+# ---------------------------------------------------------------- bytes read
+# A unit can take hours (a 15 GB .jsonl.zst is one: a compressed stream cannot be entered
+# midway), so the prepare step says how far the units under way are: by the bytes of the
+# corpus's files this process has read, counted where the readers above open them (the
+# compressed bytes, for a compressed file: what a unit's size counts). Parquet files and
+# datasets folders are read by pyarrow and not counted: their units are a row group or
+# DATASET_UNIT_ROWS rows, minutes at most.
+_BYTES_READ = [0]
+
+
+def bytes_read() -> int:
+    """Bytes of corpus files read by this process so far."""
+    return _BYTES_READ[0]
+
+
+class _CountedFile(io.FileIO):
+    def readinto(self, buffer) -> int:
+        got = super().readinto(buffer)
+        _BYTES_READ[0] += got or 0
+        return got
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        _BYTES_READ[0] += len(data or b"")
+        return data
+
+    def readall(self) -> bytes:
+        data = super().readall()
+        _BYTES_READ[0] += len(data)
+        return data
+
+
+def open_counted(path) -> io.BufferedReader:
+    """``open(path, "rb")``, its reads counted in :func:`bytes_read`."""
+    return io.BufferedReader(_CountedFile(path))
+
+
 @contextlib.contextmanager
 def _open_range(path: Path, start: int, stop: int):
     """The bytes ``[start, stop)`` of a plain file, as a stream."""
-    with open(path, "rb") as f:
+    with open_counted(path) as f:
         f.seek(start)
         yield io.BufferedReader(_Bounded(f, stop - start), buffer_size=1 << 20)
 
@@ -1227,7 +1264,7 @@ class _Bounded(io.RawIOBase):
 def _open_stream(source: Union[Path, _Member], key: str):
     """A file (or an archive's member) opened for reading bytes, decompressed as its content says."""
     with contextlib.ExitStack() as stack:
-        raw = source.fileobj if isinstance(source, _Member) else stack.enter_context(open(source, "rb"))
+        raw = source.fileobj if isinstance(source, _Member) else stack.enter_context(open_counted(source))
         stream, _ = _decompressed(raw, source, key, stack)
         yield stream
 
@@ -1521,7 +1558,7 @@ def _json_lines_range(path: Path, text_field: str, key: str, warn: list, start: 
     (``start`` > 0): the line under way at ``start`` belongs to the range before."""
     kept = 0
     skipped = SkippedRecords(path, key, where="byte")
-    with open(path, "rb") as f:
+    with open_counted(path) as f:
         f.seek(start - 1)
         at = start - 1 + len(f.readline())  # to the end of the line that byte start - 1 is on
         while at < stop:

@@ -22,6 +22,7 @@ files (:func:`cached_prepare`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 
 from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, READER_VERSION, DataError,
-                                          DataWarning, Unit, list_units, read_unit_in_pieces, source_files)
+                                          DataWarning, Unit, bytes_read, list_units, read_unit_in_pieces,
+                                          source_files)
 from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, count_repeats, drop_from_shard, keys_path,
                                                  stored_keys, write_shard_keys)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, real_paths,
@@ -231,6 +233,64 @@ def _worker_threads(threads: int) -> None:
         signal.signal(notice, signal.SIG_IGN)
 
 
+# This process's row of an UnitsUnderWay table, while it prepares units: (values, offset).
+_UNDER_WAY_ROW: Optional[tuple] = None
+
+
+class UnitsUnderWay:
+    """How far the units being prepared have got, between finished shards (one unit can be
+    a 15 GB compressed file: hours): a row per worker process of (unit index + 1, bytes of
+    the corpus read, tokens written), in shared memory when the units run in spawned
+    processes. A worker writes its row after each encode batch; the parent reads the rows."""
+
+    WIDTH = 3
+
+    def __init__(self, rows: int, shared: bool):
+        context = get_context("spawn")
+        size = self.WIDTH * rows
+        self.values = context.Array("q", size, lock=False) if shared else [0] * size
+        self.next_row = context.Value("i", 0) if shared else None
+
+    def rows(self) -> List[tuple]:
+        values = list(self.values)
+        return [tuple(values[i:i + self.WIDTH]) for i in range(0, len(values), self.WIDTH)]
+
+
+def _report_under_way(index: int, read: int, tokens: int) -> None:
+    if _UNDER_WAY_ROW is not None:
+        values, at = _UNDER_WAY_ROW
+        values[at + 1], values[at + 2], values[at] = read, tokens, index + 1  # the unit last: it says the row is new
+
+
+def _worker_init(threads: int, under_way_values, next_row) -> None:
+    global _UNDER_WAY_ROW
+    _worker_threads(threads)
+    if under_way_values is not None:
+        with next_row.get_lock():
+            row, next_row.value = next_row.value, next_row.value + 1
+        _UNDER_WAY_ROW = (under_way_values, UnitsUnderWay.WIDTH * row)
+
+
+class _Every(threading.Thread):
+    """Calls ``tick()`` every ``seconds`` from a thread of its own until stopped (a ``with`` block)."""
+
+    def __init__(self, seconds: float, tick: Callable[[], None]):
+        super().__init__(daemon=True, name="letrecipes-progress")
+        self.seconds, self.tick, self.stopped = max(0.01, seconds), tick, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.seconds):
+            self.tick()
+
+    def __enter__(self) -> "_Every":
+        self.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stopped.set()
+        self.join()
+
+
 def _stop_now(pool: ProcessPoolExecutor) -> None:
     """Cancel what is queued and end the workers: ``shutdown(wait=True)``, what leaving a
     ``with`` block does, would finish every queued unit first (hours, after a Ctrl-C). A
@@ -245,26 +305,38 @@ def _stop_now(pool: ProcessPoolExecutor) -> None:
 
 
 def in_workers(work: Callable[[Any], Any], jobs: Dict[Any, Any], workers: int,
-                finished: Callable[[Any, Any], None]) -> None:
+                finished: Callable[[Any, Any], None],
+                under_way: Optional[Callable[[List[tuple]], None]] = None, every_s: float = 10.0) -> None:
     """``work(job)`` for every job: in this process with one worker (or one job), else in
     ``workers`` spawned processes (fewer when there are fewer jobs, each then with the
     threads of the rest: ``workers`` is a budget of cores); ``finished(key, result)`` runs here as each ends. An error
-    or a signal stops the workers at once (the jobs in flight are not waited for)."""
-    if workers <= 1 or len(jobs) <= 1:
-        for key, job in jobs.items():
-            finished(key, work(job))
-        return
-    processes = min(workers, len(jobs))
-    pool = ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"), initializer=_worker_threads,
-                               initargs=(max(1, workers // processes),))
-    try:
-        futures = {pool.submit(work, job): key for key, job in jobs.items()}
-        for future in as_completed(futures):
-            finished(futures[future], future.result())
-    except BaseException:
-        _stop_now(pool)
-        raise
-    pool.shutdown()
+    or a signal stops the workers at once (the jobs in flight are not waited for). With
+    ``under_way``, it is called every ``every_s`` from a thread with the rows of a
+    :class:`UnitsUnderWay` that the work fills in (:func:`_report_under_way`)."""
+    global _UNDER_WAY_ROW
+    in_process = workers <= 1 or len(jobs) <= 1
+    processes = 1 if in_process else min(workers, len(jobs))
+    table = UnitsUnderWay(processes, shared=not in_process) if under_way else None
+    with _Every(every_s, lambda: under_way(table.rows())) if under_way else contextlib.nullcontext():
+        if in_process:
+            _UNDER_WAY_ROW = (table.values, 0) if table else None
+            try:
+                for key, job in jobs.items():
+                    finished(key, work(job))
+            finally:
+                _UNDER_WAY_ROW = None
+            return
+        pool = ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"), initializer=_worker_init,
+                                   initargs=(max(1, workers // processes), table and table.values,
+                                             table and table.next_row))
+        try:
+            futures = {pool.submit(work, job): key for key, job in jobs.items()}
+            for future in as_completed(futures):
+                finished(futures[future], future.result())
+        except BaseException:
+            _stop_now(pool)
+            raise
+        pool.shutdown()
 
 
 def _prepare_unit(job: dict) -> dict:
@@ -281,6 +353,8 @@ def _prepare_unit(job: dict) -> dict:
     tmp = unique_tmp(data_path)
     messages: List[str] = []
     tokens = documents = unknown = 0
+    read_before = bytes_read()
+    _report_under_way(job["index"], 0, 0)
     try:
         with open(tmp, "wb") as out:
             # Encodings cost about 170 bytes of memory per byte of text: a batch is bounded in
@@ -299,6 +373,7 @@ def _prepare_unit(job: dict) -> dict:
                         unknown += int(np.count_nonzero(array == tokenizer.unk_id))
                 batch.clear(), ends.clear()
                 chars = 0
+                _report_under_way(job["index"], bytes_read() - read_before, tokens)
 
             for piece, last in read_unit_in_pieces(unit, job["text_field"], job["key"], messages,
                                                    piece_chars=PIECE_CHARS if splits else None,
@@ -477,26 +552,37 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
              "out_dir": str(out_dir), "key": key} for i in todo]
     log(f"prepare: {len(units)} unit(s), {total_bytes / 2**20:,.1f} MB of input -> {out_dir}"
         + (f"; {len(done)} already done, {len(todo)} to go" if done else "") + f"; {max(1, workers)} worker(s)")
-    start = last = time.perf_counter()
+    start = time.perf_counter()
     done_bytes = new_tokens = warned = 0
+    todo_bytes = sum(units[i].size for i in todo) or 1
+    counting = threading.Lock()  # the progress thread reads what finished() adds to
+
+    def say_how_far(rows: List[tuple]) -> None:
+        with counting:
+            # the units under way, by their workers' rows (a finished one's row may not be cleared yet)
+            under_way = [(u - 1, read, tokens) for u, read, tokens in rows if u and u - 1 not in done]
+            got_bytes = done_bytes + sum(min(read, units[i].size) for i, read, _ in under_way)
+            got_tokens = new_tokens + sum(tokens for _, _, tokens in under_way)
+            elapsed = time.perf_counter() - start
+            log(f"prepare: {len(done)}/{len(units)} units" + (f" ({len(under_way)} under way)" if under_way else "")
+                + f", {got_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, {got_tokens / max(elapsed, 1e-9):,.0f} "
+                f"tokens/s, {elapsed_and_eta(elapsed, got_bytes, todo_bytes)}")
 
     def finished(meta: dict) -> None:
-        nonlocal done_bytes, new_tokens, last, warned
+        nonlocal done_bytes, new_tokens, warned
         for message in meta.pop("warnings"):
             warnings.warn(message, DataWarning, stacklevel=3)
             warned += 1
         index = int(meta["file"][len("shard_"):-len(".bin")])
-        done[index] = meta
-        done_bytes += units[index].size
-        new_tokens += meta["tokens"]
-        now = time.perf_counter()
-        if now - last >= progress_every_s or len(done) == len(units):
-            last, elapsed = now, now - start
-            todo_bytes = sum(units[i].size for i in todo) or 1
-            log(f"prepare: {len(done)}/{len(units)} units, {done_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, "
-                f"{new_tokens / max(elapsed, 1e-9):,.0f} tokens/s, {elapsed_and_eta(elapsed, done_bytes, todo_bytes)}")
+        with counting:
+            done[index] = meta
+            done_bytes += units[index].size
+            new_tokens += meta["tokens"]
+        if len(done) == len(units):
+            say_how_far([])
 
-    in_workers(_prepare_unit, dict(enumerate(jobs)), workers, lambda _, meta: finished(meta))
+    in_workers(_prepare_unit, dict(enumerate(jobs)), workers, lambda _, meta: finished(meta),
+               under_way=say_how_far, every_s=progress_every_s)
 
     shards = [done[i] for i in range(len(units))]
     total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)

@@ -1481,3 +1481,31 @@ def test_ids_only_encoding_of_long_and_short_texts_is_encode_batchs_in_order(tok
     expected = [e.ids for e in encode_as_text(hf, texts)]
     assert [e.ids for e in encode_as_text(hf, texts, offsets=False)] == expected
     assert hf.token_to_id("<|endoftext|>") not in expected[1] and not hf.encode_special_tokens  # left as found
+
+
+@pytest.mark.parametrize("files, workers", [(1, 1), (2, 2)])
+def test_a_long_unit_says_how_far_it_has_got_before_its_shard_is_done(tokenizer_path, tmp_path, files, workers):
+    """A compressed file is one unit (hours for a 15 GB .jsonl.zst); progress lines used to come
+    only as units finished. Now they come on the clock, with the bytes the units under way have
+    read: in this process (one worker) and from worker processes (two)."""
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for n in range(files):
+        with gzip.open(source / f"part{n}.jsonl.gz", "wt") as f:
+            for text in documents(20_000, start=n * 20_000):
+                f.write(json.dumps({"text": text * 3}) + "\n")
+    total_mb = sum(p.stat().st_size for p in source.iterdir()) / 2**20
+    lines = []
+    prepare_corpus(source, Tokenizer(tokenizer_path), tmp_path / "out", workers=workers, log=lines.append,
+                   progress_every_s=0.05)
+    progress = [re.match(r"prepare: (\d+)/(\d+) units(?: \((\d+) under way\))?, ([\d,.]+)/([\d,.]+) MB, ([\d,]+) "
+                         r"tokens/s, elapsed \S+, ETA \S+$", line) for line in lines]
+    progress = [m for m in progress if m]
+    assert progress and progress[-1].group(1) == progress[-1].group(2) == str(files)  # the last says all are done
+    under_way = [m for m in progress if m.group(3)]
+    assert under_way, lines  # lines before any unit was done
+    read = [float(m.group(4).replace(",", "")) for m in progress]
+    assert any(0 < float(m.group(4).replace(",", "")) < total_mb - 0.06 for m in under_way), lines  # part-way
+    assert read == sorted(read) and read[-1] == pytest.approx(total_mb, abs=0.06)
+    assert all(float(m.group(5).replace(",", "")) == read[-1] for m in progress)
+    assert any(int(m.group(6).replace(",", "")) > 0 for m in under_way)  # tokens written so far count in the rate
