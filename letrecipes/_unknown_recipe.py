@@ -6,15 +6,25 @@
 first) answers only names one level under ``letrecipes`` that nothing else found, and only
 when runpy asks. ``runpy`` asks its loader for code, which exits with the recipes there are
 and the closest one; an ``import`` of such a name still raises ``ModuleNotFoundError`` and
-``importlib.util.find_spec`` gives None, as before.
+``importlib.util.find_spec`` gives None, as before. A top-level name is answered too when
+it is one of the recipes' without the package (``tune run let_pretrain``), or under ``tune
+run`` (a copied recipe run from another folder): the ``.pth`` file that scripts/setup.sh
+writes imports letrecipes at every start of the venv's Python, so the finder is in place
+before ``tune`` asks.
 """
 
 import difflib
 import importlib.abc
 import importlib.machinery
+import os
 import sys
 
 RECIPES = ("pretrain", "let_pretrain", "eval")  # the modules of this package that tune run takes
+
+
+def _closest_recipe(name: str):
+    close = difflib.get_close_matches(name, RECIPES, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 class _UnknownRecipeLoader(importlib.abc.Loader):
@@ -25,12 +35,20 @@ class _UnknownRecipeLoader(importlib.abc.Loader):
         raise ModuleNotFoundError(f"No module named {self.name!r}", name=self.name)
 
     def get_code(self, fullname):  # runpy's path: tune run, python -m
-        wanted = fullname.rpartition(".")[2]
-        close = difflib.get_close_matches(wanted, RECIPES, n=1, cutoff=0.6)
-        hint = f" Did you mean letrecipes/{close[0]}?" if close else ""
-        line = (f"error: no recipe letrecipes/{wanted}.{hint} Fix: one of "
-                + ", ".join(f"letrecipes/{r}" for r in RECIPES)
-                + " (or a recipe you copied with letrecipes cp: tune run my_let --config ...).")
+        package, _, wanted = fullname.rpartition(".")
+        close = _closest_recipe(wanted)
+        choices = ", ".join(f"letrecipes/{r}" for r in RECIPES)
+        if package:
+            hint = f" Did you mean letrecipes/{close}?" if close else ""
+            line = (f"error: no recipe letrecipes/{wanted}.{hint} Fix: one of {choices} (or a recipe you copied with "
+                    "letrecipes cp: tune run my_let --config ...).")
+        elif close:  # `tune run let_pretrain`: our recipes are modules of the package, named with it
+            line = (f"error: no recipe {wanted}: letrecipes' recipes are named with their package. Fix: tune run "
+                    f"letrecipes/{close} --config ... (or python -m letrecipes.{close} --config ...).")
+        else:  # `tune run my_lett`: a copied recipe that is not where tune looks
+            line = (f"error: no recipe {wanted}: tune run found no torchtune recipe of that name and no module "
+                    f"{wanted} (a {wanted}.py in the working directory, {os.getcwd()}, or an installed one). Fix: run "
+                    f"from the folder of the recipe you copied, or one of {choices}.")
         return compile(f"raise SystemExit({line!r})", f"<letrecipes: no recipe {wanted}>", "exec")
 
 
@@ -43,10 +61,27 @@ def _asked_by_runpy() -> bool:
     return frame is not None and frame.f_globals.get("__name__") == "runpy"
 
 
+def _started_as_tune_run() -> bool:
+    """Whether this process is ``tune run ...`` (which sets ``sys.argv`` to the recipe's own)."""
+    argv = getattr(sys, "orig_argv", [])
+    return any(arg in ("torchtune._cli.tune", "tune") or os.path.basename(arg) == "tune"
+               for i, arg in enumerate(argv) if argv[i + 1:i + 2] == ["run"])
+
+
 class UnknownRecipeFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         package, _, name = fullname.rpartition(".")
-        if package != "letrecipes" or not name or name.startswith("_") or not _asked_by_runpy():
+        if not name or name.startswith("_"):
+            return None
+        if package == "letrecipes":
+            ours = True
+        elif not package:
+            # a top-level name: one of our recipes' without the package (any `python -m` or
+            # tune run), or any name under tune run, which reports only runpy's traceback
+            ours = _closest_recipe(name) is not None or _started_as_tune_run()
+        else:
+            ours = False
+        if not ours or not _asked_by_runpy():
             return None
         return importlib.machinery.ModuleSpec(fullname, _UnknownRecipeLoader(fullname))
 

@@ -153,11 +153,35 @@ def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
         "error: `tune run letrecipes.let_pretrain` ran the package letrecipes, not the recipe: tune run takes a recipe "
         "as a path and reads what follows its last dot as a file suffix. Fix: tune run letrecipes/let_pretrain "
         "--config ... (a slash), or python -m letrecipes.let_pretrain --config ..."], result.stderr[-2000:]
+    # a recipe without its package, and a copied recipe that is not in the working directory: runpy's
+    # traceback ending in "ImportError: No module named let_pretrain" before
+    for name, line in (("let_pretrain", "error: no recipe let_pretrain: letrecipes' recipes are named with their "
+                        "package. Fix: tune run letrecipes/let_pretrain --config ... (or python -m "
+                        "letrecipes.let_pretrain --config ...)."),
+                       ("my_lett", f"error: no recipe my_lett: tune run found no torchtune recipe of that name and no "
+                        f"module my_lett (a my_lett.py in the working directory, {tmp_path}, or an installed one). "
+                        "Fix: run from the folder of the recipe you copied, or one of letrecipes/pretrain, "
+                        "letrecipes/let_pretrain, letrecipes/eval.")):
+        result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", name, "--config", "let_tiny"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.strip() == line, result.stderr[-2000:]
+    (tmp_path / "eval.py").write_text("print('the user module')")  # a module of one's own is found first
+    for command in (["-m", "torchtune._cli.tune", "run", "eval", "--config", "x"], ["-m", "eval"]):
+        result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.stdout.strip() == "the user module", result.stderr[-2000:]
+    (tmp_path / "eval.py").unlink()
+    result = subprocess.run([sys.executable, "-m", "some_module_of_another_project"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stderr.strip().endswith("No module named some_module_of_another_project")  # Python's own, untouched
     # an import of a missing module still fails as Python's own, and the recipes named are the real ones
     probe = ("import importlib, letrecipes, letrecipes._unknown_recipe as u\n"
              "try:\n    import letrecipes.let_pretrian\nexcept ModuleNotFoundError as e:\n    print(e.name)\n"
              "print(all(hasattr(importlib.import_module('letrecipes.' + r), 'recipe_main') for r in u.RECIPES))\n"
-             "import importlib.util\nprint(importlib.util.find_spec('letrecipes.let_pretrian'))")
+             "import importlib.util\nprint(importlib.util.find_spec('letrecipes.let_pretrian'))\n"
+             "print(importlib.util.find_spec('let_pretrain'))\n"
+             "try:\n    import let_pretrain\nexcept ModuleNotFoundError as e:\n    print(e.name)\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=120)
-    assert result.stdout.split() == ["letrecipes.let_pretrian", "True", "None"], result.stdout + result.stderr[-2000:]
+    assert result.stdout.split() == ["letrecipes.let_pretrian", "True", "None", "None", "let_pretrain"], \
+        result.stdout + result.stderr[-2000:]
