@@ -282,6 +282,8 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
             kinds[path] = "dataset"
         elif kind == "broken":
             broken.append(path)  # a Hugging Face cache whose download stopped: links to blobs never written
+        elif kind == "special":  # read once at most, and a reader of a pipe could wait for ever
+            other.setdefault("(pipes, sockets, devices)", []).append(path)
         elif path.name == PREPARED_MANIFEST and is_token_shards(path.parent):
             # token shards are not text: read as a corpus, the manifest would be one bad JSON record
             where = "is" if path.parent == item else f"holds one, {str(path.parent)!r}, which is"
@@ -357,7 +359,8 @@ class _ListingProgress:
 
 def _folder_entries(folder: Path) -> Iterator[Tuple[Path, str]]:
     """Every file under ``folder`` as ``(path, "file")``, a ``datasets`` folder as
-    ``(path, "dataset")`` (not entered) and a link to nothing as ``(path, "broken")``, in the
+    ``(path, "dataset")`` (not entered), a link to nothing as ``(path, "broken")`` and a pipe,
+    socket or device as ``(path, "special")``, in the
     order of ``sorted(folder.rglob("*"))`` (each folder's names sorted, its subfolders read where
     their names fall). Hidden names (``.git``, ``.cache``, macOS's ``._x.txt``) are left out
     with all they hold. Written on ``os.scandir`` rather than ``rglob``: a launch on a raw corpus
@@ -387,6 +390,8 @@ def _folder_entries(folder: Path) -> Iterator[Tuple[Path, str]]:
                         yield path, "dataset"
                 elif not os.path.exists(path):
                     yield path, "broken"
+            else:  # a pipe, socket or device: never read, but said to be left out
+                yield path, "special"
         except OSError:  # gone or unreadable while listed: as rglob, left out
             continue
 
