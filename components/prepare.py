@@ -280,7 +280,10 @@ class _Every(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.seconds):
-            self.tick()
+            try:
+                self.tick()
+            except OSError:  # its output gone (`prepare-data | head`): the work goes on, and its own next line says so
+                return
 
     def __enter__(self) -> "_Every":
         self.start()

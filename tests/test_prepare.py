@@ -1509,3 +1509,20 @@ def test_a_long_unit_says_how_far_it_has_got_before_its_shard_is_done(tokenizer_
     assert read == sorted(read) and read[-1] == pytest.approx(total_mb, abs=0.06)
     assert all(float(m.group(5).replace(",", "")) == read[-1] for m in progress)
     assert any(int(m.group(6).replace(",", "")) > 0 for m in under_way)  # tokens written so far count in the rate
+
+
+def test_the_progress_thread_stops_quietly_when_its_output_is_gone(monkeypatch):
+    """`letrecipes prepare-data | head -1`: a progress line written by the thread finds the pipe
+    closed; the thread ends without a traceback of its own (the work's next line says it)."""
+    import threading
+
+    raised, ticks = [], []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_type))
+
+    def tick():
+        ticks.append(time.monotonic())
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with prepare_module._Every(0.01, tick):
+        time.sleep(0.2)
+    assert len(ticks) == 1 and raised == []
