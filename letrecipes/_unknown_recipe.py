@@ -10,7 +10,8 @@ and the closest one; an ``import`` of such a name still raises ``ModuleNotFoundE
 it is one of the recipes' without the package (``tune run let_pretrain``), or under ``tune
 run`` (a copied recipe run from another folder): the ``.pth`` file that scripts/setup.sh
 writes imports letrecipes at every start of the venv's Python, so the finder is in place
-before ``tune`` asks.
+before ``tune`` asks. A path with ``./`` or a leading ``/`` never reaches a finder (runpy
+refuses the module name tune makes of it): a ``sys.excepthook`` says that one in a line.
 """
 
 import difflib
@@ -86,6 +87,34 @@ class UnknownRecipeFinder(importlib.abc.MetaPathFinder):
         return importlib.machinery.ModuleSpec(fullname, _UnknownRecipeLoader(fullname))
 
 
+def _path_given_to_tune_run(dotted: str):
+    """The recipe path of ``tune run PATH`` that tune turned into the module name ``dotted``."""
+    return next((arg for arg in getattr(sys, "orig_argv", [])
+                 if arg.endswith(".py") and os.path.splitext(arg)[0].replace("/", ".") == dotted), None)
+
+
+def _a_recipe_path_is_one_line(previous):
+    """``tune run ./letrecipes/let_pretrain.py`` or ``tune run /home/me/my_let.py``: tune makes a
+    module name of the path, '..letrecipes.let_pretrain', and runpy refuses it before any finder
+    is asked ("Relative module names not supported", a traceback). Said in one line, with
+    the command that works; every other exception goes to the hook there was."""
+    def hook(kind, error, traceback):
+        path = _path_given_to_tune_run(sys.argv[0]) if sys.argv else None
+        if not (kind is ImportError and str(error) == "Relative module names not supported" and path
+                and _started_as_tune_run()):
+            return previous(kind, error, traceback)
+        folder, stem = os.path.split(os.path.splitext(path)[0])
+        shipped = stem in RECIPES and os.path.basename(os.path.normpath(folder or ".")) == "letrecipes"
+        fix = (f"tune run letrecipes/{stem} --config ... (from any folder)" if shipped else
+               f"run it from its folder: cd {os.path.abspath(folder or '.')} && tune run {stem} --config ...")
+        print(f"error: tune run {path}: tune takes a recipe as a module path from the working directory, without "
+              f"'./' or a leading '/' (it made {sys.argv[0]!r} of it). Fix: {fix}", file=sys.stderr)  # exit status 1
+    hook.previous = previous
+    return hook
+
+
 def install() -> None:
     if not any(isinstance(f, UnknownRecipeFinder) for f in sys.meta_path):
         sys.meta_path.append(UnknownRecipeFinder())
+    if not hasattr(sys.excepthook, "previous"):
+        sys.excepthook = _a_recipe_path_is_one_line(sys.excepthook)

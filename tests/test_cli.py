@@ -165,6 +165,27 @@ def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
         result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", name, "--config", "let_tiny"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1 and result.stderr.strip() == line, result.stderr[-2000:]
+    # a recipe given as a file path with ./ or a leading /: tune makes '..letrecipes.let_pretrain' of it
+    # and runpy's traceback ended in "ImportError: Relative module names not supported"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "my_let.py").write_text("print('mine')")
+    for path, cwd, line in (
+            ("./letrecipes/let_pretrain.py", REPO, "error: tune run ./letrecipes/let_pretrain.py: tune takes a recipe "
+             "as a module path from the working directory, without './' or a leading '/' (it made "
+             "'..letrecipes.let_pretrain' of it). Fix: tune run letrecipes/let_pretrain --config ... (from any folder)"),
+            (str(tmp_path / "mine" / "my_let.py"), tmp_path, f"error: tune run {tmp_path}/mine/my_let.py: tune takes a "
+             "recipe as a module path from the working directory, without './' or a leading '/' (it made "
+             f"'{str(tmp_path / 'mine' / 'my_let').replace('/', '.')}' of it). Fix: run it from its folder: cd "
+             f"{tmp_path}/mine && tune run my_let --config ...")):
+        result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", path, "--config", "let_tiny"],
+                                cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and result.stderr.strip() == line, result.stderr[-2000:]
+    result = subprocess.run([sys.executable, "-m", "torchtune._cli.tune", "run", "my_let", "--config", "x"],
+                            cwd=tmp_path / "mine", env=env, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "mine"  # the fix it names works
+    result = subprocess.run([sys.executable, "-c", "raise ImportError('Relative module names not supported')"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "Traceback" in result.stderr and "error: tune run" not in result.stderr  # elsewhere: Python's own
     (tmp_path / "eval.py").write_text("print('the user module')")  # a module of one's own is found first
     for command in (["-m", "torchtune._cli.tune", "run", "eval", "--config", "x"], ["-m", "eval"]):
         result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True,
