@@ -522,3 +522,95 @@ def test_resume_notices_a_teacher_retrained_in_place_until_s_stop(let_overrides,
     fingerprints = {json.loads((checkpoints / step / "run_info.json").read_text())["teacher_fingerprint"]
                     for step in ("step_00000002", "step_00000004", "step_00000006")}
     assert len(fingerprints) == 1 and None not in fingerprints
+
+
+def _device_reads(recipe) -> list:
+    """Train ``recipe`` and list each read of a tensor's value by the host, as (where, how):
+    where is "step" inside a training step, else the step just finished. On a GPU each is a
+    sync that stalls the queue of kernels. Caught as the ops and methods that read values:
+    ``.item()``, ``bool()``/``float()``/``int()``, ``.tolist()``, ``.numpy()``, and the ops whose
+    result's shape depends on the values (``nonzero``, ``masked_select``, ``equal``). The batches'
+    loading (host data) and torch.optim's step counters (kept on the host by torch) are left out."""
+    import traceback
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    value_ops = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                 aten.equal.default, aten.is_nonzero.default}
+    reads, where = [], [None]
+
+    def read(how: str) -> None:
+        stack = traceback.extract_stack()
+        if where[0] is not None and not any("torch/optim/" in f.filename for f in stack):
+            ours = [f for f in stack if "/torch/" not in f.filename and f.filename != __file__]
+            reads.append((where[0], how, f"{Path(ours[-1].filename).name}:{ours[-1].name}" if ours else "?"))
+
+    class ValueReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in value_ops:
+                read(str(func))
+            return func(*args, **(kwargs or {}))
+
+    step, next_batch = recipe.train_step, recipe.batches.next
+
+    def counted_step():
+        where[0] = "step"
+        try:
+            return step()
+        finally:
+            where[0] = recipe.step
+
+    def loading():
+        before, where[0] = where[0], None
+        try:
+            return next_batch()
+        finally:
+            where[0] = before
+
+    recipe.train_step, recipe.batches.next = counted_step, loading
+    methods = ("tolist", "numpy", "item", "__bool__", "__float__", "__int__")
+    originals = {name: getattr(torch.Tensor, name) for name in methods}
+
+    def watched(name):
+        def method(self, *args, **kwargs):
+            read(name)
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    try:
+        for name in methods:
+            setattr(torch.Tensor, name, watched(name))
+        with ValueReads():
+            recipe.train()
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    recipe.cleanup()
+    return reads
+
+
+@pytest.mark.parametrize("recipe_class, config, extra", [(pretrain.PretrainRecipe, "pretrain_tiny", []),
+                                                         (let_pretrain.LETPretrainRecipe, "let_tiny", []),
+                                                         (let_pretrain.LETPretrainRecipe, "let_tiny",
+                                                          ["fsdp.enabled=true"])],
+                         ids=["pretrain", "let", "let-fsdp2"])
+def test_the_host_reads_values_only_at_log_steps(recipe_class, config, extra, request, tmp_path):
+    """Issue 14 (5), measured on a CPU by what the host reads: nothing inside a step (the loss,
+    the gradient norm, LET's lambda from `schedule: auto`, the teacher's finiteness, all stay on
+    the device) and one read each of the queued finiteness flags and the record at a log step,
+    with gradient accumulation, clipping and the teacher's release (step 8) in the window, in
+    one process and under FSDP2 (at world size 1, as the GPU check runs it)."""
+    overrides = request.getfixturevalue("let_overrides" if config == "let_tiny" else "base_overrides")
+    recipe = recipe_class(OmegaConf.merge(OmegaConf.load(resolve_config_path(config)), OmegaConf.from_dotlist([
+        *overrides, f"output_dir={tmp_path}", "max_steps=12", "log_every=5", "eval_every=0", "save_every=0",
+        "gradient_accumulation_steps=2", "clip_grad_norm=1.0", *extra,
+        *(["alignment.schedule.stop=8"] if config == "let_tiny" else [])])))
+    recipe.setup()
+    reads = _device_reads(recipe)
+    assert [r for r in reads if r[0] == "step"] == []
+    assert sorted({r[0] for r in reads}) == [5, 10, 12], reads  # the log steps, and the last
+    # two reads a log step: the queued finiteness flags, then the record (the last step also saves and exports)
+    assert [(r[0], r[2]) for r in reads if r[0] in (5, 10)] == [
+        (step, where) for step in (5, 10) for where in ("pretrain.py:resolve", "metrics.py:to_python")], reads
