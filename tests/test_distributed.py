@@ -55,10 +55,44 @@ def test_float8_under_fsdp_stays_close_to_bf16(let_overrides, tmp_path):
     fp8 = tune_run_2proc("let_pretrain", "let_tiny", *common, f"output_dir={tmp_path / 'fp8'}", "float8.enabled=true",
                          "float8.fsdp_float8_all_gather=true")
     assert "float8 tensorwise" in fp8.stdout
+    assert "float8.enabled=true on a CPU: torch has no fast float8 matmul there" in fp8.stdout + fp8.stderr
     a, b = losses(tmp_path / "bf16"), losses(tmp_path / "fp8")
     assert len(a) == len(b) == 3
     for (_, x), (_, y) in zip(a, b):
         assert y == y and abs(x - y) < 0.05 * abs(x)
+
+
+def test_float8_on_a_gpu_without_float8_tensor_cores_stops_before_any_step(monkeypatch):
+    """torch's float8 matmul raises on an A100 (8.0) at the first step, after the model is
+    built and compiled (minutes at 7B); now the check at setup names the GPU and the fix."""
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ComponentError, match=r"float8.enabled=true needs float8 tensor cores \(compute capability 8.9 "
+                       r"or higher: H100, H200, L40S, RTX 4090\); NVIDIA A100-SXM4-80GB has 8.0. Fix: "
+                       r"float8.enabled=false \(bf16\), or float8.emulate=true"):
+        parallel.check_float8_device(torch.device("cuda", 0))
+    for capability in ((8, 9), (9, 0), (10, 0)):  # L40S, H100, B200
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        parallel.check_float8_device(torch.device("cuda", 0))
+    with pytest.raises(ComponentError, match="float8.enabled=true needs float8 tensor cores"):  # through the recipe's call
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        parallel.parallelize(torch.nn.Linear(16, 16, device="meta"), torch.device("cuda", 0), False, None,
+                             {"enabled": True}, {}, False, {}, seed=0)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # emulated on a CPU: fast, so nothing to say
+        warnings.simplefilter("always")
+        parallel.parallelize(torch.nn.Sequential(torch.nn.Linear(16, 16)), torch.device("cpu"), False, None,
+                             {"enabled": True, "emulate": True}, {}, False, {}, seed=0)
+    assert not [w for w in caught if "float8" in str(w.message)]
+    with pytest.warns(UserWarning, match="float8.enabled=true on a CPU: torch has no fast float8 matmul"):
+        parallel.check_float8_device(torch.device("cpu"))
 
 
 def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_path, capsys):
