@@ -90,7 +90,7 @@ class UnknownRecipeFinder(importlib.abc.MetaPathFinder):
 def _path_given_to_tune_run(dotted: str):
     """The recipe path of ``tune run PATH`` that tune turned into the module name ``dotted``."""
     return next((arg for arg in getattr(sys, "orig_argv", [])
-                 if arg.endswith(".py") and os.path.splitext(arg)[0].replace("/", ".") == dotted), None)
+                 if "/" in arg and os.path.splitext(arg)[0].replace("/", ".") == dotted), None)
 
 
 def _a_recipe_path_is_one_line(previous):

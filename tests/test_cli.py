@@ -170,9 +170,10 @@ def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "my_let.py").write_text("print('mine')")
     for path, cwd, line in (
-            ("./letrecipes/let_pretrain.py", REPO, "error: tune run ./letrecipes/let_pretrain.py: tune takes a recipe "
-             "as a module path from the working directory, without './' or a leading '/' (it made "
-             "'..letrecipes.let_pretrain' of it). Fix: tune run letrecipes/let_pretrain --config ... (from any folder)"),
+            *((recipe, REPO, f"error: tune run {recipe}: tune takes a recipe as a module path from the working "
+               "directory, without './' or a leading '/' (it made '..letrecipes.let_pretrain' of it). Fix: tune run "
+               "letrecipes/let_pretrain --config ... (from any folder)")
+              for recipe in ("./letrecipes/let_pretrain.py", "./letrecipes/let_pretrain")),
             (str(tmp_path / "mine" / "my_let.py"), tmp_path, f"error: tune run {tmp_path}/mine/my_let.py: tune takes a "
              "recipe as a module path from the working directory, without './' or a leading '/' (it made "
              f"'{str(tmp_path / 'mine' / 'my_let').replace('/', '.')}' of it). Fix: run it from its folder: cd "
