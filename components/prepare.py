@@ -272,7 +272,8 @@ def _worker_init(threads: int, under_way_values, next_row) -> None:
 
 
 class _Every(threading.Thread):
-    """Calls ``tick()`` every ``seconds`` from a thread of its own until stopped (a ``with`` block)."""
+    """Calls ``tick()`` every ``seconds`` from a thread of its own until stopped (a ``with``
+    block), or until it raises OSError (a progress line's output gone, a lock file removed)."""
 
     def __init__(self, seconds: float, tick: Callable[[], None]):
         super().__init__(daemon=True, name="letrecipes-progress")
@@ -282,7 +283,7 @@ class _Every(threading.Thread):
         while not self.stopped.wait(self.seconds):
             try:
                 self.tick()
-            except OSError:  # its output gone (`prepare-data | head`): the work goes on, and its own next line says so
+            except OSError:  # e.g. `prepare-data | head`: the work goes on, and its own next line says so
                 return
 
     def __enter__(self) -> "_Every":
@@ -750,7 +751,9 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
             check_writable_folder(cache_dir, "data.cache_dir")
             if _take_lock(lock):
                 try:
-                    with _Heartbeat(lock):
+                    # the lock's time moves while its holder prepares: waiters on other nodes tell a slow
+                    # preparer from a dead one by it (no clocks compared across nodes)
+                    with _Every(LOCK_HEARTBEAT_S, lambda: os.utime(lock)):
                         _prepare_into_cache(source, tokenizer, folder, text_field, workers, key, log,
                                             document_separator, drop_copies)
                 finally:
@@ -840,30 +843,6 @@ def _owner_is_gone(lock: Path) -> bool:
     except (OSError, ValueError):  # gone meanwhile, half-written, or another user's process
         return False
     return False
-
-
-class _Heartbeat:
-    """Touches the lock while its holder prepares, so waiters on other nodes can tell a slow
-    preparer from a dead one by the lock's time moving (no clocks compared across nodes)."""
-
-    def __init__(self, lock: Path):
-        self.lock, self.stop = lock, threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self.stop.wait(LOCK_HEARTBEAT_S):
-            try:
-                os.utime(self.lock)
-            except OSError:
-                return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def _wait_while_held(lock: Path, folder: Path, start: float, timeout_s: float, source) -> None:
