@@ -65,7 +65,7 @@ def _asked_by_runpy() -> bool:
 def _started_as_tune_run() -> bool:
     """Whether this process is ``tune run ...`` (which sets ``sys.argv`` to the recipe's own)."""
     argv = getattr(sys, "orig_argv", [])
-    return any(arg in ("torchtune._cli.tune", "tune") or os.path.basename(arg) == "tune"
+    return any(arg == "torchtune._cli.tune" or os.path.basename(arg) == "tune"  # python -m torchtune._cli.tune, or tune
                for i, arg in enumerate(argv) if argv[i + 1:i + 2] == ["run"])
 
 
