@@ -391,6 +391,7 @@ def _prepare_unit(job: dict) -> dict:
             flush()
             out.flush()
             os.fsync(out.fileno())
+        _check_unchanged(unit, job["key"])
         os.replace(tmp, data_path)
     except BaseException:  # a failed or interrupted write leaves nothing behind
         tmp.unlink(missing_ok=True)
@@ -403,6 +404,25 @@ def _prepare_unit(job: dict) -> dict:
             "warning_count": len(messages), "first_warnings": messages[:KEPT_WARNINGS]}
     replace_atomically(out_dir / f"{name}.json", json.dumps(meta))
     return {**meta, "warnings": messages}
+
+
+def _check_unchanged(unit: Unit, key: str) -> None:
+    """A whole-file unit's files must be the size they were listed at once read: a file still
+    being written (a download or copy under way) would otherwise be prepared as whatever part
+    of it had arrived, its last record cut, without a word. (A part of a cut file reads a fixed
+    byte range; a parquet row group or a datasets folder is read by its own metadata.)"""
+    if unit.is_range or unit.kind not in ("text", "jsonl", "csv", "arrow", "archive"):
+        return
+    try:
+        now = sum(os.stat(path).st_size for path in unit.paths)
+    except OSError as err:
+        raise DataError(f"{key}: {err.filename} went away while it was being prepared. Fix: put it back, or "
+                        "leave it out of the source, then run the command again.") from err
+    if now != unit.size:
+        where = unit.paths[0] if len(unit.paths) == 1 else f"one of {len(unit.paths)} files from {unit.paths[0]}"
+        raise DataError(f"{key}: {where} changed while it was being prepared: {unit.size:,} bytes when the corpus was "
+                        f"listed, {now:,} now (a download or a copy still under way?). Fix: wait until it is complete, "
+                        "then run the command again.")
 
 
 def _remove_dead_tmp_files(out_dir: Path) -> None:
@@ -445,20 +465,22 @@ def _earlier_plan(out_dir: Path) -> Optional[dict]:
     return None
 
 
+def _plan_settings(plan: dict) -> dict:
+    """A plan without its units: the tokenizer, dtype and reading settings."""
+    return {k: v for k, v in plan.items() if k != "units"}
+
+
 def _same_files_cut_otherwise(earlier: dict, plan: dict) -> bool:
     """Whether two plans read the same files in the same order with the same settings, and differ
     only in how the files are cut into units (SPLIT_FILE_BYTES, or the cutting of large files added)."""
     def files(units: List[dict]) -> List[str]:
         return list(dict.fromkeys(path for unit in units for path in unit["paths"]))
 
-    def settings(p: dict) -> dict:
-        return {k: v for k, v in p.items() if k != "units"}
-
     def size(units: List[dict]) -> int:  # an edited file changes it, as it changed the old units' sizes
         return sum(unit.get("size", 0) for unit in units)
 
     try:
-        return (settings(earlier) == settings(plan) and files(earlier["units"]) == files(plan["units"])
+        return (_plan_settings(earlier) == _plan_settings(plan) and files(earlier["units"]) == files(plan["units"])
                 and size(earlier["units"]) == size(plan["units"]))
     except (KeyError, TypeError):
         return False
@@ -541,7 +563,12 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
             raise DataError(f"prepare: {out_dir} already holds data prepared from other sources or with another "
                             "tokenizer. Fix: choose another output folder, or delete that one first.")
     plan_path = out_dir / PLAN
-    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+    if plan_path.is_file() and (begun := json.loads(plan_path.read_text())) != plan:
+        if _plan_settings(begun) == _plan_settings(plan) and \
+                [u.get("paths") for u in begun.get("units", [])] == [u["paths"] for u in plan["units"]]:
+            raise DataError(f"prepare: {out_dir} was begun on the same files when they had other sizes: one changed "
+                            "since, or was still being written then. Fix: delete that folder and prepare again, or "
+                            "choose another.")
         raise DataError(f"prepare: {out_dir} holds an unfinished prepare of other sources or with another tokenizer "
                         f"({PLAN} differs). Fix: rerun the command that started it, or choose another folder.")
     replace_atomically(plan_path, json.dumps(plan, indent=1))

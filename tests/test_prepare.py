@@ -1526,3 +1526,38 @@ def test_the_progress_thread_stops_quietly_when_its_output_is_gone(monkeypatch):
     with prepare_module._Every(0.01, tick):
         time.sleep(0.2)
     assert len(ticks) == 1 and raised == []
+
+
+def test_a_file_still_being_written_is_named_and_not_prepared_as_the_part_that_arrived(tokenizer_path, tmp_path,
+                                                                                         monkeypatch):
+    """A corpus prepared while its download still ran was prepared as whatever had arrived,
+    its last record cut (skipped with a warning at most), and kept as the corpus."""
+    source = tmp_path / "corpus"
+    source.mkdir()
+    part = source / "part.jsonl"
+    part.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(50)))
+    listed = part.stat().st_size
+    reader, arrived = prepare_module.read_unit_in_pieces, '{"text": "what arrived mean'  # a record not yet whole
+
+    def while_it_grows(*args, **kwargs):
+        for i, piece in enumerate(reader(*args, **kwargs)):
+            if i == 0:
+                with open(part, "a") as more:
+                    more.write(arrived)
+            yield piece
+
+    monkeypatch.setattr(prepare_module, "read_unit_in_pieces", while_it_grows)
+    tok = Tokenizer(tokenizer_path)
+    with pytest.raises(DataError, match=re.escape(
+            f"data.source: {part} changed while it was being prepared: {listed:,} bytes when the corpus was listed, "
+            f"{listed + len(arrived):,} now (a download or a copy still under way?). Fix: wait until it is complete, then run "
+            "the command again.")):
+        prepare_corpus(source, tok, tmp_path / "out", workers=1, **QUIET)
+    assert not list((tmp_path / "out").glob("shard_*"))  # nothing of it is kept as prepared
+    monkeypatch.undo()
+    with open(part, "a") as more:
+        more.write('time"}\n')  # the download ends
+    with pytest.raises(DataError, match=f"prepare: {tmp_path / 'out'} was begun on the same files when they had other "
+                       "sizes: one changed since, or was still being written then. Fix: delete that folder"):
+        prepare_corpus(source, tok, tmp_path / "out", workers=1, **QUIET)
+    assert prepare_corpus(source, tok, tmp_path / "new", workers=1, **QUIET)["documents"] == 51
