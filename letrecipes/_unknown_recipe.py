@@ -109,12 +109,23 @@ def _a_recipe_path_is_one_line(previous):
                f"run it from its folder: cd {os.path.abspath(folder or '.')} && tune run {stem} --config ...")
         print(f"error: tune run {path}: tune takes a recipe as a module path from the working directory, without "
               f"'./' or a leading '/' (it made {sys.argv[0]!r} of it). Fix: {fix}", file=sys.stderr)  # exit status 1
-    hook.previous = previous
+    hook.previous, hook.a_recipe_path_is_one_line = previous, True
     return hook
+
+
+def hook_installed(marker: str) -> bool:
+    """Whether ``sys.excepthook``'s chain (each of ours keeps the one before as ``previous``)
+    holds the hook marked ``marker``: an install run twice must not chain it twice."""
+    hook = sys.excepthook
+    while hook is not None:
+        if getattr(hook, marker, False):
+            return True
+        hook = getattr(hook, "previous", None)
+    return False
 
 
 def install() -> None:
     if not any(isinstance(f, UnknownRecipeFinder) for f in sys.meta_path):
         sys.meta_path.append(UnknownRecipeFinder())
-    if not hasattr(sys.excepthook, "previous"):
+    if not hook_installed("a_recipe_path_is_one_line"):
         sys.excepthook = _a_recipe_path_is_one_line(sys.excepthook)

@@ -207,3 +207,55 @@ def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
                             timeout=120)
     assert result.stdout.split() == ["letrecipes.let_pretrian", "True", "None", "None", "let_pretrain"], \
         result.stdout + result.stderr[-2000:]
+
+
+def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_keep_torchruns_report(
+        tmp_path, monkeypatch, capsys):
+    """The launcher's hook for ChildFailedError (tune run / torchrun, the ranks' side is run in
+    tests/test_distributed.py): ranks that said the same are one line; a signal is named (a
+    SIGKILL with its likely cause); a rank that recorded nothing says so; a job that is not
+    letrecipes', or LETRECIPES_TRACEBACK=1, gets torchrun's own report through the hook there was."""
+    import json
+    import signal
+    import sys
+    from datetime import datetime
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from letrecipes import _launcher
+
+    def failure(rank, exitcode, message=None):
+        error_file = tmp_path / f"error-{rank}.json"
+        if message is not None:
+            error_file.write_text(json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": str(1_700_000_000 + rank)}}}))
+        return ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=exitcode, error_file=str(error_file))
+
+    config_error = "error: lr: 'abc' is not a number. Fix: lr=3e-4."
+    failures = {0: failure(0, 1, config_error), 1: failure(1, 1, config_error), 2: failure(2, 1, config_error),
+                3: failure(3, -signal.SIGKILL), 5: failure(5, 1), 6: failure(6, 1, "Traceback (most recent call "
+                                                                                   "last):\nValueError: boom")}
+    error = ChildFailedError("letrecipes.pretrain", failures)
+    text = _launcher.summary(error).splitlines()
+    assert text[0].startswith("letrecipes.pretrain failed on 6 processes of this node (ranks 0-3, 5-6, on ")
+    assert text[0].endswith(f"; rank 0 first, at {datetime.fromtimestamp(1_700_000_000):%H:%M:%S}:")
+    assert text[1] == f"  ranks 0-2: {config_error}"
+    assert text[2].startswith("  rank 3: killed by signal 9 (SIGKILL) (the kernel's out-of-memory killer")
+    assert text[3] == "  rank 5: exit code 1, with no error recorded: its own output above says why"
+    assert text[4:] == ["  rank 6: ", "    Traceback (most recent call last):", "    ValueError: boom"]
+
+    passed_on = []
+    hook = _launcher._failed_ranks_in_a_few_lines(lambda *args: passed_on.append(args))
+    hook(ChildFailedError, error, None)
+    assert capsys.readouterr().err.splitlines()[1] == f"  ranks 0-2: {config_error}" and not passed_on
+    other_job = ChildFailedError("train.py", {0: failure(6, 1, "Traceback (most recent call last):\nboom")})
+    hook(ChildFailedError, other_job, None)
+    assert passed_on and passed_on[-1][1] is other_job and not capsys.readouterr().err
+    monkeypatch.setenv("LETRECIPES_TRACEBACK", "1")
+    hook(ChildFailedError, error, None)
+    assert passed_on[-1][1] is error and not capsys.readouterr().err
+    hook(ValueError, ValueError("x"), None)
+    assert passed_on[-1][1].args == ("x",)
+    installed = sys.excepthook
+    _launcher.install()  # again (import letrecipes runs it; the .pth already did): not chained twice
+    assert sys.excepthook is installed

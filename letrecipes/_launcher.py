@@ -1,0 +1,112 @@
+"""A failed multi-process run ends with its ranks' errors in a few lines, not torchrun's report.
+
+``tune run --nproc_per_node N`` and ``torchrun`` end a failed job by raising
+``ChildFailedError`` in the launcher: Python prints the launcher's own stack (about twenty
+lines of tune, torchrun and elastic frames, none of them the user's) and then a report that
+repeats each failed rank's error in a seven-line block. The ranks' errors are what the user
+needs, and most are every rank's alike (a config key, a missing file). A ``sys.excepthook``
+in the launcher prints them grouped instead::
+
+    letrecipes.pretrain failed on 2 processes of this node (ranks 0-1, on gpu-07); rank 0 first, at 20:58:41:
+      ranks 0-1: error: data.source: '/data/c' does not exist ...
+
+A rank's Python traceback (a bug) is printed whole; a rank killed by a signal is named with
+it. Only a job of letrecipes is summarised this way (its name, or one of its ranks' errors in
+our one-line form); any other job, and any run with ``LETRECIPES_TRACEBACK=1``, gets
+torchrun's report as it was. The launcher also logged, on every failure, that it has no
+error file of its own to copy the first rank's into (true of every plain torchrun run, and
+nothing a user can act on): that one log line is dropped.
+
+Installed by ``import letrecipes``, which the ``.pth`` file of scripts/setup.sh runs at the
+start of every Python in the venv, so it is in place in the launcher before it fails.
+"""
+
+import logging
+import os
+import socket
+import sys
+from datetime import datetime
+
+from letrecipes._unknown_recipe import hook_installed
+
+NO_PARENT_ERROR_FILE = "no error file defined for parent, to copy child error file"
+NO_ERROR_RECORDED = "To enable traceback see:"  # torchrun's message for a rank that recorded no error
+
+
+def _message(failure) -> str:
+    """What the rank said: its one-line error, its traceback, or how it ended."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("extraInfo", {}).get("py_callstack") or message.get("message") or ""
+    message = str(message).strip()
+    if failure.exitcode < 0:
+        name = failure.signal_name()
+        why = (" (the kernel's out-of-memory killer does this; `dmesg` says so, or a scheduler's kill)"
+               if name == "SIGKILL" else "")
+        return f"killed by signal {-failure.exitcode} ({name}){why}"
+    if not message or message.startswith(NO_ERROR_RECORDED):
+        return f"exit code {failure.exitcode}, with no error recorded: its own output above says why"
+    if "\n" in message:  # a traceback: a bug, shown whole
+        return "\n    " + message.replace("\n", "\n    ")
+    return message
+
+
+def _ranks(ranks) -> str:
+    """``0-3, 6``: the ranks as runs of consecutive numbers."""
+    runs = []
+    for rank in sorted(ranks):
+        if runs and rank == runs[-1][1] + 1:
+            runs[-1][1] = rank
+        else:
+            runs.append([rank, rank])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def summary(error) -> str:
+    """The failed ranks of ``error`` (a ``ChildFailedError``), grouped by what they said."""
+    said = {}
+    for rank, failure in sorted(error.failures.items()):
+        said.setdefault(_message(failure), []).append(rank)
+    first, failure = error.get_first_failure()
+    count = len(error.failures)
+    at = datetime.fromtimestamp(failure.timestamp).strftime("%H:%M:%S")
+    lines = [f"{error.name} failed on {count} process{'es' if count > 1 else ''} of this node "
+             f"(rank{'s' if count > 1 else ''} {_ranks(error.failures)}, on {socket.gethostname()}); "
+             f"rank {first} first, at {at}:"]
+    lines += [f"  rank{'s' if len(ranks) > 1 else ''} {_ranks(ranks)}: {message}" for message, ranks in said.items()]
+    return "\n".join(lines)
+
+
+def _is_letrecipes_job(error) -> bool:
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return False
+    return "letrecipes" in str(getattr(error, "name", "")) or any(
+        _message(failure).startswith("error: ") for failure in failures.values())
+
+
+def _failed_ranks_in_a_few_lines(previous):
+    def hook(kind, error, traceback):
+        if (kind.__name__ != "ChildFailedError" or os.environ.get("LETRECIPES_TRACEBACK")
+                or not _is_letrecipes_job(error)):
+            return previous(kind, error, traceback)
+        try:
+            text = summary(error)
+        except Exception:  # torchrun's report, as it was, rather than none
+            return previous(kind, error, traceback)
+        print(text, file=sys.stderr, flush=True)  # the interpreter exits with status 1
+    hook.previous, hook.failed_ranks_in_a_few_lines = previous, True
+    return hook
+
+
+class _DropNoParentErrorFile(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(NO_PARENT_ERROR_FILE)
+
+
+def install() -> None:
+    logger = logging.getLogger("torch.distributed.elastic.multiprocessing.errors.error_handler")
+    if not any(isinstance(f, _DropNoParentErrorFile) for f in logger.filters):
+        logger.addFilter(_DropNoParentErrorFile())
+    if not hook_installed("failed_ranks_in_a_few_lines"):
+        sys.excepthook = _failed_ranks_in_a_few_lines(sys.excepthook)
