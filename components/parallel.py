@@ -15,7 +15,7 @@ import os
 import socket
 import warnings
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -385,6 +385,27 @@ def check_float8_device(device: torch.device) -> None:
                       "3.1 s for a 4096 x 128 x 384 matmul that bf16 does in 0.009 s on 2 cores; one step of "
                       "pretrain_tiny, width 128, did not end in 10 minutes). Fix: "
                       f"{fix}; float8 is for GPUs with float8 tensor cores.",
+                      LetRecipesWarning, stacklevel=2)
+
+
+BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 tensor cores
+
+
+def check_bf16_device(device: Union[str, torch.device], key: str = "dtype") -> None:
+    """bf16 on a GPU without bf16 tensor cores (V100, T4, P100: compute capability below 8.0),
+    said once at setup (by rank 0): torch runs bf16 there without tensor cores, and torch.compile's
+    kernels may refuse the dtype, so fp32 (or fp16 for a teacher, which runs no backward) is
+    the setting that uses the card. A warning, not an error: the numbers are right."""
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip is not None or (dist.is_initialized() and dist.get_rank() != 0):
+        return  # said by rank 0 alone: every rank of a job has the same cards
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < BF16_CAPABILITY:
+        fix = "teacher.dtype=fp16 (a frozen teacher runs no backward) or fp32" if key.endswith("teacher.dtype") \
+            else "dtype=fp32 (float16 training would need loss scaling, which letrecipes does not do)"
+        warnings.warn(f"{key}=bf16 on {torch.cuda.get_device_name(device)} (compute capability {capability[0]}."
+                      f"{capability[1]}), which has no bf16 tensor cores (they start at 8.0: A100, A10, L4, H100): "
+                      f"torch runs bf16 there without them, slowly, and torch.compile may refuse it. Fix: {fix}.",
                       LetRecipesWarning, stacklevel=2)
 
 

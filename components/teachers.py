@@ -38,7 +38,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, json_cut_short, nearby,
                                          refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
-from letrecipes.components.parallel import on_rank0, world_size
+from letrecipes.components.parallel import check_bf16_device, on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -281,6 +281,8 @@ def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = 
     the errors about its path call it (``<key>.path``; ``letrecipes export``'s is its argument)."""
     fmt = teacher_format(section, key, path_key)
     path = existing_path(section.get("path") or "", path_key or f"{key}.path")
+    if parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype") == torch.bfloat16:
+        check_bf16_device(device, f"{key}.dtype")
     try:
         teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
     except TeacherError as err:  # the loaders name their weight files as teacher.path's: another key's here

@@ -159,6 +159,8 @@ class PretrainRecipe:
         if dtype_name not in AUTOCAST_DTYPES:
             raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
         self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
+        if self.autocast_dtype == torch.bfloat16:
+            parallel.check_bf16_device(self.device, "dtype")
 
         self.checkpointer = Checkpointer(self.output_dir, keep_last=self.kept_checkpoints() or 0,  # 0: every one
                                          async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)

@@ -95,6 +95,36 @@ def test_float8_on_a_gpu_without_float8_tensor_cores_stops_before_any_step(monke
         parallel.check_float8_device(torch.device("cpu"))
 
 
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_said_with_the_fix(monkeypatch, teacher_dir):
+    """A V100 or a T4 (compute capability 7.x) has no bf16 tensor cores, and bf16 is the
+    default dtype of the student and of the teacher: each is said once at setup with the
+    setting that uses the card (no GPU here: the capability is monkeypatched)."""
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.teachers import load_teacher
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    with pytest.warns(UserWarning, match=r"dtype=bf16 on Tesla V100-SXM2-32GB \(compute capability 7.0\), which has no "
+                      r"bf16 tensor cores .* Fix: dtype=fp32 \(float16 training would need loss scaling"):
+        parallel.check_bf16_device(torch.device("cuda", 0), "dtype")
+    with pytest.warns(UserWarning, match=r"teacher.dtype=bf16 on Tesla V100.* Fix: teacher.dtype=fp16 \(a frozen"):
+        with pytest.raises(Exception):  # the load itself needs the GPU this machine does not have
+            load_teacher({"path": str(teacher_dir)}, "cuda:0")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for capability in ((8, 0), (8, 6), (9, 0)):  # A100, A10/RTX 3090, H100
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            parallel.check_bf16_device(torch.device("cuda", 0))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        parallel.check_bf16_device(torch.device("cpu"))
+        load_teacher({"path": str(teacher_dir), "dtype": "fp16"}, "cpu")  # fp16 asked: nothing to say
+
+
 def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_path, capsys):
     from letrecipes import let_pretrain
 
