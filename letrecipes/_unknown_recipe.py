@@ -20,6 +20,8 @@ import importlib.machinery
 import os
 import sys
 
+from letrecipes._tune_registry import tune_command
+
 RECIPES = ("pretrain", "let_pretrain", "eval")  # the modules of this package that tune run takes
 
 
@@ -64,9 +66,7 @@ def _asked_by_runpy() -> bool:
 
 def _started_as_tune_run() -> bool:
     """Whether this process is ``tune run ...`` (which sets ``sys.argv`` to the recipe's own)."""
-    argv = getattr(sys, "orig_argv", [])
-    return any(arg == "torchtune._cli.tune" or os.path.basename(arg) == "tune"  # python -m torchtune._cli.tune, or tune
-               for i, arg in enumerate(argv) if argv[i + 1:i + 2] == ["run"])
+    return tune_command() == "run"
 
 
 class UnknownRecipeFinder(importlib.abc.MetaPathFinder):

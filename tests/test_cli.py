@@ -36,6 +36,35 @@ def test_tune_run_short_names_from_the_repo_root(base_overrides, tmp_path):
     assert {"align_loss", "lambda", "cosine"} <= records[0].keys()
 
 
+def test_tune_ls_cp_and_cat_list_and_copy_our_recipes_and_configs(tmp_path):
+    """torchtune's own way to copy a recipe to edit it (`tune cp <recipe> <file>`) answered
+    "Invalid file name" for ours, and `tune ls` did not show them: they are now in tune's list
+    for those commands, each config under its recipe (a teacher: LET; tasks: eval)."""
+    def tune_command(*args):
+        env = {**os.environ}
+        env.pop("PYTHONPATH", None)
+        return subprocess.run([sys.executable, "-m", "torchtune._cli.tune", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    rows = [line.split() for line in tune_command("ls").stdout.splitlines()]
+    start = rows.index(["letrecipes/let_pretrain", "let_1b4"])
+    assert ["let_7b"] in rows[start:start + 6] and ["let_tiny"] in rows[start:start + 6], rows[start:]
+    assert ["letrecipes/pretrain", "baseline_tiny"] in rows and ["letrecipes/eval", "eval"] in rows
+    assert ["full_finetune_distributed", "llama2/7B_full"] in rows  # torchtune's own are still there
+    for name, destination, source in (("letrecipes/let_pretrain", "my_let.py", REPO / "letrecipes/let_pretrain.py"),
+                                      ("let_7b", "my_7b", REPO / "recipes/configs/let_7b.yaml")):
+        done = tune_command("cp", name, destination)
+        assert done.returncode == 0, done.stderr
+        copied = tmp_path / (destination if destination.endswith(".py") else destination + ".yaml")
+        assert copied.read_bytes() == source.read_bytes()
+    assert tune_command("cat", "let_7b").stdout.startswith("output_dir: outputs/let_7b\n")
+    # only those commands: an import of torchtune's list elsewhere is torchtune's alone
+    listed = subprocess.run([sys.executable, "-c", "import letrecipes, torchtune._recipe_registry as r; "
+                             "print(sorted(x.name for x in r.get_all_recipes() if 'letrecipes' in x.name))"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.stdout.strip() == "[]", listed.stdout + listed.stderr
+
+
 def test_letrecipes_cat_prints_the_resolved_config():
     result = subprocess.run([sys.executable, "-m", "letrecipes", "cat", "let_tiny", "alignment.schedule.rho0=0.3",
                              "max_steps=7"], capture_output=True, text=True, cwd=REPO, check=True)
