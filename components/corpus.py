@@ -55,7 +55,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby, refuse_special_file, stand_in
@@ -240,8 +240,9 @@ def _matches(pattern: str, key: str) -> List[Path]:
     return found
 
 
-# what `letrecipes prepare-data` writes (components/prepare.py, which takes the name from here)
+# what `letrecipes prepare-data` writes (components/prepare.py, which takes the names from here)
 PREPARED_MANIFEST = "manifest.json"
+PREPARED_PLAN = "plan.json"  # written first: without the manifest, a prepare that has not finished
 
 
 def is_token_shards(folder: Union[str, Path]) -> bool:
@@ -249,6 +250,46 @@ def is_token_shards(folder: Union[str, Path]) -> bool:
     (prepare.shard_name(0)); a corpus may hold a data file named manifest.json of its own."""
     folder = Path(folder)
     return (folder / PREPARED_MANIFEST).is_file() and (folder / "shard_000000.bin").is_file()
+
+
+def unfinished_prepare(folder: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """The plan of a folder that `letrecipes prepare-data` began and has not finished (it
+    stopped, or is still running): its plan.json and no manifest. None for any other folder,
+    a corpus's own plan.json included."""
+    folder = Path(folder)
+    if (folder / PREPARED_MANIFEST).is_file() or not (folder / PREPARED_PLAN).is_file():
+        return None
+    try:
+        plan = json.loads((folder / PREPARED_PLAN).read_text(errors="replace"))
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) and "format_version" in plan and isinstance(plan.get("units"), list) \
+        else None
+
+
+def unfinished_prepare_error(item: Path, folder: Path, plan: Dict[str, Any], key: str) -> DataError:
+    """What a corpus that is (or holds) an unfinished prepare folder is told: read as text, its
+    plan.json would be one bad JSON record and its shards binary files."""
+    units = len(plan["units"])
+    written = sum(1 for path in folder.glob("shard_*.json") if path.with_suffix(".bin").is_file())
+    paths = [p for unit in plan["units"] if isinstance(unit, dict) for p in unit.get("paths") or []
+             if isinstance(p, str)]
+    try:
+        source = os.path.commonpath(paths) if paths else None
+    except ValueError:  # relative beside absolute paths
+        source = None
+    again = (f"finish it with the command that began it (letrecipes prepare-data --config <yours> --out {folder}"
+             + (f" data.source={source}" if source else "") + ": it goes on from the shards written)")
+    if folder == item:
+        where, fix = "is", f"{again}, then train on it" + (f"; or point {key} at the corpus itself, {source}"
+                                                           if source else "")
+    else:
+        where = f"holds one, {str(folder)!r}, which is"
+        fix = (f"move it out of {str(item)!r} (a prepared folder is given alone, as data.source or one entry of "
+               f"data.sources); to train on it, {again}")
+    return DataError(f"{key}: {str(item)!r} {where} a folder that `letrecipes prepare-data` began and has not finished "
+                     f"({PREPARED_PLAN} and no {PREPARED_MANIFEST}: {written} of {units} shards written; it stopped, or "
+                     f"is still running), not text. Fix: {fix}.")
 
 
 def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) -> List[Path]:
@@ -290,6 +331,8 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
             raise DataError(f"{key}: {str(item)!r} {where} a prepared folder (token shards of `letrecipes "
                             "prepare-data`), not text. Fix: give a prepared folder alone as data.source, or as one "
                             "entry of data.sources, where it is read as it is; keep it out of the folders of text.")
+        elif path.name == PREPARED_PLAN and (plan := unfinished_prepare(path.parent)) is not None:
+            raise unfinished_prepare_error(item, path.parent, plan, key)
         elif path.name in DATASETS_METADATA:
             continue  # datasets' description of the files beside it, not records
         elif (read_as := _format(path)[0]) is not None:

@@ -39,8 +39,8 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, READER_VERSION, DataError,
-                                          DataWarning, Unit, bytes_read, list_units, read_unit_in_pieces,
+from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, PREPARED_PLAN, READER_VERSION,
+                                          DataError, DataWarning, Unit, bytes_read, list_units, read_unit_in_pieces,
                                           source_files)
 from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, count_repeats, drop_from_shard, keys_path,
                                                  stored_keys, write_shard_keys)
@@ -51,7 +51,7 @@ from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
 
 MANIFEST = PREPARED_MANIFEST
-PLAN = "plan.json"
+PLAN = PREPARED_PLAN
 # A cache's shards as last found sound (read whole) or written: {vocab_size, files: {name: [size,
 # mtime_ns]}}. A launch reads in full only the shards changed since, not the whole cache.
 VERIFIED = "verified.json"

@@ -269,6 +269,50 @@ def test_a_killed_prepare_finishes_with_the_same_bytes(tokenizer_path, tmp_path)
     assert json.loads((killed / MANIFEST).read_text()) == json.loads((clean / MANIFEST).read_text())
 
 
+def test_an_unfinished_prepare_folder_as_a_corpus_is_named_with_the_command_that_finishes_it(
+        base_overrides, tokenizer_path, tmp_path):
+    """A prepare that stopped (or is still running) leaves plan.json and some shards, no
+    manifest. Given as data.source, the folder was read as a corpus of JSON: `plan.json
+    value 0 has no field 'text'` (shards not yet written), and a token cache was prepared
+    from it first. Now it is named, with how far it got and the command that finishes it;
+    inside a folder of text, likewise; and once finished it trains."""
+    from letrecipes import pretrain
+
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for i in range(4):  # a JSON Lines file is a unit of its own
+        (source / f"part_{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(60, i * 60)))
+    out = tmp_path / "prepared"
+    prepare_corpus(source, Tokenizer(tokenizer_path), out, **QUIET)
+    assert len(json.loads((out / "plan.json").read_text())["units"]) == 4
+    (out / MANIFEST).unlink()  # as a prepare stopped after its third shard leaves it
+    for path in out.glob("shard_000003*"):
+        path.unlink()
+    overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
+    cache = tmp_path / "cache"
+    run = ["--config", "pretrain_tiny", *overrides, f"data.source={out}", "max_steps=2", f"data.cache_dir={cache}",
+           f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(SystemExit) as stopped:
+        pretrain.recipe_main(run)
+    said = str(stopped.value)
+    assert said.startswith(f"error: data.source: '{out}' is a folder that `letrecipes prepare-data` began and has "
+                           "not finished (plan.json and no manifest.json: 3 of 4 shards written; it stopped, or "
+                           "is still running), not text. Fix: finish it with the command that began it "
+                           f"(letrecipes prepare-data --config <yours> --out {out} data.source={source}: "), said
+    assert said.endswith(f"then train on it; or point data.source at the corpus itself, {source}."), said
+    assert not cache.exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+    beside = tmp_path / "texts"
+    beside.mkdir()
+    (beside / "notes.txt").write_text(" ".join(documents(40)))
+    shutil.copytree(out, beside / "prepared")
+    with pytest.raises(DataError, match=rf"'{beside}' holds one, '{beside / 'prepared'}', which is a folder that "
+                       r"`letrecipes prepare-data` began .* Fix: move it out of"):
+        corpus.list_units(beside, key="data.source")
+    prepare_corpus(source, Tokenizer(tokenizer_path), out, **QUIET)  # the command it names finishes it
+    pretrain.recipe_main(run)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 def test_a_truncated_shard_is_named_and_the_same_command_repairs_it(tokenizer_path, tmp_path, mixed_corpus):
     root, _ = mixed_corpus
     tok = Tokenizer(tokenizer_path)
