@@ -321,6 +321,8 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
         if kind == "dataset":
             found.append(path)
             kinds[path] = "dataset"
+        elif kind == "model output":
+            raise model_output_error(item, path, key)
         elif kind == "broken":
             broken.append(path)  # a Hugging Face cache whose download stopped: links to blobs never written
         elif kind == "special":  # read once at most, and a reader of a pipe could wait for ever
@@ -418,6 +420,9 @@ def _folder_entries(folder: Path) -> Iterator[Tuple[Path, str]]:
     if "state.json" in names and "dataset_info.json" in names and is_dataset_folder(folder):
         yield folder, "dataset"  # only reached for a subfolder: the top one is checked by _files
         return
+    if model_output(names):
+        yield folder, "model output"  # checkpoints, weights, a run's records: never text, and not entered
+        return
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -437,6 +442,57 @@ def _folder_entries(folder: Path) -> Iterator[Tuple[Path, str]]:
                 yield path, "special"
         except OSError:  # gone or unreadable while listed: as rglob, left out
             continue
+
+
+def model_output(names: Iterable[str]) -> Optional[str]:
+    """What a folder holding ``names`` is when it is what training writes rather than a corpus:
+    a run's ``output_dir``, a DCP checkpoint, a model's weights with its config.json; None
+    otherwise. Read from the names alone (a corpus is listed at every launch)."""
+    names = set(names)
+    if {"run_info.json", "config.yaml"} <= names:
+        return "a training run's folder"
+    if ".metadata" in names and any(name.endswith(".distcp") for name in names):
+        return "a training checkpoint (sharded DCP files)"
+    if "config.json" in names and any(name.endswith(".safetensors") or name in ("pytorch_model.bin",
+                                                                               "model.safetensors.index.json")
+                                      for name in names):
+        return "a model (config.json and weights)"
+    return None
+
+
+def _run_of(folder: Path) -> Optional[Path]:
+    """The run folder ``folder`` is, or belongs to (its checkpoints folder, a step, its export)."""
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        if (candidate / "run_info.json").is_file() and (candidate / "config.yaml").is_file():
+            return candidate
+    return None
+
+
+def model_output_error(item: Path, folder: Path, key: str) -> DataError:
+    """A model output where a corpus is read, said with what it is and, for a run's own
+    folders, the corpus that run trained on (its config.yaml's)."""
+    with os.scandir(folder) as listing:
+        what = model_output(entry.name for entry in listing) or "model output"
+    if folder != item and _run_of(item) is not None and item.name == "checkpoints":
+        folder, what = item, "a training run's checkpoints folder"
+    if folder != item:
+        return DataError(f"{key}: {str(item)!r} holds {what}, {str(folder)!r}, which is not text. Fix: move it out "
+                         f"of {str(item)!r}, or point {key} at the corpus's own folder (or a glob pattern of its "
+                         "files).")
+    trained_on, run = None, _run_of(folder)
+    if run is not None:
+        with contextlib.suppress(Exception):  # a config that does not read: the fix is said without it
+            import yaml
+
+            data = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}
+            trained_on = data.get("source") if isinstance(data.get("source"), str) else None
+    use = ("a run goes on with resume=true and its output_dir; its export, final/, is read as teacher.path= or "
+           "init_from=" if what == "a training run's folder" else
+           "a model is read as teacher.path=, init_from= or the eval recipe's checkpoint=" if what.startswith("a model")
+           else "a step checkpoint is read by resume=<its path>, or made a model by letrecipes export")
+    return DataError(f"{key}: {str(item)!r} is {what}, not a corpus. Fix: point {key} at the text to train on"
+                     + (f" (the run it belongs to trained on data.source={trained_on})" if trained_on else "")
+                     + f"; {use}.")
 
 
 def _not_read(by_suffix: Dict[str, list], where: str) -> str:

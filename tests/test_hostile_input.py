@@ -4,6 +4,7 @@ traceback as the only message and nothing previously written changed."""
 
 import gc
 import hashlib
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from letrecipes.components.corpus import DataWarning
+from letrecipes.components.corpus import DataError, DataWarning, list_units
 from letrecipes.components.metrics import read_metrics
 from letrecipes import let_pretrain, pretrain
 from tests.test_recipes import expect_setup_error, run_let, run_pretrain
@@ -473,6 +474,38 @@ def test_a_run_folder_or_a_step_checkpoint_where_a_model_is_read_names_the_model
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'c'}", f"teacher.path={step}",
                        match=f"teacher.path: '{step}' is a training checkpoint (sharded DCP files), which is read "
                              f"only to resume. Fix: letrecipes export {step} {step}-hf, then teacher.path={step}-hf.")
+
+
+def test_a_run_folder_a_checkpoint_or_a_model_where_a_corpus_is_read_is_named_as_one(base_overrides, finished_run,
+                                                                                       teacher_dir, corpus_dir,
+                                                                                       tmp_path):
+    """What training writes, given as data.source, was read as a corpus: a run folder or a
+    step checkpoint stopped on `format.json:1 has no field 'text'`, an export on its
+    generation_config.json, each after a token cache was begun. Now each is named for what
+    it is, with the corpus its run trained on; held inside a folder of text, likewise."""
+    overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
+    cache = tmp_path / "cache"
+    step = finished_run / "checkpoints" / "step_00000002"
+    assert step.is_dir()
+    for source, what, use in (
+            (finished_run, "a training run's folder", "a run goes on with resume=true"),
+            (finished_run / "checkpoints", "a training run's checkpoints folder", "a step checkpoint is read by"),
+            (step, "a training checkpoint (sharded DCP files)", "a step checkpoint is read by resume=<its path>"),
+            (finished_run / "final", "a model (config.json and weights)", "a model is read as teacher.path=")):
+        expect_setup_error(run_pretrain, *overrides, f"data.source={source}", f"data.cache_dir={cache}",
+                           f"output_dir={tmp_path / 'new'}",
+                           match=f"data.source: '{source}' is {what}, not a corpus. Fix: point data.source at the text "
+                                 f"to train on (the run it belongs to trained on data.source={corpus_dir}); {use}")
+    expect_setup_error(run_pretrain, *overrides, f"data.source={teacher_dir}", f"data.cache_dir={cache}",
+                       f"output_dir={tmp_path / 'new'}", match=f"'{teacher_dir}' is a model (config.json and weights)")
+    assert not cache.exists() and not (tmp_path / "new").exists()
+    mixed = tmp_path / "mixed"
+    shutil.copytree(corpus_dir, mixed)
+    shutil.copytree(finished_run, mixed / "zz-run")
+    with pytest.raises(DataError, match=rf"'{mixed}' holds a training run's folder, '{mixed / 'zz-run'}', which is not "
+                                        rf"text. Fix: move it out of '{mixed}', or point data.source at the corpus's "
+                                        "own folder"):
+        list_units(mixed, key="data.source")
 
 
 def test_layer_pairs_may_be_given_as_a_plain_list():
