@@ -375,6 +375,20 @@ def content_fingerprint(path: Union[str, Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _tokenizer_of_run(run: Path) -> str:
+    """The tokenizer a run folder points to: its export's copy, else the one its config names."""
+    exported = run / "final" / "tokenizer.json"
+    if exported.is_file():
+        return f"{exported} (its export's copy)"
+    try:
+        import yaml
+
+        named = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("tokenizer") or {}).get("path")
+    except Exception:  # a config that does not read: the generic answer
+        named = None
+    return f"{named} (the one the run trained with)" if isinstance(named, str) else "the tokenizer.json the run used"
+
+
 def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",
                    fmt: Optional[TeacherFormat] = None) -> Path:
     """The tokenizer.json that goes with ``path``, without loading weights.
@@ -404,6 +418,9 @@ def tokenizer_file(path: Union[str, Path], key: str = "tokenizer.path",
                     f"{key}: the folder {str(path)!r} has {slow[0]} but no tokenizer.json, the one tokenizer format "
                     "read here. Fix: write one beside it with transformers (once): python -c \"from transformers "
                     f"import AutoTokenizer; AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}')\"")
+            if (path / "run_info.json").is_file() and (path / "config.yaml").is_file():
+                raise TeacherError(f"{key}: {str(path)!r} is a training run's folder, which holds no tokenizer.json "
+                                   f"of its own. Fix: {key}={_tokenizer_of_run(path)}.")
             raise TeacherError(f"{key}: the folder {str(path)!r} has no tokenizer.json. Fix: copy the model's "
                                "tokenizer.json there, or set tokenizer.path to a tokenizer.json.")
         fmt = AutoFormat()

@@ -482,7 +482,8 @@ def test_a_run_folder_a_checkpoint_or_a_model_where_a_corpus_is_read_is_named_as
     """What training writes, given as data.source, was read as a corpus: a run folder or a
     step checkpoint stopped on `format.json:1 has no field 'text'`, an export on its
     generation_config.json, each after a token cache was begun. Now each is named for what
-    it is, with the corpus its run trained on; held inside a folder of text, likewise."""
+    it is, with the corpus its run trained on; held inside a folder of text, likewise. A run
+    folder as tokenizer.path names the tokenizer it has (was: "has no tokenizer.json")."""
     overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
     cache = tmp_path / "cache"
     step = finished_run / "checkpoints" / "step_00000002"
@@ -499,6 +500,10 @@ def test_a_run_folder_a_checkpoint_or_a_model_where_a_corpus_is_read_is_named_as
     expect_setup_error(run_pretrain, *overrides, f"data.source={teacher_dir}", f"data.cache_dir={cache}",
                        f"output_dir={tmp_path / 'new'}", match=f"'{teacher_dir}' is a model (config.json and weights)")
     assert not cache.exists() and not (tmp_path / "new").exists()
+    expect_setup_error(run_pretrain, *base_overrides, f"tokenizer.path={finished_run}", f"output_dir={tmp_path / 'new'}",
+                       match=f"tokenizer.path: '{finished_run}' is a training run's folder, which holds no "
+                             f"tokenizer.json of its own. Fix: tokenizer.path={finished_run}/final/tokenizer.json "
+                             "(its export's copy).")
     mixed = tmp_path / "mixed"
     shutil.copytree(corpus_dir, mixed)
     shutil.copytree(finished_run, mixed / "zz-run")
