@@ -268,18 +268,31 @@ class Progress:
 
 
 class RNGState:
-    """Every random stream a step may draw from (torch, CUDA, numpy, Python), as a ``Stateful``."""
+    """Every random stream a step may draw from (torch, CUDA, numpy, Python), as a ``Stateful``.
+
+    CUDA's is the stream of the GPU this process computes on (``torch.cuda.current_device``,
+    its LOCAL_RANK's), not every visible GPU's: a process draws from its own device alone, and
+    a list of all of them (what checkpoints before 2026-12 hold) could not be restored where
+    fewer GPUs are visible (a resume on 4 GPUs a node after 8: torch's ``set_rng_state_all``
+    stops on the fifth with an IndexError)."""
 
     def state_dict(self) -> Dict[str, Any]:
         return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                "cuda": torch.cuda.get_rng_state(torch.cuda.current_device()) if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
-        if state["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if cuda is None or not torch.cuda.is_available():
+            return  # a CPU checkpoint on a GPU: the GPU's stream starts from the seed, as at a first start
+        device = torch.cuda.current_device()
+        if isinstance(cuda, (list, tuple)):  # an older checkpoint: every visible GPU's; this process used its own
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, device)
 
     def load_resharded(self, states: List[Dict[str, Any]]) -> None:
         """Resuming on another number of processes: rank r goes on with saved rank r's streams;

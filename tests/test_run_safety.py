@@ -642,6 +642,36 @@ def test_read_only_output_dir(tmp_path):
         check_writable_folder(tmp_path / "run", "output_dir")
 
 
+def test_the_cuda_random_stream_saved_is_this_processs_gpus_and_restores_where_fewer_gpus_are_seen(monkeypatch):
+    """A checkpoint held every visible GPU's CUDA stream (torch.cuda.get_rng_state_all) and a
+    resume set them all back: where fewer GPUs are visible (4 a node after 8) torch stopped
+    on the fifth with an IndexError. Now the stream of the process's own GPU is saved and
+    restored; an older checkpoint's list gives it its own device's entry. No GPU here: torch's
+    CUDA stream functions are stood in for, recording what the checkpoint code asks of them."""
+    from letrecipes.components.checkpointing import RNGState
+
+    before = RNGState().state_dict()
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # LOCAL_RANK 1's GPU
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([int(device)], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state.tolist(),
+                                                                                                    device)))
+    state = RNGState().state_dict()
+    assert state["cuda"].tolist() == [1]  # this process's GPU, not a list of every visible one
+    RNGState().load_state_dict(state)
+    assert restored == [([1], 1)]
+    older = {**state, "cuda": [torch.tensor([10 + i], dtype=torch.uint8) for i in range(8)]}  # saved seeing 8 GPUs
+    RNGState().load_state_dict(older)
+    assert restored[-1] == ([11], 1)  # device 1's own entry
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    RNGState().load_state_dict({**state, "cuda": older["cuda"][:2]})  # saved seeing 2, device 5 now: left seeded
+    RNGState().load_state_dict({**state, "cuda": None})  # a CPU checkpoint on a GPU
+    assert len(restored) == 2
+    monkeypatch.undo()
+    RNGState().load_state_dict(before)
+
+
 def test_a_rank_the_saved_run_did_not_have_gets_random_streams_of_its_own(monkeypatch):
     """Resumed on 4 processes after 2: ranks 0 and 1 go on with their saved streams, ranks 2
     and 3 get new ones, distinct from every saved rank's and from each other, the same on
