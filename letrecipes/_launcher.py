@@ -23,6 +23,7 @@ start of every Python in the venv, so it is in place in the launcher before it f
 
 import logging
 import os
+import signal
 import socket
 import sys
 from datetime import datetime
@@ -33,12 +34,16 @@ NO_PARENT_ERROR_FILE = "no error file defined for parent, to copy child error fi
 NO_ERROR_RECORDED = "To enable traceback see:"  # torchrun's message for a rank that recorded no error
 
 
-def _message(failure) -> str:
-    """What the rank said: its one-line error, its traceback, or how it ended."""
+def _message(failure, others_failed: bool = False) -> str:
+    """What the rank said: its one-line error, its traceback, or how it ended. ``others_failed``:
+    another rank ended otherwise than by SIGTERM, which is how torchrun stops the rest of a job
+    once one of its processes has failed."""
     message = failure.message
     if isinstance(message, dict):
         message = message.get("extraInfo", {}).get("py_callstack") or message.get("message") or ""
     message = str(message).strip()
+    if failure.exitcode == -signal.SIGTERM and others_failed:
+        return "stopped by the launcher (SIGTERM) once another rank had failed"
     if failure.exitcode < 0:
         name = failure.signal_name()
         why = (" (the kernel's out-of-memory killer does this; `dmesg` says so, or a scheduler's kill)"
@@ -64,10 +69,11 @@ def _ranks(ranks) -> str:
 
 def summary(error) -> str:
     """The failed ranks of ``error`` (a ``ChildFailedError``), grouped by what they said."""
-    said = {}
-    for rank, failure in sorted(error.failures.items()):
-        said.setdefault(_message(failure), []).append(rank)
+    failed = {rank for rank, failure in error.failures.items() if failure.exitcode != -signal.SIGTERM}
     first, failure = error.get_first_failure()
+    said = {}
+    for rank, other in sorted(error.failures.items(), key=lambda item: (item[0] != first, item[0])):
+        said.setdefault(_message(other, others_failed=bool(failed - {rank})), []).append(rank)  # the first's first
     count = len(error.failures)
     at = datetime.fromtimestamp(failure.timestamp).strftime("%H:%M:%S")
     lines = [f"{error.name} failed on {count} process{'es' if count > 1 else ''} of this node "

@@ -253,8 +253,10 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
 
     from letrecipes import _launcher
 
+    files = iter(range(100))
+
     def failure(rank, exitcode, message=None):
-        error_file = tmp_path / f"error-{rank}.json"
+        error_file = tmp_path / f"error-{next(files)}.json"  # a file of its own, as each rank's is
         if message is not None:
             error_file.write_text(json.dumps({"message": {"message": message, "extraInfo": {
                 "py_callstack": message, "timestamp": str(1_700_000_000 + rank)}}}))
@@ -272,6 +274,11 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
     assert text[2].startswith("  rank 3: killed by signal 9 (SIGKILL) (the kernel's out-of-memory killer")
     assert text[3] == "  rank 5: exit code 1, with no error recorded: its own output above says why"
     assert text[4:] == ["  rank 6: ", "    Traceback (most recent call last):", "    ValueError: boom"]
+    stopped = ChildFailedError("letrecipes.pretrain", {0: failure(0, -signal.SIGTERM), 1: failure(1, 1, config_error)})
+    assert _launcher.summary(stopped).splitlines()[1:] == [  # the rank that failed first, then the one torchrun stopped
+        f"  rank 1: {config_error}", "  rank 0: stopped by the launcher (SIGTERM) once another rank had failed"]
+    assert _launcher.summary(ChildFailedError("letrecipes.pretrain", {0: failure(0, -signal.SIGTERM)})).splitlines()[
+        1] == "  rank 0: killed by signal 15 (SIGTERM)"  # a SIGTERM from elsewhere
 
     passed_on = []
     hook = _launcher._failed_ranks_in_a_few_lines(lambda *args: passed_on.append(args))
