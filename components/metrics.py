@@ -334,16 +334,27 @@ class StepTimer:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # Peak resident set size of this process (Linux reports KiB).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Peak resident set size of this process: Linux reports it in KiB, macOS in bytes.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def current_memory_mb(device: torch.device) -> float:
-    """Allocated CUDA memory, or this process's resident set size on CPU."""
+def current_memory_mb(device: torch.device, statm: str = "/proc/self/statm") -> Optional[float]:
+    """Allocated CUDA memory, or this process's resident set size on CPU: Linux's /proc, else
+    psutil's (macOS has no /proc; psutil comes with torchtune); None where neither tells."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    try:
+        with open(statm) as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:  # not installed, or no figure on this system: the caller leaves the figure out
+        return None
 
 
 def read_metrics(path: str | Path, live: bool = False):

@@ -397,8 +397,9 @@ class LETPretrainRecipe(PretrainRecipe):
             torch.cuda.empty_cache()
         after = current_memory_mb(self.device)
         what = "allocated" if self.device.type == "cuda" else "resident"
-        self.log(f"step {self.step}: lambda is 0 from here on; teacher released ({teacher_mb:.1f} MiB of weights; "
-                 f"{what} memory {before:.0f} -> {after:.0f} MiB)")
+        change = f"; {what} memory {before:.0f} -> {after:.0f} MiB" if before is not None and after is not None else ""
+        self.log(f"step {self.step}: lambda is 0 from here on; teacher released ({teacher_mb:.1f} MiB of weights"
+                 f"{change})")
         self.metrics.log({"step": self.step, "event": "teacher_released", "teacher_mb": teacher_mb,
                           "memory_before_mb": before, "memory_after_mb": after})
 

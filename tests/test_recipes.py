@@ -106,6 +106,35 @@ def test_let_smoke_logs_alignment_and_releases_the_teacher(let_overrides, tmp_pa
     assert len(released) == 1 and released[0]["step"] == 4 and released[0]["teacher_mb"] > 0
 
 
+def test_memory_figures_where_there_is_no_proc_as_on_macos(let_overrides, tmp_path, monkeypatch, capsys):
+    """Releasing the teacher read /proc/self/statm, which macOS has not: a LET run on a Mac
+    laptop stopped at S_stop with FileNotFoundError. The resident size now comes from psutil
+    there, and the release is logged without the figures where nothing tells them; the peak
+    (ru_maxrss) is bytes on macOS, KiB on Linux."""
+    import functools
+    import resource
+    import sys
+
+    import torch
+
+    from letrecipes.components import metrics
+
+    cpu = torch.device("cpu")
+    assert metrics.current_memory_mb(cpu, statm=str(tmp_path / "no-proc")) > 0  # psutil's figure
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: no figure, no error
+    assert metrics.current_memory_mb(cpu, statm=str(tmp_path / "no-proc")) is None
+    monkeypatch.setattr(let_pretrain, "current_memory_mb", functools.partial(metrics.current_memory_mb,
+                                                                             statm=str(tmp_path / "no-proc")))
+    run_let(*let_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=3", "alignment.schedule.stop=2")
+    said = [line for line in capsys.readouterr().out.splitlines() if "teacher released" in line]
+    assert said and said[0].endswith("MiB of weights)"), said
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r.get("memory_before_mb", 0) for r in records if r.get("event") == "teacher_released"] == [None]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert metrics.peak_memory_mb(cpu) == pytest.approx(peak / 2**20, rel=0.01)
+
+
 def test_teacher_object_is_gone_after_s_stop(let_overrides, tmp_path):
     recipe = let_pretrain.LETPretrainRecipe(OmegaConf.merge(
         OmegaConf.load(resolve_config_path("let_tiny")),
