@@ -288,8 +288,8 @@ CGROUP_LIMITS = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
 def memory_per_process_gb(device: torch.device, local_processes: Optional[int] = None,
                           meminfo: str = "/proc/meminfo", cgroups=CGROUP_LIMITS) -> Optional[float]:
     """GiB this process may still allocate: a GPU's free memory, or on CPU the host's
-    available memory (less, if a container's cgroup limit leaves less) shared by the
-    processes of this host. None when it cannot be told."""
+    available memory (/proc/meminfo, else psutil's; less, if a container's cgroup limit
+    leaves less) shared by the processes of this host. None when it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2**30
     if device.type != "cpu":
@@ -297,8 +297,13 @@ def memory_per_process_gb(device: torch.device, local_processes: Optional[int] =
     try:
         fields = dict(line.split(":", 1) for line in open(meminfo).read().splitlines() if ":" in line)
         available = int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
+    except (OSError, KeyError, ValueError):  # no /proc (macOS): psutil's figure (it comes with torchtune)
+        try:
+            import psutil
+
+            available = int(psutil.virtual_memory().available)
+        except Exception:
+            return None
     for limit_path, usage_path in cgroups:
         try:
             limit = open(limit_path).read().strip()

@@ -744,7 +744,7 @@ def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path,
     assert (tmp_path / "warned" / "final").is_dir()
 
 
-def test_memory_per_process_reads_meminfo_the_cgroup_limit_and_the_processes_of_the_host(tmp_path):
+def test_memory_per_process_reads_meminfo_the_cgroup_limit_and_the_processes_of_the_host(tmp_path, monkeypatch):
     import torch
 
     from letrecipes.components.parallel import memory_per_process_gb
@@ -760,6 +760,12 @@ def test_memory_per_process_reads_meminfo_the_cgroup_limit_and_the_processes_of_
     assert memory_per_process_gb(cpu, 1, str(meminfo), cgroups=((str(limit), str(usage)),)) == pytest.approx(8.0)
     limit.write_text("max\n")  # cgroup v2 without a limit
     assert memory_per_process_gb(cpu, 2, str(meminfo), cgroups=((str(limit), str(usage)),)) == pytest.approx(8.0)
+    # no /proc/meminfo (macOS): psutil's available memory, the check's figure there; without psutil, none
+    import psutil
+
+    by_psutil = memory_per_process_gb(cpu, 1, str(tmp_path / "missing"), cgroups=())
+    assert by_psutil == pytest.approx(psutil.virtual_memory().available / 2**30, rel=0.2)
+    monkeypatch.setitem(sys.modules, "psutil", None)
     assert memory_per_process_gb(cpu, 1, str(tmp_path / "missing"), cgroups=()) is None
 
 
