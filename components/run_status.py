@@ -24,7 +24,9 @@ def run_status(folder: Path) -> Dict[str, Any]:
     ``stopped`` or ``not a run``."""
     folder = Path(folder)
     status: Dict[str, Any] = {"output_dir": str(folder)}
-    if not (folder / "run_info.json").is_file() and not (folder / METRICS_FILE).is_file():
+    # a step checkpoint holds a copy of its run's run_info.json: it is part of a run, not one
+    in_checkpoint = folder.name.startswith(STEP_PREFIX) and folder.parent.name == "checkpoints"
+    if in_checkpoint or not (folder / "run_info.json").is_file() and not (folder / METRICS_FILE).is_file():
         status["state"] = "not a run"
         return status
     try:

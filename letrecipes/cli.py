@@ -127,6 +127,10 @@ def status(folders, as_json: bool) -> int:
             continue
         inside = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
         held = [found for found in map(run_status, inside) if found["state"] != "not a run"]
+        if not held and folder.exists():  # a file or folder of one run (metrics.jsonl, final/, a step): that run
+            owner = next((found for found in map(run_status, list(folder.parents)[:3]) if found["state"] != "not a run"),
+                         None)
+            held = [owner] if owner is not None else []
         runs.extend(held)
         if not held:
             unknown.append(folder)

@@ -285,6 +285,14 @@ def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, str
     out, err = capsys.readouterr()
     assert f"{straight}: finished" in out and "checkpoints: step_00000003, step_00000006" in out
     assert "absent: nothing there" in err
+    # a path inside a run (its metrics file, a step checkpoint, which holds a copy of run_info.json, its checkpoints
+    # folder): that run's status, not "no run in it" or a step taken for a run with no step logged
+    step = straight / "checkpoints" / "step_00000003"
+    assert run_status(step)["state"] == "not a run"
+    for inside in (straight / "metrics.jsonl", step, straight / "checkpoints"):
+        assert cli.main(["status", str(inside)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{straight}: finished\n"), out
     # a log line caught half-written (a live run, or one killed mid-write) is no error: the last whole one counts
     with open(live / "metrics.jsonl", "a") as metrics:
         metrics.write('{"step": 999, "loss": 1.')
