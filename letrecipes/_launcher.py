@@ -70,7 +70,10 @@ def _ranks(ranks) -> str:
 def summary(error) -> str:
     """The failed ranks of ``error`` (a ``ChildFailedError``), grouped by what they said."""
     failed = {rank for rank, failure in error.failures.items() if failure.exitcode != -signal.SIGTERM}
-    first, failure = error.get_first_failure()
+    # torchrun's first is the earliest timestamp, in whole seconds: a rank it stopped ties with the one that
+    # failed, and then its lower rank number made it "first"; a rank that failed of itself comes first
+    first = min(failed or error.failures, key=lambda rank: (error.failures[rank].timestamp, rank))
+    failure = error.failures[first]
     said = {}
     for rank, other in sorted(error.failures.items(), key=lambda item: (item[0] != first, item[0])):
         said.setdefault(_message(other, others_failed=bool(failed - {rank})), []).append(rank)  # the first's first

@@ -275,7 +275,10 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
     assert text[3] == "  rank 5: exit code 1, with no error recorded: its own output above says why"
     assert text[4:] == ["  rank 6: ", "    Traceback (most recent call last):", "    ValueError: boom"]
     stopped = ChildFailedError("letrecipes.pretrain", {0: failure(0, -signal.SIGTERM), 1: failure(1, 1, config_error)})
-    assert _launcher.summary(stopped).splitlines()[1:] == [  # the rank that failed first, then the one torchrun stopped
+    stopped.failures[1].timestamp = stopped.failures[0].timestamp  # the same second, as torchrun's records often are
+    said = _launcher.summary(stopped).splitlines()
+    assert said[0].endswith(f"rank 1 first, at {datetime.fromtimestamp(stopped.failures[1].timestamp):%H:%M:%S}:")
+    assert said[1:] == [  # the rank that failed first, then the one torchrun stopped
         f"  rank 1: {config_error}", "  rank 0: stopped by the launcher (SIGTERM) once another rank had failed"]
     assert _launcher.summary(ChildFailedError("letrecipes.pretrain", {0: failure(0, -signal.SIGTERM)})).splitlines()[
         1] == "  rank 0: killed by signal 15 (SIGTERM)"  # a SIGTERM from elsewhere
