@@ -28,7 +28,7 @@ import importlib.util
 import inspect
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -296,5 +296,25 @@ def build(kind: str, spec: Any, key: str, *args: Any, **kwargs: Any) -> Any:
             raise
         raise ComponentError(f"{key}: cannot build {spec['_component_']!r}: {err}") from err
     except (TypeError, ValueError) as err:
+        unmet = _unmet_parameters(factory, len(args), options)
+        if unmet and isinstance(err, TypeError) and "missing" in str(err):
+            # a loss (or schedule, projector...) registered itself rather than what builds it
+            raise ComponentError(
+                f"{key}: cannot build {spec['_component_']!r}: what is registered for {kind} is called with the "
+                f"config's keys to build the component, and {spec['_component_']!r} needs {', '.join(unmet)}, which "
+                f"no key gives. Fix: register what builds it (a class, or a function that returns it; "
+                f"docs/extending.md shows each kind's interface), or set {key}.{unmet[0]} if it is a setting.") from err
         raise ComponentError(f"{key}: cannot build {spec['_component_']!r}: {str(err).splitlines()[0]}. "
                              f"Fix: check {key}._component_ and its keys (docs/configs.md).") from err
+
+
+def _unmet_parameters(factory: Callable[..., Any], positional: int, given: Mapping[str, Any]) -> List[str]:
+    """The required parameters of ``factory`` that neither ``positional`` arguments nor the
+    ``given`` keys fill."""
+    try:
+        parameters = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [p.name for i, p in enumerate(named) if p.default is p.empty and p.name not in given
+            and not (i < positional and p.kind is not p.KEYWORD_ONLY)]

@@ -58,6 +58,24 @@ def test_custom_loss_registered_in_a_user_module(tmp_path, monkeypatch):
     sys.modules.pop("my_lab_losses")
 
 
+def test_a_loss_registered_itself_instead_of_what_builds_it_is_named_as_such():
+    """`@register("alignment_loss", ...)` on the loss function itself (a natural first try)
+    ended in `cannot build 'l2': l2() missing 2 required positional arguments: 'student' and
+    'teacher'. Fix: check alignment.loss._component_ and its keys`: now the error says what a
+    registered component is called with, and the fix."""
+    def l2(student, teacher, scale=1.0):
+        return ((student - teacher) ** 2).mean() * scale
+
+    register("alignment_loss", "test_l2_function")(l2)
+    with pytest.raises(ComponentError) as err:
+        build("alignment_loss", {"_component_": "test_l2_function", "scale": 2.0}, key="alignment.loss")
+    assert str(err.value) == (
+        "alignment.loss: cannot build 'test_l2_function': what is registered for alignment_loss is called with the "
+        "config's keys to build the component, and 'test_l2_function' needs student, teacher, which no key gives. "
+        "Fix: register what builds it (a class, or a function that returns it; docs/extending.md shows each kind's "
+        "interface), or set alignment.loss.student if it is a setting.")
+
+
 def test_import_of_a_missing_module_names_the_key(tmp_path, monkeypatch):
     with pytest.raises(ComponentError, match="imports: cannot import 'no_such_module_xyz'"):
         import_modules(["no_such_module_xyz"])
