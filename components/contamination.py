@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError
+from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, run_folder
 from letrecipes.components.files import replace_atomically
 from letrecipes.components.prepare import cache_folder, in_workers, is_prepared, read_manifest
 from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
@@ -357,16 +357,6 @@ def report(corpora: Sequence[Corpus], grams: ItemNgrams, found: Mapping[Tuple[in
 
 
 # ----------------------------------------------------------------- where a checkpoint's training data lies
-def run_folder(path: Path) -> Optional[Path]:
-    """The run (``output_dir``) a path belongs to: the run itself, its ``final`` export or a
-    step checkpoint (``checkpoints/step_N``); None for anything else (a GGUF file, a model
-    from elsewhere)."""
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "run_info.json").is_file() and (candidate / "config.yaml").is_file():
-            return candidate
-    return None
-
-
 def recorded_data(run: Path) -> Optional[List[str]]:
     """The prepared folders the run's ``run_info.json`` names (None: a run from before they were recorded)."""
     from letrecipes.components.resume import saved_run_info  # imports torch: not in the scan's workers
@@ -400,14 +390,14 @@ def configured_folders(cfg: Mapping) -> List[Tuple[str, bool]]:
 def configured_data(run: Path) -> Optional[List[str]]:
     """For a run from before ``run_info.json`` recorded its data: the prepared folders its
     ``config.yaml`` leads to, when they are all still there; None otherwise."""
-    from omegaconf import OmegaConf
+    from letrecipes.components.run_info import saved_config
 
-    from letrecipes.components.run_info import rebased_config
-
+    config = saved_config(run)
     try:
-        folders = configured_folders(rebased_config(run, OmegaConf.to_container(OmegaConf.load(run / "config.yaml"),
-                                                                                resolve=True)))
+        folders = configured_folders(config) if config is not None else None
     except Exception:  # anything amiss (a file moved, a key renamed): not found, and the caller says so
+        return None
+    if folders is None:
         return None
     return [folder for folder, _ in folders] if all(ready for _, ready in folders) else None
 

@@ -460,9 +460,11 @@ def model_output(names: Iterable[str]) -> Optional[str]:
     return None
 
 
-def _run_of(folder: Path) -> Optional[Path]:
-    """The run folder ``folder`` is, or belongs to (its checkpoints folder, a step, its export)."""
-    for candidate in (folder, folder.parent, folder.parent.parent):
+def run_folder(path: Path) -> Optional[Path]:
+    """The run (``output_dir``) a path belongs to: the run itself, its checkpoints folder, its
+    ``final`` export or a step checkpoint (``checkpoints/step_N``); None for anything else (a
+    GGUF file, a model from elsewhere)."""
+    for candidate in (path, path.parent, path.parent.parent):
         if (candidate / "run_info.json").is_file() and (candidate / "config.yaml").is_file():
             return candidate
     return None
@@ -473,19 +475,18 @@ def model_output_error(item: Path, folder: Path, key: str) -> DataError:
     folders, the corpus that run trained on (its config.yaml's)."""
     with os.scandir(folder) as listing:
         what = model_output(entry.name for entry in listing) or "model output"
-    if folder != item and _run_of(item) is not None and item.name == "checkpoints":
+    if folder != item and run_folder(item) is not None and item.name == "checkpoints":
         folder, what = item, "a training run's checkpoints folder"
     if folder != item:
         return DataError(f"{key}: {str(item)!r} holds {what}, {str(folder)!r}, which is not text. Fix: move it out "
                          f"of {str(item)!r}, or point {key} at the corpus's own folder (or a glob pattern of its "
                          "files).")
-    trained_on, run = None, _run_of(folder)
+    trained_on, run = None, run_folder(folder)
     if run is not None:
-        with contextlib.suppress(Exception):  # a config that does not read: the fix is said without it
-            import yaml
+        from letrecipes.components.run_info import saved_config
 
-            data = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data") or {}
-            trained_on = data.get("source") if isinstance(data.get("source"), str) else None
+        data = (saved_config(run) or {}).get("data")
+        trained_on = data.get("source") if isinstance(data, dict) and isinstance(data.get("source"), str) else None
     use = ("a run goes on with resume=true and its output_dir; its export, final/, is read as teacher.path= or "
            "init_from=" if what == "a training run's folder" else
            "a model is read as teacher.path=, init_from= or the eval recipe's checkpoint=" if what.startswith("a model")

@@ -180,6 +180,15 @@ def config_paths(config: Dict[str, Any]) -> Iterator[Tuple[Dict[str, Any], str, 
             yield config[section], key, f"{section}.{key}"
 
 
+def saved_config(run: Path) -> Optional[Dict[str, Any]]:
+    """A run folder's config.yaml as a plain dict, its relative paths rebased to work from
+    here (:func:`rebased_config`); None when it is missing or does not read."""
+    try:
+        return rebased_config(run, OmegaConf.to_container(OmegaConf.load(Path(run) / "config.yaml"), resolve=True))
+    except Exception:  # missing, damaged, an interpolation that no longer resolves: the caller says it without
+        return None
+
+
 def rebased_config(run: Path, config: Dict[str, Any]) -> Dict[str, Any]:
     """A run's config (a plain dict) with its relative paths made to work from here: a run
     started in the repository with ``tokenizer.path: outputs/demo/tokenizer.json`` and read

@@ -380,12 +380,10 @@ def _tokenizer_of_run(run: Path) -> str:
     exported = run / "final" / "tokenizer.json"
     if exported.is_file():
         return f"{exported} (its export's copy)"
-    try:
-        import yaml
+    from letrecipes.components.run_info import saved_config
 
-        named = ((yaml.safe_load((run / "config.yaml").read_text()) or {}).get("tokenizer") or {}).get("path")
-    except Exception:  # a config that does not read: the generic answer
-        named = None
+    section = (saved_config(run) or {}).get("tokenizer")
+    named = section.get("path") if isinstance(section, dict) else None
     return f"{named} (the one the run trained with)" if isinstance(named, str) else "the tokenizer.json the run used"
 
 

@@ -33,7 +33,7 @@ from letrecipes._config import errors_as_one_line, parse
 from letrecipes._schema import resolved, validate_eval
 from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
-from letrecipes.components.corpus import DataError
+from letrecipes.components.corpus import DataError, run_folder
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_quantized_model, held_out_documents,
                                               import_lm_eval, prepare_tasks, run_lm_eval, write_documents,
@@ -142,7 +142,7 @@ class EvalRecipe:
         if spec != "auto":
             specs = [str(s) for s in (spec if isinstance(spec, (list, ListConfig)) else [spec])]
             return contamination.training_corpora(specs, "contamination")
-        run = contamination.run_folder(resolve_path(str(self.cfg.checkpoint), key="checkpoint"))
+        run = run_folder(resolve_path(str(self.cfg.checkpoint), key="checkpoint"))
         if run is None:
             self.unchecked = (f"{self.cfg.checkpoint} is not a run of this project (contamination=<prepared folder> "
                               "names the data to look in)")
