@@ -21,13 +21,13 @@ Installed by ``import letrecipes``, which the ``.pth`` file of scripts/setup.sh 
 start of every Python in the venv, so it is in place in the launcher before it fails.
 """
 
-import logging
 import os
 import signal
 import socket
 import sys
 from datetime import datetime
 
+from letrecipes._torchao_notice import drop_message
 from letrecipes._unknown_recipe import hook_installed
 
 NO_PARENT_ERROR_FILE = "no error file defined for parent, to copy child error file"
@@ -108,14 +108,7 @@ def _failed_ranks_in_a_few_lines(previous):
     return hook
 
 
-class _DropNoParentErrorFile(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(NO_PARENT_ERROR_FILE)
-
-
 def install() -> None:
-    logger = logging.getLogger("torch.distributed.elastic.multiprocessing.errors.error_handler")
-    if not any(isinstance(f, _DropNoParentErrorFile) for f in logger.filters):
-        logger.addFilter(_DropNoParentErrorFile())
+    drop_message("torch.distributed.elastic.multiprocessing.errors.error_handler", NO_PARENT_ERROR_FILE)
     if not hook_installed("failed_ranks_in_a_few_lines"):
         sys.excepthook = _failed_ranks_in_a_few_lines(sys.excepthook)

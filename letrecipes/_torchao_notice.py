@@ -18,15 +18,27 @@ import logging
 MESSAGE = "Skipping import of cpp extensions due to incompatible torch version"
 
 
-class _DropIncompatibleTorchNotice(logging.Filter):
+class _DropMessage(logging.Filter):
+    """Drops the records of one logger whose message starts with ``prefix``; every other passes."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(MESSAGE)
+        return not str(record.msg).startswith(self.prefix)
+
+
+def drop_message(logger_name: str, prefix: str) -> None:
+    """Drop that one message of that logger (once: installing twice adds no second filter).
+    letrecipes/_launcher.py drops torchrun's "no error file defined for parent" the same way."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(_DropMessage(prefix))
 
 
 def install() -> None:
-    logger = logging.getLogger("torchao")
-    if not any(isinstance(f, _DropIncompatibleTorchNotice) for f in logger.filters):
-        logger.addFilter(_DropIncompatibleTorchNotice())
+    drop_message("torchao", MESSAGE)
 
 
 install()
