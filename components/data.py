@@ -354,11 +354,14 @@ def build_dataloader(
     shuffle: bool = True,
     num_workers: int = 0,
     collate_fn: Optional[Callable] = None,
+    what: str = "the training split",
 ) -> StatefulDataLoader:
     if len(dataset) < batch_size * world_size:
+        fix = "use more text, a shorter data.seq_len or a lower batch_size" if what == "the training split" else (
+            "a larger data.val_fraction, a held-out corpus in data.val_source, or eval_every=0 (no validation)")
         raise DataError(
-            f"data: {len(dataset)} sequences cannot fill one batch of {batch_size} on each of "
-            f"{world_size} ranks. Fix: lower batch_size or use more text."
+            f"data: {what} holds {len(dataset)} sequence(s), too few for one batch of {batch_size} on each of "
+            f"{world_size} process(es). Fix: {fix}."
         )
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
     return StatefulDataLoader(

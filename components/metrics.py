@@ -357,15 +357,30 @@ def current_memory_mb(device: torch.device, statm: str = "/proc/self/statm") -> 
         return None
 
 
-def read_metrics(path: str | Path, live: bool = False):
-    """All records of a metrics.jsonl, in order. ``live``: the file of a run that may be
-    writing it now (or was killed mid-write): a last line not yet whole is left out."""
-    with open(path) as f:
+def read_metric_records(path: str | Path) -> Tuple[List[Dict[str, Any]], int]:
+    """A metrics.jsonl's records, in order, and how many of its whole lines are not one (a
+    file edited by hand, or damaged: passed over, not a traceback). A last line that is
+    not whole (a run writing it now, or killed mid-write) is left out."""
+    with open(path, errors="replace") as f:
         lines = [line for line in f if line.strip()]
-    if live and lines and not lines[-1].endswith("\n"):
+    if lines and not lines[-1].endswith("\n"):
         lines.pop()
-    records = [json.loads(line) for line in lines]
-    return [r for r in records if isinstance(r, dict)]  # another JSON value on a line (an edit) is no record
+    records, unreadable = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):  # another JSON value on a line (an edit) is no record
+            records.append(record)
+        else:
+            unreadable += 1
+    return records, unreadable
+
+
+def read_metrics(path: str | Path) -> List[Dict[str, Any]]:
+    """A metrics.jsonl's records, in order (:func:`read_metric_records`)."""
+    return read_metric_records(path)[0]
 
 
 def compare_runs(baseline: list, let: list) -> Dict[str, Any]:

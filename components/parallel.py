@@ -15,6 +15,7 @@ import os
 import socket
 import warnings
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.registry import ComponentError
-from letrecipes.components.resume import flatten
+from letrecipes.components.resume import flatten, shortened
 from letrecipes.components.run_info import torchrun_attempt
 
 T = TypeVar("T")
@@ -205,8 +206,7 @@ def _by_key(facts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 100 else text[:48] + "..." + text[-48:]  # a path differs at its end
+    return shortened(repr(value) if isinstance(value, str) else str(value), 100)
 
 
 def gathered(obj: Any) -> List[Any]:
@@ -295,7 +295,7 @@ def memory_per_process_gb(device: torch.device, local_processes: Optional[int] =
     if device.type != "cpu":
         return None
     try:
-        fields = dict(line.split(":", 1) for line in open(meminfo).read().splitlines() if ":" in line)
+        fields = dict(line.split(":", 1) for line in Path(meminfo).read_text().splitlines() if ":" in line)
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):  # no /proc (macOS): psutil's figure (it comes with torchtune)
         try:
@@ -306,9 +306,9 @@ def memory_per_process_gb(device: torch.device, local_processes: Optional[int] =
             return None
     for limit_path, usage_path in cgroups:
         try:
-            limit = open(limit_path).read().strip()
+            limit = Path(limit_path).read_text().strip()
             if limit.isdigit() and int(limit) < 2**60:  # "max" or a near-2^63 number: no limit
-                available = min(available, int(limit) - int(open(usage_path).read().strip()))
+                available = min(available, int(limit) - int(Path(usage_path).read_text().strip()))
         except (OSError, ValueError):
             continue
     local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))

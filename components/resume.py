@@ -39,9 +39,12 @@ CHANGEABLE = (
 # ... except these, which change what the optimizer state or the schedule state mean.
 NOT_CHANGEABLE = ("optimizer._component_", "lr_scheduler._component_")
 ABSENT = "<absent>"
-# what run_info.json records besides the config: the tokenizer's content and the prepared corpus's token counts
-FINGERPRINTS = {"tokenizer fingerprint": "tokenizer_fingerprint", "data fingerprint": "data_fingerprint",
-                "teacher fingerprint": "teacher_fingerprint"}
+# What run_info.json records besides the config, of the content of the files a run reads:
+# (its key, what it vouches for, the config key that names it). A resume compares them, and
+# the processes of a job must find them alike (their nodes may hold other files by one name).
+FINGERPRINTS = (("tokenizer_fingerprint", "tokenizer", "tokenizer.path"),
+                ("data_fingerprint", "training tokens", "data.source, as prepared"),
+                ("teacher_fingerprint", "teacher", "teacher.path"))
 # a key that only says where something lies, and the fingerprint that vouches for its content
 LOCATIONS = {"data.source": "data_fingerprint", "data.sources": "data_fingerprint",
              "teacher.path": "teacher_fingerprint"}
@@ -69,11 +72,12 @@ def changeable(key: str) -> bool:
 
 def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """``(key, saved value, current value)`` for every identity field or config key that differs."""
+    names = {field: field.replace("_", " ") for field, _, _ in FINGERPRINTS}  # "data fingerprint"
     old = {**flatten(saved.get("config") or {}), "world_size": saved.get("world_size"),
-           **{name: saved.get(field) for name, field in FINGERPRINTS.items()}}
+           **{name: saved.get(field) for field, name in names.items()}}
     new = {**flatten(current.get("config") or {}), "world_size": current.get("world_size"),
-           **{name: current.get(field) for name, field in FINGERPRINTS.items()}}
-    for name in FINGERPRINTS:
+           **{name: current.get(field) for field, name in names.items()}}
+    for name in names.values():
         if old[name] is None:  # written before this fingerprint was recorded
             old.pop(name), new.pop(name)
     keys = sorted((set(old) | set(new)) - set(IGNORED))
@@ -178,9 +182,17 @@ def moved(key: str, old: Any, new: Any) -> bool:
     return all(same_but_where(a, b) for a, b in zip(old, new))
 
 
+def shortened(text: str, limit: int = 60) -> str:
+    """``text`` cut in its middle to ``limit`` characters, most of them from its end: where
+    two paths differ, it is at their end."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + "..." + text[-(limit - head - 3):]
+
+
 def _short(value: Any) -> str:
-    text = json.dumps(value, default=str) if value != ABSENT else ABSENT
-    return text if len(text) <= 60 else text[:20] + "..." + text[-37:]  # a path's end says the most
+    return shortened(json.dumps(value, default=str) if value != ABSENT else ABSENT)
 
 
 def describe(changes: List[Tuple[str, Any, Any]]) -> List[str]:

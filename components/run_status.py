@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from letrecipes.components.checkpointing import STEP_PREFIX, is_complete
-from letrecipes.components.metrics import METRICS_FILE
+from letrecipes.components.metrics import METRICS_FILE, read_metric_records
 from letrecipes.components.progress import clock
 from letrecipes.components.run_lock import describe, live_owner
 
@@ -70,28 +70,11 @@ def _number(value) -> bool:
 
 
 def _records(path: Path) -> Tuple[List[Dict[str, Any]], int]:
-    """A metrics file's records, and how many of its whole lines are not one (a file edited
-    by hand, or damaged): a status is read from whatever the folder holds, so those lines
-    are counted and passed over, not a traceback. The last line, still being written by a
-    live run, is left out when it is not whole."""
+    """A status is read from whatever the folder holds: no metrics file is no record."""
     try:
-        with open(path, errors="replace") as f:
-            lines = [line for line in f if line.strip()]
+        return read_metric_records(path)
     except OSError:
         return [], 0
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    records, unreadable = [], 0
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            unreadable += 1
-    return records, unreadable
 
 
 def describe_status(status: Dict[str, Any]) -> str:

@@ -40,7 +40,7 @@ from letrecipes.components.data import (BatchStream, build_dataloader, build_dat
                                         training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote
@@ -107,10 +107,6 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 # a share of the time between log lines spent waiting for batches that is said once (a warning)
 DATA_WAIT_WARN_SHARE = 0.10
-# what the processes of a job read from disk and must find alike: (run_info key, what, the key naming it)
-INPUTS = (("tokenizer_fingerprint", "tokenizer", "tokenizer.path"),
-          ("data_fingerprint", "training tokens", "data.source, as prepared"),
-          ("teacher_fingerprint", "teacher", "teacher.path"))
 
 
 class PretrainRecipe:
@@ -203,8 +199,9 @@ class PretrainRecipe:
             load_initial_weights(init_source, self.model, log=self.log)
         self.run_info.update(self.fingerprints())
         # the same names may hold other files on each node's own disk (a tokenizer, a teacher, a corpus prepared there)
-        parallel.check_ranks_agree({f"{what} ({where})": self.run_info.get(key) for key, what, where in INPUTS
-                                    if key in self.run_info},
+        inputs = {f"{what} ({where})": self.run_info.get(key) for key, what, where in resume.FINGERPRINTS
+                  if key in self.run_info}
+        parallel.check_ranks_agree(inputs,
                                    fix="give every node the same files: read them from the shared filesystem, or copy "
                                        "them to every node again (and prepare the corpus once, into a shared "
                                        "data.cache_dir).")
@@ -289,6 +286,28 @@ class PretrainRecipe:
                                                 " (keep them with batch_size x gradient_accumulation_steps x "
                                                 "processes as before, if that is not meant)"))
 
+    def validation_batch_size(self, batch_size: int) -> int:
+        """``batch_size``, or what a validation split smaller than a batch on every process
+        holds (a small corpus, or a 7B config's val_fraction on a test corpus): a split that
+        gives each process at least one sequence is evaluated whole, with a warning that its
+        val_loss is a noisy figure, rather than stopping a run over its figure."""
+        each = len(self.val_set) // self.world_size
+        if each >= batch_size:
+            return batch_size
+        if each == 0:  # not one sequence per process: build_dataloader names the split and the fix
+            return 1
+        cfg = self.cfg.data
+        held_out = f"data.val_source={cfg.val_source}" if cfg.get("val_source") else \
+            f"data.val_fraction={cfg.get('val_fraction', 0.02)}"
+        warnings.warn(f"the validation split ({held_out}) holds {len(self.val_set)} sequence(s) of "
+                      f"{int(cfg.seq_len)} tokens, fewer than a batch of {batch_size}" +
+                      (f" on each of {self.world_size} processes" if self.world_size > 1 else "") +
+                      f": it is evaluated whole, in batches of {each}, and its val_loss over "
+                      f"{each * self.world_size * int(cfg.seq_len):,} tokens is a noisy figure. Fix: a larger "
+                      "data.val_fraction, or a held-out corpus in data.val_source, for a steadier one.",
+                      LetRecipesWarning, stacklevel=2)
+        return each
+
     def passes_planned(self) -> str:
         """How much of the training set max_steps reads: repeating data is a choice to see made."""
         read = self.max_steps * self.tokens_per_step // int(self.cfg.data.seq_len)
@@ -314,8 +333,9 @@ class PretrainRecipe:
                                                     rank=self.rank, world_size=self.world_size, num_workers=workers,
                                                     collate_fn=self.collate),
                                    self.device, source_names=sources)
-        self.val_loader = build_dataloader(self.val_set, batch_size, seed=0, shuffle=False, rank=self.rank,
-                                           world_size=self.world_size) if self.eval_every else None
+        self.val_loader = build_dataloader(self.val_set, self.validation_batch_size(batch_size), seed=0,
+                                           shuffle=False, rank=self.rank, world_size=self.world_size,
+                                           what="the validation split") if self.eval_every else None
         self.tokens_per_step = batch_size * int(cfg.seq_len) * self.grad_accum * self.world_size
 
     def build_student(self) -> nn.Module:

@@ -41,13 +41,37 @@ def test_pretrain_smoke_writes_the_metrics_contract_and_an_export(base_overrides
     assert (tmp_path / "final" / "tokenizer.json").is_file() and (tmp_path / "config.yaml").is_file()
 
 
-def test_a_validation_split_too_small_to_batch_stops_only_a_run_that_evaluates(base_overrides, tmp_path):
-    # the split that a 7B config's val_fraction leaves of a small corpus: fewer sequences than a batch
+def test_a_validation_split_smaller_than_a_batch_is_evaluated_whole_with_a_warning(base_overrides, tmp_path, capsys):
+    """The split that a 7B config's val_fraction (or a small corpus's 0.02) leaves: fewer
+    sequences than a batch. It used to stop the run before its first step ("data: 5 sequences
+    cannot fill one batch of 16", read as the training data being short); it is evaluated
+    whole, in smaller batches, with a warning that the figure is noisy. A split with no
+    sequence for a process is one error naming the validation split and its fixes."""
+    import warnings
+
+    from letrecipes.components.data import DataError, PackedDataset, build_dataloader
+
     small_val = [*base_overrides, "data.val_fraction=0.0001", "batch_size=8", "max_steps=2"]
     run_pretrain(*small_val, f"output_dir={tmp_path / 'no_eval'}", "eval_every=0")
     assert [r["step"] for r in steps(read_metrics(tmp_path / "no_eval" / "metrics.jsonl"))] == [1, 2]
-    with pytest.raises(SystemExit, match="cannot fill one batch of 8"):
+    assert "validation split" not in capsys.readouterr().err  # a run that never evaluates says nothing of it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         run_pretrain(*small_val, f"output_dir={tmp_path / 'eval'}", "eval_every=1")
+    said = [str(w.message) for w in caught if "validation split" in str(w.message)]
+    assert len(said) == 1 and "(data.val_fraction=0.0001) holds 1 sequence(s) of 32 tokens, fewer than a batch of 8" \
+        in said[0] and "in batches of 1" in said[0] and "noisy" in said[0], said
+    losses = [r["val_loss"] for r in read_metrics(tmp_path / "eval" / "metrics.jsonl") if "val_loss" in r]
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+
+    one = PackedDataset(list(range(100)), 32, "val", 0.4)
+    with pytest.raises(DataError, match=r"^data: the validation split holds 1 sequence\(s\), too few for one batch of "
+                                        r"1 on each of 2 process\(es\)\. Fix: a larger data.val_fraction, a held-out "
+                                        r"corpus in data.val_source, or eval_every=0"):
+        build_dataloader(one, 1, seed=0, world_size=2, what="the validation split")
+    with pytest.raises(DataError, match=r"^data: the training split holds 2 sequence\(s\), too few for one batch of 4 "
+                                        r"on each of 1 process\(es\)\. Fix: use more text"):
+        build_dataloader(PackedDataset(list(range(100)), 32, "train", 0.4), 4, seed=0)
 
 
 def test_val_fraction_zero_trains_on_every_sequence(base_overrides, tmp_path, capsys):
