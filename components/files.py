@@ -363,6 +363,46 @@ def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
             f"{local}) and set {key}={local}{'/' + inner if inner else ''}.")
 
 
+# Where the model families that users bring as teachers publish on the Hugging Face Hub, by
+# the start of a repository's name (case ignored): for a missing folder named like one of
+# them, the download that fills it. Gated ones need their licence accepted first.
+HUB_ORGS = (("llama-", "meta-llama"), ("meta-llama-", "meta-llama"), ("smollm", "HuggingFaceTB"), ("qwen", "Qwen"),
+            ("pythia-", "EleutherAI"), ("opt-", "facebook"), ("mistral-", "mistralai"), ("gemma-", "google"),
+            ("phi-", "microsoft"), ("tinyllama", "TinyLlama"), ("olmo-", "allenai"))
+GATED_ORGS = ("meta-llama", "mistralai", "google")
+
+
+def model_folder_hint(path: Union[str, Path], key: str) -> str:
+    """For a local path that does not exist and whose folder is named like a model
+    (``/models/Llama-3.2-1B``, ``/models/SmolLM2-135M/tokenizer.json``): where the Hugging
+    Face cache already holds a model of that name (any organisation), the path to it;
+    else, for a family of :data:`HUB_ORGS`, the download that fills the folder; otherwise ""."""
+    target = Path(os.path.expanduser(str(path)))
+    folder = target.parent if target.suffix.lower() in FILE_SUFFIXES else target
+    inner = target.name if folder is not target else ""
+    name = folder.name
+    if not name or URL.match(str(path)) or not re.search(r"\d", name):  # a model's name carries its size or version
+        return ""
+    try:
+        cached = sorted(p for p in hub_cache().glob("models--*--*") if p.name.split("--", 2)[2].lower() == name.lower())
+    except OSError:
+        cached = []
+    for entry in cached:
+        snapshot = hub_snapshot(entry)
+        if snapshot is not None and (not inner or (snapshot / inner).exists()):
+            repo = "/".join(entry.name.split("--", 2)[1:])
+            return (f"Your Hugging Face cache holds {repo} (letrecipes reads paths and never downloads). Fix: "
+                    f"{key}={snapshot / inner if inner else snapshot}")
+    org = next((org for start, org in HUB_ORGS if name.lower().startswith(start)), None)
+    if org is None:
+        return ""
+    gated = (f" (a gated model: accept its licence on huggingface.co/{org}/{name} and `huggingface-cli login` first)"
+             if org in GATED_ORGS else "")
+    return (f"It is named like the Hugging Face model {org}/{name}; letrecipes reads local files only and never "
+            f"downloads. Fix: download it there{gated}: huggingface-cli download {org}/{name} --local-dir "
+            f"{folder}; or point {key} at your copy.")
+
+
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
 HTML_STARTS = (b"<!doctype html", b"<html", b"<?xml version")
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, json_cut_short, nearby,
+from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, json_cut_short, model_folder_hint, nearby,
                                          refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import check_bf16_device, on_rank0, world_size
@@ -179,7 +179,11 @@ def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
         kinds = "a Hugging Face model folder, a .gguf file or a letrecipes export (<output_dir>/final)"
         seen = nearby(resolved)
         seen = f" {seen}" if seen else ""
-        if key == "init_from":  # the weights to start from are a model the user already has
+        download = model_folder_hint(resolved, key)
+        if download:
+            raise TeacherError(f"{key}: nothing at {str(resolved)!r}.{seen} {download}")
+        if key == "init_from" or not (resolved.name == "final" or "outputs" in resolved.parts):
+            # a model the user brings: training one with the tiny config would be no answer
             raise TeacherError(f"{key}: nothing at {str(resolved)!r}.{seen} Fix: point it at {kinds}.")
         raise TeacherError(
             f"{key}: nothing at {str(resolved)!r}.{seen} Fix: train a teacher with `tune run letrecipes/pretrain "

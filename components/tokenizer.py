@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.corpus import DataError
-from letrecipes.components.files import as_given, hub_id_hint, json_cut_short, nearby, stand_in
+from letrecipes.components.files import as_given, hub_id_hint, json_cut_short, model_folder_hint, nearby, stand_in
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -89,9 +89,12 @@ class Tokenizer:
         if not self.path.is_file():
             hub = hub_id_hint(path, "tokenizer.path")
             seen = nearby(path)
+            seen = seen + " " if seen else ""
+            demo = " (the demo trains one with `python -m letrecipes.demo --prepare-only`)" if "outputs" in \
+                Path(path).parts else ""
             raise DataError(f"tokenizer.path: no tokenizer file at {as_given(path)!r}. " + (hub or (
-                (seen + " " if seen else "") + "Fix: point it at a tokenizer.json (the demo trains one with "
-                "`python -m letrecipes.demo --prepare-only`).")))
+                seen + (model_folder_hint(path, "tokenizer.path") or
+                        f"Fix: point it at a tokenizer.json, or a model folder or .gguf file that holds one{demo}."))))
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON

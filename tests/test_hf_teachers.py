@@ -6,11 +6,13 @@ logits in fp32.
 """
 
 import json
+import re
 
 import pytest
 import torch
 
 from letrecipes.components.models import forward_with_hidden
+from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.estimate import total_params
 from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
 
@@ -319,6 +321,40 @@ def test_a_hub_id_as_teacher_path_gets_the_download_command(tmp_path, monkeypatc
 
     assert hub_id_hint("tok/tokenizer.json", "tokenizer.path") == ""
     assert hub_id_hint("Qwen/Qwen2.5-0.5B", "teacher.path").startswith("It looks like a Hugging Face Hub model id")
+
+
+def test_a_missing_folder_named_like_a_model_gets_its_download_or_the_cached_copy(tmp_path, monkeypatch):
+    """let_7b's teacher.path=/models/Llama-3.2-1B on a machine that lacks it said "Fix: train a
+    teacher with `tune run letrecipes/pretrain --config pretrain_tiny`", and pretrain_7b's
+    tokenizer.path "the demo trains one": no answer for a model the user brings."""
+    from letrecipes.components.tokenizer import Tokenizer
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    models = tmp_path / "models"
+    models.mkdir()  # empty: nothing close by to name
+    with pytest.raises(TeacherError, match=r"teacher.path: nothing at '.*/models/Llama-3.2-1B'. It is named like the "
+                                           r"Hugging Face model meta-llama/Llama-3.2-1B; letrecipes reads local files "
+                                           r"only and never downloads. Fix: download it there \(a gated model: accept "
+                                           r"its licence on huggingface.co/meta-llama/Llama-3.2-1B and `huggingface-cli "
+                                           r"login` first\): huggingface-cli download meta-llama/Llama-3.2-1B "
+                                           r"--local-dir .*/models/Llama-3.2-1B; or point teacher.path at your copy.$"):
+        load_teacher({"_component_": "auto", "path": str(models / "Llama-3.2-1B")})
+    with pytest.raises(LetRecipesError, match=r"no tokenizer file at .*SmolLM2-135M/tokenizer.json'. .* Fix: download it "
+                                              r"there: huggingface-cli download HuggingFaceTB/SmolLM2-135M --local-dir "):
+        Tokenizer(models / "SmolLM2-135M" / "tokenizer.json")
+    # a folder of one's own: no download made up, and no tiny teacher to train either
+    with pytest.raises(TeacherError, match=r"nothing at '.*/models/mine'. Fix: point it at a Hugging Face model folder, "
+                                           r"a .gguf file or a letrecipes export \(<output_dir>/final\).$"):
+        load_teacher({"_component_": "auto", "path": str(models / "mine")})
+    # the Hugging Face cache holds one of that name, under whichever organisation: its snapshot is named
+    snapshot = tmp_path / "hub" / "models--someone--Qwen2.5-0.5B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer.json").write_text("{}")
+    with pytest.raises(TeacherError, match=r"Your Hugging Face cache holds someone/Qwen2.5-0.5B \(letrecipes reads paths "
+                                           rf"and never downloads\). Fix: teacher.path={re.escape(str(snapshot))}$"):
+        load_teacher({"_component_": "auto", "path": str(models / "Qwen2.5-0.5B")})
+    with pytest.raises(LetRecipesError, match=rf"Fix: tokenizer.path={re.escape(str(snapshot / 'tokenizer.json'))}$"):
+        Tokenizer(models / "Qwen2.5-0.5B" / "tokenizer.json")
 
 
 @pytest.mark.parametrize("given, key, expected", [
