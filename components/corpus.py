@@ -310,9 +310,13 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
         return [path for match in _matches(str(item), key) for path in _files(match, key, log)]
     if not item.exists():
         seen = nearby(item)
+        # the big configs name a folder that `letrecipes prepare-data` writes, once, before the run
+        made_by = " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)" if "outputs" in \
+            item.parts else (f"; or write token shards there: letrecipes prepare-data --config <yours> "
+                             f"--out {item} data.source=<the raw corpus>")
         fix = hub_id_hint(item, key, "dataset") or ((seen + " " if seen else "") +
             "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
-            "pattern, or a datasets folder (the demo corpus is made by `python -m letrecipes.demo --prepare-only`).")
+            f"pattern, or a datasets folder{made_by}.")
         raise DataError(f"{key}: {as_given(item)!r} does not exist (working directory {os.getcwd()!r}). {fix}")
     found, other, broken, kinds = [], {}, [], {}
     listing = _ListingProgress(item, key, log)

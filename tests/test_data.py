@@ -53,8 +53,13 @@ def test_jsonl_source_reads_the_text_field(tmp_path):
 
 
 def test_missing_corpus_path_names_the_key(tmp_path):
-    with pytest.raises(DataError, match="data.source: .* does not exist"):
+    with pytest.raises(DataError, match="data.source: .* does not exist") as err:
         list(read_documents(tmp_path / "missing"))
+    # the big configs name a prepared folder (/data/prepared/...): the command that writes it, not the demo's
+    assert err.value.args[0].endswith(f"; or write token shards there: letrecipes prepare-data --config <yours> --out "
+                                      f"{tmp_path / 'missing'} data.source=<the raw corpus>.")
+    with pytest.raises(DataError, match=r"\(the demo corpus is made by `python -m letrecipes.demo --prepare-only`\)\.$"):
+        list(read_documents(tmp_path / "outputs" / "demo" / "corpus"))
 
 
 def test_packed_split_is_deterministic_disjoint_and_shifted():
