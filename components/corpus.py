@@ -49,6 +49,7 @@ import json
 import lzma
 import os
 import re
+import shlex
 import stat
 import time
 import warnings
@@ -312,8 +313,9 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
         seen = nearby(item)
         # the big configs name a folder that `letrecipes prepare-data` writes, once, before the run
         made_by = " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)" if "outputs" in \
-            item.parts else (f"; or write token shards there: letrecipes prepare-data --config <yours> "
-                             f"--out {item} data.source=<the raw corpus>")
+            item.parts else "" if _format(item)[0] or _format(item)[1] else (
+                f"; or write token shards there: letrecipes prepare-data --config <yours> --out {item} "
+                "data.source=<the raw corpus>")
         fix = hub_id_hint(item, key, "dataset") or ((seen + " " if seen else "") +
             "Fix: set it to an existing text, JSON, CSV, parquet or arrow file, an archive or a folder of them, a glob "
             f"pattern, or a datasets folder{made_by}.")
@@ -1072,6 +1074,7 @@ def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: 
     strict = lenient = None
     consumed, replaced, first_bad, carry, chars = start, 0, None, "", 0
     blank, yielded = True, False  # only blank space so far; a piece given out already
+    valid_non_ascii, cp1252 = 0, True
     try:
         with (_open_range(path, start, stop) if stop is not None else _open_stream(path, key)) as f:
             while True:
@@ -1092,9 +1095,13 @@ def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: 
                         lenient = codecs.getincrementaldecoder(encoding)(errors="replace")
                         text = lenient.decode(pending + block, final=final)
                         replaced += text.count("\ufffd")
+                        cp1252 = cp1252 and _reads_as_cp1252(pending + block)
                 else:
                     text = lenient.decode(block, final=final)
                     replaced += text.count("\ufffd")
+                    cp1252 = cp1252 and _reads_as_cp1252(block)
+                if len(text) != len(block):  # what tells cp1252 text from damaged UTF-8: valid multi-byte characters
+                    valid_non_ascii += _count_non_ascii(text)
                 consumed += len(block)
                 carry += text
                 chars += len(text)
@@ -1113,8 +1120,9 @@ def _stream_text(path: Union[Path, _Member], key: str, warn: list, piece_chars: 
         _raise_if_damaged(path, err, f" after {consumed:,} bytes", key)
         raise
     if first_bad is not None:
-        warn.append(f"{key}: {path} is not valid {_codec_name(encoding)} (first bad byte at offset {first_bad}); "
-                    f"{replaced} undecodable byte sequence(s) were replaced by U+FFFD.")
+        hint = _legacy_encoding_hint(path, replaced, valid_non_ascii, cp1252) if encoding.startswith("utf-8") else ""
+        warn.append(f"{key}: {path} is not valid {_codec_name(encoding)} (first bad byte at offset {first_bad:,}); "
+                    f"{replaced:,} undecodable byte sequence(s) were replaced by U+FFFD.{hint}")
 
 
 def safe_cuts(text: str, size: int) -> List[str]:
@@ -1182,14 +1190,65 @@ def _codec_name(encoding: str) -> str:
     return {"utf-8-sig": "UTF-8", "utf-8": "UTF-8"}.get(encoding, encoding.upper())
 
 
-def _decode(data: bytes, path: Path, key: str, warn: list, where: str = "", encoding: str = "utf-8") -> str:
+def _decode(data: bytes, path: Path, key: str, warn: list, encoding: str = "utf-8") -> str:
+    """A whole file's text; undecodable bytes replaced by U+FFFD, said once."""
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as err:
         text = data.decode(encoding, errors="replace")
-        warn.append(f"{key}: {path}{where} is not valid {_codec_name(encoding)} (first bad byte at offset "
-                    f"{err.start}); {text.count(chr(0xFFFD))} undecodable byte sequence(s) were replaced by U+FFFD.")
+        replaced = text.count(chr(0xFFFD))
+        hint = _legacy_encoding_hint(path, replaced, _count_non_ascii(text), _reads_as_cp1252(data)) \
+            if encoding.startswith("utf-8") else ""
+        warn.append(f"{key}: {path} is not valid {_codec_name(encoding)} (first bad byte at offset "
+                    f"{err.start}); {replaced:,} undecodable byte sequence(s) were replaced by U+FFFD.{hint}")
         return text
+
+
+def _count_non_ascii(text: str) -> int:
+    """The characters of ``text`` that took more than one byte of valid UTF-8 (U+FFFD aside)."""
+    return len(text) - len(text.encode("ascii", "ignore")) - text.count("\ufffd")
+
+
+CP1252_UNDEFINED = re.compile(b"[\x81\x8d\x8f\x90\x9d]")  # the five bytes Windows-1252 leaves undefined
+
+
+def _reads_as_cp1252(data: bytes) -> bool:
+    return CP1252_UNDEFINED.search(data) is None
+
+
+def _legacy_encoding_hint(path, undecodable: int, valid_non_ascii: int, cp1252: bool, table: bool = False) -> str:
+    """For a file that is not UTF-8: when its bytes read as Windows-1252 (Latin-1's letters,
+    what older Windows and web text is in) and hardly any of its non-ASCII characters are
+    valid UTF-8, the conversion to make first ("" when the bytes look like damage instead:
+    a UTF-8 file with a few bad bytes keeps valid multi-byte characters around them, and a
+    handful of bad bytes says nothing either way)."""
+    if not cp1252 or undecodable < 10 or valid_non_ascii * 10 > undecodable:  # a few bad bytes tell nothing
+        return ""
+    compression = _format(path)[1] if isinstance(path, Path) else ""
+    if table:  # parquet, arrow, a datasets folder: its column's bytes were written from cp1252 text
+        command = "rewrite its text column decoded as cp1252, e.g. bytes.decode('cp1252') in the script that wrote it"
+    elif isinstance(path, Path) and not compression and path.is_file():
+        target = path.with_name(path.stem + ".utf8" + path.suffix)
+        command = f"iconv -f cp1252 -t utf-8 {shlex.quote(str(path))} > {shlex.quote(str(target))}"
+    else:  # compressed, or a member of an archive: the conversion is of its decompressed text
+        command = "iconv -f cp1252 -t utf-8 on its decompressed text"
+    return (" It reads as Windows-1252 (Latin-1) text, not damaged UTF-8: convert it to UTF-8 first "
+            f"({command}), or those characters are lost to training.")
+
+
+def _decode_counted(raw: bytes, skipped: "SkippedRecords", at: int) -> str:
+    """One line of a JSON Lines file (or a CSV or parquet row's bytes); undecodable bytes
+    replaced by U+FFFD and counted in ``skipped``, which says so once for the file (a Latin-1
+    JSON Lines file of a million lines was a million warnings)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.decode("utf-8", errors="replace")
+        skipped.undecodable(at, err.start, line.count("\ufffd"), _reads_as_cp1252(raw))
+        return line
+    if len(line) != len(raw):
+        skipped.valid_non_ascii_lines += 1
+    return line
 
 
 # What a file holds, by its first bytes, whatever its name says: (offset, bytes, name).
@@ -1400,13 +1459,17 @@ class SkippedRecords:
 
     FAST_FAIL = 100
 
-    def __init__(self, path: Path, key: str, where: str = "line"):
-        self.path, self.key, self.where = path, key, where
+    def __init__(self, path: Path, key: str, where: str = "line", table: bool = False):
+        self.path, self.key, self.where, self.table = path, key, where, table  # table: parquet, arrow, datasets
         self.counts: Dict[str, int] = {}
         self.fatal: Dict[str, int] = {}  # the kinds that say the file is misread, with their error
         self.first_at: Optional[int] = None
         self.first_error: Optional[str] = None
         self.surrogates, self.first_surrogate = 0, None  # lone surrogates made U+FFFD, and where the first was
+        # lines with bytes that are not UTF-8: how many, their replaced sequences, the first (at, byte in it)
+        self.undecodable_lines = self.undecodable_sequences = self.valid_non_ascii_lines = 0
+        self.first_undecodable: Optional[Tuple[int, int]] = None
+        self.cp1252 = True
 
     def skip(self, reason: str, at: int, kept: int, error: Optional[str] = None) -> None:
         """Count one record; ``error`` is the message for when such records are (nearly) all
@@ -1419,12 +1482,27 @@ class SkippedRecords:
             if kept == 0 and sum(self.fatal.values()) >= self.FAST_FAIL:
                 raise DataError(self.first_error)
 
+    def undecodable(self, at: int, offset: int, sequences: int, cp1252: bool) -> None:
+        self.undecodable_lines += 1
+        self.undecodable_sequences += sequences
+        self.first_undecodable = self.first_undecodable or (at, offset)
+        self.cp1252 = self.cp1252 and cp1252
+
     def repair(self, at: int, count: int) -> None:
         self.surrogates += count
         self.first_surrogate = at if self.first_surrogate is None else self.first_surrogate
 
     def finish(self, kept: int, warn: list) -> None:
         bad, fatal = sum(self.counts.values()), sum(self.fatal.values())
+        if self.undecodable_lines:
+            at, offset = self.first_undecodable
+            first = f"the line at byte {at:,}" if self.where == "byte" else f"{self.where} {at:,}"
+            units = "rows" if self.where == "row" else "lines"
+            hint = _legacy_encoding_hint(self.path, self.undecodable_lines, self.valid_non_ascii_lines, self.cp1252,
+                                         self.table)
+            warn.append(f"{self.key}: {self.path} is not valid UTF-8: {self.undecodable_lines:,} of its {units} hold "
+                        f"undecodable bytes (the first, {first}, at its byte {offset:,}); "
+                        f"{self.undecodable_sequences:,} byte sequence(s) were replaced by U+FFFD.{hint}")
         if self.surrogates:
             warn.append(_surrogates_replaced(self.key, self.path, self.surrogates, f"{self.where} {self.first_surrogate}"))
         if fatal and (kept == 0 or fatal > kept):
@@ -1518,8 +1596,6 @@ def _record_lists(record, text_field: str) -> List[str]:
 
 
 def _several_lists(key: str, place: str, names: List[str], path) -> DataError:
-    import shlex
-
     pick = "train" if "train" in names else names[0]
     return DataError(f"{key}: {place} holds lists of records under several keys {names[:8]}, and which to train on "
                      f"is not for letrecipes to guess. Fix: write the one to train on as JSON Lines, e.g. "
@@ -1645,7 +1721,7 @@ def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: l
                     raw = raw[len(codecs.BOM_UTF8):]
                 if not raw.strip():
                     continue
-                line = _decode(raw, path, key, warn, where=f":{line_no}")
+                line = _decode_counted(raw, skipped, line_no)
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
@@ -1678,7 +1754,7 @@ def _json_lines_range(path: Path, text_field: str, key: str, warn: list, start: 
             if not raw.strip():
                 continue
             place = f"{path} (the line at byte {line_at:,})"
-            line = _decode(raw, path, key, warn, where=f" (the line at byte {line_at:,})")
+            line = _decode_counted(raw, skipped, line_at)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -1727,8 +1803,9 @@ def _ijson(path, key: str, what: str):
 
 def _utf8_repairs(utf8: "_Utf8Repaired", path, key: str, warn: list) -> None:
     if utf8.replaced:
+        hint = _legacy_encoding_hint(path, utf8.replaced, utf8.valid_non_ascii, utf8.cp1252)
         warn.append(f"{key}: {path} is not valid UTF-8 (first bad byte at offset {utf8.first_bad:,}); {utf8.replaced:,} "
-                    "undecodable byte sequence(s) were replaced by U+FFFD.")
+                    f"undecodable byte sequence(s) were replaced by U+FFFD.{hint}")
     if utf8.surrogates:
         warn.append(_surrogates_replaced(key, path, utf8.surrogates, f"byte {utf8.first_surrogate:,}"))
 
@@ -1851,6 +1928,7 @@ class _Utf8Repaired(io.RawIOBase):
         self.read_bytes, self.replaced, self.first_bad = offset, 0, None  # read_bytes: the file's offset
         self.held = ""  # the last characters read: an escape or a pair the next read completes may start there
         self.emitted, self.surrogates, self.first_surrogate = offset, 0, None
+        self.valid_non_ascii, self.cp1252 = 0, True  # what tells Windows-1252 text from damaged UTF-8
 
     def _lone_escapes_replaced(self, text: str, final: bool) -> str:
         r"""``\ud83d`` alone becomes ``\ufffd``, of the same length (ijson's C parser stops
@@ -1887,8 +1965,10 @@ class _Utf8Repaired(io.RawIOBase):
             if bad:  # surrogateescape turned each undecodable byte into one lone surrogate
                 if self.first_bad is None:
                     self.first_bad = self.read_bytes + len(text[:bad.start()].encode("utf-8", "surrogateescape"))
+                self.cp1252 = self.cp1252 and CP1252_UNDEFINED_ESCAPED.search(text) is None
                 text, count = _ESCAPED_BYTES.subn("\ufffd", text)
                 self.replaced += count
+            self.valid_non_ascii += _count_non_ascii(text)
             self.read_bytes += len(chunk)
             self.pending = text.encode("utf-8")
             if not chunk:
@@ -1899,6 +1979,7 @@ class _Utf8Repaired(io.RawIOBase):
 
 
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+CP1252_UNDEFINED_ESCAPED = re.compile("[\udc81\udc8d\udc8f\udc90\udc9d]")  # CP1252_UNDEFINED, surrogate-escaped
 
 
 CSV_DELIMITERS = (",", "\t", ";", "|")  # ";": the CSV of spreadsheets where the comma is the decimal mark
@@ -1923,7 +2004,6 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     delimiter = "\t" if _format_base(_file_name(path)) == ".tsv" else ","
     read = pa_csv.ReadOptions(block_size=16 << 20)
     skipped, kept, row = SkippedRecords(path, key, where="row"), 0, 0
-    undecodable: List[int] = []
     try:
         with _open_stream(path, key) as stream:
             head = stream.read(1 << 16)  # the header line: the delimiter, and the columns an error names
@@ -1945,7 +2025,7 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
                 column_types={text_field: pa.binary()}, include_columns=[text_field]))  # bytes: a bad one is no stop
             for batch in reader:
                 for value in batch.column(0).to_pylist():
-                    value = _utf8(value, row, undecodable)
+                    value = value if value is None else _decode_counted(value, skipped, row)
                     if value and value.strip():
                         kept += 1
                         yield value
@@ -1960,7 +2040,6 @@ def _csv(path: Union[Path, _Member], text_field: str, key: str, warn: list) -> I
     except Exception as err:
         _raise_if_damaged(path, err, f" after row {row:,}", key)
         raise
-    _warn_undecodable(undecodable, f"{key}: {path}", text_field, warn)
     skipped.finish(kept, warn)
 
 
@@ -2067,13 +2146,13 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
     warning). A binary column (crawls that keep a page's bytes) is read as UTF-8, its
     undecodable bytes replaced and counted in one warning, as are those of a string column
     that holds bytes that are not UTF-8; any other non-string is one error."""
-    skipped, kept = SkippedRecords(Path(f"{path}{part}"), key, where="row"), 0
-    undecodable: List[int] = []  # rows with bytes that are not UTF-8
+    skipped, kept = SkippedRecords(Path(f"{path}{part}"), key, where="row", table=True), 0
     for row, value in enumerate(values):
         if value is None:
             skipped.skip(f"with a null {text_field!r}", row, kept)
             continue
-        value = _utf8(value, row, undecodable)
+        if isinstance(value, bytes):
+            value = _decode_counted(value, skipped, row)
         if not isinstance(value, str):
             if _is_conversation(value):
                 raise DataError(f"{key}: {path} row {row}: {_chat_fix(text_field)}")
@@ -2085,24 +2164,6 @@ def _strings(values, path: Path, text_field: str, key: str, warn: list, part: st
             continue
         kept += 1
         yield value
-    _warn_undecodable(undecodable, f"{key}: {path}{part}", text_field, warn)
     skipped.finish(kept, warn)
-
-
-def _utf8(value, row: int, undecodable: List[int]):
-    """``value`` as text if it is bytes: UTF-8, undecodable bytes as U+FFFD (the row noted)."""
-    if not isinstance(value, bytes):
-        return value
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        undecodable.append(row)
-        return value.decode("utf-8", errors="replace")
-
-
-def _warn_undecodable(undecodable: List[int], where: str, text_field: str, warn: list) -> None:
-    if undecodable:
-        warn.append(f"{where}: {len(undecodable):,} row(s) of the column {text_field!r} are not valid UTF-8 (first: "
-                    f"row {undecodable[0]:,}); their undecodable bytes were replaced by U+FFFD.")
 
 

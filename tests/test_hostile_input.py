@@ -340,7 +340,7 @@ def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, 
         run_pretrain(*base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
                      f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2")
     messages = [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
-    assert messages and "latin1.txt is not valid UTF-8 (first bad byte at offset 20003)" in messages[0]
+    assert messages and "latin1.txt is not valid UTF-8 (first bad byte at offset 20,003)" in messages[0]
     assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
 
 

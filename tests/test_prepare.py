@@ -222,7 +222,7 @@ def test_a_bad_record_in_a_later_part_of_a_cut_file_is_named_by_its_byte(tmp_pat
     assert any("skipped 1 of " in str(w.message) and f"the first at byte {at}" in str(w.message) for w in caught), \
         [str(w.message) for w in caught]
     bad_at = len("".join(f"{d}<|endoftext|>" for d in docs[:150]).encode())
-    with pytest.warns(corpus.DataWarning, match=f"first bad byte at offset {bad_at}\\)"):
+    with pytest.warns(corpus.DataWarning, match=f"first bad byte at offset {bad_at:,}\\)"):
         assert len(list(read_documents(tmp_path / "bad.txt"))) == 200
 
 
@@ -967,7 +967,7 @@ def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_
     pieces = list(corpus.read_unit_in_pieces(unit, warn=warn, piece_chars=300))
     assert "".join(p for p, _ in pieces) == data.decode("utf-8", errors="replace")
     assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True] and len(pieces) > 5
-    assert warn == [f"data.source: {tmp_path / 'a.txt'} is not valid UTF-8 (first bad byte at offset 20000); 1 "
+    assert warn == [f"data.source: {tmp_path / 'a.txt'} is not valid UTF-8 (first bad byte at offset 20,000); 1 "
                     "undecodable byte sequence(s) were replaced by U+FFFD."]
 
 
@@ -1149,8 +1149,8 @@ def test_a_binary_text_column_is_read_as_utf8_and_a_list_column_is_named(tmp_pat
 
     pq.write_table(pa.table({"text": pa.array([b"caf\xc3\xa9", b"bad \xff byte", None, b"ok"], pa.binary())}),
                    tmp_path / "pages.parquet")
-    with pytest.warns(corpus.DataWarning, match=r"pages.parquet.*: 1 row\(s\) of the column 'text' are not "
-                                                r"valid UTF-8 \(first: row 1\)"):
+    with pytest.warns(corpus.DataWarning, match=r"pages.parquet \(row group 0\) is not valid UTF-8: 1 of its rows hold "
+                                                r"undecodable bytes \(the first, row 1, at its byte 4\)"):
         assert list(read_documents(tmp_path / "pages.parquet")) == ["caf\u00e9", "bad \ufffd byte", "ok"]
     # a string column need not hold UTF-8 (parquet writers and Arrow's reader do not check):
     # to_pylist stopped at the first bad row with a UnicodeDecodeError traceback
@@ -1168,16 +1168,67 @@ def test_a_binary_text_column_is_read_as_utf8_and_a_list_column_is_named(tmp_pat
 
         datasets.Dataset(pa.table({"text": column})).save_to_disk(str(tmp_path / "unchecked_dataset"))
         for name in ("unchecked.parquet", "unchecked.arrow", "unchecked_dataset"):
-            with pytest.warns(corpus.DataWarning, match=r"1 row\(s\) of the column 'text' are not valid UTF-8"):
+            with pytest.warns(corpus.DataWarning, match=r"is not valid UTF-8: 1 of its rows hold undecodable bytes"):
                 assert list(read_documents(tmp_path / name)) == ["caf\u00e9", "bad \ufffd byte", "ok"], (kind, name)
     # so with a CSV file (pyarrow's check refused the whole file: "invalid UTF8 data")
     (tmp_path / "rows.csv").write_bytes(b"id,text\n1,caf\xc3\xa9\n2,bad \xff byte\n3,ok\n")
-    with pytest.warns(corpus.DataWarning, match=r"rows.csv: 1 row\(s\) of the column 'text' are not valid UTF-8 "
-                                                r"\(first: row 1\)"):
+    with pytest.warns(corpus.DataWarning, match=r"rows.csv is not valid UTF-8: 1 of its rows hold undecodable bytes "
+                                                r"\(the first, row 1, at its byte 4\)"):
         assert list(read_documents(tmp_path / "rows.csv")) == ["caf\u00e9", "bad \ufffd byte", "ok"]
     pq.write_table(pa.table({"text": pa.array([["one sentence.", "two."]])}), tmp_path / "lists.parquet")
     with pytest.raises(DataError, match=r"lists.parquet row 0: 'text' is list, not text \(a list: join its items"):
         list(read_documents(tmp_path / "lists.parquet"))
+
+
+def test_text_in_windows_1252_is_said_once_per_file_with_the_conversion_to_make_first(tmp_path):
+    """A Latin-1 (Windows-1252) JSON Lines file of 3,000 lines gave 3,000 warnings, one per line
+    ("fr.jsonl:1 is not valid UTF-8 ...", ":2", ...), and none of them said what the bytes
+    were. Every format now says so once per file, with the iconv to run first when the bytes
+    read as Windows-1252; a UTF-8 file with a few damaged bytes gets no such advice."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"Le café numéro {i} est très apprécié à Paris, où l'été est chaud." for i in range(300)]
+    latin = [t.encode("cp1252") for t in texts]
+    (tmp_path / "fr.jsonl").write_bytes(b"".join(b'{"text": "' + t + b'"}\n' for t in latin))
+    (tmp_path / "fr.txt").write_bytes(b"\n\n".join(latin))
+    (tmp_path / "fr.json").write_bytes(b"[" + b", ".join(b'{"text": "' + t + b'"}' for t in latin) + b"]")
+    (tmp_path / "fr.csv").write_bytes(b"text\n" + b"".join(b'"' + t + b'"\n' for t in latin))
+    pq.write_table(pa.table({"text": pa.array(latin, pa.binary())}), tmp_path / "fr.parquet")
+    (tmp_path / "fr.jsonl.gz").write_bytes(gzip.compress((tmp_path / "fr.jsonl").read_bytes()))
+    convert = "It reads as Windows-1252 (Latin-1) text, not damaged UTF-8: convert it to UTF-8 first ({}), or those " \
+              "characters are lost to training."
+    expected = {
+        "fr.jsonl": (f"is not valid UTF-8: 300 of its lines hold undecodable bytes (the first, line 1, at its byte 16); "
+                     f"2,700 byte sequence(s) were replaced by U+FFFD. "
+                     + convert.format(f"iconv -f cp1252 -t utf-8 {tmp_path / 'fr.jsonl'} > {tmp_path / 'fr.utf8.jsonl'}")),
+        "fr.txt": "2,700 undecodable byte sequence(s) were replaced by U+FFFD. " + convert.format(
+            f"iconv -f cp1252 -t utf-8 {tmp_path / 'fr.txt'} > {tmp_path / 'fr.utf8.txt'}"),
+        "fr.json": "2,700 undecodable byte sequence(s) were replaced by U+FFFD. " + convert.format(
+            f"iconv -f cp1252 -t utf-8 {tmp_path / 'fr.json'} > {tmp_path / 'fr.utf8.json'}"),
+        "fr.csv": "300 of its rows hold undecodable bytes (the first, row 0, at its byte 6); 2,700 byte sequence(s) "
+                  "were replaced by U+FFFD. " + convert.format(
+                      f"iconv -f cp1252 -t utf-8 {tmp_path / 'fr.csv'} > {tmp_path / 'fr.utf8.csv'}"),
+        "fr.parquet": convert.format("rewrite its text column decoded as cp1252, e.g. bytes.decode('cp1252') in the "
+                                     "script that wrote it"),
+        "fr.jsonl.gz": convert.format("iconv -f cp1252 -t utf-8 on its decompressed text"),
+    }
+    for name, said in expected.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            read = list(read_documents(tmp_path / name))
+        messages = [str(w.message) for w in caught if issubclass(w.category, corpus.DataWarning)]
+        assert len(messages) == 1 and said in messages[0] and "Windows-1252" in messages[0], (name, messages)
+        assert "".join(read).count("\ufffd") == 2700, name
+    # UTF-8 with two damaged bytes among valid accents: counted, no conversion advised
+    good = b"".join(b'{"text": "' + t.encode() + b'"}\n' for t in texts)
+    (tmp_path / "damaged.jsonl").write_bytes(good[:5000] + b"\xff\xfe" + good[5000:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        list(read_documents(tmp_path / "damaged.jsonl"))
+    messages = [str(w.message) for w in caught if issubclass(w.category, corpus.DataWarning)]
+    assert len(messages) == 1 and "1 of its lines hold undecodable bytes" in messages[0] and \
+        "Windows-1252" not in messages[0], messages
 
 
 def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
