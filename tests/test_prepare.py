@@ -1199,8 +1199,8 @@ def test_text_in_windows_1252_is_said_once_per_file_with_the_conversion_to_make_
     convert = "It reads as Windows-1252 (Latin-1) text, not damaged UTF-8: convert it to UTF-8 first ({}), or those " \
               "characters are lost to training."
     expected = {
-        "fr.jsonl": (f"is not valid UTF-8: 300 of its lines hold undecodable bytes (the first, line 1, at its byte 16); "
-                     f"2,700 byte sequence(s) were replaced by U+FFFD. "
+        "fr.jsonl": ("is not valid UTF-8: 300 of its lines hold undecodable bytes (the first, line 1, at its byte 16); "
+                     "2,700 byte sequence(s) were replaced by U+FFFD. "
                      + convert.format(f"iconv -f cp1252 -t utf-8 {tmp_path / 'fr.jsonl'} > {tmp_path / 'fr.utf8.jsonl'}")),
         "fr.txt": "2,700 undecodable byte sequence(s) were replaced by U+FFFD. " + convert.format(
             f"iconv -f cp1252 -t utf-8 {tmp_path / 'fr.txt'} > {tmp_path / 'fr.utf8.txt'}"),
