@@ -599,10 +599,14 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
                 + f", {got_bytes / 2**20:,.1f}/{todo_bytes / 2**20:,.1f} MB, {got_tokens / max(elapsed, 1e-9):,.0f} "
                 f"tokens/s, {elapsed_and_eta(elapsed, got_bytes, todo_bytes)}")
 
+    said: List[str] = []  # every warning of this prepare; the first WARNINGS_SHOWN are shown as they come
+
     def finished(meta: dict) -> None:
         nonlocal done_bytes, new_tokens, warned
         for message in meta.pop("warnings"):
-            warnings.warn(message, DataWarning, stacklevel=3)
+            said.append(message)
+            if len(said) <= WARNINGS_SHOWN:
+                warnings.warn(message, DataWarning, stacklevel=3)
             warned += 1
         index = int(meta["file"][len("shard_"):-len(".bin")])
         with counting:
@@ -616,9 +620,13 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
                under_way=say_how_far, every_s=progress_every_s)
 
     shards = [done[i] for i in range(len(units))]
+    if len(said) > WARNINGS_SHOWN:
+        _write_all_warnings(out_dir, said, key)
     total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)
     if total == 0:
         skipped = f"; the {warned} warning(s) above say what was skipped" if warned else ""
+        if len(said) > WARNINGS_SHOWN:
+            skipped = f"; the {warned:,} warning(s) in {out_dir / WARNINGS_FILE} say what was skipped"
         earlier = [m for shard in shards for m in shard.get("first_warnings", [])]
         if not warned and earlier:  # every unit was read by an earlier run, whose warnings are gone from view
             earlier_note = (f" When it was read, {sum(s.get('warning_count', 0) for s in shards)} warning(s) said "
@@ -636,6 +644,19 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     warn_if_repeated(out_dir, manifest, key)
     log(f"prepare: done, {manifest['tokens']:,} tokens in {len(shards)} shard(s), {time.perf_counter() - start:.1f} s")
     return manifest
+
+
+# A corpus of 50,000 crawl files, each with an empty record, gave 50,000 warning lines: the
+# first few are shown as they come, and all of them are written to the prepared folder.
+WARNINGS_SHOWN = 5
+WARNINGS_FILE = "warnings.txt"
+
+
+def _write_all_warnings(out_dir: Path, said: List[str], key: str) -> None:
+    replace_atomically(out_dir / WARNINGS_FILE, "".join(message + "\n" for message in said))
+    warnings.warn(f"{key}: {len(said) - WARNINGS_SHOWN:,} more warning(s) like those above were not shown, "
+                  f"{len(said):,} in all: every one is in {out_dir / WARNINGS_FILE}. Fix: read them there; none, if "
+                  "they say what is meant (records skipped, bytes replaced).", DataWarning, stacklevel=3)
 
 
 def _keyed(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int) -> List[np.ndarray]:

@@ -1231,6 +1231,33 @@ def test_text_in_windows_1252_is_said_once_per_file_with_the_conversion_to_make_
         "Windows-1252" not in messages[0], messages
 
 
+def test_warnings_of_many_files_show_the_first_few_and_all_go_to_the_prepared_folder(tmp_path, tokenizer_path):
+    """A folder of crawl files, each with one empty record, gave one warning line per file
+    (300 lines for 300 files; 50,000 for a crawl of 50,000). The first few are shown, then
+    one line that counts the rest and names the file in the prepared folder that holds all."""
+    corpus_dir = tmp_path / "crawl"
+    corpus_dir.mkdir()
+    texts = documents(36)
+    for i in range(12):
+        (corpus_dir / f"part{i:02d}.jsonl").write_text(json.dumps({"text": " ".join(texts[3 * i:3 * i + 3])}) + "\n"
+                                                      + json.dumps({"text": ""}) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_corpus(corpus_dir, Tokenizer(tokenizer_path), tmp_path / "out", **QUIET)
+    said = [str(w.message) for w in caught if issubclass(w.category, corpus.DataWarning)]
+    shown = prepare_module.WARNINGS_SHOWN
+    assert len(said) == shown + 1 and all("skipped 1 of 2 records" in m for m in said[:shown]), said
+    assert said[-1] == (f"data.source: {12 - shown} more warning(s) like those above were not shown, 12 in all: every "
+                        f"one is in {tmp_path / 'out' / 'warnings.txt'}. Fix: read them there; none, if they say what "
+                        "is meant (records skipped, bytes replaced).")
+    kept = (tmp_path / "out" / "warnings.txt").read_text().splitlines()
+    assert len(kept) == 12 and sorted(m.split(": ")[1] for m in kept) == \
+        sorted(f"{corpus_dir / f'part{i:02d}.jsonl'}" for i in range(12))
+    # the folder is read as prepared, the extra file notwithstanding
+    assert read_manifest(tmp_path / "out")["tokens"] > 0
+    assert len(PackedDataset(TokenShards(tmp_path / "out"), 16, "train", 0.0)) > 0
+
+
 def test_binary_hidden_and_empty_files_add_no_tokens(tokenizer_path, tmp_path):
     """A binary file with a text suffix is skipped with a warning naming it; macOS's
     ``._name`` resource forks and hidden folders are not read; an empty document (a file,
