@@ -1200,7 +1200,7 @@ def _decode(data: bytes, path: Path, key: str, warn: list, encoding: str = "utf-
         hint = _legacy_encoding_hint(path, replaced, _count_non_ascii(text), _reads_as_cp1252(data)) \
             if encoding.startswith("utf-8") else ""
         warn.append(f"{key}: {path} is not valid {_codec_name(encoding)} (first bad byte at offset "
-                    f"{err.start}); {replaced:,} undecodable byte sequence(s) were replaced by U+FFFD.{hint}")
+                    f"{err.start:,}); {replaced:,} undecodable byte sequence(s) were replaced by U+FFFD.{hint}")
         return text
 
 
@@ -1968,7 +1968,8 @@ class _Utf8Repaired(io.RawIOBase):
                 self.cp1252 = self.cp1252 and CP1252_UNDEFINED_ESCAPED.search(text) is None
                 text, count = _ESCAPED_BYTES.subn("\ufffd", text)
                 self.replaced += count
-            self.valid_non_ascii += _count_non_ascii(text)
+            if len(text) != len(chunk):  # valid multi-byte characters (or a replaced run) in this chunk
+                self.valid_non_ascii += _count_non_ascii(text)
             self.read_bytes += len(chunk)
             self.pending = text.encode("utf-8")
             if not chunk:
