@@ -584,7 +584,7 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     log(f"prepare: {len(units)} unit(s), {total_bytes / 2**20:,.1f} MB of input -> {out_dir}"
         + (f"; {len(done)} already done, {len(todo)} to go" if done else "") + f"; {max(1, workers)} worker(s)")
     start = time.perf_counter()
-    done_bytes = new_tokens = warned = 0
+    done_bytes = new_tokens = 0
     todo_bytes = sum(units[i].size for i in todo) or 1
     counting = threading.Lock()  # the progress thread reads what finished() adds to
 
@@ -602,12 +602,11 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     said: List[str] = []  # every warning of this prepare; the first WARNINGS_SHOWN are shown as they come
 
     def finished(meta: dict) -> None:
-        nonlocal done_bytes, new_tokens, warned
+        nonlocal done_bytes, new_tokens
         for message in meta.pop("warnings"):
             said.append(message)
             if len(said) <= WARNINGS_SHOWN:
                 warnings.warn(message, DataWarning, stacklevel=3)
-            warned += 1
         index = int(meta["file"][len("shard_"):-len(".bin")])
         with counting:
             done[index] = meta
@@ -624,11 +623,11 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
         _write_all_warnings(out_dir, said, key)
     total, unknown = sum(s["tokens"] for s in shards), sum(s.get("unknown_tokens", 0) for s in shards)
     if total == 0:
-        skipped = f"; the {warned} warning(s) above say what was skipped" if warned else ""
+        skipped = f"; the {len(said)} warning(s) above say what was skipped" if said else ""
         if len(said) > WARNINGS_SHOWN:
-            skipped = f"; the {warned:,} warning(s) in {out_dir / WARNINGS_FILE} say what was skipped"
+            skipped = f"; the {len(said):,} warning(s) in {out_dir / WARNINGS_FILE} say what was skipped"
         earlier = [m for shard in shards for m in shard.get("first_warnings", [])]
-        if not warned and earlier:  # every unit was read by an earlier run, whose warnings are gone from view
+        if not said and earlier:  # every unit was read by an earlier run, whose warnings are gone from view
             earlier_note = (f" When it was read, {sum(s.get('warning_count', 0) for s in shards)} warning(s) said "
                             f"what was skipped; the first: {earlier[0]}")
         else:

@@ -299,13 +299,14 @@ class PretrainRecipe:
         cfg = self.cfg.data
         held_out = f"data.val_source={cfg.val_source}" if cfg.get("val_source") else \
             f"data.val_fraction={cfg.get('val_fraction', 0.02)}"
-        warnings.warn(f"the validation split ({held_out}) holds {len(self.val_set)} sequence(s) of "
-                      f"{int(cfg.seq_len)} tokens, fewer than a batch of {batch_size}" +
-                      (f" on each of {self.world_size} processes" if self.world_size > 1 else "") +
-                      f": it is evaluated whole, in batches of {each}, and its val_loss over "
-                      f"{each * self.world_size * int(cfg.seq_len):,} tokens is a noisy figure. Fix: a larger "
-                      "data.val_fraction, or a held-out corpus in data.val_source, for a steadier one.",
-                      LetRecipesWarning, stacklevel=2)
+        if self.is_main:  # every rank has the same split: said once
+            warnings.warn(f"the validation split ({held_out}) holds {len(self.val_set)} sequence(s) of "
+                          f"{int(cfg.seq_len)} tokens, fewer than a batch of {batch_size}" +
+                          (f" on each of {self.world_size} processes" if self.world_size > 1 else "") +
+                          f": it is evaluated whole, in batches of {each}, and its val_loss over "
+                          f"{each * self.world_size * int(cfg.seq_len):,} tokens is a noisy figure. Fix: a larger "
+                          "data.val_fraction, or a held-out corpus in data.val_source, for a steadier one.",
+                          LetRecipesWarning, stacklevel=2)
         return each
 
     def passes_planned(self) -> str:
