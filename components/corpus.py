@@ -40,6 +40,7 @@ import bz2
 import codecs
 import contextlib
 import csv
+import errno
 import functools
 import glob
 import gzip
@@ -797,7 +798,15 @@ def _archive_members(stream, kind: str, name: str, text_field: str, key: str, wa
                         "remove it from the source.") from err
     with archive:
         members = ((i.filename, lambda i=i: archive.open(i)) for i in archive.infolist() if not i.is_dir())
-        yield from _members(members, name, text_field, key, warn, piece_chars, not_read, separator)
+        try:
+            yield from _members(members, name, text_field, key, warn, piece_chars, not_read, separator)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as err:
+            # a damaged member: a bad CRC, a header that does not match the directory, an offset past
+            # the file (seek: EINVAL), an unknown compression; the disk's own errors are not this
+            if isinstance(err, OSError) and err.errno not in (None, errno.EINVAL):
+                raise
+            raise DataError(f"{key}: {name} is damaged: a member does not read ({type(err).__name__}: {err}). Fix: "
+                            "re-download it, or remove it from the source.") from err
 
 
 def _members(members, archive: str, text_field: str, key: str, warn: list, piece_chars: Optional[int],
