@@ -26,6 +26,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import os
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
@@ -93,9 +94,25 @@ def _missing_dependency(module: str, err: ImportError) -> Optional[str]:
             "(pip install ... -c constraints.txt, so that torch stays as it is)")
 
 
+def _check_dotted_path(name: str, key: str, instead: str) -> None:
+    """A path that Python's import cannot take (``.components.x``, ``a..b``, ``my-losses``,
+    a space) is named as such, not as importlib's TypeError or a module missing."""
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise ComponentError(f"{key}: {name!r} is not a dotted import path (Python names joined by dots, as "
+                             f"letrecipes.components.lr_schedules.warmup_cosine; relative paths are not taken). "
+                             f"Fix: the full path from the top package, or {instead}.")
+
+
 def import_modules(modules: Iterable[str] | None) -> None:
     """Import user modules so that their ``@register`` decorators run."""
     for module in modules or []:
+        if "/" in str(module) or os.sep in str(module) or str(module).endswith(".py"):  # a file, as a shell names it
+            file = Path(str(module))
+            where = "(tune run puts the working directory on the module path)" if str(file.parent) in ("", ".") \
+                else f"with its folder on the module path (PYTHONPATH={file.parent} tune run ...)"
+            raise ComponentError(f"imports: {str(module)!r} is a file's path; imports takes module names, as Python's "
+                                 f"import does. Fix: imports=[{file.stem}], {where}.")
+        _check_dotted_path(str(module), "imports", f"remove {module!r} from `imports`")
         try:
             importlib.import_module(module)
         except ImportError as err:
@@ -222,6 +239,7 @@ def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any
             f"Fix: use {NEW_PREFIX + name[len(OLD_PREFIX):]!r}{_short_name_hint(kind, name)}."
         )
     if "." in name:
+        _check_dotted_path(name, key, f"a registered short name for {kind}: {', '.join(sorted(_REGISTRY[kind]))}")
         module_name, _, attr = name.rpartition(".")
         try:
             module = importlib.import_module(module_name)

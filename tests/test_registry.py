@@ -1,3 +1,4 @@
+import re
 import sys
 import textwrap
 
@@ -6,6 +7,7 @@ import torch
 
 from letrecipes import components
 from letrecipes.components.alignment import NegativeCosine
+from letrecipes.components import registry
 from letrecipes.components.registry import ComponentError, build, import_modules, register, registered
 
 
@@ -74,6 +76,30 @@ def test_a_loss_registered_itself_instead_of_what_builds_it_is_named_as_such():
         "config's keys to build the component, and 'test_l2_function' needs student, teacher, which no key gives. "
         "Fix: register what builds it (a class, or a function that returns it; docs/extending.md shows each kind's "
         "interface), or set alignment.loss.student if it is a setting.")
+
+
+
+def test_a_file_path_or_a_relative_path_where_a_module_is_named_is_said_so():
+    """`imports=[docs/examples/centered_cosine.py]` (a file, as a shell names it) said "cannot
+    import"; `_component_: .components.lr_schedules.warmup_cosine` (a relative path) stopped
+    with importlib's TypeError traceback ("the 'package' argument is required"), found by
+    damaging configs at random."""
+    with pytest.raises(ComponentError, match=r"^imports: 'docs/examples/centered_cosine.py' is a file's path; imports "
+                                             r"takes module names, as Python's import does. Fix: "
+                                             r"imports=\[centered_cosine\], with its folder on the module path "
+                                             r"\(PYTHONPATH=docs/examples tune run ...\).$"):
+        registry.import_modules(["docs/examples/centered_cosine.py"])
+    with pytest.raises(ComponentError, match=r"imports=\[my_losses\], \(tune run puts the working directory"):
+        registry.import_modules(["my_losses.py"])
+    for name in (".components.lr_schedules.warmup_cosine", "letrecipes..components.x", "my-losses.Foo"):
+        with pytest.raises(ComponentError, match=rf"^lr_scheduler._component_: {re.escape(repr(name))} is not a dotted "
+                                                 r"import path .* Fix: the full path from the top package, or a "
+                                                 r"registered short name for lr_scheduler: warmup_constant, "):
+            registry.resolve("lr_scheduler", name, "lr_scheduler._component_")
+    with pytest.raises(ComponentError, match=r"^imports: '.lab' is not a dotted import path"):
+        registry.import_modules([".lab"])
+    assert registry.resolve("lr_scheduler", "letrecipes.components.lr_schedules.warmup_cosine") is \
+        registry.resolve("lr_scheduler", "warmup_cosine")
 
 
 def test_import_of_a_missing_module_names_the_key(tmp_path, monkeypatch):
