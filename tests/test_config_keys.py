@@ -299,3 +299,50 @@ def test_validate_says_what_the_recipe_would_refuse_of_the_alignment(override, s
     with pytest.raises(SystemExit) as err:
         cli.main(["validate", "let_tiny", override])
     assert said in str(err.value.code), err.value.code
+
+
+def test_damaged_configs_load_or_end_in_one_error(tmp_path):
+    """The shipped configs with characters flipped, cut, inserted, deleted, repeated or
+    re-indented, as a hand edit or a bad merge leaves them: each loads and validates, or
+    stops with one ConfigError or LetRecipesError (the recipes print that as one line),
+    never another exception. (A damaged `_component_` path, `.components.lr_schedules...`,
+    once ended in importlib's TypeError.)"""
+    import random
+
+    from letrecipes._config import ConfigError, load_config
+    from letrecipes._schema import validate
+    from letrecipes.components.errors import LetRecipesError
+
+    rng = random.Random(20261206)
+    sources = {name: (REPO / "recipes" / "configs" / f"{name}.yaml").read_bytes()
+               for name in ("let_tiny", "let_7b", "pretrain_tiny")}
+    outcomes = {"loaded": 0, "error": 0}
+    for n in range(300):
+        name = rng.choice(sorted(sources))
+        data = bytearray(sources[name])
+        how = rng.choice(["flip", "cut", "insert", "delete", "repeat", "indent"])
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(len(data))
+            if how == "flip":
+                data[at] = rng.choice(b":-[]{}#'\"\t\n 0123456789abc!&*|>%@`,?.\x00\xff")
+            elif how == "cut":
+                data = data[:max(1, at)]
+            elif how == "insert":
+                data[at:at] = bytes(rng.choice(b":-[]{}#'\" \n\t.") for _ in range(rng.randint(1, 4)))
+            elif how == "delete":
+                del data[at:at + rng.randint(1, 10)]
+            elif how == "indent":
+                lines = bytes(data).split(b"\n")
+                i = rng.randrange(len(lines))
+                lines[i] = b" " * rng.randint(0, 6) + lines[i].lstrip()
+                data = bytearray(b"\n".join(lines))
+            else:
+                data[at:at] = data[max(0, at - 30):at]
+        path = tmp_path / f"damaged{n}.yaml"
+        path.write_bytes(bytes(data))
+        try:
+            validate(load_config(str(path), []), with_teacher=name.startswith("let"))
+            outcomes["loaded"] += 1
+        except (ConfigError, LetRecipesError):
+            outcomes["error"] += 1
+    assert outcomes["loaded"] > 20 and outcomes["error"] > 100, outcomes
