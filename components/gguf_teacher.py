@@ -102,7 +102,11 @@ def _field(reader, key: str, source: str, default=None):
             raise TeacherError(f"{source}: GGUF metadata key {key!r} is missing. Fix: use a file written by llama.cpp's "
                                "convert_hf_to_gguf.py (an older or another converter's file lacks it).")
         return default
-    return field.contents()
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as err:  # its bytes changed since it was written
+        raise TeacherError(f"{source}: GGUF metadata key {key!r} does not read ({type(err).__name__}: {err}): the file "
+                           "is damaged. Fix: re-download or re-convert it.") from err
 
 
 def model_args(reader, source: str) -> ModelArgs:
@@ -302,7 +306,13 @@ def export_tokenizer(reader, source: str, out_dir: Path) -> Path:
     target = out_dir / h.hexdigest()[:16] / "tokenizer.json"
     if target.is_file():
         return target
-    tokenizer = build_tokenizer(reader, source)
+    try:
+        tokenizer = build_tokenizer(reader, source)
+    except TeacherError:
+        raise
+    except Exception as err:  # tokenizers' bare Exception: merges that name tokens the vocabulary lacks
+        raise TeacherError(f"{source}: its embedded tokenizer does not build ({err}): the file is damaged. Fix: "
+                           "re-download or re-convert it, or set tokenizer.path to the model's tokenizer.json.") from err
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"tokenizer.json.{socket.gethostname()}.{os.getpid()}.tmp")  # unique across hosts
     tokenizer.save(str(tmp))

@@ -316,3 +316,43 @@ def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
     with pytest.raises(TeacherError, match=r"GGUF architecture 'phi3' is not supported; expected one of llama, qwen2, "
                                            r"qwen3, gptneox, gpt2\. Fix: use the model's Hugging Face folder"):
         load_teacher({"_component_": "gguf", "path": str(path)})
+
+
+def test_a_damaged_gguf_file_loads_or_ends_in_one_error(tmp_path):
+    """A byte changed in a GGUF file's metadata (a bad copy, a disk's bit rot) ended in a
+    traceback: the pre-tokenizer's name no longer UTF-8 (`UnicodeDecodeError` from gguf's
+    reader), or merges that name a token the vocabulary lost (tokenizers' bare `Exception:
+    Error while initializing BPE`). Each is one error naming the file; and so is every one of
+    150 random changes to its first 4,000 bytes, or it loads."""
+    import random
+
+    from letrecipes.components.errors import LetRecipesError
+    from letrecipes.components.teachers import TeacherError, describe_teacher
+
+    tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER["llama"])
+    path = tmp_path / "tiny.gguf"
+    write_gguf(hf_model("llama"), "llama", tokenizer_json, path)
+    original = path.read_bytes()
+    spec = {"_component_": "auto", "path": str(path), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")}
+
+    name = original.find(b"llama-bpe")  # the value of tokenizer.ggml.pre
+    path.write_bytes(original[:name] + b"\x84" + original[name + 1:])
+    with pytest.raises(TeacherError, match=r"tiny.gguf: GGUF metadata key 'tokenizer.ggml.pre' does not read "
+                                           r"\(UnicodeDecodeError: .*\): the file is damaged. Fix: re-download or "
+                                           r"re-convert it."):
+        load_teacher(spec)
+
+    rng = random.Random(20261206)
+    outcomes = {"loaded": 0, "error": 0}
+    for _ in range(150):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(4000)] = rng.randrange(256)
+        path.write_bytes(bytes(data))
+        try:
+            describe_teacher(spec)
+            load_teacher(spec)
+            outcomes["loaded"] += 1
+        except LetRecipesError:
+            outcomes["error"] += 1
+    assert outcomes["loaded"] > 3 and outcomes["error"] > 100, outcomes  # 7 and 143 with this seed
