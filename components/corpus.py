@@ -60,7 +60,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import as_given, hub_id_hint, hub_snapshot, nearby, refuse_special_file, stand_in
+from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, in_outputs, nearby, refuse_special_file,
+                                         stand_in)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -313,8 +314,8 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
     if not item.exists():
         seen = nearby(item)
         # the big configs name a folder that `letrecipes prepare-data` writes, once, before the run
-        made_by = " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)" if "outputs" in \
-            item.parts else "" if _format(item)[0] or _format(item)[1] else (
+        made_by = " (the demo corpus is made by `python -m letrecipes.demo --prepare-only`)" if in_outputs(item) \
+            else "" if _format(item)[0] or _format(item)[1] else (
                 f"; or write token shards there: letrecipes prepare-data --config <yours> --out {item} "
                 "data.source=<the raw corpus>")
         fix = hub_id_hint(item, key, "dataset") or ((seen + " " if seen else "") +

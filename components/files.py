@@ -363,6 +363,13 @@ def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:
             f"{local}) and set {key}={local}{'/' + inner if inner else ''}.")
 
 
+def in_outputs(path: Union[str, Path]) -> bool:
+    """A path under an ``outputs`` folder, where the demo and the tiny configs write: for one
+    that is missing, their commands are the fix; for any other, a model or corpus the user
+    brings, they are not."""
+    return "outputs" in Path(path).parts
+
+
 # Where the model families that users bring as teachers publish on the Hugging Face Hub, by
 # the start of a repository's name (case ignored): for a missing folder named like one of
 # them, the download that fills it. Gated ones need their licence accepted first.

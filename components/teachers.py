@@ -35,8 +35,8 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, json_cut_short, model_folder_hint, nearby,
-                                         refuse_special_file)
+from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, in_outputs, json_cut_short, model_folder_hint,
+                                         nearby, refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import check_bf16_device, on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
@@ -182,7 +182,7 @@ def existing_path(path: Union[str, Path], key: str = "teacher.path") -> Path:
         download = model_folder_hint(resolved, key)
         if download:
             raise TeacherError(f"{key}: nothing at {str(resolved)!r}.{seen} {download}")
-        if key == "init_from" or not (resolved.name == "final" or "outputs" in resolved.parts):
+        if key == "init_from" or not (resolved.name == "final" or in_outputs(resolved)):
             # a model the user brings: training one with the tiny config would be no answer
             raise TeacherError(f"{key}: nothing at {str(resolved)!r}.{seen} Fix: point it at {kinds}.")
         raise TeacherError(

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Union
 
 from letrecipes.components.corpus import DataError
-from letrecipes.components.files import as_given, hub_id_hint, json_cut_short, model_folder_hint, nearby, stand_in
+from letrecipes.components.files import (as_given, hub_id_hint, in_outputs, json_cut_short, model_folder_hint, nearby,
+                                         stand_in)
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
 
@@ -90,8 +91,7 @@ class Tokenizer:
             hub = hub_id_hint(path, "tokenizer.path")
             seen = nearby(path)
             seen = seen + " " if seen else ""
-            demo = " (the demo trains one with `python -m letrecipes.demo --prepare-only`)" if "outputs" in \
-                Path(path).parts else ""
+            demo = " (the demo trains one with `python -m letrecipes.demo --prepare-only`)" if in_outputs(path) else ""
             raise DataError(f"tokenizer.path: no tokenizer file at {as_given(path)!r}. " + (hub or (
                 seen + (model_folder_hint(path, "tokenizer.path") or
                         f"Fix: point it at a tokenizer.json, or a model folder or .gguf file that holds one{demo}."))))
