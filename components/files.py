@@ -439,3 +439,12 @@ def stand_in(path: Union[str, Path], expected: str, html: bool = True, head: Opt
                 "sign-in page instead of the file. Fix: download it again (`hf download <repo id>`; a gated repository needs "
                 "`hf auth login` first).")
     return None
+
+
+def shortened(text: str, limit: int = 60) -> str:
+    """``text`` cut in its middle to ``limit`` characters, most of them from its end: where
+    two paths differ, it is at their end."""
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + "..." + text[-(limit - head - 3):]

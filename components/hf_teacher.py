@@ -13,13 +13,14 @@ architecture is read from ``config.json``; weights are checked against it tensor
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
-from letrecipes.components.files import json_cut_short, stand_in
+from letrecipes.components.files import json_cut_short, shortened, stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import (
     Teacher, TeacherError, TeacherFormat, build_frozen, folder_tokenizer, read_json, register_format, resolve_path,
@@ -443,16 +444,31 @@ def weight_files(path: Path) -> Dict[str, Path]:
 
 
 def _indexed_files(path: Path, index: Path) -> Dict[str, Path]:
+    fix = "Fix: download the index again with the model's shards."
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         cut_short = json_cut_short(index)
         what = cut_short if cut_short else f"not a weight index (needs a 'weight_map'): {err}"
-        raise TeacherError(f"{index}: {what}. Fix: download the index again with the model's shards.") from err
+        raise TeacherError(f"{index}: {what}. {fix}") from err
+    if not isinstance(weight_map, dict):
+        raise TeacherError(f"{index}: its 'weight_map' is not a map of tensor name to shard file (it is "
+                           f"{shortened(repr(weight_map))}). {fix}")
+    for name, file in weight_map.items():
+        # a shard is a file of this folder: a path elsewhere (absolute, '..') is a damaged or foreign index
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            raise TeacherError(f"{index}: 'weight_map' gives tensor {name!r} the shard {file!r}, which is not the "
+                               f"name of a file in the folder. {fix}")
     files = {name: path / file for name, file in weight_map.items()}
     for file in sorted(set(files.values())):
-        if not file.is_file():
-            raise TeacherError(f"{index} lists the shard {file.name!r}, but {str(file)!r} does not exist. "
+        try:
+            found = file.is_file()
+        except OSError as err:  # a name longer than the filesystem allows
+            if err.errno != errno.ENAMETOOLONG:
+                raise
+            found = False
+        if not found:
+            raise TeacherError(f"{index} lists the shard {file.name[:80]!r}, but {str(path)!r} holds no such file. "
                                "Fix: copy every shard the index names into the folder.")
     return files
 
@@ -509,17 +525,26 @@ def iter_tensors(files: Dict[str, Path]) -> Iterator[Tuple[str, Path, torch.Tens
             tensors = _load_pickle(file)
             for name in names:
                 if name not in tensors:
-                    raise TeacherError(f"teacher.path: the index names {name!r} in {str(file)!r}, which does not "
-                                       "hold it. Fix: re-download the shards and their index together.")
+                    raise _not_in_shard(name, file)
                 yield name, file, tensors[name]
             del tensors
             continue
         try:
             with safe_open(str(file), framework="pt") as f:
+                held = set(f.keys())
                 for name in names:
+                    if name not in held:
+                        raise _not_in_shard(name, file)
                     yield name, file, f.get_tensor(name)
+        except TeacherError:
+            raise
         except Exception as err:  # safetensors raises its own error types
             raise TeacherError(_unreadable(file, err)) from err
+
+
+def _not_in_shard(name: str, file: Path) -> TeacherError:
+    return TeacherError(f"teacher.path: the index names {name!r} in {str(file)!r}, which does not hold it. "
+                        "Fix: re-download the shards and their index together.")
 
 
 def _unreadable(file: Path, err: Exception) -> str:

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
+from letrecipes.components.files import shortened
 from letrecipes.components.registry import ComponentError
-from letrecipes.components.resume import flatten, shortened
+from letrecipes.components.resume import flatten
 from letrecipes.components.run_info import torchrun_attempt
 
 T = TypeVar("T")

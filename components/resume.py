@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.files import shortened
 
 # Keys a run may change when it resumes (fnmatch patterns over dotted keys).
 CHANGEABLE = (
@@ -180,15 +181,6 @@ def moved(key: str, old: Any, new: Any) -> bool:
         return bool(named) and rest_a == rest_b
 
     return all(same_but_where(a, b) for a, b in zip(old, new))
-
-
-def shortened(text: str, limit: int = 60) -> str:
-    """``text`` cut in its middle to ``limit`` characters, most of them from its end: where
-    two paths differ, it is at their end."""
-    if len(text) <= limit:
-        return text
-    head = limit // 3
-    return text[:head] + "..." + text[-(limit - head - 3):]
 
 
 def _short(value: Any) -> str:

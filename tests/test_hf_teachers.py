@@ -186,15 +186,35 @@ def test_missing_shard_is_named(tmp_path):
     torch.manual_seed(0)
     _save(_llama(tie=False), tmp_path, shard=True)
     drop_a_shard(tmp_path)
-    with pytest.raises(TeacherError, match=r"model-0000\d-of-0000\d.safetensors.*does not exist"):
+    with pytest.raises(TeacherError, match=r"model-0000\d-of-0000\d.safetensors.*holds no such file"):
         load_teacher({"_component_": "huggingface", "path": str(tmp_path)})
+
+
+def _remap(index_text, change):
+    """The index with its first tensor's shard changed by ``change``."""
+    index = json.loads(index_text)
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = change(index["weight_map"][first])
+    return json.dumps(index)
+
+
+def _other_shard(index_text, shard):
+    return next(s for s in sorted(set(json.loads(index_text)["weight_map"].values())) if s != shard)
 
 
 @pytest.mark.parametrize("damage, says", [
     (lambda text: text[:150], "is cut short: its JSON stops inside a value after 150 bytes (an interrupted download "
                               "or copy). Fix: download the index again"),
     (lambda text: '{"metadata": {}}', "not a weight index (needs a 'weight_map')"),
-], ids=["cut-short", "no-weight-map"])
+    (lambda text: '{"weight_map": ["model-00001-of-00002.safetensors"]}',
+     "its 'weight_map' is not a map of tensor name to shard file (it is ['model-00001"),
+    (lambda text: _remap(text, lambda shard: None), "the shard None, which is not the name of a file in the folder"),
+    (lambda text: _remap(text, lambda shard: "../" + shard), "which is not the name of a file in the folder"),
+    (lambda text: _remap(text, lambda shard: "/etc/passwd"), "the shard '/etc/passwd', which is not the name of a file"),
+    (lambda text: _remap(text, lambda shard: "x" * 300), "lists the shard 'xxxxx"),
+    (lambda text: _remap(text, lambda shard: _other_shard(text, shard)),
+     "which does not hold it. Fix: re-download the shards and their index together."),
+], ids=["cut-short", "no-weight-map", "a-list", "not-a-name", "outside", "absolute", "name-too-long", "wrong-shard"])
 def test_a_weight_index_cut_short_or_of_another_kind_is_named_as_that(tmp_path, damage, says):
     torch.manual_seed(0)
     _save(_llama(tie=False), tmp_path, shard=True)
