@@ -135,35 +135,61 @@ def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
                   for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
-# config.json's shape keys, across the families read: what each must hold. A key that may
-# be null in a released config (num_key_value_heads, head_dim, n_inner, sliding_window)
-# falls back to its default.
+# config.json's keys, across the families read: what each must hold. A key that may be
+# null in a released config (num_key_value_heads, head_dim, n_inner, sliding_window, the
+# rope entries) falls back to its default. A count past 2**31 is no model's: it overflows
+# the tensor sizes before any shape is compared with the weights.
 CONFIG_COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings", "head_dim", "ffn_dim", "n_embd", "n_layer",
-                 "n_head", "n_positions", "n_inner", "sliding_window")
-CONFIG_NULLABLE = ("num_key_value_heads", "head_dim", "n_inner", "sliding_window", "rope_theta")
+                 "n_head", "n_positions", "n_inner", "sliding_window", "word_embed_proj_dim")
+CONFIG_NULLABLE = ("num_key_value_heads", "head_dim", "n_inner", "sliding_window", "rope_theta", "rope_scaling",
+                   "rope_parameters", "architectures", "model_type", "hidden_act", "rotary_emb_base", "rotary_pct")
 CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "rotary_emb_base",
                    "rotary_pct")
+CONFIG_FLAGS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_parallel_residual",
+                "do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine", "_remove_final_layer_norm",
+                "scale_attn_weights", "scale_attn_by_inverse_layer_idx", "add_cross_attention")
+CONFIG_NAMES = ("model_type", "hidden_act", "activation_function")
+CONFIG_MAPS = ("rope_scaling", "rope_parameters")
+ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "partial_rotary_factor")
+ROPE_NULLABLE = ("rope_theta", "partial_rotary_factor")
+MAX_COUNT = 2**31 - 1
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_COUNT
+
+
+def _is_positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value != float("inf")
 
 
 def _config_value_problems(config: dict, config_file: str) -> None:
-    """Each shape key of a config.json of the kind it must be, and heads that divide: one
-    error naming the key (a hand-edited or converted config gave a TypeError from deep in
-    the loader, or an error about the student's ``model.*`` keys)."""
+    """Each key of a config.json the loader reads of the kind it must be, and heads that
+    divide: one error naming the key (a hand-edited or converted config gave a TypeError
+    from deep in the loader, or an error about the student's ``model.*`` keys)."""
     def bad(key: str, value, what: str) -> TeacherError:
-        return TeacherError(f"{config_file}: {key}={value!r} must be {what}. Fix: use the config.json the checkpoint "
-                            "was released with.")
+        return TeacherError(f"{config_file}: {key}={shortened(repr(value), 80)} must be {what}. Fix: use the "
+                            "config.json the checkpoint was released with.")
 
-    for key in CONFIG_COUNTS:
-        value = config.get(key)
-        if key in config and not (value is None and key in CONFIG_NULLABLE) and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise bad(key, value, "an integer >= 1")
-    for key in CONFIG_POSITIVE:
-        value = config.get(key)
-        if key in config and not (value is None and key in CONFIG_NULLABLE) and (
-                not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
-            raise bad(key, value, "a number > 0")
+    checks = [(CONFIG_COUNTS, _is_count, f"an integer from 1 to {MAX_COUNT:,}"),
+              (CONFIG_POSITIVE, _is_positive, "a finite number > 0"),
+              (CONFIG_FLAGS, lambda v: isinstance(v, bool), "true or false"),
+              (CONFIG_NAMES, lambda v: isinstance(v, str), "a name (a string)"),
+              (CONFIG_MAPS, lambda v: isinstance(v, dict), "a map of rope settings, or null"),
+              (("architectures",), lambda v: isinstance(v, list) and all(isinstance(a, str) for a in v),
+               "a list of class names")]
+    for keys, fits, what in checks:
+        for key in keys:
+            value = config.get(key)
+            if key in config and not (value is None and key in CONFIG_NULLABLE) and not fits(value):
+                raise bad(key, value, what)
+    for section in CONFIG_MAPS:
+        for key, value in (config.get(section) or {}).items():
+            if key in ROPE_NUMBERS and not (value is None and key in ROPE_NULLABLE) and not _is_positive(value):
+                raise bad(f"{section}.{key}", value, "a finite number > 0")
+            if key == "original_max_position_embeddings" and not _is_count(value):
+                raise bad(f"{section}.{key}", value, f"an integer from 1 to {MAX_COUNT:,}")
     heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
     if heads and kv and heads % kv:
         raise bad("num_attention_heads", heads, f"a multiple of num_key_value_heads={kv}")
@@ -174,8 +200,8 @@ def _config_value_problems(config: dict, config_file: str) -> None:
 
 def model_args(config: dict, config_file: str) -> ModelArgs:
     """The :class:`ModelArgs` a ``config.json`` describes (validating what the loader can map)."""
-    arch = architecture(config, config_file)
     _config_value_problems(config, config_file)
+    arch = architecture(config, config_file)
     try:
         if arch == "opt":
             _require(config.get("do_layer_norm_before", True), config_file, "post-LayerNorm OPT (opt-350m)")

@@ -6,6 +6,7 @@ logits in fp32.
 """
 
 import json
+import random
 import re
 
 import pytest
@@ -15,6 +16,7 @@ from letrecipes.components.models import forward_with_hidden
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.estimate import total_params
 from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
+from tests.damage import changed_json
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
 
@@ -265,9 +267,20 @@ def test_a_config_the_loader_cannot_map_is_one_error_with_its_fix(tmp_path, edit
 
 
 @pytest.mark.parametrize("changes, says", [
-    ({"hidden_size": "48"}, "hidden_size='48' must be an integer >= 1"),
-    ({"num_hidden_layers": -1}, "num_hidden_layers=-1 must be an integer >= 1"),
-    ({"rms_norm_eps": None}, "rms_norm_eps=None must be a number > 0"),
+    ({"hidden_size": "48"}, "hidden_size='48' must be an integer from 1 to 2,147,483,647"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers=-1 must be an integer from 1"),
+    ({"vocab_size": 2**63}, "vocab_size=9223372036854775808 must be an integer from 1 to 2,147,483,647"),
+    ({"rms_norm_eps": None}, "rms_norm_eps=None must be a finite number > 0"),
+    ({"architectures": 1}, "architectures=1 must be a list of class names"),
+    ({"architectures": [{}]}, "architectures=[{}] must be a list of class names"),
+    ({"tie_word_embeddings": "no"}, "tie_word_embeddings='no' must be true or false"),
+    ({"hidden_act": ["silu"]}, "hidden_act=['silu'] must be a name (a string)"),
+    ({"rope_scaling": "llama3"}, "rope_scaling='llama3' must be a map of rope settings, or null"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": [8.0], "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 64}}, "rope_scaling.factor=[8.0] must be a finite number"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": float("nan")}},
+     "rope_parameters.original_max_position_embeddings=nan must be an integer from 1"),
     ({"num_key_value_heads": 4}, "num_attention_heads=6 must be a multiple of num_key_value_heads=4"),
     ({"num_attention_heads": 5, "num_key_value_heads": 5}, "hidden_size=48 must be a multiple of num_attention_heads=5"),
 ])
@@ -277,6 +290,28 @@ def test_a_config_value_of_the_wrong_kind_names_the_config_key(tmp_path, changes
     message = _broken(tmp_path, lambda p: _edit_config(p, **changes))
     assert "config.json: " + says in message and "Fix: use the config.json the checkpoint was released with" in message
     assert "model.num" not in message
+
+
+def test_a_config_json_with_a_value_changed_at_random_loads_or_ends_in_one_error(tmp_path):
+    """Each family's config.json with one value of the wrong kind, a key gone or a number
+    scaled: it loads, or ends in one TeacherError, never another exception (an
+    ``architectures`` of 1 was ``'int' object is not iterable``, a ``rope_scaling`` string
+    ``'str' object has no attribute 'get'``, a count of 2**63 an overflow in torch.empty)."""
+    rng = random.Random(20261206)
+    outcomes = {"loaded": 0, "error": 0}
+    for name in ("llama3_scaled_rope", "gpt2", "opt", "pythia", "qwen3_qk_norm"):
+        folder = tmp_path / name
+        _save(MODELS[name](), folder)
+        original = json.loads((folder / "config.json").read_text())
+        for _ in range(40):
+            config, where, how = changed_json(original, rng)
+            (folder / "config.json").write_text(json.dumps(config))
+            try:
+                load_teacher({"_component_": "auto", "path": str(folder), "dtype": "fp32"})
+                outcomes["loaded"] += 1
+            except LetRecipesError:
+                outcomes["error"] += 1
+    assert outcomes["loaded"] > 40 and outcomes["error"] > 40, outcomes
 
 
 def _to_pytorch_bin(path, shards=1):
