@@ -147,6 +147,18 @@ def _manifest_problem(manifest) -> Optional[str]:
             return f"shard {i} names {shard['file']!r}, not a shard_N.bin of the folder"
     if not count(manifest["tokens"]) or manifest["tokens"] != sum(s["tokens"] for s in shards):
         return f"its tokens {manifest['tokens']!r} are not the sum of its shards' ({sum(s['tokens'] for s in shards):,})"
+    if not count(manifest.get("unknown_tokens", 0)):
+        return f"its unknown_tokens {manifest['unknown_tokens']!r} is not a count"
+    repeats = manifest.get("repeats")  # absent in folders prepared before 2026-12-04
+    if repeats is not None:
+        if not isinstance(repeats, dict) or not all(count(repeats.get(k)) for k in ("documents", "copies", "copy_tokens")):
+            return "its repeats entry is not {documents, copies, copy_tokens, shared}"
+        shared = repeats.get("shared", [])
+        if not isinstance(shared, list) or not all(
+                isinstance(s, list) and len(s) == 4 and all(map(count, s)) and max(s[:2]) < len(shards) for s in shared):
+            return "its repeats.shared is not a list of [shard, shard, documents, tokens]"
+    if not isinstance(manifest.get("plan") or {}, dict) or not isinstance((manifest.get("plan") or {}).get("units", []), list):
+        return "its plan entry is not {units: [...], ...}"
     return None
 
 
@@ -955,10 +967,13 @@ def warn_if_repeated(folder: Path, manifest: dict, key: str) -> None:
     repeats = manifest.get("repeats")
     if not repeats or repeats["copy_tokens"] <= REPEAT_LIMIT * manifest["tokens"] or not _first_time("repeated", folder):
         return
-    units = [Unit.from_dict(u) for u in (manifest.get("plan") or {}).get("units", [])]
+    units = (manifest.get("plan") or {}).get("units", [])
 
     def named(index: int) -> str:
-        return units[index].describe() if index < len(units) else manifest["shards"][index]["file"]
+        try:  # the plan only names the shard's source: a plan of an older or edited form names the shard
+            return Unit.from_dict(units[index]).describe()
+        except (IndexError, KeyError, TypeError, ValueError, AttributeError):
+            return manifest["shards"][index]["file"]
 
     shared = "; ".join(f"{n:,} within {named(a)}" if a == b else f"{n:,} in both {named(a)} and {named(b)}"
                        for a, b, n, _ in repeats["shared"])

@@ -346,6 +346,13 @@ def test_a_manifest_from_another_tokenizer_is_refused(tokenizer_path, corpus_dir
     (lambda m: {**m, "shards": [{**m["shards"][0], "file": "../elsewhere/shard_000000.bin"}, *m["shards"][1:]]},
      "shard 0 names '../elsewhere/shard_000000.bin', not a shard_N.bin of the folder"),
     (lambda m: {**m, "tokens": m["tokens"] + 1}, "are not the sum of its shards'"),
+    (lambda m: {**m, "unknown_tokens": "x"}, "its unknown_tokens 'x' is not a count"),
+    (lambda m: {**m, "repeats": 0.5}, "its repeats entry is not {documents, copies, copy_tokens, shared}"),
+    (lambda m: {**m, "repeats": {k: v for k, v in m["repeats"].items() if k != "copy_tokens"}},
+     "its repeats entry is not"),
+    (lambda m: {**m, "repeats": {**m["repeats"], "shared": [[0, 9, 2, 300]]}},
+     "its repeats.shared is not a list of [shard, shard, documents, tokens]"),
+    (lambda m: {**m, "plan": "x"}, "its plan entry is not {units: [...], ...}"),
 ])
 def test_a_manifest_that_parses_but_is_not_one_is_refused_and_prepare_rewrites_it(mixed_corpus, tokenizer_path,
                                                                                     tmp_path, edit, said):
@@ -364,6 +371,42 @@ def test_a_manifest_that_parses_but_is_not_one_is_refused_and_prepare_rewrites_i
     assert prepare_corpus(root, tok, tmp_path / "prepared", log=messages.append) == good
     assert any("manifest.json is damaged" in m and "writing it again" in m for m in messages), messages
     assert len(TokenShards(tmp_path / "prepared", tok)) == good["tokens"]
+
+
+def test_a_manifest_with_a_value_changed_at_random_reads_or_is_one_error_that_prepare_mends(
+        corpus_dir, tokenizer_path, tmp_path):
+    """A manifest.json with one value changed at random (a wrong kind, a key gone, a number
+    scaled): the folder reads and trains, or is one DataError; `letrecipes prepare-data`
+    into it then mends it. (A `repeats` entry of the wrong kind was a TypeError or
+    KeyError from the copies warning, a `unknown_tokens` of "x" a ValueError.)"""
+    import random
+
+    from letrecipes.components.data import build_datasets
+    from tests.damage import changed_json
+
+    tok, rng = Tokenizer(tokenizer_path), random.Random(20261206)
+    good = prepare_corpus(corpus_dir, tok, tmp_path / "good", **QUIET)
+    outcomes = {"read": 0, "mended": 0}
+    for n in range(60):
+        folder = tmp_path / f"case{n}"
+        shutil.copytree(tmp_path / "good", folder)
+        (folder / MANIFEST).write_text(json.dumps(changed_json(good, rng)[0]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                train, _, _ = build_datasets({"source": str(folder), "seq_len": 32, "val_fraction": 0.05}, tok,
+                                             seed=0, log=lambda line: None)
+                next(iter(build_dataloader(train, 2, seed=0)))
+                outcomes["read"] += 1
+                continue
+            except DataError:
+                pass
+            said = json.loads((folder / MANIFEST).read_text()).get("tokenizer")
+            if not isinstance(said, dict) or said.get("fingerprint") == tok.fingerprint():  # else: another tokenizer's
+                assert prepare_corpus(corpus_dir, tok, folder, **QUIET)["tokens"] == good["tokens"]
+                assert len(TokenShards(folder, tok)) == good["tokens"]
+                outcomes["mended"] += 1
+    assert outcomes["read"] > 10 and outcomes["mended"] > 10, outcomes
 
 
 def test_bad_sources_are_one_clear_error(tokenizer_path, tmp_path):
