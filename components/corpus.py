@@ -266,17 +266,16 @@ def unfinished_prepare(folder: Union[str, Path]) -> Optional[Dict[str, Any]]:
         plan = json.loads((folder / PREPARED_PLAN).read_text(errors="replace"))
     except (OSError, ValueError):
         return None
-    return plan if isinstance(plan, dict) and "format_version" in plan and isinstance(plan.get("units"), list) \
-        else None
+    return plan if isinstance(plan, dict) and "format_version" in plan else None  # its units may be damaged
 
 
 def unfinished_prepare_error(item: Path, folder: Path, plan: Dict[str, Any], key: str) -> DataError:
     """What a corpus that is (or holds) an unfinished prepare folder is told: read as text, its
     plan.json would be one bad JSON record and its shards binary files."""
-    units = len(plan["units"])
+    units = plan["units"] if isinstance(plan.get("units"), list) else []
     written = sum(1 for path in folder.glob("shard_*.json") if path.with_suffix(".bin").is_file())
-    paths = [p for unit in plan["units"] if isinstance(unit, dict) for p in unit.get("paths") or []
-             if isinstance(p, str)]
+    paths = [p for unit in units if isinstance(unit, dict) and isinstance(unit.get("paths"), list)
+             for p in unit["paths"] if isinstance(p, str)]
     try:
         source = os.path.commonpath(paths) if paths else None
     except ValueError:  # relative beside absolute paths
@@ -291,7 +290,7 @@ def unfinished_prepare_error(item: Path, folder: Path, plan: Dict[str, Any], key
         fix = (f"move it out of {str(item)!r} (a prepared folder is given alone, as data.source or one entry of "
                f"data.sources); to train on it, {again}")
     return DataError(f"{key}: {str(item)!r} {where} a folder that `letrecipes prepare-data` began and has not finished "
-                     f"({PREPARED_PLAN} and no {PREPARED_MANIFEST}: {written} of {units} shards written; it stopped, or "
+                     f"({PREPARED_PLAN} and no {PREPARED_MANIFEST}: {written} of {len(units) or '?'} shards written; it stopped, or "
                      f"is still running), not text. Fix: {fix}.")
 
 

@@ -89,9 +89,31 @@ def _shard_done(out_dir: Path, index: int, itemsize: int) -> Optional[dict]:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if _record_problem(meta) or "documents" not in meta:  # edited or damaged since: the shard is prepared again
         return None
     return meta if data_path.stat().st_size == meta["tokens"] * itemsize else None
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _record_problem(record) -> Optional[str]:
+    """What is wrong with a shard's record (``shard_N.json``, or its entry in the manifest)."""
+    if not isinstance(record, dict) or not isinstance(record.get("file"), str) or not _count(record.get("tokens")) \
+            or not _count(record.get("documents", 0)):
+        return "is not {file, tokens, documents}"
+    if not SHARD_NAME.fullmatch(record["file"]):
+        return f"names {record['file']!r}, not a shard_N.bin of the folder"
+    for key in ("unknown_tokens", "warning_count", "dropped_documents", "dropped_tokens"):
+        if not _count(record.get(key, 0)):
+            return f"has {key}={record[key]!r}, not a count"
+    if not isinstance(record.get("first_warnings", []), list) or not all(
+            isinstance(m, str) for m in record.get("first_warnings", [])):
+        return "has first_warnings that are not a list of messages"
+    return None
 
 
 def size_problem(path: Path, expected: int) -> Optional[str]:
@@ -118,9 +140,6 @@ def load_manifest(folder: Union[str, Path]) -> Dict[str, Any]:
 
 
 def _manifest_problem(manifest) -> Optional[str]:
-    def count(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
     if not isinstance(manifest, dict):
         return f"it holds a JSON {type(manifest).__name__}, not a manifest's object"
     missing = [k for k in ("tokens", "dtype", "tokenizer", "shards") if k not in manifest]
@@ -134,28 +153,26 @@ def _manifest_problem(manifest) -> Optional[str]:
         return f"its dtype {manifest['dtype']!r} is not an integer type"
     tokenizer = manifest["tokenizer"]
     if not isinstance(tokenizer, dict) or not all(k in tokenizer for k in ("fingerprint", "path", "vocab_size", "eos_id")) \
-            or not count(tokenizer["vocab_size"]) or not count(tokenizer["eos_id"]):
+            or not _count(tokenizer["vocab_size"]) or not _count(tokenizer["eos_id"]):
         return "its tokenizer entry is not {fingerprint, path, vocab_size, eos_id}"
     shards = manifest["shards"]
     if not isinstance(shards, list) or not shards:
         return "its shards entry is not a list of shards"
     for i, shard in enumerate(shards):
-        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) or not count(shard.get("tokens")) \
-                or not count(shard.get("documents", 0)):
-            return f"shard {i} is not {{file, tokens, documents}}"
-        if not SHARD_NAME.fullmatch(shard["file"]):
-            return f"shard {i} names {shard['file']!r}, not a shard_N.bin of the folder"
-    if not count(manifest["tokens"]) or manifest["tokens"] != sum(s["tokens"] for s in shards):
+        problem = _record_problem(shard)
+        if problem:
+            return f"shard {i} {problem}"
+    if not _count(manifest["tokens"]) or manifest["tokens"] != sum(s["tokens"] for s in shards):
         return f"its tokens {manifest['tokens']!r} are not the sum of its shards' ({sum(s['tokens'] for s in shards):,})"
-    if not count(manifest.get("unknown_tokens", 0)):
+    if not _count(manifest.get("unknown_tokens", 0)):
         return f"its unknown_tokens {manifest['unknown_tokens']!r} is not a count"
     repeats = manifest.get("repeats")  # absent in folders prepared before 2026-12-04
     if repeats is not None:
-        if not isinstance(repeats, dict) or not all(count(repeats.get(k)) for k in ("documents", "copies", "copy_tokens")):
+        if not isinstance(repeats, dict) or not all(_count(repeats.get(k)) for k in ("documents", "copies", "copy_tokens")):
             return "its repeats entry is not {documents, copies, copy_tokens, shared}"
         shared = repeats.get("shared", [])
         if not isinstance(shared, list) or not all(
-                isinstance(s, list) and len(s) == 4 and all(map(count, s)) and max(s[:2]) < len(shards) for s in shared):
+                isinstance(s, list) and len(s) == 4 and all(map(_count, s)) and max(s[:2]) < len(shards) for s in shared):
             return "its repeats.shared is not a list of [shard, shard, documents, tokens]"
     if not isinstance(manifest.get("plan") or {}, dict) or not isinstance((manifest.get("plan") or {}).get("units", []), list):
         return "its plan entry is not {units: [...], ...}"
@@ -472,8 +489,19 @@ def _earlier_plan(out_dir: Path) -> Optional[dict]:
             plan = pick(json.loads(path.read_text()))
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(plan, dict) and isinstance(plan.get("units"), list):
+        if _plan_problem(plan) is None:
             return plan
+    return None
+
+
+def _plan_problem(plan) -> Optional[str]:
+    """What is wrong with a plan read back (plan.json, or the manifest's copy), or None."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("units"), list):
+        return "it is not {units: [...], ...}"
+    for i, unit in enumerate(plan["units"]):
+        if not isinstance(unit, dict) or not isinstance(unit.get("kind"), str) or not isinstance(
+                unit.get("paths"), list) or not all(isinstance(path, str) for path in unit["paths"]):
+            return f"its unit {i} is not {{kind, paths, ...}}"
     return None
 
 
@@ -575,9 +603,17 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
             raise DataError(f"prepare: {out_dir} already holds data prepared from other sources or with another "
                             "tokenizer. Fix: choose another output folder, or delete that one first.")
     plan_path = out_dir / PLAN
-    if plan_path.is_file() and (begun := json.loads(plan_path.read_text())) != plan:
+    try:
+        begun = json.loads(plan_path.read_text()) if plan_path.is_file() else plan
+        damage = _plan_problem(begun)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        damage = f"it does not parse: {err}"
+    if damage:  # which shard holds which unit can no longer be told
+        raise DataError(f"prepare: {plan_path} is damaged ({damage}): the shards written cannot be matched to the "
+                        "files. Fix: delete that folder and prepare again, or choose another.")
+    if begun != plan:
         if _plan_settings(begun) == _plan_settings(plan) and \
-                [u.get("paths") for u in begun.get("units", [])] == [u["paths"] for u in plan["units"]]:
+                [u["paths"] for u in begun["units"]] == [u["paths"] for u in plan["units"]]:
             raise DataError(f"prepare: {out_dir} was begun on the same files when they had other sizes: one changed "
                             "since, or was still being written then. Fix: delete that folder and prepare again, or "
                             "choose another.")

@@ -409,6 +409,54 @@ def test_a_manifest_with_a_value_changed_at_random_reads_or_is_one_error_that_pr
     assert outcomes["read"] > 10 and outcomes["mended"] > 10, outcomes
 
 
+def test_plan_and_shard_records_with_a_value_changed_at_random_read_or_are_one_error(corpus_dir, tokenizer_path,
+                                                                                      tmp_path):
+    """plan.json or a shard's record changed at random, with or without the manifest (an
+    unfinished prepare): reading the folder and preparing into it again each work or end in
+    one DataError. (A record without its documents was a KeyError in the rerun; a plan whose
+    units are not a list, or a unit whose paths are a number, a TypeError in both.)"""
+    import random
+
+    from letrecipes.components.data import build_datasets
+    from tests.damage import changed_json
+
+    tok, rng = Tokenizer(tokenizer_path), random.Random(20261206)
+    prepare_corpus(corpus_dir, tok, tmp_path / "good", **QUIET)
+    outcomes = {"worked": 0, "DataError": 0}
+    for n in range(60):
+        folder = tmp_path / f"case{n}"
+        shutil.copytree(tmp_path / "good", folder)
+        target = folder / rng.choice(["plan.json", "plan.json", "shard_000000.json"])
+        target.write_text(json.dumps(changed_json(json.loads(target.read_text()), rng)[0]))
+        if n % 2:
+            (folder / MANIFEST).unlink()
+        for step in (lambda: build_datasets({"source": str(folder), "seq_len": 32, "val_fraction": 0.05}, tok, seed=0,
+                                            log=lambda line: None),
+                     lambda: prepare_corpus(corpus_dir, tok, folder, **QUIET)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    step()
+                    outcomes["worked"] += 1
+                except DataError:
+                    outcomes["DataError"] += 1
+    assert outcomes["worked"] > 20 and outcomes["DataError"] > 20, outcomes
+
+
+def test_a_damaged_plan_json_is_named_as_that(corpus_dir, tokenizer_path, tmp_path):
+    tok = Tokenizer(tokenizer_path)
+    folder = tmp_path / "out"
+    prepare_corpus(corpus_dir, tok, folder, **QUIET)
+    (folder / MANIFEST).unlink()
+    plan = json.loads((folder / "plan.json").read_text())
+    (folder / "plan.json").write_text(json.dumps({**plan, "units": [{**plan["units"][0], "paths": 7}]}))
+    with pytest.raises(DataError, match=r"plan.json is damaged \(its unit 0 is not \{kind, paths, ...\}\): the shards "
+                                        r"written cannot be matched to the files. Fix: delete that folder"):
+        prepare_corpus(corpus_dir, tok, folder, **QUIET)
+    with pytest.raises(DataError, match="a folder that `letrecipes prepare-data` began and has not finished"):
+        list(read_documents(folder))
+
+
 def test_bad_sources_are_one_clear_error(tokenizer_path, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
