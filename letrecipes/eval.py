@@ -410,7 +410,31 @@ def _scored_before(out: Path, settings: Dict) -> Dict[str, Dict]:
         return {}
     if not isinstance(held, dict) or held.get("settings") != settings:
         return {}
-    return {report["checkpoint"]: report for report in held.get("checkpoints", []) if "checkpoint" in report}
+    reports = held.get("checkpoints") if isinstance(held.get("checkpoints"), list) else []
+    kept = {report["checkpoint"]: report for report in reports if _serves(report)}
+    if len(kept) < len(reports):  # an edited or damaged entry: its checkpoint is scored again, not trusted
+        print(f"output: {len(reports) - len(kept)} report(s) in {out} do not read as one of this recipe's (edited or "
+              "damaged); their checkpoints are scored again", flush=True)
+    return kept
+
+
+def _serves(report) -> bool:
+    """Whether a report read back from ``output`` can stand in the new one: its fields of the
+    kinds this recipe writes, and the curve printed from it (what goes wrong later, at the
+    end of hours of scoring, when it is not)."""
+    def count_or_none(value) -> bool:
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+    if not (isinstance(report, dict) and isinstance(report.get("checkpoint"), str) and "step" in report
+            and count_or_none(report["step"]) and count_or_none(report.get("tokens"))
+            and isinstance(report.get("tasks"), dict)
+            and all(isinstance(report.get(part, {}), dict) for part in ("groups", "perplexity"))):
+        return False
+    try:
+        _curve([report])
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+        return False
+    return True
 
 
 def _curve(reports: List[Dict]) -> str:

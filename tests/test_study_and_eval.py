@@ -428,3 +428,35 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
     assert damaged["skipped"][0]["checkpoint"] == str(run / "checkpoints" / "step_00000002")
     assert "is damaged" in damaged["skipped"][0]["why"]
     assert "eval: 1 checkpoint(s) skipped" in capsys.readouterr().out
+
+
+def test_a_curve_report_edited_or_damaged_is_scored_again_not_trusted(tmp_path, capsys):
+    """`output=curve.json` read back to go on where an evaluation stopped: an entry of the
+    wrong kind (a hand edit, a damaged file) is scored again, never carried into the new
+    report, where printing the curve after hours of scoring would fail on it."""
+    import random
+
+    from tests.damage import changed_json
+
+    settings = {"tasks": ["tiny_task"], "limit": 0}
+    good = [{"checkpoint": f"run/checkpoints/step_0000000{step}", "step": step, "tokens": 512 * step,
+             "tasks": {"tiny_task": {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": 0.5, "acc_norm_stderr": 0.1, "n": 2,
+                                     "chance": 0.5}}} for step in (2, 4)]
+    out = tmp_path / "curve.json"
+
+    def kept(reports):
+        out.write_text(json.dumps({"scorer": "lm-evaluation-harness", "settings": settings, "checkpoints": reports}))
+        return eval_recipe._scored_before(out, settings)
+
+    assert list(kept(good)) == [r["checkpoint"] for r in good]
+    bad = [{**good[0], "step": "2"}, {**good[0], "tasks": "x"},
+           {**good[0], "tasks": {"tiny_task": {**good[0]["tasks"]["tiny_task"], "acc_norm": "high"}}}, 7]
+    assert list(kept([*bad, good[1]])) == [good[1]["checkpoint"]]
+    assert "4 report(s) in" in capsys.readouterr().out
+    rng, outcomes = random.Random(20261206), {"kept": 0, "scored again": 0}
+    for _ in range(200):
+        reports, _, _ = changed_json({"checkpoints": good}, rng)
+        held = kept(reports.get("checkpoints", []))
+        eval_recipe._curve(list(held.values())) if held else None  # what the recipe prints at the end
+        outcomes["kept" if len(held) == 2 else "scored again"] += 1
+    assert outcomes["kept"] > 20 and outcomes["scored again"] > 20, outcomes
