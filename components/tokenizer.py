@@ -97,7 +97,12 @@ class Tokenizer:
                         f"Fix: point it at a tokenizer.json, or a model folder or .gguf file that holds one{demo}."))))
         try:
             self._tok = HFTokenizer.from_file(str(self.path))
-        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+        except BaseException as err:
+            # tokenizers raises a bare Exception on bad JSON, and on some values it does not check
+            # (a continuing_subword_prefix of "##" its merges lack) its Rust code panics: pyo3's PanicException, a
+            # BaseException. Ctrl-C and the like go on as they are.
+            if not isinstance(err, Exception) and type(err).__name__ != "PanicException":
+                raise
             raise DataError(_not_a_tokenizer_json(self.path, err)) from err
         candidates = [eos_token] if eos_token else EOS_CANDIDATES
         ids = [self._tok.token_to_id(t) for t in candidates]

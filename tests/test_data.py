@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,36 @@ def test_tokenizer_round_trips_text(tokenizer_path):
 def test_missing_tokenizer_names_the_key(tmp_path):
     with pytest.raises(DataError, match="tokenizer.path: no tokenizer file"):
         Tokenizer(tmp_path / "nope.json")
+
+
+def test_a_tokenizer_json_with_a_value_changed_at_random_loads_or_is_one_error(tokenizer_path, tmp_path):
+    """tokenizer.json with one value changed (its vocabulary and merges aside, or among them):
+    it loads and encodes, or is one DataError. A continuing_subword_prefix of "##" made
+    tokenizers' Rust code panic (pyo3's PanicException, a BaseException that passed every
+    `except Exception`), a traceback ending the run."""
+    import random
+
+    from letrecipes.components.tokenizer import Tokenizer
+    from tests.damage import changed_json
+
+    original = json.loads(Path(tokenizer_path).read_text())
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({**original, "model": {**original["model"], "continuing_subword_prefix": "##"}}))
+    with pytest.raises(DataError, match="tokenizer.path: .*tokenizer.json' is not a tokenizer.json"):
+        Tokenizer(path)
+    rng, outcomes = random.Random(20261206), {"loaded": 0, "error": 0}
+    settings = {**original, "model": {k: v for k, v in original["model"].items() if k not in ("vocab", "merges")}}
+    for n in range(300):
+        changed = changed_json(settings if n % 3 else original, rng)[0]
+        if n % 3 and isinstance(changed.get("model"), dict):
+            changed["model"] = {**original["model"], **changed["model"]}
+        path.write_text(json.dumps(changed))
+        try:
+            Tokenizer(path).encode("To be, or not to be: that is the question.")
+            outcomes["loaded"] += 1
+        except DataError:
+            outcomes["error"] += 1
+    assert outcomes["loaded"] > 30 and outcomes["error"] > 30, outcomes
 
 
 def test_tokenization_is_cached_and_invalidated_by_edits(corpus_dir, tokenizer_path, tmp_path):
