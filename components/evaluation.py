@@ -73,6 +73,10 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
         if not isinstance(raw["choices"], list):  # a string would be scored as its characters
             raise EvalError(f"{path}:{number}: choices is a JSON {type(raw['choices']).__name__}, not a list of the "
                             f"choices. {shape}")
+        texts = {"context": raw["context"], **{f"choices[{i}]": c for i, c in enumerate(raw["choices"])}}
+        for name, value in texts.items():  # a number is its digits; null, true or an object would be scored as "None"...
+            if isinstance(value, (bool, dict, list)) or value is None:
+                raise EvalError(f"{path}:{number}: {name} is {json.dumps(value)[:40]}, not text. {shape}")
         gold = raw["gold"]
         if isinstance(gold, bool) or (isinstance(gold, float) and not gold.is_integer()):
             raise EvalError(f"{path}:{number}: gold={gold!r} is not the index of a choice. {shape}")

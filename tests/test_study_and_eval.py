@@ -3,6 +3,7 @@ the study runner's plumbing (a two-arm suite of a few steps; the full suites are
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -123,6 +124,16 @@ def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
         with pytest.raises(EvalError, match=rf"gold.jsonl:1: gold={'True' if gold == 'true' else gold} is not the "
                                             "index of a choice"):
             read_task(tmp_path / "gold.jsonl")
+    for field, said in (('"context": null', "context is null, not text"),
+                        ('"context": {"text": "c"}', 'context is {"text": "c"}, not text')):
+        (tmp_path / "null.jsonl").write_text(f'{{{field}, "choices": ["x", "y"], "gold": 1}}\n')
+        with pytest.raises(EvalError, match=re.escape(f"null.jsonl:1: {said}")):  # it was scored as "None"
+            read_task(tmp_path / "null.jsonl")
+    (tmp_path / "num.jsonl").write_text('{"context": "2 + 2 =", "choices": [4, 5], "gold": 0}\n')
+    assert read_task(tmp_path / "num.jsonl") == [Item("2 + 2 =", ["4", "5"], 0)]  # numbers are their digits
+    (tmp_path / "num.jsonl").write_text('{"context": "c", "choices": ["x", null], "gold": 0}\n')
+    with pytest.raises(EvalError, match=re.escape("num.jsonl:1: choices[1] is null, not text")):
+        read_task(tmp_path / "num.jsonl")
     # as a Windows editor or Excel saves it: a byte-order mark and CRLF line ends are read; Latin-1 is named
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"context": "c", "choices": ["x", "y"], "gold": 1}\r\n')
     assert read_task(tmp_path / "bom.jsonl") == [Item("c", ["x", "y"], 1)]
