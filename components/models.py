@@ -32,6 +32,9 @@ from torchtune.modules import (
 from letrecipes.components.registry import ComponentError, register
 
 
+MAX_SIZE = 2**31 - 1  # a size past it is no model's, and overflows torch's 32-bit index arithmetic
+
+
 @dataclass
 class ModelArgs:
     """Everything needed to rebuild a model; saved next to its weights as JSON."""
@@ -76,6 +79,7 @@ class ModelArgs:
         return self.head_dim or self.embed_dim // self.num_heads
 
     def validate(self, key: str = "model") -> None:
+        self._check_kinds(key)
         if self.family not in FAMILIES:
             raise ComponentError(f"{key}.family={self.family!r}: use one of {sorted(FAMILIES)}.")
         if self.head_dim is None and self.embed_dim % self.num_heads:
@@ -96,6 +100,43 @@ class ModelArgs:
                                  f"(rotary_fraction={self.rotary_fraction}); it needs an even number >= 2.")
         if self.family in ("gpt_neox", "gpt2") and self.mlp_activation not in MLP_ACTIVATIONS:
             raise ComponentError(f"{key}.mlp_activation={self.mlp_activation!r}: use one of {sorted(MLP_ACTIVATIONS)}.")
+
+    def _check_kinds(self, key: str) -> None:
+        """Each field of the kind it must be: a count of 0, -1 or 1.5 failed inside torch (a
+        division by zero, 'upper bound and lower bound inconsistent'), a size past 2**31 in
+        torch's own size checks, a flag of 1 passed as true."""
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_SIZE
+
+        def positive(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+        for name in ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim",
+                     "max_seq_len"):
+            if not whole(getattr(self, name)):
+                raise ComponentError(f"{key}.{name}={getattr(self, name)!r} must be an integer from 1 to {MAX_SIZE:,}. "
+                                     f"Fix: set {key}.{name} to one.")
+        if self.head_dim is not None and not whole(self.head_dim):
+            raise ComponentError(f"{key}.head_dim={self.head_dim!r} must be an integer from 1 to {MAX_SIZE:,}, or null "
+                                 f"(embed_dim / num_heads). Fix: set {key}.head_dim to one.")
+        for name in ("rope_base", "norm_eps", "rotary_fraction"):
+            if not positive(getattr(self, name)):
+                raise ComponentError(f"{key}.{name}={getattr(self, name)!r} must be a finite number > 0. "
+                                     f"Fix: set {key}.{name} to one.")
+        scaling = self.rope_scaling or {}
+        for name, value in scaling.items() if isinstance(scaling, dict) else [("", scaling)]:
+            fits = (whole(value) if name == "original_max_position_embeddings" else
+                    isinstance(value, list) and all(map(positive, value)) if name == "frequency_factors" else
+                    positive(value))
+            if not fits:
+                raise ComponentError(f"{key}.rope_scaling{'.' + name if name else ''}={value!r} must be "
+                                     + ("a list of numbers > 0" if name == "frequency_factors" else
+                                        "a mapping of numbers" if not name else "a finite number > 0")
+                                     + f". Fix: set {key}.rope_scaling as the model's config gives it.")
+        for name in ("tie_word_embeddings", "qkv_bias", "output_bias", "qk_norm", "parallel_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ComponentError(f"{key}.{name}={getattr(self, name)!r} must be true or false. "
+                                     f"Fix: set {key}.{name} to one.")
 
     @property
     def rotary_dim(self) -> int:
@@ -358,6 +399,10 @@ def init_weights(model: TransformerDecoder, std: float = 0.02) -> None:
 
 def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> TransformerDecoder:
     """Build and (unless ``init_std`` is None) initialise a decoder from scratch."""
+    if init_std is not None and not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool)
+                                     and 0 <= init_std < float("inf")):
+        raise ComponentError(f"model.init_std={init_std!r} must be a finite number >= 0 (0.02 is usual), or null. "
+                             "Fix: set model.init_std to one.")
     model = llama(args)
     if init_std is not None:
         init_weights(model, std=init_std)

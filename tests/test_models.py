@@ -1,3 +1,5 @@
+import re
+
 import torch
 
 from letrecipes.components.models import ModelArgs, build_model, count_parameters, forward_with_hidden, llama_model
@@ -48,3 +50,28 @@ def test_llama_model_builder_defaults_and_tied_embeddings():
     # tied: the output head adds no parameters
     assert count_parameters(model) == sum(p.numel() for p in model.parameters())
     assert "output.weight" not in model.state_dict()
+
+
+def test_a_model_size_of_the_wrong_kind_is_one_error_naming_the_key():
+    """Sizes given by hand or read from another tool's file: 0, -1, 1.5, true or 2**63 were
+    a ZeroDivisionError, torch's 'upper bound and lower bound inconsistent with step sign'
+    or an overflow inside torch, and a negative init_std torch's 'normal expects std >= 0'."""
+    import pytest
+
+    from letrecipes.components.registry import ComponentError
+
+    good = dict(vocab_size=64, num_layers=2, num_heads=2, embed_dim=16, max_seq_len=8)
+    for key, value, said in [("num_layers", 0, "model.num_layers=0 must be an integer from 1 to 2,147,483,647"),
+                             ("num_heads", -1, "model.num_heads=-1 must be an integer from 1"),
+                             ("num_kv_heads", 1.5, "model.num_kv_heads=1.5 must be an integer"),
+                             ("intermediate_dim", True, "model.intermediate_dim=True must be an integer"),
+                             ("vocab_size", 2**63, "model.vocab_size=9223372036854775808 must be an integer"),
+                             ("norm_eps", float("nan"), "model.norm_eps=nan must be a finite number > 0"),
+                             ("tie_word_embeddings", 1, "model.tie_word_embeddings=1 must be true or false"),
+                             ("rope_scaling", {"factor": "x", "low_freq_factor": 1, "high_freq_factor": 4,
+                                               "original_max_position_embeddings": 8},
+                              "model.rope_scaling.factor='x' must be a finite number > 0"),
+                             ("init_std", -1, "model.init_std=-1 must be a finite number >= 0")]:
+        with pytest.raises(ComponentError, match=re.escape(said)):
+            llama_model(**{**good, key: value})
+    assert count_parameters(llama_model(**good)) > 0
