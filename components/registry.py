@@ -231,6 +231,9 @@ def _where(err: BaseException) -> str:
 def resolve(kind: str, name: str, key: str = "_component_") -> Callable[..., Any]:
     """Find a component by short name (``kind``'s registry) or by dotted path."""
     load_builtins()
+    if not isinstance(name, str) or not name:  # a number or a mapping where a name belongs (a YAML slip)
+        raise ComponentError(f"{key}={name!r} is not a component name. Fix: a registered short name for {kind} "
+                             f"({', '.join(sorted(_REGISTRY[kind]))}) or the dotted path of your own.")
     if name in _REGISTRY[kind]:
         return _REGISTRY[kind][name]
     if _renamed(name):

@@ -134,3 +134,13 @@ def test_the_documented_custom_loss_example_trains(let_overrides, tmp_path, monk
     first = read_metrics(tmp_path / "metrics.jsonl")[0]
     assert -1.0 <= first["align_loss"] <= 1.0 and first["lambda"] == 1.0
     assert "centered_cosine" in registered("alignment_loss")
+
+
+@pytest.mark.parametrize("name", [1e308, 3, {}, {"a": 1}, [], None, ""])
+def test_a_component_name_that_is_not_a_name_is_one_error(name):
+    """A number, a mapping or a list where a component's name belongs (a YAML slip:
+    `_component_: 1e308`, an indented block under it) was an AttributeError
+    ('float' object has no attribute 'startswith') or a TypeError (unhashable)."""
+    with pytest.raises(registry.ComponentError, match=r"teacher._component_=.* is not a component name. Fix: a "
+                                                      r"registered short name for teacher_loader \(auto, gguf, "):
+        registry.resolve("teacher_loader", name, key="teacher._component_")
