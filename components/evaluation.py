@@ -552,6 +552,61 @@ def check_choice_tokens(items: Mapping[str, Tuple[str, List[Item]]], encode, log
 
 
 # ----------------------------------------------------------------- running lm-eval
+def check_model_config(folder: Union[str, Path], key: str = "checkpoint") -> None:
+    """The folder's config.json as transformers reads it, before any task is built: a value
+    of the wrong kind (``"num_attention_heads": "4"``), a key gone, a model type this
+    transformers does not know is then one line, not lm-eval's traceback from inside its
+    model loading."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(folder))
+    except Exception as err:  # transformers and huggingface_hub raise many types here
+        detail = " ".join(str(err).split())
+        raise EvalError(f"{key}: {str(Path(folder) / 'config.json')!r} does not load in transformers "
+                        f"({type(err).__name__}: {detail[:300]}). Fix: use the config.json the model was released "
+                        "or exported with.") from err
+
+
+def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> None:
+    """Each tensor of the folder's safetensors files the shape its config.json gives it
+    (read from the files' headers against the model built on the meta device: no weight
+    is loaded). A config edited after the weights were written, or weights of another
+    size, is then one line naming a tensor, not transformers' mismatch report and
+    traceback from inside lm-eval."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from letrecipes.components.hf_teacher import quantization
+
+    config = AutoConfig.from_pretrained(str(folder))  # check_model_config has read it
+    if quantization(config.to_dict(), Path(folder)):  # packed weights have shapes of their own: the quantizer checks
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # a value no model can be built from: -4 heads, an activation of no name, ...
+        detail = " ".join(str(err).split())
+        raise EvalError(f"{key}: {str(Path(folder) / 'config.json')!r} does not build a model in transformers "
+                        f"({type(err).__name__}: {detail[:300]}). Fix: use the config.json the model was released "
+                        "or exported with.") from err
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise EvalError(f"{key}: {str(file)!r} does not read as safetensors ({err}). Fix: re-download or "
+                            "re-export the model.") from err
+        for name, shape in shapes.items():
+            if name in expected and expected[name] != shape:
+                raise EvalError(f"{key}: tensor {name!r} in {str(file)!r} has shape {shape}, but "
+                                f"{str(Path(folder) / 'config.json')!r} gives it {expected[name]}: the config and "
+                                "the weights are of different models. Fix: use the config.json that came with these "
+                                "weights.")
+
+
 def check_quantized_model(folder: Union[str, Path], key: str = "checkpoint") -> None:
     """A quantized Hugging Face folder (GPTQ, AWQ, bitsandbytes, FP8) is scored as transformers
     loads it, which takes the quantizer's own package and often a GPU. Asked of transformers'

@@ -35,9 +35,9 @@ from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import STEP_PREFIX
 from letrecipes.components.corpus import DataError, run_folder
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_quantized_model, held_out_documents,
-                                              import_lm_eval, prepare_tasks, run_lm_eval, write_documents,
-                                              write_lm_eval_tasks)
+from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_model_config, check_model_weights,
+                                              check_quantized_model, held_out_documents, import_lm_eval, prepare_tasks,
+                                              run_lm_eval, write_documents, write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.run_lock import RunLock
@@ -196,7 +196,9 @@ class EvalRecipe:
         # a Hugging Face folder is scored as it is; anything else (or nothing: a one-line error) goes
         # through `letrecipes export`'s converter
         folder = path if is_hf_folder(path) else export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
+        check_model_config(folder)
         check_quantized_model(folder)
+        check_model_weights(folder)
         if not (folder / EXPORT_TOKENIZER).is_file() and not (folder / "tokenizer_config.json").is_file() \
                 and not self.cfg.get("tokenizer_path"):
             raise EvalError(f"checkpoint: {str(path)!r} carries no tokenizer. Fix: set tokenizer_path=<a "

@@ -246,6 +246,30 @@ def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path):
 
 
 
+@pytest.mark.parametrize("edit, said", [
+    (lambda c: {**c, "num_attention_heads": str(c["num_attention_heads"])},
+     r"config.json' does not load in transformers \(StrictDataclassFieldValidationError: .*num_attention_heads"),
+    (lambda c: {**c, "hidden_act": "silux"}, r"config.json' does not build a model in transformers \(KeyError"),
+    (lambda c: {**c, "intermediate_size": c["intermediate_size"] + 64},
+     r"tensor 'model.layers.0.mlp.down_proj.weight' in '.*model.safetensors' has shape \(\d+, \d+\), but "
+     r"'.*config.json' gives it \(\d+, \d+\): the config and the weights are of different models"),
+], ids=["a-count-as-text", "no-such-activation", "other-weights"])
+def test_a_model_folder_whose_config_transformers_cannot_use_is_one_line_before_the_scoring(teacher_dir, tmp_path,
+                                                                                           edit, said):
+    """A Hugging Face folder is scored as transformers loads it: a config.json it cannot
+    read or build from, or one that does not fit the weights, was transformers' traceback
+    (or its mismatch report) from inside lm-eval's model loading."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(teacher_dir, folder)
+    (folder / "config.json").write_text(json.dumps(edit(json.loads((folder / "config.json").read_text()))))
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
+    message = expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={folder}",
+                                                           f"tasks=[{task}]", "contamination=null"], match="")
+    assert message.startswith("error: checkpoint: ") and re.search(said, message) and "Fix: use the config.json" in message
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("optimum") is not None, reason="optimum loads GPTQ")
 def test_a_quantized_model_transformers_cannot_load_here_is_one_line_before_the_scoring(teacher_dir, tmp_path):
     """A GPTQ folder was lm-eval's ImportError traceback from inside its model loading."""
