@@ -844,7 +844,9 @@ def cached_prepare(source, tokenizer: Tokenizer, cache_dir, text_field: str = "t
         while not (is_prepared(folder) and _keyed_already(folder)
                    and not damaged_shards(folder, tokenizer.vocab_size, read_verified(folder, tokenizer.vocab_size))):
             check_writable_folder(cache_dir, "data.cache_dir")
-            if _take_lock(lock):
+            with environment_errors("data.cache_dir", f"taking the lock {lock}"):
+                took = _take_lock(lock)
+            if took:
                 try:
                     # the lock's time moves while its holder prepares: waiters on other nodes tell a slow
                     # preparer from a dead one by it (no clocks compared across nodes)

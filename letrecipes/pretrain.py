@@ -253,18 +253,23 @@ class PretrainRecipe:
             self.checkpointer.clear()
             if self.is_main:  # a replaced run's traces are not this run's
                 shutil.rmtree(self.output_dir / PROFILE_FOLDER, ignore_errors=True)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
-            replace_atomically(self.output_dir / "run_info.json", json.dumps(self.run_info, indent=2, default=str))
-        plain = OmegaConf.to_container(cfg, resolve=True)
-        loggers = build_metric_loggers(plain.get("metric_logger"), (plain.get("metrics") or {}).get("wandb"),
-                                       self.output_dir, log=self.log) if self.is_main else []
-        self.metrics = MetricLogger(self.output_dir, enabled=self.is_main, loggers=loggers, run_config=cfg,
-                                    resume_step=self.step if resume_from is not None else None)
-        faults.install(self, cfg.get("debug"), self.rank)
-        self.profiler = build_profiler(cfg.get("profiler"), self.output_dir, self.step, self.max_steps, self.device,
-                                       self.rank, log=self.log if self.is_main else self.node_log)
+        # a full disk or a read-only folder here is one line, before any step (what is intact: the checkpoints)
+        with environment_errors("output_dir", f"starting the run in {self.output_dir}",
+                                kept=self.checkpointer.what_is_kept, then="run the same command with resume=true"):
+            if self.is_main:
+                # run_info.json first: it marks the folder as a run's, so a start that fails on the
+                # next write leaves a folder the same command takes up again
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                replace_atomically(self.output_dir / "run_info.json", json.dumps(self.run_info, indent=2, default=str))
+                replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+            plain = OmegaConf.to_container(cfg, resolve=True)
+            loggers = build_metric_loggers(plain.get("metric_logger"), (plain.get("metrics") or {}).get("wandb"),
+                                           self.output_dir, log=self.log) if self.is_main else []
+            self.metrics = MetricLogger(self.output_dir, enabled=self.is_main, loggers=loggers, run_config=cfg,
+                                        resume_step=self.step if resume_from is not None else None)
+            faults.install(self, cfg.get("debug"), self.rank)
+            self.profiler = build_profiler(cfg.get("profiler"), self.output_dir, self.step, self.max_steps,
+                                           self.device, self.rank, log=self.log if self.is_main else self.node_log)
         notes = "".join(f", {n}" for n in self.parallel_notes + device_notes)
         self.log(f"model: {self.n_params[0] / 1e6:.2f}M parameters ({self.n_params[1] / 1e6:.2f}M non-embedding), "
                  f"{self.model_args.num_layers} blocks, width {self.model_args.embed_dim}; device {self.device}, "

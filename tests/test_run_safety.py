@@ -607,6 +607,31 @@ def test_a_write_failure_during_resume_keeps_history_and_checkpoints(tmp_path, s
     assert losses(tmp_path) == losses(straight)
 
 
+@pytest.mark.parametrize("name", [".run_info.json", ".config.yaml", "metrics.jsonl", "prepared-"])
+def test_a_full_disk_at_the_start_of_a_run_is_one_line_and_the_same_command_goes_on(tmp_path, name):
+    """A write of the run's start failing (the disk full as run_info.json, config.yaml or
+    metrics.jsonl is written, or as the data cache's lock is taken) was an OSError
+    traceback; and a start that had written config.yaml alone left a folder the next launch
+    refused as "not a run's". Now one line, and the command it names (resume=true) trains
+    the run."""
+    out, cache = tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"
+    cmd = [sys.executable, str(REPO / "tests" / "io_fault.py"), name, "ENOSPC", "--", "letrecipes.pretrain",
+           *command(out, cache)[3:]]
+    assert command(out)[1:3] == ["-m", "letrecipes.pretrain"]
+    failed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    message = last_line(failed)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    if name == "prepared-":
+        assert message.startswith(f"error: data.cache_dir: taking the lock {tmp_path / 'cache'}/prepared-"), message
+        assert "failed: the disk is full (" in message
+    else:
+        assert message.startswith(f"error: output_dir: starting the run in {out} failed: the disk is full ("), message
+        assert "No checkpoint was saved yet. Fix: free space, then run the same command with resume=true." in message
+    ok(tune(out, cache, "resume=true"))
+    assert max(losses(out)) == 8
+
+
 # ------------------------------------------------------------------ 7: the environment's errors
 def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
     with pytest.raises(StorageError, match=r"^output_dir: saving x failed: the disk is full \(/d/f\)\. step 3 is "

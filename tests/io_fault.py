@@ -1,0 +1,35 @@
+"""Run a module with an OS error injected: ``python tests/io_fault.py NAME ERRNO -- MODULE ARGS...``
+makes the first open for writing of a file whose name contains NAME fail with ERRNO (a
+name such as ENOSPC), as a full disk, a quota or a lost mount fails it. Python's audit hook
+on ``open`` raises before the file is touched: the process meets the error where its own
+code opens the file, whatever library it goes through (os.open, io.open, tempfile)."""
+import errno
+import os
+import runpy
+import sys
+
+
+def main() -> None:
+    name, code = sys.argv[1], getattr(errno, sys.argv[2])
+    module, args = sys.argv[4], sys.argv[5:]
+    fired = []
+
+    def hook(event, details):
+        if event != "open" or fired or not details or not isinstance(details[0], (str, bytes, os.PathLike)):
+            return
+        path = os.fsdecode(details[0])
+        mode = details[1] if len(details) > 1 else "r"
+        flags = details[2] if len(details) > 2 else 0
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        if writing and name in os.path.basename(path):
+            fired.append(path)
+            raise OSError(code, os.strerror(code), path)
+
+    sys.addaudithook(hook)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
