@@ -30,6 +30,7 @@ the others one saved rank's.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -52,7 +53,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import environment_errors, nearby, replace_atomically
+from letrecipes.components.files import (FIXES, StorageError, describe, environment_errors, nearby, os_error_in,
+                                         replace_atomically)
 from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.parallel import gathered, on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
@@ -240,6 +242,17 @@ def _weights_finite(model: torch.nn.Module) -> bool:
 def _is_library_failure(err: BaseException) -> bool:
     """DCP raises ``CheckpointException``, a ``BaseException``: not a Ctrl-C or an exit."""
     return not isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit))
+
+
+def _raise_if_the_disk(err: BaseException, key: str, path: Path) -> None:
+    """An OS error inside a read's failure (a failing disk, a lost mount, a permission) is the
+    environment's, said as such: not a checkpoint of another model or a damaged one, whose
+    fixes would send the user elsewhere. A file gone is the checkpoint's own damage."""
+    os_err = os_error_in(err, other_than=(errno.ENOENT,))  # DCP tries another file after a failed read
+    if os_err is not None:
+        raise StorageError(f"{key}: reading the checkpoint {path} failed: {describe(os_err)}. Fix: "
+                           f"{FIXES.get(os_err.errno, 'fix the path or the filesystem')}, then run the same command "
+                           "again.") from err
 
 
 def _to_bytes(obj: Any) -> io.BytesIO:
@@ -596,6 +609,7 @@ class Checkpointer:
         except BaseException as err:
             if not _is_library_failure(err):
                 raise
+            _raise_if_the_disk(err, "output_dir", path)
             raise CheckpointError(f"resume: {str(path)!r}: its .metadata is unreadable ({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:200] if str(err) else ''}). Fix: resume from an older "
                                   "checkpoint, or resume=true (it skips damaged ones).") from err
@@ -620,6 +634,7 @@ class Checkpointer:
         except BaseException as err:  # DCP wraps per-rank failures in CheckpointException, a BaseException
             if not _is_library_failure(err):
                 raise
+            _raise_if_the_disk(err, "output_dir", path)
             raise CheckpointError(
                 f"resume: cannot load {str(path)!r} into this run ({str(err).splitlines()[0][:300]}). "
                 "Fix: resume with the same model and alignment that wrote it"
@@ -662,6 +677,7 @@ def load_model_weights(path: Union[str, Path], model: torch.nn.Module, device: t
     except BaseException as err:  # DCP wraps failures in CheckpointException, a BaseException
         if not _is_library_failure(err):
             raise
+        _raise_if_the_disk(err, "checkpoint", path)
         raise CheckpointError(f"checkpoint: cannot load {str(path)!r} ({str(err).splitlines()[0][:300]}). Fix: "
                               "read it with the config.yaml of the run that wrote it.") from err
     model.load_state_dict({k[len("model."):]: v for k, v in state.items()})

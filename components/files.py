@@ -23,7 +23,7 @@ import re
 import socket
 import stat
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -130,11 +130,13 @@ def cut_at(path: Union[str, Path], offset: int) -> None:
 
 
 RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+PYTHON_OS_ERROR = re.compile(r"\[Errno (\d+)\] [^:\]\n]+(?:: '([^'\n]*)')?")
 
 
-def os_error_in(err: BaseException) -> Optional[OSError]:
+def os_error_in(err: BaseException, other_than: Tuple[int, ...] = ()) -> Optional[OSError]:
     """The ``OSError`` behind ``err``: itself, its cause or context, or one that
-    torch.distributed.checkpoint wrapped per rank (``CheckpointException.failures``)."""
+    torch.distributed.checkpoint wrapped per rank (``CheckpointException.failures``); the
+    first whose errno is not in ``other_than``."""
     seen = set()
     todo = [err]
     while todo:
@@ -142,13 +144,17 @@ def os_error_in(err: BaseException) -> Optional[OSError]:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno is not None:
+        if isinstance(e, OSError) and e.errno is not None and e.errno not in other_than:
             return e
         # Rust libraries (safetensors, tokenizers) raise their own types around an io error: "(os error 28)"
         rust_io = RUST_IO_ERROR.search(str(e)) if not isinstance(e, OSError) else None
-        if rust_io:
+        if rust_io and int(rust_io.group(1)) not in other_than:
             code = int(rust_io.group(1))
             return OSError(code, os.strerror(code))
+        # DCP folds the OS errors of a failed read into the text of its own AssertionError
+        for found in (PYTHON_OS_ERROR.finditer(str(e)) if not isinstance(e, OSError) else ()):
+            if int(found.group(1)) not in other_than:
+                return OSError(int(found.group(1)), os.strerror(int(found.group(1))), found.group(2))
         for failure in getattr(e, "failures", {}).values() if isinstance(getattr(e, "failures", None), dict) else ():
             todo.append(failure[0] if isinstance(failure, tuple) else failure)
         todo += [e.__cause__, e.__context__]

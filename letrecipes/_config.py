@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
+from letrecipes.components.files import environment_errors
 from letrecipes.components.preemption import stop_at_once_on_signals, stop_with_the_launcher
 
 
@@ -249,6 +250,15 @@ def exit_with_line(line: str, echo: bool = True) -> NoReturn:
     sys.exit(line)
 
 
+def path_keys(cfg: DictConfig) -> dict:
+    """The config's keys that name paths, each with its path: what an OS error is traced to."""
+    keys = {"output_dir": cfg.get("output_dir"), "data.cache_dir": (cfg.get("data") or {}).get("cache_dir"),
+            "data.source": (cfg.get("data") or {}).get("source"), "data.val_source": (cfg.get("data") or {}).get("val_source"),
+            "tokenizer.path": (cfg.get("tokenizer") or {}).get("path"), "teacher.path": (cfg.get("teacher") or {}).get("path"),
+            "init_from": cfg.get("init_from")}
+    return {key: Path(str(value)).expanduser() for key, value in keys.items() if isinstance(value, (str, Path)) and value}
+
+
 def run(recipe_class, cfg: DictConfig) -> None:
     """Check the config, then setup / train / cleanup; ``dry_run=true`` only checks the
     config and prints the cost estimate. ``cleanup`` runs even when setup fails (it
@@ -266,7 +276,10 @@ def run(recipe_class, cfg: DictConfig) -> None:
         with errors_as_one_line():
             with stop_at_once_on_signals("during setup, before the first step", "Nothing was trained; corpus shards "
                                          "prepared so far are kept, and launching again goes on from them."):
-                recipe.setup()
+                # an OS error the setup's own checks did not name (a failing disk under a checkpoint, the
+                # tokenizer or the teacher as they are read): one line naming the key whose path it was
+                with environment_errors(path_keys(cfg), "setting up the run"):
+                    recipe.setup()
             recipe.train()
     finally:
         recipe.cleanup()

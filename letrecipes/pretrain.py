@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from letrecipes._config import parse, run
+from letrecipes._config import parse, path_keys, run
 from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
@@ -671,7 +671,8 @@ class PretrainRecipe:
         self.timer.restart()
         stopper = GracefulStop(log=self.log).install()
         self.stop_vote = StopVote()
-        folders = {"output_dir": self.output_dir, "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache"))}
+        folders = {"output_dir": self.output_dir, "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache")),
+                   **path_keys(self.cfg)}  # a failing read of the corpus or the teacher names its key
         try:  # a full disk or a lost mount: one line that says what is intact
             with environment_errors(folders, "training", kept=self.checkpointer.what_is_kept,
                                     then="run the same command with resume=true"):

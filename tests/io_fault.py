@@ -1,6 +1,7 @@
-"""Run a module with an OS error injected: ``python tests/io_fault.py NAME ERRNO -- MODULE ARGS...``
-makes the first open for writing of a file whose name contains NAME fail with ERRNO (a
-name such as ENOSPC), as a full disk, a quota or a lost mount fails it. Python's audit hook
+"""Run a module with an OS error injected: ``python tests/io_fault.py [--read] NAME ERRNO -- MODULE
+ARGS...`` makes the first open for writing (``--read``: for reading) of a file whose name
+contains NAME fail with ERRNO (a name such as ENOSPC or EIO), as a full disk, a quota, a
+failing disk or a lost mount fails it. ``NAME#N``: the N-th such open. Python's audit hook
 on ``open`` raises before the file is touched: the process meets the error where its own
 code opens the file, whatever library it goes through (os.open, io.open, tempfile)."""
 import errno
@@ -10,9 +11,12 @@ import sys
 
 
 def main() -> None:
-    name, code = sys.argv[1], getattr(errno, sys.argv[2])
-    module, args = sys.argv[4], sys.argv[5:]
-    fired = []
+    reading = sys.argv[1] == "--read"
+    argv = sys.argv[2:] if reading else sys.argv[1:]
+    name, _, nth = argv[0].partition("#")
+    code, nth = getattr(errno, argv[1]), int(nth or 1)
+    module, args = argv[3], argv[4:]
+    fired, seen = [], []
 
     def hook(event, details):
         if event != "open" or fired or not details or not isinstance(details[0], (str, bytes, os.PathLike)):
@@ -22,7 +26,10 @@ def main() -> None:
         flags = details[2] if len(details) > 2 else 0
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
             isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-        if writing and name in os.path.basename(path):
+        if writing != reading and name in os.path.basename(path) and not os.path.isdir(path):
+            seen.append(path)
+            if len(seen) < nth:
+                return
             fired.append(path)
             raise OSError(code, os.strerror(code), path)
 

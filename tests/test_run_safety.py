@@ -632,6 +632,30 @@ def test_a_full_disk_at_the_start_of_a_run_is_one_line_and_the_same_command_goes
     assert max(losses(out)) == 8
 
 
+@pytest.mark.parametrize("name, key", [(".metadata", "output_dir"), (".metadata#2", "output_dir"),
+                                       ("__0_0.distcp", "output_dir"), ("shard_000000.bin", "data.cache_dir"),
+                                       ("tokenizer.json#2", "tokenizer.path")])  # the 1st: a GGUF probe
+def test_a_failing_disk_under_what_a_run_reads_at_its_start_is_one_line_naming_the_key(tmp_path, name, key):
+    """An input/output error as a resume reads its checkpoint, or as the tokenizer is read,
+    was an OSError traceback; as DCP read the checkpoint (.metadata#2) it was "cannot load
+    ... into this run. Fix: resume with the same model", and as a shard of the corpus was
+    read in training, "output_dir: training failed". Each is one line naming the key whose
+    path failed."""
+    out = tmp_path / "run"
+    ok(tune(out, "max_steps=3"))
+    cmd = [sys.executable, str(REPO / "tests" / "io_fault.py"), "--read", name, "EIO", "--", "letrecipes.pretrain",
+           *command(out, "resume=true")[3:]]
+    failed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    message = last_line(failed)
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert message.startswith(f"error: {key}: ") and "failed: an input/output error (a failing disk or a lost " \
+        "network mount) (" in message and name.split("#")[0] in message, message
+    assert "Fix: fix the path or the filesystem, then run the same command" in message
+    ok(tune(out, "resume=true"))
+    assert max(losses(out)) == 8
+
+
 # ------------------------------------------------------------------ 7: the environment's errors
 def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
     with pytest.raises(StorageError, match=r"^output_dir: saving x failed: the disk is full \(/d/f\)\. step 3 is "
