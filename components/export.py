@@ -136,8 +136,10 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     kept = f"{out_dir} is as it was." if out_dir.exists() else "Nothing was left behind."
+    # a read of the tokenizer failing (it is copied in) names its own key, not the export's
+    keys = {key: out_dir.parent, "tokenizer.path": Path(tokenizer.path)} if tokenizer is not None else key
     try:
-        with environment_errors(key, f"writing the export into {tmp}", kept, then=then):
+        with environment_errors(keys, f"writing the export into {tmp}", kept, then=then):
             _write_hf_folder(tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # half a model, on a disk that may be full
