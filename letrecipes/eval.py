@@ -185,8 +185,13 @@ class EvalRecipe:
 
     def _hf_folder(self, checkpoint: str) -> Tuple[Path, Optional[int], Optional[int]]:
         """The checkpoint as a Hugging Face folder lm-eval can load, its step and the tokens
-        it had trained on (each if known)."""
+        it had trained on (each if known). A failing disk under it is one error (a run's
+        checkpoint is then skipped with the reason, as a damaged one is)."""
         path = resolve_path(checkpoint, key="checkpoint")
+        with environment_errors("checkpoint", f"reading the checkpoint {path}"):
+            return self._converted(path)
+
+    def _converted(self, path: Path) -> Tuple[Path, Optional[int], Optional[int]]:
         keep = self.cfg.get("export_dir")
         target = Path(str(keep)) if keep else self.work / "model"
         if keep and target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -517,10 +522,14 @@ def recipe_main(cfg: DictConfig) -> None:
     with errors_as_one_line():
         validate_eval(cfg)  # before a checkpoint is read or converted
     recipe = EvalRecipe(cfg)
+    paths = {key: Path(str(cfg[key])) for key in ("checkpoint", "output", "export_dir", "tokenizer_path", "task_data")
+             if isinstance(cfg.get(key), str) and cfg.get(key)}
     try:
         with errors_as_one_line():
-            recipe.setup()
-            recipe.evaluate()  # a run's later checkpoints are converted here: their errors are one line too
+            # an OS error no check of its own named (a failing disk, a lost mount): one line naming its key
+            with environment_errors(paths or "checkpoint", "evaluating"):
+                recipe.setup()
+                recipe.evaluate()  # a run's later checkpoints are converted here: their errors are one line too
     finally:
         recipe.cleanup()
 

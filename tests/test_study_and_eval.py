@@ -495,3 +495,32 @@ def test_a_curve_report_edited_or_damaged_is_scored_again_not_trusted(tmp_path, 
         eval_recipe._curve(list(held.values())) if held else None  # what the recipe prints at the end
         outcomes["kept" if len(held) == 2 else "scored again"] += 1
     assert outcomes["kept"] > 20 and outcomes["scored again"] > 20, outcomes
+
+
+def test_a_failing_disk_under_a_checkpoint_costs_its_point_of_the_curve_in_one_line(base_overrides, tmp_path):
+    """An input/output error as eval read a run's checkpoint (its format.json, its config.yaml)
+    was an OSError traceback that ended the whole curve; the checkpoint is now skipped with
+    the reason, as a damaged one is, and the others are scored."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from letrecipes import pretrain
+
+    run = tmp_path / "run"
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={run}", "max_steps=2",
+                          "save_every=2", "eval_every=0"])
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)])
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "tests" / "io_fault.py"), "--read", "format.json", "EIO", "--",
+                           "letrecipes.eval", "--config", "eval", f"checkpoint={run}", f"tasks=[{task}]",
+                           f"output={tmp_path / 'curve.json'}", "contamination=false"],
+                          cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    report = json.loads((tmp_path / "curve.json").read_text())
+    assert [r["step"] for r in report["checkpoints"]] == [None]  # the final export, scored
+    (skipped,) = report["skipped"]
+    assert skipped["checkpoint"].endswith("step_00000002")
+    assert skipped["why"].startswith(f"checkpoint: reading the checkpoint {run / 'checkpoints' / 'step_00000002'} "
+                                     "failed: an input/output error (a failing disk or a lost network mount)")
