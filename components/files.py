@@ -195,8 +195,8 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
         os_err = os_error_in(err)
-        if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit)):
-            raise
+        if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit, BrokenPipeError)):
+            raise  # a closed pipe is the reader gone (`| head`), not the storage
         fix = FIXES.get(os_err.errno, "fix the path or the filesystem")
         kept_text = kept() if callable(kept) else kept
         raise StorageError(f"{_key_for(key, os_err)}: {doing} failed: {describe(os_err)}. "

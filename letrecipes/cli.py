@@ -188,8 +188,12 @@ def check_contamination(args, overrides) -> int:
 
 
 def main(argv=None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in words if not word.startswith("-")), "")
     try:
-        return _main(argv)
+        # an OS error no check of a command named itself (a failing disk under what it reads): one line
+        with errors_as_one_line(), environment_errors(f"letrecipes {command}".strip(), "reading or writing"):
+            return _main(argv)
     except BrokenPipeError:  # `letrecipes cat let_7b | head`: the reader stopped; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again
         return 1

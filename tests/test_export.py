@@ -193,6 +193,24 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(run, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["format.json", "config.yaml"])
+def test_a_failing_disk_under_the_checkpoint_to_export_is_one_line(run, tmp_path, name):
+    """An input/output error as `letrecipes export` read a step checkpoint's format.json or
+    the run's config.yaml was an OSError traceback."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    step = run / "checkpoints" / "step_00000003"
+    result = subprocess.run([sys.executable, str(repo / "tests" / "io_fault.py"), "--read", name, "EIO", "--",
+                             "letrecipes", "export", str(step), str(tmp_path / "hf")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: letrecipes export: reading or writing failed: an input/output error (a failing "
+                           "disk or a lost network mount) (") and name in line, line
+    assert not (tmp_path / "hf").exists()
+
+
 def test_an_fp16_export_of_weights_beyond_its_range_is_refused_not_written_as_inf(run, tmp_path):
     """fp16 stops at 65504: a weight beyond it became inf in the export, a model that gives
     NaN, without a word. bf16 (the default) has fp32's range."""
