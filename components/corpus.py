@@ -290,7 +290,8 @@ def unfinished_prepare_error(item: Path, folder: Path, plan: Dict[str, Any], key
         fix = (f"move it out of {str(item)!r} (a prepared folder is given alone, as data.source or one entry of "
                f"data.sources); to train on it, {again}")
     return DataError(f"{key}: {str(item)!r} {where} a folder that `letrecipes prepare-data` began and has not finished "
-                     f"({PREPARED_PLAN} and no {PREPARED_MANIFEST}: {written} of {len(units) or '?'} shards written; it stopped, or "
+                     f"({PREPARED_PLAN} and no {PREPARED_MANIFEST}: {written} of {len(units) or '?'} shards written; it "
+                     f"stopped, or "
                      f"is still running), not text. Fix: {fix}.")
 
 

@@ -74,7 +74,7 @@ def read_task(path: Union[str, Path], limit: int = 0) -> List[Item]:
             raise EvalError(f"{path}:{number}: choices is a JSON {type(raw['choices']).__name__}, not a list of the "
                             f"choices. {shape}")
         texts = {"context": raw["context"], **{f"choices[{i}]": c for i, c in enumerate(raw["choices"])}}
-        for name, value in texts.items():  # a number is its digits; null, true or an object would be scored as "None"...
+        for name, value in texts.items():  # a number is its digits; null, true or an object was scored as "None"
             if isinstance(value, (bool, dict, list)) or value is None:
                 raise EvalError(f"{path}:{number}: {name} is {json.dumps(value)[:40]}, not text. {shape}")
         gold = raw["gold"]

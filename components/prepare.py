@@ -168,13 +168,16 @@ def _manifest_problem(manifest) -> Optional[str]:
         return f"its unknown_tokens {manifest['unknown_tokens']!r} is not a count"
     repeats = manifest.get("repeats")  # absent in folders prepared before 2026-12-04
     if repeats is not None:
-        if not isinstance(repeats, dict) or not all(_count(repeats.get(k)) for k in ("documents", "copies", "copy_tokens")):
+        if not isinstance(repeats, dict) or not all(_count(repeats.get(k))
+                                                    for k in ("documents", "copies", "copy_tokens")):
             return "its repeats entry is not {documents, copies, copy_tokens, shared}"
         shared = repeats.get("shared", [])
         if not isinstance(shared, list) or not all(
-                isinstance(s, list) and len(s) == 4 and all(map(_count, s)) and max(s[:2]) < len(shards) for s in shared):
+                isinstance(s, list) and len(s) == 4 and all(map(_count, s)) and max(s[:2]) < len(shards)
+                for s in shared):
             return "its repeats.shared is not a list of [shard, shard, documents, tokens]"
-    if not isinstance(manifest.get("plan") or {}, dict) or not isinstance((manifest.get("plan") or {}).get("units", []), list):
+    plan = manifest.get("plan") or {}
+    if not isinstance(plan, dict) or not isinstance(plan.get("units", []), list):
         return "its plan entry is not {units: [...], ...}"
     return None
 

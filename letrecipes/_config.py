@@ -252,11 +252,12 @@ def exit_with_line(line: str, echo: bool = True) -> NoReturn:
 
 def path_keys(cfg: DictConfig) -> dict:
     """The config's keys that name paths, each with its path: what an OS error is traced to."""
-    keys = {"output_dir": cfg.get("output_dir"), "data.cache_dir": (cfg.get("data") or {}).get("cache_dir"),
-            "data.source": (cfg.get("data") or {}).get("source"), "data.val_source": (cfg.get("data") or {}).get("val_source"),
-            "tokenizer.path": (cfg.get("tokenizer") or {}).get("path"), "teacher.path": (cfg.get("teacher") or {}).get("path"),
-            "init_from": cfg.get("init_from")}
-    return {key: Path(str(value)).expanduser() for key, value in keys.items() if isinstance(value, (str, Path)) and value}
+    data, tokenizer, teacher = (cfg.get(section) or {} for section in ("data", "tokenizer", "teacher"))
+    keys = {"output_dir": cfg.get("output_dir"), "data.cache_dir": data.get("cache_dir"), "data.source": data.get("source"),
+            "data.val_source": data.get("val_source"), "tokenizer.path": tokenizer.get("path"),
+            "teacher.path": teacher.get("path"), "init_from": cfg.get("init_from")}
+    return {key: Path(str(value)).expanduser() for key, value in keys.items()
+            if isinstance(value, (str, Path)) and value}
 
 
 def run(recipe_class, cfg: DictConfig) -> None:

@@ -77,7 +77,8 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
 }
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
     "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
-             "text_field": TEXT, "document_separator": OPTIONAL_TEXT, "drop_copies": BOOL, "seq_len": _int(2, 2**24),  # RoPE's table is seq_len rows
+             "text_field": TEXT, "document_separator": OPTIONAL_TEXT, "drop_copies": BOOL,
+             "seq_len": _int(2, 2**24),  # RoPE's table has a row per position
              "val_fraction": _number(0, 0.5, open_low=False), "cache_dir": TEXT,
              "val_source": ("a path or a list of paths", lambda v: v is None or (isinstance(v, (str, list)) and bool(v))),
              "prepare_workers": _int(1), "prepare_timeout_s": _number(0), "num_workers": _int(0),

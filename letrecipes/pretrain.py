@@ -671,7 +671,8 @@ class PretrainRecipe:
         self.timer.restart()
         stopper = GracefulStop(log=self.log).install()
         self.stop_vote = StopVote()
-        folders = {"output_dir": self.output_dir, "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache")),
+        folders = {"output_dir": self.output_dir,
+                   "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache")),
                    **path_keys(self.cfg)}  # a failing read of the corpus or the teacher names its key
         try:  # a full disk or a lost mount: one line that says what is intact
             with environment_errors(folders, "training", kept=self.checkpointer.what_is_kept,
