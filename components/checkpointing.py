@@ -53,8 +53,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import (FIXES, StorageError, describe, environment_errors, nearby, os_error_in,
-                                         replace_atomically)
+from letrecipes.components.files import environment_errors, nearby, os_error_in, replace_atomically
 from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.parallel import gathered, on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
@@ -248,11 +247,9 @@ def _raise_if_the_disk(err: BaseException, key: str, path: Path) -> None:
     """An OS error inside a read's failure (a failing disk, a lost mount, a permission) is the
     environment's, said as such: not a checkpoint of another model or a damaged one, whose
     fixes would send the user elsewhere. A file gone is the checkpoint's own damage."""
-    os_err = os_error_in(err, other_than=(errno.ENOENT,))  # DCP tries another file after a failed read
-    if os_err is not None:
-        raise StorageError(f"{key}: reading the checkpoint {path} failed: {describe(os_err)}. Fix: "
-                           f"{FIXES.get(os_err.errno, 'fix the path or the filesystem')}, then run the same command "
-                           "again.") from err
+    if os_error_in(err, other_than=(errno.ENOENT,)) is not None:  # DCP's fallback read after it: ENOENT
+        with environment_errors(key, f"reading the checkpoint {path}", other_than=(errno.ENOENT,)):
+            raise err
 
 
 def _to_bytes(obj: Any) -> io.BytesIO:

@@ -179,7 +179,7 @@ def _virtual_folder(folder: Path) -> bool:
 
 @contextlib.contextmanager
 def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union[str, Callable[[], str]] = "",
-                       then: str = "run the same command again") -> Iterator[None]:
+                       then: str = "run the same command again", other_than: Tuple[int, ...] = ()) -> Iterator[None]:
     """Report an ``OSError`` (direct, or wrapped by a library) raised inside as one line:
     ``<key>: <doing> failed: <cause> (<file>). <kept> Fix: <fix>, then ...``.
 
@@ -187,14 +187,14 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
     says it when asked) so a user knows what they can go back to; ``then`` how to go on.
     ``key`` may map config keys to their folders: the one holding the failed path is
     named (the first when none does). Errors that are not about the environment pass
-    through.
+    through, and so do OS errors whose errno is in ``other_than`` alone.
     """
     try:
         yield
     except LetRecipesError:
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
-        os_err = os_error_in(err)
+        os_err = os_error_in(err, other_than)
         if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit, BrokenPipeError)):
             raise  # a closed pipe is the reader gone (`| head`), not the storage
         fix = FIXES.get(os_err.errno, "fix the path or the filesystem")
