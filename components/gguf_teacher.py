@@ -25,8 +25,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from letrecipes.components.hf_teacher import convert_state_dict
-from letrecipes.components.files import stand_in
+from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
+from letrecipes.components.files import shortened, stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
@@ -95,6 +95,9 @@ def open_gguf(path: Path):
                            f"{path}: not a readable GGUF file ({err}). Fix: re-download or re-convert it.") from err
 
 
+_ABSENT = object()  # a default of _field's that says "absent" without being a value
+
+
 def _field(reader, key: str, source: str, default=None):
     field = reader.fields.get(key)
     if field is None:
@@ -109,12 +112,84 @@ def _field(reader, key: str, source: str, default=None):
                            "is damaged. Fix: re-download or re-convert it.") from err
 
 
+# The metadata keys the loader reads (after the architecture's name for its own) and what
+# each must hold. llama.cpp writes counts as integers; a float, a flag or a list there came
+# from an edit or another tool, and int() would read 1e30 as a size or -0.5 as 0.
+METADATA_COUNTS = ("embedding_length", "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                   "rope.dimension_count", "vocab_size", "block_count", "feed_forward_length", "context_length")
+PER_BLOCK_COUNTS = ("attention.head_count", "attention.head_count_kv", "feed_forward_length")
+METADATA_POSITIVE = ("rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon")
+METADATA_FLAGS = ("use_parallel_residual",)
+METADATA_NAMES = ("rope.scaling.type",)
+TOKENIZER_NAMES = ("tokenizer.ggml.model", "tokenizer.ggml.pre")
+TOKENIZER_LISTS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+REFIT = "Fix: re-download the file, or convert the model again with llama.cpp's convert_hf_to_gguf.py."
+
+
+def _bad_value(source: str, key: str, value, what: str) -> TeacherError:
+    shown = f"a list of {len(value)} values" if isinstance(value, list) else shortened(repr(value), 60)
+    return TeacherError(f"{source}: GGUF metadata key {key!r} is {shown}, where {what} is expected: the file was "
+                        f"damaged or edited, or written by another tool. {REFIT}")
+
+
+def _metadata_problems(reader, arch: str, source: str) -> None:
+    """Each metadata key the shape is read from of the kind llama.cpp writes, and heads that
+    divide the width: one error naming the key (before: a TypeError from int() of a list, a
+    reshape error from the q/k permutation, or an error naming the student's ``model.*`` keys)."""
+    checks = [(METADATA_COUNTS, _is_count, f"an integer from 1 to {MAX_COUNT:,}"),
+              (METADATA_POSITIVE, _is_positive, "a finite number > 0"),
+              (METADATA_FLAGS, lambda v: isinstance(v, bool), "true or false"),
+              (METADATA_NAMES, lambda v: isinstance(v, str), "a name (a string)")]
+    values = {}
+    for keys, fits, what in checks:
+        for key in keys:
+            value = values[key] = _field(reader, f"{arch}.{key}", source, _ABSENT)
+            if value is not _ABSENT and not fits(value):
+                if isinstance(value, list) and key in PER_BLOCK_COUNTS:  # llama.cpp's per-block counts (OpenELM)
+                    raise TeacherError(f"{source}: GGUF metadata key '{arch}.{key}' gives one value per block; this "
+                                       "loader reads models whose blocks are all alike. Fix: use a teacher of one of "
+                                       f"the architectures it reads ({', '.join(ARCHITECTURES)}).")
+                raise _bad_value(source, f"{arch}.{key}", value, what)
+    width, heads = values["embedding_length"], values["attention.head_count"]
+    kv = values["attention.head_count_kv"]
+    if heads is not _ABSENT and kv is not _ABSENT and heads % kv:
+        raise _bad_value(source, f"{arch}.attention.head_count", heads, f"a multiple of attention.head_count_kv={kv}")
+    if width is not _ABSENT and heads is not _ABSENT and width % heads:  # torchtune's attention asks it
+        raise _bad_value(source, f"{arch}.embedding_length", width, f"a multiple of attention.head_count={heads}")
+
+
+def _tokenizer_problems(reader, source: str) -> None:
+    """The embedded tokenizer's keys of the kinds llama.cpp writes, checked before it is built
+    or found in the cache (whose key is its content)."""
+    for key in TOKENIZER_NAMES:
+        value = _field(reader, key, source, _ABSENT)
+        if value is not _ABSENT and not isinstance(value, str):
+            raise _bad_value(source, key, value, "a name (a string)")
+    for key in TOKENIZER_LISTS:
+        value = _field(reader, key, source)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise _bad_value(source, key, value, "a list of strings")
+    tokens, types = _field(reader, "tokenizer.ggml.tokens", source), _field(reader, "tokenizer.ggml.token_type",
+                                                                             source, _ABSENT)
+    if types is not _ABSENT and not (isinstance(types, list) and len(types) == len(tokens)
+                                     and all(_is_whole(t) for t in types)):
+        raise _bad_value(source, "tokenizer.ggml.token_type", types,
+                         f"a list of {len(tokens)} integers, one per token")
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def model_args(reader, source: str) -> ModelArgs:
     arch = _field(reader, "general.architecture", source)
+    if not isinstance(arch, str):
+        raise _bad_value(source, "general.architecture", arch, "a name (a string)")
     if arch not in ARCHITECTURES:
         raise TeacherError(f"{source}: GGUF architecture {arch!r} is not supported; expected one of "
                            f"{', '.join(ARCHITECTURES)}. Fix: use the model's Hugging Face folder with "
                            "teacher._component_=huggingface.")
+    _metadata_problems(reader, arch, source)
     names = {t.name for t in reader.tensors}
 
     def meta(key: str, default=None):
@@ -140,8 +215,9 @@ def model_args(reader, source: str) -> ModelArgs:
             tie_word_embeddings="output.weight" not in names, qkv_bias=True, output_bias=True,
             mlp_activation="gelu_tanh")
     if rope_dim != head_dim:
-        raise TeacherError(f"{source}: partial RoPE (rope.dimension_count={rope_dim}, head dim {head_dim}) "
-                           f"is not supported for a {arch} GGUF.")
+        raise TeacherError(f"{source}: GGUF metadata key '{arch}.rope.dimension_count' is {rope_dim}, but its heads "
+                           f"have {head_dim} features (attention.key_length, or embedding_length / head_count): a "
+                           f"{arch} model turns all of them. {REFIT}")
     return ModelArgs(
         vocab_size=int(vocab_size),
         num_layers=int(meta("block_count")),
@@ -200,8 +276,12 @@ def _rope_factors(reader, source: str, head_dim: int) -> Optional[dict]:
 
 
 def _undo_rotary_permutation(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp orders each head's rows as rotary pairs (2j, 2j+1); HF as halves (j, j + d/2)."""
+    """llama.cpp orders each head's rows as rotary pairs (2j, 2j+1); HF as halves (j, j + d/2).
+    Rows that the heads do not split into pairs are left as they are: the shape check that
+    follows names the tensor and the shape the metadata implies."""
     head_dim = w.shape[0] // heads
+    if w.shape[0] % heads or head_dim % 2:
+        return w
     return w.reshape(heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -231,7 +311,8 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
             values = _undo_rotary_permutation(values, args.num_heads)
         elif permuted and tensor.name.endswith("attn_k.weight"):
             values = _undo_rotary_permutation(values, args.num_kv_heads)
-        elif arch == "gptneox" and ".attn_qkv." in tensor.name:  # [all q; all k; all v] -> [q, k, v] per head
+        elif arch == "gptneox" and ".attn_qkv." in tensor.name and not len(values) % (3 * args.num_heads):
+            # [all q; all k; all v] -> [q, k, v] per head (rows that do not split so fail the shape check)
             values = values.reshape(3, args.num_heads, -1, *values.shape[1:]).swapaxes(0, 1).reshape(values.shape)
         elif arch == "gpt2" and values.ndim == 2 and tensor.name.startswith("blk."):
             values = values.T  # llama.cpp stores GPT-2's Conv1D weights as linear ones: back to (in, out)
@@ -254,7 +335,8 @@ def _hf_name(name: str, arch: str) -> Optional[str]:
 
 
 def state_dict(reader, args: ModelArgs, expected: Dict[str, torch.Size], cast: Callable, source: str):
-    return convert_state_dict(args, _hf_tensors(reader, args, source), expected, cast, what=source)
+    return convert_state_dict(args, _hf_tensors(reader, args, source), expected, cast, what=source,
+                              fix="Fix: its metadata and its tensors disagree: " + REFIT[5:])
 
 
 # ----------------------------------------------------------------- tokenizer
@@ -300,8 +382,9 @@ def export_tokenizer(reader, source: str, out_dir: Path) -> Path:
     with the same tokenizer share one file, and the data cache (keyed on the tokenizer
     file's content) is reused across them.
     """
+    _tokenizer_problems(reader, source)
     h = hashlib.sha256()
-    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
         h.update(json.dumps(_field(reader, key, source, "")).encode())
     target = out_dir / h.hexdigest()[:16] / "tokenizer.json"
     if target.is_file():

@@ -593,11 +593,13 @@ def convert_state_dict(
     expected: Dict[str, torch.Size],
     cast: Callable[[torch.Tensor], torch.Tensor],
     what: str,
+    fix: Optional[str] = None,
 ) -> Dict[str, torch.Tensor]:
     """Rename (and for RoPE, reorder) HF tensors into this project's names, checking shapes.
 
     ``expected`` maps each of our parameter names to its shape; any tensor left over,
-    missing or of another shape is an error naming the file it came from.
+    missing or of another shape is an error naming the file it came from. ``fix`` replaces
+    the advice, which names config.json, for a format whose shape comes from elsewhere.
     """
     names = NAMES.get(args.family, _llama_names)
     state: Dict[str, torch.Tensor] = {}
@@ -610,7 +612,7 @@ def convert_state_dict(
         for ours, transform in mapped if isinstance(mapped, list) else [mapped]:  # a fused tensor maps to several
             if ours.startswith("?") or ours not in expected:
                 raise TeacherError(f"{file}: unexpected tensor {hf_key!r} for the {args.family} layout that {what} "
-                                   "describes. Fix: check that config.json belongs to these weights.")
+                                   "describes. " + (fix or "Fix: check that config.json belongs to these weights."))
             if tensor.dtype not in FULL_PRECISION:  # int8/fp8 cast to float as it is: a model of noise
                 raise TeacherError(_quantized_tensor(file, hf_key, tensor, what))
             try:
@@ -620,12 +622,12 @@ def convert_state_dict(
             if value is None or tuple(value.shape) != tuple(expected[ours]):
                 raise TeacherError(f"{file}: tensor {hf_key!r} has shape {tuple(tensor.shape)}, but {what} implies "
                                    f"{tuple(expected[ours])}" + (f" for {ours}" if transform else "")
-                                   + ". Fix: use the config.json that came with these weights.")
+                                   + ". " + (fix or "Fix: use the config.json that came with these weights."))
             state[ours] = cast(value)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise TeacherError(f"{what}: the weights lack {len(missing)} tensor(s) the model needs, e.g. "
-                           f"{missing[:3]}. Fix: check that every shard is complete and belongs to this config.")
+                           f"{missing[:3]}. " + (fix or "Fix: check that every shard is complete and belongs to this config."))
     return state
 
 

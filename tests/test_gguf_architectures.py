@@ -356,3 +356,113 @@ def test_a_damaged_gguf_file_loads_or_ends_in_one_error(tmp_path):
         except LetRecipesError:
             outcomes["error"] += 1
     assert outcomes["loaded"] > 3 and outcomes["error"] > 100, outcomes  # 7 and 143 with this seed
+
+
+def with_metadata(source, path, key, value=None, kind=None):
+    """A copy of the GGUF file ``source`` at ``path`` with metadata ``key`` written as ``value``
+    of GGUF type ``kind`` (a GGUFValueType; an ARRAY's items as ints or strings), or left out
+    when ``kind`` is None. The tensors are copied as they are."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    writer.kv_data[0].pop("general.architecture", None)  # written again below, maybe changed
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        if name == key:
+            if kind is not None:
+                sub = None if kind != gguf.GGUFValueType.ARRAY else \
+                    gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
+                writer.add_key_value(name, value, kind, sub_type=sub)
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type,
+                          raw_shape=tuple(int(d) for d in reversed(tensor.shape)))
+    finish(writer)
+
+
+def test_a_gguf_metadata_value_of_the_wrong_kind_names_the_key(tmp_path):
+    """A metadata value that still reads but is of the wrong kind (an edit, another tool's
+    file): a block_count of 'x' or a per-block list of head counts was a TypeError or
+    ValueError from int(), a feed_forward_length of -0.5 was read as 0 and refused as the
+    student's `model.intermediate_dim`, a deleted head_count_kv a numpy reshape error from
+    undoing llama.cpp's q/k permutation, and a tokenizer model that is a list went
+    unnoticed when the tokenizer was in the cache. Each is now one line naming the key."""
+    import gguf
+
+    from letrecipes.components.teachers import TeacherError
+
+    VT = gguf.GGUFValueType
+    base = tmp_path / "base.gguf"
+    write_gguf(hf_model("llama"), "llama", byte_level_bpe(tmp_path, PRE_TOKENIZER["llama"]), base)
+    spec = {"_component_": "auto", "path": str(tmp_path / "x.gguf"), "dtype": "fp32",
+            "tokenizer_dir": str(tmp_path / "tok")}
+    load_teacher({**spec, "path": str(base)})  # its tokenizer is in the cache now
+    refit = r"Fix: re-download the file, or convert the model again with llama.cpp's convert_hf_to_gguf.py\.$"
+    cases = [
+        ("llama.block_count", "x", VT.STRING, r"'llama.block_count' is 'x', where an integer from 1 to 2,147,483,647 "
+                                              r"is expected: the file was damaged or edited, or written by another "
+                                              r"tool\. " + refit),
+        ("llama.feed_forward_length", -0.5, VT.FLOAT32, r"'llama.feed_forward_length' is -0.5, where an integer"),
+        ("llama.embedding_length", 1e30, VT.FLOAT32, r"'llama.embedding_length' is 1.0000000150474662e\+30, where an"),
+        ("llama.rope.freq_base", 0, VT.UINT32, r"'llama.rope.freq_base' is 0, where a finite number > 0 is expected"),
+        ("llama.attention.head_count", [6, 6], VT.ARRAY, r"'llama.attention.head_count' gives one value per block; "
+                                                         r"this loader reads models whose blocks are all alike"),
+        ("llama.attention.head_count", 5, VT.UINT32, r"'llama.attention.head_count' is 5, where a multiple of "
+                                                     r"attention.head_count_kv=2 is expected"),
+        ("llama.attention.head_count_kv", None, None, r"tensor 'model.layers.0.self_attn.k_proj.weight' has shape "
+                                                      r"\(16, 48\), but .*x.gguf implies \(48, 48\) for .*Fix: its "
+                                                      r"metadata and its tensors disagree: re-download the file"),
+        ("llama.attention.key_length", 4, VT.UINT32, r"'llama.rope.dimension_count' is 8, but its heads have 4 "
+                                                     r"features .*: a llama model turns all of them\. " + refit),
+        ("tokenizer.ggml.model", [1, 2], VT.ARRAY, r"'tokenizer.ggml.model' is a list of 2 values, where a name"),
+        ("tokenizer.ggml.merges", True, VT.BOOL, r"'tokenizer.ggml.merges' is True, where a list of strings"),
+        ("tokenizer.ggml.token_type", [1, 1], VT.ARRAY, r"'tokenizer.ggml.token_type' is a list of 2 values, where "
+                                                        rf"a list of {VOCAB} integers, one per token is expected"),
+    ]
+    for key, value, kind, message in cases:
+        with_metadata(base, tmp_path / "x.gguf", key, value, kind)
+        with pytest.raises(TeacherError, match=message):
+            load_teacher(spec)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "pythia", "gpt2"])
+def test_a_gguf_file_with_a_metadata_value_changed_at_random_loads_or_ends_in_one_error(tmp_path, arch):
+    """Each metadata key of the file given another value (of another kind, scaled, or left
+    out), 60 times per architecture: the file loads and runs, or it is one error."""
+    import random
+
+    import gguf
+
+    from letrecipes.components.errors import LetRecipesError
+
+    VT = gguf.GGUFValueType
+    base = tmp_path / "base.gguf"
+    write_gguf(hf_model(arch), arch, byte_level_bpe(tmp_path, PRE_TOKENIZER[arch]), base)
+    fields = {name: field for name, field in gguf.GGUFReader(str(base)).fields.items()
+              if not name.startswith("GGUF.") and name != "general.architecture"}
+    spec = {"_component_": "auto", "path": str(tmp_path / "x.gguf"), "dtype": "fp32",
+            "tokenizer_dir": str(tmp_path / "tok")}
+    rng = random.Random(f"{arch}-20261206")
+    outcomes = {"loaded": 0, "error": 0}
+    for _ in range(60):
+        key = rng.choice(sorted(fields))
+        old = fields[key].contents()
+        value, kind = rng.choice([(None, None), ("x", VT.STRING), (-1, VT.INT32), (0, VT.UINT32), (2**40, VT.UINT64),
+                                  (float("nan"), VT.FLOAT32), (-0.5, VT.FLOAT32), (True, VT.BOOL), ([1, 2], VT.ARRAY),
+                                  (["a"], VT.ARRAY)])
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and rng.random() < 0.4:
+            value, kind = type(old)(old * rng.choice([0.5, 2, 1000])), fields[key].types[0]  # scaled, same kind
+        with_metadata(base, tmp_path / "x.gguf", key, value, kind)
+        try:
+            teacher = load_teacher(spec)
+            with torch.no_grad():
+                forward_with_hidden(teacher.model, torch.randint(0, teacher.vocab_size, (1, 8)), [1], logits=True)
+            Tokenizer(teacher.tokenizer_path).hf.encode(TEXT)
+            outcomes["loaded"] += 1
+        except LetRecipesError:
+            outcomes["error"] += 1
+    assert outcomes["loaded"] >= 5 and outcomes["error"] >= 20, outcomes
