@@ -159,16 +159,19 @@ def live_owner(output_dir: Union[str, Path]) -> Optional[dict]:
 
 
 def read_owner(fd: int) -> dict:
-    """The owner a lock file names (``{}`` before its owner has written it)."""
+    """The owner a lock file names (``{}`` before its owner has written it, and for content
+    that is no owner's: the lock file of a killed run, damaged or edited, is taken over)."""
     try:
-        return json.loads(os.pread(fd, 65536, 0).decode() or "{}")
+        owner = json.loads(os.pread(fd, 65536, 0).decode() or "{}")
     except (ValueError, OSError):
         return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 def describe(owner: dict) -> str:
     if not owner:
         return "a process that has not written its name yet"
-    command = " ".join(owner.get("argv") or [])
+    argv = owner.get("argv")
+    command = " ".join(map(str, argv)) if isinstance(argv, list) else ""
     return (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
             + (f" ({command[:200]})" if command else ""))

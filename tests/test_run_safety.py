@@ -7,6 +7,7 @@ subprocesses (pretrain_tiny: a few seconds each).
 
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -113,6 +114,34 @@ def test_a_launch_that_loses_the_race_by_a_moment_still_names_the_winner(tmp_pat
     finally:
         writer.join()
         os.close(fd)
+
+
+def test_a_lock_file_no_run_wrote_is_taken_over_or_named_not_a_traceback(tmp_path):
+    """A lock file whose content is no owner's (a killed run's, then damaged or edited: a
+    list, a string, an argv of numbers) was an AttributeError or TypeError at the next
+    launch, when it names what it takes over, and in `letrecipes status` while held."""
+    import fcntl
+
+    from letrecipes.components.run_status import describe_status, run_status
+
+    for content in ("[1]", '"x"', "3", '{"argv": 5, "pid": "a"}', '{"argv": [1, null], "host": ["h"]}'):
+        (tmp_path / LOCK_FILE).write_text(content)
+        lock = RunLock(tmp_path).acquire(log=lambda _: None)
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        lock.release()
+    (tmp_path / "run_info.json").write_text("{}")
+    for content, named in (('{"pid": 7, "argv": [1, 2]}', "pid 7 on None, started None (1 2)"),
+                           ("[1]", "a process that has not written its name yet")):
+        (tmp_path / LOCK_FILE).write_text(content)
+        held = os.open(tmp_path / LOCK_FILE, os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        try:
+            assert named in describe_status(run_status(tmp_path)).splitlines()[0]
+            if content.startswith("{"):
+                with pytest.raises(RunLockError, match=re.escape(f"in use by another run: {named}")):
+                    RunLock(tmp_path).acquire()
+        finally:
+            os.close(held)
 
 
 def test_a_launch_during_a_status_probe_takes_the_lock(tmp_path):
