@@ -476,7 +476,7 @@ def item_text(item) -> str:
 def cache_name(corpora: Sequence[Corpus], grams: ItemNgrams) -> str:
     """What decides a scan's report: each corpus (its folder, manifest, and every shard's size
     and modification time) and the n-grams looked for, with the items holding each."""
-    digest = hashlib.sha256(f"v1|{grams.ngram}|{json.dumps(grams.items)}|{json.dumps(grams.unchecked)}|"
+    digest = hashlib.sha256(f"v2|{grams.ngram}|{json.dumps(grams.items)}|{json.dumps(grams.unchecked)}|"
                             f"{json.dumps(grams.template)}".encode())
     for corpus in corpora:
         digest.update(f"|{corpus.folder.resolve()}|{json.dumps(corpus.manifest, sort_keys=True)}".encode())
@@ -503,14 +503,14 @@ def check_items(corpora: Sequence[Corpus], texts: Mapping[str, Sequence[str]], t
     tokenizer = corpus_tokenizer(corpora, tokenizers, key)
     grams = item_ngrams(texts, encoder(tokenizer), ngram)
     cached = Path(cache_dir) / cache_name(corpora, grams) if cache_dir is not None else None
-    found = _read_cached(cached)
+    found = _read_cached(cached, log)
     if found is None:
         found = scan(corpora, grams, workers=workers, log=log, decode=tokenizer.decode)
         scanned = f"{found['tokens']:,} training tokens scanned in {found['seconds']:.1f} s"
         if cached is not None:
             try:  # a cache that cannot be written costs the next scan, nothing else
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                replace_atomically(cached, json.dumps(found))
+                replace_atomically(cached, json.dumps({"sha256": _digest(found), "report": found}))
             except OSError as err:
                 log(f"contamination: the findings could not be kept in {cached} ({err}); the next check scans again")
     else:
@@ -532,12 +532,30 @@ def check_items(corpora: Sequence[Corpus], texts: Mapping[str, Sequence[str]], t
     return found
 
 
-def _read_cached(path: Optional[Path]) -> Optional[dict]:
+def _digest(report: dict) -> str:
+    return hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()
+
+
+def _read_cached(path: Optional[Path], log: Callable[[str], None]) -> Optional[dict]:
+    """The report kept at ``path``, if it is there and is the one written: it carries a
+    digest of itself, because a kept report that was edited or damaged and still parses
+    (a count changed, an item list of the wrong kind) would otherwise be given as found,
+    or fail in the lines printed from it. Anything else is scanned again (and replaced)."""
     try:
-        found = json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):  # none yet, or a damaged one: scanned again (and replaced)
+        kept = json.loads(path.read_text()) if path is not None else None
+    except FileNotFoundError:
         return None
-    return found if isinstance(found, dict) and "tasks" in found else None
+    except (OSError, ValueError) as err:
+        log(f"contamination: the findings kept in {path} do not read ({err}): scanning again")
+        return None
+    if kept is None:
+        return None
+    report = kept.get("report") if isinstance(kept, dict) else None
+    if not isinstance(report, dict) or kept.get("sha256") != _digest(report):
+        log(f"contamination: the findings kept in {path} are not as they were written (edited or damaged): "
+            "scanning again")
+        return None
+    return report
 
 
 def clean_scores(samples: Sequence[Mapping], contaminated: Sequence[int]) -> Dict[str, float]:

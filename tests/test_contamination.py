@@ -343,9 +343,19 @@ def test_findings_are_kept_and_given_again_until_the_corpus_or_the_items_change(
     lines.clear()
     assert contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append) == first
     assert "found as kept in" in lines[0]
-    # a damaged record, other items, or a corpus changed since: scanned again
-    for change in ("damaged", "items", "corpus"):
-        if change == "items":
+    # a damaged record, one edited (it still parses: a count changed, a list of the wrong kind
+    # was given as found, or failed in the lines logged from it), other items, or a corpus
+    # changed since: scanned again
+    as_written = {kept: kept.read_text() for kept in cache.iterdir()}
+    for change in ("damaged", "edited", "wrong kind", "items", "corpus"):
+        for kept, text in as_written.items():
+            kept.write_text(text)
+        if change in ("edited", "wrong kind"):
+            for kept in cache.iterdir():
+                record = json.loads(kept.read_text())
+                record["report"]["tasks"]["t"]["contaminated"] = 0 if change == "edited" else "many"
+                kept.write_text(json.dumps(record))
+        elif change == "items":
             texts = {"t": texts["t"][:2]}
         elif change == "corpus":
             shard = corpus.folder / corpus.manifest["shards"][0]["file"]
@@ -353,8 +363,12 @@ def test_findings_are_kept_and_given_again_until_the_corpus_or_the_items_change(
         else:
             for kept in cache.iterdir():
                 kept.write_text("{")
+        lines.clear()
         with pytest.raises(AssertionError, match="scanned again"):
             contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append)
+        if change in ("edited", "wrong kind"):
+            assert lines == [f"contamination: the findings kept in {next(cache.iterdir())} are not as they were "
+                             "written (edited or damaged): scanning again"]
     monkeypatch.setattr(contamination, "scan", real_scan)
     assert contamination.check_items([corpus], texts, [], cache_dir=cache, log=lines.append)["tasks"]["t"][
         "contaminated_items"] == [0, 1]
