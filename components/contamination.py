@@ -362,7 +362,7 @@ def recorded_data(run: Path) -> Optional[List[str]]:
     from letrecipes.components.resume import saved_run_info  # imports torch: not in the scan's workers
 
     folders = (saved_run_info(run) or {}).get("data_folders")
-    return list(folders) if isinstance(folders, list) else None
+    return list(folders) if isinstance(folders, list) and all(isinstance(f, str) for f in folders) else None
 
 
 def configured_folders(cfg: Mapping) -> List[Tuple[str, bool]]:

@@ -107,11 +107,13 @@ def same_component(key: str, old: Any, new: Any) -> bool:
 
 
 def saved_run_info(checkpoint: Path) -> Optional[Dict[str, Any]]:
-    """The run_info.json a checkpoint was written with; None for one written before it existed."""
+    """The run_info.json a checkpoint was written with; None for one written before it existed
+    (and for one that is no record: not JSON, or JSON that is not an object)."""
     try:
-        return json.loads((Path(checkpoint) / "run_info.json").read_text())
+        saved = json.loads((Path(checkpoint) / "run_info.json").read_text())
     except (OSError, ValueError):
         return None
+    return saved if isinstance(saved, dict) else None
 
 
 def check(checkpoint: Path, current: Dict[str, Any],

@@ -203,7 +203,7 @@ def rebased_config(run: Path, config: Dict[str, Any]) -> Dict[str, Any]:
         recorded = json.loads((run / "run_info.json").read_text()).get("cwd")
     except (OSError, ValueError, AttributeError):
         recorded = None
-    bases = [Path(recorded)] if recorded else []
+    bases = [Path(recorded)] if isinstance(recorded, str) and recorded else []
     bases += list(run.parents)
 
     def rebased(value: Any) -> Any:

@@ -187,6 +187,13 @@ def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_d
     (older / "run_info.json").write_text(json.dumps(info))
     assert cli.main(["contamination", "--data", str(older), "--tasks", str(task)]) == 0
     assert "t: 1 of 2 items checked" in capsys.readouterr().out
+    # a run_info.json edited into no record (a list, a string), or whose data_folders are not
+    # paths, is read as such a run's (before: AttributeError 'list' object has no attribute
+    # 'get', TypeError from Path(1.5))
+    for edited in ([1], "x", {**info, "data_folders": [1.5]}):
+        (older / "run_info.json").write_text(json.dumps(edited))
+        assert cli.main(["contamination", "--data", str(older), "--tasks", str(task)]) == 0
+        assert "t: 1 of 2 items checked" in capsys.readouterr().out
     with pytest.raises(SystemExit) as stop:
         cli.main(["contamination", "--data", str(corpus_dir), "--tasks", str(task)])
     assert "is neither a prepared folder" in str(stop.value) + capsys.readouterr().err
