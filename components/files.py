@@ -47,8 +47,9 @@ FIXES = {
     errno.EDQUOT: "free space under your quota",
     errno.EFBIG: "raise the file size limit",
     errno.EROFS: "point it at a writable folder",
-    errno.EACCES: "point it at a folder you may write",
-    errno.EPERM: "point it at a folder you may write",
+    # one errno for a file that may not be read and a folder that may not be written: both said
+    errno.EACCES: "make it readable (an input) or point it at a folder you may write (an output)",
+    errno.EPERM: "make it readable (an input) or point it at a folder you may write (an output)",
     errno.ENOTDIR: "point it at a folder (or move the file away)",
     errno.EEXIST: "point it at a folder (or move the file away)",
 }

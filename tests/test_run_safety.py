@@ -712,6 +712,11 @@ def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
         with pytest.raises(StorageError, match=f"data.cache_dir: preparing failed: {cause}"):
             with environment_errors("data.cache_dir", "preparing"):
                 raise OSError(code, os.strerror(code))
+    # a corpus file that may not be read was told to "point it at a folder you may write"
+    with pytest.raises(StorageError, match=r"^data.source: reading failed: permission denied \(/c/a.txt\)\. Fix: make "
+                                           r"it readable \(an input\) or point it at a folder you may write"):
+        with environment_errors("data.source", "reading"):
+            raise PermissionError(13, os.strerror(13), "/c/a.txt")
     with pytest.raises(StorageError, match=r"output: writing failed: the folder is on a virtual filesystem \(like "
                                            r"/proc or /sys\), which refuses new files \(/proc/scores.json\)"):
         with environment_errors("output", "writing"):
