@@ -53,7 +53,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import environment_errors, nearby, os_error_in, replace_atomically
+from letrecipes.components.files import environment_errors, nearby, os_error_in, replace_atomically, shortened
 from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.parallel import gathered, on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
@@ -99,6 +99,10 @@ def check_format(path: Path) -> None:
         return
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: {FORMAT_FILE} is unreadable ({err}).") from err
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:  # edited or damaged: not a number
+        raise CheckpointError(f"{path}: {FORMAT_FILE} gives format_version={shortened(repr(version), 40)}, which is "
+                              "no version: the file was edited or damaged. Fix: use another checkpoint of the run "
+                              "(its checkpoints/ folder).")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written in checkpoint format {version}; this letrecipes reads up to "
                               f"{FORMAT_VERSION}. Fix: upgrade letrecipes (pip install -U letrecipes).")

@@ -353,11 +353,11 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
         raise ExportError(f"{key}: {checkpoint} is not a complete step checkpoint (no COMPLETE marker or no DCP "
                           "metadata: its save never finished). Fix: give a folder like "
                           "<output_dir>/checkpoints/step_00000100 whose save completed.")
-    check_format(checkpoint)
     problems = checkpoint_problems(checkpoint) if verify else []
-    if problems:
+    if problems:  # before its format.json is read: a damaged one is said as damage
         raise ExportError(f"{key}: {checkpoint} is damaged: {'; '.join(problems[:3])}. Fix: export an older "
                           "checkpoint of the run (its checkpoints/ folder), one that verifies.")
+    check_format(checkpoint)
     check_destination(out_dir, overwrite, checkpoint)
     from letrecipes.components.run_info import rebased_config
 

@@ -140,6 +140,17 @@ def test_bad_conversions_are_one_line_and_overwrite_nothing(run, tmp_path):
     assert result.returncode == 1 and "checkpoint format 99" in result.stderr and "Fix: upgrade" in result.stderr
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
     assert "Traceback" not in result.stderr
+    # a version that is no number (an edit; a checkpoint whose COMPLETE marker lists no sizes and
+    # digests, as one written before they were): TypeError "'>' not supported between str and int"
+    from letrecipes.components.checkpointing import CheckpointError
+    from letrecipes.components.export import export_checkpoint
+
+    for version in ("2", None, [1], True):
+        (broken / "format.json").write_text(json.dumps({"format_version": version}))
+        with pytest.raises(CheckpointError, match=r"format.json gives format_version=.*, which is no version: the "
+                                                  r"file was edited or damaged. Fix: use another checkpoint"):
+            export_checkpoint(broken, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
     result = export(run, tmp_path / "out3")  # the run folder instead of one of its checkpoints
     assert result.returncode == 1 and "is a training run's folder, not a checkpoint" in result.stderr
