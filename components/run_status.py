@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from letrecipes.components.checkpointing import STEP_PREFIX, is_complete
+from letrecipes.components.files import describe as describe_os_error
 from letrecipes.components.metrics import METRICS_FILE, read_metric_records
 from letrecipes.components.progress import clock
 from letrecipes.components.run_lock import describe, live_owner
@@ -21,8 +22,16 @@ from letrecipes.components.run_lock import describe, live_owner
 
 def run_status(folder: Path) -> Dict[str, Any]:
     """What a run's folder says about it; ``state`` is ``running``, ``finished``,
-    ``stopped`` or ``not a run``."""
-    folder = Path(folder)
+    ``stopped``, ``not a run``, or ``unreadable`` (with ``error``: a folder of another
+    user's on a shared filesystem, a failing disk), which is said and passed over: the
+    other runs of a folder of runs are still listed."""
+    try:
+        return _run_status(Path(folder))
+    except OSError as err:
+        return {"output_dir": str(folder), "state": "unreadable", "error": describe_os_error(err)}
+
+
+def _run_status(folder: Path) -> Dict[str, Any]:
     status: Dict[str, Any] = {"output_dir": str(folder)}
     # a step checkpoint holds a copy of its run's run_info.json: it is part of a run, not one
     in_checkpoint = folder.name.startswith(STEP_PREFIX) and folder.parent.name == "checkpoints"
@@ -80,6 +89,9 @@ def _records(path: Path) -> Tuple[List[Dict[str, Any]], int]:
 def describe_status(status: Dict[str, Any]) -> str:
     """A few lines for a person: state, progress, figures, checkpoints, what to do."""
     lines = [f"{status['output_dir']}: {status['state']}"]
+    if status["state"] == "unreadable":
+        lines[0] += f" ({status['error']}): passed over"
+        return "\n".join(lines)
     if status["state"] == "not a run":
         lines[0] += " (no run_info.json or metrics.jsonl: not a training run's output_dir)"
         return "\n".join(lines)

@@ -125,7 +125,7 @@ def status(folders, as_json: bool) -> int:
         if found["state"] != "not a run":
             runs.append(found)
             continue
-        inside = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        inside = _folders_in(folder)
         held = [found for found in map(run_status, inside) if found["state"] != "not a run"]
         if not held and folder.exists():  # a file or folder of one run (metrics.jsonl, final/, a step): that run
             owner = next((found for found in map(run_status, list(folder.parents)[:3]) if found["state"] != "not a run"),
@@ -141,6 +141,23 @@ def status(folders, as_json: bool) -> int:
                                        "no run in it (a run's output_dir holds run_info.json and metrics.jsonl)")
               + ". Fix: give a run's output_dir, or the folder that holds runs.", file=sys.stderr)
     return 1 if unknown else 0
+
+
+def _folders_in(folder: Path) -> list:
+    """The folders ``folder`` holds, in order; one that cannot be looked at (another user's,
+    on a shared filesystem) is in the list, for ``run_status`` to say it is unreadable."""
+    try:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError:
+        return [folder] if folder.exists() else []  # the folder named itself: said unreadable by run_status
+
+    def is_folder(path: Path) -> bool:
+        try:
+            return path.is_dir()
+        except OSError:  # a link into what this user may not see: unreadable, not a file
+            return True
+
+    return [p for p in entries if is_folder(p)]
 
 
 def _name_and_folder(text: str):

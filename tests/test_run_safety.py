@@ -350,6 +350,33 @@ def test_status_reads_a_damaged_or_edited_run_folder_without_a_traceback(tmp_pat
     assert "step 2 | loss 4.5000" in out and "3 line(s) of metrics.jsonl are not records" in out
 
 
+def test_status_of_a_folder_of_runs_passes_over_one_it_may_not_read(tmp_path, capsys, monkeypatch):
+    """A shared folder of runs where one is another user's, unreadable: its PermissionError
+    stopped the whole `letrecipes status` in one line, the readable runs unlisted. It is said
+    and passed over. (Root reads any folder: the denial is stood in for.)"""
+    import pathlib
+
+    from letrecipes import cli
+
+    run, private = tmp_path / "mine", tmp_path / "theirs"
+    for folder in (run, private):
+        folder.mkdir()
+        (folder / "run_info.json").write_text("{}")
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
+    real_is_file = pathlib.Path.is_file
+
+    def is_file(path):
+        if private in (path, *path.parents):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(pathlib.Path, "is_file", is_file)
+    assert cli.main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: stopped" in out and "step 1 | loss 5.0000" in out
+    assert f"{private}: unreadable (permission denied ({private / 'run_info.json'})): passed over" in out
+
+
 def read_metrics_safely(folder):
     try:
         return read_metrics(folder / "metrics.jsonl")
