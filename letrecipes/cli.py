@@ -239,9 +239,11 @@ def _main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", help="list recipes and configs")
     cat = sub.add_parser("cat", help="print a config with overrides applied, then check it")
-    cat.add_argument("config", type=os.path.expanduser)
     check = sub.add_parser("validate", help="check every key of a config (component arguments included), build nothing")
-    check.add_argument("config", type=os.path.expanduser)
+    for reads_a_config in (cat, check):  # named as tune run and prepare-data name it (--config), or plainly
+        reads_a_config.add_argument("config", nargs="?", type=os.path.expanduser, help="a config name or YAML file")
+        reads_a_config.add_argument("--config", dest="config_option", type=os.path.expanduser, metavar="CONFIG",
+                                    help="the same, as `tune run` takes it")
     cp = sub.add_parser("cp", help="copy a recipe or a config to edit")
     cp.add_argument("name", help=f"a recipe ({', '.join(RECIPES)}) or a config name")
     cp.add_argument("destination", type=os.path.expanduser)
@@ -293,6 +295,13 @@ def _main(argv=None) -> int:
     if rest and (args.command in ("ls", "export", "status") or (args.command == "contamination" and not args.config)):
         # only the commands that read a config take key=value overrides
         parser.error(f"letrecipes {args.command}: unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("cat", "validate"):
+        if args.config_option and args.config and "=" in args.config and not Path(args.config).exists():
+            rest, args.config = [args.config, *rest], None  # `--config x a=1`: the first override, not a config
+        if (args.config is None) == (args.config_option is None):
+            parser.error(f"letrecipes {args.command}: give one config, as `letrecipes {args.command} let_tiny` or "
+                         f"`letrecipes {args.command} --config my_run.yaml`")
+        args.config = args.config or args.config_option
     if args.command == "status":
         return status(args.folders, args.json)
     if args.command == "export":

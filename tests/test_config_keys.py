@@ -94,6 +94,21 @@ def test_letrecipes_cat_prints_then_checks(capsys):
     assert result.stderr.strip().splitlines()[-1].startswith("error: config key alignment.projectr is unknown")
 
 
+def test_validate_and_cat_take_the_config_as_tune_run_does(capsys):
+    """`letrecipes validate --config my_run.yaml`, typed as `tune run` and `prepare-data` take
+    it, said "Command-line overrides must be in the form of key=value, got --config"."""
+    assert cli.main(["validate", "--config", "let_tiny", "max_steps=3"]) == 0
+    assert "let_tiny: every key checked, no problem found" in capsys.readouterr().out
+    assert cli.main(["cat", "--config", "let_tiny", "max_steps=3", "seed=5"]) == 0
+    printed = capsys.readouterr().out
+    assert "max_steps: 3\n" in printed and "seed: 5\n" in printed
+    for wrong in ([], ["let_tiny", "--config", "let_tiny"]):
+        with pytest.raises(SystemExit):
+            cli.main(["validate", *wrong])
+        assert "give one config, as `letrecipes validate let_tiny` or `letrecipes validate --config my_run.yaml`" \
+            in capsys.readouterr().err
+
+
 def test_the_eval_config_is_checked_too():
     with pytest.raises(SystemExit, match="config key limt is unknown. Did you mean limit"):
         cli.main(["validate", "eval", "limt=3"])
