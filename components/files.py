@@ -55,6 +55,20 @@ FIXES = {
 }
 
 
+# llama.cpp's gguf-split names its parts <name>-00001-of-00003.gguf, ...
+SPLIT_GGUF = re.compile(r"^(?P<stem>.+)-(?P<part>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+def gguf_parts(path: Path) -> Optional[list]:
+    """Every part of the split GGUF model ``path`` is one part of (by the names gguf-split
+    gives them, the first first), or None for a path not named as a part."""
+    named = SPLIT_GGUF.match(Path(path).name)
+    if named is None:
+        return None
+    count = int(named["count"])
+    return [Path(path).with_name(f"{named['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
 # Paths that exist but hold no file a run can read twice (bash's <(zstdcat x.zst) is /dev/fd/63, a pipe).
 SPECIAL_FILES = ((stat.S_ISFIFO, "a pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

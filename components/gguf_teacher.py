@@ -16,6 +16,7 @@ same name mapping and checks as a Hugging Face folder (``letrecipes.components.h
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import socket
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
-from letrecipes.components.files import shortened, stand_in
+from letrecipes.components.files import gguf_parts, shortened, stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
@@ -80,13 +81,57 @@ LAYER_NORM_LAYOUTS = {
 
 
 def open_gguf(path: Path):
-    try:
-        import gguf
-    except ImportError as err:
+    """A reader of the GGUF model at ``path``: one file, or every part of a model that
+    llama.cpp's gguf-split cut into several (:class:`SplitGGUF`), whichever part is named."""
+    if importlib.util.find_spec("gguf") is None:
         raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, which needs the `gguf` package. "
-                           "Fix: pip install gguf.") from err
+                           "Fix: pip install gguf.")
     if not path.is_file():
         raise TeacherError(f"teacher.path: no GGUF file at {str(path)!r}. Fix: point teacher.path at the .gguf file.")
+    reader = _read_gguf(path)
+    count = _field(reader, "split.count", str(path), 1)
+    if count == 1:
+        return reader
+    parts = gguf_parts(path)
+    merge = "(or merge them into one: llama-gguf-split --merge <its first part> <name>.gguf)"
+    if not _is_count(count) or parts is None or len(parts) != count:
+        raise TeacherError(f"teacher.path: {path.name} is one part of a GGUF model split in {count!r} files, but "
+                           "its name is not the one llama.cpp's gguf-split gives such a part (<name>-00001-of-"
+                           f"{count if _is_count(count) else 'N':05}.gguf, ...), by which the others are found. Fix: "
+                           f"give the parts their names back {merge}.")
+    missing = [part.name for part in parts if not part.is_file()]
+    if missing:
+        raise TeacherError(f"teacher.path: {path.name} is one part of a GGUF model split in {count} files, and "
+                           f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                           f"{'is' if len(missing) == 1 else 'are'} not beside it in {path.parent}. Fix: download "
+                           f"every part into that folder {merge}.")
+    readers = [reader if part == path else _read_gguf(part) for part in parts]
+    for number, (part, one) in enumerate(zip(parts, readers)):
+        if (_field(one, "split.no", str(part), -1), _field(one, "split.count", str(part), -1)) != (number, count):
+            raise TeacherError(f"teacher.path: {part} is not part {number + 1} of the {count} that {parts[0].name} "
+                               "belongs to (its split metadata says otherwise): parts of two models, or a damaged "
+                               f"one. Fix: download the parts of one model again {merge}.")
+    split = SplitGGUF(readers)
+    expected = _field(readers[0], "split.tensors.count", str(parts[0]), len(split.tensors))
+    if expected != len(split.tensors):
+        raise TeacherError(f"teacher.path: the {count} parts of {parts[0].name} hold {len(split.tensors)} tensors; "
+                           f"its metadata says {expected!r}: a part is of another model or damaged. Fix: download "
+                           f"the parts again {merge}.")
+    return split
+
+
+class SplitGGUF:
+    """A GGUF model that llama.cpp's gguf-split cut into parts, read as one file: the
+    metadata of the first part (the others carry their split keys only), the tensors of all."""
+
+    def __init__(self, readers: list):
+        self.fields = readers[0].fields
+        self.tensors = [tensor for reader in readers for tensor in reader.tensors]
+
+
+def _read_gguf(path: Path):
+    import gguf
+
     try:
         return gguf.GGUFReader(str(path))
     except Exception as err:  # the reader raises ValueError/struct errors on a damaged file

@@ -35,8 +35,8 @@ from torch import nn
 
 from letrecipes.components import registry
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, in_outputs, json_cut_short, model_folder_hint,
-                                         nearby, refuse_special_file)
+from letrecipes.components.files import (as_given, gguf_parts, hub_id_hint, hub_snapshot, in_outputs, json_cut_short,
+                                         model_folder_hint, nearby, refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
 from letrecipes.components.parallel import check_bf16_device, on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
@@ -365,13 +365,14 @@ def content_fingerprint(path: Union[str, Path]) -> str:
     and ``SAMPLES`` blocks of ``SAMPLE_BYTES`` spread over it (its header, its first and
     last tensors and eight between; a retrained model differs in all of them)."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(
+    parts = gguf_parts(path) if path.is_file() else None  # a split GGUF model: all of its parts
+    files = [p for p in parts if p.is_file()] if parts else [path] if path.is_file() else sorted(
         f for f in path.rglob("*") if f.is_file() and f.suffix in MODEL_FILE_SUFFIXES
         and not any(part.startswith(".") for part in f.relative_to(path).parts))
     digest = hashlib.sha256()
     for file in files:
         size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if file != path else file.name}|{size}|".encode())
+        digest.update(f"{file.relative_to(path) if path in file.parents else file.name}|{size}|".encode())
         with open(file, "rb") as f:
             for i in range(SAMPLES):
                 f.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))

@@ -128,11 +128,13 @@ def llama_cpp_rope_factors(config, head_dim):
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(model, arch, tokenizer_json, path):
+def write_gguf(model, arch, tokenizer_json, path, split_max_tensors=0):
+    """``split_max_tensors``: as llama.cpp's gguf-split, parts of at most that many tensors
+    (<stem>-00001-of-0000N.gguf, ...)."""
     import gguf
 
     config = model.config
-    writer = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch), split_max_tensors=split_max_tensors)
     write_tokenizer(writer, config, arch, tokenizer_json)
     if arch.startswith("pythia"):
         write_gptneox(writer, model)
@@ -466,3 +468,52 @@ def test_a_gguf_file_with_a_metadata_value_changed_at_random_loads_or_ends_in_on
         except LetRecipesError:
             outcomes["error"] += 1
     assert outcomes["loaded"] >= 5 and outcomes["error"] >= 20, outcomes
+
+
+def test_a_gguf_model_split_in_parts_loads_from_any_part_as_the_whole_file(tmp_path):
+    """llama.cpp's gguf-split cuts a model into <name>-00001-of-0000N.gguf, ...: the first part
+    has the metadata, each part some tensors. Read as one file was "the weights lack 12
+    tensor(s) ... re-download the file" (the first part's tensors alone). Every part is read,
+    whichever is named; a part missing, renamed or of another model is one line."""
+    import shutil
+
+    from letrecipes.components.teachers import TeacherError, content_fingerprint
+
+    tokenizer_json, model = byte_level_bpe(tmp_path, PRE_TOKENIZER["llama"]), hf_model("llama")
+    write_gguf(model, "llama", tokenizer_json, tmp_path / "whole.gguf")
+    (tmp_path / "split").mkdir()
+    write_gguf(model, "llama", tokenizer_json, tmp_path / "split" / "tiny.gguf", split_max_tensors=8)
+    parts = sorted((tmp_path / "split").iterdir())
+    assert [p.name for p in parts] == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def logits(path):
+        teacher = load_teacher({"_component_": "auto", "path": str(path), "dtype": "fp32",
+                                "tokenizer_dir": str(tmp_path / "tok")})
+        with torch.no_grad():
+            return forward_with_hidden(teacher.model, tokens, [], logits=True)[1]
+
+    whole = logits(tmp_path / "whole.gguf")
+    for part in (parts[0], parts[2]):
+        torch.testing.assert_close(logits(part), whole, rtol=0, atol=0)
+    before = content_fingerprint(parts[0])  # a resume's check of the teacher covers every part
+    data = bytearray(parts[2].read_bytes())
+    data[-1] ^= 1
+    parts[2].write_bytes(bytes(data))
+    assert content_fingerprint(parts[0]) != before
+
+    parts[1].rename(tmp_path / "aside.gguf")
+    with pytest.raises(TeacherError, match=r"tiny-00001-of-00003.gguf is one part of a GGUF model split in 3 files, "
+                                           r"and tiny-00002-of-00003.gguf is not beside it in .*Fix: download every "
+                                           r"part into that folder \(or merge them into one: llama-gguf-split --merge"):
+        logits(parts[0])
+    (tmp_path / "aside.gguf").rename(parts[1])
+    renamed = tmp_path / "split" / "tiny_part1.gguf"
+    shutil.copy(parts[0], renamed)
+    with pytest.raises(TeacherError, match=r"tiny_part1.gguf is one part of a GGUF model split in 3 files, but its "
+                                           r"name is not the one llama.cpp's gguf-split gives"):
+        logits(renamed)
+    shutil.copy(parts[0], parts[1])  # the first part where the second should be
+    with pytest.raises(TeacherError, match=r"tiny-00002-of-00003.gguf is not part 2 of the 3 that "
+                                           r"tiny-00001-of-00003.gguf belongs to"):
+        logits(parts[0])
