@@ -218,6 +218,16 @@ def detect_format(path: Path, key: str = "teacher.path") -> Type[TeacherFormat]:
                "folder)")
         raise TeacherError(f"{key}: {str(path)!r} is Meta's original checkpoint (params.json, consolidated.*.pth), "
                            f"a format not read here. Fix: {fix}.")
+    if (folder / "adapter_config.json").is_file():  # a fine-tune's LoRA deltas, saved without the model they change
+        try:
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            base = None
+        of = f" of {base}" if isinstance(base, str) and base else ""
+        raise TeacherError(f"{key}: {str(path)!r} is a PEFT adapter{of} (adapter_config.json): low-rank changes to a "
+                           "model, not a model. Fix: merge it into its base model and save that (peft: "
+                           "PeftModel.from_pretrained(base, adapter).merge_and_unload().save_pretrained(<folder>)), "
+                           f"then {key}=<folder>; or point {key} at the base model.")
     known = "; ".join(f"{name}: {cls.looks_like or 'see its docstring'}" for name, cls in formats().items())
     raise TeacherError(f"{key}: no teacher format recognises {str(path)!r} (known: {known}). Fix: point it at one "
                        "of those, or register a format of your own (docs/extending.md).")

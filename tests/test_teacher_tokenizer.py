@@ -117,6 +117,16 @@ def test_metas_original_folder_points_to_the_hugging_face_files_above_it(hf_teac
     for named in (original, original / "consolidated.00.pth"):
         with pytest.raises(LetRecipesError, match=f"Meta's original checkpoint .* Fix: teacher.path={download} "):
             load_teacher({"path": str(named)})
+    # a PEFT adapter (a fine-tune's LoRA deltas saved alone): "no teacher format recognises" it
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "meta-llama/Llama-3.2-1B",
+                                                              "peft_type": "LORA"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"{}")
+    for named in (adapter, adapter / "adapter_model.safetensors"):
+        with pytest.raises(LetRecipesError, match=r"is a PEFT adapter of meta-llama/Llama-3.2-1B \(adapter_config.json"
+                                                  r"\): low-rank changes to a model, not a model. Fix: merge it into"):
+            load_teacher({"path": str(named)})
     # a SentencePiece model with no tokenizer.json anywhere near: what it is, and the conversion
     alone = tmp_path / "alone"
     alone.mkdir()
