@@ -154,8 +154,11 @@ def _marker_and_problem(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[
     one, which has nothing to verify)."""
     try:
         text = (Path(path) / COMPLETE_MARKER).read_text(errors="replace")
-    except OSError as err:
+    except FileNotFoundError as err:  # gone since it was listed: the checkpoint's own damage
         return None, f"its {COMPLETE_MARKER} marker does not read ({err.strerror or err})"
+    # Any other OSError (a failing disk, a lost mount) is the environment's: raised for the
+    # caller's one line. Taken as damage, a resume went back to the checkpoint before, and
+    # when it reached this step again deleted the one that had only failed to read.
     if OLD_MARKER.fullmatch(text):
         return None, None
     try:

@@ -689,14 +689,15 @@ def test_a_full_disk_at_the_start_of_a_run_is_one_line_and_the_same_command_goes
 
 
 @pytest.mark.parametrize("name, key", [(".metadata", "output_dir"), (".metadata#2", "output_dir"),
-                                       ("__0_0.distcp", "output_dir"),
+                                       ("__0_0.distcp", "output_dir"), ("COMPLETE", "output_dir"),
                                        ("tokenizer.json#2", "tokenizer.path")])  # the 1st: a GGUF probe
 def test_a_failing_disk_under_what_a_run_reads_at_its_start_is_one_line_naming_the_key(tmp_path, name, key):
     """An input/output error as a resume reads its checkpoint, or as the tokenizer is read,
     was an OSError traceback; as DCP read the checkpoint (.metadata#2) it was "cannot load
     ... into this run. Fix: resume with the same model", and as a shard of the corpus was
-    read in training, "output_dir: training failed" (reliability.md). Each is one line naming
-    the key whose path failed."""
+    read in training, "output_dir: training failed" (reliability.md); as its COMPLETE marker
+    was read, the checkpoint was taken as damaged and skipped (steps lost; the run would have
+    replaced it on reaching its step again). Each is one line naming the key whose path failed."""
     out = tmp_path / "run"
     ok(tune(out, "max_steps=2", "save_every=2"))
     cmd = [sys.executable, str(REPO / "tests" / "io_fault.py"), "--read", name, "EIO", "--", "letrecipes.pretrain",
