@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -111,7 +112,7 @@ def open_gguf(path: Path):
             raise TeacherError(f"teacher.path: {part} is not part {number + 1} of the {count} that {parts[0].name} "
                                "belongs to (its split metadata says otherwise): parts of two models, or a damaged "
                                f"one. Fix: download the parts of one model again {merge}.")
-    split = SplitGGUF(readers)
+    split = SplitGGUF(readers, parts[0])
     expected = _field(readers[0], "split.tensors.count", str(parts[0]), len(split.tensors))
     if expected != len(split.tensors):
         raise TeacherError(f"teacher.path: the {count} parts of {parts[0].name} hold {len(split.tensors)} tensors; "
@@ -124,7 +125,8 @@ class SplitGGUF:
     """A GGUF model that llama.cpp's gguf-split cut into parts, read as one file: the
     metadata of the first part (the others carry their split keys only), the tensors of all."""
 
-    def __init__(self, readers: list):
+    def __init__(self, readers: list, first: Path):
+        self.first = first  # the part with the metadata
         self.fields = readers[0].fields
         self.tensors = [tensor for reader in readers for tensor in reader.tensors]
 
@@ -210,20 +212,27 @@ def _tokenizer_problems(reader, source: str) -> None:
         value = _field(reader, key, source, _ABSENT)
         if value is not _ABSENT and not isinstance(value, str):
             raise _bad_value(source, key, value, "a name (a string)")
-    for key in TOKENIZER_LISTS:
-        value = _field(reader, key, source)
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+    byte_level = _field(reader, "tokenizer.ggml.model", source, _ABSENT) == "gpt2"
+    for key in TOKENIZER_LISTS:  # a SentencePiece vocabulary may have no merges (they follow from the scores)
+        value = _field(reader, key, source, None if byte_level or key.endswith("tokens") else _ABSENT)
+        if value is not _ABSENT and (not isinstance(value, list) or not value
+                                     or not all(isinstance(v, str) for v in value)):
             raise _bad_value(source, key, value, "a list of strings")
-    tokens, types = _field(reader, "tokenizer.ggml.tokens", source), _field(reader, "tokenizer.ggml.token_type",
-                                                                             source, _ABSENT)
-    if types is not _ABSENT and not (isinstance(types, list) and len(types) == len(tokens)
-                                     and all(_is_whole(t) for t in types)):
-        raise _bad_value(source, "tokenizer.ggml.token_type", types,
-                         f"a list of {len(tokens)} integers, one per token")
+    tokens = _field(reader, "tokenizer.ggml.tokens", source)
+    for key, fits, what in (("tokenizer.ggml.token_type", _is_whole, "integers"),
+                            ("tokenizer.ggml.scores", _is_number, "numbers")):
+        value = _field(reader, key, source, _ABSENT)
+        if value is not _ABSENT and not (isinstance(value, list) and len(value) == len(tokens)
+                                         and all(map(fits, value))):
+            raise _bad_value(source, key, value, f"a list of {len(tokens)} {what}, one per token")
 
 
 def _is_whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def model_args(reader, source: str) -> ModelArgs:
@@ -420,22 +429,47 @@ def build_tokenizer(reader, source: str):
     return tokenizer
 
 
-def export_tokenizer(reader, source: str, out_dir: Path) -> Path:
+def converted_by_transformers(metadata_file: Path, kind: str, source: str):
+    """The ``tokenizers.Tokenizer`` that transformers' GGUF reader builds from the file: for
+    the vocabularies that are not byte-level BPE (llama.cpp's ``llama``, SentencePiece's
+    BPE with byte fallback: Llama 2, TinyLlama, Mistral), whose normalizer, merges recovered
+    from the scores and byte fallback transformers keeps, as a library of the field, where
+    :func:`build_tokenizer` is ours. transformers is optional here (the eval extra)."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as err:
+        raise TeacherError(f"{source}: its embedded tokenizer is of llama.cpp's type {kind!r} (not byte-level BPE), "
+                           "which letrecipes converts with transformers, not installed here. Fix: pip install "
+                           "transformers (or letrecipes[eval]), or set tokenizer.path to the model's "
+                           "tokenizer.json.") from err
+    try:
+        return AutoTokenizer.from_pretrained(str(metadata_file.parent), gguf_file=metadata_file.name).backend_tokenizer
+    except Exception as err:  # transformers raises what it meets: a type it has no converter for, a damaged value
+        raise TeacherError(f"{source}: transformers could not convert its embedded {kind!r} tokenizer "
+                           f"({type(err).__name__}: {shortened(str(err), 200)}). Fix: set tokenizer.path to the "
+                           "model's tokenizer.json.") from err
+
+
+def export_tokenizer(reader, source: str, out_dir: Path, metadata_file: Optional[Path] = None) -> Path:
     """Write the embedded tokenizer once to ``out_dir/<fingerprint>/tokenizer.json``.
 
-    The fingerprint covers the vocabulary, merges and pre-tokenizer, so two GGUF files
-    with the same tokenizer share one file, and the data cache (keyed on the tokenizer
-    file's content) is reused across them.
+    The fingerprint covers the vocabulary, merges, scores and pre-tokenizer, so two GGUF
+    files with the same tokenizer share one file, and the data cache (keyed on the
+    tokenizer file's content) is reused across them. ``metadata_file``: the file that
+    holds the metadata (a split model's first part; ``source`` when None).
     """
     _tokenizer_problems(reader, source)
     h = hashlib.sha256()
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
         h.update(json.dumps(_field(reader, key, source, "")).encode())
     target = out_dir / h.hexdigest()[:16] / "tokenizer.json"
     if target.is_file():
         return target
+    kind = _field(reader, "tokenizer.ggml.model", source)
     try:
-        tokenizer = build_tokenizer(reader, source)
+        tokenizer = build_tokenizer(reader, source) if kind == "gpt2" else \
+            converted_by_transformers(Path(metadata_file or source), kind, source)
     except TeacherError:
         raise
     except Exception as err:  # tokenizers' bare Exception: merges that name tokens the vocabulary lacks
@@ -474,7 +508,8 @@ class GGUFFormat(TeacherFormat):
         return model_args(open_gguf(path), str(path))
 
     def tokenizer(self, path: Path) -> Optional[Path]:
-        return export_tokenizer(open_gguf(path), str(path), self.tokenizer_dir)
+        reader = open_gguf(path)
+        return export_tokenizer(reader, str(path), self.tokenizer_dir, getattr(reader, "first", path))
 
     def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
         path = resolve_path(path)
@@ -482,4 +517,5 @@ class GGUFFormat(TeacherFormat):
         args = model_args(reader, str(path))
         model = build_frozen(args, lambda expected, cast: state_dict(reader, args, expected, cast, str(path)),
                              dtype, device)
-        return Teacher(model, tokenizer_path=export_tokenizer(reader, str(path), self.tokenizer_dir), source=str(path))
+        return Teacher(model, tokenizer_path=export_tokenizer(reader, str(path), self.tokenizer_dir,
+                                                              getattr(reader, "first", path)), source=str(path))

@@ -12,6 +12,7 @@ the same file (its own GGUF reader and tokenizer converter)."""
 import importlib.util
 import json
 import math
+import sys
 
 import numpy as np
 
@@ -128,14 +129,18 @@ def llama_cpp_rope_factors(config, head_dim):
     return np.array(factors, dtype=np.float32)
 
 
-def write_gguf(model, arch, tokenizer_json, path, split_max_tensors=0):
+def write_gguf(model, arch, tokenizer_json, path, split_max_tensors=0, write_vocabulary=None):
     """``split_max_tensors``: as llama.cpp's gguf-split, parts of at most that many tensors
-    (<stem>-00001-of-0000N.gguf, ...)."""
+    (<stem>-00001-of-0000N.gguf, ...). ``write_vocabulary(writer)``: the tokenizer metadata,
+    in place of ``tokenizer_json``'s byte-level BPE."""
     import gguf
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch), split_max_tensors=split_max_tensors)
-    write_tokenizer(writer, config, arch, tokenizer_json)
+    if write_vocabulary is not None:
+        write_vocabulary(writer)
+    else:
+        write_tokenizer(writer, config, arch, tokenizer_json)
     if arch.startswith("pythia"):
         write_gptneox(writer, model)
         return finish(writer)
@@ -517,3 +522,49 @@ def test_a_gguf_model_split_in_parts_loads_from_any_part_as_the_whole_file(tmp_p
     with pytest.raises(TeacherError, match=r"tiny-00002-of-00003.gguf is not part 2 of the 3 that "
                                            r"tiny-00001-of-00003.gguf belongs to"):
         logits(parts[0])
+
+
+def test_a_gguf_with_a_sentencepiece_vocabulary_gets_the_tokenizer_transformers_reads_from_it(tmp_path, monkeypatch):
+    """Llama 2, TinyLlama and Mistral GGUF files carry llama.cpp's `llama` vocabulary
+    (SentencePiece: pieces with scores, byte fallback, no merges). It was refused ("embedded
+    tokenizer type 'llama' is not supported"); it is now converted with transformers' GGUF
+    reader, and the teacher's tokenizer.json encodes as transformers does, unknown characters
+    as bytes."""
+    path = tmp_path / "spm.gguf"
+    model = hf_model("llama")
+    pieces = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], "\u2581", *"abcdefghijklmnopqrstuvwxyz",
+              "\u2581t", "\u2581th", "\u2581the", "\u2581r", "\u2581ri", "\u2581riv", "\u2581rive", "\u2581river", "\u2581a",
+              "\u2581an", "\u2581and", "in", "ing", "er", "on"]
+    types = [2, 3, 3, *[6] * 256, *[1] * (len(pieces) - 259)]
+    scores = [0.0, 0.0, 0.0, *[0.0] * 256, *[-float(i) for i in range(len(pieces) - 259)]]
+    padding = VOCAB - len(pieces)
+
+    def sentencepiece_vocabulary(writer):
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(pieces + [f"[PAD{i}]" for i in range(padding)])
+        writer.add_token_scores(scores + [-1e4] * padding)
+        writer.add_token_types(types + [5] * padding)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+
+    write_gguf(model, "llama", None, path, write_vocabulary=sentencepiece_vocabulary)
+    from letrecipes.components.teachers import TeacherError
+
+    with monkeypatch.context() as without:  # transformers is optional (the eval extra)
+        without.setitem(sys.modules, "transformers", None)
+        with pytest.raises(TeacherError, match=r"spm.gguf: its embedded tokenizer is of llama.cpp's type 'llama' "
+                                               r"\(not byte-level BPE\), which letrecipes converts with transformers, "
+                                               r"not installed here. Fix: pip install transformers"):
+            load_teacher({"path": str(path), "tokenizer_dir": str(tmp_path / "none")})
+    teacher = load_teacher({"_component_": "auto", "path": str(path), "dtype": "fp32",
+                            "tokenizer_dir": str(tmp_path / "tok")})
+    ours = Tokenizer(teacher.tokenizer_path)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in ("the river and the rain", "The River: 42 times, naïve 🙂", "  two spaces\nand a line"):
+        ids = ours.hf.encode(text, add_special_tokens=False).ids
+        assert ids == reference.encode(text, add_special_tokens=False), text
+        assert ours.hf.decode(ids) == reference.decode(ids)  # SentencePiece drops one leading space
+        assert ours.hf.decode(ids) == (text[1:] if text.startswith(" ") else text)
+    assert ours.hf.encode("the river", add_special_tokens=False).tokens == ["\u2581the", "\u2581river"]
+    assert ours.eos_token == "</s>" and max(ours.hf.encode("🙂 ÿ", add_special_tokens=False).ids) < teacher.vocab_size
