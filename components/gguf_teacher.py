@@ -170,7 +170,8 @@ METADATA_FLAGS = ("use_parallel_residual",)
 METADATA_NAMES = ("rope.scaling.type",)
 TOKENIZER_NAMES = ("tokenizer.ggml.model", "tokenizer.ggml.pre")
 TOKENIZER_LISTS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
-REFIT = "Fix: re-download the file, or convert the model again with llama.cpp's convert_hf_to_gguf.py."
+REFIT_STEPS = "re-download the file, or convert the model again with llama.cpp's convert_hf_to_gguf.py."
+REFIT = f"Fix: {REFIT_STEPS}"
 
 
 def _bad_value(source: str, key: str, value, what: str) -> TeacherError:
@@ -390,7 +391,7 @@ def _hf_name(name: str, arch: str) -> Optional[str]:
 
 def state_dict(reader, args: ModelArgs, expected: Dict[str, torch.Size], cast: Callable, source: str):
     return convert_state_dict(args, _hf_tensors(reader, args, source), expected, cast, what=source,
-                              fix="Fix: its metadata and its tensors disagree: " + REFIT[5:])
+                              fix=f"Fix: its metadata and its tensors disagree: {REFIT_STEPS}")
 
 
 # ----------------------------------------------------------------- tokenizer
