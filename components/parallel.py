@@ -48,12 +48,18 @@ def init_distributed(device: torch.device, timeout_s: int = 600, single_process_
     if world_size == 1 and not single_process_group:
         return 0, 1
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if world_size == 1:
             kwargs = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         else:
             kwargs = restart_safe_store(timedelta(seconds=timeout_s))
+        if device.type == "cuda":
+            # The group is bound to this process's GPU: NCCL's barrier (the checkpoint's, the
+            # start's) otherwise guesses the GPU from the global rank, which hangs where
+            # ranks map to GPUs otherwise (torch warns "devices used by this process are
+            # currently unknown"); NCCL's communicator is also made at once (a bad setup
+            # fails here, not at the first step) and HSDP's sub-groups are split from it.
+            kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(kwargs["device_id"])
         dist.init_process_group(backend=process_group_backend(device), timeout=timedelta(seconds=timeout_s),
                                 **kwargs)
     return dist.get_rank(), dist.get_world_size()

@@ -270,6 +270,29 @@ def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
     assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
+def test_a_gpu_process_group_is_bound_to_the_processs_own_gpu(monkeypatch):
+    """Without device_id, NCCL's barrier guessed each rank's GPU from its global rank."""
+    import torch
+    import torch.distributed as dist
+
+    from letrecipes.components import parallel
+
+    joined = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: joined.update(kwargs))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: joined.setdefault("current", d))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    parallel.init_distributed(torch.device("cuda"), single_process_group=True)
+    assert joined["device_id"] == joined["current"] == torch.device("cuda", 3)
+    assert joined["backend"] == "cuda:nccl,cpu:gloo"
+    joined.clear()
+    parallel.init_distributed(torch.device("cpu"), single_process_group=True)
+    assert "device_id" not in joined and joined["backend"] == "gloo"
+
+
 def test_more_processes_on_a_node_than_gpus_is_one_line_before_the_process_group(monkeypatch):
     """NCCL's setup used to fail with "invalid device ordinal" on the processes past the last GPU."""
     import torch
