@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, NoReturn, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -140,14 +140,38 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.partition("=")[0].strip() == "" and "=" in override:
             raise ConfigError(f"the override {override!r} has no key. Fix: write key=value, like max_steps=100.")
+    merged, held = _values_holding_equals(overrides)
     try:
-        cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), list(overrides))
+        cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), merged)
+        for key, (placeholder, value) in held.items():
+            # torchtune moves a component's value to its _component_; a later override may have replaced it
+            node = OmegaConf.select(cfg, key, default=None)
+            where = f"{key}._component_" if isinstance(node, DictConfig) else key
+            if OmegaConf.select(cfg, where, default=None) == placeholder:
+                OmegaConf.update(cfg, where, OmegaConf.from_dotlist([f"value={value}"])["value"], merge=False)
     except ValueError as err:
         raise ConfigError(f"{str(err).rstrip('.')}. Fix: write each override as key=value (no spaces around the =), "
                           "like max_steps=100, and quote one whose value holds spaces: 'model.attn={a: 1, b: 2}'.") from err
     except Exception as err:  # the YAML parser's own types, omegaconf's for a key it cannot set
         raise ConfigError(_override_problem(overrides, err)) from err
     return cfg
+
+
+def _values_holding_equals(overrides: Sequence[str]) -> Tuple[List[str], Dict[str, Tuple[str, str]]]:
+    """The overrides with each value that holds an ``=`` (``output_dir=runs/lr=3e-4``, a
+    Hive-partitioned ``data.source=data/lang=en``) replaced by a placeholder, and those
+    values by key. torchtune's merge splits an override at every ``=`` and refuses these;
+    the key ends at the first ``=`` (keys hold none), as omegaconf's dotlist reads it, and the
+    value goes back in, read as omegaconf reads a value, once torchtune's merge has run."""
+    kept, held = [], {}
+    for index, override in enumerate(overrides):
+        key, _, value = override.partition("=")
+        if "=" in value and not override.startswith("~"):
+            placeholder = f"letrecipes_value_of_override_{index}"
+            held[key.strip()] = (placeholder, value)
+            override = f"{key}={placeholder}"
+        kept.append(override)
+    return kept, held
 
 
 def _override_problem(overrides: Sequence[str], err: Exception) -> str:

@@ -109,6 +109,21 @@ def test_validate_and_cat_take_the_config_as_tune_run_does(capsys):
             in capsys.readouterr().err
 
 
+def test_a_value_holding_an_equals_sign_is_taken_whole(capsys):
+    """A run folder named for its settings (runs/lr=3e-4_bs=8) or a Hive-partitioned corpus
+    (data/lang=en/) was refused: torchtune's merge splits an override at every '='."""
+    from letrecipes._config import load_config
+
+    cfg = load_config("let_tiny", ["output_dir=runs/lr=3e-4_bs=8", "data.source=data/lang=en/*.parquet",
+                                   "max_steps=3", "tokenizer.path=old=1", "tokenizer.path=tok/v=2.json",
+                                   "data.text_field=body", "eval_every=2", "seed=a=b", "seed=7"])
+    assert cfg.output_dir == "runs/lr=3e-4_bs=8" and cfg.data.source == "data/lang=en/*.parquet"
+    assert cfg.tokenizer.path == "tok/v=2.json" and cfg.max_steps == 3 and cfg.seed == 7  # the last override wins
+    assert load_config("let_tiny", ["data.source=[a=1, b]"]).data.source == ["a=1", "b"]  # read as YAML, as any value
+    assert cli.main(["validate", "--config", "let_tiny", "output_dir=runs/lr=3e-4"]) == 0
+    assert "let_tiny: every key checked, no problem found" in capsys.readouterr().out
+
+
 def test_the_eval_config_is_checked_too():
     with pytest.raises(SystemExit, match="config key limt is unknown. Did you mean limit"):
         cli.main(["validate", "eval", "limt=3"])

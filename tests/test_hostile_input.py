@@ -52,7 +52,7 @@ def test_malformed_yaml(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("=5", "the override '=5' has no key. Fix: write key=value, like max_steps=100."),
-    ("max_steps==5", "got max_steps==5. Fix: write each override as key=value"),
+    ("max_steps==5", "config key max_steps='=5' must be an integer >= 1"),  # the value is what follows the first =
     ("max_steps", "got max_steps. Fix: write each override as key=value"),
 ], ids=["no-key", "double-equals", "no-value"])
 def test_malformed_overrides(override, match):
