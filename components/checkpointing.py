@@ -30,7 +30,9 @@ the others one saved rank's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -106,6 +108,72 @@ def check_format(path: Path) -> None:
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{path} was written in checkpoint format {version}; this letrecipes reads up to "
                               f"{FORMAT_VERSION}. Fix: upgrade letrecipes (pip install -U letrecipes).")
+
+
+@contextlib.contextmanager
+def held_for_reading(path: Path, key: str):
+    """Keep a complete step checkpoint from its run's rotation while it is read (``letrecipes
+    export`` or the eval recipe reading a live run's checkpoint): a shared ``flock`` on its
+    COMPLETE marker, which :func:`remove_unless_read` respects. The kernel drops it when the
+    reader exits in any way, so nothing is left to clean up. A checkpoint the rotation
+    removed as the reading began is one line naming the run's newest ones."""
+    try:
+        fd = os.open(Path(path) / COMPLETE_MARKER, os.O_RDONLY)
+    except FileNotFoundError:
+        _raise_removed(Path(path), key)
+    try:
+        try:  # blocks only while the rotation removes the folder: an instant
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # no locks on this filesystem: read it unprotected, as before
+        if os.fstat(fd).st_nlink == 0:
+            _raise_removed(Path(path), key)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _raise_removed(path: Path, key: str) -> None:
+    raise CheckpointError(removed_checkpoint(path, key, "was removed by its run as the reading began"))
+
+
+def removed_checkpoint(path: Path, key: str, what: str) -> str:
+    """The line for a step checkpoint its run's rotation removed (``what`` says when), with
+    the run's newest ones to read instead."""
+    from letrecipes.components.run_lock import describe, live_owner
+
+    newest = sorted((p for p in path.parent.glob(f"{STEP_PREFIX}*") if not p.name.endswith(".tmp")
+                     and is_complete(p)), key=lambda p: p.name)[-2:]
+    owner = live_owner(path.parent.parent)
+    return (f"{key}: {str(path)!r} {what} (a run keeps its newest keep_last_checkpoints step checkpoints and "
+            "removes older ones at each save" + (f"; this one is training now: {describe(owner)}" if owner else "")
+            + "). Fix: " + (f"read one it keeps ({', '.join(repr(str(p)) for p in newest)}), which is held for as "
+                            "long as it is read" if newest else "read the run's final/ export once it finishes")
+            + "; keep_last_checkpoints=all keeps every step.")
+
+
+def remove_unless_read(folder: Path) -> bool:
+    """Remove an old step checkpoint unless a reader holds it (:func:`held_for_reading`);
+    True once removed. Held for the removal itself, so a reader that opens it meanwhile
+    finds it gone rather than half-deleted."""
+    try:
+        fd = os.open(folder / COMPLETE_MARKER, os.O_RDONLY)
+    except OSError:  # no marker: nothing can hold it
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # no locks on this filesystem: removed as before
+        shutil.rmtree(folder, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 def require_complete(path: Path) -> None:
@@ -355,6 +423,7 @@ class Checkpointer:
         self.found_checkpoint = True  # False once resume_point found none: guard() minds a finished run's export
         self._lock = RunLock(self.output_dir)
         self.last_save: Dict[str, float] = {}  # seconds the last save took, and its checksums
+        self._said_held: set = set()  # old checkpoints kept for a reader, said once each
         # Called with the folder after its shards are written, before it is marked complete
         # (components/faults.py kills the process here for the reliability tests).
         self.before_complete = None
@@ -595,7 +664,10 @@ class Checkpointer:
                 shutil.rmtree(final)
             tmp.rename(final)
             for old in self.complete_checkpoints()[: -self.keep_last] if self.keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                if not remove_unless_read(old) and old not in self._said_held:
+                    self._said_held.add(old)
+                    self.log(f"checkpoint: {old.name} kept past keep_last_checkpoints={self.keep_last} while another "
+                             "process reads it (letrecipes export, the eval recipe); a later save removes it")
         _barrier()
         self.last_save = {"save_s": time.perf_counter() - start, "checksum_s": hash_seconds,
                           "bytes": float(sum(meta["bytes"] for meta in files.values()))}

@@ -316,6 +316,11 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
 
     path = resolve_path(str(source), key="checkpoint")
     if not path.exists():
+        from letrecipes.components.checkpointing import STEP_PREFIX, removed_checkpoint
+
+        if path.parent.name == "checkpoints" and path.name.startswith(STEP_PREFIX) and \
+                (path.parent.parent / "run_info.json").is_file():  # a run's step checkpoint, by its name
+            raise ExportError(removed_checkpoint(path, key, "is not there: never saved, or removed by its run"))
         seen = nearby(path)
         raise ExportError(f"{key}: nothing at {str(source)!r}.{' ' + seen if seen else ''} Fix: give a step checkpoint "
                           "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
@@ -337,12 +342,7 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
     ``verify`` checks the files against the checkpoint's checksums first (a recipe
     exporting the checkpoint it has just written skips that).
     """
-    from omegaconf import OmegaConf
-
-    from letrecipes.components import registry
-    from letrecipes.components.checkpointing import check_format, checkpoint_problems, is_complete
-    from letrecipes.components.models import model_max_seq_len, padded_vocab_size
-    from letrecipes.components.tokenizer import load_tokenizer
+    from letrecipes.components.checkpointing import held_for_reading, is_complete
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     run_config = checkpoint.parent.parent / "config.yaml"
@@ -353,6 +353,19 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
         raise ExportError(f"{key}: {checkpoint} is not a complete step checkpoint (no COMPLETE marker or no DCP "
                           "metadata: its save never finished). Fix: give a folder like "
                           "<output_dir>/checkpoints/step_00000100 whose save completed.")
+    with held_for_reading(checkpoint, key):  # a live run's rotation passes it over until this is done
+        return _export_checkpoint(checkpoint, run_config, out_dir, dtype, overwrite, max_shard_mb, key, verify, then)
+
+
+def _export_checkpoint(checkpoint: Path, run_config: Path, out_dir: Path, dtype: torch.dtype, overwrite: bool,
+                       max_shard_mb: int, key: str, verify: bool, then: str) -> Path:
+    from omegaconf import OmegaConf
+
+    from letrecipes.components import registry
+    from letrecipes.components.checkpointing import check_format, checkpoint_problems
+    from letrecipes.components.models import model_max_seq_len, padded_vocab_size
+    from letrecipes.components.tokenizer import load_tokenizer
+
     problems = checkpoint_problems(checkpoint) if verify else []
     if problems:  # before its format.json is read: a damaged one is said as damage
         raise ExportError(f"{key}: {checkpoint} is damaged: {'; '.join(problems[:3])}. Fix: export an older "

@@ -303,3 +303,73 @@ def test_a_runs_relative_paths_are_read_as_the_run_read_them_from_anywhere(base_
     out = export_checkpoint(run / "checkpoints" / "step_00000002", elsewhere / "export")
     assert (out / "tokenizer.json").read_bytes() == (repo / "tok" / "tokenizer.json").read_bytes()
     assert configured_data(run) == [str(p) for p in sorted((repo / "cache").glob("prepared-*"))]
+
+
+def test_a_checkpoint_being_read_outlives_its_runs_rotation_until_the_reader_is_done(base_overrides, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """`letrecipes export` (or the eval recipe) reading a live run's oldest checkpoint lost it
+    to the run's next save: "writing the export failed: the path does not exist (__0_0.distcp)"."""
+    from letrecipes.components import checkpointing
+
+    listed, reader = {}, {}
+    finalize = checkpointing.Checkpointer._finalize
+
+    def finalize_while_step_1_is_read(self, tmp, final, *args):
+        step = int(final.name[len(checkpointing.STEP_PREFIX):])
+        if step == 2:  # a reader opens step 1 as step 2 is saved, and is done before step 4's save
+            reader["step_1"] = checkpointing.held_for_reading(self.dir / "step_00000001", "export")
+            reader["step_1"].__enter__()
+        if step == 4:
+            reader["step_1"].__exit__(None, None, None)
+        finalize(self, tmp, final, *args)
+        listed[step] = sorted(p.name for p in self.dir.iterdir())
+
+    monkeypatch.setattr(checkpointing.Checkpointer, "_finalize", finalize_while_step_1_is_read)
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}",
+                          "max_steps=5", "save_every=1", "keep_last_checkpoints=1", "eval_every=0"])
+    assert listed[2] == ["step_00000001", "step_00000002"] and listed[3] == ["step_00000001", "step_00000003"]
+    assert listed[4] == ["step_00000004"] and listed[5] == ["step_00000005"]
+    assert capsys.readouterr().out.count("checkpoint: step_00000001 kept past keep_last_checkpoints=1 while another "
+                                         "process reads it (letrecipes export, the eval recipe); a later save "
+                                         "removes it") == 1
+
+
+def test_a_checkpoint_removed_as_its_reading_began_is_one_line_naming_the_newest(run, tmp_path):
+    import shutil
+    import threading
+
+    from letrecipes.components.checkpointing import CheckpointError, held_for_reading, remove_unless_read
+
+    checkpoints = tmp_path / "checkpoints"
+    for step in (3, 6, 9):
+        shutil.copytree(run / "checkpoints" / "step_00000003", checkpoints / f"step_{step:08d}")
+    with held_for_reading(checkpoints / "step_00000003", "export"):
+        assert not remove_unless_read(checkpoints / "step_00000003")
+    assert remove_unless_read(checkpoints / "step_00000003") and not (checkpoints / "step_00000003").exists()
+    newest = f"read one it keeps ('{checkpoints / 'step_00000006'}', '{checkpoints / 'step_00000009'}')"
+    with pytest.raises(CheckpointError, match="was removed by its run as the reading began") as gone:
+        with held_for_reading(checkpoints / "step_00000003", "export"):
+            pass
+    assert newest in str(gone.value)
+    # the reader opened it just before the rotation took it: it waits out the removal, then says so
+    import fcntl
+
+    remover = os.open(checkpoints / "step_00000006" / "COMPLETE", os.O_RDONLY)
+    fcntl.flock(remover, fcntl.LOCK_EX)
+    failed = []
+
+    def read():
+        try:
+            with held_for_reading(checkpoints / "step_00000006", "checkpoint"):
+                failed.append(None)
+        except CheckpointError as err:
+            failed.append(err)
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    thread.join(0.5)
+    assert thread.is_alive()  # waiting for the removal
+    shutil.rmtree(checkpoints / "step_00000006")
+    os.close(remover)
+    thread.join(10)
+    assert str(failed[0]).startswith(f"checkpoint: '{checkpoints / 'step_00000006'}' was removed by its run")

@@ -892,7 +892,8 @@ def test_a_path_that_does_not_exist_is_answered_with_what_is_there(let_overrides
     expect_setup_error(run_pretrain, *run, f"output_dir={finished_run}", f"resume={steps / 'step_00000009'}",
                        match=f"no such checkpoint folder. {steps} holds 2 step checkpoint(s): step_00000001, "
                              "step_00000002 (the newest last). Fix: ")
-    with pytest.raises(SystemExit, match=r"nothing at .*step_00000009'. .* holds 2 step checkpoint\(s\)"):
+    with pytest.raises(SystemExit, match=r"step_00000009' is not there: never saved, or removed by its run \(.*"
+                                         r"Fix: read one it keeps \('.*step_00000001', '.*step_00000002'\)"):
         cli.main(["export", str(steps / "step_00000009"), str(tmp_path / "hf")])
     typo = corpus_dir.parent / (corpus_dir.name + "s")  # the folder's name, one letter off
     expect_setup_error(run_pretrain, *run, f"data.source={typo}", match=f"Close by in {corpus_dir.parent}: "
