@@ -124,10 +124,8 @@ def held_for_reading(path: Path, key: str):
     try:
         try:  # blocks only while the rotation removes the folder: an instant
             fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError as err:
-            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            # no locks on this filesystem: read it unprotected, as before
+        except OSError:
+            pass  # no locks on this filesystem (ENOLCK, Lustre without -o flock: ENOSYS): read unheld, as before
         if os.fstat(fd).st_nlink == 0:
             _raise_removed(Path(path), key)
         yield
@@ -158,11 +156,14 @@ def remove_unless_read(folder: Path) -> bool:
     """Remove an old step checkpoint unless a reader holds it (:func:`held_for_reading`);
     True once removed. Held for the removal itself, so a reader that opens it meanwhile
     finds it gone rather than half-deleted."""
-    try:
-        fd = os.open(folder / COMPLETE_MARKER, os.O_RDONLY)
-    except OSError:  # no marker: nothing can hold it
-        shutil.rmtree(folder, ignore_errors=True)
-        return True
+    try:  # for writing where it may: NFS maps flock to fcntl locks, whose exclusive kind needs it
+        fd = os.open(folder / COMPLETE_MARKER, os.O_RDWR)
+    except OSError:
+        try:
+            fd = os.open(folder / COMPLETE_MARKER, os.O_RDONLY)
+        except OSError:  # no marker: nothing can hold it
+            shutil.rmtree(folder, ignore_errors=True)
+            return True
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
