@@ -51,7 +51,10 @@ def init_distributed(device: torch.device, timeout_s: int = 600, single_process_
         if world_size == 1:
             kwargs = {"store": dist.HashStore(), "rank": 0, "world_size": 1}
         else:
-            kwargs = restart_safe_store(timedelta(seconds=timeout_s))
+            try:
+                kwargs = restart_safe_store(timedelta(seconds=timeout_s))
+            except dist.DistError as err:
+                raise _joining_failed(err, timeout_s) from err
         if device.type == "cuda":
             # The group is bound to this process's GPU: NCCL's barrier (the checkpoint's, the
             # start's) otherwise guesses the GPU from the global rank, which hangs where
@@ -60,8 +63,11 @@ def init_distributed(device: torch.device, timeout_s: int = 600, single_process_
             # fails here, not at the first step) and HSDP's sub-groups are split from it.
             kwargs["device_id"] = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(kwargs["device_id"])
-        dist.init_process_group(backend=process_group_backend(device), timeout=timedelta(seconds=timeout_s),
-                                **kwargs)
+        try:
+            dist.init_process_group(backend=process_group_backend(device), timeout=timedelta(seconds=timeout_s),
+                                    **kwargs)
+        except dist.DistError as err:
+            raise _joining_failed(err, timeout_s) from err
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -81,6 +87,61 @@ def local_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def _check_launch_environment() -> None:
+    """The variables torchrun sets for each process, read before any is used: one left in a
+    shell or a job script (``export WORLD_SIZE=8`` without torchrun), or set by hand and
+    inconsistent, ended in torch's traceback ("environment variable RANK expected"), or in a
+    wait for peers that never come that lasted the whole process_group_timeout_s."""
+    fix = ("start the processes with torchrun, which sets all of them (tune run --nproc_per_node N ...), or unset "
+           "them to train in one process")
+    numbers = {}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        text = os.environ.get(name)
+        if text is None:
+            continue
+        try:
+            numbers[name] = int(text)
+        except ValueError:
+            raise ComponentError(f"the environment variable {name}={shortened(repr(text), 40)} is no whole number. "
+                                 f"Fix: {fix}.") from None
+    world = numbers.get("WORLD_SIZE", 1)
+    if world < 1:
+        raise ComponentError(f"the environment variable WORLD_SIZE={world}: a run has 1 process or more. Fix: {fix}.")
+    if world > 1:
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ComponentError(f"WORLD_SIZE={world} in the environment makes this one of {world} processes, but "
+                                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set. Fix: {fix}.")
+        if not 0 <= numbers["RANK"] < world:
+            raise ComponentError(f"RANK={numbers['RANK']} in the environment is not one of the {world} ranks "
+                                 f"0..{world - 1} (WORLD_SIZE={world}). Fix: {fix}.")
+        if not 0 < numbers["MASTER_PORT"] < 65536:
+            raise ComponentError(f"MASTER_PORT={numbers['MASTER_PORT']} in the environment is no port (1..65535). "
+                                 f"Fix: {fix}.")
+    local_rank, local_world = numbers.get("LOCAL_RANK", 0), numbers.get("LOCAL_WORLD_SIZE")
+    if local_rank < 0 or (local_world is not None and not 0 <= local_rank < local_world):
+        ranks = f"this node's local ranks 0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})" \
+            if local_world is not None and local_world > 0 else "a local rank (0 or more)"
+        raise ComponentError(f"LOCAL_RANK={local_rank} in the environment is not one of {ranks}. Fix: {fix}.")
+
+
+def _joining_failed(err: BaseException, timeout_s: int) -> ComponentError:
+    """One line for a process group that could not form: its peers never came (the store's
+    or the socket's timeout), or NCCL could not set up its communicator."""
+    said = " ".join(str(err).split())[:300]
+    if isinstance(err, dist.DistBackendError):
+        return ComponentError(f"process group: the communication backend could not start ({said}). Fix: rerun with "
+                              "NCCL_DEBUG=INFO to see why (a GPU in use by another process, a network interface "
+                              "NCCL cannot use: NCCL_SOCKET_IFNAME), then run the same command again.")
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    return ComponentError(
+        f"process group: rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} could not gather the others "
+        f"at {where} within process_group_timeout_s={timeout_s} ({said}). Fix: start every process (torchrun starts "
+        "them: tune run --nproc_per_node N ...; on several nodes, one torchrun per node with the same "
+        f"--rdzv_endpoint); check that each node reaches {where} (its address, a firewall); or raise "
+        "process_group_timeout_s for slow starts.")
 
 
 def _check_launched_by_torchrun() -> None:
@@ -120,6 +181,7 @@ def setup_device(name: Optional[str], cpu_malloc_tuning: bool = True, timeout_s:
     device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ComponentError("device=cuda but torch sees no CUDA device. Fix: device=cpu, or leave device unset.")
+    _check_launch_environment()
     _check_launched_by_torchrun()
     if device.type == "cuda":
         _check_one_gpu_per_process()

@@ -293,6 +293,54 @@ def test_a_gpu_process_group_is_bound_to_the_processs_own_gpu(monkeypatch):
     assert "device_id" not in joined and joined["backend"] == "gloo"
 
 
+@pytest.mark.parametrize("env, says", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 in the environment makes this one of 2 processes, but RANK, MASTER_ADDR, "
+                          "MASTER_PORT are not set. Fix: start the processes with torchrun"),
+    ({"WORLD_SIZE": "two"}, "the environment variable WORLD_SIZE='two' is no whole number. Fix: "),
+    ({"WORLD_SIZE": "0"}, "the environment variable WORLD_SIZE=0: a run has 1 process or more"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "RANK=2 in the environment is not one of the 2 ranks 0..1 (WORLD_SIZE=2)"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 in the environment is no port (1..65535)"),
+    ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+     "LOCAL_RANK=2 in the environment is not one of this node's local ranks 0..1 (LOCAL_WORLD_SIZE=2)"),
+], ids=["world-size-alone", "not-a-number", "zero", "rank-past-the-world", "no-port", "local-rank-past-the-node"])
+def test_launch_variables_left_in_the_environment_are_one_line_before_the_process_group(monkeypatch, env, says):
+    """`export WORLD_SIZE=8` in a shell or job script, without torchrun, ended in torch's
+    traceback ("environment variable RANK expected") or a wait of process_group_timeout_s."""
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(parallel, "init_distributed", lambda *a, **k: pytest.fail("joined the group first"))
+    with pytest.raises(ComponentError) as said:
+        parallel.setup_device("cpu")
+    assert says in str(said.value)
+
+
+@pytest.mark.parametrize("rank, says", [("0", "Timed out after"), ("1", "The client socket has timed out")],
+                         ids=["first-rank-waiting", "other-rank-connecting"])
+def test_peers_that_never_come_are_one_line_naming_the_address_and_the_timeout(monkeypatch, rank, says):
+    import torch.distributed as dist
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+    from tests.launch import free_port
+
+    port = free_port()
+    for name, value in {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ComponentError) as said:
+        parallel.setup_device("cpu", timeout_s=2)
+    assert str(said.value).startswith(f"process group: rank {rank} of 2 could not gather the others at "
+                                      f"127.0.0.1:{port} within process_group_timeout_s=2 (")
+    assert says in str(said.value) and not dist.is_initialized()
+
+
 def test_more_processes_on_a_node_than_gpus_is_one_line_before_the_process_group(monkeypatch):
     """NCCL's setup used to fail with "invalid device ordinal" on the processes past the last GPU."""
     import torch
