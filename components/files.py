@@ -41,6 +41,15 @@ CAUSES = {
     errno.ENOENT: "the path does not exist",
     errno.EIO: "an input/output error (a failing disk or a lost network mount)",
     errno.ENAMETOOLONG: "the path is too long",
+    # the network filesystems of clusters and the FUSE mounts of object stores (s3fs, gcsfuse)
+    errno.ESTALE: "a stale network file handle (the file was replaced or removed from another machine of the "
+                  "network filesystem)",
+    errno.ENOTCONN: "the mount is disconnected (a FUSE mount such as s3fs, gcsfuse or sshfs that lost its "
+                    "connection)",
+    errno.ETIMEDOUT: "the network filesystem timed out",
+    errno.EMFILE: "this process has too many open files",
+    errno.ENFILE: "the system has too many open files",
+    errno.ELOOP: "the path's symbolic links form a loop",
 }
 FIXES = {
     errno.ENOSPC: "free space",
@@ -52,6 +61,12 @@ FIXES = {
     errno.EPERM: "make it readable (an input) or point it at a folder you may write (an output)",
     errno.ENOTDIR: "point it at a folder (or move the file away)",
     errno.EEXIST: "point it at a folder (or move the file away)",
+    errno.ESTALE: "check that no other machine rewrites the path meanwhile",
+    errno.ENOTCONN: "remount it (or copy the files to a local disk)",
+    errno.ETIMEDOUT: "check the network filesystem's server",
+    errno.EMFILE: "raise the open-file limit (ulimit -n, up to its hard limit: ulimit -Hn)",
+    errno.ENFILE: "close other programs' files or raise fs.file-max",
+    errno.ELOOP: "point it at the real file or folder",
 }
 
 

@@ -736,7 +736,9 @@ def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
         with environment_errors(folders, "training", kept=lambda: "No checkpoint was saved yet."):
             raise OSError(5, "Input/output error", str(tmp_path / "cache" / "prepared-x" / "shard_000000.bin"))
     for code, cause in ((30, "the filesystem is read-only"), (122, "the disk quota is exceeded"),
-                        (13, "permission denied")):
+                        (13, "permission denied"), (116, r"a stale network file handle .*Fix: check that no other"),
+                        (107, r"the mount is disconnected .*Fix: remount it"),
+                        (24, r"this process has too many open files\. Fix: raise the open-file limit \(ulimit -n")):
         with pytest.raises(StorageError, match=f"data.cache_dir: preparing failed: {cause}"):
             with environment_errors("data.cache_dir", "preparing"):
                 raise OSError(code, os.strerror(code))
