@@ -142,8 +142,7 @@ def removed_checkpoint(path: Path, key: str, what: str) -> str:
     the run's newest ones to read instead."""
     from letrecipes.components.run_lock import describe, live_owner
 
-    newest = sorted((p for p in path.parent.glob(f"{STEP_PREFIX}*") if not p.name.endswith(".tmp")
-                     and is_complete(p)), key=lambda p: p.name)[-2:]
+    newest = complete_checkpoints_in(path.parent)[-2:]
     owner = live_owner(path.parent.parent)
     return (f"{key}: {str(path)!r} {what} (a run keeps its newest keep_last_checkpoints step checkpoints and "
             "removes older ones at each save" + (f"; this one is training now: {describe(owner)}" if owner else "")
@@ -175,6 +174,20 @@ def remove_unless_read(folder: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def step_folders(folder: Path) -> List[Path]:
+    """The folders a run's ``checkpoints/`` holds under a step name, complete or not."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+
+
+def complete_checkpoints_in(folder: Path) -> List[Path]:
+    """The complete step checkpoints of a run's ``checkpoints/`` folder, oldest first (not a
+    ``.tmp`` folder a save was killed in, even one marked complete before its rename)."""
+    found = [p for p in step_folders(folder) if not p.name.endswith(".tmp") and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
 
 
 def require_complete(path: Path) -> None:
@@ -587,13 +600,10 @@ class Checkpointer:
         self.model, self.optimizer, self.per_rank = model, optimizer, per_rank
 
     def _step_folders(self):
-        if not self.dir.is_dir():
-            return []
-        return [p for p in self.dir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+        return step_folders(self.dir)
 
     def complete_checkpoints(self):
-        found = [p for p in self._step_folders() if not p.name.endswith(".tmp") and is_complete(p)]
-        return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+        return complete_checkpoints_in(self.dir)
 
     def incomplete_checkpoints(self):
         """Folders a killed save left behind (resume ignores them; the next save removes them)."""
