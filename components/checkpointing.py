@@ -201,7 +201,7 @@ def require_complete(path: Path) -> None:
                 f"position), which a run cannot resume. Fix: init_from={path} starts a new run from its weights; "
                 f"resume=<output_dir>/checkpoints/{STEP_PREFIX}N resumes a run.")
         if is_run_folder(path):
-            steps = sorted(p for p in (Path(path) / "checkpoints").glob(f"{STEP_PREFIX}*") if is_complete(p))
+            steps = complete_checkpoints_in(Path(path) / "checkpoints")
             raise CheckpointError(
                 f"resume: {str(path)!r} is a training run's folder, not a checkpoint. Fix: resume=true with "
                 f"output_dir={path} (its latest complete checkpoint)"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from letrecipes.components.checkpointing import STEP_PREFIX, is_complete
+from letrecipes.components.checkpointing import STEP_PREFIX, complete_checkpoints_in
 from letrecipes.components.files import describe as describe_os_error
 from letrecipes.components.metrics import METRICS_FILE, read_metric_records
 from letrecipes.components.progress import clock
@@ -55,8 +55,7 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     validated = [r for r in records if _count(r.get("step")) and _number(r.get("val_loss"))]
     if validated:
         status["val_loss"] = {"step": validated[-1]["step"], "val_loss": validated[-1]["val_loss"]}
-    steps = sorted((p for p in (folder / "checkpoints").glob(f"{STEP_PREFIX}*") if p.is_dir() and is_complete(p)),
-                   key=lambda p: p.name) if (folder / "checkpoints").is_dir() else []
+    steps = complete_checkpoints_in(folder / "checkpoints")
     status["checkpoints"] = [p.name for p in steps]
     status["final"] = (folder / "final" / "config.json").is_file()
     owner = live_owner(folder)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, ListConfig
 from letrecipes._config import errors_as_one_line, parse
 from letrecipes._schema import resolved, validate_eval
 from letrecipes.components import contamination, registry
-from letrecipes.components.checkpointing import STEP_PREFIX
+from letrecipes.components.checkpointing import step_of
 from letrecipes.components.corpus import DataError, run_folder
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_model_config, check_model_weights,
@@ -197,7 +197,7 @@ class EvalRecipe:
         if keep and target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise EvalError(f"export_dir: {str(target)!r} exists and is not empty. Fix: remove it, choose another "
                             "folder, or leave export_dir unset (a temporary folder).")
-        step = int(path.name[len(STEP_PREFIX):]) if path.is_dir() and path.name.startswith(STEP_PREFIX) else None
+        step = step_of(path) if path.is_dir() else None  # None for step_N.tmp, a save that never finished
         # a Hugging Face folder is scored as it is; anything else (or nothing: a one-line error) goes
         # through `letrecipes export`'s converter
         folder = path if is_hf_folder(path) else export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
@@ -396,12 +396,11 @@ def _trained_tokens(checkpoint: Path) -> Optional[int]:
 def _run_checkpoints(path: Path) -> Tuple[Optional[Path], List[Path]]:
     """A run's folder (its ``output_dir``) stands for its complete step checkpoints in
     order, then its final export; anything else is one checkpoint, as given."""
-    from letrecipes.components.checkpointing import is_complete
+    from letrecipes.components.checkpointing import complete_checkpoints_in
 
     if not ((path / "run_info.json").is_file() and (path / "config.yaml").is_file()):
         return None, [path]
-    steps = sorted((c for c in (path / "checkpoints").glob(f"{STEP_PREFIX}*") if c.is_dir() and is_complete(c)),
-                   key=lambda c: c.name)
+    steps = complete_checkpoints_in(path / "checkpoints")
     final = [path / "final"] if is_hf_folder(path / "final") else []
     if not steps and not final:
         raise EvalError(f"checkpoint: {str(path)!r} is a run with no complete step checkpoint and no final export yet. "

@@ -824,3 +824,23 @@ def test_a_rank_the_saved_run_did_not_have_gets_random_streams_of_its_own(monkey
     assert [after[rank][1] for rank in (2, 3)] != [after[rank][1] for rank in (0, 1)]
     assert draws_on(3) == after[3]  # deterministic: a second resume draws the same
     RNGState().load_state_dict(before)
+
+
+def test_a_save_killed_between_its_marker_and_its_rename_is_no_checkpoint_anywhere(tmp_path, straight):
+    """step_N.tmp holds COMPLETE for an instant before it is renamed step_N; killed there, it
+    was listed by `letrecipes status`, and the eval recipe of the run folder ended in
+    "ValueError: invalid literal for int() with base 10: '00099999.tmp'"."""
+    import shutil
+
+    from letrecipes.components.checkpointing import CheckpointError, require_complete
+    from letrecipes.components.run_status import run_status
+    from letrecipes.eval import _run_checkpoints
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    shutil.copytree(run / "checkpoints" / steps[-1], run / "checkpoints" / "step_00099999.tmp")
+    assert run_status(run)["checkpoints"] == steps
+    assert _run_checkpoints(run)[1] == [*(run / "checkpoints" / name for name in steps), run / "final"]
+    with pytest.raises(CheckpointError, match=rf"resume=.*{steps[-1]}\.$"):
+        require_complete(run)
