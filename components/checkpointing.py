@@ -176,11 +176,17 @@ def remove_unless_read(folder: Path) -> bool:
         os.close(fd)
 
 
+# the names a save gives its folder: step_00000100, and step_00000100.tmp while it is written
+STEP_FOLDER = re.compile(rf"^{STEP_PREFIX}\d+(\.tmp)?$")
+
+
 def step_folders(folder: Path) -> List[Path]:
-    """The folders a run's ``checkpoints/`` holds under a step name, complete or not."""
+    """The folders a run's ``checkpoints/`` holds under a step name, complete or not. A
+    folder named otherwise (a user's copy, ``step_best``) is no checkpoint of the run: it is
+    neither listed, resumed from, nor removed."""
     if not folder.is_dir():
         return []
-    return [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
+    return [p for p in folder.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)]
 
 
 def complete_checkpoints_in(folder: Path) -> List[Path]:

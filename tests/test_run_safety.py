@@ -840,6 +840,8 @@ def test_a_save_killed_between_its_marker_and_its_rename_is_no_checkpoint_anywhe
     shutil.copytree(straight, run)
     steps = sorted(p.name for p in (run / "checkpoints").iterdir())
     shutil.copytree(run / "checkpoints" / steps[-1], run / "checkpoints" / "step_00099999.tmp")
+    # a user's copy under a name no save gives: neither listed nor an int() it cannot parse (ValueError: 'best')
+    shutil.copytree(run / "checkpoints" / steps[0], run / "checkpoints" / "step_best")
     assert run_status(run)["checkpoints"] == steps
     assert _run_checkpoints(run)[1] == [*(run / "checkpoints" / name for name in steps), run / "final"]
     with pytest.raises(CheckpointError, match=rf"resume=.*{steps[-1]}\.$"):
