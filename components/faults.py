@@ -12,6 +12,7 @@ loop itself carries no trace of it::
       sigterm_during_save_at_step: 6  # SIGTERM inside step 6's checkpoint save, shards written
       hang_at_step: 4               # SIGSTOP as step 4 starts: a process that hangs without dying
       slow_batches_s: 0.05          # every batch is handed over this much later (a loader that cannot keep up)
+      slow_save_s: 30               # every save waits this long with its shards written (a slow filesystem)
       rank: 1                       # only on this rank (default: every rank)
 
 A torchrun restart of the job (``--max-restarts``) injects nothing: it is the recovery.
@@ -79,7 +80,8 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
             return (loss * float("nan"), figures) if recipe.step + 1 == nan_at else (loss, figures)
 
         recipe.compute_loss = poisoned_loss
-    if kill_saving_at is not None or term_saving_at is not None:
+    slow_save_s = float(debug.get("slow_save_s") or 0)
+    if kill_saving_at is not None or term_saving_at is not None or slow_save_s:
         save_checkpoint = recipe.save_checkpoint
 
         @functools.wraps(save_checkpoint)
@@ -88,6 +90,8 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
                 recipe.checkpointer.before_complete = _kill
             elif recipe.step == term_saving_at:
                 recipe.checkpointer.before_complete = _sigterm
+            elif slow_save_s:
+                recipe.checkpointer.before_complete = lambda tmp: time.sleep(slow_save_s)
             else:
                 recipe.checkpointer.before_complete = None
             return save_checkpoint(*args, **kwargs)

@@ -2,8 +2,9 @@
 (the notice a Slurm job asks for with ``--signal=USR1@600``, Lightning's convention) or
 Ctrl-C asks the run to finish its step, save a checkpoint and exit non-zero with the
 command to resume.
-A second signal stops at once (one within a second of the first is the same notice from
-another sender: the scheduler's and the launcher's).
+A second signal stops at once, in one line that says what is kept (one within a second of
+the first is the same notice from another sender: the scheduler's and the launcher's); a
+third meets the default handlers (Python's KeyboardInterrupt, the kernel's SIGTERM).
 
 The handler only sets a flag; the recipe reads it between steps (every step in one
 process; with several, :class:`StopVote` agrees on it every step over the CPU backend, and
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -30,6 +31,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 class RunStopped(LetRecipesError):
     """The run was asked to stop and saved its state first."""
+
+
+class StoppedAtOnce(LetRecipesError):
+    """A second signal: the run stopped where it was, without saving the step it was in."""
 
 
 class StoppedBeforeTraining(LetRecipesError):
@@ -121,8 +126,13 @@ REPEAT_WINDOW_S = 1.0
 
 
 class GracefulStop:
-    def __init__(self, log=print):
+    """``at_once(signal_name)`` is the error line for a second signal: raised from the
+    handler, it unwinds the step through every ``finally`` (a save in progress leaves only
+    its ``.tmp`` folder, the run's lock is released) and ends in one line like any error."""
+
+    def __init__(self, log=print, at_once: Optional[Callable[[str], str]] = None):
         self.log = log
+        self.at_once = at_once or (lambda name: f"stopped at once by a second {name}, without saving.")
         self.received: Optional[str] = None
         self.received_at = 0.0
         self._previous: Dict[int, object] = {}
@@ -144,9 +154,10 @@ class GracefulStop:
         if self.received is not None:
             if time.monotonic() - self.received_at < REPEAT_WINDOW_S:  # the same notice, by another sender
                 return
-            self.uninstall()  # a second request: no more waiting
-            signal.raise_signal(signum)
-            return
+            # A second request: no more waiting. Before, the signal was raised again under the
+            # default handler, and a Ctrl-C pressed twice ended in a KeyboardInterrupt traceback.
+            self.uninstall()  # a third signal meets the default handler, in case unwinding hangs
+            raise StoppedAtOnce(self.at_once(name))
         self.received, self.received_at = name, time.monotonic()
         self.log(f"{name} received: finishing this step, then saving a checkpoint (send it again to stop at once)")
 

@@ -669,7 +669,10 @@ class PretrainRecipe:
         progress = tqdm(total=self.max_steps, initial=self.step, desc=self.__class__.__name__, dynamic_ncols=True,
                         disable=not (self.is_main and sys.stderr.isatty() and self.cfg.get("progress_bar", True)))
         self.timer.restart()
-        stopper = GracefulStop(log=self.log).install()
+        stopper = GracefulStop(log=self.log, at_once=lambda signal_name: (
+            f"stopped at once by a second {signal_name} after step {self.step}, without saving. "
+            f"{self.checkpointer.what_is_kept()} Fix: run the same command with resume=true to continue from it."
+        )).install()
         self.stop_vote = StopVote()
         folders = {"output_dir": self.output_dir,
                    "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache")),
