@@ -151,29 +151,45 @@ def removed_checkpoint(path: Path, key: str, what: str) -> str:
             + "; keep_last_checkpoints=all keeps every step.")
 
 
-def remove_unless_read(folder: Path) -> bool:
-    """Remove an old step checkpoint unless a reader holds it (:func:`held_for_reading`);
-    True once removed. Held for the removal itself, so a reader that opens it meanwhile
-    finds it gone rather than half-deleted."""
+@contextlib.contextmanager
+def _unless_read(folder: Path):
+    """Yield whether no reader holds this step checkpoint (:func:`held_for_reading`), holding
+    it exclusively meanwhile where none does, so no reader can begin inside the block."""
     try:  # for writing where it may: NFS maps flock to fcntl locks, whose exclusive kind needs it
         fd = os.open(folder / COMPLETE_MARKER, os.O_RDWR)
     except OSError:
         try:
             fd = os.open(folder / COMPLETE_MARKER, os.O_RDONLY)
         except OSError:  # no marker: nothing can hold it
-            shutil.rmtree(folder, ignore_errors=True)
-            return True
+            yield True
+            return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return False
+            yield False
+            return
         except OSError:
-            pass  # no locks on this filesystem: removed as before
-        shutil.rmtree(folder, ignore_errors=True)
-        return True
+            pass  # no locks on this filesystem: nothing can be seen holding it
+        yield True
     finally:
         os.close(fd)
+
+
+def remove_unless_read(folder: Path) -> bool:
+    """Remove an old step checkpoint unless a reader holds it (:func:`held_for_reading`);
+    True once removed. Held for the removal itself, so a reader that opens it meanwhile
+    finds it gone rather than half-deleted."""
+    with _unless_read(folder) as unread:
+        if unread:
+            shutil.rmtree(folder, ignore_errors=True)
+        return unread
+
+
+def being_read(folder: Path) -> bool:
+    """Whether another process reads this step checkpoint now (``letrecipes export``, eval)."""
+    with _unless_read(folder) as unread:
+        return not unread
 
 
 # the names a save gives its folder: step_00000100, and step_00000100.tmp while it is written
@@ -584,6 +600,8 @@ class Checkpointer:
                 f"output_dir={str(self.output_dir)!r} already holds a run ({', '.join(existing)}). Fix: resume=true "
                 "to continue it, overwrite=true to start over (its files are replaced), or another output_dir."
             )
+        if existing and overwrite and not self.resume_requested(resume):
+            self._refuse_if_read("overwrite=true")
         final = self.output_dir / "final"
         if self.resume_requested(resume) and not self.found_checkpoint and final.is_dir() \
                 and not overwrite:  # a requeue of a run finished with save_every=0, or whose checkpoints were pruned
@@ -593,11 +611,27 @@ class Checkpointer:
                 "from step 0 and replace that export. Fix: overwrite=true to train again from scratch, or another "
                 f"output_dir; to go on from the export, init_from={final} in a new output_dir.")
 
+    def _refuse_if_read(self, why: str, held: Optional[List[Path]] = None) -> None:
+        """Deleting a checkpoint another process is reading would make that export or
+        evaluation fail half-way, with an error about its own output."""
+        held = held if held is not None else [p for p in self.complete_checkpoints() if being_read(p)]
+        if held:
+            raise CheckpointError(
+                f"{why} would delete {held[0]}{f' (and {len(held) - 1} more)' if len(held) > 1 else ''} while another "
+                "process reads it (letrecipes export and the eval recipe hold a checkpoint while they read it). Fix: "
+                "launch again once that reader is done (`letrecipes status` lists the run's checkpoints), or choose "
+                "another output_dir.")
+
     def clear(self) -> None:
-        """A fresh start (overwrite=true) must never resume the old run's checkpoints later."""
-        if _rank() == 0:
+        """A fresh start (overwrite=true) must never resume the old run's checkpoints later.
+        Each checkpoint goes only if nobody reads it: one whose reading began after the guard
+        looked stops the run here, the others already gone."""
+        def remove_all() -> None:
+            self._refuse_if_read("overwrite=true", [p for p in self.complete_checkpoints() if not remove_unless_read(p)])
             for name in ("checkpoints", "final"):
                 shutil.rmtree(self.output_dir / name, ignore_errors=True)
+
+        on_rank0(remove_all)  # a refusal stops every rank alike
 
     # ------------------------------------------------------------- contents
     def track(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, **per_rank: Any) -> None:

@@ -334,6 +334,35 @@ def test_a_checkpoint_being_read_outlives_its_runs_rotation_until_the_reader_is_
                                          "removes it") == 1
 
 
+def test_overwrite_refuses_to_delete_a_checkpoint_another_process_reads(base_overrides, tmp_path, monkeypatch, capsys):
+    """overwrite=true deleted the run's checkpoints under an export reading one; the export then
+    failed half-way with an error about writing its own output."""
+    from letrecipes.components import checkpointing
+    from tests.test_hostile_input import digest
+
+    args = ["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=4",
+            "save_every=2", "eval_every=0"]
+    pretrain.recipe_main(args)
+    read = tmp_path / "run" / "checkpoints" / "step_00000002"
+    before = digest(tmp_path / "run")
+    capsys.readouterr()
+    with checkpointing.held_for_reading(read, "export"):
+        with pytest.raises(SystemExit) as refused:
+            pretrain.recipe_main([*args, "overwrite=true"])
+        assert digest(tmp_path / "run") == before  # refused before anything was built or deleted
+        assert str(refused.value.code).startswith(f"error: overwrite=true would delete {read} while another "
+                                                  "process reads it")
+        # a reading that began after the guard looked: the start over stops at the held one, which stays whole
+        monkeypatch.setattr(checkpointing, "being_read", lambda folder: False)
+        with pytest.raises(SystemExit) as late:
+            pretrain.recipe_main([*args, "overwrite=true"])
+        assert late.value.code == refused.value.code
+        assert checkpointing.complete_checkpoints_in(read.parent) == [read]
+    monkeypatch.undo()
+    pretrain.recipe_main([*args, "overwrite=true"])  # the reader is done: the run starts over
+    assert "step 4/4" in capsys.readouterr().out
+
+
 def test_a_checkpoint_removed_as_its_reading_began_is_one_line_naming_the_newest(run, tmp_path):
     import shutil
     import threading
