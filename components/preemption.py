@@ -38,13 +38,14 @@ class StoppedAtOnce(LetRecipesError):
 
 
 class StoppedBeforeTraining(LetRecipesError):
-    """A signal arrived while there was nothing to save yet (setup, preparing the corpus)."""
+    """A signal arrived while there was nothing to save (a run's setup, preparing the corpus,
+    an export, an evaluation)."""
 
 
 @contextmanager
 def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
     """While there is no step to finish and nothing to save (a run's setup: preparing the
-    corpus, loading the teacher, compiling; ``letrecipes prepare-data``), SIGTERM or Ctrl-C
+    corpus, loading the teacher, compiling; the ``letrecipes`` commands; the eval recipe), SIGTERM or Ctrl-C
     stops at once with one line saying what is kept (``kept``), instead of a
     KeyboardInterrupt traceback or a silent kill. The exception unwinds through every
     ``finally``, so locks are released and half-written files removed as on any error."""

@@ -208,8 +208,12 @@ def main(argv=None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     command = next((word for word in words if not word.startswith("-")), "")
     try:
-        # an OS error no check of a command named itself (a failing disk under what it reads): one line
-        with errors_as_one_line(), environment_errors(f"letrecipes {command}".strip(), "reading or writing"):
+        # an OS error no check of a command named itself (a failing disk under what it reads): one line;
+        # Ctrl-C or SIGTERM (an export of a 7B checkpoint takes minutes): one line, not a traceback
+        with errors_as_one_line(), environment_errors(f"letrecipes {command}".strip(), "reading or writing"), \
+                stop_at_once_on_signals(f"during letrecipes {command}".strip(), "Nothing half-written is left: what "
+                                        "it writes appears only once whole (an export is written beside its folder "
+                                        "and renamed). Fix: run the same command again."):
             return _main(argv)
     except BrokenPipeError:  # `letrecipes cat let_7b | head`: the reader stopped; no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again

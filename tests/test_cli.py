@@ -298,3 +298,38 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
     installed = sys.excepthook
     _launcher.install()  # again (import letrecipes runs it; the .pth already did): not chained twice
     assert sys.excepthook is installed
+
+
+@pytest.mark.parametrize("entry", ["export", "eval"])
+def test_ctrl_c_during_an_export_or_an_evaluation_is_one_line(entry, teacher_dir, corpus_dir, tmp_path):
+    """Ctrl-C during `letrecipes export` (minutes for a 7B checkpoint) or the eval recipe ended in a
+    KeyboardInterrupt traceback from wherever it was."""
+    import signal
+
+    final = str(teacher_dir)  # a Hugging Face folder
+    if entry == "export":  # the work itself held up, so that the signal lands inside it
+        script = ("import sys, time\nfrom letrecipes.components import export\n"
+                  "def slow(*args, **kwargs):\n    print('working', flush=True); time.sleep(60)\n"
+                  "export.export_any = slow\nfrom letrecipes import cli\n"
+                  f"sys.exit(cli.main(['export', {final!r}, {str(tmp_path / 'out')!r}]))\n")
+        expected = "error: stopped by SIGINT during letrecipes export. Nothing half-written is left"
+    else:
+        script = ("import sys, time\nfrom letrecipes import eval as recipe\n"
+                  "def slow(self):\n    print('working', flush=True); time.sleep(60)\n"
+                  "recipe.EvalRecipe.evaluate = slow\n"
+                  f"sys.exit(recipe.recipe_main(['--config', 'eval', 'checkpoint={final}', 'tasks=[]', "
+                  f"'perplexity=[{corpus_dir}]', 'contamination=false']))\n")
+        expected = "error: stopped by SIGINT while evaluating. What it wrote is whole"
+    run = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        for line in run.stdout:  # EOF (the process ended early) fails below
+            if line.strip() == "working":
+                break
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=50)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(expected), err[-2000:]
+    assert not (tmp_path / "out").exists()
