@@ -21,6 +21,7 @@ import importlib.util
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from letrecipes.components.files import replace_atomically
 from letrecipes.components.metrics import compare_runs, read_metrics
+from letrecipes.components.preemption import PR_SET_PDEATHSIG, StoppedBeforeTraining, stop_at_once_on_signals
 from letrecipes.components.run_info import hardware
 from letrecipes.components.tokenizer import train_bpe
 
@@ -65,10 +67,38 @@ def prepare(demo_dir: Path = DEMO_DIR) -> None:
         print(f"tokenizer: byte-level BPE, {VOCAB_SIZE} tokens -> {tokenizer}")
 
 
-def tune_run(recipe: str, config: str, *overrides: str) -> None:
+def _stop_with_the_demo():
+    """What the stage's process runs before it starts: the kernel sends it SIGTERM when the
+    demo dies (closing the terminal, a kill), and the stage stops as on any notice, saving a
+    step, instead of training on unseen in its own session. Looked up here, before the fork:
+    the child only calls it. None where there is no prctl (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
+def tune_run(recipe: str, config: str, *overrides: str) -> int:
+    """Run one stage; its exit status. The stage runs in a session of its own, and the demo
+    passes Ctrl-C and SIGTERM on to it: each press reaches it once, so the first finishes
+    the step and saves, the second stops at once (the terminal sent each press to both
+    processes, and subprocess.run killed the stage 0.25 s into its save, ending the demo in a
+    KeyboardInterrupt traceback)."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config, *overrides]
     print("\n$ tune " + " ".join(cmd[3:]), flush=True)
-    subprocess.run(cmd, check=True)
+    stage = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_stop_with_the_demo())
+    passes = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: stage.send_signal(signum)) for sig in passes}
+    try:
+        return stage.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def stage_arguments(run_dir: Path) -> list:
@@ -89,7 +119,12 @@ def main(argv=None) -> None:
     parser.add_argument("--fresh", action="store_true", help="train every stage again (removes outputs/demo/<config>)")
     args, overrides = parser.parse_known_args(argv)
     start = time.perf_counter()
-    prepare()
+    try:
+        with stop_at_once_on_signals("while making the demo's corpus and tokenizer", "What is finished is kept (the "
+                                     "corpus is written beside its folder and renamed). Fix: run the demo again."):
+            prepare()
+    except StoppedBeforeTraining as err:
+        sys.exit(f"error: {err}")
     if args.prepare_only:
         return
     stage_s = {"prepare": time.perf_counter() - start}
@@ -109,7 +144,12 @@ def main(argv=None) -> None:
             print(f"already finished in {runs[config]}: reused (python -m letrecipes.demo --fresh trains it again)")
             continue
         extra = [f"teacher.path={runs['pretrain_tiny'] / 'final'}"] if recipe == "let_pretrain" else []
-        tune_run(recipe, config, f"output_dir={runs[config]}", *extra, *overrides, *stage_arguments(runs[config]))
+        status = tune_run(recipe, config, f"output_dir={runs[config]}", *extra, *overrides,
+                          *stage_arguments(runs[config]))
+        if status != 0:  # the stage said why in its last line
+            sys.exit(f"error: demo stage {number} of {len(stages)} ({config}) stopped (exit status {status}; its "
+                     f"reason is the line above). Fix: run the demo again: finished stages are reused, and this one "
+                     f"resumes from its last checkpoint in {runs[config]} (or starts again if it saved none).")
         stage_s[config] = round(time.perf_counter() - stage_start, 1)
     result = compare_runs(read_metrics(runs["baseline_tiny"] / "metrics.jsonl"),
                           read_metrics(runs["let_tiny"] / "metrics.jsonl"))

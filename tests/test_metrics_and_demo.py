@@ -84,3 +84,37 @@ def test_the_demo_leaves_a_users_runs_alone_and_reuses_its_own(base_overrides, t
     demo.main(tiny)  # a second demo reuses its finished stages
     assert final.stat().st_mtime_ns == written
     assert capsys.readouterr().out.count("already finished in outputs/demo/") == 3
+
+
+def test_ctrl_c_in_the_terminal_stops_a_demo_stage_once_saved_and_in_one_line(base_overrides, tmp_path):
+    """The terminal sends Ctrl-C to the demo and its stage alike: subprocess.run killed the stage
+    0.25 s into the save the signal asked for, and the demo ended in a KeyboardInterrupt traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from letrecipes.components.metrics import read_metrics
+
+    demo = subprocess.Popen([sys.executable, "-m", "letrecipes.demo", *base_overrides, "max_steps=100000",
+                             "save_every=0"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "outputs" / "demo" / "pretrain_tiny" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and demo.poll() is None
+            time.sleep(0.2)
+        os.killpg(demo.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+        _, err = demo.communicate(timeout=120)
+    finally:
+        demo.kill()
+    lines = err.strip().splitlines()
+    assert demo.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("error: demo stage 1 of 3 (pretrain_tiny) stopped (exit status 1; its reason is the "
+                                "line above). Fix: run the demo again"), lines[-1]
+    assert lines[-2].startswith("error: stopped by SIGINT after step "), lines[-2]
+    step = int(lines[-2].split("after step ")[1].split(";")[0])
+    assert read_metrics(metrics)[-1]["step"] <= step
+    assert (metrics.parent / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
