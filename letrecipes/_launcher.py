@@ -11,7 +11,8 @@ in the launcher prints them grouped instead::
       ranks 0-1: error: data.source: '/data/c' does not exist ...
 
 A rank's Python traceback (a bug) is printed whole; a rank killed by a signal is named with
-it. Only a job of letrecipes is summarised this way (its name, or one of its ranks' errors in
+it. A launcher stopped by Ctrl-C or SIGTERM (``SignalException``, after its ranks saved and
+said so) ends in one line too. Only a job of letrecipes is summarised this way (its name, or one of its ranks' errors in
 our one-line form); any other job, and any run with ``LETRECIPES_TRACEBACK=1``, gets
 torchrun's report as it was. The launcher also logged, on every failure, that it has no
 error file of its own to copy the first rank's into (true of every plain torchrun run, and
@@ -94,8 +95,25 @@ def _is_letrecipes_job(error) -> bool:
         _message(failure).startswith("error: ") for failure in failures.values())
 
 
+def _launcher_stopped(error) -> str:
+    """torchrun's agent, stopped by Ctrl-C or a SIGTERM, raises ``SignalException`` once it has
+    passed the signal on and its processes have exited: about twenty lines of its own frames
+    after the ranks had each said what they saved."""
+    sigval = getattr(error, "sigval", None)
+    name = sigval.name if isinstance(sigval, signal.Signals) else "a signal"
+    return (f"error: the launcher was stopped by {name}; it passed the signal on to its processes, and their lines "
+            "above say where each stopped and what it saved (a checkpoint to resume from with resume=true).")
+
+
+def _is_letrecipes_launch() -> bool:
+    return any("letrecipes" in word for word in sys.argv)  # tune run letrecipes/x, torchrun .../letrecipes/x.py
+
+
 def _failed_ranks_in_a_few_lines(previous):
     def hook(kind, error, traceback):
+        if kind.__name__ == "SignalException" and _is_letrecipes_launch() and not os.environ.get("LETRECIPES_TRACEBACK"):
+            print(_launcher_stopped(error), file=sys.stderr, flush=True)
+            return None
         if (kind.__name__ != "ChildFailedError" or os.environ.get("LETRECIPES_TRACEBACK")
                 or not _is_letrecipes_job(error)):
             return previous(kind, error, traceback)

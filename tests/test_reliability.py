@@ -203,6 +203,9 @@ def test_sigterm_to_the_launcher_saves_a_step_and_the_job_resumes(base_overrides
     assert len(stopped) == 1, stderr[-3000:]
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    # the launcher's own ending: one line after the ranks', not torchrun's SignalException traceback
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith(
+        "error: the launcher was stopped by SIGTERM; it passed the signal on to its processes"), stderr[-3000:]
     done = subprocess.run(recipe_command("pretrain", *args, f"max_steps={step + 2}", "resume=true", nproc=2),
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in done.stdout, \
