@@ -1,7 +1,7 @@
 """Graceful stop: SIGTERM (what schedulers send before they kill a job), SIGUSR1 or SIGUSR2
-(the notice a Slurm job asks for with ``--signal=USR1@600``, Lightning's convention) or
-Ctrl-C asks the run to finish its step, save a checkpoint and exit non-zero with the
-command to resume.
+(the notice a Slurm job asks for with ``--signal=USR1@600``, Lightning's convention),
+Ctrl-C or SIGHUP (a dropped ssh session; ignored under nohup) asks the run to finish its
+step, save a checkpoint and exit non-zero with the command to resume.
 A second signal stops at once, in one line that says what is kept (one within a second of
 the first is the same notice from another sender: the scheduler's and the launcher's); a
 third meets the default handlers (Python's KeyboardInterrupt, the kernel's SIGTERM).
@@ -23,9 +23,47 @@ from typing import Callable, Dict, Iterator, Optional
 
 from letrecipes.components.errors import LetRecipesError
 
-# SIGUSR1/2 would end the process at once by default: no checkpoint for the notice asked for
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-NOTICE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # a helper process (a loader or tokenizer worker) ignores these
+# SIGUSR1/2 would end the process at once by default: no checkpoint for the notice asked for.
+# SIGHUP too: the terminal of a run in an ssh session that drops (and torchrun passes it on).
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+# a helper process (a loader or tokenizer worker) ignores these: its trainer stops it
+NOTICE_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _handled(sig: int) -> bool:
+    """Under nohup (SIGHUP ignored from the start) a hangup is none of the run's business."""
+    return not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)
+
+
+class _ForgivingStream:
+    """The console once a stop is asked for: a write that fails is dropped. A terminal that
+    hung up (a dropped ssh session) fails every write with EIO, and a log line failing must
+    not stop the save the signal asked for."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def forgive_console_errors() -> None:
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _ForgivingStream):
+            setattr(sys, name, _ForgivingStream(stream))
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -56,7 +94,7 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
     def handle(signum, frame):
         raise StoppedBeforeTraining(f"stopped by {signal.Signals(signum).name} {during}. {kept}")
 
-    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS}
+    previous = {sig: signal.signal(sig, handle) for sig in SIGNALS if _handled(sig)}
     try:
         yield
     finally:
@@ -141,7 +179,7 @@ class GracefulStop:
 
     def install(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            for sig in SIGNALS:
+            for sig in filter(_handled, SIGNALS):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -160,6 +198,7 @@ class GracefulStop:
             self.uninstall()  # a third signal meets the default handler, in case unwinding hangs
             raise StoppedAtOnce(self.at_once(name))
         self.received, self.received_at = name, time.monotonic()
+        forgive_console_errors()  # SIGHUP: the terminal may be gone
         self.log(f"{name} received: finishing this step, then saving a checkpoint (send it again to stop at once)")
 
     @property

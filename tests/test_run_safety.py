@@ -322,6 +322,43 @@ def test_ctrl_c_pressed_twice_stops_a_slow_save_at_once_in_one_line_and_the_run_
     RunLock(tmp_path / "run").acquire(log=lambda line: None).release()  # nobody holds the run
 
 
+@pytest.mark.parametrize("loader_workers", [0, 1])
+def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, loader_workers):
+    """A run in an ssh session that drops gets SIGHUP, and its terminal fails every write with
+    EIO: it died at once, losing every step since its last checkpoint (and a loader worker,
+    also on the terminal, died of the SIGHUP as well)."""
+    import pty
+    import threading
+
+    master, terminal = pty.openpty()
+    run = subprocess.Popen(command(tmp_path, "max_steps=100000", "save_every=0", f"data.num_workers={loader_workers}"),
+                           cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                           env={**os.environ, "WANDB_MODE": "disabled"})
+    os.close(terminal)
+
+    def drain():  # what the terminal shows, until it hangs up
+        try:
+            while os.read(master, 65536):
+                pass
+        except OSError:
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_metrics_safely(tmp_path)) < 3:
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.2)
+        os.close(master)  # the terminal is gone: every write to it fails
+        run.send_signal(signal.SIGHUP)
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 1
+    saved = [int(folder.name.split("_")[1]) for folder in Checkpointer(tmp_path).complete_checkpoints()]
+    assert len(saved) == 1 and saved[0] == read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] >= 3
+
+
 def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, straight, capsys):
     from letrecipes import cli
     from letrecipes.components.run_status import run_status
