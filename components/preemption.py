@@ -36,34 +36,55 @@ def _handled(sig: int) -> bool:
 
 
 class _ForgivingStream:
-    """The console once a stop is asked for: a write that fails is dropped. A terminal that
-    hung up (a dropped ssh session) fails every write with EIO, and a log line failing must
-    not stop the save the signal asked for."""
+    """The console of a run whose console may be gone: a write that fails is dropped, and the
+    first failure is reported to ``on_failure`` (the graceful stop). A terminal that hung up
+    (a dropped ssh session) fails every write with EIO; a pipe whose reader ended (``| head``,
+    a ``tee`` that was killed) with EPIPE. Either ended the run at its next log line, in a
+    BrokenPipeError traceback, without saving the steps since its last checkpoint."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, name: str, on_failure: Optional[Callable[[str], None]] = None):
+        self._stream, self._name, self.on_failure = stream, name, on_failure
+
+    def _failed(self, err: BaseException) -> None:
+        report, self.on_failure = self.on_failure, None  # once
+        if report is not None:
+            report(f"its console closing (a write to {self._name} failed: {err}; a `| head` or `tee` it wrote into "
+                   "ended, or its terminal hung up; a log file, `> train.log 2>&1`, cannot close under it)")
 
     def write(self, text):
         try:
             return self._stream.write(text)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as err:
+            self._failed(err)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError) as err:
+            self._failed(err)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
 
 
-def forgive_console_errors() -> None:
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, _ForgivingStream):
-            setattr(sys, name, _ForgivingStream(stream))
+def forgive_console_errors(on_failure: Optional[Callable[[str], None]] = None) -> Callable[[], None]:
+    """Make ``sys.stdout`` and ``sys.stderr`` drop the writes that fail (reporting the first to
+    ``on_failure``); returns what puts the streams back."""
+    before = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    for name, stream in before.items():
+        if isinstance(stream, _ForgivingStream):
+            stream.on_failure = on_failure or stream.on_failure
+        elif stream is not None:
+            setattr(sys, name, _ForgivingStream(stream, name, on_failure))
+
+    def restore() -> None:
+        for name, stream in before.items():
+            if isinstance(getattr(sys, name), _ForgivingStream):  # not replaced meanwhile (pytest's capture)
+                setattr(sys, name, stream)
+    return restore
+
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -200,6 +221,11 @@ class GracefulStop:
         self.received, self.received_at = name, time.monotonic()
         forgive_console_errors()  # SIGHUP: the terminal may be gone
         self.log(f"{name} received: finishing this step, then saving a checkpoint (send it again to stop at once)")
+
+    def request(self, reason: str) -> None:
+        """A stop asked for by the run itself (its console closing): as a first signal is."""
+        if self.received is None:
+            self.received, self.received_at = reason, time.monotonic()
 
     @property
     def requested(self) -> bool:

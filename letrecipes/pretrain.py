@@ -43,7 +43,7 @@ from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tf
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically
-from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote
+from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
 from letrecipes.components.metrics import (MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
@@ -673,6 +673,7 @@ class PretrainRecipe:
             f"stopped at once by a second {signal_name} after step {self.step}, without saving. "
             f"{self.checkpointer.what_is_kept()} Fix: run the same command with resume=true to continue from it."
         )).install()
+        restore_console = forgive_console_errors(on_failure=stopper.request)  # a console that closes: save, stop
         self.stop_vote = StopVote()
         folders = {"output_dir": self.output_dir,
                    "data.cache_dir": Path(self.cfg.data.get("cache_dir", "outputs/cache")),
@@ -693,6 +694,8 @@ class PretrainRecipe:
                 self.profiler.close()
             self.stop_vote.close()
             stopper.uninstall()
+            if not stopper.requested:  # else the console may be gone: its last lines are dropped, not fatal
+                restore_console()
 
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""

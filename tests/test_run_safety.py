@@ -359,6 +359,27 @@ def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, lo
     assert len(saved) == 1 and saved[0] == read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] >= 3
 
 
+def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path):
+    """`tune run ... | head` (or a `tee` that was killed): the run's next log line raised
+    BrokenPipeError, a traceback that lost every step since the last checkpoint."""
+    run = subprocess.Popen(command(tmp_path, "max_steps=100000", "save_every=0"), cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        for _ in range(4):  # what `head -4` reads, before it closes the pipe
+            assert run.stdout.readline()
+        run.stdout.close()
+        err = run.stderr.read()
+        run.wait(timeout=60)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by its console closing (a write to stdout failed: [Errno 32] Broken pipe"), last
+    step = int(last.split(") after step ")[1].split(";")[0])
+    assert (tmp_path / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == step
+
+
 def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, straight, capsys):
     from letrecipes import cli
     from letrecipes.components.run_status import run_status
