@@ -192,6 +192,9 @@ def being_read(folder: Path) -> bool:
         return not unread
 
 
+# where a resume from an earlier checkpoint moves the later ones (Checkpointer.set_aside_later)
+SUPERSEDED = "superseded"
+
 # the names a save gives its folder: step_00000100, and step_00000100.tmp while it is written
 STEP_FOLDER = re.compile(rf"^{STEP_PREFIX}\d+(\.tmp)?$")
 
@@ -622,13 +625,45 @@ class Checkpointer:
                 "launch again once that reader is done (`letrecipes status` lists the run's checkpoints), or choose "
                 "another output_dir.")
 
+    def set_aside_later(self, resumed: Path) -> None:
+        """A run resumed from one of its own checkpoints that is not its newest (rolled back
+        past a loss spike, or past a damaged newest one) goes on from there: the later
+        checkpoints, and a ``final`` export written after them, belong to a continuation that
+        is no longer the run's. They are moved, not deleted, to ``superseded/``: left in
+        ``checkpoints/``, the next ``resume=true`` went back to them, silently, and a relaunch
+        of a finished run took the old export for the new run's."""
+        def move() -> None:
+            if resumed.parent.resolve() != self.dir.resolve():
+                return  # another run's checkpoint: this folder's own are not of its history
+            step = step_of(resumed)
+            later = sorted((p for p in self._step_folders() if not p.name.endswith(".tmp") and (step_of(p) or 0) > step),
+                           key=lambda p: step_of(p) or 0)
+            if not later:
+                return
+            self._refuse_if_read(f"resume={str(resumed)!r} (an earlier checkpoint than the run's newest)",
+                                 [p for p in later if is_complete(p) and being_read(p)])
+            final = self.output_dir / "final"
+            moving = later + ([final] if final.is_dir() else [])
+            aside = self.output_dir / SUPERSEDED / f"after_{resumed.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(parents=True, exist_ok=True)
+            for path in moving:
+                path.rename(aside / path.name)
+            self.log(f"resume: {resumed.name} is not the run's newest checkpoint: {', '.join(p.name for p in moving)} "
+                     f"(what came after it) moved to {aside}, so that resume=true cannot go back to them; delete that "
+                     "folder when it is not needed")
+
+        with environment_errors("output_dir", f"setting aside the checkpoints after {resumed.name}",
+                                "Nothing was deleted: each checkpoint is in checkpoints/ or in superseded/.",
+                                then="run the same command again"):
+            on_rank0(move)
+
     def clear(self) -> None:
         """A fresh start (overwrite=true) must never resume the old run's checkpoints later.
         Each checkpoint goes only if nobody reads it: one whose reading began after the guard
         looked stops the run here, the others already gone."""
         def remove_all() -> None:
             self._refuse_if_read("overwrite=true", [p for p in self.complete_checkpoints() if not remove_unless_read(p)])
-            for name in ("checkpoints", "final"):
+            for name in ("checkpoints", "final", SUPERSEDED):
                 shutil.rmtree(self.output_dir / name, ignore_errors=True)
 
         on_rank0(remove_all)  # a refusal stops every rank alike

@@ -233,6 +233,7 @@ class PretrainRecipe:
             settings = resume.optimizer_settings(self.optimizer)
             self.checkpointer.load(resume_from)
             self.log(f"resumed from {resume_from} at step {self.step}")
+            self.checkpointer.set_aside_later(resume_from)  # the run goes on from here, not from a later one
             if cfg.get("init_from"):  # a requeued job repeats its first command: said, not refused
                 self.log(f"init_from={cfg.init_from} not used: a resumed run goes on from its checkpoint's weights")
             if self.progress.tokens is None:  # saved before tokens were counted

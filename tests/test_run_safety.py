@@ -480,6 +480,27 @@ def read_metrics_safely(folder):
         return []
 
 
+def test_a_run_rolled_back_to_an_earlier_checkpoint_never_goes_back_to_the_later_ones(tmp_path):
+    """Rolled back to step 4 (a loss spike: a lower learning rate from there) and killed at step
+    7, the run's next resume=true took the abandoned step 8, lr and all, called the run
+    complete and kept the abandoned run's export as its own."""
+    ok(tune(tmp_path, "max_steps=8", "save_every=2", "keep_last_checkpoints=3", "eval_every=0"))
+    abandoned = digest(tmp_path / "final")
+    rolled = tune(tmp_path, "max_steps=8", "save_every=2", "keep_last_checkpoints=2", "eval_every=0",
+                  "optimizer.lr=1e-4", f"resume={tmp_path / 'checkpoints' / 'step_00000004'}", "debug.kill_at_step=7")
+    assert rolled.returncode != 0
+    aside = list((tmp_path / "superseded").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith("after_step_00000004_")
+    assert sorted(p.name for p in aside[0].iterdir()) == ["final", "step_00000006", "step_00000008"]
+    assert f"resume: step_00000004 is not the run's newest checkpoint: step_00000006, step_00000008, final (what " \
+           f"came after it) moved to {aside[0]}" in rolled.stdout
+    resumed = ok(tune(tmp_path, "max_steps=8", "save_every=2", "keep_last_checkpoints=2", "eval_every=0",
+                      "optimizer.lr=1e-4", "resume=true"))
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000006'} at step 6" in resumed.stdout  # this branch's
+    assert digest(tmp_path / "final") != abandoned and digest(aside[0] / "final") == abandoned
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")][-3:] == [6, 7, 8]
+
+
 # ------------------------------------------------------------------ 2: resume checks what changed
 def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path):
     killed = tune(tmp_path / "a", "optimizer.lr=3e-3", "debug.kill_at_step=5")
