@@ -44,9 +44,10 @@ class _ForgivingStream:
 
     def __init__(self, stream, name: str, on_failure: Optional[Callable[[str], None]] = None):
         self._stream, self._name, self.on_failure = stream, name, on_failure
+        self.failed = False
 
     def _failed(self, err: BaseException) -> None:
-        report, self.on_failure = self.on_failure, None  # once
+        report, self.on_failure, self.failed = self.on_failure, None, True  # reported once
         if report is not None:
             report(f"its console closing (a write to {self._name} failed: {err}; a `| head` or `tee` it wrote into "
                    "ended, or its terminal hung up; a log file, `> train.log 2>&1`, cannot close under it)")
@@ -70,17 +71,19 @@ class _ForgivingStream:
 
 def forgive_console_errors(on_failure: Optional[Callable[[str], None]] = None) -> Callable[[], None]:
     """Make ``sys.stdout`` and ``sys.stderr`` drop the writes that fail (reporting the first to
-    ``on_failure``); returns what puts the streams back."""
+    ``on_failure``, which may raise: the write then raises it); returns what puts the streams
+    back as they were, unless one has failed (then what is still written must not raise)."""
     before = {name: getattr(sys, name) for name in ("stdout", "stderr")}
     for name, stream in before.items():
         if isinstance(stream, _ForgivingStream):
-            stream.on_failure = on_failure or stream.on_failure
+            stream.on_failure = None if stream.failed else (on_failure or stream.on_failure)
         elif stream is not None:
             setattr(sys, name, _ForgivingStream(stream, name, on_failure))
 
     def restore() -> None:
         for name, stream in before.items():
-            if isinstance(getattr(sys, name), _ForgivingStream):  # not replaced meanwhile (pytest's capture)
+            current = getattr(sys, name)
+            if isinstance(current, _ForgivingStream) and not current.failed:  # not replaced meanwhile (pytest)
                 setattr(sys, name, stream)
     return restore
 

@@ -359,14 +359,17 @@ def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, lo
     assert len(saved) == 1 and saved[0] == read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] >= 3
 
 
-def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path):
+@pytest.mark.parametrize("in_setup", [True, False])
+def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path, in_setup):
     """`tune run ... | head` (or a `tee` that was killed): the run's next log line raised
     BrokenPipeError, a traceback that lost every step since the last checkpoint."""
     run = subprocess.Popen(command(tmp_path, "max_steps=100000", "save_every=0"), cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     try:
-        for _ in range(4):  # what `head -4` reads, before it closes the pipe
-            assert run.stdout.readline()
+        line = run.stdout.readline()  # `run: git ...`, the first line of the setup
+        while not in_setup and not line.startswith("step "):  # `head` reads up to a step's line
+            assert line
+            line = run.stdout.readline()
         run.stdout.close()
         err = run.stderr.read()
         run.wait(timeout=60)
@@ -375,6 +378,10 @@ def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path):
     assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: stopped by its console closing (a write to stdout failed: [Errno 32] Broken pipe"), last
+    if in_setup:
+        assert last.endswith("during setup, before the first step. Nothing was trained; corpus shards prepared so far "
+                             "are kept, and launching again goes on from them."), last
+        return
     step = int(last.split(") after step ")[1].split(";")[0])
     assert (tmp_path / "checkpoints" / f"step_{step:08d}" / "COMPLETE").is_file()
     assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == step
