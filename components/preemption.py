@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, NoReturn, Optional
 
 from letrecipes.components.errors import LetRecipesError
 
@@ -86,6 +86,21 @@ def forgive_console_errors(on_failure: Optional[Callable[[str], None]] = None) -
             if isinstance(current, _ForgivingStream) and not current.failed:  # not replaced meanwhile (pytest)
                 setattr(sys, name, stream)
     return restore
+
+
+@contextmanager
+def stop_when_the_console_closes(during: str, kept: str) -> Iterator[None]:
+    """Where there is no step to save (a run's setup, the ``letrecipes`` commands, the eval
+    recipe): a console that closes (``| head``, a killed ``tee``) stops the work with one line
+    on whatever still reads, as a signal would, instead of a BrokenPipeError traceback."""
+    def stop(reason: str) -> NoReturn:
+        raise StoppedBeforeTraining(f"stopped by {reason} {during}. {kept}")
+
+    restore = forgive_console_errors(on_failure=stop)
+    try:
+        yield
+    finally:
+        restore()
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

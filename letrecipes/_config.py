@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
 from letrecipes.components.files import environment_errors
-from letrecipes.components.preemption import (StoppedBeforeTraining, forgive_console_errors, stop_at_once_on_signals,
+from letrecipes.components.preemption import (stop_at_once_on_signals, stop_when_the_console_closes,
                                                stop_with_the_launcher)
 
 
@@ -298,15 +298,11 @@ def run(recipe_class, cfg: DictConfig) -> None:
             dry_run(cfg, with_teacher=recipe_class.uses_teacher)
             return
     stop_with_the_launcher()
-    kept = "Nothing was trained; corpus shards prepared so far are kept, and launching again goes on from them."
-
-    def console_closed(reason: str) -> NoReturn:  # `| head`, a killed tee: a setup line raised BrokenPipeError
-        raise StoppedBeforeTraining(f"stopped by {reason} during setup, before the first step. {kept}")
-
-    restore_console = forgive_console_errors(on_failure=console_closed)  # train() then saves a step instead
+    during, kept = ("during setup, before the first step", "Nothing was trained; corpus shards prepared so far are "
+                    "kept, and launching again goes on from them.")
     try:
         with errors_as_one_line():
-            with stop_at_once_on_signals("during setup, before the first step", kept):
+            with stop_at_once_on_signals(during, kept), stop_when_the_console_closes(during, kept):
                 # an OS error the setup's own checks did not name (a failing disk under a checkpoint, the
                 # tokenizer or the teacher as they are read): one line naming the key whose path it was
                 with environment_errors(path_keys(cfg), "setting up the run"):
@@ -314,4 +310,3 @@ def run(recipe_class, cfg: DictConfig) -> None:
             recipe.train()
     finally:
         recipe.cleanup()
-        restore_console()

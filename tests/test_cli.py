@@ -300,10 +300,11 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
     assert sys.excepthook is installed
 
 
-@pytest.mark.parametrize("entry", ["export", "eval"])
+@pytest.mark.parametrize("entry", ["export", "eval", "eval, its console closing"])
 def test_ctrl_c_during_an_export_or_an_evaluation_is_one_line(entry, teacher_dir, corpus_dir, tmp_path):
     """Ctrl-C during `letrecipes export` (minutes for a 7B checkpoint) or the eval recipe ended in a
-    KeyboardInterrupt traceback from wherever it was."""
+    KeyboardInterrupt traceback from wherever it was; the eval recipe's console closing
+    (`| head`), in a BrokenPipeError traceback."""
     import signal
 
     final = str(teacher_dir)  # a Hugging Face folder
@@ -315,19 +316,26 @@ def test_ctrl_c_during_an_export_or_an_evaluation_is_one_line(entry, teacher_dir
         expected = "error: stopped by SIGINT during letrecipes export. Nothing half-written is left"
     else:
         script = ("import sys, time\nfrom letrecipes import eval as recipe\n"
-                  "def slow(self):\n    print('working', flush=True); time.sleep(60)\n"
+                  "def slow(self):\n    print('working', flush=True); time.sleep(2); print('scored', flush=True)\n"
+                  "    time.sleep(60)\n"
                   "recipe.EvalRecipe.evaluate = slow\n"
                   f"sys.exit(recipe.recipe_main(['--config', 'eval', 'checkpoint={final}', 'tasks=[]', "
                   f"'perplexity=[{corpus_dir}]', 'contamination=false']))\n")
-        expected = "error: stopped by SIGINT while evaluating. What it wrote is whole"
+        expected = ("error: stopped by its console closing (a write to stdout failed: [Errno 32] Broken pipe"
+                    if "console" in entry else "error: stopped by SIGINT while evaluating. What it wrote is whole")
     run = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     try:
         for line in run.stdout:  # EOF (the process ended early) fails below
             if line.strip() == "working":
                 break
-        run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=50)
+        if "console" in entry:
+            run.stdout.close()  # what `| head -1` does after its line
+            err = run.stderr.read()
+            run.wait(timeout=50)
+        else:
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=50)
     finally:
         run.kill()
     assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
