@@ -90,9 +90,9 @@ def forgive_console_errors(on_failure: Optional[Callable[[str], None]] = None) -
 
 @contextmanager
 def stop_when_the_console_closes(during: str, kept: str) -> Iterator[None]:
-    """Where there is no step to save (a run's setup, the ``letrecipes`` commands, the eval
-    recipe): a console that closes (``| head``, a killed ``tee``) stops the work with one line
-    on whatever still reads, as a signal would, instead of a BrokenPipeError traceback."""
+    """Where there is no step to save (a run's setup, the eval recipe): a console that closes
+    (``| head``, a killed ``tee``) stops the work with one line on whatever still reads, as a
+    signal would, instead of a BrokenPipeError traceback."""
     def stop(reason: str) -> NoReturn:
         raise StoppedBeforeTraining(f"stopped by {reason} {during}. {kept}")
 
@@ -122,8 +122,8 @@ class StoppedBeforeTraining(LetRecipesError):
 @contextmanager
 def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
     """While there is no step to finish and nothing to save (a run's setup: preparing the
-    corpus, loading the teacher, compiling; the ``letrecipes`` commands; the eval recipe), SIGTERM or Ctrl-C
-    stops at once with one line saying what is kept (``kept``), instead of a
+    corpus, loading the teacher, compiling; the ``letrecipes`` commands; the eval recipe),
+    SIGTERM or Ctrl-C stops at once with one line saying what is kept (``kept``), instead of a
     KeyboardInterrupt traceback or a silent kill. The exception unwinds through every
     ``finally``, so locks are released and half-written files removed as on any error."""
     if threading.current_thread() is not threading.main_thread():
