@@ -69,9 +69,9 @@ def prepare(demo_dir: Path = DEMO_DIR) -> None:
 
 def _stop_with_the_demo():
     """What the stage's process runs before it starts: the kernel sends it SIGTERM when the
-    demo dies (closing the terminal, a kill), and the stage stops as on any notice, saving a
-    step, instead of training on unseen in its own session. Looked up here, before the fork:
-    the child only calls it. None where there is no prctl (not Linux)."""
+    demo dies (a kill -9, the OOM killer), and the stage stops as on any notice, saving a
+    step, instead of training on unseen. Looked up here, before the fork: the child only
+    calls it. None where there is no prctl (not Linux)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -84,16 +84,17 @@ def _stop_with_the_demo():
 
 
 def tune_run(recipe: str, config: str, *overrides: str) -> int:
-    """Run one stage; its exit status. The stage runs in a session of its own, and the demo
-    passes Ctrl-C and SIGTERM on to it: each press reaches it once, so the first finishes
-    the step and saves, the second stops at once (the terminal sent each press to both
-    processes, and subprocess.run killed the stage 0.25 s into its save, ending the demo in a
-    KeyboardInterrupt traceback)."""
+    """Run one stage; its exit status. The terminal sends Ctrl-C to the stage as well, so the
+    demo ignores it while the stage runs: the stage's first Ctrl-C finishes the step and
+    saves, its second stops at once. (subprocess.run answered the demo's own Ctrl-C by killing
+    the stage 0.25 s into the save it had begun, and ended in a KeyboardInterrupt traceback.)
+    A SIGTERM meant for the demo (a kill, a scheduler) is passed on to the stage."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config, *overrides]
     print("\n$ tune " + " ".join(cmd[3:]), flush=True)
-    stage = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_stop_with_the_demo())
-    passes = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.signal(sig, lambda signum, frame: stage.send_signal(signum)) for sig in passes}
+    stage = subprocess.Popen(cmd, preexec_fn=_stop_with_the_demo())
+    # set after the start: a handler set before it would be the stage's too (SIG_IGN is inherited)
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: stage.send_signal(signum))}
     try:
         return stage.wait()
     finally:
