@@ -35,6 +35,14 @@ def _handled(sig: int) -> bool:
     return not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)
 
 
+def _console_failure(err: BaseException) -> bool:
+    """An OS error, or the ValueError of a closed stream. Not an error a signal handler raised
+    while the write ran (a second Ctrl-C's StoppedAtOnce is a ValueError, as every
+    LetRecipesError is): that one goes on up, or a stop at once would pass for the console
+    closing."""
+    return isinstance(err, OSError) or type(err) is ValueError
+
+
 class _ForgivingStream:
     """The console of a run whose console may be gone: a write that fails is dropped, and the
     first failure is reported to ``on_failure`` (the graceful stop). A terminal that hung up
@@ -46,7 +54,7 @@ class _ForgivingStream:
         self._stream, self._name, self.on_failure = stream, name, on_failure
         self.failed = False
 
-    def _failed(self, err: BaseException) -> None:
+    def _report(self, err: BaseException) -> None:
         report, self.on_failure, self.failed = self.on_failure, None, True  # reported once
         if report is not None:
             report(f"its console closing (a write to {self._name} failed: {err}; a `| head` or `tee` it wrote into "
@@ -56,14 +64,18 @@ class _ForgivingStream:
         try:
             return self._stream.write(text)
         except (OSError, ValueError) as err:
-            self._failed(err)
+            if not _console_failure(err):
+                raise
+            self._report(err)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
         except (OSError, ValueError) as err:
-            self._failed(err)
+            if not _console_failure(err):
+                raise
+            self._report(err)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)

@@ -359,6 +359,34 @@ def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, lo
     assert len(saved) == 1 and saved[0] == read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] >= 3
 
 
+def test_a_signals_error_raised_inside_a_console_write_is_not_taken_for_the_console_closing():
+    """A second Ctrl-C whose handler ran inside a print raised StoppedAtOnce (a ValueError, as
+    every LetRecipesError is) out of the write: it was caught as the console failing, and the
+    run said its console had closed (seen once in CI, in the eval recipe's twin of this)."""
+    from letrecipes.components.preemption import StoppedAtOnce, _ForgivingStream
+
+    class Interrupted:
+        def write(self, text):
+            raise StoppedAtOnce("stopped at once by a second SIGINT")
+
+        flush = write
+
+    class Closed:
+        def write(self, text):
+            raise ValueError("I/O operation on closed file.")
+
+        flush = write
+
+    reported = []
+    interrupted = _ForgivingStream(Interrupted(), "stdout", reported.append)
+    with pytest.raises(StoppedAtOnce):
+        interrupted.write("step 5/8")
+    assert reported == [] and not interrupted.failed
+    closed = _ForgivingStream(Closed(), "stdout", reported.append)
+    assert closed.write("step 5/8") == len("step 5/8") and closed.failed
+    assert len(reported) == 1 and "I/O operation on closed file" in reported[0]
+
+
 @pytest.mark.parametrize("in_setup", [True, False])
 def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path, in_setup):
     """`tune run ... | head` (or a `tee` that was killed): the run's next log line raised
