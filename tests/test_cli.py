@@ -316,8 +316,9 @@ def test_ctrl_c_during_an_export_or_an_evaluation_is_one_line(entry, teacher_dir
         expected = "error: stopped by SIGINT during letrecipes export. Nothing half-written is left"
     else:
         script = ("import sys, time\nfrom letrecipes import eval as recipe\n"
-                  "def slow(self):\n    print('working', flush=True); time.sleep(2); print('scored', flush=True)\n"
-                  "    time.sleep(60)\n"
+                  "def slow(self):\n    print('working', flush=True)\n"
+                  "    for _ in range(300):  # a line every 0.2 s: one comes after the console closed\n"
+                  "        time.sleep(0.2); print('scoring', flush=True)\n"
                   "recipe.EvalRecipe.evaluate = slow\n"
                   f"sys.exit(recipe.recipe_main(['--config', 'eval', 'checkpoint={final}', 'tasks=[]', "
                   f"'perplexity=[{corpus_dir}]', 'contamination=false']))\n")

@@ -394,8 +394,10 @@ def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path, in
     run = subprocess.Popen(command(tmp_path, "max_steps=100000", "save_every=0"), cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
     try:
-        line = run.stdout.readline()  # `run: git ...`, the first line of the setup
-        while not in_setup and not line.startswith("step "):  # `head` reads up to a step's line
+        # in the setup: closed before its first line (`run: git ...`), so that no line can reach
+        # the pipe after the setup; in training: `head` reads up to a step's line
+        line = "" if in_setup else run.stdout.readline()
+        while not in_setup and not line.startswith("step "):
             assert line
             line = run.stdout.readline()
         run.stdout.close()
