@@ -163,14 +163,25 @@ def stop_with_the_launcher() -> None:
     torchrun starts each rank in a session of its own: a launcher killed by SIGKILL, the
     OOM killer or a signal it has no handler for (SIGUSR1) left its ranks training on,
     orphans holding the run's lock and their GPUs until the job's time limit."""
-    if not _under_torchrun() or not sys.platform.startswith("linux"):
-        return
+    sigterm_when_the_parent_dies = parent_death_sigterm()
+    if _under_torchrun() and sigterm_when_the_parent_dies is not None:
+        sigterm_when_the_parent_dies()
+
+
+def parent_death_sigterm() -> Optional[Callable[[], None]]:
+    """What asks the kernel for SIGTERM when this process's parent dies (Linux's
+    ``PR_SET_PDEATHSIG``), looked up now so that a child can call it between fork and exec
+    (``subprocess.Popen(preexec_fn=...)``); None where there is no prctl (not Linux, another
+    libc): the parent's own signals still arrive."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except (OSError, AttributeError):  # no prctl (another libc): the launcher's own signals still arrive
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 class StopVote:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from letrecipes.components.files import replace_atomically
 from letrecipes.components.metrics import compare_runs, read_metrics
-from letrecipes.components.preemption import PR_SET_PDEATHSIG, StoppedBeforeTraining, stop_at_once_on_signals
+from letrecipes.components.preemption import StoppedBeforeTraining, parent_death_sigterm, stop_at_once_on_signals
 from letrecipes.components.run_info import hardware
 from letrecipes.components.tokenizer import train_bpe
 
@@ -67,22 +67,6 @@ def prepare(demo_dir: Path = DEMO_DIR) -> None:
         print(f"tokenizer: byte-level BPE, {VOCAB_SIZE} tokens -> {tokenizer}")
 
 
-def _stop_with_the_demo():
-    """What the stage's process runs before it starts: the kernel sends it SIGTERM when the
-    demo dies (a kill -9, the OOM killer), and the stage stops as on any notice, saving a
-    step, instead of training on unseen. Looked up here, before the fork: the child only
-    calls it. None where there is no prctl (not Linux)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
 def tune_run(recipe: str, config: str, *overrides: str) -> int:
     """Run one stage; its exit status. The terminal sends Ctrl-C to the stage as well, so the
     demo ignores it while the stage runs: the stage's first Ctrl-C finishes the step and
@@ -91,7 +75,8 @@ def tune_run(recipe: str, config: str, *overrides: str) -> int:
     A SIGTERM meant for the demo (a kill, a scheduler) is passed on to the stage."""
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config, *overrides]
     print("\n$ tune " + " ".join(cmd[3:]), flush=True)
-    stage = subprocess.Popen(cmd, preexec_fn=_stop_with_the_demo())
+    # the stage gets SIGTERM (a graceful stop, a saved step) if the demo dies (kill -9, the OOM killer)
+    stage = subprocess.Popen(cmd, preexec_fn=parent_death_sigterm())
     # set after the start: a handler set before it would be the stage's too (SIG_IGN is inherited)
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: stage.send_signal(signum))}
