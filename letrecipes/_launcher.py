@@ -12,9 +12,9 @@ in the launcher prints them grouped instead::
 
 A rank's Python traceback (a bug) is printed whole; a rank killed by a signal is named with
 it. A launcher stopped by Ctrl-C or SIGTERM (``SignalException``, after its ranks saved and
-said so) ends in one line too. Only a job of letrecipes is summarised this way (its name, or one of its ranks' errors in
-our one-line form); any other job, and any run with ``LETRECIPES_TRACEBACK=1``, gets
-torchrun's report as it was. The launcher also logged, on every failure, that it has no
+said so) ends in one line too. Only a job of letrecipes is summarised this way (its name, or
+one of its ranks' errors in our one-line form); any other job, and any run with
+``LETRECIPES_TRACEBACK=1``, gets torchrun's report as it was. The launcher also logged, on every failure, that it has no
 error file of its own to copy the first rank's into (true of every plain torchrun run, and
 nothing a user can act on): that one log line is dropped.
 
@@ -111,11 +111,11 @@ def _is_letrecipes_launch() -> bool:
 
 def _failed_ranks_in_a_few_lines(previous):
     def hook(kind, error, traceback):
-        if kind.__name__ == "SignalException" and _is_letrecipes_launch() and not os.environ.get("LETRECIPES_TRACEBACK"):
+        traceback_asked = bool(os.environ.get("LETRECIPES_TRACEBACK"))
+        if kind.__name__ == "SignalException" and _is_letrecipes_launch() and not traceback_asked:
             print(_launcher_stopped(error), file=sys.stderr, flush=True)
             return None
-        if (kind.__name__ != "ChildFailedError" or os.environ.get("LETRECIPES_TRACEBACK")
-                or not _is_letrecipes_job(error)):
+        if kind.__name__ != "ChildFailedError" or traceback_asked or not _is_letrecipes_job(error):
             return previous(kind, error, traceback)
         try:
             text = summary(error)

@@ -407,7 +407,8 @@ def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path, in
         run.kill()
     assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: stopped by its console closing (a write to stdout failed: [Errno 32] Broken pipe"), last
+    assert last.startswith("error: stopped by its console closing (a write to stdout failed: [Errno 32] Broken "
+                           "pipe"), last
     if in_setup:
         assert last.endswith("during setup, before the first step. Nothing was trained; corpus shards prepared so far "
                              "are kept, and launching again goes on from them."), last
