@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from letrecipes.components.checkpointing import STEP_PREFIX, complete_checkpoints_in
+from letrecipes.components.checkpointing import STEP_PREFIX, complete_checkpoints_in, step_of
 from letrecipes.components.files import describe as describe_os_error
 from letrecipes.components.metrics import METRICS_FILE, read_metric_records
 from letrecipes.components.progress import clock
@@ -58,10 +58,17 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     steps = complete_checkpoints_in(folder / "checkpoints")
     status["checkpoints"] = [p.name for p in steps]
     status["final"] = (folder / "final" / "config.json").is_file()
+    # the step reached: a checkpoint can be past the last record (a resume that lowered max_steps to a
+    # step with a checkpoint and no log line exports from it at once); before, such a finished run
+    # read as stopped at the earlier logged step
+    saved = [s for s in map(step_of, steps) if s is not None]
+    status["step"] = max(([trained[-1]["step"]] if trained else []) + saved, default=None)
+    if saved and (not trained or max(saved) > trained[-1]["step"]):
+        status["saved_step"] = max(saved)
     owner = live_owner(folder)
     if owner is not None:
         status["state"], status["owner"] = "running", owner
-    elif status["final"] and trained and trained[-1]["step"] == status["max_steps"]:
+    elif status["final"] and status["step"] is not None and status["step"] == status["max_steps"]:
         status["state"] = "finished"
     else:
         status["state"] = "stopped"
@@ -109,6 +116,9 @@ def describe_status(status: Dict[str, Any]) -> str:
         lines.append("  " + " | ".join(figures))
     else:
         lines.append("  no step logged yet")
+    if status.get("saved_step") is not None:
+        lines.append(f"  step {status['saved_step']}" + (f"/{total}" if total else "")
+                     + " reached by its newest checkpoint (no log line at that step)")
     if status.get("val_loss"):
         lines.append(f"  val_loss {status['val_loss']['val_loss']:.4f} at step {status['val_loss']['step']}")
     kept = status["checkpoints"]

@@ -484,6 +484,30 @@ def test_status_reads_a_damaged_or_edited_run_folder_without_a_traceback(tmp_pat
     assert "step 2 | loss 4.5000" in out and "3 line(s) of metrics.jsonl are not records" in out
 
 
+def test_status_takes_the_step_a_finished_run_reached_from_its_checkpoint_past_the_last_log_line(
+        tmp_path, straight, capsys):
+    """A resume that lowers max_steps to a step with a checkpoint and no log line exports from it
+    at once: the run is finished at that step, though metrics.jsonl ends earlier. Before, its
+    status said "stopped" at the last logged step, with a final export and resume advice."""
+    from letrecipes import cli
+    from letrecipes.components.run_status import run_status
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    max_steps = json.loads((run / "run_info.json").read_text())["config"]["max_steps"]
+    records = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in records
+                                               if json.loads(line).get("step", 0) < max_steps))
+    status = run_status(run)
+    assert status["last"]["step"] < max_steps == status["step"] == status["saved_step"]
+    assert status["state"] == "finished" and "resume_from" not in status
+    assert cli.main(["status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{run}: finished\n") and "resume=true" not in out
+    assert f"step {max_steps}/{max_steps} reached by its newest checkpoint (no log line at that step)" in out
+    assert run_status(straight)["state"] == "finished" and "saved_step" not in run_status(straight)
+
+
 def test_status_of_a_folder_of_runs_passes_over_one_it_may_not_read(tmp_path, capsys, monkeypatch):
     """A shared folder of runs where one is another user's, unreadable: its PermissionError
     stopped the whole `letrecipes status` in one line, the readable runs unlisted. It is said
