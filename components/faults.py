@@ -1,7 +1,7 @@
 """Fault injection for the reliability tests and ``benchmarks/fault_injection.py``.
 
 A testing aid, not a training feature: the config's ``debug`` section asks for a fault at
-a given step, and :func:`install` wraps three of the recipe's methods so that the training
+a given step, and :func:`install` wraps the recipe's methods so that the training
 loop itself carries no trace of it::
 
     debug:
@@ -13,6 +13,7 @@ loop itself carries no trace of it::
       hang_at_step: 4               # SIGSTOP as step 4 starts: a process that hangs without dying
       slow_batches_s: 0.05          # every batch is handed over this much later (a loader that cannot keep up)
       slow_save_s: 30               # every save waits this long with its shards written (a slow filesystem)
+      slow_export_s: 30             # the final export waits this long before it writes (a 7B one takes minutes)
       rank: 1                       # only on this rank (default: every rank)
 
 A torchrun restart of the job (``--max-restarts``) injects nothing: it is the recovery.
@@ -97,3 +98,12 @@ def install(recipe: Any, debug: Optional[Mapping[str, Any]], rank: int) -> None:
             return save_checkpoint(*args, **kwargs)
 
         recipe.save_checkpoint = save_with_fault
+    if debug.get("slow_export_s"):
+        export, export_delay = recipe.export, float(debug["slow_export_s"])
+
+        @functools.wraps(export)
+        def slow_export(*args, **kwargs):
+            time.sleep(export_delay)
+            return export(*args, **kwargs)
+
+        recipe.export = slow_export

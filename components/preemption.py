@@ -236,6 +236,10 @@ class GracefulStop:
         self.at_once = at_once or (lambda name: f"stopped at once by a second {name}, without saving.")
         self.received: Optional[str] = None
         self.received_at = 0.0
+        # what a first signal is told the run will do; once there is nothing left to save (the last
+        # step's checkpoint is complete, the final export runs), ``first_at_once`` is its error line
+        self.notice = "finishing this step, then saving a checkpoint"
+        self.first_at_once: Optional[Callable[[str], str]] = None
         self._previous: Dict[int, object] = {}
         self.parent = os.getppid() if _under_torchrun() else None  # torchrun's agent
 
@@ -252,6 +256,9 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
+        if self.first_at_once is not None:  # nothing to save: no reason to wait for the work in progress
+            self.uninstall()
+            raise StoppedAtOnce(self.first_at_once(name))
         if self.received is not None:
             if time.monotonic() - self.received_at < REPEAT_WINDOW_S:  # the same notice, by another sender
                 return
@@ -261,7 +268,7 @@ class GracefulStop:
             raise StoppedAtOnce(self.at_once(name))
         self.received, self.received_at = name, time.monotonic()
         forgive_console_errors()  # SIGHUP: the terminal may be gone
-        self.log(f"{name} received: finishing this step, then saving a checkpoint (send it again to stop at once)")
+        self.log(f"{name} received: {self.notice} (send it again to stop at once)")
 
     def request(self, reason: str) -> None:
         """A stop asked for by the run itself (its console closing): as a first signal is."""

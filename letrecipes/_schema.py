@@ -105,7 +105,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
                  "record_shapes": BOOL, "profile_memory": BOOL, "with_stack": BOOL, "with_flops": BOOL},
     "debug": {"nan_loss_at_step": _int(1), "kill_at_step": _int(1), "kill_during_save_at_step": _int(1),
               "hang_at_step": _int(1), "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
-              "slow_batches_s": _number(0), "slow_save_s": _number(0), "rank": _int(0)},
+              "slow_batches_s": _number(0), "slow_save_s": _number(0), "slow_export_s": _number(0), "rank": _int(0)},
 }
 TEACHER = {"path": TEXT, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
            "placement": _choice("replicated", "sharded"), "compile": BOOL, "shape": SECTION}

@@ -802,6 +802,40 @@ class PretrainRecipe:
         if self.save_every and (latest is None or step_of(latest) != self.step):
             self.save_checkpoint()
         self.checkpointer.wait()
+        self.export_unless_stopped(stopper)
+
+    def export_unless_stopped(self, stopper: GracefulStop) -> None:
+        """The final export, after the last step's checkpoint. Once that checkpoint is complete
+        a signal has nothing left to wait for: the export (minutes for a 7B model) stops at once
+        and ``resume=true`` writes it later (a finished run only exports). Before, the signal's
+        "finishing this step, then saving a checkpoint" was followed by the whole export and a
+        success. With save_every=0 the export is the weights' only copy: it is finished first."""
+        final = self.output_dir / "final"
+        if not (self.cfg.get("export") or {}).get("enabled", True):
+            self.export()
+            return
+        latest = self.checkpointer.latest()
+        if self.fsdp and (latest is None or step_of(latest) != self.step):  # FSDP exports from a checkpoint
+            self.save_checkpoint()
+            self.checkpointer.wait()
+            latest = self.checkpointer.latest()
+        if latest is None or step_of(latest) != self.step:
+            stopper.notice = (f"step {self.step}, the last, is trained: finishing the export to {final} first (with "
+                              "save_every=0 it is the weights' only copy)")
+            self.export()
+            if stopper.requested:  # it came during the last step, when "saving a checkpoint" was said
+                self.log(f"{stopper.cause()} asked for a stop at the last step: with save_every=0 the export was the "
+                         "weights' only copy, so it was written; the run is complete")
+            return
+        then = (f"its checkpoint {latest} is complete; " + (f"{final} is as it was" if final.exists() else
+                                                            f"no {final} was written")
+                + ". Fix: run the same command with resume=true to write the export (a finished run only exports).")
+        # set first: a signal from here on stops at once, one before it is the request read below
+        stopper.first_at_once = lambda signal_name: (
+            f"stopped by {signal_name} during the final export, after step {self.step}, the last: {then}")
+        if self.stop_requested(stopper, at_sync_point=True):  # asked for during the last step or its save
+            raise RunStopped(f"stopped by {stopper.cause() or 'a signal on another rank'} after step {self.step}, "
+                             f"the last: {then}")
         self.export()
 
     def export(self) -> None:

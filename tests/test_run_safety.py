@@ -322,6 +322,48 @@ def test_ctrl_c_pressed_twice_stops_a_slow_save_at_once_in_one_line_and_the_run_
     RunLock(tmp_path / "run").acquire(log=lambda line: None).release()  # nobody holds the run
 
 
+def test_a_signal_after_the_last_step_never_waits_for_the_export_and_resume_writes_it(tmp_path):
+    """Once the last step's checkpoint is complete there is nothing left to save: a signal
+    during the final export (minutes for a 7B model; held 60 s here) stops it at once, with
+    nothing of final/ left, and resume=true writes it. Before, the run said "finishing this
+    step, then saving a checkpoint", went on with the whole export and exited 0. A signal
+    during the last step stops before the export the same way; with save_every=0 the export,
+    the weights' only copy, is written first and said so."""
+    run = tmp_path / "run"
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as out:
+        live = subprocess.Popen(command(run, "debug.slow_export_s=60"), cwd=REPO, stdout=out, stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+        try:
+            deadline = time.monotonic() + 120
+            while not (run / "checkpoints" / "step_00000008" / "COMPLETE").is_file():
+                assert time.monotonic() < deadline and live.poll() is None
+                time.sleep(0.1)
+            time.sleep(0.5)
+            sent = time.monotonic()
+            live.send_signal(signal.SIGINT)
+            _, err = live.communicate(timeout=50)
+        finally:
+            live.kill()
+    assert time.monotonic() - sent < 30, "the signal waited for the export"
+    assert live.returncode == 1 and "Traceback" not in err, err[-3000:]
+    kept = (rf"after step 8, the last: its checkpoint {run}/checkpoints/step_00000008 is complete; no {run}/final "
+            r"was written\. Fix: run the same command with resume=true to write the export")
+    assert re.match(rf"error: stopped by SIGINT (during the final export, )?{kept}", err.strip().splitlines()[-1]), err
+    assert not (run / "final").exists() and not (run / "final.tmp").exists()
+    resumed = ok(tune(run, "resume=true"))
+    assert "exported" in resumed.stdout and (run / "final" / "config.json").is_file()
+
+    at_last = tune(tmp_path / "last", "debug.sigterm_at_step=8")
+    assert at_last.returncode == 1 and "Traceback" not in at_last.stderr, at_last.stderr[-3000:]
+    assert re.match(rf"error: stopped by SIGTERM {kept.replace(str(run), str(tmp_path / 'last'))}",
+                    last_line(at_last)), at_last.stderr[-2000:]
+    assert not (tmp_path / "last" / "final").exists()
+    only_copy = ok(tune(tmp_path / "only", "debug.sigterm_at_step=8", "save_every=0"))
+    assert "SIGTERM asked for a stop at the last step: with save_every=0 the export was the weights' only copy, so " \
+           "it was written" in only_copy.stdout and (tmp_path / "only" / "final" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("loader_workers", [0, 1])
 def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, loader_workers):
     """A run in an ssh session that drops gets SIGHUP, and its terminal fails every write with
