@@ -206,10 +206,7 @@ def test_resume_while_the_first_run_still_trains_is_refused(tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "metrics.jsonl").is_file() or not (tmp_path / "metrics.jsonl").stat().st_size:
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.5)
+        wait_until(lambda: (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "metrics.jsonl").stat().st_size, first)
         second = tune(tmp_path, "resume=true")
         assert second.returncode == 1 and f"pid {first.pid}" in last_line(second)
         assert first.poll() is None  # the running run is untouched
@@ -240,10 +237,7 @@ def test_slurms_usr1_notice_to_every_process_of_the_job_saves_a_step(tmp_path):
                            env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
                            start_new_session=True)  # a process group of its own, as a job step is
     try:
-        deadline = time.monotonic() + 120
-        while not read_metrics_safely(tmp_path):
-            assert time.monotonic() < deadline and run.poll() is None
-            time.sleep(0.2)
+        wait_until(lambda: read_metrics_safely(tmp_path), run)
         os.killpg(run.pid, signal.SIGUSR1)
         out, err = run.communicate(timeout=120)
     finally:
@@ -260,10 +254,7 @@ def test_ctrl_c_stops_gracefully_and_a_second_signal_at_once(tmp_path):
     cmd = command(tmp_path, "max_steps=100000", "save_every=0")
     run = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "WANDB_MODE": "disabled"})
-    deadline = time.monotonic() + 120
-    while not read_metrics_safely(tmp_path):
-        assert time.monotonic() < deadline and run.poll() is None
-        time.sleep(0.2)
+    wait_until(lambda: read_metrics_safely(tmp_path), run)
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 1 and "Traceback" not in err and "SIGINT received" in out
@@ -299,14 +290,9 @@ def test_ctrl_c_pressed_twice_stops_a_slow_save_at_once_in_one_line_and_the_run_
                                cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "WANDB_MODE": "disabled"})
         try:
-            deadline = time.monotonic() + 120
-            while not read_metrics_safely(tmp_path / "run"):
-                assert time.monotonic() < deadline and run.poll() is None
-                time.sleep(0.2)
+            wait_until(lambda: read_metrics_safely(tmp_path / "run"), run)
             run.send_signal(signal.SIGINT)
-            while "SIGINT received" not in log.read_text():
-                assert time.monotonic() < deadline and run.poll() is None
-                time.sleep(0.1)
+            wait_until(lambda: "SIGINT received" in log.read_text(), run)
             time.sleep(1.5)  # past the window in which a second signal is the same notice again
             sent = time.monotonic()
             run.send_signal(signal.SIGINT)
@@ -335,10 +321,7 @@ def test_a_signal_after_the_last_step_never_waits_for_the_export_and_resume_writ
         live = subprocess.Popen(command(run, "debug.slow_export_s=60"), cwd=REPO, stdout=out, stderr=subprocess.PIPE,
                                 text=True, env={**os.environ, "WANDB_MODE": "disabled"})
         try:
-            deadline = time.monotonic() + 120
-            while not (run / "checkpoints" / "step_00000008" / "COMPLETE").is_file():
-                assert time.monotonic() < deadline and live.poll() is None
-                time.sleep(0.1)
+            wait_until((run / "checkpoints" / "step_00000008" / "COMPLETE").is_file, live)
             time.sleep(0.5)
             sent = time.monotonic()
             live.send_signal(signal.SIGINT)
@@ -387,10 +370,7 @@ def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, lo
 
     threading.Thread(target=drain, daemon=True).start()
     try:
-        deadline = time.monotonic() + 120
-        while len(read_metrics_safely(tmp_path)) < 3:
-            assert time.monotonic() < deadline and run.poll() is None
-            time.sleep(0.2)
+        wait_until(lambda: len(read_metrics_safely(tmp_path)) >= 3, run)
         os.close(master)  # the terminal is gone: every write to it fails
         run.send_signal(signal.SIGHUP)
         run.wait(timeout=60)
@@ -469,10 +449,7 @@ def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, str
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            env={**os.environ, "WANDB_MODE": "disabled"})
     try:
-        deadline = time.monotonic() + 120
-        while not (live / "checkpoints" / "step_00000020" / "COMPLETE").is_file():
-            assert time.monotonic() < deadline and run.poll() is None
-            time.sleep(0.2)
+        wait_until((live / "checkpoints" / "step_00000020" / "COMPLETE").is_file, run)
         now = run_status(live)
         assert now["state"] == "running" and now["owner"]["pid"] == run.pid and now["last"]["step"] >= 20
         assert now["last"]["tokens"] == now["last"]["step"] * 4 * 32  # the tiny run: batch 4 x 32 tokens
@@ -575,6 +552,14 @@ def test_status_of_a_folder_of_runs_passes_over_one_it_may_not_read(tmp_path, ca
     out = capsys.readouterr().out
     assert f"{run}: stopped" in out and "step 1 | loss 5.0000" in out
     assert f"{private}: unreadable (permission denied ({private / 'run_info.json'})): passed over" in out
+
+
+def wait_until(ready, process, timeout_s: float = 120):
+    """Poll ``ready()`` until it holds, failing if ``process`` ends or ``timeout_s`` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert time.monotonic() < deadline and process.poll() is None, process.poll()
+        time.sleep(0.1)
 
 
 def read_metrics_safely(folder):
