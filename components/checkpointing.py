@@ -641,7 +641,7 @@ class Checkpointer:
             if not later:
                 return
             self._refuse_if_read(f"resume={str(resumed)!r} (an earlier checkpoint than the run's newest)",
-                                 [p for p in later if is_complete(p) and being_read(p)])
+                                 [p for p in later if being_read(p)])
             final = self.output_dir / "final"
             moving = later + ([final] if final.is_dir() else [])
             aside = self.output_dir / SUPERSEDED / f"after_{resumed.name}_{time.strftime('%Y%m%d-%H%M%S')}"

@@ -153,6 +153,14 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def stop_at_once_with_one_line(during: str, kept: str) -> Iterator[None]:
+    """A signal or the console closing, where there is nothing to save (a run's setup, the
+    eval recipe): either stops the work at once in one line saying what is kept."""
+    with stop_at_once_on_signals(during, kept), stop_when_the_console_closes(during, kept):
+        yield
+
+
 def _under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun (and `tune run`) in every process it starts
 

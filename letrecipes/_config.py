@@ -26,8 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
 from letrecipes.components.files import environment_errors
-from letrecipes.components.preemption import (stop_at_once_on_signals, stop_when_the_console_closes,
-                                               stop_with_the_launcher)
+from letrecipes.components.preemption import stop_at_once_with_one_line, stop_with_the_launcher
 
 
 class ConfigError(LetRecipesError):
@@ -302,7 +301,7 @@ def run(recipe_class, cfg: DictConfig) -> None:
                     "kept, and launching again goes on from them.")
     try:
         with errors_as_one_line():
-            with stop_at_once_on_signals(during, kept), stop_when_the_console_closes(during, kept):
+            with stop_at_once_with_one_line(during, kept):
                 # an OS error the setup's own checks did not name (a failing disk under a checkpoint, the
                 # tokenizer or the teacher as they are read): one line naming the key whose path it was
                 with environment_errors(path_keys(cfg), "setting up the run"):

@@ -40,7 +40,7 @@ from letrecipes.components.evaluation import (EvalError, check_choice_tokens, ch
                                               run_lm_eval, write_documents, write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
-from letrecipes.components.preemption import stop_at_once_on_signals, stop_when_the_console_closes
+from letrecipes.components.preemption import stop_at_once_with_one_line
 from letrecipes.components.run_lock import RunLock
 from letrecipes.components.teachers import resolve_path
 
@@ -529,8 +529,8 @@ def recipe_main(cfg: DictConfig) -> None:
             # an OS error no check of its own named (a failing disk, a lost mount): one line naming its key
             kept = ("What it wrote is whole: output= is replaced once a checkpoint is scored (over a run's folder, the "
                     "same command then scores only the checkpoints it lacks). Fix: run the same command again.")
-            with environment_errors(paths or "checkpoint", "evaluating"), stop_at_once_on_signals(
-                    "while evaluating", kept), stop_when_the_console_closes("while evaluating", kept):
+            with environment_errors(paths or "checkpoint", "evaluating"), stop_at_once_with_one_line(
+                    "while evaluating", kept):
                 recipe.setup()
                 recipe.evaluate()  # a run's later checkpoints are converted here: their errors are one line too
     finally:
