@@ -215,9 +215,13 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
         raise
     except Exception as err:
         raise _failed("alignment.loss", loss_name, err, student_dim, teacher_dim) from err
-    if not isinstance(value, torch.Tensor) or value.numel() != 1 or (not value.is_meta and not value.isfinite().all()):
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise ComponentError(f"alignment.loss={loss_name}: on random states it gave {value!r}, not one finite number. "
                              f"Fix: return a scalar tensor (AlignmentLoss.per_token returns [b, s]; {EXTENDING}).")
+    if not value.is_meta and not value.isfinite().all():
+        raise ComponentError(f"alignment.loss={loss_name}: on random, finite states it gave {value.item()}: a 0/0, "
+                             "a log or a square root of 0, or a norm without an eps in it? Fix: keep it finite for any "
+                             f"input (an eps, as F.cosine_similarity(..., eps=1e-6) has; {EXTENDING}).")
     if not _reaches(value, list(student.values())):
         width = out[0].shape[-1] if aligner.pairs else student_dim  # the projected states the loss compares
         pred = states(width, grad=True)

@@ -27,10 +27,13 @@ class AlignmentLoss(nn.Module):
         if pred.shape != target.shape:
             raise ValueError(f"alignment loss: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
         values = self.per_token(pred.float(), target.float())
-        if not isinstance(values, torch.Tensor) or values.shape != pred.shape[:-1]:
-            got, fix = (f"shape {list(values.shape)}", "reduce the last dimension (e.g. .mean(-1))") \
-                if isinstance(values, torch.Tensor) else (f"a {type(values).__name__}", "return a tensor computed "
-                                                          "from pred and target")
+        if not isinstance(values, torch.Tensor) or values.shape != pred.shape[:-1] or not values.is_floating_point():
+            if not isinstance(values, torch.Tensor):
+                got, fix = f"a {type(values).__name__}", "return a tensor computed from pred and target"
+            elif values.shape != pred.shape[:-1]:
+                got, fix = f"shape {list(values.shape)}", "reduce the last dimension (e.g. .mean(-1))"
+            else:  # integers carry no gradient: LET would train nothing
+                got, fix = f"a {values.dtype} tensor", "compute it in floating point from pred and target"
             raise ComponentError(f"alignment.loss: {type(self).__name__}.per_token returned {got} for states "
                                  f"{list(pred.shape)}; it returns one loss per token, [b, s]. Fix: {fix}; the base "
                                  "class masks padding and takes the mean.")

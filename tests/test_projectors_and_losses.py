@@ -96,6 +96,16 @@ class _LossNumber(NegativeCosine):
         return 0.5
 
 
+class _LossInteger(NegativeCosine):
+    def per_token(self, pred, target):
+        return (pred > target).sum(-1)  # a count: integers carry no gradient
+
+
+class _LossNaN(NegativeCosine):
+    def per_token(self, pred, target):
+        return (pred - target).norm(dim=-1) / (pred - pred).norm(dim=-1)  # 0/0
+
+
 class _ProjectorDetaching(LinearProjector):
     def forward(self, h_student, h_teacher):
         return self.proj(h_student.detach()), h_teacher
@@ -120,6 +130,8 @@ class _ScheduleOfNothing(Constant):
     ({"loss": f"{__name__}._LossPerFeature"}, r"alignment.loss: _LossPerFeature.per_token returned shape \[2, 3, 24\]"),
     ({"loss": f"{__name__}._LossNumber"}, "per_token returned a float"),
     ({"loss": f"{__name__}._LossDetached"}, "alignment.loss=.*_LossDetached: no gradient reaches the student"),
+    ({"loss": f"{__name__}._LossInteger"}, "per_token returned a torch.int64 tensor .* in floating point"),
+    ({"loss": f"{__name__}._LossNaN"}, r"_LossNaN: on random, finite states it gave nan: a 0/0"),
     ({"projector": f"{__name__}._ProjectorDetaching"}, "alignment.projector=.*_ProjectorDetaching: no gradient"),
     ({"projector": f"{__name__}._ProjectorOneTensor"}, r"alignment.projector=.*it returned \(\(2, 3, 24\),\)"),
     ({"schedule": {"_component_": f"{__name__}._ScheduleThatNeverEnds", "stop": 10}},
