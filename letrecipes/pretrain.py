@@ -247,7 +247,8 @@ class PretrainRecipe:
                 saved_lr = self.optimizer.param_groups[0]["lr"]
                 resume.apply_settings(self.optimizer, settings, self.lr_scheduler)
                 new_lr = self.optimizer.param_groups[0]["lr"]
-                if abs(new_lr - saved_lr) > 0.01 * abs(saved_lr):  # a schedule over a new length jumps, unannounced
+                # a schedule over a new length jumps, unannounced (not said where no step is left to train)
+                if abs(new_lr - saved_lr) > 0.01 * abs(saved_lr) and self.step < self.max_steps:
                     self.log(f"resume: the learning rate for step {self.step + 1} is {new_lr:.3g} on this config's "
                              f"schedule, where the run had {saved_lr:.3g}")
         else:

@@ -464,6 +464,11 @@ def test_a_resume_that_moves_s_stop_is_logged_and_one_that_brings_a_released_tea
     assert "step_00000004 is past S_stop; the teacher is not loaded" in out
     assert "resume: the learning rate for step 5 is " in out
     assert all(r["lambda"] == 0.0 for r in steps(read_metrics(run / "metrics.jsonl")) if r["step"] > 4)
+    # rolled back to step 4, the last, with a new rate: no step is left to train, so no rate is announced for one
+    run_let(*common, "max_steps=4", "alignment.schedule.stop=2", f"resume={run}/checkpoints/step_00000004",
+            "teacher.path=/nonexistent/teacher", "optimizer.lr=0.1")
+    out = capsys.readouterr().out
+    assert "resume: optimizer.lr " in out and "the learning rate for step" not in out, out
     # before S_stop: a longer run moves it, and the teacher guides on to the new end
     early = tmp_path / "early"
     run_let(*let_overrides, f"output_dir={early}", "save_every=2", "max_steps=4", "alignment.schedule.stop=0.75")
