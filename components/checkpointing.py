@@ -110,15 +110,24 @@ def check_format(path: Path) -> None:
                               f"{FORMAT_VERSION}. Fix: upgrade letrecipes (pip install -U letrecipes).")
 
 
+def hold_file(folder: Path) -> Path:
+    """The file a reader's hold on a model folder is taken on: a step checkpoint's COMPLETE
+    marker, or the ``config.json`` of a Hugging Face folder (a run's ``final`` export)."""
+    folder = Path(folder)
+    return folder / (COMPLETE_MARKER if (folder / COMPLETE_MARKER).exists() or not (folder / "config.json").exists()
+                     else "config.json")
+
+
 @contextlib.contextmanager
 def held_for_reading(path: Path, key: str):
-    """Keep a complete step checkpoint from its run's rotation while it is read (``letrecipes
-    export`` or the eval recipe reading a live run's checkpoint): a shared ``flock`` on its
-    COMPLETE marker, which :func:`remove_unless_read` respects. The kernel drops it when the
-    reader exits in any way, so nothing is left to clean up. A checkpoint the rotation
-    removed as the reading began is one line naming the run's newest ones."""
+    """Keep a model folder of a run (a complete step checkpoint, its ``final`` export) from
+    being deleted while it is read (``letrecipes export``, the eval recipe): a shared
+    ``flock`` on its :func:`hold_file`, which the rotation and ``overwrite=true``
+    (:func:`remove_unless_read`) respect. The kernel drops it when the reader exits in any
+    way, so nothing is left to clean up. A checkpoint the rotation removed as the reading
+    began is one line naming the run's newest ones."""
     try:
-        fd = os.open(Path(path) / COMPLETE_MARKER, os.O_RDONLY)
+        fd = os.open(hold_file(path), os.O_RDONLY)
     except FileNotFoundError:
         _raise_removed(Path(path), key)
     try:
@@ -153,13 +162,14 @@ def removed_checkpoint(path: Path, key: str, what: str) -> str:
 
 @contextlib.contextmanager
 def _unless_read(folder: Path):
-    """Yield whether no reader holds this step checkpoint (:func:`held_for_reading`), holding
+    """Yield whether no reader holds this model folder (:func:`held_for_reading`), holding
     it exclusively meanwhile where none does, so no reader can begin inside the block."""
+    held_on = hold_file(folder)
     try:  # for writing where it may: NFS maps flock to fcntl locks, whose exclusive kind needs it
-        fd = os.open(folder / COMPLETE_MARKER, os.O_RDWR)
+        fd = os.open(held_on, os.O_RDWR)
     except OSError:
         try:
-            fd = os.open(folder / COMPLETE_MARKER, os.O_RDONLY)
+            fd = os.open(held_on, os.O_RDONLY)
         except OSError:  # no marker: nothing can hold it
             yield True
             return
@@ -177,7 +187,7 @@ def _unless_read(folder: Path):
 
 
 def remove_unless_read(folder: Path) -> bool:
-    """Remove an old step checkpoint unless a reader holds it (:func:`held_for_reading`);
+    """Remove a step checkpoint or an export unless a reader holds it (:func:`held_for_reading`);
     True once removed. Held for the removal itself, so a reader that opens it meanwhile
     finds it gone rather than half-deleted."""
     with _unless_read(folder) as unread:
@@ -187,7 +197,7 @@ def remove_unless_read(folder: Path) -> bool:
 
 
 def being_read(folder: Path) -> bool:
-    """Whether another process reads this step checkpoint now (``letrecipes export``, eval)."""
+    """Whether another process reads this model folder now (``letrecipes export``, eval)."""
     with _unless_read(folder) as unread:
         return not unread
 
@@ -614,14 +624,23 @@ class Checkpointer:
                 "from step 0 and replace that export. Fix: overwrite=true to train again from scratch, or another "
                 f"output_dir; to go on from the export, init_from={final} in a new output_dir.")
 
+    def readable_folders(self) -> List[Path]:
+        """What a reader may hold in this run's folder: its complete step checkpoints, its
+        ``final`` export, and both kinds set aside in ``superseded/``."""
+        superseded = sorted((self.output_dir / SUPERSEDED).glob("*/*"))
+        return [*self.complete_checkpoints(),
+                *(p for p in [self.output_dir / "final", *superseded] if p.is_dir() and
+                  (is_complete(p) if p.name.startswith(STEP_PREFIX) else (p / "config.json").is_file()))]
+
     def _refuse_if_read(self, why: str, held: Optional[List[Path]] = None) -> None:
-        """Deleting a checkpoint another process is reading would make that export or
-        evaluation fail half-way, with an error about its own output."""
-        held = held if held is not None else [p for p in self.complete_checkpoints() if being_read(p)]
+        """Deleting a checkpoint or an export another process is reading would make that
+        export or evaluation fail half-way, with an error about its own output."""
+        held = held if held is not None else [p for p in self.readable_folders() if being_read(p)]
         if held:
             raise CheckpointError(
                 f"{why} would delete {held[0]}{f' (and {len(held) - 1} more)' if len(held) > 1 else ''} while another "
-                "process reads it (letrecipes export and the eval recipe hold a checkpoint while they read it). Fix: "
+                "process reads it (letrecipes export and the eval recipe hold a checkpoint or an export while they "
+                "read it). Fix: "
                 "launch again once that reader is done (`letrecipes status` lists the run's checkpoints), or choose "
                 "another output_dir.")
 
@@ -640,10 +659,10 @@ class Checkpointer:
                            key=lambda p: step_of(p) or 0)
             if not later:
                 return
-            self._refuse_if_read(f"resume={str(resumed)!r} (an earlier checkpoint than the run's newest)",
-                                 [p for p in later if being_read(p)])
             final = self.output_dir / "final"
             moving = later + ([final] if final.is_dir() else [])
+            self._refuse_if_read(f"resume={str(resumed)!r} (an earlier checkpoint than the run's newest)",
+                                 [p for p in moving if being_read(p)])
             aside = self.output_dir / SUPERSEDED / f"after_{resumed.name}_{time.strftime('%Y%m%d-%H%M%S')}"
             aside.mkdir(parents=True, exist_ok=True)
             for path in moving:
@@ -662,7 +681,7 @@ class Checkpointer:
         Each checkpoint goes only if nobody reads it: one whose reading began after the guard
         looked stops the run here, the others already gone."""
         def remove_all() -> None:
-            self._refuse_if_read("overwrite=true", [p for p in self.complete_checkpoints() if not remove_unless_read(p)])
+            self._refuse_if_read("overwrite=true", [p for p in self.readable_folders() if not remove_unless_read(p)])
             for name in ("checkpoints", "final", SUPERSEDED):
                 shutil.rmtree(self.output_dir / name, ignore_errors=True)
 

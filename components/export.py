@@ -34,6 +34,9 @@ EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_INDEX = "model.safetensors.index.json"
 EXPORT_TOKENIZER = "tokenizer.json"
+# beside the model: the step a letrecipes export was taken at (a relaunch of a finished run
+# tells its own final/ from an earlier one's by it); Hugging Face loaders pass over the file
+EXPORT_INFO = "letrecipes_export.json"
 EXPORT_FORMAT = "letrecipes"  # the "format" key of exports written before 0.2 (read by letrecipes_teacher)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -129,10 +132,16 @@ class ShardedWriter:
 def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Union[str, Path],
                     tokenizer: Optional[Tokenizer], dtype: torch.dtype = torch.bfloat16,
                     max_shard_mb: int = DEFAULT_MAX_SHARD_MB, log: Optional[Callable[[str], None]] = None,
-                    key: str = "export", then: str = "run the same command again") -> Path:
-    """Write ``tensors`` (our names, any order) as a Hugging Face folder at ``out_dir``,
+                    key: str = "export", then: str = "run the same command again",
+                    step: Optional[int] = None) -> Path:
+    """Write ``tensors`` (our names, any order) as a Hugging Face folder at ``out_dir``, with
+    the training ``step`` they are from where it is known (:func:`exported_step`),
     atomically; every ``progress.PROGRESS_EVERY_S`` seconds, a line with the bytes written and an ETA.
-    A write that fails (a full disk) removes the partial folder and is one line naming ``key``."""
+    A write that fails (a full disk) removes the partial folder and is one line naming ``key``.
+    An earlier export at ``out_dir`` that another process reads is left to it, and the new one
+    dropped, in one line."""
+    from letrecipes.components.checkpointing import remove_unless_read
+
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     kept = f"{out_dir} is as it was." if out_dir.exists() else "Nothing was left behind."
@@ -141,6 +150,13 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
     try:
         with environment_errors(keys, f"writing the export into {tmp}", kept, then=then):
             _write_hf_folder(tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print)
+            if step is not None:
+                (tmp / EXPORT_INFO).write_text(json.dumps({"step": step}))
+            if out_dir.exists() and not remove_unless_read(out_dir):  # held while removed: no reader begins half-way
+                raise ExportError(f"{key}: {out_dir} is being read by another process (an evaluation or an export "
+                                  f"holds it while it reads): it was left as it was, and the new export was not kept. "
+                                  f"Fix: {then} once that reader is done.")
+            tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # half a model, on a disk that may be full
         raise
@@ -180,17 +196,24 @@ def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArg
             "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
             "model_max_length": args.max_seq_len, "clean_up_tokenization_spaces": False}, indent=2))
         (tmp / "special_tokens_map.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
 
 
 def export_model(model: torch.nn.Module, args: ModelArgs, out_dir: Union[str, Path], tokenizer: Optional[Tokenizer],
                  dtype: torch.dtype = torch.bfloat16, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
-                 then: str = "run the same command again") -> Path:
+                 then: str = "run the same command again", step: Optional[int] = None) -> Path:
     """Export a model held whole by this process (a single-process run)."""
     return write_hf_folder(model.state_dict().items(), args, out_dir, tokenizer, dtype, max_shard_mb, key=key,
-                           then=then)
+                           then=then, step=step)
+
+
+def exported_step(folder: Union[str, Path]) -> Optional[int]:
+    """The training step a letrecipes export was taken at; None where it does not say (an
+    export written before it was recorded, a model from elsewhere, a damaged file)."""
+    try:
+        step = json.loads((Path(folder) / EXPORT_INFO).read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterator[Tuple[str, torch.Tensor]]:
@@ -213,7 +236,8 @@ def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterat
         yield key[len(prefix):], tensor
 
 
-def check_destination(out_dir: Path, overwrite: bool, source: Optional[Path] = None) -> None:
+def check_destination(out_dir: Path, overwrite: bool, source: Optional[Path] = None, key: str = "export",
+                      then: str = "run the same command") -> None:
     """Refuse, before any work, an export folder whose replacement would lose something: a
     file, the model being read, or (even with ``overwrite``) a folder that is not an earlier
     export: ``export step_N . --overwrite`` must never delete the working directory."""
@@ -236,6 +260,12 @@ def check_destination(out_dir: Path, overwrite: bool, source: Optional[Path] = N
         raise ExportError(f"export: {out_dir} holds files that are not a model export ({first_names(out_dir)}); "
                           "--overwrite replaces only a folder an earlier export wrote. Fix: choose another folder, or "
                           "empty that one yourself.")
+    from letrecipes.components.checkpointing import being_read
+
+    if being_read(out_dir):  # before the conversion: at 7B it takes minutes
+        raise ExportError(f"{key}: {out_dir} is being read by another process (an evaluation or an export holds it "
+                          f"while it reads); replacing it would delete it under that reader. Fix: {then} once that "
+                          "reader is done.")
 
 
 def is_hf_folder(path: Union[str, Path]) -> bool:
@@ -362,7 +392,7 @@ def _export_checkpoint(checkpoint: Path, run_config: Path, out_dir: Path, dtype:
     from omegaconf import OmegaConf
 
     from letrecipes.components import registry
-    from letrecipes.components.checkpointing import check_format, checkpoint_problems
+    from letrecipes.components.checkpointing import check_format, checkpoint_problems, step_of
     from letrecipes.components.models import model_max_seq_len, padded_vocab_size
     from letrecipes.components.tokenizer import load_tokenizer
 
@@ -371,7 +401,7 @@ def _export_checkpoint(checkpoint: Path, run_config: Path, out_dir: Path, dtype:
         raise ExportError(f"{key}: {checkpoint} is damaged: {'; '.join(problems[:3])}. Fix: export an older "
                           "checkpoint of the run (its checkpoints/ folder), one that verifies.")
     check_format(checkpoint)
-    check_destination(out_dir, overwrite, checkpoint)
+    check_destination(out_dir, overwrite, checkpoint, key, then)
     from letrecipes.components.run_info import rebased_config
 
     # its relative paths as the run read them, wherever this runs from
@@ -383,4 +413,4 @@ def _export_checkpoint(checkpoint: Path, run_config: Path, out_dir: Path, dtype:
                                max_seq_len=model_max_seq_len(cfg.model, int(cfg.data.seq_len)),
                                vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(tokenizer.vocab_size))
     return write_hf_folder(checkpoint_tensors(checkpoint), model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
-                           key=key, then=then)
+                           key=key, then=then, step=step_of(checkpoint))

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from letrecipes.components.checkpointing import STEP_PREFIX, complete_checkpoints_in, step_of
+from letrecipes.components.export import exported_step
 from letrecipes.components.files import describe as describe_os_error
 from letrecipes.components.metrics import METRICS_FILE, read_metric_records
 from letrecipes.components.progress import clock
@@ -58,6 +59,7 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     steps = complete_checkpoints_in(folder / "checkpoints")
     status["checkpoints"] = [p.name for p in steps]
     status["final"] = (folder / "final" / "config.json").is_file()
+    status["final_step"] = exported_step(folder / "final") if status["final"] else None
     # the step reached: a checkpoint can be past the last record (a resume that lowered max_steps to a
     # step with a checkpoint and no log line exports from it at once); before, such a finished run
     # read as stopped at the earlier logged step
@@ -68,7 +70,8 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     owner = live_owner(folder)
     if owner is not None:
         status["state"], status["owner"] = "running", owner
-    elif status["final"] and status["step"] is not None and status["step"] == status["max_steps"]:
+    elif status["final"] and status["step"] is not None and status["step"] == status["max_steps"] \
+            and status["final_step"] in (None, status["step"]):  # None: an export older than its step's record
         status["state"] = "finished"
     else:
         status["state"] = "stopped"
@@ -122,8 +125,10 @@ def describe_status(status: Dict[str, Any]) -> str:
     if status.get("val_loss"):
         lines.append(f"  val_loss {status['val_loss']['val_loss']:.4f} at step {status['val_loss']['step']}")
     kept = status["checkpoints"]
+    final_step = status.get("final_step")
     lines.append(f"  checkpoints: {', '.join(kept) if kept else 'none complete'}; final export: "
-                 + ("yes" if status["final"] else "not yet"))
+                 + (("yes" if final_step in (None, status.get("step")) else f"of step {final_step}, an earlier one")
+                    if status["final"] else "not yet"))
     if status.get("unreadable_lines"):
         lines.append(f"  {status['unreadable_lines']:,} line(s) of {METRICS_FILE} are not records (edited or damaged): "
                      "passed over")

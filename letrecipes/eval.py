@@ -19,6 +19,7 @@ folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -32,7 +33,7 @@ from omegaconf import DictConfig, ListConfig
 from letrecipes._config import errors_as_one_line, parse
 from letrecipes._schema import resolved, validate_eval
 from letrecipes.components import contamination, registry
-from letrecipes.components.checkpointing import step_of
+from letrecipes.components.checkpointing import held_for_reading, step_of
 from letrecipes.components.corpus import DataError, run_folder
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_model_config, check_model_weights,
@@ -53,6 +54,9 @@ class EvalRecipe:
         self.work: Optional[Path] = None
         self.unchecked = ""  # why the items were not looked for in the training data
         self.output_lock: Optional[RunLock] = None
+        # a Hugging Face folder scored as it is (a run's final/) is held until it is scored: an overwrite=true
+        # relaunch of its run is refused meanwhile instead of deleting it under lm-eval
+        self.holding = contextlib.ExitStack()
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -201,7 +205,11 @@ class EvalRecipe:
         step = step_of(path) if path.is_dir() else None  # None for step_N.tmp, a save that never finished
         # a Hugging Face folder is scored as it is; anything else (or nothing: a one-line error) goes
         # through `letrecipes export`'s converter
-        folder = path if is_hf_folder(path) else export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
+        if is_hf_folder(path):
+            self.holding.enter_context(held_for_reading(path, "checkpoint"))
+            folder = path
+        else:  # a conversion holds what it reads itself, and writes our own copy
+            folder = export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
         check_model_config(folder)
         check_quantized_model(folder)
         check_model_weights(folder)
@@ -277,6 +285,7 @@ class EvalRecipe:
             try:
                 self.model_folder, self.step, self.tokens = self._hf_folder(str(checkpoint))
             except LetRecipesError as err:  # a damaged checkpoint costs its own point of the curve, not the rest
+                self.holding.close()
                 print(f"eval: {checkpoint} skipped: {err}", flush=True)
                 skipped.append({"checkpoint": str(checkpoint), "why": str(err)})
                 continue
@@ -284,6 +293,7 @@ class EvalRecipe:
             self.found = self.check_contamination(quiet=scored_one)
             scored_one = True
             reports.append(self._score(str(checkpoint)))
+            self.holding.close()  # scored: its run may replace it now
             if self.work.resolve() in Path(self.model_folder).resolve().parents:  # a converted copy (15 GB at 7B), ours alone
                 shutil.rmtree(self.model_folder, ignore_errors=True)
             self._write(self._run_report(reports, skipped))
@@ -345,6 +355,7 @@ class EvalRecipe:
         return report
 
     def cleanup(self) -> None:
+        self.holding.close()
         if self.work is not None:
             shutil.rmtree(self.work, ignore_errors=True)
             self.work = None

@@ -41,7 +41,7 @@ from letrecipes.components.data import (BatchStream, build_dataloader, build_dat
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.export import export_checkpoint, export_dtype, export_model
+from letrecipes.components.export import export_checkpoint, export_dtype, export_model, exported_step
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
@@ -794,8 +794,10 @@ class PretrainRecipe:
                 self.timer.restart()  # evaluation, logging and saving are not training time
         progress.close()
         self.resolve()
-        if trained_from == self.max_steps and (self.output_dir / "final").is_dir():
-            # a finished run launched again (a scheduler's requeue): its checkpoint and export stand as they are
+        final = self.output_dir / "final"
+        if trained_from == self.max_steps and final.is_dir() and exported_step(final) == self.step:
+            # a finished run launched again (a scheduler's requeue): its checkpoint and export stand as they are.
+            # An export of an earlier step (a resumed run whose own export failed or was stopped) is written anew
             self.log(f"step {self.step} is max_steps: the run is complete, nothing to train; its checkpoint and "
                      f"{self.output_dir / 'final'} are left as they are")
             return
@@ -853,7 +855,7 @@ class PretrainRecipe:
                 "train again (save_every=0 kept no checkpoint to export from)")
         if not self.fsdp:
             export_model(self.model, self.model_args, final, self.tokenizer, dtype, max_shard_mb, key="output_dir",
-                         then=then)
+                         then=then, step=self.step)
         else:
             latest = self.checkpointer.latest()
             if latest is None or step_of(latest) != self.step:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,6 +362,62 @@ def test_overwrite_refuses_to_delete_a_checkpoint_another_process_reads(base_ove
     monkeypatch.undo()
     pretrain.recipe_main([*args, "overwrite=true"])  # the reader is done: the run starts over
     assert "step 4/4" in capsys.readouterr().out
+
+
+def test_a_runs_final_export_is_held_while_an_evaluation_reads_it(base_overrides, tmp_path, monkeypatch, capsys):
+    """The eval recipe scoring a run's final/ held nothing: overwrite=true deleted it under
+    lm-eval, `letrecipes export ... final --overwrite` and a resumed run's own export replaced
+    it. Now the evaluation holds it while it scores, and each of those is one line, final/
+    left whole; once the reader is done, resume=true writes the new export. (A relaunch used
+    to take any final/ for the run's own, here step 4's export of a run at step 6: "the run
+    is complete, ... left as they are". An export now records its step.)"""
+    from letrecipes import cli
+    from letrecipes import eval as eval_recipe
+    from letrecipes.components import checkpointing
+    from letrecipes.components.evaluation import Item, write_task
+    from letrecipes.components.export import exported_step
+    from letrecipes.components.run_status import describe_status, run_status
+    from tests.test_hostile_input import digest
+
+    run = tmp_path / "run"
+    args = ["--config", "pretrain_tiny", *base_overrides, f"output_dir={run}", "save_every=2", "eval_every=0"]
+    pretrain.recipe_main([*args, "max_steps=4"])
+    final = run / "final"
+    held_while_scored = []
+
+    def scored_while_held(folder, *rest, **kwargs):  # lm-eval's part, stood in for: is the folder held meanwhile?
+        held_while_scored.append(checkpointing.being_read(Path(folder)))
+        raise KeyboardInterrupt  # the scoring is not what is tested: stop here, as a Ctrl-C would
+
+    monkeypatch.setattr(eval_recipe, "run_lm_eval", scored_while_held)
+    task = write_task(tmp_path / "task.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)])
+    with pytest.raises(KeyboardInterrupt):
+        eval_recipe.recipe_main(["--config", "eval", f"checkpoint={final}", f"tasks=[{task}]", "contamination=null"])
+    assert held_while_scored == [True] and not checkpointing.being_read(final)  # released however it ends
+    before, final_before = digest(run), digest(final)
+    capsys.readouterr()
+    with checkpointing.held_for_reading(final, "checkpoint"):
+        with pytest.raises(SystemExit) as refused:
+            pretrain.recipe_main([*args, "max_steps=4", "overwrite=true"])
+        assert str(refused.value.code).startswith(f"error: overwrite=true would delete {final} while another process "
+                                                  "reads it")
+        with pytest.raises(SystemExit) as exported:
+            cli.main(["export", str(run / "checkpoints" / "step_00000004"), str(final), "--overwrite"])
+        assert str(exported.value.code).startswith(f"error: export: {final} is being read by another process")
+        assert digest(run) == before
+        with pytest.raises(SystemExit) as kept:  # a resumed run trains on, and leaves the read export to its reader
+            pretrain.recipe_main([*args, "max_steps=6", "resume=true"])
+        assert str(kept.value.code).startswith(f"error: output_dir: {final} is being read by another process")
+        assert "Fix: run the same command with resume=true (a finished run only exports) once that reader is done" \
+            in str(kept.value.code)
+        assert digest(final) == final_before and not (run / "final.tmp").exists()
+    # trained to step 6, its export still step 4's: not finished, and a relaunch writes it (it took step 4's for its own)
+    status = run_status(run)
+    assert status["state"] == "stopped" and status["step"] == 6 and status["final_step"] == 4
+    assert "final export: of step 4, an earlier one" in describe_status(status)
+    pretrain.recipe_main([*args, "max_steps=6", "resume=true"])  # the reader is done: the finished run exports
+    assert "exported" in capsys.readouterr().out and digest(final) != final_before
+    assert run_status(run)["state"] == "finished" and exported_step(final) == 6
 
 
 def test_a_checkpoint_removed_as_its_reading_began_is_one_line_naming_the_newest(run, tmp_path):
