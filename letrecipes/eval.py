@@ -20,6 +20,7 @@ folder.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import sys
@@ -54,6 +55,7 @@ class EvalRecipe:
         self.work: Optional[Path] = None
         self.unchecked = ""  # why the items were not looked for in the training data
         self.output_lock: Optional[RunLock] = None
+        self.identity: Optional[str] = None  # of the weights being scored (model_identity)
         # a Hugging Face folder scored as it is (a run's final/) is held until it is scored: an overwrite=true
         # relaunch of its run is refused meanwhile instead of deleting it under lm-eval
         self.holding = contextlib.ExitStack()
@@ -197,6 +199,7 @@ class EvalRecipe:
             return self._converted(path)
 
     def _converted(self, path: Path) -> Tuple[Path, Optional[int], Optional[int]]:
+        self.identity = model_identity(path)  # read as the reading begins: what the scores are of
         keep = self.cfg.get("export_dir")
         target = Path(str(keep)) if keep else self.work / "model"
         if keep and target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -276,10 +279,15 @@ class EvalRecipe:
         with the same settings are not scored again)."""
         reports, skipped, scored_one = [], [], False
         for i, checkpoint in enumerate(self.checkpoints, 1):
-            if str(checkpoint) in self.done:
+            before = self.done.get(str(checkpoint))
+            if before is not None and before.get("identity") not in (None, model_identity(checkpoint)):
+                # the same path holding other weights: a run started over in its folder, a final/ exported anew
+                print(f"eval: {checkpoint}: other weights than those {self.cfg.output} scored (the run was started "
+                      "over or exported anew since): scored again", flush=True)
+            elif before is not None:
                 print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)}): scored before with these settings, "
                       f"in {self.cfg.output}", flush=True)
-                reports.append(self.done[str(checkpoint)])
+                reports.append(before)
                 continue
             print(f"eval: {checkpoint} ({i}/{len(self.checkpoints)})", flush=True)
             try:
@@ -346,7 +354,8 @@ class EvalRecipe:
         for name, scores in groups.items():
             print(f"{name:28s} n={scores['n']:4d}  {_figures(scores) or 'no aggregate (an lm-eval tag)'}"
                   f"  over {len(scores['tasks'])} tasks" + _clean(scores), flush=True)
-        report = {"checkpoint": checkpoint, "step": self.step, "tokens": self.tokens, "scorer": "lm-evaluation-harness",
+        report = {"checkpoint": checkpoint, "identity": self.identity, "step": self.step, "tokens": self.tokens,
+                  "scorer": "lm-evaluation-harness",
                   "lm_eval_version": scored["lm_eval_version"], "seconds": scored["seconds"],
                   "num_fewshot": int(cfg.get("num_fewshot", 0) or 0), "tasks": tasks,
                   **({"groups": groups} if groups else {}),
@@ -418,6 +427,29 @@ def _run_checkpoints(path: Path) -> Tuple[Optional[Path], List[Path]]:
         raise EvalError(f"checkpoint: {str(path)!r} is a run with no complete step checkpoint and no final export yet. "
                         "Fix: evaluate it once it has saved one (save_every), or name a checkpoint.")
     return path, [*steps, *final]
+
+
+def model_identity(path: Path) -> Optional[str]:
+    """What tells the weights at ``path`` from others later written under the same name, read
+    in an instant: a step checkpoint's COMPLETE marker (it lists each file's sha256); for a
+    model folder or file, each file's name, size and modification time. None where neither
+    can be read."""
+    from letrecipes.components.checkpointing import COMPLETE_MARKER
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        if (path / COMPLETE_MARKER).is_file():
+            digest.update((path / COMPLETE_MARKER).read_bytes())
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                info = file.stat()
+                digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}\0{info.st_size}\0"
+                              f"{info.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def _scored_before(out: Path, settings: Dict) -> Dict[str, Dict]:

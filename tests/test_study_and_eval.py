@@ -449,6 +449,13 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
     out = capsys.readouterr().out
     assert out.count("scored before with these settings") == 3
     assert json.loads((tmp_path / "curve.json").read_text())["checkpoints"] == report["checkpoints"]
+    # the run started over in its folder: the same paths hold other weights, which were taken for scored ones
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={run}", "max_steps=4",
+                          "save_every=2", "eval_every=0", "overwrite=true", "seed=1"])
+    capsys.readouterr()
+    with pytest.raises(AssertionError, match="scored again"):
+        eval_recipe.recipe_main(command)
+    assert f"eval: {run / 'checkpoints' / 'step_00000002'}: other weights than those" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="scored again"):  # other settings: scored again
         eval_recipe.recipe_main([*command, "limit=1"])
     expect_setup_error(eval_recipe.recipe_main, [*command, f"export_dir={tmp_path / 'keep'}"],
