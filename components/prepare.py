@@ -513,6 +513,40 @@ def _plan_settings(plan: dict) -> dict:
     return {k: v for k, v in plan.items() if k != "units"}
 
 
+def plan_difference(earlier: dict, plan: dict) -> str:
+    """What sets a folder's earlier plan apart from this one, in words: the tokenizer or
+    another reading setting, files added or gone, or the same files with other sizes."""
+    settings = [k for k in sorted(set(_plan_settings(earlier)) | set(_plan_settings(plan)))
+                if earlier.get(k) != plan.get(k)]
+    if settings:
+        named = ["another tokenizer" if k.startswith("tokenizer") else f"{k} {earlier.get(k)!r} -> {plan.get(k)!r}"
+                 for k in settings if k not in ("eos_id", "dtype") or len(settings) == 1]
+        return "with " + ", ".join(dict.fromkeys(named))
+
+    def sizes(units: List[dict]) -> Dict[str, int]:  # bytes by file (a cut file's parts summed), or by group
+        found: Dict[str, int] = {}
+        for unit in (u for u in units if u["paths"]):
+            more = len(unit["paths"]) - 1
+            name = unit["paths"][0] + (f" and the {more} file(s) read with it, together," if more else "")
+            found[name] = found.get(name, 0) + unit.get("size", 0)
+        return found
+
+    before, now = (list(dict.fromkeys(p for u in units for p in u["paths"])) for units in (earlier["units"],
+                                                                                       plan["units"]))
+    added, gone = [p for p in now if p not in set(before)], [p for p in before if p not in set(now)]
+    if added or gone:
+        return "from other files: " + "; ".join(part for part in (
+            f"{len(added):,} not in it (first: {added[0]})" if added else "",
+            f"{len(gone):,} gone or not read now (first: {gone[0]})" if gone else "") if part)
+    changed = [(name, size, sizes(plan["units"]).get(name)) for name, size in sizes(earlier["units"]).items()
+               if sizes(plan["units"]).get(name) != size]
+    if changed:
+        name, was, is_now = changed[0]
+        return (f"from the same files when they held other bytes: {name} was {was:,} bytes, is "
+                f"{'not a unit now' if is_now is None else f'{is_now:,}'}")
+    return "from the same files, read in another order or cut otherwise"
+
+
 def _same_files_cut_otherwise(earlier: dict, plan: dict) -> bool:
     """Whether two plans read the same files in the same order with the same settings, and differ
     only in how the files are cut into units (SPLIT_FILE_BYTES, or the cutting of large files added)."""
@@ -603,8 +637,9 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
             log(f"prepare: {len(damaged)} shard(s) of {out_dir} are missing or truncated; redoing them")
             (out_dir / MANIFEST).unlink()
         else:
-            raise DataError(f"prepare: {out_dir} already holds data prepared from other sources or with another "
-                            "tokenizer. Fix: choose another output folder, or delete that one first.")
+            raise DataError(f"prepare: {out_dir} already holds a corpus prepared {plan_difference(manifest['plan'], plan)}"
+                            f". Fix: prepare into another folder (or delete that one first); it still serves as "
+                            f"data.source for the corpus as it was then.")
     plan_path = out_dir / PLAN
     try:
         begun = json.loads(plan_path.read_text()) if plan_path.is_file() else plan
@@ -617,11 +652,10 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     if begun != plan:
         if _plan_settings(begun) == _plan_settings(plan) and \
                 [u["paths"] for u in begun["units"]] == [u["paths"] for u in plan["units"]]:
-            raise DataError(f"prepare: {out_dir} was begun on the same files when they had other sizes: one changed "
-                            "since, or was still being written then. Fix: delete that folder and prepare again, or "
-                            "choose another.")
-        raise DataError(f"prepare: {out_dir} holds an unfinished prepare of other sources or with another tokenizer "
-                        f"({PLAN} differs). Fix: rerun the command that started it, or choose another folder.")
+            raise DataError(f"prepare: {out_dir} was begun {plan_difference(begun, plan)}: one changed since, or was "
+                            "still being written then. Fix: delete that folder and prepare again, or choose another.")
+        raise DataError(f"prepare: {out_dir} holds an unfinished prepare {plan_difference(begun, plan)} ({PLAN} "
+                        "differs). Fix: rerun the command that started it, or choose another folder.")
     replace_atomically(plan_path, json.dumps(plan, indent=1))
     _remove_dead_tmp_files(out_dir)
 

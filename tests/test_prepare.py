@@ -204,7 +204,10 @@ def test_a_folder_prepared_before_files_were_cut_is_still_prepared(tmp_path, tok
     (tmp_path / "out" / "shard_000000.bin").write_bytes(b"")  # damaged: redone in the earlier plan's one unit
     assert prepare_corpus(source, tok, tmp_path / "out", **QUIET)["shards"] == before["shards"]
     source.write_text(source.read_text() + json.dumps({"text": "one more"}) + "\n")
-    with pytest.raises(DataError, match="already holds data prepared from other sources"):
+    grown = source.stat().st_size
+    with pytest.raises(DataError, match=re.escape(
+            f"already holds a corpus prepared from the same files when they held other bytes: {source} was "
+            f"{grown - len(json.dumps({'text': 'one more'})) - 1:,} bytes, is {grown:,}. Fix: prepare into another")):
         prepare_corpus(source, tok, tmp_path / "out", **QUIET)
 
 
@@ -1770,7 +1773,33 @@ def test_a_file_still_being_written_is_named_and_not_prepared_as_the_part_that_a
     monkeypatch.undo()
     with open(part, "a") as more:
         more.write('time"}\n')  # the download ends
-    with pytest.raises(DataError, match=f"prepare: {tmp_path / 'out'} was begun on the same files when they had other "
-                       "sizes: one changed since, or was still being written then. Fix: delete that folder"):
+    with pytest.raises(DataError, match=re.escape(
+            f"prepare: {tmp_path / 'out'} was begun from the same files when they held other bytes: {part} was "
+            f"{listed:,} bytes, is {part.stat().st_size:,}: one changed since, or was still being written then. Fix: "
+            "delete that folder")):
         prepare_corpus(source, tok, tmp_path / "out", workers=1, **QUIET)
     assert prepare_corpus(source, tok, tmp_path / "new", workers=1, **QUIET)["documents"] == 51
+
+
+def test_a_used_prepare_folder_says_what_sets_its_corpus_apart():
+    """A prepare into a folder holding another corpus said only "other sources or another
+    tokenizer": now which, and the first file added, gone or changed."""
+    from letrecipes.components.prepare import plan_difference
+
+    def plan(*units, **settings):
+        return {"format_version": 1, "tokenizer_fingerprint": "a", "eos_id": 0, "dtype": "uint16",
+                "text_field": "text", "document_separator": "<|endoftext|>", **settings,
+                "units": [{"kind": "text", "paths": list(paths), "size": size} for paths, size in units]}
+
+    was = plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 100), (["/c/big.jsonl"], 50))
+    assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 151)))  == (
+        "from the same files when they held other bytes: /c/big.jsonl was 150 bytes, is 151")
+    assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 31), (["/c/big.jsonl"], 150))) == (
+        "from the same files when they held other bytes: /c/a.txt and the 1 file(s) read with it, together, was 30 "
+        "bytes, is 31")
+    assert plan_difference(was, plan((["/c/a.txt", "/c/c.txt"], 30), (["/c/big.jsonl"], 150))) == (
+        "from other files: 1 not in it (first: /c/c.txt); 1 gone or not read now (first: /c/b.txt)")
+    assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 150),
+                                     tokenizer_fingerprint="b", eos_id=2)) == "with another tokenizer"
+    assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 150),
+                                     document_separator=None)) == "with document_separator '<|endoftext|>' -> None"
