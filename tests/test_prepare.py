@@ -1792,7 +1792,7 @@ def test_a_used_prepare_folder_says_what_sets_its_corpus_apart():
                 "units": [{"kind": "text", "paths": list(paths), "size": size} for paths, size in units]}
 
     was = plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 100), (["/c/big.jsonl"], 50))
-    assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 151)))  == (
+    assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 30), (["/c/big.jsonl"], 151))) == (
         "from the same files when they held other bytes: /c/big.jsonl was 150 bytes, is 151")
     assert plan_difference(was, plan((["/c/a.txt", "/c/b.txt"], 31), (["/c/big.jsonl"], 150))) == (
         "from the same files when they held other bytes: /c/a.txt and the 1 file(s) read with it, together, was 30 "
