@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
 from letrecipes.components.files import environment_errors
-from letrecipes.components.preemption import stop_at_once_with_one_line, stop_with_the_launcher
+from letrecipes.components.preemption import (StoppedBeforeTraining, stop_at_once_on_signals,
+                                               stop_at_once_with_one_line, stop_with_the_launcher)
 
 
 class ConfigError(LetRecipesError):
@@ -308,4 +309,19 @@ def run(recipe_class, cfg: DictConfig) -> None:
                     recipe.setup()
             recipe.train()
     finally:
-        recipe.cleanup()
+        close(recipe.cleanup, "the run")
+
+
+def close(cleanup: Callable[[], None], what: str) -> None:
+    """Run a recipe's ``cleanup`` (release the run's lock, close its files, end the process
+    group, remove temporary copies) where a signal stops it at once: a Ctrl-C there met the
+    default handler, a KeyboardInterrupt traceback from wherever the closing was. The line
+    says so unless the run is already failing, whose own error line then stands."""
+    failing = sys.exc_info()[1]
+    try:
+        with stop_at_once_on_signals(f"while {what} was closing", "What it wrote is complete, as the lines above say; "
+                                     "only its closing (releasing its lock, removing temporary files) was cut short."):
+            cleanup()
+    except StoppedBeforeTraining as stopped:
+        if failing is None:
+            exit_with_line(f"error: {stopped}")

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, ListConfig
 
-from letrecipes._config import errors_as_one_line, parse
+from letrecipes._config import close, errors_as_one_line, parse
 from letrecipes._schema import resolved, validate_eval
 from letrecipes.components import contamination, registry
 from letrecipes.components.checkpointing import held_for_reading, step_of
@@ -577,7 +577,7 @@ def recipe_main(cfg: DictConfig) -> None:
                 recipe.setup()
                 recipe.evaluate()  # a run's later checkpoints are converted here: their errors are one line too
     finally:
-        recipe.cleanup()
+        close(recipe.cleanup, "the evaluation")  # removing a 15 GB converted copy takes a while
 
 
 if __name__ == "__main__":

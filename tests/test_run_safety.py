@@ -347,6 +347,46 @@ def test_a_signal_after_the_last_step_never_waits_for_the_export_and_resume_writ
            "it was written" in only_copy.stdout and (tmp_path / "only" / "final" / "config.json").is_file()
 
 
+CLOSING_SCRIPT = """
+import os, signal, sys, time
+from letrecipes._config import load_config, run
+from letrecipes.components.errors import LetRecipesError
+from letrecipes.pretrain import PretrainRecipe
+
+class SlowToClose(PretrainRecipe):
+    def train(self):
+        super().train()
+        if "fail" in sys.argv:
+            raise LetRecipesError("the run's own error")
+
+    def cleanup(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the run closes
+        time.sleep(5)
+        super().cleanup()
+
+run(SlowToClose, load_config("pretrain_tiny", sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_ctrl_c_while_a_run_closes_is_one_line_and_never_hides_the_runs_own_error(tmp_path, failing):
+    """A signal in a recipe's cleanup (the lock's release, an async save's wait, a process
+    group ending, the eval's 15 GB temporary copy removed) met the default handler: a
+    KeyboardInterrupt traceback. Now one line, or the run's own error line where it was
+    failing; the lock is released either way."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", CLOSING_SCRIPT, "fail" if failing else "ok", *BASE, *COMMON,
+                             f"output_dir={out}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert last_line(result) == ("error: the run's own error" if failing else
+                                 "error: stopped by SIGINT while the run was closing. What it wrote is complete, as "
+                                 "the lines above say; only its closing (releasing its lock, removing temporary files) "
+                                 "was cut short.")
+    assert (out / "final" / "config.json").is_file()
+    RunLock(out).acquire(log=lambda line: None).release()  # nobody holds the run
+
+
 @pytest.mark.parametrize("loader_workers", [0, 1])
 def test_a_terminal_that_hangs_up_stops_the_run_with_its_step_saved(tmp_path, loader_workers):
     """A run in an ssh session that drops gets SIGHUP, and its terminal fails every write with
