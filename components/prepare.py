@@ -518,9 +518,9 @@ def plan_difference(earlier: dict, plan: dict) -> str:
     another reading setting, files added or gone, or the same files with other sizes."""
     settings = [k for k in sorted(set(_plan_settings(earlier)) | set(_plan_settings(plan)))
                 if earlier.get(k) != plan.get(k)]
-    if settings:
-        named = ["another tokenizer" if k.startswith("tokenizer") else f"{k} {earlier.get(k)!r} -> {plan.get(k)!r}"
-                 for k in settings if k not in ("eos_id", "dtype") or len(settings) == 1]
+    if settings:  # the token ids, their EOS and their dtype all follow from the tokenizer
+        named = ["another tokenizer" if k.startswith("tokenizer") or k in ("eos_id", "dtype") else
+                 f"{k} {earlier.get(k)!r} -> {plan.get(k)!r}" for k in settings]
         return "with " + ", ".join(dict.fromkeys(named))
 
     def sizes(units: List[dict]) -> Dict[str, int]:  # bytes by file (a cut file's parts summed), or by group
@@ -531,19 +531,19 @@ def plan_difference(earlier: dict, plan: dict) -> str:
             found[name] = found.get(name, 0) + unit.get("size", 0)
         return found
 
-    before, now = (list(dict.fromkeys(p for u in units for p in u["paths"])) for units in (earlier["units"],
-                                                                                       plan["units"]))
-    added, gone = [p for p in now if p not in set(before)], [p for p in before if p not in set(now)]
+    before, now = (list(dict.fromkeys(p for u in plan_["units"] for p in u["paths"])) for plan_ in (earlier, plan))
+    known, listed = set(before), set(now)
+    added, gone = [p for p in now if p not in known], [p for p in before if p not in listed]
     if added or gone:
         return "from other files: " + "; ".join(part for part in (
             f"{len(added):,} not in it (first: {added[0]})" if added else "",
             f"{len(gone):,} gone or not read now (first: {gone[0]})" if gone else "") if part)
-    changed = [(name, size, sizes(plan["units"]).get(name)) for name, size in sizes(earlier["units"]).items()
-               if sizes(plan["units"]).get(name) != size]
+    was, is_now = sizes(earlier["units"]), sizes(plan["units"])
+    changed = next(((name, size) for name, size in was.items() if is_now.get(name) != size), None)
     if changed:
-        name, was, is_now = changed[0]
-        return (f"from the same files when they held other bytes: {name} was {was:,} bytes, is "
-                f"{'not a unit now' if is_now is None else f'{is_now:,}'}")
+        name, size = changed
+        return (f"from the same files when they held other bytes: {name} was {size:,} bytes, is "
+                + ("not a unit now" if is_now.get(name) is None else f"{is_now[name]:,}"))
     return "from the same files, read in another order or cut otherwise"
 
 
