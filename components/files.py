@@ -192,11 +192,36 @@ def os_error_in(err: BaseException, other_than: Tuple[int, ...] = ()) -> Optiona
 
 
 def describe(err: OSError) -> str:
+    return cause_and_fix(err)[0]
+
+
+def cause_and_fix(err: OSError) -> Tuple[str, str]:
+    """What an OS error means, with its path, and what fixes it."""
     cause = CAUSES.get(err.errno, err.strerror or str(err))
+    fix = FIXES.get(err.errno, "fix the path or the filesystem")
     if err.errno == errno.ENOENT and err.filename and _virtual_folder(Path(err.filename).parent):
         cause = "the folder is on a virtual filesystem (like /proc or /sys), which refuses new files"
+    link = _dangling_link(err.filename) if err.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) else None
+    if link is not None:  # mkdir -p on a link to nowhere: EEXIST, read as "a file is where the folder should be"
+        target = Path(os.path.join(link.parent, os.readlink(link)))
+        return (f"{link} is a symbolic link to {target}, which does not exist",
+                f"create what it points to (mkdir -p {target}) or point it at another folder")
     where = f" ({err.filename})" if err.filename else ""
-    return f"{cause}{where}"
+    return f"{cause}{where}", fix
+
+
+def _dangling_link(filename) -> Optional[Path]:
+    """The link on the way to ``filename`` (itself or a folder above it) that leads nowhere."""
+    if not filename:
+        return None
+    path = Path(os.path.abspath(str(filename)))
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.is_symlink() and not candidate.exists():
+                return candidate
+        except OSError:
+            return None
+    return None
 
 
 def _virtual_folder(folder: Path) -> bool:
@@ -227,9 +252,9 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
         os_err = os_error_in(err, other_than)
         if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit, BrokenPipeError)):
             raise  # a closed pipe is the reader gone (`| head`), not the storage
-        fix = FIXES.get(os_err.errno, "fix the path or the filesystem")
+        cause, fix = cause_and_fix(os_err)
         kept_text = kept() if callable(kept) else kept
-        raise StorageError(f"{_key_for(key, os_err)}: {doing} failed: {describe(os_err)}. "
+        raise StorageError(f"{_key_for(key, os_err)}: {doing} failed: {cause}. "
                            f"{kept_text + ' ' if kept_text else ''}Fix: {fix}, then {then}.") from err
 
 
@@ -306,6 +331,9 @@ def nearby(path: Union[str, Path]) -> str:
     target = Path(os.path.abspath(os.path.expanduser(str(path))))
     if target.exists():
         return ""
+    link = _dangling_link(target)  # else it is "close by" itself, its own name being in its folder
+    if link is not None:
+        return f"{link} is a symbolic link to {Path(os.path.join(link.parent, os.readlink(link)))}, which does not exist."
     base = target.parent
     while not base.is_dir() and base != base.parent:
         base = base.parent

@@ -905,6 +905,15 @@ def test_a_path_that_does_not_exist_is_answered_with_what_is_there(let_overrides
     expect_setup_error(run_pretrain, *run, f"data.source={tmp_path / 'no' / 'such' / 'corpus'}",
                        match=f"{tmp_path / 'no'} does not exist ({tmp_path} does). Fix: ")
     assert not (tmp_path / "new").exists()
+    # a symbolic link to nowhere (a scratch folder not mounted, a model moved): said as one, where it was
+    # "close by" itself, or "a file is where the folder should be" for an output folder
+    for name, target in (("corpus_link", "gone_corpus"), ("out_link", "gone_out")):
+        (tmp_path / name).symlink_to(tmp_path / target)
+    link = f"{tmp_path / 'corpus_link'} is a symbolic link to {tmp_path / 'gone_corpus'}, which does not exist."
+    expect_setup_error(run_pretrain, *run, f"data.source={tmp_path / 'corpus_link'}", match=link)
+    expect_setup_error(run_pretrain, *run, f"output_dir={tmp_path / 'out_link' / 'run'}", match=(
+        f"{tmp_path / 'out_link'} is a symbolic link to {tmp_path / 'gone_out'}, which does not exist. Fix: create "
+        f"what it points to (mkdir -p {tmp_path / 'gone_out'}) or point it at another folder"))
 
 
 def test_a_pipe_or_a_device_where_a_file_or_folder_is_read_is_named_as_one(let_overrides, tmp_path):
