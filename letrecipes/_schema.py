@@ -428,6 +428,11 @@ def _check(where: str, key: str, value: Any, spec) -> None:
         said = _value_meant(where + key, value)
         if said:
             raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}: {said}")
+        meant = next((v for v in (value.strip().lower(), value.strip()) if ok(v)), None) \
+            if isinstance(value, str) else None
+        if meant is not None:  # CPU, BF16, Full, ' sharded': the value with another case or stray spaces
+            raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}: values are lowercase, without "
+                                   f"spaces. Fix: {where}{key}={meant}.")
         raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}{quoting}. Fix: set {where}{key} to "
                                f"{text}.")
 

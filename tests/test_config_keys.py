@@ -306,6 +306,11 @@ VALUES_MEANT = [
     # numpy's legacy seeding takes 32 bits: a larger seed (a 64-bit one from a launcher script) was a
     # ValueError traceback from setup
     ("seed=4294967296", "must be an integer >= 0 and <= 4,294,967,295"),
+    # a value in another case: said with the one meant
+    ("device=CPU", "values are lowercase, without spaces. Fix: device=cpu."),
+    ("dtype=BF16", "Fix: dtype=bf16."),
+    ("activation_checkpointing.mode=Full", "Fix: activation_checkpointing.mode=full."),
+    ("keep_last_checkpoints=ALL", "Fix: keep_last_checkpoints=all."),
 ]
 
 
