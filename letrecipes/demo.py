@@ -6,8 +6,9 @@
 
 Everything goes under ``outputs/demo/`` (a stage's run in ``outputs/demo/<config>``), so the
 runs a user makes with the shipped configs (``outputs/let_tiny`` ...) are never touched. A
-stage that already finished is reused and one that was interrupted resumes; ``--fresh``
-removes the demo's own stage folders first.
+stage that already finished with the same overrides (and, for the LET student, the same
+teacher) is reused and one that was interrupted resumes; ``--fresh`` removes the demo's own
+stage folders first.
 
 Run from the directory where ``outputs/`` should go (the repo root). Every training
 stage is a real ``tune run`` of a shipped recipe and config, printed before it runs, so
@@ -34,6 +35,9 @@ from letrecipes.components.run_info import hardware
 from letrecipes.components.tokenizer import train_bpe
 
 DEMO_DIR = Path("outputs/demo")
+# what each finished stage was trained with (its overrides), so that a demo launched with others
+# trains it again instead of putting the earlier runs' figures in its table
+STAGES_FILE = "stages.json"
 VOCAB_SIZE = 4096
 
 
@@ -122,14 +126,26 @@ def main(argv=None) -> None:
             if run_dir.exists():
                 print(f"--fresh: removing the demo's own {run_dir}")
                 shutil.rmtree(run_dir)
+    finished = _finished_stages()
     for number, (recipe, config, what) in enumerate(stages, 1):
         stage_start = time.perf_counter()
         print(f"\n== stage {number} of {len(stages)}: {what} ({config}); "
               f"{time.perf_counter() - start:.0f} s into the demo ==", flush=True)
+        # the LET student is trained against the teacher: a teacher trained anew makes it stale too
+        teacher = finished["pretrain_tiny"].get("trained") if recipe == "let_pretrain" and "pretrain_tiny" in finished \
+            else None
         if (runs[config] / "final" / "config.json").is_file():
-            print(f"already finished in {runs[config]}: reused (python -m letrecipes.demo --fresh trains it again)")
-            continue
+            earlier = finished.setdefault(config, {"overrides": list(overrides), "teacher": teacher,
+                                                   "trained": "before the demo kept this record"})
+            if earlier.get("overrides") == list(overrides) and earlier.get("teacher") == teacher:
+                print(f"already finished in {runs[config]}: reused (python -m letrecipes.demo --fresh trains it again)")
+                continue
+            print(f"finished in {runs[config]} with other settings (overrides {earlier.get('overrides')}"
+                  + (", another teacher" if earlier.get("teacher") != teacher else "") + "): trained again")
+            shutil.rmtree(runs[config])
         extra = [f"teacher.path={runs['pretrain_tiny'] / 'final'}"] if recipe == "let_pretrain" else []
+        finished.pop(config, None)
+        _record_stages(finished)
         status = tune_run(recipe, config, f"output_dir={runs[config]}", *extra, *overrides,
                           *stage_arguments(runs[config]))
         if status != 0:  # the stage said why in its last line
@@ -137,6 +153,9 @@ def main(argv=None) -> None:
                      f"reason is the line above). Fix: run the demo again: finished stages are reused, and this one "
                      f"resumes from its last checkpoint in {runs[config]} (or starts again if it saved none).")
         stage_s[config] = round(time.perf_counter() - stage_start, 1)
+        finished[config] = {"overrides": list(overrides), "teacher": teacher,
+                            "trained": time.strftime("%Y-%m-%d %H:%M:%S")}
+        _record_stages(finished)
     result = compare_runs(read_metrics(runs["baseline_tiny"] / "metrics.jsonl"),
                           read_metrics(runs["let_tiny"] / "metrics.jsonl"))
     result["teacher_final_val_loss"] = [r for r in read_metrics(runs["pretrain_tiny"] / "metrics.jsonl")
@@ -146,6 +165,21 @@ def main(argv=None) -> None:
     result["stage_wall_clock_s"] = {k: round(v, 1) for k, v in stage_s.items()}
     replace_atomically(DEMO_DIR / "result.json", json.dumps(result, indent=2))
     print(format_table(result))
+
+
+def _finished_stages() -> dict:
+    """The settings each finished stage was trained with ({} for a demo older than the record,
+    or a record that does not read)."""
+    try:
+        recorded = json.loads((DEMO_DIR / STAGES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in recorded.items() if isinstance(v, dict)} if isinstance(recorded, dict) else {}
+
+
+def _record_stages(finished: dict) -> None:
+    DEMO_DIR.mkdir(parents=True, exist_ok=True)
+    replace_atomically(DEMO_DIR / STAGES_FILE, json.dumps(finished, indent=2))
 
 
 def format_table(r: dict) -> str:

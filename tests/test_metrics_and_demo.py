@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -84,6 +85,18 @@ def test_the_demo_leaves_a_users_runs_alone_and_reuses_its_own(base_overrides, t
     demo.main(tiny)  # a second demo reuses its finished stages
     assert final.stat().st_mtime_ns == written
     assert capsys.readouterr().out.count("already finished in outputs/demo/") == 3
+    # a teacher trained anew: the LET student, trained against the old one, is trained again; the baseline is not
+    shutil.rmtree(tmp_path / "outputs" / "demo" / "pretrain_tiny")
+    demo.main(tiny)
+    out = capsys.readouterr().out
+    assert out.count("already finished in outputs/demo/") == 1 and "baseline_tiny: reused" in out
+    assert "finished in outputs/demo/let_tiny with other settings (overrides [" in out and ", another teacher)" in out
+    assert final.stat().st_mtime_ns != written
+    # other overrides: every stage is trained again, where the table reported the earlier runs' figures
+    demo.main([*tiny, "max_steps=2"])
+    out = capsys.readouterr().out
+    assert out.count("with other settings") == 3 and "already finished" not in out
+    assert json.loads((tmp_path / "outputs" / "demo" / "result.json").read_text())["baseline_steps"] == 2
 
 
 def test_ctrl_c_in_the_terminal_stops_a_demo_stage_once_saved_and_in_one_line(base_overrides, tmp_path):
