@@ -8,7 +8,8 @@
 
 Every run is the ordinary recipe (``tune run letrecipes/pretrain`` or ``let_pretrain``)
 with overrides, in its own folder under ``--out``: a finished run (``final/`` exported) is
-skipped, an interrupted one resumes from its last checkpoint. All runs share the corpus
+skipped, an interrupted one resumes from its last checkpoint, and one run with other
+overrides or against a teacher trained since (an arm or a scale edited) runs again. All runs share the corpus
 (the demo's Shakespeare minus two held-out plays), the tokenizer, the data order and the
 seeds. Students are evaluated at 25/50/75/100% of their steps on the BIG-bench tasks
 (``benchmarks/fetch_eval_tasks.py``) and on a next-line cloze built from the held-out plays.
@@ -194,9 +195,24 @@ def next_line_cloze(texts: Sequence[str], n: int = CLOZE_ITEMS, seed: int = 0) -
 
 # ----------------------------------------------------------------- runs
 def tune_run(recipe: str, config: str, overrides: List[str], run_dir: Path, log: Path) -> float:
-    """Run (or finish) one recipe run; return this call's wall-clock seconds (0 if already done)."""
+    """Run (or finish) one recipe run; return this call's wall-clock seconds (0 if already done).
+    A run finished or begun with other overrides (an arm edited since) is run again from the start."""
+    asked = run_dir.parent / f".{run_dir.name}.overrides.json"  # beside the run: its folder is the recipe's
+    wanted = {"recipe": recipe, "config": config, "overrides": list(overrides)}
+    teacher = next((Path(o.split("=", 1)[1]) for o in overrides if o.startswith("teacher.path=")), None)
+    if teacher is not None and (teacher / "config.json").is_file():  # a teacher trained anew is another teacher
+        wanted["teacher_written_ns"] = (teacher / "config.json").stat().st_mtime_ns
+    try:
+        earlier = json.loads(asked.read_text())
+    except (OSError, ValueError):
+        earlier = wanted  # a run of a study older than the record: taken as it is
+    if earlier != wanted and run_dir.exists():
+        print(f"{run_dir} was run with other overrides ({earlier}): running it again", flush=True)
+        shutil.rmtree(run_dir)
     if (run_dir / "final" / "config.json").is_file():
         return 0.0
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    asked.write_text(json.dumps(wanted))
     checkpoints = run_dir / "checkpoints"
     resume = checkpoints.is_dir() and any(is_complete(c) for c in checkpoints.iterdir())
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config,

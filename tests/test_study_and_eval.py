@@ -373,6 +373,11 @@ def test_two_arm_suite_writes_json_tables_plots_and_skips_finished_runs(corpus_d
     written = final.stat().st_mtime_ns
     assert let_study.main(args) == 0  # everything finished: nothing is trained again
     assert final.stat().st_mtime_ns == written
+    # the teacher trained anew (its steps changed): the LET arm is run again, the baseline is not
+    baseline = tmp_path / "study" / "runs" / "short" / "seed0" / "baseline" / "final" / "model.safetensors"
+    baseline_written = baseline.stat().st_mtime_ns
+    assert let_study.main([*args[:-1], json.dumps({**scale, "teacher_steps": 5})]) == 0
+    assert final.stat().st_mtime_ns != written and baseline.stat().st_mtime_ns == baseline_written
     assert arms["let"][0]["lambda0_equivalent"] > 0 and arms["baseline"][0]["lambda0_equivalent"] is None
 
 
