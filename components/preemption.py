@@ -4,7 +4,8 @@ Ctrl-C or SIGHUP (a dropped ssh session; ignored under nohup) asks the run to fi
 step, save a checkpoint and exit non-zero with the command to resume.
 A second signal stops at once, in one line that says what is kept (one within a second of
 the first is the same notice from another sender: the scheduler's and the launcher's); a
-third meets the default handlers (Python's KeyboardInterrupt, the kernel's SIGTERM).
+third meets the default handlers (Python's KeyboardInterrupt, the kernel's SIGTERM). Once
+the last step's checkpoint is complete (the final export runs), the first one stops at once.
 
 The handler only sets a flag; the recipe reads it between steps (every step in one
 process; with several, :class:`StopVote` agrees on it every step over the CPU backend, and
