@@ -833,12 +833,18 @@ class PretrainRecipe:
         then = (f"its checkpoint {latest} is complete; " + (f"{final} is as it was" if final.exists() else
                                                             f"no {final} was written")
                 + ". Fix: run the same command with resume=true to write the export (a finished run only exports).")
-        # set first: a signal from here on stops at once, one before it is the request read below
-        stopper.first_at_once = lambda signal_name: (
-            f"stopped by {signal_name} during the final export, after step {self.step}, the last: {then}")
+        def at_once(signal_name: str) -> str:
+            return f"stopped by {signal_name} during the final export, after step {self.step}, the last: {then}"
+
+        # one process sets it first: a signal from here on stops at once, one before it is the request read
+        # below. With several, after the collective that reads it: a rank raising inside it would leave the
+        # others waiting in it for process_group_timeout_s
+        if self.world_size == 1:
+            stopper.first_at_once = at_once
         if self.stop_requested(stopper, at_sync_point=True):  # asked for during the last step or its save
             raise RunStopped(f"stopped by {stopper.cause() or 'a signal on another rank'} after step {self.step}, "
                              f"the last: {then}")
+        stopper.first_at_once = at_once
         self.export()
 
     def export(self) -> None:
