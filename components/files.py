@@ -203,22 +203,23 @@ def cause_and_fix(err: OSError) -> Tuple[str, str]:
         cause = "the folder is on a virtual filesystem (like /proc or /sys), which refuses new files"
     link = _dangling_link(err.filename) if err.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) else None
     if link is not None:  # mkdir -p on a link to nowhere: EEXIST, read as "a file is where the folder should be"
-        target = Path(os.path.join(link.parent, os.readlink(link)))
+        link, target = link
         return (f"{link} is a symbolic link to {target}, which does not exist",
                 f"create what it points to (mkdir -p {target}) or point it at another folder")
     where = f" ({err.filename})" if err.filename else ""
     return f"{cause}{where}", fix
 
 
-def _dangling_link(filename) -> Optional[Path]:
-    """The link on the way to ``filename`` (itself or a folder above it) that leads nowhere."""
+def _dangling_link(filename) -> Optional[Tuple[Path, Path]]:
+    """The link on the way to ``filename`` (itself or a folder above it) that leads nowhere,
+    with where it points."""
     if not filename:
         return None
     path = Path(os.path.abspath(str(filename)))
     for candidate in (path, *path.parents):
         try:
             if candidate.is_symlink() and not candidate.exists():
-                return candidate
+                return candidate, Path(os.path.join(candidate.parent, os.readlink(candidate)))
         except OSError:
             return None
     return None
@@ -333,7 +334,7 @@ def nearby(path: Union[str, Path]) -> str:
         return ""
     link = _dangling_link(target)  # else it is "close by" itself, its own name being in its folder
     if link is not None:
-        return f"{link} is a symbolic link to {Path(os.path.join(link.parent, os.readlink(link)))}, which does not exist."
+        return f"{link[0]} is a symbolic link to {link[1]}, which does not exist."
     base = target.parent
     while not base.is_dir() and base != base.parent:
         base = base.parent
