@@ -212,7 +212,7 @@ def tune_run(recipe: str, config: str, overrides: List[str], run_dir: Path, log:
     if (run_dir / "final" / "config.json").is_file():
         return 0.0
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    asked.write_text(json.dumps(wanted))
+    replace_atomically(asked, json.dumps(wanted))  # a cut record would read as absent: the run taken as it is
     checkpoints = run_dir / "checkpoints"
     resume = checkpoints.is_dir() and any(is_complete(c) for c in checkpoints.iterdir())
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", f"letrecipes/{recipe}", "--config", config,
