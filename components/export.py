@@ -17,6 +17,7 @@ whole model on one rank). Written into ``final.tmp`` and renamed: never half a f
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 import torch
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import environment_errors, first_names, replace_atomically
+from letrecipes.components.files import environment_errors, first_names, new_file_mode, replace_atomically
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.progress import ByteProgress
 from letrecipes.components.tokenizer import Tokenizer
@@ -111,6 +112,9 @@ class ShardedWriter:
 
         path = self.folder / f"part-{len(self.files):05d}.safetensors"
         save_file(self.pending, str(path), metadata={"format": "pt"})
+        # safetensors >= 0.8 writes through a temporary file made 0600 whatever the umask
+        # (safetensors#782): the weights would be the one file of the export a colleague cannot read
+        os.chmod(path, new_file_mode())
         self.files.append((path, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 

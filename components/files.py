@@ -137,6 +137,18 @@ def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
         raise
 
 
+def new_file_mode() -> int:
+    """The permission bits ``open()`` gives a new file in this process: 0o666 less the umask
+    (read from /proc where there is one: setting the umask to read it back would change it,
+    for a moment, for every thread of the process)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return 0o666 & ~int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def json_cut_short(path: Union[str, Path]) -> Optional[str]:
     """"is cut short: ... after N bytes ..." when the file's JSON text stops inside a value
     (an interrupted download or copy: every error is at the very end); None when it parses

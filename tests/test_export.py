@@ -3,6 +3,7 @@ offline conversion of step checkpoints) and comes back in as a teacher."""
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -56,13 +57,21 @@ def test_auto_model_loads_the_export_with_the_projects_logits_and_generates(run)
     assert isinstance(tokenizer.decode(generated[0]), str)
 
 
-def test_default_export_is_bf16(base_overrides, tmp_path):
-    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}", "max_steps=1"])
+def test_default_export_is_bf16_and_readable_as_the_umask_says(base_overrides, tmp_path):
+    """safetensors 0.8 writes 0600 whatever the umask (safetensors#782): the weights were the
+    one file of final/ that another user of a shared machine (or a container's) could not read."""
+    previous = os.umask(0o027)  # a group-readable site's umask
+    try:
+        pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, f"output_dir={tmp_path}", "max_steps=1"])
+    finally:
+        os.umask(previous)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (tmp_path / "final" / name).is_file()
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "final").iterdir()}
+    assert set(modes.values()) == {0o640}, modes
 
 
 def test_offline_conversion_of_a_step_checkpoint_equals_the_final_export(run, tmp_path):
