@@ -522,6 +522,10 @@ class Checkpointer:
     def release(self) -> None:
         self._lock.release()
 
+    def take_back_lock(self) -> bool:
+        """Rank 0's lock taken again if its file went with the folder (RunLock.take_back)."""
+        return self._lock.take_back(log=self.log)
+
     def _refuse_a_foreign_folder(self) -> None:
         """``output_dir=/``, ``~`` or ``.`` in a repository would scatter a run's files among
         others, and ``overwrite=true`` would delete a ``checkpoints`` or ``final`` folder that is

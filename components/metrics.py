@@ -91,10 +91,25 @@ class JsonlLogger:
 
     def __init__(self, log_dir: str | Path, resume_step: Optional[int] = None):
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-        path = Path(log_dir) / METRICS_FILE
+        self.path = Path(log_dir) / METRICS_FILE
         if resume_step is not None:
-            truncate_after(path, resume_step)
-        self._file = open(path, "a" if resume_step is not None else "w", buffering=1)
+            truncate_after(self.path, resume_step)
+        self._file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
+
+    def reopen_if_gone(self) -> bool:
+        """Start the file again where it was removed (with its folder) while the run wrote
+        it: the records would go on into a file nobody can open. True when it was."""
+        if self._file is None:
+            return False
+        try:
+            if os.fstat(self._file.fileno()).st_ino == os.stat(self.path).st_ino:
+                return False
+        except FileNotFoundError:
+            pass
+        self._file.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        return True
 
     def log(self, name: str, data: Any, step: int) -> None:
         self.log_dict({name: data}, step)

@@ -98,6 +98,24 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
+    def take_back(self, log: Callable[[str], None] = print) -> bool:
+        """Take the lock again if its file is gone (its folder removed, or purged, while the run
+        held it): a lock on a name nobody sees guards nothing, and a second launch would take the
+        folder. True when it was taken again; a launch that took it meanwhile raises
+        :class:`RunLockError` naming it."""
+        if self._fd is None:
+            return False
+        try:
+            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
+                return False
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd, made_folder = None, self._made_folder
+        self.acquire(log=log)
+        self._made_folder = made_folder
+        return True
+
     def release(self) -> None:
         """Remove the lock file and drop the lock (unlink first: a launch that opens the
         name after this sees a new file, one that opened it before retries, see acquire)."""

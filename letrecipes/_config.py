@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,14 @@ def resolve_config_path(name: str, recipes: Sequence[str] = ()) -> Path:
     """The YAML file ``name`` means: a path, or a shipped config's name. ``recipes``: the
     recipe names the caller also takes (``letrecipes cp``), for its error."""
     path = Path(name).expanduser()
+    given = "cp: the config" if recipes else "--config"
+    if not name.strip():  # Path("") is the working folder, which would be named "a folder"
+        fix = f"a recipe ({', '.join(recipes)}) or a config" if recipes else "--config <a YAML file>, or one"
+        raise ConfigError(f"{'cp: what to copy' if recipes else '--config'} is empty. Fix: {fix} of: "
+                          f"{', '.join(available_configs())}.")
+    if name.startswith(("http://", "https://")):
+        raise ConfigError(f"{given} {name!r} is a web address; a config is read from a file and a run never downloads. "
+                          f"Fix: fetch it first (curl -LO {name}) and give {Path(name).name}.")
     if path.is_dir():
         raise ConfigError(f"--config {name!r} is a folder. Fix: name a YAML file in it, or one of: "
                           f"{', '.join(available_configs())}.")
@@ -115,6 +124,12 @@ def yaml_problem(err: Exception, path: Path) -> Tuple[str, str]:
             "indent with spaces (YAML allows no tabs)" if tab else "correct the YAML there")
 
 
+def not_a_mapping(path: Path, kind: str) -> ConfigError:
+    return ConfigError(f"--config {str(path)!r} holds a {kind} at the top level, where a config is a mapping of keys "
+                       "(`max_steps: 300`, `data:` and its keys below). Fix: start from a shipped one: `letrecipes "
+                       "cat let_tiny` shows one, `letrecipes cp let_tiny my_run.yaml` copies it.")
+
+
 def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``name`` with ``key=value`` overrides applied (torchtune semantics)."""
     # imported here: torchtune pulls in torch, which `letrecipes ls` and the prepare step's
@@ -125,10 +140,14 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     try:
         yaml = OmegaConf.load(path)
     except Exception as err:  # omegaconf/yaml raise assorted types
+        scalar = re.match(r"Invalid loaded object type: (\w+)", str(err))  # omegaconf's word for `5` or `text`
+        if scalar:
+            raise not_a_mapping(path, {"str": "text", "int": "number", "float": "number"}.get(
+                scalar.group(1), scalar.group(1))) from err
         problem, fix = yaml_problem(err, Path(path))
         raise ConfigError(f"--config {str(path)!r} is not valid YAML: {problem}. Fix: {fix}.") from err
     if not isinstance(yaml, DictConfig):
-        raise ConfigError(f"--config {str(path)!r} must hold a mapping at the top level.")
+        raise not_a_mapping(path, type(yaml).__name__.removesuffix("Config").lower())
     if not yaml:
         raise ConfigError(f"--config {str(path)!r} is empty. Fix: start from a shipped one: `letrecipes cp let_tiny "
                           f"{path}`.")

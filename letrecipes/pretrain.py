@@ -45,7 +45,7 @@ from letrecipes.components.export import export_checkpoint, export_dtype, export
 from letrecipes.components.files import environment_errors, replace_atomically
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
-from letrecipes.components.metrics import (MetricLogger, StepTimer, build_metric_loggers,
+from letrecipes.components.metrics import (METRICS_FILE, MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
 from letrecipes.components.profiling import PROFILE_FOLDER, build_profiler
 from letrecipes.components.progress import ProgressClock
@@ -878,7 +878,33 @@ class PretrainRecipe:
         totals = parallel.all_reduce_sum([float(v) for v in counts.values()], self.device) if counts else []
         return {name: int(total) for name, total in zip(counts, totals)}
 
+    def restore_run_records(self) -> None:
+        """The run folder removed while the run trains (an ``rm -r`` of the wrong folder, a
+        scratch filesystem's purge of old files) took the run's records with it; the saves went
+        on into a folder that resume and ``letrecipes status`` took for no run's, without a lock
+        that kept a second launch out. Before each save the records are written again, said."""
+        if not self.is_main:
+            return
+        gone = [name for name in ("run_info.json", "config.yaml", METRICS_FILE) if not (self.output_dir / name).exists()]
+        if self.checkpointer.take_back_lock():
+            gone.append("the run lock")
+        if not gone:
+            return
+        with environment_errors("output_dir", f"writing the run's records in {self.output_dir} again",
+                                kept=self.checkpointer.what_is_kept, then="run the same command with resume=true"):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            replace_atomically(self.output_dir / "run_info.json", json.dumps(self.run_info, indent=2, default=str))
+            replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
+            self.metrics.jsonl.reopen_if_gone()
+        listed = gone[0] if len(gone) == 1 else f"{', '.join(gone[:-1])} and {gone[-1]}"
+        warnings.warn(f"output_dir: {listed} {'were' if len(gone) > 1 else 'was'} gone at step {self.step}'s save (the "
+                      f"folder {self.output_dir} was removed, or purged, while the run trained): written again, so the "
+                      "folder stays this run's (resume=true, letrecipes status)" + (
+                          f"; the records logged before are lost: {METRICS_FILE} holds those from here on"
+                          if METRICS_FILE in gone else "") + ".", LetRecipesWarning, stacklevel=2)
+
     def save_checkpoint(self) -> None:
+        self.restore_run_records()
         # the tokens beside the weights: an evaluation of the checkpoint reads where it lies on the run
         path = self.checkpointer.save(self.step, run_info={**self.run_info, "trained_tokens": self.progress.tokens})
         timing = self.checkpointer.last_save

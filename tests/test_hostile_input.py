@@ -858,6 +858,20 @@ def test_a_torchtune_config_or_a_folder_as_config_is_named_for_what_it_is(tmp_pa
             "letrecipes cp let_tiny my_run.yaml" in str(err.value.code)
     with pytest.raises(SystemExit, match="is a folder. Fix: name a YAML file in it"):
         pretrain.recipe_main(["--config", str(tmp_path)])
+    # an empty --config was "'' is a folder" (the working one); a web address "no such file"; a list
+    # or a number at the top level had no fix
+    (tmp_path / "list.yaml").write_text("- max_steps: 3\n")
+    (tmp_path / "number.yaml").write_text("5\n")
+    for config, message in (("", "error: --config is empty. Fix: --config <a YAML file>, or one of: "),
+                            ("https://x.org/c/let.yaml", "is a web address; a config is read from a file and a run "
+                             "never downloads. Fix: fetch it first (curl -LO https://x.org/c/let.yaml) and give "
+                             "let.yaml."),
+                            (str(tmp_path / "list.yaml"), "list.yaml' holds a list at the top level, where a config"),
+                            (str(tmp_path / "number.yaml"), "number.yaml' holds a number at the top level")):
+        with pytest.raises(SystemExit) as err:
+            pretrain.recipe_main(["--config", config])
+        assert message in str(err.value.code), err.value.code
+    assert "letrecipes cp let_tiny my_run.yaml" in str(err.value.code)
 
 
 def test_an_empty_config_hydra_defaults_and_a_tokenizer_component_are_named(tmp_path, capsys):

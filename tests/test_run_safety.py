@@ -347,6 +347,37 @@ def test_a_signal_after_the_last_step_never_waits_for_the_export_and_resume_writ
            "it was written" in only_copy.stdout and (tmp_path / "only" / "final" / "config.json").is_file()
 
 
+def test_a_run_folder_removed_while_the_run_trains_gets_its_records_and_lock_back_at_the_next_save(tmp_path):
+    """`rm -r` of a live run's folder (or a scratch purge of its old files): the saves went on
+    into a folder without run_info.json, config.yaml, metrics.jsonl or the lock's file, which
+    resume=true and `letrecipes status` then took for no run's, and which a second launch could
+    take while this one trained. They are written again at the next save, said once."""
+    from letrecipes.components.run_lock import live_owner
+    from letrecipes.components.run_status import run_status
+
+    run = tmp_path / "run"
+    live = subprocess.Popen(command(run, "max_steps=12", "debug.slow_batches_s=0.3"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        wait_until((run / "checkpoints" / "step_00000003" / "COMPLETE").is_file, live)
+        shutil.rmtree(run)
+        wait_until((run / "checkpoints" / "step_00000006" / "COMPLETE").is_file, live)
+        assert live_owner(run) is not None and live.poll() is None  # the folder is held again while it trains
+        _, err = live.communicate(timeout=120)
+    finally:
+        live.kill()
+    assert live.returncode == 0, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("warning: output_dir: ")]
+    assert len(said) == 1 and "run_info.json, config.yaml, metrics.jsonl and the run lock were gone at step 6's " \
+        "save" in said[0], err[-3000:]
+    assert {"run_info.json", "config.yaml", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    assert min(r["step"] for r in read_metrics(run / "metrics.jsonl")) > 6
+    assert run_status(run)["state"] == "finished"
+    resumed = ok(tune(run, "resume=true", "max_steps=14"))
+    assert "step_00000012" in resumed.stdout and (run / "final" / "config.json").is_file()
+
+
 CLOSING_SCRIPT = """
 import os, signal, sys, time
 from letrecipes._config import load_config, run
