@@ -885,7 +885,8 @@ class PretrainRecipe:
         that kept a second launch out. Before each save the records are written again, said."""
         if not self.is_main:
             return
-        gone = [name for name in ("run_info.json", "config.yaml", METRICS_FILE) if not (self.output_dir / name).exists()]
+        gone = [name for name in ("run_info.json", "config.yaml", METRICS_FILE)
+                if not (self.output_dir / name).exists()]
         if self.checkpointer.take_back_lock():
             gone.append("the run lock")
         if not gone:
