@@ -55,7 +55,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.files import environment_errors, nearby, os_error_in, replace_atomically, shortened
+from letrecipes.components.files import (environment_errors, nearby, os_error_in, replace_atomically, shortened,
+                                         usable_cores)
 from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.parallel import gathered, on_rank0, world_size
 from letrecipes.components.run_lock import RunLock
@@ -78,7 +79,7 @@ RUN_FILES = (METRICS_FILE, "checkpoints", "final")
 RUN_MARKERS = ("run_info.json", METRICS_FILE)
 DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")  # the shard files rank N wrote
 HASH_BLOCK = 64 << 20
-HASH_THREADS = min(8, os.cpu_count() or 1)
+HASH_THREADS = min(8, usable_cores())
 
 
 def is_complete(path: Path) -> bool:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -43,8 +42,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from letrecipes.components.corpus import DOCUMENT_SEPARATOR, DataError, run_folder
-from letrecipes.components.files import replace_atomically
-from letrecipes.components.prepare import cache_folder, in_workers, is_prepared, read_manifest
+from letrecipes.components.files import replace_atomically, usable_cores
+from letrecipes.components.prepare import (cache_folder, in_workers, is_prepared, read_manifest,
+                                           workers_within_cores)
 from letrecipes.components.progress import PROGRESS_EVERY_S, elapsed_and_eta
 
 NGRAM = 13  # tokens; GPT-3 and lm-eval use 13 words (a token is about 0.75 of a word: a little stricter)
@@ -291,6 +291,7 @@ def scan(corpora: Sequence[Corpus], grams: ItemNgrams, workers: int = 1, log: Ca
          decode: Optional[Callable[[List[int]], str]] = None) -> dict:
     """Look for ``grams`` in every shard of ``corpora`` (shards spread over ``workers``
     processes); returns the report (see :func:`report`), examples as text with ``decode``."""
+    workers = workers_within_cores(workers, "contamination", log)
     work = Path(tempfile.mkdtemp(prefix="letrecipes-contamination-"))
     try:
         lookup = str(work / "ngrams.npz")
@@ -465,7 +466,7 @@ def encoder(tokenizer) -> Callable[[List[str]], List[List[int]]]:
 
 def default_workers() -> int:
     """Scanning processes when none are asked for: every core but one (as ``prepare-data``)."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    return max(1, usable_cores() - 1)
 
 
 def item_text(item) -> str:

@@ -137,6 +137,15 @@ def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
         raise
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, which a batch scheduler's allocation
+    sets (4 cores of a 128-core node under SLURM), not the node's count that os.cpu_count() gives."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS has no affinity
+        return os.cpu_count() or 1
+
+
 def new_file_mode() -> int:
     """The permission bits ``open()`` gives a new file in this process: 0o666 less the umask
     (read from /proc where there is one: setting the umask to read it back would change it,

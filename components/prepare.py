@@ -45,7 +45,7 @@ from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST,
 from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, count_repeats, drop_from_shard, keys_path,
                                                  stored_keys, write_shard_keys)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, real_paths,
-                                         replace_atomically, unique_tmp)
+                                         replace_atomically, unique_tmp, usable_cores)
 from letrecipes.components.preemption import NOTICE_SIGNALS
 from letrecipes.components.progress import elapsed_and_eta
 from letrecipes.components.tokenizer import Tokenizer
@@ -375,6 +375,19 @@ def in_workers(work: Callable[[Any], Any], jobs: Dict[Any, Any], workers: int,
         pool.shutdown()
 
 
+def workers_within_cores(workers: int, what: str, log: Callable[[str], None]) -> int:
+    """``workers``, or the cores this process may use where it asks for more: tokenizing and
+    scanning are CPU-bound, so a process past the cores only shares them, and holds a tokenizer
+    of its own (a cluster's ``--workers 64`` on an 8-core login node or allocation)."""
+    cores = usable_cores()
+    if workers <= cores:
+        return workers
+    log(f"{what}: {workers} workers asked for, more than the {cores} core{'s' if cores > 1 else ''} this process may "
+        f"use (its CPU affinity): {cores} used (a process past the cores only shares them, with a tokenizer of its own "
+        "in memory)")
+    return cores
+
+
 def _prepare_unit(job: dict) -> dict:
     """Tokenize one unit into its shard (in a worker process, or in-process for one worker)."""
     key = (job["tokenizer"], job["eos_token"])
@@ -604,7 +617,8 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
     out_dir = Path(out_dir)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise DataError(f"prepare: workers={workers!r} is not a number of processes. Fix: give 1 or more "
-                        f"(this machine has {os.cpu_count()} cores).")
+                        f"(this process may use {usable_cores()} cores).")
+    workers = workers_within_cores(workers, "prepare", log)
     units = list_units(source, key, document_separator, log)
     dtype = token_dtype(tokenizer.vocab_size)
     plan = _plan(units, tokenizer, text_field, dtype, document_separator, drop_copies)

@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 
 from letrecipes._config import ConfigError, available_configs, errors_as_one_line, load_config, resolve_config_path
 from letrecipes._unknown_recipe import RECIPES
-from letrecipes.components.files import check_writable_folder, describe, environment_errors, replace_atomically
+from letrecipes.components.files import (check_writable_folder, describe, environment_errors, replace_atomically,
+                                         usable_cores)
 from letrecipes.components.preemption import stop_at_once_on_signals
 from letrecipes.components.run_lock import RunLock
 from letrecipes._schema import is_eval_config, validate as validate_config, validate_eval
@@ -256,7 +257,7 @@ def _main(argv=None) -> int:
                       help="the run's config: its data and tokenizer sections are used")
     prep.add_argument("--out", required=True, type=os.path.expanduser,
                       help="folder for the shards and manifest (then data.source=<out>)")
-    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+    prep.add_argument("--workers", type=int, default=max(1, usable_cores() - 1),
                       help="tokenizer processes (default: all cores but one)")
     cont = sub.add_parser("contamination", help="look eval task items up in prepared training data (13-token runs)")
     source = cont.add_mutually_exclusive_group(required=True)
@@ -270,7 +271,7 @@ def _main(argv=None) -> int:
                       help="where an lm-eval task's data is (a local copy of its hub dataset); default: the datasets "
                            "cache")
     cont.add_argument("--ngram", type=int, default=13, help="tokens in a row that make an item contaminated (8+)")
-    cont.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+    cont.add_argument("--workers", type=int, default=max(1, usable_cores() - 1),
                       help="processes scanning the shards (default: all cores but one)")
     cont.add_argument("--cache-dir", default="outputs/cache", type=os.path.expanduser,
                       help="keep the findings here; the same check again reads them (default outputs/cache; '' for none)")

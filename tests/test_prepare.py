@@ -1682,6 +1682,28 @@ def test_workers_share_the_cores_of_units_too_few_for_them():
     assert [s[:2] for s in seen] == [("1", "false")] * 4
 
 
+def test_workers_past_the_cores_this_process_may_use_are_cut_to_them(tokenizer_path, corpus_dir, tmp_path,
+                                                                      monkeypatch):
+    """A cluster's `--workers 64` on an 8-core login node started 64 tokenizing processes, and
+    the default (os.cpu_count() - 1) counted the node's cores, not a job's allocation: 127
+    workers on the 4 cores SLURM gave. Both follow the CPU affinity now."""
+    said = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert prepare_module.workers_within_cores(64, "prepare", said.append) == 3
+    assert said == ["prepare: 64 workers asked for, more than the 3 cores this process may use (its CPU affinity): 3 "
+                    "used (a process past the cores only shares them, with a tokenizer of its own in memory)"]
+    assert prepare_module.workers_within_cores(3, "prepare", said.append) == 3 and len(said) == 1
+    monkeypatch.undo()
+    if shutil.which("taskset") is None:
+        return
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "letrecipes", "prepare-data", "--config",
+                             "pretrain_tiny", "--out", str(tmp_path / "out"), f"tokenizer.path={tokenizer_path}",
+                             f"data.source={corpus_dir}", "--workers", "2"], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "prepare: 2 workers asked for, more than the 1 core this process may use" in \
+        result.stdout and "; 1 worker(s)" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
 def test_ids_only_encoding_of_long_and_short_texts_is_encode_batchs_in_order(tokenizer_path):
     """Preparing keeps the ids only: texts of LONG_TEXT_CHARS or more skip the offsets
     (encode_batch_fast, 1/1.7 of the time), shorter ones do not; the ids, their order and
