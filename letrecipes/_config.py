@@ -226,8 +226,14 @@ def parse(recipe_main: Callable[[DictConfig], None]) -> Callable[[Optional[Seque
 
     @functools.wraps(recipe_main)
     def wrapper(argv: Optional[Sequence[str]] = None) -> None:
-        parser = argparse.ArgumentParser(description=recipe_main.__doc__)
-        parser.add_argument("--config", required=True, help="short config name or YAML path")
+        file = Path(recipe_main.__code__.co_filename)  # its module is __main__ under python -m
+        recipe = f"letrecipes/{file.stem}" if file.parent == Path(__file__).parent else file.stem  # or a user's copy
+        parser = argparse.ArgumentParser(
+            description=recipe_main.__doc__, usage="%(prog)s [-h] --config CONFIG [key=value ...]",
+            epilog=f"shipped configs: {', '.join(available_configs())}. Overrides are key=value pairs, as in torchtune "
+                   f"(max_steps=100 data.seq_len=512); `letrecipes cat <config> [key=value ...]` prints the resolved "
+                   f"config, `letrecipes validate` checks it; `tune run {recipe} --config ...` runs the same.")
+        parser.add_argument("--config", required=True, help="a shipped config's name or a YAML file's path")
         args, overrides = parser.parse_known_args(argv)
         try:
             cfg = load_config(args.config, overrides)

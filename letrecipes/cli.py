@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -347,7 +348,9 @@ def _main(argv=None) -> int:
         else:
             if rest:
                 parser.error(f"unexpected arguments: {rest}")
-            source = recipe_path(args.name) if args.name in RECIPES else resolve_config_path(args.name, RECIPES)
+            # `tune cp` names a recipe letrecipes/let_pretrain; the README's "or letrecipes cp" takes that too
+            recipe = re.sub(r"^letrecipes[/.]|\.py$", "", args.name)
+            source = recipe_path(recipe) if recipe in RECIPES else resolve_config_path(args.name, RECIPES)
             destination = Path(args.destination)
             if destination.is_dir():
                 destination = destination / source.name

@@ -101,11 +101,15 @@ def test_letrecipes_refuses_stray_arguments_and_stops_quietly_when_its_reader_do
 
 
 def test_copy_edit_and_run_a_recipe(base_overrides, teacher_dir, tmp_path):
-    for name, dest in (("let_pretrain", "my_let.py"), ("let_tiny", "my_let.yaml")):
+    # the README's `tune cp letrecipes/let_pretrain my_let.py ... # or letrecipes cp`: letrecipes cp took only let_pretrain
+    for name, dest in (("letrecipes/let_pretrain", "my_let.py"), ("let_tiny", "my_let.yaml")):
         subprocess.run([sys.executable, "-m", "letrecipes", "cp", name, str(tmp_path / dest)], check=True, cwd=REPO)
     recipe = tmp_path / "my_let.py"
     source = recipe.read_text()
     assert "class LETPretrainRecipe" in source
+    helped = subprocess.run([sys.executable, str(recipe), "--help"], capture_output=True, text=True, check=True)
+    assert "[key=value ...]" in helped.stdout and "let_tiny" in helped.stdout and "`tune run my_let --config" in \
+        " ".join(helped.stdout.split())
     # the one change: a different loss weight expression, visible in the logs
     recipe.write_text(source.replace("loss = nll + weight * align", "loss = nll + 2 * weight * align\n"
                                      "        print('MY_LET_LOSS', flush=True) if self.step == 0 else None"))
