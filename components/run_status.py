@@ -64,9 +64,15 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     # step with a checkpoint and no log line exports from it at once); before, such a finished run
     # read as stopped at the earlier logged step
     saved = [s for s in map(step_of, steps) if s is not None]
-    status["step"] = max(([trained[-1]["step"]] if trained else []) + saved, default=None)
-    if saved and (not trained or max(saved) > trained[-1]["step"]):
+    # and an export's step: with save_every=0, a run whose log was lost (its folder removed while it
+    # trained, its records written again at the export) has no other
+    exported = [status["final_step"]] if _count(status["final_step"]) else []
+    logged = [trained[-1]["step"]] if trained else []
+    status["step"] = max(logged + saved + exported, default=None)
+    if saved and max(saved) > max(logged, default=-1):
         status["saved_step"] = max(saved)
+    elif exported and exported[0] > max(logged + saved, default=-1):
+        status["exported_step"] = exported[0]
     owner = live_owner(folder)
     if owner is not None:
         status["state"], status["owner"] = "running", owner
@@ -119,9 +125,10 @@ def describe_status(status: Dict[str, Any]) -> str:
         lines.append("  " + " | ".join(figures))
     else:
         lines.append("  no step logged yet")
-    if status.get("saved_step") is not None:
-        lines.append(f"  step {status['saved_step']}" + (f"/{total}" if total else "")
-                     + " reached by its newest checkpoint (no log line at that step)")
+    for key, by in (("saved_step", "its newest checkpoint"), ("exported_step", "its final export")):
+        if status.get(key) is not None:
+            lines.append(f"  step {status[key]}" + (f"/{total}" if total else "") + f" reached by {by} (no log line "
+                         "at that step)")
     if status.get("val_loss"):
         lines.append(f"  val_loss {status['val_loss']['val_loss']:.4f} at step {status['val_loss']['step']}")
     kept = status["checkpoints"]

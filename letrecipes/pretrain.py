@@ -817,6 +817,7 @@ class PretrainRecipe:
         if not (self.cfg.get("export") or {}).get("enabled", True):
             self.export()
             return
+        self.restore_run_records("export")  # with save_every=0 no save came before to see a removed folder
         latest = self.checkpointer.latest()
         if self.fsdp and (latest is None or step_of(latest) != self.step):  # FSDP exports from a checkpoint
             self.save_checkpoint()
@@ -878,7 +879,7 @@ class PretrainRecipe:
         totals = parallel.all_reduce_sum([float(v) for v in counts.values()], self.device) if counts else []
         return {name: int(total) for name, total in zip(counts, totals)}
 
-    def restore_run_records(self) -> None:
+    def restore_run_records(self, moment: str = "save") -> None:
         """The run folder removed while the run trains (an ``rm -r`` of the wrong folder, a
         scratch filesystem's purge of old files) took the run's records with it; the saves went
         on into a folder that resume and ``letrecipes status`` took for no run's, without a lock
@@ -898,7 +899,7 @@ class PretrainRecipe:
             replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
             self.metrics.jsonl.reopen_if_gone()
         listed = gone[0] if len(gone) == 1 else f"{', '.join(gone[:-1])} and {gone[-1]}"
-        warnings.warn(f"output_dir: {listed} {'were' if len(gone) > 1 else 'was'} gone at step {self.step}'s save (the "
+        warnings.warn(f"output_dir: {listed} {'were' if len(gone) > 1 else 'was'} gone at step {self.step}'s {moment} (the "
                       f"folder {self.output_dir} was removed, or purged, while the run trained): written again, so the "
                       "folder stays this run's (resume=true, letrecipes status)" + (
                           f"; the records logged before are lost: {METRICS_FILE} holds those from here on"

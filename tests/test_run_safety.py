@@ -377,6 +377,21 @@ def test_a_run_folder_removed_while_the_run_trains_gets_its_records_and_lock_bac
     resumed = ok(tune(run, "resume=true", "max_steps=14"))
     assert "step_00000012" in resumed.stdout and (run / "final" / "config.json").is_file()
 
+    # save_every=0: nothing is saved before the export, which sees it; status reads the step from the export
+    only = tmp_path / "only_export"
+    live = subprocess.Popen(command(only, "max_steps=12", "save_every=0", "debug.slow_batches_s=0.3"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    try:
+        wait_until(lambda: len(read_metrics_safely(only)) >= 2, live)
+        shutil.rmtree(only)
+        _, err = live.communicate(timeout=120)
+    finally:
+        live.kill()
+    assert live.returncode == 0 and "were gone at step 12's export" in err, err[-3000:]
+    status = run_status(only)
+    assert status["state"] == "finished" and status["step"] == 12 and status.get("exported_step") == 12, status
+
 
 CLOSING_SCRIPT = """
 import os, signal, sys, time
