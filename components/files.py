@@ -131,9 +131,11 @@ def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: the error line would not
+            err.filename = str(path)
         raise
 
 
@@ -256,7 +258,8 @@ def _virtual_folder(folder: Path) -> bool:
 
 @contextlib.contextmanager
 def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union[str, Callable[[], str]] = "",
-                       then: str = "run the same command again", other_than: Tuple[int, ...] = ()) -> Iterator[None]:
+                       then: str = "run the same command again", other_than: Tuple[int, ...] = (),
+                       fixes: Optional[Dict[str, str]] = None) -> Iterator[None]:
     """Report an ``OSError`` (direct, or wrapped by a library) raised inside as one line:
     ``<key>: <doing> failed: <cause> (<file>). <kept> Fix: <fix>, then ...``.
 
@@ -264,7 +267,8 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
     says it when asked) so a user knows what they can go back to; ``then`` how to go on.
     ``key`` may map config keys to their folders: the one holding the failed path is
     named (the first when none does). Errors that are not about the environment pass
-    through, and so do OS errors whose errno is in ``other_than`` alone.
+    through, and so do OS errors whose errno is in ``other_than`` alone. ``fixes`` gives a
+    key's own fix where the errno's would not say what to change (a temporary folder: TMPDIR).
     """
     try:
         yield
@@ -275,8 +279,10 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
         if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit, BrokenPipeError)):
             raise  # a closed pipe is the reader gone (`| head`), not the storage
         cause, fix = cause_and_fix(os_err)
+        named = _key_for(key, os_err)
+        fix = (fixes or {}).get(named, fix)
         kept_text = kept() if callable(kept) else kept
-        raise StorageError(f"{_key_for(key, os_err)}: {doing} failed: {cause}. "
+        raise StorageError(f"{named}: {doing} failed: {cause}. "
                            f"{kept_text + ' ' if kept_text else ''}Fix: {fix}, then {then}.") from err
 
 

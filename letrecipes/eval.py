@@ -567,12 +567,17 @@ def recipe_main(cfg: DictConfig) -> None:
     recipe = EvalRecipe(cfg)
     paths = {key: Path(str(cfg[key])) for key in ("checkpoint", "output", "export_dir", "tokenizer_path", "task_data")
              if isinstance(cfg.get(key), str) and cfg.get(key)}
+    # last: a config key's folder inside it is named first. The task and document files go there, and a
+    # checkpoint that is not a Hugging Face folder is converted there whole (15 GB at 7B)
+    temporary = {"TMPDIR": Path(tempfile.gettempdir())}
+    fixes = {"TMPDIR": f"free space in {tempfile.gettempdir()}, or point TMPDIR at a folder on a disk with room "
+                       "(export TMPDIR=...), or keep the converted model elsewhere with export_dir="}
     try:
         with errors_as_one_line():
             # an OS error no check of its own named (a failing disk, a lost mount): one line naming its key
             kept = ("What it wrote is whole: output= is replaced once a checkpoint is scored (over a run's folder, the "
                     "same command then scores only the checkpoints it lacks). Fix: run the same command again.")
-            with environment_errors(paths or "checkpoint", "evaluating"), stop_at_once_with_one_line(
+            with environment_errors({**paths, **temporary}, "evaluating", fixes=fixes), stop_at_once_with_one_line(
                     "while evaluating", kept):
                 recipe.setup()
                 recipe.evaluate()  # a run's later checkpoints are converted here: their errors are one line too

@@ -509,6 +509,50 @@ def test_a_curve_report_edited_or_damaged_is_scored_again_not_trusted(tmp_path, 
     assert outcomes["kept"] > 20 and outcomes["scored again"] > 20, outcomes
 
 
+def test_a_full_temporary_folder_is_named_as_tmpdir_with_its_fix(teacher_dir, tmp_path):
+    """The eval writes its task and document files (and a step checkpoint's conversion) under
+    TMPDIR: a full one was `checkpoint: evaluating failed: the disk is full. Fix: free space`,
+    naming neither the folder nor the variable that moves it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)])
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(repo / "tests" / "io_fault.py"), ".jsonl", "ENOSPC", "--",
+                           "letrecipes.eval", "--config", "eval", f"checkpoint={teacher_dir / 'final'}",
+                           f"tasks=[{task}]", "contamination=false"],
+                          cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temporary)})
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and line.startswith(f"error: TMPDIR: evaluating failed: the disk is full ({temporary}/"), \
+        done.stderr[-3000:]
+    assert f"Fix: free space in {temporary}, or point TMPDIR at a folder on a disk with room" in line
+
+
+def test_a_write_that_fails_without_a_file_name_is_named_by_the_file_replaced(tmp_path):
+    """A full disk meets a write, not an open: Python's OSError then names no file, and the
+    one-line error none either. replace_atomically names the file it was replacing."""
+    import errno
+    import resource
+    import signal
+
+    from letrecipes.components.files import replace_atomically
+
+    previous = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, previous[0][1]))  # writes past 1,000 bytes fail: EFBIG
+    try:
+        with pytest.raises(OSError) as err:
+            replace_atomically(tmp_path / "big.json", "x" * 5000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous[0])
+        signal.signal(signal.SIGXFSZ, previous[1])
+    assert err.value.errno == errno.EFBIG and err.value.filename == str(tmp_path / "big.json")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
 def test_a_failing_disk_under_a_checkpoint_costs_its_point_of_the_curve_in_one_line(base_overrides, tmp_path):
     """An input/output error as eval read a run's checkpoint (its format.json, its config.yaml)
     was an OSError traceback that ended the whole curve; the checkpoint is now skipped with
