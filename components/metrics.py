@@ -92,6 +92,7 @@ class JsonlLogger:
     def __init__(self, log_dir: str | Path, resume_step: Optional[int] = None):
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(log_dir) / METRICS_FILE
+        self.failed: Optional[OSError] = None  # a write failed: its error was said
         if resume_step is not None:
             truncate_after(self.path, resume_step)
         self._file = open(self.path, "a" if resume_step is not None else "w", buffering=1)
@@ -116,15 +117,25 @@ class JsonlLogger:
 
     def log_dict(self, payload: Mapping[str, Any], step: int) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in payload.items()}
-        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        try:
+            self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        except OSError as err:  # a full disk meets the write, whose error names no file: the one-line error would not
+            err.filename = err.filename or str(self.path)
+            self.failed = err
+            raise
 
     def log_config(self, config: Any) -> None:
         pass  # the recipe writes <output_dir>/config.yaml itself
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            try:
+                file.close()  # flushes what a failed write left in the buffer: it fails again
+            except OSError as err:
+                if self.failed is None:
+                    err.filename = err.filename or str(self.path)
+                    raise
 
 
 class MetricLogger:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
-from letrecipes.components.files import environment_errors
+from letrecipes.components.files import cause_and_fix, environment_errors, os_error_in
 from letrecipes.components.preemption import (StoppedBeforeTraining, stop_at_once_on_signals,
                                                stop_at_once_with_one_line, stop_with_the_launcher)
 
@@ -350,3 +350,12 @@ def close(cleanup: Callable[[], None], what: str) -> None:
     except StoppedBeforeTraining as stopped:
         if failing is None:
             exit_with_line(f"error: {stopped}")
+    except Exception as err:  # noqa: BLE001 - a closing that fails is said in one line, or not at all
+        if failing is not None:
+            return  # the run's own error line stands (a full disk fails its write, then the file's close again)
+        os_err = os_error_in(err)
+        if os_err is None:
+            raise
+        cause, fix = cause_and_fix(os_err)
+        exit_with_line(f"error: {what} ended, but closing it failed: {cause}. What it wrote before is complete "
+                       f"(checkpoints and export, as the lines above say); its log may lack its last lines. Fix: {fix}.")

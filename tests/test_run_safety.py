@@ -955,6 +955,38 @@ def test_a_write_failure_during_resume_keeps_history_and_checkpoints(tmp_path, s
     assert losses(tmp_path) == losses(straight)
 
 
+def test_a_closing_that_fails_is_one_line_or_leaves_the_runs_own_error_to_stand():
+    import errno
+
+    from letrecipes._config import close
+
+    def failing_close():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/a/metrics.jsonl")
+
+    with pytest.raises(SystemExit) as ended:
+        close(failing_close, "the run")
+    assert str(ended.value.code) == ("error: the run ended, but closing it failed: the disk is full "
+                                     "(/runs/a/metrics.jsonl). What it wrote before is complete (checkpoints and "
+                                     "export, as the lines above say); its log may lack its last lines. Fix: free space.")
+    with pytest.raises(SystemExit, match="error: the run's own line"):
+        try:
+            raise SystemExit("error: the run's own line")
+        finally:
+            close(failing_close, "the run")
+
+
+def test_a_log_that_fills_the_disk_mid_run_is_one_line_naming_it(tmp_path):
+    """metrics.jsonl's write failing mid-run (a full disk, a quota) was said in one line, then
+    the run's closing flushed the same buffered record, failed again, and its traceback hid
+    that line; the write's error named no file either."""
+    ok(tune(tmp_path / "first", "max_steps=1"))  # the token cache, made without the limit
+    run = tmp_path / "run"
+    failed = tune(run, "max_steps=300", "save_every=0", "eval_every=0", preexec=limit_file_size(8192))
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert last_line(failed).startswith(f"error: output_dir: training failed: a file size limit was reached (ulimit "
+                                        f"-f, or the filesystem's) ({run / 'metrics.jsonl'}).")
+
+
 @pytest.mark.parametrize("name", [".run_info.json", ".config.yaml", "metrics.jsonl", "prepared-"])
 def test_a_full_disk_at_the_start_of_a_run_is_one_line_and_the_same_command_goes_on(tmp_path, name):
     """A write of the run's start failing (the disk full as run_info.json, config.yaml or
