@@ -268,7 +268,7 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
     ``key`` may map config keys to their folders: the one holding the failed path is
     named (the first when none does). Errors that are not about the environment pass
     through, and so do OS errors whose errno is in ``other_than`` alone. ``fixes`` gives a
-    key's own fix where the errno's would not say what to change (a temporary folder: TMPDIR).
+    key's own way out beside the errno's fix (a temporary folder: another TMPDIR).
     """
     try:
         yield
@@ -280,7 +280,7 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
             raise  # a closed pipe is the reader gone (`| head`), not the storage
         cause, fix = cause_and_fix(os_err)
         named = _key_for(key, os_err)
-        fix = (fixes or {}).get(named, fix)
+        fix = f"{fix}, or {(fixes or {})[named]}" if named in (fixes or {}) else fix
         kept_text = kept() if callable(kept) else kept
         raise StorageError(f"{named}: {doing} failed: {cause}. "
                            f"{kept_text + ' ' if kept_text else ''}Fix: {fix}, then {then}.") from err

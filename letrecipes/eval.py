@@ -570,8 +570,8 @@ def recipe_main(cfg: DictConfig) -> None:
     # last: a config key's folder inside it is named first. The task and document files go there, and a
     # checkpoint that is not a Hugging Face folder is converted there whole (15 GB at 7B)
     temporary = {"TMPDIR": Path(tempfile.gettempdir())}
-    fixes = {"TMPDIR": f"free space in {tempfile.gettempdir()}, or point TMPDIR at a folder on a disk with room "
-                       "(export TMPDIR=...), or keep the converted model elsewhere with export_dir="}
+    fixes = {"TMPDIR": "point TMPDIR at a folder on another disk (export TMPDIR=...), or keep the converted model "
+                       "elsewhere with export_dir="}
     try:
         with errors_as_one_line():
             # an OS error no check of its own named (a failing disk, a lost mount): one line naming its key
