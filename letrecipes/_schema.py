@@ -434,7 +434,7 @@ def _check(where: str, key: str, value: Any, spec) -> None:
             raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}: values are lowercase, without "
                                    f"spaces. Fix: {where}{key}={meant}.")
         raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}{quoting}. Fix: set {where}{key} to "
-                               f"{text}.")
+                               f"{re.sub(r' [(][^()]*[)]', '', text)}.")  # the reasons were said once
 
 
 def _value_meant(key: str, value: Any) -> Optional[str]:

@@ -797,7 +797,8 @@ def test_keep_last_checkpoints_all_keeps_every_step_and_is_counted_on_the_disk(b
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in range(1, 6)]
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: disk:"))
     assert "(keep_last_checkpoints=all keeps all 5)" in warning
-    with pytest.raises(SystemExit, match="keep_last_checkpoints=0 must be an integer >= 1 \\(0 would keep none"):
+    with pytest.raises(SystemExit, match="keep_last_checkpoints=0 must be an integer >= 1 \\(0 would keep none.*"
+                                         "Fix: set keep_last_checkpoints to an integer >= 1, or all.$"):
         run_pretrain(*base_overrides, f"output_dir={tmp_path / 'none'}", "keep_last_checkpoints=0")
 
 
