@@ -325,7 +325,8 @@ def run_folder_hint(path: Path, key: str, source: Optional[str] = None, wants_mo
 
 
 def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
-                   overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export") -> Path:
+                   overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
+                   out_key: Optional[str] = None) -> Path:
     """Any model the teacher loaders read (a GGUF file, a pre-0.2 letrecipes export, a
     Llama-shaped Hugging Face folder) -> a Hugging Face folder. The model is held whole,
     in ``dtype``: these are teacher-sized models."""
@@ -337,14 +338,17 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
                            key="checkpoint", path_key=key)
     tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
-    return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb)
+    return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
+                        key=out_key or key)
 
 
 def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
-               overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export") -> Path:
+               overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
+               out_key: Optional[str] = None) -> Path:
     """``letrecipes export``: a step checkpoint (read tensor by tensor) or any model file the
     teacher loaders read -> a Hugging Face folder. ``key`` begins the errors about ``source``
-    (the eval recipe's is ``checkpoint``)."""
+    (the eval recipe's is ``checkpoint``), ``out_key`` those about writing ``out_dir`` (the
+    eval's: ``export_dir``, or ``TMPDIR`` for its temporary copy); by default ``key`` too."""
     from letrecipes.components.files import nearby
     from letrecipes.components.teachers import resolve_path
 
@@ -359,16 +363,17 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
         raise ExportError(f"{key}: nothing at {str(source)!r}.{' ' + seen if seen else ''} Fix: give a step checkpoint "
                           "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
     if is_step_checkpoint(path):
-        return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key)
+        return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key, out_key=out_key)
     hint = run_folder_hint(path, key, source=str(source))
     if hint:
         raise ExportError(hint)
-    return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb, key=key)
+    return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb, key=key, out_key=out_key)
 
 
 def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
                       overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
-                      verify: bool = True, then: str = "run the same command again") -> Path:
+                      verify: bool = True, then: str = "run the same command again",
+                      out_key: Optional[str] = None) -> Path:
     """A DCP step checkpoint -> a Hugging Face folder, offline (``letrecipes export``).
 
     The model's shape and tokenizer come from the run's ``config.yaml`` (two folders up);
@@ -388,11 +393,12 @@ def export_checkpoint(checkpoint: Union[str, Path], out_dir: Union[str, Path], d
                           "metadata: its save never finished). Fix: give a folder like "
                           "<output_dir>/checkpoints/step_00000100 whose save completed.")
     with held_for_reading(checkpoint, key):  # a live run's rotation passes it over until this is done
-        return _export_checkpoint(checkpoint, run_config, out_dir, dtype, overwrite, max_shard_mb, key, verify, then)
+        return _export_checkpoint(checkpoint, run_config, out_dir, dtype, overwrite, max_shard_mb, key, verify, then,
+                                  out_key or key)
 
 
 def _export_checkpoint(checkpoint: Path, run_config: Path, out_dir: Path, dtype: torch.dtype, overwrite: bool,
-                       max_shard_mb: int, key: str, verify: bool, then: str) -> Path:
+                       max_shard_mb: int, key: str, verify: bool, then: str, out_key: str) -> Path:
     from omegaconf import OmegaConf
 
     from letrecipes.components import registry
@@ -417,4 +423,4 @@ def _export_checkpoint(checkpoint: Path, run_config: Path, out_dir: Path, dtype:
                                max_seq_len=model_max_seq_len(cfg.model, int(cfg.data.seq_len)),
                                vocab_size=cfg.model.get("vocab_size") or padded_vocab_size(tokenizer.vocab_size))
     return write_hf_folder(checkpoint_tensors(checkpoint), model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
-                           key=key, then=then, step=step_of(checkpoint))
+                           key=out_key, then=then, step=step_of(checkpoint))

@@ -212,7 +212,8 @@ class EvalRecipe:
             self.holding.enter_context(held_for_reading(path, "checkpoint"))
             folder = path
         else:  # a conversion holds what it reads itself, and writes our own copy
-            folder = export_any(path, target, self.dtype, overwrite=True, key="checkpoint")
+            folder = export_any(path, target, self.dtype, overwrite=True, key="checkpoint",
+                                out_key="export_dir" if keep else "TMPDIR")
         check_model_config(folder)
         check_quantized_model(folder)
         check_model_weights(folder)

@@ -509,10 +509,11 @@ def test_a_curve_report_edited_or_damaged_is_scored_again_not_trusted(tmp_path, 
     assert outcomes["kept"] > 20 and outcomes["scored again"] > 20, outcomes
 
 
-def test_a_full_temporary_folder_is_named_as_tmpdir_with_its_fix(teacher_dir, tmp_path):
+def test_a_full_temporary_folder_is_named_as_tmpdir_with_its_fix(base_overrides, teacher_dir, tmp_path):
     """The eval writes its task and document files (and a step checkpoint's conversion) under
     TMPDIR: a full one was `checkpoint: evaluating failed: the disk is full. Fix: free space`,
-    naming neither the folder nor the variable that moves it."""
+    naming neither the folder nor the variable that moves it (the conversion's: `checkpoint:
+    writing the export into ...`)."""
     import os
     import subprocess
     import sys
@@ -525,11 +526,29 @@ def test_a_full_temporary_folder_is_named_as_tmpdir_with_its_fix(teacher_dir, tm
     done = subprocess.run([sys.executable, str(repo / "tests" / "io_fault.py"), ".jsonl", "ENOSPC", "--",
                            "letrecipes.eval", "--config", "eval", f"checkpoint={teacher_dir / 'final'}",
                            f"tasks=[{task}]", "contamination=false"],
-                          cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(temporary)})
+                          cwd=repo, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(temporary)})
     line = done.stderr.strip().splitlines()[-1]
-    assert done.returncode == 1 and line.startswith(f"error: TMPDIR: evaluating failed: the disk is full ({temporary}/"), \
-        done.stderr[-3000:]
+    assert done.returncode == 1 and line.startswith(
+        f"error: TMPDIR: evaluating failed: the disk is full ({temporary}/"), done.stderr[-3000:]
     assert "Fix: free space, or point TMPDIR at a folder on another disk (export TMPDIR=...)" in line
+
+    from letrecipes import pretrain
+
+    run = tmp_path / "run"
+    pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={run}", "max_steps=2",
+                          "save_every=2", "eval_every=0"])
+    step = run / "checkpoints" / "step_00000002"
+    for destination, key in ((None, "TMPDIR"), (tmp_path / "kept", "export_dir")):
+        done = subprocess.run([sys.executable, str(repo / "tests" / "io_fault.py"), "config.json", "ENOSPC", "--",
+                               "letrecipes.eval", "--config", "eval", f"checkpoint={step}",
+                               f"tasks=[{task}]", "contamination=false",
+                               *([f"export_dir={destination}"] if destination else [])],
+                              cwd=repo, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TMPDIR": str(temporary)})
+        line = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 1 and line.startswith(f"error: {key}: writing the export into "
+                                                        f"{destination or temporary}"), done.stderr[-3000:]
 
 
 def test_a_write_that_fails_without_a_file_name_is_named_by_the_file_replaced(tmp_path):
