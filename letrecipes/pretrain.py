@@ -883,9 +883,11 @@ class PretrainRecipe:
         """The run folder removed while the run trains (an ``rm -r`` of the wrong folder, a
         scratch filesystem's purge of old files) took the run's records with it; the saves went
         on into a folder that resume and ``letrecipes status`` took for no run's, without a lock
-        that kept a second launch out. Before each save the records are written again, said."""
-        if not self.is_main:
-            return
+        that kept a second launch out. Before each save the records are written again, said.
+        Rank 0 writes them; if that fails, every rank stops alike (not in the save's collective)."""
+        parallel.on_rank0(lambda: self._restore_run_records(moment))
+
+    def _restore_run_records(self, moment: str) -> None:
         gone = [name for name in ("run_info.json", "config.yaml", METRICS_FILE)
                 if not (self.output_dir / name).exists()]
         if self.checkpointer.take_back_lock():
