@@ -139,6 +139,14 @@ def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
         raise
 
 
+def names_the_open_file(path: Union[str, Path], fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed, nor replaced by another)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def usable_cores() -> int:
     """The cores this process may run on: its CPU affinity, which a batch scheduler's allocation
     sets (4 cores of a 128-core node under SLURM), not the node's count that os.cpu_count() gives."""

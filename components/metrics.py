@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import cut_at
+from letrecipes.components.files import cut_at, names_the_open_file
 from letrecipes.components.progress import clock
 from letrecipes.components.registry import ComponentError
 
@@ -100,13 +100,8 @@ class JsonlLogger:
     def reopen_if_gone(self) -> bool:
         """Start the file again where it was removed (with its folder) while the run wrote
         it: the records would go on into a file nobody can open. True when it was."""
-        if self._file is None:
+        if self._file is None or names_the_open_file(self.path, self._file.fileno()):
             return False
-        try:
-            if os.fstat(self._file.fileno()).st_ino == os.stat(self.path).st_ino:
-                return False
-        except FileNotFoundError:
-            pass
         self._file.close()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import environment_errors
+from letrecipes.components.files import environment_errors, names_the_open_file
 
 LOCK_FILE = ".letrecipes.lock"
 
@@ -74,11 +74,7 @@ class RunLock:
                 raise RunLockError(self._busy(describe(taken)))
             # The file may have been released and unlinked between our open and our flock:
             # then we hold a lock on a name nobody sees. Start over on the current file.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
+            if names_the_open_file(self.path, fd):
                 break
             os.close(fd)
         stale = self._read(fd)
@@ -103,13 +99,8 @@ class RunLock:
         held it): a lock on a name nobody sees guards nothing, and a second launch would take the
         folder. True when it was taken again; a launch that took it meanwhile raises
         :class:`RunLockError` naming it."""
-        if self._fd is None:
+        if self._fd is None or names_the_open_file(self.path, self._fd):
             return False
-        try:
-            if os.fstat(self._fd).st_ino == os.stat(self.path).st_ino:
-                return False
-        except FileNotFoundError:
-            pass
         os.close(self._fd)
         self._fd, made_folder = None, self._made_folder
         self.acquire(log=log)
