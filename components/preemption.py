@@ -132,6 +132,24 @@ class StoppedBeforeTraining(LetRecipesError):
     an export, an evaluation)."""
 
 
+def _left_to_the_forked_child(installer: int, signum: int) -> bool:
+    """True in a process forked from the one that installed the handler: a library's worker
+    pool (lm-eval's bootstrap, ``datasets``' map) inherits the handler, but what it does
+    belongs to the run's own process. There the signal does what it would without us: a
+    notice is ignored (the run's process acts on it), anything else ends the worker, as the
+    pool that sends it expects. A handler that raised in a pool worker had its error caught
+    by the worker's task loop, which went back to wait on a queue whose lock the pool held
+    while it waited for that worker to end: ``Pool.terminate()`` hung for good."""
+    if os.getpid() == installer:
+        return False
+    if signum in NOTICE_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+        return True
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return True
+
+
 @contextmanager
 def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
     """While there is no step to finish and nothing to save (a run's setup: preparing the
@@ -143,7 +161,11 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
         yield
         return
 
+    installer = os.getpid()
+
     def handle(signum, frame):
+        if _left_to_the_forked_child(installer, signum):
+            return
         raise StoppedBeforeTraining(f"stopped by {signal.Signals(signum).name} {during}. {kept}")
 
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS if _handled(sig)}
@@ -250,9 +272,11 @@ class GracefulStop:
         self.notice = "finishing this step, then saving a checkpoint"
         self.first_at_once: Optional[Callable[[str], str]] = None
         self._previous: Dict[int, object] = {}
+        self._installer = os.getpid()
         self.parent = os.getppid() if _under_torchrun() else None  # torchrun's agent
 
     def install(self) -> "GracefulStop":
+        self._installer = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
             for sig in filter(_handled, SIGNALS):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -264,6 +288,8 @@ class GracefulStop:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if _left_to_the_forked_child(self._installer, signum):
+            return
         name = signal.Signals(signum).name
         if self.first_at_once is not None:  # nothing to save: no reason to wait for the work in progress
             self.uninstall()

@@ -280,6 +280,68 @@ def test_ctrl_c_stops_gracefully_and_a_second_signal_at_once(tmp_path):
     assert "survived\n" in echoed.stdout and "at once:" not in echoed.stdout, echoed.stdout + echoed.stderr
 
 
+FORKED_WORKER = """
+import multiprocessing, os, signal, sys, time
+from letrecipes.components.preemption import GracefulStop, stop_at_once_on_signals
+
+def worker():  # a pool's task loop: it catches the errors of its tasks and goes on
+    while True:
+        try:
+            time.sleep(0.02)
+        except Exception as err:
+            print("worker caught", type(err).__name__, flush=True)
+
+def ended_by(sig, wait=10):
+    child = os.fork()
+    if child == 0:
+        try:
+            worker()
+        finally:
+            os._exit(0)
+    time.sleep(0.3)
+    os.kill(child, sig)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(child, os.WNOHANG)
+        if pid:
+            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        time.sleep(0.05)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    return "still running"
+
+def check():
+    print("SIGTERM:", ended_by(signal.SIGTERM), "SIGUSR1:", ended_by(signal.SIGUSR1, wait=1),
+          "SIGINT:", ended_by(signal.SIGINT))
+    # a pool closed while its tasks run (lm-eval's, on any error in its loop) sends SIGTERM to them
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map_async(time.sleep, [30] * 4)
+        time.sleep(0.5)
+    print("pool closed", flush=True)
+
+if sys.argv[1] == "graceful":
+    stop = GracefulStop().install()
+    check()
+    print("run asked to stop:", stop.requested)
+else:
+    with stop_at_once_on_signals("evaluating", "nothing kept"):
+        check()
+"""
+
+
+@pytest.mark.parametrize("installed", ["graceful", "at_once"])
+def test_a_forked_pool_worker_ends_on_sigterm_as_its_pool_expects_and_leaves_notices_to_the_run(installed):
+    """lm-eval's bootstrap (a fork Pool) hung an eval for good: the pool's SIGTERM met the
+    eval's inherited handler in a worker, whose task loop caught its error and waited on."""
+    done = subprocess.run([sys.executable, "-c", FORKED_WORKER, installed], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "SIGTERM: -15 SIGUSR1: still running SIGINT: -2\npool closed" in done.stdout, done.stdout + done.stderr
+    assert "worker caught" not in done.stdout and "received" not in done.stdout + done.stderr
+    if installed == "graceful":
+        assert "run asked to stop: False" in done.stdout
+
+
 def test_ctrl_c_pressed_twice_stops_a_slow_save_at_once_in_one_line_and_the_run_resumes(tmp_path):
     """The second Ctrl-C lands in the checkpoint save the first asked for (held 60 s here, a
     slow filesystem): the run ends within seconds in one line saying what is kept, without
