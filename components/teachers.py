@@ -23,6 +23,7 @@ A path may name a file shipped inside an installed Python package as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -289,6 +290,23 @@ def teacher_format(section: Mapping[str, Any], key: str = "teacher", path_key: O
     return fmt
 
 
+@contextlib.contextmanager
+def _naming_the_key(key: str, path_key: str):
+    """A format's error begins with the key it comes from. The loaders name their weight
+    files as teacher.path's (another key's under ``letrecipes export`` or a second teacher),
+    and a config.json they cannot build by its file alone ("/models/bert/config.json:
+    architecture ['BertModel'] is not supported"), which left the line without its key."""
+    try:
+        yield
+    except TeacherError as err:
+        said, prefix = str(err), "teacher.path: "
+        if said.startswith(prefix):
+            said = said[len(prefix):]
+        elif said.startswith((f"{key}.", f"{key}:", f"{path_key}:")):
+            raise
+        raise TeacherError(f"{path_key}: {said}") from err
+
+
 def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher",
                  path_key: Optional[str] = None) -> Teacher:
     """Load the frozen teacher a ``teacher`` config section describes. ``path_key``: what
@@ -297,13 +315,8 @@ def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = 
     path = existing_path(section.get("path") or "", path_key or f"{key}.path")
     if parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype") == torch.bfloat16:
         check_bf16_device(device, f"{key}.dtype")
-    try:
+    with _naming_the_key(key, path_key or f"{key}.path"):
         teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
-    except TeacherError as err:  # the loaders name their weight files as teacher.path's: another key's here
-        said, prefix = str(err), "teacher.path: "
-        if path_key and path_key != "teacher.path" and said.startswith(prefix):
-            raise TeacherError(f"{path_key}: {said[len(prefix):]}") from err
-        raise
     if not isinstance(teacher, Teacher):
         raise TeacherError(f"{key}: the format {type(fmt).__name__} returned a {type(teacher).__name__}, not a "
                            "Teacher. Fix: wrap the model in letrecipes.components.teachers.Teacher.")
@@ -354,12 +367,13 @@ def describe_teacher(section: Mapping[str, Any], key: str = "teacher", check_wei
     ``check_weights``: its weight files are checked whole as well (headers only)."""
     fmt = teacher_format(section, key)
     path = existing_path(section.get("path") or "", f"{key}.path")
-    try:
-        args = fmt.describe(path)
-    except NotImplementedError:
-        args = None
-    if check_weights:  # after the metadata: what it rules out is said first, whatever the weights
-        fmt.check_weights(path)
+    with _naming_the_key(key, f"{key}.path"):
+        try:
+            args = fmt.describe(path)
+        except NotImplementedError:
+            args = None
+        if check_weights:  # after the metadata: what it rules out is said first, whatever the weights
+            fmt.check_weights(path)
     return args
 
 

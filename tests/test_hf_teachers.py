@@ -128,6 +128,12 @@ def _edit_config(path, **changes):
 def test_unknown_architecture_is_named(tmp_path):
     message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GemmaForCausalLM"], model_type="gemma"))
     assert "GemmaForCausalLM" in message and "config.json" in message and "LlamaForCausalLM" in message
+    # the line begins with its key, whichever reads the config: the loader, or the recipe's check before any step
+    assert message.startswith(f"teacher.path: {tmp_path / 'config.json'}: architecture ['GemmaForCausalLM']")
+    with pytest.raises(TeacherError, match=r"^teacher\.path: .*config\.json: architecture"):
+        describe_teacher({"_component_": "huggingface", "path": str(tmp_path)}, check_weights=True)
+    with pytest.raises(TeacherError, match=r"^student\.path: .*config\.json: architecture"):
+        load_teacher({"_component_": "huggingface", "path": str(tmp_path), "dtype": "fp32"}, path_key="student.path")
 
 
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
