@@ -400,9 +400,14 @@ def init_weights(model: TransformerDecoder, std: float = 0.02) -> None:
 def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> TransformerDecoder:
     """Build and (unless ``init_std`` is None) initialise a decoder from scratch."""
     if init_std is not None and not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool)
-                                     and 0 <= init_std < float("inf")):
-        raise ComponentError(f"model.init_std={init_std!r} must be a finite number >= 0 (0.02 is usual), or null. "
-                             "Fix: set model.init_std to one.")
+                                     and 0 < init_std < float("inf")):
+        # 0 zeroes every weight, and no gradient reaches a network of zeros: the loss stayed at
+        # ln(vocabulary) with grad_norm 0 for the whole run
+        raise ComponentError(f"model.init_std={init_std!r} must be a finite number > 0 (0.02 is usual), or null for "
+                             "no initialisation (weights loaded afterwards)"
+                             + (": 0 makes every weight zero, and no gradient reaches a network of zeros"
+                                if init_std == 0 and not isinstance(init_std, bool) else "")
+                             + ". Fix: set model.init_std to one, like 0.02.")
     model = llama(args)
     if init_std is not None:
         init_weights(model, std=init_std)

@@ -27,7 +27,9 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import traceback
+import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
@@ -201,11 +203,16 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
     default = None if parameter.default is inspect.Parameter.empty else parameter.default
     annotation = parameter.annotation if isinstance(parameter.annotation, (str, type)) else None
     annotation = getattr(annotation, "__name__", annotation)
-    expected = type(default) if default is not None else SIMPLE_TYPES.get(annotation)
+    plain = SIMPLE_TYPES.get(annotation)  # `int`, not `Optional[int]`: None is no value of it
     if value is None:  # "the library's own choice", where the argument takes None
-        plain = SIMPLE_TYPES.get(annotation)  # `int`, not `Optional[int]`: None is no value of it
         refused = plain is not None and (parameter.default is inspect.Parameter.empty or default is not None)
         return _KIND_NAMES[plain] if refused else None
+    # What the annotation says comes first, then the default's kind, and a default of 0 says "a
+    # number" unless it is annotated int: libraries write `momentum: float = 0` (torch's SGD, and
+    # `weight_decay: float | Tensor = 0`), and taking the 0 for an int refused momentum=0.9
+    expected = plain or _annotated_number(parameter.annotation) or (type(default) if default is not None else None)
+    if expected is int and plain is not int and type(default) is int:
+        expected = float
     if expected is bool:
         return None if isinstance(value, bool) else "true or false"
     if expected is int:
@@ -219,6 +226,14 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
         return None if ok else f"a list of {len(default)} numbers, like {list(default)}"
     return None
+
+
+def _annotated_number(annotation: Any) -> Optional[type]:
+    """float for an annotation that takes a float among other kinds (``float | Tensor``,
+    ``Optional[float]``, or the same as a string), int for one that takes an int and no float."""
+    names = set(re.findall(r"\b(int|float)\b", annotation)) if isinstance(annotation, str) else {
+        getattr(kind, "__name__", None) for kind in typing.get_args(annotation)}
+    return float if "float" in names else int if "int" in names else None
 
 
 def _where(err: BaseException) -> str:

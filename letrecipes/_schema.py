@@ -622,6 +622,13 @@ def _rehearse_optimizer(values: Dict[str, Any]) -> None:
     groups = [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "weight_decay": decay},
               {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0}]
     optimizer = registry.build("optimizer", optimizer_spec, "optimizer", groups)
+    eps = optimizer.param_groups[0].get("eps")
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps == 0:
+        # torch takes it; a row of the embedding whose token has not been in a batch yet has a
+        # zero gradient, and Adam's update of it is 0 / (sqrt(0) + 0): NaN from the first step
+        raise ConfigValueError("config key optimizer.eps=0: the update divides by sqrt(v) + eps, and a weight whose "
+                               "gradient has been 0 so far (the embedding row of a token not yet seen) becomes NaN at "
+                               "the first step. Fix: optimizer.eps=1e-8 (torch's default), or any number > 0.")
     registry.build("lr_scheduler", values["lr_scheduler"], "lr_scheduler", optimizer,
                    total_steps=int(values.get("max_steps") or 1))
 

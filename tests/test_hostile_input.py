@@ -101,7 +101,12 @@ def test_bad_config_values_damage_nothing(base_overrides, finished_run, override
     ("optimizer.lr=-1", "optimizer: cannot build 'torch.optim.AdamW': Invalid learning rate: -1."),
     ("optimizer.betas=[0.9,1.5]", "Invalid beta parameter at index 1: 1.5"),
     ("lr_scheduler.min_lr_ratio=2", "lr_scheduler.min_lr_ratio=2 must be in [0, 1]"),
-], ids=["negative-lr", "beta-above-one", "schedule-ratio"])
+    # torch takes eps=0, and the embedding rows of tokens not yet seen became NaN at the first step
+    ("optimizer.eps=0", "config key optimizer.eps=0: the update divides by sqrt(v) + eps"),
+    # every weight zero: grad_norm 0 and the loss at ln(vocabulary) for the whole run
+    ("model.init_std=0", "model.init_std=0 must be a finite number > 0 (0.02 is usual), or null for no "
+                         "initialisation (weights loaded afterwards): 0 makes every weight zero"),
+], ids=["negative-lr", "beta-above-one", "schedule-ratio", "eps-zero", "init-std-zero"])
 def test_values_the_optimizer_refuses_are_named_before_the_data_is_prepared(base_overrides, corpus_dir, tmp_path,
                                                                              override, match):
     """Before, the optimizer was first built after the corpus was tokenized: hours, at scale."""

@@ -71,7 +71,7 @@ def test_a_model_size_of_the_wrong_kind_is_one_error_naming_the_key():
                              ("rope_scaling", {"factor": "x", "low_freq_factor": 1, "high_freq_factor": 4,
                                                "original_max_position_embeddings": 8},
                               "model.rope_scaling.factor='x' must be a finite number > 0"),
-                             ("init_std", -1, "model.init_std=-1 must be a finite number >= 0")]:
+                             ("init_std", -1, "model.init_std=-1 must be a finite number > 0")]:
         with pytest.raises(ComponentError, match=re.escape(said)):
             llama_model(**{**good, key: value})
     assert count_parameters(llama_model(**good)) > 0

@@ -1,6 +1,7 @@
 import re
 import sys
 import textwrap
+from typing import Optional
 
 import pytest
 import torch
@@ -144,3 +145,28 @@ def test_a_component_name_that_is_not_a_name_is_one_error(name):
     with pytest.raises(registry.ComponentError, match=r"teacher._component_=.* is not a component name. Fix: a "
                                                       r"registered short name for teacher_loader \(auto, gguf, "):
         registry.resolve("teacher_loader", name, key="teacher._component_")
+
+
+@pytest.mark.parametrize("optimizer, options", [
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1, "dampening": 0.5}),
+    ("adam", {"lr": 3e-4, "weight_decay": 0.1}),
+    ("torch.optim.RMSprop", {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.01}),
+    ("torch.optim.Adagrad", {"lr": 1e-2, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+])
+def test_a_float_argument_whose_default_is_written_0_takes_a_fraction(optimizer, options):
+    """torch writes `momentum: float = 0`; the check took the 0 for an int and refused
+    optimizer.momentum=0.9 for SGD ("must be an integer")."""
+    built = build("optimizer", {"_component_": optimizer, **options}, "optimizer", [torch.nn.Parameter(torch.zeros(2))])
+    assert all(built.param_groups[0][name] == value for name, value in options.items())
+
+
+def test_an_argument_annotated_int_still_refuses_a_fraction_and_a_number_refuses_text():
+    def schedule(optimizer, warmup_steps: int = 0, every: "Optional[int]" = None, ratio: "float | None" = 0,
+                 decay=0):
+        return None
+
+    for option, value, said in (("warmup_steps", 2.5, "an integer"), ("every", 2.5, "an integer"),
+                                ("ratio", "high", "a number"), ("decay", "high", "a number")):
+        with pytest.raises(ComponentError, match=rf"config key s\.{option}={value!r} must be {said} for 'f'"):
+            registry.check_arguments(schedule, {option: value}, "s", "f")
+    registry.check_arguments(schedule, {"every": 3, "ratio": 0.5, "decay": 0.5}, "s", "f")
