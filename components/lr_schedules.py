@@ -10,18 +10,48 @@
 - ``warmup_constant``: the full rate after the warmup, no decay.
 
 All are ``LambdaLR`` factors of the optimizer's ``lr``; the recipe passes ``total_steps``
-(``max_steps``).
+(``max_steps``). Any other schedule works by its dotted path: torch's
+(``torch.optim.lr_scheduler.StepLR``, ``OneCycleLR``), torchtune's
+(``torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup``), your own; the
+recipe gives it the run's length under the name it takes for it (:func:`run_length`).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, Dict, Mapping
 
+from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from letrecipes.components.registry import ComponentError, register
+from letrecipes.components.registry import ComponentError, register, resolve
+
+# The names schedules give the run's length: ours and torch's OneCycleLR take total_steps,
+# torchtune's and transformers' get_*_schedule functions num_training_steps. Passing
+# total_steps to every schedule made torch's StepLR or torchtune's cosine unusable ("got an
+# unexpected keyword argument 'total_steps'", which no config key could remove).
+RUN_LENGTH_NAMES = ("total_steps", "num_training_steps")
+
+
+def run_length(spec: Any, max_steps: int) -> Dict[str, int]:
+    """``{name: max_steps}`` under the name by which ``spec``'s schedule takes the run's
+    length; empty for one that takes none (StepLR, CosineAnnealingLR with its own T_max)."""
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    name = spec if isinstance(spec, str) else spec.get("_component_") if isinstance(spec, Mapping) else None
+    if not isinstance(name, str) or not name:
+        return {"total_steps": max_steps}  # the build that follows names what is wrong with the spec
+    try:
+        parameters = inspect.signature(resolve("lr_scheduler", name, key="lr_scheduler._component_")).parameters
+    except (TypeError, ValueError):
+        return {"total_steps": max_steps}
+    for length in RUN_LENGTH_NAMES:
+        if length in parameters:
+            return {length: max_steps}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return {"total_steps": max_steps} if takes_any else {}
 
 # how the rate falls as the decay's progress p goes from 0 to 1 (1 at its start, 0 at its end)
 DECAYS = {"cosine": lambda p: 0.5 * (1.0 + math.cos(math.pi * p)), "linear": lambda p: 1.0 - p,

@@ -71,13 +71,19 @@ def register(kind: str, name: str) -> Callable[[Callable], Callable]:
 
     def decorator(obj: Callable) -> Callable:
         existing = _REGISTRY[kind].get(name)
-        if existing is not None and existing is not obj:
-            qualname = f"{existing.__module__}.{existing.__qualname__}"
-            raise ComponentError(f"{kind} {name!r} is already registered by {qualname}")
+        # the same definition again is its module imported anew (importlib.reload in a notebook, an
+        # edited file run again): it replaces the old one; before, the second import was refused
+        if existing is not None and existing is not obj and _defined_at(existing) != _defined_at(obj):
+            raise ComponentError(f"{kind} {name!r} is already registered by {_defined_at(existing)}. Fix: register "
+                                 f"{_defined_at(obj)} under another name.")
         _REGISTRY[kind][name] = obj
         return obj
 
     return decorator
+
+
+def _defined_at(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
 
 
 def registered(kind: str) -> Dict[str, Callable[..., Any]]:
@@ -155,10 +161,11 @@ ARGUMENT_NAMES: Dict[str, tuple] = {
 }
 
 # where a value the recipe passes to a component comes from, for the error that says so
-RECIPE_SETS = {"total_steps": ", from max_steps", "vocab_size": ", from the tokenizer or model.vocab_size",
+RECIPE_SETS = {"total_steps": ", from max_steps", "num_training_steps": ", from max_steps", "vocab_size": ", from the tokenizer or model.vocab_size",
                "student_dim": ", the student's width", "teacher_dim": ", the teacher's width",
                "max_seq_len": ", from data.seq_len or model.max_seq_len"}
-RECIPE_FIX = {"total_steps": " and set max_steps (the schedule spans the run)"}
+RECIPE_FIX = {"total_steps": " and set max_steps (the schedule spans the run)",
+              "num_training_steps": " and set max_steps (the schedule spans the run)"}
 
 SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 

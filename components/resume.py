@@ -198,6 +198,19 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> List[Dict[str, Any]]
     return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
 
 
+def check_schedule_length(lr_scheduler: Any, max_steps: int) -> None:
+    """A schedule that keeps its length in its state (torch's OneCycleLR: ``total_steps``)
+    comes back from the checkpoint with the old one; trained past it, torch raised "Tried to
+    step 5 times" at the first step beyond. Ours, and torchtune's, read the length from the
+    config, so their rate follows a new ``max_steps``."""
+    kept = getattr(lr_scheduler, "total_steps", None)
+    if isinstance(kept, int) and not isinstance(kept, bool) and kept != max_steps:
+        raise ResumeChangeError(
+            f"resume: lr_scheduler ({type(lr_scheduler).__name__}) keeps its length in the checkpoint, "
+            f"total_steps={kept}, and this resume trains to max_steps={max_steps}. Fix: max_steps={kept}, or a "
+            "schedule whose length follows max_steps (warmup_cosine, warmup_stable_decay) for a run that changes it.")
+
+
 def apply_settings(optimizer: torch.optim.Optimizer, settings: List[Dict[str, Any]], lr_scheduler: Any) -> None:
     """After a resume loaded the old hyperparameters: put the config's back, and move the
     schedule onto the new base rates at the step it reached (its state keeps the step)."""
@@ -206,7 +219,14 @@ def apply_settings(optimizer: torch.optim.Optimizer, settings: List[Dict[str, An
     if hasattr(lr_scheduler, "base_lrs"):
         lr_scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups if "initial_lr" in group] \
             or lr_scheduler.base_lrs
-    if hasattr(lr_scheduler, "lr_lambdas"):  # LambdaLR: the rate is a closed form of the step
-        for group, base, factor in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas):
-            group["lr"] = base * factor(lr_scheduler.last_epoch)
+    rates = None
+    if hasattr(lr_scheduler, "lr_lambdas"):  # LambdaLR (ours, torchtune's): the rate is a closed form of the step
+        rates = [base * factor(lr_scheduler.last_epoch)
+                 for base, factor in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+    elif hasattr(lr_scheduler, "_get_closed_form_lr"):  # torch's StepLR, CosineAnnealingLR, LinearLR, ...
+        # they step from the group's current rate; their closed form gives the new base's rate at this step
+        rates = list(lr_scheduler._get_closed_form_lr())
+    for group, rate in zip(optimizer.param_groups, rates or []):
+        group["lr"] = rate
+    if hasattr(lr_scheduler, "_last_lr"):  # what the log reports: the rate the next step uses
         lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -614,6 +614,7 @@ def _rehearse_optimizer(values: Dict[str, Any]) -> None:
     import torch
 
     from letrecipes.components import registry
+    from letrecipes.components.lr_schedules import run_length
 
     if not (isinstance(values.get("optimizer"), (dict, str)) and isinstance(values.get("lr_scheduler"), (dict, str))):
         return
@@ -630,7 +631,7 @@ def _rehearse_optimizer(values: Dict[str, Any]) -> None:
                                "gradient has been 0 so far (the embedding row of a token not yet seen) becomes NaN at "
                                "the first step. Fix: optimizer.eps=1e-8 (torch's default), or any number > 0.")
     registry.build("lr_scheduler", values["lr_scheduler"], "lr_scheduler", optimizer,
-                   total_steps=int(values.get("max_steps") or 1))
+                   **run_length(values["lr_scheduler"], int(values.get("max_steps") or 1)))
 
 
 def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:

@@ -43,6 +43,7 @@ from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tf
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model, exported_step
 from letrecipes.components.files import environment_errors, replace_atomically
+from letrecipes.components.lr_schedules import run_length
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
 from letrecipes.components.metrics import (METRICS_FILE, MetricLogger, StepTimer, build_metric_loggers,
@@ -220,7 +221,7 @@ class PretrainRecipe:
         self.optimizer = registry.build("optimizer", cfg.optimizer, "optimizer",
                                         self._param_groups(float(cfg.optimizer.get("weight_decay", 0.0))))
         self.lr_scheduler = registry.build("lr_scheduler", cfg.lr_scheduler, "lr_scheduler", self.optimizer,
-                                           total_steps=self.max_steps)
+                                           **run_length(cfg.lr_scheduler, self.max_steps))
         for line in schedule_warnings(cfg, self.max_steps):
             self.log(line)
         self.divergence = DivergenceGuard(**(cfg.get("divergence") or {}))
@@ -232,6 +233,7 @@ class PretrainRecipe:
         if resume_from is not None:
             settings = resume.optimizer_settings(self.optimizer)
             self.checkpointer.load(resume_from)
+            resume.check_schedule_length(self.lr_scheduler, self.max_steps)
             self.log(f"resumed from {resume_from} at step {self.step}")
             self.checkpointer.set_aside_later(resume_from)  # the run goes on from here, not from a later one
             if cfg.get("init_from"):  # a requeued job repeats its first command: said, not refused

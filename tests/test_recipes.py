@@ -672,3 +672,44 @@ def test_the_host_reads_values_only_at_log_steps(recipe_class, config, extra, re
     # two reads a log step: the queued finiteness flags, then the record (the last step also saves and exports)
     assert [(r[0], r[2]) for r in reads if r[0] in (5, 10)] == [
         (step, where) for step in (5, 10) for where in ("pretrain.py:resolve", "metrics.py:to_python")], reads
+
+
+def _with_lr_scheduler(tmp_path, schedule) -> Path:
+    config = OmegaConf.load(resolve_config_path("pretrain_tiny"))
+    config.lr_scheduler = schedule
+    path = tmp_path / f"{schedule['_component_'].rsplit('.', 1)[-1]}.yaml"
+    OmegaConf.save(config, path)
+    return path
+
+
+def test_torch_and_torchtune_lr_schedulers_take_the_run_length_under_their_own_name(base_overrides, tmp_path, capsys):
+    """Every schedule was given total_steps: torch's StepLR or torchtune's cosine with warmup
+    ended in "got an unexpected keyword argument 'total_steps'", which no config key removes."""
+    overrides = [o for o in base_overrides if not o.startswith("lr_scheduler.")] + ["optimizer.lr=0.004", "save_every=2"]
+
+    def lrs(out):
+        return [r["lr"] for r in steps(read_metrics(out / "metrics.jsonl"))]
+
+    step_lr = _with_lr_scheduler(tmp_path, {"_component_": "torch.optim.lr_scheduler.StepLR", "step_size": 2,
+                                            "gamma": 0.5})
+    pretrain.recipe_main(["--config", str(step_lr), *overrides, f"output_dir={tmp_path / 'step'}", "max_steps=4"])
+    assert lrs(tmp_path / "step") == pytest.approx([0.004, 0.004, 0.002, 0.002])
+    # resumed with a new rate: the step goes on from torch's closed form on the new base, and says so
+    pretrain.recipe_main(["--config", str(step_lr), *overrides, f"output_dir={tmp_path / 'step'}", "max_steps=6",
+                          "resume=true", "optimizer.lr=0.001"])
+    assert lrs(tmp_path / "step")[4:] == pytest.approx([0.00025, 0.00025])  # 0.001 x 0.5 ** (step // 2)
+    assert "resume: the learning rate for step 5 is 0.00025 on this config's schedule" in capsys.readouterr().out
+
+    # torchtune's takes the length as num_training_steps: warmup over 1 step, then a cosine over the other 3
+    cosine = _with_lr_scheduler(tmp_path, {"_component_": "torchtune.training.lr_schedulers."
+                                                          "get_cosine_schedule_with_warmup", "num_warmup_steps": 1})
+    pretrain.recipe_main(["--config", str(cosine), *overrides, f"output_dir={tmp_path / 'cosine'}", "max_steps=4"])
+    assert lrs(tmp_path / "cosine") == pytest.approx([0.0, 0.004, 0.003, 0.001])
+
+    # OneCycleLR keeps its length in its state: a resume to a later max_steps is one line, not torch's error there
+    one_cycle = _with_lr_scheduler(tmp_path, {"_component_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.01})
+    pretrain.recipe_main(["--config", str(one_cycle), *overrides, f"output_dir={tmp_path / 'cycle'}", "max_steps=4"])
+    expect_setup_error(pretrain.recipe_main, ["--config", str(one_cycle), *overrides, "resume=true", "max_steps=6",
+                                              f"output_dir={tmp_path / 'cycle'}"],
+                       match="resume: lr_scheduler (OneCycleLR) keeps its length in the checkpoint, total_steps=4, "
+                             "and this resume trains to max_steps=6. Fix: max_steps=4")

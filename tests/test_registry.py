@@ -39,8 +39,36 @@ def test_bad_kwargs_are_reported_with_the_key():
 
 
 def test_registering_a_name_twice_with_another_object_fails():
-    with pytest.raises(ComponentError, match="already registered"):
+    with pytest.raises(ComponentError, match="already registered by letrecipes.components.alignment.MSE. Fix: register "
+                                             "letrecipes.components.alignment.NegativeCosine under another name"):
         register("alignment_loss", "mse")(NegativeCosine)
+
+
+def test_a_module_imported_again_registers_its_components_again(tmp_path, monkeypatch):
+    """importlib.reload in a notebook (or the module dropped from sys.modules and imported
+    anew, as a test of docs/examples did before another imported it) was refused: "already
+    registered" by the module's own earlier self."""
+    import importlib
+
+    (tmp_path / "my_reloaded_loss.py").write_text(textwrap.dedent("""
+        from letrecipes.components.alignment import NegativeCosine
+        from letrecipes.components.registry import register
+
+        @register("alignment_loss", "my_reloaded_loss")
+        class MyLoss(NegativeCosine):
+            pass
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        first = importlib.import_module("my_reloaded_loss")
+        again = importlib.reload(first)
+        assert registered("alignment_loss")["my_reloaded_loss"] is again.MyLoss
+        del sys.modules["my_reloaded_loss"]
+        anew = importlib.import_module("my_reloaded_loss")
+        assert registered("alignment_loss")["my_reloaded_loss"] is anew.MyLoss
+    finally:
+        registry._REGISTRY["alignment_loss"].pop("my_reloaded_loss", None)
+        sys.modules.pop("my_reloaded_loss", None)
 
 
 def test_custom_loss_registered_in_a_user_module(tmp_path, monkeypatch):
