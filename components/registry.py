@@ -29,6 +29,7 @@ import inspect
 import os
 import re
 import traceback
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
@@ -238,8 +239,14 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
 def _annotated_number(annotation: Any) -> Optional[type]:
     """float for an annotation that takes a float among other kinds (``float | Tensor``,
     ``Optional[float]``, or the same as a string), int for one that takes an int and no float."""
-    names = set(re.findall(r"\b(int|float)\b", annotation)) if isinstance(annotation, str) else {
-        getattr(kind, "__name__", None) for kind in typing.get_args(annotation)}
+    if isinstance(annotation, str):  # a union of plain kinds only: `tuple[float, float]` is no number
+        if "[" in annotation.replace("Optional[", "").replace("Union[", ""):
+            return None
+        names = set(re.findall(r"\b(int|float)\b", annotation))
+    elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        names = {getattr(kind, "__name__", None) for kind in typing.get_args(annotation)}
+    else:
+        return None
     return float if "float" in names else int if "int" in names else None
 
 

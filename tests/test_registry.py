@@ -180,6 +180,9 @@ def test_a_component_name_that_is_not_a_name_is_one_error(name):
     ("adam", {"lr": 3e-4, "weight_decay": 0.1}),
     ("torch.optim.RMSprop", {"lr": 1e-3, "momentum": 0.9, "weight_decay": 0.01}),
     ("torch.optim.Adagrad", {"lr": 1e-2, "lr_decay": 0.01, "initial_accumulator_value": 0.1}),
+    # `betas: tuple[float, float]`: a list of two numbers, not "a number"
+    ("torch.optim.NAdam", {"lr": 2e-3, "betas": [0.9, 0.99], "weight_decay": 0.1, "decoupled_weight_decay": True}),
+    ("torch.optim.RAdam", {"lr": 1e-3, "betas": [0.9, 0.95]}),
 ])
 def test_a_float_argument_whose_default_is_written_0_takes_a_fraction(optimizer, options):
     """torch writes `momentum: float = 0`; the check took the 0 for an int and refused
