@@ -201,3 +201,24 @@ def test_an_argument_annotated_int_still_refuses_a_fraction_and_a_number_refuses
         with pytest.raises(ComponentError, match=rf"config key s\.{option}={value!r} must be {said} for 'f'"):
             registry.check_arguments(schedule, {option: value}, "s", "f")
     registry.check_arguments(schedule, {"every": 3, "ratio": 0.5, "decay": 0.5}, "s", "f")
+
+
+def test_every_torch_optimizer_and_lr_schedule_takes_its_own_defaults_written_in_a_config():
+    """A config that spells out a library's defaults (a list where the signature has a tuple)
+    is never refused by the kind check, which guesses each argument's kind from them."""
+    import inspect
+
+    import torch.optim.lr_scheduler as schedules
+    from torchtune.training import lr_schedulers as torchtune_schedules
+
+    factories = [c for c in vars(torch.optim).values()
+                 if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer]
+    factories += [c for c in vars(schedules).values()
+                  if isinstance(c, type) and issubclass(c, schedules.LRScheduler) and c is not schedules.LRScheduler]
+    factories.append(torchtune_schedules.get_cosine_schedule_with_warmup)
+    assert len(factories) > 20
+    for factory in factories:
+        defaults = {name: list(p.default) if isinstance(p.default, tuple) else p.default
+                    for name, p in inspect.signature(factory).parameters.items()
+                    if isinstance(p.default, (int, float, bool, str, tuple))}
+        registry.check_arguments(factory, defaults, "k", factory.__name__)
