@@ -26,13 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from letrecipes.components.registry import ComponentError, register, resolve
+from letrecipes.components.registry import RUN_LENGTHS, ComponentError, register, resolve
 
-# The names schedules give the run's length: ours and torch's OneCycleLR take total_steps,
-# torchtune's and transformers' get_*_schedule functions num_training_steps. Passing
-# total_steps to every schedule made torch's StepLR or torchtune's cosine unusable ("got an
-# unexpected keyword argument 'total_steps'", which no config key could remove).
-RUN_LENGTH_NAMES = ("total_steps", "num_training_steps")
+# RUN_LENGTHS: ours and torch's OneCycleLR take total_steps, torchtune's and transformers'
+# get_*_schedule functions num_training_steps. Passing total_steps to every schedule made
+# torch's StepLR or torchtune's cosine unusable ("got an unexpected keyword argument
+# 'total_steps'", which no config key could remove).
 
 
 def run_length(spec: Any, max_steps: int) -> Dict[str, int]:
@@ -47,7 +46,7 @@ def run_length(spec: Any, max_steps: int) -> Dict[str, int]:
         parameters = inspect.signature(resolve("lr_scheduler", name, key="lr_scheduler._component_")).parameters
     except (TypeError, ValueError):
         return {"total_steps": max_steps}
-    for length in RUN_LENGTH_NAMES:
+    for length in RUN_LENGTHS:
         if length in parameters:
             return {length: max_steps}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

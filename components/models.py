@@ -403,11 +403,11 @@ def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> Transforme
                                      and 0 < init_std < float("inf")):
         # 0 zeroes every weight, and no gradient reaches a network of zeros: the loss stayed at
         # ln(vocabulary) with grad_norm 0 for the whole run
+        zero = init_std == 0 and not isinstance(init_std, bool)
+        why = ": 0 makes every weight zero, and no gradient reaches a network of zeros" if zero else ""
         raise ComponentError(f"model.init_std={init_std!r} must be a finite number > 0 (0.02 is usual), or null for "
-                             "no initialisation (weights loaded afterwards)"
-                             + (": 0 makes every weight zero, and no gradient reaches a network of zeros"
-                                if init_std == 0 and not isinstance(init_std, bool) else "")
-                             + ". Fix: set model.init_std to one, like 0.02.")
+                             f"no initialisation (weights loaded afterwards){why}. Fix: set model.init_std to one, "
+                             "like 0.02.")
     model = llama(args)
     if init_std is not None:
         init_weights(model, std=init_std)

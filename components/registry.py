@@ -162,11 +162,12 @@ ARGUMENT_NAMES: Dict[str, tuple] = {
 }
 
 # where a value the recipe passes to a component comes from, for the error that says so
-RECIPE_SETS = {"total_steps": ", from max_steps", "num_training_steps": ", from max_steps", "vocab_size": ", from the tokenizer or model.vocab_size",
+RUN_LENGTHS = ("total_steps", "num_training_steps")  # a schedule's length, by the names schedules give it
+RECIPE_SETS = {**dict.fromkeys(RUN_LENGTHS, ", from max_steps"),
+               "vocab_size": ", from the tokenizer or model.vocab_size",
                "student_dim": ", the student's width", "teacher_dim": ", the teacher's width",
                "max_seq_len": ", from data.seq_len or model.max_seq_len"}
-RECIPE_FIX = {"total_steps": " and set max_steps (the schedule spans the run)",
-              "num_training_steps": " and set max_steps (the schedule spans the run)"}
+RECIPE_FIX = dict.fromkeys(RUN_LENGTHS, " and set max_steps (the schedule spans the run)")
 
 SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
