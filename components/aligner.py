@@ -15,15 +15,18 @@ alignment loss declares ``target = "logits"``.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from letrecipes.components.alignment import masked_mean
+from letrecipes.components.alignment import TorchLoss, as_alignment_loss, masked_mean
+from letrecipes.components.errors import LetRecipesWarning
 from letrecipes.components.layer_maps import layer_map_spec
-from letrecipes.components.registry import ComponentError, build
+from letrecipes.components.registry import ComponentError, build, registered
 
 
 class Aligner(nn.Module):
@@ -146,7 +149,8 @@ def build_aligner(
     A loss whose ``target`` is ``logits`` (``kl_logits``) gives a :class:`LogitAligner`
     over the first ``vocab_size`` ids (the shared tokenizer's).
     """
-    loss = build("alignment_loss", cfg.get("loss", "negative_cosine"), key="alignment.loss")
+    loss = as_alignment_loss(build("alignment_loss", cfg.get("loss", "negative_cosine"), key="alignment.loss"),
+                             _named(cfg, "loss", "negative_cosine"))
     schedule = build("schedule", cfg.get("schedule", "linear"), key="alignment.schedule", total_steps=total_steps)
     if getattr(loss, "target", "hidden") == "logits":
         if cross_tokenizer:
@@ -199,7 +203,8 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
         try:
             out = projector(student[s], targets[t])
         except Exception as err:
-            raise _failed("alignment.projector", projector_name, err, student_dim, teacher_dim) from err
+            raise _failed("alignment.projector", projector_name, err, student_dim, teacher_dim,
+                          (projector, 2, "projector(student_states, teacher_states)", "projector")) from err
         if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(x, torch.Tensor) for x in out)
                 and out[0].shape == out[1].shape and out[0].shape[:-1] == PROBE_SHAPE):
             got = tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in
@@ -214,7 +219,8 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
     except ComponentError:
         raise
     except Exception as err:
-        raise _failed("alignment.loss", loss_name, err, student_dim, teacher_dim) from err
+        raise _failed("alignment.loss", loss_name, err, student_dim, teacher_dim,
+                      (aligner.loss, 3, "loss(student_states, teacher_states, mask)", "alignment_loss")) from err
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise ComponentError(f"alignment.loss={loss_name}: on random states it gave {value!r}, not one finite number. "
                              f"Fix: return a scalar tensor (AlignmentLoss.per_token returns [b, s]; {EXTENDING}).")
@@ -231,7 +237,29 @@ def rehearse(aligner: Aligner, cfg: Any, student_dim: int, teacher_dim: int, tot
         raise ComponentError(f"{key}={name}: no gradient reaches the student's states through it (a .detach(), "
                              ".item() or torch.no_grad inside?), so LET would train nothing. Fix: keep the student's "
                              f"side differentiable ({EXTENDING}).")
+    if not value.is_meta:
+        width = out[0].shape[-1] if aligner.pairs else student_dim
+        _warn_unless_least_at_agreement(aligner.loss, loss_name, states(width), states(width), mask)
     _rehearse_schedule(aligner.schedule, _named(cfg, "schedule", "linear"), total_steps)
+
+
+def _warn_unless_least_at_agreement(loss: nn.Module, name: str, target: torch.Tensor, other: torch.Tensor,
+                                    mask: torch.Tensor) -> None:
+    """A distance (cosine, MSE, KL) has a zero gradient where the student's states equal the
+    teacher's; a loss of classes or probabilities read on hidden states (torch.nn's
+    CrossEntropyLoss, BCEWithLogitsLoss) does not, and would push agreeing states apart.
+    A warning, not an error: a contrastive loss does that on purpose."""
+    def gradient_norm(pred: torch.Tensor) -> float:
+        pred = pred.detach().clone().requires_grad_(True)
+        grad, = torch.autograd.grad(loss(pred, target, mask), pred, allow_unused=True)
+        return 0.0 if grad is None else float(grad[mask].norm())
+
+    at_agreement, elsewhere = gradient_norm(target), gradient_norm(other)
+    if at_agreement > 1e-3 * elsewhere:
+        warnings.warn(f"alignment.loss={name} is not least where the student's states equal the teacher's (its gradient "
+                      f"there is {at_agreement / max(elsewhere, 1e-30):.2f}x its gradient at unrelated states): LET "
+                      "would move states that agree apart. Meant for a contrastive loss; otherwise a distance such as "
+                      "negative_cosine, mse or torch.nn.MSELoss (docs/extending.md).", LetRecipesWarning)
 
 
 def _reaches(value: torch.Tensor, inputs: List[torch.Tensor]) -> bool:
@@ -261,13 +289,41 @@ def _rehearse_schedule(schedule: Any, name: str, total_steps: int) -> None:
                                  "(the teacher stays to the end).")
 
 
+def _unbindable(component: Any, given: int) -> Optional[str]:
+    """The parameters of ``component``'s call when ``given`` positional arguments cannot bind to them."""
+    target = component.forward if isinstance(component, nn.Module) else component
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(*range(given))
+    except TypeError:
+        return ", ".join(signature.parameters) or "no arguments"
+    return None
+
+
 def _named(cfg: Any, key: str, default: str) -> str:
     spec = cfg.get(key, default)
     return str(spec.get("_component_", spec) if hasattr(spec, "get") else spec)
 
 
-def _failed(key: str, name: str, err: Exception, student_dim: int, teacher_dim: int) -> ComponentError:
+def _failed(key: str, name: str, err: Exception, student_dim: int, teacher_dim: int,
+            call: Tuple[Any, int, str, str]) -> ComponentError:
+    """``call``: (the component, how many arguments the recipe gives it, how it is called, its
+    registry kind). A module of another interface (torch.nn.Identity as a projector) or one
+    of torch's own that refuses hidden states (torch.nn.BCELoss) is named as such; only a
+    component of one's own is sent back to its code."""
+    component, given, called_as, kind = call
+    built_in = f"a built-in one ({', '.join(sorted(registered(kind)))})"
+    takes = _unbindable(component, given) if isinstance(err, TypeError) else None
+    if takes is not None:
+        return ComponentError(f"{key}={name} is called as {called_as}, and {type(component).__name__} takes "
+                              f"({takes}). Fix: a {key.split('.')[-1]} of that interface: {built_in} or your own "
+                              f"({EXTENDING}).")
     first = str(err).splitlines()[0] if str(err) else ""
+    inner = component.loss if isinstance(component, TorchLoss) else component
+    fix = (f"another {key}, one that takes any real-valued states: {built_in}" if
+           type(inner).__module__.split(".")[0] == "torch" else f"the component's code ({EXTENDING} shows the interface)")
     return ComponentError(f"{key}={name} failed on random states (student {[*PROBE_SHAPE, student_dim]}, teacher "
-                          f"{[*PROBE_SHAPE, teacher_dim]}): {type(err).__name__}: {first}. Fix: the component's code "
-                          f"({EXTENDING} shows the interface).")
+                          f"{[*PROBE_SHAPE, teacher_dim]}): {type(err).__name__}: {first}. Fix: {fix}.")

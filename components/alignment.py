@@ -8,7 +8,8 @@ over the non-padding tokens. Subclass :class:`AlignmentLoss` and implement
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,47 @@ class AlignmentLoss(nn.Module):
                                  f"{list(pred.shape)}; it returns one loss per token, [b, s]. Fix: {fix}; the base "
                                  "class masks padding and takes the mean.")
         return masked_mean(values, mask)
+
+
+class TorchLoss(nn.Module):
+    """A ``torch.nn`` loss of ``(input, target)`` (``MSELoss``, ``L1Loss``, ``HuberLoss``, ...)
+    as an alignment loss: the student's projected states are its input, the teacher's its
+    target, over the real tokens only, so that its ``reduction='mean'`` is the mean over
+    those tokens' features (``torch.nn.MSELoss`` gives what ``mse`` gives)."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if pred.shape != target.shape:
+            raise ValueError(f"alignment loss: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
+        if mask is not None:  # [tokens, d]: the padded positions leave the mean
+            pred, target = pred[mask], target[mask]
+        return self.loss(pred.float(), target.float())
+
+
+def as_alignment_loss(loss: Any, name: str) -> Any:
+    """``loss`` as the recipe calls an alignment loss, ``loss(pred, target, mask)``: a
+    ``torch.nn`` loss of two inputs is adapted (:class:`TorchLoss`)."""
+    if not isinstance(loss, nn.modules.loss._Loss):
+        return loss
+    check_torch_loss(type(loss), name)
+    return TorchLoss(loss)
+
+
+def check_torch_loss(factory: Any, name: str) -> None:
+    """Refuse a ``torch.nn`` loss of other than two inputs (a margin or triplet loss, or
+    CosineEmbeddingLoss with its +1/-1 target): LET gives two states and nothing else."""
+    if not (isinstance(factory, type) and issubclass(factory, nn.modules.loss._Loss)):
+        return
+    inputs = [p.name for p in inspect.signature(factory.forward).parameters.values()
+              if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]
+    if len(inputs) != 2:
+        raise ComponentError(f"alignment.loss={name} takes ({', '.join(inputs)}); an alignment loss compares two "
+                             "states, the student's (projected) and the teacher's, and nothing else. Fix: "
+                             "alignment.loss=negative_cosine (the paper's cosine), or a torch loss of (input, target) "
+                             "such as torch.nn.MSELoss or torch.nn.HuberLoss (docs/extending.md).")
 
 
 def masked_mean(values: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:

@@ -671,6 +671,10 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         factory = registry.resolve(kind, spec["_component_"], key=f"{key}._component_")
         if kind == "model" and getattr(factory, "__module__", "").startswith("torchtune.models"):
             raise _torchtune_model_builder(spec["_component_"], factory)
+        if kind == "alignment_loss":
+            from letrecipes.components.alignment import check_torch_loss
+
+            check_torch_loss(factory, spec["_component_"])
         options = {k: v for k, v in spec.items() if k != "_component_"}
         if kind in COMPONENTS.values():  # model.seq_len, optimizer.clip_grad_norm: a key of another place
             try:

@@ -1022,3 +1022,28 @@ def test_a_git_lfs_pointer_in_place_of_a_gguf_teacher(tmp_path):
     (tmp_path / "model.gguf").write_bytes(LFS_POINTER)
     with pytest.raises(TeacherError, match=r"^teacher.path: .*model.gguf' is a Git LFS pointer .*not a GGUF file"):
         load_teacher({"_component_": "auto", "path": str(tmp_path / "model.gguf")})
+
+
+def test_a_torch_loss_trains_as_the_built_in_of_its_formula_and_one_of_three_inputs_is_refused_first(
+        let_overrides, tmp_path):
+    """alignment.loss=torch.nn.MSELoss stopped at the rehearsal (the recipe also gives a mask);
+    it now trains step for step as alignment.loss=mse. CosineEmbeddingLoss (a third input,
+    its +1/-1 target) is refused before the corpus is prepared, by `letrecipes validate` too."""
+    common = [*let_overrides, "max_steps=3", "alignment.schedule._component_=linear", "alignment.schedule.stop=3"]
+    losses = {}
+    for name in ("mse", "torch.nn.MSELoss"):
+        run_let(*common, f"output_dir={tmp_path / name}", f"alignment.loss={name}")
+        losses[name] = [r[k] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r
+                        for k in ("loss", "nll")]
+    assert len(losses["mse"]) == 6 and losses["torch.nn.MSELoss"] == pytest.approx(losses["mse"], rel=1e-6)
+    cache = tmp_path / "cache"
+    expect_setup_error(run_let, *common, f"output_dir={tmp_path / 'three'}", f"data.cache_dir={cache}",
+                       "alignment.loss=torch.nn.CosineEmbeddingLoss",
+                       match="alignment.loss=torch.nn.CosineEmbeddingLoss takes (input1, input2, target)")
+    assert not cache.exists() and not (tmp_path / "three").exists()
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate
+    from letrecipes.components.registry import ComponentError
+
+    with pytest.raises(ComponentError, match="CosineEmbeddingLoss takes"):
+        validate(load_config("let_tiny", ["alignment.loss=torch.nn.CosineEmbeddingLoss"]))

@@ -1,8 +1,11 @@
+import warnings
+
 import pytest
 import torch
 
 from letrecipes.components.aligner import Aligner
-from letrecipes.components.alignment import MSE, NegativeCosine, NormalizedMSE, SmoothL1
+from letrecipes.components.alignment import MSE, NegativeCosine, NormalizedMSE, SmoothL1, as_alignment_loss
+from letrecipes.components.errors import LetRecipesWarning
 from letrecipes.components.models import ModelArgs, build_model, forward_with_hidden
 from letrecipes.components.projectors import IdentityProjector, InterpolateProjector, LinearProjector, MLPProjector
 from letrecipes.components.schedules import Constant, LinearDecay
@@ -137,6 +140,13 @@ class _ScheduleOfNothing(Constant):
     ({"schedule": {"_component_": f"{__name__}._ScheduleThatNeverEnds", "stop": 10}},
      r"end_step is 10 \(the teacher is dropped there\) but lambda\(10\) = 0.1"),
     ({"schedule": f"{__name__}._ScheduleOfNothing"}, r"lambda\(1\) failed \(TypeError"),
+    # torch's modules of another interface: named as such, not sent back to "the component's code"
+    ({"loss": "torch.nn.CosineEmbeddingLoss"}, r"takes \(input1, input2, target\); an alignment loss compares two "
+                                               r"states.* Fix: alignment.loss=negative_cosine"),
+    ({"projector": "torch.nn.Identity"}, r"is called as projector\(student_states, teacher_states\), and Identity "
+                                         r"takes \(input\). Fix: a projector of that interface: a built-in one \(.*linear"),
+    ({"loss": "torch.nn.BCELoss"}, r"RuntimeError: all elements of .* should be between 0 and 1. Fix: another "
+                                   r"alignment.loss, one that takes any real-valued states: a built-in one \(.*mse"),
 ])
 def test_a_part_of_ones_own_that_cannot_serve_is_refused_before_training(section, message):
     """A traceback at step 1, or worse a run in which LET trains nothing (a detached loss),
@@ -165,8 +175,41 @@ def test_every_built_in_part_passes_the_rehearsal(kind, names, monkeypatch):
     built_in = [name for name, made in registered(kind).items() if made.__module__.startswith("letrecipes.")]
     assert len(built_in) >= 4  # (other tests register parts of their own in the same process)
     for name in built_in:
-        aligner, after = build(name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LetRecipesWarning)  # each is least where the states agree
+            aligner, after = build(name)
         assert all(p.grad is None for p in aligner.parameters())
         with monkeypatch.context() as patch:
             patch.setattr(aligner_module, "rehearse", lambda *args: None)
             assert torch.equal(build(name)[1], after)
+
+
+@pytest.mark.parametrize("torch_loss, ours", [(torch.nn.MSELoss(), MSE()), (torch.nn.SmoothL1Loss(beta=0.5),
+                                                                          SmoothL1(beta=0.5))])
+def test_a_torch_loss_of_input_and_target_is_an_alignment_loss_over_the_real_tokens(torch_loss, ours):
+    """alignment.loss=torch.nn.MSELoss ended in "forward() takes 3 positional arguments but
+    4 were given": the recipe gives a mask too. Adapted, it averages over the real tokens
+    only and equals the built-in of the same formula."""
+    pred, target = torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, :4], mask[1, :2] = True, True
+    garbage = target.clone()
+    garbage[~mask] = 1e3
+    adapted = as_alignment_loss(torch_loss, "torch")
+    torch.testing.assert_close(adapted(pred, garbage, mask), ours(pred, target, mask))
+    torch.testing.assert_close(adapted(pred, target), ours(pred, target))
+
+
+def test_a_loss_that_pushes_agreeing_states_apart_is_said_at_build_time():
+    """torch.nn.CrossEntropyLoss reads the teacher's hidden states as class probabilities:
+    finite, differentiable, and pulling the student away where it already agrees."""
+    from letrecipes.components.aligner import build_aligner
+
+    with pytest.warns(LetRecipesWarning, match="alignment.loss=torch.nn.CrossEntropyLoss is not least where the "
+                                               "student's states equal the teacher's"):
+        build_aligner({"loss": "torch.nn.CrossEntropyLoss"}, student_dim=16, student_depth=4, teacher_dim=24,
+                      teacher_depth=2, total_steps=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LetRecipesWarning)
+        build_aligner({"loss": "torch.nn.L1Loss"}, student_dim=16, student_depth=4, teacher_dim=24,
+                      teacher_depth=2, total_steps=100)
