@@ -288,7 +288,9 @@ OTHER_NAMES: Dict[str, str] = {
     **dict.fromkeys(("gradient_checkpointing", "enable_activation_checkpointing", "activation_checkpoint"),
                     "activation_checkpointing.mode"),
     **dict.fromkeys(("bf16", "fp16", "mixed_precision", "precision", "torch_dtype"), "dtype"),
-    **dict.fromkeys(("epochs", "num_train_epochs", "max_epochs", "num_epochs"), "max_steps"),
+    **dict.fromkeys(("epochs", "num_train_epochs", "max_epochs", "num_epochs", "max_steps_per_epoch"), "max_steps"),
+    **dict.fromkeys(("run_val_every_n_steps", "val_every_n_steps"), "eval_every"),
+    **dict.fromkeys(("data_parallel_replicate_dim", "data_parallel_replicate_degree"), "fsdp.replicate_degree"),
     **dict.fromkeys(("data.path", "data.dataset", "data.files", "data.data_files", "data.train_files",
                      "data.data_dir", "data.dataset_path", "data.paths"), "data.source"),
     **dict.fromkeys(("data.block_size", "data.max_seq_len", "data.seq_length", "data.max_seq_length",
@@ -308,8 +310,73 @@ OTHER_NAMES: Dict[str, str] = {
     **dict.fromkeys(("fsdp.replicate", "fsdp.dp_replicate", "fsdp.data_parallel_replicate_degree",
                      "fsdp.num_replicas"), "fsdp.replicate_degree"),
     **dict.fromkeys(("float8.enable", "float8.use_float8"), "float8.enabled"),
-    **dict.fromkeys(("activation_checkpointing.enabled", "activation_checkpointing.enable"),
+    **dict.fromkeys(("activation_checkpointing.enabled", "activation_checkpointing.enable", "ac_mode"),
                     "activation_checkpointing.mode"),
+    "ac_option": "activation_checkpointing.every",
+    "datasets": "data.sources",
+}
+
+
+# keys of torchtune's recipes (and other trainers) for what letrecipes does otherwise or not at all:
+# what the key is there, and the line to write here
+NOT_HERE: Dict[str, str] = {
+    "loss": "torchtune's language-model loss; here that loss is always cross-entropy, taken from the output layer in "
+            "chunks when loss_chunk_tokens is set (as torchtune's CEWithChunkedOutputLoss does), and alignment.loss "
+            "is LET's term. Fix: remove it; loss_chunk_tokens=1024 for the chunked form",
+    "optimizer_in_bwd": "torchtune's optimizer step inside the backward pass, which keeps no gradients; here they "
+                        "are kept for clip_grad_norm, gradient_accumulation_steps and the logged grad_norm. Fix: remove "
+                        "it; FSDP2 (fsdp.enabled) divides gradients over the processes",
+    "enable_activation_offloading": "torchtune's offload of activations to CPU memory, which letrecipes does not do. "
+                                    "Fix: remove it; activation_checkpointing.mode=full (or selective) saves "
+                                    "activation memory",
+    "fsdp_cpu_offload": "FSDP2's offload of parameters to CPU memory, which letrecipes does not do. Fix: remove it; "
+                        "more processes (FSDP2 divides weights over them), activation_checkpointing.mode=full or a "
+                        "smaller batch_size; `dry_run=true` prints the memory per GPU",
+    "custom_sharded_layers": "torchtune's list of extra FSDP2 units; here each block is a unit and the root (embedding, "
+                             "final norm, output head) another. Fix: remove it",
+    "shuffle": "a dataset's shuffle switch; here training sequences are always read in a permutation drawn from seed, "
+               "which a resume continues. Fix: remove it; seed=<n> for another order",
+    "checkpointer": "torchtune's checkpointer, which reads and writes model weights; here step checkpoints are DCP "
+                    "folders in <output_dir>/checkpoints (resume=true reads them), the final model is written in "
+                    "Hugging Face format, and init_from starts a run from a model's weights. Fix: remove it; "
+                    "init_from=<a model folder or file> to start from weights (docs/configs.md)",
+    **dict.fromkeys(("tensor_parallel_dim", "tensor_parallel_plan", "tensor_parallel_degree", "context_parallel_dim",
+                     "context_parallel_degree", "pipeline_parallel_degree"),
+                    "a model-parallel setting, which letrecipes does not have: it shards with FSDP2, and with HSDP "
+                    "across nodes (fsdp.replicate_degree). Fix: remove it"),
+    "log_peak_memory_stats": "torchtune's switch for memory logs; here every log record has peak_memory_mb. Fix: "
+                             "remove it",
+    # torchtune's knowledge-distillation recipe, the nearest thing it has to LET
+    "teacher_model": "the teacher's architecture as torchtune builds it; here the teacher is read from its files, "
+                     "architecture and weights together. Fix: remove it; teacher.path={checkpoint_dir}",
+    "teacher_checkpointer": "torchtune's reader of the teacher's weights; here teacher.path names the teacher's "
+                            "folder or file (Hugging Face, GGUF or a letrecipes export). Fix: replace it with "
+                            "teacher.path={checkpoint_dir}",
+    "kd_loss": "torchtune's distillation loss over logits; LET aligns hidden states instead (alignment.loss, "
+               "negative_cosine by default), and alignment.loss=kl_logits distils logits as kd_loss does. Fix: remove "
+               "it; alignment.loss=kl_logits for logit distillation",
+    "kd_ratio": "torchtune's fixed weight of the distillation loss, (1 - kd_ratio) x ce + kd_ratio x kd; here the loss "
+                "is nll + lambda x alignment, and alignment.schedule gives lambda at each step (0 from its stop on, "
+                "where the teacher is released). Fix: remove it; alignment.schedule._component_=constant "
+                "alignment.schedule.lambda0=<lambda> for a fixed weight (docs/configs.md)",
+    **dict.fromkeys(("save_adapter_weights_only", "lora_rank", "lora_alpha", "lora_attn_modules"),
+                    "a LoRA setting; letrecipes pretrains every weight and has no adapters. Fix: remove it"),
+    "quantizer": "torchtune's quantization-aware training; here float8.enabled trains the blocks' matmuls in float8. "
+                 "Fix: remove it",
+    **dict.fromkeys(("enable_kv_cache", "temperature", "top_k", "top_p", "prompt", "max_new_tokens",
+                     "max_generated_tokens"),
+                    "a generation setting; letrecipes trains, and its final model is a Hugging Face folder that "
+                    "transformers' generate() reads (docs/guide.md). Fix: remove it"),
+    **dict.fromkeys(("tasks", "limit"), "an evaluation setting: the eval recipe takes it (tune run letrecipes/eval "
+                                        "--config eval, docs/evaluation.md). Fix: remove it here"),
+    "memory_efficient_fsdp_wrap": "torchtune's FSDP units for the embedding and output head; here the root unit holds "
+                                  "them. Fix: remove it",
+    "low_cpu_ram": "torchtune's low-memory loading of a checkpoint for QLoRA, which letrecipes does not have. Fix: "
+                   "remove it",
+    "dataloader": "torchtune's data loader section; here data.num_workers sets the loader's processes and batch_size "
+                  "its micro-batch. Fix: remove it",
+    "collate_fn": "a dataset's batching function; here training sequences are packed to data.seq_len tokens, "
+                  "documents ended by EOS. Fix: remove it",
 }
 
 
@@ -365,6 +432,10 @@ def _other_name(full_key: str, value: Any, values: Optional[Dict[str, Any]] = No
     """An unknown key that another trainer spells so, or one of ours one level off (a top-level
     key inside a section, a section's key or a component's argument at the top): the key it
     means, and the line to write."""
+    if full_key in NOT_HERE:
+        folder = value.get("checkpoint_dir") if isinstance(value, dict) else None
+        return ConfigValueError(f"config key {full_key} is "
+                                f"{NOT_HERE[full_key].replace('{checkpoint_dir}', folder or '<its folder>')}.")
     ours = OTHER_NAMES.get(full_key)
     if ours is None:
         where, _, name = full_key.rpartition(".")

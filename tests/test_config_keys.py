@@ -265,6 +265,37 @@ def test_every_other_name_points_at_a_key_that_exists_and_is_not_one_itself():
         assert name not in ("embed_dim", "num_layers") and any(n in taken for n in offered), (name, offered)
 
 
+def test_every_key_of_torchtunes_training_configs_is_taken_or_answered_with_what_it_is_here():
+    """A torchtune user brings its configs (full fine-tune, knowledge distillation, LoRA, as
+    the installed torchtune ships them): each top-level key is one of ours, or its error says
+    what it is there and what to write here; never the list of every key nor a guess by
+    spelling (teacher_checkpointer was "Did you mean async_checkpoint?", kd_ratio and
+    optimizer_in_bwd the list of all keys)."""
+    import importlib.metadata
+    import re
+
+    import yaml
+
+    from letrecipes import _schema
+
+    files = [f for f in importlib.metadata.files("torchtune") or []
+             if re.fullmatch(r"recipes/configs/.*(full|KD|lora).*\.yaml", str(f)) and not re.search(r"dpo|ppo", str(f))]
+    assert len(files) > 50, files
+    keys = {}
+    for file in files:
+        for key, value in (yaml.safe_load(file.read_text()) or {}).items():
+            keys.setdefault(key, (value, str(file)))
+    assert {"teacher_model", "teacher_checkpointer", "kd_loss", "kd_ratio", "optimizer_in_bwd", "loss"} <= set(keys)
+    for key, (value, file) in keys.items():
+        if key in _schema.TOP:
+            continue
+        said = str(_schema._other_name(key, value) or "")
+        assert said.startswith(f"config key {key} ") and "Known keys" not in said and "Fix: correct or remove it" \
+            not in said and "Fix: " in said, (key, file, said)
+    said = str(_schema._other_name("teacher_checkpointer", {"checkpoint_dir": "/models/Qwen2-1.5B"}))
+    assert said.endswith("Fix: replace it with teacher.path=/models/Qwen2-1.5B."), said
+
+
 def cli_values(config: str) -> dict:
     from letrecipes._config import load_config
     from letrecipes._schema import resolved
