@@ -367,6 +367,14 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
     hint = run_folder_hint(path, key, source=str(source))
     if hint:
         raise ExportError(hint)
+    if is_hf_folder(path):
+        from letrecipes.components.hf_teacher import by_transformers
+
+        config = json.loads((path / EXPORT_CONFIG).read_text())
+        if by_transformers(config):  # the converter writes letrecipes' decoder families only
+            raise ExportError(f"{key}: {str(source)!r} is a Hugging Face folder already ({config['architectures'][0]}, "
+                              "a family transformers runs): there is nothing to convert. Fix: use the folder as it is "
+                              "(transformers, lm-eval and teacher.path read it).")
     return export_teacher(path, out_dir, dtype, overwrite, max_shard_mb, key=key, out_key=out_key)
 
 

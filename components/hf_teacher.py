@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 
+from letrecipes.components import transformers_teacher
 from letrecipes.components.files import json_cut_short, shortened, stand_in
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import (
@@ -104,10 +105,21 @@ def architecture(config: dict, config_file: str) -> str:
         return MODEL_TYPES[config["model_type"]]
     found = names or config.get("model_type")
     raise TeacherError(
-        f"{config_file}: architecture {found!r} is not supported. Expected one of "
-        f"{', '.join(ARCHITECTURES)}. Fix: use a checkpoint of a supported family, or register a teacher "
-        "loader for this one (docs/extending.md)."
+        f"{config_file}: architecture {found!r} is not a causal language model: a teacher is one of "
+        f"{', '.join(ARCHITECTURES)} (built here), or any other *ForCausalLM that transformers implements (run by "
+        "transformers). Fix: a causal language model's checkpoint, or register a teacher loader for this one "
+        "(docs/extending.md)."
     )
+
+
+def by_transformers(config: dict) -> bool:
+    """Whether a config.json names a causal language model of a family not built here, which
+    transformers then runs (components/transformers_teacher.py)."""
+    names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        return False  # the native path names the key and the kind it wants
+    native = any(name in ARCHITECTURES for name in names) or (not names and config.get("model_type") in MODEL_TYPES)
+    return not native and transformers_teacher.causal_architecture(config) is not None
 
 
 def _require(condition: bool, config_file: str, what: str, fix: str = "") -> None:
@@ -643,6 +655,8 @@ class HuggingFaceFormat(TeacherFormat):
     def describe(self, path: Path) -> ModelArgs:
         config = read_config(path)
         _refuse_quantized(config, str(path), folder=path)  # config.json's record, or a quantizer's own file
+        if by_transformers(config):
+            return transformers_teacher.describe(config, str(path / "config.json"))
         return model_args(config, str(path / "config.json"))
 
     def tokenizer(self, path: Path) -> Optional[Path]:
@@ -657,6 +671,8 @@ class HuggingFaceFormat(TeacherFormat):
     def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
         path = resolve_path(path)
         args = self.describe(path)
+        if args.family == transformers_teacher.FAMILY:
+            return transformers_teacher.load(path, read_config(path), dtype, device)
         files = weight_files(path)
         model = build_frozen(
             args, lambda expected, cast: convert_state_dict(args, iter_tensors(files), expected, cast,

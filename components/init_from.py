@@ -56,10 +56,12 @@ def check_initial_weights(path: str, model_args: ModelArgs, tokenizer: Optional[
     with _format_errors(path):
         source = fmt.describe(resolved)
     if source.family != model_args.family:  # no model.* key can bridge two architectures
-        raise InitFromError(f"{KEY}={path!r} is a {source.family} model; this run's student is a {model_args.family} "
+        what = "a model of a family transformers runs" if source.family == "transformers" else \
+            f"a {source.family} model"
+        raise InitFromError(f"{KEY}={path!r} is {what}; this run's student is a {model_args.family} "
                             "model, another architecture (its weights have other names and roles). Fix: init_from a "
                             f"{model_args.family} checkpoint (a letrecipes export, or a Hugging Face folder of that "
-                            f"family); a {source.family} model can guide this run as its teacher (teacher.path).")
+                            f"family); {what} can guide this run as its teacher (teacher.path).")
     differences = shape_differences(source, model_args)
     if differences:
         raise InitFromError(f"{KEY}={path!r} has another shape than this run's model: {'; '.join(differences)}. "

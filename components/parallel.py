@@ -522,8 +522,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", every: 
 
 
 def compile_blocks(model: nn.Module) -> None:
-    """``torch.compile`` each transformer block in place (state-dict keys unchanged)."""
-    for block in model.layers:
+    """``torch.compile`` each transformer block in place (state-dict keys unchanged): those of
+    a decoder (its ``layers``), or the blocks given as a ``ModuleList`` (a teacher's ``blocks``)."""
+    for block in model if isinstance(model, nn.ModuleList) else model.layers:
         block.compile()
 
 

@@ -89,6 +89,11 @@ class Teacher(nn.Module):
         args = getattr(self.model, "model_args", None)
         return getattr(args, "max_seq_len", None)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, which ``teacher.compile`` compiles one by one."""
+        return self.model.layers
+
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)
 
@@ -324,6 +329,15 @@ def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = 
     return teacher
 
 
+def check_shardable(args: Optional[ModelArgs], section: Mapping[str, Any], key: str = "teacher") -> None:
+    """``placement: sharded`` builds the teacher as this project's decoder, which a family
+    that transformers runs (components/transformers_teacher.py) is not."""
+    if args is not None and args.family == "transformers":
+        raise TeacherError(f"{key}.placement=sharded builds the teacher as letrecipes' own decoder, and "
+                           f"{section.get('path')!r} is of a family transformers runs (components/"
+                           f"transformers_teacher.py). Fix: {key}.placement=replicated.")
+
+
 def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.device],
                          shard: Callable[[nn.Module], None], key: str = "teacher") -> Teacher:
     """The teacher of ``section``, sharded by ``shard`` (FSDP2), without any rank holding it
@@ -338,6 +352,7 @@ def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.de
     fmt = teacher_format(section, key)
     path = existing_path(section.get("path") or "", f"{key}.path")
     args = describe_teacher(section, key)
+    check_shardable(args, section, key)
     if args is None:
         teacher = load_teacher(section, device=device, key=key)
         shard(teacher.model)

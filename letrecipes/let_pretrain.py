@@ -33,8 +33,9 @@ from letrecipes.components.metrics import current_memory_mb
 from letrecipes.components.models import ModelArgs, forward_with_hidden, forward_with_loss, nll_loss
 from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_encodable, spread_indices
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.teachers import (TeacherError, content_fingerprint, describe_teacher, existing_path,
-                                            load_teacher, load_teacher_sharded, teacher_format, tokenizer_file)
+from letrecipes.components.teachers import (TeacherError, check_shardable, content_fingerprint, describe_teacher,
+                                            existing_path, load_teacher, load_teacher_sharded, teacher_format,
+                                            tokenizer_file)
 from letrecipes.pretrain import PretrainRecipe, RecipeError
 
 
@@ -55,6 +56,8 @@ class LETPretrainRecipe(PretrainRecipe):
         # The teacher's config.json or GGUF header is read now, not after hours of preparing data: an
         # unsupported family, too short a context or too small a vocabulary stops the run here.
         described = self.described_teacher()
+        if self.cfg.teacher.get("placement") == "sharded" and self.fsdp:
+            check_shardable(described, self.cfg.teacher)
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
         if described is not None and self.collate is None:
             self._check_teacher_reads_the_ids(described.max_seq_len, described.vocab_size, str(self.cfg.teacher.path))
@@ -205,7 +208,7 @@ class LETPretrainRecipe(PretrainRecipe):
                          "this run (one process, or fsdp.enabled=false), so each process holds it whole")
             self.teacher = load_teacher(section, device=self.device)
             if compile_teacher:
-                parallel.compile_blocks(self.teacher.model)
+                parallel.compile_blocks(self.teacher.blocks)
         self._check_teacher()
         self.run_info["teacher_shape"] = {"width": self.teacher.width, "depth": self.teacher.depth,
                                           "cross_tokenizer": self.collate is not None}

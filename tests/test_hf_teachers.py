@@ -125,11 +125,13 @@ def _edit_config(path, **changes):
     (path / "config.json").write_text(json.dumps(config))
 
 
-def test_unknown_architecture_is_named(tmp_path):
-    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["GemmaForCausalLM"], model_type="gemma"))
-    assert "GemmaForCausalLM" in message and "config.json" in message and "LlamaForCausalLM" in message
+def test_an_architecture_that_is_no_causal_language_model_is_named(tmp_path):
+    """(A causal one of another family, Gemma, is run by transformers: test_transformers_teachers.py.)"""
+    message = _broken(tmp_path, lambda p: _edit_config(p, architectures=["BertModel"], model_type="bert"))
+    assert "BertModel" in message and "config.json" in message and "LlamaForCausalLM" in message
+    assert "is not a causal language model" in message and "*ForCausalLM that transformers implements" in message
     # the line begins with its key, whichever reads the config: the loader, or the recipe's check before any step
-    assert message.startswith(f"teacher.path: {tmp_path / 'config.json'}: architecture ['GemmaForCausalLM']")
+    assert message.startswith(f"teacher.path: {tmp_path / 'config.json'}: architecture ['BertModel']")
     with pytest.raises(TeacherError, match=r"^teacher\.path: .*config\.json: architecture"):
         describe_teacher({"_component_": "huggingface", "path": str(tmp_path)}, check_weights=True)
     with pytest.raises(TeacherError, match=r"^student\.path: .*config\.json: architecture"):

@@ -674,7 +674,7 @@ def test_a_run_too_large_for_this_machine_is_refused_before_anything_is_prepared
                                      "projector-of-unequal-widths"])
 def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_prepared(let_overrides, teacher_dir,
                                                                                        tmp_path, problem):
-    """Its config.json is read first: a Gemma teacher (not mapped), one whose context cannot hold a
+    """Its config.json is read first: a Gemma teacher without its shape, one whose context cannot hold a
     training sequence, or an alignment section that cannot join the student to its shape (a
     layer beyond its depth, an identity projector between two widths: found after the corpus
     was prepared before) stops the run before hours of preparing data."""
@@ -685,7 +685,7 @@ def test_what_the_teachers_metadata_rules_out_is_refused_before_the_corpus_is_pr
         for name in ("model.safetensors", "tokenizer.json"):
             (foreign / name).write_bytes((teacher_dir / name).read_bytes())
         (foreign / "config.json").write_text('{"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}')
-        overrides, match = [f"teacher.path={foreign}"], "architecture ['GemmaForCausalLM'] is not supported"
+        overrides, match = [f"teacher.path={foreign}"], "GemmaForCausalLM without hidden_size, num_hidden_layers"
     elif problem == "context-shorter-than-seq_len":
         overrides, match = ["data.seq_len=64"], "data.seq_len=64 is longer than the teacher's context (32 tokens"
     elif problem == "teacher-layer-out-of-range":

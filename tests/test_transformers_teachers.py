@@ -1,0 +1,104 @@
+"""Teachers of the families letrecipes does not build (Gemma, Phi-3), run by transformers.
+
+They stopped the run before ("architecture ['GemmaForCausalLM'] is not supported"); the
+paper's claim is that LET needs no architectural link between teacher and student, so
+any causal language model transformers implements now guides a run, and what such a
+teacher cannot do (be sharded, exported, start a student) is one error line each.
+"""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
+from letrecipes import let_pretrain
+from letrecipes.components.metrics import read_metrics
+from tests.test_recipes import expect_setup_error, run_let
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
+
+
+def _gemma(vocab_size):
+    return transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64))
+
+
+def _phi3(vocab_size):
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False))
+
+
+def _saved(build, folder, tokenizer_path):
+    from tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    model = build(Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()).eval()
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer_path, folder / "tokenizer.json")
+    return model
+
+
+@pytest.mark.parametrize("build, depth", [(_gemma, 3), (_phi3, 2)], ids=["gemma", "phi3"])
+def test_hidden_states_and_logits_are_transformers_own(build, depth, tokenizer_path, tmp_path):
+    reference = _saved(build, tmp_path, tokenizer_path)
+    teacher = load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, output_hidden_states=True)
+    states = teacher.hidden_states(tokens, range(depth + 1))
+    for layer in range(depth + 1):  # the last after the final norm, as the project's convention has it
+        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
+    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    assert (teacher.depth, teacher.width, teacher.context, len(teacher.blocks)) == (depth, 32, 64, depth)
+    assert "run by transformers" in teacher.source and not any(p.requires_grad for p in teacher.parameters())
+    described = describe_teacher({"path": str(tmp_path)})
+    assert (described.num_layers, described.embed_dim, described.vocab_size) == (depth, 32, teacher.vocab_size)
+
+
+def test_a_gemma_teacher_guides_a_compiled_let_run_and_what_it_cannot_do_is_one_line_each(
+        let_overrides, tokenizer_path, tmp_path, capsys):
+    teacher = tmp_path / "gemma"
+    _saved(_gemma, teacher, tokenizer_path)
+    common = [*let_overrides, f"teacher.path={teacher}", "max_steps=3", "alignment.schedule._component_=linear",
+              "alignment.schedule.stop=3"]
+    run_let(*common, f"output_dir={tmp_path / 'run'}", "teacher.compile=true")
+    out = capsys.readouterr().out
+    assert f"teacher: {teacher} (GemmaForCausalLM, run by transformers)" in out and "3 blocks, width 32" in out
+    aligned = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "align_loss" in r]
+    assert len(aligned) >= 2 and all(abs(r["align_loss"]) > 0 for r in aligned)
+    let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'dry'}", "dry_run=true"])
+    assert "teacher forward FLOPs/token" in capsys.readouterr().out
+
+    cache = tmp_path / "cache"
+    for overrides, says in [
+        (["teacher.placement=sharded", "fsdp.enabled=true"], "teacher.placement=sharded builds the teacher as "
+                                                             "letrecipes' own decoder"),
+        ([f"init_from={teacher}"], "is a model of a family transformers runs; this run's student is a llama model"),
+    ]:
+        expect_setup_error(run_let, *common, f"output_dir={tmp_path / 'refused'}", f"data.cache_dir={cache}",
+                           *overrides, match=says)
+    assert not cache.exists() and not (tmp_path / "refused").exists()
+    from letrecipes.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["export", str(teacher), str(tmp_path / "out")])
+    assert "is a Hugging Face folder already (GemmaForCausalLM" in str(err.value.code)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_with_code_of_its_own_or_without_transformers_is_one_line(tokenizer_path, tmp_path, monkeypatch):
+    _saved(_phi3, tmp_path, tokenizer_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Phi3"}}))
+    with pytest.raises(TeacherError, match=r"comes with code of its own \(auto_map\), and letrecipes never runs"):
+        load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    with pytest.raises(TeacherError, match="run by transformers, which is not installed here. Fix: pip install"):
+        load_teacher({"path": str(tmp_path), "dtype": "fp32"})
