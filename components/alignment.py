@@ -54,8 +54,10 @@ class TorchLoss(nn.Module):
     def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if pred.shape != target.shape:
             raise ValueError(f"alignment loss: shapes differ, {tuple(pred.shape)} vs {tuple(target.shape)}")
-        if mask is not None:  # [tokens, d]: the padded positions leave the mean
+        if mask is not None:  # [tokens, d]: the padded positions leave the mean (a mask: cross-tokenizer runs only)
             pred, target = pred[mask], target[mask]
+            if pred.numel() == 0:  # no position has a target: 0, as masked_mean gives, not a mean of nothing (NaN)
+                return pred.float().sum()
         return self.loss(pred.float(), target.float())
 
 

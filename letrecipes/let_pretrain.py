@@ -60,7 +60,9 @@ class LETPretrainRecipe(PretrainRecipe):
             check_shardable(described, self.cfg.teacher)
         self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
         if described is not None and self.collate is None:
-            self._check_teacher_reads_the_ids(described.max_seq_len, described.vocab_size, str(self.cfg.teacher.path))
+            # 0: a config.json that states no context (ALiBi models, run by transformers)
+            self._check_teacher_reads_the_ids(described.max_seq_len or None, described.vocab_size,
+                                              str(self.cfg.teacher.path))
         if described is not None:
             self._rehearse_alignment(described)
         super().setup_data()

@@ -27,14 +27,23 @@ def test_gpu_check_runs_every_check_in_cpu_mode(corpus_dir, tokenizer_path, tmp_
 def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, tmp_path):
     from benchmarks import gpu_profile, gpu_variants
 
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate
+
     data = ["--cpu", "--corpus", str(corpus_dir), "--tokenizer", str(tokenizer_path)]
-    # let_7b's depth by default (16 tiny blocks on a CPU), each arm a process of its own
-    assert gpu_variants.main([*data, "--work", str(tmp_path / "v"), "--out", str(tmp_path / "v.json")]) == 0
+    # every arm's settings are valid keys and values of its config (a key renamed is caught here)...
+    for name, (_, let, extra) in gpu_variants.ARMS.items():
+        validate(load_config("let_7b" if let else "pretrain_7b", extra), with_teacher=False)
+    # ...and the LET pair runs: let_7b's depth (16 tiny blocks on a CPU), each arm in a process of
+    # its own (all seven default arms took 80 s of the suite; the GPU run takes them all)
+    pair = ["let7b_bf16", "let7b_let"]
+    assert set(pair) <= set(gpu_variants.DEFAULT_ARMS)
+    assert gpu_variants.main([*data, "--work", str(tmp_path / "v"), "--out", str(tmp_path / "v.json"),
+                              "--arms", ",".join(pair)]) == 0
     variants = json.loads((tmp_path / "v.json").read_text())
-    assert set(variants["arms"]) == set(gpu_variants.DEFAULT_ARMS) and not variants["errors"]
+    assert set(variants["arms"]) == set(pair) and not variants["errors"]
     assert all(arm["tokens_per_s"] > 0 and arm["peak_over_estimate"] > 0 for arm in variants["arms"].values())
-    assert {name: arm["blocks"] for name, arm in variants["arms"].items() if name.startswith("let7b")} == {
-        name: 8 * 2 for name in gpu_variants.DEFAULT_ARMS if name.startswith("let7b")}
+    assert {name: arm["blocks"] for name, arm in variants["arms"].items()} == {name: 8 * 2 for name in pair}
     assert variants["arms"]["let7b_let"]["teacher_time_share"] > 0
     assert set(variants["let_over_baseline"]) == {"let7b_let"} and variants["let_over_baseline"]["let7b_let"] > 0
     for script in (gpu_variants, gpu_profile):  # a typo is refused before any work

@@ -198,6 +198,8 @@ def test_a_torch_loss_of_input_and_target_is_an_alignment_loss_over_the_real_tok
     adapted = as_alignment_loss(torch_loss, "torch")
     torch.testing.assert_close(adapted(pred, garbage, mask), ours(pred, target, mask))
     torch.testing.assert_close(adapted(pred, target), ours(pred, target))
+    nothing = torch.zeros(2, 6, dtype=torch.bool)  # a batch with no position to align (cross-tokenizer)
+    assert adapted(pred, target, nothing).item() == ours(pred, target, nothing).item() == 0
 
 
 def test_a_loss_that_pushes_agreeing_states_apart_is_said_at_build_time():

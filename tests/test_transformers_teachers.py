@@ -34,6 +34,11 @@ def _phi3(vocab_size):
         tie_word_embeddings=False))
 
 
+def _bloom(vocab_size):  # ALiBi: no position table, so its config.json states no context
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=vocab_size, hidden_size=32, n_layer=2,
+                                                                  n_head=2))
+
+
 def _saved(build, folder, tokenizer_path):
     from tokenizers import Tokenizer
 
@@ -44,8 +49,9 @@ def _saved(build, folder, tokenizer_path):
     return model
 
 
-@pytest.mark.parametrize("build, depth", [(_gemma, 3), (_phi3, 2)], ids=["gemma", "phi3"])
-def test_hidden_states_and_logits_are_transformers_own(build, depth, tokenizer_path, tmp_path):
+@pytest.mark.parametrize("build, depth, context", [(_gemma, 3, 64), (_phi3, 2, 64), (_bloom, 2, None)],
+                         ids=["gemma", "phi3", "bloom"])
+def test_hidden_states_and_logits_are_transformers_own(build, depth, context, tokenizer_path, tmp_path):
     reference = _saved(build, tmp_path, tokenizer_path)
     teacher = load_teacher({"path": str(tmp_path), "dtype": "fp32"})
     tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -55,7 +61,7 @@ def test_hidden_states_and_logits_are_transformers_own(build, depth, tokenizer_p
     for layer in range(depth + 1):  # the last after the final norm, as the project's convention has it
         torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
     torch.testing.assert_close(teacher.logits(tokens), expected.logits)
-    assert (teacher.depth, teacher.width, teacher.context, len(teacher.blocks)) == (depth, 32, 64, depth)
+    assert (teacher.depth, teacher.width, teacher.context, len(teacher.blocks)) == (depth, 32, context, depth)
     assert "run by transformers" in teacher.source and not any(p.requires_grad for p in teacher.parameters())
     described = describe_teacher({"path": str(tmp_path)})
     assert (described.num_layers, described.embed_dim, described.vocab_size) == (depth, 32, teacher.vocab_size)
@@ -73,6 +79,9 @@ def test_a_gemma_teacher_guides_a_compiled_let_run_and_what_it_cannot_do_is_one_
     aligned = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "align_loss" in r]
     assert len(aligned) >= 2 and all(abs(r["align_loss"]) > 0 for r in aligned)
     let_pretrain.recipe_main(["--config", "let_tiny", *common, f"output_dir={tmp_path / 'dry'}", "dry_run=true"])
+    bloom = tmp_path / "bloom"  # a teacher that states no context reads any data.seq_len (was: "0 tokens")
+    _saved(_bloom, bloom, tokenizer_path)
+    run_let(*common, f"teacher.path={bloom}", f"output_dir={tmp_path / 'bloom_run'}", "max_steps=1")
     assert "teacher forward FLOPs/token" in capsys.readouterr().out
 
     cache = tmp_path / "cache"
