@@ -397,6 +397,21 @@ def init_weights(model: TransformerDecoder, std: float = 0.02) -> None:
             nn.init.ones_(module.scale)
 
 
+def check_built_student(model: nn.Module, name: str) -> None:
+    """What a ``model._component_`` must build, whoever wrote it: this module's decoder (a
+    torchtune ``TransformerDecoder``) carrying its ``model_args``, which checkpoints, LET's
+    choice of layers and the export read back. A model of another make (``nn.Sequential``,
+    a transformers model) ended in an AttributeError traceback at the first check."""
+    args = getattr(model, "model_args", None)
+    if isinstance(model, TransformerDecoder) and isinstance(args, ModelArgs):
+        return
+    what = type(model).__name__ + (" without model_args" if isinstance(model, TransformerDecoder) else "")
+    raise ComponentError(f"model._component_={name} built a {what}; a student is the decoder "
+                         "letrecipes.components.models builds (a torchtune TransformerDecoder carrying its ModelArgs "
+                         "as model_args, which checkpoints, the layer map and the export read back). Fix: return "
+                         "llama_model(...) or build_model(ModelArgs(...)) from your builder (docs/extending.md).")
+
+
 def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> TransformerDecoder:
     """Build and (unless ``init_std`` is None) initialise a decoder from scratch."""
     if init_std is not None and not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool)

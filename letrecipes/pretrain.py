@@ -50,7 +50,8 @@ from letrecipes.components.metrics import (METRICS_FILE, MetricLogger, StepTimer
                                           format_record, peak_memory_mb, to_python)
 from letrecipes.components.profiling import PROFILE_FOLDER, build_profiler
 from letrecipes.components.progress import ProgressClock
-from letrecipes.components.models import ModelArgs, count_parameters, forward_with_loss, model_max_seq_len, padded_vocab_size
+from letrecipes.components.models import (ModelArgs, check_built_student, count_parameters, forward_with_loss,
+                                          model_max_seq_len, padded_vocab_size)
 from letrecipes.components.tokenizer import load_tokenizer
 
 # Known-harmless library warnings that would otherwise repeat in every run's log. DTensor's
@@ -357,14 +358,13 @@ class PretrainRecipe:
     def check_student(self, model: nn.Module) -> None:
         """What the student's build must give whatever its builder: room for every token id,
         and ``model_args`` (the export and the checks read them)."""
+        spec = self.cfg.model
+        check_built_student(model, str(spec.get("_component_", spec) if hasattr(spec, "get") else spec))
         if model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size={model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
                 f"{self.tokenizer.vocab_size} tokens. Fix: remove model.vocab_size (it then follows the tokenizer)."
             )
-        if not isinstance(getattr(model, "model_args", None), ModelArgs):
-            raise RecipeError("model._component_ must build a model carrying `model_args` (the export needs them). "
-                              "Fix: use `_component_: llama`, or set model.model_args in your builder.")
 
     def compiled_keys(self) -> List[str]:
         """The config keys that ask for torch.compile (the LET recipe adds its teacher's)."""

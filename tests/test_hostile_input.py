@@ -1047,3 +1047,29 @@ def test_a_torch_loss_trains_as_the_built_in_of_its_formula_and_one_of_three_inp
 
     with pytest.raises(ComponentError, match="CosineEmbeddingLoss takes"):
         validate(load_config("let_tiny", ["alignment.loss=torch.nn.CosineEmbeddingLoss"]))
+
+
+def test_a_model_builder_of_ones_own_must_build_the_projects_decoder(base_overrides, tmp_path, monkeypatch):
+    """A builder returning an nn.Sequential ended in "AttributeError: 'Sequential' object has no
+    attribute 'tok_embeddings'" (a traceback); one that wraps llama_model trains."""
+    (tmp_path / "my_students.py").write_text(
+        "from torch import nn\n"
+        "from letrecipes.components.models import llama_model\n\n"
+        "def sequential(vocab_size, max_seq_len, **shape):\n"
+        "    return nn.Sequential(nn.Embedding(vocab_size, 32), nn.Linear(32, vocab_size))\n\n"
+        "def bare_decoder(vocab_size, max_seq_len, **shape):\n"
+        "    model = llama_model(vocab_size=vocab_size, max_seq_len=max_seq_len, **shape)\n"
+        "    del model.model_args\n"
+        "    return model\n\n"
+        "def wrapped(vocab_size, max_seq_len, **shape):\n"
+        "    return llama_model(vocab_size=vocab_size, max_seq_len=max_seq_len, **shape)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = tmp_path / "cache"
+    for builder, built in (("sequential", "a Sequential;"), ("bare_decoder", "a TransformerDecoder without model_args;")):
+        expect_setup_error(run_pretrain, *base_overrides, "imports=[my_students]", f"model=my_students.{builder}",
+                           f"output_dir={tmp_path / builder}", f"data.cache_dir={cache}", "max_steps=2",
+                           match=f"model._component_=my_students.{builder} built {built} a student is the decoder")
+    assert not cache.exists()
+    run_pretrain(*base_overrides, "imports=[my_students]", "model=my_students.wrapped",
+                 f"output_dir={tmp_path / 'wrapped'}", "max_steps=2")
+    assert (tmp_path / "wrapped" / "final" / "config.json").is_file()
