@@ -245,10 +245,24 @@ class EvalRecipe:
         from transformers import AutoTokenizer
 
         tokenizer = self._tokenizer() or str(self.model_folder)
-        if isinstance(tokenizer, str):
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-        check_choice_tokens(self.items, lambda text: tokenizer.encode(text, add_special_tokens=False),
-                            log=lambda line: print(line, flush=True))
+        named = tokenizer if isinstance(tokenizer, str) else None
+        try:  # lm-eval reads the tokenizer the same way: what fails here would fail there, as a traceback
+            if named is not None:
+                tokenizer = AutoTokenizer.from_pretrained(named)
+            check_choice_tokens(self.items, lambda text: tokenizer.encode(text, add_special_tokens=False),
+                                log=lambda line: print(line, flush=True))
+        except LetRecipesError:
+            raise
+        except Exception as err:  # tokenizers raises plain Exception ("Unk token `<unk>` not found in the vocabulary")
+            first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            folder = Path(named) if named is not None else None
+            why = (": a tokenizer.json without its tokenizer_config.json is read as the model family's own tokenizer "
+                   "class" if folder is not None and (folder / "tokenizer.json").is_file()
+                   and not (folder / "tokenizer_config.json").is_file() else "")
+            key = "checkpoint" if named is not None else "tokenizer_path"
+            raise EvalError(f"{key}: the tokenizer of {named or self.cfg.get('tokenizer_path')!r}, as transformers "
+                            f"reads it, cannot encode the tasks' text ({type(err).__name__}: {first}){why}. Fix: the "
+                            "tokenizer files released with the model, or tokenizer_path=<its tokenizer.json>.") from None
         self.items_checked = True
 
     def _max_length(self) -> Optional[int]:

@@ -111,3 +111,22 @@ def test_a_model_with_code_of_its_own_or_without_transformers_is_one_line(tokeni
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
     with pytest.raises(TeacherError, match="run by transformers, which is not installed here. Fix: pip install"):
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+
+
+def test_the_eval_recipe_scores_such_a_folder_and_names_a_tokenizer_transformers_cannot_use(tokenizer_path, tmp_path):
+    """A folder with a bare tokenizer.json (no tokenizer_config.json) is read by AutoTokenizer as
+    the family's own tokenizer class: Gemma's wants `<unk>`, and a choice's text ended in the
+    tokenizers library's "Exception: Unk token `<unk>` not found in the vocabulary" traceback."""
+    from letrecipes import eval as eval_recipe
+    from letrecipes.components.evaluation import Item, write_task
+
+    folder = tmp_path / "gemma"
+    _saved(_gemma, folder, tokenizer_path)
+    task = write_task(tmp_path / "hand_made.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)] * 2)
+    common = ["--config", "eval", f"checkpoint={folder}", f"tasks=[{task}]", "contamination=null", "device=cpu"]
+    with pytest.raises(SystemExit) as err:
+        eval_recipe.recipe_main([*common, f"output={tmp_path / 'refused.json'}"])
+    assert str(err.value.code).startswith("error: checkpoint: the tokenizer of ") and "tokenizer_config.json" in \
+        str(err.value.code) and "Fix: " in str(err.value.code)
+    eval_recipe.recipe_main([*common, f"tokenizer_path={folder / 'tokenizer.json'}", f"output={tmp_path / 's.json'}"])
+    assert json.loads((tmp_path / "s.json").read_text())
