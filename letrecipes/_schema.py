@@ -76,7 +76,8 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "profiler": SECTION,
 }
 SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
-    "data": {"source": ("a path or a list of paths", lambda v: isinstance(v, (str, list)) and bool(v)),
+    # either of source and sources may be null, the other naming the data (a null for both is "missing")
+    "data": {"source": ("a path or a list of paths", lambda v: v is None or (isinstance(v, (str, list)) and bool(v))),
              "text_field": TEXT, "document_separator": OPTIONAL_TEXT, "drop_copies": BOOL,
              "seq_len": _int(2, 2**24),  # RoPE's table has a row per position
              "val_fraction": _number(0, 0.5, open_low=False), "cache_dir": TEXT,
@@ -84,7 +85,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
              "prepare_workers": _int(1), "prepare_timeout_s": _number(0), "num_workers": _int(0),
              # each entry is checked by _check_sources, which names the entry and its key
              "sources": ("a list of {source, weight, name, text_field} mappings",
-                         lambda v: isinstance(v, list) and bool(v))},
+                         lambda v: v is None or (isinstance(v, list) and bool(v)))},
     "tokenizer": {"path": OPTIONAL_TEXT, "source": _choice("path", "teacher"), "eos_token": OPTIONAL_TEXT},
     "divergence": {"policy": _choice("stop", "skip"), "max_skips": _int(0)},
     "fsdp": {"enabled": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool)),
@@ -486,6 +487,15 @@ def _unknown(key: str, known, where: str) -> ConfigValueError:
     return ConfigValueError(f"config key {where}{key} is unknown.{hint} Fix: correct or remove it.")
 
 
+def _takes_null(spec) -> bool:
+    if spec is SECTION:
+        return True  # a section's own keys are checked one by one
+    try:
+        return spec[1](None) is True
+    except Exception:  # a check written for values only (len(), comparisons)
+        return False
+
+
 def _check(where: str, key: str, value: Any, spec) -> None:
     text, ok = spec
     if not ok(value):
@@ -575,8 +585,12 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
         for inner, inner_value in (value.items() if key in SECTIONS else ()):
             if inner not in SECTIONS[key]:
                 raise _other_name(f"{key}.{inner}", inner_value) or _unknown(inner, SECTIONS[key], f"{key}.")
-            if inner_value is not None or key == "tokenizer":
-                _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])
+            if inner_value is None and key != "tokenizer" and not _takes_null(SECTIONS[key][inner]):
+                # read as "its default" by some of the code and as a value by the rest: int(None) tracebacks
+                raise ConfigValueError(f"config key {key}.{inner} is null, and it takes {SECTIONS[key][inner][0]}. "
+                                       f"Fix: remove it for its default (~{key}.{inner} on the command line), or give "
+                                       "it a value.")
+            _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])
     data = values.get("data") or {}
     if data.get("sources"):
         _check_sources(data["sources"])

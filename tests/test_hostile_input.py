@@ -4,6 +4,7 @@ traceback as the only message and nothing previously written changed."""
 
 import gc
 import hashlib
+import re
 import shutil
 import sys
 import warnings
@@ -1073,3 +1074,23 @@ def test_a_model_builder_of_ones_own_must_build_the_projects_decoder(base_overri
     run_pretrain(*base_overrides, "imports=[my_students]", "model=my_students.wrapped",
                  f"output_dir={tmp_path / 'wrapped'}", "max_steps=2")
     assert (tmp_path / "wrapped" / "final" / "config.json").is_file()
+
+
+def test_null_for_a_section_key_that_takes_no_null_is_named_before_any_work(base_overrides, tmp_path):
+    """`activation_checkpointing.every=null` (found by the config fuzzer), `data.num_workers=null`,
+    `export.max_shard_mb=null` and eight more were int(None) tracebacks: a section's null
+    skipped its check, and the code read it as a value. Every such key is now one line."""
+    from letrecipes._config import load_config
+    from letrecipes._schema import SECTION, SECTIONS, ConfigValueError, _takes_null, validate
+
+    keys = [f"{section}.{key}" for section, spec in SECTIONS.items() if section != "tokenizer"
+            for key, value in spec.items() if value is not SECTION and not _takes_null(value)]
+    assert len(keys) > 30 and "data.source" not in keys  # null there is "data.sources names the data"
+    for key in keys:
+        with pytest.raises(ConfigValueError, match=rf"config key {re.escape(key)} is null, and it takes .* Fix: "
+                                                   rf"remove it for its default \(~{re.escape(key)} on the command"):
+            validate(load_config("let_tiny", [f"{key}=null"]))
+    cache = tmp_path / "cache"
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
+                       "activation_checkpointing.every=null", match="activation_checkpointing.every is null")
+    assert not cache.exists() and not (tmp_path / "run").exists()
