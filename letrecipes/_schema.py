@@ -487,6 +487,11 @@ def _unknown(key: str, known, where: str) -> ConfigValueError:
     return ConfigValueError(f"config key {where}{key} is unknown.{hint} Fix: correct or remove it.")
 
 
+def _null_refused(section: str, key: str, spec) -> ConfigValueError:
+    return ConfigValueError(f"config key {section}.{key} is null, and it takes {spec[0]}. Fix: remove it for its "
+                            f"default (~{section}.{key} on the command line), or give it a value.")
+
+
 def _takes_null(spec) -> bool:
     if spec is SECTION:
         return True  # a section's own keys are checked one by one
@@ -587,9 +592,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
                 raise _other_name(f"{key}.{inner}", inner_value) or _unknown(inner, SECTIONS[key], f"{key}.")
             if inner_value is None and key != "tokenizer" and not _takes_null(SECTIONS[key][inner]):
                 # read as "its default" by some of the code and as a value by the rest: int(None) tracebacks
-                raise ConfigValueError(f"config key {key}.{inner} is null, and it takes {SECTIONS[key][inner][0]}. "
-                                       f"Fix: remove it for its default (~{key}.{inner} on the command line), or give "
-                                       "it a value.")
+                raise _null_refused(key, inner, SECTIONS[key][inner])
             _check(f"{key}.", inner, inner_value, SECTIONS[key][inner])
     data = values.get("data") or {}
     if data.get("sources"):
@@ -788,6 +791,8 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         for key, spec in TEACHER.items():
             if section.get(key) is not None:
                 _check("teacher.", key, section[key], spec)
+            elif key in section and key != "path" and not _takes_null(spec):  # an empty path has its own line
+                raise _null_refused("teacher", key, spec)
         name = section.get("_component_") or "auto"
         factory = registry.resolve("teacher_loader", name, key="teacher._component_")
         taken = set(_accepted_options(factory) if isinstance(factory, type) else inspect.signature(factory).parameters)

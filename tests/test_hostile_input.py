@@ -1081,10 +1081,10 @@ def test_null_for_a_section_key_that_takes_no_null_is_named_before_any_work(base
     `export.max_shard_mb=null` and eight more were int(None) tracebacks: a section's null
     skipped its check, and the code read it as a value. Every such key is now one line."""
     from letrecipes._config import load_config
-    from letrecipes._schema import SECTION, SECTIONS, ConfigValueError, _takes_null, validate
+    from letrecipes._schema import SECTION, SECTIONS, TEACHER, ConfigValueError, _takes_null, validate
 
-    keys = [f"{section}.{key}" for section, spec in SECTIONS.items() if section != "tokenizer"
-            for key, value in spec.items() if value is not SECTION and not _takes_null(value)]
+    keys = [f"{section}.{key}" for section, spec in {**SECTIONS, "teacher": TEACHER}.items() if section != "tokenizer"
+            for key, value in spec.items() if value is not SECTION and not _takes_null(value) and key != "path"]
     assert len(keys) > 30 and "data.source" not in keys  # null there is "data.sources names the data"
     for key in keys:
         with pytest.raises(ConfigValueError, match=rf"config key {re.escape(key)} is null, and it takes .* Fix: "
