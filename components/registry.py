@@ -215,6 +215,9 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
     plain = SIMPLE_TYPES.get(annotation)  # `int`, not `Optional[int]`: None is no value of it
     if value is None:  # "the library's own choice", where the argument takes None
         refused = plain is not None and (parameter.default is inspect.Parameter.empty or default is not None)
+        if plain is None and isinstance(default, (int, float)) and not _admits_none(parameter.annotation):
+            # lr: float | Tensor = 1e-3 (torch's AdamW): null was "'<=' not supported between 'float' and 'NoneType'"
+            return _KIND_NAMES[bool if isinstance(default, bool) else float]
         return _KIND_NAMES[plain] if refused else None
     # What the annotation says comes first, then the default's kind, and a default of 0 says "a
     # number" unless it is annotated int: libraries write `momentum: float = 0` (torch's SGD, and
@@ -235,6 +238,16 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
         return None if ok else f"a list of {len(default)} numbers, like {list(default)}"
     return None
+
+
+def _admits_none(annotation: Any) -> bool:
+    """Whether an annotation takes None (``Optional[float]``, ``float | None``); a missing
+    one says nothing against it... unless its default says a number (the caller's rule)."""
+    if annotation is inspect.Parameter.empty:
+        return False
+    if isinstance(annotation, str):
+        return "None" in annotation or "Optional" in annotation
+    return type(None) in typing.get_args(annotation)
 
 
 def _annotated_number(annotation: Any) -> Optional[type]:

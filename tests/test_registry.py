@@ -201,6 +201,15 @@ def test_an_argument_annotated_int_still_refuses_a_fraction_and_a_number_refuses
         with pytest.raises(ComponentError, match=rf"config key s\.{option}={value!r} must be {said} for 'f'"):
             registry.check_arguments(schedule, {option: value}, "s", "f")
     registry.check_arguments(schedule, {"every": 3, "ratio": 0.5, "decay": 0.5}, "s", "f")
+    # null where the default is a number and the annotation does not take None: torch's AdamW's
+    # `lr: float | Tensor = 1e-3` was "'<=' not supported between instances of 'float' and 'NoneType'"
+    for option in ("decay", "warmup_steps"):
+        with pytest.raises(ComponentError, match=rf"config key s\.{option}=None must be"):
+            registry.check_arguments(schedule, {option: None}, "s", "f")
+    registry.check_arguments(schedule, {"every": None, "ratio": None}, "s", "f")  # Optional: null is theirs
+    with pytest.raises(ComponentError, match=r"config key optimizer\.lr=None must be a number for 'torch.optim.AdamW'"):
+        registry.check_arguments(torch.optim.AdamW, {"lr": None}, "optimizer", "torch.optim.AdamW")
+    registry.check_arguments(torch.optim.AdamW, {"foreach": None, "fused": None}, "optimizer", "torch.optim.AdamW")
 
 
 def test_every_torch_optimizer_and_lr_schedule_takes_its_own_defaults_written_in_a_config():
