@@ -89,6 +89,12 @@ def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device])
         raise TeacherError(f"{path / 'config.json'}: {architecture} is not a model class of transformers "
                            f"{transformers.__version__}. Fix: a transformers version that has it (pip install -U "
                            "transformers), or a teacher of another family.")
+    from letrecipes.components.evaluation import check_model_config, check_model_weights
+
+    # config.json against the weights' headers, the model built on the meta device, before transformers allocates
+    # it: a config of other sizes than its weights (a vocabulary of 10**9) took all 24 GB of memory and more
+    check_model_config(path, key="teacher.path")
+    check_model_weights(path, key="teacher.path")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
 from letrecipes import let_pretrain
 from letrecipes.components.metrics import read_metrics
@@ -130,3 +131,15 @@ def test_the_eval_recipe_scores_such_a_folder_and_names_a_tokenizer_transformers
         str(err.value.code) and "Fix: " in str(err.value.code)
     eval_recipe.recipe_main([*common, f"tokenizer_path={folder / 'tokenizer.json'}", f"output={tmp_path / 's.json'}"])
     assert json.loads((tmp_path / "s.json").read_text())
+
+
+def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_allocates(tokenizer_path, tmp_path):
+    """transformers builds the model its config.json describes, then finds the weights do not
+    fit: with `vocab_size: 1000000000` that build took all of this machine's 24 GB first. The
+    config is now checked against the weights' headers on the meta device."""
+    _saved(_gemma, tmp_path, tokenizer_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
+    with pytest.raises(LetRecipesError, match=r"^teacher\.path: tensor 'model\.embed_tokens\.weight' in .* has shape "
+                                              r"\(\d+, 32\), but .* gives it \(4096, 32\): the config and the weights"):
+        load_teacher({"path": str(tmp_path), "dtype": "fp32"})
