@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import re
 import os
 import socket
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
 from letrecipes.components.files import gguf_parts, shortened, stand_in
 from letrecipes.components.models import ModelArgs
+from letrecipes.components.hf_teacher import MAX_POSITIONS
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
 # Where embedded tokenizers are exported (one tokenizer.json per distinct tokenizer).
@@ -237,6 +239,18 @@ def _is_number(value) -> bool:
 
 
 def model_args(reader, source: str) -> ModelArgs:
+    args = _model_args(reader, source)
+    if args.max_seq_len > MAX_POSITIONS:  # the RoPE table is built whole: 32 GB at 10**9 positions
+        raise TeacherError(f"{source}: {args.max_seq_len:,} positions (context_length) is past the {MAX_POSITIONS:,} "
+                           f"a teacher is built for. {REFIT}")
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if blocks and max(blocks) + 1 != args.num_layers:  # before a model of block_count blocks is built
+        raise TeacherError(f"{source}: {args.num_layers:,} blocks (block_count), but the file's tensors hold "
+                           f"{max(blocks) + 1}. {REFIT}")
+    return args
+
+
+def _model_args(reader, source: str) -> ModelArgs:
     arch = _field(reader, "general.architecture", source)
     if not isinstance(arch, str):
         raise _bad_value(source, "general.architecture", arch, "a name (a string)")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -212,6 +213,29 @@ def _config_value_problems(config: dict, config_file: str) -> None:
 
 def model_args(config: dict, config_file: str) -> ModelArgs:
     """The :class:`ModelArgs` a ``config.json`` describes (validating what the loader can map)."""
+    args = _model_args(config, config_file)
+    if args.max_seq_len > MAX_POSITIONS:  # its RoPE or position table would be built whole: 32 GB at 10**9
+        raise TeacherError(f"{config_file}: {args.max_seq_len:,} positions (max_position_embeddings) is past the "
+                           f"{MAX_POSITIONS:,} a teacher is built for. Fix: use the config.json released with these "
+                           "weights.")
+    return args
+
+
+MAX_POSITIONS = 2**24  # as data.seq_len's bound: 16M positions, past any released model's context
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # model.layers.3., transformer.h.3., h.3. (GPT-2)
+
+
+def check_depth(args: ModelArgs, names: Iterable[str], config_file: str) -> None:
+    """config.json's number of blocks against the blocks the weights hold, before the model is
+    built: `num_hidden_layers: 1000000000` built a billion blocks (on the meta device, still
+    Python objects) before any weight was compared, and ran out of memory."""
+    found = {int(m.group(1)) for name in names if (m := LAYER_INDEX.search(name))}
+    if found and max(found) + 1 != args.num_layers:
+        raise TeacherError(f"{config_file}: {args.num_layers:,} blocks (num_hidden_layers), but the weights hold "
+                           f"{max(found) + 1}. Fix: use the config.json released with these weights.")
+
+
+def _model_args(config: dict, config_file: str) -> ModelArgs:
     _config_value_problems(config, config_file)
     arch = architecture(config, config_file)
     try:
@@ -664,6 +688,9 @@ class HuggingFaceFormat(TeacherFormat):
 
     def check_weights(self, path: Path) -> None:
         files = weight_files(resolve_path(path))  # every shard the index names exists; one file's header is read
+        config = read_config(resolve_path(path))
+        if not by_transformers(config):
+            check_depth(self.describe(path), files, str(path / "config.json"))
         for file in sorted(set(files.values())):
             if file.suffix == ".safetensors":
                 _tensor_names(file)  # its header: a file cut short ("not fully covered") fails here
@@ -674,6 +701,7 @@ class HuggingFaceFormat(TeacherFormat):
         if args.family == transformers_teacher.FAMILY:
             return transformers_teacher.load(path, read_config(path), dtype, device)
         files = weight_files(path)
+        check_depth(args, files, str(path / "config.json"))
         model = build_frozen(
             args, lambda expected, cast: convert_state_dict(args, iter_tensors(files), expected, cast,
                                                            what=str(path / "config.json")),

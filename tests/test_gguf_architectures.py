@@ -429,6 +429,12 @@ def test_a_gguf_metadata_value_of_the_wrong_kind_names_the_key(tmp_path):
         ("tokenizer.ggml.merges", True, VT.BOOL, r"'tokenizer.ggml.merges' is True, where a list of strings"),
         ("tokenizer.ggml.token_type", [1, 1], VT.ARRAY, r"'tokenizer.ggml.token_type' is a list of 2 values, where "
                                                         rf"a list of {VOCAB} integers, one per token is expected"),
+        # sizes no memory holds, compared before the model is built (a billion blocks was std::bad_alloc, a
+        # billion positions a 32 GB RoPE table; smaller here, so that a lost check cannot take the machine)
+        ("llama.block_count", 4096, VT.UINT32, r"4,096 blocks \(block_count\), but the file's tensors hold 2\. "
+                                               + refit),
+        ("llama.context_length", 2**24 + 1, VT.UINT32, r"16,777,217 positions \(context_length\) is past the "
+                                                       r"16,777,216 a teacher is built for\. " + refit),
     ]
     for key, value, kind, message in cases:
         with_metadata(base, tmp_path / "x.gguf", key, value, kind)

@@ -138,6 +138,21 @@ def test_an_architecture_that_is_no_causal_language_model_is_named(tmp_path):
         load_teacher({"_component_": "huggingface", "path": str(tmp_path), "dtype": "fp32"}, path_key="student.path")
 
 
+@pytest.mark.parametrize("key, value, says", [
+    # (not the billions of the report: were the checks to go, this test must not take the machine with it)
+    ("num_hidden_layers", 4096, "4,096 blocks (num_hidden_layers), but the weights hold 3"),
+    ("max_position_embeddings", 2**24 + 1, "16,777,217 positions (max_position_embeddings) is past the 16,777,216"),
+])
+def test_sizes_no_memory_holds_are_compared_before_the_model_is_built(tmp_path, key, value, says):
+    """A config.json with a billion blocks or positions (a damaged file, a hand edit) built them
+    before any weight was read: std::bad_alloc, or "DefaultCPUAllocator: can't allocate memory:
+    you tried to allocate 32000000000 bytes" (the RoPE table), as tracebacks."""
+    message = _broken(tmp_path, lambda p: _edit_config(p, **{key: value}))
+    assert says in message and "Fix: use the config.json released with these weights" in message
+    with pytest.raises(TeacherError, match="teacher.path: "):  # the recipe's check before the corpus says it too
+        describe_teacher({"_component_": "huggingface", "path": str(tmp_path)}, check_weights=True)
+
+
 def test_shape_mismatch_names_file_and_tensor(tmp_path):
     message = _broken(tmp_path, lambda p: _edit_config(p, intermediate_size=96))
     assert "model.safetensors" in message and "mlp" in message and "96" in message
