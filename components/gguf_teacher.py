@@ -30,8 +30,7 @@ import torch
 
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
 from letrecipes.components.files import gguf_parts, shortened, stand_in
-from letrecipes.components.models import ModelArgs
-from letrecipes.components.hf_teacher import MAX_POSITIONS
+from letrecipes.components.models import MAX_POSITIONS, ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
 # Where embedded tokenizers are exported (one tokenizer.json per distinct tokenizer).

@@ -23,7 +23,7 @@ import torch
 
 from letrecipes.components import transformers_teacher
 from letrecipes.components.files import json_cut_short, shortened, stand_in
-from letrecipes.components.models import ModelArgs
+from letrecipes.components.models import MAX_POSITIONS, ModelArgs
 from letrecipes.components.teachers import (
     Teacher, TeacherError, TeacherFormat, build_frozen, folder_tokenizer, read_json, register_format, resolve_path,
 )
@@ -221,7 +221,6 @@ def model_args(config: dict, config_file: str) -> ModelArgs:
     return args
 
 
-MAX_POSITIONS = 2**24  # as data.seq_len's bound: 16M positions, past any released model's context
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")  # model.layers.3., transformer.h.3., h.3. (GPT-2)
 
 

@@ -35,6 +35,10 @@ from letrecipes.components.registry import ComponentError, register
 MAX_SIZE = 2**31 - 1  # a size past it is no model's, and overflows torch's 32-bit index arithmetic
 
 
+MAX_POSITIONS = 2**24  # data.seq_len's bound; a teacher's too (hf_teacher, gguf_teacher)
+MAX_BLOCKS = 4096
+
+
 @dataclass
 class ModelArgs:
     """Everything needed to rebuild a model; saved next to its weights as JSON."""
@@ -80,6 +84,13 @@ class ModelArgs:
 
     def validate(self, key: str = "model") -> None:
         self._check_kinds(key)
+        if self.max_seq_len > MAX_POSITIONS:  # the RoPE (or position) table is built whole: 32 GB at 10**9
+            raise ComponentError(f"{key}.max_seq_len={self.max_seq_len:,} is past {MAX_POSITIONS:,} positions, the "
+                                 "most data.seq_len takes. Fix: remove it (it follows data.seq_len), or a smaller "
+                                 "number.")
+        if self.num_layers > MAX_BLOCKS:  # each block is built, on the meta device too: 10**8 ran out of memory
+            raise ComponentError(f"{key}.num_layers={self.num_layers:,} is past {MAX_BLOCKS:,} blocks (Llama 3.1 405B "
+                                 f"has 126). Fix: a number of blocks up to {MAX_BLOCKS:,}.")
         if self.family not in FAMILIES:
             raise ComponentError(f"{key}.family={self.family!r}: use one of {sorted(FAMILIES)}.")
         if self.head_dim is None and self.embed_dim % self.num_heads:

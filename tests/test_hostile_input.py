@@ -86,11 +86,17 @@ def test_malformed_overrides(override, match):
                                                     "'LETRECIPES_SURELY_UNSET' not found\". Fix: export "
                                                     "LETRECIPES_SURELY_UNSET=... before the run"),
     ("max_steps=${no.such.key}", "config key max_steps does not resolve: Interpolation key 'no.such.key' not found"),
+    # sizes no memory holds, before anything is built for real (a RoPE table of 32 GB; a MemoryError from building
+    # 10**8 blocks on the meta device): smaller than the report's, so that a lost check cannot take the machine
+    ("model.max_seq_len=16777217", "model.max_seq_len=16,777,217 is past 16,777,216 positions, the most data.seq_len "
+                                   "takes. Fix: remove it (it follows data.seq_len)"),
+    ("model.num_layers=5000", "model.num_layers=5,000 is past 4,096 blocks (Llama 3.1 405B has 126)"),
 ], ids=["unknown-key", "unknown-nested-key", "wrong-type", "out-of-range", "float-for-integer",
         "float-for-integer-argument", "out-of-range-fraction", "no-val-split",
         "bad-choice", "unknown-model-argument", "unknown-optimizer-argument", "model-argument-type",
         "optimizer-tuple-length", "optimizer-number", "model-flag", "null-for-a-required-integer",
-        "section-as-a-scalar", "unset-environment-variable", "dangling-interpolation"])
+        "section-as-a-scalar", "unset-environment-variable", "dangling-interpolation", "positions-past-2**24",
+        "blocks-past-4096"])
 def test_bad_config_values_damage_nothing(base_overrides, finished_run, override, match):
     before = digest(finished_run)
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=4",
