@@ -19,8 +19,8 @@ import hashlib
 import importlib.util
 import json
 import math
-import re
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
