@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -408,7 +408,7 @@ def init_weights(model: TransformerDecoder, std: float = 0.02) -> None:
             nn.init.ones_(module.scale)
 
 
-def check_built_student(model: nn.Module, name: str) -> None:
+def check_built_student(model: nn.Module, spec: Any) -> None:
     """What a ``model._component_`` must build, whoever wrote it: this module's decoder (a
     torchtune ``TransformerDecoder``) carrying its ``model_args``, which checkpoints, LET's
     choice of layers and the export read back. A model of another make (``nn.Sequential``,
@@ -416,6 +416,7 @@ def check_built_student(model: nn.Module, name: str) -> None:
     args = getattr(model, "model_args", None)
     if isinstance(model, TransformerDecoder) and isinstance(args, ModelArgs):
         return
+    name = spec.get("_component_", spec) if hasattr(spec, "get") else spec  # the config's `model`: a name or a mapping
     what = type(model).__name__ + (" without model_args" if isinstance(model, TransformerDecoder) else "")
     raise ComponentError(f"model._component_={name} built a {what}; a student is the decoder "
                          "letrecipes.components.models builds (a torchtune TransformerDecoder carrying its ModelArgs "

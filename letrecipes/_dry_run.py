@@ -19,7 +19,8 @@ from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.estimate import (MemoryEstimate, dtype_bytes, forward_flops_per_token, memory_per_gpu,
                                            micro_batch_time, total_params, train_flops_per_token)
-from letrecipes.components.models import ModelArgs, check_built_student, count_parameters, model_max_seq_len, padded_vocab_size
+from letrecipes.components.models import (ModelArgs, check_built_student, count_parameters, model_max_seq_len,
+                                          padded_vocab_size)
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
 
@@ -85,8 +86,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     with torch.device("meta"):
         student = registry.build("model", cfg.model, "model", vocab_size=vocab_size,
                                  max_seq_len=model_max_seq_len(cfg.model, seq_len))
-    check_built_student(student, str(cfg.model.get("_component_", cfg.model) if hasattr(cfg.model, "get")
-                                     else cfg.model))
+    check_built_student(student, cfg.model)
     args: ModelArgs = student.model_args
     world = int(cfg.get("dry_run_world_size") or os.environ.get("WORLD_SIZE", 1))
     micro_batch = int(cfg.batch_size)

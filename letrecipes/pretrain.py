@@ -358,8 +358,7 @@ class PretrainRecipe:
     def check_student(self, model: nn.Module) -> None:
         """What the student's build must give whatever its builder: room for every token id,
         and ``model_args`` (the export and the checks read them)."""
-        spec = self.cfg.model
-        check_built_student(model, str(spec.get("_component_", spec) if hasattr(spec, "get") else spec))
+        check_built_student(model, self.cfg.model)
         if model.tok_embeddings.num_embeddings < self.tokenizer.vocab_size:
             raise RecipeError(
                 f"model.vocab_size={model.tok_embeddings.num_embeddings} is smaller than the tokenizer's "
