@@ -144,16 +144,26 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
     A write that fails (a full disk) removes the partial folder and is one line naming ``key``.
     An earlier export at ``out_dir`` that another process reads is left to it, and the new one
     dropped, in one line."""
+    out_dir = Path(out_dir)
+    return _write_atomically(out_dir, tokenizer, key, then, step, lambda tmp: _write_hf_folder(
+        tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print))
+
+
+def _write_atomically(out_dir: Path, tokenizer: Optional[Tokenizer], key: str, then: str, step: Optional[int],
+                      fill: Callable[[Path], None]) -> Path:
+    """``fill`` writes the folder into ``<out_dir>.tmp``, which then replaces ``out_dir`` whole."""
     from letrecipes.components.checkpointing import remove_unless_read
 
-    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     kept = f"{out_dir} is as it was." if out_dir.exists() else "Nothing was left behind."
     # a read of the tokenizer failing (it is copied in) names its own key, not the export's
     keys = {key: out_dir.parent, "tokenizer.path": Path(tokenizer.path)} if tokenizer is not None else key
     try:
         with environment_errors(keys, f"writing the export into {tmp}", kept, then=then):
-            _write_hf_folder(tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            fill(tmp)
             if step is not None:
                 (tmp / EXPORT_INFO).write_text(json.dumps({"step": step}))
             if out_dir.exists() and not remove_unless_read(out_dir):  # held while removed: no reader begins half-way
@@ -167,25 +177,34 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
     return out_dir
 
 
+def _check_float16_range(name: str, tensor: torch.Tensor, cast: torch.Tensor) -> None:
+    if cast.dtype == torch.float16 and not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
+        largest = tensor.detach().abs().max().item()  # bf16 and fp32 reach 3e38; fp16 stops at 65504
+        raise ExportError(f"export: {name} holds values up to {largest:.4g}, beyond float16's 65504: in fp16 they "
+                          "would be inf and the model would give NaN. Fix: --dtype bf16 (export.dtype=bf16), which "
+                          "has fp32's range, or fp32.")
+
+
+def _write_tokenizer(folder: Path, tokenizer: Tokenizer, max_length: Optional[int]) -> None:
+    shutil.copyfile(tokenizer.path, folder / EXPORT_TOKENIZER)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+        "model_max_length": max_length, "clean_up_tokenization_spaces": False}, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}, indent=2))
+
+
 def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Path, tmp: Path,
                      tokenizer: Optional[Tokenizer], dtype: torch.dtype, max_shard_mb: int,
                      log: Callable[[str], None]) -> None:
     from letrecipes.components.estimate import total_params
 
     config = hf_config(args, tokenizer, dtype)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     writer = ShardedWriter(tmp, max_shard_mb * 2**20)
     expected = total_params(args) * torch.empty((), dtype=dtype).element_size()
     progress = ByteProgress("export", f"converted into {out_dir}", expected, log)
     for name, tensor in tensors:
         cast = tensor.detach().to("cpu", dtype)
-        if dtype == torch.float16 and not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
-            largest = tensor.detach().abs().max().item()  # bf16 and fp32 reach 3e38; fp16 stops at 65504
-            raise ExportError(f"export: {name} holds values up to {largest:.4g}, beyond float16's 65504: in fp16 they "
-                              "would be inf and the model would give NaN. Fix: --dtype bf16 (export.dtype=bf16), which "
-                              "has fp32's range, or fp32.")
+        _check_float16_range(name, tensor, cast)
         hf_name, hf_tensor = to_hf(name, cast, args)
         before = writer.total_bytes
         writer.add(hf_name, hf_tensor)
@@ -195,11 +214,30 @@ def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArg
     generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is not None:
-        shutil.copyfile(tokenizer.path, tmp / EXPORT_TOKENIZER)
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
-            "model_max_length": args.max_seq_len, "clean_up_tokenization_spaces": False}, indent=2))
-        (tmp / "special_tokens_map.json").write_text(json.dumps({"eos_token": tokenizer.eos_token}, indent=2))
+        _write_tokenizer(tmp, tokenizer, args.max_seq_len)
+
+
+def _write_transformers_folder(model: torch.nn.Module, tmp: Path, tokenizer: Optional[Tokenizer],
+                               dtype: torch.dtype, max_shard_mb: int) -> None:
+    """A model transformers runs (a GGUF file of a family not built here), under its own
+    parameter names and config. Not by ``save_pretrained``: transformers refuses it for a
+    model read from a GGUF file, dequantized (as teachers are) or not."""
+    writer, seen = ShardedWriter(tmp, max_shard_mb * 2**20), set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # a tied output head: transformers ties it again on load
+            continue
+        seen.add(tensor.data_ptr())
+        cast = tensor.detach().to("cpu", dtype)
+        _check_float16_range(name, tensor, cast)
+        writer.add(name, cast)
+    writer.close()
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)  # the GGUF file's: these weights are plain tensors
+    config["architectures"] = [type(model).__name__]  # transformers' GGUF reader leaves it unset
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        _write_tokenizer(tmp, tokenizer, model.model_args.max_seq_len or None)
 
 
 def export_model(model: torch.nn.Module, args: ModelArgs, out_dir: Union[str, Path], tokenizer: Optional[Tokenizer],
@@ -331,6 +369,7 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     Llama-shaped Hugging Face folder) -> a Hugging Face folder. The model is held whole,
     in ``dtype``: these are teacher-sized models."""
     from letrecipes.components.teachers import load_teacher
+    from letrecipes.components.transformers_teacher import FAMILY as TRANSFORMERS_FAMILY
 
     out_dir = Path(out_dir)
     check_destination(out_dir, overwrite, Path(source))
@@ -338,6 +377,10 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
                            key="checkpoint", path_key=key)
     tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
+    if teacher.model.model_args.family == TRANSFORMERS_FAMILY:
+        return _write_atomically(out_dir, tokenizer, out_key or key, "run the same command again", None,
+                                 lambda tmp: _write_transformers_folder(teacher.model, tmp, tokenizer, dtype,
+                                                                        max_shard_mb))
     return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
                         key=out_key or key)
 

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from letrecipes.components import transformers_teacher
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
 from letrecipes.components.files import gguf_parts, shortened, stand_in
 from letrecipes.components.models import MAX_POSITIONS, ModelArgs
@@ -253,9 +254,15 @@ def _model_args(reader, source: str) -> ModelArgs:
     arch = _field(reader, "general.architecture", source)
     if not isinstance(arch, str):
         raise _bad_value(source, "general.architecture", arch, "a name (a string)")
+    if arch not in ARCHITECTURES and arch in transformers_teacher.gguf_architectures():
+        _metadata_problems(reader, arch, source)
+        return transformers_teacher.describe_gguf(Path(source), reader, arch)
     if arch not in ARCHITECTURES:
+        others = transformers_teacher.gguf_architectures()
+        run_by = f" or, run by transformers, one of {', '.join(a for a in others if a not in ARCHITECTURES)}" \
+            if others else " (transformers, not installed here, reads more: pip install transformers)"
         raise TeacherError(f"{source}: GGUF architecture {arch!r} is not supported; expected one of "
-                           f"{', '.join(ARCHITECTURES)}. Fix: use the model's Hugging Face folder with "
+                           f"{', '.join(ARCHITECTURES)}{run_by}. Fix: use the model's Hugging Face folder with "
                            "teacher._component_=huggingface.")
     _metadata_problems(reader, arch, source)
     names = {t.name for t in reader.tensors}
@@ -501,7 +508,7 @@ class GGUFFormat(TeacherFormat):
     """Weights dequantized on load; the embedded tokenizer exported to
     ``<tokenizer_dir>/<fingerprint>/tokenizer.json`` for the data pipeline."""
 
-    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3, gptneox, gpt2)"
+    looks_like = "a llama.cpp .gguf file (llama, qwen2, qwen3, gptneox, gpt2; phi3, gemma2/3 ... by transformers)"
 
     def __init__(self, tokenizer_dir: Union[str, Path] = GGUF_TOKENIZER_DIR):
         self.tokenizer_dir = Path(tokenizer_dir)
@@ -525,10 +532,19 @@ class GGUFFormat(TeacherFormat):
         reader = open_gguf(path)
         return export_tokenizer(reader, str(path), self.tokenizer_dir, getattr(reader, "first", path))
 
+    def check_weights(self, path: Path) -> None:
+        reader = open_gguf(path)
+        if model_args(reader, str(path)).family == transformers_teacher.FAMILY:  # ours are checked as they are read
+            transformers_teacher.check_gguf_tensors(path, reader, _field(reader, "general.architecture", str(path)))
+
     def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
         path = resolve_path(path)
         reader = open_gguf(path)
         args = model_args(reader, str(path))
+        if args.family == transformers_teacher.FAMILY:
+            arch = _field(reader, "general.architecture", str(path))
+            return transformers_teacher.load_gguf(path, reader, arch, dtype, device, export_tokenizer(
+                reader, str(path), self.tokenizer_dir, getattr(reader, "first", path)))
         model = build_frozen(args, lambda expected, cast: state_dict(reader, args, expected, cast, str(path)),
                              dtype, device)
         return Teacher(model, tokenizer_path=export_tokenizer(reader, str(path), self.tokenizer_dir,

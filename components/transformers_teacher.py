@@ -17,12 +17,14 @@ transformers is an optional dependency here (the ``eval`` extra brings it).
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from letrecipes.components.files import shortened
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, folder_tokenizer, parse_dtype
 
@@ -38,24 +40,34 @@ CONFIG_NAMES = {
 
 
 def causal_architecture(config: dict) -> Optional[str]:
-    """The causal language model class a config.json names, if any (``GemmaForCausalLM``)."""
-    return next((name for name in config.get("architectures") or [] if isinstance(name, str)
-                 and name.endswith(CAUSAL_SUFFIXES)), None)
+    """The causal language model class a config.json names, if any (``GemmaForCausalLM``); for
+    a config without ``architectures`` (older releases), the one transformers has for its
+    ``model_type``."""
+    names = config.get("architectures")
+    if not names and isinstance(config.get("model_type"), str):
+        try:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        except ImportError:
+            return None
+        names = [name for name in [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config["model_type"])]
+                 if isinstance(name, str) and name.endswith("ForCausalLM")]  # not BERT's LMHeadModel
+    return next((name for name in names or [] if isinstance(name, str) and name.endswith(CAUSAL_SUFFIXES)), None)
 
 
 def _first(config: dict, names: Iterable[str]) -> Any:
     return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), None)
 
 
-def describe(config: dict, config_file: str) -> ModelArgs:
-    """The shape the dry run and the recipe's checks read, from config.json alone. Its MLP
-    is counted as a gated one (three matrices), as in most of these families."""
+def describe(config: dict, config_file: str, what: Optional[str] = None) -> ModelArgs:
+    """The shape the dry run and the recipe's checks read, from config.json alone (or the
+    config transformers reads from a GGUF file's metadata: ``what`` names it). Its MLP is
+    counted as a gated one (three matrices), as in most of these families."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     found = {field: _first(text, names) for field, names in CONFIG_NAMES.items()}
     missing = [CONFIG_NAMES[field][0] for field, value in found.items() if value is None]
     if missing:
-        raise TeacherError(f"{config_file}: {causal_architecture(config)} without {', '.join(missing)} (a positive "
-                           "integer each). Fix: use the config.json released with these weights.")
+        raise TeacherError(f"{config_file}: {what or causal_architecture(config)} without {', '.join(missing)} (a "
+                           "positive integer each). Fix: use the config.json released with these weights.")
     heads = found["num_heads"]
     kv_heads = _first(text, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")) or heads
     inner = _first(text, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")) or 4 * found["embed_dim"]
@@ -101,11 +113,124 @@ def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device])
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TeacherError(f"{path}: transformers could not load {architecture}: {first}. Fix: a complete Hugging "
                            "Face folder (config.json and its weights, as released).") from err
+    return _teacher(model, describe(config, str(path / "config.json")), device, folder_tokenizer(path),
+                    f"{path} ({architecture}, run by transformers)")
+
+
+def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device], tokenizer_path: Optional[Path],
+             source: str) -> "TransformersTeacher":
     model.to(device)
-    args = describe(config, str(path / "config.json"))
     model.model_args = args  # the memory estimate reads the teacher's shape from here
-    return TransformersTeacher(model, args, tokenizer_path=folder_tokenizer(path),
-                               source=f"{path} ({architecture}, run by transformers)")
+    return TransformersTeacher(model, args, tokenizer_path=tokenizer_path, source=source)
+
+
+# ------------------------------------------------------------------ GGUF files
+# transformers reads GGUF files of more families than gguf_teacher builds (its GGUF_CONFIG_MAPPING,
+# by the names llama.cpp gives them). Not teachers among them: metadata sections, encoder-decoders,
+# and Mamba, which has no attention heads to describe.
+GGUF_NOT_TEACHERS = {"general", "tokenizer", "t5", "umt5", "mamba"}
+# transformers' key -> llama.cpp's name of the architecture, where the two differ
+GGUF_NAMES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2"}
+
+
+def gguf_architectures() -> Tuple[str, ...]:
+    """The GGUF architectures (llama.cpp's names) the installed transformers reads; none without it."""
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    except ImportError:
+        return ()
+    return tuple(sorted(GGUF_NAMES.get(name, name) for name in set(GGUF_CONFIG_MAPPING) - GGUF_NOT_TEACHERS))
+
+
+def _gguf_config(path: Path, reader, arch: str):
+    """The transformers config of the GGUF file at ``path``, read from its metadata by transformers."""
+    if getattr(reader, "first", None) is not None:  # gguf_teacher's SplitGGUF: transformers reads one file
+        raise TeacherError(f"{path}: a {arch} GGUF model split in parts, which transformers (that runs {arch} "
+                           f"models here) reads as one file only. Fix: merge the parts: llama-gguf-split --merge "
+                           f"{path} <name>.gguf, and point teacher.path at it.")
+    transformers = _transformers(path)
+    try:
+        return transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception as err:  # transformers' GGUF reader raises what its parsing meets (ValueError, KeyError, ...)
+        raise TeacherError(f"{path}: transformers could not read its {arch} metadata ({type(err).__name__}: "
+                           f"{shortened(str(err), 200)}). Fix: re-download the file, or use the model's Hugging Face "
+                           "folder with teacher._component_=huggingface.") from err
+
+
+def describe_gguf(path: Path, reader, arch: str) -> ModelArgs:
+    """The shape of a GGUF file of a family transformers runs, from its metadata alone."""
+    config = _gguf_config(path, reader, arch)
+    return describe(config.to_dict(), str(path), what=f"the {arch} model its metadata describes")
+
+
+def check_gguf_tensors(path: Path, reader, arch: str) -> None:
+    """Every tensor of the file against the model its metadata describes, built on the meta
+    device (no memory): each one transformers reads by name, of the size the model gives it.
+    Otherwise transformers builds the model first (a vocabulary of 10**9 in the metadata takes
+    all the memory there is) and skips the tensors it has no name for (Phi-3's long-context
+    RoPE factors: it would run another model than the file's) with a log line."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    config = _gguf_config(path, reader, arch)
+    transformers = _transformers(path)
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict()))
+    except Exception as err:  # a config transformers' own code refuses (heads that do not divide the width, ...)
+        raise TeacherError(f"{path}: transformers cannot build the {arch} model its metadata describes "
+                           f"({type(err).__name__}: {shortened(str(err), 200)}). Fix: re-download the file, or use "
+                           "the model's Hugging Face folder with teacher._component_=huggingface.") from err
+    unread = [t.name for t in reader.tensors if t.name not in names]
+    if unread:
+        raise TeacherError(f"{path}: transformers' GGUF reader has no place in a {arch} model for "
+                           f"{len(unread)} of its tensors ({', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''}):"
+                           " the model it would run is not the one in the file. Fix: use the model's Hugging Face "
+                           "folder with teacher._component_=huggingface.")
+    read = {names[t.name] for t in reader.tensors}
+    # a fused tensor (MoE experts) maps to the module its parameters are in; a tied head is the embedding
+    missing = [name for name, _ in model.named_parameters() if name not in read and
+               not any(name.startswith(module + ".") for module in read)]
+    if missing:
+        raise TeacherError(f"{path}: {len(missing)} weight(s) of the {arch} model its metadata describes are not in "
+                           f"the file ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): transformers "
+                           "would leave them random. Fix: re-download the file (a damaged or cut one), or use the "
+                           "model's Hugging Face folder with teacher._component_=huggingface.")
+    params, sources = model.state_dict(), Counter(names[t.name] for t in reader.tensors)
+    for tensor in reader.tensors:
+        expected = params.get(names[tensor.name])  # transformers fuses some of them (MoE gate and up): not compared
+        if expected is not None and sources[names[tensor.name]] == 1 and expected.numel() != int(tensor.n_elements):
+            raise TeacherError(f"{path}: its tensor {tensor.name} holds {int(tensor.n_elements):,} values, and the "
+                               f"{arch} model its metadata describes gives it {expected.numel():,} "
+                               f"({names[tensor.name]}, {tuple(expected.shape)}): the metadata and the weights are "
+                               "of two models, or the file is damaged. Fix: re-download the file, or use the "
+                               "model's Hugging Face folder with teacher._component_=huggingface.")
+
+
+def load_gguf(path: Path, reader, arch: str, dtype: str, device: Union[str, torch.device],
+              tokenizer_path: Optional[Path]) -> "TransformersTeacher":
+    """A GGUF file of a family transformers runs (dequantized by transformers' GGUF reader)."""
+    torch_dtype = parse_dtype(dtype, "teacher.dtype")
+    check_gguf_tensors(path, reader, arch)
+    transformers = _transformers(path)
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype, local_files_only=True, output_loading_info=True,
+            # every weight dequantized to teacher.dtype, as the GGUF files built here are: the same model on
+            # every machine (transformers keeps quantized blocks where it finds a kernel for them)
+            quantization_config=transformers.GgufConfig(dequantize=True))
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TeacherError(f"{path}: transformers could not load this {arch} GGUF file: {first}. Fix: re-download "
+                           "it, or use the model's Hugging Face folder with teacher._component_=huggingface.") from err
+    missing = sorted(set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
+                                                              for k in info.get("mismatched_keys") or ()})
+    if missing:  # transformers would run them as it initialised them: random
+        raise TeacherError(f"{path}: the {arch} model transformers builds from it lacks {len(missing)} of its "
+                           f"weights in the file ({', '.join(missing[:3])}): they would be random. Fix: use the "
+                           "model's Hugging Face folder with teacher._component_=huggingface.")
+    return _teacher(model, describe(model.config.to_dict(), str(path)), device, tokenizer_path,
+                    f"{path} (GGUF {arch}, run by transformers)")
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -309,19 +309,21 @@ def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_read
 
 
 def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
+    """(phi3, gemma2 ... are run by transformers: tests/test_transformers_teachers.py.)"""
     import gguf
 
     from letrecipes.components.teachers import TeacherError
 
-    path = tmp_path / "phi.gguf"
-    writer = gguf.GGUFWriter(str(path), "phi3")
+    path = tmp_path / "rwkv.gguf"
+    writer = gguf.GGUFWriter(str(path), "rwkv6")
     writer.add_block_count(1)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(TeacherError, match=r"GGUF architecture 'phi3' is not supported; expected one of llama, qwen2, "
-                                           r"qwen3, gptneox, gpt2\. Fix: use the model's Hugging Face folder"):
+    with pytest.raises(TeacherError, match=r"GGUF architecture 'rwkv6' is not supported; expected one of llama, qwen2, "
+                                           r"qwen3, gptneox, gpt2 or, run by transformers, one of .*phi3.*\. Fix: use "
+                                           r"the model's Hugging Face folder"):
         load_teacher({"_component_": "gguf", "path": str(path)})
 
 

@@ -143,3 +143,131 @@ def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_a
     with pytest.raises(LetRecipesError, match=r"^teacher\.path: tensor 'model\.embed_tokens\.weight' in .* has shape "
                                               r"\(\d+, 32\), but .* gives it \(4096, 32\): the config and the weights"):
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+
+
+# ---------------------------------------------------------- GGUF files of these families
+def _gemma2(vocab_size):
+    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=16))
+
+
+def _gguf_of(build, arch, tokenizer_path, path, drop=(), extra=(), metadata=()):
+    """A random model of ``build`` written as a GGUF file of llama.cpp's ``arch``: its tensors
+    under the names transformers' GGUF reader maps (the map read backwards), the metadata keys
+    that reader turns into config fields, and the two rewrites of llama.cpp's converters that
+    these families have: Gemma's norms stored as 1 + weight, Bloom's fused qkv regrouped from
+    head by head into all q, all k, all v. ``drop``, ``extra``, ``metadata``: a damaged file."""
+    import gguf
+    import numpy as np
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    vocab = json.loads(tokenizer_path.read_text())["model"]
+    model = _saved(build, path.parent / f"{arch}_source", tokenizer_path)
+    with torch.no_grad():  # norms and biases away from 1 and 0, so that a rewrite left out shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    config = model.config.to_dict()
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, field in GGUF_CONFIG_MAPPING[arch].items():
+        value = (config.get("rope_parameters") or {}).get("rope_theta") if field == "rope_theta" else config.get(field)
+        if field is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"{arch}.{key}", value)
+    for key, value in metadata:
+        writer.add_uint32(key, value)
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    writer.add_pad_token_id(0)
+    names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    heads, width = config.get("n_head"), config["hidden_size"]
+    for hf_name, tensor in model.state_dict().items():
+        name = names.get(hf_name)
+        if name is None or name in drop or (hf_name == "lm_head.weight" and arch != "bloom"
+                                            and config["tie_word_embeddings"]):
+            continue
+        values = tensor.float().numpy().copy()
+        if arch.startswith("gemma") and "norm" in name:
+            values += 1
+        if arch == "bloom" and "attn_qkv" in name:
+            grouped = values.reshape(heads, 3, width // heads, *values.shape[1:])
+            values = np.concatenate([grouped[:, i].reshape(width, *values.shape[1:]) for i in range(3)])
+        writer.add_tensor(name, values)
+    for name, values in extra:
+        writer.add_tensor(name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model.eval()
+
+
+@pytest.mark.parametrize("build, arch", [(_phi3, "phi3"), (_gemma2, "gemma2"), (_bloom, "bloom")],
+                         ids=["phi3", "gemma2", "bloom"])
+def test_a_gguf_file_of_such_a_family_is_read_by_transformers_as_written(build, arch, tokenizer_path, tmp_path):
+    """A GGUF teacher of a family not built here was "GGUF architecture 'phi3' is not supported"."""
+    from tokenizers import Tokenizer
+
+    path = tmp_path / f"tiny-{arch}.gguf"
+    reference = _gguf_of(build, arch, tokenizer_path, path)
+    described = describe_teacher({"path": str(path)}, check_weights=True)
+    teacher = load_teacher({"path": str(path), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")})
+    assert (described.num_layers, described.embed_dim, teacher.depth, teacher.width) == (2, 32, 2, 32)
+    assert teacher.source == f"{path} (GGUF {arch}, run by transformers)"
+    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, output_hidden_states=True)
+    states = teacher.hidden_states(tokens, range(3))
+    for layer in range(3):
+        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
+    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    text = "To be, or not to be: that is the question."
+    assert Tokenizer.from_file(str(teacher.tokenizer_path)).encode(text).ids == \
+        Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
+
+
+def test_a_gguf_gemma2_teacher_guides_a_let_run_and_exports_to_a_folder_transformers_reads(
+        let_overrides, tokenizer_path, tmp_path):
+    from letrecipes.cli import main
+
+    path = tmp_path / "gemma2.gguf"
+    reference = _gguf_of(_gemma2, "gemma2", tokenizer_path, path)
+    common = [*let_overrides, f"teacher.path={path}", "max_steps=2", "alignment.schedule._component_=linear",
+              "alignment.schedule.stop=2"]
+    run_let(*common, f"output_dir={tmp_path / 'run'}")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "align_loss" in r] == [1, 2]
+    expect_setup_error(run_let, *common, f"output_dir={tmp_path / 'refused'}", "teacher.placement=sharded",
+                       "fsdp.enabled=true", match="teacher.placement=sharded builds the teacher as letrecipes' own")
+
+    main(["export", str(path), str(tmp_path / "out"), "--dtype", "fp32"])
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    tokens = torch.randint(0, reference.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(tokens).logits, reference(tokens).logits)
+    again = load_teacher({"path": str(tmp_path / "out"), "dtype": "fp32"})  # and it is a teacher as it is
+    assert again.source == f"{tmp_path / 'out'} (Gemma2ForCausalLM, run by transformers)"
+
+
+@pytest.mark.parametrize("damage, says", [
+    ({"extra": [("rope_factors_long.weight", torch.ones(8).numpy())]},
+     r"transformers' GGUF reader has no place in a phi3 model for 1 of its tensors \(rope_factors_long\.weight\)"),
+    ({"drop": {"blk.1.ffn_down.weight"}}, r"1 weight\(s\) of the phi3 model its metadata describes are not in the "
+                                          r"file \(model\.layers\.1\.mlp\.down_proj\.weight\): transformers would "
+                                          r"leave them random"),
+    # sizes that would be harmless if the check were ever lost (the fuzzer's 10**9 took all memory)
+    ({"metadata": [("phi3.vocab_size", 1024)]}, r"its tensor token_embd\.weight holds 16,384 values, and the phi3 "
+                                                r"model its metadata describes gives it 32,768"),
+], ids=["a tensor transformers does not read", "a tensor missing", "a vocabulary of another size"])
+def test_a_gguf_file_that_is_not_the_model_transformers_would_build_is_one_line(damage, says, tokenizer_path,
+                                                                                tmp_path):
+    path = tmp_path / "phi3.gguf"
+    _gguf_of(_phi3, "phi3", tokenizer_path, path, **damage)
+    for read in (lambda: describe_teacher({"path": str(path)}, check_weights=True),
+                 lambda: load_teacher({"path": str(path), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")})):
+        with pytest.raises(TeacherError, match=rf"^teacher\.path: {path}: {says}.* Fix: "):
+            read()
