@@ -17,6 +17,8 @@ transformers is an optional dependency here (the ``eval`` extra brings it).
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
@@ -131,6 +133,7 @@ def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device]
 GGUF_NOT_TEACHERS = {"general", "tokenizer", "t5", "umt5", "mamba"}
 # transformers' key -> llama.cpp's name of the architecture, where the two differ
 GGUF_NAMES = {"qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2"}
+GGUF_FIX = "Fix: re-download the file, or use the model's Hugging Face folder with teacher._component_=huggingface."
 
 
 def gguf_architectures() -> Tuple[str, ...]:
@@ -148,13 +151,24 @@ def _gguf_config(path: Path, reader, arch: str):
         raise TeacherError(f"{path}: a {arch} GGUF model split in parts, which transformers (that runs {arch} "
                            f"models here) reads as one file only. Fix: merge the parts: llama-gguf-split --merge "
                            f"{path} <name>.gguf, and point teacher.path at it.")
-    transformers = _transformers(path)
-    try:
-        return transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    _transformers(path)
+    stat = path.stat()
+    try:  # a copy: transformers sets attributes on the configs it builds models from
+        return copy.deepcopy(_read_gguf_config(str(path), stat.st_size, stat.st_mtime_ns))
     except Exception as err:  # transformers' GGUF reader raises what its parsing meets (ValueError, KeyError, ...)
         raise TeacherError(f"{path}: transformers could not read its {arch} metadata ({type(err).__name__}: "
-                           f"{shortened(str(err), 200)}). Fix: re-download the file, or use the model's Hugging Face "
-                           "folder with teacher._component_=huggingface.") from err
+                           f"{shortened(str(err), 200)}). {GGUF_FIX}") from err
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_config(path: str, size: int, mtime_ns: int):
+    """transformers parses every metadata value of the file, its vocabulary included: seconds for
+    a 128k-token one, and the recipe asks for the shape, the check and the load. Keyed by the
+    file's size and time, so a file replaced at the same path is read again."""
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
+                                                   local_files_only=True)
 
 
 def describe_gguf(path: Path, reader, arch: str) -> ModelArgs:
@@ -179,8 +193,7 @@ def check_gguf_tensors(path: Path, reader, arch: str) -> None:
         names = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict()))
     except Exception as err:  # a config transformers' own code refuses (heads that do not divide the width, ...)
         raise TeacherError(f"{path}: transformers cannot build the {arch} model its metadata describes "
-                           f"({type(err).__name__}: {shortened(str(err), 200)}). Fix: re-download the file, or use "
-                           "the model's Hugging Face folder with teacher._component_=huggingface.") from err
+                           f"({type(err).__name__}: {shortened(str(err), 200)}). {GGUF_FIX}") from err
     unread = [t.name for t in reader.tensors if t.name not in names]
     if unread:
         raise TeacherError(f"{path}: transformers' GGUF reader has no place in a {arch} model for "
@@ -194,8 +207,7 @@ def check_gguf_tensors(path: Path, reader, arch: str) -> None:
     if missing:
         raise TeacherError(f"{path}: {len(missing)} weight(s) of the {arch} model its metadata describes are not in "
                            f"the file ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}): transformers "
-                           "would leave them random. Fix: re-download the file (a damaged or cut one), or use the "
-                           "model's Hugging Face folder with teacher._component_=huggingface.")
+                           f"would leave them random (a damaged or cut file). {GGUF_FIX}")
     params, sources = model.state_dict(), Counter(names[t.name] for t in reader.tensors)
     for tensor in reader.tensors:
         expected = params.get(names[tensor.name])  # transformers fuses some of them (MoE gate and up): not compared
@@ -203,8 +215,7 @@ def check_gguf_tensors(path: Path, reader, arch: str) -> None:
             raise TeacherError(f"{path}: its tensor {tensor.name} holds {int(tensor.n_elements):,} values, and the "
                                f"{arch} model its metadata describes gives it {expected.numel():,} "
                                f"({names[tensor.name]}, {tuple(expected.shape)}): the metadata and the weights are "
-                               "of two models, or the file is damaged. Fix: re-download the file, or use the "
-                               "model's Hugging Face folder with teacher._component_=huggingface.")
+                               f"of two models, or the file is damaged. {GGUF_FIX}")
 
 
 def load_gguf(path: Path, reader, arch: str, dtype: str, device: Union[str, torch.device],
@@ -221,8 +232,7 @@ def load_gguf(path: Path, reader, arch: str, dtype: str, device: Union[str, torc
             quantization_config=transformers.GgufConfig(dequantize=True))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise TeacherError(f"{path}: transformers could not load this {arch} GGUF file: {first}. Fix: re-download "
-                           "it, or use the model's Hugging Face folder with teacher._component_=huggingface.") from err
+        raise TeacherError(f"{path}: transformers could not load this {arch} GGUF file: {first}. {GGUF_FIX}") from err
     missing = sorted(set(info.get("missing_keys") or ()) | {k[0] if isinstance(k, tuple) else k
                                                               for k in info.get("mismatched_keys") or ()})
     if missing:  # transformers would run them as it initialised them: random
