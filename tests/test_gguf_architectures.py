@@ -576,3 +576,35 @@ def test_a_gguf_with_a_sentencepiece_vocabulary_gets_the_tokenizer_transformers_
         assert ours.hf.decode(ids) == (text[1:] if text.startswith(" ") else text)
     assert ours.hf.encode("the river", add_special_tokens=False).tokens == ["\u2581the", "\u2581river"]
     assert ours.eos_token == "</s>" and max(ours.hf.encode("🙂 ÿ", add_special_tokens=False).ids) < teacher.vocab_size
+
+
+def test_the_metadata_is_parsed_once_per_file_and_again_for_a_file_rewritten_in_place(tmp_path, monkeypatch):
+    """gguf's reader parses the whole vocabulary (2.5 s for SmolLM2's): the recipe's four
+    requests (shape, tokenizer, check, weights) parsed it four times; now once. A file
+    rewritten at its path, at the same size within the same file-time tick, is parsed again."""
+    import gguf
+
+    from letrecipes.components import gguf_teacher
+    from letrecipes.components.teachers import describe_teacher, teacher_format, tokenizer_file
+
+    tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER["qwen2"])
+    source = tmp_path / "source.gguf"
+    write_gguf(hf_model("qwen2"), "qwen2", tokenizer_json, source)
+    longer = tmp_path / "longer.gguf"  # the same file but for its context: the same size
+    with_metadata(source, longer, "qwen2.context_length", 128, gguf.GGUFValueType.UINT32)
+    assert longer.stat().st_size == source.stat().st_size
+    parses = []
+    reader_init = gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(a) or reader_init(self, *a, **k))
+    path = tmp_path / "teacher.gguf"
+    path.write_bytes(source.read_bytes())
+    section = {"path": str(path), "tokenizer_dir": str(tmp_path / "tok"), "dtype": "fp32"}
+    gguf_teacher.forget_readers()
+    assert describe_teacher(section).max_seq_len == 64
+    tokenizer_file(path, key="teacher.path", fmt=teacher_format(section))
+    describe_teacher(section, check_weights=True)
+    teacher = load_teacher(section)
+    assert len(parses) == 1 and teacher.context == 64
+    with open(path, "r+b") as f:  # in place: the same inode and size
+        f.write(longer.read_bytes())
+    assert describe_teacher(section).max_seq_len == 128 and len(parses) == 2
