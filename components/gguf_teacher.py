@@ -558,6 +558,18 @@ class GGUFFormat(TeacherFormat):
         reader = open_gguf(path)
         return export_tokenizer(reader, str(path), self.tokenizer_dir, getattr(reader, "first", path))
 
+    def bos(self, path: Path) -> Optional[Tuple[int, str]]:
+        """As llama.cpp reads the file: ``tokenizer.ggml.add_bos_token``, or where it is absent,
+        llama.cpp's default for the vocabulary (SentencePiece's and Llama 3's BPE put one)."""
+        reader = open_gguf(path)
+        source = str(path)
+        tokens, kind, pre, bos = (_field(reader, f"tokenizer.ggml.{key}", source, _ABSENT)
+                                  for key in ("tokens", "model", "pre", "bos_token_id"))
+        add = _field(reader, "tokenizer.ggml.add_bos_token", source, kind == "llama" or pre == "llama-bpe")
+        if add is not True or not _is_whole(bos) or not isinstance(tokens, list) or not 0 <= bos < len(tokens):
+            return None
+        return bos, tokens[bos]
+
     def check_weights(self, path: Path) -> None:
         reader = open_gguf(path)
         if model_args(reader, str(path)).family == transformers_teacher.FAMILY:  # ours are checked as they are read

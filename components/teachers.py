@@ -29,7 +29,7 @@ import importlib.util
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 PACKAGE_PREFIX = "pkg:"
 # Keys of the `teacher` config section that the recipe reads; every other key is an option
 # of the format (for example gguf's tokenizer_dir).
-RECIPE_KEYS = ("_component_", "path", "dtype", "placement", "shape", "compile")
+RECIPE_KEYS = ("_component_", "path", "dtype", "placement", "shape", "compile", "prepend_bos")
 
 
 class TeacherError(LetRecipesError):
@@ -70,6 +70,19 @@ class Teacher(nn.Module):
         self.eval()
         self.tokenizer_path = tokenizer_path
         self.source = source
+        #: (id, token) put before every window the teacher reads, as its tokenizer puts it before every
+        #: text (``teacher.prepend_bos``); its position is dropped from what the teacher returns
+        self.bos: Optional[Tuple[int, str]] = None
+
+    def with_bos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` as the teacher reads them: after its BOS, where it has one."""
+        if self.bos is None:
+            return tokens
+        return torch.cat([tokens.new_full((tokens.shape[0], 1), self.bos[0]), tokens], dim=1)
+
+    def without_bos(self, output: torch.Tensor) -> torch.Tensor:
+        """An output over :meth:`with_bos`'s tokens, at the positions of the tokens given."""
+        return output if self.bos is None else output[:, 1:]
 
     @property
     def width(self) -> int:
@@ -99,12 +112,12 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return forward_with_hidden(self.model, tokens, (), logits=True)[1]
+        return self.without_bos(forward_with_hidden(self.model, self.with_bos(tokens), (), logits=True)[1])
 
     @torch.no_grad()
     def hidden_states(self, tokens: torch.Tensor, layers: Iterable[int]) -> Dict[int, torch.Tensor]:
-        hidden, _ = forward_with_hidden(self.model, tokens, layers, logits=False)
-        return hidden
+        hidden, _ = forward_with_hidden(self.model, self.with_bos(tokens), layers, logits=False)
+        return {layer: self.without_bos(h) for layer, h in hidden.items()}
 
 
 class TeacherFormat:
@@ -137,6 +150,12 @@ class TeacherFormat:
         """Raise :class:`TeacherError` if the weight files are missing or cut short, from their
         headers alone (milliseconds, nothing loaded): the LET recipe asks before it prepares
         the corpus. Optional: a format without it is checked when it loads."""
+
+    def bos(self, path: Path) -> Optional[Tuple[int, str]]:
+        """The token the model reads before every text, as (id, token); None if none. By
+        default what its tokenizer puts before a text it encodes (:func:`tokenizer_bos`)."""
+        tokenizer = self.tokenizer(path)
+        return tokenizer_bos(tokenizer) if tokenizer is not None else None
 
     def load(self, path: Path, dtype: str, device: Union[str, torch.device]) -> Teacher:
         raise NotImplementedError
@@ -272,6 +291,9 @@ class AutoFormat(TeacherFormat):
     def check_weights(self, path: Path) -> None:
         self.pick(path).check_weights(path)
 
+    def bos(self, path: Path) -> Optional[Tuple[int, str]]:
+        return self.pick(path).bos(path)
+
     def load(self, path: Path, dtype: str, device: Union[str, torch.device]) -> Teacher:
         return self.pick(path).load(path, dtype, device)
 
@@ -320,13 +342,51 @@ def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = 
     path = existing_path(section.get("path") or "", path_key or f"{key}.path")
     if parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype") == torch.bfloat16:
         check_bf16_device(device, f"{key}.dtype")
+    bos = teacher_bos(section, key, path_key)
     with _naming_the_key(key, path_key or f"{key}.path"):
         teacher = fmt.load(path, str(section.get("dtype", "bfloat16")), device)
     if not isinstance(teacher, Teacher):
         raise TeacherError(f"{key}: the format {type(fmt).__name__} returned a {type(teacher).__name__}, not a "
                            "Teacher. Fix: wrap the model in letrecipes.components.teachers.Teacher.")
     teacher.source = teacher.source or str(path)
+    teacher.bos = bos
     return teacher
+
+
+def tokenizer_bos(tokenizer_path: Union[str, Path]) -> Optional[Tuple[int, str]]:
+    """The token a tokenizer puts before every text it encodes (Llama 3's ``<|begin_of_text|>``,
+    Gemma's ``<bos>``, OPT's ``</s>``), as (id, token); None for one that puts nothing there
+    (GPT-2, SmolLM, Pythia, Qwen). Read from what it does, not from its config's flags."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokenizer = HFTokenizer.from_file(str(tokenizer_path))
+    plain, full = (tokenizer.encode("a", add_special_tokens=special).ids for special in (False, True))
+    if len(full) > len(plain) and full[1:len(plain) + 1] == plain:
+        return full[0], tokenizer.id_to_token(full[0])
+    return None
+
+
+def teacher_bos(section: Mapping[str, Any], key: str = "teacher", path_key: Optional[str] = None
+                ) -> Optional[Tuple[int, str]]:
+    """``<key>.prepend_bos``: ``auto`` (the default) puts the teacher's BOS before each window it
+    reads when the model reads one before every text (its tokenizer puts it there; a GGUF file
+    says so in its metadata): a teacher trained on texts that begin with it (Gemma's hidden
+    states go astray without it) reads the data as it was trained to; ``true`` requires that
+    token, ``false`` puts none. Read from the files, without the weights."""
+    setting = section.get("prepend_bos", "auto")
+    if setting not in ("auto", True, False):
+        raise TeacherError(f"{key}.prepend_bos={setting!r}: use auto, true or false.")
+    if setting is False:
+        return None
+    fmt = teacher_format(section, key, path_key)
+    path = existing_path(section.get("path") or "", path_key or f"{key}.path")
+    with _naming_the_key(key, path_key or f"{key}.path"):
+        found = fmt.bos(path)
+    if setting is True and found is None:
+        raise TeacherError(f"{key}.prepend_bos=true, but {section.get('path')!r} reads no token before a text (its "
+                           f"tokenizer puts none there), so there is no BOS to put before its windows. Fix: "
+                           f"{key}.prepend_bos=auto.")
+    return found
 
 
 def check_shardable(args: Optional[ModelArgs], section: Mapping[str, Any], key: str = "teacher") -> None:
@@ -373,7 +433,9 @@ def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.de
                            f"weights, but the model {type(fmt).__name__} loads has other weights: {err}. Fix: "
                            f"{key}.placement=replicated for this format.") from err
     del state
-    return Teacher(model, tokenizer_path=fmt.tokenizer(path), source=str(path))
+    teacher = Teacher(model, tokenizer_path=fmt.tokenizer(path), source=str(path))
+    teacher.bos = teacher_bos(section, key)
+    return teacher
 
 
 def describe_teacher(section: Mapping[str, Any], key: str = "teacher", check_weights: bool = False

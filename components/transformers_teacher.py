@@ -283,11 +283,11 @@ class TransformersTeacher(Teacher):
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=tokens, use_cache=False).logits
+        return self.without_bos(self.model(input_ids=self.with_bos(tokens), use_cache=False).logits)
 
     @torch.no_grad()
     def hidden_states(self, tokens: torch.Tensor, layers: Iterable[int]) -> Dict[int, torch.Tensor]:
         # the base model alone: the output head, a vocabulary-wide matmul, is not needed for hidden states
-        out = self.model.base_model(input_ids=tokens, output_hidden_states=True, use_cache=False)
-        return {i: out.hidden_states[i] for i in layers}
+        out = self.model.base_model(input_ids=self.with_bos(tokens), output_hidden_states=True, use_cache=False)
+        return {i: self.without_bos(out.hidden_states[i]) for i in layers}
 

@@ -109,7 +109,8 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
               "slow_batches_s": _number(0), "slow_save_s": _number(0), "slow_export_s": _number(0), "rank": _int(0)},
 }
 TEACHER = {"path": TEXT, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
-           "placement": _choice("replicated", "sharded"), "compile": BOOL, "shape": SECTION}
+           "placement": _choice("replicated", "sharded"), "compile": BOOL, "shape": SECTION,
+           "prepend_bos": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))}
 REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model", "optimizer", "lr_scheduler")
 # The eval recipe's keys (recipes/configs/eval.yaml)
 EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from letrecipes._config import parse, run
 from letrecipes.components import parallel, registry
 from letrecipes.components.checkpointing import step_of
-from letrecipes.components.resume import saved_run_info
+from letrecipes.components.resume import saved_run_info, uses_teacher as ran_with_teacher
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import Tokenizer
 from letrecipes.components.metrics import current_memory_mb
@@ -35,12 +35,15 @@ from letrecipes.components.cross_tokenizer import CrossTokenizerCollate, check_e
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.teachers import (TeacherError, check_shardable, content_fingerprint, describe_teacher,
                                             existing_path, load_teacher, load_teacher_sharded, teacher_format,
-                                            tokenizer_file)
+                                            teacher_bos, tokenizer_file)
 from letrecipes.pretrain import PretrainRecipe, RecipeError
+
+MISSING = object()  # a key a run_info.json does not hold (written before it was recorded)
 
 
 class LETPretrainRecipe(PretrainRecipe):
     uses_teacher = True
+    teacher_bos: Optional[Tuple[int, str]] = None  # the BOS the teacher reads first (_teacher_bos)
     # the plain recipe's fields, with LET's after loss and nll (progress fields stay in one place)
     console_fields = (*PretrainRecipe.console_fields[:2], ("align_loss", ".4f"), ("lambda", ".3g"), ("rho", ".3g"),
                       ("rho_measured", ".3g"), ("cosine", ".3f"), *PretrainRecipe.console_fields[2:])
@@ -58,7 +61,9 @@ class LETPretrainRecipe(PretrainRecipe):
         described = self.described_teacher()
         if self.cfg.teacher.get("placement") == "sharded" and self.fsdp:
             check_shardable(described, self.cfg.teacher)
-        self.collate = self._cross_tokenizer_collate()  # before the loader is built: it collates with it
+        teacher_file = self._teacher_tokenizer_file()
+        self.teacher_bos = self._teacher_bos()
+        self.collate = self._cross_tokenizer_collate(teacher_file)  # before the loader is built: it collates with it
         if described is not None and self.collate is None:
             # 0: a config.json that states no context (ALiBi models, run by transformers)
             self._check_teacher_reads_the_ids(described.max_seq_len or None, described.vocab_size,
@@ -80,7 +85,40 @@ class LETPretrainRecipe(PretrainRecipe):
                           teacher_depth=teacher_args.num_layers, total_steps=self.max_steps,
                           vocab_size=self.tokenizer.vocab_size, cross_tokenizer=self.collate is not None)
 
-    def _cross_tokenizer_collate(self):
+    def _teacher_tokenizer_file(self) -> Optional[Path]:
+        """The teacher's own tokenizer.json, read without its weights; None for a teacher without one."""
+        teacher_path = self.cfg.teacher.get("path")
+        if not teacher_path:
+            return None  # load_teacher names the missing key
+        existing_path(teacher_path, key="teacher.path")
+        try:
+            found = tokenizer_file(teacher_path, key="teacher.path", fmt=teacher_format(self.cfg.teacher))
+        except TeacherError:
+            return None  # a teacher without a tokenizer of its own: it must read the student's ids
+        return found if found is not None and found.is_file() else None
+
+    def _teacher_bos(self) -> Optional[Tuple[int, str]]:
+        """The BOS put before each window the teacher reads (``teacher.prepend_bos``). A resumed
+        run goes on as it began: one begun before the BOS was put there (its run_info.json does
+        not say) goes on without it."""
+        if not self.cfg.teacher.get("path"):
+            return None  # load_teacher names the missing key
+        bos = teacher_bos(self.cfg.teacher)
+        saved = saved_run_info(self.resume_from) if self.resume_from is not None else None
+        if not saved or not ran_with_teacher(saved):
+            return bos
+        began = saved.get("teacher_bos", MISSING)
+        if began is MISSING:
+            if bos is not None:
+                self.log(f"resume: {self.resume_from.name} began before the teacher read its tokenizer's BOS "
+                         f"{bos[1]!r} before each window (teacher.prepend_bos=auto since 2026-12-07); the run goes on "
+                         "without it, as it began")
+            return None
+        if isinstance(began, list) and len(began) == 2 and isinstance(began[0], int):
+            return began[0], str(began[1])
+        return None if began is None else bos  # a record edited by hand: what the files say
+
+    def _cross_tokenizer_collate(self, teacher_file: Optional[Path]):
         """``alignment.cross_tokenizer``: true, false, or auto (the default: on exactly when
         the teacher's own tokenizer reads text differently from the student's)."""
         cfg = self.cfg
@@ -90,12 +128,7 @@ class LETPretrainRecipe(PretrainRecipe):
         teacher_path = cfg.teacher.get("path")
         if not teacher_path:
             return None  # load_teacher names the missing key
-        existing_path(teacher_path, key="teacher.path")
-        try:
-            teacher_file = tokenizer_file(teacher_path, key="teacher.path", fmt=teacher_format(cfg.teacher))
-        except TeacherError:
-            teacher_file = None  # a teacher without a tokenizer of its own: it must read the student's ids
-        if teacher_file is None or not teacher_file.is_file():
+        if teacher_file is None:
             if setting is True:
                 raise RecipeError(f"alignment.cross_tokenizer=true, but teacher.path={teacher_path!r} has no "
                                   "tokenizer.json of its own to read the text with. Fix: put the teacher's "
@@ -193,6 +226,7 @@ class LETPretrainRecipe(PretrainRecipe):
         if self.teacher_shape is not None:
             self.teacher = None
             self.run_info["teacher_shape"] = self.teacher_shape  # for the next resume
+            self.run_info["teacher_bos"] = (saved_run_info(self.resume_from) or {}).get("teacher_bos")
             self.aligner = self._build_aligner(**self.teacher_shape)
             return
         section = OmegaConf.to_container(cfg.teacher, resolve=True)
@@ -211,6 +245,8 @@ class LETPretrainRecipe(PretrainRecipe):
             self.teacher = load_teacher(section, device=self.device)
             if compile_teacher:
                 parallel.compile_blocks(self.teacher.blocks)
+        self.teacher.bos = self.teacher_bos  # a resumed run's own (_teacher_bos)
+        self.run_info["teacher_bos"] = list(self.teacher_bos) if self.teacher_bos else None
         self._check_teacher()
         self.run_info["teacher_shape"] = {"width": self.teacher.width, "depth": self.teacher.depth,
                                           "cross_tokenizer": self.collate is not None}
@@ -223,7 +259,9 @@ class LETPretrainRecipe(PretrainRecipe):
                  + (f"; sharded over {parallel.world_size()} ranks" if self.placement == "sharded" and self.fsdp
                     else "") + "); aligning (student, teacher) "
                  f"layers {self.aligner.pairs}; schedule {self.aligner.schedule}"
-                 + (f"; cross-tokenizer pooling {type(self.aligner.pooling).__name__}" if self.collate else ""))
+                 + (f"; cross-tokenizer pooling {type(self.aligner.pooling).__name__}" if self.collate else "")
+                 + (f"; it reads its BOS {self.teacher.bos[1]!r} (id {self.teacher.bos[0]}) before each window, as its "
+                    f"tokenizer puts it before every text (teacher.prepend_bos)" if self.teacher.bos else ""))
         end = getattr(self.aligner.schedule, "end_step", None)
         if self._weighs_nothing(end):
             self.log(f"warning: alignment.schedule gives lambda 0 at every step the teacher runs ({self.aligner.schedule}"
@@ -275,12 +313,15 @@ class LETPretrainRecipe(PretrainRecipe):
             )
 
     def _check_teacher_reads_the_ids(self, context: Optional[int], vocab_size: int, source: str) -> None:
-        """A teacher fed the student's token ids reads a whole training sequence and knows every id."""
-        seq_len, tokenizer = int(self.cfg.data.seq_len), self.tokenizer
-        if context is not None and seq_len > context:
+        """A teacher fed the student's token ids reads a whole training sequence (after its BOS)
+        and knows every id."""
+        seq_len, tokenizer, bos = int(self.cfg.data.seq_len), self.tokenizer, self.teacher_bos
+        if context is not None and seq_len + (bos is not None) > context:
             raise RecipeError(
-                f"data.seq_len={seq_len} is longer than the teacher's context ({context} tokens, "
-                f"{source}): it cannot read a whole training sequence. Fix: data.seq_len <= {context}.")
+                f"data.seq_len={seq_len} is longer than the teacher's context ({context} tokens, {source}"
+                + (f"; {context - 1} after the BOS {bos[1]!r} it reads first" if bos else "")
+                + f"): it cannot read a whole training sequence. Fix: data.seq_len <= {context - (bos is not None)}"
+                + (", or teacher.prepend_bos=false." if bos else "."))
         if vocab_size < tokenizer.vocab_size:
             raise RecipeError(
                 f"teacher.path: the teacher's vocabulary ({vocab_size}) is smaller than the tokenizer's "
@@ -298,7 +339,7 @@ class LETPretrainRecipe(PretrainRecipe):
             raise RecipeError(f"teacher.path: the teacher's vocabulary ({teacher.vocab_size}) is smaller than its own "
                               f"tokenizer's ({collate.teacher.get_vocab_size()}). Fix: the tokenizer.json that "
                               "belongs to these weights.")
-        collate.context = teacher.context
+        collate.context = teacher.context - (teacher.bos is not None) if teacher.context else teacher.context
         sample = [self.train_set[i] for i in spread_indices(len(self.train_set), 64)]
         texts = [self.tokenizer.decode(item["tokens"].tolist()) for item in sample]
         check_encodable(collate.teacher, texts, key="teacher.path")

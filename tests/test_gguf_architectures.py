@@ -369,24 +369,26 @@ def test_a_damaged_gguf_file_loads_or_ends_in_one_error(tmp_path):
 
 def with_metadata(source, path, key, value=None, kind=None):
     """A copy of the GGUF file ``source`` at ``path`` with metadata ``key`` written as ``value``
-    of GGUF type ``kind`` (a GGUFValueType; an ARRAY's items as ints or strings), or left out
-    when ``kind`` is None. The tensors are copied as they are."""
+    of GGUF type ``kind`` (a GGUFValueType; an ARRAY's items as ints or strings; added last if
+    the file lacks it), or left out when ``kind`` is None. The tensors are copied as they are."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
     writer = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
     writer.kv_data[0].pop("general.architecture", None)  # written again below, maybe changed
+    sub = None if kind != gguf.GGUFValueType.ARRAY else \
+        gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
     for name, field in reader.fields.items():
         if name.startswith("GGUF."):
             continue
         if name == key:
             if kind is not None:
-                sub = None if kind != gguf.GGUFValueType.ARRAY else \
-                    gguf.GGUFValueType.STRING if value and isinstance(value[0], str) else gguf.GGUFValueType.INT32
                 writer.add_key_value(name, value, kind, sub_type=sub)
             continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+        field_sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), field.types[0], sub_type=field_sub)
+    if key not in reader.fields and kind is not None:
+        writer.add_key_value(key, value, kind, sub_type=sub)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type,
                           raw_shape=tuple(int(d) for d in reversed(tensor.shape)))
@@ -608,3 +610,29 @@ def test_the_metadata_is_parsed_once_per_file_and_again_for_a_file_rewritten_in_
     with open(path, "r+b") as f:  # in place: the same inode and size
         f.write(longer.read_bytes())
     assert describe_teacher(section).max_seq_len == 128 and len(parses) == 2
+
+
+def test_a_gguf_teacher_reads_a_bos_first_where_llama_cpp_would_put_one(tmp_path):
+    """tokenizer.ggml.add_bos_token, or where a file does not say, llama.cpp's default for its
+    vocabulary (Llama 3's `llama-bpe` puts one; Qwen2's split does not)."""
+    import gguf
+
+    from letrecipes.components.teachers import teacher_bos
+
+    tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER["qwen2"])
+    eos = tokenizer_json["model"]["vocab"]["<|endoftext|>"]
+    plain = tmp_path / "plain.gguf"
+    write_gguf(hf_model("qwen2"), "qwen2", tokenizer_json, plain)
+    with_id = tmp_path / "with_id.gguf"
+    with_metadata(plain, with_id, "tokenizer.ggml.bos_token_id", eos, gguf.GGUFValueType.UINT32)
+    says_so = tmp_path / "says_so.gguf"
+    with_metadata(with_id, says_so, "tokenizer.ggml.add_bos_token", True, gguf.GGUFValueType.BOOL)
+    llama3 = tmp_path / "llama3.gguf"
+    with_metadata(with_id, llama3, "tokenizer.ggml.pre", "llama-bpe", gguf.GGUFValueType.STRING)
+    assert [teacher_bos({"path": str(p)}) for p in (plain, with_id, says_so, llama3)] == \
+        [None, None, (eos, "<|endoftext|>"), (eos, "<|endoftext|>")]
+    teacher = load_teacher({"path": str(says_so), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")})
+    tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf_model("qwen2")(torch.cat([torch.tensor([[eos]]), tokens], dim=1)).logits[:, 1:]
+    torch.testing.assert_close(teacher.logits(tokens), expected, atol=2e-5, rtol=1e-4)
