@@ -357,9 +357,12 @@ def tokenizer_bos(tokenizer_path: Union[str, Path]) -> Optional[Tuple[int, str]]
     """The token a tokenizer puts before every text it encodes (Llama 3's ``<|begin_of_text|>``,
     Gemma's ``<bos>``, OPT's ``</s>``), as (id, token); None for one that puts nothing there
     (GPT-2, SmolLM, Pythia, Qwen). Read from what it does, not from its config's flags."""
-    from tokenizers import Tokenizer as HFTokenizer
+    from letrecipes.components.tokenizer import Tokenizer
 
-    tokenizer = HFTokenizer.from_file(str(tokenizer_path))
+    try:
+        tokenizer = Tokenizer(tokenizer_path).hf
+    except LetRecipesError as err:  # a file that is no tokenizer: named under the teacher's key, not the student's
+        raise TeacherError(str(err).removeprefix("tokenizer.path: ")) from err
     plain, full = (tokenizer.encode("a", add_special_tokens=special).ids for special in (False, True))
     if len(full) > len(plain) and full[1:len(plain) + 1] == plain:
         return full[0], tokenizer.id_to_token(full[0])

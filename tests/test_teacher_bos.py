@@ -70,6 +70,11 @@ def test_the_teacher_reads_its_bos_first_and_returns_the_positions_it_was_given(
     assert load_teacher({"path": str(no_bos), "dtype": "fp32"}).bos is None
     with pytest.raises(TeacherError, match=r"teacher\.prepend_bos=true, but .* reads no token before a text"):
         load_teacher({"path": str(no_bos), "prepend_bos": True})
+    # a damaged tokenizer.json is named under the teacher's key (was: the tokenizers library's Exception)
+    (no_bos / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}}')
+    with pytest.raises(TeacherError, match=r"^teacher\.path: '.*tokenizer\.json' is not a tokenizer\.json \(Token `b` "
+                                           r"out of vocabulary"):
+        load_teacher({"path": str(no_bos)})
 
 
 def test_a_let_run_gives_the_teacher_its_bos_and_a_run_begun_without_it_goes_on_without(tokenizer_path, base_overrides,
