@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 import torch
 
 from letrecipes.components import transformers_teacher
+from letrecipes.components.export import EXPORT_INFO
 from letrecipes.components.files import json_cut_short, shortened, stand_in
 from letrecipes.components.models import MAX_POSITIONS, ModelArgs
 from letrecipes.components.teachers import (
@@ -684,6 +685,11 @@ class HuggingFaceFormat(TeacherFormat):
 
     def tokenizer(self, path: Path) -> Optional[Path]:
         return folder_tokenizer(path)
+
+    def bos(self, path: Path) -> Optional[Tuple[int, str]]:
+        if (path / EXPORT_INFO).is_file():  # trained here, on windows without a BOS, whatever its tokenizer does
+            return None
+        return super().bos(path)
 
     def check_weights(self, path: Path) -> None:
         files = weight_files(resolve_path(path))  # every shard the index names exists; one file's header is read

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -28,6 +28,9 @@ class LetrecipesFormat(TeacherFormat):
         meta = read_json(path)
         # exports say so ({"format": "letrecipes", "model": {...}}); Hugging Face configs have no "model" key
         return meta is not None and (meta.get("format") == EXPORT_FORMAT or "model" in meta)
+
+    def bos(self, path: Path) -> Optional[Tuple[int, str]]:
+        return None  # trained here, on windows without a BOS, whatever its tokenizer does
 
     def describe(self, path: Path) -> ModelArgs:
         config = path / EXPORT_CONFIG
