@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -376,13 +377,34 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     name = next(k for k, v in DTYPES.items() if v == dtype)
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
                            key="checkpoint", path_key=key)
-    tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
-    if teacher.model.model_args.family == TRANSFORMERS_FAMILY:
-        return _write_atomically(out_dir, tokenizer, out_key or key, "run the same command again", None,
-                                 lambda tmp: _write_transformers_folder(teacher.model, tmp, tokenizer, dtype,
-                                                                        max_shard_mb))
-    return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
-                        key=out_key or key)
+    with tempfile.TemporaryDirectory(prefix="letrecipes-export-") as scratch:
+        tokenizer = None if teacher.tokenizer_path is None else \
+            Tokenizer(_with_bos_template(teacher.tokenizer_path, teacher.bos, Path(scratch)))
+        if teacher.model.model_args.family == TRANSFORMERS_FAMILY:
+            return _write_atomically(out_dir, tokenizer, out_key or key, "run the same command again", None,
+                                     lambda tmp: _write_transformers_folder(teacher.model, tmp, tokenizer, dtype,
+                                                                            max_shard_mb))
+        return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
+                            key=out_key or key)
+
+
+def _with_bos_template(tokenizer_path: Path, bos: Optional[Tuple[int, str]], scratch: Path) -> Path:
+    """The tokenizer.json an exported teacher gets: one that puts the BOS the model reads before
+    a text where the file itself does not (a GGUF file says so in its metadata, and the
+    tokenizer built from it has no such rule), so that transformers, lm-eval and
+    ``teacher.prepend_bos`` read the folder as the model was trained; else the file as it is."""
+    from tokenizers import Tokenizer as HFTokenizer, processors
+
+    from letrecipes.components.teachers import tokenizer_bos
+
+    if bos is None or tokenizer_bos(tokenizer_path) is not None:
+        return Path(tokenizer_path)
+    hf = HFTokenizer.from_file(str(tokenizer_path))
+    token = bos[1]
+    hf.post_processor = processors.TemplateProcessing(single=f"{token} $A", pair=f"{token} $A {token}:1 $B:1",
+                                                      special_tokens=[(token, bos[0])])
+    hf.save(str(scratch / EXPORT_TOKENIZER))
+    return scratch / EXPORT_TOKENIZER
 
 
 def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,

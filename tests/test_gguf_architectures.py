@@ -621,8 +621,8 @@ def test_a_gguf_teacher_reads_a_bos_first_where_llama_cpp_would_put_one(tmp_path
 
     tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER["qwen2"])
     eos = tokenizer_json["model"]["vocab"]["<|endoftext|>"]
-    plain = tmp_path / "plain.gguf"
-    write_gguf(hf_model("qwen2"), "qwen2", tokenizer_json, plain)
+    plain, model = tmp_path / "plain.gguf", hf_model("qwen2")
+    write_gguf(model, "qwen2", tokenizer_json, plain)
     with_id = tmp_path / "with_id.gguf"
     with_metadata(plain, with_id, "tokenizer.ggml.bos_token_id", eos, gguf.GGUFValueType.UINT32)
     says_so = tmp_path / "says_so.gguf"
@@ -634,5 +634,20 @@ def test_a_gguf_teacher_reads_a_bos_first_where_llama_cpp_would_put_one(tmp_path
     teacher = load_teacher({"path": str(says_so), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")})
     tokens = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = hf_model("qwen2")(torch.cat([torch.tensor([[eos]]), tokens], dim=1)).logits[:, 1:]
+        expected = model(torch.cat([torch.tensor([[eos]]), tokens], dim=1)).logits[:, 1:]
     torch.testing.assert_close(teacher.logits(tokens), expected, atol=2e-5, rtol=1e-4)
+
+    # the export of a Llama 3 style file (llama-bpe: a BOS by llama.cpp's default) puts the BOS before a text as
+    # the file says to, where the tokenizer built from it has no such rule: transformers and
+    # teacher.prepend_bos read the folder as the model was trained
+    from letrecipes.components.export import export_any
+
+    llama_json = byte_level_bpe(tmp_path, PRE_TOKENIZER["llama"])
+    write_gguf(hf_model("llama"), "llama", llama_json, tmp_path / "llama.gguf")
+    with_metadata(tmp_path / "llama.gguf", tmp_path / "llama3.gguf", "tokenizer.ggml.bos_token_id",
+                  llama_json["model"]["vocab"]["<|endoftext|>"], gguf.GGUFValueType.UINT32)
+    export_any(tmp_path / "llama3.gguf", tmp_path / "exported", dtype=torch.float32)
+    bos = llama_json["model"]["vocab"]["<|endoftext|>"]
+    assert teacher_bos({"path": str(tmp_path / "llama3.gguf")}) == teacher_bos({"path": str(tmp_path / "exported")}) \
+        == (bos, "<|endoftext|>")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")("the fox").input_ids[0] == bos
