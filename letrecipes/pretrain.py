@@ -86,11 +86,30 @@ def schedule_warnings(cfg: DictConfig, max_steps: int) -> List[str]:
         lines.append(f"warning: lr_scheduler.warmup_steps={warmup} > max_steps={max_steps}: the learning rate rises for "
                      f"the whole run and ends at {max_steps / int(warmup):.0%} of optimizer.lr. Fix: fewer warmup steps, "
                      "if that is not meant.")
-    lr = (cfg.get("optimizer") or {}).get("lr")
+    optimizer = cfg.get("optimizer") or {}
+    lr = optimizer.get("lr")
     if lr is not None and float(lr) == 0:
         lines.append("warning: optimizer.lr=0: the weights never change. Fix: a learning rate > 0, if that is not "
                      "meant.")
+    # Adam's update is lr * m / (sqrt(v) + eps): sizes that only a slipped exponent gives (1e8 for 1e-8, 3 for 3e-4)
+    if "adam" in str(optimizer.get("_component_", "")).lower():
+        eps = optimizer.get("eps")
+        if _is_number(eps) and eps >= ADAM_EPS_WARN:
+            lines.append(f"warning: optimizer.eps={eps:g}: Adam divides each update by sqrt(v) + eps, and gradients' "
+                         f"second moments are far below {eps:g}, so every update shrinks toward lr * m / {eps:g} and "
+                         "the model barely learns. Fix: eps=1e-8 (the default), if that is not meant.")
+        if _is_number(lr) and lr >= ADAM_LR_WARN:
+            lines.append(f"warning: optimizer.lr={lr:g} for {optimizer.get('_component_')}: each step moves every "
+                         f"weight by up to {lr:g}, where pretraining uses 1e-4 to 3e-3; the loss will diverge. Fix: "
+                         "lr=3e-4 (or the 1e-3 of a small model), if that is not meant.")
     return lines
+
+
+ADAM_EPS_WARN, ADAM_LR_WARN = 1e-2, 0.1
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _size(n_bytes: float) -> str:

@@ -422,6 +422,12 @@ def test_settings_that_are_valid_but_rarely_meant_are_said_once_at_the_start(bas
     assert "warning: lr_scheduler.warmup_steps=8 > max_steps=2: the learning rate rises for the whole run and ends " \
            "at 25% of optimizer.lr." in out
     assert "warning: optimizer.lr=0: the weights never change." in out
+    # exponents that slipped: eps 1e8 for 1e-8 (was silent: the model barely learned), lr 3 for 3e-4
+    run_pretrain(*base_overrides, f"output_dir={tmp_path / 'slipped'}", "max_steps=1", "optimizer.eps=1e8",
+                 "optimizer.lr=3")
+    out = capsys.readouterr().out
+    assert "warning: optimizer.eps=1e+08: Adam divides each update by sqrt(v) + eps" in out
+    assert "warning: optimizer.lr=3 for torch.optim.AdamW: each step moves every weight by up to 3" in out
     run_pretrain(*base_overrides, f"output_dir={tmp_path / 'plain'}", "max_steps=2")
     assert "warning:" not in capsys.readouterr().out
 
