@@ -19,10 +19,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -30,7 +29,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import environment_errors, first_names, new_file_mode, replace_atomically
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.progress import ByteProgress
-from letrecipes.components.tokenizer import Tokenizer
+from letrecipes.components.tokenizer import Tokenizer, bos_id
 
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -138,16 +137,17 @@ def write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs
                     tokenizer: Optional[Tokenizer], dtype: torch.dtype = torch.bfloat16,
                     max_shard_mb: int = DEFAULT_MAX_SHARD_MB, log: Optional[Callable[[str], None]] = None,
                     key: str = "export", then: str = "run the same command again",
-                    step: Optional[int] = None) -> Path:
+                    step: Optional[int] = None, bos: Optional[Tuple[int, str]] = None) -> Path:
     """Write ``tensors`` (our names, any order) as a Hugging Face folder at ``out_dir``, with
     the training ``step`` they are from where it is known (:func:`exported_step`),
     atomically; every ``progress.PROGRESS_EVERY_S`` seconds, a line with the bytes written and an ETA.
     A write that fails (a full disk) removes the partial folder and is one line naming ``key``.
     An earlier export at ``out_dir`` that another process reads is left to it, and the new one
-    dropped, in one line."""
+    dropped, in one line. ``bos``: the token the model reads before a text (None for a model
+    trained here), which the folder's tokenizer then puts there (:func:`tokenizer_as_read`)."""
     out_dir = Path(out_dir)
     return _write_atomically(out_dir, tokenizer, key, then, step, lambda tmp: _write_hf_folder(
-        tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print))
+        tensors, args, out_dir, tmp, tokenizer, dtype, max_shard_mb, log or print, bos))
 
 
 def _write_atomically(out_dir: Path, tokenizer: Optional[Tokenizer], key: str, then: str, step: Optional[int],
@@ -186,8 +186,13 @@ def _check_float16_range(name: str, tensor: torch.Tensor, cast: torch.Tensor) ->
                           "has fp32's range, or fp32.")
 
 
-def _write_tokenizer(folder: Path, tokenizer: Tokenizer, max_length: Optional[int]) -> None:
-    shutil.copyfile(tokenizer.path, folder / EXPORT_TOKENIZER)
+def _write_tokenizer(folder: Path, tokenizer: Tokenizer, max_length: Optional[int],
+                     bos: Optional[Tuple[int, str]]) -> None:
+    text = tokenizer_as_read(Path(tokenizer.path), bos)
+    if text is None:
+        shutil.copyfile(tokenizer.path, folder / EXPORT_TOKENIZER)
+    else:
+        (folder / EXPORT_TOKENIZER).write_text(text, encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
         "model_max_length": max_length, "clean_up_tokenization_spaces": False}, indent=2))
@@ -196,7 +201,7 @@ def _write_tokenizer(folder: Path, tokenizer: Tokenizer, max_length: Optional[in
 
 def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArgs, out_dir: Path, tmp: Path,
                      tokenizer: Optional[Tokenizer], dtype: torch.dtype, max_shard_mb: int,
-                     log: Callable[[str], None]) -> None:
+                     log: Callable[[str], None], bos: Optional[Tuple[int, str]] = None) -> None:
     from letrecipes.components.estimate import total_params
 
     config = hf_config(args, tokenizer, dtype)
@@ -215,11 +220,11 @@ def _write_hf_folder(tensors: Iterable[Tuple[str, torch.Tensor]], args: ModelArg
     generation = {"_from_model_config": True, "eos_token_id": config.get("eos_token_id")}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if tokenizer is not None:
-        _write_tokenizer(tmp, tokenizer, args.max_seq_len)
+        _write_tokenizer(tmp, tokenizer, args.max_seq_len, bos)
 
 
 def _write_transformers_folder(model: torch.nn.Module, tmp: Path, tokenizer: Optional[Tokenizer],
-                               dtype: torch.dtype, max_shard_mb: int) -> None:
+                               dtype: torch.dtype, max_shard_mb: int, bos: Optional[Tuple[int, str]]) -> None:
     """A model transformers runs (a GGUF file of a family not built here), under its own
     parameter names and config. Not by ``save_pretrained``: transformers refuses it for a
     model read from a GGUF file, dequantized (as teachers are) or not."""
@@ -238,15 +243,16 @@ def _write_transformers_folder(model: torch.nn.Module, tmp: Path, tokenizer: Opt
     config["dtype"] = str(dtype).removeprefix("torch.")
     (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
-        _write_tokenizer(tmp, tokenizer, model.model_args.max_seq_len or None)
+        _write_tokenizer(tmp, tokenizer, model.model_args.max_seq_len or None, bos)
 
 
 def export_model(model: torch.nn.Module, args: ModelArgs, out_dir: Union[str, Path], tokenizer: Optional[Tokenizer],
                  dtype: torch.dtype = torch.bfloat16, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
-                 then: str = "run the same command again", step: Optional[int] = None) -> Path:
+                 then: str = "run the same command again", step: Optional[int] = None,
+                 bos: Optional[Tuple[int, str]] = None) -> Path:
     """Export a model held whole by this process (a single-process run)."""
     return write_hf_folder(model.state_dict().items(), args, out_dir, tokenizer, dtype, max_shard_mb, key=key,
-                           then=then, step=step)
+                           then=then, step=step, bos=bos)
 
 
 def exported_step(folder: Union[str, Path]) -> Optional[int]:
@@ -377,34 +383,49 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     name = next(k for k, v in DTYPES.items() if v == dtype)
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
                            key="checkpoint", path_key=key)
-    with tempfile.TemporaryDirectory(prefix="letrecipes-export-") as scratch:
-        tokenizer = None if teacher.tokenizer_path is None else \
-            Tokenizer(_with_bos_template(teacher.tokenizer_path, teacher.bos, Path(scratch)))
-        if teacher.model.model_args.family == TRANSFORMERS_FAMILY:
-            return _write_atomically(out_dir, tokenizer, out_key or key, "run the same command again", None,
-                                     lambda tmp: _write_transformers_folder(teacher.model, tmp, tokenizer, dtype,
-                                                                            max_shard_mb))
-        return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
-                            key=out_key or key)
+    tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
+    if teacher.model.model_args.family == TRANSFORMERS_FAMILY:
+        return _write_atomically(out_dir, tokenizer, out_key or key, "run the same command again", None,
+                                 lambda tmp: _write_transformers_folder(teacher.model, tmp, tokenizer, dtype,
+                                                                        max_shard_mb, teacher.bos))
+    return export_model(teacher.model, teacher.model.model_args, out_dir, tokenizer, dtype, max_shard_mb,
+                        key=out_key or key, bos=teacher.bos)
 
 
-def _with_bos_template(tokenizer_path: Path, bos: Optional[Tuple[int, str]], scratch: Path) -> Path:
-    """The tokenizer.json an exported teacher gets: one that puts the BOS the model reads before
-    a text where the file itself does not (a GGUF file says so in its metadata, and the
-    tokenizer built from it has no such rule), so that transformers, lm-eval and
-    ``teacher.prepend_bos`` read the folder as the model was trained; else the file as it is."""
+def tokenizer_as_read(tokenizer_path: Path, bos: Optional[Tuple[int, str]]) -> Optional[str]:
+    """An exported model's tokenizer.json, as text, made to encode a text as the model read
+    its training windows: after ``bos``, or (a model trained here, ``bos`` None) after nothing;
+    None where the file does that already. A student trained on windows without a BOS that
+    kept Llama 3's tokenizer put ``<|begin_of_text|>`` before every prompt in transformers, a
+    token whose embedding never trained; a GGUF file's model that reads one got a tokenizer
+    (built from the file's vocabulary) that put none."""
     from tokenizers import Tokenizer as HFTokenizer, processors
 
     from letrecipes.components.teachers import tokenizer_bos
 
-    if bos is None or tokenizer_bos(tokenizer_path) is not None:
-        return Path(tokenizer_path)
-    hf = HFTokenizer.from_file(str(tokenizer_path))
-    token = bos[1]
-    hf.post_processor = processors.TemplateProcessing(single=f"{token} $A", pair=f"{token} $A {token}:1 $B:1",
-                                                      special_tokens=[(token, bos[0])])
-    hf.save(str(scratch / EXPORT_TOKENIZER))
-    return scratch / EXPORT_TOKENIZER
+    found = tokenizer_bos(tokenizer_path)
+    if found == bos:
+        return None
+    if bos is not None:
+        hf = HFTokenizer.from_file(str(tokenizer_path))
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos[1]} $A", pair=f"{bos[1]} $A {bos[1]}:1 $B:1", special_tokens=[(bos[1], bos[0])])
+        return hf.to_str(pretty=True)
+    spec = json.loads(Path(tokenizer_path).read_text(encoding="utf-8"))
+    for node in _template_processors(spec.get("post_processor")):  # the BOS out of its templates, the rest kept
+        for template in ("single", "pair"):
+            node[template] = [item for item in node.get(template) or []
+                              if item.get("SpecialToken", {}).get("id") != found[1]]
+    text = json.dumps(spec, ensure_ascii=False, indent=2)
+    return text if bos_id(HFTokenizer.from_str(text)) is None else None  # a processor of another kind: as it is
+
+
+def _template_processors(node: Any) -> Iterator[Dict[str, Any]]:
+    if isinstance(node, dict):
+        if node.get("type") == "TemplateProcessing":
+            yield node
+        for child in node.get("processors") or []:
+            yield from _template_processors(child)
 
 
 def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,

@@ -357,16 +357,14 @@ def tokenizer_bos(tokenizer_path: Union[str, Path]) -> Optional[Tuple[int, str]]
     """The token a tokenizer puts before every text it encodes (Llama 3's ``<|begin_of_text|>``,
     Gemma's ``<bos>``, OPT's ``</s>``), as (id, token); None for one that puts nothing there
     (GPT-2, SmolLM, Pythia, Qwen). Read from what it does, not from its config's flags."""
-    from letrecipes.components.tokenizer import Tokenizer
+    from letrecipes.components.tokenizer import Tokenizer, bos_id
 
     try:
         tokenizer = Tokenizer(tokenizer_path).hf
     except LetRecipesError as err:  # a file that is no tokenizer: named under the teacher's key, not the student's
         raise TeacherError(str(err).removeprefix("tokenizer.path: ")) from err
-    plain, full = (tokenizer.encode("a", add_special_tokens=special).ids for special in (False, True))
-    if len(full) > len(plain) and full[1:len(plain) + 1] == plain:
-        return full[0], tokenizer.id_to_token(full[0])
-    return None
+    found = bos_id(tokenizer)
+    return None if found is None else (found, tokenizer.id_to_token(found))
 
 
 def teacher_bos(section: Mapping[str, Any], key: str = "teacher", path_key: Optional[str] = None

@@ -23,6 +23,13 @@ def unknown_id(hf_tokenizer) -> Optional[int]:
     return hf_tokenizer.token_to_id(getattr(hf_tokenizer.model, "unk_token", None) or "<unk>")
 
 
+def bos_id(hf_tokenizer) -> Optional[int]:
+    """The id a ``tokenizers.Tokenizer`` puts before every text it encodes (its BOS: Llama 3's
+    ``<|begin_of_text|>``), read from what it does; None for one that puts nothing there."""
+    plain, full = (hf_tokenizer.encode("a", add_special_tokens=special).ids for special in (False, True))
+    return full[0] if len(full) > len(plain) and full[1:len(plain) + 1] == plain else None
+
+
 def nearby_tokenizer_json(path: Path) -> Optional[Path]:
     """A tokenizer.json in the folder of ``path`` or the folder above it, other than ``path``:
     Meta's downloads keep the original ``tokenizer.model`` in ``original/`` below the Hugging

@@ -88,8 +88,13 @@ def test_a_let_run_gives_the_teacher_its_bos_and_a_run_begun_without_it_goes_on_
     run_let(*common, f"output_dir={run}", "max_steps=2", "save_every=2")
     assert f"it reads its BOS '{BOS}' (id 512) before each window" in capsys.readouterr().out
     assert json.loads((run / "run_info.json").read_text())["teacher_bos"] == [512, BOS]
-    # a model trained here read no BOS, whatever its tokenizer does: as a teacher it reads none either
+    # a model trained here read no BOS, whatever its tokenizer does: as a teacher it reads none either, and its
+    # export's tokenizer puts none before a prompt (it put <|begin_of_text|>, whose embedding never trained)
     assert teacher_bos({"path": str(run / "final")}) is None
+    exported = transformers.AutoTokenizer.from_pretrained(run / "final")
+    assert exported("To be, or not to be").input_ids == \
+        exported("To be, or not to be", add_special_tokens=False).input_ids != []
+    assert exported.convert_ids_to_tokens(512) == BOS  # the vocabulary as it was
     # the window and the BOS must fit the teacher's 32 positions
     expect_setup_error(run_let, *common, f"output_dir={tmp_path / 'long'}", "data.seq_len=32", "max_steps=1",
                        match="data.seq_len=32 is longer than the teacher's context (32 tokens, ")
