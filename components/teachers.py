@@ -385,7 +385,8 @@ def teacher_bos(section: Mapping[str, Any], key: str = "teacher", path_key: Opti
         found = fmt.bos(path)
     if setting is True and found is None:
         raise TeacherError(f"{key}.prepend_bos=true, but {section.get('path')!r} reads no token before a text (its "
-                           f"tokenizer puts none there), so there is no BOS to put before its windows. Fix: "
+                           "tokenizer puts none there, or it was trained here, on windows without one), so there is "
+                           f"no BOS to put before its windows. Fix: "
                            f"{key}.prepend_bos=auto.")
     return found
 
