@@ -597,7 +597,8 @@ def test_the_metadata_is_parsed_once_per_file_and_again_for_a_file_rewritten_in_
     assert longer.stat().st_size == source.stat().st_size
     parses = []
     reader_init = gguf.GGUFReader.__init__
-    monkeypatch.setattr(gguf.GGUFReader, "__init__", lambda self, *a, **k: parses.append(a) or reader_init(self, *a, **k))
+    monkeypatch.setattr(gguf.GGUFReader, "__init__",
+                        lambda self, *a, **k: parses.append(a) or reader_init(self, *a, **k))
     path = tmp_path / "teacher.gguf"
     path.write_bytes(source.read_bytes())
     section = {"path": str(path), "tokenizer_dir": str(tmp_path / "tok"), "dtype": "fp32"}
