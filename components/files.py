@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -548,3 +549,13 @@ def shortened(text: str, limit: int = 60) -> str:
         return text
     head = limit // 3
     return text[:head] + "..." + text[-(limit - head - 3):]
+
+
+def file_identity(path: Path) -> str:
+    """What tells one file at ``path`` from another there, for a cache of what was read from
+    it: its inode, size and time, and its first MiB hashed (a GGUF file's metadata): file
+    times move in steps of a few ms, in which a file can be rewritten in place at the same size."""
+    info = path.stat()
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return f"{info.st_ino}:{info.st_size}:{info.st_mtime_ns}:{head}"

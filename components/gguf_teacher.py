@@ -31,7 +31,7 @@ import torch
 
 from letrecipes.components import transformers_teacher
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
-from letrecipes.components.files import gguf_parts, shortened, stand_in
+from letrecipes.components.files import file_identity, gguf_parts, shortened, stand_in
 from letrecipes.components.models import MAX_POSITIONS, ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
@@ -138,22 +138,12 @@ def _read_gguf(path: Path):
     return _cached_reader(str(path), file_identity(path))
 
 
-def file_identity(path: Path) -> str:
-    """What tells one file at ``path`` from another there: its inode, size and time, and its
-    first MiB (a GGUF file's metadata), hashed: file times move in steps of a few ms, in which
-    a file can be rewritten in place at the same size."""
-    stat = path.stat()
-    with open(path, "rb") as f:
-        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
-    return f"{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}:{head}"
-
-
 @functools.lru_cache(maxsize=64)  # every part of a split model
 def _cached_reader(name: str, identity: str):
     """gguf's reader parses every metadata value, the vocabulary's tokens and merges one by one
-    (2.5 s for SmolLM2's 49k tokens, 5.5 s for 128k), and a run asks for the file's shape, its
-    tokenizer, its check and its weights: one reading serves them all, until the weights are
-    loaded (:func:`forget_readers`)."""
+    (2.5 s for SmolLM2's 49k tokens: benchmarks/teacher_setup_cost.py), and a run asks for the
+    file's shape, its tokenizer, its check and its weights: one reading serves them all, until
+    the weights are loaded (:func:`forget_readers`)."""
     import gguf
 
     path = Path(name)

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from letrecipes.components.files import shortened
+from letrecipes.components.files import file_identity, shortened
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, folder_tokenizer, parse_dtype
 
@@ -152,19 +152,18 @@ def _gguf_config(path: Path, reader, arch: str):
                            f"models here) reads as one file only. Fix: merge the parts: llama-gguf-split --merge "
                            f"{path} <name>.gguf, and point teacher.path at it.")
     _transformers(path)
-    stat = path.stat()
     try:  # a copy: transformers sets attributes on the configs it builds models from
-        return copy.deepcopy(_read_gguf_config(str(path), stat.st_size, stat.st_mtime_ns))
+        return copy.deepcopy(_read_gguf_config(str(path), file_identity(path)))
     except Exception as err:  # transformers' GGUF reader raises what its parsing meets (ValueError, KeyError, ...)
         raise TeacherError(f"{path}: transformers could not read its {arch} metadata ({type(err).__name__}: "
                            f"{shortened(str(err), 200)}). {GGUF_FIX}") from err
 
 
 @functools.lru_cache(maxsize=4)
-def _read_gguf_config(path: str, size: int, mtime_ns: int):
-    """transformers parses every metadata value of the file, its vocabulary included: seconds for
-    a 128k-token one, and the recipe asks for the shape, the check and the load. Keyed by the
-    file's size and time, so a file replaced at the same path is read again."""
+def _read_gguf_config(path: str, identity: str):
+    """transformers parses every metadata value of the file, its vocabulary included (seconds
+    for a large one), and the recipe asks for the shape, the check and the load. Keyed by the
+    file's identity (:func:`files.file_identity`): a file rewritten at its path is read again."""
     import transformers
 
     return transformers.AutoConfig.from_pretrained(str(Path(path).parent), gguf_file=Path(path).name,
