@@ -569,11 +569,12 @@ def check_model_config(folder: Union[str, Path], key: str = "checkpoint") -> Non
 
 
 def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> None:
-    """Each tensor of the folder's safetensors files the shape its config.json gives it
-    (read from the files' headers against the model built on the meta device: no weight
-    is loaded). A config edited after the weights were written, or weights of another
-    size, is then one line naming a tensor, not transformers' mismatch report and
-    traceback from inside lm-eval."""
+    """Each tensor of the folder's weight files the shape its config.json gives it (read from
+    the safetensors headers, or from a pytorch_model.bin's index loaded onto the meta device,
+    against the model built there: no weight is loaded). A config edited after the weights
+    were written, or weights of another size, is then one line naming a tensor, not
+    transformers' mismatch report and traceback from inside lm-eval, nor a model of the
+    config's sizes allocated first (a `vocab_size` of 10**9 took all of this machine's memory)."""
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -592,13 +593,20 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
                         f"({type(err).__name__}: {detail[:300]}). Fix: use the config.json the model was released "
                         "or exported with.") from err
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    # transformers reads the safetensors where there are any, else the PyTorch files (older releases)
+    files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("pytorch_model*.bin"))
+    for file in files:
         try:
-            with safe_open(str(file), framework="pt") as weights:
-                shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
-        except Exception as err:  # safetensors raises its own error types
-            raise EvalError(f"{key}: {str(file)!r} does not read as safetensors ({err}). Fix: re-download or "
-                            "re-export the model.") from err
+            if file.suffix == ".bin":  # onto the meta device: the pickle's index of shapes, no tensor data
+                shapes = {name: tuple(tensor.shape) for name, tensor in torch.load(
+                    file, map_location="meta", weights_only=True).items() if isinstance(tensor, torch.Tensor)}
+            else:
+                with safe_open(str(file), framework="pt") as weights:
+                    shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+        except Exception as err:  # safetensors and torch.load raise their own error types
+            kind = "PyTorch weights" if file.suffix == ".bin" else "safetensors"
+            raise EvalError(f"{key}: {str(file)!r} does not read as {kind} ({err}). Fix: re-download or re-export "
+                            "the model.") from err
         for name, shape in shapes.items():
             if name in expected and expected[name] != shape:
                 raise EvalError(f"{key}: tensor {name!r} in {str(file)!r} has shape {shape}, but "

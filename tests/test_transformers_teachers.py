@@ -133,15 +133,22 @@ def test_the_eval_recipe_scores_such_a_folder_and_names_a_tokenizer_transformers
     assert json.loads((tmp_path / "s.json").read_text())
 
 
-def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_allocates(tokenizer_path, tmp_path):
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_allocates(weights, tokenizer_path,
+                                                                                         tmp_path):
     """transformers builds the model its config.json describes, then finds the weights do not
     fit: with `vocab_size: 1000000000` that build took all of this machine's 24 GB first. The
-    config is now checked against the weights' headers on the meta device."""
-    _saved(_gemma, tmp_path, tokenizer_path)
+    config is now checked against the weights' headers on the meta device (a PyTorch file's
+    too, loaded there: it was not checked before 2026-12-07)."""
+    model = _saved(_gemma, tmp_path, tokenizer_path)
+    if weights.endswith(".bin"):  # an older release's layout
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(model.state_dict(), tmp_path / weights)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
-    with pytest.raises(LetRecipesError, match=r"^teacher\.path: tensor 'model\.embed_tokens\.weight' in .* has shape "
-                                              r"\(\d+, 32\), but .* gives it \(4096, 32\): the config and the weights"):
+    with pytest.raises(LetRecipesError, match=rf"^teacher\.path: tensor 'model\.embed_tokens\.weight' in .*{weights}' "
+                                              r"has shape \(\d+, 32\), but .* gives it \(4096, 32\): the config and "
+                                              r"the weights"):
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
 
 
