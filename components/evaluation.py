@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -576,6 +576,7 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
     transformers' mismatch report and traceback from inside lm-eval, nor a model of the
     config's sizes allocated first (a `vocab_size` of 10**9 took all of this machine's memory)."""
     import torch
+    import transformers
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -584,15 +585,20 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
     config = AutoConfig.from_pretrained(str(folder))  # check_model_config has read it
     if quantization(config.to_dict(), Path(folder)):  # packed weights have shapes of their own: the quantizer checks
         return
+    from letrecipes.components.transformers_teacher import causal_architecture, multimodal_architecture
+
+    config_dict = config.to_dict()
+    multimodal = not causal_architecture(config_dict) and multimodal_architecture(config_dict)
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        with torch.device("meta"):  # a vision-language teacher by its own class: the auto class may not map it
+            model = getattr(transformers, multimodal)(config) if multimodal else AutoModelForCausalLM.from_config(config)
     except Exception as err:  # a value no model can be built from: -4 heads, an activation of no name, ...
         detail = " ".join(str(err).split())
         raise EvalError(f"{key}: {str(Path(folder) / 'config.json')!r} does not build a model in transformers "
                         f"({type(err).__name__}: {detail[:300]}). Fix: use the config.json the model was released "
                         "or exported with.") from err
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    model_name = _checkpoint_names(model)
     # transformers reads the safetensors where there are any, else the PyTorch files (older releases)
     files = sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("pytorch_model*.bin"))
     for file in files:
@@ -607,12 +613,44 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
             kind = "PyTorch weights" if file.suffix == ".bin" else "safetensors"
             raise EvalError(f"{key}: {str(file)!r} does not read as {kind} ({err}). Fix: re-download or re-export "
                             "the model.") from err
-        for name, shape in shapes.items():
+        for stored, shape in shapes.items():
+            name = model_name(stored)
             if name in expected and expected[name] != shape:
                 raise EvalError(f"{key}: tensor {name!r} in {str(file)!r} has shape {shape}, but "
                                 f"{str(Path(folder) / 'config.json')!r} gives it {expected[name]}: the config and "
                                 "the weights are of different models. Fix: use the config.json that came with these "
                                 "weights.")
+
+
+def _checkpoint_names(model) -> Callable[[str], Optional[str]]:
+    """A weight file's tensor name -> the built model's, as transformers renames it when it
+    loads: a vision-language release stores ``language_model.model.layers.0...`` where
+    transformers 5 builds ``model.language_model.layers.0...``. A tensor that transformers
+    converts (fuses, splits, transposes) maps to None: its stored shape is not the model's. This
+    reads transformers' loading internals; where they differ (another version), names are
+    compared as stored, which was the rule before."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        prefix = model.base_model_prefix
+    except Exception:  # noqa: BLE001 - not this transformers' API: names as stored
+        return lambda name: name
+
+    def rename(name: str) -> Optional[str]:
+        try:
+            renamed, converted = rename_source_key(name, renamings, converters, prefix, meta)
+        except Exception:  # noqa: BLE001 - as above
+            return name
+        if renamed not in meta and name in meta:
+            return name
+        return None if converted is not None else renamed
+
+    return rename
 
 
 def check_quantized_model(folder: Union[str, Path], key: str = "checkpoint") -> None:

@@ -108,8 +108,8 @@ def architecture(config: dict, config_file: str) -> str:
     found = names or config.get("model_type")
     raise TeacherError(
         f"{config_file}: architecture {found!r} is not a causal language model: a teacher is one of "
-        f"{', '.join(ARCHITECTURES)} (built here), or any other *ForCausalLM that transformers implements (run by "
-        "transformers). Fix: a causal language model's checkpoint, or register a teacher loader for this one "
+        f"{', '.join(ARCHITECTURES)} (built here), or any other *ForCausalLM that transformers implements, or the "
+        "language model of a *ForConditionalGeneration with a text_config (run by transformers). Fix: a causal language model's checkpoint, or register a teacher loader for this one "
         "(docs/extending.md)."
     )
 
@@ -121,7 +121,7 @@ def by_transformers(config: dict) -> bool:
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         return False  # the native path names the key and the kind it wants
     native = any(name in ARCHITECTURES for name in names) or (not names and config.get("model_type") in MODEL_TYPES)
-    return not native and transformers_teacher.causal_architecture(config) is not None
+    return not native and transformers_teacher.teacher_architecture(config) is not None
 
 
 def _require(condition: bool, config_file: str, what: str, fix: str = "") -> None:
@@ -680,7 +680,8 @@ class HuggingFaceFormat(TeacherFormat):
         config = read_config(path)
         _refuse_quantized(config, str(path), folder=path)  # config.json's record, or a quantizer's own file
         if by_transformers(config):
-            return transformers_teacher.describe(config, str(path / "config.json"))
+            return transformers_teacher.describe(transformers_teacher.with_defaults(path, config),
+                                                 str(path / "config.json"))
         return model_args(config, str(path / "config.json"))
 
     def tokenizer(self, path: Path) -> Optional[Path]:

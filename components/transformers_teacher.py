@@ -32,6 +32,9 @@ from letrecipes.components.teachers import Teacher, TeacherError, folder_tokeniz
 
 FAMILY = "transformers"
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+# a vision-language release (Gemma 3 from 4B up, Mistral Small 3.1, Qwen2.5-VL, LLaVA) names this class; its
+# language model, read out of it, is the teacher
+MULTIMODAL_SUFFIX = "ForConditionalGeneration"
 # each field of ModelArgs under the names Hugging Face configs give it, most common first
 CONFIG_NAMES = {
     "embed_dim": ("hidden_size", "n_embd", "d_model", "model_dim"),
@@ -56,8 +59,37 @@ def causal_architecture(config: dict) -> Optional[str]:
     return next((name for name in names or [] if isinstance(name, str) and name.endswith(CAUSAL_SUFFIXES)), None)
 
 
+def multimodal_architecture(config: dict) -> Optional[str]:
+    """The vision-language class a config.json names (``Gemma3ForConditionalGeneration``), if
+    any: one whose config holds a ``text_config``, the language model a teacher is read from
+    (an encoder-decoder's ``T5ForConditionalGeneration`` has none)."""
+    names = config.get("architectures")
+    if not isinstance(config.get("text_config"), dict) or not isinstance(names, list):
+        return None
+    return next((name for name in names if isinstance(name, str) and name.endswith(MULTIMODAL_SUFFIX)), None)
+
+
+def teacher_architecture(config: dict) -> Optional[str]:
+    """The class transformers builds for a teacher of this config.json: a causal language
+    model's, else a vision-language model's (whose language model is then the teacher)."""
+    return causal_architecture(config) or multimodal_architecture(config)
+
+
 def _first(config: dict, names: Iterable[str]) -> Any:
     return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), None)
+
+
+def with_defaults(path: Path, config: dict) -> dict:
+    """config.json as transformers reads it, every value it leaves out filled with its class's
+    default: Gemma 3 4B's names its text model's width and depth and leaves out its heads and
+    vocabulary (8 and 262,208, Gemma3TextConfig's defaults). As written where transformers is
+    absent or does not read it (the load then says why)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
+    except Exception:  # noqa: BLE001 - transformers raises many types here; check_model_config names the fault
+        return config
 
 
 def describe(config: dict, config_file: str, what: Optional[str] = None) -> ModelArgs:
@@ -68,7 +100,7 @@ def describe(config: dict, config_file: str, what: Optional[str] = None) -> Mode
     found = {field: _first(text, names) for field, names in CONFIG_NAMES.items()}
     missing = [CONFIG_NAMES[field][0] for field, value in found.items() if value is None]
     if missing:
-        raise TeacherError(f"{config_file}: {what or causal_architecture(config)} without {', '.join(missing)} (a "
+        raise TeacherError(f"{config_file}: {what or teacher_architecture(config)} without {', '.join(missing)} (a "
                            "positive integer each). Fix: use the config.json released with these weights.")
     heads = found["num_heads"]
     kv_heads = _first(text, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")) or heads
@@ -93,7 +125,7 @@ def _transformers(path: Path):
 
 def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device]) -> "TransformersTeacher":
     torch_dtype = parse_dtype(dtype, "teacher.dtype")
-    architecture = causal_architecture(config)
+    architecture = teacher_architecture(config)
     if config.get("auto_map"):
         raise TeacherError(f"{path / 'config.json'}: {architecture} comes with code of its own (auto_map), and "
                            "letrecipes never runs a checkpoint's own code. Fix: a release of the model that "
@@ -109,21 +141,74 @@ def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device])
     # it: a config of other sizes than its weights (a vocabulary of 10**9) took all 24 GB of memory and more
     check_model_config(path, key="teacher.path")
     check_model_weights(path, key="teacher.path")
+    multimodal = not causal_architecture(config)
+    # a vision-language model by its own class (transformers' auto classes map some of them to causal LM, some not)
+    model_class = getattr(transformers, architecture) if multimodal else transformers.AutoModelForCausalLM
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
+        model = model_class.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TeacherError(f"{path}: transformers could not load {architecture}: {first}. Fix: a complete Hugging "
                            "Face folder (config.json and its weights, as released).") from err
-    return _teacher(model, describe(config, str(path / "config.json")), device, folder_tokenizer(path),
-                    f"{path} ({architecture}, run by transformers)")
+    source = f"{path} ({architecture}, run by transformers)"
+    if multimodal:
+        dropped = drop_vision(model, str(path / "config.json"), architecture)
+        source = f"{path} ({architecture}'s language model, run by transformers; {dropped:,} parameters of its " \
+                 "vision encoder freed)"
+    return _teacher(model, describe(model.config.to_dict(), str(path / "config.json")), device, folder_tokenizer(path),
+                    source)
+
+
+def drop_vision(model: nn.Module, config_file: str, architecture: str) -> int:
+    """Frees what a vision-language model holds besides its language model (the vision
+    encoder, its projector), and returns how many parameters that was. A teacher reads text:
+    the model's forward given ``input_ids`` alone runs the language model alone, and its
+    logits keep whatever the family does after the head (Gemma's soft-capping) because the
+    model's own forward still computes them. Up to 0.7B parameters of a 3-4B release would
+    otherwise sit in every rank's memory, uncounted by the dry run (which reads text_config)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    holder = getattr(model, "model", None)
+    if not isinstance(decoder, nn.Module) or not isinstance(holder, nn.Module) or not any(
+            child is decoder for child in holder.children()):
+        raise TeacherError(f"{config_file}: the language model of {architecture} was not found beside its vision "
+                           "encoder. Fix: the text-only release of the model, or register a teacher loader for this "
+                           "one (docs/extending.md).")
+    dropped = 0
+    for name, child in list(holder.named_children()):
+        if child is not decoder:
+            dropped += sum(p.numel() for p in child.parameters())
+            setattr(holder, name, VisionDropped(name))
+    return dropped
+
+
+class VisionDropped(nn.Module):
+    """Where a teacher's vision encoder was: text never reaches it; an image would."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args, **kwargs):
+        raise TeacherError(f"the teacher's {self.name} was freed at load: a teacher reads text only.")
 
 
 def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device], tokenizer_path: Optional[Path],
              source: str) -> "TransformersTeacher":
     model.to(device)
     model.model_args = args  # the memory estimate reads the teacher's shape from here
-    return TransformersTeacher(model, args, tokenizer_path=tokenizer_path, source=source)
+    teacher = TransformersTeacher(model, args, tokenizer_path=tokenizer_path, source=source)
+    # LET reads hidden_states[i] as the input of block i, which holds when the model returns one state per block and
+    # the embeddings'; a family that skips some blocks on text (Llama 3.2 Vision's cross-attention blocks) returns
+    # fewer, and block i would silently be another block. Two tokens through the model say which it is.
+    with torch.no_grad():
+        states = model.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
+                                  output_hidden_states=True, use_cache=False).hidden_states
+    if states is None or len(states) != teacher.depth + 1:
+        raise TeacherError(f"{source}: the model returns {len(states or ())} hidden states for its {teacher.depth} "
+                           "blocks on text, not one per block and the embeddings' (blocks it skips without an image "
+                           "or of another kind), so a teacher layer would not name its block. Fix: a teacher of "
+                           "another family, or its text-only release.")
+    return teacher
 
 
 # ------------------------------------------------------------------ GGUF files
@@ -243,8 +328,13 @@ def load_gguf(path: Path, reader, arch: str, dtype: str, device: Union[str, torc
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """A transformers model's list of blocks, wherever its family keeps it."""
-    base = getattr(model, "base_model", model)
+    """A transformers model's list of blocks, wherever its family keeps it (a vision-language
+    model: its language model's)."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):  # a family of no decoder by transformers' rule
+        decoder = None
+    base = decoder if isinstance(decoder, nn.Module) else getattr(model, "base_model", model)
     for name in ("layers", "h", "blocks", "block"):
         found = getattr(base, name, None)
         if isinstance(found, nn.ModuleList):

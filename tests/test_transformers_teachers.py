@@ -152,6 +152,105 @@ def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_a
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
 
 
+# ---------------------------------------------------------- vision-language releases
+_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+             max_position_embeddings=64)
+
+
+def _gemma3_vision(vocab_size):  # Gemma 3 from 4B up is released as this class only
+    return transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=dict(vocab_size=vocab_size, head_dim=16, sliding_window=16, **_TEXT),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=vocab_size - 1, boi_token_index=vocab_size - 3,
+        eoi_token_index=vocab_size - 2))
+
+
+def _qwen2_5_vl(vocab_size):  # positions of three sections (mrope); its vision encoder is `visual`
+    return transformers.Qwen2_5_VLForConditionalGeneration(transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         bos_token_id=0, eos_token_id=0, **_TEXT),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           fullatt_block_indexes=[0]),
+        image_token_id=vocab_size - 1, video_token_id=vocab_size - 2, vision_start_token_id=vocab_size - 3))
+
+
+def _mistral3(vocab_size):  # Mistral Small 3.1: a text model of a family letrecipes builds, inside a VLM's class
+    return transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=vocab_size, head_dim=16, **_TEXT),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14, head_dim=8),
+        image_token_index=vocab_size - 1))
+
+
+@pytest.mark.parametrize("build", [_gemma3_vision, _qwen2_5_vl, _mistral3], ids=["gemma3", "qwen2_5_vl", "mistral3"])
+def test_a_vision_language_release_teaches_with_its_language_model_alone(build, tokenizer_path, tmp_path):
+    """Such a release was "architecture ['Gemma3ForConditionalGeneration'] is not a causal
+    language model". Its language model is now the teacher, run through the model's own forward
+    on text (so whatever the family does after the head is kept), the vision encoder freed."""
+    reference = _saved(build, tmp_path, tokenizer_path)
+    vision = sum(p.numel() for child in reference.model.children() if child is not reference.get_decoder()
+                 for p in child.parameters())
+    text_only = sum(p.numel() for p in reference.parameters()) - vision
+    teacher = load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, output_hidden_states=True, use_cache=False)
+    states = teacher.hidden_states(tokens, range(4))
+    for layer in range(4):
+        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
+    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    assert (teacher.depth, teacher.width, len(teacher.blocks)) == (3, 32, 3)
+    assert sum(p.numel() for p in teacher.parameters()) == text_only  # nothing of the vision encoder is held
+    assert f"{type(reference).__name__}'s language model, run by transformers" in teacher.source
+    described = describe_teacher({"path": str(tmp_path)})
+    assert (described.num_layers, described.embed_dim, described.vocab_size) == (3, 32, teacher.vocab_size)
+    config = json.loads((tmp_path / "config.json").read_text())  # the config-vs-weights check reads the class too
+    config["text_config"]["vocab_size"] = 4096
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LetRecipesError, match=r"^teacher\.path: tensor '.*(embed_tokens|lm_head)\.weight' in .* has "
+                                              r"shape \(\d+, 32\), but .* gives it \(4096, 32\)"):
+        load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+
+
+def test_a_vision_language_teacher_guides_a_let_run_and_one_that_skips_blocks_on_text_is_one_line(
+        let_overrides, tokenizer_path, tmp_path, capsys):
+    teacher = tmp_path / "gemma3"
+    _saved(_gemma3_vision, teacher, tokenizer_path)
+    run_let(*let_overrides, f"teacher.path={teacher}", "max_steps=2", f"output_dir={tmp_path / 'run'}")
+    assert "(Gemma3ForConditionalGeneration's language model, run by transformers; " in capsys.readouterr().out
+    assert any("align_loss" in r for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+    # Llama 3.2 Vision's text model holds cross-attention blocks that text skips: fewer hidden states than blocks
+    mllama = tmp_path / "mllama"
+    _saved(lambda vocab_size: transformers.MllamaForConditionalGeneration(transformers.MllamaConfig(
+        text_config=dict(vocab_size=vocab_size, cross_attention_layers=[1], pad_token_id=0, bos_token_id=0,
+                         eos_token_id=0, **_TEXT),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                           attention_heads=2, image_size=28, patch_size=14, vision_output_dim=32,
+                           intermediate_layers_indices=[0]),
+        image_token_index=vocab_size - 1)), mllama, tokenizer_path)
+    with pytest.raises(TeacherError, match=r"the model returns 3 hidden states for its 3 blocks on text, not one per "
+                                           r"block and the embeddings'.* Fix: "):
+        load_teacher({"path": str(mllama), "dtype": "fp32"})
+
+
+def test_a_config_json_that_leaves_out_its_defaults_is_read_with_transformers_defaults(tmp_path):
+    """Gemma 3 4B's config.json (as released) names its text model's width and depth and leaves
+    out its heads, KV heads and vocabulary: it was "without num_attention_heads, vocab_size"."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "image_token_index": 262144,
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False}}))
+    (tmp_path / "model.safetensors").write_bytes(b"")  # describe reads no weights
+    args = describe_teacher({"path": str(tmp_path)})
+    assert (args.num_layers, args.embed_dim, args.num_heads, args.num_kv_heads, args.head_dim, args.vocab_size) == \
+        (34, 2560, 8, 4, 256, 262208)
+
+
 # ---------------------------------------------------------- GGUF files of these families
 def _gemma2(vocab_size):
     return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
