@@ -115,20 +115,45 @@ def architecture(config: dict, config_file: str) -> str:
 
 
 def by_transformers(config: dict) -> bool:
-    """Whether a config.json names a causal language model of a family not built here, which
-    transformers then runs (components/transformers_teacher.py)."""
+    """Whether transformers runs this config.json's model (components/transformers_teacher.py):
+    a causal language model of a family not built here, or one of a family built here with a
+    feature this project's decoder lacks (Qwen2.5's yarn RoPE scaling, OPT-350m's
+    post-LayerNorm, a GELU Llama), when transformers is installed and has its class."""
     names = config.get("architectures") or []
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         return False  # the native path names the key and the kind it wants
     native = any(name in ARCHITECTURES for name in names) or (not names and config.get("model_type") in MODEL_TYPES)
-    return not native and transformers_teacher.teacher_architecture(config) is not None
+    if not native:
+        return transformers_teacher.teacher_architecture(config) is not None
+    return unsupported_here(config) is not None and transformers_teacher.runs(config)
+
+
+def unsupported_here(config: dict) -> Optional[str]:
+    """What this project's decoder lacks to build a native family's config.json, if anything
+    (``rope scaling type 'yarn'``)."""
+    try:
+        _model_args(config, "config.json")
+    except Unsupported as err:
+        return err.what
+    except TeacherError:  # a damaged or incomplete config: the native path names the key
+        return None
+    return None
+
+
+class Unsupported(TeacherError):
+    """A feature of a family built here that this project's decoder does not build (``what``)."""
+
+    def __init__(self, message: str, what: str = ""):  # a default: pickled errors are rebuilt from the message
+        super().__init__(message)
+        self.what = what
 
 
 def _require(condition: bool, config_file: str, what: str, fix: str = "") -> None:
     if not condition:
-        raise TeacherError(f"{config_file}: {what} is not supported by this loader. Fix: "
-                           + (fix or "use a checkpoint of the family without it, or register a teacher loader that "
-                                     "builds it (docs/extending.md)."))
+        raise Unsupported(f"{config_file}: {what} is not supported by this loader. Fix: "
+                          + (fix or "pip install transformers (or letrecipes[eval]), which then runs it as a teacher; "
+                                    "or use a checkpoint of the family without it, or register a teacher loader that "
+                                    "builds it (docs/extending.md)."), what.split(" (")[0])
 
 
 def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
@@ -142,9 +167,9 @@ def _rope(config: dict, config_file: str) -> Tuple[float, Optional[dict]]:
     if kind == "default":
         return base, None
     _require(kind == "llama3", config_file, f"rope scaling type {kind!r} (only llama3 is)",
-             "where the model was pretrained without it and the scaling only stretches its context at inference "
-             "(Qwen2.5's yarn entry, for one), a copy of the folder whose config.json lacks rope_scaling is the model "
-             "as pretrained; otherwise register a teacher loader for it (docs/extending.md).")
+             "pip install transformers (or letrecipes[eval]), which then runs it as a teacher; or, where the model "
+             "was pretrained without it and the scaling only stretches its context at inference (Qwen2.5's yarn "
+             "entry, for one), a copy of the folder whose config.json lacks rope_scaling is the model as pretrained.")
     return base, {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
                   for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -705,7 +730,9 @@ class HuggingFaceFormat(TeacherFormat):
         path = resolve_path(path)
         args = self.describe(path)
         if args.family == transformers_teacher.FAMILY:
-            return transformers_teacher.load(path, read_config(path), dtype, device)
+            config = read_config(path)
+            lacking = unsupported_here(config) if config.get("architectures", [None])[0] in ARCHITECTURES else None
+            return transformers_teacher.load(path, config, dtype, device, because=lacking)
         files = weight_files(path)
         check_depth(args, files, str(path / "config.json"))
         model = build_frozen(

@@ -75,6 +75,19 @@ def teacher_architecture(config: dict) -> Optional[str]:
     return causal_architecture(config) or multimodal_architecture(config)
 
 
+def runs(config: dict) -> bool:
+    """Whether the installed transformers has the class this config.json names (False without
+    transformers)."""
+    architecture = teacher_architecture(config) or next(iter(config.get("architectures") or []), None)
+    if not architecture:
+        return False
+    try:
+        import transformers
+    except ImportError:
+        return False
+    return hasattr(transformers, architecture)
+
+
 def _first(config: dict, names: Iterable[str]) -> Any:
     return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), None)
 
@@ -123,7 +136,9 @@ def _transformers(path: Path):
     return transformers
 
 
-def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device]) -> "TransformersTeacher":
+def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device],
+         because: Optional[str] = None) -> "TransformersTeacher":
+    """``because``: for a family letrecipes builds, the feature its decoder lacks (the log says it)."""
     torch_dtype = parse_dtype(dtype, "teacher.dtype")
     architecture = teacher_architecture(config)
     if config.get("auto_map"):
@@ -150,7 +165,7 @@ def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device])
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TeacherError(f"{path}: transformers could not load {architecture}: {first}. Fix: a complete Hugging "
                            "Face folder (config.json and its weights, as released).") from err
-    source = f"{path} ({architecture}, run by transformers)"
+    source = f"{path} ({architecture}, run by transformers" + (f": {because} is not built here)" if because else ")")
     if multimodal:
         dropped = drop_vision(model, str(path / "config.json"), architecture)
         source = f"{path} ({architecture}'s language model, run by transformers; {dropped:,} parameters of its " \
@@ -208,6 +223,7 @@ def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device]
                            "blocks on text, not one per block and the embeddings' (blocks it skips without an image "
                            "or of another kind), so a teacher layer would not name its block. Fix: a teacher of "
                            "another family, or its text-only release.")
+    teacher.layer_widths = [state.shape[-1] for state in states]  # OPT-350m's last is projected: 512 against 1,024
     return teacher
 
 

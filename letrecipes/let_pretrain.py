@@ -251,6 +251,13 @@ class LETPretrainRecipe(PretrainRecipe):
         self.run_info["teacher_shape"] = {"width": self.teacher.width, "depth": self.teacher.depth,
                                           "cross_tokenizer": self.collate is not None}
         self.aligner = self._build_aligner(**self.run_info["teacher_shape"])
+        widths = getattr(self.teacher, "layer_widths", None)  # a model whose layers are not all one width
+        other = [layer for layer in self.aligner.teacher_layers if widths and widths[layer] != self.teacher.width]
+        if other:
+            raise RecipeError(f"alignment: teacher layer {other[0]} of {self.teacher.source} is {widths[other[0]]} "
+                              f"wide where its last is {self.teacher.width} (a projection after its last block), and "
+                              "the projector is built for the last. Fix: align the teacher's last layer (the LET "
+                              "default), or a teacher of one width throughout.")
         if self.loss_chunk_tokens and self.aligner.target == "logits":
             self.log(f"loss_chunk_tokens={self.loss_chunk_tokens}: not while the teacher runs (logit distillation "
                      "compares the student's whole logits); from S_stop on, the loss is chunked")

@@ -6,6 +6,7 @@ logits in fp32.
 """
 
 import json
+import sys
 import random
 import re
 
@@ -266,19 +267,24 @@ def test_a_folder_with_weights_in_another_layout_says_which_and_the_way_on(tmp_p
     assert says in _broken(tmp_path, keep_only)
 
 
-def test_unsupported_rope_scaling_is_refused(tmp_path):
+def test_unsupported_rope_scaling_is_refused_without_transformers(tmp_path, monkeypatch):
+    """(With transformers installed, it runs the model: test_transformers_teachers.py.)"""
+    monkeypatch.setitem(sys.modules, "transformers", None)
     message = _broken(tmp_path, lambda p: _edit_config(p, rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                            "rope_theta": 10000.0}))
     assert "yarn" in message and "config.json" in message
-    assert "Fix: where the model was pretrained without it" in message and "lacks rope_scaling" in message
+    assert "Fix: pip install transformers (or letrecipes[eval]), which then runs it as a teacher; or, where the " \
+           "model was pretrained without it" in message and "lacks rope_scaling" in message
 
 
 @pytest.mark.parametrize("edit, says", [({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported by this loader. "
-                                          "Fix: use a checkpoint of the family without it, or register a teacher "
-                                          "loader that builds it (docs/extending.md)."),
+                                          "Fix: pip install transformers (or letrecipes[eval]), which then runs it as a "
+                                          "teacher; or use a checkpoint of the family without it, or register a "
+                                          "teacher loader that builds it (docs/extending.md)."),
                                          ({"intermediate_size": None}, "missing key 'intermediate_size' that a llama "
                                           "config must have. Fix: use the config.json the checkpoint was released with.")])
-def test_a_config_the_loader_cannot_map_is_one_error_with_its_fix(tmp_path, edit, says):
+def test_a_config_the_loader_cannot_map_is_one_error_with_its_fix(tmp_path, edit, says, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # which would run the first (test_transformers_teachers.py)
     def change(path):
         config = json.loads((path / "config.json").read_text())
         config.update({k: v for k, v in edit.items() if v is not None})

@@ -50,18 +50,25 @@ def _saved(build, folder, tokenizer_path):
     return model
 
 
+def _same_outputs(teacher, reference, depth, use_cache=None):
+    """The teacher's hidden states (every layer) and logits against the transformers model's own."""
+    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(input_ids=tokens, output_hidden_states=True,
+                             **({} if use_cache is None else {"use_cache": use_cache}))
+    states = teacher.hidden_states(tokens, range(depth + 1))
+    for layer in range(depth + 1):  # the last after the final norm, as the project's convention has it
+        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
+    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    return expected
+
+
 @pytest.mark.parametrize("build, depth, context", [(_gemma, 3, 64), (_phi3, 2, 64), (_bloom, 2, None)],
                          ids=["gemma", "phi3", "bloom"])
 def test_hidden_states_and_logits_are_transformers_own(build, depth, context, tokenizer_path, tmp_path):
     reference = _saved(build, tmp_path, tokenizer_path)
     teacher = load_teacher({"path": str(tmp_path), "dtype": "fp32"})
-    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(input_ids=tokens, output_hidden_states=True)
-    states = teacher.hidden_states(tokens, range(depth + 1))
-    for layer in range(depth + 1):  # the last after the final norm, as the project's convention has it
-        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
-    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    _same_outputs(teacher, reference, depth)
     assert (teacher.depth, teacher.width, teacher.context, len(teacher.blocks)) == (depth, 32, context, depth)
     assert "run by transformers" in teacher.source and not any(p.requires_grad for p in teacher.parameters())
     described = describe_teacher({"path": str(tmp_path)})
@@ -152,6 +159,51 @@ def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_a
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
 
 
+# ---------------------------------------------------------- families built here, with what the decoder lacks
+_SMALL = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("build, lacking", [
+    (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_SMALL, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})), "rope scaling type 'yarn'"),
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_SMALL, mlp_bias=True)), "mlp_bias=true"),
+    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(  # opt-350m's layout: post-LN, projected embeddings
+        vocab_size=512, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, do_layer_norm_before=False, word_embed_proj_dim=16)), "post-LayerNorm OPT"),
+    (lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64, scale_attn_by_inverse_layer_idx=True,
+        bos_token_id=0, eos_token_id=0)), "scale_attn_by_inverse_layer_idx=true"),
+], ids=["qwen2-yarn", "llama-mlp-bias", "opt-350m", "gpt2-inverse-layer-scaling"])
+def test_a_family_built_here_with_a_feature_its_decoder_lacks_is_run_by_transformers(build, lacking, tokenizer_path,
+                                                                                     tmp_path):
+    """Each was "... is not supported by this loader" (a yarn entry in a Qwen2.5 config.json,
+    opt-350m): transformers implements them, and now runs them, the log saying why."""
+    torch.manual_seed(0)
+    reference = build().eval()
+    reference.save_pretrained(tmp_path)
+    shutil.copy(tokenizer_path, tmp_path / "tokenizer.json")
+    teacher = load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+    expected = _same_outputs(teacher, reference, 2)
+    assert f"{type(reference).__name__}, run by transformers: {lacking}" in teacher.source
+    assert teacher.source.endswith("is not built here)")
+    assert teacher.layer_widths == [state.shape[-1] for state in expected.hidden_states]
+
+
+def test_a_teacher_layer_of_another_width_than_the_last_is_one_line_before_training(let_overrides, tokenizer_path,
+                                                                                    tmp_path):
+    """OPT-350m projects its last hidden state (512 of its 1,024): a middle teacher layer was a
+    shape error inside the first step."""
+    torch.manual_seed(0)
+    transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=512, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, do_layer_norm_before=False, word_embed_proj_dim=16)).save_pretrained(tmp_path / "t")
+    shutil.copy(tokenizer_path, tmp_path / "t" / "tokenizer.json")
+    expect_setup_error(run_let, *let_overrides, f"teacher.path={tmp_path / 't'}", "alignment.layer_map=M2E",
+                       f"output_dir={tmp_path / 'run'}", match="alignment: teacher layer 1 of ")
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------- vision-language releases
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
              max_position_embeddings=64)
@@ -193,13 +245,7 @@ def test_a_vision_language_release_teaches_with_its_language_model_alone(build, 
                  for p in child.parameters())
     text_only = sum(p.numel() for p in reference.parameters()) - vision
     teacher = load_teacher({"path": str(tmp_path), "dtype": "fp32"})
-    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(input_ids=tokens, output_hidden_states=True, use_cache=False)
-    states = teacher.hidden_states(tokens, range(4))
-    for layer in range(4):
-        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
-    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    _same_outputs(teacher, reference, 3, use_cache=False)
     assert (teacher.depth, teacher.width, len(teacher.blocks)) == (3, 32, 3)
     assert sum(p.numel() for p in teacher.parameters()) == text_only  # nothing of the vision encoder is held
     assert f"{type(reference).__name__}'s language model, run by transformers" in teacher.source
@@ -325,13 +371,7 @@ def test_a_gguf_file_of_such_a_family_is_read_by_transformers_as_written(build, 
     teacher = load_teacher({"path": str(path), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")})
     assert (described.num_layers, described.embed_dim, teacher.depth, teacher.width) == (2, 32, 2, 32)
     assert teacher.source == f"{path} (GGUF {arch}, run by transformers)"
-    tokens = torch.randint(0, teacher.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = reference(input_ids=tokens, output_hidden_states=True)
-    states = teacher.hidden_states(tokens, range(3))
-    for layer in range(3):
-        torch.testing.assert_close(states[layer], expected.hidden_states[layer], msg=f"layer {layer}")
-    torch.testing.assert_close(teacher.logits(tokens), expected.logits)
+    _same_outputs(teacher, reference, 2)
     text = "To be, or not to be: that is the question."
     assert Tokenizer.from_file(str(teacher.tokenizer_path)).encode(text).ids == \
         Tokenizer.from_file(str(tokenizer_path)).encode(text).ids
