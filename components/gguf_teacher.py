@@ -42,6 +42,16 @@ GGUF_MAGIC = b"GGUF"
 # What gguf.quants.dequantize handles and this loader has been checked with; anything
 # else (the IQ* codebook formats, ternary types) is refused by name.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def supported_types() -> Tuple[str, ...]:
+    """The tensor types read: every one the installed gguf package dequantizes (0.19: also
+    the IQ1-IQ4 "i-quants" many releases use, TQ1_0/TQ2_0, MXFP4), else the list above."""
+    try:
+        from gguf.quants import _type_traits  # its registry of dequantizers (F32 and F16 are read apart)
+    except ImportError:
+        return SUPPORTED_TYPES
+    return tuple(dict.fromkeys([*SUPPORTED_TYPES, *(kind.name for kind in _type_traits)]))
 # llama.cpp's pre-tokenizer names -> the `tokenizers` pre-tokenizer that splits the same way.
 # Qwen2's split (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2, the Split in Qwen2's tokenizer.json):
 # GPT-2's, with case-insensitive contractions, letters after one non-letter, and digits one by one.
@@ -381,19 +391,11 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
 
     arch = _field(reader, "general.architecture", source)
     permuted = ARCHITECTURES[arch]
+    names = check_tensors(reader, source)
     for tensor in reader.tensors:
-        kind = tensor.tensor_type.name
         if tensor.name == "rope_freqs.weight":
             continue  # read with the shape (model_args): it is a RoPE setting, not a weight
-        hf_name = _hf_name(tensor.name, arch)
-        if hf_name is None:
-            raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF. Fix: use a plain "
-                               f"{arch} model's file (not a merged adapter or multimodal projector), or register a "
-                               "teacher format for it (docs/extending.md).")
-        if kind not in SUPPORTED_TYPES:
-            raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {kind}, which this loader does not "
-                               f"read. Expected one of {', '.join(SUPPORTED_TYPES)}. Fix: use a file quantized to "
-                               "one of those (e.g. Q8_0, Q4_K_M) or the F16 file.")
+        hf_name = names[tensor.name]
         # a copy: the file is memory-mapped read-only
         values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         rows_cols = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists dims innermost first
@@ -408,6 +410,27 @@ def _hf_tensors(reader, args: ModelArgs, source: str) -> Iterator[Tuple[str, Pat
         elif arch == "gpt2" and values.ndim == 2 and tensor.name.startswith("blk."):
             values = values.T  # llama.cpp stores GPT-2's Conv1D weights as linear ones: back to (in, out)
         yield hf_name, source, torch.from_numpy(values)  # a transposed view stays one: the HF mapping copies it once
+
+
+def check_tensors(reader, source: str) -> Dict[str, str]:
+    """Each tensor of a file of a family built here named and of a type read, from the
+    metadata alone (before the corpus is prepared); GGUF name -> Hugging Face name."""
+    arch = _field(reader, "general.architecture", source)
+    names, readable = {}, supported_types()
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue
+        names[tensor.name] = _hf_name(tensor.name, arch)
+        if names[tensor.name] is None:
+            raise TeacherError(f"{source}: unexpected tensor {tensor.name!r} for a {arch} GGUF. Fix: use a plain "
+                               f"{arch} model's file (not a merged adapter or multimodal projector), or register a "
+                               "teacher format for it (docs/extending.md).")
+        if tensor.tensor_type.name not in readable:
+            raise TeacherError(f"{source}: tensor {tensor.name!r} is quantized as {tensor.tensor_type.name}, which "
+                               f"the installed gguf package does not dequantize. Read: {', '.join(readable)}. Fix: "
+                               "pip install -U gguf, or a file quantized to one of those (e.g. Q8_0, Q4_K_M) or the "
+                               "F16 file.")
+    return names
 
 
 def _hf_name(name: str, arch: str) -> Optional[str]:
@@ -562,8 +585,10 @@ class GGUFFormat(TeacherFormat):
 
     def check_weights(self, path: Path) -> None:
         reader = open_gguf(path)
-        if model_args(reader, str(path)).family == transformers_teacher.FAMILY:  # ours are checked as they are read
+        if model_args(reader, str(path)).family == transformers_teacher.FAMILY:
             transformers_teacher.check_gguf_tensors(path, reader, _field(reader, "general.architecture", str(path)))
+        else:  # names and types here; shapes as the weights are read (convert_state_dict)
+            check_tensors(reader, str(path))
 
     def load(self, path: Path, dtype: str = "bfloat16", device: Union[str, torch.device] = "cpu") -> Teacher:
         try:

@@ -367,10 +367,11 @@ def test_a_damaged_gguf_file_loads_or_ends_in_one_error(tmp_path):
     assert outcomes["loaded"] > 3 and outcomes["error"] > 100, outcomes  # 7 and 143 with this seed
 
 
-def with_metadata(source, path, key, value=None, kind=None):
+def with_metadata(source, path, key, value=None, kind=None, recode=None):
     """A copy of the GGUF file ``source`` at ``path`` with metadata ``key`` written as ``value``
     of GGUF type ``kind`` (a GGUFValueType; an ARRAY's items as ints or strings; added last if
-    the file lacks it), or left out when ``kind`` is None. The tensors are copied as they are."""
+    the file lacks it), or left out when ``kind`` is None. The tensors are copied as they are,
+    or as ``recode(values)`` makes them, (data, its GGMLQuantizationType), where it returns one."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
@@ -390,9 +391,61 @@ def with_metadata(source, path, key, value=None, kind=None):
     if key not in reader.fields and kind is not None:
         writer.add_key_value(key, value, kind, sub_type=sub)
     for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type,
-                          raw_shape=tuple(int(d) for d in reversed(tensor.shape)))
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        recoded = recode(np.array(tensor.data).reshape(shape)) if recode and tensor.tensor_type.name == "F32" else None
+        if recoded is not None:
+            writer.add_tensor(tensor.name, recoded[0], raw_dtype=recoded[1])
+        else:
+            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type, raw_shape=shape)
     finish(writer)
+
+
+def iq4_nl(values):
+    """IQ4_NL blocks of a float32 matrix whose rows are a multiple of 32 long, written here from
+    llama.cpp's layout (an fp16 scale, then 16 bytes: element i in the low nibble of byte i,
+    element 16 + i in its high one, each an index into the format's 16 levels), and the values
+    those blocks decode to."""
+    levels = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+    blocks = values.reshape(-1, 32)
+    scale = (np.abs(blocks).max(axis=1, keepdims=True) / 127).astype(np.float16)
+    step = scale.astype(np.float32)
+    index = np.abs(blocks[:, :, None] / np.where(step == 0, 1, step)[:, :, None] - levels).argmin(-1).astype(np.uint8)
+    raw = np.concatenate([scale.view(np.uint8), index[:, :16] | (index[:, 16:] << 4)], axis=1)
+    return raw.reshape(values.shape[0], -1), (step * levels[index]).reshape(values.shape)
+
+
+def test_a_gguf_file_of_i_quants_reads_as_the_values_its_blocks_encode(tmp_path):
+    """The "i-quants" (IQ4_NL, IQ4_XS, IQ3_M, ... : many releases' smaller files) were "is
+    quantized as IQ4_NL, which this loader does not read"; every type the installed gguf
+    package dequantizes is read now. A file of IQ4_NL blocks written here gives the same
+    model as a float32 file of the values those blocks encode, decoded here by hand."""
+    import gguf
+
+    tokenizer_json = byte_level_bpe(tmp_path, PRE_TOKENIZER["llama"])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False))
+    write_gguf(model, "llama", tokenizer_json, tmp_path / "f32.gguf")
+    quantized = []
+
+    def blocks(values):
+        if values.ndim == 2 and values.shape[1] % 32 == 0:
+            quantized.append(values.shape)
+            return iq4_nl(values)[0], gguf.GGMLQuantizationType.IQ4_NL
+
+    with_metadata(tmp_path / "f32.gguf", tmp_path / "iq4_nl.gguf", None, recode=blocks)
+    with_metadata(tmp_path / "f32.gguf", tmp_path / "decoded.gguf", None, recode=lambda values: (
+        iq4_nl(values)[1], gguf.GGMLQuantizationType.F32) if values.ndim == 2 and values.shape[1] % 32 == 0 else None)
+    assert len(quantized) == 16  # 7 matrices a block, the embeddings and the output head
+    teachers = [load_teacher({"_component_": "gguf", "path": str(tmp_path / name), "dtype": "fp32",
+                              "tokenizer_dir": str(tmp_path / "tok")}) for name in ("iq4_nl.gguf", "decoded.gguf")]
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = [forward_with_hidden(teacher.model, tokens, [2], logits=True)[1] for teacher in teachers]
+        exact = model(tokens).logits
+    torch.testing.assert_close(logits[0], logits[1])
+    assert not torch.allclose(logits[0], exact, atol=1e-3)  # 4-bit values: the blocks were read, not the source
 
 
 def test_a_gguf_metadata_value_of_the_wrong_kind_names_the_key(tmp_path):

@@ -123,14 +123,14 @@ def test_unsupported_quantization_is_named(tmp_path):
                        ("attention.head_count", 4), ("context_length", 128)):
         writer.add_uint32(f"llama.{key}", value)
     writer.add_uint32("llama.vocab_size", 256)
-    iq_type = gguf.GGMLQuantizationType.IQ2_XXS
+    iq_type = gguf.GGMLQuantizationType.Q8_1  # llama.cpp's intermediate type, which gguf does not dequantize
     block, size = gguf.GGML_QUANT_SIZES[iq_type]
     writer.add_tensor("token_embd.weight", np.zeros((256, 256 // block * size), dtype=np.uint8), raw_dtype=iq_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(TeacherError, match=r"iq.gguf.*token_embd.weight.*IQ2_XXS.*Q8_0"):
+    with pytest.raises(TeacherError, match=r"iq.gguf.*token_embd.weight.*Q8_1, which the installed gguf .*Q8_0.*IQ4_NL"):
         load_teacher({"_component_": "gguf", "path": str(path)})
 
 
