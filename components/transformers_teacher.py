@@ -95,8 +95,13 @@ def _first(config: dict, names: Iterable[str]) -> Any:
 def with_defaults(path: Path, config: dict) -> dict:
     """config.json as transformers reads it, every value it leaves out filled with its class's
     default: Gemma 3 4B's names its text model's width and depth and leaves out its heads and
-    vocabulary (8 and 262,208, Gemma3TextConfig's defaults). As written where transformers is
-    absent or does not read it (the load then says why)."""
+    vocabulary (8 and 262,208, Gemma3TextConfig's defaults). A config that does not state its
+    width and depth itself is not filled in (its class's defaults would describe some other
+    model, 7B wide), nor one transformers is absent for or does not read: as written, and the
+    description names what it lacks."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if any(_first(text, CONFIG_NAMES[field]) is None for field in ("embed_dim", "num_layers")):
+        return config
     try:
         from transformers import AutoConfig
 
@@ -111,6 +116,8 @@ def describe(config: dict, config_file: str, what: Optional[str] = None) -> Mode
     counted as a gated one (three matrices), as in most of these families."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
     found = {field: _first(text, names) for field, names in CONFIG_NAMES.items()}
+    if found["num_heads"] is None and attention_free(text):
+        found["num_heads"] = 1  # the cost model's attention terms then stand for its token mixing (docs/teachers.md)
     missing = [CONFIG_NAMES[field][0] for field, value in found.items() if value is None]
     if missing:
         raise TeacherError(f"{config_file}: {what or teacher_architecture(config)} without {', '.join(missing)} (a "
@@ -123,6 +130,15 @@ def describe(config: dict, config_file: str, what: Optional[str] = None) -> Mode
                      num_kv_heads=kv_heads, embed_dim=found["embed_dim"], intermediate_dim=inner,
                      max_seq_len=context or 0, tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
                      family=FAMILY, head_dim=_first(text, ("head_dim",)))
+
+
+# config keys of the attention-free families transformers implements (Mamba 1/2, RWKV, xLSTM):
+# a state-space model's state size, RWKV's attention_hidden_size (its time mixing, not attention heads)
+ATTENTION_FREE_KEYS = ("state_size", "ssm_state_size", "d_state", "attention_hidden_size", "num_blocks")
+
+
+def attention_free(config: dict) -> bool:
+    return any(key in config for key in ATTENTION_FREE_KEYS)
 
 
 def _transformers(path: Path):

@@ -204,6 +204,24 @@ def test_a_teacher_layer_of_another_width_than_the_last_is_one_line_before_train
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("build", [
+    lambda: transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=512, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)),
+    lambda: transformers.RwkvForCausalLM(transformers.RwkvConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64,
+        context_length=64)),
+], ids=["mamba", "rwkv"])
+def test_an_attention_free_teacher_is_run_by_transformers(build, tokenizer_path, tmp_path):
+    """Mamba and RWKV state no attention heads: "MambaForCausalLM without num_attention_heads"."""
+    torch.manual_seed(0)
+    reference = build().eval()
+    reference.save_pretrained(tmp_path)
+    shutil.copy(tokenizer_path, tmp_path / "tokenizer.json")
+    _same_outputs(load_teacher({"path": str(tmp_path), "dtype": "fp32"}), reference, 2, use_cache=False)
+    described = describe_teacher({"path": str(tmp_path)})
+    assert (described.num_layers, described.embed_dim, described.num_heads) == (2, 32, 1)
+
+
 # ---------------------------------------------------------- vision-language releases
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
              max_position_embeddings=64)
