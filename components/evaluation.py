@@ -568,6 +568,23 @@ def check_model_config(folder: Union[str, Path], key: str = "checkpoint") -> Non
                         "or exported with.") from err
 
 
+def check_scorable(folder: Union[str, Path], key: str = "checkpoint") -> None:
+    """lm-eval's ``hf`` model loads a folder with AutoModelForCausalLM: a vision-language
+    release whose configuration it does not map (Qwen2.5-VL, Mistral 3, LLaVA) was
+    transformers' ValueError and a list of 200 classes from inside lm-eval."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(str(folder))  # check_model_config has read it
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return
+    name = next(iter(getattr(config, "architectures", None) or []), config.model_type)
+    raise EvalError(f"{key}: {str(folder)!r} is a {name}, which lm-eval's hf model cannot load (transformers' "
+                    f"AutoModelForCausalLM has no class for model_type {config.model_type!r}). Fix: score it with "
+                    "lm-eval's hf-multimodal model (lm_eval --model hf-multimodal), or a checkpoint of a causal "
+                    "language model.")
+
+
 def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> None:
     """Each tensor of the folder's weight files the shape its config.json gives it (read from
     the safetensors headers, or from a pytorch_model.bin's index loaded onto the meta device,

@@ -38,8 +38,8 @@ from letrecipes.components.checkpointing import held_for_reading, step_of
 from letrecipes.components.corpus import DataError, run_folder
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_model_config, check_model_weights,
-                                              check_quantized_model, held_out_documents, import_lm_eval, prepare_tasks,
-                                              run_lm_eval, write_documents, write_lm_eval_tasks)
+                                              check_quantized_model, check_scorable, held_out_documents, import_lm_eval,
+                                              prepare_tasks, run_lm_eval, write_documents, write_lm_eval_tasks)
 from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.preemption import stop_at_once_with_one_line
@@ -215,6 +215,7 @@ class EvalRecipe:
             folder = export_any(path, target, self.dtype, overwrite=True, key="checkpoint",
                                 out_key="export_dir" if keep else "TMPDIR")
         check_model_config(folder)
+        check_scorable(folder)
         check_quantized_model(folder)
         check_model_weights(folder)
         if not (folder / EXPORT_TOKENIZER).is_file() and not (folder / "tokenizer_config.json").is_file() \

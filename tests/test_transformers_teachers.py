@@ -298,6 +298,22 @@ def test_a_vision_language_teacher_guides_a_let_run_and_one_that_skips_blocks_on
         load_teacher({"path": str(mllama), "dtype": "fp32"})
 
 
+def test_the_eval_recipe_names_a_vision_language_folder_lm_evals_hf_model_cannot_load(tokenizer_path, tmp_path):
+    """lm-eval loads with AutoModelForCausalLM, which has no class for Qwen2.5-VL: that was
+    transformers' ValueError and its list of 200 configuration classes, from inside lm-eval."""
+    from letrecipes import eval as eval_recipe
+    from letrecipes.components.evaluation import Item, write_task
+
+    _saved(_qwen2_5_vl, tmp_path / "vl", tokenizer_path)
+    task = write_task(tmp_path / "hand_made.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)] * 2)
+    with pytest.raises(SystemExit) as err:
+        eval_recipe.recipe_main(["--config", "eval", f"checkpoint={tmp_path / 'vl'}", f"tasks=[{task}]",
+                                 "contamination=null", "device=cpu", f"output={tmp_path / 's.json'}"])
+    assert str(err.value.code).startswith("error: checkpoint: ") and "is a Qwen2_5_VLForConditionalGeneration, " \
+        "which lm-eval's hf model cannot load" in str(err.value.code) and "hf-multimodal" in str(err.value.code)
+    assert not (tmp_path / "s.json").exists()
+
+
 def test_a_config_json_that_leaves_out_its_defaults_is_read_with_transformers_defaults(tmp_path):
     """Gemma 3 4B's config.json (as released) names its text model's width and depth and leaves
     out its heads, KV heads and vocabulary: it was "without num_attention_heads, vocab_size"."""
