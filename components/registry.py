@@ -219,12 +219,7 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
             # lr: float | Tensor = 1e-3 (torch's AdamW): null was "'<=' not supported between 'float' and 'NoneType'"
             return _KIND_NAMES[bool if isinstance(default, bool) else float]
         return _KIND_NAMES[plain] if refused else None
-    # What the annotation says comes first, then the default's kind, and a default of 0 says "a
-    # number" unless it is annotated int: libraries write `momentum: float = 0` (torch's SGD, and
-    # `weight_decay: float | Tensor = 0`), and taking the 0 for an int refused momentum=0.9
-    expected = plain or _annotated_number(parameter.annotation) or (type(default) if default is not None else None)
-    if expected is int and plain is not int and type(default) is int:
-        expected = float
+    expected = _expected_kind(parameter)
     if expected is bool:
         return None if isinstance(value, bool) else "true or false"
     if expected is int:
@@ -238,6 +233,51 @@ def _kind_problem(value: Any, parameter: inspect.Parameter) -> Optional[str]:
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
         return None if ok else f"a list of {len(default)} numbers, like {list(default)}"
     return None
+
+
+def _expected_kind(parameter: inspect.Parameter) -> Optional[type]:
+    """The plain kind an argument takes, if one is known. What the annotation says comes first,
+    then the default's kind, and a default of 0 says "a number" unless it is annotated int:
+    libraries write `momentum: float = 0` (torch's SGD, and `weight_decay: float | Tensor = 0`),
+    and taking the 0 for an int refused momentum=0.9."""
+    default = None if parameter.default is inspect.Parameter.empty else parameter.default
+    annotation = parameter.annotation if isinstance(parameter.annotation, (str, type)) else None
+    plain = SIMPLE_TYPES.get(getattr(annotation, "__name__", annotation))
+    expected = plain or _annotated_number(parameter.annotation) or (type(default) if default is not None else None)
+    return float if expected is int and plain is not int and type(default) is int else expected
+
+
+def as_numbers(factory: Callable[..., Any], options: Mapping[str, Any], key: str) -> Dict[str, Any]:
+    """``options`` with each integer past 64 bits given for an argument that takes a number
+    made the float it writes: YAML reads ``eps: 99999999999999999999`` as such an integer, which
+    reached torch's kernels as an int and ended the first step in an OverflowError traceback.
+    Smaller integers stay as written (torch takes them; errors then echo the user's value)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return dict(options)
+    out = dict(options)
+    for option, value in options.items():
+        if option in parameters and isinstance(value, int) and not isinstance(value, bool) and \
+                abs(value) >= 2**63 and _expected_kind(parameters[option]) is float and \
+                not _takes_int(parameters[option]):
+            try:
+                out[option] = float(value)
+            except OverflowError:
+                raise ComponentError(f"config key {key}.{option}={value} is past the largest number (about 1.8e308). "
+                                     f"Fix: set {key}.{option} to the number meant.") from None
+    return out
+
+
+def _takes_int(parameter: inspect.Parameter) -> bool:
+    """Whether an argument says it takes an int as such (``stop: Union[int, float]``: a number
+    of steps, where a float is a fraction; an unannotated default of 0): its integers stay."""
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return type(parameter.default) is int
+    if isinstance(annotation, str):
+        return bool(re.search(r"\bint\b", annotation))
+    return annotation is int or int in typing.get_args(annotation)
 
 
 def _admits_none(annotation: Any) -> bool:
@@ -347,6 +387,7 @@ def build(kind: str, spec: Any, key: str, *args: Any, **kwargs: Any) -> Any:
     options = {k: v for k, v in spec.items() if k != "_component_"}
     factory = resolve(kind, spec["_component_"], key=f"{key}._component_")
     check_arguments(factory, options, key, spec["_component_"])
+    options = as_numbers(factory, options, key)
     for name, value in kwargs.items():  # the recipe's value wins: a different one in the config would do nothing
         if name in options and options[name] != value:
             raise ComponentError(f"config key {key}.{name}={options[name]!r} is set by the recipe ({name}={value!r}"

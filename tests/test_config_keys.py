@@ -412,3 +412,25 @@ def test_damaged_configs_load_or_end_in_one_error(tmp_path):
         except (ConfigError, LetRecipesError):
             outcomes["error"] += 1
     assert outcomes["loaded"] > 20 and outcomes["error"] > 100, outcomes
+
+
+def test_an_integer_for_a_number_is_taken_as_the_number_it_writes():
+    """YAML reads `eps: 99999999999999999999` as an integer past 64 bits, which reached torch's
+    Adam kernel as one: an OverflowError traceback in the first step (found by the config
+    fuzzer). Such an integer given where a number is taken is now the float it writes."""
+    import torch
+
+    from letrecipes.components.errors import LetRecipesError
+    from letrecipes.components.registry import build
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = build("optimizer", {"_component_": "adamw", "eps": 10**20}, "optimizer", [weight])
+    assert optimizer.defaults["eps"] == 1e20 and isinstance(optimizer.defaults["eps"], float)
+    weight.sum().backward()
+    optimizer.step()  # was: OverflowError: int too big to convert
+    assert torch.isfinite(weight).all()
+    with pytest.raises(LetRecipesError, match=r"^config key optimizer.eps=1000+ is past the largest number"):
+        build("optimizer", {"_component_": "adamw", "eps": 10**400}, "optimizer", [weight])
+    # an argument that takes an int as such keeps it: a schedule's stop in steps (a float is a fraction)
+    schedule = build("schedule", {"_component_": "linear", "stop": 10**20}, "alignment.schedule", total_steps=1000)
+    assert schedule.end_step == 10**20  # as a float, 1e20 was refused as a fraction outside (0, 1]
