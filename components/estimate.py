@@ -41,6 +41,8 @@ def block_params(args: ModelArgs) -> int:
 
 
 def total_params(args: ModelArgs) -> int:
+    if args.stated_params:  # counted from the model itself (a teacher transformers runs: experts, SSM blocks)
+        return args.stated_params
     embeddings = args.vocab_size * args.embed_dim
     head = 0 if args.tie_word_embeddings else embeddings
     final_norm = args.embed_dim * (2 if args.family in LAYER_NORM_FAMILIES else 1)
@@ -51,7 +53,7 @@ def total_params(args: ModelArgs) -> int:
 
 def root_params(args: ModelArgs) -> int:
     """The root FSDP unit's parameters: all but the blocks' (embeddings, head, final norm)."""
-    return total_params(args) - args.num_layers * block_params(args)
+    return max(0, total_params(args) - args.num_layers * block_params(args))
 
 
 def forward_flops_per_token(args: ModelArgs, seq_len: int, layers: Optional[int] = None, head: bool = True) -> float:

@@ -27,6 +27,7 @@ import numpy as np
 
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import replace_atomically
+from letrecipes.components.models import MAX_BLOCKS
 
 READ_TOKENS = 1 << 20  # a prepared folder's tokens read at a time for held-out documents
 LM_EVAL_TAG = "letrecipes"  # `lm_eval --tasks letrecipes` runs every task of a folder
@@ -602,6 +603,11 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
     config = AutoConfig.from_pretrained(str(folder))  # check_model_config has read it
     if quantization(config.to_dict(), Path(folder)):  # packed weights have shapes of their own: the quantizer checks
         return
+    blocks = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if isinstance(blocks, int) and blocks > MAX_BLOCKS:  # built one by one below, even on the meta device: never ends
+        raise EvalError(f"{key}: {str(Path(folder) / 'config.json')!r} gives {blocks:,} blocks (num_hidden_layers), "
+                        f"past the {MAX_BLOCKS:,} a model is read with (Llama 3.1 405B has 126). Fix: use the "
+                        "config.json the model was released or exported with.")
     from letrecipes.components.transformers_teacher import causal_architecture, multimodal_architecture
 
     config_dict = config.to_dict()

@@ -705,8 +705,7 @@ class HuggingFaceFormat(TeacherFormat):
         config = read_config(path)
         _refuse_quantized(config, str(path), folder=path)  # config.json's record, or a quantizer's own file
         if by_transformers(config):
-            return transformers_teacher.describe(transformers_teacher.with_defaults(path, config),
-                                                 str(path / "config.json"))
+            return transformers_teacher.describe_folder(path, config)
         return model_args(config, str(path / "config.json"))
 
     def tokenizer(self, path: Path) -> Optional[Path]:

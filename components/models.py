@@ -36,6 +36,9 @@ MAX_SIZE = 2**31 - 1  # a size past it is no model's, and overflows torch's 32-b
 
 
 MAX_POSITIONS = 2**24  # data.seq_len's bound; a teacher's too (hf_teacher, gguf_teacher)
+# A bound on a model's blocks read from a config (Llama 3.1 405B has 126): transformers builds each
+# block as Python objects even on the meta device, and 10**9 of them never finished
+MAX_BLOCKS = 4096
 MAX_BLOCKS = 4096
 
 
@@ -66,6 +69,9 @@ class ModelArgs:
     rotary_fraction: float = 1.0           # GPT-NeoX: RoPE turns the first fraction of each head (Pythia: 0.25)
     parallel_residual: bool = False        # GPT-NeoX: x + attn(norm1 x) + mlp(norm2 x)
     mlp_activation: str = "gelu"           # GPT-NeoX's and GPT-2's MLP: gelu (exact) | gelu_tanh
+    stated_params: Optional[int] = None    # a teacher transformers runs: its parameters as counted on the meta
+    #                                        device (a mixture of experts' every expert), where the shape above
+    #                                        describes one dense block
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelArgs":

@@ -18,6 +18,7 @@ transformers is an optional dependency here (the ``eval`` extra brings it).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections import Counter
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from letrecipes.components.files import file_identity, shortened
-from letrecipes.components.models import ModelArgs
+from letrecipes.components.models import MAX_BLOCKS, ModelArgs
 from letrecipes.components.teachers import Teacher, TeacherError, folder_tokenizer, parse_dtype
 
 FAMILY = "transformers"
@@ -122,6 +123,10 @@ def describe(config: dict, config_file: str, what: Optional[str] = None) -> Mode
     if missing:
         raise TeacherError(f"{config_file}: {what or teacher_architecture(config)} without {', '.join(missing)} (a "
                            "positive integer each). Fix: use the config.json released with these weights.")
+    if found["num_layers"] > MAX_BLOCKS:  # transformers would build each, even on the meta device, before any check
+        raise TeacherError(f"{config_file}: {found['num_layers']:,} blocks ({CONFIG_NAMES['num_layers'][0]}) is past "
+                           f"the {MAX_BLOCKS:,} a teacher is read with (Llama 3.1 405B has 126). Fix: use the "
+                           "config.json released with these weights.")
     heads = found["num_heads"]
     kv_heads = _first(text, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")) or heads
     inner = _first(text, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")) or 4 * found["embed_dim"]
@@ -225,6 +230,7 @@ class VisionDropped(nn.Module):
 
 def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device], tokenizer_path: Optional[Path],
              source: str) -> "TransformersTeacher":
+    args = dataclasses.replace(args, stated_params=sum(p.numel() for p in model.parameters()))
     model.to(device)
     model.model_args = args  # the memory estimate reads the teacher's shape from here
     teacher = TransformersTeacher(model, args, tokenizer_path=tokenizer_path, source=source)
@@ -290,7 +296,40 @@ def _read_gguf_config(path: str, identity: str):
 def describe_gguf(path: Path, reader, arch: str) -> ModelArgs:
     """The shape of a GGUF file of a family transformers runs, from its metadata alone."""
     config = _gguf_config(path, reader, arch)
-    return describe(config.to_dict(), str(path), what=f"the {arch} model its metadata describes")
+    args = describe(config.to_dict(), str(path), what=f"the {arch} model its metadata describes")
+    return dataclasses.replace(args, stated_params=counted_params(config))
+
+
+def counted_params(config, multimodal: Optional[str] = None) -> Optional[int]:
+    """The parameters of the model a transformers config describes, counted on the meta device
+    (no memory; 0.5 s for OLMoE-1B-7B): the dry run's shape describes one dense block, which
+    for a mixture of experts is one expert's MLP (OLMoE-1B-7B counted 0.58B of its 6.92B,
+    Mixtral-8x7B 7.24B of 46.70B). A vision-language model's language model only. None where
+    transformers does not build it (the load then says why)."""
+    try:
+        import transformers
+
+        with torch.device("meta"):
+            model = getattr(transformers, multimodal)(config) if multimodal else \
+                transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - transformers raises many types here; the load names the fault
+        return None
+    decoder = model.get_decoder() if multimodal else None
+    vision = [child for child in getattr(model, "model", model).children() if child is not decoder] if multimodal else []
+    return sum(p.numel() for p in model.parameters()) - sum(p.numel() for child in vision for p in child.parameters())
+
+
+def describe_folder(path: Path, config: dict) -> ModelArgs:
+    """The shape of a Hugging Face folder of a model transformers runs, its parameters counted."""
+    args = describe(with_defaults(path, config), str(path / "config.json"))
+    try:
+        from transformers import AutoConfig
+
+        parsed = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # noqa: BLE001 - as in with_defaults
+        return args
+    multimodal = None if causal_architecture(config) else multimodal_architecture(config)
+    return dataclasses.replace(args, stated_params=counted_params(parsed, multimodal))
 
 
 def check_gguf_tensors(path: Path, reader, arch: str) -> None:

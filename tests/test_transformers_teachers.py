@@ -222,6 +222,30 @@ def test_an_attention_free_teacher_is_run_by_transformers(build, tokenizer_path,
     assert (described.num_layers, described.embed_dim, described.num_heads) == (2, 32, 1)
 
 
+def test_a_mixture_of_experts_teacher_is_counted_whole_and_an_absurd_depth_is_one_line(tokenizer_path, tmp_path):
+    """The dry run's shape describes one dense block: a mixture of experts was counted with one
+    expert's MLP (OLMoE-1B-7B as 0.58B of its 6.92B), its memory estimate that much low. Its
+    parameters are now counted on the meta device. And a config of 10**9 blocks, which
+    transformers builds one by one even there, never finished: now one line."""
+    from letrecipes.components.estimate import total_params
+
+    torch.manual_seed(0)
+    reference = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **_SMALL, num_local_experts=4, num_experts_per_tok=2)).eval()
+    reference.save_pretrained(tmp_path / "moe")
+    shutil.copy(tokenizer_path, tmp_path / "moe" / "tokenizer.json")
+    whole = sum(p.numel() for p in reference.parameters())
+    described = describe_teacher({"path": str(tmp_path / "moe")})
+    assert total_params(described) == described.stated_params == whole
+    teacher = load_teacher({"path": str(tmp_path / "moe"), "dtype": "fp32"})
+    assert total_params(teacher.model.model_args) == whole
+    _same_outputs(teacher, reference, 2)
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    (tmp_path / "moe" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    with pytest.raises(TeacherError, match=r"1,000,000,000 blocks \(num_hidden_layers\) is past the 4,096"):
+        load_teacher({"path": str(tmp_path / "moe"), "dtype": "fp32"})
+
+
 # ---------------------------------------------------------- vision-language releases
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
              max_position_embeddings=64)
