@@ -130,6 +130,12 @@ def describe(config: dict, config_file: str, what: Optional[str] = None) -> Mode
     heads = found["num_heads"]
     kv_heads = _first(text, ("num_key_value_heads", "num_kv_heads", "multi_query_group_num")) or heads
     inner = _first(text, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")) or 4 * found["embed_dim"]
+    active = _first(text, ("num_experts_per_tok", "num_selected_experts", "moe_topk", "top_k"))
+    if active:  # a mixture of experts: the MLP a token runs is its experts' (and any shared one's), for the FLOPs
+        expert = _first(text, ("moe_intermediate_size", "expert_intermediate_size")) or inner
+        shared = _first(text, ("shared_expert_intermediate_size",)) or expert * (_first(text, ("n_shared_experts",))
+                                                                                   or 0)
+        inner = active * expert + shared
     context = _first(text, ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"))
     return ModelArgs(vocab_size=found["vocab_size"], num_layers=found["num_layers"], num_heads=heads,
                      num_kv_heads=kv_heads, embed_dim=found["embed_dim"], intermediate_dim=inner,

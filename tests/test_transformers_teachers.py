@@ -237,6 +237,7 @@ def test_a_mixture_of_experts_teacher_is_counted_whole_and_an_absurd_depth_is_on
     whole = sum(p.numel() for p in reference.parameters())
     described = describe_teacher({"path": str(tmp_path / "moe")})
     assert total_params(described) == described.stated_params == whole
+    assert described.intermediate_dim == 2 * 64  # for the FLOPs: the two experts a token runs
     teacher = load_teacher({"path": str(tmp_path / "moe"), "dtype": "fp32"})
     assert total_params(teacher.model.model_args) == whole
     _same_outputs(teacher, reference, 2)
