@@ -251,6 +251,11 @@ def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device]
                            "blocks on text, not one per block and the embeddings' (blocks it skips without an image "
                            "or of another kind), so a teacher layer would not name its block. Fix: a teacher of "
                            "another family, or its text-only release.")
+    broken = next((i for i, state in enumerate(states) if not torch.isfinite(state).all()), None)
+    if broken is not None:  # a config value transformers takes and computes NaN from (a rope_theta of NaN)
+        raise TeacherError(f"{source}: its hidden state {broken} is not finite on two tokens (NaN or inf): a value of "
+                           "its config.json the model computes with, or its weights, are damaged. Fix: the "
+                           "config.json and weights as released.")
     teacher.layer_widths = [state.shape[-1] for state in states]  # OPT-350m's last is projected: 512 against 1,024
     return teacher
 

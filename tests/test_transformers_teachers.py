@@ -159,6 +159,17 @@ def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_a
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
 
 
+def test_a_teacher_that_computes_nan_is_named_at_load(tokenizer_path, tmp_path):
+    """Checked with the two tokens that count its hidden states: a damaged weight (or a config
+    value transformers takes and computes NaN from) was found at the first log step."""
+    model = _saved(_gemma, tmp_path, tokenizer_path)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(TeacherError, match=r"its hidden state 3 is not finite on two tokens \(NaN or inf\).* Fix: "):
+        load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+
+
 # ---------------------------------------------------------- families built here, with what the decoder lacks
 _SMALL = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=64)
