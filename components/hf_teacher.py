@@ -730,8 +730,8 @@ class HuggingFaceFormat(TeacherFormat):
         args = self.describe(path)
         if args.family == transformers_teacher.FAMILY:
             config = read_config(path)
-            lacking = unsupported_here(config) if config.get("architectures", [None])[0] in ARCHITECTURES else None
-            return transformers_teacher.load(path, config, dtype, device, because=lacking)
+            # a family built here, with what its decoder lacks (None for the others: not one of ours)
+            return transformers_teacher.load(path, config, dtype, device, because=unsupported_here(config))
         files = weight_files(path)
         check_depth(args, files, str(path / "config.json"))
         model = build_frozen(

@@ -199,6 +199,9 @@ def test_a_family_built_here_with_a_feature_its_decoder_lacks_is_run_by_transfor
     assert f"{type(reference).__name__}, run by transformers: {lacking}" in teacher.source
     assert teacher.source.endswith("is not built here)")
     assert teacher.layer_widths == [state.shape[-1] for state in expected.hidden_states]
+    config = json.loads((tmp_path / "config.json").read_text())  # named by model_type alone: an IndexError before
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": []}))
+    assert f"run by transformers: {lacking}" in load_teacher({"path": str(tmp_path), "dtype": "fp32"}).source
 
 
 def test_a_teacher_layer_of_another_width_than_the_last_is_one_line_before_training(let_overrides, tokenizer_path,
