@@ -125,7 +125,14 @@ def by_transformers(config: dict) -> bool:
     native = any(name in ARCHITECTURES for name in names) or (not names and config.get("model_type") in MODEL_TYPES)
     if not native:
         return transformers_teacher.teacher_architecture(config) is not None
-    return unsupported_here(config) is not None and transformers_teacher.runs(config)
+    return unsupported_here(config) is not None and transformers_teacher.runs(native_class(config))
+
+
+def native_class(config: dict) -> Optional[str]:
+    """The class of a family built here that a config.json names, or names by its model_type."""
+    names = [name for name in config.get("architectures") or [] if name in ARCHITECTURES]
+    family = MODEL_TYPES.get(config.get("model_type"))
+    return names[0] if names else next((name for name, kind in ARCHITECTURES.items() if kind == family), None)
 
 
 def unsupported_here(config: dict) -> Optional[str]:
@@ -731,7 +738,8 @@ class HuggingFaceFormat(TeacherFormat):
         if args.family == transformers_teacher.FAMILY:
             config = read_config(path)
             # a family built here, with what its decoder lacks (None for the others: not one of ours)
-            return transformers_teacher.load(path, config, dtype, device, because=unsupported_here(config))
+            return transformers_teacher.load(path, config, dtype, device, because=unsupported_here(config),
+                                             architecture=native_class(config))
         files = weight_files(path)
         check_depth(args, files, str(path / "config.json"))
         model = build_frozen(

@@ -76,10 +76,8 @@ def teacher_architecture(config: dict) -> Optional[str]:
     return causal_architecture(config) or multimodal_architecture(config)
 
 
-def runs(config: dict) -> bool:
-    """Whether the installed transformers has the class this config.json names (False without
-    transformers)."""
-    architecture = teacher_architecture(config) or next(iter(config.get("architectures") or []), None)
+def runs(architecture: Optional[str]) -> bool:
+    """Whether the installed transformers has this class (False without transformers)."""
     if not architecture:
         return False
     try:
@@ -164,10 +162,11 @@ def _transformers(path: Path):
 
 
 def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device],
-         because: Optional[str] = None) -> "TransformersTeacher":
-    """``because``: for a family letrecipes builds, the feature its decoder lacks (the log says it)."""
+         because: Optional[str] = None, architecture: Optional[str] = None) -> "TransformersTeacher":
+    """``because``: for a family letrecipes builds, the feature its decoder lacks (the log says
+    it); ``architecture``: its class, where config.json names it by model_type only."""
     torch_dtype = parse_dtype(dtype, "teacher.dtype")
-    architecture = teacher_architecture(config)
+    architecture = teacher_architecture(config) or architecture
     if config.get("auto_map"):
         raise TeacherError(f"{path / 'config.json'}: {architecture} comes with code of its own (auto_map), and "
                            "letrecipes never runs a checkpoint's own code. Fix: a release of the model that "
@@ -183,7 +182,7 @@ def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device],
     # it: a config of other sizes than its weights (a vocabulary of 10**9) took all 24 GB of memory and more
     check_model_config(path, key="teacher.path")
     check_model_weights(path, key="teacher.path")
-    multimodal = not causal_architecture(config)
+    multimodal = not causal_architecture(config) and multimodal_architecture(config) is not None
     # a vision-language model by its own class (transformers' auto classes map some of them to causal LM, some not)
     model_class = getattr(transformers, architecture) if multimodal else transformers.AutoModelForCausalLM
     try:
@@ -243,9 +242,15 @@ def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device]
     # LET reads hidden_states[i] as the input of block i, which holds when the model returns one state per block and
     # the embeddings'; a family that skips some blocks on text (Llama 3.2 Vision's cross-attention blocks) returns
     # fewer, and block i would silently be another block. Two tokens through the model say which it is.
-    with torch.no_grad():
-        states = model.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
-                                  output_hidden_states=True, use_cache=False).hidden_states
+    try:
+        with torch.no_grad():
+            states = model.base_model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device),
+                                      output_hidden_states=True, use_cache=False).hidden_states
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:  # a value transformers took
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise TeacherError(f"{source}: the model does not run on two tokens ({type(err).__name__}: {first[:200]}): a "
+                           "value of its config.json it was built with (a dropout probability of NaN) or damaged weights. Fix: "
+                           "the config.json and weights as released.") from err
     if states is None or len(states) != teacher.depth + 1:
         raise TeacherError(f"{source}: the model returns {len(states or ())} hidden states for its {teacher.depth} "
                            "blocks on text, not one per block and the embeddings' (blocks it skips without an image "

@@ -168,6 +168,11 @@ def test_a_teacher_that_computes_nan_is_named_at_load(tokenizer_path, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(TeacherError, match=r"its hidden state 3 is not finite on two tokens \(NaN or inf\).* Fix: "):
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
+    _saved(_phi3, tmp_path / "phi3", tokenizer_path)  # a value transformers builds with and torch refuses in forward
+    config = json.loads((tmp_path / "phi3" / "config.json").read_text())
+    (tmp_path / "phi3" / "config.json").write_text(json.dumps({**config, "resid_pdrop": float("nan")}))
+    with pytest.raises(TeacherError, match=r"the model does not run on two tokens \(RuntimeError: dropout probability"):
+        load_teacher({"path": str(tmp_path / "phi3"), "dtype": "fp32"})
 
 
 # ---------------------------------------------------------- families built here, with what the decoder lacks
