@@ -175,6 +175,32 @@ def test_a_teacher_that_computes_nan_is_named_at_load(tokenizer_path, tmp_path):
         load_teacher({"path": str(tmp_path / "phi3"), "dtype": "fp32"})
 
 
+def test_a_config_json_changed_at_random_loads_or_ends_in_one_error(tokenizer_path, tmp_path):
+    """As for the families built here (test_hf_teachers.py), for folders transformers runs: one
+    value of the wrong kind, a key gone or a number scaled loads, or ends in one TeacherError
+    (a dropout probability of NaN was torch's RuntimeError from the first forward; an empty
+    ``architectures`` an IndexError; 10**9 blocks never finished)."""
+    import random
+
+    from tests.damage import changed_json
+
+    rng = random.Random(20261207)
+    outcomes = {"loaded": 0, "error": 0}
+    for build in (_phi3, _gemma3_vision):
+        folder = tmp_path / build.__name__
+        _saved(build, folder, tokenizer_path)
+        original = json.loads((folder / "config.json").read_text())
+        for _ in range(60):
+            config, where, how = changed_json(original, rng)
+            (folder / "config.json").write_text(json.dumps(config))
+            try:
+                load_teacher({"path": str(folder), "dtype": "fp32"})
+                outcomes["loaded"] += 1
+            except LetRecipesError:
+                outcomes["error"] += 1
+    assert outcomes["loaded"] > 20 and outcomes["error"] > 20, outcomes
+
+
 # ---------------------------------------------------------- families built here, with what the decoder lacks
 _SMALL = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               num_key_value_heads=1, max_position_embeddings=64)
