@@ -614,7 +614,8 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
     multimodal = not causal_architecture(config_dict) and multimodal_architecture(config_dict)
     try:
         with torch.device("meta"):  # a vision-language teacher by its own class: the auto class may not map it
-            model = getattr(transformers, multimodal)(config) if multimodal else AutoModelForCausalLM.from_config(config)
+            model = getattr(transformers, multimodal)(config) if multimodal else \
+                AutoModelForCausalLM.from_config(config)
     except Exception as err:  # a value no model can be built from: -4 heads, an activation of no name, ...
         detail = " ".join(str(err).split())
         raise EvalError(f"{key}: {str(Path(folder) / 'config.json')!r} does not build a model in transformers "

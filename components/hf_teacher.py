@@ -109,8 +109,8 @@ def architecture(config: dict, config_file: str) -> str:
     raise TeacherError(
         f"{config_file}: architecture {found!r} is not a causal language model: a teacher is one of "
         f"{', '.join(ARCHITECTURES)} (built here), or any other *ForCausalLM that transformers implements, or the "
-        "language model of a *ForConditionalGeneration with a text_config (run by transformers). Fix: a causal language model's checkpoint, or register a teacher loader for this one "
-        "(docs/extending.md)."
+        "language model of a *ForConditionalGeneration with a text_config (run by transformers). Fix: a causal "
+        "language model's checkpoint, or register a teacher loader for this one (docs/extending.md)."
     )
 
 

@@ -249,8 +249,8 @@ def _teacher(model: nn.Module, args: ModelArgs, device: Union[str, torch.device]
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:  # a value transformers took
         first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise TeacherError(f"{source}: the model does not run on two tokens ({type(err).__name__}: {first[:200]}): a "
-                           "value of its config.json it was built with (a dropout probability of NaN) or damaged weights. Fix: "
-                           "the config.json and weights as released.") from err
+                           "value of its config.json it was built with (a dropout probability of NaN) or damaged "
+                           "weights. Fix: the config.json and weights as released.") from err
     if states is None or len(states) != teacher.depth + 1:
         raise TeacherError(f"{source}: the model returns {len(states or ())} hidden states for its {teacher.depth} "
                            "blocks on text, not one per block and the embeddings' (blocks it skips without an image "
@@ -331,7 +331,8 @@ def counted_params(config, multimodal: Optional[str] = None) -> Optional[int]:
     except Exception:  # noqa: BLE001 - transformers raises many types here; the load names the fault
         return None
     decoder = model.get_decoder() if multimodal else None
-    vision = [child for child in getattr(model, "model", model).children() if child is not decoder] if multimodal else []
+    vision = [child for child in getattr(model, "model", model).children() if child is not decoder] \
+        if multimodal else []
     return sum(p.numel() for p in model.parameters()) - sum(p.numel() for child in vision for p in child.parameters())
 
 
