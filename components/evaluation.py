@@ -608,10 +608,9 @@ def check_model_weights(folder: Union[str, Path], key: str = "checkpoint") -> No
         raise EvalError(f"{key}: {str(Path(folder) / 'config.json')!r} gives {blocks:,} blocks (num_hidden_layers), "
                         f"past the {MAX_BLOCKS:,} a model is read with (Llama 3.1 405B has 126). Fix: use the "
                         "config.json the model was released or exported with.")
-    from letrecipes.components.transformers_teacher import causal_architecture, multimodal_architecture
+    from letrecipes.components.transformers_teacher import vision_language_class
 
-    config_dict = config.to_dict()
-    multimodal = not causal_architecture(config_dict) and multimodal_architecture(config_dict)
+    multimodal = vision_language_class(config.to_dict())
     try:
         with torch.device("meta"):  # a vision-language teacher by its own class: the auto class may not map it
             model = getattr(transformers, multimodal)(config) if multimodal else \

@@ -70,6 +70,12 @@ def multimodal_architecture(config: dict) -> Optional[str]:
     return next((name for name in names if isinstance(name, str) and name.endswith(MULTIMODAL_SUFFIX)), None)
 
 
+def vision_language_class(config: dict) -> Optional[str]:
+    """The class a teacher of this config.json is loaded by when it is a vision-language model
+    (no causal language model class named): transformers' auto classes map some, not all."""
+    return None if causal_architecture(config) else multimodal_architecture(config)
+
+
 def teacher_architecture(config: dict) -> Optional[str]:
     """The class transformers builds for a teacher of this config.json: a causal language
     model's, else a vision-language model's (whose language model is then the teacher)."""
@@ -89,24 +95,6 @@ def runs(architecture: Optional[str]) -> bool:
 
 def _first(config: dict, names: Iterable[str]) -> Any:
     return next((config[n] for n in names if isinstance(config.get(n), int) and config[n] > 0), None)
-
-
-def with_defaults(path: Path, config: dict) -> dict:
-    """config.json as transformers reads it, every value it leaves out filled with its class's
-    default: Gemma 3 4B's names its text model's width and depth and leaves out its heads and
-    vocabulary (8 and 262,208, Gemma3TextConfig's defaults). A config that does not state its
-    width and depth itself is not filled in (its class's defaults would describe some other
-    model, 7B wide), nor one transformers is absent for or does not read: as written, and the
-    description names what it lacks."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if any(_first(text, CONFIG_NAMES[field]) is None for field in ("embed_dim", "num_layers")):
-        return config
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
-    except Exception:  # noqa: BLE001 - transformers raises many types here; check_model_config names the fault
-        return config
 
 
 def describe(config: dict, config_file: str, what: Optional[str] = None) -> ModelArgs:
@@ -182,8 +170,7 @@ def load(path: Path, config: dict, dtype: str, device: Union[str, torch.device],
     # it: a config of other sizes than its weights (a vocabulary of 10**9) took all 24 GB of memory and more
     check_model_config(path, key="teacher.path")
     check_model_weights(path, key="teacher.path")
-    multimodal = not causal_architecture(config) and multimodal_architecture(config) is not None
-    # a vision-language model by its own class (transformers' auto classes map some of them to causal LM, some not)
+    multimodal = vision_language_class(config) is not None
     model_class = getattr(transformers, architecture) if multimodal else transformers.AutoModelForCausalLM
     try:
         model = model_class.from_pretrained(str(path), dtype=torch_dtype, local_files_only=True)
@@ -337,16 +324,26 @@ def counted_params(config, multimodal: Optional[str] = None) -> Optional[int]:
 
 
 def describe_folder(path: Path, config: dict) -> ModelArgs:
-    """The shape of a Hugging Face folder of a model transformers runs, its parameters counted."""
-    args = describe(with_defaults(path, config), str(path / "config.json"))
+    """The shape of a Hugging Face folder of a model transformers runs, its parameters counted.
+
+    Read as transformers reads config.json, every value it leaves out filled with its class's
+    default: Gemma 3 4B's names its text model's width and depth and leaves out its heads and
+    vocabulary (8 and 262,208, Gemma3TextConfig's defaults). A config that does not state its
+    width and depth itself is not filled in (its class's defaults would describe some other
+    model, 7B wide), nor one transformers is absent for or does not read: as written, and the
+    description names what it lacks."""
     try:
         from transformers import AutoConfig
 
         parsed = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    except Exception:  # noqa: BLE001 - as in with_defaults
+    except Exception:  # noqa: BLE001 - transformers raises many types here; check_model_config names the fault
+        parsed = None
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    states_shape = all(_first(text, CONFIG_NAMES[field]) is not None for field in ("embed_dim", "num_layers"))
+    args = describe(parsed.to_dict() if parsed is not None and states_shape else config, str(path / "config.json"))
+    if parsed is None:
         return args
-    multimodal = None if causal_architecture(config) else multimodal_architecture(config)
-    return dataclasses.replace(args, stated_params=counted_params(parsed, multimodal))
+    return dataclasses.replace(args, stated_params=counted_params(parsed, vision_language_class(config)))
 
 
 def check_gguf_tensors(path: Path, reader, arch: str) -> None:
