@@ -279,10 +279,28 @@ def _gguf_config(path: Path, reader, arch: str):
                            f"{path} <name>.gguf, and point teacher.path at it.")
     _transformers(path)
     try:  # a copy: transformers sets attributes on the configs it builds models from
-        return copy.deepcopy(_read_gguf_config(str(path), file_identity(path)))
+        config = copy.deepcopy(_read_gguf_config(str(path), file_identity(path)))
     except Exception as err:  # transformers' GGUF reader raises what its parsing meets (ValueError, KeyError, ...)
         raise TeacherError(f"{path}: transformers could not read its {arch} metadata ({type(err).__name__}: "
                            f"{shortened(str(err), 200)}). {GGUF_FIX}") from err
+    for key, field in GGUF_KEYS_LEFT_OUT.items():
+        value = reader.fields.get(f"{arch}.{key}")
+        if value is not None and hasattr(config, field):
+            try:
+                setattr(config, field, int(value.contents()))
+            except (TypeError, ValueError, IndexError, UnicodeDecodeError) as err:
+                raise TeacherError(f"{path}: GGUF metadata key '{arch}.{key}' does not read as a count "
+                                   f"({type(err).__name__}). {GGUF_FIX}") from err
+    return config
+
+
+# Metadata llama.cpp writes for a mixture of experts that transformers' GGUF reader (5.x) does
+# not map, leaving its config class's default: the expert's width (768 in Qwen3MoeConfig, right
+# for Qwen3-30B-A3B only; Qwen3-235B-A22B's is 1536) and the shared expert's (Qwen2-57B-A14B).
+# Such a file was "the metadata and the weights are of two models"; read here, the model
+# transformers builds (given this config) is the file's.
+GGUF_KEYS_LEFT_OUT = {"expert_feed_forward_length": "moe_intermediate_size",
+                      "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
 
 
 @functools.lru_cache(maxsize=4)
@@ -363,7 +381,9 @@ def check_gguf_tensors(path: Path, reader, arch: str) -> None:
     except Exception as err:  # a config transformers' own code refuses (heads that do not divide the width, ...)
         raise TeacherError(f"{path}: transformers cannot build the {arch} model its metadata describes "
                            f"({type(err).__name__}: {shortened(str(err), 200)}). {GGUF_FIX}") from err
-    unread = [t.name for t in reader.tensors if t.name not in names]
+    # the experts of a mixture (qwen2moe, qwen3moe) are mapped without their .weight, as the reader looks them up
+    names = {t.name: names.get(t.name, names.get(t.name.removesuffix(".weight"))) for t in reader.tensors}
+    unread = [name for name, hf_name in names.items() if hf_name is None]
     if unread:
         raise TeacherError(f"{path}: transformers' GGUF reader has no place in a {arch} model for "
                            f"{len(unread)} of its tensors ({', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''}):"
@@ -395,7 +415,8 @@ def load_gguf(path: Path, reader, arch: str, dtype: str, device: Union[str, torc
     transformers = _transformers(path)
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch_dtype, local_files_only=True, output_loading_info=True,
+            str(path.parent), gguf_file=path.name, config=_gguf_config(path, reader, arch), dtype=torch_dtype,
+            local_files_only=True, output_loading_info=True,
             # every weight dequantized to teacher.dtype, as the GGUF files built here are: the same model on
             # every machine (transformers keeps quantized blocks where it finds a kernel for them)
             quantization_config=transformers.GgufConfig(dequantize=True))

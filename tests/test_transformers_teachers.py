@@ -408,16 +408,39 @@ def _gemma2(vocab_size):
         num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=16))
 
 
+def _qwen3moe(vocab_size):  # expert widths other than Qwen3MoeConfig's default (768): read from the file
+    return transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        max_position_embeddings=64, norm_topk_prob=True))
+
+
+def _qwen2moe(vocab_size):  # a shared expert beside the routed ones, its own gate
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+
+
+TRANSFORMERS_GGUF_NAME = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe"}
+# llama.cpp's mixture-of-experts keys: written by its converter, not all read by transformers
+EXPERT_KEYS = {"expert_count": "num_experts", "expert_used_count": "num_experts_per_tok",
+               "expert_feed_forward_length": "moe_intermediate_size",
+               "expert_shared_feed_forward_length": "shared_expert_intermediate_size"}
+
+
 def _gguf_of(build, arch, tokenizer_path, path, drop=(), extra=(), metadata=()):
     """A random model of ``build`` written as a GGUF file of llama.cpp's ``arch``: its tensors
     under the names transformers' GGUF reader maps (the map read backwards), the metadata keys
-    that reader turns into config fields, and the two rewrites of llama.cpp's converters that
-    these families have: Gemma's norms stored as 1 + weight, Bloom's fused qkv regrouped from
-    head by head into all q, all k, all v. ``drop``, ``extra``, ``metadata``: a damaged file."""
+    that reader turns into config fields (and llama.cpp's expert keys), and the rewrites of
+    llama.cpp's converters that these families have: Gemma's norms stored as 1 + weight,
+    Bloom's fused qkv regrouped from head by head into all q, all k, all v, the experts of a
+    mixture stacked per block (gate, up, down: [experts, out, in]) and a shared expert's gate
+    as a vector. ``drop``, ``extra``, ``metadata``: a damaged file."""
     import gguf
     import numpy as np
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
     vocab = json.loads(tokenizer_path.read_text())["model"]
     model = _saved(build, path.parent / f"{arch}_source", tokenizer_path)
@@ -427,9 +450,10 @@ def _gguf_of(build, arch, tokenizer_path, path, drop=(), extra=(), metadata=()):
                 p.add_(0.1 * torch.randn_like(p))
     config = model.config.to_dict()
     writer = gguf.GGUFWriter(str(path), arch)
-    for key, field in GGUF_CONFIG_MAPPING[arch].items():
-        value = (config.get("rope_parameters") or {}).get("rope_theta") if field == "rope_theta" else config.get(field)
-        if field is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+    for key, field in {**GGUF_CONFIG_MAPPING[TRANSFORMERS_GGUF_NAME.get(arch, arch)], **EXPERT_KEYS}.items():
+        value = (model.config.rope_parameters or {}).get("rope_theta") if field == "rope_theta" else \
+            getattr(model.config, field, None) if field else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             (writer.add_uint32 if isinstance(value, int) else writer.add_float32)(f"{arch}.{key}", value)
     for key, value in metadata:
         writer.add_uint32(key, value)
@@ -440,10 +464,20 @@ def _gguf_of(build, arch, tokenizer_path, path, drop=(), extra=(), metadata=()):
     writer.add_token_types([1] * len(tokens))
     writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
     writer.add_pad_token_id(0)
-    names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    names = {hf: name for name, hf in get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(arch, TensorProcessor)())
+             .items()}
     heads, width = config.get("n_head"), config["hidden_size"]
     for hf_name, tensor in model.state_dict().items():
+        if hf_name.endswith("mlp.experts.gate_up_proj"):  # transformers fuses the two that llama.cpp stores
+            block, half = hf_name.split(".")[2], tensor.shape[1] // 2
+            writer.add_tensor(f"blk.{block}.ffn_gate_exps.weight", tensor[:, :half].float().numpy().copy())
+            writer.add_tensor(f"blk.{block}.ffn_up_exps.weight", tensor[:, half:].float().numpy().copy())
+            continue
         name = names.get(hf_name)
+        if hf_name.endswith("mlp.experts.down_proj") or hf_name.endswith("shared_expert_gate.weight"):
+            name = f"blk.{hf_name.split('.')[2]}." + ("ffn_down_exps.weight" if "down" in hf_name else
+                                                      "ffn_gate_inp_shexp.weight")
+            tensor = tensor.reshape(-1) if "shared" in hf_name else tensor
         if name is None or name in drop or (hf_name == "lm_head.weight" and arch != "bloom"
                                             and config["tie_word_embeddings"]):
             continue
@@ -463,10 +497,14 @@ def _gguf_of(build, arch, tokenizer_path, path, drop=(), extra=(), metadata=()):
     return model.eval()
 
 
-@pytest.mark.parametrize("build, arch", [(_phi3, "phi3"), (_gemma2, "gemma2"), (_bloom, "bloom")],
-                         ids=["phi3", "gemma2", "bloom"])
+@pytest.mark.parametrize("build, arch", [(_phi3, "phi3"), (_gemma2, "gemma2"), (_bloom, "bloom"),
+                                         (_qwen3moe, "qwen3moe"), (_qwen2moe, "qwen2moe")],
+                         ids=["phi3", "gemma2", "bloom", "qwen3moe", "qwen2moe"])
 def test_a_gguf_file_of_such_a_family_is_read_by_transformers_as_written(build, arch, tokenizer_path, tmp_path):
-    """A GGUF teacher of a family not built here was "GGUF architecture 'phi3' is not supported"."""
+    """A GGUF teacher of a family not built here was "GGUF architecture 'phi3' is not supported".
+    A mixture of experts' experts were "tensors transformers has no place for" (the reader maps
+    them without their .weight), and their width (expert_feed_forward_length, not read by
+    transformers) its config class's default: "the metadata and the weights are of two models"."""
     from tokenizers import Tokenizer
 
     path = tmp_path / f"tiny-{arch}.gguf"
@@ -474,6 +512,7 @@ def test_a_gguf_file_of_such_a_family_is_read_by_transformers_as_written(build, 
     described = describe_teacher({"path": str(path)}, check_weights=True)
     teacher = load_teacher({"path": str(path), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "tok")})
     assert (described.num_layers, described.embed_dim, teacher.depth, teacher.width) == (2, 32, 2, 32)
+    assert described.stated_params == sum(p.numel() for p in reference.parameters())  # the dry run's memory
     assert teacher.source == f"{path} (GGUF {arch}, run by transformers)"
     _same_outputs(teacher, reference, 2)
     text = "To be, or not to be: that is the question."
