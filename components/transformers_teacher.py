@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
@@ -138,6 +139,14 @@ def attention_free(config: dict) -> bool:
     return any(key in config for key in ATTENTION_FREE_KEYS)
 
 
+# The oldest transformers these loaders were run against whole (tests/test_transformers_teachers.py
+# passes with 5.17.0 to 5.25.0; constraints.txt pins 5.23.0). 5.0-5.16 load folders but not GGUF
+# files (no GgufConfig); 4.57 failed 19 of those tests in assorted ways: tracebacks, "its list of
+# blocks was not found. Fix: teacher.compile=false", a Qwen2.5-VL release "not a causal language
+# model" (each family's modules, config fields and GGUF reader as 5.x has them).
+TRANSFORMERS_MIN = (5, 17)
+
+
 def _transformers(path: Path):
     try:
         import transformers
@@ -146,6 +155,14 @@ def _transformers(path: Path):
                            "transformers, which is not installed here. Fix: pip install transformers (or "
                            "letrecipes[eval]), or a teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or GPT-2 "
                            "families.") from None
+    installed = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
+    if installed < TRANSFORMERS_MIN:
+        minimum = ".".join(map(str, TRANSFORMERS_MIN))
+        raise TeacherError(f"{path}: a teacher run by transformers needs transformers {minimum} or later; "
+                           f"{transformers.__version__} is installed (its model classes and GGUF reader differ from "
+                           f"those this loader reads). Fix: pip install 'transformers>={minimum}' (constraints.txt "
+                           "pins the tested one), or a teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or "
+                           "GPT-2 families.")
     return transformers
 
 
@@ -348,8 +365,9 @@ def describe_folder(path: Path, config: dict) -> ModelArgs:
     default: Gemma 3 4B's names its text model's width and depth and leaves out its heads and
     vocabulary (8 and 262,208, Gemma3TextConfig's defaults). A config that does not state its
     width and depth itself is not filled in (its class's defaults would describe some other
-    model, 7B wide), nor one transformers is absent for or does not read: as written, and the
-    description names what it lacks."""
+    model, 7B wide), nor one transformers does not read: as written, and the description
+    names what it lacks."""
+    _transformers(path)  # absent or too old: said here, before the corpus is prepared (not at the load)
     try:
         from transformers import AutoConfig
 

