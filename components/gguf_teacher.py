@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -33,6 +34,7 @@ from letrecipes.components import transformers_teacher
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
 from letrecipes.components.files import file_identity, gguf_parts, shortened, stand_in
 from letrecipes.components.models import MAX_POSITIONS, ModelArgs
+from letrecipes.components.run_info import older_than
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
 # Where embedded tokenizers are exported (one tokenizer.json per distinct tokenizer).
@@ -94,12 +96,26 @@ LAYER_NORM_LAYOUTS = {
 }
 
 
+# The oldest gguf package this loader was run against whole (tests/test_gguf_teacher.py,
+# test_gguf_architectures.py, test_transformers_teachers.py pass with 0.17.1, 0.18.0, 0.19.0;
+# constraints.txt pins 0.19.0). 0.14 has no ReaderField.contents(); 0.10 and 0.11 cannot read
+# a file under numpy 2 ('memmap' object has no attribute 'newbyteorder'), which was said as
+# "not a readable GGUF file. Fix: re-download or re-convert it".
+GGUF_MIN = (0, 17)
+
+
 def open_gguf(path: Path):
     """A reader of the GGUF model at ``path``: one file, or every part of a model that
     llama.cpp's gguf-split cut into several (:class:`SplitGGUF`), whichever part is named."""
     if importlib.util.find_spec("gguf") is None:
         raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, which needs the `gguf` package. "
                            "Fix: pip install gguf.")
+    installed = importlib.metadata.version("gguf")
+    if older_than(installed, GGUF_MIN):
+        minimum = ".".join(map(str, GGUF_MIN))
+        raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, read with the gguf package {minimum} or "
+                           f"later; {installed} is installed. Fix: pip install 'gguf>={minimum}' (constraints.txt "
+                           "pins the tested one).")
     if not path.is_file():
         raise TeacherError(f"teacher.path: no GGUF file at {str(path)!r}. Fix: point teacher.path at the .gguf file.")
     reader = _read_gguf(path)

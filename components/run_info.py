@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,11 @@ def package_versions() -> Dict[str, Optional[str]]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def older_than(version: str, minimum: Tuple[int, ...]) -> bool:
+    """Whether a package version is below ``minimum``, by its release numbers (4.46.0.dev0 is 4.46)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:len(minimum)]) < minimum
 
 
 def source_fingerprints() -> Dict[str, str]:

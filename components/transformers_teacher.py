@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple, Union
@@ -30,6 +29,7 @@ from torch import nn
 
 from letrecipes.components.files import file_identity, shortened
 from letrecipes.components.models import MAX_BLOCKS, ModelArgs
+from letrecipes.components.run_info import older_than
 from letrecipes.components.teachers import Teacher, TeacherError, folder_tokenizer, parse_dtype
 
 FAMILY = "transformers"
@@ -155,8 +155,7 @@ def _transformers(path: Path):
                            "transformers, which is not installed here. Fix: pip install transformers (or "
                            "letrecipes[eval]), or a teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or GPT-2 "
                            "families.") from None
-    installed = tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2])
-    if installed < TRANSFORMERS_MIN:
+    if older_than(transformers.__version__, TRANSFORMERS_MIN):
         minimum = ".".join(map(str, TRANSFORMERS_MIN))
         raise TeacherError(f"{path}: a teacher run by transformers needs transformers {minimum} or later; "
                            f"{transformers.__version__} is installed (its model classes and GGUF reader differ from "

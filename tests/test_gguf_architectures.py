@@ -308,6 +308,24 @@ def test_a_gguf_file_matches_the_model_it_was_written_from_and_transformers_read
         tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json)).encode(TEXT).ids
 
 
+@pytest.mark.parametrize("version", ["0.10.0", "0.16.3"])
+def test_a_gguf_package_older_than_the_loader_reads_is_one_line(tmp_path, monkeypatch, version):
+    """gguf 0.10 and 0.11 under numpy 2 made every file "not a readable GGUF file. Fix: re-download
+    or re-convert it"; 0.14 an AttributeError traceback (ReaderField.contents)."""
+    import importlib.metadata
+
+    from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
+
+    path = tmp_path / "tiny-qwen3.gguf"
+    write_gguf(hf_model("qwen3"), "qwen3", byte_level_bpe(tmp_path, PRE_TOKENIZER["qwen3"]), path)
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "gguf" else installed(name))
+    says = rf"is a GGUF file, read with the gguf package 0\.17 or later; {version} is installed\. Fix: pip install"
+    for read in (lambda: describe_teacher({"path": str(path)}), lambda: load_teacher({"path": str(path)})):
+        with pytest.raises(TeacherError, match=says):
+            read()
+
+
 def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
     """(phi3, gemma2 ... are run by transformers: tests/test_transformers_teachers.py.)"""
     import gguf
