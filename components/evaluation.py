@@ -28,6 +28,7 @@ import numpy as np
 from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import replace_atomically
 from letrecipes.components.models import MAX_BLOCKS
+from letrecipes.components.run_info import outdated
 
 READ_TOKENS = 1 << 20  # a prepared folder's tokens read at a time for held-out documents
 LM_EVAL_TAG = "letrecipes"  # `lm_eval --tasks letrecipes` runs every task of a folder
@@ -369,6 +370,12 @@ def _local_task_data(folder: Path, config: Optional[str], key: str, hub_dataset:
                         f"its own, named by its split, and set {key}=<folder>.")
     if not folder.is_dir():
         raise EvalError(f"{key}: {str(folder)!r} is not a folder. {fix}")
+    if (folder / "dataset_dict.json").is_file() and outdated("datasets", (5, 0), datasets.__version__):
+        # datasets 2.21-4.8 read such a folder's JSON files as its data: "'question' is undefined" in lm-eval's prompt
+        raise EvalError(f"{key}: {str(folder)!r} is a copy written by `save_to_disk` (dataset_dict.json), which "
+                        f"datasets reads as one from 5.0; {datasets.__version__} is installed. Fix: pip install "
+                        "'datasets>=5' (constraints.txt pins the tested one), or a copy made with `hf download "
+                        f"{hub_dataset} --repo-type dataset --local-dir <folder>`.")
     path, name = folder, config
     if config and not _declares_configs(folder):
         # the parquet conversion (<config>/<split>/0000.parquet, beside the other configurations' folders),
@@ -723,6 +730,12 @@ def offline() -> None:
         sys.modules["datasets.config"].HF_DATASETS_OFFLINE = datasets_offline
 
 
+# The oldest lm-evaluation-harness the eval recipe was run against whole (tests/test_lm_eval_tasks.py,
+# test_study_and_eval.py pass with 0.4.13, the pin). 0.4.12 fails one: `lm_eval` itself finds
+# no task in the folder this recipe writes; 0.4.9 has no lm_eval.tasks._yaml_loader (a traceback).
+LM_EVAL_MIN = (0, 4, 13)
+
+
 def import_lm_eval():
     try:
         import lm_eval
@@ -731,6 +744,9 @@ def import_lm_eval():
         raise EvalError(f"evaluation needs lm-evaluation-harness, which is not importable ({err}). Fix: "
                         "`bash scripts/setup.sh` (it installs the eval extra), or "
                         "`pip install -c constraints.txt -e '.[eval]'`.") from err
+    problem = outdated("lm-eval", LM_EVAL_MIN)
+    if problem:
+        raise EvalError(f"evaluation (lm-evaluation-harness's task index, the task files it writes) {problem}.")
     return lm_eval, TaskManager
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import math
@@ -34,7 +33,7 @@ from letrecipes.components import transformers_teacher
 from letrecipes.components.hf_teacher import MAX_COUNT, _is_count, _is_positive, convert_state_dict
 from letrecipes.components.files import file_identity, gguf_parts, shortened, stand_in
 from letrecipes.components.models import MAX_POSITIONS, ModelArgs
-from letrecipes.components.run_info import older_than
+from letrecipes.components.run_info import outdated
 from letrecipes.components.teachers import Teacher, TeacherError, TeacherFormat, build_frozen, register_format, resolve_path
 
 # Where embedded tokenizers are exported (one tokenizer.json per distinct tokenizer).
@@ -110,12 +109,9 @@ def open_gguf(path: Path):
     if importlib.util.find_spec("gguf") is None:
         raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, which needs the `gguf` package. "
                            "Fix: pip install gguf.")
-    installed = importlib.metadata.version("gguf")
-    if older_than(installed, GGUF_MIN):
-        minimum = ".".join(map(str, GGUF_MIN))
-        raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, read with the gguf package {minimum} or "
-                           f"later; {installed} is installed. Fix: pip install 'gguf>={minimum}' (constraints.txt "
-                           "pins the tested one).")
+    problem = outdated("gguf", GGUF_MIN)
+    if problem:
+        raise TeacherError(f"teacher.path={str(path)!r} is a GGUF file, whose reader {problem}.")
     if not path.is_file():
         raise TeacherError(f"teacher.path: no GGUF file at {str(path)!r}. Fix: point teacher.path at the .gguf file.")
     reader = _read_gguf(path)

@@ -47,9 +47,16 @@ def package_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
-def older_than(version: str, minimum: Tuple[int, ...]) -> bool:
-    """Whether a package version is below ``minimum``, by its release numbers (4.46.0.dev0 is 4.46)."""
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:len(minimum)]) < minimum
+def outdated(package: str, minimum: Tuple[int, ...], version: Optional[str] = None) -> Optional[str]:
+    """Where the installed ``package`` (or ``version`` of it) is older than ``minimum``, by its
+    release numbers (4.46.0.dev0 is 4.46): what it needs and the fix, for an error line; None
+    where it is not."""
+    version = version or importlib.metadata.version(package)
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:len(minimum)]) >= minimum:
+        return None
+    wanted = ".".join(map(str, minimum))
+    return (f"needs {package} {wanted} or later; {version} is installed. Fix: pip install '{package}>={wanted}' "
+            "(constraints.txt pins the tested one)")
 
 
 def source_fingerprints() -> Dict[str, str]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from letrecipes.components.files import file_identity, shortened
 from letrecipes.components.models import MAX_BLOCKS, ModelArgs
-from letrecipes.components.run_info import older_than
+from letrecipes.components.run_info import outdated
 from letrecipes.components.teachers import Teacher, TeacherError, folder_tokenizer, parse_dtype
 
 FAMILY = "transformers"
@@ -155,13 +155,10 @@ def _transformers(path: Path):
                            "transformers, which is not installed here. Fix: pip install transformers (or "
                            "letrecipes[eval]), or a teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or GPT-2 "
                            "families.") from None
-    if older_than(transformers.__version__, TRANSFORMERS_MIN):
-        minimum = ".".join(map(str, TRANSFORMERS_MIN))
-        raise TeacherError(f"{path}: a teacher run by transformers needs transformers {minimum} or later; "
-                           f"{transformers.__version__} is installed (its model classes and GGUF reader differ from "
-                           f"those this loader reads). Fix: pip install 'transformers>={minimum}' (constraints.txt "
-                           "pins the tested one), or a teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or "
-                           "GPT-2 families.")
+    problem = outdated("transformers", TRANSFORMERS_MIN, transformers.__version__)
+    if problem:
+        raise TeacherError(f"{path}: a teacher run by transformers {problem}, or a teacher of the Llama, Mistral, "
+                           "Qwen2/3, OPT, GPT-NeoX or GPT-2 families.")
     return transformers
 
 

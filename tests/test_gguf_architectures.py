@@ -320,7 +320,7 @@ def test_a_gguf_package_older_than_the_loader_reads_is_one_line(tmp_path, monkey
     write_gguf(hf_model("qwen3"), "qwen3", byte_level_bpe(tmp_path, PRE_TOKENIZER["qwen3"]), path)
     installed = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "gguf" else installed(name))
-    says = rf"is a GGUF file, read with the gguf package 0\.17 or later; {version} is installed\. Fix: pip install"
+    says = rf"is a GGUF file, whose reader needs gguf 0\.17 or later; {version} is installed\. Fix: pip install"
     for read in (lambda: describe_teacher({"path": str(path)}), lambda: load_teacher({"path": str(path)})):
         with pytest.raises(TeacherError, match=says):
             read()

@@ -14,7 +14,8 @@ import pytest
 
 from letrecipes import cli
 from letrecipes import eval as eval_recipe
-from letrecipes.components.evaluation import Item, prepare_tasks, run_lm_eval, write_lm_eval_tasks, write_task
+from letrecipes.components.evaluation import (EvalError, Item, prepare_tasks, run_lm_eval, write_lm_eval_tasks,
+                                             write_task)
 from tests.test_contamination import INVENTED, play_lines
 from tests.test_recipes import expect_setup_error
 
@@ -270,6 +271,19 @@ def _save_to_disk(folder):  # what `load_dataset(...).save_to_disk(folder)` leav
 
     datasets.DatasetDict({"test": datasets.Dataset.from_list(arc_rows(["First?", "Second?"])),
                           "train": datasets.Dataset.from_list(arc_rows(["A shot?"]))}).save_to_disk(str(folder))
+
+
+def test_a_save_to_disk_copy_under_a_datasets_that_reads_it_as_json_files_is_one_line(tmp_path, monkeypatch):
+    """datasets 2.21 to 4.8 read such a folder's dataset_dict.json and state.json as the task's
+    data: "cannot read ...: UndefinedError: 'question' is undefined" from lm-eval's prompt."""
+    import datasets
+
+    _save_to_disk(tmp_path / "copy")
+    monkeypatch.setattr(datasets, "__version__", "4.8.5")
+    with pytest.raises(EvalError, match=r"^task_data\.arc_easy: .*/copy' is a copy written by `save_to_disk` "
+                                        r"\(dataset_dict\.json\), which datasets reads as one from 5\.0; 4\.8\.5 is "
+                                        r"installed\. Fix: pip install 'datasets>=5'"):
+        prepare_tasks(["arc_easy"], {"arc_easy": str(tmp_path / "copy")}, 0, tmp_path / "work", log=lambda line: None)
 
 
 @pytest.mark.parametrize("layout", [_push_to_hub_layout, _gzipped_json_lines, _save_to_disk])

@@ -245,6 +245,20 @@ def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path):
     assert not (tmp_path / "out.json").exists()
 
 
+def test_an_lm_eval_older_than_the_recipe_reads_is_one_line_before_any_model(teacher_dir, tmp_path, monkeypatch):
+    """lm-eval 0.4.9 has no lm_eval.tasks._yaml_loader (a ModuleNotFoundError traceback from the
+    task check); with 0.4.12 the `lm_eval` command found no task in the folder this recipe writes."""
+    import importlib.metadata
+
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.12" if name == "lm-eval" else installed(name))
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
+    expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{task}]",
+                                                 f"output={tmp_path / 'out.json'}"],
+                       match="evaluation (lm-evaluation-harness's task index, the task files it writes) needs lm-eval "
+                             "0.4.13 or later; 0.4.12 is installed. Fix: pip install 'lm-eval>=0.4.13'")
+    assert not (tmp_path / "out.json").exists()
+
 
 @pytest.mark.parametrize("edit, said", [
     (lambda c: {**c, "num_attention_heads": str(c["num_attention_heads"])},
