@@ -26,7 +26,7 @@ from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import shortened
 from letrecipes.components.registry import ComponentError
 from letrecipes.components.resume import flatten
-from letrecipes.components.run_info import torchrun_attempt
+from letrecipes.components.run_info import outdated, torchrun_attempt
 
 T = TypeVar("T")
 
@@ -483,6 +483,13 @@ def check_bf16_device(device: Union[str, torch.device], key: str = "dtype") -> N
                       LetRecipesWarning, stacklevel=2)
 
 
+# The oldest torchao float8 training was run with here (tests/test_distributed.py, test_gpu_check.py
+# pass with 0.13.0, 0.14.1 and 0.15.0, the pin, under torch 2.13): with 0.10 and 0.11 a sharded
+# float8 run trained, then its export failed (torch.load refuses torchao's
+# WeightWithDynamicFloat8CastTensor); 0.12 does not import under torch 2.13.
+TORCHAO_FLOAT8_MIN = (0, 13)
+
+
 def apply_float8(model: nn.Module, recipe: str = "tensorwise", fsdp_float8_all_gather: bool = False,
                  emulate: bool = False) -> List[str]:
     """Convert the blocks' linear layers to torchao float8 training; return the skipped ones.
@@ -491,6 +498,9 @@ def apply_float8(model: nn.Module, recipe: str = "tensorwise", fsdp_float8_all_g
     not a multiple of 16 (float8 matmuls need it). The projector and the teacher are
     separate modules, so they are never touched.
     """
+    problem = outdated("torchao", TORCHAO_FLOAT8_MIN)
+    if problem:
+        raise ComponentError(f"float8.enabled=true {problem}, or float8.enabled=false.")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     if recipe == "tensorwise":

@@ -77,6 +77,25 @@ def test_float8_under_fsdp_stays_close_to_bf16(let_overrides, tmp_path):
         assert y == y and abs(x - y) < 0.05 * abs(x)
 
 
+@pytest.mark.parametrize("version", ["0.10.0", "0.11.0"])
+def test_float8_with_a_torchao_whose_float8_export_fails_stops_before_any_step(monkeypatch, version):
+    """torchao 0.10 and 0.11 under torch 2.13: a sharded float8 run trained, then its export
+    failed (torch.load refuses torchao's WeightWithDynamicFloat8CastTensor)."""
+    import importlib.metadata
+
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    installed = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "torchao" else installed(name))
+    with pytest.raises(ComponentError, match=rf"^float8.enabled=true needs torchao 0\.13 or later; {version} is "
+                                             r"installed\. Fix: pip install 'torchao>=0\.13' .*, or float8.enabled=false"):
+        parallel.parallelize(torch.nn.Sequential(torch.nn.Linear(16, 16)), torch.device("cpu"), False, None,
+                             {"enabled": True, "emulate": True}, {}, False, {}, seed=0)
+
+
 def test_float8_on_a_gpu_without_float8_tensor_cores_stops_before_any_step(monkeypatch):
     """torch's float8 matmul raises on an A100 (8.0) at the first step, after the model is
     built and compiled (minutes at 7B); now the check at setup names the GPU and the fix."""
