@@ -801,8 +801,10 @@ def test_sigterm_while_a_run_prepares_its_corpus_is_one_line_and_leaves_no_lock(
     text = " ".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
     source = tmp_path / "corpus"
     source.mkdir()
-    for i in range(8):
-        (source / f"part{i}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(6)))
+    # 24 units, about 8 s of preparing after the first shard is written: the signal must land before the prepare and
+    # the rest of the setup end (with 8 units, 0.5 s; a test process starved under load sent it after the first step)
+    for i in range(24):
+        (source / f"part{i:02d}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for _ in range(6)))
     overrides = [o for o in base_overrides if not o.startswith(("data.source=", "data.cache_dir="))]
     cache = tmp_path / "cache"
     job = subprocess.Popen([sys.executable, "-m", "letrecipes.pretrain", "--config", "pretrain_tiny", *overrides,
