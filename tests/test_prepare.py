@@ -252,9 +252,16 @@ def test_a_killed_prepare_finishes_with_the_same_bytes(tokenizer_path, tmp_path)
     clean = tmp_path / "clean"
     prepare_corpus(source, Tokenizer(tokenizer_path), clean, **QUIET)
     killed = tmp_path / "killed"
-    script = ("import sys; from letrecipes.components.prepare import prepare_corpus; "
-              "from letrecipes.components.tokenizer import Tokenizer; "
-              "prepare_corpus(sys.argv[1], Tokenizer(sys.argv[2]), sys.argv[3], log=lambda _: None)")
+    # each batch encoded 0.1 s late (the same ids): the prepare takes 4 s after its first shard, not the 0.4 s it
+    # takes whole, so that a test process starved under load still kills it midway
+    script = ("import sys, time; from letrecipes.components import prepare; "
+              "from letrecipes.components.tokenizer import Tokenizer\n"
+              "class Slow(Tokenizer):\n"
+              "    def encode_batch(self, texts):\n"
+              "        time.sleep(0.1)\n"
+              "        return super().encode_batch(texts)\n"
+              "prepare.Tokenizer = Slow  # the one each unit is encoded with (one worker: in this process)\n"
+              "prepare.prepare_corpus(sys.argv[1], Slow(sys.argv[2]), sys.argv[3], log=lambda _: None)")
     process = subprocess.Popen([sys.executable, "-c", script, str(source), str(tokenizer_path), str(killed)],
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
