@@ -122,12 +122,27 @@ def describe(config: dict, config_file: str, what: Optional[str] = None) -> Mode
         expert = _first(text, ("moe_intermediate_size", "expert_intermediate_size")) or inner
         shared = _first(text, ("shared_expert_intermediate_size",)) or expert * (_first(text, ("n_shared_experts",))
                                                                                    or 0)
-        inner = active * expert + shared
+        sparse = moe_blocks(text, found["num_layers"])
+        # the blocks' mean: dense ones (DeepSeek's first k, Qwen2-MoE's mlp_only_layers) run intermediate_size
+        inner = round((sparse * (active * expert + shared) + (found["num_layers"] - sparse) * inner)
+                      / found["num_layers"])
     context = _first(text, ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"))
     return ModelArgs(vocab_size=found["vocab_size"], num_layers=found["num_layers"], num_heads=heads,
                      num_kv_heads=kv_heads, embed_dim=found["embed_dim"], intermediate_dim=inner,
                      max_seq_len=context or 0, tie_word_embeddings=bool(text.get("tie_word_embeddings", True)),
                      family=FAMILY, head_dim=_first(text, ("head_dim",)))
+
+
+def moe_blocks(config: dict, depth: int) -> int:
+    """How many of a mixture of experts' blocks route to experts, by the rules of the families
+    that mix in dense ones: Qwen2/3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` (block
+    i is sparse when (i + 1) is a multiple of it), DeepSeek's ``first_k_dense_replace`` and
+    ``moe_layer_freq`` (i a multiple of it). A config stating none of them: every block."""
+    dense = config.get("mlp_only_layers")
+    dense = {i for i in dense if isinstance(i, int)} if isinstance(dense, list) else set()
+    first = _first(config, ("first_k_dense_replace",)) or 0
+    step, freq = _first(config, ("decoder_sparse_step",)) or 1, _first(config, ("moe_layer_freq",)) or 1
+    return sum(1 for i in range(depth) if i not in dense and i >= first and (i + 1) % step == 0 and i % freq == 0)
 
 
 # config keys of the attention-free families transformers implements (Mamba 1/2, RWKV, xLSTM):

@@ -315,6 +315,28 @@ def test_a_mixture_of_experts_teacher_is_counted_whole_and_an_absurd_depth_is_on
         load_teacher({"path": str(tmp_path / "moe"), "dtype": "fp32"})
 
 
+@pytest.mark.parametrize("family, dense", [("Qwen2Moe", dict(mlp_only_layers=[0], decoder_sparse_step=2)),
+                                           ("Qwen3Moe", dict(mlp_only_layers=[1, 4])),
+                                           ("DeepseekV3", dict(first_k_dense_replace=2)),
+                                           ("DeepseekV2", dict(first_k_dense_replace=1))])
+def test_a_mixture_of_experts_with_dense_blocks_is_costed_by_the_blocks_it_has(family, dense):
+    """The dry run's FLOPs took every block of a mixture as one of experts: DeepSeek's first
+    dense blocks, Qwen-MoE's mlp_only_layers and decoder_sparse_step were costed as sparse.
+    The blocks counted sparse are those transformers builds with experts."""
+    from letrecipes.components.transformers_teacher import describe, moe_blocks
+
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=6, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=100, num_experts_per_tok=2, **dense)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    built = sum(1 for block in model.model.layers if any("experts" in name for name, _ in block.mlp.named_modules()))
+    args = config.to_dict()
+    assert moe_blocks(args, 6) == built < 6
+    shared = args.get("shared_expert_intermediate_size") or 24 * (args.get("n_shared_experts") or 0)
+    assert describe(args, "config.json").intermediate_dim == round((built * (2 * 24 + shared) + (6 - built) * 64) / 6)
+
+
 # ---------------------------------------------------------- vision-language releases
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
              max_position_embeddings=64)
