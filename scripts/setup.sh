@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The pinned stack needs Python 3.11 or later (transformers 5.21+, pyarrow 26, matplotlib 3.11 and the
+# demo's corpus have no 3.10 build): said here, not as pip's "ResolutionImpossible" minutes later.
+for candidate in "$PY" .venv/bin/python; do
+    if [ -x "$(command -v "$candidate")" ] && ! "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        echo "setup: error: $candidate is Python $("$candidate" -c 'import platform; print(platform.python_version())');" \
+             "letrecipes' pinned stack needs 3.11 or later. Fix: PYTHON=python3.11 bash scripts/setup.sh" \
+             "(remove .venv first if it was made with the older one)." >&2
+        exit 1
+    fi
+done
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $("$PY" --version)"
     "$PY" -m venv .venv

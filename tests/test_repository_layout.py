@@ -30,3 +30,20 @@ def test_tracked_files_are_the_projects_own():
     results = [str(path) for path in files if path.parts[:2] == ("benchmarks", "results")
                and path.suffix != ".json" and path.name != ".gitkeep"]
     assert not results, f"benchmarks/results holds the benchmarks' JSON only: {results}"
+
+
+def test_setup_with_a_python_older_than_the_pinned_stack_is_one_line_before_any_install(tmp_path):
+    """With Python 3.10, scripts/setup.sh made a venv and pip ended in "ResolutionImpossible"
+    (transformers 5.21+, pyarrow 26 and matplotlib 3.11 have no 3.10 build) minutes later."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    fake = tmp_path / "python3.10"  # answers the script's two questions as Python 3.10 would
+    fake.write_text("#!/bin/sh\ncase \"$2\" in *version_info*) exit 1;; *python_version*) echo 3.10.13;;\n"
+                    "*) echo \"$@\" >> \"$(dirname \"$0\")/asked\";; esac\n")  # anything else (-m venv): noted
+    fake.chmod(0o755)
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "setup.sh")], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(fake)}, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"setup: error: {fake} is Python 3.10.13; letrecipes' pinned stack needs 3.11 or later. Fix: "
+        "PYTHON=python3.11 bash scripts/setup.sh (remove .venv first if it was made with the older one).")
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / "asked").exists()
