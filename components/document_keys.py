@@ -117,37 +117,67 @@ def write_shard_keys(shard_bin: Path, dtype: np.dtype, eos_id: int) -> int:
     return len(rows)
 
 
-def stored_keys(folder: Path, shards: Sequence[Mapping[str, Any]]) -> Optional[List[np.ndarray]]:
-    """Each shard's ``[key, length]`` rows (memory-mapped; ``shards``: a manifest's shard
-    records, each naming its ``file``), or None when any shard has none (prepared before
-    they were kept) or they do not read."""
-    arrays = []
+class StoredKeys:
+    """A shard's keys file, its ``[key, length]`` rows memory-mapped for each read and let go
+    after it: a map held open per shard keeps a file descriptor each (mmap duplicates it),
+    and a corpus of more shards than the open-file limit (``ulimit -n``, 1024 on many
+    machines; a FineWeb-Edu snapshot is thousands of files) stopped its prepare with a
+    TypeError once its keys "did not read"."""
+
+    def __init__(self, path: Path, rows: int):
+        self.path, self.rows = path, rows
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def read(self) -> np.ndarray:
+        return np.load(self.path, mmap_mode="r")
+
+
+def _rows(keys) -> np.ndarray:
+    return keys.read() if isinstance(keys, StoredKeys) else keys
+
+
+def stored_keys(folder: Path, shards: Sequence[Mapping[str, Any]]) -> Optional[List[StoredKeys]]:
+    """Each shard's keys file (``shards``: a manifest's shard records, each naming its
+    ``file``), checked by its header and size; None when any shard has none (prepared before
+    they were kept) or one does not read."""
+    stored = []
     for shard in shards:
+        path = keys_path(Path(folder) / shard["file"])
         try:
-            rows = np.load(keys_path(Path(folder) / shard["file"]), mmap_mode="r")
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else \
+                    np.lib.format.read_array_header_2_0
+                shape, fortran_order, dtype = read_header(f)
+                whole = f.tell() + int(np.prod(shape)) * dtype.itemsize == os.fstat(f.fileno()).st_size
         except (OSError, ValueError):
             return None
-        if rows.ndim != 2 or rows.shape[1] != 2 or rows.dtype != np.uint64:
+        if len(shape) != 2 or shape[1] != 2 or dtype != np.uint64 or fortran_order or not whole:
             return None
-        arrays.append(rows)
-    return arrays
+        stored.append(StoredKeys(path, shape[0]))
+    return stored
 
 
-def _sorted_passes(arrays: Sequence[np.ndarray], groups: Sequence[int]) -> Iterator[Tuple[np.ndarray, ...]]:
-    """The rows of every array as (keys, lengths, group of each), sorted by key (within a key,
-    the arrays in order), a range of key values at a time: ``PASS_KEYS`` rows or so in memory."""
+def _sorted_passes(arrays: Sequence, groups: Sequence[int]) -> Iterator[Tuple[np.ndarray, ...]]:
+    """The rows of every array (or :class:`StoredKeys`) as (keys, lengths, group of each),
+    sorted by key (within a key, the arrays in order), a range of key values at a time:
+    ``PASS_KEYS`` rows or so in memory; one keys file open at a time."""
     passes = max(1, -(-sum(len(a) for a in arrays) // PASS_KEYS))
     bounds = [np.uint64(((1 << 64) * p) // passes) for p in range(passes)]
     for p in range(passes):
         keys, lengths, group = [np.zeros(0, np.uint64)], [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
-        for rows, g in zip(arrays, groups):
+        for item, g in zip(arrays, groups):
+            rows = _rows(item)
             column = rows[:, 0]
             lo = int(np.searchsorted(column, bounds[p]))
             hi = int(np.searchsorted(column, bounds[p + 1])) if p + 1 < passes else len(rows)
-            part = np.asarray(rows[lo:hi])
+            part = np.array(rows[lo:hi])  # a copy: the file's map closes with `rows`
             keys.append(part[:, 0])
             lengths.append(part[:, 1])
             group.append(np.full(hi - lo, g, np.int64))
+            del rows, column
         keys_p = np.concatenate(keys)
         order = np.argsort(keys_p, kind="stable")
         yield keys_p[order], np.concatenate(lengths)[order], np.concatenate(group)[order]
@@ -160,7 +190,7 @@ def _first_of_group(same: np.ndarray, group: np.ndarray) -> np.ndarray:
     return group[np.flatnonzero(new_key)[np.cumsum(new_key) - 1]]
 
 
-def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] = None,
+def count_repeats(arrays: Sequence, groups: Optional[Sequence[int]] = None,
                   top: int = TOP_PAIRS) -> Dict[str, object]:
     """How many documents (of ``MIN_TOKENS``+) are copies of another, and the tokens in those
     copies; and the ``top`` pairs of groups sharing the most, as ``[first, other, copies,
@@ -189,7 +219,7 @@ def count_repeats(arrays: Sequence[np.ndarray], groups: Optional[Sequence[int]] 
             "shared": [[a, b, n, t] for (a, b), (n, t) in ranked]}
 
 
-def copies_to_drop(arrays: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
+def copies_to_drop(arrays: Sequence) -> List[Tuple[np.ndarray, np.ndarray]]:
     """For each shard, in stream order, the keys of the documents that repeat one before them:
     ``(every copy, all but the first)``: keys whose first appearance is in an earlier shard
     (every copy here goes), and keys first seen in this shard (its later copies go). The first

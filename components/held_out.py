@@ -44,7 +44,7 @@ def _training_keys(tokens, eos_id: int, longest: int) -> Tuple[Iterator[np.ndarr
     manifest = getattr(tokens, "manifest", None)
     stored = stored_keys(tokens.folder, manifest["shards"]) if manifest else None
     if stored is not None:
-        return (rows[:, 0] for rows in stored), 1.0
+        return (keys.read()[:, 0] for keys in stored), 1.0  # one file open at a time
     spans = _windows(len(tokens))
     return (keys for keys, _ in corpus_keys(tokens, eos_id, longest, spans)), sum(b - a for a, b in spans) / len(tokens)
 

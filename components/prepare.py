@@ -42,8 +42,8 @@ import numpy as np
 from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST, PREPARED_PLAN, READER_VERSION,
                                           DataError, DataWarning, Unit, bytes_read, list_units, read_unit_in_pieces,
                                           source_files)
-from letrecipes.components.document_keys import (MIN_TOKENS, copies_to_drop, count_repeats, drop_from_shard, keys_path,
-                                                 stored_keys, write_shard_keys)
+from letrecipes.components.document_keys import (KEYS_SUFFIX, MIN_TOKENS, StoredKeys, copies_to_drop, count_repeats,
+                                                 drop_from_shard, keys_path, stored_keys, write_shard_keys)
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, real_paths,
                                          replace_atomically, unique_tmp, usable_cores)
 from letrecipes.components.preemption import NOTICE_SIGNALS
@@ -757,18 +757,22 @@ def _write_all_warnings(out_dir: Path, said: List[str], key: str) -> None:
                   "they say what is meant (records skipped, bytes replaced).", DataWarning, stacklevel=3)
 
 
-def _keyed(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int) -> List[np.ndarray]:
+def _keyed(out_dir: Path, shards: List[dict], dtype: np.dtype, eos_id: int) -> List[StoredKeys]:
     """Every shard's stored keys, keying first the shards that have none (written by an
     earlier letrecipes) or whose keys do not read."""
     for shard in shards:
         if not keys_path(out_dir / shard["file"]).is_file():
             write_shard_keys(out_dir / shard["file"], dtype, eos_id)
-    arrays = stored_keys(out_dir, shards)
-    if arrays is None:  # a keys file that does not read: rewritten once
+    stored = stored_keys(out_dir, shards)
+    if stored is None:  # a keys file that does not read: rewritten once
         for shard in shards:
             write_shard_keys(out_dir / shard["file"], dtype, eos_id)
-        arrays = stored_keys(out_dir, shards)
-    return arrays
+        stored = stored_keys(out_dir, shards)
+    if stored is None:  # written just now and still not read back: the disk or the folder is at fault
+        raise DataError(f"data.cache_dir: the document keys written into {out_dir} do not read back (files named "
+                        f"*{KEYS_SUFFIX}). Fix: check that disk (its free space, its errors), or prepare into "
+                        "another folder.")
+    return stored
 
 
 def _drop_from(job: tuple) -> tuple:

@@ -243,6 +243,29 @@ def test_prepare_is_deterministic_and_independent_of_workers(mixed_corpus, token
     assert stream.dtype == np.uint16
 
 
+def test_a_corpus_of_more_shards_than_open_files_allowed_is_prepared_and_its_copies_counted(tokenizer_path, tmp_path):
+    """Each shard's keys were memory-mapped together to count the copies across the corpus, a
+    file descriptor each: past `ulimit -n` (1024 on many machines; a FineWeb-Edu snapshot is
+    thousands of files), the keys "did not read", were written again, and the prepare ended
+    in a TypeError (a mixture's cross-source count said the folders had no keys)."""
+    source = tmp_path / "many"
+    source.mkdir()
+    for i in range(150):  # each file a unit, each unit a shard
+        (source / f"part_{i:03d}.jsonl").write_text(json.dumps({"text": documents(1, i)[0]}) + "\n")
+    (source / "part_149.jsonl").write_text((source / "part_000.jsonl").read_text())  # one copy, to be counted
+    script = ("import json, resource, sys; from pathlib import Path\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "from letrecipes.components.prepare import MANIFEST, prepare_corpus\n"
+              "from letrecipes.components.tokenizer import Tokenizer\n"
+              "prepare_corpus(sys.argv[1], Tokenizer(sys.argv[2]), sys.argv[3], log=lambda _: None)\n"
+              "print(json.dumps(json.loads((Path(sys.argv[3]) / MANIFEST).read_text())['repeats']))")
+    done = subprocess.run([sys.executable, "-c", script, str(source), str(tokenizer_path), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    repeats = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (repeats["documents"], repeats["copies"]) == (150, 1)
+
+
 def test_a_killed_prepare_finishes_with_the_same_bytes(tokenizer_path, tmp_path):
     source = tmp_path / "jsonl"
     source.mkdir()
