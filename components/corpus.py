@@ -295,6 +295,16 @@ def unfinished_prepare_error(item: Path, folder: Path, plan: Dict[str, Any], key
                      f"is still running), not text. Fix: {fix}.")
 
 
+def is_utf8(text: str) -> bool:
+    """Whether a name the file system gave holds no byte that is not UTF-8 (Python keeps such
+    bytes as lone surrogates, which every UTF-8 write then refuses)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) -> List[Path]:
     item = hub_snapshot(item) or item  # a Hugging Face cache folder (datasets--org--name): the snapshot it serves
     refuse_special_file(item, key, DataError, why=": a corpus is read more than once (listed and sized, then "
@@ -353,6 +363,12 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
             suffix = _format_base(path.name.lower()) + compression if compression else path.suffix.lower()
             other.setdefault(suffix or "(no suffix)", []).append(path)
     listing.done()
+    undecodable = [path for path in found if not is_utf8(str(path))]
+    if undecodable:  # its name goes into the cache's key, the manifest and the log, all UTF-8
+        raise DataError(f"{key}: {len(undecodable)} file name(s) in {str(item)!r} are not UTF-8 (first: "
+                        f"{os.fsencode(undecodable[0].relative_to(item))!r}), which the prepared corpus's records and "
+                        f"the log cannot hold. Fix: rename them to UTF-8 (convmv -f latin1 -t utf8 -r --notest "
+                        f"{str(item)!r}, if they are Latin-1), or move them out of the folder.")
     links = (f"{len(broken)} file(s) in {str(item)!r} are links to files that do not exist (first: "
              f"{broken[0].relative_to(item)} -> {os.readlink(broken[0])}), as a Hugging Face download that stopped "
              "leaves them") if broken else ""

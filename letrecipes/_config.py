@@ -160,6 +160,14 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.partition("=")[0].strip() == "" and "=" in override:
             raise ConfigError(f"the override {override!r} has no key. Fix: write key=value, like max_steps=100.")
+        try:
+            override.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8: kept by Python as lone surrogates
+            key, _, value = override.partition("=")
+            raise ConfigError(f"{key}: its value {os.fsencode(value)!r} is not UTF-8 (a file or folder name in another "
+                              "encoding, Latin-1 say), which the run's config, records and log cannot hold. Fix: a "
+                              "UTF-8 name (an existing file or folder renamed: convmv -f latin1 -t utf8 --notest "
+                              "<it>).") from None
     merged, held = _values_holding_equals(overrides)
     try:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), merged)

@@ -356,6 +356,29 @@ def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, 
     assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
 
 
+def test_a_file_name_or_a_value_that_is_not_utf8_is_one_line_before_anything_is_written(base_overrides, corpus_dir,
+                                                                                      tmp_path):
+    """A corpus file named in Latin-1 (b'caf\\xe9.txt', as an old archive unpacks) was a
+    UnicodeEncodeError traceback from the cache key; such a path given on the command line,
+    "'utf-8' codec can't encode ... Fix: write each override as key=value"."""
+    import os
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = next(iter(sorted(corpus_dir.glob("*.txt")))).read_text()
+    (corpus / "ok.txt").write_text(text)
+    latin1 = os.fsdecode(bytes(corpus) + b"/caf\xe9.txt")
+    Path(latin1).write_text(text[::-1])
+    common = [*base_overrides, f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2"]
+    expect_setup_error(run_pretrain, *common, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
+                       match=f"data.source: 1 file name(s) in {str(corpus)!r} are not UTF-8 (first: b'caf\\xe9.txt'), "
+                             "which the prepared corpus's records and the log cannot hold. Fix: rename them to UTF-8")
+    for key, value in (("data.source", latin1), ("output_dir", os.fsdecode(bytes(tmp_path) + b"/r\xe9"))):
+        expect_setup_error(run_pretrain, *common, *([] if key == "output_dir" else [f"output_dir={tmp_path / 'run'}"]),
+                           f"{key}={value}", match=f"{key}: its value {os.fsencode(value)!r} is not UTF-8")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_checks_run_before_the_first_write_and_a_failed_start_blocks_nothing(let_overrides, tmp_path):
     """Issue 15, class 9: settings that used to pass setup and fail at step 1 are refused
     before the run folder exists; a run that fails at its first step leaves a folder that
