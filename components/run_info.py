@@ -50,8 +50,12 @@ def package_versions() -> Dict[str, Optional[str]]:
 def outdated(package: str, minimum: Tuple[int, ...], version: Optional[str] = None) -> Optional[str]:
     """Where the installed ``package`` (or ``version`` of it) is older than ``minimum``, by its
     release numbers (4.46.0.dev0 is 4.46): what it needs and the fix, for an error line; None
-    where it is not."""
-    version = version or importlib.metadata.version(package)
+    where it is not, or where its version cannot be read (a package put on ``PYTHONPATH`` as
+    source, llama.cpp's gguf-py say, has no installed metadata: not checked)."""
+    try:
+        version = version or importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
     if tuple(int(part) for part in re.findall(r"\d+", version)[:len(minimum)]) >= minimum:
         return None
     wanted = ".".join(map(str, minimum))

@@ -325,6 +325,14 @@ def test_a_gguf_package_older_than_the_loader_reads_is_one_line(tmp_path, monkey
         with pytest.raises(TeacherError, match=says):
             read()
 
+    def unknown(name):  # gguf-py from a llama.cpp checkout on PYTHONPATH: importable, no installed metadata
+        if name == "gguf":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", unknown)
+    assert describe_teacher({"path": str(path)}).num_layers == 2  # read, not refused for a version it cannot tell
+
 
 def test_a_gguf_architecture_not_mapped_is_named(tmp_path):
     """(phi3, gemma2 ... are run by transformers: tests/test_transformers_teachers.py.)"""
