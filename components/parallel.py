@@ -498,7 +498,7 @@ def apply_float8(model: nn.Module, recipe: str = "tensorwise", fsdp_float8_all_g
     not a multiple of 16 (float8 matmuls need it). The projector and the teacher are
     separate modules, so they are never touched.
     """
-    problem = outdated("torchao", TORCHAO_FLOAT8_MIN)
+    problem = outdated("torchao", TORCHAO_FLOAT8_MIN, below="0.16")  # 0.16+ breaks torchtune 0.6.1's imports
     if problem:
         raise ComponentError(f"float8.enabled=true {problem}, or float8.enabled=false.")
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training

@@ -47,11 +47,13 @@ def package_versions() -> Dict[str, Optional[str]]:
     return versions
 
 
-def outdated(package: str, minimum: Tuple[int, ...], version: Optional[str] = None) -> Optional[str]:
+def outdated(package: str, minimum: Tuple[int, ...], version: Optional[str] = None,
+             below: Optional[str] = None) -> Optional[str]:
     """Where the installed ``package`` (or ``version`` of it) is older than ``minimum``, by its
-    release numbers (4.46.0.dev0 is 4.46): what it needs and the fix, for an error line; None
-    where it is not, or where its version cannot be read (a package put on ``PYTHONPATH`` as
-    source, llama.cpp's gguf-py say, has no installed metadata: not checked)."""
+    release numbers (4.46.0.dev0 is 4.46): what it needs and the fix, for an error line (``below``:
+    a version the fix's pip command stays under); None where it is not, or where its version
+    cannot be read (a package put on ``PYTHONPATH`` as source, llama.cpp's gguf-py say, has no
+    installed metadata: not checked)."""
     try:
         version = version or importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -59,8 +61,8 @@ def outdated(package: str, minimum: Tuple[int, ...], version: Optional[str] = No
     if tuple(int(part) for part in re.findall(r"\d+", version)[:len(minimum)]) >= minimum:
         return None
     wanted = ".".join(map(str, minimum))
-    return (f"needs {package} {wanted} or later; {version} is installed. Fix: pip install '{package}>={wanted}' "
-            "(constraints.txt pins the tested one)")
+    return (f"needs {package} {wanted} or later; {version} is installed. Fix: pip install '{package}>={wanted}"
+            f"{f',<{below}' if below else ''}' (constraints.txt pins the tested one)")
 
 
 def source_fingerprints() -> Dict[str, str]:

@@ -91,7 +91,7 @@ def test_float8_with_a_torchao_whose_float8_export_fails_stops_before_any_step(m
     installed = importlib.metadata.version
     monkeypatch.setattr(importlib.metadata, "version", lambda name: version if name == "torchao" else installed(name))
     with pytest.raises(ComponentError, match=rf"^float8.enabled=true needs torchao 0\.13 or later; {version} is "
-                                             r"installed\. Fix: pip install 'torchao>=0\.13' .*, or float8.enabled=false"):
+                                             r"installed\. Fix: pip install 'torchao>=0\.13,<0\.16' .*, or float8.enabled=false"):
         parallel.parallelize(torch.nn.Sequential(torch.nn.Linear(16, 16)), torch.device("cpu"), False, None,
                              {"enabled": True, "emulate": True}, {}, False, {}, seed=0)
 
