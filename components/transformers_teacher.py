@@ -154,15 +154,16 @@ def attention_free(config: dict) -> bool:
     return any(key in config for key in ATTENTION_FREE_KEYS)
 
 
-# The oldest transformers these loaders were run against whole (tests/test_transformers_teachers.py
-# passes with 5.17.0 to 5.25.0; constraints.txt pins 5.23.0). 5.0-5.16 load folders but not GGUF
-# files (no GgufConfig); 4.57 failed 19 of those tests in assorted ways: tracebacks, "its list of
-# blocks was not found. Fix: teacher.compile=false", a Qwen2.5-VL release "not a causal language
-# model" (each family's modules, config fields and GGUF reader as 5.x has them).
-TRANSFORMERS_MIN = (5, 17)
+# The oldest transformers these loaders were run against (tests/test_transformers_teachers.py
+# passes whole with 5.17.0 to 5.25.0; constraints.txt pins 5.23.0): 5.0.0, 5.12.1 and 5.16.1
+# pass its folder tests and fail the GGUF ones (no GgufConfig); 4.57.6 failed 19 tests in
+# assorted ways: tracebacks, "its list of blocks was not found. Fix: teacher.compile=false", a
+# Qwen2.5-VL release "not a causal language model" (each family's modules and config fields
+# as 5.x has them).
+TRANSFORMERS_MIN, TRANSFORMERS_GGUF_MIN = (5, 0), (5, 17)
 
 
-def _transformers(path: Path):
+def _transformers(path: Path, gguf: bool = False):
     try:
         import transformers
     except ImportError:
@@ -170,10 +171,10 @@ def _transformers(path: Path):
                            "transformers, which is not installed here. Fix: pip install transformers (or "
                            "letrecipes[eval]), or a teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or GPT-2 "
                            "families.") from None
-    problem = outdated("transformers", TRANSFORMERS_MIN, transformers.__version__)
+    problem = outdated("transformers", TRANSFORMERS_GGUF_MIN if gguf else TRANSFORMERS_MIN, transformers.__version__)
     if problem:
-        raise TeacherError(f"{path}: a teacher run by transformers {problem}, or a teacher of the Llama, Mistral, "
-                           "Qwen2/3, OPT, GPT-NeoX or GPT-2 families.")
+        raise TeacherError(f"{path}: a {'GGUF file' if gguf else 'teacher'} run by transformers {problem}, or a "
+                           "teacher of the Llama, Mistral, Qwen2/3, OPT, GPT-NeoX or GPT-2 families.")
     return transformers
 
 
@@ -305,7 +306,7 @@ def _gguf_config(path: Path, reader, arch: str):
         raise TeacherError(f"{path}: a {arch} GGUF model split in parts, which transformers (that runs {arch} "
                            f"models here) reads as one file only. Fix: merge the parts: llama-gguf-split --merge "
                            f"{path} <name>.gguf, and point teacher.path at it.")
-    _transformers(path)
+    _transformers(path, gguf=True)
     try:  # a copy: transformers sets attributes on the configs it builds models from
         config = copy.deepcopy(_read_gguf_config(str(path), file_identity(path)))
     except Exception as err:  # transformers' GGUF reader raises what its parsing meets (ValueError, KeyError, ...)
@@ -399,10 +400,10 @@ def check_gguf_tensors(path: Path, reader, arch: str) -> None:
     Otherwise transformers builds the model first (a vocabulary of 10**9 in the metadata takes
     all the memory there is) and skips the tensors it has no name for (Phi-3's long-context
     RoPE factors: it would run another model than the file's) with a log line."""
+    config = _gguf_config(path, reader, arch)
+    transformers = _transformers(path, gguf=True)
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    config = _gguf_config(path, reader, arch)
-    transformers = _transformers(path)
     try:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
@@ -441,7 +442,7 @@ def load_gguf(path: Path, reader, arch: str, dtype: str, device: Union[str, torc
     """A GGUF file of a family transformers runs (dequantized by transformers' GGUF reader)."""
     torch_dtype = parse_dtype(dtype, "teacher.dtype")
     check_gguf_tensors(path, reader, arch)
-    transformers = _transformers(path)
+    transformers = _transformers(path, gguf=True)
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, config=_gguf_config(path, reader, arch), dtype=torch_dtype,
