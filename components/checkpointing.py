@@ -41,6 +41,7 @@ import random
 import re
 import shutil
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -80,6 +81,27 @@ RUN_MARKERS = ("run_info.json", METRICS_FILE)
 DCP_SHARD = re.compile(r"^__(\d+)_\d+\.distcp$")  # the shard files rank N wrote
 HASH_BLOCK = 64 << 20
 HASH_THREADS = min(8, usable_cores())
+
+
+def quiet_dcp_writer_finalizer() -> None:
+    """Keep torch's DCP writer from printing a traceback after a save that failed (a full disk,
+    a file size limit). Its ``NoCloseWriter`` flushes the file it wraps when it is collected,
+    and that file is closed by then; Python 3.13 logs what a finalizer raises ("Exception
+    ignored in: <...NoCloseWriter ...> ... ValueError: flush of closed file") after the run's
+    own one-line error. Only that object's ValueError is dropped; everything else reaches the
+    hook that was there."""
+    previous = sys.unraisablehook
+    if getattr(previous, "letrecipes_dcp_writer", False):
+        return
+
+    def hook(unraisable):
+        writer = type(unraisable.object)
+        if not (writer.__name__ == "NoCloseWriter" and writer.__module__.startswith("torch.distributed.checkpoint")
+                and isinstance(unraisable.exc_value, ValueError)):
+            previous(unraisable)
+
+    hook.letrecipes_dcp_writer = True
+    sys.unraisablehook = hook
 
 
 def is_complete(path: Path) -> bool:

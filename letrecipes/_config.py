@@ -331,6 +331,9 @@ def run(recipe_class, cfg: DictConfig) -> None:
             dry_run(cfg, with_teacher=recipe_class.uses_teacher)
             return
     stop_with_the_launcher()
+    from letrecipes.components.checkpointing import quiet_dcp_writer_finalizer  # torch: imported by the recipe already
+
+    quiet_dcp_writer_finalizer()
     during, kept = ("during setup, before the first step", "Nothing was trained; corpus shards prepared so far are "
                     "kept, and launching again goes on from them.")
     try:
