@@ -18,7 +18,11 @@ def tune_run_2proc(recipe, config, *overrides, timeout=300, nproc=2, check=True,
     cmd = recipe_command(recipe, "--config", config, *overrides, nproc=nproc, via_tune=via_tune)
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-5000:]
+    # a rank that aborted: its thread stacks (faulthandler's, from "Fatal Python error"), which the last
+    # 5,000 characters lose under the list of modules that follows them
+    fatal = result.stderr.find("Fatal Python error")
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-5000:] + (
+        f"\n--- from the fatal error on:\n{result.stderr[fatal:fatal + 6000]}" if fatal >= 0 else "")
     return result
 
 
