@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, in_outputs, nearby, refuse_special_file,
-                                         stand_in)
+from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, in_outputs, is_utf8, nearby,
+                                         refuse_special_file, stand_in)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -293,16 +293,6 @@ def unfinished_prepare_error(item: Path, folder: Path, plan: Dict[str, Any], key
                      f"({PREPARED_PLAN} and no {PREPARED_MANIFEST}: {written} of {len(units) or '?'} shards written; it "
                      f"stopped, or "
                      f"is still running), not text. Fix: {fix}.")
-
-
-def is_utf8(text: str) -> bool:
-    """Whether a name the file system gave holds no byte that is not UTF-8 (Python keeps such
-    bytes as lone surrogates, which every UTF-8 write then refuses)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) -> List[Path]:

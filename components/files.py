@@ -119,6 +119,16 @@ def unique_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
 
 
+def is_utf8(text: str) -> bool:
+    """Whether a name the file system or the shell gave holds no byte that is not UTF-8
+    (Python keeps such bytes as lone surrogates, which every UTF-8 write then refuses)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers (and a
     kill) see the old content or the new, never a mix. A failed write removes the

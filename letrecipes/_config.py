@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
-from letrecipes.components.files import cause_and_fix, environment_errors, os_error_in
+from letrecipes.components.files import cause_and_fix, environment_errors, is_utf8, os_error_in
 from letrecipes.components.preemption import (StoppedBeforeTraining, stop_at_once_on_signals,
                                                stop_at_once_with_one_line, stop_with_the_launcher)
 
@@ -160,14 +160,12 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.partition("=")[0].strip() == "" and "=" in override:
             raise ConfigError(f"the override {override!r} has no key. Fix: write key=value, like max_steps=100.")
-        try:
-            override.encode("utf-8")
-        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8: kept by Python as lone surrogates
+        if not is_utf8(override):  # bytes the shell passed that are not UTF-8
             key, _, value = override.partition("=")
             raise ConfigError(f"{key}: its value {os.fsencode(value)!r} is not UTF-8 (a file or folder name in another "
                               "encoding, Latin-1 say), which the run's config, records and log cannot hold. Fix: a "
                               "UTF-8 name (an existing file or folder renamed: convmv -f latin1 -t utf8 --notest "
-                              "<it>).") from None
+                              "<it>).")
     merged, held = _values_holding_equals(overrides)
     try:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), merged)
