@@ -266,6 +266,15 @@ def test_a_corpus_of_more_shards_than_open_files_allowed_is_prepared_and_its_cop
     assert (repeats["documents"], repeats["copies"]) == (150, 1)
 
 
+def test_document_keys_that_do_not_read_back_once_rewritten_are_one_line(tokenizer_path, tmp_path, monkeypatch):
+    """Keys that do not read are written again; if those do not read either (a failing disk), the
+    copies count got None and the prepare ended in a TypeError."""
+    monkeypatch.setattr(prepare_module, "stored_keys", lambda folder, shards: None)
+    with pytest.raises(DataError, match=r"^data\.cache_dir: the document keys written into .* do not read back \(files "
+                                        r"named \*\.keys\.npy\)\. Fix: check that disk"):
+        prepare_corpus(small_jsonl(tmp_path), Tokenizer(tokenizer_path), tmp_path / "out", **QUIET)
+
+
 def test_a_killed_prepare_finishes_with_the_same_bytes(tokenizer_path, tmp_path):
     source = tmp_path / "jsonl"
     source.mkdir()
