@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import (as_given, hub_id_hint, hub_snapshot, in_outputs, is_utf8, nearby,
-                                         refuse_special_file, stand_in)
+from letrecipes.components.files import (LOCALE_FIX, as_given, hub_id_hint, hub_snapshot, in_outputs, is_utf8,
+                                         misread_as_utf8, names_encoding, nearby, refuse_special_file, stand_in)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -354,6 +354,10 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
             other.setdefault(suffix or "(no suffix)", []).append(path)
     listing.done()
     undecodable = [path for path in found if not is_utf8(str(path))]
+    meant = misread_as_utf8(str(undecodable[0].relative_to(item))) if undecodable else None
+    if meant is not None:  # UTF-8 names under an ASCII locale
+        raise DataError(f"{key}: {len(undecodable)} file name(s) in {str(item)!r} are UTF-8 (first: {meant!r}), but "
+                        f"this process reads file names as {names_encoding()}. Fix: {LOCALE_FIX}.")
     if undecodable:  # its name goes into the cache's key, the manifest and the log, all UTF-8
         raise DataError(f"{key}: {len(undecodable)} file name(s) in {str(item)!r} are not UTF-8 (first: "
                         f"{os.fsencode(undecodable[0].relative_to(item))!r}), which the prepared corpus's records and "

@@ -129,6 +129,90 @@ def is_utf8(text: str) -> bool:
     return True
 
 
+# A UTF-8 locale, or Python's UTF-8 mode for this command alone: both read and write names as UTF-8
+LOCALE_FIX = "run under a UTF-8 locale (export LC_ALL=C.UTF-8), or with PYTHONUTF8=1 (Python's UTF-8 mode)"
+
+
+def names_encoding() -> str:
+    """The encoding this process reads its command line and file names in, and the locale
+    it comes from: ``iso8859-1 (its locale: LC_CTYPE=en_US.iso88591)``."""
+    import locale
+    import sys
+
+    try:
+        ctype = locale.setlocale(locale.LC_CTYPE, None)
+    except locale.Error:
+        ctype = "?"
+    return f"{sys.getfilesystemencoding()} (its locale: LC_CTYPE={ctype})"
+
+
+def utf8_names() -> bool:
+    import codecs
+    import sys
+
+    return codecs.lookup(sys.getfilesystemencoding()).name == "utf-8"
+
+
+def misread_as_utf8(text: str) -> Optional[str]:
+    """``text`` as UTF-8 reads its bytes, where this process decoded them (a command line,
+    a file name) in a locale encoding that is not UTF-8 and reads them otherwise: a UTF-8
+    terminal or file system under an ISO-8859-1 or ASCII locale. None where the two agree,
+    or the bytes are not UTF-8 (a Latin-1 name under a Latin-1 locale is what it says)."""
+    if utf8_names():
+        return None
+    try:
+        meant = os.fsencode(text).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return None
+    return meant if meant != text else None
+
+
+def unwritable_as_name(text: str) -> Optional[str]:
+    """The characters of ``text`` that this process cannot write in a file name (its locale's
+    encoding has none for them: a UTF-8 config's Chinese folder name under an ISO-8859-1
+    locale); None where all can be."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as err:
+        return text[err.start:err.end]
+    return None
+
+
+UNPRINTABLE = "letrecipes.escape"  # the error handler escape_unprintable_output registers
+
+
+def escape_unprintable_output() -> None:
+    """Under a locale whose encoding is not UTF-8, print what it has no character for as an
+    escape (``\\u51fa``) rather than fail: a config value, a task name or a path printed to
+    stdout was a UnicodeEncodeError traceback under ISO-8859-1. A file name's bytes that the
+    locale did not decode are still printed as they were (Python's surrogateescape)."""
+    import codecs
+    import sys
+
+    def escape(err: UnicodeError):
+        if not isinstance(err, UnicodeEncodeError):
+            raise err
+        out = bytearray()
+        for char in err.object[err.start:err.end]:
+            if 0xDC80 <= ord(char) <= 0xDCFF:  # a byte surrogateescape kept
+                out.append(ord(char) - 0xDC00)
+            else:
+                out += char.encode("ascii", "backslashreplace")
+        return bytes(out), err.end
+
+    try:
+        codecs.lookup_error(UNPRINTABLE)
+    except LookupError:
+        codecs.register_error(UNPRINTABLE, escape)
+    for stream in (sys.stdout, sys.stderr):
+        encoding, errors = getattr(stream, "encoding", None), getattr(stream, "errors", None)
+        # Python's own: strict (stdout), backslashreplace (stderr), surrogateescape (stdout under C)
+        if encoding and errors in ("strict", "surrogateescape", "backslashreplace") \
+                and codecs.lookup(encoding).name != "utf-8":
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors=UNPRINTABLE)
+
+
 def replace_atomically(path: Union[str, Path], data: Union[str, bytes]) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename: readers (and a
     kill) see the old content or the new, never a mix. A failed write removes the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import locale
 import os
 import socket
 import warnings
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import shortened
+from letrecipes.components.files import LOCALE_FIX, shortened
 from letrecipes.components.registry import ComponentError
 from letrecipes.components.resume import flatten
 from letrecipes.components.run_info import outdated, torchrun_attempt
@@ -538,6 +539,16 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
+def _caused_by(err: BaseException, kind: type) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def rehearse_compile(device: torch.device, key: str = "compile") -> None:
     """Compile and run one small function on ``device`` with torch.compile's default backend,
     so that a machine that cannot compile (no C++ compiler or no Python headers for CPU
@@ -553,8 +564,12 @@ def rehearse_compile(device: torch.device, key: str = "compile") -> None:
         first = next((line for line in str(err).splitlines() if line.strip()), "")
         fix = ("install Triton for this torch (pip install triton, matching torch's version)" if device.type == "cuda"
                else "install a C++ compiler and Python's headers (apt-get install g++ python3-dev; or set CXX)")
-        raise ComponentError(f"{key}=true: torch.compile cannot compile on this machine ({type(err).__name__}: "
-                             f"{first[:300]}). Fix: {fix}, or {key}=false.") from None
+        cause = f"on this machine ({type(err).__name__}: {first[:300]})"
+        if _caused_by(err, UnicodeError):  # inductor opens its own UTF-8 templates in the locale's encoding (EUC-JP)
+            cause = (f"under this locale: torch's compiler reads its own UTF-8 files in the locale's encoding, "
+                     f"{locale.getpreferredencoding(False)} ({type(err).__name__}: {first[:300]})")
+            fix = LOCALE_FIX
+        raise ComponentError(f"{key}=true: torch.compile cannot compile {cause}. Fix: {fix}, or {key}=false.") from None
     finally:
         torch._dynamo.reset()  # the probe leaves nothing in dynamo's caches for the model's compile
 

@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, warnings_as_lines
-from letrecipes.components.files import cause_and_fix, environment_errors, is_utf8, os_error_in
+from letrecipes.components.files import (LOCALE_FIX, cause_and_fix, environment_errors, escape_unprintable_output,
+                                         is_utf8, misread_as_utf8, names_encoding, os_error_in)
 from letrecipes.components.preemption import (StoppedBeforeTraining, stop_at_once_on_signals,
                                                stop_at_once_with_one_line, stop_with_the_launcher)
 
@@ -160,8 +161,12 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.partition("=")[0].strip() == "" and "=" in override:
             raise ConfigError(f"the override {override!r} has no key. Fix: write key=value, like max_steps=100.")
+        key, _, value = override.partition("=")
+        meant = misread_as_utf8(value)
+        if meant is not None:  # UTF-8 bytes from the terminal, decoded in the locale's other encoding
+            raise ConfigError(f"{key}: its value is UTF-8 text ({meant!r}), but this process reads its command line as "
+                              f"{names_encoding()}, which makes it {value!r}. Fix: {LOCALE_FIX}.")
         if not is_utf8(override):  # bytes the shell passed that are not UTF-8
-            key, _, value = override.partition("=")
             raise ConfigError(f"{key}: its value {os.fsencode(value)!r} is not UTF-8 (a file or folder name in another "
                               "encoding, Latin-1 say), which the run's config, records and log cannot hold. Fix: a "
                               "UTF-8 name (an existing file or folder renamed: convmv -f latin1 -t utf8 --notest "
@@ -275,6 +280,7 @@ def errors_as_one_line():
     An error that rank 0 found and shared (:func:`parallel.on_rank0`) is printed by rank 0
     alone, and so is, under torchrun, any error of a node's other processes
     (:func:`is_other_process_of_a_node`)."""
+    escape_unprintable_output()
     warnings_as_lines()
     try:
         yield

@@ -187,7 +187,7 @@ def validate_eval(cfg: DictConfig) -> None:
     if not values["tasks"] and not values.get("perplexity"):
         raise ConfigValueError("config keys tasks and perplexity are both empty: nothing to score. Fix: tasks=[<task "
                                "file>, ...] (multiple choice) or perplexity=[<held-out corpus>, ...].")
-    _check_shell_variables(values, eval_config=True)
+    _check_path_values(values, eval_config=True)
 
 
 SHELL_VARIABLE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -219,14 +219,24 @@ def _path_values(values: Dict[str, Any], eval_config: bool = False):
         yield from listed("metric_logger.log_dir", logger.get("log_dir"))
 
 
-def _check_shell_variables(values: Dict[str, Any], eval_config: bool = False) -> None:
-    """``output_dir: $SCRATCH/run`` in a YAML file is the literal text: the run would write
-    into a folder named ``$SCRATCH`` under the working directory, and a corpus path would
-    "not exist". OmegaConf reads the environment as ``${oc.env:SCRATCH}``. So with ``~/runs``
-    (also on a command line, where bash leaves ``data.source=~/x`` as it is)."""
+def _check_path_values(values: Dict[str, Any], eval_config: bool = False) -> None:
+    """A path this process cannot write as a file name (its locale's encoding lacks a
+    character of it) is one line. So is ``output_dir: $SCRATCH/run`` in a YAML file: the
+    literal text, the run would write into a folder named ``$SCRATCH`` under the working
+    directory, and a corpus path would "not exist". OmegaConf reads the environment as
+    ``${oc.env:SCRATCH}``. So with ``~/runs`` (also on a command line, where bash leaves
+    ``data.source=~/x`` as it is)."""
     import os
 
+    from letrecipes.components.files import LOCALE_FIX, names_encoding, unwritable_as_name
+
     for key, value in _path_values(values, eval_config):
+        unwritable = unwritable_as_name(value)
+        if unwritable is not None:  # else a UnicodeEncodeError traceback at the first mkdir or open
+            raise ConfigValueError(
+                f"config key {key}={value!r} cannot be a file name here: this process writes file names in "
+                f"{names_encoding()}, which has no {unwritable!r}. Fix: {LOCALE_FIX}; or a name without those "
+                "characters.")
         if value.startswith("~"):  # bash expands ~ only before a word or after name=, never inside a YAML value
             home = os.path.expanduser(value)
             expanded = (f"{key}={home}" if home != value else "the full path, from /")
@@ -613,7 +623,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
         raise ConfigValueError(f"config key profiler.first_step={profiler.get('first_step', 10)} is past "
                                f"max_steps={values['max_steps']}: nothing would be traced. Fix: a profiler.first_step "
                                f"of {values['max_steps']} or less (after the first steps, which compile and warm up).")
-    _check_shell_variables(values)
+    _check_path_values(values)
     _check_outputs_outside_sources(values)
     _check_inputs_outside_what_the_run_replaces(values)
     check_components(values, with_teacher)

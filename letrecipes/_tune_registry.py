@@ -57,8 +57,8 @@ def our_recipes():
                 continue
             seen.add(path.stem)
             try:
-                config = yaml.safe_load(path.read_text()) or {}
-            except (OSError, yaml.YAMLError):  # a damaged config is for `tune run` to name, not `tune ls`
+                config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except (OSError, ValueError, yaml.YAMLError):  # a damaged config is for `tune run` to name, not `tune ls`
                 continue
             if isinstance(config, dict):
                 # an absolute file_path: torchtune joins it to its own folder, which leaves it as it is

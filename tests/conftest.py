@@ -55,7 +55,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 def tokenizer_path(corpus_dir, tmp_path_factory) -> Path:
     from letrecipes.components.tokenizer import train_bpe
 
-    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt"))]
     return train_bpe(texts, 512, tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 

@@ -17,6 +17,31 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def compiles_under_this_locale() -> bool:
+    """torch's compiler opens its own UTF-8 templates in the locale's encoding: under EUC-JP,
+    say, compile=true is one line naming the locale (components/parallel.py), and a test that
+    compiles cannot run. ISO-8859-1 reads any byte, and compiles."""
+    import locale
+
+    import torch
+
+    encoding = locale.getpreferredencoding(False)
+    for template in (Path(torch.__file__).parent / "_inductor").rglob("*.jinja"):
+        try:
+            template.read_text(encoding=encoding)
+        except (UnicodeDecodeError, LookupError):
+            return False
+    return True
+
+
+def needs_compile(test):
+    """Skip ``test`` where torch cannot compile for the locale's sake (said once, in the reason)."""
+    import pytest
+
+    return pytest.mark.skipif(not compiles_under_this_locale(), reason="torch's compiler cannot read its own files "
+                              "under this locale's encoding")(test)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

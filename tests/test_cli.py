@@ -105,7 +105,7 @@ def test_copy_edit_and_run_a_recipe(base_overrides, teacher_dir, tmp_path):
     for name, dest in (("letrecipes/let_pretrain", "my_let.py"), ("let_tiny", "my_let.yaml")):
         subprocess.run([sys.executable, "-m", "letrecipes", "cp", name, str(tmp_path / dest)], check=True, cwd=REPO)
     recipe = tmp_path / "my_let.py"
-    source = recipe.read_text()
+    source = recipe.read_text(encoding="utf-8")
     assert "class LETPretrainRecipe" in source
     helped = subprocess.run([sys.executable, str(recipe), "--help"], capture_output=True, text=True, check=True)
     assert "[key=value ...]" in helped.stdout and "let_tiny" in helped.stdout and "`tune run my_let --config" in \

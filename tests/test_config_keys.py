@@ -283,7 +283,7 @@ def test_every_key_of_torchtunes_training_configs_is_taken_or_answered_with_what
     assert len(files) > 50, files
     keys = {}
     for file in files:
-        for key, value in (yaml.safe_load(file.read_text()) or {}).items():
+        for key, value in (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).items():
             keys.setdefault(key, (value, str(file)))
     assert {"teacher_model", "teacher_checkpointer", "kd_loss", "kd_ratio", "optimizer_in_bwd", "loss"} <= set(keys)
     for key, (value, file) in keys.items():

@@ -23,7 +23,7 @@ INVENTED = ["Quantum zebras file their tax returns by carrier pigeon every secon
 
 def play_lines(corpus_dir, count: int):
     """Long lines of the test corpus's plays: text the training data holds."""
-    text = "\n".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
+    text = "\n".join(p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt")))
     lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 70]
     return lines[::max(1, len(lines) // count)][:count]
 
@@ -117,7 +117,7 @@ def test_a_copy_lowercased_or_reflowed_is_found(corpus_dir, tokenizer_path, tmp_
 
 def test_eval_recipe_reports_items_in_the_training_data_and_scores_the_others(teacher_dir, corpus_dir, tmp_path,
                                                                                capsys):
-    run_info = json.loads((teacher_dir.parent / "run_info.json").read_text())
+    run_info = json.loads((teacher_dir.parent / "run_info.json").read_text(encoding="utf-8"))
     assert run_info["data_folders"] and all(Path(f).is_dir() for f in run_info["data_folders"])
     lines = play_lines(corpus_dir, 2)
     clean = [as_item(text) for text in INVENTED]
@@ -125,7 +125,7 @@ def test_eval_recipe_reports_items_in_the_training_data_and_scores_the_others(te
     clean_only = write_task(tmp_path / "clean_only.jsonl", clean)
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{mixed},{clean_only}]",
                              f"output={tmp_path / 'scores.json'}"])
-    report = json.loads((tmp_path / "scores.json").read_text())
+    report = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert report["contamination"]["tasks"]["mixed"]["contaminated_items"] == [0, 4]
     assert report["contamination"]["corpora"] == run_info["data_folders"]
     scores, alone = report["tasks"]["mixed"], report["tasks"]["clean_only"]
@@ -140,7 +140,7 @@ def test_eval_recipe_reports_items_in_the_training_data_and_scores_the_others(te
     # asked not to: said so in the report
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{clean_only}]",
                              "contamination=false", f"output={tmp_path / 'off.json'}"])
-    assert json.loads((tmp_path / "off.json").read_text())["contamination"] == {"checked": False,
+    assert json.loads((tmp_path / "off.json").read_text(encoding="utf-8"))["contamination"] == {"checked": False,
                                                                                "why": "contamination=false"}
 
 
@@ -164,7 +164,7 @@ def test_the_command_checks_the_data_a_config_will_train_on(base_overrides, teac
     task = write_task(tmp_path / "t.jsonl", [as_item(play_lines(corpus_dir, 1)[0]), as_item(INVENTED[0])])
     assert cli.main(["contamination", "--config", "pretrain_tiny", "--tasks", str(task), *base_overrides,
                      "--cache-dir", "", "--out", str(tmp_path / "found.json")]) == 0
-    assert json.loads((tmp_path / "found.json").read_text())["tasks"]["t"]["contaminated_items"] == [0]
+    assert json.loads((tmp_path / "found.json").read_text(encoding="utf-8"))["tasks"]["t"]["contaminated_items"] == [0]
     with pytest.raises(SystemExit) as stop:
         cli.main(["contamination", "--config", "pretrain_tiny", "--tasks", str(task), *base_overrides,
                   f"data.cache_dir={tmp_path / 'empty'}"])
@@ -176,13 +176,13 @@ def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_d
     task = write_task(tmp_path / "t.jsonl", [as_item(lines[0]), as_item(INVENTED[0])])
     assert cli.main(["contamination", "--data", str(teacher_dir.parent), "--tasks", str(task),
                      "--out", str(tmp_path / "found.json")]) == 0
-    found = json.loads((tmp_path / "found.json").read_text())
+    found = json.loads((tmp_path / "found.json").read_text(encoding="utf-8"))
     assert found["tasks"]["t"]["contaminated_items"] == [0]
     # a run from before run_info.json named its data: its config.yaml leads to the same cache folder
     older = tmp_path / "older_run"
     older.mkdir()
     shutil.copy(teacher_dir.parent / "config.yaml", older / "config.yaml")
-    info = json.loads((teacher_dir.parent / "run_info.json").read_text())
+    info = json.loads((teacher_dir.parent / "run_info.json").read_text(encoding="utf-8"))
     info.pop("data_folders")
     (older / "run_info.json").write_text(json.dumps(info))
     assert cli.main(["contamination", "--data", str(older), "--tasks", str(task)]) == 0
@@ -258,7 +258,7 @@ def test_held_out_perplexity_is_the_models_own_loglikelihood_per_byte(teacher_di
     # in windows of the model's context (32 positions), as the reference below
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[]", "max_len=32",
                              f"perplexity=[{held},{fresh}]", f"output={tmp_path / 'scores.json'}"])
-    report = json.loads((tmp_path / "scores.json").read_text())
+    report = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     assert report["tasks"] == {} and set(report["perplexity"]) == {"held", "fresh"}
     out = capsys.readouterr().out
     assert "past the model's context" not in out
@@ -268,7 +268,7 @@ def test_held_out_perplexity_is_the_models_own_loglikelihood_per_byte(teacher_di
     teacher = load_teacher({"_component_": "auto", "path": str(teacher_dir), "dtype": "fp32"})
     tokenizer = Tokenizer(teacher.tokenizer_path)
 
-    context = json.loads((teacher_dir / "config.json").read_text())["max_position_embeddings"]
+    context = json.loads((teacher_dir / "config.json").read_text(encoding="utf-8"))["max_position_embeddings"]
 
     def loglikelihood(text: str) -> float:
         """Every token, the first after the end-of-text token, in windows of the model's context."""
@@ -353,13 +353,13 @@ def test_findings_are_kept_and_given_again_until_the_corpus_or_the_items_change(
     # a damaged record, one edited (it still parses: a count changed, a list of the wrong kind
     # was given as found, or failed in the lines logged from it), other items, or a corpus
     # changed since: scanned again
-    as_written = {kept: kept.read_text() for kept in cache.iterdir()}
+    as_written = {kept: kept.read_text(encoding="utf-8") for kept in cache.iterdir()}
     for change in ("damaged", "edited", "wrong kind", "items", "corpus"):
         for kept, text in as_written.items():
             kept.write_text(text)
         if change in ("edited", "wrong kind"):
             for kept in cache.iterdir():
-                record = json.loads(kept.read_text())
+                record = json.loads(kept.read_text(encoding="utf-8"))
                 record["report"]["tasks"]["t"]["contaminated"] = 0 if change == "edited" else "many"
                 kept.write_text(json.dumps(record))
         elif change == "items":

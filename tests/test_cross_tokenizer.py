@@ -208,7 +208,7 @@ def other_tokenizer_teacher(teacher_dir, corpus_dir, tmp_path_factory):
     for these ids, which is all the mechanics need."""
     folder = tmp_path_factory.mktemp("other_teacher") / "final"
     shutil.copytree(teacher_dir, folder)
-    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt"))]
     train_bpe(texts, 300, folder / "tokenizer.json")
     return folder
 
@@ -258,8 +258,8 @@ def test_text_the_teacher_cannot_read_is_found_wherever_it_sits_in_the_corpus(le
 
     corpus = tmp_path / "corpus"
     shutil.copytree(corpus_dir, corpus)
-    english = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
-    (corpus / "zz_greek.txt").write_text("Ελληνικά κείμενα για τη δοκιμή, γραμμένα αλλιώς.\n" * 3000)
+    english = [p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt"))]
+    (corpus / "zz_greek.txt").write_text("Ελληνικά κείμενα για τη δοκιμή, γραμμένα αλλιώς.\n" * 3000, encoding="utf-8")
     teacher = tmp_path / "teacher"
     shutil.copytree(teacher_dir, teacher)
     tok = HFTokenizer(models.BPE(unk_token="<unk>"))  # no byte fallback: an unseen character is unknown

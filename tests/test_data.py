@@ -39,7 +39,7 @@ def test_a_tokenizer_json_with_a_value_changed_at_random_loads_or_is_one_error(t
     from letrecipes.components.tokenizer import Tokenizer
     from tests.damage import changed_json
 
-    original = json.loads(Path(tokenizer_path).read_text())
+    original = json.loads(Path(tokenizer_path).read_text(encoding="utf-8"))
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps({**original, "model": {**original["model"], "continuing_subword_prefix": "##"}}))
     with pytest.raises(DataError, match="tokenizer.path: .*tokenizer.json' is not a tokenizer.json"):

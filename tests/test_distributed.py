@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from letrecipes.components.metrics import read_metrics
-from tests.launch import recipe_command
+from tests.launch import needs_compile, recipe_command
 
 pytestmark = pytest.mark.slow
 
@@ -163,6 +163,7 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_said_with_the_fix(monkeypatc
         load_teacher({"path": str(teacher_dir), "dtype": "fp16"}, "cpu")  # fp16 asked: nothing to say
 
 
+@needs_compile
 def test_compile_and_activation_checkpointing_match_eager(let_overrides, tmp_path, capsys):
     from letrecipes import let_pretrain
 
@@ -554,7 +555,7 @@ def test_a_tokenizer_that_differs_on_one_nodes_own_disk_is_named_before_any_step
     local, other = tmp_path / "node_local", tmp_path / "other.json"
     local.mkdir()
     (local / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
-    other.write_text(json.dumps(json.loads(tokenizer_path.read_text()), indent=1))
+    other.write_text(json.dumps(json.loads(tokenizer_path.read_text(encoding="utf-8")), indent=1))
     overrides = [o for o in base_overrides if not o.startswith("tokenizer.path=")]
     command = recipe_command("pretrain", "--config", "pretrain_tiny", *overrides, f"tokenizer.path={local}/tokenizer.json",
                              f"output_dir={tmp_path / 'run'}", "max_steps=1", "eval_every=0", nnodes=2, port=free_port())
@@ -688,7 +689,7 @@ def test_a_data_warning_is_given_once_not_once_per_rank(base_overrides, corpus_d
     corpus.mkdir()
     play = sorted(corpus_dir.glob("*.txt"))[0]
     for name in ("play.txt", "play copy.txt"):
-        (corpus / name).write_text(play.read_text())
+        (corpus / name).write_text(play.read_text(encoding="utf-8"))
     result = tune_run_2proc("pretrain", "pretrain_tiny", *base_overrides, f"data.source={corpus}",
                             f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}", "max_steps=1",
                             "eval_every=0", timeout=120)

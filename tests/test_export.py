@@ -40,7 +40,7 @@ def project_logits(folder, tokens):
 
 def test_auto_model_loads_the_export_with_the_projects_logits_and_generates(run):
     final = run / "final"
-    config = json.loads((final / "config.json").read_text())
+    config = json.loads((final / "config.json").read_text(encoding="utf-8"))
     assert config["model_type"] == "llama" and config["tie_word_embeddings"] is False
     assert config["rope_theta"] == 50000 and config["num_key_value_heads"] == 1
     model = transformers.AutoModelForCausalLM.from_pretrained(str(final)).eval()
@@ -67,7 +67,7 @@ def test_default_export_is_bf16_and_readable_as_the_umask_says(base_overrides, t
         os.umask(previous)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
-    assert json.loads((tmp_path / "final" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "final" / "config.json").read_text(encoding="utf-8"))["torch_dtype"] == "bfloat16"
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         assert (tmp_path / "final" / name).is_file()
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "final").iterdir()}
@@ -86,7 +86,7 @@ def test_offline_conversion_of_a_step_checkpoint_equals_the_final_export(run, tm
 
 def test_sharded_export_writes_an_index_and_loads(run, tmp_path):
     out = export_checkpoint(run / "checkpoints" / "step_00000003", tmp_path / "sharded", torch.float32, max_shard_mb=0)
-    index = json.loads((out / "model.safetensors.index.json").read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text(encoding="utf-8"))
     assert len(set(index["weight_map"].values())) > 3  # one tensor per shard at this limit
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
     tokens = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -109,7 +109,7 @@ def test_torchtunes_own_checkpointer_reads_the_export(run, tmp_path):
     from torchtune.models.llama3_2 import llama3_2
     from torchtune.training import FullModelHFCheckpointer
 
-    config = json.loads((run / "final" / "config.json").read_text())
+    config = json.loads((run / "final" / "config.json").read_text(encoding="utf-8"))
     checkpointer = FullModelHFCheckpointer(checkpoint_dir=str(run / "final"), checkpoint_files=["model.safetensors"],
                                            model_type="LLAMA3_2", output_dir=str(tmp_path / "tt"))
     state = checkpointer.load_checkpoint()["model"]
@@ -265,14 +265,14 @@ def test_a_student_with_llama3_scaled_rope_exports_it_and_transformers_agrees(ba
                           "export.dtype=fp32", "eval_every=0",
                           "model.rope_scaling={factor: 8, low_freq_factor: 1, high_freq_factor: 4, "
                           "original_max_position_embeddings: 16}"])
-    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    config = json.loads((tmp_path / "final" / "config.json").read_text(encoding="utf-8"))
     assert config["rope_scaling"] == {"rope_type": "llama3", **scaling}
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "final")).eval()
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = hf(tokens).logits
     torch.testing.assert_close(theirs, project_logits(tmp_path / "final", tokens), atol=LOGITS_ATOL, rtol=0)
-    plain = json.loads((tmp_path / "final" / "config.json").read_text())
+    plain = json.loads((tmp_path / "final" / "config.json").read_text(encoding="utf-8"))
     plain.pop("rope_scaling")  # the comparison above can tell: without the scaling, 9e-4 apart (measured)
     (tmp_path / "final" / "config.json").write_text(json.dumps(plain))
     with torch.no_grad():
@@ -301,7 +301,7 @@ def test_a_runs_relative_paths_are_read_as_the_run_read_them_from_anywhere(base_
                           "data.source=corpus", "data.cache_dir=cache", "output_dir=outputs/run", "max_steps=2",
                           "save_every=2", "eval_every=0"])
     run = repo / "outputs" / "run"
-    info = json.loads((run / "run_info.json").read_text())
+    info = json.loads((run / "run_info.json").read_text(encoding="utf-8"))
     assert info["cwd"] == str(repo)
     if not recorded:  # a run from before the working directory was recorded
         info.pop("cwd")

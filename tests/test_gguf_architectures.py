@@ -62,7 +62,7 @@ def byte_level_bpe(tmp_path, pre):
     tok.train_from_iterator([TEXT * 3, "the quick brown fox jumps over the lazy dog " * 20, numbers], trainer)
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))  # its byte-level alphabet is not ASCII: not the locale's
 
 
 def hf_model(arch):

@@ -6,13 +6,15 @@ import json
 import pytest
 
 from benchmarks import gpu_check
+from tests.launch import needs_compile
 
 
+@needs_compile
 def test_gpu_check_runs_every_check_in_cpu_mode(corpus_dir, tokenizer_path, tmp_path, capsys):
     out = tmp_path / "gpu_check_cpu.json"
     assert gpu_check.main(["--cpu", "--corpus", str(corpus_dir), "--tokenizer", str(tokenizer_path),
                            "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(encoding="utf-8"))
     assert report["mode"] == "cpu" and set(report["throughput"]) == {"bf16", "float8"}
     assert all(arm["tokens_per_s"] > 0 for arm in report["throughput"].values())
     assert report["let"]["teacher_time_share"] > 0  # the teacher ran in the LET arm
@@ -24,6 +26,7 @@ def test_gpu_check_runs_every_check_in_cpu_mode(corpus_dir, tokenizer_path, tmp_
     assert not (tmp_path / "work").exists()  # its run folders are removed
 
 
+@needs_compile
 def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, tmp_path):
     from benchmarks import gpu_profile, gpu_variants
 
@@ -40,7 +43,7 @@ def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, t
     assert set(pair) <= set(gpu_variants.DEFAULT_ARMS)
     assert gpu_variants.main([*data, "--work", str(tmp_path / "v"), "--out", str(tmp_path / "v.json"),
                               "--arms", ",".join(pair)]) == 0
-    variants = json.loads((tmp_path / "v.json").read_text())
+    variants = json.loads((tmp_path / "v.json").read_text(encoding="utf-8"))
     assert set(variants["arms"]) == set(pair) and not variants["errors"]
     assert all(arm["tokens_per_s"] > 0 and arm["peak_over_estimate"] > 0 for arm in variants["arms"].values())
     assert {name: arm["blocks"] for name, arm in variants["arms"].items()} == {name: 8 * 2 for name in pair}
@@ -52,7 +55,7 @@ def test_the_follow_up_gpu_scripts_run_in_cpu_mode(corpus_dir, tokenizer_path, t
     # two of its arms (each is a process of its own; the GPU run takes them all)
     assert gpu_profile.main([*data, "--work", str(tmp_path / "p"), "--out", str(tmp_path / "p.json"),
                              "--arms", "foreach_adamw,float8_rowwise"]) == 0
-    profile = json.loads((tmp_path / "p.json").read_text())
+    profile = json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))
     assert set(profile["arms"]) == {"foreach_adamw", "float8_rowwise"}
     assert all(arm["tokens_per_s"] > 0 for arm in profile["arms"].values())
     assert profile["profile"]["top_kernels"] and sum(profile["profile"]["ms_per_step_by_kind"].values()) > 0

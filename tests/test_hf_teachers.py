@@ -121,7 +121,7 @@ def _broken(tmp_path, edit):
 
 
 def _edit_config(path, **changes):
-    config = json.loads((path / "config.json").read_text())
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     config.update(changes)
     (path / "config.json").write_text(json.dumps(config))
 
@@ -197,7 +197,7 @@ def test_a_quantized_checkpoint_is_refused_with_the_way_to_a_full_precision_one(
 
 def test_a_config_json_cut_short_is_named_as_that(tmp_path):
     def cut(p):
-        (p / "config.json").write_text((p / "config.json").read_text()[:120])
+        (p / "config.json").write_text((p / "config.json").read_text(encoding="utf-8")[:120])
 
     message = _broken(tmp_path, cut)
     assert "config.json' is cut short: its JSON stops inside a value after 120 bytes (an interrupted download or " \
@@ -206,7 +206,7 @@ def test_a_config_json_cut_short_is_named_as_that(tmp_path):
 
 def test_missing_shard_is_named(tmp_path):
     def drop_a_shard(p):
-        index = json.loads((p / "model.safetensors.index.json").read_text())
+        index = json.loads((p / "model.safetensors.index.json").read_text(encoding="utf-8"))
         (p / sorted(set(index["weight_map"].values()))[-1]).unlink()
 
     torch.manual_seed(0)
@@ -245,7 +245,7 @@ def test_a_weight_index_cut_short_or_of_another_kind_is_named_as_that(tmp_path, 
     torch.manual_seed(0)
     _save(_llama(tie=False), tmp_path, shard=True)
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(damage(index.read_text()))
+    index.write_text(damage(index.read_text(encoding="utf-8")))
     with pytest.raises(TeacherError) as err:
         load_teacher({"_component_": "huggingface", "path": str(tmp_path)})
     assert says in str(err.value), err.value
@@ -286,7 +286,7 @@ def test_unsupported_rope_scaling_is_refused_without_transformers(tmp_path, monk
 def test_a_config_the_loader_cannot_map_is_one_error_with_its_fix(tmp_path, edit, says, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # which would run the first (test_transformers_teachers.py)
     def change(path):
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         config.update({k: v for k, v in edit.items() if v is not None})
         for k in [k for k, v in edit.items() if v is None]:
             del config[k]
@@ -331,7 +331,7 @@ def test_a_config_json_with_a_value_changed_at_random_loads_or_ends_in_one_error
     for name in ("llama3_scaled_rope", "gpt2", "opt", "pythia", "qwen3_qk_norm"):
         folder = tmp_path / name
         _save(MODELS[name](), folder)
-        original = json.loads((folder / "config.json").read_text())
+        original = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         for _ in range(40):
             config, where, how = changed_json(original, rng)
             (folder / "config.json").write_text(json.dumps(config))

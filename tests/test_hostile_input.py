@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from letrecipes.components.corpus import DataError, DataWarning, list_units
 from letrecipes.components.metrics import read_metrics
 from letrecipes import let_pretrain, pretrain
+from letrecipes.components.files import utf8_names
+from tests.launch import REPO
 from tests.test_recipes import expect_setup_error, run_let, run_pretrain
 
 
@@ -119,7 +121,7 @@ def test_values_the_optimizer_refuses_are_named_before_the_data_is_prepared(base
     """Before, the optimizer was first built after the corpus was tokenized: hours, at scale."""
     fresh = tmp_path / "corpus"
     fresh.mkdir()
-    (fresh / "a.txt").write_text(next(corpus_dir.glob("*.txt")).read_text())
+    (fresh / "a.txt").write_text(next(corpus_dir.glob("*.txt")).read_text(encoding="utf-8"))
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={fresh}",
                        f"data.cache_dir={tmp_path / 'cache'}", override, match=match)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
@@ -130,7 +132,7 @@ def test_a_run_writing_inside_its_own_corpus_folder_is_refused(base_overrides, c
     JSON corpus (and a resume found the corpus changed)."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.txt").write_text(next(corpus_dir.glob("*.txt")).read_text())
+    (corpus / "a.txt").write_text(next(corpus_dir.glob("*.txt")).read_text(encoding="utf-8"))
     common = [*base_overrides, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
     expect_setup_error(run_pretrain, *common, f"output_dir={corpus / 'run'}",
                        match=f"config key output_dir='{corpus / 'run'}' lies inside the corpus folder data.source="
@@ -222,13 +224,13 @@ def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_
     final/; the second re-exported final/ from a checkpoint of a later step; without its
     checkpoints, a requeue trained from step 0 over it."""
     kept = {name: digest(finished_run / name) for name in ("checkpoints", "final")}
-    metrics = (finished_run / "metrics.jsonl").read_text()
+    metrics = (finished_run / "metrics.jsonl").read_text(encoding="utf-8")
     run_pretrain(*base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=2", "save_every=1")
     assert "step 2 is max_steps: the run is complete, nothing to train" in capsys.readouterr().out
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={finished_run}", "resume=true", "max_steps=1",
                        "save_every=1", match="step_00000002 is at step 2, past max_steps=1. Fix: max_steps=2 or more")
     assert {name: digest(finished_run / name) for name in kept} == kept
-    assert (finished_run / "metrics.jsonl").read_text() == metrics
+    assert (finished_run / "metrics.jsonl").read_text(encoding="utf-8") == metrics
     # an export lost (a full disk stopped it): the relaunch exports the last checkpoint again, and only that
     import shutil
 
@@ -244,7 +246,7 @@ def test_a_finished_run_launched_again_changes_nothing(base_overrides, finished_
                              "checkpoints were deleted): starting fresh would train from step 0 and replace that export. "
                              "Fix: overwrite=true to train again from scratch")
     assert digest(finished_run / "final") == kept["final"]
-    assert (finished_run / "metrics.jsonl").read_text() == metrics
+    assert (finished_run / "metrics.jsonl").read_text(encoding="utf-8") == metrics
 
 
 @pytest.mark.parametrize("cut,match", [("model.safetensors", "cannot read"),
@@ -356,6 +358,8 @@ def test_non_utf8_bytes_are_replaced_with_a_warning(base_overrides, corpus_dir, 
     assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
 
 
+@pytest.mark.skipif(not utf8_names(), reason="under a locale that is not UTF-8, b'caf\\xe9' reads as a name of its "
+                    "encoding (ISO-8859-1's 'caf\u00e9'), or as UTF-8 misread: the next test's case")
 def test_a_file_name_or_a_value_that_is_not_utf8_is_one_line_before_anything_is_written(base_overrides, corpus_dir,
                                                                                       tmp_path):
     """A corpus file named in Latin-1 (b'caf\\xe9.txt', as an old archive unpacks) was a
@@ -365,7 +369,7 @@ def test_a_file_name_or_a_value_that_is_not_utf8_is_one_line_before_anything_is_
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    text = next(iter(sorted(corpus_dir.glob("*.txt")))).read_text()
+    text = next(iter(sorted(corpus_dir.glob("*.txt")))).read_text(encoding="utf-8")
     (corpus / "ok.txt").write_text(text)
     latin1 = os.fsdecode(bytes(corpus) + b"/caf\xe9.txt")
     Path(latin1).write_text(text[::-1])
@@ -377,6 +381,52 @@ def test_a_file_name_or_a_value_that_is_not_utf8_is_one_line_before_anything_is_
         expect_setup_error(run_pretrain, *common, *([] if key == "output_dir" else [f"output_dir={tmp_path / 'run'}"]),
                            f"{key}={value}", match=f"{key}: its value {os.fsencode(value)!r} is not UTF-8")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_names_the_locale_cannot_hold_are_one_line_naming_the_locale(base_overrides, corpus_dir, tmp_path):
+    """Under a locale whose encoding is not UTF-8 (ISO-8859-1, EUC-JP; or C with Python's
+    UTF-8 coercion off, the stand-in here: ASCII, on every machine), a UTF-8 name typed on
+    the command line was "not valid YAML ... control characters" (ISO-8859-1) or "is not
+    UTF-8" (ASCII: it is); one in a YAML file a UnicodeEncodeError traceback at the run's
+    first mkdir; a config value that `letrecipes cat` printed, one at the print."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0", "WANDB_MODE": "disabled"}
+    env.pop("PYTHONIOENCODING", None)
+
+    def launch(*args):  # UTF-8 bytes in and out, whatever this process's own locale
+        done = subprocess.run([sys.executable, "-m", *(a.encode("utf-8") for a in args)], env=env, cwd=tmp_path,
+                              capture_output=True, timeout=300)
+        return done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8")
+
+    fix = "Fix: run under a UTF-8 locale (export LC_ALL=C.UTF-8), or with PYTHONUTF8=1 (Python's UTF-8 mode)"
+    common = [*base_overrides, f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2"]
+    code, _, err = launch("letrecipes.pretrain", "--config", "baseline_tiny", *common, f"output_dir={tmp_path / '出力'}")
+    assert code == 1 and err.count("\n") == 1 and err.startswith(
+        f"error: output_dir: its value is UTF-8 text ('{tmp_path}/\\u51fa\\u529b'), but this process reads its "
+        "command line as ascii (its locale: LC_CTYPE=C), which makes it ") and err.rstrip().endswith(fix + "."), err
+    config = (REPO / "recipes" / "configs" / "baseline_tiny.yaml").read_text(encoding="utf-8")
+    mine = config.replace("output_dir: outputs/baseline_tiny", f"output_dir: {tmp_path}/出力")
+    (tmp_path / "mine.yaml").write_text(mine, encoding="utf-8")
+    token = config.replace("  path: outputs/demo/tokenizer.json",
+                           "  path: outputs/demo/tokenizer.json\n  eos_token: <｜end▁of▁sentence｜>")
+    (tmp_path / "token.yaml").write_text(token, encoding="utf-8")
+    code, _, err = launch("letrecipes.pretrain", "--config", "mine.yaml", *common)
+    assert code == 1 and err == (f"error: config key output_dir='{tmp_path}/\\u51fa\\u529b' cannot be a file name "
+                                 "here: this process writes file names in ascii (its locale: LC_CTYPE=C), which has no "
+                                 f"'\\u51fa\\u529b'. {fix}; or a name without those characters.\n"), err
+    code, out, err = launch("letrecipes", "cat", "token.yaml")  # printed, the characters ASCII has not escaped
+    assert code == 0 and "eos_token: <\\uff5cend\\u2581of\\u2581sentence\\uff5c>" in out, err
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(sorted(corpus_dir.glob("*.txt"))[0], corpus / os.fsdecode("日本.txt".encode("utf-8")))
+    code, _, err = launch("letrecipes.pretrain", "--config", "baseline_tiny", *common, f"output_dir={tmp_path / 'run'}",
+                          f"data.source={corpus}")
+    assert code == 1 and err == (f"error: data.source: 1 file name(s) in '{corpus}' are UTF-8 (first: "
+                                 "'\\u65e5\\u672c.txt'), but this process reads file names as ascii (its locale: "
+                                 f"LC_CTYPE=C). {fix}.\n"), err
+    assert not (tmp_path / os.fsdecode("出力".encode("utf-8"))).exists() and not (tmp_path / "cache").exists()
 
 
 def test_checks_run_before_the_first_write_and_a_failed_start_blocks_nothing(let_overrides, tmp_path):
@@ -660,7 +710,7 @@ def test_output_paths_that_would_lose_or_mix_files_are_refused_before_any_work(b
     refused(["export", str(teacher_dir), str(teacher_dir / "hf")], r"lies inside the model being exported .* Fix: "
             "write the export to a folder outside it")
     refused(["export", str(teacher_dir), str(a_file)], r"is a file, not a folder")
-    assert (kept / "notes.txt").read_text() == "mine" and a_file.read_text() == "mine"
+    assert (kept / "notes.txt").read_text(encoding="utf-8") == "mine" and a_file.read_text(encoding="utf-8") == "mine"
     assert digest(teacher_dir) == before
     # An earlier export is what --overwrite replaces
     assert main(["export", str(teacher_dir), str(tmp_path / "hf")]) == 0
@@ -759,12 +809,37 @@ def test_a_machine_that_cannot_compile_is_named_before_the_corpus_is_prepared(ba
          f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}"],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "CXX": str(tmp_path / "no-compiler"),
-             "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})  # a fresh cache: no kernel built before
+             "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # a fresh cache: no kernel built before
+             "PYTHONUTF8": "1"})  # whatever the locale: under EUC-JP, that is the line (the next test)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last.startswith("error: compile=true: torch.compile cannot compile on this machine (InductorError: "
                            "InvalidCxxCompiler") and last.endswith("or compile=false."), last
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_locale_torch_cannot_compile_under_is_named_with_its_fix(monkeypatch):
+    """torch's compiler opens its own UTF-8 templates in the locale's encoding: under EUC-JP
+    compile=true was "cannot compile on this machine ... Fix: install a C++ compiler"."""
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    def undecodable(function):
+        def compiled(*args):
+            raise RuntimeError("while loading a template") from UnicodeDecodeError(
+                "euc_jp", b"\xe2", 0, 1, "illegal multibyte sequence")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", undecodable)
+    monkeypatch.setattr(parallel.locale, "getpreferredencoding", lambda do_setlocale=True: "EUC-JP")
+    with pytest.raises(ComponentError) as refused:
+        parallel.rehearse_compile(torch.device("cpu"))
+    assert str(refused.value) == (
+        "compile=true: torch.compile cannot compile under this locale: torch's compiler reads its own UTF-8 files in "
+        "the locale's encoding, EUC-JP (RuntimeError: while loading a template). Fix: run under a UTF-8 locale (export "
+        "LC_ALL=C.UTF-8), or with PYTHONUTF8=1 (Python's UTF-8 mode), or compile=false.")
 
 
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
@@ -867,7 +942,7 @@ def test_an_error_line_leaves_in_one_write_even_with_stderr_unbuffered(tmp_path)
     log = tmp_path / "writes"
     done = subprocess.run([sys.executable, "-c", UNBUFFERED_EXIT, str(log)], capture_output=True, text=True)
     assert done.returncode == 1
-    assert log.read_text().splitlines() == [repr(("error: " + "x" * 300 + "\n").encode())]
+    assert log.read_text(encoding="utf-8").splitlines() == [repr(("error: " + "x" * 300 + "\n").encode())]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -891,7 +966,7 @@ def test_a_torchtune_config_or_a_folder_as_config_is_named_for_what_it_is(tmp_pa
 
     ours = torchtune_config_dir() / "llama3_2" / "1B_full.yaml"
     copy = tmp_path / "my_llama.yaml"
-    copy.write_text(ours.read_text())
+    copy.write_text(ours.read_text(encoding="utf-8"))
     for config, named in ((ours, "'llama3_2/1B_full' is one of torchtune's own configs"),
                           (copy, f"{str(copy)!r} is a torchtune config")):
         with pytest.raises(SystemExit) as err:
@@ -930,7 +1005,7 @@ def test_an_empty_config_hydra_defaults_and_a_tokenizer_component_are_named(tmp_
             pretrain.recipe_main(["--config", str(config)])
         assert message in str(err.value.code), err.value.code
     cli.main(["cp", "let_tiny", str(empty)])  # the fix works: an empty file holds nothing to keep
-    assert "max_steps" in empty.read_text()
+    assert "max_steps" in empty.read_text(encoding="utf-8")
     with pytest.raises(SystemExit) as err:
         cli.main(["validate", "let_tiny", "tokenizer._component_=torchtune.models.llama3.llama3_tokenizer"])
     assert "the tokenizer section builds no component here" in str(err.value.code)

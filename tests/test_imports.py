@@ -26,7 +26,7 @@ def project_modules() -> Dict[str, Path]:
 def top_level_imports(path: Path, modules: Set[str]) -> Set[str]:
     """Project modules imported when ``path`` is imported (module level, not inside functions)."""
     deps = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -73,7 +73,7 @@ def test_nothing_imports_a_top_level_components_package():
     for path in REPO.rglob("*.py"):
         if any(part in (".venv", "outputs", ".git") for part in path.relative_to(REPO).parts):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 offenders += [f"{path}: import {a.name}" for a in node.names if a.name.split(".")[0] == "components"]
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "components":
@@ -155,6 +155,6 @@ def test_the_tests_that_conftest_keeps_apart_still_exist():
     from tests.conftest import SEVERAL_PROCESSES_MODULES, SEVERAL_PROCESSES_TESTS
 
     tests = Path(__file__).resolve().parent
-    sources = "\n".join(p.read_text() for p in tests.glob("test_*.py"))
+    sources = "\n".join(p.read_text(encoding="utf-8") for p in tests.glob("test_*.py"))
     assert all((tests / module).is_file() for module in SEVERAL_PROCESSES_MODULES)
     assert [name for name in SEVERAL_PROCESSES_TESTS if f"def {name}(" not in sources] == []

@@ -124,7 +124,7 @@ def test_the_recipe_scores_lm_evals_tasks_and_finds_their_items_in_the_training_
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{','.join(data)}]",
                              *(f"task_data.{task}={copies / folder}" for task, folder in data.items()),
                              f"output={tmp_path / 'scores.json'}", "batch_size=4"])
-    report = json.loads((tmp_path / "scores.json").read_text())
+    report = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     tasks = report["tasks"]
     assert {name: tasks[name]["n"] for name in data} == {"arc_easy": 4, "arc_challenge": 3, "hellaswag": 3,
                                                          "winogrande": 2, "lambada_openai": 2}
@@ -148,7 +148,7 @@ def test_the_recipe_scores_lm_evals_tasks_and_finds_their_items_in_the_training_
     assert cli.main(["contamination", "--data", str(teacher_dir.parent), "--tasks", "arc_challenge", "arc_easy",
                      "--task-data", f"arc_challenge={copies / 'ai2_arc'}", f"arc_easy={copies / 'ai2_arc'}",
                      "--out", str(tmp_path / "found.json"), "--workers", "1", "--cache-dir", ""]) == 0
-    found = json.loads((tmp_path / "found.json").read_text())["tasks"]
+    found = json.loads((tmp_path / "found.json").read_text(encoding="utf-8"))["tasks"]
     assert found["arc_challenge"]["contaminated_items"] == [0, 1] and found["arc_easy"]["contaminated_items"] == []
 
 
@@ -201,7 +201,7 @@ def test_a_group_is_scored_and_aggregated_by_lm_eval_and_a_tag_lists_its_tasks(c
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[mmlu,ai2_arc]",
                              f"task_data.mmlu={copies / 'mmlu'}", f"task_data.ai2_arc={copies / 'ai2_arc'}",
                              f"output={tmp_path / 'scores.json'}", "batch_size=8"])
-    report = json.loads((tmp_path / "scores.json").read_text())
+    report = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))
     mmlu, tasks = report["groups"]["mmlu"], report["tasks"]
     assert len(mmlu["tasks"]) == 57 and mmlu["n"] == 115 and tasks["mmlu_abstract_algebra"]["n"] == 3
     assert mmlu["acc"] == pytest.approx(sum(tasks[t]["acc"] * tasks[t]["n"] for t in mmlu["tasks"]) / 115)

@@ -33,7 +33,7 @@ def test_metric_logger_writes_one_json_object_per_call(tmp_path):
     logger.log({"step": 1, "loss": 2.0, "grad_norm": float("nan")})
     logger.log({"step": 2, "loss": 1.5})
     logger.close()
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"] is None  # NaN is not valid JSON
 
@@ -80,7 +80,7 @@ def test_the_demo_leaves_a_users_runs_alone_and_reuses_its_own(base_overrides, t
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in users.rglob("*")} == before
     final = tmp_path / "outputs" / "demo" / "let_tiny" / "final" / "model.safetensors"
     written = final.stat().st_mtime_ns
-    result = json.loads((tmp_path / "outputs" / "demo" / "result.json").read_text())
+    result = json.loads((tmp_path / "outputs" / "demo" / "result.json").read_text(encoding="utf-8"))
     assert result["baseline_steps"] == 4 and result["hardware"]["cpu_threads"] >= 1  # the machine behind its figures
     demo.main(tiny)  # a second demo reuses its finished stages
     assert final.stat().st_mtime_ns == written
@@ -116,7 +116,7 @@ def test_ctrl_c_in_the_terminal_stops_a_demo_stage_once_saved_and_in_one_line(ba
     metrics = tmp_path / "outputs" / "demo" / "pretrain_tiny" / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 180
-        while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        while not (metrics.is_file() and metrics.read_text(encoding="utf-8").count("\n") >= 2):
             assert time.monotonic() < deadline and demo.poll() is None
             time.sleep(0.2)
         os.killpg(demo.pid, signal.SIGINT)  # what a terminal does: the whole foreground group

@@ -113,8 +113,8 @@ def test_a_held_out_corpus_of_its_own_is_the_validation_set_and_the_training_dat
     train_dir, val_dir = tmp_path / "train", tmp_path / "val"
     train_dir.mkdir(), val_dir.mkdir()
     for play in plays[:2]:
-        (train_dir / play.name).write_text(play.read_text())
-    (val_dir / plays[2].name).write_text(plays[2].read_text())
+        (train_dir / play.name).write_text(play.read_text(encoding="utf-8"))
+    (val_dir / plays[2].name).write_text(plays[2].read_text(encoding="utf-8"))
     tok = Tokenizer(tokenizer_path)
     section = {"source": str(train_dir), "seq_len": 32, "val_fraction": 0.02, "cache_dir": str(tmp_path / "cache")}
     plain_train, plain_val, _ = build_datasets(section, tok, seed=0, log=lambda _: None)
@@ -145,9 +145,9 @@ def test_a_held_out_corpus_that_is_training_data_is_refused(corpus_dir, tmp_path
     train_dir, elsewhere = tmp_path / "train", tmp_path / "elsewhere"
     train_dir.mkdir(), elsewhere.mkdir()
     for play in plays[:2]:
-        (train_dir / play.name).write_text(play.read_text())
+        (train_dir / play.name).write_text(play.read_text(encoding="utf-8"))
     (elsewhere / "copy.txt").write_bytes((train_dir / plays[1].name).read_bytes())
-    (elsewhere / "other.txt").write_text(plays[2].read_text())
+    (elsewhere / "other.txt").write_text(plays[2].read_text(encoding="utf-8"))
     tok = Tokenizer(tokenizer_path)
     section = {"source": str(train_dir), "seq_len": 32, "cache_dir": str(tmp_path / "cache")}
     cases = [(train_dir, f"{train_dir / plays[0].name} is training data too (data.source; 2 files in all)"),
@@ -184,7 +184,7 @@ def test_held_out_documents_copied_into_the_training_data_under_other_files_are_
     from letrecipes.components.tokenizer import Tokenizer
 
     plays = sorted(corpus_dir.glob("*.txt"))
-    scenes = [s for play in plays for s in play.read_text().split("\n\n") if len(s) > 400]
+    scenes = [s for play in plays for s in play.read_text(encoding="utf-8").split("\n\n") if len(s) > 400]
     train_dir, copied, fresh = tmp_path / "train", tmp_path / "copied", tmp_path / "fresh"
     for folder in (train_dir, copied, fresh):
         folder.mkdir()

@@ -149,7 +149,7 @@ def test_a_large_file_is_cut_into_units_that_read_as_the_whole(tmp_path, tokeniz
     (tmp_path / "big.jsonl").write_bytes(codecs.BOM_UTF8 + "".join(lines).encode())
     (tmp_path / "stories.txt").write_text("".join(f"{d}<|endoftext|>\n" for d in docs), encoding="utf-8")
     (tmp_path / "array.json").write_text(json.dumps([{"text": d} for d in docs]))
-    (tmp_path / "one_document.txt").write_text("\n".join(docs))
+    (tmp_path / "one_document.txt").write_text("\n".join(docs), encoding="utf-8")
     (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress("".join(lines).encode()))
     files = ["big.jsonl", "stories.txt", "array.json", "one_document.txt", "packed.jsonl.gz"]
     _whole(monkeypatch)
@@ -161,10 +161,11 @@ def test_a_large_file_is_cut_into_units_that_read_as_the_whole(tmp_path, tokeniz
     for name in ("array.json", "one_document.txt", "packed.jsonl.gz"):  # cannot be entered midway: whole
         assert len(units[name]) == 1 and not units[name][0].is_range, name
     # without a separator a text file is one document, however large
-    assert list(read_documents(tmp_path / "stories.txt", separator=None)) == [(tmp_path / "stories.txt").read_text()]
+    one_document = (tmp_path / "stories.txt").read_text(encoding="utf-8")
+    assert list(read_documents(tmp_path / "stories.txt", separator=None)) == [one_document]
     # a separator that overlaps itself is found only by a read from the start: not cut
     paragraphs = tmp_path / "paragraphs.txt"
-    paragraphs.write_text("\n\n\n".join(docs))
+    paragraphs.write_text("\n\n\n".join(docs), encoding="utf-8")
     assert [u.is_range for u in corpus.list_units(paragraphs, separator="\n\n")] == [False]
     stories = (tmp_path / "stories.txt").read_bytes()
     assert all(stories[u.start:].startswith(b"<|endoftext|>") for u in units["stories.txt"][1:])
@@ -203,7 +204,7 @@ def test_a_folder_prepared_before_files_were_cut_is_still_prepared(tmp_path, tok
     assert any("already prepared" in m for m in messages), messages
     (tmp_path / "out" / "shard_000000.bin").write_bytes(b"")  # damaged: redone in the earlier plan's one unit
     assert prepare_corpus(source, tok, tmp_path / "out", **QUIET)["shards"] == before["shards"]
-    source.write_text(source.read_text() + json.dumps({"text": "one more"}) + "\n")
+    source.write_text(source.read_text(encoding="utf-8") + json.dumps({"text": "one more"}) + "\n")
     grown = source.stat().st_size
     with pytest.raises(DataError, match=re.escape(
             f"already holds a corpus prepared from the same files when they held other bytes: {source} was "
@@ -326,7 +327,7 @@ def test_an_unfinished_prepare_folder_as_a_corpus_is_named_with_the_command_that
         (source / f"part_{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in documents(60, i * 60)))
     out = tmp_path / "prepared"
     prepare_corpus(source, Tokenizer(tokenizer_path), out, **QUIET)
-    assert len(json.loads((out / "plan.json").read_text())["units"]) == 4
+    assert len(json.loads((out / "plan.json").read_text(encoding="utf-8"))["units"]) == 4
     (out / MANIFEST).unlink()  # as a prepare stopped after its third shard leaves it
     for path in out.glob("shard_000003*"):
         path.unlink()
@@ -443,7 +444,7 @@ def test_a_manifest_with_a_value_changed_at_random_reads_or_is_one_error_that_pr
                 continue
             except DataError:
                 pass
-            said = json.loads((folder / MANIFEST).read_text()).get("tokenizer")
+            said = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("tokenizer")
             if not isinstance(said, dict) or said.get("fingerprint") == tok.fingerprint():  # else: another tokenizer's
                 assert prepare_corpus(corpus_dir, tok, folder, **QUIET)["tokens"] == good["tokens"]
                 assert len(TokenShards(folder, tok)) == good["tokens"]
@@ -469,7 +470,7 @@ def test_plan_and_shard_records_with_a_value_changed_at_random_read_or_are_one_e
         folder = tmp_path / f"case{n}"
         shutil.copytree(tmp_path / "good", folder)
         target = folder / rng.choice(["plan.json", "plan.json", "shard_000000.json"])
-        target.write_text(json.dumps(changed_json(json.loads(target.read_text()), rng)[0]))
+        target.write_text(json.dumps(changed_json(json.loads(target.read_text(encoding="utf-8")), rng)[0]))
         if n % 2:
             (folder / MANIFEST).unlink()
         for step in (lambda: build_datasets({"source": str(folder), "seq_len": 32, "val_fraction": 0.05}, tok, seed=0,
@@ -490,7 +491,7 @@ def test_a_damaged_plan_json_is_named_as_that(corpus_dir, tokenizer_path, tmp_pa
     folder = tmp_path / "out"
     prepare_corpus(corpus_dir, tok, folder, **QUIET)
     (folder / MANIFEST).unlink()
-    plan = json.loads((folder / "plan.json").read_text())
+    plan = json.loads((folder / "plan.json").read_text(encoding="utf-8"))
     (folder / "plan.json").write_text(json.dumps({**plan, "units": [{**plan["units"][0], "paths": 7}]}))
     with pytest.raises(DataError, match=r"plan.json is damaged \(its unit 0 is not \{kind, paths, ...\}\): the shards "
                                         r"written cannot be matched to the files. Fix: delete that folder"):
@@ -696,7 +697,7 @@ def test_prepare_data_command_then_a_run_on_its_shards(base_overrides, tokenizer
     pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"data.source={out}", "max_steps=2",
                           f"output_dir={tmp_path / 'run'}"])
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
-    other = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 300, tmp_path / "other.json")
+    other = train_bpe([p.read_text(encoding="utf-8") for p in corpus_dir.glob("*.txt")], 300, tmp_path / "other.json")
     with pytest.raises(SystemExit, match="was prepared with another tokenizer"):
         pretrain.recipe_main(["--config", "pretrain_tiny", *overrides, f"data.source={out}", "max_steps=2",
                               f"tokenizer.path={other}", f"output_dir={tmp_path / 'run2'}"])
@@ -751,7 +752,7 @@ def test_prepare_data_on_a_mixture_and_on_prepared_folders(base_overrides, token
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
     # a prepared folder cannot be re-tokenized: the text it came from is named
-    other = train_bpe([p.read_text() for p in plays], 300, tmp_path / "other.json")
+    other = train_bpe([p.read_text(encoding="utf-8") for p in plays], 300, tmp_path / "other.json")
     with pytest.raises(SystemExit, match=r"pre_b is a prepared folder \(token ids of .*\), not text, and this "
                                          r"config's tokenizer is another .* Fix: point data.source at the text it "
                                          r"was prepared from \(.*b/"):
@@ -797,7 +798,7 @@ def test_ctrl_c_stops_prepare_data_and_its_workers_in_one_line_and_the_next_laun
     """Ctrl-C (SIGINT to the terminal's whole process group) used to print a KeyboardInterrupt
     traceback from the parent and each worker, and leaving the pool waited for every queued
     unit; a SIGTERM during a run's own prepare was a silent kill that left its locks."""
-    text = " ".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
+    text = " ".join(p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt")))
     source = tmp_path / "corpus"
     source.mkdir()
     for i in range(8):  # eight units of a few seconds each: the signal lands with most still to do
@@ -837,7 +838,7 @@ def test_sigterm_while_a_run_prepares_its_corpus_is_one_line_and_leaves_no_lock(
                                                                                 corpus_dir, tmp_path):
     """A scheduler's SIGTERM during a run's setup (hours of preparing, at scale) used to kill it
     without a word, leaving the cache's lock and the run folder's lock behind."""
-    text = " ".join(p.read_text() for p in sorted(corpus_dir.glob("*.txt")))
+    text = " ".join(p.read_text(encoding="utf-8") for p in sorted(corpus_dir.glob("*.txt")))
     source = tmp_path / "corpus"
     source.mkdir()
     # 24 units, about 8 s of preparing after the first shard is written: the signal must land before the prepare and
@@ -980,7 +981,7 @@ def test_a_long_document_is_prepared_in_pieces_with_the_ids_of_one_call(tokenize
     tok = Tokenizer(tokenizer_path)
     text = hard_text(200)
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "one.txt").write_text(text)
+    (tmp_path / "src" / "one.txt").write_text(text, encoding="utf-8")
     monkeypatch.setattr(prepare, "PIECE_CHARS", 500)
     monkeypatch.setattr(prepare, "BATCH_CHARS", 2000)  # many flushes inside the one document
     monkeypatch.setattr(corpus, "READ_BLOCK", 777)  # blocks that cut words and UTF-8 sequences
@@ -1385,7 +1386,7 @@ def test_warnings_of_many_files_show_the_first_few_and_all_go_to_the_prepared_fo
     assert said[-1] == (f"data.source: {12 - shown} more warning(s) like those above were not shown, 12 in all: every "
                         f"one is in {tmp_path / 'out' / 'warnings.txt'}. Fix: read them there; none, if they say what "
                         "is meant (records skipped, bytes replaced).")
-    kept = (tmp_path / "out" / "warnings.txt").read_text().splitlines()
+    kept = (tmp_path / "out" / "warnings.txt").read_text(encoding="utf-8").splitlines()
     assert len(kept) == 12 and sorted(m.split(": ")[1] for m in kept) == \
         sorted(f"{corpus_dir / f'part{i:02d}.jsonl'}" for i in range(12))
     # the folder is read as prepared, the extra file notwithstanding
@@ -1516,7 +1517,7 @@ def test_copies_of_documents_inside_a_corpus_are_counted_and_their_files_named(t
     prepare_module._WARNED.clear()
     with pytest.warns(corpus.DataWarning, match="50 of its 130 documents"):
         assert prepare_corpus(src, tok, tmp_path / "out", **QUIET)["repeats"] == manifest["repeats"]
-    assert json.loads((tmp_path / "out" / MANIFEST).read_text())["repeats"] == manifest["repeats"]
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text(encoding="utf-8"))["repeats"] == manifest["repeats"]
     # a keys file damaged since: the same command keys the shard again
     keys_file = tmp_path / "out" / "shard_000001.keys.npy"
     good_keys = keys_file.read_bytes()
@@ -1574,7 +1575,7 @@ def test_drop_copies_prepares_each_document_once_and_survives_a_kill(tokenizer_p
     # the same folder again: nothing to redo, nothing more to drop
     assert prepare_corpus(src, tok, tmp_path / "out", **QUIET, drop_copies=True)["tokens"] == manifest["tokens"]
     # killed after a shard's rewrite was renamed, before its .json was updated: the shard is redone from the source
-    meta = json.loads((tmp_path / "out" / "shard_000001.json").read_text())
+    meta = json.loads((tmp_path / "out" / "shard_000001.json").read_text(encoding="utf-8"))
     (tmp_path / "out" / "shard_000001.json").write_text(json.dumps({**meta, "tokens": meta["tokens"] + 7}))
     (tmp_path / "out" / MANIFEST).unlink()
     again = prepare_corpus(src, tok, tmp_path / "out", **QUIET, drop_copies=True)
@@ -1617,7 +1618,7 @@ def test_a_cache_prepared_before_document_keys_gets_them_when_a_run_reads_it(tok
 
     source, tok = small_jsonl(tmp_path), Tokenizer(tokenizer_path)
     folder = cached_prepare(source, tok, tmp_path / "cache", **QUIET)
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     shard_bytes = (folder / "shard_000000.bin").read_bytes()
     keys = sorted(folder.glob("*.keys.npy"))
     kept = {path: path.read_bytes() for path in keys}
@@ -1628,7 +1629,7 @@ def test_a_cache_prepared_before_document_keys_gets_them_when_a_run_reads_it(tok
     assert cached_prepare(source, tok, tmp_path / "cache", log=lines.append) == folder
     assert any("was prepared before document keys were kept" in line for line in lines)
     assert {path: path.read_bytes() for path in keys} == kept
-    assert json.loads((folder / MANIFEST).read_text()) == manifest
+    assert json.loads((folder / MANIFEST).read_text(encoding="utf-8")) == manifest
     assert (folder / "shard_000000.bin").read_bytes() == shard_bytes
     lines.clear()  # keyed once: the next reader finds it complete
     cached_prepare(source, tok, tmp_path / "cache", log=lines.append)

@@ -32,7 +32,7 @@ def test_the_named_steps_are_traced_and_training_is_unchanged(base_overrides, tm
     folder = traced / "profile" / "steps_3-4"
     assert sorted(p.name for p in folder.iterdir()) == ["rank0.ops.txt", "rank0.trace.json.gz"]
     assert traced_steps(folder / "rank0.trace.json.gz") == 2
-    assert "aten::mm" in (folder / "rank0.ops.txt").read_text()
+    assert "aten::mm" in (folder / "rank0.ops.txt").read_text(encoding="utf-8")
     out = capsys.readouterr().out
     assert "profiler: tracing steps 3-4 on rank 0" in out and "profiler: steps 3-4 traced on rank 0" in out
     assert "most CPU self time: " in out
@@ -43,7 +43,7 @@ def test_the_named_steps_are_traced_and_training_is_unchanged(base_overrides, tm
 def test_the_teacher_is_named_in_a_let_runs_trace(let_overrides, tmp_path):
     let_pretrain.recipe_main(["--config", "let_tiny", *let_overrides, f"output_dir={tmp_path}", "max_steps=3",
                               *PROFILE, "profiler.first_step=2", "profiler.steps=1"])
-    ops = (tmp_path / "profile" / "step_2" / "rank0.ops.txt").read_text()
+    ops = (tmp_path / "profile" / "step_2" / "rank0.ops.txt").read_text(encoding="utf-8")
     assert any(line.split()[:1] == ["teacher"] for line in ops.splitlines()), ops
 
 

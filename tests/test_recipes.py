@@ -229,7 +229,7 @@ def test_model_flops_per_second_and_mfu_are_logged_against_the_devices_peak(base
 
     run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=4", "log_every=2", "eval_every=0",
                  "metrics.peak_tflops=0.5")
-    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    config = json.loads((tmp_path / "final" / "config.json").read_text(encoding="utf-8"))
     args = ModelArgs(num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
                      num_kv_heads=config["num_key_value_heads"], embed_dim=config["hidden_size"],
                      intermediate_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
@@ -274,7 +274,7 @@ def test_trained_tokens_are_counted_across_a_resume_with_another_batch(base_over
                  "resume=true")
     tokens = {r["step"]: r["tokens"] for r in steps(read_metrics(tmp_path / "metrics.jsonl"))}
     assert tokens[4] == 4 * 4 * 32 and tokens[6] == 4 * 4 * 32 + 2 * 8 * 32  # steps x batch x seq_len, per launch
-    saved = json.loads((tmp_path / "checkpoints" / "step_00000006" / "run_info.json").read_text())
+    saved = json.loads((tmp_path / "checkpoints" / "step_00000006" / "run_info.json").read_text(encoding="utf-8"))
     assert saved["trained_tokens"] == tokens[6]
     progress = Progress()  # a checkpoint saved before tokens were counted: None, for the recipe to estimate
     progress.load_state_dict({"step": 3, "train_time": 1.5})
@@ -296,10 +296,10 @@ def expect_setup_error(runner, *args, match):
 
 def test_existing_output_dir_is_never_overwritten_silently(base_overrides, tmp_path):
     run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=2")
-    before = (tmp_path / "metrics.jsonl").read_text()
+    before = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8")
     expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path}", "max_steps=2",
                        match="already holds a run")
-    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert (tmp_path / "metrics.jsonl").read_text(encoding="utf-8") == before
     run_pretrain(*base_overrides, f"output_dir={tmp_path}", "max_steps=3", "overwrite=true")
     assert len(steps(read_metrics(tmp_path / "metrics.jsonl"))) == 3
 
@@ -323,14 +323,14 @@ def test_layer_index_outside_the_model(let_overrides, tmp_path):
 
 
 def test_teacher_trained_with_another_tokenizer(let_overrides, corpus_dir, tmp_path):
-    other = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 400, tmp_path / "other.json")
+    other = train_bpe([p.read_text(encoding="utf-8") for p in corpus_dir.glob("*.txt")], 400, tmp_path / "other.json")
     # (auto, the default, would align across the two tokenizers: tests/test_cross_tokenizer.py)
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={other}",
                        "alignment.cross_tokenizer=false", match="differs from the teacher's own tokenizer")
 
 
 def test_teacher_vocabulary_smaller_than_the_tokenizer(let_overrides, corpus_dir, tmp_path):
-    bigger = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 1024, tmp_path / "big.json")
+    bigger = train_bpe([p.read_text(encoding="utf-8") for p in corpus_dir.glob("*.txt")], 1024, tmp_path / "big.json")
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"tokenizer.path={bigger}",
                        "alignment.cross_tokenizer=false", match="teacher's vocabulary (512) is smaller than the tokenizer's (1024")
 
@@ -343,7 +343,7 @@ def test_missing_teacher_checkpoint(let_overrides, tmp_path):
 def test_unreadable_teacher_checkpoint(let_overrides, teacher_dir, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "config.json").write_text((teacher_dir / "config.json").read_text())
+    (broken / "config.json").write_text((teacher_dir / "config.json").read_text(encoding="utf-8"))
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     expect_setup_error(run_let, *let_overrides, f"output_dir={tmp_path / 'run'}", f"teacher.path={broken}",
                        match="teacher.path: cannot read")
@@ -531,7 +531,7 @@ def test_a_log_redirected_to_a_file_says_elapsed_time_average_throughput_and_eta
                         "baseline_tiny", *base_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=6", "log_every=2"],
                        stdout=out, stderr=subprocess.STDOUT, check=True, timeout=300, cwd=Path(__file__).parents[1],
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines = [line for line in log.read_text().splitlines() if line.startswith("step ")]
+    lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line.startswith("step ")]
     assert len(lines) == 3 and all(re.search(r"\| elapsed \d+s", line) for line in lines)
     assert all(re.search(r"\| tokens_per_s_avg \d+ \| elapsed \S+ \| eta \d+s", line) for line in lines[1:])
     assert lines[-1].endswith("| eta 0s")
@@ -544,7 +544,7 @@ def test_a_torchtune_metric_logger_in_the_yaml_receives_the_let_metrics(let_over
     let_pretrain.recipe_main(["--config", "let_tiny", *let_overrides, f"output_dir={tmp_path / 'run'}", "max_steps=3",
                               "metric_logger={_component_: torchtune.training.metric_logging.DiskLogger, "
                               f"log_dir: {logs}, filename: metrics.txt}}"])
-    lines = [line for line in (logs / "metrics.txt").read_text().splitlines() if " loss:" in line]
+    lines = [line for line in (logs / "metrics.txt").read_text(encoding="utf-8").splitlines() if " loss:" in line]
     assert len(lines) == 3 and lines[0].startswith("Step 1 | ")  # (events, such as the teacher's release, too)
     assert all(f" {key}:" in " " + lines[0] for key in ("loss", "nll", "align_loss", "lambda", "cosine"))
     assert len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 3  # still written

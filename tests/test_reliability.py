@@ -342,7 +342,7 @@ def test_same_seed_same_losses_and_the_run_is_traceable(let_run, tmp_path):
     let_run(tmp_path / "b")
     assert history(tmp_path / "a") == history(tmp_path / "b")
     assert any(line.startswith("run: git ") for line in first.stdout.splitlines())
-    info = json.loads((tmp_path / "a" / "run_info.json").read_text())
+    info = json.loads((tmp_path / "a" / "run_info.json").read_text(encoding="utf-8"))
     assert info["packages"]["torch"].startswith("2.") and info["config"]["max_steps"] == 10
     assert info["git_revision"] is None or len(info["git_revision"].split("+")[0]) == 40
     # the last digits of a loss depend on the processor's kernels: which one ran is recorded
@@ -350,7 +350,7 @@ def test_same_seed_same_losses_and_the_run_is_traceable(let_run, tmp_path):
         info["hardware"]["cpu_threads"] >= 1 and set(info["hardware"]["cpu_flags"]) <= {
             "avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
     for ckpt in (tmp_path / "a" / "checkpoints").iterdir():
-        assert json.loads((ckpt / "run_info.json").read_text())["config"] == info["config"]
+        assert json.loads((ckpt / "run_info.json").read_text(encoding="utf-8"))["config"] == info["config"]
 
 
 def test_resume_with_another_model_shape_damages_nothing(let_run, tmp_path):

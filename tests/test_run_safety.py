@@ -93,7 +93,7 @@ def test_lock_names_its_owner_and_is_stale_once_the_owner_is_gone(tmp_path):
     messages = []
     lock = RunLock(tmp_path).acquire(log=messages.append)  # the kernel dropped the dead owner's lock
     assert messages and f"from pid {holder.pid}" in messages[0] and "which is gone" in messages[0]
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert json.loads((tmp_path / LOCK_FILE).read_text(encoding="utf-8"))["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
 
@@ -127,7 +127,7 @@ def test_a_lock_file_no_run_wrote_is_taken_over_or_named_not_a_traceback(tmp_pat
     for content in ("[1]", '"x"', "3", '{"argv": 5, "pid": "a"}', '{"argv": [1, null], "host": ["h"]}'):
         (tmp_path / LOCK_FILE).write_text(content)
         lock = RunLock(tmp_path).acquire(log=lambda _: None)
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / LOCK_FILE).read_text(encoding="utf-8"))["pid"] == os.getpid()
         lock.release()
     (tmp_path / "run_info.json").write_text("{}")
     for content, named in (('{"pid": 7, "argv": [1, 2]}', "pid 7 on None, started None (1 2)"),
@@ -156,7 +156,7 @@ def test_a_launch_during_a_status_probe_takes_the_lock(tmp_path):
     letting_go.start()
     try:
         lock = RunLock(tmp_path).acquire()
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / LOCK_FILE).read_text(encoding="utf-8"))["pid"] == os.getpid()
         lock.release()
     finally:
         letting_go.join()
@@ -354,7 +354,7 @@ def test_ctrl_c_pressed_twice_stops_a_slow_save_at_once_in_one_line_and_the_run_
         try:
             wait_until(lambda: read_metrics_safely(tmp_path / "run"), run)
             run.send_signal(signal.SIGINT)
-            wait_until(lambda: "SIGINT received" in log.read_text(), run)
+            wait_until(lambda: "SIGINT received" in log.read_text(encoding="utf-8"), run)
             time.sleep(1.5)  # past the window in which a second signal is the same notice again
             sent = time.monotonic()
             run.send_signal(signal.SIGINT)
@@ -661,8 +661,8 @@ def test_status_takes_the_step_a_finished_run_reached_from_its_checkpoint_past_t
 
     run = tmp_path / "run"
     shutil.copytree(straight, run)
-    max_steps = json.loads((run / "run_info.json").read_text())["config"]["max_steps"]
-    records = (run / "metrics.jsonl").read_text().splitlines()
+    max_steps = json.loads((run / "run_info.json").read_text(encoding="utf-8"))["config"]["max_steps"]
+    records = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     (run / "metrics.jsonl").write_text("".join(line + "\n" for line in records
                                                if json.loads(line).get("step", 0) < max_steps))
     status = run_status(run)
@@ -762,10 +762,11 @@ def test_resume_that_would_be_another_run_is_refused_in_one_line(tmp_path, chang
 
 def test_resume_notices_a_tokenizer_whose_bytes_changed(tmp_path, tokenizer_path):
     tokenizer = tmp_path / "tokenizer.json"
-    tokenizer.write_text(tokenizer_path.read_text())
+    tokenizer.write_bytes(tokenizer_path.read_bytes())
     run = tmp_path / "run"
     ok(tune(run, f"tokenizer.path={tokenizer}", "max_steps=3"))
-    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=3))  # same path, other bytes
+    # the same path, other bytes
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text(encoding="utf-8")), indent=3), encoding="utf-8")
     result = tune(run, f"tokenizer.path={tokenizer}", "resume=true")
     assert result.returncode == 1 and "tokenizer fingerprint" in last_line(result)
 
@@ -783,7 +784,7 @@ def test_resume_notices_a_corpus_that_changed_and_follows_one_that_moved(tmp_pat
     assert 'resume: data.source "' in resumed.stdout and 'corpus" -> "' in resumed.stdout and 'moved"' in resumed.stdout
     before = digest(run)
     first = sorted(moved.rglob("*.txt"))[0]
-    first.write_text(first.read_text() + "\nOne more sentence that was not there before.\n")
+    first.write_text(first.read_text(encoding="utf-8") + "\nOne more sentence that was not there before.\n")
     result = tune(run, f"data.source={moved}", "max_steps=5", "resume=true")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = last_line(result)
@@ -875,7 +876,7 @@ def tiny_checkpointer(folder: Path, keep_last: int = 5):
 def test_marker_lists_every_file_and_damage_of_each_kind_is_found(tmp_path):
     ckpt, model = tiny_checkpointer(tmp_path)
     first, second = ckpt.save(1), ckpt.save(2)
-    marker = json.loads((second / "COMPLETE").read_text())
+    marker = json.loads((second / "COMPLETE").read_text(encoding="utf-8"))
     assert {".metadata", "__0_0.distcp", "format.json"} <= set(marker["files"]) and marker["finite_weights"]
     assert ckpt.verify(second) == [] and ckpt.last_save["checksum_s"] >= 0
     flip_a_byte(second / "__0_0.distcp", 1000)
@@ -967,9 +968,9 @@ def test_metrics_are_cut_at_a_byte_offset_not_rewritten(tmp_path):
     path.write_text("".join(records) + '{"step": 6, "lo')
     inode = path.stat().st_ino
     truncate_after(path, 3)
-    assert path.read_text() == "".join(records[:3]) and path.stat().st_ino == inode
+    assert path.read_text(encoding="utf-8") == "".join(records[:3]) and path.stat().st_ino == inode
     truncate_after(path, 10)
-    assert path.read_text() == "".join(records[:3])
+    assert path.read_text(encoding="utf-8") == "".join(records[:3])
 
 
 def test_a_line_that_is_no_record_is_passed_over_not_taken_for_the_cut(tmp_path):
@@ -981,7 +982,7 @@ def test_a_line_that_is_no_record_is_passed_over_not_taken_for_the_cut(tmp_path)
     odd = ["a note by hand\n", "[1]\n", json.dumps({"step": "two"}) + "\n"]
     path.write_text(records[0] + "".join(odd) + "".join(records[1:]))
     truncate_after(path, 3)
-    assert path.read_text() == records[0] + "".join(odd) + "".join(records[1:3])
+    assert path.read_text(encoding="utf-8") == records[0] + "".join(odd) + "".join(records[1:3])
 
 
 def test_replace_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
@@ -990,7 +991,7 @@ def test_replace_atomically_keeps_the_old_file_when_the_write_fails(tmp_path):
 
     with pytest.raises(TypeError):
         replace_atomically(path, 12345)  # fails inside the write
-    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert path.read_text(encoding="utf-8") == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def limit_file_size(limit_bytes):

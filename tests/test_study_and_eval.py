@@ -79,15 +79,17 @@ def test_the_lm_eval_command_scores_an_export_offline(teacher_dir, tmp_path):
 
     task = write_task(tmp_path / "hand_made.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)] * 2)
     write_lm_eval_tasks([task], tmp_path / "tasks")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # lm-eval prints its table's arrows to stdout: under a locale that is not UTF-8, a traceback of its own
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONIOENCODING": "utf-8"}
     done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
                            f"pretrained={teacher_dir},dtype=float32", "--include_path", str(tmp_path / "tasks"),
                            "--tasks", "letrecipes", "--device", "cpu", "--batch_size", "4",
-                           "--output_path", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                           "--output_path", str(tmp_path / "out")], env=env, capture_output=True, encoding="utf-8",
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     [results] = list((tmp_path / "out").rglob("results*.json"))
-    scores = json.loads(results.read_text())["results"]["letrecipes_hand_made"]
+    scores = json.loads(results.read_text(encoding="utf-8"))["results"]["letrecipes_hand_made"]
     assert scores["acc,none"] in (0.0, 1.0)  # two copies of one item: both right or both wrong
 
 
@@ -196,17 +198,17 @@ def test_eval_recipe_on_an_export_and_on_a_step_checkpoint(base_overrides, teach
     task = write_task(tmp_path / "tiny_task.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)] * 3)
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{task}]",
                              f"output={tmp_path / 'export.json'}"])
-    report = json.loads((tmp_path / "export.json").read_text())
+    report = json.loads((tmp_path / "export.json").read_text(encoding="utf-8"))
     assert report["tasks"]["tiny_task"]["n"] == 3 and report["tasks"]["tiny_task"]["chance"] == 0.5
     pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={tmp_path / 'run'}",
                           "max_steps=2", "save_every=1", "export.dtype=fp32"])
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={step}", f"tasks=[{task}]",
                              f"output={tmp_path / 'step.json'}"])
-    from_step = json.loads((tmp_path / "step.json").read_text())
+    from_step = json.loads((tmp_path / "step.json").read_text(encoding="utf-8"))
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={tmp_path / 'run' / 'final'}", f"tasks=[{task}]",
                              f"output={tmp_path / 'final.json'}"])
-    from_final = json.loads((tmp_path / "final.json").read_text())
+    from_final = json.loads((tmp_path / "final.json").read_text(encoding="utf-8"))
     assert from_step["step"] == 2
     # the step-2 checkpoint and the final export are the same weights: the same scores
     assert from_step["tasks"]["tiny_task"]["acc"] == from_final["tasks"]["tiny_task"]["acc"]
@@ -225,7 +227,7 @@ def test_eval_scores_the_items_it_checked_and_one_item_has_no_stderr(teacher_dir
     one = write_task(tmp_path / "one.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)])
     eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", f"tasks=[{as_ints},{as_strings},{one}]",
                              f"output={tmp_path / 'scores.json'}"])
-    tasks = json.loads((tmp_path / "scores.json").read_text())["tasks"]
+    tasks = json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))["tasks"]
     assert tasks["as_strings"]["acc"] == tasks["as_ints"]["acc"] and tasks["as_strings"]["n"] == 2
     assert tasks["one"]["n"] == 1 and tasks["one"]["acc_stderr"] is None
     assert "acc_norm" in capsys.readouterr().out.split("one ")[-1]
@@ -291,7 +293,7 @@ def test_a_quantized_model_transformers_cannot_load_here_is_one_line_before_the_
 
     folder = tmp_path / "model-gptq"
     shutil.copytree(teacher_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gptq",
                                                                                       "bits": 4}}))
     task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
@@ -319,19 +321,19 @@ def test_eval_recipe_checks_its_output_path_before_scoring(teacher_dir, tmp_path
     a_file.write_text("mine")
     expect_setup_error(eval_recipe.recipe_main, [*common, f"output={a_file / 'scores.json'}"],
                        match="error: output=")
-    assert a_file.read_text() == "mine"
+    assert a_file.read_text(encoding="utf-8") == "mine"
     # a file there already: another checkpoint's scores, or no score report, are kept unless overwrite=true
     scores = tmp_path / "scores.json"
     scores.write_text(json.dumps({"checkpoint": "runs/a/checkpoints/step_00000150", "scorer": "lm-evaluation-harness",
                                   "tasks": {}}))
-    kept = scores.read_text()
+    kept = scores.read_text(encoding="utf-8")
     expect_setup_error(eval_recipe.recipe_main, [*common, f"output={scores}"],
                        match=f"error: output: '{scores}' holds the scores of another checkpoint "
                              "(runs/a/checkpoints/step_00000150). Fix: output=<another file>, or overwrite=true to "
                              "replace it.")
     expect_setup_error(eval_recipe.recipe_main, [*common, f"output={a_file}"],
                        match="is there and is not a score report of this recipe")
-    assert scores.read_text() == kept and a_file.read_text() == "mine"
+    assert scores.read_text(encoding="utf-8") == kept and a_file.read_text(encoding="utf-8") == "mine"
     # the same checkpoint again (a requeued job), or overwrite=true, goes on to the scoring
     for replaceable in ([f"output={scores}", "overwrite=true"], [f"output={a_file}", "overwrite=true"]):
         with pytest.raises(AssertionError, match="scored before"):
@@ -375,14 +377,14 @@ def test_two_arm_suite_writes_json_tables_plots_and_skips_finished_runs(corpus_d
             str(tokenizer_path), "--tasks", str(tasks), "--plot-dir", str(tmp_path / "plots"), "--scale",
             json.dumps(scale)]
     assert let_study.main(args) == 0
-    report = json.loads((tmp_path / "study" / "study_smoke.json").read_text())
+    report = json.loads((tmp_path / "study" / "study_smoke.json").read_text(encoding="utf-8"))
     arms = report["regimes"]["short"]["arms"]
     assert set(arms) == {"baseline", "let"}
     assert arms["baseline"][0]["speedup_steps"] == pytest.approx(1.0)
     assert set(arms["let"][0]["accuracy"]) == {"hand_made", "cloze_heldout"}
     assert sorted(arms["let"][0]["accuracy_by_step"]) == ["1", "2", "3", "4"]  # eval at every checkpoint
     assert (tmp_path / "plots" / "study_smoke_short.png").stat().st_size > 10_000
-    assert "| let | 1 |" in (tmp_path / "study" / "study_smoke.md").read_text()
+    assert "| let | 1 |" in (tmp_path / "study" / "study_smoke.md").read_text(encoding="utf-8")
     final = tmp_path / "study" / "runs" / "short" / "seed0" / "let" / "final" / "model.safetensors"
     written = final.stat().st_mtime_ns
     assert let_study.main(args) == 0  # everything finished: nothing is trained again
@@ -446,10 +448,10 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
                                                      Item("My lord,", [" I", " the king is dead"], 0)])
     command = ["--config", "eval", f"checkpoint={run}", f"tasks=[{task}]", f"output={tmp_path / 'curve.json'}"]
     eval_recipe.recipe_main(command)
-    report = json.loads((tmp_path / "curve.json").read_text())
+    report = json.loads((tmp_path / "curve.json").read_text(encoding="utf-8"))
     assert [r["step"] for r in report["checkpoints"]] == [2, 4, None]
     # and the tokens each had trained on (recorded with the checkpoint; the final export's from the metrics)
-    trained = json.loads((run / "run_info.json").read_text())["config"]
+    trained = json.loads((run / "run_info.json").read_text(encoding="utf-8"))["config"]
     per_step = trained["batch_size"] * trained["data"]["seq_len"]
     assert [r["tokens"] for r in report["checkpoints"]] == [2 * per_step, 4 * per_step, 4 * per_step]
     assert report["checkpoints"][-1]["checkpoint"] == str(run / "final")
@@ -467,7 +469,7 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
     eval_recipe.recipe_main(command)  # everything scored before with these settings: nothing to do
     out = capsys.readouterr().out
     assert out.count("scored before with these settings") == 3
-    assert json.loads((tmp_path / "curve.json").read_text())["checkpoints"] == report["checkpoints"]
+    assert json.loads((tmp_path / "curve.json").read_text(encoding="utf-8"))["checkpoints"] == report["checkpoints"]
     # the run started over in its folder: the same paths hold other weights, which were taken for scored ones
     pretrain.recipe_main(["--config", "pretrain_tiny", *base_overrides, *TINY, f"output_dir={run}", "max_steps=4",
                           "save_every=2", "eval_every=0", "overwrite=true", "seed=1"])
@@ -484,7 +486,7 @@ def test_a_runs_folder_scores_each_checkpoint_in_turn_and_goes_on_where_it_stopp
     shard = next((run / "checkpoints" / "step_00000002").glob("*.distcp"))
     shard.write_bytes(b"\0" * shard.stat().st_size)
     eval_recipe.recipe_main([*command, f"output={tmp_path / 'damaged.json'}"])
-    damaged = json.loads((tmp_path / "damaged.json").read_text())
+    damaged = json.loads((tmp_path / "damaged.json").read_text(encoding="utf-8"))
     assert [r["step"] for r in damaged["checkpoints"]] == [4, None]
     assert damaged["skipped"][0]["checkpoint"] == str(run / "checkpoints" / "step_00000002")
     assert "is damaged" in damaged["skipped"][0]["why"]
@@ -607,7 +609,7 @@ def test_a_failing_disk_under_a_checkpoint_costs_its_point_of_the_curve_in_one_l
                            f"output={tmp_path / 'curve.json'}", "contamination=false"],
                           cwd=repo, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
-    report = json.loads((tmp_path / "curve.json").read_text())
+    report = json.loads((tmp_path / "curve.json").read_text(encoding="utf-8"))
     assert [r["step"] for r in report["checkpoints"]] == [None]  # the final export, scored
     (skipped,) = report["skipped"]
     assert skipped["checkpoint"].endswith("step_00000002")

@@ -87,7 +87,7 @@ def test_a_let_run_gives_the_teacher_its_bos_and_a_run_begun_without_it_goes_on_
     run = tmp_path / "run"
     run_let(*common, f"output_dir={run}", "max_steps=2", "save_every=2")
     assert f"it reads its BOS '{BOS}' (id 512) before each window" in capsys.readouterr().out
-    assert json.loads((run / "run_info.json").read_text())["teacher_bos"] == [512, BOS]
+    assert json.loads((run / "run_info.json").read_text(encoding="utf-8"))["teacher_bos"] == [512, BOS]
     # a model trained here read no BOS, whatever its tokenizer does: as a teacher it reads none either, and its
     # export's tokenizer puts none before a prompt (it put <|begin_of_text|>, whose embedding never trained)
     assert teacher_bos({"path": str(run / "final")}) is None
@@ -104,10 +104,10 @@ def test_a_let_run_gives_the_teacher_its_bos_and_a_run_begun_without_it_goes_on_
 
     # a run begun before the BOS was read (its records do not say) goes on as it began
     checkpoint = run / "checkpoints" / "step_00000002"
-    record = json.loads((checkpoint / "run_info.json").read_text())
+    record = json.loads((checkpoint / "run_info.json").read_text(encoding="utf-8"))
     del record["teacher_bos"]
     (checkpoint / "run_info.json").write_text(json.dumps(record))
-    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())  # as that older run wrote it
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))  # as that older run wrote it
     marker["files"].update(describe_files(checkpoint, ["run_info.json"]))
     (checkpoint / COMPLETE_MARKER).write_text(json.dumps(marker))
     run_let(*common, f"output_dir={run}", "max_steps=4", "save_every=2", "resume=true")

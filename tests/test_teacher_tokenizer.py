@@ -38,17 +38,17 @@ def test_let_with_a_huggingface_teacher_and_its_tokenizer(base_overrides, hf_tea
     assert all(-1 <= r["align_loss"] <= 1 for r in records[:3])
     final = tmp_path / "final"
     assert (final / "tokenizer.json").read_bytes() == (hf_teacher_dir / "tokenizer.json").read_bytes()
-    assert json.loads((final / "config.json").read_text())["vocab_size"] == 512
+    assert json.loads((final / "config.json").read_text(encoding="utf-8"))["vocab_size"] == 512
 
 
 def test_student_vocabulary_is_padded_and_the_cache_follows_the_tokenizer(base_overrides, corpus_dir, tmp_path):
-    odd = train_bpe([p.read_text() for p in corpus_dir.glob("*.txt")], 500, tmp_path / "odd.json")
+    odd = train_bpe([p.read_text(encoding="utf-8") for p in corpus_dir.glob("*.txt")], 500, tmp_path / "odd.json")
     cache = tmp_path / "cache"
     common = [*base_overrides, "max_steps=1", f"data.cache_dir={cache}"]
     pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'a'}"])
     pretrain.recipe_main(["--config", "pretrain_tiny", *common, f"output_dir={tmp_path / 'b'}", f"tokenizer.path={odd}"])
     assert len(list(cache.glob("prepared-*"))) == 2  # another tokenizer, another cache entry
-    config = json.loads((tmp_path / "b" / "final" / "config.json").read_text())
+    config = json.loads((tmp_path / "b" / "final" / "config.json").read_text(encoding="utf-8"))
     assert config["vocab_size"] == 512  # 500 tokens -> a multiple of 64
     embeddings = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))["model.embed_tokens.weight"]
     assert embeddings.shape[0] == 512

@@ -17,6 +17,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.teachers import TeacherError, describe_teacher, load_teacher
 from letrecipes import let_pretrain
 from letrecipes.components.metrics import read_metrics
+from tests.launch import needs_compile
 from tests.test_recipes import expect_setup_error, run_let
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e '.[test]')")
@@ -75,6 +76,7 @@ def test_hidden_states_and_logits_are_transformers_own(build, depth, context, to
     assert (described.num_layers, described.embed_dim, described.vocab_size) == (depth, 32, teacher.vocab_size)
 
 
+@needs_compile
 def test_a_gemma_teacher_guides_a_compiled_let_run_and_what_it_cannot_do_is_one_line_each(
         let_overrides, tokenizer_path, tmp_path, capsys):
     teacher = tmp_path / "gemma"
@@ -111,7 +113,7 @@ def test_a_gemma_teacher_guides_a_compiled_let_run_and_what_it_cannot_do_is_one_
 
 def test_a_model_with_code_of_its_own_or_without_transformers_is_one_line(tokenizer_path, tmp_path, monkeypatch):
     _saved(_phi3, tmp_path, tokenizer_path)
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "x.Phi3"}}))
     with pytest.raises(TeacherError, match=r"comes with code of its own \(auto_map\), and letrecipes never runs"):
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
@@ -167,7 +169,7 @@ def test_the_eval_recipe_scores_such_a_folder_and_names_a_tokenizer_transformers
     assert str(err.value.code).startswith("error: checkpoint: the tokenizer of ") and "tokenizer_config.json" in \
         str(err.value.code) and "Fix: " in str(err.value.code)
     eval_recipe.recipe_main([*common, f"tokenizer_path={folder / 'tokenizer.json'}", f"output={tmp_path / 's.json'}"])
-    assert json.loads((tmp_path / "s.json").read_text())
+    assert json.loads((tmp_path / "s.json").read_text(encoding="utf-8"))
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
@@ -181,7 +183,7 @@ def test_a_config_of_other_sizes_than_its_weights_is_named_before_transformers_a
     if weights.endswith(".bin"):  # an older release's layout
         (tmp_path / "model.safetensors").unlink()
         torch.save(model.state_dict(), tmp_path / weights)
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
     with pytest.raises(LetRecipesError, match=rf"^teacher\.path: tensor 'model\.embed_tokens\.weight' in .*{weights}' "
                                               r"has shape \(\d+, 32\), but .* gives it \(4096, 32\): the config and "
@@ -199,7 +201,7 @@ def test_a_teacher_that_computes_nan_is_named_at_load(tokenizer_path, tmp_path):
     with pytest.raises(TeacherError, match=r"its hidden state 3 is not finite on two tokens \(NaN or inf\).* Fix: "):
         load_teacher({"path": str(tmp_path), "dtype": "fp32"})
     _saved(_phi3, tmp_path / "phi3", tokenizer_path)  # a value transformers builds with and torch refuses in forward
-    config = json.loads((tmp_path / "phi3" / "config.json").read_text())
+    config = json.loads((tmp_path / "phi3" / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "phi3" / "config.json").write_text(json.dumps({**config, "resid_pdrop": float("nan")}))
     with pytest.raises(TeacherError, match=r"the model does not run on two tokens \(RuntimeError: dropout probability"):
         load_teacher({"path": str(tmp_path / "phi3"), "dtype": "fp32"})
@@ -219,7 +221,7 @@ def test_a_config_json_changed_at_random_loads_or_ends_in_one_error(tokenizer_pa
     for build in (_phi3, _gemma3_vision):
         folder = tmp_path / build.__name__
         _saved(build, folder, tokenizer_path)
-        original = json.loads((folder / "config.json").read_text())
+        original = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         for _ in range(60):
             config, where, how = changed_json(original, rng)
             (folder / "config.json").write_text(json.dumps(config))
@@ -316,7 +318,7 @@ def test_a_mixture_of_experts_teacher_is_counted_whole_and_an_absurd_depth_is_on
     teacher = load_teacher({"path": str(tmp_path / "moe"), "dtype": "fp32"})
     assert total_params(teacher.model.model_args) == whole
     _same_outputs(teacher, reference, 2)
-    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    config = json.loads((tmp_path / "moe" / "config.json").read_text(encoding="utf-8"))
     (tmp_path / "moe" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
     with pytest.raises(TeacherError, match=r"1,000,000,000 blocks \(num_hidden_layers\) is past the 4,096"):
         load_teacher({"path": str(tmp_path / "moe"), "dtype": "fp32"})
@@ -494,7 +496,7 @@ def _gguf_of(build, arch, tokenizer_path, path, drop=(), extra=(), metadata=()):
     from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    vocab = json.loads(tokenizer_path.read_text())["model"]
+    vocab = json.loads(tokenizer_path.read_text(encoding="utf-8"))["model"]
     model = _saved(build, path.parent / f"{arch}_source", tokenizer_path)
     with torch.no_grad():  # norms and biases away from 1 and 0, so that a rewrite left out shows
         for name, p in model.named_parameters():
