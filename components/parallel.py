@@ -8,12 +8,14 @@ Every function here takes a built model and changes it in place; none knows reci
 from __future__ import annotations
 
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import locale
 import os
 import socket
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import LOCALE_FIX, shortened
+from letrecipes.components.files import LOCALE_FIX, cause_and_fix, shortened
 from letrecipes.components.registry import ComponentError
 from letrecipes.components.resume import flatten
 from letrecipes.components.run_info import outdated, torchrun_attempt
@@ -539,22 +541,38 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def _caused_by(err: BaseException, kind: type) -> bool:
+def _cause_of(err: BaseException, kind: type) -> Optional[BaseException]:
+    """The first exception of ``kind`` in ``err``'s chain (itself, its cause, its context)."""
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, kind):
-            return True
+            return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
+    return None
+
+
+def _in_inductor_cache(path: str) -> bool:
+    """Whether ``path`` is in torch's compiler cache: $TORCHINDUCTOR_CACHE_DIR, else
+    torchinductor_<user> in the temporary folder (torch's own rule, read here because
+    importing torch's is what failed: it makes the folder at import)."""
+    import tempfile
+
+    path = os.path.abspath(path)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return path.startswith(os.path.abspath(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+    with contextlib.suppress(OSError):  # no usable temporary folder
+        return path.startswith(os.path.join(tempfile.gettempdir(), "torchinductor_"))
     return False
 
 
 def rehearse_compile(device: torch.device, key: str = "compile") -> None:
     """Compile and run one small function on ``device`` with torch.compile's default backend,
     so that a machine that cannot compile (no C++ compiler or no Python headers for CPU
-    kernels, no Triton for GPU ones) is named at setup, in one line, and not by a
-    100-line traceback from the first step after the corpus was prepared. It costs a few
-    seconds (most of it importing the compiler, which the model's compile needs anyway)."""
+    kernels, no Triton for GPU ones; a cache folder it cannot write; a locale it cannot
+    read its own files in) is named at setup, in one line, and not by a 100-line traceback
+    from the first step after the corpus was prepared. It costs a few seconds (most of it
+    importing the compiler, which the model's compile needs anyway)."""
     def probe(x):
         return torch.nn.functional.silu(x) * x.pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
 
@@ -565,13 +583,22 @@ def rehearse_compile(device: torch.device, key: str = "compile") -> None:
         fix = ("install Triton for this torch (pip install triton, matching torch's version)" if device.type == "cuda"
                else "install a C++ compiler and Python's headers (apt-get install g++ python3-dev; or set CXX)")
         cause = f"on this machine ({type(err).__name__}: {first[:300]})"
-        if _caused_by(err, UnicodeError):  # inductor opens its own UTF-8 templates in the locale's encoding (EUC-JP)
+        written = _cause_of(err, OSError)
+        if _cause_of(err, UnicodeError):  # inductor opens its own UTF-8 templates in the locale's encoding (EUC-JP)
             cause = (f"under this locale: torch's compiler reads its own UTF-8 files in the locale's encoding, "
                      f"{locale.getpreferredencoding(False)} ({type(err).__name__}: {first[:300]})")
             fix = LOCALE_FIX
+        elif written is not None and written.filename and _in_inductor_cache(str(written.filename)):
+            # a read-only root filesystem (a container's), a full /tmp, a cache folder on a mount that is not there
+            why, fix = cause_and_fix(written)
+            cause = (f"here: it cannot write its cache folder (TORCHINDUCTOR_CACHE_DIR, else torchinductor_<user> in "
+                     f"the temporary folder): {why}")
+            fix = f"{fix}, or TORCHINDUCTOR_CACHE_DIR=<a writable folder>"
         raise ComponentError(f"{key}=true: torch.compile cannot compile {cause}. Fix: {fix}, or {key}=false.") from None
     finally:
-        torch._dynamo.reset()  # the probe leaves nothing in dynamo's caches for the model's compile
+        dynamo = sys.modules.get("torch._dynamo")  # absent where importing it failed (its cache folder, made at import)
+        if dynamo is not None:
+            dynamo.reset()  # the probe leaves nothing in dynamo's caches for the model's compile
 
 
 def mixed_precision_policy(param_dtype: torch.dtype | None, reduce_dtype: torch.dtype = torch.float32):

@@ -818,6 +818,7 @@ def test_a_machine_that_cannot_compile_is_named_before_the_corpus_is_prepared(ba
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
+
 def test_a_locale_torch_cannot_compile_under_is_named_with_its_fix(monkeypatch):
     """torch's compiler opens its own UTF-8 templates in the locale's encoding: under EUC-JP
     compile=true was "cannot compile on this machine ... Fix: install a C++ compiler"."""
@@ -840,6 +841,43 @@ def test_a_locale_torch_cannot_compile_under_is_named_with_its_fix(monkeypatch):
         "compile=true: torch.compile cannot compile under this locale: torch's compiler reads its own UTF-8 files in "
         "the locale's encoding, EUC-JP (RuntimeError: while loading a template). Fix: run under a UTF-8 locale (export "
         "LC_ALL=C.UTF-8), or with PYTHONUTF8=1 (Python's UTF-8 mode), or compile=false.")
+
+
+@pytest.mark.parametrize("in_env", [True, False], ids=["TORCHINDUCTOR_CACHE_DIR", "default"])
+def test_a_compiler_cache_that_cannot_be_written_is_named_with_its_fix(monkeypatch, tmp_path, in_env):
+    """A full /tmp, or a cache folder on a read-only filesystem: compile=true was "cannot
+    compile on this machine ... Fix: install a C++ compiler"."""
+    import errno
+    import tempfile
+
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    if in_env:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+        kernel = tmp_path / "inductor" / "ab" / "kernel.cpp"
+    else:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        kernel = Path(tempfile.gettempdir()) / "torchinductor_someone" / "ab" / "kernel.cpp"
+
+    def full_disk(function):
+        def compiled(*args):
+            raise RuntimeError("InductorError: while writing a kernel") from OSError(
+                errno.ENOSPC, "No space left on device", str(kernel))
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", full_disk)
+    with pytest.raises(ComponentError) as refused:
+        parallel.rehearse_compile(torch.device("cpu"))
+    assert str(refused.value).startswith(
+        "compile=true: torch.compile cannot compile here: it cannot write its cache folder (TORCHINDUCTOR_CACHE_DIR, "
+        f"else torchinductor_<user> in the temporary folder): the disk is full ({kernel}). Fix: "), refused.value
+    assert str(refused.value).endswith("or TORCHINDUCTOR_CACHE_DIR=<a writable folder>, or compile=false.")
+    monkeypatch.setattr(torch, "compile", lambda function: lambda *args: open(tmp_path / "no" / "such" / "compiler"))
+    with pytest.raises(ComponentError, match="cannot compile on this machine .*install a C.. compiler"):
+        parallel.rehearse_compile(torch.device("cpu"))  # an OS error elsewhere: not the cache's
 
 
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
