@@ -390,13 +390,20 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
 
 
 def _key_for(key: Union[str, Dict[str, Path]], err: OSError) -> str:
+    """The key whose folder holds the failed path, or was being made when it failed (the
+    failed path one of its parents: a cache folder under a read-only home); the closest of
+    them (a folder inside TMPDIR is its own key's); else the first."""
     if isinstance(key, str):
         return key
     failed = Path(os.path.abspath(str(err.filename))) if err.filename else None
+    closeness = {}
     for name, folder in key.items():
-        if failed is not None and Path(os.path.abspath(folder)) in (failed, *failed.parents):
-            return name
-    return next(iter(key))
+        folder = Path(os.path.abspath(folder))
+        if failed is not None and folder in (failed, *failed.parents):
+            closeness[name] = len(folder.parts)
+        elif failed is not None and failed in folder.parents:
+            closeness[name] = len(failed.parts)
+    return max(closeness, key=closeness.get) if closeness else next(iter(key))
 
 
 def first_names(folder: Path, count: int = 3) -> str:

@@ -575,6 +575,13 @@ def _stderr(value: Optional[float]) -> str:
     return "n/a  " if value is None else f"{value:.3f}"  # none from one item
 
 
+def datasets_cache() -> str:
+    """Where the datasets library caches what it reads: $HF_DATASETS_CACHE, else under $HF_HOME or ~/.cache."""
+    import datasets.config
+
+    return str(datasets.config.HF_DATASETS_CACHE)
+
+
 @parse
 def recipe_main(cfg: DictConfig) -> None:
     """Zero-shot multiple-choice evaluation through lm-evaluation-harness."""
@@ -587,7 +594,11 @@ def recipe_main(cfg: DictConfig) -> None:
     # checkpoint that is not a Hugging Face folder is converted there whole (15 GB at 7B)
     temporary = {"TMPDIR": Path(tempfile.gettempdir())}
     fixes = {"TMPDIR": "point TMPDIR at a folder on another disk (export TMPDIR=...), or keep the converted model "
-                       "elsewhere with export_dir="}
+                       "elsewhere with export_dir=",
+             "HF_DATASETS_CACHE": "point HF_DATASETS_CACHE at a writable folder (export HF_DATASETS_CACHE=...)"}
+    # lm-eval reads every task's data through datasets, which caches it there (in the home folder unless set):
+    # a home read-only on compute nodes, or over its quota, was "checkpoint: evaluating failed"
+    temporary["HF_DATASETS_CACHE"] = Path(datasets_cache())
     try:
         with errors_as_one_line():
             # an OS error no check of its own named (a failing disk, a lost mount): one line naming its key

@@ -567,6 +567,31 @@ def test_a_full_temporary_folder_is_named_as_tmpdir_with_its_fix(base_overrides,
                                                         f"{destination or temporary}"), done.stderr[-3000:]
 
 
+def test_a_home_folder_the_datasets_cache_cannot_be_made_in_is_named_as_hf_datasets_cache(teacher_dir, tmp_path):
+    """lm-eval reads each task through datasets, which caches it under ~/.cache: a home folder
+    read-only on a compute node (or over its quota) was `checkpoint: evaluating failed`."""
+    import os
+    import subprocess
+    import sys
+
+    task = write_task(tmp_path / "tiny_task.jsonl", [Item("To be, or not to", [" be", " cheese"], 0)])
+    (tmp_path / "a_file").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME")}
+    command = [sys.executable, "-m", "letrecipes.eval", "--config", "eval", f"checkpoint={teacher_dir}",
+               f"tasks=[{task}]", "contamination=false"]
+    home = tmp_path / "a_file" / "home"  # a folder that cannot be made, even by root
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**env, "HOME": str(home), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        f"error: HF_DATASETS_CACHE: evaluating failed: a part of the path is a file, not a folder ({home}). Fix: "
+        "point it at a folder (or move the file away), or point HF_DATASETS_CACHE at a writable folder (export "
+        "HF_DATASETS_CACHE=...), then run the same command again."), done.stderr[-3000:]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**env, "HOME": str(home), "OMP_NUM_THREADS": "1",
+                               "HF_DATASETS_CACHE": str(tmp_path / "datasets")})
+    assert done.returncode == 0 and "tiny_task" in done.stdout, done.stderr[-3000:]
+
+
 def test_a_write_that_fails_without_a_file_name_is_named_by_the_file_replaced(tmp_path):
     """A full disk meets a write, not an open: Python's OSError then names no file, and the
     one-line error none either. replace_atomically names the file it was replacing."""
