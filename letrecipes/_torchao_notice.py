@@ -1,4 +1,5 @@
 """Drops one message, deliberately: torchao 0.15.0's notice that it skips its C++ extensions.
+(And says one thing that must be said before torch loads: see the last function.)
 
 torchao 0.15.0 calls itself compatible with torch 2.9.1 only and otherwise skips loading its
 compiled extensions, saying so on every import. letrecipes pins torch 2.13.0: a CPU wheel
@@ -37,8 +38,26 @@ def drop_message(logger_name: str, prefix: str) -> None:
         logger.addFilter(_DropMessage(prefix))
 
 
+def say_if_the_working_directory_is_gone() -> None:
+    """torch cannot load in a working directory that was removed (a scratch folder purged
+    while a shell stood in it, a lost mount): its own last word is "Intel oneMKL FATAL
+    ERROR: Cannot load .../libtorch_cpu.so", which reads as a broken install, and it comes
+    before any line of letrecipes (`tune` imports torch first). So it is said here, where
+    every Python of the venv starts: one line, and Python goes on."""
+    import os
+    import sys
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        sys.stderr.write("warning: this process's working directory no longer exists (removed while a shell stood "
+                         "in it, or its mount was lost): torch cannot load there (\"Intel oneMKL FATAL ERROR: Cannot "
+                         "load ... libtorch_cpu.so\"). Fix: cd to a folder that exists, then run the command again.\n")
+
+
 def install() -> None:
     drop_message("torchao", MESSAGE)
+    say_if_the_working_directory_is_gone()
 
 
 install()

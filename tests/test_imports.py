@@ -149,6 +149,21 @@ def test_torchaos_incompatible_torch_notice_is_dropped_and_nothing_else(caplog):
     assert [r.getMessage() for r in caplog.records] == ["Some other torchao warning"]
 
 
+def test_a_working_directory_that_was_removed_is_said_before_torch_fails_to_load(tmp_path):
+    """torch cannot load in a removed working directory; its own last word, "Intel oneMKL
+    FATAL ERROR: Cannot load .../libtorch_cpu.so", reads as a broken install."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run(["bash", "-c", f"cd {gone} && rmdir {gone} && exec {sys.executable} -c 'import torch'"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stderr.startswith("warning: this process's working directory no longer exists (removed while a shell "
+                                  "stood in it, or its mount was lost): torch cannot load there"), done.stderr
+    assert "Fix: cd to a folder that exists, then run the command again.\n" in done.stderr
+    done = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0 and "working directory" not in done.stderr, done.stderr
+
+
 def test_the_tests_that_conftest_keeps_apart_still_exist():
     # conftest.py names the tests that start several processes; a renamed one would silently
     # run beside another such test on the second worker
