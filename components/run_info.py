@@ -25,12 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_revision(repo: Path = REPO) -> Optional[str]:
-    """``<commit>`` or ``<commit>+dirty``; None outside a git checkout (an installed wheel)."""
+    """``<commit>`` or ``<commit>+dirty``; None outside a git checkout (an installed wheel).
+    A checkout of another user's (a lab's shared one) is read too: git refuses it as of
+    "dubious ownership" unless told it is safe, and the run recorded no revision. Nothing is
+    written (no index refresh: a `git commit` of the user's at the same moment found
+    index.lock taken)."""
+    git = ["git", "-c", f"safe.directory={repo}", "--no-optional-locks"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None

@@ -371,3 +371,31 @@ def test_two_process_job_killed_mid_save_resumes_from_the_previous_checkpoint(le
     resumed = let_run(killed, "resume=true", nproc=2)
     assert "ignoring" in resumed.stdout and "step_00000003" in resumed.stdout
     assert history(killed) == history(straight)
+
+
+def test_the_revision_of_another_users_checkout_is_recorded_and_nothing_is_written(tmp_path):
+    """A lab's shared checkout, run by another user: git refuses it ("dubious ownership") and
+    the run recorded no revision ("git unknown (not a git checkout)"). Nor does reading it
+    take git's index lock, which a `git commit` of the owner's at that moment needs."""
+    import os
+    import shutil
+    import subprocess
+
+    from letrecipes.components.run_info import git_revision
+
+    if shutil.which("git") is None or os.geteuid() != 0:
+        pytest.skip("needs git, and root to give the checkout to another user")
+    repo = tmp_path / "shared"
+    repo.mkdir()
+    (repo / "tracked.txt").write_text("a")
+    for command in (["init", "-q"], ["add", "tracked.txt"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit",
+                                                             "-q", "-m", "x"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    (repo / "tracked.txt").write_text("b")
+    for root, folders, files in os.walk(repo):
+        for name in [root, *(os.path.join(root, f) for f in folders + files)]:
+            os.lchown(name, 4242, 4242)  # another user's: root's git refuses it too
+    index = (repo / ".git" / "index").stat()
+    assert git_revision(repo) == head + "+dirty"
+    assert (repo / ".git" / "index").stat().st_mtime_ns == index.st_mtime_ns
