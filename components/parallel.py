@@ -384,7 +384,31 @@ def memory_per_process_gb(device: torch.device, local_processes: Optional[int] =
         except (OSError, ValueError):
             continue
     local = local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(0, available) / max(1, local) / 2**30
+    share = max(0, available) / max(1, local) / 2**30
+    limited = rlimit_left_gb()
+    return min(share, limited[0]) if limited is not None else share
+
+
+def rlimit_left_gb(statm: str = "/proc/self/statm") -> Optional[Tuple[float, str]]:
+    """GiB this process may still map under its own limits, and which: ``ulimit -v`` (the
+    address space, which a cluster's login node or an older scheduler sets) or ``ulimit -d``
+    (the data segment: every private mapping, since Linux 4.7). The tighter of the two;
+    None where neither is set (or there is no /proc to read the sizes from). A run over it
+    was a DefaultCPUAllocator traceback while its model was being built."""
+    import resource
+
+    try:
+        fields = Path(statm).read_text().split()
+        page = os.sysconf("SC_PAGE_SIZE")
+        used = {"ulimit -v": int(fields[0]) * page, "ulimit -d": int(fields[5]) * page}  # size, data + stack
+    except (OSError, ValueError, IndexError):
+        return None
+    left = []
+    for name, limit in (("ulimit -v", resource.RLIMIT_AS), ("ulimit -d", resource.RLIMIT_DATA)):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY:
+            left.append((max(0, soft - used[name]) / 2**30, name))
+    return min(left) if left else None
 
 
 def parallelize(

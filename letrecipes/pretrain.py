@@ -455,13 +455,18 @@ class PretrainRecipe:
         where = "the GPU has" if self.device.type == "cuda" else "this host has"
         share = "" if self.device.type == "cuda" or self.local_processes == 1 else \
             f" (its available memory shared by {self.local_processes} processes)"
+        limited = parallel.rlimit_left_gb() if self.device.type == "cpu" else None
+        raise_limit = ""
+        if limited is not None and limited[0] <= available:  # the process's own limit binds, not the host
+            where, share = "this process's limit leaves", f" (its {limited[1]})"
+            raise_limit = f"`{limited[1]} unlimited` (or higher) before the command, "
         resident = estimate.optimizer_step_gb
         if resident > available:
             raise RecipeError(
                 f"memory: this run needs at least {resident:.1f} GiB per process for its weights, gradients and "
                 f"AdamW moments ({count_parameters(planned) / 1e9:.2f}B parameters, 16 bytes each"
                 + (f", over {self.shards} shards" if self.shards > 1 else "") + f"), and {where} {available:.1f} GiB "
-                f"free{share}. Fix: a smaller model, more processes with FSDP2 (each holds 1/N of these), or "
+                f"free{share}. Fix: {raise_limit}a smaller model, more processes with FSDP2 (each holds 1/N of these), or "
                 "`memory_check=false` to try anyway; `dry_run=true` prints every term of the estimate.")
         if estimate.total_gb > available:
             self.log(f"warning: memory: the cost model puts this run at {estimate.total_gb:.1f} GiB per process (peak "

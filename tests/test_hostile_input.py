@@ -880,6 +880,26 @@ def test_a_compiler_cache_that_cannot_be_written_is_named_with_its_fix(monkeypat
         parallel.rehearse_compile(torch.device("cpu"))  # an OS error elsewhere: not the cache's
 
 
+def test_a_memory_limit_of_the_process_is_checked_and_named(base_overrides, tmp_path, monkeypatch):
+    """`ulimit -v` (a login node's, an older scheduler's) below what the run needs: the memory
+    check read only the host's free memory, and the model's build ended in a
+    DefaultCPUAllocator traceback."""
+    import subprocess
+
+    from letrecipes.components import parallel
+
+    probe = ("import resource; from letrecipes.components.parallel import rlimit_left_gb; "
+             "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize(); "
+             "resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY)); print(rlimit_left_gb())")
+    left, name = eval(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                     timeout=120).stdout)
+    assert name == "ulimit -v" and 0.9 < left <= 1.0, left
+    monkeypatch.setattr(parallel, "rlimit_left_gb", lambda: (1e-4, "ulimit -v"))
+    expect_setup_error(run_pretrain, *base_overrides, "max_steps=1", f"output_dir={tmp_path / 'run'}",
+                       match="this process's limit leaves 0.0 GiB free (its ulimit -v). Fix: `ulimit -v unlimited` "
+                             "(or higher) before the command, a smaller model")
+
+
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
     """Against the memory this process may allocate: below the weights, gradients and
     moments, refused; below the cost model's total, a warning and the run goes on;
