@@ -576,6 +576,13 @@ def _cause_of(err: BaseException, kind: type) -> Optional[BaseException]:
     return None
 
 
+def _noexec(folder: Optional[str]) -> bool:
+    try:
+        return bool(folder) and bool(os.statvfs(folder).f_flag & os.ST_NOEXEC)
+    except (OSError, AttributeError):  # gone, or no statvfs flags (not POSIX)
+        return False
+
+
 def _in_inductor_cache(path: str) -> bool:
     """Whether ``path`` is in torch's compiler cache: $TORCHINDUCTOR_CACHE_DIR, else
     torchinductor_<user> in the temporary folder (torch's own rule, read here because
@@ -612,6 +619,12 @@ def rehearse_compile(device: torch.device, key: str = "compile") -> None:
             cause = (f"under this locale: torch's compiler reads its own UTF-8 files in the locale's encoding, "
                      f"{locale.getpreferredencoding(False)} ({type(err).__name__}: {first[:300]})")
             fix = LOCALE_FIX
+        elif written is not None and _noexec(os.environ.get("TORCHINDUCTOR_CACHE_DIR")):  # torch sets it once it is made
+            # Docker mounts /tmp noexec: the kernel it built there cannot be loaded ("failed to map segment")
+            cause = (f"here: its cache folder {os.environ['TORCHINDUCTOR_CACHE_DIR']} is on a filesystem mounted noexec, "
+                     f"where the kernels it builds cannot be loaded ({type(err).__name__}: {first[:200]})")
+            fix = ("TORCHINDUCTOR_CACHE_DIR=<a folder on a filesystem that allows running programs> (or remount it "
+                   "with exec)")
         elif written is not None and written.filename and _in_inductor_cache(str(written.filename)):
             # a read-only root filesystem (a container's), a full /tmp, a cache folder on a mount that is not there
             why, fix = cause_and_fix(written)

@@ -900,6 +900,38 @@ def test_a_memory_limit_of_the_process_is_checked_and_named(base_overrides, tmp_
                              "(or higher) before the command, a smaller model")
 
 
+def test_a_compiler_cache_on_a_noexec_filesystem_is_named_with_its_fix(monkeypatch, tmp_path):
+    """Docker mounts /tmp noexec: the kernel torch built there cannot be loaded ("failed to map
+    segment from shared object"), and compile=true said "install a C++ compiler"."""
+    import os
+    from types import SimpleNamespace
+
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.registry import ComponentError
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    statvfs = os.statvfs
+    monkeypatch.setattr(parallel.os, "statvfs", lambda path: SimpleNamespace(f_flag=os.ST_NOEXEC)
+                        if str(path) == str(tmp_path) else statvfs(path))
+
+    def unloadable(function):
+        def compiled(*args):
+            raise RuntimeError("InductorError: OSError: kernel.so: failed to map segment from shared object") \
+                from OSError(f"{tmp_path}/ab/kernel.so: failed to map segment from shared object")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", unloadable)
+    with pytest.raises(ComponentError) as refused:
+        parallel.rehearse_compile(torch.device("cpu"))
+    assert str(refused.value) == (
+        f"compile=true: torch.compile cannot compile here: its cache folder {tmp_path} is on a filesystem mounted "
+        "noexec, where the kernels it builds cannot be loaded (RuntimeError: InductorError: OSError: kernel.so: failed "
+        "to map segment from shared object). Fix: TORCHINDUCTOR_CACHE_DIR=<a folder on a filesystem that allows "
+        "running programs> (or remount it with exec), or compile=false.")
+
+
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
     """Against the memory this process may allocate: below the weights, gradients and
     moments, refused; below the cost model's total, a warning and the run goes on;
