@@ -48,6 +48,12 @@ CAUSES = {
     errno.ENOTCONN: "the mount is disconnected (a FUSE mount such as s3fs, gcsfuse or sshfs that lost its "
                     "connection)",
     errno.ETIMEDOUT: "the network filesystem timed out",
+    # an object store's FUSE mount (Mountpoint for S3: no rename, no append; gcsfuse without a hierarchical
+    # namespace: no atomic folder rename) under output_dir or a cache
+    errno.EOPNOTSUPP: "the filesystem does not support the operation (an object store's mount, such as Mountpoint "
+                      "for S3, renames and appends to nothing)",
+    errno.ENOSYS: "the filesystem does not implement the operation (an object store's mount, such as Mountpoint "
+                  "for S3, renames and appends to nothing)",
     errno.EMFILE: "this process has too many open files",
     errno.ENFILE: "the system has too many open files",
     errno.ELOOP: "the path's symbolic links form a loop",
@@ -65,6 +71,8 @@ FIXES = {
     errno.ESTALE: "check that no other machine rewrites the path meanwhile",
     errno.ENOTCONN: "remount it (or copy the files to a local disk)",
     errno.ETIMEDOUT: "check the network filesystem's server",
+    errno.EOPNOTSUPP: "point it at a POSIX filesystem (a local disk, NFS, Lustre) and copy to the bucket afterwards",
+    errno.ENOSYS: "point it at a POSIX filesystem (a local disk, NFS, Lustre) and copy to the bucket afterwards",
     errno.EMFILE: "raise the open-file limit (ulimit -n, up to its hard limit: ulimit -Hn)",
     errno.ENFILE: "close other programs' files or raise fs.file-max",
     errno.ELOOP: "point it at the real file or folder",

@@ -1098,6 +1098,21 @@ def test_a_full_disk_at_the_start_of_a_run_is_one_line_and_the_same_command_goes
     assert max(losses(out)) == 2
 
 
+@pytest.mark.parametrize("code", ["EOPNOTSUPP", "ENOSYS"])
+def test_an_output_dir_on_an_object_store_mount_is_one_line_naming_the_filesystem(tmp_path, code):
+    """Mountpoint for S3 (and other object stores' FUSE mounts) refuses renames and appends
+    with EOPNOTSUPP or ENOSYS: the line said the errno's bare text with no fix."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "tests" / "io_fault.py"), "metrics.jsonl", code, "--", "letrecipes.pretrain",
+           *command(out, f"data.cache_dir={tmp_path / 'cache'}", "max_steps=2")[3:]]
+    failed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+    message = last_line(failed)
+    assert failed.returncode == 1 and message.startswith(f"error: output_dir: starting the run in {out} failed: the "
+                                                         "filesystem does not "), failed.stderr[-3000:]
+    assert "Fix: point it at a POSIX filesystem (a local disk, NFS, Lustre) and copy to the bucket afterwards" in message
+
+
 @pytest.mark.parametrize("name, key", [(".metadata", "output_dir"), (".metadata#2", "output_dir"),
                                        ("__0_0.distcp", "output_dir"), ("COMPLETE", "output_dir"),
                                        ("tokenizer.json#2", "tokenizer.path")])  # the 1st: a GGUF probe
