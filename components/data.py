@@ -536,6 +536,29 @@ def _check_held_out(val_source, specs: Sequence[Mapping[str, Any]], data_cfg: Ma
                 "corpus with data.val_fraction.")
 
 
+SHARED_MEMORY = "/dev/shm"
+
+
+def shared_memory_exhausted(err: BaseException, num_workers: int, folder: str = SHARED_MEMORY) -> Optional[str]:
+    """What to say when the loader's worker processes could not pass a batch through shared
+    memory (a container's /dev/shm is 64 MB unless --shm-size says more, and the files of
+    killed runs stay in it): torch's "unable to allocate shared memory(shm) ... No space
+    left on device" in a worker, or a worker killed by SIGBUS, was a traceback mid-run.
+    None for any other error."""
+    if num_workers < 1 or "shared memory" not in str(err):
+        return None
+    import shutil
+
+    try:
+        usage = shutil.disk_usage(folder)
+        state = f"{usage.free / 2**20:,.1f} MB free of {usage.total / 2**20:,.1f} MB"
+    except OSError:
+        state = "its size unknown"
+    return (f"data.num_workers={num_workers}: the data loader's worker processes pass each batch through shared "
+            f"memory ({folder}: {state}), and it ran out (a container's is 64 MB unless docker run --shm-size says "
+            "more; files of runs that were killed stay in it).")
+
+
 def corpus_fingerprint(dataset) -> str:
     """The training tokens in brief: each prepared corpus's token and document counts,
     shard by shard. A corpus edited, grown or shrunk since (then prepared again) changes

@@ -35,9 +35,9 @@ from letrecipes._config import parse, path_keys, run
 from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
-from letrecipes.components.corpus import DataWarning
-from letrecipes.components.data import (BatchStream, build_dataloader, build_datasets, corpus_fingerprint,
-                                        training_folders)
+from letrecipes.components.corpus import DataError, DataWarning
+from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_dataloader, build_datasets, corpus_fingerprint,
+                                        shared_memory_exhausted, training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
@@ -712,6 +712,11 @@ class PretrainRecipe:
         except (RuntimeError, MemoryError) as err:
             if is_out_of_memory(err):
                 raise self.out_of_memory(err) from err
+            shared = shared_memory_exhausted(err, int(self.cfg.data.get("num_workers", 0) or 0))
+            if shared is not None:
+                raise DataError(f"{shared} {self.checkpointer.what_is_kept()} Fix: free it (ls {SHARED_MEMORY}), give it "
+                                f"more room (--shm-size=1g), or data.num_workers=0 (batches read in this process), "
+                                "then run the same command with resume=true.") from err
             failure = parallel.collective_failure(err)
             if failure is None:
                 raise

@@ -932,6 +932,35 @@ def test_a_compiler_cache_on_a_noexec_filesystem_is_named_with_its_fix(monkeypat
         "running programs> (or remount it with exec), or compile=false.")
 
 
+def test_shared_memory_the_loaders_workers_run_out_of_is_one_line_with_what_is_kept(base_overrides, tmp_path,
+                                                                                    monkeypatch):
+    """A full /dev/shm (a container's 64 MB, or files of killed runs) under data.num_workers > 0:
+    torch's "unable to allocate shared memory(shm) ... No space left on device" from a
+    worker was a traceback mid-run (seen with a small tmpfs mounted over /dev/shm)."""
+    from letrecipes.components import data
+
+    stream_next = data.BatchStream.next
+
+    def next_batch(self):
+        if self.batches_taken == 2:  # after step 2's checkpoint
+            raise RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback ...\n"
+                               "RuntimeError: unable to allocate shared memory(shm) for file </torch_1_2_3>: No space "
+                               "left on device (28)")
+        return stream_next(self)
+
+    monkeypatch.setattr(data.BatchStream, "next", next_batch)
+    out = tmp_path / "run"
+    message = expect_setup_error(run_pretrain, *base_overrides, f"output_dir={out}", "max_steps=4", "save_every=2",
+                                 "eval_every=0", "data.num_workers=1",
+                                 match="data.num_workers=1: the data loader's worker processes pass each batch through "
+                                       "shared memory (/dev/shm: ")
+    assert message.endswith(f"The last complete checkpoint, {out}/checkpoints/step_00000002, is intact. Fix: free it "
+                            "(ls /dev/shm), give it more room (--shm-size=1g), or data.num_workers=0 (batches read in "
+                            "this process), then run the same command with resume=true."), message
+    assert data.shared_memory_exhausted(RuntimeError("some other failure"), 2) is None
+    assert data.shared_memory_exhausted(RuntimeError("out of shared memory"), 0) is None  # no workers: not theirs
+
+
 def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path, monkeypatch, capsys):
     """Against the memory this process may allocate: below the weights, gradients and
     moments, refused; below the cost model's total, a warning and the run goes on;
