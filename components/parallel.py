@@ -123,6 +123,15 @@ def _check_launch_environment() -> None:
         if not 0 < numbers["MASTER_PORT"] < 65536:
             raise ComponentError(f"MASTER_PORT={numbers['MASTER_PORT']} in the environment is no port (1..65535). "
                                  f"Fix: {fix}.")
+        address = os.environ["MASTER_ADDR"]
+        try:
+            socket.getaddrinfo(address, numbers["MASTER_PORT"], type=socket.SOCK_STREAM)
+        except socket.gaierror as err:  # torch retried it for the store's whole timeout, then a C++ stack
+            raise ComponentError(
+                f"MASTER_ADDR={address} does not resolve to an address ({err.strerror}): it is where every process "
+                "meets, and torchrun sets it to its node's host name unless told another address. Fix: make the "
+                "host name resolve (/etc/hosts, DNS), or give torchrun an address of this node (on one machine: tune "
+                "run --nproc_per_node N --local-addr 127.0.0.1 ...), then run the same command again.") from None
     local_rank, local_world = numbers.get("LOCAL_RANK", 0), numbers.get("LOCAL_WORLD_SIZE")
     if local_rank < 0 or (local_world is not None and not 0 <= local_rank < local_world):
         ranks = f"this node's local ranks 0..{local_world - 1} (LOCAL_WORLD_SIZE={local_world})" \

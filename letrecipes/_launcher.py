@@ -126,7 +126,36 @@ def _failed_ranks_in_a_few_lines(previous):
     return hook
 
 
+def _is_launcher(words) -> bool:
+    """``tune run --nproc_per_node N ...``, ``torchrun ...`` or ``python -m torch.distributed.run ...``
+    (at the start of Python, before runpy, ``sys.argv[0]`` of ``-m`` is ``-m``)."""
+    several = any(word.split("=")[0] in ("--nproc_per_node", "--nproc-per-node", "--nnodes") for word in words)
+    return several and (os.path.basename(words[0]) in ("tune", "torchrun") or "torch.distributed.run" in words[:3])
+
+
+def say_if_the_host_name_does_not_resolve() -> None:
+    """torchrun gives its processes this node's host name as the address to meet at, unless
+    ``--local-addr`` names one: where the name does not resolve (a container's host name
+    missing from /etc/hosts, a node's broken DNS) each process retried for 5 minutes and
+    then printed a C++ stack, with nothing of letrecipes said. One line first, here in the
+    launcher, which still goes on (a resolver that answers late may answer it)."""
+    words = getattr(sys, "argv", None) or []
+    if not _is_launcher(words) or not _is_letrecipes_launch():
+        return
+    if any(word.split("=")[0] in ("--local-addr", "--local_addr") for word in words):
+        return
+    name = socket.gethostname()
+    try:
+        socket.getaddrinfo(socket.getfqdn(name), None)
+    except socket.gaierror as err:
+        sys.stderr.write(f"warning: this machine's host name {name!r} does not resolve to an address ({err.strerror}), "
+                         "and torchrun gives it to its processes as the address to meet at: they would wait for it "
+                         "(5 minutes), then fail. Fix: make it resolve (/etc/hosts, DNS), or give torchrun an address of "
+                         "this node: on one machine, tune run --nproc_per_node N --local-addr 127.0.0.1 ...\n")
+
+
 def install() -> None:
+    say_if_the_host_name_does_not_resolve()
     drop_message("torch.distributed.elastic.multiprocessing.errors.error_handler", NO_PARENT_ERROR_FILE)
     if not hook_installed("failed_ranks_in_a_few_lines"):
         sys.excepthook = _failed_ranks_in_a_few_lines(sys.excepthook)

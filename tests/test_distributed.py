@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -328,7 +329,11 @@ def test_a_gpu_process_group_is_bound_to_the_processs_own_gpu(monkeypatch):
      "MASTER_PORT=70000 in the environment is no port (1..65535)"),
     ({"LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
      "LOCAL_RANK=2 in the environment is not one of this node's local ranks 0..1 (LOCAL_WORLD_SIZE=2)"),
-], ids=["world-size-alone", "not-a-number", "zero", "rank-past-the-world", "no-port", "local-rank-past-the-node"])
+    # the store's whole timeout of retries, then a C++ stack
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29500"},
+     "MASTER_ADDR=no-such-host.invalid does not resolve to an address ("),
+], ids=["world-size-alone", "not-a-number", "zero", "rank-past-the-world", "no-port", "local-rank-past-the-node",
+        "unresolved-address"])
 def test_launch_variables_left_in_the_environment_are_one_line_before_the_process_group(monkeypatch, env, says):
     """`export WORLD_SIZE=8` in a shell or job script, without torchrun, ended in torch's
     traceback ("environment variable RANK expected") or a wait of process_group_timeout_s."""
@@ -343,6 +348,31 @@ def test_launch_variables_left_in_the_environment_are_one_line_before_the_proces
     with pytest.raises(ComponentError) as said:
         parallel.setup_device("cpu")
     assert says in str(said.value)
+
+
+def test_a_launcher_on_a_host_name_that_does_not_resolve_says_so_first(monkeypatch, capsys):
+    """torchrun gives its processes the node's host name to meet at: unresolved, each waited
+    5 minutes and printed a C++ stack, with nothing of letrecipes said."""
+    import socket
+
+    from letrecipes import _launcher
+
+    def unresolved(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    monkeypatch.setattr(socket, "gethostname", lambda: "box-7")
+    for argv, said in ((["/venv/bin/tune", "run", "--nproc_per_node", "2", "letrecipes/pretrain"], True),
+                       (["-m", "torch.distributed.run", "--nproc-per-node=2", "letrecipes/pretrain.py"], True),
+                       (["/venv/bin/tune", "run", "--nproc_per_node", "2", "--local-addr", "127.0.0.1",
+                         "letrecipes/pretrain"], False),
+                       (["/venv/bin/tune", "run", "letrecipes/pretrain"], False),  # one process: no group
+                       (["letrecipes/pretrain.py", "--config", "x"], False)):  # a rank, not its launcher
+        monkeypatch.setattr(sys, "argv", argv)
+        _launcher.say_if_the_host_name_does_not_resolve()
+        err = capsys.readouterr().err
+        assert err.startswith("warning: this machine's host name 'box-7' does not resolve to an address (Name or "
+                              "service not known)") == said and ("--local-addr 127.0.0.1" in err) == said, (argv, err)
 
 
 @pytest.mark.parametrize("rank, says", [("0", "Timed out after"), ("1", "The client socket has timed out")],
