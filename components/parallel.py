@@ -628,10 +628,10 @@ def rehearse_compile(device: torch.device, key: str = "compile") -> None:
             cause = (f"under this locale: torch's compiler reads its own UTF-8 files in the locale's encoding, "
                      f"{locale.getpreferredencoding(False)} ({type(err).__name__}: {first[:300]})")
             fix = LOCALE_FIX
-        elif written is not None and _noexec(os.environ.get("TORCHINDUCTOR_CACHE_DIR")):  # torch sets it once it is made
+        elif written is not None and _noexec(cache := os.environ.get("TORCHINDUCTOR_CACHE_DIR")):  # torch sets it
             # Docker mounts /tmp noexec: the kernel it built there cannot be loaded ("failed to map segment")
-            cause = (f"here: its cache folder {os.environ['TORCHINDUCTOR_CACHE_DIR']} is on a filesystem mounted noexec, "
-                     f"where the kernels it builds cannot be loaded ({type(err).__name__}: {first[:200]})")
+            cause = (f"here: its cache folder {cache} is on a filesystem mounted noexec, where the kernels it builds "
+                     f"cannot be loaded ({type(err).__name__}: {first[:200]})")
             fix = ("TORCHINDUCTOR_CACHE_DIR=<a folder on a filesystem that allows running programs> (or remount it "
                    "with exec)")
         elif written is not None and written.filename and _in_inductor_cache(str(written.filename)):

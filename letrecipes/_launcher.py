@@ -150,8 +150,8 @@ def say_if_the_host_name_does_not_resolve() -> None:
     except socket.gaierror as err:
         sys.stderr.write(f"warning: this machine's host name {name!r} does not resolve to an address ({err.strerror}), "
                          "and torchrun gives it to its processes as the address to meet at: they would wait for it "
-                         "(5 minutes), then fail. Fix: make it resolve (/etc/hosts, DNS), or give torchrun an address of "
-                         "this node: on one machine, tune run --nproc_per_node N --local-addr 127.0.0.1 ...\n")
+                         "(5 minutes), then fail. Fix: make it resolve (/etc/hosts, DNS), or give torchrun an address "
+                         "of this node: on one machine, tune run --nproc_per_node N --local-addr 127.0.0.1 ...\n")
 
 
 def install() -> None:

@@ -36,8 +36,8 @@ from letrecipes._dry_run import config_memory
 from letrecipes.components import faults, parallel, registry, resume, run_info
 from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
 from letrecipes.components.corpus import DataError, DataWarning
-from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_dataloader, build_datasets, corpus_fingerprint,
-                                        shared_memory_exhausted, training_folders)
+from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_dataloader, build_datasets,
+                                        corpus_fingerprint, shared_memory_exhausted, training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
@@ -466,8 +466,8 @@ class PretrainRecipe:
                 f"memory: this run needs at least {resident:.1f} GiB per process for its weights, gradients and "
                 f"AdamW moments ({count_parameters(planned) / 1e9:.2f}B parameters, 16 bytes each"
                 + (f", over {self.shards} shards" if self.shards > 1 else "") + f"), and {where} {available:.1f} GiB "
-                f"free{share}. Fix: {raise_limit}a smaller model, more processes with FSDP2 (each holds 1/N of these), or "
-                "`memory_check=false` to try anyway; `dry_run=true` prints every term of the estimate.")
+                f"free{share}. Fix: {raise_limit}a smaller model, more processes with FSDP2 (each holds 1/N of these), "
+                "or `memory_check=false` to try anyway; `dry_run=true` prints every term of the estimate.")
         if estimate.total_gb > available:
             self.log(f"warning: memory: the cost model puts this run at {estimate.total_gb:.1f} GiB per process (peak "
                      f"at the {estimate.peak_phase}) and {where} {available:.1f} GiB free{share}: it may run out of "
@@ -714,8 +714,8 @@ class PretrainRecipe:
                 raise self.out_of_memory(err) from err
             shared = shared_memory_exhausted(err, int(self.cfg.data.get("num_workers", 0) or 0))
             if shared is not None:
-                raise DataError(f"{shared} {self.checkpointer.what_is_kept()} Fix: free it (ls {SHARED_MEMORY}), give it "
-                                f"more room (--shm-size=1g), or data.num_workers=0 (batches read in this process), "
+                raise DataError(f"{shared} {self.checkpointer.what_is_kept()} Fix: free it (ls {SHARED_MEMORY}), give "
+                                "it more room (--shm-size=1g), or data.num_workers=0 (batches read in this process), "
                                 "then run the same command with resume=true.") from err
             failure = parallel.collective_failure(err)
             if failure is None:

@@ -1110,7 +1110,8 @@ def test_an_output_dir_on_an_object_store_mount_is_one_line_naming_the_filesyste
     message = last_line(failed)
     assert failed.returncode == 1 and message.startswith(f"error: output_dir: starting the run in {out} failed: the "
                                                          "filesystem does not "), failed.stderr[-3000:]
-    assert "Fix: point it at a POSIX filesystem (a local disk, NFS, Lustre) and copy to the bucket afterwards" in message
+    assert "Fix: point it at a POSIX filesystem (a local disk, NFS, Lustre) and copy to the bucket " \
+        "afterwards" in message
 
 
 @pytest.mark.parametrize("name, key", [(".metadata", "output_dir"), (".metadata#2", "output_dir"),
