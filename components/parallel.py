@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import LOCALE_FIX, cause_and_fix, shortened
+from letrecipes.components.files import LOCALE_FIX, cause_and_fix, os_error_in, shortened
 from letrecipes.components.registry import ComponentError
 from letrecipes.components.resume import flatten
 from letrecipes.components.run_info import outdated, torchrun_attempt
@@ -623,12 +623,12 @@ def rehearse_compile(device: torch.device, key: str = "compile") -> None:
         fix = ("install Triton for this torch (pip install triton, matching torch's version)" if device.type == "cuda"
                else "install a C++ compiler and Python's headers (apt-get install g++ python3-dev; or set CXX)")
         cause = f"on this machine ({type(err).__name__}: {first[:300]})"
-        written = _cause_of(err, OSError)
+        written = os_error_in(err)  # an OS error with its errno (and file), as the run's own are named
         if _cause_of(err, UnicodeError):  # inductor opens its own UTF-8 templates in the locale's encoding (EUC-JP)
             cause = (f"under this locale: torch's compiler reads its own UTF-8 files in the locale's encoding, "
                      f"{locale.getpreferredencoding(False)} ({type(err).__name__}: {first[:300]})")
             fix = LOCALE_FIX
-        elif written is not None and _noexec(cache := os.environ.get("TORCHINDUCTOR_CACHE_DIR")):  # torch sets it
+        elif _cause_of(err, OSError) and _noexec(cache := os.environ.get("TORCHINDUCTOR_CACHE_DIR")):  # torch sets it
             # Docker mounts /tmp noexec: the kernel it built there cannot be loaded ("failed to map segment")
             cause = (f"here: its cache folder {cache} is on a filesystem mounted noexec, where the kernels it builds "
                      f"cannot be loaded ({type(err).__name__}: {first[:200]})")
