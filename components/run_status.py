@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from letrecipes.components.checkpointing import STEP_PREFIX, complete_checkpoints_in, step_of
 from letrecipes.components.export import exported_step
 from letrecipes.components.files import describe as describe_os_error
-from letrecipes.components.metrics import METRICS_FILE, read_metric_records
+from letrecipes.components.metrics import METRICS_FILE, records_from_the_end
 from letrecipes.components.progress import clock
 from letrecipes.components.run_lock import describe, live_owner
 
@@ -46,16 +46,16 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     config = (info.get("config") if isinstance(info, dict) else None) or {}
     max_steps = config.get("max_steps") if isinstance(config, dict) else None
     status["max_steps"] = max_steps if _count(max_steps) else None
-    records, status["unreadable_lines"] = _records(folder / METRICS_FILE)
-    trained = [r for r in records if _count(r.get("step")) and _number(r.get("loss")) and "event" not in r]
-    if trained:
-        last = trained[-1]
-        status["last"] = {k: last[k] for k in ("step", "loss", "tokens", "tokens_per_s_avg", "eta_s")
-                          if _number(last.get(k))}
+    eval_every = config.get("eval_every") if isinstance(config, dict) else None
+    # a run that does not validate has no val_loss to look for: the search would read its whole log
+    trained, validated, status["unreadable_lines"] = _newest_records(
+        folder / METRICS_FILE, validates=not (_count(eval_every) and eval_every == 0))
+    if trained is not None:
+        status["last"] = {k: trained[k] for k in ("step", "loss", "tokens", "tokens_per_s_avg", "eta_s")
+                          if _number(trained.get(k))}
         status["last_log_age_s"] = round(time.time() - (folder / METRICS_FILE).stat().st_mtime, 1)
-    validated = [r for r in records if _count(r.get("step")) and _number(r.get("val_loss"))]
-    if validated:
-        status["val_loss"] = {"step": validated[-1]["step"], "val_loss": validated[-1]["val_loss"]}
+    if validated is not None:
+        status["val_loss"] = {"step": validated["step"], "val_loss": validated["val_loss"]}
     steps = complete_checkpoints_in(folder / "checkpoints")
     status["checkpoints"] = [p.name for p in steps]
     status["final"] = (folder / "final" / "config.json").is_file()
@@ -67,7 +67,7 @@ def _run_status(folder: Path) -> Dict[str, Any]:
     # and an export's step: with save_every=0, a run whose log was lost (its folder removed while it
     # trained, its records written again at the export) has no other
     exported = [status["final_step"]] if _count(status["final_step"]) else []
-    logged = [trained[-1]["step"]] if trained else []
+    logged = [trained["step"]] if trained is not None else []
     status["step"] = max(logged + saved + exported, default=None)
     if saved and max(saved) > max(logged, default=-1):
         status["saved_step"] = max(saved)
@@ -93,12 +93,28 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _records(path: Path) -> Tuple[List[Dict[str, Any]], int]:
-    """A status is read from whatever the folder holds: no metrics file is no record."""
+def _newest_records(path: Path, validates: bool) -> Tuple[Optional[Dict[str, Any]], Optional[Dict[str, Any]], int]:
+    """The newest record of a step trained, and of a validation (when ``validates``), read
+    from the end of the log; and how many lines passed over on the way are no record. A
+    status is read from whatever the folder holds: no metrics file is no record."""
+    trained = validated = None
+    unreadable = 0
     try:
-        return read_metric_records(path)
+        for record in records_from_the_end(path):
+            if record is None:
+                unreadable += 1
+                continue
+            if not _count(record.get("step")):
+                continue
+            if trained is None and _number(record.get("loss")) and "event" not in record:
+                trained = record
+            if validated is None and validates and _number(record.get("val_loss")):
+                validated = record
+            if trained is not None and (validated is not None or not validates):
+                break
     except OSError:
-        return [], 0
+        pass
+    return trained, validated, unreadable
 
 
 def describe_status(status: Dict[str, Any]) -> str:
@@ -137,8 +153,8 @@ def describe_status(status: Dict[str, Any]) -> str:
                  + (("yes" if final_step in (None, status.get("step")) else f"of step {final_step}, an earlier one")
                     if status["final"] else "not yet"))
     if status.get("unreadable_lines"):
-        lines.append(f"  {status['unreadable_lines']:,} line(s) of {METRICS_FILE} are not records (edited or damaged): "
-                     "passed over")
+        lines.append(f"  {status['unreadable_lines']:,} line(s) of {METRICS_FILE} read are not records (edited or "
+                     "damaged): passed over")
     if status["state"] == "stopped":
         lines.append("  resume=true goes on from " + (status["resume_from"] or "step 0 (no complete checkpoint)")
                      + " (the same command as the run's, with resume=true)")

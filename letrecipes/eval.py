@@ -415,7 +415,7 @@ def _trained_tokens(checkpoint: Path) -> Optional[int]:
     """How many tokens the model had trained on: a step checkpoint records it beside its
     weights (run_info.json's ``trained_tokens``); a run's final export is its last logged
     step (metrics.jsonl). None for anything else, or a run older than the count."""
-    from letrecipes.components.metrics import read_metrics
+    from letrecipes.components.metrics import records_from_the_end
 
     try:
         if (checkpoint / "run_info.json").is_file():
@@ -423,8 +423,8 @@ def _trained_tokens(checkpoint: Path) -> Optional[int]:
             if recorded is not None:
                 return int(recorded)
         if checkpoint.name == "final" and (checkpoint.parent / "metrics.jsonl").is_file():
-            counted = [r["tokens"] for r in read_metrics(checkpoint.parent / "metrics.jsonl") if "tokens" in r]
-            return counted[-1] if counted else None
+            return next((record["tokens"] for record in records_from_the_end(checkpoint.parent / "metrics.jsonl")
+                         if record is not None and "tokens" in record), None)
     except (OSError, ValueError, TypeError, AttributeError):
         pass
     return None

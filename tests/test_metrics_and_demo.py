@@ -1,10 +1,11 @@
 import json
+import random
 import shutil
 
 import pytest
 
 from letrecipes.components import progress
-from letrecipes.components.metrics import MetricLogger, compare_runs, read_metrics
+from letrecipes.components.metrics import MetricLogger, compare_runs, read_metric_records, read_metrics, records_from_the_end
 from letrecipes.components.progress import ProgressClock, elapsed_and_eta
 from letrecipes.demo import strip_markdown
 
@@ -36,6 +37,30 @@ def test_metric_logger_writes_one_json_object_per_call(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["grad_norm"] is None  # NaN is not valid JSON
+
+
+def test_reading_a_log_from_its_end_gives_its_records_newest_first_at_any_block_size(tmp_path):
+    """The reader `letrecipes status` and the eval recipe use on long logs: each block's cut
+    falls anywhere, inside a record or a multi-byte character; the same records and the same
+    lines counted as no record as a whole read, in the other order."""
+    rng = random.Random(0)
+    lines = []
+    for step in range(1, 200):
+        lines.append(rng.choice([json.dumps({"step": step, "loss": rng.random(), "note": "dé" * rng.randint(0, 9)},
+                                            ensure_ascii=False),
+                                 json.dumps({"step": step, "loss": 1.0}), "", "  ", "[1, 2", '"text"', "\udcff\udcfe",
+                                 '{"step": %d, "loss": 0.5, "byte": "\udcff"}' % step]))
+    whole = "\n".join(lines) + "\n"
+    for tail in ("", '{"step": 999, "loss": 1.'):  # the last line of a live run: not whole, left out
+        path = tmp_path / "metrics.jsonl"
+        path.write_bytes(whole.encode("utf-8", "surrogateescape") + tail.encode())
+        records, unreadable = read_metric_records(path)
+        for block in (1, 2, 3, 7, 64, 1000, 1 << 20):
+            backwards = list(records_from_the_end(path, block_bytes=block))
+            assert [r for r in backwards if r is not None] == records[::-1], block
+            assert backwards.count(None) == unreadable, block
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert list(records_from_the_end(tmp_path / "empty.jsonl")) == []
 
 
 def test_the_eta_drops_the_start_up_interval(monkeypatch):
