@@ -335,6 +335,11 @@ def cause_and_fix(err: OSError) -> Tuple[str, str]:
     fix = FIXES.get(err.errno, "fix the path or the filesystem")
     if err.errno == errno.ENOENT and err.filename and _virtual_folder(Path(err.filename).parent):
         cause = "the folder is on a virtual filesystem (like /proc or /sys), which refuses new files"
+    if err.errno == errno.ENOSPC and err.filename and _out_of_inodes(Path(err.filename)):
+        # the same errno as a full disk, while df shows space free: said so, or the fix reads as wrong
+        cause = ("the filesystem can hold no more files: its inodes are all used, while its space is not "
+                 "(df -i shows them)")
+        fix = "remove files you no longer need from it (many small ones free the most inodes), or use another filesystem"
     link = _dangling_link(err.filename) if err.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) else None
     if link is not None:  # mkdir -p on a link to nowhere: EEXIST, read as "a file is where the folder should be"
         link, target = link
@@ -342,6 +347,22 @@ def cause_and_fix(err: OSError) -> Tuple[str, str]:
                 f"create what it points to (mkdir -p {target}) or point it at another folder")
     where = f" ({err.filename})" if err.filename else ""
     return f"{cause}{where}", fix
+
+
+def _out_of_inodes(path: Path) -> bool:
+    """Whether the filesystem under ``path`` (its nearest folder that exists) has used up its
+    inodes while it still has space: a tmpfs's nr_inodes, an ext4 made for few large files,
+    millions of small cache files."""
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        fs = os.statvfs(folder) if folder is not None else None
+    except OSError:
+        return False
+    if fs is None or fs.f_files == 0:  # no fixed inode count (btrfs, many network filesystems)
+        return False
+    few_inodes = fs.f_favail <= max(16, fs.f_files // 1000)
+    space_left = fs.f_bavail > max(fs.f_blocks // 100, (64 << 20) // max(fs.f_frsize, 1))
+    return few_inodes and space_left
 
 
 def _dangling_link(filename) -> Optional[Tuple[Path, Path]]:

@@ -5,6 +5,7 @@ Unit tests drive the components in-process; the end-to-end ones run real `tune r
 subprocesses (pretrain_tiny: a few seconds each).
 """
 
+import errno
 import json
 import os
 import re
@@ -1117,6 +1118,28 @@ def test_an_output_dir_on_an_object_store_mount_is_one_line_naming_the_filesyste
                                                          "filesystem does not "), failed.stderr[-3000:]
     assert "Fix: point it at a POSIX filesystem (a local disk, NFS, Lustre) and copy to the bucket " \
         "afterwards" in message
+
+
+def test_a_filesystem_out_of_inodes_is_not_said_as_a_full_disk(tmp_path, monkeypatch):
+    """ENOSPC is also what creating a file gets when the inodes are used up and the space is
+    not (a tmpfs's nr_inodes; an ext4 holding millions of small files): "the disk is full.
+    Fix: free space" sent a user to df, which showed the disk 1% used. Measured on a tmpfs
+    with nr_inodes=12: the step-2 checkpoint's save, now said as the inodes."""
+    from letrecipes.components import files
+
+    def filesystem(files_total, files_free, blocks_free):
+        return lambda path: os.statvfs_result((4096, 4096, 51200, blocks_free, blocks_free, files_total, files_free,
+                                               files_free, 0, 255))
+
+    err = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints" / "step_2.tmp"))
+    monkeypatch.setattr(os, "statvfs", filesystem(files_total=12, files_free=0, blocks_free=51000))
+    cause, fix = files.cause_and_fix(err)
+    assert cause.startswith("the filesystem can hold no more files: its inodes are all used, while its space is not "
+                            "(df -i shows them)") and str(tmp_path) in cause
+    assert fix.startswith("remove files you no longer need")
+    for total, free, blocks in ((12, 0, 0), (0, 0, 51000), (100000, 5000, 51000)):  # full; no inode count; inodes left
+        monkeypatch.setattr(os, "statvfs", filesystem(total, free, blocks))
+        assert files.cause_and_fix(err) == (f"the disk is full ({err.filename})", "free space")
 
 
 @pytest.mark.parametrize("name, key", [(".metadata", "output_dir"), (".metadata#2", "output_dir"),
