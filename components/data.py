@@ -381,6 +381,7 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
     trainer has died exits by itself (torch's watchdog)."""
     for notice in (signal.SIGINT, *NOTICE_SIGNALS):  # Slurm's --signal=USR1 reaches every process as well
         signal.signal(notice, signal.SIG_IGN)
+    _start_the_batch_passing_thread()
     trainer = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
@@ -389,7 +390,29 @@ def _leave_signals_to_the_trainer(worker_id: int) -> None:
             if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer:
                 os._exit(0)
 
-    threading.Thread(target=take_sigterm_from_the_trainer_only, daemon=True).start()
+    try:
+        threading.Thread(target=take_sigterm_from_the_trainer_only, daemon=True).start()
+    except RuntimeError:  # at the limit on threads: with SIGTERM blocked and no thread to take it, the
+        # worker was deaf to its trainer's terminate(), and the trainer's exit waited on it for good
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        raise
+
+
+def _start_the_batch_passing_thread() -> None:
+    """Start now the thread through which a worker hands its batches' tensors to the trainer
+    (multiprocessing's resource sharer, which torch's file-descriptor sharing uses), not at
+    the first batch. Started there at the limit on threads (components/tasks.py), it failed
+    after its socket was open, and the trainer, connecting to take the batch, waited for an
+    answer for good: a run that hung without a word. Failing here, the worker's error
+    reaches the trainer as the first batch (torch passes on its init function's error)."""
+    from multiprocessing import resource_sharer
+
+    sharer = getattr(resource_sharer, "_resource_sharer", None)  # CPython's, since 3.4
+    if sharer is None or getattr(sharer, "_address", True) is not None or not hasattr(sharer, "_start"):
+        return
+    with sharer._lock:
+        if sharer._address is None:
+            sharer._start()
 
 
 def source_names(specs: Sequence[Mapping[str, Any]]) -> List[str]:

@@ -407,6 +407,11 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
     except LetRecipesError:
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
+        from letrecipes.components import tasks
+
+        failure = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else tasks.start_failure(err)
+        if failure is not None:  # a fork's EAGAIN is no file's error: the limit on threads and processes
+            raise tasks.limit_error(failure, doing, kept() if callable(kept) else kept, then) from err
         os_err = os_error_in(err, other_than)
         if os_err is None or isinstance(err, (KeyboardInterrupt, SystemExit, BrokenPipeError)):
             raise  # a closed pipe is the reader gone (`| head`), not the storage

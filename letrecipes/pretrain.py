@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from letrecipes._config import parse, path_keys, run
 from letrecipes._dry_run import config_memory
-from letrecipes.components import faults, parallel, registry, resume, run_info
-from letrecipes.components.checkpointing import Checkpointer, Progress, RNGState, step_of
+from letrecipes.components import faults, parallel, registry, resume, run_info, tasks
+from letrecipes.components.checkpointing import HASH_THREADS, Checkpointer, Progress, RNGState, step_of
 from letrecipes.components.corpus import DataError, DataWarning
 from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_dataloader, build_datasets,
                                         corpus_fingerprint, shared_memory_exhausted, training_folders)
@@ -42,7 +42,7 @@ from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model, exported_step
-from letrecipes.components.files import environment_errors, replace_atomically
+from letrecipes.components.files import environment_errors, replace_atomically, usable_cores
 from letrecipes.components.lr_schedules import run_length
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
@@ -402,6 +402,7 @@ class PretrainRecipe:
         self.planned_args = planned.model_args
         self.check_memory(planned)
         self.check_disk(count_parameters(planned))
+        self.check_tasks()
 
     def kept_checkpoints(self) -> Optional[int]:
         """``keep_last_checkpoints``: how many step checkpoints are kept; None keeps every one (``all``)."""
@@ -438,6 +439,29 @@ class PretrainRecipe:
                      f"of about {_size(checkpoint)} ({counted}) "
                      f"and a {_size(export)} export, {_size(needed)} in all. Fix: free space, "
                      "keep_last_checkpoints=1, or an output_dir on a larger disk.")
+
+    def check_tasks(self) -> None:
+        """Warn at the start when the limit on threads and processes (a container's pids
+        limit, ``ulimit -u``) leaves fewer than this run starts: short of them, it failed
+        wherever it next started one, or hung in its data loader (components/tasks.py)."""
+        room = tasks.headroom()
+        if room is None:
+            return
+        compile_threads = 0
+        if self.compiled_keys():
+            import torch._inductor.config as inductor_config
+
+            compile_threads = int(inductor_config.compile_threads or 1)
+        workers = int(self.cfg.data.get("num_workers", 0) or 0)
+        per_process = tasks.needed(torch.get_num_threads(), workers, usable_cores(), HASH_THREADS, compile_threads)
+        more = max(0, per_process - tasks.own_tasks()) * self.local_processes
+        if more > room[0]:
+            each = " each" if self.local_processes > 1 else ""
+            self.log(f"warning: {tasks.limit_name(room)}: this run starts about {per_process} threads and processes"
+                     f"{each} ({torch.get_num_threads()} of torch's, {workers} data loader worker(s) with theirs"
+                     + (f", {compile_threads} compile workers" if compile_threads else "") + f"), and {max(0, room[0])} "
+                     f"more may start ({room[1]}): short of them, a thread that cannot start ends the run"
+                     + (", or leaves it waiting in the data loader" if workers else "") + f". Fix: {tasks.FIX}.")
 
     def check_memory(self, planned: nn.Module) -> None:
         """Refuse, in one line, a run whose weights, gradients and AdamW moments alone (16
