@@ -163,6 +163,7 @@ class PretrainRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         registry.import_modules(cfg.get("imports"))
+        self.check_tasks()  # before the process group, whose threads abort the process when they cannot start
         fsdp_enabled = (cfg.get("fsdp") or {}).get("enabled", "auto")
         self.device, self.rank, self.world_size, device_notes = parallel.setup_device(
             cfg.get("device"), cfg.get("cpu_malloc_tuning", True), int(cfg.get("process_group_timeout_s", 600)),
@@ -402,7 +403,6 @@ class PretrainRecipe:
         self.planned_args = planned.model_args
         self.check_memory(planned)
         self.check_disk(count_parameters(planned))
-        self.check_tasks()
 
     def kept_checkpoints(self) -> Optional[int]:
         """``keep_last_checkpoints``: how many step checkpoints are kept; None keeps every one (``all``)."""
@@ -454,9 +454,10 @@ class PretrainRecipe:
             compile_threads = int(inductor_config.compile_threads or 1)
         workers = int(self.cfg.data.get("num_workers", 0) or 0)
         per_process = tasks.needed(torch.get_num_threads(), workers, usable_cores(), HASH_THREADS, compile_threads)
-        more = max(0, per_process - tasks.own_tasks()) * self.local_processes
-        if more > room[0]:
-            each = " each" if self.local_processes > 1 else ""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's; the process group is not up yet
+        more = max(0, per_process - tasks.own_tasks()) * local
+        if more > room[0] and int(os.environ.get("RANK", 0)) == 0:
+            each = " each" if local > 1 else ""
             self.log(f"warning: {tasks.limit_name(room)}: this run starts about {per_process} threads and processes"
                      f"{each} ({torch.get_num_threads()} of torch's, {workers} data loader worker(s) with theirs"
                      + (f", {compile_threads} compile workers" if compile_threads else "") + f"), and {max(0, room[0])} "
