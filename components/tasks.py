@@ -5,8 +5,8 @@ shared machines: a cgroup's ``pids.max`` (a container's ``--pids-limit``, a Kube
 pod's, a Slurm job's cgroup) and, for a user other than root, ``ulimit -u`` (every thread
 of the user's processes counts). A run at such a limit failed wherever it next started a
 thread: "can't start new thread" from checkpoint hashing, a Rust panic from the
-tokenizer's thread pool, libgomp's "Thread creation failed" (an exit, no traceback), and
-twice a hang: a loader worker that could not start the thread that hands its batch over.
+tokenizer's thread pool, libgomp's "Thread creation failed" (an exit, no traceback), or
+it hung: a loader worker whose own threads could not start left its trainer waiting.
 So the limit is compared with what the run needs at its start (a warning), and a failure
 to start a thread or process is said as the limit, with its figures, in one line.
 """
@@ -147,8 +147,8 @@ def limit_error(failure: str, doing: str, kept: str, then: str) -> TaskLimitErro
     binds now (``pids.max``, ``ulimit -u``), or both where none is seen from here."""
     room = headroom()
     if room is None:
-        limit = ("the threads and processes this user or container may run are at a limit (ulimit -u, or the "
-                 "container's pids limit)")
+        limit = ("no limit on threads and processes is seen from here: look at ulimit -u, the container's pids "
+                 "limit, and the memory for their stacks (ulimit -v, a cgroup's memory.max)")
     else:
         limit = f"the threads and processes this process may start are at or near their limit ({room[1]})"
     quiet_later_failures_to_start()
