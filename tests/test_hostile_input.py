@@ -51,6 +51,12 @@ def test_malformed_yaml(tmp_path):
     message = expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad),
                                  match="is not valid YAML: it is not UTF-8 (byte 0xe9 on line 2)")
     assert message.endswith("Fix: save the file as UTF-8.")
+    for encoding in ("utf-16", "utf-16-be"):  # PowerShell 5's `>` writes UTF-16 (was "byte 0xff on line 1")
+        text = "max_steps: 10\n".encode(encoding)
+        bad.write_bytes(text if encoding == "utf-16" else b"\xfe\xff" + text)
+        message = expect_setup_error(lambda *args: pretrain.recipe_main(list(args)), "--config", str(bad),
+                                     match="is not valid YAML: it is UTF-16 (its first bytes are UTF-16's byte-order "
+                                           "mark), not UTF-8. Fix: save the file as UTF-8 (PowerShell: ")
 
 
 @pytest.mark.parametrize("override, match", [
