@@ -26,6 +26,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
+from letrecipes.components import tasks
 from letrecipes.components.errors import LetRecipesError
 
 # What each errno means to someone who has to fix it.
@@ -407,8 +408,6 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
     except LetRecipesError:
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
-        from letrecipes.components import tasks
-
         failure = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else tasks.start_failure(err)
         if failure is not None:  # a fork's EAGAIN is no file's error: the limit on threads and processes
             raise tasks.limit_error(failure, doing, kept() if callable(kept) else kept, then) from err

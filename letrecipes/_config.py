@@ -113,12 +113,12 @@ def yaml_problem(err: Exception, path: Path) -> Tuple[str, str]:
     """A YAML parser's several-line message as one line (the problem and where it is), and
     the fix. A tab in the indentation gets several different messages from the parser."""
     if isinstance(err, UnicodeDecodeError):  # a file saved as Latin-1 or cp1252 (an editor's default on Windows)
-        head = path.read_bytes()[:4]
-        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # PowerShell 5's `>` and Out-File write it
+        data = path.read_bytes()
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # PowerShell 5's `>` writes it
             return ("it is UTF-16 (its first bytes are UTF-16's byte-order mark), not UTF-8",
                     "save the file as UTF-8 (PowerShell: Set-Content or Out-File -Encoding utf8; an editor's "
                     "'Save with encoding')")
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        line = data[:err.start].count(b"\n") + 1
         return (f"it is not UTF-8 (byte 0x{err.object[err.start]:02x} on line {line})",
                 "save the file as UTF-8")
     problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
