@@ -55,7 +55,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, StopRequested, stop_within
 from letrecipes.components.files import (environment_errors, nearby, os_error_in, replace_atomically, shortened,
                                          usable_cores)
 from letrecipes.components.metrics import METRICS_FILE
@@ -386,8 +386,14 @@ def _weights_finite(model: torch.nn.Module) -> bool:
 
 
 def _is_library_failure(err: BaseException) -> bool:
-    """DCP raises ``CheckpointException``, a ``BaseException``: not a Ctrl-C or an exit."""
-    return not isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit))
+    """DCP raises ``CheckpointException``, a ``BaseException``: not a Ctrl-C or an exit. A
+    signal's stop that landed in DCP's read, which gathers each rank's failure into its own,
+    is raised as itself: before, a SIGTERM during a resume's read was said to be a damaged
+    checkpoint."""
+    stop = stop_within(err)
+    if stop is not None and stop is not err:
+        raise stop from None
+    return not isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit, StopRequested))
 
 
 def _raise_if_the_disk(err: BaseException, key: str, path: Path) -> None:

@@ -12,9 +12,44 @@ so that ``except ValueError`` in user code written against earlier versions stil
 
 from __future__ import annotations
 
+from typing import Iterator, Optional
+
 
 class LetRecipesError(ValueError):
     """An error the user can fix; reported as one line with the fix."""
+
+
+class StopRequested(BaseException):
+    """A stop that a signal asked for, raised from its handler wherever the main thread was
+    (:mod:`preemption`). Like ``KeyboardInterrupt`` it derives from ``BaseException``: raised
+    as a ``ValueError`` (every :class:`LetRecipesError` is one), a SIGTERM that landed inside
+    an ``except ValueError`` or ``except Exception`` on the way (a JSON read's fallback, a
+    library's retry) was taken for that code's own failure and dropped, and the run trained
+    on as if no signal had come. The recipes' runner reports it as one line, like the errors."""
+
+
+def errors_within(err: Optional[BaseException]) -> Iterator[BaseException]:
+    """``err``, then each error behind it, once: its cause and context, and the per-rank
+    failures that torch.distributed.checkpoint wraps in a ``CheckpointException`` (its
+    ``failures``: rank -> (error, traceback)). Nearest first: a reader takes the first that
+    answers its question (an OS error's errno, a stop a signal asked for, a thread start)."""
+    seen, queue = set(), [err]
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        for failure in failures.values() if isinstance(failures, dict) else ():
+            queue.append(failure[0] if isinstance(failure, tuple) else failure)
+        queue += [e.__cause__, e.__context__]
+
+
+def stop_within(err: BaseException) -> Optional["StopRequested"]:
+    """The signal's stop that ``err`` carries, where a library caught it and raised its own
+    error around it (DCP's ``CheckpointException`` gathers each rank's failure)."""
+    return next((e for e in errors_within(err) if isinstance(e, StopRequested)), None)
 
 
 class LetRecipesWarning(UserWarning):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 from letrecipes.components import tasks
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, StopRequested, errors_within, stop_within
 
 # What each errno means to someone who has to fix it.
 CAUSES = {
@@ -302,13 +302,7 @@ def os_error_in(err: BaseException, other_than: Tuple[int, ...] = ()) -> Optiona
     """The ``OSError`` behind ``err``: itself, its cause or context, or one that
     torch.distributed.checkpoint wrapped per rank (``CheckpointException.failures``); the
     first whose errno is not in ``other_than``."""
-    seen = set()
-    todo = [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in errors_within(err):
         if isinstance(e, OSError) and e.errno is not None and e.errno not in other_than:
             return e
         # Rust libraries (safetensors, tokenizers) raise their own types around an io error: "(os error 28)"
@@ -320,9 +314,6 @@ def os_error_in(err: BaseException, other_than: Tuple[int, ...] = ()) -> Optiona
         for found in (PYTHON_OS_ERROR.finditer(str(e)) if not isinstance(e, OSError) else ()):
             if int(found.group(1)) not in other_than:
                 return OSError(int(found.group(1)), os.strerror(int(found.group(1))), found.group(2))
-        for failure in getattr(e, "failures", {}).values() if isinstance(getattr(e, "failures", None), dict) else ():
-            todo.append(failure[0] if isinstance(failure, tuple) else failure)
-        todo += [e.__cause__, e.__context__]
     return None
 
 
@@ -405,9 +396,12 @@ def environment_errors(key: Union[str, Dict[str, Path]], doing: str, kept: Union
     """
     try:
         yield
-    except LetRecipesError:
+    except (LetRecipesError, StopRequested):
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
+        stop = stop_within(err)
+        if stop is not None:  # a signal's stop that a library wrapped (DCP gathers each rank's failure): itself
+            raise stop from None
         failure = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else tasks.start_failure(err)
         if failure is not None:  # a fork's EAGAIN is no file's error: the limit on threads and processes
             raise tasks.limit_error(failure, doing, kept() if callable(kept) else kept, then) from err

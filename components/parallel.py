@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
+from letrecipes.components.errors import LetRecipesError, LetRecipesWarning, StopRequested, errors_within
 from letrecipes.components.files import LOCALE_FIX, cause_and_fix, os_error_in, shortened
 from letrecipes.components.registry import ComponentError
 from letrecipes.components.resume import flatten
@@ -309,7 +309,7 @@ def on_rank0(work: Callable[[], T], share: bool = True) -> Optional[T]:
 
     Every rank gets its value (``share``), or None with the value kept on rank 0 (a state
     dict that is then broadcast tensor by tensor). If it raises, every rank raises: a
-    :class:`LetRecipesError` as itself, anything else as one naming rank 0's error; rank 0
+    :class:`LetRecipesError` or a signal's stop as itself, anything else as one naming rank 0's error; rank 0
     re-raises its own. Without this, a rank 0 that failed alone would leave the others
     waiting in their next collective until the group's timeout.
     """
@@ -321,10 +321,10 @@ def on_rank0(work: Callable[[], T], share: bool = True) -> Optional[T]:
         try:
             value = work()
             answer[0] = ("value", value if share else None)
-        except Exception as err:  # noqa: BLE001 - every rank must hear of it, whatever it is
+        except (Exception, StopRequested) as err:  # noqa: BLE001 - every rank must hear of it, whatever it is
             own_error = err
-            answer[0] = ("error", type(err) if isinstance(err, LetRecipesError) else None,
-                         str(err) if isinstance(err, LetRecipesError) else f"{type(err).__name__}: {err}")
+            ours = isinstance(err, (LetRecipesError, StopRequested))  # a signal's stop: every rank stops with it
+            answer[0] = ("error", type(err) if ours else None, str(err) if ours else f"{type(err).__name__}: {err}")
     dist.broadcast_object_list(answer, src=0)
     if own_error is not None:
         raise own_error
@@ -575,14 +575,8 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def _cause_of(err: BaseException, kind: type) -> Optional[BaseException]:
-    """The first exception of ``kind`` in ``err``'s chain (itself, its cause, its context)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
+    """The first exception of ``kind`` in ``err``'s chain (itself, its causes and contexts)."""
+    return next((e for e in errors_within(err) if isinstance(e, kind)), None)
 
 
 def _noexec(folder: Optional[str]) -> bool:

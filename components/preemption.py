@@ -20,9 +20,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, NoReturn, Optional
+from typing import Callable, Dict, Iterator, List, NoReturn, Optional
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, StopRequested
 
 # SIGUSR1/2 would end the process at once by default: no checkpoint for the notice asked for.
 # SIGHUP too: the terminal of a run in an ssh session that drops (and torchrun passes it on).
@@ -37,10 +37,8 @@ def _handled(sig: int) -> bool:
 
 
 def _console_failure(err: BaseException) -> bool:
-    """An OS error, or the ValueError of a closed stream. Not an error a signal handler raised
-    while the write ran (a second Ctrl-C's StoppedAtOnce is a ValueError, as every
-    LetRecipesError is): that one goes on up, or a stop at once would pass for the console
-    closing."""
+    """An OS error, or the ValueError of a closed stream. Not an error of the project's that
+    the write passed on (one raised by code the write ran): that one goes on up."""
     return isinstance(err, OSError) or type(err) is ValueError
 
 
@@ -123,11 +121,11 @@ class RunStopped(LetRecipesError):
     """The run was asked to stop and saved its state first."""
 
 
-class StoppedAtOnce(LetRecipesError):
+class StoppedAtOnce(StopRequested):
     """A second signal: the run stopped where it was, without saving the step it was in."""
 
 
-class StoppedBeforeTraining(LetRecipesError):
+class StoppedBeforeTraining(StopRequested):
     """A signal arrived while there was nothing to save (a run's setup, preparing the corpus,
     an export, an evaluation)."""
 
@@ -163,10 +161,13 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
 
     installer = os.getpid()
 
+    requested: List[str] = []
+
     def handle(signum, frame):
         if _left_to_the_forked_child(installer, signum):
             return
-        raise StoppedBeforeTraining(f"stopped by {signal.Signals(signum).name} {during}. {kept}")
+        requested.append(f"stopped by {signal.Signals(signum).name} {during}. {kept}")
+        raise StoppedBeforeTraining(requested[-1])
 
     previous = {sig: signal.signal(sig, handle) for sig in SIGNALS if _handled(sig)}
     try:
@@ -174,6 +175,11 @@ def stop_at_once_on_signals(during: str, kept: str) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # Reached with a signal handled: its stop was dropped where it landed (a library's bare
+    # `except BaseException`, a finalizer, whose errors Python only prints) and the work went
+    # on to its end. It stops here, before what follows (the first step) begins.
+    if requested:
+        raise StoppedBeforeTraining(requested[0])
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, errors_within
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 TASKS_PER_LOADER_WORKER = 5  # a process, its queue's feeder, its batch-passing and signal threads (pids.peak)
@@ -122,9 +122,7 @@ def start_failure(err: BaseException) -> Optional[str]:
     """What failed, when ``err`` (or an error it carries) is a thread or process that could not
     start (``RuntimeError: can't start new thread``, a fork's EAGAIN, a Rust thread pool's
     panic); None for any other error."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
+    for err in errors_within(err):
         text = str(err)
         if isinstance(err, OSError) and err.errno == errno.EAGAIN and not err.filename:
             return f"a process could not be started ({type(err).__name__}: {err.strerror or text})"
@@ -138,7 +136,6 @@ def start_failure(err: BaseException) -> Optional[str]:
             if room is not None and room[0] < TASKS_PER_LOADER_WORKER:
                 return ("a data loader worker exited unexpectedly (its traceback is above: at this limit, a thread "
                         "it started)")
-        err = err.__cause__ or err.__context__
     return None
 
 

@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
-from letrecipes.components.errors import LetRecipesError, warnings_as_lines
+from letrecipes.components.errors import LetRecipesError, StopRequested, warnings_as_lines
 from letrecipes.components.files import (LOCALE_FIX, cause_and_fix, environment_errors, escape_unprintable_output,
                                          is_utf8, misread_as_utf8, names_encoding, os_error_in)
 from letrecipes.components.preemption import (StoppedBeforeTraining, stop_at_once_on_signals,
@@ -290,7 +290,7 @@ def errors_as_one_line():
     warnings_as_lines()
     try:
         yield
-    except LetRecipesError as err:
+    except (LetRecipesError, StopRequested) as err:
         if os.environ.get("LETRECIPES_TRACEBACK"):
             raise
         quiet = getattr(err, "shared_by_rank0", False) or is_other_process_of_a_node()
