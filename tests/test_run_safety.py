@@ -72,6 +72,22 @@ def flip_a_byte(path: Path, offset: int = 100_000) -> None:
 
 
 @pytest.fixture(scope="module")
+def copy_of_a_run(tmp_path_factory, test_corpus):
+    """``copy_of_a_run(to, *overrides)``: a copy at ``to`` of a run with these overrides, trained
+    once in this module (a run that only prepares the folder a test needs costs about 7 s;
+    the cases of one test that use it are kept on one worker: ``xdist_group``)."""
+    trained = {}
+
+    def copy(to: Path, *overrides: str) -> Path:
+        if overrides not in trained:
+            trained[overrides] = tmp_path_factory.mktemp("run") / "run"
+            ok(tune(trained[overrides], *overrides))
+        shutil.copytree(trained[overrides], to)
+        return to
+    return copy
+
+
+@pytest.fixture(scope="module")
 def straight(tmp_path_factory, test_corpus):
     out = tmp_path_factory.mktemp("straight")
     ok(tune(out))
@@ -812,14 +828,15 @@ def test_resume_applies_a_new_learning_rate_and_says_so(tmp_path):
     assert a[3][1] != b[3][1]  # steps before the checkpoint kept theirs
 
 
+@pytest.mark.xdist_group("resume_refused")
 @pytest.mark.parametrize("change", ["model.num_layers=3", "seed=1", "data.seq_len=64"])
-def test_resume_that_would_be_another_run_is_refused_in_one_line(tmp_path, change):
-    ok(tune(tmp_path, "max_steps=3"))
-    before = digest(tmp_path)
-    result = tune(tmp_path, "resume=true", change)
+def test_resume_that_would_be_another_run_is_refused_in_one_line(tmp_path, change, copy_of_a_run):
+    run = copy_of_a_run(tmp_path / "run", "max_steps=3")
+    before = digest(run)
+    result = tune(run, "resume=true", change)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "was written by a different run: " + change.split("=")[0] in last_line(result)
-    assert digest(tmp_path) == before
+    assert digest(run) == before
 
 
 def test_resume_notices_a_tokenizer_whose_bytes_changed(tmp_path, tokenizer_path):
@@ -1201,15 +1218,16 @@ def test_a_filesystem_out_of_inodes_is_not_said_as_a_full_disk(tmp_path, monkeyp
 @pytest.mark.parametrize("name, key", [(".metadata", "output_dir"), (".metadata#2", "output_dir"),
                                        ("__0_0.distcp", "output_dir"), ("COMPLETE", "output_dir"),
                                        ("tokenizer.json#2", "tokenizer.path")])  # the 1st: a GGUF probe
-def test_a_failing_disk_under_what_a_run_reads_at_its_start_is_one_line_naming_the_key(tmp_path, name, key):
+@pytest.mark.xdist_group("failing_disk_at_start")
+def test_a_failing_disk_under_what_a_run_reads_at_its_start_is_one_line_naming_the_key(tmp_path, name, key,
+                                                                                       copy_of_a_run):
     """An input/output error as a resume reads its checkpoint, or as the tokenizer is read,
     was an OSError traceback; as DCP read the checkpoint (.metadata#2) it was "cannot load
     ... into this run. Fix: resume with the same model", and as a shard of the corpus was
     read in training, "output_dir: training failed" (reliability.md); as its COMPLETE marker
     was read, the checkpoint was taken as damaged and skipped (steps lost; the run would have
     replaced it on reaching its step again). Each is one line naming the key whose path failed."""
-    out = tmp_path / "run"
-    ok(tune(out, "max_steps=2", "save_every=2"))
+    out = copy_of_a_run(tmp_path / "run", "max_steps=2", "save_every=2")
     cmd = [sys.executable, str(REPO / "tests" / "io_fault.py"), "--read", name, "EIO", "--", "letrecipes.pretrain",
            *command(out, "resume=true", "max_steps=3")[3:]]
     failed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
