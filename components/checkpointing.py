@@ -46,7 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -58,12 +58,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from letrecipes.components.errors import LetRecipesError, StopRequested, stop_within
 from letrecipes.components.files import (environment_errors, nearby, os_error_in, replace_atomically, shortened,
                                          usable_cores)
-from letrecipes.components.metrics import METRICS_FILE
 from letrecipes.components.parallel import gathered, on_rank0, world_size
+from letrecipes.components.run_folder import (COMPLETE_MARKER, METRICS_FILE, STEP_PREFIX, complete_checkpoints_in,
+                                              is_complete, marker_and_problem, step_folders, step_of)
 from letrecipes.components.run_lock import RunLock
 
-STEP_PREFIX = "step_"
-COMPLETE_MARKER = "COMPLETE"
 RUN_INFO = "run_info.json"
 # The layout of a step checkpoint; readers refuse a newer one. Checkpoints without the
 # file were written by version 1.
@@ -102,10 +101,6 @@ def quiet_dcp_writer_finalizer() -> None:
 
     hook.letrecipes_dcp_writer = True
     sys.unraisablehook = hook
-
-
-def is_complete(path: Path) -> bool:
-    return (path / ".metadata").is_file() and (path / COMPLETE_MARKER).is_file()
 
 
 # how long a rank looks for the file rank 0 wrote into output_dir before calling it another folder
@@ -228,26 +223,6 @@ def being_read(folder: Path) -> bool:
 # where a resume from an earlier checkpoint moves the later ones (Checkpointer.set_aside_later)
 SUPERSEDED = "superseded"
 
-# the names a save gives its folder: step_00000100, and step_00000100.tmp while it is written
-STEP_FOLDER = re.compile(rf"^{STEP_PREFIX}\d+(\.tmp)?$")
-
-
-def step_folders(folder: Path) -> List[Path]:
-    """The folders a run's ``checkpoints/`` holds under a step name, complete or not. A
-    folder named otherwise (a user's copy, ``step_best``) is no checkpoint of the run: it is
-    neither listed, resumed from, nor removed."""
-    if not folder.is_dir():
-        return []
-    return [p for p in folder.iterdir() if p.is_dir() and STEP_FOLDER.match(p.name)]
-
-
-def complete_checkpoints_in(folder: Path) -> List[Path]:
-    """The complete step checkpoints of a run's ``checkpoints/`` folder, oldest first (not a
-    ``.tmp`` folder a save was killed in, even one marked complete before its rename)."""
-    found = [p for p in step_folders(folder) if not p.name.endswith(".tmp") and is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
-
-
 def require_complete(path: Path) -> None:
     """A checkpoint named for resume must be one whose save finished."""
     if not is_complete(path):
@@ -268,54 +243,6 @@ def require_complete(path: Path) -> None:
             f"resume: {str(path)!r} is not a complete checkpoint (no .metadata or no {COMPLETE_MARKER} marker: "
             f"its save never finished). Fix: give a folder like <output_dir>/checkpoints/{STEP_PREFIX}00000100, "
             "or resume=true for the latest complete one.")
-
-
-def step_of(path: Path) -> Optional[int]:
-    """The step a checkpoint was written at, from the folder name its marker records (a copy
-    may be renamed); None for a folder this project did not name."""
-    named = (read_marker(path) or {}).get("step_folder", path.name)
-    digits = named[len(STEP_PREFIX):] if named.startswith(STEP_PREFIX) else ""
-    return int(digits) if digits.isdigit() else None
-
-
-def read_marker(path: Path) -> Optional[Dict[str, Any]]:
-    """A checkpoint's COMPLETE marker: its file list and flags, or None for a marker
-    written before checksums (version 0.3 and earlier) or a damaged one
-    (:func:`_marker_and_problem` tells them apart)."""
-    return _marker_and_problem(path)[0]
-
-
-OLD_MARKER = re.compile(r"\s*step_\d+\s*")  # 0.3's marker: the step folder's name, as text
-
-
-def _marker_and_problem(path: Path) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
-    """The marker read once: (its file list, or None) and what is wrong with it: a cut or
-    edited file, JSON that is no file list (None for a sound one, and for 0.3's plain-text
-    one, which has nothing to verify)."""
-    try:
-        text = (Path(path) / COMPLETE_MARKER).read_text(errors="replace")
-    except FileNotFoundError as err:  # gone since it was listed: the checkpoint's own damage
-        return None, f"its {COMPLETE_MARKER} marker does not read ({err.strerror or err})"
-    # Any other OSError (a failing disk, a lost mount) is the environment's: raised for the
-    # caller's one line. Taken as damage, a resume went back to the checkpoint before, and
-    # when it reached this step again deleted the one that had only failed to read.
-    if OLD_MARKER.fullmatch(text):
-        return None, None
-    try:
-        marker = json.loads(text)
-    except ValueError:
-        return None, (f"its {COMPLETE_MARKER} marker is damaged ({len(text.encode()):,} bytes that are not the JSON "
-                      "written)")
-    if not _is_marker(marker):
-        return None, f"its {COMPLETE_MARKER} marker is damaged (JSON, but not a list of files)"
-    return marker, None
-
-
-def _is_marker(marker) -> bool:
-    files = marker.get("files") if isinstance(marker, dict) else None
-    return isinstance(files, dict) and all(
-        isinstance(f, dict) and isinstance(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
-        for f in files.values()) and isinstance(marker.get("step_folder", ""), str)
 
 
 def file_digest(path: Path) -> str:
@@ -355,7 +282,7 @@ def checkpoint_problems(path: Union[str, Path], share: int = 0, shares: int = 1)
     whether it holds non-finite weights (share 0). A marker written before checksums
     (version 0.3 and earlier) has nothing to verify against: no problems."""
     path = Path(path)
-    marker, problem = _marker_and_problem(path)
+    marker, problem = marker_and_problem(path)
     if problem:
         return [problem] if share == 0 else []
     if marker is None:

@@ -29,15 +29,13 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import environment_errors, first_names, new_file_mode, replace_atomically
 from letrecipes.components.models import ModelArgs
 from letrecipes.components.progress import ByteProgress
+from letrecipes.components.run_folder import EXPORT_INFO
 from letrecipes.components.tokenizer import Tokenizer, bos_id
 
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_INDEX = "model.safetensors.index.json"
 EXPORT_TOKENIZER = "tokenizer.json"
-# beside the model: the step a letrecipes export was taken at (a relaunch of a finished run
-# tells its own final/ from an earlier one's by it); Hugging Face loaders pass over the file
-EXPORT_INFO = "letrecipes_export.json"
 EXPORT_FORMAT = "letrecipes"  # the "format" key of exports written before 0.2 (read by letrecipes_teacher)
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
@@ -253,16 +251,6 @@ def export_model(model: torch.nn.Module, args: ModelArgs, out_dir: Union[str, Pa
     """Export a model held whole by this process (a single-process run)."""
     return write_hf_folder(model.state_dict().items(), args, out_dir, tokenizer, dtype, max_shard_mb, key=key,
                            then=then, step=step, bos=bos)
-
-
-def exported_step(folder: Union[str, Path]) -> Optional[int]:
-    """The training step a letrecipes export was taken at; None where it does not say (an
-    export written before it was recorded, a model from elsewhere, a damaged file)."""
-    try:
-        step = json.loads((Path(folder) / EXPORT_INFO).read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def checkpoint_tensors(checkpoint: Path, prefix: str = "model.model.") -> Iterator[Tuple[str, torch.Tensor]]:

@@ -25,7 +25,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,8 +33,8 @@ from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.files import cut_at, names_the_open_file
 from letrecipes.components.progress import clock
 from letrecipes.components.registry import ComponentError
+from letrecipes.components.run_folder import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 
 
 def to_python(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -397,41 +397,6 @@ def read_metric_records(path: str | Path) -> Tuple[List[Dict[str, Any]], int]:
         else:
             unreadable += 1
     return records, unreadable
-
-
-def records_from_the_end(path: str | Path, block_bytes: int = 1 << 20) -> Iterator[Optional[Dict[str, Any]]]:
-    """A metrics.jsonl's whole lines from the last to the first, each as its record, or None
-    for a line that is no record (as :func:`read_metric_records` counts them); a last line
-    that is not whole is left out. Read backwards a block at a time: a long run logs about
-    1 KB a step (about 100 MB over 100k steps), and the newest records are all a status or
-    an evaluation wants."""
-    with open(path, "rb") as f:
-        end = f.seek(0, os.SEEK_END)
-        after = b""  # the text between this block and the next newline after it
-        ends_a_line = False  # whether `after` runs up to a newline: not at first (a line still being written)
-        while end > 0:
-            start = max(0, end - block_bytes)
-            f.seek(start)
-            pieces = (f.read(end - start) + after).split(b"\n")
-            end = start
-            if not ends_a_line:
-                if len(pieces) == 1:
-                    after = pieces[0]
-                    continue
-                pieces.pop()  # after the file's last newline: nothing, or a line not yet whole
-                ends_a_line = True
-            after = pieces.pop(0) if start > 0 else b""  # maybe the end of a line that began in the block before
-            for line in reversed(pieces):
-                if line.strip():
-                    yield _record(line)
-
-
-def _record(line: bytes) -> Optional[Dict[str, Any]]:
-    try:  # bytes that are not UTF-8 are replaced, as the whole read of read_metric_records does
-        record = json.loads(line.decode("utf-8", errors="replace"))
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def read_metrics(path: str | Path) -> List[Dict[str, Any]]:

@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from letrecipes.components.checkpointing import STEP_PREFIX, complete_checkpoints_in, step_of
-from letrecipes.components.export import exported_step
 from letrecipes.components.files import describe as describe_os_error
-from letrecipes.components.metrics import METRICS_FILE, records_from_the_end
 from letrecipes.components.progress import clock
+from letrecipes.components.run_folder import (METRICS_FILE, STEP_PREFIX, complete_checkpoints_in, exported_step,
+                                              records_from_the_end, step_of)
 from letrecipes.components.run_lock import describe, live_owner
 
 

@@ -415,7 +415,7 @@ def _trained_tokens(checkpoint: Path) -> Optional[int]:
     """How many tokens the model had trained on: a step checkpoint records it beside its
     weights (run_info.json's ``trained_tokens``); a run's final export is its last logged
     step (metrics.jsonl). None for anything else, or a run older than the count."""
-    from letrecipes.components.metrics import records_from_the_end
+    from letrecipes.components.run_folder import records_from_the_end
 
     try:
         if (checkpoint / "run_info.json").is_file():

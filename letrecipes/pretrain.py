@@ -41,7 +41,7 @@ from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_datalo
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.export import export_checkpoint, export_dtype, export_model, exported_step
+from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, replace_atomically, usable_cores
 from letrecipes.components.lr_schedules import run_length
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
@@ -49,6 +49,7 @@ from letrecipes.components.init_from import check_initial_weights, load_initial_
 from letrecipes.components.metrics import (METRICS_FILE, MetricLogger, StepTimer, build_metric_loggers,
                                           format_record, peak_memory_mb, to_python)
 from letrecipes.components.profiling import PROFILE_FOLDER, build_profiler
+from letrecipes.components.run_folder import exported_step
 from letrecipes.components.progress import ProgressClock
 from letrecipes.components.models import (ModelArgs, check_built_student, count_parameters, forward_with_loss,
                                           model_max_seq_len, padded_vocab_size)

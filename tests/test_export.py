@@ -384,7 +384,7 @@ def test_a_runs_final_export_is_held_while_an_evaluation_reads_it(base_overrides
     from letrecipes import eval as eval_recipe
     from letrecipes.components import checkpointing
     from letrecipes.components.evaluation import Item, write_task
-    from letrecipes.components.export import exported_step
+    from letrecipes.components.run_folder import exported_step
     from letrecipes.components.run_status import describe_status, run_status
     from tests.test_hostile_input import digest
 

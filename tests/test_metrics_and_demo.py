@@ -5,7 +5,8 @@ import shutil
 import pytest
 
 from letrecipes.components import progress
-from letrecipes.components.metrics import MetricLogger, compare_runs, read_metric_records, read_metrics, records_from_the_end
+from letrecipes.components.metrics import MetricLogger, compare_runs, read_metric_records, read_metrics
+from letrecipes.components.run_folder import records_from_the_end
 from letrecipes.components.progress import ProgressClock, elapsed_and_eta
 from letrecipes.demo import strip_markdown
 

@@ -688,6 +688,11 @@ def test_status_tells_a_live_run_from_a_stopped_and_a_finished_one(tmp_path, str
     out, err = capsys.readouterr()
     assert f"{straight}: finished" in out and "checkpoints: step_00000003, step_00000006" in out
     assert "absent: nothing there" in err
+    # asked on a login node, often in a loop: it imports neither torch nor torchtune (5.5 s and 430 MB a call before)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from letrecipes.cli import main; code = main(['status', "
+                            f"{str(straight)!r}]); print(code, sorted(m for m in ('torch', 'torchtune', 'torchao', "
+                            "'numpy') if m in sys.modules))"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert probe.stdout.startswith(f"{straight}: finished") and probe.stdout.strip().endswith("0 []"), probe
     # a path inside a run (its metrics file, a step checkpoint, which holds a copy of run_info.json, its checkpoints
     # folder): that run's status, not "no run in it" or a step taken for a run with no step logged
     step = straight / "checkpoints" / "step_00000003"
