@@ -35,10 +35,16 @@ NO_PARENT_ERROR_FILE = "no error file defined for parent, to copy child error fi
 NO_ERROR_RECORDED = "To enable traceback see:"  # torchrun's message for a rank that recorded no error
 
 
-def _message(failure, others_failed: bool = False) -> str:
+# torchrun's wait between the SIGTERM that stops the rest of a failed job and its SIGKILL (fixed in
+# torch 2.13; --shutdown-timeout sets only the wait after a signal to the launcher)
+LAUNCHER_KILL_AFTER_S = 30
+
+
+def _message(failure, others_failed: bool = False, after_first_s: float = 0) -> str:
     """What the rank said: its one-line error, its traceback, or how it ended. ``others_failed``:
     another rank ended otherwise than by SIGTERM, which is how torchrun stops the rest of a job
-    once one of its processes has failed."""
+    once one of its processes has failed; ``after_first_s``: how long after the first failure
+    this one was recorded."""
     message = failure.message
     if isinstance(message, dict):
         message = message.get("extraInfo", {}).get("py_callstack") or message.get("message") or ""
@@ -49,6 +55,11 @@ def _message(failure, others_failed: bool = False) -> str:
         name = failure.signal_name()
         why = (" (the kernel's out-of-memory killer does this; `dmesg` says so, or a scheduler's kill)"
                if name == "SIGKILL" else "")
+        if name == "SIGKILL" and others_failed and after_first_s >= LAUNCHER_KILL_AFTER_S:
+            # a rank that hung (a stopped process, a stuck GPU): said to be the OOM killer's, it sent users to dmesg
+            why = (f" ({after_first_s:.0f} s after the first failure: torchrun kills a process that has not exited "
+                   f"{LAUNCHER_KILL_AFTER_S} s after the SIGTERM it sends once another rank has failed, so this one was "
+                   "hung or stopped; the kernel's out-of-memory killer does this too, `dmesg` says so)")
         return f"killed by signal {-failure.exitcode} ({name}){why}"
     if not message or message.startswith(NO_ERROR_RECORDED):
         return f"exit code {failure.exitcode}, with no error recorded: its own output above says why"
@@ -77,7 +88,8 @@ def summary(error) -> str:
     failure = error.failures[first]
     said = {}
     for rank, other in sorted(error.failures.items(), key=lambda item: (item[0] != first, item[0])):
-        said.setdefault(_message(other, others_failed=bool(failed - {rank})), []).append(rank)  # the first's first
+        said.setdefault(_message(other, others_failed=bool(failed - {rank}),  # the first's first
+                                 after_first_s=other.timestamp - failure.timestamp), []).append(rank)
     count = len(error.failures)
     at = datetime.fromtimestamp(failure.timestamp).strftime("%H:%M:%S")
     lines = [f"{error.name} failed on {count} process{'es' if count > 1 else ''} of this node "

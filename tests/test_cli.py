@@ -270,6 +270,7 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
     failures = {0: failure(0, 1, config_error), 1: failure(1, 1, config_error), 2: failure(2, 1, config_error),
                 3: failure(3, -signal.SIGKILL), 5: failure(5, 1), 6: failure(6, 1, "Traceback (most recent call "
                                                                                    "last):\nValueError: boom")}
+    failures[3].timestamp = failures[5].timestamp = 1_700_000_003  # recorded as the launcher gathered them
     error = ChildFailedError("letrecipes.pretrain", failures)
     text = _launcher.summary(error).splitlines()
     assert text[0].startswith("letrecipes.pretrain failed on 6 processes of this node (ranks 0-3, 5-6, on ")
@@ -286,6 +287,13 @@ def test_a_failed_launch_is_summarised_by_what_each_rank_said_and_other_jobs_kee
         f"  rank 1: {config_error}", "  rank 0: stopped by the launcher (SIGTERM) once another rank had failed"]
     assert _launcher.summary(ChildFailedError("letrecipes.pretrain", {0: failure(0, -signal.SIGTERM)})).splitlines()[
         1] == "  rank 0: killed by signal 15 (SIGTERM)"  # a SIGTERM from elsewhere
+    # a rank that hung: torchrun kills it 30 s after its SIGTERM (it was said to be the out-of-memory killer's)
+    hung = ChildFailedError("letrecipes.pretrain", {0: failure(0, 1, "error: rank 0 waited 20 s ..."),
+                                                    1: failure(1, -signal.SIGKILL)})
+    hung.failures[1].timestamp = hung.failures[0].timestamp + 33
+    assert _launcher.summary(hung).splitlines()[2].startswith(
+        "  rank 1: killed by signal 9 (SIGKILL) (33 s after the first failure: torchrun kills a process that has not "
+        "exited 30 s after the SIGTERM it sends once another rank has failed, so this one was hung or stopped;")
 
     passed_on = []
     hook = _launcher._failed_ranks_in_a_few_lines(lambda *args: passed_on.append(args))

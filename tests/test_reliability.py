@@ -88,6 +88,7 @@ def straight_run(let_run, tmp_path_factory):
     return run_on
 
 
+@pytest.mark.xdist_group("straight_on_1_process")  # straight_run is made once per worker
 def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_run, straight_run, tmp_path):
     straight = straight_run()
     killed = tmp_path / "killed"
@@ -109,6 +110,7 @@ def test_sigkill_mid_step_and_mid_save_then_resume_matches_a_straight_run(let_ru
     assert same_weights(killed, straight)
 
 
+@pytest.mark.xdist_group("straight_on_1_process")  # straight_run is made once per worker
 def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, straight_run, tmp_path):
     """The case a random kill can land in: metrics written, no checkpoint yet. resume=true
     says so and starts over; the result is the straight run's."""
@@ -120,6 +122,7 @@ def test_killed_before_its_first_checkpoint_resume_starts_over(let_run, straight
     assert history(killed) == history(straight) and same_weights(killed, straight)
 
 
+@pytest.mark.xdist_group("straight_on_1_process")  # straight_run is made once per worker
 def test_sigterm_finishes_the_step_saves_and_resumes_exactly(let_run, straight_run, tmp_path):
     """A scheduler's SIGTERM at step 5 (save_every=3): step 5 finishes, is saved, the run
     exits non-zero with the command to resume; resuming matches a straight run."""
@@ -143,6 +146,7 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_saved_step(let_run, tmp_path
     assert (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
 
 
+@pytest.mark.xdist_group("straight_on_1_process")  # straight_run is made once per worker
 def test_sigkill_at_a_random_moment(let_run, straight_run, tmp_path):
     straight, killed = straight_run(), tmp_path / "killed"
     delay = random.Random(7).uniform(4.0, 9.0)  # startup takes a few seconds: lands in training or a save
@@ -159,6 +163,7 @@ def test_sigkill_at_a_random_moment(let_run, straight_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight_on_2_processes")  # straight_run is made once per worker
 def test_two_process_job_exits_when_a_rank_dies_and_resumes(let_run, straight_run, tmp_path):
     straight, killed = straight_run(nproc=2), tmp_path / "killed"
     start = time.monotonic()
@@ -255,10 +260,11 @@ def test_ranks_whose_launcher_dies_save_a_step_and_exit(base_overrides, tmp_path
 
 
 @pytest.mark.slow
-def test_a_process_that_hangs_stops_the_job_with_one_line_after_the_timeout(let_run, tmp_path, monkeypatch):
+def test_a_process_that_hangs_stops_the_job_with_one_line_after_the_timeout(let_run, tmp_path):
     """Rank 1 stops (SIGSTOP: alive, silent). Rank 0 waited in its next collective until
     process_group_timeout_s, then died of gloo's traceback; it now says what happened."""
-    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "3")  # torchrun's wait before it kills the stopped rank
+    # about 60 s: the 20 s wait, then the 30 s torchrun waits before it kills the stopped rank (after a failure that
+    # wait is fixed in torch 2.13: --shutdown-timeout and TORCH_ELASTIC_SHUTDOWN_TIMEOUT set the one after a signal)
     start = time.monotonic()
     result = let_run(tmp_path, "debug.hang_at_step=5", "debug.rank=1", "process_group_timeout_s=20", nproc=2,
                      check=False)
@@ -269,9 +275,13 @@ def test_a_process_that_hangs_stops_the_job_with_one_line_after_the_timeout(let_
         result.stderr[-3000:]
     assert "at step 5" in errors[0] and "step_00000003" in errors[0] and "resume=true" in errors[0]
     assert "[rank0]: Traceback" not in result.stderr and "[rank0]: RuntimeError" not in result.stderr
+    # the stopped rank, killed by torchrun 30 s after its SIGTERM, is said to have hung (not the out-of-memory killer)
+    assert "rank 1: killed by signal 9 (SIGKILL) (" in result.stderr and "so this one was hung or stopped" in \
+        result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight_on_2_processes")  # straight_run is made once per worker
 def test_torchruns_own_restart_goes_on_from_the_last_checkpoint(let_run, straight_run, tmp_path):
     """`--max-restarts`: torchrun starts every process again with the same arguments. Without
     resume=true each restart refused the run's own folder ("already holds a run"), so the
@@ -363,6 +373,7 @@ def test_resume_with_another_model_shape_damages_nothing(let_run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("straight_on_2_processes")  # straight_run is made once per worker
 def test_two_process_job_killed_mid_save_resumes_from_the_previous_checkpoint(let_run, straight_run, tmp_path):
     straight, killed = straight_run(nproc=2), tmp_path / "killed"
     dead = let_run(killed, "debug.kill_during_save_at_step=6", nproc=2, check=False)
