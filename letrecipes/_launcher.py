@@ -138,20 +138,48 @@ def _failed_ranks_in_a_few_lines(previous):
     return hook
 
 
+def _command_words() -> list:
+    """The launch command as typed. At the start of Python (the ``.pth``), before runpy,
+    ``python -m torch.distributed.run ...`` has ``sys.argv`` ``['-m', ...]``, without the module:
+    ``sys.orig_argv`` still has it."""
+    words = list(getattr(sys, "argv", None) or [])
+    original = list(getattr(sys, "orig_argv", None) or [])
+    if words[:1] == ["-m"] and "-m" in original:
+        return original[original.index("-m"):]  # ['-m', 'torch.distributed.run', ...]
+    return words
+
+
 def _is_launcher(words) -> bool:
-    """``tune run --nproc_per_node N ...``, ``torchrun ...`` or ``python -m torch.distributed.run ...``
-    (at the start of Python, before runpy, ``sys.argv[0]`` of ``-m`` is ``-m``)."""
+    """``tune run --nproc_per_node N ...``, ``torchrun ...`` or ``python -m torch.distributed.run ...``."""
     several = any(word.split("=")[0] in ("--nproc_per_node", "--nproc-per-node", "--nnodes") for word in words)
     return several and (os.path.basename(words[0]) in ("tune", "torchrun") or "torch.distributed.run" in words[:3])
+
+
+def _one_node(words) -> bool:
+    """A launch of one node: no ``--nnodes``, or 1 (``1:1``), or ``--standalone``."""
+    for i, word in enumerate(words):
+        name, _, value = word.partition("=")
+        if name == "--nnodes":
+            value = value or (words[i + 1] if i + 1 < len(words) else "")
+            return value.strip() in ("1", "1:1")
+    return True
+
+
+def _options_start(words) -> int:
+    """Where the launcher's own options begin in ``sys.argv``: after ``tune run``; after
+    ``torchrun`` (or the ``-m`` that stands for ``python -m torch.distributed.run``)."""
+    return 2 if os.path.basename(words[0]) == "tune" else 1
 
 
 def say_if_the_host_name_does_not_resolve() -> None:
     """torchrun gives its processes this node's host name as the address to meet at, unless
     ``--local-addr`` names one: where the name does not resolve (a container's host name
     missing from /etc/hosts, a node's broken DNS) each process retried for 5 minutes and
-    then printed a C++ stack, with nothing of letrecipes said. One line first, here in the
-    launcher, which still goes on (a resolver that answers late may answer it)."""
-    words = getattr(sys, "argv", None) or []
+    then printed a C++ stack, with nothing of letrecipes said. A job of one node needs no
+    name: its processes meet at 127.0.0.1 (``--local-addr 127.0.0.1`` is added to the
+    launcher's options, and said). A job of several nodes is told in one line, here in the
+    launcher, which goes on (a resolver that answers late may answer it)."""
+    words = _command_words()
     if not _is_launcher(words) or not _is_letrecipes_launch():
         return
     if any(word.split("=")[0] in ("--local-addr", "--local_addr") for word in words):
@@ -160,10 +188,17 @@ def say_if_the_host_name_does_not_resolve() -> None:
     try:
         socket.getaddrinfo(socket.getfqdn(name), None)
     except socket.gaierror as err:
-        sys.stderr.write(f"warning: this machine's host name {name!r} does not resolve to an address ({err.strerror}), "
-                         "and torchrun gives it to its processes as the address to meet at: they would wait for it "
-                         "(5 minutes), then fail. Fix: make it resolve (/etc/hosts, DNS), or give torchrun an address "
-                         "of this node: on one machine, tune run --nproc_per_node N --local-addr 127.0.0.1 ...\n")
+        unresolved = (f"this machine's host name {name!r} does not resolve to an address ({err.strerror}), and "
+                      "torchrun gives it to its processes as the address to meet at")
+        if _one_node(words):
+            sys.argv[_options_start(sys.argv):_options_start(sys.argv)] = ["--local-addr", "127.0.0.1"]
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo looks the name up too, and warns of each miss
+            sys.stderr.write(f"note: {unresolved}; on one node they meet at 127.0.0.1 instead (--local-addr 127.0.0.1 "
+                             "added). To keep the name, make it resolve (/etc/hosts, DNS).\n")
+            return
+        sys.stderr.write(f"warning: {unresolved}: they would wait for it (5 minutes), then fail. Fix: make it resolve "
+                         "(/etc/hosts, DNS), or give torchrun this node's address that the other nodes reach: "
+                         "tune run --nnodes ... --local-addr <address> ...\n")
 
 
 def install() -> None:
