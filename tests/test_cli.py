@@ -166,6 +166,26 @@ def _copy_tree(src: Path, dst: Path) -> None:
         shutil.copy2(src / rel, target)
 
 
+def test_a_compiler_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
+    """torch makes its compiler cache folder as torchtune imports it (through torchao and
+    torch._dynamo): a TORCHINDUCTOR_CACHE_DIR that cannot be made ended every recipe in a
+    35-line traceback before any line of ours ran."""
+    (tmp_path / "a_file").write_text("")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "a_file" / "cache")}
+    result = subprocess.run([sys.executable, "-m", "letrecipes.pretrain", "--config", "pretrain_tiny"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        "error: torch cannot make its compiler cache folder (TORCHINDUCTOR_CACHE_DIR): a part of the path is a file, "
+        f"not a folder ({tmp_path / 'a_file' / 'cache'}). torch makes it as it is imported, so nothing ran. Fix: point "
+        "it at a folder (or move the file away), or TORCHINDUCTOR_CACHE_DIR=<a folder you can write> (or unset it: "
+        "torch then uses torchinductor_<user> in the temporary folder)."), result.stderr[-3000:]
+    # another program's failure keeps its traceback
+    other = subprocess.run([sys.executable, "-c", "import torch._dynamo"], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert other.returncode == 1 and "Traceback" in other.stderr and "error: torch cannot" not in other.stderr
+
+
 def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
     """`tune run letrecipes/<typo>` used to end in runpy's 15-line ImportError traceback."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
