@@ -186,6 +186,30 @@ def test_a_compiler_cache_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert other.returncode == 1 and "Traceback" in other.stderr and "error: torch cannot" not in other.stderr
 
 
+def test_tune_for_a_user_without_a_home_folder_is_one_line():
+    """A container started with --user 4242 (no /etc/passwd entry) and no HOME: every `tune`
+    command died importing kagglehub (for `tune download`) in "RuntimeError: Could not
+    determine home directory" (seen for real as uid 4242 here; the passwd lookup is faked
+    below, as a test runs as a user who has an entry)."""
+    no_entry = ("import pwd; pwd.getpwuid = lambda uid: (_ for _ in ()).throw(KeyError(uid)); "
+                "import torchtune._cli.tune  # as `tune` starts, in a letrecipes venv")
+    env = {k: v for k, v in os.environ.items() if k != "HOME"}
+    result = subprocess.run([sys.executable, "-c", no_entry], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: this user (uid {os.getuid()}) has no home folder: HOME is not set and the user has no entry in "
+        "/etc/passwd (a container started with --user), and torchtune's command line looks it up as it starts "
+        "(kagglehub, which `tune download` uses). Fix: export HOME=<a folder you can write> (docker run -e "
+        "HOME=/tmp ...), or start the recipe without tune: python -m letrecipes.let_pretrain --config ..."), \
+        result.stderr[-3000:]
+    from letrecipes import _start_failures
+
+    said = []
+    hook = _start_failures._start_failures_are_one_line(lambda *args: said.append(args))
+    error = RuntimeError("Could not determine home directory.")
+    hook(RuntimeError, error, None)  # this process: HOME is set, the error is someone else's
+    assert said and said[-1][1] is error
+
+
 def test_a_misspelt_recipe_is_one_line_naming_the_recipes(tmp_path):
     """`tune run letrecipes/<typo>` used to end in runpy's 15-line ImportError traceback."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
