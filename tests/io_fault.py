@@ -3,7 +3,10 @@ ARGS...`` makes the first open for writing (``--read``: for reading) of a file w
 contains NAME fail with ERRNO (a name such as ENOSPC or EIO), as a full disk, a quota, a
 failing disk or a lost mount fails it. ``NAME#N``: the N-th such open. Python's audit hook
 on ``open`` raises before the file is touched: the process meets the error where its own
-code opens the file, whatever library it goes through (os.open, io.open, tempfile)."""
+code opens the file, whatever library it goes through (os.open, io.open, tempfile). ERRNO
+``SIGTERM``: the process sends itself SIGTERM there instead, so its handler runs inside that
+open (a scheduler's notice landing in the middle of a library's read)."""
+import signal
 import errno
 import os
 import runpy
@@ -14,7 +17,7 @@ def main() -> None:
     reading = sys.argv[1] == "--read"
     argv = sys.argv[2:] if reading else sys.argv[1:]
     name, _, nth = argv[0].partition("#")
-    code, nth = getattr(errno, argv[1]), int(nth or 1)
+    code, nth = (None if argv[1] == "SIGTERM" else getattr(errno, argv[1])), int(nth or 1)
     module, args = argv[3], argv[4:]
     fired, seen = [], []
 
@@ -31,6 +34,9 @@ def main() -> None:
             if len(seen) < nth:
                 return
             fired.append(path)
+            if code is None:
+                os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before this open returns
+                return
             raise OSError(code, os.strerror(code), path)
 
     sys.addaudithook(hook)

@@ -1246,6 +1246,25 @@ def test_a_failing_disk_under_what_a_run_reads_at_its_start_is_one_line_naming_t
     assert max(losses(out)) == 3
 
 
+@pytest.mark.xdist_group("failing_disk_at_start")  # the same prepared run
+@pytest.mark.parametrize("name", [".metadata#2", "__0_0.distcp#2"])  # DCP's own reads (the 1st: the checksums')
+def test_a_sigterm_inside_dcps_read_at_resume_is_the_setup_stop(tmp_path, name, copy_of_a_run):
+    """DCP gathers what its read raised into a CheckpointException: a SIGTERM whose handler ran
+    there was said as "its .metadata is unreadable (StoppedBeforeTraining: ...)" and as
+    "cannot load ... into this run. Fix: resume with the same model", sending the user after a
+    checkpoint that was sound."""
+    out = copy_of_a_run(tmp_path / "run", "max_steps=2", "save_every=2")
+    cmd = [sys.executable, str(REPO / "tests" / "io_fault.py"), "--read", name, "SIGTERM", "--",
+           "letrecipes.pretrain", *command(out, "resume=true", "max_steps=3")[3:]]
+    stopped = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "WANDB_MODE": "disabled"})
+    assert stopped.returncode == 1 and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    assert last_line(stopped) == ("error: stopped by SIGTERM during setup, before the first step. Nothing was trained; "
+                                  "corpus shards prepared so far are kept, and launching again goes on from them.")
+    ok(tune(out, "resume=true", "max_steps=3"))
+    assert max(losses(out)) == 3
+
+
 # ------------------------------------------------------------------ 7: the environment's errors
 def test_environment_errors_name_the_key_the_cause_and_what_was_kept(tmp_path):
     with pytest.raises(StorageError, match=r"^output_dir: saving x failed: the disk is full \(/d/f\)\. step 3 is "
