@@ -191,7 +191,8 @@ def say_if_the_host_name_does_not_resolve() -> None:
         unresolved = (f"this machine's host name {name!r} does not resolve to an address ({err.strerror}), and "
                       "torchrun gives it to its processes as the address to meet at")
         if _one_node(words):
-            sys.argv[_options_start(sys.argv):_options_start(sys.argv)] = ["--local-addr", "127.0.0.1"]
+            at = _options_start(sys.argv)
+            sys.argv[at:at] = ["--local-addr", "127.0.0.1"]
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo looks the name up too, and warns of each miss
             sys.stderr.write(f"note: {unresolved}; on one node they meet at 127.0.0.1 instead (--local-addr 127.0.0.1 "
                              "added). To keep the name, make it resolve (/etc/hosts, DNS).\n")
