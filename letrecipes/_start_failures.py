@@ -43,7 +43,7 @@ def _in_letrecipes(traceback) -> bool:
     return False
 
 
-def line(error: OSError) -> str:
+def cache_folder_line(error: OSError) -> str:
     from letrecipes.components.files import cause_and_fix  # torch-free
 
     cause, fix = cause_and_fix(error)
@@ -74,7 +74,7 @@ def _start_failures_are_one_line(previous):
         if os.environ.get("LETRECIPES_TRACEBACK") or not _in_letrecipes(traceback):
             return previous(kind, error, traceback)
         if issubclass(kind, OSError) and _raised_in(traceback, CACHE_DIR_CODE):
-            print(line(error), file=sys.stderr, flush=True)  # the interpreter exits with status 1
+            print(cache_folder_line(error), file=sys.stderr, flush=True)  # the interpreter exits with status 1
         elif _no_home(kind, error):
             print(no_home_line(), file=sys.stderr, flush=True)
         else:
