@@ -22,12 +22,15 @@ import tempfile
 CACHE_DIR_CODE = os.path.join("_inductor", "runtime", "cache_dir_utils.py")  # torch's own maker of the folder
 
 
-def _raised_in(traceback, path_end: str) -> bool:
+def _files_of(traceback):
+    """The source file of each frame the exception passed through, outermost first."""
     while traceback is not None:
-        if traceback.tb_frame.f_code.co_filename.endswith(path_end):
-            return True
+        yield traceback.tb_frame.f_code.co_filename
         traceback = traceback.tb_next
-    return False
+
+
+def _raised_in(traceback, path_end: str) -> bool:
+    return any(name.endswith(path_end) for name in _files_of(traceback))
 
 
 def _in_letrecipes(traceback) -> bool:
@@ -36,11 +39,7 @@ def _in_letrecipes(traceback) -> bool:
     words = getattr(sys, "orig_argv", sys.argv)
     if any("letrecipes" in word for word in words) or any(os.path.basename(word) == "tune" for word in words[:2]):
         return True
-    while traceback is not None:
-        if f"{os.sep}letrecipes{os.sep}" in traceback.tb_frame.f_code.co_filename:
-            return True
-        traceback = traceback.tb_next
-    return False
+    return any(f"{os.sep}letrecipes{os.sep}" in name for name in _files_of(traceback))
 
 
 def cache_folder_line(error: OSError) -> str:
