@@ -74,6 +74,49 @@ def config_memory(cfg: DictConfig, args: ModelArgs, world_size: int, teacher_arg
                           reduce_every_micro_batch=bool((cfg.get("fsdp") or {}).get("reduce_every_micro_batch", True)))
 
 
+# An H100 80GB's memory as torch.cuda reports it (81,559 MiB): the GPU dry_run_gpu_tflops' 989 belongs to
+H100_GIB = 79.6
+# the largest world size the fit search tries: 256 nodes of 8
+MAX_WORLD = 2048
+# The estimate counts what tensors hold; PyTorch's caching allocator reserves more than that
+# (blocks split and cached), so a GPU is counted at 90% of its memory.
+USABLE_SHARE = 0.9
+
+
+def world_sizes(gpus_per_node: int, replicate_degree: int):
+    """The world sizes a job is laid out in, smallest first: powers of two within a node, then
+    whole nodes; under HSDP only those the replicate degree divides."""
+    within = [2 ** i for i in range(gpus_per_node.bit_length()) if 2 ** i < gpus_per_node]
+    for world in within + list(range(gpus_per_node, MAX_WORLD + 1, gpus_per_node)):
+        if world % replicate_degree == 0:
+            yield world
+
+
+def gpu_fit(cfg: DictConfig, args: ModelArgs, world: int, teacher_args: Optional[ModelArgs], teacher_sharded: bool,
+            memory: MemoryEstimate, gpu_gib: float, gpus_per_node: int) -> Dict[str, Any]:
+    """Whether the estimate fits a GPU of ``gpu_gib`` at this world size and, where it does not,
+    the smallest world size at which FSDP2 leaves each GPU little enough (None: none up to
+    MAX_WORLD, because what sharding does not divide, the activations, the loss and the
+    teacher, is too much alone)."""
+    usable = USABLE_SHARE * gpu_gib
+    fit: Dict[str, Any] = {"gpu_memory_gib": gpu_gib, "usable_gib": usable, "fits": memory.total_gb <= usable,
+                           "spare_gib": usable - memory.total_gb}
+    if fit["fits"]:
+        return fit
+    fsdp_options = cfg.get("fsdp") or {}
+    replicate = max(1, int(fsdp_options.get("replicate_degree", 1) or 1))
+    fit["fsdp_off"] = fsdp_options.get("enabled", "auto") is False  # sharding is the fix it names then
+    sharded = OmegaConf.merge(cfg, {"fsdp": {"enabled": "auto"}}) if fit["fsdp_off"] else cfg
+    for candidate in world_sizes(gpus_per_node, replicate):
+        if candidate < world or (candidate == world and not fit["fsdp_off"]):
+            continue
+        at = config_memory(sharded, args, candidate, teacher_args, teacher_sharded=teacher_sharded)
+        if at.total_gb <= usable:
+            return {**fit, "smallest_world_size": candidate, "memory_at_smallest_gib": at.total_gb}
+    unsharded = memory.activations_gb + memory.loss_gb + memory.teacher_gb + memory.context_gb
+    return {**fit, "smallest_world_size": None, "unsharded_gib": unsharded}
+
+
 def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
     registry.import_modules(cfg.get("imports"))
     seq_len = int(cfg.data.seq_len)
@@ -138,6 +181,8 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "accumulated_gradients": memory.accumulated_gradients_gb,
         "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
+    report["fit"] = gpu_fit(cfg, args, world, teacher_args, placement == "sharded", memory,
+                            float(cfg.get("dry_run_gpu_memory_gib", H100_GIB)), int(cfg.get("dry_run_gpus_per_node", 8)))
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "intra_node_gbps": float(cfg.get("dry_run_intra_node_gbps", 3600)),
              "gpus_per_node": int(cfg.get("dry_run_gpus_per_node", 8)),
@@ -207,6 +252,7 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
               f" + gradients {m['gradients']:.1f} + root gradient buffer {m['root_gradient_buffer']:.1f} + teacher "
               f"{m['teacher']:.1f}",
               f"    plus CUDA context {m['cuda_context']:.1f}"]
+    lines.append(_fit_line(r, ac))
     t = r["micro_batch_time"]
     links = []
     if t["intra_node_gb"]:
@@ -234,6 +280,23 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
         lines.append(f"  compute-bound (the smallest compute-bound micro-batch is "
                      f"{t['smallest_compute_bound_micro_batch']})")
     return "\n".join(lines)
+
+
+def _fit_line(r: Dict[str, Any], ac: str) -> str:
+    fit, total = r["fit"], r["memory_per_gpu_gb"]["total"]
+    gpu = (f"a GPU of {fit['gpu_memory_gib']:g} GiB (dry_run_gpu_memory_gib; {fit['usable_gib']:.1f} of it counted, "
+           f"the rest left to the allocator's cache)")
+    if fit["fits"]:
+        return f"  fits {gpu}: {fit['spare_gib']:.1f} GiB to spare"
+    head = f"  WARNING: does not fit {gpu}: {total:.1f} GiB per GPU at world size {r['world_size']}."
+    smaller = ("activation_checkpointing.mode=full, " if ac != "full" else "") + \
+        "a smaller batch_size with more gradient_accumulation_steps (the same tokens per step), loss_chunk_tokens"
+    if fit["smallest_world_size"] is not None:
+        n = fit["smallest_world_size"]
+        return (f"{head} Fix: {'fsdp.enabled=auto and ' if fit['fsdp_off'] else ''}FSDP2 over {n} GPUs or more ({fit['memory_at_smallest_gib']:.1f} GiB per GPU at {n}: "
+                f"tune run --nproc_per_node ..., or dry_run_world_size={n} to see it), or {smaller}.")
+    return (f"{head} No world size up to {MAX_WORLD} fits with these settings: what sharding does not divide "
+            f"(activations, loss, teacher, CUDA context) is {fit['unsharded_gib']:.1f} GiB alone. Fix: {smaller}.")
 
 
 def _logged_mfu(r: Dict[str, Any], share_of_peak: float) -> str:

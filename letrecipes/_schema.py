@@ -63,7 +63,7 @@ TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "compile": BOOL, "deterministic": BOOL, "cpu_malloc_tuning": BOOL, "memory_check": BOOL,
     "process_group_timeout_s": _int(1), "progress_bar": BOOL, "dry_run": BOOL, "dry_run_world_size": _int(1),
     "dry_run_interconnect_gbps": _number(0), "dry_run_intra_node_gbps": _number(0), "dry_run_gpus_per_node": _int(1),
-    "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1),
+    "dry_run_gpu_tflops": _number(0), "dry_run_mfu": _number(0, 1), "dry_run_gpu_memory_gib": _number(0),
     "init_from": OPTIONAL_TEXT,
     "metric_logger": ("a logger's short name (disk, stdout, wandb, tensorboard, comet, mlflow), a torchtune metric "
                       "logger ({_component_: wandb, project: ...}), or a list of them",

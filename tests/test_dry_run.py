@@ -284,3 +284,47 @@ def test_the_traffic_goes_over_the_link_it_uses_and_hsdp_is_weighed_for_a_multi_
     assert not as_hsdp["micro_batch_time"]["communication_bound"]
     assert as_hsdp["memory_per_gpu_gb"]["total"] == report["micro_batch_time"]["with_hsdp"]["memory_per_gpu_gb"]
     assert "HSDP: 4 replicas of a shard group of 8" in capsys.readouterr().out
+
+
+def test_the_dry_run_says_whether_a_gpu_holds_the_run_and_the_smallest_world_size_that_does(capsys):
+    """It printed 125.6 GiB per GPU for let_7b in one process and called the config
+    compute-bound, without a word that no 80 GB GPU holds that."""
+    from letrecipes._dry_run import USABLE_SHARE, _teacher_args, config_memory
+
+    usable = USABLE_SHARE * 79.6
+    one = dry_run(load_config("let_7b"), with_teacher=True)
+    assert one["world_size"] == 1 and one["memory_per_gpu_gb"]["total"] > usable
+    fit = one["fit"]
+    assert not fit["fits"] and fit["usable_gib"] == pytest.approx(usable)
+    # the smallest layout that fits, where the one below it does not (2 GPUs: within 90% of 79.6 GiB, too tight)
+    cfg = load_config("let_7b")
+    teacher = _teacher_args(cfg, int(cfg.data.seq_len))
+    at = {world: config_memory(cfg, _student_args(), world, teacher).total_gb for world in (2, 4)}
+    assert fit["smallest_world_size"] == 4 and at[2] > usable >= at[4] == pytest.approx(fit["memory_at_smallest_gib"])
+    out = capsys.readouterr().out
+    assert "WARNING: does not fit a GPU of 79.6 GiB (dry_run_gpu_memory_gib" in out
+    assert "Fix: FSDP2 over 4 GPUs or more" in out and "dry_run_world_size=4 to see it" in out
+    assert dry_run(load_config("let_7b", ["dry_run_world_size=8"]), with_teacher=True)["fit"]["fits"]
+    assert "fits a GPU of 79.6 GiB" in capsys.readouterr().out
+    # an H200 holds it in one process; the key is the GPU's memory
+    assert dry_run(load_config("let_7b", ["dry_run_gpu_memory_gib=141"]), with_teacher=True)["fit"]["fits"]
+    # fsdp off on 8 GPUs: sharding over those same 8 is the fix
+    off = dry_run(load_config("let_7b", ["dry_run_world_size=8", "fsdp.enabled=false"]), with_teacher=True)["fit"]
+    assert not off["fits"] and off["smallest_world_size"] == 8
+    assert "Fix: fsdp.enabled=auto and FSDP2 over 8 GPUs" in capsys.readouterr().out
+    # what no number of GPUs divides: activations of 64 x 2048 tokens without checkpointing
+    huge = dry_run(load_config("let_7b", ["batch_size=64", "activation_checkpointing.mode=none"]),
+                   with_teacher=True)["fit"]
+    assert huge["smallest_world_size"] is None and huge["unsharded_gib"] > usable
+    assert "No world size up to 2048 fits" in capsys.readouterr().out
+    # under HSDP only world sizes the replicate degree divides are laid out
+    from letrecipes._dry_run import world_sizes
+
+    assert list(world_sizes(8, 1))[:6] == [1, 2, 4, 8, 16, 24] and list(world_sizes(8, 3))[:2] == [24, 48]
+
+
+def test_the_gpus_memory_for_the_dry_run_is_a_checked_key():
+    from letrecipes._schema import validate
+
+    with pytest.raises(Exception, match="dry_run_gpu_memory_gib"):
+        validate(load_config("let_7b", ["dry_run_gpu_memory_gib=0"]), with_teacher=False)
