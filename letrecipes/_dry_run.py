@@ -166,6 +166,7 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
             "teacher_forward_flops_per_token": teacher_flops,
             "teacher_overhead": teacher_flops / step_flops,
             "schedule": repr(aligner.schedule),
+            "teacher_end_step": aligner.schedule.end_step,
         })
     placement = cfg.get("teacher", {}).get("placement", "replicated") if with_teacher else "replicated"
     accumulation = int(cfg.get("gradient_accumulation_steps", 1))
@@ -215,8 +216,30 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         report["micro_batch_time"]["with_hsdp"] = {"replicate_degree": nodes, "communication_s": hsdp.communication_s,
                                                    "communication_bound": hsdp.communication_bound,
                                                    "memory_per_gpu_gb": hsdp_memory.total_gb}
+    report["run_time"] = run_time(report, timing, int(cfg.max_steps), world, micro_batch * seq_len, accumulation,
+                                  rates["gpu_tflops"] * 1e12 * rates["mfu"])
     print(format_report(report, args, teacher_args, micro_batch, seq_len, ac))
     return report
+
+
+def run_time(r: Dict[str, Any], timing, max_steps: int, world: int, micro_batch_tokens: int, accumulation: int,
+             flops_per_s: float) -> Dict[str, Any]:
+    """The whole run's length at the cost model's rates: each micro-batch takes the longer of
+    its compute (the teacher's forward added while it runs) and its traffic, which overlap."""
+    teacher_s = r.get("teacher_forward_flops_per_token", 0) * micro_batch_tokens / flops_per_s
+    with_teacher = min(max_steps, r["teacher_end_step"] or max_steps) if "teacher_end_step" in r else 0
+    step = accumulation * max(timing.compute_s, timing.communication_s)
+    step_with_teacher = accumulation * max(timing.compute_s + teacher_s, timing.communication_s)
+    seconds = with_teacher * step_with_teacher + (max_steps - with_teacher) * step
+    return {"steps": max_steps, "tokens_per_step": micro_batch_tokens * accumulation * world,
+            "tokens": max_steps * micro_batch_tokens * accumulation * world, "step_s": step,
+            "steps_with_teacher": with_teacher, "step_with_teacher_s": step_with_teacher, "seconds": seconds,
+            "gpu_hours": seconds * world / 3600}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
+        else f"{seconds:.2g} s"
 
 
 def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_batch: int, seq_len: int,
@@ -279,6 +302,12 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
     else:
         lines.append(f"  compute-bound (the smallest compute-bound micro-batch is "
                      f"{t['smallest_compute_bound_micro_batch']})")
+    run = r["run_time"]
+    teacher = (f"; the first {run['steps_with_teacher']:,} with the teacher, {_duration(run['step_with_teacher_s'])} "
+               "each" if run["steps_with_teacher"] else "")
+    lines.append(f"  the run at these rates: {run['steps']:,} steps x {run['tokens_per_step']:,} tokens "
+                 f"({run['tokens'] / 1e9:.3g}B tokens) in about {_duration(run['seconds'])} on {r['world_size']} "
+                 f"GPU(s), {run['gpu_hours']:,.0f} GPU-hours ({_duration(run['step_s'])} a step{teacher})")
     return "\n".join(lines)
 
 

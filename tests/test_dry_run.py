@@ -328,3 +328,23 @@ def test_the_gpus_memory_for_the_dry_run_is_a_checked_key():
 
     with pytest.raises(Exception, match="dry_run_gpu_memory_gib"):
         validate(load_config("let_7b", ["dry_run_gpu_memory_gib=0"]), with_teacher=False)
+
+
+def test_the_dry_run_gives_the_whole_runs_length_at_its_rates(capsys):
+    """Each micro-batch takes the longer of its compute (plus the teacher's forward while the
+    teacher runs) and its traffic; a step is gradient_accumulation_steps of them."""
+    report = dry_run(load_config("let_7b", ["dry_run_world_size=32", "max_steps=1000", "alignment.schedule.stop=0.25"]),
+                     with_teacher=True)
+    run, t = report["run_time"], report["micro_batch_time"]
+    teacher_s = report["teacher_forward_flops_per_token"] * 8 * 2048 / (989e12 * 0.4)
+    assert run["steps_with_teacher"] == 250 and run["tokens_per_step"] == 32 * 8 * 2048 * 2
+    assert run["step_with_teacher_s"] == pytest.approx(2 * max(t["compute_s"] + teacher_s, t["communication_s"]))
+    assert run["seconds"] == pytest.approx(250 * run["step_with_teacher_s"] + 750 * 2 * t["compute_s"])
+    assert run["gpu_hours"] == pytest.approx(run["seconds"] * 32 / 3600)
+    assert "the run at these rates: 1,000 steps x 1,048,576 tokens (1.05B tokens) in about 1.4 h on 32 GPU(s)" \
+        in capsys.readouterr().out
+    # traffic-bound micro-batches set the pace; pretraining has no teacher steps
+    slow = dry_run(load_config("pretrain_7b", ["dry_run_world_size=32", "batch_size=2", "gradient_accumulation_steps=8"]),
+                   with_teacher=False)
+    assert slow["micro_batch_time"]["communication_bound"] and slow["run_time"]["steps_with_teacher"] == 0
+    assert slow["run_time"]["step_s"] == pytest.approx(8 * slow["micro_batch_time"]["communication_s"])
