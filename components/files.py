@@ -341,11 +341,17 @@ def cause_and_fix(err: OSError) -> Tuple[str, str]:
     return f"{cause}{where}", fix
 
 
+def nearest_existing(path: Path) -> Optional[Path]:
+    """``path`` or its nearest parent that exists: where a folder about to be made will live,
+    for the questions of its filesystem (space, inodes) asked before it is made."""
+    return next((p for p in (path, *path.parents) if p.exists()), None)
+
+
 def _out_of_inodes(path: Path) -> bool:
     """Whether the filesystem under ``path`` (its nearest folder that exists) has used up its
     inodes while it still has space: a tmpfs's nr_inodes, an ext4 made for few large files,
     millions of small cache files."""
-    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    folder = nearest_existing(path)
     try:
         fs = os.statvfs(folder) if folder is not None else None
     except OSError:

@@ -42,7 +42,7 @@ from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
-from letrecipes.components.files import environment_errors, replace_atomically, usable_cores
+from letrecipes.components.files import environment_errors, nearest_existing, replace_atomically, usable_cores
 from letrecipes.components.lr_schedules import run_length
 from letrecipes.components.preemption import GracefulStop, RunStopped, StopVote, forgive_console_errors
 from letrecipes.components.init_from import check_initial_weights, load_initial_weights
@@ -417,12 +417,9 @@ class PretrainRecipe:
         completes) and the bf16 export."""
         if not self.is_main:
             return
-        folder = self.output_dir
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
         try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
+            free = shutil.disk_usage(nearest_existing(self.output_dir)).free
+        except (OSError, TypeError):  # TypeError: not even the root exists (a path of another system)
             return
         kept = self.kept_checkpoints()
         if not self.save_every:
