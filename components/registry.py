@@ -193,7 +193,9 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
             hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
                     else f" Did you mean {key}.{close[0]}?" if close else "")
             shown = str(value).lower() if isinstance(value, bool) else value
-            fix = f"replace it with {key}.{meant[0]}={shown}" if meant else "correct or remove it"
+            # switching _component_ on the command line keeps the keys the config file gave the old one
+            fix = (f"replace it with {key}.{meant[0]}={shown}" if meant else
+                   f"correct or remove it (one the config file sets: ~{key}.{option} on the command line removes it)")
             raise ComponentError(f"config key {key}.{option} is not an argument of {name!r} (it takes: "
                                  f"{', '.join(named)}).{hint} Fix: {fix}.")
         problem = _kind_problem(value, parameters[option])

@@ -305,9 +305,12 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
     run = r["run_time"]
     teacher = (f"; the first {run['steps_with_teacher']:,} with the teacher, {_duration(run['step_with_teacher_s'])} "
                "each" if run["steps_with_teacher"] else "")
+    hours = f", {run['gpu_hours']:,.0f} GPU-hours" if run["gpu_hours"] >= 1 else ""
+    total = run["tokens"]
+    total = f"{total / 1e9:.3g}B" if total >= 1e9 else f"{total / 1e6:.3g}M" if total >= 1e6 else f"{total:,}"
     lines.append(f"  the run at these rates: {run['steps']:,} steps x {run['tokens_per_step']:,} tokens "
-                 f"({run['tokens'] / 1e9:.3g}B tokens) in about {_duration(run['seconds'])} on {r['world_size']} "
-                 f"GPU(s), {run['gpu_hours']:,.0f} GPU-hours ({_duration(run['step_s'])} a step{teacher})")
+                 f"({total} tokens) in about {_duration(run['seconds'])} on {r['world_size']} GPU(s){hours} "
+                 f"({_duration(run['step_s'])} a step{teacher})")
     return "\n".join(lines)
 
 

@@ -80,6 +80,19 @@ def test_a_users_registered_component_has_its_arguments_checked(tmp_path, monkey
     assert "alignment.loss.margin='wide' must be a number" in str(err.value.code)
 
 
+def test_another_component_on_the_command_line_is_told_how_to_drop_the_keys_of_the_one_it_replaces():
+    """torchtune merges overrides into the file's section: the constant schedule named on the
+    command line kept the linear one's `stop`, and the fix said "correct or remove it" with no
+    word of how a key the file sets is removed from the command line."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "alignment.schedule._component_=constant"])
+    said = str(err.value.code)
+    assert "alignment.schedule.stop is not an argument of 'constant'" in said
+    assert said.endswith("Fix: correct or remove it (one the config file sets: ~alignment.schedule.stop on the "
+                         "command line removes it).")
+    assert cli.main(["validate", "let_tiny", "alignment.schedule._component_=constant", "~alignment.schedule.stop"]) == 0
+
+
 @pytest.mark.parametrize("config", ["let_tiny", "let_1b4", "let_7b", "let_smollm2_cpu", "let_smollm2_xtok_cpu",
                                     "pretrain_7b", "baseline_tiny", "eval", "eval_let_paper"])
 def test_every_shipped_config_validates(config, capsys):
