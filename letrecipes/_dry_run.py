@@ -183,7 +183,8 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
     report["fit"] = gpu_fit(cfg, args, world, teacher_args, placement == "sharded", memory,
-                            float(cfg.get("dry_run_gpu_memory_gib", H100_GIB)), int(cfg.get("dry_run_gpus_per_node", 8)))
+                            float(cfg.get("dry_run_gpu_memory_gib", H100_GIB)),
+                            int(cfg.get("dry_run_gpus_per_node", 8)))
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "intra_node_gbps": float(cfg.get("dry_run_intra_node_gbps", 3600)),
              "gpus_per_node": int(cfg.get("dry_run_gpus_per_node", 8)),
@@ -324,9 +325,9 @@ def _fit_line(r: Dict[str, Any], ac: str) -> str:
     smaller = ("activation_checkpointing.mode=full, " if ac != "full" else "") + \
         "a smaller batch_size with more gradient_accumulation_steps (the same tokens per step), loss_chunk_tokens"
     if fit["smallest_world_size"] is not None:
-        n = fit["smallest_world_size"]
-        return (f"{head} Fix: {'fsdp.enabled=auto and ' if fit['fsdp_off'] else ''}FSDP2 over {n} GPUs or more ({fit['memory_at_smallest_gib']:.1f} GiB per GPU at {n}: "
-                f"tune run --nproc_per_node ..., or dry_run_world_size={n} to see it), or {smaller}.")
+        n, enable = fit["smallest_world_size"], "fsdp.enabled=auto and " if fit["fsdp_off"] else ""
+        return (f"{head} Fix: {enable}FSDP2 over {n} GPUs or more ({fit['memory_at_smallest_gib']:.1f} GiB per GPU at "
+                f"{n}: tune run --nproc_per_node ..., or dry_run_world_size={n} to see it), or {smaller}.")
     return (f"{head} No world size up to {MAX_WORLD} fits with these settings: what sharding does not divide "
             f"(activations, loss, teacher, CUDA context) is {fit['unsharded_gib']:.1f} GiB alone. Fix: {smaller}.")
 

@@ -344,7 +344,7 @@ def test_the_dry_run_gives_the_whole_runs_length_at_its_rates(capsys):
     assert "the run at these rates: 1,000 steps x 1,048,576 tokens (1.05B tokens) in about 1.4 h on 32 GPU(s)" \
         in capsys.readouterr().out
     # traffic-bound micro-batches set the pace; pretraining has no teacher steps
-    slow = dry_run(load_config("pretrain_7b", ["dry_run_world_size=32", "batch_size=2", "gradient_accumulation_steps=8"]),
-                   with_teacher=False)
+    slow = dry_run(load_config("pretrain_7b", ["dry_run_world_size=32", "batch_size=2",
+                                               "gradient_accumulation_steps=8"]), with_teacher=False)
     assert slow["micro_batch_time"]["communication_bound"] and slow["run_time"]["steps_with_teacher"] == 0
     assert slow["run_time"]["step_s"] == pytest.approx(8 * slow["micro_batch_time"]["communication_s"])
