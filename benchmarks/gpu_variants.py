@@ -17,6 +17,7 @@ estimated memory exceeds the device's is skipped with the two figures, not run i
 out-of-memory error.
     device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants            # let_7b's depth
     device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants --arms all # every arm
+    device run (carry [".whl"]):  bash benchmarks/gpu_check.sh --variants --arms deepest  # an H100's depth
     python benchmarks/gpu_variants.py --cpu   # tiny sizes (a 16-block model for let7b_*), what the tests run
 Each arm's tokens/s, MFU, peak memory and the dry run's estimate go into
 benchmarks/results/gpu_variants.json after every arm, and the LET arms' step against the
@@ -30,7 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,7 +41,8 @@ from benchmarks.gpu_check import (SIZES, arm_in_process, common_overrides,  # no
                                   demo_data, model_overrides, random_teacher, report_saver, run,
                                   step_figures)
 from letrecipes import let_pretrain, pretrain  # noqa: E402
-from letrecipes.components.estimate import forward_flops_per_token, memory_per_gpu, peak_bf16_tflops  # noqa: E402
+from letrecipes.components.estimate import (MemoryEstimate, forward_flops_per_token, memory_per_gpu,  # noqa: E402
+                                           peak_bf16_tflops)
 from letrecipes.components.models import ModelArgs  # noqa: E402
 
 LET_7B_BLOCKS_OVER_SLICE = 8  # let_7b's 32 blocks over the slice's 4 (16 over 2 at the CPU sizes)
@@ -56,6 +58,8 @@ ARMS = {  # name: (blocks over the slice's, LET or not, overrides)
     "let7b_bf16": (LET_7B_BLOCKS_OVER_SLICE, False, ["float8.enabled=false", FULL_AC]),
     "let7b_float8": (LET_7B_BLOCKS_OVER_SLICE, False, ["float8.enabled=true", FULL_AC]),
     "let7b_let": (LET_7B_BLOCKS_OVER_SLICE, True, ["float8.enabled=false", FULL_AC, "teacher.compile=true"]),
+    # LET at 16 blocks, beside bf16_4x_blocks: what an 80 GB GPU holds of let_7b's depth (71 GiB by the estimate)
+    "let_4x_blocks": (4, True, ["float8.enabled=false", FULL_AC, "teacher.compile=true"]),
     # let_7b steps its optimizer every 2 micro-batches: at world size 1 the optimizer over all
     # 7.5B parameters is otherwise a large share of every 4,096-token step
     "let7b_bf16_accumulate_2": (LET_7B_BLOCKS_OVER_SLICE, False,
@@ -77,7 +81,11 @@ ARMS = {  # name: (blocks over the slice's, LET or not, overrides)
 DEFAULT_ARMS = ["let7b_bf16", "let7b_float8", "let7b_let", "let7b_bf16_accumulate_2",  # the slice's ran before
                 "memory_micro_batch_8_full_ac", "memory_micro_batch_8_no_ac", "memory_micro_batch_8_full_ac_plain_loss"]
 LET_BASELINES = {"let_teacher_compile_false": "bf16_full_ac", "let_teacher_compile_true": "bf16_full_ac",
-                 "let7b_let": "let7b_bf16"}
+                 "let7b_let": "let7b_bf16", "let_4x_blocks": "bf16_4x_blocks"}
+# `--arms deepest`: bf16, LET and float8 at the greatest depth whose three arms this device holds:
+# let_7b's 32 blocks on an H200 (119 GiB by the estimate), 16 on an 80 GB H100, whose let7b arms
+# would all be skipped; the LET arm right after its baseline, so a cut-short call still has the ratio
+DEEPEST = (["let7b_bf16", "let7b_let", "let7b_float8"], ["bf16_4x_blocks", "let_4x_blocks", "float8_4x_blocks"])
 MEMORY_MARGIN = 0.97  # of the device's memory: fragmentation and what the estimate leaves out
 
 
@@ -86,11 +94,10 @@ def arm_shape(size: Dict, name: str) -> Dict:
     return {**size["slice"], "num_layers": size["slice"]["num_layers"] * times}
 
 
-def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work: Path) -> Dict:
-    """One arm, in this process: its figures, or why it was skipped."""
+def arm_estimate(name: str, size: Dict, vocab) -> Tuple[ModelArgs, MemoryEstimate]:
+    """The arm's student shape and the cost model's memory for it at world size 1."""
     _, let, extra = ARMS[name]
     shape = arm_shape(size, name)
-    gpu = size["device"] == "cuda"
     model_args = ModelArgs(**{**shape, "vocab_size": vocab(shape), "max_seq_len": size["seq_len"]})
     teacher_shape = {**size["teacher"], "vocab_size": max(vocab(size["teacher"]), vocab(size["slice"]))}
     teacher_args = ModelArgs(**{**teacher_shape, "max_seq_len": size["seq_len"]}) if let else None
@@ -98,11 +105,30 @@ def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work
     def setting(key, default):
         return next(o.split("=")[1] for o in [*extra, f"{key}={default}"] if o.startswith(f"{key}="))
 
-    estimate = memory_per_gpu(model_args, 1, int(setting("batch_size", size["micro_batch"])), size["seq_len"],
-                              setting("activation_checkpointing.mode", "full"), teacher=teacher_args, fsdp=True,
-                              gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)),
-                              reduce_every_micro_batch=setting("fsdp.reduce_every_micro_batch", "true") == "true",
-                              loss_chunk_tokens=int(setting("loss_chunk_tokens", size["loss_chunk_tokens"])))
+    return model_args, memory_per_gpu(
+        model_args, 1, int(setting("batch_size", size["micro_batch"])), size["seq_len"],
+        setting("activation_checkpointing.mode", "full"), teacher=teacher_args, fsdp=True,
+        gradient_accumulation_steps=int(setting("gradient_accumulation_steps", 1)),
+        reduce_every_micro_batch=setting("fsdp.reduce_every_micro_batch", "true") == "true",
+        loss_chunk_tokens=int(setting("loss_chunk_tokens", size["loss_chunk_tokens"])))
+
+
+def deepest_arms(size: Dict, vocab, device_gib: Optional[float]) -> List[str]:
+    """The first of DEEPEST whose every arm fits ``device_gib`` (None: no limit, on a CPU);
+    where none does, the last, whose arms then say why they were skipped."""
+    for arms in DEEPEST:
+        if device_gib is None or all(arm_estimate(name, size, vocab)[1].total_gb <= MEMORY_MARGIN * device_gib
+                                     for name in arms):
+            return list(arms)
+    return list(DEEPEST[-1])
+
+
+def measure(name: str, size: Dict, corpus: str, tokenizer: str, tok, vocab, work: Path) -> Dict:
+    """One arm, in this process: its figures, or why it was skipped."""
+    _, let, extra = ARMS[name]
+    shape = arm_shape(size, name)
+    gpu = size["device"] == "cuda"
+    model_args, estimate = arm_estimate(name, size, vocab)
     if gpu:
         device_gib = torch.cuda.mem_get_info()[1] / 2**30
         if estimate.total_gb > MEMORY_MARGIN * device_gib:
@@ -137,17 +163,22 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--arms", default=None,
-                        help=f"comma-separated arms, or all (default: {','.join(DEFAULT_ARMS)})")
+                        help=f"comma-separated arms, all, or deepest: bf16, LET and float8 at the greatest depth "
+                        f"the device holds ({' or '.join(','.join(arms) for arms in DEEPEST)}) "
+                        f"(default: {','.join(DEFAULT_ARMS)})")
     parser.add_argument("--arm", default=None, help="(internal) run one arm and print its JSON")
     args = parser.parse_args(argv)
-    chosen = list(ARMS) if args.arms == "all" else (args.arms.split(",") if args.arms else DEFAULT_ARMS)
+    chosen = list(ARMS) if args.arms in ("all", "deepest") else (args.arms.split(",") if args.arms else DEFAULT_ARMS)
     unknown = sorted(set(chosen) - set(ARMS))
     if unknown:  # before the corpus is prepared: a typo costs nothing
-        parser.error(f"--arms: unknown {unknown}; choose from {sorted(ARMS)} or all")
+        parser.error(f"--arms: unknown {unknown}; choose from {sorted(ARMS)}, all or deepest")
     size = SIZES["cpu" if args.cpu else "gpu"]
     if not args.cpu and not torch.cuda.is_available():
         raise SystemExit("gpu_variants: no CUDA device (use --cpu for the tiny CPU version)")
     corpus, tokenizer, tok, vocab = demo_data(args)
+    if args.arms == "deepest":
+        chosen = deepest_arms(size, vocab, None if args.cpu else torch.cuda.mem_get_info()[1] / 2**30)
+        print(f"gpu_variants: --arms deepest: {','.join(chosen)}", flush=True)
     work = Path(args.work)
     if args.arm:  # a child process: one arm, clean memory
         print("ARM " + json.dumps(measure(args.arm, size, corpus, tokenizer, tok, vocab, work)), flush=True)

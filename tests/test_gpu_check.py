@@ -84,3 +84,20 @@ def test_the_memory_peak_is_found_and_its_allocations_grouped_by_site():
     assert peak["peak_gib"] == 10 and peak["peak_event"] == 1 and peak["untraced_gib"] == 5
     assert peak["sites"] == [{"gib": 3.0, "site": "functional.py:1 cross_entropy"},
                              {"gib": 2.0, "site": "models.py:1 forward"}]
+
+
+def test_the_deepest_arms_are_let_7bs_depth_where_the_gpu_holds_it_and_16_blocks_on_an_80_gb_one():
+    """The let7b arms need about 119 GiB at world size 1: on an H100 all three were skipped,
+    and a lent H100's call measured nothing of LET at depth. `--arms deepest` takes 16 blocks there."""
+    from benchmarks import gpu_variants
+    from benchmarks.gpu_check import SIZES
+
+    size, vocab = SIZES["gpu"], lambda shape: shape.get("vocab_size") or 128256
+    h200, h100 = 139.8, 79.1  # what torch.cuda.mem_get_info reports as their totals, in GiB
+    assert gpu_variants.deepest_arms(size, vocab, h200) == ["let7b_bf16", "let7b_let", "let7b_float8"]
+    assert gpu_variants.deepest_arms(size, vocab, h100) == ["bf16_4x_blocks", "let_4x_blocks", "float8_4x_blocks"]
+    assert gpu_variants.deepest_arms(size, vocab, 40.0) == ["bf16_4x_blocks", "let_4x_blocks", "float8_4x_blocks"]
+    assert gpu_variants.deepest_arms(SIZES["cpu"], vocab, None)[1] == "let7b_let"
+    let16 = gpu_variants.arm_estimate("let_4x_blocks", size, vocab)
+    assert let16[0].num_layers == 16 and let16[1].total_gb <= gpu_variants.MEMORY_MARGIN * h100
+    assert gpu_variants.LET_BASELINES["let_4x_blocks"] == "bf16_4x_blocks"
