@@ -27,7 +27,7 @@ elif [ "${1:-}" = "--profile" ]; then  # where the step time goes (benchmarks/gp
 fi
 if [ -n "${OUT:-}" ]; then  # the device machine: the log comes back even if the call is cut short
     set -o pipefail
-    "$PY" "$SCRIPT" "$@" 2>&1 | tee "$OUT/$(basename "$SCRIPT" .py).log"
+    "$PY" "$SCRIPT" "$@" 2>&1 | tee -a "$OUT/$(basename "$SCRIPT" .py).log"  # -a: a second --variants call keeps the first log
 else
     "$PY" "$SCRIPT" "$@"
 fi
