@@ -177,6 +177,9 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
                               "encoding, Latin-1 say), which the run's config, records and log cannot hold. Fix: a "
                               "UTF-8 name (an existing file or folder renamed: convmv -f latin1 -t utf8 --notest "
                               "<it>).")
+    for override in overrides:
+        if override.startswith("~"):
+            _check_removal(yaml, override, path)
     merged, held = _values_holding_equals(overrides)
     try:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), merged)
@@ -192,6 +195,33 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     except Exception as err:  # the YAML parser's own types, omegaconf's for a key it cannot set
         raise ConfigError(_override_problem(overrides, err)) from err
     return cfg
+
+
+def _check_removal(yaml: DictConfig, override: str, path) -> None:
+    """``~key`` removes a key the config file sets (torchtune's override). torchtune's own
+    refusals, of a key the file does not have and of a component, came with the fix for
+    a malformed override (spaces around the =), which these are not."""
+    key = override[1:].partition("=")[0].strip()
+    missing = object()
+    node = OmegaConf.select(yaml, key, default=missing) if key else missing
+    if isinstance(node, DictConfig) and "_component_" in node or key.split(".")[-1] == "_component_":
+        section = key.removesuffix("._component_")
+        raise ConfigError(f"the override {override!r} removes the component {section}, which torchtune's overrides "
+                          f"cannot do. Fix: name another component ({section}._component_=<name>), or edit a copy of "
+                          f"the config (letrecipes cp {Path(str(path)).stem} my_run.yaml).")
+    if not key:
+        raise ConfigError(f"the override {override!r} names no key to remove. Fix: ~ followed by a key the config "
+                          "sets, like ~lr_scheduler.min_lr_ratio.")
+    if node is missing:
+        parent, _, leaf = key.rpartition(".")
+        holder = OmegaConf.select(yaml, parent, default=None) if parent else yaml
+        keys = [str(k) for k in holder.keys()] if isinstance(holder, DictConfig) else []
+        close = difflib.get_close_matches(leaf, keys, n=1)
+        holds = f" ({parent} holds {', '.join(keys)})" if parent and keys else ""
+        fix = (f"~{parent + '.' if parent else ''}{close[0]}, if that is the key meant" if close else
+               "leave the override out: there is nothing to remove")
+        raise ConfigError(f"the override {override!r} removes the key {key}, which --config {str(path)!r} does not "
+                          f"set{holds}. Fix: {fix}.")
 
 
 def _values_holding_equals(overrides: Sequence[str]) -> Tuple[List[str], Dict[str, Tuple[str, str]]]:

@@ -93,6 +93,31 @@ def test_another_component_on_the_command_line_is_told_how_to_drop_the_keys_of_t
     assert cli.main(["validate", "let_tiny", "alignment.schedule._component_=constant", "~alignment.schedule.stop"]) == 0
 
 
+@pytest.mark.parametrize("override, said", [
+    ("~alignment.schedule.rho0", "removes the key alignment.schedule.rho0, which --config '{cfg}' does not set "
+     "(alignment.schedule holds _component_, stop). Fix: leave the override out: there is nothing to remove."),
+    ("~alignment.schedule.stp", "does not set (alignment.schedule holds _component_, stop). Fix: "
+     "~alignment.schedule.stop, if that is the key meant."),
+    ("~max_step", "removes the key max_step, which --config '{cfg}' does not set. Fix: ~max_steps, if that is the key "
+     "meant."),
+    ("~alignment.schedule", "removes the component alignment.schedule, which torchtune's overrides cannot do. Fix: name "
+     "another component (alignment.schedule._component_=<name>), or edit a copy of the config (letrecipes cp let_tiny "
+     "my_run.yaml)."),
+    ("~alignment.schedule._component_", "removes the component alignment.schedule"),
+    ("~", "names no key to remove. Fix: ~ followed by a key the config sets"),
+])
+def test_a_removal_of_what_the_config_does_not_set_says_so(override, said):
+    """torchtune refuses these itself, and the fix that came with its message was the one for a
+    malformed override: "write each override as key=value (no spaces around the =)"."""
+    from letrecipes._config import resolve_config_path
+
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    message = str(err.value.code)
+    assert message.startswith(f"error: the override {override!r} ") and "no spaces around" not in message, message
+    assert said.format(cfg=resolve_config_path("let_tiny")) in message, message
+
+
 @pytest.mark.parametrize("config", ["let_tiny", "let_1b4", "let_7b", "let_smollm2_cpu", "let_smollm2_xtok_cpu",
                                     "pretrain_7b", "baseline_tiny", "eval", "eval_let_paper"])
 def test_every_shipped_config_validates(config, capsys):
