@@ -416,12 +416,14 @@ class Checkpointer:
     """
 
     def __init__(self, output_dir: Union[str, Path], keep_last: int = 2, async_save: bool = False,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, timeout_s: int = 600):
         self.output_dir = Path(output_dir)
         self.dir = self.output_dir / "checkpoints"
         self.keep_last = keep_last
         self.async_save = async_save
         self.log = log
+        self.timeout_s = timeout_s
+        self._async_group = None  # the process group of async saves' own collectives (made at the first one)
         self.model = self.optimizer = None
         self.per_rank: Dict[str, Any] = {}
         self._pending = None  # (future, tmp folder, final folder, step, start time) of an async save in flight
@@ -689,11 +691,23 @@ class Checkpointer:
             state = {"model": model_sd, "optim": optim_sd, f"trainer_rank{_rank()}": _to_bytes(trainer_state)}
             if self.async_save:
                 # DCP stages a copy in CPU memory before returning; training goes on meanwhile.
-                self._pending = (dcp.async_save(state, checkpoint_id=str(tmp)), tmp, final, finite, start, kept)
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._save_group())
+                self._pending = (future, tmp, final, finite, start, kept)
             else:
                 dcp.save(state, checkpoint_id=str(tmp))
                 self._finalize(tmp, final, finite, start)
         return final
+
+    def _save_group(self):
+        """A gloo group of every rank for the collectives an async save runs in its own thread.
+        On the default group they interleaved with the training's FSDP2 collectives in a
+        different order on each rank: gloo aborted the job (SIGABRT) or it hung, 2 ranks out of 2
+        at the first async save. torchtitan keeps a group apart for the same reason."""
+        if self._async_group is None and dist.is_initialized() and dist.get_world_size() > 1:
+            from datetime import timedelta
+
+            self._async_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        return self._async_group
 
     def what_is_kept(self) -> str:
         """For an error that stops the run: what it can go back to."""

@@ -182,7 +182,8 @@ class PretrainRecipe:
             parallel.check_bf16_device(self.device, "dtype")
 
         self.checkpointer = Checkpointer(self.output_dir, keep_last=self.kept_checkpoints() or 0,  # 0: every one
-                                         async_save=bool(cfg.get("async_checkpoint", False)), log=self.log)
+                                         async_save=bool(cfg.get("async_checkpoint", False)), log=self.log,
+                                         timeout_s=int(cfg.get("process_group_timeout_s", 600)))
         self.checkpointer.lock()  # before looking: another live run could be writing the folder
         resume_setting, overwrite = cfg.get("resume", False), bool(cfg.get("overwrite", False))
         restart = parallel.on_rank0(lambda: run_info.restart_of(self.output_dir))  # one answer for every rank
