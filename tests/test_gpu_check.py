@@ -101,3 +101,21 @@ def test_the_deepest_arms_are_let_7bs_depth_where_the_gpu_holds_it_and_16_blocks
     let16 = gpu_variants.arm_estimate("let_4x_blocks", size, vocab)
     assert let16[0].num_layers == 16 and let16[1].total_gb <= gpu_variants.MEMORY_MARGIN * h100
     assert gpu_variants.LET_BASELINES["let_4x_blocks"] == "bf16_4x_blocks"
+
+
+def test_the_settings_fuzz_picks_only_valid_configs():
+    """benchmarks/settings_fuzz.py tries combinations of valid settings: a key renamed here
+    would turn every one of its runs into the same config error, and it would find nothing."""
+    import random
+
+    from benchmarks import settings_fuzz
+
+    from letrecipes._config import load_config
+    from letrecipes._schema import validate
+
+    rng = random.Random(0)
+    for _ in range(60):
+        overrides, processes = settings_fuzz.pick_settings(rng, 4)
+        cfg = load_config("let_tiny", [*settings_fuzz.TINY, *overrides])
+        validate(cfg, with_teacher=False)
+        assert processes in (1, 2, 4) and ("fsdp.replicate_degree" in str(overrides)) == (processes == 4)
