@@ -21,6 +21,7 @@ from letrecipes.components.estimate import (MemoryEstimate, dtype_bytes, forward
                                            micro_batch_time, total_params, train_flops_per_token)
 from letrecipes.components.models import (ModelArgs, check_built_student, count_parameters, model_max_seq_len,
                                           padded_vocab_size)
+from letrecipes.components.progress import clock
 from letrecipes.components.teachers import TeacherError, describe_teacher, resolve_path
 
 
@@ -182,13 +183,12 @@ def dry_run(cfg: DictConfig, with_teacher: bool) -> Dict[str, Any]:
         "accumulated_gradients": memory.accumulated_gradients_gb,
         "compute_dtype": "fp32" if dtype_bytes(cfg.get("dtype", "bf16")) == 4 else "bf16",
     }
-    report["fit"] = gpu_fit(cfg, args, world, teacher_args, placement == "sharded", memory,
-                            float(cfg.get("dry_run_gpu_memory_gib", H100_GIB)),
-                            int(cfg.get("dry_run_gpus_per_node", 8)))
     rates = {"interconnect_gbps": float(cfg.get("dry_run_interconnect_gbps", 400)),
              "intra_node_gbps": float(cfg.get("dry_run_intra_node_gbps", 3600)),
              "gpus_per_node": int(cfg.get("dry_run_gpus_per_node", 8)),
              "gpu_tflops": float(cfg.get("dry_run_gpu_tflops", 989)), "mfu": float(cfg.get("dry_run_mfu", 0.4))}
+    report["fit"] = gpu_fit(cfg, args, world, teacher_args, placement == "sharded", memory,
+                            float(cfg.get("dry_run_gpu_memory_gib", H100_GIB)), rates["gpus_per_node"])
     fsdp_options = cfg.get("fsdp") or {}
     replicate = int(fsdp_options.get("replicate_degree", 1) or 1) if parallel.fsdp_layout(fsdp_options, world)[0] else 1
 
@@ -236,11 +236,6 @@ def run_time(r: Dict[str, Any], timing, max_steps: int, world: int, micro_batch_
             "tokens": max_steps * micro_batch_tokens * accumulation * world, "step_s": step,
             "steps_with_teacher": with_teacher, "step_with_teacher_s": step_with_teacher, "seconds": seconds,
             "gpu_hours": seconds * world / 3600}
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 \
-        else f"{seconds:.2g} s"
 
 
 def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_batch: int, seq_len: int,
@@ -304,14 +299,14 @@ def format_report(r: Dict[str, Any], args: ModelArgs, teacher: ModelArgs, micro_
         lines.append(f"  compute-bound (the smallest compute-bound micro-batch is "
                      f"{t['smallest_compute_bound_micro_batch']})")
     run = r["run_time"]
-    teacher = (f"; the first {run['steps_with_teacher']:,} with the teacher, {_duration(run['step_with_teacher_s'])} "
+    teacher = (f"; the first {run['steps_with_teacher']:,} with the teacher, {run['step_with_teacher_s']:.3g} s "
                "each" if run["steps_with_teacher"] else "")
     hours = f", {run['gpu_hours']:,.0f} GPU-hours" if run["gpu_hours"] >= 1 else ""
     total = run["tokens"]
     total = f"{total / 1e9:.3g}B" if total >= 1e9 else f"{total / 1e6:.3g}M" if total >= 1e6 else f"{total:,}"
     lines.append(f"  the run at these rates: {run['steps']:,} steps x {run['tokens_per_step']:,} tokens "
-                 f"({total} tokens) in about {_duration(run['seconds'])} on {r['world_size']} GPU(s){hours} "
-                 f"({_duration(run['step_s'])} a step{teacher})")
+                 f"({total} tokens) in about {clock(run['seconds'])} on {r['world_size']} GPU(s){hours} "
+                 f"({run['step_s']:.3g} s a step{teacher})")
     return "\n".join(lines)
 
 

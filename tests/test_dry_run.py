@@ -341,7 +341,7 @@ def test_the_dry_run_gives_the_whole_runs_length_at_its_rates(capsys):
     assert run["step_with_teacher_s"] == pytest.approx(2 * max(t["compute_s"] + teacher_s, t["communication_s"]))
     assert run["seconds"] == pytest.approx(250 * run["step_with_teacher_s"] + 750 * 2 * t["compute_s"])
     assert run["gpu_hours"] == pytest.approx(run["seconds"] * 32 / 3600)
-    assert "the run at these rates: 1,000 steps x 1,048,576 tokens (1.05B tokens) in about 1.4 h on 32 GPU(s)" \
+    assert "the run at these rates: 1,000 steps x 1,048,576 tokens (1.05B tokens) in about 1h22m34s on 32 GPU(s)" \
         in capsys.readouterr().out
     # traffic-bound micro-batches set the pace; pretraining has no teacher steps
     slow = dry_run(load_config("pretrain_7b", ["dry_run_world_size=32", "batch_size=2",
