@@ -45,6 +45,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -704,8 +705,6 @@ class Checkpointer:
         different order on each rank: gloo aborted the job (SIGABRT) or it hung, 2 ranks out of 2
         at the first async save. torchtitan keeps a group apart for the same reason."""
         if self._async_group is None and dist.is_initialized() and dist.get_world_size() > 1:
-            from datetime import timedelta
-
             self._async_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
         return self._async_group
 
