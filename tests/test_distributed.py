@@ -293,19 +293,19 @@ def test_async_saves_on_two_ranks_train_on_and_resume_to_the_same_losses(base_ov
     They have a group of their own now."""
     import shutil
 
-    common = [*base_overrides, "max_steps=4", "eval_every=0", "keep_last_checkpoints=all"]
-    tune_run_2proc("pretrain", "pretrain_tiny", *common, f"output_dir={tmp_path / 'sync'}", timeout=180)
-    tune_run_2proc("pretrain", "pretrain_tiny", *common, "save_every=1", "async_checkpoint=true",
-                   f"output_dir={tmp_path / 'async'}", timeout=180)
-    saved = sorted(p.name for p in (tmp_path / "async" / "checkpoints").iterdir())
+    common = [*base_overrides, "max_steps=4", "eval_every=0", "keep_last_checkpoints=all", "save_every=1",
+              "async_checkpoint=true", f"output_dir={tmp_path}"]
+    tune_run_2proc("pretrain", "pretrain_tiny", *common, timeout=180)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert saved == [f"step_0000000{step}" for step in (1, 2, 3, 4)], saved
+    straight = losses(tmp_path)
     for step in (3, 4):
-        shutil.rmtree(tmp_path / "async" / "checkpoints" / f"step_0000000{step}")
-    tune_run_2proc("pretrain", "pretrain_tiny", *common, "save_every=1", "async_checkpoint=true", "resume=true",
-                   f"output_dir={tmp_path / 'async'}", timeout=180)
-    a, b = losses(tmp_path / "sync"), losses(tmp_path / "async")
-    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
-    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6)
+        shutil.rmtree(tmp_path / "checkpoints" / f"step_0000000{step}")
+    again = tune_run_2proc("pretrain", "pretrain_tiny", *common, "resume=true", timeout=180)
+    assert "step_00000002 at step 2" in again.stdout, again.stdout[-2000:]
+    resumed = losses(tmp_path)
+    assert [s for s, _ in straight] == [s for s, _ in resumed] == [1, 2, 3, 4]
+    assert [v for _, v in straight] == pytest.approx([v for _, v in resumed], rel=1e-6)
 
 
 def test_gpu_process_groups_carry_a_cpu_backend_for_async_checkpoints():
