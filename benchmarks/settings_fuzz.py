@@ -19,11 +19,9 @@ Data: the demo's corpus and tokenizer (prepared once, as `python -m letrecipes.d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import header, write_json  # noqa: E402
+from letrecipes.components.metrics import read_metrics  # noqa: E402
+from tests.launch import free_port  # noqa: E402
 
 TINY = ["data.seq_len=32", "batch_size=4", "eval_every=4", "eval_batches=2", "log_every=1", "save_every=0",
         "device=cpu", "dtype=fp32", "lr_scheduler.warmup_steps=2", "model.num_layers=4", "model.num_heads=2",
@@ -94,12 +94,6 @@ def pick_settings(rng: random.Random, max_processes: int) -> tuple:
     return overrides, processes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(processes: int, args: List[str], timeout: int) -> subprocess.CompletedProcess:
     python = sys.executable
     if processes > 1:
@@ -127,8 +121,7 @@ def finding(result: subprocess.CompletedProcess, processes: int) -> bool:
 
 
 def last_step(out: Path) -> int:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return max((r["step"] for r in records if "loss" in r), default=0)
+    return max((r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r), default=0)
 
 
 def main(argv=None) -> int:
