@@ -215,6 +215,8 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(base_
     1 -> 2 with half, read the same sequences per step (the data goes on after the ones all
     ranks read; DCP reshards weights and optimizer, FSDP2 to none and back), so the losses
     are a straight run's. It used to be refused ("written by 2 process(es)")."""
+    import shutil
+
     from letrecipes import pretrain
 
     common = [*base_overrides, "eval_every=0", "save_every=3", "batch_size=4"]
@@ -225,11 +227,15 @@ def test_a_run_resumes_on_another_number_of_processes_with_the_same_losses(base_
     def two_processes(out, *extra):
         return tune_run_2proc("pretrain", "pretrain_tiny", *common, f"output_dir={tmp_path / out}", *extra)
 
+    def up_to_step_3(straight, copy):  # a run stopped at its step-3 checkpoint: the straight run's folder without step 6
+        shutil.copytree(tmp_path / straight, tmp_path / copy)
+        shutil.rmtree(tmp_path / copy / "checkpoints" / "step_00000006")
+
     two_processes("straight2", "max_steps=6")
-    two_processes("shrunk", "max_steps=3")
+    up_to_step_3("straight2", "shrunk")
     one_process("shrunk", "max_steps=6", "resume=true", "gradient_accumulation_steps=2")
     one_process("straight1", "max_steps=6", "gradient_accumulation_steps=2")
-    one_process("grown", "max_steps=3", "gradient_accumulation_steps=2")
+    up_to_step_3("straight1", "grown")
     grown = two_processes("grown", "max_steps=6", "resume=true")
     assert ("resume: world_size 1 -> 2" in grown.stdout and "resume: the data goes on after the 24 sequences of "
             "epoch 1 read before (each once); tokens per step 256 -> 256" in grown.stdout), grown.stdout[-2000:]
