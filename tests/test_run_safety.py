@@ -1033,22 +1033,23 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_matches_a_straight_run(tmp
     assert losses(tmp_path) == losses(straight)
 
 
-def test_export_of_a_damaged_checkpoint_is_refused(tmp_path):
+@pytest.mark.xdist_group("resume_refused")  # the same prepared run
+def test_export_of_a_damaged_checkpoint_is_refused(tmp_path, copy_of_a_run):
     from letrecipes.components.export import ExportError, export_checkpoint
 
-    ok(tune(tmp_path, "max_steps=3"))
-    checkpoint = tmp_path / "checkpoints" / "step_00000003"
+    checkpoint = copy_of_a_run(tmp_path / "run", "max_steps=3") / "checkpoints" / "step_00000003"
     flip_a_byte(checkpoint / "__0_0.distcp")
     with pytest.raises(ExportError, match="is damaged: __0_0.distcp has other bytes than were written"):
         export_checkpoint(checkpoint, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 
 
-def test_resume_from_a_damaged_path_or_with_nothing_verified_is_refused(tmp_path):
-    ok(tune(tmp_path, "max_steps=4"))  # checkpoints at 3 and 4
-    for step in (3, 4):
+@pytest.mark.xdist_group("killed_at_step_8")
+def test_resume_from_a_damaged_path_or_with_nothing_verified_is_refused(tmp_path, killed_at_step_8):
+    tmp_path = Path(shutil.copytree(killed_at_step_8, tmp_path / "run"))  # checkpoints at 3 and 6
+    for step in (3, 6):
         flip_a_byte(tmp_path / "checkpoints" / f"step_{step:08d}" / "__0_0.distcp")
-    explicit = tune(tmp_path, f"resume={tmp_path / 'checkpoints' / 'step_00000004'}")
+    explicit = tune(tmp_path, f"resume={tmp_path / 'checkpoints' / 'step_00000006'}")
     assert explicit.returncode == 1 and "is damaged: __0_0.distcp has other bytes" in last_line(explicit)
     latest = tune(tmp_path, "resume=true")
     assert latest.returncode == 1 and "no checkpoint in" in last_line(latest) and "verified" in last_line(latest)
@@ -1095,8 +1096,10 @@ def limit_file_size(limit_bytes):
     return preexec
 
 
-def test_a_write_failure_during_resume_keeps_history_and_checkpoints(tmp_path, straight):
-    assert tune(tmp_path, "debug.kill_at_step=5").returncode != 0  # checkpoint at 3, metrics to 4
+@pytest.mark.xdist_group("killed_at_step_8")
+def test_a_write_failure_during_resume_keeps_history_and_checkpoints(tmp_path, straight, killed_at_step_8):
+    tmp_path = Path(shutil.copytree(killed_at_step_8, tmp_path / "run"))
+    shutil.rmtree(tmp_path / "checkpoints" / "step_00000006")  # a run killed after step 5: a checkpoint at 3 only
     before = (tmp_path / "metrics.jsonl").read_bytes()
     kept = digest(tmp_path / "checkpoints" / "step_00000003")
     shard = (tmp_path / "checkpoints" / "step_00000003" / "__0_0.distcp").stat().st_size
