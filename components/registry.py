@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import os
 import re
+import sys
 import traceback
 import types
 import typing
@@ -172,6 +173,40 @@ RECIPE_FIX = dict.fromkeys(RUN_LENGTHS, " and set max_steps (the schedule spans 
 SIMPLE_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
+def signature(factory: Callable[..., Any]) -> inspect.Signature:
+    """``inspect.signature``, except that a module class without an ``__init__`` of its own
+    (``class MyLoss(AlignmentLoss)``) takes no options: its signature is torch's
+    ``Module.__init__(*args, **kwargs)``, which would pass any key and fail at build time."""
+    if isinstance(factory, type) and "torch" in sys.modules:
+        import torch
+
+        if issubclass(factory, torch.nn.Module) and factory.__init__ is torch.nn.Module.__init__:
+            return inspect.Signature()
+    return inspect.signature(factory)
+
+
+def kind_of(factory: Callable[..., Any]) -> Optional[str]:
+    """The kind under which ``factory`` is registered (None: a dotted path of the user's)."""
+    return next((kind for kind, built in _REGISTRY.items() if any(f is factory for f in built.values())), None)
+
+
+def _listed(names: List[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def others_taking(factory: Callable[..., Any], option: str) -> List[str]:
+    """The short names of the other components of ``factory``'s kind that take ``option``."""
+    def named(built):
+        try:
+            return [n for n, p in signature(built).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                    p.KEYWORD_ONLY)]
+        except (TypeError, ValueError):
+            return []
+
+    return [other for other, built in _REGISTRY.get(kind_of(factory), {}).items()
+            if built is not factory and option in named(built)]
+
+
 def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key: str, name: str) -> None:
     """Refuse, before the component runs, a key it does not take (with the closest one it
     does) and a value of another kind than its default or plain annotation (a string for
@@ -179,7 +214,7 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
     first step, with a traceback that names no key. Components taking ``**kwargs`` accept
     any key; their values are still checked against the arguments they name."""
     try:
-        parameters = inspect.signature(factory).parameters
+        parameters = signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
@@ -188,16 +223,21 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
         if option not in parameters:
             if open_ended:
                 continue
-            meant = [n for n in ARGUMENT_NAMES.get(option, ()) if n in named]
-            close = meant or difflib.get_close_matches(option, named, n=1)
-            hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
-                    else f" Did you mean {key}.{close[0]}?" if close else "")
             shown = str(value).lower() if isinstance(value, bool) else value
+            meant = [n for n in ARGUMENT_NAMES.get(option, ()) if n in named]
+            others = [] if meant else others_taking(factory, option)  # `hidden_dim` to the linear projector: mlp's
+            settable = [n for n in named if n not in RECIPE_SETS and n not in ("params", "optimizer")]
+            close = meant or ([] if others else difflib.get_close_matches(option, settable, n=1))
+            hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
+                    else f" Did you mean {key}.{close[0]}?" if close
+                    else f" {_listed(others[:3])} take{'s' if len(others) == 1 else ''} it: "
+                         f"{key}._component_={others[0]} {key}.{option}={shown}." if others else "")
             # switching _component_ on the command line keeps the keys the config file gave the old one
             fix = (f"replace it with {key}.{meant[0]}={shown}" if meant else
-                   f"correct or remove it (one the config file sets: ~{key}.{option} on the command line removes it)")
-            raise ComponentError(f"config key {key}.{option} is not an argument of {name!r} (it takes: "
-                                 f"{', '.join(named)}).{hint} Fix: {fix}.")
+                   f"correct or remove it (if the config file sets it: ~{key}.{option} on the command line removes it)")
+            takes = f"it takes: {', '.join(named)}" if named else "it takes no options"
+            raise ComponentError(f"config key {key}.{option} is not an argument of {name!r} ({takes}).{hint} "
+                                 f"Fix: {fix}.")
         problem = _kind_problem(value, parameters[option])
         if problem:
             fix = f"set {key}.{option} to {problem}"
@@ -255,7 +295,7 @@ def as_numbers(factory: Callable[..., Any], options: Mapping[str, Any], key: str
     reached torch's kernels as an int and ended the first step in an OverflowError traceback.
     Smaller integers stay as written (torch takes them; errors then echo the user's value)."""
     try:
-        parameters = inspect.signature(factory).parameters
+        parameters = signature(factory).parameters
     except (TypeError, ValueError):
         return dict(options)
     out = dict(options)
@@ -419,7 +459,7 @@ def _unmet_parameters(factory: Callable[..., Any], positional: int, given: Mappi
     """The required parameters of ``factory`` that neither ``positional`` arguments nor the
     ``given`` keys fill."""
     try:
-        parameters = list(inspect.signature(factory).parameters.values())
+        parameters = list(signature(factory).parameters.values())
     except (TypeError, ValueError):
         return []
     named = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

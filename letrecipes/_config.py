@@ -180,7 +180,7 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.startswith("~"):
             _check_removal(yaml, override, path)
-    merged, held = _values_holding_equals(overrides)
+    merged, held = _values_holding_equals(_name_short_components(yaml, overrides))
     try:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), merged)
         for key, (placeholder, value) in held.items():
@@ -195,6 +195,41 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     except Exception as err:  # the YAML parser's own types, omegaconf's for a key it cannot set
         raise ConfigError(_override_problem(overrides, err)) from err
     return cfg
+
+
+# the keys a config may give as a component's short name (`projector: mlp`, `metric_logger: wandb`)
+COMPONENT_KEYS = ("model", "optimizer", "lr_scheduler", "metric_logger", "teacher", "alignment.layer_map",
+                  "alignment.projector", "alignment.loss", "alignment.schedule", "alignment.pooling")
+
+
+def _name_short_components(yaml: DictConfig, overrides: Sequence[str]) -> List[str]:
+    """``overrides`` with ``<key>._component_=<name>`` put before the first option given to a
+    component that the file (``projector: mlp``) or an earlier override (``alignment.projector=mlp``)
+    names by its short name alone: torchtune's merge replaced the name with the options
+    (``{hidden_dim: 64}``), a mapping that names no component."""
+    named = {key: value for key in COMPONENT_KEYS
+             if isinstance(value := OmegaConf.select(yaml, key, default=None), str)}
+    out = []
+    for override in overrides:
+        key, equals, value = override.lstrip("~").partition("=")
+        key = key.strip()
+        home = next((k for k in COMPONENT_KEYS if key.startswith(k + ".")), None)
+        if override.startswith("~"):
+            named.pop(key, None)
+        elif key in COMPONENT_KEYS:  # the name given anew: a mapping, or a dict in the file, takes no short form
+            file_value = OmegaConf.select(yaml, key, default=None)
+            text = value.strip()
+            if equals and text and not text.startswith(("{", "[")) and not isinstance(file_value, DictConfig) \
+                    and text.lower() not in ("null", "none"):
+                named[key] = text
+            else:
+                named.pop(key, None)
+        elif home in named and key != f"{home}._component_":
+            out.append(f"{home}._component_={named.pop(home)}")
+        elif home in named:
+            named.pop(home)
+        out.append(override)
+    return out
 
 
 def _check_removal(yaml: DictConfig, override: str, path) -> None:

@@ -423,21 +423,38 @@ def _as_override(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+# arguments the recipe fills itself (the model's parameters, the optimizer, the run's length)
+FILLED_BY_THE_RECIPE = {"params", "optimizer", "total_steps", "args", "kwargs"}
+
+
 def _component_arguments(values: Dict[str, Any]) -> Dict[str, list]:
-    """The arguments the config's model, optimizer and LR schedule take, by section (those
-    that do not resolve are left to check_components, which names them)."""
+    """The arguments the config's model, optimizer and LR schedule take, by section, and those
+    of its alignment components (``alignment.schedule``: its stop, ...). Those that do not
+    resolve are left to check_components, which names them."""
     from letrecipes.components import registry
 
+    alignment = values.get("alignment") if isinstance(values.get("alignment"), dict) else {}
     taken = {}
-    for key, kind in COMPONENTS.items():
-        spec = values.get(key)
+    for key, kind, spec in [*((key, kind, values.get(key)) for key, kind in COMPONENTS.items()),
+                            *((f"alignment.{key}", kind, alignment.get(key)) for key, kind in ALIGNMENT_COMPONENTS.items()
+                              if kind != "layer_map")]:
         name = spec if isinstance(spec, str) else spec.get("_component_") if isinstance(spec, dict) else None
         try:
             factory = registry.resolve(kind, name, key=f"{key}._component_") if isinstance(name, str) else None
-            taken[key] = list(inspect.signature(factory).parameters) if factory else []
+            taken[key] = [n for n in registry.signature(factory).parameters if n not in FILLED_BY_THE_RECIPE] \
+                if factory else []
         except Exception:  # an unknown or broken component: check_components says so in its own words
             taken[key] = []
     return taken
+
+
+def _homes(name: str, values: Optional[Dict[str, Any]]) -> list:
+    """Every place of the config where a key ``name`` belongs: a section's key, the teacher's,
+    or an argument of one of the config's components."""
+    homes = [f"{section}.{name}" for section, keys in SECTIONS.items() if name in keys]
+    homes += [f"teacher.{name}"] if name in TEACHER else []
+    homes += [f"{section}.{name}" for section, taken in _component_arguments(values or {}).items() if name in taken]
+    return homes
 
 
 def _other_name(full_key: str, value: Any, values: Optional[Dict[str, Any]] = None) -> Optional[ConfigValueError]:
@@ -453,14 +470,14 @@ def _other_name(full_key: str, value: Any, values: Optional[Dict[str, Any]] = No
         where, _, name = full_key.rpartition(".")
         if where and name in TOP and TOP[name] is not SECTION:
             ours = name  # data.batch_size, model.dtype: a top-level key inside a section
-        elif not where:  # `replicate_degree` or `num_layers` alone: the one section that takes it
-            homes = [f"{section}.{name}" for section, keys in SECTIONS.items() if name in keys]
-            homes += [f"{section}.{name}" for section, taken in _component_arguments(values or {}).items()
-                      if name in taken]
+        else:  # `replicate_degree` alone, `teacher.layer_map`, `optimizer.warmup_steps`: where it belongs
+            homes = [home for home in _homes(name, values) if home.rpartition(".")[0] != where]
+            if where and len(homes) > 2:  # optimizer.enabled: a name of too many places to point at one
+                return None
             if len(homes) > 1:  # `enabled`: fsdp's, float8's, ...
-                return ConfigValueError(f"config key {name} is unknown at the top level. Did you mean "
-                                        f"{' or '.join(homes)}? Fix: replace it with the one you mean, like "
-                                        f"{homes[0]}={_as_override(value)}.")
+                return ConfigValueError(f"config key {full_key} is unknown{'' if where else ' at the top level'}. "
+                                        f"Did you mean {' or '.join(homes)}? Fix: replace it with the one you mean, "
+                                        f"like {homes[0]}={_as_override(value)}.")
             ours = homes[0] if homes else None
     if ours is None:
         return None
@@ -600,7 +617,7 @@ def validate(cfg: DictConfig, with_teacher: bool = True) -> None:
         _check("", key, value, TOP[key])
         for inner, inner_value in (value.items() if key in SECTIONS else ()):
             if inner not in SECTIONS[key]:
-                raise _other_name(f"{key}.{inner}", inner_value) or _unknown(inner, SECTIONS[key], f"{key}.")
+                raise _other_name(f"{key}.{inner}", inner_value, values) or _unknown(inner, SECTIONS[key], f"{key}.")
             if inner_value is None and key != "tokenizer" and not _takes_null(SECTIONS[key][inner]):
                 # read as "its default" by some of the code and as a value by the rest: int(None) tracebacks
                 raise _null_refused(key, inner, SECTIONS[key][inner])
@@ -775,14 +792,15 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
 
             check_torch_loss(factory, spec["_component_"])
         options = {k: v for k, v in spec.items() if k != "_component_"}
-        if kind in COMPONENTS.values():  # model.seq_len, optimizer.clip_grad_norm: a key of another place
+        if kind in (*COMPONENTS.values(), *ALIGNMENT_COMPONENTS.values()):  # model.seq_len: a key of another place
             try:
-                parameters = inspect.signature(factory).parameters
+                parameters = registry.signature(factory).parameters
             except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
                 parameters = {"": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
             if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
                 for option, value in options.items():
-                    if option not in parameters and (misplaced := _other_name(f"{key}.{option}", value)):
+                    if option not in parameters and not registry.others_taking(factory, option) and \
+                            (misplaced := _other_name(f"{key}.{option}", value, values)):
                         raise misplaced
         registry.check_arguments(factory, options, key, spec["_component_"])
     _rehearse_optimizer(values)
@@ -812,7 +830,7 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
         options = {k: v for k, v in section.items() if k not in RECIPE_KEYS}
         for key in options:
             if key not in taken:
-                raise _other_name(f"teacher.{key}", options[key]) or _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)],
+                raise _other_name(f"teacher.{key}", options[key], values) or _unknown(key, [*RECIPE_KEYS[1:], *sorted(taken)],
                                                                                "teacher.")
         if factory is not AutoFormat:
             registry.check_arguments(factory, options, "teacher", name)

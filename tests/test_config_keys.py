@@ -88,7 +88,7 @@ def test_another_component_on_the_command_line_is_told_how_to_drop_the_keys_of_t
         cli.main(["validate", "let_tiny", "alignment.schedule._component_=constant"])
     said = str(err.value.code)
     assert "alignment.schedule.stop is not an argument of 'constant'" in said
-    assert said.endswith("Fix: correct or remove it (one the config file sets: ~alignment.schedule.stop on the "
+    assert said.endswith("Fix: correct or remove it (if the config file sets it: ~alignment.schedule.stop on the "
                          "command line removes it).")
     assert cli.main(["validate", "let_tiny", "alignment.schedule._component_=constant", "~alignment.schedule.stop"]) == 0
 
@@ -472,3 +472,64 @@ def test_an_integer_for_a_number_is_taken_as_the_number_it_writes():
     # an argument that takes an int as such keeps it: a schedule's stop in steps (a float is a fraction)
     schedule = build("schedule", {"_component_": "linear", "stop": 10**20}, "alignment.schedule", total_steps=1000)
     assert schedule.end_step == 10**20  # as a float, 1e20 was refused as a fraction outside (0, 1]
+
+
+# (override: a key of another section or component, the line its error must hold)
+ELSEWHERE = [
+    ("teacher.layer_map=L2E", "Did you mean alignment.layer_map? (layer_map belongs in alignment.) Fix: replace it "
+     "with alignment.layer_map=L2E."),
+    ("optimizer.warmup_steps=5", "Did you mean lr_scheduler.warmup_steps?"),
+    ("lr_scheduler.lr=0.01", "Did you mean optimizer.lr?"),
+    ("model.replicate_degree=2", "Did you mean fsdp.replicate_degree?"),
+    ("alignment.stop=0.3", "Did you mean alignment.schedule.stop?"),
+    ("teacher.stop=3", "Did you mean alignment.schedule.stop?"),
+    # another component of its own kind takes it: that one, not model.num_layers
+    ("alignment.projector.num_layers=3", "not an argument of 'linear' (it takes: student_dim, teacher_dim, bias). mlp "
+     "takes it: alignment.projector._component_=mlp alignment.projector.num_layers=3."),
+    ("alignment.schedule.lambda0=0.5", "linear, cosine and step take it: alignment.schedule._component_=linear "
+     "alignment.schedule.lambda0=0.5."),
+    # a module class without an __init__ of its own took any key (torch's Module.__init__(*args, **kwargs)), and
+    # the run failed only as it built the loss
+    ("alignment.loss.margin=1", "alignment.loss.margin is not an argument of 'negative_cosine' (it takes no options)."),
+]
+
+
+@pytest.mark.parametrize("override, said", ELSEWHERE, ids=[e[0].split("=")[0] for e in ELSEWHERE])
+def test_a_key_of_another_section_or_component_is_named_where_it_belongs(override, said):
+    """Each of these said only "unknown" with the section's own keys (or, for a component, its
+    closest argument: alignment.projector.hidden_dim -> student_dim)."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    assert said in str(err.value.code), err.value.code
+    assert "Did you mean model.num_layers" not in str(err.value.code)
+
+
+def test_a_name_shared_by_many_sections_is_not_pointed_at_one_of_them():
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "optimizer.enabled=true"])
+    assert "optimizer.enabled is not an argument of 'torch.optim.AdamW'" in str(err.value.code)
+    assert "fsdp.enabled" not in str(err.value.code)
+
+
+def test_options_given_to_a_component_the_config_names_by_its_short_name_keep_that_name():
+    """let_tiny says `projector: linear`: `alignment.projector=mlp alignment.projector.hidden_dim=64`
+    (the way docs/configs.md gives options) became {hidden_dim: 64}, torchtune's merge having
+    replaced the name, and was refused as "must be a component name or a mapping with
+    _component_"; so was any option added to linear itself, and `metric_logger=disk
+    metric_logger.log_dir=...`."""
+    from letrecipes._config import load_config
+
+    cfg = load_config("let_tiny", ["alignment.projector=mlp", "alignment.projector.hidden_dim=64"])
+    assert dict(cfg.alignment.projector) == {"_component_": "mlp", "hidden_dim": 64}
+    assert dict(load_config("let_tiny", ["alignment.projector.bias=true"]).alignment.projector) == {
+        "_component_": "linear", "bias": True}
+    assert dict(load_config("let_tiny", ["metric_logger=disk", "metric_logger.log_dir=/tmp/logs"]).metric_logger) == {
+        "_component_": "disk", "log_dir": "/tmp/logs"}
+    # a mapping named anew, or a removal, has no short name to keep
+    assert dict(load_config("let_tiny", ["~alignment.projector", "alignment.projector.hidden_dim=3"])
+                .alignment.projector) == {"hidden_dim": 3}
+    assert dict(load_config("let_tiny", ["alignment.projector={_component_: mlp}", "alignment.projector.hidden_dim=3"])
+                .alignment.projector) == {"_component_": "mlp", "hidden_dim": 3}
+    for overrides in (["alignment.projector=mlp", "alignment.projector.hidden_dim=64"],
+                      ["alignment.loss=smooth_l1", "alignment.loss.beta=0.5"]):
+        assert cli.main(["validate", "let_tiny", *overrides]) == 0
