@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
 from letrecipes.components.errors import LetRecipesError, StopRequested, warnings_as_lines
@@ -193,13 +193,14 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(f"{str(err).rstrip('.')}. Fix: write each override as key=value (no spaces around the =), "
                           "like max_steps=100, and quote one whose value holds spaces: 'model.attn={a: 1, b: 2}'.") from err
     except Exception as err:  # the YAML parser's own types, omegaconf's for a key it cannot set
-        raise ConfigError(_override_problem(overrides, err)) from err
+        raise ConfigError(_override_problem(overrides, err, yaml)) from err
     return cfg
 
 
-# the keys a config may give as a component's short name (`projector: mlp`, `metric_logger: wandb`)
-COMPONENT_KEYS = ("model", "optimizer", "lr_scheduler", "metric_logger", "teacher", "alignment.layer_map",
-                  "alignment.projector", "alignment.loss", "alignment.schedule", "alignment.pooling")
+# the keys a config may give as a component's short name (`projector: mlp`, `metric_logger: wandb`);
+# not alignment.layer_map, whose short forms (`L2E`, pairs) are presets, not component names
+COMPONENT_KEYS = ("model", "optimizer", "lr_scheduler", "metric_logger", "teacher", "alignment.projector",
+                  "alignment.loss", "alignment.schedule", "alignment.pooling")
 
 
 def _name_short_components(yaml: DictConfig, overrides: Sequence[str]) -> List[str]:
@@ -276,9 +277,22 @@ def _values_holding_equals(overrides: Sequence[str]) -> Tuple[List[str], Dict[st
     return kept, held
 
 
-def _override_problem(overrides: Sequence[str], err: Exception) -> str:
+def _override_problem(overrides: Sequence[str], err: Exception, file: Optional[DictConfig] = None) -> str:
     """Which override the merge failed on, and why, in one line: each value is read as YAML
-    (omegaconf's dotlist), so ``{a:1}`` (no space after the colon) is no mapping."""
+    (omegaconf's dotlist), so ``{a:1}`` (no space after the colon) is no mapping; and a key
+    into a list (``optimizer.betas.0=0.8``), which an override cannot address."""
+    for override in overrides if file is not None else ():
+        parts = override.lstrip("~").partition("=")[0].strip().split(".")
+        for end in range(1, len(parts)):
+            node = OmegaConf.select(file, ".".join(parts[:end]), default=None)
+            if isinstance(node, ListConfig):
+                whole, index, value = ".".join(parts[:end]), parts[end], override.partition("=")[2]
+                items = OmegaConf.to_container(node, resolve=True)
+                if index.isdigit() and int(index) < len(items) and end + 1 == len(parts):
+                    items[int(index)] = yaml.safe_load(value) if value else value
+                shown = ", ".join(json.dumps(item) if not isinstance(item, str) else item for item in items)
+                return (f"the override {override!r} reaches into {whole}, a list, which an override sets whole. Fix: "
+                        f"'{whole}=[{shown}]'.")
     try:  # the loader omegaconf reads override values with (it moved between releases)
         from omegaconf._yaml import get_yaml_loader
     except ImportError:

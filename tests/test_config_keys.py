@@ -533,3 +533,15 @@ def test_options_given_to_a_component_the_config_names_by_its_short_name_keep_th
     for overrides in (["alignment.projector=mlp", "alignment.projector.hidden_dim=64"],
                       ["alignment.loss=smooth_l1", "alignment.loss.beta=0.5"]):
         assert cli.main(["validate", "let_tiny", *overrides]) == 0
+
+
+def test_an_override_into_a_list_is_told_to_set_the_list_whole():
+    """omegaconf's "Cannot merge incompatible container types" named neither the list nor the fix."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", "optimizer.betas.0=0.8"])
+    assert str(err.value.code) == ("error: the override 'optimizer.betas.0=0.8' reaches into optimizer.betas, a list, "
+                                   "which an override sets whole. Fix: 'optimizer.betas=[0.8, 0.95]'.")
+    assert cli.main(["validate", "let_tiny", "optimizer.betas=[0.8, 0.95]"]) == 0
+    # a layer map's preset (`L2E`) is no component name to keep: its override is refused as before
+    with pytest.raises(SystemExit, match=r"alignment.layer_map=\{'0': 3\} must be a component name"):
+        cli.main(["validate", "let_tiny", "alignment.layer_map.0=3"])
