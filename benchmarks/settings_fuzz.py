@@ -78,6 +78,11 @@ CHOICES: Dict[str, list] = {
 SCHEDULES = [[], ["alignment.schedule._component_=linear", "alignment.schedule.lambda0=0.5"],
              ["alignment.schedule._component_=cosine", "alignment.schedule.lambda0=0.5"],
              ["alignment.schedule._component_=step", "alignment.schedule.lambda0=0.3"]]
+# options of the component picked, given on the command line to a component the file names by
+# its short name (`projector: linear`); each added half the time
+OPTIONS = {("alignment.projector", "mlp"): ["alignment.projector.hidden_dim=48", "alignment.projector.num_layers=3"],
+           ("alignment.projector", "linear"): ["alignment.projector.bias=true"],
+           ("alignment.loss", "smooth_l1"): ["alignment.loss.beta=0.5"]}
 # keys the config file gives the component it had, which the one picked does not take
 DROPPED = {("lr_scheduler._component_", "warmup_constant"): ["~lr_scheduler.min_lr_ratio"],
            ("optimizer._component_", "sgd"): ["~optimizer.betas"]}
@@ -91,6 +96,7 @@ def pick_settings(rng: random.Random, max_processes: int) -> tuple:
         pick["fsdp.replicate_degree"] = rng.choice([1, 2])
     overrides = [f"{key}={value}" for key, value in pick.items()] + rng.choice(SCHEDULES)
     overrides += [drop for item in pick.items() for drop in DROPPED.get(item, [])]
+    overrides += [option for item in pick.items() for option in OPTIONS.get(item, []) if rng.random() < 0.5]
     return overrides, processes
 
 
