@@ -289,7 +289,9 @@ def _override_problem(overrides: Sequence[str], err: Exception, file: Optional[D
                 whole, index, value = ".".join(parts[:end]), parts[end], override.partition("=")[2]
                 items = OmegaConf.to_container(node, resolve=True)
                 if index.isdigit() and int(index) < len(items) and end + 1 == len(parts):
-                    items[int(index)] = yaml.safe_load(value) if value else value
+                    with contextlib.suppress(yaml.YAMLError):  # a value that is no YAML is shown as given
+                        value = yaml.safe_load(value) if value else value
+                    items[int(index)] = value
                 shown = ", ".join(json.dumps(item) if not isinstance(item, str) else item for item in items)
                 return (f"the override {override!r} reaches into {whole}, a list, which an override sets whole. Fix: "
                         f"'{whole}=[{shown}]'.")
