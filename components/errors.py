@@ -12,7 +12,7 @@ so that ``except ValueError`` in user code written against earlier versions stil
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 
 class LetRecipesError(ValueError):
@@ -26,6 +26,11 @@ class StopRequested(BaseException):
     an ``except ValueError`` or ``except Exception`` on the way (a JSON read's fallback, a
     library's retry) was taken for that code's own failure and dropped, and the run trained
     on as if no signal had come. The recipes' runner reports it as one line, like the errors."""
+
+
+def in_words(names: List[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: names listed in a message."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def errors_within(err: Optional[BaseException]) -> Iterator[BaseException]:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, in_words
 
 KINDS = ("model", "optimizer", "lr_scheduler", "teacher_loader", "layer_map", "projector", "alignment_loss", "pooling",
          "schedule")
@@ -190,21 +190,20 @@ def kind_of(factory: Callable[..., Any]) -> Optional[str]:
     return next((kind for kind, built in _REGISTRY.items() if any(f is factory for f in built.values())), None)
 
 
-def _listed(names: List[str]) -> str:
-    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+def _named(parameters: Mapping[str, inspect.Parameter]) -> List[str]:
+    """The arguments that can be given by name."""
+    return [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def others_taking(factory: Callable[..., Any], option: str) -> List[str]:
     """The short names of the other components of ``factory``'s kind that take ``option``."""
-    def named(built):
+    def takes(built):
         try:
-            return [n for n, p in signature(built).parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                                                    p.KEYWORD_ONLY)]
+            return option in _named(signature(built).parameters)
         except (TypeError, ValueError):
-            return []
+            return False
 
-    return [other for other, built in _REGISTRY.get(kind_of(factory), {}).items()
-            if built is not factory and option in named(built)]
+    return [other for other, built in _REGISTRY.get(kind_of(factory), {}).items() if built is not factory and takes(built)]
 
 
 def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key: str, name: str) -> None:
@@ -218,7 +217,7 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
     except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    named = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = _named(parameters)
     for option, value in options.items():
         if option not in parameters:
             if open_ended:
@@ -230,7 +229,7 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
             close = meant or ([] if others else difflib.get_close_matches(option, settable, n=1))
             hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
                     else f" Did you mean {key}.{close[0]}?" if close
-                    else f" {_listed(others[:3])} take{'s' if len(others) == 1 else ''} it: "
+                    else f" {in_words(others[:3])} take{'s' if len(others) == 1 else ''} it: "
                          f"{key}._component_={others[0]} {key}.{option}={shown}." if others else "")
             # switching _component_ on the command line keeps the keys the config file gave the old one
             fix = (f"replace it with {key}.{meant[0]}={shown}" if meant else

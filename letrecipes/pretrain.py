@@ -40,7 +40,7 @@ from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_datalo
                                         corpus_fingerprint, shared_memory_exhausted, training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
 from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
-from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
+from letrecipes.components.errors import LetRecipesError, LetRecipesWarning, in_words
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, nearest_existing, replace_atomically, usable_cores
 from letrecipes.components.lr_schedules import run_length
@@ -954,8 +954,7 @@ class PretrainRecipe:
             replace_atomically(self.output_dir / "run_info.json", json.dumps(self.run_info, indent=2, default=str))
             replace_atomically(self.output_dir / "config.yaml", OmegaConf.to_yaml(self.cfg))
             self.metrics.jsonl.reopen_if_gone()
-        listed = gone[0] if len(gone) == 1 else f"{', '.join(gone[:-1])} and {gone[-1]}"
-        warnings.warn(f"output_dir: {listed} {'were' if len(gone) > 1 else 'was'} gone at step {self.step}'s {moment} (the "
+        warnings.warn(f"output_dir: {in_words(gone)} {'were' if len(gone) > 1 else 'was'} gone at step {self.step}'s {moment} (the "
                       f"folder {self.output_dir} was removed, or purged, while the run trained): written again, so the "
                       "folder stays this run's (resume=true, letrecipes status)" + (
                           f"; the records logged before are lost: {METRICS_FILE} holds those from here on"
