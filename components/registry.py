@@ -190,16 +190,21 @@ def kind_of(factory: Callable[..., Any]) -> Optional[str]:
     return next((kind for kind, built in _REGISTRY.items() if any(f is factory for f in built.values())), None)
 
 
-def _named(parameters: Mapping[str, inspect.Parameter]) -> List[str]:
+def named_arguments(parameters: Mapping[str, inspect.Parameter]) -> List[str]:
     """The arguments that can be given by name."""
     return [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+# arguments the recipe passes itself (the parameters, the optimizer, the run's length, the widths
+# a projector maps between): never the key a user meant
+FILLED_BY_THE_RECIPE = {"params", "optimizer", *RUN_LENGTHS, "student_dim", "teacher_dim"}
 
 
 def others_taking(factory: Callable[..., Any], option: str) -> List[str]:
     """The short names of the other components of ``factory``'s kind that take ``option``."""
     def takes(built):
         try:
-            return option in _named(signature(built).parameters)
+            return option in named_arguments(signature(built).parameters)
         except (TypeError, ValueError):
             return False
 
@@ -217,7 +222,7 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
     except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
         return
     open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    named = _named(parameters)
+    named = named_arguments(parameters)
     for option, value in options.items():
         if option not in parameters:
             if open_ended:
@@ -225,7 +230,7 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
             shown = str(value).lower() if isinstance(value, bool) else value
             meant = [n for n in ARGUMENT_NAMES.get(option, ()) if n in named]
             others = [] if meant else others_taking(factory, option)  # `hidden_dim` to the linear projector: mlp's
-            settable = [n for n in named if n not in RECIPE_SETS and n not in ("params", "optimizer")]
+            settable = [n for n in named if n not in FILLED_BY_THE_RECIPE]
             close = meant or ([] if others else difflib.get_close_matches(option, settable, n=1))
             hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
                     else f" Did you mean {key}.{close[0]}?" if close

@@ -423,10 +423,6 @@ def _as_override(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-# arguments the recipe fills itself (the model's parameters, the optimizer, the run's length)
-FILLED_BY_THE_RECIPE = {"params", "optimizer", "total_steps", "args", "kwargs"}
-
-
 def _component_arguments(values: Dict[str, Any]) -> Dict[str, list]:
     """The arguments the config's model, optimizer and LR schedule take, by section, and those
     of its alignment components (``alignment.schedule``: its stop, ...). Those that do not
@@ -441,8 +437,8 @@ def _component_arguments(values: Dict[str, Any]) -> Dict[str, list]:
         name = spec if isinstance(spec, str) else spec.get("_component_") if isinstance(spec, dict) else None
         try:
             factory = registry.resolve(kind, name, key=f"{key}._component_") if isinstance(name, str) else None
-            taken[key] = [n for n in registry.signature(factory).parameters if n not in FILLED_BY_THE_RECIPE] \
-                if factory else []
+            taken[key] = [n for n in registry.named_arguments(registry.signature(factory).parameters)
+                          if n not in registry.FILLED_BY_THE_RECIPE] if factory else []
         except Exception:  # an unknown or broken component: check_components says so in its own words
             taken[key] = []
     return taken
@@ -792,16 +788,15 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
 
             check_torch_loss(factory, spec["_component_"])
         options = {k: v for k, v in spec.items() if k != "_component_"}
-        if kind in (*COMPONENTS.values(), *ALIGNMENT_COMPONENTS.values()):  # model.seq_len: a key of another place
-            try:
-                parameters = registry.signature(factory).parameters
-            except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
-                parameters = {"": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
-            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-                for option, value in options.items():
-                    if option not in parameters and not registry.others_taking(factory, option) and \
-                            (misplaced := _other_name(f"{key}.{option}", value, values)):
-                        raise misplaced
+        try:  # model.seq_len, teacher.layer_map: a key of another place
+            parameters = registry.signature(factory).parameters
+        except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+            parameters = {"": inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            for option, value in options.items():
+                if option not in parameters and not registry.others_taking(factory, option) and \
+                        (misplaced := _other_name(f"{key}.{option}", value, values)):
+                    raise misplaced
         registry.check_arguments(factory, options, key, spec["_component_"])
     _rehearse_optimizer(values)
     if with_teacher and isinstance(values.get("alignment"), dict) and isinstance(values.get("max_steps"), int):
