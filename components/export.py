@@ -416,6 +416,26 @@ def _template_processors(node: Any) -> Iterator[Dict[str, Any]]:
             yield from _template_processors(child)
 
 
+def existing_source(source: Union[str, Path], key: str = "export") -> Path:
+    """``source`` (a step checkpoint, a run, a model folder or file) resolved as the teacher
+    loaders resolve paths; where nothing is there, one error that names the fix (a run's step
+    checkpoint that is gone: the ones its run still holds)."""
+    from letrecipes.components.files import nearby
+    from letrecipes.components.teachers import resolve_path
+
+    path = resolve_path(str(source), key="checkpoint")
+    if path.exists():
+        return path
+    from letrecipes.components.checkpointing import STEP_PREFIX, removed_checkpoint
+
+    if path.parent.name == "checkpoints" and path.name.startswith(STEP_PREFIX) and \
+            (path.parent.parent / "run_info.json").is_file():  # a run's step checkpoint, by its name
+        raise ExportError(removed_checkpoint(path, key, "is not there: never saved, or removed by its run"))
+    seen = nearby(path)
+    raise ExportError(f"{key}: nothing at {str(source)!r}.{' ' + seen if seen else ''} Fix: give a step checkpoint "
+                      "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
+
+
 def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
                overwrite: bool = False, max_shard_mb: int = DEFAULT_MAX_SHARD_MB, key: str = "export",
                out_key: Optional[str] = None) -> Path:
@@ -423,19 +443,7 @@ def export_any(source: Union[str, Path], out_dir: Union[str, Path], dtype: torch
     teacher loaders read -> a Hugging Face folder. ``key`` begins the errors about ``source``
     (the eval recipe's is ``checkpoint``), ``out_key`` those about writing ``out_dir`` (the
     eval's: ``export_dir``, or ``TMPDIR`` for its temporary copy); by default ``key`` too."""
-    from letrecipes.components.files import nearby
-    from letrecipes.components.teachers import resolve_path
-
-    path = resolve_path(str(source), key="checkpoint")
-    if not path.exists():
-        from letrecipes.components.checkpointing import STEP_PREFIX, removed_checkpoint
-
-        if path.parent.name == "checkpoints" and path.name.startswith(STEP_PREFIX) and \
-                (path.parent.parent / "run_info.json").is_file():  # a run's step checkpoint, by its name
-            raise ExportError(removed_checkpoint(path, key, "is not there: never saved, or removed by its run"))
-        seen = nearby(path)
-        raise ExportError(f"{key}: nothing at {str(source)!r}.{' ' + seen if seen else ''} Fix: give a step checkpoint "
-                          "(<output_dir>/checkpoints/step_N), a .gguf file or a model folder.")
+    path = existing_source(source, key)
     if is_step_checkpoint(path):
         return export_checkpoint(path, out_dir, dtype, overwrite, max_shard_mb, key=key, out_key=out_key)
     hint = run_folder_hint(path, key, source=str(source))

@@ -445,9 +445,22 @@ def first_names(folder: Path, count: int = 3) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
-def check_writable_folder(folder: Union[str, Path], key: str) -> None:
-    """Make ``folder`` (if needed) and prove it takes a file, before any work starts."""
+def folders_to_make(folder: Union[str, Path]) -> list:
+    """The folders ``mkdir(parents=True)`` would make for ``folder``, deepest first: what a
+    command that fails before writing anything removes again (each only while empty)."""
+    folder, missing = Path(folder).absolute(), []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def check_writable_folder(folder: Union[str, Path], key: str, keep: bool = True) -> None:
+    """Make ``folder`` (if needed) and prove it takes a file, before any work starts.
+    ``keep=False``: the folders made for the proof are removed again, for a command that
+    writes there only at its end (a failure before then leaves no empty folder behind)."""
     folder = Path(folder)
+    made = folders_to_make(folder)
     with environment_errors(key, f"writing to {folder}"):
         if folder.exists() and not folder.is_dir():
             raise StorageError(f"{key}={str(folder)!r} is a file, not a folder. Fix: point {key} at a folder, "
@@ -460,6 +473,18 @@ def check_writable_folder(folder: Union[str, Path], key: str) -> None:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
+            if not keep:
+                remove_if_empty(made)
+
+
+def remove_if_empty(folders: list) -> None:
+    """Remove each of ``folders`` (deepest first, as :func:`folders_to_make` lists them) while
+    it is empty; stop at the first that is not (another process may have written into it)."""
+    for folder in folders:
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            break
 
 
 def hub_snapshot(folder: Path) -> Optional[Path]:

@@ -85,17 +85,23 @@ def forgive_console_errors(on_failure: Optional[Callable[[str], None]] = None) -
     ``on_failure``, which may raise: the write then raises it); returns what puts the streams
     back as they were, unless one has failed (then what is still written must not raise)."""
     before = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    made = []
     for name, stream in before.items():
         if isinstance(stream, _ForgivingStream):
             stream.on_failure = None if stream.failed else (on_failure or stream.on_failure)
         elif stream is not None:
-            setattr(sys, name, _ForgivingStream(stream, name, on_failure))
+            made.append(_ForgivingStream(stream, name, on_failure))
+            setattr(sys, name, made[-1])
 
     def restore() -> None:
         for name, stream in before.items():
             current = getattr(sys, name)
             if isinstance(current, _ForgivingStream) and not current.failed:  # not replaced meanwhile (pytest)
                 setattr(sys, name, stream)
+        # a logging handler made meanwhile keeps the wrapper as its stream: a failed write through it
+        # later (logging's flush at exit, into a console already gone) is dropped, not a stop of work long done
+        for wrapper in made:
+            wrapper.on_failure = None
     return restore
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning
-from letrecipes.components.files import environment_errors, names_the_open_file
+from letrecipes.components.files import environment_errors, folders_to_make, names_the_open_file, remove_if_empty
 
 LOCK_FILE = ".letrecipes.lock"
 
@@ -47,7 +47,7 @@ class RunLock:
             f"output_dir={str(self.folder)!r} is in use by another run: {owner}. Fix: wait for it to finish or stop "
             "it (a SIGTERM saves a checkpoint), or choose another output_dir."))
         self._fd: Optional[int] = None
-        self._made_folder = False  # a run that made the folder and wrote nothing else removes it
+        self._made_folders: list = []  # a run that made them and wrote nothing else removes them
 
     @property
     def held(self) -> bool:
@@ -55,7 +55,7 @@ class RunLock:
 
     def acquire(self, log: Callable[[str], None] = print) -> "RunLock":
         """Take the lock or raise :class:`RunLockError` naming its owner."""
-        self._made_folder = not self.path.parent.exists()
+        self._made_folders = folders_to_make(self.path.parent)
         with environment_errors(self.key, f"creating {self.path}"):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
@@ -102,9 +102,9 @@ class RunLock:
         if self._fd is None or names_the_open_file(self.path, self._fd):
             return False
         os.close(self._fd)
-        self._fd, made_folder = None, self._made_folder
+        self._fd, made_folders = None, self._made_folders
         self.acquire(log=log)
-        self._made_folder = made_folder
+        self._made_folders = made_folders
         return True
 
     def release(self) -> None:
@@ -118,11 +118,7 @@ class RunLock:
             pass  # a read-only or vanished folder: the flock still goes with the descriptor
         os.close(self._fd)
         self._fd = None
-        if self._made_folder:
-            try:
-                self.path.parent.rmdir()  # only if empty: a run that failed in setup leaves no folder
-            except OSError:
-                pass
+        remove_if_empty(self._made_folders)  # a run that failed in setup leaves no folder
 
     @classmethod
     def _take_or_find_owner(cls, fd: int, wait_s: float = 3.0):

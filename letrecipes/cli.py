@@ -193,7 +193,7 @@ def check_contamination(args, overrides) -> int:
             if Path(args.out).is_dir():
                 sys.exit(f"error: --out: {args.out!r} is a folder; --out names the JSON file to write. Fix: "
                          f"--out {Path(args.out) / 'contamination.json'}.")
-            check_writable_folder(Path(args.out).parent, "--out")
+            check_writable_folder(Path(args.out).parent, "--out", keep=False)  # made when the findings are written
         with tempfile.TemporaryDirectory(prefix="letrecipes-tasks-") as work:  # task files, lm-eval's tasks alike
             tasks = prepare_tasks(args.tasks, dict(args.task_data), 0, work).texts
         corpora = contamination.training_corpora(args.data, "--data")
@@ -202,6 +202,7 @@ def check_contamination(args, overrides) -> int:
                                           cache_dir=Path(args.cache_dir) if args.cache_dir else None)
         if args.out:
             with environment_errors("--out", f"writing {args.out}", "The findings are printed above."):
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 replace_atomically(Path(args.out), json.dumps(found, indent=2))
     return 0
 

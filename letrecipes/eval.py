@@ -40,7 +40,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.evaluation import (EvalError, check_choice_tokens, check_model_config, check_model_weights,
                                               check_quantized_model, check_scorable, held_out_documents, import_lm_eval,
                                               prepare_tasks, run_lm_eval, write_documents, write_lm_eval_tasks)
-from letrecipes.components.export import EXPORT_TOKENIZER, export_any, export_dtype, is_hf_folder
+from letrecipes.components.export import EXPORT_TOKENIZER, existing_source, export_any, export_dtype, is_hf_folder
 from letrecipes.components.files import check_writable_folder, environment_errors, replace_atomically
 from letrecipes.components.preemption import stop_at_once_with_one_line
 from letrecipes.components.run_lock import RunLock
@@ -67,7 +67,8 @@ class EvalRecipe:
         self.device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = export_dtype(str(cfg.get("dtype", "fp32")), "dtype")
         limit = int(cfg.get("limit", 0) or 0)
-        self.run, self.checkpoints = _run_checkpoints(resolve_path(str(cfg.checkpoint), key="checkpoint"))
+        # a checkpoint that is not there is said before the tasks and held-out text are read (minutes, for many)
+        self.run, self.checkpoints = _run_checkpoints(existing_source(cfg.checkpoint, key="checkpoint"))
         if self.run is not None and cfg.get("export_dir"):
             raise EvalError("export_dir: a run's checkpoints are converted one after another into a temporary folder; "
                             "export_dir keeps one. Fix: leave export_dir unset, or name one checkpoint.")
@@ -77,7 +78,7 @@ class EvalRecipe:
             if out.is_dir():
                 raise EvalError(f"output: {str(out)!r} is a folder; output names the JSON file to write. Fix: "
                                 f"output={out / 'scores.json'}.")
-            check_writable_folder(out.parent, "output")
+            check_writable_folder(out.parent, "output", keep=False)  # the lock makes it, and removes it unwritten
             # two evaluations writing one output (a run's curve scored twice at once, a requeue beside the job
             # still running) would each replace the other's scores: the second is refused, naming the first
             self.output_lock = RunLock(out.parent, lock_file=out.parent / f".{out.name}.lock", key="output",

@@ -174,9 +174,10 @@ def test_the_command_checks_the_data_a_config_will_train_on(base_overrides, teac
 def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_dir, corpus_dir, tmp_path, capsys):
     lines = play_lines(corpus_dir, 1)
     task = write_task(tmp_path / "t.jsonl", [as_item(lines[0]), as_item(INVENTED[0])])
+    out = tmp_path / "reports" / "found.json"  # a folder made when the findings are written
     assert cli.main(["contamination", "--data", str(teacher_dir.parent), "--tasks", str(task),
-                     "--out", str(tmp_path / "found.json")]) == 0
-    found = json.loads((tmp_path / "found.json").read_text(encoding="utf-8"))
+                     "--out", str(out)]) == 0
+    found = json.loads(out.read_text(encoding="utf-8"))
     assert found["tasks"]["t"]["contaminated_items"] == [0]
     # a run from before run_info.json named its data: its config.yaml leads to the same cache folder
     older = tmp_path / "older_run"
@@ -194,9 +195,11 @@ def test_the_command_checks_a_run_with_or_without_its_recorded_folders(teacher_d
         (older / "run_info.json").write_text(json.dumps(edited))
         assert cli.main(["contamination", "--data", str(older), "--tasks", str(task)]) == 0
         assert "t: 1 of 2 items checked" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as stop:
-        cli.main(["contamination", "--data", str(corpus_dir), "--tasks", str(task)])
+    with pytest.raises(SystemExit) as stop:  # refused after --out was checked: no folder is left behind for it
+        cli.main(["contamination", "--data", str(corpus_dir), "--tasks", str(task),
+                  "--out", str(tmp_path / "refused" / "found.json")])
     assert "is neither a prepared folder" in str(stop.value) + capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
     # an --out that cannot be written is said before the scan, not after it
     with pytest.raises(SystemExit) as stop:
         cli.main(["contamination", "--data", str(teacher_dir.parent), "--tasks", str(task), "--out", str(tmp_path)])

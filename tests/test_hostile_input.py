@@ -322,9 +322,10 @@ def test_corpus_without_a_full_sequence(base_overrides, tmp_path, content, match
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text(content)
-    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'run'}", f"data.source={corpus}",
-                       f"data.cache_dir={tmp_path / 'cache'}", match=match)
-    assert not (tmp_path / "run").exists()
+    # output_dir two folders deep, as the configs' outputs/<name>: a failed setup leaves neither folder
+    expect_setup_error(run_pretrain, *base_overrides, f"output_dir={tmp_path / 'outputs' / 'run'}",
+                       f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", match=match)
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_tokenizer_file_that_does_not_parse(base_overrides, tokenizer_path, tmp_path):

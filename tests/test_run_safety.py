@@ -630,6 +630,29 @@ def test_a_signals_error_raised_inside_a_console_write_is_not_taken_for_the_cons
     assert len(reported) == 1 and "I/O operation on closed file" in reported[0]
 
 
+def test_a_logging_handler_made_while_the_console_was_watched_does_not_stop_work_done_later(monkeypatch):
+    """A handler made inside the eval recipe's watch (lm-eval's, datasets') keeps the watched
+    stream: its flush at exit, into a console closed by then (pytest's capture, a `| head`
+    that ended), raised the recipe's stop from logging's atexit hook long after the work."""
+    import io
+    import logging
+
+    from letrecipes.components.preemption import StoppedBeforeTraining, stop_when_the_console_closes
+
+    console = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", console)
+    with stop_when_the_console_closes("while evaluating", "Nothing is lost."):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.stream.write("scoring\n")
+    assert sys.stderr is console and console.getvalue() == "scoring\n"
+    console.close()
+    handler.stream.write("after the work\n")  # dropped, said by no one
+    handler.flush()
+    with pytest.raises(StoppedBeforeTraining):  # while watched, a console that closes still stops the work
+        with stop_when_the_console_closes("while evaluating", "Nothing is lost."):
+            sys.stderr.write("scoring\n")
+
+
 @pytest.mark.parametrize("in_setup", [True, False])
 def test_a_run_whose_console_reader_ends_saves_its_step_and_says_so(tmp_path, in_setup):
     """`tune run ... | head` (or a `tee` that was killed): the run's next log line raised

@@ -240,11 +240,19 @@ def test_eval_scores_the_items_it_checked_and_one_item_has_no_stderr(teacher_dir
 ])
 def test_eval_recipe_names_a_bad_checkpoint_in_one_line(make, named, tmp_path):
     task = write_task(tmp_path / "tiny_task.jsonl", [Item("a", [" b", " c"], 0)])
+    out = tmp_path / "scores" / "tiny" / "out.json"  # folders the output would have been written in
     message = expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={make(tmp_path)}",
-                                                           f"tasks=[{task}]", f"output={tmp_path / 'out.json'}"],
+                                                           f"tasks=[{task}]", f"output={out}"],
                                  match=named)
     assert message.startswith("error: checkpoint: ")
-    assert not (tmp_path / "out.json").exists()
+    assert not (tmp_path / "scores").exists()  # a failed start leaves no empty folder behind
+
+
+def test_eval_names_a_checkpoint_that_is_not_there_before_reading_the_tasks(tmp_path):
+    """Many tasks or much held-out text take minutes to read: the checkpoint was found missing only after them."""
+    expect_setup_error(eval_recipe.recipe_main, ["--config", "eval", f"checkpoint={tmp_path / 'run' / 'final'}",
+                                                 f"tasks=[{tmp_path / 'not_fetched.jsonl'}]"],
+                       match="checkpoint: nothing at")
 
 
 def test_an_lm_eval_older_than_the_recipe_reads_is_one_line_before_any_model(teacher_dir, tmp_path, monkeypatch):
@@ -540,7 +548,7 @@ def test_a_full_temporary_folder_is_named_as_tmpdir_with_its_fix(base_overrides,
     temporary.mkdir()
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, str(repo / "tests" / "io_fault.py"), ".jsonl", "ENOSPC", "--",
-                           "letrecipes.eval", "--config", "eval", f"checkpoint={teacher_dir / 'final'}",
+                           "letrecipes.eval", "--config", "eval", f"checkpoint={teacher_dir}",
                            f"tasks=[{task}]", "contamination=false"],
                           cwd=repo, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TMPDIR": str(temporary)})
