@@ -247,7 +247,35 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
             fix = f"set {key}.{option} to {problem}"
             if problem == "an integer" and isinstance(value, float) and value.is_integer():  # YAML's 1e2 is a float
                 fix = f"write it as {key}.{option}={int(value)} (YAML reads 1e2 or {int(value)}.0 as a float)"
+            text = text_of_a_value(f"{key}.{option}", value, lambda v: _kind_problem(v, parameters[option]) is None)
+            if text:
+                raise ComponentError(f"config key {key}.{option}={value!r} must be {problem} for {name!r}: {text}")
             raise ComponentError(f"config key {key}.{option}={value!r} must be {problem} for {name!r}. Fix: {fix}.")
+
+
+def _scalar_in(text: str) -> Any:
+    """The number or boolean YAML would read from ``text`` unquoted; None for anything else."""
+    said = text.strip()
+    if said.lower() in ("true", "false"):
+        return said.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(said)
+        except ValueError:
+            pass
+    return None
+
+
+def text_of_a_value(key: str, value: Any, takes: Callable[[Any], bool]) -> Optional[str]:
+    """For text that reads as a value ``key`` takes ('100', '1e-3', 'true'): where such text
+    comes from and the fix; None for anything else. It was refused as "must be an integer"
+    beside a value that looks like one."""
+    meant = _scalar_in(value) if isinstance(value, str) else None
+    if meant is None or not takes(meant):
+        return None
+    shown = str(meant).lower() if isinstance(meant, bool) else value.strip()
+    return ("it is text: YAML keeps a value in quotes as text, and ${oc.env:NAME} always gives text. Fix: write it "
+            f"without quotes, {key}={shown}; from an environment variable, {key}='${{oc.decode:${{oc.env:NAME}}}}'.")
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}

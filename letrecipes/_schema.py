@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.registry import text_of_a_value
 
 
 class ConfigValueError(LetRecipesError):
@@ -535,7 +536,7 @@ def _check(where: str, key: str, value: Any, spec) -> None:
             # YAML reads 1e5 and 1000.0 as floats
             raise ConfigValueError(f"config key {where}{key}={value!r} must be an integer (YAML reads 1e5 or "
                                    f"{int(value)}.0 as a float). Fix: write it as {where}{key}={int(value)}.")
-        said = _value_meant(where + key, value)
+        said = _value_meant(where + key, value) or text_of_a_value(where + key, value, ok)
         if said:
             raise ConfigValueError(f"config key {where}{key}={value!r} must be {text}: {said}")
         meant = next((v for v in (value.strip().lower(), value.strip()) if ok(v)), None) \

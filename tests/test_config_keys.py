@@ -382,6 +382,13 @@ VALUES_MEANT = [
     ("dtype=BF16", "Fix: dtype=bf16."),
     ("activation_checkpointing.mode=Full", "Fix: activation_checkpointing.mode=full."),
     ("keep_last_checkpoints=ALL", "Fix: keep_last_checkpoints=all."),
+    # a number or boolean as text (quoted in YAML, or from ${oc.env:...}): "must be an integer" beside '100'
+    ("max_steps='100'", "it is text: YAML keeps a value in quotes as text, and ${oc.env:NAME} always gives text. "
+                        "Fix: write it without quotes, max_steps=100; from an environment variable, "
+                        "max_steps='${oc.decode:${oc.env:NAME}}'."),
+    ("fsdp.enabled=${oc.env:LETRECIPES_TEST_UNSET,true}", "Fix: write it without quotes, fsdp.enabled=true;"),
+    ("optimizer.lr='1e-3'", "for 'torch.optim.AdamW': it is text"),
+    ("alignment.schedule.rho0=' 0.5'", "Fix: write it without quotes, alignment.schedule.rho0=0.5;"),
 ]
 
 
