@@ -66,7 +66,7 @@ from letrecipes.components.files import (LOCALE_FIX, as_given, hub_id_hint, hub_
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
-COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
+COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz", ".lz4")
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".zip")  # and .tar.gz, .tar.zst, ...
 MARKUP_SUFFIXES = (".xml", ".html", ".htm", ".xhtml")  # named directly, read as text with a warning
 # Where a text file's documents end (data.document_separator): TinyStories' and many text dumps'
@@ -80,7 +80,7 @@ BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
 # read from the content, archives).
-READER_VERSION = 5  # 4: text files split at data.document_separator; 5: blank documents skipped
+READER_VERSION = 6  # 4: text files split at data.document_separator; 5: blank documents skipped; 6: LZ4 read
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
@@ -300,7 +300,7 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
     refuse_special_file(item, key, DataError, why=": a corpus is read more than once (listed and sized, then "
                         "tokenized by several workers), which a stream allows only once",
                         fix="write it to a file first (zstdcat corpus.jsonl.zst > corpus.jsonl) and point "
-                            f"{key} at that, or at the compressed file itself: .gz .zst .bz2 .xz and archives are "
+                            f"{key} at that, or at the compressed file itself: {' '.join(COMPRESSIONS)} and archives are "
                             "read as they are.")
     if is_dataset_folder(item) or item.is_file():
         if item.is_file() and _format(item)[0] is None and _format_base(item.name.lower()) in MARKUP_SUFFIXES:
@@ -1064,6 +1064,11 @@ def _binary(path, key: str, head: bytes) -> str:
         suffix = {"tar": ".tar", "zip": ".zip", "parquet": ".parquet", "arrow": ".arrow"}[kind]
         return (f"{key}: {path} is skipped: it is a {kind} file, named as text. Fix: rename it to end in {suffix}, "
                 "and it is read as one.")
+    if kind in UNREAD_PACKINGS:
+        command = UNREAD_PACKINGS[kind].format(path=shlex.quote(str(path)))
+        return (f"{key}: {path} is skipped: it is a {kind} file, a packing not read here (gzip, zstd, bzip2, xz and "
+                f"LZ4 files are, and tar and zip archives). Fix: unpack it first ({command}) and point {key} at what "
+                "it holds.")
     what = f"it is a {kind} file" if kind else (f"it looks binary (a NUL byte in its first {BINARY_SNIFF:,} bytes "
                                                 "and no byte-order mark)")
     return (f"{key}: {path} is skipped: {what}. Fix: none, if it is not text; if it is UTF-16 or UTF-32 without "
@@ -1273,13 +1278,18 @@ def _decode_counted(raw: bytes, skipped: "SkippedRecords", at: int) -> str:
 
 # What a file holds, by its first bytes, whatever its name says: (offset, bytes, name).
 MAGIC = ((0, b"\x1f\x8b", "gzip"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\xfd7zXZ\x00", "xz"),
+         (0, b"\x04\x22\x4d\x18", "LZ4"), (0, b"LZIP", "lzip"), (0, b"\x1f\x9d", "compress (.Z)"),
+         (0, b"\xff\x06\x00\x00sNaPpY", "Snappy"),
          (0, b"PK\x03\x04", "zip"), (0, b"PK\x05\x06", "zip"), (257, b"ustar", "tar"), (0, b"PAR1", "parquet"),
          (0, b"ARROW1", "arrow"), (0, b"FEA1", "Feather V1"),
          (0, b"%PDF-", "PDF"), (0, b"\x89PNG", "PNG"), (0, b"\xff\xd8\xff", "JPEG"),
          (0, b"7z\xbc\xaf\x27\x1c", "7-Zip"), (0, b"Rar!", "RAR"), (0, b"\x7fELF", "ELF executable"),
          (0, b"SQLite format 3\x00", "SQLite database"), (0, b"\x93NUMPY", "NumPy array"))
+# Packings known by their first bytes and not read: each with the command that unpacks it
+UNREAD_PACKINGS = {"7-Zip": "7z x {path}", "RAR": "unrar x {path}", "lzip": "lzip -dk {path}",
+                   "compress (.Z)": "uncompress -k {path}", "Snappy": "python -m snappy -d {path} <out>"}
 ZSTD_MAX_WINDOW = 2**31  # `zstd --long=31`, the largest window the format allows
-DECOMPRESSED = ("gzip", "zstd", "bzip2", "xz")  # content magic names of the compressions read
+DECOMPRESSED = ("gzip", "zstd", "bzip2", "xz", "LZ4")  # content magic names of the compressions read
 SNIFF_BYTES = 512  # a tar header: its magic is at byte 257
 
 
@@ -1350,6 +1360,10 @@ def _decompressed(raw, name, key: str, stack: contextlib.ExitStack) -> Tuple[io.
             raw = stack.enter_context(bz2.BZ2File(stream))
         elif kind == "xz":
             raw = stack.enter_context(lzma.LZMAFile(stream))
+        elif kind == "LZ4":  # the frame format the `lz4` command writes; pyarrow's codec, no package of its own
+            import pyarrow
+
+            raw = stack.enter_context(pyarrow.CompressedInputStream(pyarrow.PythonFile(stream, mode="r"), "lz4"))
         else:
             try:
                 import zstandard
@@ -1463,8 +1477,9 @@ def _raise_if_damaged(path, err: Exception, where: str, key: str) -> None:
     import tarfile
 
     broken = isinstance(err, (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile, tarfile.ReadError)) or (
-        type(err).__name__ == "ZstdError") or (isinstance(err, OSError) and err.errno is None and "data stream" in str(err))
-    if broken:  # bz2 says "Invalid data stream", with no errno
+        type(err).__name__ == "ZstdError") or (isinstance(err, OSError) and err.errno is None and (
+            "data stream" in str(err) or "compressed stream" in str(err) or str(err).startswith("LZ4 ")))
+    if broken:  # bz2 says "Invalid data stream", pyarrow's LZ4 "Truncated compressed stream", with no errno
         raise DataError(f"{key}: {path} is damaged: the compressed stream breaks{where} ({err}). "
                         "Fix: re-download the file, or remove it from the source.") from err
 

@@ -323,6 +323,32 @@ def test_compression_is_read_from_the_content_not_the_name(tmp_path):
         assert list(read_documents([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.txt.gz"])) == docs
 
 
+def test_lz4_files_read_named_or_not(tmp_path):
+    """The `lz4` command's frame format (a .jsonl.lz4, a .tar.lz4) was skipped as binary, and
+    a folder's .lz4 files were not read."""
+    import pyarrow as pa
+
+    def lz4(data: bytes) -> bytes:
+        out = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(out, "lz4") as stream:
+            stream.write(data)
+        return out.getvalue().to_pybytes()
+
+    docs = documents(4)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl.lz4").write_bytes(lz4(jsonl(docs[:2])))
+    (folder / "b.tar.lz4").write_bytes(lz4(tar_bytes([("b.txt", docs[2].encode())])))
+    (tmp_path / "c.txt").write_bytes(lz4(docs[3].encode()))  # named as text: read by its content
+    with _no_data_warnings():
+        assert list(read_documents([folder, tmp_path / "c.txt"])) == docs
+    whole = lz4(jsonl(documents(3000)))
+    (tmp_path / "cut.jsonl.lz4").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.lz4 is damaged: the compressed stream breaks after line \d+ "
+                                        r"\(Truncated compressed stream\)\. Fix: re-download the file"):
+        list(read_documents(tmp_path / "cut.jsonl.lz4"))
+
+
 def test_zstd_long_window_files_read(tmp_path):
     """`zstd --long=31` (for big corpora) writes frames with windows above zstandard's default
     128 MiB limit: they read as "damaged" before. A stream made the same way, small."""
@@ -346,11 +372,18 @@ def test_a_file_of_another_kind_named_as_text_is_skipped_with_its_kind_named(tmp
     (tmp_path / "a.txt").write_text(docs[0])
     (tmp_path / "b.txt").write_bytes(zip_bytes([("x.txt", b"hello")]))
     (tmp_path / "c.txt").write_bytes(b"%PDF-1.7\n" + bytes(range(256)))
+    (tmp_path / "d.txt").write_bytes(b"7z\xbc\xaf\x27\x1c\x00\x04" + bytes(range(256)))  # packings not read
+    (tmp_path / "e.txt").write_bytes(b"Rar!\x1a\x07\x01\x00" + bytes(range(256)))
     with pytest.warns(DataWarning) as caught:
         assert list(read_documents(tmp_path)) == docs
     messages = [str(w.message) for w in caught]
     assert any("b.txt is skipped: it is a zip file, named as text. Fix: rename it to end in .zip" in m for m in messages)
     assert any("c.txt is skipped: it is a PDF file." in m for m in messages), messages
+    assert any("d.txt is skipped: it is a 7-Zip file, a packing not read here (gzip, zstd, bzip2, xz and LZ4 files "
+               f"are, and tar and zip archives). Fix: unpack it first (7z x {tmp_path / 'd.txt'})" in m
+               for m in messages), messages
+    assert any("e.txt is skipped: it is a RAR file, a packing not read here" in m and
+               f"(unrar x {tmp_path / 'e.txt'})" in m for m in messages), messages
 
 
 def test_damaged_and_misnamed_archives_are_one_error(tmp_path):
