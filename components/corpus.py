@@ -68,6 +68,7 @@ JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 CSV_SUFFIXES = (".csv", ".tsv")
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz", ".lz4")
 ARCHIVE_SUFFIXES = (".tar", ".tgz", ".zip")  # and .tar.gz, .tar.zst, ...
+WARC_SUFFIXES = (".warc", ".wet")  # web archives: Common Crawl's CC-MAIN-*.warc.wet.gz hold each page's text
 MARKUP_SUFFIXES = (".xml", ".html", ".htm", ".xhtml")  # named directly, read as text with a warning
 # Where a text file's documents end (data.document_separator): TinyStories' and many text dumps'
 # marker, never meant as text. None reads each text file as one document.
@@ -75,7 +76,7 @@ DOCUMENT_SEPARATOR = "<|endoftext|>"
 # What a folder is searched for, as error messages name it.
 FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
            f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), archives of them (.tar, .tar.gz, .tgz, "
-           ".zip), .parquet, .arrow and .feather files, or datasets folders")
+           ".zip), WARC files (.warc .wet, compressed or not), .parquet, .arrow and .feather files, or datasets folders")
 BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
@@ -174,6 +175,8 @@ def _format_of_name(name: str) -> Tuple[Optional[str], str]:
         return "arrow", ""
     if base == ".tar" or name.endswith(ARCHIVE_SUFFIXES):
         return "archive", compression
+    if base in WARC_SUFFIXES:
+        return "warc", compression
     for kind, suffixes in (("text", TEXT_SUFFIXES), ("jsonl", JSON_SUFFIXES), ("csv", CSV_SUFFIXES)):
         if base in suffixes:
             return kind, compression
@@ -563,7 +566,7 @@ def list_units(source, key: str = "data.source", separator: Optional[str] = DOCU
             metadata = _parquet(path, key).metadata
             units += [Unit("parquet", (str(path),), i, size=metadata.row_group(i).total_byte_size)
                       for i in range(metadata.num_row_groups)]
-        elif kind in ("jsonl", "csv", "arrow", "archive"):
+        elif kind in ("jsonl", "csv", "arrow", "archive", "warc"):
             flush()
             size = info.st_size
             ranges = _json_lines_ranges(path, size) if kind == "jsonl" else None
@@ -679,6 +682,8 @@ def read_unit(unit: Unit, text_field: str = "text", key: str = "data.source",
                             f" (row group {unit.part})")
     elif unit.kind == "arrow":
         yield from _arrow(Path(unit.paths[0]), text_field, key, warn)
+    elif unit.kind == "warc":
+        yield from _warc_texts(Path(unit.paths[0]), key, warn)
     elif unit.kind == "archive":
         document: List[str] = []
         for piece, ends in _archive(Path(unit.paths[0]), text_field, key, warn, None, separator):
@@ -855,6 +860,8 @@ def _members(members, archive: str, text_field: str, key: str, warn: list, piece
                 yield from split_at([(text, True)], separator)
         elif kind == "jsonl":
             yield from _in_pieces(_json_records(source, text_field, key, warn), piece_chars)
+        elif kind == "warc":
+            yield from _in_pieces(_warc_texts(source, key, warn), piece_chars)
         else:
             yield from _in_pieces(_csv(source, text_field, key, warn), piece_chars)
 
@@ -1720,6 +1727,84 @@ def _parses(raw: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+# WARC record types whose body is a page's text: Common Crawl's WET files hold one `conversion`
+# record a page; a `resource` record may hold a text file as it was archived
+WARC_TEXT_RECORDS = ("conversion", "resource")
+
+
+def _warc_texts(path: Union[Path, _Member], key: str, warn: list) -> Iterator[str]:
+    """A web archive's texts, read by ``warcio``: the body of each record that holds text
+    (WET files' ``conversion`` records, a ``text/plain`` resource), one document each. The
+    records around them (warcinfo, requests, metadata) hold none. Pages as fetched
+    (``response`` records: HTTP headers and HTML) are not text: a file of them is one error,
+    as tokenizing their markup would train on it."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    skipped = SkippedRecords(path, key, where="record")
+    number, kept, pages = 0, 0, 0
+    try:
+        with _open_stream(path, key) as stream:
+            for number, record in enumerate(ArchiveIterator(_EndsLoudly(stream), check_digests=False), 1):
+                content_type = (record.rec_headers.get_header("Content-Type") or "").lower()
+                if record.rec_type == "response":
+                    pages += 1
+                    if kept == 0 and pages >= SkippedRecords.FAST_FAIL:
+                        break
+                if record.rec_type not in WARC_TEXT_RECORDS or not content_type.startswith("text/plain"):
+                    continue
+                body = record.content_stream().read()
+                if record.http_headers is None and len(body) < record.length:  # warcio returns what is there
+                    raise DataError(f"{key}: {path} is damaged: it ends inside WARC record {number:,} ({len(body):,} "
+                                    f"of its {record.length:,} bytes). Fix: re-download the file, or remove it from "
+                                    "the source.")
+                text = _decode_counted(body, skipped, number)
+                if not text.strip():
+                    skipped.skip("empty", number, kept)
+                    continue
+                kept += 1
+                yield text
+        if pages and kept == 0:
+            raise DataError(f"{key}: {path} holds web pages as they were fetched (WARC response records: HTTP headers "
+                            "and HTML), not text: a model trained on them learns the markup. Fix: use the text "
+                            "extracted from them (Common Crawl publishes it as WET files, CC-MAIN-*.warc.wet.gz), or "
+                            "extract it yourself (trafilatura, resiliparse) into JSON Lines.")
+        skipped.finish(kept, warn)
+    except ArchiveLoadFailed as err:
+        raise DataError(f"{key}: {path} is damaged: WARC record {number + 1:,} does not read ({err}). Fix: "
+                        "re-download the file, or remove it from the source.") from err
+    except DataError:
+        raise
+    except Exception as err:
+        _raise_if_damaged(path, err.__cause__ if isinstance(err, _StreamBroke) else err,
+                          f" after WARC record {number:,}" if number else "", key)
+        raise
+
+
+class _StreamBroke(Exception):
+    """A compressed stream's EOFError (cut short), passed through a reader that takes EOFError
+    for the end of its records (warcio: a truncated .warc.gz read as a shorter whole one)."""
+
+
+class _EndsLoudly:
+    """``stream``'s reads, its EOFError raised as :class:`_StreamBroke`."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.read(size)
+        except EOFError as err:
+            raise _StreamBroke(str(err)) from err
+
+    def readline(self, size: int = -1) -> bytes:
+        try:
+            return self.stream.readline(size)
+        except EOFError as err:
+            raise _StreamBroke(str(err)) from err
 
 
 def _json_records(path: Union[Path, _Member], text_field: str, key: str, warn: list, start: int = 0,

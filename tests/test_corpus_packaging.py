@@ -367,6 +367,59 @@ def test_zstd_long_window_files_read(tmp_path):
         assert list(read_documents(tmp_path / "long.jsonl.zst")) == docs
 
 
+def web_archive(records, compressed: bool = True) -> bytes:
+    """A WARC file (warcio's writer) of ``(type, text)`` records: `conversion` as Common
+    Crawl's WET files hold each page's text, `response` as its WARC files hold each page."""
+    import io
+
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    out = io.BytesIO()
+    writer = WARCWriter(out, gzip=compressed)
+    writer.write_record(writer.create_warcinfo_record("corpus.warc", {"software": "test"}))
+    for i, (kind, text) in enumerate(records):
+        http = (StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+                if kind == "response" else None)
+        writer.write_record(writer.create_warc_record(
+            f"https://example.com/{i}", kind, payload=io.BytesIO(text.encode()), http_headers=http,
+            warc_content_type=None if http else "text/plain"))
+    return out.getvalue()
+
+
+def test_web_archives_read_as_one_document_a_page(tmp_path):
+    """Common Crawl's WET files (CC-MAIN-*.warc.wet.gz) were read as one text document of WARC
+    headers (named directly) or not at all (in a folder)."""
+    docs = documents(6)
+    folder = tmp_path / "crawl"
+    folder.mkdir()
+    (folder / "CC-MAIN-00000.warc.wet.gz").write_bytes(
+        web_archive([("conversion", docs[0]), ("metadata", "fetchTimeMs: 12"), ("conversion", docs[1]),
+                     ("conversion", "  \n"), ("conversion", docs[2])]))
+    (folder / "CC-MAIN-00001.warc.wet").write_bytes(web_archive([("conversion", d) for d in docs[3:5]], False))
+    (tmp_path / "pages.tar").write_bytes(tar_bytes([("p/a.warc.wet.gz", web_archive([("conversion", docs[5])]))]))
+    with pytest.warns(DataWarning, match=r"CC-MAIN-00000.warc.wet.gz: skipped 1 of 4 records that hold no text "
+                                         r"\(1 empty; the first at record 5\)"):
+        assert list(read_documents([folder, tmp_path / "pages.tar"])) == docs
+    # pages as fetched (HTTP headers and HTML) are not text: one error, not markup trained on
+    (tmp_path / "pages.warc.gz").write_bytes(web_archive([("response", "<html><body>hi</body></html>")] * 3))
+    with pytest.raises(DataError, match=r"pages.warc.gz holds web pages as they were fetched \(WARC response records: "
+                                        r"HTTP headers and HTML\), not text.* Fix: use the text extracted from them "
+                                        r"\(Common Crawl publishes it as WET files"):
+        list(read_documents(tmp_path / "pages.warc.gz"))
+    # cut short: compressed (warcio takes the gzip stream's EOFError for the end) or not
+    whole = web_archive([("conversion", d) for d in documents(200)])
+    (tmp_path / "cut.warc.wet.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.warc.wet.gz is damaged: the compressed stream breaks "
+                                        r"(after WARC record [\d,]+ )?\(Compressed file ended"):
+        list(read_documents(tmp_path / "cut.warc.wet.gz"))
+    plain = web_archive([("conversion", d) for d in docs[:2]], False)
+    (tmp_path / "cut.warc.wet").write_bytes(plain[:-100])
+    with pytest.raises(DataError, match=r"cut.warc.wet is damaged: it ends inside WARC record 3 \(\d+ of its \d+ "
+                                        r"bytes\)"):
+        list(read_documents(tmp_path / "cut.warc.wet"))
+
+
 def test_a_file_of_another_kind_named_as_text_is_skipped_with_its_kind_named(tmp_path):
     docs = documents(1)
     (tmp_path / "a.txt").write_text(docs[0])
