@@ -81,7 +81,7 @@ BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
 # read from the content, archives).
-READER_VERSION = 6  # 4: text files split at data.document_separator; 5: blank documents skipped; 6: LZ4 read
+READER_VERSION = 6  # 4: text split at data.document_separator; 5: blank documents skipped; 6: LZ4, WARC read
 # Small text files are grouped into units of about this many bytes (one shard each).
 TEXT_UNIT_BYTES = 64 * 2**20
 READ_BLOCK = 4 * 2**20  # bytes read at a time from a text file
