@@ -12,7 +12,8 @@ so that ``except ValueError`` in user code written against earlier versions stil
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+import difflib
+from typing import Iterable, Iterator, List, Optional
 
 
 class LetRecipesError(ValueError):
@@ -31,6 +32,18 @@ class StopRequested(BaseException):
 def in_words(names: List[str]) -> str:
     """``a``, ``a and b``, ``a, b and c``: names listed in a message."""
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def closest_name(word: str, names: Iterable[str]) -> Optional[str]:
+    """The name a mistyped ``word`` most likely meant: difflib's closest, else the one name
+    that begins with it (``temp`` for ``temperature``, ``warmup`` for ``warmup_steps``, too
+    short for difflib's likeness); None when neither answers."""
+    names = list(names)
+    close = difflib.get_close_matches(word, names, n=1)
+    if close:
+        return close[0]
+    starting = [name for name in names if len(word) >= 3 and name.startswith(word)]
+    return starting[0] if len(starting) == 1 else None
 
 
 def errors_within(err: Optional[BaseException]) -> Iterator[BaseException]:

@@ -22,7 +22,6 @@ before building anything::
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import inspect
@@ -37,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from letrecipes.components.errors import LetRecipesError, in_words
+from letrecipes.components.errors import LetRecipesError, closest_name, in_words
 
 KINDS = ("model", "optimizer", "lr_scheduler", "teacher_loader", "layer_map", "projector", "alignment_loss", "pooling",
          "schedule")
@@ -114,7 +113,12 @@ def _check_dotted_path(name: str, key: str, instead: str) -> None:
 
 
 def import_modules(modules: Iterable[str] | None) -> None:
-    """Import user modules so that their ``@register`` decorators run."""
+    """Import user modules so that their ``@register`` decorators run. The working directory
+    is searched last, as ``tune run`` searches it: ``letrecipes validate`` (a console script,
+    whose module path holds no working directory) refused ``imports=[my_loss]`` beside the
+    config that ``tune run`` took."""
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for module in modules or []:
         if "/" in str(module) or os.sep in str(module) or str(module).endswith(".py"):  # a file, as a shell names it
             file = Path(str(module))
@@ -231,7 +235,8 @@ def check_arguments(factory: Callable[..., Any], options: Mapping[str, Any], key
             meant = [n for n in ARGUMENT_NAMES.get(option, ()) if n in named]
             others = [] if meant else others_taking(factory, option)  # `hidden_dim` to the linear projector: mlp's
             settable = [n for n in named if n not in FILLED_BY_THE_RECIPE]
-            close = meant or ([] if others else difflib.get_close_matches(option, settable, n=1))
+            guess = None if meant or others else closest_name(option, settable)
+            close = meant or ([guess] if guess else [])
             hint = (f" Did you mean {key}.{close[0]}? ({option} is what other libraries call it.)" if meant
                     else f" Did you mean {key}.{close[0]}?" if close
                     else f" {in_words(others[:3])} take{'s' if len(others) == 1 else ''} it: "

@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from letrecipes._schema import validate as validate_config
-from letrecipes.components.errors import LetRecipesError, StopRequested, warnings_as_lines
+from letrecipes.components.errors import LetRecipesError, StopRequested, closest_name, warnings_as_lines
 from letrecipes.components.files import (LOCALE_FIX, cause_and_fix, environment_errors, escape_unprintable_output,
                                          is_utf8, misread_as_utf8, names_encoding, os_error_in)
 from letrecipes.components.preemption import (StoppedBeforeTraining, stop_at_once_on_signals,
@@ -252,9 +252,9 @@ def _check_removal(yaml: DictConfig, override: str, path) -> None:
         parent, _, leaf = key.rpartition(".")
         holder = OmegaConf.select(yaml, parent, default=None) if parent else yaml
         keys = [str(k) for k in holder.keys()] if isinstance(holder, DictConfig) else []
-        close = difflib.get_close_matches(leaf, keys, n=1)
+        close = closest_name(leaf, keys)
         holds = f" ({parent} holds {', '.join(keys)})" if parent and keys else ""
-        fix = (f"~{parent + '.' if parent else ''}{close[0]}, if that is the key meant" if close else
+        fix = (f"~{parent + '.' if parent else ''}{close}, if that is the key meant" if close else
                "leave the override out: there is nothing to remove")
         raise ConfigError(f"the override {override!r} removes the key {key}, which --config {str(path)!r} does not "
                           f"set{holds}. Fix: {fix}.")

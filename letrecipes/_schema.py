@@ -10,7 +10,6 @@ registered components included), also before anything is built.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from letrecipes.components.errors import LetRecipesError
+from letrecipes.components.errors import LetRecipesError, closest_name
 from letrecipes.components.registry import text_of_a_value
 
 
@@ -507,8 +506,8 @@ def _unknown(key: str, known, where: str) -> ConfigValueError:
         return ConfigValueError(f"config key {where}{key} is unknown: YAML reads '{key}' as one key, as the colon has "
                                 f"no space after it. Fix: write '{name.strip()}: {value.strip()}' (a space after the "
                                 "colon).")
-    close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f" Did you mean {where}{close[0]}?" if close else f" Known keys: {', '.join(sorted(known))}."
+    close = closest_name(key, known)
+    hint = f" Did you mean {where}{close}?" if close else f" Known keys: {', '.join(sorted(known))}."
     return ConfigValueError(f"config key {where}{key} is unknown.{hint} Fix: correct or remove it.")
 
 

@@ -34,6 +34,8 @@ TYPOS = [
     ("alignment.schedule.rho=2", "alignment.schedule.rho0"),
     ("alignment.projector={_component_: mlp, hiden_dim: 8}", "alignment.projector.hidden_dim"),
     ("alignment.loss={_component_: smooth_l1, bet: 1.0}", "alignment.loss.beta"),
+    # the start of a long name, too unlike it for difflib alone
+    ("fsdp.reshard=false", "fsdp.reshard_after_forward"),
 ]
 
 
@@ -69,7 +71,9 @@ def test_a_users_registered_component_has_its_arguments_checked(tmp_path, monkey
         "        self.margin = margin\n\n"
         "    def per_token(self, pred, target):\n"
         "        return torch.relu(self.margin - torch.cosine_similarity(pred, target, dim=-1))\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # beside the config, in the working directory: found by `letrecipes validate` as by `tune run`
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     good = ["imports=[my_losses]", "alignment.loss={_component_: margin_cosine_cfgtest, margin: 0.2}"]
     assert cli.main(["validate", "let_tiny", *good]) == 0
     with pytest.raises(SystemExit) as err:
