@@ -719,6 +719,27 @@ def _check_inputs_outside_what_the_run_replaces(values: Dict[str, Any]) -> None:
                     f"(cp -r {folder} <elsewhere>) and point {key} there, or choose another output_dir.")
 
 
+def _rehearse_model(values: Dict[str, Any]) -> None:
+    """The student's shape checked as the llama builder checks it, without building it: a
+    head count that does not divide the width, or KV heads that do not divide the heads,
+    passed `letrecipes validate` and was refused by the run. The vocabulary follows the
+    tokenizer, which is not read here: a stand-in size takes its place."""
+    from letrecipes.components import registry
+    from letrecipes.components.models import check_init_std, llama_args, llama_model, model_max_seq_len
+
+    spec = values.get("model")
+    spec = {"_component_": spec} if isinstance(spec, str) else spec
+    seq_len = (values.get("data") or {}).get("seq_len")
+    if not isinstance(spec, dict) or not isinstance(seq_len, int) or \
+            registry.resolve("model", spec.get("_component_"), key="model._component_") is not llama_model:
+        return  # a builder of the user's own checks its own arguments when the run calls it
+    options = {k: v for k, v in spec.items() if k not in ("_component_", "init_std")}
+    options["max_seq_len"] = model_max_seq_len(spec, seq_len)
+    options["vocab_size"] = options.get("vocab_size") or 2**15
+    check_init_std(spec.get("init_std", 0.02))
+    llama_args(**options)
+
+
 def _rehearse_optimizer(values: Dict[str, Any]) -> None:
     """The optimizer and LR schedule built on two stand-in parameters, as the recipe builds
     them: a value they refuse (a negative lr, a beta of 1.5) is named now, not after hours
@@ -798,6 +819,7 @@ def check_components(values: Dict[str, Any], with_teacher: bool = True) -> None:
                         (misplaced := _other_name(f"{key}.{option}", value, values)):
                     raise misplaced
         registry.check_arguments(factory, options, key, spec["_component_"])
+    _rehearse_model(values)
     _rehearse_optimizer(values)
     if with_teacher and isinstance(values.get("alignment"), dict) and isinstance(values.get("max_steps"), int):
         # built as the recipe builds it: stop=-1 or rho0=-1 is named by `letrecipes validate` too

@@ -418,6 +418,23 @@ def test_validate_says_what_the_recipe_would_refuse_of_the_alignment(override, s
     assert said in str(err.value.code), err.value.code
 
 
+@pytest.mark.parametrize("override, said", [
+    ("model.num_heads=3", "model.embed_dim (320) must be divisible by model.num_heads (3)"),
+    ("model.num_kv_heads=3", "model.num_heads (5) must be a multiple of model.num_kv_heads (3)"),
+    ("model.init_std=0", "model.init_std=0 must be a finite number > 0"),
+    ("model.max_seq_len=16", "model.max_seq_len=16 is shorter than data.seq_len=256"),
+    ("model.rope_scaling={factor: 2}", "model.rope_scaling has the keys ['factor']; Llama 3.1's scaled RoPE takes "
+                                       "exactly"),
+])
+def test_validate_says_what_the_recipe_would_refuse_of_the_students_shape(override, said):
+    """The student's shape, checked as its builder checks it but not built: `letrecipes
+    validate` said "no problem found" for a width its head count does not divide."""
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "let_tiny", override])
+    assert str(err.value.code).startswith("error: ") and said in str(err.value.code), err.value.code
+    assert cli.main(["validate", "let_tiny", "model.num_heads=4", "model.num_kv_heads=2"]) == 0  # 320 / 4: fine
+
+
 def test_damaged_configs_load_or_end_in_one_error(tmp_path):
     """The shipped configs with characters flipped, cut, inserted, deleted, repeated or
     re-indented, as a hand edit or a bad merge leaves them: each loads and validates, or
