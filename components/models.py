@@ -430,7 +430,8 @@ def check_built_student(model: nn.Module, spec: Any) -> None:
                          "llama_model(...) or build_model(ModelArgs(...)) from your builder (docs/extending.md).")
 
 
-def check_init_std(init_std: Optional[float]) -> None:
+def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> TransformerDecoder:
+    """Build and (unless ``init_std`` is None) initialise a decoder from scratch."""
     if init_std is not None and not (isinstance(init_std, (int, float)) and not isinstance(init_std, bool)
                                      and 0 < init_std < float("inf")):
         # 0 zeroes every weight, and no gradient reaches a network of zeros: the loss stayed at
@@ -440,11 +441,6 @@ def check_init_std(init_std: Optional[float]) -> None:
         raise ComponentError(f"model.init_std={init_std!r} must be a finite number > 0 (0.02 is usual), or null for "
                              f"no initialisation (weights loaded afterwards){why}. Fix: set model.init_std to one, "
                              "like 0.02.")
-
-
-def build_model(args: ModelArgs, init_std: Optional[float] = 0.02) -> TransformerDecoder:
-    """Build and (unless ``init_std`` is None) initialise a decoder from scratch."""
-    check_init_std(init_std)
     model = llama(args)
     if init_std is not None:
         init_weights(model, std=init_std)
@@ -594,43 +590,6 @@ def torchtune_builder_equivalent(factory) -> Optional[str]:
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
-def llama_args(
-    vocab_size: int,
-    num_layers: int,
-    num_heads: int,
-    embed_dim: int,
-    max_seq_len: int,
-    num_kv_heads: Optional[int] = None,
-    intermediate_dim: Optional[int] = None,
-    rope_base: float = 10_000.0,
-    norm_eps: float = 1e-5,
-    tie_word_embeddings: bool = True,
-    rope_scaling: Optional[dict] = None,
-) -> ModelArgs:
-    """The shape :func:`llama_model` builds, checked, without building it (``letrecipes
-    validate`` rehearses a config's student with it: a head count that does not divide the
-    width was named only by the run)."""
-    if intermediate_dim is None:
-        intermediate_dim = 64 * math.ceil(8 * embed_dim / 3 / 64)
-    if rope_scaling is not None:
-        rope_scaling = dict(rope_scaling)
-        rope_scaling.pop("rope_type", None)  # as a Hugging Face config writes it
-        if sorted(rope_scaling) != sorted(ROPE_SCALING_KEYS):
-            raise ComponentError(f"model.rope_scaling has the keys {sorted(rope_scaling)}; Llama 3.1's scaled RoPE "
-                                 f"takes exactly {list(ROPE_SCALING_KEYS)}. Fix: give all four, as a Hugging Face "
-                                 "config's rope_scaling has them (Llama-3.2-1B's {factor: 32, low_freq_factor: 1, "
-                                 "high_freq_factor: 4, original_max_position_embeddings: 8192}), or null for plain "
-                                 "RoPE.")
-    args = ModelArgs(
-        vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads or num_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
-        max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps, tie_word_embeddings=tie_word_embeddings,
-        rope_scaling=rope_scaling,
-    )
-    args.validate()
-    return args
-
-
 @register("model", "llama")
 def llama_model(
     vocab_size: int,
@@ -655,8 +614,23 @@ def llama_model(
     The returned model carries its :class:`ModelArgs` as ``model.model_args`` so that
     checkpoints can rebuild it.
     """
-    args = llama_args(vocab_size, num_layers, num_heads, embed_dim, max_seq_len, num_kv_heads, intermediate_dim,
-                      rope_base, norm_eps, tie_word_embeddings, rope_scaling)
+    if intermediate_dim is None:
+        intermediate_dim = 64 * math.ceil(8 * embed_dim / 3 / 64)
+    if rope_scaling is not None:
+        rope_scaling = dict(rope_scaling)
+        rope_scaling.pop("rope_type", None)  # as a Hugging Face config writes it
+        if sorted(rope_scaling) != sorted(ROPE_SCALING_KEYS):
+            raise ComponentError(f"model.rope_scaling has the keys {sorted(rope_scaling)}; Llama 3.1's scaled RoPE "
+                                 f"takes exactly {list(ROPE_SCALING_KEYS)}. Fix: give all four, as a Hugging Face "
+                                 "config's rope_scaling has them (Llama-3.2-1B's {factor: 32, low_freq_factor: 1, "
+                                 "high_freq_factor: 4, original_max_position_embeddings: 8192}), or null for plain "
+                                 "RoPE.")
+    args = ModelArgs(
+        vocab_size=vocab_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads or num_heads, embed_dim=embed_dim, intermediate_dim=intermediate_dim,
+        max_seq_len=max_seq_len, rope_base=rope_base, norm_eps=norm_eps, tie_word_embeddings=tie_word_embeddings,
+        rope_scaling=rope_scaling,
+    )
     model = build_model(args, init_std=init_std)
     model.model_args = args
     return model

@@ -435,6 +435,30 @@ def test_validate_says_what_the_recipe_would_refuse_of_the_students_shape(overri
     assert cli.main(["validate", "let_tiny", "model.num_heads=4", "model.num_kv_heads=2"]) == 0  # 320 / 4: fine
 
 
+def test_validate_builds_a_users_student_on_the_meta_device(tmp_path, monkeypatch):
+    """A builder of the user's own is called as the run calls it (on the meta device): one
+    that returns no decoder of ours is named before any run; one that fails in its own way
+    is left to the run."""
+    (tmp_path / "my_students.py").write_text(
+        "import torch\n"
+        "def sequential(vocab_size, max_seq_len, width: int = 8):\n"
+        "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, width))\n"
+        "def picky(vocab_size, max_seq_len):\n"
+        "    raise RuntimeError('needs a GPU')\n")
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "baseline_tiny.yaml")
+    for builder in ("sequential", "picky"):
+        config.model = {"_component_": f"my_students.{builder}"}
+        config.imports = ["my_students"]
+        OmegaConf.save(config, tmp_path / f"{builder}.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["validate", "sequential.yaml"])
+    assert "model._component_=my_students.sequential built a Sequential; a student is the decoder" in str(err.value.code)
+    assert cli.main(["validate", "picky.yaml"]) == 0
+
+
 def test_damaged_configs_load_or_end_in_one_error(tmp_path):
     """The shipped configs with characters flipped, cut, inserted, deleted, repeated or
     re-indented, as a hand edit or a bad merge leaves them: each loads and validates, or
