@@ -180,6 +180,7 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     for override in overrides:
         if override.startswith("~"):
             _check_removal(yaml, override, path)
+    _check_keys_into_values(yaml, overrides)
     merged, held = _values_holding_equals(_name_short_components(yaml, overrides))
     try:
         cfg = _merge_yaml_and_cli_args(argparse.Namespace(**OmegaConf.to_container(yaml)), merged)
@@ -231,6 +232,27 @@ def _name_short_components(yaml: DictConfig, overrides: Sequence[str]) -> List[s
             named.pop(home)
         out.append(override)
     return out
+
+
+def _check_keys_into_values(yaml: DictConfig, overrides: Sequence[str]) -> None:
+    """An override whose key goes on past a value the file sets (``alignment.layer_map.0=3``
+    where the file says ``layer_map: L2E``): omegaconf's merge made the value a section
+    (``{'0': 3}``), refused later as a mapping that names no component. A component's short
+    name (``projector: linear``) takes options this way, and is left to its own handling."""
+    given = set()  # keys an earlier override set anew: a section may stand there now
+    for override in overrides:
+        key = override.lstrip("~").partition("=")[0].strip()
+        parts = key.split(".")
+        for end in range(1, len(parts)):
+            above = ".".join(parts[:end])
+            value = OmegaConf.select(yaml, above, default=None, throw_on_resolution_failure=False)
+            if above in given or above in COMPONENT_KEYS or isinstance(value, (DictConfig, ListConfig)) or value is None:
+                continue
+            shape = (" (a preset such as L2E, or pairs: 'alignment.layer_map=[[2, 3]]', student block 2 <- teacher "
+                     "layer 3)" if above == "alignment.layer_map" else "")
+            raise ConfigError(f"the override {override!r} reaches into {above}, which the config sets to {value!r}: "
+                              f"a value, not a section. Fix: set {above} whole{shape}.")
+        given.add(key)
 
 
 def _check_removal(yaml: DictConfig, override: str, path) -> None:

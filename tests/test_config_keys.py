@@ -596,6 +596,17 @@ def test_an_override_into_a_list_is_told_to_set_the_list_whole():
     assert str(err.value.code) == ("error: the override 'optimizer.betas.0=0.8' reaches into optimizer.betas, a list, "
                                    "which an override sets whole. Fix: 'optimizer.betas=[0.8, 0.95]'.")
     assert cli.main(["validate", "let_tiny", "optimizer.betas=[0.8, 0.95]"]) == 0
-    # a layer map's preset (`L2E`) is no component name to keep: its override is refused as before
-    with pytest.raises(SystemExit, match=r"alignment.layer_map=\{'0': 3\} must be a component name"):
+    # into a value (a layer map's preset, a path, a number): omegaconf made it a section, `{'0': 3}`
+    with pytest.raises(SystemExit) as err:
         cli.main(["validate", "let_tiny", "alignment.layer_map.0=3"])
+    assert str(err.value.code).startswith(
+        "error: the override 'alignment.layer_map.0=3' reaches into alignment.layer_map, which the config sets "
+        "to 'L2E': a value, not a section. Fix: set alignment.layer_map whole (a preset such as L2E, or pairs: "
+        "'alignment.layer_map=[[2, 3]]'"), err.value.code
+    with pytest.raises(SystemExit, match=r"reaches into data.source, which the config sets to "
+                                         r"'outputs/demo/corpus': a value, not a section. Fix: set data.source whole."):
+        cli.main(["validate", "let_tiny", "data.source.path=/data/x"])
+    # a section given anew by an earlier override takes keys; a component's short name takes options
+    assert cli.main(["validate", "let_tiny", "alignment.layer_map={_component_: pairs, pairs: [[2, -1]]}",
+                     "alignment.layer_map.pairs=[[3, -1]]"]) == 0
+    assert cli.main(["validate", "let_tiny", "alignment.projector=mlp", "alignment.projector.hidden_dim=64"]) == 0
