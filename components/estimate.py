@@ -65,6 +65,10 @@ def forward_flops_per_token(args: ModelArgs, seq_len: int, layers: Optional[int]
 
 GIB = 1024**3
 CUDA_CONTEXT_GB = 1.0  # CUDA context, cuBLAS/NCCL workspaces, allocator slack: to calibrate with gpu_check
+# The estimate counts what tensors hold; PyTorch's caching allocator reserves more than that
+# (blocks split and cached), so a GPU's memory is counted at 90%: by the dry run's fit and
+# by the run's own memory check alike.
+USABLE_SHARE = 0.9
 
 
 @dataclass

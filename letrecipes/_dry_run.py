@@ -17,7 +17,7 @@ from letrecipes.components import parallel, registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.estimate import (MemoryEstimate, dtype_bytes, forward_flops_per_token, memory_per_gpu,
+from letrecipes.components.estimate import (USABLE_SHARE, MemoryEstimate, dtype_bytes, forward_flops_per_token, memory_per_gpu,
                                            micro_batch_time, total_params, train_flops_per_token)
 from letrecipes.components.models import (ModelArgs, check_built_student, count_parameters, model_max_seq_len,
                                           padded_vocab_size)
@@ -79,9 +79,6 @@ def config_memory(cfg: DictConfig, args: ModelArgs, world_size: int, teacher_arg
 H100_GIB = 79.6
 # the largest world size the fit search tries: 256 nodes of 8
 MAX_WORLD = 2048
-# The estimate counts what tensors hold; PyTorch's caching allocator reserves more than that
-# (blocks split and cached), so a GPU is counted at 90% of its memory.
-USABLE_SHARE = 0.9
 
 
 def world_sizes(gpus_per_node: int, replicate_degree: int):

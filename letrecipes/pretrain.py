@@ -39,7 +39,7 @@ from letrecipes.components.corpus import DataError, DataWarning
 from letrecipes.components.data import (SHARED_MEMORY, BatchStream, build_dataloader, build_datasets,
                                         corpus_fingerprint, shared_memory_exhausted, training_folders)
 from letrecipes.components.divergence import DivergenceError, DivergenceGuard
-from letrecipes.components.estimate import forward_flops_per_token, peak_bf16_tflops
+from letrecipes.components.estimate import USABLE_SHARE, forward_flops_per_token, peak_bf16_tflops
 from letrecipes.components.errors import LetRecipesError, LetRecipesWarning, in_words
 from letrecipes.components.export import export_checkpoint, export_dtype, export_model
 from letrecipes.components.files import environment_errors, nearest_existing, replace_atomically, usable_cores
@@ -492,10 +492,13 @@ class PretrainRecipe:
                 + (f", over {self.shards} shards" if self.shards > 1 else "") + f"), and {where} {available:.1f} GiB "
                 f"free{share}. Fix: {raise_limit}a smaller model, more processes with FSDP2 (each holds 1/N of these), "
                 "or `memory_check=false` to try anyway; `dry_run=true` prints every term of the estimate.")
-        if estimate.total_gb > available:
+        # a GPU's free memory counted as the dry run counts a GPU's: the caching allocator keeps more than tensors hold
+        usable, counted = (USABLE_SHARE * available, f" ({USABLE_SHARE:.0%} of it counted, as the dry run counts it)") \
+            if self.device.type == "cuda" else (available, "")
+        if estimate.total_gb > usable:
             self.log(f"warning: memory: the cost model puts this run at {estimate.total_gb:.1f} GiB per process (peak "
-                     f"at the {estimate.peak_phase}) and {where} {available:.1f} GiB free{share}: it may run out of "
-                     "memory. Fix: a smaller batch_size with more gradient_accumulation_steps, "
+                     f"at the {estimate.peak_phase}) and {where} {available:.1f} GiB free{share}{counted}: it may run "
+                     "out of memory. Fix: a smaller batch_size with more gradient_accumulation_steps, "
                      "activation_checkpointing.mode=full, loss_chunk_tokens; `dry_run=true` prints every term.")
 
     @property

@@ -289,7 +289,8 @@ def test_the_traffic_goes_over_the_link_it_uses_and_hsdp_is_weighed_for_a_multi_
 def test_the_dry_run_says_whether_a_gpu_holds_the_run_and_the_smallest_world_size_that_does(capsys):
     """It printed 125.6 GiB per GPU for let_7b in one process and called the config
     compute-bound, without a word that no 80 GB GPU holds that."""
-    from letrecipes._dry_run import USABLE_SHARE, _teacher_args, config_memory
+    from letrecipes._dry_run import _teacher_args, config_memory
+    from letrecipes.components.estimate import USABLE_SHARE
 
     usable = USABLE_SHARE * 79.6
     one = dry_run(load_config("let_7b"), with_teacher=True)

@@ -986,6 +986,34 @@ def test_the_memory_check_refuses_warns_or_steps_aside(base_overrides, tmp_path,
     assert (tmp_path / "warned" / "final").is_dir()
 
 
+def test_the_memory_check_counts_a_gpu_as_the_dry_run_counts_it(monkeypatch):
+    """On a GPU the run warned only above all of its free memory, where the dry run counts 90%
+    (the caching allocator keeps more than tensors hold): a config the dry run called too big
+    started without a word. Each GiB figure here is the check's own input."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from letrecipes.components import parallel
+    from letrecipes.components.estimate import USABLE_SHARE
+    from letrecipes.pretrain import PretrainRecipe
+
+    said = []
+    recipe = SimpleNamespace(cfg={}, device=torch.device("cuda"), local_processes=1, shards=1, log=said.append,
+                             planned_teacher=lambda: (None, False))
+    monkeypatch.setattr(parallel, "memory_per_process_gb", lambda device: 10.0)
+    for total, warned in ((USABLE_SHARE * 10.0 + 0.2, True), (USABLE_SHARE * 10.0 - 0.2, False)):
+        monkeypatch.setattr(PretrainRecipe, "memory_estimate", lambda *args, total=total, **kwargs: SimpleNamespace(
+            optimizer_step_gb=1.0, total_gb=total, peak_phase="backward"))
+        said.clear()
+        PretrainRecipe.check_memory(recipe, SimpleNamespace(model_args=None))
+        assert bool(said) == warned, (total, said)
+    monkeypatch.setattr(PretrainRecipe, "memory_estimate", lambda *args, **kwargs: SimpleNamespace(
+        optimizer_step_gb=1.0, total_gb=9.2, peak_phase="backward"))
+    PretrainRecipe.check_memory(recipe, SimpleNamespace(model_args=None))
+    assert "the GPU has 10.0 GiB free (90% of it counted, as the dry run counts it): it may run out" in said[0], said
+
+
 def test_memory_per_process_reads_meminfo_the_cgroup_limit_and_the_processes_of_the_host(tmp_path, monkeypatch):
     import torch
 
