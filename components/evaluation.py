@@ -499,6 +499,11 @@ def prepare_tasks(specs: Sequence[str], task_data: Mapping[str, str], limit: int
         # lm-eval scores the items as read and checked here (`"gold": "1"` is the index 1; lm-eval, given
         # the file itself, would compare the string and score every item wrong without a word)
         items = read_task(spec, limit=limit)
+        tied = [n for n, item in enumerate(items, 1) if item.choices.count(item.choices[item.gold]) > 1]
+        if tied:  # equal texts score equally, and the argmax takes the earlier: right or wrong by position alone
+            log(f"warning: {spec}: {len(tied):,} of {len(items):,} item(s) hold the right choice twice or more (the "
+                f"first: item {tied[0]}): equal choices score alike and the tie goes to the earlier one, so these "
+                "items are right or wrong by position, not by the model. Fix: remove or correct those items.")
         read[Path(spec).stem] = (str(spec), items)
         files.append(write_task(folder / "data" / str(i) / f"{Path(spec).stem}.jsonl", items))
         texts[Path(spec).stem] = [item_text(item) for item in items]

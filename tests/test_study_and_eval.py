@@ -106,6 +106,20 @@ def test_lm_eval_task_folder_serves_the_lm_eval_command_line(tmp_path):
         write_lm_eval_tasks([files[0], tmp_path / "sub" / "one.jsonl"], tmp_path / "tasks2")
 
 
+def test_items_whose_right_choice_appears_twice_are_named_before_scoring(tmp_path):
+    """Equal choices score alike and the argmax takes the earlier one: such items were counted
+    right (gold first) or wrong (gold later) by position alone, without a word."""
+    from letrecipes.components.evaluation import prepare_tasks
+
+    task = write_task(tmp_path / "dup.jsonl", [Item("a", [" b", " c"], 0), Item("a", [" b", " c", " b"], 2),
+                                               Item("a", [" b", " b", " c"], 2)])
+    said = []
+    prepare_tasks([str(task)], {}, 0, tmp_path / "work", log=said.append)
+    assert said == [f"warning: {task}: 1 of 3 item(s) hold the right choice twice or more (the first: item 2): equal "
+                    "choices score alike and the tie goes to the earlier one, so these items are right or wrong by "
+                    "position, not by the model. Fix: remove or correct those items."], said
+
+
 def test_task_files_round_trip_and_bad_ones_are_named(tmp_path):
     path = write_task(tmp_path / "t.jsonl", [Item("c", ["x", "y"], 1)])
     assert read_task(path)[0] == Item("c", ["x", "y"], 1)
