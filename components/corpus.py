@@ -1285,7 +1285,7 @@ def _decode_counted(raw: bytes, skipped: "SkippedRecords", at: int) -> str:
 
 # What a file holds, by its first bytes, whatever its name says: (offset, bytes, name).
 MAGIC = ((0, b"\x1f\x8b", "gzip"), (0, b"\x28\xb5\x2f\xfd", "zstd"), (0, b"\xfd7zXZ\x00", "xz"),
-         (0, b"\x04\x22\x4d\x18", "LZ4"), (0, b"LZIP", "lzip"), (0, b"\x1f\x9d", "compress (.Z)"),
+         (0, b"\x04\x22\x4d\x18", "LZ4"), (0, b"LZIP\x01", "lzip"), (0, b"\x1f\x9d", "compress (.Z)"),
          (0, b"\xff\x06\x00\x00sNaPpY", "Snappy"),
          (0, b"PK\x03\x04", "zip"), (0, b"PK\x05\x06", "zip"), (257, b"ustar", "tar"), (0, b"PAR1", "parquet"),
          (0, b"ARROW1", "arrow"), (0, b"FEA1", "Feather V1"),

@@ -439,7 +439,7 @@ def test_validate_builds_a_users_student_on_the_meta_device(tmp_path, monkeypatc
     """A builder of the user's own is called as the run calls it (on the meta device): one
     that returns no decoder of ours is named before any run; one that fails in its own way
     is left to the run."""
-    (tmp_path / "my_students.py").write_text(
+    (tmp_path / "meta_students.py").write_text(
         "import torch\n"
         "def sequential(vocab_size, max_seq_len, width: int = 8):\n"
         "    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, width))\n"
@@ -449,13 +449,14 @@ def test_validate_builds_a_users_student_on_the_meta_device(tmp_path, monkeypatc
 
     config = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "baseline_tiny.yaml")
     for builder in ("sequential", "picky"):
-        config.model = {"_component_": f"my_students.{builder}"}
-        config.imports = ["my_students"]
+        config.model = {"_component_": f"meta_students.{builder}"}
+        config.imports = ["meta_students"]
         OmegaConf.save(config, tmp_path / f"{builder}.yaml")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # imports adds the working directory: undone afterwards
     with pytest.raises(SystemExit) as err:
         cli.main(["validate", "sequential.yaml"])
-    assert "model._component_=my_students.sequential built a Sequential; a student is the decoder" in str(err.value.code)
+    assert "model._component_=meta_students.sequential built a Sequential; a student is the decoder" in str(err.value.code)
     assert cli.main(["validate", "picky.yaml"]) == 0
 
 

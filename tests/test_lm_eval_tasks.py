@@ -162,6 +162,7 @@ def test_an_lm_eval_task_that_cannot_be_read_is_named_before_the_model(copies, t
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty_cache")  # as on a new machine
+    (tmp_path / "model").mkdir()  # there (a missing checkpoint is named first), never loaded
     common = ["--config", "eval", f"checkpoint={tmp_path / 'model'}"]
     cases = [
         (["tasks=[hellaswg]"], "error: tasks[0]: 'hellaswg' is no task file and no lm-evaluation-harness task "
