@@ -202,7 +202,24 @@ def say_if_the_host_name_does_not_resolve() -> None:
                          "tune run --nnodes ... --local-addr <address> ...\n")
 
 
+def split_config_equals() -> None:
+    """``tune run <recipe> --config=<name>``: tune looks for the word ``--config`` on its own
+    and stopped with "The '--config' argument is required" (argparse's usual ``--key=value``
+    spelling, which the recipes' own parser takes). The word is split in two, as meant."""
+    words = sys.argv
+    original = list(getattr(sys, "orig_argv", None) or [])
+    tune = os.path.basename(words[0]) == "tune" if words else False
+    tune = tune or (words[:1] == ["-m"] and "torchtune._cli.tune" in original)  # python -m torchtune._cli.tune
+    if not tune or words[1:2] != ["run"] or "--config" in words:
+        return
+    for i, word in enumerate(words):
+        if word.startswith("--config="):
+            words[i:i + 1] = ["--config", word.partition("=")[2]]
+            return
+
+
 def install() -> None:
+    split_config_equals()
     say_if_the_host_name_does_not_resolve()
     drop_message("torch.distributed.elastic.multiprocessing.errors.error_handler", NO_PARENT_ERROR_FILE)
     if not hook_installed("failed_ranks_in_a_few_lines"):

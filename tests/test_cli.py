@@ -26,7 +26,8 @@ def tune(args, cwd, python=sys.executable, timeout=300):
 
 def test_tune_run_short_names_from_the_repo_root(base_overrides, tmp_path):
     teacher = tmp_path / "teacher"
-    tune(["letrecipes/pretrain", "--config", "pretrain_tiny", *base_overrides, f"output_dir={teacher}",
+    # argparse's --config=NAME: tune looks for the word --config alone ("The '--config' argument is required")
+    tune(["letrecipes/pretrain", "--config=pretrain_tiny", *base_overrides, f"output_dir={teacher}",
           "max_steps=2"], cwd=REPO)
     out = tmp_path / "let"
     result = tune(["letrecipes/let_pretrain.py", "--config", "let_tiny", *base_overrides, f"output_dir={out}",
