@@ -32,6 +32,7 @@ import socket
 import threading
 import time
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -44,6 +45,7 @@ from letrecipes.components.corpus import (DOCUMENT_SEPARATOR, PREPARED_MANIFEST,
                                           source_files)
 from letrecipes.components.document_keys import (KEYS_SUFFIX, MIN_TOKENS, StoredKeys, copies_to_drop, count_repeats,
                                                  drop_from_shard, keys_path, stored_keys, write_shard_keys)
+from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import (check_writable_folder, environment_errors, first_names, real_paths,
                                          replace_atomically, unique_tmp, usable_cores)
 from letrecipes.components.preemption import NOTICE_SIGNALS
@@ -62,6 +64,9 @@ DOCS_PER_BATCH = 256
 LOCK_HEARTBEAT_S = 30.0
 LOCK_STALE_S = 180.0
 UNKNOWN_LIMIT = 0.01  # of a corpus's tokens that may be the unknown token before the prepare warns
+# characters of the corpus's start encoded and decoded to see whether the tokenizer loses some, and
+# the share of them it may lose (each not spelt, with no unknown token to say so) before it warns
+VANISH_SAMPLE_CHARS, VANISH_LIMIT = 200_000, 0.01
 REPEAT_LIMIT = 0.01  # of a corpus's tokens that may be in copies of its documents before the prepare warns
 PIECE_CHARS = 1 << 18  # a longer document is encoded in pieces of about this many characters
 KEPT_WARNINGS = 10  # warnings of a unit kept in its shard's .json
@@ -672,6 +677,8 @@ def _prepare_corpus(source, tokenizer: Tokenizer, out_dir, text_field: str, work
                         "differs). Fix: rerun the command that started it, or choose another folder.")
     replace_atomically(plan_path, json.dumps(plan, indent=1))
     _remove_dead_tmp_files(out_dir)
+    if units and not all(_shard_done(out_dir, i, dtype.itemsize) for i in range(len(units))):
+        warn_if_text_vanishes(units[0], tokenizer, text_field, key, document_separator)
 
     done = {i: meta for i in range(len(units)) if (meta := _shard_done(out_dir, i, dtype.itemsize))}
     todo = [i for i in range(len(units)) if i not in done]
@@ -1051,6 +1058,43 @@ def warn_if_unspellable(folder: Path, unknown: int, total: int, tokenizer: Token
                   f"token {unk!r}: it cannot spell much of this corpus (another script or language than it was "
                   "trained on?). Fix: a tokenizer trained on text like this one (a byte-level BPE spells any text); the "
                   "model cannot learn what reaches it as unknown.", DataWarning, stacklevel=3)
+
+
+def warn_if_text_vanishes(unit: Unit, tokenizer: Tokenizer, text_field: str, key: str,
+                          separator: Optional[str] = DOCUMENT_SEPARATOR) -> None:
+    """One warning, before the tokenizing, when the tokenizer loses characters of the corpus
+    without a trace: a BPE with no unknown token and no byte fallback drops what it cannot
+    spell (tokenizers' BpeTrainer under a ByteLevel pre-tokenizer, without its
+    ``initial_alphabet``, learns only the bytes its training text held: digits it never saw
+    vanished from every document, and the corpus prepared without a word). The corpus's
+    first characters are encoded and decoded; a tokenizer with an unknown token is counted
+    by the prepare itself (:func:`warn_if_unspellable`)."""
+    if tokenizer.unk_id is not None:
+        return
+    pieces, chars = [], 0
+    try:
+        for piece, _ in read_unit_in_pieces(unit, text_field, key, [], piece_chars=PIECE_CHARS, separator=separator):
+            pieces.append(piece[:VANISH_SAMPLE_CHARS - chars])
+            chars += len(pieces[-1])
+            if chars >= VANISH_SAMPLE_CHARS:
+                break
+    except LetRecipesError:  # the prepare reads the unit next, and names what is wrong with it
+        return
+    hf = tokenizer.hf
+    normalized = hf.normalizer.normalize_str if hf.normalizer is not None else str
+    before = Counter(c for piece in pieces for c in normalized(piece) if not c.isspace())
+    after = Counter(c for text in hf.decode_batch(tokenizer.encode_batch(pieces), skip_special_tokens=False)
+                    for c in text if not c.isspace())
+    lost, total = before - after, sum(before.values())
+    if not total or sum(lost.values()) <= VANISH_LIMIT * total:
+        return
+    shown = ", ".join(repr(c) for c, _ in lost.most_common(5))
+    warnings.warn(f"{key}: the tokenizer loses {sum(lost.values()) / total:.1%} of the characters of the corpus's "
+                  f"first {chars:,} (most often {shown}) without a trace: it cannot spell them and has no unknown "
+                  "token or byte fallback, so that text never reaches the model. Fix: a tokenizer that spells any "
+                  "text (a byte-level BPE trained with its whole byte alphabet: BpeTrainer(initial_alphabet="
+                  "pre_tokenizers.ByteLevel.alphabet())), or one trained on text like this corpus.",
+                  DataWarning, stacklevel=2)
 
 
 def warn_if_repeated(folder: Path, manifest: dict, key: str) -> None:

@@ -1094,6 +1094,28 @@ def test_a_tokenizer_that_cannot_spell_the_corpus_is_named_once(tokenizer_path, 
         assert prepare_corpus(tmp_path / "src", byte_level, tmp_path / "out2", **QUIET)["unknown_tokens"] == 0
 
 
+def test_a_tokenizer_that_drops_what_it_cannot_spell_is_named_before_the_tokenizing(tokenizer_path, tmp_path):
+    """A byte-level BPE trained without its byte alphabet and with no unknown token drops every
+    character its training text lacked (here: digits and capitals): those documents were
+    prepared without them, and without a word, as no unknown token was there to count."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    narrow = HFTokenizer(models.BPE())
+    narrow.pre_tokenizer, narrow.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    narrow.train_from_iterator(["the cat sat on the mat and ate a hat"] * 20,
+                               trainers.BpeTrainer(vocab_size=80, special_tokens=["<|endoftext|>"]))
+    narrow.save(str(tmp_path / "narrow.json"))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("\n".join(documents(30)))
+    with pytest.warns(corpus.DataWarning, match=r"data.source: the tokenizer loses [\d.]+% of the characters of the "
+                                                r"corpus's first [\d,]+ \(most often .*\) without a trace: it cannot "
+                                                r"spell them and has no unknown token or byte fallback"):
+        prepare_corpus(tmp_path / "src", Tokenizer(tmp_path / "narrow.json"), tmp_path / "out", **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a byte-level BPE with its alphabet spells it all: no warning
+        prepare_corpus(tmp_path / "src", Tokenizer(tokenizer_path), tmp_path / "out2", **QUIET)
+
+
 def test_text_is_streamed_in_blocks_with_exact_decoding_and_bad_byte_offset(tmp_path, monkeypatch):
     data = ("é" * 10000).encode() + b"\xff" + ("ü word\n" * 500).encode()
     (tmp_path / "a.txt").write_bytes(data)
@@ -1819,11 +1841,14 @@ def test_a_file_still_being_written_is_named_and_not_prepared_as_the_part_that_a
     listed = part.stat().st_size
     reader, arrived = prepare_module.read_unit_in_pieces, '{"text": "what arrived mean'  # a record not yet whole
 
-    def while_it_grows(*args, **kwargs):
+    grown = []
+
+    def while_it_grows(*args, **kwargs):  # the record arrives once (the check of the tokenizer reads the start too)
         for i, piece in enumerate(reader(*args, **kwargs)):
-            if i == 0:
+            if i == 0 and not grown:
                 with open(part, "a") as more:
                     more.write(arrived)
+                grown.append(True)
             yield piece
 
     monkeypatch.setattr(prepare_module, "read_unit_in_pieces", while_it_grows)
