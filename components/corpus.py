@@ -76,7 +76,8 @@ DOCUMENT_SEPARATOR = "<|endoftext|>"
 # What a folder is searched for, as error messages name it.
 FORMATS = (f"text ({' '.join(TEXT_SUFFIXES)}), JSON ({' '.join(JSON_SUFFIXES)}), CSV ({' '.join(CSV_SUFFIXES)}) "
            f"files, each optionally compressed ({' '.join(COMPRESSIONS)}), archives of them (.tar, .tar.gz, .tgz, "
-           ".zip), WARC files (.warc .wet, compressed or not), .parquet, .arrow and .feather files, or datasets folders")
+           ".zip), WARC files (.warc .wet, compressed or not), .parquet, .arrow and .feather files, or datasets "
+           "folders")
 BINARY_SNIFF = 8000  # bytes looked at for a NUL byte, as git does
 # Raised when the same files read as other documents, so that caches are prepared again
 # (2: byte-order marks honoured, binary files and empty documents skipped; 3: compression
@@ -303,8 +304,8 @@ def _files(item: Path, key: str, log: Optional[Callable[[str], None]] = None) ->
     refuse_special_file(item, key, DataError, why=": a corpus is read more than once (listed and sized, then "
                         "tokenized by several workers), which a stream allows only once",
                         fix="write it to a file first (zstdcat corpus.jsonl.zst > corpus.jsonl) and point "
-                            f"{key} at that, or at the compressed file itself: {' '.join(COMPRESSIONS)} and archives are "
-                            "read as they are.")
+                            f"{key} at that, or at the compressed file itself: {' '.join(COMPRESSIONS)} and archives "
+                            "are read as they are.")
     if is_dataset_folder(item) or item.is_file():
         if item.is_file() and _format(item)[0] is None and _format_base(item.name.lower()) in MARKUP_SUFFIXES:
             warnings.warn(f"{key}: {item} is read as plain text, its markup (tags, attributes, entities) included. "

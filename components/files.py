@@ -582,7 +582,8 @@ def as_given(path: Union[str, Path]) -> str:
 
 # what a relative path's last part ends with when it names a file (a Hub id may hold dots: Qwen2.5-0.5B)
 FILE_SUFFIXES = {".json", ".jsonl", ".gguf", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".parquet",
-                 ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".lz4", ".arrow", ".feather", ".yaml", ".yml", ".tiktoken"}
+                 ".csv", ".tsv", ".gz", ".zst", ".bz2", ".xz", ".lz4", ".arrow", ".feather", ".yaml", ".yml",
+                 ".tiktoken"}
 
 
 def hub_id_hint(path: Union[str, Path], key: str, kind: str = "model") -> str:

@@ -17,8 +17,8 @@ from letrecipes.components import parallel, registry
 from letrecipes.components.aligner import build_aligner
 from letrecipes.components.tokenizer import load_tokenizer
 from letrecipes.components.errors import LetRecipesError
-from letrecipes.components.estimate import (USABLE_SHARE, MemoryEstimate, dtype_bytes, forward_flops_per_token, memory_per_gpu,
-                                           micro_batch_time, total_params, train_flops_per_token)
+from letrecipes.components.estimate import (USABLE_SHARE, MemoryEstimate, dtype_bytes, forward_flops_per_token,
+                                           memory_per_gpu, micro_batch_time, total_params, train_flops_per_token)
 from letrecipes.components.models import (ModelArgs, check_built_student, count_parameters, model_max_seq_len,
                                           padded_vocab_size)
 from letrecipes.components.progress import clock

@@ -722,14 +722,14 @@ def _check_inputs_outside_what_the_run_replaces(values: Dict[str, Any]) -> None:
 def _rehearse_model(values: Dict[str, Any]) -> None:
     """The student built as the recipe builds it, on the meta device (no memory, 0.2 s for
     let_7b): a head count that does not divide the width, KV heads that do not divide the
-    heads, ``init_std=0`` passed `letrecipes validate` and were refused by the run. The
+    heads, ``init_std=0`` passed `letrecipes validate` and were refused by the run. A recipe
+    builds it on the meta device once more for its memory check (0.2 s again at 7B). The
     vocabulary follows the tokenizer, which is not read here: a stand-in size takes its
     place. What a builder of the user's own raises that is not an error of ours is left to
     the run, which calls it on a real device."""
     import torch
 
     from letrecipes.components import registry
-    from letrecipes.components.errors import LetRecipesError
     from letrecipes.components.models import check_built_student, model_max_seq_len
 
     spec, seq_len = values.get("model"), (values.get("data") or {}).get("seq_len")
