@@ -1748,6 +1748,14 @@ def _warc_texts(path: Union[Path, _Member], key: str, warn: list) -> Iterator[st
     number, kept, pages = 0, 0, 0
     try:
         with _open_stream(path, key) as stream:
+            head = stream.peek(64)[:64]
+            if not head:  # an empty file: no documents, as an empty text file
+                return
+            if not head.startswith(b"WARC/"):  # warcio reads other text as records of the older ARC format
+                shown = head.split(b"\n")[0].decode("utf-8", "replace")[:40]
+                raise DataError(f"{key}: {path} is named as a web archive but is not one (a WARC file begins with "
+                                f"'WARC/'; this one with {shown!r}). Fix: rename it to what it holds (.txt for text), "
+                                "or re-download it.")
             for number, record in enumerate(ArchiveIterator(_EndsLoudly(stream), check_digests=False), 1):
                 content_type = (record.rec_headers.get_header("Content-Type") or "").lower()
                 if record.rec_type == "response":

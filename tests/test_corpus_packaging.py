@@ -407,6 +407,11 @@ def test_web_archives_read_as_one_document_a_page(tmp_path):
                                         r"HTTP headers and HTML\), not text.* Fix: use the text extracted from them "
                                         r"\(Common Crawl publishes it as WET files"):
         list(read_documents(tmp_path / "pages.warc.gz"))
+    # text named as a web archive: warcio read it as records of the older ARC format, "web pages as fetched"
+    (tmp_path / "notes.warc.wet").write_text("just some text, not a web archive\n")
+    with pytest.raises(DataError, match=r"notes.warc.wet is named as a web archive but is not one \(a WARC file "
+                                        r"begins with 'WARC/'; this one with 'just some text, not a web archive'\)"):
+        list(read_documents(tmp_path / "notes.warc.wet"))
     # cut short: compressed (warcio takes the gzip stream's EOFError for the end) or not
     whole = web_archive([("conversion", d) for d in documents(200)])
     (tmp_path / "cut.warc.wet.gz").write_bytes(whole[:len(whole) // 2])
