@@ -164,8 +164,10 @@ def memory_per_gpu(
 
 
 def dtype_bytes(name: Optional[str], default: int = 2) -> int:
-    """Bytes per value of a config's dtype name (bf16, fp32, fp16, and their long names)."""
-    widths = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
+    """Bytes per value of a config's dtype name (bf16, fp32, fp16, and their long names). ``auto``
+    counts as bf16, what it is on the GPUs the dry run plans for (Ampere and later); a recipe
+    passes what auto came to on its own device."""
+    widths = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "auto": 2}
     return widths.get(str(name), default) if name else default
 
 

@@ -499,24 +499,89 @@ def check_float8_device(device: torch.device) -> None:
 
 
 BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs with bf16 tensor cores
+# A CPU whose bf16 matmuls take this many times an fp32 one's has no bf16 instructions (torch then converts
+# every value): measured 20-70x on an AMD EPYC with AVX2 alone; CPUs with avx512_bf16, AMX or Arm's BF16 run
+# bf16 about as fast as fp32 or faster. The gap is wide, so the measurement's noise cannot move a CPU across it.
+BF16_SLOWDOWN_LIMIT = 3.0
+_cpu_bf16_slowdown: Optional[float] = None
+
+
+def cpu_bf16_slowdown() -> float:
+    """How many times longer this CPU takes for a 256 x 256 x 256 matmul in bf16 than in fp32
+    (the best of three of each, after one of each to warm up: about 1 ms on a CPU with bf16
+    instructions, 0.1 s without). Measured once per process."""
+    global _cpu_bf16_slowdown
+    if _cpu_bf16_slowdown is None:
+        import time
+
+        def best_time(dtype: torch.dtype) -> float:
+            a, b = torch.randn(256, 256).to(dtype), torch.randn(256, 256).to(dtype)
+            a @ b
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                a @ b
+                times.append(time.perf_counter() - start)
+            return max(min(times), 1e-9)
+
+        _cpu_bf16_slowdown = best_time(torch.bfloat16) / best_time(torch.float32)
+    return _cpu_bf16_slowdown
+
+
+def bf16_is_slow(device: Union[str, torch.device]) -> Optional[str]:
+    """Why ``device`` computes bf16 slowly (a GPU without bf16 tensor cores, a CPU without bf16
+    instructions), as the middle of a sentence; None where bf16 runs at speed."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.version.hip is None:
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if capability < BF16_CAPABILITY:
+            return (f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}), which "
+                    "has no bf16 tensor cores (they start at 8.0: A100, A10, L4, H100): torch runs bf16 there without "
+                    "them, slowly, and torch.compile may refuse it")
+    elif device.type == "cpu":
+        slowdown = cpu_bf16_slowdown()
+        if slowdown > BF16_SLOWDOWN_LIMIT:
+            from letrecipes.components.run_info import cpu_model
+
+            name, flags = cpu_model()
+            listed = (f" (it has {', '.join(flags)}, neither avx512_bf16 nor amx_bf16)"
+                      if flags and not any("bf16" in flag for flag in flags) else "")
+            return (f"this CPU ({name or 'unnamed'}), where a bf16 matmul took {slowdown:.0f}x an fp32 one (256 x 256 "
+                    f"x 256, measured now): without bf16 instructions{listed} torch converts every value")
+    return None
 
 
 def check_bf16_device(device: Union[str, torch.device], key: str = "dtype") -> None:
-    """bf16 on a GPU without bf16 tensor cores (V100, T4, P100: compute capability below 8.0),
-    said once at setup (by rank 0): torch runs bf16 there without tensor cores, and torch.compile's
-    kernels may refuse the dtype, so fp32 (or fp16 for a teacher, which runs no backward) is
-    the setting that uses the card. A warning, not an error: the numbers are right."""
-    device = torch.device(device)
-    if device.type != "cuda" or torch.version.hip is not None or (dist.is_initialized() and dist.get_rank() != 0):
-        return  # said by rank 0 alone: every rank of a job has the same cards
-    capability = tuple(torch.cuda.get_device_capability(device))
-    if capability < BF16_CAPABILITY:
-        fix = "teacher.dtype=fp16 (a frozen teacher runs no backward) or fp32" if key.endswith("teacher.dtype") \
-            else "dtype=fp32 (float16 training would need loss scaling, which letrecipes does not do)"
-        warnings.warn(f"{key}=bf16 on {torch.cuda.get_device_name(device)} (compute capability {capability[0]}."
-                      f"{capability[1]}), which has no bf16 tensor cores (they start at 8.0: A100, A10, L4, H100): "
-                      f"torch runs bf16 there without them, slowly, and torch.compile may refuse it. Fix: {fix}.",
-                      LetRecipesWarning, stacklevel=2)
+    """bf16 asked for on a device that computes it slowly, said once at setup (by rank 0): a
+    GPU without bf16 tensor cores (V100, T4, P100: compute capability below 8.0), where
+    torch.compile's kernels may also refuse the dtype, or a CPU without bf16 instructions
+    (AVX2 alone: most laptops before 2023), where a tiny config's step took 14x longer than
+    in fp32. fp32 (or fp16 for a teacher on such a GPU, which runs no backward) is the setting
+    that uses the device. A warning, not an error: the numbers are right."""
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return  # said by rank 0 alone: every rank of a job has the same kind of device
+    reason = bf16_is_slow(device)
+    if reason is None:
+        return
+    teacher = key.endswith("teacher.dtype")
+    if torch.device(device).type == "cuda":
+        fix = (f"{key}=fp16 (a frozen teacher runs no backward) or fp32" if teacher
+               else f"{key}=fp32 (float16 training would need loss scaling, which letrecipes does not do)")
+    else:
+        fix = f"{key}=fp32"
+    warnings.warn(f"{key}=bf16 on {reason}. Fix: {fix}, or {key}=auto, which takes bf16 only where the device runs "
+                  "it at speed.", LetRecipesWarning, stacklevel=2)
+
+
+def resolve_dtype(name: Any, device: Union[str, torch.device], key: str = "dtype") -> Tuple[str, Optional[str]]:
+    """A config's dtype with ``auto`` made concrete: bf16 where ``device`` runs it at speed,
+    fp32 where it does not, with the reason (None otherwise). Rank 0's answer for every rank:
+    ranks that measured on their own could disagree on a loaded machine. Every rank must call
+    it (a collective, where there is a group)."""
+    if str(name) != "auto":
+        return str(name), None
+    reason = on_rank0(lambda: bf16_is_slow(device))
+    return ("fp32", reason) if reason else ("bf16", None)
 
 
 # The oldest torchao float8 training was run with here (tests/test_distributed.py, test_gpu_check.py

@@ -39,7 +39,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import (as_given, gguf_parts, hub_id_hint, hub_snapshot, in_outputs, json_cut_short,
                                          model_folder_hint, nearby, refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
-from letrecipes.components.parallel import check_bf16_device, on_rank0, world_size
+from letrecipes.components.parallel import bf16_is_slow, check_bf16_device, on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -334,12 +334,21 @@ def _naming_the_key(key: str, path_key: str):
         raise TeacherError(f"{path_key}: {said}") from err
 
 
+def with_concrete_dtype(section: Mapping[str, Any], device: Union[str, torch.device]) -> Mapping[str, Any]:
+    """``dtype: auto`` as bf16 where ``device`` runs it at speed, else fp32. The recipes resolve
+    it at setup, on rank 0 for every rank; this is for a direct call."""
+    if str(section.get("dtype")) != "auto":
+        return section
+    return {**section, "dtype": "fp32" if bf16_is_slow(device) else "bf16"}
+
+
 def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher",
                  path_key: Optional[str] = None) -> Teacher:
     """Load the frozen teacher a ``teacher`` config section describes. ``path_key``: what
     the errors about its path call it (``<key>.path``; ``letrecipes export``'s is its argument)."""
     fmt = teacher_format(section, key, path_key)
     path = existing_path(section.get("path") or "", path_key or f"{key}.path")
+    section = with_concrete_dtype(section, device)
     if parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype") == torch.bfloat16:
         check_bf16_device(device, f"{key}.dtype")
     bos = teacher_bos(section, key, path_key)
@@ -413,6 +422,7 @@ def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.de
 
     fmt = teacher_format(section, key)
     path = existing_path(section.get("path") or "", f"{key}.path")
+    section = with_concrete_dtype(section, device)
     args = describe_teacher(section, key)
     check_shardable(args, section, key)
     if args is None:

@@ -52,7 +52,7 @@ COMPONENT = ("a component name or a mapping with _component_",
 TOP: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "output_dir": TEXT, "overwrite": BOOL, "seed": _int(0, 2**32 - 1),  # numpy's legacy seeding takes 32 bits
     "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")),
-    "dtype": _choice("bf16", "bfloat16", "fp32", "float32"), "max_steps": _int(1), "save_every": _int(0),
+    "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "auto"), "max_steps": _int(1), "save_every": _int(0),
     "resume": ("true, false or a checkpoint path", lambda v: isinstance(v, (bool, str))),
     "keep_last_checkpoints": ("an integer >= 1 (0 would keep none to resume from), or all (every checkpoint, as an "
                               "evaluation of each step wants)", lambda v: v == "all" or _int(1)[1](v)),
@@ -108,7 +108,7 @@ SECTIONS: Dict[str, Dict[str, Tuple[str, Callable[[Any], bool]]]] = {
               "hang_at_step": _int(1), "sigterm_at_step": _int(1), "sigterm_during_save_at_step": _int(1),
               "slow_batches_s": _number(0), "slow_save_s": _number(0), "slow_export_s": _number(0), "rank": _int(0)},
 }
-TEACHER = {"path": TEXT, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
+TEACHER = {"path": TEXT, "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16", "auto"),
            "placement": _choice("replicated", "sharded"), "compile": BOOL, "shape": SECTION,
            "prepend_bos": ("auto, true or false", lambda v: v == "auto" or isinstance(v, bool))}
 REQUIRED = ("output_dir", "max_steps", "batch_size", "tokenizer", "data", "model", "optimizer", "lr_scheduler")
@@ -125,7 +125,7 @@ EVAL: Dict[str, Tuple[str, Callable[[Any], bool]]] = {
     "perplexity_documents": _int(0), "perplexity_text_field": TEXT,
     "limit": _int(0), "batch_size": ("an integer >= 1 or auto", lambda v: v == "auto" or _int(1)[1](v)),
     "max_len": ("an integer >= 2 or null", lambda v: v is None or _int(2)[1](v)),
-    "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16"),
+    "dtype": _choice("bf16", "bfloat16", "fp32", "float32", "fp16", "float16", "auto"),
     "device": ("cpu, cuda or null", lambda v: v in (None, "cpu", "cuda")), "export_dir": OPTIONAL_TEXT,
     "output": OPTIONAL_TEXT, "overwrite": BOOL, "imports": ("a list of module names", lambda v: v is None or isinstance(v, list)),
     "contamination": ("auto, false, or a prepared folder or run output_dir (or a list of them)",

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig
 
 from letrecipes._config import close, errors_as_one_line, parse
 from letrecipes._schema import resolved, validate_eval
-from letrecipes.components import contamination, registry
+from letrecipes.components import contamination, parallel, registry
 from letrecipes.components.checkpointing import held_for_reading, step_of
 from letrecipes.components.corpus import DataError, run_folder
 from letrecipes.components.errors import LetRecipesError
@@ -65,7 +65,14 @@ class EvalRecipe:
         import_lm_eval()  # a missing extra is said before any conversion
         registry.import_modules(cfg.get("imports"))  # a user's own teacher formats
         self.device = str(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = export_dtype(str(cfg.get("dtype", "fp32")), "dtype")
+        asked = str(cfg.get("dtype", "fp32"))
+        name, slow = parallel.resolve_dtype(asked, self.device, "dtype")  # auto: bf16 where it runs at speed
+        self.dtype = export_dtype(name, "dtype")
+        if asked == "auto":
+            print(f"dtype=auto: fp32, since bf16 would run on {slow}" if slow else
+                  "dtype=auto: bf16, which this device computes at speed", flush=True)
+        elif self.dtype == torch.bfloat16:
+            parallel.check_bf16_device(self.device, "dtype")
         limit = int(cfg.get("limit", 0) or 0)
         # a checkpoint that is not there is said before the tasks and held-out text are read (minutes, for many)
         self.run, self.checkpoints = _run_checkpoints(existing_source(cfg.checkpoint, key="checkpoint"))

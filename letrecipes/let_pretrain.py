@@ -230,6 +230,7 @@ class LETPretrainRecipe(PretrainRecipe):
             self.aligner = self._build_aligner(**self.teacher_shape)
             return
         section = OmegaConf.to_container(cfg.teacher, resolve=True)
+        section["dtype"] = self.resolved_dtypes["teacher.dtype"]  # teacher.dtype=auto, made concrete at setup
         compile_teacher = bool(cfg.teacher.get("compile", False))
         if self.placement == "sharded" and self.fsdp:
             def compile_and_shard(model):  # compile before sharding: the order that composes, as for the student
@@ -411,6 +412,9 @@ class LETPretrainRecipe(PretrainRecipe):
     def after_step(self) -> None:
         if self.teacher is not None and self.aligner.finished(self.step):
             self.release_teacher()
+
+    def dtype_keys(self) -> List[str]:
+        return [*super().dtype_keys(), "teacher.dtype"]
 
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         if self.teacher is not None:  # until it is released

@@ -155,6 +155,7 @@ class PretrainRecipe:
         self.resume_from: Optional[Path] = None  # the checkpoint this launch resumes from, once setup found it
         self.rank_hosts: List[str] = []  # each rank's host, for lines that name a rank
         self.data_wait_laps, self.data_wait_said = 0, False
+        self.resolved_dtypes: Dict[str, Any] = {}  # dtype (and teacher.dtype) as auto came out on this device
 
     @property
     def step(self) -> int:
@@ -174,11 +175,20 @@ class PretrainRecipe:
         self.rank_hosts = parallel.check_ranks_agree(run_info.what_every_rank_must_share(cfg))
         if not self.is_main:  # every rank reads the same data: its warnings are rank 0's to give, once, not per rank
             warnings.filterwarnings("ignore", category=DataWarning)
-        dtype_name = cfg.get("dtype", "bf16")
-        if dtype_name not in AUTOCAST_DTYPES:
-            raise RecipeError(f"dtype={dtype_name!r}: use bf16 or fp32.")
+        if cfg.get("dtype", "bf16") not in (*AUTOCAST_DTYPES, "auto"):
+            raise RecipeError(f"dtype={cfg.dtype!r}: use bf16, fp32 or auto.")
+        said: Dict[Tuple[str, Optional[str]], List[str]] = {}  # one line for keys that auto made the same
+        for key in self.dtype_keys():  # auto: bf16 where this device runs it at speed, else fp32
+            asked = OmegaConf.select(cfg, key, default="bf16")
+            self.resolved_dtypes[key], slow = parallel.resolve_dtype(asked, self.device, key)
+            if asked == "auto":
+                said.setdefault((self.resolved_dtypes[key], slow), []).append(f"{key}=auto")
+        for (name, slow), keys in said.items():
+            self.log(f"{', '.join(keys)}: fp32, since bf16 would run on {slow}" if slow else
+                     f"{', '.join(keys)}: bf16, which this device computes at speed")
+        dtype_name = self.resolved_dtypes["dtype"]
         self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
-        if self.autocast_dtype == torch.bfloat16:
+        if self.autocast_dtype == torch.bfloat16 and cfg.get("dtype", "bf16") != "auto":
             parallel.check_bf16_device(self.device, "dtype")
 
         self.checkpointer = Checkpointer(self.output_dir, keep_last=self.kept_checkpoints() or 0,  # 0: every one
@@ -202,6 +212,7 @@ class PretrainRecipe:
             self.log("deterministic: torch's deterministic algorithms only (an op without one stops the run)")
         self.run_info = run_info.collect(cfg, self.world_size)
         self.run_info["uses_teacher"] = self.uses_teacher  # a resume by the other recipe is named as such
+        self.run_info["dtypes"] = dict(self.resolved_dtypes)  # what auto came to, which a resume elsewhere may change
         self.log(run_info.summary(self.run_info))
         if not self.uses_teacher and (cfg.get("teacher") or cfg.get("alignment")):
             self.log("note: this recipe is plain pretraining: the config's teacher and alignment sections are not "
@@ -258,6 +269,11 @@ class PretrainRecipe:
             self.checkpointer.load(resume_from)
             resume.check_schedule_length(self.lr_scheduler, self.max_steps)
             self.log(f"resumed from {resume_from} at step {self.step}")
+            before = (resume.saved_run_info(resume_from) or {}).get("dtypes") or {}
+            for key, now in self.resolved_dtypes.items():  # dtype=auto on a device that answers otherwise
+                if before.get(key) not in (None, now):
+                    self.log(f"resume: {key}=auto computes in {now} on this device; the run computed in "
+                             f"{before[key]} until step {self.step}")
             self.checkpointer.set_aside_later(resume_from)  # the run goes on from here, not from a later one
             if cfg.get("init_from"):  # a requeued job repeats its first command: said, not refused
                 self.log(f"init_from={cfg.init_from} not used: a resumed run goes on from its checkpoint's weights")
@@ -395,6 +411,10 @@ class PretrainRecipe:
         """Hook for subclasses: (the teacher's shape, whether it is sharded), read without
         loading it, for the memory check."""
         return None, False
+
+    def dtype_keys(self) -> List[str]:
+        """Hook for subclasses: the config keys naming a dtype whose ``auto`` setup makes concrete."""
+        return ["dtype"]
 
     def check_resources(self) -> None:
         """Memory (refused when it cannot fit) and disk (a warning), from the student's
@@ -758,7 +778,8 @@ class PretrainRecipe:
 
     def memory_estimate(self, teacher_args=None, teacher_sharded: bool = False, model_args=None):
         """The cost model's memory per process for this run (``dry_run=true`` prints its terms)."""
-        return config_memory(self.cfg, model_args or self.model_args, self.world_size, teacher_args, teacher_sharded)
+        cfg = OmegaConf.merge(self.cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in self.resolved_dtypes.items()]))
+        return config_memory(cfg, model_args or self.model_args, self.world_size, teacher_args, teacher_sharded)
 
     def collective_failed(self, failure: str, err: BaseException) -> "CollectiveFailed":
         """One line for a collective that gave up on another process: which, when, and what to do."""

@@ -160,6 +160,7 @@ def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_said_with_the_fix(monkeypatc
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
             parallel.check_bf16_device(torch.device("cuda", 0))
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 1.0)  # a CPU with bf16 instructions
         parallel.check_bf16_device(torch.device("cpu"))
         load_teacher({"path": str(teacher_dir), "dtype": "fp16"}, "cpu")  # fp16 asked: nothing to say
 

@@ -714,3 +714,71 @@ def test_torch_and_torchtune_lr_schedulers_take_the_run_length_under_their_own_n
                                               f"output_dir={tmp_path / 'cycle'}"],
                        match="resume: lr_scheduler (OneCycleLR) keeps its length in the checkpoint, total_steps=4, "
                              "and this resume trains to max_steps=6. Fix: max_steps=4")
+
+
+def test_dtype_auto_computes_in_fp32_where_bf16_is_slow_and_a_resume_elsewhere_says_what_changed(
+        let_overrides, tmp_path, monkeypatch, capsys):
+    """A CPU without bf16 instructions (AVX2 alone) ran pretrain_tiny's step 14x slower in bf16
+    than in fp32 (533 against 7,400 tokens/s, 2026-12-08), and the CPU configs said bf16. With
+    ``auto`` the recipe takes fp32 there, for the student and the teacher, in one line with the
+    reason; a resume on a device where bf16 is fast goes on in bf16 and says so."""
+    from letrecipes.components import parallel
+
+    out = tmp_path / "run"
+    args = [*let_overrides, "dtype=auto", "teacher.dtype=auto", f"output_dir={out}", "save_every=2", "eval_every=0"]
+    monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 61.0)
+    run_let(*args, "max_steps=2")
+    said = capsys.readouterr().out
+    assert "dtype=auto, teacher.dtype=auto: fp32, since bf16 would run on this CPU (" in said
+    assert "a bf16 matmul took 61x an fp32 one" in said and "compute fp32" in said
+    assert json.loads((out / "run_info.json").read_text(encoding="utf-8"))["dtypes"] == {
+        "dtype": "fp32", "teacher.dtype": "fp32"}
+
+    monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 0.8)
+    run_let(*args, "max_steps=4", "resume=true")
+    said = capsys.readouterr().out
+    assert "dtype=auto, teacher.dtype=auto: bf16, which this device computes at speed" in said
+    assert "compute bf16" in said
+    assert "resume: dtype=auto computes in bf16 on this device; the run computed in fp32 until step 2" in said
+    assert "resume: teacher.dtype=auto computes in bf16" in said
+    assert len(steps(read_metrics(out / "metrics.jsonl"))) == 4
+
+
+def test_bf16_asked_for_on_a_cpu_without_bf16_instructions_is_said_with_the_fix(monkeypatch, teacher_dir):
+    import warnings
+
+    import torch
+
+    from letrecipes.components import parallel
+
+    monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 40.0)
+    with pytest.warns(UserWarning, match=r"dtype=bf16 on this CPU \(.*\), where a bf16 matmul took 40x an fp32 one .* "
+                      r"Fix: dtype=fp32, or dtype=auto, which takes bf16 only where the device runs it at speed"):
+        parallel.check_bf16_device(torch.device("cpu"), "dtype")
+    with pytest.warns(UserWarning, match=r"teacher.dtype=bf16 on this CPU .* Fix: teacher.dtype=fp32, or"):
+        load_teacher({"path": str(teacher_dir), "dtype": "bf16"}, "cpu")
+    assert parallel.resolve_dtype("auto", "cpu") == ("fp32", parallel.bf16_is_slow("cpu"))
+    assert load_teacher({"path": str(teacher_dir), "dtype": "auto"}, "cpu").model.tok_embeddings.weight.dtype \
+        == torch.float32
+    monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 1.2)  # bf16 instructions: as fast, or faster
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parallel.check_bf16_device(torch.device("cpu"), "dtype")
+        assert parallel.resolve_dtype("auto", "cpu") == ("bf16", None)
+        assert parallel.resolve_dtype("fp32", "cpu") == ("fp32", None)
+        assert load_teacher({"path": str(teacher_dir), "dtype": "auto"}, "cpu").model.tok_embeddings.weight.dtype \
+            == torch.bfloat16
+
+
+def test_eval_dtype_auto_scores_in_fp32_where_bf16_is_slow(teacher_dir, tmp_path, monkeypatch, capsys):
+    from letrecipes import eval as eval_recipe
+    from letrecipes.components import parallel
+
+    held = tmp_path / "held.txt"
+    held.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate.\n",
+                    encoding="utf-8")
+    monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 50.0)
+    eval_recipe.recipe_main(["--config", "eval", f"checkpoint={teacher_dir}", "tasks=[]", "max_len=32", "dtype=auto",
+                             "device=cpu", f"perplexity=[{held}]", f"output={tmp_path / 'scores.json'}"])
+    assert "dtype=auto: fp32, since bf16 would run on this CPU" in capsys.readouterr().out
+    assert "held" in json.loads((tmp_path / "scores.json").read_text(encoding="utf-8"))["perplexity"]
