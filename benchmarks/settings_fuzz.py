@@ -45,7 +45,7 @@ CHOICES: Dict[str, list] = {
     "gradient_accumulation_steps": [1, 2, 3],
     "fsdp.reduce_every_micro_batch": ["true", "false"],
     "fsdp.reshard_after_forward": ["true", "false"],
-    "dtype": ["fp32", "bf16"],
+    "dtype": ["fp32", "bf16", "auto"],
     "model.tie_word_embeddings": ["true", "false"],
     "model.num_heads": [2, 4],
     "model.num_kv_heads": [1, 2],
@@ -71,7 +71,7 @@ CHOICES: Dict[str, list] = {
     "alignment.loss": ["negative_cosine", "mse", "normalized_mse", "smooth_l1", "kl_logits"],
     "alignment.schedule.stop": [2, 3],  # steps: a fraction of max_steps moves on a longer resume (refused)
     "teacher.placement": ["replicated", "sharded"],
-    "teacher.dtype": ["fp32", "bf16"],
+    "teacher.dtype": ["fp32", "bf16", "auto"],
     "teacher.compile": ["false", "false", "true"],
 }
 # another schedule than the config's (auto), with what the new one needs and drops

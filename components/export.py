@@ -370,7 +370,7 @@ def export_teacher(source: Union[str, Path], out_dir: Union[str, Path], dtype: t
     check_destination(out_dir, overwrite, Path(source))
     name = next(k for k, v in DTYPES.items() if v == dtype)
     teacher = load_teacher({"_component_": "auto", "path": str(source), "dtype": name}, device="cpu",
-                           key="checkpoint", path_key=key)
+                           key="checkpoint", path_key=key, computes=False)
     tokenizer = Tokenizer(teacher.tokenizer_path) if teacher.tokenizer_path is not None else None
     if teacher.model.model_args.family == TRANSFORMERS_FAMILY:
         return _write_atomically(out_dir, tokenizer, out_key or key, "run the same command again", None,

@@ -343,13 +343,15 @@ def with_concrete_dtype(section: Mapping[str, Any], device: Union[str, torch.dev
 
 
 def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher",
-                 path_key: Optional[str] = None) -> Teacher:
+                 path_key: Optional[str] = None, computes: bool = True) -> Teacher:
     """Load the frozen teacher a ``teacher`` config section describes. ``path_key``: what
-    the errors about its path call it (``<key>.path``; ``letrecipes export``'s is its argument)."""
+    the errors about its path call it (``<key>.path``; ``letrecipes export``'s is its argument).
+    ``computes``: False where the model is only read (an export converts it; rank 0 holds a
+    sharded teacher's weights in CPU memory to send them), so bf16 on a slow device is not said."""
     fmt = teacher_format(section, key, path_key)
     path = existing_path(section.get("path") or "", path_key or f"{key}.path")
     section = with_concrete_dtype(section, device)
-    if parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype") == torch.bfloat16:
+    if parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype") == torch.bfloat16 and computes:
         check_bf16_device(device, f"{key}.dtype")
     bos = teacher_bos(section, key, path_key)
     with _naming_the_key(key, path_key or f"{key}.path"):
@@ -429,14 +431,18 @@ def load_teacher_sharded(section: Mapping[str, Any], device: Union[str, torch.de
         teacher = load_teacher(section, device=device, key=key)
         shard(teacher.model)
         return teacher
+    dtype = parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype")
+    if dtype == torch.bfloat16:
+        check_bf16_device(device, f"{key}.dtype")
     with torch.device("meta"):
-        model = decoder(args).to(parse_dtype(str(section.get("dtype", "bfloat16")), f"{key}.dtype"))
+        model = decoder(args).to(dtype)
     model.model_args = args
     shard(model)
     model.to_empty(device=device)
     with torch.device(device):  # non-persistent buffers: not in any state dict
         rebuild_rope_caches(model.layers)
-    state = on_rank0(lambda: load_teacher(section, device="cpu", key=key).model.state_dict(), share=False) or {}
+    state = on_rank0(lambda: load_teacher(section, device="cpu", key=key, computes=False).model.state_dict(),
+                     share=False) or {}
     try:
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=True,
                                                                     broadcast_from_rank0=world_size() > 1))

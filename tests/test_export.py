@@ -468,3 +468,19 @@ def test_a_checkpoint_removed_as_its_reading_began_is_one_line_naming_the_newest
     os.close(remover)
     thread.join(10)
     assert str(failed[0]).startswith(f"checkpoint: '{checkpoints / 'step_00000006'}' was removed by its run")
+
+
+def test_converting_to_bf16_on_a_cpu_without_bf16_instructions_says_nothing_of_its_speed(teacher_dir, tmp_path,
+                                                                                        monkeypatch):
+    """An export casts weights; it computes nothing in bf16, so the warning for a bf16 run on a
+    CPU without bf16 instructions is not for it (it was printed before every export there)."""
+    import warnings
+
+    from letrecipes.components import parallel
+    from letrecipes.components.export import export_any
+
+    monkeypatch.setattr(parallel, "cpu_bf16_slowdown", lambda: 50.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_any(teacher_dir, tmp_path / "out", torch.bfloat16)  # a Hugging Face folder: read as a teacher
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"].dtype == torch.bfloat16
