@@ -580,7 +580,12 @@ def resolve_dtype(name: Any, device: Union[str, torch.device], key: str = "dtype
     it (a collective, where there is a group)."""
     if str(name) != "auto":
         return str(name), None
-    reason = on_rank0(lambda: bf16_is_slow(device))
+    return tuple(on_rank0(lambda: auto_dtype(device)))
+
+
+def auto_dtype(device: Union[str, torch.device]) -> Tuple[str, Optional[str]]:
+    """What ``auto`` is on ``device`` as this process sees it: bf16, or fp32 and why."""
+    reason = bf16_is_slow(device)
     return ("fp32", reason) if reason else ("bf16", None)
 
 

@@ -39,7 +39,7 @@ from letrecipes.components.errors import LetRecipesError
 from letrecipes.components.files import (as_given, gguf_parts, hub_id_hint, hub_snapshot, in_outputs, json_cut_short,
                                          model_folder_hint, nearby, refuse_special_file)
 from letrecipes.components.models import ModelArgs, decoder, forward_with_hidden, rebuild_rope_caches
-from letrecipes.components.parallel import bf16_is_slow, check_bf16_device, on_rank0, world_size
+from letrecipes.components.parallel import auto_dtype, check_bf16_device, on_rank0, world_size
 from letrecipes.components.progress import ByteProgress
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -339,7 +339,7 @@ def with_concrete_dtype(section: Mapping[str, Any], device: Union[str, torch.dev
     it at setup, on rank 0 for every rank; this is for a direct call."""
     if str(section.get("dtype")) != "auto":
         return section
-    return {**section, "dtype": "fp32" if bf16_is_slow(device) else "bf16"}
+    return {**section, "dtype": auto_dtype(device)[0]}
 
 
 def load_teacher(section: Mapping[str, Any], device: Union[str, torch.device] = "cpu", key: str = "teacher",
