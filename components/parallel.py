@@ -583,6 +583,12 @@ def resolve_dtype(name: Any, device: Union[str, torch.device], key: str = "dtype
     return tuple(on_rank0(lambda: auto_dtype(device)))
 
 
+def auto_line(keys: str, slow: Optional[str]) -> str:
+    """The line that says what ``auto`` came to for ``keys`` (``dtype=auto, teacher.dtype=auto``)."""
+    return (f"{keys}: fp32, since bf16 would run on {slow}" if slow else
+            f"{keys}: bf16, which this device computes at speed")
+
+
 def auto_dtype(device: Union[str, torch.device]) -> Tuple[str, Optional[str]]:
     """What ``auto`` is on ``device`` as this process sees it: bf16, or fp32 and why."""
     reason = bf16_is_slow(device)

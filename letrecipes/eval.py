@@ -69,8 +69,7 @@ class EvalRecipe:
         name, slow = parallel.resolve_dtype(asked, self.device, "dtype")  # auto: bf16 where it runs at speed
         self.dtype = export_dtype(name, "dtype")
         if asked == "auto":
-            print(f"dtype=auto: fp32, since bf16 would run on {slow}" if slow else
-                  "dtype=auto: bf16, which this device computes at speed", flush=True)
+            print(parallel.auto_line("dtype=auto", slow), flush=True)
         elif self.dtype == torch.bfloat16:
             parallel.check_bf16_device(self.device, "dtype")
         limit = int(cfg.get("limit", 0) or 0)

@@ -184,8 +184,7 @@ class PretrainRecipe:
             if asked == "auto":
                 said.setdefault((self.resolved_dtypes[key], slow), []).append(f"{key}=auto")
         for (name, slow), keys in said.items():
-            self.log(f"{', '.join(keys)}: fp32, since bf16 would run on {slow}" if slow else
-                     f"{', '.join(keys)}: bf16, which this device computes at speed")
+            self.log(parallel.auto_line(", ".join(keys), slow))
         dtype_name = self.resolved_dtypes["dtype"]
         self.autocast_dtype = AUTOCAST_DTYPES[dtype_name]
         if self.autocast_dtype == torch.bfloat16 and cfg.get("dtype", "bf16") != "auto":
